@@ -1,0 +1,1 @@
+"""Paper models, one file each. Importing a model module registers it (see cirlab.registry)."""

@@ -1,0 +1,176 @@
+"""Router tracing: one mechanism for every router model (AMC gates, DIME path matrices).
+
+Models call :func:`emit` from inside their router modules. When no trace is active, ``emit`` returns
+after one list check, so tracing costs nothing in training. Inside ``with trace_routes(model) as trace:``
+every emission from a module of ``model`` is detached, moved to CPU and kept::
+
+    with cirlab.trace_routes(model) as trace:
+        model.encode_query(images, texts)
+    df = trace.to_frame()          # query_id, layer, source, destination, expert, weight, ...
+    gates = trace.gates("layer1")  # [N, E] tensor in code order
+
+Kinds of emission:
+
+* ``"gate"``: ``weights`` is ``[B, E]``, one weight per expert (AMC).
+* ``"path"``: ``weights`` is ``[B, D, S]``, the weight of the path from source cell ``s`` into destination
+  cell ``d`` (DIME). ``B`` may be a batch of (image, caption) pairs; pass their ids through ``meta``.
+* ``"vector"``: any per-sample tensor kept as-is (e.g. DIME's 36-d path vector); not in ``to_frame``.
+
+Names are given in the model's code order; ``paper_names`` maps a code name to the name a paper's
+figure uses, so both stay explicit in the frame (columns ``code_index`` and ``paper_name``).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+_ACTIVE: list["RouteTrace"] = []
+
+
+def is_active() -> bool:
+    """True while at least one trace is recording (lets models skip optional bookkeeping)."""
+    return bool(_ACTIVE)
+
+
+@dataclass
+class _Record:
+    layer: str
+    kind: str
+    weights: torch.Tensor  # CPU float32
+    names: dict[str, list[str]]  # axis name -> labels in code order
+    paper_names: dict[str, str]
+    ids: list[Any] | None
+    meta: dict[str, list[Any]]
+
+
+@dataclass
+class RouteTrace:
+    """What one ``trace_routes`` block recorded."""
+
+    module_ids: set[int]
+    records: list[_Record] = field(default_factory=list)
+    _pending_ids: list[Any] | None = None
+    _pending_meta: dict[str, list[Any]] = field(default_factory=dict)
+
+    def set_batch(self, ids: Sequence[Any] | None = None, **meta: Sequence[Any]) -> None:
+        """Attach query ids (and metadata columns such as ``category``) to the next emissions."""
+        self._pending_ids = list(ids) if ids is not None else None
+        self._pending_meta = {k: list(v) for k, v in meta.items()}
+
+    def layers(self, kind: str | None = None) -> list[str]:
+        seen: dict[str, None] = {}
+        for r in self.records:
+            if kind is None or r.kind == kind:
+                seen.setdefault(r.layer, None)
+        return list(seen)
+
+    def _stack(self, layer: str, kind: str) -> torch.Tensor:
+        parts = [r.weights for r in self.records if r.layer == layer and r.kind == kind]
+        if not parts:
+            raise KeyError(f"no {kind!r} records for layer {layer!r}; recorded: {self.layers()}")
+        return torch.cat(parts, dim=0)
+
+    def gates(self, layer: str) -> torch.Tensor:
+        """All gate weights of ``layer`` in emission order, ``[N, E]``."""
+        return self._stack(layer, "gate")
+
+    def paths(self, layer: str) -> torch.Tensor:
+        """All path matrices of ``layer`` in emission order, ``[N, D, S]``."""
+        return self._stack(layer, "path")
+
+    def vectors(self, layer: str) -> torch.Tensor:
+        return self._stack(layer, "vector")
+
+    def names(self, layer: str) -> dict[str, list[str]]:
+        for r in self.records:
+            if r.layer == layer:
+                return r.names
+        raise KeyError(layer)
+
+    def to_frame(self) -> "Any":
+        """A tidy pandas DataFrame, one row per (sample, layer, expert or source->destination) weight."""
+        import pandas as pd
+
+        rows: list[dict[str, Any]] = []
+        counters: dict[tuple[str, str], int] = {}
+        for rec in self.records:
+            if rec.kind == "vector":
+                continue
+            start = counters.get((rec.layer, rec.kind), 0)
+            counters[(rec.layer, rec.kind)] = start + rec.weights.shape[0]
+            rows.extend(_record_rows(rec, start))
+        columns = ["query_id", "layer", "source", "destination", "expert", "code_index", "paper_name", "weight"]
+        frame = pd.DataFrame(rows)
+        if frame.empty:
+            return pd.DataFrame(columns=columns)
+        extra = [c for c in frame.columns if c not in columns]
+        return frame[columns + extra]
+
+
+def _record_rows(rec: _Record, start: int) -> Iterator[dict[str, Any]]:
+    w = rec.weights.numpy()
+    for b in range(w.shape[0]):
+        base = {"query_id": rec.ids[b] if rec.ids is not None else start + b, "layer": rec.layer}
+        base.update({k: v[b] for k, v in rec.meta.items()})
+        if rec.kind == "gate":
+            for e, name in enumerate(rec.names["expert"]):
+                yield {**base, "source": None, "destination": None, "expert": name, "code_index": e,
+                       "paper_name": rec.paper_names.get(name, name), "weight": float(w[b, e])}
+        else:
+            for d, dst in enumerate(rec.names["destination"]):
+                for s, src in enumerate(rec.names["source"]):
+                    yield {**base, "source": src, "destination": dst, "expert": dst, "code_index": d,
+                           "paper_name": rec.paper_names.get(dst, dst), "weight": float(w[b, d, s])}
+
+
+def emit(module: torch.nn.Module, layer: str, weights: torch.Tensor, *, kind: str = "gate",
+         experts: Sequence[str] | None = None, sources: Sequence[str] | None = None,
+         destinations: Sequence[str] | None = None, paper_names: dict[str, str] | None = None,
+         ids: Sequence[Any] | None = None, meta: dict[str, Sequence[Any]] | None = None) -> None:
+    """Record ``weights`` from ``module`` into every active trace that covers it (no-op otherwise)."""
+    if not _ACTIVE:
+        return
+    for trace in _ACTIVE:
+        if id(module) in trace.module_ids:
+            trace.records.append(_make_record(trace, layer, weights, kind, experts, sources, destinations,
+                                              paper_names, ids, meta))
+
+
+def _make_record(trace: RouteTrace, layer: str, weights: torch.Tensor, kind: str, experts, sources,
+                 destinations, paper_names, ids, meta) -> _Record:
+    w = weights.detach().float().cpu()
+    if kind == "gate":
+        if w.dim() != 2 or experts is None or len(experts) != w.shape[1]:
+            raise ValueError(f"gate emission for {layer!r} needs [B, E] weights and E expert names")
+        names = {"expert": list(experts)}
+    elif kind == "path":
+        if w.dim() != 3 or sources is None or destinations is None:
+            raise ValueError(f"path emission for {layer!r} needs [B, D, S] weights with source/destination names")
+        if (len(destinations), len(sources)) != tuple(w.shape[1:]):
+            raise ValueError(f"path emission for {layer!r}: names {len(destinations)}x{len(sources)} "
+                             f"do not match weights {tuple(w.shape[1:])}")
+        names = {"destination": list(destinations), "source": list(sources)}
+    elif kind == "vector":
+        names = {}
+    else:
+        raise ValueError(f"unknown emission kind {kind!r}")
+    batch_ids = list(ids) if ids is not None else trace._pending_ids
+    batch_meta = {k: list(v) for k, v in (meta or trace._pending_meta).items()}
+    for key, values in ([("ids", batch_ids)] if batch_ids is not None else []) + list(batch_meta.items()):
+        if len(values) != w.shape[0]:
+            raise ValueError(f"trace {key!r} has {len(values)} entries for a batch of {w.shape[0]} ({layer!r})")
+    return _Record(layer, kind, w, names, dict(paper_names or {}), batch_ids, batch_meta)
+
+
+@contextlib.contextmanager
+def trace_routes(model: torch.nn.Module) -> Iterator[RouteTrace]:
+    """Record every router emission from ``model``'s modules while the block runs."""
+    trace = RouteTrace(module_ids={id(m) for m in model.modules()})
+    _ACTIVE.append(trace)
+    try:
+        yield trace
+    finally:
+        _ACTIVE.remove(trace)
