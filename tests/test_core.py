@@ -1,0 +1,140 @@
+"""Core contracts: registry and presets, paths, route tracing, the top-K file, cheap import."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from cirlab import paths, registry
+from cirlab.config import PresetMixin
+from cirlab.topk import TopK, load_topk, save_topk
+from cirlab.tracing import emit, is_active, trace_routes
+
+
+@dataclass
+class _ToyConfig(PresetMixin):
+    dim: int = 8  # feature size
+    depth: int = 1  # layers
+
+    PRESETS = {"tiny": {"dim": 4}, "paper": {"dim": 16, "depth": 2}}
+
+
+class _ToyRouter(torch.nn.Module):
+    def __init__(self, cfg: _ToyConfig):
+        super().__init__()
+        self.config = cfg
+        self.gate = torch.nn.Linear(cfg.dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.gate(x))
+        emit(self, "layer1", g, experts=["A", "B", "C"], paper_names={"A": "expert-2"})
+        return g
+
+
+@pytest.fixture
+def toy_registered():
+    registry.register_model("toy_router", task="cir", config_cls=_ToyConfig)(_ToyRouter)
+    yield "toy_router"
+    registry._REGISTRY.pop("toy_router", None)
+
+
+def test_create_model_applies_preset_and_overrides(toy_registered):
+    model = registry.create_model(toy_registered, preset="paper", depth=5)
+    assert (model.config.dim, model.config.depth) == (16, 5)
+    assert model.task == "cir" and model.model_name == "toy_router"
+    assert registry.list_presets(toy_registered) == ["paper", "tiny"]
+    assert toy_registered in registry.list_models("toy_*")
+
+
+def test_unknown_names_give_clear_errors(toy_registered):
+    with pytest.raises(KeyError, match="unknown model 'nope'"):
+        registry.create_model("nope")
+    with pytest.raises(KeyError, match="unknown preset 'huge'.*paper, tiny"):
+        registry.create_model(toy_registered, preset="huge")
+    with pytest.raises(TypeError, match="unknown field.*'width'"):
+        registry.create_model(toy_registered, preset="tiny", width=3)
+
+
+def test_config_dict_round_trip():
+    cfg = _ToyConfig.from_preset("paper")
+    assert _ToyConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_paths_follow_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("CIRLAB_DATA", str(tmp_path / "d"))
+    monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "c"))
+    monkeypatch.setenv("CIRLAB_RUNS", str(tmp_path / "r"))
+    assert paths.data_root() == tmp_path / "d"
+    assert paths.cache_dir() == tmp_path / "c"
+    assert paths.runs_dir() == tmp_path / "r"
+    assert paths.resolve_root("", "cirr") == tmp_path / "d" / "cirr"
+    assert paths.resolve_root(tmp_path / "x", "cirr") == tmp_path / "x"
+
+
+def test_trace_records_gates_with_ids_and_metadata(toy_registered):
+    model = registry.create_model(toy_registered, preset="tiny")
+    other = registry.create_model(toy_registered, preset="tiny")
+    x = torch.randn(5, 4)
+    with trace_routes(model) as trace:
+        assert is_active()
+        trace.set_batch(ids=[f"q{i}" for i in range(5)], category=["a", "b", "a", "b", "a"])
+        expected = model(x).detach()
+        other(x)  # a different model's emissions are not recorded
+    assert not is_active()
+    assert torch.allclose(trace.gates("layer1"), expected)
+    frame = trace.to_frame()
+    assert len(frame) == 5 * 3
+    row = frame[(frame.query_id == "q2") & (frame.expert == "B")].iloc[0]
+    assert row.weight == pytest.approx(float(expected[2, 1]))
+    assert row.category == "a" and row.code_index == 1
+    assert set(frame[frame.expert == "A"].paper_name) == {"expert-2"}
+
+
+def test_path_records_expand_destination_by_source():
+    module = torch.nn.Linear(1, 1)
+    w = torch.rand(2, 2, 3)
+    with trace_routes(module) as trace:
+        emit(module, "layer1", w, kind="path", sources=["s0", "s1", "s2"], destinations=["d0", "d1"],
+             meta={"image_id": [7, 8]})
+    frame = trace.to_frame()
+    assert len(frame) == 2 * 2 * 3
+    pick = frame[(frame.query_id == 1) & (frame.destination == "d1") & (frame.source == "s0")]
+    assert pick.weight.item() == pytest.approx(float(w[1, 1, 0])) and pick.image_id.item() == 8
+    with pytest.raises(ValueError, match="do not match"):
+        with trace_routes(module):
+            emit(module, "bad", w, kind="path", sources=["s0"], destinations=["d0", "d1"])
+
+
+def test_emit_is_a_no_op_without_trace():
+    module = torch.nn.Linear(1, 1)
+    emit(module, "layer1", torch.rand(2, 3), experts=["a"])  # wrong names, but nothing is checked or kept
+    assert not is_active()
+
+
+def test_topk_round_trip_and_bad_files(tmp_path):
+    topk = TopK(query_ids=["1", "2"], gallery_ids=[["a", "b"], ["c", "d"]], scores=[[0.9, 0.5], [0.3, 0.1]],
+                target_rank=[1, 7], category=["dress", "shirt"], target_ids=["a", "z"], meta={"k": 2})
+    path = save_topk(tmp_path / "run" / "val.topk.npz", topk)
+    back = load_topk(path)
+    assert back.k == 2 and list(back.target_rank) == [1, 7] and back.meta == {"k": 2}
+    assert back.gallery_ids[1, 0] == "c" and back.to_frame().top1.tolist() == ["a", "c"]
+    (tmp_path / "junk.npz").write_bytes(b"not an archive")
+    with pytest.raises(ValueError, match="junk.npz"):
+        load_topk(tmp_path / "junk.npz")
+    np.savez(tmp_path / "other.npz", x=np.zeros(2))
+    with pytest.raises(ValueError, match="missing"):
+        load_topk(tmp_path / "other.npz")
+    with pytest.raises(ValueError, match="differ"):
+        TopK(["1"], [["a", "b"]], [[1.0]], [1])
+
+
+def test_import_is_cheap():
+    code = "import sys, time; t=time.perf_counter(); import cirlab; dt=time.perf_counter()-t; " \
+           "print(dt, 'torch' in sys.modules, 'matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert float(out[0]) < 0.5
+    assert out[1:] == ["False", "False"]
