@@ -1,0 +1,330 @@
+"""Pure analysis helpers behind the notebooks' figures (numpy/pandas in, numbers and tidy frames out).
+
+Everything here is plain computation so that it is unit-tested without matplotlib and reused by
+:mod:`cirlab.viz`, :mod:`cirlab.widgets` and the notebooks:
+
+* rank shift (the re-ranking paper's Figure 8, ``rerank_cala.md`` A.9): align two top-K files by query,
+  bin the queries by their rank before, and summarise how far targets moved;
+* the candidate-pool ceiling: a re-ranker that only re-orders the stage-I top-K cannot find a target
+  outside it, so stage I's Recall@K_pool bounds stage II's recall at every k;
+* router statistics from a route-trace frame (``cirlab.tracing.RouteTrace.to_frame``): per-query gate
+  matrices, gate entropy, expert utilisation, DIME's mean cell-to-cell flows, path-space PCA;
+* run bookkeeping: reading ``log.jsonl`` and ``metrics.json`` files and tabulating several runs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "align_ranks", "rank_shift_table", "rank_shift_summary", "ceiling_recall", "recall_from_ranks",
+    "rank_shift_by_category", "feature_columns", "gate_matrix", "gate_entropy", "expert_utilisation",
+    "route_statistics", "flow_matrices", "path_vectors", "pca_2d", "read_log", "read_metrics",
+    "compare_runs", "flatten_metrics",
+]
+
+
+# --------------------------------------------------------------------------------------------- rank shift
+def align_ranks(before: Any, after: Any) -> Any:
+    """Join two top-K files (``cirlab.topk.TopK``) by query id.
+
+    Returns a frame with ``query_id, category, rank_before, rank_after`` (1-based, 0 = unknown), keeping
+    only queries whose target rank is known in both files. Raises if the files share no query.
+    """
+    import pandas as pd
+
+    a = pd.DataFrame({"query_id": before.query_ids, "category": before.category, "rank_before": before.target_rank})
+    b = pd.DataFrame({"query_id": after.query_ids, "rank_after": after.target_rank})
+    for name, frame in (("before", a), ("after", b)):
+        dup = frame["query_id"][frame["query_id"].duplicated()]
+        if len(dup):
+            raise ValueError(f"top-K file '{name}' repeats query id {dup.iloc[0]!r}")
+    merged = a.merge(b, on="query_id", how="inner")
+    if merged.empty:
+        raise ValueError("the two top-K files share no query id (are they from the same split?)")
+    missing = len(a) - len(merged)
+    if missing:
+        logger.warning("%d queries of the 'before' file are absent from the 'after' file", missing)
+    known = (merged["rank_before"] > 0) & (merged["rank_after"] > 0)
+    return merged[known].reset_index(drop=True)
+
+
+def _bin_edges(k: int, bins: int | Sequence[int] | None) -> np.ndarray:
+    """Left-closed integer bin edges over ranks 1..k (the last edge is k + 1)."""
+    if bins is None:
+        return np.arange(1, k + 2)
+    if isinstance(bins, int):
+        return np.unique(np.linspace(1, k + 1, bins + 1).round().astype(int))
+    edges = np.asarray(bins, dtype=int)
+    if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
+        raise ValueError(f"bins must be increasing integer edges, got {bins!r}")
+    return edges
+
+
+def rank_shift_table(rank_before: Sequence[int], rank_after: Sequence[int], k: int,
+                     bins: int | Sequence[int] | None = None) -> Any:
+    """Mean rank after per bin of the rank before (Figure 8 of the re-ranking paper, 1-based ranks).
+
+    Only queries whose target is inside the candidate pool before (``1 <= rank_before <= k``) enter, as in
+    the original notebook (``labels_I.nonzero()``). ``bins=None`` gives one bin per rank 1..k.
+    Columns: ``bin_start, bin_end`` (inclusive), ``count``, ``mean_rank_before``, ``mean_rank_after``,
+    ``average_delta`` = mean(before - after) (positive = moved forward; 0 for empty bins, as the paper does).
+    """
+    import pandas as pd
+
+    before = np.asarray(rank_before, dtype=float)
+    after = np.asarray(rank_after, dtype=float)
+    if before.shape != after.shape:
+        raise ValueError(f"rank_before {before.shape} and rank_after {after.shape} differ")
+    in_pool = (before >= 1) & (before <= k) & (after >= 1)
+    before, after = before[in_pool], after[in_pool]
+    edges = _bin_edges(k, bins)
+    index = np.searchsorted(edges, before, side="right") - 1
+    rows = []
+    for i in range(len(edges) - 1):
+        m = index == i
+        n = int(m.sum())
+        mean_b = float(before[m].mean()) if n else float("nan")
+        mean_a = float(after[m].mean()) if n else float("nan")
+        rows.append({"bin_start": int(edges[i]), "bin_end": int(edges[i + 1] - 1), "count": n,
+                     "mean_rank_before": mean_b, "mean_rank_after": mean_a,
+                     "average_delta": float((before[m] - after[m]).mean()) if n else 0.0})
+    return pd.DataFrame(rows)
+
+
+def rank_shift_summary(rank_before: Sequence[int], rank_after: Sequence[int], k: int | None = None) -> dict[str, float]:
+    """Counts and shares of queries whose target moved forward / back (within the pool if ``k`` is given)."""
+    before = np.asarray(rank_before, dtype=float)
+    after = np.asarray(rank_after, dtype=float)
+    keep = (before >= 1) & (after >= 1)
+    if k is not None:
+        keep &= before <= k
+    before, after = before[keep], after[keep]
+    n = len(before)
+    share = (lambda m: 100.0 * float(m.sum()) / n) if n else (lambda m: float("nan"))
+    return {"queries": float(n),
+            "mean_rank_before": float(before.mean()) if n else float("nan"),
+            "mean_rank_after": float(after.mean()) if n else float("nan"),
+            "moved_forward": float((before - after).mean()) if n else float("nan"),
+            "improved_pct": share(after < before), "unchanged_pct": share(after == before),
+            "worsened_pct": share(after > before)}
+
+
+def recall_from_ranks(ranks: Sequence[int], ks: Sequence[int]) -> dict[str, float]:
+    """Recall@k in percent from 1-based target ranks (0 = unknown ranks are dropped)."""
+    r = np.asarray(ranks)
+    r = r[r > 0]
+    if len(r) == 0:
+        return {f"R@{k}": float("nan") for k in ks}
+    return {f"R@{k}": 100.0 * float((r <= k).mean()) for k in ks}
+
+
+def ceiling_recall(rank_before: Sequence[int], pool: int) -> float:
+    """Best recall any re-ranker of the stage-I top-``pool`` candidates can reach (percent)."""
+    return recall_from_ranks(rank_before, [pool])[f"R@{pool}"]
+
+
+def rank_shift_by_category(aligned: Any, pool: int, ks: Sequence[int] = (1, 5, 10, 50)) -> Any:
+    """Per category (plus ``all``): recall before/after at ``ks``, the pool ceiling, and the shift summary."""
+    import pandas as pd
+
+    rows = []
+    groups = [("all", aligned)] + [(str(c), g) for c, g in aligned.groupby("category", sort=True)]
+    if aligned["category"].nunique() <= 1:
+        groups = groups[:1]
+    for name, g in groups:
+        row: dict[str, Any] = {"category": name}
+        row.update({f"before_{k}": v for k, v in recall_from_ranks(g["rank_before"], ks).items()})
+        row.update({f"after_{k}": v for k, v in recall_from_ranks(g["rank_after"], ks).items()})
+        row[f"ceiling_R@{pool}"] = ceiling_recall(g["rank_before"], pool)
+        row.update(rank_shift_summary(g["rank_before"], g["rank_after"], k=pool))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------- routing
+def feature_columns(frame: Any) -> Any:
+    """Label of each weight: the expert for gate rows, ``source->destination`` for DIME path rows."""
+    src = frame["source"]
+    is_path = src.notna() & (src.astype(str) != "None")
+    label = frame["paper_name"].astype(str).where(frame["paper_name"].notna(), frame["expert"].astype(str))
+    return label.where(~is_path, src.astype(str) + "->" + frame["destination"].astype(str))
+
+
+def _ordered_unique(values: Sequence[Any]) -> list[Any]:
+    return list(dict.fromkeys(values))
+
+
+def gate_matrix(frame: Any, layer: str) -> Any:
+    """``[query x expert]`` weights of one layer (columns in the model's code order, paper names)."""
+    rows = frame[frame["layer"] == layer]
+    if rows.empty:
+        raise KeyError(f"layer {layer!r} not in the route frame; layers: {_ordered_unique(frame['layer'])}")
+    rows = rows.assign(_feature=feature_columns(rows))
+    order = _ordered_unique(rows.sort_values("code_index", kind="stable")["_feature"]) if rows["source"].isna().all() \
+        else _ordered_unique(rows["_feature"])
+    table = rows.pivot_table(index="query_id", columns="_feature", values="weight", aggfunc="mean", sort=False)
+    return table[order]
+
+
+def _normalise(weights: np.ndarray) -> np.ndarray:
+    """Rows as distributions: AMC's sigmoid gates are not normalised, so entropy needs a division."""
+    w = np.clip(np.asarray(weights, dtype=float), 0.0, None)
+    total = w.sum(axis=1, keepdims=True)
+    uniform = np.full_like(w, 1.0 / w.shape[1])
+    return np.where(total > 0, w / np.where(total > 0, total, 1.0), uniform)
+
+
+def gate_entropy(weights: np.ndarray, normalised: bool = True) -> np.ndarray:
+    """Entropy of each row's routing distribution; divided by log(E) when ``normalised`` (1 = uniform)."""
+    p = _normalise(weights)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+    return h / np.log(p.shape[1]) if normalised and p.shape[1] > 1 else h
+
+
+def expert_utilisation(weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Per expert: mean normalised share of routing weight and the fraction of queries it wins (argmax)."""
+    p = _normalise(weights)
+    wins = np.bincount(np.asarray(weights).argmax(axis=1), minlength=p.shape[1]) / max(len(p), 1)
+    return {"mean_share": p.mean(axis=0), "top1_share": wins}
+
+
+def route_statistics(frame: Any) -> Any:
+    """Per layer and expert: mean raw weight, mean normalised share, top-1 share, mean layer entropy."""
+    import pandas as pd
+
+    rows = []
+    for layer in _ordered_unique(frame["layer"]):
+        m = gate_matrix(frame, layer)
+        util = expert_utilisation(m.to_numpy())
+        ent = float(gate_entropy(m.to_numpy()).mean())
+        for j, name in enumerate(m.columns):
+            rows.append({"layer": layer, "expert": name, "mean_weight": float(m.iloc[:, j].mean()),
+                         "mean_share": float(util["mean_share"][j]), "top1_share": float(util["top1_share"][j]),
+                         "layer_entropy": ent})
+    return pd.DataFrame(rows)
+
+
+def flow_matrices(frame: Any) -> list[tuple[str, list[str], list[str], np.ndarray]]:
+    """Mean ``[destination x source]`` path weight per layer (DIME), in layer order.
+
+    Returns ``(layer, sources, destinations, matrix)`` tuples; raises when the frame has no path rows.
+    """
+    paths = frame[frame["source"].notna() & (frame["source"].astype(str) != "None")]
+    if paths.empty:
+        raise ValueError("the route frame has no path rows (source/destination); flows need a DIME-like model")
+    out = []
+    for layer in _ordered_unique(paths["layer"]):
+        rows = paths[paths["layer"] == layer]
+        sources = _ordered_unique(rows["source"].astype(str))
+        dests = _ordered_unique(rows["destination"].astype(str))
+        mean = rows.groupby([rows["destination"].astype(str), rows["source"].astype(str)])["weight"].mean()
+        mat = np.array([[mean.get((d, s), 0.0) for s in sources] for d in dests], dtype=float)
+        out.append((layer, sources, dests, mat))
+    return out
+
+
+def path_vectors(frame: Any, meta: str | None = "category") -> tuple[np.ndarray, list[Any], list[Any]]:
+    """Each query's weights over all layers as one vector (its point in path space).
+
+    Returns ``(X [Q, F], query_ids, labels)`` where labels are the ``meta`` column per query ("" if absent).
+    """
+    f = frame.assign(_feature=frame["layer"].astype(str) + ":" + feature_columns(frame))
+    table = f.pivot_table(index="query_id", columns="_feature", values="weight", aggfunc="mean", sort=False)
+    table = table.fillna(0.0)
+    ids = list(table.index)
+    if meta and meta in frame.columns:
+        first = frame.drop_duplicates("query_id").set_index("query_id")[meta]
+        labels = [first.get(q, "") for q in ids]
+    else:
+        labels = [""] * len(ids)
+    return table.to_numpy(dtype=float), ids, labels
+
+
+def pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Project rows onto the first two principal components (numpy SVD; no sklearn).
+
+    Returns ``(coords [N, 2], explained_variance_ratio [2])``; components with no variance give zeros.
+    """
+    x = np.asarray(x, dtype=float)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"pca_2d needs a [N>=2, F] matrix, got shape {x.shape}")
+    centred = x - x.mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    comps = vt[:2]
+    coords = centred @ comps.T
+    if coords.shape[1] < 2:
+        coords = np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
+    var = s ** 2
+    ratio = var[:2] / var.sum() if var.sum() > 0 else np.zeros(min(2, len(var)))
+    # a deterministic sign, so the same data always draws the same map
+    signs = np.sign(coords[np.abs(coords).argmax(axis=0), range(2)])
+    signs[signs == 0] = 1
+    return coords * signs, np.pad(ratio, (0, 2 - len(ratio)))
+
+
+# --------------------------------------------------------------------------------------------- runs
+def read_log(path: str | os.PathLike) -> Any:
+    """A training ``log.jsonl`` as a frame (one row per record); names the file and line on bad JSON."""
+    import pandas as pd
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "log.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"training log not found: {path}")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: not a JSON record ({err.msg})") from err
+    return pd.DataFrame(records)
+
+
+def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
+    """``metrics.json`` of a run folder (or the file itself)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON ({err.msg})") from err
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested metric dicts -> flat ``{"a/b": value}`` with numeric leaves only."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, prefix=name + "/"))
+        elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def compare_runs(runs: Mapping[str, Mapping[str, Any] | str | os.PathLike]) -> Any:
+    """Side-by-side table: one row per metric, one column per run (dicts or run folders / metrics files)."""
+    import pandas as pd
+
+    columns = {}
+    for name, src in runs.items():
+        metrics = src if isinstance(src, Mapping) else read_metrics(src)
+        columns[name] = flatten_metrics(metrics)
+    table = pd.DataFrame(columns)
+    table.index.name = "metric"
+    return table

@@ -1,0 +1,209 @@
+"""The ``cirlab`` command line: ``train``, ``eval``, ``data``, ``report``, ``models``.
+
+::
+
+    cirlab train configs/amc_synthetic_tiny.yaml --set train.max_steps=20 --output-dir runs/demo
+    cirlab train configs/amc_fashioniq.yaml --set dataset.root=/data/fashioniq --resume
+    torchrun --nproc_per_node=4 -m cirlab.cli train configs/blip_rerank_cirr_stage1.yaml   # multi-GPU
+    cirlab eval runs/demo --split test
+    cirlab eval released/train_model.pt --model amc --preset fashioniq --trust-pickle --dataset fashioniq
+    cirlab data synth --size tiny --out data/synthetic
+    cirlab models
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+logger = logging.getLogger("cirlab")
+
+
+def _add_train(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a model from a YAML run config",
+        description="Train one model as a run config describes (model, preset, dataset, train, eval sections; see "
+                    "configs/ and cirlab.runs), then evaluate checkpoints/best.pt and write the run folder: "
+                    "config.yaml, checkpoints/, log.jsonl, tb/, metrics.json, topk/. Under torchrun the same command "
+                    "trains with DistributedDataParallel (train.batch_size is the global batch).")
+    p.add_argument("config", help="run config YAML (e.g. configs/amc_synthetic_tiny.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config entry, value parsed as YAML; repeatable "
+                        "(e.g. --set train.lr=2e-4 --set dataset.root=/data/fiq --set dataset.category=[dress])")
+    p.add_argument("--output-dir", default=None,
+                   help="run folder (default: the config's output_dir, else $CIRLAB_RUNS/<config name>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <output-dir>/checkpoints/last.pt when it exists (exact: same losses as an "
+                        "uninterrupted run)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: train.device, 'auto')")
+    p.set_defaults(func=_run_train)
+
+
+def _add_eval(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "eval", help="evaluate a run folder or a checkpoint",
+        description="Evaluate a trained model. RUN_OR_CHECKPOINT is a run folder (its config.yaml and "
+                    "checkpoints/best.pt are used) or a checkpoint file (cirlab checkpoints know their model; "
+                    "others need --model/--preset). Prints the metrics as JSON and writes them with --output.")
+    p.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="run folder or checkpoint file")
+    p.add_argument("--checkpoint", default="best.pt",
+                   help="checkpoint inside a run folder's checkpoints/ (default: best.pt; last.pt also works)")
+    p.add_argument("--config", default=None,
+                   help="run config YAML describing the dataset (default: the run folder's config.yaml)")
+    p.add_argument("--dataset", default=None, help="dataset name: fashioniq | shoes | cirr | f30k | coco")
+    p.add_argument("--root", default=None, help="dataset root (default: config, else $CIRLAB_DATA/<dataset>)")
+    p.add_argument("--category", default=None, help="Fashion-IQ category (default: all three, reported each)")
+    p.add_argument("--split", action="append", default=None,
+                   help="split(s) to evaluate; repeatable (default: the config's eval.splits, else val)")
+    p.add_argument("--protocol", default=None,
+                   help="CIR: fashioniq | shoes | cirr (default: the dataset's); ITM: f30k | coco1k | coco5k")
+    p.add_argument("--k", type=int, default=None, help="top-K file length (default: 50)")
+    p.add_argument("--batch-size", type=int, default=None, help="encoding batch size (default: 64)")
+    p.add_argument("--topk-dir", default=None, help="write top-K files to this folder (CIR)")
+    p.add_argument("--output", default=None, help="also write the metrics JSON to this file")
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--model", default=None, help="model name, for checkpoints that do not record it")
+    p.add_argument("--preset", default=None, help="model preset, with --model")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow checkpoints that pickle Python objects (e.g. released whole-model files); this runs "
+                        "code from the file, only for sources you trust")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config entry (as for train), e.g. --set eval.shard_size=500")
+    p.set_defaults(func=_run_eval)
+
+
+def _add_models(subparsers: Any) -> None:
+    p = subparsers.add_parser("models", help="list registered models and their presets",
+                              description="List every registered model with its task and presets.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_run_models)
+
+
+def _add_delegated(subparsers: Any, name: str, module_name: str, hook: str, help_text: str) -> None:
+    """Sub-commands owned by other modules (``data``, ``report``); skipped quietly when the module is absent."""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        logger.debug("%s not available: no '%s' sub-command", module_name, name)
+        return
+    if name == "data":
+        p = subparsers.add_parser("data", help=help_text, description="Dataset tools: validate trees, build the "
+                                                                      "offline datasets.")
+        inner = p.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+        getattr(module, hook)(inner)
+    else:
+        getattr(module, hook)(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cirlab", description="cirlab: composed image retrieval and image-text matching workbench.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train(subparsers)
+    _add_eval(subparsers)
+    _add_delegated(subparsers, "data", "cirlab.data.cli", "add_subcommands", "dataset tools (check, synth, ...)")
+    _add_delegated(subparsers, "report", "cirlab.report", "register_cli", "")
+    _add_models(subparsers)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from cirlab.runs import load_config, run_experiment
+
+    config = load_config(args.config, args.overrides)
+    result = run_experiment(config, output_dir=args.output_dir, resume=args.resume, device=args.device)
+    print(json.dumps(result["splits"], indent=2, sort_keys=True))
+    return 0
+
+
+def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, Any]:
+    from cirlab.runs import DEFAULTS, _merge, apply_overrides, parse_set
+
+    config_path = Path(args.config) if args.config else (run_dir / "config.yaml" if run_dir else None)
+    if config_path is not None and config_path.is_file():
+        import yaml
+
+        config = _merge(DEFAULTS, yaml.safe_load(config_path.read_text()) or {})
+    else:
+        config = _merge(DEFAULTS, {})
+    cli = {"dataset": {k: v for k, v in (("name", args.dataset), ("root", args.root),
+                                         ("category", args.category)) if v is not None},
+           "eval": {k: v for k, v in (("protocol", args.protocol), ("k", args.k), ("batch_size", args.batch_size),
+                                      ("splits", args.split)) if v is not None}}
+    if args.dataset and not args.root and not args.config:
+        config["dataset"]["synthetic"] = None
+    config = _merge(config, cli)
+    config = apply_overrides(config, parse_set(args.overrides))
+    if not config["dataset"].get("name"):
+        raise SystemExit("cirlab eval: no dataset: pass --dataset (or --config, or a run folder)")
+    return config
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from cirlab.runs import _eval_device, evaluate_split, model_from_checkpoint
+
+    target = Path(args.target)
+    run_dir = target if target.is_dir() else None
+    checkpoint = target / "checkpoints" / args.checkpoint if run_dir else target
+    if run_dir is None and (target.parent.parent / "config.yaml").is_file() and target.parent.name == "checkpoints":
+        run_dir = target.parent.parent  # a checkpoint inside a run folder: use that run's config
+    config = _eval_config(args, run_dir)
+    model, _ = model_from_checkpoint(checkpoint, model=args.model, preset=args.preset, trust_pickle=args.trust_pickle)
+    device = _eval_device(args.device)
+    model.to(device)
+    splits = config["eval"].get("splits") or [config["dataset"]["val_split"]]
+    results = {}
+    for split in splits:
+        out = evaluate_split(model, config, split, device=device,
+                             topk_dir=Path(args.topk_dir) if args.topk_dir else None)
+        results[split] = out["metrics"]
+    text = json.dumps({"checkpoint": str(checkpoint), "splits": results}, indent=2, sort_keys=True)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from cirlab.registry import get_entry, list_models, list_presets
+
+    rows = [{"model": n, "task": get_entry(n).task, "presets": list_presets(n)} for n in list_models()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['model']:<16} {row['task']:<7} {', '.join(row['presets'])}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cirlab`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from cirlab.checkpoint import CheckpointError
+    from cirlab.data import DataError
+    from cirlab.runs import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, CheckpointError, DataError) as err:
+        logger.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

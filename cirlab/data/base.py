@@ -1,0 +1,389 @@
+"""The CIR data contract: ``Triplet``, ``CIRSplit``, ``DataError`` and the problem collector shared by the loaders.
+
+Every CIR layout (Fashion-IQ, Shoes, CIRR; the synthetic and emoji sets are written in those layouts) loads into a
+:class:`CIRSplit`. Loaders parse and validate eagerly through a :class:`ProblemCollector`: in *strict* mode (loading)
+the first problem raises :class:`DataError` naming the file and the entry; in *collect* mode (``cirlab data check``)
+every problem is recorded and the walk goes on. One code path serves both, so the checker and the loader can never
+disagree about what a valid tree is.
+
+No torch at import time: images and tensors are produced inside the dataset views (``triplet_dataset`` & co).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+logger = logging.getLogger(__name__)
+
+Transform = Callable[[Any], Any]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# errors and problems
+
+
+class DataError(ValueError):
+    """A dataset file is missing, malformed or inconsistent. The message names the file and the entry."""
+
+    def __init__(self, message: str, file: str | os.PathLike | None = None, entry: str | None = None,
+                 kind: str = "invalid") -> None:
+        self.file = str(file) if file is not None else None
+        self.entry = entry
+        self.kind = kind
+        self.detail = message
+        where = (self.file or "") + (f" [{entry}]" if entry else "")
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found in a dataset tree.
+
+    ``kind`` is one of ``missing_file``, ``missing_image``, ``malformed_json``, ``bad_entry``, ``unknown_name``,
+    ``duplicate``, ``count_mismatch``, ``bad_array``, ``unreadable_image``.
+    """
+
+    kind: str
+    file: str
+    entry: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}" + (f" [{self.entry}]" if self.entry else "")
+        return f"{where}: {self.message}"
+
+    def to_error(self) -> DataError:
+        return DataError(self.message, file=self.file, entry=self.entry or None, kind=self.kind)
+
+
+class ProblemList(list):
+    """``list[Problem]`` with ``stats``: counts of what was walked (splits, triplets, images, ...)."""
+
+    def __init__(self, problems: Iterable[Problem] = (), stats: dict[str, int] | None = None) -> None:
+        super().__init__(problems)
+        self.stats: dict[str, int] = dict(stats or {})
+
+
+class ProblemCollector:
+    """Receives problems from a loader: raises the first one (``strict``) or records them all."""
+
+    def __init__(self, strict: bool = True) -> None:
+        self.strict = strict
+        self.problems = ProblemList()
+        self._seen: set[Problem] = set()
+
+    def add(self, kind: str, file: str | os.PathLike, entry: Any, message: str) -> None:
+        problem = Problem(kind, str(file), "" if entry is None else str(entry), message)
+        if self.strict:
+            raise problem.to_error()
+        if problem not in self._seen:  # a file shared by several splits (Shoes captions) is parsed more than once
+            self._seen.add(problem)
+            self.problems.append(problem)
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.problems.stats[key] = self.problems.stats.get(key, 0) + n
+
+
+def read_json(path: Path, sink: ProblemCollector) -> Any | None:
+    """Parse a JSON file; a missing or malformed file becomes a problem (None is returned in collect mode)."""
+    if not path.is_file():
+        sink.add("missing_file", path, None, "file not found")
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as err:
+        sink.add("malformed_json", path, f"line {err.lineno} column {err.colno}", f"malformed JSON: {err.msg}")
+    except UnicodeDecodeError as err:
+        sink.add("malformed_json", path, f"byte {err.start}", f"not UTF-8 text: {err.reason}")
+    return None
+
+
+def read_lines(path: Path, sink: ProblemCollector) -> list[str] | None:
+    """The non-empty stripped lines of a text file (a final newline is not an entry)."""
+    if not path.is_file():
+        sink.add("missing_file", path, None, "file not found")
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        sink.add("bad_entry", path, f"byte {err.start}", f"not UTF-8 text: {err.reason}")
+        return None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the CIR contract
+
+
+@dataclass
+class Triplet:
+    """One CIR query: reference image + modification text (-> target image).
+
+    Attributes:
+        query_id: unique within the split (CIRR ``pairid``, Fashion-IQ ``{category}:{index}``, Shoes entry index).
+        ref_name: reference image name (a key of ``CIRSplit.image_paths``).
+        captions: the raw modification texts of the entry (Fashion-IQ: 2, Shoes and CIRR: 1).
+        text: the deterministic query text (captions joined by the split's caption policy).
+        target_name: target image name; None where the split ships no ground truth (CIRR test1, Fashion-IQ test).
+        category: Fashion-IQ category; the dataset name for Shoes ("shoes") and CIRR ("cirr").
+        extras: every further per-entry field (CIRR ``members``/``img_set_id``/``target_soft``, a synthetic
+            ``modification`` type, ...).
+    """
+
+    query_id: str
+    ref_name: str
+    captions: list[str]
+    text: str
+    target_name: str | None
+    category: str
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CIRSplit:
+    """A loaded CIR split: triplets, the protocol's evaluation gallery and where every image lives.
+
+    Attributes:
+        dataset: "fashioniq" | "shoes" | "cirr".
+        split: the split name as loaded ("train", "val", "test", "test1").
+        root: the dataset root.
+        category: the category loaded (None = all categories, each triplet carries its own).
+        triplets: the queries in file order.
+        gallery_names: the evaluation gallery for this split/category, in protocol order.
+        image_paths: image name -> file, for every image named by the triplets or the gallery.
+        protocol: name of the evaluation protocol the gallery and texts follow (e.g. "amc", "clip4cir", "cirr").
+        exclude_reference: whether the protocol removes each query's own reference image from its ranking
+            (AMC Fashion-IQ/Shoes and CIRR: yes; CLIP4Cir/re-ranking Fashion-IQ: no). Pass ``ref_idx`` as the
+            metric's ``exclude`` when True.
+        train_text: optional ``captions -> text`` sampler used by ``triplet_dataset`` (the randomised Fashion-IQ
+            caption policy); None = use ``Triplet.text``.
+    """
+
+    dataset: str
+    split: str
+    root: Path
+    category: str | None
+    triplets: list[Triplet]
+    gallery_names: list[str]
+    image_paths: dict[str, Path]
+    protocol: str = ""
+    exclude_reference: bool = True
+    train_text: Callable[[list[str]], str] | None = None
+
+    def __repr__(self) -> str:
+        cat = f", category={self.category!r}" if self.category else ""
+        return (f"CIRSplit({self.dataset!r}, split={self.split!r}{cat}, protocol={self.protocol!r}, "
+                f"triplets={len(self.triplets)}, gallery={len(self.gallery_names)})")
+
+    def __len__(self) -> int:
+        return len(self.triplets)
+
+    def image_path(self, name: str) -> Path:
+        """The file of image ``name`` (KeyError naming the split when unknown)."""
+        try:
+            return self.image_paths[name]
+        except KeyError:
+            raise KeyError(f"image {name!r} is not part of {self!r}") from None
+
+    @cached_property
+    def gallery_index(self) -> dict[str, int]:
+        """Image name -> position in ``gallery_names``."""
+        return {name: i for i, name in enumerate(self.gallery_names)}
+
+    @property
+    def has_targets(self) -> bool:
+        return all(t.target_name is not None for t in self.triplets)
+
+    def ref_indices(self) -> list[int]:
+        """Gallery index of every query's reference image (-1 when not in the gallery)."""
+        return [self.gallery_index.get(t.ref_name, -1) for t in self.triplets]
+
+    def target_indices(self) -> list[int]:
+        """Gallery index of every query's target (-1 when absent, e.g. CIRR test1)."""
+        return [self.gallery_index.get(t.target_name, -1) if t.target_name else -1 for t in self.triplets]
+
+    def member_indices(self) -> list[list[int]]:
+        """CIRR: gallery indices of each query's ``img_set`` members (reference included); [] for other datasets."""
+        return [[self.gallery_index.get(m, -1) for m in t.extras.get("members", [])] for t in self.triplets]
+
+    def triplet_dataset(self, transform: Transform | None = None, random_text: bool = True) -> "TripletDataset":
+        """Training items ``{"query_id","ref_image","text","target_image","category","modification"}``.
+
+        Args:
+            transform: PIL image -> tensor; None = :func:`cirlab.data.transforms.default_transform`.
+            random_text: sample the text with the split's ``train_text`` policy when it has one (Fashion-IQ
+                CLIP4Cir policy); False = always ``Triplet.text``.
+        """
+        if not self.has_targets:
+            missing = next(t for t in self.triplets if t.target_name is None)
+            raise DataError("this split ships no targets; it cannot be used for training",
+                            file=str(self.root), entry=f"{self.split} query {missing.query_id}", kind="bad_entry")
+        return TripletDataset(self, _resolve_transform(transform), self.train_text if random_text else None)
+
+    def query_dataset(self, transform: Transform | None = None) -> "QueryDataset":
+        """Evaluation queries ``{"query_id","ref_image","text","ref_idx","target_idx","category","modification"}``."""
+        return QueryDataset(self, _resolve_transform(transform))
+
+    def gallery_dataset(self, transform: Transform | None = None) -> "GalleryDataset":
+        """Gallery images ``{"image","gallery_idx","name"}`` in ``gallery_names`` order."""
+        return GalleryDataset(self, _resolve_transform(transform))
+
+
+def _resolve_transform(transform: Transform | None) -> Transform:
+    if transform is not None:
+        return transform
+    from cirlab.data.transforms import default_transform
+
+    return default_transform()
+
+
+def load_image(path: Path) -> Any:
+    """Open an image as RGB; an unreadable file is a DataError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise DataError("image file not found", file=path, kind="missing_image") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"cannot read image: {err}", file=path, kind="unreadable_image") from None
+
+
+class TripletDataset:
+    """Map-style dataset of training triplets (works with ``torch.utils.data.DataLoader``'s default collate)."""
+
+    def __init__(self, split: CIRSplit, transform: Transform, text_fn: Callable[[list[str]], str] | None) -> None:
+        self.split, self.transform, self.text_fn = split, transform, text_fn
+
+    def __len__(self) -> int:
+        return len(self.split.triplets)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        t = self.split.triplets[i]
+        return {
+            "query_id": t.query_id,
+            "ref_image": self.transform(load_image(self.split.image_path(t.ref_name))),
+            "text": self.text_fn(t.captions) if self.text_fn else t.text,
+            "target_image": self.transform(load_image(self.split.image_path(t.target_name))),
+            "category": t.category,
+            "modification": str(t.extras.get("modification", "")),
+        }
+
+
+class QueryDataset:
+    """Map-style dataset of evaluation queries; ``ref_idx``/``target_idx`` index ``gallery_names`` (-1 = absent)."""
+
+    def __init__(self, split: CIRSplit, transform: Transform) -> None:
+        self.split, self.transform = split, transform
+        self.ref_idx = split.ref_indices()
+        self.target_idx = split.target_indices()
+
+    def __len__(self) -> int:
+        return len(self.split.triplets)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        t = self.split.triplets[i]
+        return {
+            "query_id": t.query_id,
+            "ref_image": self.transform(load_image(self.split.image_path(t.ref_name))),
+            "text": t.text,
+            "ref_idx": self.ref_idx[i],
+            "target_idx": self.target_idx[i],
+            "category": t.category,
+            "modification": str(t.extras.get("modification", "")),
+        }
+
+
+class GalleryDataset:
+    """Map-style dataset over ``gallery_names``."""
+
+    def __init__(self, split: CIRSplit, transform: Transform) -> None:
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split.gallery_names)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        name = self.split.gallery_names[i]
+        return {"image": self.transform(load_image(self.split.image_path(name))), "gallery_idx": i, "name": name}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# dispatch
+
+_CIR_LOADERS = {"fashioniq": "cirlab.data.fashioniq", "shoes": "cirlab.data.shoes", "cirr": "cirlab.data.cirr"}
+_ALIASES = {"fiq": "fashioniq", "fashion_iq": "fashioniq", "fashion-iq": "fashioniq"}
+
+
+def canonical_name(name: str) -> str:
+    key = name.lower()
+    return _ALIASES.get(key, key)
+
+
+def load_cir(name: str, root: str | os.PathLike | None = None, split: str = "train", category: str | None = None,
+             **kw: Any) -> CIRSplit:
+    """Load a CIR split (validated eagerly: the first problem raises :class:`DataError`).
+
+    Args:
+        name: "fashioniq" | "shoes" | "cirr".
+        root: dataset root; None = ``$CIRLAB_DATA/<name>`` (see :func:`cirlab.paths.resolve_root`).
+        split: split name ("train", "val", "test"; CIRR "test1").
+        category: Fashion-IQ category (None = all categories concatenated); ignored by Shoes and CIRR.
+        **kw: dataset options (Fashion-IQ ``protocol``/``gallery``/``captions``, Shoes ``pairs``).
+    """
+    from cirlab.paths import resolve_root
+
+    key = canonical_name(name)
+    if key not in _CIR_LOADERS:
+        raise ValueError(f"unknown CIR dataset {name!r}; known: {', '.join(sorted(_CIR_LOADERS))}")
+    path = resolve_root(root, key)
+    if not path.is_dir():
+        hint = "" if root is not None else " (root defaults to $CIRLAB_DATA/" + key + "; pass root= or set CIRLAB_DATA)"
+        raise DataError(f"dataset root not found{hint}", file=path, kind="missing_file")
+    module = importlib.import_module(_CIR_LOADERS[key])
+    return module.load(path, split=split, category=category, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# helpers shared by the layouts
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+
+def index_images(folder: Path, sink: ProblemCollector, *, by: str = "stem", exts: tuple[str, ...] = IMAGE_EXTS,
+                 into: dict[str, Path] | None = None) -> dict[str, Path]:
+    """Map image key (file stem or full basename) -> path for the image files directly inside ``folder``.
+
+    One ``os.scandir`` instead of a ``stat`` per lookup (Fashion-IQ has ~75k images). Two files with the same key are
+    a ``duplicate`` problem naming both, never a silent choice.
+    """
+    found = {} if into is None else into
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            suffix = os.path.splitext(entry.name)[1].lower()
+            if suffix not in exts or not entry.is_file():
+                continue
+            key = os.path.splitext(entry.name)[0] if by == "stem" else entry.name
+            path = Path(entry.path)
+            if key in found and found[key] != path:
+                sink.add("duplicate", path, key, f"image {key!r} exists twice: {found[key]} and {path}")
+                continue
+            found[key] = path
+    return found
+
+
+def is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def first_appearance(names: Iterable[str]) -> list[str]:
+    """Unique names in order of first appearance."""
+    return list(dict.fromkeys(names))

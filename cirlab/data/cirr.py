@@ -1,0 +1,154 @@
+"""CIRR release rc2 (Liu et al., "Image Retrieval on Real-life Images with Pre-trained Vision-and-Language Models",
+ICCV 2021; https://github.com/Cuberick-Orion/CIRR), read as the release ships it (rerank_cala.md C.2).
+
+Layout (``root`` = the ``cirr_dataset`` folder)::
+
+    cirr/captions/cap.rc2.{train,val,test1}.json     list of {"pairid", "reference", "target_hard", "target_soft",
+                                                     "caption", "img_set": {"id", "members", ...}}
+                                                     (test1 has no target_hard / target_soft)
+    cirr/image_splits/split.rc2.{train,val,test1}.json   {name: "./dev/dev-244-0-img0.png", ...}, key order =
+                                                     gallery order; paths are relative to ``root``
+    train/<0..>/*.png  dev/*.png  test1/*.png        the images
+
+Queries: reference = ``reference``, target = ``target_hard`` (the only positive; ``target_soft`` is kept in extras
+but unused, as in every CIRR code base), text = ``caption``, query id = ``str(pairid)``. ``Triplet.extras`` holds
+``members`` (the 6 ``img_set`` names, reference included: Recall_subset ranks the 5 others), ``img_set_id`` and the
+remaining entry fields. Protocol: the gallery is the split's image dict in key order and the reference is removed
+from its own ranking. The official split names are ``val`` and ``test1``; ``dev`` and ``test`` are accepted aliases.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from cirlab.data.base import CIRSplit, ProblemCollector, Triplet, is_str_list, read_json
+
+logger = logging.getLogger(__name__)
+
+RELEASE = "rc2"
+SPLITS = ("train", "val", "test1")
+_SPLIT_ALIASES = {"dev": "val", "test": "test1"}
+_CORE_KEYS = ("pairid", "reference", "target_hard", "caption", "img_set")
+
+
+def dataset_root(root: Path) -> Path:
+    """Accept the ``cirr_dataset`` folder or its ``cirr`` subfolder."""
+    root = Path(root)
+    if not (root / "cirr").is_dir() and (root / "captions").is_dir() and root.name == "cirr":
+        return root.parent
+    return root
+
+
+def captions_file(root: Path, split: str) -> Path:
+    return root / "cirr" / "captions" / f"cap.{RELEASE}.{split}.json"
+
+
+def split_file(root: Path, split: str) -> Path:
+    return root / "cirr" / "image_splits" / f"split.{RELEASE}.{split}.json"
+
+
+def _read_image_split(root: Path, split: str, sink: ProblemCollector) -> dict[str, Path]:
+    path = split_file(root, split)
+    data = read_json(path, sink)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        sink.add("bad_entry", path, None, f"expected a JSON object name -> relative path, got {type(data).__name__}")
+        return {}
+    images: dict[str, Path] = {}
+    for name, rel in data.items():
+        if not isinstance(rel, str):
+            sink.add("bad_entry", path, name, f"expected a relative path string, got {rel!r}")
+            continue
+        image = root / rel
+        if not image.is_file():
+            sink.add("missing_image", path, name, f"image file {image} not found")
+        images[name] = image
+    sink.count("images", len(images))
+    return images
+
+
+def _check_entry(entry: Any, i: int, path: Path, split: str, sink: ProblemCollector) -> bool:
+    where = f"#{i}" if not isinstance(entry, dict) or "pairid" not in entry else f"pairid {entry['pairid']}"
+    problems = []
+    if not isinstance(entry, dict):
+        problems.append(f"expected an object, got {entry!r:.80}")
+    else:
+        if not isinstance(entry.get("pairid"), int) or isinstance(entry.get("pairid"), bool):
+            problems.append(f"'pairid' must be an integer, got {entry.get('pairid')!r}")
+        for key in ("reference", "caption") + (("target_hard",) if split != "test1" else ()):
+            if not isinstance(entry.get(key), str):
+                problems.append(f"{key!r} must be a string, got {entry.get(key)!r:.80}")
+        img_set = entry.get("img_set")
+        if not (isinstance(img_set, dict) and is_str_list(img_set.get("members"))):
+            problems.append(f"'img_set' must be an object with a 'members' list of names, got {img_set!r:.80}")
+    for message in problems:
+        sink.add("bad_entry", path, where, message)
+    return not problems
+
+
+def load(root: Path, split: str = "train", category: str | None = None, *, sink: ProblemCollector | None = None,
+         **_: Any) -> CIRSplit:
+    """Load a CIRR rc2 split.
+
+    Args:
+        root: the ``cirr_dataset`` folder (or its ``cirr`` subfolder).
+        split: "train" | "val" | "test1" (aliases "dev", "test").
+        category: ignored (triplets carry category "cirr").
+        sink: problem collector (default strict).
+    """
+    root = dataset_root(root)
+    sink = sink or ProblemCollector(strict=True)
+    split = _SPLIT_ALIASES.get(split, split)
+    if split not in SPLITS:
+        raise ValueError(f"unknown CIRR split {split!r}; known: {', '.join(SPLITS)}")
+    images = _read_image_split(root, split, sink)
+    path = captions_file(root, split)
+    data = read_json(path, sink)
+    if data is not None and not isinstance(data, list):
+        sink.add("bad_entry", path, None, f"expected a JSON list of queries, got {type(data).__name__}")
+        data = None
+    triplets: list[Triplet] = []
+    seen: set[int] = set()
+    for i, entry in enumerate(data or []):
+        if not _check_entry(entry, i, path, split, sink):
+            continue
+        where = f"pairid {entry['pairid']}"
+        if entry["pairid"] in seen:
+            sink.add("duplicate", path, where, "pairid appears twice")
+            continue
+        seen.add(entry["pairid"])
+        triplets.append(_triplet(entry, split, path, images, sink))
+    sink.count("triplets", len(triplets))
+    sink.count("splits")
+    return CIRSplit("cirr", split, root, None, triplets, list(images), images, protocol="cirr",
+                    exclude_reference=True)
+
+
+def _triplet(entry: dict[str, Any], split: str, path: Path, images: dict[str, Path], sink: ProblemCollector) -> Triplet:
+    where = f"pairid {entry['pairid']}"
+    target = entry.get("target_hard") if split != "test1" else None
+    members = list(entry["img_set"]["members"])
+    named = [("reference", entry["reference"])] + ([("target_hard", target)] if target else [])
+    named += [("img_set member", m) for m in members]
+    if images:  # without a readable split file the missing file is the problem already reported
+        for role, name in named:
+            if name not in images:
+                sink.add("unknown_name", path, where, f"{role} {name!r} is not in {split_file(path.parents[2], split).name}")
+    extras = {k: v for k, v in entry.items() if k not in _CORE_KEYS}
+    extras["members"] = members
+    extras["img_set_id"] = entry["img_set"].get("id")
+    extras.update((f"img_set_{k}", v) for k, v in entry["img_set"].items() if k not in ("id", "members"))
+    caption = entry["caption"]
+    return Triplet(str(entry["pairid"]), entry["reference"], [caption], caption, target, "cirr", extras)
+
+
+def scan(root: Path, sink: ProblemCollector, **kw: Any) -> list[CIRSplit]:
+    """Validate every split present (for ``cirlab data check``); returns the splits loaded."""
+    root = dataset_root(root)
+    present = [s for s in SPLITS if captions_file(root, s).exists() or split_file(root, s).exists()]
+    if not present:
+        sink.add("missing_file", captions_file(root, "val"), None,
+                 "no CIRR split found (expected cirr/captions/cap.rc2.{train,val,test1}.json)")
+    return [load(root, split, sink=sink, **kw) for split in present]

@@ -1,0 +1,81 @@
+"""``cirlab data ...`` subcommands: ``check`` here, plus ``synth`` / ``emoji`` from their own modules when present.
+
+The top-level CLI calls :func:`add_subcommands` on the ``data`` command's subparsers; ``python -m cirlab.data.cli``
+runs the same commands standalone. Each subcommand sets ``func(args) -> int`` (the exit status).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+logger = logging.getLogger(__name__)
+
+# modules that contribute their own subcommand through register_cli(subparsers)
+_PLUGINS = ("cirlab.data.synthetic", "cirlab.data.emoji")
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from cirlab.data.check import check_dataset, format_problems, format_stats
+
+    problems = check_dataset(args.dataset, args.root, verify_images=args.verify_images)
+    if problems:
+        print(format_problems(problems, max_per_kind=args.max_per_kind))
+        print(f"{args.dataset}: FAILED with {len(problems)} problem{'s' if len(problems) != 1 else ''} "
+              f"({format_stats(problems.stats)} checked)")
+        return 1
+    print(f"{args.dataset}: OK ({format_stats(problems.stats)})")
+    return 0
+
+
+def _add_check(subparsers: argparse._SubParsersAction) -> None:
+    from cirlab.data.check import DATASETS
+
+    parser = subparsers.add_parser(
+        "check", help="validate a dataset tree and list every problem",
+        description="Walk a whole dataset tree and list every problem (missing image, malformed JSON, unknown name, "
+                    "caption/image count mismatch, wrong array shape), grouped with counts. Exit status 1 when any "
+                    "problem is found, 0 with a summary line when the tree is valid.")
+    parser.add_argument("--dataset", required=True, choices=DATASETS,
+                        help="layout to check; 'precomp' checks every *_precomp folder under --root")
+    parser.add_argument("--root", default=None,
+                        help="dataset root (default: $CIRLAB_DATA/<dataset>; precomp: $CIRLAB_DATA)")
+    parser.add_argument("--verify-images", action="store_true",
+                        help="also open and decode every image file (slow on the full datasets)")
+    parser.add_argument("--max-per-kind", type=int, default=None, metavar="N",
+                        help="list at most N problems of each kind (counts still cover all); default: list all")
+    parser.set_defaults(func=_run_check)
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``check`` and, when their modules exist, ``synth`` and ``emoji`` to the ``data`` subparsers."""
+    _add_check(subparsers)
+    for module_name in _PLUGINS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:  # the module exists but one of its imports is missing: a real error
+                raise
+            logger.debug("%s not available; its subcommand is skipped", module_name)
+            continue
+        module.register_cli(subparsers)
+
+
+def build_parser(prog: str = "cirlab data") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Dataset tools: validate trees, build offline datasets.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_subcommands(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``cirlab data`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sys.exit(main())

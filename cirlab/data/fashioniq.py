@@ -1,0 +1,309 @@
+"""Fashion-IQ, read as the public release ships it (Wu et al., CVPR 2021; https://github.com/XiaoxiaoGuo/fashion-iq).
+
+Layout (``root``)::
+
+    captions/cap.{category}.{split}.json       list of {"candidate": asin, "target": asin, "captions": [str, str]}
+                                               (test files have no "target"; further keys go to Triplet.extras)
+    image_splits/split.{category}.{split}.json list of asin strings, file order = gallery order
+    images/{asin}.png | images/{asin}.jpg      flat image folder (CLIP4Cir / re-ranking layout), or
+    img/{category}/{asin}.jpg                  per-category folder (AMC layout)
+
+Categories are discovered from ``captions/`` (real Fashion-IQ: dress, shirt, toptee; the emoji set: color, gender,
+skin_tone), so any tree written in this layout loads.
+
+Protocols (``protocol=``; ``gallery=`` / ``captions=`` / ``exclude_reference=`` override single parts):
+
+=============  ==============================================  ================  ==========================
+protocol       gallery                                         caption policy    reference removed at eval
+=============  ==============================================  ================  ==========================
+``amc``        ``"amc"``: unique candidates+targets of the     ``"amc"``         yes (``ref_idx``)
+               caption file, first-appearance order (AMC
+               ``get_test_targets``, ``gallery_all=False``)
+``clip4cir``   ``"split"``: ``split.{cat}.{split}.json`` in    ``"clip4cir"``    no
+               file order (CLIP4Cir, Candidate Re-ranking,
+               CaLa; AMC's unused ``gallery_all=True``)
+=============  ==============================================  ================  ==========================
+
+``rerank`` is an alias of ``clip4cir``. Caption policies (``CAPTION_POLICIES``):
+
+* ``clip4cir``: eval text ``"{c1.strip('.?, ').capitalize()} and {c2.strip('.?, ')}"``; training text drawn at random
+  per item from {c1 and c2, c2 and c1, c1, c2} (``generate_randomized_fiq_caption``, rerank_cala.md C.4).
+* ``amc``: ``"<BOS> c0 <AND> c1 <EOS>"`` for training and eval (AMC ``datasets.FashionIQ``); the model's tokenizer strips
+  punctuation, the loader keeps the raw string.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from cirlab.data.base import (CIRSplit, ProblemCollector, Triplet, first_appearance, index_images, is_str_list,
+                              read_json)
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+STANDARD_CATEGORIES = ("dress", "shirt", "toptee")
+_CORE_KEYS = ("candidate", "target", "captions")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# caption policies
+
+
+def _clean(caption: str) -> str:
+    # CLIP4Cir strips these four characters at both ends before joining
+    return caption.strip(".?, ")
+
+
+def clip4cir_join(captions: list[str]) -> str:
+    """Deterministic CLIP4Cir / re-ranking text: ``"C1 and c2"``."""
+    c1, c2 = captions
+    return f"{_clean(c1).capitalize()} and {_clean(c2)}"
+
+
+def clip4cir_random(captions: list[str], rng: Any = random) -> str:
+    """Randomised CLIP4Cir training text (rerank_cala.md C.4): each of 4 forms with probability 1/4."""
+    c1, c2 = captions
+    u = rng.random()
+    if u < 0.25:
+        return f"{_clean(c1).capitalize()} and {_clean(c2)}"
+    if u < 0.5:
+        return f"{_clean(c2).capitalize()} and {_clean(c1)}"
+    if u < 0.75:
+        return _clean(c1).capitalize()
+    return _clean(c2).capitalize()
+
+
+def amc_join(captions: list[str]) -> str:
+    """AMC text: ``"<BOS> c0 <AND> c1 <EOS>"``.
+
+    Captions keep their punctuation (AMC's tokenizer strips it); outer whitespace is trimmed, which no whitespace
+    tokenizer can tell apart.
+    """
+    c0, c1 = captions
+    return f"<BOS> {c0.strip()} <AND> {c1.strip()} <EOS>"
+
+
+@dataclass(frozen=True)
+class CaptionPolicy:
+    join: Callable[[list[str]], str]  # deterministic text (evaluation, Triplet.text)
+    train: Callable[[list[str]], str] | None  # per-item training sampler; None = use join
+
+
+CAPTION_POLICIES: dict[str, CaptionPolicy] = {
+    "clip4cir": CaptionPolicy(clip4cir_join, clip4cir_random),
+    "amc": CaptionPolicy(amc_join, None),
+}
+
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "amc": {"gallery": "amc", "captions": "amc", "exclude_reference": True},
+    "clip4cir": {"gallery": "split", "captions": "clip4cir", "exclude_reference": False},
+}
+_PROTOCOL_ALIASES = {"rerank": "clip4cir", "cala": "clip4cir"}
+GALLERIES = ("amc", "split")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# files
+
+
+def captions_file(root: Path, category: str, split: str) -> Path:
+    return root / "captions" / f"cap.{category}.{split}.json"
+
+
+def split_file(root: Path, category: str, split: str) -> Path:
+    return root / "image_splits" / f"split.{category}.{split}.json"
+
+
+def find_categories(root: Path, split: str | None = None) -> list[str]:
+    """Categories present on disk (from ``captions/`` and ``image_splits/`` file names), sorted."""
+    found: set[str] = set()
+    for folder, prefix in (("captions", "cap."), ("image_splits", "split.")):
+        for path in (root / folder).glob(f"{prefix}*.json"):
+            parts = path.name[len(prefix):-len(".json")].rsplit(".", 1)
+            if len(parts) == 2 and (split is None or parts[1] == split):
+                found.add(parts[0])
+    return sorted(found)
+
+
+class FashionIQImages:
+    """Finds ``images/{asin}.{png,jpg}`` (flat) or ``img/{category}/{asin}.jpg`` (per category) with one scan."""
+
+    def __init__(self, root: Path, sink: ProblemCollector) -> None:
+        self.root, self.sink = root, sink
+        self.flat = (root / "images").is_dir()
+        self._index: dict[str, dict[str, Path]] = {}
+        if self.flat:
+            self._index[""] = index_images(root / "images", sink)
+        elif not (root / "img").is_dir():
+            sink.add("missing_file", root / "images", None,
+                     "no image folder: expected images/{asin}.png|jpg or img/{category}/{asin}.jpg")
+
+    def folder(self, category: str) -> Path:
+        return self.root / "images" if self.flat else self.root / "img" / category
+
+    def lookup(self, name: str, category: str) -> Path | None:
+        key = "" if self.flat else category
+        if key not in self._index:
+            folder = self.folder(category)
+            self._index[key] = index_images(folder, self.sink) if folder.is_dir() else {}
+        return self._index[key].get(name)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# parsing
+
+
+def _read_split_names(path: Path, sink: ProblemCollector) -> list[str] | None:
+    names = read_json(path, sink)
+    if names is None:
+        return None
+    if not isinstance(names, list):
+        sink.add("bad_entry", path, None, f"expected a JSON list of image names, got {type(names).__name__}")
+        return None
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            sink.add("bad_entry", path, f"#{i}", f"expected an image name (string), got {name!r}")
+        elif name in seen:
+            sink.add("duplicate", path, f"#{i}", f"image {name!r} is listed twice (also #{seen[name]})")
+        else:
+            seen[name] = i
+    return list(seen)
+
+
+def _parse_entry(entry: Any, i: int, path: Path, split: str, sink: ProblemCollector) -> dict[str, Any] | None:
+    where = f"#{i}"
+    if not isinstance(entry, dict):
+        sink.add("bad_entry", path, where, f"expected an object with candidate/target/captions, got {entry!r:.80}")
+        return None
+    ok = True
+    if not isinstance(entry.get("candidate"), str):
+        sink.add("bad_entry", path, where, f"'candidate' must be an image name, got {entry.get('candidate')!r}")
+        ok = False
+    target = entry.get("target")
+    if target is None and split != "test" or target is not None and not isinstance(target, str):
+        sink.add("bad_entry", path, where, f"'target' must be an image name, got {target!r}")
+        ok = False
+    caps = entry.get("captions")
+    if not (is_str_list(caps) and len(caps) == 2):
+        sink.add("bad_entry", path, where, f"'captions' must be a list of 2 strings, got {caps!r:.80}")
+        ok = False
+    return entry if ok else None
+
+
+def _load_category(root: Path, category: str, split: str, images: FashionIQImages, policy: CaptionPolicy,
+                   sink: ProblemCollector) -> tuple[list[Triplet], list[str], list[str]]:
+    """Triplets, split-file names and caption-file names (candidates+targets, first appearance) of one category."""
+    s_path, c_path = split_file(root, category, split), captions_file(root, category, split)
+    names = _read_split_names(s_path, sink)
+    for i, name in enumerate(names or []):
+        if images.lookup(name, category) is None:
+            sink.add("missing_image", s_path, f"#{i}", f"image {name!r} not found in {images.folder(category)}")
+    known = set(names) if names is not None else None
+    entries = read_json(c_path, sink)
+    if entries is not None and not isinstance(entries, list):
+        sink.add("bad_entry", c_path, None, f"expected a JSON list of caption entries, got {type(entries).__name__}")
+        entries = None
+    triplets: list[Triplet] = []
+    for i, raw in enumerate(entries or []):
+        entry = _parse_entry(raw, i, c_path, split, sink)
+        if entry is None:
+            continue
+        for role in ("candidate", "target"):
+            name = entry.get(role)
+            if name is None:
+                continue
+            if known is not None and name not in known:
+                sink.add("unknown_name", c_path, f"#{i}", f"{role} {name!r} is not listed in {s_path.name}")
+            elif known is None and images.lookup(name, category) is None:
+                sink.add("missing_image", c_path, f"#{i}", f"{role} image {name!r} not found")
+        caps = list(entry["captions"])
+        extras = {k: v for k, v in entry.items() if k not in _CORE_KEYS}
+        triplets.append(Triplet(f"{category}:{i}", entry["candidate"], caps, policy.join(caps), entry.get("target"),
+                                category, extras))
+    sink.count("triplets", len(triplets))
+    sink.count("splits")
+    used = first_appearance(n for t in triplets for n in (t.ref_name, t.target_name) if n is not None)
+    return triplets, names or [], used
+
+
+def _resolve_protocol(protocol: str, gallery: str | None, captions: str | None,
+                      exclude_reference: bool | None) -> tuple[str, str, str, bool]:
+    """(protocol label, gallery, caption policy, exclude_reference); the label notes any override."""
+    key = _PROTOCOL_ALIASES.get(protocol, protocol)
+    if key not in PROTOCOLS:
+        raise ValueError(f"unknown Fashion-IQ protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    spec = PROTOCOLS[key]
+    gallery = gallery or spec["gallery"]
+    captions = captions or spec["captions"]
+    if gallery not in GALLERIES:
+        raise ValueError(f"unknown Fashion-IQ gallery {gallery!r}; known: {', '.join(GALLERIES)}")
+    if captions not in CAPTION_POLICIES:
+        raise ValueError(f"unknown caption policy {captions!r}; known: {', '.join(CAPTION_POLICIES)}")
+    exclude = spec["exclude_reference"] if exclude_reference is None else exclude_reference
+    overrides = [f"{k}={v}" for k, v in (("gallery", gallery), ("captions", captions), ("exclude_reference", exclude))
+                 if v != spec[k]]
+    return (f"{key}({', '.join(overrides)})" if overrides else key), gallery, captions, exclude
+
+
+def load(root: Path, split: str = "train", category: str | None = None, *, protocol: str = "amc",
+         gallery: str | None = None, captions: str | None = None, exclude_reference: bool | None = None,
+         sink: ProblemCollector | None = None, images: FashionIQImages | None = None) -> CIRSplit:
+    """Load one Fashion-IQ split (one category, or all categories concatenated when ``category`` is None).
+
+    Args:
+        root: the Fashion-IQ root (holding ``captions/``, ``image_splits/`` and ``images/`` or ``img/``).
+        split: "train" | "val" | "test".
+        category: e.g. "dress"; None = every category found in ``captions/`` for this split.
+        protocol: "amc" (default; the AMC paper's protocol) or "clip4cir" (alias "rerank"); see the module doc.
+        gallery: "amc" (caption-file candidates+targets) or "split" (``split.{cat}.{split}.json``).
+        captions: caption policy name, see ``CAPTION_POLICIES``.
+        exclude_reference: override the protocol's choice of removing the reference from its own ranking.
+        sink: problem collector (default strict: raise the first problem as DataError).
+        images: a pre-built image index (the checker shares one across splits).
+    """
+    root = Path(root)
+    sink = sink or ProblemCollector(strict=True)
+    label, gallery, captions, exclude = _resolve_protocol(protocol, gallery, captions, exclude_reference)
+    if category is not None:
+        cats = [category]
+    else:
+        cats = find_categories(root, split)
+        if not cats:
+            sink.add("missing_file", root / "captions", None, f"no cap.*.{split}.json caption file found")
+    images = images or FashionIQImages(root, sink)
+    triplets: list[Triplet] = []
+    gallery_names: list[str] = []
+    paths: dict[str, Path] = {}
+    for cat in cats:
+        cat_triplets, split_names, used = _load_category(root, cat, split, images, CAPTION_POLICIES[captions], sink)
+        triplets += cat_triplets
+        gallery_names += used if gallery == "amc" else split_names
+        for name in first_appearance([*split_names, *used]):
+            path = images.lookup(name, cat)
+            if path is not None:
+                paths.setdefault(name, path)
+    sink.count("images", len(paths))
+    return CIRSplit("fashioniq", split, root, category, triplets, first_appearance(gallery_names), paths,
+                    protocol=label, exclude_reference=exclude, train_text=CAPTION_POLICIES[captions].train)
+
+
+def scan(root: Path, sink: ProblemCollector, **kw: Any) -> list[CIRSplit]:
+    """Walk every category and split on disk (for ``cirlab data check``); returns the splits loaded."""
+    root = Path(root)
+    cats = find_categories(root)
+    if not cats:
+        sink.add("missing_file", root / "captions", None, "no captions/cap.{category}.{split}.json files found")
+        return []
+    splits = []
+    images = FashionIQImages(root, sink)
+    for split in SPLITS:
+        for cat in cats:
+            present = [p for p in (captions_file(root, cat, split), split_file(root, cat, split)) if p.exists()]
+            if present:  # a split that ships neither file is simply not part of this tree
+                splits.append(load(root, split, cat, sink=sink, images=images, **kw))
+    return splits

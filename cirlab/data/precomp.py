@@ -1,0 +1,255 @@
+"""Flickr30K / MS-COCO "precomp" BUTD region features, the SCAN release format (Lee et al., ECCV 2018,
+https://github.com/kuanghuei/SCAN) used by VSE++, SCAN, GPO, HREM and DIME (hrem_itm.md section 2, amc_dime.md II.4).
+
+Layout (``root``)::
+
+    {name}_precomp/{split}_ims.npy    float array [N_img, 36, 2048] (Faster R-CNN BUTD regions), memory-mapped
+    {name}_precomp/{split}_caps.txt   one raw caption per line, 5 consecutive lines per image, image order = .npy order
+
+``name`` is ``f30k`` or ``coco`` (or any other, e.g. the synthetic set); splits are ``train``, ``dev``, ``test`` and
+(COCO) ``testall``. GPO's ``{name}/precomp/`` layout is accepted too.
+
+Semantics (identical in VSE++/SCAN/GPO/HREM): the split is indexed by caption; ``im_div = 5`` when
+``N_img != N_caps`` else 1, and caption ``k`` belongs to image ``k // im_div``. Unlike the original code, a caption
+count that is neither ``N_img`` nor ``5 * N_img`` is a DataError naming both files (the original silently misaligns).
+The ``dev`` split is capped at its first 5,000 captions (``max_captions``), as all of these code bases do for fast
+validation; pass ``max_captions=None`` for the whole split.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cirlab.data.base import ProblemCollector
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "dev", "test", "testall")
+CAPTIONS_PER_IMAGE = 5
+DEV_MAX_CAPTIONS = 5000  # VSE++ data.py: `if data_split == 'dev': self.length = 5000`
+_DEFAULT = object()
+
+
+def precomp_dir(root: Path, name: str) -> Path:
+    """``root/{name}_precomp`` (HREM/SCAN), else ``root/{name}/precomp`` (GPO), else ``root`` if it is that folder."""
+    root = Path(root)
+    for candidate in (root / f"{name}_precomp", root / name / "precomp"):
+        if candidate.is_dir():
+            return candidate
+    if root.name in (f"{name}_precomp", "precomp"):
+        return root
+    return root / f"{name}_precomp"
+
+
+def open_features(path: Path, sink: ProblemCollector, regions: int | None = 36, dim: int | None = 2048) -> Any:
+    """Memory-map ``{split}_ims.npy`` and validate its header (shape, dtype, file size) without reading the data."""
+    if not path.is_file():
+        sink.add("missing_file", path, None, "file not found")
+        return None
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:  # truncated download: "mmap length is greater than file size"
+        sink.add("bad_array", path, None, f"cannot memory-map the array (truncated or not a .npy file?): {err}")
+        return None
+    expected = f"[N, {regions or 'R'}, {dim or 'D'}]"
+    if array.ndim != 3 or (regions and array.shape[1] != regions) or (dim and array.shape[2] != dim):
+        sink.add("bad_array", path, None, f"shape {tuple(array.shape)} does not match {expected}")
+        return None
+    if not np.issubdtype(array.dtype, np.floating):
+        sink.add("bad_array", path, None, f"dtype {array.dtype} is not a floating-point type")
+        return None
+    return array
+
+
+def read_captions(path: Path, sink: ProblemCollector) -> list[str] | None:
+    """Lines of ``{split}_caps.txt`` (read as bytes, decoded as UTF-8); an empty line is a problem, never dropped."""
+    if not path.is_file():
+        sink.add("missing_file", path, None, "file not found")
+        return None
+    lines = path.read_bytes().split(b"\n")
+    if lines and lines[-1] == b"":  # the final newline ends the last caption, it does not start another
+        lines.pop()
+    captions = []
+    for n, raw in enumerate(lines, 1):
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as err:
+            sink.add("bad_entry", path, f"line {n}", f"not UTF-8 text: {err.reason}")
+            text = ""
+        else:
+            if not text:
+                sink.add("bad_entry", path, f"line {n}", "empty caption")
+        captions.append(text)
+    return captions
+
+
+def image_divisor(n_images: int, n_captions: int) -> int | None:
+    """``im_div`` of the original loaders (5 if the counts differ, else 1); None when the counts are inconsistent."""
+    if n_captions == n_images:
+        return 1
+    if n_captions == CAPTIONS_PER_IMAGE * n_images:
+        return CAPTIONS_PER_IMAGE
+    return None
+
+
+@dataclass
+class PrecompSplit:
+    """A loaded precomp split.
+
+    Attributes:
+        name: dataset name ("f30k", "coco", ...).
+        split: split name.
+        images: memory-mapped ``[N_img, R, D]`` features (only the images covered by ``captions``).
+        captions: raw captions; caption ``k`` describes image ``k // im_div``.
+        im_div: captions per image (5, or 1 when the files hold one caption per image).
+        ims_path / caps_path: the two files.
+    """
+
+    name: str
+    split: str
+    images: Any
+    captions: list[str]
+    im_div: int
+    ims_path: Path
+    caps_path: Path
+
+    def __repr__(self) -> str:
+        return (f"PrecompSplit({self.name!r}, split={self.split!r}, images={tuple(self.images.shape)}, "
+                f"captions={len(self.captions)}, im_div={self.im_div})")
+
+    @property
+    def num_images(self) -> int:
+        return int(self.images.shape[0])
+
+    def image_of_caption(self, k: int) -> int:
+        return k // self.im_div
+
+    def features(self, i: int) -> Any:
+        """Image ``i``'s region features as a float32 tensor ``[R, D]`` (copied out of the memory map)."""
+        import torch
+
+        return torch.from_numpy(np.array(self.images[i], dtype=np.float32))
+
+    def pair_dataset(self) -> "PairDataset":
+        """Training pairs, one per caption: ``{"image_feats","text","image_idx","caption_idx"}``."""
+        return PairDataset(self)
+
+    def image_dataset(self) -> "ImageDataset":
+        """``{"image_feats","image_idx"}`` per image."""
+        return ImageDataset(self)
+
+    def caption_dataset(self) -> "CaptionDataset":
+        """``{"text","caption_idx"}`` per caption."""
+        return CaptionDataset(self)
+
+
+class PairDataset:
+    def __init__(self, split: PrecompSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split.captions)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        i = self.split.image_of_caption(k)
+        return {"image_feats": self.split.features(i), "text": self.split.captions[k], "image_idx": i,
+                "caption_idx": k}
+
+
+class ImageDataset:
+    def __init__(self, split: PrecompSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return self.split.num_images
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image_feats": self.split.features(i), "image_idx": i}
+
+
+class CaptionDataset:
+    def __init__(self, split: PrecompSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split.captions)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        return {"text": self.split.captions[k], "caption_idx": k}
+
+
+def load_precomp(root: str | Path | None, name: str, split: str, *, max_captions: Any = _DEFAULT,
+                 regions: int | None = 36, dim: int | None = 2048, sink: ProblemCollector | None = None
+                 ) -> PrecompSplit:
+    """Load ``{name}_precomp/{split}_{ims.npy,caps.txt}`` with the original loaders' semantics (module doc).
+
+    Args:
+        root: folder holding ``{name}_precomp/``; None = ``$CIRLAB_DATA``.
+        name: "f30k" | "coco" | any other precomp set.
+        split: "train" | "dev" | "test" | "testall".
+        max_captions: keep only the first captions (default: 5,000 for "dev", all otherwise; None = all).
+        regions, dim: expected feature shape ``[N, regions, dim]``; None accepts any size on that axis.
+        sink: problem collector (default strict: raise the first problem as DataError).
+    """
+    from cirlab.paths import resolve_root
+
+    sink = sink or ProblemCollector(strict=True)
+    folder = precomp_dir(resolve_root(root), name)
+    ims_path, caps_path = folder / f"{split}_ims.npy", folder / f"{split}_caps.txt"
+    if not ims_path.exists() and not caps_path.exists() and folder.is_dir():
+        found = sorted({p.name.split("_")[0] for p in folder.glob("*_ims.npy")})
+        sink.add("missing_file", ims_path, None, f"split {split!r} not found; splits here: {', '.join(found) or 'none'}")
+        return _empty(name, split, ims_path, caps_path, None, None)
+    images = open_features(ims_path, sink, regions, dim)
+    captions = read_captions(caps_path, sink)
+    if images is None or captions is None:
+        return _empty(name, split, ims_path, caps_path, images, captions)
+    im_div = image_divisor(len(images), len(captions))
+    if im_div is None:
+        sink.add("count_mismatch", caps_path, None,
+                 f"{len(captions)} captions for {len(images)} images in {ims_path} "
+                 f"(expected {CAPTIONS_PER_IMAGE * len(images)}, i.e. {CAPTIONS_PER_IMAGE} per image, or {len(images)})")
+        return _empty(name, split, ims_path, caps_path, images, captions)
+    limit = (DEV_MAX_CAPTIONS if split == "dev" else None) if max_captions is _DEFAULT else max_captions
+    if limit is not None and limit < len(captions):
+        captions = captions[:limit]
+    n_img = -(-len(captions) // im_div)
+    sink.count("images", n_img)
+    sink.count("captions", len(captions))
+    sink.count("splits")
+    return PrecompSplit(name, split, images[:n_img], captions, im_div, ims_path, caps_path)
+
+
+def _empty(name: str, split: str, ims_path: Path, caps_path: Path, images: Any, captions: Any) -> PrecompSplit:
+    """Placeholder returned in collect mode after a problem (strict mode has raised already)."""
+    return PrecompSplit(name, split, images if images is not None else np.zeros((0, 0, 0), np.float32),
+                        captions or [], 1, ims_path, caps_path)
+
+
+def find_precomp(root: Path) -> list[tuple[str, Path]]:
+    """``(name, folder)`` of every ``*_precomp`` folder under ``root`` (or ``root`` itself)."""
+    root = Path(root)
+    if root.name.endswith("_precomp"):
+        return [(root.name[: -len("_precomp")], root)]
+    return [(p.name[: -len("_precomp")], p) for p in sorted(root.glob("*_precomp")) if p.is_dir()]
+
+
+def scan(root: Path, sink: ProblemCollector, name: str | None = None, **kw: Any) -> None:
+    """Validate every split file pair of one precomp set (``name``) or of every ``*_precomp`` folder under root."""
+    sets = [(name, precomp_dir(root, name))] if name else find_precomp(root)
+    if not sets or not sets[0][1].is_dir():
+        sink.add("missing_file", sets[0][1] if sets else Path(root) / "{name}_precomp", None,
+                 "precomp folder not found")
+        return
+    for set_name, folder in sets:
+        splits = sorted({p.name.rsplit("_", 1)[0] for p in (*folder.glob("*_ims.npy"), *folder.glob("*_caps.txt"))})
+        if not splits:
+            sink.add("missing_file", folder / "test_ims.npy", None, "no {split}_ims.npy / {split}_caps.txt files")
+        for split in splits:
+            load_precomp(folder.parent if folder.name.endswith("_precomp") else folder.parent.parent, set_name,
+                         split, sink=sink, max_captions=None, **kw)
+

@@ -1,0 +1,666 @@
+"""The embedded default data: rendered shape scenes written in the real Fashion-IQ, CIRR, Shoes and precomp layouts.
+
+Zero network, deterministic by seed (same seed -> byte-identical files), the default size in seconds on 2 cores::
+
+    from cirlab.data import synthetic
+    info = synthetic.generate("data/synthetic", seed=0, size="default")
+    split = cirlab.data.load_cir("fashioniq", info["fashioniq"]["root"], "val", category="dress")
+
+or ``cirlab data synth --out data/synthetic``. What is written under ``out_root``:
+
+=====================================  ===================================================================================
+``fashioniq/``                         Fashion-IQ layout (``captions/cap.{cat}.{split}.json``, ``image_splits/``,
+                                       ``images/*.png``); categories ``dress``/``shirt``/``toptee`` are three scene
+                                       families (different shape sets and backgrounds, see ``CATEGORY_SPECS``), so the
+                                       per-category protocol runs unchanged. Two phrasings of the edit per entry.
+                                       Unlike the public release, the test split ships its targets.
+``cirr/``                              CIRR rc2 layout (root = the ``cirr_dataset`` folder: ``cirr/captions``,
+                                       ``cirr/image_splits``, ``train/<k>/``, ``dev/``, ``test1/``); every ``img_set``
+                                       holds six near-duplicate scenes (a reference and five one-edit variants);
+                                       ``test1`` has no targets.
+``shoes/``                             Shoes layout (``relative_captions_shoes.json``, ``train_im_names.txt``,
+                                       ``eval_im_names.txt``, ``attributedata/womens_synthetic/0/*.jpg``).
+``precomp/f30k_precomp/``              ITM precomp layout: ``{train,dev,test}_ims.npy`` [N, 36, 2048] float32 region
+                                       features (one region per object, derived from its attributes plus noise, the
+                                       rest background regions) and ``{split}_caps.txt`` (5 differently worded full
+                                       descriptions per image). Load with ``load_precomp(out_root / "precomp", "f30k",
+                                       split)``.
+``<layout>/synthetic_meta.json``       ground truth for audits: every image's objects and every text's edit
+``synthetic.json``                     the manifest (seed, size, counts); written last, so its presence means complete
+=====================================  ===================================================================================
+
+Every caption entry carries an extra key ``"modification"`` (color | add | remove | move | size), which the loaders
+keep in ``Triplet.extras``.
+
+Why it is learnable but not trivial. Queries come in *groups*: one set of M edits (5; CIRR 10, one of each kind per
+five) is applied to N = 5 (CIRR 4) different but similar references (one base scene and small perturbations of it).
+So every reference has M targets in the gallery (its one-edit neighbours: the reference alone cannot tell which
+one is meant, best possible R@1 = 1/M) and every edit text has N different targets (the text alone cannot tell which
+one, best possible R@1 = 1/N), while reference + text determine the target exactly (the oracle's R@1 is 100%; all
+scenes in a category are distinct). :func:`audit_split` measures all three on the files as written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from cirlab.data import _scenes as sc
+from cirlab.data._scenes import Edit, Scene, SceneSpec
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "synthetic.json"
+META = "synthetic_meta.json"
+LAYOUTS = ("fashioniq", "cirr", "shoes", "precomp")
+
+CATEGORY_SPECS: dict[str, SceneSpec] = {
+    "dress": SceneSpec(("circle", "square", "triangle", "star")),
+    "shirt": SceneSpec(("diamond", "cross", "hexagon", "ring"), background=(232, 232, 232)),
+    "toptee": SceneSpec(("circle", "triangle", "diamond", "ring"), background=(250, 243, 226)),
+}
+SHOES_SPEC = SceneSpec(("circle", "square", "triangle", "star", "cross"))
+CIRR_SPEC = SceneSpec(sc.SHAPES)
+PRECOMP_SPEC = SceneSpec(sc.SHAPES)
+
+
+@dataclass(frozen=True)
+class SynthSize:
+    """How much to write. CIR sizes count queries (rounded to whole groups), precomp sizes count images."""
+
+    fashioniq: tuple[int, int, int]  # queries per category: train, val, test
+    cirr: tuple[int, int, int]  # queries: train, val, test1
+    shoes: tuple[int, int]  # queries: train, test (eval_im_names)
+    precomp: tuple[int, int, int]  # images: train, dev, test (5 captions each)
+    regions: int = 36  # precomp regions per image
+    feature_dim: int = 2048  # precomp feature size
+
+
+SIZES: dict[str, SynthSize] = {
+    "tiny": SynthSize((25, 25, 25), (40, 40, 40), (25, 25), (20, 10, 10)),
+    "small": SynthSize((250, 100, 50), (400, 200, 80), (500, 100), (100, 50, 50)),
+    "default": SynthSize((800, 175, 100), (2520, 520, 320), (2500, 500), (500, 100, 100)),
+}
+
+
+@dataclass(frozen=True)
+class GroupShape:
+    edits: int  # M: edits per reference (its targets)
+    refs: int  # N: references sharing the same edits
+
+    @property
+    def queries(self) -> int:
+        return self.edits * self.refs
+
+
+FIQ_GROUP = GroupShape(edits=5, refs=5)
+SHOES_GROUP = GroupShape(edits=5, refs=5)
+CIRR_GROUP = GroupShape(edits=10, refs=4)  # two img_sets of 6 per reference
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# scene groups
+
+
+@dataclass
+class Cluster:
+    """A reference and its one-edit targets (one per edit, in edit order)."""
+
+    ref: Scene
+    edits: list[Edit]
+    targets: list[Scene]
+
+
+def _rng(seed: int, *parts: str) -> np.random.Generator:
+    # stable per-part streams: adding a layout or split never shifts the random numbers of another one
+    return np.random.default_rng([seed, *(zlib.crc32(p.encode()) for p in parts)])
+
+
+def _group_edits(rng: np.random.Generator, base: Scene, spec: SceneSpec, m: int) -> list[Edit] | None:
+    """M edits of ``base`` with distinct results, the five kinds in equal shares (kinds shuffled)."""
+    offset = int(rng.integers(len(sc.KINDS)))  # M < 5 (precomp pairs): a random kind, not always the first
+    kinds = [sc.KINDS[(i + offset) % len(sc.KINDS)] for i in range(m)]
+    kinds = [kinds[int(i)] for i in rng.permutation(m)]
+    edits: list[Edit] = []
+    results = {sc.scene_key(base)}
+    for kind in kinds:
+        for _ in range(30):
+            edit = sc.sample_edit(rng, base, spec, kind)
+            if edit is None or edit in edits:
+                continue
+            key = sc.scene_key(sc.apply_edit(edit, base, spec))  # type: ignore[arg-type]
+            if key not in results:
+                edits.append(edit)
+                results.add(key)
+                break
+        else:
+            return None
+    return edits
+
+
+def _perturb(rng: np.random.Generator, scene: Scene, spec: SceneSpec) -> Scene:
+    """One or two random attribute changes (any object): a sibling reference that looks like the base."""
+    objs = list(scene)
+    for _ in range(1 + int(rng.random() < 0.4)):
+        op = int(rng.integers(5))
+        i = int(rng.integers(len(objs)))
+        free = [c for c in sc.free_cells(sc.make_scene(objs))]
+        if op == 0:
+            objs[i] = objs[i]._replace(color=str(rng.choice([c for c in spec.colors if c != objs[i].color])))
+        elif op == 1:
+            objs[i] = objs[i]._replace(size="large" if objs[i].size == "small" else "small")
+        elif op == 2 and free:
+            cell = free[int(rng.integers(len(free)))]
+            objs[i] = objs[i]._replace(row=cell[0], col=cell[1])
+        elif op == 3 and free and len(objs) < spec.max_objects:
+            objs.append(sc.random_object(rng, spec, free[int(rng.integers(len(free)))]))
+        elif op == 4 and len(objs) > spec.min_objects:
+            objs.pop(i)
+    return sc.make_scene(objs)
+
+
+def _cluster(ref: Scene, edits: list[Edit], spec: SceneSpec, taken: set[str]) -> Cluster | None:
+    keys = [sc.scene_key(ref)]
+    targets = []
+    for edit in edits:
+        target = sc.apply_edit(edit, ref, spec)
+        if target is None:
+            return None
+        targets.append(target)
+        keys.append(sc.scene_key(target))
+    if len(set(keys)) != len(keys) or any(k in taken for k in keys):
+        return None
+    return Cluster(ref, list(edits), targets)
+
+
+def make_group(rng: np.random.Generator, spec: SceneSpec, shape: GroupShape, taken: set[str]) -> list[Cluster]:
+    """N clusters sharing one list of M edits; every scene is new (``taken`` holds the keys used so far)."""
+    for _ in range(500):
+        base = sc.random_scene(rng, spec, int(rng.integers(3, 5)))
+        edits = _group_edits(rng, base, spec, shape.edits)
+        if edits is None:
+            continue
+        clusters: list[Cluster] = []
+        used = set(taken)
+        for attempt in range(60 * shape.refs):
+            ref = base if attempt == 0 else _perturb(rng, base, spec)
+            cluster = _cluster(ref, edits, spec, used)
+            if cluster is not None:
+                clusters.append(cluster)
+                used.update(sc.scene_key(s) for s in (cluster.ref, *cluster.targets))
+                if len(clusters) == shape.refs:
+                    taken.update(used)
+                    return clusters
+    raise RuntimeError(f"could not build a group of {shape} for {spec}; the scene grammar is too small")
+
+
+def make_clusters(rng: np.random.Generator, spec: SceneSpec, shape: GroupShape, n_queries: int,
+                  taken: set[str]) -> list[Cluster]:
+    """Whole groups adding up to about ``n_queries`` queries (at least one group)."""
+    n_groups = max(1, round(n_queries / shape.queries))
+    return [c for _ in range(n_groups) for c in make_group(rng, spec, shape, taken)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# writing helpers
+
+
+class _Meta:
+    """Collects ground truth for ``synthetic_meta.json``: scenes by image name, edits by text, specs."""
+
+    def __init__(self, layout: str, seed: int) -> None:
+        self.layout, self.seed = layout, seed
+        self.scenes: dict[str, list] = {}
+        self.edits: dict[str, dict] = {}
+        self.specs: dict[str, dict] = {}
+        self.categories: dict[str, str] = {}
+
+    def scene(self, name: str, scene: Scene, category: str) -> None:
+        self.scenes[name] = sc.scene_to_json(scene)
+        self.categories[name] = category
+
+    def texts(self, texts: Iterable[str], edit: Edit) -> None:
+        d = edit.to_dict()
+        for text in texts:
+            if self.edits.setdefault(text, d) != d:  # a guard on the grammar: one text must mean one edit
+                raise RuntimeError(f"text {text!r} phrases two different edits")
+
+    def write(self, root: Path) -> None:
+        _write_json(root / META, {"format": FORMAT_VERSION, "generator": __name__, "layout": self.layout,
+                                  "seed": self.seed, "specs": self.specs, "categories": self.categories,
+                                  "scenes": self.scenes, "edits": self.edits})
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # one line, like the public releases (and the C encoder: indenting switches json to its slow pure-Python path)
+    path.write_text(json.dumps(obj, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _save_image(scene: Scene, spec: SceneSpec, path: Path, image_size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = sc.render(scene, spec, image_size)
+    if path.suffix == ".jpg":
+        img.save(path, quality=95, subsampling=0)  # Shoes ships JPEGs; libjpeg output is deterministic
+    else:
+        img.save(path, optimize=False, compress_level=6)
+
+
+def _images_of(clusters: Sequence[Cluster]) -> list[Scene]:
+    return [s for c in clusters for s in (c.ref, *c.targets)]
+
+
+def _shuffled(rng: np.random.Generator, items: Sequence[Any]) -> list[Any]:
+    return [items[int(i)] for i in rng.permutation(len(items))]
+
+
+def _named(rng: np.random.Generator, scenes: Sequence[Scene], fmt: str, start: int = 0) -> dict[str, Scene]:
+    """key -> name, numbering a shuffled order so names reveal nothing about clusters or roles."""
+    order = _shuffled(rng, list(scenes))
+    return {sc.scene_key(s): fmt.format(start + i) for i, s in enumerate(order)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# layouts
+
+
+def write_fashioniq(root: Path, seed: int, size: SynthSize, image_size: int) -> dict[str, Any]:
+    meta = _Meta("fashioniq", seed)
+    counts: dict[str, dict[str, int]] = {}
+    for cat, spec in CATEGORY_SPECS.items():
+        meta.specs[cat] = spec.to_dict()
+        taken: set[str] = set()
+        for split, n in zip(("train", "val", "test"), size.fashioniq):
+            rng = _rng(seed, "fashioniq", cat, split)
+            clusters = make_clusters(rng, spec, FIQ_GROUP, n, taken)
+            scenes = _images_of(clusters)
+            names = _named(rng, scenes, f"{cat}_{split}_{{:05d}}")
+            entries = []
+            for c in clusters:
+                for edit, target in zip(c.edits, c.targets):
+                    caps = sc.phrase(edit, rng, 2)
+                    meta.texts(caps, edit)
+                    entries.append({"candidate": names[sc.scene_key(c.ref)], "target": names[sc.scene_key(target)],
+                                    "captions": caps, "modification": edit.kind})
+            _write_json(root / "captions" / f"cap.{cat}.{split}.json", _shuffled(rng, entries))
+            gallery = _shuffled(rng, scenes)
+            _write_json(root / "image_splits" / f"split.{cat}.{split}.json", [names[sc.scene_key(s)] for s in gallery])
+            for s in scenes:
+                name = names[sc.scene_key(s)]
+                meta.scene(name, s, cat)
+                _save_image(s, spec, root / "images" / f"{name}.png", image_size)
+            counts[f"{cat}/{split}"] = {"queries": len(entries), "images": len(scenes)}
+    meta.write(root)
+    return counts
+
+
+def write_cirr(root: Path, seed: int, size: SynthSize, image_size: int) -> dict[str, Any]:
+    meta = _Meta("cirr", seed)
+    meta.specs["cirr"] = CIRR_SPEC.to_dict()
+    taken: set[str] = set()
+    counts: dict[str, dict[str, int]] = {}
+    pairid, set_id = 0, 0
+    for split, folder, n in zip(("train", "val", "test1"), ("train", "dev", "test1"), size.cirr):
+        rng = _rng(seed, "cirr", split)
+        clusters = make_clusters(rng, CIRR_SPEC, CIRR_GROUP, n, taken)
+        scenes = _images_of(clusters)
+        names = _named(rng, scenes, f"{folder}-{{:05d}}-img0")
+        entries = []
+        for c in clusters:
+            half = len(c.edits) // 2
+            for part in (slice(0, half), slice(half, None)):  # two img_sets of six per reference
+                members = _shuffled(rng, [names[sc.scene_key(s)] for s in (c.ref, *c.targets[part])])
+                ref_name = names[sc.scene_key(c.ref)]
+                for edit, target in zip(c.edits[part], c.targets[part]):
+                    text = sc.phrase(edit, rng)[0]
+                    meta.texts([text], edit)
+                    tname = names[sc.scene_key(target)]
+                    entry: dict[str, Any] = {"pairid": pairid, "reference": ref_name}
+                    img_set = {"id": set_id, "members": members, "reference_rank": members.index(ref_name)}
+                    if split != "test1":
+                        entry.update(target_hard=tname, target_soft={tname: 1.0})
+                        img_set["target_rank"] = members.index(tname)
+                    entry.update(caption=text, img_set=img_set, modification=edit.kind)
+                    entries.append(entry)
+                    pairid += 1
+                set_id += 1
+        _write_json(root / "cirr" / "captions" / f"cap.rc2.{split}.json", _shuffled(rng, entries))
+        paths = {}
+        for i, s in enumerate(_shuffled(rng, scenes)):
+            name = names[sc.scene_key(s)]
+            sub = f"train/{i // 1000}" if split == "train" else folder  # real CIRR buckets train images
+            paths[name] = f"./{sub}/{name}.png"
+            meta.scene(name, s, "cirr")
+            _save_image(s, CIRR_SPEC, root / sub / f"{name}.png", image_size)
+        _write_json(root / "cirr" / "image_splits" / f"split.rc2.{split}.json", paths)
+        counts[split] = {"queries": len(entries), "images": len(scenes)}
+    meta.write(root)
+    return counts
+
+
+def write_shoes(root: Path, seed: int, size: SynthSize, image_size: int) -> dict[str, Any]:
+    meta = _Meta("shoes", seed)
+    meta.specs["shoes"] = SHOES_SPEC.to_dict()
+    taken: set[str] = set()
+    counts: dict[str, dict[str, int]] = {}
+    entries: list[dict[str, Any]] = []
+    start = 0
+    for split, list_file, n in zip(("train", "test"), ("train_im_names.txt", "eval_im_names.txt"), size.shoes):
+        rng = _rng(seed, "shoes", split)
+        clusters = make_clusters(rng, SHOES_SPEC, SHOES_GROUP, n, taken)
+        scenes = _images_of(clusters)
+        names = _named(rng, scenes, "img_womens_synthetic_{:05d}.jpg", start)
+        start += len(scenes)
+        split_entries = []
+        for c in clusters:
+            for edit, target in zip(c.edits, c.targets):
+                text = sc.phrase(edit, rng)[0]
+                meta.texts([text], edit)
+                split_entries.append({"ImageName": names[sc.scene_key(target)],
+                                      "ReferenceImageName": names[sc.scene_key(c.ref)],
+                                      "RelativeCaption": text, "modification": edit.kind})
+        entries += _shuffled(rng, split_entries)
+        listed = [names[sc.scene_key(s)] for s in _shuffled(rng, scenes)]
+        (root / list_file).parent.mkdir(parents=True, exist_ok=True)
+        (root / list_file).write_text("".join(f"{n}\n" for n in listed), encoding="utf-8")
+        for s in scenes:
+            name = names[sc.scene_key(s)]
+            meta.scene(name, s, "shoes")
+            _save_image(s, SHOES_SPEC, root / "attributedata" / "womens_synthetic" / "0" / name, image_size)
+        counts[split] = {"queries": len(split_entries), "images": len(scenes)}
+    _write_json(root / "relative_captions_shoes.json", entries)
+    meta.write(root)
+    return counts
+
+
+class RegionFeaturizer:
+    """Precomp region features: an object's region is ``relu(attribute prototype sum + noise)``.
+
+    Prototypes are fixed Gaussian vectors per attribute value (colour, shape, size, row, column), so a region carries
+    its object's attributes linearly, blurred by noise; the other regions come from a few background prototypes at a
+    lower level (BUTD features are non-negative, post-ReLU, as these are).
+    """
+
+    def __init__(self, seed: int, dim: int, noise: float = 0.35, n_background: int = 6) -> None:
+        rng = _rng(seed, "precomp", "prototypes")
+        self.dim, self.noise = dim, noise
+        values = [("color", c) for c in sc.COLORS] + [("shape", s) for s in sc.SHAPES] + \
+                 [("size", z) for z in sc.SIZES] + [("row", r) for r in range(sc.GRID)] + \
+                 [("col", c) for c in range(sc.GRID)]
+        self.protos = {v: rng.standard_normal(dim).astype(np.float32) for v in values}
+        self.background = rng.standard_normal((n_background, dim)).astype(np.float32)
+
+    def object_mean(self, o: sc.Obj) -> np.ndarray:
+        parts = [("color", o.color), ("shape", o.shape), ("size", o.size), ("row", o.row), ("col", o.col)]
+        return sum(self.protos[p] for p in parts) / np.sqrt(len(parts))
+
+    def features(self, scene: Scene, regions: int, rng: np.random.Generator) -> np.ndarray:
+        out = np.empty((regions, self.dim), np.float32)
+        slots = rng.permutation(regions)  # objects sit at random region slots, as detector order is arbitrary
+        bg = rng.integers(len(self.background), size=regions)
+        noise = rng.standard_normal((regions, self.dim)).astype(np.float32) * self.noise
+        for slot in range(regions):
+            out[slot] = 0.5 * self.background[bg[slot]] - 0.4 + noise[slot]
+        for o, slot in zip(scene, slots):
+            out[slot] = self.object_mean(o) + noise[slot]
+        return np.maximum(out, 0.0, out=out)
+
+
+def write_precomp(root: Path, seed: int, size: SynthSize, image_size: int, name: str = "f30k") -> dict[str, Any]:
+    """Write ``root/{name}_precomp/``; images come in near-duplicate pairs (a scene and a one-edit variant)."""
+    del image_size  # features, no pixels
+    folder = root / f"{name}_precomp"
+    folder.mkdir(parents=True, exist_ok=True)
+    featurizer = RegionFeaturizer(seed, size.feature_dim)
+    meta = _Meta("precomp", seed)
+    meta.specs["precomp"] = PRECOMP_SPEC.to_dict()
+    taken: set[str] = set()
+    counts: dict[str, dict[str, int]] = {}
+    split_scenes: dict[str, list] = {}
+    for split, n in zip(("train", "dev", "test"), size.precomp):
+        rng = _rng(seed, "precomp", split)
+        scenes: list[Scene] = []
+        while len(scenes) < n:
+            group = make_group(rng, PRECOMP_SPEC, GroupShape(edits=1, refs=1), taken)
+            scenes += [group[0].ref, group[0].targets[0]][: n - len(scenes)]
+        scenes = _shuffled(rng, scenes)
+        array = np.lib.format.open_memmap(folder / f"{split}_ims.npy", mode="w+", dtype=np.float32,
+                                          shape=(len(scenes), size.regions, size.feature_dim))
+        captions = []
+        for i, s in enumerate(scenes):
+            array[i] = featurizer.features(s, size.regions, rng)
+            captions += [sc.describe(s, style, rng) for style in range(5)]
+        array.flush()
+        del array
+        (folder / f"{split}_caps.txt").write_text("".join(f"{c}\n" for c in captions), encoding="utf-8")
+        split_scenes[split] = [sc.scene_to_json(s) for s in scenes]
+        counts[split] = {"images": len(scenes), "captions": len(captions)}
+    _write_json(root / META, {"format": FORMAT_VERSION, "generator": __name__, "layout": "precomp", "seed": seed,
+                              "name": name, "specs": meta.specs, "scenes": split_scenes})
+    return counts
+
+
+_WRITERS = {"fashioniq": write_fashioniq, "cirr": write_cirr, "shoes": write_shoes, "precomp": write_precomp}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# public entry points
+
+
+def resolve_size(size: str | SynthSize) -> SynthSize:
+    if isinstance(size, SynthSize):
+        return size
+    if size not in SIZES:
+        raise ValueError(f"unknown synthetic size {size!r}; known: {', '.join(SIZES)}")
+    return SIZES[size]
+
+
+def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSize = "default",
+             layouts: Sequence[str] = LAYOUTS, image_size: int = 64, overwrite: bool = True) -> dict[str, Any]:
+    """Write the synthetic datasets under ``out_root`` and return the manifest.
+
+    Args:
+        out_root: destination folder; one sub-folder per layout (see the module docstring).
+        seed: every random choice derives from it; the same seed writes byte-identical files.
+        size: "tiny" (tests, well under a second or two), "small", "default" (a CPU demo), or a :class:`SynthSize`.
+        layouts: any of "fashioniq", "cirr", "shoes", "precomp".
+        image_size: side of the rendered square images, in pixels.
+        overwrite: remove an existing layout folder first (stale files from another seed never survive).
+
+    Returns:
+        The manifest (also written to ``out_root/synthetic.json``): seed, size, image size and, per layout,
+        ``root`` (absolute path to pass to the loader) and per-split counts.
+    """
+    unknown = [name for name in layouts if name not in _WRITERS]
+    if unknown:
+        raise ValueError(f"unknown layout(s) {unknown}; known: {', '.join(LAYOUTS)}")
+    if image_size < 16:
+        raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
+    spec = resolve_size(size)
+    out = Path(out_root).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # a partial write must never look complete
+    manifest: dict[str, Any] = {"format": FORMAT_VERSION, "generator": __name__, "seed": seed,
+                                "size": size if isinstance(size, str) else "custom", "image_size": image_size,
+                                "layouts": {}}
+    for name in layouts:
+        root = out / name
+        if overwrite and root.exists():
+            shutil.rmtree(root)
+        start = time.perf_counter()
+        counts = _WRITERS[name](root, seed, spec, image_size)
+        logger.info("synthetic %s written to %s in %.1fs", name, root, time.perf_counter() - start)
+        manifest["layouts"][name] = {"root": name, "splits": counts}
+    _write_json(out / MANIFEST, manifest)
+    for entry in manifest["layouts"].values():
+        entry["root"] = str(out / entry["root"])
+    return manifest
+
+
+def ensure(out_root: str | os.PathLike | None = None, *, seed: int = 0, size: str = "default",
+           layouts: Sequence[str] = LAYOUTS, image_size: int = 64) -> Path:
+    """The synthetic data root, generated only when missing or written with other settings.
+
+    ``out_root`` defaults to ``cirlab.paths.cache_dir() / "synthetic" / f"{size}-seed{seed}-{image_size}px"``.
+    """
+    from cirlab.paths import cache_dir
+
+    out = Path(out_root) if out_root else cache_dir() / "synthetic" / f"{size}-seed{seed}-{image_size}px"
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        ok = (manifest.get("format") == FORMAT_VERSION and manifest.get("seed") == seed
+              and manifest.get("size") == size and manifest.get("image_size") == image_size
+              and set(layouts) <= set(manifest.get("layouts", {})))
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        generate(out, seed=seed, size=size, layouts=layouts, image_size=image_size)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ground truth and the learnability audit
+
+
+@dataclass
+class SynthMeta:
+    """The ground truth of one written layout: image name -> scene, text -> edit, category -> spec."""
+
+    layout: str
+    scenes: dict[str, Scene]
+    edits: dict[str, Edit]
+    specs: dict[str, SceneSpec]
+    categories: dict[str, str] = field(default_factory=dict)
+
+    def spec_of(self, name: str) -> SceneSpec:
+        return self.specs[self.categories.get(name, self.layout)]
+
+
+def load_meta(root: str | os.PathLike) -> SynthMeta:
+    """Read ``root/synthetic_meta.json`` (a CIR layout root written by :func:`generate`)."""
+    path = Path(root) / META
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a synthetic dataset root (no {META})")
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    if raw.get("layout") == "precomp":
+        raise ValueError(f"{path}: precomp ground truth holds scenes per split; read it with json directly")
+    return SynthMeta(raw["layout"], {k: sc.scene_from_json(v) for k, v in raw["scenes"].items()},
+                     {k: Edit.from_dict(v) for k, v in raw["edits"].items()},
+                     {k: SceneSpec.from_dict(v) for k, v in raw["specs"].items()}, raw.get("categories", {}))
+
+
+def audit_split(split: Any, meta: SynthMeta, ks: Sequence[int] = (1, 10)) -> dict[str, float]:
+    """Oracle vs single-modality bounds on a loaded :class:`~cirlab.data.base.CIRSplit` with targets.
+
+    * ``oracle_R@1``: knows the reference's objects and the edit the text means, applies it and looks the result up
+      in the gallery (percent of queries whose target is ranked first).
+    * ``text_only_best_R@1``: the best any ranker that sees only the text can reach *even if fitted to this very
+      split*: queries whose texts mean the same edit get the same ranking, so per edit at most one target scores.
+    * ``image_only_best_R@1``: the same bound for rankers that see only the reference.
+    * ``text_consistent_mean`` / ``image_consistent_mean``: mean number of gallery images the text alone (some
+      scene becomes it under the edit) / the reference alone (one grammar edit away) leaves possible, and
+      ``text_only_R@k`` / ``image_only_R@k``: the expected recall of picking among them uniformly.
+    """
+    gallery = split.gallery_names
+    keys = {sc.scene_key(meta.scenes[n]): i for i, n in enumerate(gallery)}
+    gallery_scenes = [meta.scenes[n] for n in gallery]
+    text_cache: dict[Edit, int] = {}
+    hits, by_edit, by_ref = 0, {}, {}
+    text_sets, image_sets = [], []
+    triplets = [t for t in split.triplets if t.target_name is not None]
+    for t in triplets:
+        spec = meta.spec_of(t.ref_name)
+        edit = meta.edits[t.captions[0]]
+        ref = meta.scenes[t.ref_name]
+        target_idx = split.gallery_index[t.target_name]
+        result = sc.apply_edit(edit, ref, spec)
+        hits += result is not None and keys.get(sc.scene_key(result)) == target_idx
+        by_edit.setdefault(edit, set()).add(target_idx)
+        by_ref.setdefault(t.ref_name, set()).add(target_idx)
+        if edit not in text_cache:
+            text_cache[edit] = sum(sc.consistent_with_text(edit, g, spec) for g in gallery_scenes)
+        text_sets.append(text_cache[edit])
+        neighbours = sc.one_edit_neighbours(ref, spec)
+        image_sets.append(sum(k in neighbours for k in keys))
+    q = max(len(triplets), 1)
+    out = {"queries": float(len(triplets)), "gallery": float(len(gallery)), "oracle_R@1": 100.0 * hits / q,
+           "text_only_best_R@1": 100.0 * len(by_edit) / q, "image_only_best_R@1": 100.0 * len(by_ref) / q,
+           "text_consistent_mean": float(np.mean(text_sets)) if text_sets else 0.0,
+           "image_consistent_mean": float(np.mean(image_sets)) if image_sets else 0.0}
+    for k in ks:
+        out[f"text_only_R@{k}"] = 100.0 * float(np.mean([min(1.0, k / max(n, 1)) for n in text_sets] or [0]))
+        out[f"image_only_R@{k}"] = 100.0 * float(np.mean([min(1.0, k / max(n, 1)) for n in image_sets] or [0]))
+    return out
+
+
+def audit(out_root: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """:func:`audit_split` for every written CIR split with targets, read back through the real-layout loaders."""
+    from cirlab.data.base import load_cir
+
+    out = Path(out_root)
+    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    results: dict[str, dict[str, float]] = {}
+    for layout, entry in manifest["layouts"].items():
+        if layout == "precomp":
+            continue
+        root = out / entry["root"]
+        meta = load_meta(root)
+        for key in entry["splits"]:
+            cat, _, split = key.rpartition("/")
+            loaded = load_cir(layout, root, split, category=cat or None)
+            if loaded.has_targets:
+                results[f"{layout}/{key}"] = audit_split(loaded, meta)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def register_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``synth`` to a ``cirlab data`` sub-command parser."""
+    p = subparsers.add_parser(
+        "synth", help="write the synthetic datasets (Fashion-IQ, CIRR, Shoes and precomp layouts)",
+        description="Render shape scenes and write them in the real Fashion-IQ, CIRR, Shoes and Flickr30K precomp "
+                    "layouts. No network; the same seed writes byte-identical files.")
+    p.add_argument("--out", default=None,
+                   help="destination folder (default: $CIRLAB_DATA/synthetic, i.e. cirlab.paths.data_root())")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--size", choices=sorted(SIZES), default="default",
+                   help="how much to write: tiny (tests), small, default (CPU demo; the default)")
+    p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS), metavar="LAYOUT",
+                   help=f"layouts to write, any of {', '.join(LAYOUTS)} (default: all)")
+    p.add_argument("--image-size", type=int, default=64, help="side of the rendered images in pixels (default: 64)")
+    p.add_argument("--audit", action="store_true",
+                   help="afterwards, read the CIR splits back and print oracle vs text-only/image-only bounds")
+    p.set_defaults(func=_run_cli)
+    return p
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    from cirlab.paths import resolve_root
+
+    out = resolve_root(args.out, "synthetic")
+    start = time.perf_counter()
+    manifest = generate(out, seed=args.seed, size=args.size, layouts=args.layouts, image_size=args.image_size)
+    parts = []
+    for layout, entry in manifest["layouts"].items():
+        n_q = sum(c.get("queries", c.get("captions", 0)) for c in entry["splits"].values())
+        n_i = sum(c["images"] for c in entry["splits"].values())
+        parts.append(f"{layout} {n_q} {'captions' if layout == 'precomp' else 'queries'}/{n_i} images")
+    print(f"wrote {', '.join(parts)} to {out} (seed {args.seed}, {time.perf_counter() - start:.1f}s)")
+    if args.audit:
+        for key, res in audit(out).items():
+            print(f"{key}: oracle R@1 {res['oracle_R@1']:.1f}, text-only best R@1 {res['text_only_best_R@1']:.1f}, "
+                  f"image-only best R@1 {res['image_only_best_R@1']:.1f}")
+    return 0

@@ -1,0 +1,447 @@
+"""Evaluation runners: protocol metrics plus per-query ranks for CIR and ITM models, and route collection.
+
+::
+
+    out = evaluate_cir(model, [load_cir("fashioniq", root, "val", category=c) for c in FIQ_CATEGORIES],
+                       batch_size=64, device="cuda", topk_path="runs/amc/topk")
+    out["metrics"]        # {"dress_R@10": ..., "avg_R@10": ..., "avg": ...}  (cirlab.metrics keys)
+    out["ranks"]["val_dress"]   # 1-based target rank per query (0 = no ground truth)
+
+    out = evaluate_itm(model, load_precomp(root, "coco", "testall"), protocol="coco1k")
+
+Protocols come from :mod:`cirlab.metrics` and the split itself: a :class:`~cirlab.data.CIRSplit` says whether its
+protocol removes the query's reference from the ranking (``exclude_reference``); Fashion-IQ is reported per
+category, Shoes as one set, CIRR with Recall_subset over the ``img_set`` members.
+
+Under ``torchrun`` every process encodes a shard of the queries and of the gallery, and the features are gathered so
+that every process computes the same metrics (evaluation gathered across processes, as training is).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+CIR_PROTOCOLS = ("fashioniq", "shoes", "cirr")
+ITM_PROTOCOLS = ("f30k", "coco1k", "coco5k")
+_MISS = np.iinfo(np.int64).max  # rank given to metrics for a target that was removed with its reference
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _concat(parts: list[Any]) -> Any:
+    """Concatenate batch outputs along dim 0: tensors, or tuples/lists/dicts of tensors (e.g. word + sentence)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat([p[i] for p in parts]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _concat([p[k] for p in parts]) for k in first}
+    raise TypeError(f"cannot concatenate encoder outputs of type {type(first).__name__}")
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_cpu(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def encode_dataset(fn: Callable[[dict[str, Any]], Any], dataset: Any, *, batch_size: int, device: Any = "cpu",
+                   num_workers: int = 0, indices: Sequence[int] | None = None, gather: bool = True) -> Any:
+    """``fn(batch)`` over ``dataset`` (or ``indices`` of it) in order; outputs concatenated on the CPU.
+
+    Under DDP (and ``gather``), each process encodes every world_size-th item and the shards are all-gathered
+    back into dataset order, so every process returns the full result.
+    """
+    idx = list(range(len(dataset))) if indices is None else list(indices)
+    rank, world = _world() if gather else (0, 1)
+    mine = idx[rank::world]
+    subset = torch.utils.data.Subset(dataset, mine)
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    parts = [_to_cpu(fn(_to(batch, device))) for batch in loader]
+    local = _concat(parts) if parts else None
+    if world == 1:
+        return local
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, local)
+    return _interleave([g for g in gathered], world, len(idx))
+
+
+def _interleave(shards: list[Any], world: int, n: int) -> Any:
+    """Undo the rank::world split: item i came from shard i % world, at position i // world."""
+    per = (n + world - 1) // world
+    ref = next(s for s in shards if s is not None)
+    empty = _index_rows(ref, torch.zeros(0, dtype=torch.long))  # a process that had no items
+    stacked = _concat([_pad_rows(s if s is not None else empty, per) for s in shards])
+    order = torch.tensor([(i % world) * per + i // world for i in range(n)], dtype=torch.long)
+    return _index_rows(stacked, order)
+
+
+def _pad_rows(value: Any, rows: int) -> Any:
+    if isinstance(value, torch.Tensor):
+        missing = rows - value.shape[0]
+        return torch.cat([value, value.new_zeros((missing, *value.shape[1:]))]) if missing > 0 else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_pad_rows(v, rows) for v in value)
+    return {k: _pad_rows(v, rows) for k, v in value.items()}
+
+
+def _index_rows(value: Any, order: torch.Tensor) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value[order]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_index_rows(v, order) for v in value)
+    return {k: _index_rows(v, order) for k, v in value.items()}
+
+
+# ----------------------------------------------------------------------------------------------- CIR
+
+
+def _split_key(split: Any) -> str:
+    return f"{split.split}_{split.category}" if getattr(split, "category", None) else str(split.split)
+
+
+def _as_split_dict(split_or_splits: Any) -> dict[str, Any]:
+    if isinstance(split_or_splits, Mapping):
+        return dict(split_or_splits)
+    splits = split_or_splits if isinstance(split_or_splits, (list, tuple)) else [split_or_splits]
+    out = {}
+    for split in splits:
+        key = _split_key(split)
+        if key in out:
+            raise ValueError(f"two splits share the name {key!r}; pass a dict name -> split")
+        out[key] = split
+    return out
+
+
+def _infer_protocol(splits: dict[str, Any], protocol: str | None) -> str:
+    names = {getattr(s, "dataset", None) for s in splits.values()}
+    if protocol is None:
+        if len(names) != 1 or next(iter(names)) not in CIR_PROTOCOLS:
+            raise ValueError(f"cannot infer the protocol from datasets {sorted(map(str, names))}; pass protocol=")
+        protocol = next(iter(names))
+    if protocol not in CIR_PROTOCOLS:
+        raise ValueError(f"unknown CIR protocol {protocol!r}; known: {', '.join(CIR_PROTOCOLS)}")
+    return protocol
+
+
+def _cir_transform(model: Any, transform: Any) -> Any:
+    if transform is not None:
+        return transform
+    if hasattr(model, "image_transform"):
+        return model.image_transform(False)
+    return None  # the split's default transform
+
+
+@torch.no_grad()
+def _score_split(model: Any, split: Any, *, transform: Any, batch_size: int, device: Any, num_workers: int,
+                 cache_dir: Any) -> torch.Tensor:
+    """[Q, G] query x gallery scores of one split (CPU float32)."""
+    queries = split.query_dataset(transform)
+    gallery = split.gallery_dataset(transform)
+    q = encode_dataset(lambda b: model.encode_query(b["ref_image"], b["text"]), queries, batch_size=batch_size,
+                       device=device, num_workers=num_workers)
+    g = _encode_gallery(model, split, gallery, batch_size=batch_size, device=device, num_workers=num_workers,
+                        cache_dir=cache_dir)
+    return q.float() @ g.float().T
+
+
+def _encode_gallery(model: Any, split: Any, gallery: Any, *, batch_size: int, device: Any, num_workers: int,
+                    cache_dir: Any) -> torch.Tensor:
+    if cache_dir is None or _world()[1] > 1:
+        return encode_dataset(lambda b: model.encode_target(b["image"]), gallery, batch_size=batch_size,
+                              device=device, num_workers=num_workers)
+    from cirlab import retrieval
+
+    key = retrieval.cache_key(retrieval.state_dict_digest(model), split.dataset, split.root, split.split,
+                              split.category, len(gallery), "encode_target")
+    loader = torch.utils.data.DataLoader(gallery, batch_size=batch_size, num_workers=num_workers)
+    return retrieval.encode_corpus(model.encode_target, loader, device=device, key="image", index_key="gallery_idx",
+                                   cache_dir=cache_dir, cache_key=key, progress=False)
+
+
+def _ranks(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
+    """1-based target ranks (0 where the target is unknown; G + 1 where it was removed with the reference)."""
+    from cirlab.metrics import target_ranks
+
+    ranks = torch.zeros(len(target), dtype=torch.long)
+    known = target >= 0
+    if known.any():
+        ex = exclude[known] if exclude is not None else None
+        ranks[known] = target_ranks(scores[known], target[known], ex).cpu()
+    return ranks
+
+
+def _metric_ranks(ranks: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
+    r = ranks.clone()
+    if exclude is not None:
+        r[(target == exclude) & (target >= 0)] = _MISS  # never a hit, whatever the gallery size
+    return r[target >= 0]
+
+
+def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, *, batch_size: int = 64,
+                 device: Any = "cpu", k: int = 50, topk_path: str | os.PathLike | None = None,
+                 transform: Any = None, num_workers: int = 0, cache_dir: str | os.PathLike | None = None,
+                 meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate a CIR model (``encode_query``/``encode_target``) on one split or several (Fashion-IQ categories).
+
+    Args:
+        model: a CIR model; put in eval mode here (and left so).
+        split_or_splits: a ``CIRSplit``, a list of them (named ``<split>_<category>``) or a dict name -> split.
+        protocol: "fashioniq" | "shoes" | "cirr"; None = the splits' dataset. Whether the reference is removed
+            from its own ranking follows each split's ``exclude_reference``.
+        batch_size: encoding batch size.
+        device: where the model runs.
+        k: list length of the top-K file.
+        topk_path: write top-K results: a ``.npz`` file (all splits in one file) or a folder (one
+            ``<split>[_<category>].topk.npz`` per split).
+        transform: image transform (default: ``model.image_transform(False)`` if the model has one).
+        num_workers: DataLoader workers.
+        cache_dir: cache gallery features there (keyed by weights digest, dataset, split, size).
+        meta: extra entries for the top-K files' ``meta`` (model name, checkpoint, ...).
+
+    Returns:
+        ``{"metrics": {...}, "ranks": {name: int64 array}, "query_ids": {name: list}, "topk_paths": [...]}``;
+        ranks are 1-based over the full gallery, 0 where the split has no ground truth (CIRR test1).
+    """
+    from cirlab import metrics as M
+
+    splits = _as_split_dict(split_or_splits)
+    protocol = _infer_protocol(splits, protocol)
+    model.eval()
+    transform = _cir_transform(model, transform)
+    per_split: dict[str, dict[str, Any]] = {}
+    for name, split in splits.items():
+        scores = _score_split(model, split, transform=transform, batch_size=batch_size, device=device,
+                              num_workers=num_workers, cache_dir=cache_dir)
+        target = torch.tensor(split.target_indices(), dtype=torch.long)
+        exclude = torch.tensor(split.ref_indices(), dtype=torch.long) if split.exclude_reference else None
+        ranks = _ranks(scores, target, exclude)
+        per_split[name] = {"split": split, "scores": scores, "target": target, "exclude": exclude, "ranks": ranks}
+        logger.info("evaluated %s: %d queries x %d gallery images", name, scores.shape[0], scores.shape[1])
+    result = {"metrics": _cir_metrics(protocol, per_split, M),
+              "ranks": {n: v["ranks"].numpy() for n, v in per_split.items()},
+              "query_ids": {n: [t.query_id for t in v["split"].triplets] for n, v in per_split.items()},
+              "topk_paths": []}
+    if topk_path is not None and _world()[0] == 0:
+        base = {"model": getattr(model, "model_name", type(model).__name__), "protocol": protocol, **(meta or {})}
+        result["topk_paths"] = _write_topk(per_split, Path(topk_path), k, base)
+    return result
+
+
+def _cir_metrics(protocol: str, per_split: dict[str, dict[str, Any]], M: Any) -> dict[str, float]:
+    scored = {n: v for n, v in per_split.items() if bool((v["target"] >= 0).any())}
+    if not scored:
+        logger.warning("no split has ground-truth targets: no metrics, only rankings")
+        return {}
+    ranks = {n: _metric_ranks(v["ranks"], v["target"], v["exclude"]) for n, v in scored.items()}
+    if protocol == "fashioniq":
+        by_category = {}
+        for n, v in scored.items():
+            by_category[v["split"].category or n] = ranks[n]
+        return M.fashioniq_metrics(by_category)
+    if len(scored) != 1:
+        raise ValueError(f"protocol {protocol!r} takes one split, got {sorted(scored)}")
+    (name, v), = scored.items()
+    if protocol == "shoes":
+        return M.shoes_metrics(ranks[name])
+    known = v["target"] >= 0
+    members = _pad_members(v["split"].member_indices())[known]
+    reference = torch.tensor(v["split"].ref_indices(), dtype=torch.long)[known]
+    subset = M.cirr_subset_ranks(v["scores"][known], v["target"][known], reference, members)
+    return M.cirr_metrics_from_ranks(ranks[name], subset)
+
+
+def _pad_members(members: list[list[int]]) -> torch.Tensor:
+    width = max((len(m) for m in members), default=0)
+    return torch.tensor([m + [-1] * (width - len(m)) for m in members], dtype=torch.long).reshape(len(members), width)
+
+
+def _write_topk(per_split: dict[str, dict[str, Any]], path: Path, k: int, base: dict[str, Any]) -> list[str]:
+    from cirlab.retrieval import make_topk, topk_candidates
+    from cirlab.topk import TopK, save_topk
+
+    files: dict[str, TopK] = {}
+    for name, v in per_split.items():
+        split, scores = v["split"], v["scores"]
+        kk = min(k, scores.shape[1] - (1 if v["exclude"] is not None else 0))
+        exclude = v["exclude"] if v["exclude"] is not None else None
+        top_scores, top_idx = topk_candidates(scores, kk, exclude=exclude)
+        files[name] = make_topk(top_scores, top_idx, query_ids=[t.query_id for t in split.triplets],
+                                gallery_ids=split.gallery_names, target=v["target"], ranks=v["ranks"],
+                                category=[t.category for t in split.triplets],
+                                meta={**base, "dataset": split.dataset, "split": split.split,
+                                      "category": split.category or "", "stage": base.get("stage", "retrieval")})
+    if path.suffix == ".npz":
+        merged = _merge_topk(list(files.values()))
+        return [str(save_topk(path, merged))]
+    return [str(save_topk(path / f"{name}.topk.npz", t)) for name, t in files.items()]
+
+
+def _merge_topk(parts: list[Any]) -> Any:
+    from cirlab.topk import TopK
+
+    if len(parts) == 1:
+        return parts[0]
+    k = min(p.k for p in parts)
+    meta = {**parts[0].meta, "k": k, "splits": [p.meta.get("category") or p.meta.get("split") for p in parts]}
+    return TopK(np.concatenate([p.query_ids for p in parts]), np.concatenate([p.gallery_ids[:, :k] for p in parts]),
+                np.concatenate([p.scores[:, :k] for p in parts]), np.concatenate([p.target_rank for p in parts]),
+                np.concatenate([p.category for p in parts]), np.concatenate([p.target_ids for p in parts]), meta)
+
+
+# ----------------------------------------------------------------------------------------------- ITM
+
+
+def _itm_encode_shards(fn: Callable[[dict[str, Any]], Any], dataset: Any, shard_size: int, batch_size: int,
+                       device: Any) -> list[Any]:
+    shards = []
+    for start in range(0, len(dataset), shard_size):
+        idx = range(start, min(len(dataset), start + shard_size))
+        shards.append(encode_dataset(fn, dataset, batch_size=batch_size, device=device, indices=idx, gather=False))
+    return shards
+
+
+@torch.no_grad()
+def score_itm(model: Any, split: Any, *, batch_size: int = 128, shard_size: int = 1000, device: Any = "cpu") -> Any:
+    """[N images x N captions] scores, computed in image x caption shards through ``model.score``.
+
+    Cross-attention matchers need every (image, caption) pair, so their score matrix is built block by block:
+    each block holds at most ``shard_size`` images x ``shard_size`` captions of encoded features on ``device``.
+    Models without ``score`` use the dot product of their embeddings. Under DDP, image shards are split over the
+    processes and the rows are gathered.
+    """
+    model.eval()
+    score = getattr(model, "score", None) or (lambda im, tx: im @ tx.T)
+    images = _itm_encode_shards(lambda b: model.encode_image(b["image_feats"]), split.image_dataset(), shard_size,
+                                batch_size, device)
+    captions = _itm_encode_shards(lambda b: model.encode_text(b["text"]), split.caption_dataset(), shard_size,
+                                  batch_size, device)
+    rank, world = _world()
+    rows: dict[int, torch.Tensor] = {}
+    for i, image_feats in enumerate(images):
+        if i % world != rank:
+            continue
+        im = _to(image_feats, device)
+        rows[i] = torch.cat([score(im, _to(tx, device)).float().cpu() for tx in captions], dim=1)
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, rows)
+        rows = {i: r for part in gathered for i, r in part.items()}
+    return torch.cat([rows[i] for i in range(len(images))])
+
+
+def evaluate_itm(model: Any, split: Any, protocol: str = "f30k", *, batch_size: int = 128, shard_size: int = 1000,
+                 device: Any = "cpu") -> dict[str, Any]:
+    """Evaluate an ITM model on a precomp split.
+
+    Args:
+        model: ``encode_image``/``encode_text`` (+ ``score`` for cross-attention matchers).
+        split: a :class:`~cirlab.data.PrecompSplit` (5 captions per image).
+        protocol: "f30k" (1K test images, full matrix) | "coco1k" (mean over 5 folds of 1,000) | "coco5k".
+        batch_size: encoding batch size.
+        shard_size: images (and captions) per scoring block.
+        device: where the model runs.
+
+    Returns:
+        ``{"metrics": {...}, "i2t_ranks": [N] int64, "t2i_ranks": [5N] int64}`` (1-based; for coco1k within folds).
+    """
+    from cirlab import metrics as M
+
+    if protocol not in ITM_PROTOCOLS:
+        raise ValueError(f"unknown ITM protocol {protocol!r}; known: {', '.join(ITM_PROTOCOLS)}")
+    sims = score_itm(model, split, batch_size=batch_size, shard_size=shard_size, device=device)
+    cpi = int(getattr(split, "im_div", 5))
+    if protocol == "coco1k":
+        metrics = M.coco_1k_metrics(sims, captions_per_image=cpi)
+        n = sims.shape[0] // 5
+        blocks = [sims[f * n:(f + 1) * n, f * n * cpi:(f + 1) * n * cpi] for f in range(5)]
+    else:
+        metrics = M.itm_metrics(sims, captions_per_image=cpi)
+        blocks = [sims]
+    i2t = torch.cat([M.i2t_ranks(b, captions_per_image=cpi) for b in blocks])
+    t2i = torch.cat([M.t2i_ranks(b, captions_per_image=cpi) for b in blocks])
+    return {"metrics": metrics, "i2t_ranks": i2t.numpy(), "t2i_ranks": t2i.numpy()}
+
+
+# ----------------------------------------------------------------------------------------------- routes
+
+
+@torch.no_grad()
+def collect_routes(model: Any, split: Any, n: int | None = 200, *, batch_size: int = 32, device: Any = "cpu",
+                   transform: Any = None, seed: int | None = None) -> Any:
+    """Run ``n`` queries under :func:`cirlab.trace_routes` and return the tidy route frame.
+
+    CIR splits: queries go through ``encode_query`` with ids, ``category`` and ``modification`` attached to each
+    batch (``trace.set_batch``). ITM precomp splits: each of the first ``n`` captions is scored against its own
+    image (one pair per call), with ``image_idx`` and ``caption_idx`` columns. ``seed`` picks a random subset
+    instead of the first ``n``.
+    """
+    from cirlab.tracing import trace_routes
+
+    model.eval()
+    total = len(split.triplets) if hasattr(split, "triplets") else len(split.captions)
+    count = total if n is None else min(n, total)
+    order = (np.random.default_rng(seed).permutation(total)[:count] if seed is not None
+             else np.arange(count)).tolist()
+    with trace_routes(model) as trace:
+        if hasattr(split, "triplets"):
+            _route_cir(model, split, order, trace, batch_size, device, _cir_transform(model, transform))
+        else:
+            _route_itm(model, split, order, trace, device)
+    return trace.to_frame()
+
+
+def _route_cir(model: Any, split: Any, order: list[int], trace: Any, batch_size: int, device: Any,
+               transform: Any) -> None:
+    queries = split.query_dataset(transform)
+    for start in range(0, len(order), batch_size):
+        items = [queries[i] for i in order[start:start + batch_size]]
+        trace.set_batch(ids=[it["query_id"] for it in items], category=[it["category"] for it in items],
+                        modification=[it.get("modification", "") for it in items])
+        images = torch.stack([it["ref_image"] for it in items]).to(device)
+        model.encode_query(images, [it["text"] for it in items])
+
+
+def _route_itm(model: Any, split: Any, order: list[int], trace: Any, device: Any) -> None:
+    score = getattr(model, "score", None) or (lambda im, tx: im @ tx.T)
+    for k in order:
+        i = split.image_of_caption(k)
+        trace.set_batch(ids=[k], image_idx=[i], caption_idx=[k], text=[split.captions[k]])
+        image = model.encode_image(split.features(i)[None].to(device))
+        score(image, model.encode_text([split.captions[k]]))

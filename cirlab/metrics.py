@@ -1,0 +1,597 @@
+"""Protocol-exact retrieval metrics: tensors in, plain dicts of floats (percent) out.
+
+Every function here is pure (no I/O, no globals) and vectorised; the naive per-query loops they must equal
+live in ``tests/naive_metrics.py``. Protocols (specifications: ``shared/research/rerank_cala.md`` C.5/C.6,
+``amc_dime.md`` I.5/II.5, ``hrem_itm.md`` section 7):
+
+* **Fashion-IQ** (CLIP4Cir / Re-ranking / CaLa, C.5): per category R@10 and R@50 over that category's val
+  gallery, the reference is *not* removed; ``avg_R@10`` / ``avg_R@50`` are the means over categories and
+  ``avg`` (the paper's "overall") is their mean. The AMC variant (I.5) removes the reference: pass ``exclude``.
+* **Shoes** (AMC, I.5): R@1/10/50 with the reference removed, ``avg`` = their mean.
+* **CIRR** (C.5): R@1/5/10/50 with the reference removed from the gallery, Recall_subset@1/2/3 over the
+  ``img_set`` members (reference removed; the subset ranking is the global ranking restricted to the set),
+  ``avg`` = (R@5 + Rsubset@1) / 2. :func:`cirr_submission` builds the test-server JSON (C.6).
+* **ITM** (VSE++/SCAN/GPO/HREM ``mode='coco'``, hrem 7.3, DIME II.5): ``sims`` is [N images x 5N captions] with
+  captions ``5i..5i+4`` belonging to image ``i``; i2t ranks an image by its best caption, t2i ranks each caption's
+  image; R@1/5/10, ``medr = floor(median(rank0)) + 1`` (NumPy median: the mean of the two middle values for an even
+  count, *not* ``torch.median``'s lower middle value), ``meanr = mean(rank0) + 1``, ``rsum`` = the six recalls.
+  COCO 1K = the mean of every metric over 5 folds of 1,000 images; COCO 5K and Flickr30K 1K = the full matrix.
+
+**Ties.** The original code sorts with ``np.argsort``/``torch.argsort`` (unstable), so a tied target lands at an
+arbitrary place. cirlab's default, ``ties="stable"``, resolves ties toward the lower gallery index, as a stable
+sort of the descending scores does: the 1-based rank of the target is
+``1 + #(scores strictly greater) + #(scores equal at a lower gallery index)``. ``ties="optimistic"`` counts only
+strictly greater scores (the oracle of hrem 7.6); ``ties="pessimistic"`` puts every tied item first.
+
+**Exclusion.** ``exclude`` holds one gallery index per query (``-1``: none), the reference image. It is removed
+from that query's ranking exactly as C.5's ``names[names != reference]`` does (equivalently AMC's
+``sims[i, ref] = -1e11``). A target equal to its own excluded reference is never a hit (its rank is reported as
+``G + 1``, past every rankable item).
+
+Do not use torchmetrics' retrieval metrics here: they drop scores <= 0 (aesthetics 1.5).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "AVG", "RSUM", "TIES", "FIQ_CATEGORIES", "FIQ_KS", "SHOES_KS", "CIRR_KS", "CIRR_SUBSET_KS", "ITM_KS",
+    "recall_key", "subset_key", "itm_key",
+    "target_ranks", "recall_from_ranks", "recall_at_k",
+    "fashioniq_metrics", "shoes_metrics",
+    "cirr_subset_ranks", "cirr_metrics", "cirr_metrics_from_ranks", "cirr_submission", "validate_cirr_submission",
+    "i2t_ranks", "t2i_ranks", "itm_metrics_from_ranks", "itm_metrics", "coco_1k_metrics", "coco_5k_metrics",
+]
+
+# ---------------------------------------------------------------------------------------------------- metric keys
+AVG = "avg"  # the headline average of a protocol (FIQ overall, Shoes mean, CIRR (R@5 + Rsubset@1) / 2)
+RSUM = "rsum"  # ITM: i2t R@1+R@5+R@10 + t2i R@1+R@5+R@10
+TIES = ("stable", "optimistic", "pessimistic")
+FIQ_CATEGORIES = ("dress", "shirt", "toptee")
+FIQ_KS = (10, 50)
+SHOES_KS = (1, 10, 50)
+CIRR_KS = (1, 5, 10, 50)
+CIRR_SUBSET_KS = (1, 2, 3)
+ITM_KS = (1, 5, 10)
+CIRR_VERSION = "rc2"
+CIRR_SUBMISSION_K = {"recall": 50, "recall_subset": 3}  # list length per submission file (C.6)
+
+ScoresLike = Any  # a tensor or anything torch.as_tensor accepts (numpy arrays, memmaps, lists)
+_NEVER = torch.iinfo(torch.long).max  # rank that no recall cut-off reaches (a target removed with its reference)
+
+
+def recall_key(k: int, prefix: str = "") -> str:
+    """``"R@10"``, or ``"dress_R@10"`` with a prefix."""
+    return f"{prefix}_R@{k}" if prefix else f"R@{k}"
+
+
+def subset_key(k: int) -> str:
+    """CIRR Recall_subset key, ``"cirr_Rsubset@1"``."""
+    return f"cirr_Rsubset@{k}"
+
+
+def itm_key(direction: str, stat: str | int) -> str:
+    """``itm_key("i2t", 1) -> "i2t_R@1"``, ``itm_key("t2i", "medr") -> "t2i_medr"``."""
+    return f"{direction}_R@{stat}" if isinstance(stat, int) else f"{direction}_{stat}"
+
+
+# ---------------------------------------------------------------------------------------------------- input checks
+def _as_scores(scores: ScoresLike) -> Tensor:
+    s = torch.as_tensor(scores)  # shares memory with numpy inputs: no full-size copy
+    if s.ndim != 2:
+        raise ValueError(f"scores must be a 2-D [queries x gallery] matrix, got shape {tuple(s.shape)}")
+    return s
+
+
+def _as_index(x: ScoresLike | None, n: int, name: str, device: torch.device, fill: int = -1) -> Tensor:
+    if x is None:
+        return torch.full((n,), fill, dtype=torch.long, device=device)
+    t = torch.as_tensor(x, device=device).long().reshape(-1)
+    if len(t) != n:
+        raise ValueError(f"{name} has {len(t)} entries for {n} queries")
+    return t
+
+
+def _check_range(idx: Tensor, size: int, name: str, allow_missing: bool) -> None:
+    low = -1 if allow_missing else 0
+    bad = (idx < low) | (idx >= size)
+    if bad.any():
+        q = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}[{q}] = {int(idx[q])} is not a gallery index in [0, {size})")
+
+
+def _check_ties(ties: str) -> None:
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+
+
+def _check_finite_rows(block: Tensor, row0: int) -> None:
+    nan = torch.isnan(block)
+    if nan.any():
+        q = row0 + int(nan.any(1).nonzero()[0, 0])
+        raise ValueError(f"scores row {q} contains NaN: a ranking is undefined")
+
+
+# ---------------------------------------------------------------------------------------------------- ranks
+def _count(mask: Tensor, dim: int) -> Tensor:
+    """Count True along ``dim``; summing bytes into int32 avoids the int64 copy a bool ``sum`` makes (3x faster)."""
+    return mask.view(torch.uint8).sum(dim, dtype=torch.int32).long()
+
+
+def _ahead_count(block: Tensor, t: Tensor, target: Tensor, ties: str) -> Tensor:
+    """Per row, how many gallery items rank before the target (0-based rank, before exclusion)."""
+    ahead = block > t  # [b, G]
+    if ties != "optimistic":
+        tied = block == t
+        cols = torch.arange(block.shape[1], device=block.device)
+        # stable: a tie counts only at a lower gallery index; pessimistic: every other tie counts
+        tied &= cols < target[:, None] if ties == "stable" else cols != target[:, None]
+        ahead |= tied
+    return _count(ahead, 1)
+
+
+def _excluded_ahead(block: Tensor, t: Tensor, target: Tensor, exclude: Tensor, ties: str) -> Tensor:
+    """1 where the excluded item was counted ahead of the target (so removing it moves the target up)."""
+    has = exclude >= 0
+    se = block.gather(1, exclude.clamp(min=0)[:, None])  # [b, 1]
+    ahead = se > t
+    if ties == "stable":
+        ahead |= (se == t) & (exclude < target)[:, None]
+    elif ties == "pessimistic":
+        ahead |= (se == t) & (exclude != target)[:, None]
+    return (ahead[:, 0] & has).long()
+
+
+def _rank_block(block: Tensor, target: Tensor, exclude: Tensor, ties: str) -> Tensor:
+    t = block.gather(1, target[:, None])  # [b, 1] the target's score
+    rank = _ahead_count(block, t, target, ties) - _excluded_ahead(block, t, target, exclude, ties) + 1
+    return torch.where(target == exclude, block.shape[1] + 1, rank)
+
+
+def target_ranks(scores: ScoresLike, target: ScoresLike, exclude: ScoresLike | None = None, *,
+                 ties: str = "stable", chunk_size: int = 1024) -> Tensor:
+    """1-based rank of each query's target in its descending-score ranking of the gallery.
+
+    Rank = 1 + #(strictly greater scores) + #(equal scores at a lower gallery index) with ``ties="stable"`` (the
+    order of a stable descending sort). The excluded item (one gallery index per query, -1 for none) is removed
+    from the ranking; a target equal to its excluded item gets rank ``G + 1``. Rows are processed ``chunk_size`` at
+    a time, so extra memory is O(chunk_size x G) whatever the number of queries.
+
+    Args:
+        scores: [Q, G] similarity matrix (higher = better).
+        target: [Q] gallery index of each query's target.
+        exclude: [Q] gallery index to remove per query (the reference image), -1 for none.
+        ties: "stable" (lower index first), "optimistic" (only strictly greater counts) or "pessimistic".
+        chunk_size: query rows per block.
+
+    Examples:
+        >>> s = torch.tensor([[0.9, 0.5, 0.5, 0.1], [0.2, 0.8, 0.8, 0.3]])
+        >>> target_ranks(s, torch.tensor([2, 2])).tolist()
+        [3, 2]
+        >>> target_ranks(s, torch.tensor([2, 2]), exclude=torch.tensor([0, 1])).tolist()
+        [2, 1]
+    """
+    _check_ties(ties)
+    s = _as_scores(scores)
+    q, g = s.shape
+    tgt = _as_index(target, q, "target", s.device)
+    exc = _as_index(exclude, q, "exclude", s.device)
+    _check_range(tgt, g, "target", allow_missing=False)
+    _check_range(exc, g, "exclude", allow_missing=True)
+    out = torch.empty(q, dtype=torch.long, device=s.device)
+    for r0 in range(0, q, chunk_size):
+        r1 = min(q, r0 + chunk_size)
+        block = s[r0:r1]
+        _check_finite_rows(block, r0)
+        out[r0:r1] = _rank_block(block, tgt[r0:r1], exc[r0:r1], ties)
+    return out
+
+
+def recall_from_ranks(ranks: ScoresLike, ks: Sequence[int], prefix: str = "") -> dict[str, float]:
+    """Recall@K in percent from 1-based ranks: ``100 * mean(rank <= k)`` over all queries.
+
+    Examples:
+        >>> recall_from_ranks(torch.tensor([1, 3, 12, 2]), ks=(1, 10))
+        {'R@1': 25.0, 'R@10': 75.0}
+    """
+    r = torch.as_tensor(ranks).reshape(-1)
+    if len(r) == 0:
+        raise ValueError("recall of an empty query set is undefined")
+    return {recall_key(k, prefix): 100.0 * float((r <= k).double().mean()) for k in ks}
+
+
+def recall_at_k(scores: ScoresLike, target: ScoresLike, ks: Sequence[int], exclude: ScoresLike | None = None, *,
+                ties: str = "stable", chunk_size: int = 1024, prefix: str = "") -> dict[str, float]:
+    """Recall@K in percent: the share of queries whose target ranks within the top K (see :func:`target_ranks`).
+
+    A query whose target equals its excluded reference is a miss for every K (C.5 removes the reference).
+
+    Examples:
+        >>> s = torch.tensor([[0.9, 0.5, 0.5, 0.1], [0.2, 0.8, 0.8, 0.3]])
+        >>> recall_at_k(s, torch.tensor([2, 2]), ks=(1, 2))
+        {'R@1': 0.0, 'R@2': 50.0}
+        >>> recall_at_k(s, torch.tensor([2, 2]), ks=(1, 2), exclude=torch.tensor([0, 1]))
+        {'R@1': 50.0, 'R@2': 100.0}
+    """
+    return recall_from_ranks(_hit_ranks(scores, target, exclude, ties, chunk_size), ks, prefix)
+
+
+def _hit_ranks(scores: ScoresLike, target: ScoresLike, exclude: ScoresLike | None, ties: str,
+               chunk_size: int = 1024) -> Tensor:
+    """Ranks for recall: a target removed together with its reference can never be a hit."""
+    ranks = target_ranks(scores, target, exclude, ties=ties, chunk_size=chunk_size)
+    if exclude is not None:
+        removed = torch.as_tensor(target, device=ranks.device).reshape(-1) == torch.as_tensor(
+            exclude, device=ranks.device).reshape(-1)
+        ranks = ranks.masked_fill(removed, _NEVER)
+    return ranks
+
+
+# ---------------------------------------------------------------------------------------------------- CIR: FIQ, Shoes
+RanksOrScores = Union[Tensor, Sequence]
+
+
+def _ranks_of(entry: RanksOrScores, ties: str) -> Tensor:
+    """Accept ready ranks ([Q] tensor) or a ``(scores, target[, exclude])`` tuple."""
+    if isinstance(entry, (tuple, list)):
+        return _hit_ranks(*entry, ties=ties) if len(entry) == 3 else _hit_ranks(*entry, None, ties=ties)
+    return torch.as_tensor(entry).reshape(-1)
+
+
+def fashioniq_metrics(per_category: Mapping[str, RanksOrScores], *, ks: Sequence[int] = FIQ_KS,
+                      ties: str = "stable") -> dict[str, float]:
+    """Fashion-IQ: per-category R@10/R@50, their means over categories, and ``avg`` = mean of those means.
+
+    Protocol (C.5, CLIP4Cir/Re-ranking/CaLa): each category is evaluated on its own val gallery
+    (``split.{cat}.val.json``) and the reference is *not* removed. AMC (I.5) removes the reference and uses the
+    union of the caption file's images as gallery: pass ``(scores, target, exclude)`` with that gallery.
+    The paper's "overall" is ``avg`` = (avg_R@10 + avg_R@50) / 2.
+
+    Args:
+        per_category: category -> 1-based target ranks [Q], or a ``(scores, target[, exclude])`` tuple.
+        ks: recall cut-offs (the protocol's 10 and 50).
+
+    Examples:
+        >>> m = fashioniq_metrics({"dress": torch.tensor([1, 20, 60]), "shirt": torch.tensor([5, 5, 100])})
+        >>> round(m["dress_R@50"], 2), round(m["avg_R@10"], 2), round(m["avg"], 2)
+        (66.67, 50.0, 58.33)
+    """
+    if not per_category:
+        raise ValueError("fashioniq_metrics needs at least one category")
+    out: dict[str, float] = {}
+    for cat, entry in per_category.items():
+        out.update(recall_from_ranks(_ranks_of(entry, ties), ks, prefix=cat))
+    for k in ks:
+        out[recall_key(k, "avg")] = sum(out[recall_key(k, c)] for c in per_category) / len(per_category)
+    out[AVG] = sum(out[recall_key(k, "avg")] for k in ks) / len(ks)
+    return out
+
+
+def shoes_metrics(entry: RanksOrScores, *, ks: Sequence[int] = SHOES_KS, ties: str = "stable") -> dict[str, float]:
+    """Shoes (AMC, I.5): R@1/10/50 with the reference removed, and ``avg`` = their mean.
+
+    Args:
+        entry: 1-based target ranks [Q], or ``(scores, target, exclude)`` with ``exclude`` the reference index.
+
+    Examples:
+        >>> shoes_metrics(torch.tensor([1, 9, 49, 51]))
+        {'R@1': 25.0, 'R@10': 50.0, 'R@50': 75.0, 'avg': 50.0}
+    """
+    out = recall_from_ranks(_ranks_of(entry, ties), ks)
+    out[AVG] = sum(out.values()) / len(ks)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- CIR: CIRR
+def _subset_mask(members: Tensor, target: Tensor, reference: Tensor) -> Tensor:
+    """Members that take part in the subset ranking: present, not the reference, not the target, not repeated."""
+    m = members.shape[1]
+    earlier = torch.ones(m, m, dtype=torch.bool, device=members.device).tril(-1)  # [m, m'] m' < m
+    repeated = ((members[:, :, None] == members[:, None, :]) & earlier).any(2)  # isin() counts a name once
+    return (members >= 0) & (members != reference[:, None]) & (members != target[:, None]) & ~repeated
+
+
+def cirr_subset_ranks(scores: ScoresLike, target: ScoresLike, reference: ScoresLike, members: ScoresLike, *,
+                      ties: str = "stable") -> Tensor:
+    """1-based rank of the target among the ``img_set`` members with the reference removed (C.5).
+
+    C.5 restricts the global ranking to the set (``isin(names, members)``), so the subset rank counts the members
+    whose score beats the target's (ties as in :func:`target_ranks`).
+
+    Args:
+        scores: [Q, G] scores.
+        target: [Q] gallery index of ``target_hard``.
+        reference: [Q] gallery index of the reference.
+        members: [Q, M] gallery indices of ``img_set.members`` (6 in CIRR, reference included); -1 pads.
+
+    Examples:
+        >>> s = torch.tensor([[0.1, 0.9, 0.8, 0.7, 0.6]])
+        >>> cirr_subset_ranks(s, [3], [1], [[1, 2, 3, 4]]).tolist()
+        [2]
+    """
+    _check_ties(ties)
+    s = _as_scores(scores)
+    q, g = s.shape
+    tgt = _as_index(target, q, "target", s.device)
+    ref = _as_index(reference, q, "reference", s.device)
+    mem = torch.as_tensor(members, device=s.device).long().reshape(q, -1)
+    _check_range(tgt, g, "target", allow_missing=False)
+    _check_range(mem.reshape(-1), g, "members (flattened)", allow_missing=True)
+    same = tgt == ref
+    if same.any():
+        i = int(same.nonzero()[0, 0])
+        raise ValueError(f"query {i}: target_hard equals the reference (gallery index {int(tgt[i])})")
+    missing = ~(mem == tgt[:, None]).any(1)
+    if missing.any():
+        i = int(missing.nonzero()[0, 0])
+        raise ValueError(f"query {i}: target {int(tgt[i])} is not among its img_set members {mem[i].tolist()}")
+    sm = s.gather(1, mem.clamp(min=0))  # [Q, M]
+    st = s.gather(1, tgt[:, None])  # [Q, 1]
+    ahead = sm > st
+    if ties == "stable":
+        ahead |= (sm == st) & (mem < tgt[:, None])
+    elif ties == "pessimistic":
+        ahead |= sm == st
+    return (ahead & _subset_mask(mem, tgt, ref)).sum(1) + 1
+
+
+def cirr_metrics_from_ranks(ranks: ScoresLike, subset_ranks: ScoresLike) -> dict[str, float]:
+    """CIRR metrics from 1-based global ranks (reference removed) and subset ranks (e.g. after re-ranking).
+
+    Examples:
+        >>> m = cirr_metrics_from_ranks(torch.tensor([1, 7]), torch.tensor([1, 2]))
+        >>> m["R@5"], m["cirr_Rsubset@1"], m["avg"]
+        (50.0, 50.0, 50.0)
+    """
+    out = recall_from_ranks(ranks, CIRR_KS)
+    sub = torch.as_tensor(subset_ranks).reshape(-1)
+    out.update({subset_key(k): 100.0 * float((sub <= k).double().mean()) for k in CIRR_SUBSET_KS})
+    out[AVG] = (out[recall_key(5)] + out[subset_key(1)]) / 2
+    return out
+
+
+def cirr_metrics(scores: ScoresLike, target: ScoresLike, reference: ScoresLike, members: ScoresLike, *,
+                 ties: str = "stable", chunk_size: int = 1024) -> dict[str, float]:
+    """CIRR val protocol (C.5): R@1/5/10/50 and Recall_subset@1/2/3 with the reference removed.
+
+    ``avg`` = (R@5 + Rsubset@1) / 2, the headline number. Denominators are all queries.
+
+    Args:
+        scores: [Q, G] query-gallery scores over the split's gallery (``split.rc2.val.json`` order).
+        target: [Q] gallery index of ``target_hard``.
+        reference: [Q] gallery index of the reference image (removed from its own ranking).
+        members: [Q, M] gallery indices of ``img_set.members`` (-1 pads).
+
+    Examples:
+        >>> s = torch.tensor([[0.9, 0.1, 0.8, 0.3], [0.2, 0.4, 0.6, 0.9]])
+        >>> m = cirr_metrics(s, [2, 1], [0, 3], [[0, 2, 3], [1, 2, 3]])
+        >>> m["R@1"], m["cirr_Rsubset@1"], m["avg"]
+        (50.0, 50.0, 75.0)
+    """
+    subset = cirr_subset_ranks(scores, target, reference, members, ties=ties)  # cheap, and validates the inputs
+    return cirr_metrics_from_ranks(target_ranks(scores, target, reference, ties=ties, chunk_size=chunk_size), subset)
+
+
+def cirr_submission(pair_ids: Sequence[int | str], ranked_names: Sequence[Sequence[str]],
+                    subset_names: Sequence[Sequence[str]]) -> dict[str, dict[str, object]]:
+    """The two CIRR test-server dicts (C.6): ``{"recall": {...}, "recall_subset": {...}}``.
+
+    Each dict holds ``"version": "rc2"``, ``"metric"`` and ``str(int(pairid)) -> names``: the top-50 global
+    predictions with the reference removed, and the top-3 of the non-reference set members, best first. Both are
+    checked with :func:`validate_cirr_submission`. Build the name lists with
+    ``cirlab.retrieval.cirr_rankings`` and write them with ``cirlab.retrieval.save_cirr_submission``.
+
+    Examples:
+        >>> sub = cirr_submission([7], [[f"img{i}" for i in range(50)]], [["a", "b", "c"]])
+        >>> sub["recall_subset"]
+        {'version': 'rc2', 'metric': 'recall_subset', '7': ['a', 'b', 'c']}
+    """
+    if not (len(pair_ids) == len(ranked_names) == len(subset_names)):
+        raise ValueError(f"CIRR submission: {len(pair_ids)} pair ids, {len(ranked_names)} global rankings and "
+                         f"{len(subset_names)} subset rankings differ in length")
+    out = {}
+    for metric, lists in (("recall", ranked_names), ("recall_subset", subset_names)):
+        k = CIRR_SUBMISSION_K[metric]
+        obj: dict[str, object] = {"version": CIRR_VERSION, "metric": metric}
+        obj.update({str(int(p)): [str(n) for n in names[:k]] for p, names in zip(pair_ids, lists)})
+        validate_cirr_submission(obj, pair_ids=pair_ids)
+        out[metric] = obj
+    return out
+
+
+def validate_cirr_submission(obj: Mapping[str, object], *, pair_ids: Sequence[int | str] | None = None) -> None:
+    """Check a CIRR test-server dict against the C.6 schema; raise ``ValueError`` naming the bad entry.
+
+    Schema: ``version == "rc2"``; ``metric`` in {"recall", "recall_subset"}; every other key is a pair id written
+    as ``str(int(pairid))`` mapping to a list of distinct image names of length 50 (recall) or 3 (recall_subset).
+    With ``pair_ids`` the keys must be exactly those ids.
+
+    Examples:
+        >>> validate_cirr_submission({"version": "rc2", "metric": "recall_subset", "1": ["a", "b"]})
+        Traceback (most recent call last):
+        ...
+        ValueError: CIRR submission (recall_subset): pair 1 has 2 names, expected 3
+    """
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"CIRR submission must be a dict, got {type(obj).__name__}")
+    if obj.get("version") != CIRR_VERSION:
+        raise ValueError(f"CIRR submission: 'version' must be {CIRR_VERSION!r}, got {obj.get('version')!r}")
+    metric = obj.get("metric")
+    if metric not in CIRR_SUBMISSION_K:
+        raise ValueError(f"CIRR submission: 'metric' must be one of {sorted(CIRR_SUBMISSION_K)}, got {metric!r}")
+    k = CIRR_SUBMISSION_K[metric]
+    keys = [key for key in obj if key not in ("version", "metric")]
+    for key in keys:
+        _check_submission_entry(metric, key, obj[key], k)
+    if pair_ids is not None:
+        expected = {str(int(p)) for p in pair_ids}
+        if len(expected) != len(pair_ids):
+            raise ValueError(f"CIRR submission ({metric}): duplicate pair ids")
+        missing, extra = sorted(expected - set(keys)), sorted(set(keys) - expected)
+        if missing or extra:
+            raise ValueError(f"CIRR submission ({metric}): missing pair ids {missing[:5]}, unexpected {extra[:5]}")
+    if not keys:
+        raise ValueError(f"CIRR submission ({metric}): no pair ids")
+
+
+def _check_submission_entry(metric: str, key: object, names: object, k: int) -> None:
+    if not isinstance(key, str) or not key.lstrip("-").isdigit() or str(int(key)) != key:
+        raise ValueError(f"CIRR submission ({metric}): key {key!r} is not a pair id written as str(int(pairid))")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"CIRR submission ({metric}): pair {key} must map to a list of image names")
+    if len(names) != k:
+        raise ValueError(f"CIRR submission ({metric}): pair {key} has {len(names)} names, expected {k}")
+    if len(set(names)) != k:
+        raise ValueError(f"CIRR submission ({metric}): pair {key} repeats an image name")
+
+
+# ---------------------------------------------------------------------------------------------------- ITM
+def _check_itm(sims: ScoresLike, captions_per_image: int) -> Tensor:
+    s = _as_scores(sims)
+    n, c = s.shape
+    if c != captions_per_image * n:
+        raise ValueError(f"ITM sims must be [N images x {captions_per_image}N captions], got {tuple(s.shape)}")
+    return s
+
+
+def i2t_ranks(sims: ScoresLike, *, captions_per_image: int = 5, ties: str = "stable",
+              chunk_size: int = 512) -> Tensor:
+    """Image annotation: 1-based rank of each image's best-ranked ground-truth caption (hrem 7.3).
+
+    Image ``i`` owns captions ``5i..5i+4``; its rank is the smallest rank among them, which (stable ties) is the rank
+    of the lowest-index caption holding the best ground-truth score.
+
+    Examples:
+        >>> s = torch.tensor([[0.9, 0.1, 0.95, 0.2], [0.3, 0.4, 0.5, 0.6]])
+        >>> i2t_ranks(s, captions_per_image=2).tolist()
+        [2, 1]
+    """
+    _check_ties(ties)
+    s = _check_itm(sims, captions_per_image)
+    n = s.shape[0]
+    out = torch.empty(n, dtype=torch.long, device=s.device)
+    none = torch.full((n,), -1, dtype=torch.long, device=s.device)
+    for r0 in range(0, n, chunk_size):
+        r1 = min(n, r0 + chunk_size)
+        block = s[r0:r1]
+        _check_finite_rows(block, r0)
+        first = torch.arange(r0, r1, device=s.device)[:, None] * captions_per_image
+        gt = first + torch.arange(captions_per_image, device=s.device)  # [b, 5] caption indices
+        gs = block.gather(1, gt)
+        best = (gs == gs.max(1, keepdim=True).values).int().argmax(1)  # first GT caption with the best score
+        out[r0:r1] = _rank_block(block, gt.gather(1, best[:, None])[:, 0], none[r0:r1], ties)
+    return out
+
+
+def t2i_ranks(sims: ScoresLike, *, captions_per_image: int = 5, ties: str = "stable",
+              chunk_size: int = 512) -> Tensor:
+    """Image search: 1-based rank of each caption's image among all images (hrem 7.3).
+
+    Computed column-wise over blocks of image rows, so extra memory is O(chunk_size x 5N), never a transposed copy.
+
+    Examples:
+        >>> s = torch.tensor([[0.9, 0.1, 0.95, 0.2], [0.3, 0.4, 0.5, 0.6]])
+        >>> t2i_ranks(s, captions_per_image=2).tolist()
+        [1, 2, 2, 1]
+    """
+    _check_ties(ties)
+    s = _check_itm(sims, captions_per_image)
+    n, c = s.shape
+    caps = torch.arange(c, device=s.device)
+    owner = caps // captions_per_image  # [C] gold image per caption
+    gold = s[owner, caps]  # [C] each caption's score with its gold image
+    ahead = torch.zeros(c, dtype=torch.long, device=s.device)
+    for r0 in range(0, n, chunk_size):
+        r1 = min(n, r0 + chunk_size)
+        block = s[r0:r1]  # [b, C]
+        _check_finite_rows(block, r0)
+        rows = torch.arange(r0, r1, device=s.device)[:, None]
+        beats = block > gold
+        if ties != "optimistic":
+            tied = (block == gold) & (rows < owner if ties == "stable" else rows != owner)
+            beats |= tied
+        ahead += _count(beats, 0)
+    return ahead + 1
+
+
+def _median_rank(rank: Tensor) -> float:
+    """``floor(np.median(rank0)) + 1``: the NumPy median averages the two middle values of an even count."""
+    r0 = torch.sort(rank.reshape(-1) - 1).values.double()
+    n = len(r0)
+    mid = r0[n // 2] if n % 2 else (r0[n // 2 - 1] + r0[n // 2]) / 2
+    return float(math.floor(float(mid)) + 1)
+
+
+def _direction_metrics(rank: Tensor, direction: str, ks: Sequence[int]) -> dict[str, float]:
+    out = {itm_key(direction, k): 100.0 * float((rank <= k).double().mean()) for k in ks}
+    out[itm_key(direction, "medr")] = _median_rank(rank)
+    out[itm_key(direction, "meanr")] = float(rank.double().mean())  # mean(rank0) + 1
+    return out
+
+
+def itm_metrics_from_ranks(i2t: ScoresLike, t2i: ScoresLike, *, ks: Sequence[int] = ITM_KS) -> dict[str, float]:
+    """ITM metrics from 1-based i2t and t2i ranks: R@K, medr, meanr per direction and ``rsum``.
+
+    Examples:
+        >>> m = itm_metrics_from_ranks(torch.tensor([1, 2, 7, 20]), torch.tensor([1, 1, 3, 30]))
+        >>> m["i2t_R@1"], m["i2t_medr"], m["t2i_meanr"], m["rsum"]
+        (25.0, 4.0, 8.75, 350.0)
+    """
+    out = _direction_metrics(torch.as_tensor(i2t), "i2t", ks)
+    out.update(_direction_metrics(torch.as_tensor(t2i), "t2i", ks))
+    out[RSUM] = sum(out[itm_key(d, k)] for d in ("i2t", "t2i") for k in ks)
+    return out
+
+
+def itm_metrics(sims: ScoresLike, *, captions_per_image: int = 5, ties: str = "stable",
+                chunk_size: int = 512) -> dict[str, float]:
+    """ITM protocol on one [N x 5N] block (Flickr30K 1K, COCO 5K): i2t and t2i R@1/5/10, medr, meanr, rsum.
+
+    ``R@K = 100 * #{rank0 < K} / #queries`` (N for i2t, 5N for t2i), ``medr = floor(median(rank0)) + 1`` and
+    ``meanr = mean(rank0) + 1`` (hrem 7.3). Rows are processed ``chunk_size`` at a time: a COCO-5K matrix
+    (5,000 x 25,000) needs O(chunk_size x 25,000) extra memory, not another full-size copy.
+
+    Examples:
+        >>> import numpy as np
+        >>> sims = torch.from_numpy(np.random.default_rng(0).permutation(45).reshape(3, 15) / 45)
+        >>> m = itm_metrics(sims)  # the verified vector of hrem 7.6
+        >>> [round(m[k], 2) for k in ("i2t_R@1", "i2t_R@5", "i2t_medr", "i2t_meanr")]
+        [33.33, 100.0, 2.0, 1.67]
+        >>> [round(m[k], 2) for k in ("t2i_R@1", "t2i_medr", "t2i_meanr")]
+        [26.67, 2.0, 2.13]
+    """
+    kw = dict(captions_per_image=captions_per_image, ties=ties, chunk_size=chunk_size)
+    return itm_metrics_from_ranks(i2t_ranks(sims, **kw), t2i_ranks(sims, **kw))
+
+
+def coco_5k_metrics(sims: ScoresLike, **kw: object) -> dict[str, float]:
+    """COCO 5K: :func:`itm_metrics` on the full ``testall`` matrix (5,000 x 25,000)."""
+    return itm_metrics(sims, **kw)
+
+
+def coco_1k_metrics(sims: ScoresLike, *, folds: int = 5, captions_per_image: int = 5, ties: str = "stable",
+                    chunk_size: int = 512) -> dict[str, float]:
+    """COCO 1K: every metric averaged over ``folds`` contiguous blocks of images (hrem 7.4).
+
+    Fold ``f`` scores images ``[fn, (f+1)n)`` against their own captions ``[5fn, 5(f+1)n)`` with ``n = N / folds``
+    (1,000 for COCO ``testall``); R@K, medr, meanr and rsum are each the mean over folds.
+
+    Examples:
+        >>> sims = torch.eye(4).repeat_interleave(5, dim=1)  # 4 images, perfect scores
+        >>> coco_1k_metrics(sims, folds=2)["rsum"]
+        600.0
+    """
+    s = _check_itm(sims, captions_per_image)
+    n = s.shape[0]
+    if n % folds:
+        raise ValueError(f"COCO 1K needs a multiple of {folds} images, got {n}")
+    size = n // folds
+    per_fold = []
+    for f in range(folds):
+        block = s[f * size:(f + 1) * size, f * size * captions_per_image:(f + 1) * size * captions_per_image]
+        per_fold.append(itm_metrics(block, captions_per_image=captions_per_image, ties=ties, chunk_size=chunk_size))
+    return {key: sum(m[key] for m in per_fold) / folds for key in per_fold[0]}

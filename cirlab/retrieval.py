@@ -1,0 +1,519 @@
+"""Retrieval as small pure functions on tensors (aesthetics rule 10), plus corpus encoding with a feature cache.
+
+* :func:`similarity`, :func:`topk_search` (chunked over queries *and* gallery, bounded memory),
+  :func:`topk_candidates` (the same on a ready score matrix), :func:`target_ranks` (from :mod:`cirlab.metrics`).
+* Re-ranking: :func:`fuse_scores`, :func:`reorder`, :func:`rerank` (score K candidates in batches),
+  :func:`reranked_target_ranks`.
+* Files: :func:`make_topk` builds a :class:`cirlab.topk.TopK`; :func:`cirr_rankings` and
+  :func:`save_cirr_submission` produce the CIRR test-server JSON (``rerank_cala.md`` C.6).
+* :func:`encode_corpus` is the only function that touches a DataLoader; its feature cache is keyed by
+  :func:`cache_key` of (checkpoint digest, dataset name/split/size, encoder name).
+
+**Tie rule** (the same as :mod:`cirlab.metrics`): equal scores keep the lower gallery index first, as a stable sort of
+the descending scores does, so a top-K list and the rank of its target always agree. ``torch.topk`` alone does not
+promise this; :func:`topk_search` repairs the rows where a tie straddles the K-th place.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cirlab.metrics import cirr_submission, target_ranks, validate_cirr_submission
+from cirlab.topk import TopK
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "similarity", "topk_search", "topk_candidates", "target_ranks", "fuse_scores", "reorder", "rerank",
+    "reranked_target_ranks", "candidate_ranks", "make_topk", "cirr_rankings", "save_cirr_submission",
+    "encode_corpus", "cache_key", "file_digest", "state_dict_digest",
+]
+
+BlockFn = Callable[[int, int, int, int], Tensor]  # (q0, q1, g0, g1) -> scores[q0:q1, g0:g1]
+
+
+def similarity(queries: Tensor, gallery: Tensor) -> Tensor:
+    """Dot-product scores ``[Q, D] x [G, D] -> [Q, G]`` (cosine when both sides are L2-normalised).
+
+    Examples:
+        >>> similarity(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.5], [1.0, 0.0]])).tolist()
+        [[0.5, 1.0]]
+    """
+    return queries @ gallery.T
+
+
+# ---------------------------------------------------------------------------------------------------- top-K
+def _sort_rows(scores: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Order each row by (score descending, gallery index ascending)."""
+    idx, perm = idx.sort(dim=1)
+    scores, perm = scores.gather(1, perm).sort(dim=1, descending=True, stable=True)
+    return scores, idx.gather(1, perm)
+
+
+def _lowest_index_topk(block: Tensor, kth: Tensor, k: int) -> Tensor:
+    """Positions of the top k of each row when ties at the k-th value must go to the lowest positions."""
+    above = block > kth
+    tied = block == kth
+    need = k - above.sum(1, keepdim=True)
+    take = above | (tied & (tied.int().cumsum(1) <= need))
+    return take.nonzero()[:, 1].view(-1, k)  # nonzero() is row-major: ascending positions, exactly k per row
+
+
+def _block_topk(block: Tensor, k: int, offset: int) -> tuple[Tensor, Tensor]:
+    """Top-k of one score block [b, g] with global indices, ordered by the tie rule."""
+    k = min(k, block.shape[1])
+    vals, pos = block.topk(k, dim=1)
+    kth = vals[:, -1:]
+    # torch.topk picks arbitrarily among items tied with the k-th value; repair only the rows where that happened
+    ambiguous = ((block > kth).sum(1) + (block == kth).sum(1)) > k
+    if ambiguous.any():
+        rows = ambiguous.nonzero()[:, 0]
+        pos[rows] = _lowest_index_topk(block[rows], kth[rows], k)
+        vals[rows] = block[rows].gather(1, pos[rows])
+    return _sort_rows(vals, pos + offset)
+
+
+def _merge(best: tuple[Tensor, Tensor] | None, new: tuple[Tensor, Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """Merge two sorted candidate lists; ``best`` holds only lower gallery indices than ``new``."""
+    if best is None:
+        return new
+    scores, idx = torch.cat([best[0], new[0]], 1), torch.cat([best[1], new[1]], 1)
+    scores, perm = scores.sort(dim=1, descending=True, stable=True)  # stable: lower indices stay first on ties
+    return scores[:, :k], idx.gather(1, perm[:, :k])
+
+
+def _topk_blocks(block_fn: BlockFn, shape: tuple[int, int], k: int, exclude: Tensor | None, query_chunk: int,
+                 gallery_chunk: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    n_q, n_g = shape
+    out_s = torch.empty(n_q, k, device=device)
+    out_i = torch.empty(n_q, k, dtype=torch.long, device=device)
+    for q0 in range(0, n_q, query_chunk):
+        q1 = min(n_q, q0 + query_chunk)
+        best = None
+        for g0 in range(0, n_g, gallery_chunk):
+            g1 = min(n_g, g0 + gallery_chunk)
+            block = block_fn(q0, q1, g0, g1).float()  # [b, g]
+            if exclude is not None:
+                block = _mask_excluded(block, exclude[q0:q1], g0, g1)
+            best = _merge(best, _block_topk(block, k, g0), k)
+        out_s[q0:q1], out_i[q0:q1] = best
+    return out_s, out_i
+
+
+def _mask_excluded(block: Tensor, exclude: Tensor, g0: int, g1: int) -> Tensor:
+    inside = (exclude >= g0) & (exclude < g1)
+    if not inside.any():
+        return block
+    rows = inside.nonzero()[:, 0]
+    block = block.clone()  # never write into a caller's score matrix (topk_candidates passes views of it)
+    block[rows, exclude[rows] - g0] = float("-inf")
+    return block
+
+
+def _check_k(k: int, n_g: int, exclude: Tensor | None) -> None:
+    available = n_g - (1 if exclude is not None and bool((exclude >= 0).any()) else 0)
+    if not 1 <= k <= available:
+        raise ValueError(f"k={k} but only {available} gallery items can be ranked per query")
+
+
+def _exclude_tensor(exclude: Any, n_q: int, n_g: int, device: torch.device) -> Tensor | None:
+    if exclude is None:
+        return None
+    exc = torch.as_tensor(exclude, device=device).long().reshape(-1)
+    if len(exc) != n_q or bool(((exc < -1) | (exc >= n_g)).any()):
+        raise ValueError(f"exclude must hold {n_q} gallery indices in [-1, {n_g}), got shape {tuple(exc.shape)}")
+    return exc
+
+
+def topk_search(queries: Tensor, gallery: Tensor, k: int, *, query_chunk: int = 1024, gallery_chunk: int = 16384,
+                exclude: Any = None) -> tuple[Tensor, Tensor]:
+    """Top-k gallery items per query by dot product, never materialising more than a query x gallery chunk.
+
+    Memory is O(query_chunk x gallery_chunk) for the scores plus O(query_chunk x k) for the running lists. Each
+    gallery chunk's top-k is merged into the running list; ties go to the lower gallery index.
+
+    Args:
+        queries: [Q, D] query embeddings.
+        gallery: [G, D] gallery embeddings (may stay on the CPU while queries sit on a GPU).
+        k: list length.
+        query_chunk: query rows per block.
+        gallery_chunk: gallery rows per block.
+        exclude: [Q] gallery index removed from each query's list (the reference image), -1 for none.
+
+    Returns:
+        ``(scores [Q, k], indices [Q, k])``, best first.
+
+    Examples:
+        >>> q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> g = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.5, 0.5], [0.0, 1.0]])
+        >>> topk_search(q, g, 2, gallery_chunk=2)[1].tolist()
+        [[0, 1], [3, 1]]
+        >>> topk_search(q, g, 2, exclude=torch.tensor([0, -1]))[1].tolist()
+        [[1, 2], [3, 1]]
+    """
+    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ValueError(f"queries {tuple(queries.shape)} and gallery {tuple(gallery.shape)} must be [*, D]")
+    for name, x in (("queries", queries), ("gallery", gallery)):
+        if torch.isnan(x).any():
+            raise ValueError(f"{name} contain NaN (row {int(torch.isnan(x).any(1).nonzero()[0, 0])})")
+    exc = _exclude_tensor(exclude, len(queries), len(gallery), queries.device)
+    _check_k(k, len(gallery), exc)
+
+    def block_fn(q0: int, q1: int, g0: int, g1: int) -> Tensor:
+        return similarity(queries[q0:q1], gallery[g0:g1].to(queries.device, queries.dtype))
+
+    return _topk_blocks(block_fn, (len(queries), len(gallery)), k, exc, query_chunk, gallery_chunk, queries.device)
+
+
+def topk_candidates(scores: Tensor, k: int, *, exclude: Any = None, query_chunk: int = 1024,
+                    gallery_chunk: int = 16384) -> tuple[Tensor, Tensor]:
+    """Top-k of a ready [Q, G] score matrix (e.g. a cross-attention model's), with the same tie rule.
+
+    Examples:
+        >>> topk_candidates(torch.tensor([[0.2, 0.7, 0.7, 0.1]]), 2)
+        (tensor([[0.7000, 0.7000]]), tensor([[1, 2]]))
+    """
+    s = torch.as_tensor(scores)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be [Q, G], got {tuple(s.shape)}")
+    if torch.isnan(s).any():
+        raise ValueError("scores contain NaN")
+    exc = _exclude_tensor(exclude, s.shape[0], s.shape[1], s.device)
+    _check_k(k, s.shape[1], exc)
+    return _topk_blocks(lambda q0, q1, g0, g1: s[q0:q1, g0:g1], tuple(s.shape), k, exc, query_chunk, gallery_chunk,
+                        s.device)
+
+
+def candidate_ranks(indices: Tensor, target: Any) -> Tensor:
+    """1-based position of each target in its top-K list, 0 where it is absent (or unknown, -1).
+
+    Examples:
+        >>> candidate_ranks(torch.tensor([[4, 2, 9], [1, 3, 5]]), [9, 7]).tolist()
+        [3, 0]
+    """
+    tgt = torch.as_tensor(target, device=indices.device).long().reshape(-1, 1)
+    hit = indices == tgt
+    return torch.where(hit.any(1), hit.int().argmax(1) + 1, 0)
+
+
+# ---------------------------------------------------------------------------------------------------- re-ranking
+def fuse_scores(stage1: Tensor, stage2: Tensor, alpha: float) -> Tensor:
+    """Linear fusion ``alpha * stage1 + (1 - alpha) * stage2`` of two [Q, K] score lists.
+
+    ``alpha = 0`` ranks by the stage-II scores alone, as the Re-ranking paper does (A.8).
+
+    Examples:
+        >>> fuse_scores(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.25).tolist()
+        [0.25, 0.75]
+    """
+    if stage1.shape != stage2.shape:
+        raise ValueError(f"stage1 {tuple(stage1.shape)} and stage2 {tuple(stage2.shape)} scores differ in shape")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    return alpha * stage1 + (1.0 - alpha) * stage2
+
+
+def reorder(candidates: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Re-order each row of candidates by new scores, descending; ties keep the incoming (stage-I) order.
+
+    Returns:
+        ``(scores, candidates)``, both [Q, K], best first.
+
+    Examples:
+        >>> reorder(torch.tensor([[7, 3, 5]]), torch.tensor([[0.1, 0.9, 0.1]]))
+        (tensor([[0.9000, 0.1000, 0.1000]]), tensor([[3, 7, 5]]))
+    """
+    if candidates.shape != scores.shape:
+        raise ValueError(f"candidates {tuple(candidates.shape)} and scores {tuple(scores.shape)} differ in shape")
+    sorted_scores, perm = scores.sort(dim=1, descending=True, stable=True)
+    return sorted_scores, candidates.gather(1, perm)
+
+
+@torch.no_grad()
+def rerank(score_fn: Callable[[Tensor, Tensor], Tensor], query_idx: Tensor, candidates: Tensor, *,
+           batch_size: int = 32, stage1_scores: Tensor | None = None, alpha: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Score K candidates per query with ``score_fn(query_idx[b], candidates[b]) -> [b, K]`` in batches, re-order.
+
+    With ``stage1_scores`` the new scores are fused first (:func:`fuse_scores`).
+
+    Examples:
+        >>> fn = lambda q, c: -c.float()  # prefer low gallery indices
+        >>> rerank(fn, torch.arange(1), torch.tensor([[5, 2, 9]]))[1].tolist()
+        [[2, 5, 9]]
+    """
+    parts = [score_fn(query_idx[i:i + batch_size], candidates[i:i + batch_size])
+             for i in range(0, len(candidates), batch_size)]
+    scores = torch.cat(parts).to(candidates.device)
+    if stage1_scores is not None:
+        scores = fuse_scores(stage1_scores.to(scores), scores, alpha)
+    return reorder(candidates, scores)
+
+
+def reranked_target_ranks(candidates: Tensor, target: Any, stage1_ranks: Any) -> Tensor:
+    """Target ranks after re-ranking the top-K: its new position when it was a candidate, else its stage-I rank.
+
+    A target outside the candidate pool keeps its stage-I rank (> K), so it stays a miss for every k <= K and
+    R@k for k >= K equals stage I (A.8); the top-K file format asks for exactly this.
+
+    Examples:
+        >>> reranked_target_ranks(torch.tensor([[3, 7, 5], [1, 2, 4]]), [5, 9], [2, 40]).tolist()
+        [3, 40]
+    """
+    pos = candidate_ranks(candidates, target)
+    before = torch.as_tensor(stage1_ranks, device=candidates.device).long().reshape(-1)
+    return torch.where(pos > 0, pos, before)
+
+
+# ---------------------------------------------------------------------------------------------------- files
+def make_topk(scores: Tensor, indices: Tensor, *, query_ids: Sequence[Any], gallery_ids: Sequence[str],
+              target: Any = None, ranks: Any = None, category: Sequence[str] | None = None,
+              meta: Mapping[str, Any] | None = None) -> TopK:
+    """Build a :class:`cirlab.topk.TopK` from search results.
+
+    Args:
+        scores: [Q, K] scores, best first.
+        indices: [Q, K] gallery indices.
+        query_ids: [Q] ids (CIRR pairid, ``{category}:{index}``, ...).
+        gallery_ids: [G] gallery names; ``indices`` index this list.
+        target: [Q] target gallery index, -1 when unknown (CIRR test1).
+        ranks: [Q] 1-based target rank in the full ranking (e.g. :func:`target_ranks`). Without it, a target inside
+            the list gets its list position and one outside gets ``K + 1`` (a lower bound, counted as a miss).
+        category: [Q] group per query.
+        meta: model, dataset, split, stage, protocol, ... (k is added).
+
+    Examples:
+        >>> t = make_topk(torch.tensor([[0.9, 0.5]]), torch.tensor([[2, 0]]), query_ids=["q0"],
+        ...               gallery_ids=["a", "b", "c"], target=[0])
+        >>> t.gallery_ids.tolist(), t.target_rank.tolist(), t.target_ids.tolist()
+        ([['c', 'a']], [2], ['a'])
+    """
+    idx = indices.cpu().numpy()
+    names = np.asarray(gallery_ids, dtype=str)
+    if idx.size and (idx.min() < 0 or idx.max() >= len(names)):
+        raise ValueError(f"indices reach outside the {len(names)} gallery ids")
+    q, k = idx.shape
+    tgt = np.full(q, -1) if target is None else torch.as_tensor(target).long().reshape(-1).cpu().numpy()
+    if ranks is not None:
+        rank = torch.as_tensor(ranks).long().reshape(-1).cpu().numpy().copy()
+    else:
+        pos = candidate_ranks(indices.cpu(), torch.as_tensor(tgt)).numpy()
+        rank = np.where(pos > 0, pos, k + 1)
+    rank[tgt < 0] = 0  # unknown target
+    target_ids = np.where(tgt >= 0, names[np.clip(tgt, 0, None)], "") if len(names) else np.full(q, "")
+    return TopK(np.asarray([str(x) for x in query_ids]), names[idx], scores.detach().cpu().float().numpy(), rank,
+                category, target_ids, {**dict(meta or {}), "k": int(k)})
+
+
+def cirr_rankings(scores: Tensor, reference: Any, members: Any, gallery_names: Sequence[str], *, k: int = 50,
+                  subset_k: int = 3, query_chunk: int = 1024) -> tuple[list[list[str]], list[list[str]]]:
+    """Name lists for the CIRR submission (C.6): the global top-k with the reference removed, and the top
+    ``subset_k`` of the non-reference ``img_set`` members (ties: lower gallery index first).
+
+    Examples:
+        >>> s = torch.tensor([[0.9, 0.1, 0.8, 0.3, 0.5]])
+        >>> cirr_rankings(s, [0], [[0, 1, 2, 3]], ["a", "b", "c", "d", "e"], k=2, subset_k=2)
+        ([['c', 'e']], [['c', 'd']])
+    """
+    s = torch.as_tensor(scores)
+    names = np.asarray(gallery_names, dtype=str)
+    ref = torch.as_tensor(reference).long().reshape(-1)
+    mem = torch.as_tensor(members).long().reshape(len(ref), -1)
+    sub = _subset_topk(s, ref, mem, subset_k)  # validates members before the long global search
+    _, top = topk_candidates(s, k, exclude=ref, query_chunk=query_chunk)
+    return names[top.numpy()].tolist(), names[sub.numpy()].tolist()
+
+
+def _subset_topk(s: Tensor, ref: Tensor, mem: Tensor, subset_k: int) -> Tensor:
+    m = mem.shape[1]
+    earlier = torch.ones(m, m, dtype=torch.bool).tril(-1)
+    repeated = ((mem[:, :, None] == mem[:, None, :]) & earlier).any(2)
+    keep = (mem >= 0) & (mem != ref[:, None]) & ~repeated
+    short = keep.sum(1) < subset_k
+    if short.any():
+        i = int(short.nonzero()[0, 0])
+        raise ValueError(f"query {i}: img_set has {int(keep[i].sum())} non-reference members, need {subset_k}")
+    ms = s.gather(1, mem.clamp(min=0)).float().masked_fill(~keep, float("-inf"))
+    order_s, order_i = _sort_rows(ms, mem)
+    return order_i[:, :subset_k]
+
+
+def save_cirr_submission(submission: Mapping[str, Mapping[str, Any]], out_dir: str | os.PathLike,
+                         name: str) -> tuple[Path, Path]:
+    """Write ``recall_submission_<name>.json`` and ``recall_subset_submission_<name>.json`` (C.6) atomically.
+
+    ``submission`` is :func:`cirlab.metrics.cirr_submission`'s output; both dicts are validated first and written
+    with ``sort_keys=True`` as the reference scripts do.
+    """
+    out_dir = Path(out_dir)
+    paths = []
+    for metric, stem in (("recall", "recall_submission"), ("recall_subset", "recall_subset_submission")):
+        obj = submission[metric]
+        validate_cirr_submission(obj)
+        if obj["metric"] != metric:
+            raise ValueError(f"submission[{metric!r}] holds metric {obj['metric']!r}")
+        paths.append(_atomic_write_text(out_dir / f"{stem}_{name}.json", json.dumps(obj, sort_keys=True)))
+    return paths[0], paths[1]
+
+
+def _atomic_write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- encoding
+def cache_key(*parts: Any) -> str:
+    """A short stable hash of the parts (checkpoint digest, dataset, split, size, encoder name, ...).
+
+    Examples:
+        >>> key = cache_key("ckpt-1a2b", "cirr", "val", 2297, "encode_target")
+        >>> len(key), key == cache_key("ckpt-1a2b", "cirr", "val", 2297, "encode_target")
+        (20, True)
+        >>> cache_key("ckpt-1a2b", "cirr", "val", 2297, "encode_query") == cache_key("ckpt-1a2b", "cirr", "val", 2297)
+        False
+    """
+    blob = json.dumps([str(p) for p in parts], ensure_ascii=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def file_digest(path: str | os.PathLike, *, block: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes (e.g. a checkpoint), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def state_dict_digest(module_or_state: Any) -> str:
+    """SHA-256 over a model's parameter and buffer names and bytes (for models not loaded from a file)."""
+    state = module_or_state.state_dict() if hasattr(module_or_state, "state_dict") else module_or_state
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cache_file(cache_dir: str | os.PathLike | None, key: str | None) -> Path | None:
+    if key is None:
+        if cache_dir is not None:
+            raise ValueError("encode_corpus: cache_dir given without cache_key; build one with cache_key(...)")
+        return None
+    if cache_dir is None:
+        from cirlab.paths import cache_dir as default_cache_dir
+
+        cache_dir = default_cache_dir() / "features"
+    return Path(cache_dir) / f"{key}.pt"
+
+
+def _load_cached(path: Path, key: str) -> Tensor | None:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: recompute rather than fail
+        log.warning("feature cache %s is unreadable (%s); recomputing", path, err)
+        return None
+    if not isinstance(blob, dict) or blob.get("cache_key") != key or not isinstance(blob.get("features"), Tensor):
+        log.warning("feature cache %s does not hold key %s; recomputing", path, key)
+        return None
+    return blob["features"]
+
+
+def _save_cached(path: Path, key: str, features: Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"cache_key": key, "features": features}, tmp)
+        os.replace(tmp, path)  # a reader sees the old file or the complete new one, never a partial one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _batch_input(batch: Any, key: str | None, device: torch.device | str) -> Any:
+    x = batch if key is None else batch[key]
+    return x.to(device, non_blocking=True) if isinstance(x, Tensor) else x
+
+
+def _encode_batches(encode_fn: Callable[[Any], Tensor], loader: Iterable, key: str | None, index_key: str | None,
+                    device: torch.device | str, progress: bool) -> Tensor:
+    from tqdm.auto import tqdm
+
+    feats, order = [], []
+    for batch in tqdm(loader, desc=f"encode {key or 'corpus'}", disable=not progress, leave=False):
+        out = encode_fn(_batch_input(batch, key, device))
+        if not isinstance(out, Tensor):
+            raise TypeError(f"encode_fn must return a Tensor [B, ...], got {type(out).__name__}")
+        feats.append(out.detach().cpu())
+        if index_key is not None:
+            order.append(torch.as_tensor(batch[index_key]).long().reshape(-1).cpu())
+    if not feats:
+        raise ValueError("encode_corpus: the loader yielded no batches")
+    features = torch.cat(feats)
+    return features if index_key is None else _scatter_by_index(features, torch.cat(order), index_key)
+
+
+def _scatter_by_index(features: Tensor, index: Tensor, index_key: str) -> Tensor:
+    """Put row i at position index[i] (loaders may shuffle or re-sort; hrem 7.5)."""
+    n = len(features)
+    if len(index) != n or not torch.equal(index.sort().values, torch.arange(n)):
+        raise ValueError(f"encode_corpus: batch['{index_key}'] is not a permutation of 0..{n - 1} "
+                         "(an index is repeated or missing)")
+    out = torch.empty_like(features)
+    out[index] = features
+    return out
+
+
+@torch.no_grad()
+def encode_corpus(encode_fn: Callable[[Any], Tensor], loader: Iterable, *, device: torch.device | str = "cpu",
+                  key: str | None = "image", index_key: str | None = None, cache_dir: str | os.PathLike | None = None,
+                  cache_key: str | None = None, progress: bool = True) -> Tensor:
+    """Encode every batch of ``loader`` with ``encode_fn(batch[key])``; features come back on the CPU.
+
+    With ``cache_key`` (build it with :func:`cache_key` from the checkpoint digest, dataset name/split/size and
+    encoder name) the result is stored in ``cache_dir`` (default ``cirlab.paths.cache_dir()/features``), written
+    atomically, and loaded instead of recomputed while the key matches. Hits and misses are logged.
+
+    Args:
+        encode_fn: e.g. ``model.encode_target`` or ``model.encode_image``; runs under ``torch.no_grad``.
+        loader: a DataLoader (or any iterable) of dict batches.
+        device: where inputs go before ``encode_fn``.
+        key: the batch entry to encode (None: the batch itself).
+        index_key: batch entry with each row's corpus index (e.g. ``"gallery_idx"``); rows are scattered back into
+            that order and must cover 0..N-1 exactly once.
+        cache_dir: cache folder.
+        cache_key: the key; no caching without it.
+        progress: show a tqdm bar.
+
+    Examples:
+        >>> batches = [{"image": torch.ones(2, 3)}, {"image": torch.zeros(1, 3)}]
+        >>> encode_corpus(lambda x: x.sum(1, keepdim=True), batches, progress=False).flatten().tolist()
+        [3.0, 3.0, 0.0]
+    """
+    path = _cache_file(cache_dir, cache_key)
+    if path is not None and path.is_file():
+        cached = _load_cached(path, cache_key)
+        if cached is not None:
+            log.info("feature cache hit: %s (%s rows)", path, len(cached))
+            return cached
+    if path is not None:
+        log.info("feature cache miss: %s; encoding", path)
+    features = _encode_batches(encode_fn, loader, key, index_key, device, progress)
+    if path is not None:
+        _save_cached(path, cache_key, features)
+        log.info("feature cache written: %s (%s rows)", path, len(features))
+    return features

@@ -1,0 +1,376 @@
+"""Run configs and run folders: YAML loading, ``--set`` overrides, and one experiment from config to metrics.
+
+A run config (``configs/*.yaml``) has five sections::
+
+    model: amc                     # a name from cirlab.list_models()
+    preset: fashioniq              # one of cirlab.list_presets(model)
+    model_overrides: {}            # config-dataclass fields changed on top of the preset
+    dataset:
+      name: fashioniq              # fashioniq | shoes | cirr (CIR) or f30k | coco (ITM precomp)
+      root: ""                     # "" -> $CIRLAB_DATA/<name> (precomp: $CIRLAB_DATA); never an absolute path here
+      category: dress              # Fashion-IQ: one category, a list, or null (train on all, report per category)
+      train_split: train
+      val_split: val               # model selection split (train.selection: "val" means this split)
+      test_split: test             # the split results are reported on (selection "paper" selects here)
+      options: {}                  # loader options (e.g. Fashion-IQ protocol / gallery)
+      synthetic: null              # {size: tiny, seed: 0}: generate the embedded synthetic data when root is ""
+    train: {}                      # cirlab.train.TrainConfig fields, over the model's paper defaults
+    eval:
+      protocol: null               # null = the dataset's (CIR) | f30k | coco1k | coco5k (ITM)
+      splits: [val]                # evaluated after training with checkpoints/best.pt
+      k: 50                        # top-K file length
+      batch_size: 64
+      shard_size: 1000             # ITM: images x captions per scoring block
+    output_dir: ""                 # "" -> $CIRLAB_RUNS/<config name>
+
+``--set train.lr=2e-4 --set dataset.category=[dress,shirt]`` parses each value as YAML.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+SECTIONS = ("model", "preset", "model_overrides", "dataset", "train", "eval", "output_dir")
+DEFAULTS: dict[str, Any] = {
+    "model": None, "preset": None, "model_overrides": {},
+    "dataset": {"name": None, "root": "", "category": None, "train_split": "train", "val_split": "val",
+                "test_split": "test", "options": {}, "synthetic": None},
+    "train": {},
+    "eval": {"protocol": None, "splits": None, "k": 50, "batch_size": 64, "shard_size": 1000, "topk": True},
+    "output_dir": "",
+}
+PRECOMP = ("f30k", "coco")
+FIQ_CATEGORIES = ("dress", "shirt", "toptee")
+
+
+class ConfigError(ValueError):
+    """A run config is malformed; the message names the file and the key."""
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+def parse_set(items: Sequence[str]) -> list[tuple[list[str], Any]]:
+    """``["train.lr=1e-3", "dataset.category=[dress]"]`` -> ``[(["train", "lr"], 0.001), ...]`` (YAML-typed)."""
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. train.lr=1e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({err})") from err
+        out.append(([part for part in key.strip().split(".")], value))
+    return out
+
+
+def apply_overrides(config: dict[str, Any], overrides: Sequence[tuple[list[str], Any]]) -> dict[str, Any]:
+    """Set nested keys (creating sections as needed); a path through a non-mapping is an error."""
+    config = copy.deepcopy(config)
+    for path, value in overrides:
+        if path[0] not in SECTIONS:
+            raise ConfigError(f"--set {'.'.join(path)}: unknown section {path[0]!r}; known: {', '.join(SECTIONS)}")
+        node = config
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return config
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a run config, apply ``--set`` overrides and fill defaults; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; known: {', '.join(SECTIONS)}")
+    config = _merge(DEFAULTS, apply_overrides(raw, parse_set(overrides)))
+    config.setdefault("name", path.stem)
+    validate_config(config, str(path))
+    return config
+
+
+def validate_config(config: dict[str, Any], source: str = "config") -> None:
+    """Check names early (model, preset, train fields) so a typo fails before any data is read."""
+    from cirlab.registry import get_entry, list_presets
+    from cirlab.train import TrainConfig
+
+    if not config.get("model"):
+        raise ConfigError(f"{source}: 'model' is required (one of cirlab.list_models())")
+    try:
+        get_entry(config["model"])
+    except KeyError as err:
+        raise ConfigError(f"{source}: model: {err.args[0]}") from None
+    preset = config.get("preset")
+    if preset and preset not in list_presets(config["model"]):
+        raise ConfigError(f"{source}: preset {preset!r} of {config['model']!r} is unknown; "
+                          f"known: {', '.join(list_presets(config['model']))}")
+    if not config["dataset"].get("name"):
+        raise ConfigError(f"{source}: dataset.name is required")
+    fields = set(TrainConfig.__dataclass_fields__)
+    unknown = sorted(set(config.get("train") or {}) - fields)
+    if unknown:
+        raise ConfigError(f"{source}: train: unknown field(s) {unknown}; known: {sorted(fields)}")
+
+
+def output_dir_of(config: dict[str, Any]) -> Path:
+    if config.get("output_dir"):
+        return Path(config["output_dir"]).expanduser()
+    from cirlab.paths import runs_dir
+
+    return runs_dir() / str(config.get("name") or config["model"])
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def is_precomp(config: dict[str, Any]) -> bool:
+    return str(config["dataset"]["name"]).lower() in PRECOMP
+
+
+def dataset_root(config: dict[str, Any]) -> Path | None:
+    """The dataset root: explicit, else the synthetic data (generated on demand), else None ($CIRLAB_DATA)."""
+    ds = config["dataset"]
+    if ds.get("root"):
+        return Path(ds["root"]).expanduser()
+    synth = ds.get("synthetic")
+    if synth:
+        from cirlab.data import synthetic
+
+        base = synthetic.ensure(synth.get("out"), seed=int(synth.get("seed", 0)), size=synth.get("size", "tiny"),
+                                image_size=int(synth.get("image_size", 64)))
+        return base / ("precomp" if is_precomp(config) else str(ds["name"]).lower())
+    return None
+
+
+def _categories(ds: dict[str, Any], for_training: bool) -> list[str | None]:
+    if str(ds["name"]).lower() not in ("fashioniq", "fiq"):
+        return [None]
+    cat = ds.get("category")
+    if cat is None:  # train on all categories jointly; report each category
+        return [None] if for_training else list(FIQ_CATEGORIES)
+    return [cat] if isinstance(cat, str) else list(cat)
+
+
+def load_cir_splits(config: dict[str, Any], split: str, *, for_training: bool = False) -> list[Any]:
+    from cirlab.data import load_cir
+
+    ds, root = config["dataset"], dataset_root(config)
+    options = dict(ds.get("options") or {})
+    return [load_cir(ds["name"], root, split, category=c, **options) for c in _categories(ds, for_training)]
+
+
+def load_precomp_split(config: dict[str, Any], split: str) -> Any:
+    from cirlab.data import load_precomp
+
+    ds = config["dataset"]
+    return load_precomp(dataset_root(config), str(ds["name"]).lower(), split, **dict(ds.get("options") or {}))
+
+
+def train_dataset(config: dict[str, Any], model: Any) -> Any:
+    import torch
+
+    split = config["dataset"]["train_split"]
+    if is_precomp(config):
+        return load_precomp_split(config, split).pair_dataset()
+    transform = model.image_transform(True) if hasattr(model, "image_transform") else None
+    parts = [s.triplet_dataset(transform) for s in load_cir_splits(config, split, for_training=True)]
+    return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def build_model(config: dict[str, Any]) -> Any:
+    from cirlab.registry import create_model
+
+    return create_model(config["model"], config.get("preset"), **dict(config.get("model_overrides") or {}))
+
+
+def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, preset: str | None = None,
+                          trust_pickle: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Rebuild the model a checkpoint was trained with (its saved name + config) and load its weights."""
+    from cirlab.checkpoint import CheckpointError, load_checkpoint, model_state_dict
+    from cirlab.registry import create_model, get_entry
+
+    ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
+    meta = ckpt if isinstance(ckpt, dict) else {}
+    name = model or meta.get("model_name")
+    if not name:
+        raise CheckpointError(f"{path}: the checkpoint does not say which model it holds; pass --model (and --preset)")
+    if preset is None and meta.get("model_config"):
+        cfg = get_entry(name).config_cls.from_dict(_restore_tuples(get_entry(name).config_cls, meta["model_config"]))
+        net = create_model(name, config=cfg)
+    else:
+        net = create_model(name, preset)
+    net.load_state_dict(model_state_dict(ckpt, path))
+    return net, meta
+
+
+def _restore_tuples(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """YAML/checkpoint round trips turn tuples into lists; give tuple-default fields their tuples back."""
+    import dataclasses
+
+    out = dict(values)
+    for f in dataclasses.fields(cls):
+        if f.name in out and isinstance(out[f.name], list) and isinstance(f.default, tuple):
+            out[f.name] = tuple(out[f.name])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def default_selection_metric(config: dict[str, Any]) -> str:
+    return "rsum" if is_precomp(config) else "avg"
+
+
+def itm_protocol(config: dict[str, Any]) -> str:
+    protocol = config["eval"].get("protocol")
+    if protocol:
+        return protocol
+    return "coco5k" if str(config["dataset"]["name"]).lower() == "coco" else "f30k"
+
+
+def evaluate_split(model: Any, config: dict[str, Any], split: str, *, device: Any = "cpu",
+                   topk_dir: Path | None = None) -> dict[str, Any]:
+    """Evaluate ``model`` on one named split of the configured dataset; returns evaluate_cir/itm's dict."""
+    from cirlab.evaluate import evaluate_cir, evaluate_itm
+
+    ev = config["eval"]
+    if hasattr(model, "evaluate_split"):  # models with their own pipeline (e.g. a stage-II re-ranker over top-K)
+        return model.evaluate_split(_splits_for(config, split), eval_config=ev, device=device, topk_dir=topk_dir)
+    if getattr(model, "task", None) == "rerank":
+        logger.warning("%s has no evaluate_split hook: re-ranking evaluation skipped for %s", config["model"], split)
+        return {"metrics": {}}
+    if is_precomp(config):
+        return evaluate_itm(model, load_precomp_split(config, split), protocol=itm_protocol(config),
+                            batch_size=int(ev["batch_size"]), shard_size=int(ev["shard_size"]), device=device)
+    splits = load_cir_splits(config, split)
+    meta = {"run": str(config.get("name", "")), "config_model": config["model"]}
+    return evaluate_cir(model, splits, ev.get("protocol"), batch_size=int(ev["batch_size"]), device=device,
+                        k=int(ev["k"]), topk_path=topk_dir, meta=meta)
+
+
+def _splits_for(config: dict[str, Any], split: str) -> Any:
+    return load_precomp_split(config, split) if is_precomp(config) else load_cir_splits(config, split)
+
+
+def make_evaluate_fn(config: dict[str, Any], splits: Sequence[str], device: Any) -> Any:
+    """``evaluate_fn(model) -> {split: metrics}`` for the trainer's model selection."""
+    def evaluate_fn(model: Any) -> dict[str, Any]:
+        return {s: evaluate_split(model, config, s, device=device)["metrics"] for s in splits}
+
+    return evaluate_fn
+
+
+def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | None = None, resume: bool = False,
+                   device: str | None = None) -> dict[str, Any]:
+    """Train, select, evaluate and write the run folder described in ``docs/architecture.md``.
+
+    Writes ``config.yaml``, ``checkpoints/{last,best}.pt``, ``log.jsonl``, ``tb/``, ``metrics.json`` and
+    ``topk/<split>[_<category>].topk.npz`` (CIR). Returns the contents of ``metrics.json``.
+    """
+    from cirlab.checkpoint import load_model_weights
+    from cirlab.train import resolve_train_config, train
+
+    out = Path(output_dir) if output_dir else output_dir_of(config)
+    model = build_model(config)
+    overrides = {"selection_metric": default_selection_metric(config), **_model_train_defaults(model),
+                 **dict(config.get("train") or {})}
+    if resume:
+        overrides["resume"] = "auto"
+    if device:
+        overrides["device"] = device
+    overrides["test_split"] = config["dataset"]["test_split"]
+    cfg = resolve_train_config(None, overrides)
+    ds = config["dataset"]
+    if cfg.selection == "val":
+        cfg.selection = ds["val_split"]  # "val" names the configured validation split
+    select_split = None if cfg.selection == "last" else (ds["test_split"] if cfg.selection == "paper"
+                                                          else cfg.selection)
+    if select_split and getattr(model, "task", None) == "rerank" and not hasattr(model, "evaluate_split"):
+        raise ConfigError(f"{config['model']}: model selection needs an evaluate_split hook on the model; "
+                          "set train.selection=last")
+    run_device = _eval_device(cfg.device)
+    resolved = {**config, "output_dir": str(out), "train": cfg.to_dict()}
+    evaluate_fn = make_evaluate_fn(config, [select_split], run_device) if select_split else None
+    summary = train(model, train_dataset(config, model), cfg, output_dir=out, evaluate_fn=evaluate_fn,
+                    run_config=resolved)
+    load_model_weights(model, out / "checkpoints" / "best.pt")
+    model.to(run_device)
+    final = _final_evaluation(model, config, out, run_device)
+    result = {"model": config["model"], "preset": config.get("preset"), "dataset": ds["name"],
+              "protocol": itm_protocol(config) if is_precomp(config) else (config["eval"].get("protocol") or
+                                                                        str(ds["name"]).lower()),
+              "selection": {"mode": summary["selection"], "split": summary["selection_split"],
+                            "metric": summary["selection_metric"], "best_score": summary["best_score"],
+                            "best_epoch": summary["best_epoch"], "best_step": summary["best_step"]},
+              "steps": summary["steps"], "epochs": summary["epochs"],
+              "checkpoint": str(out / "checkpoints" / "best.pt"), "splits": final}
+    if _is_main():
+        _write_json(out / "metrics.json", result)
+    return result
+
+
+def _model_train_defaults(model: Any) -> dict[str, Any]:
+    return dict(model.default_train_config()) if hasattr(model, "default_train_config") else {}
+
+
+def _eval_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _final_evaluation(model: Any, config: dict[str, Any], out: Path, device: Any) -> dict[str, Any]:
+    splits = config["eval"].get("splits") or [config["dataset"]["val_split"]]
+    topk_dir = out / "topk" if config["eval"].get("topk", True) and not is_precomp(config) else None
+    results = {}
+    for split in splits:
+        evaluated = evaluate_split(model, config, split, device=device, topk_dir=topk_dir)
+        results[split] = evaluated["metrics"]
+        logger.info("%s: %s", split, ", ".join(f"{k}={v:.2f}" for k, v in evaluated["metrics"].items()))
+    return results
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)

@@ -1,0 +1,869 @@
+"""The one training loop for every cirlab model (CIR, ITM, re-rankers).
+
+Usage::
+
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-4, schedule="step", lr_milestones=[40])
+    result = train(model, split.triplet_dataset(transform), cfg, output_dir="runs/amc", evaluate_fn=evaluate)
+
+The model implements ``training_step(batch) -> dict`` of named terms; the loop sums the keys ending in
+``_loss`` and logs every key. The order of one optimizer step follows nanoGPT: lr -> forward -> backward ->
+clip -> step -> EMA -> log. Everything a run needs to continue exactly where it stopped (model, optimizer,
+schedule position, EMA, grad scaler, Python/NumPy/torch RNG states, epoch and position inside the epoch) is
+written to ``checkpoints/last.pt`` atomically, every ``checkpoint_every`` steps and at every epoch end.
+
+Data order comes from :class:`ResumableSampler` (seeded per epoch, a ``DistributedSampler`` equivalent that can
+start in the middle of an epoch) and every item is produced under a per-item seed derived from
+``(seed, epoch, index)``, so random augmentations are the same after a resume and for any ``num_workers``.
+
+Multi-GPU: run the same script under ``torchrun``; :func:`train` joins the process group the launcher
+describes (or one the caller set up), wraps the model in ``DistributedDataParallel``, shards the data, and lets
+rank 0 alone log and write checkpoints. ``batch_size`` is the *global* batch (split over the processes), so a
+run on N processes takes the same optimizer steps as a single-process run on the same data.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from cirlab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES = ("constant", "step", "cosine", "periodic_cosine")
+EvalFn = Callable[[nn.Module], dict[str, Any]]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run settings. Model defaults (``model.default_train_config()``) are merged under these."""
+
+    # --- length ---
+    epochs: int = 1  # passes over the training data
+    max_steps: int | None = None  # stop after this many optimizer steps (whichever of epochs/max_steps comes first)
+    # --- batches ---
+    batch_size: int = 32  # GLOBAL batch per micro-step, split evenly over DDP processes
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (effective batch = batch_size * this)
+    drop_last: bool = True  # drop the last incomplete batch of an epoch (all paper recipes do)
+    shuffle: bool = True  # reshuffle the training data every epoch (seeded by seed + epoch)
+    num_workers: int = 0  # DataLoader worker processes
+    # --- optimizer ---
+    optimizer: str = "adam"  # "adam" (L2 weight decay, AMC/DIME) | "adamw" (decoupled decay, BLIP re-ranker)
+    lr: float = 1e-4  # base learning rate (param groups from model.param_groups() may set their own)
+    weight_decay: float = 0.0  # weight decay (L2 for adam, decoupled for adamw)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam betas
+    eps: float = 1e-8  # Adam epsilon
+    grad_clip: float | None = None  # max global gradient norm (DIME: 2.0); None = no clipping
+    # --- learning-rate schedule (computed from the epoch, never accumulated, so resume is exact) ---
+    schedule: str = "constant"  # constant | step | cosine | periodic_cosine
+    lr_milestones: list[int] = field(default_factory=list)  # step: epochs at which lr *= lr_gamma (AMC: [40])
+    lr_step_size: int = 0  # step: if > 0, lr *= lr_gamma every lr_step_size epochs (DIME: 15), milestones ignored
+    lr_gamma: float = 0.1  # step: decay factor
+    cosine_epochs: int | None = None  # cosine: epochs of one half-period (re-ranker's --blip-max-epoch); None = epochs
+    min_lr: float = 0.0  # cosine: lr at the end of the half-period
+    warmup_steps: int = 0  # linear warm-up over the first optimizer steps (multiplies the schedule)
+    # --- numerics ---
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (with GradScaler)
+    ema_decay: float | None = None  # keep an exponential moving average of the weights (AMC: 0.999); None = off
+    ema_mode: str = "standard"  # standard: EMA weights swapped in for evaluation, then restored |
+    #                             paper_no_restore: AMC's code, EMA weights replace the live ones at every epoch end
+    # --- reproducibility ---
+    seed: int = 0  # seeds Python, NumPy and torch (per process: seed + rank) and the data order
+    deterministic: bool = False  # torch.use_deterministic_algorithms, cuDNN benchmark off, CUBLAS workspace
+    device: str = "auto"  # auto (cuda:LOCAL_RANK if available, else cpu) | cpu | cuda | cuda:N
+    # --- evaluation and model selection ---
+    eval_every: int = 1  # evaluate every N epochs (0 = only after the last epoch)
+    eval_every_steps: int = 0  # also evaluate every N optimizer steps (DIME: 2000); 0 = off
+    selection: str = "val"  # split name to select best.pt on | "paper" (the reported split, as the original
+    #                         code does; logged as a warning) | "last" (no selection: best.pt = final weights)
+    selection_metric: str = "rsum"  # metric key, or keys joined by "+" that are summed (e.g. "R@10+R@50")
+    test_split: str = "test"  # the split results are reported on (used by selection="paper")
+    # --- output ---
+    log_every: int = 10  # optimizer steps between log records (JSONL, TensorBoard, console)
+    checkpoint_every: int = 0  # optimizer steps between checkpoints/last.pt writes (0 = epoch ends only)
+    keep_epoch_checkpoints: bool = False  # also keep checkpoints/epoch_{N}.pt
+    tensorboard: bool = True  # write tb/ when tensorboard is importable
+    progress: str = "auto"  # auto (tqdm on a TTY, log lines otherwise) | tqdm | log | none
+    resume: str = ""  # "" = fresh run | "auto" = <output_dir>/checkpoints/last.pt if present | a checkpoint path
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # YAML gives lists
+        self.lr_milestones = [int(m) for m in self.lr_milestones]
+        checks = [(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
+                  (self.optimizer in ("adam", "adamw"), "optimizer must be 'adam' or 'adamw'"),
+                  (self.precision in ("auto", "fp32", "bf16", "fp16"), "precision must be auto|fp32|bf16|fp16"),
+                  (self.ema_mode in ("standard", "paper_no_restore"), "ema_mode must be standard|paper_no_restore"),
+                  (self.progress in ("auto", "tqdm", "log", "none"), "progress must be auto|tqdm|log|none"),
+                  (self.grad_accum_steps >= 1 and self.batch_size >= 1, "batch_size, grad_accum_steps must be >= 1")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig: {message}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TypeError(f"TrainConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+
+def resolve_train_config(model: nn.Module | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The model's paper defaults (``default_train_config()``) with user ``overrides`` on top."""
+    defaults = dict(model.default_train_config()) if hasattr(model, "default_train_config") else {}
+    return TrainConfig.from_dict({**defaults, **(overrides or {})})
+
+
+# ----------------------------------------------------------------------------------------------- schedule
+
+
+def schedule_factor(cfg: TrainConfig, epoch: int) -> float:
+    """Multiplier on the base lr for ``epoch`` (0-based); per-epoch schedules as the papers use them."""
+    if cfg.schedule == "step":
+        if cfg.lr_step_size > 0:  # DIME: lr0 * 0.1 ** (epoch // 15)
+            return cfg.lr_gamma ** (epoch // cfg.lr_step_size)
+        return cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)  # AMC: x0.1 from epoch 40
+    if cfg.schedule in ("cosine", "periodic_cosine"):
+        period = cfg.cosine_epochs or cfg.epochs
+        # "cosine" holds at the end value after the half-period; "periodic_cosine" is the re-ranking code's
+        # unclamped formula, which rises again (lr is 0 at epochs 10, 30 and back to lr0 at 20 with period 10)
+        t = epoch if cfg.schedule == "periodic_cosine" else min(epoch, period)
+        return 0.5 * (1.0 + math.cos(math.pi * t / period))
+    return 1.0
+
+
+def learning_rate(cfg: TrainConfig, base_lr: float, epoch: int, step: int) -> float:
+    """The lr of a param group with ``base_lr`` at ``epoch`` and global optimizer ``step`` (0-based)."""
+    factor = schedule_factor(cfg, epoch)
+    if cfg.schedule in ("cosine", "periodic_cosine"):  # (lr0 - min_lr) * cos_term + min_lr, as in the re-ranker
+        lr = (base_lr - cfg.min_lr) * factor + cfg.min_lr
+    else:
+        lr = base_lr * factor
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        lr *= (step + 1) / cfg.warmup_steps
+    return lr
+
+
+# ----------------------------------------------------------------------------------------------- data order
+
+
+class ResumableSampler(torch.utils.data.Sampler[int]):
+    """Seeded per-epoch order, sharded like ``DistributedSampler``, able to start mid-epoch.
+
+    Process ``rank`` takes ``order[rank::world_size]``; with a per-process batch of ``batch_size / world_size``
+    the union of the processes' j-th batches is exactly the j-th batch of a single-process run.
+    """
+
+    def __init__(self, num_samples: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = True,
+                 batch_size: int = 1, rank: int = 0, world_size: int = 1) -> None:
+        self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
+        self.drop_last, self.batch_size = drop_last, batch_size  # batch_size: GLOBAL batch
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's order and skip its first ``start`` items of this process (resume)."""
+        self.epoch, self.start = epoch, start
+
+    def _order(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+        else:
+            order = list(range(self.num_samples))
+        if self.drop_last:  # every process gets the same number of full batches
+            return order[: len(order) // self.batch_size * self.batch_size]
+        pad = (-len(order)) % self.world_size
+        return order + order[:pad]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._order()[self.rank:: self.world_size][self.start:])
+
+    def __len__(self) -> int:
+        return max(0, len(self._order()) // self.world_size - self.start)
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """Wraps a dataset so item ``i`` of epoch ``e`` is produced under a seed derived from ``(seed, e, i)``.
+
+    Random augmentations then depend on neither the worker layout nor on where a resumed run started, and
+    the caller's global RNG streams are left untouched.
+    """
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        item_seed = int(np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)[0])
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed)
+            random.seed(item_seed)
+            np.random.seed(item_seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+# ----------------------------------------------------------------------------------------------- EMA
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters (``shadow = d * shadow + (1 - d) * param``)."""
+
+    def __init__(self, model: nn.Module, decay: float, mode: str = "standard") -> None:
+        self.decay, self.mode = decay, mode
+        self.shadow = {n: p.detach().clone().float() for n, p in model.named_parameters() if p.requires_grad}
+        self.backup: dict[str, torch.Tensor] = {}
+        self.reseed = False  # paper_no_restore: the next update copies the live weights (see apply_permanently)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            if name not in self.shadow:
+                continue
+            if self.reseed:
+                self.shadow[name].copy_(p.detach().float())
+            else:
+                self.shadow[name].mul_(self.decay).add_(p.detach().float(), alpha=1.0 - self.decay)
+        self.reseed = False
+
+    @torch.no_grad()
+    def swap_in(self, model: nn.Module) -> None:
+        """Standard mode: put the EMA weights into the model for evaluation (undo with :meth:`restore`)."""
+        for name, p in model.named_parameters():
+            if name in self.shadow:
+                self.backup[name] = p.detach().clone()
+                p.copy_(self.shadow[name])
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            if name in self.backup:
+                p.copy_(self.backup[name])
+        self.backup = {}
+
+    @torch.no_grad()
+    def apply_permanently(self, model: nn.Module) -> None:
+        """AMC's ``apply_shadow()`` without ``restore()``: live weights become the EMA weights.
+
+        In the original code ``param.data`` then aliases the shadow tensor, so the first optimizer step of the
+        next epoch also moves the shadow and the following update re-seeds the EMA at the current weights;
+        ``reseed`` reproduces that.
+        """
+        for name, p in model.named_parameters():
+            if name in self.shadow:
+                p.copy_(self.shadow[name])
+        self.reseed = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shadow": self.shadow, "reseed": self.reseed, "decay": self.decay, "mode": self.mode}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, value in state["shadow"].items():
+            self.shadow[name].copy_(value)
+        self.reseed = bool(state["reseed"])
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(backend: str | None = None) -> _Dist:
+    """Join the process group: one the caller already set up, or the one ``torchrun`` describes in the env."""
+    import torch.distributed as dist
+
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend=backend)  # env:// from torchrun (RANK, WORLD_SIZE, MASTER_ADDR, ...)
+    if dist.is_available() and dist.is_initialized():
+        return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    return _Dist()
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; optionally switch to deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS for determinism
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def _device(cfg: TrainConfig, dist_info: _Dist) -> torch.device:
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device(f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam/AdamW over ``model.param_groups()`` (if defined) or all trainable parameters; ``base_lr`` kept per group."""
+    groups = model.param_groups() if hasattr(model, "param_groups") else [{"params": list(model.parameters())}]
+    cleaned = []
+    for group in groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        if params:
+            extra = {k: v for k, v in group.items() if k != "params"}
+            cleaned.append({**extra, "params": params, "base_lr": float(group.get("lr", cfg.lr))})
+    if not cleaned:
+        raise ValueError("the model has no trainable parameters")
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(cleaned, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+class _StepModule(nn.Module):
+    """Routes ``forward`` to ``training_step`` so DistributedDataParallel sees the step as its forward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.model.training_step(batch)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to ``device``; strings and other values stay as they are."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------- RNG states
+
+
+def _rng_state() -> dict[str, Any]:
+    # NumPy's state holds an ndarray, which weights_only loading refuses: store the key as a tensor
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ----------------------------------------------------------------------------------------------- logging
+
+
+class _RunLog:
+    """Rank-0 sinks: JSONL log, TensorBoard (if importable), tqdm on a TTY or periodic log lines."""
+
+    def __init__(self, output_dir: Path, cfg: TrainConfig, total_steps: int | None, active: bool,
+                 start_step: int) -> None:
+        self.active = active
+        self.path = output_dir / "log.jsonl"
+        self.tb = self._tensorboard(output_dir) if active and cfg.tensorboard else None
+        mode = cfg.progress if cfg.progress != "auto" else ("tqdm" if sys.stderr.isatty() else "log")
+        self.bar = None
+        if active and mode == "tqdm":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        self.lines = active and mode == "log"
+        self.t0 = time.time()
+
+    @staticmethod
+    def _tensorboard(output_dir: Path) -> Any:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is an optional extra
+            logger.info("tensorboard is not installed; logging to log.jsonl only")
+            return None
+        return SummaryWriter(str(output_dir / "tb"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.tb is not None:
+            prefix = record.get("kind", "train")
+            for key, value in _flat_numbers(record).items():
+                if key not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{prefix}/{key}", value, record.get("step", 0))
+
+    def progress(self, record: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        elif self.lines:
+            logger.info("epoch %d step %d loss %.4f lr %.3g (%.1fs)", record["epoch"], record["step"],
+                        record["loss"], record["lr"], time.time() - self.t0)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _flat_numbers(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(_flat_numbers(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class _Progress:
+    epoch: int = 0  # current epoch (0-based)
+    step: int = 0  # optimizer steps taken so far (global)
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (per process)
+    best_score: float | None = None
+    best_epoch: int | None = None
+    best_step: int | None = None
+
+
+class _Trainer:
+    """State of one :func:`train` call; methods are the pieces of the loop."""
+
+    def __init__(self, model: nn.Module, dataset: Any, cfg: TrainConfig, output_dir: Path,
+                 evaluate_fn: EvalFn | None, collate_fn: Callable | None, callbacks: Sequence[Callable],
+                 run_config: dict[str, Any] | None) -> None:
+        self.cfg, self.output_dir, self.evaluate_fn, self.callbacks = cfg, output_dir, evaluate_fn, list(callbacks)
+        self.dist = init_distributed()
+        seed_everything(cfg.seed + self.dist.rank, cfg.deterministic)
+        self.device = _device(cfg, self.dist)
+        self.model = model.to(self.device)
+        self.step_module: nn.Module = _StepModule(self.model)
+        if self.dist.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.step_module = nn.parallel.DistributedDataParallel(self.step_module, device_ids=ids)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.amp_dtype = _autocast_dtype(cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_mode) if cfg.ema_decay else None
+        self.progress = _Progress()
+        self.loader, self.sampler, self.items = self._loader(dataset, collate_fn)
+        self.steps_per_epoch = len(self.loader) // cfg.grad_accum_steps
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training set ({len(dataset)} items) is smaller than one optimizer step "
+                             f"(batch_size {cfg.batch_size} x grad_accum_steps {cfg.grad_accum_steps})")
+        self.ckpt_dir = output_dir / "checkpoints"
+        self.run_config = run_config
+        self.losses: list[float] = []
+        self.eval_history: list[dict[str, Any]] = []
+
+    # -- data ---------------------------------------------------------------------------------------
+    def _loader(self, dataset: Any, collate_fn: Callable | None) -> tuple[Any, ResumableSampler, SeededItems]:
+        cfg, world = self.cfg, self.dist.world_size
+        if cfg.batch_size % world:
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+        items = SeededItems(dataset, cfg.seed)
+        sampler = ResumableSampler(len(dataset), shuffle=cfg.shuffle, seed=cfg.seed, drop_last=cfg.drop_last,
+                                   batch_size=cfg.batch_size, rank=self.dist.rank, world_size=world)
+        loader = torch.utils.data.DataLoader(
+            items, batch_size=cfg.batch_size // world, sampler=sampler, num_workers=cfg.num_workers,
+            collate_fn=collate_fn, drop_last=cfg.drop_last, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed))  # own generator: the global RNG is not consumed
+        return loader, sampler, items
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        rng = _rng_state()
+        if self.dist.world_size > 1:  # every process's RNG, so a resumed DDP run continues each stream
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, rng)
+            rng = {"per_rank": gathered}
+        p = self.progress
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": {"kind": self.cfg.schedule, "epoch": p.epoch, "step": p.step,
+                             "last_lr": [g["lr"] for g in self.optimizer.param_groups]},
+                "ema": self.ema.state_dict() if self.ema else None, "scaler": self.scaler.state_dict(),
+                "rng": rng, "progress": dataclasses.asdict(p), "train_config": self.cfg.to_dict(),
+                **_model_meta(self.model)}
+
+    def save(self, name: str) -> None:
+        state = self.state()  # all ranks take part (RNG gather); rank 0 writes
+        if self.dist.is_main:
+            save_checkpoint(self.ckpt_dir / name, state)
+        self._barrier()
+
+    def resume(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, map_location=self.device)
+        missing = [k for k in ("model", "optimizer", "progress", "rng") if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"{path} is not a resumable cirlab checkpoint (missing {missing})")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.ema is not None and ckpt.get("ema"):
+            self.ema.load_state_dict(ckpt["ema"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        rng = ckpt["rng"]
+        if "per_rank" in rng:
+            ranks = rng["per_rank"]
+            if len(ranks) != self.dist.world_size:
+                logger.warning("%s was written by %d processes, resuming on %d: RNG streams differ",
+                               path, len(ranks), self.dist.world_size)
+            rng = ranks[self.dist.rank % len(ranks)]
+        _set_rng_state(rng)
+        self.progress = _Progress(**ckpt["progress"])
+        logger.info("resumed from %s at epoch %d, step %d, batch %d of the epoch", path, self.progress.epoch,
+                    self.progress.step, self.progress.batch_in_epoch)
+
+    def _barrier(self) -> None:
+        if self.dist.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    # -- one optimizer step -------------------------------------------------------------------------
+    def set_lr(self) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.cfg, group["base_lr"], self.progress.epoch, self.progress.step)
+        return self.optimizer.param_groups[0]["lr"]
+
+    def forward_backward(self, batch: Any, sync: bool) -> dict[str, float]:
+        batch = to_device(batch, self.device)
+        no_sync = self.step_module.no_sync if (not sync and self.dist.world_size > 1) else contextlib.nullcontext
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+                    else contextlib.nullcontext())
+        with no_sync():
+            with autocast:
+                terms = self.step_module(batch)
+            loss_keys = [k for k in terms if k.endswith("_loss")]
+            if not loss_keys:
+                raise ValueError(f"training_step returned no '*_loss' term (keys: {sorted(terms)})")
+            loss = sum(terms[k].float() for k in loss_keys)
+            self.scaler.scale(loss / self.cfg.grad_accum_steps).backward()
+        logged = {k: float(v.detach().float().mean()) for k, v in terms.items() if torch.is_tensor(v)}
+        return {**logged, "loss": float(loss.detach())}
+
+    def optimizer_step(self) -> float | None:
+        grad_norm = None
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return grad_norm
+
+    def train_one_epoch(self, log: _RunLog) -> bool:
+        """Runs (the rest of) the current epoch; returns False when max_steps stopped it before its end."""
+        cfg, p = self.cfg, self.progress
+        used = self.steps_per_epoch * cfg.grad_accum_steps  # micro-batches that fill whole accumulation groups
+        self.items.epoch = p.epoch
+        self.sampler.set_epoch(p.epoch, start=p.batch_in_epoch * self.loader.batch_size)
+        micro_terms: list[dict[str, float]] = []
+        lr = self.set_lr()
+        for batch in self.loader:
+            if p.batch_in_epoch >= used:
+                break  # trailing micro-batches that cannot fill an accumulation group are not used
+            sync = (p.batch_in_epoch + 1) % cfg.grad_accum_steps == 0
+            micro_terms.append(self.forward_backward(batch, sync=sync))
+            p.batch_in_epoch += 1
+            if not sync:
+                continue
+            grad_norm = self.optimizer_step()
+            p.step += 1
+            record = self._step_record(micro_terms, lr, grad_norm)
+            micro_terms = []
+            self.after_step(record, log)
+            if p.batch_in_epoch >= used:
+                return True
+            if cfg.max_steps is not None and p.step >= cfg.max_steps:
+                return False
+            lr = self.set_lr()
+        return True
+
+    def _step_record(self, micro_terms: list[dict[str, float]], lr: float, grad_norm: float | None) -> dict:
+        terms = {k: sum(t[k] for t in micro_terms) / len(micro_terms) for k in micro_terms[0]}
+        self.losses.append(terms["loss"])
+        record = {"kind": "train", "epoch": self.progress.epoch, "step": self.progress.step, "lr": lr, **terms}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        return record
+
+    def after_step(self, record: dict[str, Any], log: _RunLog) -> None:
+        cfg, step = self.cfg, self.progress.step
+        if step % cfg.log_every == 0 or step == 1:
+            log.write(record)
+            log.progress(record)
+        elif log.bar is not None:
+            log.bar.update(1)
+        if cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
+            self.evaluate_and_select(log)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            self.save("last.pt")
+        for callback in self.callbacks:
+            callback(record)
+
+    # -- evaluation and model selection -------------------------------------------------------------
+    def selection_split(self) -> str | None:
+        if self.cfg.selection == "last":
+            return None
+        return self.cfg.test_split if self.cfg.selection == "paper" else self.cfg.selection
+
+    def evaluate_and_select(self, log: _RunLog) -> dict[str, Any] | None:
+        if self.evaluate_fn is None:
+            return None
+        use_ema = self.ema is not None and self.cfg.ema_mode == "standard"
+        if use_ema:
+            self.ema.swap_in(self.model)
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                results = self.evaluate_fn(self.model)
+            self._select(results, log)
+        finally:
+            self.model.train()
+            if use_ema:
+                self.ema.restore(self.model)
+        return results
+
+    def _select(self, results: dict[str, Any], log: _RunLog) -> None:
+        p, split = self.progress, self.selection_split()
+        record = {"kind": "eval", "epoch": p.epoch, "step": p.step, "metrics": _numbers_only(results)}
+        if split is not None:
+            score = selection_score(results, split, self.cfg.selection_metric)
+            record["selection_score"] = score
+            if p.best_score is None or score > p.best_score:
+                p.best_score, p.best_epoch, p.best_step = score, p.epoch, p.step
+                record["best"] = True
+                self.save_weights("best.pt", results)  # weights as evaluated (EMA if enabled)
+        self.eval_history.append(record)
+        log.write(record)
+        logger.info("eval epoch %d step %d: %s", p.epoch, p.step, _short(record))
+
+    def save_weights(self, name: str, metrics: dict[str, Any] | None = None) -> None:
+        if self.dist.is_main:
+            p = self.progress
+            save_checkpoint(self.ckpt_dir / name, {"model": self.model.state_dict(), "metrics": _numbers_only(
+                metrics or {}), "progress": dataclasses.asdict(p), "train_config": self.cfg.to_dict(),
+                **_model_meta(self.model)})
+        self._barrier()
+
+    def end_of_epoch(self, log: _RunLog) -> None:
+        cfg, p = self.cfg, self.progress
+        if self.ema is not None and cfg.ema_mode == "paper_no_restore":
+            self.ema.apply_permanently(self.model)  # AMC: validation and training continue on EMA weights
+        last_epoch = p.epoch + 1 >= cfg.epochs
+        if (cfg.eval_every and (p.epoch + 1) % cfg.eval_every == 0) or last_epoch:
+            self.evaluate_and_select(log)
+        p.epoch += 1
+        p.batch_in_epoch = 0
+        self.save("last.pt")
+        if cfg.keep_epoch_checkpoints:
+            self.save(f"epoch_{p.epoch}.pt")
+
+
+def selection_score(results: dict[str, Any], split: str, metric: str) -> float:
+    """Sum of the ``+``-joined ``metric`` keys in ``results[split]`` (a flat dict counts as that split)."""
+    split_metrics = results.get(split, results if not any(isinstance(v, dict) for v in results.values()) else None)
+    if not isinstance(split_metrics, dict):
+        raise KeyError(f"model selection: evaluate_fn returned no split {split!r} (splits: {sorted(results)})")
+    keys = [k.strip() for k in metric.split("+")]
+    missing = [k for k in keys if k not in split_metrics]
+    if missing:
+        raise KeyError(f"model selection: metric(s) {missing} not in split {split!r} "
+                       f"(available: {sorted(k for k in split_metrics if not isinstance(split_metrics[k], dict))})")
+    return float(sum(float(split_metrics[k]) for k in keys))
+
+
+def _numbers_only(values: Any) -> Any:
+    if isinstance(values, dict):
+        return {str(k): _numbers_only(v) for k, v in values.items()
+                if isinstance(v, (dict, int, float)) and not isinstance(v, bool)}
+    return float(values) if isinstance(values, (int, float)) else values
+
+
+def _short(record: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.2f}" for k, v in _flat_numbers(record.get("metrics", {})).items())
+
+
+def _model_meta(model: nn.Module) -> dict[str, Any]:
+    meta: dict[str, Any] = {"model_name": getattr(model, "model_name", type(model).__name__)}
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        meta["model_config"] = _plain(config.to_dict())
+    return meta
+
+
+def _plain(value: Any) -> Any:
+    """Primitive containers only (weights_only loading refuses anything else)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def write_yaml(path: Path, values: dict[str, Any]) -> None:
+    import yaml
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(_plain(values), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def _resume_path(cfg: TrainConfig, output_dir: Path) -> Path | None:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        last = output_dir / "checkpoints" / "last.pt"
+        return last if last.is_file() else None
+    return Path(cfg.resume)
+
+
+def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any] | None = None, *,
+          output_dir: str | os.PathLike, evaluate_fn: EvalFn | None = None, collate_fn: Callable | None = None,
+          callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+          run_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``model`` on ``train_dataset``; write the run folder; return a summary.
+
+    Args:
+        model: an ``nn.Module`` implementing ``training_step(batch) -> dict``.
+        train_dataset: map-style dataset of batch items (dicts).
+        cfg: a :class:`TrainConfig`, or a dict of overrides merged over ``model.default_train_config()``.
+        output_dir: run folder (``config.yaml``, ``checkpoints/``, ``log.jsonl``, ``tb/``, ``metrics.json``).
+        evaluate_fn: ``evaluate_fn(model) -> {split: {metric: value}}`` run at epoch ends (every process calls
+            it, so it may gather across processes); drives the choice of ``checkpoints/best.pt``.
+        collate_fn: DataLoader collate function (default: torch's default collate).
+        callbacks: called with every optimizer step's log record (after checkpointing).
+        run_config: the full resolved run config to write as ``config.yaml`` (default: model + train sections).
+
+    Returns:
+        dict with ``steps``, ``epochs``, ``losses`` (per optimizer step of this call), ``eval_history``,
+        ``best_score``, ``best_epoch``, ``best_checkpoint`` and ``last_checkpoint``.
+    """
+    if not isinstance(cfg, TrainConfig):
+        cfg = resolve_train_config(model, cfg)
+    output_dir = Path(output_dir)
+    trainer = _Trainer(model, train_dataset, cfg, output_dir, evaluate_fn, collate_fn, callbacks, run_config)
+    resume_from = _resume_path(cfg, output_dir)
+    if resume_from is not None:
+        trainer.resume(resume_from)
+    if trainer.dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config = run_config or {"model": getattr(model, "model_name", type(model).__name__),
+                                **_model_meta(model), "train": cfg.to_dict()}
+        write_yaml(output_dir / "config.yaml", config)
+        if cfg.selection == "paper":
+            logger.warning("selection='paper': best.pt is chosen on the %r split, the split results are reported "
+                           "on, as the original code does; this is optimistic (no held-out selection)",
+                           cfg.test_split)
+    trainer._barrier()
+    return _run(trainer, cfg, output_dir)
+
+
+def _run(trainer: _Trainer, cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
+    p = trainer.progress
+    total = trainer.steps_per_epoch * cfg.epochs
+    total = min(total, cfg.max_steps) if cfg.max_steps is not None else total
+    log = _RunLog(output_dir, cfg, total, trainer.dist.is_main, p.step)
+    trainer.model.train()
+    try:
+        while p.epoch < cfg.epochs and (cfg.max_steps is None or p.step < cfg.max_steps):
+            if hasattr(trainer.model, "on_epoch_start"):
+                trainer.model.on_epoch_start(p.epoch)
+            if not trainer.train_one_epoch(log):  # stopped by max_steps mid-epoch
+                trainer.evaluate_and_select(log)
+                trainer.save("last.pt")  # keeps the position inside the epoch for a later resume
+                break
+            trainer.end_of_epoch(log)
+        if trainer.selection_split() is None or trainer.evaluate_fn is None:
+            _save_final_weights(trainer)
+    finally:
+        log.close()
+    return _summary(trainer, output_dir)
+
+
+def _save_final_weights(trainer: _Trainer) -> None:
+    """Without selection, best.pt is the final model (EMA weights when an EMA is kept)."""
+    use_ema = trainer.ema is not None and trainer.cfg.ema_mode == "standard"
+    if use_ema:
+        trainer.ema.swap_in(trainer.model)
+    try:
+        trainer.save_weights("best.pt")
+    finally:
+        if use_ema:
+            trainer.ema.restore(trainer.model)
+
+
+def _summary(trainer: _Trainer, output_dir: Path) -> dict[str, Any]:
+    p = trainer.progress
+    summary = {"output_dir": str(output_dir), "steps": p.step, "epochs": p.epoch, "losses": trainer.losses,
+               "eval_history": trainer.eval_history, "best_score": p.best_score, "best_epoch": p.best_epoch,
+               "best_step": p.best_step, "selection": trainer.cfg.selection,
+               "selection_split": trainer.selection_split(), "selection_metric": trainer.cfg.selection_metric,
+               "best_checkpoint": str(trainer.ckpt_dir / "best.pt"),
+               "last_checkpoint": str(trainer.ckpt_dir / "last.pt")}
+    if trainer.dist.is_main:
+        (output_dir / "train_summary.json").write_text(json.dumps(
+            {k: v for k, v in summary.items() if k != "losses"}, indent=2, sort_keys=True))
+    return summary

@@ -1,0 +1,299 @@
+"""Notebook recipes: the few multi-step calls the notebooks share (train a run, load it, evaluate it, trace it).
+
+Notebooks stay thin (aesthetics rule 22): each cell calls one function here, in :mod:`cirlab.viz` or in
+:mod:`cirlab.analysis`. The functions compose the engine's parts (``cirlab.registry``, ``cirlab.data``,
+``cirlab.train``, ``cirlab.retrieval``, ``cirlab.metrics``, ``cirlab.tracing``) in the documented contracts and
+add no logic of their own beyond bookkeeping. CIR datasets only (Fashion-IQ / Shoes / CIRR layouts, including
+the synthetic data written in them).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["cir_splits", "build_model", "train_run", "load_run", "untrained_copy", "evaluate_run", "collect_routes", "query_fn_for", "gallery_rows",
+           "worst_queries", "load_topk_files", "write_outputs", "ensure_synthetic", "dataset_root"]
+
+FIQ_CATEGORIES = ("dress", "shirt", "toptee")
+
+
+def dataset_root(data_root: str | os.PathLike, dataset: str) -> Path:
+    """``data_root/<dataset>`` when ``data_root`` holds several layouts (the synthetic set), else ``data_root``."""
+    root = Path(data_root)
+    return root / dataset if (root / dataset).is_dir() else root
+
+
+def ensure_synthetic(data_root: str | os.PathLike | None = None, size: str = "default", seed: int = 0) -> Path:
+    """The synthetic CIR/ITM data root (``cirlab.data.synthetic.ensure``: generated only when missing)."""
+    from cirlab.data import synthetic
+
+    if data_root and (Path(data_root) / synthetic.MANIFEST).is_file():
+        return Path(data_root)  # complete data given by the caller (e.g. cirlab report's cached set): use as is
+    return synthetic.ensure(data_root or None, seed=seed, size=size)
+
+
+def cir_splits(dataset: str, data_root: str | os.PathLike, split: str) -> dict[str, Any]:
+    """``{category: CIRSplit}``: Fashion-IQ is evaluated per category, Shoes and CIRR as one split."""
+    from cirlab.data import load_cir
+
+    root = dataset_root(data_root, dataset)
+    if dataset == "fashioniq":
+        return {cat: load_cir(dataset, root, split, category=cat) for cat in _fiq_categories(root, split)}
+    loaded = load_cir(dataset, root, split)
+    return {loaded.category or dataset: loaded}
+
+
+def _fiq_categories(root: Path, split: str) -> list[str]:
+    found = sorted({p.name.split(".")[1] for p in (root / "captions").glob(f"cap.*.{split}.json")})
+    return found or list(FIQ_CATEGORIES)
+
+
+def build_model(name: str, preset: str, train_split: Any = None, device: str = "cpu", **overrides: Any) -> Any:
+    """``create_model`` plus the data-dependent setup a model needs before training (AMC's vocabulary)."""
+    from cirlab.registry import create_model
+
+    model = create_model(name, preset, **overrides)
+    if train_split is not None and hasattr(model, "fit_vocab"):
+        model.fit_vocab(train_split)
+    return model.to(device)
+
+
+class _Concat:
+    """Several CIR splits as one training split (``fit_vocab`` reads ``.triplets``)."""
+
+    def __init__(self, splits: Sequence[Any]) -> None:
+        self.splits = list(splits)
+        self.triplets = [t for s in self.splits for t in s.triplets]
+
+
+def train_run(model: str, preset: str, dataset: str, data_root: str | os.PathLike, output_dir: str | os.PathLike, *,
+              epochs: int = 1, max_steps: int = 0, batch_size: int = 0, lr: float = 0.0, device: str = "cpu",
+              seed: int = 0, resume: str = "", eval_split: str = "val", log_every: int = 10) -> dict[str, Any]:
+    """Train a registered CIR model on ``dataset`` and write the run folder (``cirlab.train`` layout).
+
+    Zero means "the model's paper default" for ``max_steps`` (no cap), ``batch_size`` and ``lr``.
+    Returns the trainer's summary plus ``model`` (the trained module) and ``run_config``.
+    """
+    import torch
+
+    from cirlab.train import train
+
+    train_splits = list(cir_splits(dataset, data_root, "train").values())
+    net = build_model(model, preset, _Concat(train_splits), device=device)
+    data = torch.utils.data.ConcatDataset([s.triplet_dataset(net.image_transform(True)) for s in train_splits])
+    overrides: dict[str, Any] = {"epochs": epochs, "device": device, "seed": seed, "resume": resume,
+                                 "log_every": log_every, "progress": "log", "selection": "val"}
+    overrides.update({k: v for k, v in {"max_steps": max_steps, "batch_size": batch_size, "lr": lr}.items() if v})
+    overrides["batch_size"] = min(overrides.get("batch_size", 32), len(data))
+    run_config = {"model": model, "preset": preset, "model_config": net.config.to_dict(), "dataset": dataset,
+                  "data_root": str(data_root), "eval_split": eval_split}
+
+    def evaluate_fn(m: Any) -> dict[str, Any]:
+        return {"val": evaluate_run(m, dataset, data_root, eval_split, k=10, device=device)[0]}
+
+    summary = train(net, data, overrides, output_dir=output_dir, evaluate_fn=evaluate_fn, run_config=run_config)
+    return {**summary, "model": net, "run_config": run_config}
+
+
+def load_run(run_dir: str | os.PathLike, device: str = "cpu", checkpoint: str = "best") -> Any:
+    """Rebuild a run's model from ``config.yaml`` and load ``checkpoints/<checkpoint>.pt`` (falls back to last)."""
+    import yaml
+
+    from cirlab.checkpoint import load_model_weights
+    from cirlab.registry import build_config, create_model, get_entry
+
+    run = Path(run_dir)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"run folder has no config.yaml: {run} (train it first)")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    if "model_config" not in cfg or "model" not in cfg:
+        raise ValueError(f"{cfg_path}: needs 'model' and 'model_config' entries (written by cirlab.workbench)")
+    config = get_entry(cfg["model"]).config_cls.from_dict(cfg["model_config"]) if cfg["model_config"] else \
+        build_config(cfg["model"], cfg.get("preset"))
+    model = create_model(cfg["model"], config=config)
+    ckpt = run / "checkpoints" / f"{checkpoint}.pt"
+    if not ckpt.is_file():
+        ckpt = run / "checkpoints" / "last.pt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"no checkpoint in {run / 'checkpoints'}")
+    load_model_weights(model, ckpt, strict=False)
+    model.run_config = cfg
+    return model.to(device).eval()
+
+
+def untrained_copy(run_dir: str | os.PathLike, dataset: str, data_root: str | os.PathLike, device: str = "cpu",
+                   seed: int = 0) -> Any:
+    """A freshly initialised model with a run's exact config (and the same training vocabulary): a baseline."""
+    import torch
+
+    from cirlab.registry import create_model, get_entry
+
+    cfg = load_run(run_dir).run_config
+    torch.manual_seed(seed)
+    model = create_model(cfg["model"], config=get_entry(cfg["model"]).config_cls.from_dict(cfg["model_config"]))
+    if hasattr(model, "fit_vocab"):
+        model.fit_vocab(_Concat(list(cir_splits(dataset, data_root, "train").values())))
+    return model.to(device).eval()
+
+
+def evaluate_run(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", k: int = 50,
+                 device: str = "cpu", topk_dir: str | os.PathLike | None = None,
+                 name: str = "") -> tuple[dict[str, float], dict[str, Any]]:
+    """Protocol metrics (``cirlab.evaluate.evaluate_cir``) and the top-K lists per category.
+
+    Top-K files go to ``topk_dir/<split>[_<category>].topk.npz`` when given (a temporary folder otherwise).
+    Returns ``(metrics, {category: TopK})``.
+    """
+    import tempfile
+
+    from cirlab.evaluate import evaluate_cir
+    from cirlab.topk import load_topk
+
+    splits = cir_splits(dataset, data_root, split)
+    named = {(f"{split}_{cat}" if dataset == "fashioniq" else split): sp for cat, sp in splits.items()}
+    was_training = model.training
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(topk_dir) if topk_dir is not None else Path(tmp)
+        result = evaluate_cir(model, named, protocol=dataset, device=device, k=k, topk_path=out,
+                              meta={"model": name or getattr(model, "model_name", "")})
+        topks = {cat: load_topk(out / f"{key}.topk.npz") for key, cat in zip(named, splits)}
+    model.train(was_training)
+    metrics = dict(result["metrics"])
+    metrics["rsum"] = sum(v for key, v in metrics.items() if "R@" in key and not key.startswith("avg"))
+    return metrics, topks
+
+
+def collect_routes(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", n: int = 100,
+                   device: str = "cpu") -> tuple[Any, dict[Any, str]]:
+    """Trace the router on up to ``n`` queries spread over the categories: ``(route frame, {query_id: text})``.
+
+    CIR data goes through ``encode_query``; ITM precomp data (DIME) scores each caption with its own image.
+    """
+    import pandas as pd
+
+    from cirlab.evaluate import collect_routes as trace_split
+
+    if getattr(model, "task", "cir") == "itm":
+        from cirlab.data import load_precomp
+
+        sp = load_precomp(dataset_root(data_root, "precomp"), dataset, split)
+        frame = trace_split(model, sp, n, device=device)
+        texts = dict(zip(frame["query_id"], frame["text"])) if "text" in frame.columns else {}
+        return _checked(_main_layers(frame), model), texts
+    splits = cir_splits(dataset, data_root, split)
+    per = max(1, n // len(splits))
+    frames = [trace_split(model, sp, per, device=device) for sp in splits.values()]
+    texts = {t.query_id: t.text for sp in splits.values() for t in sp.triplets}
+    frame = _main_layers(pd.concat(frames, ignore_index=True))
+    return _checked(frame, model), {q: texts[q] for q in dict.fromkeys(frame["query_id"])}
+
+
+def _checked(frame: Any, model: Any) -> Any:
+    if frame.empty:
+        raise ValueError(f"model {getattr(model, 'model_name', type(model).__name__)} emitted no router records")
+    return frame
+
+
+def query_fn_for(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", k: int = 5,
+                 device: str = "cpu") -> Any:
+    """``query_fn(query_id, text)`` for :class:`cirlab.widgets.RouterExplorer` over every category of a CIR split
+    (None for ITM models, whose explorer shows the traced paths only)."""
+    if getattr(model, "task", "cir") != "cir":
+        return None
+    from cirlab.widgets import make_query_fn
+
+    transform = model.image_transform(False)
+    per_cat = {cat: make_query_fn(model, sp, transform, k=k, device=device)
+               for cat, sp in cir_splits(dataset, data_root, split).items()}
+    owner = {t.query_id: cat for cat, sp in cir_splits(dataset, data_root, split).items() for t in sp.triplets}
+
+    def query_fn(query_id: Any, text: str) -> dict[str, Any]:
+        if query_id not in owner:
+            raise KeyError(f"query {query_id!r} is not in the {dataset} {split} split")
+        return per_cat[owner[query_id]](query_id, text)
+
+    return query_fn
+
+
+def _main_layers(frame: Any) -> Any:
+    """Drop diagnostic layers (DIME's ``*_raw`` pre-normalisation paths): plots show what the model used."""
+    return frame[~frame["layer"].astype(str).str.endswith("_raw")].reset_index(drop=True)
+
+
+def gallery_rows(topk: Any, split: Any, query_ids: Sequence[str] | None = None, k: int = 5,
+                 n: int = 4) -> list[dict[str, Any]]:
+    """Rows for :func:`cirlab.viz.plot_retrieval_gallery` from a top-K file and its split (images from disk)."""
+    by_id = {t.query_id: t for t in split.triplets}
+    row_of = {q: i for i, q in enumerate(topk.query_ids)}
+    ids = list(query_ids) if query_ids is not None else list(topk.query_ids[:n])
+    rows = []
+    for qid in ids:
+        i, trip = row_of[str(qid)], by_id[str(qid)]
+        cands = list(topk.gallery_ids[i, :k])
+        target = trip.target_name
+        rows.append({"query_id": qid, "ref_image": split.image_path(trip.ref_name), "text": trip.text,
+                     "candidates": [split.image_path(c) for c in cands], "candidate_ids": cands,
+                     "scores": list(topk.scores[i, :k]), "target_rank": int(topk.target_rank[i]),
+                     "target_position": cands.index(target) if target in cands else None})
+    return rows
+
+
+def worst_queries(topk: Any, n: int = 4) -> list[str]:
+    """Query ids whose target ranks worst (known targets only)."""
+    import numpy as np
+
+    known = np.flatnonzero(topk.target_rank > 0)
+    order = known[np.argsort(-topk.target_rank[known], kind="stable")]
+    return [str(q) for q in topk.query_ids[order[:n]]]
+
+
+def load_topk_files(path: str | os.PathLike) -> Any:
+    """One top-K file, or every ``*.topk.npz`` in a folder concatenated (e.g. the Fashion-IQ categories)."""
+    import numpy as np
+
+    from cirlab.topk import TopK, load_topk
+
+    path = Path(path)
+    if path.is_file():
+        return load_topk(path)
+    files = sorted(path.glob("*.topk.npz")) if path.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"no top-K file at {path} (expected a .topk.npz file or a folder of them)")
+    parts = [load_topk(f) for f in files]
+    k = min(p.k for p in parts)
+    return TopK(np.concatenate([p.query_ids for p in parts]), np.concatenate([p.gallery_ids[:, :k] for p in parts]),
+                np.concatenate([p.scores[:, :k] for p in parts]), np.concatenate([p.target_rank for p in parts]),
+                np.concatenate([p.category for p in parts]), np.concatenate([p.target_ids for p in parts]),
+                {"files": [str(f) for f in files], **parts[0].meta})
+
+
+def write_outputs(output_dir: str | os.PathLike, metrics: Mapping[str, Any], config: Mapping[str, Any],
+                  merge: bool = True) -> Path:
+    """The notebook's result files: ``metrics.json`` (merged into one already there, e.g. the trainer's, when
+    ``merge``) and its resolved ``config.json``."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "metrics.json"
+    old = json.loads(path.read_text()) if merge and path.is_file() else {}
+    merged = {**(old if isinstance(old, dict) else {"previous": old}), **_plain(metrics)}
+    path.write_text(json.dumps(merged, indent=2, sort_keys=True))
+    (out / "config.json").write_text(json.dumps(_plain(config), indent=2, sort_keys=True))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value

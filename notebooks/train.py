@@ -1,0 +1,64 @@
+# %% [markdown]
+# # Train a model
+#
+# Trains any registered CIR model (`cirlab.list_models()`) with any preset on a dataset in the Fashion-IQ,
+# Shoes or CIRR layout (the synthetic data by default) and writes the run folder: `config.yaml`,
+# `checkpoints/{last,best}.pt`, `log.jsonl`, `tb/`, `metrics.json`, `topk/`, plus this notebook's
+# `config.json` and `figures/`. Re-running with `resume="auto"` continues an interrupted run exactly
+# (papermill itself cannot resume a notebook).
+#
+# Tracking keys (TensorBoard needs none; Comet/W&B) are read from environment variables only, never from
+# parameters: papermill writes every parameter into the executed notebook.
+
+# %%
+# %matplotlib inline
+import cirlab
+from cirlab import analysis, viz, workbench
+
+# %% tags=["parameters"]
+model: str = "amc"  # any name from cirlab.list_models() with task "cir"
+preset: str = "tiny"  # tiny (seconds) | lite (real pretrained weights, minutes) | a paper preset
+dataset: str = "fashioniq"  # fashioniq | shoes | cirr (layout under data_root)
+data_root: str = ""  # folder holding the dataset ("" -> cirlab.paths.data_root())
+output_dir: str = "runs/train"  # the run folder: checkpoints, logs, metrics.json, figures
+epochs: int = 1  # passes over the training data
+max_steps: int = 200  # stop after this many optimizer steps (0: no cap)
+batch_size: int = 32  # global batch size (0: the paper default of the model)
+device: str = "cpu"  # cpu | cuda | cuda:N | auto
+seed: int = 0  # seeds Python, NumPy, torch and the data order
+resume: str = ""  # "" fresh run | "auto" continue from output_dir/checkpoints/last.pt | a checkpoint path
+
+# %%
+data_dir = data_root or str(cirlab.data_root())
+print("models:", cirlab.list_models(), "| presets of", model, ":", cirlab.list_presets(model))
+
+# %% [markdown]
+# ## Training
+# One loop for every model (`cirlab.train`); validation recall selects `checkpoints/best.pt`.
+
+# %%
+run = workbench.train_run(model, preset, dataset, data_dir, output_dir, epochs=epochs, max_steps=max_steps,
+                          batch_size=batch_size, device=device, seed=seed, resume=resume)
+print({k: run[k] for k in ("steps", "epochs", "best_score", "best_epoch")})
+
+# %%
+fig = viz.plot_training_curves(output_dir)
+viz.save_figure(fig, f"{output_dir}/figures", "training_curves")
+fig
+
+# %% [markdown]
+# ## Validation metrics of the selected checkpoint
+
+# %%
+best = workbench.load_run(output_dir, device=device)
+val_metrics, topks = workbench.evaluate_run(best, dataset, data_dir, "val", k=50, device=device,
+                                            topk_dir=f"{output_dir}/topk")
+fig = viz.plot_metrics_bars({k: v for k, v in val_metrics.items() if "R@" in k}, title=f"{model} ({preset}) val")
+viz.save_figure(fig, f"{output_dir}/figures", "val_metrics")
+fig
+
+# %%
+config = {"model": model, "preset": preset, "dataset": dataset, "data_root": data_dir, "output_dir": output_dir,
+          "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "device": device, "seed": seed,
+          "resume": resume, "model_config": run["run_config"]["model_config"]}
+workbench.write_outputs(output_dir, {"val": val_metrics, "steps": run["steps"], "epochs": run["epochs"]}, config)

@@ -1,0 +1,338 @@
+"""AMC (cirlab/models/amc.py): paper parameter count, tiny-preset behaviour, parity with naive formulas."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cirlab
+from cirlab.models import amc as amc_mod
+from cirlab.models.amc import AMC, AMCConfig, AMCEnsemble, amc_ensemble_scores, amc_losses, tokenize
+
+CAPTIONS = ["make the red circle blue", "add a small green square at the top left", "remove the triangle",
+            "move the star to the right", "is darker", "has long sleeves"]
+
+
+def tiny(**overrides) -> AMC:
+    torch.manual_seed(0)
+    model = cirlab.create_model("amc", preset="tiny", **overrides)
+    model.fit_vocab(CAPTIONS)
+    return model
+
+
+def batch(b: int = 4, size: int = 64) -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {"ref_image": torch.randn(b, 3, size, size, generator=g),
+            "target_image": torch.randn(b, 3, size, size, generator=g),
+            "text": [CAPTIONS[i % len(CAPTIONS)] for i in range(b)]}
+
+
+# ------------------------------------------------------------------------------------------- paper preset
+
+
+def test_fashioniq_parameter_count_matches_the_digest() -> None:
+    """Digest I.1: 49.94M + V x 300, from ResNet-50 body, 1x1 conv, LSTM and 2 x (router + CRN + GTN)."""
+    d, w, h = 1024, 300, 512
+    resnet50_body = 25_557_032 - (2048 * 1000 + 1000)  # torchvision resnet50 minus its fc classifier
+    conv1x1 = 2048 * d
+    lstm = 4 * d * (w + d) + 2 * 4 * d  # input + recurrent weights, two bias vectors
+    router = 2 * d * h + 2 * h + h * 3  # bias-free linears + LayerNorm(512)
+    attention_cell = 3 * (d * d + d) + 2 * 2 * d + (d * d // 2 + d // 2) + (d // 2 * d + d)  # QKV, 2 LN, FFN
+    crn = (2 * d * d + d) + attention_cell
+    gtn = 2 * (d * d + d)
+    layer = router + crn + gtn
+    assert (round(router / 1e6, 2), round(crn / 1e6, 2), round(gtn / 1e6, 2), round(layer / 1e6, 2)) == (
+        1.05, 6.30, 2.10, 9.45)  # the digest's per-module figures
+    fixed = resnet50_body + conv1x1 + lstm + 2 * layer
+    assert round(fixed / 1e6, 2) == 49.94
+
+    model = cirlab.create_model("amc", preset="fashioniq", pretrained=False)
+    model.fit_vocab(f"word{i} shared" for i in range(3000))  # 3001 words + 4 special tokens
+    vocab = len(model.vocab)
+    count = sum(p.numel() for p in model.parameters())
+    print(f"AMC fashioniq preset: {count:,} parameters = {fixed:,} + vocabulary {vocab} x 300")
+    assert vocab == 3005
+    assert count == fixed + vocab * w
+    assert len(model.image_encoder.proj.weight.shape) == 4 and model.image_encoder.proj.bias is None
+
+
+# ------------------------------------------------------------------------------------------- tiny preset
+
+
+def test_tiny_forward_backward_shapes_and_gradients() -> None:
+    model = tiny().train()
+    b = batch()
+    out = model.training_step(b)
+    assert set(out) == {"cls_loss", "sim_loss", "batch_acc"}
+    assert all(torch.isfinite(v) for v in out.values())
+    (out["cls_loss"] + out["sim_loss"]).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.image_encoder.backbone.stages[0][0].weight.grad.abs().sum() > 0  # backbone is fine-tuned
+    assert model.layers[0].router.mlp[0].weight.grad.abs().sum() > 0
+
+    model.eval()
+    with torch.no_grad():
+        q = model.encode_query(b["ref_image"], b["text"])
+        t = model.encode_target(b["target_image"])
+        tokens = model.image_tokens(b["ref_image"])
+    assert q.shape == t.shape == (4, 64)
+    assert tokens.shape == (4, 64, 64)  # 64 px -> 8x8 grid of 64-d tokens
+    assert torch.allclose(q.norm(dim=-1), torch.ones(4)) and torch.allclose(t.norm(dim=-1), torch.ones(4))
+
+
+def test_gates_are_sigmoid_and_traced_with_both_expert_orders() -> None:
+    model = tiny().eval()
+    b = batch(3)
+    with cirlab.trace_routes(model) as trace:
+        trace.set_batch(["q0", "q1", "q2"], modification=["color", "add", "remove"])
+        with torch.no_grad():
+            model.encode_query(b["ref_image"], b["text"])
+    for layer in ("layer1", "layer2"):
+        gates = trace.gates(layer)
+        assert gates.shape == (3, 3)
+        assert ((gates > 0) & (gates < 1)).all()
+        assert not torch.allclose(gates.sum(-1), torch.ones(3))  # independent sigmoids, not a softmax
+    frame = trace.to_frame()
+    assert len(frame) == 3 * 2 * 3
+    row = frame[(frame.query_id == "q1") & (frame.layer == "layer2") & (frame.expert == "GTN")].iloc[0]
+    assert row.code_index == 2 and row.paper_name == "α2 GTN" and row.modification == "add"
+    assert list(frame[frame.layer == "layer1"].expert[:3]) == ["NIN", "CRN", "GTN"]
+    assert row.weight == pytest.approx(trace.gates("layer2")[1, 2].item())
+
+
+def test_bn_running_stats_stay_frozen_while_affine_trains() -> None:
+    model = tiny().train()
+    bns = [m for m in model.image_encoder.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(not m.training for m in bns)
+    assert model.layers[0].training and model.image_encoder.proj.training
+    before = [m.running_mean.clone() for m in bns]
+    out = model.training_step(batch())
+    out["cls_loss"].backward()
+    assert all(torch.equal(m.running_mean, r) for m, r in zip(bns, before))
+    assert bns[0].weight.grad.abs().sum() > 0
+    unfrozen = tiny(freeze_bn_stats=False).train()
+    assert all(m.training for m in unfrozen.image_encoder.backbone.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_frozen_backbone_gets_no_gradient() -> None:
+    model = tiny(train_backbone=False).train()
+    assert not any(p.requires_grad for p in model.image_encoder.backbone.parameters())
+    model.training_step(batch())["cls_loss"].backward()
+    assert model.image_encoder.proj.weight.grad is not None
+
+
+def test_learns_on_a_small_batch() -> None:
+    model = tiny().train()
+    b = batch(8)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(25):
+        out = model.training_step(b)
+        loss = out["cls_loss"] + out["sim_loss"]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+    assert out["batch_acc"].item() == 1.0
+
+
+# ------------------------------------------------------------------------------------------- parity
+
+
+def test_tokenisation_and_fashioniq_join() -> None:
+    text = amc_mod.join_captions(["Is red, not blue!", "has café-style straps"])
+    assert text == "<BOS> Is red, not blue! <AND> has café-style straps <EOS>"
+    assert tokenize(text) == ["bos", "is", "red", "not", "blue", "and", "has", "cafstyle", "straps", "eos"]
+    vocab = amc_mod.Vocab(["and", "is"])
+    assert vocab.encode("<BOS> is <AND> zebra") == [0, 5, 4, 0]  # bos and unknown words -> <UNK> = 0
+    assert vocab.encode("!!!") == [0]
+
+
+def test_sentence_vector_is_the_masked_max_of_a_naive_loop() -> None:
+    model = tiny().eval()
+    texts = ["remove the triangle", "is darker", "make the red circle blue"]
+    enc = model.text_encoder
+    with torch.no_grad():
+        stc = enc(texts)
+        longest = max(len(tokenize(t)) for t in texts)
+        for i, text in enumerate(texts):
+            ids = torch.tensor([enc.vocab.encode(text)])
+            steps, _ = enc.lstm(enc.embed(ids))
+            expected = steps[0].max(dim=0).values
+            if ids.shape[1] < longest:  # padded steps are 0 before the max: floor at 0
+                expected = expected.clamp(min=0)
+            assert torch.allclose(stc[i], expected, atol=1e-6)
+
+
+def test_experts_router_and_layer_match_the_formulas() -> None:
+    torch.manual_seed(3)
+    layer = amc_mod.RoutingLayer(AMCConfig.from_preset("tiny"), 1).eval()
+    x, s = torch.randn(2, 5, 64), torch.randn(2, 64)
+    ln = lambda t: F.layer_norm(t, t.shape[-1:])  # noqa: E731 - non-affine LayerNorm
+    nin, crn, gtn = layer.experts
+    gtn_ref = ln(x * gtn.gamma(s)[:, None] + gtn.beta(s)[:, None])  # raw gamma
+    cell = crn.cell
+    u = crn.fuse(torch.cat([x, s[:, None].expand(-1, 5, -1)], -1))
+    h = cell.norm1(u)
+    q, k, v = (f(h).view(2, 5, 4, 16).transpose(1, 2) for f in (cell.q, cell.k, cell.v))
+    a = ((q @ k.transpose(-1, -2)) / math.sqrt(16)).softmax(-1) @ v
+    a = a.transpose(1, 2).reshape(2, 5, 64)  # no residual around attention, no output projection
+    crn_ref = ln(a + cell.ffn(cell.norm2(a)))
+    router = layer.router.mlp
+    gates_ref = torch.sigmoid(router(torch.cat([x, s[:, None].expand(-1, 5, -1)], -1).mean(1)))
+    with torch.no_grad():
+        out, gates = layer(x, s)
+        assert torch.allclose(nin(x, s), ln(x), atol=1e-6)
+        assert torch.allclose(gtn(x, s), gtn_ref, atol=1e-5)
+        assert torch.allclose(crn(x, s), crn_ref, atol=1e-5)
+        assert torch.allclose(gates, gates_ref, atol=1e-6)
+        mix = gates_ref[:, 0, None, None] * ln(x) + gates_ref[:, 1, None, None] * crn_ref \
+            + gates_ref[:, 2, None, None] * gtn_ref
+        assert torch.allclose(out, mix, atol=1e-5)
+    assert all(m.bias is None for m in router if isinstance(m, nn.Linear))
+    assert isinstance(router[1], nn.LayerNorm)
+
+
+def test_losses_match_a_naive_computation() -> None:
+    torch.manual_seed(4)
+    q1, q2, t = torch.randn(5, 8), torch.randn(5, 8), F.normalize(torch.randn(5, 8), dim=-1)
+    out = amc_losses([q1, q2], t, AMCConfig.from_preset("tiny"))
+    cls = 0.0
+    for i in range(5):
+        logits = [10.0 * F.cosine_similarity(q2[i], t[j], dim=0) for j in range(5)]
+        cls += -(logits[i] - torch.logsumexp(torch.stack(logits), 0)) / 5
+    r = [F.normalize(torch.cat([q1[i], q2[i]]), dim=0) for i in range(5)]
+    sim = sum(((r[i] @ r[j]) - (t[i] @ t[j])) ** 2 for i in range(5) for j in range(5)) / 25
+    assert out["cls_loss"].item() == pytest.approx(cls.item(), rel=1e-5)
+    assert out["sim_loss"].item() == pytest.approx(sim.item(), rel=1e-5)
+
+
+def test_ablations_cut_one_modality() -> None:
+    b = batch(2)
+    with torch.no_grad():
+        img_only = tiny(ablation="image_only").eval()
+        assert torch.allclose(img_only.encode_query(b["ref_image"], ["is darker"] * 2),
+                              img_only.encode_query(b["ref_image"], ["remove the triangle"] * 2))
+        txt_only = tiny(ablation="text_only").eval()
+        assert torch.allclose(txt_only.encode_query(b["ref_image"], b["text"]),
+                              txt_only.encode_query(b["target_image"], b["text"]), atol=1e-6)
+        full = tiny().eval()
+        assert not torch.allclose(full.encode_query(b["ref_image"], ["is darker"] * 2),
+                                  full.encode_query(b["ref_image"], ["remove the triangle"] * 2))
+
+
+def test_ensemble_scores_are_the_mean_of_cosines() -> None:
+    models = [tiny().eval(), tiny(embed_dim=32, num_heads=2).eval()]
+    b = batch(3)
+    ens = AMCEnsemble(models)
+    with torch.no_grad():
+        scores = ens.encode_query(b["ref_image"], b["text"]) @ ens.encode_target(b["target_image"]).t()
+        expected = sum(m.encode_query(b["ref_image"], b["text"]) @ m.encode_target(b["target_image"]).t()
+                       for m in models) / 2
+        direct = amc_ensemble_scores(models, b["ref_image"], b["text"], b["target_image"])
+    assert torch.allclose(scores, expected, atol=1e-6) and torch.allclose(direct, expected, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- state and files
+
+
+def test_vocab_round_trips_with_the_state_dict(tmp_path) -> None:
+    model = tiny().eval()
+    path = tmp_path / "amc.pt"
+    torch.save(model.state_dict(), path)
+    fresh = cirlab.create_model("amc", preset="tiny").eval()  # empty vocabulary, 4-row table
+    assert len(fresh.vocab) == 4
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    assert fresh.vocab.words == model.vocab.words
+    b = batch(2)
+    with torch.no_grad():
+        assert torch.equal(fresh.encode_query(b["ref_image"], b["text"]),
+                           model.encode_query(b["ref_image"], b["text"]))
+    broken = dict(model.state_dict())
+    broken["text_encoder._extra_state"] = {"vocab": ["<UNK>", "<AND>", "<BOS>", "<EOS>", "only"]}
+    with pytest.raises(ValueError, match="vocabulary"):
+        cirlab.create_model("amc", preset="tiny").load_state_dict(broken)
+
+
+def test_fit_vocab_from_a_split_adds_each_caption() -> None:
+    class Split:  # the CIRSplit fields fit_vocab reads
+        triplets = [type("T", (), {"captions": ["Is red", "has a bow!"], "text": "ignored"})()]
+
+    model = cirlab.create_model("amc", preset="tiny")
+    assert model.fit_vocab(Split()) == 4 + 5
+    assert model.vocab.words[4:] == ["is", "red", "has", "a", "bow"]
+
+
+def test_backbone_weights_load_from_a_local_file(tmp_path) -> None:
+    source = tiny()
+    with torch.no_grad():
+        source.image_encoder.backbone.stages[1][1].weight.fill_(0.5)
+    path = tmp_path / "tiny_backbone.pth"
+    torch.save(source.image_encoder.backbone.state_dict(), path)
+    model = tiny(pretrained=True, backbone_weights=str(path))
+    for key, value in source.image_encoder.backbone.state_dict().items():
+        assert torch.equal(model.image_encoder.backbone.state_dict()[key], value), key
+    torch.save({"stages.0.0.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match="bad.pth"):
+        tiny(pretrained=True, backbone_weights=str(tmp_path / "bad.pth"))
+    with pytest.raises(FileNotFoundError, match="backbone_weights"):
+        tiny(pretrained=True)
+
+
+def test_resnet50_trunk_takes_a_torchvision_checkpoint(tmp_path) -> None:
+    from torchvision.models import resnet50
+
+    net = resnet50(weights=None)
+    with torch.no_grad():
+        net.layer4[2].conv3.weight.fill_(0.25)
+    path = tmp_path / "resnet50-test.pth"
+    torch.save(net.state_dict(), path)  # includes fc.*, which the trunk ignores
+    trunk = amc_mod.build_backbone(AMCConfig(pretrained=True, backbone_weights=str(path)))
+    assert torch.equal(trunk.layer4[2].conv3.weight, net.layer4[2].conv3.weight)
+    assert not hasattr(trunk, "fc")
+
+
+def test_glove_vectors_load_from_a_local_file(tmp_path) -> None:
+    rows = {"red": 1.0, "blue": 2.0, "circle": 3.0}
+    lines = [f"{w} " + " ".join([str(v)] * 32) for w, v in rows.items()] + ["zzz " + " ".join(["9"] * 32)]
+    path = tmp_path / "glove.32d.txt"
+    path.write_text("\n".join(lines) + "\n")
+    model = tiny(word_vectors="glove", glove_path=str(path))
+    table, vocab = model.text_encoder.embed.weight, model.vocab
+    assert torch.equal(table[vocab.index["red"]], torch.full((32,), 1.0))
+    assert torch.equal(table[vocab.index["circle"]], torch.full((32,), 3.0))
+    assert not torch.equal(table[vocab.index["triangle"]], torch.full((32,), 9.0))  # not in the file: N(0,1)
+    (tmp_path / "bad.txt").write_text("red 1 2 3\n")
+    with pytest.raises(ValueError, match="bad.txt line 1"):
+        tiny(word_vectors="glove", glove_path=str(tmp_path / "bad.txt"))
+
+
+# ------------------------------------------------------------------------------------------- config, contract
+
+
+def test_presets_config_checks_and_train_defaults() -> None:
+    assert cirlab.list_presets("amc") == ["fashioniq", "lite", "shoes", "tiny"]
+    assert AMCConfig.from_preset("shoes").transform == "amc_shoes"
+    train_tf, eval_tf = tiny().image_transform(True), tiny().image_transform(False)
+    from PIL import Image
+
+    image = Image.new("RGB", (80, 60), (255, 0, 0))
+    assert train_tf(image).shape == eval_tf(image).shape == (3, 64, 64)
+    with pytest.raises(ValueError, match="backbone"):
+        AMCConfig(backbone="vgg")
+    with pytest.raises(ValueError, match="num_heads"):
+        AMCConfig(embed_dim=100, num_heads=8)
+    defaults = tiny().default_train_config()
+    assert (defaults["lr"], defaults["weight_decay"], defaults["batch_size"], defaults["epochs"]) == (
+        1e-4, 1e-6, 32, 50)
+    assert defaults["lr_milestones"] == [40] and defaults["ema_decay"] == 0.999
+    from cirlab.train import TrainConfig, schedule_factor
+
+    cfg = TrainConfig.from_dict(defaults)
+    assert schedule_factor(cfg, 39) == 1.0 and schedule_factor(cfg, 40) == pytest.approx(0.1)
+    assert cfg.ema_mode == "standard"

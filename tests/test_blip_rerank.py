@@ -1,0 +1,303 @@
+"""Two-stage BLIP re-ranker (cirlab.models.blip_rerank): tiny-preset behaviour, full-size parameter counts."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import cirlab
+from cirlab.models import blip_rerank as br
+
+B = 4
+TEXTS = ["is red", "has two dogs and a cat on the left", "make it blue", "remove the ring"]
+
+
+def tiny(stage: str, **overrides):
+    torch.manual_seed(0)
+    return cirlab.create_model(f"blip_rerank_{stage}", preset="tiny", **overrides)
+
+
+def image_batch(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"ref_image": torch.randn(B, 3, 32, 32, generator=g), "target_image": torch.randn(B, 3, 32, 32, generator=g),
+            "text": list(TEXTS)}
+
+
+@pytest.fixture(scope="module")
+def cirr_root(tmp_path_factory):
+    from cirlab.data import synthetic
+
+    out = tmp_path_factory.mktemp("syn")
+    return synthetic.generate(out, size="tiny", layouts=["cirr"], image_size=32)["layouts"]["cirr"]["root"]
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+
+def test_tokenizer_is_bert_uncased_plus_dec_enc():
+    m = tiny("stage1")
+    tok = m.tokenizer
+    assert len(tok) == 30524 and tok.convert_tokens_to_ids("[DEC]") == 30522 and tok.enc_token_id == 30523
+    ids, mask = m.tokenize(["A Red Dress.", "hi"])
+    assert ids[:, 0].tolist() == [30523, 30523]  # [CLS] replaced by [ENC]
+    assert ids[0, 1:].tolist()[:4] == [1037, 2417, 4377, 1012]  # real bert-base-uncased ids: a red dress .
+    assert mask.sum(1).tolist() == [6, 3]  # padding to the longest, [SEP] kept
+
+
+# ------------------------------------------------------------------------------------------------ stage I
+
+
+def test_stage1_forward_backward_and_frozen_parts():
+    m = tiny("stage1")
+    out = m.training_step(image_batch())
+    assert torch.isfinite(out["itc_loss"]) and out["itc_loss"] > 0
+    out["itc_loss"].backward()
+    grads = {n: p.grad for n, p in m.named_parameters()}
+    assert all(not p.requires_grad for p in m.visual_encoder.parameters())
+    assert grads["temp"] is not None and grads["text_proj.weight"].abs().sum() > 0
+    assert grads["text_encoder.encoder.layer.0.crossattention.self.query.weight"].abs().sum() > 0
+    assert grads["vision_proj.weight"] is None  # targets are computed without gradient, as in the original
+    assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
+
+
+def test_stage1_encoders_normalised_and_tokens_equal_images():
+    m = tiny("stage1").eval()
+    batch = image_batch()
+    q = m.encode_query(batch["ref_image"], batch["text"])
+    t = m.encode_target(batch["target_image"])
+    assert q.shape == t.shape == (B, 16)
+    torch.testing.assert_close(q.norm(dim=-1), torch.ones(B))
+    tokens = m.image_tokens(batch["ref_image"])
+    assert tokens.shape == (B, m.config.num_image_tokens, 32)
+    torch.testing.assert_close(m.encode_query(tokens, batch["text"]), q)  # cached tokens == images
+    # the query depends on the reference image (cross-attention is used), the target on the image
+    assert (m.encode_query(batch["target_image"], batch["text"]) - q).abs().max() > 1e-4
+
+
+def test_stage1_learns_on_a_fixed_batch():
+    m = tiny("stage1")
+    batch = image_batch()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3)
+    first = m.training_step(batch)["itc_loss"].item()
+    for _ in range(25):
+        opt.zero_grad()
+        m.training_step(batch)["itc_loss"].backward()
+        opt.step()
+    assert m.training_step(batch)["itc_loss"].item() < 0.5 * first
+
+
+def test_train_config_is_the_periodic_cosine_recipe():
+    from cirlab.train import learning_rate, resolve_train_config
+
+    cfg = resolve_train_config(tiny("stage1"))  # tiny preset = CIRR recipe
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.batch_size) == ("adamw", 2e-5, 0.05, 512)
+    assert (cfg.epochs, cfg.cosine_epochs, cfg.schedule) == (40, 10, "periodic_cosine")
+    lrs = [learning_rate(cfg, cfg.lr, e, 0) for e in (0, 10, 20, 30)]
+    np.testing.assert_allclose(lrs, [2e-5, 0.0, 2e-5, 0.0], atol=1e-12)  # unclamped: back up at epoch 20
+    cfg2 = resolve_train_config(cirlab.create_model("blip_rerank_stage2", preset="tiny", dataset="fashioniq"))
+    assert (cfg2.epochs, cfg2.cosine_epochs, cfg2.batch_size) == (50, 50, 16)
+
+
+# ------------------------------------------------------------------------------------------------ stage II
+
+
+def test_stage2_forward_backward_reaches_both_streams_and_merges():
+    m = tiny("stage2")
+    assert m.text_encoder.layers[0].merge is None and m.text_encoder.layers[1].merge is not None  # mean, then Linear
+    out = m.training_step(image_batch())
+    assert torch.isfinite(out["rerank_loss"])
+    out["rerank_loss"].backward()
+    g = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+    assert all(not p.requires_grad for p in m.stage1.parameters())  # stage I frozen
+    for name in ["text_encoder.embeddings.word_embeddings.weight", "cls_head.0.weight", "cls_head.2.weight",
+                 "text_encoder.layers.1.merge.weight", "text_encoder.layers.0.intermediate.dense.weight"]:
+        assert g[name] is not None and g[name].abs().sum() > 0, name
+    for layer in (0, 1):
+        for s in (0, 1):
+            for block in ("attention", "crossattention"):
+                for part in ("self.query.weight", "output.dense.weight", "output.LayerNorm.weight"):
+                    grad = g[f"text_encoder.layers.{layer}.{block}.{s}.{part}"]
+                    assert grad is not None and grad.abs().sum() > 0, (layer, block, s, part)
+    assert all(torch.isfinite(x).all() for x in g.values() if x is not None)
+
+
+def test_stage2_uses_both_streams():
+    """Scores change when only z_t (stream 0) changes, and when only the text (stream 1) changes."""
+    m = tiny("stage2").eval()
+    ids, mask = m.stage1.tokenize(TEXTS)
+    cand = m.stage1.image_tokens(image_batch()["target_image"])
+    z = torch.randn(B, ids.shape[1], 32)
+    base = m.pair_scores(z, ids, mask, cand)
+    assert (m.pair_scores(z + 0.5 * torch.randn_like(z), ids, mask, cand) - base).abs().max() > 1e-5
+    ids2 = ids.clone()
+    ids2[:, 1] = 2000
+    assert (m.pair_scores(z, ids2, mask, cand) - base).abs().max() > 1e-5
+
+
+def test_score_candidates_matches_in_batch_matrix():
+    m = tiny("stage2").eval()
+    batch = image_batch()
+    ref = m.stage1.image_tokens(batch["ref_image"])
+    tgt = m.stage1.image_tokens(batch["target_image"])
+    ids, mask = m.stage1.tokenize(batch["text"])
+    with torch.no_grad():
+        full = m.batch_scores(m.z_t(ref, ids, mask), ids, mask, tgt)  # [B, B]
+    m.attach_gallery(br.TokenStore([f"g{i}" for i in range(B)], tgt.numpy()))
+    cand = torch.tensor([[3, 1, 0], [0, 2, 1], [1, 1, 3], [2, 0, 3]])
+    # one query alone must score exactly as inside a padded batch (padding is masked)
+    s = m.score_candidates({"ref_tokens": ref, "text": batch["text"]}, cand)
+    assert s.shape == (B, 3)
+    torch.testing.assert_close(s, full.gather(1, cand), atol=1e-5, rtol=1e-5)
+    single = m.score_candidates({"ref_tokens": ref[1:2], "text": batch["text"][1:2]}, cand[1:2])
+    torch.testing.assert_close(single, s[1:2], atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_same_gradients():
+    batch = image_batch()
+    grads = []
+    for ckpt in (False, True):
+        m = tiny("stage2", gradient_checkpointing=ckpt, dropout=0.0, stage1_dropout_in_train=False)
+        m.training_step(batch)["rerank_loss"].backward()
+        grads.append(m.text_encoder.layers[0].crossattention[1].self.query.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_stage1_dropout_switch_and_vit_drop_path_quirk():
+    batch = image_batch()
+    m = tiny("stage2").train()
+    ref = m.stage1.image_tokens(batch["ref_image"])
+    ids, mask = m.stage1.tokenize(TEXTS)
+    assert (m.z_t(ref, ids, mask) - m.z_t(ref, ids, mask)).abs().max() > 0  # original: dropout noise on z_t
+    m.config.stage1_dropout_in_train = False
+    torch.testing.assert_close(m.z_t(ref, ids, mask), m.z_t(ref, ids, mask))
+    q = tiny("stage2", frozen_vit_drop_path=0.5).train()
+    a, b = q._candidate_tokens(batch["ref_image"]), q._candidate_tokens(batch["ref_image"])
+    assert (a - b).abs().max() > 0  # stochastic depth on the frozen ViT in train mode
+    q.eval()
+    torch.testing.assert_close(q._candidate_tokens(batch["ref_image"]), q._candidate_tokens(batch["ref_image"]))
+    with pytest.raises(ValueError, match="cached tokens"):
+        q.train().training_step({"ref_tokens": a, "target_tokens": a, "text": TEXTS})
+
+
+# ------------------------------------------------------------------------------------------------ cache + eval
+
+
+def test_token_cache_atomic_reuse_and_values(cirr_root, tmp_path):
+    split = cirlab.data.load_cir("cirr", cirr_root, "val")
+    m = tiny("stage1")
+    store = br.cache_image_tokens(m, split, tmp_path / "val", batch_size=16)
+    assert len(store) == len(split.gallery_names) and store.tokens.shape[1:] == (17, 32)
+    assert not list(tmp_path.glob("*.tmp*"))
+    img = m.image_transform()(cirlab.data.base.load_image(split.image_path(split.gallery_names[3])))
+    torch.testing.assert_close(store.by_name([split.gallery_names[3]]), m.image_tokens(img[None]))
+    mtime = (tmp_path / "val.npy").stat().st_mtime_ns
+    br.cache_image_tokens(m, split, tmp_path / "val")
+    assert (tmp_path / "val.npy").stat().st_mtime_ns == mtime  # reused
+    with torch.no_grad():
+        m.visual_encoder.post_layernorm.bias.add_(1.0)  # another encoder -> stale cache rewritten
+    store2 = br.cache_image_tokens(m, split, tmp_path / "val")
+    assert json.loads((tmp_path / "val.json").read_text())["fingerprint"] == br.vision_fingerprint(m)
+    assert (store2.take([0]) - store.take([0])).abs().max() > 0.5
+
+
+def test_topk_files_rerank_and_submission(cirr_root, tmp_path):
+    from cirlab import metrics
+    from cirlab.topk import load_topk, save_topk
+
+    split = cirlab.data.load_cir("cirr", cirr_root, "val")
+    m2 = tiny("stage2")
+    store = br.cache_image_tokens(m2, split, tmp_path / "val")
+    s = br.stage1_scores(m2.stage1, split, store)
+    top1 = br.stage1_topk(m2.stage1, split, store, k=20, scores=s)
+    # reference removed before truncation, ranks = protocol metric ranks
+    refs = split.ref_indices()
+    assert all(split.gallery_names[r] not in row for r, row in zip(refs, top1.gallery_ids))
+    target = torch.tensor(split.target_indices())
+    np.testing.assert_array_equal(top1.target_rank, metrics.target_ranks(s, target, torch.tensor(refs)).numpy())
+    hit = top1.target_rank <= 10
+    for i in np.flatnonzero(hit):
+        assert top1.gallery_ids[i, top1.target_rank[i] - 1] == top1.target_ids[i]
+    path = save_topk(tmp_path / "s1.topk.npz", top1)
+    top2 = br.rerank_topk(m2, split, load_topk(path), store, k=10)
+    assert top2.k == 10 and top2.meta["stage"] == "stage2"
+    # same candidate set, re-ordered; misses keep their stage-I rank (> K) and stage-I order
+    for i in range(len(split.triplets)):
+        assert sorted(top2.gallery_ids[i]) == sorted(top1.gallery_ids[i, :10])
+        if hit[i]:
+            assert top2.gallery_ids[i, top2.target_rank[i] - 1] == top2.target_ids[i]
+            assert np.all(np.diff(top2.scores[i]) <= 0)
+        else:
+            assert top2.target_rank[i] == top1.target_rank[i] > 10
+            assert list(top2.gallery_ids[i]) == list(top1.gallery_ids[i, :10])
+    assert metrics.recall_from_ranks(top2.target_rank, [10])["R@10"] == metrics.recall_from_ranks(
+        top1.target_rank, [10])["R@10"]  # R@K is unchanged by re-ranking
+    # subset scores: only members scored, the reference excluded from the top-3
+    sub = br.stage2_subset_scores(m2, split, store)
+    top3 = br.subset_top3(sub, split)
+    assert all(len(t) == 3 and split.triplets[i].ref_name not in t for i, t in enumerate(top3))
+    ranks = metrics.cirr_subset_ranks(sub, target, torch.tensor(refs), [
+        mm for mm in split.member_indices()])
+    assert ranks.min() >= 1 and ranks.max() <= 5
+    test = cirlab.data.load_cir("cirr", cirr_root, "test1")
+    tstore = br.cache_image_tokens(m2, test, tmp_path / "test1")
+    t1 = br.stage1_topk(m2.stage1, test, tstore, k=50) if len(test.gallery_names) > 50 else None
+    if t1 is None:  # tiny synthetic gallery < 51 images: the submission needs 50 per query
+        with pytest.raises(ValueError, match="top-50"):
+            br.write_cirr_submission(br.stage1_topk(m2.stage1, test, tstore, k=20), top3, tmp_path, "x")
+
+
+# ------------------------------------------------------------------------------------------------ full size
+
+
+def _linear(i: int, o: int) -> int:
+    return i * o + o
+
+
+def _ln(d: int) -> int:
+    return 2 * d
+
+
+def expected_vit(d=768, depth=12, mlp=3072, image=384, patch=16) -> int:
+    tokens = (image // patch) ** 2 + 1
+    block = _ln(d) + _linear(d, 3 * d) + _linear(d, d) + _ln(d) + _linear(d, mlp) + _linear(mlp, d)
+    return 3 * patch * patch * d + d + d + tokens * d + depth * block + _ln(d)
+
+
+def expected_med_bert(d=768, depth=12, ff=3072, vocab=30524, positions=512, enc=768) -> int:
+    self_att = 3 * _linear(d, d) + _linear(d, d) + _ln(d)
+    cross_att = _linear(d, d) + 2 * _linear(enc, d) + _linear(d, d) + _ln(d)
+    ffn = _linear(d, ff) + _linear(ff, d) + _ln(d)
+    return vocab * d + positions * d + _ln(d) + depth * (self_att + cross_att + ffn)
+
+
+def expected_dual(d=768, depth=12, ff=3072, vocab=30524, positions=512, enc=768, merge_from=6) -> int:
+    self_att = 3 * _linear(d, d) + _linear(d, d) + _ln(d)
+    cross_att = _linear(d, d) + 2 * _linear(enc, d) + _linear(d, d) + _ln(d)
+    ffn = _linear(d, ff) + _linear(ff, d) + _ln(d)
+    merges = (depth - merge_from) * _linear(2 * d, d)
+    return vocab * d + positions * d + _ln(d) + depth * (2 * self_att + 2 * cross_att + ffn) + merges
+
+
+@pytest.mark.parametrize("preset", ["fashioniq", "cirr"])
+def test_full_size_parameter_counts(preset):
+    with torch.device("meta"):
+        m2 = cirlab.create_model("blip_rerank_stage2", preset=preset)
+    s1 = m2.stage1
+    count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    vit, med, dual = count(s1.visual_encoder), count(s1.text_encoder), count(m2.text_encoder)
+    head = count(m2.cls_head)
+    stage1 = count(s1)
+    print(f"\n[{preset}] ViT-B/16@384 {vit:,} | MED BERT {med:,} | stage I {stage1:,} | stage II dual encoder "
+          f"{dual:,} + head {head:,} = {dual + head:,} trainable (+ frozen stage I)")
+    assert vit == expected_vit() and 86.0e6 < vit < 86.2e6  # ViT-B/16 at 384 (577 position embeddings)
+    assert med == expected_med_bert() and 137.0e6 < med < 137.5e6  # BERT-base + 12 cross-attention blocks
+    assert stage1 == vit + med + 2 * _linear(768, 256) + 1  # + vision_proj, text_proj, temp
+    assert dual == expected_dual()
+    # duplicated attention: the dual encoder has exactly one extra copy of every self- and cross-attention block,
+    # plus the six Linear(1536 -> 768) merges, on top of a MED BERT
+    per_layer_attention = (4 * _linear(768, 768) + _ln(768)) * 2
+    assert dual - med == 12 * per_layer_attention + 6 * _linear(1536, 768)
+    assert head == _linear(1536, 768) + _linear(768, 2)
+    assert sum(p.numel() for p in m2.parameters() if p.requires_grad) == dual + head

@@ -1,0 +1,57 @@
+"""Checkpoint safety: weights_only loads, pickled modules refused unless trusted, clear errors on damaged files."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from cirlab.checkpoint import (CheckpointError, load_checkpoint, load_model_weights, model_state_dict,
+                               save_checkpoint)
+
+
+def test_round_trip(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    path = save_checkpoint(tmp_path / "c" / "x.pt", {"model": model.state_dict(), "epoch": 3})
+    ckpt = load_checkpoint(path)
+    assert ckpt["format"] == "cirlab-checkpoint-v1" and ckpt["epoch"] == 3
+    other = torch.nn.Linear(3, 2)
+    load_model_weights(other, path)
+    assert torch.equal(other.weight, model.weight)
+    assert [p.name for p in path.parent.iterdir()] == ["x.pt"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_damaged_file_names_the_file(tmp_path, damage):
+    path = save_checkpoint(tmp_path / "x.pt", {"model": torch.nn.Linear(30, 20).state_dict()})
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"not a checkpoint" * 50, "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_checkpoint(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_pickled_module_refused_unless_trusted(tmp_path, caplog):
+    path = tmp_path / "train_model.pt"
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    torch.save(module, path)  # like AMC's released checkpoints: a whole pickled model
+    with pytest.raises(CheckpointError, match="trust_pickle=True"):
+        load_checkpoint(path)
+    with caplog.at_level(logging.WARNING, logger="cirlab.checkpoint"):
+        loaded = load_checkpoint(path, trust_pickle=True)
+    assert "weights_only=False" in caplog.text
+    assert isinstance(loaded, torch.nn.Sequential)
+    target = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    load_model_weights(target, path, trust_pickle=True)  # the state dict is taken out of the module
+    assert torch.equal(target[0].weight, module[0].weight)
+
+
+def test_model_state_dict_shapes(tmp_path):
+    sd = {"w": torch.ones(1)}
+    assert model_state_dict({"state_dict": sd}) is sd and model_state_dict(sd) is sd
+    with pytest.raises(CheckpointError, match="no model weights"):
+        model_state_dict({"epoch": 1}, tmp_path / "x.pt")

@@ -1,0 +1,186 @@
+"""``check_dataset`` lists every problem of a tree (not only the first), and ``cirlab data check`` reports them."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+from fixtures_data import write_cirr, write_fashioniq, write_image, write_json, write_precomp, write_shoes
+
+from cirlab.data import DataError, check_dataset, format_problems, load_cir
+from cirlab.data.cli import add_subcommands, build_parser, main
+
+
+def _kinds(problems) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p in problems:
+        out[p.kind] = out.get(p.kind, 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("name,writer,stats", [
+    ("fashioniq", write_fashioniq, {"splits": 9, "triplets": 36}),
+    ("shoes", write_shoes, {"splits": 2, "triplets": 9, "images": 11}),
+    ("cirr", write_cirr, {"splits": 3, "triplets": 10, "images": 30}),
+])
+def test_clean_trees_have_no_problems(tmp_path, name, writer, stats, capsys):
+    writer(tmp_path / name)
+    problems = check_dataset(name, tmp_path / name)
+    assert problems == []
+    assert {k: problems.stats[k] for k in stats} == stats
+    assert main(["check", "--dataset", name, "--root", str(tmp_path / name)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{name}: OK (") and f"{stats['splits']} splits" in out
+
+
+def test_clean_precomp(tmp_path, capsys):
+    write_precomp(tmp_path, name="f30k", splits=("train", "test"), dim=8)
+    write_precomp(tmp_path, name="coco", splits=("testall",), dim=8)
+    # dim 8 is not the BUTD 2048: the default check reports it, once per split
+    problems = check_dataset("precomp", tmp_path)
+    assert _kinds(problems) == {"bad_array": 3}
+    write_precomp(tmp_path, name="f30k", splits=("train", "test"))
+    write_precomp(tmp_path, name="coco", splits=("testall",))
+    assert check_dataset("precomp", tmp_path) == []
+    assert check_dataset("coco", tmp_path).stats == {"images": 4, "captions": 20, "splits": 1}
+    assert main(["check", "--dataset", "f30k", "--root", str(tmp_path)]) == 0
+    assert "f30k: OK (2 splits, 8 images, 40 captions)" in capsys.readouterr().out
+
+
+def _break_fashioniq(root) -> None:
+    (root / "images" / "dress_val_1.png").unlink()  # listed and used by 2 caption entries
+    (root / "images" / "shirt_train_5.png").unlink()  # listed only
+    (root / "captions" / "cap.toptee.val.json").write_text("[{]")
+    path = root / "captions" / "cap.shirt.test.json"
+    entries = json.loads(path.read_text())
+    entries[0]["candidate"] = "B00UNKNOWN"
+    entries[2]["captions"] = "one string"
+    write_json(path, entries)
+    write_json(root / "image_splits" / "split.dress.train.json", ["dress_train_0", "dress_train_0", 7])
+
+
+def test_fashioniq_all_problems_listed(tmp_path, capsys):
+    info = write_fashioniq(tmp_path / "fiq")
+    _break_fashioniq(info["root"])
+    problems = check_dataset("fashioniq", info["root"])
+    # missing images are reported at their split-file listing (entries naming a listed image are not double counted);
+    # split.dress.train.json keeps only dress_train_0 (a duplicate, a non-string), so the 4 caption entries of
+    # cap.dress.train.json name 6 unlisted images; cap.shirt.test.json: 1 unknown candidate, 1 bad captions field
+    assert _kinds(problems) == {"missing_image": 2, "malformed_json": 1, "unknown_name": 7, "bad_entry": 2,
+                                "duplicate": 1}
+    files = {p.file.rsplit("/", 1)[-1] for p in problems}
+    assert {"split.dress.val.json", "split.shirt.train.json", "cap.toptee.val.json", "cap.shirt.test.json",
+            "split.dress.train.json", "cap.dress.train.json"} <= files
+    text = format_problems(problems)
+    assert "unknown_name: 7 problems" in text and "malformed_json: 1 problem\n" in text
+    assert text.endswith("13 problems in total (2 bad_entry, 1 duplicate, 1 malformed_json, 2 missing_image, "
+                         "7 unknown_name)")
+    assert main(["check", "--dataset", "fashioniq", "--root", str(info["root"])]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED with 13 problems" in out
+    assert out.count("\n  ") == 13  # every problem is listed, one line each
+    assert "B00UNKNOWN" in out and "dress_val_1" in out
+    # loading fails fast on the first problem of the split it reads
+    with pytest.raises(DataError, match=r"split\.dress\.val\.json \[#1\]"):
+        load_cir("fashioniq", info["root"], "val", category="dress")
+
+
+def test_format_problems_truncates_per_kind(tmp_path):
+    info = write_fashioniq(tmp_path / "fiq")
+    _break_fashioniq(info["root"])
+    text = format_problems(check_dataset("fashioniq", info["root"]), max_per_kind=2)
+    assert "unknown_name: 7 problems" in text and "  ... and 5 more" in text
+    assert format_problems([]) == "no problems"
+
+
+def test_shoes_all_problems_listed(tmp_path):
+    info = write_shoes(tmp_path / "shoes")
+    info["paths"][info["test"][0]].unlink()
+    write_image(info["root"] / "attributedata" / "womens_pumps" / "0" / info["train"][2])
+    entries = info["entries"] + [{"ImageName": "nowhere.jpg"}]
+    write_json(info["root"] / "relative_captions_shoes.json", entries)
+    problems = check_dataset("shoes", info["root"])
+    # test image 0: missing from the eval list line 1 and as the reference of test entry #5
+    assert _kinds(problems) == {"duplicate": 1, "missing_image": 2, "bad_entry": 1}
+
+
+def test_cirr_all_problems_listed(tmp_path):
+    info = write_cirr(tmp_path / "cirr_dataset")
+    root = info["root"]
+    (root / "dev" / "dev-0-1-img0.png").unlink()
+    (root / "test1" / "test1-0-3-img0.png").unlink()
+    (root / "cirr" / "captions" / "cap.rc2.train.json").write_text("not json")
+    path = root / "cirr" / "captions" / "cap.rc2.val.json"
+    entries = json.loads(path.read_text())
+    entries[2]["img_set"]["members"][4] = "dev-77-img0"
+    entries[3]["pairid"] = "103"
+    write_json(path, entries)
+    problems = check_dataset("cirr", root)
+    assert _kinds(problems) == {"missing_image": 2, "malformed_json": 1, "unknown_name": 1, "bad_entry": 1}
+    assert {p.entry for p in problems if p.kind == "missing_image"} == {"dev-0-1-img0", "test1-0-3-img0"}
+
+
+def test_precomp_all_problems_listed(tmp_path, capsys):
+    write_precomp(tmp_path, name="f30k", splits=("train", "dev", "test"))
+    folder = tmp_path / "f30k_precomp"
+    (folder / "train_caps.txt").write_text("a\n" * 19)
+    np.save(folder / "dev_ims.npy", np.zeros((4, 36, 100), np.float32))
+    (folder / "test_caps.txt").unlink()
+    problems = check_dataset("f30k", tmp_path)
+    assert _kinds(problems) == {"count_mismatch": 1, "bad_array": 1, "missing_file": 1}
+    assert main(["check", "--dataset", "f30k", "--root", str(tmp_path)]) == 1
+    assert "FAILED with 3 problems" in capsys.readouterr().out
+
+
+def test_verify_images_finds_corrupt_files(tmp_path):
+    info = write_cirr(tmp_path / "cirr_dataset", groups={"val": 1})
+    assert check_dataset("cirr", info["root"], verify_images=True) == []
+    (info["root"] / "dev" / "dev-0-2-img0.png").write_bytes(b"\x89PNG not really")
+    problems = check_dataset("cirr", info["root"], verify_images=True)
+    assert _kinds(problems) == {"unreadable_image": 1} and problems[0].file.endswith("dev-0-2-img0.png")
+    assert check_dataset("cirr", info["root"]) == []  # without decoding, the file merely exists
+
+
+def test_missing_root_and_unknown_dataset(tmp_path, capsys):
+    problems = check_dataset("shoes", tmp_path / "absent")
+    assert _kinds(problems) == {"missing_file": 1}
+    assert main(["check", "--dataset", "cirr", "--root", str(tmp_path / "absent")]) == 1
+    assert "dataset root not found" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown dataset"):
+        check_dataset("imagenet", tmp_path)
+    with pytest.raises(SystemExit):
+        main(["check", "--dataset", "imagenet", "--root", str(tmp_path)])
+
+
+def _all_actions(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_actions(sub)
+        else:
+            yield action
+
+
+def test_every_option_has_help():
+    actions = [a for a in _all_actions(build_parser()) if not isinstance(a, argparse._HelpAction)]
+    assert {"--dataset", "--root", "--verify-images", "--max-per-kind"} <= {s for a in actions for s in a.option_strings}
+    assert all(a.help for a in actions), [a.option_strings for a in actions if not a.help]
+
+
+def test_plugin_subcommands_are_registered(monkeypatch):
+    calls = []
+
+    def register_cli(subparsers):
+        calls.append("synth")
+        p = subparsers.add_parser("synth", help="fake")
+        p.set_defaults(func=lambda args: 7)
+
+    monkeypatch.setitem(sys.modules, "cirlab.data.synthetic", types.SimpleNamespace(register_cli=register_cli))
+    monkeypatch.setitem(sys.modules, "cirlab.data.emoji", None)  # an absent module: import raises, hook skipped
+    parser = argparse.ArgumentParser()
+    add_subcommands(parser.add_subparsers(dest="command"))
+    assert calls == ["synth"]
+    assert main(["synth"]) == 7

@@ -1,0 +1,428 @@
+"""Loaders on format-exact tiny trees (fixtures_data) and on broken ones (each problem -> DataError naming file+entry)."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from fixtures_data import write_cirr, write_fashioniq, write_image, write_json, write_precomp, write_shoes
+from torch.utils.data import DataLoader
+
+from cirlab.data import CIRSplit, DataError, load_cir, load_precomp
+from cirlab.data.fashioniq import clip4cir_random
+
+QUERY_KEYS = {"query_id", "ref_image", "text", "ref_idx", "target_idx", "category", "modification"}
+TRIPLET_KEYS = {"query_id", "ref_image", "text", "target_image", "category", "modification"}
+
+
+def _pixel(item_image: torch.Tensor) -> tuple[int, int, int]:
+    return tuple(int(round(v * 255)) for v in item_image[:, 0, 0].tolist())
+
+
+def _expected_pixel(path) -> tuple[int, int, int]:
+    from PIL import Image
+
+    return Image.open(path).convert("RGB").getpixel((0, 0))
+
+
+# ---------------------------------------------------------------------------------------------------------- Fashion-IQ
+
+
+@pytest.fixture
+def fiq(tmp_path):
+    return write_fashioniq(tmp_path / "fiq", modification=True)
+
+
+def test_fashioniq_amc_protocol(fiq):
+    split = load_cir("fashioniq", fiq["root"], "val", category="dress")
+    names = fiq["names"]["dress", "val"]
+    assert isinstance(split, CIRSplit) and len(split) == 4
+    # AMC gallery: unique candidates+targets of the caption file, first appearance; the 2 extra images are not in it
+    assert split.gallery_names == names[:4]
+    assert split.exclude_reference and split.protocol == "amc"
+    t = split.triplets[1]
+    assert (t.query_id, t.ref_name, t.target_name, t.category) == ("dress:1", names[1], names[2], "dress")
+    assert t.text == "<BOS> is more dress 1. <AND> has val sleeves 1 <EOS>"
+    assert t.captions == ["is more dress 1.", " has val sleeves 1 "]
+    assert t.extras == {"modification": "shape"}
+    assert split.ref_indices() == [0, 1, 2, 3] and split.target_indices() == [1, 2, 3, 0]
+
+
+def test_fashioniq_clip4cir_protocol_uses_split_gallery(fiq):
+    split = load_cir("fashioniq", fiq["root"], "val", category="shirt", protocol="rerank")
+    assert split.gallery_names == fiq["names"]["shirt", "val"]  # all 6, file order
+    assert not split.exclude_reference and split.protocol == "clip4cir"
+    assert split.triplets[0].text == "Is more shirt 0 and has val sleeves 0"
+    # overriding one part is recorded in the protocol label
+    mixed = load_cir("fashioniq", fiq["root"], "val", category="shirt", protocol="amc", gallery="split")
+    assert mixed.gallery_names == fiq["names"]["shirt", "val"] and mixed.protocol == "amc(gallery=split)"
+
+
+def test_fashioniq_all_categories_concatenated(fiq):
+    split = load_cir("fashioniq", fiq["root"], "train", protocol="clip4cir")
+    assert split.category is None and len(split) == 12
+    assert [t.category for t in split.triplets] == ["dress"] * 4 + ["shirt"] * 4 + ["toptee"] * 4
+    assert len(split.gallery_names) == 18 == len(set(split.gallery_names))
+    assert split.triplets[5].query_id == "shirt:1"
+    idx = split.target_indices()
+    assert [split.gallery_names[i] for i in idx] == [t.target_name for t in split.triplets]
+
+
+def test_fashioniq_categories_are_discovered(tmp_path):
+    info = write_fashioniq(tmp_path, categories=("color", "gender", "skin_tone"), splits=("train", "val"))
+    split = load_cir("fashioniq", info["root"], "val")
+    assert sorted({t.category for t in split.triplets}) == ["color", "gender", "skin_tone"]
+
+
+def test_fashioniq_test_split_has_no_targets(fiq):
+    split = load_cir("fashioniq", fiq["root"], "test", category="toptee")
+    assert all(t.target_name is None for t in split.triplets)
+    assert split.target_indices() == [-1] * 4
+    assert split.query_dataset()[0]["target_idx"] == -1
+    with pytest.raises(DataError, match="no targets"):
+        split.triplet_dataset()
+
+
+def test_fashioniq_img_category_layout_jpg(tmp_path):
+    info = write_fashioniq(tmp_path, categories=("dress",), layout="img", ext="jpg")
+    split = load_cir("fashioniq", info["root"], "val", category="dress")
+    assert split.image_path("dress_val_0") == info["root"] / "img" / "dress" / "dress_val_0.jpg"
+
+
+def test_fashioniq_items_and_batches(fiq):
+    split = load_cir("fashioniq", fiq["root"], "val", category="dress")
+    batch = next(iter(DataLoader(split.query_dataset(), batch_size=4)))
+    assert set(batch) == QUERY_KEYS
+    assert batch["ref_image"].shape == (4, 3, 8, 8) and batch["ref_image"].dtype == torch.float32
+    assert 0.0 <= batch["ref_image"].min() and batch["ref_image"].max() <= 1.0
+    assert batch["ref_idx"].tolist() == [0, 1, 2, 3] and batch["target_idx"].tolist() == [1, 2, 3, 0]
+    assert batch["modification"] == ["color", "shape", "size", "color"]
+    train = next(iter(DataLoader(split.triplet_dataset(random_text=False), batch_size=2)))
+    assert set(train) == TRIPLET_KEYS and train["target_image"].shape == (2, 3, 8, 8)
+    # the target image really is the target's file
+    assert _pixel(train["target_image"][0]) == _expected_pixel(split.image_path(split.triplets[0].target_name))
+    gallery = split.gallery_dataset()
+    item = gallery[2]
+    assert set(item) == {"image", "gallery_idx", "name"} and item["name"] == split.gallery_names[2]
+    assert _pixel(item["image"]) == _expected_pixel(split.image_path(item["name"]))
+
+
+def test_modification_defaults_to_empty_string(tmp_path):
+    info = write_fashioniq(tmp_path, categories=("dress",), splits=("val",))
+    item = load_cir("fashioniq", info["root"], "val").query_dataset()[0]
+    assert item["modification"] == ""
+
+
+def test_clip4cir_random_caption_policy():
+    caps = ["is red.", "has dots?"]
+    rng = random.Random(0)
+    outs = [clip4cir_random(caps, rng) for _ in range(400)]
+    forms = {"Is red and has dots", "Has dots and is red", "Is red", "Has dots"}
+    assert set(outs) == forms
+    assert all(60 < outs.count(f) < 140 for f in forms)  # each ~1/4
+
+
+def test_fashioniq_train_text_randomised_only_for_clip4cir(fiq):
+    random.seed(1)
+    clip = load_cir("fashioniq", fiq["root"], "train", category="dress", protocol="clip4cir").triplet_dataset()
+    assert len({clip[0]["text"] for _ in range(30)}) > 1
+    amc = load_cir("fashioniq", fiq["root"], "train", category="dress").triplet_dataset()
+    assert {amc[0]["text"] for _ in range(10)} == {"<BOS> is more dress 0. <AND> has train sleeves 0 <EOS>"}
+
+
+def test_root_defaults_to_cirlab_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIRLAB_DATA", str(tmp_path))
+    with pytest.raises(DataError, match=r"fashioniq: dataset root not found.*CIRLAB_DATA"):
+        load_cir("fashioniq", None, "val", category="dress")
+    write_fashioniq(tmp_path / "fashioniq", categories=("dress",), splits=("val",))
+    assert len(load_cir("fashioniq", None, "val", category="dress")) == 4
+
+
+# broken Fashion-IQ trees: (mutation, expected file name, expected entry, message fragment)
+def _fiq_missing_image(root):
+    (root / "images" / "dress_val_4.png").unlink()
+    return "split.dress.val.json", "[#4]", "dress_val_4"
+
+
+def _fiq_malformed_json(root):
+    (root / "captions" / "cap.dress.val.json").write_text('[{"candidate": "dress_val_0",, }]')
+    return "cap.dress.val.json", "[line 1 column", "malformed JSON"
+
+
+def _fiq_unknown_name(root):
+    path = root / "captions" / "cap.dress.val.json"
+    entries = json.loads(path.read_text())
+    entries[2]["target"] = "B00NOTLISTED"
+    write_json(path, entries)
+    return "cap.dress.val.json", "[#2]", "B00NOTLISTED"
+
+
+def _fiq_bad_captions(root):
+    path = root / "captions" / "cap.dress.val.json"
+    entries = json.loads(path.read_text())
+    entries[3]["captions"] = ["only one"]
+    write_json(path, entries)
+    return "cap.dress.val.json", "[#3]", "list of 2 strings"
+
+
+def _fiq_duplicate_image(root):
+    write_image(root / "images" / "dress_val_1.jpg")
+    return "dress_val_1", "dress_val_1.png", "exists twice"
+
+
+def _fiq_no_image_folder(root):
+    import shutil
+
+    shutil.rmtree(root / "images")
+    return "images", "", "no image folder"
+
+
+@pytest.mark.parametrize("mutate", [_fiq_missing_image, _fiq_malformed_json, _fiq_unknown_name, _fiq_bad_captions,
+                                    _fiq_duplicate_image, _fiq_no_image_folder])
+def test_fashioniq_broken_tree_raises_naming_file_and_entry(tmp_path, mutate):
+    info = write_fashioniq(tmp_path, categories=("dress",), splits=("val",))
+    file_part, entry_part, fragment = mutate(info["root"])
+    with pytest.raises(DataError) as err:
+        load_cir("fashioniq", info["root"], "val", category="dress")
+    message = str(err.value)
+    assert file_part in message and entry_part in message and fragment in message
+    assert isinstance(err.value, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------------------------- Shoes
+
+
+def test_shoes_pairs_gallery_and_amc_duplication(tmp_path):
+    info = write_shoes(tmp_path)
+    split = load_cir("shoes", info["root"], "test")
+    assert split.gallery_names == info["test"] and split.exclude_reference
+    assert len(split) == 4 and [t.query_id for t in split.triplets] == ["5", "6", "7", "8"]
+    t = split.triplets[0]
+    assert (t.ref_name, t.target_name, t.text, t.category) == (info["test"][0], info["test"][1], "is taller 0", "shoes")
+    assert split.ref_indices() == [0, 1, 2, 3] and split.target_indices() == [1, 2, 3, 4]
+    assert split.image_path(info["test"][2]) == info["paths"][info["test"][2]]
+    # AMC quirk: both images listed -> each pair emitted twice, in name-loop order
+    amc = load_cir("shoes", info["root"], "eval", pairs="amc")
+    assert [t.query_id for t in amc.triplets] == ["5", "5.1", "6", "6.1", "7", "7.1", "8", "8.1"]
+    assert amc.protocol == "amc(pairs=amc)"
+    train = load_cir("shoes", info["root"], "train")
+    assert len(train) == 5 and train.gallery_names == info["train"]
+    assert "img_mens_shoes_0.jpg" not in train.image_paths  # only *womens* folders are indexed
+
+
+def test_shoes_batches(tmp_path):
+    info = write_shoes(tmp_path)
+    batch = next(iter(DataLoader(load_cir("shoes", info["root"], "train").triplet_dataset(), batch_size=3)))
+    assert set(batch) == TRIPLET_KEYS and batch["ref_image"].shape == (3, 3, 8, 8)
+    assert batch["category"] == ["shoes"] * 3 and batch["modification"] == [""] * 3
+
+
+def test_shoes_duplicate_basename_names_both_paths(tmp_path):
+    info = write_shoes(tmp_path)
+    dup = write_image(info["root"] / "attributedata" / "womens_pumps" / "3" / info["train"][0])
+    with pytest.raises(DataError) as err:
+        load_cir("shoes", info["root"], "train")
+    assert str(dup) in str(err.value) and str(info["paths"][info["train"][0]]) in str(err.value)
+
+
+def test_shoes_missing_listed_image(tmp_path):
+    info = write_shoes(tmp_path)
+    info["paths"][info["test"][3]].unlink()
+    with pytest.raises(DataError, match=r"eval_im_names\.txt \[line 4\].*img_womens_flats_3\.jpg"):
+        load_cir("shoes", info["root"], "test")
+
+
+def test_shoes_test_pair_outside_eval_list(tmp_path):
+    info = write_shoes(tmp_path)
+    entries = info["entries"] + [{"ImageName": info["train"][0], "ReferenceImageName": info["test"][0],
+                                  "RelativeCaption": "x"}]
+    write_json(info["root"] / "relative_captions_shoes.json", entries)
+    with pytest.raises(DataError, match=r"relative_captions_shoes\.json \[#9\].*ImageName.*not in eval_im_names"):
+        load_cir("shoes", info["root"], "test")
+
+
+def test_shoes_bad_entry(tmp_path):
+    info = write_shoes(tmp_path)
+    entries = info["entries"]
+    del entries[1]["RelativeCaption"]
+    write_json(info["root"] / "relative_captions_shoes.json", entries)
+    with pytest.raises(DataError, match=r"relative_captions_shoes\.json \[#1\].*RelativeCaption"):
+        load_cir("shoes", info["root"], "train")
+
+
+# ----------------------------------------------------------------------------------------------------------------- CIRR
+
+
+def test_cirr_val(tmp_path):
+    info = write_cirr(tmp_path / "cirr_dataset", modification=True)
+    split = load_cir("cirr", info["root"], "val")
+    assert split.gallery_names == info["names"]["val"] and split.exclude_reference
+    assert [t.query_id for t in split.triplets] == ["100", "101", "102", "103"]
+    t = split.triplets[2]
+    assert (t.ref_name, t.target_name) == ("dev-1-0-img0", "dev-1-2-img0")
+    assert t.extras["members"] == [f"dev-1-{m}-img0" for m in range(6)] and t.extras["img_set_id"] == 1
+    assert t.extras["modification"] == "color" and t.extras["target_soft"] == {"dev-1-2-img0": 1.0}
+    assert split.member_indices()[2] == list(range(6, 12))
+    assert split.image_path("dev-1-3-img0") == info["root"] / "dev" / "dev-1-3-img0.png"
+    item = split.query_dataset()[3]
+    assert (item["ref_idx"], item["target_idx"], item["modification"]) == (7, 11, "shape")
+
+
+def test_cirr_test1_and_root_variants(tmp_path):
+    info = write_cirr(tmp_path / "cirr_dataset")
+    split = load_cir("cirr", info["root"] / "cirr", "test")  # the cirr/ subfolder and the "test" alias are accepted
+    assert split.split == "test1" and split.target_indices() == [-1, -1]
+    assert split.triplets[0].extras["members"][0] == "test1-0-0-img0"
+    train = load_cir("cirr", info["root"], "train")
+    assert train.image_path("train-1-4-img0") == info["root"] / "train" / "1" / "train-1-4-img0.png"
+    batch = next(iter(DataLoader(train.triplet_dataset(), batch_size=4)))
+    assert batch["query_id"] == ["100", "101", "102", "103"] and batch["target_image"].shape == (4, 3, 8, 8)
+
+
+def _cirr_missing_image(root):
+    (root / "dev" / "dev-1-4-img0.png").unlink()
+    return r"split\.rc2\.val\.json \[dev-1-4-img0\].*not found"
+
+
+def _cirr_unknown_reference(root):
+    path = root / "cirr" / "captions" / "cap.rc2.val.json"
+    entries = json.loads(path.read_text())
+    entries[1]["reference"] = "dev-999-0-img0"
+    write_json(path, entries)
+    return r"cap\.rc2\.val\.json \[pairid 101\].*dev-999-0-img0"
+
+
+def _cirr_malformed(root):
+    (root / "cirr" / "image_splits" / "split.rc2.val.json").write_text("{\n  \"a\": \"./dev/a.png\"\n")
+    return r"split\.rc2\.val\.json \[line \d+ column \d+\].*malformed JSON"
+
+
+def _cirr_duplicate_pairid(root):
+    path = root / "cirr" / "captions" / "cap.rc2.val.json"
+    entries = json.loads(path.read_text())
+    entries[3]["pairid"] = 100
+    write_json(path, entries)
+    return r"cap\.rc2\.val\.json \[pairid 100\].*twice"
+
+
+def _cirr_missing_target(root):
+    path = root / "cirr" / "captions" / "cap.rc2.val.json"
+    entries = json.loads(path.read_text())
+    del entries[0]["target_hard"]
+    write_json(path, entries)
+    return r"cap\.rc2\.val\.json \[pairid 100\].*target_hard"
+
+
+@pytest.mark.parametrize("mutate", [_cirr_missing_image, _cirr_unknown_reference, _cirr_malformed,
+                                    _cirr_duplicate_pairid, _cirr_missing_target])
+def test_cirr_broken_tree_raises_naming_file_and_entry(tmp_path, mutate):
+    info = write_cirr(tmp_path / "cirr_dataset")
+    pattern = mutate(info["root"])
+    with pytest.raises(DataError, match=pattern):
+        load_cir("cirr", info["root"], "val")
+
+
+# -------------------------------------------------------------------------------------------------------------- precomp
+
+
+def test_precomp_semantics(tmp_path):
+    info = write_precomp(tmp_path, splits=("test",), n_images=4)
+    split = load_precomp(tmp_path, "f30k", "test")
+    assert isinstance(split.images, np.memmap) and split.images.shape == (4, 36, 2048)
+    assert split.im_div == 5 and len(split.captions) == 20 and split.captions[7] == "image 1 caption 2 ."
+    pairs = split.pair_dataset()
+    assert len(pairs) == 20
+    for k in (0, 4, 5, 19):
+        item = pairs[k]
+        assert item["image_idx"] == k // 5 and item["caption_idx"] == k
+        assert item["image_feats"].dtype == torch.float32 and item["image_feats"].shape == (36, 2048)
+        assert round(float(item["image_feats"].mean())) == k // 5  # features of image k // 5
+        assert item["text"] == info["captions"]["test"][k]
+    batch = next(iter(DataLoader(pairs, batch_size=6)))
+    assert batch["image_feats"].shape == (6, 36, 2048) and batch["image_idx"].tolist() == [0] * 5 + [1]
+    assert len(split.image_dataset()) == 4 and split.image_dataset()[3]["image_idx"] == 3
+    assert split.caption_dataset()[19] == {"text": "image 3 caption 4 .", "caption_idx": 19}
+    np.testing.assert_allclose(split.features(2).numpy(), info["features"]["test"][2])
+
+
+def test_precomp_one_caption_per_image(tmp_path):
+    write_precomp(tmp_path, name="coco", splits=("testall",), n_images=5, captions_per_image=1)
+    split = load_precomp(tmp_path, "coco", "testall")
+    assert split.im_div == 1 and split.pair_dataset()[3]["image_idx"] == 3
+
+
+def test_precomp_dev_capped_at_5000_captions(tmp_path):
+    write_precomp(tmp_path, splits=("dev",), n_images=1014, regions=36, dim=2)
+    split = load_precomp(tmp_path, "f30k", "dev", dim=2)
+    assert len(split.captions) == 5000 and split.images.shape[0] == 1000
+    full = load_precomp(tmp_path, "f30k", "dev", dim=2, max_captions=None)
+    assert len(full.captions) == 5070 and full.images.shape[0] == 1014
+
+
+def test_precomp_gpo_layout_and_float16(tmp_path):
+    write_precomp(tmp_path / "f30k", name="x", splits=("test",), dtype="float16")
+    (tmp_path / "f30k" / "x_precomp").rename(tmp_path / "f30k" / "precomp")
+    split = load_precomp(tmp_path, "f30k", "test")
+    assert split.pair_dataset()[0]["image_feats"].dtype == torch.float32
+
+
+def test_precomp_count_mismatch_names_both_files(tmp_path):
+    write_precomp(tmp_path, splits=("test",), n_images=4)
+    caps = tmp_path / "f30k_precomp" / "test_caps.txt"
+    caps.write_text("".join(f"c {k}\n" for k in range(19)))
+    with pytest.raises(DataError) as err:
+        load_precomp(tmp_path, "f30k", "test")
+    message = str(err.value)
+    assert "test_caps.txt" in message and "test_ims.npy" in message and "19 captions for 4 images" in message
+
+
+@pytest.mark.parametrize("shape,dtype,fragment", [((4, 36, 1024), "float32", "does not match [N, 36, 2048]"),
+                                                  ((4, 36), "float32", "does not match"),
+                                                  ((4, 36, 2048), "int32", "not a floating-point")])
+def test_precomp_bad_array(tmp_path, shape, dtype, fragment):
+    write_precomp(tmp_path, splits=("test",))
+    np.save(tmp_path / "f30k_precomp" / "test_ims.npy", np.zeros(shape, dtype))
+    with pytest.raises(DataError) as err:
+        load_precomp(tmp_path, "f30k", "test")
+    assert "test_ims.npy" in str(err.value) and fragment in str(err.value)
+
+
+def test_precomp_truncated_download(tmp_path):
+    write_precomp(tmp_path, splits=("test",))
+    path = tmp_path / "f30k_precomp" / "test_ims.npy"
+    path.write_bytes(path.read_bytes()[: 200_000])  # HREM issue #2: an incomplete download
+    with pytest.raises(DataError, match=r"test_ims\.npy.*truncated"):
+        load_precomp(tmp_path, "f30k", "test")
+
+
+def test_precomp_empty_caption_and_missing_split(tmp_path):
+    write_precomp(tmp_path, splits=("test",))
+    caps = tmp_path / "f30k_precomp" / "test_caps.txt"
+    lines = caps.read_text().splitlines()
+    lines[6] = "  "
+    caps.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"test_caps\.txt \[line 7\]: empty caption"):
+        load_precomp(tmp_path, "f30k", "test")
+    with pytest.raises(DataError, match=r"split 'train' not found; splits here: test"):
+        load_precomp(tmp_path, "f30k", "train")
+
+
+# -------------------------------------------------------------------------------------------------------------- general
+
+
+def test_unknown_dataset_and_options(tmp_path):
+    with pytest.raises(ValueError, match="unknown CIR dataset"):
+        load_cir("nope", tmp_path)
+    info = write_fashioniq(tmp_path, categories=("dress",), splits=("val",))
+    with pytest.raises(ValueError, match="unknown Fashion-IQ gallery"):
+        load_cir("fiq", info["root"], "val", gallery="everything")
+
+
+def test_import_is_cheap():
+    code = "import sys, cirlab.data; print(sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

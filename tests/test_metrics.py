@@ -1,0 +1,305 @@
+"""cirlab.metrics against the naive per-query loops (tests/naive_metrics.py) on random, tied and edge inputs."""
+from __future__ import annotations
+
+import doctest
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cirlab import metrics as M
+
+try:
+    import naive_metrics as N
+except ImportError:  # tests/ became a package
+    from tests import naive_metrics as N
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = settings(max_examples=60, deadline=None)
+
+
+@st.composite
+def cir_case(draw, tied: bool | None = None):
+    """Q x G scores (often tied), a target per query, and an exclusion per query (-1 or an index)."""
+    q = draw(st.integers(1, 6))
+    g = draw(st.integers(2, 12))
+    seed = draw(st.integers(0, 2**31 - 1))
+    tied = draw(st.booleans()) if tied is None else tied
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(-2, 3, size=(q, g)).astype(np.float32) if tied else rng.standard_normal((q, g)).astype(
+        np.float32)
+    target = rng.integers(0, g, size=q)
+    exclude = np.where(rng.random(q) < 0.3, -1, rng.integers(0, g, size=q))
+    return scores, target, exclude
+
+
+def test_doctests_pass():
+    result = doctest.testmod(M, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 10 and result.failed == 0
+
+
+# ------------------------------------------------------------------ ranks and recall
+@FAST
+@given(cir_case())
+def test_target_ranks_equal_naive_loop(case):
+    scores, target, exclude = case
+    got = M.target_ranks(torch.from_numpy(scores), torch.from_numpy(target), torch.from_numpy(exclude)).tolist()
+    want = N.naive_ranks(scores, target, exclude)
+    g = scores.shape[1]
+    assert got == [g + 1 if r is None else r for r in want]
+
+
+@FAST
+@given(cir_case(), st.integers(1, 5))
+def test_recall_at_k_equals_naive_loop_for_any_chunk(case, chunk):
+    scores, target, exclude = case
+    ks = (1, 2, 5, 50)  # 50 > G: a target removed with its reference must still be a miss
+    for exc in (None, exclude):
+        got = M.recall_at_k(torch.from_numpy(scores), torch.from_numpy(target), ks,
+                            None if exc is None else torch.from_numpy(exc), chunk_size=chunk)
+        assert got == pytest.approx(N.naive_recall(scores, target, ks, exc))
+
+
+@FAST
+@given(cir_case(tied=True))
+def test_tie_variants_bound_the_stable_rank(case):
+    scores, target, _ = case
+    s, t = torch.from_numpy(scores), torch.from_numpy(target)
+    opt, stable, pes = (M.target_ranks(s, t, ties=x) for x in ("optimistic", "stable", "pessimistic"))
+    ts = scores[np.arange(len(t)), target][:, None]
+    assert opt.tolist() == ((scores > ts).sum(1) + 1).tolist()  # strict count (hrem 7.6)
+    assert pes.tolist() == (scores >= ts).sum(1).tolist()  # every tie ahead
+    assert bool((opt <= stable).all() and (stable <= pes).all())
+
+
+def test_ties_resolve_toward_lower_index():
+    s = torch.zeros(1, 5)
+    assert M.target_ranks(s.repeat(5, 1), torch.arange(5)).tolist() == [1, 2, 3, 4, 5]
+    # removing a tied item in front of the target moves it up; removing one behind does not
+    assert M.target_ranks(s.repeat(2, 1), torch.tensor([3, 3]), torch.tensor([1, 4])).tolist() == [3, 4]
+
+
+def test_target_equal_to_excluded_reference_is_a_miss():
+    s = torch.tensor([[0.9, 0.1, 0.2]])
+    assert M.target_ranks(s, [0], [0]).tolist() == [4]
+    assert M.recall_at_k(s, [0], (1, 10), exclude=[0]) == {"R@1": 0.0, "R@10": 0.0}
+
+
+def test_bad_inputs_raise_with_the_entry():
+    s = torch.rand(3, 4)
+    with pytest.raises(ValueError, match=r"target\[1\] = 4"):
+        M.target_ranks(s, [0, 4, 1])
+    with pytest.raises(ValueError, match="exclude has 2 entries"):
+        M.target_ranks(s, [0, 1, 2], [0, 1])
+    with pytest.raises(ValueError, match="2-D"):
+        M.target_ranks(torch.rand(4), [0])
+    with pytest.raises(ValueError, match="ties must be"):
+        M.target_ranks(s, [0, 1, 2], ties="random")
+    bad = s.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="row 2 contains NaN"):
+        M.target_ranks(bad, [0, 1, 2], chunk_size=1)
+
+
+def test_numpy_and_float64_inputs_match_tensor_inputs():
+    rng = np.random.default_rng(3)
+    scores = rng.standard_normal((7, 9))
+    target = rng.integers(0, 9, 7)
+    assert M.target_ranks(scores, target).tolist() == M.target_ranks(torch.from_numpy(scores).float(),
+                                                                     torch.from_numpy(target)).tolist()
+
+
+# ------------------------------------------------------------------ Fashion-IQ and Shoes
+@FAST
+@given(cir_case(), cir_case(), cir_case())
+def test_fashioniq_equals_naive_per_category(a, b, c):
+    cats = dict(zip(M.FIQ_CATEGORIES, (a, b, c)))
+    got = M.fashioniq_metrics({k: (torch.from_numpy(s), torch.from_numpy(t)) for k, (s, t, _) in cats.items()})
+    for cat, (s, t, _) in cats.items():
+        want = N.naive_recall(s, t, (10, 50))
+        assert got[f"{cat}_R@10"] == pytest.approx(want["R@10"])
+        assert got[f"{cat}_R@50"] == pytest.approx(want["R@50"])
+    avg10 = np.mean([got[f"{c}_R@10"] for c in cats])
+    avg50 = np.mean([got[f"{c}_R@50"] for c in cats])
+    assert got["avg_R@10"] == pytest.approx(avg10) and got["avg"] == pytest.approx((avg10 + avg50) / 2)
+
+
+def test_fashioniq_amc_variant_removes_the_reference():
+    s = torch.tensor([[0.9] + [0.5] * 10 + [0.8]])  # reference (0) is the best match, target (11) second
+    assert M.fashioniq_metrics({"dress": (s, [11])}, ks=(1,))["dress_R@1"] == 0.0
+    assert M.fashioniq_metrics({"dress": (s, [11], [0])}, ks=(1,))["dress_R@1"] == 100.0
+
+
+@FAST
+@given(cir_case())
+def test_shoes_equals_naive_with_reference_removed(case):
+    scores, target, exclude = case
+    got = M.shoes_metrics((torch.from_numpy(scores), torch.from_numpy(target), torch.from_numpy(exclude)))
+    want = N.naive_recall(scores, target, (1, 10, 50), exclude)
+    assert {k: got[k] for k in want} == pytest.approx(want)
+    assert got["avg"] == pytest.approx(np.mean(list(want.values())))
+
+
+# ------------------------------------------------------------------ CIRR
+@st.composite
+def cirr_case(draw):
+    q = draw(st.integers(1, 6))
+    g = draw(st.integers(7, 60))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    tied = draw(st.booleans())
+    scores = rng.integers(0, 4, (q, g)).astype(np.float32) if tied else rng.random((q, g)).astype(np.float32)
+    members = np.stack([rng.choice(g, 6, replace=False) for _ in range(q)])
+    reference, target = members[:, 0].copy(), members[:, 1].copy()
+    for row in members:
+        rng.shuffle(row)  # the reference and target sit anywhere in img_set.members
+    return scores, target, reference, members
+
+
+@FAST
+@given(cirr_case())
+def test_cirr_equals_c5_loop(case):
+    scores, target, reference, members = case
+    got = M.cirr_metrics(torch.from_numpy(scores), target, reference, members)
+    assert got == pytest.approx(N.naive_cirr(scores, target, reference, members))
+
+
+def test_cirr_subset_counts_duplicated_and_padded_members_once():
+    s = torch.tensor([[0.1, 0.9, 0.8, 0.7, 0.6]])
+    # member 2 listed twice and a -1 pad: the subset is {2, 3, 4} minus nothing, target 3 is second
+    assert M.cirr_subset_ranks(s, [3], [0], [[0, 2, 2, 3, 4, -1]]).tolist() == [2]
+
+
+def test_cirr_rejects_broken_queries():
+    s = torch.rand(2, 8)
+    with pytest.raises(ValueError, match="query 1: target 5 is not among its img_set members"):
+        M.cirr_metrics(s, [1, 5], [0, 0], [[0, 1, 2, 3, 4, 6], [0, 1, 2, 3, 4, 6]])
+    with pytest.raises(ValueError, match="query 0: target_hard equals the reference"):
+        M.cirr_metrics(s, [1, 2], [1, 0], [[0, 1, 2, 3, 4, 6], [0, 1, 2, 3, 4, 6]])
+
+
+def _submission_lists(n: int = 3):
+    ranked = [[f"dev-{q}-{i}" for i in range(50)] for q in range(n)]
+    subset = [[f"set-{q}-{i}" for i in range(3)] for q in range(n)]
+    return [12060 + q for q in range(n)], ranked, subset
+
+
+def test_cirr_submission_schema_round_trip():
+    pairs, ranked, subset = _submission_lists()
+    sub = M.cirr_submission(pairs, ranked, subset)
+    for metric, k in (("recall", 50), ("recall_subset", 3)):
+        obj = json.loads(json.dumps(sub[metric], sort_keys=True))
+        assert obj["version"] == "rc2" and obj["metric"] == metric
+        assert sorted(key for key in obj if key.isdigit()) == ["12060", "12061", "12062"]
+        assert all(len(obj[str(p)]) == k for p in pairs)
+        M.validate_cirr_submission(obj, pair_ids=pairs)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda o: o.update(version="rc1"), "'version' must be 'rc2'"),
+    (lambda o: o.update(metric="recall@50"), "'metric' must be one of"),
+    (lambda o: o.update({"12060": o["12060"][:49]}), "pair 12060 has 49 names, expected 50"),
+    (lambda o: o.update({"12061": ["x"] * 50}), "pair 12061 repeats an image name"),
+    (lambda o: o.update({"012062": o.pop("12062")}), "key '012062' is not a pair id"),
+    (lambda o: o.update({"12060": "dev-0-0"}), "pair 12060 must map to a list"),
+    (lambda o: o.pop("12061"), r"missing pair ids \['12061'\]"),
+])
+def test_cirr_submission_schema_errors(edit, message):
+    pairs, ranked, subset = _submission_lists()
+    obj = M.cirr_submission(pairs, ranked, subset)["recall"]
+    edit(obj)
+    with pytest.raises(ValueError, match=message):
+        M.validate_cirr_submission(obj, pair_ids=pairs)
+
+
+def test_cirr_submission_rejects_short_lists_and_length_mismatch():
+    pairs, ranked, subset = _submission_lists()
+    with pytest.raises(ValueError, match="expected 3"):
+        M.cirr_submission(pairs, ranked, [s[:2] for s in subset])
+    with pytest.raises(ValueError, match="differ in length"):
+        M.cirr_submission(pairs[:2], ranked, subset)
+
+
+# ------------------------------------------------------------------ ITM
+@st.composite
+def itm_case(draw):
+    n = draw(st.integers(1, 5))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    if draw(st.booleans()):
+        return rng.integers(0, 3, (n, 5 * n)).astype(np.float32)
+    return rng.standard_normal((n, 5 * n)).astype(np.float32)
+
+
+@FAST
+@given(itm_case(), st.integers(1, 4))
+def test_itm_equals_vsepp_loop(sims, chunk):
+    got = M.itm_metrics(torch.from_numpy(sims), chunk_size=chunk)
+    assert got == pytest.approx(N.naive_itm(sims))
+    assert (M.i2t_ranks(sims) - 1).tolist() == N.naive_i2t_ranks(sims).tolist()
+    assert (M.t2i_ranks(sims) - 1).tolist() == N.naive_t2i_ranks(sims).tolist()
+
+
+@FAST
+@given(itm_case())
+def test_optimistic_ties_equal_the_hrem_oracle(sims):
+    assert (M.i2t_ranks(sims, ties="optimistic") - 1).tolist() == N.hrem_i2t_ranks(sims).tolist()
+    assert (M.t2i_ranks(sims, ties="optimistic") - 1).tolist() == N.hrem_t2i_ranks(sims).tolist()
+
+
+def test_hrem_verified_vector():
+    sims = np.random.default_rng(0).permutation(45).reshape(3, 15) / 45
+    assert (M.i2t_ranks(sims) - 1).tolist() == [1, 0, 1]
+    assert (M.t2i_ranks(sims) - 1).tolist() == [2, 0, 2, 2, 1, 2, 0, 1, 1, 2, 0, 0, 2, 1, 1]
+    m = M.itm_metrics(sims)
+    assert m["t2i_R@1"] == pytest.approx(100 * 4 / 15) and m["t2i_meanr"] == pytest.approx(1 + 17 / 15)
+
+
+def test_medr_uses_numpy_median_on_even_counts():
+    ranks = torch.tensor([1, 1, 5, 9])  # rank0 median (0 + 4) / 2 = 2 -> medr 3; torch.median would give 1
+    assert M.itm_metrics_from_ranks(ranks, ranks)["i2t_medr"] == 3.0
+
+
+def test_coco_1k_is_the_mean_over_folds():
+    sims = np.random.default_rng(1).integers(0, 4, (10, 50)).astype(np.float32)
+    assert M.coco_1k_metrics(torch.from_numpy(sims), folds=5) == pytest.approx(N.naive_coco_1k(sims, folds=5))
+    with pytest.raises(ValueError, match="multiple of 5 images"):
+        M.coco_1k_metrics(torch.rand(6, 30))
+    with pytest.raises(ValueError, match=r"\[N images x 5N captions\]"):
+        M.itm_metrics(torch.rand(3, 14))
+
+
+def test_coco_5k_in_bounded_memory():
+    """A 5,000 x 25,000 float32 matrix (500 MB) is evaluated with O(chunk) extra memory, not another full copy."""
+    script = textwrap.dedent("""
+        import json, resource, torch
+        from cirlab.metrics import coco_1k_metrics, coco_5k_metrics
+        torch.manual_seed(0)
+        n = 5000
+        sims = torch.empty(n, 5 * n)
+        for r in range(0, n, 500):
+            sims[r:r + 500].uniform_()           # in place: no temporary copy while filling
+        for i in range(0, n, 2):                 # every even image gets its own captions on top
+            sims[i, 5 * i:5 * i + 5] += 1.0
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        m5 = coco_5k_metrics(sims, chunk_size=64)
+        m1 = coco_1k_metrics(sims, chunk_size=64)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({"extra_mb": (peak - base) / 1024, "i2t_R@1": m5["i2t_R@1"], "t2i_R@1": m5["t2i_R@1"],
+                          "i2t_R@1_1k": m1["i2t_R@1"]}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300,
+                         # a fixed mmap threshold returns freed blocks to the OS, so peak RSS tracks live memory
+                         env={**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": "1048576"})
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    # half the images are planted at rank 1 in both directions, the rest are near chance
+    assert 50.0 <= res["i2t_R@1"] < 51.0 and 50.0 <= res["t2i_R@1"] < 51.0 and 50.0 <= res["i2t_R@1_1k"] < 52.0
+    # 64 rows x 25,000 columns of temporaries (~20 MB); any full-size extra copy would be >= 125 MB (bool)
+    assert res["extra_mb"] < 64, res

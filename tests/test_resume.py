@@ -1,0 +1,101 @@
+"""Exact resume: a run killed mid-epoch and resumed logs the same per-step losses as an uninterrupted run."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import cirlab
+from cirlab.train import TrainConfig, train
+from stub_models import TripletItems
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def _cfg(**kw) -> TrainConfig:
+    # dropout + noise augmentation + shuffling + EMA + step schedule: every RNG stream and state matters
+    base = dict(epochs=3, batch_size=4, lr=2e-2, log_every=1, tensorboard=False, progress="none",
+                schedule="step", lr_milestones=[1, 2], lr_gamma=0.5, ema_decay=0.9, grad_clip=1.0,
+                selection="last", checkpoint_every=2, weight_decay=1e-4, optimizer="adamw")
+    return TrainConfig(**{**base, **kw})
+
+
+def _model():
+    torch.manual_seed(0)
+    return cirlab.create_model("stub_cir", preset="tiny_dropout")
+
+
+def _losses(log_path) -> dict[int, float]:
+    out = {}
+    for line in log_path.read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == "train":
+            out[record["step"]] = record["loss"]  # a resumed run re-logs steps after its checkpoint
+    return out
+
+
+def _kill_at(step: int):
+    def callback(record):
+        if record["step"] == step:
+            raise Killed(f"killed at step {step}")
+    return callback
+
+
+@pytest.mark.parametrize("accum, kill_step, every", [(1, 7, 2), (2, 4, 3)])
+def test_killed_mid_epoch_then_resumed_matches_uninterrupted(tmp_path, accum, kill_step, every):
+    data = TripletItems(22)  # 22 items, batch 4: 5 micro-batches per epoch (the last 2 items dropped)
+    ref_model = _model()
+    cfg = dict(grad_accum_steps=accum, checkpoint_every=every)
+    reference = train(ref_model, data, _cfg(**cfg), output_dir=tmp_path / "ref")
+
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(_model(), data, _cfg(**cfg), output_dir=run, callbacks=[_kill_at(kill_step)])
+    # the last checkpoint before the kill lies in the middle of epoch 1 (5 micro-batches per epoch)
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["progress"]["step"] == kill_step - 1
+    assert ckpt["progress"]["epoch"] == 1 and 0 < ckpt["progress"]["batch_in_epoch"] < 4
+    resumed_model = _model()
+    resumed = train(resumed_model, data, _cfg(**cfg, resume="auto"), output_dir=run)
+
+    assert reference["steps"] == resumed["steps"]
+    ref_losses = reference["losses"]
+    assert resumed["losses"] == ref_losses[kill_step - 1:]  # exact, step by step after the checkpoint
+    assert _losses(run / "log.jsonl") == _losses(tmp_path / "ref" / "log.jsonl")
+    for key, value in ref_model.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[key]), key
+
+
+def test_max_steps_then_resume_equals_one_run(tmp_path):
+    data = TripletItems(20)
+    reference = train(_model(), data, _cfg(max_steps=12, checkpoint_every=0), output_dir=tmp_path / "ref")
+    first = train(_model(), data, _cfg(max_steps=7, checkpoint_every=0), output_dir=tmp_path / "run")
+    second = train(_model(), data, _cfg(max_steps=12, checkpoint_every=0, resume="auto"), output_dir=tmp_path / "run")
+    assert first["losses"] + second["losses"] == reference["losses"]
+
+
+def test_failed_write_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(_model(), TripletItems(12), _cfg(epochs=1), output_dir=run)
+    last = run / "checkpoints" / "last.pt"
+    good = last.read_bytes()
+
+    def exploding_save(obj, fh, *args, **kwargs):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", exploding_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(_model(), TripletItems(12), _cfg(epochs=2, resume="auto"), output_dir=run)
+    assert last.read_bytes() == good  # untouched, and no temp file left behind
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_resume_from_non_checkpoint_is_clear(tmp_path):
+    bad = tmp_path / "weights.pt"
+    torch.save({"model": _model().state_dict()}, bad)
+    with pytest.raises(Exception, match="not a resumable cirlab checkpoint"):
+        train(_model(), TripletItems(12), _cfg(epochs=1, resume=str(bad)), output_dir=tmp_path / "r")

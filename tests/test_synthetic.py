@@ -1,0 +1,180 @@
+"""The synthetic generator: determinism, the real layouts read back by the real loaders, and learnability (an oracle
+that knows the attributes finds every target; text-only and image-only rankers cannot)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cirlab.data import _scenes as sc
+from cirlab.data import synthetic
+from cirlab.data.base import load_cir
+from cirlab.data.precomp import load_precomp
+
+KINDS = set(sc.KINDS)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "a"
+    synthetic.generate(out, seed=0, size="tiny", image_size=32)
+    return out
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_writes_identical_bytes_and_other_seed_differs(tiny, tmp_path):
+    synthetic.generate(tmp_path / "b", seed=0, size="tiny", image_size=32)
+    first, second = _files(tiny), _files(tmp_path / "b")
+    assert first.keys() == second.keys()
+    assert [k for k in first if first[k] != second[k]] == []
+    synthetic.generate(tmp_path / "c", seed=1, size="tiny", image_size=32, layouts=["cirr"])
+    other = _files(tmp_path / "c" / "cirr")
+    same_names = [k for k in other if other[k] == first.get(f"cirr/{k}")]
+    assert not any(k.endswith((".json", ".png")) and "captions" in k for k in same_names)
+    assert len(same_names) < len(other) / 10
+
+
+def test_fashioniq_layout_reads_back(tiny):
+    root = tiny / "fashioniq"
+    for cat in synthetic.CATEGORY_SPECS:
+        for split in ("train", "val", "test"):
+            loaded = load_cir("fashioniq", root, split, category=cat)
+            assert len(loaded.triplets) == 25 and loaded.has_targets
+            for t in loaded.triplets:
+                assert len(t.captions) == 2 and t.captions[0] != t.captions[1]
+                assert t.extras["modification"] in KINDS
+                assert t.ref_name != t.target_name
+            names = json.loads((root / "image_splits" / f"split.{cat}.{split}.json").read_text())
+            assert sorted(names) == sorted(loaded.gallery_names)  # AMC gallery = every written image
+    item = load_cir("fashioniq", root, "val", category="dress").triplet_dataset(transform=np.asarray)[0]
+    assert item["ref_image"].shape == (32, 32, 3) and item["modification"] in KINDS
+
+
+def test_cirr_layout_reads_back(tiny):
+    root = tiny / "cirr"
+    val = load_cir("cirr", root, "val")
+    assert len(val.triplets) == 40 and val.has_targets
+    for t in val.triplets:
+        members = t.extras["members"]
+        assert len(members) == 6 and t.ref_name in members and t.target_name in members
+        assert t.extras["modification"] in KINDS
+    test1 = load_cir("cirr", root, "test1")
+    assert len(test1.triplets) == 40 and all(t.target_name is None for t in test1.triplets)
+    assert all(len(t.extras["members"]) == 6 for t in test1.triplets)
+    raw = json.loads((root / "cirr" / "captions" / "cap.rc2.test1.json").read_text())
+    assert not any("target_hard" in e or "target_soft" in e for e in raw)
+    train_paths = json.loads((root / "cirr" / "image_splits" / "split.rc2.train.json").read_text())
+    assert all(p.startswith("./train/0/") for p in train_paths.values())
+
+
+def test_shoes_layout_reads_back(tiny):
+    root = tiny / "shoes"
+    for split in ("train", "test"):
+        loaded = load_cir("shoes", root, split)
+        assert len(loaded.triplets) == 25
+        assert all(t.extras["modification"] in KINDS for t in loaded.triplets)
+        assert all(loaded.image_path(t.ref_name).suffix == ".jpg" for t in loaded.triplets)
+    train = set((root / "train_im_names.txt").read_text().split())
+    test = set((root / "eval_im_names.txt").read_text().split())
+    assert train and test and not train & test
+
+
+def test_precomp_layout_and_features_carry_attributes(tiny):
+    meta = json.loads((tiny / "precomp" / synthetic.META).read_text())
+    featurizer = synthetic.RegionFeaturizer(0, 2048)
+    colors = list(sc.COLORS)
+    proto = np.stack([featurizer.protos[("color", c)] for c in colors])
+    for split, n in zip(("train", "dev", "test"), (20, 10, 10)):
+        loaded = load_precomp(tiny / "precomp", "f30k", split)
+        assert loaded.images.shape == (n, 36, 2048) and loaded.images.dtype == np.float32
+        assert len(loaded.captions) == 5 * n
+        for i, items in enumerate(meta["scenes"][split]):
+            scene = sc.scene_from_json(items)
+            feats = np.asarray(loaded.images[i])
+            assert feats.min() >= 0.0
+            norms = np.linalg.norm(feats, axis=1)
+            objects = np.argsort(-norms)[: len(scene)]
+            assert (norms > 22).sum() == len(scene)  # one strong region per object, the rest background
+            decoded = sorted(colors[int(np.argmax(proto @ feats[j]))] for j in objects)
+            assert decoded == sorted(o.color for o in scene)
+            caps = loaded.captions[5 * i: 5 * i + 5]
+            assert len(set(caps)) == 5
+            for cap in caps:
+                assert all(f"{o.color} {o.shape}" in cap for o in scene)
+
+
+@pytest.mark.parametrize("layout,split,category", [("fashioniq", "val", "dress"), ("fashioniq", "train", "shirt"),
+                                                   ("cirr", "val", None), ("shoes", "test", None)])
+def test_oracle_solves_it_and_single_modalities_cannot(tiny, layout, split, category):
+    root = tiny / layout
+    loaded = load_cir(layout, root, split, category=category)
+    res = synthetic.audit_split(loaded, synthetic.load_meta(root))
+    assert res["queries"] == len(loaded.triplets) > 0
+    assert res["oracle_R@1"] == 100.0
+    # best possible R@1 of any ranker that sees only the text / only the reference, even fitted to this split
+    assert res["text_only_best_R@1"] <= 25.0
+    assert res["image_only_best_R@1"] <= 20.0
+    # and how many gallery images each modality alone leaves possible
+    assert res["text_consistent_mean"] >= 4.0 and res["image_consistent_mean"] >= 5.0
+    assert res["text_only_R@1"] <= 25.0 and res["image_only_R@1"] <= 20.0
+
+
+def test_consistency_checks_match_a_brute_force_search():
+    spec = sc.SceneSpec(("circle", "square"), ("red", "blue"), min_objects=1, max_objects=3)
+    rng = np.random.default_rng(3)
+    scenes = {sc.random_scene(rng, spec, int(rng.integers(1, 4))) for _ in range(40)}
+    for ref in sorted(scenes)[:8]:
+        brute = {sc.scene_key(sc.apply_edit(e, ref, spec)) for e in sc.all_edits(ref, spec)}
+        assert sc.one_edit_neighbours(ref, spec) == brute
+        for edit in list(sc.all_edits(ref, spec))[::9]:
+            result = sc.apply_edit(edit, ref, spec)
+            assert sc.consistent_with_text(edit, result, spec)
+            for g in scenes:  # a scene is consistent iff some scene in the pool (or elsewhere) maps to it
+                if any(sc.apply_edit(edit, r, spec) == g for r in scenes):
+                    assert sc.consistent_with_text(edit, g, spec)
+
+
+def test_every_text_means_one_edit():
+    spec = synthetic.CIRR_SPEC
+    rng = np.random.default_rng(0)
+    seen: dict[str, sc.Edit] = {}
+    for _ in range(20):
+        scene = sc.random_scene(rng, spec, 4)
+        for edit in sc.all_edits(scene, spec):
+            for text in sc.templates(edit):
+                assert seen.setdefault(text, edit) == edit, text
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="unknown layout"):
+        synthetic.generate("/nonexistent-never-written", layouts=["coco"])
+    with pytest.raises(ValueError, match="unknown synthetic size"):
+        synthetic.generate("/nonexistent-never-written", size="huge")
+
+
+def test_cli_writes_and_summarises(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="cmd")
+    p = synthetic.register_cli(sub)
+    assert all(a.help for a in p._actions if a.dest != "help")
+    args = parser.parse_args(["synth", "--out", str(tmp_path), "--size", "tiny", "--layouts", "shoes",
+                              "--image-size", "24", "--seed", "2"])
+    assert args.func(args) == 0
+    line = capsys.readouterr().out.strip()
+    assert "shoes 50 queries/60 images" in line and str(tmp_path) in line
+    manifest = json.loads((tmp_path / synthetic.MANIFEST).read_text())
+    assert manifest["seed"] == 2 and list(manifest["layouts"]) == ["shoes"]
+    assert len(load_cir("shoes", tmp_path / "shoes", "test").triplets) == 25
+
+
+def test_ensure_generates_once(tmp_path):
+    root = synthetic.ensure(tmp_path / "s", size="tiny", layouts=["shoes"], image_size=24)
+    stamp = (root / synthetic.MANIFEST).stat().st_mtime_ns
+    assert synthetic.ensure(tmp_path / "s", size="tiny", layouts=["shoes"], image_size=24) == root
+    assert (root / synthetic.MANIFEST).stat().st_mtime_ns == stamp

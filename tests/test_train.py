@@ -1,0 +1,186 @@
+"""The training loop: learning signal, schedules, EMA modes, accumulation, selection, run folder."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+
+import cirlab
+from cirlab.train import (EMA, ResumableSampler, TrainConfig, learning_rate, resolve_train_config, schedule_factor,
+                          train)
+from stub_models import TripletItems  # registers stub_cir / stub_itm
+
+
+def _model(preset: str = "tiny", **overrides):
+    torch.manual_seed(0)
+    return cirlab.create_model("stub_cir", preset=preset, **overrides)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(epochs=2, batch_size=8, lr=1e-2, log_every=1, tensorboard=False, progress="none", selection_metric="R@1")
+    return TrainConfig(**{**base, **kw})
+
+
+def _read_log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_loss_decreases_and_run_folder(tmp_path):
+    model = _model()
+    out = tmp_path / "run"
+    result = train(model, TripletItems(32), _cfg(epochs=6, lr=3e-2, tensorboard=True), output_dir=out)
+    assert result["steps"] == 6 * 4 and result["epochs"] == 6
+    first, last = sum(result["losses"][:4]) / 4, sum(result["losses"][-4:]) / 4
+    assert last < 0.75 * first, (first, last)
+    assert (out / "config.yaml").is_file() and (out / "checkpoints" / "last.pt").is_file()
+    assert (out / "checkpoints" / "best.pt").is_file()  # selection "val" without evaluate_fn -> final weights
+    records = [r for r in _read_log(out / "log.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in records] == list(range(1, 25))
+    # the trainer sums *_loss terms and logs every term
+    for r in records:
+        assert r["loss"] == pytest.approx(r["rank_loss"] + r["aux_loss"], rel=1e-5)
+        assert "pos_sim" in r
+    assert any(p.name.startswith("events") for p in (out / "tb").iterdir())
+    assert model.epochs_started == list(range(6))
+
+
+def test_model_defaults_merge_under_overrides():
+    cfg = resolve_train_config(_model(), {"lr": 0.5})
+    assert cfg.lr == 0.5 and cfg.epochs == 2 and cfg.batch_size == 8 and cfg.selection_metric == "R@1"
+    with pytest.raises(TypeError, match="unknown field"):
+        resolve_train_config(_model(), {"learning_rate": 1})
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="linear")
+
+
+def test_step_schedules_match_paper_formulas():
+    amc = TrainConfig(lr=1e-4, schedule="step", lr_milestones=[40], epochs=50)
+    assert [learning_rate(amc, 1e-4, e, 0) for e in (0, 39, 40, 49)] == pytest.approx([1e-4, 1e-4, 1e-5, 1e-5])
+    dime = TrainConfig(lr=2e-4, schedule="step", lr_step_size=15, epochs=30)
+    for e in range(30):  # lr = 2e-4 * 0.1 ** (epoch // 15)
+        assert learning_rate(dime, 2e-4, e, 0) == pytest.approx(2e-4 * 0.1 ** (e // 15))
+
+
+def test_cosine_clamped_and_periodic():
+    cos = TrainConfig(schedule="cosine", cosine_epochs=10, epochs=40, min_lr=0.0)
+    per = TrainConfig(schedule="periodic_cosine", cosine_epochs=10, epochs=40, min_lr=0.0)
+    ref = lambda e: 2e-5 * 0.5 * (1 + math.cos(math.pi * e / 10))  # the re-ranker's unclamped formula
+    for e in range(40):
+        assert learning_rate(per, 2e-5, e, 0) == pytest.approx(ref(e), abs=1e-15)
+        assert learning_rate(cos, 2e-5, e, 0) == pytest.approx(ref(min(e, 10)), abs=1e-15)
+    assert learning_rate(per, 2e-5, 20, 0) == pytest.approx(2e-5)  # back up at epoch 20
+    assert learning_rate(per, 2e-5, 30, 0) == pytest.approx(0.0, abs=1e-20)
+    warm = TrainConfig(schedule="constant", warmup_steps=4)
+    assert [learning_rate(warm, 1.0, 0, s) for s in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1])
+    assert schedule_factor(TrainConfig(), 7) == 1.0
+
+
+def test_lr_applied_per_epoch_in_loop(tmp_path):
+    cfg = _cfg(epochs=3, schedule="step", lr_milestones=[1, 2], lr_gamma=0.5)
+    train(_model(), TripletItems(16), cfg, output_dir=tmp_path)
+    lrs = {r["epoch"]: r["lr"] for r in _read_log(tmp_path / "log.jsonl") if r["kind"] == "train"}
+    assert lrs == pytest.approx({0: 1e-2, 1: 5e-3, 2: 2.5e-3})
+
+
+def test_grad_accumulation_equals_big_batch(tmp_path):
+    # per-sample loss: 2 micro-batches of 4 accumulate to the gradient of one batch of 8
+    results = []
+    for bs, accum in ((8, 1), (4, 2)):
+        model = _model(loss="cosine")
+        train(model, TripletItems(16), _cfg(epochs=1, batch_size=bs, grad_accum_steps=accum, shuffle=False,
+                                            grad_clip=0.5), output_dir=tmp_path / f"r{bs}")
+        results.append(model.state_dict())
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], rtol=0, atol=1e-6)
+
+
+def test_ema_standard_restores_and_paper_mode_replaces(tmp_path):
+    seen = {}
+
+    def evaluate(model):
+        seen["weights"] = model.image.weight.detach().clone()
+        return {"val": {"R@1": 1.0}}
+
+    model = _model()
+    train(model, TripletItems(16), _cfg(epochs=1, ema_decay=0.9), output_dir=tmp_path / "std", evaluate_fn=evaluate)
+    live = model.image.weight.detach().clone()
+    assert not torch.allclose(seen["weights"], live)  # evaluated on EMA weights
+    best = torch.load(tmp_path / "std" / "checkpoints" / "best.pt", weights_only=True)["model"]
+    torch.testing.assert_close(best["image.weight"], seen["weights"])  # best.pt holds what was evaluated
+
+    model = _model()
+    train(model, TripletItems(16), _cfg(epochs=1, ema_decay=0.9, ema_mode="paper_no_restore"),
+          output_dir=tmp_path / "paper", evaluate_fn=evaluate)
+    torch.testing.assert_close(model.image.weight, seen["weights"])  # AMC quirk: live weights ARE the EMA
+
+
+def test_ema_reseed_after_paper_apply():
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, 0.5, "paper_no_restore")
+    w0 = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.fill_(4.0)
+    ema.update(model)
+    assert torch.allclose(ema.shadow["weight"], 0.5 * w0 + 2.0)  # shadow = d * shadow + (1 - d) * param
+    ema.apply_permanently(model)
+    with torch.no_grad():
+        model.weight.fill_(10.0)  # an optimizer step
+    ema.update(model)  # as in the original (aliased param.data): the EMA restarts at the live weights
+    assert torch.allclose(ema.shadow["weight"], torch.full_like(model.weight, 10.0))
+    ema.update(model)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema.update(model)
+    assert torch.allclose(ema.shadow["weight"], torch.full_like(model.weight, 5.0))
+
+
+def test_selection_on_named_split_and_paper_mode(tmp_path, caplog):
+    scores = iter([{"val": {"R@1": 5.0}, "test": {"R@1": 1.0}}, {"val": {"R@1": 3.0}, "test": {"R@1": 9.0}}])
+    result = train(_model(), TripletItems(16), _cfg(epochs=2, selection_metric="R@1"), output_dir=tmp_path / "v",
+                   evaluate_fn=lambda m: next(scores))
+    assert result["best_epoch"] == 0 and result["best_score"] == 5.0 and result["selection_split"] == "val"
+
+    scores = iter([{"val": {"R@1": 5.0}, "test": {"R@1": 1.0}}, {"val": {"R@1": 3.0}, "test": {"R@1": 9.0}}])
+    with caplog.at_level(logging.WARNING, logger="cirlab.train"):
+        result = train(_model(), TripletItems(16), _cfg(epochs=2, selection="paper", selection_metric="R@1"),
+                       output_dir=tmp_path / "p", evaluate_fn=lambda m: next(scores))
+    assert result["best_epoch"] == 1 and result["best_score"] == 9.0
+    assert "selection='paper'" in caplog.text and "'test'" in caplog.text
+    evals = [r for r in _read_log(tmp_path / "p" / "log.jsonl") if r["kind"] == "eval"]
+    assert [r.get("best", False) for r in evals] == [True, True]
+
+
+def test_selection_metric_missing_is_a_clear_error(tmp_path):
+    with pytest.raises(KeyError, match="R@10"):
+        train(_model(), TripletItems(16), _cfg(epochs=1, selection_metric="R@10+R@50"), output_dir=tmp_path,
+              evaluate_fn=lambda m: {"val": {"R@1": 1.0, "R@50": 2.0}})
+
+
+def test_training_step_without_loss_terms_errors(tmp_path):
+    model = _model()
+    model.training_step = lambda batch: {"similarity": torch.tensor(1.0, requires_grad=True)}
+    with pytest.raises(ValueError, match="_loss"):
+        train(model, TripletItems(16), _cfg(epochs=1), output_dir=tmp_path)
+
+
+def test_sampler_shards_cover_the_global_batches():
+    single = list(ResumableSampler(20, seed=3, batch_size=4))
+    r0 = list(ResumableSampler(20, seed=3, batch_size=4, rank=0, world_size=2))
+    r1 = list(ResumableSampler(20, seed=3, batch_size=4, rank=1, world_size=2))
+    for j in range(5):
+        assert sorted(single[4 * j:4 * j + 4]) == sorted(r0[2 * j:2 * j + 2] + r1[2 * j:2 * j + 2])
+    s = ResumableSampler(20, seed=3, batch_size=4)
+    s.set_epoch(0, start=8)
+    assert list(s) == single[8:] and len(s) == 12
+    s.set_epoch(1)
+    assert list(s) != single  # reshuffled per epoch
+
+
+def test_max_steps_stops_mid_epoch(tmp_path):
+    result = train(_model(), TripletItems(32), _cfg(epochs=5, max_steps=6), output_dir=tmp_path)
+    assert result["steps"] == 6 and result["epochs"] == 1
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["progress"]["step"] == 6 and ckpt["progress"]["batch_in_epoch"] == 2

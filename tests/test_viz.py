@@ -1,0 +1,296 @@
+"""cirlab.viz plots and the cirlab.analysis numbers behind them, on small known inputs."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cirlab import analysis, viz
+from cirlab.topk import TopK
+
+matplotlib = pytest.importorskip("matplotlib")
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import PathPatch, Rectangle  # noqa: E402
+
+CELLS = ["RIC", "GLGC", "IMRC", "CMRC"]
+
+
+def amc_frame(n: int = 12, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for q in range(n):
+        for layer in ("layer1", "layer2"):
+            w = rng.random(3)
+            for e, name in enumerate(("NIN", "CRN", "GTN")):
+                rows.append({"query_id": f"q{q}", "layer": layer, "source": None, "destination": None,
+                             "expert": name, "code_index": e, "paper_name": name, "weight": float(w[e]),
+                             "category": ("dress", "shirt", "toptee")[q % 3],
+                             "modification": ("color", "add")[q % 2]})
+    return pd.DataFrame(rows)
+
+
+def dime_frame(n: int = 6, seed: int = 1) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    rows, mats = [], {}
+    for layer, dests in (("layer0", CELLS), ("layer1", CELLS), ("layer2", ["out"])):
+        w = rng.random((n, len(dests), 4))
+        mats[layer] = w
+        for q in range(n):
+            for d, dst in enumerate(dests):
+                for s, src in enumerate(CELLS):
+                    rows.append({"query_id": q, "layer": layer, "source": src, "destination": dst, "expert": dst,
+                                 "code_index": d, "paper_name": dst, "weight": float(w[q, d, s]),
+                                 "category": "ab"[q % 2]})
+    return pd.DataFrame(rows), mats
+
+
+# ------------------------------------------------------------------------------------------------ analysis
+def test_rank_shift_table_matches_naive_loop():
+    rng = np.random.default_rng(3)
+    before = rng.integers(1, 60, 500)
+    after = np.maximum(1, before - rng.integers(-10, 20, 500))
+    k = 50
+    table = analysis.rank_shift_table(before, after, k)  # one bin per rank
+    assert list(table["bin_start"]) == list(range(1, k + 1))
+    for i in range(1, k + 1):  # the original notebook's loop, 1-based
+        m = before == i
+        row = table.iloc[i - 1]
+        assert row["count"] == m.sum()
+        if m.sum():
+            assert row["mean_rank_after"] == pytest.approx(after[m].mean())
+            assert row["average_delta"] == pytest.approx(i - after[m].mean())
+        else:
+            assert row["average_delta"] == 0.0
+    assert table["count"].sum() == (before <= k).sum()  # outside the pool is left out
+    binned = analysis.rank_shift_table(before, after, k, bins=5)
+    assert list(binned["bin_start"]) == [1, 11, 21, 31, 41] and list(binned["bin_end"]) == [10, 20, 30, 40, 50]
+    m = (before >= 11) & (before <= 20)
+    assert binned.iloc[1]["mean_rank_after"] == pytest.approx(after[m].mean())
+
+
+def test_rank_shift_summary_and_ceiling():
+    before = np.array([1, 5, 10, 300, 0])
+    after = np.array([2, 1, 10, 3, 4])
+    s = analysis.rank_shift_summary(before, after, k=100)  # in pool: (1,2), (5,1), (10,10)
+    assert s["queries"] == 3
+    assert s["improved_pct"] == pytest.approx(100 / 3) and s["worsened_pct"] == pytest.approx(100 / 3)
+    assert s["moved_forward"] == pytest.approx(((1 - 2) + (5 - 1) + 0) / 3)
+    assert analysis.ceiling_recall(before, 10) == pytest.approx(75.0)  # 3 of 4 known ranks are <= 10
+    assert analysis.recall_from_ranks(after, [1]) == {"R@1": pytest.approx(20.0)}  # 1 of 5
+
+
+def test_align_ranks_joins_by_query_and_rejects_disjoint_files():
+    a = TopK(["x", "y", "z"], np.zeros((3, 2)), np.zeros((3, 2)), [3, 0, 7], ["c1", "c1", "c2"])
+    b = TopK(["z", "x"], np.zeros((2, 2)), np.zeros((2, 2)), [1, 2])
+    al = analysis.align_ranks(a, b)
+    assert al.set_index("query_id")[["rank_before", "rank_after"]].to_dict("index") == {
+        "x": {"rank_before": 3, "rank_after": 2}, "z": {"rank_before": 7, "rank_after": 1}}
+    with pytest.raises(ValueError, match="share no query"):
+        analysis.align_ranks(a, TopK(["w"], np.zeros((1, 1)), np.zeros((1, 1)), [1]))
+
+
+def test_gate_entropy_and_utilisation():
+    w = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.2, 0.6, 0.2]])
+    h = analysis.gate_entropy(w)
+    assert h[0] == pytest.approx(0.0) and h[1] == pytest.approx(1.0)
+    p = np.array([0.2, 0.6, 0.2])
+    assert h[2] == pytest.approx(-(p * np.log(p)).sum() / np.log(3))
+    util = analysis.expert_utilisation(w)
+    assert util["top1_share"].tolist() == pytest.approx([2 / 3, 1 / 3, 0.0])
+    assert util["mean_share"].sum() == pytest.approx(1.0)
+
+
+def test_flow_matrices_are_mean_path_weights():
+    frame, mats = dime_frame()
+    flows = analysis.flow_matrices(frame)
+    assert [f[0] for f in flows] == ["layer0", "layer1", "layer2"]
+    for layer, sources, dests, mat in flows:
+        assert sources == CELLS
+        np.testing.assert_allclose(mat, mats[layer].mean(axis=0))
+    with pytest.raises(ValueError, match="no path rows"):
+        analysis.flow_matrices(amc_frame())
+
+
+def test_pca_2d_recovers_the_dominant_direction():
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=200)
+    x = np.outer(t, [3.0, 0.0, 4.0]) + 0.01 * rng.normal(size=(200, 3))
+    coords, ratio = analysis.pca_2d(x)
+    assert ratio[0] > 0.99
+    assert abs(np.corrcoef(coords[:, 0], t)[0, 1]) > 0.999
+
+
+def test_read_log_names_the_bad_line(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\nnot json\n')
+    with pytest.raises(ValueError, match="log.jsonl:3"):
+        analysis.read_log(path)
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    assert analysis.read_log(tmp_path)["loss"].tolist() == [2.0, 1.5]
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def test_save_figure_writes_png_and_svg(tmp_path):
+    fig = viz.plot_metrics_bars({"R@10": 10.0})
+    paths = viz.save_figure(fig, tmp_path / "figs", "bars")
+    assert [p.suffix for p in paths] == [".png", ".svg"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in paths[1].read_bytes()[:500]
+
+
+def test_gallery_highlights_the_target():
+    rng = np.random.default_rng(0)
+    rows = [{"ref_image": rng.random((8, 8, 3)), "text": "make it red", "candidates": [rng.random((8, 8, 3))] * 4,
+             "candidate_ids": list("abcd"), "target_position": t, "query_id": f"q{i}"}
+            for i, t in enumerate([2, None])]
+    fig = viz.plot_retrieval_gallery(rows, k=4)
+    assert isinstance(fig, Figure)
+    axes = np.array(fig.axes).reshape(2, 6)
+    assert [ax.get_gid() for ax in axes[0, 2:]] == [None, None, "target", None]
+    assert all(ax.get_gid() != "target" for ax in axes[1])
+    assert axes[0, 0].get_gid() == "query"
+    assert axes[0, 4].spines["top"].get_edgecolor()[:3] == pytest.approx(matplotlib.colors.to_rgb(viz.TARGET_COLOR))
+    with pytest.raises(ValueError):
+        viz.plot_retrieval_gallery([])
+
+
+def test_metrics_bars_one_bar_per_metric_and_run():
+    fig = viz.plot_metrics_bars({"R@10": 10.0, "R@50": 30.0, "dress": {"R@10": 5.0}})
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    assert heights == [10.0, 30.0, 5.0]
+    table = analysis.compare_runs({"a": {"R@1": 1.0, "R@5": 2.0}, "b": {"R@1": 3.0, "R@5": 4.0}})
+    fig = viz.plot_metrics_bars(table)
+    assert sorted(p.get_height() for p in fig.axes[0].patches) == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_run_comparison_table(tmp_path):
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1" / "metrics.json").write_text('{"val": {"R@10": 12.5}}')
+    fig = viz.plot_run_comparison({"r1": tmp_path / "r1", "r2": {"val": {"R@10": 20.0}}})
+    bars = [p for p in fig.axes[1].patches if isinstance(p, Rectangle)]
+    assert sorted(b.get_height() for b in bars) == [12.5, 20.0]
+    with pytest.raises(KeyError):
+        viz.plot_run_comparison({"r2": {"val": {"R@10": 2.0}}}, metrics=["val/R@50"])
+
+
+def test_expert_heatmaps_show_the_gate_matrix():
+    frame = amc_frame()
+    fig = viz.plot_expert_heatmaps(frame, sort_by=None)
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    assert len(images) == 2
+    data = images[0].get_array()
+    assert data.shape == (12, 3)
+    expected = frame[(frame.layer == "layer1") & (frame.query_id == "q0")].sort_values("code_index")["weight"]
+    np.testing.assert_allclose(data[0], expected.to_numpy())
+    dime, _ = dime_frame()
+    fig = viz.plot_expert_heatmaps(dime)
+    assert [ax.images[0].get_array().shape for ax in fig.axes if ax.images] == [(6, 16), (6, 16), (6, 4)]
+
+
+def test_gate_distributions_one_box_per_group_and_expert():
+    frame = amc_frame()
+    fig = viz.plot_gate_distributions(frame, by="category")
+    boxes = [p for ax in fig.axes for p in ax.patches if (p.get_gid() or "").startswith("box:")]
+    assert len(boxes) == 2 * 3 * 3  # layers x experts x categories
+    fig = viz.plot_gate_distributions(frame, by="modification")
+    assert len([p for ax in fig.axes for p in ax.patches if (p.get_gid() or "").startswith("box:")]) == 2 * 3 * 2
+    with pytest.raises(KeyError, match="no 'nope' column"):
+        viz.plot_gate_distributions(frame, by="nope")
+
+
+def test_gate_entropy_plot_bars_equal_statistics():
+    frame = amc_frame()
+    fig = viz.plot_gate_entropy(frame)
+    stats = analysis.route_statistics(frame)
+    right = fig.axes[1]
+    heights = [p.get_height() for p in right.patches]
+    n = len(stats)
+    np.testing.assert_allclose(heights[:n], stats["mean_share"])
+    np.testing.assert_allclose(heights[n:], stats["top1_share"])
+
+
+def test_dime_flows_band_per_path_scaled_by_weight():
+    frame, mats = dime_frame()
+    fig = viz.plot_dime_flows(frame)
+    bands = {p.get_gid(): p for p in fig.axes[0].patches if isinstance(p, PathPatch)}
+    assert len(bands) == 16 + 16 + 4
+    mean = mats["layer0"].mean(axis=0)
+    d, s = np.unravel_index(mean.argmax(), mean.shape)
+    d2, s2 = np.unravel_index(mean.argmin(), mean.shape)
+    widest = bands[f"flow:layer0:{CELLS[s]}->{CELLS[d]}"].get_linewidth()
+    thinnest = bands[f"flow:layer0:{CELLS[s2]}->{CELLS[d2]}"].get_linewidth()
+    assert widest > thinnest
+    wmax = max(m.mean(axis=0).max() for m in mats.values())
+    assert widest == pytest.approx(0.5 + 12.0 * mean.max() / wmax)
+
+
+def test_path_space_colours_by_category():
+    fig = viz.plot_path_space(amc_frame(n=15))
+    groups = {c.get_gid(): len(c.get_offsets()) for c in fig.axes[0].collections}
+    assert groups == {"group:dress": 5, "group:shirt": 5, "group:toptee": 5}
+
+
+def test_query_gates_bars_equal_gates():
+    frame = amc_frame()
+    fig = viz.plot_query_gates(frame, ["q1"])
+    got = [p.get_height() for p in fig.axes[1].patches]
+    expected = frame[(frame.layer == "layer2") & (frame.query_id == "q1")].sort_values("code_index")["weight"]
+    np.testing.assert_allclose(got, expected.to_numpy())
+
+
+def _aligned(n: int = 300, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    before = rng.integers(1, 300, n)
+    after = np.maximum(1, before - rng.integers(-5, 40, n))
+    return pd.DataFrame({"query_id": [f"q{i}" for i in range(n)], "category": np.array(["a", "b"])[np.arange(n) % 2],
+                         "rank_before": before, "rank_after": after})
+
+
+def test_rank_shift_plot_binned_means_and_shares():
+    al = _aligned()
+    k = 200
+    fig = viz.plot_rank_shift(al, k=k, bins=10)
+    a, b, c, d = fig.axes
+    line = next(l for l in b.lines if l.get_gid() == "binned_means")
+    xs, ys = line.get_data()
+    in_pool = al[al.rank_before <= k]
+    edges = np.linspace(1, k + 1, 11).round().astype(int)
+    naive = [in_pool[(in_pool.rank_before >= lo) & (in_pool.rank_before < hi)]["rank_after"].mean()
+             for lo, hi in zip(edges[:-1], edges[1:])]
+    np.testing.assert_allclose(ys, naive)
+    improved = [p.get_width() for p in c.patches if p.get_gid() == "share:improved_pct"]
+    assert improved[0] == pytest.approx(100 * (in_pool.rank_after < in_pool.rank_before).mean())
+    ceiling = [p.get_height() for p in d.patches if p.get_gid() == f"recall:ceiling_R@{k}"]
+    assert ceiling[0] == pytest.approx(100 * (al.rank_before <= k).mean())
+    assert len(ceiling) == 3  # all, a, b
+    assert sum(len(coll.get_offsets()) for coll in a.collections) == len(al)
+
+
+def test_figure8_bars_are_average_deltas():
+    al = _aligned()
+    table = analysis.rank_shift_table(al.rank_before, al.rank_after, 200)
+    fig = viz.plot_figure8(table)
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    np.testing.assert_allclose(heights, table["average_delta"])
+    assert fig.axes[1].get_yscale() == "symlog"
+
+
+def test_training_curves_from_log(tmp_path):
+    path = tmp_path / "log.jsonl"
+    lines = [f'{{"kind": "train", "step": {s}, "loss": {1.0 / s}, "rank_loss": {0.5 / s}, "lr": 0.1}}'
+             for s in range(1, 6)]
+    lines.append('{"kind": "eval", "step": 5, "epoch": 1, "val/R@10": 42.0}')
+    path.write_text("\n".join(lines) + "\n")
+    fig = viz.plot_training_curves(path)
+    curves = {l.get_gid(): l for ax in fig.axes for l in ax.lines}
+    assert set(curves) == {"curve:loss", "curve:rank_loss", "curve:lr", "curve:val/R@10"}
+    np.testing.assert_allclose(curves["curve:loss"].get_ydata(), [1.0 / s for s in range(1, 6)])
+    assert list(curves["curve:val/R@10"].get_xdata()) == [5]
+
+
+def test_no_pyplot_state_leaks():
+    import sys
+
+    viz.plot_metrics_bars({"a": 1.0})
+    if "matplotlib.pyplot" in sys.modules:
+        assert sys.modules["matplotlib.pyplot"].get_fignums() == []
