@@ -51,6 +51,7 @@ class Setup:
     train_overrides: dict[str, Any]
     model_overrides: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    max_train_per_category: int = 0  # > 0: train on a fixed random subset of at most this many triplets per category
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -62,21 +63,22 @@ def synthetic_setup(work: Path, size: str, epochs: int) -> Setup:
     manifest = synthetic.generate(work / "synthetic", seed=0, size=size, layouts=["fashioniq"], image_size=64)
     root = Path(manifest["layouts"]["fashioniq"]["root"])
     train_cfg = {"epochs": epochs, "lr": 1e-3, "lr_milestones": [int(epochs * 0.8)], "ema_decay": 0.99,
-                 "batch_size": 32, "eval_every": max(epochs // 4, 1), "selection_metric": "avg_R@10+avg_R@50"}
+                 "batch_size": 32, "eval_every": max(epochs // 3, 1), "selection_metric": "avg_R@10+avg_R@50"}
     return Setup("synthetic", "tiny", root, ["dress", "shirt", "toptee"], train_cfg,
                  note=f"cirlab.data.synthetic.generate(seed=0, size={size!r}, image_size=64), Fashion-IQ layout; "
                       "one model trained on the three categories together, evaluated per category")
 
 
-def emoji_setup(work: Path, epochs: int) -> Setup:
+def emoji_setup(work: Path, epochs: int, tarball: str, max_train: int) -> Setup:
     from cirlab.data import emoji
 
-    info = emoji.build()
-    root = Path(info["root"] if isinstance(info, dict) else info)
+    root = emoji.build(work / "emoji", tarball=tarball or None)
     train_cfg = {"epochs": epochs, "lr": 1e-3, "lr_milestones": [int(epochs * 0.8)], "ema_decay": 0.99,
-                 "batch_size": 32, "eval_every": max(epochs // 4, 1), "selection_metric": "avg_R@10+avg_R@50"}
+                 "batch_size": 32, "eval_every": max(epochs // 3, 1), "selection_metric": "avg_R@10+avg_R@50"}
     return Setup("emoji", "lite", root, None, train_cfg,
-                 note="cirlab.data.emoji.build() (Noto emoji from emoji-datasource-google), Fashion-IQ layout")
+                 note="cirlab.data.emoji.build() (Noto emoji of emoji-datasource-google 16.0.0, 64 px, upsampled to "
+                      f"the preset's 128 px), Fashion-IQ layout; training on at most {max_train} triplets per "
+                      "category (skin_tone alone has 2,666)", max_train_per_category=max_train)
 
 
 def load_splits(setup: Setup, split: str) -> list[Any]:
@@ -113,7 +115,7 @@ def run_variant(setup: Setup, ablation: str, train_split: Any, val: list[Any], t
                 out_dir: Path) -> dict[str, Any]:
     model = build(setup, train_split, ablation)
     start = time.perf_counter()
-    result = train(model, train_split.triplet_dataset(model.image_transform(True)), dict(setup.train_overrides),
+    result = train(model, train_items(setup, train_split, model), dict(setup.train_overrides),
                    output_dir=out_dir / ablation, evaluate_fn=lambda m: {"val": evaluate(m, val)})
     seconds = time.perf_counter() - start
     from cirlab.checkpoint import load_model_weights
@@ -124,6 +126,18 @@ def run_variant(setup: Setup, ablation: str, train_split: Any, val: list[Any], t
            "best_epoch": result["best_epoch"], "model": model}
     logger.info("%s %s: %s in %.0fs", setup.name, ablation, _fmt(out["metrics"]), seconds)
     return out
+
+
+def train_items(setup: Setup, split: Any, model: Any) -> Any:
+    dataset = split.triplet_dataset(model.image_transform(True))
+    if setup.max_train_per_category <= 0:
+        return dataset
+    rng = np.random.default_rng(0)
+    keep: list[int] = []
+    for category in sorted({t.category for t in split.triplets}):
+        members = [i for i, t in enumerate(split.triplets) if t.category == category]
+        keep += sorted(rng.permutation(members)[: setup.max_train_per_category].tolist())
+    return torch.utils.data.Subset(dataset, keep)
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -193,14 +207,26 @@ def run_setup(setup: Setup, work: Path) -> dict[str, Any]:
     val, test = load_splits(setup, "val"), load_splits(setup, "test")
     untrained = build(setup, train_split, "none").eval()
     rows = {"untrained": {"metrics": evaluate(untrained, test), "seconds": 0.0, "steps": 0, "best_epoch": None}}
+    n_train = len(train_items(setup, train_split, untrained))
     untrained_routes = routes(untrained, test)
     for ablation in ("none", "image_only", "text_only"):
         rows[ablation] = run_variant(setup, ablation, train_split, val, test, work / "runs" / setup.name)
     trained_routes = routes(rows["none"]["model"], test)
-    return {"setup": setup, "rows": rows, "train_size": len(train_split), "val": [len(s) for s in val],
+    return {"setup": setup, "rows": rows, "train_size": n_train, "val": [len(s) for s in val],
             "test": [(s.category, len(s), len(s.gallery_names)) for s in test],
             "gates": {"trained": (gate_table(trained_routes), gate_statistics(trained_routes)),
                       "untrained": (gate_table(untrained_routes), gate_statistics(untrained_routes))}}
+
+
+def frame_markdown(table: Any) -> str:
+    """A pivot table as a Markdown table (no tabulate dependency)."""
+    index_names = [str(n) for n in table.index.names]
+    columns = [str(c) for c in table.columns]
+    lines = ["| " + " | ".join(index_names + columns) + " |", "|" + "---|" * (len(index_names) + len(columns))]
+    for key, row in table.iterrows():
+        key = key if isinstance(key, tuple) else (key,)
+        lines.append("| " + " | ".join([str(k) for k in key] + [f"{v:.3f}" for v in row]) + " |")
+    return "\n".join(lines)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -222,7 +248,7 @@ def markdown(result: dict[str, Any]) -> str:
         table, stats = result["gates"][which]
         lines += ["", f"### Router gates of the {which} model per modification type (test queries)", "",
                   "Mean sigmoid gate; expert = code order [NIN, CRN, GTN], paper_name = figure numbering.", "",
-                  table.to_markdown(), "",
+                  frame_markdown(table), "",
                   "eta² = share of a gate's variance explained by the modification type (permutation p, "
                   f"{stats['n']} queries): "
                   + "; ".join(f"{k} {eta:.3f} (p={p:.3f})" for k, (eta, p) in stats["per_gate"].items()) + ".", "",
@@ -248,16 +274,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="/tmp/cirlab_amc_bench", help="data and run folders")
     parser.add_argument("--size", default="default", help="synthetic size (tiny | small | default)")
     parser.add_argument("--epochs", type=int, default=20, help="synthetic epochs")
-    parser.add_argument("--emoji-epochs", type=int, default=10)
+    parser.add_argument("--emoji-epochs", type=int, default=6)
+    parser.add_argument("--emoji-tarball", default="", help="emoji-datasource-google .tgz (default: cache or npm)")
+    parser.add_argument("--emoji-max-train", type=int, default=400, help="training triplets per emoji category")
     parser.add_argument("--report", default="", help="write the Markdown report here")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)  # the CPU is shared: oversubscribed threads slow every step down
     work = Path(args.work)
     sections = [header(args)]
     for part in args.parts:
         try:
             setup = synthetic_setup(work, args.size, args.epochs) if part == "synthetic" else emoji_setup(
-                work, args.emoji_epochs)
+                work, args.emoji_epochs, args.emoji_tarball, args.emoji_max_train)
         except Exception as err:  # noqa: BLE001 - the report says why a part could not run
             logger.exception("%s data could not be prepared", part)
             sections.append(f"## {part}\n\nNot run: the data could not be built ({type(err).__name__}: {err}).")

@@ -171,8 +171,9 @@ def run_notebook(name: str, params: Mapping[str, Any], out_dir: Path, kernel_nam
     out_dir.mkdir(parents=True, exist_ok=True)
     dst = out_dir / f"{name}.ipynb"
     try:
-        pm.execute_notebook(str(src), str(dst), parameters=dict(params), kernel_name=kernel_name or notebook_kernel(src),
-                            progress_bar=False, cwd=str(out_dir), execution_timeout=timeout, start_timeout=120)
+        pm.execute_notebook(str(src), str(dst), parameters=dict(params),
+                            kernel_name=kernel_name or notebook_kernel(src), progress_bar=False, cwd=str(out_dir),
+                            execution_timeout=timeout, start_timeout=120)
     except PapermillExecutionError as err:
         raise NotebookFailed(f"{name}: cell {err.exec_count} failed: {err.ename}: {err.evalue}") from err
     finally:

@@ -71,13 +71,14 @@ def _lowest_index_topk(block: Tensor, kth: Tensor, k: int) -> Tensor:
 def _block_topk(block: Tensor, k: int, offset: int) -> tuple[Tensor, Tensor]:
     """Top-k of one score block [b, g] with global indices, ordered by the tie rule."""
     k = min(k, block.shape[1])
-    vals, pos = block.topk(k, dim=1)
-    kth = vals[:, -1:]
-    # torch.topk picks arbitrarily among items tied with the k-th value; repair only the rows where that happened
-    ambiguous = ((block > kth).sum(1) + (block == kth).sum(1)) > k
-    if ambiguous.any():
+    vals, pos = block.topk(min(k + 1, block.shape[1]), dim=1)
+    # torch.topk picks arbitrarily among items tied with the k-th value; that matters only where the (k+1)-th value
+    # equals the k-th (one extra column tells, no pass over the block), and only those rows are repaired
+    ambiguous = vals[:, k] == vals[:, k - 1] if vals.shape[1] > k else None
+    vals, pos = vals[:, :k], pos[:, :k]
+    if ambiguous is not None and ambiguous.any():
         rows = ambiguous.nonzero()[:, 0]
-        pos[rows] = _lowest_index_topk(block[rows], kth[rows], k)
+        pos[rows] = _lowest_index_topk(block[rows], vals[rows, -1:], k)
         vals[rows] = block[rows].gather(1, pos[rows])
     return _sort_rows(vals, pos + offset)
 

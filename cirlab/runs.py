@@ -31,6 +31,7 @@ import copy
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,7 +39,7 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
-SECTIONS = ("model", "preset", "model_overrides", "dataset", "train", "eval", "output_dir")
+SECTIONS = ("name", "model", "preset", "model_overrides", "dataset", "train", "eval", "output_dir")
 DEFAULTS: dict[str, Any] = {
     "model": None, "preset": None, "model_overrides": {},
     "dataset": {"name": None, "root": "", "category": None, "train_split": "train", "val_split": "val",
@@ -55,6 +56,20 @@ class ConfigError(ValueError):
     """A run config is malformed; the message names the file and the key."""
 
 
+# PyYAML follows YAML 1.1, where "2e-4" (no dot) is a string; users mean a float
+_EXP_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _fix_floats(value: Any) -> Any:
+    if isinstance(value, str) and _EXP_FLOAT.match(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _fix_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fix_floats(v) for v in value]
+    return value
+
+
 # ----------------------------------------------------------------------------------------------- config
 
 
@@ -66,7 +81,7 @@ def parse_set(items: Sequence[str]) -> list[tuple[list[str], Any]]:
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. train.lr=1e-4)")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _fix_floats(yaml.safe_load(raw)) if raw.strip() else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {item!r}: value is not valid YAML ({err})") from err
         out.append(([part for part in key.strip().split(".")], value))
@@ -104,7 +119,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _fix_floats(yaml.safe_load(path.read_text()) or {})
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(raw, dict):
@@ -303,6 +318,7 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     from cirlab.train import resolve_train_config, train
 
     out = Path(output_dir) if output_dir else output_dir_of(config)
+    _prepare_data(config)
     model = build_model(config)
     overrides = {"selection_metric": default_selection_metric(config), **_model_train_defaults(model),
                  **dict(config.get("train") or {})}
@@ -339,6 +355,20 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     if _is_main():
         _write_json(out / "metrics.json", result)
     return result
+
+
+def _prepare_data(config: dict[str, Any]) -> None:
+    """Under torchrun, rank 0 generates on-demand synthetic data first; the others wait, then find it."""
+    from cirlab.train import init_distributed
+
+    dist_info = init_distributed()
+    if dist_info.world_size == 1:
+        return
+    import torch.distributed as dist
+
+    if dist_info.is_main:
+        dataset_root(config)
+    dist.barrier()
 
 
 def _model_train_defaults(model: Any) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from typing import Any, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cir_splits", "build_model", "train_run", "load_run", "untrained_copy", "evaluate_run", "collect_routes", "query_fn_for", "gallery_rows",
+__all__ = ["cir_splits", "build_model", "train_run", "load_run", "untrained_copy", "evaluate_run", "collect_routes",
+           "query_fn_for", "gallery_rows",
            "worst_queries", "load_topk_files", "write_outputs", "ensure_synthetic", "dataset_root"]
 
 FIQ_CATEGORIES = ("dress", "shirt", "toptee")

@@ -36,7 +36,7 @@ device: str = "cpu"  # cpu | cuda
 data_dir = data_root or str(cirlab.data_root())
 model = workbench.load_run(run_dir, device=device)
 routes, texts = workbench.collect_routes(model, dataset, data_dir, split, n=n_queries, device=device)
-print(model.model_name, "|", routes["query_id"].nunique(), "queries traced | layers:", routes["layer"].unique().tolist())
+print(model.model_name, "|", routes["query_id"].nunique(), "queries | layers:", routes["layer"].unique().tolist())
 routes.head()
 
 # %% [markdown]
@@ -108,5 +108,6 @@ metrics = {"queries": int(routes["query_id"].nunique()),
            "layer_entropy": stats.groupby("layer")["layer_entropy"].first().to_dict(),
            "mean_share": {f"{r.layer}/{r.expert}": r.mean_share for r in stats.itertuples()}}
 config = {"run_dir": run_dir, "dataset": dataset, "data_root": data_dir, "split": split, "output_dir": output_dir,
-          "n_queries": n_queries, "query_id": shown, "interactive": interactive, "device": device}
+          "n_queries": n_queries, "query_id": query_id, "shown_query": shown, "interactive": interactive,
+          "device": device}
 workbench.write_outputs(output_dir, metrics, config)

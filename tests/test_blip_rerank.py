@@ -78,14 +78,16 @@ def test_stage1_encoders_normalised_and_tokens_equal_images():
 
 def test_stage1_learns_on_a_fixed_batch():
     m = tiny("stage1")
-    batch = image_batch()
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3)
+    images = image_batch()  # cached-token batches (what CachedTripletDataset yields)
+    batch = {"ref_tokens": m.image_tokens(images["ref_image"]), "target_tokens": m.image_tokens(images["target_image"]),
+             "text": images["text"]}
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     first = m.training_step(batch)["itc_loss"].item()
-    for _ in range(25):
+    for _ in range(8):
         opt.zero_grad()
         m.training_step(batch)["itc_loss"].backward()
         opt.step()
-    assert m.training_step(batch)["itc_loss"].item() < 0.5 * first
+    assert m.training_step(batch)["itc_loss"].item() < 0.7 * first
 
 
 def test_train_config_is_the_periodic_cosine_recipe():

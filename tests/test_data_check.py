@@ -166,7 +166,8 @@ def _all_actions(parser: argparse.ArgumentParser):
 
 def test_every_option_has_help():
     actions = [a for a in _all_actions(build_parser()) if not isinstance(a, argparse._HelpAction)]
-    assert {"--dataset", "--root", "--verify-images", "--max-per-kind"} <= {s for a in actions for s in a.option_strings}
+    options = {s for a in actions for s in a.option_strings}
+    assert {"--dataset", "--root", "--verify-images", "--max-per-kind"} <= options
     assert all(a.help for a in actions), [a.option_strings for a in actions if not a.help]
 
 

@@ -1,4 +1,4 @@
-"""Loaders on format-exact tiny trees (fixtures_data) and on broken ones (each problem -> DataError naming file+entry)."""
+"""Loaders on format-exact tiny trees (fixtures_data) and on broken ones (each problem: DataError naming file+entry)."""
 from __future__ import annotations
 
 import json
@@ -236,6 +236,13 @@ def test_shoes_missing_listed_image(tmp_path):
         load_cir("shoes", info["root"], "test")
 
 
+def test_shoes_line_numbers_count_blank_lines(tmp_path):
+    info = write_shoes(tmp_path)
+    (info["root"] / "eval_im_names.txt").write_text("\n".join(["", info["test"][0], "", "img_womens_flats_99.jpg"]))
+    with pytest.raises(DataError, match=r"eval_im_names\.txt \[line 4\].*img_womens_flats_99\.jpg"):
+        load_cir("shoes", info["root"], "test")
+
+
 def test_shoes_test_pair_outside_eval_list(tmp_path):
     info = write_shoes(tmp_path)
     entries = info["entries"] + [{"ImageName": info["train"][0], "ReferenceImageName": info["test"][0],
@@ -347,6 +354,18 @@ def test_precomp_semantics(tmp_path):
     assert len(split.image_dataset()) == 4 and split.image_dataset()[3]["image_idx"] == 3
     assert split.caption_dataset()[19] == {"text": "image 3 caption 4 .", "caption_idx": 19}
     np.testing.assert_allclose(split.features(2).numpy(), info["features"]["test"][2])
+
+
+def test_precomp_pickles_as_a_path_not_the_array(tmp_path):
+    import pickle
+
+    write_precomp(tmp_path, splits=("dev",), n_images=1001, dim=64)
+    split = load_precomp(tmp_path, "f30k", "dev", dim=64)
+    blob = pickle.dumps(split.pair_dataset())
+    assert len(blob) < 200_000 < split.images.nbytes  # what DataLoader workers receive under spawn/forkserver
+    clone = pickle.loads(blob)
+    assert isinstance(clone.split.images, np.memmap) and clone.split.images.shape == (1000, 36, 64)
+    assert torch.equal(clone[4321]["image_feats"], split.pair_dataset()[4321]["image_feats"])
 
 
 def test_precomp_one_caption_per_image(tmp_path):

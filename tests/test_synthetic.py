@@ -45,7 +45,7 @@ def test_fashioniq_layout_reads_back(tiny):
     for cat in synthetic.CATEGORY_SPECS:
         for split in ("train", "val", "test"):
             loaded = load_cir("fashioniq", root, split, category=cat)
-            assert len(loaded.triplets) == 25 and loaded.has_targets
+            assert len(loaded.triplets) == synthetic.FIQ_GROUP.queries and loaded.has_targets  # tiny = one group
             for t in loaded.triplets:
                 assert len(t.captions) == 2 and t.captions[0] != t.captions[1]
                 assert t.extras["modification"] in KINDS
@@ -77,7 +77,7 @@ def test_shoes_layout_reads_back(tiny):
     root = tiny / "shoes"
     for split in ("train", "test"):
         loaded = load_cir("shoes", root, split)
-        assert len(loaded.triplets) == 25
+        assert len(loaded.triplets) == synthetic.SHOES_GROUP.queries  # tiny = one group
         assert all(t.extras["modification"] in KINDS for t in loaded.triplets)
         assert all(loaded.image_path(t.ref_name).suffix == ".jpg" for t in loaded.triplets)
     train = set((root / "train_im_names.txt").read_text().split())
@@ -167,10 +167,11 @@ def test_cli_writes_and_summarises(tmp_path, capsys):
                               "--image-size", "24", "--seed", "2"])
     assert args.func(args) == 0
     line = capsys.readouterr().out.strip()
-    assert "shoes 50 queries/60 images" in line and str(tmp_path) in line
+    n = synthetic.SHOES_GROUP.queries
+    assert f"shoes {2 * n} queries/{2 * n + 2 * n // synthetic.SHOES_GROUP.edits} images" in line and str(tmp_path) in line
     manifest = json.loads((tmp_path / synthetic.MANIFEST).read_text())
     assert manifest["seed"] == 2 and list(manifest["layouts"]) == ["shoes"]
-    assert len(load_cir("shoes", tmp_path / "shoes", "test").triplets) == 25
+    assert len(load_cir("shoes", tmp_path / "shoes", "test").triplets) == n
 
 
 def test_ensure_generates_once(tmp_path):

@@ -90,8 +90,8 @@ def test_every_transform_output_shape(name, train):
         assert out.shape == expected and out.dtype == torch.float32
 
 
-@pytest.mark.parametrize("normalize,mean,std", [("imagenet", IMAGENET_MEAN, IMAGENET_STD), ("clip", CLIP_MEAN, CLIP_STD),
-                                               ("none", (0, 0, 0), (1, 1, 1))])
+@pytest.mark.parametrize("normalize,mean,std", [("imagenet", IMAGENET_MEAN, IMAGENET_STD),
+                                               ("clip", CLIP_MEAN, CLIP_STD), ("none", (0, 0, 0), (1, 1, 1))])
 def test_normalisation_values(normalize, mean, std):
     white = Image.new("RGB", (9, 9), (255, 255, 255))
     out = build_transform("resize", 6, normalize=normalize)(white)
@@ -120,15 +120,18 @@ def test_amc_train_is_random_and_eval_deterministic():
 
 
 def test_amc_eval_keeps_aspect_ratio_unlike_amc():
-    # a 2:1 image: amc squashes to 18x18 first, amc_eval resizes the short side to 18 (36x18) then crops the centre
-    left_red = np.zeros((8, 16, 3), np.uint8)
-    left_red[:, :8] = (255, 0, 0)
-    left_red[:, 8:] = (0, 0, 255)
-    image = Image.fromarray(left_red)
+    # 16x8 image: green | red | blue | green in quarters. amc squashes to 18x18 and keeps every quarter; amc_eval
+    # resizes the short side (36x18) and crops the centre 16 columns = original x 4.4..11.6, so the green is cut away
+    stripes = np.zeros((8, 16, 3), np.uint8)
+    stripes[:, :4] = stripes[:, 12:] = (0, 255, 0)
+    stripes[:, 4:8] = (255, 0, 0)
+    stripes[:, 8:12] = (0, 0, 255)
+    image = Image.fromarray(stripes)
     squashed = build_transform("amc", 16, normalize="none")(image)
     centred = build_transform("amc_eval", 16, normalize="none")(image)
-    assert squashed[0, 8, 1] > 0.9  # left columns still red
-    assert centred[0, 8, 1] > 0.9 and centred[2, 8, 14] > 0.9  # half red, half blue around the centre
+    assert squashed[1, 8, 0] > 0.9 and squashed[1, 8, 15] > 0.9  # green edges survive the squash
+    assert centred[0, 8, 0] > 0.9 and centred[2, 8, 15] > 0.9  # red left edge, blue right edge after the crop
+    assert centred[1].max() < 0.5  # no green left
 
 
 def test_default_transform_and_errors():

@@ -105,8 +105,8 @@ def read_json(path: Path, sink: ProblemCollector) -> Any | None:
     return None
 
 
-def read_lines(path: Path, sink: ProblemCollector) -> list[str] | None:
-    """The non-empty stripped lines of a text file (a final newline is not an entry)."""
+def read_lines(path: Path, sink: ProblemCollector) -> list[tuple[int, str]] | None:
+    """``(line number, stripped text)`` of the non-blank lines of a text file (numbers count blank lines too)."""
     if not path.is_file():
         sink.add("missing_file", path, None, "file not found")
         return None
@@ -115,7 +115,7 @@ def read_lines(path: Path, sink: ProblemCollector) -> list[str] | None:
     except UnicodeDecodeError as err:
         sink.add("bad_entry", path, f"byte {err.start}", f"not UTF-8 text: {err.reason}")
         return None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

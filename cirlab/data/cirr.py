@@ -135,7 +135,7 @@ def _triplet(entry: dict[str, Any], split: str, path: Path, images: dict[str, Pa
     if images:  # without a readable split file the missing file is the problem already reported
         for role, name in named:
             if name not in images:
-                sink.add("unknown_name", path, where, f"{role} {name!r} is not in {split_file(path.parents[2], split).name}")
+                sink.add("unknown_name", path, where, f"{role} {name!r} is not in split.{RELEASE}.{split}.json")
     extras = {k: v for k, v in entry.items() if k not in _CORE_KEYS}
     extras["members"] = members
     extras["img_set_id"] = entry["img_set"].get("id")

@@ -28,8 +28,8 @@ protocol       gallery                                         caption policy   
 
 * ``clip4cir``: eval text ``"{c1.strip('.?, ').capitalize()} and {c2.strip('.?, ')}"``; training text drawn at random
   per item from {c1 and c2, c2 and c1, c1, c2} (``generate_randomized_fiq_caption``, rerank_cala.md C.4).
-* ``amc``: ``"<BOS> c0 <AND> c1 <EOS>"`` for training and eval (AMC ``datasets.FashionIQ``); the model's tokenizer strips
-  punctuation, the loader keeps the raw string.
+* ``amc``: ``"<BOS> c0 <AND> c1 <EOS>"`` for training and eval (AMC ``datasets.FashionIQ``); the model's
+  tokenizer strips punctuation, the loader keeps the raw string.
 """
 from __future__ import annotations
 

@@ -121,6 +121,20 @@ class PrecompSplit:
         return (f"PrecompSplit({self.name!r}, split={self.split!r}, images={tuple(self.images.shape)}, "
                 f"captions={len(self.captions)}, im_div={self.im_div})")
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers started by spawn/forkserver pickle the dataset: pickling a memmap would copy the whole
+        # array (33 GB for COCO train), so ship the path and re-open the map on the other side
+        state = dict(self.__dict__)
+        if isinstance(self.images, np.memmap):
+            state["images"] = ("memmap", str(self.ims_path), int(self.images.shape[0]))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        images = state["images"]
+        if isinstance(images, tuple) and images[:1] == ("memmap",):
+            state["images"] = np.load(images[1], mmap_mode="r", allow_pickle=False)[: images[2]]
+        self.__dict__.update(state)
+
     @property
     def num_images(self) -> int:
         return int(self.images.shape[0])
@@ -202,7 +216,8 @@ def load_precomp(root: str | Path | None, name: str, split: str, *, max_captions
     ims_path, caps_path = folder / f"{split}_ims.npy", folder / f"{split}_caps.txt"
     if not ims_path.exists() and not caps_path.exists() and folder.is_dir():
         found = sorted({p.name.split("_")[0] for p in folder.glob("*_ims.npy")})
-        sink.add("missing_file", ims_path, None, f"split {split!r} not found; splits here: {', '.join(found) or 'none'}")
+        here = ", ".join(found) or "none"
+        sink.add("missing_file", ims_path, None, f"split {split!r} not found; splits here: {here}")
         return _empty(name, split, ims_path, caps_path, None, None)
     images = open_features(ims_path, sink, regions, dim)
     captions = read_captions(caps_path, sink)
@@ -210,9 +225,9 @@ def load_precomp(root: str | Path | None, name: str, split: str, *, max_captions
         return _empty(name, split, ims_path, caps_path, images, captions)
     im_div = image_divisor(len(images), len(captions))
     if im_div is None:
-        sink.add("count_mismatch", caps_path, None,
-                 f"{len(captions)} captions for {len(images)} images in {ims_path} "
-                 f"(expected {CAPTIONS_PER_IMAGE * len(images)}, i.e. {CAPTIONS_PER_IMAGE} per image, or {len(images)})")
+        n = len(images)
+        sink.add("count_mismatch", caps_path, None, f"{len(captions)} captions for {n} images in {ims_path} "
+                 f"(expected {CAPTIONS_PER_IMAGE * n}, i.e. {CAPTIONS_PER_IMAGE} per image, or {n})")
         return _empty(name, split, ims_path, caps_path, images, captions)
     limit = (DEV_MAX_CAPTIONS if split == "dev" else None) if max_captions is _DEFAULT else max_captions
     if limit is not None and limit < len(captions):

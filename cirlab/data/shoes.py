@@ -130,7 +130,7 @@ def load(root: Path, split: str = "train", category: str | None = None, *, pairs
 def _read_names(path: Path, images: dict[str, Path], sink: ProblemCollector) -> list[str]:
     lines = read_lines(path, sink) or []
     seen: dict[str, int] = {}
-    for n, name in enumerate(lines, 1):
+    for n, name in lines:
         name = os.path.basename(name)
         if name in seen:
             sink.add("duplicate", path, f"line {n}", f"image {name!r} is listed twice (also line {seen[name]})")

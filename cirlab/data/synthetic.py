@@ -32,8 +32,8 @@ or ``cirlab data synth --out data/synthetic``. What is written under ``out_root`
 Every caption entry carries an extra key ``"modification"`` (color | add | remove | move | size), which the loaders
 keep in ``Triplet.extras``.
 
-Why it is learnable but not trivial. Queries come in *groups*: one set of M edits (5; CIRR 10, one of each kind per
-five) is applied to N = 5 (CIRR 4) different but similar references (one base scene and small perturbations of it).
+Why it is learnable but not trivial. Queries come in *groups*: one set of M edits (20 for Fashion-IQ and Shoes, 10
+for CIRR; the five kinds in about equal shares) is applied to N = 4 different but similar references (one base scene and small perturbations of it).
 So every reference has M targets in the gallery (its one-edit neighbours: the reference alone cannot tell which
 one is meant, best possible R@1 = 1/M) and every edit text has N different targets (the text alone cannot tell which
 one, best possible R@1 = 1/N), while reference + text determine the target exactly (the oracle's R@1 is 100%; all
@@ -87,9 +87,9 @@ class SynthSize:
 
 
 SIZES: dict[str, SynthSize] = {
-    "tiny": SynthSize((25, 25, 25), (40, 40, 40), (25, 25), (20, 10, 10)),
+    "tiny": SynthSize((80, 80, 80), (40, 40, 40), (80, 80), (20, 10, 10)),
     "small": SynthSize((250, 100, 50), (400, 200, 80), (500, 100), (100, 50, 50)),
-    "default": SynthSize((800, 175, 100), (2520, 520, 320), (2500, 500), (500, 100, 100)),
+    "default": SynthSize((800, 400, 160), (2520, 520, 320), (2500, 500), (500, 100, 100)),
 }
 
 
@@ -103,8 +103,8 @@ class GroupShape:
         return self.edits * self.refs
 
 
-FIQ_GROUP = GroupShape(edits=5, refs=5)
-SHOES_GROUP = GroupShape(edits=5, refs=5)
+FIQ_GROUP = GroupShape(edits=20, refs=4)
+SHOES_GROUP = GroupShape(edits=20, refs=4)
 CIRR_GROUP = GroupShape(edits=10, refs=4)  # two img_sets of 6 per reference
 
 
@@ -134,18 +134,30 @@ def _group_edits(rng: np.random.Generator, base: Scene, spec: SceneSpec, m: int)
     edits: list[Edit] = []
     results = {sc.scene_key(base)}
     for kind in kinds:
-        for _ in range(30):
-            edit = sc.sample_edit(rng, base, spec, kind)
-            if edit is None or edit in edits:
-                continue
-            key = sc.scene_key(sc.apply_edit(edit, base, spec))  # type: ignore[arg-type]
-            if key not in results:
+        # a kind that has run out for this scene (e.g. a fourth "remove" of a three-object scene) hands its slot
+        # to the kinds with the most room left, so large M stays possible; shares stay roughly equal
+        for fallback in (kind, "color", "move", "add", "size"):
+            edit = _new_edit(rng, base, spec, fallback, edits, results)
+            if edit is not None:
                 edits.append(edit)
-                results.add(key)
                 break
         else:
             return None
     return edits
+
+
+def _new_edit(rng: np.random.Generator, base: Scene, spec: SceneSpec, kind: str, edits: list[Edit],
+              results: set[str]) -> Edit | None:
+    """An edit of ``kind`` not in ``edits`` whose result is a scene not in ``results`` (which it joins)."""
+    for _ in range(30):
+        edit = sc.sample_edit(rng, base, spec, kind)
+        if edit is None or edit in edits:
+            continue
+        key = sc.scene_key(sc.apply_edit(edit, base, spec))  # type: ignore[arg-type]
+        if key not in results:
+            results.add(key)
+            return edit
+    return None
 
 
 def _perturb(rng: np.random.Generator, scene: Scene, spec: SceneSpec) -> Scene:

@@ -32,7 +32,7 @@ Original layouts (digest ``rerank_cala.md`` A.2, A.3, A.6; BLIP ``vit.py`` / ``m
 
       {attention,crossattention}.self{0,1}.{query,key,value}.*   -> text_encoder.layers.{i}.{...}.{0,1}.self.*
       {attention,crossattention}.output.dense{0,1}.*             -> text_encoder.layers.{i}.{...}.{0,1}.output.dense.*
-      {attention,crossattention}.output.LayerNorm{A,B}.*         -> text_encoder.layers.{i}.{...}.{0,1}.output.LayerNorm.*
+      {attention,crossattention}.output.LayerNorm{A,B}.*  -> text_encoder.layers.{i}.{...}.{0,1}.output.LayerNorm.*
       crossattention.output.merge_layer.*  (layers >= 6)         -> text_encoder.layers.{i}.merge.*
       intermediate.dense.*, output.{dense,LayerNorm}.*  (shared) -> text_encoder.layers.{i}.(same)
 

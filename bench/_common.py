@@ -1,0 +1,66 @@
+"""Shared helpers for the bench/ scripts: machine description, timing, and the markdown report."""
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+REPORTS = REPO / "reports" / "benchmarks"
+
+
+def machine() -> str:
+    """One line: CPU model, cores, memory, torch version and threads, GPU (if any)."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return (f"{cpu}, {os.cpu_count()} CPU cores{mem}, {gpu}; torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}{load}")
+
+
+def timed(fn: Callable[[], object], repeat: int = 1) -> tuple[float, object]:
+    """Best wall time of ``repeat`` runs (seconds) and the last result."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def command_line() -> str:
+    rel = Path(sys.argv[0]).resolve()
+    try:
+        rel = rel.relative_to(REPO)
+    except ValueError:
+        pass
+    return " ".join([".venv/bin/python", str(rel), *map(shlex.quote, sys.argv[1:])])
+
+
+def write_report(name: str, title: str, body: str) -> Path:
+    """Write reports/benchmarks/<name>.md with the command and the machine above the results."""
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    path = REPORTS / f"{name}.md"
+    text = (f"# {title}\n\nCommand (from the repository root):\n\n```\n{command_line()}\n```\n\n"
+            f"Machine: {machine()}\n\nDate: {time.strftime('%Y-%m-%d %H:%M %Z')}\n\n{body.strip()}\n")
+    path.write_text(text)
+    return path

@@ -1,0 +1,180 @@
+"""The CLI and the Python run API: configs, --set, train -> run folder -> eval, safety flags, --help."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import cirlab
+from cirlab.cli import build_parser, main
+from cirlab.runs import ConfigError, apply_overrides, load_config, parse_set, run_experiment
+from cirlab.topk import load_topk
+import stub_models  # noqa: F401 - registers stub_cir / stub_itm
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return tmp_path_factory.mktemp("synth")
+
+
+def _write_config(path: Path, synth: Path, **train) -> Path:
+    config = {
+        "model": "stub_cir", "preset": "tiny", "model_overrides": {"embed_dim": 12},
+        "dataset": {"name": "fashioniq", "category": ["dress", "shirt"], "synthetic": {"size": "tiny",
+                    "out": str(synth), "image_size": 32}},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 1e-2, "log_every": 1, "progress": "log",
+                  "selection_metric": "avg", **train},
+        "eval": {"splits": ["val", "test"], "k": 5, "batch_size": 16},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _check_run_folder(out: Path) -> dict:
+    assert (out / "config.yaml").is_file()
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {"best.pt", "last.pt"}
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in log} == {"train", "eval"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["splits"]) == {"val", "test"}
+    for split in ("val", "test"):
+        assert set(metrics["splits"][split]) == {"dress_R@10", "dress_R@50", "shirt_R@10", "shirt_R@50",
+                                                 "avg_R@10", "avg_R@50", "avg"}
+    assert sorted(p.name for p in (out / "topk").iterdir()) == [
+        "test_dress.topk.npz", "test_shirt.topk.npz", "val_dress.topk.npz", "val_shirt.topk.npz"]
+    assert load_topk(out / "topk" / "val_dress.topk.npz").k == 5
+    return metrics
+
+
+def test_cli_train_then_eval(tmp_path, synth, capsys):
+    cfg = _write_config(tmp_path / "stub.yaml", synth)
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--output-dir", str(out), "--set", "train.max_steps=5",
+                 "--set", "model_overrides.dropout=0.0"]) == 0
+    metrics = _check_run_folder(out)
+    assert metrics["steps"] == 5 and metrics["selection"]["split"] == "val"
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 5 and saved["train"]["lr"] == 0.01  # resolved config, --set applied
+    assert saved["model_overrides"] == {"embed_dim": 12, "dropout": 0.0}
+    capsys.readouterr()
+
+    assert main(["eval", str(out), "--split", "test", "--output", str(tmp_path / "eval.json")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["splits"]["test"] == pytest.approx(metrics["splits"]["test"])  # same weights, same numbers
+    assert json.loads((tmp_path / "eval.json").read_text()) == printed
+
+    # a checkpoint file alone: the model is rebuilt from the name and config it records
+    assert main(["eval", str(out / "checkpoints" / "best.pt"), "--split", "val"]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"]["val"] == pytest.approx(metrics["splits"]["val"])
+
+
+def test_python_api_run_and_resume(tmp_path, synth):
+    cfg = load_config(_write_config(tmp_path / "stub.yaml", synth, checkpoint_every=2),
+                      ["train.max_steps=3", "output_dir=" + str(tmp_path / "run")])
+    first = run_experiment(cfg)
+    assert first["steps"] == 3
+    _check_run_folder(tmp_path / "run")
+    cfg = apply_overrides(cfg, parse_set(["train.max_steps=null"]))
+    second = run_experiment(cfg, resume=True)  # continues from step 3 to the end of epoch 2
+    steps_per_epoch = second["steps"] // 2
+    assert second["steps"] == 2 * steps_per_epoch and second["epochs"] == 2
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in log if r["kind"] == "train"]
+    assert steps == list(range(1, second["steps"] + 1))  # resumed where it stopped, nothing repeated
+
+
+def test_set_parsing_is_yaml_typed():
+    parsed = dict((".".join(k), v) for k, v in parse_set(
+        ["train.lr=2e-4", "train.lr_milestones=[10, 20]", "train.ema_decay=null", "dataset.category=dress",
+         "train.shuffle=false", "eval.k=100"]))
+    assert parsed == {"train.lr": 2e-4, "train.lr_milestones": [10, 20], "train.ema_decay": None,
+                      "dataset.category": "dress", "train.shuffle": False, "eval.k": 100}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_set(["train.lr"])
+    with pytest.raises(ConfigError, match="unknown section"):
+        apply_overrides({}, parse_set(["trian.lr=1"]))
+
+
+def test_bad_configs_fail_early_naming_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: stub_cir\ndataset: {name: shoes}\ntrain: {learning_rate: 1}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*learning_rate"):
+        load_config(bad)
+    bad.write_text("model: no_such_model\ndataset: {name: shoes}\n")
+    with pytest.raises(ConfigError, match="no_such_model"):
+        load_config(bad)
+    bad.write_text("model: stub_cir\npreset: huge\ndataset: {name: shoes}\n")
+    with pytest.raises(ConfigError, match="preset 'huge'"):
+        load_config(bad)
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_validate(path):
+    config = load_config(path)
+    assert config["model"] in cirlab.list_models()
+    assert not str(config["dataset"]["root"]).startswith("/")  # roots come from CIRLAB_DATA or --set
+    assert not str(config["output_dir"]).startswith("/")
+
+
+def test_every_paper_dataset_has_a_config():
+    names = {p.stem for p in CONFIGS}
+    for expected in ("amc_fashioniq", "amc_shoes", "dime_f30k_i2t", "dime_f30k_t2i", "dime_coco_i2t",
+                     "dime_coco_t2i", "blip_rerank_fashioniq_stage1", "blip_rerank_fashioniq_stage2",
+                     "blip_rerank_cirr_stage1", "blip_rerank_cirr_stage2", "amc_synthetic_tiny"):
+        assert expected in names
+
+
+def test_eval_refuses_pickled_checkpoint_without_flag(tmp_path, synth, caplog):
+    model = cirlab.create_model("stub_cir", preset="tiny")
+    torch.save(model, tmp_path / "released.pt")  # a whole pickled module, like AMC's train_model.pt
+    args = ["eval", str(tmp_path / "released.pt"), "--model", "stub_cir", "--preset", "tiny",
+            "--dataset", "shoes", "--set", f"dataset.synthetic={{size: tiny, out: {synth}, image_size: 32}}",
+            "--split", "test"]
+    assert main(args) == 2
+    assert "trust_pickle" in caplog.text
+    assert main(args + ["--trust-pickle"]) == 0
+
+
+def test_help_explains_every_option(capsys):
+    import argparse
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"train", "eval", "models", "data"} <= set(sub.choices)
+    for command in ("train", "eval", "models"):
+        for action in sub.choices[command]._actions:
+            assert action.help and action.help.strip(), f"cirlab {command}: {action.dest} has no help"
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args([command, "--help"])
+        assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--trust-pickle", "--protocol", "--dataset", "--split", "--topk-dir", "--resume", "--set"):
+        assert option in text
+
+
+def test_models_lists_registry(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "stub_cir" in out and "tiny" in out
+
+
+@pytest.mark.slow
+def test_amc_tiny_smoke_via_cli(tmp_path, monkeypatch):
+    """The shipped tiny config with the real AMC tiny model, 2 steps."""
+    monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "cache"))
+    config = Path(__file__).resolve().parents[1] / "configs" / "amc_synthetic_tiny.yaml"
+    out = tmp_path / "amc"
+    assert main(["train", str(config), "--output-dir", str(out), "--set", "train.max_steps=2",
+                 "--set", "eval.splits=[val]", "--set", "dataset.synthetic.image_size=32"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == "amc" and "dress_R@10" in metrics["splits"]["val"]
+    assert (out / "topk" / "val_dress.topk.npz").is_file()

@@ -1,0 +1,121 @@
+"""Every notebook runs under papermill with the smoke parameters `cirlab report --smoke` passes, writes its files,
+and leaks no secret; every notebook's parameters cell matches what the report passes; the .ipynb files are the
+clean twins of their py:percent sources."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cirlab import report
+
+papermill = pytest.importorskip("papermill")
+nbformat = pytest.importorskip("nbformat")
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+SECRET_ENV = "COMET_API_KEY"
+SECRET = "cirlab-test-secret-7f3a9c1e"  # a fake tracking key: must never reach an executed notebook or a file
+
+EXPECTED = {  # files each notebook writes into its output_dir, and keys of its metrics.json
+    "train": (["metrics.json", "config.json", "config.yaml", "log.jsonl", "checkpoints/best.pt",
+               "figures/training_curves.png", "figures/training_curves.svg", "figures/val_metrics.png"], ["val"]),
+    "evaluate": (["metrics.json", "config.json", "figures/metrics_table.png", "figures/run_comparison.svg",
+                  "figures/gallery_dress.png", "figures/failures_dress.png", "figures/per_category.png",
+                  "topk/train/val_dress.topk.npz", "topk/untrained/val_toptee.topk.npz"], ["runs", "per_category"]),
+    "router_explorer": (["metrics.json", "config.json", "figures/expert_heatmaps.png", "figures/gates_by_category.png",
+                         "figures/gates_by_modification.png", "figures/entropy_utilisation.png",
+                         "figures/path_space.png", "figures/query_view.svg"], ["queries", "layer_entropy"]),
+    "rank_shift": (["metrics.json", "config.json", "figures/rank_shift.png", "figures/rank_shift.svg",
+                    "figures/figure8_dress.png"], ["all", "dress", "shirt", "toptee"]),
+    "quickstart": (["metrics.json", "config.json", "figures/gallery.png", "figures/metrics.png",
+                    "figures/query_gates.png", "figures/training_curves.png"], ["trained", "untrained"]),
+}
+
+
+def test_notebook_parameters_match_the_report():
+    for name in report.ORDER:
+        declared = papermill.inspect_notebook(str(NOTEBOOKS / f"{name}.ipynb"))
+        for params in (report.REPORT_PARAMETERS[name], report.SMOKE_PARAMETERS[name]):
+            assert set(params) <= set(declared), f"{name}: report passes unknown {set(params) - set(declared)}"
+            for key, value in params.items():
+                assert declared[key]["inferred_type_name"] == type(value).__name__, f"{name}.{key}"
+                assert declared[key]["help"], f"{name}.{key} has no comment"
+        assert "api_key" not in " ".join(declared).lower(), f"{name} takes a secret as a parameter"
+
+
+def test_notebooks_are_clean_twins_of_their_py_sources():
+    result = subprocess.run([sys.executable, str(NOTEBOOKS / "sync.py"), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in report.ORDER:
+        nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(not c.outputs and c.execution_count is None for c in code), f"{name} has outputs"
+        assert "import" in code[0].source and "parameters" in code[1].metadata.get("tags", []), name
+        assert "def " not in "".join(c.source for c in code), f"{name} defines functions (keep logic in cirlab)"
+
+
+def _kernel() -> str:
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    specs = KernelSpecManager().find_kernel_specs()
+    return "cirlab" if "cirlab" in specs else "python3"
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """Run the smoke report once (all five notebooks, dependency order) with a fake secret in the environment."""
+    import os
+
+    out = tmp_path_factory.mktemp("reports")
+    data = report.ensure_synthetic_data("tiny", root=out / "_data", stream=None)
+    old = os.environ.get(SECRET_ENV)
+    os.environ[SECRET_ENV] = SECRET  # kernels inherit the environment
+    try:
+        for name in report.ORDER:
+            params = report.notebook_parameters(name, out, data, smoke=True)
+            report.run_notebook(name, params, out / name, kernel_name=_kernel(), html_export=(name == "rank_shift"))
+    finally:
+        os.environ.pop(SECRET_ENV) if old is None else os.environ.__setitem__(SECRET_ENV, old)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_notebook_writes_its_files(executed, name):
+    folder = executed / name
+    files, keys = EXPECTED[name]
+    for rel in files:
+        assert (folder / rel).is_file(), f"{name} did not write {rel}"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert set(keys) <= set(metrics), f"{name}: metrics.json keys {sorted(metrics)}"
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in report.notebook_parameters(name, executed, "", smoke=True).items():
+        if key not in ("data_root",):
+            assert config[key] == value, f"{name}: config.json {key}"
+    nb = nbformat.read(folder / f"{name}.ipynb", as_version=4)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
+
+
+@pytest.mark.slow
+def test_smoke_metrics_are_sane(executed):
+    evaluate = json.loads((executed / "evaluate" / "metrics.json").read_text())
+    for run in ("train", "untrained"):
+        r10, r50 = evaluate["runs"][run]["avg_R@10"], evaluate["runs"][run]["avg_R@50"]
+        assert 0.0 <= r10 <= r50 <= 100.0
+    shift = json.loads((executed / "rank_shift" / "metrics.json").read_text())["all"]
+    assert shift["improved_pct"] + shift["unchanged_pct"] + shift["worsened_pct"] == pytest.approx(100.0)
+    # the ceiling is the 'before' ranking's recall at the pool size, by definition
+    assert shift["ceiling_R@10"] == pytest.approx(shift["before_R@10"])
+    assert (executed / "rank_shift" / "rank_shift.html").is_file()
+
+
+@pytest.mark.slow
+def test_no_secret_in_any_written_file(executed):
+    leaked = [p for p in executed.rglob("*") if p.is_file() and p.suffix in (".ipynb", ".json", ".html", ".yaml",
+                                                                              ".svg", ".jsonl")
+              and SECRET in p.read_text(errors="ignore")]
+    assert not leaked, f"secret found in {leaked}"

@@ -1,0 +1,237 @@
+"""cirlab.retrieval: chunked top-K equals a full stable sort, re-ranking helpers, top-K/CIRR files, feature cache."""
+from __future__ import annotations
+
+import doctest
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader
+
+from cirlab import metrics as M
+from cirlab import retrieval as R
+from cirlab.topk import load_topk, save_topk
+
+try:
+    import naive_metrics as N
+except ImportError:  # tests/ became a package
+    from tests import naive_metrics as N
+
+FAST = settings(max_examples=50, deadline=None)
+
+
+def test_doctests_pass():
+    result = doctest.testmod(R, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 10 and result.failed == 0
+
+
+@st.composite
+def search_case(draw):
+    """Small integer embeddings, so dot products tie exactly and often."""
+    q, g, d = draw(st.integers(1, 7)), draw(st.integers(2, 40)), draw(st.integers(1, 4))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    lo = draw(st.sampled_from([0, -2]))
+    queries = torch.from_numpy(rng.integers(lo, 3, (q, d)).astype(np.float32))
+    gallery = torch.from_numpy(rng.integers(lo, 3, (g, d)).astype(np.float32))
+    exclude = torch.from_numpy(np.where(rng.random(q) < 0.3, -1, rng.integers(0, g, q)))
+    k = draw(st.integers(1, g - 1))
+    return queries, gallery, exclude, k
+
+
+@FAST
+@given(search_case(), st.integers(1, 4), st.integers(1, 16))
+def test_chunked_topk_equals_full_stable_sort(case, query_chunk, gallery_chunk):
+    queries, gallery, exclude, k = case
+    full = (queries @ gallery.T).numpy()
+    for exc in (None, exclude):
+        scores, idx = R.topk_search(queries, gallery, k, query_chunk=query_chunk, gallery_chunk=gallery_chunk,
+                                    exclude=exc)
+        want_s, want_i = N.naive_topk(full, k, None if exc is None else exc.numpy())
+        assert idx.tolist() == want_i.tolist()
+        np.testing.assert_array_equal(scores.numpy(), want_s)
+        s2, i2 = R.topk_candidates(torch.from_numpy(full), k, exclude=exc, query_chunk=query_chunk,
+                                   gallery_chunk=gallery_chunk)
+        assert i2.tolist() == want_i.tolist()
+
+
+@FAST
+@given(search_case())
+def test_topk_positions_agree_with_target_ranks(case):
+    queries, gallery, exclude, k = case
+    full = queries @ gallery.T
+    target = torch.randint(0, len(gallery), (len(queries),), generator=torch.Generator().manual_seed(k))
+    target = torch.where(target == exclude, (target + 1) % len(gallery), target)
+    _, idx = R.topk_search(queries, gallery, k, gallery_chunk=3, exclude=exclude)
+    ranks = R.target_ranks(full, target, exclude)
+    pos = R.candidate_ranks(idx, target)
+    assert torch.equal(pos, torch.where(ranks <= k, ranks, 0))
+
+
+def test_topk_search_does_not_modify_a_given_score_matrix():
+    scores = torch.tensor([[0.3, 0.9, 0.1], [0.5, 0.2, 0.4]])
+    before = scores.clone()
+    R.topk_candidates(scores, 1, exclude=[1, 0])
+    assert torch.equal(scores, before)
+
+
+def test_topk_rejects_bad_inputs():
+    q, g = torch.rand(3, 4), torch.rand(5, 4)
+    with pytest.raises(ValueError, match="k=5 but only 4 gallery items"):
+        R.topk_search(q, g, 5, exclude=[0, 1, -1])
+    with pytest.raises(ValueError, match=r"must be \[\*, D\]"):
+        R.topk_search(q, torch.rand(5, 3), 2)
+    with pytest.raises(ValueError, match="exclude must hold 3 gallery indices"):
+        R.topk_search(q, g, 2, exclude=[0, 9, 1])
+    bad = g.clone()
+    bad[3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"gallery contain NaN \(row 3\)"):
+        R.topk_search(q, bad, 2)
+
+
+# ------------------------------------------------------------------ re-ranking
+def test_reorder_is_stable_and_fuse_interpolates():
+    cand = torch.tensor([[4, 1, 3, 2]])
+    s2 = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    assert R.reorder(cand, s2)[1].tolist() == [[1, 3, 4, 2]]  # ties keep the stage-I order
+    s1 = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    assert torch.equal(R.fuse_scores(s1, s2, 1.0), s1) and torch.equal(R.fuse_scores(s1, s2, 0.0), s2)
+    with pytest.raises(ValueError, match="alpha"):
+        R.fuse_scores(s1, s2, 1.5)
+
+
+def test_rerank_batches_and_keeps_out_of_pool_ranks():
+    calls = []
+
+    def score_fn(qi: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        calls.append(len(qi))
+        return (cand == qi[:, None] + 10).float()  # query i's true target is gallery item i + 10
+
+    query_idx = torch.arange(5)
+    cand = torch.stack([torch.tensor([20, 21, 10 + i, 22]) if i % 2 == 0 else torch.tensor([20, 21, 22, 23])
+                        for i in range(5)])
+    _, new = R.rerank(score_fn, query_idx, cand, batch_size=2)
+    assert calls == [2, 2, 1]
+    ranks = R.reranked_target_ranks(new, query_idx + 10, stage1_ranks=[3, 80, 3, 60, 3])
+    assert ranks.tolist() == [1, 80, 1, 60, 1]
+
+
+# ------------------------------------------------------------------ files
+def test_make_topk_round_trips_through_the_file_format(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    queries, gallery = torch.randn(6, 8, generator=gen), torch.randn(30, 8, generator=gen)
+    target = torch.tensor([0, 5, 9, 12, 29, -1])
+    scores, idx = R.topk_search(queries, gallery, 10)
+    ranks = R.target_ranks(queries @ gallery.T, target.clamp(min=0))
+    names = [f"img{i:02d}" for i in range(30)]
+    topk = R.make_topk(scores, idx, query_ids=range(6), gallery_ids=names, target=target, ranks=ranks,
+                       category=["c"] * 6, meta={"model": "toy", "split": "val"})
+    back = load_topk(save_topk(tmp_path / "val.topk.npz", topk))
+    assert back.gallery_ids.tolist() == [[names[j] for j in row] for row in idx.tolist()]
+    assert back.target_rank.tolist() == ranks[:5].tolist() + [0]
+    assert back.target_ids.tolist()[-2:] == ["img29", ""] and back.meta == {"model": "toy", "split": "val", "k": 10}
+    np.testing.assert_allclose(back.scores, scores.numpy())
+    # without full ranks a target outside the list gets K + 1
+    lower = R.make_topk(scores, idx, query_ids=range(6), gallery_ids=names, target=target)
+    assert all(r == p or (r == 11 and p > 10) for r, p in zip(lower.target_rank[:5], ranks[:5].tolist()))
+
+
+def test_cirr_rankings_build_a_valid_submission(tmp_path):
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.rand(4, 80, generator=gen)
+    members = torch.stack([torch.randperm(80, generator=gen)[:6] for _ in range(4)])
+    reference = members[:, 2]
+    names = [f"test1-{i}-img0" for i in range(80)]
+    ranked, subset = R.cirr_rankings(scores, reference, members, names)
+    for q in range(4):
+        order = torch.argsort(scores[q], descending=True, stable=True).tolist()
+        want = [names[j] for j in order if j != int(reference[q])]
+        assert ranked[q] == want[:50]
+        assert subset[q] == [n for n in want if names.index(n) in members[q].tolist()][:3]
+    sub = M.cirr_submission([101, 102, 103, 104], ranked, subset)
+    recall_path, subset_path = R.save_cirr_submission(sub, tmp_path, "toy")
+    assert recall_path.name == "recall_submission_toy.json"
+    assert subset_path.name == "recall_subset_submission_toy.json"
+    loaded = json.loads(subset_path.read_text())
+    M.validate_cirr_submission(loaded, pair_ids=[101, 102, 103, 104])
+    assert list(loaded) == sorted(loaded)  # written with sort_keys=True
+
+
+def test_cirr_rankings_reject_a_set_too_small():
+    with pytest.raises(ValueError, match="query 0: img_set has 2 non-reference members, need 3"):
+        R.cirr_rankings(torch.rand(1, 60), [0], [[0, 1, 2, -1]], [str(i) for i in range(60)])
+
+
+# ------------------------------------------------------------------ encoding and the feature cache
+class Counter:
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches += 1
+        return x * 2.0
+
+
+def _items(n: int = 10) -> list[dict]:
+    return [{"image": torch.full((3,), float(i)), "gallery_idx": i} for i in range(n)]
+
+
+def test_encode_corpus_cache_hit_and_changed_key(tmp_path, caplog):
+    loader = DataLoader(_items(), batch_size=4)
+    key = R.cache_key("ckpt-abc", "synthetic", "val", 10, "encode_target")
+    enc = Counter()
+    with caplog.at_level(logging.INFO, logger="cirlab.retrieval"):
+        first = R.encode_corpus(enc, loader, cache_dir=tmp_path, cache_key=key, progress=False)
+        assert enc.batches == 3 and "miss" in caplog.text
+        caplog.clear()
+        again = R.encode_corpus(enc, loader, cache_dir=tmp_path, cache_key=key, progress=False)
+    assert enc.batches == 3 and "hit" in caplog.text  # no encoding on a hit
+    assert torch.equal(first, again) and torch.equal(first[:, 0], torch.arange(10.0) * 2)
+    other = R.cache_key("ckpt-abd", "synthetic", "val", 10, "encode_target")
+    R.encode_corpus(enc, loader, cache_dir=tmp_path, cache_key=other, progress=False)
+    assert enc.batches == 6 and len(list(tmp_path.glob("*.pt"))) == 2
+    assert not list(tmp_path.glob("*.tmp"))  # atomic write leaves no temp file
+
+
+def test_encode_corpus_recomputes_a_corrupt_cache(tmp_path, caplog):
+    key = R.cache_key("x")
+    (tmp_path / f"{key}.pt").write_bytes(b"not a torch file")
+    enc = Counter()
+    with caplog.at_level(logging.WARNING, logger="cirlab.retrieval"):
+        feats = R.encode_corpus(enc, DataLoader(_items(3), batch_size=2), cache_dir=tmp_path, cache_key=key,
+                                progress=False)
+    assert enc.batches == 2 and "unreadable" in caplog.text and feats.shape == (3, 3)
+    assert torch.equal(R.encode_corpus(enc, [], cache_dir=tmp_path, cache_key=key, progress=False), feats)
+
+
+def test_encode_corpus_scatters_shuffled_batches_back_by_index():
+    loader = DataLoader(_items(), batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(0))
+    feats = R.encode_corpus(Counter(), loader, index_key="gallery_idx", progress=False)
+    assert feats[:, 0].tolist() == [2.0 * i for i in range(10)]
+    duplicated = [{"image": torch.ones(2, 3), "gallery_idx": torch.tensor([0, 0])}]
+    with pytest.raises(ValueError, match="not a permutation"):
+        R.encode_corpus(Counter(), duplicated, index_key="gallery_idx", progress=False)
+
+
+def test_encode_corpus_argument_errors(tmp_path):
+    with pytest.raises(ValueError, match="cache_dir given without cache_key"):
+        R.encode_corpus(Counter(), _items(2), cache_dir=tmp_path)
+    with pytest.raises(TypeError, match="must return a Tensor"):
+        R.encode_corpus(lambda x: x.tolist(), [{"image": torch.ones(1, 2)}], progress=False)
+    with pytest.raises(ValueError, match="no batches"):
+        R.encode_corpus(Counter(), [], progress=False)
+
+
+def test_digests_change_with_content(tmp_path):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.write_bytes(b"weights-1")
+    b.write_bytes(b"weights-2")
+    assert R.file_digest(a) != R.file_digest(b) and R.file_digest(a) == R.file_digest(a)
+    lin = torch.nn.Linear(3, 2)
+    d0 = R.state_dict_digest(lin)
+    with torch.no_grad():
+        lin.bias[0] += 1
+    assert R.state_dict_digest(lin) != d0
