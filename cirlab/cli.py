@@ -119,11 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from cirlab.runs import load_config, run_experiment
+    from cirlab.runs import _is_main, load_config, run_experiment
 
     config = load_config(args.config, args.overrides)
     result = run_experiment(config, output_dir=args.output_dir, resume=args.resume, device=args.device)
-    print(json.dumps(result["splits"], indent=2, sort_keys=True))
+    if _is_main():  # under torchrun every process returns the same gathered metrics
+        print(json.dumps(result["splits"], indent=2, sort_keys=True))
     return 0
 
 

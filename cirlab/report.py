@@ -43,16 +43,16 @@ SYNTHETIC_SEED = 0
 # Parameters `cirlab report` passes; "{out}" and "{data}" are filled in at run time.
 _COMMON = {"device": "cpu", "seed": 0}
 REPORT_PARAMETERS: dict[str, dict[str, Any]] = {
-    "quickstart": {"data_root": "{data}", "output_dir": "{out}/quickstart", "preset": "tiny", "max_steps": 150,
+    "quickstart": {"data_root": "{data}", "output_dir": "{out}/quickstart", "preset": "tiny", "max_steps": 60,
                    "batch_size": 32, "n_show": 4, **_COMMON},
     "train": {"model": "amc", "preset": "tiny", "dataset": "fashioniq", "data_root": "{data}",
-              "output_dir": "{out}/train", "epochs": 3, "max_steps": 300, "batch_size": 32, "resume": "",
+              "output_dir": "{out}/train", "epochs": 2, "max_steps": 120, "batch_size": 32, "resume": "",
               **_COMMON},
     "evaluate": {"runs": ["{out}/train"], "dataset": "fashioniq", "data_root": "{data}", "split": "val",
                  "output_dir": "{out}/evaluate", "k": 50, "include_untrained": True, "n_show": 4,
                  "device": "cpu"},
     "router_explorer": {"run_dir": "{out}/train", "dataset": "fashioniq", "data_root": "{data}", "split": "val",
-                        "output_dir": "{out}/router_explorer", "n_queries": 120, "query_id": "",
+                        "output_dir": "{out}/router_explorer", "n_queries": 90, "query_id": "",
                         "interactive": False, "device": "cpu"},
     "rank_shift": {"before": "{out}/evaluate/topk/untrained", "after": "{out}/evaluate/topk/train",
                    "output_dir": "{out}/rank_shift", "pool_k": 50, "bins": 10,

@@ -276,33 +276,43 @@ def itm_protocol(config: dict[str, Any]) -> str:
 
 
 def evaluate_split(model: Any, config: dict[str, Any], split: str, *, device: Any = "cpu",
-                   topk_dir: Path | None = None) -> dict[str, Any]:
-    """Evaluate ``model`` on one named split of the configured dataset; returns evaluate_cir/itm's dict."""
+                   topk_dir: Path | None = None, loaded: Any = None) -> dict[str, Any]:
+    """Evaluate ``model`` on one named split of the configured dataset; returns evaluate_cir/itm's dict.
+
+    ``loaded`` is the split as :func:`load_split` returned it (saves re-reading the files every epoch).
+    """
     from cirlab.evaluate import evaluate_cir, evaluate_itm
 
     ev = config["eval"]
+    loaded = load_split(config, split) if loaded is None else loaded
     if hasattr(model, "evaluate_split"):  # models with their own pipeline (e.g. a stage-II re-ranker over top-K)
-        return model.evaluate_split(_splits_for(config, split), eval_config=ev, device=device, topk_dir=topk_dir)
+        return model.evaluate_split(loaded, eval_config=ev, device=device, topk_dir=topk_dir)
     if getattr(model, "task", None) == "rerank":
         logger.warning("%s has no evaluate_split hook: re-ranking evaluation skipped for %s", config["model"], split)
         return {"metrics": {}}
     if is_precomp(config):
-        return evaluate_itm(model, load_precomp_split(config, split), protocol=itm_protocol(config),
-                            batch_size=int(ev["batch_size"]), shard_size=int(ev["shard_size"]), device=device)
-    splits = load_cir_splits(config, split)
+        return evaluate_itm(model, loaded, protocol=itm_protocol(config), batch_size=int(ev["batch_size"]),
+                            shard_size=int(ev["shard_size"]), device=device)
+    splits = loaded
     meta = {"run": str(config.get("name", "")), "config_model": config["model"]}
     return evaluate_cir(model, splits, ev.get("protocol"), batch_size=int(ev["batch_size"]), device=device,
                         k=int(ev["k"]), topk_path=topk_dir, meta=meta)
 
 
-def _splits_for(config: dict[str, Any], split: str) -> Any:
+def load_split(config: dict[str, Any], split: str) -> Any:
+    """A PrecompSplit (ITM) or the list of CIRSplits (one per Fashion-IQ category) of a named split."""
     return load_precomp_split(config, split) if is_precomp(config) else load_cir_splits(config, split)
 
 
 def make_evaluate_fn(config: dict[str, Any], splits: Sequence[str], device: Any) -> Any:
-    """``evaluate_fn(model) -> {split: metrics}`` for the trainer's model selection."""
+    """``evaluate_fn(model) -> {split: metrics}`` for the trainer's model selection (splits read once)."""
+    loaded: dict[str, Any] = {}
+
     def evaluate_fn(model: Any) -> dict[str, Any]:
-        return {s: evaluate_split(model, config, s, device=device)["metrics"] for s in splits}
+        for s in splits:
+            if s not in loaded:
+                loaded[s] = load_split(config, s)
+        return {s: evaluate_split(model, config, s, device=device, loaded=loaded[s])["metrics"] for s in splits}
 
     return evaluate_fn
 

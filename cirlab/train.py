@@ -594,6 +594,10 @@ class _Trainer:
             if not loss_keys:
                 raise ValueError(f"training_step returned no '*_loss' term (keys: {sorted(terms)})")
             loss = sum(terms[k].float() for k in loss_keys)
+            if not torch.isfinite(loss):  # stop before a NaN reaches the weights and the checkpoints
+                raise FloatingPointError(f"non-finite loss at epoch {self.progress.epoch}, step "
+                                         f"{self.progress.step + 1}: " + ", ".join(
+                                             f"{k}={float(terms[k]):.4g}" for k in loss_keys))
             self.scaler.scale(loss / self.cfg.grad_accum_steps).backward()
         logged = {k: float(v.detach().float().mean()) for k, v in terms.items() if torch.is_tensor(v)}
         return {**logged, "loss": float(loss.detach())}
@@ -776,7 +780,10 @@ def _resume_path(cfg: TrainConfig, output_dir: Path) -> Path | None:
         return None
     if cfg.resume == "auto":
         last = output_dir / "checkpoints" / "last.pt"
-        return last if last.is_file() else None
+        if not last.is_file():
+            logger.info("resume='auto': no %s yet, starting a fresh run", last)
+            return None
+        return last
     return Path(cfg.resume)
 
 

@@ -24,7 +24,7 @@ from cirlab import analysis
 logger = logging.getLogger(__name__)
 
 QueryFn = Callable[[Any, str], Mapping[str, Any]]
-"""``query_fn(query_id, text) -> {"routes": route frame of that query, "candidate_ids": [...], "scores": [...]}``."""
+"""``query_fn(query_id, text) -> {"routes": that query's route frame, "candidate_ids", "scores", "target_id"}``."""
 
 __all__ = ["plot_query_view", "make_query_fn", "encode_gallery", "RouterExplorer"]
 
@@ -156,7 +156,7 @@ def make_query_fn(model: Any, split: Any, transform: Any = None, gallery_feature
             scores[ref] = float("-inf")
         top = torch.topk(scores, min(k, len(names)))
         return {"routes": trace.to_frame(), "candidate_ids": [names[i] for i in top.indices.tolist()],
-                "scores": top.values.tolist()}
+                "scores": top.values.tolist(), "target_id": trip.target_name}
 
     return query_fn
 
@@ -205,10 +205,13 @@ class RouterExplorer:
         cached = self._topk.get(str(query_id))
         if cached is not None:
             ids, scores, target = cached
-        if self.query_fn is not None and text is not None and text != original:
-            result = self.query_fn(query_id, text)
-            edited = result["routes"]
+        edit = self.query_fn is not None and text is not None and text != original
+        if edit or (self.query_fn is not None and not ids and original is not None):
+            # an edited text is re-routed; an unedited one is only searched when no top-K was given
+            result = self.query_fn(query_id, text if edit else original)
+            edited = result["routes"] if edit else None
             ids, scores = list(result.get("candidate_ids", ids)), list(result.get("scores", scores))
+            target = result.get("target_id", target)
         shown = text if text is not None else original
         title = f"query {query_id}" + (f": {shown!r}" if shown else "")
         return plot_query_view(rows, edited, ids, scores, target, self.image_fn, title=title)

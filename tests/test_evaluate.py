@@ -75,7 +75,6 @@ def test_fashioniq_per_category_matches_naive_and_writes_topk(synth, tmp_path):
 
 def test_shoes_and_cirr_subset(synth, tmp_path):
     from cirlab.data import load_cir
-    from cirlab import metrics as M
 
     model = _cir_model()
     shoes = load_cir("shoes", synth / "shoes", "test")

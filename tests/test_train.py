@@ -184,3 +184,20 @@ def test_max_steps_stops_mid_epoch(tmp_path):
     assert result["steps"] == 6 and result["epochs"] == 1
     ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["progress"]["step"] == 6 and ckpt["progress"]["batch_in_epoch"] == 2
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+    model = _model()
+    step = model.training_step
+    calls = []
+
+    def exploding(batch):
+        calls.append(1)
+        terms = step(batch)
+        if len(calls) == 3:
+            terms["rank_loss"] = terms["rank_loss"] * float("nan")
+        return terms
+
+    model.training_step = exploding
+    with pytest.raises(FloatingPointError, match="step 3.*rank_loss=nan"):
+        train(model, TripletItems(32), _cfg(epochs=1), output_dir=tmp_path)

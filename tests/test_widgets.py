@@ -105,3 +105,18 @@ def test_explorer_without_model_disables_text():
     assert exp.text.disabled
     with pytest.raises(ValueError):
         RouterExplorer(pd.DataFrame())
+
+
+def test_static_view_searches_when_no_topk_is_given():
+    calls = []
+
+    def query_fn(qid, text):
+        calls.append(text)
+        return {"routes": routes_for(qid, text_gates(text)), "candidate_ids": ["a", "t"], "scores": [1.0, 0.5],
+                "target_id": "t"}
+
+    exp = RouterExplorer(routes_for("q0", text_gates("abc")), texts={"q0": "abc"}, query_fn=query_fn)
+    fig = exp.view("q0")
+    assert calls == ["abc"]  # the original text, only to get the top-K
+    assert bars(fig, "gates:edited") == []
+    assert [t.get_text() for t in fig.axes[-1].texts if t.get_gid() == "target"] == ["#2 t  0.500"]

@@ -67,7 +67,22 @@ ABLATIONS = ("none", "image_only", "text_only")
 
 @dataclass
 class AMCConfig(PresetMixin):
-    """AMC hyper-parameters; the defaults are the paper's (Fashion-IQ) values."""
+    """AMC hyper-parameters; the defaults are the paper's (Fashion-IQ) values.
+
+    Presets: ``fashioniq`` (paper; one model per category), ``shoes`` (paper; no augmentation), ``tiny`` (tests:
+    a 3-stage CNN with BatchNorm, 64-d everything, random word vectors) and ``lite`` (CPU demos on real
+    pretrained features that install offline):
+
+    * image side: EfficientNet-Lite0 (ImageNet) feature map, 1280 channels, a 4x4 grid at 128 px (7x7 at 224),
+      *frozen* (``train_backbone=False``): its forward pass dominates a CPU step and fine-tuning 3.4M
+      parameters on a few hundred emoji would mostly overfit; the 1x1 conv, experts and routers still train.
+    * text side: MiniLM-L6's input (WordPiece) embeddings, averaged over each word's pieces, replace GloVe as
+      the word-vector table that initialises the trainable embedding; the LSTM, tokenisation and vocabulary
+      stay exactly the paper's. This keeps AMC's text encoder (static word vectors + LSTM) unchanged and costs
+      nothing per step, whereas feeding MiniLM hidden states into the LSTM would add a 6-layer transformer to
+      every step and change the architecture. The 384-d MiniLM vectors are as semantic as GloVe for this use
+      (cos(red, blue) ~ 0.53, cos(red, sandwich) ~ 0).
+    """
 
     # --- image encoder ---
     backbone: str = "resnet50"  # resnet50 (paper) | efficientnet_lite0 (lite: real offline weights) | tiny_cnn (tests)

@@ -352,17 +352,24 @@ def mix_dense(embs: Sequence[torch.Tensor], raw: torch.Tensor, shape: torch.Size
     stacked = torch.stack([e.expand(shape) for e in embs], dim=2)  # [Ni, Nt, 4 src, L, d]
     lead = shape[:2]
     mixed = paths.expand(*lead, 4, 4).to(stacked.dtype) @ stacked.flatten(3)  # [Ni, Nt, 4 dest, L*d]
-    mixed = mixed + gate.expand(*lead, 4, 1).to(stacked.dtype) * stacked[:, :, 0].flatten(2).unsqueeze(2)
+    if bool(gate.any()):  # rare after init (bias 1.5): skip a full-size pass when no destination is closed
+        mixed = mixed + gate.expand(*lead, 4, 1).to(stacked.dtype) * stacked[:, :, 0].flatten(2).unsqueeze(2)
     return mixed.view(*lead, 4, *shape[2:]), paths
 
 
 def mix_final(embs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], raw: torch.Tensor) -> torch.Tensor:
     """Final aggregation: ``sum_j (p_j emb_j + [p_j < 1e-4/4] input_j) / (sum_j gates + sum_j p_j)``."""
     gates = (raw < _PATH_THRESHOLD / 4).to(raw.dtype)  # [Ni, Nt, 4]
-    out = 0
-    for j in range(4):
-        out = out + raw[..., j, None, None] * embs[j] + gates[..., j, None, None] * inputs[j]
-    return out / (gates.sum(-1) + raw.sum(-1))[..., None, None]
+    weights = raw / (gates.sum(-1) + raw.sum(-1)).unsqueeze(-1)
+    out = weights[..., 0, None, None] * embs[0]
+    for j in range(1, 4):
+        out = out.addcmul_(weights[..., j, None, None], embs[j]) if not out.requires_grad else \
+            out + weights[..., j, None, None] * embs[j]
+    if bool(gates.any()):  # closed cells pass their input through (skip rule)
+        skip = gates / (gates.sum(-1) + raw.sum(-1)).unsqueeze(-1)
+        for j in range(4):
+            out = out + skip[..., j, None, None] * inputs[j]
+    return out
 
 
 # --------------------------------------------------------------------------------------------- interaction
