@@ -597,7 +597,7 @@ class _Trainer:
             if not torch.isfinite(loss):  # stop before a NaN reaches the weights and the checkpoints
                 raise FloatingPointError(f"non-finite loss at epoch {self.progress.epoch}, step "
                                          f"{self.progress.step + 1}: " + ", ".join(
-                                             f"{k}={float(terms[k]):.4g}" for k in loss_keys))
+                                             f"{k}={float(terms[k].detach()):.4g}" for k in loss_keys))
             self.scaler.scale(loss / self.cfg.grad_accum_steps).backward()
         logged = {k: float(v.detach().float().mean()) for k, v in terms.items() if torch.is_tensor(v)}
         return {**logged, "loss": float(loss.detach())}
