@@ -104,7 +104,14 @@ def build(setup: Setup, train_split: Any, ablation: str, seed: int = 0) -> Any:
 
 
 def evaluate(model: Any, splits: list[Any]) -> dict[str, float]:
-    return evaluate_cir(model, splits, protocol="fashioniq", batch_size=128)["metrics"]
+    """The Fashion-IQ protocol metrics plus R@1 per category and averaged (from the per-query ranks)."""
+    out = evaluate_cir(model, splits, protocol="fashioniq", batch_size=128)
+    metrics = dict(out["metrics"])
+    for split, (name, ranks) in zip(splits, out["ranks"].items()):
+        ranks = ranks[ranks > 0]  # 0 = no ground truth; G + 1 = target removed with the reference (a miss)
+        metrics[f"{split.category}_R@1"] = float(100.0 * (ranks == 1).mean())
+    metrics["avg_R@1"] = float(np.mean([metrics[f"{s.category}_R@1"] for s in splits]))
+    return metrics
 
 
 def routes(model: Any, splits: list[Any]) -> Any:
@@ -238,14 +245,16 @@ def markdown(result: dict[str, Any]) -> str:
              f"Train: {result['train_size']} triplets. Test (held out; selection on val): "
              + ", ".join(f"{c} {q} queries / {g} gallery" for c, q, g in result["test"]) + ".",
              f"Trainer overrides on the paper defaults: `{json.dumps(setup.train_overrides)}`.", "",
-             "| model | " + " | ".join(f"{c} R@10" for c in cats) + " | avg R@10 | avg R@50 | train s | steps |",
-             "|---|" + "---|" * (len(cats) + 4)]
+             "| model | " + " | ".join(f"{c} R@1 / R@10" for c in cats)
+             + " | avg R@1 | avg R@10 | avg R@50 | train s | steps |",
+             "|---|" + "---|" * (len(cats) + 5)]
     names = {"untrained": "AMC untrained (random init)", "none": "AMC trained",
              "image_only": "image-only baseline (text zeroed)", "text_only": "text-only baseline (image zeroed)"}
     for key, row in rows.items():
         m = row["metrics"]
-        lines.append(f"| {names[key]} | " + " | ".join(f"{m[f'{c}_R@10']:.1f}" for c in cats)
-                     + f" | {m['avg_R@10']:.1f} | {m['avg_R@50']:.1f} | {row['seconds']:.0f} | {row['steps']} |")
+        lines.append(f"| {names[key]} | " + " | ".join(f"{m[f'{c}_R@1']:.1f} / {m[f'{c}_R@10']:.1f}" for c in cats)
+                     + f" | {m['avg_R@1']:.1f} | {m['avg_R@10']:.1f} | {m['avg_R@50']:.1f} | {row['seconds']:.0f}"
+                     f" | {row['steps']} |")
     for which in ("trained", "untrained"):
         table, stats = result["gates"][which]
         lines += ["", f"### Router gates of the {which} model per modification type (test queries)", "",

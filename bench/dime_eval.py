@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,11 +30,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+WORDS = ("a man woman dog cat red blue small large street park ball car tree water near on in the with "
+         "playing sitting standing walking running two three white black green young old").split()
+
+
 def _captions(n: int, seed: int) -> list[str]:
-    """Flickr-like caption lengths (8-20 words) from a small word list."""
+    """Flickr-like caption lengths (8-20 words, 10-22 tokens with [CLS]/[SEP]/'.') from a small word list."""
     g = torch.Generator().manual_seed(seed)
-    words = ("a man woman dog cat red blue small large street park ball car tree water near on in the with "
-             "playing sitting standing walking running two three white black green young old").split()
+    words = WORDS
     lengths = torch.randint(8, 21, (n,), generator=g)
     return [" ".join(words[int(i)] for i in torch.randint(len(words), (int(k),), generator=g)) + " ."
             for k in lengths]
@@ -55,7 +59,7 @@ def _time(fn, repeats: int) -> tuple[float, torch.Tensor]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--direction", choices=["i2t", "t2i", "both"], default="both")
-    parser.add_argument("--images", type=int, default=24, help="images (5 captions each)")
+    parser.add_argument("--images", type=int, default=12, help="images (5 captions each)")
     parser.add_argument("--plain-shard", type=int, default=64, help="block side of the plain loop")
     parser.add_argument("--pairs-per-shard", type=int, default=0, help="cirlab shard size (0: automatic)")
     parser.add_argument("--device", default="cpu")
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     import cirlab
-    from cirlab.models.dime import naive_score_matrix, score_matrix
+    from cirlab.models.dime import naive_score_matrix, score_matrix, tiny_vocab
 
     device = torch.device(args.device)
     n_img, n_cap = args.images, 5 * args.images
@@ -78,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for direction in directions:
         torch.manual_seed(0)
-        model = cirlab.create_model("dime", f"f30k_{direction}", bert="random",
+        vocab = Path(tempfile.mkdtemp()) / "vocab.txt"  # whole-word vocab: realistic token counts
+        vocab.write_text("\n".join(tiny_vocab(WORDS)) + "\n", encoding="utf-8")
+        model = cirlab.create_model("dime", f"f30k_{direction}", bert="random", vocab_file=str(vocab),
                                     pairs_per_shard=args.pairs_per_shard).to(device).eval()
         with torch.no_grad():
             img, txt = model.encode_image(feats.to(device)), model.encode_text(texts)

@@ -110,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam lr (paper 2e-4 over 30 epochs)")
     parser.add_argument("--embed", type=int, default=64, help="embed size (paper 256)")
     parser.add_argument("--bert", choices=["random", "minilm"], default="random")
+    parser.add_argument("--lr-step", type=int, default=0, help="epochs between x0.1 lr steps (0: no step)")
+    parser.add_argument("--eval-every", type=int, default=0, help="dev evaluation every N epochs (0: at the end)")
+    parser.add_argument("--directions", default="i2t,t2i", help="directions to train in this process")
+    parser.add_argument("--reuse", action="store_true", help="load <out-dir>/<direction>/checkpoints/best.pt "
+                        "when present instead of training (to train the directions in parallel processes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--trace-images", type=int, default=50)
@@ -142,15 +147,22 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     test_scores: dict[str, torch.Tensor] = {}
     routes: dict[str, Any] = {}
-    for direction in ("i2t", "t2i"):
+    directions = [d for d in args.directions.split(",") if d]
+    for direction in directions:
         model = build(direction, args, vocab_file)
         untrained = itm_metrics(scores_on(model, splits["test"]))
-        cfg = {"epochs": args.epochs, "lr": args.lr, "lr_step_size": max(1, (2 * args.epochs) // 3),
-               "eval_every": 1, "eval_every_steps": 0, "selection": "dev", "tensorboard": False,
-               "progress": "log", "log_every": 10, "seed": args.seed, "device": "cpu"}
-        summary = train(model, splits["train"].pair_dataset(), cfg, output_dir=out_dir / direction,
-                        evaluate_fn=lambda m: {"dev": itm_metrics(scores_on(m, splits["dev"]))})
-        best = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=True)
+        best_path = out_dir / direction / "checkpoints" / "best.pt"
+        if args.reuse and best_path.is_file():
+            summary = json.loads((out_dir / direction / "summary.json").read_text())
+        else:
+            cfg = {"epochs": args.epochs, "lr": args.lr, "lr_step_size": args.lr_step or args.epochs + 1,
+                   "eval_every": args.eval_every, "eval_every_steps": 0, "selection": "dev", "tensorboard": False,
+                   "progress": "log", "log_every": 10, "seed": args.seed, "device": "cpu"}
+            summary = train(model, splits["train"].pair_dataset(), cfg, output_dir=out_dir / direction,
+                            evaluate_fn=lambda m: {"dev": itm_metrics(scores_on(m, splits["dev"]))})
+            summary = {k: summary[k] for k in ("best_epoch", "steps")}
+            (out_dir / direction / "summary.json").write_text(json.dumps(summary))
+        best = torch.load(best_path, map_location="cpu", weights_only=True)
         model.load_state_dict(best["model"])
         s = scores_on(model, splits["test"])
         test_scores[direction] = s
@@ -159,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         routes[direction] = route_table(model, splits["test"], args.trace_images)
         print(f"{direction}: rsum untrained {untrained['rsum']:.1f} -> trained {results[direction]['trained']['rsum']:.1f}"
               f" (best epoch {summary['best_epoch']})", flush=True)
+    if len(test_scores) < 2:
+        print("trained", directions, "- run again with --reuse for the report")
+        return 0
     ens = itm_metrics(ensemble_scores(test_scores["i2t"], test_scores["t2i"]))
     results["dime_star"] = ens
     print(f"DIME*: rsum {ens['rsum']:.1f}", flush=True)
@@ -183,7 +198,7 @@ def write_report(args: argparse.Namespace, argv: list[str] | None, results: dict
              f"Data: `cirlab.data.synthetic` precomp, size `{args.size}` (train {splits['train'].num_images} images, "
              f"dev {splits['dev'].num_images}, test {test.num_images}; 5 captions each). Model: DIME with embed "
              f"{args.embed} (paper 256), text encoder `{args.bert}` (frozen), paper loss (VSE++ hardest negative + extra "
-             f"negatives + 0.5 x path regulariser), Adam lr {args.lr}, x0.1 step, batch 32, clip 2, {args.epochs} "
+             f"negatives + 0.5 x path regulariser), Adam lr {args.lr}, x0.1 every {args.lr_step or '-'} epochs, batch 32, clip 2, {args.epochs} "
              f"epochs; selection on dev by `{selection_metric}`. Scores on test ({test.num_images} x "
              f"{len(test.captions)}, full matrix through the interaction module).", "",
              "| model | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum |", "|---|---|---|---|---|---|---|---|"]

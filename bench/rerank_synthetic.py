@@ -83,6 +83,7 @@ def main() -> None:
 
     # ---- stage II on top of the frozen stage I
     stage2 = br.BlipRerankStage2(cfg, stage1=stage1)
+    stage2.init_from_stage1()  # the original starts both streams from the (pre-trained) MED weights
     t2 = time.time()
     train(stage2, br.CachedTripletDataset(splits["train"], stores["train"]),
           {**common, "epochs": args.epochs2, "batch_size": args.batch2, "lr": args.lr2,

@@ -28,9 +28,13 @@ _LAZY = {
     "retrieval": "cirlab.retrieval",
     "viz": "cirlab.viz",
     "data": "cirlab.data",
-    "train": "cirlab.train:train",
+    # `fit` (not `train`): `cirlab.train` is the trainer module, and `import cirlab.train` would shadow a function
+    "fit": "cirlab.train:train",
+    "train": "cirlab.train",
     "TrainConfig": "cirlab.train:TrainConfig",
     "evaluate_cir": "cirlab.evaluate:evaluate_cir",
+    "run_experiment": "cirlab.runs:run_experiment",
+    "load_config": "cirlab.runs:load_config",
     "evaluate_itm": "cirlab.evaluate:evaluate_itm",
 }
 

@@ -268,7 +268,7 @@ def test_fit_vocab_from_a_split_adds_each_caption() -> None:
     assert model.vocab.words[4:] == ["is", "red", "has", "a", "bow"]
 
 
-def test_backbone_weights_load_from_a_local_file(tmp_path) -> None:
+def test_backbone_weights_load_from_a_local_file(tmp_path, caplog) -> None:
     source = tiny()
     with torch.no_grad():
         source.image_encoder.backbone.stages[1][1].weight.fill_(0.5)
@@ -280,8 +280,11 @@ def test_backbone_weights_load_from_a_local_file(tmp_path) -> None:
     torch.save({"stages.0.0.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(RuntimeError, match="bad.pth"):
         tiny(pretrained=True, backbone_weights=str(tmp_path / "bad.pth"))
-    with pytest.raises(FileNotFoundError, match="backbone_weights"):
-        tiny(pretrained=True)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        tiny(pretrained=True, backbone_weights=str(tmp_path / "missing.pth"))
+    with caplog.at_level("WARNING", logger="cirlab.models.amc"):
+        tiny(pretrained=True)  # no file anywhere: random init, said loudly
+    assert "randomly initialised" in caplog.text
 
 
 def test_resnet50_trunk_takes_a_torchvision_checkpoint(tmp_path) -> None:

@@ -303,3 +303,14 @@ def test_full_size_parameter_counts(preset):
     assert dual - med == 12 * per_layer_attention + 6 * _linear(1536, 768)
     assert head == _linear(1536, 768) + _linear(768, 2)
     assert sum(p.numel() for p in m2.parameters() if p.requires_grad) == dual + head
+
+
+def test_init_from_stage1_copies_both_streams():
+    m = tiny("stage2")
+    report = m.init_from_stage1()
+    assert not report.unmatched and all("merge" in k or k.startswith(("cls_head", "stage1")) for k in report.missing)
+    src = m.stage1.text_encoder.encoder.layer[1].crossattention.self.value.weight
+    for stream in m.text_encoder.layers[1].crossattention:
+        torch.testing.assert_close(stream.self.value.weight, src)
+    torch.testing.assert_close(m.text_encoder.layers[0].output.dense.weight,
+                               m.stage1.text_encoder.encoder.layer[0].output.dense.weight)

@@ -342,6 +342,18 @@ class BlipRerankStage2(nn.Module):
     def visual_encoder(self) -> nn.Module:
         return self.stage1.visual_encoder
 
+    def init_from_stage1(self) -> Any:
+        """Copy stage I's text encoder into both streams (self/cross-attention, dense, LayerNorms, FFN, embeddings).
+
+        The original initialises stage II from BLIP's pre-trained MED this way (A.6); without pre-trained weights
+        the trained stage-I encoder is the closest analogue. Merge layers and ``cls_head`` stay random.
+        Returns the :class:`~cirlab.models.blip_interop.InteropReport`.
+        """
+        from cirlab.models import blip_interop
+
+        state = {"text_encoder." + k: v for k, v in self.stage1.text_encoder.state_dict().items()}
+        return blip_interop.convert_stage2(state, self, strict=False, source="stage1.text_encoder")
+
     def _autocast(self) -> Any:
         return self.stage1._autocast()
 
