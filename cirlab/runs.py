@@ -39,7 +39,8 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
-SECTIONS = ("name", "model", "preset", "model_overrides", "dataset", "train", "eval", "output_dir")
+# "model_config" is written into a run's config.yaml (the resolved model config); it is ignored when read back
+SECTIONS = ("name", "model", "preset", "model_overrides", "dataset", "train", "eval", "output_dir", "model_config")
 DEFAULTS: dict[str, Any] = {
     "model": None, "preset": None, "model_overrides": {},
     "dataset": {"name": None, "root": "", "category": None, "train_split": "train", "val_split": "val",
@@ -230,6 +231,24 @@ def build_model(config: dict[str, Any]) -> Any:
     return create_model(config["model"], config.get("preset"), **dict(config.get("model_overrides") or {}))
 
 
+class _Captions:
+    """Several CIR training splits seen as one (``fit_vocab`` reads ``.triplets``)."""
+
+    def __init__(self, splits: Sequence[Any]) -> None:
+        self.triplets = [t for s in splits for t in s.triplets]
+
+
+def fit_to_training_data(model: Any, config: dict[str, Any]) -> None:
+    """Data-dependent set-up before training: models with a vocabulary built from the training captions
+    (AMC's ``fit_vocab``) get it here, so the CLI, the notebooks and the API train the same model."""
+    if not hasattr(model, "fit_vocab") or is_precomp(config):
+        return
+    splits = load_cir_splits(config, config["dataset"]["train_split"], for_training=True)
+    size = model.fit_vocab(_Captions(splits))
+    logger.info("%s: vocabulary of %s words from the %s captions", config["model"], size,
+                config["dataset"]["train_split"])
+
+
 def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, preset: str | None = None,
                           trust_pickle: bool = False) -> tuple[Any, dict[str, Any]]:
     """Rebuild the model a checkpoint was trained with (its saved name + config) and load its weights."""
@@ -330,6 +349,7 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     out = Path(output_dir) if output_dir else output_dir_of(config)
     _prepare_data(config)
     model = build_model(config)
+    fit_to_training_data(model, config)
     overrides = {"selection_metric": default_selection_metric(config), **_model_train_defaults(model),
                  **dict(config.get("train") or {})}
     if resume:
@@ -347,7 +367,7 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
         raise ConfigError(f"{config['model']}: model selection needs an evaluate_split hook on the model; "
                           "set train.selection=last")
     run_device = _eval_device(cfg.device)
-    resolved = {**config, "output_dir": str(out), "train": cfg.to_dict()}
+    resolved = {**config, "output_dir": str(out), "train": cfg.to_dict(), "model_config": model.config.to_dict()}
     evaluate_fn = make_evaluate_fn(config, [select_split], run_device) if select_split else None
     summary = train(model, train_dataset(config, model), cfg, output_dir=out, evaluate_fn=evaluate_fn,
                     run_config=resolved)

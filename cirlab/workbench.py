@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cir_splits", "build_model", "train_run", "load_run", "untrained_copy", "evaluate_run", "collect_routes",
+__all__ = ["cir_splits", "run_config", "train_run", "load_run", "untrained_copy", "evaluate_run", "collect_routes",
            "query_fn_for", "gallery_rows",
            "worst_queries", "load_topk_files", "write_outputs", "ensure_synthetic", "dataset_root"]
 
@@ -54,77 +54,60 @@ def _fiq_categories(root: Path, split: str) -> list[str]:
     return found or list(FIQ_CATEGORIES)
 
 
-def build_model(name: str, preset: str, train_split: Any = None, device: str = "cpu", **overrides: Any) -> Any:
-    """``create_model`` plus the data-dependent setup a model needs before training (AMC's vocabulary)."""
-    from cirlab.registry import create_model
-
-    model = create_model(name, preset, **overrides)
-    if train_split is not None and hasattr(model, "fit_vocab"):
-        model.fit_vocab(train_split)
-    return model.to(device)
-
-
-class _Concat:
-    """Several CIR splits as one training split (``fit_vocab`` reads ``.triplets``)."""
-
-    def __init__(self, splits: Sequence[Any]) -> None:
-        self.splits = list(splits)
-        self.triplets = [t for s in self.splits for t in s.triplets]
-
-
-def train_run(model: str, preset: str, dataset: str, data_root: str | os.PathLike, output_dir: str | os.PathLike, *,
-              epochs: int = 1, max_steps: int = 0, batch_size: int = 0, lr: float = 0.0, device: str = "cpu",
-              seed: int = 0, resume: str = "", eval_split: str = "val", log_every: int = 10) -> dict[str, Any]:
-    """Train a registered CIR model on ``dataset`` and write the run folder (``cirlab.train`` layout).
+def run_config(model: str, preset: str, dataset: str, data_root: str | os.PathLike, output_dir: str | os.PathLike,
+               *, epochs: int = 1, max_steps: int = 0, batch_size: int = 0, lr: float = 0.0, device: str = "cpu",
+               seed: int = 0, resume: str = "", eval_split: str = "val", log_every: int = 10) -> dict[str, Any]:
+    """The ``cirlab train`` config (``cirlab.runs`` schema) for the notebook parameters.
 
     Zero means "the model's paper default" for ``max_steps`` (no cap), ``batch_size`` and ``lr``.
-    Returns the trainer's summary plus ``model`` (the trained module) and ``run_config``.
     """
-    import torch
+    from cirlab.runs import DEFAULTS, _merge
 
-    from cirlab.train import train
+    train: dict[str, Any] = {"epochs": epochs, "device": device, "seed": seed, "log_every": log_every,
+                             "progress": "log", "selection": "val"}
+    train.update({k: v for k, v in {"max_steps": max_steps, "batch_size": batch_size, "lr": lr}.items() if v})
+    if resume:
+        train["resume"] = resume
+    ds = {"name": dataset, "root": str(dataset_root(data_root, dataset)), "val_split": eval_split}
+    return _merge(DEFAULTS, {"name": Path(output_dir).name, "model": model, "preset": preset, "dataset": ds,
+                             "train": train, "eval": {"splits": [eval_split], "k": 10},
+                             "output_dir": str(output_dir)})
 
-    train_splits = list(cir_splits(dataset, data_root, "train").values())
-    net = build_model(model, preset, _Concat(train_splits), device=device)
-    data = torch.utils.data.ConcatDataset([s.triplet_dataset(net.image_transform(True)) for s in train_splits])
-    overrides: dict[str, Any] = {"epochs": epochs, "device": device, "seed": seed, "resume": resume,
-                                 "log_every": log_every, "progress": "log", "selection": "val"}
-    overrides.update({k: v for k, v in {"max_steps": max_steps, "batch_size": batch_size, "lr": lr}.items() if v})
-    overrides["batch_size"] = min(overrides.get("batch_size", 32), len(data))
-    run_config = {"model": model, "preset": preset, "model_config": net.config.to_dict(), "dataset": dataset,
-                  "data_root": str(data_root), "eval_split": eval_split}
 
-    def evaluate_fn(m: Any) -> dict[str, Any]:
-        return {"val": evaluate_run(m, dataset, data_root, eval_split, k=10, device=device)[0]}
+def train_run(model: str, preset: str, dataset: str, data_root: str | os.PathLike, output_dir: str | os.PathLike,
+              **options: Any) -> dict[str, Any]:
+    """Train a registered model through the same path as ``cirlab train`` (:func:`cirlab.runs.run_experiment`).
 
-    summary = train(net, data, overrides, output_dir=output_dir, evaluate_fn=evaluate_fn, run_config=run_config)
-    return {**summary, "model": net, "run_config": run_config}
+    ``options`` are :func:`run_config`'s. Returns the run's ``metrics.json`` contents plus ``best_score``,
+    ``best_epoch`` and ``run_config`` (the resolved config, with ``model_config``).
+    """
+    import yaml
+
+    from cirlab.runs import run_experiment, validate_config
+
+    config = run_config(model, preset, dataset, data_root, output_dir, **options)
+    validate_config(config, "notebook parameters")
+    result = run_experiment(config, output_dir=output_dir)
+    resolved = yaml.safe_load((Path(output_dir) / "config.yaml").read_text())
+    return {**result, "best_score": result["selection"]["best_score"], "best_epoch": result["selection"]["best_epoch"],
+            "run_config": resolved}
 
 
 def load_run(run_dir: str | os.PathLike, device: str = "cpu", checkpoint: str = "best") -> Any:
-    """Rebuild a run's model from ``config.yaml`` and load ``checkpoints/<checkpoint>.pt`` (falls back to last)."""
+    """A run's model with ``checkpoints/<checkpoint>.pt`` loaded (falls back to ``last``), in eval mode."""
     import yaml
 
-    from cirlab.checkpoint import load_model_weights
-    from cirlab.registry import build_config, create_model, get_entry
+    from cirlab.runs import model_from_checkpoint
 
     run = Path(run_dir)
-    cfg_path = run / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"run folder has no config.yaml: {run} (train it first)")
-    cfg = yaml.safe_load(cfg_path.read_text())
-    if "model_config" not in cfg or "model" not in cfg:
-        raise ValueError(f"{cfg_path}: needs 'model' and 'model_config' entries (written by cirlab.workbench)")
-    config = get_entry(cfg["model"]).config_cls.from_dict(cfg["model_config"]) if cfg["model_config"] else \
-        build_config(cfg["model"], cfg.get("preset"))
-    model = create_model(cfg["model"], config=config)
     ckpt = run / "checkpoints" / f"{checkpoint}.pt"
     if not ckpt.is_file():
         ckpt = run / "checkpoints" / "last.pt"
     if not ckpt.is_file():
-        raise FileNotFoundError(f"no checkpoint in {run / 'checkpoints'}")
-    load_model_weights(model, ckpt, strict=False)
-    model.run_config = cfg
+        raise FileNotFoundError(f"no checkpoint in {run / 'checkpoints'} (train the run first)")
+    model, _ = model_from_checkpoint(ckpt)
+    cfg_path = run / "config.yaml"
+    model.run_config = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
     return model.to(device).eval()
 
 
@@ -133,13 +116,16 @@ def untrained_copy(run_dir: str | os.PathLike, dataset: str, data_root: str | os
     """A freshly initialised model with a run's exact config (and the same training vocabulary): a baseline."""
     import torch
 
-    from cirlab.registry import create_model, get_entry
+    from cirlab.registry import create_model
+    from cirlab.runs import DEFAULTS, _merge, fit_to_training_data
 
-    cfg = load_run(run_dir).run_config
+    trained = load_run(run_dir)
     torch.manual_seed(seed)
-    model = create_model(cfg["model"], config=get_entry(cfg["model"]).config_cls.from_dict(cfg["model_config"]))
-    if hasattr(model, "fit_vocab"):
-        model.fit_vocab(_Concat(list(cir_splits(dataset, data_root, "train").values())))
+    model = create_model(trained.model_name, config=trained.config)
+    config = _merge(DEFAULTS, trained.run_config or {"model": trained.model_name,
+                                                     "dataset": {"name": dataset,
+                                                                 "root": str(dataset_root(data_root, dataset))}})
+    fit_to_training_data(model, config)  # the same vocabulary as the trained run, built the same way
     return model.to(device).eval()
 
 
