@@ -1,16 +1,17 @@
 """DIME on the synthetic precomp dataset (CPU): untrained vs trained rsum per direction, DIME* (ensemble), and
 which routing cells dominate for the different caption types.
 
-The synthetic precomp set (``cirlab.data.synthetic``) writes 5 captions per image in 5 fixed wordings ("types",
-caption ``k`` has type ``k % 5``): 0 "a small red circle at the top left , ...", 1 "there is ..." with the objects
-reversed, 2 the terse "three shapes : red circle , small , top left ; ...", 3 "an image showing ..." in random
-object order, 4 "at the top left a small red circle , ...". Every caption names every object, so each identifies
-its image.
+The synthetic precomp set (``cirlab.data.synthetic``) writes 5 captions per image that differ in *content* (their
+types, ``_scenes.CAPTION_TYPES``, listed per caption in ``synthetic_meta.json``): ``full`` (every object with size,
+colour, shape and cell), ``color`` (colours and counts only), ``shape`` (shapes and counts only), ``layout`` (cells and
+sizes only) and ``relation`` (relative positions of objects named by colour and shape). Only ``full`` identifies its
+image on its own, so the other types cap the reachable recall; routing may differ by type.
 
 Both directions are trained with the one trainer (``cirlab.train.train``) on the reduced DIME dimensions below, a
 random-init frozen tiny BERT with a WordPiece vocabulary built from the training captions (``--bert minilm`` uses
 the real MiniLM-L6 instead), and the paper's loss (VSE++ hardest negative with extra negatives + 0.5 x path
-regulariser). Checkpoint selection on dev by r1+r5+r1i+r5i; numbers are on test with the selected weights.
+regulariser). ``--warmup-epochs N`` sets ``max_violation_warmup_epochs``: N epochs of the sum of violations before
+the hardest negative (VSE-infinity's warm-up; 0 = the paper). Checkpoint selection on dev by r1+r5+r1i+r5i; numbers are on test with the selected weights.
 
 Usage::
 
@@ -32,8 +33,6 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TYPE_NAMES = {0: "plain list", 1: "'there is', reversed", 2: "terse attribute list", 3: "'an image showing', shuffled",
-              4: "location first"}
 
 
 def _encode(model: Any, split: Any, batch: int = 128) -> tuple[dict, dict]:
@@ -63,7 +62,7 @@ def build(direction: str, args: argparse.Namespace, vocab_file: Path) -> Any:
     import cirlab
 
     torch.manual_seed(args.seed)
-    common = dict(direction=direction, img_dim=2048, embed_size=args.embed, hid_router=args.embed * 2,
+    common = dict(direction=direction, max_violation_warmup_epochs=args.warmup_epochs, img_dim=2048, embed_size=args.embed, hid_router=args.embed * 2,
                   hid_imrc=args.embed * 2, num_head_imrc=4, path_hid=32, max_words=32,
                   lambda_softmax=4.0 if direction == "i2t" else 9.0)
     if args.bert == "minilm":
@@ -73,33 +72,68 @@ def build(direction: str, args: argparse.Namespace, vocab_file: Path) -> Any:
                                             "intermediate_size": 128, "max_position_embeddings": 64}, **common)
 
 
-def route_table(model: Any, split: Any, n_images: int) -> tuple[Any, dict]:
-    """Mean path weights of the matching pairs per caption type (traced through cirlab.trace_routes)."""
+def route_table(model: Any, split: Any, n_images: int, caption_type: list[str]) -> dict[str, Any]:
+    """Path weights of the matching pairs traced through cirlab.trace_routes, grouped by caption type.
+
+    Per layer: ``matrix`` = mean weight per (caption type, destination, source); ``eta2`` = the share of the
+    per-pair path variance that caption type explains (between-type / total sum of squares over all the
+    layer's entries; 0 = type tells nothing, 1 = type fixes the routes); ``eta2_within_image`` = the same after
+    removing each image's mean, i.e. what type explains beyond which image it is.
+    """
+    import pandas as pd
+
     import cirlab
 
     model.eval()
     img, txt = _encode(model, split)
     n_images = min(n_images, img["img"].shape[0])
+    per = len(split.captions) // img["img"].shape[0]
     rows = []
     with torch.no_grad():
-        for i in range(n_images):  # one image with its own 5 captions: the matching pairs only
+        for i in range(n_images):  # one image with its own captions: the matching pairs only
             sub_img = {k: v[i:i + 1] for k, v in img.items()}
-            sub_txt = {k: v[5 * i:5 * i + 5] for k, v in txt.items()}
+            sub_txt = {k: v[per * i:per * i + per] for k, v in txt.items()}
             with cirlab.trace_routes(model) as trace:
                 model.itr_module(sub_img, sub_txt)
-            frame = trace.to_frame()
-            frame["caption_type"] = frame["caption_id"] % 5
-            rows.append(frame)
-    import pandas as pd
-
+            rows.append(trace.to_frame())
     frame = pd.concat(rows, ignore_index=True)
-    summary: dict[str, Any] = {}
-    for layer in ("layer0", "layer1", "layer2"):
-        part = frame[frame.layer == layer]
-        # layer 2: raw gate of each source cell into the output; layer 1: mean weight a source sends on
-        table = part.groupby(["caption_type", "source"])["weight"].mean().unstack("source")
-        summary[layer] = table
-    return frame, summary
+    frame = frame[frame.layer.isin(["layer0", "layer1", "layer2"])].copy()
+    frame["caption_type"] = [caption_type[int(c)] for c in frame["caption_id"]]
+    out: dict[str, Any] = {}
+    for layer, part in frame.groupby("layer"):
+        matrix = part.groupby(["caption_type", "destination", "source"])["weight"].mean()
+        feat = part.set_index(["image_id", "caption_id", "caption_type", "destination", "source"])["weight"]
+        wide = feat.unstack(["destination", "source"])  # one row per pair, one column per path entry
+        types = wide.index.get_level_values("caption_type")
+        out[layer] = {"matrix": matrix, "eta2": _eta2(wide, types),
+                      "eta2_within_image": _eta2(wide - wide.groupby(level="image_id").transform("mean"), types)}
+    return out
+
+
+def _eta2(wide: Any, groups: Any) -> float:
+    """Between-group sum of squares / total sum of squares, pooled over all columns."""
+    total = float(((wide - wide.mean()) ** 2).to_numpy().sum())
+    if total < 1e-12:
+        return 0.0
+    means = wide.groupby(groups).transform("mean")
+    between = float(((means - wide.mean()) ** 2).to_numpy().sum())
+    return between / total
+
+
+def _edge_dev(type_matrix: Any, overall: Any) -> str:
+    """The destination <- source edge this caption type weights most above the mean over types."""
+    dev = type_matrix.reorder_levels(["destination", "source"]) - overall
+    (dst, src), value = dev.idxmax(), dev.max()
+    return f"{src} -> {dst} ({value:+.3f})"
+
+
+def recall_by_type(scores: torch.Tensor, caption_type: list[str], per: int = 5) -> dict[str, float]:
+    """t2i R@1 of each caption type (caption j's image is j // per)."""
+    rank1 = scores.argmax(0) == torch.arange(scores.shape[1]) // per
+    out: dict[str, list[bool]] = {}
+    for j, t in enumerate(caption_type):
+        out.setdefault(t, []).append(bool(rank1[j]))
+    return {t: 100.0 * sum(v) / len(v) for t, v in out.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embed", type=int, default=64, help="embed size (paper 256)")
     parser.add_argument("--bert", choices=["random", "minilm"], default="random")
     parser.add_argument("--lr-step", type=int, default=0, help="epochs between x0.1 lr steps (0: no step)")
+    parser.add_argument("--warmup-epochs", type=int, default=0, help="max_violation_warmup_epochs: epochs of summed "
+                        "violations before the hardest negative (0: the paper)")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch (paper 32)")
     parser.add_argument("--eval-every", type=int, default=0, help="dev evaluation every N epochs (0: at the end)")
     parser.add_argument("--directions", default="i2t,t2i", help="directions to train in this process")
     parser.add_argument("--reuse", action="store_true", help="load <out-dir>/<direction>/checkpoints/best.pt "
@@ -138,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     splits = {s: cirlab.data.load_precomp(pre, "f30k", s) for s in ("train", "dev", "test")}
     out_dir = Path(args.out_dir) if args.out_dir else runs_dir() / "dime_synthetic"
     out_dir.mkdir(parents=True, exist_ok=True)
+    meta = json.loads((pre / synthetic.META).read_text()) if (pre / synthetic.META).is_file() else {}
+    caption_type = meta.get("caption_type", {}).get("test") or [f"style {k % 5}" for k in
+                                                                 range(len(splits["test"].captions))]
     words = sorted({w for c in splits["train"].captions for w in c.lower().split()})
     vocab_file = out_dir / "vocab.txt"
     vocab_file.write_text("\n".join(tiny_vocab(words)) + "\n", encoding="utf-8")
@@ -155,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.reuse and best_path.is_file():
             summary = json.loads((out_dir / direction / "summary.json").read_text())
         else:
-            cfg = {"epochs": args.epochs, "lr": args.lr, "lr_step_size": args.lr_step or args.epochs + 1,
+            cfg = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "lr_step_size": args.lr_step or args.epochs + 1,
                    "eval_every": args.eval_every, "eval_every_steps": 0, "selection": "dev", "tensorboard": False,
                    "progress": "log", "log_every": 10, "seed": args.seed, "device": "cpu"}
             summary = train(model, splits["train"].pair_dataset(), cfg, output_dir=out_dir / direction,
@@ -167,17 +207,21 @@ def main(argv: list[str] | None = None) -> int:
         s = scores_on(model, splits["test"])
         test_scores[direction] = s
         results[direction] = {"untrained": untrained, "trained": itm_metrics(s), "best_epoch": summary["best_epoch"],
-                              "steps": summary["steps"]}
-        routes[direction] = route_table(model, splits["test"], args.trace_images)
+                              "steps": summary["steps"], "t2i_R@1_by_type": recall_by_type(s, caption_type)}
+        routes[direction] = route_table(model, splits["test"], args.trace_images, caption_type)
         print(f"{direction}: rsum untrained {untrained['rsum']:.1f} -> trained {results[direction]['trained']['rsum']:.1f}"
               f" (best epoch {summary['best_epoch']})", flush=True)
     if len(test_scores) < 2:
         print("trained", directions, "- run again with --reuse for the report")
         return 0
-    ens = itm_metrics(ensemble_scores(test_scores["i2t"], test_scores["t2i"]))
-    results["dime_star"] = ens
+    ens_scores = ensemble_scores(test_scores["i2t"], test_scores["t2i"])
+    ens = itm_metrics(ens_scores)
+    results["dime_star"] = {**ens, "t2i_R@1_by_type": recall_by_type(ens_scores, caption_type)}
     print(f"DIME*: rsum {ens['rsum']:.1f}", flush=True)
     elapsed = time.time() - start
+    results["routes"] = {d: {layer: {"eta2": r["eta2"], "eta2_within_image": r["eta2_within_image"],
+                                     "matrix": {"|".join(k): float(v) for k, v in r["matrix"].items()}}
+                             for layer, r in routes[d].items()} for d in routes}
     (out_dir / "results.json").write_text(json.dumps({k: v for k, v in results.items()}, indent=2, default=str))
     write_report(args, argv, results, routes, splits, elapsed, SELECTION_METRIC)
     return 0
@@ -198,8 +242,8 @@ def write_report(args: argparse.Namespace, argv: list[str] | None, results: dict
              f"Data: `cirlab.data.synthetic` precomp, size `{args.size}` (train {splits['train'].num_images} images, "
              f"dev {splits['dev'].num_images}, test {test.num_images}; 5 captions each). Model: DIME with embed "
              f"{args.embed} (paper 256), text encoder `{args.bert}` (frozen), paper loss (VSE++ hardest negative + extra "
-             f"negatives + 0.5 x path regulariser), Adam lr {args.lr}, x0.1 every {args.lr_step or '-'} epochs, batch 32, clip 2, {args.epochs} "
-             f"epochs; selection on dev by `{selection_metric}`. Scores on test ({test.num_images} x "
+             f"negatives + 0.5 x path regulariser), Adam lr {args.lr}, x0.1 every {args.lr_step or '-'} epochs, batch {args.batch_size}, clip 2, {args.epochs} "
+             f"epochs, sum-of-violations warm-up {args.warmup_epochs} epoch(s) (max_violation_warmup_epochs); selection on dev by `{selection_metric}`. Scores on test ({test.num_images} x "
              f"{len(test.captions)}, full matrix through the interaction module).", "",
              "| model | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum |", "|---|---|---|---|---|---|---|---|"]
     for d in ("i2t", "t2i"):
@@ -211,25 +255,47 @@ def write_report(args: argparse.Namespace, argv: list[str] | None, results: dict
     verdict = ("DIME* beats each direction alone" if results["dime_star"]["rsum"] > best_single else
                "DIME* does not beat the best single direction here")
     lines += ["", f"{verdict} (rsum {results['dime_star']['rsum']:.1f} vs best single {best_single:.1f}).", ""]
-    lines += ["## Routes by caption type", "",
+    types = list(results["t2i"]["t2i_R@1_by_type"])
+    lines += ["Text-to-image R@1 by caption type (only `full` identifies its image on its own):", "",
+              "| model | " + " | ".join(types) + " |", "|---" * (len(types) + 1) + "|"]
+    for name, res in (("DIME (i2t)", results["i2t"]), ("DIME (t2i)", results["t2i"]), ("DIME*", results["dime_star"])):
+        by = res["t2i_R@1_by_type"]
+        lines.append(f"| {name} | " + " | ".join(f"{by[t]:.1f}" for t in types) + " |")
+    lines += ["", "## Routes by caption type", "",
               f"Traced with `cirlab.trace_routes` on the matching pairs of the first {args.trace_images} test images "
-              "(each image with its own 5 captions). Cells in code order; paper numbering RIC 0, GLGC 2, IMRC 1, "
-              "CMRC 3. Caption types: " + "; ".join(f"{k} = {v}" for k, v in TYPE_NAMES.items()) + ".", ""]
+              "(each image with its own 5 captions, one per type). Cells in code order; paper numbering RIC 0, "
+              "GLGC 2, IMRC 1, CMRC 3. Layers 0 and 1: mean normalised weight of each destination <- source edge "
+              "(rows sum to 1 per destination); layer 2: the raw gate of each cell into the output. "
+              "eta^2 = share of the per-pair path variance (all entries of the layer pooled) explained by caption "
+              "type; 'within image' first removes each image's mean route.", ""]
     for d in ("i2t", "t2i"):
-        _, summary = routes[d]
-        for layer, title in (("layer2", "final aggregation: raw gate of each cell"),
-                             ("layer1", "layer 1: mean normalised weight a source cell sends"),
-                             ("layer0", "layer 0: mean normalised weight a source cell sends")):
-            table = summary[layer]
-            dominant = table.idxmax(axis=1)
-            lines += [f"**{d}, {title}**", "", "| caption type | " + " | ".join(table.columns) + " | dominant |",
-                      "|---" * (len(table.columns) + 2) + "|"]
-            for t, row in table.iterrows():
-                lines.append(f"| {t} ({TYPE_NAMES[int(t)]}) | " + " | ".join(f"{v:.3f}" for v in row) +
-                             f" | {dominant[t]} |")
-            spread = (table.max(axis=0) - table.min(axis=0)).max()
-            lines += ["", f"Dominant cells over types: {sorted(set(dominant))}; largest between-type difference of "
-                          f"one cell's weight: {spread:.3f}.", ""]
+        for layer, title in (("layer0", "layer 0"), ("layer1", "layer 1"), ("layer2", "final aggregation (raw gates)")):
+            r = routes[d][layer]
+            m = r["matrix"]
+            lines += [f"**{d}, {title}**: eta^2 (type) = {r['eta2']:.3f}, within image = "
+                      f"{r['eta2_within_image']:.3f}", ""]
+            if layer == "layer2":
+                table = m.unstack("source").droplevel("destination")
+                lines += ["| caption type | " + " | ".join(table.columns) + " | dominant | most above the type mean |",
+                          "|---" * (len(table.columns) + 3) + "|"]
+                for t, row in table.iterrows():
+                    dev = row - table.mean(axis=0)
+                    lines.append(f"| {t} | " + " | ".join(f"{v:.3f}" for v in row) + f" | {row.idxmax()} | "
+                                 f"{dev.idxmax()} ({dev.max():+.3f}) |")
+            else:
+                dests = list(m.index.get_level_values("destination").unique())
+                srcs = list(m.index.get_level_values("source").unique())
+                lines += ["| caption type | " + " | ".join(f"-> {x}" for x in dests) +
+                          " | dominant edge | dominant source | edge most above the type mean |",
+                          "|---" * (len(dests) + 4) + "|"]
+                overall = m.groupby(level=["destination", "source"]).mean()
+                for t in m.index.get_level_values("caption_type").unique():
+                    mt = m.loc[t].unstack("source")  # [destination, source]
+                    cells = [", ".join(f"{src[:4]} {mt.loc[dst, src]:.2f}" for src in srcs) for dst in dests]
+                    edge = mt.stack().idxmax()
+                    lines.append(f"| {t} | " + " | ".join(cells) + f" | {edge[1]} -> {edge[0]} "
+                                 f"({mt.stack().max():.2f}) | {mt.mean(axis=0).idxmax()} | {_edge_dev(m.loc[t], overall)} |")
+            lines.append("")
     out = Path(args.report)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")

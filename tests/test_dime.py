@@ -314,6 +314,36 @@ def test_bad_inputs_raise_clear_errors():
     assert D.selection_score({"i2t_R@1": 1, "i2t_R@5": 2, "t2i_R@1": 3, "t2i_R@5": 4, "rsum": 99}) == 10
 
 
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_max_violation_warmup_sums_violations_then_takes_hardest(direction):
+    """max_violation_warmup_epochs: sum of violations in the warm-up epochs, the hardest negative after (GPO)."""
+    # deterministic training_step: no BERT dropout, no extra negatives (BN uses batch statistics either way)
+    model = _tiny(direction, max_violation_warmup_epochs=2, bert_dropout_in_train=False, extra_negatives=False)
+    _randomise_routers(model)
+    batch = _batch()
+    model.train()
+
+    def rank_and_reference() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            rank = model.training_step(batch)["rank_loss"]
+            scores = model.itr_module(model.encode_image(batch["image_feats"]),
+                                      model.encode_text(batch["text"]))[0]
+        n = len(batch["text"])
+        return rank, D.contrastive_loss(scores, n, 0.2, False), D.contrastive_loss(scores, n, 0.2, True)
+
+    for epoch, hardest in ((0, False), (1, False), (2, True), (5, True)):
+        model.on_epoch_start(epoch)
+        assert model.uses_max_violation() is hardest
+        rank, summed, maxed = rank_and_reference()
+        assert summed > maxed + 1e-3  # the two forms really differ on this batch
+        assert torch.allclose(rank, maxed if hardest else summed, atol=1e-5), (epoch, rank, summed, maxed)
+    paper = _tiny(direction)
+    paper.on_epoch_start(0)
+    assert paper.config.max_violation_warmup_epochs == 0 and paper.uses_max_violation()  # paper default
+    with pytest.raises(ValueError, match="max_violation_warmup_epochs"):
+        _tiny(direction, max_violation_warmup_epochs=-1)
+
+
 def test_default_train_config_is_the_paper_recipe():
     from cirlab.train import resolve_train_config
 

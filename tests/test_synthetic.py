@@ -104,9 +104,46 @@ def test_precomp_layout_and_features_carry_attributes(tiny):
             decoded = sorted(colors[int(np.argmax(proto @ feats[j]))] for j in objects)
             assert decoded == sorted(o.color for o in scene)
             caps = loaded.captions[5 * i: 5 * i + 5]
-            assert len(set(caps)) == 5
-            for cap in caps:
-                assert all(f"{o.color} {o.shape}" in cap for o in scene)
+            assert meta["caption_type"][split][5 * i: 5 * i + 5] == list(sc.CAPTION_TYPES)
+            _check_typed_captions(scene, dict(zip(sc.CAPTION_TYPES, caps)))
+    assert meta["caption_types"] == list(sc.CAPTION_TYPES) == ["full", "color", "shape", "layout", "relation"]
+
+
+def _words(cap: str) -> set[str]:
+    return set(cap.replace(" .", "").replace(" ,", "").split())
+
+
+def _check_typed_captions(scene: sc.Scene, caps: dict[str, str]) -> None:
+    """Each caption type says what its type promises about the scene, and nothing from the other types."""
+    import re
+
+    n = sc._NUMBERS
+    colors, shapes, sizes = set(sc.COLORS), set(sc.SHAPES), set(sc.SIZES)
+    for o in scene:  # full: every attribute of every object
+        assert f"a {o.size} {o.color} {o.shape} {sc.at_phrases(o.cell)[0]}" in caps["full"]
+    counts = {c: sum(o.color == c for o in scene) for c in {o.color for o in scene}}
+    for c, k in counts.items():  # color: the colours with their counts, no shape, size or cell
+        assert f"{n[k]} {c} object" in caps["color"]
+    assert not _words(caps["color"]) & (shapes | sizes) and " at the " not in caps["color"]
+    assert caps["shape"].startswith(f"{n[len(scene)]} shapes :")  # shape: count and shapes only
+    for s in {o.shape for o in scene}:
+        assert f"{n[sum(o.shape == s for o in scene)]} {s}" in caps["shape"]
+    assert not _words(caps["shape"]) & (colors | sizes)
+    assert caps["layout"].count(" object ") == len(scene)  # layout: cells and sizes, no colour or shape
+    for o in scene:
+        assert f"a {o.size} object {sc.at_phrases(o.cell)[0]}" in caps["layout"]
+    assert not _words(caps["layout"]) & (colors | shapes)
+    rel = caps["relation"]  # relation: relative positions of objects named by colour and shape; no size, no cell
+    assert not _words(rel) & sizes and " at the " not in rel and " in the " not in rel
+    pairs = re.findall(r"the (\w+) (\w+) is ((?:above|below|left of|right of)(?: and (?:left of|right of))?) "
+                       r"the (\w+) (\w+)", rel)
+    assert len(pairs) == len(scene) - 1
+    for ca, sa, relation, cb, sb in pairs:  # some pair of objects so named stands in that relation
+        assert any(sc._relation(a, b) == relation for a in scene for b in scene
+                   if (a.color, a.shape, b.color, b.shape) == (ca, sa, cb, sb))
+    assert {f"{o.color} {o.shape}" for o in scene} <= {f"{c} {s}" for c, s, *_ in pairs} | \
+        {f"{c} {s}" for *_, c, s in pairs}
+    assert len(set(caps.values())) == 5
 
 
 @pytest.mark.parametrize("layout,split,category", [("fashioniq", "val", "dress"), ("fashioniq", "train", "shirt"),

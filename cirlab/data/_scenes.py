@@ -365,35 +365,68 @@ def phrase(edit: Edit, rng: np.random.Generator, n: int = 1) -> list[str]:
 
 
 _NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# ITM caption types (caption k of an image has type k): each says something different about the scene, so a
+# matcher has to use different evidence (colour, shape, position or relations between objects) per type
+CAPTION_TYPES: tuple[str, ...] = ("full", "color", "shape", "layout", "relation")
 
 
 def describe(scene: Scene, style: int, rng: np.random.Generator) -> str:
-    """A full description of a scene for the ITM captions; ``style`` 0..4 picks the wording.
+    """One ITM caption of a scene; ``style`` indexes :data:`CAPTION_TYPES` and picks the *content*:
 
-    Every style names every object with all four attributes, so each caption identifies its scene; they differ in
-    wording and object order. Tokens are space-separated, punctuation included (the SCAN precomp caption style).
+    0 ``full``: every object with size, colour, shape and cell ("a small red circle at the top left , ...");
+    1 ``color``: the colours and how many objects have each ("two red objects and one blue object");
+    2 ``shape``: the object count and the shapes ("three shapes : two circles and one star");
+    3 ``layout``: where the objects are and how big, no colour or shape ("a small object at the top left , ...");
+    4 ``relation``: spatial relations between objects named by colour and shape, no absolute cells or sizes
+      ("the red circle is above and left of the blue star and ...").
+
+    Only ``full`` identifies the scene on its own; the others match every scene that agrees on their attributes.
+    Tokens are space-separated, punctuation included (the SCAN precomp caption style).
     """
-    objs = list(scene)
-    if style == 1:
-        objs = objs[::-1]
-    elif style == 3:
-        objs = [objs[int(i)] for i in rng.permutation(len(objs))]
-
-    def thing(o: Obj, k: int = 0) -> str:
-        return f"a {o.size} {o.color} {o.shape} {at_phrases(o.cell)[k]}"
-
+    objs = [scene[int(i)] for i in rng.permutation(len(scene))]  # mention order carries no information
     if style == 0:
-        text = _join([thing(o) for o in objs])
+        text = _join([f"a {o.size} {o.color} {o.shape} {at_phrases(o.cell)[0]}" for o in objs])
     elif style == 1:
-        text = "there is " + _join([thing(o, 1) for o in objs])
+        text = _join([f"{_NUMBERS[n]} {c} {'object' if n == 1 else 'objects'}"
+                      for c, n in _counts([o.color for o in objs])])
     elif style == 2:
-        text = f"{_NUMBERS[len(objs)]} shapes : " + " ; ".join(f"{o.color} {o.shape} , {o.size} , "
-                                                              f"{CELL_NAMES[o.cell]}" for o in objs)
+        text = f"{_NUMBERS[len(objs)]} shapes : " + _join([f"{_NUMBERS[n]} {_plural(s, n)}"
+                                                          for s, n in _counts([o.shape for o in objs])])
     elif style == 3:
-        text = "an image showing " + _join([thing(o) for o in objs])
+        text = _join([f"a {o.size} object {at_phrases(o.cell)[0]}" for o in objs])
+    elif style == 4:
+        if len(objs) == 1:
+            text = f"a {objs[0].color} {objs[0].shape} on its own"
+        else:
+            text = _join([f"the {a.color} {a.shape} is {_relation(a, b)} the {b.color} {b.shape}"
+                          for a, b in zip(objs, objs[1:])])
     else:
-        text = " , ".join(f"{at_phrases(o.cell)[0]} a {o.size} {o.color} {o.shape}" for o in objs)
+        raise ValueError(f"describe: style must be 0..{len(CAPTION_TYPES) - 1}, got {style}")
     return text.replace(",", " ,").replace("  ", " ") + " ."
+
+
+def _counts(values: list[str]) -> list[tuple[str, int]]:
+    """(value, count) in order of first mention."""
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return list(out.items())
+
+
+def _plural(noun: str, n: int) -> str:
+    if n == 1:
+        return noun
+    return noun + ("es" if noun.endswith(("s", "x")) else "s")
+
+
+def _relation(a: Obj, b: Obj) -> str:
+    """Where ``a`` is relative to ``b`` (distinct cells): "above", "left of", "below and right of", ..."""
+    parts = []
+    if a.row != b.row:
+        parts.append("above" if a.row < b.row else "below")
+    if a.col != b.col:
+        parts.append("left of" if a.col < b.col else "right of")
+    return " and ".join(parts)
 
 
 def _join(parts: list[str]) -> str:

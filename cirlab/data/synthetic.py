@@ -22,9 +22,11 @@ or ``cirlab data synth --out data/synthetic``. What is written under ``out_root`
                                        ``eval_im_names.txt``, ``attributedata/womens_synthetic/0/*.jpg``).
 ``precomp/f30k_precomp/``              ITM precomp layout: ``{train,dev,test}_ims.npy`` [N, 36, 2048] float32 region
                                        features (one region per object, derived from its attributes plus noise, the
-                                       rest background regions) and ``{split}_caps.txt`` (5 differently worded full
-                                       descriptions per image). Load with ``load_precomp(out_root / "precomp", "f30k",
-                                       split)``.
+                                       rest background regions) and ``{split}_caps.txt`` (5 captions per image,
+                                       caption k of type ``_scenes.CAPTION_TYPES[k]``: full, color, shape, layout,
+                                       relation; they differ in content, not only wording; the meta file lists the
+                                       type of every caption). Load with ``load_precomp(out_root / "precomp",
+                                       "f30k", split)``.
 ``<layout>/synthetic_meta.json``       ground truth for audits: every image's objects and every text's edit
 ``synthetic.json``                     the manifest (seed, size, counts); written last, so its presence means complete
 =====================================  ===================================================================================
@@ -59,7 +61,7 @@ from cirlab.data._scenes import Edit, Scene, SceneSpec
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: precomp captions differ in content by type (caption_type in the meta)
 MANIFEST = "synthetic.json"
 META = "synthetic_meta.json"
 LAYOUTS = ("fashioniq", "cirr", "shoes", "precomp")
@@ -439,6 +441,7 @@ def write_precomp(root: Path, seed: int, size: SynthSize, image_size: int, name:
     taken: set[str] = set()
     counts: dict[str, dict[str, int]] = {}
     split_scenes: dict[str, list] = {}
+    split_types: dict[str, list[str]] = {}
     for split, n in zip(("train", "dev", "test"), size.precomp):
         rng = _rng(seed, "precomp", split)
         scenes: list[Scene] = []
@@ -451,14 +454,16 @@ def write_precomp(root: Path, seed: int, size: SynthSize, image_size: int, name:
         captions = []
         for i, s in enumerate(scenes):
             array[i] = featurizer.features(s, size.regions, rng)
-            captions += [sc.describe(s, style, rng) for style in range(5)]
+            captions += [sc.describe(s, style, rng) for style in range(len(sc.CAPTION_TYPES))]
         array.flush()
         del array
         (folder / f"{split}_caps.txt").write_text("".join(f"{c}\n" for c in captions), encoding="utf-8")
         split_scenes[split] = [sc.scene_to_json(s) for s in scenes]
+        split_types[split] = [t for _ in scenes for t in sc.CAPTION_TYPES]  # per caption, in file order
         counts[split] = {"images": len(scenes), "captions": len(captions)}
     _write_json(root / META, {"format": FORMAT_VERSION, "generator": __name__, "layout": "precomp", "seed": seed,
-                              "name": name, "specs": meta.specs, "scenes": split_scenes})
+                              "name": name, "specs": meta.specs, "scenes": split_scenes,
+                              "caption_types": list(sc.CAPTION_TYPES), "caption_type": split_types})
     return counts
 
 

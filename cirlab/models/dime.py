@@ -27,6 +27,9 @@ Deviations from the original code, each behind a named config field (original be
 * Extra negatives: the original draws one random training caption (i2t) or image (t2i) per sample inside its
   dataset. Here a batch may carry ``extra_text`` / ``extra_image_feats``; otherwise the previous batch's
   captions/images are used as the extra negatives (also random training samples when the loader shuffles).
+* ``max_violation_warmup_epochs=N`` [0]: the first N epochs sum all violations, then the hardest negative is
+  used (VSE-infinity's first-epoch warm-up). Hardest-negative training from scratch can collapse to equal scores;
+  the paper's behaviour is 0.
 * The CMRC context projections are computed once per caption/image and mixed by the attention weights
   (``fc(A @ C) = A @ fc(C)`` because every attention row sums to one); exact, and far cheaper per pair.
 
@@ -87,6 +90,11 @@ class DIMEConfig(PresetMixin):
     lambda_softmax: float = 4.0  # CMRC attention inverse temperature (README: 4 for i2t, 9 for t2i)
     margin: float = 0.2  # VSE++ hinge margin
     max_violation: bool = True  # hardest negative (VSE++); False sums all violations
+    # Epochs that sum all violations before switching to the hardest negative (0 = paper: hardest from the start).
+    # Not in DIME; VSE-infinity (GPO, Chen et al. CVPR 2021, its vse_mean_warmup_epochs = 1) warms up this way
+    # because hardest-negative training from scratch can collapse to equal scores (loss = 2 x batch x margin).
+    # Needs the trainer's on_epoch_start(epoch) hook; only applies when max_violation is True.
+    max_violation_warmup_epochs: int = 0
     path_weight: float = 0.5  # trade-off of the path-similarity regulariser
     extra_negatives: bool = True  # extra captions (i2t) / images (t2i) as one-directional negatives
     mask_repeats: bool = False  # treat other captions of the same image in a batch as positives (original: no)
@@ -109,6 +117,8 @@ class DIMEConfig(PresetMixin):
             raise ValueError(f"DIMEConfig.direction must be 'i2t' or 't2i', got {self.direction!r}")
         if self.embed_size % self.num_head_imrc:
             raise ValueError(f"DIMEConfig: embed_size {self.embed_size} not divisible by {self.num_head_imrc} heads")
+        if self.max_violation_warmup_epochs < 0:
+            raise ValueError("DIMEConfig.max_violation_warmup_epochs must be >= 0")
         if self.max_words < 3:
             raise ValueError("DIMEConfig.max_words must leave room for [CLS], one word and [SEP]")
 
@@ -640,6 +650,7 @@ class DIME(nn.Module):
         self.txt_enc = EncoderText(cfg, bert)
         self.itr_module = InteractionModule(cfg)
         self._pool: dict[str, Any] | None = None  # previous batch, the source of extra negatives
+        self._epoch = 0  # set by the trainer through on_epoch_start; drives the max-violation warm-up
 
     # -- contract -------------------------------------------------------------------------------------
     @property
@@ -702,12 +713,20 @@ class DIME(nn.Module):
                 col_idx = torch.cat([img_idx, extra_idx])
             else:
                 row_idx = torch.cat([img_idx, extra_idx])
-        rank = contrastive_loss(scores, n, cfg.margin, cfg.max_violation,
+        rank = contrastive_loss(scores, n, cfg.margin, self.uses_max_violation(),
                                 row_idx if cfg.mask_repeats else None, col_idx if cfg.mask_repeats else None)
         bert = txt["bert"][:n]
         path_reg = ((self.itr_module.path_similarity(paths) - bert @ bert.t()) ** 2).sum() / n
         return {"rank_loss": rank, "path_loss": cfg.path_weight * path_reg, "path_reg": path_reg.detach(),
                 "pos_score": scores[:n, :n].diagonal().mean().detach()}
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Trainer hook (0-based epoch): ends the sum-of-violations warm-up after ``max_violation_warmup_epochs``."""
+        self._epoch = int(epoch)
+
+    def uses_max_violation(self) -> bool:
+        """Whether the ranking loss takes the hardest negative now (False: sum of violations)."""
+        return self.config.max_violation and self._epoch >= self.config.max_violation_warmup_epochs
 
     def _extras(self, batch: dict[str, Any], n: int) -> tuple[Any, Any, Any]:
         """Extra captions (i2t) or images (t2i): from the batch if it carries them, else the previous batch."""
