@@ -15,7 +15,10 @@ the hardest negative (VSE-infinity's warm-up; 0 = the paper). Checkpoint selecti
 
 Usage::
 
-    PYTHONPATH=. .venv/bin/python bench/dime_synthetic.py               # about 10-20 min on 2 CPU cores
+    # the recorded run: each direction ~6-10 min on the shared 2-core machine (run the two in parallel with
+    # --directions i2t / t2i and --threads 1, then once more with --reuse for the report)
+    PYTHONPATH=. .venv/bin/python bench/dime_synthetic.py --size small --epochs 8 --embed 32 --lr 3e-3 \
+        --warmup-epochs 5 --eval-every 2
 
 Writes ``reports/benchmarks/dime_synthetic.md`` (``--report``).
 """

@@ -44,6 +44,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--lr2", type=float, default=5e-4)
     p.add_argument("--k", type=int, default=50, help="re-ranked candidates (paper CIRR: 50)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads; on the shared 2-core machine 2 threads thrash (each tiny op waits for "
+                        "a time slice: a stage-I step took 2.6 s with 2 threads and 0.06 s with 1)")
+    p.add_argument("--temp1", choices=("learned", "fixed"), default="learned",
+                   help="stage-I temperature: 'learned' (paper, unclamped) or 'fixed' at temp_init (non-paper: at our "
+                        "random-init learning rates the learned temperature collapses towards 0)")
     return p.parse_args()
 
 
@@ -58,6 +64,7 @@ def main() -> None:
     args = parse()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     start = time.time()
     root = args.data or synthetic.generate(out / "data", size=args.size, layouts=["cirr"], image_size=64,
@@ -65,6 +72,8 @@ def main() -> None:
     splits = {s: load_cir("cirr", root, s) for s in ("train", "val", "test1")}
     cfg = br.BlipRerankConfig.from_preset(args.preset, image_size=args.image_size, rerank_k=args.k)
     stage1 = br.BlipRerankStage1(cfg)
+    if args.temp1 == "fixed":
+        stage1.temp.requires_grad_(False)
     stores = {s: br.cache_image_tokens(stage1, sp, out / "cache" / s) for s, sp in splits.items()}
     common = {"device": "cpu", "precision": "fp32", "tensorboard": False, "progress": "log", "log_every": 20,
               "selection": "last", "eval_every": 0, "seed": args.seed}

@@ -183,8 +183,10 @@ def _run_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
+        width = max([len("model")] + [len(r["model"]) for r in rows])
+        print(f"{'model':<{width}}  {'task':<7} presets")
         for row in rows:
-            print(f"{row['model']:<16} {row['task']:<7} {', '.join(row['presets'])}")
+            print(f"{row['model']:<{width}}  {row['task']:<7} {', '.join(row['presets'])}")
     return 0
 
 

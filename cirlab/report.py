@@ -1,9 +1,9 @@
 """Headless regeneration of every notebook: ``cirlab report``.
 
 ``cirlab report [--only NAME] [--set key=value ...] [--out reports] [--smoke]`` executes the notebooks in
-``notebooks/`` with papermill in dependency order (quickstart, train -> evaluate -> router_explorer ->
-rank_shift) on the embedded synthetic data (generated into the cache on first use), prints one progress line
-per notebook, and writes::
+``notebooks/`` with papermill in dependency order (train -> evaluate -> router_explorer -> rank_shift, then
+train_dime -> router_explorer_dime, then quickstart) on the embedded synthetic data (generated into the cache
+on first use), prints one progress line per notebook, and writes::
 
     reports/<notebook>/<notebook>.ipynb   executed notebook (papermill)
     reports/<notebook>/<notebook>.html    the same, rendered by nbconvert
@@ -12,10 +12,17 @@ per notebook, and writes::
     reports/<notebook>/figures/*.png|svg  its figures
     reports/index.html                    links to everything, key figures and metric tables
 
+A report entry is a notebook run with one parameter set: ``train_dime`` and ``router_explorer_dime`` run the
+``train`` and ``router_explorer`` notebooks a second time, for DIME on the synthetic precomp data (:data:`SOURCE`
+maps an entry to its notebook).
+
 A failing notebook stops the report: the failing cell's error is printed and the exit status is 1.
 
 The parameters passed to each notebook are :data:`REPORT_PARAMETERS` (``--smoke``: :data:`SMOKE_PARAMETERS`)
-with ``{out}`` (the report folder) and ``{data}`` (the synthetic data root) filled in; ``tests/test_notebooks.py``
+with ``{out}`` (the report folder), ``{data}`` (the synthetic data root) and ``{itm_data}`` (the synthetic ITM
+precomp data: the "small" size, because DIME scores every image-caption pair with cross-attention and the
+default size's 100 x 500 validation pairs cost minutes per evaluation on two CPU cores; ``--smoke`` and
+``--set data_root=...`` use ``{data}`` for both) filled in; ``tests/test_notebooks.py``
 checks them against ``papermill.inspect_notebook``. Secrets (tracking keys) never go through parameters: they
 are read from environment variables by the code that needs them, because papermill writes every parameter into
 the executed notebook.
@@ -35,9 +42,20 @@ from typing import Any, Mapping, Sequence, TextIO
 logger = logging.getLogger(__name__)
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-ORDER = ("train", "evaluate", "router_explorer", "rank_shift", "quickstart")  # dependency order
+ORDER = ("train", "evaluate", "router_explorer", "rank_shift", "train_dime", "router_explorer_dime",
+         "quickstart")  # dependency order
 DEPENDS: dict[str, tuple[str, ...]] = {"evaluate": ("train",), "router_explorer": ("train",),
-                                       "rank_shift": ("evaluate",)}
+                                       "rank_shift": ("evaluate",), "router_explorer_dime": ("train_dime",)}
+SOURCE: dict[str, str] = {"train_dime": "train", "router_explorer_dime": "router_explorer"}  # entry -> notebook
+# Entries left out of a plain `cirlab report` (run with --with-dime, or --only NAME): DIME's cross-attention
+# scoring of every image-caption pair makes its training and evaluation cost about two more minutes on two CPU
+# cores, and the AMC report alone already takes about 8 of the 10 minutes `make demo` may use.
+OPTIONAL: tuple[str, ...] = ("train_dime", "router_explorer_dime")
+
+
+def notebook_of(name: str) -> str:
+    """The notebook a report entry executes (``train_dime`` -> ``train``)."""
+    return SOURCE.get(name, name)
 SYNTHETIC_SEED = 0
 
 # Parameters `cirlab report` passes; "{out}" and "{data}" are filled in at run time.
@@ -57,6 +75,14 @@ REPORT_PARAMETERS: dict[str, dict[str, Any]] = {
     "rank_shift": {"before": "{out}/evaluate/topk/untrained", "after": "{out}/evaluate/topk/train",
                    "output_dir": "{out}/rank_shift", "pool_k": 50, "bins": 10,
                    "label_before": "untrained", "label_after": "trained"},
+    # DIME (ITM) on the synthetic precomp data: the train and router_explorer notebooks again
+    "train_dime": {"model": "dime", "preset": "tiny", "dataset": "f30k", "data_root": "{itm_data}",
+                   "output_dir": "{out}/train_dime", "epochs": 1, "max_steps": 30, "batch_size": 32, "resume": "",
+                   **_COMMON},
+    "router_explorer_dime": {"run_dir": "{out}/train_dime", "dataset": "f30k", "data_root": "{itm_data}",
+                             "split": "val",
+                             "output_dir": "{out}/router_explorer_dime", "n_queries": 100, "query_id": "",
+                             "interactive": False, "device": "cpu"},
 }
 SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
     name: {**params, **{k: v for k, v in {"max_steps": 2, "epochs": 1, "batch_size": 8, "n_queries": 12,
@@ -64,6 +90,7 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
     for name, params in REPORT_PARAMETERS.items()
 }
 SYNTHETIC_SIZE = {"report": "default", "smoke": "tiny"}
+SYNTHETIC_SIZE_ITM = "small"  # the report's {itm_data} (precomp only); smoke runs use {data}
 
 
 # --------------------------------------------------------------------------------------------- parameters
@@ -80,19 +107,28 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _fill(value: Any, out: Path, data: Path) -> Any:
+def _fill(value: Any, out: Path, data: Path, itm_data: Path) -> Any:
     if isinstance(value, str):
-        return value.replace("{out}", str(out)).replace("{data}", str(data))
+        return value.replace("{out}", str(out)).replace("{itm_data}", str(itm_data)).replace("{data}", str(data))
     if isinstance(value, list):
-        return [_fill(v, out, data) for v in value]
+        return [_fill(v, out, data, itm_data) for v in value]
     return value
 
 
+def uses_itm_data(names: Sequence[str]) -> bool:
+    """Whether any of these entries reads ``{itm_data}``."""
+    return any("{itm_data}" in str(v) for n in names for v in REPORT_PARAMETERS[n].values())
+
+
 def notebook_parameters(name: str, out: str | os.PathLike, data_root: str | os.PathLike, smoke: bool = False,
-                        overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The parameters ``cirlab report`` passes to notebook ``name`` (``overrides``: ``key`` or ``name.key``)."""
+                        overrides: Mapping[str, Any] | None = None,
+                        itm_data_root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The parameters ``cirlab report`` passes to notebook ``name`` (``overrides``: ``key`` or ``name.key``).
+
+    ``itm_data_root`` fills ``{itm_data}`` (default: ``data_root``)."""
     base = (SMOKE_PARAMETERS if smoke else REPORT_PARAMETERS)[name]
-    params = {k: _fill(v, Path(out), Path(data_root)) for k, v in base.items()}
+    itm = Path(itm_data_root) if itm_data_root else Path(data_root)
+    params = {k: _fill(v, Path(out), Path(data_root), itm) for k, v in base.items()}
     for key, value in (overrides or {}).items():
         nb, _, field = key.rpartition(".")
         if nb and nb != name:
@@ -114,10 +150,11 @@ def check_overrides(overrides: Mapping[str, Any], names: Sequence[str]) -> None:
             raise ValueError(f"--set {key}: no such parameter; known: {', '.join(known)}")
 
 
-def plan(only: str | None = None, out: Path | None = None) -> list[str]:
-    """Notebooks to run, in order: all, or ``only`` plus any prerequisite whose outputs are missing."""
+def plan(only: str | None = None, out: Path | None = None, with_optional: bool = False) -> list[str]:
+    """Entries to run, in order: all (:data:`OPTIONAL` ones only ``with_optional``), or ``only`` plus any
+    prerequisite whose outputs are missing."""
     if only is None:
-        return list(ORDER)
+        return [n for n in ORDER if with_optional or n not in OPTIONAL]
     if only not in REPORT_PARAMETERS:
         raise ValueError(f"unknown notebook {only!r}; notebooks: {', '.join(ORDER)}")
     needed = {only}
@@ -132,12 +169,12 @@ def plan(only: str | None = None, out: Path | None = None) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- execution
 def ensure_synthetic_data(size: str = "default", seed: int = SYNTHETIC_SEED, root: str | os.PathLike | None = None,
-                          stream: TextIO | None = None) -> Path:
+                          stream: TextIO | None = None, layouts: Sequence[str] | None = None) -> Path:
     """The embedded default data (``cirlab.data.synthetic.ensure``: generated into the cache on first use)."""
     from cirlab.data import synthetic
 
     t0 = time.time()
-    path = synthetic.ensure(root, seed=seed, size=size)
+    path = synthetic.ensure(root, seed=seed, size=size, **({"layouts": tuple(layouts)} if layouts else {}))
     _say(stream, f"data: synthetic ({size}, seed {seed}) ready in {time.time() - t0:.1f}s -> {path}")
     return path
 
@@ -165,7 +202,7 @@ def run_notebook(name: str, params: Mapping[str, Any], out_dir: Path, kernel_nam
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
-    src = notebook_dir / f"{name}.ipynb"
+    src = notebook_dir / f"{notebook_of(name)}.ipynb"
     if not src.is_file():
         raise FileNotFoundError(f"notebook not found: {src} (run `python notebooks/sync.py` to generate it)")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -195,18 +232,24 @@ def export_html(notebook: Path) -> Path:
 
 def run_report(out: str | os.PathLike = "reports", only: str | None = None,
                overrides: Mapping[str, Any] | None = None, smoke: bool = False, kernel_name: str | None = None,
-               notebook_dir: Path = NOTEBOOK_DIR, stream: TextIO | None = sys.stdout) -> int:
-    """Run the report; returns the exit status (0 = every notebook ran, 1 = one failed)."""
+               notebook_dir: Path = NOTEBOOK_DIR, stream: TextIO | None = sys.stdout,
+               with_optional: bool = False) -> int:
+    """Run the report; returns the exit status (0 = every notebook ran, 1 = one failed).
+
+    ``with_optional`` adds the :data:`OPTIONAL` entries (the DIME runs) to a full report."""
     out = Path(out).resolve()
     overrides = dict(overrides or {})
-    names = plan(only, out)
+    names = plan(only, out, with_optional)
     check_overrides(overrides, names)
     data_override = overrides.pop("data_root", "")
     data = Path(data_override) if data_override else ensure_synthetic_data(
         SYNTHETIC_SIZE["smoke" if smoke else "report"], stream=stream)
+    itm_data = data
+    if not data_override and not smoke and uses_itm_data(names):
+        itm_data = ensure_synthetic_data(SYNTHETIC_SIZE_ITM, stream=stream, layouts=("precomp",))
     t_all = time.time()
     for i, name in enumerate(names, start=1):
-        params = notebook_parameters(name, out, data, smoke, overrides)
+        params = notebook_parameters(name, out, data, smoke, overrides, itm_data)
         t0 = time.time()
         _say(stream, f"[{i}/{len(names)}] {name}: running ...")
         try:
@@ -256,7 +299,8 @@ def write_index(out: str | os.PathLike) -> Path:
             continue
         links = [f"<a href='{name}/{f}'>{f}</a>" for f in (f"{name}.html", f"{name}.ipynb", "metrics.json",
                                                            "config.json") if (folder / f).is_file()]
-        parts.append(f"<h2 id='{name}'>{name}</h2><p>{' | '.join(links)}</p>")
+        source = f" <small>(notebook {notebook_of(name)})</small>" if notebook_of(name) != name else ""
+        parts.append(f"<h2 id='{name}'>{name}{source}</h2><p>{' | '.join(links)}</p>")
         if (folder / "metrics.json").is_file():
             parts.append(_metrics_html(folder / "metrics.json"))
         for png in sorted((folder / "figures").glob("*.png")):
@@ -274,7 +318,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "report", help="execute the notebooks headlessly and write reports/",
         description="Execute notebooks/*.ipynb with papermill in dependency order (train -> evaluate -> "
-                    "router_explorer -> rank_shift, then quickstart) on the embedded synthetic data and write "
+                    "router_explorer -> rank_shift, train_dime -> router_explorer_dime, then quickstart) on the "
+                    "embedded synthetic data and write "
                     "reports/<notebook>/ (executed notebook, HTML, metrics.json, figures) and reports/index.html.")
     _add_arguments(parser)
     parser.set_defaults(func=_run_from_args)
@@ -290,12 +335,16 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="reports", help="report folder (default: reports)")
     parser.add_argument("--smoke", action="store_true", help="tiny data and a few steps (seconds per notebook)")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel (default: the notebook's, else python3)")
+    parser.add_argument("--with-dime", dest="with_dime", action="store_true",
+                        help="also run train_dime and router_explorer_dime (DIME on the synthetic precomp data; "
+                             "about two more minutes on CPU)")
 
 
 def _run_from_args(args: argparse.Namespace) -> int:
     try:
         overrides = parse_set(args.set_)
-        return run_report(args.out, args.only, overrides, args.smoke, args.kernel)
+        return run_report(args.out, args.only, overrides, args.smoke, args.kernel,
+                          with_optional=getattr(args, "with_dime", False))
     except (ValueError, FileNotFoundError) as err:
         sys.stderr.write(f"cirlab report: {err}\n")
         return 2

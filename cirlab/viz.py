@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "save_figure", "plot_retrieval_gallery", "plot_metrics_bars", "plot_table", "plot_expert_heatmaps",
-    "plot_query_gates", "plot_gate_distributions", "plot_gate_entropy", "plot_dime_flows", "plot_path_space",
+    "plot_query_gates", "plot_gate_distributions", "plot_gate_entropy", "plot_dime_flows", "plot_path_matrices",
+    "plot_path_space",
     "plot_rank_shift", "plot_figure8", "plot_training_curves", "plot_run_comparison", "TARGET_COLOR",
 ]
 
@@ -331,6 +332,33 @@ def plot_gate_entropy(frame: Any, layers: Sequence[str] | None = None) -> Any:
     right.legend(fontsize=7)
     right.set_title("Expert utilisation", fontsize=9)
     left.set_title("Routing entropy", fontsize=9)
+    return fig
+
+
+def plot_path_matrices(frame: Any, title: str = "Mean path weight per layer (destination x source)") -> Any:
+    """Per-layer path heatmaps (DIME): the mean ``[destination x source]`` weight matrix of each layer
+    (:func:`cirlab.analysis.flow_matrices`), values written in the cells.
+
+    Each panel has its own colour scale: near-uniform routing (every weight close to 1/4) would otherwise
+    look flat, and the differences between cells are what the panel is for.
+    """
+    mats = analysis.flow_matrices(frame)
+    fig = _figure(3.2 * len(mats) + 0.6, 3.4)
+    axes = fig.subplots(1, len(mats), squeeze=False)[0]
+    for ax, (layer, sources, dests, mat) in zip(axes, mats):
+        im = ax.imshow(mat, cmap="viridis", aspect="auto")
+        ax.set_gid(f"paths:{layer}")
+        ax.set_xticks(range(len(sources)), sources, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(dests)), dests, fontsize=8)
+        ax.set_title(layer, fontsize=10)
+        ax.set_xlabel("source cell", fontsize=8)
+        mid = (mat.max() + mat.min()) / 2
+        for (d, s_), v in np.ndenumerate(mat):
+            ax.text(s_, d, f"{v:.3f}", ha="center", va="center", fontsize=7,
+                    color="black" if v > mid else "white")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    axes[0].set_ylabel("destination cell", fontsize=8)
+    fig.suptitle(title)
     return fig
 
 

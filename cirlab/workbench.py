@@ -3,8 +3,8 @@
 Notebooks stay thin (aesthetics rule 22): each cell calls one function here, in :mod:`cirlab.viz` or in
 :mod:`cirlab.analysis`. The functions compose the engine's parts (``cirlab.registry``, ``cirlab.data``,
 ``cirlab.train``, ``cirlab.retrieval``, ``cirlab.metrics``, ``cirlab.tracing``) in the documented contracts and
-add no logic of their own beyond bookkeeping. CIR datasets only (Fashion-IQ / Shoes / CIRR layouts, including
-the synthetic data written in them).
+add no logic of their own beyond bookkeeping. CIR datasets (Fashion-IQ / Shoes / CIRR layouts) and ITM precomp
+datasets (``f30k`` / ``coco``: ``<data_root>/precomp/<name>_precomp/``), including the synthetic data written in them.
 """
 from __future__ import annotations
 
@@ -16,11 +16,40 @@ from typing import Any, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cir_splits", "run_config", "train_run", "load_run", "untrained_copy", "evaluate_run", "collect_routes",
+__all__ = ["cir_splits", "is_precomp", "precomp_root", "precomp_split", "run_config", "train_run", "load_run",
+           "untrained_copy", "evaluate_run", "evaluate_itm_run", "collect_routes",
            "query_fn_for", "gallery_rows",
            "worst_queries", "load_topk_files", "write_outputs", "ensure_synthetic", "dataset_root"]
 
 FIQ_CATEGORIES = ("dress", "shirt", "toptee")
+PRECOMP = ("f30k", "coco")  # ITM datasets in the precomp layout (cirlab.runs.PRECOMP)
+
+
+def is_precomp(dataset: str) -> bool:
+    """True for the ITM precomp datasets (evaluated with ``evaluate_itm``, split names train/dev/test)."""
+    return dataset.lower() in PRECOMP
+
+
+def precomp_root(data_root: str | os.PathLike) -> Path:
+    """The folder holding ``<name>_precomp/``: ``data_root/precomp`` when present (the synthetic set), else
+    ``data_root`` itself."""
+    root = Path(data_root)
+    return root / "precomp" if (root / "precomp").is_dir() else root
+
+
+def precomp_split(split: str) -> str:
+    """Precomp data calls the validation split ``dev``: the notebooks' ``"val"`` maps to it."""
+    return "dev" if split == "val" else split
+
+
+def _feature_dim(data_root: str | os.PathLike, dataset: str, split: str = "train") -> int | None:
+    """Region-feature size of a precomp split read from the ``.npy`` header (no data loaded); None if absent."""
+    import numpy as np
+
+    path = precomp_root(data_root) / f"{dataset.lower()}_precomp" / f"{split}_ims.npy"
+    if not path.is_file():
+        return None
+    return int(np.load(path, mmap_mode="r").shape[-1])
 
 
 def dataset_root(data_root: str | os.PathLike, dataset: str) -> Path:
@@ -59,7 +88,9 @@ def run_config(model: str, preset: str, dataset: str, data_root: str | os.PathLi
                seed: int = 0, resume: str = "", eval_split: str = "val", log_every: int = 10) -> dict[str, Any]:
     """The ``cirlab train`` config (``cirlab.runs`` schema) for the notebook parameters.
 
-    Zero means "the model's paper default" for ``max_steps`` (no cap), ``batch_size`` and ``lr``.
+    Zero means "the model's paper default" for ``max_steps`` (no cap), ``batch_size`` and ``lr``. Precomp datasets
+    (f30k/coco) read ``<data_root>/precomp``, validate on ``dev`` (for ``eval_split="val"``) and set the model's
+    ``img_dim`` to the features' size when the model has one (the tiny preset's 64 would not fit 2048-d features).
     """
     from cirlab.runs import DEFAULTS, _merge
 
@@ -68,10 +99,27 @@ def run_config(model: str, preset: str, dataset: str, data_root: str | os.PathLi
     train.update({k: v for k, v in {"max_steps": max_steps, "batch_size": batch_size, "lr": lr}.items() if v})
     if resume:
         train["resume"] = resume
-    ds = {"name": dataset, "root": str(dataset_root(data_root, dataset)), "val_split": eval_split}
+    overrides: dict[str, Any] = {}
+    if is_precomp(dataset):
+        eval_split = precomp_split(eval_split)
+        ds = {"name": dataset, "root": str(precomp_root(data_root)), "val_split": eval_split}
+        dim = _feature_dim(data_root, dataset)
+        if dim is not None and _has_field(model, "img_dim"):
+            overrides["img_dim"] = dim
+    else:
+        ds = {"name": dataset, "root": str(dataset_root(data_root, dataset)), "val_split": eval_split}
     return _merge(DEFAULTS, {"name": Path(output_dir).name, "model": model, "preset": preset, "dataset": ds,
-                             "train": train, "eval": {"splits": [eval_split], "k": 10},
-                             "output_dir": str(output_dir)})
+                             "model_overrides": overrides, "train": train,
+                             "eval": {"splits": [eval_split], "k": 10}, "output_dir": str(output_dir)})
+
+
+def _has_field(model: str, field: str) -> bool:
+    import dataclasses
+
+    from cirlab.registry import get_entry
+
+    cls = get_entry(model).config_cls
+    return dataclasses.is_dataclass(cls) and field in {f.name for f in dataclasses.fields(cls)}
 
 
 def train_run(model: str, preset: str, dataset: str, data_root: str | os.PathLike, output_dir: str | os.PathLike,
@@ -132,12 +180,16 @@ def untrained_copy(run_dir: str | os.PathLike, dataset: str, data_root: str | os
 def evaluate_run(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", k: int = 50,
                  device: str = "cpu", topk_dir: str | os.PathLike | None = None,
                  name: str = "") -> tuple[dict[str, float], dict[str, Any]]:
-    """Protocol metrics (``cirlab.evaluate.evaluate_cir``) and the top-K lists per category.
+    """Protocol metrics and the top-K lists per category, dispatched on ``model.task``.
 
-    Top-K files go to ``topk_dir/<split>[_<category>].topk.npz`` when given (a temporary folder otherwise).
-    Returns ``(metrics, {category: TopK})``.
+    CIR models: ``cirlab.evaluate.evaluate_cir``; top-K files go to ``topk_dir/<split>[_<category>].topk.npz`` when
+    given (a temporary folder otherwise). ITM models on precomp data: :func:`evaluate_itm_run` (i2t/t2i R@1/5/10
+    and rsum; no top-K files, so the dict is empty). Returns ``(metrics, {category: TopK})``.
     """
     import tempfile
+
+    if getattr(model, "task", "cir") == "itm":
+        return evaluate_itm_run(model, dataset, data_root, split, device=device), {}
 
     from cirlab.evaluate import evaluate_cir
     from cirlab.topk import load_topk
@@ -156,6 +208,23 @@ def evaluate_run(model: Any, dataset: str, data_root: str | os.PathLike, split: 
     return metrics, topks
 
 
+def evaluate_itm_run(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val",
+                     device: str = "cpu", shard_size: int = 1000) -> dict[str, float]:
+    """ITM metrics (``cirlab.evaluate.evaluate_itm``) of a model on a precomp split: ``i2t_R@1/5/10``,
+    ``t2i_R@1/5/10`` and ``rsum``. ``"val"`` means the precomp ``dev`` split; coco is scored with the 5K protocol."""
+    from cirlab.data import load_precomp
+    from cirlab.evaluate import evaluate_itm
+
+    if not is_precomp(dataset):
+        raise ValueError(f"evaluate_itm_run: {dataset!r} is not a precomp ITM dataset ({', '.join(PRECOMP)})")
+    loaded = load_precomp(precomp_root(data_root), dataset.lower(), precomp_split(split), dim=None)
+    was_training = model.training
+    result = evaluate_itm(model, loaded, protocol="coco5k" if dataset.lower() == "coco" else "f30k",
+                          shard_size=shard_size, device=device)
+    model.train(was_training)
+    return {k: float(v) for k, v in result["metrics"].items()}
+
+
 def collect_routes(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", n: int = 100,
                    device: str = "cpu") -> tuple[Any, dict[Any, str]]:
     """Trace the router on up to ``n`` queries spread over the categories: ``(route frame, {query_id: text})``.
@@ -169,9 +238,9 @@ def collect_routes(model: Any, dataset: str, data_root: str | os.PathLike, split
     if getattr(model, "task", "cir") == "itm":
         from cirlab.data import load_precomp
 
-        sp = load_precomp(dataset_root(data_root, "precomp"), dataset, split)
-        frame = trace_split(model, sp, n, device=device)
-        texts = dict(zip(frame["query_id"], frame["text"])) if "text" in frame.columns else {}
+        sp = load_precomp(precomp_root(data_root), dataset.lower(), precomp_split(split), dim=None)
+        frame = _with_caption_types(_trace_itm(model, sp, n, device), sp)
+        texts = {q: sp.captions[int(q)] for q in dict.fromkeys(frame["query_id"])} if not frame.empty else {}
         return _checked(_main_layers(frame), model), texts
     splits = cir_splits(dataset, data_root, split)
     per = max(1, n // len(splits))
@@ -179,6 +248,51 @@ def collect_routes(model: Any, dataset: str, data_root: str | os.PathLike, split
     texts = {t.query_id: t.text for sp in splits.values() for t in sp.triplets}
     frame = _main_layers(pd.concat(frames, ignore_index=True))
     return _checked(frame, model), {q: texts[q] for q in dict.fromkeys(frame["query_id"])}
+
+
+def _trace_itm(model: Any, split: Any, n: int, device: str) -> Any:
+    """Trace the first ``n`` captions, each scored with its own image; one model call per image (all of its
+    captions at once: every pair in that call is a matching pair), query id = caption index.
+
+    Batched per image rather than per pair (``cirlab.evaluate.collect_routes``) because one call per pair costs
+    the text encoder and routing cells once per caption and dominates the notebook's run time on CPU."""
+    import torch
+
+    from cirlab.tracing import trace_routes
+
+    model.eval()
+    count = min(n, len(split.captions))
+    by_image: dict[int, list[int]] = {}
+    for k in range(count):
+        by_image.setdefault(int(split.image_of_caption(k)), []).append(k)
+    score = getattr(model, "score", None) or (lambda im, tx: im @ tx.T)
+    with torch.no_grad(), trace_routes(model) as trace:
+        for i, caps in by_image.items():
+            trace.set_batch(ids=caps)
+            image = model.encode_image(split.features(i)[None].to(device))
+            score(image, model.encode_text([split.captions[k] for k in caps]))
+    frame = trace.to_frame()
+    if not frame.empty:  # the model's own image_id/caption_id are batch-local; the data's indices are these
+        frame["caption_id"] = frame["query_id"].astype(int)
+        frame["image_id"] = [int(split.image_of_caption(int(k))) for k in frame["query_id"]]
+    return frame
+
+
+def _with_caption_types(frame: Any, split: Any) -> Any:
+    """Give ITM route records a ``category``: the caption's type when the data's meta file lists it (the synthetic
+    set's ``synthetic_meta.json``: full, color, shape, layout, relation), else ``caption <k>``, its slot among the
+    image's captions."""
+    if frame.empty or "caption_id" not in frame.columns:
+        return frame
+    meta = Path(getattr(split, "ims_path", "")).parent.parent / "synthetic_meta.json"
+    types: list[str] = []
+    if meta.is_file():
+        types = list(json.loads(meta.read_text()).get("caption_type", {}).get(getattr(split, "split", ""), []))
+    cpi = int(getattr(split, "im_div", 5))
+    idx = frame["caption_id"].astype(int)
+    frame = frame.copy()
+    frame["category"] = [types[k] if k < len(types) else f"caption {k % cpi}" for k in idx]
+    return frame
 
 
 def _checked(frame: Any, model: Any) -> Any:

@@ -15,6 +15,13 @@
 #
 # AMC's code order is [NIN, CRN, GTN]; its paper figure orders them [NIN, GTN, CRN]. Plots use the code
 # order with the names the trace reports.
+#
+# For DIME (an image-text matcher on precomp data) a "query" is one matching (image, caption) pair and its
+# category is the caption's type (synthetic data: full, color, shape, layout, relation). Its routes are path
+# matrices: layer0 and layer1 send every cell's output to the four cells of the next layer, layer2 to the
+# output; the heatmaps show, per destination cell, the weight of each source. The interactive explorer
+# (editing a text and re-scoring) is AMC-only for now: for DIME it shows the traced paths of a pair, without
+# top-K.
 
 # %%
 # %matplotlib inline
@@ -22,12 +29,12 @@ import cirlab
 from cirlab import analysis, viz, widgets, workbench
 
 # %% tags=["parameters"]
-run_dir: str = "runs/train"  # a trained router run (AMC for CIR data; DIME for precomp ITM data)
-dataset: str = "fashioniq"  # fashioniq | shoes | cirr (AMC) | f30k | coco (DIME)
+run_dir: str = "runs/train"  # a trained router run (AMC on CIR data; DIME on precomp ITM data)
+dataset: str = "fashioniq"  # fashioniq | shoes | cirr (AMC) | f30k | coco (DIME, data_root/precomp)
 data_root: str = ""  # folder holding the dataset ("" -> cirlab.paths.data_root())
-split: str = "val"  # split whose queries are traced
+split: str = "val"  # split whose queries are traced ("val" is precomp "dev")
 output_dir: str = "runs/router_explorer"  # metrics.json, config.json, figures/
-n_queries: int = 120  # queries to trace (spread over the categories)
+n_queries: int = 120  # queries (DIME: image-caption pairs) to trace
 query_id: str = ""  # the query shown in the single-query view ("": the first traced query)
 interactive: bool = False  # build the ipywidgets explorer (needs a live Jupyter frontend)
 device: str = "cpu"  # cpu | cuda
@@ -41,6 +48,8 @@ routes.head()
 
 # %% [markdown]
 # ## Expert activations per layer
+# AMC: one row per query, one column per expert. DIME: per layer and destination cell, the weight each source
+# cell sends (rows: pairs).
 
 # %%
 fig = viz.plot_expert_heatmaps(routes, max_queries=40)
@@ -49,6 +58,7 @@ fig
 
 # %% [markdown]
 # ## Gate distributions per category and per modification type
+# DIME's categories are the caption types; precomp data has no modification types.
 
 # %%
 fig = viz.plot_gate_distributions(routes, by="category")
@@ -75,12 +85,18 @@ stats
 
 # %% [markdown]
 # ## Dense routing flows (DIME) and the path space
+# DIME: the mean path weight from each cell to each cell of the next layer, drawn as flows between layers (line
+# width = weight), then the same means as one heatmap per layer, each on its own colour scale. Path space:
+# every query's concatenated routing weights, projected to 2-D (PCA), coloured by category (DIME: caption type).
 
 # %%
 has_paths = routes["source"].notna().any()
 if has_paths:
     fig = viz.plot_dime_flows(routes)
     viz.save_figure(fig, f"{output_dir}/figures", "cell_flows")
+    display(fig)
+    fig = viz.plot_path_matrices(routes)
+    viz.save_figure(fig, f"{output_dir}/figures", "path_matrices")
     display(fig)
 fig = viz.plot_path_space(routes, color_by="category")
 viz.save_figure(fig, f"{output_dir}/figures", "path_space")

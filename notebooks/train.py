@@ -1,11 +1,12 @@
 # %% [markdown]
 # # Train a model
 #
-# Trains any registered CIR model (`cirlab.list_models()`) with any preset on a dataset in the Fashion-IQ,
-# Shoes or CIRR layout (the synthetic data by default) and writes the run folder: `config.yaml`,
-# `checkpoints/{last,best}.pt`, `log.jsonl`, `tb/`, `metrics.json`, `topk/`, plus this notebook's
-# `config.json` and `figures/`. Re-running with `resume="auto"` continues an interrupted run exactly
-# (papermill itself cannot resume a notebook).
+# Trains any registered model (`cirlab.list_models()`) with any preset and writes the run folder:
+# `config.yaml`, `checkpoints/{last,best}.pt`, `log.jsonl`, `tb/`, `metrics.json`, `topk/` (CIR), plus this
+# notebook's `config.json` and `figures/`. CIR models (AMC) train on a dataset in the Fashion-IQ, Shoes or CIRR
+# layout; image-text matching models (DIME) on precomp region features (`dataset="f30k"` or `"coco"`, read from
+# `<data_root>/precomp/`). The synthetic data holds both. Re-running with `resume="auto"` continues an
+# interrupted run exactly (papermill itself cannot resume a notebook).
 #
 # Tracking keys (TensorBoard needs none; Comet/W&B) are read from environment variables only, never from
 # parameters: papermill writes every parameter into the executed notebook.
@@ -16,9 +17,9 @@ import cirlab
 from cirlab import analysis, viz, workbench
 
 # %% tags=["parameters"]
-model: str = "amc"  # any name from cirlab.list_models() with task "cir"
+model: str = "amc"  # any name from cirlab.list_models(): amc (CIR) | dime (ITM) | ...
 preset: str = "tiny"  # tiny (seconds) | lite (real pretrained weights, minutes) | a paper preset
-dataset: str = "fashioniq"  # fashioniq | shoes | cirr (layout under data_root)
+dataset: str = "fashioniq"  # fashioniq | shoes | cirr (CIR) | f30k | coco (ITM precomp, under data_root/precomp)
 data_root: str = ""  # folder holding the dataset ("" -> cirlab.paths.data_root())
 output_dir: str = "runs/train"  # the run folder: checkpoints, logs, metrics.json, figures
 epochs: int = 1  # passes over the training data
@@ -48,6 +49,8 @@ fig
 
 # %% [markdown]
 # ## Validation metrics of the selected checkpoint
+# CIR: recall@K per category (Fashion-IQ) or subset recall (CIRR). ITM: image-to-text and text-to-image
+# recall@1/5/10 and their sum (rsum) on the precomp `dev` split.
 
 # %%
 best = workbench.load_run(output_dir, device=device)

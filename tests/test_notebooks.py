@@ -31,6 +31,13 @@ EXPECTED = {  # files each notebook writes into its output_dir, and keys of its 
                          "figures/path_space.png", "figures/query_view.svg"], ["queries", "layer_entropy"]),
     "rank_shift": (["metrics.json", "config.json", "figures/rank_shift.png", "figures/rank_shift.svg",
                     "figures/figure8_dress.png"], ["all", "dress", "shirt", "toptee"]),
+    # DIME (ITM, precomp data) through the same train and router_explorer notebooks
+    "train_dime": (["metrics.json", "config.json", "config.yaml", "checkpoints/best.pt", "figures/training_curves.png",
+                    "figures/val_metrics.png"], ["val", "steps"]),
+    "router_explorer_dime": (["metrics.json", "config.json", "figures/expert_heatmaps.png", "figures/cell_flows.png",
+                              "figures/cell_flows.svg", "figures/path_matrices.png", "figures/gates_by_category.png",
+                              "figures/path_space.png", "figures/entropy_utilisation.png", "figures/query_view.png"],
+                             ["queries", "layer_entropy", "mean_share"]),
     "quickstart": (["metrics.json", "config.json", "figures/gallery.png", "figures/metrics.png",
                     "figures/query_gates.png", "figures/training_curves.png"], ["trained", "untrained"]),
 }
@@ -38,7 +45,7 @@ EXPECTED = {  # files each notebook writes into its output_dir, and keys of its 
 
 def test_notebook_parameters_match_the_report():
     for name in report.ORDER:
-        declared = papermill.inspect_notebook(str(NOTEBOOKS / f"{name}.ipynb"))
+        declared = papermill.inspect_notebook(str(NOTEBOOKS / f"{report.notebook_of(name)}.ipynb"))
         for params in (report.REPORT_PARAMETERS[name], report.SMOKE_PARAMETERS[name]):
             assert set(params) <= set(declared), f"{name}: report passes unknown {set(params) - set(declared)}"
             for key, value in params.items():
@@ -50,7 +57,7 @@ def test_notebook_parameters_match_the_report():
 def test_notebooks_are_clean_twins_of_their_py_sources():
     result = subprocess.run([sys.executable, str(NOTEBOOKS / "sync.py"), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    for name in report.ORDER:
+    for name in dict.fromkeys(map(report.notebook_of, report.ORDER)):
         nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert all(not c.outputs and c.execution_count is None for c in code), f"{name} has outputs"
@@ -67,7 +74,8 @@ def _kernel() -> str:
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-    """Run the smoke report once (all five notebooks, dependency order) with a fake secret in the environment."""
+    """Run the smoke report once (every entry, dependency order: the five notebooks, then train and
+    router_explorer again for DIME) with a fake secret in the environment."""
     import os
 
     out = tmp_path_factory.mktemp("reports")
@@ -114,8 +122,51 @@ def test_smoke_metrics_are_sane(executed):
 
 
 @pytest.mark.slow
+def test_dime_entries_train_an_itm_model_and_draw_its_flows(executed):
+    val = json.loads((executed / "train_dime" / "metrics.json").read_text())["val"]
+    for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"):
+        assert 0.0 <= val[key] <= 100.0, key
+    assert val["i2t_R@1"] <= val["i2t_R@5"] <= val["i2t_R@10"] and val["t2i_R@1"] <= val["t2i_R@10"]
+    assert val["rsum"] == pytest.approx(sum(val[k] for k in val if "_R@" in k))
+    config = json.loads((executed / "train_dime" / "config.json").read_text())
+    assert config["model_config"]["img_dim"] == 2048  # fitted to the synthetic precomp features
+    routes = json.loads((executed / "router_explorer_dime" / "metrics.json").read_text())
+    assert routes["queries"] == report.SMOKE_PARAMETERS["router_explorer_dime"]["n_queries"]
+    assert set(routes["layer_entropy"]) == {"layer0", "layer1", "layer2"}  # no *_raw diagnostic layers
+    assert all(0.0 <= v <= 1.0 + 1e-6 for v in routes["layer_entropy"].values())
+    # layer0/1 route 4 cells to 4 cells, layer2 the 4 cells to the output; shares per layer sum to one
+    shares = routes["mean_share"]
+    assert {k for k in shares if k.startswith("layer2/")} == {f"layer2/{c}->output" for c in
+                                                             ("RIC", "GLGC", "IMRC", "CMRC")}
+    for layer in ("layer0", "layer1", "layer2"):
+        assert sum(v for k, v in shares.items() if k.startswith(layer + "/")) == pytest.approx(1.0, abs=1e-4)
+    png = (executed / "router_explorer_dime" / "figures" / "cell_flows.png").read_bytes()
+    assert png[:4] == b"\x89PNG" and len(png) > 5000
+
+
+@pytest.mark.slow
 def test_no_secret_in_any_written_file(executed):
     leaked = [p for p in executed.rglob("*") if p.is_file() and p.suffix in (".ipynb", ".json", ".html", ".yaml",
                                                                               ".svg", ".jsonl")
               and SECRET in p.read_text(errors="ignore")]
     assert not leaked, f"secret found in {leaked}"
+
+
+def test_run_config_points_precomp_datasets_at_the_precomp_folder(tmp_path):
+    import numpy as np
+
+    from cirlab import workbench
+
+    folder = tmp_path / "precomp" / "f30k_precomp"
+    folder.mkdir(parents=True)
+    np.save(folder / "train_ims.npy", np.zeros((2, 3, 40), dtype=np.float32))
+    cfg = workbench.run_config("dime", "tiny", "f30k", tmp_path, tmp_path / "run", max_steps=5)
+    assert cfg["dataset"]["root"] == str(tmp_path / "precomp") and cfg["dataset"]["val_split"] == "dev"
+    assert cfg["eval"]["splits"] == ["dev"] and cfg["model_overrides"] == {"img_dim": 40}  # from the .npy header
+    # CIR datasets are unchanged: <data_root>/<dataset> when present, the validation split as given
+    (tmp_path / "fashioniq").mkdir()
+    cir = workbench.run_config("amc", "tiny", "fashioniq", tmp_path, tmp_path / "run")
+    assert cir["dataset"]["root"] == str(tmp_path / "fashioniq") and cir["dataset"]["val_split"] == "val"
+    assert cir["model_overrides"] == {}
+    with pytest.raises(ValueError, match="not a precomp ITM dataset"):
+        workbench.evaluate_itm_run(None, "fashioniq", tmp_path)

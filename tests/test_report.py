@@ -35,6 +35,9 @@ def test_unknown_overrides_fail_early():
 
 def test_plan_orders_by_dependency_and_adds_missing_prerequisites(tmp_path):
     assert report.plan() == ["train", "evaluate", "router_explorer", "rank_shift", "quickstart"]
+    assert report.plan(with_optional=True) == ["train", "evaluate", "router_explorer", "rank_shift", "train_dime",
+                                               "router_explorer_dime", "quickstart"]
+    assert report.plan("router_explorer_dime", tmp_path) == ["train_dime", "router_explorer_dime"]
     assert report.plan("rank_shift", tmp_path) == ["train", "evaluate", "rank_shift"]
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "metrics.json").write_text("{}")
@@ -42,6 +45,20 @@ def test_plan_orders_by_dependency_and_adds_missing_prerequisites(tmp_path):
     assert report.plan("router_explorer", tmp_path) == ["router_explorer"]
     with pytest.raises(ValueError, match="unknown notebook"):
         report.plan("nope")
+
+
+def test_dime_entries_run_the_train_and_router_notebooks_with_itm_parameters(tmp_path):
+    assert report.notebook_of("train_dime") == "train" and report.notebook_of("rank_shift") == "rank_shift"
+    t = report.notebook_parameters("train_dime", tmp_path, "/data")
+    assert (t["model"], t["dataset"], t["output_dir"]) == ("dime", "f30k", f"{tmp_path}/train_dime")
+    r = report.notebook_parameters("router_explorer_dime", tmp_path, "/data", smoke=True)
+    assert r["run_dir"] == f"{tmp_path}/train_dime" and r["n_queries"] < report.REPORT_PARAMETERS[
+        "router_explorer_dime"]["n_queries"]
+    # a --set for the DIME entry does not touch the AMC one
+    over = {"train_dime.max_steps": 3}
+    assert report.notebook_parameters("train", tmp_path, "/data", overrides=over)["max_steps"] != 3
+    assert report.notebook_parameters("train_dime", tmp_path, "/data", overrides=over)["max_steps"] == 3
+    assert report.ORDER.index("train_dime") < report.ORDER.index("router_explorer_dime")
 
 
 def test_index_links_files_tables_and_figures(tmp_path):
@@ -61,7 +78,9 @@ def test_register_cli_adds_report_command():
     sub = parser.add_subparsers(dest="command")
     report.register_cli(sub)
     args = parser.parse_args(["report", "--only", "rank_shift", "--set", "pool_k=20", "--smoke", "--out", "x"])
-    assert (args.only, args.set_, args.smoke, args.out) == ("rank_shift", ["pool_k=20"], True, "x")
+    assert (args.only, args.set_, args.smoke, args.out, args.with_dime) == ("rank_shift", ["pool_k=20"], True, "x",
+                                                                           False)
+    assert parser.parse_args(["report", "--with-dime"]).with_dime
     assert args.func is report._run_from_args
     with pytest.raises(SystemExit):
         parser.parse_args(["report", "--only", "nope"])

@@ -294,3 +294,17 @@ def test_no_pyplot_state_leaks():
     viz.plot_metrics_bars({"a": 1.0})
     if "matplotlib.pyplot" in sys.modules:
         assert sys.modules["matplotlib.pyplot"].get_fignums() == []
+
+
+def test_plot_path_matrices_shows_each_layers_mean_matrix():
+    frame, mats = dime_frame()
+    fig = viz.plot_path_matrices(frame)
+    panels = {ax.get_gid(): ax for ax in fig.axes if ax.get_gid()}
+    assert list(panels) == [f"paths:{layer}" for layer in mats]
+    for layer, raw in mats.items():
+        shown = panels[f"paths:{layer}"].images[0].get_array()
+        np.testing.assert_allclose(np.asarray(shown), raw.mean(axis=0), atol=1e-6)  # [destination x source]
+        texts = [t.get_text() for t in panels[f"paths:{layer}"].texts]
+        assert texts[0] == f"{raw.mean(axis=0)[0, 0]:.3f}" and len(texts) == raw[0].size
+    with pytest.raises(ValueError, match="no path rows"):
+        viz.plot_path_matrices(amc_frame())
