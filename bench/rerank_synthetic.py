@@ -8,6 +8,11 @@ files for the notebook and CIRR test1 submission files for both stages.
 Usage::
 
     python bench/rerank_synthetic.py --out reports/rerank_synthetic [--size small] [--epochs1 6] [--epochs2 6]
+
+Headline run (reports/benchmarks/rerank_synthetic.md; data from ``synthetic.generate(..., size="default")``)::
+
+    python bench/rerank_synthetic.py --out reports/rerank_def32_learned --data reports/rerank_data_default/cirr \
+        --image-size 32 --epochs1 15 --epochs2 4 --lr1 2e-3 --lr2 1e-3
 """
 from __future__ import annotations
 
@@ -49,7 +54,8 @@ def parse() -> argparse.Namespace:
                         "a time slice: a stage-I step took 2.6 s with 2 threads and 0.06 s with 1)")
     p.add_argument("--temp1", choices=("learned", "fixed"), default="learned",
                    help="stage-I temperature: 'learned' (paper, unclamped) or 'fixed' at temp_init (non-paper: at our "
-                        "random-init learning rates the learned temperature collapses towards 0)")
+                        "random-init learning rates the learned temperature falls to about 0.003 in the first epoch; "
+                        "measured: 'fixed' underfits, train loss 3.19 against 1.17 learned after 15 epochs)")
     return p.parse_args()
 
 
