@@ -47,9 +47,8 @@ ORDER = ("train", "evaluate", "router_explorer", "rank_shift", "train_dime", "ro
 DEPENDS: dict[str, tuple[str, ...]] = {"evaluate": ("train",), "router_explorer": ("train",),
                                        "rank_shift": ("evaluate",), "router_explorer_dime": ("train_dime",)}
 SOURCE: dict[str, str] = {"train_dime": "train", "router_explorer_dime": "router_explorer"}  # entry -> notebook
-# Entries left out of a plain `cirlab report` (run with --with-dime, or --only NAME): DIME's cross-attention
-# scoring of every image-caption pair makes its training and evaluation cost about two more minutes on two CPU
-# cores, and the AMC report alone already takes about 8 of the 10 minutes `make demo` may use.
+# Entries `cirlab report --no-dime` leaves out (DIME: about 50 s of the full report's ~2.6 min on an idle
+# 2-core machine; far more when other jobs load it).
 OPTIONAL: tuple[str, ...] = ("train_dime", "router_explorer_dime")
 
 
@@ -77,7 +76,7 @@ REPORT_PARAMETERS: dict[str, dict[str, Any]] = {
                    "label_before": "untrained", "label_after": "trained"},
     # DIME (ITM) on the synthetic precomp data: the train and router_explorer notebooks again
     "train_dime": {"model": "dime", "preset": "tiny", "dataset": "f30k", "data_root": "{itm_data}",
-                   "output_dir": "{out}/train_dime", "epochs": 1, "max_steps": 30, "batch_size": 32, "resume": "",
+                   "output_dir": "{out}/train_dime", "epochs": 2, "max_steps": 30, "batch_size": 32, "resume": "",
                    **_COMMON},
     "router_explorer_dime": {"run_dir": "{out}/train_dime", "dataset": "f30k", "data_root": "{itm_data}",
                              "split": "val",
@@ -150,7 +149,7 @@ def check_overrides(overrides: Mapping[str, Any], names: Sequence[str]) -> None:
             raise ValueError(f"--set {key}: no such parameter; known: {', '.join(known)}")
 
 
-def plan(only: str | None = None, out: Path | None = None, with_optional: bool = False) -> list[str]:
+def plan(only: str | None = None, out: Path | None = None, with_optional: bool = True) -> list[str]:
     """Entries to run, in order: all (:data:`OPTIONAL` ones only ``with_optional``), or ``only`` plus any
     prerequisite whose outputs are missing."""
     if only is None:
@@ -233,10 +232,10 @@ def export_html(notebook: Path) -> Path:
 def run_report(out: str | os.PathLike = "reports", only: str | None = None,
                overrides: Mapping[str, Any] | None = None, smoke: bool = False, kernel_name: str | None = None,
                notebook_dir: Path = NOTEBOOK_DIR, stream: TextIO | None = sys.stdout,
-               with_optional: bool = False) -> int:
+               with_optional: bool = True) -> int:
     """Run the report; returns the exit status (0 = every notebook ran, 1 = one failed).
 
-    ``with_optional`` adds the :data:`OPTIONAL` entries (the DIME runs) to a full report."""
+    ``with_optional=False`` leaves the :data:`OPTIONAL` entries (the DIME runs) out of a full report."""
     out = Path(out).resolve()
     overrides = dict(overrides or {})
     names = plan(only, out, with_optional)
@@ -335,16 +334,16 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="reports", help="report folder (default: reports)")
     parser.add_argument("--smoke", action="store_true", help="tiny data and a few steps (seconds per notebook)")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel (default: the notebook's, else python3)")
-    parser.add_argument("--with-dime", dest="with_dime", action="store_true",
-                        help="also run train_dime and router_explorer_dime (DIME on the synthetic precomp data; "
-                             "about two more minutes on CPU)")
+    parser.add_argument("--no-dime", dest="with_dime", action="store_false",
+                        help="skip train_dime and router_explorer_dime (DIME on the synthetic precomp data; about "
+                             "50 s on an idle 2-core CPU)")
 
 
 def _run_from_args(args: argparse.Namespace) -> int:
     try:
         overrides = parse_set(args.set_)
         return run_report(args.out, args.only, overrides, args.smoke, args.kernel,
-                          with_optional=getattr(args, "with_dime", False))
+                          with_optional=getattr(args, "with_dime", True))
     except (ValueError, FileNotFoundError) as err:
         sys.stderr.write(f"cirlab report: {err}\n")
         return 2

@@ -34,9 +34,9 @@ def test_unknown_overrides_fail_early():
 
 
 def test_plan_orders_by_dependency_and_adds_missing_prerequisites(tmp_path):
-    assert report.plan() == ["train", "evaluate", "router_explorer", "rank_shift", "quickstart"]
-    assert report.plan(with_optional=True) == ["train", "evaluate", "router_explorer", "rank_shift", "train_dime",
-                                               "router_explorer_dime", "quickstart"]
+    assert report.plan() == ["train", "evaluate", "router_explorer", "rank_shift", "train_dime",
+                             "router_explorer_dime", "quickstart"]
+    assert report.plan(with_optional=False) == ["train", "evaluate", "router_explorer", "rank_shift", "quickstart"]
     assert report.plan("router_explorer_dime", tmp_path) == ["train_dime", "router_explorer_dime"]
     assert report.plan("rank_shift", tmp_path) == ["train", "evaluate", "rank_shift"]
     (tmp_path / "train").mkdir()
@@ -79,8 +79,8 @@ def test_register_cli_adds_report_command():
     report.register_cli(sub)
     args = parser.parse_args(["report", "--only", "rank_shift", "--set", "pool_k=20", "--smoke", "--out", "x"])
     assert (args.only, args.set_, args.smoke, args.out, args.with_dime) == ("rank_shift", ["pool_k=20"], True, "x",
-                                                                           False)
-    assert parser.parse_args(["report", "--with-dime"]).with_dime
+                                                                           True)
+    assert not parser.parse_args(["report", "--no-dime"]).with_dime
     assert args.func is report._run_from_args
     with pytest.raises(SystemExit):
         parser.parse_args(["report", "--only", "nope"])
