@@ -85,14 +85,18 @@ def _fiq_categories(root: Path, split: str) -> list[str]:
 
 def run_config(model: str, preset: str, dataset: str, data_root: str | os.PathLike, output_dir: str | os.PathLike,
                *, epochs: int = 1, max_steps: int = 0, batch_size: int = 0, lr: float = 0.0, device: str = "cpu",
-               seed: int = 0, resume: str = "", eval_split: str = "val", log_every: int = 10) -> dict[str, Any]:
+               seed: int = 0, resume: str = "", eval_split: str = "val", log_every: int = 10,
+               settings: Sequence[str] = ()) -> dict[str, Any]:
     """The ``cirlab train`` config (``cirlab.runs`` schema) for the notebook parameters.
+
+    ``settings`` are ``section.key=value`` overrides applied last, exactly as ``cirlab train --set`` applies them
+    (e.g. ``["train.lr=1e-3", "model_overrides.image_size=32"]``).
 
     Zero means "the model's paper default" for ``max_steps`` (no cap), ``batch_size`` and ``lr``. Precomp datasets
     (f30k/coco) read ``<data_root>/precomp``, validate on ``dev`` (for ``eval_split="val"``) and set the model's
     ``img_dim`` to the features' size when the model has one (the tiny preset's 64 would not fit 2048-d features).
     """
-    from cirlab.runs import DEFAULTS, _merge
+    from cirlab.runs import DEFAULTS, _merge, apply_overrides, parse_set
 
     train: dict[str, Any] = {"epochs": epochs, "device": device, "seed": seed, "log_every": log_every,
                              "progress": "log", "selection": "val"}
@@ -108,9 +112,10 @@ def run_config(model: str, preset: str, dataset: str, data_root: str | os.PathLi
             overrides["img_dim"] = dim
     else:
         ds = {"name": dataset, "root": str(dataset_root(data_root, dataset)), "val_split": eval_split}
-    return _merge(DEFAULTS, {"name": Path(output_dir).name, "model": model, "preset": preset, "dataset": ds,
-                             "model_overrides": overrides, "train": train,
-                             "eval": {"splits": [eval_split], "k": 10}, "output_dir": str(output_dir)})
+    config = _merge(DEFAULTS, {"name": Path(output_dir).name, "model": model, "preset": preset, "dataset": ds,
+                               "model_overrides": overrides, "train": train,
+                               "eval": {"splits": [eval_split], "k": 10}, "output_dir": str(output_dir)})
+    return apply_overrides(config, parse_set(list(settings)))
 
 
 def _has_field(model: str, field: str) -> bool:

@@ -30,6 +30,7 @@ batch_size: int = 32  # training batch size
 n_show: int = 4  # queries shown in the galleries and gate plots
 device: str = "cpu"  # cpu | cuda
 seed: int = 0  # seeds data generation, initialisation and data order
+settings: list = []  # run-config overrides as in cirlab train --set (the report passes a short-run CPU recipe)
 
 # %% [markdown]
 # ## 1. The data
@@ -50,7 +51,7 @@ print("reference:", example.ref_name, "| text:", example.text, "| target:", exam
 
 # %%
 run = workbench.train_run("amc", preset, "fashioniq", data_dir, f"{output_dir}/run", max_steps=max_steps,
-                          epochs=100, batch_size=batch_size, device=device, seed=seed)
+                          epochs=100, batch_size=batch_size, device=device, seed=seed, settings=settings)
 fig = viz.plot_training_curves(f"{output_dir}/run")
 viz.save_figure(fig, f"{output_dir}/figures", "training_curves")
 fig
@@ -98,5 +99,5 @@ fig
 
 # %%
 config = {"data_root": data_dir, "output_dir": output_dir, "preset": preset, "max_steps": max_steps,
-          "batch_size": batch_size, "n_show": n_show, "device": device, "seed": seed}
+          "batch_size": batch_size, "n_show": n_show, "device": device, "seed": seed, "settings": settings}
 workbench.write_outputs(output_dir, {"trained": val_metrics, "untrained": untrained}, config)

@@ -28,6 +28,7 @@ batch_size: int = 32  # global batch size (0: the paper default of the model)
 device: str = "cpu"  # cpu | cuda | cuda:N | auto
 seed: int = 0  # seeds Python, NumPy, torch and the data order
 resume: str = ""  # "" fresh run | "auto" continue from output_dir/checkpoints/last.pt | a checkpoint path
+settings: list = []  # extra run-config overrides, written as cirlab train --set takes them (section.key then the value)
 
 # %%
 data_dir = data_root or str(cirlab.data_root())
@@ -39,7 +40,7 @@ print("models:", cirlab.list_models(), "| presets of", model, ":", cirlab.list_p
 
 # %%
 run = workbench.train_run(model, preset, dataset, data_dir, output_dir, epochs=epochs, max_steps=max_steps,
-                          batch_size=batch_size, device=device, seed=seed, resume=resume)
+                          batch_size=batch_size, device=device, seed=seed, resume=resume, settings=settings)
 print({k: run[k] for k in ("steps", "epochs", "best_score", "best_epoch")})
 
 # %%
@@ -63,5 +64,5 @@ fig
 # %%
 config = {"model": model, "preset": preset, "dataset": dataset, "data_root": data_dir, "output_dir": output_dir,
           "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "device": device, "seed": seed,
-          "resume": resume, "model_config": run["run_config"]["model_config"]}
+          "resume": resume, "settings": settings, "model_config": run["run_config"]["model_config"]}
 workbench.write_outputs(output_dir, {"val": val_metrics, "steps": run["steps"], "epochs": run["epochs"]}, config)
