@@ -3,7 +3,7 @@
 ::
 
     cirlab train configs/amc_synthetic_tiny.yaml --set train.max_steps=20 --output-dir runs/demo
-    cirlab train configs/amc_fashioniq.yaml --set dataset.root=/data/fashioniq --resume
+    cirlab train configs/amc_fashioniq.yaml --set dataset.root=$CIRLAB_DATA/fashioniq --resume
     torchrun --nproc_per_node=4 -m cirlab.cli train configs/blip_rerank_cirr_stage1.yaml   # multi-GPU
     cirlab eval runs/demo --split test
     cirlab eval released/train_model.pt --model amc --preset fashioniq --trust-pickle --dataset fashioniq
@@ -33,7 +33,7 @@ def _add_train(subparsers: Any) -> None:
     p.add_argument("config", help="run config YAML (e.g. configs/amc_synthetic_tiny.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config entry, value parsed as YAML; repeatable "
-                        "(e.g. --set train.lr=2e-4 --set dataset.root=/data/fiq --set dataset.category=[dress])")
+                        "(e.g. --set train.lr=2e-4 --set dataset.root=PATH/TO/fiq --set dataset.category=[dress])")
     p.add_argument("--output-dir", default=None,
                    help="run folder (default: the config's output_dir, else $CIRLAB_RUNS/<config name>)")
     p.add_argument("--resume", action="store_true",
