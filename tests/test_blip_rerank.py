@@ -314,3 +314,30 @@ def test_init_from_stage1_copies_both_streams():
         torch.testing.assert_close(stream.self.value.weight, src)
     torch.testing.assert_close(m.text_encoder.layers[0].output.dense.weight,
                                m.stage1.text_encoder.encoder.layer[0].output.dense.weight)
+
+
+def test_fashioniq_per_category_topk_and_rerank(tmp_path):
+    """Fashion-IQ under the re-ranking protocol (CLIP4Cir gallery = the split file, reference kept): stage-I ranks
+    equal the metric's ranks per category, and stage II only re-orders each query's candidates."""
+    from cirlab import metrics
+    from cirlab.data import synthetic
+
+    root = synthetic.generate(tmp_path / "syn", size="tiny", layouts=["fashioniq"], image_size=32)
+    root = root["layouts"]["fashioniq"]["root"]
+    m2 = tiny("stage2")
+    for category in ("dress", "toptee"):
+        split = cirlab.data.load_cir("fashioniq", root, "val", category=category, protocol="rerank")
+        assert not split.exclude_reference
+        store = br.cache_image_tokens(m2, split, tmp_path / category)
+        s = br.stage1_scores(m2.stage1, split, store)
+        top1 = br.stage1_topk(m2.stage1, split, store, k=20, scores=s)
+        target = torch.tensor(split.target_indices())
+        np.testing.assert_array_equal(top1.target_rank, metrics.target_ranks(s, target).numpy())
+        assert set(top1.category) == {category} and top1.meta["category"] == category
+        top2 = br.rerank_topk(m2, split, top1, store, k=10)
+        for i in range(len(split.triplets)):
+            assert sorted(top2.gallery_ids[i]) == sorted(top1.gallery_ids[i, :10])
+            if top1.target_rank[i] > 10:
+                assert top2.target_rank[i] == top1.target_rank[i]
+            else:
+                assert top2.gallery_ids[i, top2.target_rank[i] - 1] == split.triplets[i].target_name
