@@ -158,7 +158,11 @@ def _make_record(trace: RouteTrace, layer: str, weights: torch.Tensor, kind: str
     else:
         raise ValueError(f"unknown emission kind {kind!r}")
     batch_ids = list(ids) if ids is not None else trace._pending_ids
-    batch_meta = {k: list(v) for k, v in (meta or trace._pending_meta).items()}
+    # the caller's set_batch columns describe the batch; an emitter's own columns (e.g. DIME's image/caption ids)
+    # are added on top. When the emission is not per batch item (DIME scores every image x caption pair), the
+    # batch columns cannot be aligned and only the emitter's own columns are kept.
+    pending = {k: list(v) for k, v in trace._pending_meta.items() if len(v) == w.shape[0]}
+    batch_meta = {**(pending if meta else trace._pending_meta), **{k: list(v) for k, v in (meta or {}).items()}}
     for key, values in ([("ids", batch_ids)] if batch_ids is not None else []) + list(batch_meta.items()):
         if len(values) != w.shape[0]:
             raise ValueError(f"trace {key!r} has {len(values)} entries for a batch of {w.shape[0]} ({layer!r})")

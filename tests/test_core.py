@@ -138,3 +138,17 @@ def test_import_is_cheap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert float(out[0]) < 0.5
     assert out[1:] == ["False", "False"]
+
+
+def test_emitter_columns_join_the_callers_batch_columns():
+    module = torch.nn.Linear(1, 1)
+    with trace_routes(module) as trace:
+        trace.set_batch(ids=["a", "b"], caption_idx=[3, 4])
+        emit(module, "layer0", torch.rand(2, 1, 2), kind="path", sources=["s0", "s1"], destinations=["d0"],
+             meta={"image_id": [0, 0]})
+        emit(module, "layer0", torch.rand(6, 1, 2), kind="path", sources=["s0", "s1"], destinations=["d0"],
+             ids=list(range(6)), meta={"image_id": [0, 1, 2, 0, 1, 2]})  # all pairs: batch columns do not align
+    frame = trace.to_frame()
+    first = frame[frame.query_id.isin(["a", "b"])]
+    assert first.caption_idx.tolist() == [3, 3, 4, 4] and first.image_id.tolist() == [0, 0, 0, 0]
+    assert frame[frame.query_id == 5].caption_idx.isna().all()
