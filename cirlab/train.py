@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -752,18 +752,21 @@ def _model_meta(model: nn.Module) -> dict[str, Any]:
     meta: dict[str, Any] = {"model_name": getattr(model, "model_name", type(model).__name__)}
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
-        meta["model_config"] = _plain(config.to_dict())
+        meta["model_config"] = to_plain(config.to_dict())
     return meta
 
 
-def _plain(value: Any) -> Any:
-    """Primitive containers only (weights_only loading refuses anything else)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+def to_plain(value: Any) -> Any:
+    """Primitive containers only (weights_only loading, YAML and JSON refuse anything else); 0-d numpy/torch
+    scalars become numbers, anything else its ``str`` (e.g. a Path)."""
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [to_plain(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
     return str(value)
 
 
@@ -771,7 +774,7 @@ def write_yaml(path: Path, values: dict[str, Any]) -> None:
     import yaml
 
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(_plain(values), sort_keys=False))
+    tmp.write_text(yaml.safe_dump(to_plain(values), sort_keys=False))
     os.replace(tmp, path)
 
 

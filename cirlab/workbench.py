@@ -383,23 +383,16 @@ def write_outputs(output_dir: str | os.PathLike, metrics: Mapping[str, Any], con
                   merge: bool = True) -> Path:
     """The notebook's result files: ``metrics.json`` (merged into one already there, e.g. the trainer's, when
     ``merge``) and its resolved ``config.json``."""
+    from cirlab.runs import _write_json
+    from cirlab.train import to_plain
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "metrics.json"
     old = json.loads(path.read_text()) if merge and path.is_file() else {}
-    merged = {**(old if isinstance(old, dict) else {"previous": old}), **_plain(metrics)}
-    path.write_text(json.dumps(merged, indent=2, sort_keys=True))
-    (out / "config.json").write_text(json.dumps(_plain(config), indent=2, sort_keys=True))
+    merged = {**(old if isinstance(old, dict) else {"previous": old}), **to_plain(metrics)}
+    _write_json(path, merged)  # atomic: a reader never sees half a metrics.json
+    _write_json(out / "config.json", to_plain(config))
     return out
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    return value
