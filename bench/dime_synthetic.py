@@ -7,18 +7,22 @@ colour, shape and cell), ``color`` (colours and counts only), ``shape`` (shapes 
 sizes only) and ``relation`` (relative positions of objects named by colour and shape). Only ``full`` identifies its
 image on its own, so the other types cap the reachable recall; routing may differ by type.
 
-Both directions are trained with the one trainer (``cirlab.train.train``) on the reduced DIME dimensions below, a
-random-init frozen tiny BERT with a WordPiece vocabulary built from the training captions (``--bert minilm`` uses
-the real MiniLM-L6 instead), and the paper's loss (VSE++ hardest negative with extra negatives + 0.5 x path
-regulariser). ``--warmup-epochs N`` sets ``max_violation_warmup_epochs``: N epochs of the sum of violations before
-the hardest negative (VSE-infinity's warm-up; 0 = the paper). Checkpoint selection on dev by r1+r5+r1i+r5i; numbers are on test with the selected weights.
+Both directions are trained with the one trainer (``cirlab.train.train``) on the reduced DIME dimensions below, the
+frozen real MiniLM-L6 text encoder (the ``lite`` preset's BERT-family stand-in for BERT-base; ``--bert random`` uses
+a random-init tiny BERT with a WordPiece vocabulary built from the training captions instead), and the paper's loss
+(VSE++ hardest negative with extra negatives + 0.5 x path regulariser). The regulariser pulls the similarity of two
+captions' routes towards the similarity of their frozen-BERT sentence vectors; only a pretrained encoder gives
+those vectors meaning (captions of one type close, of different types apart), so with ``--bert random`` the routes
+stay near their uniform start whatever the caption says. ``--warmup-epochs N`` sets ``max_violation_warmup_epochs``:
+N epochs of the sum of violations before the hardest negative (VSE-infinity's warm-up; 0 = the paper). Checkpoint
+selection on dev by r1+r5+r1i+r5i; numbers are on test with the selected weights.
 
 Usage::
 
-    # the recorded run: each direction ~6-10 min on the shared 2-core machine (run the two in parallel with
+    # the recorded run: each direction ~4-8 min on the shared 2-core machine (run the two in parallel with
     # --directions i2t / t2i and --threads 1, then once more with --reuse for the report)
     PYTHONPATH=. .venv/bin/python bench/dime_synthetic.py --size small --epochs 8 --embed 32 --lr 3e-3 \
-        --warmup-epochs 5 --eval-every 2
+        --warmup-epochs 3 --eval-every 2
 
 Writes ``reports/benchmarks/dime_synthetic.md`` (``--report``).
 """
@@ -130,6 +134,15 @@ def _edge_dev(type_matrix: Any, overall: Any) -> str:
     return f"{src} -> {dst} ({value:+.3f})"
 
 
+def dominant_by_type(matrix: Any, gates: bool) -> dict[str, str]:
+    """Per caption type, the largest entry of its mean route: ``src -> dst`` for path matrices, a cell for gates."""
+    out = {}
+    for t in matrix.index.get_level_values("caption_type").unique():
+        dst, src = matrix.loc[t].idxmax()
+        out[t] = src if gates else f"{src} -> {dst}"
+    return out
+
+
 def recall_by_type(scores: torch.Tensor, caption_type: list[str], per: int = 5) -> dict[str, float]:
     """t2i R@1 of each caption type (caption j's image is j // per)."""
     rank1 = scores.argmax(0) == torch.arange(scores.shape[1]) // per
@@ -146,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam lr (paper 2e-4 over 30 epochs)")
     parser.add_argument("--embed", type=int, default=64, help="embed size (paper 256)")
-    parser.add_argument("--bert", choices=["random", "minilm"], default="random")
+    parser.add_argument("--bert", choices=["random", "minilm"], default="minilm",
+                        help="frozen text encoder: minilm (real pretrained MiniLM-L6, the lite preset) or random (a "
+                             "random-init tiny BERT: its sentence similarities carry no meaning, so the path "
+                             "regulariser has nothing to align the routes with)")
     parser.add_argument("--lr-step", type=int, default=0, help="epochs between x0.1 lr steps (0: no step)")
     parser.add_argument("--warmup-epochs", type=int, default=0, help="max_violation_warmup_epochs: epochs of summed "
                         "violations before the hardest negative (0: the paper)")
@@ -271,6 +287,15 @@ def write_report(args: argparse.Namespace, argv: list[str] | None, results: dict
               "(rows sum to 1 per destination); layer 2: the raw gate of each cell into the output. "
               "eta^2 = share of the per-pair path variance (all entries of the layer pooled) explained by caption "
               "type; 'within image' first removes each image's mean route.", ""]
+    lines += ["Dominant route per caption type (layers 0-1: the strongest destination <- source edge of the "
+              "type's mean path matrix; final aggregation: the cell with the largest gate):", "",
+              "| direction | layer | eta^2 (type) | dominant per caption type | distinct |", "|---|---|---|---|---|"]
+    for d in ("i2t", "t2i"):
+        for layer in ("layer0", "layer1", "layer2"):
+            dom = dominant_by_type(routes[d][layer]["matrix"], layer == "layer2")
+            lines.append(f"| {d} | {layer} | {routes[d][layer]['eta2']:.3f} | "
+                         + ", ".join(f"{t}: {v}" for t, v in dom.items()) + f" | {len(set(dom.values()))} |")
+    lines.append("")
     for d in ("i2t", "t2i"):
         for layer, title in (("layer0", "layer 0"), ("layer1", "layer 1"), ("layer2", "final aggregation (raw gates)")):
             r = routes[d][layer]

@@ -59,6 +59,10 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step (effective batch = batch_size * this)
     drop_last: bool = True  # drop the last incomplete batch of an epoch (all paper recipes do)
     shuffle: bool = True  # reshuffle the training data every epoch (seeded by seed + epoch)
+    # > 0: keep up to this many items that share a group key (the dataset's group_keys(); CIR triplets: the
+    # reference image) next to each other in each epoch's shuffled order, so batches hold hard in-batch
+    # negatives (same reference, different text and target). 0 = a plain shuffle, as every paper recipe does.
+    group_batches: int = 0
     num_workers: int = 0  # DataLoader worker processes
     # --- optimizer ---
     optimizer: str = "adam"  # "adam" (L2 weight decay, AMC/DIME) | "adamw" (decoupled decay, BLIP re-ranker)
@@ -107,7 +111,8 @@ class TrainConfig:
                   (self.precision in ("auto", "fp32", "bf16", "fp16"), "precision must be auto|fp32|bf16|fp16"),
                   (self.ema_mode in ("standard", "paper_no_restore"), "ema_mode must be standard|paper_no_restore"),
                   (self.progress in ("auto", "tqdm", "log", "none"), "progress must be auto|tqdm|log|none"),
-                  (self.grad_accum_steps >= 1 and self.batch_size >= 1, "batch_size, grad_accum_steps must be >= 1")]
+                  (self.grad_accum_steps >= 1 and self.batch_size >= 1, "batch_size, grad_accum_steps must be >= 1"),
+                  (self.group_batches >= 0, "group_batches must be >= 0 (0 = plain shuffle)")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"TrainConfig: {message}")
@@ -170,21 +175,31 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
 
     Process ``rank`` takes ``order[rank::world_size]``; with a per-process batch of ``batch_size / world_size``
     the union of the processes' j-th batches is exactly the j-th batch of a single-process run.
+
+    With ``groups`` (one integer key per item) and ``group_size > 0`` a shuffled epoch is built from runs of up to
+    ``group_size`` items of one group, the runs in random order (see ``TrainConfig.group_batches``).
     """
 
     def __init__(self, num_samples: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = True,
-                 batch_size: int = 1, rank: int = 0, world_size: int = 1) -> None:
+                 batch_size: int = 1, rank: int = 0, world_size: int = 1, groups: Sequence[int] | None = None,
+                 group_size: int = 0) -> None:
         self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
         self.drop_last, self.batch_size = drop_last, batch_size  # batch_size: GLOBAL batch
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
+        if group_size > 0 and (groups is None or len(groups) != num_samples):
+            raise ValueError(f"group_size {group_size} needs one group key per item ({num_samples} items)")
+        self.groups = list(groups) if group_size > 0 and groups is not None else None
+        self.group_size = group_size
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch's order and skip its first ``start`` items of this process (resume)."""
         self.epoch, self.start = epoch, start
 
     def _order(self) -> list[int]:
-        if self.shuffle:
+        if self.shuffle and self.groups is not None:
+            order = self._grouped_order(torch.Generator().manual_seed(self.seed + self.epoch))
+        elif self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.num_samples, generator=g).tolist()
         else:
@@ -194,11 +209,31 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         pad = (-len(order)) % self.world_size
         return order + order[:pad]
 
+    def _grouped_order(self, g: torch.Generator) -> list[int]:
+        """Members of each group shuffled and cut into runs of ``group_size``; the runs shuffled as units."""
+        members: dict[int, list[int]] = {}
+        for i in torch.randperm(self.num_samples, generator=g).tolist():  # random order inside every group
+            members.setdefault(self.groups[i], []).append(i)
+        runs = [m[k:k + self.group_size] for m in members.values() for k in range(0, len(m), self.group_size)]
+        return [i for r in torch.randperm(len(runs), generator=g).tolist() for i in runs[r]]
+
     def __iter__(self) -> Iterator[int]:
         return iter(self._order()[self.rank:: self.world_size][self.start:])
 
     def __len__(self) -> int:
         return max(0, len(self._order()) // self.world_size - self.start)
+
+
+def group_ids(dataset: Any) -> list[int]:
+    """One integer per item from ``dataset.group_keys()`` (equal keys = one group); sees through ``Subset``."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        keys = group_ids(dataset.dataset)
+        return [keys[i] for i in dataset.indices]
+    if not hasattr(dataset, "group_keys"):
+        raise ValueError(f"TrainConfig.group_batches needs a training set with group_keys(); "
+                         f"{type(dataset).__name__} has none (set group_batches: 0)")
+    index: dict[Any, int] = {}
+    return [index.setdefault(key, len(index)) for key in dataset.group_keys()]
 
 
 class SeededItems(torch.utils.data.Dataset):
@@ -517,8 +552,10 @@ class _Trainer:
         if cfg.batch_size % world:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
         items = SeededItems(dataset, cfg.seed)
+        groups = group_ids(dataset) if cfg.group_batches else None
         sampler = ResumableSampler(len(dataset), shuffle=cfg.shuffle, seed=cfg.seed, drop_last=cfg.drop_last,
-                                   batch_size=cfg.batch_size, rank=self.dist.rank, world_size=world)
+                                   batch_size=cfg.batch_size, rank=self.dist.rank, world_size=world,
+                                   groups=groups, group_size=cfg.group_batches)
         loader = torch.utils.data.DataLoader(
             items, batch_size=cfg.batch_size // world, sampler=sampler, num_workers=cfg.num_workers,
             collate_fn=collate_fn, drop_last=cfg.drop_last, pin_memory=self.device.type == "cuda",

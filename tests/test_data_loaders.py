@@ -105,6 +105,8 @@ def test_fashioniq_items_and_batches(fiq):
     assert set(train) == TRIPLET_KEYS and train["target_image"].shape == (2, 3, 8, 8)
     # the target image really is the target's file
     assert _pixel(train["target_image"][0]) == _expected_pixel(split.image_path(split.triplets[0].target_name))
+    # the trainer's group_batches key: each triplet's reference image, in triplet order
+    assert split.triplet_dataset().group_keys() == [t.ref_name for t in split.triplets]
     gallery = split.gallery_dataset()
     item = gallery[2]
     assert set(item) == {"image", "gallery_idx", "name"} and item["name"] == split.gallery_names[2]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import cirlab
-from cirlab.train import (EMA, ResumableSampler, TrainConfig, learning_rate, resolve_train_config, schedule_factor,
-                          train)
+from cirlab.train import (EMA, ResumableSampler, TrainConfig, group_ids, learning_rate, resolve_train_config,
+                          schedule_factor, train)
 from stub_models import TripletItems  # registers stub_cir / stub_itm
 
 
@@ -177,6 +177,70 @@ def test_sampler_shards_cover_the_global_batches():
     assert list(s) == single[8:] and len(s) == 12
     s.set_epoch(1)
     assert list(s) != single  # reshuffled per epoch
+
+
+def _runs(order, groups):
+    """The order cut into maximal runs of equal group key."""
+    runs = [[order[0]]]
+    for a, b in zip(order, order[1:]):
+        if groups[a] == groups[b]:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return runs
+
+
+def test_grouped_sampler_keeps_groups_together_in_runs():
+    groups = [i % 5 for i in range(40)]  # 5 groups of 8 items
+    s = ResumableSampler(40, seed=1, batch_size=8, groups=groups, group_size=4)
+    order = list(s)
+    assert sorted(order) == list(range(40))  # a permutation: nothing dropped or repeated
+    # every group of 8 is cut into runs of exactly 4 (two runs of one group may end up adjacent)
+    sizes = [len(r) for r in _runs(order, groups)]
+    assert all(n % 4 == 0 for n in sizes) and sum(sizes) == 40
+    plain = list(ResumableSampler(40, seed=1, batch_size=8))
+    assert max(len(r) for r in _runs(plain, groups)) < 4  # a plain shuffle rarely keeps 4 in a row
+    s.set_epoch(1)
+    assert list(s) != order  # reshuffled per epoch, runs included
+    s.set_epoch(0, start=16)
+    assert list(s) == order[16:]  # resume mid-epoch: same order
+    with pytest.raises(ValueError, match="one group key per item"):
+        ResumableSampler(40, groups=groups[:10], group_size=4)
+
+
+def test_group_ids_see_through_subset_and_need_keys():
+    class Keyed(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def group_keys(self):
+            return ["a", "b", "a", "c"]
+
+    assert group_ids(Keyed()) == [0, 1, 0, 2]
+    assert group_ids(torch.utils.data.Subset(Keyed(), [3, 2, 0])) == [2, 0, 0]
+    with pytest.raises(ValueError, match="group_keys"):
+        group_ids(TripletItems(4))
+
+
+def test_group_batches_trains_through_the_trainer(tmp_path):
+    class GroupedItems(TripletItems):
+        def group_keys(self):
+            return [int(i) // 4 for i in range(len(self))]
+
+    seen = []
+    model = _model()
+    step = model.training_step
+
+    def record(batch):
+        seen.append([int(q[1:]) for q in batch["query_id"]])
+        return step(batch)
+
+    model.training_step = record
+    train(model, GroupedItems(32), _cfg(epochs=1, group_batches=4), output_dir=tmp_path)
+    for batch in seen:  # batch 8 = two whole groups of 4
+        assert all(sum(1 for j in batch if j // 4 == i // 4) == 4 for i in batch)
+    with pytest.raises(ValueError, match="group_batches"):
+        TrainConfig(group_batches=-1)
 
 
 def test_max_steps_stops_mid_epoch(tmp_path):

@@ -266,6 +266,10 @@ class TripletDataset:
     def __len__(self) -> int:
         return len(self.split.triplets)
 
+    def group_keys(self) -> list[str]:
+        """The reference image of every triplet: the trainer's ``group_batches`` batches these together."""
+        return [t.ref_name for t in self.split.triplets]
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         t = self.split.triplets[i]
         return {
