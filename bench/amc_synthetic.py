@@ -306,9 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="/tmp/cirlab_amc_bench", help="data and run folders")
     parser.add_argument("--size", default="default", help="synthetic size (tiny | small | default)")
     parser.add_argument("--epochs", type=int, default=20, help="synthetic epochs")
-    parser.add_argument("--emoji-epochs", type=int, default=6)
+    parser.add_argument("--emoji-epochs", type=int, default=10)
     parser.add_argument("--emoji-tarball", default="", help="emoji-datasource-google .tgz (default: cache or npm)")
-    parser.add_argument("--emoji-max-train", type=int, default=0,
+    parser.add_argument("--emoji-max-train", type=int, default=1200,
                         help="training triplets per emoji category (0 = all; skin_tone has 2,666)")
     parser.add_argument("--emoji-group-batches", type=int, default=6,
                         help="TrainConfig.group_batches for emoji: triplets with one reference kept together "

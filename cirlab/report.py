@@ -47,7 +47,7 @@ ORDER = ("train", "evaluate", "router_explorer", "rank_shift", "train_dime", "ro
 DEPENDS: dict[str, tuple[str, ...]] = {"evaluate": ("train",), "router_explorer": ("train",),
                                        "rank_shift": ("evaluate",), "router_explorer_dime": ("train_dime",)}
 SOURCE: dict[str, str] = {"train_dime": "train", "router_explorer_dime": "router_explorer"}  # entry -> notebook
-# Entries `cirlab report --no-dime` leaves out (DIME: about 50 s of the full report's ~2.6 min on an idle
+# Entries `cirlab report --no-dime` leaves out (DIME with the frozen MiniLM: about 3 min of the full report on an idle
 # 2-core machine; far more when other jobs load it).
 OPTIONAL: tuple[str, ...] = ("train_dime", "router_explorer_dime")
 
@@ -65,7 +65,11 @@ _COMMON = {"device": "cpu", "seed": 0}
 AMC_DEMO = ["train.lr=1e-3", "train.ema_decay=0.99", "train.lr_milestones=[]", "train.eval_every=0",
             "model_overrides.image_size=32"]
 DIME_DEMO = ["train.lr=3e-3", "train.eval_every=0", "model_overrides.direction=t2i",
-             "model_overrides.lambda_softmax=9.0", "model_overrides.max_violation_warmup_epochs=5"]
+             "model_overrides.lambda_softmax=9.0", "model_overrides.max_violation_warmup_epochs=5",
+             # the real (frozen) MiniLM, not the tiny preset's random BERT: the path regulariser aligns routes with
+             # sentence similarity, which only a pretrained encoder gives meaning, so only then do the routes
+             # differ by caption type (bench/dime_synthetic.py); 32 positions hold the longest synthetic captions
+             "model_overrides.bert=minilm", "model_overrides.max_words=32"]
 
 REPORT_PARAMETERS: dict[str, dict[str, Any]] = {
     "quickstart": {"data_root": "{data}", "output_dir": "{out}/quickstart", "preset": "tiny", "max_steps": 160,
@@ -344,7 +348,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", default=None, help="Jupyter kernel (default: the notebook's, else python3)")
     parser.add_argument("--no-dime", dest="with_dime", action="store_false",
                         help="skip train_dime and router_explorer_dime (DIME on the synthetic precomp data; about "
-                             "50 s on an idle 2-core CPU)")
+                             "3 min on an idle 2-core CPU)")
 
 
 def _run_from_args(args: argparse.Namespace) -> int:
