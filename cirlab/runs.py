@@ -187,12 +187,17 @@ def dataset_root(config: dict[str, Any]) -> Path | None:
     return None
 
 
-def _categories(ds: dict[str, Any], for_training: bool) -> list[str | None]:
+def _categories(ds: dict[str, Any], root: Path | None, split: str, for_training: bool) -> list[str | None]:
     if str(ds["name"]).lower() not in ("fashioniq", "fiq"):
         return [None]
     cat = ds.get("category")
-    if cat is None:  # train on all categories jointly; report each category
-        return [None] if for_training else list(FIQ_CATEGORIES)
+    if cat is None:  # train on all categories jointly; report each category found on disk (emoji: skin_tone, ...)
+        if for_training:
+            return [None]
+        from cirlab.data.fashioniq import find_categories
+
+        found = find_categories(root, split) if root is not None and root.is_dir() else []
+        return list(found or FIQ_CATEGORIES)  # none found: the loader names the missing file
     return [cat] if isinstance(cat, str) else list(cat)
 
 
@@ -201,7 +206,8 @@ def load_cir_splits(config: dict[str, Any], split: str, *, for_training: bool = 
 
     ds, root = config["dataset"], dataset_root(config)
     options = dict(ds.get("options") or {})
-    return [load_cir(ds["name"], root, split, category=c, **options) for c in _categories(ds, for_training)]
+    cats = _categories(ds, Path(root) if root is not None else None, split, for_training)
+    return [load_cir(ds["name"], root, split, category=c, **options) for c in cats]
 
 
 def load_precomp_split(config: dict[str, Any], split: str) -> Any:
@@ -323,9 +329,11 @@ def load_split(config: dict[str, Any], split: str) -> Any:
     return load_precomp_split(config, split) if is_precomp(config) else load_cir_splits(config, split)
 
 
-def make_evaluate_fn(config: dict[str, Any], splits: Sequence[str], device: Any) -> Any:
-    """``evaluate_fn(model) -> {split: metrics}`` for the trainer's model selection (splits read once)."""
-    loaded: dict[str, Any] = {}
+def make_evaluate_fn(config: dict[str, Any], splits: Sequence[str], device: Any,
+                     loaded: dict[str, Any] | None = None) -> Any:
+    """``evaluate_fn(model) -> {split: metrics}`` for the trainer's model selection (splits read once;
+    ``loaded`` may hold them already, as :func:`load_split` returns them)."""
+    loaded = dict(loaded or {})
 
     def evaluate_fn(model: Any) -> dict[str, Any]:
         for s in splits:
@@ -368,12 +376,16 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
                           "set train.selection=last")
     run_device = _eval_device(cfg.device)
     resolved = {**config, "output_dir": str(out), "train": cfg.to_dict(), "model_config": model.config.to_dict()}
-    evaluate_fn = make_evaluate_fn(config, [select_split], run_device) if select_split else None
+    # read (and so validate) every split the run evaluates before the first step: a broken val or test file
+    # must fail now, naming the file, not after the training it would waste
+    eval_splits = list(dict.fromkeys([*_final_splits(config), *([select_split] if select_split else [])]))
+    loaded = {s: load_split(config, s) for s in eval_splits}
+    evaluate_fn = make_evaluate_fn(config, [select_split], run_device, loaded) if select_split else None
     summary = train(model, train_dataset(config, model), cfg, output_dir=out, evaluate_fn=evaluate_fn,
                     run_config=resolved)
     load_model_weights(model, out / "checkpoints" / "best.pt")
     model.to(run_device)
-    final = _final_evaluation(model, config, out, run_device)
+    final = _final_evaluation(model, config, out, run_device, loaded)
     result = {"model": config["model"], "preset": config.get("preset"), "dataset": ds["name"],
               "protocol": itm_protocol(config) if is_precomp(config) else (config["eval"].get("protocol") or
                                                                         str(ds["name"]).lower()),
@@ -419,12 +431,17 @@ def _is_main() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _final_evaluation(model: Any, config: dict[str, Any], out: Path, device: Any) -> dict[str, Any]:
-    splits = config["eval"].get("splits") or [config["dataset"]["val_split"]]
+def _final_splits(config: dict[str, Any]) -> list[str]:
+    return list(config["eval"].get("splits") or [config["dataset"]["val_split"]])
+
+
+def _final_evaluation(model: Any, config: dict[str, Any], out: Path, device: Any,
+                      loaded: dict[str, Any] | None = None) -> dict[str, Any]:
     topk_dir = out / "topk" if config["eval"].get("topk", True) and not is_precomp(config) else None
     results = {}
-    for split in splits:
-        evaluated = evaluate_split(model, config, split, device=device, topk_dir=topk_dir)
+    for split in _final_splits(config):
+        evaluated = evaluate_split(model, config, split, device=device, topk_dir=topk_dir,
+                                   loaded=(loaded or {}).get(split))
         results[split] = evaluated["metrics"]
         logger.info("%s: %s", split, ", ".join(f"{k}={v:.2f}" for k, v in evaluated["metrics"].items()))
     return results

@@ -125,6 +125,39 @@ def test_shipped_configs_validate(path):
     assert not str(config["output_dir"]).startswith("/")
 
 
+def _own_categories_config(root: Path, path: Path) -> dict:
+    config = {"model": "stub_cir", "preset": "tiny", "model_overrides": {"embed_dim": 12},
+            "dataset": {"name": "fashioniq", "root": str(root), "category": None},
+            "train": {"epochs": 1, "batch_size": 4, "lr": 1e-2, "progress": "none", "tensorboard": False,
+                      "selection_metric": "avg"},
+            "eval": {"splits": ["val"], "k": 5, "batch_size": 8}}
+    path.write_text(yaml.safe_dump(config))
+    return load_config(path)
+
+
+def test_category_null_reports_the_categories_on_disk(tmp_path):
+    from fixtures_data import write_fashioniq
+
+    info = write_fashioniq(tmp_path / "data", categories=("hat", "sock"))
+    config = _own_categories_config(info["root"], tmp_path / "own.yaml")
+    metrics = run_experiment(config, output_dir=tmp_path / "run")
+    assert set(metrics["splits"]["val"]) == {"hat_R@10", "hat_R@50", "sock_R@10", "sock_R@50", "avg_R@10",
+                                             "avg_R@50", "avg"}
+
+
+def test_broken_eval_split_fails_before_training(tmp_path):
+    from cirlab.data import DataError
+    from fixtures_data import write_fashioniq
+
+    info = write_fashioniq(tmp_path / "data", categories=("hat",))
+    broken = Path(info["root"]) / "captions" / "cap.hat.val.json"
+    broken.write_text("[{\"candidate\": ")  # truncated JSON in the selection split
+    config = _own_categories_config(info["root"], tmp_path / "own.yaml")
+    with pytest.raises(DataError, match="cap.hat.val.json"):
+        run_experiment(config, output_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # no step was taken
+
+
 def test_every_paper_dataset_has_a_config():
     names = {p.stem for p in CONFIGS}
     for expected in ("amc_fashioniq", "amc_shoes", "dime_f30k_i2t", "dime_f30k_t2i", "dime_coco_i2t",
