@@ -352,10 +352,13 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     ``topk/<split>[_<category>].topk.npz`` (CIR). Returns the contents of ``metrics.json``.
     """
     from cirlab.checkpoint import load_model_weights
-    from cirlab.train import resolve_train_config, train
+    from cirlab.train import resolve_train_config, seed_everything, train
 
     out = Path(output_dir) if output_dir else output_dir_of(config)
     _prepare_data(config)
+    # the initial weights (and AMC's word vectors for the fitted vocabulary) come from the run's seed too, so one
+    # config gives one run; the trainer re-seeds for the data order and augmentations
+    seed_everything(int((config.get("train") or {}).get("seed", 0)))
     model = build_model(config)
     fit_to_training_data(model, config)
     overrides = {"selection_metric": default_selection_metric(config), **_model_train_defaults(model),

@@ -158,6 +158,20 @@ def test_broken_eval_split_fails_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()  # no step was taken
 
 
+def test_same_config_gives_the_same_run(tmp_path, synth):
+    """The seed covers the initial weights too: two runs of one config end with identical weights and losses."""
+    config = load_config(_write_config(tmp_path / "stub.yaml", synth, max_steps=3, seed=5))
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        torch.manual_seed(len(str(out)) + (out.name == "b"))  # a different global RNG state before each run
+        run_experiment(config, output_dir=out)
+    weights = [torch.load(out / "checkpoints" / "best.pt", weights_only=True)["model"] for out in runs]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    losses = [[json.loads(line).get("loss") for line in (out / "log.jsonl").read_text().splitlines()] for out in runs]
+    assert losses[0] == losses[1]
+
+
 def test_every_paper_dataset_has_a_config():
     names = {p.stem for p in CONFIGS}
     for expected in ("amc_fashioniq", "amc_shoes", "dime_f30k_i2t", "dime_f30k_t2i", "dime_coco_i2t",
