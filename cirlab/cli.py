@@ -73,6 +73,10 @@ def _add_eval(subparsers: Any) -> None:
                         "code from the file, only for sources you trust")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config entry (as for train), e.g. --set eval.shard_size=500")
+    p.add_argument("--ensemble", action="append", default=[], metavar="RUN_OR_CHECKPOINT",
+                   help="evaluate RUN_OR_CHECKPOINT together with this model as one ensemble; repeatable. AMC: "
+                        "mean of the members' cosines (the original eval_ensemble.py); DIME: DIME* = mean of the "
+                        "members' score matrices (e.g. an i2t and a t2i run). The dataset comes from the first")
     p.set_defaults(func=_run_eval)
 
 
@@ -151,16 +155,29 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
     return config
 
 
+def _checkpoint_of(target_arg: str, name: str) -> tuple[Path, Path | None]:
+    """(checkpoint file, its run folder or None) of a run folder or checkpoint path given to ``eval``."""
+    target = Path(target_arg)
+    run_dir = target if target.is_dir() else None
+    checkpoint = target / "checkpoints" / name if run_dir else target
+    if run_dir is None and (target.parent.parent / "config.yaml").is_file() and target.parent.name == "checkpoints":
+        run_dir = target.parent.parent  # a checkpoint inside a run folder: use that run's config
+    return checkpoint, run_dir
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from cirlab.runs import _eval_device, evaluate_split, model_from_checkpoint
 
-    target = Path(args.target)
-    run_dir = target if target.is_dir() else None
-    checkpoint = target / "checkpoints" / args.checkpoint if run_dir else target
-    if run_dir is None and (target.parent.parent / "config.yaml").is_file() and target.parent.name == "checkpoints":
-        run_dir = target.parent.parent  # a checkpoint inside a run folder: use that run's config
+    checkpoint, run_dir = _checkpoint_of(args.target, args.checkpoint)
     config = _eval_config(args, run_dir)
     model, _ = model_from_checkpoint(checkpoint, model=args.model, preset=args.preset, trust_pickle=args.trust_pickle)
+    if args.ensemble:
+        from cirlab.runs import make_ensemble
+
+        members = [model] + [model_from_checkpoint(_checkpoint_of(m, args.checkpoint)[0], model=args.model,
+                                                   preset=args.preset, trust_pickle=args.trust_pickle)[0]
+                             for m in args.ensemble]
+        model = make_ensemble(members)
     device = _eval_device(args.device)
     model.to(device)
     splits = config["eval"].get("splits") or [config["dataset"]["val_split"]]
@@ -169,7 +186,10 @@ def _run_eval(args: argparse.Namespace) -> int:
         out = evaluate_split(model, config, split, device=device,
                              topk_dir=Path(args.topk_dir) if args.topk_dir else None)
         results[split] = out["metrics"]
-    text = json.dumps({"checkpoint": str(checkpoint), "splits": results}, indent=2, sort_keys=True)
+    record: dict[str, Any] = {"checkpoint": str(checkpoint), "splits": results}
+    if args.ensemble:
+        record["ensemble"] = [str(checkpoint)] + [str(_checkpoint_of(m, args.checkpoint)[0]) for m in args.ensemble]
+    text = json.dumps(record, indent=2, sort_keys=True)
     print(text)
     if args.output:
         Path(args.output).write_text(text + "\n")

@@ -275,6 +275,27 @@ def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, 
     return net, meta
 
 
+def make_ensemble(models: Sequence[Any]) -> Any:
+    """One model that scores as the mean of ``models``' scores: AMC (mean of cosines, the original
+    ``eval_ensemble.py``) or DIME (DIME*: mean of the score matrices). Members must be the same paper's model."""
+    names = sorted({str(getattr(m, "model_name", type(m).__name__)) for m in models})
+    if names == ["amc"]:
+        from cirlab.models.amc import AMCEnsemble
+
+        transforms = {(m.config.transform, m.config.image_size) for m in models}
+        if len(transforms) != 1:  # the ensemble feeds every member the same images
+            raise ConfigError(f"AMC ensemble: members differ in image transform/size {sorted(transforms)}")
+        ensemble = AMCEnsemble(models)
+    elif names == ["dime"]:
+        from cirlab.models.dime import DIMEEnsemble
+
+        ensemble = DIMEEnsemble(models)
+    else:
+        raise ConfigError(f"ensembles are defined for AMC or DIME models of one kind; got {', '.join(names)}")
+    ensemble.model_name = f"{names[0]}_ensemble"
+    return ensemble
+
+
 def _restore_tuples(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     """YAML/checkpoint round trips turn tuples into lists; give tuple-default fields their tuples back."""
     import dataclasses
@@ -291,6 +312,42 @@ def _restore_tuples(cls: type, values: dict[str, Any]) -> dict[str, Any]:
 
 def default_selection_metric(config: dict[str, Any]) -> str:
     return "rsum" if is_precomp(config) else "avg"
+
+
+def reported_metric_names(config: dict[str, Any], loaded: Any) -> set[str] | None:
+    """The metric names :func:`evaluate_split` reports for ``loaded`` (as :func:`load_split` returns it),
+    from the protocol's own metric function on placeholder ranks; None when that cannot be known up front."""
+    import torch
+
+    from cirlab import metrics as M
+
+    if is_precomp(config):
+        protocol = itm_protocol(config)
+        sims = torch.zeros(5, 25)  # 5 images x 5 captions: one image per COCO-1K fold
+        return set(M.coco_1k_metrics(sims) if protocol == "coco1k" else M.itm_metrics(sims))
+    ranks = torch.ones(1, dtype=torch.long)
+    protocol = config["eval"].get("protocol") or getattr(loaded[0], "dataset", None)
+    if protocol == "fashioniq":
+        return set(M.fashioniq_metrics({s.category or f"split{i}": ranks for i, s in enumerate(loaded)}))
+    if protocol == "shoes":
+        return set(M.shoes_metrics(ranks))
+    if protocol == "cirr":
+        return set(M.cirr_metrics_from_ranks(ranks, ranks))
+    return None
+
+
+def check_selection_metric(config: dict[str, Any], metric: str, split: str, loaded: Any, model: Any) -> None:
+    """Fail before training when model selection asks for a metric the evaluation will not report
+    (otherwise the run stops with a KeyError at its first evaluation, an epoch later)."""
+    if hasattr(model, "evaluate_split"):  # the model's own pipeline decides its metric names
+        return
+    names = reported_metric_names(config, loaded)
+    if names is None:
+        return
+    missing = [k.strip() for k in metric.split("+") if k.strip() not in names]
+    if missing:
+        raise ConfigError(f"config {config.get('name', '')!r}: train.selection_metric {metric!r}: {missing} "
+                          f"not reported on split {split!r}; available: {', '.join(sorted(names))}")
 
 
 def itm_protocol(config: dict[str, Any]) -> str:
@@ -383,6 +440,8 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     # must fail now, naming the file, not after the training it would waste
     eval_splits = list(dict.fromkeys([*_final_splits(config), *([select_split] if select_split else [])]))
     loaded = {s: load_split(config, s) for s in eval_splits}
+    if select_split:
+        check_selection_metric(config, cfg.selection_metric, select_split, loaded[select_split], model)
     evaluate_fn = make_evaluate_fn(config, [select_split], run_device, loaded) if select_split else None
     summary = train(model, train_dataset(config, model), cfg, output_dir=out, evaluate_fn=evaluate_fn,
                     run_config=resolved)

@@ -18,7 +18,10 @@ start in the middle of an epoch) and every item is produced under a per-item see
 Multi-GPU: run the same script under ``torchrun``; :func:`train` joins the process group the launcher
 describes (or one the caller set up), wraps the model in ``DistributedDataParallel``, shards the data, and lets
 rank 0 alone log and write checkpoints. ``batch_size`` is the *global* batch (split over the processes), so a
-run on N processes takes the same optimizer steps as a single-process run on the same data.
+run on N processes takes the same optimizer steps as a single-process run on the same data for losses that are
+means over items. In-batch contrastive losses (AMC, DIME, BLIP) see each process's share of the batch as their
+negatives (cirlab does not all-gather them): fewer negatives per step than one process with the same global
+batch, so compare multi-GPU runs with that in mind.
 """
 from __future__ import annotations
 

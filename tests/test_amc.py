@@ -84,6 +84,37 @@ def test_tiny_forward_backward_shapes_and_gradients() -> None:
     assert torch.allclose(q.norm(dim=-1), torch.ones(4)) and torch.allclose(t.norm(dim=-1), torch.ones(4))
 
 
+def test_query_target_wiring_and_gradient_through_the_target() -> None:
+    """f_q = norm(mean of layer-2 tokens), f_t = norm(mean of the raw grid tokens); the target path is trained."""
+    model = tiny().eval()
+    b = batch()
+    with torch.no_grad():
+        tokens = model.image_tokens(b["ref_image"])
+        outs, gates = model.fuse(tokens, model.sentence(b["text"]))
+        assert len(outs) == len(gates) == 2
+        assert torch.allclose(model.encode_query(b["ref_image"], b["text"]), F.normalize(outs[1].mean(1), dim=-1),
+                              atol=1e-6)
+        assert not torch.allclose(outs[0].mean(1), outs[1].mean(1))  # layer 1 alone is not the query
+        target_tokens = model.image_tokens(b["target_image"])
+        assert torch.allclose(model.encode_target(b["target_image"]), F.normalize(target_tokens.mean(1), dim=-1),
+                              atol=1e-6)
+    # gradient reaches the shared encoder through the target image alone (the original does not detach it)
+    model.train()
+    ref = b["ref_image"].clone().requires_grad_(True)
+    tgt = b["target_image"].clone().requires_grad_(True)
+    out = model.training_step({**b, "ref_image": ref, "target_image": tgt})
+    (out["cls_loss"] + out["sim_loss"]).backward()
+    assert tgt.grad is not None and tgt.grad.abs().sum() > 0
+    assert ref.grad is not None and ref.grad.abs().sum() > 0
+
+
+def test_router_layer_types_are_the_papers() -> None:
+    router = tiny().layers[0].router.mlp
+    assert [type(m) for m in router] == [nn.Linear, nn.LayerNorm, nn.ReLU, nn.Linear]
+    assert router[0].in_features == 2 * 64 and router[3].out_features == 3
+    assert router[0].bias is None and router[3].bias is None
+
+
 def test_gates_are_sigmoid_and_traced_with_both_expert_orders() -> None:
     model = tiny().eval()
     b = batch(3)
@@ -100,6 +131,9 @@ def test_gates_are_sigmoid_and_traced_with_both_expert_orders() -> None:
     assert len(frame) == 3 * 2 * 3
     row = frame[(frame.query_id == "q1") & (frame.layer == "layer2") & (frame.expert == "GTN")].iloc[0]
     assert row.code_index == 2 and row.paper_name == "α2 GTN" and row.modification == "add"
+    names = frame.drop_duplicates("expert").set_index("expert")
+    assert names.paper_name.to_dict() == {"NIN": "α1 NIN", "CRN": "α3 CRN", "GTN": "α2 GTN"}  # figure numbering
+    assert names.code_index.to_dict() == {"NIN": 0, "CRN": 1, "GTN": 2}
     assert list(frame[frame.layer == "layer1"].expert[:3]) == ["NIN", "CRN", "GTN"]
     assert row.weight == pytest.approx(trace.gates("layer2")[1, 2].item())
 
@@ -298,6 +332,24 @@ def test_resnet50_trunk_takes_a_torchvision_checkpoint(tmp_path) -> None:
     trunk = amc_mod.build_backbone(AMCConfig(pretrained=True, backbone_weights=str(path)))
     assert torch.equal(trunk.layer4[2].conv3.weight, net.layer4[2].conv3.weight)
     assert not hasattr(trunk, "fc")
+    # the paper's resnet50-19c8e357.pth predates BatchNorm's num_batches_tracked buffer: still loads
+    legacy = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(legacy, path)
+    trunk = amc_mod.build_backbone(AMCConfig(pretrained=True, backbone_weights=str(path)))
+    assert torch.equal(trunk.layer4[2].conv3.weight, net.layer4[2].conv3.weight)
+    # a file that lacks a real tensor is refused, naming the file and the key
+    torch.save({k: v for k, v in legacy.items() if k != "layer1.0.conv1.weight"}, path)
+    with pytest.raises(RuntimeError, match=r"resnet50-test.pth.*layer1\.0\.conv1\.weight"):
+        amc_mod.build_backbone(AMCConfig(pretrained=True, backbone_weights=str(path)))
+
+
+def test_torch_hub_cache_lookup_takes_only_the_v1_weights(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "resnet50-11ad3fa6.pth").write_bytes(b"")  # V2: another training recipe
+    assert amc_mod._torch_hub_resnet50() == ""
+    (tmp_path / "checkpoints" / "resnet50-0676ba61.pth").write_bytes(b"")
+    assert amc_mod._torch_hub_resnet50().endswith("resnet50-0676ba61.pth")
 
 
 def test_glove_vectors_load_from_a_local_file(tmp_path) -> None:
@@ -309,7 +361,12 @@ def test_glove_vectors_load_from_a_local_file(tmp_path) -> None:
     table, vocab = model.text_encoder.embed.weight, model.vocab
     assert torch.equal(table[vocab.index["red"]], torch.full((32,), 1.0))
     assert torch.equal(table[vocab.index["circle"]], torch.full((32,), 3.0))
-    assert not torch.equal(table[vocab.index["triangle"]], torch.full((32,), 9.0))  # not in the file: N(0,1)
+    # a word the file lacks keeps the embedding's own N(0,1) init: the same row a run without GloVe gets
+    assert torch.equal(table[vocab.index["triangle"]], tiny().text_encoder.embed.weight[vocab.index["triangle"]])
+    found = amc_mod.read_glove(path, ["red", "'circle.", "blue/green", "nope"], 32)  # the original's fallbacks
+    assert sorted(found) == ["'circle.", "blue/green", "red"]
+    assert torch.equal(found["'circle."], torch.full((32,), 3.0))
+    assert torch.equal(found["blue/green"], torch.full((32,), 2.0))
     (tmp_path / "bad.txt").write_text("red 1 2 3\n")
     with pytest.raises(ValueError, match="bad.txt line 1"):
         tiny(word_vectors="glove", glove_path=str(tmp_path / "bad.txt"))

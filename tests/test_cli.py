@@ -125,6 +125,36 @@ def test_shipped_configs_validate(path):
     assert not str(config["output_dir"]).startswith("/")
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_select_on_reported_metrics(path):
+    """Every config's selection metric is a key its dataset's protocol reports (amc_fashioniq once asked for
+    'R@10+R@50', which Fashion-IQ never reports, and stopped after its first training epoch)."""
+    from types import SimpleNamespace
+
+    from cirlab.runs import check_selection_metric, default_selection_metric
+
+    config = load_config(path)
+    ds = config["dataset"]
+    cats = ds.get("category") or ["skin_tone", "gender", "color"]
+    cats = [cats] if isinstance(cats, str) else cats
+    loaded = [SimpleNamespace(category=c, dataset=ds["name"]) for c in cats]
+    same_class = cirlab.create_model(config["model"], "tiny")  # the run's default_train_config, offline
+    metric = (config["train"].get("selection_metric") or same_class.default_train_config().get("selection_metric")
+              or default_selection_metric(config))
+    check_selection_metric(config, metric, "val", loaded, model=object())  # raises ConfigError when unreported
+
+
+def test_unreported_selection_metric_fails_before_training(tmp_path):
+    from fixtures_data import write_fashioniq
+
+    info = write_fashioniq(tmp_path / "data", categories=("hat",))
+    config = _own_categories_config(info["root"], tmp_path / "own.yaml")
+    config["train"]["selection_metric"] = "R@10+R@50"
+    with pytest.raises(ConfigError, match=r"selection_metric 'R@10\+R@50'.*not reported.*avg_R@10"):
+        run_experiment(config, output_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # no step was taken
+
+
 def _own_categories_config(root: Path, path: Path) -> dict:
     config = {"model": "stub_cir", "preset": "tiny", "model_overrides": {"embed_dim": 12},
             "dataset": {"name": "fashioniq", "root": str(root), "category": None},
@@ -225,3 +255,22 @@ def test_amc_tiny_smoke_via_cli(tmp_path, monkeypatch):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"] == "amc" and "dress_R@10" in metrics["splits"]["val"]
     assert (out / "topk" / "val_dress.topk.npz").is_file()
+    # an ensemble of the run with itself ranks exactly as the run alone (mean of two equal cosines)
+    single, double = tmp_path / "single.json", tmp_path / "double.json"
+    assert main(["eval", str(out), "--split", "val", "--output", str(single)]) == 0
+    assert main(["eval", str(out), "--split", "val", "--ensemble", str(out), "--output", str(double)]) == 0
+    single, double = json.loads(single.read_text()), json.loads(double.read_text())
+    assert double["ensemble"] == [double["checkpoint"]] * 2
+    assert double["splits"]["val"] == pytest.approx(single["splits"]["val"])
+
+
+def test_ensembles_need_members_of_one_paper_model():
+    from cirlab.runs import make_ensemble
+
+    amc = cirlab.create_model("amc", "tiny")
+    with pytest.raises(ConfigError, match="AMC or DIME"):
+        make_ensemble([amc, cirlab.create_model("stub_cir", "tiny")])
+    with pytest.raises(ConfigError, match="image transform/size"):
+        make_ensemble([amc, cirlab.create_model("amc", "tiny", image_size=32)])
+    both = make_ensemble([amc, cirlab.create_model("amc", "tiny")])
+    assert both.model_name == "amc_ensemble" and len(both.members) == 2

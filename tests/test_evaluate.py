@@ -141,6 +141,23 @@ def test_collect_routes_frame(synth):
     np.testing.assert_allclose(frame.groupby("query_id")["weight"].sum().to_numpy(), 1.0, rtol=1e-5)
 
 
+def test_collect_routes_on_amc_joins_category_and_both_expert_names(synth):
+    from cirlab.data import load_cir
+
+    splits = [load_cir("fashioniq", synth / "fashioniq", "val", category=c) for c in ("dress", "shirt")]
+    torch.manual_seed(0)
+    model = cirlab.create_model("amc", preset="tiny", image_size=32)
+    model.fit_vocab(splits[0])
+    frames = [collect_routes(model, s, n=5, batch_size=4) for s in splits]
+    for frame, cat in zip(frames, ("dress", "shirt")):
+        assert len(frame) == 5 * 2 * 3  # queries x layers x experts
+        assert set(frame["category"]) == {cat}
+        assert set(frame["layer"]) == {"layer1", "layer2"}
+        assert set(zip(frame["expert"], frame["paper_name"])) == {("NIN", "α1 NIN"), ("CRN", "α3 CRN"),
+                                                                  ("GTN", "α2 GTN")}
+        assert ((frame["weight"] > 0) & (frame["weight"] < 1)).all()
+
+
 def test_encode_dataset_keeps_order():
     data = [{"x": torch.tensor([float(i)])} for i in range(7)]
     out = encode_dataset(lambda b: b["x"] * 2, data, batch_size=3)

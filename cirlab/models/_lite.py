@@ -132,7 +132,9 @@ def load_weights_into(module: nn.Module, path: str | os.PathLike, ignore_prefixe
     """
     state = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith(tuple(ignore_prefixes))}
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
+    # files saved before PyTorch 0.4.1 (torchvision's resnet50-19c8e357.pth, the paper's) have no BatchNorm
+    # num_batches_tracked buffers; BatchNorm's own loader fills them in, so they are not missing
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or shapes:

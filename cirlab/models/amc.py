@@ -183,7 +183,9 @@ class Vocab:
 def read_glove(path: str | os.PathLike, words: Sequence[str], dim: int) -> dict[str, torch.Tensor]:
     """Vectors of ``words`` from a GloVe text file (``word v1 ... vdim`` per line), scanning it once.
 
-    The original falls back to ``word.strip("-.'")`` and the part before ``/`` for words GloVe lacks; kept.
+    The original falls back to ``word.strip("-.'")`` and the part before ``/`` for words GloVe lacks; kept for
+    callers with their own word lists (AMC's vocabulary is punctuation-free after :func:`tokenize`, so there the
+    fallback never fires, as in the original).
     A line with the wrong number of values raises an error naming the file and the line.
     """
     path = Path(path)
@@ -341,11 +343,19 @@ class TinyCNN(nn.Module):
         return self.stages(images)
 
 
+# torchvision's IMAGENET1K_V1 ResNet-50 (the paper's init) under its old and its current file name; the V2 file
+# (resnet50-11ad3fa6.pth, a different training recipe) is deliberately not picked up
+RESNET50_V1_FILES = ("resnet50-19c8e357.pth", "resnet50-0676ba61.pth")
+
+
 def _torch_hub_resnet50() -> str:
-    """torchvision's ImageNet ResNet-50 file if it is already in the local torch hub cache, else ''."""
+    """torchvision's ImageNet-1k V1 ResNet-50 file if it is already in the local torch hub cache, else ''."""
     directory = Path(torch.hub.get_dir()) / "checkpoints"
-    matches = sorted(directory.glob("resnet50-*.pth")) if directory.is_dir() else []
-    return str(matches[0]) if matches else ""
+    for name in RESNET50_V1_FILES:
+        if (directory / name).is_file():
+            logger.info("AMC: ResNet-50 weights from the torch hub cache: %s", directory / name)
+            return str(directory / name)
+    return ""
 
 
 def build_backbone(config: AMCConfig) -> nn.Module:
