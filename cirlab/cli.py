@@ -60,7 +60,8 @@ def _add_eval(subparsers: Any) -> None:
     p.add_argument("--split", action="append", default=None,
                    help="split(s) to evaluate; repeatable (default: the config's eval.splits, else val)")
     p.add_argument("--protocol", default=None,
-                   help="CIR: fashioniq | shoes | cirr (default: the dataset's); ITM: f30k | coco1k | coco5k")
+                   help="CIR: fashioniq | shoes | cirr (default: the dataset's); ITM: full (= f30k, the whole matrix) | coco1k | "
+                        "coco5k | coco (1K and 5K; COCO's default, on its test split only)")
     p.add_argument("--k", type=int, default=None, help="top-K file length (default: 50)")
     p.add_argument("--batch-size", type=int, default=None, help="encoding batch size (default: 64)")
     p.add_argument("--topk-dir", default=None, help="write top-K files to this folder (CIR)")

@@ -18,6 +18,8 @@ that every process computes the same metrics (evaluation gathered across process
 """
 from __future__ import annotations
 
+import functools
+
 import logging
 import os
 from pathlib import Path
@@ -29,7 +31,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 CIR_PROTOCOLS = ("fashioniq", "shoes", "cirr")
-ITM_PROTOCOLS = ("f30k", "coco1k", "coco5k")
+# full: the whole split's image x caption matrix (Flickr30K 1K test, any dev split; "f30k" is its old name);
+# coco1k: mean over 5 folds of 1,000 images (only the 5 diagonal blocks are scored); coco5k: full testall;
+# coco: both COCO numbers from one full matrix (keys prefixed 1k_ / 5k_), as HREM's evaluation prints them
+ITM_PROTOCOLS = ("full", "f30k", "coco1k", "coco5k", "coco")
 _MISS = np.iinfo(np.int64).max  # rank given to metrics for a target that was removed with its reference
 
 
@@ -327,17 +332,21 @@ def _merge_topk(parts: list[Any]) -> Any:
 
 
 def _itm_encode_shards(fn: Callable[[dict[str, Any]], Any], dataset: Any, shard_size: int, batch_size: int,
-                       device: Any) -> list[Any]:
+                       device: Any, rows: range | None = None) -> list[Any]:
+    rows = range(len(dataset)) if rows is None else rows
     shards = []
-    for start in range(0, len(dataset), shard_size):
-        idx = range(start, min(len(dataset), start + shard_size))
+    for start in range(0, len(rows), shard_size):
+        idx = rows[start:start + shard_size]
         shards.append(encode_dataset(fn, dataset, batch_size=batch_size, device=device, indices=idx, gather=False))
     return shards
 
 
 @torch.no_grad()
-def score_itm(model: Any, split: Any, *, batch_size: int = 128, shard_size: int = 1000, device: Any = "cpu") -> Any:
+def score_itm(model: Any, split: Any, *, batch_size: int = 128, shard_size: int = 1000, device: Any = "cpu",
+              images: range | None = None, captions: range | None = None) -> Any:
     """[N images x N captions] scores, computed in image x caption shards through ``model.score``.
+
+    ``images`` / ``captions`` restrict the matrix to those rows / columns (COCO 1K scores only its 5 folds).
 
     Cross-attention matchers need every (image, caption) pair, so their score matrix is built block by block:
     each block holds at most ``shard_size`` images x ``shard_size`` captions of encoded features on ``device``.
@@ -347,9 +356,9 @@ def score_itm(model: Any, split: Any, *, batch_size: int = 128, shard_size: int 
     model.eval()
     score = getattr(model, "score", None) or (lambda im, tx: im @ tx.T)
     images = _itm_encode_shards(lambda b: model.encode_image(b["image_feats"]), split.image_dataset(), shard_size,
-                                batch_size, device)
+                                batch_size, device, images)
     captions = _itm_encode_shards(lambda b: model.encode_text(b["text"]), split.caption_dataset(), shard_size,
-                                  batch_size, device)
+                                  batch_size, device, captions)
     rank, world = _world()
     rows: dict[int, torch.Tensor] = {}
     for i, image_feats in enumerate(images):
@@ -373,26 +382,37 @@ def evaluate_itm(model: Any, split: Any, protocol: str = "f30k", *, batch_size: 
     Args:
         model: ``encode_image``/``encode_text`` (+ ``score`` for cross-attention matchers).
         split: a :class:`~cirlab.data.PrecompSplit` (5 captions per image).
-        protocol: "f30k" (1K test images, full matrix) | "coco1k" (mean over 5 folds of 1,000) | "coco5k".
+        protocol: "full" (= "f30k": the split's whole matrix) | "coco1k" (mean over 5 folds of 1,000 images; only
+            the folds' blocks are scored) | "coco5k" (full ``testall``) | "coco" (both, keys ``1k_*`` / ``5k_*``).
         batch_size: encoding batch size.
         shard_size: images (and captions) per scoring block.
         device: where the model runs.
 
     Returns:
-        ``{"metrics": {...}, "i2t_ranks": [N] int64, "t2i_ranks": [5N] int64}`` (1-based; for coco1k within folds).
+        ``{"metrics": {...}, "i2t_ranks": [N] int64, "t2i_ranks": [5N] int64}`` (1-based; for coco1k within folds,
+        for coco in the full matrix).
     """
     from cirlab import metrics as M
 
     if protocol not in ITM_PROTOCOLS:
         raise ValueError(f"unknown ITM protocol {protocol!r}; known: {', '.join(ITM_PROTOCOLS)}")
-    sims = score_itm(model, split, batch_size=batch_size, shard_size=shard_size, device=device)
     cpi = int(getattr(split, "im_div", 5))
+    score = functools.partial(score_itm, model, split, batch_size=batch_size, shard_size=shard_size, device=device)
     if protocol == "coco1k":
-        metrics = M.coco_1k_metrics(sims, captions_per_image=cpi)
-        n = sims.shape[0] // 5
-        blocks = [sims[f * n:(f + 1) * n, f * n * cpi:(f + 1) * n * cpi] for f in range(5)]
+        n = split.num_images // 5
+        if split.num_images % 5:
+            raise ValueError(f"COCO 1K needs a multiple of 5 images; {split!r} has {split.num_images}")
+        # a cross-attention matcher pays per pair: score the 5 folds' blocks only (1/5 of the full matrix)
+        blocks = [score(images=range(f * n, (f + 1) * n), captions=range(f * n * cpi, (f + 1) * n * cpi))
+                  for f in range(5)]
+        per_fold = [M.itm_metrics(b, captions_per_image=cpi) for b in blocks]
+        metrics = {key: sum(m[key] for m in per_fold) / 5 for key in per_fold[0]}
     else:
+        sims = score()
         metrics = M.itm_metrics(sims, captions_per_image=cpi)
+        if protocol == "coco":
+            metrics = {**{f"1k_{k}": v for k, v in M.coco_1k_metrics(sims, captions_per_image=cpi).items()},
+                       **{f"5k_{k}": v for k, v in metrics.items()}}
         blocks = [sims]
     i2t = torch.cat([M.i2t_ranks(b, captions_per_image=cpi) for b in blocks])
     t2i = torch.cat([M.t2i_ranks(b, captions_per_image=cpi) for b in blocks])
@@ -443,5 +463,13 @@ def _route_itm(model: Any, split: Any, order: list[int], trace: Any, device: Any
     for k in order:
         i = split.image_of_caption(k)
         trace.set_batch(ids=[k], image_idx=[i], caption_idx=[k], text=[split.captions[k]])
-        image = model.encode_image(split.features(i)[None].to(device))
-        score(image, model.encode_text([split.captions[k]]))
+        ids = {"ids": torch.tensor([i])}, {"ids": torch.tensor([k])}  # models that emit their own id columns
+        image = _call_with_ids(model.encode_image, split.features(i)[None].to(device), ids[0])
+        score(image, _call_with_ids(model.encode_text, [split.captions[k]], ids[1]))
+
+
+def _call_with_ids(fn: Callable[..., Any], inputs: Any, ids: dict[str, torch.Tensor]) -> Any:
+    """``fn(inputs, ids=...)`` when the encoder takes dataset ids (DIME records them in its traces), else ``fn(inputs)``."""
+    import inspect
+
+    return fn(inputs, **ids) if "ids" in inspect.signature(fn).parameters else fn(inputs)

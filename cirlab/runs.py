@@ -16,7 +16,8 @@ A run config (``configs/*.yaml``) has five sections::
       synthetic: null              # {size: tiny, seed: 0}: generate the embedded synthetic data when root is ""
     train: {}                      # cirlab.train.TrainConfig fields, over the model's paper defaults
     eval:
-      protocol: null               # null = the dataset's (CIR) | f30k | coco1k | coco5k (ITM)
+      protocol: null               # null = the dataset's: CIR fashioniq | shoes | cirr; ITM full (f30k) |
+                                   #   coco1k | coco5k | coco (both; COCO's default; testall only, dev is full)
       splits: [val]                # evaluated after training with checkpoints/best.pt
       k: 50                        # top-K file length
       batch_size: 64
@@ -314,7 +315,7 @@ def default_selection_metric(config: dict[str, Any]) -> str:
     return "rsum" if is_precomp(config) else "avg"
 
 
-def reported_metric_names(config: dict[str, Any], loaded: Any) -> set[str] | None:
+def reported_metric_names(config: dict[str, Any], loaded: Any, split: str | None = None) -> set[str] | None:
     """The metric names :func:`evaluate_split` reports for ``loaded`` (as :func:`load_split` returns it),
     from the protocol's own metric function on placeholder ranks; None when that cannot be known up front."""
     import torch
@@ -322,9 +323,9 @@ def reported_metric_names(config: dict[str, Any], loaded: Any) -> set[str] | Non
     from cirlab import metrics as M
 
     if is_precomp(config):
-        protocol = itm_protocol(config)
-        sims = torch.zeros(5, 25)  # 5 images x 5 captions: one image per COCO-1K fold
-        return set(M.coco_1k_metrics(sims) if protocol == "coco1k" else M.itm_metrics(sims))
+        protocol = itm_protocol(config, split)
+        names = set(M.itm_metrics(torch.zeros(5, 25)))  # every ITM protocol reports these per matrix or fold
+        return {f"{size}_{k}" for size in ("1k", "5k") for k in names} if protocol == "coco" else names
     ranks = torch.ones(1, dtype=torch.long)
     protocol = config["eval"].get("protocol") or getattr(loaded[0], "dataset", None)
     if protocol == "fashioniq":
@@ -341,7 +342,7 @@ def check_selection_metric(config: dict[str, Any], metric: str, split: str, load
     (otherwise the run stops with a KeyError at its first evaluation, an epoch later)."""
     if hasattr(model, "evaluate_split"):  # the model's own pipeline decides its metric names
         return
-    names = reported_metric_names(config, loaded)
+    names = reported_metric_names(config, loaded, split)
     if names is None:
         return
     missing = [k.strip() for k in metric.split("+") if k.strip() not in names]
@@ -350,11 +351,16 @@ def check_selection_metric(config: dict[str, Any], metric: str, split: str, load
                           f"not reported on split {split!r}; available: {', '.join(sorted(names))}")
 
 
-def itm_protocol(config: dict[str, Any]) -> str:
-    protocol = config["eval"].get("protocol")
-    if protocol:
-        return protocol
-    return "coco5k" if str(config["dataset"]["name"]).lower() == "coco" else "f30k"
+def itm_protocol(config: dict[str, Any], split: str | None = None) -> str:
+    """The ITM protocol of ``split``: ``eval.protocol`` (default: ``coco`` = 1K and 5K for COCO, else ``full``).
+
+    The COCO protocols describe the 5,000-image ``testall`` only; every other split (the ``dev`` that selects the
+    checkpoint, 1,000 images) is scored on its full matrix, as the original validation does."""
+    protocol = config["eval"].get("protocol") or ("coco" if str(config["dataset"]["name"]).lower() == "coco"
+                                                  else "full")
+    if split is not None and protocol.startswith("coco") and split != config["dataset"]["test_split"]:
+        return "full"
+    return protocol
 
 
 def evaluate_split(model: Any, config: dict[str, Any], split: str, *, device: Any = "cpu",
@@ -373,7 +379,7 @@ def evaluate_split(model: Any, config: dict[str, Any], split: str, *, device: An
         logger.warning("%s has no evaluate_split hook: re-ranking evaluation skipped for %s", config["model"], split)
         return {"metrics": {}}
     if is_precomp(config):
-        return evaluate_itm(model, loaded, protocol=itm_protocol(config), batch_size=int(ev["batch_size"]),
+        return evaluate_itm(model, loaded, protocol=itm_protocol(config, split), batch_size=int(ev["batch_size"]),
                             shard_size=int(ev["shard_size"]), device=device)
     splits = loaded
     meta = {"run": str(config.get("name", "")), "config_model": config["model"]}
@@ -449,8 +455,8 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     model.to(run_device)
     final = _final_evaluation(model, config, out, run_device, loaded)
     result = {"model": config["model"], "preset": config.get("preset"), "dataset": ds["name"],
-              "protocol": itm_protocol(config) if is_precomp(config) else (config["eval"].get("protocol") or
-                                                                        str(ds["name"]).lower()),
+              "protocol": (itm_protocol(config, ds["test_split"]) if is_precomp(config)
+                           else config["eval"].get("protocol") or str(ds["name"]).lower()),
               "selection": {"mode": summary["selection"], "split": summary["selection_split"],
                             "metric": summary["selection_metric"], "best_score": summary["best_score"],
                             "best_epoch": summary["best_epoch"], "best_step": summary["best_step"]},

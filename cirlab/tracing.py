@@ -120,10 +120,13 @@ def _record_rows(rec: _Record, start: int) -> Iterator[dict[str, Any]]:
                 yield {**base, "source": None, "destination": None, "expert": name, "code_index": e,
                        "paper_name": rec.paper_names.get(name, name), "weight": float(w[b, e])}
         else:
+            # expert / code_index / paper_name describe the destination (one routed cell per row group);
+            # the source_* columns give the same for the sending cell, so either axis reads in paper numbering
             for d, dst in enumerate(rec.names["destination"]):
                 for s, src in enumerate(rec.names["source"]):
                     yield {**base, "source": src, "destination": dst, "expert": dst, "code_index": d,
-                           "paper_name": rec.paper_names.get(dst, dst), "weight": float(w[b, d, s])}
+                           "paper_name": rec.paper_names.get(dst, dst), "source_code_index": s,
+                           "source_paper_name": rec.paper_names.get(src, src), "weight": float(w[b, d, s])}
 
 
 def emit(module: torch.nn.Module, layer: str, weights: torch.Tensor, *, kind: str = "gate",

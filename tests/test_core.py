@@ -99,11 +99,16 @@ def test_path_records_expand_destination_by_source():
     w = torch.rand(2, 2, 3)
     with trace_routes(module) as trace:
         emit(module, "layer1", w, kind="path", sources=["s0", "s1", "s2"], destinations=["d0", "d1"],
-             meta={"image_id": [7, 8]})
+             paper_names={"s1": "cell 9 (s1)", "d1": "cell 4 (d1)"}, meta={"image_id": [7, 8]})
     frame = trace.to_frame()
     assert len(frame) == 2 * 2 * 3
     pick = frame[(frame.query_id == 1) & (frame.destination == "d1") & (frame.source == "s0")]
     assert pick.weight.item() == pytest.approx(float(w[1, 1, 0])) and pick.image_id.item() == 8
+    # both axes carry their code index and paper name (a name without a paper name keeps its own)
+    pick = frame[(frame.query_id == 0) & (frame.destination == "d1") & (frame.source == "s1")].iloc[0]
+    assert (pick.code_index, pick.paper_name, pick.source_code_index, pick.source_paper_name) == (
+        1, "cell 4 (d1)", 1, "cell 9 (s1)")
+    assert set(frame[frame.source == "s2"].source_paper_name) == {"s2"}
     with pytest.raises(ValueError, match="do not match"):
         with trace_routes(module):
             emit(module, "bad", w, kind="path", sources=["s0"], destinations=["d0", "d1"])

@@ -126,7 +126,42 @@ def test_itm_sharded_scores_equal_full_matrix(synth):
     assert out["metrics"] == pytest.approx(M.itm_metrics(full))
     assert out["i2t_ranks"].shape == (10,) and out["t2i_ranks"].shape == (50,)
     with pytest.raises(ValueError, match="protocol"):
-        evaluate_itm(model, split, protocol="coco")
+        evaluate_itm(model, split, protocol="coco10k")
+
+
+def test_coco_protocols_score_folds_only_and_report_both(synth):
+    """coco1k scores only its 5 diagonal blocks (1/5 of the pairs) and equals the fold mean of the full matrix;
+    coco reports 1K and 5K from one full matrix."""
+    from cirlab.data import load_precomp
+    from cirlab import metrics as M
+
+    torch.manual_seed(0)
+    model = cirlab.create_model("stub_itm", preset="tiny", region_dim=2048).eval()
+    split = load_precomp(synth / "precomp", "f30k", "test")  # 10 images x 50 captions: folds of 2 images
+    full = score_itm(model, split)
+    pairs = []
+    score = model.score
+    model.score = lambda im, tx: pairs.append(im.shape[0] * tx.shape[0]) or score(im, tx)
+    one_k = evaluate_itm(model, split, protocol="coco1k", shard_size=4)
+    assert sum(pairs) == full.numel() // 5
+    assert one_k["metrics"] == pytest.approx(M.coco_1k_metrics(full))
+    assert one_k["t2i_ranks"].max() <= 2  # ranks within a fold of 2 images
+    both = evaluate_itm(model, split, protocol="coco")["metrics"]
+    assert {k[3:] for k in both if k.startswith("1k_")} == {k[3:] for k in both if k.startswith("5k_")} == set(
+        M.itm_metrics(full))
+    assert both["1k_rsum"] == pytest.approx(one_k["metrics"]["rsum"])
+    assert both["5k_rsum"] == pytest.approx(M.itm_metrics(full)["rsum"])
+
+
+def test_coco_protocols_apply_to_the_test_split_only():
+    from cirlab.runs import itm_protocol
+
+    config = {"dataset": {"name": "coco", "test_split": "testall"}, "eval": {"protocol": None}}
+    assert itm_protocol(config, "testall") == "coco" and itm_protocol(config, "dev") == "full"
+    config["eval"]["protocol"] = "coco1k"
+    assert itm_protocol(config, "testall") == "coco1k" and itm_protocol(config, "dev") == "full"
+    f30k = {"dataset": {"name": "f30k", "test_split": "test"}, "eval": {"protocol": None}}
+    assert itm_protocol(f30k, "test") == itm_protocol(f30k, "dev") == "full"
 
 
 def test_collect_routes_frame(synth):
@@ -173,3 +208,18 @@ def test_gathered_shards_reassemble_in_dataset_order():
     assert _interleave(shards, world, n).flatten().tolist() == list(range(n))
     pair = _interleave([(s, s * 10) for s in shards], world, n)
     assert pair[1].flatten().tolist() == [10.0 * i for i in range(n)]
+
+
+def test_collect_routes_on_dime_keeps_dataset_ids_and_both_cell_numberings(synth):
+    from cirlab.data import load_precomp
+
+    split = load_precomp(synth / "precomp", "f30k", "test")
+    torch.manual_seed(0)
+    model = cirlab.create_model("dime", preset="tiny", img_dim=split.features(0).shape[-1])
+    frame = collect_routes(model, split, n=7)
+    layer0 = frame[frame.layer == "layer0"]
+    assert (layer0.caption_id == layer0.caption_idx).all() and (layer0.image_id == layer0.image_idx).all()
+    assert sorted(set(layer0.caption_idx)) == list(range(7))
+    final = frame[frame.layer == "layer2"]
+    assert set(zip(final.source, final.source_paper_name)) == {
+        ("RIC", "cell 0 (RIC)"), ("GLGC", "cell 2 (GLGC)"), ("IMRC", "cell 1 (IMRC)"), ("CMRC", "cell 3 (CMRC)")}
