@@ -65,7 +65,7 @@ def scores_on(model: Any, split: Any) -> torch.Tensor:
     return out
 
 
-def build(direction: str, args: argparse.Namespace, vocab_file: Path) -> Any:
+def build(direction: str, args: argparse.Namespace, train_split: Any) -> Any:
     import cirlab
 
     torch.manual_seed(args.seed)
@@ -74,9 +74,11 @@ def build(direction: str, args: argparse.Namespace, vocab_file: Path) -> Any:
                   lambda_softmax=4.0 if direction == "i2t" else 9.0)
     if args.bert == "minilm":
         return cirlab.create_model("dime", "lite", **common)
-    return cirlab.create_model("dime", "tiny", bert="random", vocab_file=str(vocab_file),
-                               bert_config={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                                            "intermediate_size": 128, "max_position_embeddings": 64}, **common)
+    model = cirlab.create_model("dime", "tiny", bert="random",
+                                bert_config={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                             "intermediate_size": 128, "max_position_embeddings": 64}, **common)
+    model.fit_vocab(train_split)  # whole-word WordPiece vocabulary from the training captions (saved with the model)
+    return model
 
 
 def route_table(model: Any, split: Any, n_images: int, caption_type: list[str]) -> dict[str, Any]:
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     import cirlab
     from cirlab.data import synthetic
     from cirlab.metrics import itm_metrics
-    from cirlab.models.dime import SELECTION_METRIC, ensemble_scores, tiny_vocab
+    from cirlab.models.dime import SELECTION_METRIC, ensemble_scores
     from cirlab.paths import runs_dir
     from cirlab.train import train
 
@@ -197,9 +199,6 @@ def main(argv: list[str] | None = None) -> int:
     meta = json.loads((pre / synthetic.META).read_text()) if (pre / synthetic.META).is_file() else {}
     caption_type = meta.get("caption_type", {}).get("test") or [f"style {k % 5}" for k in
                                                                  range(len(splits["test"].captions))]
-    words = sorted({w for c in splits["train"].captions for w in c.lower().split()})
-    vocab_file = out_dir / "vocab.txt"
-    vocab_file.write_text("\n".join(tiny_vocab(words)) + "\n", encoding="utf-8")
     print(f"data: {pre} | " + ", ".join(f"{s} {v.num_images} images / {len(v.captions)} captions"
                                          for s, v in splits.items()), flush=True)
 
@@ -208,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     routes: dict[str, Any] = {}
     directions = [d for d in args.directions.split(",") if d]
     for direction in directions:
-        model = build(direction, args, vocab_file)
+        model = build(direction, args, splits["train"])
         untrained = itm_metrics(scores_on(model, splits["test"]))
         best_path = out_dir / direction / "checkpoints" / "best.pt"
         if args.reuse and best_path.is_file():
@@ -217,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "lr_step_size": args.lr_step or args.epochs + 1,
                    "eval_every": args.eval_every, "eval_every_steps": 0, "selection": "dev", "tensorboard": False,
                    "progress": "log", "log_every": 10, "seed": args.seed, "device": "cpu"}
-            summary = train(model, splits["train"].pair_dataset(), cfg, output_dir=out_dir / direction,
+            pairs = splits["train"].pair_dataset(**model.dataset_extras())  # + the random extra caption / image
+            summary = train(model, pairs, cfg, output_dir=out_dir / direction,
                             evaluate_fn=lambda m: {"dev": itm_metrics(scores_on(m, splits["dev"]))})
             summary = {k: summary[k] for k in ("best_epoch", "steps")}
             (out_dir / direction / "summary.json").write_text(json.dumps(summary))

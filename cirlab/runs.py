@@ -223,7 +223,9 @@ def train_dataset(config: dict[str, Any], model: Any) -> Any:
 
     split = config["dataset"]["train_split"]
     if is_precomp(config):
-        return load_precomp_split(config, split).pair_dataset()
+        # models whose items carry random extras (DIME's extra caption / image per sample) say which
+        extras = model.dataset_extras() if hasattr(model, "dataset_extras") else {}
+        return load_precomp_split(config, split).pair_dataset(**extras)
     transform = model.image_transform(True) if hasattr(model, "image_transform") else None
     parts = [s.triplet_dataset(transform) for s in load_cir_splits(config, split, for_training=True)]
     return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
@@ -238,6 +240,23 @@ def build_model(config: dict[str, Any]) -> Any:
     return create_model(config["model"], config.get("preset"), **dict(config.get("model_overrides") or {}))
 
 
+def build_seeded_model(config: dict[str, Any]) -> Any:
+    """:func:`build_model` with the initial weights drawn under the run's seed (``train.seed``, else the model's
+    own default seed, e.g. AMC's 300, else 0), so one config gives one run; the trainer re-seeds with the same
+    seed for the data order and augmentations."""
+    from cirlab.train import seed_everything
+
+    train_section = dict(config.get("train") or {})
+    seed = int(train_section.get("seed", 0))
+    seed_everything(seed)
+    model = build_model(config)
+    model_seed = _model_train_defaults(model).get("seed")
+    if "seed" not in train_section and model_seed is not None and int(model_seed) != seed:
+        seed_everything(int(model_seed))  # known only once the model exists: build again under it
+        model = build_model(config)
+    return model
+
+
 class _Captions:
     """Several CIR training splits seen as one (``fit_vocab`` reads ``.triplets``)."""
 
@@ -247,11 +266,15 @@ class _Captions:
 
 def fit_to_training_data(model: Any, config: dict[str, Any]) -> None:
     """Data-dependent set-up before training: models with a vocabulary built from the training captions
-    (AMC's ``fit_vocab``) get it here, so the CLI, the notebooks and the API train the same model."""
-    if not hasattr(model, "fit_vocab") or is_precomp(config):
+    (AMC's ``fit_vocab``; DIME's for its random tiny BERT, a no-op for real BERTs) get it here, so the CLI,
+    the notebooks and the API train the same model. Precomp (ITM) models get the training ``PrecompSplit``."""
+    if not hasattr(model, "fit_vocab"):
         return
-    splits = load_cir_splits(config, config["dataset"]["train_split"], for_training=True)
-    size = model.fit_vocab(_Captions(splits))
+    if is_precomp(config):
+        size = model.fit_vocab(load_precomp_split(config, config["dataset"]["train_split"]))
+    else:
+        splits = load_cir_splits(config, config["dataset"]["train_split"], for_training=True)
+        size = model.fit_vocab(_Captions(splits))
     logger.info("%s: vocabulary of %s words from the %s captions", config["model"], size,
                 config["dataset"]["train_split"])
 
@@ -415,14 +438,11 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     ``topk/<split>[_<category>].topk.npz`` (CIR). Returns the contents of ``metrics.json``.
     """
     from cirlab.checkpoint import load_model_weights
-    from cirlab.train import resolve_train_config, seed_everything, train
+    from cirlab.train import resolve_train_config, train
 
     out = Path(output_dir) if output_dir else output_dir_of(config)
     _prepare_data(config)
-    # the initial weights (and AMC's word vectors for the fitted vocabulary) come from the run's seed too, so one
-    # config gives one run; the trainer re-seeds for the data order and augmentations
-    seed_everything(int((config.get("train") or {}).get("seed", 0)))
-    model = build_model(config)
+    model = build_seeded_model(config)
     fit_to_training_data(model, config)
     overrides = {"selection_metric": default_selection_metric(config), **_model_train_defaults(model),
                  **dict(config.get("train") or {})}

@@ -274,3 +274,18 @@ def test_ensembles_need_members_of_one_paper_model():
         make_ensemble([amc, cirlab.create_model("amc", "tiny", image_size=32)])
     both = make_ensemble([amc, cirlab.create_model("amc", "tiny")])
     assert both.model_name == "amc_ensemble" and len(both.members) == 2
+
+
+def test_initial_weights_follow_the_seed_the_trainer_uses():
+    """No train.seed: AMC's own default seed (300, the paper's) draws the initial weights, not 0."""
+    from cirlab.runs import build_seeded_model
+    from cirlab.train import seed_everything
+
+    config = {"model": "amc", "preset": "tiny", "train": {}}
+    seed_everything(300)
+    tensors = lambda m: {k: v for k, v in m.state_dict().items() if torch.is_tensor(v)}  # noqa: E731
+    expected = tensors(cirlab.create_model("amc", "tiny"))
+    got = tensors(build_seeded_model(config))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    other = tensors(build_seeded_model({**config, "train": {"seed": 1}}))
+    assert not all(torch.equal(expected[k], other[k]) for k in expected)

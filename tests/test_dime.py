@@ -88,7 +88,8 @@ def test_extra_negatives_shape_the_batch():
     model.itr_module.register_forward_hook(lambda m, a, o: seen.append(o[0].shape))
     model.training_step(_batch())
     model.training_step(_batch(seed=2))
-    assert seen == [torch.Size([6, 6]), torch.Size([6, 12])]  # 2nd step: + previous batch's captions
+    # batches without extras: the fallback to the previous batch's captions (none on the 1st step)
+    assert seen == [torch.Size([6, 6]), torch.Size([6, 12])]
     t2i = _tiny("t2i")
     t2i.train()
     t2i.itr_module.register_forward_hook(lambda m, a, o: seen.append(o[0].shape))
@@ -295,8 +296,9 @@ def test_original_checkpoint_conversion_round_trip():
     converted = D.convert_original_checkpoint({"model": [img, txt, itr], "epoch": 3})
     fresh = _tiny("t2i", seed=9)
     fresh.load_state_dict(converted, strict=True)
+    assert "_extra_state" not in converted  # the original has no saved vocabulary: the built one is kept
     for k, v in fresh.state_dict().items():
-        assert torch.equal(v, state[k]), k
+        assert torch.equal(v, state[k]) if isinstance(v, torch.Tensor) else v == state[k], k
     with pytest.raises(KeyError, match="img_enc, txt_enc, itr_module"):
         D.convert_original_checkpoint({"model": [img]})
 
@@ -392,3 +394,264 @@ def test_lite_preset_uses_real_minilm():
     with torch.no_grad():
         txt = model.encode_text(["a dog runs", "a cat sleeps"])
     assert txt["wrd"].shape == (2, 32, 32) and torch.allclose(txt["stc"].norm(dim=-1), torch.ones(2))
+
+
+# --------------------------------------------------------------------------------------------- extra negatives
+
+
+def _split(n_img: int = 4, dim: int = 8, seed: int = 0):
+    """An in-memory precomp training split: 5 captions per image."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from cirlab.data.precomp import PrecompSplit
+
+    feats = np.random.default_rng(seed).random((n_img, 36, dim), dtype=np.float32)
+    caps = [f"image {i} caption {j}" for i in range(n_img) for j in range(5)]
+    return PrecompSplit("toy", "train", feats, caps, 5, Path("train_ims.npy"), Path("train_caps.txt"))
+
+
+def _shapes(model: D.DIME) -> list:
+    seen: list = []
+    model.itr_module.register_forward_hook(lambda m, a, o: seen.append(tuple(o[0].shape)))
+    return seen
+
+
+def test_pair_dataset_draws_random_extras_per_seed_epoch_and_index():
+    from cirlab.train import SeededItems
+
+    split = _split()
+    assert not any(k.startswith("extra") for k in split.pair_dataset()[3])  # off by default
+    ds = split.pair_dataset(extra_text=True, extra_image=True)
+    item = ds[7]
+    assert item["text"] == split.captions[7] and item["image_idx"] == 1
+    assert isinstance(item["extra_text"], str) and item["extra_text"] == split.captions[item["extra_caption_idx"]]
+    assert item["extra_text_image_idx"] == item["extra_caption_idx"] // 5
+    assert item["extra_image_feats"].shape == (36, 8) and item["extra_image_feats"].dtype == torch.float32
+    assert torch.equal(item["extra_image_feats"], split.features(item["extra_image_idx"]))
+
+    items = SeededItems(ds, seed=3)
+
+    def draws(epoch: int, order=range(len(ds))) -> dict:
+        items.epoch = epoch
+        return {k: (items[k]["extra_caption_idx"], items[k]["extra_image_idx"]) for k in order}
+
+    first = draws(0)
+    torch.manual_seed(123)  # neither the global RNG state nor the order of access matters: resume-exact
+    assert draws(0, reversed(range(len(ds)))) == first
+    assert draws(1) != first  # a new epoch draws anew
+    assert len({c for c, _ in first.values()}) > 5 and len({i for _, i in first.values()}) > 1  # whole split
+    batch = next(iter(torch.utils.data.DataLoader(items, batch_size=4)))
+    assert isinstance(batch["extra_text"], list) and all(isinstance(t, str) for t in batch["extra_text"])
+    assert batch["extra_image_feats"].shape == (4, 36, 8) and batch["extra_image_idx"].shape == (4,)
+    assert batch["extra_text_image_idx"].shape == (4,)
+
+
+@pytest.mark.parametrize("direction,mode,extras", [
+    ("i2t", "random", {"extra_text": True}), ("t2i", "random", {"extra_image": True}),
+    ("i2t", "previous_batch", {}), ("t2i", "none", {})])
+def test_train_dataset_carries_the_extras_the_model_asks_for(tmp_path, direction, mode, extras):
+    import numpy as np
+
+    from cirlab.runs import train_dataset
+
+    split = _split()
+    folder = tmp_path / "f30k_precomp"
+    folder.mkdir()
+    np.save(folder / "train_ims.npy", np.asarray(split.images))
+    (folder / "train_caps.txt").write_text("\n".join(split.captions) + "\n")
+    model = _tiny(direction, img_dim=8, extra_negatives=mode)
+    assert model.dataset_extras() == extras
+    config = {"model": "dime", "dataset": {"name": "f30k", "root": str(tmp_path), "train_split": "train",
+                                           "options": {"dim": 8}}}
+    item = train_dataset(config, model)[6]
+    keys = {k for k in item if k.startswith("extra")}
+    expected = {"extra_text": {"extra_text", "extra_text_image_idx", "extra_caption_idx"},
+                "extra_image": {"extra_image_feats", "extra_image_idx"}}
+    assert keys == set().union(*(expected[k] for k in extras))
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_random_extras_are_one_directional_negatives_in_the_loss(direction):
+    i2t, n = direction == "i2t", 6
+    model = _tiny(direction, bert_dropout_in_train=False)  # deterministic training_step
+    _randomise_routers(model)
+    batch = _batch()
+    if i2t:
+        extra = {"extra_text": ["a dog", "horse riding", "a red car", "two cats", "snow", "kids play"],
+                 "extra_text_image_idx": torch.arange(10, 16)}
+    else:
+        extra = {"extra_image_feats": torch.rand(n, 36, 64, generator=torch.Generator().manual_seed(5)),
+                 "extra_image_idx": torch.arange(10, 16)}
+    model.train()
+    with torch.no_grad():
+        rank = model.training_step({**batch, **extra})["rank_loss"]
+        again = model.training_step({**batch, **extra})["rank_loss"]  # the previous batch plays no part
+        feats = batch["image_feats"] if i2t else torch.cat([batch["image_feats"], extra["extra_image_feats"]])
+        texts = list(batch["text"]) + (extra["extra_text"] if i2t else [])
+        scores = model.itr_module(model.encode_image(feats), model.encode_text(texts))[0]
+    assert scores.shape == ((n, 2 * n) if i2t else (2 * n, n))
+    # image i against all 12 captions (i2t extras), caption j against all 12 images (t2i extras), by hand
+    assert torch.allclose(rank, _naive_vse(scores, n, 0.2), atol=1e-5) and torch.allclose(rank, again)
+    assert torch.allclose(rank, D.contrastive_loss(scores, n, 0.2), atol=1e-5)
+    assert not torch.allclose(rank, D.contrastive_loss(scores[:n, :n], n, 0.2), atol=1e-4)  # the extras count
+
+
+def test_extras_equal_to_the_positives_are_negatives_unless_mask_repeats():
+    batch, n = _batch(), 6
+    dup = {"extra_text": list(batch["text"]), "extra_text_image_idx": batch["image_idx"].clone()}
+    for mask in (False, True):
+        model = _tiny("i2t", bert_dropout_in_train=False, mask_repeats=mask)
+        model.train()
+        with torch.no_grad():
+            rank = model.training_step({**batch, **dup})["rank_loss"]
+            scores = model.itr_module(model.encode_image(batch["image_feats"]),
+                                      model.encode_text(list(batch["text"]) * 2))[0]
+        assert torch.allclose(scores[:, :n], scores[:, n:])  # the extra caption i is caption i
+        if mask:  # same-image pairs masked: the duplicates drop out
+            idx = batch["image_idx"]
+            expected = D.contrastive_loss(scores, n, 0.2, True, idx, torch.cat([idx, idx]))
+            assert torch.allclose(expected, D.contrastive_loss(scores[:, :n], n, 0.2), atol=1e-6)
+        else:  # the original: the duplicate is the hardest "negative", a violation of exactly the margin
+            expected = D.contrastive_loss(scores, n, 0.2)
+            assert rank >= n * 0.2 - 1e-5
+        assert torch.allclose(rank, expected, atol=1e-5)
+    with pytest.raises(KeyError, match="extra_text_image_idx"):
+        model.training_step({**batch, "extra_text": dup["extra_text"]})
+    with pytest.raises(ValueError, match="3 extra_text_image_idx for 6 extra_text"):
+        model.training_step({**batch, **dup, "extra_text_image_idx": torch.arange(3)})
+
+
+def test_random_extras_fall_back_to_the_previous_batch_with_one_warning(caplog):
+    model = _tiny("i2t")
+    model.train()
+    seen = _shapes(model)
+    with caplog.at_level("WARNING", logger="cirlab.models.dime"):
+        for seed in (1, 2, 3):
+            model.training_step(_batch(seed=seed))
+    assert seen == [(6, 6), (6, 12), (6, 12)]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "previous batch" in warned[0] and "dataset_extras" in warned[0]
+
+
+def test_extra_negatives_options_and_the_old_bool(caplog):
+    assert D.DIMEConfig().extra_negatives == "random"
+    assert D.DIMEConfig(extra_negatives=True).extra_negatives == "random"  # configs before the choice
+    assert D.DIMEConfig(extra_negatives=False).extra_negatives == "none"
+    assert D.DIMEConfig.from_dict({"extra_negatives": True}).extra_negatives == "random"  # checkpoint model_config
+    with pytest.raises(ValueError, match="extra_negatives must be one of"):
+        D.DIMEConfig(extra_negatives="batch")
+    for mode, expected in (("previous_batch", [(6, 6), (6, 12), (6, 12)]), ("none", [(6, 6)] * 3)):
+        model = _tiny("i2t", extra_negatives=mode)
+        model.train()
+        seen = _shapes(model)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="cirlab.models.dime"):
+            for seed in (1, 2, 3):  # batch extras (3 captions) are ignored, with one warning
+                model.training_step({**_batch(seed=seed), "extra_text": ["x", "y", "z"],
+                                     "extra_text_image_idx": torch.arange(3)})
+        assert seen == expected, mode
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warned) == 1 and "ignored" in warned[0], mode
+
+
+# --------------------------------------------------------------------------------------------- vocabulary
+
+
+def test_fit_vocab_keeps_whole_words_and_rebuilds_the_random_bert():
+    model = _tiny()
+    tok = model._get_tokenizer()
+    assert "##a" in tok.convert_ids_to_tokens(model.tokenize([CAPTIONS[0]])[0][0])  # spelled by characters
+    torch.manual_seed(7)
+    size = model.fit_vocab(CAPTIONS)
+    ids, mask = model.tokenize([CAPTIONS[0]])
+    tok = model._get_tokenizer()
+    assert tok.convert_ids_to_tokens(ids[0][mask[0]]) == ["[CLS]", "a", "man", "riding", "a", "horse", ".", "[SEP]"]
+    words = {w for c in CAPTIONS for w in c.split()} - set(D.tiny_vocab())
+    table = model.txt_enc.bert.get_input_embeddings()
+    assert size == len(D.tiny_vocab()) + len(words) == table.num_embeddings == model.txt_enc.bert.config.vocab_size
+    assert not table.weight.requires_grad and torch.equal(table.weight[0], torch.zeros(table.embedding_dim))
+    twin = _tiny()
+    torch.manual_seed(7)
+    twin.fit_vocab(list(reversed(CAPTIONS)))  # deterministic under the global seed, whatever the caption order
+    assert torch.equal(twin.txt_enc.bert.get_input_embeddings().weight, table.weight)
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model.encode_text(CAPTIONS)["stc"]).all()
+    split_model = _tiny()
+    split_model.fit_vocab(_split())  # a PrecompSplit: its captions
+    ids, mask = split_model.tokenize(["image 3 caption 2"])
+    assert split_model._get_tokenizer().convert_ids_to_tokens(ids[0][mask[0]]) == [
+        "[CLS]", "image", "3", "caption", "2", "[SEP]"]
+    with pytest.raises(TypeError, match="training captions"):
+        _tiny().fit_vocab("a man riding a horse")
+    with pytest.raises(TypeError, match="must be strings"):
+        _tiny().fit_vocab([1, 2])
+    with pytest.raises(ValueError, match="no words"):
+        _tiny().fit_vocab(["", " "])
+
+
+def test_fit_vocab_is_a_no_op_for_given_vocabularies(tmp_path):
+    vocab = D.tiny_vocab(["dog", "man", "horse"])
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    cfg, bert = _tiny_bert(vocab)
+    bert.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    for model in (_tiny(bert=str(tmp_path / "hf")), _tiny(vocab_file=str(tmp_path / "vocab.txt"))):
+        before, table = model.tokenize(CAPTIONS), model.txt_enc.bert.get_input_embeddings()
+        assert model.fit_vocab(CAPTIONS) == len(vocab)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.tokenize(CAPTIONS)))
+        assert model.txt_enc.bert.get_input_embeddings() is table
+        assert model.get_extra_state() == {"vocab": None}  # read from the files again on loading
+
+
+def test_fitted_vocab_round_trips_through_checkpoints(tmp_path):
+    from cirlab.checkpoint import save_checkpoint
+    from cirlab.runs import model_from_checkpoint
+    from cirlab.train import _model_meta
+
+    model = _tiny("t2i")
+    model.fit_vocab(CAPTIONS)
+    save_checkpoint(tmp_path / "best.pt", {"model": model.state_dict(), **_model_meta(model)})
+    loaded, _ = model_from_checkpoint(tmp_path / "best.pt")  # built with the character vocabulary, then loaded
+    assert all(torch.equal(a, b) for a, b in zip(loaded.tokenize(CAPTIONS), model.tokenize(CAPTIONS)))
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        a, b = model.encode_text(CAPTIONS), loaded.encode_text(CAPTIONS)
+    assert torch.equal(a["wrd"], b["wrd"]) and torch.equal(a["stc"], b["stc"])
+    # a state dict saved before DIME stored its vocabulary: the built (character) vocabulary and table size
+    old = {k: v for k, v in _tiny(seed=2).state_dict().items() if k != "_extra_state"}
+    fitted = _tiny()
+    fitted.fit_vocab(CAPTIONS)
+    fitted.load_state_dict(old)
+    assert all(torch.equal(a, b) for a, b in zip(fitted.tokenize(CAPTIONS), _tiny().tokenize(CAPTIONS)))
+    assert fitted.txt_enc.bert.get_input_embeddings().num_embeddings == len(D.tiny_vocab())
+    bad = model.state_dict()
+    bad["_extra_state"] = {"vocab": bad["_extra_state"]["vocab"] + ["zzz1", "zzz2"]}
+    with pytest.raises(RuntimeError, match="vocabulary has"):
+        _tiny("t2i").load_state_dict(bad)
+
+
+def test_tiny_synthetic_config_trains_with_the_fitted_vocab_and_random_extras(tmp_path, monkeypatch, caplog):
+    from pathlib import Path
+
+    from cirlab import runs
+
+    config = runs.load_config(Path(__file__).resolve().parents[1] / "configs" / "dime_synthetic_tiny.yaml",
+                              ["train.max_steps=2", f"output_dir={tmp_path / 'run'}"])
+    config["dataset"]["synthetic"]["out"] = str(tmp_path / "data")
+    items: list = []
+    real = runs.train_dataset
+    monkeypatch.setattr(runs, "train_dataset", lambda cfg, model: items.append(real(cfg, model)) or items[-1])
+    with caplog.at_level("WARNING", logger="cirlab.models.dime"):
+        result = runs.run_experiment(config)
+    assert result["steps"] == 2 and set(result["splits"]) == {"test"}
+    assert not [r for r in caplog.records if "previous batch" in r.getMessage()]  # the dataset supplied them
+    item = items[0][0]
+    assert {"extra_text", "extra_text_image_idx"} <= set(item)
+    model, _ = runs.model_from_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    ids, mask = model.tokenize([item["text"]])
+    pieces = model._get_tokenizer().convert_ids_to_tokens(ids[0][mask[0]])
+    words = item["text"].lower().replace(".", " .").replace(",", " ,").split()
+    assert pieces == ["[CLS]", *words[: model.config.max_words - 2], "[SEP]"]  # whole words, one token each

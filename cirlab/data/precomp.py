@@ -148,9 +148,15 @@ class PrecompSplit:
 
         return torch.from_numpy(np.array(self.images[i], dtype=np.float32))
 
-    def pair_dataset(self) -> "PairDataset":
-        """Training pairs, one per caption: ``{"image_feats","text","image_idx","caption_idx"}``."""
-        return PairDataset(self)
+    def pair_dataset(self, extra_text: bool = False, extra_image: bool = False) -> "PairDataset":
+        """Training pairs, one per caption: ``{"image_feats","text","image_idx","caption_idx"}``.
+
+        ``extra_text`` / ``extra_image`` add, per item, one random caption / image of the whole split, drawn
+        uniformly with torch's RNG inside ``__getitem__`` (DIME's ``--extra_stc 1`` / ``--extra_img 1``; see
+        :class:`PairDataset`). The trainer seeds every item from ``(seed, epoch, index)``, so the draws are
+        reproducible and resume-exact.
+        """
+        return PairDataset(self, extra_text=extra_text, extra_image=extra_image)
 
     def image_dataset(self) -> "ImageDataset":
         """``{"image_feats","image_idx"}`` per image."""
@@ -162,16 +168,39 @@ class PrecompSplit:
 
 
 class PairDataset:
-    def __init__(self, split: PrecompSplit) -> None:
-        self.split = split
+    """One (image, caption) pair per caption, optionally with one random extra caption and/or image.
+
+    Extra items are drawn uniformly from the whole split with ``torch.randint`` (global torch RNG: seeded per item
+    by the trainer's ``SeededItems``, per worker by the DataLoader otherwise), as the original DIME loader does:
+
+    * ``extra_text``: ``"extra_text"`` (a random caption), ``"extra_text_image_idx"`` (its image) and
+      ``"extra_caption_idx"``;
+    * ``extra_image``: ``"extra_image_feats"`` (a random image's regions) and ``"extra_image_idx"``.
+
+    The draw may hit the item's own caption or image (the original does not avoid it); a model that masks
+    same-image pairs uses the ``*_idx`` fields.
+    """
+
+    def __init__(self, split: PrecompSplit, extra_text: bool = False, extra_image: bool = False) -> None:
+        self.split, self.extra_text, self.extra_image = split, bool(extra_text), bool(extra_image)
 
     def __len__(self) -> int:
         return len(self.split.captions)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
+        import torch
+
         i = self.split.image_of_caption(k)
-        return {"image_feats": self.split.features(i), "text": self.split.captions[k], "image_idx": i,
+        item = {"image_feats": self.split.features(i), "text": self.split.captions[k], "image_idx": i,
                 "caption_idx": k}
+        if self.extra_text:
+            j = int(torch.randint(len(self.split.captions), ()))
+            item.update(extra_text=self.split.captions[j], extra_text_image_idx=self.split.image_of_caption(j),
+                        extra_caption_idx=j)
+        if self.extra_image:
+            j = int(torch.randint(self.split.num_images, ()))
+            item.update(extra_image_feats=self.split.features(j), extra_image_idx=j)
+        return item
 
 
 class ImageDataset:

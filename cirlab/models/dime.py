@@ -24,9 +24,14 @@ Deviations from the original code, each behind a named config field (original be
   keys, router means, GLGC/CMRC normalisations, the final BatchNorm statistics and pooling. The original lets
   padding take part everywhere (digest II.8 #6); set ``mask_padding=False`` to reproduce it, e.g. with the
   released checkpoints.
-* Extra negatives: the original draws one random training caption (i2t) or image (t2i) per sample inside its
-  dataset. Here a batch may carry ``extra_text`` / ``extra_image_feats``; otherwise the previous batch's
-  captions/images are used as the extra negatives (also random training samples when the loader shuffles).
+* ``extra_negatives="random"`` [same]: as the original, one random training caption (i2t) or image (t2i) per
+  sample, drawn by the dataset (``PrecompSplit.pair_dataset(**model.dataset_extras())``). A batch without them
+  (an API user's own dataset) falls back to the previous batch's captions/images, with a warning logged once.
+  ``"previous_batch"`` keeps that earlier cirlab behaviour as a named option (no extras on the first step of a
+  run or a resume); ``"none"`` turns the extras off. Extras that happen to be the positive are negatives, as in
+  the original; ``mask_repeats=True`` masks every same-image pair, extras included.
+* ``bert="random"`` (the ``tiny`` preset): :meth:`DIME.fit_vocab` builds a whole-word WordPiece vocabulary from
+  the training captions (``runs.fit_to_training_data`` calls it); it is saved in the state dict.
 * ``max_violation_warmup_epochs=N`` [0]: the first N epochs sum all violations, then the hardest negative is
   used (VSE-infinity's first-epoch warm-up). Hardest-negative training from scratch can collapse to equal scores;
   the paper's behaviour is 0.
@@ -61,6 +66,7 @@ SELECTION_METRIC = "i2t_R@1+i2t_R@5+t2i_R@1+t2i_R@5"  # the original r1+r5+r1i+r
 PATH_DIM = 4 * 4 * 2 + 4  # path vector: normalised layer-0 and layer-1 matrices + raw layer-2 gates
 _PATH_THRESHOLD = 1e-4  # a destination whose incoming raw weights sum below this is "closed"
 _PATH_EPS = 1e-8
+EXTRA_NEGATIVES = ("random", "previous_batch", "none")  # DIMEConfig.extra_negatives choices
 
 # BERT-Base sizes, used to count parameters (and build a random BERT) without any weights.
 BERT_BASE_CONFIG: dict[str, Any] = {
@@ -96,7 +102,11 @@ class DIMEConfig(PresetMixin):
     # Needs the trainer's on_epoch_start(epoch) hook; only applies when max_violation is True.
     max_violation_warmup_epochs: int = 0
     path_weight: float = 0.5  # trade-off of the path-similarity regulariser
-    extra_negatives: bool = True  # extra captions (i2t) / images (t2i) as one-directional negatives
+    # Extra one-directional negatives, captions (i2t) / images (t2i): "random" = the original (one random training
+    # caption / image per sample, supplied by the dataset: PrecompSplit.pair_dataset(**model.dataset_extras()));
+    # "previous_batch" = the previous training batch's captions / images (none on the first step of a run or a
+    # resume); "none". The old bool reads True -> "random", False -> "none".
+    extra_negatives: str = "random"
     mask_repeats: bool = False  # treat other captions of the same image in a batch as positives (original: no)
     mask_padding: bool = True  # exclude padding words everywhere (original: False, see module docstring)
     keep_unused_params: bool = True  # keep GLGC.fc_2 and the i2t image BN (unused, in original checkpoints)
@@ -121,6 +131,11 @@ class DIMEConfig(PresetMixin):
             raise ValueError("DIMEConfig.max_violation_warmup_epochs must be >= 0")
         if self.max_words < 3:
             raise ValueError("DIMEConfig.max_words must leave room for [CLS], one word and [SEP]")
+        if isinstance(self.extra_negatives, bool):  # configs / checkpoints written before the field was a choice
+            self.extra_negatives = "random" if self.extra_negatives else "none"
+        if self.extra_negatives not in EXTRA_NEGATIVES:
+            raise ValueError(f"DIMEConfig.extra_negatives must be one of {EXTRA_NEGATIVES}, "
+                             f"got {self.extra_negatives!r}")
 
 
 # --------------------------------------------------------------------------------------------- small helpers
@@ -633,6 +648,16 @@ def _make_tokenizer(vocab: Any) -> Any:
     return BertTokenizer(vocab=str(vocab), do_lower_case=True)
 
 
+def _word_splitter(tokenizer: Any) -> Any:
+    """The tokenizer's own split of a text into words before WordPiece (lower case, accents and punctuation)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers (transformers >= 5: always)
+    if backend is not None and backend.pre_tokenizer is not None:
+        norm, pre = backend.normalizer, backend.pre_tokenizer
+        return lambda text: [w for w, _ in pre.pre_tokenize_str(norm.normalize_str(text) if norm else text)]
+    basic = tokenizer.basic_tokenizer  # slow BertTokenizer
+    return lambda text: basic.tokenize(text, never_split=tokenizer.all_special_tokens)
+
+
 # --------------------------------------------------------------------------------------------- model
 
 
@@ -644,12 +669,14 @@ class DIME(nn.Module):
         self.config = cfg
         if bert is None:
             bert, vocab = load_bert(cfg)
-        self._vocab = vocab
+        self._vocab = vocab  # vocab.txt path, token list (saved in the state dict) or a tokenizer
+        self._built_vocab = vocab  # restored when loading a checkpoint saved without a vocabulary
         self._tokenizer: Any = None
         self.img_enc = EncoderImagePrecomp(cfg)
         self.txt_enc = EncoderText(cfg, bert)
         self.itr_module = InteractionModule(cfg)
-        self._pool: dict[str, Any] | None = None  # previous batch, the source of extra negatives
+        self._pool: dict[str, Any] | None = None  # previous batch, for extra_negatives="previous_batch" / fallback
+        self._warned: set[str] = set()
         self._epoch = 0  # set by the trainer through on_epoch_start; drives the max-violation warm-up
 
     # -- contract -------------------------------------------------------------------------------------
@@ -659,10 +686,8 @@ class DIME(nn.Module):
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``[CLS] + first max_words-2 WordPieces + [SEP]``, zero-padded to ``max_words``."""
-        if self._tokenizer is None:
-            self._tokenizer = _make_tokenizer(self._vocab)
-        enc = self._tokenizer(list(texts), max_length=self.config.max_words, truncation=True,
-                              padding="max_length", return_tensors="pt")
+        enc = self._get_tokenizer()(list(texts), max_length=self.config.max_words, truncation=True,
+                                    padding="max_length", return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"].bool()
 
     def encode_image(self, image_feats: torch.Tensor, ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -728,26 +753,52 @@ class DIME(nn.Module):
         """Whether the ranking loss takes the hardest negative now (False: sum of violations)."""
         return self.config.max_violation and self._epoch >= self.config.max_violation_warmup_epochs
 
+    def dataset_extras(self) -> dict[str, bool]:
+        """Keyword arguments for ``PrecompSplit.pair_dataset``: the random extras every training item must carry
+        (``extra_negatives="random"``: one caption per item for i2t, one image for t2i; otherwise none)."""
+        if self.config.extra_negatives != "random":
+            return {}
+        return {"extra_text": True} if self.config.direction == "i2t" else {"extra_image": True}
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
+
     def _extras(self, batch: dict[str, Any], n: int) -> tuple[Any, Any, Any]:
-        """Extra captions (i2t) or images (t2i): from the batch if it carries them, else the previous batch."""
-        if not self.config.extra_negatives:
+        """Extra captions (i2t) or images (t2i) and their image ids, per ``extra_negatives``: the batch's random
+        extras ("random"), else the previous batch's captions/images ("previous_batch", and the fallback of
+        "random" for batches without extras, warned once), or none."""
+        mode, i2t = self.config.extra_negatives, self.config.direction == "i2t"
+        key, idx_key = ("extra_text", "extra_text_image_idx") if i2t else ("extra_image_feats", "extra_image_idx")
+        if mode != "random" and key in batch:
+            self._warn_once("ignored", "DIME: the batch carries %r but extra_negatives=%r: ignored", key, mode)
+        if mode == "none":
             return None, None, None
-        i2t = self.config.direction == "i2t"
-        key = "extra_text" if i2t else "extra_image_feats"
-        if key in batch:
-            extra_idx = batch.get("extra_image_idx")
+        if mode == "random" and key in batch:
             extra = list(batch[key]) if i2t else batch[key]
-        elif self._pool is not None:
-            extra, extra_idx = self._pool["items"], self._pool["image_idx"]
-        else:
-            extra, extra_idx = None, None
+            if i2t and not all(isinstance(t, str) for t in extra):
+                raise TypeError("DIME: batch['extra_text'] must be a list of captions")
+            extra_idx = batch.get(idx_key)
+            if extra_idx is None:
+                if self.config.mask_repeats:
+                    raise KeyError(f"DIME: mask_repeats needs {idx_key!r} (the image of every extra) next to {key!r}")
+                extra_idx = torch.full((len(extra),), -1)
+            extra_idx = torch.as_tensor(extra_idx).reshape(-1)
+            if extra_idx.numel() != len(extra):
+                raise ValueError(f"DIME: {extra_idx.numel()} {idx_key} for {len(extra)} {key}")
+            return (None, extra, extra_idx) if i2t else (extra, None, extra_idx)
+        if mode == "random":
+            self._warn_once("fallback", "DIME: extra_negatives='random' but the batch has no %r (build the training "
+                            "set with PrecompSplit.pair_dataset(**model.dataset_extras())): using the previous "
+                            "batch's %s as extra negatives", key, "captions" if i2t else "images")
+        pool = self._pool
         img_idx = torch.as_tensor(batch.get("image_idx", torch.full((n,), -1)))
         self._pool = {"items": list(batch["text"]) if i2t else batch["image_feats"].detach().clone(),
                       "image_idx": img_idx.clone()}
-        if extra is None:
+        if pool is None:  # first step of a run (or of a resume)
             return None, None, None
-        idx = torch.as_tensor(extra_idx) if extra_idx is not None else torch.full((len(extra),), -1)
-        return (None, extra, idx) if i2t else (extra, None, idx)
+        return (None, pool["items"], pool["image_idx"]) if i2t else (pool["items"], None, pool["image_idx"])
 
     def default_train_config(self) -> dict[str, Any]:
         """Paper optimisation (digest II.3): Adam 2e-4, x0.1 every 15 epochs, 30 epochs, batch 32, clip 2,
@@ -762,6 +813,97 @@ class DIME(nn.Module):
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # -- vocabulary -----------------------------------------------------------------------------------
+    def _get_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = _make_tokenizer(self._vocab)
+        return self._tokenizer
+
+    def fit_vocab(self, source: Any) -> int:
+        """Whole-word vocabulary for the random BERT from the training captions; returns the vocabulary size.
+
+        Only with ``bert="random"`` and no ``vocab_file`` (the ``tiny`` preset): the words of ``source`` (a
+        training ``PrecompSplit``, i.e. its ``captions``, or an iterable of captions), split as the tokenizer
+        splits them (lower case, punctuation apart), are added in sorted order to :func:`tiny_vocab`. The tokenizer
+        and the random BERT's word-embedding table are rebuilt to match (fresh rows drawn from the global torch
+        RNG, BERT's N(0, initializer_range) init, so deterministic under the run's seed); without this the
+        character-spelling vocabulary cuts captions to ~``max_words`` characters. The vocabulary is saved in the
+        state dict. A real BERT (or a given ``vocab_file``) keeps its vocabulary: a no-op.
+        """
+        if self.config.bert != "random" or self.config.vocab_file:
+            return int(self._get_tokenizer().vocab_size)
+        texts = getattr(source, "captions", source)
+        if isinstance(texts, str) or not isinstance(texts, Iterable):
+            raise TypeError(f"DIME.fit_vocab expects the training captions (a PrecompSplit or a list of strings), "
+                            f"got {type(source).__name__}")
+        split_words = _word_splitter(_make_tokenizer(tiny_vocab()))
+        words: set[str] = set()
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"DIME.fit_vocab: captions must be strings, got {type(text).__name__}")
+            words.update(split_words(text))
+        if not words:
+            raise ValueError("DIME.fit_vocab: the training captions hold no words")
+        vocab = tiny_vocab(sorted(words))
+        self._set_vocab(vocab, rows=(self.config.bert_config or {}).get("vocab_size", len(vocab)), init=True)
+        logger.info("DIME: random BERT vocabulary of %d tokens (%d words from the training captions)",
+                    len(vocab), len(words))
+        return len(vocab)
+
+    def _set_vocab(self, vocab: list[str], rows: int, init: bool) -> None:
+        """Use the token list ``vocab`` with a new ``rows``-row word-embedding table."""
+        if rows < len(vocab):
+            raise ValueError(f"DIME: vocabulary of {len(vocab)} tokens but bert_config vocab_size {rows}")
+        self._new_word_table(rows, init)
+        self._vocab, self._tokenizer = list(vocab), None
+
+    def _new_word_table(self, rows: int, init: bool) -> None:
+        """A new frozen word-embedding table for the BERT: drawn as BERT initialises it (N(0, initializer_range),
+        zero padding row) when ``init``, else zeros for a state dict to fill (no RNG draw)."""
+        bert = self.txt_enc.bert
+        old = bert.get_input_embeddings()
+        weight = torch.zeros(rows, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        if init:
+            weight.normal_(0.0, float(getattr(bert.config, "initializer_range", 0.02)))
+            if old.padding_idx is not None:
+                weight[old.padding_idx] = 0
+        new = nn.Embedding(rows, old.embedding_dim, padding_idx=old.padding_idx, _weight=weight)
+        new.weight.requires_grad_(False)  # BERT stays frozen
+        bert.set_input_embeddings(new)
+        bert.config.vocab_size = rows
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The vocabulary when it is a token list (random BERT), so a saved model tokenises the same way after
+        loading; None when it comes from files (a real BERT's vocab.txt)."""
+        return {"vocab": list(self._vocab) if isinstance(self._vocab, list) else None}
+
+    def set_extra_state(self, state: Any) -> None:
+        vocab = state.get("vocab") if isinstance(state, dict) else None
+        if not isinstance(state, dict) or not (vocab is None or isinstance(vocab, (list, tuple))):
+            raise ValueError(f"DIME checkpoint: bad saved vocabulary entry {type(state).__name__}")
+        if vocab is not None:
+            self._vocab, self._tokenizer = [str(t) for t in vocab], None
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        # runs before the children load: resize the random BERT's table to the saved vocabulary first
+        table = self.txt_enc.bert.get_input_embeddings()
+        saved = state_dict.get(prefix + "txt_enc.bert.embeddings.word_embeddings.weight")
+        if (self.config.bert == "random" and isinstance(saved, torch.Tensor) and saved.dim() == 2
+                and saved.shape[1] == table.embedding_dim and saved.shape[0] != table.num_embeddings):
+            self._new_word_table(saved.shape[0], init=False)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "_extra_state"
+        if key not in state_dict:  # saved before DIME stored its vocabulary, or converted from the original code
+            if key in missing_keys:
+                missing_keys.remove(key)
+            self._vocab, self._tokenizer = self._built_vocab, None
+        rows = self.txt_enc.bert.get_input_embeddings().num_embeddings
+        if isinstance(self._vocab, list) and len(self._vocab) > rows:
+            error_msgs.append(f"DIME: the vocabulary has {len(self._vocab)} tokens but the word-embedding table "
+                              f"{rows} rows")
 
 
 def _ids(ids: torch.Tensor | None, n: int) -> torch.Tensor:
