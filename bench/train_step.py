@@ -67,8 +67,9 @@ def build(args: argparse.Namespace) -> tuple[Any, RandomItems]:
     """The model (from the registry, preset + overrides) and a random dataset of its training items."""
     import cirlab
 
-    overrides: dict[str, Any] = dict(kv.split("=", 1) for kv in args.set)
-    overrides = {k: _literal(v) for k, v in overrides.items()}
+    from cirlab.runs import parse_set
+
+    overrides: dict[str, Any] = {".".join(path): value for path, value in parse_set(args.set)}
     family = args.model.split("_")[0]
     if family == "amc":
         overrides.setdefault("pretrained", False)  # timing only: no weight files needed
@@ -104,12 +105,6 @@ def build(args: argparse.Namespace) -> tuple[Any, RandomItems]:
         raise SystemExit(f"train_step: no input recipe for model family {family!r} ({args.model})")
     steps = args.warmup + args.steps
     return model, RandomItems(steps * args.batch_size, make)
-
-
-def _literal(text: str) -> Any:
-    import yaml
-
-    return yaml.safe_load(text)
 
 
 def _peak_memory(device: torch.device) -> str:

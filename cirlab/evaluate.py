@@ -460,16 +460,19 @@ def _route_cir(model: Any, split: Any, order: list[int], trace: Any, batch_size:
 
 def _route_itm(model: Any, split: Any, order: list[int], trace: Any, device: Any) -> None:
     score = getattr(model, "score", None) or (lambda im, tx: im @ tx.T)
+    encode_image, encode_text = _with_ids(model.encode_image), _with_ids(model.encode_text)
     for k in order:
         i = split.image_of_caption(k)
         trace.set_batch(ids=[k], image_idx=[i], caption_idx=[k], text=[split.captions[k]])
-        ids = {"ids": torch.tensor([i])}, {"ids": torch.tensor([k])}  # models that emit their own id columns
-        image = _call_with_ids(model.encode_image, split.features(i)[None].to(device), ids[0])
-        score(image, _call_with_ids(model.encode_text, [split.captions[k]], ids[1]))
+        image = encode_image(split.features(i)[None].to(device), torch.tensor([i]))
+        score(image, encode_text([split.captions[k]], torch.tensor([k])))
 
 
-def _call_with_ids(fn: Callable[..., Any], inputs: Any, ids: dict[str, torch.Tensor]) -> Any:
-    """``fn(inputs, ids=...)`` when the encoder takes dataset ids (DIME records them in its traces), else ``fn(inputs)``."""
+def _with_ids(fn: Callable[..., Any]) -> Callable[[Any, torch.Tensor], Any]:
+    """``fn`` as ``(inputs, ids)``: passes the dataset ids when the encoder takes them (DIME records them in its
+    traces), drops them otherwise."""
     import inspect
 
-    return fn(inputs, **ids) if "ids" in inspect.signature(fn).parameters else fn(inputs)
+    if "ids" in inspect.signature(fn).parameters:
+        return lambda inputs, ids: fn(inputs, ids=ids)
+    return lambda inputs, ids: fn(inputs)

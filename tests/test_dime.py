@@ -24,14 +24,15 @@ def _batch(n: int = 6, dim: int = 64, seed: int = 1) -> dict:
             "image_idx": torch.arange(n), "caption_idx": torch.arange(n)}
 
 
-def _randomise_routers(model: D.DIME, seed: int = 0) -> None:
+def _randomise_routers(model: D.DIME, seed: int = 0, weight_std: float = 0.2, bias_mean: float = 0.3,
+                       bias_std: float = 0.5, generator: torch.Generator | None = None) -> None:
     """Spread router outputs over [0, 1) so that normalisation and mixing are actually exercised."""
-    g = torch.Generator().manual_seed(seed)
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
     for layer in model.itr_module.layers():
         for cell in layer.cells():
             last = cell.router.mlp[2]
-            last.weight.data = torch.randn(last.weight.shape, generator=g) * 0.2
-            last.bias.data = 0.3 + torch.randn(last.bias.shape, generator=g) * 0.5
+            last.weight.data = torch.randn(last.weight.shape, generator=g) * weight_std
+            last.bias.data = bias_mean + torch.randn(last.bias.shape, generator=g) * bias_std
 
 
 def test_paper_preset_trainable_parameter_count():

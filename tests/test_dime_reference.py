@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import cirlab
 from cirlab.models import dime as D
 from cirlab.registry import build_config
+from test_dime import _randomise_routers  # tests/ is on sys.path (as for stub_models)
 
 # different lengths: one truncated at max_words (16 for tiny), one of three tokens ([CLS] kids [SEP])
 CAPTIONS = ["a man riding a horse .", "two dogs", "the cat sleeps on a warm sofa near the big window", "kids"]
@@ -183,11 +184,7 @@ def _tiny(direction: str = "i2t", seed: int = 0, **overrides) -> D.DIME:
 def _randomise(model: D.DIME, seed: int = 0) -> None:
     """Random router heads (spread over [0, 1), some exactly 0) and random BN statistics/affine parameters."""
     g = torch.Generator().manual_seed(seed)
-    for layer in model.itr_module.layers():
-        for cell in layer.cells():
-            last = cell.router.mlp[2]
-            last.weight.data = torch.randn(last.weight.shape, generator=g) * 0.3
-            last.bias.data = 0.2 + torch.randn(last.bias.shape, generator=g) * 0.6
+    _randomise_routers(model, weight_std=0.3, bias_mean=0.2, bias_std=0.6, generator=g)
     for bn in (model.itr_module.bn, model.img_enc.bn):
         bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.05)
         bn.running_var.copy_(0.5 + 1.5 * torch.rand(bn.num_features, generator=g))
