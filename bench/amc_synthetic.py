@@ -1,6 +1,6 @@
 """AMC learning signal and router behaviour on CPU: synthetic scenes (``tiny`` preset) and emoji (``lite`` preset).
 
-For each dataset it trains, through the one trainer (:func:`cirlab.train.train`), the full AMC model and two
+For each dataset it trains, through the one trainer (:func:`cirlab.engine.train.train`), the full AMC model and two
 baselines of the same architecture with one modality cut (``ablation="image_only"``: sentence vector zeroed;
 ``ablation="text_only"``: grid tokens zeroed), selects on the val split, and reports on the held-out split:
 
@@ -33,8 +33,8 @@ import torch
 
 import cirlab
 from cirlab.data import load_cir
-from cirlab.evaluate import collect_routes, evaluate_cir
-from cirlab.train import train
+from cirlab.engine.evaluate import collect_routes, evaluate_cir
+from cirlab.engine.train import train
 
 logger = logging.getLogger("amc_synthetic")
 VARIANTS = ("full", "image_only", "text_only")
@@ -58,19 +58,19 @@ class Setup:
 
 
 def synthetic_setup(work: Path, size: str, epochs: int) -> Setup:
-    from cirlab.data import synthetic
+    from cirlab.data.generators import synthetic
 
     manifest = synthetic.generate(work / "synthetic", seed=0, size=size, layouts=["fashioniq"], image_size=64)
     root = Path(manifest["layouts"]["fashioniq"]["root"])
     train_cfg = {"epochs": epochs, "lr": 1e-3, "lr_milestones": [int(epochs * 0.8)], "ema_decay": 0.99,
                  "batch_size": 32, "eval_every": max(epochs // 3, 1), "selection_metric": "avg_R@10+avg_R@50"}
     return Setup("synthetic", "tiny", root, ["dress", "shirt", "toptee"], train_cfg,
-                 note=f"cirlab.data.synthetic.generate(seed=0, size={size!r}, image_size=64), Fashion-IQ layout; "
+                 note=f"cirlab.data.generators.synthetic.generate(seed=0, size={size!r}, image_size=64), Fashion-IQ layout; "
                       "one model trained on the three categories together, evaluated per category")
 
 
 def emoji_setup(work: Path, epochs: int, tarball: str, max_train: int, group_batches: int) -> Setup:
-    from cirlab.data import emoji
+    from cirlab.data.generators import emoji
 
     root = emoji.build(work / "emoji", tarball=tarball or None)
     # R@50 saturates on these small galleries (6 to 348 images): select on R@1 + R@10 instead of the paper's R@10 + R@50.
@@ -82,7 +82,7 @@ def emoji_setup(work: Path, epochs: int, tarball: str, max_train: int, group_bat
     # 64 px = the emoji's native size (a 2x2 EfficientNet grid)
     subset = f"at most {max_train} triplets per category" if max_train > 0 else "every training triplet"
     return Setup("emoji", "lite", root, None, train_cfg, model_overrides={"image_size": 64},
-                 note="cirlab.data.emoji.build() (Noto emoji of emoji-datasource-google 16.0.0), Fashion-IQ layout; "
+                 note="cirlab.data.generators.emoji.build() (Noto emoji of emoji-datasource-google 16.0.0), Fashion-IQ layout; "
                       "`lite` preset with image_size=64 (the emoji's native size, a 2x2 grid of frozen "
                       f"EfficientNet-Lite0 features); training on {subset}; batches keep up to {group_batches} "
                       "triplets with the same reference together (`group_batches`, 0 = plain shuffle)",
@@ -138,7 +138,7 @@ def run_variant(setup: Setup, ablation: str, train_split: Any, val: list[Any], t
     result = train(model, train_items(setup, train_split, model), {**setup.train_overrides, **train_changes},
                    output_dir=out_dir / name, evaluate_fn=lambda m: {"val": evaluate(m, val)})
     seconds = time.perf_counter() - start
-    from cirlab.checkpoint import load_model_weights
+    from cirlab.core.checkpoint import load_model_weights
 
     load_model_weights(model, result["best_checkpoint"])  # the val-selected (EMA) weights
     model.eval()

@@ -1,13 +1,13 @@
 """DIME on the synthetic precomp dataset (CPU): untrained vs trained rsum per direction, DIME* (ensemble), and
 which routing cells dominate for the different caption types.
 
-The synthetic precomp set (``cirlab.data.synthetic``) writes 5 captions per image that differ in *content* (their
+The synthetic precomp set (``cirlab.data.generators.synthetic``) writes 5 captions per image that differ in *content* (their
 types, ``_scenes.CAPTION_TYPES``, listed per caption in ``synthetic_meta.json``): ``full`` (every object with size,
 colour, shape and cell), ``color`` (colours and counts only), ``shape`` (shapes and counts only), ``layout`` (cells and
 sizes only) and ``relation`` (relative positions of objects named by colour and shape). Only ``full`` identifies its
 image on its own, so the other types cap the reachable recall; routing may differ by type.
 
-Both directions are trained with the one trainer (``cirlab.train.train``) on the reduced DIME dimensions below, the
+Both directions are trained with the one trainer (``cirlab.engine.train.train``) on the reduced DIME dimensions below, the
 frozen real MiniLM-L6 text encoder (the ``lite`` preset's BERT-family stand-in for BERT-base; ``--bert random`` uses
 a random-init tiny BERT with a WordPiece vocabulary built from the training captions instead), and the paper's loss
 (VSE++ hardest negative with extra negatives + 0.5 x path regulariser). The regulariser pulls the similarity of two
@@ -184,11 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     import cirlab
-    from cirlab.data import synthetic
-    from cirlab.metrics import itm_metrics
+    from cirlab.data.generators import synthetic
+    from cirlab.core.metrics import itm_metrics
     from cirlab.models.dime import SELECTION_METRIC, ensemble_scores
-    from cirlab.paths import runs_dir
-    from cirlab.train import train
+    from cirlab.core.paths import runs_dir
+    from cirlab.engine.train import train
 
     start = time.time()
     root = Path(args.data) if args.data else synthetic.ensure(size=args.size, seed=args.seed, layouts=("precomp",))
@@ -258,7 +258,7 @@ def write_report(args: argparse.Namespace, argv: list[str] | None, results: dict
     lines = ["# DIME on the synthetic precomp dataset (CPU)", "", f"Command: `{cmd.strip()}`", "",
              f"Machine: CPU ({platform.machine()}), {torch.get_num_threads()} torch threads, shared with other jobs; "
              f"torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; wall time {elapsed / 60:.1f} min.", "",
-             f"Data: `cirlab.data.synthetic` precomp, size `{args.size}` (train {splits['train'].num_images} images, "
+             f"Data: `cirlab.data.generators.synthetic` precomp, size `{args.size}` (train {splits['train'].num_images} images, "
              f"dev {splits['dev'].num_images}, test {test.num_images}; 5 captions each). Model: DIME with embed "
              f"{args.embed} (paper 256), text encoder `{args.bert}` (frozen), paper loss (VSE++ hardest negative + extra "
              f"negatives + 0.5 x path regulariser), Adam lr {args.lr}, x0.1 every {args.lr_step or '-'} epochs, batch {args.batch_size}, clip 2, {args.epochs} "

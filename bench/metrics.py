@@ -1,4 +1,4 @@
-"""Vectorised cirlab.metrics vs the naive per-query loops (tests/naive_metrics.py), timed side by side.
+"""Vectorised cirlab.core.metrics vs the naive per-query loops (tests/naive_metrics.py), timed side by side.
 
     .venv/bin/python bench/metrics.py            # COCO-5K (5,000 x 25,000) and CIRR val size (4,181 x 2,297)
     .venv/bin/python bench/metrics.py --quick    # small sizes, seconds
@@ -90,7 +90,7 @@ def main() -> None:
                 "loops are the oracles of `tests/naive_metrics.py` (one stable `np.argsort` per query, as the "
                 "VSE++/CLIP4Cir loops do). 'equal to the loop' compares the ranks (ITM, on the timed rows) or the "
                 "metric dict (CIRR).\n")
-        print("wrote", write_report("metrics", "cirlab.metrics: vectorised vs naive per-query loop", body))
+        print("wrote", write_report("metrics", "cirlab.core.metrics: vectorised vs naive per-query loop", body))
 
 
 if __name__ == "__main__":

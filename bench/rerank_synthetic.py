@@ -1,4 +1,4 @@
-"""Two-stage BLIP re-ranking on the synthetic CIR data in the CIRR layout, trained on CPU with cirlab.train.
+"""Two-stage BLIP re-ranking on the synthetic CIR data in the CIRR layout, trained on CPU with cirlab.engine.train.
 
 Stage I (random-init ``tiny``-size BLIP) is trained with the one trainer, writes its top-K files (val, test1);
 stage II is trained on in-batch triplets and re-ranks the val top-K. Prints and writes stage-I vs stage-II
@@ -30,8 +30,8 @@ import cirlab
 from cirlab import metrics
 from cirlab.data import load_cir, synthetic
 from cirlab.models import blip_rerank as br
-from cirlab.topk import save_topk
-from cirlab.train import train
+from cirlab.core.topk import save_topk
+from cirlab.engine.train import train
 
 
 def parse() -> argparse.Namespace:

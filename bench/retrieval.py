@@ -25,14 +25,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, timed, write_report  # noqa: E402
 
-from cirlab.retrieval import topk_search  # noqa: E402
+from cirlab.core.retrieval import topk_search  # noqa: E402
 
 
 RECOMMENDATION = """## Which path cirlab uses by default
 
-`cirlab.retrieval.topk_search` (chunked torch) is the default, and faiss is not a dependency:
+`cirlab.core.retrieval.topk_search` (chunked torch) is the default, and faiss is not a dependency:
 
-* **Exact and consistent.** Its ties go to the lower gallery index, the rule `cirlab.metrics.target_ranks` uses,
+* **Exact and consistent.** Its ties go to the lower gallery index, the rule `cirlab.core.metrics.target_ranks` uses,
   so the position of a target in a top-K file always equals its rank in the metrics; faiss and a bare
   `torch.topk` order tied items arbitrarily.
 * **Bounded memory.** One query x gallery block (64 MB at the defaults) instead of the Q x G matrix
@@ -41,7 +41,7 @@ RECOMMENDATION = """## Which path cirlab uses by default
 * **Speed is not the bottleneck for the protocols.** The real CIR galleries are small (CIRR val 2,297 images,
   Fashion-IQ a few thousand per category), where any exact search takes well under a second and encoding
   dominates. At 100k x 512 on this CPU, faiss `IndexFlatIP` was about 2x faster; a user with a very large CPU
-  gallery can run faiss on the same embeddings and pass its indices to `cirlab.retrieval.make_topk`
+  gallery can run faiss on the same embeddings and pass its indices to `cirlab.core.retrieval.make_topk`
   (after checking ties, if any, match the documented rule).
 """
 

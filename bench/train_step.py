@@ -67,7 +67,7 @@ def build(args: argparse.Namespace) -> tuple[Any, RandomItems]:
     """The model (from the registry, preset + overrides) and a random dataset of its training items."""
     import cirlab
 
-    from cirlab.runs import parse_set
+    from cirlab.engine.runs import parse_set
 
     overrides: dict[str, Any] = {".".join(path): value for path, value in parse_set(args.set)}
     family = args.model.split("_")[0]
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     import cirlab
-    from cirlab.train import resolve_train_config
+    from cirlab.engine.train import resolve_train_config
 
     device = torch.device(args.device)
     model, data = build(args)

@@ -27,7 +27,7 @@ def _add_train(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "train", help="train a model from a YAML run config",
         description="Train one model as a run config describes (model, preset, dataset, train, eval sections; see "
-                    "configs/ and cirlab.runs), then evaluate checkpoints/best.pt and write the run folder: "
+                    "configs/ and cirlab.engine.runs), then evaluate checkpoints/best.pt and write the run folder: "
                     "config.yaml, checkpoints/, log.jsonl, tb/, metrics.json, topk/. Under torchrun the same command "
                     "trains with DistributedDataParallel (train.batch_size is the global batch).")
     p.add_argument("config", help="run config YAML (e.g. configs/amc_synthetic_tiny.yaml)")
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_eval(subparsers)
     _add_delegated(subparsers, "data", "cirlab.data.cli", "add_subcommands", "dataset tools (check, synth, ...)")
-    _add_delegated(subparsers, "report", "cirlab.report", "register_cli", "")
+    _add_delegated(subparsers, "report", "cirlab.workbench.report", "register_cli", "")
     _add_models(subparsers)
     return parser
 
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from cirlab.runs import _is_main, load_config, run_experiment
+    from cirlab.engine.runs import _is_main, load_config, run_experiment
 
     config = load_config(args.config, args.overrides)
     result = run_experiment(config, output_dir=args.output_dir, resume=args.resume, device=args.device)
@@ -134,7 +134,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, Any]:
-    from cirlab.runs import DEFAULTS, _merge, apply_overrides, parse_set
+    from cirlab.engine.runs import DEFAULTS, _merge, apply_overrides, parse_set
 
     config_path = Path(args.config) if args.config else (run_dir / "config.yaml" if run_dir else None)
     if config_path is not None and config_path.is_file():
@@ -167,13 +167,13 @@ def _checkpoint_of(target_arg: str, name: str) -> tuple[Path, Path | None]:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from cirlab.runs import _eval_device, evaluate_split, model_from_checkpoint
+    from cirlab.engine.runs import _eval_device, evaluate_split, model_from_checkpoint
 
     checkpoint, run_dir = _checkpoint_of(args.target, args.checkpoint)
     config = _eval_config(args, run_dir)
     model, _ = model_from_checkpoint(checkpoint, model=args.model, preset=args.preset, trust_pickle=args.trust_pickle)
     if args.ensemble:
-        from cirlab.runs import make_ensemble
+        from cirlab.engine.runs import make_ensemble
 
         members = [model] + [model_from_checkpoint(_checkpoint_of(m, args.checkpoint)[0], model=args.model,
                                                    preset=args.preset, trust_pickle=args.trust_pickle)[0]
@@ -198,7 +198,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from cirlab.registry import get_entry, list_models, list_presets
+    from cirlab.models.registry import get_entry, list_models, list_presets
 
     rows = [{"model": n, "task": get_entry(n).task, "presets": list_presets(n)} for n in list_models()]
     if args.json:
@@ -218,9 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from cirlab.checkpoint import CheckpointError
+    from cirlab.core.checkpoint import CheckpointError
     from cirlab.data import DataError
-    from cirlab.runs import ConfigError
+    from cirlab.engine.runs import ConfigError
 
     try:
         return int(args.func(args) or 0)

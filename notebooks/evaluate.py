@@ -16,7 +16,7 @@ from cirlab import analysis, viz, workbench
 # %% tags=["parameters"]
 runs: list = ["runs/train"]  # run folders to evaluate (each has config.yaml and checkpoints/)
 dataset: str = "fashioniq"  # fashioniq | shoes | cirr
-data_root: str = ""  # folder holding the dataset ("" -> cirlab.paths.data_root())
+data_root: str = ""  # folder holding the dataset ("" -> cirlab.core.paths.data_root())
 split: str = "val"  # split to evaluate
 output_dir: str = "runs/evaluate"  # metrics.json, config.json, figures/, topk/<run>/
 k: int = 50  # length of the written top-K lists

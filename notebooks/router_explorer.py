@@ -31,7 +31,7 @@ from cirlab import analysis, viz, widgets, workbench
 # %% tags=["parameters"]
 run_dir: str = "runs/train"  # a trained router run (AMC on CIR data; DIME on precomp ITM data)
 dataset: str = "fashioniq"  # fashioniq | shoes | cirr (AMC) | f30k | coco (DIME, data_root/precomp)
-data_root: str = ""  # folder holding the dataset ("" -> cirlab.paths.data_root())
+data_root: str = ""  # folder holding the dataset ("" -> cirlab.core.paths.data_root())
 split: str = "val"  # split whose queries are traced ("val" is precomp "dev")
 output_dir: str = "runs/router_explorer"  # metrics.json, config.json, figures/
 n_queries: int = 120  # queries (DIME: image-caption pairs) to trace

@@ -20,7 +20,7 @@ from cirlab import analysis, viz, workbench
 model: str = "amc"  # any name from cirlab.list_models(): amc (CIR) | dime (ITM) | ...
 preset: str = "tiny"  # tiny (seconds) | lite (real pretrained weights, minutes) | a paper preset
 dataset: str = "fashioniq"  # fashioniq | shoes | cirr (CIR) | f30k | coco (ITM precomp, under data_root/precomp)
-data_root: str = ""  # folder holding the dataset ("" -> cirlab.paths.data_root())
+data_root: str = ""  # folder holding the dataset ("" -> cirlab.core.paths.data_root())
 output_dir: str = "runs/train"  # the run folder: checkpoints, logs, metrics.json, figures
 epochs: int = 1  # passes over the training data
 max_steps: int = 200  # stop after this many optimizer steps (0: no cap)
@@ -36,7 +36,7 @@ print("models:", cirlab.list_models(), "| presets of", model, ":", cirlab.list_p
 
 # %% [markdown]
 # ## Training
-# One loop for every model (`cirlab.train`); validation recall selects `checkpoints/best.pt`.
+# One loop for every model (`cirlab.engine.train`); validation recall selects `checkpoints/best.pt`.
 
 # %%
 run = workbench.train_run(model, preset, dataset, data_dir, output_dir, epochs=epochs, max_steps=max_steps,

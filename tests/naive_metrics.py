@@ -1,4 +1,4 @@
-"""Naive per-query loops: the oracles that cirlab.metrics and cirlab.retrieval must equal.
+"""Naive per-query loops: the oracles that cirlab.core.metrics and cirlab.core.retrieval must equal.
 
 They follow the original code's shape (one argsort per query, then look the target up), written in NumPy with a
 *stable* sort so that ties resolve toward the lower gallery index, cirlab's documented rule. They are slow on

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cirlab.config import PresetMixin
-from cirlab.registry import register_model
-from cirlab.tracing import emit
+from cirlab.core.config import PresetMixin
+from cirlab.models.registry import register_model
+from cirlab.core.tracing import emit
 
 TEXT_BUCKETS = 64
 

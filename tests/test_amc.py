@@ -391,7 +391,7 @@ def test_presets_config_checks_and_train_defaults() -> None:
     assert (defaults["lr"], defaults["weight_decay"], defaults["batch_size"], defaults["epochs"]) == (
         1e-4, 1e-6, 32, 50)
     assert defaults["lr_milestones"] == [40] and defaults["ema_decay"] == 0.999
-    from cirlab.train import TrainConfig, schedule_factor
+    from cirlab.engine.train import TrainConfig, schedule_factor
 
     cfg = TrainConfig.from_dict(defaults)
     assert schedule_factor(cfg, 39) == 1.0 and schedule_factor(cfg, 40) == pytest.approx(0.1)

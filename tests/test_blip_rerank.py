@@ -27,7 +27,7 @@ def image_batch(seed: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def cirr_root(tmp_path_factory):
-    from cirlab.data import synthetic
+    from cirlab.data.generators import synthetic
 
     out = tmp_path_factory.mktemp("syn")
     return synthetic.generate(out, size="tiny", layouts=["cirr"], image_size=32)["layouts"]["cirr"]["root"]
@@ -91,7 +91,7 @@ def test_stage1_learns_on_a_fixed_batch():
 
 
 def test_train_config_is_the_periodic_cosine_recipe():
-    from cirlab.train import learning_rate, resolve_train_config
+    from cirlab.engine.train import learning_rate, resolve_train_config
 
     cfg = resolve_train_config(tiny("stage1"))  # tiny preset = CIRR recipe
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.batch_size) == ("adamw", 2e-5, 0.05, 512)
@@ -206,7 +206,7 @@ def test_token_cache_atomic_reuse_and_values(cirr_root, tmp_path):
 
 def test_topk_files_rerank_and_submission(cirr_root, tmp_path):
     from cirlab import metrics
-    from cirlab.topk import load_topk, save_topk
+    from cirlab.core.topk import load_topk, save_topk
 
     split = cirlab.data.load_cir("cirr", cirr_root, "val")
     m2 = tiny("stage2")
@@ -320,7 +320,7 @@ def test_fashioniq_per_category_topk_and_rerank(tmp_path):
     """Fashion-IQ under the re-ranking protocol (CLIP4Cir gallery = the split file, reference kept): stage-I ranks
     equal the metric's ranks per category, and stage II only re-orders each query's candidates."""
     from cirlab import metrics
-    from cirlab.data import synthetic
+    from cirlab.data.generators import synthetic
 
     root = synthetic.generate(tmp_path / "syn", size="tiny", layouts=["fashioniq"], image_size=32)
     root = root["layouts"]["fashioniq"]["root"]

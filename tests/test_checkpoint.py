@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from cirlab.checkpoint import (CheckpointError, load_checkpoint, load_model_weights, model_state_dict,
+from cirlab.core.checkpoint import (CheckpointError, load_checkpoint, load_model_weights, model_state_dict,
                                save_checkpoint)
 
 
@@ -41,7 +41,7 @@ def test_pickled_module_refused_unless_trusted(tmp_path, caplog):
     torch.save(module, path)  # like AMC's released checkpoints: a whole pickled model
     with pytest.raises(CheckpointError, match="trust_pickle=True"):
         load_checkpoint(path)
-    with caplog.at_level(logging.WARNING, logger="cirlab.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="cirlab.core.checkpoint"):
         loaded = load_checkpoint(path, trust_pickle=True)
     assert "weights_only=False" in caplog.text
     assert isinstance(loaded, torch.nn.Sequential)

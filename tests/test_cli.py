@@ -10,8 +10,8 @@ import yaml
 
 import cirlab
 from cirlab.cli import build_parser, main
-from cirlab.runs import ConfigError, apply_overrides, load_config, parse_set, run_experiment
-from cirlab.topk import load_topk
+from cirlab.engine.runs import ConfigError, apply_overrides, load_config, parse_set, run_experiment
+from cirlab.core.topk import load_topk
 import stub_models  # noqa: F401 - registers stub_cir / stub_itm
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -131,7 +131,7 @@ def test_shipped_configs_select_on_reported_metrics(path):
     'R@10+R@50', which Fashion-IQ never reports, and stopped after its first training epoch)."""
     from types import SimpleNamespace
 
-    from cirlab.runs import check_selection_metric, default_selection_metric
+    from cirlab.engine.runs import check_selection_metric, default_selection_metric
 
     config = load_config(path)
     ds = config["dataset"]
@@ -265,7 +265,7 @@ def test_amc_tiny_smoke_via_cli(tmp_path, monkeypatch):
 
 
 def test_ensembles_need_members_of_one_paper_model():
-    from cirlab.runs import make_ensemble
+    from cirlab.engine.runs import make_ensemble
 
     amc = cirlab.create_model("amc", "tiny")
     with pytest.raises(ConfigError, match="AMC or DIME"):
@@ -278,8 +278,8 @@ def test_ensembles_need_members_of_one_paper_model():
 
 def test_initial_weights_follow_the_seed_the_trainer_uses():
     """No train.seed: AMC's own default seed (300, the paper's) draws the initial weights, not 0."""
-    from cirlab.runs import build_seeded_model
-    from cirlab.train import seed_everything
+    from cirlab.engine.runs import build_seeded_model
+    from cirlab.engine.train import seed_everything
 
     config = {"model": "amc", "preset": "tiny", "train": {}}
     seed_everything(300)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from cirlab import paths, registry
-from cirlab.config import PresetMixin
-from cirlab.topk import TopK, load_topk, save_topk
-from cirlab.tracing import emit, is_active, trace_routes
+from cirlab.core.config import PresetMixin
+from cirlab.core.topk import TopK, load_topk, save_topk
+from cirlab.core.tracing import emit, is_active, trace_routes
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import cirlab
-from cirlab.train import TrainConfig, train
+from cirlab.engine.train import TrainConfig, train
 
 # eps: Adam divides by sqrt(v) + eps; with the default 1e-8 a near-zero gradient turns float re-association noise
 # (the gradient all-reduce sums in another order) into visible weight differences. 1e-4 keeps the comparison sharp.

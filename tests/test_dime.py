@@ -154,7 +154,7 @@ def test_traced_paths_per_pair_and_closed_destination(direction):
     with torch.no_grad():
         img = model.encode_image(batch["image_feats"], ids=torch.tensor([10, 11, 12, 13]))
         txt = model.encode_text(batch["text"])
-        assert not cirlab.tracing.is_active()
+        assert not cirlab.core.tracing.is_active()
         with cirlab.trace_routes(model) as trace:
             scores = model.score(img, txt)
     assert torch.isfinite(scores).all()
@@ -348,7 +348,7 @@ def test_max_violation_warmup_sums_violations_then_takes_hardest(direction):
 
 
 def test_default_train_config_is_the_paper_recipe():
-    from cirlab.train import resolve_train_config
+    from cirlab.engine.train import resolve_train_config
 
     cfg = resolve_train_config(_tiny())
     assert (cfg.optimizer, cfg.lr, cfg.epochs, cfg.batch_size, cfg.grad_clip) == ("adam", 2e-4, 30, 32, 2.0)
@@ -420,7 +420,7 @@ def _shapes(model: D.DIME) -> list:
 
 
 def test_pair_dataset_draws_random_extras_per_seed_epoch_and_index():
-    from cirlab.train import SeededItems
+    from cirlab.engine.train import SeededItems
 
     split = _split()
     assert not any(k.startswith("extra") for k in split.pair_dataset()[3])  # off by default
@@ -455,7 +455,7 @@ def test_pair_dataset_draws_random_extras_per_seed_epoch_and_index():
 def test_train_dataset_carries_the_extras_the_model_asks_for(tmp_path, direction, mode, extras):
     import numpy as np
 
-    from cirlab.runs import train_dataset
+    from cirlab.engine.runs import train_dataset
 
     split = _split()
     folder = tmp_path / "f30k_precomp"
@@ -608,9 +608,9 @@ def test_fit_vocab_is_a_no_op_for_given_vocabularies(tmp_path):
 
 
 def test_fitted_vocab_round_trips_through_checkpoints(tmp_path):
-    from cirlab.checkpoint import save_checkpoint
-    from cirlab.runs import model_from_checkpoint
-    from cirlab.train import _model_meta
+    from cirlab.core.checkpoint import save_checkpoint
+    from cirlab.engine.runs import model_from_checkpoint
+    from cirlab.engine.train import _model_meta
 
     model = _tiny("t2i")
     model.fit_vocab(CAPTIONS)

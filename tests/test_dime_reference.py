@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import cirlab
 from cirlab.models import dime as D
-from cirlab.registry import build_config
+from cirlab.models.registry import build_config
 from test_dime import _randomise_routers  # tests/ is on sys.path (as for stub_models)
 
 # different lengths: one truncated at max_words (16 for tiny), one of three tokens ([CLS] kids [SEP])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cirlab.data import emoji
+from cirlab.data.generators import emoji
 from cirlab.data.base import DataError, load_cir
 
 TONE_KEYS = ("1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF")

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import cirlab
-from cirlab.evaluate import collect_routes, encode_dataset, evaluate_cir, evaluate_itm, score_itm
-from cirlab.topk import load_topk
+from cirlab.engine.evaluate import collect_routes, encode_dataset, evaluate_cir, evaluate_itm, score_itm
+from cirlab.core.topk import load_topk
 import stub_models  # noqa: F401 - registers stub_cir / stub_itm
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    from cirlab.data import synthetic
+    from cirlab.data.generators import synthetic
 
     root = tmp_path_factory.mktemp("synth")
     synthetic.generate(root, seed=0, size="tiny", image_size=32)
@@ -154,7 +154,7 @@ def test_coco_protocols_score_folds_only_and_report_both(synth):
 
 
 def test_coco_protocols_apply_to_the_test_split_only():
-    from cirlab.runs import itm_protocol
+    from cirlab.engine.runs import itm_protocol
 
     config = {"dataset": {"name": "coco", "test_split": "testall"}, "eval": {"protocol": None}}
     assert itm_protocol(config, "testall") == "coco" and itm_protocol(config, "dev") == "full"
@@ -200,7 +200,7 @@ def test_encode_dataset_keeps_order():
 
 
 def test_gathered_shards_reassemble_in_dataset_order():
-    from cirlab.evaluate import _interleave
+    from cirlab.engine.evaluate import _interleave
 
     n, world = 7, 3
     items = torch.arange(n, dtype=torch.float32)[:, None]

@@ -1,4 +1,4 @@
-"""cirlab.metrics against the naive per-query loops (tests/naive_metrics.py) on random, tied and edge inputs."""
+"""cirlab.core.metrics against the naive per-query loops (tests/naive_metrics.py) on random, tied and edge inputs."""
 from __future__ import annotations
 
 import doctest
@@ -279,7 +279,7 @@ def test_coco_5k_in_bounded_memory():
     """A 5,000 x 25,000 float32 matrix (500 MB) is evaluated with O(chunk) extra memory, not another full copy."""
     script = textwrap.dedent("""
         import json, resource, torch
-        from cirlab.metrics import coco_5k_metrics
+        from cirlab.core.metrics import coco_5k_metrics
         torch.manual_seed(0)
         n = 5000
         sims = torch.empty(n, 5 * n)

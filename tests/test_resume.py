@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cirlab
-from cirlab.train import TrainConfig, train
+from cirlab.engine.train import TrainConfig, train
 from stub_models import TripletItems
 
 

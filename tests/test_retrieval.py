@@ -1,4 +1,4 @@
-"""cirlab.retrieval: chunked top-K equals a full stable sort, re-ranking helpers, top-K/CIRR files, feature cache."""
+"""cirlab.core.retrieval: chunked top-K equals a full stable sort, re-ranking helpers, top-K/CIRR files, feature cache."""
 from __future__ import annotations
 
 import doctest
@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from cirlab import metrics as M
 from cirlab import retrieval as R
-from cirlab.topk import load_topk, save_topk
+from cirlab.core.topk import load_topk, save_topk
 
 try:
     import naive_metrics as N
@@ -183,7 +183,7 @@ def test_encode_corpus_cache_hit_and_changed_key(tmp_path, caplog):
     loader = DataLoader(_items(), batch_size=4)
     key = R.cache_key("ckpt-abc", "synthetic", "val", 10, "encode_target")
     enc = Counter()
-    with caplog.at_level(logging.INFO, logger="cirlab.retrieval"):
+    with caplog.at_level(logging.INFO, logger="cirlab.core.retrieval"):
         first = R.encode_corpus(enc, loader, cache_dir=tmp_path, cache_key=key, progress=False)
         assert enc.batches == 3 and "miss" in caplog.text
         caplog.clear()
@@ -200,7 +200,7 @@ def test_encode_corpus_recomputes_a_corrupt_cache(tmp_path, caplog):
     key = R.cache_key("x")
     (tmp_path / f"{key}.pt").write_bytes(b"not a torch file")
     enc = Counter()
-    with caplog.at_level(logging.WARNING, logger="cirlab.retrieval"):
+    with caplog.at_level(logging.WARNING, logger="cirlab.core.retrieval"):
         feats = R.encode_corpus(enc, DataLoader(_items(3), batch_size=2), cache_dir=tmp_path, cache_key=key,
                                 progress=False)
     assert enc.batches == 2 and "unreadable" in caplog.text and feats.shape == (3, 3)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cirlab.data import _scenes as sc
-from cirlab.data import synthetic
+from cirlab.data.generators import _scenes as sc
+from cirlab.data.generators import synthetic
 from cirlab.data.base import load_cir
 from cirlab.data.precomp import load_precomp
 

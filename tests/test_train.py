@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cirlab
-from cirlab.train import (EMA, ResumableSampler, TrainConfig, group_ids, learning_rate, resolve_train_config,
+from cirlab.engine.train import (EMA, ResumableSampler, TrainConfig, group_ids, learning_rate, resolve_train_config,
                           schedule_factor, train)
 from stub_models import TripletItems  # registers stub_cir / stub_itm
 
@@ -144,7 +144,7 @@ def test_selection_on_named_split_and_paper_mode(tmp_path, caplog):
     assert result["best_epoch"] == 0 and result["best_score"] == 5.0 and result["selection_split"] == "val"
 
     scores = iter([{"val": {"R@1": 5.0}, "test": {"R@1": 1.0}}, {"val": {"R@1": 3.0}, "test": {"R@1": 9.0}}])
-    with caplog.at_level(logging.WARNING, logger="cirlab.train"):
+    with caplog.at_level(logging.WARNING, logger="cirlab.engine.train"):
         result = train(_model(), TripletItems(16), _cfg(epochs=2, selection="paper", selection_metric="R@1"),
                        output_dir=tmp_path / "p", evaluate_fn=lambda m: next(scores))
     assert result["best_epoch"] == 1 and result["best_score"] == 9.0

@@ -1,4 +1,4 @@
-"""cirlab.viz plots and the cirlab.analysis numbers behind them, on small known inputs."""
+"""cirlab.workbench.viz plots and the cirlab.workbench.analysis numbers behind them, on small known inputs."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from cirlab import analysis, viz
-from cirlab.topk import TopK
+from cirlab.core.topk import TopK
 
 matplotlib = pytest.importorskip("matplotlib")
 from matplotlib.figure import Figure  # noqa: E402

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cirlab.topk import TopK
-from cirlab.widgets import RouterExplorer, plot_query_view
+from cirlab.core.topk import TopK
+from cirlab.workbench.widgets import RouterExplorer, plot_query_view
 
 pytest.importorskip("ipywidgets")
 

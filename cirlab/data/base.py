@@ -338,12 +338,12 @@ def load_cir(name: str, root: str | os.PathLike | None = None, split: str = "tra
 
     Args:
         name: "fashioniq" | "shoes" | "cirr".
-        root: dataset root; None = ``$CIRLAB_DATA/<name>`` (see :func:`cirlab.paths.resolve_root`).
+        root: dataset root; None = ``$CIRLAB_DATA/<name>`` (see :func:`cirlab.core.paths.resolve_root`).
         split: split name ("train", "val", "test"; CIRR "test1").
         category: Fashion-IQ category (None = all categories concatenated); ignored by Shoes and CIRR.
         **kw: dataset options (Fashion-IQ ``protocol``/``gallery``/``captions``, Shoes ``pairs``).
     """
-    from cirlab.paths import resolve_root
+    from cirlab.core.paths import resolve_root
 
     key = canonical_name(name)
     if key not in _CIR_LOADERS:

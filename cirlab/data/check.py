@@ -33,7 +33,7 @@ def check_dataset(name: str, root: str | os.PathLike | None = None, *, verify_im
     Returns:
         a ``list[Problem]`` whose ``stats`` attribute counts what was walked (splits, triplets, images, captions).
     """
-    from cirlab.paths import resolve_root
+    from cirlab.core.paths import resolve_root
 
     key = canonical_name(name)
     if key not in DATASETS:

@@ -14,7 +14,7 @@ from typing import Sequence
 logger = logging.getLogger(__name__)
 
 # modules that contribute their own subcommand through register_cli(subparsers)
-_PLUGINS = ("cirlab.data.synthetic", "cirlab.data.emoji")
+_PLUGINS = ("cirlab.data.generators.synthetic", "cirlab.data.generators.emoji")
 
 
 def _run_check(args: argparse.Namespace) -> int:

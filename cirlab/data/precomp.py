@@ -238,7 +238,7 @@ def load_precomp(root: str | Path | None, name: str, split: str, *, max_captions
         regions, dim: expected feature shape ``[N, regions, dim]``; None accepts any size on that axis.
         sink: problem collector (default strict: raise the first problem as DataError).
     """
-    from cirlab.paths import resolve_root
+    from cirlab.core.paths import resolve_root
 
     sink = sink or ProblemCollector(strict=True)
     folder = precomp_dir(resolve_root(root), name)

@@ -1,1 +1,1 @@
-"""Paper models, one file each. Importing a model module registers it (see cirlab.registry)."""
+"""Paper models, one file each. Importing a model module registers it (see :mod:`cirlab.models.registry`)."""

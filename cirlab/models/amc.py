@@ -50,9 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cirlab import tracing
-from cirlab.config import PresetMixin
-from cirlab.registry import register_model
+from cirlab.core import tracing
+from cirlab.core.config import PresetMixin
+from cirlab.models.registry import register_model
 
 logger = logging.getLogger(__name__)
 
@@ -586,7 +586,7 @@ class AMC(nn.Module):
         return amc_losses(layers, target, self.config)
 
     def default_train_config(self) -> dict[str, Any]:
-        """The paper's optimisation (``train.py`` defaults + ``shell/IQ.sh``), in cirlab.train's field names.
+        """The paper's optimisation (``train.py`` defaults + ``shell/IQ.sh``), in cirlab.engine.train's field names.
 
         ``ema_mode="standard"`` evaluates and saves the EMA weights and then restores the live ones; the original
         code instead copies the EMA weights into the model at every epoch end and never restores them

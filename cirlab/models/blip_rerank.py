@@ -55,9 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cirlab.config import PresetMixin
+from cirlab.core.config import PresetMixin
 from cirlab.models import _hf_blip as hf
-from cirlab.registry import register_model
+from cirlab.models.registry import register_model
 
 logger = logging.getLogger(__name__)
 
@@ -544,7 +544,7 @@ def cache_image_tokens(model: BlipRerankStage1 | BlipRerankStage2, split: Any, p
     Args:
         model: stage I or II (its frozen ViT is used).
         split: a :class:`cirlab.data.base.CIRSplit`.
-        path: cache stem; None = ``cirlab.paths.cache_dir() / "blip_rerank" / "<dataset>_<split>_<fingerprint>"``.
+        path: cache stem; None = ``cirlab.core.paths.cache_dir() / "blip_rerank" / "<dataset>_<split>_<fingerprint>"``.
         transform: image transform; None = the model's (TargetPad 1.25, C.3).
         batch_size: images per ViT pass.
         dtype: storage dtype ("float32" exact, "float16" halves the disk size).
@@ -555,7 +555,7 @@ def cache_image_tokens(model: BlipRerankStage1 | BlipRerankStage2, split: Any, p
     fingerprint = vision_fingerprint(stage1)
     names = _split_image_names(split)
     if path is None:
-        from cirlab.paths import cache_dir
+        from cirlab.core.paths import cache_dir
 
         cat = f"_{split.category}" if getattr(split, "category", None) else ""
         path = cache_dir() / "blip_rerank" / f"{split.dataset}_{split.split}{cat}_{fingerprint}"
@@ -660,14 +660,14 @@ def _meta(split: Any, stage: str, k: int, model: nn.Module) -> dict[str, Any]:
 
 def stage1_topk(model: BlipRerankStage1, split: Any, store: TokenStore, k: int = 200, batch_size: int = 64,
                 scores: torch.Tensor | None = None) -> Any:
-    """Stage I's top-K file (K = 200 in the paper) in cirlab's :class:`~cirlab.topk.TopK` format.
+    """Stage I's top-K file (K = 200 in the paper) in cirlab's :class:`~cirlab.core.topk.TopK` format.
 
     The reference is removed before truncating to K when the protocol removes it (CIRR); ``target_rank`` is the
-    target's 1-based rank in the full ranking (stable ties, :func:`cirlab.metrics.target_ranks`), 0 when the split
+    target's 1-based rank in the full ranking (stable ties, :func:`cirlab.core.metrics.target_ranks`), 0 when the split
     has no targets (CIRR test1).
     """
-    from cirlab import metrics
-    from cirlab.topk import TopK
+    from cirlab.core import metrics
+    from cirlab.core.topk import TopK
 
     s = stage1_scores(model, split, store, batch_size) if scores is None else scores
     target, ref = _targets_and_refs(split)
@@ -687,13 +687,13 @@ def stage1_topk(model: BlipRerankStage1, split: Any, store: TokenStore, k: int =
 @torch.no_grad()
 def rerank_topk(model: BlipRerankStage2, split: Any, stage1: Any, store: TokenStore, k: int | None = None,
                 skip_misses: bool = True, batch_size: int = 8) -> Any:
-    """Re-rank the first ``k`` candidates of a stage-I :class:`~cirlab.topk.TopK` with stage II.
+    """Re-rank the first ``k`` candidates of a stage-I :class:`~cirlab.core.topk.TopK` with stage II.
 
     A target among the K candidates gets its re-ranked position as ``target_rank``; otherwise the stage-I rank
     (> K) is kept, so the query stays a miss with all N queries as denominator (A.8). With ``skip_misses`` such
     queries are not scored (the original's shortcut; identical recalls); without targets nothing is skipped.
     """
-    from cirlab.topk import TopK
+    from cirlab.core.topk import TopK
 
     k = min(k or model.config.k, stage1.k)
     if list(stage1.query_ids) != [str(t.query_id) for t in split.triplets]:
@@ -727,7 +727,7 @@ def stage2_subset_scores(model: BlipRerankStage2, split: Any, store: TokenStore,
     """CIRR: stage-II scores of every query's ``img_set`` members, scattered into a [Q, G] matrix (others very low).
 
     The subset metric re-scores the members independently of K (A.8); feed the matrix to
-    :func:`cirlab.metrics.cirr_subset_ranks`.
+    :func:`cirlab.core.metrics.cirr_subset_ranks`.
     """
     members = split.member_indices()
     width = max(len(m) for m in members)
@@ -762,8 +762,8 @@ def subset_top3(scores: torch.Tensor, split: Any) -> list[list[str]]:
 def write_cirr_submission(topk: Any, subset_names: Sequence[Sequence[str]], output_dir: str | os.PathLike,
                           name: str) -> tuple[Path, Path]:
     """``recall_submission_<name>.json`` (top-50, reference removed) and ``recall_subset_submission_<name>.json``
-    (top-3 of the set), via :func:`cirlab.metrics.cirr_submission`; ``json.dump(sort_keys=True)`` as C.6."""
-    from cirlab.metrics import cirr_submission
+    (top-3 of the set), via :func:`cirlab.core.metrics.cirr_submission`; ``json.dump(sort_keys=True)`` as C.6."""
+    from cirlab.core.metrics import cirr_submission
 
     if topk.k < 50:
         raise ValueError(f"CIRR submission needs the top-50 per query, the top-K file holds {topk.k}")

@@ -53,9 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cirlab import tracing
-from cirlab.config import PresetMixin
-from cirlab.registry import register_model
+from cirlab.core import tracing
+from cirlab.core.config import PresetMixin
+from cirlab.models.registry import register_model
 
 logger = logging.getLogger(__name__)
 

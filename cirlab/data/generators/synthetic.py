@@ -2,7 +2,7 @@
 
 Zero network, deterministic by seed (same seed -> byte-identical files), the default size in seconds on 2 cores::
 
-    from cirlab.data import synthetic
+    from cirlab.data.generators import synthetic
     info = synthetic.generate("data/synthetic", seed=0, size="default")
     split = cirlab.data.load_cir("fashioniq", info["fashioniq"]["root"], "val", category="dress")
 
@@ -56,8 +56,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from cirlab.data import _scenes as sc
-from cirlab.data._scenes import Edit, Scene, SceneSpec
+from cirlab.data.generators import _scenes as sc
+from cirlab.data.generators._scenes import Edit, Scene, SceneSpec
 
 logger = logging.getLogger(__name__)
 
@@ -528,9 +528,9 @@ def ensure(out_root: str | os.PathLike | None = None, *, seed: int = 0, size: st
            layouts: Sequence[str] = LAYOUTS, image_size: int = 64) -> Path:
     """The synthetic data root, generated only when missing or written with other settings.
 
-    ``out_root`` defaults to ``cirlab.paths.cache_dir() / "synthetic" / f"{size}-seed{seed}-{image_size}px"``.
+    ``out_root`` defaults to ``cirlab.core.paths.cache_dir() / "synthetic" / f"{size}-seed{seed}-{image_size}px"``.
     """
-    from cirlab.paths import cache_dir
+    from cirlab.core.paths import cache_dir
 
     out = Path(out_root) if out_root else cache_dir() / "synthetic" / f"{size}-seed{seed}-{image_size}px"
     try:
@@ -651,7 +651,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         description="Render shape scenes and write them in the real Fashion-IQ, CIRR, Shoes and Flickr30K precomp "
                     "layouts. No network; the same seed writes byte-identical files.")
     p.add_argument("--out", default=None,
-                   help="destination folder (default: $CIRLAB_DATA/synthetic, i.e. cirlab.paths.data_root())")
+                   help="destination folder (default: $CIRLAB_DATA/synthetic, i.e. cirlab.core.paths.data_root())")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--size", choices=sorted(SIZES), default="default",
                    help="how much to write: tiny (tests), small, default (CPU demo; the default)")
@@ -665,7 +665,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    from cirlab.paths import resolve_root
+    from cirlab.core.paths import resolve_root
 
     out = resolve_root(args.out, "synthetic")
     start = time.perf_counter()

@@ -5,9 +5,9 @@ global figure state leaks between calls and nothing needs a display: the same ca
 papermill run, in a test and in Jupyter (where ``%matplotlib inline`` renders a returned figure).
 :func:`save_figure` writes PNG and SVG.
 
-Inputs are plain data: a route-trace frame (``cirlab.tracing.RouteTrace.to_frame()``), a frame from
-:func:`cirlab.analysis.align_ranks`, metric dicts, a ``log.jsonl``. The computations behind the plots live
-in :mod:`cirlab.analysis` and are tested there.
+Inputs are plain data: a route-trace frame (``cirlab.core.tracing.RouteTrace.to_frame()``), a frame from
+:func:`cirlab.workbench.analysis.align_ranks`, metric dicts, a ``log.jsonl``. The computations behind the plots live
+in :mod:`cirlab.workbench.analysis` and are tested there.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from cirlab import analysis
+from cirlab.workbench import analysis
 
 logger = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ def plot_gate_entropy(frame: Any, layers: Sequence[str] | None = None) -> Any:
 
 def plot_path_matrices(frame: Any, title: str = "Mean path weight per layer (destination x source)") -> Any:
     """Per-layer path heatmaps (DIME): the mean ``[destination x source]`` weight matrix of each layer
-    (:func:`cirlab.analysis.flow_matrices`), values written in the cells.
+    (:func:`cirlab.workbench.analysis.flow_matrices`), values written in the cells.
 
     Each panel has its own colour scale: near-uniform routing (every weight close to 1/4) would otherwise
     look flat, and the differences between cells are what the panel is for.
@@ -431,7 +431,7 @@ def plot_path_space(frame: Any, color_by: str = "category", annotate: int = 0) -
 
 # --------------------------------------------------------------------------------------------- rank shift
 def plot_figure8(table: Any, title: str = "") -> Any:
-    """Figure 8 of the re-ranking paper from :func:`cirlab.analysis.rank_shift_table` (one bin per rank).
+    """Figure 8 of the re-ranking paper from :func:`cirlab.workbench.analysis.rank_shift_table` (one bin per rank).
 
     Top: average delta (rank before - rank after) per initial rank; bottom: number of queries (symlog).
     """
@@ -460,7 +460,7 @@ def plot_figure8(table: Any, title: str = "") -> Any:
 
 def plot_rank_shift(aligned: Any, k: int, bins: int | Sequence[int] | None = 20, title: str = "",
                     label_before: str = "before", label_after: str = "after") -> Any:
-    """Four panels comparing two rankings of the same queries (aligned by :func:`cirlab.analysis.align_ranks`).
+    """Four panels comparing two rankings of the same queries (aligned by :func:`cirlab.workbench.analysis.align_ranks`).
 
     (a) per-query target rank before vs after (log axes, diagonal = no change); (b) mean rank after per bin
     of the rank before, inside the candidate pool of size ``k``; (c) share of queries improved / unchanged /

@@ -4,12 +4,12 @@
 
     out = evaluate_cir(model, [load_cir("fashioniq", root, "val", category=c) for c in FIQ_CATEGORIES],
                        batch_size=64, device="cuda", topk_path="runs/amc/topk")
-    out["metrics"]        # {"dress_R@10": ..., "avg_R@10": ..., "avg": ...}  (cirlab.metrics keys)
+    out["metrics"]        # {"dress_R@10": ..., "avg_R@10": ..., "avg": ...}  (cirlab.core.metrics keys)
     out["ranks"]["val_dress"]   # 1-based target rank per query (0 = no ground truth)
 
     out = evaluate_itm(model, load_precomp(root, "coco", "testall"), protocol="coco1k")
 
-Protocols come from :mod:`cirlab.metrics` and the split itself: a :class:`~cirlab.data.CIRSplit` says whether its
+Protocols come from :mod:`cirlab.core.metrics` and the split itself: a :class:`~cirlab.data.CIRSplit` says whether its
 protocol removes the query's reference from the ranking (``exclude_reference``); Fashion-IQ is reported per
 category, Shoes as one set, CIRR with Recall_subset over the ``img_set`` members.
 
@@ -189,7 +189,7 @@ def _encode_gallery(model: Any, split: Any, gallery: Any, *, batch_size: int, de
     if cache_dir is None or _world()[1] > 1:
         return encode_dataset(lambda b: model.encode_target(b["image"]), gallery, batch_size=batch_size,
                               device=device, num_workers=num_workers)
-    from cirlab import retrieval
+    from cirlab.core import retrieval
 
     key = retrieval.cache_key(retrieval.state_dict_digest(model), split.dataset, split.root, split.split,
                               split.category, len(gallery), "encode_target")
@@ -200,7 +200,7 @@ def _encode_gallery(model: Any, split: Any, gallery: Any, *, batch_size: int, de
 
 def _ranks(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
     """1-based target ranks (0 where the target is unknown; G + 1 where it was removed with the reference)."""
-    from cirlab.metrics import target_ranks
+    from cirlab.core.metrics import target_ranks
 
     ranks = torch.zeros(len(target), dtype=torch.long)
     known = target >= 0
@@ -242,7 +242,7 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
         ``{"metrics": {...}, "ranks": {name: int64 array}, "query_ids": {name: list}, "topk_paths": [...]}``;
         ranks are 1-based over the full gallery, 0 where the split has no ground truth (CIRR test1).
     """
-    from cirlab import metrics as M
+    from cirlab.core import metrics as M
 
     splits = _as_split_dict(split_or_splits)
     protocol = _infer_protocol(splits, protocol)
@@ -296,8 +296,8 @@ def _pad_members(members: list[list[int]]) -> torch.Tensor:
 
 
 def _write_topk(per_split: dict[str, dict[str, Any]], path: Path, k: int, base: dict[str, Any]) -> list[str]:
-    from cirlab.retrieval import make_topk, topk_candidates
-    from cirlab.topk import TopK, save_topk
+    from cirlab.core.retrieval import make_topk, topk_candidates
+    from cirlab.core.topk import TopK, save_topk
 
     files: dict[str, TopK] = {}
     for name, v in per_split.items():
@@ -317,7 +317,7 @@ def _write_topk(per_split: dict[str, dict[str, Any]], path: Path, k: int, base: 
 
 
 def _merge_topk(parts: list[Any]) -> Any:
-    from cirlab.topk import TopK
+    from cirlab.core.topk import TopK
 
     if len(parts) == 1:
         return parts[0]
@@ -392,7 +392,7 @@ def evaluate_itm(model: Any, split: Any, protocol: str = "f30k", *, batch_size: 
         ``{"metrics": {...}, "i2t_ranks": [N] int64, "t2i_ranks": [5N] int64}`` (1-based; for coco1k within folds,
         for coco in the full matrix).
     """
-    from cirlab import metrics as M
+    from cirlab.core import metrics as M
 
     if protocol not in ITM_PROTOCOLS:
         raise ValueError(f"unknown ITM protocol {protocol!r}; known: {', '.join(ITM_PROTOCOLS)}")
@@ -432,7 +432,7 @@ def collect_routes(model: Any, split: Any, n: int | None = 200, *, batch_size: i
     image (one pair per call), with ``image_idx`` and ``caption_idx`` columns. ``seed`` picks a random subset
     instead of the first ``n``.
     """
-    from cirlab.tracing import trace_routes
+    from cirlab.core.tracing import trace_routes
 
     model.eval()
     total = len(split.triplets) if hasattr(split, "triplets") else len(split.captions)

@@ -1,13 +1,13 @@
 """Pure analysis helpers behind the notebooks' figures (numpy/pandas in, numbers and tidy frames out).
 
 Everything here is plain computation so that it is unit-tested without matplotlib and reused by
-:mod:`cirlab.viz`, :mod:`cirlab.widgets` and the notebooks:
+:mod:`cirlab.workbench.viz`, :mod:`cirlab.workbench.widgets` and the notebooks:
 
 * rank shift (the re-ranking paper's Figure 8, ``rerank_cala.md`` A.9): align two top-K files by query,
   bin the queries by their rank before, and summarise how far targets moved;
 * the candidate-pool ceiling: a re-ranker that only re-orders the stage-I top-K cannot find a target
   outside it, so stage I's Recall@K_pool bounds stage II's recall at every k;
-* router statistics from a route-trace frame (``cirlab.tracing.RouteTrace.to_frame``): per-query gate
+* router statistics from a route-trace frame (``cirlab.core.tracing.RouteTrace.to_frame``): per-query gate
   matrices, gate entropy, expert utilisation, DIME's mean cell-to-cell flows, path-space PCA;
 * run bookkeeping: reading ``log.jsonl`` and ``metrics.json`` files and tabulating several runs.
 """
@@ -33,7 +33,7 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------- rank shift
 def align_ranks(before: Any, after: Any) -> Any:
-    """Join two top-K files (``cirlab.topk.TopK``) by query id.
+    """Join two top-K files (``cirlab.core.topk.TopK``) by query id.
 
     Returns a frame with ``query_id, category, rank_before, rank_after`` (1-based, 0 = unknown), keeping
     only queries whose target rank is known in both files. Raises if the files share no query.

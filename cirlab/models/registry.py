@@ -3,7 +3,7 @@
 Usage::
 
     model = cirlab.create_model("amc", preset="tiny", embed_dim=64)
-    cirlab.list_models()            # ['amc', 'blip_rerank', 'dime', ...]
+    cirlab.list_models()            # ['amc', 'blip_rerank_stage1', 'blip_rerank_stage2', 'dime', ...]
     cirlab.list_presets("amc")      # ['fashioniq', 'lite', 'shoes', 'tiny']
 """
 from __future__ import annotations
@@ -39,12 +39,9 @@ def register_model(name: str, *, task: str, config_cls: type) -> Callable:
 
 
 def _load_all() -> None:
+    # every listed module must import: a typo or a broken model file is an error, never a silently missing model
     for module in _MODEL_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:  # a model file not written yet must not break the others
-            if err.name != module:
-                raise
+        importlib.import_module(module)
 
 
 def get_entry(name: str) -> ModelEntry:

@@ -14,7 +14,7 @@ A run config (``configs/*.yaml``) has five sections::
       test_split: test             # the split results are reported on (selection "paper" selects here)
       options: {}                  # loader options (e.g. Fashion-IQ protocol / gallery)
       synthetic: null              # {size: tiny, seed: 0}: generate the embedded synthetic data when root is ""
-    train: {}                      # cirlab.train.TrainConfig fields, over the model's paper defaults
+    train: {}                      # cirlab.engine.train.TrainConfig fields, over the model's paper defaults
     eval:
       protocol: null               # null = the dataset's: CIR fashioniq | shoes | cirr; ITM full (f30k) |
                                    #   coco1k | coco5k | coco (both; COCO's default; testall only, dev is full)
@@ -137,8 +137,8 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
 
 def validate_config(config: dict[str, Any], source: str = "config") -> None:
     """Check names early (model, preset, train fields) so a typo fails before any data is read."""
-    from cirlab.registry import get_entry, list_presets
-    from cirlab.train import TrainConfig
+    from cirlab.models.registry import get_entry, list_presets
+    from cirlab.engine.train import TrainConfig
 
     if not config.get("model"):
         raise ConfigError(f"{source}: 'model' is required (one of cirlab.list_models())")
@@ -161,7 +161,7 @@ def validate_config(config: dict[str, Any], source: str = "config") -> None:
 def output_dir_of(config: dict[str, Any]) -> Path:
     if config.get("output_dir"):
         return Path(config["output_dir"]).expanduser()
-    from cirlab.paths import runs_dir
+    from cirlab.core.paths import runs_dir
 
     return runs_dir() / str(config.get("name") or config["model"])
 
@@ -180,7 +180,7 @@ def dataset_root(config: dict[str, Any]) -> Path | None:
         return Path(ds["root"]).expanduser()
     synth = ds.get("synthetic")
     if synth:
-        from cirlab.data import synthetic
+        from cirlab.data.generators import synthetic
 
         base = synthetic.ensure(synth.get("out"), seed=int(synth.get("seed", 0)), size=synth.get("size", "tiny"),
                                 image_size=int(synth.get("image_size", 64)))
@@ -235,7 +235,7 @@ def train_dataset(config: dict[str, Any], model: Any) -> Any:
 
 
 def build_model(config: dict[str, Any]) -> Any:
-    from cirlab.registry import create_model
+    from cirlab.models.registry import create_model
 
     return create_model(config["model"], config.get("preset"), **dict(config.get("model_overrides") or {}))
 
@@ -244,7 +244,7 @@ def build_seeded_model(config: dict[str, Any]) -> Any:
     """:func:`build_model` with the initial weights drawn under the run's seed (``train.seed``, else the model's
     own default seed, e.g. AMC's 300, else 0), so one config gives one run; the trainer re-seeds with the same
     seed for the data order and augmentations."""
-    from cirlab.train import seed_everything
+    from cirlab.engine.train import seed_everything
 
     train_section = dict(config.get("train") or {})
     seed = int(train_section.get("seed", 0))
@@ -282,8 +282,8 @@ def fit_to_training_data(model: Any, config: dict[str, Any]) -> None:
 def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, preset: str | None = None,
                           trust_pickle: bool = False) -> tuple[Any, dict[str, Any]]:
     """Rebuild the model a checkpoint was trained with (its saved name + config) and load its weights."""
-    from cirlab.checkpoint import CheckpointError, load_checkpoint, model_state_dict
-    from cirlab.registry import create_model, get_entry
+    from cirlab.core.checkpoint import CheckpointError, load_checkpoint, model_state_dict
+    from cirlab.models.registry import create_model, get_entry
 
     ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
     meta = ckpt if isinstance(ckpt, dict) else {}
@@ -343,7 +343,7 @@ def reported_metric_names(config: dict[str, Any], loaded: Any, split: str | None
     from the protocol's own metric function on placeholder ranks; None when that cannot be known up front."""
     import torch
 
-    from cirlab import metrics as M
+    from cirlab.core import metrics as M
 
     if is_precomp(config):
         protocol = itm_protocol(config, split)
@@ -392,7 +392,7 @@ def evaluate_split(model: Any, config: dict[str, Any], split: str, *, device: An
 
     ``loaded`` is the split as :func:`load_split` returned it (saves re-reading the files every epoch).
     """
-    from cirlab.evaluate import evaluate_cir, evaluate_itm
+    from cirlab.engine.evaluate import evaluate_cir, evaluate_itm
 
     ev = config["eval"]
     loaded = load_split(config, split) if loaded is None else loaded
@@ -437,8 +437,8 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     Writes ``config.yaml``, ``checkpoints/{last,best}.pt``, ``log.jsonl``, ``tb/``, ``metrics.json`` and
     ``topk/<split>[_<category>].topk.npz`` (CIR). Returns the contents of ``metrics.json``.
     """
-    from cirlab.checkpoint import load_model_weights
-    from cirlab.train import resolve_train_config, train
+    from cirlab.core.checkpoint import load_model_weights
+    from cirlab.engine.train import resolve_train_config, train
 
     out = Path(output_dir) if output_dir else output_dir_of(config)
     _prepare_data(config)
@@ -489,7 +489,7 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
 
 def _prepare_data(config: dict[str, Any]) -> None:
     """Under torchrun, rank 0 generates on-demand synthetic data first; the others wait, then find it."""
-    from cirlab.train import init_distributed
+    from cirlab.engine.train import init_distributed
 
     dist_info = init_distributed()
     if dist_info.world_size == 1:

@@ -1,8 +1,8 @@
 """Notebook recipes: the few multi-step calls the notebooks share (train a run, load it, evaluate it, trace it).
 
-Notebooks stay thin (aesthetics rule 22): each cell calls one function here, in :mod:`cirlab.viz` or in
-:mod:`cirlab.analysis`. The functions compose the engine's parts (``cirlab.registry``, ``cirlab.data``,
-``cirlab.train``, ``cirlab.retrieval``, ``cirlab.metrics``, ``cirlab.tracing``) in the documented contracts and
+Notebooks stay thin (aesthetics rule 22): each cell calls one function here, in :mod:`cirlab.workbench.viz` or in
+:mod:`cirlab.workbench.analysis`. The functions compose the engine's parts (``cirlab.models.registry``, ``cirlab.data``,
+``cirlab.engine.train``, ``cirlab.core.retrieval``, ``cirlab.core.metrics``, ``cirlab.core.tracing``) in the documented contracts and
 add no logic of their own beyond bookkeeping. CIR datasets (Fashion-IQ / Shoes / CIRR layouts) and ITM precomp
 datasets (``f30k`` / ``coco``: ``<data_root>/precomp/<name>_precomp/``), including the synthetic data written in them.
 """
@@ -22,7 +22,7 @@ __all__ = ["cir_splits", "is_precomp", "precomp_root", "precomp_split", "run_con
            "worst_queries", "load_topk_files", "write_outputs", "ensure_synthetic", "dataset_root"]
 
 FIQ_CATEGORIES = ("dress", "shirt", "toptee")
-PRECOMP = ("f30k", "coco")  # ITM datasets in the precomp layout (cirlab.runs.PRECOMP)
+PRECOMP = ("f30k", "coco")  # ITM datasets in the precomp layout (cirlab.engine.runs.PRECOMP)
 
 
 def is_precomp(dataset: str) -> bool:
@@ -59,8 +59,8 @@ def dataset_root(data_root: str | os.PathLike, dataset: str) -> Path:
 
 
 def ensure_synthetic(data_root: str | os.PathLike | None = None, size: str = "default", seed: int = 0) -> Path:
-    """The synthetic CIR/ITM data root (``cirlab.data.synthetic.ensure``: generated only when missing)."""
-    from cirlab.data import synthetic
+    """The synthetic CIR/ITM data root (``cirlab.data.generators.synthetic.ensure``: generated only when missing)."""
+    from cirlab.data.generators import synthetic
 
     if data_root and (Path(data_root) / synthetic.MANIFEST).is_file():
         return Path(data_root)  # complete data given by the caller (e.g. cirlab report's cached set): use as is
@@ -87,7 +87,7 @@ def run_config(model: str, preset: str, dataset: str, data_root: str | os.PathLi
                *, epochs: int = 1, max_steps: int = 0, batch_size: int = 0, lr: float = 0.0, device: str = "cpu",
                seed: int = 0, resume: str = "", eval_split: str = "val", log_every: int = 10,
                settings: Sequence[str] = ()) -> dict[str, Any]:
-    """The ``cirlab train`` config (``cirlab.runs`` schema) for the notebook parameters.
+    """The ``cirlab train`` config (``cirlab.engine.runs`` schema) for the notebook parameters.
 
     ``settings`` are ``section.key=value`` overrides applied last, exactly as ``cirlab train --set`` applies them
     (e.g. ``["train.lr=1e-3", "model_overrides.image_size=32"]``).
@@ -96,7 +96,7 @@ def run_config(model: str, preset: str, dataset: str, data_root: str | os.PathLi
     (f30k/coco) read ``<data_root>/precomp``, validate on ``dev`` (for ``eval_split="val"``) and set the model's
     ``img_dim`` to the features' size when the model has one (the tiny preset's 64 would not fit 2048-d features).
     """
-    from cirlab.runs import DEFAULTS, _merge, apply_overrides, parse_set
+    from cirlab.engine.runs import DEFAULTS, _merge, apply_overrides, parse_set
 
     train: dict[str, Any] = {"epochs": epochs, "device": device, "seed": seed, "log_every": log_every,
                              "progress": "log", "selection": "val"}
@@ -121,7 +121,7 @@ def run_config(model: str, preset: str, dataset: str, data_root: str | os.PathLi
 def _has_field(model: str, field: str) -> bool:
     import dataclasses
 
-    from cirlab.registry import get_entry
+    from cirlab.models.registry import get_entry
 
     cls = get_entry(model).config_cls
     return dataclasses.is_dataclass(cls) and field in {f.name for f in dataclasses.fields(cls)}
@@ -129,14 +129,14 @@ def _has_field(model: str, field: str) -> bool:
 
 def train_run(model: str, preset: str, dataset: str, data_root: str | os.PathLike, output_dir: str | os.PathLike,
               **options: Any) -> dict[str, Any]:
-    """Train a registered model through the same path as ``cirlab train`` (:func:`cirlab.runs.run_experiment`).
+    """Train a registered model through the same path as ``cirlab train`` (:func:`cirlab.engine.runs.run_experiment`).
 
     ``options`` are :func:`run_config`'s. Returns the run's ``metrics.json`` contents plus ``best_score``,
     ``best_epoch`` and ``run_config`` (the resolved config, with ``model_config``).
     """
     import yaml
 
-    from cirlab.runs import run_experiment, validate_config
+    from cirlab.engine.runs import run_experiment, validate_config
 
     config = run_config(model, preset, dataset, data_root, output_dir, **options)
     validate_config(config, "notebook parameters")
@@ -150,7 +150,7 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu", checkpoint: str = 
     """A run's model with ``checkpoints/<checkpoint>.pt`` loaded (falls back to ``last``), in eval mode."""
     import yaml
 
-    from cirlab.runs import model_from_checkpoint
+    from cirlab.engine.runs import model_from_checkpoint
 
     run = Path(run_dir)
     ckpt = run / "checkpoints" / f"{checkpoint}.pt"
@@ -169,8 +169,8 @@ def untrained_copy(run_dir: str | os.PathLike, dataset: str, data_root: str | os
     """A freshly initialised model with a run's exact config (and the same training vocabulary): a baseline."""
     import torch
 
-    from cirlab.registry import create_model
-    from cirlab.runs import DEFAULTS, _merge, fit_to_training_data
+    from cirlab.models.registry import create_model
+    from cirlab.engine.runs import DEFAULTS, _merge, fit_to_training_data
 
     trained = load_run(run_dir)
     torch.manual_seed(seed)
@@ -187,7 +187,7 @@ def evaluate_run(model: Any, dataset: str, data_root: str | os.PathLike, split: 
                  name: str = "") -> tuple[dict[str, float], dict[str, Any]]:
     """Protocol metrics and the top-K lists per category, dispatched on ``model.task``.
 
-    CIR models: ``cirlab.evaluate.evaluate_cir``; top-K files go to ``topk_dir/<split>[_<category>].topk.npz`` when
+    CIR models: ``cirlab.engine.evaluate.evaluate_cir``; top-K files go to ``topk_dir/<split>[_<category>].topk.npz`` when
     given (a temporary folder otherwise). ITM models on precomp data: :func:`evaluate_itm_run` (i2t/t2i R@1/5/10
     and rsum; no top-K files, so the dict is empty). Returns ``(metrics, {category: TopK})``.
     """
@@ -196,8 +196,8 @@ def evaluate_run(model: Any, dataset: str, data_root: str | os.PathLike, split: 
     if getattr(model, "task", "cir") == "itm":
         return evaluate_itm_run(model, dataset, data_root, split, device=device), {}
 
-    from cirlab.evaluate import evaluate_cir
-    from cirlab.topk import load_topk
+    from cirlab.engine.evaluate import evaluate_cir
+    from cirlab.core.topk import load_topk
 
     splits = cir_splits(dataset, data_root, split)
     named = {(f"{split}_{cat}" if dataset == "fashioniq" else split): sp for cat, sp in splits.items()}
@@ -215,10 +215,10 @@ def evaluate_run(model: Any, dataset: str, data_root: str | os.PathLike, split: 
 
 def evaluate_itm_run(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val",
                      device: str = "cpu", shard_size: int = 1000) -> dict[str, float]:
-    """ITM metrics (``cirlab.evaluate.evaluate_itm``) of a model on a precomp split: ``i2t_R@1/5/10``,
+    """ITM metrics (``cirlab.engine.evaluate.evaluate_itm``) of a model on a precomp split: ``i2t_R@1/5/10``,
     ``t2i_R@1/5/10`` and ``rsum``. ``"val"`` means the precomp ``dev`` split; coco is scored with the 5K protocol."""
     from cirlab.data import load_precomp
-    from cirlab.evaluate import evaluate_itm
+    from cirlab.engine.evaluate import evaluate_itm
 
     if not is_precomp(dataset):
         raise ValueError(f"evaluate_itm_run: {dataset!r} is not a precomp ITM dataset ({', '.join(PRECOMP)})")
@@ -238,7 +238,7 @@ def collect_routes(model: Any, dataset: str, data_root: str | os.PathLike, split
     """
     import pandas as pd
 
-    from cirlab.evaluate import collect_routes as trace_split
+    from cirlab.engine.evaluate import collect_routes as trace_split
 
     if getattr(model, "task", "cir") == "itm":
         from cirlab.data import load_precomp
@@ -259,11 +259,11 @@ def _trace_itm(model: Any, split: Any, n: int, device: str) -> Any:
     """Trace the first ``n`` captions, each scored with its own image; one model call per image (all of its
     captions at once: every pair in that call is a matching pair), query id = caption index.
 
-    Batched per image rather than per pair (``cirlab.evaluate.collect_routes``) because one call per pair costs
+    Batched per image rather than per pair (``cirlab.engine.evaluate.collect_routes``) because one call per pair costs
     the text encoder and routing cells once per caption and dominates the notebook's run time on CPU."""
     import torch
 
-    from cirlab.tracing import trace_routes
+    from cirlab.core.tracing import trace_routes
 
     model.eval()
     count = min(n, len(split.captions))
@@ -308,11 +308,11 @@ def _checked(frame: Any, model: Any) -> Any:
 
 def query_fn_for(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", k: int = 5,
                  device: str = "cpu") -> Any:
-    """``query_fn(query_id, text)`` for :class:`cirlab.widgets.RouterExplorer` over every category of a CIR split
+    """``query_fn(query_id, text)`` for :class:`cirlab.workbench.widgets.RouterExplorer` over every category of a CIR split
     (None for ITM models, whose explorer shows the traced paths only)."""
     if getattr(model, "task", "cir") != "cir":
         return None
-    from cirlab.widgets import make_query_fn
+    from cirlab.workbench.widgets import make_query_fn
 
     transform = model.image_transform(False)
     per_cat = {cat: make_query_fn(model, sp, transform, k=k, device=device)
@@ -334,7 +334,7 @@ def _main_layers(frame: Any) -> Any:
 
 def gallery_rows(topk: Any, split: Any, query_ids: Sequence[str] | None = None, k: int = 5,
                  n: int = 4) -> list[dict[str, Any]]:
-    """Rows for :func:`cirlab.viz.plot_retrieval_gallery` from a top-K file and its split (images from disk)."""
+    """Rows for :func:`cirlab.workbench.viz.plot_retrieval_gallery` from a top-K file and its split (images from disk)."""
     by_id = {t.query_id: t for t in split.triplets}
     row_of = {q: i for i, q in enumerate(topk.query_ids)}
     ids = list(query_ids) if query_ids is not None else list(topk.query_ids[:n])
@@ -363,7 +363,7 @@ def load_topk_files(path: str | os.PathLike) -> Any:
     """One top-K file, or every ``*.topk.npz`` in a folder concatenated (e.g. the Fashion-IQ categories)."""
     import numpy as np
 
-    from cirlab.topk import TopK, load_topk
+    from cirlab.core.topk import TopK, load_topk
 
     path = Path(path)
     if path.is_file():
@@ -383,8 +383,8 @@ def write_outputs(output_dir: str | os.PathLike, metrics: Mapping[str, Any], con
                   merge: bool = True) -> Path:
     """The notebook's result files: ``metrics.json`` (merged into one already there, e.g. the trainer's, when
     ``merge``) and its resolved ``config.json``."""
-    from cirlab.runs import _write_json
-    from cirlab.train import to_plain
+    from cirlab.engine.runs import _write_json
+    from cirlab.engine.train import to_plain
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

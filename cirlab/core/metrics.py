@@ -383,7 +383,7 @@ def cirr_submission(pair_ids: Sequence[int | str], ranked_names: Sequence[Sequen
     Each dict holds ``"version": "rc2"``, ``"metric"`` and ``str(int(pairid)) -> names``: the top-50 global
     predictions with the reference removed, and the top-3 of the non-reference set members, best first. Both are
     checked with :func:`validate_cirr_submission`. Build the name lists with
-    ``cirlab.retrieval.cirr_rankings`` and write them with ``cirlab.retrieval.save_cirr_submission``.
+    ``cirlab.core.retrieval.cirr_rankings`` and write them with ``cirlab.core.retrieval.save_cirr_submission``.
 
     Examples:
         >>> sub = cirr_submission([7], [[f"img{i}" for i in range(50)]], [["a", "b", "c"]])

@@ -5,7 +5,7 @@ The logic is plain Python so that it runs (and is tested) without a browser:
 * :func:`plot_query_view` draws one query's view as a matplotlib Figure: the gates of every router layer
   (traced gates as hollow bars, the gates for an edited text filled) and its top-K candidates;
 * :func:`make_query_fn` wraps a CIR model and a split into ``query_fn(query_id, text)`` that re-runs the model on
-  the query's reference image with any text, under :func:`cirlab.tracing.trace_routes`, and searches the gallery;
+  the query's reference image with any text, under :func:`cirlab.core.tracing.trace_routes`, and searches the gallery;
 * :class:`RouterExplorer` holds the traced routes and builds the ipywidgets UI (ipywidgets is imported only in
   :meth:`RouterExplorer.build`). Its observers are traitlets callbacks, so setting ``explorer.query.value`` or
   ``explorer.text.value`` from Python re-renders ``explorer.figure`` exactly as a click does.
@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from cirlab import analysis
+from cirlab.workbench import analysis
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def plot_query_view(routes: Any, edited: Any = None, candidate_ids: Sequence[str
     """
     from matplotlib.figure import Figure
 
-    from cirlab.viz import PALETTE, TARGET_COLOR, _image_axis
+    from cirlab.workbench.viz import PALETTE, TARGET_COLOR, _image_axis
 
     base = _gates_by_layer(routes)
     new = _gates_by_layer(edited)
@@ -131,7 +131,7 @@ def make_query_fn(model: Any, split: Any, transform: Any = None, gallery_feature
     """
     import torch
 
-    from cirlab.tracing import trace_routes
+    from cirlab.core.tracing import trace_routes
 
     queries = split.query_dataset(transform)
     index = {t.query_id: i for i, t in enumerate(split.triplets)}
@@ -166,10 +166,10 @@ class RouterExplorer:
     """Interactive view over traced routes (see the module docstring).
 
     Args:
-        routes: route frame of the traced queries (``RouteTrace.to_frame()`` or ``cirlab.evaluate.collect_routes``).
+        routes: route frame of the traced queries (``RouteTrace.to_frame()`` or ``cirlab.engine.evaluate.collect_routes``).
         texts: ``{query_id: text}`` the queries were traced with (the text box starts from it).
         query_fn: optional ``query_fn(query_id, text)`` (see :func:`make_query_fn`): enables editing the text.
-        topk: optional ``cirlab.topk.TopK`` with the traced queries' top-K (shown when no ``query_fn``).
+        topk: optional ``cirlab.core.topk.TopK`` with the traced queries' top-K (shown when no ``query_fn``).
         image_fn: optional ``image_fn(name) -> image`` to draw candidate thumbnails.
         k: how many candidates to show.
     """

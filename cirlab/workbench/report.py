@@ -41,7 +41,7 @@ from typing import Any, Mapping, Sequence, TextIO
 
 logger = logging.getLogger(__name__)
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 ORDER = ("train", "evaluate", "router_explorer", "rank_shift", "train_dime", "router_explorer_dime",
          "quickstart")  # dependency order
 DEPENDS: dict[str, tuple[str, ...]] = {"evaluate": ("train",), "router_explorer": ("train",),
@@ -181,8 +181,8 @@ def plan(only: str | None = None, out: Path | None = None, with_optional: bool =
 # --------------------------------------------------------------------------------------------- execution
 def ensure_synthetic_data(size: str = "default", seed: int = SYNTHETIC_SEED, root: str | os.PathLike | None = None,
                           stream: TextIO | None = None, layouts: Sequence[str] | None = None) -> Path:
-    """The embedded default data (``cirlab.data.synthetic.ensure``: generated into the cache on first use)."""
-    from cirlab.data import synthetic
+    """The embedded default data (``cirlab.data.generators.synthetic.ensure``: generated into the cache on first use)."""
+    from cirlab.data.generators import synthetic
 
     t0 = time.time()
     path = synthetic.ensure(root, seed=seed, size=size, **({"layouts": tuple(layouts)} if layouts else {}))
@@ -285,7 +285,7 @@ def _say(stream: TextIO | None, line: str) -> None:
 
 # --------------------------------------------------------------------------------------------- index.html
 def _metrics_html(path: Path) -> str:
-    from cirlab.analysis import flatten_metrics
+    from cirlab.workbench.analysis import flatten_metrics
 
     try:
         flat = flatten_metrics(json.loads(path.read_text()))
@@ -362,7 +362,7 @@ def _run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cirlab.report`` (same options as ``cirlab report``)."""
+    """``python -m cirlab.workbench.report`` (same options as ``cirlab report``)."""
     parser = argparse.ArgumentParser(prog="cirlab report")
     _add_arguments(parser)
     return _run_from_args(parser.parse_args(argv))

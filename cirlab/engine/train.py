@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cirlab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cirlab.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -1,15 +1,15 @@
 """Retrieval as small pure functions on tensors (aesthetics rule 10), plus corpus encoding with a feature cache.
 
 * :func:`similarity`, :func:`topk_search` (chunked over queries *and* gallery, bounded memory),
-  :func:`topk_candidates` (the same on a ready score matrix), :func:`target_ranks` (from :mod:`cirlab.metrics`).
+  :func:`topk_candidates` (the same on a ready score matrix), :func:`target_ranks` (from :mod:`cirlab.core.metrics`).
 * Re-ranking: :func:`fuse_scores`, :func:`reorder`, :func:`rerank` (score K candidates in batches),
   :func:`reranked_target_ranks`.
-* Files: :func:`make_topk` builds a :class:`cirlab.topk.TopK`; :func:`cirr_rankings` and
+* Files: :func:`make_topk` builds a :class:`cirlab.core.topk.TopK`; :func:`cirr_rankings` and
   :func:`save_cirr_submission` produce the CIRR test-server JSON (``rerank_cala.md`` C.6).
 * :func:`encode_corpus` is the only function that touches a DataLoader; its feature cache is keyed by
   :func:`cache_key` of (checkpoint digest, dataset name/split/size, encoder name).
 
-**Tie rule** (the same as :mod:`cirlab.metrics`): equal scores keep the lower gallery index first, as a stable sort of
+**Tie rule** (the same as :mod:`cirlab.core.metrics`): equal scores keep the lower gallery index first, as a stable sort of
 the descending scores does, so a top-K list and the rank of its target always agree. ``torch.topk`` alone does not
 promise this; :func:`topk_search` repairs the rows where a tie straddles the K-th place.
 """
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cirlab.metrics import cirr_submission, target_ranks, validate_cirr_submission
-from cirlab.topk import TopK
+from cirlab.core.metrics import cirr_submission, target_ranks, validate_cirr_submission
+from cirlab.core.topk import TopK
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def reranked_target_ranks(candidates: Tensor, target: Any, stage1_ranks: Any) ->
 def make_topk(scores: Tensor, indices: Tensor, *, query_ids: Sequence[Any], gallery_ids: Sequence[str],
               target: Any = None, ranks: Any = None, category: Sequence[str] | None = None,
               meta: Mapping[str, Any] | None = None) -> TopK:
-    """Build a :class:`cirlab.topk.TopK` from search results.
+    """Build a :class:`cirlab.core.topk.TopK` from search results.
 
     Args:
         scores: [Q, K] scores, best first.
@@ -351,7 +351,7 @@ def save_cirr_submission(submission: Mapping[str, Mapping[str, Any]], out_dir: s
                          name: str) -> tuple[Path, Path]:
     """Write ``recall_submission_<name>.json`` and ``recall_subset_submission_<name>.json`` (C.6) atomically.
 
-    ``submission`` is :func:`cirlab.metrics.cirr_submission`'s output; both dicts are validated first and written
+    ``submission`` is :func:`cirlab.core.metrics.cirr_submission`'s output; both dicts are validated first and written
     with ``sort_keys=True`` as the reference scripts do.
     """
     out_dir = Path(out_dir)
@@ -415,7 +415,7 @@ def _cache_file(cache_dir: str | os.PathLike | None, key: str | None) -> Path | 
             raise ValueError("encode_corpus: cache_dir given without cache_key; build one with cache_key(...)")
         return None
     if cache_dir is None:
-        from cirlab.paths import cache_dir as default_cache_dir
+        from cirlab.core.paths import cache_dir as default_cache_dir
 
         cache_dir = default_cache_dir() / "features"
     return Path(cache_dir) / f"{key}.pt"
@@ -486,7 +486,7 @@ def encode_corpus(encode_fn: Callable[[Any], Tensor], loader: Iterable, *, devic
     """Encode every batch of ``loader`` with ``encode_fn(batch[key])``; features come back on the CPU.
 
     With ``cache_key`` (build it with :func:`cache_key` from the checkpoint digest, dataset name/split/size and
-    encoder name) the result is stored in ``cache_dir`` (default ``cirlab.paths.cache_dir()/features``), written
+    encoder name) the result is stored in ``cache_dir`` (default ``cirlab.core.paths.cache_dir()/features``), written
     atomically, and loaded instead of recomputed while the key matches. Hits and misses are logged.
 
     Args:
