@@ -33,7 +33,7 @@ import torch
 
 import cirlab
 from cirlab.data import load_cir
-from cirlab.engine.evaluate import collect_routes, evaluate_cir
+from cirlab.engine.evaluate import evaluate_cir, trace_split
 from cirlab.engine.train import train
 
 logger = logging.getLogger("amc_synthetic")
@@ -127,7 +127,7 @@ def evaluate(model: Any, splits: list[Any]) -> dict[str, float]:
 def routes(model: Any, splits: list[Any]) -> Any:
     import pandas as pd
 
-    return pd.concat([collect_routes(model, s, n=None, batch_size=128) for s in splits], ignore_index=True)
+    return pd.concat([trace_split(model, s, n=None, batch_size=128) for s in splits], ignore_index=True)
 
 
 def run_variant(setup: Setup, ablation: str, train_split: Any, val: list[Any], test: list[Any],

@@ -134,22 +134,22 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, Any]:
-    from cirlab.engine.runs import DEFAULTS, _merge, apply_overrides, parse_set
+    from cirlab.engine.runs import apply_overrides, merge_config, parse_set, with_defaults
 
     config_path = Path(args.config) if args.config else (run_dir / "config.yaml" if run_dir else None)
     if config_path is not None and config_path.is_file():
         import yaml
 
-        config = _merge(DEFAULTS, yaml.safe_load(config_path.read_text()) or {})
+        config = with_defaults(yaml.safe_load(config_path.read_text()) or {})
     else:
-        config = _merge(DEFAULTS, {})
+        config = with_defaults({})
     cli = {"dataset": {k: v for k, v in (("name", args.dataset), ("root", args.root),
                                          ("category", args.category)) if v is not None},
            "eval": {k: v for k, v in (("protocol", args.protocol), ("k", args.k), ("batch_size", args.batch_size),
                                       ("splits", args.split)) if v is not None}}
     if args.dataset and not args.root and not args.config:
         config["dataset"]["synthetic"] = None
-    config = _merge(config, cli)
+    config = merge_config(config, cli)
     config = apply_overrides(config, parse_set(args.overrides))
     if not config["dataset"].get("name"):
         raise SystemExit("cirlab eval: no dataset: pass --dataset (or --config, or a run folder)")

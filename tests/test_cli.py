@@ -268,7 +268,7 @@ def test_ensembles_need_members_of_one_paper_model():
     from cirlab.engine.runs import make_ensemble
 
     amc = cirlab.create_model("amc", "tiny")
-    with pytest.raises(ConfigError, match="AMC or DIME"):
+    with pytest.raises(ConfigError, match="one model kind"):
         make_ensemble([amc, cirlab.create_model("stub_cir", "tiny")])
     with pytest.raises(ConfigError, match="image transform/size"):
         make_ensemble([amc, cirlab.create_model("amc", "tiny", image_size=32)])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cirlab
-from cirlab.engine.evaluate import collect_routes, encode_dataset, evaluate_cir, evaluate_itm, score_itm
+from cirlab.engine.evaluate import encode_dataset, evaluate_cir, evaluate_itm, score_itm, trace_split
 from cirlab.core.topk import load_topk
 import stub_models  # noqa: F401 - registers stub_cir / stub_itm
 
@@ -168,7 +168,7 @@ def test_collect_routes_frame(synth):
     from cirlab.data import load_cir
 
     split = load_cir("fashioniq", synth / "fashioniq", "val", category="dress")
-    frame = collect_routes(_cir_model(), split, n=9, batch_size=4)
+    frame = trace_split(_cir_model(), split, n=9, batch_size=4)
     assert len(frame) == 9 * 3  # 9 queries x 3 experts
     assert set(frame["expert"]) == {"nin", "crn", "gtn"}
     assert frame["query_id"].tolist()[:3] == [split.triplets[0].query_id] * 3
@@ -183,7 +183,7 @@ def test_collect_routes_on_amc_joins_category_and_both_expert_names(synth):
     torch.manual_seed(0)
     model = cirlab.create_model("amc", preset="tiny", image_size=32)
     model.fit_vocab(splits[0])
-    frames = [collect_routes(model, s, n=5, batch_size=4) for s in splits]
+    frames = [trace_split(model, s, n=5, batch_size=4) for s in splits]
     for frame, cat in zip(frames, ("dress", "shirt")):
         assert len(frame) == 5 * 2 * 3  # queries x layers x experts
         assert set(frame["category"]) == {cat}
@@ -216,7 +216,7 @@ def test_collect_routes_on_dime_keeps_dataset_ids_and_both_cell_numberings(synth
     split = load_precomp(synth / "precomp", "f30k", "test")
     torch.manual_seed(0)
     model = cirlab.create_model("dime", preset="tiny", img_dim=split.features(0).shape[-1])
-    frame = collect_routes(model, split, n=7)
+    frame = trace_split(model, split, n=7)
     layer0 = frame[frame.layer == "layer0"]
     assert (layer0.caption_id == layer0.caption_idx).all() and (layer0.image_id == layer0.image_idx).all()
     assert sorted(set(layer0.caption_idx)) == list(range(7))

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cirlab.core.io import atomic_path
 
 
 @dataclass
@@ -71,17 +72,10 @@ class TopK:
 def save_topk(path: str | os.PathLike, topk: TopK) -> Path:
     """Write atomically (temp file + rename) so a reader never sees a partial file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, query_ids=topk.query_ids, gallery_ids=topk.gallery_ids, scores=topk.scores,
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: savez would append ".npz" to a name
+        np.savez_compressed(fh, query_ids=topk.query_ids, gallery_ids=topk.gallery_ids, scores=topk.scores,
                             target_rank=topk.target_rank, category=topk.category, target_ids=topk.target_ids,
                             meta=np.array(json.dumps(topk.meta, sort_keys=True)))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -323,15 +323,6 @@ class GalleryDataset:
 # ----------------------------------------------------------------------------------------------------------------------
 # dispatch
 
-_CIR_LOADERS = {"fashioniq": "cirlab.data.fashioniq", "shoes": "cirlab.data.shoes", "cirr": "cirlab.data.cirr"}
-_ALIASES = {"fiq": "fashioniq", "fashion_iq": "fashioniq", "fashion-iq": "fashioniq"}
-
-
-def canonical_name(name: str) -> str:
-    key = name.lower()
-    return _ALIASES.get(key, key)
-
-
 def load_cir(name: str, root: str | os.PathLike | None = None, split: str = "train", category: str | None = None,
              **kw: Any) -> CIRSplit:
     """Load a CIR split (validated eagerly: the first problem raises :class:`DataError`).
@@ -344,15 +335,17 @@ def load_cir(name: str, root: str | os.PathLike | None = None, split: str = "tra
         **kw: dataset options (Fashion-IQ ``protocol``/``gallery``/``captions``, Shoes ``pairs``).
     """
     from cirlab.core.paths import resolve_root
+    from cirlab.data.catalog import CIR_DATASETS, DATASETS, canonical_name
 
     key = canonical_name(name)
-    if key not in _CIR_LOADERS:
-        raise ValueError(f"unknown CIR dataset {name!r}; known: {', '.join(sorted(_CIR_LOADERS))}")
-    path = resolve_root(root, key)
+    if key not in CIR_DATASETS:
+        raise ValueError(f"unknown CIR dataset {name!r}; known: {', '.join(CIR_DATASETS)}")
+    spec = DATASETS[key]
+    path = resolve_root(root, spec.subdir)
     if not path.is_dir():
         hint = "" if root is not None else " (root defaults to $CIRLAB_DATA/" + key + "; pass root= or set CIRLAB_DATA)"
         raise DataError(f"dataset root not found{hint}", file=path, kind="missing_file")
-    module = importlib.import_module(_CIR_LOADERS[key])
+    module = importlib.import_module(spec.loader)
     return module.load(path, split=split, category=category, **kw)
 
 

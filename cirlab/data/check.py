@@ -13,13 +13,14 @@ from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
-from cirlab.data.base import ProblemCollector, ProblemList, canonical_name
+from cirlab.data.base import ProblemCollector, ProblemList
+from cirlab.data.catalog import DATASETS as _TABLE
+from cirlab.data.catalog import canonical_name
 
 logger = logging.getLogger(__name__)
 
-_MODULES = {"fashioniq": "cirlab.data.fashioniq", "shoes": "cirlab.data.shoes", "cirr": "cirlab.data.cirr"}
-PRECOMP_NAMES = ("precomp", "f30k", "coco")
-DATASETS = (*_MODULES, *PRECOMP_NAMES)
+# "precomp" checks every *_precomp folder under the root
+DATASETS = (*_TABLE, "precomp")
 
 
 def check_dataset(name: str, root: str | os.PathLike | None = None, *, verify_images: bool = False) -> ProblemList:
@@ -38,17 +39,18 @@ def check_dataset(name: str, root: str | os.PathLike | None = None, *, verify_im
     key = canonical_name(name)
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    root = resolve_root(root, "" if key in PRECOMP_NAMES else key)
+    itm = key == "precomp" or _TABLE[key].is_itm
+    root = resolve_root(root, "" if itm else _TABLE[key].subdir)
     sink = ProblemCollector(strict=False)
     if not Path(root).is_dir():
         sink.add("missing_file", root, None, "dataset root not found")
         return sink.problems
-    if key in PRECOMP_NAMES:
+    if itm:
         from cirlab.data import precomp
 
         precomp.scan(Path(root), sink, name=None if key == "precomp" else key)
     else:
-        module = importlib.import_module(_MODULES[key])
+        module = importlib.import_module(_TABLE[key].loader)
         if verify_images:
             _verify_images(module, Path(root), sink)
         else:

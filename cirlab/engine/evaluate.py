@@ -30,7 +30,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-CIR_PROTOCOLS = ("fashioniq", "shoes", "cirr")
+CIR_PROTOCOLS = ("fashioniq", "shoes", "cirr")  # each CIR dataset's own (cirlab.data.catalog)
 # full: the whole split's image x caption matrix (Flickr30K 1K test, any dev split; "f30k" is its old name);
 # coco1k: mean over 5 folds of 1,000 images (only the 5 diagonal blocks are scored); coco5k: full testall;
 # coco: both COCO numbers from one full matrix (keys prefixed 1k_ / 5k_), as HREM's evaluation prints them
@@ -267,27 +267,52 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
     return result
 
 
+def cir_protocol_metrics(protocol: str, ranks: dict[str, torch.Tensor],
+                         subset_ranks: torch.Tensor | None = None) -> dict[str, float]:
+    """The CIR protocols' metric functions, the one dispatch on a protocol name: Fashion-IQ takes ranks per
+    category (``{category: ranks}``), Shoes and CIRR the ranks of one split (CIRR also its subset ranks)."""
+    from cirlab.core import metrics as M
+
+    if protocol == "fashioniq":
+        return M.fashioniq_metrics(ranks)
+    if protocol not in CIR_PROTOCOLS:
+        raise ValueError(f"unknown CIR protocol {protocol!r}; known: {', '.join(CIR_PROTOCOLS)}")
+    if len(ranks) != 1:
+        raise ValueError(f"protocol {protocol!r} takes one split, got {sorted(ranks)}")
+    (only,) = ranks.values()
+    if protocol == "shoes":
+        return M.shoes_metrics(only)
+    return M.cirr_metrics_from_ranks(only, only if subset_ranks is None else subset_ranks)
+
+
+def metric_names(protocol: str, categories: Sequence[str] = ()) -> set[str]:
+    """The metric keys ``protocol`` reports (for the given Fashion-IQ categories), read off the protocol's own
+    metric function on placeholder ranks: what model selection may ask for."""
+    from cirlab.core import metrics as M
+
+    if protocol in ITM_PROTOCOLS:
+        names = set(M.itm_metrics(torch.zeros(5, 25)))  # every ITM protocol reports these per matrix or fold
+        return {f"{size}_{k}" for size in ("1k", "5k") for k in names} if protocol == "coco" else names
+    one = torch.ones(1, dtype=torch.long)
+    keys = list(categories) if protocol == "fashioniq" else ["split"]
+    return set(cir_protocol_metrics(protocol, {k: one for k in keys}))
+
+
 def _cir_metrics(protocol: str, per_split: dict[str, dict[str, Any]], M: Any) -> dict[str, float]:
     scored = {n: v for n, v in per_split.items() if bool((v["target"] >= 0).any())}
     if not scored:
         logger.warning("no split has ground-truth targets: no metrics, only rankings")
         return {}
-    ranks = {n: _metric_ranks(v["ranks"], v["target"], v["exclude"]) for n, v in scored.items()}
-    if protocol == "fashioniq":
-        by_category = {}
-        for n, v in scored.items():
-            by_category[v["split"].category or n] = ranks[n]
-        return M.fashioniq_metrics(by_category)
-    if len(scored) != 1:
-        raise ValueError(f"protocol {protocol!r} takes one split, got {sorted(scored)}")
-    (name, v), = scored.items()
-    if protocol == "shoes":
-        return M.shoes_metrics(ranks[name])
-    known = v["target"] >= 0
-    members = _pad_members(v["split"].member_indices())[known]
-    reference = torch.tensor(v["split"].ref_indices(), dtype=torch.long)[known]
-    subset = M.cirr_subset_ranks(v["scores"][known], v["target"][known], reference, members)
-    return M.cirr_metrics_from_ranks(ranks[name], subset)
+    ranks = {(v["split"].category or n if protocol == "fashioniq" else n):
+             _metric_ranks(v["ranks"], v["target"], v["exclude"]) for n, v in scored.items()}
+    subset = None
+    if protocol == "cirr" and len(scored) == 1:
+        (v,) = scored.values()
+        known = v["target"] >= 0
+        members = _pad_members(v["split"].member_indices())[known]
+        reference = torch.tensor(v["split"].ref_indices(), dtype=torch.long)[known]
+        subset = M.cirr_subset_ranks(v["scores"][known], v["target"][known], reference, members)
+    return cir_protocol_metrics(protocol, ranks, subset)
 
 
 def _pad_members(members: list[list[int]]) -> torch.Tensor:
@@ -423,7 +448,7 @@ def evaluate_itm(model: Any, split: Any, protocol: str = "f30k", *, batch_size: 
 
 
 @torch.no_grad()
-def collect_routes(model: Any, split: Any, n: int | None = 200, *, batch_size: int = 32, device: Any = "cpu",
+def trace_split(model: Any, split: Any, n: int | None = 200, *, batch_size: int = 32, device: Any = "cpu",
                    transform: Any = None, seed: int | None = None) -> Any:
     """Run ``n`` queries under :func:`cirlab.trace_routes` and return the tidy route frame.
 
@@ -459,13 +484,19 @@ def _route_cir(model: Any, split: Any, order: list[int], trace: Any, batch_size:
 
 
 def _route_itm(model: Any, split: Any, order: list[int], trace: Any, device: Any) -> None:
+    """One call per image with all of its traced captions (every pair in the call is a matching pair): the
+    text encoder and the routing cells then run once per image rather than once per caption, which dominated
+    the explorer notebooks' run time on CPU."""
     score = getattr(model, "score", None) or (lambda im, tx: im @ tx.T)
     encode_image, encode_text = _with_ids(model.encode_image), _with_ids(model.encode_text)
+    by_image: dict[int, list[int]] = {}
     for k in order:
-        i = split.image_of_caption(k)
-        trace.set_batch(ids=[k], image_idx=[i], caption_idx=[k], text=[split.captions[k]])
+        by_image.setdefault(int(split.image_of_caption(k)), []).append(int(k))
+    for i, caps in by_image.items():
+        texts = [split.captions[k] for k in caps]
+        trace.set_batch(ids=caps, image_idx=[i] * len(caps), caption_idx=caps, text=texts)
         image = encode_image(split.features(i)[None].to(device), torch.tensor([i]))
-        score(image, encode_text([split.captions[k]], torch.tensor([k])))
+        score(image, encode_text(texts, torch.tensor(caps)))
 
 
 def _with_ids(fn: Callable[..., Any]) -> Callable[[Any, torch.Tensor], Any]:

@@ -38,6 +38,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from cirlab.core.io import write_json
+
 logger = logging.getLogger(__name__)
 
 # "model_config" is written into a run's config.yaml (the resolved model config); it is ignored when read back
@@ -50,8 +52,6 @@ DEFAULTS: dict[str, Any] = {
     "eval": {"protocol": None, "splits": None, "k": 50, "batch_size": 64, "shard_size": 1000, "topk": True},
     "output_dir": "",
 }
-PRECOMP = ("f30k", "coco")
-FIQ_CATEGORIES = ("dress", "shirt", "toptee")
 
 
 class ConfigError(ValueError):
@@ -108,11 +108,18 @@ def apply_overrides(config: dict[str, Any], overrides: Sequence[tuple[list[str],
     return config
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_config(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a deep copy of ``base``, section by section (nested mappings merge, values replace)."""
     out = copy.deepcopy(base)
     for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+        out[key] = (merge_config(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict)
+                    else value)
     return out
+
+
+def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config with every section's defaults (:data:`DEFAULTS`) filled in."""
+    return merge_config(DEFAULTS, config)
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -129,7 +136,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {unknown}; known: {', '.join(SECTIONS)}")
-    config = _merge(DEFAULTS, apply_overrides(raw, parse_set(overrides)))
+    config = with_defaults(apply_overrides(raw, parse_set(overrides)))
     config.setdefault("name", path.stem)
     validate_config(config, str(path))
     return config
@@ -170,11 +177,16 @@ def output_dir_of(config: dict[str, Any]) -> Path:
 
 
 def is_precomp(config: dict[str, Any]) -> bool:
-    return str(config["dataset"]["name"]).lower() in PRECOMP
+    """True when the run's dataset is an ITM precomp dataset (f30k, coco; :mod:`cirlab.data.catalog`)."""
+    from cirlab.data.catalog import is_itm
+
+    return is_itm(config["dataset"]["name"])
 
 
 def dataset_root(config: dict[str, Any]) -> Path | None:
     """The dataset root: explicit, else the synthetic data (generated on demand), else None ($CIRLAB_DATA)."""
+    from cirlab.data.catalog import dataset_root as resolve
+
     ds = config["dataset"]
     if ds.get("root"):
         return Path(ds["root"]).expanduser()
@@ -184,21 +196,18 @@ def dataset_root(config: dict[str, Any]) -> Path | None:
 
         base = synthetic.ensure(synth.get("out"), seed=int(synth.get("seed", 0)), size=synth.get("size", "tiny"),
                                 image_size=int(synth.get("image_size", 64)))
-        return base / ("precomp" if is_precomp(config) else str(ds["name"]).lower())
+        return resolve(ds["name"], base)
     return None
 
 
 def _categories(ds: dict[str, Any], root: Path | None, split: str, for_training: bool) -> list[str | None]:
-    if str(ds["name"]).lower() not in ("fashioniq", "fiq"):
+    from cirlab.data.catalog import categories, get_dataset
+
+    if not get_dataset(ds["name"]).categories:
         return [None]
     cat = ds.get("category")
     if cat is None:  # train on all categories jointly; report each category found on disk (emoji: skin_tone, ...)
-        if for_training:
-            return [None]
-        from cirlab.data.fashioniq import find_categories
-
-        found = find_categories(root, split) if root is not None and root.is_dir() else []
-        return list(found or FIQ_CATEGORIES)  # none found: the loader names the missing file
+        return [None] if for_training else list(categories(ds["name"], root, split))
     return [cat] if isinstance(cat, str) else list(cat)
 
 
@@ -300,24 +309,19 @@ def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, 
 
 
 def make_ensemble(models: Sequence[Any]) -> Any:
-    """One model that scores as the mean of ``models``' scores: AMC (mean of cosines, the original
-    ``eval_ensemble.py``) or DIME (DIME*: mean of the score matrices). Members must be the same paper's model."""
-    names = sorted({str(getattr(m, "model_name", type(m).__name__)) for m in models})
-    if names == ["amc"]:
-        from cirlab.models.amc import AMCEnsemble
-
-        transforms = {(m.config.transform, m.config.image_size) for m in models}
-        if len(transforms) != 1:  # the ensemble feeds every member the same images
-            raise ConfigError(f"AMC ensemble: members differ in image transform/size {sorted(transforms)}")
-        ensemble = AMCEnsemble(models)
-    elif names == ["dime"]:
-        from cirlab.models.dime import DIMEEnsemble
-
-        ensemble = DIMEEnsemble(models)
-    else:
-        raise ConfigError(f"ensembles are defined for AMC or DIME models of one kind; got {', '.join(names)}")
-    ensemble.model_name = f"{names[0]}_ensemble"
-    return ensemble
+    """One model that scores as the mean of ``models``' scores, built by the members' own ``ensemble``
+    classmethod (AMC: mean of cosines, the original ``eval_ensemble.py``; DIME: DIME*, mean of the score
+    matrices). Members must be the same paper's model."""
+    kinds = sorted({type(m).__name__ for m in models})
+    if len(kinds) != 1:
+        raise ConfigError(f"an ensemble's members must be one model kind; got {', '.join(kinds)}")
+    build = getattr(type(models[0]), "ensemble", None)
+    if build is None:
+        raise ConfigError(f"{kinds[0]} defines no ensemble (AMC and DIME do)")
+    try:
+        return build(list(models))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _restore_tuples(cls: type, values: dict[str, Any]) -> dict[str, Any]:
@@ -341,23 +345,14 @@ def default_selection_metric(config: dict[str, Any]) -> str:
 def reported_metric_names(config: dict[str, Any], loaded: Any, split: str | None = None) -> set[str] | None:
     """The metric names :func:`evaluate_split` reports for ``loaded`` (as :func:`load_split` returns it),
     from the protocol's own metric function on placeholder ranks; None when that cannot be known up front."""
-    import torch
-
-    from cirlab.core import metrics as M
+    from cirlab.engine.evaluate import CIR_PROTOCOLS, metric_names
 
     if is_precomp(config):
-        protocol = itm_protocol(config, split)
-        names = set(M.itm_metrics(torch.zeros(5, 25)))  # every ITM protocol reports these per matrix or fold
-        return {f"{size}_{k}" for size in ("1k", "5k") for k in names} if protocol == "coco" else names
-    ranks = torch.ones(1, dtype=torch.long)
+        return metric_names(itm_protocol(config, split))
     protocol = config["eval"].get("protocol") or getattr(loaded[0], "dataset", None)
-    if protocol == "fashioniq":
-        return set(M.fashioniq_metrics({s.category or f"split{i}": ranks for i, s in enumerate(loaded)}))
-    if protocol == "shoes":
-        return set(M.shoes_metrics(ranks))
-    if protocol == "cirr":
-        return set(M.cirr_metrics_from_ranks(ranks, ranks))
-    return None
+    if protocol not in CIR_PROTOCOLS:
+        return None
+    return metric_names(protocol, [s.category or f"split{i}" for i, s in enumerate(loaded)])
 
 
 def check_selection_metric(config: dict[str, Any], metric: str, split: str, loaded: Any, model: Any) -> None:
@@ -379,8 +374,9 @@ def itm_protocol(config: dict[str, Any], split: str | None = None) -> str:
 
     The COCO protocols describe the 5,000-image ``testall`` only; every other split (the ``dev`` that selects the
     checkpoint, 1,000 images) is scored on its full matrix, as the original validation does."""
-    protocol = config["eval"].get("protocol") or ("coco" if str(config["dataset"]["name"]).lower() == "coco"
-                                                  else "full")
+    from cirlab.data.catalog import get_dataset
+
+    protocol = config["eval"].get("protocol") or get_dataset(config["dataset"]["name"]).default_protocol
     if split is not None and protocol.startswith("coco") and split != config["dataset"]["test_split"]:
         return "full"
     return protocol
@@ -444,19 +440,17 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     _prepare_data(config)
     model = build_seeded_model(config)
     fit_to_training_data(model, config)
-    overrides = {"selection_metric": default_selection_metric(config), **_model_train_defaults(model),
-                 **dict(config.get("train") or {})}
+    overrides = dict(config.get("train") or {})
     if resume:
         overrides["resume"] = "auto"
     if device:
         overrides["device"] = device
     overrides["test_split"] = config["dataset"]["test_split"]
-    cfg = resolve_train_config(None, overrides)
+    cfg = resolve_train_config(model, overrides, base={"selection_metric": default_selection_metric(config)})
     ds = config["dataset"]
     if cfg.selection == "val":
         cfg.selection = ds["val_split"]  # "val" names the configured validation split
-    select_split = None if cfg.selection == "last" else (ds["test_split"] if cfg.selection == "paper"
-                                                          else cfg.selection)
+    select_split = cfg.selection_split()
     if select_split and getattr(model, "task", None) == "rerank" and not hasattr(model, "evaluate_split"):
         raise ConfigError(f"{config['model']}: model selection needs an evaluate_split hook on the model; "
                           "set train.selection=last")
@@ -483,7 +477,7 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
               "steps": summary["steps"], "epochs": summary["epochs"],
               "checkpoint": str(out / "checkpoints" / "best.pt"), "splits": final}
     if _is_main():
-        _write_json(out / "metrics.json", result)
+        write_json(out / "metrics.json", result)
     return result
 
 
@@ -534,8 +528,3 @@ def _final_evaluation(model: Any, config: dict[str, Any], out: Path, device: Any
         logger.info("%s: %s", split, ", ".join(f"{k}={v:.2f}" for k, v in evaluated["metrics"].items()))
     return results
 
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)

@@ -42,7 +42,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from cirlab.core import io
 from cirlab.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cirlab.core.io import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -133,11 +135,20 @@ class TrainConfig:
         out["betas"] = list(self.betas)
         return out
 
+    def selection_split(self) -> str | None:
+        """The split that chooses ``best.pt``: None for ``last``, ``test_split`` for ``paper``, else the named
+        split."""
+        if self.selection == "last":
+            return None
+        return self.test_split if self.selection == "paper" else self.selection
 
-def resolve_train_config(model: nn.Module | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """The model's paper defaults (``default_train_config()``) with user ``overrides`` on top."""
+
+def resolve_train_config(model: nn.Module | None, overrides: dict[str, Any] | None = None, *,
+                         base: dict[str, Any] | None = None) -> TrainConfig:
+    """``base`` (e.g. a dataset's default selection metric), then the model's paper defaults
+    (``default_train_config()``), then the user's ``overrides`` on top: the one place they are merged."""
     defaults = dict(model.default_train_config()) if hasattr(model, "default_train_config") else {}
-    return TrainConfig.from_dict({**defaults, **(overrides or {})})
+    return TrainConfig.from_dict({**(base or {}), **defaults, **(overrides or {})})
 
 
 # ----------------------------------------------------------------------------------------------- schedule
@@ -275,7 +286,6 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float, mode: str = "standard") -> None:
         self.decay, self.mode = decay, mode
         self.shadow = {n: p.detach().clone().float() for n, p in model.named_parameters() if p.requires_grad}
-        self.backup: dict[str, torch.Tensor] = {}
         self.reseed = False  # paper_no_restore: the next update copies the live weights (see apply_permanently)
 
     @torch.no_grad()
@@ -289,20 +299,23 @@ class EMA:
                 self.shadow[name].mul_(self.decay).add_(p.detach().float(), alpha=1.0 - self.decay)
         self.reseed = False
 
-    @torch.no_grad()
-    def swap_in(self, model: nn.Module) -> None:
-        """Standard mode: put the EMA weights into the model for evaluation (undo with :meth:`restore`)."""
-        for name, p in model.named_parameters():
-            if name in self.shadow:
-                self.backup[name] = p.detach().clone()
-                p.copy_(self.shadow[name])
-
-    @torch.no_grad()
-    def restore(self, model: nn.Module) -> None:
-        for name, p in model.named_parameters():
-            if name in self.backup:
-                p.copy_(self.backup[name])
-        self.backup = {}
+    @contextlib.contextmanager
+    def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Standard mode: the model holds the EMA weights inside the block, its live weights again after it
+        (also when the block raises)."""
+        backup: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in self.shadow:
+                    backup[name] = p.detach().clone()
+                    p.copy_(self.shadow[name])
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name in backup:
+                        p.copy_(backup[name])
 
     @torch.no_grad()
     def apply_permanently(self, model: nn.Module) -> None:
@@ -519,8 +532,9 @@ class _Progress:
     best_step: int | None = None
 
 
-class _Trainer:
-    """State of one :func:`train` call; methods are the pieces of the loop."""
+class Trainer:
+    """One training run: :meth:`run` owns the loop, the final weights and the summary; the other methods
+    are its pieces."""
 
     def __init__(self, model: nn.Module, dataset: Any, cfg: TrainConfig, output_dir: Path,
                  evaluate_fn: EvalFn | None, collate_fn: Callable | None, callbacks: Sequence[Callable],
@@ -609,6 +623,60 @@ class _Trainer:
         self.progress = _Progress(**ckpt["progress"])
         logger.info("resumed from %s at epoch %d, step %d, batch %d of the epoch", path, self.progress.epoch,
                     self.progress.step, self.progress.batch_in_epoch)
+
+    # -- the run ----------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Resume if asked, write ``config.yaml``, train to ``epochs``/``max_steps``, write ``best.pt`` (the
+        selected or the final weights) and ``train_summary.json``; returns the summary."""
+        cfg, p = self.cfg, self.progress
+        resume_from = _resume_path(cfg, self.output_dir)
+        if resume_from is not None:
+            self.resume(resume_from)
+            p = self.progress
+        self._write_config()
+        total = self.steps_per_epoch * cfg.epochs
+        total = min(total, cfg.max_steps) if cfg.max_steps is not None else total
+        log = _RunLog(self.output_dir, cfg, total, self.dist.is_main, p.step)
+        self.model.train()
+        try:
+            while p.epoch < cfg.epochs and (cfg.max_steps is None or p.step < cfg.max_steps):
+                if hasattr(self.model, "on_epoch_start"):
+                    self.model.on_epoch_start(p.epoch)
+                if not self.train_one_epoch(log):  # stopped by max_steps mid-epoch
+                    self.evaluate_and_select(log)
+                    self.save("last.pt")  # keeps the position inside the epoch for a later resume
+                    break
+                self.end_of_epoch(log)
+            if self.selection_split() is None or self.evaluate_fn is None:
+                with self.evaluated_weights():  # without selection, best.pt is the final model
+                    self.save_weights("best.pt")
+        finally:
+            log.close()
+        return self.summary()
+
+    def _write_config(self) -> None:
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            config = self.run_config or {"model": getattr(self.model, "model_name", type(self.model).__name__),
+                                         **_model_meta(self.model), "train": self.cfg.to_dict()}
+            write_yaml(self.output_dir / "config.yaml", config)
+            if self.cfg.selection == "paper":
+                logger.warning("selection='paper': best.pt is chosen on the %r split, the split results are "
+                               "reported on, as the original code does; this is optimistic (no held-out selection)",
+                               self.cfg.test_split)
+        self._barrier()
+
+    def summary(self) -> dict[str, Any]:
+        p = self.progress
+        summary = {"output_dir": str(self.output_dir), "steps": p.step, "epochs": p.epoch, "losses": self.losses,
+                   "eval_history": self.eval_history, "best_score": p.best_score, "best_epoch": p.best_epoch,
+                   "best_step": p.best_step, "selection": self.cfg.selection,
+                   "selection_split": self.selection_split(), "selection_metric": self.cfg.selection_metric,
+                   "best_checkpoint": str(self.ckpt_dir / "best.pt"),
+                   "last_checkpoint": str(self.ckpt_dir / "last.pt")}
+        if self.dist.is_main:
+            write_json(self.output_dir / "train_summary.json", {k: v for k, v in summary.items() if k != "losses"})
+        return summary
 
     def _barrier(self) -> None:
         if self.dist.world_size > 1:
@@ -707,25 +775,26 @@ class _Trainer:
 
     # -- evaluation and model selection -------------------------------------------------------------
     def selection_split(self) -> str | None:
-        if self.cfg.selection == "last":
-            return None
-        return self.cfg.test_split if self.cfg.selection == "paper" else self.cfg.selection
+        return self.cfg.selection_split()
+
+    def evaluated_weights(self) -> contextlib.AbstractContextManager:
+        """The weights that are evaluated and saved as ``best.pt``: the EMA's in standard mode, else the live
+        ones."""
+        if self.ema is not None and self.cfg.ema_mode == "standard":
+            return self.ema.swapped(self.model)
+        return contextlib.nullcontext(self.model)
 
     def evaluate_and_select(self, log: _RunLog) -> dict[str, Any] | None:
         if self.evaluate_fn is None:
             return None
-        use_ema = self.ema is not None and self.cfg.ema_mode == "standard"
-        if use_ema:
-            self.ema.swap_in(self.model)
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                results = self.evaluate_fn(self.model)
-            self._select(results, log)
-        finally:
-            self.model.train()
-            if use_ema:
-                self.ema.restore(self.model)
+        with self.evaluated_weights():
+            self.model.eval()
+            try:
+                with torch.no_grad():
+                    results = self.evaluate_fn(self.model)
+                self._select(results, log)
+            finally:
+                self.model.train()
         return results
 
     def _select(self, results: dict[str, Any], log: _RunLog) -> None:
@@ -811,11 +880,7 @@ def to_plain(value: Any) -> Any:
 
 
 def write_yaml(path: Path, values: dict[str, Any]) -> None:
-    import yaml
-
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_plain(values), sort_keys=False))
-    os.replace(tmp, path)
+    io.write_yaml(path, to_plain(values))
 
 
 def _resume_path(cfg: TrainConfig, output_dir: Path) -> Path | None:
@@ -854,66 +919,5 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
     if not isinstance(cfg, TrainConfig):
         cfg = resolve_train_config(model, cfg)
     output_dir = Path(output_dir)
-    trainer = _Trainer(model, train_dataset, cfg, output_dir, evaluate_fn, collate_fn, callbacks, run_config)
-    resume_from = _resume_path(cfg, output_dir)
-    if resume_from is not None:
-        trainer.resume(resume_from)
-    if trainer.dist.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        config = run_config or {"model": getattr(model, "model_name", type(model).__name__),
-                                **_model_meta(model), "train": cfg.to_dict()}
-        write_yaml(output_dir / "config.yaml", config)
-        if cfg.selection == "paper":
-            logger.warning("selection='paper': best.pt is chosen on the %r split, the split results are reported "
-                           "on, as the original code does; this is optimistic (no held-out selection)",
-                           cfg.test_split)
-    trainer._barrier()
-    return _run(trainer, cfg, output_dir)
-
-
-def _run(trainer: _Trainer, cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
-    p = trainer.progress
-    total = trainer.steps_per_epoch * cfg.epochs
-    total = min(total, cfg.max_steps) if cfg.max_steps is not None else total
-    log = _RunLog(output_dir, cfg, total, trainer.dist.is_main, p.step)
-    trainer.model.train()
-    try:
-        while p.epoch < cfg.epochs and (cfg.max_steps is None or p.step < cfg.max_steps):
-            if hasattr(trainer.model, "on_epoch_start"):
-                trainer.model.on_epoch_start(p.epoch)
-            if not trainer.train_one_epoch(log):  # stopped by max_steps mid-epoch
-                trainer.evaluate_and_select(log)
-                trainer.save("last.pt")  # keeps the position inside the epoch for a later resume
-                break
-            trainer.end_of_epoch(log)
-        if trainer.selection_split() is None or trainer.evaluate_fn is None:
-            _save_final_weights(trainer)
-    finally:
-        log.close()
-    return _summary(trainer, output_dir)
-
-
-def _save_final_weights(trainer: _Trainer) -> None:
-    """Without selection, best.pt is the final model (EMA weights when an EMA is kept)."""
-    use_ema = trainer.ema is not None and trainer.cfg.ema_mode == "standard"
-    if use_ema:
-        trainer.ema.swap_in(trainer.model)
-    try:
-        trainer.save_weights("best.pt")
-    finally:
-        if use_ema:
-            trainer.ema.restore(trainer.model)
-
-
-def _summary(trainer: _Trainer, output_dir: Path) -> dict[str, Any]:
-    p = trainer.progress
-    summary = {"output_dir": str(output_dir), "steps": p.step, "epochs": p.epoch, "losses": trainer.losses,
-               "eval_history": trainer.eval_history, "best_score": p.best_score, "best_epoch": p.best_epoch,
-               "best_step": p.best_step, "selection": trainer.cfg.selection,
-               "selection_split": trainer.selection_split(), "selection_metric": trainer.cfg.selection_metric,
-               "best_checkpoint": str(trainer.ckpt_dir / "best.pt"),
-               "last_checkpoint": str(trainer.ckpt_dir / "last.pt")}
-    if trainer.dist.is_main:
-        (output_dir / "train_summary.json").write_text(json.dumps(
-            {k: v for k, v in summary.items() if k != "losses"}, indent=2, sort_keys=True))
-    return summary
+    trainer = Trainer(model, train_dataset, cfg, output_dir, evaluate_fn, collate_fn, callbacks, run_config)
+    return trainer.run()

@@ -508,6 +508,17 @@ class RoutingLayer(nn.Module):
 class AMC(nn.Module):
     """The AMC model behind cirlab's CIR contract (``encode_query``, ``encode_target``, ``training_step``)."""
 
+    model_name = "amc"
+    task = "cir"
+
+    @classmethod
+    def ensemble(cls, models: Sequence["AMC"]) -> "AMCEnsemble":
+        """The original ``eval_ensemble.py``: one model scoring as the mean of the members' cosines."""
+        transforms = {(m.config.transform, m.config.image_size) for m in models}
+        if len(transforms) != 1:  # the ensemble feeds every member the same images
+            raise ValueError(f"AMC ensemble: members differ in image transform/size {sorted(transforms)}")
+        return AMCEnsemble(models)
+
     def __init__(self, config: AMCConfig) -> None:
         super().__init__()
         self.config = config
@@ -636,13 +647,15 @@ class AMCEnsemble(nn.Module):
     All members must share the image transform.
     """
 
+    model_name = "amc_ensemble"
+    task = "cir"
+
     def __init__(self, models: Sequence[nn.Module]) -> None:
         super().__init__()
         if len(models) < 1:
             raise ValueError("AMCEnsemble needs at least one model")
         self.members = nn.ModuleList(models)
         self.config = getattr(models[0], "config", None)
-        self.task = "cir"
 
     def _combine(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(parts, dim=-1) / len(parts) ** 0.5  # unit norm: each part is unit-norm

@@ -172,6 +172,9 @@ def _as_long(x: Any, device: torch.device) -> torch.Tensor:
 class BlipRerankStage1(nn.Module):
     """Stage I: BLIP image-grounded text encoder as the query composer; frozen ViT; 256-d ITC projections."""
 
+    model_name = "blip_rerank_stage1"
+    task = "cir"
+
     def __init__(self, config: BlipRerankConfig) -> None:
         super().__init__()
         self.config = config
@@ -325,6 +328,9 @@ class DualStreamEncoder(nn.Module):
 
 class BlipRerankStage2(nn.Module):
     """Stage II re-ranker: frozen stage I (``self.stage1``, also the frozen ViT) + dual-stream encoder + score head."""
+
+    model_name = "blip_rerank_stage2"
+    task = "rerank"
 
     def __init__(self, config: BlipRerankConfig, stage1: BlipRerankStage1 | None = None) -> None:
         super().__init__()

@@ -664,6 +664,14 @@ def _word_splitter(tokenizer: Any) -> Any:
 class DIME(nn.Module):
     """One DIME direction: ``encode_image``, ``encode_text``, ``score`` (all pairs) and ``training_step``."""
 
+    model_name = "dime"
+    task = "itm"
+
+    @classmethod
+    def ensemble(cls, models: Sequence["DIME"]) -> "DIMEEnsemble":
+        """DIME*: the mean of the members' score matrices (e.g. an i2t and a t2i model)."""
+        return DIMEEnsemble(models)
+
     def __init__(self, cfg: DIMEConfig, bert: nn.Module | None = None, vocab: Any = None) -> None:
         super().__init__()
         self.config = cfg
@@ -1052,6 +1060,7 @@ def ensemble_scores(*matrices: torch.Tensor) -> torch.Tensor:
 class DIMEEnsemble(nn.Module):
     """DIME* with the ITM contract: encodes with every member, scores as the mean of their score matrices."""
 
+    model_name = "dime_ensemble"
     task = "itm"
 
     def __init__(self, models: Sequence[DIME]) -> None:

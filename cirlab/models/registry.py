@@ -73,6 +73,16 @@ def create_model(name: str, preset: str | None = None, *, config: Any = None, **
     entry = get_entry(name)
     cfg = config if config is not None else build_config(name, preset, **overrides)
     model = entry.build(cfg)
-    model.model_name = name
-    model.task = entry.task
+    _check_identity(type(model), entry)
     return model
+
+
+def _check_identity(cls: type, entry: ModelEntry) -> None:
+    """Model classes declare ``model_name`` and ``task`` (checkpoints and the engine read them); a class that
+    declares neither gets its registration's, one that declares others is a registration error."""
+    for attr, expected in (("model_name", entry.name), ("task", entry.task)):
+        declared = cls.__dict__.get(attr) or getattr(cls, attr, None)
+        if declared is None:
+            setattr(cls, attr, expected)
+        elif declared != expected:
+            raise TypeError(f"{cls.__name__}.{attr} is {declared!r} but it is registered as {expected!r}")

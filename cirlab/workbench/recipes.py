@@ -1,10 +1,11 @@
 """Notebook recipes: the few multi-step calls the notebooks share (train a run, load it, evaluate it, trace it).
 
-Notebooks stay thin (aesthetics rule 22): each cell calls one function here, in :mod:`cirlab.workbench.viz` or in
-:mod:`cirlab.workbench.analysis`. The functions compose the engine's parts (``cirlab.models.registry``, ``cirlab.data``,
-``cirlab.engine.train``, ``cirlab.core.retrieval``, ``cirlab.core.metrics``, ``cirlab.core.tracing``) in the documented contracts and
-add no logic of their own beyond bookkeeping. CIR datasets (Fashion-IQ / Shoes / CIRR layouts) and ITM precomp
-datasets (``f30k`` / ``coco``: ``<data_root>/precomp/<name>_precomp/``), including the synthetic data written in them.
+Notebooks stay thin: each cell calls one function here, in :mod:`cirlab.workbench.viz` or in
+:mod:`cirlab.workbench.analysis`. Every recipe builds a run config (the ``cirlab train`` schema of
+:mod:`cirlab.engine.runs`) from the notebook's parameters and calls the engine's public functions with it, so a
+notebook loads, scores and traces data exactly as ``cirlab train`` / ``cirlab eval`` do. ``data_root`` may be a
+dataset's own folder or a folder holding several layouts (``$CIRLAB_DATA``, the synthetic set:
+``<root>/fashioniq``, ``<root>/precomp/f30k_precomp``); :func:`cirlab.data.catalog.dataset_root` decides.
 """
 from __future__ import annotations
 
@@ -16,46 +17,9 @@ from typing import Any, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cir_splits", "is_precomp", "precomp_root", "precomp_split", "run_config", "train_run", "load_run",
-           "untrained_copy", "evaluate_run", "evaluate_itm_run", "collect_routes",
-           "query_fn_for", "gallery_rows",
-           "worst_queries", "load_topk_files", "write_outputs", "ensure_synthetic", "dataset_root"]
-
-FIQ_CATEGORIES = ("dress", "shirt", "toptee")
-PRECOMP = ("f30k", "coco")  # ITM datasets in the precomp layout (cirlab.engine.runs.PRECOMP)
-
-
-def is_precomp(dataset: str) -> bool:
-    """True for the ITM precomp datasets (evaluated with ``evaluate_itm``, split names train/dev/test)."""
-    return dataset.lower() in PRECOMP
-
-
-def precomp_root(data_root: str | os.PathLike) -> Path:
-    """The folder holding ``<name>_precomp/``: ``data_root/precomp`` when present (the synthetic set), else
-    ``data_root`` itself."""
-    root = Path(data_root)
-    return root / "precomp" if (root / "precomp").is_dir() else root
-
-
-def precomp_split(split: str) -> str:
-    """Precomp data calls the validation split ``dev``: the notebooks' ``"val"`` maps to it."""
-    return "dev" if split == "val" else split
-
-
-def _feature_dim(data_root: str | os.PathLike, dataset: str, split: str = "train") -> int | None:
-    """Region-feature size of a precomp split read from the ``.npy`` header (no data loaded); None if absent."""
-    import numpy as np
-
-    path = precomp_root(data_root) / f"{dataset.lower()}_precomp" / f"{split}_ims.npy"
-    if not path.is_file():
-        return None
-    return int(np.load(path, mmap_mode="r").shape[-1])
-
-
-def dataset_root(data_root: str | os.PathLike, dataset: str) -> Path:
-    """``data_root/<dataset>`` when ``data_root`` holds several layouts (the synthetic set), else ``data_root``."""
-    root = Path(data_root)
-    return root / dataset if (root / dataset).is_dir() else root
+__all__ = ["cir_splits", "data_config", "run_config", "train_run", "load_run", "untrained_copy", "evaluate_run",
+           "evaluate_itm_run", "collect_routes", "query_fn_for", "gallery_rows", "worst_queries",
+           "load_topk_files", "write_outputs", "ensure_synthetic", "stored_config"]
 
 
 def ensure_synthetic(data_root: str | os.PathLike | None = None, size: str = "default", seed: int = 0) -> Path:
@@ -67,20 +31,34 @@ def ensure_synthetic(data_root: str | os.PathLike | None = None, size: str = "de
     return synthetic.ensure(data_root or None, seed=seed, size=size)
 
 
+def _split_name(dataset: str, split: str) -> str:
+    """The notebooks say ``val``/``test``; precomp data calls them ``dev``/``test`` (COCO ``testall``)."""
+    from cirlab.data.catalog import get_dataset
+
+    spec = get_dataset(dataset)
+    return {"train": spec.splits[0], "val": spec.splits[1], "test": spec.splits[2]}.get(split, split)
+
+
+def data_config(dataset: str, data_root: str | os.PathLike, eval_split: str = "val") -> dict[str, Any]:
+    """A run config (defaults filled in, no model yet) whose dataset section reads ``dataset`` under
+    ``data_root`` and validates on ``eval_split``."""
+    from cirlab.data.catalog import dataset_root, is_itm
+    from cirlab.engine.runs import with_defaults
+
+    ds: dict[str, Any] = {"name": dataset, "root": str(dataset_root(dataset, data_root)),
+                          "train_split": _split_name(dataset, "train"), "val_split": _split_name(dataset, eval_split),
+                          "test_split": _split_name(dataset, "test")}
+    if is_itm(dataset):
+        ds["options"] = {"dim": None}  # any feature size (the synthetic and the tiny presets' features differ)
+    return with_defaults({"dataset": ds, "eval": {"splits": [ds["val_split"]]}})
+
+
 def cir_splits(dataset: str, data_root: str | os.PathLike, split: str) -> dict[str, Any]:
     """``{category: CIRSplit}``: Fashion-IQ is evaluated per category, Shoes and CIRR as one split."""
-    from cirlab.data import load_cir
+    from cirlab.engine.runs import load_cir_splits
 
-    root = dataset_root(data_root, dataset)
-    if dataset == "fashioniq":
-        return {cat: load_cir(dataset, root, split, category=cat) for cat in _fiq_categories(root, split)}
-    loaded = load_cir(dataset, root, split)
-    return {loaded.category or dataset: loaded}
-
-
-def _fiq_categories(root: Path, split: str) -> list[str]:
-    found = sorted({p.name.split(".")[1] for p in (root / "captions").glob(f"cap.*.{split}.json")})
-    return found or list(FIQ_CATEGORIES)
+    loaded = load_cir_splits(data_config(dataset, data_root), _split_name(dataset, split))
+    return {sp.category or dataset: sp for sp in loaded}
 
 
 def run_config(model: str, preset: str, dataset: str, data_root: str | os.PathLike, output_dir: str | os.PathLike,
@@ -93,29 +71,38 @@ def run_config(model: str, preset: str, dataset: str, data_root: str | os.PathLi
     (e.g. ``["train.lr=1e-3", "model_overrides.image_size=32"]``).
 
     Zero means "the model's paper default" for ``max_steps`` (no cap), ``batch_size`` and ``lr``. Precomp datasets
-    (f30k/coco) read ``<data_root>/precomp``, validate on ``dev`` (for ``eval_split="val"``) and set the model's
-    ``img_dim`` to the features' size when the model has one (the tiny preset's 64 would not fit 2048-d features).
+    (f30k/coco) validate on ``dev`` (for ``eval_split="val"``) and set the model's ``img_dim`` to the features'
+    size when the model has one (the tiny preset's 64 would not fit 2048-d features).
     """
-    from cirlab.engine.runs import DEFAULTS, _merge, apply_overrides, parse_set
+    from cirlab.data.catalog import is_itm
+    from cirlab.engine.runs import apply_overrides, merge_config, parse_set
 
     train: dict[str, Any] = {"epochs": epochs, "device": device, "seed": seed, "log_every": log_every,
                              "progress": "log", "selection": "val"}
     train.update({k: v for k, v in {"max_steps": max_steps, "batch_size": batch_size, "lr": lr}.items() if v})
     if resume:
         train["resume"] = resume
+    base = data_config(dataset, data_root, eval_split)
     overrides: dict[str, Any] = {}
-    if is_precomp(dataset):
-        eval_split = precomp_split(eval_split)
-        ds = {"name": dataset, "root": str(precomp_root(data_root)), "val_split": eval_split}
-        dim = _feature_dim(data_root, dataset)
+    if is_itm(dataset):
+        dim = _feature_dim(base)
         if dim is not None and _has_field(model, "img_dim"):
             overrides["img_dim"] = dim
-    else:
-        ds = {"name": dataset, "root": str(dataset_root(data_root, dataset)), "val_split": eval_split}
-    config = _merge(DEFAULTS, {"name": Path(output_dir).name, "model": model, "preset": preset, "dataset": ds,
-                               "model_overrides": overrides, "train": train,
-                               "eval": {"splits": [eval_split], "k": 10}, "output_dir": str(output_dir)})
+    config = merge_config(base, {"name": Path(output_dir).name, "model": model, "preset": preset,
+                                 "model_overrides": overrides, "train": train, "eval": {"k": 10},
+                                 "output_dir": str(output_dir)})
     return apply_overrides(config, parse_set(list(settings)))
+
+
+def _feature_dim(config: Mapping[str, Any]) -> int | None:
+    """Region-feature size of the training split read from the ``.npy`` header (no data loaded); None if absent."""
+    import numpy as np
+
+    ds = config["dataset"]
+    path = Path(ds["root"]) / f"{str(ds['name']).lower()}_precomp" / f"{ds['train_split']}_ims.npy"
+    if not path.is_file():
+        return None
+    return int(np.load(path, mmap_mode="r").shape[-1])
 
 
 def _has_field(model: str, field: str) -> bool:
@@ -148,20 +135,25 @@ def train_run(model: str, preset: str, dataset: str, data_root: str | os.PathLik
 
 def load_run(run_dir: str | os.PathLike, device: str = "cpu", checkpoint: str = "best") -> Any:
     """A run's model with ``checkpoints/<checkpoint>.pt`` loaded (falls back to ``last``), in eval mode."""
-    import yaml
-
     from cirlab.engine.runs import model_from_checkpoint
 
-    run = Path(run_dir)
+    run = Path(run_dir).expanduser().resolve()
     ckpt = run / "checkpoints" / f"{checkpoint}.pt"
     if not ckpt.is_file():
         ckpt = run / "checkpoints" / "last.pt"
     if not ckpt.is_file():
-        raise FileNotFoundError(f"no checkpoint in {run / 'checkpoints'} (train the run first)")
+        raise FileNotFoundError(f"no checkpoint in {run / 'checkpoints'}: train the run first "
+                                f"(`make demo` writes reports/train and reports/train_dime)")
     model, _ = model_from_checkpoint(ckpt)
-    cfg_path = run / "config.yaml"
-    model.run_config = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
     return model.to(device).eval()
+
+
+def stored_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """A run folder's resolved ``config.yaml`` (empty when the run wrote none)."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 def untrained_copy(run_dir: str | os.PathLike, dataset: str, data_root: str | os.PathLike, device: str = "cpu",
@@ -169,15 +161,14 @@ def untrained_copy(run_dir: str | os.PathLike, dataset: str, data_root: str | os
     """A freshly initialised model with a run's exact config (and the same training vocabulary): a baseline."""
     import torch
 
+    from cirlab.engine.runs import fit_to_training_data, merge_config
     from cirlab.models.registry import create_model
-    from cirlab.engine.runs import DEFAULTS, _merge, fit_to_training_data
 
     trained = load_run(run_dir)
     torch.manual_seed(seed)
     model = create_model(trained.model_name, config=trained.config)
-    config = _merge(DEFAULTS, trained.run_config or {"model": trained.model_name,
-                                                     "dataset": {"name": dataset,
-                                                                 "root": str(dataset_root(data_root, dataset))}})
+    config = merge_config(data_config(dataset, data_root), stored_config(run_dir))
+    config["model"] = trained.model_name
     fit_to_training_data(model, config)  # the same vocabulary as the trained run, built the same way
     return model.to(device).eval()
 
@@ -185,47 +176,47 @@ def untrained_copy(run_dir: str | os.PathLike, dataset: str, data_root: str | os
 def evaluate_run(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", k: int = 50,
                  device: str = "cpu", topk_dir: str | os.PathLike | None = None,
                  name: str = "") -> tuple[dict[str, float], dict[str, Any]]:
-    """Protocol metrics and the top-K lists per category, dispatched on ``model.task``.
+    """Protocol metrics and the top-K lists per category, through :func:`cirlab.engine.runs.evaluate_split`.
 
-    CIR models: ``cirlab.engine.evaluate.evaluate_cir``; top-K files go to ``topk_dir/<split>[_<category>].topk.npz`` when
-    given (a temporary folder otherwise). ITM models on precomp data: :func:`evaluate_itm_run` (i2t/t2i R@1/5/10
-    and rsum; no top-K files, so the dict is empty). Returns ``(metrics, {category: TopK})``.
+    CIR models: top-K files go to ``topk_dir/<split>_<category>.topk.npz`` when given (a temporary folder
+    otherwise). ITM models on precomp data: :func:`evaluate_itm_run` (no top-K files, so the dict is empty).
+    Returns ``(metrics, {category: TopK})``.
     """
     import tempfile
 
-    if getattr(model, "task", "cir") == "itm":
-        return evaluate_itm_run(model, dataset, data_root, split, device=device), {}
-
-    from cirlab.engine.evaluate import evaluate_cir
     from cirlab.core.topk import load_topk
+    from cirlab.engine.runs import evaluate_split, load_split
 
-    splits = cir_splits(dataset, data_root, split)
-    named = {(f"{split}_{cat}" if dataset == "fashioniq" else split): sp for cat, sp in splits.items()}
+    if model.task == "itm":
+        return evaluate_itm_run(model, dataset, data_root, split, device=device), {}
+    config = data_config(dataset, data_root, split)
+    config.update(name=name or model.model_name, model=model.model_name)
+    config["eval"]["k"] = k
+    loaded = load_split(config, config["dataset"]["val_split"])
     was_training = model.training
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(topk_dir) if topk_dir is not None else Path(tmp)
-        result = evaluate_cir(model, named, protocol=dataset, device=device, k=k, topk_path=out,
-                              meta={"model": name or getattr(model, "model_name", "")})
-        topks = {cat: load_topk(out / f"{key}.topk.npz") for key, cat in zip(named, splits)}
+        result = evaluate_split(model, config, config["dataset"]["val_split"], device=device, topk_dir=out,
+                                loaded=loaded)
+        topks = {sp.category or dataset: load_topk(path) for sp, path in zip(loaded, result["topk_paths"])}
     model.train(was_training)
-    metrics = dict(result["metrics"])
-    metrics["rsum"] = sum(v for key, v in metrics.items() if "R@" in key and not key.startswith("avg"))
-    return metrics, topks
+    return dict(result["metrics"]), topks
 
 
 def evaluate_itm_run(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val",
                      device: str = "cpu", shard_size: int = 1000) -> dict[str, float]:
-    """ITM metrics (``cirlab.engine.evaluate.evaluate_itm``) of a model on a precomp split: ``i2t_R@1/5/10``,
-    ``t2i_R@1/5/10`` and ``rsum``. ``"val"`` means the precomp ``dev`` split; coco is scored with the 5K protocol."""
-    from cirlab.data import load_precomp
-    from cirlab.engine.evaluate import evaluate_itm
+    """ITM metrics of a model on a precomp split, with the run configs' protocol
+    (:func:`cirlab.engine.runs.itm_protocol`: COCO's 1K and 5K on its test split, the full matrix elsewhere).
+    ``"val"`` means the precomp ``dev`` split."""
+    from cirlab.data.catalog import ITM_DATASETS, is_itm
+    from cirlab.engine.runs import evaluate_split
 
-    if not is_precomp(dataset):
-        raise ValueError(f"evaluate_itm_run: {dataset!r} is not a precomp ITM dataset ({', '.join(PRECOMP)})")
-    loaded = load_precomp(precomp_root(data_root), dataset.lower(), precomp_split(split), dim=None)
+    if not is_itm(dataset):
+        raise ValueError(f"evaluate_itm_run: {dataset!r} is not a precomp ITM dataset ({', '.join(ITM_DATASETS)})")
+    config = data_config(dataset, data_root, split)
+    config["eval"]["shard_size"] = shard_size
     was_training = model.training
-    result = evaluate_itm(model, loaded, protocol="coco5k" if dataset.lower() == "coco" else "f30k",
-                          shard_size=shard_size, device=device)
+    result = evaluate_split(model, config, config["dataset"]["val_split"], device=device)
     model.train(was_training)
     return {k: float(v) for k, v in result["metrics"].items()}
 
@@ -234,53 +225,29 @@ def collect_routes(model: Any, dataset: str, data_root: str | os.PathLike, split
                    device: str = "cpu") -> tuple[Any, dict[Any, str]]:
     """Trace the router on up to ``n`` queries spread over the categories: ``(route frame, {query_id: text})``.
 
-    CIR data goes through ``encode_query``; ITM precomp data (DIME) scores each caption with its own image.
+    One engine tracer (:func:`cirlab.engine.evaluate.trace_split`): CIR data goes through ``encode_query``; ITM
+    precomp data (DIME) scores each caption with its own image.
     """
     import pandas as pd
 
-    from cirlab.engine.evaluate import collect_routes as trace_split
+    from cirlab.engine.evaluate import trace_split
+    from cirlab.engine.runs import load_split
 
-    if getattr(model, "task", "cir") == "itm":
-        from cirlab.data import load_precomp
-
-        sp = load_precomp(precomp_root(data_root), dataset.lower(), precomp_split(split), dim=None)
-        frame = _with_caption_types(_trace_itm(model, sp, n, device), sp)
-        texts = {q: sp.captions[int(q)] for q in dict.fromkeys(frame["query_id"])} if not frame.empty else {}
+    config = data_config(dataset, data_root, split)
+    loaded = load_split(config, config["dataset"]["val_split"])
+    if model.task == "itm":
+        frame = trace_split(model, loaded, n, device=device)
+        if not frame.empty:  # the dataset's indices, not the batch-local ones some models emit
+            frame["caption_id"] = frame["query_id"].astype(int)
+            frame["image_id"] = frame["image_idx"].astype(int)
+        frame = _with_caption_types(frame, loaded)
+        texts = {q: loaded.captions[int(q)] for q in dict.fromkeys(frame["query_id"])} if not frame.empty else {}
         return _checked(_main_layers(frame), model), texts
-    splits = cir_splits(dataset, data_root, split)
-    per = max(1, n // len(splits))
-    frames = [trace_split(model, sp, per, device=device) for sp in splits.values()]
-    texts = {t.query_id: t.text for sp in splits.values() for t in sp.triplets}
+    per = max(1, n // len(loaded))
+    frames = [trace_split(model, sp, per, device=device) for sp in loaded]
+    texts = {t.query_id: t.text for sp in loaded for t in sp.triplets}
     frame = _main_layers(pd.concat(frames, ignore_index=True))
     return _checked(frame, model), {q: texts[q] for q in dict.fromkeys(frame["query_id"])}
-
-
-def _trace_itm(model: Any, split: Any, n: int, device: str) -> Any:
-    """Trace the first ``n`` captions, each scored with its own image; one model call per image (all of its
-    captions at once: every pair in that call is a matching pair), query id = caption index.
-
-    Batched per image rather than per pair (``cirlab.engine.evaluate.collect_routes``) because one call per pair costs
-    the text encoder and routing cells once per caption and dominates the notebook's run time on CPU."""
-    import torch
-
-    from cirlab.core.tracing import trace_routes
-
-    model.eval()
-    count = min(n, len(split.captions))
-    by_image: dict[int, list[int]] = {}
-    for k in range(count):
-        by_image.setdefault(int(split.image_of_caption(k)), []).append(k)
-    score = getattr(model, "score", None) or (lambda im, tx: im @ tx.T)
-    with torch.no_grad(), trace_routes(model) as trace:
-        for i, caps in by_image.items():
-            trace.set_batch(ids=caps)
-            image = model.encode_image(split.features(i)[None].to(device))
-            score(image, model.encode_text([split.captions[k] for k in caps]))
-    frame = trace.to_frame()
-    if not frame.empty:  # the model's own image_id/caption_id are batch-local; the data's indices are these
-        frame["caption_id"] = frame["query_id"].astype(int)
-        frame["image_id"] = [int(split.image_of_caption(int(k))) for k in frame["query_id"]]
-    return frame
 
 
 def _with_caption_types(frame: Any, split: Any) -> Any:
@@ -310,7 +277,7 @@ def query_fn_for(model: Any, dataset: str, data_root: str | os.PathLike, split: 
                  device: str = "cpu") -> Any:
     """``query_fn(query_id, text)`` for :class:`cirlab.workbench.widgets.RouterExplorer` over every category of a CIR split
     (None for ITM models, whose explorer shows the traced paths only)."""
-    if getattr(model, "task", "cir") != "cir":
+    if model.task != "cir":
         return None
     from cirlab.workbench.widgets import make_query_fn
 
@@ -383,7 +350,7 @@ def write_outputs(output_dir: str | os.PathLike, metrics: Mapping[str, Any], con
                   merge: bool = True) -> Path:
     """The notebook's result files: ``metrics.json`` (merged into one already there, e.g. the trainer's, when
     ``merge``) and its resolved ``config.json``."""
-    from cirlab.engine.runs import _write_json
+    from cirlab.core.io import write_json
     from cirlab.engine.train import to_plain
 
     out = Path(output_dir)
@@ -391,8 +358,8 @@ def write_outputs(output_dir: str | os.PathLike, metrics: Mapping[str, Any], con
     path = out / "metrics.json"
     old = json.loads(path.read_text()) if merge and path.is_file() else {}
     merged = {**(old if isinstance(old, dict) else {"previous": old}), **to_plain(metrics)}
-    _write_json(path, merged)  # atomic: a reader never sees half a metrics.json
-    _write_json(out / "config.json", to_plain(config))
+    write_json(path, merged)  # atomic: a reader never sees half a metrics.json
+    write_json(out / "config.json", to_plain(config))
     return out
 
 

@@ -166,7 +166,7 @@ class RouterExplorer:
     """Interactive view over traced routes (see the module docstring).
 
     Args:
-        routes: route frame of the traced queries (``RouteTrace.to_frame()`` or ``cirlab.engine.evaluate.collect_routes``).
+        routes: route frame of the traced queries (``RouteTrace.to_frame()`` or ``cirlab.engine.evaluate.trace_split``).
         texts: ``{query_id: text}`` the queries were traced with (the text box starts from it).
         query_fn: optional ``query_fn(query_id, text)`` (see :func:`make_query_fn`): enables editing the text.
         topk: optional ``cirlab.core.topk.TopK`` with the traced queries' top-K (shown when no ``query_fn``).

@@ -1,0 +1,97 @@
+"""The dataset table: everything cirlab knows about a dataset by name, in one place.
+
+Adding a dataset means one :class:`DatasetSpec` row here plus its loader module (``load(root, split=...,
+category=..., **options)`` and ``scan(root, sink)`` for CIR layouts; see ``docs/architecture.md``). The engine,
+the checker, the CLI and the workbench read names, tasks, categories, protocols and folder layout from this
+table and nowhere else.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    task: str  # "cir" (composed image retrieval) | "itm" (image-text matching, precomp region features)
+    loader: str  # module with the layout's load/scan functions
+    subdir: str  # folder of this dataset under a data root holding several layouts ($CIRLAB_DATA, the synthetic set)
+    protocols: tuple[str, ...]  # evaluation protocols (cirlab.engine.evaluate) valid for this dataset
+    default_protocol: str
+    categories: tuple[str, ...] = ()  # the paper's categories, each evaluated on its own (Fashion-IQ)
+    splits: tuple[str, ...] = ("train", "val", "test")  # the layout's names for training, validation, test
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def is_itm(self) -> bool:
+        return self.task == "itm"
+
+
+_ITM_PROTOCOLS = ("full", "f30k", "coco1k", "coco5k", "coco")
+
+DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
+    DatasetSpec("fashioniq", "cir", "cirlab.data.fashioniq", "fashioniq", ("fashioniq",), "fashioniq",
+                categories=("dress", "shirt", "toptee"), aliases=("fiq", "fashion_iq", "fashion-iq")),
+    DatasetSpec("shoes", "cir", "cirlab.data.shoes", "shoes", ("shoes",), "shoes"),
+    DatasetSpec("cirr", "cir", "cirlab.data.cirr", "cirr", ("cirr",), "cirr", splits=("train", "val", "test1")),
+    # COCO's protocol "coco" reports 1K (5 folds) and 5K from one matrix, on its test split only (testall)
+    DatasetSpec("f30k", "itm", "cirlab.data.precomp", "precomp", _ITM_PROTOCOLS, "full",
+                splits=("train", "dev", "test"), aliases=("flickr30k",)),
+    DatasetSpec("coco", "itm", "cirlab.data.precomp", "precomp", _ITM_PROTOCOLS, "coco",
+                splits=("train", "dev", "testall"), aliases=("mscoco",)),
+)}
+_ALIASES = {alias: spec.name for spec in DATASETS.values() for alias in spec.aliases}
+
+CIR_DATASETS = tuple(n for n, s in DATASETS.items() if s.task == "cir")
+ITM_DATASETS = tuple(n for n, s in DATASETS.items() if s.task == "itm")
+
+
+def canonical_name(name: str) -> str:
+    """The table's name for ``name`` (case and aliases folded); unknown names are returned lower-cased."""
+    key = str(name).lower()
+    return _ALIASES.get(key, key)
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    """The dataset's row; a ``ValueError`` listing the known names for an unknown one."""
+    key = canonical_name(name)
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return DATASETS[key]
+
+
+def is_itm(name: str) -> bool:
+    """True for the ITM precomp datasets (f30k, coco); False for CIR datasets and unknown names."""
+    key = canonical_name(name)
+    return key in DATASETS and DATASETS[key].is_itm
+
+
+def dataset_root(name: str, root: str | os.PathLike | None = None) -> Path:
+    """The folder a dataset's loader reads, from a dataset root or a data root holding several layouts.
+
+    ``root`` (default ``$CIRLAB_DATA``) may be the dataset's own folder, or a folder with the dataset in its
+    ``subdir`` (``<root>/fashioniq``, ``<root>/precomp``: the synthetic set and ``$CIRLAB_DATA`` look like
+    that); the subfolder is taken when it exists. The one place this decision is taken.
+    """
+    from cirlab.core.paths import data_root
+
+    base = Path(root).expanduser() if root is not None and str(root) != "" else data_root()
+    sub = base / get_dataset(name).subdir
+    return sub if sub.is_dir() else base
+
+
+def categories(name: str, root: str | os.PathLike | None, split: str) -> list[str]:
+    """The categories evaluated one by one: those found on disk for ``split`` (the emoji set has its own),
+    else the paper's. Empty for datasets evaluated as one split."""
+    spec = get_dataset(name)
+    if not spec.categories:
+        return []
+    if root is not None and Path(root).is_dir():
+        from cirlab.data.fashioniq import find_categories
+
+        found = find_categories(Path(root), split)
+        if found:
+            return found
+    return list(spec.categories)  # none found: the loader names the missing file
