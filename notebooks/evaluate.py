@@ -85,7 +85,7 @@ fig
 # ## Per-category breakdown
 
 # %%
-per_category = {cat: analysis.recall_from_ranks(t.target_rank, [1, 10, 50]) for cat, t in topks[first].items()}
+per_category = {cat: analysis.known_recall(t.target_rank, [1, 10, 50]) for cat, t in topks[first].items()}
 fig = viz.plot_metrics_bars(analysis.compare_runs(per_category), title=f"{first}: recall per category")
 viz.save_figure(fig, f"{output_dir}/figures", "per_category")
 fig

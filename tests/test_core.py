@@ -34,6 +34,30 @@ class _ToyRouter(torch.nn.Module):
         emit(self, "layer1", g, experts=["A", "B", "C"], paper_names={"A": "expert-2"})
         return g
 
+    # the rest of the CIR model contract (cirlab.core.contracts), so that create_model accepts it
+    def encode_query(self, ref_images, texts):
+        return torch.nn.functional.normalize(self(ref_images), dim=-1)
+
+    def encode_target(self, images):
+        return torch.nn.functional.normalize(self(images), dim=-1)
+
+    def training_step(self, batch):
+        return {"toy_loss": self(batch["x"]).sum()}
+
+    def default_train_config(self):
+        return {}
+
+
+class _Incomplete(torch.nn.Module):
+    model_name, task = "incomplete", "cir"
+
+    def __init__(self, cfg: _ToyConfig):
+        super().__init__()
+        self.config = cfg
+
+    def encode_query(self, ref_images, texts):
+        return ref_images
+
 
 @pytest.fixture
 def toy_registered():
@@ -48,6 +72,15 @@ def test_create_model_applies_preset_and_overrides(toy_registered):
     assert model.task == "cir" and model.model_name == "toy_router"
     assert registry.list_presets(toy_registered) == ["paper", "tiny"]
     assert toy_registered in registry.list_models("toy_*")
+
+
+def test_a_model_missing_part_of_its_contract_is_refused():
+    registry.register_model("incomplete", task="cir", config_cls=_ToyConfig)(_Incomplete)
+    try:
+        with pytest.raises(TypeError, match="Model contract: missing.*training_step"):
+            registry.create_model("incomplete", preset="tiny")
+    finally:
+        registry._REGISTRY.pop("incomplete", None)
 
 
 def test_unknown_names_give_clear_errors(toy_registered):

@@ -76,7 +76,7 @@ def test_rank_shift_summary_and_ceiling():
     assert s["improved_pct"] == pytest.approx(100 / 3) and s["worsened_pct"] == pytest.approx(100 / 3)
     assert s["moved_forward"] == pytest.approx(((1 - 2) + (5 - 1) + 0) / 3)
     assert analysis.ceiling_recall(before, 10) == pytest.approx(75.0)  # 3 of 4 known ranks are <= 10
-    assert analysis.recall_from_ranks(after, [1]) == {"R@1": pytest.approx(20.0)}  # 1 of 5
+    assert analysis.known_recall(after, [1]) == {"R@1": pytest.approx(20.0)}  # 1 of 5
 
 
 def test_align_ranks_joins_by_query_and_rejects_disjoint_files():

@@ -28,6 +28,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from cirlab.core.contracts import HasImageTransform
+
 logger = logging.getLogger(__name__)
 
 CIR_PROTOCOLS = ("fashioniq", "shoes", "cirr")  # each CIR dataset's own (cirlab.data.catalog)
@@ -166,7 +168,7 @@ def _infer_protocol(splits: dict[str, Any], protocol: str | None) -> str:
 def _cir_transform(model: Any, transform: Any) -> Any:
     if transform is not None:
         return transform
-    if hasattr(model, "image_transform"):
+    if isinstance(model, HasImageTransform):
         return model.image_transform(False)
     return None  # the split's default transform
 

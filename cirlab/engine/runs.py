@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import yaml
 
 from cirlab.core.io import write_json
+from cirlab.core.contracts import HasDatasetExtras, HasImageTransform, HasOwnEvaluation, HasVocab
 
 logger = logging.getLogger(__name__)
 
@@ -233,9 +234,9 @@ def train_dataset(config: dict[str, Any], model: Any) -> Any:
     split = config["dataset"]["train_split"]
     if is_precomp(config):
         # models whose items carry random extras (DIME's extra caption / image per sample) say which
-        extras = model.dataset_extras() if hasattr(model, "dataset_extras") else {}
+        extras = model.dataset_extras() if isinstance(model, HasDatasetExtras) else {}
         return load_precomp_split(config, split).pair_dataset(**extras)
-    transform = model.image_transform(True) if hasattr(model, "image_transform") else None
+    transform = model.image_transform(True) if isinstance(model, HasImageTransform) else None
     parts = [s.triplet_dataset(transform) for s in load_cir_splits(config, split, for_training=True)]
     return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
 
@@ -277,7 +278,7 @@ def fit_to_training_data(model: Any, config: dict[str, Any]) -> None:
     """Data-dependent set-up before training: models with a vocabulary built from the training captions
     (AMC's ``fit_vocab``; DIME's for its random tiny BERT, a no-op for real BERTs) get it here, so the CLI,
     the notebooks and the API train the same model. Precomp (ITM) models get the training ``PrecompSplit``."""
-    if not hasattr(model, "fit_vocab"):
+    if not isinstance(model, HasVocab):
         return
     if is_precomp(config):
         size = model.fit_vocab(load_precomp_split(config, config["dataset"]["train_split"]))
@@ -358,7 +359,7 @@ def reported_metric_names(config: dict[str, Any], loaded: Any, split: str | None
 def check_selection_metric(config: dict[str, Any], metric: str, split: str, loaded: Any, model: Any) -> None:
     """Fail before training when model selection asks for a metric the evaluation will not report
     (otherwise the run stops with a KeyError at its first evaluation, an epoch later)."""
-    if hasattr(model, "evaluate_split"):  # the model's own pipeline decides its metric names
+    if isinstance(model, HasOwnEvaluation):  # the model's own pipeline decides its metric names
         return
     names = reported_metric_names(config, loaded, split)
     if names is None:
@@ -392,9 +393,10 @@ def evaluate_split(model: Any, config: dict[str, Any], split: str, *, device: An
 
     ev = config["eval"]
     loaded = load_split(config, split) if loaded is None else loaded
-    if hasattr(model, "evaluate_split"):  # models with their own pipeline (e.g. a stage-II re-ranker over top-K)
-        return model.evaluate_split(loaded, eval_config=ev, device=device, topk_dir=topk_dir)
-    if getattr(model, "task", None) == "rerank":
+    if isinstance(model, HasOwnEvaluation):  # models with their own pipeline (a stage-II re-ranker over top-K)
+        run_dir = str(config.get("output_dir") or "")  # the run folder: a stage I writes its top-K into <run>/topk
+        return model.evaluate_split(loaded, eval_config={**ev, "run_dir": run_dir}, device=device, topk_dir=topk_dir)
+    if model.task == "rerank":
         logger.warning("%s has no evaluate_split hook: re-ranking evaluation skipped for %s", config["model"], split)
         return {"metrics": {}}
     if is_precomp(config):
@@ -439,6 +441,8 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     out = Path(output_dir) if output_dir else output_dir_of(config)
     _prepare_data(config)
     model = build_seeded_model(config)
+    if hasattr(model, "load_init"):  # pretrained start from the model config (init_from); its report -> run folder
+        model.load_init(out if _is_main() else None)
     fit_to_training_data(model, config)
     overrides = dict(config.get("train") or {})
     if resume:
@@ -451,7 +455,7 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     if cfg.selection == "val":
         cfg.selection = ds["val_split"]  # "val" names the configured validation split
     select_split = cfg.selection_split()
-    if select_split and getattr(model, "task", None) == "rerank" and not hasattr(model, "evaluate_split"):
+    if select_split and model.task == "rerank" and not isinstance(model, HasOwnEvaluation):
         raise ConfigError(f"{config['model']}: model selection needs an evaluate_split hook on the model; "
                           "set train.selection=last")
     run_device = _eval_device(cfg.device)
@@ -496,7 +500,7 @@ def _prepare_data(config: dict[str, Any]) -> None:
 
 
 def _model_train_defaults(model: Any) -> dict[str, Any]:
-    return dict(model.default_train_config()) if hasattr(model, "default_train_config") else {}
+    return dict(model.default_train_config())
 
 
 def _eval_device(device: str) -> str:

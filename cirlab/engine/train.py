@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from cirlab.core import io
+from cirlab.core.contracts import HasEpochHook, HasParamGroups, Model
 from cirlab.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cirlab.core.io import write_json
 
@@ -147,7 +148,7 @@ def resolve_train_config(model: nn.Module | None, overrides: dict[str, Any] | No
                          base: dict[str, Any] | None = None) -> TrainConfig:
     """``base`` (e.g. a dataset's default selection metric), then the model's paper defaults
     (``default_train_config()``), then the user's ``overrides`` on top: the one place they are merged."""
-    defaults = dict(model.default_train_config()) if hasattr(model, "default_train_config") else {}
+    defaults = dict(model.default_train_config()) if isinstance(model, Model) else {}
     return TrainConfig.from_dict({**(base or {}), **defaults, **(overrides or {})})
 
 
@@ -391,7 +392,7 @@ def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | Non
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam/AdamW over ``model.param_groups()`` (if defined) or all trainable parameters; ``base_lr`` kept per group."""
-    groups = model.param_groups() if hasattr(model, "param_groups") else [{"params": list(model.parameters())}]
+    groups = model.param_groups() if isinstance(model, HasParamGroups) else [{"params": list(model.parameters())}]
     cleaned = []
     for group in groups:
         params = [p for p in group["params"] if p.requires_grad]
@@ -640,7 +641,7 @@ class Trainer:
         self.model.train()
         try:
             while p.epoch < cfg.epochs and (cfg.max_steps is None or p.step < cfg.max_steps):
-                if hasattr(self.model, "on_epoch_start"):
+                if isinstance(self.model, HasEpochHook):
                     self.model.on_epoch_start(p.epoch)
                 if not self.train_one_epoch(log):  # stopped by max_steps mid-epoch
                     self.evaluate_and_select(log)

@@ -13,6 +13,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from cirlab.core.contracts import check_model
+
 # model modules imported on demand so that `import cirlab` does not import torch
 _MODEL_MODULES = ("cirlab.models.amc", "cirlab.models.dime", "cirlab.models.blip_rerank")
 
@@ -74,6 +76,7 @@ def create_model(name: str, preset: str | None = None, *, config: Any = None, **
     cfg = config if config is not None else build_config(name, preset, **overrides)
     model = entry.build(cfg)
     _check_identity(type(model), entry)
+    check_model(model)
     return model
 
 

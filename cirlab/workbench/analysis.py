@@ -24,7 +24,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "align_ranks", "rank_shift_table", "rank_shift_summary", "ceiling_recall", "recall_from_ranks",
+    "align_ranks", "rank_shift_table", "rank_shift_summary", "ceiling_recall", "known_recall",
     "rank_shift_by_category", "feature_columns", "gate_matrix", "gate_entropy", "expert_utilisation",
     "route_statistics", "flow_matrices", "path_vectors", "pca_2d", "read_log", "read_metrics",
     "compare_runs", "flatten_metrics",
@@ -117,18 +117,21 @@ def rank_shift_summary(rank_before: Sequence[int], rank_after: Sequence[int], k:
             "worsened_pct": share(after > before)}
 
 
-def recall_from_ranks(ranks: Sequence[int], ks: Sequence[int]) -> dict[str, float]:
-    """Recall@k in percent from 1-based target ranks (0 = unknown ranks are dropped)."""
+def known_recall(ranks: Sequence[int], ks: Sequence[int]) -> dict[str, float]:
+    """:func:`cirlab.core.metrics.recall_from_ranks` over the queries whose target is known (rank > 0; CIRR test
+    queries have none); NaN when no query is left, so a table of categories keeps its rows."""
+    from cirlab.core.metrics import recall_from_ranks
+
     r = np.asarray(ranks)
     r = r[r > 0]
     if len(r) == 0:
         return {f"R@{k}": float("nan") for k in ks}
-    return {f"R@{k}": 100.0 * float((r <= k).mean()) for k in ks}
+    return recall_from_ranks(r, ks)
 
 
 def ceiling_recall(rank_before: Sequence[int], pool: int) -> float:
     """Best recall any re-ranker of the stage-I top-``pool`` candidates can reach (percent)."""
-    return recall_from_ranks(rank_before, [pool])[f"R@{pool}"]
+    return known_recall(rank_before, [pool])[f"R@{pool}"]
 
 
 def rank_shift_by_category(aligned: Any, pool: int, ks: Sequence[int] = (1, 5, 10, 50)) -> Any:
@@ -141,8 +144,8 @@ def rank_shift_by_category(aligned: Any, pool: int, ks: Sequence[int] = (1, 5, 1
         groups = groups[:1]
     for name, g in groups:
         row: dict[str, Any] = {"category": name}
-        row.update({f"before_{k}": v for k, v in recall_from_ranks(g["rank_before"], ks).items()})
-        row.update({f"after_{k}": v for k, v in recall_from_ranks(g["rank_after"], ks).items()})
+        row.update({f"before_{k}": v for k, v in known_recall(g["rank_before"], ks).items()})
+        row.update({f"after_{k}": v for k, v in known_recall(g["rank_after"], ks).items()})
         row[f"ceiling_R@{pool}"] = ceiling_recall(g["rank_before"], pool)
         row.update(rank_shift_summary(g["rank_before"], g["rank_after"], k=pool))
         rows.append(row)

@@ -106,16 +106,11 @@ SYNTHETIC_SIZE_ITM = "small"  # the report's {itm_data} (precomp only); smoke ru
 
 # --------------------------------------------------------------------------------------------- parameters
 def parse_set(items: Sequence[str]) -> dict[str, Any]:
-    """``["key=value", "train.max_steps=10"]`` -> dict; values are YAML scalars/lists (``3``, ``true``, ``[a,b]``)."""
-    import yaml
+    """``["key=value", "train.max_steps=10"]`` -> ``{"key": value, "train.max_steps": 10}``: parsed exactly as
+    ``cirlab train --set`` parses (:func:`cirlab.engine.runs.parse_set`: YAML values, ``2e-4`` a float)."""
+    from cirlab.engine.runs import parse_set as parse_overrides
 
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-    return out
+    return {".".join(path): value for path, value in parse_overrides(items)}
 
 
 def _fill(value: Any, out: Path, data: Path, itm_data: Path) -> Any:

@@ -77,7 +77,7 @@ def _to_image(x: Any) -> np.ndarray:
     return np.clip(a, 0.0, 1.0)
 
 
-def _image_axis(ax: Any, image: Any, title: str = "", color: str | None = None, width: float = 4.0) -> None:
+def image_axis(ax: Any, image: Any, title: str = "", color: str | None = None, width: float = 4.0) -> None:
     ax.imshow(_to_image(image), cmap="gray" if np.ndim(image) == 2 else None)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -117,7 +117,7 @@ def plot_retrieval_gallery(rows: Sequence[Mapping[str, Any]], k: int = 5, title:
 
 def _gallery_row(axes: Sequence[Any], row: Mapping[str, Any], k: int) -> None:
     qid = row.get("query_id", "")
-    _image_axis(axes[0], row["ref_image"], title=f"query {qid}".strip(), color=QUERY_COLOR, width=2.0)
+    image_axis(axes[0], row["ref_image"], title=f"query {qid}".strip(), color=QUERY_COLOR, width=2.0)
     axes[0].set_gid("query")
     axes[1].axis("off")
     rank = row.get("target_rank")
@@ -136,7 +136,7 @@ def _gallery_row(axes: Sequence[Any], row: Mapping[str, Any], k: int) -> None:
         if scores is not None:
             label += f"\n{float(scores[j]):.3f}"
         is_target = target is not None and int(target) == j
-        _image_axis(ax, cands[j], title=label, color=TARGET_COLOR if is_target else None)
+        image_axis(ax, cands[j], title=label, color=TARGET_COLOR if is_target else None)
         if is_target:
             ax.set_gid("target")
 

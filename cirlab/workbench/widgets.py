@@ -49,7 +49,7 @@ def plot_query_view(routes: Any, edited: Any = None, candidate_ids: Sequence[str
     """
     from matplotlib.figure import Figure
 
-    from cirlab.workbench.viz import PALETTE, TARGET_COLOR, _image_axis
+    from cirlab.workbench.viz import PALETTE, TARGET_COLOR, image_axis
 
     base = _gates_by_layer(routes)
     new = _gates_by_layer(edited)
@@ -78,7 +78,7 @@ def plot_query_view(routes: Any, edited: Any = None, candidate_ids: Sequence[str
         ax.set_title(str(layer), fontsize=9)
     if new and base:
         axes[0].legend(fontsize=6)
-    _draw_candidates(axes[len(layers):], candidate_ids, scores, target_id, image_fn, TARGET_COLOR, _image_axis)
+    _draw_candidates(axes[len(layers):], candidate_ids, scores, target_id, image_fn, TARGET_COLOR, image_axis)
     fig.suptitle(title, fontsize=9)
     return fig
 
@@ -131,6 +131,8 @@ def make_query_fn(model: Any, split: Any, transform: Any = None, gallery_feature
     """
     import torch
 
+    from cirlab.core.metrics import target_ranks
+    from cirlab.core.retrieval import topk_search
     from cirlab.core.tracing import trace_routes
 
     queries = split.query_dataset(transform)
@@ -150,13 +152,14 @@ def make_query_fn(model: Any, split: Any, transform: Any = None, gallery_feature
             trace.set_batch([query_id], category=[trip.category],
                             modification=[trip.extras.get("modification", "")])
             q = model.encode_query(item["ref_image"].unsqueeze(0).to(device), [text]).float().cpu()
-        scores = (q @ gallery.T)[0]
-        ref = item.get("ref_idx", -1)
-        if isinstance(ref, int) and ref >= 0:  # the protocols exclude the reference image from the ranking
-            scores[ref] = float("-inf")
-        top = torch.topk(scores, min(k, len(names)))
-        return {"routes": trace.to_frame(), "candidate_ids": [names[i] for i in top.indices.tolist()],
-                "scores": top.values.tolist(), "target_id": trip.target_name}
+        # the evaluation's own search and rank: the protocol's reference exclusion, ties to the lower index
+        ref = int(item.get("ref_idx", -1)) if split.exclude_reference else -1
+        exclude = torch.tensor([ref])
+        top_scores, top_idx = topk_search(q, gallery, min(k, len(names) - (ref >= 0)), exclude=exclude)
+        target = int(item.get("target_idx", -1))
+        rank = int(target_ranks(q @ gallery.T, torch.tensor([target]), exclude)[0]) if target >= 0 else 0
+        return {"routes": trace.to_frame(), "candidate_ids": [names[i] for i in top_idx[0].tolist()],
+                "scores": top_scores[0].tolist(), "target_id": trip.target_name, "target_rank": rank}
 
     return query_fn
 

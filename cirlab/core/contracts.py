@@ -1,0 +1,127 @@
+"""The model contract, written once: what the engine, the workbench and the registry may call on a model.
+
+Every registered model is an ``nn.Module`` satisfying :class:`Model` plus the protocol of its task
+(:class:`CIRModel`, :class:`ITMModel` or :class:`Reranker`). The optional hooks are small protocols of their
+own; the engine asks ``isinstance(model, HasVocab)`` rather than probing attribute names, and
+:func:`check_model` (run by :func:`cirlab.create_model`) refuses a model that misses a required method of its
+task. Router models additionally emit through :func:`cirlab.core.tracing.emit`; nothing else is needed for
+:func:`cirlab.trace_routes`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, Sequence, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+TASKS = ("cir", "itm", "rerank")
+
+
+@runtime_checkable
+class Model(Protocol):
+    """Every model: its identity, its config dataclass, one training step and its paper's optimisation."""
+
+    model_name: ClassVar[str]  # the registry name, saved in checkpoints
+    task: ClassVar[str]  # one of TASKS
+    config: Any  # a PresetMixin dataclass
+
+    def training_step(self, batch: dict[str, Any]) -> dict[str, "torch.Tensor"]:
+        """Named terms; the trainer sums the keys ending in ``_loss`` and logs all of them."""
+
+    def default_train_config(self) -> dict[str, Any]:
+        """The paper's optimisation (cirlab.engine.train.TrainConfig fields), merged under the user's."""
+
+
+@runtime_checkable
+class CIRModel(Protocol):
+    """Composed image retrieval: L2-normalised query and target embeddings, scored by dot product."""
+
+    def encode_query(self, ref_images: "torch.Tensor", texts: Sequence[str]) -> "torch.Tensor": ...
+
+    def encode_target(self, images: "torch.Tensor") -> "torch.Tensor": ...
+
+
+@runtime_checkable
+class ITMModel(Protocol):
+    """Image-text matching on precomp region features; ``score`` may need every pair (cross-attention) or be
+    a matrix product (dual encoders)."""
+
+    def encode_image(self, image_feats: "torch.Tensor") -> Any: ...
+
+    def encode_text(self, texts: Sequence[str]) -> Any: ...
+
+    def score(self, image: Any, text: Any) -> "torch.Tensor": ...
+
+
+@runtime_checkable
+class Reranker(Protocol):
+    """A second stage scoring a first stage's top-K candidates (``[B, K]`` scores for ``[B, K]`` gallery ids);
+    evaluated by its own pipeline (:class:`HasOwnEvaluation`)."""
+
+    def score_candidates(self, queries: dict[str, Any], candidate_ids: "torch.Tensor") -> "torch.Tensor": ...
+
+
+# ------------------------------------------------------------------------------------------- optional hooks
+@runtime_checkable
+class HasOwnEvaluation(Protocol):
+    """Models with their own evaluation pipeline (re-rankers over a top-K file)."""
+
+    def evaluate_split(self, loaded: Any, *, eval_config: dict[str, Any], device: Any,
+                       topk_dir: Any = None) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class HasParamGroups(Protocol):
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups with their own ``lr`` (e.g. a lower one for a pretrained backbone)."""
+
+
+@runtime_checkable
+class HasVocab(Protocol):
+    def fit_vocab(self, source: Any) -> int:
+        """Data-dependent set-up from the training captions before training; returns the vocabulary size."""
+
+
+@runtime_checkable
+class HasDatasetExtras(Protocol):
+    def dataset_extras(self) -> dict[str, Any]:
+        """Keyword arguments for ``PrecompSplit.pair_dataset`` (DIME's random extra caption / image)."""
+
+
+@runtime_checkable
+class HasImageTransform(Protocol):
+    def image_transform(self, train: bool) -> Callable[[Any], "torch.Tensor"]: ...
+
+
+@runtime_checkable
+class HasEpochHook(Protocol):
+    def on_epoch_start(self, epoch: int) -> None: ...
+
+
+@runtime_checkable
+class HasEnsemble(Protocol):
+    @classmethod
+    def ensemble(cls, models: Sequence[Any]) -> Any:
+        """One model scoring as the mean of the members' scores."""
+
+
+TASK_PROTOCOLS: dict[str, type] = {"cir": CIRModel, "itm": ITMModel, "rerank": Reranker}
+
+
+def check_model(model: Any) -> None:
+    """Raise ``TypeError`` naming what is missing when ``model`` does not satisfy :class:`Model` and its task's
+    protocol."""
+    name = type(model).__name__
+    task = getattr(type(model), "task", None)
+    if task not in TASK_PROTOCOLS:
+        raise TypeError(f"{name}.task is {task!r}; expected one of {', '.join(TASKS)}")
+    for protocol in (Model, TASK_PROTOCOLS[task]):
+        if not isinstance(model, protocol):
+            missing = [m for m in _members(protocol) if not hasattr(model, m)]
+            raise TypeError(f"{name} does not satisfy the {protocol.__name__} contract: missing {missing}")
+
+
+def _members(protocol: type) -> list[str]:
+    annotations = list(getattr(protocol, "__annotations__", {}))
+    methods = [k for k, v in vars(protocol).items() if callable(v) and not k.startswith("_")]
+    return annotations + methods

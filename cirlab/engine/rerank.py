@@ -1,0 +1,375 @@
+"""Two-stage re-ranking: stage I's top-K file -> stage II re-ranking -> the paper's metrics, the re-ranked top-K
+file and the CIRR test-server files.
+
+This is the one re-ranking code path: ``cirlab eval`` and ``cirlab train`` reach it through the models'
+``evaluate_split`` hooks, ``cirlab submit`` through :func:`cirr_submission`, the rank-shift notebook through
+:func:`run_pipeline`, and ``bench/rerank_synthetic.py`` calls the same functions. The pure tensor pieces
+(re-ordering, fused scores, target ranks after re-ranking, subset rankings, the submission writer) are in
+:mod:`cirlab.core.retrieval`; what is specific to a model is its ``candidate_scorer``.
+
+Protocol of Liu et al., "Candidate Set Re-ranking for Composed Image Retrieval with Dual Multi-modal Encoder", TMLR
+2024 (https://github.com/Cuberick-Orion/Candidate-Reranking-CIR, ``validate_stage2.py`` and
+``cirr_test_submission_stage2.py``):
+
+* stage I ranks the whole gallery (CIRR: the reference removed first) and keeps a top-K list (the paper saves 200);
+* stage II scores the first K of each list (Fashion-IQ 100, CIRR 50) and re-orders them; a query whose target is not
+  among the K stays a miss with all queries in the denominator: its target keeps its stage-I rank (> K) in the
+  re-ranked top-K file, so R@k for k >= K equals stage I's;
+* CIRR Recall_subset re-scores the five non-reference ``img_set`` members with stage II, whatever K;
+* CIRR test: the re-ranked top 50 and the best 3 members are what the server files hold.
+
+A re-ranker (``task="rerank"``) offers ``candidate_scorer(split) -> score(rows, candidates)`` (rows index
+``split.triplets``, candidates ``split.gallery_names``; [b] x [b, K] -> [b, K] scores) and, to rank without a top-K
+file, its first stage as ``.stage1`` (a CIR model).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cirlab.core import metrics as M
+from cirlab.core import retrieval
+from cirlab.core.topk import TopK, load_topk, save_topk
+
+logger = logging.getLogger(__name__)
+
+MISS_SCORE = -99999.99  # stage-II score of a query that was not re-scored (the original's fill value)
+SUBMISSION_K = 50  # names per query in the CIRR recall file
+ScoreFn = Callable[[Tensor, Tensor], Tensor]  # (query rows [b], candidate gallery indices [b, K]) -> scores [b, K]
+
+
+def _config_error(message: str) -> Exception:
+    from cirlab.engine.runs import ConfigError
+
+    return ConfigError(message)
+
+
+def topk_name(split: Any) -> str:
+    """``<split>[_<category>]``: the name of a split's top-K file in a run folder's ``topk/``."""
+    return f"{split.split}_{split.category}" if getattr(split, "category", None) else str(split.split)
+
+
+def topk_dir_for(eval_config: Mapping[str, Any], topk_dir: Any = None) -> Path | None:
+    """Where top-K files go: ``topk_dir`` when given, else ``<run>/topk`` for an existing run folder (``run_dir``,
+    set by :func:`cirlab.engine.runs.evaluate_split`) unless ``eval.topk`` is false."""
+    if topk_dir is not None:
+        return Path(topk_dir)
+    run = str(eval_config.get("run_dir") or "")
+    if run and Path(run).is_dir() and eval_config.get("topk", True):
+        return Path(run) / "topk"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- stage I
+
+
+def evaluate_stage1(model: Any, splits: Sequence[Any], *, eval_config: Mapping[str, Any], device: Any,
+                    topk_dir: Any = None) -> dict[str, Any]:
+    """Stage I is a CIR model: :func:`cirlab.engine.evaluate.evaluate_cir` with its top-K file, ``eval.k`` long
+    (200 in the paper), written to :func:`topk_dir_for`."""
+    from cirlab.engine.evaluate import evaluate_cir
+
+    return evaluate_cir(model, list(splits), eval_config.get("protocol"), device=device,
+                        batch_size=int(eval_config.get("batch_size") or 64), k=int(eval_config.get("k") or 200),
+                        topk_path=topk_dir_for(eval_config, topk_dir), meta={"stage": "stage1"})
+
+
+def load_stage1_topk(source: str | os.PathLike, split: Any, k: int = 0) -> TopK:
+    """Stage I's lists for ``split``'s queries, in triplet order, from a ``.topk.npz`` file, a folder of them
+    (``<split>[_<category>].topk.npz``) or a stage-I run folder (its ``topk/``). Errors name the file."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        folder = path / "topk" if (path / "topk").is_dir() else path
+        path = folder / f"{topk_name(split)}.topk.npz"
+    if not path.is_file():
+        raise _config_error(f"eval.stage1_topk: no stage-I top-K file {path} (write it with `cirlab eval STAGE1_RUN "
+                            f"--split {split.split}`)")
+    try:
+        topk = load_topk(path)
+    except ValueError as err:
+        raise _config_error(f"eval.stage1_topk: {err}") from None
+    index = {q: i for i, q in enumerate(topk.query_ids)}
+    wanted = [str(t.query_id) for t in split.triplets]
+    missing = [q for q in wanted if q not in index]
+    if missing:
+        raise _config_error(f"eval.stage1_topk: {path} has no list for {len(missing)} of the {len(wanted)} queries of "
+                            f"{split.dataset} {topk_name(split)} (e.g. {missing[0]!r}): written for another split?")
+    if k and topk.k < k:
+        raise _config_error(f"eval.stage1_topk: {path} holds the top {topk.k}, stage II re-ranks {k}: write stage I's "
+                            f"top-K with eval.k >= {k}")
+    rows = np.asarray([index[q] for q in wanted], dtype=np.int64)
+    return TopK(topk.query_ids[rows], topk.gallery_ids[rows], topk.scores[rows], topk.target_rank[rows],
+                topk.category[rows], topk.target_ids[rows], {**topk.meta, "file": str(path)})
+
+
+def stage1_topk(model: Any, splits: Sequence[Any], *, eval_config: Mapping[str, Any], device: Any, k: int,
+                topk_dir: Path | None = None) -> dict[str, TopK]:
+    """Stage I's top-K per split: read from ``eval.stage1_topk`` when set, else ranked now by the re-ranker's own
+    frozen first stage (``model.stage1``; the lists are kept under ``<topk_dir>/stage1/`` when there is one)."""
+    source = eval_config.get("stage1_topk") or ""
+    if source:
+        return {topk_name(s): load_stage1_topk(source, s, k) for s in splits}
+    first = getattr(model, "stage1", None)
+    if first is None:
+        raise _config_error(f"{type(model).__name__}: set eval.stage1_topk to the stage-I run (or its top-K files)")
+    logger.info("eval.stage1_topk is empty: ranking with the frozen stage I inside the re-ranker (top %d)", k)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = topk_dir / "stage1" if topk_dir is not None else Path(tmp)
+        evaluate_stage1(first, splits, eval_config={**eval_config, "k": k, "run_dir": ""}, device=device,
+                        topk_dir=out)
+        return {topk_name(s): load_stage1_topk(out, s, k) for s in splits}
+
+
+# ----------------------------------------------------------------------------------------------- stage II
+
+
+def _gallery_indices(names: np.ndarray, split: Any) -> Tensor:
+    index = split.gallery_index
+    flat = [index.get(str(n), -1) for n in names.reshape(-1)]
+    if -1 in flat:
+        bad = str(names.reshape(-1)[flat.index(-1)])
+        raise _config_error(f"the stage-I top-K of {split.dataset} {topk_name(split)} names {bad!r}, which is not in "
+                            "that split's gallery: written for another split or protocol?")
+    return torch.tensor(flat, dtype=torch.long).reshape(names.shape)
+
+
+@torch.no_grad()
+def rerank_topk(score_fn: ScoreFn, split: Any, stage1: TopK, k: int, *, skip_misses: bool = True,
+                batch_size: int = 8, meta: Mapping[str, Any] | None = None) -> TopK:
+    """Re-rank the first ``k`` candidates of each stage-I list with ``score_fn``.
+
+    A target among the K gets its new position as ``target_rank``; otherwise it keeps the stage-I rank (> K), so
+    the query stays a miss with all queries as denominator. With ``skip_misses`` (the original's shortcut, same
+    recalls) a query whose target is known to lie outside the K is not scored: its scores are :data:`MISS_SCORE`
+    and its stage-I order is kept. Splits without targets (CIRR test1) have every query scored.
+    """
+    k = min(int(k), stage1.k)
+    candidates = _gallery_indices(stage1.gallery_ids[:, :k], split)  # [Q, K]
+    target = torch.tensor(split.target_indices(), dtype=torch.long)
+    first_ranks = torch.from_numpy(stage1.target_rank.astype(np.int64))
+    hit = (first_ranks >= 1) & (first_ranks <= k)
+    rows = hit.nonzero()[:, 0] if skip_misses and split.has_targets else torch.arange(len(candidates))
+    scores = torch.full(candidates.shape, MISS_SCORE)
+    order = candidates.clone()
+    if len(rows):
+        new_scores, new_order = retrieval.rerank(score_fn, rows, candidates[rows], batch_size=batch_size)
+        scores[rows], order[rows] = new_scores.float().cpu(), new_order.cpu()
+    ranks = retrieval.reranked_target_ranks(order, target, first_ranks)
+    info = {**stage1.meta, **dict(meta or {}), "stage": "stage2", "stage1_k": stage1.k, "skip_misses": skip_misses,
+            "reranked_queries": int(len(rows))}
+    info.pop("file", None)
+    return retrieval.make_topk(scores, order, query_ids=list(stage1.query_ids), gallery_ids=split.gallery_names,
+                               target=target, ranks=ranks, category=list(stage1.category), meta=info)
+
+
+def _members(split: Any) -> tuple[Tensor, Tensor]:
+    members = split.member_indices()
+    width = max((len(m) for m in members), default=0)
+    padded = torch.tensor([m + [-1] * (width - len(m)) for m in members], dtype=torch.long)
+    return padded.reshape(len(members), width), torch.tensor(split.ref_indices(), dtype=torch.long)
+
+
+@torch.no_grad()
+def subset_scores(score_fn: ScoreFn, split: Any, *, batch_size: int = 8) -> Tensor:
+    """CIRR: every query's non-reference ``img_set`` members scored by ``score_fn``, in a [Q, G] matrix whose other
+    entries are -inf (feed it to :func:`cirlab.core.metrics.cirr_subset_ranks` or
+    :func:`cirlab.core.retrieval.subset_topk`)."""
+    members, reference = _members(split)
+    keep = (members >= 0) & (members != reference[:, None])
+    out = torch.full((len(members), len(split.gallery_names)), float("-inf"))
+    for i0 in range(0, len(members), batch_size):
+        rows = torch.arange(i0, min(len(members), i0 + batch_size))
+        cand = members[rows].clamp(min=0)
+        s = score_fn(rows, cand).float().cpu()
+        valid = keep[rows]
+        out[rows[:, None].expand_as(cand)[valid], cand[valid]] = s[valid]
+    return out
+
+
+def subset_ranks(scores: Tensor, split: Any) -> Tensor:
+    """Recall_subset ranks (1-based among the five non-reference members) of the queries with a target."""
+    members, reference = _members(split)
+    target = torch.tensor(split.target_indices(), dtype=torch.long)
+    known = target >= 0
+    return M.cirr_subset_ranks(scores[known], target[known], reference[known], members[known])
+
+
+def reranked_metrics(protocol: str, splits: Sequence[Any], topks: Mapping[str, TopK],
+                     subset: Tensor | None = None) -> dict[str, float]:
+    """The protocol's metrics (:func:`cirlab.engine.evaluate.cir_protocol_metrics`) from the re-ranked files'
+    target ranks, over every query with a known target."""
+    from cirlab.engine.evaluate import cir_protocol_metrics
+
+    ranks = {}
+    for split in splits:
+        name = topk_name(split)
+        known = torch.tensor(split.target_indices()) >= 0
+        if bool(known.any()):
+            key = split.category or name if protocol == "fashioniq" else name
+            ranks[key] = torch.from_numpy(topks[name].target_rank.astype(np.int64))[known]
+    if not ranks:
+        logger.warning("no split has ground-truth targets: no metrics, only rankings")
+        return {}
+    return cir_protocol_metrics(protocol, ranks, subset)
+
+
+def evaluate_reranker(model: Any, splits: Sequence[Any], *, eval_config: Mapping[str, Any], device: Any,
+                      topk_dir: Any = None, skip_misses: bool = True) -> dict[str, Any]:
+    """Re-rank stage I's top-K of each split with ``model`` and report the protocol's metrics.
+
+    ``eval`` keys read: ``stage1_topk`` (stage I's top-K: a run folder, a folder or a file; empty = ranked by
+    ``model.stage1``), ``protocol``, ``batch_size`` (queries per scoring call). K is ``model.config.k``. The re-ranked
+    top-K files go to :func:`topk_dir_for`.
+
+    Returns:
+        ``{"metrics", "ranks": {name: target ranks}, "query_ids", "topk_paths"}``, as ``evaluate_cir`` returns.
+    """
+    splits = list(splits)
+    k = int(model.config.k)
+    out_dir = topk_dir_for(eval_config, topk_dir)
+    firsts = stage1_topk(model, splits, eval_config=eval_config, device=device, k=k, topk_dir=out_dir)
+    protocol = eval_config.get("protocol") or splits[0].dataset
+    batch = int(eval_config.get("batch_size") or 8)
+    topks, subset = {}, None
+    was_training = model.training
+    model.eval()
+    try:
+        for split in splits:
+            name = topk_name(split)
+            score = model.candidate_scorer(split, batch_size=batch)
+            topks[name] = rerank_topk(score, split, firsts[name], k, skip_misses=skip_misses, batch_size=batch,
+                                      meta={"model": getattr(model, "model_name", type(model).__name__)})
+            if protocol == "cirr" and split.has_targets:
+                subset = subset_ranks(subset_scores(score, split, batch_size=batch), split)
+            logger.info("re-ranked %s: top %d of %d queries (%d scored)", name, k, len(split.triplets),
+                        topks[name].meta["reranked_queries"])
+    finally:
+        model.train(was_training)
+    paths = [str(save_topk(out_dir / f"{n}.topk.npz", t)) for n, t in topks.items()] if out_dir is not None else []
+    return {"metrics": reranked_metrics(protocol, splits, topks, subset),
+            "ranks": {n: t.target_rank for n, t in topks.items()},
+            "query_ids": {n: list(t.query_ids) for n, t in topks.items()}, "topk_paths": paths}
+
+
+# ----------------------------------------------------------------------------------------------- CIRR test server
+
+
+@torch.no_grad()
+def score_matrix(model: Any, split: Any, *, batch_size: int = 64, device: Any = "cpu") -> Tensor:
+    """[Q, G] scores of a CIR model (``encode_query`` / ``encode_target``) over ``split.gallery_names``."""
+    from cirlab.engine.evaluate import encode_dataset
+
+    transform = model.image_transform(False) if hasattr(model, "image_transform") else None
+    model.eval()
+    queries = encode_dataset(lambda b: model.encode_query(b["ref_image"], b["text"]), split.query_dataset(transform),
+                             batch_size=batch_size, device=device)
+    gallery = encode_dataset(lambda b: model.encode_target(b["image"]), split.gallery_dataset(transform),
+                             batch_size=batch_size, device=device)
+    return retrieval.similarity(queries.float(), gallery.float())
+
+
+def cirr_rankings(model: Any, split: Any, *, eval_config: Mapping[str, Any], device: Any,
+                  topk_dir: Any = None) -> tuple[list[list[str]], list[list[str]]]:
+    """The two name lists of a CIRR submission for ``model`` on ``split``: the top 50 with the reference removed
+    and the best 3 non-reference members. A re-ranker re-orders stage I's first K (positions past K keep stage I's
+    order) and scores the members itself; a CIR model ranks by its embeddings."""
+    batch = int(eval_config.get("batch_size") or 64)
+    if not hasattr(model, "candidate_scorer"):
+        reference = torch.tensor(split.ref_indices(), dtype=torch.long)
+        return retrieval.cirr_rankings(score_matrix(model, split, batch_size=batch, device=device), reference,
+                                       _members(split)[0], split.gallery_names, k=SUBMISSION_K)
+    k = int(model.config.k)
+    first = stage1_topk(model, [split], eval_config=eval_config, device=device, k=max(k, SUBMISSION_K),
+                        topk_dir=topk_dir_for(eval_config, topk_dir))[topk_name(split)]
+    model.eval()
+    score = model.candidate_scorer(split, batch_size=batch)
+    top = rerank_topk(score, split, first, k, batch_size=batch)
+    ranked = [list(a[:k]) + list(b[k:SUBMISSION_K]) for a, b in zip(top.gallery_ids, first.gallery_ids)]
+    members, reference = _members(split)
+    best = retrieval.subset_topk(subset_scores(score, split, batch_size=batch), reference, members, 3)
+    names = np.asarray(split.gallery_names)
+    return ranked, names[best.numpy()].tolist()
+
+
+def check_submission(submission: Mapping[str, Mapping[str, Any]], split: Any) -> None:
+    """Beyond the server schema (:func:`cirlab.core.metrics.validate_cirr_submission`): exactly the split's pair
+    ids, gallery names only, never the query's reference, subset names from its own ``img_set``."""
+    pair_ids = [t.query_id for t in split.triplets]
+    gallery = set(split.gallery_names)
+    for metric, obj in submission.items():
+        M.validate_cirr_submission(obj, pair_ids=pair_ids)
+        for t in split.triplets:
+            names = obj[str(int(t.query_id))]
+            bad = [n for n in names if n not in gallery] or [n for n in names if n == t.ref_name]
+            if metric == "recall_subset":
+                allowed = set(t.extras.get("members") or ()) - {t.ref_name}
+                bad = bad or [n for n in names if allowed and n not in allowed]
+            if bad:
+                raise ValueError(f"CIRR submission ({metric}): pair {t.query_id} lists {bad[0]!r}, which is not a "
+                                 "valid candidate (outside the gallery, the reference, or outside its img_set)")
+
+
+def cirr_submission(model: Any, split: Any, *, eval_config: Mapping[str, Any], device: Any = "cpu",
+                    topk_dir: Any = None) -> dict[str, dict[str, Any]]:
+    """The two CIRR test-server dicts (``recall``, ``recall_subset``) of ``model`` on ``split``, validated
+    against the split; write them with :func:`cirlab.core.retrieval.save_cirr_submission`."""
+    if split.dataset != "cirr":
+        raise _config_error(f"CIRR submissions are for the CIRR dataset, not {split.dataset!r}")
+    ranked, subset = cirr_rankings(model, split, eval_config=eval_config, device=device, topk_dir=topk_dir)
+    submission = M.cirr_submission([t.query_id for t in split.triplets], ranked, subset)
+    check_submission(submission, split)
+    return submission
+
+
+# ----------------------------------------------------------------------------------------------- whole pipeline
+
+
+def pipeline_configs(dataset: str, data_root: str | os.PathLike, output_dir: str | os.PathLike, *,
+                     preset: str = "tiny", k: int = 50, stage1: Sequence[str] = (),
+                     stage2: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run configs of both stages on one dataset root: stage I writes its top-``k`` (``eval.k``); stage II starts
+    its streams from stage I's text encoder (``init_from: stage1``; the paper starts them from BLIP), freezes that
+    stage I (``stage1_checkpoint``), re-ranks all ``k`` candidates and reads stage I's top-K files
+    (``eval.stage1_topk``). ``stage1`` / ``stage2`` are ``--set``-style overrides (``train.epochs=3``)."""
+    from cirlab.engine.runs import apply_overrides, parse_set, validate_config, with_defaults
+
+    out = Path(output_dir)
+    options = {"protocol": "rerank"} if dataset == "fashioniq" else {}  # the paper's Fashion-IQ gallery and captions
+    test = "test1" if dataset == "cirr" else "val"
+    base = {"preset": preset, "dataset": {"name": dataset, "root": str(data_root), "category": None,
+                                          "test_split": test, "options": options},
+            "train": {"selection": "last", "progress": "log", "tensorboard": False, "eval_every": 0}}
+    first = with_defaults({**base, "name": "stage1", "model": "blip_rerank_stage1", "output_dir": str(out / "stage1"),
+                           "eval": {"splits": ["val"], "k": k}})
+    second = with_defaults({**base, "name": "stage2", "model": "blip_rerank_stage2",
+                            "output_dir": str(out / "stage2"),
+                            "model_overrides": {"init_from": "stage1", "stage1_checkpoint": str(out / "stage1"),
+                                                "rerank_k": k},
+                            "eval": {"splits": ["val"], "stage1_topk": str(out / "stage1"), "batch_size": 16}})
+    configs = (apply_overrides(first, parse_set(stage1)), apply_overrides(second, parse_set(stage2)))
+    for config in configs:
+        validate_config(config, f"rerank pipeline {config['name']}")
+    return configs
+
+
+def run_pipeline(dataset: str, data_root: str | os.PathLike, output_dir: str | os.PathLike, *, preset: str = "tiny",
+                 k: int = 50, stage1: Sequence[str] = (), stage2: Sequence[str] = (),
+                 device: str | None = None) -> dict[str, Any]:
+    """Train stage I, write its top-``k``, train stage II on it and re-rank: what ``cirlab train`` does with the
+    two configs of :func:`pipeline_configs`, in one call (the rank-shift notebook's Figure 8).
+
+    Returns ``{"stage1": metrics.json, "stage2": metrics.json, "stage1_topk": folder, "stage2_topk": folder}``.
+    """
+    from cirlab.engine.runs import run_experiment
+
+    first, second = pipeline_configs(dataset, data_root, output_dir, preset=preset, k=k, stage1=stage1, stage2=stage2)
+    result = {"stage1": run_experiment(first, device=device), "stage2": run_experiment(second, device=device)}
+    return {**result, "stage1_topk": str(Path(first["output_dir"]) / "topk"),
+            "stage2_topk": str(Path(second["output_dir"]) / "topk")}
