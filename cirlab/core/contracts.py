@@ -61,6 +61,15 @@ class Reranker(Protocol):
     def score_candidates(self, queries: dict[str, Any], candidate_ids: "torch.Tensor") -> "torch.Tensor": ...
 
 
+@runtime_checkable
+class TracedModel(Protocol):
+    """A router model: it declares what its routers emit through :func:`cirlab.core.tracing.emit` while a
+    :func:`cirlab.trace_routes` block is active (``"gate"``: AMC's expert weights, ``"path"``: DIME's cell-to-cell
+    paths), so tools know the frame to expect."""
+
+    trace_kind: ClassVar[str]
+
+
 # ------------------------------------------------------------------------------------------- optional hooks
 @runtime_checkable
 class HasOwnEvaluation(Protocol):

@@ -510,6 +510,7 @@ class AMC(nn.Module):
 
     model_name = "amc"
     task = "cir"
+    trace_kind = "gate"  # each routing layer emits its [B, 3] expert weights
 
     @classmethod
     def ensemble(cls, models: Sequence["AMC"]) -> "AMCEnsemble":

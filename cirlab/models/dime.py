@@ -666,6 +666,7 @@ class DIME(nn.Module):
 
     model_name = "dime"
     task = "itm"
+    trace_kind = "path"  # each routing layer emits its [pairs, D, S] cell-to-cell path matrix
 
     @classmethod
     def ensemble(cls, models: Sequence["DIME"]) -> "DIMEEnsemble":
