@@ -1,17 +1,17 @@
 """Protocol-exact retrieval metrics: tensors in, plain dicts of floats (percent) out.
 
 Every function here is pure (no I/O, no globals) and vectorised; the naive per-query loops they must equal
-live in ``tests/naive_metrics.py``. Protocols (specifications: ``shared/research/rerank_cala.md`` C.5/C.6,
-``amc_dime.md`` I.5/II.5, ``hrem_itm.md`` section 7):
+live in ``tests/naive_metrics.py``. Protocols, as the papers' public evaluation code computes them (CLIP4Cir,
+the re-ranking paper and CaLa for Fashion-IQ/CIRR; AMC for Shoes; VSE++/DIME/HREM ``evaluation.py`` for ITM):
 
-* **Fashion-IQ** (CLIP4Cir / Re-ranking / CaLa, C.5): per category R@10 and R@50 over that category's val
+* **Fashion-IQ** (CLIP4Cir / Re-ranking / CaLa): per category R@10 and R@50 over that category's val
   gallery, the reference is *not* removed; ``avg_R@10`` / ``avg_R@50`` are the means over categories and
-  ``avg`` (the paper's "overall") is their mean. The AMC variant (I.5) removes the reference: pass ``exclude``.
-* **Shoes** (AMC, I.5): R@1/10/50 with the reference removed, ``avg`` = their mean.
-* **CIRR** (C.5): R@1/5/10/50 with the reference removed from the gallery, Recall_subset@1/2/3 over the
+  ``avg`` (the paper's "overall") is their mean. The AMC variant removes the reference: pass ``exclude``.
+* **Shoes** (AMC): R@1/10/50 with the reference removed, ``avg`` = their mean.
+* **CIRR**: R@1/5/10/50 with the reference removed from the gallery, Recall_subset@1/2/3 over the
   ``img_set`` members (reference removed; the subset ranking is the global ranking restricted to the set),
-  ``avg`` = (R@5 + Rsubset@1) / 2. :func:`cirr_submission` builds the test-server JSON (C.6).
-* **ITM** (VSE++/SCAN/GPO/HREM ``mode='coco'``, hrem 7.3, DIME II.5): ``sims`` is [N images x 5N captions] with
+  ``avg`` = (R@5 + Rsubset@1) / 2. :func:`cirr_submission` builds the test-server JSON.
+* **ITM** (VSE++/SCAN/GPO/HREM ``mode='coco'``, HREM and DIME evaluation code): ``sims`` is [N images x 5N captions] with
   captions ``5i..5i+4`` belonging to image ``i``; i2t ranks an image by its best caption, t2i ranks each caption's
   image; R@1/5/10, ``medr = floor(median(rank0)) + 1`` (NumPy median: the mean of the two middle values for an even
   count, *not* ``torch.median``'s lower middle value), ``meanr = mean(rank0) + 1``, ``rsum`` = the six recalls.
@@ -21,10 +21,10 @@ live in ``tests/naive_metrics.py``. Protocols (specifications: ``shared/research
 arbitrary place. cirlab's default, ``ties="stable"``, resolves ties toward the lower gallery index, as a stable
 sort of the descending scores does: the 1-based rank of the target is
 ``1 + #(scores strictly greater) + #(scores equal at a lower gallery index)``. ``ties="optimistic"`` counts only
-strictly greater scores (the oracle of hrem 7.6); ``ties="pessimistic"`` puts every tied item first.
+strictly greater scores (the HREM evaluation's); ``ties="pessimistic"`` puts every tied item first.
 
 **Exclusion.** ``exclude`` holds one gallery index per query (``-1``: none), the reference image. It is removed
-from that query's ranking exactly as C.5's ``names[names != reference]`` does (equivalently AMC's
+from that query's ranking exactly as the re-ranking code's ``names[names != reference]`` does (equivalently AMC's
 ``sims[i, ref] = -1e11``). A target equal to its own excluded reference is never a hit (its rank is reported as
 ``G + 1``, past every rankable item).
 
@@ -58,7 +58,7 @@ CIRR_KS = (1, 5, 10, 50)
 CIRR_SUBSET_KS = (1, 2, 3)
 ITM_KS = (1, 5, 10)
 CIRR_VERSION = "rc2"
-CIRR_SUBMISSION_K = {"recall": 50, "recall_subset": 3}  # list length per submission file (C.6)
+CIRR_SUBMISSION_K = {"recall": 50, "recall_subset": 3}  # list length per submission file (CIRR test server)
 
 ScoresLike = Any  # a tensor or anything torch.as_tensor accepts (numpy arrays, memmaps, lists)
 _NEVER = torch.iinfo(torch.long).max  # rank that no recall cut-off reaches (a target removed with its reference)
@@ -208,7 +208,7 @@ def recall_at_k(scores: ScoresLike, target: ScoresLike, ks: Sequence[int], exclu
                 ties: str = "stable", chunk_size: int = 1024, prefix: str = "") -> dict[str, float]:
     """Recall@K in percent: the share of queries whose target ranks within the top K (see :func:`target_ranks`).
 
-    A query whose target equals its excluded reference is a miss for every K (C.5 removes the reference).
+    A query whose target equals its excluded reference is a miss for every K (the CIR protocols remove the reference).
 
     Examples:
         >>> s = torch.tensor([[0.9, 0.5, 0.5, 0.1], [0.2, 0.8, 0.8, 0.3]])
@@ -246,8 +246,8 @@ def fashioniq_metrics(per_category: Mapping[str, RanksOrScores], *, ks: Sequence
                       ties: str = "stable") -> dict[str, float]:
     """Fashion-IQ: per-category R@10/R@50, their means over categories, and ``avg`` = mean of those means.
 
-    Protocol (C.5, CLIP4Cir/Re-ranking/CaLa): each category is evaluated on its own val gallery
-    (``split.{cat}.val.json``) and the reference is *not* removed. AMC (I.5) removes the reference and uses the
+    Protocol (CLIP4Cir / Re-ranking / CaLa): each category is evaluated on its own val gallery
+    (``split.{cat}.val.json``) and the reference is *not* removed. AMC removes the reference and uses the
     union of the caption file's images as gallery: pass ``(scores, target, exclude)`` with that gallery.
     The paper's "overall" is ``avg`` = (avg_R@10 + avg_R@50) / 2.
 
@@ -272,7 +272,7 @@ def fashioniq_metrics(per_category: Mapping[str, RanksOrScores], *, ks: Sequence
 
 
 def shoes_metrics(entry: RanksOrScores, *, ks: Sequence[int] = SHOES_KS, ties: str = "stable") -> dict[str, float]:
-    """Shoes (AMC, I.5): R@1/10/50 with the reference removed, and ``avg`` = their mean.
+    """Shoes (AMC): R@1/10/50 with the reference removed, and ``avg`` = their mean.
 
     Args:
         entry: 1-based target ranks [Q], or ``(scores, target, exclude)`` with ``exclude`` the reference index.
@@ -297,9 +297,9 @@ def _subset_mask(members: Tensor, target: Tensor, reference: Tensor) -> Tensor:
 
 def cirr_subset_ranks(scores: ScoresLike, target: ScoresLike, reference: ScoresLike, members: ScoresLike, *,
                       ties: str = "stable") -> Tensor:
-    """1-based rank of the target among the ``img_set`` members with the reference removed (C.5).
+    """1-based rank of the target among the ``img_set`` members with the reference removed.
 
-    C.5 restricts the global ranking to the set (``isin(names, members)``), so the subset rank counts the members
+    The re-ranking code restricts the global ranking to the set (``isin(names, members)``), so the subset rank counts the members
     whose score beats the target's (ties as in :func:`target_ranks`).
 
     Args:
@@ -356,7 +356,7 @@ def cirr_metrics_from_ranks(ranks: ScoresLike, subset_ranks: ScoresLike) -> dict
 
 def cirr_metrics(scores: ScoresLike, target: ScoresLike, reference: ScoresLike, members: ScoresLike, *,
                  ties: str = "stable", chunk_size: int = 1024) -> dict[str, float]:
-    """CIRR val protocol (C.5): R@1/5/10/50 and Recall_subset@1/2/3 with the reference removed.
+    """CIRR val protocol: R@1/5/10/50 and Recall_subset@1/2/3 with the reference removed.
 
     ``avg`` = (R@5 + Rsubset@1) / 2, the headline number. Denominators are all queries.
 
@@ -378,7 +378,7 @@ def cirr_metrics(scores: ScoresLike, target: ScoresLike, reference: ScoresLike, 
 
 def cirr_submission(pair_ids: Sequence[int | str], ranked_names: Sequence[Sequence[str]],
                     subset_names: Sequence[Sequence[str]]) -> dict[str, dict[str, object]]:
-    """The two CIRR test-server dicts (C.6): ``{"recall": {...}, "recall_subset": {...}}``.
+    """The two CIRR test-server dicts: ``{"recall": {...}, "recall_subset": {...}}``.
 
     Each dict holds ``"version": "rc2"``, ``"metric"`` and ``str(int(pairid)) -> names``: the top-50 global
     predictions with the reference removed, and the top-3 of the non-reference set members, best first. Both are
@@ -404,7 +404,7 @@ def cirr_submission(pair_ids: Sequence[int | str], ranked_names: Sequence[Sequen
 
 
 def validate_cirr_submission(obj: Mapping[str, object], *, pair_ids: Sequence[int | str] | None = None) -> None:
-    """Check a CIRR test-server dict against the C.6 schema; raise ``ValueError`` naming the bad entry.
+    """Check a CIRR test-server dict against the test server's schema; raise ``ValueError`` naming the bad entry.
 
     Schema: ``version == "rc2"``; ``metric`` in {"recall", "recall_subset"}; every other key is a pair id written
     as ``str(int(pairid))`` mapping to a list of distinct image names of length 50 (recall) or 3 (recall_subset).
@@ -460,7 +460,7 @@ def _check_itm(sims: ScoresLike, captions_per_image: int) -> Tensor:
 
 def i2t_ranks(sims: ScoresLike, *, captions_per_image: int = 5, ties: str = "stable",
               chunk_size: int = 512) -> Tensor:
-    """Image annotation: 1-based rank of each image's best-ranked ground-truth caption (hrem 7.3).
+    """Image annotation: 1-based rank of each image's best-ranked ground-truth caption (HREM's ``evaluation.py``).
 
     Image ``i`` owns captions ``5i..5i+4``; its rank is the smallest rank among them, which (stable ties) is the rank
     of the lowest-index caption holding the best ground-truth score.
@@ -489,7 +489,7 @@ def i2t_ranks(sims: ScoresLike, *, captions_per_image: int = 5, ties: str = "sta
 
 def t2i_ranks(sims: ScoresLike, *, captions_per_image: int = 5, ties: str = "stable",
               chunk_size: int = 512) -> Tensor:
-    """Image search: 1-based rank of each caption's image among all images (hrem 7.3).
+    """Image search: 1-based rank of each caption's image among all images (HREM's ``evaluation.py``).
 
     Computed column-wise over blocks of image rows, so extra memory is O(chunk_size x 5N), never a transposed copy.
 
@@ -552,13 +552,13 @@ def itm_metrics(sims: ScoresLike, *, captions_per_image: int = 5, ties: str = "s
     """ITM protocol on one [N x 5N] block (Flickr30K 1K, COCO 5K): i2t and t2i R@1/5/10, medr, meanr, rsum.
 
     ``R@K = 100 * #{rank0 < K} / #queries`` (N for i2t, 5N for t2i), ``medr = floor(median(rank0)) + 1`` and
-    ``meanr = mean(rank0) + 1`` (hrem 7.3). Rows are processed ``chunk_size`` at a time: a COCO-5K matrix
+    ``meanr = mean(rank0) + 1`` (HREM's ``evaluation.py``). Rows are processed ``chunk_size`` at a time: a COCO-5K matrix
     (5,000 x 25,000) needs O(chunk_size x 25,000) extra memory, not another full-size copy.
 
     Examples:
         >>> import numpy as np
         >>> sims = torch.from_numpy(np.random.default_rng(0).permutation(45).reshape(3, 15) / 45)
-        >>> m = itm_metrics(sims)  # the verified vector of hrem 7.6
+        >>> m = itm_metrics(sims)  # checked against HREM's evaluation
         >>> [round(m[k], 2) for k in ("i2t_R@1", "i2t_R@5", "i2t_medr", "i2t_meanr")]
         [33.33, 100.0, 2.0, 1.67]
         >>> [round(m[k], 2) for k in ("t2i_R@1", "t2i_medr", "t2i_meanr")]
@@ -575,7 +575,7 @@ def coco_5k_metrics(sims: ScoresLike, **kw: object) -> dict[str, float]:
 
 def coco_1k_metrics(sims: ScoresLike, *, folds: int = 5, captions_per_image: int = 5, ties: str = "stable",
                     chunk_size: int = 512) -> dict[str, float]:
-    """COCO 1K: every metric averaged over ``folds`` contiguous blocks of images (hrem 7.4).
+    """COCO 1K: every metric averaged over ``folds`` contiguous blocks of images (HREM's ``evaluation.py``).
 
     Fold ``f`` scores images ``[fn, (f+1)n)`` against their own captions ``[5fn, 5(f+1)n)`` with ``n = N / folds``
     (1,000 for COCO ``testall``); R@K, medr, meanr and rsum are each the mean over folds.

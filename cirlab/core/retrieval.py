@@ -5,7 +5,8 @@
 * Re-ranking: :func:`fuse_scores`, :func:`reorder`, :func:`rerank` (score K candidates in batches),
   :func:`reranked_target_ranks`.
 * Files: :func:`make_topk` builds a :class:`cirlab.core.topk.TopK`; :func:`cirr_rankings` and
-  :func:`save_cirr_submission` produce the CIRR test-server JSON (``rerank_cala.md`` C.6).
+  :func:`save_cirr_submission` produce the CIRR test-server JSON (https://github.com/Cuberick-Orion/CIRR,
+  ``Test-split_server.md``). The two-stage pipeline built on these is :mod:`cirlab.engine.rerank`.
 * :func:`encode_corpus` is the only function that touches a DataLoader; its feature cache is keyed by
   :func:`cache_key` of (checkpoint digest, dataset name/split/size, encoder name).
 
@@ -27,14 +28,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cirlab.core.metrics import cirr_submission, target_ranks, validate_cirr_submission
+from cirlab.core.io import write_text
+from cirlab.core.metrics import target_ranks, validate_cirr_submission
 from cirlab.core.topk import TopK
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "similarity", "topk_search", "topk_candidates", "target_ranks", "fuse_scores", "reorder", "rerank",
-    "reranked_target_ranks", "candidate_ranks", "make_topk", "cirr_rankings", "save_cirr_submission",
+    "reranked_target_ranks", "candidate_ranks", "make_topk", "cirr_rankings", "subset_topk", "save_cirr_submission",
     "encode_corpus", "cache_key", "file_digest", "state_dict_digest",
 ]
 
@@ -210,7 +212,7 @@ def candidate_ranks(indices: Tensor, target: Any) -> Tensor:
 def fuse_scores(stage1: Tensor, stage2: Tensor, alpha: float) -> Tensor:
     """Linear fusion ``alpha * stage1 + (1 - alpha) * stage2`` of two [Q, K] score lists.
 
-    ``alpha = 0`` ranks by the stage-II scores alone, as the Re-ranking paper does (A.8).
+    ``alpha = 0`` ranks by the stage-II scores alone, as the re-ranking paper does (Liu et al., TMLR 2024).
 
     Examples:
         >>> fuse_scores(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.25).tolist()
@@ -263,7 +265,8 @@ def reranked_target_ranks(candidates: Tensor, target: Any, stage1_ranks: Any) ->
     """Target ranks after re-ranking the top-K: its new position when it was a candidate, else its stage-I rank.
 
     A target outside the candidate pool keeps its stage-I rank (> K), so it stays a miss for every k <= K and
-    R@k for k >= K equals stage I (A.8); the top-K file format asks for exactly this.
+    R@k for k >= K equals stage I (Liu et al., TMLR 2024, evaluate with all N queries as the denominator); the
+    top-K file format asks for exactly this.
 
     Examples:
         >>> reranked_target_ranks(torch.tensor([[3, 7, 5], [1, 2, 4]]), [5, 9], [2, 40]).tolist()
@@ -316,7 +319,7 @@ def make_topk(scores: Tensor, indices: Tensor, *, query_ids: Sequence[Any], gall
 
 def cirr_rankings(scores: Tensor, reference: Any, members: Any, gallery_names: Sequence[str], *, k: int = 50,
                   subset_k: int = 3, query_chunk: int = 1024) -> tuple[list[list[str]], list[list[str]]]:
-    """Name lists for the CIRR submission (C.6): the global top-k with the reference removed, and the top
+    """Name lists for the CIRR submission: the global top-k with the reference removed, and the top
     ``subset_k`` of the non-reference ``img_set`` members (ties: lower gallery index first).
 
     Examples:
@@ -328,28 +331,37 @@ def cirr_rankings(scores: Tensor, reference: Any, members: Any, gallery_names: S
     names = np.asarray(gallery_names, dtype=str)
     ref = torch.as_tensor(reference).long().reshape(-1)
     mem = torch.as_tensor(members).long().reshape(len(ref), -1)
-    sub = _subset_topk(s, ref, mem, subset_k)  # validates members before the long global search
+    sub = subset_topk(s, ref, mem, subset_k)  # validates members before the long global search
     _, top = topk_candidates(s, k, exclude=ref, query_chunk=query_chunk)
     return names[top.numpy()].tolist(), names[sub.numpy()].tolist()
 
 
-def _subset_topk(s: Tensor, ref: Tensor, mem: Tensor, subset_k: int) -> Tensor:
+def subset_topk(scores: Tensor, reference: Any, members: Any, k: int = 3) -> Tensor:
+    """Gallery indices [Q, k] of each query's best ``k`` non-reference ``img_set`` members (CIRR Recall_subset),
+    ties: lower gallery index first; repeated members count once, -1 pads.
+
+    Examples:
+        >>> subset_topk(torch.tensor([[0.9, 0.1, 0.8, 0.3]]), [0], [[0, 1, 2, 3, -1]], k=2).tolist()
+        [[2, 3]]
+    """
+    s = torch.as_tensor(scores)
+    ref = torch.as_tensor(reference).long().reshape(-1)
+    mem = torch.as_tensor(members).long().reshape(len(ref), -1)
     m = mem.shape[1]
     earlier = torch.ones(m, m, dtype=torch.bool).tril(-1)
     repeated = ((mem[:, :, None] == mem[:, None, :]) & earlier).any(2)
     keep = (mem >= 0) & (mem != ref[:, None]) & ~repeated
-    short = keep.sum(1) < subset_k
+    short = keep.sum(1) < k
     if short.any():
         i = int(short.nonzero()[0, 0])
-        raise ValueError(f"query {i}: img_set has {int(keep[i].sum())} non-reference members, need {subset_k}")
-    ms = s.gather(1, mem.clamp(min=0)).float().masked_fill(~keep, float("-inf"))
-    order_s, order_i = _sort_rows(ms, mem)
-    return order_i[:, :subset_k]
+        raise ValueError(f"query {i}: img_set has {int(keep[i].sum())} non-reference members, need {k}")
+    member_scores = s.gather(1, mem.clamp(min=0)).float().masked_fill(~keep, float("-inf"))
+    return _sort_rows(member_scores, mem)[1][:, :k]
 
 
 def save_cirr_submission(submission: Mapping[str, Mapping[str, Any]], out_dir: str | os.PathLike,
                          name: str) -> tuple[Path, Path]:
-    """Write ``recall_submission_<name>.json`` and ``recall_subset_submission_<name>.json`` (C.6) atomically.
+    """Write ``recall_submission_<name>.json`` and ``recall_subset_submission_<name>.json`` atomically.
 
     ``submission`` is :func:`cirlab.core.metrics.cirr_submission`'s output; both dicts are validated first and written
     with ``sort_keys=True`` as the reference scripts do.
@@ -361,17 +373,8 @@ def save_cirr_submission(submission: Mapping[str, Mapping[str, Any]], out_dir: s
         validate_cirr_submission(obj)
         if obj["metric"] != metric:
             raise ValueError(f"submission[{metric!r}] holds metric {obj['metric']!r}")
-        paths.append(_atomic_write_text(out_dir / f"{stem}_{name}.json", json.dumps(obj, sort_keys=True)))
+        paths.append(write_text(out_dir / f"{stem}_{name}.json", json.dumps(obj, sort_keys=True)))
     return paths[0], paths[1]
-
-
-def _atomic_write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------- encoding
@@ -469,7 +472,7 @@ def _encode_batches(encode_fn: Callable[[Any], Tensor], loader: Iterable, key: s
 
 
 def _scatter_by_index(features: Tensor, index: Tensor, index_key: str) -> Tensor:
-    """Put row i at position index[i] (loaders may shuffle or re-sort; hrem 7.5)."""
+    """Put row i at position index[i] (loaders may shuffle or re-sort the rows)."""
     n = len(features)
     if len(index) != n or not torch.equal(index.sort().values, torch.arange(n)):
         raise ValueError(f"encode_corpus: batch['{index_key}'] is not a permutation of 0..{n - 1} "

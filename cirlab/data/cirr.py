@@ -1,5 +1,5 @@
 """CIRR release rc2 (Liu et al., "Image Retrieval on Real-life Images with Pre-trained Vision-and-Language Models",
-ICCV 2021; https://github.com/Cuberick-Orion/CIRR), read as the release ships it (rerank_cala.md C.2).
+ICCV 2021; https://github.com/Cuberick-Orion/CIRR), read as the release ships it.
 
 Layout (``root`` = the ``cirr_dataset`` folder)::
 

@@ -28,7 +28,7 @@ AMC's full-split variant (its unused ``gallery_all=True``) keeps AMC's reference
 gallery="split"`` (labelled ``amc(gallery=split)``). ``rerank`` is an alias of ``clip4cir``. Caption policies (``CAPTION_POLICIES``):
 
 * ``clip4cir``: eval text ``"{c1.strip('.?, ').capitalize()} and {c2.strip('.?, ')}"``; training text drawn at random
-  per item from {c1 and c2, c2 and c1, c1, c2} (``generate_randomized_fiq_caption``, rerank_cala.md C.4).
+  per item from {c1 and c2, c2 and c1, c1, c2} (``generate_randomized_fiq_caption``).
 * ``amc``: ``"<BOS> c0 <AND> c1 <EOS>"`` for training and eval (AMC ``datasets.FashionIQ``); the model's
   tokenizer strips punctuation, the loader keeps the raw string.
 """
@@ -66,7 +66,7 @@ def clip4cir_join(captions: list[str]) -> str:
 
 
 def clip4cir_random(captions: list[str], rng: Any = random) -> str:
-    """Randomised CLIP4Cir training text (rerank_cala.md C.4): each of 4 forms with probability 1/4."""
+    """Randomised CLIP4Cir training text: each of 4 forms with probability 1/4."""
     c1, c2 = captions
     u = rng.random()
     if u < 0.25:

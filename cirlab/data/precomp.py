@@ -1,5 +1,5 @@
 """Flickr30K / MS-COCO "precomp" BUTD region features, the SCAN release format (Lee et al., ECCV 2018,
-https://github.com/kuanghuei/SCAN) used by VSE++, SCAN, GPO, HREM and DIME (hrem_itm.md section 2, amc_dime.md II.4).
+https://github.com/kuanghuei/SCAN) used by VSE++, SCAN, GPO, HREM and DIME.
 
 Layout (``root``)::
 

@@ -1,5 +1,5 @@
 """Shoes with relative captions (Guo et al., "Dialog-based interactive image retrieval", NeurIPS 2018), read as the AMC
-repository expects it (https://github.com/KevinLight831/AMC, ``datasets.Shoes``; amc_dime.md I.4).
+repository expects it (https://github.com/KevinLight831/AMC, ``datasets.Shoes``).
 
 Layout (``root``)::
 

@@ -5,7 +5,7 @@ name           pipeline (S = ``image_size``, R = round(S * 256 / 224), e.g. 256 
 =============  ==========================================================================  ===========
 ``targetpad``  TargetPad(1.25) -> Resize(S, bicubic, shorter side) -> CenterCrop(S); same   clip
                for train and eval (CLIP4Cir ``targetpad_transform``, used by Candidate
-               Re-ranking and CaLa; rerank_cala.md C.3)
+               Re-ranking and CaLa)
 ``squarepad``  SquarePad -> Resize(S, bicubic) -> CenterCrop(S) (CLIP4Cir alternative)       clip
 ``amc``        train: Resize((R, R)) -> RandomCrop(S) -> RandomHorizontalFlip; eval:         imagenet
                Resize((R, R)) -> CenterCrop(S) (AMC Fashion-IQ ``train.py``; the resize

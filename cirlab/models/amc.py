@@ -2,8 +2,8 @@
 
 Paper: Zhu, Wei, Zhao, Zhang, Huang. *AMC: Adaptive Multi-expert Collaborative Network for Text-guided Image
 Retrieval*. ACM TOMM 2023, doi:10.1145/3584703. Original code: https://github.com/KevinLight831/AMC
-(behavioural reference read at commit 313511ad1c9530456c9f41cba6e0d98f217bf1f0). cirlab's code is written from
-the digest ``shared/research/amc_dime.md`` (Part I); no code is copied from that repository.
+(behavioural reference read at commit 313511ad1c9530456c9f41cba6e0d98f217bf1f0); cirlab's code is written from
+its behaviour, and no code is copied from that repository.
 
 Architecture (top to bottom in this file)::
 
@@ -19,7 +19,7 @@ Expert order: the code (and every tensor, checkpoint and trace here) uses **[NIN
 Fig. 3 draws alpha1 = NIN, alpha2 = GTN, alpha3 = CRN. Traces carry both (``expert`` = code name,
 ``paper_name`` = "alpha_k name" in figure numbering), so plots can use either order without guessing.
 
-Faithful details kept on purpose (see the digest's checklist):
+Faithful details of the original code kept on purpose:
 
 * GTN uses the raw gamma (``x * gamma + beta``, not ``1 + gamma``); every expert ends in a non-affine LayerNorm.
 * CRN's self-attention is pre-LN, has **no residual around attention and no output projection**; FFN 1024->512->1024.

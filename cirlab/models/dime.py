@@ -3,7 +3,7 @@
 Paper: Leigang Qu, Meng Liu, Jianlong Wu, Zan Gao, Liqiang Nie. *Dynamic Modality Interaction Modeling for
 Image-Text Retrieval*. SIGIR 2021, pp. 1104-1113, doi:10.1145/3404835.3462829.
 Original code (behavioural reference; nothing here is copied): https://github.com/LgQu/DIME @ 5a711c4
-(Apache-2.0). Specification: ``research/amc_dime.md`` Part II and its closing checklist.
+(Apache-2.0): ``lib/``, ``train.py`` and ``evaluation.py`` there are what this file reproduces.
 
 Two directional models share this file:
 
@@ -22,7 +22,7 @@ Deviations from the original code, each behind a named config field (original be
 
 * ``mask_padding=True`` [False]: padding word positions are excluded from text pooling, the t2i self-attention
   keys, router means, GLGC/CMRC normalisations, the final BatchNorm statistics and pooling. The original lets
-  padding take part everywhere (digest II.8 #6); set ``mask_padding=False`` to reproduce it, e.g. with the
+  padding take part everywhere (the original's masking quirk); set ``mask_padding=False`` to reproduce it, e.g. with the
   released checkpoints.
 * ``extra_negatives="random"`` [same]: as the original, one random training caption (i2t) or image (t2i) per
   sample, drawn by the dataset (``PrecompSplit.pair_dataset(**model.dataset_extras())``). A batch without them
@@ -39,7 +39,7 @@ Deviations from the original code, each behind a named config field (original be
   (``fc(A @ C) = A @ fc(C)`` because every attention row sums to one); exact, and far cheaper per pair.
 
 The unused ``GLGC.fc_2`` and the i2t image BatchNorm are kept by default (``keep_unused_params``) so that
-original checkpoints load and the trainable count equals the digest's 6.27M.
+original checkpoints load and the trainable count equals the original's 6.27M.
 """
 from __future__ import annotations
 
@@ -810,7 +810,7 @@ class DIME(nn.Module):
         return (None, pool["items"], pool["image_idx"]) if i2t else (pool["items"], None, pool["image_idx"])
 
     def default_train_config(self) -> dict[str, Any]:
-        """Paper optimisation (digest II.3): Adam 2e-4, x0.1 every 15 epochs, 30 epochs, batch 32, clip 2,
+        """Paper optimisation (the original ``train.py`` defaults): Adam 2e-4, x0.1 every 15 epochs, 30 epochs, batch 32, clip 2,
         validation every 2000 steps. Checkpoints are selected on dev by r1 + r5 + r1i + r5i, i.e. the
         trainer's ``selection_metric`` :data:`SELECTION_METRIC` (not rsum)."""
         return {"optimizer": "adam", "lr": 2e-4, "weight_decay": 0.0, "epochs": 30, "batch_size": 32,

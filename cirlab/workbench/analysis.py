@@ -3,7 +3,7 @@
 Everything here is plain computation so that it is unit-tested without matplotlib and reused by
 :mod:`cirlab.workbench.viz`, :mod:`cirlab.workbench.widgets` and the notebooks:
 
-* rank shift (the re-ranking paper's Figure 8, ``rerank_cala.md`` A.9): align two top-K files by query,
+* rank shift (the re-ranking paper's Figure 8): align two top-K files by query,
   bin the queries by their rank before, and summarise how far targets moved;
 * the candidate-pool ceiling: a re-ranker that only re-orders the stage-I top-K cannot find a target
   outside it, so stage I's Recall@K_pool bounds stage II's recall at every k;
