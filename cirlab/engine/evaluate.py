@@ -402,7 +402,7 @@ def score_itm(model: Any, split: Any, *, batch_size: int = 128, shard_size: int 
     return torch.cat([rows[i] for i in range(len(images))])
 
 
-def evaluate_itm(model: Any, split: Any, protocol: str = "f30k", *, batch_size: int = 128, shard_size: int = 1000,
+def evaluate_itm(model: Any, split: Any, protocol: str = "full", *, batch_size: int = 128, shard_size: int = 1000,
                  device: Any = "cpu") -> dict[str, Any]:
     """Evaluate an ITM model on a precomp split.
 
