@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(subparsers)
     _add_delegated(subparsers, "data", "cirlab.data.cli", "add_subcommands", "dataset tools (check, synth, ...)")
     _add_delegated(subparsers, "report", "cirlab.workbench.report", "register_cli", "")
+    _add_delegated(subparsers, "submit/convert", "cirlab.rerank_cli", "register_cli", "")
     _add_models(subparsers)
     return parser
 
@@ -198,9 +199,9 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from cirlab.models.registry import get_entry, list_models, list_presets
+    from cirlab.models.registry import describe_models
 
-    rows = [{"model": n, "task": get_entry(n).task, "presets": list_presets(n)} for n in list_models()]
+    rows = describe_models()  # read from the model files' source: no torch import
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -218,13 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from cirlab.core.checkpoint import CheckpointError
-    from cirlab.data import DataError
-    from cirlab.engine.runs import ConfigError
+    from cirlab.core.errors import CirlabError  # config, checkpoint and data errors; imports nothing heavy
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, CheckpointError, DataError) as err:
+    except CirlabError as err:
         logger.error("%s", err)
         return 2
 

@@ -27,8 +27,7 @@ logger = logging.getLogger(__name__)
 FORMAT = "cirlab-checkpoint-v1"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, damaged, or needs ``trust_pickle=True``."""
+from cirlab.core.errors import CheckpointError  # noqa: E402  (re-exported: raised and caught by this name)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:

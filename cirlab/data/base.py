@@ -19,6 +19,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from cirlab.core.errors import CirlabError
+
 logger = logging.getLogger(__name__)
 
 Transform = Callable[[Any], Any]
@@ -28,7 +30,7 @@ Transform = Callable[[Any], Any]
 # errors and problems
 
 
-class DataError(ValueError):
+class DataError(CirlabError, ValueError):
     """A dataset file is missing, malformed or inconsistent. The message names the file and the entry."""
 
     def __init__(self, message: str, file: str | os.PathLike | None = None, entry: str | None = None,

@@ -55,8 +55,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-class ConfigError(ValueError):
-    """A run config is malformed; the message names the file and the key."""
+from cirlab.core.errors import ConfigError  # noqa: E402  (re-exported: raised and caught by this name)
 
 
 # PyYAML follows YAML 1.1, where "2e-4" (no dot) is a string; users mean a float

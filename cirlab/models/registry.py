@@ -59,6 +59,57 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
+def describe_models() -> list[dict[str, Any]]:
+    """``[{"model", "task", "presets"}]`` for every listed model, read from the model files' source (their
+    ``@register_model`` calls and their config classes' ``PRESETS`` keys) without importing them, so that
+    ``cirlab models`` answers without loading torch. A file written otherwise (a computed name or preset table)
+    is imported instead; models registered from outside the listed modules are included too."""
+    import ast
+    import importlib.util
+
+    rows: dict[str, dict[str, Any]] = {}
+    for module in _MODEL_MODULES:
+        spec = importlib.util.find_spec(module)
+        found = _static_entries(ast.parse(open(spec.origin, encoding="utf-8").read())) if spec and spec.origin else None
+        if found is None:
+            importlib.import_module(module)
+            continue
+        rows.update({row["model"]: row for row in found})
+    for name, entry in _REGISTRY.items():  # imported above, or registered by the caller
+        rows.setdefault(name, {"model": name, "task": entry.task, "presets": sorted(entry.config_cls.presets())})
+    return [rows[n] for n in sorted(rows)]
+
+
+def _static_entries(tree: Any) -> list[dict[str, Any]] | None:
+    """The registrations of one parsed model file, or None when they are not literal."""
+    import ast
+
+    presets: dict[str, list[str]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            for stmt in node.body:
+                target = stmt.target if isinstance(stmt, ast.AnnAssign) else (
+                    stmt.targets[0] if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 else None)
+                if isinstance(target, ast.Name) and target.id == "PRESETS":
+                    if not isinstance(stmt.value, ast.Dict) or not all(
+                            isinstance(k, ast.Constant) and isinstance(k.value, str) for k in stmt.value.keys):
+                        return None
+                    presets[node.name] = sorted(k.value for k in stmt.value.keys)
+    rows = []
+    for node in ast.walk(tree):
+        for deco in getattr(node, "decorator_list", []):
+            if not (isinstance(deco, ast.Call) and getattr(deco.func, "id", None) == "register_model"):
+                continue
+            kw = {k.arg: k.value for k in deco.keywords}
+            name = deco.args[0] if deco.args else None
+            task, cls = kw.get("task"), kw.get("config_cls")
+            if not (isinstance(name, ast.Constant) and isinstance(task, ast.Constant) and isinstance(cls, ast.Name)
+                    and cls.id in presets):
+                return None
+            rows.append({"model": name.value, "task": task.value, "presets": presets[cls.id]})
+    return rows
+
+
 def list_presets(name: str) -> list[str]:
     """Preset names of one model (paper presets plus ``tiny`` and ``lite``)."""
     return sorted(get_entry(name).config_cls.presets())
