@@ -46,6 +46,7 @@ from cirlab.core import io
 from cirlab.core.contracts import HasEpochHook, HasParamGroups, Model
 from cirlab.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cirlab.core.io import write_json
+from cirlab.core.threads import apply_thread_policy
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class TrainConfig:
     tensorboard: bool = True  # write tb/ when tensorboard is importable
     progress: str = "auto"  # auto (tqdm on a TTY, log lines otherwise) | tqdm | log | none
     resume: str = ""  # "" = fresh run | "auto" = <output_dir>/checkpoints/last.pt if present | a checkpoint path
+    num_threads: int = 0  # torch intra-op CPU threads; 0 = cirlab's policy (cirlab.core.threads; CIRLAB_THREADS)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives lists
@@ -542,6 +544,7 @@ class Trainer:
                  run_config: dict[str, Any] | None) -> None:
         self.cfg, self.output_dir, self.evaluate_fn, self.callbacks = cfg, output_dir, evaluate_fn, list(callbacks)
         self.dist = init_distributed()
+        apply_thread_policy(cfg.num_threads or None)  # 1 thread on small or busy machines (see cirlab.core.threads)
         seed_everything(cfg.seed + self.dist.rank, cfg.deterministic)
         self.device = _device(cfg, self.dist)
         self.model = model.to(self.device)

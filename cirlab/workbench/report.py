@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
+from cirlab.core.threads import thread_env
+
 logger = logging.getLogger(__name__)
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
@@ -245,6 +247,7 @@ def run_report(out: str | os.PathLike = "reports", only: str | None = None,
     ``with_optional=False`` leaves the :data:`OPTIONAL` entries (the DIME runs) out of a full report."""
     out = Path(out).resolve()
     overrides = dict(overrides or {})
+    os.environ.update(thread_env())  # the kernels inherit it: one passive-waiting thread on a small machine
     names = plan(only, out, with_optional)
     check_overrides(overrides, names)
     data_override = overrides.pop("data_root", "")
