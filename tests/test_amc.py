@@ -10,7 +10,13 @@ from torch import nn
 
 import cirlab
 from cirlab.models import amc as amc_mod
-from cirlab.models.amc import AMC, AMCConfig, AMCEnsemble, amc_ensemble_scores, amc_losses, tokenize
+from cirlab.models.amc import AMC, AMCConfig, AMCEnsemble, amc_losses, tokenize
+
+
+def amc_ensemble_scores(models, ref_images, texts, gallery_images):
+    """Naive reference: the mean over models of the query/gallery cosine matrices (the original eval_ensemble.py)."""
+    scores = [m.encode_query(ref_images, texts) @ m.encode_target(gallery_images).t() for m in models]
+    return torch.stack(scores).mean(dim=0)
 
 CAPTIONS = ["make the red circle blue", "add a small green square at the top left", "remove the triangle",
             "move the star to the right", "is darker", "has long sleeves"]

@@ -46,7 +46,6 @@ from cirlab.data.base import (CIRSplit, ProblemCollector, Triplet, first_appeara
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-STANDARD_CATEGORIES = ("dress", "shirt", "toptee")
 _CORE_KEYS = ("candidate", "target", "captions")
 
 

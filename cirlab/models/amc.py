@@ -671,13 +671,6 @@ class AMCEnsemble(nn.Module):
         return self.members[0].image_transform(train)
 
 
-def amc_ensemble_scores(models: Sequence[nn.Module], ref_images: torch.Tensor, texts: Sequence[str],
-                        gallery_images: torch.Tensor) -> torch.Tensor:
-    """Ensemble score matrix ``[Q, G]`` = mean over models of the query/gallery cosines (small inputs)."""
-    scores = [m.encode_query(ref_images, texts) @ m.encode_target(gallery_images).t() for m in models]
-    return torch.stack(scores).mean(dim=0)
-
-
 @register_model("amc", task="cir", config_cls=AMCConfig)
 def build_amc(config: AMCConfig) -> AMC:
     """Registry entry point: ``cirlab.create_model("amc", preset="tiny")``."""
