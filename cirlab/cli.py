@@ -88,25 +88,34 @@ def _add_models(subparsers: Any) -> None:
     p.set_defaults(func=_run_models)
 
 
-def _add_delegated(subparsers: Any, name: str, module_name: str, hook: str, help_text: str) -> None:
-    """Sub-commands owned by other modules (``data``, ``report``); skipped quietly when the module is absent."""
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
-        logger.debug("%s not available: no '%s' sub-command", module_name, name)
-        return
+# Sub-commands owned by other modules: (name, module, hook, help). Their modules load only when the command is
+# the one being run (or for a full parser): `cirlab --help` and `cirlab models` then import no numpy or torch.
+_DELEGATED = (
+    ("data", "cirlab.data.cli", "add_subcommands", "dataset tools: check a tree, write the synthetic or emoji sets"),
+    ("report", "cirlab.workbench.report", "register_cli", "run the notebooks headless and regenerate reports/"),
+    ("submit", "cirlab.rerank_cli", "register_cli", "write the CIRR test-server files of a run"),
+    ("convert", "cirlab.rerank_cli", "register_cli", "convert checkpoints between original/LAVIS layouts and cirlab"),
+)
+
+
+def _add_delegated(subparsers: Any, name: str, module_name: str, hook: str) -> None:
+    module = importlib.import_module(module_name)
     if name == "data":
-        p = subparsers.add_parser("data", help=help_text, description="Dataset tools: validate trees, build the "
-                                                                      "offline datasets.")
+        p = subparsers.add_parser("data", help=dict((d[0], d[3]) for d in _DELEGATED)["data"],
+                                  description="Dataset tools: validate trees, build the offline datasets.")
         inner = p.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
         getattr(module, hook)(inner)
-    else:
+    elif name not in subparsers.choices:  # one hook may add several commands (submit and convert)
         getattr(module, hook)(subparsers)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_of(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``cirlab`` parser; with ``argv``, only the sub-command being run loads its module (the others appear
+    in ``--help`` by name and help line)."""
     parser = argparse.ArgumentParser(
         prog="cirlab", description="cirlab: composed image retrieval and image-text matching workbench.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -114,9 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(subparsers)
     _add_eval(subparsers)
-    _add_delegated(subparsers, "data", "cirlab.data.cli", "add_subcommands", "dataset tools (check, synth, ...)")
-    _add_delegated(subparsers, "report", "cirlab.workbench.report", "register_cli", "")
-    _add_delegated(subparsers, "submit/convert", "cirlab.rerank_cli", "register_cli", "")
+    command = _command_of(argv) if argv is not None else None
+    for name, module_name, hook, help_text in _DELEGATED:
+        if argv is None or command == name:
+            _add_delegated(subparsers, name, module_name, hook)
+        elif name not in subparsers.choices:
+            subparsers.add_parser(name, help=help_text, add_help=False)
     _add_models(subparsers)
     return parser
 
@@ -214,7 +226,8 @@ def _run_models(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cirlab`` console script; returns the exit status."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
