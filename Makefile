@@ -6,13 +6,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= notebooks,lite,dev
 STAMP := $(VENV)/.cirlab-installed
+# notebook metadata JupyterLab adds on save that says nothing about the notebook (stripped at commit, with outputs)
+NBSTRIP_KEYS := metadata.language_info.codemirror_mode metadata.language_info.file_extension \
+	metadata.language_info.mimetype metadata.language_info.nbconvert_exporter \
+	metadata.language_info.pygments_lexer metadata.language_info.version
 
-.PHONY: demo test setup clean-reports bench help
+.PHONY: demo test setup git-filter notebooks browser clean-reports bench help
 
 help:
-	@echo "make demo   - set up .venv and regenerate reports/ (synthetic data, CPU, < 10 min)"
-	@echo "make test   - set up .venv and run the test suite"
-	@echo "make bench  - run the bench/ scripts (writes reports/benchmarks/)"
+	@echo "make demo       - set up .venv and regenerate reports/ (synthetic data, CPU, < 10 min)"
+	@echo "make test       - set up .venv and run the test suite"
+	@echo "make notebooks  - pair notebooks/*.ipynb with their py:percent twins (jupytext --sync)"
+	@echo "make browser    - install Debian's chromium for tests/test_browser.py (root, apt-get)"
+	@echo "make bench      - run the bench/ scripts (writes reports/benchmarks/)"
 
 # Re-install only when the project's dependency list changes.
 $(STAMP): pyproject.toml
@@ -22,17 +28,36 @@ $(STAMP): pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name cirlab --display-name "cirlab (.venv)" >/dev/null
 	@touch $@
 
-setup: $(STAMP)
+# Notebooks are committed without outputs: nbstripout as this checkout's git filter (.gitattributes names it), so
+# running them in JupyterLab never dirties the repository. Cheap and idempotent: runs on every setup.
+git-filter: $(STAMP)
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+		$(VENV)/bin/nbstripout --install --attributes .gitattributes && \
+		git config filter.nbstripout.extrakeys "$(NBSTRIP_KEYS)"; \
+	fi
 
-demo: $(STAMP)
+setup: $(STAMP) git-filter
+
+demo: setup
 	$(VENV)/bin/cirlab report
 
-test: $(STAMP)
+test: setup
 	$(PY) -m pytest -n 2 --dist loadfile
 
-bench: $(STAMP)
+notebooks: setup
+	$(VENV)/bin/jupytext --sync notebooks/*.ipynb
+
+# Debian's Chromium for the browser test (it skips, saying why, where none can be installed).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+bench: setup
 	$(PY) bench/metrics.py
 	$(PY) bench/retrieval.py
 
 clean-reports:
 	find reports -mindepth 1 -maxdepth 1 ! -name benchmarks ! -name README.md -exec rm -rf {} +
+
+# The optional LAVIS environment (make lavis, make lavis-fixtures); it keeps this file's default goal.
+-include mk/lavis.mk

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,29 @@ def timed(fn: Callable[[], object], repeat: int = 1) -> tuple[float, object]:
         out = fn()
         best = min(best, time.perf_counter() - t0)
     return best, out
+
+
+def paired(anchor: Callable[[], object], candidate: Callable[[], object], repeats: int = 3, *,
+           self_timed: bool = False) -> dict:
+    """Time ``anchor`` and ``candidate`` side by side, interleaved: repeat ``repeats`` times, alternating which runs
+    first, and report the median of each time and the median of the per-repeat ratios ``anchor / candidate``.
+
+    On a shared machine the load moves between repeats; a ratio taken within one repeat sees (nearly) the same load
+    on both sides, and the median drops the repeats that one side lost to a burst. With ``self_timed`` each function
+    returns its own measurement (seconds, e.g. per step after a warm-up) instead of being timed whole.
+    """
+    times: dict[str, list[float]] = {"anchor": [], "candidate": []}
+    outs: dict[str, object] = {}
+    for r in range(repeats):
+        order = (("anchor", anchor), ("candidate", candidate))
+        for name, fn in (order if r % 2 == 0 else order[::-1]):
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(float(outs[name]) if self_timed else time.perf_counter() - t0)
+    ratios = [a / c for a, c in zip(times["anchor"], times["candidate"])]
+    return {"anchor": statistics.median(times["anchor"]), "candidate": statistics.median(times["candidate"]),
+            "ratio": statistics.median(ratios), "ratios": ratios, "repeats": repeats,
+            "anchor_out": outs["anchor"], "candidate_out": outs["candidate"]}
 
 
 def command_line() -> str:

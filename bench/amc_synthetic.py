@@ -136,7 +136,7 @@ def run_variant(setup: Setup, ablation: str, train_split: Any, val: list[Any], t
     start = time.perf_counter()
     name = ablation + "".join(f"_{k}{v}" for k, v in train_changes.items())
     result = train(model, train_items(setup, train_split, model), {**setup.train_overrides, **train_changes},
-                   output_dir=out_dir / name, evaluate_fn=lambda m: {"val": evaluate(m, val)})
+                   output_dir=out_dir / name, evaluate_fn=lambda m: {"val": evaluate(m, val)}, overwrite=True)
     seconds = time.perf_counter() - start
     from cirlab.core.checkpoint import load_model_weights
 

@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                    "eval_every": args.eval_every, "eval_every_steps": 0, "selection": "dev", "tensorboard": False,
                    "progress": "log", "log_every": 10, "seed": args.seed, "device": "cpu"}
             pairs = splits["train"].pair_dataset(**model.dataset_extras())  # + the random extra caption / image
-            summary = train(model, pairs, cfg, output_dir=out_dir / direction,
+            summary = train(model, pairs, cfg, output_dir=out_dir / direction, overwrite=True,
                             evaluate_fn=lambda m: {"dev": itm_metrics(scores_on(m, splits["dev"]))})
             summary = {k: summary[k] for k in ("best_epoch", "steps")}
             (out_dir / direction / "summary.json").write_text(json.dumps(summary))

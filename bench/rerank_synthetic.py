@@ -1,7 +1,8 @@
 """Two-stage BLIP re-ranking on the synthetic CIR data in the CIRR layout, trained on CPU with cirlab.engine.train.
 
-Stage I (random-init ``tiny``-size BLIP) is trained with the one trainer, writes its top-K files (val, test1);
-stage II is trained on in-batch triplets and re-ranks the val top-K. Prints and writes stage-I vs stage-II
+Stage I (random-init ``tiny``-size BLIP) is trained with the one trainer on cached ViT tokens, writes its top-K files
+(val, test1); stage II is trained on in-batch triplets and re-ranks the val top-K with the pipeline ``cirlab eval``
+runs (:mod:`cirlab.engine.rerank`). Prints and writes stage-I vs stage-II
 recalls (all queries, and the re-ranked queries: those whose target is inside the top-K), the rank-shift top-K
 files for the notebook and CIRR test1 submission files for both stages.
 
@@ -26,12 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import cirlab
-from cirlab import metrics
-from cirlab.data import load_cir, synthetic
-from cirlab.models import blip_rerank as br
-from cirlab.core.topk import save_topk
+from cirlab.core import metrics
+from cirlab.core.retrieval import save_cirr_submission
+from cirlab.core.topk import load_topk
+from cirlab.data import load_cir
+from cirlab.data.generators import synthetic
+from cirlab.engine import rerank
 from cirlab.engine.train import train
+from cirlab.models import blip_rerank as br
 
 
 def parse() -> argparse.Namespace:
@@ -59,11 +62,8 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def recalls(ranks: np.ndarray, subset: torch.Tensor | None = None) -> dict[str, float]:
-    out = metrics.recall_from_ranks(torch.as_tensor(ranks), (1, 5, 10, 50))
-    if subset is not None:
-        out.update(metrics.cirr_metrics_from_ranks(torch.as_tensor(ranks), subset))
-    return out
+def recalls(ranks: np.ndarray) -> dict[str, float]:
+    return metrics.recall_from_ranks(torch.as_tensor(ranks), (1, 5, 10, 50))
 
 
 def main() -> None:
@@ -91,10 +91,11 @@ def main() -> None:
            "cosine_epochs": args.epochs1}, output_dir=out / "stage1")
     t1 = time.time() - t1
     val, test = splits["val"], splits["test1"]
-    top1 = br.stage1_topk(stage1, val, stores["val"], k=min(200, len(val.gallery_names) - 1))
-    s1_val = br.stage1_scores(stage1, val, stores["val"])
-    target, ref = torch.tensor(val.target_indices()), torch.tensor(val.ref_indices())
-    sub1 = metrics.cirr_subset_ranks(s1_val, target, ref, val.member_indices())
+    topk_dir = out / "topk"
+    # ---- evaluation: the one re-ranking pipeline (cirlab.engine.rerank), as `cirlab eval` runs it
+    eval_config = {"k": 200, "batch_size": 16, "stage1_topk": str(topk_dir / "stage1")}
+    first = rerank.evaluate_stage1(stage1, [val], eval_config=eval_config, device="cpu", topk_dir=topk_dir / "stage1")
+    top1 = load_topk(topk_dir / "stage1" / "val.topk.npz")
 
     # ---- stage II on top of the frozen stage I
     stage2 = br.BlipRerankStage2(cfg, stage1=stage1)
@@ -104,32 +105,26 @@ def main() -> None:
           {**common, "epochs": args.epochs2, "batch_size": args.batch2, "lr": args.lr2,
            "cosine_epochs": args.epochs2}, output_dir=out / "stage2")
     t2 = time.time() - t2
-    top2 = br.rerank_topk(stage2, val, top1, stores["val"], k=args.k)
-    top2_200 = br.rerank_topk(stage2, val, top1, stores["val"], k=top1.k)  # Figure-8 analysis: all of stage I's top-K
-    sub2 = metrics.cirr_subset_ranks(br.stage2_subset_scores(stage2, val, stores["val"]), target, ref,
-                                     val.member_indices())
-    topk_dir = out / "topk"
-    save_topk(topk_dir / "cirr_val.stage1.topk.npz", top1)
-    save_topk(topk_dir / "cirr_val.stage2.topk.npz", top2)
-    save_topk(topk_dir / f"cirr_val.stage2_k{top1.k}.topk.npz", top2_200)
+    second = rerank.evaluate_reranker(stage2, [val], eval_config=eval_config, device="cpu", k=args.k,
+                                      topk_dir=topk_dir / "stage2")
+    top2 = load_topk(topk_dir / "stage2" / "val.topk.npz")
+    # Figure-8 analysis: stage II re-ranks all of stage I's list (the paper's K=200 analysis files)
+    rerank.evaluate_reranker(stage2, [val], eval_config=eval_config, device="cpu", k=top1.k,
+                             topk_dir=topk_dir / f"stage2_k{top1.k}")
 
     # ---- test1 submissions (top-50 needs a gallery of at least 51 images)
     subs = {}
     if len(test.gallery_names) > 50:
-        t_top1 = br.stage1_topk(stage1, test, stores["test1"], k=50)
-        t_top2 = br.rerank_topk(stage2, test, t_top1, stores["test1"], k=50)
-        s1_test = br.stage1_scores(stage1, test, stores["test1"])
-        s2_sub = br.stage2_subset_scores(stage2, test, stores["test1"])
-        subs["stage1"] = [str(p) for p in br.write_cirr_submission(t_top1, br.subset_top3(s1_test, test),
-                                                                  out / "submission", "stage1")]
-        subs["stage2"] = [str(p) for p in br.write_cirr_submission(t_top2, br.subset_top3(s2_sub, test),
-                                                                  out / "submission", "stage2")]
+        rerank.evaluate_stage1(stage1, [test], eval_config=eval_config, device="cpu", topk_dir=topk_dir / "stage1")
+        for name, model in (("stage1", stage1), ("stage2", stage2)):
+            submission = rerank.cirr_submission(model, test, eval_config=eval_config, device="cpu")
+            subs[name] = [str(p) for p in save_cirr_submission(submission, out / "submission", name)]
 
     hit = (top1.target_rank >= 1) & (top1.target_rank <= args.k)
     result = {
         "queries": len(val.triplets), "gallery": len(val.gallery_names), "k": args.k,
         "reranked_queries": int(hit.sum()),
-        "stage1_all": recalls(top1.target_rank, sub1), "stage2_all": recalls(top2.target_rank, sub2),
+        "stage1_all": first["metrics"], "stage2_all": second["metrics"],
         "stage1_reranked": recalls(top1.target_rank[hit]), "stage2_reranked": recalls(top2.target_rank[hit]),
         "mean_rank_reranked": {"stage1": float(top1.target_rank[hit].mean()),
                                "stage2": float(top2.target_rank[hit].mean())},

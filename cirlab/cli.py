@@ -38,7 +38,13 @@ def _add_train(subparsers: Any) -> None:
                    help="run folder (default: the config's output_dir, else $CIRLAB_RUNS/<config name>)")
     p.add_argument("--resume", action="store_true",
                    help="continue from <output-dir>/checkpoints/last.pt when it exists (exact: same losses as an "
-                        "uninterrupted run)")
+                        "uninterrupted run); the stored config.yaml must match (differences are listed)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output-dir (its config.yaml, checkpoints/, log.jsonl, tb/, "
+                        "metrics.json, topk/); without it or --resume a folder holding a run is refused")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue even though training settings differ from the stored config.yaml "
+                        "(they are logged)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: train.device, 'auto')")
     p.set_defaults(func=_run_train)
 
@@ -140,20 +146,25 @@ def _run_train(args: argparse.Namespace) -> int:
     from cirlab.engine.runs import _is_main, load_config, run_experiment
 
     config = load_config(args.config, args.overrides)
-    result = run_experiment(config, output_dir=args.output_dir, resume=args.resume, device=args.device)
+    result = run_experiment(config, output_dir=args.output_dir, resume=args.resume, device=args.device,
+                            overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     if _is_main():  # under torchrun every process returns the same gathered metrics
         print(json.dumps(result["splits"], indent=2, sort_keys=True))
     return 0
 
 
 def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, Any]:
-    from cirlab.engine.runs import apply_overrides, merge_config, parse_set, with_defaults
+    from cirlab.core.errors import ConfigError
+    from cirlab.engine.runs import apply_overrides, merge_config, parse_set, read_yaml, validate_config, with_defaults
 
     config_path = Path(args.config) if args.config else (run_dir / "config.yaml" if run_dir else None)
+    if args.config and not config_path.is_file():
+        raise ConfigError(f"--config {config_path}: file not found")
     if config_path is not None and config_path.is_file():
-        import yaml
-
-        config = with_defaults(yaml.safe_load(config_path.read_text()) or {})
+        raw = read_yaml(config_path.read_text(encoding="utf-8"), str(config_path)) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{config_path}: expected a mapping of sections, got {type(raw).__name__}")
+        config = with_defaults(raw)
     else:
         config = with_defaults({})
     cli = {"dataset": {k: v for k, v in (("name", args.dataset), ("root", args.root),
@@ -165,14 +176,24 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
     config = merge_config(config, cli)
     config = apply_overrides(config, parse_set(args.overrides))
     if not config["dataset"].get("name"):
-        raise SystemExit("cirlab eval: no dataset: pass --dataset (or --config, or a run folder)")
+        raise ConfigError("cirlab eval: no dataset: pass --dataset (or --config, or a run folder)")
+    validate_config(config, str(config_path) if config_path is not None and config_path.is_file() else "cirlab eval",
+                    for_eval=True)
     return config
 
 
 def _checkpoint_of(target_arg: str, name: str) -> tuple[Path, Path | None]:
     """(checkpoint file, its run folder or None) of a run folder or checkpoint path given to ``eval``."""
+    from cirlab.core.errors import CheckpointError
+
     target = Path(target_arg)
+    if not target.exists():
+        raise CheckpointError(f"{target}: no such run folder or checkpoint file")
     run_dir = target if target.is_dir() else None
+    if run_dir is not None and not (run_dir / "checkpoints" / name).is_file():
+        what = "is not a run folder (no checkpoints/)" if not (run_dir / "checkpoints").is_dir() else \
+            f"has no checkpoints/{name} (a run still training or stopped early? try --checkpoint last.pt)"
+        raise CheckpointError(f"{run_dir} {what}")
     checkpoint = target / "checkpoints" / name if run_dir else target
     if run_dir is None and (target.parent.parent / "config.yaml").is_file() and target.parent.name == "checkpoints":
         run_dir = target.parent.parent  # a checkpoint inside a run folder: use that run's config
@@ -182,7 +203,11 @@ def _checkpoint_of(target_arg: str, name: str) -> tuple[Path, Path | None]:
 def _run_eval(args: argparse.Namespace) -> int:
     from cirlab.engine.runs import _eval_device, evaluate_split, model_from_checkpoint
 
+    from cirlab.engine.train import check_device
+
     checkpoint, run_dir = _checkpoint_of(args.target, args.checkpoint)
+    if args.device != "auto":
+        check_device(args.device, "--device")
     config = _eval_config(args, run_dir)
     model, _ = model_from_checkpoint(checkpoint, model=args.model, preset=args.preset, trust_pickle=args.trust_pickle)
     if args.ensemble:
@@ -206,7 +231,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     text = json.dumps(record, indent=2, sort_keys=True)
     print(text)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        from cirlab.core.io import write_text
+
+        write_text(args.output, text + "\n")
     return 0
 
 
@@ -236,9 +263,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except CirlabError as err:
-        logger.error("%s", err)
-        return 2
+    except CirlabError as err:  # the user's input: one line, never a traceback
+        logger.error("%s", " ".join(str(err).split()))
+        return int(getattr(err, "exit_code", 2))
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 130
 
 
 if __name__ == "__main__":

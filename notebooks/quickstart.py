@@ -1,3 +1,11 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: cirlab (.venv)
+#     language: python
+#     name: cirlab
+# ---
+
 # %% [markdown]
 # # cirlab quickstart: composed image retrieval and expert routing in ten minutes on a CPU
 #
@@ -14,7 +22,8 @@
 # paths through the network, and cirlab lets you watch that.
 #
 # This notebook: generate the synthetic data, train a small AMC for a few minutes, look at what it
-# retrieves, its metrics, and the gates its router chose.
+# retrieves, its metrics, and the gates its router chose. Open it first: it needs nothing but `make setup`
+# (or `make demo`), whatever folder the kernel starts in, and writes `runs/quickstart/` in the checkout.
 
 # %%
 # %matplotlib inline
@@ -22,10 +31,11 @@ import cirlab
 from cirlab import analysis, viz, workbench
 
 # %% tags=["parameters"]
-data_root: str = ""  # where the synthetic data lives ("" -> <output_dir>/data, generated if missing)
-output_dir: str = "runs/quickstart"  # the run folder, metrics.json, config.json, figures/
+data_root: str = ""  # the data ("": $CIRLAB_DATA, else the synthetic data in the cache, generated if missing)
+output_dir: str = ""  # the run folder, metrics.json, config.json, figures/ ("": runs/quickstart in the checkout)
 preset: str = "tiny"  # AMC preset: tiny (a few minutes on CPU) | lite (real pretrained features, slower)
-max_steps: int = 150  # optimizer steps
+epochs: int = 2  # passes over the training data (75 optimizer steps each on the synthetic set, batch 32)
+max_steps: int = 0  # stop after this many optimizer steps (0: no cap)
 batch_size: int = 32  # training batch size
 n_show: int = 4  # queries shown in the galleries and gate plots
 device: str = "cpu"  # cpu | cuda
@@ -38,22 +48,24 @@ settings: list = []  # run-config overrides as in cirlab train --set (the report
 # a reference scene, a modification text and the one target scene it describes.
 
 # %%
-data_dir = str(workbench.ensure_synthetic(data_root or f"{output_dir}/data", seed=seed))
+data_dir = str(workbench.find_data("fashioniq", data_root, seed=seed))
+out_dir = str(workbench.output_folder(output_dir, "quickstart"))
+print(workbench.describe_paths(data=data_dir, output=out_dir))
 val = workbench.cir_splits("fashioniq", data_dir, "val")
 print({cat: len(split) for cat, split in val.items()}, "validation queries")
 example = next(iter(val.values())).triplets[0]
-print("reference:", example.ref_name, "| text:", example.text, "| target:", example.target_name)
+print("reference:", example.ref_name, "| text:", viz.plain_text(example.text), "| target:", example.target_name)
 
 # %% [markdown]
 # ## 2. Train a small AMC
 # One training loop serves every cirlab model. The loss pulls each query towards its own target and away
-# from the other targets in the batch.
+# from the other targets in the batch. A progress bar shows the steps, the loss and the time left.
 
 # %%
-run = workbench.train_run("amc", preset, "fashioniq", data_dir, f"{output_dir}/run", max_steps=max_steps,
-                          epochs=100, batch_size=batch_size, device=device, seed=seed, settings=settings)
-fig = viz.plot_training_curves(f"{output_dir}/run")
-viz.save_figure(fig, f"{output_dir}/figures", "training_curves")
+run = workbench.train_run("amc", preset, "fashioniq", data_dir, f"{out_dir}/run", max_steps=max_steps,
+                          epochs=epochs, batch_size=batch_size, device=device, seed=seed, settings=settings)
+fig = viz.plot_training_curves(f"{out_dir}/run")
+viz.save_figure(fig, f"{out_dir}/figures", "training_curves")
 fig
 
 # %% [markdown]
@@ -62,12 +74,12 @@ fig
 # (no frame means it ranked below five).
 
 # %%
-model = workbench.load_run(f"{output_dir}/run", device=device)
+model = workbench.load_run(f"{out_dir}/run", device=device)
 val_metrics, topks = workbench.evaluate_run(model, "fashioniq", data_dir, "val", k=50, device=device)
 category, split = next(iter(val.items()))
 fig = viz.plot_retrieval_gallery(workbench.gallery_rows(topks[category], split, n=n_show, k=5),
                                  title=f"AMC ({preset}) on synthetic {category}")
-viz.save_figure(fig, f"{output_dir}/figures", "gallery")
+viz.save_figure(fig, f"{out_dir}/figures", "gallery")
 fig
 
 # %% [markdown]
@@ -76,11 +88,11 @@ fig
 # of the same network to see what training bought.
 
 # %%
-untrained, _ = workbench.evaluate_run(workbench.untrained_copy(f"{output_dir}/run", "fashioniq", data_dir),
+untrained, _ = workbench.evaluate_run(workbench.untrained_copy(f"{out_dir}/run", "fashioniq", data_dir),
                                       "fashioniq", data_dir, "val", k=50, device=device)
 table = analysis.compare_runs({"trained": val_metrics, "untrained": untrained})
 fig = viz.plot_metrics_bars(table.loc[[m for m in table.index if "R@" in m]], title="Recall (%)")
-viz.save_figure(fig, f"{output_dir}/figures", "metrics")
+viz.save_figure(fig, f"{out_dir}/figures", "metrics")
 fig
 
 # %% [markdown]
@@ -94,10 +106,10 @@ shown = list(dict.fromkeys(routes["query_id"]))[:n_show]
 for qid in shown:
     print(qid, "|", texts[qid])
 fig = viz.plot_query_gates(routes, shown)
-viz.save_figure(fig, f"{output_dir}/figures", "query_gates")
+viz.save_figure(fig, f"{out_dir}/figures", "query_gates")
 fig
 
 # %%
-config = {"data_root": data_dir, "output_dir": output_dir, "preset": preset, "max_steps": max_steps,
+config = {"data_root": data_dir, "output_dir": out_dir, "preset": preset, "epochs": epochs, "max_steps": max_steps,
           "batch_size": batch_size, "n_show": n_show, "device": device, "seed": seed, "settings": settings}
-workbench.write_outputs(output_dir, {"trained": val_metrics, "untrained": untrained}, config)
+workbench.write_outputs(out_dir, {"trained": val_metrics, "untrained": untrained}, config)

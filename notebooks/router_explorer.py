@@ -1,75 +1,87 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: cirlab (.venv)
+#     language: python
+#     name: cirlab
+# ---
+
 # %% [markdown]
 # # Router explorer
 #
-# Router models decide, per query, how much each expert (AMC: NIN, CRN, GTN in two layers) or each
-# routing cell (DIME: RIC, GLGC, IMRC, CMRC in three densely connected layers) contributes. This notebook
-# traces those decisions with `cirlab.trace_routes` and shows:
+# Router models decide, per query, how much each expert (AMC: NIN, GTN, CRN in two layers) or each routing cell
+# (DIME: RIC, GLGC, IMRC, CMRC in three densely connected layers) contributes. This notebook traces those
+# decisions with `cirlab.trace_routes` and shows:
 #
-# * expert-activation heatmaps per layer (query x expert);
-# * gate distributions per category and per modification type;
+# * the gates (AMC) or path weights (DIME) of each query per layer, grouped by category;
+# * their distributions per category and per modification type;
 # * gate entropy (how decisive the router is) and expert utilisation (which experts do the work);
 # * for DIME, the dense cell-to-cell routing as flows between layers;
 # * a 2-D map of the queries in path space, coloured by category;
-# * with `interactive=True`, a widget: pick a query, see its gates and top-K, edit its text and watch the
-#   gates move. Headless runs draw the same view as a static figure.
+# * an explorer, live in JupyterLab: pick a query, see what it retrieves (the target framed in green, with its rank
+#   when it is outside the top 5) and its gates beside those of a second checkpoint; edit its text and watch them
+#   move. For DIME: pick a pair, edit the caption, choose another image, and its paths are recomputed.
 #
-# AMC's code order is [NIN, CRN, GTN]; its paper figure orders them [NIN, GTN, CRN]. Plots use the code
-# order with the names the trace reports.
+# AMC's experts appear in the paper's order, α1 NIN, α2 GTN, α3 CRN (the code, the checkpoints and the trace's
+# `code_index` use NIN, CRN, GTN). For DIME (an image-text matcher on precomp data) a "query" is one matching
+# (image, caption) pair and its category is the caption's type (synthetic data: full, color, shape, layout,
+# relation). Its routes are path matrices: layer0 and layer1 send every cell's output to the four cells of the
+# next layer, layer2 to the output.
 #
-# For DIME (an image-text matcher on precomp data) a "query" is one matching (image, caption) pair and its
-# category is the caption's type (synthetic data: full, color, shape, layout, relation). Its routes are path
-# matrices: layer0 and layer1 send every cell's output to the four cells of the next layer, layer2 to the
-# output; the heatmaps show, per destination cell, the weight of each source. The interactive explorer
-# (editing a text and re-scoring) is AMC-only for now: for DIME it shows the traced paths of a pair, without
-# top-K.
+# With its defaults this notebook opens the AMC run `make demo` trained (`reports/train`; `reports/train_dime`
+# with `dataset="f30k"`), from whatever folder the kernel starts in, and writes `runs/router_explorer/`.
 
 # %%
 # %matplotlib inline
-import cirlab
 from cirlab import analysis, viz, widgets, workbench
 
 # %% tags=["parameters"]
-run_dir: str = "runs/train"  # a trained router run (AMC on CIR data; DIME on precomp ITM data)
+run_dir: str = ""  # a trained router run ("": reports/train from make demo, reports/train_dime for f30k/coco)
 dataset: str = "fashioniq"  # fashioniq | shoes | cirr (AMC) | f30k | coco (DIME, data_root/precomp)
-data_root: str = ""  # folder holding the dataset ("" -> cirlab.core.paths.data_root())
+data_root: str = ""  # folder holding the dataset ("": $CIRLAB_DATA, else the data the run was trained on)
 split: str = "val"  # split whose queries are traced ("val" is precomp "dev")
-output_dir: str = "runs/router_explorer"  # metrics.json, config.json, figures/
+output_dir: str = ""  # metrics.json, config.json, figures/ ("": runs/router_explorer in the checkout)
 n_queries: int = 120  # queries (DIME: image-caption pairs) to trace
 query_id: str = ""  # the query shown in the single-query view ("": the first traced query)
-interactive: bool = False  # build the ipywidgets explorer (needs a live Jupyter frontend)
+compare: str = "untrained"  # second checkpoint drawn beside the run (AMC): untrained | a run folder | "" (none)
+interactive: bool = True  # show the live explorer when a Jupyter frontend runs the kernel (never under papermill)
 device: str = "cpu"  # cpu | cuda
 
 # %%
-data_dir = data_root or str(cirlab.data_root())
-model = workbench.load_run(run_dir, device=device)
+run = str(workbench.find_run(run_dir, dataset=dataset))
+data_dir = str(workbench.find_data(dataset, data_root, run))
+out_dir = str(workbench.output_folder(output_dir, "router_explorer"))
+print(workbench.describe_paths(run=run, data=data_dir, output=out_dir))
+model = workbench.load_run(run, device=device)
 routes, texts = workbench.collect_routes(model, dataset, data_dir, split, n=n_queries, device=device)
 print(model.model_name, "|", routes["query_id"].nunique(), "queries | layers:", routes["layer"].unique().tolist())
 routes.head()
 
 # %% [markdown]
-# ## Expert activations per layer
-# AMC: one row per query, one column per expert. DIME: per layer and destination cell, the weight each source
-# cell sends (rows: pairs).
+# ## Gates per query and layer
+# AMC: one row per query, one column per expert. DIME: per layer, the weight each source cell sends to each
+# destination cell (one column per path). Rows are grouped by category (DIME: caption type).
 
 # %%
 fig = viz.plot_expert_heatmaps(routes, max_queries=40)
-viz.save_figure(fig, f"{output_dir}/figures", "expert_heatmaps")
+viz.save_figure(fig, f"{out_dir}/figures", "expert_heatmaps")
 fig
 
 # %% [markdown]
 # ## Gate distributions per category and per modification type
-# DIME's categories are the caption types; precomp data has no modification types.
+# AMC: box plots per expert. DIME: the mean weight of each path per caption type; precomp data has no
+# modification types.
 
 # %%
 fig = viz.plot_gate_distributions(routes, by="category")
-viz.save_figure(fig, f"{output_dir}/figures", "gates_by_category")
+viz.save_figure(fig, f"{out_dir}/figures", "gates_by_category")
 fig
 
 # %%
 by_modification = "modification" in routes.columns and routes["modification"].astype(str).str.len().gt(0).any()
 if by_modification:
     fig = viz.plot_gate_distributions(routes, by="modification")
-    viz.save_figure(fig, f"{output_dir}/figures", "gates_by_modification")
+    viz.save_figure(fig, f"{out_dir}/figures", "gates_by_modification")
 fig
 
 # %% [markdown]
@@ -80,7 +92,7 @@ fig
 # %%
 stats = analysis.route_statistics(routes)
 fig = viz.plot_gate_entropy(routes)
-viz.save_figure(fig, f"{output_dir}/figures", "entropy_utilisation")
+viz.save_figure(fig, f"{out_dir}/figures", "entropy_utilisation")
 stats
 
 # %% [markdown]
@@ -93,37 +105,41 @@ stats
 has_paths = routes["source"].notna().any()
 if has_paths:
     fig = viz.plot_dime_flows(routes)
-    viz.save_figure(fig, f"{output_dir}/figures", "cell_flows")
+    viz.save_figure(fig, f"{out_dir}/figures", "cell_flows")
     display(fig)
     fig = viz.plot_path_matrices(routes)
-    viz.save_figure(fig, f"{output_dir}/figures", "path_matrices")
+    viz.save_figure(fig, f"{out_dir}/figures", "path_matrices")
     display(fig)
 fig = viz.plot_path_space(routes, color_by="category")
-viz.save_figure(fig, f"{output_dir}/figures", "path_space")
+viz.save_figure(fig, f"{out_dir}/figures", "path_space")
 fig
 
 # %% [markdown]
-# ## One query: its gates and its top-K
-# With `interactive=True` the explorer below is live: the text box re-runs the model on the query's
-# reference image with your text (traced), so you can watch the gates move.
+# ## One query, live
+# The figure below is the explorer's view of one query. In JupyterLab the explorer under it is live: the
+# dropdown picks a query, the text box re-runs the model on the query's reference image with your text (traced),
+# and the gates, the top 5 and the target's rank follow, for this run and for the `compare` checkpoint.
+# DIME: the caption box and the image dropdown re-score the edited caption against the chosen image.
 
 # %%
-query_fn = workbench.query_fn_for(model, dataset, data_dir, split, device=device)
-explorer = widgets.RouterExplorer(routes, texts=texts, query_fn=query_fn, k=5)
-shown = query_id or explorer.query_ids[0]
+explorer = workbench.explorer_for(model, routes, texts, dataset, data_dir, split, run_dir=run, compare=compare,
+                                  device=device)
+shown = explorer.pick(query_id)
 fig = explorer.view(shown)
-viz.save_figure(fig, f"{output_dir}/figures", "query_view")
+viz.save_figure(fig, f"{out_dir}/figures", "query_view")
 fig
 
 # %%
-if interactive:
+if interactive and widgets.live_frontend():
     display(explorer.build())
+else:
+    print("The live explorer appears here when JupyterLab runs this notebook (interactive=True).")
 
 # %%
 metrics = {"queries": int(routes["query_id"].nunique()),
            "layer_entropy": stats.groupby("layer")["layer_entropy"].first().to_dict(),
            "mean_share": {f"{r.layer}/{r.expert}": r.mean_share for r in stats.itertuples()}}
-config = {"run_dir": run_dir, "dataset": dataset, "data_root": data_dir, "split": split, "output_dir": output_dir,
-          "n_queries": n_queries, "query_id": query_id, "shown_query": shown, "interactive": interactive,
-          "device": device}
-workbench.write_outputs(output_dir, metrics, config)
+config = {"run_dir": run, "dataset": dataset, "data_root": data_dir, "split": split, "output_dir": out_dir,
+          "n_queries": n_queries, "query_id": query_id, "shown_query": str(shown), "compare": compare,
+          "interactive": interactive, "device": device}
+workbench.write_outputs(out_dir, metrics, config)

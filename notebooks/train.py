@@ -1,3 +1,11 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: cirlab (.venv)
+#     language: python
+#     name: cirlab
+# ---
+
 # %% [markdown]
 # # Train a model
 #
@@ -7,6 +15,9 @@
 # layout; image-text matching models (DIME) on precomp region features (`dataset="f30k"` or `"coco"`, read from
 # `<data_root>/precomp/`). The synthetic data holds both. Re-running with `resume="auto"` continues an
 # interrupted run exactly (papermill itself cannot resume a notebook).
+#
+# With its defaults this notebook reads the synthetic data `make demo` generated and writes `runs/train/` in the
+# checkout, from whatever folder the kernel starts in. A progress bar (steps, loss, ETA) follows the training.
 #
 # Tracking keys (TensorBoard needs none; Comet/W&B) are read from environment variables only, never from
 # parameters: papermill writes every parameter into the executed notebook.
@@ -20,8 +31,8 @@ from cirlab import analysis, viz, workbench
 model: str = "amc"  # any name from cirlab.list_models(): amc (CIR) | dime (ITM) | ...
 preset: str = "tiny"  # tiny (seconds) | lite (real pretrained weights, minutes) | a paper preset
 dataset: str = "fashioniq"  # fashioniq | shoes | cirr (CIR) | f30k | coco (ITM precomp, under data_root/precomp)
-data_root: str = ""  # folder holding the dataset ("" -> cirlab.core.paths.data_root())
-output_dir: str = "runs/train"  # the run folder: checkpoints, logs, metrics.json, figures
+data_root: str = ""  # folder holding the dataset ("": $CIRLAB_DATA, else the synthetic data make demo generated)
+output_dir: str = ""  # the run folder ("": runs/train in the checkout, or $CIRLAB_RUNS/train)
 epochs: int = 1  # passes over the training data
 max_steps: int = 200  # stop after this many optimizer steps (0: no cap)
 batch_size: int = 32  # global batch size (0: the paper default of the model)
@@ -31,7 +42,9 @@ resume: str = ""  # "" fresh run | "auto" continue from output_dir/checkpoints/l
 settings: list = []  # extra run-config overrides, written as cirlab train --set takes them (section.key then the value)
 
 # %%
-data_dir = data_root or str(cirlab.data_root())
+data_dir = str(workbench.find_data(dataset, data_root))
+run_dir = str(workbench.output_folder(output_dir, "train"))
+print(workbench.describe_paths(data=data_dir, run=run_dir))
 print("models:", cirlab.list_models(), "| presets of", model, ":", cirlab.list_presets(model))
 
 # %% [markdown]
@@ -39,13 +52,13 @@ print("models:", cirlab.list_models(), "| presets of", model, ":", cirlab.list_p
 # One loop for every model (`cirlab.engine.train`); validation recall selects `checkpoints/best.pt`.
 
 # %%
-run = workbench.train_run(model, preset, dataset, data_dir, output_dir, epochs=epochs, max_steps=max_steps,
+run = workbench.train_run(model, preset, dataset, data_dir, run_dir, epochs=epochs, max_steps=max_steps,
                           batch_size=batch_size, device=device, seed=seed, resume=resume, settings=settings)
 print({k: run[k] for k in ("steps", "epochs", "best_score", "best_epoch")})
 
 # %%
-fig = viz.plot_training_curves(output_dir)
-viz.save_figure(fig, f"{output_dir}/figures", "training_curves")
+fig = viz.plot_training_curves(run_dir)
+viz.save_figure(fig, f"{run_dir}/figures", "training_curves")
 fig
 
 # %% [markdown]
@@ -54,15 +67,15 @@ fig
 # recall@1/5/10 and their sum (rsum) on the precomp `dev` split.
 
 # %%
-best = workbench.load_run(output_dir, device=device)
+best = workbench.load_run(run_dir, device=device)
 val_metrics, topks = workbench.evaluate_run(best, dataset, data_dir, "val", k=50, device=device,
-                                            topk_dir=f"{output_dir}/topk")
+                                            topk_dir=f"{run_dir}/topk")
 fig = viz.plot_metrics_bars({k: v for k, v in val_metrics.items() if "R@" in k}, title=f"{model} ({preset}) val")
-viz.save_figure(fig, f"{output_dir}/figures", "val_metrics")
+viz.save_figure(fig, f"{run_dir}/figures", "val_metrics")
 fig
 
 # %%
-config = {"model": model, "preset": preset, "dataset": dataset, "data_root": data_dir, "output_dir": output_dir,
+config = {"model": model, "preset": preset, "dataset": dataset, "data_root": data_dir, "output_dir": run_dir,
           "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "device": device, "seed": seed,
           "resume": resume, "settings": settings, "model_config": run["run_config"]["model_config"]}
-workbench.write_outputs(output_dir, {"val": val_metrics, "steps": run["steps"], "epochs": run["epochs"]}, config)
+workbench.write_outputs(run_dir, {"val": val_metrics, "steps": run["steps"], "epochs": run["epochs"]}, config)

@@ -402,3 +402,68 @@ def test_presets_config_checks_and_train_defaults() -> None:
     cfg = TrainConfig.from_dict(defaults)
     assert schedule_factor(cfg, 39) == 1.0 and schedule_factor(cfg, 40) == pytest.approx(0.1)
     assert cfg.ema_mode == "standard"
+
+
+# ------------------------------------------------------------------------------------------- frozen-feature cache
+def _run(model: AMC, pool: torch.Tensor, steps: int = 6) -> tuple[list[float], dict]:
+    """A few optimiser steps over batches drawn (seeded) from a small image pool: every image recurs, in batches
+    of other sizes and compositions."""
+    g = torch.Generator().manual_seed(7)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for step in range(steps):
+        idx = torch.randperm(len(pool), generator=g)[:3 + step % 3]
+        b = {"ref_image": pool[idx], "target_image": pool[idx.roll(1)],
+             "text": [CAPTIONS[int(i) % len(CAPTIONS)] for i in idx]}
+        out = model.training_step(b)
+        loss = out["cls_loss"] + out["sim_loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def test_frozen_feature_cache_run_equals_uncached_run(tmp_path, monkeypatch) -> None:
+    from cirlab.core import featcache
+
+    monkeypatch.setattr(featcache, "_STORES", {})
+    pool = torch.randn(7, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    plain, plain_state = _run(tiny(train_backbone=False, feature_cache=False).train(), pool)
+    cached_model = tiny(train_backbone=False, feature_cache_dir=str(tmp_path)).train()
+    cached, cached_state = _run(cached_model, pool)
+    assert cached == plain
+    assert all(torch.equal(plain_state[k], cached_state[k]) for k in plain_state)
+    store = cached_model.image_encoder._feature_store()
+    assert store.hits > 0 and store.misses == len(pool)  # every image computed once
+    store.flush()
+    # a new process (empty registry) reads the memory-mapped segments and still trains identically
+    monkeypatch.setattr(featcache, "_STORES", {})
+    again_model = tiny(train_backbone=False, feature_cache_dir=str(tmp_path)).train()
+    again, _ = _run(again_model, pool)
+    assert again == plain and again_model.image_encoder._feature_store().misses == 0
+
+
+def test_frozen_feature_cache_misses_on_changed_image_transform_or_weights(tmp_path, monkeypatch) -> None:
+    from cirlab.core import featcache
+
+    monkeypatch.setattr(featcache, "_STORES", {})
+    model = tiny(train_backbone=False, feature_cache_dir=str(tmp_path)).eval()
+    enc = model.image_encoder
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        first = enc(images)
+        store = enc._feature_store()
+        assert (store.misses, store.hits) == (3, 0)
+        assert torch.equal(enc(images), first) and store.hits == 3
+        edited = images.clone()
+        edited[1, 0, 0, 0] += 0.5  # one pixel of one image changed
+        enc(edited)
+        assert store.misses == 4  # only the edited image is recomputed
+        enc(torch.nn.functional.interpolate(images, size=96))  # another transform (size) of the same images
+        assert store.misses == 7
+        for p in enc.backbone.parameters():  # new backbone weights: a new store, nothing reused
+            p.add_(0.01)
+        new_store = enc._feature_store()
+        assert new_store is not store and new_store.directory != store.directory
+        assert not torch.equal(enc(images), first) and new_store.misses == 3

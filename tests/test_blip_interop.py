@@ -1,7 +1,9 @@
 """Checkpoint interop (cirlab.models.blip_interop) on state dicts generated in the original BLIP layouts.
 
-The layouts below are written from the digest (rerank_cala.md A.2/A.3/A.6) and the original module structure
-(BLIP vit.py / med.py, Candidate-Reranking nlvr_encoder.py), independently of cirlab's own exporter.
+The layouts below are written from the original module structure (BLIP https://github.com/salesforce/BLIP vit.py /
+med.py, https://github.com/Cuberick-Orion/Candidate-Reranking-CIR nlvr_encoder.py / blip_stage2.py), independently of
+cirlab's own exporter. The init_from tests start models from such files, from a transformers BLIP folder, and from
+wrong files.
 """
 from __future__ import annotations
 
@@ -224,3 +226,114 @@ def test_model_base_into_stage2_duplicates_streams():
             torch.testing.assert_close(b.output.LayerNorm.weight, ln)
     with pytest.raises(bi.InteropError, match="merge"):
         bi.convert_stage2(state, tiny("stage2"), strict=True)
+
+
+# ------------------------------------------------------------------------------------------------ init_from
+
+
+def model_base_file(path, config, seed: int = 1):
+    """A ``model_base.pth``-style file for ``config``: ``{"model": sd}`` with the pre-training parts stage I ignores."""
+    state = random_state(stage1_layout(config), seed=seed)
+    state.update({"text_decoder.bert.embeddings.word_embeddings.weight": torch.zeros(3, 2),
+                  "visual_encoder_m.cls_token": torch.zeros(1, 1, config.vision_width),
+                  "image_queue": torch.zeros(2, 4), "itm_head.weight": torch.zeros(2, config.text_width)})
+    torch.save({"model": state}, path)
+    return state
+
+
+def test_init_from_original_blip_file_loads_like_the_python_converter(tmp_path):
+    import json
+
+    path = tmp_path / "model_base.pth"
+    state = model_base_file(path, tiny("stage1").config)
+    torch.manual_seed(11)
+    started = cirlab.create_model("blip_rerank_stage1", preset="tiny", init_from=str(path))
+    reports = started.load_init(tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "init_from.json").read_text())
+    assert saved["init_from"] == str(path) and len(saved["reports"]) == 1
+    report = saved["reports"][0]
+    assert report["missing"] == [] and report["mismatched"] == []  # every key stage I uses came from the file
+    assert sorted(report["unmatched"]) == ["image_queue", "itm_head.weight",
+                                           "text_decoder.bert.embeddings.word_embeddings.weight",
+                                           "visual_encoder_m.cls_token"]
+    assert report["loaded"] == reports[0].loaded and len(report["loaded"]) == len(started.state_dict())
+    by_hand = tiny("stage1", seed=12)
+    assert bi.convert_stage1(state, by_hand).missing == []
+    for a, b in zip(stage1_outputs(started), stage1_outputs(by_hand)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_stage2_init_from_blip_and_a_stage1_file(tmp_path):
+    base = tmp_path / "model_base.pth"
+    c = tiny("stage1").config
+    state = model_base_file(base, c, seed=2)
+    stage1_file = tmp_path / "blip_mean.pt"
+    stage1_src = tiny("stage1", seed=3)
+    torch.save({"epoch": 0, "BLIP_Retrieval": bi.export_stage1(stage1_src)}, stage1_file)
+    m = cirlab.create_model("blip_rerank_stage2", preset="tiny", init_from=str(base),
+                            stage1_checkpoint=str(stage1_file))
+    reports = m.load_init()
+    assert [r.target for r in reports] == ["stage2", "stage1"]
+    assert sorted(reports[0].missing) == ["cls_head.0.bias", "cls_head.0.weight", "cls_head.2.bias",
+                                          "cls_head.2.weight", "text_encoder.layers.1.merge.bias",
+                                          "text_encoder.layers.1.merge.weight"]  # random, as the paper's
+    assert reports[1].missing == []
+    by_hand = tiny("stage2", seed=4)
+    bi.convert_stage2(state, by_hand)
+    bi.convert_stage1(bi.export_stage1(stage1_src), by_hand.stage1)
+    # the frozen stage I (ViT included) is the stage-I file's: loaded after the BLIP start
+    torch.testing.assert_close(m.stage1.state_dict()["visual_encoder.post_layernorm.bias"],
+                               stage1_src.state_dict()["visual_encoder.post_layernorm.bias"])
+    for name in ("text_encoder.layers.0.crossattention.1.self.query.weight",
+                 "text_encoder.embeddings.word_embeddings.weight"):
+        torch.testing.assert_close(m.state_dict()[name], by_hand.state_dict()[name])
+
+
+def test_init_from_a_transformers_blip_folder(tmp_path):
+    from transformers import BlipConfig, BlipForImageTextRetrieval
+
+    m = tiny("stage1")
+    c = m.config
+    hf_config = BlipConfig(
+        vision_config=dict(hidden_size=c.vision_width, num_hidden_layers=c.vision_depth,
+                           num_attention_heads=c.vision_heads, intermediate_size=c.vision_mlp, image_size=c.image_size,
+                           patch_size=c.patch_size, layer_norm_eps=1e-6),
+        text_config=dict(vocab_size=30524, hidden_size=c.text_width, num_hidden_layers=c.text_depth,
+                         num_attention_heads=c.text_heads, intermediate_size=c.text_intermediate,
+                         encoder_hidden_size=c.vision_width, max_position_embeddings=c.max_text_len),
+        image_text_hidden_size=c.embed_dim)
+    torch.manual_seed(5)
+    ref = BlipForImageTextRetrieval(hf_config).eval()
+    ref.save_pretrained(tmp_path / "hf_blip")
+    report = m.load_pretrained(tmp_path / "hf_blip")[0]
+    assert report.missing == ["temp"]  # transformers' retrieval model has no ITC temperature
+    assert sorted(report.unmatched) == ["itm_head.bias", "itm_head.weight"] and not report.mismatched
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = ref.vision_model(pixel_values=images).last_hidden_state
+        torch.testing.assert_close(m.eval().image_tokens(images), expected)
+    for name, value in ref.text_encoder.state_dict().items():
+        torch.testing.assert_close(m.text_encoder.state_dict()[name], value)
+    torch.testing.assert_close(m.text_proj.weight, ref.text_proj.weight)
+
+
+@pytest.mark.parametrize("kind", ["text", "other_model", "other_size", "absent", "empty_folder"])
+def test_a_wrong_init_from_file_is_one_clear_line(tmp_path, kind):
+    from cirlab.core.checkpoint import CheckpointError
+
+    path = tmp_path / f"bad_{kind}.pt"
+    if kind == "text":
+        path.write_text("not a checkpoint")
+    elif kind == "other_model":
+        torch.save({"model": {"encoder.fc.weight": torch.zeros(2, 2)}}, path)
+    elif kind == "other_size":
+        lite = cirlab.create_model("blip_rerank_stage1", preset="tiny", text_width=48, text_heads=2)
+        torch.save({"BLIP_Retrieval": bi.export_stage1(lite)}, path)
+    elif kind == "empty_folder":
+        path.mkdir()
+    m = cirlab.create_model("blip_rerank_stage1", preset="tiny", init_from=str(path))
+    with pytest.raises(CheckpointError) as err:
+        m.load_init(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and message.startswith("model_overrides.init_from: ")
+    assert not (tmp_path / "init_from.json").exists()

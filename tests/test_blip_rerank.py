@@ -206,13 +206,15 @@ def test_token_cache_atomic_reuse_and_values(cirr_root, tmp_path):
 
 def test_topk_files_rerank_and_submission(cirr_root, tmp_path):
     from cirlab import metrics
-    from cirlab.core.topk import load_topk, save_topk
+    from cirlab.core import retrieval
+    from cirlab.engine import rerank
 
     split = cirlab.data.load_cir("cirr", cirr_root, "val")
-    m2 = tiny("stage2")
-    store = br.cache_image_tokens(m2, split, tmp_path / "val")
-    s = br.stage1_scores(m2.stage1, split, store)
-    top1 = br.stage1_topk(m2.stage1, split, store, k=20, scores=s)
+    m2 = tiny("stage2").eval()
+    s = rerank.score_matrix(m2.stage1, split)
+    rerank.evaluate_stage1(m2.stage1, [split], eval_config={"k": 20}, device="cpu", topk_dir=tmp_path / "s1")
+    top1 = rerank.load_stage1_topk(tmp_path / "s1", split, k=10)
+    assert top1.k == 20 and top1.meta["stage"] == "stage1"
     # reference removed before truncation, ranks = protocol metric ranks
     refs = split.ref_indices()
     assert all(split.gallery_names[r] not in row for r, row in zip(refs, top1.gallery_ids))
@@ -221,9 +223,9 @@ def test_topk_files_rerank_and_submission(cirr_root, tmp_path):
     hit = top1.target_rank <= 10
     for i in np.flatnonzero(hit):
         assert top1.gallery_ids[i, top1.target_rank[i] - 1] == top1.target_ids[i]
-    path = save_topk(tmp_path / "s1.topk.npz", top1)
-    top2 = br.rerank_topk(m2, split, load_topk(path), store, k=10)
-    assert top2.k == 10 and top2.meta["stage"] == "stage2"
+    score = m2.candidate_scorer(split, cache=tmp_path / "val")
+    top2 = rerank.rerank_topk(score, split, top1, 10)
+    assert top2.k == 10 and top2.meta["stage"] == "stage2" and top2.meta["reranked_queries"] == hit.sum()
     # same candidate set, re-ordered; misses keep their stage-I rank (> K) and stage-I order
     for i in range(len(split.triplets)):
         assert sorted(top2.gallery_ids[i]) == sorted(top1.gallery_ids[i, :10])
@@ -235,19 +237,21 @@ def test_topk_files_rerank_and_submission(cirr_root, tmp_path):
             assert list(top2.gallery_ids[i]) == list(top1.gallery_ids[i, :10])
     assert metrics.recall_from_ranks(top2.target_rank, [10])["R@10"] == metrics.recall_from_ranks(
         top1.target_rank, [10])["R@10"]  # R@K is unchanged by re-ranking
+    # scoring every query (skip_misses=False) re-orders the misses too, with the same ranks
+    full = rerank.rerank_topk(score, split, top1, 10, skip_misses=False)
+    np.testing.assert_array_equal(full.target_rank, top2.target_rank)
     # subset scores: only members scored, the reference excluded from the top-3
-    sub = br.stage2_subset_scores(m2, split, store)
-    top3 = br.subset_top3(sub, split)
-    assert all(len(t) == 3 and split.triplets[i].ref_name not in t for i, t in enumerate(top3))
-    ranks = metrics.cirr_subset_ranks(sub, target, torch.tensor(refs), [
-        mm for mm in split.member_indices()])
+    sub = rerank.subset_scores(score, split)
+    members, reference = torch.tensor(split.member_indices()), torch.tensor(refs)
+    top3 = retrieval.subset_topk(sub, reference, members, 3)
+    assert all(len(t) == 3 and refs[i] not in t.tolist() for i, t in enumerate(top3))
+    ranks = rerank.subset_ranks(sub, split)
     assert ranks.min() >= 1 and ranks.max() <= 5
     test = cirlab.data.load_cir("cirr", cirr_root, "test1")
-    tstore = br.cache_image_tokens(m2, test, tmp_path / "test1")
-    t1 = br.stage1_topk(m2.stage1, test, tstore, k=50) if len(test.gallery_names) > 50 else None
-    if t1 is None:  # tiny synthetic gallery < 51 images: the submission needs 50 per query
-        with pytest.raises(ValueError, match="top-50"):
-            br.write_cirr_submission(br.stage1_topk(m2.stage1, test, tstore, k=20), top3, tmp_path, "x")
+    assert len(test.gallery_names) <= 50  # tiny synthetic gallery: the server's top-50 cannot be filled
+    with pytest.raises(ValueError, match="holds the top 43"):
+        rerank.cirr_submission(m2, test, eval_config={})
+
 
 
 # ------------------------------------------------------------------------------------------------ full size
@@ -321,20 +325,23 @@ def test_fashioniq_per_category_topk_and_rerank(tmp_path):
     equal the metric's ranks per category, and stage II only re-orders each query's candidates."""
     from cirlab import metrics
     from cirlab.data.generators import synthetic
+    from cirlab.engine import rerank
 
     root = synthetic.generate(tmp_path / "syn", size="tiny", layouts=["fashioniq"], image_size=32)
     root = root["layouts"]["fashioniq"]["root"]
-    m2 = tiny("stage2")
-    for category in ("dress", "toptee"):
-        split = cirlab.data.load_cir("fashioniq", root, "val", category=category, protocol="rerank")
+    m2 = tiny("stage2").eval()
+    splits = [cirlab.data.load_cir("fashioniq", root, "val", category=c, protocol="rerank")
+              for c in ("dress", "toptee")]
+    rerank.evaluate_stage1(m2.stage1, splits, eval_config={"k": 20}, device="cpu", topk_dir=tmp_path / "s1")
+    for split in splits:
+        category = split.category
         assert not split.exclude_reference
-        store = br.cache_image_tokens(m2, split, tmp_path / category)
-        s = br.stage1_scores(m2.stage1, split, store)
-        top1 = br.stage1_topk(m2.stage1, split, store, k=20, scores=s)
+        s = rerank.score_matrix(m2.stage1, split)
+        top1 = rerank.load_stage1_topk(tmp_path / "s1", split)
         target = torch.tensor(split.target_indices())
         np.testing.assert_array_equal(top1.target_rank, metrics.target_ranks(s, target).numpy())
         assert set(top1.category) == {category} and top1.meta["category"] == category
-        top2 = br.rerank_topk(m2, split, top1, store, k=10)
+        top2 = rerank.rerank_topk(m2.candidate_scorer(split, cache=tmp_path / category), split, top1, 10)
         for i in range(len(split.triplets)):
             assert sorted(top2.gallery_ids[i]) == sorted(top1.gallery_ids[i, :10])
             if top1.target_rank[i] > 10:

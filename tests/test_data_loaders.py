@@ -439,7 +439,7 @@ def test_unknown_dataset_and_options(tmp_path):
     with pytest.raises(ValueError, match="unknown CIR dataset"):
         load_cir("nope", tmp_path)
     info = write_fashioniq(tmp_path, categories=("dress",), splits=("val",))
-    with pytest.raises(ValueError, match="unknown Fashion-IQ gallery"):
+    with pytest.raises(ValueError, match="dataset.options.gallery: 'everything' is not one of amc, split"):
         load_cir("fiq", info["root"], "val", gallery="everything")
 
 

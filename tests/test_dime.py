@@ -656,3 +656,43 @@ def test_tiny_synthetic_config_trains_with_the_fitted_vocab_and_random_extras(tm
     pieces = model._get_tokenizer().convert_ids_to_tokens(ids[0][mask[0]])
     words = item["text"].lower().replace(".", " .").replace(",", " ,").split()
     assert pieces == ["[CLS]", *words[: model.config.max_words - 2], "[SEP]"]  # whole words, one token each
+
+
+# ------------------------------------------------------------------ the evaluation kernel (cirlab.models._dime_fast)
+@pytest.mark.parametrize("direction,mask_padding", [("i2t", True), ("i2t", False), ("t2i", True), ("t2i", False)])
+@pytest.mark.parametrize("closed", [False, True])
+def test_fast_score_matrix_equals_the_module(direction, mask_padding, closed):
+    """Every pair's score equals the interaction module's (fp32 to 1e-5; bf16 to its documented tolerance),
+    with captions of many lengths (exact-length groups), shards smaller than the split, and closed paths."""
+    model = _tiny(direction, mask_padding=mask_padding).eval()
+    _randomise_routers(model, seed=5)
+    if closed:  # close destination GLGC of layer 2 and the IMRC cell's output in layer 2 (skip rules)
+        for cell in model.itr_module.dynamic_itr_l1.cells():
+            cell.router.mlp[2].bias.data[1] = -50.0
+        model.itr_module.dynamic_itr_l2.imrc.router.mlp[2].bias.data[:] = -50.0
+    feats = torch.rand(9, 36, 64, generator=torch.Generator().manual_seed(3))
+    texts = CAPTIONS * 3 + ["dog", "a very long caption that is cut at the maximum number of words allowed here"]
+    with torch.no_grad():
+        img, txt = model.encode_image(feats), model.encode_text(texts)
+        full = model.itr_module(img, txt)[0]
+    fast = D.score_matrix(model, img, txt, dtype=torch.float32, rows=200)
+    assert fast.shape == full.shape == (9, len(texts))
+    assert torch.allclose(fast, full, atol=1e-5), (fast - full).abs().max()
+    low = D.score_matrix(model, img, txt, dtype=torch.bfloat16, rows=200)
+    assert (low - full).abs().max() < 2e-2  # tiny random dims; paper dims: ~1e-3 (reports/benchmarks/dime_eval.md)
+
+
+def test_score_matrix_precision_choice(monkeypatch):
+    from cirlab.core import _search
+
+    model = _tiny("i2t")
+    monkeypatch.setenv("CIRLAB_BF16", "0")
+    _search.cpu_has_bf16.cache_clear()
+    assert D.eval_dtype(model, torch.device("cpu")) == torch.float32
+    monkeypatch.setenv("CIRLAB_BF16", "1")
+    _search.cpu_has_bf16.cache_clear()
+    assert D.eval_dtype(model, torch.device("cpu")) == torch.bfloat16
+    assert D.eval_dtype(_tiny("i2t", eval_dtype="fp32"), torch.device("cpu")) == torch.float32
+    _search.cpu_has_bf16.cache_clear()
+    with pytest.raises(ValueError, match="eval_dtype"):
+        _tiny("i2t", eval_dtype="fp16")

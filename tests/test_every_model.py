@@ -20,7 +20,7 @@ from cirlab.core.contracts import TASK_PROTOCOLS, Model, TracedModel, check_mode
 from cirlab.engine import runs
 from cirlab.engine.train import _model_meta
 
-MODELS = cirlab.list_models()
+MODELS = cirlab.list_models(shipped=True)  # not the stub models other test modules register
 
 
 @pytest.fixture(scope="module")

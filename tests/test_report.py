@@ -23,7 +23,9 @@ def test_parameters_fill_paths_and_apply_overrides(tmp_path):
     assert p["runs"] == [f"{tmp_path}/train"] and p["data_root"] == "/data" and p["k"] == 7
     t = report.notebook_parameters("train", tmp_path, "/data", smoke=True, overrides={"train.max_steps": 5, "k": 1})
     assert t["max_steps"] == 5 and "k" not in t and t["output_dir"] == f"{tmp_path}/train"
-    assert report.SMOKE_PARAMETERS["train"]["max_steps"] < report.REPORT_PARAMETERS["train"]["max_steps"]
+    assert report.SMOKE_PARAMETERS["train"]["max_steps"] == 2 and report.REPORT_PARAMETERS["train"]["max_steps"] == 0
+    # the full report trains whole epochs: no max_steps cap (which would warn) on the demo's training entries
+    assert all(report.REPORT_PARAMETERS[n]["max_steps"] == 0 for n in ("train", "train_dime", "quickstart"))
 
 
 def test_unknown_overrides_fail_early():
@@ -67,11 +69,45 @@ def test_index_links_files_tables_and_figures(tmp_path):
     (folder / "figures").mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps({"runs": {"train": {"avg_R@10": 12.5}}}))
     (folder / "evaluate.html").write_text("<html></html>")
-    (folder / "figures" / "gallery.png").write_bytes(b"\x89PNG")
+    (folder / "figures" / "gallery_dress.png").write_bytes(b"\x89PNG")
     page = report.write_index(tmp_path).read_text()
-    assert "href='evaluate/evaluate.html'" in page and "src='evaluate/figures/gallery.png'" in page
-    assert "runs/train/avg_R@10" in page and "12.500" in page
+    assert "href='evaluate/evaluate.html'" in page and "src='evaluate/figures/gallery_dress.png'" in page
+    assert "runs/train/avg_R@10" in page and ">12.50<" in page
     assert "router_explorer" not in page  # absent notebooks are not linked
+    assert "qualitative retrieval figures" in page  # the caption of gallery_*
+
+
+def test_index_has_contents_run_records_integers_and_each_metric_once(tmp_path):
+    folder = tmp_path / "train"
+    (folder / "figures").mkdir(parents=True)
+    (folder / "figures" / "training_curves.png").write_bytes(b"\x89PNG")
+    val = {"avg": 70.41666, "avg_R@10": 49.8}
+    (folder / "metrics.json").write_text(json.dumps({"steps": 240, "epochs": 3, "val": val, "splits": {"val": val},
+                                                     "selection": {"best_epoch": 3}}))
+    (folder / report.RECORD).write_text(json.dumps({
+        "status": "ok", "started": "2026-01-02T03:04:05+00:00", "finished": "2026-01-02T03:05:05+00:00",
+        "duration_s": 60.0, "commit": "abc1234", "command": "cirlab report --only train",
+        "parameters": {"max_steps": 0, "settings": ["train.lr=1e-3"]}}))
+    page = report.write_index(tmp_path).read_text()
+    assert "<nav><h2>Contents</h2>" in page and "<a href='#train'>train</a>" in page
+    assert "2026-01-02 03:04 UTC" in page and "abc1234" in page and "cirlab report --only train" in page
+    assert "train.lr=1e-3" in page  # parameters
+    assert ">240<" in page and ">3<" in page and "3.000" not in page  # integers stay integers
+    assert ">70.42<" in page and page.count(">70.42<") == 1  # splits/val/avg repeats val/avg: shown once
+    assert "splits/val/avg" not in page and "val/avg" in page
+    assert "A training diagnostic; no paper figure" in page
+
+
+def test_a_dependency_that_ran_later_marks_the_entry_stale(tmp_path):
+    for name, started, finished in (("train", "2026-01-03T00:00:00", "2026-01-03T00:01:00"),
+                                    ("evaluate", "2026-01-02T00:00:00", "2026-01-02T00:01:00")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / report.RECORD).write_text(json.dumps({"status": "ok", "started": started,
+                                                                   "finished": finished}))
+    state = report.entry_state(tmp_path, "evaluate")
+    assert state["stale"] == {"train": "2026-01-03T00:01:00"} and not report.entry_state(tmp_path, "train")["stale"]
+    page = report.write_index(tmp_path).read_text()
+    assert "badge stale" in page and "cirlab report --only evaluate" in page
 
 
 def test_register_cli_adds_report_command():
@@ -108,4 +144,66 @@ def test_failing_notebook_stops_the_report_with_its_error(tmp_path, monkeypatch)
     text = stream.getvalue()
     assert code == 1
     assert "[1/1] rank_shift: FAILED" in text and "RuntimeError: broken cell 3" in text
-    assert (out / "rank_shift" / "rank_shift.ipynb").is_file() and (out / "index.html").is_file()
+    failed = out / report.FAILED_DIR / "rank_shift"
+    assert (failed / "rank_shift.ipynb").is_file() and (out / "index.html").is_file()
+    assert not (out / "rank_shift").exists()  # nothing half-written where the results belong
+    assert "cell 1/2: import math" in text  # per-cell progress, the parameters cells not counted
+    assert text.count("cell 2/2: raise RuntimeError") == 1
+
+
+def _notebook(path, body: str) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("fail: bool = False  # make the notebook fail\nout: str = ''  # output folder")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_code_cell("import json, pathlib, sys"), params, nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_failed_only_run_keeps_the_previous_report_and_marks_it(tmp_path, monkeypatch):
+    nbs = tmp_path / "notebooks"
+    nbs.mkdir()
+    _notebook(nbs / "evaluate.ipynb", "import time\n"
+              "sys.stderr.write('train: step 1/2 loss 0.5\\rtrain: step 2/2 loss 0.4\\n')\n"
+              "p = pathlib.Path(out)\n(p / 'figures').mkdir(parents=True, exist_ok=True)\n"
+              "(p / 'figures' / 'gallery_dress.png').write_bytes(b'new' if fail else b'old')\n"
+              "if fail: raise ValueError('broken on purpose')\n"
+              "(p / 'metrics.json').write_text(json.dumps({'runs': {'train': {'avg_R@10': 11.0}}}))")
+    monkeypatch.setattr(report, "REPORT_PARAMETERS", {**report.REPORT_PARAMETERS,
+                                                      "evaluate": {"fail": False, "out": "{out}/evaluate"}})
+    out = tmp_path / "reports"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "metrics.json").write_text("{}")  # prerequisite present: only evaluate runs
+    run = dict(only="evaluate", kernel_name="python3", notebook_dir=nbs, command="cirlab report --only evaluate")
+    stream = io.StringIO()
+    assert report.run_report(out, overrides={"data_root": str(tmp_path)}, stream=stream, **run) == 0
+    assert stream.getvalue().count("| train: step 2/2 loss 0.4") == 1  # kernel stderr, last state of the line, once
+    good = {p.relative_to(out / "evaluate"): p.read_bytes() for p in (out / "evaluate").rglob("*") if p.is_file()}
+    assert json.loads((out / "evaluate" / report.RECORD).read_text())["status"] == "ok"
+
+    code = report.run_report(out, overrides={"data_root": str(tmp_path), "fail": True}, stream=io.StringIO(), **run)
+    assert code == 1
+    now = {p.relative_to(out / "evaluate"): p.read_bytes() for p in (out / "evaluate").rglob("*") if p.is_file()}
+    assert now == good  # the previous results, byte for byte: figures, metrics.json, executed notebook
+    assert (out / report.FAILED_DIR / "evaluate" / "figures" / "gallery_dress.png").read_bytes() == b"new"
+    assert not list(out.glob(".*.previous"))
+    page = (out / "index.html").read_text()
+    assert "badge failed" in page and "The last run failed" in page and "broken on purpose" in page
+    assert "previous successful run" in page and f"{report.FAILED_DIR}/evaluate/evaluate.html" in page
+
+    assert report.run_report(out, overrides={"data_root": str(tmp_path)}, stream=io.StringIO(), **run) == 0
+    assert not (out / report.FAILED_DIR / "evaluate").exists()  # a good run clears the mark
+    assert "badge failed" not in (out / "index.html").read_text()
+
+
+def test_an_interrupted_run_is_repaired_by_the_next(tmp_path):
+    out = tmp_path
+    (out / ".evaluate.previous").mkdir()
+    (out / ".evaluate.previous" / "metrics.json").write_text('{"old": 1}')
+    (out / "evaluate").mkdir()
+    (out / "evaluate" / "half.png").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError):  # no notebook: the run fails at once, after the repair
+        report.run_entry("evaluate", {}, out, kernel_name="python3", notebook_dir=tmp_path / "none")
+    assert json.loads((out / "evaluate" / "metrics.json").read_text()) == {"old": 1}
+    assert (out / report.FAILED_DIR / "evaluate" / report.RECORD).is_file()

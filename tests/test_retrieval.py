@@ -235,3 +235,111 @@ def test_digests_change_with_content(tmp_path):
     with torch.no_grad():
         lin.bias[0] += 1
     assert R.state_dict_digest(lin) != d0
+
+
+def test_rerank_topk_fuses_with_stage1_scores_only_when_asked():
+    from types import SimpleNamespace
+
+    from cirlab.core.topk import TopK
+    from cirlab.engine import rerank
+
+    names = [f"g{i}" for i in range(6)]
+    split = SimpleNamespace(gallery_index={n: i for i, n in enumerate(names)}, gallery_names=names,
+                            target_indices=lambda: [2, 5], has_targets=True)
+    first = TopK(["q0", "q1"], [["g0", "g1", "g2"], ["g3", "g4", "g0"]], [[0.9, 0.8, 0.1], [0.9, 0.5, 0.4]], [3, 9])
+
+    def stage2(rows: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        return (cand == 2).float() * 0.5  # stage II likes g2 a little
+
+    alone = rerank.rerank_topk(stage2, split, first, 3)
+    assert alone.gallery_ids[0].tolist() == ["g2", "g0", "g1"] and alone.target_rank.tolist() == [1, 9]
+    assert alone.gallery_ids[1].tolist() == ["g3", "g4", "g0"]  # target outside the pool: not scored, order kept
+    np.testing.assert_allclose(alone.scores[1], rerank.MISS_SCORE)
+    fused = rerank.rerank_topk(stage2, split, first, 3, alpha=0.9)  # 0.9 * stage I dominates: g2 stays last
+    assert fused.gallery_ids[0].tolist() == ["g0", "g1", "g2"] and fused.target_rank.tolist() == [3, 9]
+    np.testing.assert_allclose(fused.scores[0], [0.81, 0.72, 0.14], rtol=1e-6)
+
+
+# ------------------------------------------------------------------ top-K backends (cirlab.core._search)
+from cirlab.core import _search  # noqa: E402
+
+BACKENDS = ["blocks", "filter", "bf16"] + (["faiss"] if _search.faiss_module() is not None else [])
+
+
+@FAST
+@given(search_case(), st.integers(1, 4), st.integers(1, 16), st.sampled_from(BACKENDS))
+def test_every_backend_equals_full_stable_sort(case, query_chunk, gallery_chunk, backend):
+    """Integer embeddings tie exactly and often: every backend must put the lower gallery index first."""
+    queries, gallery, exclude, k = case
+    full = (queries @ gallery.T).numpy()
+    for exc in (None, exclude):
+        scores, idx = R.topk_search(queries, gallery, k, query_chunk=query_chunk, gallery_chunk=gallery_chunk,
+                                    exclude=exc, backend=backend)
+        want_s, want_i = N.naive_topk(full, k, None if exc is None else exc.numpy())
+        assert idx.tolist() == want_i.tolist()
+        np.testing.assert_array_equal(scores.numpy(), want_s)
+
+
+def _embeddings(n, d, seed, scale=1.0, shift=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1)
+    return scale * (x + shift)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+@pytest.mark.parametrize("case", ["unit", "large_norms", "negative_scores", "duplicates"])
+def test_backends_bit_identical_to_blocks(backend, case):
+    """Realistic sizes (several query and gallery chunks): indices and fp32 scores equal the block path bit for bit."""
+    q, g = _embeddings(300, 64, 0), _embeddings(6000, 64, 1)
+    if case == "large_norms":
+        q, g = q * 37.5, g * torch.linspace(0.1, 80.0, len(g))[:, None]
+    elif case == "negative_scores":  # every score is negative: the bf16 filter compares sign-aware keys
+        direction = torch.nn.functional.normalize(torch.ones(64), dim=0)
+        g = torch.nn.functional.normalize(g + 3 * direction, dim=1)
+        q = torch.nn.functional.normalize(q - 3 * direction, dim=1)
+    elif case == "duplicates":  # exact ties at and around the k-th place
+        g[1000:1400] = g[:400]
+        g[5000:5050] = g[4000]
+    exclude = torch.randint(-1, len(g), (len(q),), generator=torch.Generator().manual_seed(2))
+    for k in (1, 20):
+        for exc in (None, exclude):
+            want = R.topk_search(q, g, k, query_chunk=128, gallery_chunk=1024, exclude=exc, backend="blocks")
+            got = R.topk_search(q, g, k, query_chunk=128, gallery_chunk=1024, exclude=exc, backend=backend)
+            assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), (case, k, exc is None)
+
+
+def test_bf16_rescoring_reproduces_the_block_product():
+    if not _search.rescoring_is_exact(512):
+        pytest.skip("this BLAS computes small products with another kernel: 'auto' never picks bf16 here")
+    q, g = _embeddings(2000, 512, 3), _embeddings(20000, 512, 4)
+    want = R.topk_search(q, g, 50, backend="blocks")
+    got = R.topk_search(q, g, 50, backend="bf16")
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+def test_backend_choice_and_guards():
+    q, g = _embeddings(8, 16, 0), _embeddings(500, 16, 1)
+    assert _search.choose_backend("auto", q, g, 5) == "blocks"  # small: the simple path
+    with pytest.raises(ValueError, match="backend must be one of"):
+        R.topk_search(q, g, 5, backend="hnsw")
+    with pytest.raises(ValueError, match="float32 CPU"):
+        R.topk_search(q.double(), g.double(), 5, backend="filter")
+    g_inf = g.clone()
+    g_inf[3, 0] = float("inf")
+    with pytest.raises(ValueError, match="finite"):
+        R.topk_search(q, g_inf, 5, backend="filter")
+    assert R.topk_search(q, g_inf, 5)[1].shape == (8, 5)  # auto falls back to blocks
+    big_q, big_g = _embeddings(1100, 16, 2), _embeddings(65000, 16, 3)
+    expected = "bf16" if _search.cpu_has_bf16() and _search.rescoring_is_exact(16) else None
+    if expected:
+        assert _search.choose_backend("auto", big_q, big_g, 50) == expected
+
+
+def test_cpu_bf16_detection_can_be_overridden(monkeypatch):
+    _search.cpu_has_bf16.cache_clear()
+    monkeypatch.setenv("CIRLAB_BF16", "0")
+    assert _search.cpu_has_bf16() is False
+    monkeypatch.setenv("CIRLAB_BF16", "1")
+    _search.cpu_has_bf16.cache_clear()
+    assert _search.cpu_has_bf16() is True
+    _search.cpu_has_bf16.cache_clear()

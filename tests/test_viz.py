@@ -154,6 +154,20 @@ def test_gallery_highlights_the_target():
         viz.plot_retrieval_gallery([])
 
 
+def test_gallery_shows_a_target_ranked_below_k_with_its_rank():
+    rng = np.random.default_rng(0)
+    img = rng.random((8, 8, 3))
+    rows = [{"ref_image": img, "text": "<BOS> make it red <AND> bigger <EOS>", "candidates": [img] * 3,
+             "candidate_ids": list("abc"), "target_position": None, "target_rank": 17, "target_image": img},
+            {"ref_image": img, "text": "x", "candidates": [img] * 3, "target_position": 0, "target_rank": 1,
+             "target_image": img}]
+    fig = viz.plot_retrieval_gallery(rows, k=3)
+    axes = np.array(fig.axes).reshape(2, 6)
+    assert axes[0, 5].get_gid() == "target_outside" and "rank 17" in axes[0, 5].get_title()
+    assert not axes[1, 5].get_visible() or not axes[1, 5].axison  # the second row's target is in its top 3
+    assert axes[0, 1].texts[0].get_text().startswith("make it red and")  # no <BOS>/<AND>/<EOS> markup
+
+
 def test_metrics_bars_one_bar_per_metric_and_run():
     fig = viz.plot_metrics_bars({"R@10": 10.0, "R@50": 30.0, "dress": {"R@10": 5.0}})
     heights = [p.get_height() for p in fig.axes[0].patches]
@@ -202,11 +216,56 @@ def test_gate_entropy_plot_bars_equal_statistics():
     frame = amc_frame()
     fig = viz.plot_gate_entropy(frame)
     stats = analysis.route_statistics(frame)
-    right = fig.axes[1]
-    heights = [p.get_height() for p in right.patches]
-    n = len(stats)
-    np.testing.assert_allclose(heights[:n], stats["mean_share"])
-    np.testing.assert_allclose(heights[n:], stats["top1_share"])
+    for ax, layer in zip(fig.axes[1:], ("layer1", "layer2")):  # one horizontal-bar panel per layer
+        names = [t.get_text() for t in ax.get_yticklabels()]
+        s = stats[stats.layer == layer].set_index("expert").loc[names]  # bottom-up, as drawn
+        widths = {gid: [p.get_width() for p in ax.patches if p.get_gid() == gid]
+                  for gid in ("mean_share", "top1_share")}
+        np.testing.assert_allclose(widths["mean_share"], s["mean_share"])
+        np.testing.assert_allclose(widths["top1_share"], s["top1_share"])
+    dime, _ = dime_frame()
+    fig = viz.plot_gate_entropy(dime)
+    assert [len(ax.get_yticklabels()) for ax in fig.axes[1:]] == [16, 16, 4]  # one readable row per path
+
+
+def test_amc_experts_are_drawn_in_the_papers_order():
+    frame = amc_frame()
+    names = {"NIN": "α1 NIN", "CRN": "α3 CRN", "GTN": "α2 GTN"}  # what AMC's traces carry
+    frame["paper_name"] = frame["expert"].map(names)
+    assert viz.paper_order(["α1 NIN", "α3 CRN", "α2 GTN"]) == ["α1 NIN", "α2 GTN", "α3 CRN"]
+    assert viz.paper_order(["RIC", "GLGC"]) == ["RIC", "GLGC"]  # no α numbers: code order kept
+    figs = (viz.plot_expert_heatmaps(frame), viz.plot_gate_distributions(frame), viz.plot_query_gates(frame, ["q0"]))
+    for fig in figs:
+        ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+        assert ticks == ["α1 NIN", "α2 GTN", "α3 CRN"], ticks
+    heat = viz.plot_expert_heatmaps(frame, sort_by=None)
+    row = frame[(frame.layer == "layer1") & (frame.query_id == "q0")].set_index("expert")["weight"]
+    np.testing.assert_allclose(heat.axes[0].images[0].get_array()[0], row[["NIN", "GTN", "CRN"]])  # data follows
+
+
+def test_heatmap_rows_are_spread_over_and_labelled_by_category():
+    frame = amc_frame(n=30)
+    fig = viz.plot_expert_heatmaps(frame, max_queries=9)
+    ax = fig.axes[0]
+    assert ax.images[0].get_array().shape == (9, 3)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["dress (3)", "shirt (3)", "toptee (3)"]
+    assert "grouped by category" in ax.get_ylabel()
+
+
+def test_plain_text_drops_the_fashioniq_markup():
+    assert viz.plain_text("<BOS> is red <AND> has a star <EOS>") == "is red and has a star"
+    assert viz.plain_text("make it blue") == "make it blue"
+
+
+def test_every_gate_plot_labels_its_axes():
+    frame = amc_frame()
+    dime, _ = dime_frame()
+    figs = [viz.plot_expert_heatmaps(frame), viz.plot_gate_distributions(frame), viz.plot_query_gates(frame, ["q1"]),
+            viz.plot_gate_entropy(frame), viz.plot_expert_heatmaps(dime), viz.plot_gate_distributions(dime)]
+    for fig in figs:
+        assert fig.axes[0].get_ylabel() and fig.axes[0].get_xlabel(), fig._suptitle
+    fig = viz.plot_gate_distributions(dime)  # 16 paths x groups: a heatmap of group means, not 80 boxes
+    assert [ax.images[0].get_array().shape for ax in fig.axes if ax.images] == [(16, 2), (16, 2), (4, 2)]
 
 
 def test_dime_flows_band_per_path_scaled_by_weight():
@@ -283,9 +342,11 @@ def test_training_curves_from_log(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     fig = viz.plot_training_curves(path)
     curves = {l.get_gid(): l for ax in fig.axes for l in ax.lines}
-    assert set(curves) == {"curve:loss", "curve:rank_loss", "curve:lr", "curve:val/R@10"}
+    assert set(curves) == {"curve:loss", "curve:rank_loss", "curve:val/R@10"}  # lr is constant: no panel ...
+    assert "lr = 0.1" in fig._supxlabel.get_text()  # ... but its value under the figure
     np.testing.assert_allclose(curves["curve:loss"].get_ydata(), [1.0 / s for s in range(1, 6)])
     assert list(curves["curve:val/R@10"].get_xdata()) == [5]
+    assert all(ax.get_ylabel() for ax in fig.axes if ax.lines)
 
 
 def test_no_pyplot_state_leaks():

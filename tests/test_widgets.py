@@ -120,3 +120,139 @@ def test_static_view_searches_when_no_topk_is_given():
     assert calls == ["abc"]  # the original text, only to get the top-K
     assert bars(fig, "gates:edited") == []
     assert [t.get_text() for t in fig.axes[-1].texts if t.get_gid() == "target"] == ["#2 t  0.500"]
+
+
+# --------------------------------------------------------------------------------------------- what users see
+def test_target_outside_the_top_k_is_shown_with_its_rank_and_thumbnails_have_the_reference():
+    routes = routes_for("q0", text_gates("x"))
+    image = lambda name: np.full((4, 4, 3), 0.5)  # noqa: E731
+    fig = plot_query_view(routes, candidate_ids=["a", "b"], scores=[2, 1], target_id="t", image_fn=image,
+                          target_rank=37, gallery_size=400, reference_id="r", text="<BOS> x <AND> y <EOS>")
+    gids = [ax.get_gid() for ax in fig.axes]
+    assert gids.count("target_outside") == 1 and "query" in gids and "target" not in gids
+    outside = fig.axes[gids.index("target_outside")]
+    assert "rank 37" in outside.get_title()
+    text = next(t for ax in fig.axes for t in ax.texts if t.get_gid() == "query_text").get_text()
+    assert text.startswith("x and y") and "37 of 400" in text  # plain text, and the rank in the whole gallery
+    assert fig.axes[0].get_ylabel() == "gate weight"
+
+
+def test_two_checkpoints_side_by_side_follow_the_text():
+    texts = {"q0": "make it red"}
+    routes = routes_for("q0", text_gates("make it red"))
+
+    def answer(scale):
+        def query_fn(qid, text):
+            gates = {layer: [w * scale for w in ws] for layer, ws in text_gates(text).items()}
+            return {"routes": routes_for(qid, gates), "candidate_ids": ["g1"], "scores": [0.5], "target_id": "g9",
+                    "target_rank": int(10 * scale)}
+        return query_fn
+
+    exp = RouterExplorer(routes, texts=texts, query_fn=answer(1.0), compare_fn=answer(0.5),
+                         labels=("trained", "untrained"))
+    exp.build()
+    first = bars(exp.figure, "gates:compare")
+    assert first == pytest.approx([w * 0.5 for w in text_gates("make it red")["layer1"]])
+    exp.text.value = "make it a lot redder than before"
+    assert bars(exp.figure, "gates:compare") == pytest.approx(
+        [w * 0.5 for w in text_gates(exp.text.value)["layer1"]])
+    rank_text = [t.get_text() for t in exp.figure.axes[-1].texts if t.get_gid() == "target_rank"]
+    assert rank_text and "10" in rank_text[0] and "5 (untrained)" in rank_text[0]
+
+
+def test_explorer_texts_are_plain_and_a_failing_model_call_shows_an_error():
+    calls = []
+
+    def query_fn(qid, text):
+        calls.append(text)
+        raise RuntimeError("model exploded")
+
+    exp = RouterExplorer(routes_for("q0", text_gates("abc")), texts={"q0": "<BOS> a <AND> b <EOS>"},
+                         query_fn=query_fn, topk=TopK(["q0"], [["g"]], [[1.0]], [1], target_ids=["g"]), k=1)
+    exp.build()
+    assert exp.text.value == "a and b" and exp.renders == 1  # the top-K is given: no model call for the trace
+    exp.text.value = "c and d"
+    assert calls == ["c and d"] and "model exploded" in exp.status.value and exp.renders == 1
+    assert exp.pick("") == "q0" and exp.pick("q0") == "q0"
+
+
+def dime_pair_routes(qid, image, weights):
+    cells = ["RIC", "GLGC", "IMRC", "CMRC"]
+    rows = []
+    for layer, dests in (("layer0", cells), ("layer1", cells), ("layer2", ["output"])):
+        for d, dst in enumerate(dests):
+            for s, src in enumerate(cells):
+                rows.append({"query_id": qid, "layer": layer, "source": src, "destination": dst, "expert": dst,
+                             "code_index": d, "paper_name": dst, "weight": weights, "image_id": image,
+                             "category": "color"})
+    return pd.DataFrame(rows)
+
+
+def test_path_explorer_rescores_an_edited_caption_against_a_chosen_image():
+    routes = pd.concat([dime_pair_routes(0, 0, 0.25), dime_pair_routes(5, 1, 0.25)], ignore_index=True)
+    calls = []
+
+    def pair_fn(image, text):
+        calls.append((image, text))
+        return {"routes": dime_pair_routes("edit", image, min(1.0, len(text) / 100)), "score": 0.5,
+                "image_rank": 3, "n_images": 50}
+
+    from cirlab.workbench.widgets import PathExplorer
+
+    exp = PathExplorer(routes, texts={0: "a red star", 5: "a blue ring"}, pair_fn=pair_fn, n_images=4)
+    exp.build()
+    assert exp.image.options == (0, 1, 2, 3) and exp.image.value == 0
+    edited = [im for ax in exp.figure.axes for im in ax.images if "edited" in (im.get_gid() or "")]
+    assert edited == [] and calls == [(0, "a red star")]  # the traced pair's own score and rank only
+    exp.image.value = 2
+    exp.text.value = "a large red star on the left and a small ring"
+    assert calls[-1] == (2, "a large red star on the left and a small ring")
+    edited = {im.get_gid(): im.get_array() for ax in exp.figure.axes for im in ax.images
+              if "edited" in (im.get_gid() or "")}
+    assert set(edited) == {"paths:edited:layer0", "paths:edited:layer1", "paths:edited:layer2"}
+    assert float(edited["paths:edited:layer0"][0, 0]) == pytest.approx(len(exp.text.value) / 100)
+    assert "image rank 3 of 50" in exp.figure._suptitle.get_text()
+    exp.query.value = 5  # picking another pair resets caption and image without a second render
+    assert exp.text.value == "a blue ring" and exp.image.value == 1 and exp.pick("5") == 5
+
+
+def test_live_frontend_is_false_outside_a_kernel_and_under_papermill(monkeypatch):
+    import sys
+    import types
+
+    from cirlab.workbench.widgets import live_frontend
+
+    assert live_frontend() is False  # pytest: no kernel
+
+    class Kernel:
+        def __init__(self, allow):
+            self.allow = allow
+
+        def get_parent(self):
+            return {"content": {"allow_stdin": self.allow}}
+
+    for allow, expected in ((True, True), (False, False)):  # JupyterLab asks with allow_stdin, nbclient never does
+        shell = types.SimpleNamespace(kernel=Kernel(allow))
+        monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell))
+        assert live_frontend() is expected
+
+
+def test_amc_adds_the_markup_to_a_plain_text_on_its_own_text_path():
+    import types
+
+    import torch
+
+    import cirlab
+
+    model = cirlab.create_model("amc", preset="tiny").eval()
+    trip = types.SimpleNamespace(captions=["is red", "has a star"], text="<BOS> is red <AND> has a star <EOS>")
+    model.fit_vocab(types.SimpleNamespace(triplets=[trip]))
+    assert model.text_encoder.markup
+    image = torch.rand(1, 3, model.config.image_size, model.config.image_size)
+    with torch.no_grad():
+        marked = model.encode_query(image, [trip.text])
+        plain = model.encode_query(image, ["is red and has a star"])  # what the explorer shows and sends
+    torch.testing.assert_close(plain, marked)
+    other = cirlab.create_model("amc", preset="tiny")
+    other.load_state_dict(model.state_dict())
+    assert other.text_encoder.markup  # saved with the checkpoint

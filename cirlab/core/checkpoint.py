@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, safe loads (``weights_only=True``), clear errors on damaged files.
+"""Checkpoints: atomic writes, safe loads (``weights_only=True``), clear errors on damaged or foreign files.
 
 A cirlab checkpoint is a plain dict saved with :func:`torch.save`, holding only tensors and primitive
 containers so that it loads with ``torch.load(weights_only=True)``::
@@ -8,13 +8,16 @@ containers so that it loads with ``torch.load(weights_only=True)``::
 
 Some checkpoints released with the papers (e.g. AMC's ``train_model.pt``) pickle the whole model object. Those
 execute arbitrary code on load, so they are refused unless the caller passes ``trust_pickle=True`` (CLI:
-``--trust-pickle``), which logs a warning.
+``--trust-pickle``), which logs a warning. The file is inspected before it is unpickled: a Git-LFS pointer, an
+HTML page, a text file or random bytes saved as ``.pt`` are named as such, and ``--trust-pickle`` is suggested
+only when PyTorch refused a pickled Python global (never for a file that is not a checkpoint at all).
 """
 from __future__ import annotations
 
 import logging
 import os
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +33,88 @@ FORMAT = "cirlab-checkpoint-v1"
 from cirlab.core.errors import CheckpointError  # noqa: E402  (re-exported: raised and caught by this name)
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (disk full, read-only folder); the previous file is unchanged."""
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+# the legacy (non-zip) torch.save format starts with its magic number pickled with protocol 2
+LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically: a temp file in the same folder, fsync, then ``os.replace``.
 
-    A crash mid-write leaves the previous file at ``path`` untouched (the last good checkpoint survives).
+    A crash or a full disk mid-write leaves the previous file at ``path`` untouched (the last good checkpoint
+    survives) and no temporary file behind; the failure is a :class:`CheckpointWriteError` saying so.
     """
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            torch.save({"format": FORMAT, **state}, fh)
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                torch.save({"format": FORMAT, **state}, fh)
+    except (OSError, RuntimeError) as err:  # torch's zip writer reports a failed write as RuntimeError
+        kept = f"the previous {path.name} is kept unchanged" if path.is_file() else f"no {path.name} was written"
+        raise CheckpointWriteError(f"cannot write checkpoint {path} ({_describe_write_error(err, path)}); "
+                                   f"{kept}") from err
     return path
+
+
+def _describe_write_error(err: BaseException, path: Path) -> str:
+    text = f"{type(err).__name__}: {err}"
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return text
+    return f"{text}; {free / 2**20:.0f} MiB free on that disk"
+
+
+def sniff(path: str | os.PathLike) -> str:
+    """What a file looks like from its first bytes: ``torch-zip``, ``torch-legacy``, ``pickle``, ``lfs-pointer``,
+    ``html``, ``gzip``, ``npy``, ``safetensors``, ``text``, ``empty`` or ``unknown``."""
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if not head:
+        return "empty"
+    if head.startswith(ZIP_MAGIC):
+        return "torch-zip"
+    if head.startswith(LEGACY_MAGIC):
+        return "torch-legacy"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    if head.startswith(LFS_POINTER):
+        return "lfs-pointer"
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip"
+    if head.startswith(b"\x93NUMPY"):
+        return "npy"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"
+    lowered = head.lstrip().lower()
+    if lowered.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")) or b"<html" in lowered:
+        return "html"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "unknown"
+    printable = sum(c.isprintable() or c in "\n\r\t" for c in text)
+    return "text" if printable >= 0.95 * len(text) else "unknown"
+
+
+def _not_a_checkpoint(path: Path, kind: str) -> CheckpointError:
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    what = {
+        "lfs-pointer": "is a Git LFS pointer, not the checkpoint itself: fetch the real file (`git lfs pull`)",
+        "html": "is an HTML page, not a checkpoint (a failed download? e.g. an error or login page)",
+        "gzip": "is gzip-compressed: decompress it first",
+        "npy": "is a NumPy array file (.npy), not a PyTorch checkpoint",
+        "safetensors": "is a safetensors file; cirlab checkpoints are torch.save files (convert it first)",
+        "text": f"is a text file, not a checkpoint (it starts with {head.decode('utf-8', 'replace')[:40]!r})",
+    }.get(kind, f"is not a PyTorch checkpoint (unrecognised content, first bytes {head[:8].hex(' ')})")
+    return CheckpointError(f"checkpoint {path} ({size} bytes) {what}")
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", trust_pickle: bool = False) -> Any:
@@ -47,37 +122,62 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", trust
 
     Returns the loaded object (a dict for cirlab checkpoints; possibly an ``nn.Module`` for trusted
     pickled checkpoints). Raises :class:`CheckpointError` naming the file when it is missing, truncated,
-    corrupt, or holds pickled code while ``trust_pickle`` is False.
+    corrupt, not a checkpoint at all (the message says what it is), or holds pickled code while
+    ``trust_pickle`` is False.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted write?")
+    kind = sniff(path)
+    if kind not in ("torch-zip", "torch-legacy", "pickle"):
+        raise _not_a_checkpoint(path, kind)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         if not _is_weights_only_refusal(err):
-            raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({err})") from err
+            if kind == "pickle":
+                raise CheckpointError(f"checkpoint {path} is a Python pickle that is not a PyTorch checkpoint (it "
+                                      "uses pickle instructions a weights-only load does not read)") from err
+            raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({_first_line(err)})") from err
         if not trust_pickle:
             raise CheckpointError(
-                f"checkpoint {path} contains pickled Python objects (e.g. a whole model), which can run "
+                f"checkpoint {path} contains pickled Python objects ({_refused_global(err)}), which can run "
                 "arbitrary code when loaded. cirlab refuses it by default; if you trust its source, pass "
                 "trust_pickle=True (CLI: --trust-pickle)."
             ) from err
     except Exception as err:  # noqa: BLE001 - torch raises RuntimeError/KeyError/EOFError... for damaged files
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {err})") from err
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: "
+                              f"{_first_line(err)})") from err
     logger.warning("loading %s with weights_only=False (--trust-pickle): pickled code in it runs now", path)
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is reported with the file name
-        raise CheckpointError(f"checkpoint {path} could not be unpickled ({type(err).__name__}: {err})") from err
+        raise CheckpointError(f"checkpoint {path} could not be unpickled ({type(err).__name__}: "
+                              f"{_first_line(err)})") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def _is_weights_only_refusal(err: Exception) -> bool:
-    # torch raises UnpicklingError both for refused globals ("Weights only load failed") and for garbage bytes
+    # torch raises UnpicklingError both for a refused global ("Unsupported global: GLOBAL x.y") and for bytes its
+    # restricted unpickler cannot read ("Unsupported operand 118"); only the first is a reason to trust the file
+    return "Unsupported global" in str(err)
+
+
+def _refused_global(err: Exception) -> str:
     text = str(err)
-    return "Weights only load failed" in text or "Unsupported global" in text or "weights_only" in text
+    start = text.find("GLOBAL ")
+    if start < 0:
+        return "a pickled Python global"
+    name = text[start + len("GLOBAL "):].split()[0]
+    return f"e.g. {name}"
 
 
 def model_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>") -> dict[str, torch.Tensor]:
@@ -96,12 +196,38 @@ def model_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>") -> dict
     raise CheckpointError(f"{path}: no model weights found (expected a 'model' or 'state_dict' entry)")
 
 
+def check_finite(state: dict[str, Any], path: str | os.PathLike = "<checkpoint>") -> None:
+    """Raise :class:`CheckpointError` naming the file and the first tensors when any weight is NaN or infinite."""
+    bad = [name for name, value in state.items()
+           if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(f"checkpoint {path} holds NaN or infinite weights ({len(bad)} tensor"
+                              f"{'s' if len(bad) != 1 else ''}: {shown}); it cannot be used")
+
+
+def load_state(model: torch.nn.Module, state: dict[str, Any], path: str | os.PathLike = "<checkpoint>", *,
+               strict: bool = True, saved_name: str | None = None) -> Any:
+    """``model.load_state_dict(state)`` with NaN/Inf weights refused and a mismatch reported as one line naming the
+    file, the model the checkpoint says it holds (``saved_name``) and the first differing keys."""
+    check_finite(state, path)
+    expected = getattr(model, "model_name", type(model).__name__)
+    try:
+        return model.load_state_dict(state, strict=strict)
+    except (RuntimeError, ValueError, KeyError) as err:
+        origin = f" (it holds model {saved_name!r})" if saved_name and saved_name != expected else ""
+        detail = " ".join(str(err).split())
+        raise CheckpointError(f"checkpoint {path} does not fit model {expected!r}{origin}: "
+                              f"{detail[:300]}{'...' if len(detail) > 300 else ''}") from err
+
+
 def load_model_weights(model: torch.nn.Module, path: str | os.PathLike, *, trust_pickle: bool = False,
                        strict: bool = True) -> dict[str, Any]:
     """Load the weights of checkpoint ``path`` into ``model``; returns the checkpoint's other entries."""
     obj = load_checkpoint(path, trust_pickle=trust_pickle)
     state = model_state_dict(obj, path)
-    result = model.load_state_dict(state, strict=strict)
+    saved = obj.get("model_name") if isinstance(obj, dict) else None
+    result = load_state(model, state, path, strict=strict, saved_name=saved)
     if not strict and (result.missing_keys or result.unexpected_keys):
         logger.warning("%s: missing keys %s, unexpected keys %s", path, result.missing_keys, result.unexpected_keys)
     return obj if isinstance(obj, dict) else {}

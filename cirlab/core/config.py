@@ -1,10 +1,37 @@
-"""Config helpers shared by every model config dataclass: named flat presets and dict round trips."""
+"""Config helpers shared by every model config dataclass: named flat presets, dict round trips, and the
+"did you mean" suggestions every config check uses."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, TypeVar
+import difflib
+from typing import Any, ClassVar, Iterable, TypeVar
+
+from cirlab.core.errors import ConfigError
 
 T = TypeVar("T", bound="PresetMixin")
+
+
+class UnknownFieldError(ConfigError, TypeError):
+    """A config names a field its dataclass does not have (a ``TypeError`` too, like a bad keyword argument)."""
+
+
+def did_you_mean(name: Any, choices: Iterable[Any]) -> str:
+    """``" (did you mean 'root'?)"`` for the closest of ``choices`` to ``name``, else ``""``."""
+    names = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
+    if not close:  # a case slip ("Cosine") or a prefix ("cos") still deserves a hint
+        lower = {c.lower(): c for c in names}
+        close = [lower[str(name).lower()]] if str(name).lower() in lower else [
+            c for c in names if c.startswith(str(name)) and str(name)][:1]
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown_names_message(where: str, unknown: Iterable[Any], known: Iterable[Any]) -> str:
+    """``"<where>: unknown field 'rooot' (did you mean 'root'?); known: a, b"`` for one or more unknown names."""
+    unknown, known = sorted(str(u) for u in unknown), sorted(str(k) for k in known)
+    parts = [f"{u!r}{did_you_mean(u, known)}" for u in unknown]
+    noun = "field" if len(unknown) == 1 else "fields"
+    return f"{where}: unknown {noun} {', '.join(parts)}; known: {', '.join(known)}"
 
 
 class PresetMixin:
@@ -22,7 +49,8 @@ class PresetMixin:
     @classmethod
     def from_preset(cls: type[T], name: str, **overrides: Any) -> T:
         if name not in cls.PRESETS:
-            raise KeyError(f"{cls.__name__}: unknown preset {name!r}; known presets: {', '.join(cls.presets())}")
+            raise KeyError(f"{cls.__name__}: unknown preset {name!r}{did_you_mean(name, cls.PRESETS)}; "
+                           f"known presets: {', '.join(cls.presets())}")
         values = {**cls.PRESETS[name], **overrides}
         _check_fields(cls, values)
         return cls(**values)
@@ -36,8 +64,13 @@ class PresetMixin:
         return cls(**values)
 
 
+def field_names(cls: type) -> list[str]:
+    """The field names of a config dataclass."""
+    return [f.name for f in dataclasses.fields(cls)]
+
+
 def _check_fields(cls: type, values: dict[str, Any]) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    known = field_names(cls)
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise TypeError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        raise UnknownFieldError(unknown_names_message(cls.__name__, unknown, known))

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from cirlab.core.errors import CirlabError
+
 TMP_SUFFIX = ".tmp"
 
 
@@ -78,3 +80,113 @@ def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Temporary files :func:`atomic_path` left behind in ``folder`` (a process killed mid-write)."""
     folder = Path(folder)
     return sorted(folder.glob(f".*{TMP_SUFFIX}")) if folder.is_dir() else []
+
+
+# ----------------------------------------------------------------------------------------------- folder locks
+
+LOCK_NAME = ".cirlab.lock"
+_HELD: dict[str, list[Any]] = {}  # resolved folder -> [open file, depth]: one process may nest the lock
+
+
+class FolderLockedError(CirlabError, OSError):
+    """Another live process holds the folder's lock; the message names it."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive OS lock on ``folder`` (``<folder>/.cirlab.lock``) for the block; yields the lock file.
+
+    The lock is ``flock``: the OS releases it when the holder exits, however it exits (kill -9 included), so a
+    lock file left by a dead process is stale and is simply taken over. The same process may nest the lock
+    (``run_experiment`` holds it around ``train``). Raises :class:`FolderLockedError` naming the holder (pid,
+    host, start time) when a live process holds it.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FolderLockedError(f"cannot create the folder {folder} ({err.strerror or err})") from None
+    key = str(folder.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield folder / LOCK_NAME
+        finally:
+            _HELD[key][1] -= 1
+        return
+    fh = _acquire(folder / LOCK_NAME)
+    _HELD[key] = [fh, 1]
+    try:
+        yield folder / LOCK_NAME
+    finally:
+        del _HELD[key]
+        _release(folder / LOCK_NAME, fh)
+
+
+def _acquire(path: Path) -> Any:
+    import socket
+    import time
+
+    for _ in range(10):  # the file may be unlinked by its releasing holder between our open and our lock
+        try:
+            fh = open(path, "a+")
+        except OSError as err:
+            raise FolderLockedError(f"cannot write into {path.parent} ({err.strerror or err})") from None
+        if not _try_lock(fh):
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown process"
+            fh.close()
+            raise FolderLockedError(f"{path.parent} is in use by another cirlab process ({holder}); wait for it to "
+                                    "finish or choose another folder")
+        try:
+            same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            fh.seek(0)
+            previous = fh.read().strip()
+            if previous:  # left by a process that died: the OS dropped its lock, the file stayed
+                import logging
+
+                logging.getLogger(__name__).info("%s: stale lock of a finished process (%s) taken over", path.parent,
+                                                 previous)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            fh.flush()
+            return fh
+        fh.close()
+    raise FolderLockedError(f"{path.parent}: could not take the folder lock {path}")
+
+
+def _try_lock(fh: Any) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows: msvcrt locks the first byte instead
+        import msvcrt
+
+        try:
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as err:  # a filesystem without locks (some network mounts): go on unlocked, but say so
+        import logging
+
+        logging.getLogger(__name__).warning("%s: this filesystem does not support file locks (%s); the folder is "
+                                            "not protected against a second run", Path(fh.name).parent, err)
+        return True
+
+
+def _release(path: Path, fh: Any) -> None:
+    try:
+        path.unlink(missing_ok=True)  # before unlocking: a waiter that opened the old file sees the inode change
+    except OSError:  # Windows cannot remove an open file; the next holder takes it over
+        pass
+    finally:
+        fh.close()  # closing the descriptor releases the OS lock

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -44,7 +45,8 @@ __all__ = [
     "target_ranks", "recall_from_ranks", "recall_at_k",
     "fashioniq_metrics", "shoes_metrics",
     "cirr_subset_ranks", "cirr_metrics", "cirr_metrics_from_ranks", "cirr_submission", "validate_cirr_submission",
-    "i2t_ranks", "t2i_ranks", "itm_metrics_from_ranks", "itm_metrics", "coco_1k_metrics", "coco_5k_metrics",
+    "itm_ranks", "i2t_ranks", "t2i_ranks", "itm_metrics_from_ranks", "itm_metrics", "coco_1k_metrics",
+    "coco_5k_metrics",
 ]
 
 # ---------------------------------------------------------------------------------------------------- metric keys
@@ -450,6 +452,9 @@ def _check_submission_entry(metric: str, key: object, names: object, k: int) -> 
 
 
 # ---------------------------------------------------------------------------------------------------- ITM
+_ITM_BLOCK_BYTES = 1 << 20  # rows per pass: about 1 MB of scores, so the four comparisons re-read it from cache
+
+
 def _check_itm(sims: ScoresLike, captions_per_image: int) -> Tensor:
     s = _as_scores(sims)
     n, c = s.shape
@@ -458,8 +463,132 @@ def _check_itm(sims: ScoresLike, captions_per_image: int) -> Tensor:
     return s
 
 
+def _itm_rows(chunk_size: int | None, n_cols: int, element_size: int) -> int:
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        return chunk_size
+    return max(1, _ITM_BLOCK_BYTES // max(1, n_cols * element_size))
+
+
+class _ArrayOps:
+    """The few array operations of the ITM pass, for NumPy (CPU: its comparisons are about 3x faster than torch's)
+    or torch (other devices)."""
+
+    def __init__(self, s: Tensor) -> None:
+        self.numpy = s.device.type == "cpu" and s.dtype in (torch.float32, torch.float64, torch.float16)
+        if self.numpy:
+            self.gt, self.ge, self.u8, self.i32 = np.greater, np.greater_equal, np.uint8, np.int32
+        else:
+            self.gt, self.ge, self.u8, self.i32 = torch.gt, torch.ge, torch.uint8, torch.int32
+
+    def array(self, x: Tensor) -> Any:
+        return x.numpy() if self.numpy else x
+
+    def zeros(self, n: int, like: Any) -> Any:
+        return np.zeros(n, dtype=np.int64) if self.numpy else torch.zeros(n, dtype=torch.long, device=like.device)
+
+    def arange(self, n: int, like: Any) -> Any:
+        return np.arange(n) if self.numpy else torch.arange(n, device=like.device)
+
+    def empty_bool(self, shape: tuple[int, int], like: Any) -> Any:
+        return np.empty(shape, dtype=bool) if self.numpy else torch.empty(shape, dtype=torch.bool, device=like.device)
+
+    def count(self, mask: Any, axis: int) -> Any:
+        """True entries along ``axis``: bytes summed into int32 (no int64 copy of the mask)."""
+        return mask.view(self.u8).sum(axis, dtype=self.i32)
+
+    def compare_count(self, op: Any, x: Any, threshold: Any, out: Any, axis: int) -> Any:
+        """How many entries of ``x`` pass ``op(x, threshold)`` along ``axis``, written into the reused ``out``."""
+        if x.shape[1] == 0:
+            return 0
+        return self.count(op(x, threshold, out=out), axis)
+
+    def has_nan(self, block: Any) -> bool:
+        return bool((np.isnan(block.max(1)) if self.numpy else torch.isnan(block.amax(1))).any())  # max keeps NaN
+
+    def tensor(self, x: Any, device: torch.device) -> Tensor:
+        return torch.from_numpy(x) if self.numpy else x
+
+
+def _itm_ahead(s: Tensor, cpi: int, ties: str, rows: int, i2t: bool, t2i: bool) -> tuple[Tensor, Tensor]:
+    """0-based i2t and t2i ranks in one pass over ``s`` [N, cpi N], ``rows`` image rows at a time.
+
+    Image ``i``'s threshold is its best ground-truth score ``t_i`` (at caption ``b_i``, the lowest index holding it);
+    caption ``c``'s threshold is ``gold_c = s[c // cpi, c]``. In a block of rows ``r0..r1`` every column left of
+    the block's own captions (``c < cpi r0``) lies below each row's ``b_i`` and belongs to an image above the block's
+    rows, and every column right of them lies above ``b_i`` and belongs to an image below. So with the stable tie
+    rule the left part counts ``>= t_i`` (i2t) and ``> gold_c`` (t2i), the right part ``> t_i`` and ``>= gold_c``:
+    ties are settled by disjoint slices, not masks. Only the small diagonal block (rows x cpi rows) needs the exact
+    per-element rule. Each block is read from memory once; its comparisons re-read it from cache.
+    """
+    n, c = s.shape
+    xp = _ArrayOps(s)
+    a = xp.array(s)
+    caps = xp.arange(c, a)
+    gold = a[caps // cpi, caps]  # [C] each caption's score with its own image
+    gs = gold.reshape(n, cpi)
+    top = gs.max(1, keepdims=True) if xp.numpy else gs.amax(1, keepdim=True)
+    best = (gs == top).astype(np.int8).argmax(1) if xp.numpy else (gs == top).int().argmax(1)  # first best caption
+    t = gs[xp.arange(n, a), best][:, None]  # [N, 1] each image's threshold
+    # the comparison on each side of the diagonal block: (left, right) for i2t rows and for t2i columns
+    strict, loose = xp.gt, xp.ge
+    (i2t_left, i2t_right), (t2i_left, t2i_right) = {
+        "stable": ((loose, strict), (strict, loose)), "optimistic": ((strict, strict), (strict, strict)),
+        "pessimistic": ((loose, loose), (loose, loose))}[ties]
+    i2t_ahead, t2i_ahead = xp.zeros(n, a), xp.zeros(c, a)
+    buf = xp.empty_bool((min(rows, n), c), a)
+    local_r = xp.arange(min(rows, n), a)[:, None]
+    local_c = xp.arange(cpi * min(rows, n), a)[None, :]
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        b, c0, c1 = r1 - r0, cpi * r0, cpi * r1
+        block, m = a[r0:r1], buf[:r1 - r0]
+        if xp.has_nan(block):
+            _check_finite_rows(s[r0:r1], r0)
+        diag, lr, lc = block[:, c0:c1], local_r[:b], local_c[:, :cpi * b]  # the block's own captions
+        if i2t:
+            ti = t[r0:r1]
+            i2t_ahead[r0:r1] += xp.compare_count(i2t_left, block[:, :c0], ti, m[:, :c0], 1)
+            i2t_ahead[r0:r1] += xp.compare_count(i2t_right, block[:, c1:], ti, m[:, c1:], 1)
+            ahead = diag > ti
+            if ties != "optimistic":
+                target = cpi * lr + best[r0:r1, None]  # the target caption itself never counts
+                ahead |= (diag == ti) & (lc < target if ties == "stable" else lc != target)
+            i2t_ahead[r0:r1] += xp.count(ahead, 1)
+        if t2i:
+            t2i_ahead[:c0] += xp.compare_count(t2i_left, block[:, :c0], gold[:c0], m[:, :c0], 0)
+            t2i_ahead[c1:] += xp.compare_count(t2i_right, block[:, c1:], gold[c1:], m[:, c1:], 0)
+            g = gold[c0:c1]
+            ahead = diag > g
+            if ties != "optimistic":
+                owner = lc // cpi
+                ahead |= (diag == g) & (lr < owner if ties == "stable" else lr != owner)
+            t2i_ahead[c0:c1] += xp.count(ahead, 0)
+    return xp.tensor(i2t_ahead, s.device), xp.tensor(t2i_ahead, s.device)
+
+
+def itm_ranks(sims: ScoresLike, *, captions_per_image: int = 5, ties: str = "stable",
+              chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """1-based i2t and t2i ranks from one pass over ``sims`` [N, 5N] (see :func:`i2t_ranks`, :func:`t2i_ranks`).
+
+    Each block of image rows is read once for both directions; extra memory is one block of booleans, about
+    ``chunk_size x 5N`` bytes (default: rows of about 1 MB of scores).
+
+    Examples:
+        >>> s = torch.tensor([[0.9, 0.1, 0.95, 0.2], [0.3, 0.4, 0.5, 0.6]])
+        >>> [r.tolist() for r in itm_ranks(s, captions_per_image=2)]
+        [[2, 1], [1, 2, 2, 1]]
+    """
+    _check_ties(ties)
+    s = _check_itm(sims, captions_per_image)
+    rows = _itm_rows(chunk_size, s.shape[1], s.element_size())
+    i2t, t2i = _itm_ahead(s, captions_per_image, ties, rows, True, True)
+    return i2t + 1, t2i + 1
+
+
 def i2t_ranks(sims: ScoresLike, *, captions_per_image: int = 5, ties: str = "stable",
-              chunk_size: int = 512) -> Tensor:
+              chunk_size: int | None = None) -> Tensor:
     """Image annotation: 1-based rank of each image's best-ranked ground-truth caption (HREM's ``evaluation.py``).
 
     Image ``i`` owns captions ``5i..5i+4``; its rank is the smallest rank among them, which (stable ties) is the rank
@@ -472,23 +601,12 @@ def i2t_ranks(sims: ScoresLike, *, captions_per_image: int = 5, ties: str = "sta
     """
     _check_ties(ties)
     s = _check_itm(sims, captions_per_image)
-    n = s.shape[0]
-    out = torch.empty(n, dtype=torch.long, device=s.device)
-    none = torch.full((n,), -1, dtype=torch.long, device=s.device)
-    for r0 in range(0, n, chunk_size):
-        r1 = min(n, r0 + chunk_size)
-        block = s[r0:r1]
-        _check_finite_rows(block, r0)
-        first = torch.arange(r0, r1, device=s.device)[:, None] * captions_per_image
-        gt = first + torch.arange(captions_per_image, device=s.device)  # [b, 5] caption indices
-        gs = block.gather(1, gt)
-        best = (gs == gs.max(1, keepdim=True).values).int().argmax(1)  # first GT caption with the best score
-        out[r0:r1] = _rank_block(block, gt.gather(1, best[:, None])[:, 0], none[r0:r1], ties)
-    return out
+    rows = _itm_rows(chunk_size, s.shape[1], s.element_size())
+    return _itm_ahead(s, captions_per_image, ties, rows, True, False)[0] + 1
 
 
 def t2i_ranks(sims: ScoresLike, *, captions_per_image: int = 5, ties: str = "stable",
-              chunk_size: int = 512) -> Tensor:
+              chunk_size: int | None = None) -> Tensor:
     """Image search: 1-based rank of each caption's image among all images (HREM's ``evaluation.py``).
 
     Computed column-wise over blocks of image rows, so extra memory is O(chunk_size x 5N), never a transposed copy.
@@ -500,22 +618,8 @@ def t2i_ranks(sims: ScoresLike, *, captions_per_image: int = 5, ties: str = "sta
     """
     _check_ties(ties)
     s = _check_itm(sims, captions_per_image)
-    n, c = s.shape
-    caps = torch.arange(c, device=s.device)
-    owner = caps // captions_per_image  # [C] gold image per caption
-    gold = s[owner, caps]  # [C] each caption's score with its gold image
-    ahead = torch.zeros(c, dtype=torch.long, device=s.device)
-    for r0 in range(0, n, chunk_size):
-        r1 = min(n, r0 + chunk_size)
-        block = s[r0:r1]  # [b, C]
-        _check_finite_rows(block, r0)
-        rows = torch.arange(r0, r1, device=s.device)[:, None]
-        beats = block > gold
-        if ties != "optimistic":
-            tied = (block == gold) & (rows < owner if ties == "stable" else rows != owner)
-            beats |= tied
-        ahead += _count(beats, 0)
-    return ahead + 1
+    rows = _itm_rows(chunk_size, s.shape[1], s.element_size())
+    return _itm_ahead(s, captions_per_image, ties, rows, False, True)[1] + 1
 
 
 def _median_rank(rank: Tensor) -> float:
@@ -548,11 +652,12 @@ def itm_metrics_from_ranks(i2t: ScoresLike, t2i: ScoresLike, *, ks: Sequence[int
 
 
 def itm_metrics(sims: ScoresLike, *, captions_per_image: int = 5, ties: str = "stable",
-                chunk_size: int = 512) -> dict[str, float]:
+                chunk_size: int | None = None) -> dict[str, float]:
     """ITM protocol on one [N x 5N] block (Flickr30K 1K, COCO 5K): i2t and t2i R@1/5/10, medr, meanr, rsum.
 
     ``R@K = 100 * #{rank0 < K} / #queries`` (N for i2t, 5N for t2i), ``medr = floor(median(rank0)) + 1`` and
-    ``meanr = mean(rank0) + 1`` (HREM's ``evaluation.py``). Rows are processed ``chunk_size`` at a time: a COCO-5K matrix
+    ``meanr = mean(rank0) + 1`` (HREM's ``evaluation.py``). Both directions come from one pass over the matrix
+    (:func:`itm_ranks`), ``chunk_size`` image rows at a time (default: about 1 MB of scores): a COCO-5K matrix
     (5,000 x 25,000) needs O(chunk_size x 25,000) extra memory, not another full-size copy.
 
     Examples:
@@ -564,8 +669,8 @@ def itm_metrics(sims: ScoresLike, *, captions_per_image: int = 5, ties: str = "s
         >>> [round(m[k], 2) for k in ("t2i_R@1", "t2i_medr", "t2i_meanr")]
         [26.67, 2.0, 2.13]
     """
-    kw = dict(captions_per_image=captions_per_image, ties=ties, chunk_size=chunk_size)
-    return itm_metrics_from_ranks(i2t_ranks(sims, **kw), t2i_ranks(sims, **kw))
+    return itm_metrics_from_ranks(*itm_ranks(sims, captions_per_image=captions_per_image, ties=ties,
+                                             chunk_size=chunk_size))
 
 
 def coco_5k_metrics(sims: ScoresLike, **kw: object) -> dict[str, float]:
@@ -574,7 +679,7 @@ def coco_5k_metrics(sims: ScoresLike, **kw: object) -> dict[str, float]:
 
 
 def coco_1k_metrics(sims: ScoresLike, *, folds: int = 5, captions_per_image: int = 5, ties: str = "stable",
-                    chunk_size: int = 512) -> dict[str, float]:
+                    chunk_size: int | None = None) -> dict[str, float]:
     """COCO 1K: every metric averaged over ``folds`` contiguous blocks of images (HREM's ``evaluation.py``).
 
     Fold ``f`` scores images ``[fn, (f+1)n)`` against their own captions ``[5fn, 5(f+1)n)`` with ``n = N / folds``

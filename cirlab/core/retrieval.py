@@ -16,11 +16,9 @@ promise this; :func:`topk_search` repairs the rows where a tie straddles the K-t
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -28,6 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cirlab.core.featcache import cache_key, file_digest, state_dict_digest  # noqa: F401  (re-exported)
+from cirlab.core.featcache import default_dir as default_feature_dir
+from cirlab.core.featcache import load_tensor as _load_cached
+from cirlab.core.featcache import save_tensor as _save_cached
 from cirlab.core.io import write_text
 from cirlab.core.metrics import target_ranks, validate_cirr_submission
 from cirlab.core.topk import TopK
@@ -138,11 +140,22 @@ def _exclude_tensor(exclude: Any, n_q: int, n_g: int, device: torch.device) -> T
 
 
 def topk_search(queries: Tensor, gallery: Tensor, k: int, *, query_chunk: int = 1024, gallery_chunk: int = 16384,
-                exclude: Any = None) -> tuple[Tensor, Tensor]:
+                exclude: Any = None, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Top-k gallery items per query by dot product, never materialising more than a query x gallery chunk.
 
-    Memory is O(query_chunk x gallery_chunk) for the scores plus O(query_chunk x k) for the running lists. Each
-    gallery chunk's top-k is merged into the running list; ties go to the lower gallery index.
+    Every backend returns the same lists and scores: the fp32 products of ``queries @ gallery.T``, best first, ties
+    to the lower gallery index (see :mod:`cirlab.core._search`):
+
+    * ``"blocks"``: ``torch.topk`` per block plus a tie repair, merged (any device).
+    * ``"filter"`` (CPU): each block is compared with a running threshold (the k-th best so far) instead.
+    * ``"bf16"`` (CPU with bf16 units): bf16 block products with a certified error bound, then the few candidates
+      that can reach the list are rescored in fp32 by the same kernel (about 2x ``faiss`` ``IndexFlatIP`` here).
+    * ``"faiss"`` (``pip install cirlab[faiss]``): faiss for k + 1, certified and rescored the same way.
+    * ``"auto"`` (default): ``bf16`` where the CPU has bf16 units, else ``faiss`` when installed, else ``filter``,
+      for CPU float32 searches of at least 2^26 pairs; ``blocks`` otherwise.
+
+    Memory is O(query_chunk x gallery_chunk) for the block plus O(query_chunk x candidates) for the lists; ``bf16``
+    also keeps a bf16 copy of the gallery (half its size) for the duration of the call.
 
     Args:
         queries: [Q, D] query embeddings.
@@ -151,6 +164,7 @@ def topk_search(queries: Tensor, gallery: Tensor, k: int, *, query_chunk: int = 
         query_chunk: query rows per block.
         gallery_chunk: gallery rows per block.
         exclude: [Q] gallery index removed from each query's list (the reference image), -1 for none.
+        backend: "auto", "blocks", "filter", "bf16" or "faiss".
 
     Returns:
         ``(scores [Q, k], indices [Q, k])``, best first.
@@ -162,17 +176,34 @@ def topk_search(queries: Tensor, gallery: Tensor, k: int, *, query_chunk: int = 
         [[0, 1], [3, 1]]
         >>> topk_search(q, g, 2, exclude=torch.tensor([0, -1]))[1].tolist()
         [[1, 2], [3, 1]]
+        >>> topk_search(q, g, 2, exclude=torch.tensor([0, -1]), backend="filter")[1].tolist()
+        [[1, 2], [3, 1]]
     """
+    from cirlab.core import _search
+
     if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
         raise ValueError(f"queries {tuple(queries.shape)} and gallery {tuple(gallery.shape)} must be [*, D]")
+    finite = True
     for name, x in (("queries", queries), ("gallery", gallery)):
-        if torch.isnan(x).any():
-            raise ValueError(f"{name} contain NaN (row {int(torch.isnan(x).any(1).nonzero()[0, 0])})")
+        if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):  # min/max keep NaN and inf
+            if torch.isnan(x).any():
+                raise ValueError(f"{name} contain NaN (row {int(torch.isnan(x).any(1).nonzero()[0, 0])})")
+            finite = False
     exc = _exclude_tensor(exclude, len(queries), len(gallery), queries.device)
     _check_k(k, len(gallery), exc)
+    engine = _search.choose_backend(backend, queries, gallery, k)
+    if engine != "blocks" and not finite:
+        if backend != "auto":
+            raise ValueError(f"backend {backend!r} needs finite embeddings; use 'blocks'")
+        engine = "blocks"
+    if engine in ("filter", "bf16"):
+        return _search.filtered_topk(queries, gallery, k, exc, query_chunk, gallery_chunk,
+                                     "bf16" if engine == "bf16" else "fp32")
+    if engine == "faiss":
+        return _search.faiss_topk(queries, gallery, k, exc, query_chunk, gallery_chunk)
 
     def block_fn(q0: int, q1: int, g0: int, g1: int) -> Tensor:
-        return similarity(queries[q0:q1], gallery[g0:g1].to(queries.device, queries.dtype))
+        return _search.product(queries[q0:q1], gallery[g0:g1].to(queries.device, queries.dtype))
 
     return _topk_blocks(block_fn, (len(queries), len(gallery)), k, exc, query_chunk, gallery_chunk, queries.device)
 
@@ -378,74 +409,12 @@ def save_cirr_submission(submission: Mapping[str, Mapping[str, Any]], out_dir: s
 
 
 # ---------------------------------------------------------------------------------------------------- encoding
-def cache_key(*parts: Any) -> str:
-    """A short stable hash of the parts (checkpoint digest, dataset, split, size, encoder name, ...).
-
-    Examples:
-        >>> key = cache_key("ckpt-1a2b", "cirr", "val", 2297, "encode_target")
-        >>> len(key), key == cache_key("ckpt-1a2b", "cirr", "val", 2297, "encode_target")
-        (20, True)
-        >>> cache_key("ckpt-1a2b", "cirr", "val", 2297, "encode_query") == cache_key("ckpt-1a2b", "cirr", "val", 2297)
-        False
-    """
-    blob = json.dumps([str(p) for p in parts], ensure_ascii=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def file_digest(path: str | os.PathLike, *, block: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes (e.g. a checkpoint), read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(block), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def state_dict_digest(module_or_state: Any) -> str:
-    """SHA-256 over a model's parameter and buffer names and bytes (for models not loaded from a file)."""
-    state = module_or_state.state_dict() if hasattr(module_or_state, "state_dict") else module_or_state
-    h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().cpu().contiguous()
-        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _cache_file(cache_dir: str | os.PathLike | None, key: str | None) -> Path | None:
     if key is None:
         if cache_dir is not None:
             raise ValueError("encode_corpus: cache_dir given without cache_key; build one with cache_key(...)")
         return None
-    if cache_dir is None:
-        from cirlab.core.paths import cache_dir as default_cache_dir
-
-        cache_dir = default_cache_dir() / "features"
-    return Path(cache_dir) / f"{key}.pt"
-
-
-def _load_cached(path: Path, key: str) -> Tensor | None:
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: recompute rather than fail
-        log.warning("feature cache %s is unreadable (%s); recomputing", path, err)
-        return None
-    if not isinstance(blob, dict) or blob.get("cache_key") != key or not isinstance(blob.get("features"), Tensor):
-        log.warning("feature cache %s does not hold key %s; recomputing", path, key)
-        return None
-    return blob["features"]
-
-
-def _save_cached(path: Path, key: str, features: Tensor) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"cache_key": key, "features": features}, tmp)
-        os.replace(tmp, path)  # a reader sees the old file or the complete new one, never a partial one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    return Path(cache_dir if cache_dir is not None else default_feature_dir()) / f"{key}.pt"
 
 
 def _batch_input(batch: Any, key: str | None, device: torch.device | str) -> Any:

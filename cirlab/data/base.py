@@ -19,7 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from cirlab.core.errors import CirlabError
+from cirlab.core.errors import CirlabError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +65,13 @@ class Problem:
 
 
 class ProblemList(list):
-    """``list[Problem]`` with ``stats``: counts of what was walked (splits, triplets, images, ...)."""
+    """``list[Problem]`` with ``stats`` (counts of what was walked: splits, triplets, images, ...) and ``warnings``
+    (findings that do not make the tree invalid, e.g. a query whose target is its reference image)."""
 
     def __init__(self, problems: Iterable[Problem] = (), stats: dict[str, int] | None = None) -> None:
         super().__init__(problems)
         self.stats: dict[str, int] = dict(stats or {})
+        self.warnings: list[Problem] = []
 
 
 class ProblemCollector:
@@ -90,6 +92,24 @@ class ProblemCollector:
 
     def count(self, key: str, n: int = 1) -> None:
         self.problems.stats[key] = self.problems.stats.get(key, 0) + n
+
+    def warn(self, kind: str, file: str | os.PathLike, entry: Any, message: str) -> None:
+        """Record a finding that does not invalidate the tree (listed by ``cirlab data check``, logged on load)."""
+        problem = Problem(kind, str(file), "" if entry is None else str(entry), message)
+        if problem not in self._seen:
+            self._seen.add(problem)
+            self.problems.warnings.append(problem)
+
+    def log_warnings(self, where: str) -> None:
+        """Loading (strict mode): one log line per kind of warning, with its count and first case; then forget them."""
+        if not self.strict:
+            return
+        kinds: dict[str, list[Problem]] = {}
+        for w in self.problems.warnings:
+            kinds.setdefault(w.kind, []).append(w)
+        for kind, found in kinds.items():
+            logger.warning("%s: %d %s (e.g. %s)", where, len(found), kind.replace("_", " "), found[0])
+        self.problems.warnings.clear()
 
 
 def read_json(path: Path, sink: ProblemCollector) -> Any | None:
@@ -339,16 +359,58 @@ def load_cir(name: str, root: str | os.PathLike | None = None, split: str = "tra
     from cirlab.core.paths import resolve_root
     from cirlab.data.catalog import CIR_DATASETS, DATASETS, canonical_name
 
+    from cirlab.core.config import did_you_mean
+
     key = canonical_name(name)
     if key not in CIR_DATASETS:
-        raise ValueError(f"unknown CIR dataset {name!r}; known: {', '.join(CIR_DATASETS)}")
+        raise ConfigError(f"unknown CIR dataset {name!r}{did_you_mean(name, CIR_DATASETS)}; "
+                          f"known: {', '.join(CIR_DATASETS)}")
     spec = DATASETS[key]
+    check_options(key, kw)
     path = resolve_root(root, spec.subdir)
     if not path.is_dir():
-        hint = "" if root is not None else " (root defaults to $CIRLAB_DATA/" + key + "; pass root= or set CIRLAB_DATA)"
-        raise DataError(f"dataset root not found{hint}", file=path, kind="missing_file")
+        raise DataError(f"dataset root not found ({missing_root_hint(key, root)})", file=path, kind="missing_file")
     module = importlib.import_module(spec.loader)
     return module.load(path, split=split, category=category, **kw)
+
+
+def missing_root_hint(name: str, root: Any = None) -> str:
+    """What to do about a dataset root that does not exist: where the default comes from and how to get data."""
+    from cirlab.data.catalog import get_dataset
+
+    spec = get_dataset(name)
+    where = ("it is the root you gave" if root not in (None, "")
+             else f"the default is $CIRLAB_DATA/{spec.subdir}, and CIRLAB_DATA is "
+                  + (f"{os.environ['CIRLAB_DATA']!r}" if os.environ.get("CIRLAB_DATA") else "not set (./data)"))
+    return (f"{where}; set dataset.root (cirlab train --set dataset.root=PATH, cirlab eval --root PATH) or "
+            "CIRLAB_DATA to the folder holding the release, or write the synthetic data in this layout with "
+            "`cirlab data synth --out DIR` and use DIR")
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Check loader options (``dataset.options``) against the loader's ``OPTIONS`` table: an unknown option or a
+    value outside its choices is a :class:`~cirlab.core.errors.ConfigError` with a "did you mean" suggestion."""
+    from cirlab.core.config import did_you_mean, unknown_names_message
+    from cirlab.data.catalog import get_dataset
+
+    spec = get_dataset(name)
+    schema: dict[str, Any] = getattr(importlib.import_module(spec.loader), "OPTIONS", {})
+    unknown = sorted(set(options) - set(schema))
+    if unknown:
+        where = f"dataset.options ({spec.name} loader" + (")" if schema else ", which takes no options)")
+        raise ConfigError(unknown_names_message(where, unknown, schema))
+    for key, value in options.items():
+        allowed = schema[key]
+        if isinstance(allowed, tuple):
+            if value not in allowed:
+                raise ConfigError(f"dataset.options.{key}: {value!r} is not one of {', '.join(map(str, allowed))}"
+                                  f"{did_you_mean(value, allowed)}")
+        elif allowed == "bool?":
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"dataset.options.{key}: expected true, false or null, got {value!r}")
+        elif allowed == "int?":
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"dataset.options.{key}: expected an integer >= 1 or null, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from cirlab.core.errors import ConfigError
 from cirlab.data.base import CIRSplit, ProblemCollector, Triplet, is_str_list, read_json
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ RELEASE = "rc2"
 SPLITS = ("train", "val", "test1")
 _SPLIT_ALIASES = {"dev": "val", "test": "test1"}
 _CORE_KEYS = ("pairid", "reference", "target_hard", "caption", "img_set")
+OPTIONS: dict[str, object] = {}  # dataset.options the loader takes (none)
 
 
 def dataset_root(root: Path) -> Path:
@@ -48,8 +50,11 @@ def split_file(root: Path, split: str) -> Path:
     return root / "cirr" / "image_splits" / f"split.{RELEASE}.{split}.json"
 
 
-def _read_image_split(root: Path, split: str, sink: ProblemCollector) -> dict[str, Path]:
+def _read_image_split(root: Path, split: str, sink: ProblemCollector,
+                      rejected: set[str] | None = None) -> dict[str, Path]:
+    """Image name -> file; names whose path is unusable go to ``rejected`` (reported once, here)."""
     path = split_file(root, split)
+    rejected = set() if rejected is None else rejected
     data = read_json(path, sink)
     if data is None:
         return {}
@@ -60,6 +65,12 @@ def _read_image_split(root: Path, split: str, sink: ProblemCollector) -> dict[st
     for name, rel in data.items():
         if not isinstance(rel, str):
             sink.add("bad_entry", path, name, f"expected a relative path string, got {rel!r}")
+            rejected.add(name)
+            continue
+        if not _inside_root(rel):
+            sink.add("bad_entry", path, name, f"image path {rel!r} points outside the dataset root {root}; "
+                                              "paths must be relative to it (e.g. ./dev/dev-0-0-img0.png)")
+            rejected.add(name)
             continue
         image = root / rel
         if not image.is_file():
@@ -67,6 +78,22 @@ def _read_image_split(root: Path, split: str, sink: ProblemCollector) -> dict[st
         images[name] = image
     sink.count("images", len(images))
     return images
+
+
+def _inside_root(rel: str) -> bool:
+    """True for a relative path that stays inside the root (``./dev/x.png``), never ``/etc/x`` or ``../x``.
+
+    Decided on the text, not on the resolved file, so a root whose sub-folders are symlinks still loads."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+        return False
+    depth = 0
+    for part in rel.replace("\\", "/").split("/"):
+        depth += -1 if part == ".." else 0 if part in ("", ".") else 1
+        if depth < 0:
+            return False
+    return True
 
 
 def _check_entry(entry: Any, i: int, path: Path, split: str, sink: ProblemCollector) -> bool:
@@ -80,6 +107,8 @@ def _check_entry(entry: Any, i: int, path: Path, split: str, sink: ProblemCollec
         for key in ("reference", "caption") + (("target_hard",) if split != "test1" else ()):
             if not isinstance(entry.get(key), str):
                 problems.append(f"{key!r} must be a string, got {entry.get(key)!r:.80}")
+            elif not entry[key].strip():
+                problems.append(f"{key!r} is empty")
         img_set = entry.get("img_set")
         if not (isinstance(img_set, dict) and is_str_list(img_set.get("members"))):
             problems.append(f"'img_set' must be an object with a 'members' list of names, got {img_set!r:.80}")
@@ -88,8 +117,8 @@ def _check_entry(entry: Any, i: int, path: Path, split: str, sink: ProblemCollec
     return not problems
 
 
-def load(root: Path, split: str = "train", category: str | None = None, *, sink: ProblemCollector | None = None,
-         **_: Any) -> CIRSplit:
+def load(root: Path, split: str = "train", category: str | None = None, *,
+         sink: ProblemCollector | None = None) -> CIRSplit:
     """Load a CIRR rc2 split.
 
     Args:
@@ -102,13 +131,16 @@ def load(root: Path, split: str = "train", category: str | None = None, *, sink:
     sink = sink or ProblemCollector(strict=True)
     split = _SPLIT_ALIASES.get(split, split)
     if split not in SPLITS:
-        raise ValueError(f"unknown CIRR split {split!r}; known: {', '.join(SPLITS)}")
-    images = _read_image_split(root, split, sink)
+        raise ConfigError(f"unknown CIRR split {split!r}; known: {', '.join(SPLITS)} (aliases dev, test)")
+    rejected: set[str] = set()
+    images = _read_image_split(root, split, sink, rejected)
     path = captions_file(root, split)
     data = read_json(path, sink)
     if data is not None and not isinstance(data, list):
         sink.add("bad_entry", path, None, f"expected a JSON list of queries, got {type(data).__name__}")
         data = None
+    if data == []:
+        sink.warn("empty_split", path, None, "the caption file holds no queries (an empty list)")
     triplets: list[Triplet] = []
     seen: set[int] = set()
     for i, entry in enumerate(data or []):
@@ -119,14 +151,16 @@ def load(root: Path, split: str = "train", category: str | None = None, *, sink:
             sink.add("duplicate", path, where, "pairid appears twice")
             continue
         seen.add(entry["pairid"])
-        triplets.append(_triplet(entry, split, path, images, sink))
+        triplets.append(_triplet(entry, split, path, images, sink, rejected))
     sink.count("triplets", len(triplets))
     sink.count("splits")
+    sink.log_warnings(f"CIRR {split}")
     return CIRSplit("cirr", split, root, None, triplets, list(images), images, protocol="cirr",
                     exclude_reference=True)
 
 
-def _triplet(entry: dict[str, Any], split: str, path: Path, images: dict[str, Path], sink: ProblemCollector) -> Triplet:
+def _triplet(entry: dict[str, Any], split: str, path: Path, images: dict[str, Path], sink: ProblemCollector,
+             rejected: set[str] = frozenset()) -> Triplet:
     where = f"pairid {entry['pairid']}"
     target = entry.get("target_hard") if split != "test1" else None
     members = list(entry["img_set"]["members"])
@@ -134,8 +168,11 @@ def _triplet(entry: dict[str, Any], split: str, path: Path, images: dict[str, Pa
     named += [("img_set member", m) for m in members]
     if images:  # without a readable split file the missing file is the problem already reported
         for role, name in named:
-            if name not in images:
+            if name not in images and name not in rejected:  # a rejected path was reported with its file
                 sink.add("unknown_name", path, where, f"{role} {name!r} is not in split.{RELEASE}.{split}.json")
+    if target is not None and target == entry["reference"]:
+        sink.warn("target_is_reference", path, where, f"the target {target!r} is the reference image itself "
+                                                      "(the protocol removes the reference from its ranking)")
     extras = {k: v for k, v in entry.items() if k not in _CORE_KEYS}
     extras["members"] = members
     extras["img_set_id"] = entry["img_set"].get("id")

@@ -21,6 +21,8 @@ def _run_check(args: argparse.Namespace) -> int:
     from cirlab.data.check import check_dataset, format_problems, format_stats
 
     problems = check_dataset(args.dataset, args.root, verify_images=args.verify_images)
+    if problems.warnings:
+        print(format_problems(problems.warnings, max_per_kind=args.max_per_kind).replace(" problem", " warning"))
     if problems:
         print(format_problems(problems, max_per_kind=args.max_per_kind))
         print(f"{args.dataset}: FAILED with {len(problems)} problem{'s' if len(problems) != 1 else ''} "
@@ -43,7 +45,8 @@ def _add_check(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--root", default=None,
                         help="dataset root (default: $CIRLAB_DATA/<dataset>; precomp: $CIRLAB_DATA)")
     parser.add_argument("--verify-images", action="store_true",
-                        help="also open and decode every image file (slow on the full datasets)")
+                        help="fully decode every image file (slow on the full datasets); by default only each "
+                             "image's header and ending are checked (catches empty, garbage and truncated files)")
     parser.add_argument("--max-per-kind", type=int, default=None, metavar="N",
                         help="list at most N problems of each kind (counts still cover all); default: list all")
     parser.set_defaults(func=_run_check)
@@ -72,8 +75,14 @@ def build_parser(prog: str = "cirlab data") -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``cirlab data`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    from cirlab.core.errors import CirlabError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except CirlabError as err:  # the user's input: one line naming the file or option, exit status 2
+        logger.error("%s", " ".join(str(err).split()))
+        return 2
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from cirlab.core.errors import ConfigError
 from cirlab.data.base import (CIRSplit, ProblemCollector, Triplet, first_appearance, index_images, is_str_list,
                               read_json)
 
@@ -104,6 +105,9 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
 }
 _PROTOCOL_ALIASES = {"rerank": "clip4cir", "cala": "clip4cir"}
 GALLERIES = ("amc", "split")
+# dataset.options the loader takes: choices, or "bool?" (true/false/null)
+OPTIONS: dict[str, object] = {"protocol": (*PROTOCOLS, *_PROTOCOL_ALIASES), "gallery": GALLERIES,
+                              "captions": tuple(CAPTION_POLICIES), "exclude_reference": "bool?"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -192,6 +196,9 @@ def _parse_entry(entry: Any, i: int, path: Path, split: str, sink: ProblemCollec
     if not (is_str_list(caps) and len(caps) == 2):
         sink.add("bad_entry", path, where, f"'captions' must be a list of 2 strings, got {caps!r:.80}")
         ok = False
+    elif not any(c.strip() for c in caps):
+        sink.add("bad_entry", path, where, "both captions are empty")
+        ok = False
     return entry if ok else None
 
 
@@ -208,6 +215,8 @@ def _load_category(root: Path, category: str, split: str, images: FashionIQImage
     if entries is not None and not isinstance(entries, list):
         sink.add("bad_entry", c_path, None, f"expected a JSON list of caption entries, got {type(entries).__name__}")
         entries = None
+    if entries == []:
+        sink.warn("empty_split", c_path, None, "the caption file holds no entries (an empty list): no queries")
     triplets: list[Triplet] = []
     for i, raw in enumerate(entries or []):
         entry = _parse_entry(raw, i, c_path, split, sink)
@@ -221,6 +230,9 @@ def _load_category(root: Path, category: str, split: str, images: FashionIQImage
                 sink.add("unknown_name", c_path, f"#{i}", f"{role} {name!r} is not listed in {s_path.name}")
             elif known is None and images.lookup(name, category) is None:
                 sink.add("missing_image", c_path, f"#{i}", f"{role} image {name!r} not found")
+        if entry.get("target") is not None and entry["target"] == entry["candidate"]:
+            sink.warn("target_is_reference", c_path, f"#{i}", f"the target {entry['target']!r} is the reference "
+                                                               "(candidate) image itself")
         caps = list(entry["captions"])
         extras = {k: v for k, v in entry.items() if k not in _CORE_KEYS}
         triplets.append(Triplet(f"{category}:{i}", entry["candidate"], caps, policy.join(caps), entry.get("target"),
@@ -236,14 +248,14 @@ def _resolve_protocol(protocol: str, gallery: str | None, captions: str | None,
     """(protocol label, gallery, caption policy, exclude_reference); the label notes any override."""
     key = _PROTOCOL_ALIASES.get(protocol, protocol)
     if key not in PROTOCOLS:
-        raise ValueError(f"unknown Fashion-IQ protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+        raise ConfigError(f"unknown Fashion-IQ protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     spec = PROTOCOLS[key]
     gallery = gallery or spec["gallery"]
     captions = captions or spec["captions"]
     if gallery not in GALLERIES:
-        raise ValueError(f"unknown Fashion-IQ gallery {gallery!r}; known: {', '.join(GALLERIES)}")
+        raise ConfigError(f"unknown Fashion-IQ gallery {gallery!r}; known: {', '.join(GALLERIES)}")
     if captions not in CAPTION_POLICIES:
-        raise ValueError(f"unknown caption policy {captions!r}; known: {', '.join(CAPTION_POLICIES)}")
+        raise ConfigError(f"unknown caption policy {captions!r}; known: {', '.join(CAPTION_POLICIES)}")
     exclude = spec["exclude_reference"] if exclude_reference is None else exclude_reference
     overrides = [f"{k}={v}" for k, v in (("gallery", gallery), ("captions", captions), ("exclude_reference", exclude))
                  if v != spec[k]]
@@ -288,6 +300,7 @@ def load(root: Path, split: str = "train", category: str | None = None, *, proto
             if path is not None:
                 paths.setdefault(name, path)
     sink.count("images", len(paths))
+    sink.log_warnings(f"Fashion-IQ {split}" + (f" {category}" if category else ""))
     return CIRSplit("fashioniq", split, root, category, triplets, first_appearance(gallery_names), paths,
                     protocol=label, exclude_reference=exclude, train_text=CAPTION_POLICIES[captions].train)
 

@@ -32,6 +32,8 @@ SPLITS = ("train", "dev", "test", "testall")
 CAPTIONS_PER_IMAGE = 5
 DEV_MAX_CAPTIONS = 5000  # VSE++ data.py: `if data_split == 'dev': self.length = 5000`
 _DEFAULT = object()
+# dataset.options the loader takes ("int?": an integer >= 1 or null)
+OPTIONS: dict[str, object] = {"max_captions": "int?", "regions": "int?", "dim": "int?"}
 
 
 def precomp_dir(root: Path, name: str) -> Path:
@@ -63,6 +65,19 @@ def open_features(path: Path, sink: ProblemCollector, regions: int | None = 36, 
         sink.add("bad_array", path, None, f"dtype {array.dtype} is not a floating-point type")
         return None
     return array
+
+
+def check_finite_features(array: Any, path: Path, sink: ProblemCollector, chunk: int = 256) -> None:
+    """Report NaN / infinite values (``cirlab data check``: reads the whole array, a block of images at a time)."""
+    bad: list[int] = []
+    for start in range(0, len(array), chunk):
+        block = np.asarray(array[start:start + chunk])
+        finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+        bad += [start + int(i) for i in np.flatnonzero(~finite)]
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        sink.add("bad_array", path, f"image {bad[0]}", f"NaN or infinite feature values in {len(bad)} image"
+                 f"{'s' if len(bad) != 1 else ''} (index {shown}); training on them gives a NaN loss")
 
 
 def read_captions(path: Path, sink: ProblemCollector) -> list[str] | None:
@@ -243,12 +258,20 @@ def load_precomp(root: str | Path | None, name: str, split: str, *, max_captions
     sink = sink or ProblemCollector(strict=True)
     folder = precomp_dir(resolve_root(root), name)
     ims_path, caps_path = folder / f"{split}_ims.npy", folder / f"{split}_caps.txt"
+    if not folder.is_dir() and sink.strict:
+        from cirlab.data.base import missing_root_hint
+        from cirlab.data.catalog import DATASETS, canonical_name
+
+        key = canonical_name(name) if canonical_name(name) in DATASETS else "f30k"
+        sink.add("missing_file", folder, None, f"precomp folder not found ({missing_root_hint(key, root)})")
     if not ims_path.exists() and not caps_path.exists() and folder.is_dir():
         found = sorted({p.name.split("_")[0] for p in folder.glob("*_ims.npy")})
         here = ", ".join(found) or "none"
         sink.add("missing_file", ims_path, None, f"split {split!r} not found; splits here: {here}")
         return _empty(name, split, ims_path, caps_path, None, None)
     images = open_features(ims_path, sink, regions, dim)
+    if images is not None and not sink.strict:  # the checker reads every value; loading for training does not
+        check_finite_features(images, ims_path, sink)
     captions = read_captions(caps_path, sink)
     if images is None or captions is None:
         return _empty(name, split, ims_path, caps_path, images, captions)
@@ -258,6 +281,8 @@ def load_precomp(root: str | Path | None, name: str, split: str, *, max_captions
         sink.add("count_mismatch", caps_path, None, f"{len(captions)} captions for {n} images in {ims_path} "
                  f"(expected {CAPTIONS_PER_IMAGE * n}, i.e. {CAPTIONS_PER_IMAGE} per image, or {n})")
         return _empty(name, split, ims_path, caps_path, images, captions)
+    if not captions:
+        sink.warn("empty_split", caps_path, None, "no captions (an empty file): the split has no pairs")
     limit = (DEV_MAX_CAPTIONS if split == "dev" else None) if max_captions is _DEFAULT else max_captions
     if limit is not None and limit < len(captions):
         captions = captions[:limit]
@@ -265,6 +290,7 @@ def load_precomp(root: str | Path | None, name: str, split: str, *, max_captions
     sink.count("images", n_img)
     sink.count("captions", len(captions))
     sink.count("splits")
+    sink.log_warnings(f"{name} {split}")
     return PrecompSplit(name, split, images[:n_img], captions, im_div, ims_path, caps_path)
 
 

@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cirlab.core.errors import ConfigError
 from cirlab.data.base import CIRSplit, ProblemCollector, Triplet, index_images, read_json, read_lines
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ SPLIT_FILES = {"train": "train_im_names.txt", "test": "eval_im_names.txt"}
 _SPLIT_ALIASES = {"eval": "test", "val": "test"}
 _CORE_KEYS = ("ImageName", "ReferenceImageName", "RelativeCaption")
 PAIR_MODES = ("unique", "amc")
+OPTIONS: dict[str, object] = {"pairs": PAIR_MODES}  # dataset.options the loader takes
 
 
 def index_shoes_images(root: Path, sink: ProblemCollector) -> dict[str, Path]:
@@ -68,7 +70,12 @@ def _parse_entries(path: Path, sink: ProblemCollector) -> list[dict[str, Any] | 
         bad = not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in _CORE_KEYS)
         if bad:
             sink.add("bad_entry", path, f"#{i}", f"expected string fields {', '.join(_CORE_KEYS)}, got {entry!r:.120}")
+        elif not entry["RelativeCaption"].strip():
+            sink.add("bad_entry", path, f"#{i}", "'RelativeCaption' is empty")
+            bad = True
         entries.append(None if bad else entry)
+    if not data:
+        sink.warn("empty_split", path, None, "the caption file holds no entries (an empty list): no queries")
     return entries
 
 
@@ -93,7 +100,7 @@ def _select(entries: list[dict[str, Any] | None], names: list[str], pairs: str) 
 
 
 def load(root: Path, split: str = "train", category: str | None = None, *, pairs: str = "unique",
-         sink: ProblemCollector | None = None, images: dict[str, Path] | None = None, **_: Any) -> CIRSplit:
+         sink: ProblemCollector | None = None, images: dict[str, Path] | None = None) -> CIRSplit:
     """Load the Shoes ``train`` or ``test`` split.
 
     Args:
@@ -108,9 +115,9 @@ def load(root: Path, split: str = "train", category: str | None = None, *, pairs
     sink = sink or ProblemCollector(strict=True)
     split = _SPLIT_ALIASES.get(split, split)
     if split not in SPLIT_FILES:
-        raise ValueError(f"unknown Shoes split {split!r}; known: train, test")
+        raise ConfigError(f"unknown Shoes split {split!r}; known: train, test (aliases eval, val)")
     if pairs not in PAIR_MODES:
-        raise ValueError(f"unknown Shoes pairs mode {pairs!r}; known: {', '.join(PAIR_MODES)}")
+        raise ConfigError(f"unknown Shoes pairs mode {pairs!r}; known: {', '.join(PAIR_MODES)}")
     images = index_shoes_images(root, sink) if images is None else images
     list_path, cap_path = root / SPLIT_FILES[split], root / CAPTIONS_FILE
     names = _read_names(list_path, images, sink)
@@ -121,6 +128,7 @@ def load(root: Path, split: str = "train", category: str | None = None, *, pairs
         triplets.append(_triplet(entries[i], i, k, cap_path, split, listed, images, sink))
     sink.count("triplets", len(triplets))
     sink.count("splits")
+    sink.log_warnings(f"Shoes {split}")
     paths = {n: images[n] for t in triplets for n in (t.ref_name, t.target_name) if n in images}
     paths.update((n, images[n]) for n in names if n in images)
     return CIRSplit("shoes", split, root, None, triplets, names, paths, protocol=f"amc(pairs={pairs})"
@@ -150,6 +158,8 @@ def _triplet(entry: dict[str, Any], i: int, k: int, path: Path, split: str, list
         elif split == "test" and name not in listed:
             # evaluation needs both images in the gallery (AMC indexes them in it)
             sink.add("unknown_name", path, f"#{i}", f"{role} {name!r} is not in {SPLIT_FILES[split]}")
+    if ref == target:
+        sink.warn("target_is_reference", path, f"#{i}", f"the target {target!r} is the reference image itself")
     text = entry["RelativeCaption"].strip()
     extras = {key: v for key, v in entry.items() if key not in _CORE_KEYS}
     return Triplet(str(i) if k == 0 else f"{i}.{k}", ref, [text], text, target, "shoes", extras)

@@ -142,13 +142,15 @@ def _gallery_indices(names: np.ndarray, split: Any) -> Tensor:
 
 @torch.no_grad()
 def rerank_topk(score_fn: ScoreFn, split: Any, stage1: TopK, k: int, *, skip_misses: bool = True,
-                batch_size: int = 8, meta: Mapping[str, Any] | None = None) -> TopK:
+                batch_size: int = 8, alpha: float = 0.0, meta: Mapping[str, Any] | None = None) -> TopK:
     """Re-rank the first ``k`` candidates of each stage-I list with ``score_fn``.
 
     A target among the K gets its new position as ``target_rank``; otherwise it keeps the stage-I rank (> K), so
     the query stays a miss with all queries as denominator. With ``skip_misses`` (the original's shortcut, same
     recalls) a query whose target is known to lie outside the K is not scored: its scores are :data:`MISS_SCORE`
-    and its stage-I order is kept. Splits without targets (CIRR test1) have every query scored.
+    and its stage-I order is kept. Splits without targets (CIRR test1) have every query scored. ``alpha > 0``
+    ranks by ``alpha * stage-I score + (1 - alpha) * stage-II score`` (:func:`cirlab.core.retrieval.fuse_scores`);
+    the paper uses the stage-II scores alone (``alpha = 0``).
     """
     k = min(int(k), stage1.k)
     candidates = _gallery_indices(stage1.gallery_ids[:, :k], split)  # [Q, K]
@@ -159,11 +161,13 @@ def rerank_topk(score_fn: ScoreFn, split: Any, stage1: TopK, k: int, *, skip_mis
     scores = torch.full(candidates.shape, MISS_SCORE)
     order = candidates.clone()
     if len(rows):
-        new_scores, new_order = retrieval.rerank(score_fn, rows, candidates[rows], batch_size=batch_size)
+        first_scores = torch.from_numpy(stage1.scores[rows.numpy(), :k]) if alpha else None
+        new_scores, new_order = retrieval.rerank(score_fn, rows, candidates[rows], batch_size=batch_size,
+                                                 stage1_scores=first_scores, alpha=alpha)
         scores[rows], order[rows] = new_scores.float().cpu(), new_order.cpu()
     ranks = retrieval.reranked_target_ranks(order, target, first_ranks)
     info = {**stage1.meta, **dict(meta or {}), "stage": "stage2", "stage1_k": stage1.k, "skip_misses": skip_misses,
-            "reranked_queries": int(len(rows))}
+            "reranked_queries": int(len(rows)), "alpha": alpha}
     info.pop("file", None)
     return retrieval.make_topk(scores, order, query_ids=list(stage1.query_ids), gallery_ids=split.gallery_names,
                                target=target, ranks=ranks, category=list(stage1.category), meta=info)
@@ -221,18 +225,19 @@ def reranked_metrics(protocol: str, splits: Sequence[Any], topks: Mapping[str, T
 
 
 def evaluate_reranker(model: Any, splits: Sequence[Any], *, eval_config: Mapping[str, Any], device: Any,
-                      topk_dir: Any = None, skip_misses: bool = True) -> dict[str, Any]:
+                      topk_dir: Any = None, k: int | None = None, skip_misses: bool = True) -> dict[str, Any]:
     """Re-rank stage I's top-K of each split with ``model`` and report the protocol's metrics.
 
     ``eval`` keys read: ``stage1_topk`` (stage I's top-K: a run folder, a folder or a file; empty = ranked by
-    ``model.stage1``), ``protocol``, ``batch_size`` (queries per scoring call). K is ``model.config.k``. The re-ranked
-    top-K files go to :func:`topk_dir_for`.
+    ``model.stage1``), ``protocol``, ``batch_size`` (queries per scoring call). ``k`` defaults to ``model.config.k``
+    (the paper's K); the Figure-8 analysis re-ranks all of stage I's list instead. The re-ranked top-K files go to
+    :func:`topk_dir_for`.
 
     Returns:
         ``{"metrics", "ranks": {name: target ranks}, "query_ids", "topk_paths"}``, as ``evaluate_cir`` returns.
     """
     splits = list(splits)
-    k = int(model.config.k)
+    k = int(k or model.config.k)
     out_dir = topk_dir_for(eval_config, topk_dir)
     firsts = stage1_topk(model, splits, eval_config=eval_config, device=device, k=k, topk_dir=out_dir)
     protocol = eval_config.get("protocol") or splits[0].dataset
@@ -334,13 +339,15 @@ def cirr_submission(model: Any, split: Any, *, eval_config: Mapping[str, Any], d
 def pipeline_configs(dataset: str, data_root: str | os.PathLike, output_dir: str | os.PathLike, *,
                      preset: str = "tiny", k: int = 50, stage1: Sequence[str] = (),
                      stage2: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run configs of both stages on one dataset root: stage I writes its top-``k`` (``eval.k``); stage II starts
-    its streams from stage I's text encoder (``init_from: stage1``; the paper starts them from BLIP), freezes that
+    """Run configs of both stages on one dataset root (or a data root holding ``<dataset>/``): stage I writes its
+    top-``k`` (``eval.k``); stage II starts its streams from stage I's text encoder (``init_from: stage1``; the paper starts them from BLIP), freezes that
     stage I (``stage1_checkpoint``), re-ranks all ``k`` candidates and reads stage I's top-K files
     (``eval.stage1_topk``). ``stage1`` / ``stage2`` are ``--set``-style overrides (``train.epochs=3``)."""
+    from cirlab.data.catalog import dataset_root
     from cirlab.engine.runs import apply_overrides, parse_set, validate_config, with_defaults
 
     out = Path(output_dir)
+    data_root = dataset_root(dataset, data_root)  # <data_root>/<dataset> when the root holds several layouts
     options = {"protocol": "rerank"} if dataset == "fashioniq" else {}  # the paper's Fashion-IQ gallery and captions
     test = "test1" if dataset == "cirr" else "val"
     base = {"preset": preset, "dataset": {"name": dataset, "root": str(data_root), "category": None,
@@ -370,6 +377,8 @@ def run_pipeline(dataset: str, data_root: str | os.PathLike, output_dir: str | o
     from cirlab.engine.runs import run_experiment
 
     first, second = pipeline_configs(dataset, data_root, output_dir, preset=preset, k=k, stage1=stage1, stage2=stage2)
-    result = {"stage1": run_experiment(first, device=device), "stage2": run_experiment(second, device=device)}
+    # the pipeline regenerates both run folders (run_experiment refuses a used folder unless told)
+    result = {"stage1": run_experiment(first, device=device, overwrite=True),
+              "stage2": run_experiment(second, device=device, overwrite=True)}
     return {**result, "stage1_topk": str(Path(first["output_dir"]) / "topk"),
             "stage2_topk": str(Path(second["output_dir"]) / "topk")}

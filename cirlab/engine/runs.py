@@ -22,12 +22,19 @@ A run config (``configs/*.yaml``) has five sections::
       k: 50                        # top-K file length
       batch_size: 64
       shard_size: 1000             # ITM: images x captions per scoring block
+      stage1_topk: ""              # re-rankers: stage I's top-K files (its run folder, a folder or a .topk.npz)
     output_dir: ""                 # "" -> $CIRLAB_RUNS/<config name>
 
 ``--set train.lr=2e-4 --set dataset.category=[dress,shirt]`` parses each value as YAML.
+
+Every section is checked before any data is read (:func:`validate_config`): an unknown key anywhere (a section, a
+``dataset``/``eval``/``train`` field, a ``model_overrides`` field, a loader option under ``dataset.options``, a
+``dataset.synthetic`` field) is an error with a "did you mean" suggestion, values are type- and range-checked, and a
+duplicated YAML key is refused instead of silently keeping the last one.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -38,7 +45,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from cirlab.core.io import write_json
+from cirlab.core.config import did_you_mean, unknown_names_message
+from cirlab.core.io import folder_lock, write_json
 from cirlab.core.contracts import HasDatasetExtras, HasImageTransform, HasOwnEvaluation, HasVocab
 
 logger = logging.getLogger(__name__)
@@ -50,9 +58,11 @@ DEFAULTS: dict[str, Any] = {
     "dataset": {"name": None, "root": "", "category": None, "train_split": "train", "val_split": "val",
                 "test_split": "test", "options": {}, "synthetic": None},
     "train": {},
-    "eval": {"protocol": None, "splits": None, "k": 50, "batch_size": 64, "shard_size": 1000, "topk": True},
+    "eval": {"protocol": None, "splits": None, "k": 50, "batch_size": 64, "shard_size": 1000, "topk": True,
+             "stage1_topk": ""},
     "output_dir": "",
 }
+SYNTHETIC_KEYS = ("size", "seed", "out", "image_size")  # dataset.synthetic: cirlab.data.generators.synthetic.ensure
 
 
 from cirlab.core.errors import ConfigError  # noqa: E402  (re-exported: raised and caught by this name)
@@ -60,6 +70,46 @@ from cirlab.core.errors import ConfigError  # noqa: E402  (re-exported: raised a
 
 # PyYAML follows YAML 1.1, where "2e-4" (no dot) is a string; users mean a float
 _EXP_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"line {line}: duplicate key {key!r} (first at line {first}); a YAML mapping keeps only the "
+                         "last value, so one of them would be silently ignored")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping."""
+
+
+def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base" may be overridden: not a duplicate
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: the base constructor reports it
+            continue
+        line = key_node.start_mark.line + 1
+        if first is not None:
+            raise _DuplicateKey(key, line, first)
+        seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """Parse YAML with duplicate keys refused; every error is one :class:`ConfigError` line naming ``source``."""
+    try:
+        return _fix_floats(yaml.load(text, Loader=_StrictLoader))
+    except _DuplicateKey as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML ({' '.join(str(err).split())})") from None
 
 
 def _fix_floats(value: Any) -> Any:
@@ -82,10 +132,7 @@ def parse_set(items: Sequence[str]) -> list[tuple[list[str], Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. train.lr=1e-4)")
-        try:
-            value = _fix_floats(yaml.safe_load(raw)) if raw.strip() else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML ({err})") from err
+        value = read_yaml(raw, f"--set {item!r}: value") if raw.strip() else ""
         out.append(([part for part in key.strip().split(".")], value))
     return out
 
@@ -95,7 +142,8 @@ def apply_overrides(config: dict[str, Any], overrides: Sequence[tuple[list[str],
     config = copy.deepcopy(config)
     for path, value in overrides:
         if path[0] not in SECTIONS:
-            raise ConfigError(f"--set {'.'.join(path)}: unknown section {path[0]!r}; known: {', '.join(SECTIONS)}")
+            raise ConfigError(f"--set {'.'.join(path)}: unknown section {path[0]!r}{did_you_mean(path[0], SECTIONS)}; "
+                              f"known: {', '.join(SECTIONS)}")
         node = config
         for part in path[:-1]:
             child = node.setdefault(part, {})
@@ -125,44 +173,170 @@ def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Read a run config, apply ``--set`` overrides and fill defaults; errors name the file and the key."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; pass a run config YAML file (e.g. configs/amc_synthetic_tiny.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = _fix_floats(yaml.safe_load(path.read_text()) or {})
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config ({err})") from None
+    raw = read_yaml(text, str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {unknown}; known: {', '.join(SECTIONS)}")
+        raise ConfigError(unknown_names_message(f"{path}: section", unknown, SECTIONS).replace("field", "name", 1))
+    for section in ("dataset", "train", "eval", "model_overrides"):
+        if raw.get(section) is not None and not isinstance(raw[section], dict):
+            raise ConfigError(f"{path}: {section}: expected a mapping, got {raw[section]!r:.60}")
     config = with_defaults(apply_overrides(raw, parse_set(overrides)))
     config.setdefault("name", path.stem)
     validate_config(config, str(path))
     return config
 
 
-def validate_config(config: dict[str, Any], source: str = "config") -> None:
-    """Check names early (model, preset, train fields) so a typo fails before any data is read."""
-    from cirlab.models.registry import get_entry, list_presets
-    from cirlab.engine.train import TrainConfig
+def validate_config(config: dict[str, Any], source: str = "config", *, for_eval: bool = False) -> None:
+    """Check every section before any data is read: names (model, preset, dataset, protocol), every key of every
+    section against its schema with "did you mean" suggestions, and values (types, ranges, choices).
 
-    if not config.get("model"):
+    ``for_eval``: the config of ``cirlab eval``: the model comes from the checkpoint, nothing is trained, so only
+    the sections it reads (dataset, eval) are checked.
+    Raises :class:`ConfigError` naming ``source`` and the field.
+    """
+    unknown = sorted(set(config) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(unknown_names_message(f"{source}: section", unknown, SECTIONS).replace("field", "name", 1))
+    for section in ("dataset", "eval", "train", "model_overrides"):
+        if config.get(section) is not None and not isinstance(config[section], dict):
+            raise ConfigError(f"{source}: {section}: expected a mapping, got {config[section]!r:.60}")
+    for key in ("name", "output_dir"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise ConfigError(f"{source}: {key}: expected a string, got {config[key]!r}")
+    if not for_eval:  # cirlab eval rebuilds the model from the checkpoint and trains nothing
+        _validate_model(config, source)
+        _validate_train(config, source)
+    _validate_dataset(config, source)
+    _validate_eval(config, source)
+
+
+def _validate_model(config: dict[str, Any], source: str) -> None:
+    from cirlab.models.registry import build_config, get_entry, list_models, list_presets
+
+    name = config.get("model")
+    if not name:
         raise ConfigError(f"{source}: 'model' is required (one of cirlab.list_models())")
     try:
-        get_entry(config["model"])
-    except KeyError as err:
-        raise ConfigError(f"{source}: model: {err.args[0]}") from None
+        entry = get_entry(str(name))
+    except KeyError:
+        known = list_models()
+        raise ConfigError(f"{source}: model: unknown model {name!r}{did_you_mean(name, known)}; "
+                          f"known: {', '.join(known)}") from None
     preset = config.get("preset")
-    if preset and preset not in list_presets(config["model"]):
-        raise ConfigError(f"{source}: preset {preset!r} of {config['model']!r} is unknown; "
-                          f"known: {', '.join(list_presets(config['model']))}")
-    if not config["dataset"].get("name"):
-        raise ConfigError(f"{source}: dataset.name is required")
-    fields = set(TrainConfig.__dataclass_fields__)
-    unknown = sorted(set(config.get("train") or {}) - fields)
+    if preset and preset not in list_presets(name):
+        known = list_presets(name)
+        raise ConfigError(f"{source}: preset {preset!r} of {name!r} is unknown{did_you_mean(preset, known)}; "
+                          f"known: {', '.join(known)}")
+    overrides = dict(config.get("model_overrides") or {})
+    import dataclasses
+
+    cls = entry.config_cls
+    fields = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+    unknown = sorted(set(overrides) - set(fields))
+    if fields and unknown:
+        raise ConfigError(unknown_names_message(f"{source}: model_overrides ({entry.config_cls.__name__})", unknown,
+                                                fields))
+    try:  # the config dataclass checks its own values (choices, divisibility); no weights are built here
+        build_config(name, preset, **overrides)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ConfigError(f"{source}: model_overrides: {' '.join(str(err).split())}") from None
+
+
+def _validate_dataset(config: dict[str, Any], source: str) -> None:
+    from cirlab.data.base import check_options
+    from cirlab.data.catalog import DATASETS, canonical_name
+
+    ds = config.get("dataset") or {}
+    unknown = sorted(set(ds) - set(DEFAULTS["dataset"]))
     if unknown:
-        raise ConfigError(f"{source}: train: unknown field(s) {unknown}; known: {sorted(fields)}")
+        raise ConfigError(unknown_names_message(f"{source}: dataset", unknown, DEFAULTS["dataset"]))
+    name = ds.get("name")
+    if not name:
+        raise ConfigError(f"{source}: dataset.name is required (one of {', '.join(DATASETS)})")
+    if canonical_name(str(name)) not in DATASETS:
+        raise ConfigError(f"{source}: dataset.name: unknown dataset {name!r}{did_you_mean(name, DATASETS)}; "
+                          f"known: {', '.join(DATASETS)}")
+    if ds.get("root") is not None and not isinstance(ds["root"], str):
+        raise ConfigError(f"{source}: dataset.root: expected a path string, got {ds['root']!r}")
+    cat = ds.get("category")
+    if cat is not None and not isinstance(cat, str) and not (isinstance(cat, list) and cat
+                                                             and all(isinstance(c, str) for c in cat)):
+        raise ConfigError(f"{source}: dataset.category: expected a name, a list of names or null, got {cat!r}")
+    for key in ("train_split", "val_split", "test_split"):
+        if not isinstance(ds.get(key), str) or not ds[key]:
+            raise ConfigError(f"{source}: dataset.{key}: expected a split name, got {ds.get(key)!r}")
+    options = ds.get("options") or {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"{source}: dataset.options: expected a mapping of loader options, got {options!r:.60}")
+    try:
+        check_options(str(name), options)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    synth = ds.get("synthetic")
+    if synth is not None:
+        if not isinstance(synth, dict):
+            raise ConfigError(f"{source}: dataset.synthetic: expected a mapping like {{size: tiny, seed: 0}} or null, "
+                              f"got {synth!r:.60}")
+        unknown = sorted(set(synth) - set(SYNTHETIC_KEYS))
+        if unknown:
+            raise ConfigError(unknown_names_message(f"{source}: dataset.synthetic", unknown, SYNTHETIC_KEYS))
+        from cirlab.data.generators.synthetic import SIZES
+
+        if synth.get("size", "tiny") not in SIZES:
+            raise ConfigError(f"{source}: dataset.synthetic.size: {synth['size']!r} is not one of "
+                              f"{', '.join(SIZES)}{did_you_mean(synth['size'], SIZES)}")
+        for key, low in (("seed", 0), ("image_size", 16)):
+            value = synth.get(key, low)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{source}: dataset.synthetic.{key}: expected an integer >= {low}, got {value!r}")
+
+
+def _validate_eval(config: dict[str, Any], source: str) -> None:
+    from cirlab.data.catalog import get_dataset
+
+    ev = config.get("eval") or {}
+    known = list(DEFAULTS["eval"])
+    unknown = sorted(set(ev) - set(known))
+    if unknown:
+        raise ConfigError(unknown_names_message(f"{source}: eval", unknown, known))
+    for key in ("k", "batch_size", "shard_size"):
+        value = ev.get(key, DEFAULTS["eval"][key])
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{source}: eval.{key}: expected an integer >= 1, got {value!r}")
+    splits = ev.get("splits")
+    if splits is not None and not (isinstance(splits, list) and splits and all(isinstance(x, str) for x in splits)):
+        raise ConfigError(f"{source}: eval.splits: expected a list of split names (e.g. [val, test]) or null, "
+                          f"got {splits!r}")
+    if not isinstance(ev.get("topk", True), bool):
+        raise ConfigError(f"{source}: eval.topk: expected true or false, got {ev['topk']!r}")
+    protocol = ev.get("protocol")
+    if protocol is not None:
+        known = get_dataset(config["dataset"]["name"]).protocols
+        if protocol not in known:
+            raise ConfigError(f"{source}: eval.protocol: {protocol!r} is not a protocol of dataset "
+                              f"{config['dataset']['name']!r}{did_you_mean(protocol, known)}; "
+                              f"known: {', '.join(known)}")
+
+
+def _validate_train(config: dict[str, Any], source: str) -> None:
+    from cirlab.engine.train import TrainConfig, validate_train_values
+
+    section = config.get("train") or {}
+    fields = list(TrainConfig.__dataclass_fields__)
+    unknown = sorted(set(section) - set(fields))
+    if unknown:
+        raise ConfigError(unknown_names_message(f"{source}: train", unknown, fields))
+    validate_train_values(section, f"{source}: train.")
 
 
 def output_dir_of(config: dict[str, Any]) -> Path:
@@ -191,7 +365,7 @@ def dataset_root(config: dict[str, Any]) -> Path | None:
     if ds.get("root"):
         return Path(ds["root"]).expanduser()
     synth = ds.get("synthetic")
-    if synth:
+    if synth:  # the config opts in explicitly (configs/*synthetic*.yaml); said out loud every time it is used
         from cirlab.data.generators import synthetic
 
         base = synthetic.ensure(synth.get("out"), seed=int(synth.get("seed", 0)), size=synth.get("size", "tiny"),
@@ -244,9 +418,13 @@ def train_dataset(config: dict[str, Any], model: Any) -> Any:
 
 
 def build_model(config: dict[str, Any]) -> Any:
-    from cirlab.models.registry import create_model
+    from cirlab.models.registry import build_config, create_model
 
-    return create_model(config["model"], config.get("preset"), **dict(config.get("model_overrides") or {}))
+    try:  # a bad override value is a config error (checked without building when the config was validated)
+        model_config = build_config(config["model"], config.get("preset"), **dict(config.get("model_overrides") or {}))
+    except (TypeError, ValueError, KeyError) as err:
+        raise ConfigError(f"model_overrides: {' '.join(str(err).split())}") from None
+    return create_model(config["model"], config=model_config)
 
 
 def build_seeded_model(config: dict[str, Any]) -> Any:
@@ -291,20 +469,34 @@ def fit_to_training_data(model: Any, config: dict[str, Any]) -> None:
 def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, preset: str | None = None,
                           trust_pickle: bool = False) -> tuple[Any, dict[str, Any]]:
     """Rebuild the model a checkpoint was trained with (its saved name + config) and load its weights."""
-    from cirlab.core.checkpoint import CheckpointError, load_checkpoint, model_state_dict
+    from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_state, model_state_dict
     from cirlab.models.registry import create_model, get_entry
 
     ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
     meta = ckpt if isinstance(ckpt, dict) else {}
-    name = model or meta.get("model_name")
+    saved = meta.get("model_name")
+    name = model or saved
     if not name:
         raise CheckpointError(f"{path}: the checkpoint does not say which model it holds; pass --model (and --preset)")
-    if preset is None and meta.get("model_config"):
-        cfg = get_entry(name).config_cls.from_dict(_restore_tuples(get_entry(name).config_cls, meta["model_config"]))
-        net = create_model(name, config=cfg)
-    else:
-        net = create_model(name, preset)
-    net.load_state_dict(model_state_dict(ckpt, path))
+    if model and saved and model != saved:
+        raise CheckpointError(f"{path} holds weights of model {saved!r}, not {model!r}; drop --model (the checkpoint "
+                              "knows its model) or pass the matching checkpoint")
+    try:
+        entry = get_entry(name)
+    except KeyError:
+        from cirlab.models.registry import list_models
+
+        raise CheckpointError(f"{path}: model {name!r} is not registered here{did_you_mean(name, list_models())}; "
+                              f"known: {', '.join(list_models())}") from None
+    try:
+        if preset is None and meta.get("model_config") and not (model and saved is None):
+            cfg = entry.config_cls.from_dict(_restore_tuples(entry.config_cls, meta["model_config"]))
+            net = create_model(name, config=cfg)
+        else:
+            net = create_model(name, preset)
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: cannot rebuild model {name!r} from it ({' '.join(str(err).split())})") from None
+    load_state(net, model_state_dict(ckpt, path), path, saved_name=saved)
     return net, meta
 
 
@@ -428,17 +620,47 @@ def make_evaluate_fn(config: dict[str, Any], splits: Sequence[str], device: Any,
 
 
 def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | None = None, resume: bool = False,
-                   device: str | None = None) -> dict[str, Any]:
+                   device: str | None = None, overwrite: bool = False,
+                   allow_config_change: bool = False) -> dict[str, Any]:
     """Train, select, evaluate and write the run folder described in ``docs/architecture.md``.
 
     Writes ``config.yaml``, ``checkpoints/{last,best}.pt``, ``log.jsonl``, ``tb/``, ``metrics.json`` and
     ``topk/<split>[_<category>].topk.npz`` (CIR). Returns the contents of ``metrics.json``.
+
+    The whole config and the device are checked before any data is read. The run folder is locked for the run (a
+    second run into it fails at once); a folder that already holds a run is refused unless ``resume`` (continue
+    it; the stored config must match, differences are listed, ``allow_config_change`` accepts them) or
+    ``overwrite`` (replace it).
     """
+    from cirlab.engine.train import check_device, claim_run_folder
+
+    validate_config(with_defaults(config), f"config {config.get('name') or ''}".strip())
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other (continue the run, or replace it); "
+                          "pass one of them")
+    if device:
+        check_device(device, "--device")
+    elif (config.get("train") or {}).get("device", "auto") != "auto":
+        check_device(config["train"]["device"], "train.device")
+    out = Path(output_dir) if output_dir else output_dir_of(config)
+    resuming = resume or bool((config.get("train") or {}).get("resume"))
+    with folder_lock(out) if _rank_zero() else contextlib.nullcontext():
+        if not resuming and _rank_zero():
+            claim_run_folder(out, overwrite=overwrite)
+        return _run_locked(config, out, resume, device, allow_config_change)
+
+
+def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | None,
+                allow_config_change: bool) -> dict[str, Any]:
+    """:func:`run_experiment` once the config is valid and the run folder is locked and claimed."""
     from cirlab.core.checkpoint import load_model_weights
     from cirlab.engine.train import resolve_train_config, train
 
-    out = Path(output_dir) if output_dir else output_dir_of(config)
     _prepare_data(config)
+    ds = config["dataset"]
+    if not ds.get("root") and ds.get("synthetic"):  # the config opted in; said out loud on every run
+        logger.warning("dataset.root is empty and dataset.synthetic is set: this run uses the generated SYNTHETIC "
+                       "%s data at %s (set dataset.root to train on your own data)", ds["name"], dataset_root(config))
     model = build_seeded_model(config)
     if hasattr(model, "load_init"):  # pretrained start from the model config (init_from); its report -> run folder
         model.load_init(out if _is_main() else None)
@@ -459,10 +681,14 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
                           "set train.selection=last")
     run_device = _eval_device(cfg.device)
     resolved = {**config, "output_dir": str(out), "train": cfg.to_dict(), "model_config": model.config.to_dict()}
+    if cfg.resume and _rank_zero():
+        check_resume_config(out, resolved, allow_config_change)
     # read (and so validate) every split the run evaluates before the first step: a broken val or test file
     # must fail now, naming the file, not after the training it would waste
     eval_splits = list(dict.fromkeys([*_final_splits(config), *([select_split] if select_split else [])]))
     loaded = {s: load_split(config, s) for s in eval_splits}
+    for split, value in loaded.items():
+        _check_not_empty(config, split, value)
     if select_split:
         check_selection_metric(config, cfg.selection_metric, select_split, loaded[select_split], model)
     evaluate_fn = make_evaluate_fn(config, [select_split], run_device, loaded) if select_split else None
@@ -482,6 +708,67 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     if _is_main():
         write_json(out / "metrics.json", result)
     return result
+
+
+def check_resume_config(out: Path, resolved: dict[str, Any], allow_config_change: bool = False) -> None:
+    """Refuse to resume ``out`` with settings other than the ones it was trained with (``config.yaml``), listing
+    each difference; ``allow_config_change`` logs them instead. Run length, logging and device may change."""
+    from cirlab.engine.train import resume_differences
+
+    stored_path = out / "config.yaml"
+    if not (out / "checkpoints" / "last.pt").is_file() or not stored_path.is_file():
+        return  # nothing to continue: the run starts fresh
+    try:
+        stored = yaml.safe_load(stored_path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"--resume: cannot read the stored {stored_path} ({' '.join(str(err).split())})") from None
+    diffs: list[str] = []
+    for key in ("model", "preset", "model_overrides", "model_config", "dataset"):
+        diffs += _differences(key, _plain(stored.get(key)), _plain(resolved.get(key)))
+    diffs += [f"train.{d}" for d in resume_differences(_plain(stored.get("train") or {}),
+                                                         _plain(resolved.get("train") or {}))]
+    if not diffs:
+        return
+    listed = "; ".join(diffs[:12]) + (f"; and {len(diffs) - 12} more" if len(diffs) > 12 else "")
+    message = f"--resume: {out} was trained with other settings ({listed})"
+    if allow_config_change:
+        logger.warning("%s; resuming anyway (--allow-config-change)", message)
+        return
+    raise ConfigError(f"{message}. Resuming would mix two runs in one folder: restore those settings, start a fresh "
+                      "run (another --output-dir, or --overwrite), or pass --allow-config-change")
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))  # tuples -> lists, paths -> strings: YAML's view
+
+
+def _differences(key: str, old: Any, new: Any) -> list[str]:
+    if old == new:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _differences(f"{key}.{k}", old.get(k), new.get(k))]
+    return [f"{key}: {old!r} -> {new!r}"]
+
+
+def _check_not_empty(config: dict[str, Any], split: str, loaded: Any) -> None:
+    """An evaluation split without queries would report empty or NaN metrics after training: stop now."""
+    if is_precomp(config):
+        empty = not loaded.captions
+    else:
+        empty = sum(len(s.triplets) for s in loaded) == 0
+    if empty:
+        raise ConfigError(f"dataset {config['dataset']['name']!r}: evaluation split {split!r} has no queries "
+                          "(its caption file is empty); check the data with `cirlab data check`")
+
+
+def _rank_zero() -> bool:
+    """The process that owns the run folder: rank 0 under torchrun (known from the environment before the process
+    group exists), the only process otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _prepare_data(config: dict[str, Any]) -> None:

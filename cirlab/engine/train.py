@@ -27,12 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
 import os
 import random
+import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +47,10 @@ import torch
 from torch import nn
 
 from cirlab.core import io
+from cirlab.core.config import UnknownFieldError, did_you_mean, unknown_names_message
 from cirlab.core.contracts import HasEpochHook, HasParamGroups, Model
-from cirlab.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
+from cirlab.core.errors import CirlabError, ConfigError
 from cirlab.core.io import write_json
 from cirlab.core.threads import apply_thread_policy
 
@@ -107,30 +113,25 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints/last.pt writes (0 = epoch ends only)
     keep_epoch_checkpoints: bool = False  # also keep checkpoints/epoch_{N}.pt
     tensorboard: bool = True  # write tb/ when tensorboard is importable
-    progress: str = "auto"  # auto (tqdm on a TTY, log lines otherwise) | tqdm | log | none
+    progress: str = "auto"  # auto (tqdm bar on a TTY or in JupyterLab, log lines otherwise) | tqdm | log | none
     resume: str = ""  # "" = fresh run | "auto" = <output_dir>/checkpoints/last.pt if present | a checkpoint path
     num_threads: int = 0  # torch intra-op CPU threads; 0 = cirlab's policy (cirlab.core.threads; CIRLAB_THREADS)
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)  # YAML gives lists
+        validate_train_values(dataclasses.asdict(self), "TrainConfig.")
+        self.betas = tuple(float(b) for b in self.betas)  # YAML gives lists
         self.lr_milestones = [int(m) for m in self.lr_milestones]
-        checks = [(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
-                  (self.optimizer in ("adam", "adamw"), "optimizer must be 'adam' or 'adamw'"),
-                  (self.precision in ("auto", "fp32", "bf16", "fp16"), "precision must be auto|fp32|bf16|fp16"),
-                  (self.ema_mode in ("standard", "paper_no_restore"), "ema_mode must be standard|paper_no_restore"),
-                  (self.progress in ("auto", "tqdm", "log", "none"), "progress must be auto|tqdm|log|none"),
-                  (self.grad_accum_steps >= 1 and self.batch_size >= 1, "batch_size, grad_accum_steps must be >= 1"),
-                  (self.group_batches >= 0, "group_batches must be >= 0 (0 = plain shuffle)")]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"TrainConfig: {message}")
+        for name in _FLOAT_FIELDS:  # 1 and 1.0 are the same learning rate; keep the type the annotations promise
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, float(value))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
         if unknown:
-            raise TypeError(f"TrainConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
+            raise UnknownFieldError(unknown_names_message("TrainConfig", unknown, known))
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,6 +145,111 @@ class TrainConfig:
         if self.selection == "last":
             return None
         return self.test_split if self.selection == "paper" else self.selection
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "schedule": SCHEDULES, "optimizer": ("adam", "adamw"), "precision": ("auto", "fp32", "bf16", "fp16"),
+    "ema_mode": ("standard", "paper_no_restore"), "progress": ("auto", "tqdm", "log", "none"),
+}
+# field -> (kind, lower bound, bound inclusive, may be None); kinds: int, float, bool, str
+_RULES: dict[str, tuple[str, float | None, bool, bool]] = {
+    "epochs": ("int", 1, True, False), "max_steps": ("int", 1, True, True), "batch_size": ("int", 1, True, False),
+    "grad_accum_steps": ("int", 1, True, False), "drop_last": ("bool", None, True, False),
+    "shuffle": ("bool", None, True, False), "group_batches": ("int", 0, True, False),
+    "num_workers": ("int", 0, True, False), "lr": ("float", 0, True, False), "weight_decay": ("float", 0, True, False),
+    "eps": ("float", 0, False, False), "grad_clip": ("float", 0, False, True), "lr_step_size": ("int", 0, True, False),
+    "lr_gamma": ("float", 0, False, False), "cosine_epochs": ("int", 1, True, True),
+    "min_lr": ("float", 0, True, False),
+    "warmup_steps": ("int", 0, True, False), "ema_decay": ("float", 0, False, True), "seed": ("int", 0, True, False),
+    "deterministic": ("bool", None, True, False), "eval_every": ("int", 0, True, False),
+    "eval_every_steps": ("int", 0, True, False), "log_every": ("int", 1, True, False),
+    "checkpoint_every": ("int", 0, True, False), "keep_epoch_checkpoints": ("bool", None, True, False),
+    "tensorboard": ("bool", None, True, False), "num_threads": ("int", 0, True, False),
+    "resume": ("str", None, True, False), "device": ("str", None, True, False), "selection": ("str", None, True, False),
+    "selection_metric": ("str", None, True, False), "test_split": ("str", None, True, False),
+    **{name: ("str", None, True, False) for name in CHOICES},
+}
+_FLOAT_FIELDS = tuple(name for name, rule in _RULES.items() if rule[0] == "float")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _value_problem(name: str, value: Any) -> str | None:
+    """Why ``value`` is not valid for TrainConfig field ``name`` (None when it is)."""
+    if name == "betas":
+        ok = (isinstance(value, (list, tuple)) and len(value) == 2
+              and all(_is_number(b) and 0 <= float(b) < 1 for b in value))
+        return None if ok else "expected two numbers in [0, 1), e.g. [0.9, 0.999]"
+    if name == "lr_milestones":
+        ok = isinstance(value, (list, tuple)) and all(_is_int(m) and m >= 0 for m in value)
+        return None if ok else "expected a list of epoch numbers >= 0, e.g. [40]"
+    kind, low, inclusive, optional = _RULES[name]
+    if value is None:
+        return None if optional else f"expected {'an integer' if kind == 'int' else 'a ' + _KIND_NAMES[kind]}, got null"
+    if kind == "bool":
+        return None if isinstance(value, bool) else "expected true or false"
+    if kind == "str":
+        if not isinstance(value, str):
+            return "expected a string"
+        if name in CHOICES and value not in CHOICES[name]:
+            return f"must be one of {', '.join(CHOICES[name])}{did_you_mean(value, CHOICES[name])}"
+        if name == "device" and not _DEVICE.match(value):
+            hint = " (did you mean 'cuda'?)" if "gpu" in value.lower() else did_you_mean(value, ("auto", "cpu", "cuda"))
+            return f"must be auto, cpu, cuda or cuda:N{hint}"
+        if name in ("selection", "selection_metric", "test_split") and not value.strip():
+            return "must not be empty"
+        return None
+    if kind == "int" and not _is_int(value):
+        return "expected an integer"
+    if kind == "float" and not _is_number(value):
+        return "expected a number"
+    if kind == "float" and not math.isfinite(float(value)):
+        return "must be a finite number"
+    if name == "ema_decay" and not 0 < float(value) < 1:
+        return "must be between 0 and 1 (e.g. 0.999), or null for no EMA"
+    if low is not None and (value < low if inclusive else value <= low):
+        why = " (0 would train nothing and write no checkpoint)" if name in ("epochs", "max_steps") else ""
+        if name == "max_steps":
+            why = " (0 would train nothing and write no checkpoint; null = no cap)"
+        return f"must be {'>=' if inclusive else '>'} {low:g}{why}"
+    return None
+
+
+_KIND_NAMES = {"float": "number", "bool": "boolean", "str": "string"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_train_values(values: Mapping[str, Any], prefix: str = "train.") -> None:
+    """Check the values of TrainConfig fields (those present in ``values``); the first bad one raises
+    :class:`~cirlab.core.errors.ConfigError` naming ``<prefix><field>``, the problem and the value."""
+    for name, value in values.items():
+        if name in _RULES or name in ("betas", "lr_milestones"):
+            problem = _value_problem(name, value)
+            if problem:
+                raise ConfigError(f"{prefix}{name}: {problem}, got {value!r}")
+
+
+def check_device(device: str, where: str = "device") -> None:
+    """Fail early (before any data is read) for a device name torch would reject or that is not present here."""
+    problem = _value_problem("device", device)
+    if problem:
+        raise ConfigError(f"{where}: {problem}, got {device!r}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{where}: {device!r} asked for, but no CUDA GPU is visible to PyTorch here "
+                              "(torch.cuda.is_available() is False); use cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"{where}: {device!r} asked for, but only {torch.cuda.device_count()} CUDA "
+                              f"device(s) are visible (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"{where}: 'mps' asked for, but the Apple MPS backend is not available here; use cpu")
 
 
 def resolve_train_config(model: nn.Module | None, overrides: dict[str, Any] | None = None, *,
@@ -382,6 +488,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 def _device(cfg: TrainConfig, dist_info: _Dist) -> torch.device:
     if cfg.device != "auto":
+        check_device(cfg.device, "train.device")
         return torch.device(cfg.device)
     return torch.device(f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu")
 
@@ -402,7 +509,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
             extra = {k: v for k, v in group.items() if k != "params"}
             cleaned.append({**extra, "params": params, "base_lr": float(group.get("lr", cfg.lr))})
     if not cleaned:
-        raise ValueError("the model has no trainable parameters")
+        raise ConfigError("the model has no trainable parameters (everything is frozen)")
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return cls(cleaned, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
@@ -460,22 +567,59 @@ def _as_tuple(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------------- logging
 
 
+def live_frontend() -> bool:
+    """Whether this process is a Jupyter kernel driven by a live frontend (JupyterLab, Notebook, VS Code).
+
+    Live frontends send their execute requests with ``allow_stdin`` (they can answer ``input()``); papermill,
+    nbclient and ``nbconvert --execute`` never do, so a headless run gets ``False`` here.
+    """
+    ipython = sys.modules.get("IPython")
+    kernel = getattr(ipython.get_ipython(), "kernel", None) if ipython is not None else None
+    if kernel is None or not hasattr(kernel, "get_parent"):
+        return False
+    try:
+        return bool(kernel.get_parent().get("content", {}).get("allow_stdin", False))
+    except Exception:  # noqa: BLE001 - an unusual kernel is simply not a live frontend
+        return False
+
+
 class _RunLog:
-    """Rank-0 sinks: JSONL log, TensorBoard (if importable), tqdm on a TTY or periodic log lines."""
+    """Rank-0 sinks: JSONL log, TensorBoard (if importable) and the progress display.
+
+    Progress (``TrainConfig.progress``): ``tqdm`` draws a ``tqdm.auto`` bar (steps, loss, lr, ETA): a text bar
+    in a terminal, a widget in JupyterLab; ``log`` prints one line per logged step to stderr (step/total, loss,
+    lr, elapsed, ETA), each line once, for logs and headless notebook runs (``cirlab report`` shows them);
+    ``auto`` picks ``tqdm`` on a terminal or in a live Jupyter frontend (:func:`live_frontend`) and ``log``
+    elsewhere (papermill, CI, a redirected stderr).
+    """
 
     def __init__(self, output_dir: Path, cfg: TrainConfig, total_steps: int | None, active: bool,
-                 start_step: int) -> None:
+                 start_step: int, steps_per_epoch: int | None = None) -> None:
         self.active = active
         self.path = output_dir / "log.jsonl"
         self.tb = self._tensorboard(output_dir) if active and cfg.tensorboard else None
-        mode = cfg.progress if cfg.progress != "auto" else ("tqdm" if sys.stderr.isatty() else "log")
+        mode = cfg.progress
+        if mode == "auto":
+            mode = "tqdm" if sys.stderr.isatty() or live_frontend() else "log"
+        self.total, self.start_step = total_steps, start_step
         self.bar = None
         if active and mode == "tqdm":
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         self.lines = active and mode == "log"
         self.t0 = time.time()
+        if active:
+            self._warn_if_capped(cfg, steps_per_epoch)
+
+    @staticmethod
+    def _warn_if_capped(cfg: TrainConfig, steps_per_epoch: int | None) -> None:
+        """``max_steps`` below ``epochs`` x steps per epoch silently shortens a run: say so once."""
+        if not cfg.max_steps or not steps_per_epoch or cfg.max_steps >= steps_per_epoch * cfg.epochs:
+            return
+        logger.warning("train.max_steps=%d stops this run after %.2g of its %d epochs (%d steps per epoch, %d "
+                       "asked for); raise train.max_steps or set it to null to train every epoch", cfg.max_steps,
+                       cfg.max_steps / steps_per_epoch, cfg.epochs, steps_per_epoch, steps_per_epoch * cfg.epochs)
 
     @staticmethod
     def _tensorboard(output_dir: Path) -> Any:
@@ -500,16 +644,38 @@ class _RunLog:
     def progress(self, record: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
         elif self.lines:
-            logger.info("epoch %d step %d loss %.4f lr %.3g (%.1fs)", record["epoch"], record["step"],
-                        record["loss"], record["lr"], time.time() - self.t0)
+            sys.stderr.write(self.line(record) + "\n")
+            sys.stderr.flush()
+
+    def line(self, record: dict[str, Any]) -> str:
+        """``train: step 40/240 (17%) epoch 2 loss 0.4123 lr 1.00e-03 | 12s elapsed, ETA 58s``."""
+        step, elapsed = int(record["step"]), time.time() - self.t0
+        total = f"/{self.total}" if self.total else ""
+        share = f" ({100 * step / self.total:.0f}%)" if self.total else ""
+        done = step - self.start_step
+        eta = ""
+        if self.total and done > 0:
+            eta = f", ETA {_duration(elapsed / done * max(self.total - step, 0))}"
+        return (f"train: step {step}{total}{share} epoch {int(record['epoch']) + 1} loss {record['loss']:.4f} "
+                f"lr {record['lr']:.2e} | {_duration(elapsed)} elapsed{eta}")
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _flat_numbers(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -523,6 +689,152 @@ def _flat_numbers(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------- the loop
+
+
+class NonFiniteLossError(CirlabError, FloatingPointError):
+    """The loss became NaN or infinite; training stopped before the step reached the weights or a checkpoint."""
+
+
+class TrainingInterrupted(CirlabError):
+    """SIGINT or SIGTERM stopped the run after ``checkpoints/last.pt`` was written; ``exit_code`` is 128 + signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum, self.exit_code = signum, 128 + signum
+
+
+class RunFolderError(ConfigError):
+    """The run folder already holds another run (and neither resume nor overwrite was asked for)."""
+
+
+class RunWriteError(CirlabError, OSError):
+    """The run folder could not be written (disk full, quota, read-only); the last complete checkpoint is kept."""
+
+
+# what a run writes into its folder; a fresh run refuses a folder holding any of them unless told to overwrite
+RUN_ARTIFACTS = ("config.yaml", "log.jsonl", "checkpoints", "tb", "metrics.json", "train_summary.json", "topk")
+# train settings a resume may change without changing the trajectory of the steps already taken
+RESUME_MAY_CHANGE = frozenset({"epochs", "max_steps", "resume", "device", "num_workers", "num_threads", "progress",
+                               "tensorboard", "log_every", "checkpoint_every", "keep_epoch_checkpoints", "eval_every",
+                               "eval_every_steps", "precision", "deterministic"})
+
+
+def run_artifacts(folder: str | os.PathLike) -> list[str]:
+    """The names of :data:`RUN_ARTIFACTS` present in ``folder`` (a folder with none holds no run)."""
+    folder = Path(folder)
+    return [name for name in RUN_ARTIFACTS if (folder / name).exists()]
+
+
+def claim_run_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Make ``folder`` ready for a fresh run: refuse one that holds a run, or with ``overwrite`` remove that run's
+    files (only :data:`RUN_ARTIFACTS`; anything else in the folder is left alone)."""
+    folder = Path(folder)
+    found = run_artifacts(folder)
+    if not found:
+        return
+    if not overwrite:
+        raise RunFolderError(f"run folder {folder} already holds a run ({', '.join(found)}); pass --resume to "
+                             "continue it or --overwrite to replace it (Python: resume / overwrite=True), or "
+                             "choose another --output-dir")
+    import shutil
+
+    for name in found:
+        path = folder / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    logger.warning("overwrite: removed the previous run's %s from %s", ", ".join(found), folder)
+
+
+def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                       may_change: frozenset[str] = RESUME_MAY_CHANGE) -> list[str]:
+    """``["batch_size: 32 -> 16", ...]``: train settings that differ between a checkpoint and a resumed run
+    (settings in ``may_change`` do not count)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        if key in may_change:
+            continue
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+            old, new = list(old), list(new)
+        if old != new:
+            out.append(f"{key}: {old!r} -> {new!r}")
+    return out
+
+
+def repair_log(path: Path, last_step: int | None = None) -> int:
+    """Make ``log.jsonl`` appendable again: drop a torn final line (a process killed mid-write) and, on resume,
+    the records of steps after ``last_step`` (they are logged again as the resumed run re-takes them). Rewrites
+    the file atomically when anything changes; returns how many lines were removed."""
+    if not path.is_file():
+        return 0
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    kept: list[str] = []
+    for n, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines) - 1 and not text.endswith("\n"):  # torn: no newline ever ended it
+                logger.warning("%s: the last line is torn (a run stopped while writing it); dropped", path)
+                continue
+            kept.append(line)  # other damage is left for a reader to report, never deleted here
+            continue
+        step = record.get("step") if isinstance(record, dict) else None
+        if last_step is not None and isinstance(step, int) and step > last_step:
+            continue
+        kept.append(line)
+    removed = len(lines) - len(kept)
+    if removed:
+        io.write_text(path, "".join(f"{line}\n" for line in kept))
+        logger.info("%s: %d record(s) after the resumed step %s removed", path, removed, last_step)
+    return removed
+
+
+class _StopSignals:
+    """SIGINT / SIGTERM ask the loop to stop after the current optimizer step (it then writes ``last.pt``); a
+    second signal stops at once. Installed only in the main thread (signal handlers live there)."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                try:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+                except (ValueError, OSError):  # not allowed here (an embedded interpreter)
+                    pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # asked twice: stop now, as without cirlab
+            self._restore()
+            if signum == getattr(signal, "SIGINT", None):
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        logger.warning("%s received: stopping after this step and saving checkpoints/last.pt (send it again to stop "
+                       "at once)", signal.Signals(signum).name)
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which stops cleanly after the step."""
+    del worker_id
+    if hasattr(signal, "SIGINT"):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclass
@@ -541,8 +853,10 @@ class Trainer:
 
     def __init__(self, model: nn.Module, dataset: Any, cfg: TrainConfig, output_dir: Path,
                  evaluate_fn: EvalFn | None, collate_fn: Callable | None, callbacks: Sequence[Callable],
-                 run_config: dict[str, Any] | None) -> None:
+                 run_config: dict[str, Any] | None, overwrite: bool = False) -> None:
         self.cfg, self.output_dir, self.evaluate_fn, self.callbacks = cfg, output_dir, evaluate_fn, list(callbacks)
+        self.overwrite = overwrite
+        self.stop = _StopSignals()
         self.dist = init_distributed()
         apply_thread_policy(cfg.num_threads or None)  # 1 thread on small or busy machines (see cirlab.core.threads)
         seed_everything(cfg.seed + self.dist.rank, cfg.deterministic)
@@ -560,7 +874,7 @@ class Trainer:
         self.loader, self.sampler, self.items = self._loader(dataset, collate_fn)
         self.steps_per_epoch = len(self.loader) // cfg.grad_accum_steps
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the training set ({len(dataset)} items) is smaller than one optimizer step "
+            raise ConfigError(f"the training set ({len(dataset)} items) is smaller than one optimizer step "
                              f"(batch_size {cfg.batch_size} x grad_accum_steps {cfg.grad_accum_steps})")
         self.ckpt_dir = output_dir / "checkpoints"
         self.run_config = run_config
@@ -571,7 +885,7 @@ class Trainer:
     def _loader(self, dataset: Any, collate_fn: Callable | None) -> tuple[Any, ResumableSampler, SeededItems]:
         cfg, world = self.cfg, self.dist.world_size
         if cfg.batch_size % world:
-            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+            raise ConfigError(f"train.batch_size {cfg.batch_size} is not divisible by the {world} processes")
         items = SeededItems(dataset, cfg.seed)
         groups = group_ids(dataset) if cfg.group_batches else None
         sampler = ResumableSampler(len(dataset), shuffle=cfg.shuffle, seed=cfg.seed, drop_last=cfg.drop_last,
@@ -580,6 +894,7 @@ class Trainer:
         loader = torch.utils.data.DataLoader(
             items, batch_size=cfg.batch_size // world, sampler=sampler, num_workers=cfg.num_workers,
             collate_fn=collate_fn, drop_last=cfg.drop_last, pin_memory=self.device.type == "cuda",
+            worker_init_fn=_ignore_sigint if cfg.num_workers else None,
             generator=torch.Generator().manual_seed(cfg.seed))  # own generator: the global RNG is not consumed
         return loader, sampler, items
 
@@ -611,7 +926,14 @@ class Trainer:
         missing = [k for k in ("model", "optimizer", "progress", "rng") if k not in ckpt]
         if missing:
             raise CheckpointError(f"{path} is not a resumable cirlab checkpoint (missing {missing})")
-        self.model.load_state_dict(ckpt["model"])
+        name, saved = getattr(self.model, "model_name", None), ckpt.get("model_name")
+        if name and saved and name != saved:
+            raise CheckpointError(f"cannot resume from {path}: it holds model {saved!r}, this run trains {name!r}")
+        changed = resume_differences(ckpt.get("train_config") or {}, self.cfg.to_dict())
+        if changed:
+            logger.warning("resuming %s with changed train settings (the run is no longer one uninterrupted "
+                           "run): %s", path, "; ".join(changed))
+        load_state(self.model, ckpt["model"], path, saved_name=saved)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.ema is not None and ckpt.get("ema"):
             self.ema.load_state_dict(ckpt["ema"])
@@ -634,13 +956,34 @@ class Trainer:
         selected or the final weights) and ``train_summary.json``; returns the summary."""
         cfg, p = self.cfg, self.progress
         resume_from = _resume_path(cfg, self.output_dir)
+        if self.dist.is_main:
+            if resume_from is None:  # a fresh run (resume="auto" with no last.pt yet replaces a run that never saved)
+                claim_run_folder(self.output_dir, overwrite=self.overwrite or bool(cfg.resume))
+            _remove_stale_temporaries(self.output_dir)
+        self._barrier()
         if resume_from is not None:
             self.resume(resume_from)
             p = self.progress
+            if self.dist.is_main:
+                repair_log(self.output_dir / "log.jsonl", p.step)
+        try:
+            with self.stop:
+                return self._run(p)
+        except OSError as err:
+            if isinstance(err, CirlabError) or err.errno not in _NO_SPACE:
+                raise
+            last = self.ckpt_dir / "last.pt"
+            kept = f"the last complete checkpoint is kept: {last}" if last.is_file() else "no checkpoint was written"
+            raise RunWriteError(f"cannot write to the run folder {self.output_dir} ({err.strerror or err}); "
+                                f"{kept}") from err
+
+    def _run(self, p: _Progress) -> dict[str, Any]:
+        cfg = self.cfg
         self._write_config()
         total = self.steps_per_epoch * cfg.epochs
         total = min(total, cfg.max_steps) if cfg.max_steps is not None else total
-        log = _RunLog(self.output_dir, cfg, total, self.dist.is_main, p.step)
+        log = _RunLog(self.output_dir, cfg, total, self.dist.is_main, p.step,
+                      steps_per_epoch=self.steps_per_epoch)
         self.model.train()
         try:
             while p.epoch < cfg.epochs and (cfg.max_steps is None or p.step < cfg.max_steps):
@@ -651,6 +994,8 @@ class Trainer:
                     self.save("last.pt")  # keeps the position inside the epoch for a later resume
                     break
                 self.end_of_epoch(log)
+                if self._stop_requested():  # end_of_epoch has just written last.pt
+                    self._interrupted(saved=True)
             if self.selection_split() is None or self.evaluate_fn is None:
                 with self.evaluated_weights():  # without selection, best.pt is the final model
                     self.save_weights("best.pt")
@@ -688,6 +1033,26 @@ class Trainer:
 
             dist.barrier()
 
+    def _stop_requested(self) -> bool:
+        """True once SIGINT/SIGTERM arrived (under DDP: in any process, so every process stops at one step)."""
+        stop = self.stop.signum is not None
+        if self.dist.world_size > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([float(stop)], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
+
+    def _interrupted(self, saved: bool = False) -> None:
+        if not saved:
+            self.save("last.pt")
+        p, signum = self.progress, self.stop.signum or signal.SIGTERM
+        name = signal.Signals(signum).name
+        raise TrainingInterrupted(f"{name}: training stopped at epoch {p.epoch}, step {p.step}; saved "
+                                  f"{self.ckpt_dir / 'last.pt'}. Resume with the same command plus --resume "
+                                  f"(Python: resume='auto')", signum)
+
     # -- one optimizer step -------------------------------------------------------------------------
     def set_lr(self) -> float:
         for group in self.optimizer.param_groups:
@@ -707,9 +1072,11 @@ class Trainer:
                 raise ValueError(f"training_step returned no '*_loss' term (keys: {sorted(terms)})")
             loss = sum(terms[k].float() for k in loss_keys)
             if not torch.isfinite(loss):  # stop before a NaN reaches the weights and the checkpoints
-                raise FloatingPointError(f"non-finite loss at epoch {self.progress.epoch}, step "
+                raise NonFiniteLossError(f"non-finite loss at epoch {self.progress.epoch}, step "
                                          f"{self.progress.step + 1}: " + ", ".join(
-                                             f"{k}={float(terms[k].detach()):.4g}" for k in loss_keys))
+                                             f"{k}={float(terms[k].detach()):.4g}" for k in loss_keys)
+                                         + " (NaN/Inf in the data? `cirlab data check` lists them; else try a "
+                                           "lower train.lr)")
             self.scaler.scale(loss / self.cfg.grad_accum_steps).backward()
         logged = {k: float(v.detach().float().mean()) for k, v in terms.items() if torch.is_tensor(v)}
         return {**logged, "loss": float(loss.detach())}
@@ -748,6 +1115,8 @@ class Trainer:
             record = self._step_record(micro_terms, lr, grad_norm)
             micro_terms = []
             self.after_step(record, log)
+            if self._stop_requested():
+                self._interrupted()
             if p.batch_in_epoch >= used:
                 return True
             if cfg.max_steps is not None and p.step >= cfg.max_steps:
@@ -887,6 +1256,17 @@ def write_yaml(path: Path, values: dict[str, Any]) -> None:
     io.write_yaml(path, to_plain(values))
 
 
+_NO_SPACE = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS") if hasattr(errno, name)}
+
+
+def _remove_stale_temporaries(output_dir: Path) -> None:
+    """Temporary files a killed process left mid-write (``.last.pt.*.tmp``); the caller holds the folder lock."""
+    for folder in (output_dir, output_dir / "checkpoints"):
+        for tmp in io.stale_temporaries(folder):
+            tmp.unlink(missing_ok=True)
+            logger.info("removed %s, left by a process stopped while writing it", tmp)
+
+
 def _resume_path(cfg: TrainConfig, output_dir: Path) -> Path | None:
     if not cfg.resume:
         return None
@@ -902,7 +1282,7 @@ def _resume_path(cfg: TrainConfig, output_dir: Path) -> Path | None:
 def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any] | None = None, *,
           output_dir: str | os.PathLike, evaluate_fn: EvalFn | None = None, collate_fn: Callable | None = None,
           callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
-          run_config: dict[str, Any] | None = None) -> dict[str, Any]:
+          run_config: dict[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train ``model`` on ``train_dataset``; write the run folder; return a summary.
 
     Args:
@@ -915,6 +1295,8 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
         collate_fn: DataLoader collate function (default: torch's default collate).
         callbacks: called with every optimizer step's log record (after checkpointing).
         run_config: the full resolved run config to write as ``config.yaml`` (default: model + train sections).
+        overwrite: a fresh run (no ``cfg.resume``) into a folder that holds a run replaces that run's files;
+            without it such a folder is refused (:class:`RunFolderError`). The folder is locked while training.
 
     Returns:
         dict with ``steps``, ``epochs``, ``losses`` (per optimizer step of this call), ``eval_history``,
@@ -923,5 +1305,7 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
     if not isinstance(cfg, TrainConfig):
         cfg = resolve_train_config(model, cfg)
     output_dir = Path(output_dir)
-    trainer = Trainer(model, train_dataset, cfg, output_dir, evaluate_fn, collate_fn, callbacks, run_config)
-    return trainer.run()
+    with io.folder_lock(output_dir) if init_distributed().is_main else contextlib.nullcontext():
+        trainer = Trainer(model, train_dataset, cfg, output_dir, evaluate_fn, collate_fn, callbacks, run_config,
+                          overwrite)
+        return trainer.run()

@@ -93,6 +93,11 @@ class AMCConfig(PresetMixin):
     image_size: int = 224  # input side; ResNet-50 at 224 gives the paper's 7x7 = 49 grid tokens
     freeze_bn_stats: bool = True  # keep every BatchNorm of the backbone in eval mode (paper: ImageNet running stats)
     train_backbone: bool = True  # fine-tune the backbone (paper: yes, same lr); False freezes it (lite: CPU speed)
+    # Frozen backbone only: keep its features per image on disk (cirlab.core.featcache.FeatureStore, memory-mapped),
+    # found by the digest of the transformed image under a key of the backbone's weights, so every later epoch and
+    # run reads them instead of recomputing (lite: ~88 % of a CPU step). Changed images, transforms or weights miss.
+    feature_cache: bool = True
+    feature_cache_dir: str = ""  # "" = $CIRLAB_CACHE/features (cirlab.core.paths.cache_dir)
     cnn_width: int = 64  # tiny_cnn: channels of its last stage (stages width/4, width/2, width, each stride 2)
     embed_dim: int = 1024  # width of grid tokens, LSTM hidden state, experts and the retrieval space
     # --- text encoder ---
@@ -144,6 +149,12 @@ def tokenize(text: str) -> list[str]:
     """The original tokenisation: drop non-ASCII, strip all punctuation, lowercase, split on whitespace."""
     ascii_text = text.encode("ascii", "ignore").decode("ascii")
     return ascii_text.translate(str.maketrans("", "", string.punctuation)).lower().split()
+
+
+# The original LSTM reads every token of a text (it sets no length limit), so one pasted 600k-word "caption" takes
+# minutes. cirlab keeps the first MAX_WORDS tokens, far more than the short relative captions of Fashion-IQ
+# and Shoes hold, and logs when it cuts.
+MAX_WORDS = 128
 
 
 def join_captions(captions: Sequence[str]) -> str:
@@ -219,6 +230,10 @@ class TextEncoder(nn.Module):
 
     The vocabulary is part of the module state (``get_extra_state``), so ``state_dict`` / ``load_state_dict``
     round-trip it together with the embedding table, which is resized on load to the saved vocabulary.
+
+    ``markup`` (also saved) records that the training texts carried Fashion-IQ's ``<BOS> … <EOS>`` markup; a text
+    without it (a caption typed in the explorer, shown there as plain text) then gets it added here, so the plain
+    ``"c0 and c1"`` is tokenised exactly as the loader's ``"<BOS> c0 <AND> c1 <EOS>"``.
     """
 
     def __init__(self, config: AMCConfig) -> None:
@@ -227,7 +242,14 @@ class TextEncoder(nn.Module):
         self.vocab = Vocab()
         self.embed = nn.Embedding(len(self.vocab), config.word_dim)
         self.lstm = nn.LSTM(config.word_dim, config.embed_dim, num_layers=1, batch_first=True)
+        self.markup = False
         self._warned_unfitted = False
+
+    def with_markup(self, text: str) -> str:
+        """``text`` as the model reads it: ``<BOS> text <EOS>`` when the training texts had that markup."""
+        if self.markup and "<BOS>" not in text:
+            return f"<BOS> {text.strip()} <EOS>"
+        return text
 
     def fit_vocab(self, texts: Iterable[str]) -> None:
         """Build the vocabulary from training captions and re-create the embedding table (with word vectors)."""
@@ -268,13 +290,14 @@ class TextEncoder(nn.Module):
                     len(words))
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"vocab": list(self.vocab.words)}
+        return {"vocab": list(self.vocab.words), "markup": self.markup}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         words = list(state["vocab"])
         if tuple(words[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
             raise ValueError(f"saved AMC vocabulary does not start with {SPECIAL_TOKENS}")
         self.vocab = Vocab(words[len(SPECIAL_TOKENS):])
+        self.markup = bool(state.get("markup", False))
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # resize the table before the parameters are copied so a checkpoint's vocabulary always fits
@@ -293,7 +316,12 @@ class TextEncoder(nn.Module):
             logger.warning("AMC: training with an empty vocabulary (every word is <UNK>): call "
                            "model.fit_vocab(train_split) before training")
             self._warned_unfitted = True
-        encoded = [self.vocab.encode(t) for t in texts]
+        encoded = [self.vocab.encode(self.with_markup(t)) for t in texts]
+        longest = max(len(e) for e in encoded)
+        if longest > MAX_WORDS:
+            logger.warning("AMC: %d text(s) longer than %d words cut to their first %d (the longest had %d)",
+                           sum(len(e) > MAX_WORDS for e in encoded), MAX_WORDS, MAX_WORDS, longest)
+            encoded = [e[:MAX_WORDS] for e in encoded]
         ids = torch.zeros(len(encoded), max(len(e) for e in encoded), dtype=torch.long)
         for i, e in enumerate(encoded):
             ids[i, : len(e)] = torch.tensor(e)
@@ -382,7 +410,13 @@ class ImageEncoder(nn.Module):
 
     With ``freeze_bn_stats`` every BatchNorm of the backbone stays in eval mode whatever ``train()`` is called
     with (running statistics frozen at their pretrained values); their affine parameters still train.
+
+    A frozen backbone (``train_backbone=False``) runs on fixed-size chunks of :data:`FROZEN_CHUNK` images (the last
+    one zero-padded): convolution kernels are chosen by batch size, so this makes an image's features independent of
+    the batch it arrives in, and a cached feature (``feature_cache``) bit-identical to a recomputed one.
     """
+
+    FROZEN_CHUNK = 8
 
     def __init__(self, config: AMCConfig) -> None:
         super().__init__()
@@ -391,6 +425,7 @@ class ImageEncoder(nn.Module):
         self.proj = nn.Conv2d(self.backbone.out_channels, config.embed_dim, kernel_size=1, bias=False)
         if not config.train_backbone:
             self.backbone.requires_grad_(False)
+        self._store_key: tuple[tuple, str] | None = None  # (weights fingerprint, store folder)
         self.train()
 
     def train(self, mode: bool = True) -> "ImageEncoder":
@@ -404,9 +439,39 @@ class ImageEncoder(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_backbone):
-            feats = self.backbone(images)
-        return self.proj(feats).flatten(2).transpose(1, 2)  # [B, N, D]
+        return self.proj(self.backbone_features(images)).flatten(2).transpose(1, 2)  # [B, N, D]
+
+    def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's feature map ``[B, C, h, w]``; from the feature cache when the backbone is frozen."""
+        if self.config.train_backbone:
+            return self.backbone(images)
+        if not self.config.feature_cache:
+            return self._frozen(images)
+        return self._feature_store().get_or_compute(images, self._frozen)
+
+    @torch.no_grad()
+    def _frozen(self, images: torch.Tensor) -> torch.Tensor:
+        n, chunk = len(images), self.FROZEN_CHUNK
+        out = []
+        for i in range(0, n, chunk):
+            part = images[i:i + chunk]
+            if len(part) < chunk:
+                part = torch.cat([part, part.new_zeros(chunk - len(part), *part.shape[1:])])
+            out.append(self.backbone(part)[:min(chunk, n - i)])
+        return torch.cat(out)
+
+    def _feature_store(self) -> Any:
+        """The store for the current backbone weights (shared by copies of this model, e.g. the EMA)."""
+        from cirlab.core import featcache
+
+        tensors = (*self.backbone.parameters(), *self.backbone.buffers())
+        fingerprint = tuple((t.data_ptr(), t._version) for t in tensors)  # changes when weights are loaded
+        if self._store_key is None or self._store_key[0] != fingerprint:  # first use, or weights were loaded
+            key = featcache.cache_key("amc-backbone", self.config.backbone, self.FROZEN_CHUNK, torch.__version__,
+                                      featcache.state_dict_digest(self.backbone))
+            root = Path(self.config.feature_cache_dir) if self.config.feature_cache_dir else featcache.default_dir()
+            self._store_key = (fingerprint, str(root / "amc" / key))
+        return featcache.open_store(self._store_key[1])
 
 
 # ================================================================================================ fusion
@@ -536,6 +601,8 @@ class AMC(nn.Module):
         """
         if hasattr(source, "triplets"):
             texts = [c for t in source.triplets for c in (t.captions or [t.text])]
+            # the loader's query texts carry <BOS> … <EOS> (Fashion-IQ, AMC policy): plain texts get it added
+            self.text_encoder.markup = any(t.text.lstrip().startswith("<BOS>") for t in source.triplets)
         else:
             texts = list(source)
         self.text_encoder.fit_vocab(texts)

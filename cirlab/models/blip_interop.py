@@ -1,26 +1,29 @@
-"""Checkpoint interop between the original BLIP / Candidate-Reranking key layouts and cirlab's modules.
+"""Checkpoint interop between the original BLIP / Candidate-Reranking key layouts, transformers' BLIP and cirlab.
 
-Original layouts (digest ``rerank_cala.md`` A.2, A.3, A.6; BLIP ``vit.py`` / ``med.py`` and the re-ranking
-``nlvr_encoder.py`` / ``blip_stage2.py``), written down here as the contract the tests generate state dicts from:
+Layouts of BLIP (https://github.com/salesforce/BLIP: ``models/vit.py``, ``models/med.py``) and of the two-stage
+re-ranker of Liu et al., TMLR 2024 (https://github.com/Cuberick-Orion/Candidate-Reranking-CIR:
+``src/blip_stage1.py``, ``src/blip_stage2.py``, ``src/nlvr_encoder.py``), written down here as the contract the tests
+generate state dicts from. This module knows key names only; it never imports a cirlab model (the models import it).
 
-**ViT** (``visual_encoder.``; timm-style ``VisionTransformer``) -> transformers ``BlipVisionModel``::
+**ViT** (``visual_encoder.``; timm-style ``VisionTransformer``) <-> transformers ``BlipVisionModel``, one table
+(:data:`VIT_NAMES`) read in both directions::
 
-    cls_token [1,1,D]                  -> embeddings.class_embedding
-    pos_embed [1,1+P,D]                -> embeddings.position_embedding   (bicubic-resized when P differs)
-    patch_embed.proj.{weight,bias}     -> embeddings.patch_embedding.{weight,bias}
-    blocks.{i}.norm1.*                 -> encoder.layers.{i}.layer_norm1.*
-    blocks.{i}.attn.qkv.*              -> encoder.layers.{i}.self_attn.qkv.*      (same [3D, D] q/k/v order)
-    blocks.{i}.attn.proj.*             -> encoder.layers.{i}.self_attn.projection.*
-    blocks.{i}.norm2.*                 -> encoder.layers.{i}.layer_norm2.*
-    blocks.{i}.mlp.fc{1,2}.*           -> encoder.layers.{i}.mlp.fc{1,2}.*
-    norm.*                             -> post_layernorm.*
+    cls_token [1,1,D]                  <-> embeddings.class_embedding
+    pos_embed [1,1+P,D]                <-> embeddings.position_embedding   (bicubic-resized when P differs)
+    patch_embed.proj.{weight,bias}     <-> embeddings.patch_embedding.{weight,bias}
+    blocks.{i}.norm1.*                 <-> encoder.layers.{i}.layer_norm1.*
+    blocks.{i}.attn.qkv.*              <-> encoder.layers.{i}.self_attn.qkv.*      (same [3D, D] q/k/v order)
+    blocks.{i}.attn.proj.*             <-> encoder.layers.{i}.self_attn.projection.*
+    blocks.{i}.norm2.*                 <-> encoder.layers.{i}.layer_norm2.*
+    blocks.{i}.mlp.fc{1,2}.*           <-> encoder.layers.{i}.mlp.fc{1,2}.*
+    norm.*                             <-> post_layernorm.*
 
 **MED BERT** (``text_encoder.``) has transformers ``BlipTextModel``'s names already (``embeddings.word_embeddings``,
 ``embeddings.position_embeddings``, ``embeddings.LayerNorm``, ``encoder.layer.{i}.{attention,crossattention}.
 {self.{query,key,value},output.{dense,LayerNorm}}``, ``encoder.layer.{i}.intermediate.dense``,
 ``encoder.layer.{i}.output.{dense,LayerNorm}``); ``embeddings.position_ids`` is a buffer and ignored.
 
-**Files**:
+**Sources** (:func:`read_pretrained` recognises each by its keys, never by its file name):
 
 * BLIP pre-trained ``model_base.pth``: ``{"model": sd}`` with ``visual_encoder.*``, ``text_encoder.*``,
   ``vision_proj``, ``text_proj``, ``temp`` plus pre-training parts stage I does not use (``text_decoder.*``,
@@ -38,6 +41,15 @@ Original layouts (digest ``rerank_cala.md`` A.2, A.3, A.6; BLIP ``vit.py`` / ``m
 
   and ``cls_head.{0,2}.*``. Loading ``model_base.pth`` into stage II copies every single-stream attention weight
   to both streams, as the original ``load_checkpoint`` does (merge layers and ``cls_head`` stay random).
+* A transformers BLIP folder (``save_pretrained`` layout: ``config.json`` with ``model_type: blip`` plus
+  ``model.safetensors`` / ``pytorch_model.bin``, possibly sharded), e.g. ``BlipForImageTextRetrieval``:
+  ``vision_model.*`` (``BlipVisionModel`` names), ``text_encoder.*`` (MED names), ``vision_proj``, ``text_proj``,
+  ``itm_head``. It is read into the original layout (``vision_model.X`` -> ``visual_encoder.<original X>``), so one
+  converter serves both; it has no ``temp``, which is then reported missing.
+* A cirlab run folder (``checkpoints/best.pt``) or checkpoint: cirlab's own names, loaded as they are.
+* LAVIS ``blip_retrieval`` checkpoints (``{"model": sd}``, or a ``.safetensors`` state dict) keep the original
+  layout: they load as BLIP files do (momentum encoders and queues reported unmatched); see
+  :mod:`cirlab.models.lavis_interop` for LAVIS's own report.
 
 Every conversion returns an :class:`InteropReport` listing loaded, unmatched (source keys with no destination),
 missing (destination keys left untouched), shape-mismatched and ignored keys; ``strict=True`` raises on any
@@ -45,11 +57,12 @@ unmatched, missing or mismatched key.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,17 +74,29 @@ logger = logging.getLogger(__name__)
 _IGNORED = (re.compile(r".*embeddings\.position_ids$"),)
 _CONTAINER_KEYS = ("BLIP_NLVR", "BLIP_Retrieval", "model", "state_dict", "model_state_dict")
 
-_VIT_RULES = [  # (original regex, cirlab template)
-    (r"cls_token", "embeddings.class_embedding"),
-    (r"pos_embed", "embeddings.position_embedding"),
-    (r"patch_embed\.proj\.(weight|bias)", r"embeddings.patch_embedding.\1"),
-    (r"blocks\.(\d+)\.norm1\.(weight|bias)", r"encoder.layers.\1.layer_norm1.\2"),
-    (r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"encoder.layers.\1.self_attn.qkv.\2"),
-    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"encoder.layers.\1.self_attn.projection.\2"),
-    (r"blocks\.(\d+)\.norm2\.(weight|bias)", r"encoder.layers.\1.layer_norm2.\2"),
-    (r"blocks\.(\d+)\.mlp\.(fc[12])\.(weight|bias)", r"encoder.layers.\1.mlp.\2.\3"),
-    (r"norm\.(weight|bias)", r"post_layernorm.\1"),
-]
+# (original BLIP vit.py name, transformers BlipVisionModel name); "{i}" a block index, "{p}" weight|bias
+VIT_NAMES = (
+    ("cls_token", "embeddings.class_embedding"),
+    ("pos_embed", "embeddings.position_embedding"),
+    ("patch_embed.proj.{p}", "embeddings.patch_embedding.{p}"),
+    ("blocks.{i}.norm1.{p}", "encoder.layers.{i}.layer_norm1.{p}"),
+    ("blocks.{i}.attn.qkv.{p}", "encoder.layers.{i}.self_attn.qkv.{p}"),
+    ("blocks.{i}.attn.proj.{p}", "encoder.layers.{i}.self_attn.projection.{p}"),
+    ("blocks.{i}.norm2.{p}", "encoder.layers.{i}.layer_norm2.{p}"),
+    ("blocks.{i}.mlp.{fc}.{p}", "encoder.layers.{i}.mlp.{fc}.{p}"),
+    ("norm.{p}", "post_layernorm.{p}"),
+)
+_FIELDS = {"i": r"\d+", "p": r"weight|bias", "fc": r"fc[12]"}
+
+
+def _compile(template: str) -> re.Pattern:
+    """``"blocks.{i}.norm1.{p}"`` -> a regex with one named group per field."""
+    parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, field, ...
+    return re.compile("".join(re.escape(s) if j % 2 == 0 else f"(?P<{s}>{_FIELDS[s]})" for j, s in enumerate(parts)))
+
+
+_VIT_TO_CIRLAB = [(_compile(orig), ours) for orig, ours in VIT_NAMES]
+_VIT_TO_ORIGINAL = [(_compile(ours), orig) for orig, ours in VIT_NAMES]
 
 
 @dataclass
@@ -84,29 +109,41 @@ class InteropReport:
     missing: list[str] = field(default_factory=list)  # destination keys not in the source
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (dest key, source shape, dest shape)
     ignored: list[str] = field(default_factory=list)  # buffers deliberately skipped (position_ids)
+    target: str = ""  # what was loaded: "stage1", "stage2", "stage2 <- stage1 text encoder", ...
 
     @property
     def ok(self) -> bool:
         return not (self.unmatched or self.missing or self.mismatched)
 
     def summary(self) -> str:
-        head = (f"{self.source or 'state dict'}: loaded {len(self.loaded)}, unmatched {len(self.unmatched)}, "
+        into = f" -> {self.target}" if self.target else ""
+        head = (f"{self.source or 'state dict'}{into}: loaded {len(self.loaded)}, unmatched {len(self.unmatched)}, "
                 f"missing {len(self.missing)}, shape-mismatched {len(self.mismatched)}, ignored {len(self.ignored)}")
         parts = [head]
         for name, keys in (("unmatched", self.unmatched), ("missing", self.missing)):
-            if keys:
-                parts.append(f"  {name}: " + ", ".join(keys))
+            if keys:  # model_base.pth has hundreds of unmatched keys: the full lists are in to_dict()
+                more = f", ... ({len(keys) - 12} more)" if len(keys) > 12 else ""
+                parts.append(f"  {name}: " + ", ".join(keys[:12]) + more)
         for key, src, dst in self.mismatched:
             parts.append(f"  shape mismatch {key}: checkpoint {list(src)} vs model {list(dst)}")
         return "\n".join(parts)
 
     def log(self) -> "InteropReport":
-        (logger.info if self.ok else logger.warning)("%s", self.summary())
+        """Log the summary: a warning when model weights stay as they were (missing) or did not fit (mismatched);
+        unmatched source keys are routine (``model_base.pth``'s decoder, momentum encoders and queues)."""
+        (logger.warning if self.missing or self.mismatched else logger.info)("%s", self.summary())
         return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: every key list in full (the run folder's ``init_from.json``)."""
+        out = asdict(self)
+        out["mismatched"] = [{"key": k, "checkpoint": list(s), "model": list(d)} for k, s, d in self.mismatched]
+        return out
 
 
 class InteropError(ValueError):
-    """A strict conversion found unmatched, missing or shape-mismatched keys (the message lists all of them)."""
+    """A conversion cannot be used: a strict one found unmatched, missing or shape-mismatched keys, or the file
+    holds no BLIP weights (the message names the file)."""
 
 
 # ------------------------------------------------------------------------------------------------------ reading
@@ -117,14 +154,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     Unwraps the original containers (``BLIP_NLVR``, ``BLIP_Retrieval``, ``model``) and cirlab's (``model``).
     """
-    path = Path(path)
+    return unwrap_state_dict(_load(Path(path)), str(path))
+
+
+def _load(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises several types for refused or damaged files
-        raise ValueError(f"{path}: cannot load with weights_only=True ({type(err).__name__}: {err})") from err
-    return unwrap_state_dict(obj, str(path))
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{path}: cannot load with weights_only=True ({type(err).__name__}: {first})") from err
 
 
 def unwrap_state_dict(obj: Any, source: str = "<checkpoint>") -> dict[str, torch.Tensor]:
@@ -137,38 +177,118 @@ def unwrap_state_dict(obj: Any, source: str = "<checkpoint>") -> dict[str, torch
     raise ValueError(f"{source}: no state dict found (expected one of {list(_CONTAINER_KEYS)} or a bare state dict)")
 
 
+@dataclass
+class Pretrained:
+    """A state dict read by :func:`read_pretrained`, in the original BLIP layout or in cirlab's."""
+
+    kind: str  # "original" (BLIP / released stage files) | "transformers" (read into the original layout) | "cirlab"
+    state: dict[str, torch.Tensor]
+    source: str  # the path, for reports and errors
+    model_name: str = ""  # cirlab checkpoints: the model that wrote it
+
+
+def read_pretrained(path: str | os.PathLike) -> Pretrained:
+    """Read any supported BLIP source (see the module docstring); an unsupported one raises :class:`InteropError`
+    naming it, in one line."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if (path / "checkpoints" / "best.pt").is_file():  # a cirlab run folder
+            return read_pretrained(path / "checkpoints" / "best.pt")
+        if (path / "config.json").is_file():
+            return Pretrained("transformers", transformers_to_original(read_transformers_folder(path)), str(path))
+        raise InteropError(f"{path}: neither a cirlab run (checkpoints/best.pt) nor a transformers BLIP folder "
+                           "(config.json + model.safetensors)")
+    if not path.exists():
+        raise InteropError(f"{path}: no such file or folder")
+    try:
+        obj = _read_weights(path) if path.suffix == ".safetensors" else _load(path)
+        state = unwrap_state_dict(obj, str(path))
+    except ValueError as err:
+        raise InteropError(str(err)) from None
+    kind, name = _layout(state)
+    if kind is None:
+        keys = ", ".join(list(state)[:4])
+        raise InteropError(f"{path}: not a BLIP checkpoint (expected visual_encoder.blocks.* (BLIP), vision_model.* "
+                           f"(transformers) or cirlab blip_rerank keys; found {keys}, ...)")
+    if kind == "cirlab":
+        name = str(obj.get("model_name") or name) if isinstance(obj, dict) else name
+    if kind == "transformers":
+        state = transformers_to_original(state)
+    return Pretrained(kind, state, str(path), name)
+
+
+def _layout(state: dict[str, torch.Tensor]) -> tuple[str | None, str]:
+    keys = list(state)
+    if any(k.startswith(("visual_encoder.blocks.", "visual_encoder.cls_token")) for k in keys):
+        return "original", ""
+    if any(k.startswith("vision_model.") for k in keys):
+        return "transformers", ""
+    if any(k.startswith("stage1.visual_encoder.") for k in keys):
+        return "cirlab", "blip_rerank_stage2"
+    if any(k.startswith("visual_encoder.encoder.layers.") for k in keys):
+        return "cirlab", "blip_rerank_stage1"
+    return None, ""
+
+
+def read_transformers_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict of a transformers BLIP folder (``save_pretrained`` layout), without building the model."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") != "blip":
+        raise InteropError(f"{folder / 'config.json'}: model_type is {config.get('model_type')!r}, not 'blip'")
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (folder / index_name).is_file():
+            shards = sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
+            return {k: v for shard in shards for k, v in _read_weights(folder / shard).items()}
+        if (folder / single).is_file():
+            return _read_weights(folder / single)
+    raise InteropError(f"{folder}: no model.safetensors or pytorch_model.bin next to config.json")
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+            raise ValueError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
+    return read_checkpoint(path)
+
+
+def transformers_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers BLIP names -> the original layout (``vision_model.X`` -> ``visual_encoder.<vit.py name>``);
+    text encoder and projections keep their names, anything else passes through (and is reported unmatched)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("vision_model."):
+            orig = vit_key_to_original(key[len("vision_model."):])
+            out["visual_encoder." + orig if orig else key] = value
+        else:
+            out[key] = value
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------ key maps
+
+
+def _translate(key: str, table: list[tuple[re.Pattern, str]]) -> str | None:
+    for pattern, template in table:
+        m = pattern.fullmatch(key)
+        if m:
+            return template.format(**m.groupdict())
+    return None
 
 
 def vit_key_to_cirlab(key: str) -> str | None:
     """Original ViT key (without ``visual_encoder.``) -> ``BlipVisionModel`` key; None when unknown."""
-    for pattern, template in _VIT_RULES:
-        m = re.fullmatch(pattern, key)
-        if m:
-            return m.expand(template)
-    return None
-
-
-_VIT_INVERSE = [  # (cirlab regex, original template): the rows of _VIT_RULES read backwards
-    (r"embeddings\.class_embedding", "cls_token"),
-    (r"embeddings\.position_embedding", "pos_embed"),
-    (r"embeddings\.patch_embedding\.(weight|bias)", r"patch_embed.proj.\1"),
-    (r"encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)", r"blocks.\1.norm1.\2"),
-    (r"encoder\.layers\.(\d+)\.self_attn\.qkv\.(weight|bias)", r"blocks.\1.attn.qkv.\2"),
-    (r"encoder\.layers\.(\d+)\.self_attn\.projection\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
-    (r"encoder\.layers\.(\d+)\.layer_norm2\.(weight|bias)", r"blocks.\1.norm2.\2"),
-    (r"encoder\.layers\.(\d+)\.mlp\.(fc[12])\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
-    (r"post_layernorm\.(weight|bias)", r"norm.\1"),
-]
+    return _translate(key, _VIT_TO_CIRLAB)
 
 
 def vit_key_to_original(key: str) -> str | None:
-    """Inverse of :func:`vit_key_to_cirlab`."""
-    for pattern, template in _VIT_INVERSE:
-        m = re.fullmatch(pattern, key)
-        if m:
-            return m.expand(template)
-    return None
+    """Inverse of :func:`vit_key_to_cirlab` (the same table, read backwards)."""
+    return _translate(key, _VIT_TO_ORIGINAL)
 
 
 _STREAM = {"0": "0", "1": "1", "A": "0", "B": "1"}
@@ -260,7 +380,7 @@ def _assign(target: dict[str, torch.Tensor], report: InteropReport, dest: str, v
     report.loaded.append(dest)
 
 
-def _finish(module: nn.Module, target: dict[str, torch.Tensor], report: InteropReport, strict: bool,
+def _finish(target: dict[str, torch.Tensor], report: InteropReport, strict: bool,
             scope: tuple[str, ...] = ("",)) -> InteropReport:
     done = set(report.loaded)
     report.missing = [k for k in target if k not in done and k.startswith(scope)
@@ -285,6 +405,20 @@ def _params(module: nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.state_dict(keep_vars=True)) | {k: v for k, v in module.named_parameters()}
 
 
+def check_usable(report: InteropReport) -> InteropReport:
+    """Raise :class:`InteropError` (one line, naming the source) when a non-strict conversion loaded nothing or
+    found tensors of another shape (another model size); otherwise log the report and return it."""
+    if report.mismatched:
+        key, src, dst = report.mismatched[0]
+        into = report.target or "the model"
+        raise InteropError(f"{report.source}: {len(report.mismatched)} tensors do not fit {into} (e.g. {key}: "
+                           f"checkpoint {list(src)} vs model {list(dst)}); is the preset right?")
+    if not report.loaded:
+        raise InteropError(f"{report.source}: nothing in it fits {report.target or 'the model'} "
+                           f"(e.g. unmatched {', '.join(report.unmatched[:3])})")
+    return report.log()
+
+
 # ------------------------------------------------------------------------------------------------------ stage I
 
 
@@ -292,7 +426,7 @@ def convert_stage1(state: dict[str, torch.Tensor], model: nn.Module, *, strict: 
                    source: str = "") -> InteropReport:
     """Load an original-layout state dict (``model_base.pth`` or a stage-I file) into :class:`BlipRerankStage1`."""
     target = _params(model)
-    report = InteropReport(source=source)
+    report = InteropReport(source=source, target="stage1")
     for key, value in state.items():
         if any(p.fullmatch(key) for p in _IGNORED):
             report.ignored.append(key)
@@ -305,7 +439,7 @@ def convert_stage1(state: dict[str, torch.Tensor], model: nn.Module, *, strict: 
                 report.unmatched.append(key)
         else:
             report.unmatched.append(key)
-    return _finish(model, target, report, strict)
+    return _finish(target, report, strict)
 
 
 def export_stage1(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -334,7 +468,7 @@ def convert_stage2(state: dict[str, torch.Tensor], model: nn.Module, *, strict: 
     loaded separately (:func:`convert_stage1` on ``model.stage1``).
     """
     target = _params(model)
-    report = InteropReport(source=source)
+    report = InteropReport(source=source, target="stage2")
     for key, value in state.items():
         if any(p.fullmatch(key) for p in _IGNORED):
             report.ignored.append(key)
@@ -350,7 +484,7 @@ def convert_stage2(state: dict[str, torch.Tensor], model: nn.Module, *, strict: 
             _assign(target, report, key, value)
         else:
             report.unmatched.append(key)
-    return _finish(model, target, report, strict, scope=("text_encoder.", "cls_head.", "stage1.visual_encoder."))
+    return _finish(target, report, strict, scope=("text_encoder.", "cls_head.", "stage1.visual_encoder."))
 
 
 def export_stage2(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -368,10 +502,24 @@ def export_stage2(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_original_checkpoint(path: str | os.PathLike, model: nn.Module, *, strict: bool = False) -> InteropReport:
-    """Read ``path`` (``weights_only=True``) and convert it into a stage-I or stage-II cirlab model."""
-    from cirlab.models.blip_rerank import BlipRerankStage2
+def load_cirlab_state(module: nn.Module, state: dict[str, torch.Tensor], *, source: str = "",
+                      target: str = "") -> InteropReport:
+    """Load a cirlab state dict (same names) into ``module`` with the same report as the converters."""
+    own = _params(module)
+    report = InteropReport(source=source, target=target)
+    for key, value in state.items():
+        if any(p.fullmatch(key) for p in _IGNORED) and key not in own:
+            report.ignored.append(key)
+        elif key in own:
+            _assign(own, report, key, value)
+        else:
+            report.unmatched.append(key)
+    return _finish(own, report, strict=False)
 
+
+def load_original_checkpoint(path: str | os.PathLike, model: nn.Module, *, strict: bool = False) -> InteropReport:
+    """Read ``path`` (``weights_only=True``) and convert it into a stage-I or stage-II cirlab model (a model with a
+    ``stage1`` sub-module is a stage II)."""
     state = read_checkpoint(path)
-    convert = convert_stage2 if isinstance(model, BlipRerankStage2) else convert_stage1
+    convert = convert_stage2 if isinstance(getattr(model, "stage1", None), nn.Module) else convert_stage1
     return convert(state, model, strict=strict, source=str(path)).log()

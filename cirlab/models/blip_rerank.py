@@ -2,10 +2,9 @@
 
 Paper: Zheyuan Liu, Weixuan Sun, Damien Teney, Stephen Gould, "Candidate Set Re-ranking for Composed Image
 Retrieval with Dual Multi-modal Encoder", TMLR 2024 (arXiv 2305.16304).
-Original code: https://github.com/Cuberick-Orion/Candidate-Reranking-CIR (snapshot ``bf3935ff56c3``, MIT),
-built on BLIP (https://github.com/salesforce/BLIP, BSD-3-Clause). cirlab ports no code: this file is written
-from the digest ``shared/research/rerank_cala.md`` (Part A, C, D) and uses transformers' BLIP modules, wrapped
-(:mod:`cirlab.models._hf_blip`).
+Original code: https://github.com/Cuberick-Orion/Candidate-Reranking-CIR (MIT), built on BLIP
+(https://github.com/salesforce/BLIP, BSD-3-Clause). cirlab ports no code: this file is written from the paper and
+the behaviour of the original code, and uses transformers' BLIP modules, wrapped (:mod:`cirlab.models._hf_blip`).
 
 * **Stage I** (:class:`BlipRerankStage1`, registered ``blip_rerank_stage1``, task ``cir``): BLIP's image-grounded
   text encoder composes the modification text (``[ENC]`` in place of ``[CLS]``) over the reference image's ViT
@@ -19,7 +18,13 @@ from the digest ``shared/research/rerank_cala.md`` (Part A, C, D) and uses trans
   Trained on the in-batch B x B matrix; at evaluation it re-ranks stage I's top-K (K = 100 Fashion-IQ, 50 CIRR).
   A query whose target is outside the top-K stays a miss (denominator: all queries), as in the paper.
 
-Behaviour choices (digest A.6-A.8, D.5-D.7), defaults first, the original as a named option:
+The pipeline around the models (stage I's top-K file, re-ranking it, the paper's metrics, CIRR submissions) is
+:mod:`cirlab.engine.rerank`; the models' ``evaluate_split`` hooks call it, so ``cirlab eval`` / ``cirlab train``
+run it. Pretrained starts (``init_from``, ``stage1_checkpoint``) are read by :mod:`cirlab.models.blip_interop` and
+applied by :meth:`BlipRerankStage1.load_init` / :meth:`BlipRerankStage2.load_init`, which ``cirlab train`` calls once
+after building the model (never when a checkpoint is reloaded: its weights already hold the start).
+
+Behaviour choices, defaults first, the original as a named option:
 
 * ``frozen_vit_drop_path=0.0``: the frozen ViT is deterministic, so its tokens are cached once on disk
   (:func:`cache_image_tokens`) and never recomputed. The original stage II builds the ViT with drop-path 0.1 and runs
@@ -36,8 +41,8 @@ Behaviour choices (digest A.6-A.8, D.5-D.7), defaults first, the original as a n
 * Texts are tokenised with padding to the longest and truncated at ``max_text_len`` (the original never truncates;
   512 positions are never reached by CIR captions).
 * Stage II skips queries whose target is not among the K candidates (their scores are ``-99999.99`` and the
-  stage-I order is kept), as the original does; ``rerank_topk(..., skip_misses=False)`` scores them too. The
-  recalls are identical either way.
+  stage-I order is kept), as the original does; :func:`cirlab.engine.rerank.rerank_topk` with ``skip_misses=False``
+  scores them too. The recalls are identical either way.
 """
 from __future__ import annotations
 
@@ -45,7 +50,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
@@ -55,14 +59,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cirlab.core import io
 from cirlab.core.config import PresetMixin
 from cirlab.models import _hf_blip as hf
+from cirlab.models import blip_interop
 from cirlab.models.registry import register_model
 
 logger = logging.getLogger(__name__)
 
-MISS_SCORE = -99999.99  # stage-II score of a skipped query's candidates (the original's fill value)
 PAPER_RERANK_K = {"fashioniq": 100, "cirr": 50}
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (query rows [b], candidates [b, K]) -> scores [b, K]
 
 
 # ============================================================================================================ config
@@ -98,7 +104,10 @@ class BlipRerankConfig(PresetMixin):
     frozen_vit_drop_path: float = 0.0  # original stage II: 0.1 (stochastic depth on the frozen ViT; no token cache)
     pair_chunk: int = 0  # queries per encoder pass in the B x B training forward; 0 = all B at once
     score_chunk: int = 256  # (query, candidate) pairs per encoder pass at evaluation
-    stage1_checkpoint: str = ""  # stage II: stage-I weights (cirlab checkpoint or original BLIP_Retrieval file)
+    # --- pretrained starts (applied by load_init when `cirlab train` builds the model) ---
+    init_from: str = ""  # BLIP model_base.pth, a released stage I/II file, a transformers BLIP folder or a cirlab
+    #                      run/checkpoint; stage II also "stage1" (the frozen stage I's text encoder to both streams)
+    stage1_checkpoint: str = ""  # stage II: the frozen stage I (cirlab stage-I run/checkpoint or released stage-I file)
     # --- memory ---
     gradient_checkpointing: bool = False  # recompute text-encoder layers in backward
     bf16: bool = False  # bf16 autocast for inference; training precision is TrainConfig.precision
@@ -139,7 +148,7 @@ class BlipRerankConfig(PresetMixin):
                               max_positions=self.max_text_len, dropout=self.dropout)
 
 
-# Paper recipes (digest A.4, A.7): AdamW 2e-5, wd 0.05, periodic cosine per epoch, seed 0.
+# Paper recipes (the authors' README commands): AdamW 2e-5, wd 0.05, periodic cosine per epoch, seed 0.
 _RECIPES = {
     ("stage1", "fashioniq"): {"epochs": 20, "cosine_epochs": 20, "batch_size": 512},
     ("stage1", "cirr"): {"epochs": 40, "cosine_epochs": 10, "batch_size": 512},
@@ -156,7 +165,8 @@ def _train_config(stage: str, config: BlipRerankConfig) -> dict[str, Any]:
 
 
 def image_transform(config: BlipRerankConfig, train: bool = False) -> Callable:
-    """TargetPad(1.25) -> Resize(shorter side) -> CenterCrop -> CLIP normalisation, same for train and eval (C.3)."""
+    """TargetPad(1.25) -> Resize(shorter side) -> CenterCrop -> CLIP normalisation, same for train and eval (the
+    CLIP4Cir transform both stages use)."""
     from cirlab.data.transforms import build_transform
 
     return build_transform("targetpad", config.image_size, train=train)
@@ -263,6 +273,56 @@ class BlipRerankStage1(nn.Module):
     def image_transform(self, train: bool = False) -> Callable:
         return image_transform(self.config, train)
 
+    # -- evaluation and pretrained starts -----------------------------------------------------------------------
+    def evaluate_split(self, loaded: Any, *, eval_config: dict[str, Any], device: Any,
+                       topk_dir: Any = None) -> dict[str, Any]:
+        """Stage-I metrics plus the top-K file stage II re-ranks (``eval.k`` long; the paper saves 200)."""
+        from cirlab.engine import rerank  # the pipeline is the engine's; the hook only hands over
+
+        return rerank.evaluate_stage1(self, loaded, eval_config=eval_config, device=device, topk_dir=topk_dir)
+
+    def load_pretrained(self, path: str | os.PathLike | blip_interop.Pretrained) -> list[blip_interop.InteropReport]:
+        """Load BLIP ``model_base.pth``, a released stage-I file, a transformers BLIP folder or a cirlab stage-I run
+        (or the frozen stage I of a stage-II run); raises :class:`~cirlab.models.blip_interop.InteropError`."""
+        src = _read(path)
+        if src.kind != "cirlab":
+            return [blip_interop.check_usable(blip_interop.convert_stage1(src.state, self, source=src.source))]
+        state = src.state
+        if src.model_name == "blip_rerank_stage2":
+            state = {k[len("stage1."):]: v for k, v in state.items() if k.startswith("stage1.")}
+        report = blip_interop.load_cirlab_state(self, state, source=src.source, target="stage1")
+        return [blip_interop.check_usable(report)]
+
+    def load_init(self, report_dir: str | os.PathLike | None = None) -> list[blip_interop.InteropReport]:
+        """Apply ``config.init_from``; the reports are logged and written to ``<report_dir>/init_from.json``."""
+        init = self.config.init_from
+        reports = _loading("model_overrides.init_from", self.load_pretrained, init) if init else []
+        _save_reports(reports, report_dir, self.config)
+        return reports
+
+
+def _read(path: str | os.PathLike | blip_interop.Pretrained) -> blip_interop.Pretrained:
+    return path if isinstance(path, blip_interop.Pretrained) else blip_interop.read_pretrained(path)
+
+
+def _loading(label: str, load: Callable[[Any], list], path: Any) -> list:
+    """Run a pretrained load; a bad source becomes one ``CheckpointError`` line naming ``label`` and the file."""
+    from cirlab.core.checkpoint import CheckpointError
+
+    try:
+        return load(path)
+    except (blip_interop.InteropError, ValueError, OSError) as err:
+        raise CheckpointError(f"{label}: {err}") from err
+
+
+def _save_reports(reports: list, report_dir: str | os.PathLike | None, config: BlipRerankConfig) -> None:
+    if report_dir is None or not reports:
+        return
+    path = io.write_json(Path(report_dir) / "init_from.json",
+                         {"init_from": config.init_from, "stage1_checkpoint": config.stage1_checkpoint,
+                          "reports": [r.to_dict() for r in reports]})
+    logger.info("pretrained start: %s", path)
+
 
 # ============================================================================================================ stage II
 
@@ -271,7 +331,7 @@ class DualStreamLayer(nn.Module):
     """One twin layer: per-stream self- and cross-attention (transformers ``BlipTextAttention``), merged
     cross-attention output, per-stream residual LayerNorm, shared feed-forward (``BlipTextIntermediate/Output``).
 
-    Per stream s (A.6):  A_s = LN_s(Dense_s(SelfAttn_s(H_s)) + H_s);  C_s = CrossAttn_s(A_s, image);
+    Per stream s:  A_s = LN_s(Dense_s(SelfAttn_s(H_s)) + H_s);  C_s = CrossAttn_s(A_s, image);
     M = (Dense0(C_0) + Dense1(C_1)) / 2  or  Linear(cat[Dense0(C_0), Dense1(C_1)]);
     X_s = LN'_s(Dropout(M) + A_s);  H_s = FFN(X_s) (shared weights).
     """
@@ -351,14 +411,15 @@ class BlipRerankStage2(nn.Module):
     def init_from_stage1(self) -> Any:
         """Copy stage I's text encoder into both streams (self/cross-attention, dense, LayerNorms, FFN, embeddings).
 
-        The original initialises stage II from BLIP's pre-trained MED this way (A.6); without pre-trained weights
+        The original initialises stage II from BLIP's pre-trained MED this way; without pre-trained weights
         the trained stage-I encoder is the closest analogue. Merge layers and ``cls_head`` stay random.
         Returns the :class:`~cirlab.models.blip_interop.InteropReport`.
         """
-        from cirlab.models import blip_interop
-
         state = {"text_encoder." + k: v for k, v in self.stage1.text_encoder.state_dict().items()}
-        return blip_interop.convert_stage2(state, self, strict=False, source="stage1.text_encoder")
+        report = blip_interop.convert_stage2(state, self, strict=False, source="stage1.text_encoder")
+        report.target = "stage2 streams"
+        report.missing = [k for k in report.missing if not k.startswith("stage1.")]  # the ViT is not copied here
+        return report
 
     def _autocast(self) -> Any:
         return self.stage1._autocast()
@@ -461,6 +522,109 @@ class BlipRerankStage2(nn.Module):
         return out.view(b, k)
 
 
+
+    def candidate_scorer(self, split: Any, *, batch_size: int = 32,
+                         cache: str | os.PathLike | None = None) -> ScoreFn:
+        """``score(rows [b], candidates [b, K]) -> [b, K]`` for one split: ``rows`` index ``split.triplets``,
+        ``candidates`` index ``split.gallery_names``. The frozen ViT tokens of the split's images are cached once
+        (:func:`cache_image_tokens`, ``cache`` = its path stem); the model must be in eval mode to score."""
+        store = cache_image_tokens(self, split, cache, batch_size=batch_size)
+        self.attach_gallery(store.subset(split.gallery_names))
+        refs = [t.ref_name for t in split.triplets]
+        texts = [t.text for t in split.triplets]
+
+        def score(rows: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+            picked = [int(r) for r in rows]
+            queries = {"ref_tokens": store.by_name([refs[r] for r in picked]), "text": [texts[r] for r in picked]}
+            return self.score_candidates(queries, candidates).cpu()
+
+        return score
+
+    def evaluate_split(self, loaded: Any, *, eval_config: dict[str, Any], device: Any,
+                       topk_dir: Any = None) -> dict[str, Any]:
+        """Re-rank stage I's top-K (``eval.stage1_topk``, else computed by the frozen stage I) and report the paper's
+        metrics; see :func:`cirlab.engine.rerank.evaluate_reranker`."""
+        from cirlab.engine import rerank  # the pipeline is the engine's; the hook only hands over
+
+        return rerank.evaluate_reranker(self, loaded, eval_config=eval_config, device=device, topk_dir=topk_dir)
+
+    # -- pretrained starts --------------------------------------------------------------------------------------
+    def load_pretrained(self, path: str | os.PathLike | blip_interop.Pretrained) -> list[blip_interop.InteropReport]:
+        """Start stage II from ``path``:
+
+        * BLIP ``model_base.pth`` (the paper), a released stage-II file or a transformers BLIP folder: the twin
+          encoder (single-stream weights copied to both streams) and the ViT;
+        * a cirlab stage-II run or checkpoint: everything, the frozen stage I included;
+        * a cirlab stage-I run or checkpoint: the frozen stage I, then its text encoder copied to both streams;
+        * ``"stage1"``: the frozen stage I's text encoder copied to both streams (:meth:`init_from_stage1`).
+        """
+        if isinstance(path, (str, os.PathLike)) and str(path) == "stage1":
+            return [self.init_from_stage1().log()]
+        src = _read(path)
+        if src.kind != "cirlab":
+            return [blip_interop.check_usable(blip_interop.convert_stage2(src.state, self, source=src.source))]
+        if src.model_name == "blip_rerank_stage2":
+            report = blip_interop.load_cirlab_state(self, src.state, source=src.source, target="stage2")
+            return [blip_interop.check_usable(report)]
+        return self.stage1.load_pretrained(src) + [self.init_from_stage1().log()]
+
+    def load_init(self, report_dir: str | os.PathLike | None = None) -> list[blip_interop.InteropReport]:
+        """Apply ``config.init_from``, then ``config.stage1_checkpoint`` (the frozen stage I), then, for
+        ``init_from: stage1``, copy that stage I's text encoder to both streams; reports go to
+        ``<report_dir>/init_from.json``."""
+        init, first = self.config.init_from, self.config.stage1_checkpoint
+        reports = []
+        if init and init != "stage1":
+            reports += _loading("model_overrides.init_from", self.load_pretrained, init)
+        if first:
+            reports += _loading("model_overrides.stage1_checkpoint", self.stage1.load_pretrained, first)
+        if init == "stage1":
+            reports += self.load_pretrained("stage1")
+        _save_reports(reports, report_dir, self.config)
+        return reports
+
+
+# ============================================================================================================ convert
+
+
+def from_pretrained(path: str | os.PathLike, *, stage: int | None = None, preset: str = "cirr",
+                    stage1: str | os.PathLike | None = None,
+                    **overrides: Any) -> tuple[BlipRerankStage1 | BlipRerankStage2, list[blip_interop.InteropReport]]:
+    """A cirlab model started from BLIP ``model_base.pth``, a released stage I/II file, a transformers BLIP folder or
+    a cirlab run (``cirlab convert --to cirlab``); returns the model and the converter's reports.
+
+    Args:
+        path: the source (see :func:`cirlab.models.blip_interop.read_pretrained`).
+        stage: 1 or 2; None = 2 for a stage-II source (twin-stream keys or a cirlab stage-II run), else 1.
+        preset: the model sizes (``cirr`` / ``fashioniq`` = BLIP ViT-B; ``tiny`` for test files).
+        stage1: stage II only: the frozen stage I (a released stage-I file or a cirlab stage-I run).
+        overrides: config fields over the preset.
+    """
+    from cirlab.models.registry import create_model
+
+    src = _loading("convert", blip_interop.read_pretrained, path)
+    if stage is None:
+        twin = any(".self0." in k or "merge_layer" in k or k.startswith("cls_head.") for k in src.state)
+        stage = 2 if src.model_name == "blip_rerank_stage2" or (src.kind != "cirlab" and twin) else 1
+    model = create_model(f"blip_rerank_stage{stage}", preset, **overrides)
+    reports = _loading("convert", model.load_pretrained, src)
+    if stage1 and stage == 2:
+        reports += _loading("convert --stage1", model.stage1.load_pretrained, stage1)
+    return model, reports
+
+
+def export_original(model: BlipRerankStage1 | BlipRerankStage2, path: str | os.PathLike) -> Path:
+    """Write ``model`` in the original code's file format (``{"epoch", "BLIP_Retrieval" | "BLIP_NLVR": sd}``;
+    a stage II's frozen stage I is not in it: export ``model.stage1`` separately, as the original keeps it)."""
+    if isinstance(model, BlipRerankStage2):
+        key, state = "BLIP_NLVR", blip_interop.export_stage2(model)
+    else:
+        key, state = "BLIP_Retrieval", blip_interop.export_stage1(model)
+    with io.atomic_path(path) as tmp:
+        torch.save({"epoch": 0, key: state}, tmp)
+    return Path(path)
+
+
 # ============================================================================================================ cache
 
 
@@ -538,6 +702,16 @@ def _split_image_names(split: Any) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def default_cache_path(split: Any, fingerprint: str) -> Path:
+    """``cirlab.core.paths.cache_dir()/blip_rerank/<dataset>_<split>[_<category>]_<vit>_<root>``: the root's hash
+    keeps two data sets with the same image names (two synthetic sizes) apart."""
+    from cirlab.core.paths import cache_dir
+
+    cat = f"_{split.category}" if getattr(split, "category", None) else ""
+    root = hashlib.sha1(str(Path(split.root).resolve()).encode()).hexdigest()[:8]
+    return cache_dir() / "blip_rerank" / f"{split.dataset}_{split.split}{cat}_{fingerprint}_{root}"
+
+
 @torch.no_grad()
 def cache_image_tokens(model: BlipRerankStage1 | BlipRerankStage2, split: Any, path: str | os.PathLike | None = None,
                        *, transform: Callable | None = None, batch_size: int = 32,
@@ -550,8 +724,8 @@ def cache_image_tokens(model: BlipRerankStage1 | BlipRerankStage2, split: Any, p
     Args:
         model: stage I or II (its frozen ViT is used).
         split: a :class:`cirlab.data.base.CIRSplit`.
-        path: cache stem; None = ``cirlab.core.paths.cache_dir() / "blip_rerank" / "<dataset>_<split>_<fingerprint>"``.
-        transform: image transform; None = the model's (TargetPad 1.25, C.3).
+        path: cache stem; None = :func:`default_cache_path`.
+        transform: image transform; None = the model's (TargetPad 1.25).
         batch_size: images per ViT pass.
         dtype: storage dtype ("float32" exact, "float16" halves the disk size).
     """
@@ -560,12 +734,7 @@ def cache_image_tokens(model: BlipRerankStage1 | BlipRerankStage2, split: Any, p
     stage1 = model.stage1 if isinstance(model, BlipRerankStage2) else model
     fingerprint = vision_fingerprint(stage1)
     names = _split_image_names(split)
-    if path is None:
-        from cirlab.core.paths import cache_dir
-
-        cat = f"_{split.category}" if getattr(split, "category", None) else ""
-        path = cache_dir() / "blip_rerank" / f"{split.dataset}_{split.split}{cat}_{fingerprint}"
-    path = Path(path)
+    path = Path(path) if path is not None else default_cache_path(split, fingerprint)
     meta_path, arr_path = path.with_suffix(".json"), path.with_suffix(".npy")
     if meta_path.is_file() and arr_path.is_file():
         meta = json.loads(meta_path.read_text())
@@ -575,39 +744,22 @@ def cache_image_tokens(model: BlipRerankStage1 | BlipRerankStage2, split: Any, p
         logger.info("ViT token cache %s is stale (different images or encoder); rewriting", arr_path)
     transform = transform or image_transform(stage1.config)
     shape = [len(names), stage1.config.num_image_tokens, stage1.config.vision_width]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npy")
-    os.close(fd)
     was_training = stage1.training
     stage1.eval()
     try:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape))
-        device = stage1.temp.device
-        for i0 in range(0, len(names), batch_size):
-            batch = torch.stack([transform(load_image(split.image_path(n))) for n in names[i0:i0 + batch_size]])
-            arr[i0:i0 + len(batch)] = stage1.image_tokens(batch.to(device)).float().cpu().numpy()
-        arr.flush()
-        del arr
-        os.replace(tmp, arr_path)
-        _atomic_write_text(meta_path, json.dumps({"names": names, "shape": shape, "fingerprint": fingerprint,
-                                                  "dtype": dtype}))
+        with io.atomic_path(arr_path) as tmp, open(tmp, "wb") as fh:
+            np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                      "fortran_order": False, "shape": tuple(shape)})
+            device = stage1.temp.device
+            for i0 in range(0, len(names), batch_size):
+                batch = torch.stack([transform(load_image(split.image_path(n))) for n in names[i0:i0 + batch_size]])
+                fh.write(stage1.image_tokens(batch.to(device)).float().cpu().numpy().astype(dtype).tobytes())
+        io.write_json(meta_path, {"names": names, "shape": shape, "fingerprint": fingerprint, "dtype": dtype},
+                      indent=None)
     finally:
         stage1.train(was_training)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     logger.info("wrote ViT token cache %s (%s)", arr_path, shape)
     return TokenStore.load(path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class CachedTripletDataset:
@@ -631,157 +783,6 @@ class CachedTripletDataset:
                 "target_tokens": self.store.by_name([t.target_name])[0], "category": t.category}
 
 
-# ========================================================================================================== evaluation
-
-
-@torch.no_grad()
-def stage1_scores(model: BlipRerankStage1, split: Any, store: TokenStore, batch_size: int = 64) -> torch.Tensor:
-    """Query x gallery cosine scores [Q, G] over ``split.gallery_names`` (model in eval mode)."""
-    was_training = model.training
-    model.eval()
-    try:
-        gallery = torch.cat([model.encode_target(store.by_name(split.gallery_names[i:i + batch_size]))
-                             for i in range(0, len(split.gallery_names), batch_size)])
-        queries = []
-        for i in range(0, len(split.triplets), batch_size):
-            chunk = split.triplets[i:i + batch_size]
-            queries.append(model.encode_query(store.by_name([t.ref_name for t in chunk]), [t.text for t in chunk]))
-        return torch.cat(queries) @ gallery.t()
-    finally:
-        model.train(was_training)
-
-
-def _targets_and_refs(split: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    target = torch.tensor(split.target_indices(), dtype=torch.long)
-    ref = torch.tensor(split.ref_indices() if split.exclude_reference else [-1] * len(split.triplets),
-                       dtype=torch.long)
-    return target, ref
-
-
-def _meta(split: Any, stage: str, k: int, model: nn.Module) -> dict[str, Any]:
-    return {"model": getattr(model, "model_name", type(model).__name__), "dataset": split.dataset,
-            "split": split.split, "category": split.category or "", "stage": stage, "k": k,
-            "protocol": split.protocol, "exclude_reference": bool(split.exclude_reference)}
-
-
-def stage1_topk(model: BlipRerankStage1, split: Any, store: TokenStore, k: int = 200, batch_size: int = 64,
-                scores: torch.Tensor | None = None) -> Any:
-    """Stage I's top-K file (K = 200 in the paper) in cirlab's :class:`~cirlab.core.topk.TopK` format.
-
-    The reference is removed before truncating to K when the protocol removes it (CIRR); ``target_rank`` is the
-    target's 1-based rank in the full ranking (stable ties, :func:`cirlab.core.metrics.target_ranks`), 0 when the split
-    has no targets (CIRR test1).
-    """
-    from cirlab.core import metrics
-    from cirlab.core.topk import TopK
-
-    s = stage1_scores(model, split, store, batch_size) if scores is None else scores
-    target, ref = _targets_and_refs(split)
-    ranks = (metrics.target_ranks(s, target, ref) if split.has_targets
-             else torch.zeros(len(s), dtype=torch.long))
-    masked = s.clone()
-    has_ref = ref >= 0
-    masked[has_ref.nonzero().squeeze(1), ref[has_ref]] = float("-inf")
-    k = min(k, s.shape[1] - int(has_ref.any()))
-    top_scores, top_idx = torch.sort(masked, dim=1, descending=True, stable=True)
-    names = np.asarray(split.gallery_names)[top_idx[:, :k].numpy()]
-    return TopK([t.query_id for t in split.triplets], names, top_scores[:, :k].numpy(), ranks.numpy(),
-                [t.category for t in split.triplets], [t.target_name or "" for t in split.triplets],
-                _meta(split, "stage1", k, model))
-
-
-@torch.no_grad()
-def rerank_topk(model: BlipRerankStage2, split: Any, stage1: Any, store: TokenStore, k: int | None = None,
-                skip_misses: bool = True, batch_size: int = 8) -> Any:
-    """Re-rank the first ``k`` candidates of a stage-I :class:`~cirlab.core.topk.TopK` with stage II.
-
-    A target among the K candidates gets its re-ranked position as ``target_rank``; otherwise the stage-I rank
-    (> K) is kept, so the query stays a miss with all N queries as denominator (A.8). With ``skip_misses`` such
-    queries are not scored (the original's shortcut; identical recalls); without targets nothing is skipped.
-    """
-    from cirlab.core.topk import TopK
-
-    k = min(k or model.config.k, stage1.k)
-    if list(stage1.query_ids) != [str(t.query_id) for t in split.triplets]:
-        raise ValueError("the stage-I top-K file's query_ids do not match the split's triplets (order or content)")
-    gidx = split.gallery_index
-    cand_names = stage1.gallery_ids[:, :k]
-    cand = torch.tensor(np.vectorize(gidx.__getitem__, otypes=[np.int64])(cand_names))
-    hit = (stage1.target_rank >= 1) & (stage1.target_rank <= k)
-    todo = np.arange(len(cand)) if (not skip_misses or not split.has_targets) else np.flatnonzero(hit)
-    scores = np.full(cand.shape, MISS_SCORE, dtype=np.float32)
-    model.eval()
-    model.attach_gallery(store.subset(split.gallery_names))
-    for i0 in range(0, len(todo), batch_size):
-        rows = todo[i0:i0 + batch_size]
-        queries = {"ref_idx": torch.tensor([gidx[split.triplets[r].ref_name] for r in rows]),
-                   "text": [split.triplets[r].text for r in rows]}
-        scores[rows] = model.score_candidates(queries, cand[rows]).cpu().numpy()
-    order = np.argsort(-scores, axis=1, kind="stable")  # skipped rows: all equal, so stage-I order is kept
-    new_names = np.take_along_axis(cand_names, order, axis=1)
-    new_scores = np.take_along_axis(scores, order, axis=1)
-    ranks = stage1.target_rank.copy()
-    targets = stage1.target_ids
-    for r in np.flatnonzero(hit):
-        ranks[r] = int(np.flatnonzero(new_names[r] == targets[r])[0]) + 1
-    meta = {**_meta(split, "stage2", k, model), "skip_misses": bool(skip_misses), "stage1_k": stage1.k}
-    return TopK(stage1.query_ids, new_names, new_scores, ranks, stage1.category, stage1.target_ids, meta)
-
-
-@torch.no_grad()
-def stage2_subset_scores(model: BlipRerankStage2, split: Any, store: TokenStore, batch_size: int = 8) -> torch.Tensor:
-    """CIRR: stage-II scores of every query's ``img_set`` members, scattered into a [Q, G] matrix (others very low).
-
-    The subset metric re-scores the members independently of K (A.8); feed the matrix to
-    :func:`cirlab.core.metrics.cirr_subset_ranks`.
-    """
-    members = split.member_indices()
-    width = max(len(m) for m in members)
-    mem = torch.tensor([m + [-1] * (width - len(m)) for m in members], dtype=torch.long)
-    out = torch.full((len(members), len(split.gallery_names)), -1e30)
-    model.eval()
-    model.attach_gallery(store.subset(split.gallery_names))
-    gidx = split.gallery_index
-    for i0 in range(0, len(members), batch_size):
-        rows = list(range(i0, min(len(members), i0 + batch_size)))
-        queries = {"ref_idx": torch.tensor([gidx[split.triplets[r].ref_name] for r in rows]),
-                   "text": [split.triplets[r].text for r in rows]}
-        cand = mem[rows].clamp(min=0)
-        s = model.score_candidates(queries, cand).float().cpu()
-        valid = mem[rows] >= 0
-        out[torch.tensor(rows)[:, None].expand_as(cand)[valid], cand[valid]] = s[valid]
-    return out
-
-
-def subset_top3(scores: torch.Tensor, split: Any) -> list[list[str]]:
-    """Each query's non-reference ``img_set`` members sorted by score (ties: lower gallery index first)."""
-    names = split.gallery_names
-    out = []
-    for i, (t, members) in enumerate(zip(split.triplets, split.member_indices())):
-        ref = split.gallery_index.get(t.ref_name, -1)
-        cands = [m for m in dict.fromkeys(members) if m >= 0 and m != ref]
-        cands.sort(key=lambda m: (-float(scores[i, m]), m))
-        out.append([names[m] for m in cands[:3]])
-    return out
-
-
-def write_cirr_submission(topk: Any, subset_names: Sequence[Sequence[str]], output_dir: str | os.PathLike,
-                          name: str) -> tuple[Path, Path]:
-    """``recall_submission_<name>.json`` (top-50, reference removed) and ``recall_subset_submission_<name>.json``
-    (top-3 of the set), via :func:`cirlab.core.metrics.cirr_submission`; ``json.dump(sort_keys=True)`` as C.6."""
-    from cirlab.core.metrics import cirr_submission
-
-    if topk.k < 50:
-        raise ValueError(f"CIRR submission needs the top-50 per query, the top-K file holds {topk.k}")
-    subs = cirr_submission(list(topk.query_ids), [list(r) for r in topk.gallery_ids], subset_names)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = (output_dir / f"recall_submission_{name}.json", output_dir / f"recall_subset_submission_{name}.json")
-    for path, key in zip(paths, ("recall", "recall_subset")):
-        _atomic_write_text(path, json.dumps(subs[key], sort_keys=True))
-    return paths
-
-
 # ============================================================================================================ registry
 
 
@@ -792,20 +793,6 @@ def blip_rerank_stage1(config: BlipRerankConfig) -> BlipRerankStage1:
 
 @register_model("blip_rerank_stage2", task="rerank", config_cls=BlipRerankConfig)
 def blip_rerank_stage2(config: BlipRerankConfig) -> BlipRerankStage2:
-    model = BlipRerankStage2(config)
-    if config.stage1_checkpoint:
-        load_stage1_weights(model.stage1, config.stage1_checkpoint)
-    return model
-
-
-def load_stage1_weights(stage1: BlipRerankStage1, path: str | os.PathLike) -> None:
-    """Load stage-I weights from a cirlab checkpoint (``model`` state dict) or an original BLIP_Retrieval file."""
-    from cirlab.models import blip_interop
-
-    state = blip_interop.read_checkpoint(path)
-    if any(k.startswith("visual_encoder.blocks.") for k in state):  # original BLIP key layout
-        blip_interop.convert_stage1(state, stage1, strict=False, source=str(path)).log()
-        return
-    missing, unexpected = stage1.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: not a stage-I checkpoint (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    """The pretrained starts (``init_from``, ``stage1_checkpoint``) are not read here: ``load_init`` applies them when
+    a run starts, so rebuilding a trained run from its checkpoint never needs those files."""
+    return BlipRerankStage2(config)

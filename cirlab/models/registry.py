@@ -16,7 +16,8 @@ from typing import Any, Callable
 from cirlab.core.contracts import check_model
 
 # model modules imported on demand so that `import cirlab` does not import torch
-_MODEL_MODULES = ("cirlab.models.amc", "cirlab.models.dime", "cirlab.models.blip_rerank")
+_MODEL_MODULES = ("cirlab.models.amc", "cirlab.models.dime", "cirlab.models.blip_rerank", "cirlab.models.hrem",
+                 "cirlab.models.cala")
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,12 @@ def get_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching a glob pattern."""
+def list_models(pattern: str = "*", *, shipped: bool = False) -> list[str]:
+    """Registered model names matching a glob pattern; ``shipped=True`` keeps only cirlab's own models (those
+    registered by its model modules, not by a user's or a test's ``register_model`` call)."""
     _load_all()
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    return sorted(n for n, e in _REGISTRY.items() if fnmatch.fnmatch(n, pattern)
+                  and (not shipped or e.build.__module__ in _MODEL_MODULES))
 
 
 def describe_models() -> list[dict[str, Any]]:

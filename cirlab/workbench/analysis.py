@@ -285,12 +285,17 @@ def read_log(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"training log not found: {path}")
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    text = path.read_text()
+    lines = text.splitlines()
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
+            if n == len(lines) and not text.endswith("\n"):  # torn: a run stopped while writing its last record
+                logger.warning("%s:%d: the last line is torn (a run stopped mid-write); skipped", path, n)
+                continue
             raise ValueError(f"{path}:{n}: not a JSON record ({err.msg})") from err
     return pd.DataFrame(records)
 

@@ -18,8 +18,128 @@ from typing import Any, Mapping, Sequence
 logger = logging.getLogger(__name__)
 
 __all__ = ["cir_splits", "data_config", "run_config", "train_run", "load_run", "untrained_copy", "evaluate_run",
-           "evaluate_itm_run", "collect_routes", "query_fn_for", "gallery_rows", "worst_queries",
-           "load_topk_files", "write_outputs", "ensure_synthetic", "stored_config"]
+           "evaluate_itm_run", "collect_routes", "query_fn_for", "explorer_for", "gallery_rows", "worst_queries",
+           "load_topk_files", "write_outputs", "ensure_synthetic", "stored_config", "project_root", "reports_dir",
+           "find_run", "find_data", "output_folder", "describe_paths"]
+
+REPORTS_ENV = "CIRLAB_REPORTS"  # where `cirlab report` / `make demo` wrote the report (default: <checkout>/reports)
+
+
+# --------------------------------------------------------------------------------------------- where things are
+# JupyterLab starts kernels in the notebook's folder (notebooks/), papermill in its --cwd, a user anywhere: so the
+# notebooks' defaults never depend on the working directory. They name what `make demo` wrote
+# (<checkout>/reports/<entry>, the synthetic data in the cache) and write to <checkout>/runs/<notebook>.
+def project_root() -> Path | None:
+    """The cirlab checkout in use: the working directory or its first parent holding cirlab's ``pyproject.toml``
+    and ``notebooks/`` (or a report: ``reports/index.html``); else the source tree of an editable install; else
+    None (a wheel used outside a checkout)."""
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if _is_checkout(folder) or (folder / "reports" / "index.html").is_file():
+            return folder
+    source = Path(__file__).resolve().parents[2]
+    return source if _is_checkout(source) else None
+
+
+def _is_checkout(folder: Path) -> bool:
+    pyproject = folder / "pyproject.toml"
+    try:
+        return (folder / "notebooks").is_dir() and 'name = "cirlab"' in pyproject.read_text(encoding="utf-8")
+    except OSError:
+        return False
+
+
+def reports_dir() -> Path:
+    """Where ``make demo`` / ``cirlab report`` wrote the report: ``$CIRLAB_REPORTS``, else ``<checkout>/reports``,
+    else ``./reports``."""
+    env = os.environ.get(REPORTS_ENV, "").strip()
+    if env:
+        return Path(env).expanduser().resolve()
+    root = project_root()
+    return (root or Path.cwd()) / "reports"
+
+
+def _fix_hint(entry: str) -> str:
+    root = project_root()
+    if root is not None and (root / "Makefile").is_file():
+        return f"run `make demo` in {root} (or `cirlab report --only {entry}` there)"
+    return f"run `cirlab report --only {entry} --out {reports_dir()}`"
+
+
+def find_run(run_dir: str | os.PathLike = "", entry: str = "", dataset: str = "") -> Path:
+    """A trained run folder as an absolute path. ``""``: the report's ``<reports>/<entry>``, what ``make demo``
+    trained (``entry`` default: ``train_dime`` for an ITM ``dataset``, else ``train``); a relative path is read
+    from the working directory, else from the checkout. Raises ``FileNotFoundError`` naming the absolute path and
+    the command that writes it when the folder has no checkpoint."""
+    if not entry:
+        from cirlab.data.catalog import is_itm
+
+        entry = "train_dime" if dataset and is_itm(dataset) else "train"
+    if str(run_dir):
+        path = _from_checkout(Path(run_dir).expanduser()).resolve()
+        hint = f"train it first (the train notebook with output_dir={str(path)!r}, or `cirlab train CONFIG`)"
+    else:
+        path = reports_dir() / entry
+        hint = _fix_hint(entry)
+    checkpoints = path / "checkpoints"
+    if not any((checkpoints / name).is_file() for name in ("best.pt", "last.pt")):
+        raise FileNotFoundError(f"no trained run at {path} (no checkpoints/best.pt or last.pt): {hint}")
+    return path
+
+
+def _from_checkout(path: Path) -> Path:
+    """A relative path as given when it exists from the working directory, else from the checkout's root (so that
+    ``reports/train`` means the same in notebooks/ as at the root)."""
+    root = project_root()
+    if not path.is_absolute() and not path.exists() and root is not None and (root / path).exists():
+        return root / path
+    return path
+
+
+def find_data(dataset: str, data_root: str | os.PathLike = "", run_dir: str | os.PathLike | None = None,
+              size: str = "default", seed: int = 0) -> Path:
+    """The data folder a notebook reads, as an absolute path.
+
+    ``data_root`` when given; else ``$CIRLAB_DATA``; else the folder the run in ``run_dir`` was trained on (its
+    ``config.yaml``), when it is the same dataset and still exists; else the embedded synthetic data in the cache
+    (what ``make demo`` generated; generated here in seconds when missing). A given folder that does not exist
+    raises ``FileNotFoundError`` with its absolute path and the command that writes the synthetic set there.
+    """
+    from cirlab.data.catalog import get_dataset
+
+    for given, origin in ((str(data_root), "data_root"), (os.environ.get("CIRLAB_DATA", "").strip(), "$CIRLAB_DATA")):
+        if given:
+            path = _from_checkout(Path(given).expanduser()).resolve()
+            if not path.exists():
+                raise FileNotFoundError(f"{origin} {path} does not exist: point it at your {dataset} data, or "
+                                        f"write the synthetic set there with `cirlab data synth --out {path}`")
+            return path
+    if run_dir:
+        stored = stored_config(run_dir).get("dataset") or {}
+        root = stored.get("root")
+        try:
+            same = get_dataset(str(stored.get("name", ""))).name == get_dataset(dataset).name
+        except (KeyError, ValueError):
+            same = False
+        if root and same and Path(root).exists():
+            return Path(root).resolve()
+    return ensure_synthetic(None, size=size, seed=seed).resolve()
+
+
+def output_folder(output_dir: str | os.PathLike = "", notebook: str = "notebook") -> Path:
+    """Where a notebook writes: ``output_dir`` when given (relative to the working directory), else
+    ``$CIRLAB_RUNS/<notebook>``, else ``<checkout>/runs/<notebook>`` (git-ignored), else ``./runs/<notebook>``."""
+    if str(output_dir):
+        return Path(output_dir).expanduser().resolve()
+    env = os.environ.get("CIRLAB_RUNS", "").strip()
+    if env:
+        return Path(env).expanduser().resolve() / notebook
+    return (project_root() or Path.cwd()).resolve() / "runs" / notebook
+
+
+def describe_paths(**paths: Any) -> str:
+    """One line per resolved path, for the notebooks' first output (``run: /abs/reports/train``)."""
+    return "\n".join(f"{name:>10}: {value}" for name, value in paths.items())
 
 
 def ensure_synthetic(data_root: str | os.PathLike | None = None, size: str = "default", seed: int = 0) -> Path:
@@ -78,7 +198,7 @@ def run_config(model: str, preset: str, dataset: str, data_root: str | os.PathLi
     from cirlab.engine.runs import apply_overrides, merge_config, parse_set
 
     train: dict[str, Any] = {"epochs": epochs, "device": device, "seed": seed, "log_every": log_every,
-                             "progress": "log", "selection": "val"}
+                             "progress": "auto", "selection": "val"}
     train.update({k: v for k, v in {"max_steps": max_steps, "batch_size": batch_size, "lr": lr}.items() if v})
     if resume:
         train["resume"] = resume
@@ -127,7 +247,8 @@ def train_run(model: str, preset: str, dataset: str, data_root: str | os.PathLik
 
     config = run_config(model, preset, dataset, data_root, output_dir, **options)
     validate_config(config, "notebook parameters")
-    result = run_experiment(config, output_dir=output_dir)
+    # a notebook re-run regenerates its run folder (run_experiment refuses a used folder unless told)
+    result = run_experiment(config, output_dir=output_dir, overwrite=not options.get("resume"))
     resolved = yaml.safe_load((Path(output_dir) / "config.yaml").read_text())
     return {**result, "best_score": result["selection"]["best_score"], "best_epoch": result["selection"]["best_epoch"],
             "run_config": resolved}
@@ -142,8 +263,8 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu", checkpoint: str = 
     if not ckpt.is_file():
         ckpt = run / "checkpoints" / "last.pt"
     if not ckpt.is_file():
-        raise FileNotFoundError(f"no checkpoint in {run / 'checkpoints'}: train the run first "
-                                f"(`make demo` writes reports/train and reports/train_dime)")
+        raise FileNotFoundError(f"no checkpoint in {run / 'checkpoints'}: train the run first ({_fix_hint('train')}: "
+                                f"it writes {reports_dir() / 'train'} and {reports_dir() / 'train_dime'})")
     model, _ = model_from_checkpoint(ckpt)
     return model.to(device).eval()
 
@@ -243,9 +364,11 @@ def collect_routes(model: Any, dataset: str, data_root: str | os.PathLike, split
         frame = _with_caption_types(frame, loaded)
         texts = {q: loaded.captions[int(q)] for q in dict.fromkeys(frame["query_id"])} if not frame.empty else {}
         return _checked(_main_layers(frame), model), texts
+    from cirlab.workbench.viz import plain_text
+
     per = max(1, n // len(loaded))
     frames = [trace_split(model, sp, per, device=device) for sp in loaded]
-    texts = {t.query_id: t.text for sp in loaded for t in sp.triplets}
+    texts = {t.query_id: plain_text(t.text) for sp in loaded for t in sp.triplets}
     frame = _main_layers(pd.concat(frames, ignore_index=True))
     return _checked(frame, model), {q: texts[q] for q in dict.fromkeys(frame["query_id"])}
 
@@ -274,17 +397,17 @@ def _checked(frame: Any, model: Any) -> Any:
 
 
 def query_fn_for(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", k: int = 5,
-                 device: str = "cpu") -> Any:
+                 device: str = "cpu", splits: Mapping[str, Any] | None = None) -> Any:
     """``query_fn(query_id, text)`` for :class:`cirlab.workbench.widgets.RouterExplorer` over every category of a CIR split
-    (None for ITM models, whose explorer shows the traced paths only)."""
+    (None for ITM models: see :func:`explorer_for`). ``splits`` (``{category: CIRSplit}``) avoids reloading them."""
     if model.task != "cir":
         return None
     from cirlab.workbench.widgets import make_query_fn
 
+    splits = splits if splits is not None else cir_splits(dataset, data_root, split)
     transform = model.image_transform(False)
-    per_cat = {cat: make_query_fn(model, sp, transform, k=k, device=device)
-               for cat, sp in cir_splits(dataset, data_root, split).items()}
-    owner = {t.query_id: cat for cat, sp in cir_splits(dataset, data_root, split).items() for t in sp.triplets}
+    per_cat = {cat: make_query_fn(model, sp, transform, k=k, device=device) for cat, sp in splits.items()}
+    owner = {t.query_id: cat for cat, sp in splits.items() for t in sp.triplets}
 
     def query_fn(query_id: Any, text: str) -> dict[str, Any]:
         if query_id not in owner:
@@ -292,6 +415,44 @@ def query_fn_for(model: Any, dataset: str, data_root: str | os.PathLike, split: 
         return per_cat[owner[query_id]](query_id, text)
 
     return query_fn
+
+
+def explorer_for(model: Any, routes: Any, texts: Mapping[Any, str], dataset: str, data_root: str | os.PathLike,
+                 split: str = "val", *, run_dir: str | os.PathLike = "", compare: str = "", k: int = 5,
+                 device: str = "cpu") -> Any:
+    """The interactive explorer for a traced router model, wired to the model so that edits re-run it.
+
+    CIR models (AMC): a :class:`cirlab.workbench.widgets.RouterExplorer` with thumbnails from the split, the
+    target's rank in the whole gallery, and, when ``compare`` names a second checkpoint (``"untrained"``: a fresh
+    copy of the run's model; or another run folder), that checkpoint's gates for the same text side by side.
+    ITM models (DIME): a :class:`cirlab.workbench.widgets.PathExplorer` that re-scores an edited caption against a
+    chosen image of the split (``compare`` is ignored).
+    """
+    from cirlab.workbench import widgets
+
+    if model.task == "itm":
+        from cirlab.engine.runs import load_split
+
+        config = data_config(dataset, data_root, split)
+        loaded = load_split(config, config["dataset"]["val_split"])
+        return widgets.PathExplorer(routes, texts, pair_fn=widgets.make_pair_fn(model, loaded, device=device),
+                                    n_images=loaded.num_images)
+    splits = cir_splits(dataset, data_root, split)
+    query_fn = query_fn_for(model, dataset, data_root, split, k=k, device=device, splits=splits)
+    compare_fn, labels = None, (Path(run_dir).name if str(run_dir) else "this run", str(compare))
+    if compare:
+        other = (untrained_copy(run_dir, dataset, data_root, device=device) if compare == "untrained"
+                 else load_run(find_run(compare), device=device))
+        compare_fn = query_fn_for(other, dataset, data_root, split, k=k, device=device, splits=splits)
+        labels = (labels[0], "untrained" if compare == "untrained" else Path(compare).name)
+    paths: dict[str, Any] = {}
+    for sp in splits.values():
+        for name in sp.gallery_names:
+            paths.setdefault(str(name), sp)
+        for t in sp.triplets:
+            paths.setdefault(str(t.ref_name), sp)
+    return widgets.RouterExplorer(routes, texts=texts, query_fn=query_fn, k=k, compare_fn=compare_fn, labels=labels,
+                                  image_fn=lambda name: paths[str(name)].image_path(name))
 
 
 def _main_layers(frame: Any) -> Any:
@@ -302,6 +463,8 @@ def _main_layers(frame: Any) -> Any:
 def gallery_rows(topk: Any, split: Any, query_ids: Sequence[str] | None = None, k: int = 5,
                  n: int = 4) -> list[dict[str, Any]]:
     """Rows for :func:`cirlab.workbench.viz.plot_retrieval_gallery` from a top-K file and its split (images from disk)."""
+    from cirlab.workbench.viz import plain_text
+
     by_id = {t.query_id: t for t in split.triplets}
     row_of = {q: i for i, q in enumerate(topk.query_ids)}
     ids = list(query_ids) if query_ids is not None else list(topk.query_ids[:n])
@@ -310,10 +473,11 @@ def gallery_rows(topk: Any, split: Any, query_ids: Sequence[str] | None = None, 
         i, trip = row_of[str(qid)], by_id[str(qid)]
         cands = list(topk.gallery_ids[i, :k])
         target = trip.target_name
-        rows.append({"query_id": qid, "ref_image": split.image_path(trip.ref_name), "text": trip.text,
+        rows.append({"query_id": qid, "ref_image": split.image_path(trip.ref_name), "text": plain_text(trip.text),
                      "candidates": [split.image_path(c) for c in cands], "candidate_ids": cands,
                      "scores": list(topk.scores[i, :k]), "target_rank": int(topk.target_rank[i]),
-                     "target_position": cands.index(target) if target in cands else None})
+                     "target_position": cands.index(target) if target in cands else None,
+                     "target_image": split.image_path(target) if target else None})
     return rows
 
 

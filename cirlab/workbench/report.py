@@ -3,20 +3,28 @@
 ``cirlab report [--only NAME] [--set key=value ...] [--out reports] [--smoke]`` executes the notebooks in
 ``notebooks/`` with papermill in dependency order (train -> evaluate -> router_explorer -> rank_shift, then
 train_dime -> router_explorer_dime, then quickstart) on the embedded synthetic data (generated into the cache
-on first use), prints one progress line per notebook, and writes::
+on first use) and writes::
 
     reports/<notebook>/<notebook>.ipynb   executed notebook (papermill)
     reports/<notebook>/<notebook>.html    the same, rendered by nbconvert
     reports/<notebook>/metrics.json       written by the notebook's last cell
     reports/<notebook>/config.json        the notebook's resolved parameters
     reports/<notebook>/figures/*.png|svg  its figures
-    reports/index.html                    links to everything, key figures and metric tables
+    reports/<notebook>/report.json        the run's record: status, times, commit, command, parameters
+    reports/index.html                    table of contents, per entry its state, parameters, metrics and figures
+                                          with captions naming the paper figure they regenerate
+
+While it runs it prints a line per notebook, per code cell, and the kernel's stderr (the trainer's progress
+lines: step, loss, ETA; warnings), each line once. The notebooks come from the checkout's ``notebooks/``, else
+from the copies shipped in the package (``--notebooks DIR`` names another folder).
 
 A report entry is a notebook run with one parameter set: ``train_dime`` and ``router_explorer_dime`` run the
 ``train`` and ``router_explorer`` notebooks a second time, for DIME on the synthetic precomp data (:data:`SOURCE`
 maps an entry to its notebook).
 
-A failing notebook stops the report: the failing cell's error is printed and the exit status is 1.
+A failing notebook stops the report with exit status 1 and its failing cell's error printed. It never leaves a
+half-written entry (:func:`run_entry`): the previous results are put back and ``index.html`` marks the entry as
+failed, linking the failed run's notebook; an entry whose prerequisite ran after it is marked stale.
 
 The parameters passed to each notebook are :data:`REPORT_PARAMETERS` (``--smoke``: :data:`SMOKE_PARAMETERS`)
 with ``{out}`` (the report folder), ``{data}`` (the synthetic data root) and ``{itm_data}`` (the synthetic ITM
@@ -43,7 +51,6 @@ from cirlab.core.threads import thread_env
 
 logger = logging.getLogger(__name__)
 
-NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 ORDER = ("train", "evaluate", "router_explorer", "rank_shift", "train_dime", "router_explorer_dime",
          "quickstart")  # dependency order
 DEPENDS: dict[str, tuple[str, ...]] = {"evaluate": ("train",), "router_explorer": ("train",),
@@ -52,6 +59,84 @@ SOURCE: dict[str, str] = {"train_dime": "train", "router_explorer_dime": "router
 # Entries `cirlab report --no-dime` leaves out (DIME with the frozen MiniLM: about 3 min of the full report on an idle
 # 2-core machine; far more when other jobs load it).
 OPTIONAL: tuple[str, ...] = ("train_dime", "router_explorer_dime")
+RECORD = "report.json"  # per entry: status, start/finish times, duration, commit, command, parameters
+FAILED_DIR = "_failed"  # <out>/_failed/<entry>/: the output of an entry's last run when it failed
+_IPC_KERNEL_MANAGER: Any = None
+
+# What each figure shows and which figure of which paper it regenerates, per report entry (or notebook) and figure
+# name ("name_" entries match every figure starting with it). Figure numbers are the papers' own where the shared
+# digests of the papers' code and figures state them; otherwise the caption says that none is reproduced.
+_AMC_GATES = ("AMC's router gates α1 (NIN), α2 (GTN), α3 (CRN), in the paper's order and numbering (its Fig. 3, the "
+              "architecture, defines them; the code's order is NIN, CRN, GTN). The AMC paper's code returns the gates "
+              "but plots nothing, so no paper figure is regenerated exactly")
+_DIME_PATHS = ("DIME's routing paths (cells RIC, GLGC, IMRC, CMRC; the paper numbers them 0, 2, 1, 3). The DIME code "
+               "saves and plots no paths, so no paper figure is regenerated exactly")
+FIGURE_CAPTIONS: dict[str, dict[str, str]] = {
+    "train": {
+        "training_curves": "Training loss terms per optimizer step (a constant learning rate is noted below the "
+                           "panels). A training diagnostic; no paper figure.",
+        "val_metrics": "Validation recall of the selected checkpoint: the metrics of the paper's result tables "
+                       "(Fashion-IQ R@10/R@50 per category; ITM R@1/5/10 both ways), here on synthetic data.",
+    },
+    "evaluate": {
+        "metrics_table": "The protocol metrics of every evaluated run and of an untrained copy (the baseline), as in "
+                         "the papers' result tables; synthetic data.",
+        "run_comparison": "The same recalls as bars, runs side by side. No paper figure.",
+        "gallery_": "Retrieval examples: reference, modification text, top 5 (target framed green; drawn last, dashed, "
+                    "with its rank when below 5). The papers' qualitative retrieval figures show the same layout; "
+                    "none is regenerated exactly.",
+        "failures_": "The queries whose target ranks lowest, drawn as the gallery. No paper figure.",
+        "per_category": "Recall@1/10/50 per category of the first run. No paper figure.",
+    },
+    "router_explorer": {
+        "expert_heatmaps": f"Gates per query and layer, grouped by category. {_AMC_GATES}.",
+        "gates_by_category": f"Distribution of each gate per category. {_AMC_GATES}.",
+        "gates_by_modification": f"Distribution of each gate per modification type (color, add, remove, move, "
+                                 f"size). {_AMC_GATES}.",
+        "entropy_utilisation": "How decisive the router is (entropy of the normalised gates) and which experts do "
+                               "the work (mean share, share of queries won). No paper figure.",
+        "path_space": "Each query's gates of all layers projected to 2-D (PCA), coloured by category. No AMC paper "
+                      "figure.",
+        "query_view": "The explorer's view of one query: reference, text, top 5 and the target with its rank, and the "
+                      "gates of this run beside an untrained copy's for the same text. No paper figure.",
+    },
+    "router_explorer_dime": {
+        "expert_heatmaps": f"Path weights per image-caption pair and layer, grouped by caption type. {_DIME_PATHS}.",
+        "gates_by_category": f"Mean weight of every path per caption type. {_DIME_PATHS}.",
+        "entropy_utilisation": "Routing entropy per layer and the share of each path. No paper figure.",
+        "cell_flows": f"Mean path weight between the cells of consecutive layers (the dense routing of the paper's "
+                      f"architecture figure, with its weights). {_DIME_PATHS}.",
+        "path_matrices": f"The same mean path weights as one destination x source matrix per layer. {_DIME_PATHS}.",
+        "path_space": "Pairs in path space (all path weights, PCA to 2-D), coloured by caption type: the idea of the "
+                      "DIME paper's path-space figure, whose number the shared digest does not verify.",
+        "query_view": "The explorer's view of one pair: its path matrices as traced. No paper figure.",
+    },
+    "rank_shift": {
+        "figure8_": "Figure 8 of the re-ranking paper (Appendix A.4): average rank change per initial rank (top) and "
+                    "the number of queries per initial rank (bottom, symlog), one panel per category as the paper's "
+                    "panels a-d.",
+        "rank_shift": "cirlab's four-panel summary of the same two rankings (per-query ranks, binned means, shares "
+                      "improved/worsened, the candidate pool's recall ceiling). No paper figure.",
+    },
+    "quickstart": {
+        "training_curves": "Training loss of the quickstart's small AMC. No paper figure.",
+        "gallery": "What the quickstart's AMC retrieves (target framed green). No paper figure regenerated exactly.",
+        "metrics": "Recall of the trained AMC and of an untrained copy. Synthetic data; no paper figure.",
+        "query_gates": f"Gates of a few queries in both routing layers. {_AMC_GATES}.",
+    },
+}
+
+_INDEX_HEAD = ("<!doctype html><html><head><meta charset='utf-8'><title>cirlab report</title><style>"
+               "body{font-family:sans-serif;max-width:1400px;margin:auto;padding:0 1em}"
+               "img{max-width:100%;border:1px solid #ddd}figure{margin:0}figcaption{font-size:13px;color:#333}"
+               ".figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:18px}"
+               "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}"
+               "td.num{text-align:right;font-variant-numeric:tabular-nums}.meta{color:#555;font-size:13px}"
+               ".badge{font-size:12px;padding:1px 6px;border-radius:3px;background:#ddd;vertical-align:middle}"
+               ".badge.ok{background:#d4edda}.badge.failed{background:#f5c6cb}.badge.stale{background:#ffe8a1}"
+               ".warn{padding:6px 10px;margin:6px 0;border-radius:4px}.warn.failed{background:#f8d7da}"
+               ".warn.stale{background:#fff3cd}nav ol{columns:2}section{border-top:2px solid #eee;margin-top:2em}"
+               "</style></head><body>")
 
 
 def notebook_of(name: str) -> str:
@@ -73,21 +158,33 @@ DIME_DEMO = ["train.lr=3e-3", "train.eval_every=0", "model_overrides.direction=t
              # differ by caption type (bench/dime_synthetic.py); 32 positions hold the longest synthetic captions
              "model_overrides.bert=minilm", "model_overrides.max_words=32"]
 
+# The re-ranker's demo (random-init tiny BLIP, 32 px): stage I 3 epochs at batch 32, stage II 2 epochs at batch 8 (its
+# B x B pair scores make a step cost B^2), lr 2e-3 instead of the paper's 2e-5, no dropout; about a minute of CPU for
+# both stages on the default synthetic Fashion-IQ. Measured alternatives (stage II lr 3e-3 / 5e-3, batch 16, batch
+# grouping by reference) moved fewer targets forward.
+RERANK_DEMO = ["train.lr=2e-3", "train.log_every=50", "model_overrides.dropout=0.0"]
+RERANK_DEMO_STAGE2 = ["train.batch_size=8", "train.lr=2e-3", "train.log_every=100", "model_overrides.dropout=0.0"]
+
 REPORT_PARAMETERS: dict[str, dict[str, Any]] = {
-    "quickstart": {"data_root": "{data}", "output_dir": "{out}/quickstart", "preset": "tiny", "max_steps": 160,
-                   "batch_size": 32, "n_show": 4, "settings": AMC_DEMO, **_COMMON},
+    "quickstart": {"data_root": "{data}", "output_dir": "{out}/quickstart", "preset": "tiny", "epochs": 2,
+                   "max_steps": 0, "batch_size": 32, "n_show": 4, "settings": AMC_DEMO, **_COMMON},
     "train": {"model": "amc", "preset": "tiny", "dataset": "fashioniq", "data_root": "{data}",
-              "output_dir": "{out}/train", "epochs": 10, "max_steps": 240, "batch_size": 32, "resume": "",
+              "output_dir": "{out}/train", "epochs": 3, "max_steps": 0, "batch_size": 32, "resume": "",
               "settings": AMC_DEMO, **_COMMON},
     "evaluate": {"runs": ["{out}/train"], "dataset": "fashioniq", "data_root": "{data}", "split": "val",
                  "output_dir": "{out}/evaluate", "k": 50, "include_untrained": True, "n_show": 4,
                  "device": "cpu"},
     "router_explorer": {"run_dir": "{out}/train", "dataset": "fashioniq", "data_root": "{data}", "split": "val",
                         "output_dir": "{out}/router_explorer", "n_queries": 90, "query_id": "",
-                        "interactive": False, "device": "cpu"},
-    "rank_shift": {"before": "{out}/evaluate/topk/untrained", "after": "{out}/evaluate/topk/train",
-                   "output_dir": "{out}/rank_shift", "pool_k": 50, "bins": 10,
-                   "label_before": "untrained", "label_after": "trained"},
+                        "compare": "untrained", "interactive": False, "device": "cpu"},
+    # Figure 8: a tiny two-stage re-ranker (stage I -> top-50 -> stage II) on the synthetic Fashion-IQ; the AMC
+    # untrained-vs-trained rankings of `evaluate` are drawn after it as a separate, differently titled figure
+    "rank_shift": {"data_root": "{data}", "dataset": "fashioniq", "preset": "tiny", "pool_k": 50, "epochs": 3,
+                   "stage2_epochs": 2, "max_steps": 0, "batch_size": 32, "settings": RERANK_DEMO,
+                   "stage2_settings": RERANK_DEMO_STAGE2, "bins": 10, "device": "cpu",
+                   "output_dir": "{out}/rank_shift", "before": "{out}/evaluate/topk/untrained",
+                   "after": "{out}/evaluate/topk/train", "label_before": "untrained AMC",
+                   "label_after": "trained AMC"},
     # DIME (ITM) on the synthetic precomp data: the train and router_explorer notebooks again
     "train_dime": {"model": "dime", "preset": "tiny", "dataset": "f30k", "data_root": "{itm_data}",
                    "output_dir": "{out}/train_dime", "epochs": 8, "max_steps": 0, "batch_size": 32, "resume": "",
@@ -95,7 +192,7 @@ REPORT_PARAMETERS: dict[str, dict[str, Any]] = {
     "router_explorer_dime": {"run_dir": "{out}/train_dime", "dataset": "f30k", "data_root": "{itm_data}",
                              "split": "val",
                              "output_dir": "{out}/router_explorer_dime", "n_queries": 100, "query_id": "",
-                             "interactive": False, "device": "cpu"},
+                             "compare": "", "interactive": False, "device": "cpu"},
 }
 SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
     name: {**params, **{k: v for k, v in {"max_steps": 2, "epochs": 1, "batch_size": 8, "n_queries": 12,
@@ -200,31 +297,119 @@ def notebook_kernel(path: Path, fallback: str = "python3") -> str:
     return fallback
 
 
+def default_notebook_dir() -> Path:
+    """``notebooks/`` of the checkout this module runs from (an editable install), else the copy shipped in the
+    wheel (``cirlab/_resources/notebooks``, put there at build time by ``setup.py``)."""
+    from cirlab.workbench.recipes import _is_checkout
+
+    source = Path(__file__).resolve().parents[2]
+    if _is_checkout(source):
+        return source / "notebooks"
+    return Path(__file__).resolve().parents[1] / "_resources" / "notebooks"
+
+
 class NotebookFailed(RuntimeError):
     """A notebook raised: carries the failing cell's index and error."""
 
 
 def run_notebook(name: str, params: Mapping[str, Any], out_dir: Path, kernel_name: str | None = None,
-                 notebook_dir: Path = NOTEBOOK_DIR, html_export: bool = True, timeout: int | None = None) -> Path:
-    """Execute one notebook with papermill into ``out_dir/<name>.ipynb`` (+ HTML); raise NotebookFailed."""
+                 notebook_dir: Path | None = None, html_export: bool = True, timeout: int | None = None,
+                 stream: TextIO | None = None, prefix: str = "") -> Path:
+    """Execute one notebook with papermill into ``out_dir/<name>.ipynb`` (+ HTML); raise NotebookFailed.
+
+    With a ``stream``, one line per code cell as it starts and the kernel's stderr (training progress lines,
+    warnings) go to it, each line once, prefixed by ``prefix``.
+    """
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
-    src = notebook_dir / f"{notebook_of(name)}.ipynb"
+    src = Path(notebook_dir or default_notebook_dir()) / f"{notebook_of(name)}.ipynb"
     if not src.is_file():
-        raise FileNotFoundError(f"notebook not found: {src} (run `python notebooks/sync.py` to generate it)")
+        raise FileNotFoundError(f"notebook not found: {src} (its py:percent twin {src.with_suffix('.py')} makes it: "
+                                f"`make notebooks`, or `jupytext --sync {src.with_suffix('.py')}`)")
     out_dir.mkdir(parents=True, exist_ok=True)
     dst = out_dir / f"{name}.ipynb"
+    hooks: dict[str, Any] = {}
+    logging.getLogger("papermill").setLevel(logging.WARNING)  # its INFO lines repeat what the report prints
+    if stream is not None:
+        progress = _CellProgress(src, stream, prefix)
+        hooks = {"on_cell_start": progress.on_cell_start, "stderr_file": progress}
     try:
         pm.execute_notebook(str(src), str(dst), parameters=dict(params),
                             kernel_name=kernel_name or notebook_kernel(src), progress_bar=False, cwd=str(out_dir),
-                            execution_timeout=timeout, start_timeout=120)
+                            execution_timeout=timeout, start_timeout=120,
+                            kernel_manager_class=_kernel_manager_class(), **hooks)
     except PapermillExecutionError as err:
         raise NotebookFailed(f"{name}: cell {err.exec_count} failed: {err.ename}: {err.evalue}") from err
     finally:
+        if stream is not None:
+            progress.flush()
         if html_export and dst.is_file():
             export_html(dst)
     return dst
+
+
+def _kernel_manager_class() -> Any:
+    """The kernel manager papermill starts kernels with: IPC sockets on POSIX. Over TCP, ipykernel warns at every
+    start that the traffic is unencrypted (it is local either way); over IPC it has nothing to warn about."""
+    global _IPC_KERNEL_MANAGER
+    from jupyter_client.manager import AsyncKernelManager
+
+    if os.name != "posix":
+        return AsyncKernelManager
+    if _IPC_KERNEL_MANAGER is None:
+        from traitlets import CaselessStrEnum
+
+        class IPCKernelManager(AsyncKernelManager):
+            transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+        _IPC_KERNEL_MANAGER = IPCKernelManager
+    return _IPC_KERNEL_MANAGER
+
+
+class _CellProgress:
+    """Per-cell progress of one notebook run: an nbclient ``on_cell_start`` hook and papermill's ``stderr_file``.
+
+    Prints ``cell 3/6: run = workbench.train_run(...`` when a code cell starts (the parameters cells are not
+    counted) and every complete stderr line of the kernel (the trainer's progress lines, warnings) once: a line
+    redrawn with carriage returns (a progress bar) is printed in its final state only.
+    """
+
+    def __init__(self, notebook: Path, stream: TextIO, prefix: str) -> None:
+        import nbformat
+
+        cells = nbformat.read(notebook, as_version=4).cells
+        self.total = sum(c.cell_type == "code" and not _is_parameter_cell(c) for c in cells)
+        self.stream, self.prefix, self.done, self.pending = stream, prefix, 0, ""
+
+    def on_cell_start(self, cell: Any, cell_index: int, **_: Any) -> None:
+        if cell.cell_type != "code" or _is_parameter_cell(cell):
+            return
+        self.done += 1
+        lines = [l.strip() for l in cell.source.splitlines()]
+        first = next((l for l in lines if l and not l.startswith(("#", "%"))), "")
+        _say(self.stream, f"{self.prefix}cell {self.done}/{self.total}: {first[:80]}")
+
+    def write(self, text: str) -> None:
+        self.pending += text
+        *complete, self.pending = self.pending.split("\n")
+        for line in complete:
+            self._emit(line)
+
+    def flush(self) -> None:
+        if self.pending.strip():
+            self._emit(self.pending)
+        self.pending = ""
+
+    def _emit(self, line: str) -> None:
+        line = line.rsplit("\r", 1)[-1].rstrip()
+        if line.strip():
+            _say(self.stream, f"{self.prefix}  | {line}")
+
+
+def _is_parameter_cell(cell: Any) -> bool:
+    tags = cell.get("metadata", {}).get("tags", [])
+    return "parameters" in tags or "injected-parameters" in tags
 
 
 def export_html(notebook: Path) -> Path:
@@ -232,7 +417,13 @@ def export_html(notebook: Path) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
+    quiet = logging.getLogger("traitlets")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # nbconvert warns that figure outputs carry no alt text, once per notebook
+    try:
+        body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
+    finally:
+        quiet.setLevel(level)
     path = notebook.with_suffix(".html")
     path.write_text(body, encoding="utf-8")
     return path
@@ -240,11 +431,14 @@ def export_html(notebook: Path) -> Path:
 
 def run_report(out: str | os.PathLike = "reports", only: str | None = None,
                overrides: Mapping[str, Any] | None = None, smoke: bool = False, kernel_name: str | None = None,
-               notebook_dir: Path = NOTEBOOK_DIR, stream: TextIO | None = sys.stdout,
-               with_optional: bool = True) -> int:
+               notebook_dir: Path | None = None, stream: TextIO | None = sys.stdout,
+               with_optional: bool = True, command: str | None = None) -> int:
     """Run the report; returns the exit status (0 = every notebook ran, 1 = one failed).
 
-    ``with_optional=False`` leaves the :data:`OPTIONAL` entries (the DIME runs) out of a full report."""
+    ``with_optional=False`` leaves the :data:`OPTIONAL` entries (the DIME runs) out of a full report. Each entry
+    runs in place of the previous one, which is kept aside and put back if the run fails (:func:`run_entry`).
+    ``command`` is recorded in the index (default: ``cirlab report`` plus this process's arguments).
+    """
     out = Path(out).resolve()
     overrides = dict(overrides or {})
     os.environ.update(thread_env())  # the kernels inherit it: one passive-waiting thread on a small machine
@@ -256,69 +450,301 @@ def run_report(out: str | os.PathLike = "reports", only: str | None = None,
     itm_data = data
     if not data_override and not smoke and uses_itm_data(names):
         itm_data = ensure_synthetic_data(SYNTHETIC_SIZE_ITM, stream=stream, layouts=("precomp",))
+    command = command or _command_line()
     t_all = time.time()
     for i, name in enumerate(names, start=1):
         params = notebook_parameters(name, out, data, smoke, overrides, itm_data)
         t0 = time.time()
-        _say(stream, f"[{i}/{len(names)}] {name}: running ...")
+        tag = f"[{i}/{len(names)}] {name}"
+        _say(stream, f"{tag}: running notebook {notebook_of(name)} ...")
         try:
-            run_notebook(name, params, out / name, kernel_name, notebook_dir)
+            run_entry(name, params, out, kernel_name, notebook_dir, stream=stream, prefix=f"{tag}: ",
+                      command=command)
         except NotebookFailed as err:
-            _say(stream, f"[{i}/{len(names)}] {name}: FAILED after {time.time() - t0:.1f}s\n{err}\n"
-                         f"executed notebook: {out / name / (name + '.ipynb')}")
+            kept = "the previous results are kept and marked" if (out / name).is_dir() else "no previous results"
+            _say(stream, f"{tag}: FAILED after {time.time() - t0:.1f}s\n{err}\n"
+                         f"executed notebook: {out / FAILED_DIR / name / (name + '.ipynb')} ({kept})")
             write_index(out)
             return 1
-        _say(stream, f"[{i}/{len(names)}] {name}: done in {time.time() - t0:.1f}s -> {out / name}")
+        _say(stream, f"{tag}: done in {time.time() - t0:.1f}s -> {out / name}")
     index = write_index(out)
     _say(stream, f"report: {len(names)} notebook(s) in {time.time() - t_all:.1f}s -> {index}")
     return 0
 
 
+def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str | None = None,
+              notebook_dir: Path | None = None, *, stream: TextIO | None = None, prefix: str = "",
+              command: str = "") -> Path:
+    """Run one report entry so that a failure never leaves a half-overwritten folder.
+
+    The notebook writes to ``<out>/<name>/`` (the paths inside the executed notebook and the run's config are the
+    ones a reader opens), after the previous folder was moved aside to ``<out>/.<name>.previous``. Success writes
+    ``<name>/report.json`` (status, times, commit, command, parameters) and deletes the previous folder; a failure
+    moves the new output to ``<out>/_failed/<name>/`` (with its own ``report.json``) and swaps the previous folder
+    back, so ``index.html`` shows the last good results marked as such. A run killed half-way is repaired the same
+    way by the next one.
+    """
+    import shutil
+
+    folder, previous, failed = out / name, out / f".{name}.previous", out / FAILED_DIR / name
+    out.mkdir(parents=True, exist_ok=True)
+    if previous.is_dir():  # an interrupted run: its partial output is a failure, the previous folder is good
+        _move(folder, failed)
+        previous.rename(folder)
+    if folder.exists():
+        folder.rename(previous)
+    record: dict[str, Any] = {"entry": name, "notebook": notebook_of(name), "started": _now(), "command": command,
+                              "commit": _commit(), "parameters": dict(params),
+                              "depends": {d: _finished(out / d) for d in DEPENDS.get(name, ())}}
+    t0 = time.time()
+    try:
+        run_notebook(name, params, folder, kernel_name, notebook_dir, stream=stream, prefix=prefix)
+    except BaseException as err:  # a failed cell, a missing kernel, Ctrl-C: put the previous results back
+        record.update(status="failed", finished=_now(), duration_s=round(time.time() - t0, 1),
+                      error=str(err) or type(err).__name__)
+        _move(folder, failed)
+        failed.mkdir(parents=True, exist_ok=True)
+        _write_record(failed / RECORD, record)
+        if previous.is_dir():
+            previous.rename(folder)
+        raise
+    record.update(status="ok", finished=_now(), duration_s=round(time.time() - t0, 1))
+    _write_record(folder / RECORD, record)
+    shutil.rmtree(previous, ignore_errors=True)
+    shutil.rmtree(failed, ignore_errors=True)
+    return folder
+
+
+def _move(src: Path, dst: Path) -> None:
+    import shutil
+
+    if not src.exists():
+        return
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    src.rename(dst)
+
+
+def _write_record(path: Path, record: Mapping[str, Any]) -> None:
+    from cirlab.core.io import write_json
+
+    write_json(path, json.loads(json.dumps(record, default=str)))
+
+
+def _read_record(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _finished(folder: Path) -> str | None:
+    return _read_record(folder).get("finished")
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _command_line() -> str:
+    import shlex
+
+    args = sys.argv[1:]
+    if "report" in args:  # `cirlab [-v] report ...`
+        args = args[args.index("report") + 1:]
+    return shlex.join(["cirlab", "report", *args])
+
+
+def _commit() -> str:
+    """``abc1234`` (``+ uncommitted changes`` when the work tree differs) of the checkout, or ``unknown``."""
+    import subprocess
+
+    from cirlab.workbench.recipes import project_root
+
+    root = project_root()
+    if root is None:
+        return "unknown (not a git checkout)"
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git not available)"
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+
+
 def _say(stream: TextIO | None, line: str) -> None:
-    logger.info(line)
+    logger.debug(line)
     if stream is not None:
         stream.write(line + "\n")
         stream.flush()
 
 
 # --------------------------------------------------------------------------------------------- index.html
-def _metrics_html(path: Path) -> str:
-    from cirlab.workbench.analysis import flatten_metrics
-
+def _metrics_html(path: Path, limit: int = 60) -> str:
     try:
-        flat = flatten_metrics(json.loads(path.read_text()))
+        flat = _unique_metrics(_flat_numbers(json.loads(path.read_text())))
     except (OSError, json.JSONDecodeError) as err:
         return f"<p>metrics unreadable: {html.escape(str(err))}</p>"
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in list(flat.items())[:60])
-    more = f"<p>... {len(flat) - 60} more in metrics.json</p>" if len(flat) > 60 else ""
-    return f"<table><tr><th>metric</th><th>value</th></tr>{rows}</table>{more}"
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td class='num'>{_fmt(v)}</td></tr>"
+                   for k, v in list(flat.items())[:limit])
+    more = f"<p>... {len(flat) - limit} more in metrics.json</p>" if len(flat) > limit else ""
+    return f"<table class='metrics'><tr><th>metric</th><th>value</th></tr>{rows}</table>{more}"
+
+
+def figure_caption(name: str, stem: str) -> str:
+    """What a figure of report entry ``name`` shows and which paper figure, if any, it regenerates."""
+    table = FIGURE_CAPTIONS.get(name) or FIGURE_CAPTIONS.get(notebook_of(name), {})
+    if stem in table:
+        return table[stem]
+    prefixes = [p for p in table if p.endswith("_") and stem.startswith(p)]
+    return table[max(prefixes, key=len)] if prefixes else ""
+
+
+def entry_state(out: Path, name: str) -> dict[str, Any]:
+    """The index's view of one entry: its run record, a newer failed run, dependencies that ran after it."""
+    record = _read_record(out / name)
+    failed = _read_record(out / FAILED_DIR / name)
+    if failed and record and failed.get("started", "") < record.get("started", ""):
+        failed = {}  # an older failure, superseded by the run shown
+    stale = {}
+    for dep in DEPENDS.get(name, ()):
+        finished = _finished(out / dep)
+        if record and finished and finished > record.get("started", finished):
+            stale[dep] = finished
+    return {"record": record, "failed": failed, "stale": stale}
 
 
 def write_index(out: str | os.PathLike) -> Path:
-    """``<out>/index.html``: per notebook, links to its files, its metrics table and its figures."""
+    """``<out>/index.html``: a header (date, commit, command), a table of contents with each entry's state, then
+    per entry its state (failed / stale marked), the command that regenerates it, its parameters, its metrics
+    (each number once) and its figures with captions naming the paper figure they regenerate."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>cirlab report</title><style>"
-             "body{font-family:sans-serif;max-width:1200px;margin:auto}img{max-width:100%;border:1px solid #ddd}"
-             "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}"
-             "</style></head><body><h1>cirlab report</h1>"]
-    for name in ORDER:
-        folder = out / name
-        if not folder.is_dir():
-            continue
-        links = [f"<a href='{name}/{f}'>{f}</a>" for f in (f"{name}.html", f"{name}.ipynb", "metrics.json",
-                                                           "config.json") if (folder / f).is_file()]
-        source = f" <small>(notebook {notebook_of(name)})</small>" if notebook_of(name) != name else ""
-        parts.append(f"<h2 id='{name}'>{name}{source}</h2><p>{' | '.join(links)}</p>")
-        if (folder / "metrics.json").is_file():
-            parts.append(_metrics_html(folder / "metrics.json"))
-        for png in sorted((folder / "figures").glob("*.png")):
-            rel = png.relative_to(out).as_posix()
-            parts.append(f"<h4>{html.escape(png.stem)}</h4><a href='{rel[:-4]}.svg'><img src='{rel}'></a>")
+    entries = [n for n in ORDER if (out / n).is_dir() or (out / FAILED_DIR / n).is_dir()]
+    states = {n: entry_state(out, n) for n in entries}
+    records = [s["record"] for s in states.values() if s["record"]]
+    latest = max(records, key=lambda r: r.get("finished", ""), default={})
+    parts = [_INDEX_HEAD, "<h1>cirlab report</h1>",
+             f"<p class='meta'>written {_when(_now())} · last run {_when(latest.get('finished'))} · "
+             f"commit {html.escape(latest.get('commit', _commit()))} · command "
+             f"<code>{html.escape(latest.get('command', 'cirlab report'))}</code></p>",
+             "<nav><h2>Contents</h2><ol>"]
+    for name in entries:
+        badge, when = _badge(states[name]), states[name]["record"].get("finished")
+        parts.append(f"<li><a href='#{name}'>{name}</a> {badge} <small>{_when(when) if when else ''}</small></li>")
+    parts.append("</ol></nav>")
+    for name in entries:
+        parts.append(_entry_html(out, name, states[name]))
     parts.append("</body></html>")
     index = out / "index.html"
     index.write_text("\n".join(parts), encoding="utf-8")
     return index
+
+
+def _when(iso: str | None) -> str:
+    """``2026-01-02T03:04:05+00:00`` as ``2026-01-02 03:04 UTC`` (records keep the ISO form)."""
+    if not iso:
+        return "?"
+    from datetime import datetime, timezone
+
+    try:
+        moment = datetime.fromisoformat(iso)
+    except ValueError:
+        return html.escape(iso)
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _badge(state: Mapping[str, Any]) -> str:
+    if state["failed"]:
+        return "<span class='badge failed'>FAILED</span>"
+    if state["stale"]:
+        return "<span class='badge stale'>stale</span>"
+    if state["record"].get("status") == "ok":
+        return "<span class='badge ok'>ok</span>"
+    return "<span class='badge'>no run record</span>"
+
+
+def _entry_html(out: Path, name: str, state: Mapping[str, Any]) -> str:
+    folder, record, failed = out / name, state["record"], state["failed"]
+    source = f" <small>(notebook {notebook_of(name)})</small>" if notebook_of(name) != name else ""
+    parts = [f"<section id='{name}'><h2>{name}{source} {_badge(state)}</h2>"]
+    regenerate = f"<code>cirlab report --only {name}</code>"
+    if record:
+        parts.append(f"<p class='meta'>ran {_when(record.get('started'))} for "
+                     f"{record.get('duration_s', '?')} s · commit {html.escape(str(record.get('commit', '?')))} · "
+                     f"regenerate: {regenerate}</p>")
+    if failed:
+        link = f"{FAILED_DIR}/{name}/{name}.html"
+        shown = ("The figures and numbers below are from the previous successful run "
+                 f"({_when(record.get('started'))})." if record else "There are no earlier results.")
+        parts.append(f"<div class='warn failed'><b>The last run failed</b> ({_when(failed.get('started'))})"
+                     f": {html.escape(failed.get('error', '?'))}. Its executed notebook: <a href='{link}'>{link}</a>. "
+                     f"{shown}</div>")
+    if state["stale"]:
+        deps = ", ".join(f"{d} (re-run {_when(t)})" for d, t in state["stale"].items())
+        parts.append(f"<div class='warn stale'><b>Stale</b>: ran before the latest run of {deps}; its numbers and "
+                     f"figures come from the earlier results. Regenerate: {regenerate}</div>")
+    if not folder.is_dir():
+        parts.append("</section>")
+        return "\n".join(parts)
+    links = [f"<a href='{name}/{f}'>{f}</a>" for f in (f"{name}.html", f"{name}.ipynb", "metrics.json",
+                                                       "config.json", RECORD) if (folder / f).is_file()]
+    parts.append(f"<p>{' | '.join(links)}</p>")
+    if record.get("parameters"):
+        rows = "".join(f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(json.dumps(v))}</code></td></tr>"
+                       for k, v in record["parameters"].items())
+        parts.append(f"<details><summary>parameters</summary><table>{rows}</table></details>")
+    if (folder / "metrics.json").is_file():
+        parts.append(f"<details open><summary>metrics</summary>{_metrics_html(folder / 'metrics.json')}</details>")
+    figures = sorted((folder / "figures").glob("*.png"))
+    if figures:
+        parts.append("<div class='figs'>")
+        for png in figures:
+            rel = png.relative_to(out).as_posix()
+            caption = figure_caption(name, png.stem)
+            parts.append(f"<figure><a href='{rel[:-4]}.svg'><img loading='lazy' src='{rel}' "
+                         f"alt='{html.escape(png.stem)}'></a><figcaption><b>{html.escape(png.stem)}</b>"
+                         f"{': ' + html.escape(caption) if caption else ''}</figcaption></figure>")
+        parts.append("</div>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _fmt(value: Any) -> str:
+    """Integers as integers, other numbers with two decimals (three significant digits below 0.01)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return html.escape(str(value))
+    if isinstance(value, int):
+        return f"{value:d}"
+    if value != 0 and abs(value) < 0.01:
+        return f"{value:.3g}"
+    return f"{value:.2f}"
+
+
+def _flat_numbers(metrics: Any, prefix: str = "") -> dict[str, int | float]:
+    """Nested metrics -> ``{"a/b": number}``, keeping ints as ints (``flatten_metrics`` makes every leaf a float)."""
+    flat: dict[str, int | float] = {}
+    if isinstance(metrics, Mapping):
+        for key, value in metrics.items():
+            flat.update(_flat_numbers(value, f"{prefix}{key}/"))
+    elif isinstance(metrics, (int, float)) and not isinstance(metrics, bool):
+        flat[prefix.rstrip("/")] = metrics
+    return flat
+
+
+def _unique_metrics(flat: Mapping[str, int | float]) -> dict[str, int | float]:
+    """Drop a metric that repeats a shorter key's value under a longer path: the trainer's ``splits/val/avg`` next
+    to the notebook's ``val/avg`` is one number, shown once (under the shorter name)."""
+    return {k: v for k, v in flat.items()
+            if not any(k != other and k.endswith("/" + other) and flat[other] == v for other in flat)}
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -344,6 +770,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="reports", help="report folder (default: reports)")
     parser.add_argument("--smoke", action="store_true", help="tiny data and a few steps (seconds per notebook)")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel (default: the notebook's, else python3)")
+    parser.add_argument("--notebooks", default=None, metavar="DIR",
+                        help="folder of the notebooks to run (default: the checkout's notebooks/, else the copies "
+                             "shipped in the installed package)")
     parser.add_argument("--no-dime", dest="with_dime", action="store_false",
                         help="skip train_dime and router_explorer_dime (DIME on the synthetic precomp data; about "
                              "3 min on an idle 2-core CPU)")
@@ -352,7 +781,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_from_args(args: argparse.Namespace) -> int:
     try:
         overrides = parse_set(args.set_)
-        return run_report(args.out, args.only, overrides, args.smoke, args.kernel,
+        notebooks = Path(args.notebooks).expanduser() if getattr(args, "notebooks", None) else None
+        return run_report(args.out, args.only, overrides, args.smoke, args.kernel, notebook_dir=notebooks,
                           with_optional=getattr(args, "with_dime", True))
     except (ValueError, FileNotFoundError) as err:
         sys.stderr.write(f"cirlab report: {err}\n")

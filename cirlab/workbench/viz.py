@@ -27,6 +27,7 @@ __all__ = [
     "plot_query_gates", "plot_gate_distributions", "plot_gate_entropy", "plot_dime_flows", "plot_path_matrices",
     "plot_path_space",
     "plot_rank_shift", "plot_figure8", "plot_training_curves", "plot_run_comparison", "TARGET_COLOR",
+    "plain_text", "paper_order", "image_axis",
 ]
 
 TARGET_COLOR = "#2ca02c"  # green frame around the ground-truth target in galleries
@@ -95,17 +96,52 @@ def _wrap(text: str, width: int = 28) -> str:
     return "\n".join(textwrap.wrap(str(text), width)) or " "
 
 
+def plain_text(text: Any) -> str:
+    """A query text as people read it: Fashion-IQ's ``"<BOS> c0 <AND> c1 <EOS>"`` (AMC's caption policy) becomes
+    ``"c0 and c1"``. Models that were trained on the markup add it back on their own text path (AMC:
+    ``TextEncoder.with_markup``), so a plain text typed in the explorer scores exactly as the loader's text."""
+    import re
+
+    s = re.sub(r"^\s*<BOS>\s*", "", str(text))
+    s = re.sub(r"\s*<EOS>\s*$", "", s)
+    return re.sub(r"\s*<AND>\s*", " and ", s).strip()
+
+
+def paper_order(labels: Sequence[Any]) -> list[Any]:
+    """Labels in the paper's order: AMC's traces name the experts ``α1 NIN``, ``α3 CRN``, ``α2 GTN`` (code order
+    NIN, CRN, GTN; the paper's Fig. 3 numbers the gates α1 NIN, α2 GTN, α3 CRN), so plots sort them by their α
+    number. Labels without one keep their (code) order. The frames keep ``code_index``: only the display changes."""
+    import re
+
+    numbers = [re.match(r"^α(\d+)\b", str(label)) for label in labels]
+    if not labels or not all(numbers):
+        return list(labels)
+    return [label for _, label in sorted(zip((int(m.group(1)) for m in numbers), labels), key=lambda t: t[0])]
+
+
+def _paper_columns(mat: Any) -> Any:
+    return mat[paper_order(list(mat.columns))]
+
+
+def _display_label(label: Any) -> str:
+    """``RIC->GLGC`` (a DIME path, source->destination) as ``RIC→GLGC``."""
+    return str(label).replace("->", "→")
+
+
 def plot_retrieval_gallery(rows: Sequence[Mapping[str, Any]], k: int = 5, title: str = "") -> Any:
     """One row per query: reference image, modification text, then the top-``k`` candidates.
 
     Each row is a mapping with ``ref_image``, ``text``, ``candidates`` (images, best first) and optionally
     ``candidate_ids``, ``scores``, ``target_position`` (0-based index of the target among the candidates,
-    -1/None when it is not shown), ``target_rank`` and ``query_id``. The target's axes get a green frame and
-    ``gid="target"``; the reference gets ``gid="query"``.
+    -1/None when it is not shown), ``target_rank``, ``target_image`` and ``query_id``. The target's axes get a
+    green frame and ``gid="target"``; the reference gets ``gid="query"``. When a row's target ranks below ``k`` and
+    the row has ``target_image``, a last column shows it with its rank (``gid="target_outside"``). Texts are shown
+    without Fashion-IQ's ``<BOS>``/``<AND>``/``<EOS>`` markup (:func:`plain_text`).
     """
     if not rows:
         raise ValueError("plot_retrieval_gallery needs at least one query row")
-    ncols = k + 2
+    outside = any(_target_outside(row) for row in rows)
+    ncols = k + 2 + int(outside)
     fig = _figure(1.5 * ncols, 1.7 * len(rows))
     axes = np.atleast_2d(fig.subplots(len(rows), ncols, squeeze=False))
     for r, row in enumerate(rows):
@@ -121,7 +157,7 @@ def _gallery_row(axes: Sequence[Any], row: Mapping[str, Any], k: int) -> None:
     axes[0].set_gid("query")
     axes[1].axis("off")
     rank = row.get("target_rank")
-    caption = _wrap(row.get("text", "")) + (f"\n\n(target rank {rank})" if rank else "")
+    caption = _wrap(plain_text(row.get("text", ""))) + (f"\n\n(target rank {rank})" if rank else "")
     axes[1].text(0.0, 0.5, caption, fontsize=7, va="center", ha="left", transform=axes[1].transAxes)
     cands = list(row.get("candidates", []))[:k]
     ids = list(row.get("candidate_ids", [""] * len(cands)))
@@ -139,6 +175,19 @@ def _gallery_row(axes: Sequence[Any], row: Mapping[str, Any], k: int) -> None:
         image_axis(ax, cands[j], title=label, color=TARGET_COLOR if is_target else None)
         if is_target:
             ax.set_gid("target")
+    if len(axes) > k + 2:
+        ax = axes[k + 2]
+        if _target_outside(row):
+            image_axis(ax, row["target_image"], title=f"target\nrank {rank}", color=TARGET_COLOR, width=2.0)
+            for spine in ax.spines.values():
+                spine.set_linestyle("--")
+            ax.set_gid("target_outside")
+        else:
+            ax.axis("off")
+
+
+def _target_outside(row: Mapping[str, Any]) -> bool:
+    return row.get("target_image") is not None and row.get("target_position") is None and bool(row.get("target_rank"))
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -227,68 +276,131 @@ def _layers(frame: Any, layers: Sequence[str] | None) -> list[str]:
     return list(layers)
 
 
+def _is_path_frame(frame: Any) -> bool:
+    """Whether the frame holds DIME-style paths (source -> destination) rather than per-expert gates."""
+    return "source" in frame.columns and bool((frame["source"].notna() & (frame["source"].astype(str) != "None")).any())
+
+
+def _pick_queries(frame: Any, max_queries: int, by: str | None) -> tuple[list[Any], list[str]]:
+    """Up to ``max_queries`` query ids spread evenly over the groups of column ``by`` (groups sorted, each in
+    trace order), with each id's group: heatmap rows grouped and labelled by category."""
+    first = frame.drop_duplicates("query_id")
+    if not by or by not in frame.columns:
+        ids = list(first["query_id"])[:max_queries]
+        return ids, [""] * len(ids)
+    groups: dict[str, list[Any]] = {}
+    for qid, group in zip(first["query_id"], first[by].astype(str)):
+        groups.setdefault(group, []).append(qid)
+    names = sorted(groups)
+    take = {g: 0 for g in names}
+    left = max_queries
+    while left > 0 and any(take[g] < len(groups[g]) for g in names):
+        for g in names:  # round robin: every group gets its share before any gets more
+            if left > 0 and take[g] < len(groups[g]):
+                take[g] += 1
+                left -= 1
+    ids = [q for g in names for q in groups[g][:take[g]]]
+    return ids, [g for g in names for _ in range(take[g])]
+
+
+def _label_groups(ax: Any, labels: Sequence[str], with_ticks: bool) -> None:
+    """Horizontal lines between row groups; the group names as y tick labels at each group's centre."""
+    bounds, start = [], 0
+    for i in range(1, len(labels) + 1):
+        if i == len(labels) or labels[i] != labels[start]:
+            bounds.append((start, i, labels[start]))
+            start = i
+    for lo, hi, _ in bounds[1:]:
+        ax.axhline(lo - 0.5, color="white", linewidth=1.5)
+    if with_ticks:
+        ax.set_yticks([(lo + hi - 1) / 2 for lo, hi, _ in bounds], [f"{name} ({hi - lo})" for lo, hi, name in bounds],
+                      fontsize=7)
+    else:
+        ax.set_yticks([])
+
+
 def plot_expert_heatmaps(frame: Any, layers: Sequence[str] | None = None, max_queries: int = 40,
                          sort_by: str | None = "category") -> Any:
-    """Per layer, a ``query x expert`` heatmap of routing weights (DIME: columns are source->destination)."""
+    """Per layer, a ``query x expert`` heatmap of routing weights (DIME: columns are source→destination paths).
+
+    Rows are up to ``max_queries`` queries spread over the values of ``sort_by`` (default: the category; DIME: the
+    caption type), grouped and labelled by it. AMC's experts are drawn in the paper's order (α1 NIN, α2 GTN, α3 CRN).
+    """
     layers = _layers(frame, layers)
-    ids = list(dict.fromkeys(frame["query_id"]))
-    if sort_by and sort_by in frame.columns:
-        order = frame.drop_duplicates("query_id").sort_values(sort_by, kind="stable")["query_id"].tolist()
-        ids = [q for q in order if q in set(ids)]
-    ids = ids[:max_queries]
-    widths = [max(2.0, 0.35 * analysis.gate_matrix(frame, l).shape[1] + 1.0) for l in layers]
-    fig = _figure(sum(widths) + 1.0, 1.2 + 0.16 * len(ids))
+    ids, groups = _pick_queries(frame, max_queries, sort_by)
+    paths = _is_path_frame(frame)
+    mats = [_paper_columns(analysis.gate_matrix(frame, l)).reindex(ids) for l in layers]
+    widths = [max(2.0, 0.3 * m.shape[1] + 0.8) for m in mats]
+    fig = _figure(sum(widths) + 2.0, 1.6 + 0.13 * len(ids))
     axes = fig.subplots(1, len(layers), squeeze=False, width_ratios=widths)[0]
     vmax = float(frame["weight"].max()) or 1.0
-    for ax, layer in zip(axes, layers):
-        mat = analysis.gate_matrix(frame, layer).reindex(ids)
+    for i, (ax, layer, mat) in enumerate(zip(axes, layers, mats)):
         image = ax.imshow(mat.to_numpy(dtype=float), aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax,
                           interpolation="nearest")
-        ax.set_xticks(range(mat.shape[1]), [str(c) for c in mat.columns], rotation=90 if mat.shape[1] > 3 else 0,
-                      fontsize=6 if mat.shape[1] > 3 else 8)
-        ax.set_yticks(range(len(ids)), [str(q) for q in ids], fontsize=5)
+        names = [_display_label(c) for c in mat.columns]
+        many = mat.shape[1] > 4 or max(map(len, names)) > 7  # long DIME path names would run together
+        ax.set_xticks(range(mat.shape[1]), names, rotation=90 if many else 0, fontsize=6 if many else 8)
+        ax.set_xlabel("path (source→destination cell)" if paths else "expert", fontsize=8)
+        if any(groups):
+            _label_groups(ax, groups, with_ticks=i == 0)
+        elif i == 0:
+            ax.set_yticks(range(len(ids)), [str(q) for q in ids], fontsize=5)
+        else:
+            ax.set_yticks([])
         ax.set_title(str(layer), fontsize=9)
+    what = "image–caption pair" if paths else "query"
+    axes[0].set_ylabel(f"{what} ({len(ids)} shown" + (f", grouped by {sort_by})" if any(groups) else ")"), fontsize=8)
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="routing weight")
-    fig.suptitle("Expert activations per layer (query x expert)")
+    fig.suptitle("Path weights per pair and layer" if paths else "Router gates per query and layer")
     return fig
 
 
 def plot_query_gates(frame: Any, query_ids: Sequence[Any], layers: Sequence[str] | None = None,
                      title: str = "") -> Any:
-    """Bar charts of the gates of a few queries: one row per query, one panel per layer."""
+    """Bar charts of the gates of a few queries: one row per query, one panel per layer (AMC: paper order)."""
     layers = _layers(frame, layers)
     query_ids = list(query_ids)
     if not query_ids:
         raise ValueError("plot_query_gates needs at least one query id")
-    fig = _figure(2.6 * len(layers) + 0.5, 1.6 * len(query_ids) + 0.4)
+    fig = _figure(2.6 * len(layers) + 0.8, 1.6 * len(query_ids) + 0.6)
     axes = fig.subplots(len(query_ids), len(layers), squeeze=False, sharey=True)
     ymax = max(float(frame["weight"].max()), 1e-6) * 1.1
     for r, qid in enumerate(query_ids):
         for c, layer in enumerate(layers):
-            mat = analysis.gate_matrix(frame, layer)
+            mat = _paper_columns(analysis.gate_matrix(frame, layer))
             if qid not in mat.index:
                 raise KeyError(f"query {qid!r} not in the route frame for layer {layer!r}")
             ax = axes[r, c]
             values = mat.loc[qid].to_numpy(dtype=float)
             ax.bar(range(len(values)), values, color=[PALETTE[j % len(PALETTE)] for j in range(len(values))])
-            ax.set_xticks(range(len(values)), [str(v) for v in mat.columns], fontsize=6,
+            ax.set_xticks(range(len(values)), [_display_label(v) for v in mat.columns], fontsize=6,
                           rotation=90 if len(values) > 4 else 0)
             ax.set_ylim(0, ymax)
             ax.set_title(f"{qid} | {layer}", fontsize=7)
+            if c == 0:
+                ax.set_ylabel("gate weight", fontsize=7)
+            if r == len(query_ids) - 1:
+                ax.set_xlabel("path" if _is_path_frame(frame) else "expert", fontsize=7)
     fig.suptitle(title or "Router gates per query")
     return fig
 
 
 def plot_gate_distributions(frame: Any, by: str = "category", layers: Sequence[str] | None = None) -> Any:
-    """Per layer, box plots of each expert's weight grouped by ``by`` (category, modification type, ...)."""
+    """Per layer, each expert's weight grouped by ``by`` (category, modification type, ...).
+
+    Gate models (AMC): box plots per expert and group. Path models (DIME, 16 paths a layer): a heatmap of the mean
+    path weight per group (rows: source→destination paths, columns: groups), readable where 16 x groups boxes are not.
+    """
     if by not in frame.columns:
         raise KeyError(f"the route frame has no {by!r} column; columns: {list(frame.columns)}")
     layers = _layers(frame, layers)
+    if _is_path_frame(frame):
+        return _group_means_heatmaps(frame, by, layers)
     groups = sorted(frame[by].dropna().astype(str).unique())
     fig = _figure(max(4.0, 3.5 * len(layers)), 3.2)
     axes = fig.subplots(1, len(layers), squeeze=False, sharey=True)[0]
     for ax, layer in zip(axes, layers):
-        mat = analysis.gate_matrix(frame, layer)
+        mat = _paper_columns(analysis.gate_matrix(frame, layer))
         labels = frame.drop_duplicates("query_id").set_index("query_id")[by].astype(str).reindex(mat.index)
         width = 0.8 / max(len(groups), 1)
         for g, group in enumerate(groups):
@@ -299,10 +411,12 @@ def plot_gate_distributions(frame: Any, by: str = "category", layers: Sequence[s
             for patch in box["boxes"]:
                 patch.set_facecolor(PALETTE[g % len(PALETTE)])
                 patch.set_gid(f"box:{group}")
-        ax.set_xticks(range(mat.shape[1]), [str(c) for c in mat.columns], fontsize=7,
+        ax.set_xticks(range(mat.shape[1]), [_display_label(c) for c in mat.columns], fontsize=7,
                       rotation=90 if mat.shape[1] > 4 else 0)
+        ax.set_xlabel("expert", fontsize=8)
         ax.set_title(str(layer), fontsize=9)
         ax.grid(axis="y", linestyle="--", alpha=0.5)
+    axes[0].set_ylabel("gate weight")
     from matplotlib.patches import Patch
 
     fig.legend(handles=[Patch(color=PALETTE[g % len(PALETTE)], label=grp) for g, grp in enumerate(groups)],
@@ -311,27 +425,65 @@ def plot_gate_distributions(frame: Any, by: str = "category", layers: Sequence[s
     return fig
 
 
+def _group_means_heatmaps(frame: Any, by: str, layers: Sequence[str]) -> Any:
+    """Per layer: rows = paths, columns = groups of ``by``, cell = mean weight of the path in the group."""
+    groups = sorted(frame[by].dropna().astype(str).unique())
+    labels = frame.drop_duplicates("query_id").set_index("query_id")[by].astype(str)
+    mats = []
+    for layer in layers:
+        mat = analysis.gate_matrix(frame, layer)
+        lab = labels.reindex(mat.index)
+        mats.append(np.stack([mat.loc[lab == g].mean(axis=0).to_numpy(dtype=float) for g in groups], axis=1)
+                    if groups else np.zeros((mat.shape[1], 0)))
+    rows = max(m.shape[0] for m in mats)
+    fig = _figure(max(4.0, (1.6 + 0.45 * len(groups)) * len(layers) + 1.2), 1.4 + 0.2 * rows)
+    axes = fig.subplots(1, len(layers), squeeze=False)[0]
+    vmin, vmax = min(float(m.min()) for m in mats), max(float(m.max()) for m in mats)
+    for ax, layer, data in zip(axes, layers, mats):
+        names = list(analysis.gate_matrix(frame, layer).columns)
+        image = ax.imshow(data, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
+        image.set_gid(f"means:{layer}")
+        ax.set_yticks(range(len(names)), [_display_label(n) for n in names], fontsize=6)
+        ax.set_xticks(range(len(groups)), groups, rotation=45, ha="right", fontsize=7)
+        ax.set_xlabel(by, fontsize=8)
+        ax.set_title(str(layer), fontsize=9)
+    axes[0].set_ylabel("path (source→destination cell)", fontsize=8)
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label="mean path weight")
+    fig.suptitle(f"Mean path weight per {by}")
+    return fig
+
+
 def plot_gate_entropy(frame: Any, layers: Sequence[str] | None = None) -> Any:
-    """Left: histogram of normalised gate entropy per layer. Right: expert utilisation (mean share, top-1)."""
+    """Left: histogram of normalised gate entropy per layer. Right, one panel per layer: each expert's (DIME: each
+    path's) mean share of the routing weight and the share of queries it wins (top-1), as horizontal bars so that
+    16 path names stay readable."""
     layers = _layers(frame, layers)
     stats = analysis.route_statistics(frame[frame["layer"].isin(layers)])
-    fig = _figure(9.0, 3.2)
-    left, right = fig.subplots(1, 2, width_ratios=[1, 1.6])
+    per_layer = {layer: stats[stats["layer"] == layer] for layer in layers}
+    rows = max(len(s) for s in per_layer.values())
+    fig = _figure(3.2 + 2.4 * len(layers), max(3.0, 1.0 + 0.22 * rows))
+    axes = fig.subplots(1, 1 + len(layers), width_ratios=[1.3] + [1.0] * len(layers), squeeze=False)[0]
+    left = axes[0]
     for i, layer in enumerate(layers):
         ent = analysis.gate_entropy(analysis.gate_matrix(frame, layer).to_numpy())
         left.hist(ent, bins=np.linspace(0, 1, 21), alpha=0.6, label=str(layer), color=PALETTE[i % len(PALETTE)])
-    left.set_xlabel("gate entropy / log(E)  (1 = uniform)")
+    left.set_xlabel("gate entropy / log(E)  (1 = uniform)", fontsize=8)
     left.set_ylabel("queries")
     left.legend(fontsize=7)
-    labels = [f"{r.layer}\n{r.expert}" for r in stats.itertuples()]
-    x = np.arange(len(stats))
-    right.bar(x - 0.2, stats["mean_share"], 0.4, label="mean share", color=PALETTE[0])
-    right.bar(x + 0.2, stats["top1_share"], 0.4, label="top-1 share", color=PALETTE[1])
-    right.set_xticks(x, labels, fontsize=6, rotation=90 if len(x) > 8 else 0)
-    right.set_ylabel("fraction")
-    right.legend(fontsize=7)
-    right.set_title("Expert utilisation", fontsize=9)
     left.set_title("Routing entropy", fontsize=9)
+    for ax, layer in zip(axes[1:], layers):
+        s = per_layer[layer].set_index("expert")
+        names = paper_order(list(s.index))[::-1]  # barh draws bottom-up: first expert on top
+        s = s.loc[names]
+        y = np.arange(len(s))
+        ax.barh(y + 0.2, s["mean_share"], 0.4, label="mean share", color=PALETTE[0], gid="mean_share")
+        ax.barh(y - 0.2, s["top1_share"], 0.4, label="top-1 share", color=PALETTE[1], gid="top1_share")
+        ax.set_yticks(y, [_display_label(n) for n in names], fontsize=6 if len(y) > 4 else 8)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("fraction of queries / weight", fontsize=8)
+        ax.set_title(f"Utilisation: {layer}", fontsize=9)
+        ax.grid(axis="x", linestyle="--", alpha=0.5)
+    axes[1].legend(fontsize=7, loc="lower right")
     return fig
 
 
@@ -430,29 +582,45 @@ def plot_path_space(frame: Any, color_by: str = "category", annotate: int = 0) -
 
 
 # --------------------------------------------------------------------------------------------- rank shift
-def plot_figure8(table: Any, title: str = "") -> Any:
-    """Figure 8 of the re-ranking paper from :func:`cirlab.workbench.analysis.rank_shift_table` (one bin per rank).
+def plot_figure8(table: Any, title: str = "", label_before: str = "stage I", label_after: str = "stage II") -> Any:
+    """Figure 8 of the re-ranking paper (Liu et al., TMLR 2024, appendix) from
+    :func:`cirlab.workbench.analysis.rank_shift_table` (one bin per initial rank).
 
-    Top: average delta (rank before - rank after) per initial rank; bottom: number of queries (symlog).
+    Top: average delta per initial rank, ``rank before - rank after`` (positive = the target moved forward, the
+    paper's sign; the axis label says so); bottom: number of queries per initial rank on a symlog axis with plain
+    integer ticks (0, 1, 10, 100, ...). The paper's panel size; the two y labels are aligned and each stays within
+    its own panel.
     """
     from matplotlib.gridspec import GridSpec
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
-    fig = _figure(5.156, 3.683)  # the paper's panel size (rerank_cala.md A.9)
+    fig = _figure(5.156, 3.683)  # the paper's panel size
     fig.set_layout_engine("none")
-    gs = GridSpec(2, 1, figure=fig, height_ratios=[2, 1], hspace=0.0, left=0.15, right=0.97, bottom=0.14,
-                  top=0.9 if title else 0.97)
+    gs = GridSpec(2, 1, figure=fig, height_ratios=[2, 1], hspace=0.0, left=0.16, right=0.97, bottom=0.13,
+                  top=0.91 if title else 0.97)
     top = fig.add_subplot(gs[0])
     bottom = fig.add_subplot(gs[1], sharex=top)
     x = table["bin_start"].to_numpy()
     top.bar(x, table["average_delta"].to_numpy(), width=0.8, align="center", color="royalblue")
-    top.set_ylabel(r"Average $\Delta$")
+    top.axhline(0.0, color="black", linewidth=0.6)
+    top.set_ylabel(f"Average $\\Delta$ = rank {label_before}\n− rank {label_after} (> 0: moved up)", fontsize=7)
+    top.yaxis.set_major_locator(MaxNLocator(nbins=5, prune="lower"))  # no label on the seam between the panels
     top.grid(True, linestyle="--", alpha=0.6)
-    top.tick_params(labelbottom=False)
-    bottom.plot(x, table["count"].to_numpy(), color="chocolate", linewidth=0.9)
-    bottom.set_yscale("symlog")
-    bottom.set_ylabel("Number of samples")
-    bottom.set_xlabel("Initial ranking (index)")
+    top.tick_params(labelbottom=False, labelsize=7)
+    counts = table["count"].to_numpy()
+    bottom.plot(x, counts, color="chocolate", linewidth=0.9)
+    bottom.set_yscale("symlog", linthresh=1.0)
+    peak = max(float(counts.max()) if len(counts) else 1.0, 1.0)
+    decades = [0.0] + [10.0 ** e for e in range(int(np.floor(np.log10(peak))) + 1)]
+    bottom.set_ylim(0.0, peak * 3.0)  # head room: the highest tick label stays below the seam
+    bottom.yaxis.set_major_locator(FixedLocator(decades))
+    bottom.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    bottom.yaxis.set_minor_locator(NullLocator())
+    bottom.set_ylabel("Queries", fontsize=7)
+    bottom.set_xlabel(f"Initial rank ({label_before}, 1-based)", fontsize=8)
+    bottom.tick_params(labelsize=7)
     bottom.grid(True, linestyle="--", alpha=0.6)
+    fig.align_ylabels([top, bottom])
     if title:
         fig.suptitle(title, fontsize=9)
     return fig
@@ -539,6 +707,7 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | N
 
     ``x`` defaults to ``step`` (else ``epoch``, else the record index); ``keys`` defaults to every numeric
     column ending in ``loss`` plus ``lr`` and any validation metric (``val`` prefix or ``R@`` in the name).
+    A quantity that never changes (a constant learning rate) gets no panel: its value is written under the figure.
     """
     import pandas as pd
 
@@ -553,9 +722,12 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | N
     keys = [k for k in keys if k in df.columns]
     if not keys:
         raise ValueError(f"no plottable columns in the training log; columns: {list(df.columns)}")
+    constant = {k: df[k].dropna().iloc[0] for k in keys if df[k].notna().sum() > 1 and df[k].dropna().nunique() == 1}
+    keys = [k for k in keys if k not in constant] or keys
+    constant = {k: v for k, v in constant.items() if k not in keys}
     ncols = min(3, len(keys))
     nrows = int(np.ceil(len(keys) / ncols))
-    fig = _figure(3.3 * ncols, 2.4 * nrows)
+    fig = _figure(3.3 * ncols, 2.4 * nrows + (0.3 if constant else 0.0))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
     xs = df[x] if x else pd.Series(np.arange(len(df)))
     for ax, key in zip(axes, keys):
@@ -563,7 +735,11 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | N
         ax.plot(xs[m], df.loc[m, key], marker="." if m.sum() < 30 else None, linewidth=1.0, gid=f"curve:{key}")
         ax.set_title(key, fontsize=8)
         ax.set_xlabel(x or "record", fontsize=7)
+        ax.set_ylabel(key, fontsize=7)
         ax.grid(True, linestyle="--", alpha=0.5)
     for ax in axes[len(keys):]:
         ax.axis("off")
+    if constant:
+        note = "constant: " + ", ".join(f"{k} = {float(v):g}" for k, v in constant.items())
+        fig.supxlabel(note, fontsize=8, gid="constants")
     return fig

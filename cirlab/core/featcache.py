@@ -1,0 +1,245 @@
+"""Feature caches: keys and digests, whole-corpus tensor files, and a memory-mapped per-item store.
+
+Two caches share this module:
+
+* **Corpus files** (:func:`load_tensor` / :func:`save_tensor`): one tensor per key, e.g. the gallery features of
+  :func:`cirlab.core.retrieval.encode_corpus` or the re-ranker's frozen stage-I tokens, written atomically.
+* **Per-item store** (:class:`FeatureStore`): features of single inputs (one image), found by a digest of the
+  input's bytes, for frozen backbones that see the same images every epoch (AMC ``lite``). The store lives in a
+  folder named by :func:`cache_key` of everything else the features depend on (the weights' digest, the network,
+  the input size); because the item key is the content of the *transformed* input, a changed image file or a
+  changed transform gives a new digest, and changed weights give a new folder. Rows are appended in segment files
+  (``.npy``, memory-mapped when read back, one per flush and writer, so several processes can share a folder);
+  a segment counts only once its key list, written last, is complete.
+
+Keys are hashes, never paths: moving a dataset keeps its cache valid, and editing an image invalidates it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import uuid
+import weakref
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["cache_key", "file_digest", "state_dict_digest", "tensor_digest", "default_dir", "load_tensor",
+           "save_tensor", "FeatureStore", "open_store"]
+
+
+# ---------------------------------------------------------------------------------------------------- keys
+def cache_key(*parts: Any) -> str:
+    """A short stable hash of the parts (checkpoint digest, dataset, split, size, encoder name, ...).
+
+    Examples:
+        >>> key = cache_key("ckpt-1a2b", "cirr", "val", 2297, "encode_target")
+        >>> len(key), key == cache_key("ckpt-1a2b", "cirr", "val", 2297, "encode_target")
+        (20, True)
+        >>> cache_key("ckpt-1a2b", "cirr", "val", 2297, "encode_query") == cache_key("ckpt-1a2b", "cirr", "val", 2297)
+        False
+    """
+    blob = json.dumps([str(p) for p in parts], ensure_ascii=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def file_digest(path: str | os.PathLike, *, block: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes (e.g. a checkpoint), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def state_dict_digest(module_or_state: Any) -> str:
+    """SHA-256 over a model's parameter and buffer names and bytes (for models not loaded from a file)."""
+    state = module_or_state.state_dict() if hasattr(module_or_state, "state_dict") else module_or_state
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tensor_digest(t: Tensor) -> str:
+    """BLAKE2b-128 of a tensor's dtype, shape and bytes: the identity of one input (a transformed image)."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.blake2b(f"{t.dtype}:{tuple(t.shape)}".encode(), digest_size=16)
+    h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def default_dir() -> Path:
+    """``cirlab.core.paths.cache_dir() / "features"`` (``$CIRLAB_CACHE``)."""
+    from cirlab.core.paths import cache_dir
+
+    return cache_dir() / "features"
+
+
+# ---------------------------------------------------------------------------------------------------- corpus files
+def load_tensor(path: Path, key: str) -> Tensor | None:
+    """The tensor saved under ``key`` at ``path``; None (with a warning) when unreadable or another key's."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: recompute rather than fail
+        log.warning("feature cache %s is unreadable (%s); recomputing", path, err)
+        return None
+    if not isinstance(blob, dict) or blob.get("cache_key") != key or not isinstance(blob.get("features"), Tensor):
+        log.warning("feature cache %s does not hold key %s; recomputing", path, key)
+        return None
+    return blob["features"]
+
+
+def save_tensor(path: Path, key: str, features: Tensor) -> None:
+    """Write ``features`` under ``key`` atomically: a reader sees the old file or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"cache_key": key, "features": features}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], suffix: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------------------------------------------- per-item store
+class FeatureStore:
+    """Features of single inputs, keyed by the digest of each input's bytes, memory-mapped on disk.
+
+    Args:
+        directory: the store's folder (one per key: build it as ``root / cache_key(weights digest, ...)``);
+            ``None`` keeps everything in memory.
+        flush_rows: new rows kept in memory before they are written as one segment (also written on
+            :meth:`flush`, when the store is garbage-collected and at interpreter exit).
+
+    Examples:
+        >>> store = FeatureStore(None)
+        >>> x = torch.arange(6.0).view(3, 2)
+        >>> calls = []
+        >>> f = lambda t: calls.append(len(t)) or t * 10
+        >>> store.get_or_compute(x, f).tolist(), store.get_or_compute(x[[2, 0]], f).tolist(), calls
+        ([[0.0, 10.0], [20.0, 30.0], [40.0, 50.0]], [[40.0, 50.0], [0.0, 10.0]], [3])
+    """
+
+    def __init__(self, directory: str | os.PathLike | None, *, flush_rows: int = 256) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self.flush_rows = flush_rows
+        self._rows: dict[str, tuple[int, int]] = {}  # digest -> (segment, row)
+        self._segments: list[np.ndarray] = []
+        self._pending: dict[str, np.ndarray] = {}  # rows not written yet (all of them for an in-memory store)
+        self.hits = self.misses = 0
+        if self.directory is not None:
+            self._open()
+            weakref.finalize(self, FeatureStore._write_segment, self.directory, self._pending)
+
+    def __len__(self) -> int:
+        return len(self._rows) + len(self._pending)
+
+    def _open(self) -> None:
+        for keys_file in sorted(self.directory.glob("seg-*.keys.json")):
+            data_file = keys_file.with_name(keys_file.name.replace(".keys.json", ".npy"))
+            try:
+                keys = json.loads(keys_file.read_text())
+                rows = np.load(data_file, mmap_mode="r")
+            except (OSError, ValueError) as err:
+                log.warning("feature store %s: skipping unreadable segment %s (%s)", self.directory, data_file, err)
+                continue
+            if len(keys) != len(rows):
+                log.warning("feature store %s: segment %s is incomplete; skipped", self.directory, data_file)
+                continue
+            seg = len(self._segments)
+            self._segments.append(rows)
+            for i, k in enumerate(keys):
+                self._rows.setdefault(k, (seg, i))
+        if self._rows:
+            log.info("feature store %s: %d cached items", self.directory, len(self._rows))
+
+    def _get(self, digest: str) -> np.ndarray | None:
+        loc = self._rows.get(digest)
+        if loc is not None:
+            return self._segments[loc[0]][loc[1]]
+        return self._pending.get(digest)
+
+    def get_or_compute(self, inputs: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
+        """``compute(inputs)`` row by row, with every row found in the store taken from it instead; ``compute``
+        runs once, on the missing rows only, and must treat rows independently."""
+        digests = [tensor_digest(x) for x in inputs]
+        found = [self._get(d) for d in digests]
+        missing = [i for i, row in enumerate(found) if row is None]
+        self.hits += len(inputs) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            new = compute(inputs[missing]).detach().float().cpu()
+            for j, i in enumerate(missing):
+                row = new[j].numpy().copy()
+                found[i] = row
+                if self._get(digests[i]) is None:  # a batch may hold the same input twice
+                    self._pending[digests[i]] = row
+            if len(self._pending) >= self.flush_rows:
+                self.flush()
+        return torch.from_numpy(np.stack(found)).to(inputs.device)
+
+    def flush(self) -> None:
+        """Write the pending rows as one segment (nothing for an in-memory store)."""
+        if self.directory is None or not self._pending:
+            return
+        for keys, written in FeatureStore._write_segment(self.directory, self._pending):
+            seg = len(self._segments)
+            self._segments.append(np.load(written, mmap_mode="r"))
+            for i, k in enumerate(keys):
+                self._rows.setdefault(k, (seg, i))
+        self._pending.clear()
+
+    @staticmethod
+    def _write_segment(directory: Path, pending: dict[str, np.ndarray]) -> list[tuple[list[str], Path]]:
+        """One segment per row shape (inputs of another size give features of another size)."""
+        groups: dict[tuple, list[str]] = {}
+        for k, row in pending.items():
+            groups.setdefault((row.shape, row.dtype.str), []).append(k)
+        written = []
+        for keys in groups.values():
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                stem = directory / f"seg-{uuid.uuid4().hex}"
+                data = np.stack([pending[k] for k in keys])
+                _atomic_write(stem.with_suffix(".npy"), lambda f: np.save(f, data), ".npy.tmp")
+                blob = json.dumps(keys).encode()
+                _atomic_write(Path(f"{stem}.keys.json"), lambda f: f.write(blob), ".json.tmp")  # commits it
+            except OSError as err:  # a full or read-only disk: the cache is an optimisation, never an error
+                log.warning("feature store %s: could not write a segment (%s)", directory, err)
+                continue
+            written.append((keys, stem.with_suffix(".npy")))
+        return written
+
+
+_STORES: dict[str, FeatureStore] = {}
+
+
+def open_store(directory: str | os.PathLike) -> FeatureStore:
+    """The process's one :class:`FeatureStore` for ``directory`` (models and their copies share it)."""
+    key = str(Path(directory).resolve())
+    if key not in _STORES:
+        _STORES[key] = FeatureStore(key)
+    return _STORES[key]

@@ -1,0 +1,65 @@
+"""Generators write only into folders they created: a marker file (a small manifest) says so.
+
+A folder a generator creates gets ``.cirlab-generated.json`` (the generator's name and the time) before anything
+else is written into it, so even a build killed half-way leaves a folder that is recognisably the generator's.
+Replacing or deleting a folder without the marker (or the generator's own completed manifest) is refused unless the
+caller passes ``force``; the refusal names exactly what would be deleted.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+from cirlab.core.errors import CirlabError
+
+MARKER = ".cirlab-generated.json"
+
+
+class NotOwnedError(CirlabError, FileExistsError):
+    """A generator was pointed at a folder it did not create (and ``force`` was not given)."""
+
+
+def is_owned(folder: Path, generator: str, manifests: Iterable[str] = ()) -> bool:
+    """True when ``folder`` carries the marker of ``generator`` or one of its completed manifests (older builds)."""
+    marker = folder / MARKER
+    if marker.is_file():
+        try:
+            return json.loads(marker.read_text(encoding="utf-8")).get("generator") == generator
+        except (OSError, ValueError, AttributeError):
+            return False
+    return any((folder / name).is_file() for name in manifests)
+
+
+def is_empty(folder: Path) -> bool:
+    return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
+
+
+def mark(folder: Path, generator: str) -> None:
+    """Create ``folder`` (if needed) and mark it as written by ``generator``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    # no time or pid in it: the same seed must still write byte-identical trees
+    (folder / MARKER).write_text(json.dumps({"generator": generator}) + "\n", encoding="utf-8")
+
+
+def describe(folder: Path) -> str:
+    """``"data/fiq (1,234 files, 56.7 MB)"``: what deleting ``folder`` would remove."""
+    if not folder.is_dir():
+        return f"{folder} (a file)"
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    return f"{folder} ({len(files):,} file{'s' if len(files) != 1 else ''}, {size / 1e6:.1f} MB)"
+
+
+def refuse(command: str, target: Path, doomed: list[Path], reason: str) -> NotOwnedError:
+    deleted = "; it would delete " + ", ".join(describe(p) for p in doomed) if doomed else ""
+    return NotOwnedError(f"{command}: refusing to write into {target}: {reason}{deleted}. Choose an empty or new "
+                         "folder, or pass --force (Python: force=True) to replace it")
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

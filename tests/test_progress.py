@@ -1,0 +1,55 @@
+"""The trainer's progress display: a tqdm.auto bar in terminals and JupyterLab, one line per logged step elsewhere,
+and a warning when max_steps cuts the epochs short."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from cirlab.engine import train as train_mod
+from cirlab.engine.train import TrainConfig, _RunLog
+
+
+def record(step: int, loss: float = 0.5) -> dict:
+    return {"kind": "train", "epoch": 0, "step": step, "lr": 1e-3, "loss": loss}
+
+
+def test_headless_runs_print_each_logged_step_once_with_eta(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_mod, "live_frontend", lambda: False)
+    log = _RunLog(tmp_path, TrainConfig(epochs=2, progress="auto", tensorboard=False), 40, True, 0, steps_per_epoch=20)
+    assert log.bar is None and log.lines  # pytest's stderr is no terminal, no Jupyter frontend: lines
+    for step in (1, 10, 20):
+        log.progress(record(step))
+    log.close()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and err[1].startswith("train: step 10/40 (25%) epoch 1 loss 0.5000 lr 1.00e-03")
+    assert "elapsed, ETA" in err[2]
+
+
+def test_a_live_jupyter_frontend_or_a_terminal_gets_a_tqdm_bar(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "live_frontend", lambda: True)
+    log = _RunLog(tmp_path, TrainConfig(epochs=1, progress="auto", tensorboard=False), 10, True, 0)
+    try:
+        assert log.bar is not None and not log.lines
+        log.progress(record(1))
+        assert log.bar.n == 1 and log.bar.total == 10 and "loss" in str(log.bar.postfix)
+    finally:
+        log.close()
+    assert _RunLog(tmp_path, TrainConfig(epochs=1, progress="none", tensorboard=False), 10, True, 0).bar is None
+
+
+def test_max_steps_that_cuts_epochs_short_is_a_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="cirlab.engine.train"):
+        _RunLog(tmp_path, TrainConfig(epochs=3, max_steps=6, progress="none", tensorboard=False), 6, True, 0,
+                steps_per_epoch=30)
+    assert any("max_steps=6" in r.getMessage() and "3 epochs" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cirlab.engine.train"):
+        _RunLog(tmp_path, TrainConfig(epochs=3, max_steps=90, progress="none", tensorboard=False), 90, True, 0,
+                steps_per_epoch=30)
+    assert not caplog.records  # max_steps covers every epoch: nothing to say
+
+
+@pytest.mark.parametrize("seconds,text", [(42, "42s"), (185, "3m05s"), (3720, "1h02m")])
+def test_durations_read_like_a_clock(seconds, text):
+    assert train_mod._duration(seconds) == text

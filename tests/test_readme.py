@@ -1,0 +1,115 @@
+"""Every command in the README runs as written, after `make demo`, from the checkout's root.
+
+The test builds that state in a copy of the checkout (notebooks, configs, pyproject, the .venv linked in) with a
+smoke report in place of `make demo`'s (`cirlab report --smoke`, the same entries on tiny data), then runs each
+line of every ```bash block and every ```python block there. Commands that cannot run inside a test say why in
+:data:`SKIP_COMMANDS` / :data:`SKIP_SECTIONS`; anything else that fails, fails the test with its output.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+# command prefix -> why the test does not run it
+SKIP_COMMANDS = {
+    "make demo": "the state every other command runs in (built here with `cirlab report --smoke`)",
+    "make test": "the test runner itself",
+    ".venv/bin/jupyter lab": "a server: tests/test_browser.py starts JupyterLab and drives it in Chromium",
+}
+# README section -> why its blocks are not run
+SKIP_SECTIONS = {
+    "Two-stage re-ranking from the command line": "needs the real CIRR / Fashion-IQ data under /data and BLIP's "
+                                                  "model_base.pth, which no test machine has",
+}
+
+
+def readme_blocks(text: str) -> list[tuple[str, str, str]]:
+    """``(section, language, code)`` of every fenced block."""
+    blocks, section = [], ""
+    for match in re.finditer(r"^## ([^\n]+)$|^```(\w+)\n(.*?)^```", text, flags=re.M | re.S):
+        if match.group(1):
+            section = match.group(1).strip()
+        else:
+            blocks.append((section, match.group(2), match.group(3)))
+    return blocks
+
+
+def commands(code: str) -> list[str]:
+    """The shell commands of a bash block: continuation lines joined, comments dropped."""
+    joined = re.sub(r"\\\n\s*", " ", code)
+    lines = [re.sub(r"\s+#.*$", "", line).strip() for line in joined.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_readme_blocks_are_found_and_skips_are_explained():
+    blocks = readme_blocks(README.read_text())
+    bash = [c for s, lang, code in blocks if lang == "bash" and s not in SKIP_SECTIONS for c in commands(code)]
+    assert any(c.startswith("cirlab train") for c in bash) and any("papermill" in c for c in bash)
+    assert any(lang == "python" for _, lang, _ in blocks)
+    assert set(SKIP_SECTIONS) <= {s for s, _, _ in blocks}, "a skipped section no longer exists"
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory):
+    """A checkout after `make demo`: the repository's notebooks, configs and pyproject, its .venv, and a report."""
+    project = tmp_path_factory.mktemp("readme") / "checkout"
+    project.mkdir()
+    for name in ("notebooks", "configs"):
+        shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "runs"))
+    for name in ("pyproject.toml", "README.md", "Makefile"):
+        shutil.copy(ROOT / name, project / name)
+    venv = Path(sys.prefix)
+    (project / ".venv").symlink_to(venv, target_is_directory=True)
+    env = _env(project)
+    result = subprocess.run([str(venv / "bin" / "cirlab"), "report", "--smoke", "--only", "router_explorer"],
+                            cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return project
+
+
+def _env(project: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("CIRLAB_DATA", "CIRLAB_RUNS", "CIRLAB_REPORTS")}
+    env["PATH"] = f"{project / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs_as_written_after_make_demo(checkout):
+    ran, skipped = [], []
+    for section, lang, code in readme_blocks(README.read_text()):
+        if section in SKIP_SECTIONS:
+            skipped.append((section, SKIP_SECTIONS[section]))
+            continue
+        if lang == "python":
+            result = subprocess.run([sys.executable, "-c", code], cwd=checkout, env=_env(checkout),
+                                    capture_output=True, text=True, timeout=900)
+            assert result.returncode == 0, f"README python block in {section!r} failed:\n{result.stderr[-3000:]}"
+            ran.append(f"python block ({section})")
+            continue
+        if lang != "bash":
+            continue
+        for command in commands(code):
+            reason = next((why for prefix, why in SKIP_COMMANDS.items() if command.startswith(prefix)), None)
+            if reason:
+                skipped.append((command, reason))
+                continue
+            result = subprocess.run(["bash", "-c", command], cwd=checkout, env=_env(checkout), capture_output=True,
+                                    text=True, timeout=900)
+            assert result.returncode == 0, (f"README command failed ({section}): {command}\n"
+                                            f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+            ran.append(command)
+    assert len(ran) >= 8, ran
+    # what the commands promise: notebooks write runs/<notebook>/ in the checkout, not next to the kernel
+    assert (checkout / "runs" / "router_explorer" / "metrics.json").is_file()
+    assert (checkout / "runs" / "train" / "checkpoints").is_dir()
+    assert not (checkout / "notebooks" / "runs").exists()
+    print("ran:", *ran, "skipped:", *skipped, sep="\n  ")

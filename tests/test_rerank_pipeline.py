@@ -1,0 +1,232 @@
+"""The two-stage re-ranker end to end through the command line, on tiny presets and synthetic CIRR data:
+stage I train -> eval (top-K) -> stage II train (reads that top-K) -> eval -> submit, and convert round trips.
+
+The re-ranked metrics are checked against the library's pieces (cirlab.core.retrieval re-ordering, cirlab.core.metrics)
+applied to stage II scores recomputed here, and the submission files against the CIRR server schema and the split."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import cirlab
+from cirlab.cli import main
+from cirlab.core import metrics as M
+from cirlab.core import retrieval as R
+from cirlab.core.topk import load_topk
+from cirlab.engine import rerank
+from cirlab.engine.runs import model_from_checkpoint
+from cirlab.models import blip_interop as bi
+
+K1, K2 = 60, 20  # stage I's top-K file length; candidates stage II re-ranks
+
+
+@pytest.fixture(scope="module")
+def cirr_root(tmp_path_factory) -> Path:
+    """Tiny CIRR layout with 80 test1 queries, so its gallery (88 images) fills the server's top-50 lists."""
+    from cirlab.data.generators import synthetic
+
+    size = dataclasses.replace(synthetic.SIZES["tiny"], cirr=(40, 40, 80))
+    out = tmp_path_factory.mktemp("cirr_syn")
+    return Path(synthetic.generate(out, size=size, layouts=["cirr"], image_size=32)["layouts"]["cirr"]["root"])
+
+
+def _config(path: Path, model: str, root: Path, model_overrides: dict, eval_section: dict) -> Path:
+    config = {"model": model, "preset": "tiny", "model_overrides": model_overrides,
+              "dataset": {"name": "cirr", "root": str(root), "test_split": "test1"},
+              "train": {"epochs": 1, "max_steps": 3, "batch_size": 8, "lr": 1e-3, "log_every": 1, "progress": "log",
+                        "tensorboard": False, "selection": "val"},
+              "eval": {"splits": ["val"], "batch_size": 16, **eval_section}}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _printed(capsys) -> dict:
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def runs(cirr_root, tmp_path_factory) -> dict[str, Path]:
+    """Stage I from an original-BLIP-layout file, its top-K files, then stage II on them (both through the CLI)."""
+    tmp = tmp_path_factory.mktemp("rerank_runs")
+    torch.manual_seed(0)
+    blip = cirlab.create_model("blip_rerank_stage1", preset="tiny")
+    torch.save({"model": {**bi.export_stage1(blip), "text_decoder.cls.bias": torch.zeros(3)}}, tmp / "model_base.pth")
+    run1, run2 = tmp / "stage1", tmp / "stage2"
+    cfg1 = _config(tmp / "s1.yaml", "blip_rerank_stage1", cirr_root, {"init_from": str(tmp / "model_base.pth")},
+                   {"k": K1})
+    assert main(["train", str(cfg1), "--output-dir", str(run1)]) == 0
+    assert main(["eval", str(run1), "--split", "test1"]) == 0  # writes run1/topk/test1.topk.npz
+    cfg2 = _config(tmp / "s2.yaml", "blip_rerank_stage2", cirr_root,
+                   {"stage1_checkpoint": str(run1), "init_from": "stage1", "rerank_k": K2}, {})
+    assert main(["train", str(cfg2), "--output-dir", str(run2), "--set", f"eval.stage1_topk={run1}"]) == 0
+    return {"stage1": run1, "stage2": run2, "tmp": tmp}
+
+
+def test_stage1_run_starts_from_the_blip_file_and_writes_its_topk(runs, cirr_root):
+    run1 = runs["stage1"]
+    report = json.loads((run1 / "init_from.json").read_text())["reports"][0]
+    assert report["missing"] == [] and report["unmatched"] == ["text_decoder.cls.bias"]
+    val, test = load_topk(run1 / "topk" / "val.topk.npz"), load_topk(run1 / "topk" / "test1.topk.npz")
+    split = cirlab.data.load_cir("cirr", cirr_root, "val")
+    assert val.k == len(split.gallery_names) - 1 and test.k == K1  # the tiny val gallery is shorter than K1
+    assert val.meta["stage"] == "stage1" and (test.target_rank == 0).all()
+    metrics = json.loads((run1 / "metrics.json").read_text())["splits"]["val"]
+    np.testing.assert_allclose(M.recall_from_ranks(val.target_rank, (1, 5, 10))["R@5"], metrics["R@5"])
+
+
+def test_stage2_metrics_equal_the_library_on_the_same_scores(runs, cirr_root, capsys):
+    run1, run2 = runs["stage1"], runs["stage2"]
+    model, _ = model_from_checkpoint(run2 / "checkpoints" / "best.pt")
+    model.eval()
+    split = cirlab.data.load_cir("cirr", cirr_root, "val")
+    first = load_topk(run1 / "topk" / "val.topk.npz")
+    second = load_topk(run2 / "topk" / "val.topk.npz")
+    assert list(first.query_ids) == [t.query_id for t in split.triplets] and second.k == K2
+    score = model.candidate_scorer(split)
+    index = split.gallery_index
+    cand = torch.tensor([[index[n] for n in row[:K2]] for row in first.gallery_ids])
+    target = torch.tensor(split.target_indices())
+    hit = torch.from_numpy((first.target_rank >= 1) & (first.target_rank <= K2))
+    rows = hit.nonzero()[:, 0]
+    scores = score(rows, cand[rows])
+    new_scores, new_order = R.reorder(cand[rows], scores)
+    order = cand.clone()
+    order[rows] = new_order
+    ranks = R.reranked_target_ranks(order, target, first.target_rank)
+    np.testing.assert_array_equal(second.target_rank, ranks.numpy())
+    np.testing.assert_allclose(second.scores[rows.numpy()], new_scores.numpy(), rtol=1e-5, atol=1e-6)
+    assert (second.scores[~hit.numpy()] == rerank.MISS_SCORE).all()  # misses: not scored, stage-I order kept
+    # Recall_subset: the five non-reference members scored by stage II, ranked by the metric function
+    members = torch.tensor(split.member_indices())
+    reference = torch.tensor(split.ref_indices())
+    keep = members != reference[:, None]
+    full = torch.full((len(members), len(split.gallery_names)), -1e9)
+    member_scores = score(torch.arange(len(members)), members)
+    full[torch.arange(len(members))[:, None].expand_as(members)[keep], members[keep]] = member_scores[keep]
+    subset = M.cirr_subset_ranks(full, target, reference, members)
+    expected = M.cirr_metrics_from_ranks(ranks, subset)
+    reported = json.loads((run2 / "metrics.json").read_text())["splits"]["val"]
+    assert reported == pytest.approx(expected)
+    assert reported["R@50"] == json.loads((run1 / "metrics.json").read_text())["splits"]["val"]["R@50"]
+    # cirlab eval of the stage II run gives the same numbers, with the top-K file or ranking stage I again
+    for extra in ([], ["--set", "eval.stage1_topk="]):
+        capsys.readouterr()
+        assert main(["eval", str(run2), "--split", "val", *extra]) == 0
+        assert _printed(capsys)["splits"]["val"] == pytest.approx(expected)
+
+
+def test_submit_writes_valid_server_files_for_both_stages(runs, cirr_root, capsys):
+    split = cirlab.data.load_cir("cirr", cirr_root, "test1")
+    pair_ids = [t.query_id for t in split.triplets]
+    written = {}
+    for stage in ("stage1", "stage2"):
+        capsys.readouterr()
+        assert main(["submit", str(runs[stage]), "--split", "test", "--name", stage]) == 0
+        paths = _printed(capsys)
+        assert Path(paths["recall"]).name == f"recall_submission_{stage}.json"
+        written[stage] = {m: json.loads(Path(paths[m]).read_text()) for m in ("recall", "recall_subset")}
+        for metric, obj in written[stage].items():
+            M.validate_cirr_submission(obj, pair_ids=pair_ids)
+            assert obj["version"] == "rc2" and obj["metric"] == metric
+            assert list(obj) == sorted(obj)  # json.dump(sort_keys=True), as the reference scripts write
+        for t in split.triplets:
+            assert t.ref_name not in written[stage]["recall"][t.query_id]
+            assert set(written[stage]["recall_subset"][t.query_id]) <= set(t.extras["members"]) - {t.ref_name}
+    first = load_topk(runs["stage1"] / "topk" / "test1.topk.npz")
+    for i, qid in enumerate(first.query_ids):  # stage II re-orders stage I's first K2; the rest keeps stage I's order
+        one, two = written["stage1"]["recall"][qid], written["stage2"]["recall"][qid]
+        assert one == list(first.gallery_ids[i, :50])
+        assert sorted(two[:K2]) == sorted(one[:K2]) and two[K2:] == one[K2:]
+
+
+def test_submit_refuses_a_split_with_a_short_gallery(runs, capsys):
+    assert main(["submit", str(runs["stage1"]), "--split", "val"]) == 2  # 43 candidates < the server's 50
+    err = capsys.readouterr().err.strip()
+    assert err == "cirlab submit: k=50 but only 43 gallery items can be ranked per query"
+    assert not (runs["stage1"] / "submission" / f"recall_submission_{runs['stage1'].name}_val.json").exists()
+
+
+def test_convert_round_trips_through_the_original_format(runs, tmp_path, capsys):
+    run1 = runs["stage1"]
+    assert main(["convert", str(run1), str(tmp_path / "blip_mean.pt"), "--to", "original"]) == 0
+    original = torch.load(tmp_path / "blip_mean.pt", weights_only=True)
+    assert set(original) == {"epoch", "BLIP_Retrieval"} and "visual_encoder.blocks.0.attn.qkv.weight" in \
+        original["BLIP_Retrieval"]
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "blip_mean.pt"), str(tmp_path / "back.pt"), "--to", "cirlab",
+                 "--preset", "tiny"]) == 0
+    summary = _printed(capsys)
+    assert summary["model"] == "blip_rerank_stage1" and summary["missing"] == [] and summary["unmatched"] == 0
+    back, _ = model_from_checkpoint(tmp_path / "back.pt")
+    trained, _ = model_from_checkpoint(run1 / "checkpoints" / "best.pt")
+    for key, value in trained.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[key], value, rtol=0, atol=0)
+    # stage II: the twin encoder and its frozen stage I as two original files, and back into one cirlab checkpoint
+    run2 = runs["stage2"]
+    assert main(["convert", str(run2), str(tmp_path / "blip.pt"), "--to", "original",
+                 "--stage1-out", str(tmp_path / "stage1.pt")]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "blip.pt"), str(tmp_path / "s2.pt"), "--to", "cirlab", "--preset", "tiny",
+                 "--stage1", str(tmp_path / "stage1.pt")]) == 0
+    assert _printed(capsys)["model"] == "blip_rerank_stage2"
+    back2, _ = model_from_checkpoint(tmp_path / "s2.pt")
+    trained2, _ = model_from_checkpoint(run2 / "checkpoints" / "best.pt")
+    for key, value in trained2.state_dict().items():
+        torch.testing.assert_close(back2.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_train_with_a_wrong_init_from_stops_in_one_line(cirr_root, tmp_path, caplog):
+    bad = tmp_path / "notes.pt"
+    bad.write_text("hello")
+    cfg = _config(tmp_path / "s1.yaml", "blip_rerank_stage1", cirr_root, {"init_from": str(bad)}, {"k": 10})
+    assert main(["train", str(cfg), "--output-dir", str(tmp_path / "run")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0] and str(bad) in errors[0] and "init_from" in errors[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_submit_and_convert_explain_every_option():
+    import argparse
+
+    from cirlab.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("submit", "convert"):
+        for action in sub.choices[command]._actions:
+            assert action.help and action.help.strip(), f"cirlab {command}: {action.dest} has no help"
+
+
+def test_figure8_states_its_sign_keeps_labels_apart_and_reads_counts():
+    from cirlab.workbench import analysis, viz
+
+    rng = np.random.default_rng(0)
+    before = rng.integers(1, 51, 400)
+    after = np.clip(before - rng.integers(-5, 12, 400), 1, 50)
+    table = analysis.rank_shift_table(before, after, 50)
+    fig = viz.plot_figure8(table, title="dress")
+    top, bottom = fig.axes
+    np.testing.assert_allclose([p.get_height() for p in top.patches], table["average_delta"])
+    assert "> 0: moved up" in top.get_ylabel() and "rank stage I" in top.get_ylabel()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    top_box, bottom_box = top.get_window_extent(renderer), bottom.get_window_extent(renderer)
+    label = bottom.yaxis.label.get_window_extent(renderer)
+    assert label.y0 >= bottom_box.y0 - 1 and label.y1 <= bottom_box.y1 + 1  # "Queries" stays in its own panel
+    assert not label.overlaps(top.yaxis.label.get_window_extent(renderer))
+    assert bottom.get_yscale() == "symlog"
+    ticks = [t.get_text() for t in bottom.get_yticklabels() if t.get_text()]
+    assert ticks == ["0", "1", "10"] and bottom.get_ylim()[1] > table["count"].max()  # plain numbers, head room
+    top_ticks = [t for t in top.get_yticklabels() if t.get_text()]
+    lowest = min(t.get_window_extent(renderer).y0 for t in top_ticks)
+    highest = max(t.get_window_extent(renderer).y1 for t in bottom.get_yticklabels() if t.get_text())
+    assert lowest > highest  # tick labels of the two panels do not meet at the seam
+    assert top_box.y0 >= bottom_box.y1 - 1
