@@ -147,6 +147,16 @@ def test_path_records_expand_destination_by_source():
             emit(module, "bad", w, kind="path", sources=["s0"], destinations=["d0", "d1"])
 
 
+def test_nested_traces_of_one_model_leave_in_order():
+    module = torch.nn.Linear(1, 1)
+    with trace_routes(module) as outer:
+        with trace_routes(module) as inner:  # both still empty: equal by content, distinct by identity
+            emit(module, "both", torch.rand(2, 3), experts=["x", "y", "z"])
+        emit(module, "outer only", torch.rand(2, 3), experts=["x", "y", "z"])  # the inner trace has left
+    assert not is_active()
+    assert [r.layer for r in outer.records] == ["both", "outer only"] and [r.layer for r in inner.records] == ["both"]
+
+
 def test_emit_is_a_no_op_without_trace():
     module = torch.nn.Linear(1, 1)
     emit(module, "layer1", torch.rand(2, 3), experts=["a"])  # wrong names, but nothing is checked or kept

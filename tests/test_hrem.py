@@ -66,7 +66,10 @@ def test_default_train_config_and_bert_learning_rate():
     opt = build_optimizer(model, cfg)
     bert = {id(p) for p in model.txt_enc.bert.parameters()}
     lrs = {("bert" if id(g["params"][0]) in bert else "rest"): g["base_lr"] for g in opt.param_groups}
-    assert lrs == {"bert": 5e-5, "rest": 5e-4}
+    assert lrs == pytest.approx({"bert": 5e-5, "rest": 5e-4})
+    scaled = build_optimizer(model, resolve_train_config(model, {"lr": 1e-3}))  # --set train.lr keeps the ratio
+    assert {len(g["params"]): g["base_lr"] for g in scaled.param_groups} == pytest.approx(
+        {len(g["params"]): g["base_lr"] * 2 for g in opt.param_groups})
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))  # BERT fine-tuned
 
 

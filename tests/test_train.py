@@ -265,3 +265,28 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     model.training_step = exploding
     with pytest.raises(FloatingPointError, match="step 3.*rank_loss=nan"):
         train(model, TripletItems(32), _cfg(epochs=1), output_dir=tmp_path)
+
+
+def test_relative_and_unscheduled_param_groups():
+    """``lr_scale`` groups follow train.lr; ``scheduled: False`` groups keep their base lr through the schedule."""
+    from types import SimpleNamespace
+
+    from cirlab.engine.train import Trainer, build_optimizer
+
+    class Grouped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+        def param_groups(self):
+            return [{"params": list(self.a.parameters())},
+                    {"params": list(self.b.parameters()), "lr_scale": 10.0, "lr": 123.0},  # the scale wins
+                    {"params": list(self.c.parameters()), "lr_scale": 2.0, "scheduled": False}]
+
+    cfg = TrainConfig(lr=1e-3, schedule="step", lr_milestones=[1], lr_gamma=0.1)
+    opt = build_optimizer(Grouped(), cfg)
+    assert [g["base_lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-2, 2e-3])
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-2, 2e-3])
+    after_milestone = SimpleNamespace(optimizer=opt, cfg=cfg, progress=SimpleNamespace(epoch=3, step=100))
+    Trainer.set_lr(after_milestone)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-4, 1e-3, 2e-3])

@@ -60,6 +60,9 @@ class Reranker(Protocol):
 
     def score_candidates(self, queries: dict[str, Any], candidate_ids: "torch.Tensor") -> "torch.Tensor": ...
 
+    def candidate_scorer(self, split: Any, *, batch_size: int = 32, cache: Any = None) -> Callable[..., Any]:
+        """``score(rows [b], candidates [b, K]) -> [b, K]`` over one split (the re-ranking engine's entry)."""
+
 
 @runtime_checkable
 class TracedModel(Protocol):
@@ -100,6 +103,12 @@ class HasDatasetExtras(Protocol):
 @runtime_checkable
 class HasImageTransform(Protocol):
     def image_transform(self, train: bool) -> Callable[[Any], "torch.Tensor"]: ...
+
+
+@runtime_checkable
+class HasInit(Protocol):
+    def load_init(self, report_dir: Any = None) -> list[Any]:
+        """Apply the model config's pretrained start (``init_from``); write its loading report to ``report_dir``."""
 
 
 @runtime_checkable

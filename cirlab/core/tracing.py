@@ -46,7 +46,7 @@ class _Record:
     meta: dict[str, list[Any]]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: nested traces are removed from the active list by identity, not by equal content
 class RouteTrace:
     """What one ``trace_routes`` block recorded."""
 

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from cirlab.core import metrics as M
+from cirlab.core.contracts import HasImageTransform, Reranker
 from cirlab.core import retrieval
 from cirlab.core.topk import TopK, load_topk, save_topk
 
@@ -271,7 +272,7 @@ def score_matrix(model: Any, split: Any, *, batch_size: int = 64, device: Any = 
     """[Q, G] scores of a CIR model (``encode_query`` / ``encode_target``) over ``split.gallery_names``."""
     from cirlab.engine.evaluate import encode_dataset
 
-    transform = model.image_transform(False) if hasattr(model, "image_transform") else None
+    transform = model.image_transform(False) if isinstance(model, HasImageTransform) else None
     model.eval()
     queries = encode_dataset(lambda b: model.encode_query(b["ref_image"], b["text"]), split.query_dataset(transform),
                              batch_size=batch_size, device=device)
@@ -286,7 +287,7 @@ def cirr_rankings(model: Any, split: Any, *, eval_config: Mapping[str, Any], dev
     and the best 3 non-reference members. A re-ranker re-orders stage I's first K (positions past K keep stage I's
     order) and scores the members itself; a CIR model ranks by its embeddings."""
     batch = int(eval_config.get("batch_size") or 64)
-    if not hasattr(model, "candidate_scorer"):
+    if not isinstance(model, Reranker):
         reference = torch.tensor(split.ref_indices(), dtype=torch.long)
         return retrieval.cirr_rankings(score_matrix(model, split, batch_size=batch, device=device), reference,
                                        _members(split)[0], split.gallery_names, k=SUBMISSION_K)

@@ -47,7 +47,7 @@ import yaml
 
 from cirlab.core.config import did_you_mean, unknown_names_message
 from cirlab.core.io import folder_lock, write_json
-from cirlab.core.contracts import HasDatasetExtras, HasImageTransform, HasOwnEvaluation, HasVocab
+from cirlab.core.contracts import HasDatasetExtras, HasImageTransform, HasInit, HasOwnEvaluation, HasVocab
 
 logger = logging.getLogger(__name__)
 
@@ -662,7 +662,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
         logger.warning("dataset.root is empty and dataset.synthetic is set: this run uses the generated SYNTHETIC "
                        "%s data at %s (set dataset.root to train on your own data)", ds["name"], dataset_root(config))
     model = build_seeded_model(config)
-    if hasattr(model, "load_init"):  # pretrained start from the model config (init_from); its report -> run folder
+    if isinstance(model, HasInit):  # pretrained start from the model config (init_from); its report -> run folder
         model.load_init(out if _is_main() else None)
     fit_to_training_data(model, config)
     overrides = dict(config.get("train") or {})

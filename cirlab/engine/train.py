@@ -500,14 +500,19 @@ def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | Non
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam/AdamW over ``model.param_groups()`` (if defined) or all trainable parameters; ``base_lr`` kept per group."""
+    """Adam/AdamW over ``model.param_groups()`` (if defined) or all trainable parameters; ``base_lr`` kept per group.
+
+    A group's ``base_lr`` is ``train.lr x lr_scale`` when it gives ``lr_scale`` (so ``--set train.lr=...`` moves
+    every group together, keeping the paper's ratios), else its own absolute ``lr``, else ``train.lr``. A group
+    with ``scheduled: False`` keeps its ``base_lr`` for the whole run (see :meth:`Trainer.set_lr`)."""
     groups = model.param_groups() if isinstance(model, HasParamGroups) else [{"params": list(model.parameters())}]
     cleaned = []
     for group in groups:
         params = [p for p in group["params"] if p.requires_grad]
         if params:
             extra = {k: v for k, v in group.items() if k != "params"}
-            cleaned.append({**extra, "params": params, "base_lr": float(group.get("lr", cfg.lr))})
+            base = cfg.lr * float(group["lr_scale"]) if "lr_scale" in group else float(group.get("lr", cfg.lr))
+            cleaned.append({**extra, "lr": base, "params": params, "base_lr": base})
     if not cleaned:
         raise ConfigError("the model has no trainable parameters (everything is frozen)")
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
@@ -1056,7 +1061,8 @@ class Trainer:
     # -- one optimizer step -------------------------------------------------------------------------
     def set_lr(self) -> float:
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.cfg, group["base_lr"], self.progress.epoch, self.progress.step)
+            if group.get("scheduled", True):  # an unscheduled group (e.g. CaLa's non-Q-Former groups) stays constant
+                group["lr"] = learning_rate(self.cfg, group["base_lr"], self.progress.epoch, self.progress.step)
         return self.optimizer.param_groups[0]["lr"]
 
     def forward_backward(self, batch: Any, sync: bool) -> dict[str, float]:

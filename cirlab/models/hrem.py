@@ -99,7 +99,7 @@ class HREMConfig(PresetMixin):
     vse_mean_warmup_epochs: int = 1  # vse: epochs summing all violations first (GPO / HREM train.py)
     mask_repeats: bool = True  # other captions of the same image in a batch are positives (--mask_repeat 1)
     # --- optimisation, read by default_train_config / param_groups ---
-    bert_lr: float = 5e-5  # BERT learning rate (0.1 x the 5e-4 base lr)
+    bert_lr_scale: float = 0.1  # BERT learning rate = 0.1 x train.lr (the original: 5e-5 against 5e-4)
     paper_batch_size: int = 128  # the paper's batch (128 F30K, 256 COCO)
 
     PRESETS = {
@@ -612,10 +612,11 @@ class HREM(BertVocabMixin, nn.Module):
                 "lr_gamma": 0.1, "grad_clip": 2.0, "selection_metric": "rsum"}
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """BERT at ``bert_lr``; everything else (projections, fragment and instance modules) at the base lr."""
+        """BERT at ``bert_lr_scale x train.lr``; everything else (projections, fragment and instance modules) at
+        ``train.lr``. Relative, so that ``--set train.lr=...`` keeps the original's 1:10 ratio."""
         bert = {id(p) for p in self.txt_enc.bert.parameters()}
         return [{"params": [p for p in self.parameters() if id(p) in bert and p.requires_grad],
-                 "lr": self.config.bert_lr},
+                 "lr_scale": self.config.bert_lr_scale},
                 {"params": [p for p in self.parameters() if id(p) not in bert and p.requires_grad]}]
 
     def trainable_parameters(self) -> int:
