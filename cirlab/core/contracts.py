@@ -106,6 +106,14 @@ class HasImageTransform(Protocol):
 
 
 @runtime_checkable
+class HasGalleryScorer(Protocol):
+    def gallery_scorer(self) -> Callable[..., "torch.Tensor"] | None:
+        """``score(ref_images, texts, gallery [G, D]) -> [B, G]`` when the model's score is not a dot product of a
+        query embedding with ``encode_target`` features (CaLa's ARTEMIS frame), else None. The engine's CIR
+        evaluation then scores each query batch against the encoded gallery with it."""
+
+
+@runtime_checkable
 class HasInit(Protocol):
     def load_init(self, report_dir: Any = None) -> list[Any]:
         """Apply the model config's pretrained start (``init_from``); write its loading report to ``report_dir``."""

@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from cirlab.core.contracts import HasImageTransform
+from cirlab.core.contracts import HasGalleryScorer, HasImageTransform
 
 logger = logging.getLogger(__name__)
 
@@ -176,13 +176,18 @@ def _cir_transform(model: Any, transform: Any) -> Any:
 @torch.no_grad()
 def _score_split(model: Any, split: Any, *, transform: Any, batch_size: int, device: Any, num_workers: int,
                  cache_dir: Any) -> torch.Tensor:
-    """[Q, G] query x gallery scores of one split (CPU float32)."""
+    """[Q, G] query x gallery scores of one split (CPU float32): query embeddings times gallery features, or the
+    model's own pair scorer over the gallery features (:class:`HasGalleryScorer`)."""
     queries = split.query_dataset(transform)
-    gallery = split.gallery_dataset(transform)
+    g = _encode_gallery(model, split, split.gallery_dataset(transform), batch_size=batch_size, device=device,
+                        num_workers=num_workers, cache_dir=cache_dir)
+    scorer = model.gallery_scorer() if isinstance(model, HasGalleryScorer) else None
+    if scorer is not None:
+        on_device = g.to(device)
+        return encode_dataset(lambda b: scorer(b["ref_image"], b["text"], on_device), queries,
+                              batch_size=batch_size, device=device, num_workers=num_workers).float()
     q = encode_dataset(lambda b: model.encode_query(b["ref_image"], b["text"]), queries, batch_size=batch_size,
                        device=device, num_workers=num_workers)
-    g = _encode_gallery(model, split, gallery, batch_size=batch_size, device=device, num_workers=num_workers,
-                        cache_dir=cache_dir)
     return q.float() @ g.float().T
 
 

@@ -269,16 +269,14 @@ def evaluate_reranker(model: Any, splits: Sequence[Any], *, eval_config: Mapping
 
 @torch.no_grad()
 def score_matrix(model: Any, split: Any, *, batch_size: int = 64, device: Any = "cpu") -> Tensor:
-    """[Q, G] scores of a CIR model (``encode_query`` / ``encode_target``) over ``split.gallery_names``."""
-    from cirlab.engine.evaluate import encode_dataset
+    """[Q, G] scores of a CIR model over ``split.gallery_names``: the engine's evaluation scores (query embeddings
+    times gallery features, or the model's own gallery scorer)."""
+    from cirlab.engine.evaluate import _score_split
 
     transform = model.image_transform(False) if isinstance(model, HasImageTransform) else None
     model.eval()
-    queries = encode_dataset(lambda b: model.encode_query(b["ref_image"], b["text"]), split.query_dataset(transform),
-                             batch_size=batch_size, device=device)
-    gallery = encode_dataset(lambda b: model.encode_target(b["image"]), split.gallery_dataset(transform),
-                             batch_size=batch_size, device=device)
-    return retrieval.similarity(queries.float(), gallery.float())
+    return _score_split(model, split, transform=transform, batch_size=batch_size, device=device, num_workers=0,
+                        cache_dir=None)
 
 
 def cirr_rankings(model: Any, split: Any, *, eval_config: Mapping[str, Any], device: Any,

@@ -183,7 +183,6 @@ def _cells(h: list[Tensor], ctx: _Context, i: int, w: dict) -> list[Tensor]:
 def shard_scores(ref: _Refined, ctx: _Context, weights: _Weights) -> Tensor:
     """Scores [b context items, a refined items] of one shard, float32."""
     w0, w1, w2 = weights.layers
-    b, a = len(ctx.tokens), len(ref.x0)
     # layer 0: only CMRC and GLGC's per-pair scale are per pair
     e_cmrc = _cmrc(ref.x0, ctx, 0, w0, shared_query=True)  # [b, a, T, d]
     g = ctx.guide[:, None, :]

@@ -316,8 +316,6 @@ class CaLa(nn.Module):
         self.tac = TwinAttentionCompositor(d, c.tac_steps)
         self.artemis = Artemis(d) if c.cir_frame == "artemis" else None
         self.lock()
-        if c.cir_frame == "artemis":
-            self.evaluate_split = self._evaluate_split_artemis  # exact scores need every (query, image) pair
 
     # -- freezing and modes -------------------------------------------------------------------------------------
     def trained_qformers(self) -> list[hb.QFormer]:
@@ -374,7 +372,7 @@ class CaLa(nn.Module):
         ids, mask = ids_mask if ids_mask is not None else self.tokenize(texts)
         b = ref_images.shape[0]
         tokens = self.image_tokens(torch.cat([ref_images, target_images]))
-        ref_tok, tgt_tok = tokens[:b], tokens[b:]
+        ref_tok = tokens[:b]
         visual = self.visual.image(tokens)  # F'_r and F_t in one pass
         f_r = (self.multimodal.image(ref_tok) if self.config.ablation == "image_only"
                else self.multimodal.multimodal(ref_tok, ids, mask))
@@ -457,8 +455,8 @@ class CaLa(nn.Module):
     def encode_query(self, ref_images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """[B, D], L2-normalised ``normalize(text_feats + reference_feats)`` (sum frame; B.10)."""
         if self.config.cir_frame == "artemis" and self.config.ablation == "none":
-            raise NotImplementedError("the artemis frame scores (query, image) pairs: use model.evaluate_split or "
-                                      "model.artemis_scores, not encode_query")
+            raise NotImplementedError("the artemis frame scores (query, image) pairs: use model.artemis_scores (the "
+                                      "engine's evaluation does, through gallery_scorer), not encode_query")
         with self._autocast():
             return self._query(*self.query_features(ref_images, texts)).float()
 
@@ -476,14 +474,10 @@ class CaLa(nn.Module):
         return torch.cat([self.artemis.score_parts(parts, gallery[g0:g0 + chunk])
                           for g0 in range(0, gallery.shape[0], chunk)], dim=1)
 
-    def _evaluate_split_artemis(self, loaded: Any, *, eval_config: dict[str, Any], device: Any,
-                                topk_dir: Any = None) -> dict[str, Any]:
-        """The engine's CIR evaluation (same ranks, metrics and top-K files as ``evaluate_cir``) with ARTEMIS pair
-        scores in place of ``query @ gallery.T``: the artemis frame's score normalises every (query, image) product,
-        so it has no query embedding. Uses the engine's internal helpers (see ``evaluate_artemis``)."""
-        ev = eval_config
-        return evaluate_artemis(self, loaded, ev.get("protocol"), batch_size=int(ev.get("batch_size", 64)),
-                                device=device, k=int(ev.get("k", 50)), topk_path=topk_dir)
+    def gallery_scorer(self) -> Callable[..., torch.Tensor] | None:
+        """The engine's CIR evaluation scores the artemis frame with :meth:`artemis_scores` (its score normalises
+        every (query, image) product, so there is no query embedding); the sum frame is a dot product (None)."""
+        return self.artemis_scores if self.artemis is not None and self.config.ablation == "none" else None
 
     # -- pretrained starts --------------------------------------------------------------------------------------
     def load_pretrained(self, path: str | os.PathLike, *, suffix: str = "") -> list[Any]:
@@ -548,39 +542,6 @@ def _own_trace(model: nn.Module) -> Iterator[Any]:
         yield rec
     finally:
         del tracing._ACTIVE[next(i for i, r in enumerate(tracing._ACTIVE) if r is rec)]
-
-
-@torch.no_grad()
-def evaluate_artemis(model: CaLa, split_or_splits: Any, protocol: str | None = None, *, batch_size: int = 64,
-                     device: Any = "cpu", k: int = 50, topk_path: Any = None) -> dict[str, Any]:
-    """:func:`cirlab.engine.evaluate.evaluate_cir` for the artemis frame: scores [Q, G] from
-    :meth:`CaLa.artemis_scores` over the gallery's ``encode_target`` features, then the engine's ranks, protocol
-    metrics and top-K files. Returns evaluate_cir's dict."""
-    from cirlab.core import metrics as M
-    from cirlab.engine import evaluate as E
-
-    splits = E._as_split_dict(split_or_splits)
-    protocol = E._infer_protocol(splits, protocol)
-    model.eval().to(device)
-    transform = model.image_transform(False)
-    per_split: dict[str, dict[str, Any]] = {}
-    for name, split in splits.items():
-        gallery = E.encode_dataset(lambda b: model.encode_target(b["image"]), split.gallery_dataset(transform),
-                                   batch_size=batch_size, device=device)
-        scores = E.encode_dataset(lambda b: model.artemis_scores(b["ref_image"], b["text"], gallery.to(device)),
-                                  split.query_dataset(transform), batch_size=batch_size, device=device).float()
-        target = torch.tensor(split.target_indices(), dtype=torch.long)
-        exclude = torch.tensor(split.ref_indices(), dtype=torch.long) if split.exclude_reference else None
-        per_split[name] = {"split": split, "scores": scores, "target": target, "exclude": exclude,
-                           "ranks": E._ranks(scores, target, exclude)}
-    result = {"metrics": E._cir_metrics(protocol, per_split, M),
-              "ranks": {n: v["ranks"].numpy() for n, v in per_split.items()},
-              "query_ids": {n: [t.query_id for t in v["split"].triplets] for n, v in per_split.items()},
-              "topk_paths": []}
-    if topk_path is not None:
-        base = {"model": model.model_name, "protocol": protocol, "cir_frame": "artemis"}
-        result["topk_paths"] = E._write_topk(per_split, Path(topk_path), k, base)
-    return result
 
 
 def cala_loss(logits: dict[str, torch.Tensor], config: CaLaConfig) -> dict[str, torch.Tensor]:

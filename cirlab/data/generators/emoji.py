@@ -38,7 +38,6 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import tarfile
