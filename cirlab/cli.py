@@ -143,12 +143,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from cirlab.engine.runs import _is_main, load_config, run_experiment
+    from cirlab.engine.runs import is_main_process, load_config, run_experiment
 
     config = load_config(args.config, args.overrides)
     result = run_experiment(config, output_dir=args.output_dir, resume=args.resume, device=args.device,
                             overwrite=args.overwrite, allow_config_change=args.allow_config_change)
-    if _is_main():  # under torchrun every process returns the same gathered metrics
+    if is_main_process():  # under torchrun every process returns the same gathered metrics
         print(json.dumps(result["splits"], indent=2, sort_keys=True))
     return 0
 
@@ -201,7 +201,7 @@ def _checkpoint_of(target_arg: str, name: str) -> tuple[Path, Path | None]:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from cirlab.engine.runs import _eval_device, evaluate_split, model_from_checkpoint
+    from cirlab.engine.runs import eval_device, evaluate_split, model_from_checkpoint
 
     from cirlab.engine.train import check_device
 
@@ -217,7 +217,7 @@ def _run_eval(args: argparse.Namespace) -> int:
                                                    preset=args.preset, trust_pickle=args.trust_pickle)[0]
                              for m in args.ensemble]
         model = make_ensemble(members)
-    device = _eval_device(args.device)
+    device = eval_device(args.device)
     model.to(device)
     splits = config["eval"].get("splits") or [config["dataset"]["val_split"]]
     results = {}

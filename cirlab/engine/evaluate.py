@@ -174,7 +174,7 @@ def _cir_transform(model: Any, transform: Any) -> Any:
 
 
 @torch.no_grad()
-def _score_split(model: Any, split: Any, *, transform: Any, batch_size: int, device: Any, num_workers: int,
+def score_split(model: Any, split: Any, *, transform: Any, batch_size: int, device: Any, num_workers: int,
                  cache_dir: Any) -> torch.Tensor:
     """[Q, G] query x gallery scores of one split (CPU float32): query embeddings times gallery features, or the
     model's own pair scorer over the gallery features (:class:`HasGalleryScorer`)."""
@@ -257,7 +257,7 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
     transform = _cir_transform(model, transform)
     per_split: dict[str, dict[str, Any]] = {}
     for name, split in splits.items():
-        scores = _score_split(model, split, transform=transform, batch_size=batch_size, device=device,
+        scores = score_split(model, split, transform=transform, batch_size=batch_size, device=device,
                               num_workers=num_workers, cache_dir=cache_dir)
         target = torch.tensor(split.target_indices(), dtype=torch.long)
         exclude = torch.tensor(split.ref_indices(), dtype=torch.long) if split.exclude_reference else None

@@ -271,11 +271,11 @@ def evaluate_reranker(model: Any, splits: Sequence[Any], *, eval_config: Mapping
 def score_matrix(model: Any, split: Any, *, batch_size: int = 64, device: Any = "cpu") -> Tensor:
     """[Q, G] scores of a CIR model over ``split.gallery_names``: the engine's evaluation scores (query embeddings
     times gallery features, or the model's own gallery scorer)."""
-    from cirlab.engine.evaluate import _score_split
+    from cirlab.engine.evaluate import score_split
 
     transform = model.image_transform(False) if isinstance(model, HasImageTransform) else None
     model.eval()
-    return _score_split(model, split, transform=transform, batch_size=batch_size, device=device, num_workers=0,
+    return score_split(model, split, transform=transform, batch_size=batch_size, device=device, num_workers=0,
                         cache_dir=None)
 
 

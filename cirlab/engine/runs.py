@@ -663,7 +663,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
                        "%s data at %s (set dataset.root to train on your own data)", ds["name"], dataset_root(config))
     model = build_seeded_model(config)
     if isinstance(model, HasInit):  # pretrained start from the model config (init_from); its report -> run folder
-        model.load_init(out if _is_main() else None)
+        model.load_init(out if is_main_process() else None)
     fit_to_training_data(model, config)
     overrides = dict(config.get("train") or {})
     if resume:
@@ -679,7 +679,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     if select_split and model.task == "rerank" and not isinstance(model, HasOwnEvaluation):
         raise ConfigError(f"{config['model']}: model selection needs an evaluate_split hook on the model; "
                           "set train.selection=last")
-    run_device = _eval_device(cfg.device)
+    run_device = eval_device(cfg.device)
     resolved = {**config, "output_dir": str(out), "train": cfg.to_dict(), "model_config": model.config.to_dict()}
     if cfg.resume and _rank_zero():
         check_resume_config(out, resolved, allow_config_change)
@@ -705,7 +705,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
                             "best_epoch": summary["best_epoch"], "best_step": summary["best_step"]},
               "steps": summary["steps"], "epochs": summary["epochs"],
               "checkpoint": str(out / "checkpoints" / "best.pt"), "splits": final}
-    if _is_main():
+    if is_main_process():
         write_json(out / "metrics.json", result)
     return result
 
@@ -789,7 +789,8 @@ def _model_train_defaults(model: Any) -> dict[str, Any]:
     return dict(model.default_train_config())
 
 
-def _eval_device(device: str) -> str:
+def eval_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; any other name as given."""
     import torch
 
     if device != "auto":
@@ -797,7 +798,8 @@ def _eval_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _is_main() -> bool:
+def is_main_process() -> bool:
+    """True outside DDP and on rank 0 (the process that writes run files)."""
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

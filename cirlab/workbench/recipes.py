@@ -35,13 +35,14 @@ def project_root() -> Path | None:
     None (a wheel used outside a checkout)."""
     here = Path.cwd().resolve()
     for folder in (here, *here.parents):
-        if _is_checkout(folder) or (folder / "reports" / "index.html").is_file():
+        if is_checkout(folder) or (folder / "reports" / "index.html").is_file():
             return folder
     source = Path(__file__).resolve().parents[2]
-    return source if _is_checkout(source) else None
+    return source if is_checkout(source) else None
 
 
-def _is_checkout(folder: Path) -> bool:
+def is_checkout(folder: Path) -> bool:
+    """Whether ``folder`` is a cirlab source checkout (its pyproject names cirlab and it has ``notebooks/``)."""
     pyproject = folder / "pyproject.toml"
     try:
         return (folder / "notebooks").is_dir() and 'name = "cirlab"' in pyproject.read_text(encoding="utf-8")

@@ -300,10 +300,10 @@ def notebook_kernel(path: Path, fallback: str = "python3") -> str:
 def default_notebook_dir() -> Path:
     """``notebooks/`` of the checkout this module runs from (an editable install), else the copy shipped in the
     wheel (``cirlab/_resources/notebooks``, put there at build time by ``setup.py``)."""
-    from cirlab.workbench.recipes import _is_checkout
+    from cirlab.workbench.recipes import is_checkout
 
     source = Path(__file__).resolve().parents[2]
-    if _is_checkout(source):
+    if is_checkout(source):
         return source / "notebooks"
     return Path(__file__).resolve().parents[1] / "_resources" / "notebooks"
 

@@ -90,7 +90,8 @@ def image_axis(ax: Any, image: Any, title: str = "", color: str | None = None, w
             spine.set_linewidth(width)
 
 
-def _wrap(text: str, width: int = 28) -> str:
+def wrap_text(text: str, width: int = 28) -> str:
+    """``text`` wrapped to lines of at most ``width`` characters (a single space when empty, for matplotlib)."""
     import textwrap
 
     return "\n".join(textwrap.wrap(str(text), width)) or " "
@@ -123,7 +124,7 @@ def _paper_columns(mat: Any) -> Any:
     return mat[paper_order(list(mat.columns))]
 
 
-def _display_label(label: Any) -> str:
+def display_label(label: Any) -> str:
     """``RIC->GLGC`` (a DIME path, source->destination) as ``RIC→GLGC``."""
     return str(label).replace("->", "→")
 
@@ -157,7 +158,7 @@ def _gallery_row(axes: Sequence[Any], row: Mapping[str, Any], k: int) -> None:
     axes[0].set_gid("query")
     axes[1].axis("off")
     rank = row.get("target_rank")
-    caption = _wrap(plain_text(row.get("text", ""))) + (f"\n\n(target rank {rank})" if rank else "")
+    caption = wrap_text(plain_text(row.get("text", ""))) + (f"\n\n(target rank {rank})" if rank else "")
     axes[1].text(0.0, 0.5, caption, fontsize=7, va="center", ha="left", transform=axes[1].transAxes)
     cands = list(row.get("candidates", []))[:k]
     ids = list(row.get("candidate_ids", [""] * len(cands)))
@@ -337,7 +338,7 @@ def plot_expert_heatmaps(frame: Any, layers: Sequence[str] | None = None, max_qu
     for i, (ax, layer, mat) in enumerate(zip(axes, layers, mats)):
         image = ax.imshow(mat.to_numpy(dtype=float), aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax,
                           interpolation="nearest")
-        names = [_display_label(c) for c in mat.columns]
+        names = [display_label(c) for c in mat.columns]
         many = mat.shape[1] > 4 or max(map(len, names)) > 7  # long DIME path names would run together
         ax.set_xticks(range(mat.shape[1]), names, rotation=90 if many else 0, fontsize=6 if many else 8)
         ax.set_xlabel("path (source→destination cell)" if paths else "expert", fontsize=8)
@@ -373,7 +374,7 @@ def plot_query_gates(frame: Any, query_ids: Sequence[Any], layers: Sequence[str]
             ax = axes[r, c]
             values = mat.loc[qid].to_numpy(dtype=float)
             ax.bar(range(len(values)), values, color=[PALETTE[j % len(PALETTE)] for j in range(len(values))])
-            ax.set_xticks(range(len(values)), [_display_label(v) for v in mat.columns], fontsize=6,
+            ax.set_xticks(range(len(values)), [display_label(v) for v in mat.columns], fontsize=6,
                           rotation=90 if len(values) > 4 else 0)
             ax.set_ylim(0, ymax)
             ax.set_title(f"{qid} | {layer}", fontsize=7)
@@ -411,7 +412,7 @@ def plot_gate_distributions(frame: Any, by: str = "category", layers: Sequence[s
             for patch in box["boxes"]:
                 patch.set_facecolor(PALETTE[g % len(PALETTE)])
                 patch.set_gid(f"box:{group}")
-        ax.set_xticks(range(mat.shape[1]), [_display_label(c) for c in mat.columns], fontsize=7,
+        ax.set_xticks(range(mat.shape[1]), [display_label(c) for c in mat.columns], fontsize=7,
                       rotation=90 if mat.shape[1] > 4 else 0)
         ax.set_xlabel("expert", fontsize=8)
         ax.set_title(str(layer), fontsize=9)
@@ -443,7 +444,7 @@ def _group_means_heatmaps(frame: Any, by: str, layers: Sequence[str]) -> Any:
         names = list(analysis.gate_matrix(frame, layer).columns)
         image = ax.imshow(data, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
         image.set_gid(f"means:{layer}")
-        ax.set_yticks(range(len(names)), [_display_label(n) for n in names], fontsize=6)
+        ax.set_yticks(range(len(names)), [display_label(n) for n in names], fontsize=6)
         ax.set_xticks(range(len(groups)), groups, rotation=45, ha="right", fontsize=7)
         ax.set_xlabel(by, fontsize=8)
         ax.set_title(str(layer), fontsize=9)
@@ -478,7 +479,7 @@ def plot_gate_entropy(frame: Any, layers: Sequence[str] | None = None) -> Any:
         y = np.arange(len(s))
         ax.barh(y + 0.2, s["mean_share"], 0.4, label="mean share", color=PALETTE[0], gid="mean_share")
         ax.barh(y - 0.2, s["top1_share"], 0.4, label="top-1 share", color=PALETTE[1], gid="top1_share")
-        ax.set_yticks(y, [_display_label(n) for n in names], fontsize=6 if len(y) > 4 else 8)
+        ax.set_yticks(y, [display_label(n) for n in names], fontsize=6 if len(y) > 4 else 8)
         ax.set_xlim(0, 1)
         ax.set_xlabel("fraction of queries / weight", fontsize=8)
         ax.set_title(f"Utilisation: {layer}", fontsize=9)

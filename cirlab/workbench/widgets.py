@@ -83,7 +83,7 @@ def plot_query_view(routes: Any, edited: Any = None, candidate_ids: Sequence[str
     """
     from matplotlib.figure import Figure
 
-    from cirlab.workbench.viz import TARGET_COLOR, _display_label, _wrap, image_axis, plain_text
+    from cirlab.workbench.viz import TARGET_COLOR, display_label, wrap_text, image_axis, plain_text
 
     base, new = _gates_by_layer(routes), _gates_by_layer(edited)
     other = _gates_by_layer(compare.get("routes")) if compare else {}
@@ -108,7 +108,7 @@ def plot_query_view(routes: Any, edited: Any = None, candidate_ids: Sequence[str
         ax.set_title(str(layer), fontsize=9)
         ax.set_xlabel("expert", fontsize=8)
         names = list((base.get(layer) if layer in base else new[layer]).index)
-        ax.set_xticks(np.arange(len(names)), [_display_label(n) for n in names], fontsize=6,
+        ax.set_xticks(np.arange(len(names)), [display_label(n) for n in names], fontsize=6,
                       rotation=90 if len(names) > 4 else 0)
     gate_axes[0].set_ylabel("gate weight", fontsize=8)
     if len(gate_axes[0].get_legend_handles_labels()[0]) > 1:
@@ -142,7 +142,7 @@ def plot_query_view(routes: Any, edited: Any = None, candidate_ids: Sequence[str
         if text is not None:
             ax = fig.add_subplot(top[0, first.pop(0)])
             ax.axis("off")
-            ax.text(0.0, 0.5, _wrap(plain_text(text), 24) + ("\n\n" + ranks if ranks else ""), fontsize=7,
+            ax.text(0.0, 0.5, wrap_text(plain_text(text), 24) + ("\n\n" + ranks if ranks else ""), fontsize=7,
                     va="center", ha="left", transform=ax.transAxes, gid="query_text")
     fig.suptitle(title, fontsize=9)
     return fig
