@@ -184,16 +184,21 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
     raw = read_yaml(text, str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(unknown_names_message(f"{path}: section", unknown, SECTIONS).replace("field", "name", 1))
-    for section in ("dataset", "train", "eval", "model_overrides"):
-        if raw.get(section) is not None and not isinstance(raw[section], dict):
-            raise ConfigError(f"{path}: {section}: expected a mapping, got {raw[section]!r:.60}")
+    check_sections(raw, str(path))  # before the --set overrides merge into them
     config = with_defaults(apply_overrides(raw, parse_set(overrides)))
     config.setdefault("name", path.stem)
     validate_config(config, str(path))
     return config
+
+
+def check_sections(config: dict[str, Any], source: str) -> None:
+    """Every top-level name is a known section, and the mapping sections are mappings (ConfigError naming ``source``)."""
+    unknown = sorted(set(config) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(unknown_names_message(f"{source}: section", unknown, SECTIONS).replace("field", "name", 1))
+    for section in ("dataset", "train", "eval", "model_overrides"):
+        if config.get(section) is not None and not isinstance(config[section], dict):
+            raise ConfigError(f"{source}: {section}: expected a mapping, got {config[section]!r:.60}")
 
 
 def validate_config(config: dict[str, Any], source: str = "config", *, for_eval: bool = False) -> None:
@@ -204,12 +209,7 @@ def validate_config(config: dict[str, Any], source: str = "config", *, for_eval:
     the sections it reads (dataset, eval) are checked.
     Raises :class:`ConfigError` naming ``source`` and the field.
     """
-    unknown = sorted(set(config) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(unknown_names_message(f"{source}: section", unknown, SECTIONS).replace("field", "name", 1))
-    for section in ("dataset", "eval", "train", "model_overrides"):
-        if config.get(section) is not None and not isinstance(config[section], dict):
-            raise ConfigError(f"{source}: {section}: expected a mapping, got {config[section]!r:.60}")
+    check_sections(config, source)
     for key in ("name", "output_dir"):
         if config.get(key) is not None and not isinstance(config[key], str):
             raise ConfigError(f"{source}: {key}: expected a string, got {config[key]!r}")
