@@ -99,7 +99,7 @@ def load_bert(cfg: Any, owner: str = "text encoder") -> tuple[nn.Module, Any]:
     if path.is_dir():
         vocab = cfg.vocab_file or str(path / "vocab.txt")
         if (path / "config.json").is_file():
-            return BertModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True), vocab
+            return _from_pretrained_without_pooler(path, owner), vocab
         if (path / "bert_config.json").is_file():
             return _load_original_layout(path, owner), vocab
         raise FileNotFoundError(f"{owner}: {path} has neither config.json (transformers) nor bert_config.json "
@@ -110,6 +110,29 @@ def load_bert(cfg: Any, owner: str = "text encoder") -> tuple[nn.Module, Any]:
     from transformers import BertTokenizer
 
     return BertModel.from_pretrained(name, add_pooling_layer=False), BertTokenizer.from_pretrained(name)
+
+
+def _from_pretrained_without_pooler(path: Path, owner: str) -> nn.Module:
+    """A local transformers BERT without its pooler. transformers prints a load report table for the pooler
+    weights it drops, on every load; the drop is intended, so only other missing or unexpected keys are said."""
+    from transformers import BertModel
+    from transformers.utils import logging as hf_logging
+
+    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a 0.1 s load of a local folder needs no bar
+    try:
+        model, info = BertModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True,
+                                                output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
+    unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith("pooler.")]
+    missing = list(info.get("missing_keys", []))
+    if unexpected or missing:
+        logger.warning("%s: BERT at %s: missing keys %s, unexpected keys %s", owner, path, missing[:8], unexpected[:8])
+    return model
 
 
 def _load_original_layout(path: Path, owner: str) -> nn.Module:

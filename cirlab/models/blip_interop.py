@@ -432,7 +432,7 @@ def convert_stage1(state: dict[str, torch.Tensor], model: nn.Module, *, strict: 
             report.ignored.append(key)
         elif _vit(key, value, "visual_encoder.", target, report):
             pass
-        elif key.startswith(("text_encoder.", "vision_proj.", "text_proj.")) or key == "temp":
+        elif key.startswith(("text_encoder.", "vision_proj.", "text_proj.", "itm_head.")) or key == "temp":
             if key in target:
                 _assign(target, report, key, value.reshape(target[key].shape) if key == "temp" else value)
             else:

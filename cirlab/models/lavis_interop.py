@@ -11,10 +11,11 @@ LAVIS key                                              cirlab
                                                        :func:`blip_interop.convert_stage1`
 ``text_encoder.*`` (MED BERT, ``XBertEncoder``)        ``text_encoder.*`` (``BlipTextModel``), same names
 ``vision_proj.*``, ``text_proj.*``, ``temp``           same names
-``itm_head.{weight,bias}`` (``Linear(D, 2)``)          loaded when the stage-I model has an ``itm_head``;
-                                                       otherwise carried through under the same name in the
-                                                       returned state dict (``report.heads``) when
-                                                       ``keep_heads=True``
+``itm_head.{weight,bias}`` (``Linear(D, 2)``)          ``itm_head`` of a stage I built with ``itm_head=True``
+                                                       (what the converter builds when ``keep_heads=True`` and
+                                                       it makes the model); a given model without the head
+                                                       gets it carried through under the same name in the
+                                                       returned state dict (``report.heads``)
 ``visual_encoder_m.*``, ``text_encoder_m.*``,          ignored: momentum encoders (ITC distillation while
 ``vision_proj_m.*``, ``text_proj_m.*``                 training in LAVIS)
 ``image_queue``, ``text_queue``, ``idx_queue``,        ignored: ITC feature queues
@@ -32,9 +33,16 @@ with ``[CLS]`` first; ``enc_ids`` = the same with ``[ENC]`` at position 0; all v
 
     image_embeds = m.image_tokens(pixels)                       # visual_encoder.forward_features
     image_feat   = m.target_embedding(image_embeds)             # normalize(vision_proj(image_embeds[:, 0]))
-    text_feat    = text_features(m, ids, mask)                  # normalize(text_proj(forward_text(...)[:, 0]))
+    text_feat    = m.text_embedding(ids, mask)                  # normalize(text_proj(forward_text(...)[:, 0]))
     grounded     = m.compose(image_embeds, enc_ids, mask)       # text_encoder(..., encoder_hidden_states=image)
-    itm_logits   = itm_head(grounded[:, 0])                     # logit 1 = match
+    itm_logits   = m.itm_from_hidden(grounded)                  # itm_head(grounded[:, 0]); logit 1 = match
+
+and from raw inputs: ``m.text_features(texts)``, ``m.itm_logits(images, texts)``, ``m.encode_target(images)``.
+
+BLIP-2 (``blip2_feature_extractor`` / ``blip2`` ``pretrain`` and ``pretrain_vitL``) is converted by
+:mod:`cirlab.models._hf_blip2` into CaLa's tower and Q-Formers (:func:`cirlab.models.cala.load_lavis_blip2`);
+:func:`lavis_layout` tells the two LAVIS layouts apart and :func:`lavis_blip2_sizes` reads a BLIP-2 state dict's
+sizes for :class:`~cirlab.models.cala.CaLaConfig`.
 """
 from __future__ import annotations
 
@@ -47,7 +55,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cirlab.models import blip_interop
@@ -99,6 +106,56 @@ def read_lavis_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return blip_interop.read_checkpoint(path)
 
 
+# ------------------------------------------------------------------------------------------------------ layouts
+
+LAVIS_PREFIX = "lavis:"  # init_from: lavis:PATH forces the LAVIS layout
+# LAVIS blip_retrieval keys the original re-ranker's and BLIP's model_base.pth files do not share all of
+_BLIP_MARKERS = re.compile(r"(visual_encoder_m|text_encoder_m)\..*|image_queue|text_queue|idx_queue|itm_head\.weight")
+
+
+def lavis_layout(state: dict[str, torch.Tensor]) -> str | None:
+    """``"blip2"`` (LAVIS ``Blip2Qformer``: ``Qformer.bert.*`` + ``query_tokens``), ``"blip_retrieval"`` (LAVIS
+    ``BlipRetrieval``: a timm ViT, a MED text encoder and at least one of the momentum encoders, ITC queues or ITM
+    head, and no captioning decoder), or None (not a LAVIS layout cirlab converts).
+
+    BLIP's ``model_base.pth`` (which LAVIS also downloads) has a ``text_decoder``: it is left to
+    :mod:`cirlab.models.blip_interop`, which converts it to stage I and stage II alike.
+    """
+    keys = list(state)
+    if "query_tokens" in state and any(k.startswith("Qformer.bert.") for k in keys):
+        return "blip2"
+    if (any(k.startswith("visual_encoder.blocks.") for k in keys)
+            and any(k.startswith("text_encoder.") for k in keys)
+            and not any(k.startswith("text_decoder.") for k in keys)
+            and any(_BLIP_MARKERS.fullmatch(k) for k in keys)):
+        return "blip_retrieval"
+    return None
+
+
+def read_lavis_layout(path: str | os.PathLike, expected: tuple[str, ...] = ("blip_retrieval", "blip2"),
+                      ) -> tuple[str, dict[str, torch.Tensor]]:
+    """``(layout, state dict)`` of a LAVIS checkpoint file; raises
+    :class:`~cirlab.models.blip_interop.InteropError` (one line naming the file and what was expected) when the file
+    is missing, unreadable or holds another layout."""
+    path = Path(str(path)[len(LAVIS_PREFIX):] if str(path).startswith(LAVIS_PREFIX) else path).expanduser()
+    want = " or ".join({"blip_retrieval": "a LAVIS blip_retrieval checkpoint (visual_encoder.blocks.*, "
+                                          "text_encoder.*, visual_encoder_m.* / image_queue / itm_head.*)",
+                        "blip2": "a LAVIS BLIP-2 checkpoint (Qformer.bert.*, query_tokens)"}[e] for e in expected)
+    if not path.is_file():
+        raise blip_interop.InteropError(f"{path}: no such file (expected {want})")
+    try:
+        state = blip_interop.unwrap_state_dict(read_lavis_checkpoint(path), str(path))
+    except (ValueError, OSError) as err:  # safetensors / torch errors of damaged files
+        raise blip_interop.InteropError(" ".join(str(err).split())) from None
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own types for files that are not safetensors
+        raise blip_interop.InteropError(f"{path}: not readable ({type(err).__name__}: {err})") from None
+    layout = lavis_layout(state)
+    if layout not in expected:
+        found = f"a LAVIS {layout} checkpoint" if layout else "keys " + ", ".join(list(state)[:3]) + ", ..."
+        raise blip_interop.InteropError(f"{path}: expected {want}; found {found}")
+    return layout, state
+
+
 # ------------------------------------------------------------------------------------------------------ sizes
 
 
@@ -138,6 +195,52 @@ def lavis_blip_config(state: dict[str, torch.Tensor], **overrides: Any) -> Any:
     sizes.setdefault("vision_heads", max(1, sizes["vision_width"] // 64))
     sizes.setdefault("text_heads", max(1, sizes["text_width"] // 64))
     return BlipRerankConfig(**{**sizes, **overrides})
+
+
+def default_heads(width: int, preset_width: int, preset_heads: int) -> int:
+    """Attention heads for a width read off a state dict (head counts are not in tensor shapes): the preset's when
+    its width is the same, else 16 for the LAVIS ViTs of 1024 (CLIP ViT-L) and 1408 (EVA ViT-g) channels, else
+    ``width // 64`` (BERT-base, ViT-B)."""
+    if width == preset_width:
+        return preset_heads
+    return {1024: 16, 1408: 16}.get(width, max(1, width // 64))
+
+
+def lavis_blip2_sizes(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """:class:`~cirlab.models.cala.CaLaConfig` size fields of a LAVIS BLIP-2 (``Blip2Qformer``) state dict, read
+    from tensor shapes: the tower (``vision``: ``clip_vit`` for ``pretrain_vitL``, ``eva_vit`` for ``pretrain``) and
+    the Q-Former. Head counts are not in the shapes (see :func:`default_heads`)."""
+    sd = blip_interop.unwrap_state_dict(state)
+    if lavis_layout(sd) != "blip2":
+        raise ValueError("not a LAVIS BLIP-2 state dict: no Qformer.bert.* / query_tokens")
+    layers = lambda pattern: sorted({int(m.group(1)) for k in sd if (m := re.match(pattern, k))})  # noqa: E731
+    q = "Qformer.bert."
+    cross = layers(re.escape(q) + r"encoder\.layer\.(\d+)\.crossattention\.")
+    sizes: dict[str, Any] = {
+        "qformer_width": sd[q + "embeddings.word_embeddings.weight"].shape[1],
+        "vocab_size": sd[q + "embeddings.word_embeddings.weight"].shape[0],
+        "max_text_len": sd[q + "embeddings.position_embeddings.weight"].shape[0],
+        "qformer_depth": len(layers(re.escape(q) + r"encoder\.layer\.(\d+)\.")),
+        "qformer_intermediate": sd[q + "encoder.layer.0.intermediate.dense.weight"].shape[0],
+        "cross_attention_freq": cross[1] - cross[0] if len(cross) > 1 else max(1, len(layers(
+            re.escape(q) + r"encoder\.layer\.(\d+)\."))),
+        "num_query_tokens": sd["query_tokens"].shape[1],
+        "embed_dim": sd["vision_proj.weight"].shape[0],
+    }
+    if "visual_encoder.conv1.weight" in sd:  # LAVIS clip_vit.py (pretrain_vitL)
+        conv = sd["visual_encoder.conv1.weight"]
+        grid = math.isqrt(sd["visual_encoder.positional_embedding"].shape[0] - 1)
+        sizes.update(vision="clip_vit", vision_width=conv.shape[0], patch_size=conv.shape[-1],
+                     image_size=grid * conv.shape[-1],
+                     vision_depth=len(layers(r"visual_encoder\.transformer\.resblocks\.(\d+)\.")),
+                     vision_mlp=sd["visual_encoder.transformer.resblocks.0.mlp.c_fc.weight"].shape[0])
+    elif "visual_encoder.patch_embed.proj.weight" in sd:  # LAVIS eva_vit.py (pretrain)
+        conv = sd["visual_encoder.patch_embed.proj.weight"]
+        grid = math.isqrt(sd["visual_encoder.pos_embed"].shape[1] - 1)
+        sizes.update(vision="eva_vit", vision_width=conv.shape[0], patch_size=conv.shape[-1],
+                     image_size=grid * conv.shape[-1], vision_depth=len(layers(r"visual_encoder\.blocks\.(\d+)\.")),
+                     vision_mlp=sd["visual_encoder.blocks.0.mlp.fc1.weight"].shape[0])
+    return {k: int(v) if isinstance(v, int) else v for k, v in sizes.items()}
 
 
 def build_stage1(config: Any, vocab_size: int | None = None) -> nn.Module:
@@ -180,8 +283,9 @@ def convert_lavis_blip(state: dict[str, torch.Tensor], model: nn.Module | None =
         model: a :class:`BlipRerankStage1` to fill in place; None builds one from ``config``, or from sizes read off
             the state dict (:func:`lavis_blip_config`, :func:`build_stage1`).
         config: a ``BlipRerankConfig`` for the model built when ``model`` is None.
-        keep_heads: put LAVIS heads cirlab has no module for (``itm_head.*``) into the returned state dict under
-            their LAVIS names; False drops them (they are still listed in ``report.heads``).
+        keep_heads: keep LAVIS's ITM head: a model built here (``model`` and ``config`` None) gets an ``itm_head``
+            module that takes it; a given model without one gets ``itm_head.*`` in the returned state dict under
+            their LAVIS names. False drops them (they are still listed in ``report.heads``).
         strict: raise :class:`~cirlab.models.blip_interop.InteropError` on unmatched, missing or mismatched keys.
         source: a name for the report.
 
@@ -193,7 +297,8 @@ def convert_lavis_blip(state: dict[str, torch.Tensor], model: nn.Module | None =
     """
     sd = blip_interop.unwrap_state_dict(state, source or "<state dict>")
     if model is None:
-        model = build_stage1(config if config is not None else lavis_blip_config(sd),
+        with_head = keep_heads and "itm_head.weight" in sd
+        model = build_stage1(config if config is not None else lavis_blip_config(sd, itm_head=with_head),
                              vocab_size=lavis_blip_sizes(sd)["vocab_size"])
     report = LavisReport(source=source, target="stage1")
     core, heads = _split_lavis_keys(sd, report)
@@ -228,12 +333,14 @@ def load_lavis_blip(path: str | os.PathLike, model: nn.Module | None = None, *, 
                     strict: bool = False) -> tuple[nn.Module, dict[str, torch.Tensor], LavisReport]:
     """Read a LAVIS BLIP checkpoint and convert it: ``(stage-I model, LAVIS heads, report)``.
 
-    The heads (``itm_head.weight`` / ``itm_head.bias``) come back separately since :class:`BlipRerankStage1` has no
-    module for them; :func:`itm_head` builds the ``Linear`` from them.
+    A model built here (``model`` and ``config`` None) has an ``itm_head`` holding LAVIS's; with a given model or
+    config without one, the heads (``itm_head.weight`` / ``itm_head.bias``) come back separately and
+    :func:`itm_head` builds the ``Linear`` from them.
     """
-    sd = read_lavis_checkpoint(path)
+    sd = blip_interop.unwrap_state_dict(read_lavis_checkpoint(path), str(path))
     if model is None:
-        model = build_stage1(config if config is not None else lavis_blip_config(sd),
+        model = build_stage1(config if config is not None
+                             else lavis_blip_config(sd, itm_head="itm_head.weight" in sd),
                              vocab_size=lavis_blip_sizes(sd)["vocab_size"])
     out, report = convert_lavis_blip(sd, model, strict=strict, source=str(path))
     report.log()
@@ -284,6 +391,6 @@ def itm_head(heads: dict[str, torch.Tensor]) -> nn.Linear:
 
 def text_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """LAVIS's text-only ITC feature ``normalize(text_proj(text_encoder.forward_text(ids)[:, 0]))`` on cirlab's
-    stage I: the text encoder without image (no cross-attention), ``[CLS]`` first; [B, embed_dim]."""
-    hidden = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask, is_decoder=False).last_hidden_state
-    return F.normalize(model.text_proj(hidden[:, 0]), dim=-1)
+    stage I: the text encoder without image (no cross-attention), ``[CLS]`` first; [B, embed_dim]
+    (:meth:`BlipRerankStage1.text_embedding`)."""
+    return model.text_embedding(input_ids, attention_mask)
