@@ -3,6 +3,8 @@
 #   AMC fashioniq preset: training step at batch 32, bf16 (throughput, peak memory)
 #   DIME f30k_i2t / f30k_t2i presets: training step at batch 32, bf16
 #   two-stage BLIP re-ranker: stage I at batch 32 and stage II at batch 16, bf16
+#   CaLa cirr preset (BLIP-2 ViT-L tower shared by three Q-Formers): training step at batch 64, bf16
+#   HREM f30k preset (BERT-base fine-tuned): training step at batch 128, bf16 (the paper: about 20 GB)
 #   DIME full-matrix evaluation: cirlab shards vs the plain 64 x 64 loop, COCO-5K time projected
 # Results go to reports/benchmarks/train_step_gpu.md and dime_eval_gpu.md (and to $OUT when set, for the
 # device tool). `bench/gpu_checks.sh --dry` runs the same steps with tiny presets on the CPU (a minute) to check
@@ -11,10 +13,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 if [[ "${1:-}" == "--dry" ]]; then
-    DEVICE=cpu; AMC=tiny; DIME_I=tiny; DIME_T="tiny --set direction=t2i"; BLIP=tiny; IMAGES=4; STEPS=2
+    DEVICE=cpu; AMC=tiny; DIME_I=tiny; DIME_T="tiny --set direction=t2i"; BLIP=tiny; CALA=tiny; HREM=tiny
+    CALA_BATCH=4; HREM_BATCH=8; IMAGES=4; STEPS=2
     REPORT_DIR=$(mktemp -d)
 else
-    DEVICE=cuda; AMC=fashioniq; DIME_I=f30k_i2t; DIME_T=f30k_t2i; BLIP=cirr; IMAGES=200; STEPS=10
+    DEVICE=cuda; AMC=fashioniq; DIME_I=f30k_i2t; DIME_T=f30k_t2i; BLIP=cirr; CALA=cirr; HREM=f30k
+    CALA_BATCH=64; HREM_BATCH=128; IMAGES=200; STEPS=10
     REPORT_DIR=reports/benchmarks
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: use --dry on CPU')"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -29,6 +33,8 @@ step --model dime --preset $DIME_I --batch-size 32
 step --model dime --preset $DIME_T --batch-size 32
 step --model blip_rerank_stage1 --preset $BLIP --batch-size 32
 step --model blip_rerank_stage2 --preset $BLIP --batch-size 16
+step --model cala --preset $CALA --batch-size $CALA_BATCH
+step --model hrem --preset $HREM --batch-size $HREM_BATCH
 PYTHONPATH=. "$PY" bench/dime_eval.py --images "$IMAGES" --device "$DEVICE" --project-coco5k \
     --out "$REPORT_DIR/dime_eval_gpu.md"
 

@@ -9,9 +9,11 @@ Inputs per model family (random, fixed shapes; the content does not change the c
 
 * ``amc``: reference and target images ``[3, image_size, image_size]``, Fashion-IQ-like two-caption texts;
   the vocabulary is fitted on those texts first (about 3,000 words, like Fashion-IQ's).
-* ``dime``: 36 x ``img_dim`` region features and 10-20 word captions. Paper presets name ``bert-base-uncased``,
+* ``dime`` / ``hrem``: 36 x ``img_dim`` region features and 10-20 word captions. Paper presets name ``bert-base-uncased``,
   which needs the model hub; ``--bert-base-random`` (default for them here) builds a random BERT of the same
   size (frozen in DIME either way, so the cost is the same) with the real bert-base-uncased vocabulary.
+* ``cala``: reference / target images at the preset's size and 8-16 word captions; the frozen image tower is
+  random (``pretrained_vision=False``), of the preset's shape.
 * ``blip_rerank_stage1`` / ``stage2``: 384 px images for stage I; stage II trains on cached frozen-ViT tokens
   ``[577, 768]`` as cirlab's default does (``--images`` feeds images through the frozen ViT instead).
 
@@ -80,8 +82,8 @@ def build(args: argparse.Namespace) -> tuple[Any, RandomItems]:
         model.fit_vocab(texts + [f"w{i}" for i in range(3000)])  # Fashion-IQ-sized table
         make = (lambda i, g, r: {"ref_image": torch.randn(3, size, size, generator=g), "text": texts[i % 64],
                                  "target_image": torch.randn(3, size, size, generator=g)})
-    elif family == "dime":
-        if args.bert_base_random or (args.preset in {"f30k_i2t", "f30k_t2i", "coco_i2t", "coco_t2i"}
+    elif family in ("dime", "hrem"):
+        if args.bert_base_random or (args.preset in {"f30k_i2t", "f30k_t2i", "coco_i2t", "coco_t2i", "f30k", "coco"}
                                      and "bert" not in overrides):
             from cirlab.models._lite import bert_vocab_path
 
@@ -90,6 +92,13 @@ def build(args: argparse.Namespace) -> tuple[Any, RandomItems]:
         dim = model.config.img_dim
         make = (lambda i, g, r: {"image_feats": torch.rand(36, dim, generator=g), "text": _caption(r, 10, 20),
                                  "image_idx": i})
+    elif family == "cala":
+        # timing only: a random tower of the paper's ViT-L/14 shape (no weight file), three Q-Formers
+        overrides.setdefault("pretrained_vision", False)
+        model = cirlab.create_model(args.model, args.preset, **overrides)
+        s = model.config.image_size
+        make = (lambda i, g, r: {"ref_image": torch.randn(3, s, s, generator=g), "text": _caption(r, 8, 16),
+                                 "target_image": torch.randn(3, s, s, generator=g)})
     elif family == "blip":
         model = cirlab.create_model(args.model, args.preset, **overrides)
         cfg = model.config
@@ -127,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="model config override (YAML value), repeatable")
     parser.add_argument("--bert-base-random", action="store_true",
-                        help="DIME: random BERT-base of the paper's size (default for the paper presets)")
+                        help="DIME / HREM: random BERT-base of the paper's size (default for the paper presets)")
     parser.add_argument("--images", action="store_true", help="stage II: feed images, not cached ViT tokens")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--report", default="", help="append a row to this markdown file")
