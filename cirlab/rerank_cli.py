@@ -6,10 +6,15 @@
     cirlab convert model_base.pth runs/blip_base.pt --to cirlab --model blip_rerank_stage1 --preset cirr
     cirlab convert runs/cirr_stage2 stage2_blip.pt --to original --stage1-out stage1_blip.pt
 
+    cirlab convert --from lavis blip_coco_retrieval.pth runs/lavis_stage1.pt --itm-head   # LAVIS BLIP -> stage I
+    cirlab convert --from lavis blip2_pretrained_vitL.pth runs/lavis_cala.pt --model cala   # LAVIS BLIP-2 -> CaLa
+
 ``submit`` writes the two CIRR test-server files (https://github.com/Cuberick-Orion/CIRR, ``Test-split_server.md``)
 of a run (stage I, stage II, or any CIR model trained on CIRR), validated against the split before writing.
 ``convert`` moves weights between the original layouts (BLIP ``model_base.pth``, the released stage I / II files of
-https://github.com/Cuberick-Orion/Candidate-Reranking-CIR, a transformers BLIP folder) and cirlab checkpoints.
+https://github.com/Cuberick-Orion/Candidate-Reranking-CIR, a transformers BLIP folder) and cirlab checkpoints, and
+reads LAVIS checkpoints (https://github.com/salesforce/LAVIS: ``blip_retrieval`` into the re-ranker's stage I, BLIP-2
+``blip2_feature_extractor`` / ``pretrain`` / ``pretrain_vitL`` into CaLa; :mod:`cirlab.models.lavis_interop`).
 """
 from __future__ import annotations
 
@@ -91,21 +96,49 @@ def _run_submit(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- convert
 
 
+_CONVERT_HELP = """\
+--to cirlab (the default): read a checkpoint and write a cirlab checkpoint (usable by cirlab eval, and as
+init_from / stage1_checkpoint) plus <OUT>.report.json (loaded, ignored, unmatched and missing keys).
+
+Sources (--from):
+  original  BLIP model_base.pth, a released stage-I (BLIP_Retrieval) or stage-II (BLIP_NLVR) file of
+            Candidate-Reranking-CIR, a transformers BLIP folder, or a cirlab run
+  lavis     a LAVIS checkpoint ({"model": state_dict} .pth, or a .safetensors state dict):
+            blip_retrieval -> blip_rerank_stage1 (momentum encoders and ITC queues are ignored;
+            --itm-head keeps LAVIS's ITM head), BLIP-2 blip2_feature_extractor / pretrain (EVA ViT-g) /
+            pretrain_vitL (CLIP ViT-L) -> cala (tower + the three Q-Former copies)
+  auto      (default) lavis when the keys are a LAVIS layout (Qformer.* + query_tokens; or a BLIP ViT and text
+            encoder with momentum encoders, queues or itm_head and no text_decoder), else original
+
+LAVIS sources: the sizes are read from the tensors and --preset gives everything else; head counts are not in
+the tensors: the preset's when its width is the same, else width // 64 (16 for 1024- and 1408-wide ViTs); set
+them with --set vision_heads=N / text_heads=N / qformer_heads=N. The report and the printed summary list the
+model_overrides a run config needs to build the same model (e.g. for init_from: lavis:PATH).
+
+--to original: write a cirlab run or checkpoint in the original code's file format.
+
+Every error is one line naming the file (exit status 2)."""
+
+
 def _add_convert(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "convert", help="convert re-ranker weights between the original layouts and cirlab",
-        description="--to cirlab: read BLIP model_base.pth, a released stage-I (BLIP_Retrieval) or stage-II "
-                    "(BLIP_NLVR) file, a transformers BLIP folder or a cirlab run, and write a cirlab checkpoint "
-                    "(usable by cirlab eval, and as init_from / stage1_checkpoint) plus <OUT>.report.json (loaded, "
-                    "unmatched, missing keys). --to original: write a cirlab run or checkpoint in the original "
-                    "code's file format.")
+        "convert", help="convert checkpoints between the original BLIP / LAVIS layouts and cirlab",
+        description=_CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SRC", help="checkpoint file, transformers folder or cirlab run folder")
     p.add_argument("out", metavar="OUT", help="file to write")
-    p.add_argument("--to", choices=("cirlab", "original"), required=True, help="target layout")
-    p.add_argument("--model", choices=("blip_rerank_stage1", "blip_rerank_stage2"), default=None,
-                   help="--to cirlab: the model to build (default: stage II for a stage-II file, else stage I)")
+    p.add_argument("--to", choices=("cirlab", "original"), default="cirlab",
+                   help="target layout (default: cirlab)")
+    p.add_argument("--from", dest="source_layout", choices=("auto", "original", "lavis"), default="auto",
+                   help="source layout (default: auto = lavis when the keys are a LAVIS layout, else original)")
+    p.add_argument("--model", choices=("blip_rerank_stage1", "blip_rerank_stage2", "cala"), default=None,
+                   help="--to cirlab: the model to build (default: cala for a LAVIS BLIP-2 file, stage II for a "
+                        "stage-II file, else stage I)")
     p.add_argument("--preset", default="cirr",
-                   help="--to cirlab: model sizes (cirr / fashioniq = BLIP ViT-B, the default; tiny for test files)")
+                   help="--to cirlab: model sizes (cirr / fashioniq = the papers' sizes, the default; tiny for test "
+                        "files); for LAVIS sources the sizes come from the tensors and the preset gives the rest")
+    p.add_argument("--itm-head", action="store_true",
+                   help="--from lavis, blip_retrieval: build stage I with BLIP's ITM head and load LAVIS's "
+                        "(itm_logits(); the re-ranker does not use it)")
     p.add_argument("--stage1", default=None,
                    help="--to cirlab, stage II: the frozen stage I to embed (a released stage-I file or a cirlab run)")
     p.add_argument("--stage1-out", default=None,
@@ -116,7 +149,105 @@ def _add_convert(subparsers: Any) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    return _to_cirlab(args) if args.to == "cirlab" else _to_original(args)
+    if args.to == "original":
+        if args.source_layout == "lavis":
+            from cirlab.core.errors import ConfigError
+
+            raise ConfigError("cirlab convert: --from lavis reads LAVIS checkpoints into cirlab (--to cirlab); "
+                              "--to original writes a cirlab run in the re-ranker's original format")
+        return _to_original(args)
+    lavis = _lavis_source(args)
+    if lavis is not None:
+        return _lavis_to_cirlab(args, *lavis)
+    if args.model == "cala":
+        from cirlab.core.errors import ConfigError
+
+        raise ConfigError(f"cirlab convert: {args.source}: --model cala needs a LAVIS BLIP-2 checkpoint (--from lavis)")
+    return _to_cirlab(args)
+
+
+def _lavis_source(args: argparse.Namespace) -> tuple[str, dict] | None:
+    """``(layout, state dict)`` when SRC is to be read as a LAVIS checkpoint, else None (the original path)."""
+    from cirlab.core.checkpoint import CheckpointError
+    from cirlab.models import blip_interop, lavis_interop
+
+    expected = {"blip_rerank_stage1": ("blip_retrieval",), "cala": ("blip2",)}.get(args.model or "",
+                                                                                     ("blip_retrieval", "blip2"))
+    if args.source_layout == "lavis":
+        if args.model == "blip_rerank_stage2":
+            raise CheckpointError(f"cirlab convert: {args.source}: --from lavis builds blip_rerank_stage1 or cala; "
+                                  "start stage II from it with init_from: lavis:PATH")
+        try:
+            return lavis_interop.read_lavis_layout(args.source, expected=expected)
+        except blip_interop.InteropError as err:
+            raise CheckpointError(f"cirlab convert --from lavis: {err}") from None
+    if args.source_layout == "original" or args.model == "blip_rerank_stage2" or not Path(args.source).is_file():
+        return None
+    try:
+        layout, state = lavis_interop.read_lavis_layout(args.source)
+    except blip_interop.InteropError:
+        return None  # not a LAVIS file: the original readers report what it is
+    if layout not in expected:
+        raise CheckpointError(f"cirlab convert: {args.source} is a LAVIS {layout} checkpoint; it converts to "
+                              f"{'cala' if layout == 'blip2' else 'blip_rerank_stage1'}, not {args.model}")
+    return layout, state
+
+
+def _lavis_to_cirlab(args: argparse.Namespace, layout: str, state: dict) -> int:
+    """LAVIS blip_retrieval -> stage I, LAVIS BLIP-2 -> CaLa; checkpoint + ``<OUT>.report.json``."""
+    from cirlab.core.checkpoint import CheckpointError, save_checkpoint
+    from cirlab.core.io import write_json
+    from cirlab.engine.runs import parse_set
+    from cirlab.engine.train import to_plain
+    from cirlab.models import blip_interop, lavis_interop
+    from cirlab.models.registry import create_model
+
+    overrides = {".".join(path): value for path, value in parse_set(args.overrides)}
+    source = str(args.source)
+    warnings = []
+    try:
+        if layout == "blip2":
+            from cirlab.models import _hf_blip2 as hb
+            from cirlab.models import cala
+
+            if args.itm_head:
+                warnings.append("--itm-head applies to blip_retrieval only: CaLa has no ITM head (ignored)")
+            config, model_overrides = lavis_interop.cala_config_from(state, args.preset, **overrides)
+            model = create_model("cala", config=config)
+            report = cala.load_lavis_state(model, state, source)
+            vocab, rows = len(hb.blip2_tokenizer(config.vocab_file)), int(config.vocab_size)
+        else:
+            from cirlab.models import _hf_blip as hf
+
+            if args.itm_head and "itm_head.weight" not in state:
+                raise blip_interop.InteropError(f"{source}: --itm-head, but the checkpoint has no itm_head.*")
+            config, model_overrides = lavis_interop.stage1_config_from(state, args.preset, itm_head=args.itm_head,
+                                                                      **overrides)
+            model = create_model("blip_rerank_stage1", config=config)
+            _, report = lavis_interop.convert_lavis_blip(state, model, keep_heads=False, source=source)
+            blip_interop.check_usable(report)
+            vocab, rows = len(hf.blip_tokenizer(config.vocab_file)), int(config.vocab_size or hf.MED_VOCAB_SIZE)
+    except (blip_interop.InteropError, ValueError, TypeError, OSError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"cirlab convert --from lavis: {' '.join(str(err).split())}") from None
+    if vocab != rows:
+        warnings.append(f"the tokenizer has {vocab} tokens and the checkpoint's text embedding {rows} rows: set "
+                        "vocab_file to the vocabulary the checkpoint was trained with before encoding text")
+    heads = {k: getattr(config, k) for k in ("vision_heads", "text_heads", "qformer_heads") if hasattr(config, k)}
+    out = Path(args.out)
+    save_checkpoint(out, {"model": model.state_dict(), "model_name": model.model_name,
+                          "model_config": to_plain(config.to_dict()), "converted_from": source,
+                          "converted_layout": f"lavis {layout}"})
+    summary = {"model": model.model_name, "checkpoint": str(out), "source_layout": f"lavis {layout}",
+               "preset": args.preset, "model_overrides": to_plain(model_overrides), "heads": heads,
+               "loaded": len(report.loaded), "ignored": len(report.ignored), "missing": list(report.missing),
+               "unmatched": list(report.unmatched), "warnings": warnings}
+    path = write_json(out.with_name(out.name + ".report.json"), {**summary, "reports": [report.to_dict()]})
+    for line in warnings:
+        logger.warning("%s", line)
+    print(json.dumps({**summary, "report": str(path)}, indent=2))
+    return 0
 
 
 def _to_cirlab(args: argparse.Namespace) -> int:

@@ -76,3 +76,48 @@ def test_two_process_ddp_equals_single_process(tmp_path):
     # the checkpoint holds every rank's RNG streams for an exact DDP resume
     last = torch.load(ddp_dir / "checkpoints" / "last.pt", weights_only=True)
     assert len(last["rng"]["per_rank"]) == 2
+
+
+class _RandomPrecomp(torch.utils.data.Dataset):
+    """HREM training items: 12 random regions of the tiny preset's width and a caption from a small vocabulary."""
+
+    def __init__(self, n: int, dim: int) -> None:
+        self.n, self.dim = n, dim
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        return {"image_feats": torch.rand(12, self.dim, generator=g), "text": f"a man with a dog and a ball {i % 5}",
+                "image_idx": i}
+
+
+def _hrem():
+    torch.manual_seed(0)
+    return cirlab.create_model("hrem", preset="tiny", warmup_iters=2)  # relation module idle for 2 steps
+
+
+def _hrem_worker(rank: int, world: int, init_file: str, out_dir: str, find_unused: bool) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _hrem()
+        cfg = {**model.default_train_config(), "epochs": 1, "max_steps": 4, "batch_size": 8, "tensorboard": False,
+               "progress": "none", "selection": "last", "eval_every": 0, "ddp_find_unused_parameters": find_unused}
+        train(model, _RandomPrecomp(32, model.config.img_dim), TrainConfig(**cfg), output_dir=out_dir)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_hrem_trains_under_ddp_across_its_relation_warm_up(tmp_path):
+    """HREM's relation module gets no gradient before warmup_iters; its default train config tells DDP so."""
+    assert _hrem().default_train_config()["ddp_find_unused_parameters"] is True
+    mp.spawn(_hrem_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path / "ok"), True), nprocs=2, join=True)
+    state = torch.load(tmp_path / "ok" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["progress"]["step"] == 4
+    # without the flag DDP stops at the second step (the reduction of step 1 never finished)
+    import pytest
+
+    with pytest.raises(Exception, match="(?i)reduction|unused|did not receive grad"):
+        mp.spawn(_hrem_worker, args=(2, str(tmp_path / "rdzv2"), str(tmp_path / "bad"), False), nprocs=2, join=True)

@@ -246,3 +246,111 @@ def test_loading_the_momentum_encoder_instead_fails_parity(blip):
     assert report.ok
     diffs = _max_diff(blip, model, heads)
     assert min(diffs[k] for k in ("image_feat", "text_feat", "itm_logits")) > 100 * ATOL, diffs
+
+
+# ------------------------------------------------------------------------------------------------ ITM head, text ITC
+
+
+def _vocab_file(tmp_path: Path) -> Path:
+    """The fixture's tokenizer vocabulary (``lavis_fixtures.json``: ``vocab``) as a vocab.txt."""
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(_manifest()["vocab"]) + "\n")
+    return path
+
+
+def _with_head(blip, **overrides) -> torch.nn.Module:
+    info = blip["info"]
+    cfg = BlipRerankConfig(**{**_config(info).to_dict(), "itm_head": True, "vocab_size": info["sizes"]["vocab_size"],
+                              **overrides})
+    model = lavis_interop.build_stage1(cfg)
+    _, report = lavis_interop.convert_lavis_blip(blip["state"], model, source="fixture")
+    assert report.ok and report.heads == [] and {"itm_head.weight", "itm_head.bias"} <= set(report.loaded)
+    return model.eval()
+
+
+def test_itm_head_is_off_by_default_and_frozen():
+    from cirlab.models.blip_rerank import BlipRerankStage1
+
+    plain = BlipRerankStage1(BlipRerankConfig.from_preset("tiny"))
+    assert plain.itm_head is None and not any(k.startswith("itm_head.") for k in plain.state_dict())
+    with pytest.raises(RuntimeError, match="no ITM head"):
+        plain.itm_from_hidden(torch.zeros(1, 3, 32))
+    headed = BlipRerankStage1(BlipRerankConfig.from_preset("tiny", itm_head=True))
+    assert isinstance(headed.itm_head, torch.nn.Linear) and headed.itm_head.out_features == 2
+    assert not any(p.requires_grad for p in headed.itm_head.parameters())  # stage I's loss never reaches it
+
+
+def test_stage1_itm_head_and_text_features_match_lavis(blip):
+    """``itm_from_hidden`` / ``text_embedding`` on the fixture's token ids: LAVIS's ITM logits and text-only ITC
+    features (and so its similarities) to 1e-5."""
+    model = _with_head(blip)
+    io = blip["io"]
+    pixels, ids, mask, enc_ids = (io[f"inputs.{k}"] for k in ("pixel_values", "input_ids", "attention_mask",
+                                                                "itm_input_ids"))
+    with torch.no_grad():
+        image_embeds = model.image_tokens(pixels)
+        text_feat = model.text_embedding(ids, mask)
+        n = len(ids)
+        itm = torch.stack([model.itm_from_hidden(model.compose(image_embeds[i:i + 1].repeat(n, 1, 1), enc_ids, mask))
+                           for i in range(n)])
+        sims = model.target_embedding(image_embeds) @ text_feat.t()
+    for name, ours in (("text_feat", text_feat), ("itm_logits", itm), ("sims", sims)):
+        torch.testing.assert_close(ours, io[f"outputs.{name}"], atol=ATOL, rtol=0, msg=name)
+
+
+def test_itm_logits_and_text_features_from_raw_captions(blip, tmp_path):
+    """From strings, with the fixture's vocabulary: cirlab's tokenisation gives LAVIS's ids (padded to the longest
+    instead of 35), and ``itm_logits`` (pairs i, i) / ``text_features`` reproduce LAVIS's outputs."""
+    model = _with_head(blip, vocab_file=str(_vocab_file(tmp_path)))
+    io, captions = blip["io"], _manifest()["captions"]
+    ids, mask = model.tokenize_text(captions)
+    enc_ids, _ = model.tokenize(captions)
+    width = ids.shape[1]
+    assert torch.equal(ids, io["inputs.input_ids"][:, :width]) and torch.equal(mask, io["inputs.attention_mask"][:, :width])
+    assert torch.equal(enc_ids, io["inputs.itm_input_ids"][:, :width])
+    assert not io["inputs.attention_mask"][:, width:].any()
+    with torch.no_grad():
+        logits = model.itm_logits(io["inputs.pixel_values"], captions)
+        feats = model.text_features(captions)
+    diagonal = io["outputs.itm_logits"].diagonal().t()  # [B_img, B_txt, 2] -> the aligned pairs [B, 2]
+    torch.testing.assert_close(logits, diagonal, atol=ATOL, rtol=0)
+    torch.testing.assert_close(feats, io["outputs.text_feat"], atol=ATOL, rtol=0)
+
+
+def test_converter_builds_the_head_when_asked(blip):
+    """No model given: ``keep_heads=True`` builds stage I with ``itm_head`` (loaded, nothing carried);
+    ``keep_heads=False`` builds it without one; a stage I with a head exports it back to LAVIS's names."""
+    out, report = lavis_interop.convert_lavis_blip(blip["state"], source="fixture")
+    assert report.ok and report.heads == [] and "itm_head.weight" in report.loaded
+    assert torch.equal(out["itm_head.weight"], blip["state"]["itm_head.weight"])
+    plain, report = lavis_interop.convert_lavis_blip(blip["state"], keep_heads=False, source="fixture")
+    assert "itm_head.weight" not in plain and report.heads == ["itm_head.bias", "itm_head.weight"]
+    model = _with_head(blip)
+    back = lavis_interop.export_lavis_blip(model)
+    assert torch.equal(back["itm_head.weight"], blip["state"]["itm_head.weight"])
+
+
+def test_a_wrong_itm_head_fails_parity(blip):
+    """Swapping the head's two rows (match <-> no match) keeps every shape: only the outputs catch it."""
+    state = dict(blip["state"])
+    state["itm_head.weight"] = state["itm_head.weight"].flip(0)
+    state["itm_head.bias"] = state["itm_head.bias"].flip(0)
+    model = _with_head({**blip, "state": state})
+    io = blip["io"]
+    with torch.no_grad():
+        logits = model.itm_from_hidden(model.compose(model.image_tokens(io["inputs.pixel_values"]),
+                                                     io["inputs.itm_input_ids"], io["inputs.attention_mask"]))
+    assert (logits - io["outputs.itm_logits"].diagonal().t()).abs().max() > 100 * ATOL
+
+
+def test_lavis_layout_detection(blip):
+    from safetensors.torch import load_file
+
+    assert lavis_interop.lavis_layout(blip["state"]) == "blip_retrieval"
+    for name in ("blip2_pretrain", "blip2_pretrain_vitL"):
+        info = _manifest()["models"][name]
+        assert lavis_interop.lavis_layout(load_file(str(FIXTURES / info["files"]["state"]))) == "blip2"
+    model_base_like = {**blip["state"], "text_decoder.cls.predictions.bias": torch.zeros(3)}
+    assert lavis_interop.lavis_layout(model_base_like) is None  # BLIP's model_base.pth: the original converter's
+    stage1_only = {k: v for k, v in blip["state"].items() if not re.match(r".*_m\.|.*queue|itm_head", k)}
+    assert lavis_interop.lavis_layout(stage1_only) is None

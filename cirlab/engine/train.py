@@ -116,6 +116,9 @@ class TrainConfig:
     progress: str = "auto"  # auto (tqdm bar on a TTY or in JupyterLab, log lines otherwise) | tqdm | log | none
     resume: str = ""  # "" = fresh run | "auto" = <output_dir>/checkpoints/last.pt if present | a checkpoint path
     num_threads: int = 0  # torch intra-op CPU threads; 0 = cirlab's policy (cirlab.core.threads; CIRLAB_THREADS)
+    # DDP only: a model whose steps leave some parameters without gradient (HREM before its relation warm-up)
+    # needs DistributedDataParallel(find_unused_parameters=True); its default_train_config says so
+    ddp_find_unused_parameters: bool = False
 
     def __post_init__(self) -> None:
         validate_train_values(dataclasses.asdict(self), "TrainConfig.")
@@ -870,7 +873,8 @@ class Trainer:
         self.step_module: nn.Module = _StepModule(self.model)
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.step_module = nn.parallel.DistributedDataParallel(self.step_module, device_ids=ids)
+            self.step_module = nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=ids, find_unused_parameters=cfg.ddp_find_unused_parameters)
         self.optimizer = build_optimizer(self.model, cfg)
         self.amp_dtype = _autocast_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)

@@ -134,7 +134,8 @@ class CaLaConfig(PresetMixin):
     lr: float = 1e-5  # base LR of the Q-Former groups (TAC/HCA 2x, ARTEMIS 10x); the paper's value
     lr_schedule: str = "all"  # all | group0 (released: only the multimodal Q-Former group is annealed)
     validate_in_train_mode: bool = False  # original training-loop validation: trained Q-Formers keep dropout on
-    init_from: str = ""  # LAVIS BLIP-2 checkpoint, a folder of CaLa's tuned_*.pt files, or a cirlab run/checkpoint
+    init_from: str = ""  # LAVIS BLIP-2 checkpoint ("lavis:PATH" forces that layout), a folder of CaLa's tuned_*.pt
+    #                      files, or a cirlab run/checkpoint
     bf16: bool = False  # bf16 autocast for inference (training precision is TrainConfig.precision)
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
@@ -481,9 +482,15 @@ class CaLa(nn.Module):
 
     # -- pretrained starts --------------------------------------------------------------------------------------
     def load_pretrained(self, path: str | os.PathLike, *, suffix: str = "") -> list[Any]:
-        """Start from a LAVIS BLIP-2 checkpoint (all three Q-Formers and the tower), a folder of CaLa's
-        ``tuned_*.pt`` files, or a cirlab checkpoint; returns the reports (see :func:`load_lavis_blip2` and
-        :func:`load_cala_files`)."""
+        """Start from a LAVIS BLIP-2 checkpoint (all three Q-Formers and the tower; ``lavis:PATH`` forces that
+        layout, a plain file path is recognised by its keys), a folder of CaLa's ``tuned_*.pt`` files, or a cirlab
+        checkpoint; returns the reports (see :func:`load_lavis_blip2` and :func:`load_cala_files`). A file in no
+        known layout, or LAVIS tensors of other sizes than the model's, raise
+        :class:`~cirlab.models.blip_interop.InteropError` (one line naming the file)."""
+        from cirlab.models import lavis_interop
+
+        if str(path).startswith(lavis_interop.LAVIS_PREFIX):
+            return [_load_lavis_checked(self, path)]
         path = Path(path)
         if path.is_dir() and glob.glob(str(path / "tuned_*.pt")):
             return load_cala_files(self, path, suffix=suffix)
@@ -493,13 +500,20 @@ class CaLa(nn.Module):
             file = path / "checkpoints" / "best.pt" if path.is_dir() else path
             load_model_weights(self, file)
             return []
-        return [load_lavis_blip2(self, path)]
+        return [_load_lavis_checked(self, path)]
 
     def load_init(self, report_dir: str | os.PathLike | None = None) -> list[Any]:
-        """Apply ``config.init_from`` (``cirlab train`` calls this once); reports -> ``<report_dir>/init_from.json``."""
+        """Apply ``config.init_from`` (``cirlab train`` calls this once); reports -> ``<report_dir>/init_from.json``.
+        A source that cannot be used raises one :class:`~cirlab.core.errors.CheckpointError` line."""
+        from cirlab.core.errors import CheckpointError
+        from cirlab.models.blip_interop import InteropError
+
         if not self.config.init_from:
             return []
-        reports = self.load_pretrained(self.config.init_from)
+        try:
+            reports = self.load_pretrained(self.config.init_from)
+        except (InteropError, ValueError, OSError) as err:
+            raise CheckpointError(f"model_overrides.init_from: {' '.join(str(err).split())}") from err
         if report_dir is not None and reports:
             from cirlab.core import io
 
@@ -617,13 +631,14 @@ def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_lavis_blip2(model: CaLa, source: str | os.PathLike | dict[str, torch.Tensor], *,
-                     copies: Sequence[str] = ("textual", "multimodal", "visual"), load_tower: bool = True) -> Any:
+                     copies: Sequence[str] = ("textual", "multimodal", "visual"), load_tower: bool = True,
+                     name: str = "") -> Any:
     """Load a LAVIS ``Blip2Qformer`` state dict (``pretrain_vitL`` / ``pretrain``) into the tower and the named
     Q-Former copies; returns a :class:`~cirlab.models.blip_interop.InteropReport` (cirlab keys prefixed
     ``tower.`` / ``<copy>.``; LAVIS-only keys in ``ignored``: LM head, ITM head, temperature, buffers)."""
     from cirlab.models.blip_interop import InteropReport
 
-    name = "<state dict>" if isinstance(source, dict) else str(source)
+    name = name or ("<state dict>" if isinstance(source, dict) else str(source))
     state = source if isinstance(source, dict) else read_state(source)
     tower, qformer, ignored, unmatched = hb.lavis_to_cirlab(state, vision_arch=model.config.vision)
     report = InteropReport(source=name, target="cala " + "+".join(copies), unmatched=list(unmatched))
@@ -633,6 +648,31 @@ def load_lavis_blip2(model: CaLa, source: str | os.PathLike | dict[str, torch.Te
     for copy in copies:  # one LAVIS Q-Former feeds every named copy (the original loads the same file three times)
         hb.load_into(getattr(model, copy), qformer, f"{copy}.", report)
     return report.log()
+
+
+def _load_lavis_checked(model: CaLa, path: str | os.PathLike) -> Any:
+    """:func:`load_lavis_blip2` of a file that must hold a LAVIS BLIP-2 state dict whose tensors fit ``model``
+    (``lavis:`` prefix allowed); anything else raises :class:`~cirlab.models.blip_interop.InteropError`."""
+    from cirlab.models import lavis_interop
+
+    _, state = lavis_interop.read_lavis_layout(path, expected=("blip2",))
+    source = str(path)[len(lavis_interop.LAVIS_PREFIX):] if str(path).startswith(lavis_interop.LAVIS_PREFIX) else path
+    return load_lavis_state(model, state, str(source))
+
+
+def load_lavis_state(model: CaLa, state: dict[str, torch.Tensor], source: str) -> Any:
+    """:func:`load_lavis_blip2` into every copy and the tower; tensors of other sizes than the model's raise
+    :class:`~cirlab.models.blip_interop.InteropError` naming ``source``."""
+    from cirlab.models import blip_interop
+
+    report = load_lavis_blip2(model, state, name=source)
+    if report.mismatched:
+        key, src, dst = report.mismatched[0]
+        raise blip_interop.InteropError(
+            f"{source}: {len(report.mismatched)} tensors do not fit this CaLa (e.g. {key}: checkpoint {list(src)} vs "
+            f"model {list(dst)}); set model_overrides to the checkpoint's sizes (cirlab convert --from lavis prints "
+            "them)")
+    return report
 
 
 def load_cala_files(model: CaLa, folder: str | os.PathLike, *, suffix: str = "") -> list[Any]:

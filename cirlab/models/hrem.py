@@ -609,7 +609,9 @@ class HREM(BertVocabMixin, nn.Module):
         validation every epoch selecting on rsum (cirlab: on dev unless ``train.selection`` says otherwise)."""
         return {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 1e-4, "epochs": 30,
                 "batch_size": self.config.paper_batch_size, "schedule": "step", "lr_milestones": [15, 25],
-                "lr_gamma": 0.1, "grad_clip": 2.0, "selection_metric": "rsum"}
+                "lr_gamma": 0.1, "grad_clip": 2.0, "selection_metric": "rsum",
+                # the relation module has no gradient before warmup_iters: DDP must expect unused parameters
+                "ddp_find_unused_parameters": True}
 
     def param_groups(self) -> list[dict[str, Any]]:
         """BERT at ``bert_lr_scale x train.lr``; everything else (projections, fragment and instance modules) at

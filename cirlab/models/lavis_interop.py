@@ -394,3 +394,46 @@ def text_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     stage I: the text encoder without image (no cross-attention), ``[CLS]`` first; [B, embed_dim]
     (:meth:`BlipRerankStage1.text_embedding`)."""
     return model.text_embedding(input_ids, attention_mask)
+
+
+# ------------------------------------------------------------------------------------------------------ configs
+
+
+def _changed(config: Any, base: Any) -> dict[str, Any]:
+    ours, theirs = config.to_dict(), base.to_dict()
+    return {k: v for k, v in ours.items() if v != theirs.get(k)}
+
+
+def stage1_config_from(state: dict[str, torch.Tensor], preset: str = "cirr", *, itm_head: bool = False,
+                       **overrides: Any) -> tuple[Any, dict[str, Any]]:
+    """``(BlipRerankConfig, model_overrides)`` for a LAVIS ``blip_retrieval`` state dict: ``preset``'s fields with
+    the sizes read off the tensors (:func:`lavis_blip_sizes`; heads: :func:`default_heads`), then ``overrides``.
+    ``model_overrides`` are the fields that differ from the preset (what a run config needs to rebuild it)."""
+    from cirlab.models._hf_blip import MED_VOCAB_SIZE
+    from cirlab.models.blip_rerank import BlipRerankConfig
+
+    base = BlipRerankConfig.from_preset(preset)
+    sizes = lavis_blip_sizes(state)
+    vocab = sizes.pop("vocab_size")
+    sizes["vision_heads"] = default_heads(sizes["vision_width"], base.vision_width, base.vision_heads)
+    sizes["text_heads"] = default_heads(sizes["text_width"], base.text_width, base.text_heads)
+    sizes["vocab_size"] = 0 if vocab == MED_VOCAB_SIZE else vocab
+    config = BlipRerankConfig.from_preset(preset, **{**sizes, "itm_head": itm_head, **overrides})
+    return config, _changed(config, base)
+
+
+def cala_config_from(state: dict[str, torch.Tensor], preset: str = "cirr",
+                     **overrides: Any) -> tuple[Any, dict[str, Any]]:
+    """``(CaLaConfig, model_overrides)`` for a LAVIS BLIP-2 state dict: ``preset``'s fields (loss, frame, lr, ...)
+    with the tower and Q-Former sizes read off the tensors (:func:`lavis_blip2_sizes`; heads:
+    :func:`default_heads`; ``qformer_init`` random, since every Q-Former weight comes from the checkpoint), then
+    ``overrides``; ``model_overrides`` are the fields that differ from the preset."""
+    from cirlab.models.cala import CaLaConfig
+
+    base = CaLaConfig.from_preset(preset)
+    sizes = lavis_blip2_sizes(state)
+    if "vision" in sizes:
+        sizes["vision_heads"] = default_heads(sizes["vision_width"], base.vision_width, base.vision_heads)
+    sizes["qformer_heads"] = default_heads(sizes["qformer_width"], base.qformer_width, base.qformer_heads)
+    config = CaLaConfig.from_preset(preset, **{**sizes, "qformer_init": "random", **overrides})
+    return config, _changed(config, base)
