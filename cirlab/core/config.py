@@ -41,6 +41,9 @@ class PresetMixin:
     """
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    # the original code's training seed, when the paper's recipe fixes one (AMC 300, CaLa 42): the model's
+    # default_train_config reports it, and run_experiment draws the initial weights under it unless train.seed is set
+    TRAIN_SEED: ClassVar[int | None] = None
 
     @classmethod
     def presets(cls) -> list[str]:

@@ -417,31 +417,34 @@ def train_dataset(config: dict[str, Any], model: Any) -> Any:
 # ----------------------------------------------------------------------------------------------- models
 
 
-def build_model(config: dict[str, Any]) -> Any:
-    from cirlab.models.registry import build_config, create_model
+def model_config_of(config: dict[str, Any]) -> Any:
+    """The model's config dataclass for a run config (preset + model_overrides), without building the model."""
+    from cirlab.models.registry import build_config
 
     try:  # a bad override value is a config error (checked without building when the config was validated)
-        model_config = build_config(config["model"], config.get("preset"), **dict(config.get("model_overrides") or {}))
+        return build_config(config["model"], config.get("preset"), **dict(config.get("model_overrides") or {}))
     except (TypeError, ValueError, KeyError) as err:
         raise ConfigError(f"model_overrides: {' '.join(str(err).split())}") from None
-    return create_model(config["model"], config=model_config)
+
+
+def build_model(config: dict[str, Any], model_config: Any = None) -> Any:
+    from cirlab.models.registry import create_model
+
+    return create_model(config["model"], config=model_config or model_config_of(config))
 
 
 def build_seeded_model(config: dict[str, Any]) -> Any:
-    """:func:`build_model` with the initial weights drawn under the run's seed (``train.seed``, else the model's
-    own default seed, e.g. AMC's 300, else 0), so one config gives one run; the trainer re-seeds with the same
-    seed for the data order and augmentations."""
+    """:func:`build_model` with the initial weights drawn under the run's seed (``train.seed``, else the model
+    config's ``TRAIN_SEED``, e.g. AMC's 300, else 0), so one config gives one run; the trainer re-seeds with the
+    same seed for the data order and augmentations."""
     from cirlab.engine.train import seed_everything
 
-    train_section = dict(config.get("train") or {})
-    seed = int(train_section.get("seed", 0))
-    seed_everything(seed)
-    model = build_model(config)
-    model_seed = _model_train_defaults(model).get("seed")
-    if "seed" not in train_section and model_seed is not None and int(model_seed) != seed:
-        seed_everything(int(model_seed))  # known only once the model exists: build again under it
-        model = build_model(config)
-    return model
+    model_config = model_config_of(config)
+    train_seed = (config.get("train") or {}).get("seed")
+    if train_seed is None:
+        train_seed = getattr(type(model_config), "TRAIN_SEED", None)
+    seed_everything(int(train_seed or 0))
+    return build_model(config, model_config)
 
 
 class _Captions:
@@ -783,10 +786,6 @@ def _prepare_data(config: dict[str, Any]) -> None:
     if dist_info.is_main:
         dataset_root(config)
     dist.barrier()
-
-
-def _model_train_defaults(model: Any) -> dict[str, Any]:
-    return dict(model.default_train_config())
 
 
 def eval_device(device: str) -> str:

@@ -84,6 +84,8 @@ class AMCConfig(PresetMixin):
       (cos(red, blue) ~ 0.53, cos(red, sandwich) ~ 0).
     """
 
+    TRAIN_SEED: ClassVar[int | None] = 300  # the original main script's torch/numpy seed
+
     # --- image encoder ---
     backbone: str = "resnet50"  # resnet50 (paper) | efficientnet_lite0 (lite: real offline weights) | tiny_cnn (tests)
     pretrained: bool = True  # load backbone weights: backbone_weights, else resnet50: torchvision's file if already in
@@ -674,7 +676,7 @@ class AMC(nn.Module):
         """
         return {"optimizer": "adam", "lr": 1e-4, "eps": 1e-8, "weight_decay": 1e-6, "batch_size": 32,
                 "drop_last": True, "shuffle": True, "epochs": 50, "schedule": "step", "lr_milestones": [40],
-                "lr_gamma": 0.1, "ema_decay": 0.999, "ema_mode": "standard", "seed": 300}
+                "lr_gamma": 0.1, "ema_decay": 0.999, "ema_mode": "standard", "seed": self.config.TRAIN_SEED}
 
     def image_transform(self, train: bool) -> Callable[[Any], torch.Tensor]:
         """The paper's named transform (``config.transform``, training or evaluation variant) at ``image_size``."""

@@ -93,6 +93,8 @@ CIRR_SELECTION = "R@1+R@5+R@10+R@50+cirr_Rsubset@1+cirr_Rsubset@2+cirr_Rsubset@3
 class CaLaConfig(PresetMixin):
     """CaLa on BLIP-2; defaults are the paper's (LAVIS ``pretrain_vitL``, CIRR recipe)."""
 
+    TRAIN_SEED: ClassVar[int | None] = 42  # the released training scripts' seed
+
     dataset: str = "cirr"  # cirr | fashioniq: picks the selection metric (both use the same recipe)
     # --- frozen image tower (shared) ---
     vision: str = "clip_vit"  # clip_vit (LAVIS pretrain_vitL, CaLa) | eva_vit (LAVIS pretrain) |
@@ -420,7 +422,7 @@ class CaLa(nn.Module):
         seed 42, drop_last; selection CIRR mean of the 7 recalls, Fashion-IQ (avg R@10 + avg R@50) / 2."""
         c = self.config
         return {"optimizer": "adamw", "lr": c.lr, "weight_decay": 0.05, "epochs": 30, "batch_size": 64,
-                "schedule": "periodic_cosine", "cosine_epochs": 15, "min_lr": 0.0, "seed": 42, "drop_last": True,
+                "schedule": "periodic_cosine", "cosine_epochs": 15, "min_lr": 0.0, "seed": c.TRAIN_SEED, "drop_last": True,
                 "precision": "bf16" if c.bf16 else "auto",
                 "selection_metric": CIRR_SELECTION if c.dataset == "cirr" else "avg"}
 
