@@ -192,7 +192,8 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
 
 
 def check_sections(config: dict[str, Any], source: str) -> None:
-    """Every top-level name is a known section, and the mapping sections are mappings (ConfigError naming ``source``)."""
+    """Every top-level name is a known section and the mapping sections are mappings (else a ConfigError naming
+    ``source``)."""
     unknown = sorted(set(config) - set(SECTIONS))
     if unknown:
         raise ConfigError(unknown_names_message(f"{source}: section", unknown, SECTIONS).replace("field", "name", 1))
