@@ -3,7 +3,8 @@
 Every variant is one ``cirlab.run_experiment`` (the engine's loop, selection and protocol metrics) on the embedded
 synthetic data, with the same preset, seed, steps and learning rate; only the loss terms / the query differ:
 
-* ``cala``          the released loss (B.7): 0.1 CE(TBIA) + 0.9 CE(0.45 CTR + 0.55 QTM)
+* ``cala``          the released loss (src/blip_fine_tune.py after commit 213ef3c): 0.1 CE(TBIA) + 0.9 CE(0.45 CTR +
+  0.55 QTM)
 * ``qtm_only``      the same model and recipe with ``hca_weight=0, tac_weight=0`` (no TBIA, no CTR)
 * ``image_only``    query = reference image through the multimodal Q-Former (QTM loss)
 * ``text_only``     query = text CLS alone (QTM loss)
@@ -88,7 +89,8 @@ def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
         m = r["splits"][split]
         lines.append(f"| {name} | " + " | ".join(f"{m[k]:.1f}" for k in keys)
                      + f" | {r['steps']} | {r['best_epoch']} | {r['seconds']:.0f} |")
-    lines += ["", "`cala` = released loss (B.7); `qtm_only` = same recipe with hca_weight = tac_weight = 0; "
+    lines += ["", "`cala` = released loss (src/blip_fine_tune.py after commit 213ef3c); `qtm_only` = same recipe with
+    hca_weight = tac_weight = 0; "
               "`image_only` / `text_only` = one modality as the query. Synthetic data, not a paper number."]
     return "\n".join(lines)
 

@@ -154,7 +154,8 @@ def test_param_group_learning_rates_and_schedules():
 
 
 def test_loss_is_the_released_formula_by_hand():
-    """B.7 on fixed logits: 0.1 CE(TBIA) + 0.9 CE(0.45 CTR + 0.55 QTM); the paper form; the pre-fix form."""
+    """The released loss (src/blip_fine_tune.py after commit 213ef3c) on fixed logits: 0.1 CE(TBIA) + 0.9 CE(0.45 CTR
+    + 0.55 QTM); the paper form; the pre-fix form."""
     g = torch.Generator().manual_seed(3)
     logits = {k: torch.randn(5, 5, generator=g) * 4 for k in ("qtm", "tbia", "ctr")}
 

@@ -317,7 +317,8 @@ def synth(tmp_path_factory):
 
 @pytest.mark.parametrize("frame", ["sum", "artemis"])
 def test_run_experiment_trains_and_evaluates_on_synthetic_cirr(frame, synth, tmp_path):
-    """Training and the CIRR validation of the CLIP path (which crashes in the released code, B.11)."""
+    """Training and the CIRR validation of the CLIP path (which crashes in the released code, src/validate.py as
+    released)."""
     from cirlab.engine import runs
 
     config = runs.with_defaults({

@@ -38,9 +38,9 @@ Behaviour choices, defaults first, the original as a named option:
 * ``lr_schedule="all"``: every parameter group follows the trainer's schedule. ``"group0"`` is the released code's
   ``cosine_lr_schedule(..., onlyGroup0=True)``: only group 0 (the multimodal Q-Former) is annealed and the others
   keep their constant LR; the groups carry ``"scheduled": False`` for the trainer to honour.
-* Learning rates (B.8): Q-Formers and query tokens ``lr``; TAC and HCA ``2 * lr``; ARTEMIS ``10 * lr``. The base is
-  the model's ``lr`` field (the paper and the author's answers in issues #4/#6 say 1e-5; the README says 5e-6),
-  because the groups carry absolute LRs: change it with ``model_overrides.lr``.
+* Learning rates (the optimiser of src/blip_fine_tune.py): Q-Formers and query tokens ``lr``; TAC and HCA ``2 * lr``;
+  ARTEMIS ``10 * lr``. The groups carry these multipliers (``lr_scale``) on ``train.lr``, whose default is the
+  model's ``lr`` field (the paper and the author's answers in issues #4/#6 say 1e-5; the README says 5e-6).
 * ``hca_mask_padding=False`` (original): padded text positions take part in HCA's hinge product; ``True`` removes
   them (the hinge sum then runs over real tokens only).
 * Text is padded to the longest caption and truncated at ``max_text_len`` (the original never truncates).
@@ -70,11 +70,13 @@ Options (corrected default first; the released code, which the design notes trea
   released ``torch.randn(bs, 1, 640)`` drawn anew at every forward, shared by the two sequences.
 * ``clip_bn_train_mode=False``: the frozen tower stays in eval mode. ``True`` reproduces ``clip_model.train()``:
   its BatchNorm layers use batch statistics and their running statistics drift, although no weight trains.
-* Parameter groups (B.8): every CLIP parameter outside ``visual`` (the text tower) at ``lr``, TAC and HCA at
+* Parameter groups (the optimiser of src/blip_fine_tune.py): every CLIP parameter outside ``visual`` (the text tower)
+  at ``lr``, TAC and HCA at
   ``2 * lr``; ``logit_scale`` is frozen (it is in the released group but receives no gradient). The released CLIP
   optimizer has no ARTEMIS group, so its ARTEMIS frame never trains ARTEMIS; cirlab trains it at ``10 * lr`` as on
   BLIP-2. ``encoder="both"`` is refused (the released CLIP tower is always frozen).
-* The released CLIP validation crashes in both datasets (B.11); here evaluation is the engine's, as on BLIP-2.
+* The released CLIP validation crashes in both datasets (src/validate.py as released); here evaluation is the
+  engine's, as on BLIP-2.
 * Weights: ``init_from`` names OpenAI's ``RN50x4.pt`` (TorchScript, read without pickle), an OpenAI/open_clip
   state dict, a folder of CaLa's ``tuned_clip_*.pt`` / ``tuned_tac_*`` / ``tuned_hca_*`` files, or a cirlab
   checkpoint; nothing is ever downloaded. Presets ``cirr_clip`` / ``fashioniq_clip`` (RN50x4 at 288 px) and
@@ -164,7 +166,7 @@ class CaLaConfig(PresetMixin):
     hca_mask_padding: bool = False  # original: padded text tokens take part in the hinge
     tac_steps: int = 4  # applications of each TAC attention (shared weights)
     ablation: str = "none"  # none | image_only | text_only (benchmark baselines; QTM loss only)
-    # --- optimisation (B.8) and evaluation ---
+    # --- optimisation (the optimiser of src/blip_fine_tune.py) and evaluation ---
     lr: float = 1e-5  # base LR of the Q-Former groups (TAC/HCA 2x, ARTEMIS 10x); the paper's value
     lr_schedule: str = "all"  # all | group0 (released: only the multimodal Q-Former group is annealed)
     validate_in_train_mode: bool = False  # original training-loop validation: trained Q-Formers keep dropout on
@@ -408,7 +410,8 @@ class Artemis(nn.Module):
 
 
 def image_transform(config: CaLaConfig, train: bool = False) -> Callable:
-    """TargetPad(1.25) -> Resize -> CenterCrop -> CLIP normalisation, the same for train and eval (B.9)."""
+    """TargetPad(1.25) -> Resize -> CenterCrop -> CLIP normalisation, the same for train and eval
+    (src/data_utils.py)."""
     from cirlab.data.transforms import build_transform
 
     return build_transform("targetpad", config.image_size, train=train)
@@ -447,7 +450,8 @@ class CaLa(nn.Module):
         self.lock()
 
     def _build_clip(self) -> None:
-        """The CLIP path (B.2): one CLIP RN (text tower trained, image tower frozen) and the CLIP heads (B.5/B.6)."""
+        """The CLIP path (src/blip_fine_tune.py): one CLIP RN (text tower trained, image tower frozen) and the CLIP
+        heads (src/hinge_based_cross_attention_blip2.py, src/twin_attention_compositor_blip2.py)."""
         from cirlab.models import _clip_rn
 
         c = self.config
@@ -473,7 +477,8 @@ class CaLa(nn.Module):
         return [self.multimodal, self.textual] + ([self.visual] if self.config.encoder == "both" else [])
 
     def lock(self) -> None:
-        """Freeze what no optimizer group holds (B.8): the tower; the visual Q-Former unless ``encoder="both"``;
+        """Freeze what no optimizer group holds (the optimiser of src/blip_fine_tune.py): the tower; the visual
+        Q-Former unless ``encoder="both"``;
         every ITC projection; the textual copy's query tokens (it only runs in text mode). CLIP path: the image
         tower and ``logit_scale`` (unused by CaLa)."""
         if self.is_clip:
@@ -491,7 +496,8 @@ class CaLa(nn.Module):
     def train(self, mode: bool = True) -> "CaLa":
         super().train(mode)
         if self.is_clip:
-            # the released clip_model.train() also sets the frozen tower's BatchNorm to train mode (B.11)
+            # the released clip_model.train() also sets the frozen tower's BatchNorm to train mode
+            # (src/blip_fine_tune.py)
             self.clip.visual.train(mode and self.config.clip_bn_train_mode)
             return self
         if mode and self.config.encoder != "both":
@@ -544,7 +550,8 @@ class CaLa(nn.Module):
     # -- features -----------------------------------------------------------------------------------------------
     def features(self, ref_images: torch.Tensor, texts: Sequence[str], target_images: torch.Tensor,
                  ids_mask: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """F_c, F_r, F_t, F'_r of one training batch (B.3); the frozen tower runs once on [ref; target].
+        """F_c, F_r, F_t, F'_r of one training batch (src/blip_fine_tune.py, training step); the frozen tower runs
+        once on [ref; target].
         CLIP path: F_c = the ln_final text sequence, F_r = F'_r / F_t = the reference / target layer-4 maps, plus
         the pooled vectors ``text_feats`` (eot projection), ``ref_feats`` and ``target_feats`` (attention pool)."""
         ids, mask = ids_mask if ids_mask is not None else self.tokenize(texts)
@@ -573,7 +580,8 @@ class CaLa(nn.Module):
         return F.normalize(ref_feats + text_feats, dim=-1)
 
     def logits(self, feats: dict[str, torch.Tensor], trace: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
-        """The B x B logits of one batch: ``qtm``, ``tbia`` (HCA) and ``ctr`` (TAC); rows = queries (B.4-B.6)."""
+        """The B x B logits of one batch: ``qtm``, ``tbia`` (HCA) and ``ctr`` (TAC); rows = queries
+        (src/blip_fine_tune.py and the HCA / TAC modules of the CaLa repository)."""
         c = self.config
         if "text_feats" in feats:  # CLIP path: pooled vectors next to the sequences / maps
             text_feats, ref_feats = feats["text_feats"], feats["ref_feats"]
@@ -599,24 +607,24 @@ class CaLa(nn.Module):
 
     # -- training -----------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The released loss (``loss_form="code"``, B.7) or the paper's weighted sum; one ``*_loss`` term is
-        summed by the trainer, the separate cross-entropies are logged."""
+        """The released loss (``loss_form="code"``, src/blip_fine_tune.py after commit 213ef3c) or the paper's
+        weighted sum; one ``*_loss`` term is summed by the trainer, the separate cross-entropies are logged."""
         feats = self.features(batch["ref_image"], batch["text"], batch["target_image"])
         return cala_loss(self.logits(feats), self.config)
 
     def default_train_config(self) -> dict[str, Any]:
-        """B.8: AdamW (wd 0.05), lr 1e-5, batch 64, 30 epochs, per-epoch cosine without clamping (max_epoch 15),
-        seed 42, drop_last; selection CIRR mean of the 7 recalls, Fashion-IQ (avg R@10 + avg R@50) / 2."""
+        """The released recipe (src/blip_fine_tune.py): AdamW (wd 0.05), lr 1e-5, batch 64, 30 epochs, per-epoch
+        cosine without clamping (max_epoch 15), seed 42, drop_last; selection CIRR mean of the 7 recalls, Fashion-IQ (avg R@10 + avg R@50) / 2."""
         c = self.config
         return {"optimizer": "adamw", "lr": c.lr, "weight_decay": 0.05, "epochs": 30, "batch_size": 64,
                 "schedule": "periodic_cosine", "cosine_epochs": 15, "min_lr": 0.0, "seed": c.TRAIN_SEED,
-                "drop_last": True,
-                "precision": "bf16" if c.bf16 else "auto",
+                "drop_last": True, "precision": "bf16" if c.bf16 else "auto",
                 "selection_metric": CIRR_SELECTION if c.dataset == "cirr" else "avg"}
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """B.8's groups in the original order (group 0 = the multimodal Q-Former), each with an absolute ``lr``,
-        its multiplier ``lr_scale`` and ``scheduled`` (False for groups > 0 under ``lr_schedule="group0"``).
+        """The released optimiser's groups (src/blip_fine_tune.py) in the original order (group 0 = the multimodal
+        Q-Former), each with its multiplier ``lr_scale`` of ``train.lr`` (and the resulting ``lr`` at the model's
+        own ``lr``) and ``scheduled`` (False for groups > 0 under ``lr_schedule="group0"``).
         CLIP path: ``clip.text`` (every CLIP parameter whose name lacks ``visual``; group 0), ``tac``, ``hca``."""
         c = self.config
         if self.is_clip:
@@ -643,7 +651,7 @@ class CaLa(nn.Module):
     def query_features(self, ref_images: torch.Tensor, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(text_feats, reference_feats), both [B, D] and unnormalised."""
         ids, mask = self.tokenize(texts)
-        if self.is_clip:  # eot text projection, the reference's attention-pooled vector (B.10 / released validate)
+        if self.is_clip:  # eot text projection, the reference's attention-pooled vector (the released src/validate.py)
             return self.clip.text_features(ids)[0], self.clip_image(ref_images)[0]
         ref_tok = self.image_tokens(ref_images)
         ref = (self.multimodal.image(ref_tok) if self.config.ablation == "image_only"
@@ -651,7 +659,7 @@ class CaLa(nn.Module):
         return self.textual.text(ids, mask)[:, 0], ref[:, 0]
 
     def encode_query(self, ref_images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-        """[B, D], L2-normalised ``normalize(text_feats + reference_feats)`` (sum frame; B.10)."""
+        """[B, D], L2-normalised ``normalize(text_feats + reference_feats)`` (sum frame; src/validate.py)."""
         if self.config.cir_frame == "artemis" and self.config.ablation == "none":
             raise NotImplementedError("the artemis frame scores (query, image) pairs: use model.artemis_scores (the "
                                       "engine's evaluation does, through gallery_scorer), not encode_query")
@@ -761,7 +769,8 @@ def _own_trace(model: nn.Module) -> Iterator[Any]:
 
 
 def cala_loss(logits: dict[str, torch.Tensor], config: CaLaConfig) -> dict[str, torch.Tensor]:
-    """B.7 on B x B logits (rows = queries, the matching target on the diagonal); one direction, no symmetry."""
+    """The released loss (src/blip_fine_tune.py after commit 213ef3c) on B x B logits (rows = queries, the matching
+    target on the diagonal); one direction, no symmetry."""
     qtm = logits["qtm"].float()
     labels = torch.arange(qtm.shape[0], device=qtm.device)
     ce = lambda x: F.cross_entropy(x.float(), labels)  # noqa: E731
