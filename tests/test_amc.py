@@ -40,7 +40,7 @@ def batch(b: int = 4, size: int = 64) -> dict:
 
 
 def test_fashioniq_parameter_count_matches_the_digest() -> None:
-    """Digest I.1: 49.94M + V x 300, from ResNet-50 body, 1x1 conv, LSTM and 2 x (router + CRN + GTN)."""
+    """AMC paper sizes: 49.94M + V x 300, from ResNet-50 body, 1x1 conv, LSTM and 2 x (router + CRN + GTN)."""
     d, w, h = 1024, 300, 512
     resnet50_body = 25_557_032 - (2048 * 1000 + 1000)  # torchvision resnet50 minus its fc classifier
     conv1x1 = 2048 * d
