@@ -15,6 +15,11 @@
 # top-K), the worst failures, and the runs side by side. Top-K files are written to `output_dir/topk/<run>/` for
 # the rank-shift notebook.
 #
+# Image-text matching runs (DIME, HREM; `dataset="f30k"` or `"coco"`, precomp region features) get their
+# protocol metrics (i2t and t2i R@1/5/10, rsum), text-to-image recall per caption type, and a text-to-image top-K
+# file per run (`topk/<run>/dev_t2i.topk.npz`: one row per caption, ranked images), which the rank-shift notebook
+# compares query by query (e.g. DIME vs HREM). Precomp data has region features, not pictures: no galleries.
+#
 # With its defaults this notebook evaluates the AMC run `make demo` trained (`reports/train`) on the data it was
 # trained on, from whatever folder the kernel starts in, and writes `runs/evaluate/` in the checkout.
 
@@ -23,10 +28,11 @@
 from pathlib import Path
 
 from cirlab import analysis, viz, workbench
+from cirlab.data.catalog import is_itm
 
 # %% tags=["parameters"]
 runs: list = []  # run folders to evaluate, each with config.yaml and checkpoints/ ([]: reports/train from make demo)
-dataset: str = "fashioniq"  # fashioniq | shoes | cirr
+dataset: str = "fashioniq"  # fashioniq | shoes | cirr (CIR runs) | f30k | coco (ITM runs, data_root/precomp)
 data_root: str = ""  # folder holding the dataset ("": $CIRLAB_DATA, else the data the first run was trained on)
 split: str = "val"  # split to evaluate
 output_dir: str = ""  # metrics.json, config.json, figures/, topk/<run>/ ("": runs/evaluate in the checkout)
@@ -41,8 +47,9 @@ data_dir = str(workbench.find_data(dataset, data_root, run_dirs[0]))
 out_dir = str(workbench.output_folder(output_dir, "evaluate"))
 print(workbench.describe_paths(runs=", ".join(run_dirs), data=data_dir, output=out_dir))
 names = [Path(r).name for r in run_dirs]
-splits = workbench.cir_splits(dataset, data_dir, split)
-print({cat: len(s) for cat, s in splits.items()}, "queries")
+itm = is_itm(dataset)
+splits = {} if itm else workbench.cir_splits(dataset, data_dir, split)
+print(workbench.itm_splits(dataset, data_dir, split) if itm else {cat: len(s) for cat, s in splits.items()})
 
 # %% [markdown]
 # ## Metrics per run
@@ -78,7 +85,7 @@ fig
 
 # %%
 first = names[0]
-for cat, sp in splits.items():
+for cat, sp in splits.items():  # CIR only (precomp ITM data has no pictures)
     fig = viz.plot_retrieval_gallery(workbench.gallery_rows(topks[first][cat], sp, n=n_show, k=5),
                                      title=f"{first}: {cat}")
     viz.save_figure(fig, f"{out_dir}/figures", f"gallery_{cat}")
@@ -88,7 +95,7 @@ fig
 # ## Worst failures: the queries whose target ranks lowest
 
 # %%
-for cat, sp in splits.items():
+for cat, sp in splits.items():  # CIR only
     worst = workbench.worst_queries(topks[first][cat], n=n_show)
     fig = viz.plot_retrieval_gallery(workbench.gallery_rows(topks[first][cat], sp, worst, k=5),
                                      title=f"{first}: worst {cat} queries")
@@ -97,9 +104,14 @@ fig
 
 # %% [markdown]
 # ## Per-category breakdown
+# CIR: recall per category. ITM: text-to-image recall per caption type (synthetic data: full, color, shape,
+# layout, relation; else the caption's slot).
 
 # %%
-per_category = {cat: analysis.known_recall(t.target_rank, [1, 10, 50]) for cat, t in topks[first].items()}
+if itm:
+    per_category = analysis.recall_by_category(topks[first]["t2i"], [1, 5, 10])
+else:
+    per_category = {cat: analysis.known_recall(t.target_rank, [1, 10, 50]) for cat, t in topks[first].items()}
 fig = viz.plot_metrics_bars(analysis.compare_runs(per_category), title=f"{first}: recall per category")
 viz.save_figure(fig, f"{out_dir}/figures", "per_category")
 fig

@@ -26,14 +26,18 @@
 # model and a one-minute CPU recipe the shift is small; it says nothing about the size of the paper's gain.
 #
 # A second, optional comparison (`before` / `after`, e.g. an untrained and a trained AMC from the `evaluate`
-# notebook) is drawn with the same panels under its own title: two full rankings, not a re-ranking.
+# notebook) is drawn with the same panels under its own title: two full rankings, not a re-ranking. Top-K files of
+# image-text matching runs work too: the `evaluate` notebook writes each ITM run's text-to-image ranking
+# (`topk/<run>/dev_t2i.topk.npz`, one row per caption, its own image the target), so `before` = a DIME run's and
+# `after` = an HREM run's compare the two models' t2i ranks caption by caption, per caption type. With
+# `rerank=False` the notebook draws only that comparison and trains nothing.
 
 # %%
 # %matplotlib inline
 from IPython.display import display
 
 from cirlab import analysis, viz, workbench
-from cirlab.engine import rerank
+from cirlab.engine import rerank as two_stage
 
 # %% tags=["parameters"]
 data_root: str = ""  # the dataset folder, or one holding it ("" -> $CIRLAB_DATA, else the embedded synthetic set)
@@ -53,6 +57,7 @@ before: str = ""  # optional second comparison: top-K file or folder of a first 
 after: str = ""  # the second ranking of the same queries
 label_before: str = "untrained AMC"  # legend name of `before`
 label_after: str = "trained AMC"  # legend name of `after`
+rerank: bool = True  # train and compare the two-stage re-ranker (False: only the before/after comparison)
 
 # %%
 data_dir = str(workbench.find_data(dataset, data_root))
@@ -67,21 +72,26 @@ stage2_set = [f"train.epochs={stage2_epochs}", *caps, *stage2_settings]
 # both streams from its text encoder and re-ranks all `pool_k` candidates of every validation query.
 
 # %%
-runs = rerank.run_pipeline(dataset, data_dir, f"{output_dir}/runs", preset=preset, k=pool_k, stage1=stage1_set,
-                           stage2=stage2_set, device=device)
-{stage: runs[stage]["splits"]["val"] for stage in ("stage1", "stage2")}
+runs = None
+if rerank:
+    runs = two_stage.run_pipeline(dataset, data_dir, f"{output_dir}/runs", preset=preset, k=pool_k,
+                                  stage1=stage1_set, stage2=stage2_set, device=device)
+    display({stage: runs[stage]["splits"]["val"] for stage in ("stage1", "stage2")})
 
 # %%
-aligned = analysis.align_ranks(workbench.load_topk_files(runs["stage1_topk"]),
-                               workbench.load_topk_files(runs["stage2_topk"]))
-summary = analysis.rank_shift_by_category(aligned, pool_k, ks=(1, 5, 10, 50))
+aligned = summary = None
+if rerank:
+    aligned = analysis.align_ranks(workbench.load_topk_files(runs["stage1_topk"]),
+                                   workbench.load_topk_files(runs["stage2_topk"]))
+    summary = analysis.rank_shift_by_category(aligned, pool_k, ks=(1, 5, 10, 50))
 summary
 
 # %%
-fig = viz.plot_rank_shift(aligned, k=pool_k, bins=bins, label_before="stage I", label_after="stage II",
-                          title=f"Two-stage re-ranker ({preset}): stage I -> stage II, top {pool_k} re-ranked")
-viz.save_figure(fig, f"{output_dir}/figures", "rank_shift")
-fig
+if rerank:
+    fig = viz.plot_rank_shift(aligned, k=pool_k, bins=bins, label_before="stage I", label_after="stage II",
+                              title=f"Two-stage re-ranker ({preset}): stage I -> stage II, top {pool_k} re-ranked")
+    viz.save_figure(fig, f"{output_dir}/figures", "rank_shift")
+    display(fig)
 
 # %% [markdown]
 # ## Figure 8, one panel per category
@@ -89,11 +99,11 @@ fig
 # moved forward); line: how many queries had their target at that rank.
 
 # %%
-for category, group in aligned.groupby("category"):
+for category, group in aligned.groupby("category") if rerank else ():
     table = analysis.rank_shift_table(group["rank_before"], group["rank_after"], pool_k)
     fig = viz.plot_figure8(table, title=f"Figure 8, {category or dataset}: stage I -> stage II (K={pool_k})")
     viz.save_figure(fig, f"{output_dir}/figures", f"figure8_{category or 'all'}")
-fig
+    display(fig)
 
 # %% [markdown]
 # ## Second comparison: two full rankings (not a re-ranking)
@@ -110,12 +120,16 @@ if other is not None:
     display(fig)
 
 # %%
-metrics = {row["category"]: {k: v for k, v in row.items() if k != "category"} for row in summary.to_dict("records")}
-metrics["runs"] = {stage: runs[stage]["splits"]["val"] for stage in ("stage1", "stage2")}
+metrics = {}
+if rerank:
+    metrics = {row["category"]: {k: v for k, v in row.items() if k != "category"}
+               for row in summary.to_dict("records")}
+    metrics["runs"] = {stage: runs[stage]["splits"]["val"] for stage in ("stage1", "stage2")}
 if other is not None:
     metrics["second_comparison"] = analysis.rank_shift_by_category(other, pool_k, ks=(1, 10)).to_dict("records")
 config = {"data_root": data_dir, "dataset": dataset, "preset": preset, "pool_k": pool_k, "epochs": epochs,
           "stage2_epochs": stage2_epochs, "max_steps": max_steps, "batch_size": batch_size, "settings": settings,
           "stage2_settings": stage2_settings, "bins": bins, "device": device, "output_dir": output_dir,
-          "before": before, "after": after, "label_before": label_before, "label_after": label_after}
+          "before": before, "after": after, "label_before": label_before, "label_after": label_after,
+          "rerank": rerank}
 workbench.write_outputs(output_dir, metrics, config)

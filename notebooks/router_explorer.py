@@ -28,21 +28,32 @@
 # relation). Its routes are path matrices: layer0 and layer1 send every cell's output to the four cells of the
 # next layer, layer2 to the output.
 #
+# Two models without a router get their own views here, chosen from the run's model:
+#
+# * **CaLa** (CIR on BLIP-2): which caption words bridge the reference and the target. HCA's hinge map (reference
+#   queries -> words -> target queries) with each word's bridge value, TAC's twin attention, and the words that
+#   bridge most over all traced queries (`CaLa.trace`).
+# * **HREM** (ITM): the relation explorer. The instance-level graph of one batch (B images + B captions) as a
+#   2B x 2B heatmap with its four blocks i2i / i2t / t2i / t2t labelled (connection, relevance, fusion
+#   attention), and the word-region relevance of one caption, with its words (`cirlab.models.hrem.relation_frames`).
+#
 # With its defaults this notebook opens the AMC run `make demo` trained (`reports/train`; `reports/train_dime`
 # with `dataset="f30k"`), from whatever folder the kernel starts in, and writes `runs/router_explorer/`.
 
 # %%
 # %matplotlib inline
+from IPython.display import display
+
 from cirlab import analysis, viz, widgets, workbench
 
 # %% tags=["parameters"]
-run_dir: str = ""  # a trained router run ("": reports/train from make demo, reports/train_dime for f30k/coco)
-dataset: str = "fashioniq"  # fashioniq | shoes | cirr (AMC) | f30k | coco (DIME, data_root/precomp)
+run_dir: str = ""  # a trained run: AMC, DIME, CaLa or HREM ("": reports/train, reports/train_dime for f30k/coco)
+dataset: str = "fashioniq"  # fashioniq | shoes | cirr (AMC, CaLa) | f30k | coco (DIME, HREM: data_root/precomp)
 data_root: str = ""  # folder holding the dataset ("": $CIRLAB_DATA, else the data the run was trained on)
 split: str = "val"  # split whose queries are traced ("val" is precomp "dev")
 output_dir: str = ""  # metrics.json, config.json, figures/ ("": runs/router_explorer in the checkout)
-n_queries: int = 120  # queries (DIME: image-caption pairs) to trace
-query_id: str = ""  # the query shown in the single-query view ("": the first traced query)
+n_queries: int = 120  # queries (DIME: image-caption pairs; HREM: images of the traced batch, at most 12) to trace
+query_id: str = ""  # the query shown alone ("": the first traced one; HREM: a batch position of a caption, "": 0)
 compare: str = "untrained"  # second checkpoint drawn beside the run (AMC): untrained | a run folder | "" (none)
 interactive: bool = True  # show the live explorer when a Jupyter frontend runs the kernel (never under papermill)
 device: str = "cpu"  # cpu | cuda
@@ -53,8 +64,16 @@ data_dir = str(workbench.find_data(dataset, data_root, run))
 out_dir = str(workbench.output_folder(output_dir, "router_explorer"))
 print(workbench.describe_paths(run=run, data=data_dir, output=out_dir))
 model = workbench.load_run(run, device=device)
-routes, texts = workbench.collect_routes(model, dataset, data_dir, split, n=n_queries, device=device)
-print(model.model_name, "|", routes["query_id"].nunique(), "queries | layers:", routes["layer"].unique().tolist())
+kind = workbench.explorer_kind(model)  # router (AMC, DIME) | cala | hrem
+if kind == "router":
+    routes, texts = workbench.collect_routes(model, dataset, data_dir, split, n=n_queries, device=device)
+elif kind == "cala":
+    routes, texts = workbench.cala_trace(model, dataset, data_dir, split, n=min(n_queries, 24), device=device)
+else:
+    graph = workbench.hrem_relation(model, dataset, data_dir, split, n_images=min(n_queries, 12),
+                                    caption=int(query_id or 0), device=device)
+    routes, texts = graph["edges"], graph["texts"]
+print(model.model_name, "|", kind, "view |", len(texts), "queries traced")
 routes.head()
 
 # %% [markdown]
@@ -63,9 +82,10 @@ routes.head()
 # destination cell (one column per path). Rows are grouped by category (DIME: caption type).
 
 # %%
-fig = viz.plot_expert_heatmaps(routes, max_queries=40)
-viz.save_figure(fig, f"{out_dir}/figures", "expert_heatmaps")
-fig
+if kind == "router":
+    fig = viz.plot_expert_heatmaps(routes, max_queries=40)
+    viz.save_figure(fig, f"{out_dir}/figures", "expert_heatmaps")
+    display(fig)
 
 # %% [markdown]
 # ## Gate distributions per category and per modification type
@@ -73,16 +93,18 @@ fig
 # modification types.
 
 # %%
-fig = viz.plot_gate_distributions(routes, by="category")
-viz.save_figure(fig, f"{out_dir}/figures", "gates_by_category")
-fig
+if kind == "router":
+    fig = viz.plot_gate_distributions(routes, by="category")
+    viz.save_figure(fig, f"{out_dir}/figures", "gates_by_category")
+    display(fig)
 
 # %%
-by_modification = "modification" in routes.columns and routes["modification"].astype(str).str.len().gt(0).any()
+by_modification = kind == "router" and "modification" in routes.columns and (
+    routes["modification"].astype(str).str.len().gt(0).any())
 if by_modification:
     fig = viz.plot_gate_distributions(routes, by="modification")
     viz.save_figure(fig, f"{out_dir}/figures", "gates_by_modification")
-fig
+    display(fig)
 
 # %% [markdown]
 # ## Gate entropy and expert utilisation
@@ -90,9 +112,10 @@ fig
 # and divided by log(E): 1 means the router spreads evenly, 0 that one expert takes everything.
 
 # %%
-stats = analysis.route_statistics(routes)
-fig = viz.plot_gate_entropy(routes)
-viz.save_figure(fig, f"{out_dir}/figures", "entropy_utilisation")
+stats = analysis.route_statistics(routes) if kind == "router" else None
+if kind == "router":
+    fig = viz.plot_gate_entropy(routes)
+    viz.save_figure(fig, f"{out_dir}/figures", "entropy_utilisation")
 stats
 
 # %% [markdown]
@@ -102,7 +125,7 @@ stats
 # every query's concatenated routing weights, projected to 2-D (PCA), coloured by category (DIME: caption type).
 
 # %%
-has_paths = routes["source"].notna().any()
+has_paths = kind == "router" and routes["source"].notna().any()
 if has_paths:
     fig = viz.plot_dime_flows(routes)
     viz.save_figure(fig, f"{out_dir}/figures", "cell_flows")
@@ -110,9 +133,46 @@ if has_paths:
     fig = viz.plot_path_matrices(routes)
     viz.save_figure(fig, f"{out_dir}/figures", "path_matrices")
     display(fig)
-fig = viz.plot_path_space(routes, color_by="category")
-viz.save_figure(fig, f"{out_dir}/figures", "path_space")
-fig
+if kind == "router":
+    fig = viz.plot_path_space(routes, color_by="category")
+    viz.save_figure(fig, f"{out_dir}/figures", "path_space")
+    display(fig)
+
+# %% [markdown]
+# ## CaLa: which words bridge reference and target
+# Drawn when the run is CaLa. HCA (hinge cross-attention) scores reference queries against the caption's words and
+# the words against the target's queries; the hinge is the softmax of their product, and a word's *bridge value* is
+# its share of reference query 0's expected hinge logit (green: the word links the reference to the target tokens
+# the hinge attends to). TAC's twin attention: reference queries attending to the target and the reverse, first and
+# last of its shared-weight steps. Then the words with the largest mean bridge value over every traced query.
+
+# %%
+if kind == "cala":
+    shown = query_id or str(routes["query_id"].iloc[0])
+    fig = viz.plot_cala_bridges(routes, shown, texts.get(shown, ""))
+    viz.save_figure(fig, f"{out_dir}/figures", "cala_bridges")
+    display(fig)
+    fig = viz.plot_bridge_words(routes)
+    viz.save_figure(fig, f"{out_dir}/figures", "bridge_words")
+    display(fig)
+
+# %% [markdown]
+# ## HREM: the relation explorer
+# Drawn when the run is HREM. One batch of images (rows and columns first) and one caption of each (after the red
+# lines): the connection relation (which pairs the fusion may attend to), the relevance relation (the weights it
+# learned from the word-region scores) and the first fusion layer's attention (heads averaged). Then the chosen
+# caption (`query_id`, a batch position) against the regions of its own image, and each of its words' best
+# region score against every image of the batch.
+
+# %%
+if kind == "hrem":
+    fig = viz.plot_relation_graph(routes)
+    viz.save_figure(fig, f"{out_dir}/figures", "relation_graph")
+    display(fig)
+    fig = viz.plot_word_region(graph["word_region"], text=texts[graph["caption_id"]])
+    viz.save_figure(fig, f"{out_dir}/figures", "word_region")
+    display(fig)
+    display(analysis.relation_block_means(routes))
 
 # %% [markdown]
 # ## One query, live
@@ -122,23 +182,36 @@ fig
 # DIME: the caption box and the image dropdown re-score the edited caption against the chosen image.
 
 # %%
-explorer = workbench.explorer_for(model, routes, texts, dataset, data_dir, split, run_dir=run, compare=compare,
-                                  device=device)
-shown = explorer.pick(query_id)
-fig = explorer.view(shown)
-viz.save_figure(fig, f"{out_dir}/figures", "query_view")
-fig
+explorer = None
+if kind == "router":
+    explorer = workbench.explorer_for(model, routes, texts, dataset, data_dir, split, run_dir=run, compare=compare,
+                                      device=device)
+    shown = explorer.pick(query_id)
+    fig = explorer.view(shown)
+    viz.save_figure(fig, f"{out_dir}/figures", "query_view")
+    display(fig)
+elif kind == "hrem":
+    shown = str(graph["caption_id"])
 
 # %%
-if interactive and widgets.live_frontend():
+if explorer is not None and interactive and widgets.live_frontend():
     display(explorer.build())
-else:
+elif explorer is not None:
     print("The live explorer appears here when JupyterLab runs this notebook (interactive=True).")
+else:
+    print(f"{model.model_name} has no live explorer; the figures above are its views.")
 
 # %%
-metrics = {"queries": int(routes["query_id"].nunique()),
-           "layer_entropy": stats.groupby("layer")["layer_entropy"].first().to_dict(),
-           "mean_share": {f"{r.layer}/{r.expert}": r.mean_share for r in stats.itertuples()}}
+if kind == "router":
+    metrics = {"queries": int(routes["query_id"].nunique()),
+               "layer_entropy": stats.groupby("layer")["layer_entropy"].first().to_dict(),
+               "mean_share": {f"{r.layer}/{r.expert}": r.mean_share for r in stats.itertuples()}}
+elif kind == "cala":
+    metrics = {"queries": int(routes["query_id"].nunique()),
+               "bridge_words": dict(analysis.bridge_words(routes, top=10)[["word", "bridge"]].values.tolist())}
+else:
+    metrics = {"queries": len(texts), "caption_id": int(graph["caption_id"]),
+               "block_means": analysis.relation_block_means(routes).to_dict("index")}
 config = {"run_dir": run, "dataset": dataset, "data_root": data_dir, "split": split, "output_dir": out_dir,
           "n_queries": n_queries, "query_id": query_id, "shown_query": str(shown), "compare": compare,
           "interactive": interactive, "device": device}

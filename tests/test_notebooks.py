@@ -40,6 +40,14 @@ EXPECTED = {  # files each notebook writes into its output_dir, and keys of its 
                               "figures/cell_flows.svg", "figures/path_matrices.png", "figures/gates_by_category.png",
                               "figures/path_space.png", "figures/entropy_utilisation.png", "figures/query_view.png"],
                              ["queries", "layer_entropy", "mean_share"]),
+    # HREM (ITM) and CaLa (CIR) through the train and router_explorer notebooks
+    "train_hrem": (["metrics.json", "config.json", "checkpoints/best.pt", "figures/val_metrics.png"], ["val"]),
+    "router_explorer_hrem": (["metrics.json", "figures/relation_graph.png", "figures/word_region.png"],
+                             ["queries", "caption_id", "block_means"]),
+    "train_cala": (["metrics.json", "config.json", "checkpoints/best.pt", "topk/val.topk.npz",
+                    "figures/val_metrics.png"], ["val"]),
+    "router_explorer_cala": (["metrics.json", "figures/cala_bridges.png", "figures/bridge_words.png"],
+                             ["queries", "bridge_words"]),
     "quickstart": (["metrics.json", "config.json", "figures/gallery.png", "figures/metrics.png",
                     "figures/query_gates.png", "figures/training_curves.png"], ["trained", "untrained"]),
 }
@@ -256,3 +264,84 @@ def test_missing_runs_and_data_name_absolute_paths_and_the_fixing_command(tmp_pa
     monkeypatch.delenv("CIRLAB_RUNS", raising=False)
     out = workbench.output_folder("", "train")
     assert out.is_absolute() and out.name == "train" and out.parent.name == "runs"
+
+
+# ---------------------------------------------------------------------------------------- HREM, CaLa, DIME vs HREM
+def _train_tiny(model: str, dataset: str, data, out, settings=()):
+    from cirlab import workbench
+
+    return workbench.train_run(model, "tiny", dataset, data, out, max_steps=2, batch_size=8,
+                               settings=["train.eval_every=0", *settings])
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return report.ensure_synthetic_data("tiny", root=tmp_path_factory.mktemp("tinydata"), stream=None)
+
+
+def test_itm_topk_is_the_t2i_ranking_of_the_itm_metrics(tiny_data, tmp_path):
+    from cirlab import analysis, workbench
+
+    _train_tiny("hrem", "f30k", tiny_data, tmp_path / "hrem")
+    model = workbench.load_run(tmp_path / "hrem")
+    reference = workbench.evaluate_itm_run(model, "f30k", tiny_data)
+    metrics, topks = workbench.evaluate_run(model, "f30k", tiny_data, k=5, topk_dir=tmp_path / "topk")
+    assert metrics == pytest.approx(reference)  # one score matrix, the engine's metrics
+    t2i = workbench.load_topk_files(tmp_path / "topk")
+    assert (tmp_path / "topk" / "dev_t2i.topk.npz").is_file() and t2i.meta["direction"] == "t2i"
+    split = workbench.itm_splits("f30k", tiny_data)
+    assert len(t2i) == len(split.captions) and t2i.k == min(5, split.num_images)
+    assert list(t2i.target_ids[:6]) == ["0", "0", "0", "0", "0", "1"]  # five captions per image
+    assert analysis.known_recall(t2i.target_rank, [1, 5])["R@1"] == pytest.approx(reference["t2i_R@1"])
+    assert analysis.known_recall(t2i.target_rank, [1, 5])["R@5"] == pytest.approx(reference["t2i_R@5"])
+    hit = t2i.target_rank == 1
+    assert (t2i.gallery_ids[hit, 0] == t2i.target_ids[hit]).all()
+    assert set(t2i.category) <= {"full", "color", "shape", "layout", "relation"}  # the synthetic caption types
+
+
+def _papermill(name: str, out, **parameters):
+    return papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=parameters,
+                                      kernel_name=_kernel(), progress_bar=False, cwd=str(Path(out).parent),
+                                      kernel_manager_class=report._kernel_manager_class())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["hrem", "cala"])
+def test_train_and_explorer_entries_of_hrem_and_cala(tiny_data, tmp_path, model):
+    """The report's train_<model> and router_explorer_<model> entries (smoke parameters) on the tiny data."""
+    for name in (f"train_{model}", f"router_explorer_{model}"):
+        params = report.notebook_parameters(name, tmp_path, tiny_data, smoke=True)
+        report.run_notebook(name, params, tmp_path / name, kernel_name=_kernel(), html_export=False)
+        files, keys = EXPECTED[name]
+        for rel in files:
+            assert (tmp_path / name / rel).is_file(), f"{name} did not write {rel}"
+        assert set(keys) <= set(json.loads((tmp_path / name / "metrics.json").read_text()))
+    explorer = json.loads((tmp_path / f"router_explorer_{model}" / "metrics.json").read_text())
+    if model == "hrem":
+        assert set(explorer["block_means"]["relevance"]) == {"i2i", "i2t", "t2i", "t2t"}
+        assert explorer["block_means"]["connection"]["i2i"] > 0  # every image is connected to itself
+    else:
+        assert explorer["bridge_words"] and not {"[CLS]", "[SEP]"} & set(explorer["bridge_words"])
+
+
+@pytest.mark.slow
+def test_evaluate_and_rank_shift_compare_dime_and_hrem_t2i_ranks(tiny_data, tmp_path):
+    for model in ("dime", "hrem"):  # random tiny BERTs: seconds each
+        _train_tiny(model, "f30k", tiny_data, tmp_path / model)
+    _papermill("evaluate", tmp_path / "evaluate.ipynb", runs=[str(tmp_path / "dime"), str(tmp_path / "hrem")],
+               dataset="f30k", data_root=str(tiny_data), output_dir=str(tmp_path / "ev"), k=10,
+               include_untrained=False)
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert set(ev["runs"]) == {"dime", "hrem"} and "t2i_R@1" in ev["runs"]["hrem"]
+    assert set(ev["per_category"]) <= {"full", "color", "shape", "layout", "relation"}
+    _papermill("rank_shift", tmp_path / "rank_shift.ipynb", rerank=False, before=str(tmp_path / "ev/topk/dime"),
+               after=str(tmp_path / "ev/topk/hrem"), label_before="DIME", label_after="HREM", pool_k=10,
+               output_dir=str(tmp_path / "rs"))
+    rs = json.loads((tmp_path / "rs" / "metrics.json").read_text())
+    rows = {r["category"]: r for r in rs["second_comparison"]}
+    split_captions = len((tiny_data / "precomp" / "f30k_precomp" / "dev_caps.txt").read_text().splitlines())
+    assert rows["all"]["queries"] == split_captions and "runs" not in rs  # nothing re-ranked
+    assert rows["all"]["before_R@1"] == pytest.approx(ev["runs"]["dime"]["t2i_R@1"])
+    assert rows["all"]["after_R@1"] == pytest.approx(ev["runs"]["hrem"]["t2i_R@1"])
+    assert (tmp_path / "rs" / "figures" / "second_comparison.png").is_file()
+    assert not (tmp_path / "rs" / "figures" / "rank_shift.png").exists()

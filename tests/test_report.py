@@ -38,9 +38,14 @@ def test_unknown_overrides_fail_early():
 
 def test_plan_orders_by_dependency_and_adds_missing_prerequisites(tmp_path):
     assert report.plan() == ["train", "evaluate", "router_explorer", "rank_shift", "train_dime",
-                             "router_explorer_dime", "quickstart"]
-    assert report.plan(with_optional=False) == ["train", "evaluate", "router_explorer", "rank_shift", "quickstart"]
+                             "router_explorer_dime", "train_hrem", "router_explorer_hrem", "train_cala",
+                             "router_explorer_cala", "quickstart"]
+    assert report.plan(with_optional=False) == ["train", "evaluate", "router_explorer", "rank_shift", "train_hrem",
+                                                "router_explorer_hrem", "train_cala", "router_explorer_cala",
+                                                "quickstart"]
     assert report.plan("router_explorer_dime", tmp_path) == ["train_dime", "router_explorer_dime"]
+    assert report.plan("router_explorer_hrem", tmp_path) == ["train_hrem", "router_explorer_hrem"]
+    assert report.plan("router_explorer_cala", tmp_path) == ["train_cala", "router_explorer_cala"]
     assert report.plan("rank_shift", tmp_path) == ["train", "evaluate", "rank_shift"]
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "metrics.json").write_text("{}")
@@ -62,6 +67,25 @@ def test_dime_entries_run_the_train_and_router_notebooks_with_itm_parameters(tmp
     assert report.notebook_parameters("train", tmp_path, "/data", overrides=over)["max_steps"] != 3
     assert report.notebook_parameters("train_dime", tmp_path, "/data", overrides=over)["max_steps"] == 3
     assert report.ORDER.index("train_dime") < report.ORDER.index("router_explorer_dime")
+
+
+def test_hrem_and_cala_entries_and_their_captions(tmp_path):
+    h = report.notebook_parameters("train_hrem", tmp_path, "/data", itm_data_root="/itm")
+    assert (h["model"], h["dataset"], h["data_root"], report.notebook_of("train_hrem")) == ("hrem", "f30k", "/itm",
+                                                                                          "train")
+    c = report.notebook_parameters("train_cala", tmp_path, "/data")
+    assert (c["model"], c["dataset"], c["data_root"]) == ("cala", "cirr", "/data")
+    assert "model_overrides.image_size=32" in c["settings"]
+    for model in ("hrem", "cala"):
+        r = report.notebook_parameters(f"router_explorer_{model}", tmp_path, "/data", itm_data_root="/itm")
+        assert r["run_dir"] == f"{tmp_path}/train_{model}" and not r["interactive"]
+        assert report.DEPENDS[f"router_explorer_{model}"] == (f"train_{model}",)
+    assert report.uses_itm_data(["train_hrem"]) and not report.uses_itm_data(["train_cala"])
+    for name, stem in (("router_explorer_hrem", "relation_graph"), ("router_explorer_hrem", "word_region"),
+                       ("router_explorer_cala", "cala_bridges"), ("router_explorer_cala", "bridge_words"),
+                       ("train_cala", "val_metrics"), ("train_hrem", "val_metrics")):
+        assert report.figure_caption(name, stem), (name, stem)
+    assert "not a trained CaLa" in report.figure_caption("train_cala", "training_curves")
 
 
 def test_index_links_files_tables_and_figures(tmp_path):

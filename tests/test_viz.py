@@ -369,3 +369,126 @@ def test_plot_path_matrices_shows_each_layers_mean_matrix():
         assert texts[0] == f"{raw.mean(axis=0)[0, 0]:.3f}" and len(texts) == raw[0].size
     with pytest.raises(ValueError, match="no path rows"):
         viz.plot_path_matrices(amc_frame())
+
+
+# ------------------------------------------------------------------------------------------------ CaLa / HREM views
+TOKENS = ["[CLS]", "make", "the", "star", "red", "[SEP]"]
+
+
+def cala_frame(query_id: str = "q7", tokens=TOKENS, seed: int = 0) -> pd.DataFrame:
+    """A CaLa.trace frame in its schema: HCA maps with token strings, the bridge row, TAC steps 1-4."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    refs, tgts = ["r0", "r1", "r2"], ["t0", "t1", "t2"]
+
+    def add(layer, dests, sources, mat):
+        for d, dst in enumerate(dests):
+            for s_, src in enumerate(sources):
+                rows.append({"query_id": query_id, "layer": layer, "source": src, "destination": dst,
+                             "expert": dst, "code_index": d, "paper_name": dst, "weight": float(mat[d, s_]),
+                             "sample": 0, "source_code_index": s_, "source_paper_name": src})
+
+    add("hca.ref_to_text", refs, tokens, rng.normal(size=(3, len(tokens))))
+    add("hca.text_to_target", tokens, tgts, rng.normal(size=(len(tokens), 3)))
+    add("hca.hinge", refs, tgts, rng.dirichlet(np.ones(3), size=3))
+    add("hca.bridge", ["r0"], tokens, np.arange(len(tokens), dtype=float)[None] - 2.0)
+    for name, dests, srcs in (("ref", refs, tgts), ("target", tgts, refs)):
+        for step in range(1, 5):
+            add(f"tac.{name}_attention.step{step}", dests, srcs if step == 1 else ["prev0", "prev1", "prev2"],
+                rng.dirichlet(np.ones(3), size=3))
+    return pd.DataFrame(rows)
+
+
+def test_cala_bridges_label_the_caption_words_and_tac_steps():
+    frame = pd.concat([cala_frame("q7"), cala_frame("q8", ["[CLS]", "add", "a", "ring", "[SEP]"], seed=1)])
+    mat, dests, sources = analysis.layer_matrix(frame, "hca.ref_to_text", "q8")
+    assert sources == ["[CLS]", "add", "a", "ring", "[SEP]"] and dests == ["r0", "r1", "r2"] and mat.shape == (3, 5)
+    fig = viz.plot_cala_bridges(frame, "q7", text="make the star red")
+    assert isinstance(fig, Figure)
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    rc = axes["HCA: reference query x word (S_rc)"]
+    assert [t.get_text() for t in rc.get_xticklabels()] == TOKENS
+    assert [t.get_text() for t in axes["HCA: word x target query (S_ct)"].get_yticklabels()] == TOKENS
+    bridge = next(ax for ax in fig.axes if ax.get_gid() == "hca:bridge")
+    assert [t.get_text() for t in bridge.get_yticklabels()] == TOKENS
+    widths = [p.get_width() for p in bridge.patches]
+    assert widths == pytest.approx([-2.0, -1.0, 0.0, 1.0, 2.0, 3.0])  # the bridge row, word by word
+    for title in ("TAC reference -> target, step 1", "TAC reference -> target, step 4",
+                  "TAC target -> reference, step 1", "TAC target -> reference, step 4"):
+        assert title in axes
+    assert "make the star red" in fig._suptitle.get_text() and "q7" in fig._suptitle.get_text()
+
+
+def test_bridge_words_mean_over_queries_without_special_tokens():
+    frame = pd.concat([cala_frame("q1"), cala_frame("q2", ["[CLS]", "star", "blue", "[SEP]"])])
+    table = analysis.bridge_words(frame)
+    assert "[CLS]" not in set(table["word"]) and "[SEP]" not in set(table["word"])
+    star = table.set_index("word").loc["star"]
+    assert star["count"] == 2 and star["bridge"] == pytest.approx((1.0 + -1.0) / 2)  # positions 3 and 1
+    fig = viz.plot_bridge_words(frame)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    # largest |mean| first (red 2, make -1), ties by word; "star" is +1 in q1 and -1 in q2
+    assert labels == ["red (1)", "make (1)", "blue (1)", "star (2)", "the (1)"]
+
+
+def relation_edges(b: int = 3) -> pd.DataFrame:
+    """relation_frames' "edges" schema for B images (ids 10, 11, ...) and one caption each (ids 50, 55, ...)."""
+    rows = []
+    kinds = ["image"] * b + ["caption"] * b
+    ids = [10 + i for i in range(b)] + [50 + 5 * i for i in range(b)]
+    for name in ("connection", "relevance", "mask", "attention"):
+        for i in range(2 * b):
+            for j in range(2 * b):
+                w = float(i * 10 + j) if name != "mask" or (i + j) % 2 == 0 else float("-inf")
+                rows.append((name, f"{kinds[i][0].replace('c', 't')}2{kinds[j][0].replace('c', 't')}", i, j,
+                             kinds[i], ids[i], kinds[j], ids[j], ids[i % b], ids[j % b], w))
+    return pd.DataFrame(rows, columns=["matrix", "edge_type", "row", "col", "row_kind", "row_id", "col_kind",
+                                       "col_id", "row_image", "col_image", "weight"])
+
+
+def test_relation_graph_shows_the_joint_matrix_with_its_four_blocks():
+    edges = relation_edges(3)
+    mat, labels, b = analysis.relation_matrix(edges, "mask")
+    assert b == 3 and labels == ["img 10", "img 11", "img 12", "cap 50", "cap 55", "cap 60"]
+    assert np.isnan(mat[0, 1]) and mat[1, 1] == 11.0  # -inf (not connected) is blank
+    means = analysis.relation_block_means(edges)
+    assert list(means.columns) == ["i2i", "i2t", "t2i", "t2t"]
+    assert means.loc["relevance", "i2t"] == pytest.approx(np.mean([i * 10 + j for i in range(3) for j in range(3, 6)]))
+    fig = viz.plot_relation_graph(edges)
+    panels = [ax for ax in fig.axes if (ax.get_gid() or "").startswith("relation:")]
+    assert [ax.get_title() for ax in panels] == ["connection", "relevance", "attention"]
+    for ax in panels:
+        assert [t.get_text() for t in ax.get_xticklabels()] == labels
+        assert [t.get_text() for t in ax.get_yticklabels()] == labels
+        blocks = {t.get_text(): t.get_position() for t in ax.texts if (t.get_gid() or "").startswith("block:")}
+        assert blocks == {"i2i": (1.0, 1.0), "i2t": (4.0, 1.0), "t2i": (1.0, 4.0), "t2t": (4.0, 4.0)}  # (x, y)
+        assert ax.images[0].get_array()[0, 4] == 4.0  # row 0 (img 10) x column 4 (cap 55)
+
+
+def word_region_frame(words=("[CLS]", "a", "red", "star", "[SEP]"), images=(3, 4), regions: int = 4,
+                      caption_id: int = 17) -> pd.DataFrame:
+    rows = []
+    for i in images:
+        for w, word in enumerate((*words, "[PAD]")):
+            for r in range(regions):
+                rows.append((caption_id, i, w, word, word != "[PAD]", r, float(i + w / 10 + r / 100), 0.0, 0.0))
+    return pd.DataFrame(rows, columns=["caption_id", "image_id", "word_pos", "word", "real_word", "region", "score",
+                                       "t2i", "i2t"])
+
+
+def test_word_region_view_labels_the_captions_words():
+    frame = word_region_frame()
+    mat, words = analysis.word_region_matrix(frame, 3)
+    assert words == ["[CLS]", "a", "red", "star", "[SEP]"] and mat.shape == (5, 4)  # the padding word is left out
+    assert mat[2, 1] == pytest.approx(3 + 0.2 + 0.01)
+    best, words2, images = analysis.word_image_matrix(frame)
+    assert images == [3, 4] and best[1, 1] == pytest.approx(4 + 0.1 + 0.03)
+    fig = viz.plot_word_region(frame, text="a red star")  # caption 17 belongs to image 3 (17 // 5)
+    left = next(ax for ax in fig.axes if ax.get_gid() == "word_region")
+    right = next(ax for ax in fig.axes if ax.get_gid() == "word_image")
+    assert [t.get_text() for t in left.get_yticklabels()] == ["[CLS]", "a", "red", "star", "[SEP]"]
+    assert [t.get_text() for t in right.get_yticklabels()] == ["[CLS]", "a", "red", "star", "[SEP]"]
+    assert left.get_title() == "words x regions of image 3"
+    assert [t.get_text() for t in right.get_xticklabels()] == ["img 3", "img 4"]
+    assert right.get_xticklabels()[0].get_fontweight() == "bold"
+    assert "a red star" in fig._suptitle.get_text()

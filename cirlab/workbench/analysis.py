@@ -27,7 +27,8 @@ __all__ = [
     "align_ranks", "rank_shift_table", "rank_shift_summary", "ceiling_recall", "known_recall",
     "rank_shift_by_category", "feature_columns", "gate_matrix", "gate_entropy", "expert_utilisation",
     "route_statistics", "flow_matrices", "path_vectors", "pca_2d", "read_log", "read_metrics",
-    "compare_runs", "flatten_metrics",
+    "compare_runs", "flatten_metrics", "layer_matrix", "bridge_words", "relation_matrix", "relation_block_means",
+    "word_region_matrix", "word_image_matrix", "recall_by_category",
 ]
 
 
@@ -127,6 +128,13 @@ def known_recall(ranks: Sequence[int], ks: Sequence[int]) -> dict[str, float]:
     if len(r) == 0:
         return {f"R@{k}": float("nan") for k in ks}
     return recall_from_ranks(r, ks)
+
+
+def recall_by_category(topk: Any, ks: Sequence[int]) -> dict[str, dict[str, float]]:
+    """``{category: {"R@k": recall}}`` of one top-K file grouped by its ``category`` column (known targets only),
+    e.g. an ITM run's text-to-image file per caption type."""
+    cats = np.asarray(topk.category).astype(str)
+    return {str(c): known_recall(np.asarray(topk.target_rank)[cats == c], ks) for c in dict.fromkeys(cats)}
 
 
 def ceiling_recall(rank_before: Sequence[int], pool: int) -> float:
@@ -336,3 +344,84 @@ def compare_runs(runs: Mapping[str, Mapping[str, Any] | str | os.PathLike]) -> A
     table = pd.DataFrame(columns)
     table.index.name = "metric"
     return table
+
+
+# --------------------------------------------------------------------------------------------- CaLa and HREM traces
+def layer_matrix(frame: Any, layer: str, query_id: Any | None = None) -> tuple[np.ndarray, list[str], list[str]]:
+    """One traced layer of one query as a ``[destination x source]`` matrix with its labels in trace order (token
+    strings for CaLa's HCA layers); ``query_id`` None takes the frame's first query."""
+    rows = frame[frame["layer"] == layer]
+    if query_id is None:
+        query_id = rows["query_id"].iloc[0]
+    rows = rows[rows["query_id"].astype(str) == str(query_id)]
+    if rows.empty:
+        raise KeyError(f"no {layer!r} records for query {query_id!r}")
+    d_idx, s_idx = rows["code_index"].astype(int).to_numpy(), rows["source_code_index"].astype(int).to_numpy()
+    mat = np.zeros((d_idx.max() + 1, s_idx.max() + 1))
+    mat[d_idx, s_idx] = rows["weight"].to_numpy(dtype=float)
+    dests = dict(zip(d_idx, rows["destination"].astype(str)))
+    sources = dict(zip(s_idx, rows["source"].astype(str)))
+    return mat, [dests[i] for i in range(mat.shape[0])], [sources[j] for j in range(mat.shape[1])]
+
+
+SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "[DEC]")
+
+
+def bridge_words(frame: Any, top: int = 15, skip_special: bool = True) -> Any:
+    """CaLa's ``hca.bridge`` over all traced queries: per word, the mean and count of its bridge value (its share
+    of reference query 0's expected hinge logit), the ``top`` words by mean absolute value, largest first."""
+    rows = frame[frame["layer"] == "hca.bridge"]
+    if skip_special:
+        rows = rows[~rows["source"].isin(SPECIAL_TOKENS)]
+    table = rows.groupby("source")["weight"].agg(["mean", "count"]).reset_index().rename(
+        columns={"source": "word", "mean": "bridge"})
+    table["abs"] = table["bridge"].abs()
+    return table.sort_values(["abs", "word"], ascending=[False, True]).head(top).drop(columns="abs").reset_index(
+        drop=True)
+
+
+EDGE_BLOCKS = ("i2i", "i2t", "t2i", "t2t")
+
+
+def relation_matrix(edges: Any, matrix: str = "relevance") -> tuple[np.ndarray, list[str], int]:
+    """One matrix of HREM's joint graph (:func:`cirlab.models.hrem.relation_frames` ``"edges"``) as ``[2B, 2B]``
+    with node labels (``img <id>`` then ``cap <id>``) and B; ``-inf`` (unconnected in the mask) becomes NaN."""
+    rows = edges[edges["matrix"] == matrix]
+    if rows.empty:
+        raise KeyError(f"no {matrix!r} matrix in the relation frame (has: {sorted(edges['matrix'].unique())})")
+    n = int(rows["row"].max()) + 1
+    mat = np.full((n, n), np.nan)
+    mat[rows["row"].astype(int), rows["col"].astype(int)] = rows["weight"].to_numpy(dtype=float)
+    mat[~np.isfinite(mat)] = np.nan
+    first = rows.drop_duplicates("row").sort_values("row")
+    labels = [f"{'img' if k == 'image' else 'cap'} {i}" for k, i in zip(first["row_kind"], first["row_id"])]
+    return mat, labels, int((first["row_kind"] == "image").sum())
+
+
+def relation_block_means(edges: Any) -> Any:
+    """Mean finite weight per matrix and edge type (i2i, i2t, t2i, t2t) of HREM's relation frame."""
+    finite = edges[np.isfinite(edges["weight"].to_numpy(dtype=float))]
+    return finite.pivot_table(index="matrix", columns="edge_type", values="weight", aggfunc="mean").reindex(
+        columns=list(EDGE_BLOCKS))
+
+
+def word_region_matrix(word_region: Any, image_id: Any, value: str = "score",
+                       real_words: bool = True) -> tuple[np.ndarray, list[str]]:
+    """HREM's word-region relevance of one caption against one image: ``[words x regions]`` and the words."""
+    rows = word_region[word_region["image_id"] == image_id]
+    if real_words:
+        rows = rows[rows["real_word"]]
+    if rows.empty:
+        raise KeyError(f"no word-region scores against image {image_id!r}")
+    mat = rows.pivot_table(index="word_pos", columns="region", values=value, aggfunc="first")
+    words = rows.drop_duplicates("word_pos").set_index("word_pos").loc[mat.index, "word"].astype(str).tolist()
+    return mat.to_numpy(dtype=float), words
+
+
+def word_image_matrix(word_region: Any, value: str = "score",
+                      real_words: bool = True) -> tuple[np.ndarray, list[str], list[Any]]:
+    """Per word of the caption, its best region score against every image of the batch: ``[words x images]``."""
+    rows = word_region[word_region["real_word"]] if real_words else word_region
+    mat = rows.pivot_table(index="word_pos", columns="image_id", values=value, aggfunc="max")
+    words = rows.drop_duplicates("word_pos").set_index("word_pos").loc[mat.index, "word"].astype(str).tolist()
+    return mat.to_numpy(dtype=float), words, list(mat.columns)

@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["cir_splits", "data_config", "run_config", "train_run", "load_run", "untrained_copy", "evaluate_run",
            "evaluate_itm_run", "collect_routes", "query_fn_for", "explorer_for", "gallery_rows", "worst_queries",
            "load_topk_files", "write_outputs", "ensure_synthetic", "stored_config", "project_root", "reports_dir",
-           "find_run", "find_data", "output_folder", "describe_paths"]
+           "find_run", "find_data", "output_folder", "describe_paths", "explorer_kind", "cala_trace", "hrem_relation",
+           "itm_topk", "itm_splits"]
 
 REPORTS_ENV = "CIRLAB_REPORTS"  # where `cirlab report` / `make demo` wrote the report (default: <checkout>/reports)
 
@@ -301,8 +302,9 @@ def evaluate_run(model: Any, dataset: str, data_root: str | os.PathLike, split: 
     """Protocol metrics and the top-K lists per category, through :func:`cirlab.engine.runs.evaluate_split`.
 
     CIR models: top-K files go to ``topk_dir/<split>_<category>.topk.npz`` when given (a temporary folder
-    otherwise). ITM models on precomp data: :func:`evaluate_itm_run` (no top-K files, so the dict is empty).
-    Returns ``(metrics, {category: TopK})``.
+    otherwise). ITM models on precomp data: :func:`evaluate_itm_run` without ``topk_dir`` (the dict is empty);
+    with it, :func:`itm_topk` (the same metrics, plus the text-to-image top-K file ``topk_dir/<split>_t2i.topk.npz``
+    under the key ``"t2i"``). Returns ``(metrics, {category: TopK})``.
     """
     import tempfile
 
@@ -310,7 +312,10 @@ def evaluate_run(model: Any, dataset: str, data_root: str | os.PathLike, split: 
     from cirlab.engine.runs import evaluate_split, load_split
 
     if model.task == "itm":
-        return evaluate_itm_run(model, dataset, data_root, split, device=device), {}
+        if topk_dir is None:
+            return evaluate_itm_run(model, dataset, data_root, split, device=device), {}
+        return itm_topk(model, dataset, data_root, split, k=k, device=device, topk_dir=topk_dir,
+                        name=name or model.model_name)
     config = data_config(dataset, data_root, split)
     config.update(name=name or model.model_name, model=model.model_name)
     config["eval"]["k"] = k
@@ -341,6 +346,134 @@ def evaluate_itm_run(model: Any, dataset: str, data_root: str | os.PathLike, spl
     result = evaluate_split(model, config, config["dataset"]["val_split"], device=device)
     model.train(was_training)
     return {k: float(v) for k, v in result["metrics"].items()}
+
+
+def itm_splits(dataset: str, data_root: str | os.PathLike, split: str = "val") -> Any:
+    """The precomp split the ITM notebooks read (``"val"`` is ``dev``)."""
+    from cirlab.engine.runs import load_split
+
+    config = data_config(dataset, data_root, split)
+    return load_split(config, config["dataset"]["val_split"])
+
+
+def itm_topk(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", k: int = 50,
+             device: str = "cpu", topk_dir: str | os.PathLike | None = None, name: str = "",
+             shard_size: int = 1000) -> tuple[dict[str, float], dict[str, Any]]:
+    """ITM metrics and the text-to-image top-K of every caption, from one score matrix.
+
+    The matrix is the engine's (:func:`cirlab.engine.evaluate.score_itm`, every image x caption pair) and the
+    metrics are :func:`cirlab.core.metrics.itm_metrics` of it, which is what ``evaluate_itm``'s ``full`` protocol
+    reports (F30K, the synthetic set, COCO 5K); the others (COCO 1K, 1K + 5K) take their metrics from
+    :func:`evaluate_itm_run` and cost a second scoring. The top-K file (``cirlab.core.topk`` format) has one row
+    per caption: query id = caption index, gallery ids = image indices, ``target_rank`` = the 1-based rank of the
+    caption's own image among all images (the t2i rank of the metrics), ``category`` = the caption's type (the
+    synthetic set's meta file) or ``caption <slot>``. Written to ``topk_dir/<split>_t2i.topk.npz`` when given, so
+    the rank-shift notebook can compare two ITM runs (e.g. DIME vs HREM) query by query.
+    """
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from cirlab.core import metrics as M
+    from cirlab.core.retrieval import make_topk, topk_candidates
+    from cirlab.core.topk import save_topk
+    from cirlab.engine.evaluate import score_itm
+    from cirlab.engine.runs import itm_protocol
+
+    loaded = itm_splits(dataset, data_root, split)
+    config = data_config(dataset, data_root, split)
+    split_name = str(config["dataset"]["val_split"])
+    protocol = itm_protocol(config, split_name)
+    cpi = int(getattr(loaded, "im_div", 5))
+    was_training = model.training
+    sims = score_itm(model, loaded, shard_size=shard_size, device=device)  # [N images, N captions]
+    model.train(was_training)
+    if protocol in ("full", "f30k", "coco5k"):  # evaluate_itm: itm_metrics of the whole matrix
+        metrics = {key: float(v) for key, v in M.itm_metrics(sims, captions_per_image=cpi).items()}
+    else:
+        metrics = evaluate_itm_run(model, dataset, data_root, split, device=device, shard_size=shard_size)
+    t2i = sims.T.float()  # captions x images
+    n_cap, n_img = t2i.shape
+    target = torch.arange(n_cap) // cpi
+    ranks = M.t2i_ranks(sims, captions_per_image=cpi).numpy()
+    kk = min(int(k), n_img)
+    top_scores, top_idx = topk_candidates(t2i, kk)
+    types = _with_caption_types(pd.DataFrame({"caption_id": np.arange(n_cap)}), loaded)["category"].tolist()
+    topk = make_topk(top_scores, top_idx, query_ids=[str(c) for c in range(n_cap)],
+                     gallery_ids=[str(i) for i in range(n_img)], target=target.tolist(), ranks=ranks,
+                     category=types, meta={"model": getattr(model, "model_name", ""), "name": name,
+                                           "dataset": dataset, "split": split_name,
+                                           "direction": "t2i", "protocol": protocol})
+    if topk_dir is not None:
+        save_topk(Path(topk_dir) / f"{split_name}_t2i.topk.npz", topk)
+    return metrics, {"t2i": topk}
+
+
+def explorer_kind(model: Any) -> str:
+    """What the router-explorer notebook draws for a model: ``"cala"`` (HCA hinge / TAC attention),
+    ``"hrem"`` (the instance-level relation graph) or ``"router"`` (AMC gates, DIME paths)."""
+    name = getattr(model, "model_name", "")
+    return name if name in ("cala", "hrem") else "router"
+
+
+def cala_trace(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", n: int = 8,
+               device: str = "cpu") -> tuple[Any, dict[Any, str]]:
+    """CaLa's attention (:meth:`cirlab.models.cala.CaLa.trace`: HCA's hinge map and bridge shares, TAC's twin
+    attention, token strings in ``source``/``destination``) for up to ``n`` queries with a known target, spread
+    over the categories; adds each query's ``category``. Returns ``(frame, {query_id: text})``."""
+    import pandas as pd
+    import torch
+    from PIL import Image
+
+    from cirlab.workbench.viz import plain_text
+
+    splits = cir_splits(dataset, data_root, split)
+    transform = model.image_transform(False)
+    per = max(1, n // len(splits))
+    frames, texts = [], {}
+    for cat, sp in splits.items():
+        trips = [t for t in sp.triplets if t.target_name][:per]
+        if not trips:
+            continue
+        load = lambda names, sp=sp: torch.stack([transform(Image.open(sp.image_path(x)).convert("RGB"))  # noqa: E731
+                                                 for x in names]).to(device)
+        frame = model.trace(load([t.ref_name for t in trips]), [t.text for t in trips],
+                            load([t.target_name for t in trips]), ids=[t.query_id for t in trips])
+        frame["category"] = cat
+        frames.append(frame)
+        texts.update({t.query_id: plain_text(t.text) for t in trips})
+    if not frames:
+        raise ValueError(f"no {dataset} {split} query with a known target to trace")
+    return pd.concat(frames, ignore_index=True), texts
+
+
+def hrem_relation(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", n_images: int = 6,
+                  caption: int = 0, slot: int = 0, device: str = "cpu") -> dict[str, Any]:
+    """HREM's instance-level graph for one batch of ``n_images`` images of a precomp split and one caption of
+    each (caption ``slot`` of every image: on the synthetic set slot 0 is the ``full`` caption), as the tidy
+    frames of :func:`cirlab.models.hrem.relation_frames`: ``"edges"`` (connection, relevance, mask and fusion
+    attention per edge, typed i2i/i2t/t2i/t2t, with image and caption ids) and ``"word_region"`` (batch caption
+    ``caption``'s words against every region of every image). Adds ``"texts"`` ({caption id: caption}) and
+    ``"caption_id"`` (the chosen caption's dataset id)."""
+    import numpy as np
+    import torch
+
+    from cirlab.models.hrem import relation_frames
+
+    loaded = itm_splits(dataset, data_root, split)
+    cpi = int(getattr(loaded, "im_div", 5))
+    n = max(2, min(int(n_images), loaded.num_images))
+    if not 0 <= caption < n:
+        raise ValueError(f"caption {caption} is not a batch position (0..{n - 1})")
+    images = list(range(n))
+    captions = [i * cpi + (slot % cpi) for i in images]
+    batch = {"image_feats": torch.as_tensor(np.asarray(loaded.images[images]), dtype=torch.float32).to(device),
+             "text": [loaded.captions[c] for c in captions], "image_idx": torch.tensor(images),
+             "caption_idx": torch.tensor(captions)}
+    frames = relation_frames(model, batch, caption=caption)
+    frames["texts"] = {c: loaded.captions[c] for c in captions}
+    frames["caption_id"] = captions[caption]
+    return frames
 
 
 def collect_routes(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", n: int = 100,

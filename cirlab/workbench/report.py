@@ -2,7 +2,8 @@
 
 ``cirlab report [--only NAME] [--set key=value ...] [--out reports] [--smoke]`` executes the notebooks in
 ``notebooks/`` with papermill in dependency order (train -> evaluate -> router_explorer -> rank_shift, then
-train_dime -> router_explorer_dime, then quickstart) on the embedded synthetic data (generated into the cache
+train_dime -> router_explorer_dime, train_hrem -> router_explorer_hrem, train_cala -> router_explorer_cala, then
+quickstart) on the embedded synthetic data (generated into the cache
 on first use) and writes::
 
     reports/<notebook>/<notebook>.ipynb   executed notebook (papermill)
@@ -19,8 +20,8 @@ lines: step, loss, ETA; warnings), each line once. The notebooks come from the c
 from the copies shipped in the package (``--notebooks DIR`` names another folder).
 
 A report entry is a notebook run with one parameter set: ``train_dime`` and ``router_explorer_dime`` run the
-``train`` and ``router_explorer`` notebooks a second time, for DIME on the synthetic precomp data (:data:`SOURCE`
-maps an entry to its notebook).
+``train`` and ``router_explorer`` notebooks a second time, for DIME on the synthetic precomp data, ``*_hrem`` for
+HREM on the same data and ``*_cala`` for CaLa on the synthetic CIRR (:data:`SOURCE` maps an entry to its notebook).
 
 A failing notebook stops the report with exit status 1 and its failing cell's error printed. It never leaves a
 half-written entry (:func:`run_entry`): the previous results are put back and ``index.html`` marks the entry as
@@ -52,10 +53,14 @@ from cirlab.core.threads import thread_env
 logger = logging.getLogger(__name__)
 
 ORDER = ("train", "evaluate", "router_explorer", "rank_shift", "train_dime", "router_explorer_dime",
-         "quickstart")  # dependency order
+         "train_hrem", "router_explorer_hrem", "train_cala", "router_explorer_cala", "quickstart")  # dependency order
 DEPENDS: dict[str, tuple[str, ...]] = {"evaluate": ("train",), "router_explorer": ("train",),
-                                       "rank_shift": ("evaluate",), "router_explorer_dime": ("train_dime",)}
-SOURCE: dict[str, str] = {"train_dime": "train", "router_explorer_dime": "router_explorer"}  # entry -> notebook
+                                       "rank_shift": ("evaluate",), "router_explorer_dime": ("train_dime",),
+                                       "router_explorer_hrem": ("train_hrem",),
+                                       "router_explorer_cala": ("train_cala",)}
+SOURCE: dict[str, str] = {"train_dime": "train", "router_explorer_dime": "router_explorer",  # entry -> notebook
+                          "train_hrem": "train", "router_explorer_hrem": "router_explorer",
+                          "train_cala": "train", "router_explorer_cala": "router_explorer"}
 # Entries `cirlab report --no-dime` leaves out (DIME with the frozen MiniLM: about 3 min of the full report on an idle
 # 2-core machine; far more when other jobs load it).
 OPTIONAL: tuple[str, ...] = ("train_dime", "router_explorer_dime")
@@ -108,8 +113,38 @@ FIGURE_CAPTIONS: dict[str, dict[str, str]] = {
                       f"architecture figure, with its weights). {_DIME_PATHS}.",
         "path_matrices": f"The same mean path weights as one destination x source matrix per layer. {_DIME_PATHS}.",
         "path_space": "Pairs in path space (all path weights, PCA to 2-D), coloured by caption type: the idea of the "
-                      "DIME paper's path-space figure, whose number the shared digest does not verify.",
+                      "DIME paper's path-space visualisation (no figure number is cited here: not checked against the paper).",
         "query_view": "The explorer's view of one pair: its path matrices as traced. No paper figure.",
+    },
+    "train_hrem": {
+        "training_curves": "HREM's loss terms per step (tiny preset, 45 steps at lr 2e-3 on the small synthetic "
+                           "precomp set). A training diagnostic; no paper figure.",
+        "val_metrics": "Dev recall of HREM after the demo's short recipe: barely above an untrained model, because the "
+                       "report's time budget allows 45 CPU steps (reports/benchmarks/hrem_synthetic.md has the "
+                       "trained comparison). The metrics of the HREM paper's tables, not its numbers.",
+    },
+    "router_explorer_hrem": {
+        "relation_graph": "HREM's instance-level graph of one dev batch (images, then one caption each): connection "
+                          "relation, relevance relation and the first fusion layer's attention, blocks i2i / i2t / "
+                          "t2i / t2t labelled. The HREM paper draws the relation idea schematically (its Fig. 1-2); no "
+                          "paper figure is regenerated. Briefly trained tiny model.",
+        "word_region": "Word-region relevance of one caption (its WordPiece tokens) against its own image's 36 "
+                       "regions, and each word's best region score per image of the batch. No paper figure.",
+    },
+    "train_cala": {
+        "training_curves": "CaLa's loss per step (tiny preset, random init, 32 px, 20 steps). From random init its "
+                           "position-0 features are near-identical and the loss stays near ln(batch): the entry shows "
+                           "the pipeline, not a trained CaLa (reports/benchmarks/cala_synthetic.md). No paper figure.",
+        "val_metrics": "CIRR-protocol recall (R@K, Recall_subset@K) of the random-init tiny CaLa on synthetic CIRR: "
+                       "chance level (Recall_subset@1 about 20 with 5 members); untrained, not a result.",
+    },
+    "router_explorer_cala": {
+        "cala_bridges": "One query's HCA hinge map (reference queries -> caption words -> target queries), each word's "
+                        "bridge value, and TAC's twin attention (first and last step). CaLa's paper draws the modules, "
+                        "not their maps: no paper figure is regenerated. Random-init tiny model: the maps show what "
+                        "is traced, not learned associations.",
+        "bridge_words": "Words with the largest mean HCA bridge value over the traced queries (occurrences in "
+                        "brackets). No paper figure; random-init tiny model.",
     },
     "rank_shift": {
         "figure8_": "Figure 8 of the re-ranking paper (Appendix A.4): average rank change per initial rank (top) and "
@@ -167,6 +202,18 @@ DIME_DEMO = ["train.lr=3e-3", "train.eval_every=0", "model_overrides.direction=t
 RERANK_DEMO = ["train.lr=2e-3", "train.log_every=50", "model_overrides.dropout=0.0"]
 RERANK_DEMO_STAGE2 = ["train.batch_size=8", "train.lr=2e-3", "train.log_every=100", "model_overrides.dropout=0.0"]
 
+# HREM's demo (tiny preset: random tiny BERT, embed 32; the instance-level module from the first step): the original
+# optimisation (AdamW, BERT at 0.1 x lr, clip 2) at lr 2e-3 instead of 5e-4 on the small precomp set, 15 steps per
+# epoch, validation at the end: 45 steps, about 10 s of training; dev rsum about 84 at 60 steps (5e-4: 69). Far from
+# trained (reports/benchmarks/hrem_synthetic.md: 12 epochs, embed 128, rsum ~400).
+HREM_DEMO = ["train.lr=2e-3", "train.eval_every=0"]
+HREM_EPOCHS = 3
+# CaLa's demo: the tiny preset (random BLIP-2 sizes, 32 px) at lr 1e-3 (configs/cala_synthetic_tiny.yaml). From random
+# init its position-0 features are near-identical, and a few dozen CPU steps do not break that symmetry
+# (reports/benchmarks/cala_synthetic.md): the entry shows the pipeline and the attention maps, not a trained CaLa.
+CALA_DEMO = ["model_overrides.lr=1e-3", "model_overrides.image_size=32", "train.eval_every=0"]
+CALA_STEPS = 20
+
 REPORT_PARAMETERS: dict[str, dict[str, Any]] = {
     "quickstart": {"data_root": "{data}", "output_dir": "{out}/quickstart", "preset": "tiny", "epochs": 2,
                    "max_steps": 0, "batch_size": 32, "n_show": 4, "settings": AMC_DEMO, **_COMMON},
@@ -195,6 +242,20 @@ REPORT_PARAMETERS: dict[str, dict[str, Any]] = {
                              "split": "val",
                              "output_dir": "{out}/router_explorer_dime", "n_queries": 100, "query_id": "",
                              "compare": "", "interactive": False, "device": "cpu"},
+    # HREM (ITM) on the synthetic precomp data: train, then the relation explorer of one dev batch
+    "train_hrem": {"model": "hrem", "preset": "tiny", "dataset": "f30k", "data_root": "{itm_data}",
+                   "output_dir": "{out}/train_hrem", "epochs": HREM_EPOCHS, "max_steps": 0, "batch_size": 32,
+                   "resume": "", "settings": HREM_DEMO, **_COMMON},
+    "router_explorer_hrem": {"run_dir": "{out}/train_hrem", "dataset": "f30k", "data_root": "{itm_data}",
+                             "split": "val", "output_dir": "{out}/router_explorer_hrem", "n_queries": 6,
+                             "query_id": "", "compare": "", "interactive": False, "device": "cpu"},
+    # CaLa (CIR, tiny random BLIP-2 sizes, 32 px) on the synthetic CIRR: train, then HCA / TAC attention
+    "train_cala": {"model": "cala", "preset": "tiny", "dataset": "cirr", "data_root": "{data}",
+                   "output_dir": "{out}/train_cala", "epochs": 1, "max_steps": CALA_STEPS, "batch_size": 32,
+                   "resume": "", "settings": CALA_DEMO, **_COMMON},
+    "router_explorer_cala": {"run_dir": "{out}/train_cala", "dataset": "cirr", "data_root": "{data}",
+                             "split": "val", "output_dir": "{out}/router_explorer_cala", "n_queries": 8,
+                             "query_id": "", "compare": "", "interactive": False, "device": "cpu"},
 }
 SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
     name: {**params, **{k: v for k, v in {"max_steps": 2, "epochs": 1, "batch_size": 8, "n_queries": 12,
@@ -755,7 +816,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "report", help="execute the notebooks headlessly and write reports/",
         description="Execute notebooks/*.ipynb with papermill in dependency order (train -> evaluate -> "
-                    "router_explorer -> rank_shift, train_dime -> router_explorer_dime, then quickstart) on the "
+                    "router_explorer -> rank_shift, train_dime -> router_explorer_dime, "
+                    "train_hrem -> router_explorer_hrem, "
+                    "train_cala -> router_explorer_cala, then quickstart) on the "
                     "embedded synthetic data and write "
                     "reports/<notebook>/ (executed notebook, HTML, metrics.json, figures) and reports/index.html.")
     _add_arguments(parser)

@@ -27,7 +27,8 @@ __all__ = [
     "plot_query_gates", "plot_gate_distributions", "plot_gate_entropy", "plot_dime_flows", "plot_path_matrices",
     "plot_path_space",
     "plot_rank_shift", "plot_figure8", "plot_training_curves", "plot_run_comparison", "TARGET_COLOR",
-    "plain_text", "paper_order", "image_axis",
+    "plain_text", "paper_order", "image_axis", "plot_cala_bridges", "plot_bridge_words", "plot_relation_graph",
+    "plot_word_region",
 ]
 
 TARGET_COLOR = "#2ca02c"  # green frame around the ground-truth target in galleries
@@ -743,4 +744,143 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | N
     if constant:
         note = "constant: " + ", ".join(f"{k} = {float(v):g}" for k, v in constant.items())
         fig.supxlabel(note, fontsize=8, gid="constants")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------- CaLa: HCA and TAC
+def _heat(fig: Any, ax: Any, mat: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str,
+          cmap: str = "viridis", center: bool = False) -> None:
+    kw: dict[str, Any] = {"cmap": cmap, "aspect": "auto"}
+    if center:
+        lim = float(np.nanmax(np.abs(mat))) or 1.0
+        kw.update(cmap="RdBu_r", vmin=-lim, vmax=lim)
+    im = ax.imshow(mat, **kw)
+    ax.set_xticks(range(len(cols)), list(cols), rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), list(rows), fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+
+
+def plot_cala_bridges(frame: Any, query_id: Any | None = None, text: str = "", steps: Sequence[int] = (1, 4)) -> Any:
+    """Which caption words bridge reference and target in CaLa, for one traced query (``CaLa.trace`` frame).
+
+    Top row, HCA (the hinge cross-attention of Jiang et al., "CaLa: Complementary Association Learning for
+    Augmenting Composed Image Retrieval", SIGIR 2024, Sec. 3): reference queries x words (``S_rc``), words x target
+    queries (``S_ct``), the hinge softmax reference x target, and per word its bridge value: its share of reference
+    query 0's expected hinge logit (positive: the word links the reference to the target the hinge attends to).
+    Bottom row, TAC's twin attention at the given ``steps``: reference queries attending to target tokens and
+    target queries attending to reference tokens (step 1 attends to the other image's tokens, later steps to the
+    previous step's output).
+    """
+    if query_id is None:
+        query_id = frame.loc[frame["layer"] == "hca.bridge", "query_id"].iloc[0]
+    rc, refs, words = analysis.layer_matrix(frame, "hca.ref_to_text", query_id)
+    ct, words2, tgts = analysis.layer_matrix(frame, "hca.text_to_target", query_id)
+    hinge, _, tgt_cols = analysis.layer_matrix(frame, "hca.hinge", query_id)
+    bridge, _, bridge_words = analysis.layer_matrix(frame, "hca.bridge", query_id)
+    fig = _figure(17, 9.5)
+    grid = fig.add_gridspec(2, 4)
+    top = [fig.add_subplot(grid[0, i]) for i in range(4)]
+    _heat(fig, top[0], rc, refs, words, "HCA: reference query x word (S_rc)")
+    top[0].set_xlabel("caption word", fontsize=8)
+    top[0].set_ylabel("reference query", fontsize=8)
+    _heat(fig, top[1], ct, words2, tgts, "HCA: word x target query (S_ct)")
+    top[1].set_xlabel("target query", fontsize=8)
+    top[1].set_ylabel("caption word", fontsize=8)
+    _heat(fig, top[2], hinge, refs, tgt_cols, "HCA hinge: softmax(S_rc S_ct)")
+    top[2].set_xlabel("target query", fontsize=8)
+    top[2].set_ylabel("reference query", fontsize=8)
+    ax = top[3]
+    values = bridge[0]
+    ax.barh(range(len(values)), values, color=[PALETTE[2] if v >= 0 else PALETTE[3] for v in values])
+    ax.set_yticks(range(len(bridge_words)), bridge_words, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", lw=0.6)
+    ax.set_gid("hca:bridge")
+    ax.set_title("bridge: word's share of ref query 0's hinge logit", fontsize=9)
+    ax.set_xlabel("bridge value", fontsize=8)
+    tac = grid[1, :].subgridspec(1, 2 * len(steps))
+    for i, (name, label) in enumerate((("ref", "reference -> target"), ("target", "target -> reference"))):
+        for j, step in enumerate(steps):
+            axis = fig.add_subplot(tac[0, i * len(steps) + j])
+            mat, dst, src = analysis.layer_matrix(frame, f"tac.{name}_attention.step{step}", query_id)
+            _heat(fig, axis, mat, dst, src, f"TAC {label}, step {step}", cmap="magma")
+            axis.set_xlabel("attended token", fontsize=8)
+            axis.set_ylabel(f"{name} query", fontsize=8)
+    fig.suptitle(f"CaLa query {query_id}" + (f": \u201c{text}\u201d" if text else ""), fontsize=11)
+    return fig
+
+
+def plot_bridge_words(frame: Any, top: int = 15, title: str = "") -> Any:
+    """The words with the largest mean HCA bridge value over every traced query
+    (:func:`cirlab.workbench.analysis.bridge_words`), with how often each occurs."""
+    table = analysis.bridge_words(frame, top=top)
+    fig = _figure(6.5, 0.32 * max(len(table), 4) + 1.4)
+    ax = fig.add_subplot()
+    vals = table["bridge"].to_numpy(dtype=float)
+    ax.barh(range(len(table)), vals, color=[PALETTE[2] if v >= 0 else PALETTE[3] for v in vals])
+    ax.set_yticks(range(len(table)), [f"{w} ({c})" for w, c in zip(table["word"], table["count"])], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", lw=0.6)
+    ax.set_xlabel("mean bridge value (word (occurrences))")
+    ax.set_title(title or f"CaLa: words that bridge reference and target ({frame['query_id'].nunique()} queries)",
+                 fontsize=10)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------- HREM: relation graph
+def plot_relation_graph(edges: Any, matrices: Sequence[str] = ("connection", "relevance", "attention"),
+                        title: str = "") -> Any:
+    """HREM's instance-level graph of one batch (Fu et al., "Learning Semantic Relationship among Instances for
+    Image-Text Matching", CVPR 2023): the joint ``2B x 2B`` matrix over B images then B captions, one panel per
+    ``matrices`` entry (the connection relation, the relevance relation, the fusion attention; ``mask`` is the
+    attention bias), the four blocks i2i / i2t / t2i / t2t separated and labelled. Rows are the attention queries;
+    the mask's unconnected entries (-inf) are blank."""
+    present = [m for m in matrices if m in set(edges["matrix"])]
+    fig = _figure(5.2 * len(present) + 0.4, 5.4)
+    axes = fig.subplots(1, len(present), squeeze=False)[0]
+    for ax, name in zip(axes, present):
+        mat, labels, b = analysis.relation_matrix(edges, name)
+        _heat(fig, ax, mat, labels, labels, name, cmap="Greys" if name == "connection" else "viridis")
+        ax.set_gid(f"relation:{name}")
+        ax.axhline(b - 0.5, color="red", lw=1.2)
+        ax.axvline(b - 0.5, color="red", lw=1.2)
+        n = mat.shape[0]
+        for block, (r0, c0) in zip(analysis.EDGE_BLOCKS, ((0, 0), (0, b), (b, 0), (b, b))):
+            r_mid = (r0 + (b if block[0] == "i" else n) - 1) / 2
+            c_mid = (c0 + (b if block[2] == "i" else n) - 1) / 2
+            ax.text(c_mid, r_mid, block, ha="center", va="center", fontsize=13, fontweight="bold", color="red",
+                    alpha=0.75, gid=f"block:{block}")
+        ax.set_xlabel("key node (images | captions)", fontsize=8)
+    axes[0].set_ylabel("query node (images | captions)", fontsize=8)
+    fig.suptitle(title or f"HREM relation graph of one batch ({b} images + {mat.shape[0] - b} captions)")
+    return fig
+
+
+def plot_word_region(word_region: Any, image_id: Any | None = None, text: str = "", value: str = "score") -> Any:
+    """HREM's word-region relevance for one caption: left, its words x the regions of one image (default: the
+    caption's own image, caption id // 5 on five-caption precomp data, when it is in the batch); right, each word's
+    best region score against every image of the batch (the caption's own image marked). Words are the
+    tokenizer's, as HREM reads them."""
+    cap = word_region["caption_id"].iloc[0]
+    own = int(cap) // 5 if image_id is None else image_id
+    images = list(dict.fromkeys(word_region["image_id"]))
+    if own not in images:
+        own = images[0]
+    mat, words = analysis.word_region_matrix(word_region, own, value)
+    best, words2, cols = analysis.word_image_matrix(word_region, value)
+    fig = _figure(14, 0.28 * len(words) + 2.6)
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1.3]})
+    _heat(fig, left, mat, words, [str(r) for r in range(mat.shape[1])], f"words x regions of image {own}")
+    left.tick_params(axis="x", labelsize=5)
+    left.set_xlabel("region", fontsize=8)
+    left.set_ylabel("caption word", fontsize=8)
+    left.set_gid("word_region")
+    _heat(fig, right, best, words2, [f"img {c}" for c in cols], "best region score per image")
+    right.set_gid("word_image")
+    right.set_xlabel("image (own image in bold)", fontsize=8)
+    for lab, c in zip(right.get_xticklabels(), cols):
+        if c == own:
+            lab.set_fontweight("bold")
+    fig.suptitle(f"HREM caption {cap}" + (f": \u201c{wrap_text(text, 110)}\u201d" if text else ""), fontsize=10)
     return fig
