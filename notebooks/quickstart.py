@@ -113,3 +113,31 @@ fig
 config = {"data_root": data_dir, "output_dir": out_dir, "preset": preset, "epochs": epochs, "max_steps": max_steps,
           "batch_size": batch_size, "n_show": n_show, "device": device, "seed": seed, "settings": settings}
 workbench.write_outputs(out_dir, {"trained": val_metrics, "untrained": untrained}, config)
+
+# %% [markdown]
+# ## 6. Coming from LAVIS?
+# LAVIS checkpoints convert into cirlab without LAVIS: `cirlab convert --from lavis SRC OUT` turns a LAVIS BLIP
+# retrieval model into the re-ranker's stage I (here with BLIP's ITM head) and a LAVIS BLIP-2 Q-Former into CaLa
+# (`--model cala`), and `init_from: lavis:PATH` starts a run from one (README, "LAVIS users"). LAVIS itself lives in
+# its own environment (`make lavis`: it pins an old transformers). This cell converts the tiny LAVIS model committed
+# with the tests (a checkout only), loads it as `cirlab eval` would and shows what the converter did.
+
+# %%
+import json
+
+from cirlab.cli import main as cirlab_cli
+from cirlab.engine.runs import model_from_checkpoint
+
+root = workbench.project_root()
+lavis_file = root / "tests" / "fixtures" / "lavis" / "blip_retrieval.state.safetensors" if root else None
+if lavis_file is None or not lavis_file.is_file():
+    print("the LAVIS test fixture is not here (an installed wheel ships no tests): skipping this cell")
+else:
+    converted = f"{out_dir}/lavis/blip_stage1.pt"
+    assert cirlab_cli(["convert", "--from", "lavis", str(lavis_file), converted, "--preset", "tiny", "--itm-head"]) == 0
+    lavis_stage1, lavis_meta = model_from_checkpoint(converted)
+    lavis_report = json.loads(open(f"{converted}.report.json").read())
+    print("converted from", lavis_meta["converted_from"], "->", type(lavis_stage1).__name__,
+          "| ITM head:", lavis_stage1.itm_head is not None)
+    print("ignored:", {group: len(keys) for group, keys in lavis_report["reports"][0]["ignored_groups"].items()})
+    print("run-config model_overrides for the same model:", lavis_report["model_overrides"])

@@ -24,6 +24,7 @@ SKIP_COMMANDS = {
     "make demo": "the state every other command runs in (built here with `cirlab report --smoke`)",
     "make test": "the test runner itself",
     ".venv/bin/jupyter lab": "a server: tests/test_browser.py starts JupyterLab and drives it in Chromium",
+    "make lavis": "builds the separate LAVIS environment (.venv-lavis, 6.8 GB, downloads); its fixtures are committed",
 }
 # README section -> why its blocks are not run
 SKIP_SECTIONS = {
@@ -67,6 +68,7 @@ def checkout(tmp_path_factory):
         shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "runs"))
     for name in ("pyproject.toml", "README.md", "Makefile"):
         shutil.copy(ROOT / name, project / name)
+    shutil.copytree(ROOT / "tests" / "fixtures" / "lavis", project / "tests" / "fixtures" / "lavis")  # LAVIS users
     venv = Path(sys.prefix)
     (project / ".venv").symlink_to(venv, target_is_directory=True)
     env = _env(project)
