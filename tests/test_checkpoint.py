@@ -55,3 +55,16 @@ def test_model_state_dict_shapes(tmp_path):
     assert model_state_dict({"state_dict": sd}) is sd and model_state_dict(sd) is sd
     with pytest.raises(CheckpointError, match="no model weights"):
         model_state_dict({"epoch": 1}, tmp_path / "x.pt")
+
+
+def test_find_state_dict_reads_every_container_the_converters_meet():
+    from cirlab.core.checkpoint import find_state_dict
+
+    sd = {"w": torch.zeros(2)}
+    module = torch.nn.Linear(1, 1)
+    assert find_state_dict(sd) is sd and find_state_dict({"model": sd, "optimizer": {}}) is sd
+    assert find_state_dict({"state_dict": module}).keys() == module.state_dict().keys()
+    assert find_state_dict({"epoch": 3, "Blip2Qformer": sd}) is sd  # CaLa's saved files
+    assert find_state_dict({"epoch": 3, "Blip2Qformer": {"model": sd}}) is sd
+    assert find_state_dict({"BLIP_NLVR": sd, "other": {}}, ("BLIP_NLVR",)) is sd
+    assert find_state_dict({"a": {}, "b": {}}) is None and find_state_dict([sd]) is None and find_state_dict({}) is None

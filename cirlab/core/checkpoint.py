@@ -180,20 +180,35 @@ def _refused_global(err: Exception) -> str:
     return f"e.g. {name}"
 
 
-def model_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>") -> dict[str, torch.Tensor]:
-    """The model weights inside a loaded checkpoint: cirlab dicts, ``{"state_dict"|"model": ...}``, or a module."""
+STATE_CONTAINERS = ("model", "state_dict", "model_state_dict")
+
+
+def find_state_dict(obj: Any, containers: tuple[str, ...] = STATE_CONTAINERS) -> dict[str, Any] | None:
+    """The weights inside a loaded file, or None: a module's state dict; the first of ``containers`` that holds
+    a dict or a module; a bare ``{name: tensor}`` dict; or the one dict entry of a training script's own container
+    (CaLa saves ``{"epoch": n, "Blip2Qformer": state_dict}``), searched the same way."""
     if isinstance(obj, torch.nn.Module):
         return obj.state_dict()
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict", "model_state_dict"):
-            inner = obj.get(key)
-            if isinstance(inner, torch.nn.Module):
-                return inner.state_dict()
-            if isinstance(inner, dict):
-                return inner
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj  # a bare state dict
-    raise CheckpointError(f"{path}: no model weights found (expected a 'model' or 'state_dict' entry)")
+    if not isinstance(obj, dict):
+        return None
+    for key in containers:
+        inner = obj.get(key)
+        if isinstance(inner, torch.nn.Module):
+            return inner.state_dict()
+        if isinstance(inner, dict):
+            return inner
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    inner = [v for k, v in obj.items() if k != "epoch" and isinstance(v, dict)]
+    return find_state_dict(inner[0], containers) if len(inner) == 1 else None
+
+
+def model_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>") -> dict[str, torch.Tensor]:
+    """The model weights inside a loaded checkpoint (:func:`find_state_dict`); CheckpointError when none."""
+    state = find_state_dict(obj)
+    if state is None:
+        raise CheckpointError(f"{path}: no model weights found (expected a 'model' or 'state_dict' entry)")
+    return state
 
 
 def check_finite(state: dict[str, Any], path: str | os.PathLike = "<checkpoint>") -> None:

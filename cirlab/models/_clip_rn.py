@@ -169,13 +169,12 @@ def is_torchscript(path: Path) -> bool:
 
 
 def _unwrap_state(obj: Any, source: str) -> dict[str, Any]:
-    if isinstance(obj, dict) and any(torch.is_tensor(v) for v in obj.values()):
-        return obj
-    if isinstance(obj, dict):
-        inner = [v for k, v in obj.items() if k != "epoch" and isinstance(v, dict)]
-        if len(inner) == 1:
-            return _unwrap_state(inner[0], source)
-    raise ValueError(f"{source}: no CLIP state dict found")
+    from cirlab.core.checkpoint import find_state_dict
+
+    state = find_state_dict(obj)
+    if state is None:
+        raise ValueError(f"{source}: no CLIP state dict found")
+    return state
 
 
 def is_clip_state(state: dict[str, Any]) -> bool:

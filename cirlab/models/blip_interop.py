@@ -168,12 +168,12 @@ def _load(path: Path) -> Any:
 
 
 def unwrap_state_dict(obj: Any, source: str = "<checkpoint>") -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict):
-        for key in _CONTAINER_KEYS:
-            if isinstance(obj.get(key), dict):
-                return obj[key]
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
+    """The state dict inside a BLIP / LAVIS file (:func:`cirlab.core.checkpoint.find_state_dict`); ValueError."""
+    from cirlab.core.checkpoint import find_state_dict
+
+    state = find_state_dict(obj, _CONTAINER_KEYS)
+    if state is not None:
+        return state
     raise ValueError(f"{source}: no state dict found (expected one of {list(_CONTAINER_KEYS)} or a bare state dict)")
 
 

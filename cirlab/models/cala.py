@@ -820,13 +820,13 @@ _HEAD_CLASSES = {"hca": "HingebasedCrossAttentionBLIP2", "tac": "TwinAttentionCo
 
 def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:
     """The state dict inside LAVIS / CaLa containers (``{"model": sd}``, ``{"epoch", "<ClassName>": sd}``)."""
-    if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
-        return obj
-    if isinstance(obj, dict):
-        inner = [v for k, v in obj.items() if k != "epoch" and isinstance(v, dict)]
-        if len(inner) == 1:
-            return _unwrap(inner[0], source)
-    raise ValueError(f"{source}: no state dict found (keys: {sorted(obj)[:6] if isinstance(obj, dict) else type(obj)})")
+    from cirlab.core.checkpoint import find_state_dict
+
+    state = find_state_dict(obj)
+    if state is None:
+        raise ValueError(f"{source}: no state dict found (keys: "
+                         f"{sorted(obj)[:6] if isinstance(obj, dict) else type(obj)})")
+    return state
 
 
 def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
