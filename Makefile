@@ -53,8 +53,7 @@ browser:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 bench: setup
-	$(PY) bench/metrics.py
-	$(PY) bench/retrieval.py
+	PY=$(PY) bash bench/run_all.sh
 
 clean-reports:
 	find reports -mindepth 1 -maxdepth 1 ! -name benchmarks ! -name README.md -exec rm -rf {} +

@@ -26,6 +26,14 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    units = "no bf16 dot-product flags"
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+        have = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+        units = "CPU flags: " + (", ".join(have) if have else "no avx512_bf16 / amx")
+    except (OSError, StopIteration):
+        pass
     mem = ""
     try:
         kb = int(Path("/proc/meminfo").read_text().split()[1])
@@ -34,7 +42,7 @@ def machine() -> str:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    return (f"{cpu}, {os.cpu_count()} CPU cores{mem}, {gpu}; torch {torch.__version__} "
+    return (f"{cpu} ({units}), {os.cpu_count()} CPU cores{mem}, {gpu}; torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}{load}")
 
 

@@ -115,11 +115,14 @@ How the fast backends stay exact (details in `cirlab/core/_search.py`):
 * `filter`: the same fp32 block products as `blocks`, but each block is compared with a running per-query
   threshold (the k-th best score so far; for the first block, the k-th largest of 4k group maxima) instead of
   `torch.topk`, so only the few items that can still enter the list are kept and sorted.
-* `bf16`: the block products run in bf16 (about 3x the fp32 rate on this CPU's AVX-512 BF16 units), with a
+* `bf16`: the block products run in bf16 (on CPUs with AVX-512 BF16 or AMX units), with a
   certified per-query bound on `|bf16 product - fp32 product|` from the norms of the vectors and of their bf16
   rounding residuals. Every item that could reach the k-th place is kept (about 2x k here) and rescored in fp32
   by the same BLAS kernel as the block product (checked bit for bit once per process), so lists and scores are
   identical to `blocks`; ties go to the lower gallery index in every backend.
+* `faiss` (when timed): faiss `IndexFlatIP` for k + 16 items, certified with the bound on `|faiss fp32 - torch
+  fp32|` and rescored exactly (rows faiss cannot certify go through `filter`); it pays faiss's own time plus the
+  rescoring, so it stays below 1x here: it is what `auto` picks on a CPU without bf16 units when faiss is installed.
 * Memory: one query x gallery block (32 MB bf16 / 64 MB fp32 at the defaults), the candidate lists (about
   2k per query), and for `bf16` a bf16 copy of the gallery (half its size) for the duration of the call.
 """
