@@ -231,3 +231,46 @@ def test_cala_demo_starts_from_a_converted_lavis_checkpoint(synth, tmp_path, cap
     model.load_pretrained(converted)
     for key in ("multimodal.query_tokens", "tower.ln_vision.bias", "textual.vision_proj.weight"):
         assert torch.equal(model.state_dict()[key], seen[key]), key
+
+
+def test_cala_lite_starts_from_a_lavis_layout_checkpoint(synth, tmp_path, monkeypatch):
+    """The CPU demo preset (`lite`: EfficientNet-Lite0 tower, MiniLM-sized Q-Formers) from a LAVIS ``Blip2Qformer``
+    file of its sizes: a lite Q-Former with moved weights written in LAVIS's layout (no tower keys: LAVIS has no
+    EfficientNet), then ``init_from: lavis:PATH`` in a two-step run. All three copies start from that file."""
+    import cirlab
+    from cirlab.engine import runs
+    from cirlab.models import _hf_blip2 as hb
+    from cirlab.models import cala as C
+
+    source = cirlab.create_model("cala", "lite")
+    with torch.no_grad():
+        for p in source.multimodal.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    lavis_state = hb.cirlab_to_lavis(None, source.multimodal)
+    assert any(k.startswith("Qformer.bert.") for k in lavis_state) and "query_tokens" in lavis_state
+    path = tmp_path / "blip2_lite_layout.pth"
+    torch.save({"model": lavis_state}, path)
+
+    seen = {}
+    load_init = C.CaLa.load_init
+
+    def recording(self, report_dir=None):
+        reports = load_init(self, report_dir)
+        seen.update({k: v.detach().clone() for k, v in self.state_dict().items()})
+        return reports
+
+    monkeypatch.setattr(C.CaLa, "load_init", recording)
+    config = runs.with_defaults({
+        "name": "cala_lite_lavis", "model": "cala", "preset": "lite",
+        "model_overrides": {"init_from": f"lavis:{path}"},
+        "dataset": {"name": "cirr", "root": str(synth / "cirr"), "test_split": "val"},
+        "train": {"epochs": 1, "max_steps": 2, "batch_size": 4, "progress": "none", "tensorboard": False,
+                  "precision": "fp32", "selection": "last"},
+        "eval": {"splits": ["val"], "k": 5, "batch_size": 16}})
+    result = runs.run_experiment(config, output_dir=tmp_path / "run")
+    assert result["steps"] == 2 and "R@1" in result["splits"]["val"]
+    assert (tmp_path / "run" / "init_from.json").is_file()
+    moved = {k: v for k, v in source.multimodal.state_dict().items() if not k.endswith("position_ids")}
+    for copy in ("textual", "multimodal", "visual"):
+        differ = [k for k, v in moved.items() if not torch.equal(seen[f"{copy}.{k}"], v)]
+        assert not differ, (copy, differ[:5])
