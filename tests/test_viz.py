@@ -492,3 +492,20 @@ def test_word_region_view_labels_the_captions_words():
     assert [t.get_text() for t in right.get_xticklabels()] == ["img 3", "img 4"]
     assert right.get_xticklabels()[0].get_fontweight() == "bold"
     assert "a red star" in fig._suptitle.get_text()
+
+
+def test_a_uniform_attention_map_is_labelled_not_drawn_with_offsets():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cirlab.workbench.viz import _heat
+
+    fig, ax = plt.subplots()
+    _heat(fig, ax, np.full((3, 4), 0.25) + 1e-9 * np.arange(12).reshape(3, 4), ["a", "b", "c"], list("wxyz"), "step 4")
+    assert ax.get_title() == "step 4 (uniform, 0.25)"
+    fig.canvas.draw()
+    bar_axis = fig.axes[-1]
+    assert bar_axis.yaxis.get_offset_text().get_text() == ""
+    plt.close(fig)

@@ -754,11 +754,17 @@ def _heat(fig: Any, ax: Any, mat: np.ndarray, rows: Sequence[str], cols: Sequenc
     if center:
         lim = float(np.nanmax(np.abs(mat))) or 1.0
         kw.update(cmap="RdBu_r", vmin=-lim, vmax=lim)
+    elif np.nanmax(mat) - np.nanmin(mat) < 1e-4:  # a uniform map (TAC's later steps): say so, not 1e-8 offsets
+        mid = float(np.nanmean(mat))
+        kw.update(vmin=mid - 0.05, vmax=mid + 0.05)
+        title = f"{title} (uniform, {mid:.3g})"
     im = ax.imshow(mat, **kw)
     ax.set_xticks(range(len(cols)), list(cols), rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(rows)), list(rows), fontsize=7)
     ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    bar = fig.colorbar(im, ax=ax, shrink=0.8)
+    bar.formatter.set_useOffset(False)
+    bar.update_ticks()
 
 
 def plot_cala_bridges(frame: Any, query_id: Any | None = None, text: str = "", steps: Sequence[int] = (1, 4)) -> Any:
