@@ -89,8 +89,8 @@ def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
         m = r["splits"][split]
         lines.append(f"| {name} | " + " | ".join(f"{m[k]:.1f}" for k in keys)
                      + f" | {r['steps']} | {r['best_epoch']} | {r['seconds']:.0f} |")
-    lines += ["", "`cala` = released loss (src/blip_fine_tune.py after commit 213ef3c); `qtm_only` = same recipe with
-    hca_weight = tac_weight = 0; "
+    lines += ["", "`cala` = released loss (src/blip_fine_tune.py after commit 213ef3c); `qtm_only` = same recipe "
+              "with hca_weight = tac_weight = 0; "
               "`image_only` / `text_only` = one modality as the query. Synthetic data, not a paper number."]
     return "\n".join(lines)
 
