@@ -14,11 +14,12 @@ package gives an :class:`ImportError` naming the pip package to install.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -64,6 +65,23 @@ def bert_vocab_path() -> Path:
     return path
 
 
+@contextlib.contextmanager
+def quiet_hf_loading() -> Iterator[None]:
+    """transformers prints a progress bar and a load-report table on every ``from_pretrained``; for these local
+    folders of known layout (loads of 0.1 s) that is noise in every notebook and report. Restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
 def load_minilm(path: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     """MiniLM (``transformers.AutoModel``) and its tokenizer from a local directory (default: the package's).
 
@@ -74,8 +92,9 @@ def load_minilm(path: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     directory = Path(path) if path else minilm_dir()
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"MiniLM directory {directory} has no config.json")
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    model = AutoModel.from_pretrained(str(directory), local_files_only=True)
+    with quiet_hf_loading():
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        model = AutoModel.from_pretrained(str(directory), local_files_only=True)
     logger.info("loaded MiniLM (%d-d) from %s", model.config.hidden_size, directory)
     return model, tokenizer
 

@@ -116,18 +116,12 @@ def _from_pretrained_without_pooler(path: Path, owner: str) -> nn.Module:
     """A local transformers BERT without its pooler. transformers prints a load report table for the pooler
     weights it drops, on every load; the drop is intended, so only other missing or unexpected keys are said."""
     from transformers import BertModel
-    from transformers.utils import logging as hf_logging
 
-    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # a 0.1 s load of a local folder needs no bar
-    try:
+    from cirlab.models._lite import quiet_hf_loading
+
+    with quiet_hf_loading():
         model, info = BertModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True,
                                                 output_loading_info=True)
-    finally:
-        hf_logging.set_verbosity(level)
-        if bar:
-            hf_logging.enable_progress_bar()
     unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith("pooler.")]
     missing = list(info.get("missing_keys", []))
     if unexpected or missing:
