@@ -418,3 +418,19 @@ def test_run_experiment_trains_and_evaluates_on_synthetic_cirr(frame, synth, tmp
     assert result["steps"] == 2 and {"R@1", "R@5", "cirr_Rsubset@1", "avg"} <= set(metrics)
     assert all(0.0 <= v <= 100.0 for v in metrics.values())
     assert (tmp_path / "run" / "topk" / "val.topk.npz").is_file()
+
+
+def test_the_model_config_follows_the_run_dataset(tmp_path):
+    """A CaLa run on Fashion-IQ selects on Fashion-IQ's metric whatever the preset; an explicit override wins; a
+    dataset CaLa has no recipe for is refused before any data is read, naming the field."""
+    from cirlab.core.errors import ConfigError
+    from cirlab.engine import runs
+
+    base = {"model": "cala", "preset": "tiny", "dataset": {"name": "fashioniq", "root": str(tmp_path)}}
+    assert runs.model_config_of(runs.with_defaults(base)).dataset == "fashioniq"
+    model = runs.build_model(runs.with_defaults(base))
+    assert model.default_train_config()["selection_metric"] == "avg"
+    pinned = runs.with_defaults({**base, "model_overrides": {"dataset": "cirr"}})
+    assert runs.model_config_of(pinned).dataset == "cirr"
+    with pytest.raises(ConfigError, match="dataset.name 'shoes'.*model_overrides.dataset"):
+        runs.validate_config(runs.with_defaults({**base, "dataset": {"name": "shoes", "root": str(tmp_path)}}))

@@ -44,6 +44,8 @@ class PresetMixin:
     # the original code's training seed, when the paper's recipe fixes one (AMC 300, CaLa 42): the model's
     # default_train_config reports it, and run_experiment draws the initial weights under it unless train.seed is set
     TRAIN_SEED: ClassVar[int | None] = None
+    # True: the config's ``dataset`` field is set from the run config's dataset.name unless model_overrides sets it
+    FOLLOWS_RUN_DATASET: ClassVar[bool] = False
 
     @classmethod
     def presets(cls) -> list[str]:

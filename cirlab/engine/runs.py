@@ -251,6 +251,13 @@ def _validate_model(config: dict[str, Any], source: str) -> None:
         build_config(name, preset, **overrides)
     except (TypeError, ValueError, KeyError) as err:
         raise ConfigError(f"{source}: model_overrides: {' '.join(str(err).split())}") from None
+    dataset = (config.get("dataset") or {}).get("name")
+    if getattr(cls, "FOLLOWS_RUN_DATASET", False) and dataset and "dataset" not in overrides:
+        try:
+            build_config(name, preset, **{**overrides, "dataset": dataset})
+        except (TypeError, ValueError, KeyError) as err:
+            raise ConfigError(f"{source}: dataset.name {dataset!r} is passed to the {name} config, which refuses it "
+                              f"({' '.join(str(err).split())}); set model_overrides.dataset to one it accepts") from None
 
 
 def _validate_dataset(config: dict[str, Any], source: str) -> None:
@@ -422,8 +429,14 @@ def model_config_of(config: dict[str, Any]) -> Any:
     """The model's config dataclass for a run config (preset + model_overrides), without building the model."""
     from cirlab.models.registry import build_config
 
+    from cirlab.models.registry import get_entry
+
+    overrides = dict(config.get("model_overrides") or {})
+    dataset = (config.get("dataset") or {}).get("name")
+    if getattr(get_entry(config["model"]).config_cls, "FOLLOWS_RUN_DATASET", False) and dataset:
+        overrides.setdefault("dataset", dataset)  # e.g. CaLa's selection metric follows the data it trains on
     try:  # a bad override value is a config error (checked without building when the config was validated)
-        return build_config(config["model"], config.get("preset"), **dict(config.get("model_overrides") or {}))
+        return build_config(config["model"], config.get("preset"), **overrides)
     except (TypeError, ValueError, KeyError) as err:
         raise ConfigError(f"model_overrides: {' '.join(str(err).split())}") from None
 
