@@ -177,6 +177,22 @@ def test_wrong_lavis_layouts_name_the_file(blip, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ BLIP-2 -> CaLa
 
 
+def _weights_after_load_init(monkeypatch) -> dict:
+    """Filled with CaLa's state dict right after ``load_init`` (before any training step) of the next run."""
+    from cirlab.models import cala as C
+
+    seen: dict = {}
+    load_init = C.CaLa.load_init
+
+    def recording(self, report_dir=None):
+        reports = load_init(self, report_dir)
+        seen.update({k: v.detach().clone() for k, v in self.state_dict().items()})
+        return reports
+
+    monkeypatch.setattr(C.CaLa, "load_init", recording)
+    return seen
+
+
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     from cirlab.data.generators import synthetic
@@ -192,7 +208,6 @@ def test_cala_demo_starts_from_a_converted_lavis_checkpoint(synth, tmp_path, cap
     training are LAVIS's, the loading report is in the run folder, and the converted file holds the same weights."""
     import cirlab
     from cirlab.engine import runs
-    from cirlab.models import cala as C
 
     path, state, _ = _files("blip2_pretrain_vitL")
     converted = tmp_path / "cala_lavis.pt"
@@ -201,15 +216,7 @@ def test_cala_demo_starts_from_a_converted_lavis_checkpoint(synth, tmp_path, cap
     assert summary["model"] == "cala" and summary["source_layout"] == "lavis blip2" and not summary["missing"]
     overrides = {**summary["model_overrides"], "vocab_file": str(_vocab_file(tmp_path))}
 
-    seen = {}
-    load_init = C.CaLa.load_init
-
-    def recording(self, report_dir=None):
-        reports = load_init(self, report_dir)
-        seen.update({k: v.detach().clone() for k, v in self.state_dict().items()})
-        return reports
-
-    monkeypatch.setattr(C.CaLa, "load_init", recording)
+    seen = _weights_after_load_init(monkeypatch)
     config = runs.with_defaults({
         "name": "cala_lavis", "model": "cala", "preset": "tiny",
         "model_overrides": {**overrides, "init_from": f"lavis:{path}"},
@@ -240,7 +247,6 @@ def test_cala_lite_starts_from_a_lavis_layout_checkpoint(synth, tmp_path, monkey
     import cirlab
     from cirlab.engine import runs
     from cirlab.models import _hf_blip2 as hb
-    from cirlab.models import cala as C
 
     source = cirlab.create_model("cala", "lite")
     with torch.no_grad():
@@ -251,15 +257,7 @@ def test_cala_lite_starts_from_a_lavis_layout_checkpoint(synth, tmp_path, monkey
     path = tmp_path / "blip2_lite_layout.pth"
     torch.save({"model": lavis_state}, path)
 
-    seen = {}
-    load_init = C.CaLa.load_init
-
-    def recording(self, report_dir=None):
-        reports = load_init(self, report_dir)
-        seen.update({k: v.detach().clone() for k, v in self.state_dict().items()})
-        return reports
-
-    monkeypatch.setattr(C.CaLa, "load_init", recording)
+    seen = _weights_after_load_init(monkeypatch)
     config = runs.with_defaults({
         "name": "cala_lite_lavis", "model": "cala", "preset": "lite",
         "model_overrides": {"init_from": f"lavis:{path}"},
