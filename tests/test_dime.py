@@ -36,7 +36,7 @@ def _randomise_routers(model: D.DIME, seed: int = 0, weight_std: float = 0.2, bi
 
 
 def test_paper_preset_trainable_parameter_count():
-    # digest II.1: image fc+BN 0.53M, text head 1.57M, interaction 4.17M -> 6.27M (+ frozen BERT-Base)
+    # DIME paper sizes: image fc+BN 0.53M, text head 1.57M, interaction 4.17M -> 6.27M (+ frozen BERT-Base)
     expected = {"img_enc": 2048 * 256 + 256 + 2 * 256,
                 "txt_enc": (768 * 256 + 256) + sum(256 * k * 768 + 256 for k in (1, 2, 3)) + (768 * 256 + 256),
                 "itr_module": 2 * (4 * (256 * 512 + 512 + 512 * 4 + 4) + 855_040)

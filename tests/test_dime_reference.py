@@ -1,4 +1,5 @@
-"""DIME against a loop-based reference written from the spec (research/amc_dime.md Part II and its checklist).
+"""DIME against a loop-based reference written from the paper (Qu et al., SIGIR 2021) and its public code
+(https://github.com/LgQu/DIME).
 
 tests/test_dime.py covers the plumbing (loss, mixing helpers, sharding, tracing, loading). This file pins the
 numerical definition of the model in its original behaviour (``mask_padding=False``):

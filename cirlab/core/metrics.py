@@ -28,7 +28,7 @@ from that query's ranking exactly as the re-ranking code's ``names[names != refe
 ``sims[i, ref] = -1e11``). A target equal to its own excluded reference is never a hit (its rank is reported as
 ``G + 1``, past every rankable item).
 
-Do not use torchmetrics' retrieval metrics here: they drop scores <= 0 (aesthetics 1.5).
+Do not use torchmetrics' retrieval metrics here: they drop scores <= 0, which changes the ranks.
 """
 from __future__ import annotations
 

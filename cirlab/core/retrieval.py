@@ -1,4 +1,4 @@
-"""Retrieval as small pure functions on tensors (aesthetics rule 10), plus corpus encoding with a feature cache.
+"""Retrieval as small pure functions on tensors, plus corpus encoding with a feature cache.
 
 * :func:`similarity`, :func:`topk_search` (chunked over queries *and* gallery, bounded memory),
   :func:`topk_candidates` (the same on a ready score matrix), :func:`target_ranks` (from :mod:`cirlab.core.metrics`).
