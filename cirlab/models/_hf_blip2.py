@@ -268,10 +268,6 @@ class QFormer(nn.Module):
         return list(self.embeddings.parameters()) + list(self.bert.parameters())
 
 
-def param_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 # ------------------------------------------------------------------------------------------------------ tokenizer
 
 

@@ -472,11 +472,6 @@ class CaLa(nn.Module):
         return self.config.backbone != "blip2"
 
     # -- freezing and modes -------------------------------------------------------------------------------------
-    def trained_qformers(self) -> list[hb.QFormer]:
-        if self.is_clip:
-            return []
-        return [self.multimodal, self.textual] + ([self.visual] if self.config.encoder == "both" else [])
-
     def lock(self) -> None:
         """Freeze what no optimizer group holds (the optimiser of src/blip_fine_tune.py): the tower; the visual
         Q-Former unless ``encoder="both"``;
