@@ -54,21 +54,34 @@ def config(args: argparse.Namespace, data_root: Path, variant: str) -> dict[str,
     })
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from cirlab.data.generators import synthetic
+def run_variant(args: argparse.Namespace, data_root: Path, variant: str) -> dict[str, Any]:
+    """One variant's run (in this process or a worker process)."""
     from cirlab.engine import runs
 
     torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    out = runs.run_experiment(config(args, data_root, variant), output_dir=Path(args.work) / "runs" / variant,
+                              overwrite=True)
+    result = {"splits": out["splits"], "steps": out["steps"], "seconds": time.perf_counter() - t0,
+              "best_epoch": out["selection"]["best_epoch"]}
+    print(variant, json.dumps(result), flush=True)
+    return result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    from cirlab.data.generators import synthetic
+
     work = Path(args.work)
     manifest = synthetic.generate(work / "data", seed=0, size=args.size, image_size=64, layouts=(args.dataset,))
-    results = {}
-    for variant in args.variants:
-        t0 = time.perf_counter()
-        out = runs.run_experiment(config(args, work / "data", variant), output_dir=work / "runs" / variant,
-                                  overwrite=True)
-        results[variant] = {"splits": out["splits"], "steps": out["steps"], "seconds": time.perf_counter() - t0,
-                            "best_epoch": out["selection"]["best_epoch"]}
-        print(variant, json.dumps(results[variant]), flush=True)
+    if args.jobs == 1:
+        results = {v: run_variant(args, work / "data", v) for v in args.variants}
+    else:  # variants side by side, args.threads threads each
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {v: pool.submit(run_variant, args, work / "data", v) for v in args.variants}
+            results = {v: f.result() for v, f in futures.items()}
     return {"manifest": manifest["layouts"][args.dataset], "results": results}
 
 
@@ -81,7 +94,7 @@ def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
              f"Model: `cala` preset `{args.preset}`, encoder `{args.encoder}`, model lr {args.lr} "
              "(groups: Q-Formers 1x, TAC/HCA 2x), "
              f"AdamW wd 0.05, constant schedule, batch {args.batch_size}, {args.epochs} epochs, seed 0, fp32, "
-             f"{args.threads} thread(s); selection on val (the run's selection metric), reported on `{split}`.",
+             f"{args.threads} thread(s) per run, {args.jobs} run(s) at once; selection on val (the run's selection metric), reported on `{split}`.",
              "",
              "| variant | " + " | ".join(keys) + " | steps | best epoch | train+eval s |",
              "|---|" + "---|" * (len(keys) + 3)]
@@ -106,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder", default="both", choices=["multi", "both"],
                    help="both: the target Q-Former trains too (a random-init tiny target encoder carries no signal)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=1, help="variants run at once, in separate processes")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--work", default="/tmp/cirlab_cala_bench")
     p.add_argument("--report", default="cala_synthetic", help="reports/benchmarks/<name>.md; '' = print only")

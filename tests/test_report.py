@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 
 import pytest
 
@@ -142,6 +143,11 @@ def test_register_cli_adds_report_command():
     assert (args.only, args.set_, args.smoke, args.out, args.with_dime) == ("rank_shift", ["pool_k=20"], True, "x",
                                                                            True)
     assert not parser.parse_args(["report", "--no-dime"]).with_dime
+    assert parser.parse_args(["report", "--jobs", "3"]).jobs == 3
+    assert args.jobs == (2 if (os.cpu_count() or 1) >= 2 else 1)  # "auto"
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["report", "--jobs", bad])
     assert args.func is report._run_from_args
     with pytest.raises(SystemExit):
         parser.parse_args(["report", "--only", "nope"])
@@ -231,3 +237,48 @@ def test_an_interrupted_run_is_repaired_by_the_next(tmp_path):
         report.run_entry("evaluate", {}, out, kernel_name="python3", notebook_dir=tmp_path / "none")
     assert json.loads((out / "evaluate" / "metrics.json").read_text()) == {"old": 1}
     assert (out / report.FAILED_DIR / "evaluate" / report.RECORD).is_file()
+
+
+def _parallel_setup(tmp_path, monkeypatch, bodies: dict[str, str]):
+    """Three entries (train -> evaluate, and quickstart beside them), each writing its start and end time. The
+    entries run in child processes, which see the real DEPENDS and SOURCE (entry = notebook for these three)."""
+    nbs = tmp_path / "notebooks"
+    nbs.mkdir()
+    stamp = ("import time\nt0 = time.time()\n{body}\n"
+             "pathlib.Path(out).mkdir(parents=True, exist_ok=True)\n"
+             "(pathlib.Path(out) / 'metrics.json').write_text(json.dumps({{'t0': t0, 't1': time.time()}}))")
+    for name, body in bodies.items():
+        _notebook(nbs / f"{name}.ipynb", stamp.format(body=body))
+    monkeypatch.setattr(report, "ORDER", tuple(bodies))
+    monkeypatch.setattr(report, "REPORT_PARAMETERS", {n: {"fail": False, "out": f"{{out}}/{n}"} for n in bodies})
+    return nbs
+
+
+def test_jobs_run_independent_notebooks_side_by_side_and_keep_dependencies(tmp_path, monkeypatch):
+    nbs = _parallel_setup(tmp_path, monkeypatch, {"train": "time.sleep(4)", "evaluate": "",
+                                                  "quickstart": "time.sleep(4)"})
+    out, stream = tmp_path / "reports", io.StringIO()
+    assert report.run_report(out, overrides={"data_root": str(tmp_path)}, kernel_name="python3", notebook_dir=nbs,
+                             stream=stream, jobs=2) == 0
+    t = {n: json.loads((out / n / "metrics.json").read_text()) for n in ("train", "evaluate", "quickstart")}
+    assert t["train"]["t0"] < t["quickstart"]["t1"] and t["quickstart"]["t0"] < t["train"]["t1"]  # overlapped
+    assert t["evaluate"]["t0"] > t["train"]["t1"]  # started after its prerequisite ended
+    text = stream.getvalue()
+    assert "report: 3 notebook(s)" in text and all(f"{n}: done in" in text for n in t)
+    assert all(json.loads((out / n / report.RECORD).read_text())["status"] == "ok" for n in t)
+
+
+def test_jobs_a_failure_starts_nothing_new_and_keeps_what_ran(tmp_path, monkeypatch):
+    nbs = _parallel_setup(tmp_path, monkeypatch, {"train": "raise ValueError('broken train')", "evaluate": "",
+                                                  "quickstart": "time.sleep(3)"})
+    out, stream = tmp_path / "reports", io.StringIO()
+    code = report.run_report(out, overrides={"data_root": str(tmp_path)}, kernel_name="python3", notebook_dir=nbs,
+                             stream=stream, jobs=2)
+    assert code == 1
+    text = stream.getvalue()
+    assert "train: FAILED" in text and "broken train" in text
+    assert (out / "quickstart" / "metrics.json").is_file()  # the one running beside it finished
+    assert not (out / "evaluate").exists() and "evaluate: running" not in text  # its prerequisite failed
+    assert "badge failed" in (out / "index.html").read_text()
+    with pytest.raises(ValueError, match="jobs"):
+        report.run_report(out, jobs=0, stream=None)

@@ -1,10 +1,11 @@
 """Headless regeneration of every notebook: ``cirlab report``.
 
-``cirlab report [--only NAME] [--set key=value ...] [--out reports] [--smoke]`` executes the notebooks in
-``notebooks/`` with papermill in dependency order (train -> evaluate -> router_explorer -> rank_shift, then
+``cirlab report [--only NAME] [--set key=value ...] [--out reports] [--smoke] [--jobs N]`` executes the notebooks
+in ``notebooks/`` with papermill in dependency order (train -> evaluate -> router_explorer -> rank_shift, then
 train_dime -> router_explorer_dime, train_hrem -> router_explorer_hrem, train_cala -> router_explorer_cala, then
-quickstart) on the embedded synthetic data (generated into the cache
-on first use) and writes::
+quickstart) on the embedded synthetic data (generated into the cache on first use), two notebooks at once on a
+machine with two or more cores (``--jobs``: each starts when its prerequisites are done; the kernels share the
+cores, one thread each on two cores), and writes::
 
     reports/<notebook>/<notebook>.ipynb   executed notebook (papermill)
     reports/<notebook>/<notebook>.html    the same, rendered by nbconvert
@@ -44,11 +45,12 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
-from cirlab.core.threads import thread_env
+from cirlab.core.threads import ENV, thread_env
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ OPTIONAL: tuple[str, ...] = ("train_dime", "router_explorer_dime")
 RECORD = "report.json"  # per entry: status, start/finish times, duration, commit, command, parameters
 FAILED_DIR = "_failed"  # <out>/_failed/<entry>/: the output of an entry's last run when it failed
 _IPC_KERNEL_MANAGER: Any = None
+_SAY_LOCK = threading.Lock()
 
 # What each figure shows and which figure of which paper it regenerates, per report entry (or notebook) and figure
 # name ("name_" entries match every figure starting with it). Figure numbers are the papers' own where the shared
@@ -421,10 +424,25 @@ def _kernel_manager_class() -> Any:
     if os.name != "posix":
         return AsyncKernelManager
     if _IPC_KERNEL_MANAGER is None:
-        from traitlets import CaselessStrEnum
+        from traitlets import CaselessStrEnum, default
 
         class IPCKernelManager(AsyncKernelManager):
             transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+            async def _async_interrupt_kernel(self) -> None:
+                # jupyter_client interrupts a kernel before every shutdown; the notebook has finished by then, and
+                # a kernel still answering its last message prints "KeyboardInterrupt caught in kernel" for nothing
+                if not self.shutting_down:
+                    await super()._async_interrupt_kernel()
+
+            @default("ip")
+            def _ip_default(self) -> str:
+                # jupyter_client's default socket prefix is "kernel-ipc" in the current folder: two kernels started
+                # at once (--jobs) would pick the same socket files and read each other's messages
+                import tempfile
+                import uuid
+
+                return os.path.join(tempfile.gettempdir(), f"cirlab-kernel-{uuid.uuid4().hex[:16]}-ipc")
 
         _IPC_KERNEL_MANAGER = IPCKernelManager
     return _IPC_KERNEL_MANAGER
@@ -495,17 +513,23 @@ def export_html(notebook: Path) -> Path:
 def run_report(out: str | os.PathLike = "reports", only: str | None = None,
                overrides: Mapping[str, Any] | None = None, smoke: bool = False, kernel_name: str | None = None,
                notebook_dir: Path | None = None, stream: TextIO | None = sys.stdout,
-               with_optional: bool = True, command: str | None = None) -> int:
+               with_optional: bool = True, command: str | None = None, jobs: int = 1) -> int:
     """Run the report; returns the exit status (0 = every notebook ran, 1 = one failed).
 
     ``with_optional=False`` leaves the :data:`OPTIONAL` entries (the DIME runs) out of a full report. Each entry
     runs in place of the previous one, which is kept aside and put back if the run fails (:func:`run_entry`).
     ``command`` is recorded in the index (default: ``cirlab report`` plus this process's arguments).
+    ``jobs`` > 1 runs up to that many notebooks at once, each as soon as its prerequisites have finished (every
+    kernel gets an equal share of the cores); after a failure no new notebook starts, the running ones finish.
     """
     out = Path(out).resolve()
     overrides = dict(overrides or {})
-    os.environ.update(thread_env())  # the kernels inherit it: one passive-waiting thread on a small machine
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
     names = plan(only, out, with_optional)
+    jobs = min(jobs, len(names)) or 1
+    # the kernels inherit it: one passive-waiting thread on a small machine, the cores shared between the jobs
+    os.environ.update(thread_env(None if jobs == 1 or os.environ.get(ENV) else max(1, (os.cpu_count() or 1) // jobs)))
     check_overrides(overrides, names)
     data_override = overrides.pop("data_root", "")
     data = Path(data_override) if data_override else ensure_synthetic_data(
@@ -515,24 +539,120 @@ def run_report(out: str | os.PathLike = "reports", only: str | None = None,
         itm_data = ensure_synthetic_data(SYNTHETIC_SIZE_ITM, stream=stream, layouts=("precomp",))
     command = command or _command_line()
     t_all = time.time()
-    for i, name in enumerate(names, start=1):
+    tags = {name: f"[{i}/{len(names)}] {name}" for i, name in enumerate(names, start=1)}
+
+    def one(name: str) -> bool:
         params = notebook_parameters(name, out, data, smoke, overrides, itm_data)
-        t0 = time.time()
-        tag = f"[{i}/{len(names)}] {name}"
+        t0, tag = time.time(), tags[name]
         _say(stream, f"{tag}: running notebook {notebook_of(name)} ...")
         try:
-            run_entry(name, params, out, kernel_name, notebook_dir, stream=stream, prefix=f"{tag}: ",
-                      command=command)
+            (run_entry if jobs == 1 else _run_entry_in_process)(name, params, out, kernel_name, notebook_dir,
+                                                                 stream=stream, prefix=f"{tag}: ", command=command)
         except NotebookFailed as err:
             kept = "the previous results are kept and marked" if (out / name).is_dir() else "no previous results"
             _say(stream, f"{tag}: FAILED after {time.time() - t0:.1f}s\n{err}\n"
                          f"executed notebook: {out / FAILED_DIR / name / (name + '.ipynb')} ({kept})")
-            write_index(out)
-            return 1
+            return False
         _say(stream, f"{tag}: done in {time.time() - t0:.1f}s -> {out / name}")
+        return True
+
+    ok = all(one(n) for n in names) if jobs == 1 else _run_parallel(names, one, jobs)
     index = write_index(out)
-    _say(stream, f"report: {len(names)} notebook(s) in {time.time() - t_all:.1f}s -> {index}")
-    return 0
+    if ok:
+        _say(stream, f"report: {len(names)} notebook(s) in {time.time() - t_all:.1f}s -> {index}")
+    return 0 if ok else 1
+
+
+def _run_parallel(names: Sequence[str], one: Any, jobs: int) -> bool:
+    """Run ``one(name)`` for every entry, ``jobs`` at once, an entry once its prerequisites among ``names``
+    succeeded, in ``names`` order otherwise; False once any failed (nothing new starts then)."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    waiting, running, ok = list(names), {}, True
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="cirlab-report") as pool:
+        while running or (waiting and ok):
+            blocked = set(waiting) | set(running.values())
+            ready = [n for n in waiting if not blocked & set(DEPENDS.get(n, ()))]
+            while ok and ready and len(running) < jobs:
+                name = ready.pop(0)
+                waiting.remove(name)
+                running[pool.submit(one, name)] = name
+            try:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+            except KeyboardInterrupt:  # the entry processes got Ctrl-C too: let them put their folders back
+                wait(running)
+                raise
+            for future in done:
+                del running[future]
+                ok = future.result() and ok  # an unexpected error (a missing notebook) propagates from here
+    return ok
+
+
+def _run_entry_in_process(name: str, params: Mapping[str, Any], out: Path, kernel_name: str | None,
+                          notebook_dir: Path | None, *, stream: TextIO | None, prefix: str, command: str) -> None:
+    """:func:`run_entry` in a child process, its progress lines relayed to ``stream``. papermill changes the
+    process's working directory while it starts a kernel, so two notebooks cannot run in one process."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_entry_child, args=(send, name, dict(params), out, kernel_name, notebook_dir, prefix,
+                                                   command), name=f"cirlab-report-{name}")
+    child.start()
+    send.close()
+    outcome: Any = RuntimeError(f"{name}: the notebook's process ended without a result")
+    try:
+        while True:
+            try:
+                kind, value = receive.recv()
+            except EOFError:
+                break
+            if kind == "line":
+                _say(stream, value)
+            else:
+                outcome = value
+    finally:
+        child.join()
+    if outcome is not None:
+        raise outcome
+
+
+class _PipeStream:
+    """A text stream that sends each line it is given to the parent process."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def write(self, text: str) -> None:
+        for line in text.splitlines():
+            self.conn.send(("line", line))
+
+    def flush(self) -> None:
+        pass
+
+
+def _entry_child(conn: Any, name: str, params: dict[str, Any], out: Path, kernel_name: str | None,
+                 notebook_dir: Path | None, prefix: str, command: str) -> None:
+    outcome: BaseException | None = None
+    try:
+        run_entry(name, params, out, kernel_name, notebook_dir, stream=_PipeStream(conn), prefix=prefix,
+                  command=command)
+    except KeyboardInterrupt:  # Ctrl-C reached the whole process group: run_entry has put the folder back
+        outcome = NotebookFailed(f"{name}: interrupted")
+    except BaseException as err:  # noqa: BLE001 - handed to the parent, which raises it
+        outcome = err if _picklable(err) else RuntimeError(f"{type(err).__name__}: {err}")
+    conn.send(("result", outcome))
+    conn.close()
+
+
+def _picklable(obj: Any) -> bool:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(obj))
+    except Exception:  # noqa: BLE001 - any failure means no
+        return False
+    return True
 
 
 def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str | None = None,
@@ -644,8 +764,9 @@ def _commit() -> str:
 def _say(stream: TextIO | None, line: str) -> None:
     logger.debug(line)
     if stream is not None:
-        stream.write(line + "\n")
-        stream.flush()
+        with _SAY_LOCK:  # whole lines, also when several notebooks run at once
+            stream.write(line + "\n")
+            stream.flush()
 
 
 # --------------------------------------------------------------------------------------------- index.html
@@ -838,9 +959,26 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--notebooks", default=None, metavar="DIR",
                         help="folder of the notebooks to run (default: the checkout's notebooks/, else the copies "
                              "shipped in the installed package)")
+    parser.add_argument("--jobs", default="auto", type=_jobs,
+                        help="notebooks run at once, each as soon as its prerequisites are done, the cores shared "
+                             "between them (default auto: 2 on a machine with 2 or more cores, else 1)")
     parser.add_argument("--no-dime", dest="with_dime", action="store_false",
                         help="skip train_dime and router_explorer_dime (DIME on the synthetic precomp data; about "
                              "3 min on an idle 2-core CPU)")
+
+
+def _jobs(value: str) -> int:
+    """``--jobs``: a whole number >= 1, or ``auto`` (2 where there are 2 or more cores: the report's longest entry,
+    train_dime, then runs beside the AMC chain instead of after it)."""
+    if value == "auto":
+        return 2 if (os.cpu_count() or 1) >= 2 else 1
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {n}")
+    return n
 
 
 def _run_from_args(args: argparse.Namespace) -> int:
@@ -848,7 +986,7 @@ def _run_from_args(args: argparse.Namespace) -> int:
         overrides = parse_set(args.set_)
         notebooks = Path(args.notebooks).expanduser() if getattr(args, "notebooks", None) else None
         return run_report(args.out, args.only, overrides, args.smoke, args.kernel, notebook_dir=notebooks,
-                          with_optional=getattr(args, "with_dime", True))
+                          with_optional=getattr(args, "with_dime", True), jobs=getattr(args, "jobs", 1))
     except (ValueError, FileNotFoundError) as err:
         sys.stderr.write(f"cirlab report: {err}\n")
         return 2
