@@ -8,6 +8,7 @@ synthetic data, with the same preset, seed, steps and learning rate; only the lo
 * ``qtm_only``      the same model and recipe with ``hca_weight=0, tac_weight=0`` (no TBIA, no CTR)
 * ``image_only``    query = reference image through the multimodal Q-Former (QTM loss)
 * ``text_only``     query = text CLS alone (QTM loss)
+* ``cala_paper``    the paper's form of the objective: CE(QTM) + 0.1 CE(TBIA) + 0.45 CE(CTR) (``loss_form: paper``)
 
 Usage::
 
@@ -34,6 +35,7 @@ VARIANTS = {
     "qtm_only": {"hca_weight": 0.0, "tac_weight": 0.0},
     "image_only": {"ablation": "image_only"},
     "text_only": {"ablation": "text_only"},
+    "cala_paper": {"loss_form": "paper"},
 }
 METRICS = {"cirr": ["R@1", "R@5", "R@10", "R@50", "cirr_Rsubset@1", "avg"],
            "fashioniq": ["avg_R@10", "avg_R@50", "avg"]}
@@ -65,6 +67,9 @@ def run_variant(args: argparse.Namespace, data_root: Path, variant: str) -> dict
     result = {"splits": out["splits"], "steps": out["steps"], "seconds": time.perf_counter() - t0,
               "best_epoch": out["selection"]["best_epoch"]}
     print(variant, json.dumps(result), flush=True)
+    results = Path(args.work) / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{variant}.json").write_text(json.dumps(result))
     return result
 
 
@@ -76,12 +81,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     work = Path(args.work)
     manifest = synthetic.generate(work / "data", seed=0, size=args.size, image_size=64, layouts=(args.dataset,))
+    done = {v: json.loads((work / "results" / f"{v}.json").read_text()) for v in args.variants
+            if args.reuse and (work / "results" / f"{v}.json").is_file()}  # same --work, same arguments
+    todo = [v for v in args.variants if v not in done]
     if args.jobs == 1:
-        results = {v: run_variant(args, work / "data", v) for v in args.variants}
+        done.update({v: run_variant(args, work / "data", v) for v in todo})
     else:  # variants side by side, args.threads threads each
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {v: pool.submit(run_variant, args, work / "data", v) for v in args.variants}
-            results = {v: f.result() for v, f in futures.items()}
+            futures = {v: pool.submit(run_variant, args, work / "data", v) for v in todo}
+            done.update({v: f.result() for v, f in futures.items()})
+    results = {v: done[v] for v in args.variants}
     return {"manifest": manifest["layouts"][args.dataset], "results": results}
 
 
@@ -103,7 +112,7 @@ def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{m[k]:.1f}" for k in keys)
                      + f" | {r['steps']} | {r['best_epoch']} | {r['seconds']:.0f} |")
     lines += ["", "`cala` = released loss (src/blip_fine_tune.py after commit 213ef3c); `qtm_only` = same recipe "
-              "with hca_weight = tac_weight = 0; "
+              "with hca_weight = tac_weight = 0; `cala_paper` = the paper's weighted sum of the three CEs; "
               "`image_only` / `text_only` = one modality as the query. Synthetic data, not a paper number."]
     return "\n".join(lines)
 
@@ -120,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="both: the target Q-Former trains too (a random-init tiny target encoder carries no signal)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=1, help="variants run at once, in separate processes")
+    p.add_argument("--reuse", action="store_true",
+                   help="take a variant's result from <work>/results/ when an earlier run with the same arguments "
+                        "wrote it (add variants to a finished comparison)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--work", default="/tmp/cirlab_cala_bench")
     p.add_argument("--report", default="cala_synthetic", help="reports/benchmarks/<name>.md; '' = print only")
