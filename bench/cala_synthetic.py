@@ -143,7 +143,7 @@ def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
     for name, r in result["results"].items():
         m = r["splits"][split]
         lines.append(f"| {name} | " + " | ".join(f"{m[k]:.1f}" for k in keys)
-                     + f" | {r['steps']} | {r['best_epoch']} | {r['seconds']:.0f} |")
+                     + f" | {r['steps']} | {'last' if r['best_epoch'] is None else r['best_epoch']} | {r['seconds']:.0f} |")
     for other in shown[1:]:  # the emoji test splits are small (color: 6 queries): val too
         lines += ["", f"The same runs on `{other}` (the selection split):", "",
                   "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
