@@ -207,7 +207,10 @@ def _paired(by_variant: dict[str, list[dict]]) -> list[str]:
         if not seeds:
             continue
         diffs = [hrem[s] - other[s] for s in seeds]
-        spread = f" ± {statistics.stdev(diffs):.1f} (sd)" if len(diffs) > 1 else ""
+        spread = ""
+        if len(diffs) > 1 and statistics.stdev(diffs) > 0:  # paired t: the mean difference in standard errors
+            t = statistics.mean(diffs) / (statistics.stdev(diffs) / len(diffs) ** 0.5)
+            spread = f" ± {statistics.stdev(diffs):.1f} (sd), paired t = {t:.2f} over {len(diffs)} seeds"
         out.append(f"- HREM - {base}, test rsum per seed: {', '.join(f'{d:+.1f}' for d in diffs)}; mean "
                    f"{statistics.mean(diffs):+.1f}{spread}; HREM higher in {sum(d > 0 for d in diffs)} of "
                    f"{len(diffs)} seeds.")
@@ -278,8 +281,9 @@ def write_report(args: argparse.Namespace) -> None:
         last = sum(r["selection"]["best_epoch"] >= tr["epochs"] - 2 for r in records)
         lines += [f"Caveats: the test split has {n_test} images, so one image is {100 / n_test:.0f} points of i2t R@1 "
                   f"and seed-to-seed spread is large; {last} of {len(records)} runs selected one of their last two "
-                  "epochs (a short CPU recipe: still improving); synthetic region features and captions, a random "
-                  "tiny BERT, not the paper's data or backbone; min/run is wall time on a shared machine. A paired "
+                  "epochs (a short CPU recipe: still improving); synthetic region features and captions, "
+                  f"{'a random tiny BERT' if records[0]['backbone'] == 'tiny' else 'MiniLM-L6'}, not the paper's data "
+                  "or BERT-base; min/run is wall time on a shared machine. A paired "
                   "difference smaller than its sd is not evidence either way; this is not a replication of the "
                   "paper's margins.", ""]
     timing = out / "eval_timing.json"
