@@ -9,6 +9,8 @@ synthetic data, with the same preset, seed, steps and learning rate; only the lo
 * ``image_only``    query = reference image through the multimodal Q-Former (QTM loss)
 * ``text_only``     query = text CLS alone (QTM loss)
 * ``cala_paper``    the paper's form of the objective: CE(QTM) + 0.1 CE(TBIA) + 0.45 CE(CTR) (``loss_form: paper``)
+* ``tbia_only``     the released loss without CTR (``tac_weight=0``): 0.1 CE(TBIA) + 0.9 CE(QTM)
+* ``ctr_only``      the released loss without TBIA (``hca_weight=0``): CE(0.45 CTR + 0.55 QTM)
 
 Usage::
 
@@ -36,6 +38,8 @@ VARIANTS = {
     "image_only": {"ablation": "image_only"},
     "text_only": {"ablation": "text_only"},
     "cala_paper": {"loss_form": "paper"},
+    "tbia_only": {"tac_weight": 0.0},  # which auxiliary term moves the result: each alone
+    "ctr_only": {"hca_weight": 0.0},
 }
 METRICS = {"cirr": ["R@1", "R@5", "R@10", "R@50", "cirr_Rsubset@1", "avg"],
            "fashioniq": ["avg_R@10", "avg_R@50", "avg"],
@@ -151,6 +155,7 @@ def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
                   for name, r in result["results"].items()]
     lines += ["", "`cala` = released loss (src/blip_fine_tune.py after commit 213ef3c); `qtm_only` = same recipe "
               "with hca_weight = tac_weight = 0; `cala_paper` = the paper's weighted sum of the three CEs; "
+              "`tbia_only` / `ctr_only` = the released loss with tac_weight = 0 / hca_weight = 0; "
               "`image_only` / `text_only` = one modality as the query. Synthetic or emoji data, not a paper number."]
     return "\n".join(lines)
 
