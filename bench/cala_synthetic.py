@@ -56,7 +56,7 @@ def config(args: argparse.Namespace, data_root: Path, variant: str) -> dict[str,
         "dataset": {"name": "fashioniq" if args.dataset == "emoji" else args.dataset,
                     "root": str(data_root / args.dataset), "category": args.categories or None,
                     "test_split": "test1" if args.dataset == "cirr" else "test"},
-        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "seed": 0, "progress": "none",
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed, "progress": "none",
                   "tensorboard": False, "precision": "fp32", "schedule": "constant", "selection": args.selection,
                   "eval_every": max(1, args.epochs // 4), "log_every": 50},
         "eval": {"splits": ["val"] if args.dataset == "cirr" else ["val", "test"], "k": 50, "batch_size": 64},
@@ -139,7 +139,7 @@ def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
              "",
              f"Model: `cala` preset `{args.preset}`, encoder `{args.encoder}`, model lr {args.lr} "
              "(groups: Q-Formers 1x, TAC/HCA 2x), "
-             f"AdamW wd 0.05, constant schedule, batch {args.batch_size}, {args.epochs} epochs, seed 0, fp32, "
+             f"AdamW wd 0.05, constant schedule, batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}, fp32, "
              f"{args.threads} thread(s) per run, {args.jobs} run(s) at once; selection: {selection}, reported on `{split}`.",
              "",
              "| variant | " + " | ".join(keys) + " | steps | best epoch | train+eval s |",
@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder", default="both", choices=["multi", "both"],
                    help="both: the target Q-Former trains too (a random-init tiny target encoder carries no signal)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="the training seed (the data is always generated with seed 0)")
     p.add_argument("--jobs", type=int, default=1, help="variants run at once, in separate processes")
     p.add_argument("--selection", choices=["val", "last"], default=None,
                    help="val: the run's selection metric on val; last: the final weights (default: val, emoji last)")
