@@ -434,3 +434,31 @@ def test_the_model_config_follows_the_run_dataset(tmp_path):
     assert runs.model_config_of(pinned).dataset == "cirr"
     with pytest.raises(ConfigError, match="dataset.name 'shoes'.*model_overrides.dataset"):
         runs.validate_config(runs.with_defaults({**base, "dataset": {"name": "shoes", "root": str(tmp_path)}}))
+
+
+def test_bench_pooled_r1_counts_every_held_out_query(tmp_path):
+    """bench/cala_synthetic.py pools val and test per category (emoji runs keep their final weights, so val is
+    held out too); a category's R@1 is over all its queries, not the mean of the two splits' R@1."""
+    import importlib.util
+    import sys
+
+    import numpy as np
+
+    from cirlab.core.topk import TopK, save_topk
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("cala_synthetic_bench", bench / "cala_synthetic.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench))
+    ranks = {"val_color": [1, 2], "test_color": [1], "val_gender": [1, 1, 3], "test_gender": [5], "train_x": [1]}
+    for name, r in ranks.items():
+        n = len(r)
+        save_topk(tmp_path / f"{name}.topk.npz", TopK(np.arange(n), np.zeros((n, 1), dtype=np.int64),
+                                                       np.zeros((n, 1), dtype=np.float32), np.array(r)))
+    out = mod.pooled_r1(tmp_path)
+    assert out["color_R@1"] == pytest.approx(200 / 3) and out["gender_R@1"] == pytest.approx(50.0)
+    assert out["avg_R@1"] == pytest.approx((200 / 3 + 50) / 2) and out["queries"] == 7  # train_x is not held out
