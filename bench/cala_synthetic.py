@@ -84,20 +84,16 @@ def run_variant(args: argparse.Namespace, data_root: Path, variant: str) -> dict
 
 def add_r1(splits: dict[str, dict[str, float]], topk_dir: Path) -> None:
     """Per-category and mean R@1 of each split, from the run's top-K files (their 1-based target ranks)."""
-    from cirlab.core.topk import load_topk
-
     for split, metrics in splits.items():
-        r1 = {f.name.split(".")[0].split("_", 1)[1]: 100.0 * float((load_topk(f).target_rank == 1).mean())
-              for f in sorted(topk_dir.glob(f"{split}_*.topk.npz"))}
-        metrics.update({f"{cat}_R@1": v for cat, v in r1.items()})
-        metrics["avg_R@1"] = sum(r1.values()) / len(r1)
+        metrics.update({k: v for k, v in pooled_r1(topk_dir, (split,)).items() if k != "queries"})
 
 
 def pooled_r1(topk_dir: Path, splits: tuple[str, ...] = ("val", "test")) -> dict[str, float]:
-    """R@1 per category over the queries of several held-out splits together, and their mean (``avg_R@1``).
+    """R@1 per category over the queries of one or several splits together (from the run's top-K files, their 1-based
+    target ranks), their mean over categories (``avg_R@1``) and the number of queries (``queries``).
 
-    Only meaningful when no split chose the weights (``--selection last``): the emoji test split alone has 34 queries
-    (6 color), so one query moves its average by up to 8 points; val and test together have 108."""
+    Pooling val with test is only meaningful when no split chose the weights (``--selection last``): the emoji test
+    split alone has 34 queries (6 color), so one query moves its average by up to 8 points; val and test have 108."""
     from cirlab.core.topk import load_topk
 
     hits: dict[str, list[bool]] = {}
@@ -172,9 +168,10 @@ def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
                   for name, r in result["results"].items()]
     if args.dataset == "emoji" and args.selection == "last":  # val chose nothing: pool it with test
         pooled = {name: pooled_r1(Path(args.work) / "runs" / name / "topk") for name in result["results"]}
-        cats = [k for k in next(iter(pooled.values())) if k.endswith("R@1")]
-        lines += ["", f"The same runs, R@1 over every held-out query (val and test together, "
-                      f"{next(iter(pooled.values()))['queries']} queries; the final weights, so val chose nothing):",
+        first = next(iter(pooled.values()))
+        cats = [k for k in first if k.endswith("R@1")]
+        lines += ["", f"The same runs, R@1 over every held-out query (val and test together, {first['queries']} "
+                      "queries; the final weights, so val chose nothing):",
                   "", "| variant | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
         lines += [f"| {name} | " + " | ".join(f"{m[k]:.1f}" for k in cats) + " |" for name, m in pooled.items()]
     lines += ["", "`cala` = released loss (src/blip_fine_tune.py after commit 213ef3c); `qtm_only` = same recipe "
