@@ -282,3 +282,69 @@ def test_jobs_a_failure_starts_nothing_new_and_keeps_what_ran(tmp_path, monkeypa
     assert "badge failed" in (out / "index.html").read_text()
     with pytest.raises(ValueError, match="jobs"):
         report.run_report(out, jobs=0, stream=None)
+
+
+_SIGTERM_SCRIPT = """
+import sys
+from cirlab import cli, report
+
+if __name__ == "__main__":
+    names = ("train", "evaluate", "quickstart")
+    report.ORDER = names
+    report.REPORT_PARAMETERS = {n: {"fail": False, "out": "{out}/" + n} for n in names}
+    sys.exit(cli.main(["report", "--out", sys.argv[1], "--notebooks", sys.argv[2], "--kernel", "python3",
+                       "--set", "data_root=" + sys.argv[3], "--jobs", sys.argv[4]]))
+"""
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_sigterm_stops_kernels_puts_results_back_and_leaves_no_files(tmp_path, jobs):
+    """`kill` (SIGTERM) of a running report: exit 143 with one line, no traceback; every kernel stopped, its IPC
+    sockets and connection file removed; the running entries' previous results put back."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    nbs = tmp_path / "notebooks"
+    nbs.mkdir()
+    for name in ("train", "evaluate", "quickstart"):
+        _notebook(nbs / f"{name}.ipynb", "import time\npathlib.Path(out).mkdir(parents=True, exist_ok=True)\n"
+                                         "time.sleep(120)")
+    out, scratch = tmp_path / "reports", tmp_path / "tmp"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "keep.txt").write_text("previous")
+    scratch.mkdir()
+    script = tmp_path / "run_report.py"
+    script.write_text(_SIGTERM_SCRIPT)
+    log = tmp_path / "stdout.txt"
+    env = {**os.environ, "TMPDIR": str(scratch), "JUPYTER_RUNTIME_DIR": str(scratch / "runtime")}
+    with open(log, "w") as stdout:
+        proc = subprocess.Popen([sys.executable, str(script), str(out), str(nbs), str(tmp_path), str(jobs)],
+                                stdout=stdout, stderr=subprocess.PIPE, text=True, env=env)
+    started = ("train: cell 2/2",) if jobs == 1 else ("train: cell 2/2", "quickstart: cell 2/2")
+    deadline = time.time() + 120
+    while time.time() < deadline and not all(s in log.read_text() for s in started):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    time.sleep(1.0)  # inside the sleeping cell
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=90)
+    text = log.read_text()
+    assert proc.returncode == 143, (text, err)
+    assert "terminated" in err and "Traceback" not in err + text and "Kernel died" not in err + text
+    assert "report: stopped by SIGTERM" in text and "train: stopped by SIGTERM" in text
+    assert (out / "train" / "keep.txt").read_text() == "previous"  # the previous results, put back
+    assert (out / report.FAILED_DIR / "train" / report.RECORD).is_file()
+    assert not (out / "quickstart").exists() and not list(out.glob(".*.previous"))
+    leftovers = [p.name for p in scratch.rglob("*") if p.name.startswith("cirlab-kernel-") or p.suffix == ".json"]
+    assert leftovers == []  # IPC sockets and kernel connection files removed
+    if os.path.isdir("/proc"):  # no kernel left running: their command lines name a connection file in scratch
+        alive = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                alive += [cmdline.parent.name] if str(scratch) in cmdline.read_text() else []
+            except OSError:
+                pass
+        assert alive == []

@@ -26,7 +26,9 @@ HREM on the same data and ``*_cala`` for CaLa on the synthetic CIRR (:data:`SOUR
 
 A failing notebook stops the report with exit status 1 and its failing cell's error printed. It never leaves a
 half-written entry (:func:`run_entry`): the previous results are put back and ``index.html`` marks the entry as
-failed, linking the failed run's notebook; an entry whose prerequisite ran after it is marked stale.
+failed, linking the failed run's notebook; an entry whose prerequisite ran after it is marked stale. SIGTERM
+(``kill``, ``timeout``, a batch scheduler) is taken like Ctrl-C: the running kernels are stopped and their socket
+and connection files removed, the running entries' previous results put back, and the command exits with 143.
 
 The parameters passed to each notebook are :data:`REPORT_PARAMETERS` (``--smoke``: :data:`SMOKE_PARAMETERS`)
 with ``{out}`` (the report folder), ``{data}`` (the synthetic data root) and ``{itm_data}`` (the synthetic ITM
@@ -44,6 +46,7 @@ import html
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -70,6 +73,10 @@ RECORD = "report.json"  # per entry: status, start/finish times, duration, commi
 FAILED_DIR = "_failed"  # <out>/_failed/<entry>/: the output of an entry's last run when it failed
 _IPC_KERNEL_MANAGER: Any = None
 _SAY_LOCK = threading.Lock()
+# SIGTERM bookkeeping (_on_sigterm): the kernels started in this process and the entry processes (--jobs > 1)
+_TERMINATING = threading.Event()
+_KERNELS: set[Any] = set()
+_CHILDREN: set[Any] = set()
 
 # What each figure shows and which figure of which paper it regenerates, per report entry (or notebook) and figure
 # name ("name_" entries match every figure starting with it). Figure numbers are the papers' own where the shared
@@ -378,6 +385,58 @@ class NotebookFailed(RuntimeError):
     """A notebook raised: carries the failing cell's index and error."""
 
 
+class ReportTerminated(KeyboardInterrupt):
+    """SIGTERM stopped the report. A ``KeyboardInterrupt``, so that every Ctrl-C path (putting an entry's previous
+    results back) runs for it too; the command line exits with ``exit_code``."""
+
+    exit_code = 128 + 15
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """Stop the report as Ctrl-C would, once (a second SIGTERM must not cut the cleanup short).
+
+    With a notebook running in this process the kernel is killed rather than an exception raised: the exception
+    would surface inside nbclient's event loop and skip its cleanup (the kernel's IPC socket and connection
+    files would be left behind). The dead kernel ends the notebook, nbclient cleans up, and
+    :func:`run_notebook` turns the failure into :class:`ReportTerminated`. Entry processes get the signal passed on.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _TERMINATING.set()
+    logging.getLogger("papermill").setLevel(logging.CRITICAL)  # nbclient's "Kernel died ...": we killed it
+    for child in tuple(_CHILDREN):
+        child.terminate()
+    kernels = tuple(_KERNELS)
+    for km in kernels:
+        _kill_kernel_process(km)
+    if not kernels:
+        raise ReportTerminated()
+
+
+def _kill_kernel_process(km: Any) -> None:
+    process = getattr(getattr(km, "provisioner", None), "process", None)
+    try:
+        if process is not None and process.poll() is None:
+            process.kill()
+    except OSError:  # already gone
+        pass
+
+
+class _SigtermAsInterrupt:
+    """``with _SigtermAsInterrupt():`` SIGTERM runs :func:`_on_sigterm` inside the block (main thread only: Python
+    delivers signals there), the previous handler is restored after it."""
+
+    def __enter__(self) -> "_SigtermAsInterrupt":
+        self.previous: Any = None
+        if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
+            _TERMINATING.clear()
+            self.previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
 def run_notebook(name: str, params: Mapping[str, Any], out_dir: Path, kernel_name: str | None = None,
                  notebook_dir: Path | None = None, html_export: bool = True, timeout: int | None = None,
                  stream: TextIO | None = None, prefix: str = "") -> Path:
@@ -387,6 +446,7 @@ def run_notebook(name: str, params: Mapping[str, Any], out_dir: Path, kernel_nam
     warnings) go to it, each line once, prefixed by ``prefix``.
     """
     import papermill as pm
+    from nbclient.exceptions import DeadKernelError
     from papermill.exceptions import PapermillExecutionError
 
     src = Path(notebook_dir or default_notebook_dir()) / f"{notebook_of(name)}.ipynb"
@@ -405,8 +465,14 @@ def run_notebook(name: str, params: Mapping[str, Any], out_dir: Path, kernel_nam
                             kernel_name=kernel_name or notebook_kernel(src), progress_bar=False, cwd=str(out_dir),
                             execution_timeout=timeout, start_timeout=120,
                             kernel_manager_class=_kernel_manager_class(), **hooks)
-    except PapermillExecutionError as err:
-        raise NotebookFailed(f"{name}: cell {err.exec_count} failed: {err.ename}: {err.evalue}") from err
+    except Exception as err:
+        if _TERMINATING.is_set():  # _on_sigterm killed the kernel; nbclient has cleaned up after it
+            raise ReportTerminated() from err
+        if isinstance(err, PapermillExecutionError):
+            raise NotebookFailed(f"{name}: cell {err.exec_count} failed: {err.ename}: {err.evalue}") from err
+        if isinstance(err, DeadKernelError):
+            raise NotebookFailed(f"{name}: the kernel died ({err}): out of memory, or killed from outside") from err
+        raise
     finally:
         if stream is not None:
             progress.flush()
@@ -434,6 +500,22 @@ def _kernel_manager_class() -> Any:
                 # a kernel still answering its last message prints "KeyboardInterrupt caught in kernel" for nothing
                 if not self.shutting_down:
                     await super()._async_interrupt_kernel()
+
+            async def start_kernel(self, **kw: Any) -> None:
+                _KERNELS.add(self)  # from here on SIGTERM kills this kernel (_on_sigterm)
+                try:
+                    await super().start_kernel(**kw)
+                except BaseException:
+                    _KERNELS.discard(self)
+                    raise
+                if _TERMINATING.is_set():  # SIGTERM came while the kernel was starting
+                    _kill_kernel_process(self)
+
+            async def shutdown_kernel(self, now: bool = False, restart: bool = False) -> None:
+                try:
+                    await super().shutdown_kernel(now=now, restart=restart)
+                finally:
+                    _KERNELS.discard(self)
 
             @default("ip")
             def _ip_default(self) -> str:
@@ -548,7 +630,13 @@ def run_report(out: str | os.PathLike = "reports", only: str | None = None,
         try:
             (run_entry if jobs == 1 else _run_entry_in_process)(name, params, out, kernel_name, notebook_dir,
                                                                  stream=stream, prefix=f"{tag}: ", command=command)
+        except ReportTerminated:  # SIGTERM (--jobs 1: this process ran the notebook)
+            _say(stream, f"{tag}: stopped by SIGTERM after {time.time() - t0:.1f}s")
+            raise
         except NotebookFailed as err:
+            if _TERMINATING.is_set():  # an entry process stopped by the SIGTERM passed on to it
+                _say(stream, f"{tag}: stopped by SIGTERM after {time.time() - t0:.1f}s")
+                return False
             kept = "the previous results are kept and marked" if (out / name).is_dir() else "no previous results"
             _say(stream, f"{tag}: FAILED after {time.time() - t0:.1f}s\n{err}\n"
                          f"executed notebook: {out / FAILED_DIR / name / (name + '.ipynb')} ({kept})")
@@ -556,7 +644,14 @@ def run_report(out: str | os.PathLike = "reports", only: str | None = None,
         _say(stream, f"{tag}: done in {time.time() - t0:.1f}s -> {out / name}")
         return True
 
-    ok = all(one(n) for n in names) if jobs == 1 else _run_parallel(names, one, jobs)
+    try:
+        with _SigtermAsInterrupt():
+            ok = all(one(n) for n in names) if jobs == 1 else _run_parallel(names, one, jobs)
+    except ReportTerminated:
+        write_index(out)
+        _say(stream, f"report: stopped by SIGTERM after {time.time() - t_all:.1f}s; the notebooks that were running "
+                     f"are marked failed and keep any previous results (partial runs: {out / FAILED_DIR})")
+        raise
     index = write_index(out)
     if ok:
         _say(stream, f"report: {len(names)} notebook(s) in {time.time() - t_all:.1f}s -> {index}")
@@ -579,7 +674,10 @@ def _run_parallel(names: Sequence[str], one: Any, jobs: int) -> bool:
                 running[pool.submit(one, name)] = name
             try:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
-            except KeyboardInterrupt:  # the entry processes got Ctrl-C too: let them put their folders back
+            except KeyboardInterrupt:  # Ctrl-C reached the entry processes too (SIGTERM was passed on to them):
+                _, late = wait(running, timeout=60)  # let them put their folders back and stop their kernels
+                for child in tuple(_CHILDREN) if late else ():
+                    child.kill()  # stuck past a minute
                 wait(running)
                 raise
             for future in done:
@@ -599,6 +697,7 @@ def _run_entry_in_process(name: str, params: Mapping[str, Any], out: Path, kerne
     child = ctx.Process(target=_entry_child, args=(send, name, dict(params), out, kernel_name, notebook_dir, prefix,
                                                    command), name=f"cirlab-report-{name}")
     child.start()
+    _CHILDREN.add(child)
     send.close()
     outcome: Any = RuntimeError(f"{name}: the notebook's process ended without a result")
     try:
@@ -613,6 +712,7 @@ def _run_entry_in_process(name: str, params: Mapping[str, Any], out: Path, kerne
                 outcome = value
     finally:
         child.join()
+        _CHILDREN.discard(child)
     if outcome is not None:
         raise outcome
 
@@ -625,7 +725,7 @@ class _PipeStream:
 
     def write(self, text: str) -> None:
         for line in text.splitlines():
-            self.conn.send(("line", line))
+            _send(self.conn, ("line", line))
 
     def flush(self) -> None:
         pass
@@ -635,14 +735,23 @@ def _entry_child(conn: Any, name: str, params: dict[str, Any], out: Path, kernel
                  notebook_dir: Path | None, prefix: str, command: str) -> None:
     outcome: BaseException | None = None
     try:
-        run_entry(name, params, out, kernel_name, notebook_dir, stream=_PipeStream(conn), prefix=prefix,
-                  command=command)
-    except KeyboardInterrupt:  # Ctrl-C reached the whole process group: run_entry has put the folder back
-        outcome = NotebookFailed(f"{name}: interrupted")
+        with _SigtermAsInterrupt():  # the parent passes SIGTERM on: stop the kernel, put the folder back
+            run_entry(name, params, out, kernel_name, notebook_dir, stream=_PipeStream(conn), prefix=prefix,
+                      command=command)
+    except KeyboardInterrupt as err:  # Ctrl-C (the whole process group) or SIGTERM: run_entry put the folder back
+        outcome = NotebookFailed(f"{name}: {'terminated' if isinstance(err, ReportTerminated) else 'interrupted'}")
     except BaseException as err:  # noqa: BLE001 - handed to the parent, which raises it
         outcome = err if _picklable(err) else RuntimeError(f"{type(err).__name__}: {err}")
-    conn.send(("result", outcome))
+    _send(conn, ("result", outcome))
     conn.close()
+
+
+def _send(conn: Any, message: tuple[str, Any]) -> None:
+    """Send to the parent; a parent that is gone (killed) has nobody to tell, so that is not an error."""
+    try:
+        conn.send(message)
+    except OSError:
+        pass
 
 
 def _picklable(obj: Any) -> bool:
@@ -993,12 +1102,12 @@ def _run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cirlab.workbench.report`` (same options as ``cirlab report``)."""
-    parser = argparse.ArgumentParser(prog="cirlab report")
-    _add_arguments(parser)
-    return _run_from_args(parser.parse_args(argv))
+    """``python -m cirlab.workbench.report``: ``cirlab report`` itself (same options, errors, Ctrl-C and SIGTERM
+    handling)."""
+    from cirlab import cli
+
+    return cli.main(["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
     sys.exit(main())
