@@ -224,10 +224,11 @@ def write_report(args: argparse.Namespace) -> None:
     if records:
         tr, mo = records[0]["config"]["train"], records[0]["config"]["model_overrides"]
         seeds = " ".join(str(s) for s in sorted({r["seed"] for r in records}))
+        size = records[0]["config"]["dataset"]["synthetic"]["size"]
         lines += [f"Training: `PYTHONPATH=. .venv/bin/python bench/hrem_synthetic.py --train --backbone "
-                  f"{records[0]['backbone']} --seeds {seeds} --epochs {tr['epochs']} --decay {tr['lr_milestones'][0]} "
+                  f"{records[0]['backbone']} --size {size} --seeds {seeds} --epochs {tr['epochs']} --decay {tr['lr_milestones'][0]} "
                   f"--warmup {mo['warmup_iters']} --embed {mo['embed_size']} --out-dir {args.out_dir}` (the seeds ran "
-                  "as 2 parallel processes, `--seeds` split between them)", ""]
+                  "as 2 parallel processes, the seeds or the variants split between them)", ""]
     if (out / "eval_timing.json").is_file():
         lines += [f"Evaluation timing: `PYTHONPATH=. .venv/bin/python bench/hrem_synthetic.py --eval-timing "
                   f"--out-dir {args.out_dir}`", ""]
@@ -279,7 +280,7 @@ def write_report(args: argparse.Namespace) -> None:
         lines.append("")
         lines += _paired(by_variant)
         last = sum(r["selection"]["best_epoch"] >= tr["epochs"] - 2 for r in records)
-        lines += [f"Caveats: the test split has {n_test} images, so one image is {100 / n_test:.0f} points of i2t R@1 "
+        lines += [f"Caveats: the test split has {n_test} images, so one image is {100 / n_test:g} point(s) of i2t R@1 "
                   f"and seed-to-seed spread is large; {last} of {len(records)} runs selected one of their last two "
                   "epochs (a short CPU recipe: still improving); synthetic region features and captions, "
                   f"{'a random tiny BERT' if records[0]['backbone'] == 'tiny' else 'MiniLM-L6'}, not the paper's data "
