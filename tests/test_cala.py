@@ -436,24 +436,51 @@ def test_the_model_config_follows_the_run_dataset(tmp_path):
         runs.validate_config(runs.with_defaults({**base, "dataset": {"name": "shoes", "root": str(tmp_path)}}))
 
 
-def test_bench_pooled_r1_counts_every_held_out_query(tmp_path):
-    """bench/cala_synthetic.py pools val and test per category (emoji runs keep their final weights, so val is
-    held out too); a category's R@1 is over all its queries, not the mean of the two splits' R@1."""
+def _bench_module(name: str):
+    """A script of bench/ as a module (bench/ on the path while it loads, for its ``_common`` import)."""
     import importlib.util
     import sys
-
-    import numpy as np
-
-    from cirlab.core.topk import TopK, save_topk
 
     bench = Path(__file__).resolve().parents[1] / "bench"
     sys.path.insert(0, str(bench))
     try:
-        spec = importlib.util.spec_from_file_location("cala_synthetic_bench", bench / "cala_synthetic.py")
+        spec = importlib.util.spec_from_file_location(f"{name}_bench", bench / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     finally:
         sys.path.remove(str(bench))
+    return mod
+
+
+def test_bench_diagnosis_measures_every_head_by_hand():
+    """bench/cala_diagnose.py: TAC's output norm and the CTR / TBIA / QTM logit statistics equal a hand computation,
+    for a model trained without the auxiliary terms too (their heads still exist and are measured)."""
+    mod = _bench_module("cala_diagnose")
+    b = batch(4)
+    for model in (tiny(), tiny(hca_weight=0.0, tac_weight=0.0)):
+        out = mod.measure(model, b)
+        with torch.no_grad():
+            f = model.features(b["ref_image"], b["text"], b["target_image"])
+            gap = model.tac(f["F_r_visual"], f["F_t"])
+            ctr = model.config.aux_scale * f["F_c"][:, 0] @ gap.t()
+            qtm = model.logits(f)["qtm"]
+        labels = torch.arange(4)
+        assert out["norm tac_gap"] == pytest.approx(float(gap.norm(dim=-1).mean()), rel=1e-5)
+        assert out["norm text_feats"] == pytest.approx(float(f["F_c"][:, 0].norm(dim=-1).mean()), rel=1e-5)
+        assert out["ctr sd"] == pytest.approx(float(ctr.std()), rel=1e-5)
+        assert out["ctr CE"] == pytest.approx(float(F.cross_entropy(ctr, labels)), rel=1e-5)
+        assert out["qtm top-1"] == pytest.approx(float((qtm.argmax(1) == labels).float().mean()))
+        assert {"tbia sd", "tbia CE", "tbia top-1"} <= set(out)
+
+
+def test_bench_pooled_r1_counts_every_held_out_query(tmp_path):
+    """bench/cala_synthetic.py pools val and test per category (emoji runs keep their final weights, so val is
+    held out too); a category's R@1 is over all its queries, not the mean of the two splits' R@1."""
+    import numpy as np
+
+    from cirlab.core.topk import TopK, save_topk
+
+    mod = _bench_module("cala_synthetic")
     ranks = {"val_color": [1, 2], "test_color": [1], "val_gender": [1, 1, 3], "test_gender": [5], "train_x": [1]}
     for name, r in ranks.items():
         n = len(r)
