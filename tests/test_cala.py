@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bench_scripts
 import cirlab
 from cirlab.models import _hf_blip2 as hb
 from cirlab.models import cala as C
@@ -436,26 +437,10 @@ def test_the_model_config_follows_the_run_dataset(tmp_path):
         runs.validate_config(runs.with_defaults({**base, "dataset": {"name": "shoes", "root": str(tmp_path)}}))
 
 
-def _bench_module(name: str):
-    """A script of bench/ as a module (bench/ on the path while it loads, for its ``_common`` import)."""
-    import importlib.util
-    import sys
-
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    sys.path.insert(0, str(bench))
-    try:
-        spec = importlib.util.spec_from_file_location(f"{name}_bench", bench / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(bench))
-    return mod
-
-
 def test_bench_diagnosis_measures_every_head_by_hand():
     """bench/cala_diagnose.py: TAC's output norm and the CTR / TBIA / QTM logit statistics equal a hand computation,
     for a model trained without the auxiliary terms too (their heads still exist and are measured)."""
-    mod = _bench_module("cala_diagnose")
+    mod = bench_scripts.load("cala_diagnose")
     b = batch(4)
     for model in (tiny(), tiny(hca_weight=0.0, tac_weight=0.0)):
         out = mod.measure(model, b)
@@ -480,7 +465,7 @@ def test_bench_pooled_r1_counts_every_held_out_query(tmp_path):
 
     from cirlab.core.topk import TopK, save_topk
 
-    mod = _bench_module("cala_synthetic")
+    mod = bench_scripts.load("cala_synthetic")
     ranks = {"val_color": [1, 2], "test_color": [1], "val_gender": [1, 1, 3], "test_gender": [5], "train_x": [1]}
     for name, r in ranks.items():
         n = len(r)

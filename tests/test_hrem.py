@@ -484,3 +484,25 @@ def test_tiny_synthetic_run_trains_selects_on_dev_and_reloads(tmp_path):
     assert {"i2t_R@1", "t2i_R@10", "rsum"} <= set(metrics)
     model, _ = runs.model_from_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
     assert isinstance(model, H.HREM) and int(model.iteration) == 3  # the warm-up position travels with the weights
+
+
+def test_bench_diagnosis_gradients_add_up_and_reg_stays_off_the_encoders():
+    """bench/hrem_diagnose.py: the per-term gradients sum to the gradient of the summed loss (one backward, the
+    trainer's), the KL regulariser has no gradient on the encoders, and the clipped step is at most the clip."""
+    import bench_scripts
+
+    mod = bench_scripts.load("hrem_diagnose")
+    model, b = _tiny(), _batch()
+    torch.manual_seed(0)
+    out = mod.measure(model, [b], clip=2.0)
+    torch.manual_seed(0)
+    model.train()
+    terms = model.training_step(b)
+    total = sum(terms[k] for k in mod.TERMS)
+    params = mod.encoder_parameters(model)
+    grads = torch.autograd.grad(total, params, allow_unused=True)
+    norm = torch.cat([g.flatten() for g in grads if g is not None]).norm()
+    assert float(terms["relation_on"]) == 1.0 and out["grad norm enhanced_loss"] > 0
+    assert out["grad norm total"] == pytest.approx(float(norm), rel=1e-4)
+    assert out["grad norm reg_loss"] == 0.0
+    assert out["clipped step along base"] <= 2.0 + 1e-6 and out["base-only clipped step"] <= 2.0
