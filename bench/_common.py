@@ -96,3 +96,19 @@ def write_report(name: str, title: str, body: str) -> Path:
             f"Machine: {machine()}\n\nDate: {time.strftime('%Y-%m-%d %H:%M %Z')}\n\n{body.strip()}\n")
     path.write_text(text)
     return path
+
+
+def diagnosis_report(results: dict[str, dict[str, dict[str, float]]], intro: str, report: str, title: str) -> None:
+    """Print ``intro`` and one table per run (a row per quantity, a column per model state such as untrained /
+    trained); with ``report``, also write reports/benchmarks/<report>.md (the diagnose scripts)."""
+    lines = [intro, ""]
+    for run, by_state in results.items():
+        keys = list(next(iter(by_state.values())))
+        lines += [f"## `{run}`", "", "| quantity | " + " | ".join(by_state) + " |",
+                  "| --- | " + " | ".join("---:" for _ in by_state) + " |"]
+        lines += [f"| {k} | " + " | ".join(f"{v[k]:.3f}" for v in by_state.values()) + " |" for k in keys]
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    if report:
+        print(f"wrote {write_report(report, title, text)}")

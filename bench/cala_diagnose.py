@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from _common import write_report  # noqa: E402
+from _common import diagnosis_report  # noqa: E402
 
 TITLE = "CaLa: size of the TAC / HCA outputs and of their logits"
 
@@ -78,18 +78,11 @@ def diagnose(run: Path, checkpoint: str, size: int) -> dict[str, dict[str, float
     return {"untrained": measure(untrained, batch), f"trained ({checkpoint}.pt)": measure(trained, batch)}
 
 
-def markdown(results: dict[str, dict[str, dict[str, float]]], args: argparse.Namespace) -> str:
-    lines = [f"First {args.batch} training triplets of each run, eval mode; chance cross-entropy ln {args.batch} = "
-             f"{math.log(args.batch):.2f}. `ctr` = 10 · text_feats @ tac_gap.T, `tbia` = 10 · "
-             "HCA(F_r, F_c, F_t)[:, 0] @ reference_feats.T, `qtm` = the query-target logits at scale 100 (the "
-             "released code).", ""]
-    for run, by_state in results.items():
-        keys = list(next(iter(by_state.values())))
-        lines += [f"## `{run}`", "", "| quantity | " + " | ".join(by_state) + " |",
-                  "| --- | " + " | ".join("---:" for _ in by_state) + " |"]
-        lines += [f"| {k} | " + " | ".join(f"{v[k]:.3f}" for v in by_state.values()) + " |" for k in keys]
-        lines.append("")
-    return "\n".join(lines)
+def intro(args: argparse.Namespace) -> str:
+    return (f"First {args.batch} training triplets of each run, eval mode; chance cross-entropy ln {args.batch} = "
+            f"{math.log(args.batch):.2f}. `ctr` = 10 · text_feats @ tac_gap.T, `tbia` = 10 · "
+            "HCA(F_r, F_c, F_t)[:, 0] @ reference_feats.T, `qtm` = the query-target logits at scale 100 (the "
+            "released code).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     results = {run: diagnose(Path(run), args.checkpoint, args.batch) for run in args.runs}
-    text = markdown(results, args)
-    print(text)
-    if args.report:
-        print(f"wrote {write_report(args.report, TITLE, text)}")
+    diagnosis_report(results, intro(args), args.report, TITLE)
     return 0
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import write_report  # noqa: E402
+from _common import diagnosis_report  # noqa: E402
 
 TITLE = "HREM: gradient of each loss term, untrained and trained"
 TERMS = ("base_loss", "cross_loss", "enhanced_loss", "reg_loss")
@@ -104,19 +104,12 @@ def diagnose(run: Path, checkpoint: str, count: int) -> dict[str, dict[str, floa
     return out
 
 
-def markdown(results: dict[str, dict[str, dict[str, float]]], args: argparse.Namespace) -> str:
-    lines = [f"Means over {args.batches} training batches (train mode: dropout, region drop and text augmentation "
-             "on, as in training; the relation module on), gradients over the image and text encoders only (what "
-             "inference uses). `clipped step along base` = the component along the base gradient of the summed "
-             "gradient after clipping at the run's `grad_clip`; `base-only clipped step` = the same step without the "
-             "relation terms.", ""]
-    for run, by_state in results.items():
-        keys = list(next(iter(by_state.values())))
-        lines += [f"## `{run}`", "", "| quantity | " + " | ".join(by_state) + " |",
-                  "| --- | " + " | ".join("---:" for _ in by_state) + " |"]
-        lines += [f"| {k} | " + " | ".join(f"{v[k]:.3f}" for v in by_state.values()) + " |" for k in keys]
-        lines.append("")
-    return "\n".join(lines)
+def intro(args: argparse.Namespace) -> str:
+    return (f"Means over {args.batches} training batches (train mode: dropout, region drop and text augmentation "
+            "on, as in training; the relation module on), gradients over the image and text encoders only (what "
+            "inference uses). `clipped step along base` = the component along the base gradient of the summed "
+            "gradient after clipping at the run's `grad_clip`; `base-only clipped step` = the same step without the "
+            "relation terms.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", default="", help="write reports/benchmarks/<name>.md; '' = print only")
     args = p.parse_args(argv)
     results = {run: diagnose(Path(run), args.checkpoint, args.batches) for run in args.runs}
-    text = markdown(results, args)
-    print(text)
-    if args.report:
-        print(f"wrote {write_report(args.report, TITLE, text)}")
+    diagnosis_report(results, intro(args), args.report, TITLE)
     return 0
 
 
