@@ -297,10 +297,11 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_sigterm_stops_kernels_puts_results_back_and_leaves_no_files(tmp_path, jobs):
-    """`kill` (SIGTERM) of a running report: exit 143 with one line, no traceback; every kernel stopped, its IPC
-    sockets and connection file removed; the running entries' previous results put back."""
+@pytest.mark.parametrize("jobs, how", [(1, "SIGTERM"), (2, "SIGTERM"), (2, "Ctrl-C")])
+def test_kill_or_ctrl_c_stops_kernels_puts_results_back_and_leaves_no_files(tmp_path, jobs, how):
+    """`kill` (SIGTERM to the report) or Ctrl-C (SIGINT to its process group, kernels included) of a running
+    report: exit 143 / 130 with one line, no traceback; every kernel stopped, its IPC sockets and connection file
+    removed; the running entries' previous results put back."""
     import signal
     import subprocess
     import sys
@@ -322,19 +323,24 @@ def test_sigterm_stops_kernels_puts_results_back_and_leaves_no_files(tmp_path, j
     env = {**os.environ, "TMPDIR": str(scratch), "JUPYTER_RUNTIME_DIR": str(scratch / "runtime")}
     with open(log, "w") as stdout:
         proc = subprocess.Popen([sys.executable, str(script), str(out), str(nbs), str(tmp_path), str(jobs)],
-                                stdout=stdout, stderr=subprocess.PIPE, text=True, env=env)
+                                stdout=stdout, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)  # its own process group, as a terminal's job
     started = ("train: cell 2/2",) if jobs == 1 else ("train: cell 2/2", "quickstart: cell 2/2")
     deadline = time.time() + 120
     while time.time() < deadline and not all(s in log.read_text() for s in started):
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.2)
     time.sleep(1.0)  # inside the sleeping cell
-    proc.send_signal(signal.SIGTERM)
+    if how == "SIGTERM":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=90)
     text = log.read_text()
-    assert proc.returncode == 143, (text, err)
-    assert "terminated" in err and "Traceback" not in err + text and "Kernel died" not in err + text
-    assert "report: stopped by SIGTERM" in text and "train: stopped by SIGTERM" in text
+    assert proc.returncode == (143 if how == "SIGTERM" else 130), (text, err)
+    assert ("terminated" if how == "SIGTERM" else "interrupted") in err
+    assert "Traceback" not in err + text and "Kernel died" not in err + text
+    assert f"train: stopped by {how}" in text and ("report: stopped by SIGTERM" in text) == (how == "SIGTERM")
     assert (out / "train" / "keep.txt").read_text() == "previous"  # the previous results, put back
     assert (out / report.FAILED_DIR / "train" / report.RECORD).is_file()
     assert not (out / "quickstart").exists() and not list(out.glob(".*.previous"))

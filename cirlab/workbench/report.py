@@ -385,6 +385,15 @@ class NotebookFailed(RuntimeError):
     """A notebook raised: carries the failing cell's index and error."""
 
 
+class EntryStopped(NotebookFailed):
+    """An entry process (``--jobs`` > 1) stopped by Ctrl-C or SIGTERM (the message says which) after putting its
+    folder back."""
+
+
+def _how_stopped(err: BaseException) -> str:
+    return "SIGTERM" if isinstance(err, ReportTerminated) else "Ctrl-C"
+
+
 class ReportTerminated(KeyboardInterrupt):
     """SIGTERM stopped the report. A ``KeyboardInterrupt``, so that every Ctrl-C path (putting an entry's previous
     results back) runs for it too; the command line exits with ``exit_code``."""
@@ -630,13 +639,13 @@ def run_report(out: str | os.PathLike = "reports", only: str | None = None,
         try:
             (run_entry if jobs == 1 else _run_entry_in_process)(name, params, out, kernel_name, notebook_dir,
                                                                  stream=stream, prefix=f"{tag}: ", command=command)
-        except ReportTerminated:  # SIGTERM (--jobs 1: this process ran the notebook)
-            _say(stream, f"{tag}: stopped by SIGTERM after {time.time() - t0:.1f}s")
+        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM, --jobs 1: this process ran the notebook
+            _say(stream, f"{tag}: stopped by {_how_stopped(err)} after {time.time() - t0:.1f}s")
             raise
+        except EntryStopped as err:  # the same, in an entry process (--jobs > 1); the report stops with it
+            _say(stream, f"{tag}: stopped by {err} after {time.time() - t0:.1f}s")
+            return False
         except NotebookFailed as err:
-            if _TERMINATING.is_set():  # an entry process stopped by the SIGTERM passed on to it
-                _say(stream, f"{tag}: stopped by SIGTERM after {time.time() - t0:.1f}s")
-                return False
             kept = "the previous results are kept and marked" if (out / name).is_dir() else "no previous results"
             _say(stream, f"{tag}: FAILED after {time.time() - t0:.1f}s\n{err}\n"
                          f"executed notebook: {out / FAILED_DIR / name / (name + '.ipynb')} ({kept})")
@@ -739,7 +748,7 @@ def _entry_child(conn: Any, name: str, params: dict[str, Any], out: Path, kernel
             run_entry(name, params, out, kernel_name, notebook_dir, stream=_PipeStream(conn), prefix=prefix,
                       command=command)
     except KeyboardInterrupt as err:  # Ctrl-C (the whole process group) or SIGTERM: run_entry put the folder back
-        outcome = NotebookFailed(f"{name}: {'terminated' if isinstance(err, ReportTerminated) else 'interrupted'}")
+        outcome = EntryStopped(_how_stopped(err))
     except BaseException as err:  # noqa: BLE001 - handed to the parent, which raises it
         outcome = err if _picklable(err) else RuntimeError(f"{type(err).__name__}: {err}")
     _send(conn, ("result", outcome))
