@@ -42,6 +42,7 @@ the executed notebook.
 from __future__ import annotations
 
 import argparse
+import functools
 import html
 import json
 import logging
@@ -446,6 +447,17 @@ class _SigtermAsInterrupt:
             signal.signal(signal.SIGTERM, self.previous)
 
 
+def _sigterm_as_interrupt(fn: Any) -> Any:
+    """Run ``fn`` inside :class:`_SigtermAsInterrupt` (a fresh one per call)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _SigtermAsInterrupt():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def run_notebook(name: str, params: Mapping[str, Any], out_dir: Path, kernel_name: str | None = None,
                  notebook_dir: Path | None = None, html_export: bool = True, timeout: int | None = None,
                  stream: TextIO | None = None, prefix: str = "") -> Path:
@@ -601,6 +613,7 @@ def export_html(notebook: Path) -> Path:
     return path
 
 
+@_sigterm_as_interrupt
 def run_report(out: str | os.PathLike = "reports", only: str | None = None,
                overrides: Mapping[str, Any] | None = None, smoke: bool = False, kernel_name: str | None = None,
                notebook_dir: Path | None = None, stream: TextIO | None = sys.stdout,
@@ -654,8 +667,7 @@ def run_report(out: str | os.PathLike = "reports", only: str | None = None,
         return True
 
     try:
-        with _SigtermAsInterrupt():
-            ok = all(one(n) for n in names) if jobs == 1 else _run_parallel(names, one, jobs)
+        ok = all(one(n) for n in names) if jobs == 1 else _run_parallel(names, one, jobs)
     except ReportTerminated:
         write_index(out)
         _say(stream, f"report: stopped by SIGTERM after {time.time() - t_all:.1f}s; the notebooks that were running "
