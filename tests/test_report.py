@@ -298,13 +298,15 @@ if __name__ == "__main__":
 
 
 @pytest.mark.parametrize("jobs, how", [(1, "SIGTERM"), (2, "SIGTERM"), (2, "Ctrl-C")])
-def test_kill_or_ctrl_c_stops_kernels_puts_results_back_and_leaves_no_files(tmp_path, jobs, how):
+def test_kill_or_ctrl_c_stops_kernels_puts_results_back_and_leaves_no_files(tmp_path, request, jobs, how):
     """`kill` (SIGTERM to the report) or Ctrl-C (SIGINT to its process group, kernels included) of a running
     report: exit 143 / 130 with one line, no traceback; every kernel stopped, its IPC sockets and connection file
     removed; the running entries' previous results put back."""
+    import shutil
     import signal
     import subprocess
     import sys
+    import tempfile
     import time
     from pathlib import Path
 
@@ -313,10 +315,14 @@ def test_kill_or_ctrl_c_stops_kernels_puts_results_back_and_leaves_no_files(tmp_
     for name in ("train", "evaluate", "quickstart"):
         _notebook(nbs / f"{name}.ipynb", "import time\npathlib.Path(out).mkdir(parents=True, exist_ok=True)\n"
                                          "time.sleep(120)")
-    out, scratch = tmp_path / "reports", tmp_path / "tmp"
+    out = tmp_path / "reports"
     (out / "train").mkdir(parents=True)
     (out / "train" / "keep.txt").write_text("previous")
-    scratch.mkdir()
+    # a TMPDIR short enough for the kernels' sockets to live in it (pytest's tmp_path is not), so that what they
+    # leave behind can be counted; report.ipc_prefix would move them to /tmp otherwise
+    scratch = Path(tempfile.mkdtemp(prefix="cl-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    request.addfinalizer(lambda: shutil.rmtree(scratch, ignore_errors=True))
+    assert report.ipc_prefix(str(scratch)).startswith(str(scratch))
     script = tmp_path / "run_report.py"
     script.write_text(_SIGTERM_SCRIPT)
     log = tmp_path / "stdout.txt"
@@ -354,3 +360,12 @@ def test_kill_or_ctrl_c_stops_kernels_puts_results_back_and_leaves_no_files(tmp_
             except OSError:
                 pass
         assert alive == []
+
+
+def test_kernel_sockets_fit_a_unix_socket_path_under_a_long_tmpdir(tmp_path):
+    """zmq refuses IPC paths over 107 bytes ("File name too long"): a long TMPDIR moves the sockets to /tmp."""
+    long_dir = str(tmp_path / ("x" * 90))
+    prefix = report.ipc_prefix(long_dir)
+    assert len(prefix) + len("-65535") <= report.IPC_PATH_MAX
+    assert prefix.startswith("/tmp/cirlab-kernel-") and prefix != report.ipc_prefix(long_dir)  # unique per kernel
+    assert report.ipc_prefix("/tmp").startswith("/tmp/cirlab-kernel-")

@@ -543,12 +543,27 @@ def _kernel_manager_class() -> Any:
                 # jupyter_client's default socket prefix is "kernel-ipc" in the current folder: two kernels started
                 # at once (--jobs) would pick the same socket files and read each other's messages
                 import tempfile
-                import uuid
 
-                return os.path.join(tempfile.gettempdir(), f"cirlab-kernel-{uuid.uuid4().hex[:16]}-ipc")
+                return ipc_prefix(tempfile.gettempdir())
 
         _IPC_KERNEL_MANAGER = IPCKernelManager
     return _IPC_KERNEL_MANAGER
+
+
+IPC_PATH_MAX = 107  # bytes of a Unix socket path (sizeof(sockaddr_un.sun_path) - 1 on Linux; 103 on macOS)
+
+
+def ipc_prefix(tmpdir: str) -> str:
+    """A unique kernel socket prefix ``<tmpdir>/cirlab-kernel-<16 hex>-ipc`` (zmq appends ``-<port>``). A
+    ``tmpdir`` too long for a socket path (pytest's, a batch job's) falls back to ``/tmp``, where zmq would
+    otherwise fail with "File name too long"."""
+    import uuid
+
+    name = f"cirlab-kernel-{uuid.uuid4().hex[:16]}-ipc"
+    limit = IPC_PATH_MAX if sys.platform.startswith("linux") else 103
+    if len(os.path.join(tmpdir, name)) + len("-65535") > limit and os.path.isdir("/tmp"):
+        tmpdir = "/tmp"
+    return os.path.join(tmpdir, name)
 
 
 class _CellProgress:
