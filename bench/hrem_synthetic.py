@@ -226,8 +226,8 @@ def write_report(args: argparse.Namespace) -> None:
         seeds = " ".join(str(s) for s in sorted({r["seed"] for r in records}))
         size = records[0]["config"]["dataset"]["synthetic"]["size"]
         lines += [f"Training: `PYTHONPATH=. .venv/bin/python bench/hrem_synthetic.py --train --backbone "
-                  f"{records[0]['backbone']} --size {size} --seeds {seeds} --epochs {tr['epochs']} --decay {tr['lr_milestones'][0]} "
-                  f"--warmup {mo['warmup_iters']} --embed {mo['embed_size']} --out-dir {args.out_dir}` (the seeds ran "
+                  f"{records[0]['backbone']} --size {size} --seeds {seeds} --epochs {tr['epochs']} "
+                  f"--decay {tr['lr_milestones'][0]} --warmup {mo['warmup_iters']} --embed {mo['embed_size']} --out-dir {args.out_dir}` (the seeds ran "
                   "as 2 parallel processes, the seeds or the variants split between them)", ""]
     if (out / "eval_timing.json").is_file():
         lines += [f"Evaluation timing: `PYTHONPATH=. .venv/bin/python bench/hrem_synthetic.py --eval-timing "

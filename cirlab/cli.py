@@ -266,10 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CirlabError as err:  # the user's input: one line, never a traceback
         logger.error("%s", " ".join(str(err).split()))
         return int(getattr(err, "exit_code", 2))
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM where a command takes it the same way (exit_code 143)
-        code = int(getattr(err, "exit_code", 130))
-        logger.error("%s", "terminated" if code == 143 else "interrupted")
-        return code
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM where a command takes it the same way (its own code)
+        logger.error("%s", getattr(err, "message", "interrupted"))
+        return int(getattr(err, "exit_code", 130))
 
 
 if __name__ == "__main__":

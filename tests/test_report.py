@@ -366,6 +366,8 @@ def test_kernel_sockets_fit_a_unix_socket_path_under_a_long_tmpdir(tmp_path):
     """zmq refuses IPC paths over 107 bytes ("File name too long"): a long TMPDIR moves the sockets to /tmp."""
     long_dir = str(tmp_path / ("x" * 90))
     prefix = report.ipc_prefix(long_dir)
-    assert len(prefix) + len("-65535") <= report.IPC_PATH_MAX
+    import zmq
+
+    assert len(prefix) + len("-65535") <= zmq.IPC_PATH_MAX_LEN
     assert prefix.startswith("/tmp/cirlab-kernel-") and prefix != report.ipc_prefix(long_dir)  # unique per kernel
     assert report.ipc_prefix("/tmp").startswith("/tmp/cirlab-kernel-")

@@ -400,6 +400,7 @@ class ReportTerminated(KeyboardInterrupt):
     results back) runs for it too; the command line exits with ``exit_code``."""
 
     exit_code = 128 + 15
+    message = "terminated"  # what the command line logs (Ctrl-C: "interrupted")
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -550,18 +551,16 @@ def _kernel_manager_class() -> Any:
     return _IPC_KERNEL_MANAGER
 
 
-IPC_PATH_MAX = 107  # bytes of a Unix socket path (sizeof(sockaddr_un.sun_path) - 1 on Linux; 103 on macOS)
-
-
 def ipc_prefix(tmpdir: str) -> str:
     """A unique kernel socket prefix ``<tmpdir>/cirlab-kernel-<16 hex>-ipc`` (zmq appends ``-<port>``). A
-    ``tmpdir`` too long for a socket path (pytest's, a batch job's) falls back to ``/tmp``, where zmq would
-    otherwise fail with "File name too long"."""
+    ``tmpdir`` too long for a socket path (``zmq.IPC_PATH_MAX_LEN``: pytest's, a batch job's) falls back to
+    ``/tmp``, where zmq would otherwise fail with "File name too long"."""
     import uuid
 
+    import zmq
+
     name = f"cirlab-kernel-{uuid.uuid4().hex[:16]}-ipc"
-    limit = IPC_PATH_MAX if sys.platform.startswith("linux") else 103
-    if len(os.path.join(tmpdir, name)) + len("-65535") > limit and os.path.isdir("/tmp"):
+    if len(os.path.join(tmpdir, name)) + len("-65535") > zmq.IPC_PATH_MAX_LEN and os.path.isdir("/tmp"):
         tmpdir = "/tmp"
     return os.path.join(tmpdir, name)
 
@@ -712,8 +711,9 @@ def _run_parallel(names: Sequence[str], one: Any, jobs: int) -> bool:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
             except KeyboardInterrupt:  # Ctrl-C reached the entry processes too (SIGTERM was passed on to them):
                 _, late = wait(running, timeout=60)  # let them put their folders back and stop their kernels
-                for child in tuple(_CHILDREN) if late else ():
-                    child.kill()  # stuck past a minute
+                if late:  # stuck past a minute
+                    for child in tuple(_CHILDREN):
+                        child.kill()
                 wait(running)
                 raise
             for future in done:
