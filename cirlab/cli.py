@@ -7,6 +7,7 @@
     torchrun --nproc_per_node=4 -m cirlab.cli train configs/blip_rerank_cirr_stage1.yaml   # multi-GPU
     cirlab eval runs/demo --split test
     cirlab eval released/train_model.pt --model amc --preset fashioniq --trust-pickle --dataset fashioniq
+    cirlab eval released/model_best.pth --model hrem --preset f30k --trust-pickle --dataset f30k   # DIME's too
     cirlab data synth --size tiny --out data/synthetic
     cirlab models
 """
@@ -100,7 +101,8 @@ _DELEGATED = (
     ("data", "cirlab.data.cli", "add_subcommands", "dataset tools: check a tree, write the synthetic or emoji sets"),
     ("report", "cirlab.workbench.report", "register_cli", "run the notebooks headless and regenerate reports/"),
     ("submit", "cirlab.rerank_cli", "register_cli", "write the CIRR test-server files of a run"),
-    ("convert", "cirlab.rerank_cli", "register_cli", "convert checkpoints between original/LAVIS layouts and cirlab"),
+    ("convert", "cirlab.rerank_cli", "register_cli",
+     "convert checkpoints between original (BLIP, CaLa) / LAVIS layouts and cirlab"),
 )
 
 
@@ -201,7 +203,7 @@ def _checkpoint_of(target_arg: str, name: str) -> tuple[Path, Path | None]:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from cirlab.engine.runs import eval_device, evaluate_split, model_from_checkpoint
+    from cirlab.engine.runs import eval_device, evaluate_split, load_split, model_from_checkpoint
 
     from cirlab.engine.train import check_device
 
@@ -209,20 +211,26 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.device != "auto":
         check_device(args.device, "--device")
     config = _eval_config(args, run_dir)
-    model, _ = model_from_checkpoint(checkpoint, model=args.model, preset=args.preset, trust_pickle=args.trust_pickle)
+    splits = config["eval"].get("splits") or [config["dataset"]["val_split"]]
+    loaded = {split: load_split(config, split) for split in splits}  # a wrong --root fails before the model loads
+    model, meta = model_from_checkpoint(checkpoint, model=args.model, preset=args.preset,
+                                        trust_pickle=args.trust_pickle, overrides=config.get("model_overrides"))
+    if meta.get("converted_from"):
+        logger.info("%s: read as the %s layout; ignored: %s; kept as built (not in the file): %s", checkpoint,
+                    meta["converted_layout"], _key_groups(meta.get("ignored")), _key_groups(meta.get("kept_as_built")))
     if args.ensemble:
         from cirlab.engine.runs import make_ensemble
 
         members = [model] + [model_from_checkpoint(_checkpoint_of(m, args.checkpoint)[0], model=args.model,
-                                                   preset=args.preset, trust_pickle=args.trust_pickle)[0]
+                                                   preset=args.preset, trust_pickle=args.trust_pickle,
+                                                   overrides=config.get("model_overrides"))[0]
                              for m in args.ensemble]
         model = make_ensemble(members)
     device = eval_device(args.device)
     model.to(device)
-    splits = config["eval"].get("splits") or [config["dataset"]["val_split"]]
     results = {}
     for split in splits:
-        out = evaluate_split(model, config, split, device=device,
+        out = evaluate_split(model, config, split, device=device, loaded=loaded.pop(split),
                              topk_dir=Path(args.topk_dir) if args.topk_dir else None)
         results[split] = out["metrics"]
     record: dict[str, Any] = {"checkpoint": str(checkpoint), "splits": results}
@@ -235,6 +243,15 @@ def _run_eval(args: argparse.Namespace) -> int:
 
         write_text(args.output, text + "\n")
     return 0
+
+
+def _key_groups(keys: Sequence[str] | None) -> str:
+    """``relation.* (20), iteration``: state-dict keys grouped by their first component, for one log line."""
+    groups: dict[str, list[str]] = {}
+    for key in keys or ():
+        groups.setdefault(key.split(".", 1)[0], []).append(key)
+    named = [head if keys == [head] else f"{head}.* ({len(keys)})" for head, keys in groups.items()]
+    return ", ".join(named) or "nothing"
 
 
 def _run_models(args: argparse.Namespace) -> int:

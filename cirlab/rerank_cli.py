@@ -8,6 +8,8 @@
 
     cirlab convert --from lavis blip_coco_retrieval.pth runs/lavis_stage1.pt --itm-head   # LAVIS BLIP -> stage I
     cirlab convert --from lavis blip2_pretrained_vitL.pth runs/lavis_cala.pt --model cala   # LAVIS BLIP-2 -> CaLa
+    cirlab convert models/blip_cirr_exp runs/cala_released.pt --model cala --preset cirr   # CaLa's tuned_*.pt files
+    cirlab convert runs/cala_cirr cala_files/ --to original                  # a CaLa run -> CaLa's tuned_*.pt files
 
 ``submit`` writes the two CIRR test-server files (https://github.com/Cuberick-Orion/CIRR, ``Test-split_server.md``)
 of a run (stage I, stage II, or any CIR model trained on CIRR), validated against the split before writing.
@@ -102,7 +104,9 @@ init_from / stage1_checkpoint) plus <OUT>.report.json (loaded, ignored, unmatche
 
 Sources (--from):
   original  BLIP model_base.pth, a released stage-I (BLIP_Retrieval) or stage-II (BLIP_NLVR) file of
-            Candidate-Reranking-CIR, a transformers BLIP folder, or a cirlab run
+            Candidate-Reranking-CIR, a transformers BLIP folder, or a cirlab run; with --model cala, a folder
+            of CaLa's saved files (tuned_blip_{text,multi,visual}_<suffix>.pt, tuned_tac_*, tuned_hca_*,
+            tuned_artemis_*), sizes from --preset
   lavis     a LAVIS checkpoint ({"model": state_dict} .pth, or a .safetensors state dict):
             blip_retrieval -> blip_rerank_stage1 (momentum encoders and ITC queues are ignored;
             --itm-head keeps LAVIS's ITM head), BLIP-2 blip2_feature_extractor / pretrain (EVA ViT-g) /
@@ -115,17 +119,20 @@ the tensors: the preset's when its width is the same, else width // 64 (16 for 1
 them with --set vision_heads=N / text_heads=N / qformer_heads=N. The report and the printed summary list the
 model_overrides a run config needs to build the same model (e.g. for init_from: lavis:PATH).
 
---to original: write a cirlab run or checkpoint in the original code's file format.
+--to original: write a cirlab run or checkpoint in the original code's file format: the re-ranker's stage I / II
+files, or for CaLa a folder OUT of its tuned_*_<suffix>.pt files (the layout CaLa's own code loads; each
+tuned_blip_* file is a LAVIS Blip2Qformer state dict; a folder that already holds such files is refused).
 
 Every error is one line naming the file (exit status 2)."""
 
 
 def _add_convert(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "convert", help="convert checkpoints between the original BLIP / LAVIS layouts and cirlab",
+        "convert", help="convert checkpoints between the original BLIP / CaLa / LAVIS layouts and cirlab",
         description=_CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", metavar="SRC", help="checkpoint file, transformers folder or cirlab run folder")
-    p.add_argument("out", metavar="OUT", help="file to write")
+    p.add_argument("source", metavar="SRC",
+                   help="checkpoint file, transformers folder, cirlab run folder or a folder of CaLa's tuned_*.pt files")
+    p.add_argument("out", metavar="OUT", help="file to write (--to original for CaLa: a folder)")
     p.add_argument("--to", choices=("cirlab", "original"), default="cirlab",
                    help="target layout (default: cirlab)")
     p.add_argument("--from", dest="source_layout", choices=("auto", "original", "lavis"), default="auto",
@@ -143,6 +150,9 @@ def _add_convert(subparsers: Any) -> None:
                    help="--to cirlab, stage II: the frozen stage I to embed (a released stage-I file or a cirlab run)")
     p.add_argument("--stage1-out", default=None,
                    help="--to original, stage II: also write its frozen stage I (BLIP_Retrieval) to this file")
+    p.add_argument("--suffix", default=None,
+                   help="CaLa's files: the save to read (tuned_blip_text_<SUFFIX>.pt; default: the only one in the "
+                        "folder) or to write (default: arithmetic, the name of CaLa's CIRR selection)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="--to cirlab: model config fields, e.g. --set image_size=224")
     p.set_defaults(func=_run_convert)
@@ -160,9 +170,12 @@ def _run_convert(args: argparse.Namespace) -> int:
     if lavis is not None:
         return _lavis_to_cirlab(args, *lavis)
     if args.model == "cala":
+        if Path(args.source).is_dir() and any(Path(args.source).glob("tuned_blip_*.pt")):
+            return _cala_files_to_cirlab(args)
         from cirlab.core.errors import ConfigError
 
-        raise ConfigError(f"cirlab convert: {args.source}: --model cala needs a LAVIS BLIP-2 checkpoint (--from lavis)")
+        raise ConfigError(f"cirlab convert: {args.source}: --model cala reads a LAVIS BLIP-2 checkpoint or a folder "
+                          "of CaLa's tuned_blip_*.pt files")
     return _to_cirlab(args)
 
 
@@ -278,12 +291,64 @@ def _to_original(args: argparse.Namespace) -> int:
 
     source = Path(args.source)
     checkpoint = source / "checkpoints" / "best.pt" if source.is_dir() else source
-    model, _ = model_from_checkpoint(checkpoint)
+    model, meta = model_from_checkpoint(checkpoint)
+    if model.model_name == "cala":
+        return _cala_to_files(args, model, int(meta.get("epoch") or 0))
     if not isinstance(model, (blip_rerank.BlipRerankStage1, blip_rerank.BlipRerankStage2)):
-        sys.stderr.write(f"cirlab convert: {checkpoint} holds {model.model_name}, not a blip_rerank model\n")
+        sys.stderr.write(f"cirlab convert: {checkpoint} holds {model.model_name}; --to original writes the "
+                         "re-ranker's and CaLa's files\n")
         return 2
     written = {"out": str(blip_rerank.export_original(model, args.out))}
     if args.stage1_out and isinstance(model, blip_rerank.BlipRerankStage2):
         written["stage1_out"] = str(blip_rerank.export_original(model.stage1, args.stage1_out))
     print(json.dumps(written, indent=2))
+    return 0
+
+
+def _cala_files_to_cirlab(args: argparse.Namespace) -> int:
+    """A folder of CaLa's saved files -> a cirlab checkpoint + ``<OUT>.report.json`` (one report per file)."""
+    from cirlab.core.checkpoint import CheckpointError, save_checkpoint
+    from cirlab.core.io import write_json
+    from cirlab.engine.runs import parse_set
+    from cirlab.engine.train import to_plain
+    from cirlab.models import blip_interop, cala
+    from cirlab.models.registry import create_model
+
+    overrides = {".".join(path): value for path, value in parse_set(args.overrides)}
+    model = create_model("cala", args.preset, **overrides)
+    try:
+        reports = cala.load_cala_files(model, args.source, suffix=args.suffix or "")
+    except (blip_interop.InteropError, FileNotFoundError, ValueError, OSError) as err:
+        raise CheckpointError(f"cirlab convert: {' '.join(str(err).split())}") from None
+    bad = next((r for r in reports if r.mismatched), None)
+    if bad is not None:
+        key, src, dst = bad.mismatched[0]
+        raise CheckpointError(f"cirlab convert: {bad.source}: {len(bad.mismatched)} tensors do not fit CaLa preset "
+                              f"{args.preset!r} (e.g. {key}: file {list(src)} vs model {list(dst)}); pass the "
+                              "preset (or --set sizes) it was trained with")
+    out = Path(args.out)
+    save_checkpoint(out, {"model": model.state_dict(), "model_name": "cala",
+                          "model_config": to_plain(model.config.to_dict()), "converted_from": str(args.source),
+                          "converted_layout": "cala files"})
+    summary = {"model": "cala", "checkpoint": str(out), "source_layout": "cala files", "preset": args.preset,
+               "files": [r.source for r in reports], "loaded": sum(len(r.loaded) for r in reports),
+               "ignored": sum(len(r.ignored) for r in reports), "missing": [k for r in reports for k in r.missing]}
+    path = write_json(out.with_name(out.name + ".report.json"), {**summary, "reports": [r.to_dict() for r in reports]})
+    print(json.dumps({**summary, "report": str(path)}, indent=2))
+    return 0
+
+
+def _cala_to_files(args: argparse.Namespace, model: Any, epoch: int) -> int:
+    """A CaLa run or checkpoint -> CaLa's own ``tuned_*_<suffix>.pt`` files in the folder OUT (never over others)."""
+    from cirlab.core.errors import ConfigError
+    from cirlab.models import cala
+
+    out, suffix = Path(args.out), args.suffix or "arithmetic"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"cirlab convert: {out} is a file; CaLa's files go into a folder")
+    taken = sorted(out.glob(f"tuned_*_{suffix}.pt")) if out.is_dir() else []
+    if taken:
+        raise ConfigError(f"cirlab convert: {taken[0]} exists; choose another folder or --suffix")
+    written = cala.export_cala_files(model, out, suffix=suffix, epoch=epoch)
+    print(json.dumps({"out": str(out), "files": [p.name for p in written]}, indent=2))
     return 0

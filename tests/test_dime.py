@@ -304,6 +304,40 @@ def test_original_checkpoint_conversion_round_trip():
         D.convert_original_checkpoint({"model": [img]})
 
 
+def test_cirlab_eval_reads_the_original_checkpoint(tmp_path, capsys):
+    """A released ``model_best.pth.tar`` (three state dicts and a pickled ``opt``) evaluates from the command line
+    with ``--model/--preset/--trust-pickle``, giving the metrics of the model that wrote it."""
+    import argparse
+    import json
+
+    from fixtures_data import write_precomp
+
+    from cirlab.cli import main
+    from cirlab.core.checkpoint import CheckpointError
+    from cirlab.engine.runs import evaluate_split, model_from_checkpoint, with_defaults
+
+    data = write_precomp(tmp_path / "data", n_images=3, splits=("test",))
+    model = _tiny("t2i", seed=4, img_dim=2048).eval()
+    _randomise_routers(model)
+    state = model.state_dict()
+    parts = [{k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{p}.")}
+             for p in ("img_enc", "txt_enc", "itr_module")]
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"model": parts, "opt": argparse.Namespace(direction="t2i"), "epoch": 7}, path)
+    config = with_defaults({"dataset": {"name": "f30k", "root": str(data["root"])}, "eval": {"protocol": "full"}})
+    expected = evaluate_split(model, config, "test")["metrics"]
+    capsys.readouterr()
+    assert main(["eval", str(path), "--model", "dime", "--preset", "tiny", "--trust-pickle", "--dataset", "f30k",
+                 "--root", str(data["root"]), "--split", "test", "--protocol", "full",
+                 "--set", "model_overrides.direction=t2i", "--set", "model_overrides.img_dim=2048"]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"]["test"] == pytest.approx(expected)
+    parts[2].pop(next(iter(parts[2])))
+    torch.save({"model": parts}, path)
+    with pytest.raises(CheckpointError, match=r"does not fit model 'dime': 1 missing keys \(itr_module\."):
+        model_from_checkpoint(path, model="dime", preset="tiny", trust_pickle=True,
+                              overrides={"direction": "t2i", "img_dim": 2048})
+
+
 def test_bad_inputs_raise_clear_errors():
     model = _tiny()
     with pytest.raises(ValueError, match=r"\[N, regions, 64\]"):

@@ -429,6 +429,53 @@ def test_original_checkpoint_layout_loads_with_a_report(tmp_path):
         H.convert_original_checkpoint({"model": [img]})
 
 
+def test_cirlab_eval_reads_the_original_checkpoint(tmp_path, capsys, caplog):
+    """``cirlab eval model_best.pth --model hrem --preset ... --trust-pickle``: the same metrics as the model that
+    wrote it; a file of other sizes or with a missing weight stops with one line naming it."""
+    import json
+
+    from fixtures_data import write_precomp
+
+    from cirlab.cli import main
+    from cirlab.core.checkpoint import CheckpointError
+    from cirlab.engine.runs import model_from_checkpoint, evaluate_split, with_defaults
+
+    data = write_precomp(tmp_path / "data", n_images=4, splits=("test",))  # 2048-d, as f30k requires
+    model = _tiny(seed=3, fit=False, img_dim=2048).eval()
+    state = model.state_dict()
+    img = {k[len("img_enc."):]: v for k, v in state.items() if k.startswith("img_enc.")}
+    txt = {k[len("txt_enc."):]: v for k, v in state.items() if k.startswith("txt_enc.")}
+    path = tmp_path / "model_best.pth"
+    sizes = {"img_dim": 2048}
+    torch.save({"model": [img, txt], "opt": argparse.Namespace(embed_size=32), "epoch": 11}, path)
+
+    _, meta = model_from_checkpoint(path, model="hrem", preset="tiny", trust_pickle=True, overrides=sizes)
+    assert meta["converted_layout"] == "original hrem" and meta["epoch"] == 11
+    assert "iteration" in meta["kept_as_built"] and all(k.startswith(("relation.", "iteration"))
+                                                         for k in meta["kept_as_built"])
+    config = with_defaults({"dataset": {"name": "f30k", "root": str(data["root"])}, "eval": {"protocol": "full"}})
+    expected = evaluate_split(model, config, "test")["metrics"]
+    args = ["eval", str(path), "--model", "hrem", "--preset", "tiny", "--trust-pickle", "--dataset", "f30k",
+            "--root", str(data["root"]), "--split", "test", "--protocol", "full",
+            "--set", "model_overrides.img_dim=2048"]
+    capsys.readouterr()
+    caplog.set_level("INFO", logger="cirlab")
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["splits"]["test"] == pytest.approx(expected)
+    assert "read as the original hrem layout" in caplog.text and "relation.* (" in caplog.text
+
+    # other sizes: one line naming the file; a missing encoder weight: named as missing
+    assert main(args + ["--set", "model_overrides.embed_size=64"]) == 2
+    assert "does not fit model 'hrem'" in caplog.text and str(path) in caplog.text
+    del txt["linear.bias"]
+    torch.save({"model": [img, txt]}, path)
+    with pytest.raises(CheckpointError, match=r"1 missing keys \(txt_enc.linear.bias\)"):
+        model_from_checkpoint(path, model="hrem", preset="tiny", trust_pickle=True, overrides=sizes)
+    torch.save({"model": [img]}, path)
+    with pytest.raises(CheckpointError, match=r"model_best.pth: HREM checkpoint: expected 'model' = \[img_enc"):
+        model_from_checkpoint(path, model="hrem", preset="tiny", trust_pickle=True, overrides=sizes)
+
+
 def test_relation_frames_and_trace_routes():
     model = _tiny()
     batch = _batch(image_idx=[10, 11, 12, 12, 14, 15])

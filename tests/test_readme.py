@@ -30,6 +30,9 @@ SKIP_COMMANDS = {
 SKIP_SECTIONS = {
     "Two-stage re-ranking from the command line": "needs the real CIRR / Fashion-IQ data under /data and BLIP's "
                                                   "model_base.pth, which no test machine has",
+    "CaLa and HREM on the papers' data": "needs CIRR and Flickr30K under /data, LAVIS's BLIP-2 weights and the "
+                                         "released checkpoints, which no test machine has (tests/test_cala.py, "
+                                         "test_hrem.py and test_dime.py run the same commands on small files)",
 }
 
 

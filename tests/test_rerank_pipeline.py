@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 import cirlab
 from cirlab.cli import main
@@ -179,6 +180,36 @@ def test_convert_round_trips_through_the_original_format(runs, tmp_path, capsys)
     trained2, _ = model_from_checkpoint(run2 / "checkpoints" / "best.pt")
     for key, value in trained2.state_dict().items():
         torch.testing.assert_close(back2.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_submit_writes_the_server_files_of_a_cala_run(cirr_root, tmp_path, capsys):
+    """CaLa's CIRR submission goes through the same ``cirlab submit`` as the re-ranker's: the two server files,
+    valid for the split, ranked by the model's own query-gallery scores with the reference removed."""
+    cfg = _config(tmp_path / "cala.yaml", "cala", cirr_root, {}, {})
+    run = tmp_path / "cala_run"
+    assert main(["train", str(cfg), "--output-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["submit", str(run), "--split", "test"]) == 0
+    paths = _printed(capsys)
+    split = cirlab.data.load_cir("cirr", cirr_root, "test1")
+    files = {m: json.loads(Path(paths[m]).read_text()) for m in ("recall", "recall_subset")}
+    for metric, obj in files.items():
+        M.validate_cirr_submission(obj, pair_ids=[t.query_id for t in split.triplets])
+        assert obj["metric"] == metric
+    model, _ = model_from_checkpoint(run / "checkpoints" / "best.pt")
+    first = split.triplets[0]
+    transform = model.image_transform(False)
+
+    def image(name: str) -> torch.Tensor:
+        return transform(Image.open(split.image_path(name)).convert("RGB"))
+
+    with torch.no_grad():
+        model.eval()
+        query = model.encode_query(image(first.ref_name)[None], [first.text])
+        names = [n for n in split.gallery_names if n != first.ref_name]
+        gallery = model.encode_target(torch.stack([image(n) for n in names]))
+        order = (query @ gallery.T)[0].argsort(descending=True)[:50]
+    assert files["recall"][first.query_id] == [names[i] for i in order]
 
 
 def test_train_with_a_wrong_init_from_stops_in_one_line(cirr_root, tmp_path, caplog):

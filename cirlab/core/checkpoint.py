@@ -236,6 +236,23 @@ def load_state(model: torch.nn.Module, state: dict[str, Any], path: str | os.Pat
                               f"{detail[:300]}{'...' if len(detail) > 300 else ''}") from err
 
 
+def load_converted(model: torch.nn.Module, state: dict[str, Any], path: str | os.PathLike, *,
+                   kept_as_built: tuple[str, ...] = ()) -> list[str]:
+    """Load ``state``, converted from another code's layout, into ``model``. Missing keys under the
+    ``kept_as_built`` prefixes (parts the other code never saves, e.g. a training-only module) keep their built
+    values and are returned; any other missing or unexpected key is a :class:`CheckpointError` naming ``path``."""
+    result = load_state(model, state, path, strict=False, saved_name=None)
+    kept = [k for k in result.missing_keys if k.startswith(kept_as_built) or k.endswith("_extra_state")]
+    missing = [k for k in result.missing_keys if k not in kept]
+    if missing or result.unexpected_keys:
+        parts = [f"{len(keys)} {what} keys ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                 for what, keys in (("missing", missing), ("unexpected", list(result.unexpected_keys))) if keys]
+        name = getattr(model, "model_name", type(model).__name__)
+        raise CheckpointError(f"checkpoint {path} does not fit model {name!r}: {'; '.join(parts)}; check the "
+                              "preset (or the model_overrides) it was trained with")
+    return kept
+
+
 def load_model_weights(model: torch.nn.Module, path: str | os.PathLike, *, trust_pickle: bool = False,
                        strict: bool = True) -> dict[str, Any]:
     """Load the weights of checkpoint ``path`` into ``model``; returns the checkpoint's other entries."""

@@ -120,6 +120,14 @@ class HasInit(Protocol):
 
 
 @runtime_checkable
+class HasOriginalCheckpoint(Protocol):
+    def load_original(self, checkpoint: Any, source: str) -> dict[str, list[str]]:
+        """Load a file saved by the paper's own code in a layout the generic reader cannot see (DIME's and HREM's
+        ``{"model": [img_enc, txt_enc, ...]}`` lists); returns what was ignored or kept as built. Raises
+        :class:`cirlab.core.errors.CheckpointError` naming ``source`` when it does not fit."""
+
+
+@runtime_checkable
 class HasEpochHook(Protocol):
     def on_epoch_start(self, epoch: int) -> None: ...
 

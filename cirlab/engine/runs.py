@@ -484,9 +484,16 @@ def fit_to_training_data(model: Any, config: dict[str, Any]) -> None:
 
 
 def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, preset: str | None = None,
-                          trust_pickle: bool = False) -> tuple[Any, dict[str, Any]]:
-    """Rebuild the model a checkpoint was trained with (its saved name + config) and load its weights."""
-    from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_state, model_state_dict
+                          trust_pickle: bool = False, overrides: dict[str, Any] | None = None
+                          ) -> tuple[Any, dict[str, Any]]:
+    """Rebuild the model a checkpoint was trained with (its saved name + config) and load its weights.
+
+    A checkpoint that does not record its model is built from ``model`` + ``preset`` (+ ``overrides``, config
+    fields). When it is a file the paper's own code saved in a layout with no state dict to find (DIME's and HREM's
+    ``model_best.pth``), the model's own reader (:class:`HasOriginalCheckpoint`) loads it; the returned metadata
+    then says ``converted_from`` and what was ignored."""
+    from cirlab.core.checkpoint import CheckpointError, find_state_dict, load_checkpoint, load_state, model_state_dict
+    from cirlab.core.contracts import HasOriginalCheckpoint
     from cirlab.models.registry import create_model, get_entry
 
     ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
@@ -510,9 +517,13 @@ def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, 
             cfg = entry.config_cls.from_dict(_restore_tuples(entry.config_cls, meta["model_config"]))
             net = create_model(name, config=cfg)
         else:
-            net = create_model(name, preset)
+            net = create_model(name, preset, **(overrides or {}))
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{path}: cannot rebuild model {name!r} from it ({' '.join(str(err).split())})") from None
+    if saved is None and find_state_dict(ckpt) is None and isinstance(net, HasOriginalCheckpoint):
+        report = net.load_original(ckpt, str(path))
+        return net, {"converted_from": str(path), "converted_layout": f"original {name}",
+                     "epoch": meta.get("epoch"), **report}
     load_state(net, model_state_dict(ckpt, path), path, saved_name=saved)
     return net, meta
 

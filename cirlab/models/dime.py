@@ -707,6 +707,17 @@ class DIME(BertVocabMixin, nn.Module):
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def load_original(self, checkpoint: Any, source: str) -> dict[str, list[str]]:
+        """The original's ``model_best.pth.tar`` (``cirlab eval FILE --model dime --preset f30k_t2i
+        --trust-pickle``): every weight must fit; the vocabulary is the built one (the original saves none)."""
+        from cirlab.core.checkpoint import CheckpointError, load_converted
+
+        try:
+            state = convert_original_checkpoint(checkpoint)
+        except KeyError as err:
+            raise CheckpointError(f"{source}: {err.args[0]}") from None
+        return {"ignored": [], "kept_as_built": load_converted(self, state, source)}
+
     # the vocabulary (tokenizer cache, fit_vocab for the random tiny BERT, saved token list) comes from
     # cirlab.models._text.BertVocabMixin, shared with HREM
 

@@ -624,6 +624,18 @@ class HREM(BertVocabMixin, nn.Module):
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def load_original(self, checkpoint: Any, source: str) -> dict[str, list[str]]:
+        """The original's ``model_best.pth`` (``cirlab eval FILE --model hrem --preset f30k --trust-pickle``):
+        the two encoders must fit exactly; the instance module and the warm-up counter, which it never saves,
+        stay as built (:func:`load_original_checkpoint` is the lenient, reporting form)."""
+        from cirlab.core.checkpoint import CheckpointError, load_converted
+
+        try:
+            state, ignored = convert_original_checkpoint(checkpoint)
+        except KeyError as err:
+            raise CheckpointError(f"{source}: {err.args[0]}") from None
+        return {"ignored": ignored, "kept_as_built": load_converted(self, state, source, kept_as_built=_TRAINING_ONLY)}
+
     # -- inspection --------------------------------------------------------------------------------------
     @torch.no_grad()
     def relation_graph(self, batch: dict[str, Any]) -> RelationGraph:
