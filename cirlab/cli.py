@@ -65,10 +65,11 @@ def _add_eval(subparsers: Any) -> None:
     p.add_argument("--root", default=None, help="dataset root (default: config, else $CIRLAB_DATA/<dataset>)")
     p.add_argument("--category", default=None, help="Fashion-IQ category (default: all three, reported each)")
     p.add_argument("--split", action="append", default=None,
-                   help="split(s) to evaluate; repeatable (default: the config's eval.splits, else val)")
+                   help="split(s) to evaluate; repeatable (default: the config's eval.splits, else the validation "
+                        "split: val, or dev for f30k / coco)")
     p.add_argument("--protocol", default=None,
-                   help="CIR: fashioniq | shoes | cirr (default: the dataset's); ITM: full (= f30k, the whole matrix) | coco1k | "
-                        "coco5k | coco (1K and 5K; COCO's default, on its test split only)")
+                   help="CIR: fashioniq | shoes | cirr (default: the dataset's); ITM: full (= f30k, the whole "
+                        "matrix) | coco1k | coco5k | coco (1K and 5K; COCO's default, on its test split only)")
     p.add_argument("--k", type=int, default=None, help="top-K file length (default: 50)")
     p.add_argument("--batch-size", type=int, default=None, help="encoding batch size (default: 64)")
     p.add_argument("--topk-dir", default=None, help="write top-K files to this folder (CIR)")
@@ -157,7 +158,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, Any]:
     from cirlab.core.errors import ConfigError
-    from cirlab.engine.runs import apply_overrides, merge_config, parse_set, read_yaml, validate_config, with_defaults
+    from cirlab.engine.runs import (apply_overrides, is_precomp, merge_config, parse_set, read_yaml, validate_config,
+                                    with_defaults)
 
     config_path = Path(args.config) if args.config else (run_dir / "config.yaml" if run_dir else None)
     if args.config and not config_path.is_file():
@@ -176,6 +178,9 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
     if args.dataset and not args.root and not args.config:
         config["dataset"]["synthetic"] = None
     config = merge_config(config, cli)
+    if not (config_path is not None and config_path.is_file()) and config["dataset"].get("name") \
+            and is_precomp(config):
+        config["dataset"]["val_split"] = "dev"  # the precomp releases name their validation split dev
     config = apply_overrides(config, parse_set(args.overrides))
     if not config["dataset"].get("name"):
         raise ConfigError("cirlab eval: no dataset: pass --dataset (or --config, or a run folder)")

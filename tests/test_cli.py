@@ -14,7 +14,8 @@ from cirlab.engine.runs import ConfigError, apply_overrides, load_config, parse_
 from cirlab.core.topk import load_topk
 import stub_models  # noqa: F401 - registers stub_cir / stub_itm
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +187,42 @@ def test_broken_eval_split_fails_before_training(tmp_path):
     with pytest.raises(DataError, match="cap.hat.val.json"):
         run_experiment(config, output_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()  # no step was taken
+
+
+def test_a_wrong_root_fails_before_the_model_is_built_and_leaves_no_folder(tmp_path, monkeypatch, caplog):
+    """A paper-size model takes tens of seconds to build (and may need weights that are not there): a dataset root
+    that does not exist stops the run first, in one line, and the run folder it would have made is not left."""
+    from cirlab.engine import runs
+
+    def never(config):
+        raise AssertionError("the model was built before the data was checked")
+
+    monkeypatch.setattr(runs, "build_seeded_model", never)
+    out = tmp_path / "runs" / "hrem"
+    args = ["train", str(ROOT / "configs" / "hrem_f30k.yaml"), "--output-dir", str(out),
+            "--set", f"dataset.root={tmp_path / 'nowhere'}"]
+    assert main(args) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "nowhere" in errors[0] and "not found" in errors[0]
+    assert not out.exists() and (tmp_path / "runs").is_dir()  # only the folder this run made is removed
+    (tmp_path / "mine").mkdir()
+    assert main(args[:3] + [str(tmp_path / "mine")] + args[4:]) == 2
+    assert (tmp_path / "mine").is_dir()  # a folder that was there before stays, even when empty
+
+
+def test_a_missing_pretrained_folder_is_one_line_naming_it(tmp_path, synth, caplog):
+    """HREM's BERT or CaLa's MiniLM folder that does not exist: exit 2, one line naming the model and the path."""
+    cases = [("hrem_synthetic_tiny.yaml", "bert", "HREM: BERT directory"),
+             ("cala_synthetic_lite.yaml", "minilm_path", "MiniLM directory")]
+    for config, field, says in cases:
+        caplog.clear()
+        missing = tmp_path / f"no_{field}"
+        assert main(["train", str(ROOT / "configs" / config), "--output-dir", str(tmp_path / field),
+                     "--set", f"model_overrides.{field}={missing}",
+                     "--set", f"dataset.synthetic.out={synth}"]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and says in errors[0] and str(missing) in errors[0], errors
+        assert "(model_overrides)" in errors[0] and not (tmp_path / field).exists()
 
 
 def test_same_config_gives_the_same_run(tmp_path, synth):

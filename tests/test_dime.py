@@ -286,6 +286,21 @@ def test_bert_loads_from_transformers_directory_and_errors(tmp_path):
         cirlab.create_model("dime", "tiny", bert=str(tmp_path / "missing"))
 
 
+def test_a_hub_id_without_the_hub_is_one_clear_error(monkeypatch):
+    """``bert: bert-base-uncased`` (the paper presets) on a machine without the hub or its cache: transformers'
+    several-line OSError becomes one FileNotFoundError that says what to set."""
+    from transformers import BertModel
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them\n"
+                      "in the cached files.")
+
+    monkeypatch.setattr(BertModel, "from_pretrained", offline)
+    with pytest.raises(FileNotFoundError, match=r"bert 'bert-base-uncased' is not a local folder, and neither the "
+                                                r"model hub nor its cache has it; set bert to a local BERT folder"):
+        cirlab.create_model("dime", "tiny", bert="bert-base-uncased")
+
+
 def test_original_checkpoint_conversion_round_trip():
     model = _tiny("t2i")
     _randomise_routers(model)

@@ -826,7 +826,9 @@ def f_bad_model_override_value(ws: Workspace) -> Outcome:
 @fault("traceback or late failure", "refused naming both models")
 def f_checkpoint_of_another_model(ws: Workspace) -> Outcome:
     run = ws.run_dir(copy_finished=True)
-    return expect_error(cli("eval", run / "checkpoints" / "best.pt", "--model", "stub_itm", "--dataset", "f30k"),
+    data = write_precomp(ws.root / "data", splits=("dev",), n_images=2)["root"]  # eval reads the data first
+    return expect_error(cli("eval", run / "checkpoints" / "best.pt", "--model", "stub_itm", "--dataset", "f30k",
+                            "--root", data, "--split", "dev"),
                         r"best\.pt holds weights of model 'stub_cir', not 'stub_itm'")
 
 
@@ -834,8 +836,9 @@ def f_checkpoint_of_another_model(ws: Workspace) -> Outcome:
 def f_bare_weights_of_another_model(ws: Workspace) -> Outcome:
     state = torch.load(ws.shared.finished_run() / "checkpoints" / "best.pt", weights_only=True)["model"]
     torch.save(state, ws.root / "weights.pt")
+    data = write_precomp(ws.root / "data", splits=("dev",), n_images=2)["root"]
     return expect_error(cli("eval", ws.root / "weights.pt", "--model", "stub_itm", "--preset", "tiny",
-                            "--dataset", "f30k"), r"weights\.pt does not fit model 'stub_itm'")
+                            "--dataset", "f30k", "--root", data), r"weights\.pt does not fit model 'stub_itm'")
 
 
 @fault("traceback or late failure", "refused naming the tensor")

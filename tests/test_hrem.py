@@ -440,7 +440,7 @@ def test_cirlab_eval_reads_the_original_checkpoint(tmp_path, capsys, caplog):
     from cirlab.core.checkpoint import CheckpointError
     from cirlab.engine.runs import model_from_checkpoint, evaluate_split, with_defaults
 
-    data = write_precomp(tmp_path / "data", n_images=4, splits=("test",))  # 2048-d, as f30k requires
+    data = write_precomp(tmp_path / "data", n_images=4, splits=("dev", "test"))  # 2048-d, as f30k requires
     model = _tiny(seed=3, fit=False, img_dim=2048).eval()
     state = model.state_dict()
     img = {k[len("img_enc."):]: v for k, v in state.items() if k.startswith("img_enc.")}
@@ -463,6 +463,9 @@ def test_cirlab_eval_reads_the_original_checkpoint(tmp_path, capsys, caplog):
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["splits"]["test"] == pytest.approx(expected)
     assert "read as the original hrem layout" in caplog.text and "relation.* (" in caplog.text
+    without_split = [a for a in args if a not in ("--split", "test")]
+    assert main(without_split) == 0  # no --split, no config: the precomp validation split, dev
+    assert set(json.loads(capsys.readouterr().out)["splits"]) == {"dev"}
 
     # other sizes: one line naming the file; a missing encoder weight: named as missing
     assert main(args + ["--set", "model_overrides.embed_size=64"]) == 2

@@ -442,9 +442,14 @@ def model_config_of(config: dict[str, Any]) -> Any:
 
 
 def build_model(config: dict[str, Any], model_config: Any = None) -> Any:
+    """The run config's model. A pretrained part it names that cannot be read (a missing folder, a hub id on a
+    machine without the hub) is a one-line :class:`ConfigError` naming the model and the path."""
     from cirlab.models.registry import create_model
 
-    return create_model(config["model"], config=model_config or model_config_of(config))
+    try:
+        return create_model(config["model"], config=model_config or model_config_of(config))
+    except OSError as err:
+        raise ConfigError(f"model {config['model']!r} (model_overrides): {' '.join(str(err).split())}") from None
 
 
 def build_seeded_model(config: dict[str, Any]) -> Any:
@@ -672,10 +677,17 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
         check_device(config["train"]["device"], "train.device")
     out = Path(output_dir) if output_dir else output_dir_of(config)
     resuming = resume or bool((config.get("train") or {}).get("resume"))
-    with folder_lock(out) if _rank_zero() else contextlib.nullcontext():
-        if not resuming and _rank_zero():
-            claim_run_folder(out, overwrite=overwrite)
-        return _run_locked(config, out, resume, device, allow_config_change)
+    created = not out.exists()
+    try:
+        with folder_lock(out) if _rank_zero() else contextlib.nullcontext():
+            if not resuming and _rank_zero():
+                claim_run_folder(out, overwrite=overwrite)
+            return _run_locked(config, out, resume, device, allow_config_change)
+    except BaseException:
+        if created and _rank_zero():
+            with contextlib.suppress(OSError):  # only an empty folder this run made: a failed start leaves no trace
+                out.rmdir()
+        raise
 
 
 def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | None,
@@ -689,6 +701,11 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     if not ds.get("root") and ds.get("synthetic"):  # the config opted in; said out loud on every run
         logger.warning("dataset.root is empty and dataset.synthetic is set: this run uses the generated SYNTHETIC "
                        "%s data at %s (set dataset.root to train on your own data)", ds["name"], dataset_root(config))
+    # read (and so validate) the splits of the final evaluation before building the model: a paper-size model takes
+    # tens of seconds to build and may need weights that are not there, and a wrong root must fail first
+    loaded = {s: load_split(config, s) for s in _final_splits(config)}
+    for split, value in loaded.items():
+        _check_not_empty(config, split, value)
     model = build_seeded_model(config)
     if isinstance(model, HasInit):  # pretrained start from the model config (init_from); its report -> run folder
         model.load_init(out if is_main_process() else None)
@@ -711,12 +728,10 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     resolved = {**config, "output_dir": str(out), "train": cfg.to_dict(), "model_config": model.config.to_dict()}
     if cfg.resume and _rank_zero():
         check_resume_config(out, resolved, allow_config_change)
-    # read (and so validate) every split the run evaluates before the first step: a broken val or test file
-    # must fail now, naming the file, not after the training it would waste
-    eval_splits = list(dict.fromkeys([*_final_splits(config), *([select_split] if select_split else [])]))
-    loaded = {s: load_split(config, s) for s in eval_splits}
-    for split, value in loaded.items():
-        _check_not_empty(config, split, value)
+    # the selection split too, before the first step: a broken val file must fail now, not after the training
+    if select_split and select_split not in loaded:
+        loaded[select_split] = load_split(config, select_split)
+        _check_not_empty(config, select_split, loaded[select_split])
     if select_split:
         check_selection_metric(config, cfg.selection_metric, select_split, loaded[select_split], model)
     evaluate_fn = make_evaluate_fn(config, [select_split], run_device, loaded) if select_split else None

@@ -109,7 +109,12 @@ def load_bert(cfg: Any, owner: str = "text encoder") -> tuple[nn.Module, Any]:
     logger.info("%s: loading BERT %r from the model hub", owner, name)  # only outside tests
     from transformers import BertTokenizer
 
-    return BertModel.from_pretrained(name, add_pooling_layer=False), BertTokenizer.from_pretrained(name)
+    try:
+        return BertModel.from_pretrained(name, add_pooling_layer=False), BertTokenizer.from_pretrained(name)
+    except OSError:  # no hub here and not in its cache: transformers' several-line message says only that
+        raise FileNotFoundError(f"{owner}: bert {name!r} is not a local folder, and neither the model hub nor its "
+                                "cache has it; set bert to a local BERT folder (config.json + vocab.txt, or the "
+                                "original bert_config.json layout)") from None
 
 
 def _from_pretrained_without_pooler(path: Path, owner: str) -> nn.Module:
