@@ -90,9 +90,19 @@ def _add_eval(subparsers: Any) -> None:
 
 
 def _add_models(subparsers: Any) -> None:
-    p = subparsers.add_parser("models", help="list registered models and their presets",
-                              description="List every registered model with its task and presets.")
+    p = subparsers.add_parser("models", help="list registered models and their presets; count a model's parameters",
+                              description="List every registered model with its task and presets. With --params "
+                                          "MODEL: its parameters per module (total, trainable, frozen), built on "
+                                          "the meta device, so a paper preset counts in seconds without memory, "
+                                          "weights or a GPU (a hub BERT named bert-base-uncased counts at BERT-base "
+                                          "sizes; lite presets, which read weight files when built, do not count).")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--params", metavar="MODEL", default=None,
+                   help="count MODEL's parameters per module instead of listing the models")
+    p.add_argument("--preset", default=None, help="with --params: the preset (default: the first paper preset by "
+                                                   "name, e.g. cala -> cirr, hrem -> coco)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --params: model config fields, e.g. --set encoder=both")
     p.set_defaults(func=_run_models)
 
 
@@ -260,6 +270,12 @@ def _key_groups(keys: Sequence[str] | None) -> str:
 
 
 def _run_models(args: argparse.Namespace) -> int:
+    if args.params:
+        return _run_params(args)
+    if args.preset or args.overrides:
+        from cirlab.core.errors import ConfigError
+
+        raise ConfigError("cirlab models: --preset and --set go with --params MODEL")
     from cirlab.models.registry import describe_models
 
     rows = describe_models()  # read from the model files' source: no torch import
@@ -270,6 +286,36 @@ def _run_models(args: argparse.Namespace) -> int:
         print(f"{'model':<{width}}  {'task':<7} presets")
         for row in rows:
             print(f"{row['model']:<{width}}  {row['task']:<7} {', '.join(row['presets'])}")
+    return 0
+
+
+def _run_params(args: argparse.Namespace) -> int:
+    """``cirlab models --params MODEL``: parameters per module on the meta device, as a table or JSON."""
+    from cirlab.core.config import did_you_mean
+    from cirlab.core.errors import ConfigError
+    from cirlab.engine.runs import parse_set
+    from cirlab.models.registry import list_models, list_presets, parameter_table
+
+    name = args.params
+    if name not in list_models():
+        raise ConfigError(f"cirlab models --params: unknown model {name!r}{did_you_mean(name, list_models())}; "
+                          f"known: {', '.join(list_models())}")
+    presets = list_presets(name)
+    preset = args.preset or next(p for p in presets if p not in ("tiny", "lite"))
+    overrides = {".".join(path): value for path, value in parse_set(args.overrides)}
+    try:
+        rows = parameter_table(name, preset, **overrides)
+    except (KeyError, TypeError, ValueError, OSError, RuntimeError, NotImplementedError) as err:
+        raise ConfigError(f"cirlab models --params {name} --preset {preset}: cannot build it on the meta device "
+                          f"({' '.join(str(err).split())}); the lite presets read weight files when built") from None
+    if args.json:
+        print(json.dumps({"model": name, "preset": preset, "overrides": overrides, "modules": rows}, indent=2))
+        return 0
+    width = max(len(r["module"]) for r in rows)
+    print(f"{name} (preset {preset}{''.join(f', {k}={v}' for k, v in overrides.items())}), built on the meta device")
+    print(f"{'module':<{width}}  {'params':>13}  {'trainable':>13}  {'frozen':>13}")
+    for r in rows:
+        print(f"{r['module']:<{width}}  {r['params']:>13,}  {r['trainable']:>13,}  {r['frozen']:>13,}")
     return 0
 
 

@@ -225,6 +225,32 @@ def test_a_missing_pretrained_folder_is_one_line_naming_it(tmp_path, synth, capl
         assert "(model_overrides)" in errors[0] and not (tmp_path / field).exists()
 
 
+def test_models_params_counts_paper_presets_on_the_meta_device(capsys, caplog):
+    """``cirlab models --params MODEL``: per-module counts of the paper sizes without weights or memory (HREM's
+    hub BERT at BERT-base sizes), the same numbers as building the model; clear errors for what cannot count."""
+    from cirlab.models import cala as C
+
+    assert main(["models", "--params", "hrem", "--preset", "f30k", "--json"]) == 0
+    rows = {r["module"]: r for r in json.loads(capsys.readouterr().out)["modules"]}
+    assert rows["img_enc"]["params"] == 9_977_344 and rows["img_enc"]["frozen"] == 0  # HREM's 9.98M image encoder
+    assert rows["total"]["params"] == sum(r["params"] for m, r in rows.items() if m != "total")
+    assert main(["models", "--params", "cala", "--set", "encoder=both"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "cala (preset cirr, encoder=both), built on the meta device"
+    expected = {r["module"]: r for r in C.parameter_table(C.CaLaConfig.from_preset("cirr", encoder="both"))}
+    printed = {line.split()[0]: [int(x.replace(",", "")) for x in line.split()[1:]] for line in table[2:]}
+    assert printed == {m: [r["params"], r["trainable"], r["frozen"]] for m, r in expected.items()}
+    assert printed["visual"][1] > 0 and printed["tower"][1] == 0  # encoder=both trains the visual Q-Former
+
+    for args, says in ((["models", "--params", "hrme"], "unknown model 'hrme'"),
+                       (["models", "--preset", "cirr"], "--preset and --set go with --params"),
+                       (["models", "--params", "cala", "--set", "nonsense=1"], "nonsense")):
+        caplog.clear()
+        assert main(args) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and says in errors[0], errors
+
+
 def test_same_config_gives_the_same_run(tmp_path, synth):
     """The seed covers the initial weights too: two runs of one config end with identical weights and losses."""
     config = load_config(_write_config(tmp_path / "stub.yaml", synth, max_steps=3, seed=5))

@@ -1093,23 +1093,16 @@ def _load_clip_start(model: CaLa, path: str | os.PathLike, suffix: str = "") -> 
 
 
 def parameter_table(config: CaLaConfig | str = "cirr") -> list[dict[str, Any]]:
-    """Parameters per module (total and trainable) of a preset or config, built on the meta device (no memory,
-    no weights read): ``[{"module", "params", "trainable"}]`` plus a ``total`` row."""
+    """Parameters per module (total, trainable, frozen) of a preset or config, built on the meta device (no memory,
+    no weights read): ``[{"module", "params", "trainable", "frozen"}]`` plus a ``total`` row."""
     cfg = CaLaConfig.from_preset(config) if isinstance(config, str) else config
     if cfg.vision == "efficientnet_lite0" or cfg.qformer_init != "random":
         raise ValueError("parameter_table needs a random-init config (the lite preset reads weight files)")
+    from cirlab.models.registry import module_parameters
+
     with torch.device("meta"):
         model = CaLa(cfg)
-    rows = []
-    for name, module in model.named_children():
-        if module is None:
-            continue
-        params = list(module.parameters())
-        rows.append({"module": name, "params": sum(p.numel() for p in params),
-                     "trainable": sum(p.numel() for p in params if p.requires_grad)})
-    rows.append({"module": "total", "params": sum(r["params"] for r in rows),
-                 "trainable": sum(r["trainable"] for r in rows)})
-    return rows
+    return module_parameters(model)
 
 
 # ============================================================================================================ registry

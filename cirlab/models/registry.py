@@ -134,6 +134,36 @@ def create_model(name: str, preset: str | None = None, *, config: Any = None, **
     return model
 
 
+def module_parameters(model: Any) -> list[dict[str, Any]]:
+    """``[{"module", "params", "trainable", "frozen"}]`` per top-level child of ``model``, plus a ``total`` row
+    (parameters registered on the model itself, e.g. a learned token, count in the total only)."""
+    rows = []
+    for name, module in model.named_children():
+        params = list(module.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        rows.append({"module": name, "params": sum(p.numel() for p in params), "trainable": trainable})
+    everything = list(model.parameters())
+    rows.append({"module": "total", "params": sum(p.numel() for p in everything),
+                 "trainable": sum(p.numel() for p in everything if p.requires_grad)})
+    return [{**r, "frozen": r["params"] - r["trainable"]} for r in rows]
+
+
+def parameter_table(name: str, preset: str | None = None, **overrides: Any) -> list[dict[str, Any]]:
+    """:func:`module_parameters` of a model built on the meta device: no memory, no weight read, so paper sizes
+    count on any machine. A BERT named by the hub id ``bert-base-uncased`` (the paper presets' text encoder) is
+    counted at BERT-base sizes without the hub. Presets that read weight files when built (``lite``) raise."""
+    import torch
+
+    config = build_config(name, preset, **overrides)
+    if getattr(config, "bert", None) == "bert-base-uncased":
+        from cirlab.models._text import BERT_BASE_CONFIG
+
+        config = build_config(name, preset, **{**overrides, "bert": "random", "bert_config": BERT_BASE_CONFIG})
+    with torch.device("meta"):
+        model = create_model(name, config=config)
+    return module_parameters(model)
+
+
 def _check_identity(cls: type, entry: ModelEntry) -> None:
     """Model classes declare ``model_name`` and ``task`` (checkpoints and the engine read them); a class that
     declares neither gets its registration's, one that declares others is a registration error."""
