@@ -43,7 +43,8 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     return (f"{cpu} ({units}), {os.cpu_count()} CPU cores{mem}, {gpu}; torch {torch.__version__} "
-            f"(this process: {torch.get_num_threads()} intra-op threads; the runs' own count is in the text), Python {platform.python_version()}{load}")
+            f"(this process: {torch.get_num_threads()} intra-op threads; the runs' own count is in the text), "
+            f"Python {platform.python_version()}{load}")
 
 
 def timed(fn: Callable[[], object], repeat: int = 1) -> tuple[float, object]:

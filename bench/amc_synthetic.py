@@ -65,7 +65,8 @@ def synthetic_setup(work: Path, size: str, epochs: int) -> Setup:
     train_cfg = {"epochs": epochs, "lr": 1e-3, "lr_milestones": [int(epochs * 0.8)], "ema_decay": 0.99,
                  "batch_size": 32, "eval_every": max(epochs // 3, 1), "selection_metric": "avg_R@10+avg_R@50"}
     return Setup("synthetic", "tiny", root, ["dress", "shirt", "toptee"], train_cfg,
-                 note=f"cirlab.data.generators.synthetic.generate(seed=0, size={size!r}, image_size=64), Fashion-IQ layout; "
+                 note=f"cirlab.data.generators.synthetic.generate(seed=0, size={size!r}, image_size=64), "
+                      "Fashion-IQ layout; "
                       "one model trained on the three categories together, evaluated per category")
 
 
@@ -73,7 +74,8 @@ def emoji_setup(work: Path, epochs: int, tarball: str, max_train: int, group_bat
     from cirlab.data.generators import emoji
 
     root = emoji.build(work / "emoji", tarball=tarball or None)
-    # R@50 saturates on these small galleries (6 to 348 images): select on R@1 + R@10 instead of the paper's R@10 + R@50.
+    # R@50 saturates on these small galleries (6 to 348 images): select on R@1 + R@10 instead of the paper's
+    # R@10 + R@50.
     # group_batches: a default emoji has 5 skin-tone triplets with the same reference; shuffled freely, two of them
     # rarely share a batch, so the in-batch loss is won by recognising the emoji and the tone word is never needed.
     train_cfg = {"epochs": epochs, "lr": 1e-3, "lr_milestones": [int(epochs * 0.8)], "ema_decay": 0.99,
@@ -82,7 +84,8 @@ def emoji_setup(work: Path, epochs: int, tarball: str, max_train: int, group_bat
     # 64 px = the emoji's native size (a 2x2 EfficientNet grid)
     subset = f"at most {max_train} triplets per category" if max_train > 0 else "every training triplet"
     return Setup("emoji", "lite", root, None, train_cfg, model_overrides={"image_size": 64},
-                 note="cirlab.data.generators.emoji.build() (Noto emoji of emoji-datasource-google 16.0.0), Fashion-IQ layout; "
+                 note="cirlab.data.generators.emoji.build() (Noto emoji of emoji-datasource-google 16.0.0), "
+                      "Fashion-IQ layout; "
                       "`lite` preset with image_size=64 (the emoji's native size, a 2x2 grid of frozen "
                       f"EfficientNet-Lite0 features); training on {subset}; batches keep up to {group_batches} "
                       "triplets with the same reference together (`group_batches`, 0 = plain shuffle)",
@@ -297,7 +300,8 @@ def header(args: argparse.Namespace) -> str:
         f"Machine: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, no GPU; "
         f"date {time.strftime('%Y-%m-%d')}. Timings are wall-clock on a machine shared with other jobs.", "",
         "R@K = AMC protocol (reference removed from its own ranking, gallery = caption-file images), per category, "
-        "averaged over categories (avg) and over all queries (all, query-weighted). Baselines are the same architecture trained with the same recipe, with one modality cut.", ""])
+        "averaged over categories (avg) and over all queries (all, query-weighted). Baselines are the same "
+        "architecture trained with the same recipe, with one modality cut.", ""])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,15 +152,18 @@ def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
              "",
              f"Model: `cala` preset `{args.preset}`, encoder `{args.encoder}`, model lr {args.lr} "
              "(groups: Q-Formers 1x, TAC/HCA 2x), "
-             f"AdamW wd 0.05, {args.schedule} schedule, batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}, fp32, "
-             f"{args.threads} thread(s) per run, {args.jobs} run(s) at once; selection: {selection}, reported on `{split}`.",
+             f"AdamW wd 0.05, {args.schedule} schedule, batch {args.batch_size}, {args.epochs} epochs, "
+             f"seed {args.seed}, fp32, "
+             f"{args.threads} thread(s) per run, {args.jobs} run(s) at once; selection: {selection}, "
+             f"reported on `{split}`.",
              "",
              "| variant | " + " | ".join(keys) + " | steps | best epoch | train+eval s |",
              "|---|" + "---|" * (len(keys) + 3)]
     for name, r in result["results"].items():
         m = r["splits"][split]
         lines.append(f"| {name} | " + " | ".join(f"{m[k]:.1f}" for k in keys)
-                     + f" | {r['steps']} | {'last' if r['best_epoch'] is None else r['best_epoch']} | {r['seconds']:.0f} |")
+                     + f" | {r['steps']} | {'last' if r['best_epoch'] is None else r['best_epoch']} "
+                       f"| {r['seconds']:.0f} |")
     for other in shown[1:]:  # the emoji test splits are small (color: 6 queries): val too
         lines += ["", f"The same runs on `{other}` (the selection split):", "",
                   "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]

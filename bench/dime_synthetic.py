@@ -1,14 +1,14 @@
 """DIME on the synthetic precomp dataset (CPU): untrained vs trained rsum per direction, DIME* (ensemble), and
 which routing cells dominate for the different caption types.
 
-The synthetic precomp set (``cirlab.data.generators.synthetic``) writes 5 captions per image that differ in *content* (their
-types, ``_scenes.CAPTION_TYPES``, listed per caption in ``synthetic_meta.json``): ``full`` (every object with size,
-colour, shape and cell), ``color`` (colours and counts only), ``shape`` (shapes and counts only), ``layout`` (cells and
-sizes only) and ``relation`` (relative positions of objects named by colour and shape). Only ``full`` identifies its
-image on its own, so the other types cap the reachable recall; routing may differ by type.
+The synthetic precomp set (``cirlab.data.generators.synthetic``) writes 5 captions per image that differ in *content*
+(their types, ``_scenes.CAPTION_TYPES``, listed per caption in ``synthetic_meta.json``): ``full`` (every object with
+size, colour, shape and cell), ``color`` (colours and counts only), ``shape`` (shapes and counts only), ``layout``
+(cells and sizes only) and ``relation`` (relative positions of objects named by colour and shape). Only ``full``
+identifies its image on its own, so the other types cap the reachable recall; routing may differ by type.
 
-Both directions are trained with the one trainer (``cirlab.engine.train.train``) on the reduced DIME dimensions below, the
-frozen real MiniLM-L6 text encoder (the ``lite`` preset's BERT-family stand-in for BERT-base; ``--bert random`` uses
+Both directions are trained with the one trainer (``cirlab.engine.train.train``) on the reduced DIME dimensions below,
+the frozen real MiniLM-L6 text encoder (the ``lite`` preset's BERT-family stand-in for BERT-base; ``--bert random`` uses
 a random-init tiny BERT with a WordPiece vocabulary built from the training captions instead), and the paper's loss
 (VSE++ hardest negative with extra negatives + 0.5 x path regulariser). The regulariser pulls the similarity of two
 captions' routes towards the similarity of their frozen-BERT sentence vectors; only a pretrained encoder gives
@@ -69,7 +69,8 @@ def build(direction: str, args: argparse.Namespace, train_split: Any) -> Any:
     import cirlab
 
     torch.manual_seed(args.seed)
-    common = dict(direction=direction, max_violation_warmup_epochs=args.warmup_epochs, img_dim=2048, embed_size=args.embed, hid_router=args.embed * 2,
+    common = dict(direction=direction, max_violation_warmup_epochs=args.warmup_epochs, img_dim=2048,
+                  embed_size=args.embed, hid_router=args.embed * 2,
                   hid_imrc=args.embed * 2, num_head_imrc=4, path_hid=32, max_words=32,
                   lambda_softmax=4.0 if direction == "i2t" else 9.0)
     if args.bert == "minilm":
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.reuse and best_path.is_file():
             summary = json.loads((out_dir / direction / "summary.json").read_text())
         else:
-            cfg = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "lr_step_size": args.lr_step or args.epochs + 1,
+            cfg = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                   "lr_step_size": args.lr_step or args.epochs + 1,
                    "eval_every": args.eval_every, "eval_every_steps": 0, "selection": "dev", "tensorboard": False,
                    "progress": "log", "log_every": 10, "seed": args.seed, "device": "cpu"}
             pairs = splits["train"].pair_dataset(**model.dataset_extras())  # + the random extra caption / image
@@ -228,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         results[direction] = {"untrained": untrained, "trained": itm_metrics(s), "best_epoch": summary["best_epoch"],
                               "steps": summary["steps"], "t2i_R@1_by_type": recall_by_type(s, caption_type)}
         routes[direction] = route_table(model, splits["test"], args.trace_images, caption_type)
-        print(f"{direction}: rsum untrained {untrained['rsum']:.1f} -> trained {results[direction]['trained']['rsum']:.1f}"
+        print(f"{direction}: rsum untrained {untrained['rsum']:.1f} -> "
+              f"trained {results[direction]['trained']['rsum']:.1f}"
               f" (best epoch {summary['best_epoch']})", flush=True)
     if len(test_scores) < 2:
         print("trained", directions, "- run again with --reuse for the report")
@@ -253,16 +256,21 @@ def _fmt(m: dict[str, float]) -> str:
 
 def write_report(args: argparse.Namespace, argv: list[str] | None, results: dict, routes: dict, splits: dict,
                  elapsed: float, selection_metric: str) -> None:
-    cmd = "PYTHONPATH=. .venv/bin/python bench/dime_synthetic.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "PYTHONPATH=. .venv/bin/python bench/dime_synthetic.py " + " ".join(argv if argv is not None
+                                                                              else sys.argv[1:])
     test = splits["test"]
     lines = ["# DIME on the synthetic precomp dataset (CPU)", "", f"Command: `{cmd.strip()}`", "",
              f"Machine: CPU ({platform.machine()}), {torch.get_num_threads()} torch threads, shared with other jobs; "
              f"torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; wall time {elapsed / 60:.1f} min.", "",
-             f"Data: `cirlab.data.generators.synthetic` precomp, size `{args.size}` (train {splits['train'].num_images} images, "
+             f"Data: `cirlab.data.generators.synthetic` precomp, size `{args.size}` "
+             f"(train {splits['train'].num_images} images, "
              f"dev {splits['dev'].num_images}, test {test.num_images}; 5 captions each). Model: DIME with embed "
-             f"{args.embed} (paper 256), text encoder `{args.bert}` (frozen), paper loss (VSE++ hardest negative + extra "
-             f"negatives + 0.5 x path regulariser), Adam lr {args.lr}, x0.1 every {args.lr_step or '-'} epochs, batch {args.batch_size}, clip 2, {args.epochs} "
-             f"epochs, sum-of-violations warm-up {args.warmup_epochs} epoch(s) (max_violation_warmup_epochs); selection on dev by `{selection_metric}`. Scores on test ({test.num_images} x "
+             f"{args.embed} (paper 256), text encoder `{args.bert}` (frozen), "
+             "paper loss (VSE++ hardest negative + extra "
+             f"negatives + 0.5 x path regulariser), Adam lr {args.lr}, x0.1 every {args.lr_step or '-'} epochs, "
+             f"batch {args.batch_size}, clip 2, {args.epochs} "
+             f"epochs, sum-of-violations warm-up {args.warmup_epochs} epoch(s) (max_violation_warmup_epochs); "
+             f"selection on dev by `{selection_metric}`. Scores on test ({test.num_images} x "
              f"{len(test.captions)}, full matrix through the interaction module).", "",
              "| model | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum |", "|---|---|---|---|---|---|---|---|"]
     for d in ("i2t", "t2i"):
@@ -322,7 +330,8 @@ def write_report(args: argparse.Namespace, argv: list[str] | None, results: dict
                     cells = [", ".join(f"{src[:4]} {mt.loc[dst, src]:.2f}" for src in srcs) for dst in dests]
                     edge = mt.stack().idxmax()
                     lines.append(f"| {t} | " + " | ".join(cells) + f" | {edge[1]} -> {edge[0]} "
-                                 f"({mt.stack().max():.2f}) | {mt.mean(axis=0).idxmax()} | {_edge_dev(m.loc[t], overall)} |")
+                                 f"({mt.stack().max():.2f}) | {mt.mean(axis=0).idxmax()} "
+                                 f"| {_edge_dev(m.loc[t], overall)} |")
             lines.append("")
     out = Path(args.report)
     out.parent.mkdir(parents=True, exist_ok=True)

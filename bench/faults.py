@@ -74,7 +74,8 @@ def report(rows: list, seconds: float, argv: str) -> str:
         f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared), Python {platform.python_version()}, "
         f"torch {torch.__version__}, no GPU used. Wall time {seconds / 60:.1f} min.", "",
         "Every kind runs in a fresh workspace that also holds somebody's own Fashion-IQ folder and notes, hashed "
-        "before and after (`$TMP` below is the temporary folder of the run). *Clear* means a one-line error naming the field or file (exit status 2; 1 for `cirlab "
+        "before and after (`$TMP` below is the temporary folder of the run). *Clear* means a one-line error "
+        "naming the field or file (exit status 2; 1 for `cirlab "
         "data check`'s list of problems; 130/143 after Ctrl-C/SIGTERM, with `last.pt` saved and the resume command "
         f"named) or, for the {sum(k.absorbed for k, _, _ in rows)} faults the tool must absorb, the right result "
         "plus a line saying what it did. *Unclear message* would be an error with the wrong words or exit status.",

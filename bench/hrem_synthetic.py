@@ -227,7 +227,8 @@ def write_report(args: argparse.Namespace) -> None:
         size = records[0]["config"]["dataset"]["synthetic"]["size"]
         lines += [f"Training: `PYTHONPATH=. .venv/bin/python bench/hrem_synthetic.py --train --backbone "
                   f"{records[0]['backbone']} --size {size} --seeds {seeds} --epochs {tr['epochs']} "
-                  f"--decay {tr['lr_milestones'][0]} --warmup {mo['warmup_iters']} --embed {mo['embed_size']} --out-dir {args.out_dir}` (the seeds ran "
+                  f"--decay {tr['lr_milestones'][0]} --warmup {mo['warmup_iters']} --embed {mo['embed_size']} "
+                  f"--out-dir {args.out_dir}` (the seeds ran "
                   "as 2 parallel processes, the seeds or the variants split between them)", ""]
     if (out / "eval_timing.json").is_file():
         lines += [f"Evaluation timing: `PYTHONPATH=. .venv/bin/python bench/hrem_synthetic.py --eval-timing "

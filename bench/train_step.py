@@ -9,9 +9,9 @@ Inputs per model family (random, fixed shapes; the content does not change the c
 
 * ``amc``: reference and target images ``[3, image_size, image_size]``, Fashion-IQ-like two-caption texts;
   the vocabulary is fitted on those texts first (about 3,000 words, like Fashion-IQ's).
-* ``dime`` / ``hrem``: 36 x ``img_dim`` region features and 10-20 word captions. Paper presets name ``bert-base-uncased``,
-  which needs the model hub; ``--bert-base-random`` (default for them here) builds a random BERT of the same
-  size (frozen in DIME either way, so the cost is the same) with the real bert-base-uncased vocabulary.
+* ``dime`` / ``hrem``: 36 x ``img_dim`` region features and 10-20 word captions. Paper presets name
+  ``bert-base-uncased``, which needs the model hub; ``--bert-base-random`` (default for them here) builds a random BERT
+  of the same size (frozen in DIME either way, so the cost is the same) with the real bert-base-uncased vocabulary.
 * ``cala``: reference / target images at the preset's size and 8-16 word captions; the frozen image tower is
   random (``pretrained_vision=False``), of the preset's shape.
 * ``blip_rerank_stage1`` / ``stage2``: 384 px images for stage I; stage II trains on cached frozen-ViT tokens

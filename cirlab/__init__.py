@@ -37,7 +37,8 @@ _LAZY = {
     "widgets": "cirlab.workbench.widgets",
     "report": "cirlab.workbench.report",
     "data": "cirlab.data",
-    # `fit` (not `train`): `cirlab.engine.train` is the trainer module, and `import cirlab.engine.train` would shadow a function
+    # `fit` (not `train`): `cirlab.engine.train` is the trainer module, and `import cirlab.engine.train` would
+    # shadow a function
     "fit": "cirlab.engine.train:train",
     "train": "cirlab.engine.train",
     "TrainConfig": "cirlab.engine.train:TrainConfig",

@@ -131,7 +131,8 @@ def _add_convert(subparsers: Any) -> None:
         "convert", help="convert checkpoints between the original BLIP / CaLa / LAVIS layouts and cirlab",
         description=_CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SRC",
-                   help="checkpoint file, transformers folder, cirlab run folder or a folder of CaLa's tuned_*.pt files")
+                   help="checkpoint file, transformers folder, cirlab run folder or a folder of CaLa's "
+                        "tuned_*.pt files")
     p.add_argument("out", metavar="OUT", help="file to write (--to original for CaLa: a folder)")
     p.add_argument("--to", choices=("cirlab", "original"), default="cirlab",
                    help="target layout (default: cirlab)")

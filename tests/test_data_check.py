@@ -181,8 +181,10 @@ def test_plugin_subcommands_are_registered(monkeypatch):
         p = subparsers.add_parser("synth", help="fake")
         p.set_defaults(func=lambda args: 7)
 
-    monkeypatch.setitem(sys.modules, "cirlab.data.generators.synthetic", types.SimpleNamespace(register_cli=register_cli))
-    monkeypatch.setitem(sys.modules, "cirlab.data.generators.emoji", None)  # an absent module: import raises, hook skipped
+    monkeypatch.setitem(sys.modules, "cirlab.data.generators.synthetic",
+                        types.SimpleNamespace(register_cli=register_cli))
+    # an absent module: import raises, hook skipped
+    monkeypatch.setitem(sys.modules, "cirlab.data.generators.emoji", None)
     parser = argparse.ArgumentParser()
     add_subcommands(parser.add_subparsers(dest="command"))
     assert calls == ["synth"]

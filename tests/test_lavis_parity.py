@@ -306,7 +306,8 @@ def test_itm_logits_and_text_features_from_raw_captions(blip, tmp_path):
     ids, mask = model.tokenize_text(captions)
     enc_ids, _ = model.tokenize(captions)
     width = ids.shape[1]
-    assert torch.equal(ids, io["inputs.input_ids"][:, :width]) and torch.equal(mask, io["inputs.attention_mask"][:, :width])
+    assert torch.equal(ids, io["inputs.input_ids"][:, :width]) and torch.equal(
+        mask, io["inputs.attention_mask"][:, :width])
     assert torch.equal(enc_ids, io["inputs.itm_input_ids"][:, :width])
     assert not io["inputs.attention_mask"][:, width:].any()
     with torch.no_grad():

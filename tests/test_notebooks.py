@@ -73,7 +73,8 @@ def test_notebooks_are_paired_with_their_py_twins_by_jupytext():
     from jupytext.config import load_jupytext_configuration_file
 
     config = load_jupytext_configuration_file(str(NOTEBOOKS / "jupytext.toml"))
-    assert config.formats in ("ipynb,py:percent", ["ipynb,py:percent"])  # JupyterLab and `jupytext --sync` pair every notebook here
+    # JupyterLab and `jupytext --sync` pair every notebook here
+    assert config.formats in ("ipynb,py:percent", ["ipynb,py:percent"])
     assert not (NOTEBOOKS / "sync.py").exists()  # no hand-written sync script next to jupytext's own pairing
     names = sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
     assert set(map(report.notebook_of, report.ORDER)) <= set(names)

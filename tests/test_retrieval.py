@@ -1,4 +1,5 @@
-"""cirlab.core.retrieval: chunked top-K equals a full stable sort, re-ranking helpers, top-K/CIRR files, feature cache."""
+"""cirlab.core.retrieval: chunked top-K equals a full stable sort, re-ranking helpers, top-K/CIRR files,
+feature cache."""
 from __future__ import annotations
 
 import doctest

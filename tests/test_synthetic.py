@@ -205,7 +205,8 @@ def test_cli_writes_and_summarises(tmp_path, capsys):
     assert args.func(args) == 0
     line = capsys.readouterr().out.strip()
     n = synthetic.SHOES_GROUP.queries
-    assert f"shoes {2 * n} queries/{2 * n + 2 * n // synthetic.SHOES_GROUP.edits} images" in line and str(tmp_path) in line
+    assert (f"shoes {2 * n} queries/{2 * n + 2 * n // synthetic.SHOES_GROUP.edits} images" in line
+            and str(tmp_path) in line)
     manifest = json.loads((tmp_path / synthetic.MANIFEST).read_text())
     assert manifest["seed"] == 2 and list(manifest["layouts"]) == ["shoes"]
     assert len(load_cir("shoes", tmp_path / "shoes", "test").triplets) == n

@@ -20,7 +20,8 @@ def _model(preset: str = "tiny", **overrides):
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(epochs=2, batch_size=8, lr=1e-2, log_every=1, tensorboard=False, progress="none", selection_metric="R@1")
+    base = dict(epochs=2, batch_size=8, lr=1e-2, log_every=1, tensorboard=False, progress="none",
+                selection_metric="R@1")
     return TrainConfig(**{**base, **kw})
 
 

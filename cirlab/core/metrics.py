@@ -11,8 +11,8 @@ the re-ranking paper and CaLa for Fashion-IQ/CIRR; AMC for Shoes; VSE++/DIME/HRE
 * **CIRR**: R@1/5/10/50 with the reference removed from the gallery, Recall_subset@1/2/3 over the
   ``img_set`` members (reference removed; the subset ranking is the global ranking restricted to the set),
   ``avg`` = (R@5 + Rsubset@1) / 2. :func:`cirr_submission` builds the test-server JSON.
-* **ITM** (VSE++/SCAN/GPO/HREM ``mode='coco'``, HREM and DIME evaluation code): ``sims`` is [N images x 5N captions] with
-  captions ``5i..5i+4`` belonging to image ``i``; i2t ranks an image by its best caption, t2i ranks each caption's
+* **ITM** (VSE++/SCAN/GPO/HREM ``mode='coco'``, HREM and DIME evaluation code): ``sims`` is [N images x 5N captions]
+  with captions ``5i..5i+4`` belonging to image ``i``; i2t ranks an image by its best caption, t2i ranks each caption's
   image; R@1/5/10, ``medr = floor(median(rank0)) + 1`` (NumPy median: the mean of the two middle values for an even
   count, *not* ``torch.median``'s lower middle value), ``meanr = mean(rank0) + 1``, ``rsum`` = the six recalls.
   COCO 1K = the mean of every metric over 5 folds of 1,000 images; COCO 5K and Flickr30K 1K = the full matrix.
@@ -301,8 +301,8 @@ def cirr_subset_ranks(scores: ScoresLike, target: ScoresLike, reference: ScoresL
                       ties: str = "stable") -> Tensor:
     """1-based rank of the target among the ``img_set`` members with the reference removed.
 
-    The re-ranking code restricts the global ranking to the set (``isin(names, members)``), so the subset rank counts the members
-    whose score beats the target's (ties as in :func:`target_ranks`).
+    The re-ranking code restricts the global ranking to the set (``isin(names, members)``), so the subset rank counts
+    the members whose score beats the target's (ties as in :func:`target_ranks`).
 
     Args:
         scores: [Q, G] scores.

@@ -10,8 +10,8 @@
 * :func:`encode_corpus` is the only function that touches a DataLoader; its feature cache is keyed by
   :func:`cache_key` of (checkpoint digest, dataset name/split/size, encoder name).
 
-**Tie rule** (the same as :mod:`cirlab.core.metrics`): equal scores keep the lower gallery index first, as a stable sort of
-the descending scores does, so a top-K list and the rank of its target always agree. ``torch.topk`` alone does not
+**Tie rule** (the same as :mod:`cirlab.core.metrics`): equal scores keep the lower gallery index first, as a stable sort
+of the descending scores does, so a top-K list and the rank of its target always agree. ``torch.topk`` alone does not
 promise this; :func:`topk_search` repairs the rows where a tie straddles the K-th place.
 """
 from __future__ import annotations

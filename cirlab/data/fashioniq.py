@@ -25,7 +25,8 @@ protocol       gallery                                         caption policy   
 =============  ==============================================  ================  ==========================
 
 AMC's full-split variant (its unused ``gallery_all=True``) keeps AMC's reference removal: ``protocol="amc",
-gallery="split"`` (labelled ``amc(gallery=split)``). ``rerank`` is an alias of ``clip4cir``. Caption policies (``CAPTION_POLICIES``):
+gallery="split"`` (labelled ``amc(gallery=split)``). ``rerank`` is an alias of ``clip4cir``.
+Caption policies (``CAPTION_POLICIES``):
 
 * ``clip4cir``: eval text ``"{c1.strip('.?, ').capitalize()} and {c2.strip('.?, ')}"``; training text drawn at random
   per item from {c1 and c2, c2 and c1, c1, c2} (``generate_randomized_fiq_caption``).

@@ -340,8 +340,9 @@ def pipeline_configs(dataset: str, data_root: str | os.PathLike, output_dir: str
                      stage2: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run configs of both stages on one dataset root (or a data root holding ``<dataset>/``): stage I writes its
     top-``k`` (``eval.k``); stage II starts its streams from stage I's text encoder (``init_from: stage1``; the
-    paper starts them from BLIP), freezes that stage I (``stage1_checkpoint``), re-ranks all ``k`` candidates and reads stage I's top-K files
-    (``eval.stage1_topk``). ``stage1`` / ``stage2`` are ``--set``-style overrides (``train.epochs=3``)."""
+    paper starts them from BLIP), freezes that stage I (``stage1_checkpoint``), re-ranks all ``k`` candidates and reads
+    stage I's top-K files (``eval.stage1_topk``). ``stage1`` / ``stage2`` are ``--set``-style overrides
+    (``train.epochs=3``)."""
     from cirlab.data.catalog import dataset_root
     from cirlab.engine.runs import apply_overrides, parse_set, validate_config, with_defaults
 

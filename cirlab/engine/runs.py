@@ -257,7 +257,8 @@ def _validate_model(config: dict[str, Any], source: str) -> None:
             build_config(name, preset, **{**overrides, "dataset": dataset})
         except (TypeError, ValueError, KeyError) as err:
             raise ConfigError(f"{source}: dataset.name {dataset!r} is passed to the {name} config, which refuses it "
-                              f"({' '.join(str(err).split())}); set model_overrides.dataset to one it accepts") from None
+                              f"({' '.join(str(err).split())}); set model_overrides.dataset to one it accepts"
+                              ) from None
 
 
 def _validate_dataset(config: dict[str, Any], source: str) -> None:

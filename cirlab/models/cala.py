@@ -610,7 +610,8 @@ class CaLa(nn.Module):
 
     def default_train_config(self) -> dict[str, Any]:
         """The released recipe (src/blip_fine_tune.py): AdamW (wd 0.05), lr 1e-5, batch 64, 30 epochs, per-epoch
-        cosine without clamping (max_epoch 15), seed 42, drop_last; selection CIRR mean of the 7 recalls, Fashion-IQ (avg R@10 + avg R@50) / 2."""
+        cosine without clamping (max_epoch 15), seed 42, drop_last; selection CIRR mean of the 7 recalls,
+        Fashion-IQ (avg R@10 + avg R@50) / 2."""
         c = self.config
         return {"optimizer": "adamw", "lr": c.lr, "weight_decay": 0.05, "epochs": 30, "batch_size": 64,
                 "schedule": "periodic_cosine", "cosine_epochs": 15, "min_lr": 0.0, "seed": c.TRAIN_SEED,

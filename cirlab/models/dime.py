@@ -694,8 +694,8 @@ class DIME(BertVocabMixin, nn.Module):
         return (None, pool["items"], pool["image_idx"]) if i2t else (pool["items"], None, pool["image_idx"])
 
     def default_train_config(self) -> dict[str, Any]:
-        """Paper optimisation (the original ``train.py`` defaults): Adam 2e-4, x0.1 every 15 epochs, 30 epochs, batch 32, clip 2,
-        validation every 2000 steps. Checkpoints are selected on dev by r1 + r5 + r1i + r5i, i.e. the
+        """Paper optimisation (the original ``train.py`` defaults): Adam 2e-4, x0.1 every 15 epochs, 30 epochs,
+        batch 32, clip 2, validation every 2000 steps. Checkpoints are selected on dev by r1 + r5 + r1i + r5i, i.e. the
         trainer's ``selection_metric`` :data:`SELECTION_METRIC` (not rsum)."""
         return {"optimizer": "adam", "lr": 2e-4, "weight_decay": 0.0, "epochs": 30, "batch_size": 32,
                 "schedule": "step", "lr_step_size": 15, "lr_gamma": 0.1, "grad_clip": 2.0,

@@ -532,8 +532,9 @@ def _checked(frame: Any, model: Any) -> Any:
 
 def query_fn_for(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", k: int = 5,
                  device: str = "cpu", splits: Mapping[str, Any] | None = None) -> Any:
-    """``query_fn(query_id, text)`` for :class:`cirlab.workbench.widgets.RouterExplorer` over every category of a CIR split
-    (None for ITM models: see :func:`explorer_for`). ``splits`` (``{category: CIRSplit}``) avoids reloading them."""
+    """``query_fn(query_id, text)`` for :class:`cirlab.workbench.widgets.RouterExplorer` over every category of a CIR
+    split (None for ITM models: see :func:`explorer_for`). ``splits`` (``{category: CIRSplit}``) avoids reloading
+    them."""
     if model.task != "cir":
         return None
     from cirlab.workbench.widgets import make_query_fn
@@ -596,7 +597,8 @@ def _main_layers(frame: Any) -> Any:
 
 def gallery_rows(topk: Any, split: Any, query_ids: Sequence[str] | None = None, k: int = 5,
                  n: int = 4) -> list[dict[str, Any]]:
-    """Rows for :func:`cirlab.workbench.viz.plot_retrieval_gallery` from a top-K file and its split (images from disk)."""
+    """Rows for :func:`cirlab.workbench.viz.plot_retrieval_gallery` from a top-K file and its split (images from
+    disk)."""
     from cirlab.workbench.viz import plain_text
 
     by_id = {t.query_id: t for t in split.triplets}

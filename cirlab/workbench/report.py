@@ -124,7 +124,8 @@ FIGURE_CAPTIONS: dict[str, dict[str, str]] = {
                       f"architecture figure, with its weights). {_DIME_PATHS}.",
         "path_matrices": f"The same mean path weights as one destination x source matrix per layer. {_DIME_PATHS}.",
         "path_space": "Pairs in path space (all path weights, PCA to 2-D), coloured by caption type: the idea of the "
-                      "DIME paper's path-space visualisation (no figure number is cited here: not checked against the paper).",
+                      "DIME paper's path-space visualisation (no figure number is cited here: not checked against "
+                      "the paper).",
         "query_view": "The explorer's view of one pair: its path matrices as traced. No paper figure.",
     },
     "train_hrem": {
@@ -349,7 +350,8 @@ def plan(only: str | None = None, out: Path | None = None, with_optional: bool =
 # --------------------------------------------------------------------------------------------- execution
 def ensure_synthetic_data(size: str = "default", seed: int = SYNTHETIC_SEED, root: str | os.PathLike | None = None,
                           stream: TextIO | None = None, layouts: Sequence[str] | None = None) -> Path:
-    """The embedded default data (``cirlab.data.generators.synthetic.ensure``: generated into the cache on first use)."""
+    """The embedded default data (``cirlab.data.generators.synthetic.ensure``: generated into the cache on first
+    use)."""
     from cirlab.data.generators import synthetic
 
     t0 = time.time()

@@ -630,7 +630,8 @@ def plot_figure8(table: Any, title: str = "", label_before: str = "stage I", lab
 
 def plot_rank_shift(aligned: Any, k: int, bins: int | Sequence[int] | None = 20, title: str = "",
                     label_before: str = "before", label_after: str = "after") -> Any:
-    """Four panels comparing two rankings of the same queries (aligned by :func:`cirlab.workbench.analysis.align_ranks`).
+    """Four panels comparing two rankings of the same queries (aligned by
+    :func:`cirlab.workbench.analysis.align_ranks`).
 
     (a) per-query target rank before vs after (log axes, diagonal = no change); (b) mean rank after per bin
     of the rank before, inside the candidate pool of size ``k``; (c) share of queries improved / unchanged /

@@ -334,7 +334,8 @@ def at_phrases(cell: tuple[int, int]) -> tuple[str, ...]:
 
 def _to_phrases(cell: tuple[int, int]) -> tuple[str, ...]:
     name = CELL_NAMES[cell]
-    return ("to the center", "into the middle") if cell == (1, 1) else (f"to the {name} corner", f"into the {name} corner")
+    return ("to the center", "into the middle") if cell == (1, 1) else (f"to the {name} corner",
+                                                                        f"into the {name} corner")
 
 
 def templates(edit: Edit) -> list[str]:
@@ -439,7 +440,8 @@ def _join(parts: list[str]) -> str:
 
 def _polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     def ring(n: int, radius: float, phase: float) -> list[tuple[float, float]]:
-        return [(cx + radius * math.cos(phase + 2 * math.pi * k / n), cy + radius * math.sin(phase + 2 * math.pi * k / n))
+        return [(cx + radius * math.cos(phase + 2 * math.pi * k / n),
+                 cy + radius * math.sin(phase + 2 * math.pi * k / n))
                 for k in range(n)]
 
     if kind == "triangle":
@@ -453,7 +455,8 @@ def _polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, flo
         return [p for pair in zip(outer, inner) for p in pair]
     if kind == "cross":
         a, b = r, r * 0.36
-        pts = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b)]
+        pts = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b),
+               (b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b)]
         return [(cx + x, cy + y) for x, y in pts]
     raise ValueError(f"unknown polygon shape {kind!r}")
 

@@ -8,7 +8,7 @@ Zero network, deterministic by seed (same seed -> byte-identical files), the def
 
 or ``cirlab data synth --out data/synthetic``. What is written under ``out_root``:
 
-=====================================  ===================================================================================
+=====================================  =================================================================================
 ``fashioniq/``                         Fashion-IQ layout (``captions/cap.{cat}.{split}.json``, ``image_splits/``,
                                        ``images/*.png``); categories ``dress``/``shirt``/``toptee`` are three scene
                                        families (different shape sets and backgrounds, see ``CATEGORY_SPECS``), so the
@@ -30,7 +30,7 @@ or ``cirlab data synth --out data/synthetic``. What is written under ``out_root`
 ``<layout>/synthetic_meta.json``       ground truth for audits: every image's objects and every text's edit
 ``synthetic.json``                     the manifest (seed, size, counts); written last, so its presence means complete
 ``.cirlab-generated.json``             marks ``out_root`` and each layout folder as written by this generator
-=====================================  ===================================================================================
+=====================================  =================================================================================
 
 The generator writes only into folders it created: a non-empty ``out_root`` or layout folder without its marker
 (e.g. your own Fashion-IQ folder) is refused, naming what would be deleted, unless ``force=True`` (``--force``).
@@ -39,11 +39,11 @@ Every caption entry carries an extra key ``"modification"`` (color | add | remov
 keep in ``Triplet.extras``.
 
 Why it is learnable but not trivial. Queries come in *groups*: one set of M edits (20 for Fashion-IQ and Shoes, 10
-for CIRR; the five kinds in about equal shares) is applied to N = 4 different but similar references (one base scene and small perturbations of it).
-So every reference has M targets in the gallery (its one-edit neighbours: the reference alone cannot tell which
-one is meant, best possible R@1 = 1/M) and every edit text has N different targets (the text alone cannot tell which
-one, best possible R@1 = 1/N), while reference + text determine the target exactly (the oracle's R@1 is 100%; all
-scenes in a category are distinct). :func:`audit_split` measures all three on the files as written.
+for CIRR; the five kinds in about equal shares) is applied to N = 4 different but similar references (one base scene and
+small perturbations of it). So every reference has M targets in the gallery (its one-edit neighbours: the reference
+alone cannot tell which one is meant, best possible R@1 = 1/M) and every edit text has N different targets (the text
+alone cannot tell which one, best possible R@1 = 1/N), while reference + text determine the target exactly (the oracle's
+R@1 is 100%; all scenes in a category are distinct). :func:`audit_split` measures all three on the files as written.
 """
 from __future__ import annotations
 
