@@ -121,7 +121,9 @@ model_overrides a run config needs to build the same model (e.g. for init_from: 
 
 --to original: write a cirlab run or checkpoint in the original code's file format: the re-ranker's stage I / II
 files, or for CaLa a folder OUT of its tuned_*_<suffix>.pt files (the layout CaLa's own code loads; each
-tuned_blip_* file is a LAVIS Blip2Qformer state dict; a folder that already holds such files is refused).
+tuned_blip_* file is a LAVIS Blip2Qformer state dict).
+
+An output that exists (OUT, --stage1-out, CaLa's files in OUT) is refused unless --overwrite.
 
 Every error is one line naming the file (exit status 2)."""
 
@@ -156,10 +158,14 @@ def _add_convert(subparsers: Any) -> None:
                         "folder) or to write (default: arithmetic, the name of CaLa's CIRR selection)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="--to cirlab: model config fields, e.g. --set image_size=224")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT (and --stage1-out, and CaLa's files in OUT) when it exists; without it an "
+                        "existing output is refused before any work")
     p.set_defaults(func=_run_convert)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
+    _refuse_existing(args)
     if args.to == "original":
         if args.source_layout == "lavis":
             from cirlab.core.errors import ConfigError
@@ -178,6 +184,18 @@ def _run_convert(args: argparse.Namespace) -> int:
         raise ConfigError(f"cirlab convert: {args.source}: --model cala reads a LAVIS BLIP-2 checkpoint or a folder "
                           "of CaLa's tuned_blip_*.pt files")
     return _to_cirlab(args)
+
+
+def _refuse_existing(args: argparse.Namespace) -> None:
+    """Nothing written is lost: an existing output file is refused (one line, before anything is read) unless
+    ``--overwrite``. A folder OUT (CaLa's files) is checked for the files it would replace in :func:`_cala_to_files`."""
+    from cirlab.core.errors import ConfigError
+
+    if args.overwrite:
+        return
+    for path in (args.out, args.stage1_out):
+        if path and Path(path).is_file():
+            raise ConfigError(f"cirlab convert: {path} exists; pass --overwrite to replace it, or choose another path")
 
 
 def _lavis_source(args: argparse.Namespace) -> tuple[str, dict] | None:
@@ -348,8 +366,9 @@ def _cala_to_files(args: argparse.Namespace, model: Any, epoch: int) -> int:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"cirlab convert: {out} is a file; CaLa's files go into a folder")
     taken = sorted(out.glob(f"tuned_*_{suffix}.pt")) if out.is_dir() else []
-    if taken:
-        raise ConfigError(f"cirlab convert: {taken[0]} exists; choose another folder or --suffix")
+    if taken and not args.overwrite:
+        raise ConfigError(f"cirlab convert: {taken[0]} exists; pass --overwrite to replace CaLa's files there, or "
+                          "choose another folder or --suffix")
     written = cala.export_cala_files(model, out, suffix=suffix, epoch=epoch)
     print(json.dumps({"out": str(out), "files": [p.name for p in written]}, indent=2))
     return 0

@@ -414,21 +414,35 @@ def test_convert_command_writes_and_reads_cala_files(tmp_path, capsys, caplog):
     assert torch.load(files / "tuned_tac_arithmetic.pt", weights_only=True)["epoch"] == 4
     before = {f.name: f.read_bytes() for f in files.iterdir()}
     assert main(["convert", str(source), str(files), "--to", "original"]) == 2
-    assert "exists; choose another folder or --suffix" in caplog.text
+    assert "exists; pass --overwrite to replace CaLa's files there" in caplog.text
     assert {f.name: f.read_bytes() for f in files.iterdir()} == before
+    assert main(["convert", str(source), str(files), "--to", "original", "--suffix", "second"]) == 0
+    assert len(list(files.glob("tuned_*_second.pt"))) == 6 and len(list(files.iterdir())) == 12
+    capsys.readouterr()
 
     out = tmp_path / "back.pt"
     assert main(["convert", str(files), str(out), "--model", "cala", "--preset", "tiny",
+                 "--set", "cir_frame=artemis"]) == 2  # two saves in the folder: which one must be said
+    assert "expected one tuned_blip_text_*.pt, found ['tuned_blip_text_arithmetic.pt', 'tuned_blip_text_second" \
+        in caplog.text
+    assert main(["convert", str(files), str(out), "--model", "cala", "--preset", "tiny", "--suffix", "arithmetic",
                  "--set", "cir_frame=artemis"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["missing"] == [] and summary["loaded"] > 0 and len(summary["files"]) == 6
     rebuilt, meta = runs.model_from_checkpoint(out)
     assert meta["converted_layout"] == "cala files"
+    caplog.clear()
+    again = ["convert", str(files), str(out), "--model", "cala", "--preset", "tiny", "--suffix", "arithmetic",
+             "--set", "cir_frame=artemis"]
+    written = out.read_bytes()
+    assert main(again) == 2 and "back.pt exists; pass --overwrite" in caplog.text and out.read_bytes() == written
+    assert main(again + ["--overwrite"]) == 0
+    capsys.readouterr()
     for (k, a), (k2, b) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
     # a folder of other sizes: one line naming the file and the preset
     assert main(["convert", str(files), str(tmp_path / "x.pt"), "--model", "cala", "--preset", "tiny",
-                 "--set", "cir_frame=artemis", "--set", "qformer_width=48"]) == 2
+                 "--suffix", "arithmetic", "--set", "cir_frame=artemis", "--set", "qformer_width=48"]) == 2
     assert "do not fit CaLa preset 'tiny'" in caplog.text and not (tmp_path / "x.pt").exists()
 
 

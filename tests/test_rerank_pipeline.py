@@ -156,6 +156,10 @@ def test_submit_refuses_a_split_with_a_short_gallery(runs, capsys):
 def test_convert_round_trips_through_the_original_format(runs, tmp_path, capsys):
     run1 = runs["stage1"]
     assert main(["convert", str(run1), str(tmp_path / "blip_mean.pt"), "--to", "original"]) == 0
+    written = (tmp_path / "blip_mean.pt").read_bytes()
+    assert main(["convert", str(run1), str(tmp_path / "blip_mean.pt"), "--to", "original"]) == 2  # nothing lost
+    assert (tmp_path / "blip_mean.pt").read_bytes() == written
+    assert main(["convert", str(run1), str(tmp_path / "blip_mean.pt"), "--to", "original", "--overwrite"]) == 0
     original = torch.load(tmp_path / "blip_mean.pt", weights_only=True)
     assert set(original) == {"epoch", "BLIP_Retrieval"} and "visual_encoder.blocks.0.attn.qkv.weight" in \
         original["BLIP_Retrieval"]
