@@ -7,7 +7,10 @@ Part 1 (``--train``): three models with the same encoders and the same recipe, e
 * ``hrem``: HREM's loss (distance-weighted triplet on ``(v, t)``; after ``--warmup`` iterations also the cross and
   enhanced terms from the instance-level module and 10 x the KL regulariser);
 * ``no_instance``: the same encoders and triplet loss without the instance-level module (``instance_module=False``);
-* ``vsepp``: the same encoders, VSE++ hardest-negative hinge (``base_loss=vse``, sum of violations in epoch 0).
+* ``vsepp``: the same encoders, VSE++ hardest-negative hinge (``base_loss=vse``, sum of violations in epoch 0);
+* ``hrem_bug`` (only when named in ``--variants``): HREM with ``connection_bug=True``, the released code before its
+  2023-10-25 fix, whose i2i / t2t connections come from the cross-modal similarities; the paper's numbers predate
+  the fix.
 
 The synthetic precomp set (``cirlab.data.generators.synthetic``) writes 5 captions per image that differ in
 content (``full``, ``color``, ``shape``, ``layout``, ``relation``); only ``full`` identifies its image, so recall is
@@ -47,7 +50,9 @@ VARIANTS = {
     "hrem": {},
     "no_instance": {"instance_module": False},
     "vsepp": {"instance_module": False, "base_loss": "vse"},
+    "hrem_bug": {"connection_bug": True},
 }
+DEFAULT_VARIANTS = ["hrem", "no_instance", "vsepp"]
 KEYS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
 
 
@@ -197,22 +202,26 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+PAIRS = [("hrem", "no_instance"), ("hrem", "vsepp"), ("hrem_bug", "no_instance"), ("hrem_bug", "hrem")]
+
+
 def _paired(by_variant: dict[str, list[dict]]) -> list[str]:
-    """HREM minus each baseline, seed by seed (same seed = same initial encoders and data order)."""
+    """Each HREM variant minus each baseline, seed by seed (same seed = same initial encoders and data order)."""
     out = []
-    hrem = {r["seed"]: r["test"]["rsum"] for r in by_variant.get("hrem", [])}
-    for base in ("no_instance", "vsepp"):
+    for model, base in PAIRS:
+        mine = {r["seed"]: r["test"]["rsum"] for r in by_variant.get(model, [])}
         other = {r["seed"]: r["test"]["rsum"] for r in by_variant.get(base, [])}
-        seeds = sorted(set(hrem) & set(other))
+        seeds = sorted(set(mine) & set(other))
         if not seeds:
             continue
-        diffs = [hrem[s] - other[s] for s in seeds]
+        diffs = [mine[s] - other[s] for s in seeds]
         spread = ""
         if len(diffs) > 1 and statistics.stdev(diffs) > 0:  # paired t: the mean difference in standard errors
             t = statistics.mean(diffs) / (statistics.stdev(diffs) / len(diffs) ** 0.5)
             spread = f" ± {statistics.stdev(diffs):.1f} (sd), paired t = {t:.2f} over {len(diffs)} seeds"
-        out.append(f"- HREM - {base}, test rsum per seed: {', '.join(f'{d:+.1f}' for d in diffs)}; mean "
-                   f"{statistics.mean(diffs):+.1f}{spread}; HREM higher in {sum(d > 0 for d in diffs)} of "
+        name = "HREM" if model == "hrem" else model
+        out.append(f"- {name} - {base}, test rsum per seed: {', '.join(f'{d:+.1f}' for d in diffs)}; mean "
+                   f"{statistics.mean(diffs):+.1f}{spread}; {name} higher in {sum(d > 0 for d in diffs)} of "
                    f"{len(diffs)} seeds.")
     return out + [""] if out else []
 
@@ -268,6 +277,11 @@ def write_report(args: argparse.Namespace) -> None:
             minutes = statistics.mean(r["minutes"] for r in rs)
             lines.append(f"| {variant} | {','.join(str(r['seed']) for r in rs)} | " + " | ".join(cells)
                          + f" | {epochs} | {minutes:.1f} |")
+        legend = {"hrem": "HREM as cirlab builds it (connections after the 2023-10-25 fix)",
+                  "no_instance": "the same encoders without the instance-level module",
+                  "vsepp": "the same encoders with the VSE++ hardest-negative loss",
+                  "hrem_bug": "HREM with connection_bug=True (the released code before the fix)"}
+        lines += ["", "Variants: " + "; ".join(f"`{v}` {legend[v]}" for v in VARIANTS if v in by_variant) + "."]
         lines += ["", "Per seed (test rsum):", "", "| seed | " + " | ".join(v for v in VARIANTS if v in by_variant)
                   + " |", "|---|" + "---|" * len(by_variant)]
         seeds = sorted({r["seed"] for r in records})
@@ -313,26 +327,30 @@ def write_report(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--train", action="store_true")
-    p.add_argument("--eval-timing", action="store_true")
-    p.add_argument("--report", default="")
-    p.add_argument("--out-dir", default="/tmp/hrem_bench")
-    p.add_argument("--backbone", choices=("tiny", "lite"), default="tiny")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--size", default="small")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--decay", type=int, default=15)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--embed", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--timing-images", type=int, default=5000)
-    p.add_argument("--timing-batch", type=int, default=128)
-    p.add_argument("--timing-shard", type=int, default=1000)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
+                                epilog="See the module docstring for the recorded commands.")
+    p.add_argument("--train", action="store_true", help="train every --variants x --seeds run into --out-dir")
+    p.add_argument("--eval-timing", action="store_true", help="time evaluation on COCO-5K-sized random embeddings")
+    p.add_argument("--report", default="", help="write the Markdown report from what --out-dir holds to this file")
+    p.add_argument("--out-dir", default="/tmp/hrem_bench", help="run folders and JSON results (default: %(default)s)")
+    p.add_argument("--backbone", choices=("tiny", "lite"), default="tiny",
+                   help="text encoder: random tiny BERT or MiniLM-L6 (default: %(default)s)")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
+                   help="what to train (default: %(default)s; hrem_bug only when named)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default: %(default)s)")
+    p.add_argument("--size", default="small", help="synthetic data size: tiny | small | default (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs (default: %(default)s)")
+    p.add_argument("--decay", type=int, default=15, help="epoch of the x0.1 lr step (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=32, help="batch size (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=5e-4, help="base learning rate (default: %(default)s)")
+    p.add_argument("--embed", type=int, default=256, help="joint embedding width (default: %(default)s)")
+    p.add_argument("--heads", type=int, default=8, help="heads of the Transformer layers (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=100,
+                   help="iterations before the instance-level module joins (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
+    p.add_argument("--timing-images", type=int, default=5000, help="--eval-timing: images (x5 captions)")
+    p.add_argument("--timing-batch", type=int, default=128, help="--eval-timing: encoding batch")
+    p.add_argument("--timing-shard", type=int, default=1000, help="--eval-timing: score shard size")
     args = p.parse_args(argv)
     args.command = "PYTHONPATH=. .venv/bin/python bench/hrem_synthetic.py " + " ".join(sys.argv[1:])
     torch.set_num_threads(args.threads)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -556,3 +557,21 @@ def test_bench_diagnosis_gradients_add_up_and_reg_stays_off_the_encoders():
     assert out["grad norm total"] == pytest.approx(float(norm), rel=1e-4)
     assert out["grad norm reg_loss"] == 0.0
     assert out["clipped step along base"] <= 2.0 + 1e-6 and out["base-only clipped step"] <= 2.0
+
+
+def test_bench_pairs_each_hrem_variant_with_its_baselines():
+    """bench/hrem_synthetic.py's report: seed-by-seed differences for HREM and for the pre-fix variant."""
+    import bench_scripts
+
+    mod = bench_scripts.load("hrem_synthetic")
+    rsum = {"hrem": [500.0, 490.0, 510.0], "no_instance": [495.0, 495.0, 500.0], "hrem_bug": [505.0, 480.0, 520.0]}
+    by_variant = {v: [{"seed": s, "test": {"rsum": x}} for s, x in enumerate(xs)] for v, xs in rsum.items()}
+    lines = mod._paired(by_variant)
+    bug = next(line for line in lines if line.startswith("- hrem_bug - no_instance"))
+    assert "+10.0, -15.0, +20.0; mean +5.0" in bug and "hrem_bug higher in 2 of 3 seeds" in bug
+    diffs = [10.0, -15.0, 20.0]
+    t = statistics.mean(diffs) / (statistics.stdev(diffs) / 3 ** 0.5)
+    assert f"paired t = {t:.2f}" in bug
+    assert any(line.startswith("- HREM - no_instance, test rsum per seed: +5.0, -5.0, +10.0") for line in lines)
+    assert not any("vsepp" in line for line in lines)  # no runs of it: no line
+
