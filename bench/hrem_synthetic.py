@@ -234,8 +234,10 @@ def write_report(args: argparse.Namespace) -> None:
         tr, mo = records[0]["config"]["train"], records[0]["config"]["model_overrides"]
         seeds = " ".join(str(s) for s in sorted({r["seed"] for r in records}))
         size = records[0]["config"]["dataset"]["synthetic"]["size"]
+        present = " ".join(v for v in VARIANTS if any(r["variant"] == v for r in records))
         lines += [f"Training: `PYTHONPATH=. .venv/bin/python bench/hrem_synthetic.py --train --backbone "
-                  f"{records[0]['backbone']} --size {size} --seeds {seeds} --epochs {tr['epochs']} "
+                  f"{records[0]['backbone']} --size {size} --variants {present} --seeds {seeds} "
+                  f"--epochs {tr['epochs']} "
                   f"--decay {tr['lr_milestones'][0]} --warmup {mo['warmup_iters']} --embed {mo['embed_size']} "
                   f"--out-dir {args.out_dir}` (the seeds ran "
                   "as 2 parallel processes, the seeds or the variants split between them)", ""]
