@@ -168,8 +168,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, Any]:
     from cirlab.core.errors import ConfigError
-    from cirlab.engine.runs import (apply_overrides, is_precomp, merge_config, parse_set, read_yaml, validate_config,
-                                    with_defaults)
+    from cirlab.engine.runs import apply_overrides, merge_config, parse_set, read_yaml, validate_config, with_defaults
 
     config_path = Path(args.config) if args.config else (run_dir / "config.yaml" if run_dir else None)
     if args.config and not config_path.is_file():
@@ -188,15 +187,26 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
     if args.dataset and not args.root and not args.config:
         config["dataset"]["synthetic"] = None
     config = merge_config(config, cli)
-    if not (config_path is not None and config_path.is_file()) and config["dataset"].get("name") \
-            and is_precomp(config):
-        config["dataset"]["val_split"] = "dev"  # the precomp releases name their validation split dev
+    if not (config_path is not None and config_path.is_file()) and config["dataset"].get("name"):
+        _catalog_splits(config["dataset"])
     config = apply_overrides(config, parse_set(args.overrides))
     if not config["dataset"].get("name"):
         raise ConfigError("cirlab eval: no dataset: pass --dataset (or --config, or a run folder)")
     validate_config(config, str(config_path) if config_path is not None and config_path.is_file() else "cirlab eval",
                     for_eval=True)
     return config
+
+
+def _catalog_splits(dataset: dict[str, Any]) -> None:
+    """Without a config, the split names are the release's own (:mod:`cirlab.data.catalog`: f30k's validation
+    split is dev, CIRR's test split test1); an unknown name is left for the config check to report."""
+    from cirlab.data.catalog import get_dataset
+
+    try:
+        spec = get_dataset(dataset["name"])
+    except (KeyError, ValueError):
+        return
+    dataset["train_split"], dataset["val_split"], dataset["test_split"] = spec.splits
 
 
 def _checkpoint_of(target_arg: str, name: str) -> tuple[Path, Path | None]:
@@ -265,7 +275,7 @@ def _key_groups(keys: Sequence[str] | None) -> str:
     groups: dict[str, list[str]] = {}
     for key in keys or ():
         groups.setdefault(key.split(".", 1)[0], []).append(key)
-    named = [head if keys == [head] else f"{head}.* ({len(keys)})" for head, keys in groups.items()]
+    named = [head if found == [head] else f"{head}.* ({len(found)})" for head, found in groups.items()]
     return ", ".join(named) or "nothing"
 
 
@@ -293,7 +303,7 @@ def _run_params(args: argparse.Namespace) -> int:
     """``cirlab models --params MODEL``: parameters per module on the meta device, as a table or JSON."""
     from cirlab.core.config import did_you_mean
     from cirlab.core.errors import ConfigError
-    from cirlab.engine.runs import parse_set
+    from cirlab.engine.runs import parse_set_flat
     from cirlab.models.registry import list_models, list_presets, parameter_table
 
     name = args.params
@@ -302,7 +312,7 @@ def _run_params(args: argparse.Namespace) -> int:
                           f"known: {', '.join(list_models())}")
     presets = list_presets(name)
     preset = args.preset or next(p for p in presets if p not in ("tiny", "lite"))
-    overrides = {".".join(path): value for path, value in parse_set(args.overrides)}
+    overrides = parse_set_flat(args.overrides)
     try:
         rows = parameter_table(name, preset, **overrides)
     except (KeyError, TypeError, ValueError, OSError, RuntimeError, NotImplementedError) as err:

@@ -227,14 +227,14 @@ def _lavis_source(args: argparse.Namespace) -> tuple[str, dict] | None:
 
 def _lavis_to_cirlab(args: argparse.Namespace, layout: str, state: dict) -> int:
     """LAVIS blip_retrieval -> stage I, LAVIS BLIP-2 -> CaLa; checkpoint + ``<OUT>.report.json``."""
-    from cirlab.core.checkpoint import CheckpointError, save_checkpoint
+    from cirlab.core.checkpoint import CheckpointError
     from cirlab.core.io import write_json
-    from cirlab.engine.runs import parse_set
+    from cirlab.engine.runs import parse_set_flat
     from cirlab.engine.train import to_plain
     from cirlab.models import blip_interop, lavis_interop
     from cirlab.models.registry import create_model
 
-    overrides = {".".join(path): value for path, value in parse_set(args.overrides)}
+    overrides = parse_set_flat(args.overrides)
     source = str(args.source)
     warnings = []
     try:
@@ -268,9 +268,7 @@ def _lavis_to_cirlab(args: argparse.Namespace, layout: str, state: dict) -> int:
                         "vocab_file to the vocabulary the checkpoint was trained with before encoding text")
     heads = {k: getattr(config, k) for k in ("vision_heads", "text_heads", "qformer_heads") if hasattr(config, k)}
     out = Path(args.out)
-    save_checkpoint(out, {"model": model.state_dict(), "model_name": model.model_name,
-                          "model_config": to_plain(config.to_dict()), "converted_from": source,
-                          "converted_layout": f"lavis {layout}"})
+    _save_converted(out, model, source, f"lavis {layout}")
     summary = {"model": model.model_name, "checkpoint": str(out), "source_layout": f"lavis {layout}",
                "preset": args.preset, "model_overrides": to_plain(model_overrides), "heads": heads,
                "loaded": len(report.loaded), "ignored": len(report.ignored), "missing": list(report.missing),
@@ -283,19 +281,16 @@ def _lavis_to_cirlab(args: argparse.Namespace, layout: str, state: dict) -> int:
 
 
 def _to_cirlab(args: argparse.Namespace) -> int:
-    from cirlab.core.checkpoint import save_checkpoint
     from cirlab.core.io import write_json
-    from cirlab.engine.runs import parse_set
-    from cirlab.engine.train import to_plain
+    from cirlab.engine.runs import parse_set_flat
     from cirlab.models import blip_rerank
 
-    overrides = {".".join(path): value for path, value in parse_set(args.overrides)}
+    overrides = parse_set_flat(args.overrides)
     stage = {"blip_rerank_stage1": 1, "blip_rerank_stage2": 2}.get(args.model or "")
     model, reports = blip_rerank.from_pretrained(args.source, stage=stage, preset=args.preset, stage1=args.stage1,
                                                  **overrides)
     out = Path(args.out)
-    save_checkpoint(out, {"model": model.state_dict(), "model_name": model.model_name,
-                          "model_config": to_plain(model.config.to_dict()), "converted_from": str(args.source)})
+    _save_converted(out, model, str(args.source))
     report = write_json(out.with_name(out.name + ".report.json"), [r.to_dict() for r in reports])
     print(json.dumps({"model": model.model_name, "checkpoint": str(out), "report": str(report),
                       "loaded": sum(len(r.loaded) for r in reports),
@@ -326,14 +321,13 @@ def _to_original(args: argparse.Namespace) -> int:
 
 def _cala_files_to_cirlab(args: argparse.Namespace) -> int:
     """A folder of CaLa's saved files -> a cirlab checkpoint + ``<OUT>.report.json`` (one report per file)."""
-    from cirlab.core.checkpoint import CheckpointError, save_checkpoint
+    from cirlab.core.checkpoint import CheckpointError
     from cirlab.core.io import write_json
-    from cirlab.engine.runs import parse_set
-    from cirlab.engine.train import to_plain
+    from cirlab.engine.runs import parse_set_flat
     from cirlab.models import blip_interop, cala
     from cirlab.models.registry import create_model
 
-    overrides = {".".join(path): value for path, value in parse_set(args.overrides)}
+    overrides = parse_set_flat(args.overrides)
     model = create_model("cala", args.preset, **overrides)
     try:
         reports = cala.load_cala_files(model, args.source, suffix=args.suffix or "")
@@ -346,9 +340,7 @@ def _cala_files_to_cirlab(args: argparse.Namespace) -> int:
                               f"{args.preset!r} (e.g. {key}: file {list(src)} vs model {list(dst)}); pass the "
                               "preset (or --set sizes) it was trained with")
     out = Path(args.out)
-    save_checkpoint(out, {"model": model.state_dict(), "model_name": "cala",
-                          "model_config": to_plain(model.config.to_dict()), "converted_from": str(args.source),
-                          "converted_layout": "cala files"})
+    _save_converted(out, model, str(args.source), "cala files")
     summary = {"model": "cala", "checkpoint": str(out), "source_layout": "cala files", "preset": args.preset,
                "files": [r.source for r in reports], "loaded": sum(len(r.loaded) for r in reports),
                "ignored": sum(len(r.ignored) for r in reports), "missing": [k for r in reports for k in r.missing]}
@@ -372,3 +364,14 @@ def _cala_to_files(args: argparse.Namespace, model: Any, epoch: int) -> int:
     written = cala.export_cala_files(model, out, suffix=suffix, epoch=epoch)
     print(json.dumps({"out": str(out), "files": [p.name for p in written]}, indent=2))
     return 0
+
+
+def _save_converted(out: Path, model: Any, source: str, layout: str | None = None) -> None:
+    """A converted model as a cirlab checkpoint: weights, model name and config (so ``model_from_checkpoint``
+    rebuilds it), and where it came from."""
+    from cirlab.core.checkpoint import save_checkpoint
+    from cirlab.engine.train import to_plain
+
+    meta = {"converted_from": source, **({"converted_layout": layout} if layout else {})}
+    save_checkpoint(out, {"model": model.state_dict(), "model_name": model.model_name,
+                          "model_config": to_plain(model.config.to_dict()), **meta})

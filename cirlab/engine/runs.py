@@ -137,6 +137,12 @@ def parse_set(items: Sequence[str]) -> list[tuple[list[str], Any]]:
     return out
 
 
+def parse_set_flat(items: Sequence[str]) -> dict[str, Any]:
+    """:func:`parse_set` as ``{"a.b": value}``: model config fields for tools that build a model from a preset
+    (``cirlab convert --set``, ``cirlab models --params --set``, ``cirlab report --set``)."""
+    return {".".join(path): value for path, value in parse_set(items)}
+
+
 def apply_overrides(config: dict[str, Any], overrides: Sequence[tuple[list[str], Any]]) -> dict[str, Any]:
     """Set nested keys (creating sections as needed); a path through a non-mapping is an error."""
     config = copy.deepcopy(config)

@@ -282,9 +282,9 @@ SYNTHETIC_SIZE_ITM = "small"  # the report's {itm_data} (precomp only); smoke ru
 def parse_set(items: Sequence[str]) -> dict[str, Any]:
     """``["key=value", "train.max_steps=10"]`` -> ``{"key": value, "train.max_steps": 10}``: parsed exactly as
     ``cirlab train --set`` parses (:func:`cirlab.engine.runs.parse_set`: YAML values, ``2e-4`` a float)."""
-    from cirlab.engine.runs import parse_set as parse_overrides
+    from cirlab.engine.runs import parse_set_flat
 
-    return {".".join(path): value for path, value in parse_overrides(items)}
+    return parse_set_flat(items)
 
 
 def _fill(value: Any, out: Path, data: Path, itm_data: Path) -> Any:
