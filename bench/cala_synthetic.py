@@ -11,6 +11,8 @@ synthetic data, with the same preset, seed, steps and learning rate; only the lo
 * ``cala_paper``    the paper's form of the objective: CE(QTM) + 0.1 CE(TBIA) + 0.45 CE(CTR) (``loss_form: paper``)
 * ``tbia_only``     the released loss without CTR (``tac_weight=0``): 0.1 CE(TBIA) + 0.9 CE(QTM)
 * ``ctr_only``      the released loss without TBIA (``hca_weight=0``): CE(0.45 CTR + 0.55 QTM)
+* ``qtm_s55``       ``qtm_only`` with the QTM logit scale at 55 instead of 100: the temperature QTM has inside the
+  released mixing ``0.45 CTR + 0.55 QTM`` when the CTR logits are near zero (a control for ``ctr_only``)
 
 Usage::
 
@@ -40,6 +42,7 @@ VARIANTS = {
     "cala_paper": {"loss_form": "paper"},
     "tbia_only": {"tac_weight": 0.0},  # which auxiliary term moves the result: each alone
     "ctr_only": {"hca_weight": 0.0},
+    "qtm_s55": {"hca_weight": 0.0, "tac_weight": 0.0, "qtm_scale": 55.0},  # is ctr_only's gain only its temperature?
 }
 METRICS = {"cirr": ["R@1", "R@5", "R@10", "R@50", "cirr_Rsubset@1", "avg"],
            "fashioniq": ["avg_R@10", "avg_R@50", "avg"],
@@ -180,6 +183,7 @@ def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
     lines += ["", "`cala` = released loss (src/blip_fine_tune.py after commit 213ef3c); `qtm_only` = same recipe "
               "with hca_weight = tac_weight = 0; `cala_paper` = the paper's weighted sum of the three CEs; "
               "`tbia_only` / `ctr_only` = the released loss with tac_weight = 0 / hca_weight = 0; "
+              "`qtm_s55` = `qtm_only` at QTM scale 55 (the scale QTM has inside the mixing when CTR is near zero); "
               "`image_only` / `text_only` = one modality as the query. Synthetic or emoji data, not a paper number."]
     return "\n".join(lines)
 

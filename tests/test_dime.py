@@ -346,6 +346,15 @@ def test_cirlab_eval_reads_the_original_checkpoint(tmp_path, capsys):
                  "--root", str(data["root"]), "--split", "test", "--protocol", "full",
                  "--set", "model_overrides.direction=t2i", "--set", "model_overrides.img_dim=2048"]) == 0
     assert json.loads(capsys.readouterr().out)["splits"]["test"] == pytest.approx(expected)
+
+    # the same file as a training start (model_overrides.init_from): trusted, every weight in place
+    start = _tiny("t2i", seed=9, img_dim=2048, init_from=str(path), init_trust_pickle=True)
+    [report] = start.load_init()
+    assert report["layout"] == "original" and report["kept_as_built"] == []
+    assert all(torch.equal(start.state_dict()[k], v) for k, v in state.items() if isinstance(v, torch.Tensor))
+    with pytest.raises(CheckpointError, match="model_overrides.init_from: .* set model_overrides.init_trust_pickle"):
+        _tiny("t2i", img_dim=2048, init_from=str(path)).load_init()
+
     parts[2].pop(next(iter(parts[2])))
     torch.save({"model": parts}, path)
     with pytest.raises(CheckpointError, match=r"does not fit model 'dime': 1 missing keys \(itr_module\."):

@@ -537,6 +537,59 @@ def test_tiny_synthetic_run_trains_selects_on_dev_and_reloads(tmp_path):
     assert isinstance(model, H.HREM) and int(model.iteration) == 3  # the warm-up position travels with the weights
 
 
+def test_init_from_a_cirlab_run_or_the_original_file_starts_a_new_run(tmp_path, capsys, caplog):
+    """``model_overrides.init_from``: a cirlab run folder gives its best weights (and vocabulary) with the warm-up
+    counter back at 0; the original's pickled file needs ``init_trust_pickle`` (one line naming it otherwise)
+    and then starts ``cirlab train`` from its encoders, with ``init_from.json`` in the run folder."""
+    import json
+
+    from cirlab.cli import main
+    from cirlab.core.checkpoint import CheckpointError
+    from cirlab.engine import runs
+
+    first = tmp_path / "first"
+    config = runs.load_config(ROOT / "configs" / "hrem_synthetic_tiny.yaml",
+                              ["train.max_steps=2", f"output_dir={first}", "train.num_threads=1"])
+    config["dataset"]["synthetic"]["out"] = str(tmp_path / "data")
+    runs.run_experiment(config)
+    trained, _ = runs.model_from_checkpoint(first / "checkpoints" / "best.pt")
+    assert int(trained.iteration) == 2
+
+    torch.manual_seed(5)
+    fresh = cirlab.create_model("hrem", "tiny", img_dim=2048, init_from=str(first))
+    fresh.fit_vocab(["words the start does not have"])  # the start's saved vocabulary replaces this one
+    caption = ["a blue circle above a green hexagon"]  # words of the synthetic captions
+    assert fresh.tokenize(caption)[0].tolist() != trained.tokenize(caption)[0].tolist()
+    [report] = fresh.load_init(tmp_path)
+    assert report["layout"] == "cirlab" and report["source"] == str(first / "checkpoints" / "best.pt")
+    assert int(fresh.iteration) == 0  # a new run: its relation terms wait warmup_iters from its own start
+    expected = {k: v for k, v in trained.state_dict().items() if k != "iteration"}
+    got = fresh.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.items() if isinstance(v, torch.Tensor))
+    assert fresh.tokenize(caption)[0].tolist() == trained.tokenize(caption)[0].tolist()
+    assert json.loads((tmp_path / "init_from.json").read_text())["init_from"] == str(first)
+
+    state = trained.state_dict()  # the original's layout: [img_enc, txt_enc] and its pickled argparse options
+    original = tmp_path / "model_best.pth"
+    torch.save({"model": [{k[8:]: v for k, v in state.items() if k.startswith("img_enc.")},
+                          {k[8:]: v for k, v in state.items() if k.startswith("txt_enc.")}],
+                "opt": argparse.Namespace(embed_size=32), "epoch": 4}, original)
+    base = ["train", str(ROOT / "configs" / "hrem_synthetic_tiny.yaml"), "--set", "train.max_steps=1",
+            "--set", f"dataset.synthetic.out={tmp_path / 'data'}", "--set", "train.num_threads=1",
+            "--set", f"model_overrides.init_from={original}"]
+    caplog.set_level("INFO", logger="cirlab")
+    assert main(base + ["--output-dir", str(tmp_path / "refused")]) == 2
+    assert "model_overrides.init_from" in caplog.text and "set model_overrides.init_trust_pickle: true" in caplog.text
+    assert not (tmp_path / "refused").exists()  # nothing left behind by a refused start
+    with pytest.raises(CheckpointError, match="does not exist"):
+        cirlab.create_model("hrem", "tiny", init_from=str(tmp_path / "nowhere")).load_init()
+
+    assert main(base + ["--set", "model_overrides.init_trust_pickle=true", "--output-dir", str(tmp_path / "ft")]) == 0
+    written = json.loads((tmp_path / "ft" / "init_from.json").read_text())
+    assert written["layout"] == "original" and written["source"] == str(original)
+    assert any(k.startswith("relation.") for k in written["kept_as_built"])  # the original never saves it
+
+
 def test_bench_diagnosis_gradients_add_up_and_reg_stays_off_the_encoders():
     """bench/hrem_diagnose.py: the per-term gradients sum to the gradient of the summed loss (one backward, the
     trainer's), the KL regulariser has no gradient on the encoders, and the clipped step is at most the clip."""

@@ -253,6 +253,55 @@ def load_converted(model: torch.nn.Module, state: dict[str, Any], path: str | os
     return kept
 
 
+def load_start(model: torch.nn.Module, source: str | os.PathLike, *, trust_pickle: bool = False,
+               field: str = "model_overrides.init_from",
+               trust_field: str = "model_overrides.init_trust_pickle") -> dict[str, Any]:
+    """A pretrained start (``init_from``) for a model trained from its own weights: a cirlab run folder (its
+    ``checkpoints/best.pt``), a cirlab checkpoint, or a file the paper's own code saved, read by the model's
+    :class:`~cirlab.core.contracts.HasOriginalCheckpoint` reader. Returns where the weights came from, in which
+    layout, and (original files) what was ignored or kept as built. Anything unusable is one
+    :class:`CheckpointError` line naming ``field`` and the file; a pickled file names ``trust_field``."""
+    from cirlab.core.contracts import HasOriginalCheckpoint
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "best.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{field}: {path} does not exist (give a cirlab run folder, a checkpoint, or the "
+                              "paper's own file)")
+    try:
+        obj = load_checkpoint(path, trust_pickle=trust_pickle)
+        if find_state_dict(obj) is None and isinstance(model, HasOriginalCheckpoint):
+            return {"source": str(path), "layout": "original", **model.load_original(obj, str(path))}
+        saved = obj.get("model_name") if isinstance(obj, dict) else None
+        load_state(model, model_state_dict(obj, path), path, saved_name=saved)
+    except CheckpointError as err:
+        cause = err.__cause__
+        if isinstance(cause, pickle.UnpicklingError) and _is_weights_only_refusal(cause):  # a config, not a flag
+            raise CheckpointError(f"{field}: {path} contains pickled Python objects ({_refused_global(cause)}), "
+                                  f"which run code when loaded; if you trust its source, set {trust_field}: true"
+                                  ) from None
+        raise CheckpointError(f"{field}: {err}") from None
+    return {"source": str(path), "layout": "cirlab"}
+
+
+def apply_init_from(model: torch.nn.Module, init_from: str, *, trust_pickle: bool = False,
+                    report_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """``load_init`` of the models that start from their own weights (:func:`load_start`): logs where the weights
+    came from and writes ``<report_dir>/init_from.json``."""
+    if not init_from:
+        return []
+    report = load_start(model, init_from, trust_pickle=trust_pickle)
+    kept = report.get("kept_as_built") or []
+    logger.info("init_from: %s weights from %s%s", report["layout"], report["source"],
+                f"; kept as built: {len(kept)} keys" if kept else "")
+    if report_dir is not None:
+        from cirlab.core import io
+
+        io.write_json(Path(report_dir) / "init_from.json", {"init_from": init_from, **report})
+    return [report]
+
+
 def load_model_weights(model: torch.nn.Module, path: str | os.PathLike, *, trust_pickle: bool = False,
                        strict: bool = True) -> dict[str, Any]:
     """Load the weights of checkpoint ``path`` into ``model``; returns the checkpoint's other entries."""

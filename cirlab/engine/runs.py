@@ -714,9 +714,11 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     for split, value in loaded.items():
         _check_not_empty(config, split, value)
     model = build_seeded_model(config)
-    if isinstance(model, HasInit):  # pretrained start from the model config (init_from); its report -> run folder
-        model.load_init(out if is_main_process() else None)
     fit_to_training_data(model, config)
+    # pretrained start from the model config (init_from); its report -> run folder. After the vocabulary is fitted:
+    # a start that saved its own vocabulary (a cirlab run of a random tiny BERT) then keeps it with its embeddings
+    if isinstance(model, HasInit):
+        model.load_init(out if is_main_process() else None)
     overrides = dict(config.get("train") or {})
     if resume:
         overrides["resume"] = "auto"

@@ -107,6 +107,9 @@ class DIMEConfig(PresetMixin):
     # about 2e-3, see reports/benchmarks/dime_eval.md) or "auto" = bf16 on CUDA and on CPUs with bf16 dot-product
     # units (avx512_bf16 / amx_bf16; CIRLAB_BF16=0 turns it off), fp32 elsewhere.
     eval_dtype: str = "auto"
+    # pretrained start, applied by load_init when `cirlab train` builds the model
+    init_from: str = ""  # a cirlab DIME run folder or checkpoint, or the original's model_best.pth.tar
+    init_trust_pickle: bool = False  # the original's file pickles its argparse options: unpickle it (trusted only)
 
     PRESETS = {
         "f30k_i2t": {"direction": "i2t", "lambda_softmax": 4.0},
@@ -717,6 +720,14 @@ class DIME(BertVocabMixin, nn.Module):
         except KeyError as err:
             raise CheckpointError(f"{source}: {err.args[0]}") from None
         return {"ignored": [], "kept_as_built": load_converted(self, state, source)}
+
+    def load_init(self, report_dir: str | None = None) -> list[dict[str, Any]]:
+        """Apply ``config.init_from`` (``cirlab train`` calls this once): a cirlab run or checkpoint, or the
+        original's file (every weight must fit, as for :meth:`load_original`)."""
+        from cirlab.core.checkpoint import apply_init_from
+
+        return apply_init_from(self, self.config.init_from, trust_pickle=self.config.init_trust_pickle,
+                               report_dir=report_dir)
 
     # the vocabulary (tokenizer cache, fit_vocab for the random tiny BERT, saved token list) comes from
     # cirlab.models._text.BertVocabMixin, shared with HREM

@@ -27,7 +27,8 @@ Deviations from the original code and quirks, each behind a named config field (
 * Model selection is a run setting: ``train.selection: val`` (dev, cirlab's default) or ``train.selection: test``
   / ``paper`` (the original validates and keeps ``model_best`` on the test split; optimistic, label it).
 * The warm-up counter (``iteration``) is a buffer saved with the weights, so a resumed run keeps its position
-  [a Python counter, reset on restart]. A loss that samples no negative (every row empty) is 0, as the original's
+  [a Python counter, reset on restart]. A new run started from weights (``init_from``: a cirlab run, or the
+  original's ``model_best.pth`` with ``init_trust_pickle``) restarts it at 0. A loss that samples no negative (every row empty) is 0, as the original's
   ``try/except`` around ``torch.multinomial`` makes it.
 * Word-region matching (:func:`word_region_scores`) is one batched tensor ``[B_txt, B_img, L, R]`` instead of a
   Python loop over captions; it keeps the loop's padding behaviour (see its docstring). Token ids are padded to at
@@ -101,6 +102,9 @@ class HREMConfig(PresetMixin):
     # --- optimisation, read by default_train_config / param_groups ---
     bert_lr_scale: float = 0.1  # BERT learning rate = 0.1 x train.lr (the original: 5e-5 against 5e-4)
     paper_batch_size: int = 128  # the paper's batch (128 F30K, 256 COCO)
+    # --- pretrained start, applied by load_init when `cirlab train` builds the model ---
+    init_from: str = ""  # a cirlab HREM run folder or checkpoint, or the original's model_best.pth
+    init_trust_pickle: bool = False  # the original's file pickles its argparse options: unpickle it (trusted only)
 
     PRESETS = {
         "f30k": {"mask_weight": 1.0, "dws_cutoff": 1.7, "paper_batch_size": 128},
@@ -635,6 +639,17 @@ class HREM(BertVocabMixin, nn.Module):
         except KeyError as err:
             raise CheckpointError(f"{source}: {err.args[0]}") from None
         return {"ignored": ignored, "kept_as_built": load_converted(self, state, source, kept_as_built=_TRAINING_ONLY)}
+
+    def load_init(self, report_dir: str | Path | None = None) -> list[dict[str, Any]]:
+        """Apply ``config.init_from`` (``cirlab train`` calls this once). From the original's file only the two
+        encoders come (the relation module stays as built). The warm-up counter restarts at 0 either way: this is
+        a new run, whose relation terms begin ``warmup_iters`` iterations after its own start."""
+        from cirlab.core.checkpoint import apply_init_from
+
+        reports = apply_init_from(self, self.config.init_from, trust_pickle=self.config.init_trust_pickle,
+                                  report_dir=report_dir)
+        self.iteration.zero_()
+        return reports
 
     # -- inspection --------------------------------------------------------------------------------------
     @torch.no_grad()
