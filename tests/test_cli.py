@@ -210,6 +210,33 @@ def test_a_wrong_root_fails_before_the_model_is_built_and_leaves_no_folder(tmp_p
     assert (tmp_path / "mine").is_dir()  # a folder that was there before stays, even when empty
 
 
+def test_a_missing_start_file_fails_before_the_data_and_the_model(tmp_path, monkeypatch, caplog):
+    """``init_from`` / ``stage1_checkpoint`` naming nothing on disk (``lavis:`` prefix or not): one line naming the
+    field and the path, before any data is read or any model is built; ``init_from: stage1`` is not a path."""
+    from cirlab.engine import runs
+
+    def never(*args, **kwargs):
+        raise AssertionError("data or model touched before the start paths were checked")
+
+    monkeypatch.setattr(runs, "build_seeded_model", never)
+    monkeypatch.setattr(runs, "_prepare_data", never)
+    missing = tmp_path / "blip2.pth"
+    cases = [("cala_cirr.yaml", "init_from", f"lavis:{missing}"), ("hrem_f30k.yaml", "init_from", str(missing)),
+             ("dime_f30k_i2t.yaml", "init_from", str(missing)),
+             ("blip_rerank_cirr_stage2.yaml", "stage1_checkpoint", str(missing))]
+    for config, field, value in cases:
+        caplog.clear()
+        out = tmp_path / field
+        assert main(["train", str(ROOT / "configs" / config), "--output-dir", str(out),
+                     "--set", f"model_overrides.{field}={value}"]) == 2, config
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert errors == [f"model_overrides.{field}: {missing} does not exist (model "
+                          f"{runs.load_config(ROOT / 'configs' / config)['model']!r} starts from it)"], config
+        assert not out.exists()
+    config = {"model": "blip_rerank_stage2", "model_overrides": {"init_from": "stage1"}}
+    runs._check_start_paths(config)  # stage II's own stage I: no file to look for
+
+
 def test_a_missing_pretrained_folder_is_one_line_naming_it(tmp_path, synth, caplog):
     """HREM's BERT or CaLa's MiniLM folder that does not exist: exit 2, one line naming the model and the path."""
     cases = [("hrem_synthetic_tiny.yaml", "bert", "HREM: BERT directory"),

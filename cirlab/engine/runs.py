@@ -703,6 +703,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     from cirlab.core.checkpoint import load_model_weights
     from cirlab.engine.train import resolve_train_config, train
 
+    _check_start_paths(config)  # before any data is generated or read
     _prepare_data(config)
     ds = config["dataset"]
     if not ds.get("root") and ds.get("synthetic"):  # the config opted in; said out loud on every run
@@ -800,6 +801,26 @@ def _differences(key: str, old: Any, new: Any) -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         return [d for k in sorted(set(old) | set(new)) for d in _differences(f"{key}.{k}", old.get(k), new.get(k))]
     return [f"{key}: {old!r} -> {new!r}"]
+
+
+START_FIELDS = ("init_from", "stage1_checkpoint")  # model_overrides naming weights read when a run starts
+
+
+def _check_start_paths(config: dict[str, Any]) -> None:
+    """A pretrained start (``init_from``, ``stage1_checkpoint``) that names nothing on disk stops before the model is
+    built: a paper-size build takes tens of seconds. Every such value is a local path, possibly ``lavis:PATH``,
+    except stage II's ``init_from: stage1`` (the frozen stage I's own weights)."""
+    from cirlab.models.lavis_interop import LAVIS_PREFIX
+
+    overrides = config.get("model_overrides") or {}
+    for field in START_FIELDS:
+        value = str(overrides.get(field) or "")
+        if not value or value == "stage1":
+            continue
+        path = Path(value[len(LAVIS_PREFIX):] if value.startswith(LAVIS_PREFIX) else value).expanduser()
+        if not path.exists():
+            raise ConfigError(f"model_overrides.{field}: {path} does not exist (model {config['model']!r} starts "
+                              "from it)")
 
 
 def _check_not_empty(config: dict[str, Any], split: str, loaded: Any) -> None:
