@@ -288,17 +288,47 @@ def test_bert_loads_from_transformers_directory_and_errors(tmp_path):
 
 def test_a_hub_id_without_the_hub_is_one_clear_error(monkeypatch):
     """``bert: bert-base-uncased`` (the paper presets) on a machine without the hub or its cache: transformers'
-    several-line OSError becomes one FileNotFoundError that says what to set."""
+    several-line OSError becomes one FileNotFoundError that says what to set, after a 3-second probe of the hub
+    instead of huggingface_hub's 30 s of retries."""
+    import socket
+
     from transformers import BertModel
 
+    from cirlab.models import _text
+
+    calls = []
+
     def offline(*args, **kwargs):
+        calls.append(kwargs)
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them\n"
                       "in the cached files.")
 
+    def no_network(address, timeout=None):
+        calls.append({"probe": address, "timeout": timeout})
+        raise socket.gaierror(-2, "Name or service not known")
+
     monkeypatch.setattr(BertModel, "from_pretrained", offline)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    for var in ("HF_HUB_OFFLINE", "HF_ENDPOINT", *_text.HUB_PROXY_VARIABLES):
+        monkeypatch.delenv(var, raising=False)
     with pytest.raises(FileNotFoundError, match=r"bert 'bert-base-uncased' is not a local folder, and neither the "
                                                 r"model hub nor its cache has it; set bert to a local BERT folder"):
         cirlab.create_model("dime", "tiny", bert="bert-base-uncased")
+    # one short probe of the hub, then the cache only: no 30 s of connection retries
+    assert calls == [{"probe": ("huggingface.co", 443), "timeout": 3.0},
+                     {"add_pooling_layer": False, "local_files_only": True}]
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.local:8080")
+    calls.clear()
+    assert not _text.hub_reachable() and calls == [{"probe": ("mirror.local", 8080), "timeout": 3.0}]
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: socket.socket())
+    assert _text.hub_reachable()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not _text.hub_reachable()  # the user's own offline switch wins
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert _text.hub_reachable()  # behind a proxy a direct connection proves nothing
 
 
 def test_original_checkpoint_conversion_round_trip():

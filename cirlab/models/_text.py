@@ -106,15 +106,41 @@ def load_bert(cfg: Any, owner: str = "text encoder") -> tuple[nn.Module, Any]:
                                 "(original Google/DIME layout)")
     if name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{owner}: BERT directory {path} does not exist")
-    logger.info("%s: loading BERT %r from the model hub", owner, name)  # only outside tests
+    offline = not hub_reachable()
+    logger.info("%s: loading BERT %r from the model hub%s", owner, name, " cache (hub unreachable)" if offline else "")
     from transformers import BertTokenizer
 
     try:
-        return BertModel.from_pretrained(name, add_pooling_layer=False), BertTokenizer.from_pretrained(name)
+        return (BertModel.from_pretrained(name, add_pooling_layer=False, local_files_only=offline),
+                BertTokenizer.from_pretrained(name, local_files_only=offline))
     except OSError:  # no hub here and not in its cache: transformers' several-line message says only that
         raise FileNotFoundError(f"{owner}: bert {name!r} is not a local folder, and neither the model hub nor its "
                                 "cache has it; set bert to a local BERT folder (config.json + vocab.txt, or the "
                                 "original bert_config.json layout)") from None
+
+
+HUB_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub can be reached, decided in at most ``timeout`` seconds: False under ``HF_HUB_OFFLINE``
+    or when its host does not resolve or accept a connection. Without this check a machine with no network spends
+    about 30 s in huggingface_hub's five connection retries before the same answer. Behind a proxy the direct
+    connection proves nothing, so a proxy setting counts as reachable (the download then decides)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    if any(os.environ.get(v) for v in HUB_PROXY_VARIABLES):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _from_pretrained_without_pooler(path: Path, owner: str) -> nn.Module:
