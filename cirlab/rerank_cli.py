@@ -300,11 +300,11 @@ def _to_cirlab(args: argparse.Namespace) -> int:
 
 
 def _to_original(args: argparse.Namespace) -> int:
+    from cirlab.core.checkpoint import run_checkpoint
     from cirlab.engine.runs import model_from_checkpoint
     from cirlab.models import blip_rerank
 
-    source = Path(args.source)
-    checkpoint = source / "checkpoints" / "best.pt" if source.is_dir() else source
+    checkpoint = run_checkpoint(args.source)
     model, meta = model_from_checkpoint(checkpoint)
     if model.model_name == "cala":
         return _cala_to_files(args, model, int(meta.get("epoch") or 0))

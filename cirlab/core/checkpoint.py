@@ -253,6 +253,26 @@ def load_converted(model: torch.nn.Module, state: dict[str, Any], path: str | os
     return kept
 
 
+def run_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint a source names: a cirlab run folder's ``checkpoints/best.pt``, any other path as given."""
+    path = Path(path).expanduser()
+    return path / "checkpoints" / "best.pt" if path.is_dir() else path
+
+
+def load_object(model: torch.nn.Module, obj: Any, path: str | os.PathLike) -> dict[str, Any] | None:
+    """Load a checkpoint already read by :func:`load_checkpoint` into ``model``: its state dict wherever
+    :func:`find_state_dict` finds one, else (a file the paper's own code saved, e.g. DIME's and HREM's
+    ``[img_enc, txt_enc, ...]`` lists) through the model's :class:`~cirlab.core.contracts.HasOriginalCheckpoint`
+    reader, whose report is returned (None for a state dict)."""
+    from cirlab.core.contracts import HasOriginalCheckpoint
+
+    if find_state_dict(obj) is None and isinstance(model, HasOriginalCheckpoint):
+        return model.load_original(obj, str(path))
+    saved = obj.get("model_name") if isinstance(obj, dict) else None
+    load_state(model, model_state_dict(obj, path), path, saved_name=saved)
+    return None
+
+
 def load_start(model: torch.nn.Module, source: str | os.PathLike, *, trust_pickle: bool = False,
                field: str = "model_overrides.init_from",
                trust_field: str = "model_overrides.init_trust_pickle") -> dict[str, Any]:
@@ -261,20 +281,12 @@ def load_start(model: torch.nn.Module, source: str | os.PathLike, *, trust_pickl
     :class:`~cirlab.core.contracts.HasOriginalCheckpoint` reader. Returns where the weights came from, in which
     layout, and (original files) what was ignored or kept as built. Anything unusable is one
     :class:`CheckpointError` line naming ``field`` and the file; a pickled file names ``trust_field``."""
-    from cirlab.core.contracts import HasOriginalCheckpoint
-
-    path = Path(source).expanduser()
-    if path.is_dir():
-        path = path / "checkpoints" / "best.pt"
+    path = run_checkpoint(source)
     if not path.is_file():
         raise CheckpointError(f"{field}: {path} does not exist (give a cirlab run folder, a checkpoint, or the "
                               "paper's own file)")
     try:
-        obj = load_checkpoint(path, trust_pickle=trust_pickle)
-        if find_state_dict(obj) is None and isinstance(model, HasOriginalCheckpoint):
-            return {"source": str(path), "layout": "original", **model.load_original(obj, str(path))}
-        saved = obj.get("model_name") if isinstance(obj, dict) else None
-        load_state(model, model_state_dict(obj, path), path, saved_name=saved)
+        report = load_object(model, load_checkpoint(path, trust_pickle=trust_pickle), path)
     except CheckpointError as err:
         cause = err.__cause__
         if isinstance(cause, pickle.UnpicklingError) and _is_weights_only_refusal(cause):  # a config, not a flag
@@ -282,6 +294,8 @@ def load_start(model: torch.nn.Module, source: str | os.PathLike, *, trust_pickl
                                   f"which run code when loaded; if you trust its source, set {trust_field}: true"
                                   ) from None
         raise CheckpointError(f"{field}: {err}") from None
+    if report is not None:
+        return {"source": str(path), "layout": "original", **report}
     return {"source": str(path), "layout": "cirlab"}
 
 

@@ -504,8 +504,7 @@ def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, 
     fields). When it is a file the paper's own code saved in a layout with no state dict to find (DIME's and HREM's
     ``model_best.pth``), the model's own reader (:class:`HasOriginalCheckpoint`) loads it; the returned metadata
     then says ``converted_from`` and what was ignored."""
-    from cirlab.core.checkpoint import CheckpointError, find_state_dict, load_checkpoint, load_state, model_state_dict
-    from cirlab.core.contracts import HasOriginalCheckpoint
+    from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_object
     from cirlab.models.registry import create_model, get_entry
 
     ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
@@ -532,11 +531,10 @@ def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, 
             net = create_model(name, preset, **(overrides or {}))
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{path}: cannot rebuild model {name!r} from it ({' '.join(str(err).split())})") from None
-    if saved is None and find_state_dict(ckpt) is None and isinstance(net, HasOriginalCheckpoint):
-        report = net.load_original(ckpt, str(path))
+    report = load_object(net, ckpt, path)
+    if report is not None:  # the paper's own layout, read by the model
         return net, {"converted_from": str(path), "converted_layout": f"original {name}",
                      "epoch": meta.get("epoch"), **report}
-    load_state(net, model_state_dict(ckpt, path), path, saved_name=saved)
     return net, meta
 
 
@@ -810,14 +808,14 @@ def _check_start_paths(config: dict[str, Any]) -> None:
     """A pretrained start (``init_from``, ``stage1_checkpoint``) that names nothing on disk stops before the model is
     built: a paper-size build takes tens of seconds. Every such value is a local path, possibly ``lavis:PATH``,
     except stage II's ``init_from: stage1`` (the frozen stage I's own weights)."""
-    from cirlab.models.lavis_interop import LAVIS_PREFIX
+    from cirlab.models.lavis_interop import strip_lavis_prefix
 
     overrides = config.get("model_overrides") or {}
     for field in START_FIELDS:
         value = str(overrides.get(field) or "")
         if not value or value == "stage1":
             continue
-        path = Path(value[len(LAVIS_PREFIX):] if value.startswith(LAVIS_PREFIX) else value).expanduser()
+        path = Path(strip_lavis_prefix(value)).expanduser()
         if not path.exists():
             raise ConfigError(f"model_overrides.{field}: {path} does not exist (model {config['model']!r} starts "
                               "from it)")

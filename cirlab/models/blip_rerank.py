@@ -369,9 +369,9 @@ def _is_lavis(path: Any) -> bool:
 
 
 def _lavis_path(path: Any) -> str:
-    from cirlab.models.lavis_interop import LAVIS_PREFIX
+    from cirlab.models.lavis_interop import strip_lavis_prefix
 
-    return str(path)[len(LAVIS_PREFIX):] if _is_lavis(path) else str(path)
+    return strip_lavis_prefix(path)
 
 
 def _load_lavis_blip(model: "BlipRerankStage1", state: dict[str, torch.Tensor],

@@ -702,10 +702,9 @@ class CaLa(nn.Module):
         if path.is_dir() and glob.glob(str(path / "tuned_*.pt")):
             return load_cala_files(self, path, suffix=suffix)
         if path.is_dir() or _is_cirlab_checkpoint(path):
-            from cirlab.core.checkpoint import load_model_weights
+            from cirlab.core.checkpoint import load_model_weights, run_checkpoint
 
-            file = path / "checkpoints" / "best.pt" if path.is_dir() else path
-            load_model_weights(self, file)
+            load_model_weights(self, run_checkpoint(path))
             return []
         return [_load_lavis_checked(self, path)]
 
@@ -866,8 +865,7 @@ def _load_lavis_checked(model: CaLa, path: str | os.PathLike) -> Any:
     from cirlab.models import lavis_interop
 
     _, state = lavis_interop.read_lavis_layout(path, expected=("blip2",))
-    source = str(path)[len(lavis_interop.LAVIS_PREFIX):] if str(path).startswith(lavis_interop.LAVIS_PREFIX) else path
-    return load_lavis_state(model, state, str(source))
+    return load_lavis_state(model, state, lavis_interop.strip_lavis_prefix(path))
 
 
 def load_lavis_state(model: CaLa, state: dict[str, torch.Tensor], source: str) -> Any:
@@ -1083,9 +1081,9 @@ def _load_clip_start(model: CaLa, path: str | os.PathLike, suffix: str = "") -> 
     if path.is_dir() and glob.glob(str(path / "tuned_clip_*.pt")):
         return load_cala_clip_files(model, path, suffix=suffix)
     if path.is_dir() or (path.is_file() and not is_torchscript(path) and _is_cirlab_checkpoint(path)):
-        from cirlab.core.checkpoint import load_model_weights
+        from cirlab.core.checkpoint import load_model_weights, run_checkpoint
 
-        load_model_weights(model, path / "checkpoints" / "best.pt" if path.is_dir() else path)
+        load_model_weights(model, run_checkpoint(path))
         return []
     return [load_clip_weights(model, path)]
 

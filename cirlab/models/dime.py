@@ -46,6 +46,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -721,7 +722,7 @@ class DIME(BertVocabMixin, nn.Module):
             raise CheckpointError(f"{source}: {err.args[0]}") from None
         return {"ignored": [], "kept_as_built": load_converted(self, state, source)}
 
-    def load_init(self, report_dir: str | None = None) -> list[dict[str, Any]]:
+    def load_init(self, report_dir: str | Path | None = None) -> list[dict[str, Any]]:
         """Apply ``config.init_from`` (``cirlab train`` calls this once): a cirlab run or checkpoint, or the
         original's file (every weight must fit, as for :meth:`load_original`)."""
         from cirlab.core.checkpoint import apply_init_from

@@ -28,8 +28,8 @@ Deviations from the original code and quirks, each behind a named config field (
   / ``paper`` (the original validates and keeps ``model_best`` on the test split; optimistic, label it).
 * The warm-up counter (``iteration``) is a buffer saved with the weights, so a resumed run keeps its position
   [a Python counter, reset on restart]. A new run started from weights (``init_from``: a cirlab run, or the
-  original's ``model_best.pth`` with ``init_trust_pickle``) restarts it at 0. A loss that samples no negative (every row empty) is 0, as the original's
-  ``try/except`` around ``torch.multinomial`` makes it.
+  original's ``model_best.pth`` with ``init_trust_pickle``) restarts it at 0. A loss that samples no negative
+  (every row empty) is 0, as the original's ``try/except`` around ``torch.multinomial`` makes it.
 * Word-region matching (:func:`word_region_scores`) is one batched tensor ``[B_txt, B_img, L, R]`` instead of a
   Python loop over captions; it keeps the loop's padding behaviour (see its docstring). Token ids are padded to at
   least ``topk`` positions so that short batches have the padding words the loop would read (it would fail

@@ -132,12 +132,18 @@ def lavis_layout(state: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
+def strip_lavis_prefix(path: str | os.PathLike) -> str:
+    """The file a source names: ``lavis:PATH`` -> ``PATH`` (the prefix only forces the layout), others unchanged."""
+    text = str(path)
+    return text[len(LAVIS_PREFIX):] if text.startswith(LAVIS_PREFIX) else text
+
+
 def read_lavis_layout(path: str | os.PathLike, expected: tuple[str, ...] = ("blip_retrieval", "blip2"),
                       ) -> tuple[str, dict[str, torch.Tensor]]:
     """``(layout, state dict)`` of a LAVIS checkpoint file; raises
     :class:`~cirlab.models.blip_interop.InteropError` (one line naming the file and what was expected) when the file
     is missing, unreadable or holds another layout."""
-    path = Path(str(path)[len(LAVIS_PREFIX):] if str(path).startswith(LAVIS_PREFIX) else path).expanduser()
+    path = Path(strip_lavis_prefix(path)).expanduser()
     want = " or ".join({"blip_retrieval": "a LAVIS blip_retrieval checkpoint (visual_encoder.blocks.*, "
                                           "text_encoder.*, visual_encoder_m.* / image_queue / itm_head.*)",
                         "blip2": "a LAVIS BLIP-2 checkpoint (Qformer.bert.*, query_tokens)"}[e] for e in expected)
