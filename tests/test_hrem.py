@@ -589,6 +589,17 @@ def test_init_from_a_cirlab_run_or_the_original_file_starts_a_new_run(tmp_path, 
     assert written["layout"] == "original" and written["source"] == str(original)
     assert any(k.startswith("relation.") for k in written["kept_as_built"])  # the original never saves it
 
+    # a resumed run continues from its checkpoint, which holds every weight: the start file may have gone since
+    original.rename(tmp_path / "moved.pth")
+    caplog.clear()
+    assert main(base + ["--set", "model_overrides.init_trust_pickle=true", "--set", "train.max_steps=2",
+                        "--output-dir", str(tmp_path / "ft"), "--resume"]) == 0
+    assert "is not read again" in caplog.text
+    assert json.loads((tmp_path / "ft" / "metrics.json").read_text())["steps"] == 2
+    assert json.loads((tmp_path / "ft" / "init_from.json").read_text()) == written  # the start's report is kept
+    assert main(base + ["--set", "model_overrides.init_trust_pickle=true", "--output-dir", str(tmp_path / "ft2")]) == 2
+    assert "model_overrides.init_from" in caplog.text and "does not exist" in caplog.text  # a fresh run still checks
+
 
 def test_bench_diagnosis_gradients_add_up_and_reg_stays_off_the_encoders():
     """bench/hrem_diagnose.py: the per-term gradients sum to the gradient of the summed loss (one backward, the

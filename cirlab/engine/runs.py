@@ -701,7 +701,9 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     from cirlab.core.checkpoint import load_model_weights
     from cirlab.engine.train import resolve_train_config, train
 
-    _check_start_paths(config)  # before any data is generated or read
+    continued = _resumed_checkpoint(out, config, resume)
+    if continued is None:  # a resumed run takes every weight from its checkpoint: the start files may be gone
+        _check_start_paths(config)  # before any data is generated or read
     _prepare_data(config)
     ds = config["dataset"]
     if not ds.get("root") and ds.get("synthetic"):  # the config opted in; said out loud on every run
@@ -716,8 +718,11 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     fit_to_training_data(model, config)
     # pretrained start from the model config (init_from); its report -> run folder. After the vocabulary is fitted:
     # a start that saved its own vocabulary (a cirlab run of a random tiny BERT) then keeps it with its embeddings
-    if isinstance(model, HasInit):
+    if isinstance(model, HasInit) and continued is None:
         model.load_init(out if is_main_process() else None)
+    elif isinstance(model, HasInit):
+        logger.info("resuming from %s: the pretrained start (init_from) is not read again; the checkpoint holds "
+                    "every weight", continued)
     overrides = dict(config.get("train") or {})
     if resume:
         overrides["resume"] = "auto"
@@ -799,6 +804,16 @@ def _differences(key: str, old: Any, new: Any) -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         return [d for k in sorted(set(old) | set(new)) for d in _differences(f"{key}.{k}", old.get(k), new.get(k))]
     return [f"{key}: {old!r} -> {new!r}"]
+
+
+def _resumed_checkpoint(out: Path, config: dict[str, Any], resume: bool) -> Path | None:
+    """The checkpoint a resumed run continues from (``last.pt``, or ``train.resume``'s file), None for a fresh run.
+    Checkpoints hold the whole state dict, frozen parts included, so such a run needs no pretrained start."""
+    value = "auto" if resume else str((config.get("train") or {}).get("resume") or "")
+    if not value:
+        return None
+    path = out / "checkpoints" / "last.pt" if value == "auto" else Path(value).expanduser()
+    return path if path.is_file() else None
 
 
 START_FIELDS = ("init_from", "stage1_checkpoint")  # model_overrides naming weights read when a run starts
