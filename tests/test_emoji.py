@@ -171,3 +171,30 @@ def test_cli(tarball, tmp_path, capsys):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "skin_tone 14, gender 4, color 8" in out and str(tmp_path / "e") in out
+
+
+def test_a_second_build_of_the_same_folder_waits_and_reuses_it(tarball, tmp_path):
+    """Two runs that build the same emoji folder at once used to share one ``.partial`` folder; the second now waits
+    on the lock next to the folder and finds the first one's build."""
+    import subprocess
+    import sys
+    import time
+
+    from cirlab.core.io import file_lock
+
+    out = tmp_path / "e"
+    code = ("import sys, logging; logging.basicConfig(level=logging.INFO); "
+            "from cirlab.data.generators import emoji; emoji.build(sys.argv[1], tarball=sys.argv[2]); "
+            "print('done', flush=True)")
+    with file_lock(tmp_path / ".e.cirlab.lock"):
+        other = subprocess.Popen([sys.executable, "-c", code, str(out), str(tarball)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+        time.sleep(3)
+        assert other.poll() is None and not out.exists()  # waiting, writing nothing
+        root = emoji.build(out, tarball=tarball)
+        stamp = (root / emoji.MANIFEST).stat().st_mtime_ns
+    stdout, stderr = other.communicate(timeout=120)
+    assert other.returncode == 0 and stdout.strip() == "done", stderr
+    assert "waiting up to" in stderr and "by another process" in stderr
+    assert (root / emoji.MANIFEST).stat().st_mtime_ns == stamp
+    assert not (tmp_path / ".e.cirlab.lock").exists()

@@ -217,3 +217,31 @@ def test_ensure_generates_once(tmp_path):
     stamp = (root / synthetic.MANIFEST).stat().st_mtime_ns
     assert synthetic.ensure(tmp_path / "s", size="tiny", layouts=["shoes"], image_size=24) == root
     assert (root / synthetic.MANIFEST).stat().st_mtime_ns == stamp
+
+
+def test_ensure_waits_for_a_second_process_writing_the_same_data(tmp_path):
+    """Two runs needing the same data at once (parallel bench seeds) used to write one tree together and crash each
+    other. Now the second waits on the lock next to the folder, then finds the data written and reuses it."""
+    import subprocess
+    import sys
+    import time
+
+    from cirlab.core.io import file_lock
+
+    out = tmp_path / "s"
+    code = ("import sys, logging; logging.basicConfig(level=logging.INFO); "
+            "from cirlab.data.generators import synthetic; "
+            "synthetic.ensure(sys.argv[1], size='tiny', layouts=['shoes'], image_size=24); print('done', flush=True)")
+    with file_lock(tmp_path / ".s.cirlab.lock"):  # this process is "the first run", mid-write
+        other = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+        time.sleep(3)
+        assert other.poll() is None  # waiting, neither writing nor failing
+        root = synthetic.ensure(out, size="tiny", layouts=["shoes"], image_size=24)  # the first run's write
+        stamp = (root / synthetic.MANIFEST).stat().st_mtime_ns
+    stdout, stderr = other.communicate(timeout=120)
+    assert other.returncode == 0 and stdout.strip() == "done", stderr
+    assert "waiting up to" in stderr
+    assert (root / synthetic.MANIFEST).stat().st_mtime_ns == stamp  # found written, not written again
+    assert not (tmp_path / ".s.cirlab.lock").exists()  # released and removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]

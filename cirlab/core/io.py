@@ -93,41 +93,54 @@ class FolderLockedError(CirlabError, OSError):
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
+def folder_lock(folder: str | os.PathLike, *, wait: float = 0.0) -> Iterator[Path]:
     """Hold an exclusive OS lock on ``folder`` (``<folder>/.cirlab.lock``) for the block; yields the lock file.
 
     The lock is ``flock``: the OS releases it when the holder exits, however it exits (kill -9 included), so a
     lock file left by a dead process is stale and is simply taken over. The same process may nest the lock
     (``run_experiment`` holds it around ``train``). Raises :class:`FolderLockedError` naming the holder (pid,
-    host, start time) when a live process holds it.
+    host, start time) when a live process holds it (after ``wait`` seconds, see :func:`file_lock`).
     """
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise FolderLockedError(f"cannot create the folder {folder} ({err.strerror or err})") from None
-    key = str(folder.resolve())
+    with file_lock(folder / LOCK_NAME, wait=wait) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[Path]:
+    """:func:`folder_lock` on the lock file ``path`` itself (its folder must exist). ``wait`` > 0 waits up to that
+    many seconds for a live holder to finish (work that a second process should share rather than refuse, such as
+    generating a dataset both need); 0 fails at once."""
+    path = Path(path)
+    key = str(path.resolve())
     if key in _HELD:
         _HELD[key][1] += 1
         try:
-            yield folder / LOCK_NAME
+            yield path
         finally:
             _HELD[key][1] -= 1
         return
-    fh = _acquire(folder / LOCK_NAME)
+    fh = _acquire(path, wait)
     _HELD[key] = [fh, 1]
     try:
-        yield folder / LOCK_NAME
+        yield path
     finally:
         del _HELD[key]
-        _release(folder / LOCK_NAME, fh)
+        _release(path, fh)
 
 
-def _acquire(path: Path) -> Any:
+def _acquire(path: Path, wait: float = 0.0) -> Any:
+    import logging
     import socket
     import time
 
-    for _ in range(10):  # the file may be unlinked by its releasing holder between our open and our lock
+    deadline, told = time.monotonic() + wait, False
+    attempts = 0
+    while attempts < 10:  # the file may be unlinked by its releasing holder between our open and our lock
         try:
             fh = open(path, "a+")
         except OSError as err:
@@ -136,8 +149,16 @@ def _acquire(path: Path) -> Any:
             fh.seek(0)
             holder = fh.read().strip() or "unknown process"
             fh.close()
+            if time.monotonic() < deadline:
+                if not told:
+                    logging.getLogger(__name__).info("%s is held by another cirlab process (%s); waiting up to "
+                                                     "%.0f s for it", path, holder, wait)
+                    told = True
+                time.sleep(0.2)
+                continue
             raise FolderLockedError(f"{path.parent} is in use by another cirlab process ({holder}); wait for it to "
                                     "finish or choose another folder")
+        attempts += 1
         try:
             same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -146,8 +167,6 @@ def _acquire(path: Path) -> Any:
             fh.seek(0)
             previous = fh.read().strip()
             if previous:  # left by a process that died: the OS dropped its lock, the file stayed
-                import logging
-
                 logging.getLogger(__name__).info("%s: stale lock of a finished process (%s) taken over", path.parent,
                                                  previous)
             fh.seek(0)
@@ -156,7 +175,7 @@ def _acquire(path: Path) -> Any:
             fh.flush()
             return fh
         fh.close()
-    raise FolderLockedError(f"{path.parent}: could not take the folder lock {path}")
+    raise FolderLockedError(f"{path.parent}: could not take the lock {path}")
 
 
 def _try_lock(fh: Any) -> bool:

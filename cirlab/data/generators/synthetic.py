@@ -561,17 +561,33 @@ def ensure(out_root: str | os.PathLike | None = None, *, seed: int = 0, size: st
     """
     from cirlab.core.paths import cache_dir
 
+    from cirlab.core.io import file_lock
+
     out = Path(out_root) if out_root else cache_dir() / "synthetic" / f"{size}-seed{seed}-{image_size}px"
+    wanted = {"format": FORMAT_VERSION, "seed": seed, "size": size, "image_size": image_size}
+    if _written(out, wanted, layouts):
+        return out
+    # two runs that need the same data (parallel seeds of a bench, notebooks run side by side) would otherwise write
+    # one tree at once and break each other: the second waits for the first and then finds the data written. The
+    # lock file sits next to the folder, so the generated tree stays byte-identical for a seed.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(out.parent / f".{out.name}.cirlab.lock", wait=ENSURE_WAIT_S):
+        if not _written(out, wanted, layouts):
+            generate(out, seed=seed, size=size, layouts=layouts, image_size=image_size)
+    return out
+
+
+ENSURE_WAIT_S = 900.0  # the largest preset writes in well under this on one core
+
+
+def _written(out: Path, wanted: dict[str, Any], layouts: Sequence[str]) -> bool:
+    """``out`` holds a complete write (its manifest, written last) with ``wanted``'s settings and ``layouts``."""
     try:
         manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-        ok = (manifest.get("format") == FORMAT_VERSION and manifest.get("seed") == seed
-              and manifest.get("size") == size and manifest.get("image_size") == image_size
-              and set(layouts) <= set(manifest.get("layouts", {})))
     except (OSError, ValueError):
-        ok = False
-    if not ok:
-        generate(out, seed=seed, size=size, layouts=layouts, image_size=image_size)
-    return out
+        return False
+    return (isinstance(manifest, dict) and all(manifest.get(k) == v for k, v in wanted.items())
+            and set(layouts) <= set(manifest.get("layouts", {})))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
