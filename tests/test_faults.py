@@ -319,12 +319,8 @@ def f_emoji_out_onto_a_dataset_folder(ws: Workspace) -> Outcome:
 @fault("data loss", "the second run is refused while the first holds the folder")
 def f_two_runs_into_one_folder_at_once(ws: Workspace) -> Outcome:
     run = ws.run_dir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from cirlab.core.io import folder_lock; "
-                               "lock = folder_lock(sys.argv[1]); lock.__enter__(); print('locked', flush=True); "
-                               "time.sleep(120)", str(run)], stdout=subprocess.PIPE, text=True)
+    holder = _hold_lock(run)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         call = cli("train", ws.config(), "--output-dir", run)
     finally:
         holder.kill()
@@ -332,6 +328,54 @@ def f_two_runs_into_one_folder_at_once(ws: Workspace) -> Outcome:
     return first_failure(expect_error(call, rf"{re.escape(str(run))} is in use by another cirlab process \(pid "
                                             rf"{holder.pid}"),
                          check(not (run / "config.yaml").exists(), "the refused run wrote into the folder"))
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process holding ``folder``'s lock (a live cirlab run), returned once it holds it."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from cirlab.core.io import folder_lock; "
+                               "lock = folder_lock(sys.argv[1]); lock.__enter__(); print('locked', flush=True); "
+                               "time.sleep(120)", str(folder)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+@fault("data loss", "the second report is refused while the first writes the folder; nothing in it moves")
+def f_two_reports_into_one_folder_at_once(ws: Workspace) -> Outcome:
+    out = ws.root / "reports"
+    (out / "rank_shift").mkdir(parents=True)
+    (out / "rank_shift" / "metrics.json").write_text("{}")  # the first report's results of an earlier run
+    holder = _hold_lock(out)
+    try:
+        before = {k: v for k, v in tree_hashes(out).items() if not k.endswith(".cirlab.lock")}
+        call = cli("report", "--out", out, "--only", "rank_shift", "--set", f"data_root={ws.user}")
+        after = {k: v for k, v in tree_hashes(out).items() if not k.endswith(".cirlab.lock")}
+    finally:
+        holder.kill()
+        holder.wait()
+    return first_failure(expect_error(call, rf"{re.escape(str(out.resolve()))} is in use by another cirlab process "
+                                            rf"\(pid {holder.pid}"),
+                         check(after == before, "the refused report changed the folder"))
+
+
+@fault("data loss", "the second waits for the first and reuses its data", absorbed=True)
+def f_two_runs_generating_the_same_synthetic_data(ws: Workspace) -> Outcome:
+    from cirlab.data.generators import synthetic
+
+    out = ws.root / "synth"
+    code = ("import sys; from cirlab.data.generators import synthetic; "
+            "synthetic.ensure(sys.argv[1], size='tiny', layouts=['fashioniq', 'precomp'], image_size=24)")
+    others = [subprocess.Popen([sys.executable, "-c", code, str(out)], stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    errors = [o.communicate(timeout=300)[1] for o in others]
+    failed = [e.strip().splitlines()[-1] for o, e in zip(others, errors) if o.returncode != 0]
+    if failed:
+        return Outcome("traceback", failed[0])
+    fresh = ws.root / "alone"
+    synthetic.generate(fresh, size="tiny", layouts=["fashioniq", "precomp"], image_size=24)
+    same = tree_hashes(out) == tree_hashes(fresh)
+    return first_failure(Outcome("clear", "both processes finished; the tree equals one written alone"),
+                         check(same, "the tree differs from one written by a single process"))
 
 
 @fault("data loss", "a lock left by a killed run is taken over", absorbed=True)

@@ -54,6 +54,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
+from cirlab.core.io import folder_lock
 from cirlab.core.threads import ENV, thread_env
 
 logger = logging.getLogger(__name__)
@@ -651,48 +652,52 @@ def run_report(out: str | os.PathLike = "reports", only: str | None = None,
     # the kernels inherit it: one passive-waiting thread on a small machine, the cores shared between the jobs
     os.environ.update(thread_env(None if jobs == 1 or os.environ.get(ENV) else max(1, (os.cpu_count() or 1) // jobs)))
     check_overrides(overrides, names)
-    data_override = overrides.pop("data_root", "")
-    data = Path(data_override) if data_override else ensure_synthetic_data(
-        SYNTHETIC_SIZE["smoke" if smoke else "report"], stream=stream)
-    itm_data = data
-    if not data_override and not smoke and uses_itm_data(names):
-        itm_data = ensure_synthetic_data(SYNTHETIC_SIZE_ITM, stream=stream, layouts=("precomp",))
-    command = command or _command_line()
-    t_all = time.time()
-    tags = {name: f"[{i}/{len(names)}] {name}" for i, name in enumerate(names, start=1)}
+    # one report at a time per folder: a second one would take the first one's entry being written for an
+    # interrupted run and swap folders under it. The lock is released however this process ends.
+    with folder_lock(out):
+        data_override = overrides.pop("data_root", "")
+        data = Path(data_override) if data_override else ensure_synthetic_data(
+            SYNTHETIC_SIZE["smoke" if smoke else "report"], stream=stream)
+        itm_data = data
+        if not data_override and not smoke and uses_itm_data(names):
+            itm_data = ensure_synthetic_data(SYNTHETIC_SIZE_ITM, stream=stream, layouts=("precomp",))
+        command = command or _command_line()
+        t_all = time.time()
+        tags = {name: f"[{i}/{len(names)}] {name}" for i, name in enumerate(names, start=1)}
 
-    def one(name: str) -> bool:
-        params = notebook_parameters(name, out, data, smoke, overrides, itm_data)
-        t0, tag = time.time(), tags[name]
-        _say(stream, f"{tag}: running notebook {notebook_of(name)} ...")
+        def one(name: str) -> bool:
+            params = notebook_parameters(name, out, data, smoke, overrides, itm_data)
+            t0, tag = time.time(), tags[name]
+            _say(stream, f"{tag}: running notebook {notebook_of(name)} ...")
+            try:
+                (run_entry if jobs == 1 else _run_entry_in_process)(name, params, out, kernel_name, notebook_dir,
+                                                                     stream=stream, prefix=f"{tag}: ", command=command)
+            except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM, --jobs 1: this process ran the notebook
+                _say(stream, f"{tag}: stopped by {_how_stopped(err)} after {time.time() - t0:.1f}s")
+                raise
+            except EntryStopped as err:  # the same, in an entry process (--jobs > 1); the report stops with it
+                _say(stream, f"{tag}: stopped by {err} after {time.time() - t0:.1f}s")
+                return False
+            except NotebookFailed as err:
+                kept = "the previous results are kept and marked" if (out / name).is_dir() else "no previous results"
+                _say(stream, f"{tag}: FAILED after {time.time() - t0:.1f}s\n{err}\n"
+                             f"executed notebook: {out / FAILED_DIR / name / (name + '.ipynb')} ({kept})")
+                return False
+            _say(stream, f"{tag}: done in {time.time() - t0:.1f}s -> {out / name}")
+            return True
+
         try:
-            (run_entry if jobs == 1 else _run_entry_in_process)(name, params, out, kernel_name, notebook_dir,
-                                                                 stream=stream, prefix=f"{tag}: ", command=command)
-        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM, --jobs 1: this process ran the notebook
-            _say(stream, f"{tag}: stopped by {_how_stopped(err)} after {time.time() - t0:.1f}s")
+            ok = all(one(n) for n in names) if jobs == 1 else _run_parallel(names, one, jobs)
+        except ReportTerminated:
+            write_index(out)
+            _say(stream, f"report: stopped by SIGTERM after {time.time() - t_all:.1f}s; the notebooks that were "
+                         "running are marked failed and keep any previous results (partial runs: "
+                         f"{out / FAILED_DIR})")
             raise
-        except EntryStopped as err:  # the same, in an entry process (--jobs > 1); the report stops with it
-            _say(stream, f"{tag}: stopped by {err} after {time.time() - t0:.1f}s")
-            return False
-        except NotebookFailed as err:
-            kept = "the previous results are kept and marked" if (out / name).is_dir() else "no previous results"
-            _say(stream, f"{tag}: FAILED after {time.time() - t0:.1f}s\n{err}\n"
-                         f"executed notebook: {out / FAILED_DIR / name / (name + '.ipynb')} ({kept})")
-            return False
-        _say(stream, f"{tag}: done in {time.time() - t0:.1f}s -> {out / name}")
-        return True
-
-    try:
-        ok = all(one(n) for n in names) if jobs == 1 else _run_parallel(names, one, jobs)
-    except ReportTerminated:
-        write_index(out)
-        _say(stream, f"report: stopped by SIGTERM after {time.time() - t_all:.1f}s; the notebooks that were running "
-                     f"are marked failed and keep any previous results (partial runs: {out / FAILED_DIR})")
-        raise
-    index = write_index(out)
-    if ok:
-        _say(stream, f"report: {len(names)} notebook(s) in {time.time() - t_all:.1f}s -> {index}")
-    return 0 if ok else 1
+        index = write_index(out)
+        if ok:
+            _say(stream, f"report: {len(names)} notebook(s) in {time.time() - t_all:.1f}s -> {index}")
+        return 0 if ok else 1
 
 
 def _run_parallel(names: Sequence[str], one: Any, jobs: int) -> bool:
