@@ -1,16 +1,5 @@
-"""The ``cirlab`` command line: ``train``, ``eval``, ``data``, ``report``, ``models``.
-
-::
-
-    cirlab train configs/amc_synthetic_tiny.yaml --set train.max_steps=20 --output-dir runs/demo
-    cirlab train configs/amc_fashioniq.yaml --set dataset.root=$CIRLAB_DATA/fashioniq --resume
-    torchrun --nproc_per_node=4 -m cirlab.cli train configs/blip_rerank_cirr_stage1.yaml   # multi-GPU
-    cirlab eval runs/demo --split test
-    cirlab eval released/train_model.pt --model amc --preset fashioniq --trust-pickle --dataset fashioniq
-    cirlab eval released/model_best.pth --model hrem --preset f30k --trust-pickle --dataset f30k   # DIME's too
-    cirlab data synth --size tiny --out data/synthetic
-    cirlab models
-"""
+"""The ``cirlab`` command line: ``train``, ``eval``, ``data``, ``report``, ``submit``, ``convert``, ``models``
+(:data:`EXAMPLES` is what ``cirlab --help`` shows under them)."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +11,20 @@ from pathlib import Path
 from typing import Any, Sequence
 
 logger = logging.getLogger("cirlab")
+
+EXAMPLES = """examples (from the repository root; `cirlab COMMAND --help` explains each command):
+  cirlab data synth --size tiny --out data/synthetic            # the embedded synthetic sets
+  cirlab train configs/amc_synthetic_tiny.yaml --set train.max_steps=20 --output-dir runs/demo
+  cirlab train configs/hrem_synthetic_tiny.yaml --output-dir runs/hrem    # also cala_, dime_ configs
+  cirlab train configs/amc_fashioniq.yaml --set dataset.root=$CIRLAB_DATA/fashioniq --resume
+  torchrun --nproc_per_node=4 -m cirlab.cli train configs/blip_rerank_cirr_stage1.yaml   # multi-GPU
+  cirlab eval runs/demo --split test
+  cirlab eval released/model_best.pth --model hrem --preset f30k --trust-pickle --dataset f30k  # DIME's too
+  cirlab submit runs/cirr_stage2 --out submissions                # CIRR test-server files
+  cirlab convert --from lavis blip2_pretrained.pth cala_init.pt --model cala
+  cirlab models --params cala                                     # parameters per module, no weights read
+  cirlab report                                                   # every notebook headless -> reports/
+"""
 
 
 def _add_train(subparsers: Any) -> None:
@@ -137,7 +140,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     in ``--help`` by name and help line)."""
     parser = argparse.ArgumentParser(
         prog="cirlab", description="cirlab: composed image retrieval and image-text matching workbench.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(subparsers)
