@@ -326,6 +326,11 @@ def test_help_explains_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--trust-pickle", "--protocol", "--dataset", "--split", "--topk-dir", "--resume", "--set"):
         assert option in text
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    top = capsys.readouterr().out
+    assert all(f"  cirlab {command} " in top for command in sub.choices)  # an example for every command
+    assert "::" not in top and "``" not in top  # plain text, not the module docstring's reST
 
 
 def test_models_lists_registry(capsys):
