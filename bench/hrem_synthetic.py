@@ -206,7 +206,10 @@ PAIRS = [("hrem", "no_instance"), ("hrem", "vsepp"), ("hrem_bug", "no_instance")
 
 
 def _paired(by_variant: dict[str, list[dict]]) -> list[str]:
-    """Each HREM variant minus each baseline, seed by seed (same seed = same initial encoders and data order)."""
+    """Each HREM variant minus each baseline, seed by seed: the same seed gives the same initial encoders, data
+    order and augmentations, so a run with the instance module repeats its baseline step for step until the warm-up
+    ends (since the random BERT's fitted word table has its own generator; runs recorded before 2026-12-04 drew it
+    after the module and so differed from the first step)."""
     out = []
     for model, base in PAIRS:
         mine = {r["seed"]: r["test"]["rsum"] for r in by_variant.get(model, [])}
@@ -237,7 +240,7 @@ def write_report(args: argparse.Namespace) -> None:
         present = " ".join(v for v in VARIANTS if any(r["variant"] == v for r in records))
         lines += [f"Training: `PYTHONPATH=. .venv/bin/python bench/hrem_synthetic.py --train --backbone "
                   f"{records[0]['backbone']} --size {size} --variants {present} --seeds {seeds} "
-                  f"--epochs {tr['epochs']} "
+                  f"--epochs {tr['epochs']} --batch {tr['batch_size']} --lr {tr['lr']} "
                   f"--decay {tr['lr_milestones'][0]} --warmup {mo['warmup_iters']} --embed {mo['embed_size']} "
                   f"--out-dir {args.out_dir}` (the seeds ran "
                   "as 2 parallel processes, the seeds or the variants split between them)", ""]

@@ -639,3 +639,23 @@ def test_bench_pairs_each_hrem_variant_with_its_baselines():
     assert any(line.startswith("- HREM - no_instance, test rsum per seed: +5.0, -5.0, +10.0") for line in lines)
     assert not any("vsepp" in line for line in lines)  # no runs of it: no line
 
+
+
+def test_with_and_without_the_instance_module_the_encoders_start_the_same():
+    """The random tiny BERT's fitted word table has its own generator (seeded by the run's seed), so building the
+    instance module first does not shift it: paired runs (bench/hrem_synthetic.py) differ only by the module, and
+    before the warm-up ends their steps are identical."""
+    with_module, without = _tiny(seed=3), _tiny(seed=3, instance_module=False)
+    state = without.state_dict()
+    assert with_module.relation is not None and without.relation is None
+    assert all(torch.equal(with_module.state_dict()[k], v) for k, v in state.items() if isinstance(v, torch.Tensor))
+    other_seed = _tiny(seed=4, instance_module=False)
+    assert not torch.equal(other_seed.txt_enc.bert.get_input_embeddings().weight,
+                           without.txt_enc.bert.get_input_embeddings().weight)
+    losses = []
+    for model in (with_module, without):
+        model.config.warmup_iters = 10
+        model.train()
+        torch.manual_seed(0)  # the trainer re-seeds before its first step
+        losses.append(model.training_step(_batch(image_idx=list(range(6))))["base_loss"])
+    assert torch.equal(losses[0], losses[1])

@@ -200,6 +200,9 @@ def word_splitter(tokenizer: Any) -> Any:
     return lambda text: basic.tokenize(text, never_split=tokenizer.all_special_tokens)
 
 
+_WORD_TABLE_STREAM = 0x7E1D  # offset of the word table's generator from the run's seed (a stream of its own)
+
+
 class BertVocabMixin:
     """Vocabulary handling for a model whose BERT sits at ``txt_enc.bert`` and whose config has ``bert``,
     ``bert_config`` and ``vocab_file``. The model sets ``self._vocab`` (what :func:`load_bert` returned),
@@ -221,8 +224,10 @@ class BertVocabMixin:
         Only with ``bert="random"`` and no ``vocab_file`` (the ``tiny`` presets): the words of ``source`` (a
         training ``PrecompSplit``, i.e. its ``captions``, or an iterable of captions), split as the tokenizer
         splits them (lower case, punctuation apart), are added in sorted order to :func:`tiny_vocab`. The tokenizer
-        and the random BERT's word-embedding table are rebuilt to match (fresh rows drawn from the global torch
-        RNG, BERT's N(0, initializer_range) init, so deterministic under the run's seed); without this the
+        and the random BERT's word-embedding table are rebuilt to match (fresh rows with BERT's N(0,
+        initializer_range) init, drawn from a generator seeded with ``torch.initial_seed()``, the run's seed, so
+        deterministic under it and independent of what was built before: HREM with and without its instance
+        module starts from the same encoders, so paired runs differ only by the module); without this the
         character-spelling vocabulary cuts captions into characters. The vocabulary is saved in the state dict.
         A real BERT (or a given ``vocab_file``) keeps its vocabulary: a no-op.
         """
@@ -263,8 +268,10 @@ class BertVocabMixin:
         bert = self._bert()
         old = bert.get_input_embeddings()
         weight = torch.zeros(rows, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
-        if init:
-            weight.normal_(0.0, float(getattr(bert.config, "initializer_range", 0.02)))
+        if init:  # its own generator: the global stream's position depends on which modules were built first
+            gen = torch.Generator().manual_seed((torch.initial_seed() + _WORD_TABLE_STREAM) % 2**63)
+            std = float(getattr(bert.config, "initializer_range", 0.02))
+            weight.copy_(torch.randn(weight.shape, generator=gen, dtype=weight.dtype) * std)
             if old.padding_idx is not None:
                 weight[old.padding_idx] = 0
         new = nn.Embedding(rows, old.embedding_dim, padding_idx=old.padding_idx, _weight=weight)
