@@ -133,6 +133,18 @@ def file_lock(path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[Path]:
         _release(path, fh)
 
 
+GENERATE_WAIT_S = 900.0  # a generated dataset writes in well under this on one core
+
+
+def generated_folder_lock(folder: str | os.PathLike, *, wait: float = GENERATE_WAIT_S) -> Any:
+    """:func:`file_lock` for writing a generated dataset ``folder``: ``.<folder>.cirlab.lock`` next to it (so the
+    generated tree itself stays byte-identical for a seed), waiting for a live holder. Two runs that need the same
+    data (parallel seeds, notebooks side by side) then write it once: the second finds the first one's write."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return file_lock(folder.parent / f".{folder.name}{LOCK_NAME}", wait=wait)
+
+
 def _acquire(path: Path, wait: float = 0.0) -> Any:
     import logging
     import socket

@@ -809,11 +809,10 @@ def _differences(key: str, old: Any, new: Any) -> list[str]:
 def _resumed_checkpoint(out: Path, config: dict[str, Any], resume: bool) -> Path | None:
     """The checkpoint a resumed run continues from (``last.pt``, or ``train.resume``'s file), None for a fresh run.
     Checkpoints hold the whole state dict, frozen parts included, so such a run needs no pretrained start."""
-    value = "auto" if resume else str((config.get("train") or {}).get("resume") or "")
-    if not value:
-        return None
-    path = out / "checkpoints" / "last.pt" if value == "auto" else Path(value).expanduser()
-    return path if path.is_file() else None
+    from cirlab.engine.train import resume_checkpoint
+
+    path = resume_checkpoint("auto" if resume else str((config.get("train") or {}).get("resume") or ""), out)
+    return path if path is not None and path.is_file() else None
 
 
 START_FIELDS = ("init_from", "stage1_checkpoint")  # model_overrides naming weights read when a run starts

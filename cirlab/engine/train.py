@@ -964,7 +964,9 @@ class Trainer:
         """Resume if asked, write ``config.yaml``, train to ``epochs``/``max_steps``, write ``best.pt`` (the
         selected or the final weights) and ``train_summary.json``; returns the summary."""
         cfg, p = self.cfg, self.progress
-        resume_from = _resume_path(cfg, self.output_dir)
+        resume_from = resume_checkpoint(cfg.resume, self.output_dir)
+        if resume_from is None and cfg.resume == "auto":
+            logger.info("resume='auto': no %s yet, starting a fresh run", self.ckpt_dir / "last.pt")
         if self.dist.is_main:
             if resume_from is None:  # a fresh run (resume="auto" with no last.pt yet replaces a run that never saved)
                 claim_run_folder(self.output_dir, overwrite=self.overwrite or bool(cfg.resume))
@@ -1277,16 +1279,15 @@ def _remove_stale_temporaries(output_dir: Path) -> None:
             logger.info("removed %s, left by a process stopped while writing it", tmp)
 
 
-def _resume_path(cfg: TrainConfig, output_dir: Path) -> Path | None:
-    if not cfg.resume:
+def resume_checkpoint(resume: str, output_dir: Path) -> Path | None:
+    """The checkpoint ``train.resume`` names: None for a fresh run ("" or "auto" without ``last.pt`` yet),
+    ``<output_dir>/checkpoints/last.pt`` for "auto", else the given path."""
+    if not resume:
         return None
-    if cfg.resume == "auto":
-        last = output_dir / "checkpoints" / "last.pt"
-        if not last.is_file():
-            logger.info("resume='auto': no %s yet, starting a fresh run", last)
-            return None
-        return last
-    return Path(cfg.resume)
+    if resume == "auto":
+        last = Path(output_dir) / "checkpoints" / "last.pt"
+        return last if last.is_file() else None
+    return Path(resume).expanduser()
 
 
 def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any] | None = None, *,

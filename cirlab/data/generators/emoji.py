@@ -448,22 +448,17 @@ def build(out_root: str | os.PathLike | None = None, *, tarball: str | os.PathLi
             the message names the file and the entry. Nothing is written before these checks pass.
         RuntimeError: no tarball was given and npm is missing or failed.
     """
-    from cirlab.core.io import file_lock
+    from cirlab.core.io import generated_folder_lock
 
     out = Path(out_root).expanduser() if out_root else default_root(version, seed)
     if not force and _complete(out, version, seed):
         logger.info("emoji dataset already built at %s", out)
         return out
-    # a second build of the same folder (two runs started together) waits for the first, then finds it built
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(out.parent / f".{out.name}.cirlab.lock", wait=BUILD_WAIT_S):
+    with generated_folder_lock(out):  # a second build (two runs started together) waits, then finds it built
         if not force and _complete(out, version, seed):
             logger.info("emoji dataset already built at %s (by another process)", out)
             return out
         return _build_locked(out, tarball, version, seed, force)
-
-
-BUILD_WAIT_S = 900.0  # a build takes well under a minute from the cached tarball; npm pack adds a download
 
 
 def _build_locked(out: Path, tarball: str | os.PathLike | None, version: str, seed: int, force: bool) -> Path:

@@ -561,23 +561,16 @@ def ensure(out_root: str | os.PathLike | None = None, *, seed: int = 0, size: st
     """
     from cirlab.core.paths import cache_dir
 
-    from cirlab.core.io import file_lock
+    from cirlab.core.io import generated_folder_lock
 
     out = Path(out_root) if out_root else cache_dir() / "synthetic" / f"{size}-seed{seed}-{image_size}px"
     wanted = {"format": FORMAT_VERSION, "seed": seed, "size": size, "image_size": image_size}
     if _written(out, wanted, layouts):
         return out
-    # two runs that need the same data (parallel seeds of a bench, notebooks run side by side) would otherwise write
-    # one tree at once and break each other: the second waits for the first and then finds the data written. The
-    # lock file sits next to the folder, so the generated tree stays byte-identical for a seed.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(out.parent / f".{out.name}.cirlab.lock", wait=ENSURE_WAIT_S):
+    with generated_folder_lock(out):  # a second process writing it too would break both trees
         if not _written(out, wanted, layouts):
             generate(out, seed=seed, size=size, layouts=layouts, image_size=image_size)
     return out
-
-
-ENSURE_WAIT_S = 900.0  # the largest preset writes in well under this on one core
 
 
 def _written(out: Path, wanted: dict[str, Any], layouts: Sequence[str]) -> bool:
