@@ -120,7 +120,9 @@ workbench.write_outputs(out_dir, {"trained": val_metrics, "untrained": untrained
 # retrieval model into the re-ranker's stage I (here with BLIP's ITM head) and a LAVIS BLIP-2 Q-Former into CaLa
 # (`--model cala`), and `init_from: lavis:PATH` starts a run from one (README, "LAVIS users"). LAVIS itself lives in
 # its own environment (`make lavis`: it pins an old transformers). This cell converts the tiny LAVIS model committed
-# with the tests (a checkout only), loads it as `cirlab eval` would and shows what the converter did.
+# with the tests (a checkout only), loads it as `cirlab eval` would and shows what the converter did. That model
+# was made with a 33-word vocabulary, so the converter warns that BERT's tokenizer (30,524 tokens) does not fit its
+# embedding: the warning you would get for a real checkpoint trained with another vocabulary (set `vocab_file`).
 
 # %%
 import json
@@ -141,3 +143,4 @@ else:
           "| ITM head:", lavis_stage1.itm_head is not None)
     print("ignored:", {group: len(keys) for group, keys in lavis_report["reports"][0]["ignored_groups"].items()})
     print("run-config model_overrides for the same model:", lavis_report["model_overrides"])
+    print("warnings:", lavis_report["warnings"])
