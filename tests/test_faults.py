@@ -1095,6 +1095,34 @@ def test_folder_lock_is_reentrant_and_released(tmp_path: Path) -> None:
     assert not (tmp_path / LOCK_NAME).exists()
 
 
+def test_folder_lock_holds_against_another_thread(tmp_path: Path) -> None:
+    import threading
+
+    from cirlab.core.io import FolderLockedError, folder_lock
+
+    outcome: dict[str, object] = {}
+
+    def other(wait: float) -> None:
+        try:
+            with folder_lock(tmp_path, wait=wait):
+                outcome["entered"] = time.monotonic()
+        except FolderLockedError as err:
+            outcome["refused"] = str(err)
+
+    with folder_lock(tmp_path):
+        refused = threading.Thread(target=other, args=(0.0,))
+        refused.start()
+        refused.join(timeout=30)
+        assert "in use by another cirlab process" in str(outcome.pop("refused")) and not outcome
+        waiting = threading.Thread(target=other, args=(30.0,))
+        waiting.start()
+        time.sleep(0.6)
+        assert "entered" not in outcome  # waits while this thread holds the folder
+        released = time.monotonic()
+    waiting.join(timeout=30)
+    assert float(outcome["entered"]) >= released
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_trust_pickle_is_suggested_only_for_refused_globals(tmp_path: Path) -> None:
     from cirlab.core.checkpoint import CheckpointError, load_checkpoint

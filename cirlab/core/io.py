@@ -85,7 +85,9 @@ def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
 # ----------------------------------------------------------------------------------------------- folder locks
 
 LOCK_NAME = ".cirlab.lock"
-_HELD: dict[str, list[Any]] = {}  # resolved folder -> [open file, depth]: one process may nest the lock
+# (thread, resolved lock file) -> [open file, depth]: the same thread may nest the lock; another thread of the
+# process opens the file anew, so flock sets it against the holder exactly as it would another process
+_HELD: dict[tuple[int, str], list[Any]] = {}
 
 
 class FolderLockedError(CirlabError, OSError):
@@ -97,8 +99,9 @@ def folder_lock(folder: str | os.PathLike, *, wait: float = 0.0) -> Iterator[Pat
     """Hold an exclusive OS lock on ``folder`` (``<folder>/.cirlab.lock``) for the block; yields the lock file.
 
     The lock is ``flock``: the OS releases it when the holder exits, however it exits (kill -9 included), so a
-    lock file left by a dead process is stale and is simply taken over. The same process may nest the lock
-    (``run_experiment`` holds it around ``train``). Raises :class:`FolderLockedError` naming the holder (pid,
+    lock file left by a dead process is stale and is simply taken over. The same thread may nest the lock
+    (``run_experiment`` holds it around ``train``); another thread (a notebook's background job) meets it as
+    another process would. Raises :class:`FolderLockedError` naming the holder (pid,
     host, start time) when a live process holds it (after ``wait`` seconds, see :func:`file_lock`).
     """
     folder = Path(folder)
@@ -115,8 +118,10 @@ def file_lock(path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[Path]:
     """:func:`folder_lock` on the lock file ``path`` itself (its folder must exist). ``wait`` > 0 waits up to that
     many seconds for a live holder to finish (work that a second process should share rather than refuse, such as
     generating a dataset both need); 0 fails at once."""
+    import threading
+
     path = Path(path)
-    key = str(path.resolve())
+    key = (threading.get_ident(), str(path.resolve()))
     if key in _HELD:
         _HELD[key][1] += 1
         try:
