@@ -45,7 +45,8 @@ def _add_train(subparsers: Any) -> None:
                         "uninterrupted run); the stored config.yaml must match (differences are listed)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --output-dir (its config.yaml, checkpoints/, log.jsonl, tb/, "
-                        "metrics.json, topk/); without it or --resume a folder holding a run is refused")
+                        "metrics.json, topk/, submission/), removed once the data and the model have been checked "
+                        "and training starts; without it or --resume a folder holding a run is refused")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: continue even though training settings differ from the stored config.yaml "
                         "(they are logged)")

@@ -406,6 +406,16 @@ def f_overwrite_replaces_a_run(ws: Workspace) -> Outcome:
                          check(steps == [1, 2, 3], f"log steps {steps}: the old log was kept"))
 
 
+@fault("data loss", "refused before the previous run is removed")
+def f_overwrite_with_a_wrong_dataset_root(ws: Workspace) -> Outcome:
+    run = ws.run_dir(copy_finished=True)
+    before = tree_hashes(run)
+    call = cli("train", ws.config(dataset={"root": str(ws.root / "no_such_data")}), "--output-dir", run,
+               "--overwrite")
+    return first_failure(expect_error(call, r"no_such_data: dataset root not found"),
+                         check(tree_hashes(run) == before, "the previous run was removed", "data lost"))
+
+
 def _resume_refused(ws: Workspace, pattern: str, **changes: Any) -> Outcome:
     run = ws.run_dir(copy_finished=True)
     before = tree_hashes(run)

@@ -685,9 +685,11 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     created = not out.exists()
     try:
         with folder_lock(out) if _rank_zero() else contextlib.nullcontext():
-            if not resuming and _rank_zero():
-                claim_run_folder(out, overwrite=overwrite)
-            return _run_locked(config, out, resume, device, allow_config_change)
+            if not resuming and not overwrite and _rank_zero():
+                claim_run_folder(out)  # refuse a folder that holds a run now; --overwrite removes it only once
+                # the data, the start files and the model have passed (the trainer's claim), so a mistyped root
+                # does not cost the previous run
+            return _run_locked(config, out, resume, device, allow_config_change, overwrite)
     except BaseException:
         if created and _rank_zero():
             with contextlib.suppress(OSError):  # only an empty folder this run made: a failed start leaves no trace
@@ -696,8 +698,9 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
 
 
 def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | None,
-                allow_config_change: bool) -> dict[str, Any]:
-    """:func:`run_experiment` once the config is valid and the run folder is locked and claimed."""
+                allow_config_change: bool, overwrite: bool = False) -> dict[str, Any]:
+    """:func:`run_experiment` once the config is valid and the run folder is locked (and, without ``overwrite``,
+    known to hold no run: with it the trainer replaces the previous run's files when it starts)."""
     from cirlab.core.checkpoint import load_model_weights
     from cirlab.engine.train import resolve_train_config, train
 
@@ -749,7 +752,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
         check_selection_metric(config, cfg.selection_metric, select_split, loaded[select_split], model)
     evaluate_fn = make_evaluate_fn(config, [select_split], run_device, loaded) if select_split else None
     summary = train(model, train_dataset(config, model), cfg, output_dir=out, evaluate_fn=evaluate_fn,
-                    run_config=resolved)
+                    run_config=resolved, overwrite=overwrite)
     load_model_weights(model, out / "checkpoints" / "best.pt")
     model.to(run_device)
     final = _final_evaluation(model, config, out, run_device, loaded)

@@ -720,7 +720,9 @@ class RunWriteError(CirlabError, OSError):
 
 
 # what a run writes into its folder; a fresh run refuses a folder holding any of them unless told to overwrite
-RUN_ARTIFACTS = ("config.yaml", "log.jsonl", "checkpoints", "tb", "metrics.json", "train_summary.json", "topk")
+# what a run writes into its folder (train, eval, submit): --overwrite replaces exactly these
+RUN_ARTIFACTS = ("config.yaml", "log.jsonl", "checkpoints", "tb", "metrics.json", "train_summary.json", "topk",
+                 "submission")
 # train settings a resume may change without changing the trajectory of the steps already taken
 RESUME_MAY_CHANGE = frozenset({"epochs", "max_steps", "resume", "device", "num_workers", "num_threads", "progress",
                                "tensorboard", "log_every", "checkpoint_every", "keep_epoch_checkpoints", "eval_every",
