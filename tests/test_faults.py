@@ -300,6 +300,36 @@ def f_synth_rerun_into_its_own_folder(ws: Workspace) -> Outcome:
     return first_failure(expect_ok(first, r"shoes"), expect_ok(second, r"synthetic shoes written"))
 
 
+@fault("data loss", "refused, names the user's files inside its earlier output")
+def f_synth_rerun_over_files_a_user_added(ws: Workspace) -> Outcome:
+    out = ws.run_dir("synth")
+    args = ("data", "synth", "--out", out, "--size", "tiny", "--layouts", "shoes", "--image-size", "16")
+    first = cli(*args)
+    (out / "shoes" / "my_analysis").mkdir()
+    (out / "shoes" / "my_analysis" / "notes.txt").write_text("mine\n")
+    (out / "shoes" / "attributedata" / "my_crop.png").write_bytes(b"png")
+    kept = tree_hashes(out)
+    second = cli(*args)
+    return first_failure(expect_ok(first, r"shoes"),
+                         expect_error(second, r"refusing to replace .*shoes: it holds files the generator did not "
+                                              r"write \(attributedata/my_crop\.png, my_analysis\)"),
+                         check(tree_hashes(out) == kept, "the user's files or the earlier output changed",
+                               "data lost"))
+
+
+@fault("data loss", "refused, names the user's file inside its earlier build")
+def f_emoji_rebuild_over_a_file_a_user_added(ws: Workspace) -> Outcome:
+    out = ws.run_dir("emoji")
+    first = cli("data", "emoji", "--tarball", ws.shared.tarball(), "--out", out)
+    (out / "my_notes.txt").write_text("mine\n")
+    kept = tree_hashes(out)
+    second = cli("data", "emoji", "--tarball", ws.shared.tarball(), "--out", out, "--seed", "1")
+    return first_failure(expect_ok(first, r"emoji dataset written"),
+                         expect_error(second, r"refusing to replace .*emoji: it holds files the generator did not "
+                                              r"write \(my_notes\.txt\)"),
+                         check(tree_hashes(out) == kept, "the user's file or the earlier build changed", "data lost"))
+
+
 @fault("data loss", "--force replaces a foreign folder and says so", absorbed=True)
 def f_synth_force_onto_a_foreign_folder(ws: Workspace) -> Outcome:
     ws.allowed.append(ws.user)

@@ -43,6 +43,58 @@ def mark(folder: Path, generator: str) -> None:
     (folder / MARKER).write_text(json.dumps({"generator": generator}) + "\n", encoding="utf-8")
 
 
+def seal(folder: Path, generator: str) -> None:
+    """Record in the marker every file the generator wrote into ``folder`` (called once the write is complete), so
+    that a later rebuild can tell them from files a user added and refuse to delete those (:func:`foreign`)."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
+    # sorted relative paths only: the same seed still writes a byte-identical tree
+    (folder / MARKER).write_text(json.dumps({"generator": generator, "files": files}) + "\n", encoding="utf-8")
+
+
+def foreign(folder: Path) -> list[Path]:
+    """What ``folder`` holds beyond the files its generator recorded (:func:`seal`): files a user added, and the
+    top-most folders made only of such files. Empty when nothing was recorded (a write that never finished, or a
+    build older than the record), since then everything in it is the generator's as far as anyone can tell."""
+    try:
+        recorded = json.loads((folder / MARKER).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(recorded, list) or not folder.is_dir():
+        return []
+    known = set(recorded) | {MARKER}
+    known_dirs = {parent.as_posix() for name in known for parent in Path(name).parents}
+    found: list[Path] = []
+
+    def walk(path: Path) -> None:
+        for child in sorted(path.iterdir()):
+            rel = child.relative_to(folder).as_posix()
+            if child.is_dir() and not child.is_symlink() and rel in known_dirs:
+                walk(child)
+            elif rel not in known:
+                found.append(child)
+
+    walk(folder)
+    return found
+
+
+def refuse_foreign(command: str, folder: Path, force: bool) -> None:
+    """Refuse to replace generated ``folder`` while it holds files the generator did not write (with ``force``,
+    say which go)."""
+    extra = foreign(folder)
+    if not extra:
+        return
+    listed = ", ".join(str(p.relative_to(folder)) for p in extra[:5]) + (f" and {len(extra) - 5} more"
+                                                                          if len(extra) > 5 else "")
+    if force:
+        import logging
+
+        logging.getLogger(__name__).warning("--force: %s also holds files it did not generate, deleted with it: %s",
+                                            folder, listed)
+        return
+    raise NotOwnedError(f"{command}: refusing to replace {folder}: it holds files the generator did not write "
+                        f"({listed}). Move them out, or pass --force (Python: force=True) to delete them too")
+
+
 def describe(folder: Path) -> str:
     """``"data/fiq (1,234 files, 56.7 MB)"``: what deleting ``folder`` would remove."""
     if not folder.is_dir():

@@ -468,6 +468,7 @@ def _build_locked(out: Path, tarball: str | os.PathLike | None, version: str, se
         if not force and not _owned.is_empty(folder) and not _owned.is_owned(folder, __name__, (MANIFEST,)):
             raise _owned.refuse("cirlab data emoji", folder, [folder],
                                 f"it is not empty and was not written by the emoji builder (no {_owned.MARKER})")
+    _owned.refuse_foreign("cirlab data emoji", out, force)
     package = read_package(tarball if tarball is not None else fetch_tarball(version))
     planned = plan(package, seed)  # every problem surfaces before anything is written
     # write next to the destination, then swap: a failed build never leaves a half dataset behind
@@ -479,6 +480,7 @@ def _build_locked(out: Path, tarball: str | os.PathLike | None, version: str, se
         info = write_dataset(package, partial, version, seed, planned)
         _dump(partial / MANIFEST, {"format": FORMAT_VERSION, "package": PACKAGE, "version": version, "seed": seed,
                                    "source": package.path.name, **info})
+        _owned.seal(partial, __name__)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -517,7 +519,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for the splits and phrasings (default: 0)")
     p.add_argument("--force", action="store_true",
                    help="rebuild even when a complete build exists; also replace --out when it is a folder this "
-                        "command did not write (without it such a folder is refused)")
+                        "command did not write, or one holding files you added to its build (without it either is "
+                        "refused, naming what would go)")
     p.set_defaults(func=_run_cli)
     return p
 

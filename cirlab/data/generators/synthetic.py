@@ -512,7 +512,7 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
         raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
     spec = resolve_size(size)
     out = Path(out_root).expanduser()
-    _claim(out, layouts, force)
+    _claim(out, layouts, force, overwrite)
     (out / MANIFEST).unlink(missing_ok=True)  # a partial write must never look complete
     manifest: dict[str, Any] = {"format": FORMAT_VERSION, "generator": __name__, "seed": seed,
                                 "size": size if isinstance(size, str) else "custom", "image_size": image_size,
@@ -524,6 +524,7 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
         _owned.mark(root, __name__)
         start = time.perf_counter()
         counts = _WRITERS[name](root, seed, spec, image_size)
+        _owned.seal(root, __name__)
         logger.info("synthetic %s written to %s in %.1fs", name, root, time.perf_counter() - start)
         manifest["layouts"][name] = {"root": name, "splits": counts}
     _write_json(out / MANIFEST, manifest)
@@ -532,8 +533,9 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
     return manifest
 
 
-def _claim(out: Path, layouts: Sequence[str], force: bool) -> None:
-    """Check, before anything is deleted or written, that ``out`` and its layout folders are this generator's."""
+def _claim(out: Path, layouts: Sequence[str], force: bool, overwrite: bool = True) -> None:
+    """Check, before anything is deleted or written, that ``out`` and its layout folders are this generator's, and
+    that a layout folder to be replaced holds only what it wrote there."""
     command = "cirlab data synth"
     if out.exists() and not out.is_dir():
         raise _owned.refuse(command, out, [], "it is a file, not a folder")
@@ -550,6 +552,9 @@ def _claim(out: Path, layouts: Sequence[str], force: bool) -> None:
     elif any((out / n).exists() for n in layouts):
         logger.warning("--force: replacing %s", ", ".join(_owned.describe(out / n) for n in layouts
                                                             if (out / n).exists()))
+    if overwrite:
+        for name in layouts:
+            _owned.refuse_foreign(command, out / name, force)
     _owned.mark(out, __name__)
 
 
@@ -700,7 +705,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
                    help="afterwards, read the CIR splits back and print oracle vs text-only/image-only bounds")
     p.add_argument("--force", action="store_true",
                    help="write into --out even when it is a folder this command did not create, replacing its "
-                        "fashioniq/ cirr/ shoes/ precomp/ sub-folders (without it such a folder is refused)")
+                        "fashioniq/ cirr/ shoes/ precomp/ sub-folders, and with them files you added inside its "
+                        "own earlier output (without it either is refused, naming what would go)")
     p.set_defaults(func=_run_cli)
     return p
 
