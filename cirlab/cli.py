@@ -308,7 +308,7 @@ def _run_params(args: argparse.Namespace) -> int:
     from cirlab.core.config import did_you_mean
     from cirlab.core.errors import ConfigError
     from cirlab.engine.runs import parse_set_flat
-    from cirlab.models.registry import list_models, list_presets, parameter_table
+    from cirlab.models.registry import build_config, list_models, list_presets, parameter_table
 
     name = args.params
     if name not in list_models():
@@ -316,7 +316,15 @@ def _run_params(args: argparse.Namespace) -> int:
                           f"known: {', '.join(list_models())}")
     presets = list_presets(name)
     preset = args.preset or next(p for p in presets if p not in ("tiny", "lite"))
+    if preset not in presets:
+        raise ConfigError(f"cirlab models --params {name}: unknown preset {preset!r}{did_you_mean(preset, presets)}; "
+                          f"known: {', '.join(presets)}")
     overrides = parse_set_flat(args.overrides)
+    try:  # the config first: a misspelt or mistyped --set is the user's, not a meta-device limitation
+        build_config(name, preset, **overrides)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"cirlab models --params {name} --preset {preset}: --set: "
+                          f"{' '.join(str(err.args[0] if err.args else err).split())}") from None
     try:
         rows = parameter_table(name, preset, **overrides)
     except (KeyError, TypeError, ValueError, OSError, RuntimeError, NotImplementedError) as err:

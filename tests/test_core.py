@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import dataclasses
 from dataclasses import dataclass
+from typing import Literal, Optional
 
 import numpy as np
 import pytest
@@ -90,6 +92,42 @@ def test_unknown_names_give_clear_errors(toy_registered):
         registry.create_model(toy_registered, preset="huge")
     with pytest.raises(TypeError, match="unknown field.*'width'"):
         registry.create_model(toy_registered, preset="tiny", width=3)
+
+
+@dataclasses.dataclass
+class Typed:
+    """Every kind of annotation the model configs use."""
+
+    heads: int = 2
+    lr: float = 1e-3
+    flag: bool = False
+    name: str = ""
+    mode: Literal["sum", "artemis"] = "sum"
+    sizes: tuple[int, ...] = (1, 2)
+    pair: tuple[int, str] = (1, "a")
+    maybe: Optional[int] = None
+    either: int | str = 0
+    table: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def test_config_values_must_fit_their_annotations(tmp_path):
+    import re
+
+    from cirlab.core.config import FieldTypeError, UnknownPresetError, check_field_types
+
+    fine = {"heads": 4, "lr": 3, "flag": True, "name": tmp_path, "mode": "artemis", "sizes": [3, 4],
+            "pair": [2, "b"], "maybe": None, "either": "x", "table": {"a": 1}}
+    check_field_types(Typed, fine)  # ints for floats, lists for tuples, paths for strings
+    wrong = {"heads": "abc", "lr": "fast", "flag": 1, "name": 3, "mode": "mean", "sizes": [1, "2"],
+             "pair": [1, 2, 3], "maybe": 1.5, "either": 2.5, "table": [1]}
+    for field, value in wrong.items():
+        with pytest.raises(FieldTypeError, match=rf"^Typed\.{field}: expected .*, got {re.escape(repr(value))}"):
+            check_field_types(Typed, {field: value})
+    with pytest.raises(FieldTypeError, match=r"_ToyConfig\.\w+: expected int, got 'abc' \(str\)"):
+        _ToyConfig.from_preset("tiny", dim="abc")
+    with pytest.raises(UnknownPresetError) as err:
+        _ToyConfig.from_preset("huge")
+    assert str(err.value).startswith("_ToyConfig: unknown preset 'huge'")  # not quoted as a KeyError would be
 
 
 def test_config_dict_round_trip():

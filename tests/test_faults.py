@@ -532,6 +532,12 @@ def f_unknown_model_override(ws: Workspace) -> Outcome:
                              r"'embed_dim'\?\)", "model_overrides.embed_dimm=8")
 
 
+@fault("traceback or late failure", "refused, names the field and the type it wants")
+def f_mistyped_model_override(ws: Workspace) -> Outcome:
+    return _config_error(ws, r"model_overrides: StubConfig\.embed_dim: expected int, got 'abc' \(str\)",
+                         "model_overrides.embed_dim=abc")
+
+
 @fault("silently wrong", "refused, did you mean 'size'")
 def f_unknown_synthetic_key(ws: Workspace) -> Outcome:
     return _config_error(ws, r"dataset\.synthetic: unknown field 'sise' \(did you mean 'size'\?\)",

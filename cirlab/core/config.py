@@ -2,8 +2,12 @@
 "did you mean" suggestions every config check uses."""
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
+import os
+import types
+import typing
 from typing import Any, ClassVar, Iterable, TypeVar
 
 from cirlab.core.errors import ConfigError
@@ -34,6 +38,13 @@ def unknown_names_message(where: str, unknown: Iterable[Any], known: Iterable[An
     return f"{where}: unknown {noun} {', '.join(parts)}; known: {', '.join(known)}"
 
 
+class UnknownPresetError(ConfigError, KeyError):
+    """A preset name the config does not define (a ``KeyError`` too, as a missing mapping key)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class PresetMixin:
     """Mix into a ``@dataclass``; subclasses set ``PRESETS = {"tiny": {...}, "lite": {...}, ...}``.
 
@@ -54,7 +65,7 @@ class PresetMixin:
     @classmethod
     def from_preset(cls: type[T], name: str, **overrides: Any) -> T:
         if name not in cls.PRESETS:
-            raise KeyError(f"{cls.__name__}: unknown preset {name!r}{did_you_mean(name, cls.PRESETS)}; "
+            raise UnknownPresetError(f"{cls.__name__}: unknown preset {name!r}{did_you_mean(name, cls.PRESETS)}; "
                            f"known presets: {', '.join(cls.presets())}")
         values = {**cls.PRESETS[name], **overrides}
         _check_fields(cls, values)
@@ -79,3 +90,61 @@ def _check_fields(cls: type, values: dict[str, Any]) -> None:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise UnknownFieldError(unknown_names_message(cls.__name__, unknown, known))
+    check_field_types(cls, values)
+
+
+def check_field_types(cls: type, values: dict[str, Any]) -> None:
+    """Refuse a value that does not fit its field's annotation (``--set vision_heads=abc``), naming the field,
+    before the model is built: otherwise the mistake surfaces deep inside a constructor as a traceback or as an
+    unrelated message. Ints pass for floats, lists for tuples, paths for strings; unresolvable hints pass."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an annotation that cannot be resolved is not checked
+        return
+    for name, value in values.items():
+        hint = hints.get(name)
+        if hint is not None and not _fits(value, hint):
+            raise FieldTypeError(f"{cls.__name__}.{name}: expected {_describe(hint)}, got {value!r} "
+                                 f"({type(value).__name__})")
+
+
+class FieldTypeError(ConfigError, TypeError):
+    """A config value of the wrong type (a ``TypeError`` too, like a bad argument)."""
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or isinstance(hint, typing.TypeVar):
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, (str, os.PathLike))
+    if origin in (tuple, list, collections.abc.Sequence):
+        if not isinstance(value, (tuple, list)):
+            return False
+        inner = [a for a in args if a is not Ellipsis]
+        if origin is tuple and args and Ellipsis not in args:
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        return not inner or all(_fits(v, inner[0]) for v in value)
+    if origin in (dict, collections.abc.Mapping):
+        return isinstance(value, dict)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # anything else (callables, protocols, forward references) is the constructor's to check
+
+
+def _describe(hint: Any) -> str:
+    if isinstance(hint, type) and typing.get_origin(hint) is None:
+        return hint.__name__
+    return str(hint).replace("typing.", "")
