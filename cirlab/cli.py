@@ -74,10 +74,15 @@ def _add_eval(subparsers: Any) -> None:
     p.add_argument("--protocol", default=None,
                    help="CIR: fashioniq | shoes | cirr (default: the dataset's); ITM: full (= f30k, the whole "
                         "matrix) | coco1k | coco5k | coco (1K and 5K; COCO's default, on its test split only)")
-    p.add_argument("--k", type=int, default=None, help="top-K file length (default: 50)")
-    p.add_argument("--batch-size", type=int, default=None, help="encoding batch size (default: 64)")
-    p.add_argument("--topk-dir", default=None, help="write top-K files to this folder (CIR)")
-    p.add_argument("--output", default=None, help="also write the metrics JSON to this file")
+    p.add_argument("--k", type=int, default=None, help="top-K file length (default: the run config's eval.k)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="encoding batch size (default: the run config's eval.batch_size)")
+    p.add_argument("--topk-dir", default=None, help="write top-K files to this folder (CIR); top-K files of the "
+                                                     "evaluated splits already there are refused unless --overwrite")
+    p.add_argument("--output", default=None, help="also write the metrics JSON to this file (an existing one is "
+                                                   "refused unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output file and the --topk-dir files of the evaluated splits")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--model", default=None, help="model name, for checkpoints that do not record it")
     p.add_argument("--preset", default=None, help="model preset, with --model")
@@ -89,7 +94,8 @@ def _add_eval(subparsers: Any) -> None:
     p.add_argument("--ensemble", action="append", default=[], metavar="RUN_OR_CHECKPOINT",
                    help="evaluate RUN_OR_CHECKPOINT together with this model as one ensemble; repeatable. AMC: "
                         "mean of the members' cosines (the original eval_ensemble.py); DIME: DIME* = mean of the "
-                        "members' score matrices (e.g. an i2t and a t2i run). The dataset comes from the first")
+                        "members' score matrices (e.g. an i2t and a t2i run). The dataset and the evaluation "
+                        "settings come from TARGET, the first member")
     p.set_defaults(func=_run_eval)
 
 
@@ -241,6 +247,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         check_device(args.device, "--device")
     config = _eval_config(args, run_dir)
     splits = config["eval"].get("splits") or [config["dataset"]["val_split"]]
+    _check_eval_outputs(args, splits)
     loaded = {split: load_split(config, split) for split in splits}  # a wrong --root fails before the model loads
     model, meta = model_from_checkpoint(checkpoint, model=args.model, preset=args.preset,
                                         trust_pickle=args.trust_pickle, overrides=config.get("model_overrides"))
@@ -272,6 +279,18 @@ def _run_eval(args: argparse.Namespace) -> int:
 
         write_text(args.output, text + "\n")
     return 0
+
+
+def _check_eval_outputs(args: argparse.Namespace, splits: Sequence[str]) -> None:
+    """Before any work: ``--output`` must be a file path (an existing one only with ``--overwrite``), and top-K
+    files of these splits already in ``--topk-dir`` (``<split>[_<category>].topk.npz``) are refused likewise."""
+    from cirlab.core.io import check_outputs
+
+    check_outputs([args.output], overwrite=args.overwrite, command="cirlab eval --output")
+    if args.topk_dir and Path(args.topk_dir).is_dir():
+        found = sorted(p for s in splits for pattern in (f"{s}.topk.npz", f"{s}_*.topk.npz")
+                       for p in Path(args.topk_dir).glob(pattern))
+        check_outputs(found[:1], overwrite=args.overwrite, command="cirlab eval --topk-dir")
 
 
 def _key_groups(keys: Sequence[str] | None) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +57,8 @@ def _add_submit(subparsers: Any) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config entry, e.g. --set eval.stage1_topk=runs/cirr_stage1")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace submission files of the same name (without it they are refused before any work)")
     p.set_defaults(func=_run_submit)
 
 
@@ -68,7 +69,8 @@ def _device(name: str) -> str:
 
 
 def _run_submit(args: argparse.Namespace) -> int:
-    from cirlab.core.retrieval import save_cirr_submission
+    from cirlab.core.io import check_outputs
+    from cirlab.core.retrieval import SUBMISSION_STEMS, save_cirr_submission
     from cirlab.engine import rerank
     from cirlab.engine.runs import ConfigError, load_config, load_split, model_from_checkpoint
 
@@ -77,20 +79,23 @@ def _run_submit(args: argparse.Namespace) -> int:
         raise ConfigError(f"cirlab submit: {run} is not a run folder (no config.yaml)")
     config = load_config(run / "config.yaml", args.overrides + ([f"dataset.root={args.root}"] if args.root else []))
     split_name = config["dataset"]["test_split"] if args.split == "test" else args.split
+    name = args.name or f"{run.resolve().name}_{split_name}"
+    out = Path(args.out) if args.out else run / "submission"
+    check_outputs([out / f"{stem}_{name}.json" for stem in SUBMISSION_STEMS], overwrite=args.overwrite,
+                  command="cirlab submit")
+    (split,) = load_split(config, split_name)  # a wrong root fails before the model is read
     model, _ = model_from_checkpoint(run / "checkpoints" / args.checkpoint)
     device = _device(args.device)
     model.to(device)
-    (split,) = load_split(config, split_name)
     try:
         submission = rerank.cirr_submission(model, split, eval_config={**config["eval"], "run_dir": str(run)},
                                             device=device)
     except ValueError as err:
         if isinstance(err, ConfigError):
             raise
-        sys.stderr.write(f"cirlab submit: {err}\n")
-        return 2
-    name = args.name or f"{run.resolve().name}_{split_name}"
-    recall, subset = save_cirr_submission(submission, Path(args.out) if args.out else run / "submission", name)
+        root = config["dataset"].get("root") or "the configured dataset"
+        raise ConfigError(f"cirlab submit: {run}, split {split_name} of {root}: {err}") from None
+    recall, subset = save_cirr_submission(submission, out, name)
     print(json.dumps({"recall": str(recall), "recall_subset": str(subset), "queries": len(split.triplets)}, indent=2))
     return 0
 
@@ -143,7 +148,7 @@ def _add_convert(subparsers: Any) -> None:
     p.add_argument("--model", choices=("blip_rerank_stage1", "blip_rerank_stage2", "cala"), default=None,
                    help="--to cirlab: the model to build (default: cala for a LAVIS BLIP-2 file, stage II for a "
                         "stage-II file, else stage I)")
-    p.add_argument("--preset", default="cirr",
+    p.add_argument("--preset", default=None,
                    help="--to cirlab: model sizes (cirr / fashioniq = the papers' sizes, the default; tiny for test "
                         "files); for LAVIS sources the sizes come from the tensors and the preset gives the rest")
     p.add_argument("--itm-head", action="store_true",
@@ -186,16 +191,30 @@ def _run_convert(args: argparse.Namespace) -> int:
     return _to_cirlab(args)
 
 
-def _refuse_existing(args: argparse.Namespace) -> None:
-    """Nothing written is lost: an existing output file is refused (one line, before anything is read) unless
-    ``--overwrite``. A folder OUT (CaLa's files) is checked for the files it would replace in :func:`_cala_to_files`."""
-    from cirlab.core.errors import ConfigError
+# options that only one direction reads: given with the other, they would be ignored, so they are refused
+_CIRLAB_ONLY = {"model": "--model", "preset": "--preset", "itm_head": "--itm-head", "stage1": "--stage1",
+                "overrides": "--set"}
+_ORIGINAL_ONLY = {"stage1_out": "--stage1-out"}
 
-    if args.overwrite:
-        return
-    for path in (args.out, args.stage1_out):
-        if path and Path(path).is_file():
-            raise ConfigError(f"cirlab convert: {path} exists; pass --overwrite to replace it, or choose another path")
+
+def _refuse_existing(args: argparse.Namespace) -> None:
+    """Before anything is read: refuse options the chosen direction would ignore, and (nothing written is lost) an
+    output that is there already unless ``--overwrite``. A folder OUT (CaLa's files) is checked for the files it
+    would replace in :func:`_cala_to_files`."""
+    from cirlab.core.errors import ConfigError
+    from cirlab.core.io import check_outputs
+
+    unused = _CIRLAB_ONLY if args.to == "original" else _ORIGINAL_ONLY
+    given = [flag for field, flag in unused.items() if getattr(args, field)]
+    if given:
+        raise ConfigError(f"cirlab convert: {', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to "
+                          f"--to {args.to} (see cirlab convert --help)")
+    args.preset = args.preset or "cirr"
+    if args.to == "original":  # OUT may be a folder there (CaLa's files), checked once the model is known
+        check_outputs([args.stage1_out] + ([args.out] if not Path(args.out).is_dir() else []),
+                      overwrite=args.overwrite, command="cirlab convert")
+    else:
+        check_outputs([args.out, f"{args.out}.report.json"], overwrite=args.overwrite, command="cirlab convert")
 
 
 def _lavis_source(args: argparse.Namespace) -> tuple[str, dict] | None:
@@ -301,19 +320,25 @@ def _to_cirlab(args: argparse.Namespace) -> int:
 
 def _to_original(args: argparse.Namespace) -> int:
     from cirlab.core.checkpoint import run_checkpoint
+    from cirlab.core.errors import ConfigError
+    from cirlab.core.io import check_outputs
     from cirlab.engine.runs import model_from_checkpoint
     from cirlab.models import blip_rerank
 
     checkpoint = run_checkpoint(args.source)
     model, meta = model_from_checkpoint(checkpoint)
+    stage2 = isinstance(model, blip_rerank.BlipRerankStage2)
+    if args.stage1_out and not stage2:
+        raise ConfigError(f"cirlab convert: --stage1-out: {checkpoint} holds {model.model_name}, which has no frozen "
+                          "stage I (only a stage-II run has)")
     if model.model_name == "cala":
         return _cala_to_files(args, model, int(meta.get("epoch") or 0))
     if not isinstance(model, (blip_rerank.BlipRerankStage1, blip_rerank.BlipRerankStage2)):
-        sys.stderr.write(f"cirlab convert: {checkpoint} holds {model.model_name}; --to original writes the "
-                         "re-ranker's and CaLa's files\n")
-        return 2
+        raise ConfigError(f"cirlab convert: {checkpoint} holds {model.model_name}; --to original writes the "
+                          "re-ranker's and CaLa's files")
+    check_outputs([args.out], overwrite=args.overwrite, command="cirlab convert")  # a folder is CaLa's only
     written = {"out": str(blip_rerank.export_original(model, args.out))}
-    if args.stage1_out and isinstance(model, blip_rerank.BlipRerankStage2):
+    if stage2 and args.stage1_out:
         written["stage1_out"] = str(blip_rerank.export_original(model.stage1, args.stage1_out))
     print(json.dumps(written, indent=2))
     return 0

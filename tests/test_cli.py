@@ -74,6 +74,32 @@ def test_cli_train_then_eval(tmp_path, synth, capsys):
     assert json.loads(capsys.readouterr().out)["splits"]["val"] == pytest.approx(metrics["splits"]["val"])
 
 
+def test_eval_refuses_to_replace_outputs_before_any_work(tmp_path, synth, capsys, caplog, monkeypatch):
+    cfg = _write_config(tmp_path / "stub.yaml", synth)
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--output-dir", str(out), "--set", "train.max_steps=2"]) == 0
+    (tmp_path / "eval.json").write_text("my earlier numbers\n")
+    topk = out / "topk" / "test_dress.topk.npz"
+    before = topk.read_bytes()
+    from cirlab.engine import runs
+
+    monkeypatch.setattr(runs, "model_from_checkpoint", lambda *a, **k: pytest.fail("the model was read"))
+    for extra, message in ((["--output", str(tmp_path / "eval.json")], "eval.json exists; pass --overwrite"),
+                           (["--output", str(tmp_path)], "is a folder; give the path of a file"),
+                           (["--topk-dir", str(out / "topk"), "--set", "eval.k=3"],
+                            "test_dress.topk.npz exists; pass --overwrite")):
+        caplog.clear()
+        assert main(["eval", str(out), "--split", "test", *extra]) == 2
+        assert message in caplog.text
+    assert (tmp_path / "eval.json").read_text() == "my earlier numbers\n" and topk.read_bytes() == before
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["eval", str(out), "--split", "test", "--output", str(tmp_path / "eval.json"), "--topk-dir",
+                 str(out / "topk"), "--set", "eval.k=3", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text()) == json.loads(capsys.readouterr().out)
+    assert load_topk(topk).k == 3
+
+
 def test_python_api_run_and_resume(tmp_path, synth):
     cfg = load_config(_write_config(tmp_path / "stub.yaml", synth, checkpoint_every=2),
                       ["train.max_steps=3", "output_dir=" + str(tmp_path / "run")])

@@ -146,6 +146,26 @@ def test_from_lavis_on_a_non_lavis_file_is_one_line(tmp_path):
     assert not (tmp_path / "out.pt").exists()
 
 
+def test_convert_refuses_ignored_options_and_taken_outputs_before_reading(blip, tmp_path, caplog, monkeypatch):
+    from cirlab.models import lavis_interop
+
+    path, _, _ = blip
+    monkeypatch.setattr(lavis_interop, "read_lavis_layout", lambda *a, **k: pytest.fail("the source was read"))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "done.pt").write_bytes(b"mine")
+    cases = [([str(tmp_path / "a.pt"), "--stage1-out", str(tmp_path / "s1.pt")], "--stage1-out does not apply to "
+              "--to cirlab"),
+             ([str(tmp_path / "b"), "--to", "original", "--itm-head", "--preset", "tiny"],
+              "--preset, --itm-head do not apply to --to original"),
+             ([str(tmp_path / "taken")], "taken is a folder; give the path of a file"),
+             ([str(tmp_path / "done.pt")], "done.pt exists; pass --overwrite")]
+    for argv, message in cases:
+        caplog.clear()
+        assert main(["convert", str(path), *argv]) == 2
+        assert message in caplog.text
+    assert (tmp_path / "done.pt").read_bytes() == b"mine" and not list((tmp_path / "taken").iterdir())
+
+
 def test_wrong_lavis_layouts_name_the_file(blip, tmp_path, capsys):
     import argparse
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -146,10 +147,28 @@ def test_submit_writes_valid_server_files_for_both_stages(runs, cirr_root, capsy
         assert sorted(two[:K2]) == sorted(one[:K2]) and two[K2:] == one[K2:]
 
 
-def test_submit_refuses_a_split_with_a_short_gallery(runs, capsys):
+def test_submit_refuses_a_split_with_a_short_gallery(runs, caplog):
     assert main(["submit", str(runs["stage1"]), "--split", "val"]) == 2  # 43 candidates < the server's 50
-    err = capsys.readouterr().err.strip()
-    assert err == "cirlab submit: k=50 but only 43 gallery items can be ranked per query"
+    assert re.search(r"cirlab submit: \S+stage1, split val of \S+: k=50 but only 43 gallery items can "
+                     r"be ranked per query$", caplog.text.strip())
+
+
+def test_submit_refuses_to_replace_its_files_before_any_work(runs, tmp_path, capsys, caplog, monkeypatch):
+    from cirlab.engine import runs as run_module
+
+    out = tmp_path / "sub"
+    assert main(["submit", str(runs["stage1"]), "--split", "test", "--name", "again", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["recall_submission_again.json", "recall_subset_submission_again.json"]
+    monkeypatch.setattr(run_module, "model_from_checkpoint", lambda *a, **k: pytest.fail("the model was read"))
+    caplog.clear()
+    assert main(["submit", str(runs["stage1"]), "--split", "test", "--name", "again", "--out", str(out)]) == 2
+    assert "recall_submission_again.json exists; pass --overwrite" in caplog.text
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["submit", str(runs["stage1"]), "--split", "test", "--name", "again", "--out", str(out),
+                 "--overwrite"]) == 0
     assert not (runs["stage1"] / "submission" / f"recall_submission_{runs['stage1'].name}_val.json").exists()
 
 

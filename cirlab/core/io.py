@@ -76,6 +76,24 @@ def write_yaml(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, yaml.safe_dump(obj, sort_keys=False))
 
 
+class OutputExistsError(CirlabError, FileExistsError):
+    """An output file a command would write is already there (or is a folder); the message names it."""
+
+
+def check_outputs(paths: Any, *, overwrite: bool, command: str) -> None:
+    """Nothing written is lost: refuse, before any work, an output path that is a folder, or a file that exists
+    unless ``overwrite`` (``--overwrite``). ``paths`` may hold None (an option not given)."""
+    for path in paths:
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir():
+            raise OutputExistsError(f"{command}: {path} is a folder; give the path of a file to write")
+        if path.exists() and not overwrite:
+            raise OutputExistsError(f"{command}: {path} exists; pass --overwrite to replace it, or choose another "
+                                    "path")
+
+
 def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Temporary files :func:`atomic_path` left behind in ``folder`` (a process killed mid-write)."""
     folder = Path(folder)

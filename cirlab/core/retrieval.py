@@ -391,6 +391,9 @@ def subset_topk(scores: Tensor, reference: Any, members: Any, k: int = 3) -> Ten
     return _sort_rows(member_scores, mem)[1][:, :k]
 
 
+SUBMISSION_STEMS = ("recall_submission", "recall_subset_submission")  # the CIRR server's file names, <stem>_<name>
+
+
 def save_cirr_submission(submission: Mapping[str, Mapping[str, Any]], out_dir: str | os.PathLike,
                          name: str) -> tuple[Path, Path]:
     """Write ``recall_submission_<name>.json`` and ``recall_subset_submission_<name>.json`` atomically.
@@ -400,7 +403,7 @@ def save_cirr_submission(submission: Mapping[str, Mapping[str, Any]], out_dir: s
     """
     out_dir = Path(out_dir)
     paths = []
-    for metric, stem in (("recall", "recall_submission"), ("recall_subset", "recall_subset_submission")):
+    for metric, stem in zip(("recall", "recall_subset"), SUBMISSION_STEMS):
         obj = submission[metric]
         validate_cirr_submission(obj)
         if obj["metric"] != metric:
