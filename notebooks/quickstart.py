@@ -136,7 +136,9 @@ if lavis_file is None or not lavis_file.is_file():
     print("the LAVIS test fixture is not here (an installed wheel ships no tests): skipping this cell")
 else:
     converted = f"{out_dir}/lavis/blip_stage1.pt"
-    assert cirlab_cli(["convert", "--from", "lavis", str(lavis_file), converted, "--preset", "tiny", "--itm-head"]) == 0
+    # --overwrite: this notebook's own file from an earlier run of the cell (convert refuses to replace one otherwise)
+    assert cirlab_cli(["convert", "--from", "lavis", str(lavis_file), converted, "--preset", "tiny", "--itm-head",
+                       "--overwrite"]) == 0
     lavis_stage1, lavis_meta = model_from_checkpoint(converted)
     lavis_report = json.loads(open(f"{converted}.report.json").read())
     print("converted from", lavis_meta["converted_from"], "->", type(lavis_stage1).__name__,

@@ -447,3 +447,15 @@ def test_import_is_cheap():
     code = "import sys, cirlab.data; print(sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_misspelt_category_names_the_file_it_meant(tmp_path):
+    from cirlab.data.generators import synthetic
+
+    root = synthetic.ensure(tmp_path / "s", size="tiny", layouts=["fashioniq"], image_size=16) / "fashioniq"
+    with pytest.raises(DataError, match=r"split\.shrt\.val\.json: file not found \(did you mean "
+                                          r"'split\.shirt\.val\.json'\?\)"):
+        load_cir("fashioniq", root, "val", category="shrt")
+    with pytest.raises(DataError, match=r"split\.dress\.vla\.json: file not found \(did you mean "
+                                          r"'split\.dress\.val\.json'\?\)"):
+        load_cir("fashioniq", root, "vla", category="dress")

@@ -112,10 +112,22 @@ class ProblemCollector:
         self.problems.warnings.clear()
 
 
+def file_not_found(path: Path) -> str:
+    """``file not found``, with the closest name in its folder when there is one (a misspelt category or split:
+    ``split.shrt.val.json`` -> ``did you mean 'split.shirt.val.json'?``)."""
+    from cirlab.core.config import did_you_mean
+
+    try:
+        names = [p.name for p in path.parent.iterdir() if p.is_file()] if path.parent.is_dir() else []
+    except OSError:
+        names = []
+    return "file not found" + did_you_mean(path.name, names)
+
+
 def read_json(path: Path, sink: ProblemCollector) -> Any | None:
     """Parse a JSON file; a missing or malformed file becomes a problem (None is returned in collect mode)."""
     if not path.is_file():
-        sink.add("missing_file", path, None, "file not found")
+        sink.add("missing_file", path, None, file_not_found(path))
         return None
     try:
         with open(path, encoding="utf-8") as fh:
@@ -130,7 +142,7 @@ def read_json(path: Path, sink: ProblemCollector) -> Any | None:
 def read_lines(path: Path, sink: ProblemCollector) -> list[tuple[int, str]] | None:
     """``(line number, stripped text)`` of the non-blank lines of a text file (numbers count blank lines too)."""
     if not path.is_file():
-        sink.add("missing_file", path, None, "file not found")
+        sink.add("missing_file", path, None, file_not_found(path))
         return None
     try:
         text = path.read_text(encoding="utf-8")
@@ -369,9 +381,16 @@ def load_cir(name: str, root: str | os.PathLike | None = None, split: str = "tra
     check_options(key, kw)
     path = resolve_root(root, spec.subdir)
     if not path.is_dir():
-        raise DataError(f"dataset root not found ({missing_root_hint(key, root)})", file=path, kind="missing_file")
+        raise DataError(missing_root_message(key, path, root), file=path, kind="missing_file")
     module = importlib.import_module(spec.loader)
     return module.load(path, split=split, category=category, **kw)
+
+
+def missing_root_message(name: str, path: Path, given: Any = None) -> str:
+    """``dataset root not found (...)`` for a resolved root ``path`` that is not a folder (``given``: the root the
+    user passed, None or "" when the default was used)."""
+    what = "dataset root is a file, not a folder" if path.exists() else "dataset root not found"
+    return f"{what} ({missing_root_hint(name, given)})"
 
 
 def missing_root_hint(name: str, root: Any = None) -> str:

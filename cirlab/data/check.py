@@ -48,13 +48,13 @@ def check_dataset(name: str, root: str | os.PathLike | None = None, *, verify_im
     if key not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; known: {', '.join(DATASETS)}")
     itm = key == "precomp" or _TABLE[key].is_itm
+    given = root
     root = resolve_root(root, "" if itm else _TABLE[key].subdir)
     sink = ProblemCollector(strict=False)
     if not Path(root).is_dir():
-        from cirlab.data.base import missing_root_hint
+        from cirlab.data.base import missing_root_message
 
-        hint = missing_root_hint("f30k" if key == "precomp" else key, root if name and root else None)
-        sink.add("missing_file", root, None, f"dataset root not found ({hint})")
+        sink.add("missing_file", root, None, missing_root_message("f30k" if key == "precomp" else key, root, given))
         return sink.problems
     if itm:
         from cirlab.data import precomp

@@ -26,7 +26,7 @@ def _run_check(args: argparse.Namespace) -> int:
     if problems:
         print(format_problems(problems, max_per_kind=args.max_per_kind))
         print(f"{args.dataset}: FAILED with {len(problems)} problem{'s' if len(problems) != 1 else ''} "
-              f"({format_stats(problems.stats)} checked)")
+              f"({'found: ' if problems.stats else ''}{format_stats(problems.stats)})")
         return 1
     print(f"{args.dataset}: OK ({format_stats(problems.stats)})")
     return 0

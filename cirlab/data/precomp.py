@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cirlab.data.base import ProblemCollector
+from cirlab.data.base import ProblemCollector, file_not_found
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def precomp_dir(root: Path, name: str) -> Path:
 def open_features(path: Path, sink: ProblemCollector, regions: int | None = 36, dim: int | None = 2048) -> Any:
     """Memory-map ``{split}_ims.npy`` and validate its header (shape, dtype, file size) without reading the data."""
     if not path.is_file():
-        sink.add("missing_file", path, None, "file not found")
+        sink.add("missing_file", path, None, file_not_found(path))
         return None
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -83,7 +83,7 @@ def check_finite_features(array: Any, path: Path, sink: ProblemCollector, chunk:
 def read_captions(path: Path, sink: ProblemCollector) -> list[str] | None:
     """Lines of ``{split}_caps.txt`` (read as bytes, decoded as UTF-8); an empty line is a problem, never dropped."""
     if not path.is_file():
-        sink.add("missing_file", path, None, "file not found")
+        sink.add("missing_file", path, None, file_not_found(path))
         return None
     lines = path.read_bytes().split(b"\n")
     if lines and lines[-1] == b"":  # the final newline ends the last caption, it does not start another
