@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import logging
@@ -178,7 +179,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, Any]:
     from cirlab.core.errors import ConfigError
-    from cirlab.engine.runs import apply_overrides, merge_config, parse_set, read_yaml, validate_config, with_defaults
+    from cirlab.engine.runs import apply_overrides, merge_config, parse_set, read_yaml, validate_blaming, with_defaults
 
     config_path = Path(args.config) if args.config else (run_dir / "config.yaml" if run_dir else None)
     if args.config and not config_path.is_file():
@@ -190,6 +191,7 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
         config = with_defaults(raw)
     else:
         config = with_defaults({})
+    base = copy.deepcopy(config)  # what the file says, before the flags and --set change it
     cli = {"dataset": {k: v for k, v in (("name", args.dataset), ("root", args.root),
                                          ("category", args.category)) if v is not None},
            "eval": {k: v for k, v in (("protocol", args.protocol), ("k", args.k), ("batch_size", args.batch_size),
@@ -202,8 +204,10 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
     config = apply_overrides(config, parse_set(args.overrides))
     if not config["dataset"].get("name"):
         raise ConfigError("cirlab eval: no dataset: pass --dataset (or --config, or a run folder)")
-    validate_config(config, str(config_path) if config_path is not None and config_path.is_file() else "cirlab eval",
-                    for_eval=True)
+    flags = [f"--{name.replace('_', '-')} {value}" for section in cli.values() for name, value in section.items()]
+    flags = [f.replace("--name ", "--dataset ").replace("--splits ", "--split ") for f in flags]
+    validate_blaming(config, base, str(config_path) if config_path is not None and config_path.is_file()
+                     else "cirlab eval", flags + [f"--set {o}" for o in args.overrides], for_eval=True)
     return config
 
 

@@ -144,6 +144,20 @@ def test_bad_configs_fail_early_naming_file_and_key(tmp_path):
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
 
 
+def test_a_mistake_made_on_the_command_line_is_not_blamed_on_the_file(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("model: stub_cir\ndataset: {name: shoes}\ntrain: {lr: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"^--set train\.max_step=5: train: unknown field 'max_step' \(did you mean "
+                                          r"'max_steps'\?\)"):
+        load_config(good, ["train.lr=0.2", "train.max_step=5"])
+    with pytest.raises(ConfigError, match=r"^--set train\.lr=abc: train\.lr: expected a number"):
+        load_config(good, ["train.lr=abc"])
+    bad = tmp_path / "bad.yaml"  # the file is wrong itself: the file is named, whatever --set adds
+    bad.write_text("model: stub_cir\ndataset: {name: shoes}\ntrain: {learning_rate: 1}\n")
+    with pytest.raises(ConfigError, match=r"^\S*bad\.yaml: train: unknown field 'learning_rate'"):
+        load_config(bad, ["train.lr=0.2"])
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_configs_validate(path):
     config = load_config(path)

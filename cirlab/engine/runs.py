@@ -193,8 +193,34 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
     check_sections(raw, str(path))  # before the --set overrides merge into them
     config = with_defaults(apply_overrides(raw, parse_set(overrides)))
     config.setdefault("name", path.stem)
-    validate_config(config, str(path))
+    base = {**with_defaults(raw), "name": config["name"]}
+    validate_blaming(config, base, str(path), [f"--set {o}" for o in overrides])
     return config
+
+
+def validate_blaming(config: dict[str, Any], base: dict[str, Any], source: str, changes: Sequence[str],
+                     **kw: Any) -> None:
+    """:func:`validate_config` of ``config`` = ``base`` (read from ``source``) changed on the command line by
+    ``changes`` (``--set train.lr=x``, ``--batch-size 0``). A mistake that is not in ``source`` is not blamed on
+    it: when ``base`` alone passes, the error names the command-line change(s) it comes from instead."""
+    try:
+        validate_config(config, source, **kw)
+    except ConfigError as err:
+        if not changes:
+            raise
+        try:
+            validate_config(base, source, **kw)
+        except ConfigError:
+            raise err from None  # the file itself is wrong (too): its own message
+        message = str(err).removeprefix(f"{source}: ")
+        said = message.split("; known:")[0]  # the lists of known names would match any key
+
+        def key(change: str) -> str:  # "--set train.max_step=5" -> max_step, "--batch-size 0" -> batch_size
+            return re.split(r"[ =]", change.removeprefix("--set "), maxsplit=1)[0].split(".")[-1].replace(
+                "-", "_").lstrip("_")
+
+        named = [c for c in changes if re.search(rf"\b{re.escape(key(c))}\b", said)] or list(changes)
+        raise ConfigError(f"{', '.join(named)}: {message}") from None
 
 
 def check_sections(config: dict[str, Any], source: str) -> None:
