@@ -174,6 +174,8 @@ def _run_train(args: argparse.Namespace) -> int:
                             overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     if is_main_process():  # under torchrun every process returns the same gathered metrics
         print(json.dumps(result["splits"], indent=2, sort_keys=True))
+        logger.info("run written to %s (metrics.json, checkpoints/best.pt; cirlab eval %s evaluates it again)",
+                    Path(result["checkpoint"]).parents[1], Path(result["checkpoint"]).parents[1])
     return 0
 
 
@@ -242,7 +244,7 @@ def _checkpoint_of(target_arg: str, name: str) -> tuple[Path, Path | None]:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from cirlab.engine.runs import eval_device, evaluate_split, load_split, model_from_checkpoint
+    from cirlab.engine.runs import eval_device, evaluate_split, load_split, model_from_checkpoint, protocol_of
 
     from cirlab.engine.train import check_device
 
@@ -273,7 +275,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         out = evaluate_split(model, config, split, device=device, loaded=loaded.pop(split),
                              topk_dir=Path(args.topk_dir) if args.topk_dir else None)
         results[split] = out["metrics"]
-    record: dict[str, Any] = {"checkpoint": str(checkpoint), "splits": results}
+    record: dict[str, Any] = {"checkpoint": str(checkpoint), "splits": results,
+                              "protocols": {split: protocol_of(config, split) for split in splits}}
     if args.ensemble:
         record["ensemble"] = [str(checkpoint)] + [str(_checkpoint_of(m, args.checkpoint)[0]) for m in args.ensemble]
     text = json.dumps(record, indent=2, sort_keys=True)

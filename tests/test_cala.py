@@ -421,6 +421,9 @@ def test_convert_command_writes_and_reads_cala_files(tmp_path, capsys, caplog):
     capsys.readouterr()
 
     out = tmp_path / "back.pt"
+    caplog.clear()
+    assert main(["convert", str(files), str(out), "--preset", "tiny"]) == 2  # the re-ranker's reader: says which
+    assert "it holds CaLa's tuned_blip_*.pt files: convert them with --model cala" in caplog.text
     assert main(["convert", str(files), str(out), "--model", "cala", "--preset", "tiny",
                  "--set", "cir_frame=artemis"]) == 2  # two saves in the folder: which one must be said
     assert "expected one tuned_blip_text_*.pt, found ['tuned_blip_text_arithmetic.pt', 'tuned_blip_text_second" \

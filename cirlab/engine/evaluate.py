@@ -429,6 +429,11 @@ def evaluate_itm(model: Any, split: Any, protocol: str = "full", *, batch_size: 
     if protocol not in ITM_PROTOCOLS:
         raise ValueError(f"unknown ITM protocol {protocol!r}; known: {', '.join(ITM_PROTOCOLS)}")
     cpi = int(getattr(split, "im_div", 5))
+    if protocol.startswith("coco") and split.num_images != 5000:  # applies, but its numbers mean something else
+        logger.warning("ITM protocol %r describes COCO's 5,000-image testall; this split has %d images (scored the "
+                       "same way: %s)", protocol, split.num_images,
+                       "5 folds of a fifth each" if protocol == "coco1k" else "its full matrix"
+                       + (" and 5 folds" if protocol == "coco" else ""))
     score = functools.partial(score_itm, model, split, batch_size=batch_size, shard_size=shard_size, device=device)
     if protocol == "coco1k":
         n = split.num_images // 5

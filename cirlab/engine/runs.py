@@ -638,6 +638,14 @@ def itm_protocol(config: dict[str, Any], split: str | None = None) -> str:
     return protocol
 
 
+def protocol_of(config: dict[str, Any], split: str) -> str:
+    """The protocol ``split`` is scored with, as reported next to its metrics (ITM: :func:`itm_protocol`; CIR:
+    ``eval.protocol``, else the dataset's own)."""
+    if is_precomp(config):
+        return itm_protocol(config, split)
+    return config["eval"].get("protocol") or str(config["dataset"]["name"]).lower()
+
+
 def evaluate_split(model: Any, config: dict[str, Any], split: str, *, device: Any = "cpu",
                    topk_dir: Path | None = None, loaded: Any = None) -> dict[str, Any]:
     """Evaluate ``model`` on one named split of the configured dataset; returns evaluate_cir/itm's dict.
@@ -783,8 +791,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     model.to(run_device)
     final = _final_evaluation(model, config, out, run_device, loaded)
     result = {"model": config["model"], "preset": config.get("preset"), "dataset": ds["name"],
-              "protocol": (itm_protocol(config, ds["test_split"]) if is_precomp(config)
-                           else config["eval"].get("protocol") or str(ds["name"]).lower()),
+              "protocol": protocol_of(config, ds["test_split"]),
               "selection": {"mode": summary["selection"], "split": summary["selection_split"],
                             "metric": summary["selection_metric"], "best_score": summary["best_score"],
                             "best_epoch": summary["best_epoch"], "best_step": summary["best_step"]},

@@ -625,9 +625,10 @@ class _RunLog:
         """``max_steps`` below ``epochs`` x steps per epoch silently shortens a run: say so once."""
         if not cfg.max_steps or not steps_per_epoch or cfg.max_steps >= steps_per_epoch * cfg.epochs:
             return
-        logger.warning("train.max_steps=%d stops this run after %.2g of its %d epochs (%d steps per epoch, %d "
-                       "asked for); raise train.max_steps or set it to null to train every epoch", cfg.max_steps,
-                       cfg.max_steps / steps_per_epoch, cfg.epochs, steps_per_epoch, steps_per_epoch * cfg.epochs)
+        logger.warning("train.max_steps=%d stops this run after %.2g epochs, not the %d epoch%s asked for (%d "
+                       "steps per epoch, %d in all); raise train.max_steps or set it to null to train every epoch",
+                       cfg.max_steps, cfg.max_steps / steps_per_epoch, cfg.epochs, "" if cfg.epochs == 1 else "s",
+                       steps_per_epoch, steps_per_epoch * cfg.epochs)
 
     @staticmethod
     def _tensorboard(output_dir: Path) -> Any:

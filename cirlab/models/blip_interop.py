@@ -196,8 +196,10 @@ def read_pretrained(path: str | os.PathLike) -> Pretrained:
             return read_pretrained(path / "checkpoints" / "best.pt")
         if (path / "config.json").is_file():
             return Pretrained("transformers", transformers_to_original(read_transformers_folder(path)), str(path))
+        cala = " (it holds CaLa's tuned_blip_*.pt files: convert them with --model cala)" if any(
+            path.glob("tuned_blip_*.pt")) else ""
         raise InteropError(f"{path}: neither a cirlab run (checkpoints/best.pt) nor a transformers BLIP folder "
-                           "(config.json + model.safetensors)")
+                           f"(config.json + model.safetensors){cala}")
     if not path.exists():
         raise InteropError(f"{path}: no such file or folder")
     try:

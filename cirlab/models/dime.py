@@ -99,7 +99,7 @@ class DIMEConfig(PresetMixin):
     # caption / image per sample, supplied by the dataset: PrecompSplit.pair_dataset(**model.dataset_extras()));
     # "previous_batch" = the previous training batch's captions / images (none on the first step of a run or a
     # resume); "none". The old bool reads True -> "random", False -> "none".
-    extra_negatives: str = "random"
+    extra_negatives: str | bool = "random"  # a bool only as read from configs and checkpoints before the choice
     mask_repeats: bool = False  # treat other captions of the same image in a batch as positives (original: no)
     mask_padding: bool = True  # exclude padding words everywhere (original: False, see module docstring)
     keep_unused_params: bool = True  # keep GLGC.fc_2 and the i2t image BN (unused, in original checkpoints)
