@@ -337,3 +337,15 @@ def test_a_wrong_init_from_file_is_one_clear_line(tmp_path, kind):
     message = str(err.value)
     assert "\n" not in message and str(path) in message and message.startswith("model_overrides.init_from: ")
     assert not (tmp_path / "init_from.json").exists()
+
+
+def test_a_report_of_many_shape_mismatches_logs_a_sample():
+    from cirlab.models.blip_interop import InteropReport
+
+    report = InteropReport(source="f.pt", target="cala",
+                           mismatched=[(f"layer.{i}.weight", (4, 4), (8, 8)) for i in range(40)])
+    lines = report.summary().splitlines()
+    assert lines[0] == "f.pt -> cala: loaded 0, unmatched 0, missing 0, shape-mismatched 40, ignored 0"
+    assert lines[1:13] == [f"  shape mismatch layer.{i}.weight: checkpoint [4, 4] vs model [8, 8]" for i in range(12)]
+    assert lines[13:] == ["  ... (28 more shape mismatches)"]
+    assert len(report.to_dict()["mismatched"]) == 40  # the JSON report keeps them all

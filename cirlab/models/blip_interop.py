@@ -124,8 +124,10 @@ class InteropReport:
             if keys:  # model_base.pth has hundreds of unmatched keys: the full lists are in to_dict()
                 more = f", ... ({len(keys) - 12} more)" if len(keys) > 12 else ""
                 parts.append(f"  {name}: " + ", ".join(keys[:12]) + more)
-        for key, src, dst in self.mismatched:
+        for key, src, dst in self.mismatched[:12]:  # a wrong preset mismatches every layer: a sample says it
             parts.append(f"  shape mismatch {key}: checkpoint {list(src)} vs model {list(dst)}")
+        if len(self.mismatched) > 12:
+            parts.append(f"  ... ({len(self.mismatched) - 12} more shape mismatches)")
         return "\n".join(parts)
 
     def log(self) -> "InteropReport":
