@@ -232,13 +232,13 @@ def _lavis_source(args: argparse.Namespace) -> tuple[str, dict] | None:
             return lavis_interop.read_lavis_layout(args.source, expected=expected)
         except blip_interop.InteropError as err:
             raise CheckpointError(f"cirlab convert --from lavis: {err}") from None
-    if args.source_layout == "original" or args.model == "blip_rerank_stage2" or not Path(args.source).is_file():
+    if args.source_layout == "original" or not Path(args.source).is_file():
         return None
     try:
         layout, state = lavis_interop.read_lavis_layout(args.source)
     except blip_interop.InteropError:
         return None  # not a LAVIS file: the original readers report what it is
-    if layout not in expected:
+    if args.model == "blip_rerank_stage2" or layout not in expected:  # stage II has no LAVIS layout
         raise CheckpointError(f"cirlab convert: {args.source} is a LAVIS {layout} checkpoint; it converts to "
                               f"{'cala' if layout == 'blip2' else 'blip_rerank_stage1'}, not {args.model}")
     return layout, state

@@ -180,6 +180,8 @@ def test_wrong_lavis_layouts_name_the_file(blip, tmp_path, capsys):
     # auto: a LAVIS file asked to become another model says which one it converts to
     with pytest.raises(CirlabError, match="converts to blip_rerank_stage1, not cala"):
         _lavis_source(argparse.Namespace(source=str(path), source_layout="auto", model="cala"))
+    with pytest.raises(CirlabError, match="converts to blip_rerank_stage1, not blip_rerank_stage2"):
+        _lavis_source(argparse.Namespace(source=str(path), source_layout="auto", model="blip_rerank_stage2"))
     cala = cirlab.create_model("cala", "tiny", init_from=f"lavis:{path}")
     with pytest.raises(CheckpointError) as err:
         cala.load_init(tmp_path)
