@@ -174,8 +174,9 @@ def _run_train(args: argparse.Namespace) -> int:
                             overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     if is_main_process():  # under torchrun every process returns the same gathered metrics
         print(json.dumps(result["splits"], indent=2, sort_keys=True))
+        run = Path(result["checkpoint"]).parents[1]  # <run>/checkpoints/best.pt
         logger.info("run written to %s (metrics.json, checkpoints/best.pt; cirlab eval %s evaluates it again)",
-                    Path(result["checkpoint"]).parents[1], Path(result["checkpoint"]).parents[1])
+                    run, run)
     return 0
 
 
@@ -194,10 +195,15 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
     else:
         config = with_defaults({})
     base = copy.deepcopy(config)  # what the file says, before the flags and --set change it
-    cli = {"dataset": {k: v for k, v in (("name", args.dataset), ("root", args.root),
-                                         ("category", args.category)) if v is not None},
-           "eval": {k: v for k, v in (("protocol", args.protocol), ("k", args.k), ("batch_size", args.batch_size),
-                                      ("splits", args.split)) if v is not None}}
+    # (section, field, flag, value) of each flag given: the config entries it sets, and how to name it in an error
+    given = [(section, field, flag, value) for section, field, flag, value in (
+        ("dataset", "name", "--dataset", args.dataset), ("dataset", "root", "--root", args.root),
+        ("dataset", "category", "--category", args.category), ("eval", "protocol", "--protocol", args.protocol),
+        ("eval", "k", "--k", args.k), ("eval", "batch_size", "--batch-size", args.batch_size),
+        ("eval", "splits", "--split", args.split)) if value is not None]
+    cli: dict[str, dict[str, Any]] = {"dataset": {}, "eval": {}}
+    for section, field, _, value in given:
+        cli[section][field] = value
     if args.dataset and not args.root and not args.config:
         config["dataset"]["synthetic"] = None
     config = merge_config(config, cli)
@@ -206,8 +212,7 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
     config = apply_overrides(config, parse_set(args.overrides))
     if not config["dataset"].get("name"):
         raise ConfigError("cirlab eval: no dataset: pass --dataset (or --config, or a run folder)")
-    flags = [f"--{name.replace('_', '-')} {value}" for section in cli.values() for name, value in section.items()]
-    flags = [f.replace("--name ", "--dataset ").replace("--splits ", "--split ") for f in flags]
+    flags = [f"{flag} {value}" for _, _, flag, value in given]
     validate_blaming(config, base, str(config_path) if config_path is not None and config_path.is_file()
                      else "cirlab eval", flags + [f"--set {o}" for o in args.overrides], for_eval=True)
     return config

@@ -719,10 +719,10 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     created = not out.exists()
     try:
         with folder_lock(out) if _rank_zero() else contextlib.nullcontext():
+            # refuse a folder that holds a run now; with --overwrite the trainer removes it once the data, the
+            # start files and the model have passed, so a mistyped root does not cost the previous run
             if not resuming and not overwrite and _rank_zero():
-                claim_run_folder(out)  # refuse a folder that holds a run now; --overwrite removes it only once
-                # the data, the start files and the model have passed (the trainer's claim), so a mistyped root
-                # does not cost the previous run
+                claim_run_folder(out)
             return _run_locked(config, out, resume, device, allow_config_change, overwrite)
     except BaseException:
         if created and _rank_zero():
