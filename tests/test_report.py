@@ -318,6 +318,7 @@ def test_kill_or_ctrl_c_stops_kernels_puts_results_back_and_leaves_no_files(tmp_
     out = tmp_path / "reports"
     (out / "train").mkdir(parents=True)
     (out / "train" / "keep.txt").write_text("previous")
+    (out / "train" / report.RECORD).write_text("{}")  # a previous report's entry
     # a TMPDIR short enough for the kernels' sockets to live in it (pytest's tmp_path is not), so that what they
     # leave behind can be counted; report.ipc_prefix would move them to /tmp otherwise
     scratch = Path(tempfile.mkdtemp(prefix="cl-", dir="/tmp" if os.path.isdir("/tmp") else None))
@@ -371,3 +372,30 @@ def test_kernel_sockets_fit_a_unix_socket_path_under_a_long_tmpdir(tmp_path):
     assert len(prefix) + len("-65535") <= zmq.IPC_PATH_MAX_LEN
     assert prefix.startswith("/tmp/cirlab-kernel-") and prefix != report.ipc_prefix(long_dir)  # unique per kernel
     assert report.ipc_prefix("/tmp").startswith("/tmp/cirlab-kernel-")
+
+
+def test_a_folder_no_report_wrote_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    """`--out runs` must not move a training run at runs/train aside and delete it."""
+    out = tmp_path / "runs"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "best.pt").write_bytes(b"weights")
+    monkeypatch.setattr(report, "ensure_synthetic_data", lambda *a, **k: pytest.fail("data built before the check"))
+    with pytest.raises(ValueError, match=r"runs[/\\]train exists and was not written by cirlab report"):
+        report.run_report(out, only="train", stream=io.StringIO())
+    with pytest.raises(ValueError, match="not written by cirlab report"):
+        report.run_entry("train", {}, out, notebook_dir=tmp_path / "none")
+    assert (out / "train" / "best.pt").read_bytes() == b"weights" and not list(out.glob(".*"))
+    (out / "train" / report.RECORD).write_text("{}")  # a report's own entry is replaced as before
+    assert report.foreign_entry_folder(out, "train") is None
+    (out / "evaluate").mkdir()  # an empty folder holds nothing to lose
+    assert report.foreign_entry_folder(out, "evaluate") is None
+    parser = argparse.ArgumentParser()
+    report.register_cli(parser.add_subparsers())
+    args = parser.parse_args(["report", "--only", "rank_shift", "--out", str(out)])
+    (out / "evaluate" / "notes.txt").write_text("mine")
+    (out / "rank_shift").mkdir()
+    (out / "rank_shift" / "a.png").write_bytes(b"x")
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    assert args.func(args) == 2
+    assert err.getvalue().count("\n") == 1 and "evaluate" in err.getvalue() and "rank_shift" in err.getvalue()

@@ -348,6 +348,28 @@ def plan(only: str | None = None, out: Path | None = None, with_optional: bool =
     return [n for n in ORDER if n in needed]
 
 
+def foreign_entry_folder(out: Path, name: str) -> Path | None:
+    """``<out>/<name>`` when it exists but no report wrote it (no ``report.json`` in it, and no
+    ``<out>/.<name>.previous`` beside it from an interrupted run), else None. A report replaces its own entries
+    only: ``--out runs`` must not move ``runs/train`` (a training run) aside and delete it."""
+    folder = out / name
+    if not folder.exists() or (folder / RECORD).is_file() or (out / f".{name}.previous").is_dir():
+        return None
+    if folder.is_dir() and not any(folder.iterdir()):  # an empty folder holds nothing to lose
+        return None
+    return folder
+
+
+def check_entry_folders(out: Path, names: Sequence[str]) -> None:
+    """Refuse, before any data is generated, a report whose entries would replace folders it did not write."""
+    foreign = [str(f) for f in (foreign_entry_folder(out, n) for n in names) if f is not None]
+    if foreign:
+        raise ValueError(f"--out {out}: {', '.join(foreign)} exist{'s' if len(foreign) == 1 else ''} and "
+                         f"{'was' if len(foreign) == 1 else 'were'} not written by cirlab report (no {RECORD}); "
+                         "a report replaces its entry folders, so choose another --out or move "
+                         f"{'it' if len(foreign) == 1 else 'them'} away")
+
+
 # --------------------------------------------------------------------------------------------- execution
 def ensure_synthetic_data(size: str = "default", seed: int = SYNTHETIC_SEED, root: str | os.PathLike | None = None,
                           stream: TextIO | None = None, layouts: Sequence[str] | None = None) -> Path:
@@ -652,6 +674,7 @@ def run_report(out: str | os.PathLike = "reports", only: str | None = None,
     # the kernels inherit it: one passive-waiting thread on a small machine, the cores shared between the jobs
     os.environ.update(thread_env(None if jobs == 1 or os.environ.get(ENV) else max(1, (os.cpu_count() or 1) // jobs)))
     check_overrides(overrides, names)
+    check_entry_folders(out, names)
     # one report at a time per folder: a second one would take the first one's entry being written for an
     # interrupted run and swap folders under it. The lock is released however this process ends.
     with folder_lock(out):
@@ -822,6 +845,7 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
     import shutil
 
     folder, previous, failed = out / name, out / f".{name}.previous", out / FAILED_DIR / name
+    check_entry_folders(out, [name])  # also here: run_entry is public, and run_report checks before the lock
     out.mkdir(parents=True, exist_ok=True)
     if previous.is_dir():  # an interrupted run: its partial output is a failure, the previous folder is good
         _move(folder, failed)
