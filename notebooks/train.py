@@ -14,7 +14,9 @@
 # notebook's `config.json` and `figures/`. CIR models (AMC) train on a dataset in the Fashion-IQ, Shoes or CIRR
 # layout; image-text matching models (DIME) on precomp region features (`dataset="f30k"` or `"coco"`, read from
 # `<data_root>/precomp/`). The synthetic data holds both. Re-running with `resume="auto"` continues an
-# interrupted run exactly (papermill itself cannot resume a notebook).
+# interrupted run exactly (papermill itself cannot resume a notebook). A re-run replaces the run this notebook
+# finished in `output_dir`; any other run there (from `cirlab train`, or interrupted) is refused unless
+# `overwrite=True` or `resume="auto"`.
 #
 # With its defaults this notebook reads the synthetic data `make demo` generated and writes `runs/train/` in the
 # checkout, from whatever folder the kernel starts in. A progress bar (steps, loss, ETA) follows the training.
@@ -39,6 +41,7 @@ batch_size: int = 32  # global batch size (0: the paper default of the model)
 device: str = "cpu"  # cpu | cuda | cuda:N | auto
 seed: int = 0  # seeds Python, NumPy, torch and the data order
 resume: str = ""  # "" fresh run | "auto" continue from output_dir/checkpoints/last.pt | a checkpoint path
+overwrite: bool = False  # replace a run in output_dir this notebook did not finish (a re-run replaces its own)
 settings: list = []  # extra run-config overrides, written as cirlab train --set takes them (section.key then the value)
 
 # %%
@@ -53,7 +56,8 @@ print("models:", cirlab.list_models(), "| presets of", model, ":", cirlab.list_p
 
 # %%
 run = workbench.train_run(model, preset, dataset, data_dir, run_dir, epochs=epochs, max_steps=max_steps,
-                          batch_size=batch_size, device=device, seed=seed, resume=resume, settings=settings)
+                          batch_size=batch_size, device=device, seed=seed, resume=resume, overwrite=overwrite,
+                          settings=settings)
 print({k: run[k] for k in ("steps", "epochs", "best_score", "best_epoch")})
 
 # %%
@@ -77,5 +81,6 @@ fig
 # %%
 config = {"model": model, "preset": preset, "dataset": dataset, "data_root": data_dir, "output_dir": run_dir,
           "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "device": device, "seed": seed,
-          "resume": resume, "settings": settings, "model_config": run["run_config"]["model_config"]}
+          "resume": resume, "overwrite": overwrite, "settings": settings,
+          "model_config": run["run_config"]["model_config"]}
 workbench.write_outputs(run_dir, {"val": val_metrics, "steps": run["steps"], "epochs": run["epochs"]}, config)
