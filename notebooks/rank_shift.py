@@ -34,6 +34,8 @@
 
 # %%
 # %matplotlib inline
+from pathlib import Path
+
 from IPython.display import display
 
 from cirlab import analysis, viz, workbench
@@ -52,7 +54,7 @@ settings: list = []  # cirlab train --set overrides of stage I (section.key then
 stage2_settings: list = []  # cirlab train --set overrides of stage II
 bins: int = 10  # bins of the rank before in panel (b)
 device: str = "cpu"  # cpu | cuda | cuda:N | auto
-output_dir: str = "runs/rank_shift"  # metrics.json, config.json, figures/, runs/stage1, runs/stage2
+output_dir: str = ""  # metrics.json, config.json, figures/, runs/ ("": runs/rank_shift in the checkout)
 before: str = ""  # optional second comparison: top-K file or folder of a first ranking ("" skips it)
 after: str = ""  # the second ranking of the same queries
 label_before: str = "untrained AMC"  # legend name of `before`
@@ -61,6 +63,11 @@ rerank: bool = True  # train and compare the two-stage re-ranker (False: only th
 
 # %%
 data_dir = str(workbench.find_data(dataset, data_root))
+out_dir = str(workbench.output_folder(output_dir, "rank_shift"))
+pair = workbench.ranking_pair(before, after, rerank)  # read now: a wrong path fails before any training
+shown = {"before": before, "after": after} if pair else {}
+print(workbench.describe_paths(data=data_dir, output=out_dir,
+                               **{name: Path(path).expanduser().resolve() for name, path in shown.items()}))
 caps = [f"train.max_steps={max_steps}"] if max_steps else []
 stage1_set = [f"train.epochs={epochs}", f"train.batch_size={batch_size}", *caps, *settings]
 stage2_set = [f"train.epochs={stage2_epochs}", *caps, *stage2_settings]
@@ -74,7 +81,7 @@ stage2_set = [f"train.epochs={stage2_epochs}", *caps, *stage2_settings]
 # %%
 runs = None
 if rerank:
-    runs = two_stage.run_pipeline(dataset, data_dir, f"{output_dir}/runs", preset=preset, k=pool_k,
+    runs = two_stage.run_pipeline(dataset, data_dir, f"{out_dir}/runs", preset=preset, k=pool_k,
                                   stage1=stage1_set, stage2=stage2_set, device=device)
     display({stage: runs[stage]["splits"]["val"] for stage in ("stage1", "stage2")})
 
@@ -90,7 +97,7 @@ summary
 if rerank:
     fig = viz.plot_rank_shift(aligned, k=pool_k, bins=bins, label_before="stage I", label_after="stage II",
                               title=f"Two-stage re-ranker ({preset}): stage I -> stage II, top {pool_k} re-ranked")
-    viz.save_figure(fig, f"{output_dir}/figures", "rank_shift")
+    viz.save_figure(fig, f"{out_dir}/figures", "rank_shift")
     display(fig)
 
 # %% [markdown]
@@ -102,7 +109,7 @@ if rerank:
 for category, group in aligned.groupby("category") if rerank else ():
     table = analysis.rank_shift_table(group["rank_before"], group["rank_after"], pool_k)
     fig = viz.plot_figure8(table, title=f"Figure 8, {category or dataset}: stage I -> stage II (K={pool_k})")
-    viz.save_figure(fig, f"{output_dir}/figures", f"figure8_{category or 'all'}")
+    viz.save_figure(fig, f"{out_dir}/figures", f"figure8_{category or 'all'}")
     display(fig)
 
 # %% [markdown]
@@ -112,11 +119,11 @@ for category, group in aligned.groupby("category") if rerank else ():
 # recall at `pool_k`.
 
 # %%
-other = analysis.align_ranks(workbench.load_topk_files(before), workbench.load_topk_files(after)) if before else None
+other = analysis.align_ranks(*pair) if pair else None
 if other is not None:
     fig = viz.plot_rank_shift(other, k=pool_k, bins=bins, label_before=label_before, label_after=label_after,
                               title=f"{label_before} vs {label_after}: two full rankings, not a re-ranker")
-    viz.save_figure(fig, f"{output_dir}/figures", "second_comparison")
+    viz.save_figure(fig, f"{out_dir}/figures", "second_comparison")
     display(fig)
 
 # %%
@@ -129,7 +136,7 @@ if other is not None:
     metrics["second_comparison"] = analysis.rank_shift_by_category(other, pool_k, ks=(1, 10)).to_dict("records")
 config = {"data_root": data_dir, "dataset": dataset, "preset": preset, "pool_k": pool_k, "epochs": epochs,
           "stage2_epochs": stage2_epochs, "max_steps": max_steps, "batch_size": batch_size, "settings": settings,
-          "stage2_settings": stage2_settings, "bins": bins, "device": device, "output_dir": output_dir,
+          "stage2_settings": stage2_settings, "bins": bins, "device": device, "output_dir": out_dir,
           "before": before, "after": after, "label_before": label_before, "label_after": label_after,
           "rerank": rerank}
-workbench.write_outputs(output_dir, metrics, config)
+workbench.write_outputs(out_dir, metrics, config)

@@ -324,6 +324,30 @@ def test_train_run_replaces_only_the_run_it_finished(tiny_data, tmp_path):
     assert workbench.notebook_wrote(out) and last.read_bytes() != before
 
 
+def test_rank_shift_second_comparison_is_checked_before_training(tmp_path, monkeypatch):
+    """rank_shift's `before` / `after`: both or neither (both with rerank=False), each read up front, errors naming
+    the parameter."""
+    import numpy as np
+
+    from cirlab import workbench
+    from cirlab.core.topk import TopK, save_topk
+
+    save_topk(tmp_path / "a.topk.npz", TopK(np.arange(3), np.zeros((3, 1), dtype=np.int64),
+                                            np.zeros((3, 1), dtype=np.float32), np.array([1, 2, 3])))
+    assert workbench.ranking_pair("", "") is None
+    with pytest.raises(ValueError, match="rerank=False and before/after are empty"):
+        workbench.ranking_pair("", "", rerank=False)
+    with pytest.raises(ValueError, match="after is set but before is empty"):
+        workbench.ranking_pair("", str(tmp_path / "a.topk.npz"))
+    with pytest.raises(ValueError, match="before is set but after is empty"):
+        workbench.ranking_pair(str(tmp_path), "", rerank=False)
+    with pytest.raises(FileNotFoundError, match=r"^after='nowhere': no top-K file at .*nowhere"):
+        monkeypatch.chdir(tmp_path)
+        workbench.ranking_pair("a.topk.npz", "nowhere")
+    first, second = workbench.ranking_pair("a.topk.npz", str(tmp_path))  # a file, or a folder of them
+    assert list(first.target_rank) == list(second.target_rank) == [1, 2, 3]
+
+
 def _papermill(name: str, out, **parameters):
     return papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=parameters,
                                       kernel_name=_kernel(), progress_bar=False, cwd=str(Path(out).parent),

@@ -21,7 +21,7 @@ __all__ = ["cir_splits", "data_config", "run_config", "train_run", "load_run", "
            "evaluate_itm_run", "collect_routes", "query_fn_for", "explorer_for", "gallery_rows", "worst_queries",
            "load_topk_files", "write_outputs", "ensure_synthetic", "stored_config", "project_root", "reports_dir",
            "find_run", "find_data", "output_folder", "describe_paths", "explorer_kind", "cala_trace", "hrem_relation",
-           "itm_topk", "itm_splits", "notebook_wrote"]
+           "itm_topk", "itm_splits", "notebook_wrote", "ranking_pair"]
 
 REPORTS_ENV = "CIRLAB_REPORTS"  # where `cirlab report` / `make demo` wrote the report (default: <checkout>/reports)
 
@@ -687,6 +687,30 @@ def load_topk_files(path: str | os.PathLike) -> Any:
                 np.concatenate([p.scores[:, :k] for p in parts]), np.concatenate([p.target_rank for p in parts]),
                 np.concatenate([p.category for p in parts]), np.concatenate([p.target_ids for p in parts]),
                 {"files": [str(f) for f in files], **parts[0].meta})
+
+
+def ranking_pair(before: str | os.PathLike, after: str | os.PathLike, rerank: bool = True) -> tuple[Any, Any] | None:
+    """The rank_shift notebook's optional second comparison, read and checked before anything trains.
+
+    ``before`` and ``after`` name top-K files (or folders of them) of two rankings of the same queries; both or
+    neither must be set, and with ``rerank=False`` both (there would be nothing to compare). Returns the two
+    :class:`~cirlab.core.topk.TopK` or None. Errors name the notebook parameter.
+    """
+    if not str(before) and not str(after):
+        if not rerank:
+            raise ValueError("rerank=False and before/after are empty: nothing to compare (set before and after to "
+                             "two top-K files or folders, or rerank=True)")
+        return None
+    if not str(before) or not str(after):
+        given, missing = ("before", "after") if str(before) else ("after", "before")
+        raise ValueError(f"{given} is set but {missing} is empty: the second comparison needs both rankings")
+    loaded = []
+    for name, value in (("before", before), ("after", after)):
+        try:
+            loaded.append(load_topk_files(Path(value).expanduser().resolve()))
+        except (OSError, ValueError) as err:
+            raise type(err)(f"{name}={str(value)!r}: {err}") from None
+    return loaded[0], loaded[1]
 
 
 def write_outputs(output_dir: str | os.PathLike, metrics: Mapping[str, Any], config: Mapping[str, Any],
