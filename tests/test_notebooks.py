@@ -303,25 +303,25 @@ def test_itm_topk_is_the_t2i_ranking_of_the_itm_metrics(tiny_data, tmp_path):
 def test_train_run_replaces_only_the_run_it_finished(tiny_data, tmp_path):
     """A notebook re-run regenerates its own run; a `cirlab train` run (or one trained into since) is refused."""
     from cirlab import workbench
-    from cirlab.engine.train import RunFolderError
+    from cirlab.engine.train import RunFolderError, recipe_wrote
 
     out = tmp_path / "run"
     _train_tiny("hrem", "f30k", tiny_data, out)
-    assert workbench.notebook_wrote(out)
+    assert recipe_wrote(out)
     _train_tiny("hrem", "f30k", tiny_data, out)  # a re-run of the notebook: its own run, replaced
     last = out / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes() + b"\0")  # trained into since (cirlab train --resume): not the notebook's
-    assert not workbench.notebook_wrote(out)
+    assert not recipe_wrote(out)
     before = last.read_bytes()
-    with pytest.raises(RunFolderError, match=r"did not finish .*resume=\"auto\".*overwrite=True"):
+    with pytest.raises(RunFolderError, match=r"output_dir .* did not finish .*resume=\"auto\".*overwrite=True"):
         _train_tiny("hrem", "f30k", tiny_data, out)
     assert last.read_bytes() == before  # refused before anything was touched
-    (out / workbench.recipes.NOTEBOOK_MARK).unlink()  # a cirlab train run: no mark at all
+    (out / "recipe_run.json").unlink()  # a cirlab train run: no mark at all
     with pytest.raises(RunFolderError):
         _train_tiny("hrem", "f30k", tiny_data, out)
     workbench.train_run("hrem", "tiny", "f30k", tiny_data, out, overwrite=True, max_steps=2, batch_size=8,
                         settings=["train.eval_every=0"])
-    assert workbench.notebook_wrote(out) and last.read_bytes() != before
+    assert recipe_wrote(out) and last.read_bytes() != before
 
 
 def test_rank_shift_second_comparison_is_checked_before_training(tmp_path, monkeypatch):

@@ -284,3 +284,32 @@ def test_figure8_states_its_sign_keeps_labels_apart_and_reads_counts():
     highest = max(t.get_window_extent(renderer).y1 for t in bottom.get_yticklabels() if t.get_text())
     assert lowest > highest  # tick labels of the two panels do not meet at the seam
     assert top_box.y0 >= bottom_box.y1 - 1
+
+
+def test_pipeline_replaces_its_own_runs_and_refuses_others_before_training(cirr_root, tmp_path, monkeypatch):
+    """run_pipeline (the rank_shift notebook) re-runs over the two runs it finished; a `cirlab train` run in
+    <out>/stage2 is refused before stage I trains, and kept."""
+    from cirlab.engine import runs as engine_runs
+    from cirlab.engine.train import RunFolderError
+
+    trained = []
+
+    def fake_run(config, *, device=None, overwrite=False):  # what each stage would be trained with
+        out = Path(config["output_dir"])
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (out / "checkpoints" / "last.pt").write_bytes(config["name"].encode() + bytes(len(trained)))
+        trained.append((config["name"], overwrite))
+        return {"name": config["name"]}
+
+    monkeypatch.setattr(engine_runs, "run_experiment", fake_run)
+    out = tmp_path / "rs"
+    rerank.run_pipeline("cirr", cirr_root, out)
+    assert trained == [("stage1", False), ("stage2", False)]
+    rerank.run_pipeline("cirr", cirr_root, out)  # a re-run: its own runs, replaced
+    assert trained[2:] == [("stage1", True), ("stage2", True)]
+    (out / "stage2" / "checkpoints" / "last.pt").write_bytes(b"someone else's")  # trained into since
+    with pytest.raises(RunFolderError, match=r"re-rank pipeline folder .*stage2 already holds a run"):
+        rerank.run_pipeline("cirr", cirr_root, out)
+    assert len(trained) == 4 and (out / "stage2" / "checkpoints" / "last.pt").read_bytes() == b"someone else's"
+    rerank.run_pipeline("cirr", cirr_root, out, overwrite=True)
+    assert trained[4:] == [("stage1", True), ("stage2", True)]

@@ -368,17 +368,23 @@ def pipeline_configs(dataset: str, data_root: str | os.PathLike, output_dir: str
 
 def run_pipeline(dataset: str, data_root: str | os.PathLike, output_dir: str | os.PathLike, *, preset: str = "tiny",
                  k: int = 50, stage1: Sequence[str] = (), stage2: Sequence[str] = (),
-                 device: str | None = None) -> dict[str, Any]:
+                 device: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train stage I, write its top-``k``, train stage II on it and re-rank: what ``cirlab train`` does with the
     two configs of :func:`pipeline_configs`, in one call (the rank-shift notebook's Figure 8).
 
     Returns ``{"stage1": metrics.json, "stage2": metrics.json, "stage1_topk": folder, "stage2_topk": folder}``.
+    A re-run replaces the two runs it finished before; any other run in ``<output_dir>/stage1`` or ``stage2`` is
+    refused (both checked before anything trains) unless ``overwrite``.
     """
     from cirlab.engine.runs import run_experiment
+    from cirlab.engine.train import claim_for_recipe, mark_recipe_run
 
     first, second = pipeline_configs(dataset, data_root, output_dir, preset=preset, k=k, stage1=stage1, stage2=stage2)
-    # the pipeline regenerates both run folders (run_experiment refuses a used folder unless told)
-    result = {"stage1": run_experiment(first, device=device, overwrite=True),
-              "stage2": run_experiment(second, device=device, overwrite=True)}
+    replace = [claim_for_recipe(c["output_dir"], overwrite=overwrite, resume=False, what="re-rank pipeline folder",
+                                fix="choose another output folder, or pass overwrite=True") for c in (first, second)]
+    result = {}
+    for config, again in zip((first, second), replace):
+        result[config["name"]] = run_experiment(config, device=device, overwrite=again)
+        mark_recipe_run(config["output_dir"])
     return {**result, "stage1_topk": str(Path(first["output_dir"]) / "topk"),
             "stage2_topk": str(Path(second["output_dir"]) / "topk")}

@@ -755,6 +755,55 @@ def claim_run_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> N
     logger.warning("overwrite: removed the previous run's %s from %s", ", ".join(found), folder)
 
 
+RECIPE_MARK = "recipe_run.json"  # in a run folder a recipe (train notebook, re-rank pipeline) finished
+
+
+def _last_checkpoint_fingerprint(folder: Path) -> list[int] | None:
+    """(size, mtime in ns) of ``checkpoints/last.pt``: any later training into the folder changes it."""
+    try:
+        st = (folder / "checkpoints" / "last.pt").stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def mark_recipe_run(folder: str | os.PathLike) -> None:
+    """Record that a recipe finished the run in ``folder``: a re-run of the recipe may replace it
+    (:func:`recipe_wrote`)."""
+    from cirlab.core.io import write_json
+
+    folder = Path(folder)
+    write_json(folder / RECIPE_MARK, {"last_checkpoint": _last_checkpoint_fingerprint(folder)})
+
+
+def recipe_wrote(folder: str | os.PathLike) -> bool:
+    """Whether the run in ``folder`` is one a recipe finished (:func:`mark_recipe_run`) and nothing has trained into
+    since (``cirlab train --resume`` or ``--overwrite`` change ``last.pt``)."""
+    folder = Path(folder)
+    try:
+        mark = json.loads((folder / RECIPE_MARK).read_text())
+    except (OSError, ValueError):
+        return False
+    fingerprint = _last_checkpoint_fingerprint(folder)
+    return isinstance(mark, dict) and fingerprint is not None and mark.get("last_checkpoint") == fingerprint
+
+
+def claim_for_recipe(folder: str | os.PathLike, *, overwrite: bool, resume: bool, what: str, fix: str) -> bool:
+    """Whether a recipe's fresh run should replace the run in ``folder`` (``run_experiment(overwrite=...)``).
+
+    A recipe re-run (a notebook run again) replaces the run it finished itself; any other run there (``cirlab
+    train``'s, one trained into since, an interrupted one) is refused with ``what`` and ``fix`` in the message unless
+    ``overwrite``: a recipe must not delete hours of someone's training because a path pointed at it."""
+    folder = Path(folder)
+    found = run_artifacts(folder)
+    if not found or resume:
+        return False
+    if not overwrite and not recipe_wrote(folder):
+        raise RunFolderError(f"{what} {folder} already holds a run this recipe did not finish ({', '.join(found)}); "
+                             f"{fix}")
+    return True
+
+
 def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
                        may_change: frozenset[str] = RESUME_MAY_CHANGE) -> list[str]:
     """``["batch_size: 32 -> 16", ...]``: train settings that differ between a checkpoint and a resumed run

@@ -21,7 +21,7 @@ __all__ = ["cir_splits", "data_config", "run_config", "train_run", "load_run", "
            "evaluate_itm_run", "collect_routes", "query_fn_for", "explorer_for", "gallery_rows", "worst_queries",
            "load_topk_files", "write_outputs", "ensure_synthetic", "stored_config", "project_root", "reports_dir",
            "find_run", "find_data", "output_folder", "describe_paths", "explorer_kind", "cala_trace", "hrem_relation",
-           "itm_topk", "itm_splits", "notebook_wrote", "ranking_pair"]
+           "itm_topk", "itm_splits", "ranking_pair"]
 
 REPORTS_ENV = "CIRLAB_REPORTS"  # where `cirlab report` / `make demo` wrote the report (default: <checkout>/reports)
 
@@ -243,60 +243,28 @@ def train_run(model: str, preset: str, dataset: str, data_root: str | os.PathLik
     ``options`` are :func:`run_config`'s. Returns the run's ``metrics.json`` contents plus ``best_score``,
     ``best_epoch`` and ``run_config`` (the resolved config, with ``model_config``).
 
-    A notebook re-run replaces the run it finished before in ``output_dir`` (recorded in
-    :data:`NOTEBOOK_MARK`, with the fingerprint of its ``last.pt``). Any other run there (``cirlab train``'s, one
+    A notebook re-run replaces the run it finished before in ``output_dir`` (recorded by
+    :func:`cirlab.engine.train.mark_recipe_run`, with the fingerprint of its ``last.pt``). Any other run there (``cirlab train``'s, one
     continued since, an interrupted one) is refused unless ``overwrite=True`` (replace it) or ``resume`` (continue
     it): a notebook must not delete hours of someone's training because its ``output_dir`` pointed there.
     """
     import yaml
 
     from cirlab.engine.runs import run_experiment, validate_config
-    from cirlab.engine.train import RunFolderError, run_artifacts
+    from cirlab.engine.train import claim_for_recipe, mark_recipe_run
 
     config = run_config(model, preset, dataset, data_root, output_dir, **options)
     validate_config(config, "notebook parameters")
     run = Path(output_dir)
     resume = bool(options.get("resume"))
-    found = run_artifacts(run)
-    if found and not resume and not overwrite and not notebook_wrote(run):
-        raise RunFolderError(f"output_dir {run} already holds a run this notebook did not finish "
-                             f"({', '.join(found)}); set resume=\"auto\" to continue it, overwrite=True to replace "
-                             "it, or choose another output_dir")
-    result = run_experiment(config, output_dir=run, overwrite=bool(found) and not resume)
-    _mark_notebook_run(run)
+    replace = claim_for_recipe(run, overwrite=overwrite, resume=resume, what="output_dir",
+                               fix='set resume="auto" to continue it, overwrite=True to replace it, or choose another '
+                                   'output_dir')
+    result = run_experiment(config, output_dir=run, overwrite=replace)
+    mark_recipe_run(run)
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     return {**result, "best_score": result["selection"]["best_score"], "best_epoch": result["selection"]["best_epoch"],
             "run_config": resolved}
-
-
-NOTEBOOK_MARK = "notebook_run.json"  # in a run folder train_run finished: which last.pt it wrote
-
-
-def _last_checkpoint_fingerprint(run: Path) -> list[int] | None:
-    """(size, mtime in ns) of ``checkpoints/last.pt``: any later training into the folder changes it."""
-    try:
-        st = (run / "checkpoints" / "last.pt").stat()
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
-def _mark_notebook_run(run: Path) -> None:
-    from cirlab.core.io import write_json
-
-    write_json(run / NOTEBOOK_MARK, {"written_by": "cirlab.workbench.train_run",
-                                     "last_checkpoint": _last_checkpoint_fingerprint(run)})
-
-
-def notebook_wrote(run_dir: str | os.PathLike) -> bool:
-    """Whether the run in ``run_dir`` is one :func:`train_run` finished and nothing has trained into since."""
-    run = Path(run_dir)
-    try:
-        mark = json.loads((run / NOTEBOOK_MARK).read_text())
-    except (OSError, ValueError):
-        return False
-    fingerprint = _last_checkpoint_fingerprint(run)
-    return isinstance(mark, dict) and fingerprint is not None and mark.get("last_checkpoint") == fingerprint
 
 
 def load_run(run_dir: str | os.PathLike, device: str = "cpu", checkpoint: str = "best") -> Any:
