@@ -42,6 +42,7 @@ n_show: int = 4  # queries per gallery figure
 device: str = "cpu"  # cpu | cuda
 
 # %%
+runs = workbench.as_list(runs, "runs")  # `papermill -p runs PATH` passes one string
 run_dirs = [str(workbench.find_run(r)) for r in runs] or [str(workbench.find_run("", dataset=dataset))]
 data_dir = str(workbench.find_data(dataset, data_root, run_dirs[0]))
 out_dir = str(workbench.output_folder(output_dir, "evaluate"))

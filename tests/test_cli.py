@@ -125,6 +125,12 @@ def test_set_parsing_is_yaml_typed():
         parse_set(["train.lr"])
     with pytest.raises(ConfigError, match="unknown section"):
         apply_overrides({}, parse_set(["trian.lr=1"]))
+    # one string is one entry (papermill -p settings train.lr=1e-3 passes a str), not one per character
+    assert parse_set("train.lr=1e-3") == [(["train", "lr"], 1e-3)]
+    with pytest.raises(ConfigError, match="expected a list of KEY=VALUE strings, got int 5"):
+        parse_set(5)
+    with pytest.raises(ConfigError, match="expected a KEY=VALUE string .* got dict"):
+        parse_set([{"train.lr": 1}])
 
 
 def test_bad_configs_fail_early_naming_file_and_key(tmp_path):

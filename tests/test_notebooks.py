@@ -324,6 +324,19 @@ def test_train_run_replaces_only_the_run_it_finished(tiny_data, tmp_path):
     assert recipe_wrote(out) and last.read_bytes() != before
 
 
+def test_a_list_parameter_given_one_value_is_a_list_of_one(tiny_data, tmp_path):
+    """`papermill -p runs PATH` / `-p settings train.x=1` pass a string; it must not become one entry per
+    character."""
+    from cirlab import workbench
+
+    assert workbench.as_list("/a/run", "runs") == ["/a/run"] and workbench.as_list("", "runs") == []
+    assert workbench.as_list(["a", "b"], "runs") == ["a", "b"]
+    with pytest.raises(ValueError, match=r"runs: expected a list \(papermill: -y 'runs: \[a, b\]'\), got int 3"):
+        workbench.as_list(3, "runs")
+    config = workbench.run_config("amc", "tiny", "fashioniq", tiny_data, tmp_path, settings="train.lr=0.125")
+    assert config["train"]["lr"] == 0.125
+
+
 def test_rank_shift_second_comparison_is_checked_before_training(tmp_path, monkeypatch):
     """rank_shift's `before` / `after`: both or neither (both with rerank=False), each read up front, errors naming
     the parameter."""

@@ -125,10 +125,20 @@ def _fix_floats(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------------- config
 
 
-def parse_set(items: Sequence[str]) -> list[tuple[list[str], Any]]:
-    """``["train.lr=1e-3", "dataset.category=[dress]"]`` -> ``[(["train", "lr"], 0.001), ...]`` (YAML-typed)."""
+def parse_set(items: Sequence[str] | str) -> list[tuple[list[str], Any]]:
+    """``["train.lr=1e-3", "dataset.category=[dress]"]`` -> ``[(["train", "lr"], 0.001), ...]`` (YAML-typed).
+
+    One string is one entry (``papermill -p settings train.lr=1e-3`` passes a string, not a list: iterating it
+    would read one entry per character)."""
+    if isinstance(items, str):
+        items = [items]
+    elif not isinstance(items, (list, tuple)):
+        raise ConfigError(f"--set: expected a list of KEY=VALUE strings, got {type(items).__name__} {items!r}")
     out = []
     for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"--set {item!r}: expected a KEY=VALUE string (e.g. train.lr=1e-4), got "
+                              f"{type(item).__name__}")
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. train.lr=1e-4)")

@@ -21,7 +21,7 @@ __all__ = ["cir_splits", "data_config", "run_config", "train_run", "load_run", "
            "evaluate_itm_run", "collect_routes", "query_fn_for", "explorer_for", "gallery_rows", "worst_queries",
            "load_topk_files", "write_outputs", "ensure_synthetic", "stored_config", "project_root", "reports_dir",
            "find_run", "find_data", "output_folder", "describe_paths", "explorer_kind", "cala_trace", "hrem_relation",
-           "itm_topk", "itm_splits", "ranking_pair"]
+           "itm_topk", "itm_splits", "ranking_pair", "as_list"]
 
 REPORTS_ENV = "CIRLAB_REPORTS"  # where `cirlab report` / `make demo` wrote the report (default: <checkout>/reports)
 
@@ -139,6 +139,18 @@ def output_folder(output_dir: str | os.PathLike = "", notebook: str = "notebook"
     return (project_root() or Path.cwd()).resolve() / "runs" / notebook
 
 
+def as_list(value: Any, name: str) -> list[Any]:
+    """A list notebook parameter as a list: ``papermill -p runs /path`` (and ``cirlab report --set runs=/path``)
+    pass one string, which iterated would be one entry per character; ``""`` / None are empty."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise ValueError(f"{name}: expected a list (papermill: -y '{name}: [a, b]'), got {type(value).__name__} {value!r}")
+
+
 def describe_paths(**paths: Any) -> str:
     """One line per resolved path, for the notebooks' first output (``run: /abs/reports/train``)."""
     return "\n".join(f"{name:>10}: {value}" for name, value in paths.items())
@@ -186,7 +198,7 @@ def cir_splits(dataset: str, data_root: str | os.PathLike, split: str) -> dict[s
 def run_config(model: str, preset: str, dataset: str, data_root: str | os.PathLike, output_dir: str | os.PathLike,
                *, epochs: int = 1, max_steps: int = 0, batch_size: int = 0, lr: float = 0.0, device: str = "cpu",
                seed: int = 0, resume: str = "", eval_split: str = "val", log_every: int = 10,
-               settings: Sequence[str] = ()) -> dict[str, Any]:
+               settings: Sequence[str] | str = ()) -> dict[str, Any]:
     """The ``cirlab train`` config (``cirlab.engine.runs`` schema) for the notebook parameters.
 
     ``settings`` are ``section.key=value`` overrides applied last, exactly as ``cirlab train --set`` applies them
@@ -213,7 +225,7 @@ def run_config(model: str, preset: str, dataset: str, data_root: str | os.PathLi
     config = merge_config(base, {"name": Path(output_dir).name, "model": model, "preset": preset,
                                  "model_overrides": overrides, "train": train, "eval": {"k": 10},
                                  "output_dir": str(output_dir)})
-    return apply_overrides(config, parse_set(list(settings)))
+    return apply_overrides(config, parse_set(settings))
 
 
 def _feature_dim(config: Mapping[str, Any]) -> int | None:
