@@ -41,9 +41,12 @@ def test_plan_orders_by_dependency_and_adds_missing_prerequisites(tmp_path):
     assert report.plan() == ["train", "evaluate", "router_explorer", "rank_shift", "train_dime",
                              "router_explorer_dime", "train_hrem", "router_explorer_hrem", "train_cala",
                              "router_explorer_cala", "quickstart"]
-    assert report.plan(with_optional=False) == ["train", "evaluate", "router_explorer", "rank_shift", "train_hrem",
-                                                "router_explorer_hrem", "train_cala", "router_explorer_cala",
-                                                "quickstart"]
+    assert report.plan(skip=["dime"]) == ["train", "evaluate", "router_explorer", "rank_shift", "train_hrem",
+                                          "router_explorer_hrem", "train_cala", "router_explorer_cala", "quickstart"]
+    assert report.plan(skip=["hrem", "cala"]) == ["train", "evaluate", "router_explorer", "rank_shift", "train_dime",
+                                                  "router_explorer_dime", "quickstart"]
+    with pytest.raises(ValueError, match="cannot skip amc; skippable: dime, hrem, cala"):
+        report.plan(skip=["amc"])
     assert report.plan("router_explorer_dime", tmp_path) == ["train_dime", "router_explorer_dime"]
     assert report.plan("router_explorer_hrem", tmp_path) == ["train_hrem", "router_explorer_hrem"]
     assert report.plan("router_explorer_cala", tmp_path) == ["train_cala", "router_explorer_cala"]
@@ -140,9 +143,12 @@ def test_register_cli_adds_report_command():
     sub = parser.add_subparsers(dest="command")
     report.register_cli(sub)
     args = parser.parse_args(["report", "--only", "rank_shift", "--set", "pool_k=20", "--smoke", "--out", "x"])
-    assert (args.only, args.set_, args.smoke, args.out, args.with_dime) == ("rank_shift", ["pool_k=20"], True, "x",
-                                                                           True)
-    assert not parser.parse_args(["report", "--no-dime"]).with_dime
+    assert (args.only, args.set_, args.smoke, args.out, args.skip) == ("rank_shift", ["pool_k=20"], True, "x", None)
+    assert parser.parse_args(["report", "--no-dime", "--no-cala"]).skip == ["dime", "cala"]
+    text = sub.choices["report"].format_help()
+    for said in ("never replaced", "report.json", "--set 'settings=[", "relative to the current directory",
+                 "train_hrem", "--no-hrem", "--no-cala"):
+        assert said in text, said
     assert parser.parse_args(["report", "--jobs", "3"]).jobs == 3
     assert args.jobs == (2 if (os.cpu_count() or 1) >= 2 else 1)  # "auto"
     for bad in ("0", "two"):

@@ -68,9 +68,10 @@ DEPENDS: dict[str, tuple[str, ...]] = {"evaluate": ("train",), "router_explorer"
 SOURCE: dict[str, str] = {"train_dime": "train", "router_explorer_dime": "router_explorer",  # entry -> notebook
                           "train_hrem": "train", "router_explorer_hrem": "router_explorer",
                           "train_cala": "train", "router_explorer_cala": "router_explorer"}
-# Entries `cirlab report --no-dime` leaves out (DIME with the frozen MiniLM: about 3 min of the full report on an idle
-# 2-core machine; far more when other jobs load it).
-OPTIONAL: tuple[str, ...] = ("train_dime", "router_explorer_dime")
+# Entries `cirlab report --no-dime / --no-hrem / --no-cala` leave out (DIME with the frozen MiniLM is about 3 min of the
+# full report on an idle 2-core machine; far more when other jobs load it).
+SKIPPABLE: dict[str, tuple[str, ...]] = {model: (f"train_{model}", f"router_explorer_{model}")
+                                         for model in ("dime", "hrem", "cala")}
 RECORD = "report.json"  # per entry: status, start/finish times, duration, commit, command, parameters
 FAILED_DIR = "_failed"  # <out>/_failed/<entry>/: the output of an entry's last run when it failed
 _IPC_KERNEL_MANAGER: Any = None
@@ -331,11 +332,15 @@ def check_overrides(overrides: Mapping[str, Any], names: Sequence[str]) -> None:
             raise ValueError(f"--set {key}: no such parameter; known: {', '.join(known)}")
 
 
-def plan(only: str | None = None, out: Path | None = None, with_optional: bool = True) -> list[str]:
-    """Entries to run, in order: all (:data:`OPTIONAL` ones only ``with_optional``), or ``only`` plus any
+def plan(only: str | None = None, out: Path | None = None, skip: Sequence[str] = ()) -> list[str]:
+    """Entries to run, in order: all but the :data:`SKIPPABLE` groups named in ``skip``, or ``only`` plus any
     prerequisite whose outputs are missing."""
     if only is None:
-        return [n for n in ORDER if with_optional or n not in OPTIONAL]
+        unknown = sorted(set(skip) - set(SKIPPABLE))
+        if unknown:
+            raise ValueError(f"cannot skip {', '.join(unknown)}; skippable: {', '.join(SKIPPABLE)}")
+        skipped = {entry for model in skip for entry in SKIPPABLE[model]}
+        return [n for n in ORDER if n not in skipped]
     if only not in REPORT_PARAMETERS:
         raise ValueError(f"unknown notebook {only!r}; notebooks: {', '.join(ORDER)}")
     needed = {only}
@@ -656,10 +661,10 @@ def export_html(notebook: Path) -> Path:
 def run_report(out: str | os.PathLike = "reports", only: str | None = None,
                overrides: Mapping[str, Any] | None = None, smoke: bool = False, kernel_name: str | None = None,
                notebook_dir: Path | None = None, stream: TextIO | None = sys.stdout,
-               with_optional: bool = True, command: str | None = None, jobs: int = 1) -> int:
+               skip: Sequence[str] = (), command: str | None = None, jobs: int = 1) -> int:
     """Run the report; returns the exit status (0 = every notebook ran, 1 = one failed).
 
-    ``with_optional=False`` leaves the :data:`OPTIONAL` entries (the DIME runs) out of a full report. Each entry
+    ``skip`` names :data:`SKIPPABLE` groups (``"dime"``, ``"hrem"``, ``"cala"``) a full report leaves out. Each entry
     runs in place of the previous one, which is kept aside and put back if the run fails (:func:`run_entry`).
     ``command`` is recorded in the index (default: ``cirlab report`` plus this process's arguments).
     ``jobs`` > 1 runs up to that many notebooks at once, each as soon as its prerequisites have finished (every
@@ -669,7 +674,7 @@ def run_report(out: str | os.PathLike = "reports", only: str | None = None,
     overrides = dict(overrides or {})
     if jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
-    names = plan(only, out, with_optional)
+    names = plan(only, out, skip)
     jobs = min(jobs, len(names)) or 1
     # the kernels inherit it: one passive-waiting thread on a small machine, the cores shared between the jobs
     os.environ.update(thread_env(None if jobs == 1 or os.environ.get(ENV) else max(1, (os.cpu_count() or 1) // jobs)))
@@ -1112,12 +1117,24 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``cirlab report`` to the top-level CLI's subparsers."""
     parser = subparsers.add_parser(
         "report", help="execute the notebooks headlessly and write reports/",
-        description="Execute notebooks/*.ipynb with papermill in dependency order (train -> evaluate -> "
-                    "router_explorer -> rank_shift, train_dime -> router_explorer_dime, "
-                    "train_hrem -> router_explorer_hrem, "
-                    "train_cala -> router_explorer_cala, then quickstart) on the "
-                    "embedded synthetic data and write "
-                    "reports/<notebook>/ (executed notebook, HTML, metrics.json, figures) and reports/index.html.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Execute notebooks/*.ipynb with papermill in dependency order\n  train -> evaluate -> "
+                    "router_explorer -> rank_shift,\n  train_dime -> router_explorer_dime, train_hrem -> "
+                    "router_explorer_hrem, train_cala -> router_explorer_cala,\n  then quickstart\non the embedded "
+                    "synthetic data, and write <out>/<entry>/ (executed notebook, HTML, metrics.json,\nfigures) and "
+                    "<out>/index.html.\n\n"
+                    "An entry is a notebook with one parameter set: train_dime, train_hrem and train_cala run the "
+                    "train notebook\nfor DIME and HREM (synthetic precomp features) and CaLa (synthetic CIRR); "
+                    "router_explorer_<model> draws\nthat run's routes or relations.\n\n"
+                    "Each run replaces its entry folder; the previous results are put back if the run fails. A "
+                    "folder that\ncirlab report did not write (no report.json in it) is never replaced: the "
+                    "report stops before it starts.\n\n"
+                    "List values are YAML: --set 'settings=[train.lr=1e-3, train.epochs=2]' (one value without "
+                    "brackets\nis a list of one).",
+        epilog="examples:\n  cirlab report                      everything into ./reports\n"
+               "  cirlab report --only evaluate --set k=10\n"
+               "  cirlab report --smoke --out /tmp/r   tiny data, seconds per notebook\n"
+               "  cirlab report --no-dime --no-cala")
     _add_arguments(parser)
     parser.set_defaults(func=_run_from_args)
     return parser
@@ -1129,7 +1146,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="set_", action="append", default=[], metavar="KEY=VALUE",
                         help="override a notebook parameter: KEY=VALUE for every notebook that has it, or "
                              "NOTEBOOK.KEY=VALUE for one; data_root=PATH uses your data instead of the synthetic set")
-    parser.add_argument("--out", default="reports", help="report folder (default: reports)")
+    parser.add_argument("--out", default="reports",
+                        help="report folder, relative to the current directory (default: reports)")
     parser.add_argument("--smoke", action="store_true", help="tiny data and a few steps (seconds per notebook)")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel (default: the notebook's, else python3)")
     parser.add_argument("--notebooks", default=None, metavar="DIR",
@@ -1138,9 +1156,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", default="auto", type=_jobs,
                         help="notebooks run at once, each as soon as its prerequisites are done, the cores shared "
                              "between them (default auto: 2 on a machine with 2 or more cores, else 1)")
-    parser.add_argument("--no-dime", dest="with_dime", action="store_false",
-                        help="skip train_dime and router_explorer_dime (DIME on the synthetic precomp data; about "
-                             "3 min on an idle 2-core CPU)")
+    for model, what in (("dime", "DIME on the synthetic precomp data; about 3 min on an idle 2-core CPU"),
+                        ("hrem", "HREM on the synthetic precomp data"), ("cala", "CaLa on the synthetic CIRR")):
+        parser.add_argument(f"--no-{model}", dest="skip", action="append_const", const=model,
+                            help=f"skip train_{model} and router_explorer_{model} ({what})")
 
 
 def _jobs(value: str) -> int:
@@ -1162,7 +1181,7 @@ def _run_from_args(args: argparse.Namespace) -> int:
         overrides = parse_set(args.set_)
         notebooks = Path(args.notebooks).expanduser() if getattr(args, "notebooks", None) else None
         return run_report(args.out, args.only, overrides, args.smoke, args.kernel, notebook_dir=notebooks,
-                          with_optional=getattr(args, "with_dime", True), jobs=getattr(args, "jobs", 1))
+                          skip=getattr(args, "skip", None) or (), jobs=getattr(args, "jobs", 1))
     except (ValueError, FileNotFoundError) as err:
         sys.stderr.write(f"cirlab report: {err}\n")
         return 2
