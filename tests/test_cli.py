@@ -430,3 +430,23 @@ def test_initial_weights_follow_the_seed_the_trainer_uses():
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     other = tensors(build_seeded_model({**config, "train": {"seed": 1}}))
     assert not all(torch.equal(expected[k], other[k]) for k in expected)
+
+
+def test_a_model_on_a_dataset_of_the_other_task_is_one_config_error(tmp_path, caplog):
+    """DIME (image-text matching) on Fashion-IQ, AMC (CIR) on Flickr30K: refused by name before any data is read
+    (was: a TypeError deep in the caption vocabulary)."""
+    from cirlab.engine.runs import validate_config, with_defaults
+
+    with pytest.raises(ConfigError, match=r"dime is an image-text matching model and cannot train on 'fashioniq'; "
+                                          r"its datasets: f30k, coco"):
+        validate_config(with_defaults({"model": "dime", "preset": "tiny", "dataset": {"name": "fashioniq"}}))
+    with pytest.raises(ConfigError, match=r"amc is a composed image retrieval model .* its datasets: fashioniq"):
+        validate_config(with_defaults({"model": "amc", "preset": "tiny", "dataset": {"name": "f30k"}}))
+    validate_config(with_defaults({"model": "blip_rerank_stage1", "preset": "tiny", "dataset": {"name": "cirr"}}))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: hrem\npreset: tiny\ndataset: {{name: shoes, root: {tmp_path}}}\n")
+    assert main(["train", str(config), "--output-dir", str(tmp_path / "run")]) == 2
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "c.yaml: dataset.name: hrem is an image-text matching model" in errors[0].message
+    assert errors[0].exc_info is None  # one line, no traceback
+    assert not (tmp_path / "run").exists()

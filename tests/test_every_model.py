@@ -157,3 +157,25 @@ def test_checkpoint_round_trip_rebuilds_the_same_model(name, synth, tmp_path):
             before = stage.encode_query(batch["ref_image"], batch["text"])
             after = stage_rebuilt.encode_query(batch["ref_image"], batch["text"])
     torch.testing.assert_close(before, after, rtol=0, atol=0)
+
+
+def test_create_model_from_a_config_takes_overrides_and_refuses_what_it_cannot_use():
+    """`create_model(config=..., **overrides)` applies the overrides (it used to ignore them); a dict config works;
+    another model's config, a preset beside a config and a negative width are one-line config errors."""
+    from cirlab.core.errors import ConfigError
+    from cirlab.models.registry import build_config, create_model
+
+    base = build_config("hrem", "tiny")
+    model = create_model("hrem", config=base, embed_size=base.embed_size * 2)
+    assert model.config.embed_size == base.embed_size * 2 and base.embed_size != model.config.embed_size
+    assert create_model("hrem", config=dataclasses.asdict(base)).config == base
+    with pytest.raises(ConfigError, match=r"config must be its HREMConfig or a dict of its fields, got DIMEConfig"):
+        create_model("hrem", config=build_config("dime", "tiny"))
+    with pytest.raises(ConfigError, match="pass a preset or a config, not both"):
+        create_model("hrem", "tiny", config=base)
+    with pytest.raises(ConfigError, match=r"HREMConfig\.embed_size: expected a positive size, got -4"):
+        create_model("hrem", "tiny", embed_size=-4)
+    with pytest.raises(ConfigError, match=r"HREMConfig\.nhead: expected a positive size, got 0"):
+        create_model("hrem", config=base, nhead=0)
+    with pytest.raises(ConfigError, match=r"unknown field 'embed_sise' \(did you mean 'embed_size'\?\)"):
+        create_model("hrem", config=base, embed_sise=8)

@@ -8,7 +8,7 @@ import difflib
 import os
 import types
 import typing
-from typing import Any, ClassVar, Iterable, TypeVar
+from typing import Any, ClassVar, Iterable, Mapping, TypeVar
 
 from cirlab.core.errors import ConfigError
 
@@ -68,7 +68,7 @@ class PresetMixin:
             raise UnknownPresetError(f"{cls.__name__}: unknown preset {name!r}{did_you_mean(name, cls.PRESETS)}; "
                            f"known presets: {', '.join(cls.presets())}")
         values = {**cls.PRESETS[name], **overrides}
-        _check_fields(cls, values)
+        check_fields(cls, values)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,7 +76,7 @@ class PresetMixin:
 
     @classmethod
     def from_dict(cls: type[T], values: dict[str, Any]) -> T:
-        _check_fields(cls, values)
+        check_fields(cls, values)
         return cls(**values)
 
 
@@ -85,12 +85,14 @@ def field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _check_fields(cls: type, values: dict[str, Any]) -> None:
+def check_fields(cls: type, values: dict[str, Any]) -> None:
+    """Refuse field names ``cls`` does not have (with "did you mean") and values of the wrong type."""
     known = field_names(cls)
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise UnknownFieldError(unknown_names_message(cls.__name__, unknown, known))
     check_field_types(cls, values)
+    check_field_ranges(cls, values)
 
 
 def check_field_types(cls: type, values: dict[str, Any]) -> None:
@@ -110,6 +112,24 @@ def check_field_types(cls: type, values: dict[str, Any]) -> None:
 
 class FieldTypeError(ConfigError, TypeError):
     """A config value of the wrong type (a ``TypeError`` too, like a bad argument)."""
+
+
+class FieldValueError(ConfigError, ValueError):
+    """A config value of the right type out of its range (a ``ValueError`` too)."""
+
+
+def _is_size_field(name: str) -> bool:
+    """Widths, head counts and image sizes: a layer of width -4 or 0 heads has no meaning in any of the models."""
+    return name in ("dim", "nhead", "embed_size", "image_size", "patch_size") or name.endswith(("_dim", "_heads",
+                                                                                               "_hidden"))
+
+
+def check_field_ranges(cls: type, values: Mapping[str, Any]) -> None:
+    """Refuse a size field (:func:`_is_size_field`) below 1, naming it, before the config or the model is built:
+    a config's own checks or torch would fail with a modulo by zero or a message about tensor shapes instead."""
+    for name, value in values.items():
+        if _is_size_field(name) and isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise FieldValueError(f"{cls.__name__}.{name}: expected a positive size, got {value}")
 
 
 def _fits(value: Any, hint: Any) -> bool:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import fnmatch
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from cirlab.core.contracts import check_model
+from cirlab.core.errors import ConfigError
 
 # model modules imported on demand so that `import cirlab` does not import torch
 _MODEL_MODULES = ("cirlab.models.amc", "cirlab.models.dime", "cirlab.models.blip_rerank", "cirlab.models.hrem",
@@ -121,13 +122,31 @@ def list_presets(name: str) -> list[str]:
 def build_config(name: str, preset: str | None = None, **overrides: Any) -> Any:
     """The model's config dataclass for ``preset`` (default: its default preset) with overrides applied."""
     cls = get_entry(name).config_cls
-    return cls.from_preset(preset, **overrides) if preset else cls(**overrides)
+    return cls.from_preset(preset, **overrides) if preset else cls.from_dict(overrides)
 
 
 def create_model(name: str, preset: str | None = None, *, config: Any = None, **overrides: Any) -> Any:
-    """Build a registered model from a preset (``tiny``, ``lite``, paper presets) plus field overrides."""
+    """Build a registered model from a preset (``tiny``, ``lite``, paper presets) plus field overrides, or from a
+    ``config`` (the model's config dataclass, or a dict of its fields) plus field overrides."""
+    import dataclasses
+
+    from cirlab.core.config import check_field_ranges, check_fields
+
     entry = get_entry(name)
-    cfg = config if config is not None else build_config(name, preset, **overrides)
+    cls = entry.config_cls
+    if config is None:
+        cfg = build_config(name, preset, **overrides)
+    elif preset is not None:
+        raise ConfigError(f"create_model({name!r}): pass a preset or a config, not both")
+    elif isinstance(config, Mapping):
+        cfg = cls.from_dict({**config, **overrides})
+    elif isinstance(config, cls):
+        check_fields(cls, overrides)
+        cfg = dataclasses.replace(config, **overrides)
+    else:
+        raise ConfigError(f"create_model({name!r}): config must be its {cls.__name__} or a dict of its fields, got "
+                          f"{type(config).__name__}")
+    check_field_ranges(cls, vars(cfg))  # a config built elsewhere has not been through check_fields
     model = entry.build(cfg)
     _check_identity(type(model), entry)
     check_model(model)
