@@ -375,6 +375,7 @@ def f_two_reports_into_one_folder_at_once(ws: Workspace) -> Outcome:
     out = ws.root / "reports"
     (out / "rank_shift").mkdir(parents=True)
     (out / "rank_shift" / "metrics.json").write_text("{}")  # the first report's results of an earlier run
+    (out / "rank_shift" / "report.json").write_text('{"status": "ok"}')
     holder = _hold_lock(out)
     try:
         before = {k: v for k, v in tree_hashes(out).items() if not k.endswith(".cirlab.lock")}
@@ -386,6 +387,18 @@ def f_two_reports_into_one_folder_at_once(ws: Workspace) -> Outcome:
     return first_failure(expect_error(call, rf"{re.escape(str(out.resolve()))} is in use by another cirlab process "
                                             rf"\(pid {holder.pid}"),
                          check(after == before, "the refused report changed the folder"))
+
+
+@fault("data loss", "a report refuses to replace a folder it did not write (--out runs over a training run)")
+def f_report_out_over_a_training_run(ws: Workspace) -> Outcome:
+    out = ws.root / "runs"
+    (out / "train" / "checkpoints").mkdir(parents=True)
+    (out / "train" / "checkpoints" / "best.pt").write_bytes(b"hours of training")
+    before = tree_hashes(out)
+    call = cli("report", "--out", out, "--only", "train", "--set", f"data_root={ws.user}")
+    return first_failure(expect_error(call, rf"{re.escape(str(out.resolve() / 'train'))} exists and was not written "
+                                            r"by cirlab report"),
+                         check(tree_hashes(out) == before, "the refused report changed the folder"))
 
 
 @fault("data loss", "the second waits for the first and reuses its data", absorbed=True)

@@ -54,6 +54,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
+from cirlab.core.errors import CirlabError, ConfigError
 from cirlab.core.io import folder_lock
 from cirlab.core.threads import ENV, thread_env
 
@@ -365,11 +366,15 @@ def foreign_entry_folder(out: Path, name: str) -> Path | None:
     return folder
 
 
+class ReportFolderError(ConfigError):
+    """An entry folder of the report exists and no report wrote it: replacing it could delete someone's work."""
+
+
 def check_entry_folders(out: Path, names: Sequence[str]) -> None:
     """Refuse, before any data is generated, a report whose entries would replace folders it did not write."""
     foreign = [str(f) for f in (foreign_entry_folder(out, n) for n in names) if f is not None]
     if foreign:
-        raise ValueError(f"--out {out}: {', '.join(foreign)} exist{'s' if len(foreign) == 1 else ''} and "
+        raise ReportFolderError(f"--out {out}: {', '.join(foreign)} exist{'s' if len(foreign) == 1 else ''} and "
                          f"{'was' if len(foreign) == 1 else 'were'} not written by cirlab report (no {RECORD}); "
                          "a report replaces its entry folders, so choose another --out or move "
                          f"{'it' if len(foreign) == 1 else 'them'} away")
@@ -1182,6 +1187,8 @@ def _run_from_args(args: argparse.Namespace) -> int:
         notebooks = Path(args.notebooks).expanduser() if getattr(args, "notebooks", None) else None
         return run_report(args.out, args.only, overrides, args.smoke, args.kernel, notebook_dir=notebooks,
                           skip=getattr(args, "skip", None) or (), jobs=getattr(args, "jobs", 1))
+    except CirlabError:  # cirlab's own one-line errors: logged by the CLI like every command's
+        raise
     except (ValueError, FileNotFoundError) as err:
         sys.stderr.write(f"cirlab report: {err}\n")
         return 2
