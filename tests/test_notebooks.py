@@ -337,6 +337,24 @@ def test_a_list_parameter_given_one_value_is_a_list_of_one(tiny_data, tmp_path):
     assert config["train"]["lr"] == 0.125
 
 
+def test_counts_are_checked_and_spread_over_the_categories_exactly(tiny_data, tmp_path):
+    """evaluate's k and router_explorer's n_queries: a number below 1 is an error naming it (k=-5 was reported as
+    "too big"; n=-3 traced one query per category); n=7 over Fashion-IQ's three categories traces 3 + 2 + 2 (an
+    even split traced 6)."""
+    from cirlab import workbench
+
+    _train_tiny("amc", "fashioniq", tiny_data, tmp_path / "amc")
+    model = workbench.load_run(tmp_path / "amc")
+    for bad in (-5, 0, 2.5):
+        with pytest.raises(ValueError, match=r"k=.*: the top-K lists need a whole number k >= 1"):
+            workbench.evaluate_run(model, "fashioniq", tiny_data, k=bad)
+    with pytest.raises(ValueError, match=r"n=-3 \(router_explorer's n_queries\): expected a whole number"):
+        workbench.collect_routes(model, "fashioniq", tiny_data, n=-3)
+    routes, texts = workbench.collect_routes(model, "fashioniq", tiny_data, n=7)
+    per_category = routes.drop_duplicates("query_id")["category"].value_counts().sort_index()
+    assert len(texts) == 7 and sorted(per_category.tolist()) == [2, 2, 3]
+
+
 def test_rank_shift_second_comparison_is_checked_before_training(tmp_path, monkeypatch):
     """rank_shift's `before` / `after`: both or neither (both with rerank=False), each read up front, errors naming
     the parameter."""

@@ -125,8 +125,10 @@ def _mask_excluded(block: Tensor, exclude: Tensor, g0: int, g1: int) -> Tensor:
 
 
 def _check_k(k: int, n_g: int, exclude: Tensor | None) -> None:
+    if k < 1:
+        raise ValueError(f"k={k}: a top-K list needs k >= 1")
     available = n_g - (1 if exclude is not None and bool((exclude >= 0).any()) else 0)
-    if not 1 <= k <= available:
+    if k > available:
         raise ValueError(f"k={k} but only {available} gallery items can be ranked per query")
 
 

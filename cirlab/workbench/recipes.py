@@ -334,6 +334,8 @@ def evaluate_run(model: Any, dataset: str, data_root: str | os.PathLike, split: 
     from cirlab.core.topk import load_topk
     from cirlab.engine.runs import evaluate_split, load_split
 
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:  # before the gallery is encoded
+        raise ValueError(f"k={k!r}: the top-K lists need a whole number k >= 1")
     if model.task == "itm":
         if topk_dir is None:
             return evaluate_itm_run(model, dataset, data_root, split, device=device), {}
@@ -439,6 +441,18 @@ def explorer_kind(model: Any) -> str:
     return name if name in ("cala", "hrem") else "router"
 
 
+def _check_count(n: Any, name: str) -> None:
+    """A number of queries or images to trace: a whole number >= 1 (the router explorer's ``n_queries``)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{name}={n!r} (router_explorer's n_queries): expected a whole number of at least 1")
+
+
+def _shares(n: int, parts: int) -> list[int]:
+    """``n`` spread over ``parts`` categories, the remainder to the first ones: 20 over three is 7 + 7 + 6 (an even
+    split of 6 each traced 18). A category with fewer queries than its share gives what it has."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
 def cala_trace(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", n: int = 8,
                device: str = "cpu") -> tuple[Any, dict[Any, str]]:
     """CaLa's attention (:meth:`cirlab.models.cala.CaLa.trace`: HCA's hinge map and bridge shares, TAC's twin
@@ -450,12 +464,12 @@ def cala_trace(model: Any, dataset: str, data_root: str | os.PathLike, split: st
 
     from cirlab.workbench.viz import plain_text
 
+    _check_count(n, "n")
     splits = cir_splits(dataset, data_root, split)
     transform = model.image_transform(False)
-    per = max(1, n // len(splits))
     frames, texts = [], {}
-    for cat, sp in splits.items():
-        trips = [t for t in sp.triplets if t.target_name][:per]
+    for (cat, sp), share in zip(splits.items(), _shares(n, len(splits))):
+        trips = [t for t in sp.triplets if t.target_name][:share]
         if not trips:
             continue
         load = lambda names, sp=sp: torch.stack([transform(Image.open(sp.image_path(x)).convert("RGB"))  # noqa: E731
@@ -485,7 +499,8 @@ def hrem_relation(model: Any, dataset: str, data_root: str | os.PathLike, split:
 
     loaded = itm_splits(dataset, data_root, split)
     cpi = int(getattr(loaded, "im_div", 5))
-    n = max(2, min(int(n_images), loaded.num_images))
+    _check_count(n_images, "n_images")
+    n = max(2, min(n_images, loaded.num_images))  # a relation graph needs two images
     if not 0 <= caption < n:
         raise ValueError(f"caption {caption} is not a batch position (0..{n - 1})")
     images = list(range(n))
@@ -511,6 +526,7 @@ def collect_routes(model: Any, dataset: str, data_root: str | os.PathLike, split
     from cirlab.engine.evaluate import trace_split
     from cirlab.engine.runs import load_split
 
+    _check_count(n, "n")
     config = data_config(dataset, data_root, split)
     loaded = load_split(config, config["dataset"]["val_split"])
     if model.task == "itm":
@@ -523,8 +539,8 @@ def collect_routes(model: Any, dataset: str, data_root: str | os.PathLike, split
         return _checked(_main_layers(frame), model), texts
     from cirlab.workbench.viz import plain_text
 
-    per = max(1, n // len(loaded))
-    frames = [trace_split(model, sp, per, device=device) for sp in loaded]
+    frames = [trace_split(model, sp, share, device=device) for sp, share in zip(loaded, _shares(n, len(loaded)))
+              if share]
     texts = {t.query_id: plain_text(t.text) for sp in loaded for t in sp.triplets}
     frame = _main_layers(pd.concat(frames, ignore_index=True))
     return _checked(frame, model), {q: texts[q] for q in dict.fromkeys(frame["query_id"])}
