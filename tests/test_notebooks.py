@@ -385,6 +385,21 @@ def _papermill(name: str, out, **parameters):
                                       kernel_manager_class=report._kernel_manager_class())
 
 
+def test_a_bad_parameter_is_one_line_in_the_notebook_not_a_traceback(tmp_path, tiny_data):
+    """A cirlab error in a notebook cell is shown as one line naming the parameter (IPython's
+    _render_traceback_ hook), as the command line shows it; papermill reports that line."""
+    from cirlab import workbench
+
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        _papermill("rank_shift", tmp_path / "rs.ipynb", data_root=str(tiny_data), before=str(tmp_path))
+    assert err.value.ename == "ParameterError" and "before is set but after is empty" in err.value.evalue
+    assert len(err.value.traceback) == 1 and "File " not in err.value.traceback[0]
+    with pytest.raises(workbench.recipes.ParameterError, match=r"unknown field 'max_step' \(did you mean "
+                                                                r"'max_steps'\?\)"):
+        workbench.train_run("amc", "tiny", "fashioniq", tiny_data, tmp_path / "run", max_step=5)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["hrem", "cala"])
 def test_train_and_explorer_entries_of_hrem_and_cala(tiny_data, tmp_path, model):

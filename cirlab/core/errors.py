@@ -9,9 +9,19 @@ from __future__ import annotations
 class CirlabError(Exception):
     """Base of every error caused by the user's input (a config, a file, a dataset, a flag)."""
 
+    def _render_traceback_(self) -> list[str]:
+        """How IPython (JupyterLab, papermill) shows it: one red line, as the command line does, not a traceback
+        through cirlab's internals (IPython calls this hook on any exception that has it)."""
+        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {' '.join(str(self).split())}"]
+
 
 class ConfigError(CirlabError, ValueError):
     """A run config is malformed; the message names the file and the key."""
+
+
+class MissingPathError(CirlabError, FileNotFoundError):
+    """A file or folder the user named (or a default that points at one) does not exist; the message says how to
+    make it."""
 
 
 class CheckpointError(CirlabError, RuntimeError):

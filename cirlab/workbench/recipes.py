@@ -15,7 +15,14 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from cirlab.core.errors import ConfigError, MissingPathError
+
 logger = logging.getLogger(__name__)
+
+class ParameterError(ConfigError):
+    """A notebook parameter (or the workbench argument behind it) out of range or inconsistent with another; the
+    message names it. Shown as one line in a notebook, like every cirlab error."""
+
 
 __all__ = ["cir_splits", "data_config", "run_config", "train_run", "load_run", "untrained_copy", "evaluate_run",
            "evaluate_itm_run", "collect_routes", "query_fn_for", "explorer_for", "gallery_rows", "worst_queries",
@@ -85,7 +92,7 @@ def find_run(run_dir: str | os.PathLike = "", entry: str = "", dataset: str = ""
         hint = _fix_hint(entry)
     checkpoints = path / "checkpoints"
     if not any((checkpoints / name).is_file() for name in ("best.pt", "last.pt")):
-        raise FileNotFoundError(f"no trained run at {path} (no checkpoints/best.pt or last.pt): {hint}")
+        raise MissingPathError(f"no trained run at {path} (no checkpoints/best.pt or last.pt): {hint}")
     return path
 
 
@@ -113,7 +120,7 @@ def find_data(dataset: str, data_root: str | os.PathLike = "", run_dir: str | os
         if given:
             path = _from_checkout(Path(given).expanduser()).resolve()
             if not path.exists():
-                raise FileNotFoundError(f"{origin} {path} does not exist: point it at your {dataset} data, or "
+                raise MissingPathError(f"{origin} {path} does not exist: point it at your {dataset} data, or "
                                         f"write the synthetic set there with `cirlab data synth --out {path}`")
             return path
     if run_dir:
@@ -148,7 +155,8 @@ def as_list(value: Any, name: str) -> list[Any]:
         return [value]
     if isinstance(value, (list, tuple)):
         return list(value)
-    raise ValueError(f"{name}: expected a list (papermill: -y '{name}: [a, b]'), got {type(value).__name__} {value!r}")
+    raise ParameterError(f"{name}: expected a list (papermill: -y '{name}: [a, b]'), got {type(value).__name__} "
+                         f"{value!r}")
 
 
 def describe_paths(**paths: Any) -> str:
@@ -256,15 +264,22 @@ def train_run(model: str, preset: str, dataset: str, data_root: str | os.PathLik
     ``best_epoch`` and ``run_config`` (the resolved config, with ``model_config``).
 
     A notebook re-run replaces the run it finished before in ``output_dir`` (recorded by
-    :func:`cirlab.engine.train.mark_recipe_run`, with the fingerprint of its ``last.pt``). Any other run there (``cirlab train``'s, one
-    continued since, an interrupted one) is refused unless ``overwrite=True`` (replace it) or ``resume`` (continue
-    it): a notebook must not delete hours of someone's training because its ``output_dir`` pointed there.
+    :func:`cirlab.engine.train.mark_recipe_run`, with the fingerprint of its ``last.pt``). Any other run there
+    (``cirlab train``'s, one continued since, an interrupted one) is refused unless ``overwrite=True`` (replace it)
+    or ``resume`` (continue it): a notebook must not delete hours of someone's training because its ``output_dir``
+    pointed there.
     """
     import yaml
 
+    import inspect
+
+    from cirlab.core.config import unknown_names_message
     from cirlab.engine.runs import run_experiment, validate_config
     from cirlab.engine.train import claim_for_recipe, mark_recipe_run
 
+    known = [p.name for p in inspect.signature(run_config).parameters.values() if p.kind == p.KEYWORD_ONLY]
+    if set(options) - set(known):  # named as train_run's own options, not as the internal run_config()'s
+        raise ParameterError(unknown_names_message("train_run", sorted(set(options) - set(known)), known))
     config = run_config(model, preset, dataset, data_root, output_dir, **options)
     validate_config(config, "notebook parameters")
     run = Path(output_dir)
@@ -288,7 +303,7 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu", checkpoint: str = 
     if not ckpt.is_file():
         ckpt = run / "checkpoints" / "last.pt"
     if not ckpt.is_file():
-        raise FileNotFoundError(f"no checkpoint in {run / 'checkpoints'}: train the run first ({_fix_hint('train')}: "
+        raise MissingPathError(f"no checkpoint in {run / 'checkpoints'}: train the run first ({_fix_hint('train')}: "
                                 f"it writes {reports_dir() / 'train'} and {reports_dir() / 'train_dime'})")
     model, _ = model_from_checkpoint(ckpt)
     return model.to(device).eval()
@@ -335,7 +350,7 @@ def evaluate_run(model: Any, dataset: str, data_root: str | os.PathLike, split: 
     from cirlab.engine.runs import evaluate_split, load_split
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:  # before the gallery is encoded
-        raise ValueError(f"k={k!r}: the top-K lists need a whole number k >= 1")
+        raise ParameterError(f"k={k!r}: the top-K lists need a whole number k >= 1")
     if model.task == "itm":
         if topk_dir is None:
             return evaluate_itm_run(model, dataset, data_root, split, device=device), {}
@@ -444,7 +459,7 @@ def explorer_kind(model: Any) -> str:
 def _check_count(n: Any, name: str) -> None:
     """A number of queries or images to trace: a whole number >= 1 (the router explorer's ``n_queries``)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{name}={n!r} (router_explorer's n_queries): expected a whole number of at least 1")
+        raise ParameterError(f"{name}={n!r} (router_explorer's n_queries): expected a whole number of at least 1")
 
 
 def _shares(n: int, parts: int) -> list[int]:
@@ -502,7 +517,7 @@ def hrem_relation(model: Any, dataset: str, data_root: str | os.PathLike, split:
     _check_count(n_images, "n_images")
     n = max(2, min(n_images, loaded.num_images))  # a relation graph needs two images
     if not 0 <= caption < n:
-        raise ValueError(f"caption {caption} is not a batch position (0..{n - 1})")
+        raise ParameterError(f"caption {caption} is not a batch position (0..{n - 1})")
     images = list(range(n))
     captions = [i * cpi + (slot % cpi) for i in images]
     batch = {"image_feats": torch.as_tensor(np.asarray(loaded.images[images]), dtype=torch.float32).to(device),
@@ -676,7 +691,7 @@ def load_topk_files(path: str | os.PathLike) -> Any:
         return load_topk(path)
     files = sorted(path.glob("*.topk.npz")) if path.is_dir() else []
     if not files:
-        raise FileNotFoundError(f"no top-K file at {path} (expected a .topk.npz file or a folder of them)")
+        raise MissingPathError(f"no top-K file at {path} (expected a .topk.npz file or a folder of them)")
     parts = [load_topk(f) for f in files]
     k = min(p.k for p in parts)
     return TopK(np.concatenate([p.query_ids for p in parts]), np.concatenate([p.gallery_ids[:, :k] for p in parts]),
@@ -694,18 +709,20 @@ def ranking_pair(before: str | os.PathLike, after: str | os.PathLike, rerank: bo
     """
     if not str(before) and not str(after):
         if not rerank:
-            raise ValueError("rerank=False and before/after are empty: nothing to compare (set before and after to "
-                             "two top-K files or folders, or rerank=True)")
+            raise ParameterError("rerank=False and before/after are empty: nothing to compare (set before and after "
+                                 "to two top-K files or folders, or rerank=True)")
         return None
     if not str(before) or not str(after):
         given, missing = ("before", "after") if str(before) else ("after", "before")
-        raise ValueError(f"{given} is set but {missing} is empty: the second comparison needs both rankings")
+        raise ParameterError(f"{given} is set but {missing} is empty: the second comparison needs both rankings")
     loaded = []
     for name, value in (("before", before), ("after", after)):
         try:
             loaded.append(load_topk_files(Path(value).expanduser().resolve()))
-        except (OSError, ValueError) as err:
-            raise type(err)(f"{name}={str(value)!r}: {err}") from None
+        except FileNotFoundError as err:
+            raise MissingPathError(f"{name}={str(value)!r}: {err}") from None
+        except (OSError, ValueError) as err:  # not a top-K file, or an unreadable one
+            raise ParameterError(f"{name}={str(value)!r}: {err}") from None
     return loaded[0], loaded[1]
 
 
