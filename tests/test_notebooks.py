@@ -337,6 +337,26 @@ def test_a_list_parameter_given_one_value_is_a_list_of_one(tiny_data, tmp_path):
     assert config["train"]["lr"] == 0.125
 
 
+def test_run_and_data_lookups_name_what_is_wrong(tiny_data, tmp_path):
+    """A misspelt checkpoint is an error listing the run's checkpoints (was: silently last.pt); the folder above
+    a run names the runs in it; a misspelt dataset is refused (was: the synthetic data of no dataset)."""
+    from cirlab import workbench
+
+    _train_tiny("amc", "fashioniq", tiny_data, tmp_path / "runs" / "amc")
+    with pytest.raises(FileNotFoundError, match=r"checkpoint='bestt': .*\(did you mean 'best'\?\); this run has: "
+                                                r"best, last"):
+        workbench.load_run(tmp_path / "runs" / "amc", checkpoint="bestt")
+    assert workbench.load_run(tmp_path / "runs" / "amc", checkpoint="last").model_name == "amc"
+    for call in (workbench.find_run, workbench.load_run):
+        with pytest.raises(FileNotFoundError, match=r"it holds the runs amc: name one of them"):
+            call(tmp_path / "runs")
+    with pytest.raises(FileNotFoundError, match=r"train it first .*cirlab train CONFIG --output-dir"):
+        workbench.load_run(tmp_path / "nothing")
+    with pytest.raises(workbench.recipes.ParameterError, match=r"dataset: unknown dataset 'fashoniq' \(did you "
+                                                               r"mean 'fashioniq'\?\)"):
+        workbench.find_data("fashoniq", tiny_data)
+
+
 def test_counts_are_checked_and_spread_over_the_categories_exactly(tiny_data, tmp_path):
     """evaluate's k and router_explorer's n_queries: a number below 1 is an error naming it (k=-5 was reported as
     "too big"; n=-3 traced one query per category); n=7 over Fashion-IQ's three categories traces 3 + 2 + 2 (an

@@ -55,10 +55,14 @@ def canonical_name(name: str) -> str:
 
 
 def get_dataset(name: str) -> DatasetSpec:
-    """The dataset's row; a ``ValueError`` listing the known names for an unknown one."""
+    """The dataset's row; a :class:`~cirlab.core.errors.ConfigError` (a ``ValueError``) with "did you mean" and the
+    known names for an unknown one."""
+    from cirlab.core.config import did_you_mean
+    from cirlab.core.errors import ConfigError
+
     key = canonical_name(name)
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; known: {', '.join(DATASETS)}")
     return DATASETS[key]
 
 

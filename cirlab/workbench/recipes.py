@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from cirlab.core.config import did_you_mean
 from cirlab.core.errors import ConfigError, MissingPathError
 
 logger = logging.getLogger(__name__)
@@ -86,11 +87,16 @@ def find_run(run_dir: str | os.PathLike = "", entry: str = "", dataset: str = ""
         entry = "train_dime" if dataset and is_itm(dataset) else "train"
     if str(run_dir):
         path = _from_checkout(Path(run_dir).expanduser()).resolve()
-        hint = f"train it first (the train notebook with output_dir={str(path)!r}, or `cirlab train CONFIG`)"
+        hint = (_fix_hint(path.name) if path.parent == reports_dir() and path.name == entry else
+                f"train it first (the train notebook with output_dir={str(path)!r}, or `cirlab train CONFIG "
+                f"--output-dir {path}`)")
     else:
         path = reports_dir() / entry
         hint = _fix_hint(entry)
     checkpoints = path / "checkpoints"
+    inside = sorted({p.parent.parent.name for p in path.glob("*/checkpoints/*.pt")}) if path.is_dir() else []
+    if inside:  # the folder above the runs (reports/ for reports/train): name the runs instead of "train it"
+        hint = f"it holds the runs {', '.join(inside)}: name one of them ({path / inside[0]})"
     if not any((checkpoints / name).is_file() for name in ("best.pt", "last.pt")):
         raise MissingPathError(f"no trained run at {path} (no checkpoints/best.pt or last.pt): {hint}")
     return path
@@ -116,6 +122,10 @@ def find_data(dataset: str, data_root: str | os.PathLike = "", run_dir: str | os
     """
     from cirlab.data.catalog import get_dataset
 
+    try:
+        get_dataset(dataset)  # a misspelt name must not fall through to the synthetic data
+    except ValueError as err:
+        raise ParameterError(f"dataset: {err}") from None
     for given, origin in ((str(data_root), "data_root"), (os.environ.get("CIRLAB_DATA", "").strip(), "$CIRLAB_DATA")):
         if given:
             path = _from_checkout(Path(given).expanduser()).resolve()
@@ -295,17 +305,22 @@ def train_run(model: str, preset: str, dataset: str, data_root: str | os.PathLik
 
 
 def load_run(run_dir: str | os.PathLike, device: str = "cpu", checkpoint: str = "best") -> Any:
-    """A run's model with ``checkpoints/<checkpoint>.pt`` loaded (falls back to ``last``), in eval mode."""
+    """A run's model with ``checkpoints/<checkpoint>.pt`` loaded, in eval mode. ``best`` falls back to ``last`` (a
+    run that selects its last epoch writes no best.pt); any other name that is not there is an error listing the
+    checkpoints the run has."""
     from cirlab.engine.runs import model_from_checkpoint
 
     run = Path(run_dir).expanduser().resolve()
-    ckpt = run / "checkpoints" / f"{checkpoint}.pt"
-    if not ckpt.is_file():
-        ckpt = run / "checkpoints" / "last.pt"
-    if not ckpt.is_file():
-        raise MissingPathError(f"no checkpoint in {run / 'checkpoints'}: train the run first ({_fix_hint('train')}: "
-                                f"it writes {reports_dir() / 'train'} and {reports_dir() / 'train_dime'})")
-    model, _ = model_from_checkpoint(ckpt)
+    folder = run / "checkpoints"
+    have = sorted(p.stem for p in folder.glob("*.pt")) if folder.is_dir() else []
+    if not have:
+        find_run(run, entry=run.name if run.parent == reports_dir() else "")  # raises, saying what to do
+        raise MissingPathError(f"no checkpoint in {folder}")
+    name = checkpoint if checkpoint in have else "last" if checkpoint == "best" and "last" in have else None
+    if name is None:
+        raise MissingPathError(f"checkpoint={checkpoint!r}: no {folder / (checkpoint + '.pt')}"
+                               f"{did_you_mean(checkpoint, have)}; this run has: {', '.join(have)}")
+    model, _ = model_from_checkpoint(folder / f"{name}.pt")
     return model.to(device).eval()
 
 
