@@ -185,6 +185,19 @@ def test_path_records_expand_destination_by_source():
             emit(module, "bad", w, kind="path", sources=["s0"], destinations=["d0", "d1"])
 
 
+def test_set_batch_refuses_names_that_would_shadow_or_lose_the_ids():
+    """set_batch(id=...) used to become a metadata column "id" while query_id stayed empty."""
+    with trace_routes(torch.nn.Linear(1, 1)) as trace:
+        for bad in ("id", "query_ids", "layer", "weight"):
+            with pytest.raises(TypeError, match=rf"set_batch\({bad}=\.\.\.\): '{bad}' is not a metadata column .* "
+                                                r"pass the query ids as ids="):
+                trace.set_batch(**{bad: ["a"]})
+        with pytest.raises(TypeError, match="expected one value per query, got the string 'dress'"):
+            trace.set_batch(ids=["a"], category="dress")
+        trace.set_batch(ids=["a"], category=["dress"])  # the intended call still works
+        assert trace._pending_ids == ["a"] and trace._pending_meta == {"category": ["dress"]}
+
+
 def test_nested_traces_of_one_model_leave_in_order():
     module = torch.nn.Linear(1, 1)
     with trace_routes(module) as outer:

@@ -28,6 +28,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 _ACTIVE: list["RouteTrace"] = []
+# the columns RouteTrace.to_frame writes first, in this order; the metadata of set_batch and emit follow
+FRAME_COLUMNS = ("query_id", "layer", "source", "destination", "expert", "code_index", "paper_name", "weight")
 
 
 def is_active() -> bool:
@@ -56,7 +58,16 @@ class RouteTrace:
     _pending_meta: dict[str, list[Any]] = field(default_factory=dict)
 
     def set_batch(self, ids: Sequence[Any] | None = None, **meta: Sequence[Any]) -> None:
-        """Attach query ids (and metadata columns such as ``category``) to the next emissions."""
+        """Attach query ids (and metadata columns such as ``category``) to the next emissions.
+
+        A metadata name that is one of :meth:`to_frame`'s own columns, or another name for the ids (``id=``), is an
+        error: it would shadow a column, or become a column while the query ids stay unset."""
+        for name, values in meta.items():
+            if name in FRAME_COLUMNS or name in ("id", "qid", "qids", "query_ids"):
+                raise TypeError(f"set_batch({name}=...): {name!r} is not a metadata column (to_frame writes "
+                                f"{', '.join(FRAME_COLUMNS)} itself); pass the query ids as ids=")
+            if isinstance(values, (str, bytes)):
+                raise TypeError(f"set_batch({name}=...): expected one value per query, got the string {values!r}")
         self._pending_ids = list(ids) if ids is not None else None
         self._pending_meta = {k: list(v) for k, v in meta.items()}
 
@@ -102,7 +113,7 @@ class RouteTrace:
             start = counters.get((rec.layer, rec.kind), 0)
             counters[(rec.layer, rec.kind)] = start + rec.weights.shape[0]
             rows.extend(_record_rows(rec, start))
-        columns = ["query_id", "layer", "source", "destination", "expert", "code_index", "paper_name", "weight"]
+        columns = list(FRAME_COLUMNS)
         frame = pd.DataFrame(rows)
         if frame.empty:
             return pd.DataFrame(columns=columns)
