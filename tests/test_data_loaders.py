@@ -62,6 +62,21 @@ def test_fashioniq_clip4cir_protocol_uses_split_gallery(fiq):
     assert mixed.gallery_names == fiq["names"]["shirt", "val"] and mixed.protocol == "amc(gallery=split)"
 
 
+def test_a_misspelt_split_or_argument_is_named_with_its_valid_choices(fiq):
+    """load_cir("fashioniq", root, "vall") read as "no caption file found"; categroy= was offered the loader's
+    options only, not category."""
+    from cirlab.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown Fashion-IQ split 'vall' \(did you mean 'val'\?\); known: "
+                                          r"train, val, test"):
+        load_cir("fashioniq", fiq["root"], "vall", category="dress")
+    with pytest.raises(ConfigError, match=r"load_cir\('fashioniq'\): unknown field 'categroy' \(did you mean "
+                                          r"'category'\?\); known: .*category.*protocol.*split"):
+        load_cir("fashioniq", fiq["root"], "val", categroy="dress")
+    with pytest.raises(ConfigError, match=r"unknown field 'protocl' \(did you mean 'protocol'\?\)"):
+        load_cir("fashioniq", fiq["root"], "val", protocl="amc")
+
+
 def test_fashioniq_all_categories_concatenated(fiq):
     split = load_cir("fashioniq", fiq["root"], "train", protocol="clip4cir")
     assert split.category is None and len(split) == 12
@@ -456,6 +471,5 @@ def test_a_misspelt_category_names_the_file_it_meant(tmp_path):
     with pytest.raises(DataError, match=r"split\.shrt\.val\.json: file not found \(did you mean "
                                           r"'split\.shirt\.val\.json'\?\)"):
         load_cir("fashioniq", root, "val", category="shrt")
-    with pytest.raises(DataError, match=r"split\.dress\.vla\.json: file not found \(did you mean "
-                                          r"'split\.dress\.val\.json'\?\)"):
-        load_cir("fashioniq", root, "vla", category="dress")
+    with pytest.raises(ValueError, match=r"unknown Fashion-IQ split 'vla' \(did you mean 'val'\?\)"):
+        load_cir("fashioniq", root, "vla", category="dress")  # the split is checked before any file is looked for

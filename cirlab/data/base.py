@@ -371,13 +371,17 @@ def load_cir(name: str, root: str | os.PathLike | None = None, split: str = "tra
     from cirlab.core.paths import resolve_root
     from cirlab.data.catalog import CIR_DATASETS, DATASETS, canonical_name
 
-    from cirlab.core.config import did_you_mean
+    from cirlab.core.config import did_you_mean, unknown_names_message
 
     key = canonical_name(name)
     if key not in CIR_DATASETS:
         raise ConfigError(f"unknown CIR dataset {name!r}{did_you_mean(name, CIR_DATASETS)}; "
                           f"known: {', '.join(CIR_DATASETS)}")
     spec = DATASETS[key]
+    options = getattr(importlib.import_module(spec.loader), "OPTIONS", {})
+    if set(kw) - set(options):  # load_cir's own arguments are candidates too: categroy= means category=
+        raise ConfigError(unknown_names_message(f"load_cir({key!r})", set(kw) - set(options),
+                                                ["root", "split", "category", *options]))
     check_options(key, kw)
     path = resolve_root(root, spec.subdir)
     if not path.is_dir():

@@ -279,6 +279,11 @@ def load(root: Path, split: str = "train", category: str | None = None, *, proto
         sink: problem collector (default strict: raise the first problem as DataError).
         images: a pre-built image index (the checker shares one across splits).
     """
+    if split not in SPLITS:  # a typo would otherwise read as "no caption file found"
+        from cirlab.core.config import did_you_mean
+
+        raise ConfigError(f"unknown Fashion-IQ split {split!r}{did_you_mean(split, SPLITS)}; known: "
+                          f"{', '.join(SPLITS)}")
     root = Path(root)
     sink = sink or ProblemCollector(strict=True)
     label, gallery, captions, exclude = _resolve_protocol(protocol, gallery, captions, exclude_reference)
