@@ -79,6 +79,7 @@ _IPC_KERNEL_MANAGER: Any = None
 _SAY_LOCK = threading.Lock()
 # SIGTERM bookkeeping (_on_sigterm): the kernels started in this process and the entry processes (--jobs > 1)
 _TERMINATING = threading.Event()
+_INTERRUPTED = threading.Event()  # Ctrl-C reached this process (see _on_sigint)
 _KERNELS: set[Any] = set()
 _CHILDREN: set[Any] = set()
 
@@ -458,6 +459,17 @@ def _on_sigterm(signum: int, frame: Any) -> None:
         raise ReportTerminated()
 
 
+def _on_sigint(signum: int, frame: Any) -> None:
+    """Ctrl-C: ``KeyboardInterrupt`` as Python's own handler raises it, remembered first. Ctrl-C reaches the whole
+    process group, kernels included; on a loaded machine a kernel can stop before this process's interrupt
+    surfaces, and nbclient then logs "Kernel died" with a traceback and papermill raises a failure. Remembering the
+    signal lets :func:`run_notebook` report that race as the interruption it is, and silences that log line as
+    :func:`_on_sigterm` does."""
+    _INTERRUPTED.set()
+    logging.getLogger("papermill").setLevel(logging.CRITICAL)
+    signal.default_int_handler(signum, frame)
+
+
 def _kill_kernel_process(km: Any) -> None:
     process = getattr(getattr(km, "provisioner", None), "process", None)
     try:
@@ -468,19 +480,25 @@ def _kill_kernel_process(km: Any) -> None:
 
 
 class _SigtermAsInterrupt:
-    """``with _SigtermAsInterrupt():`` SIGTERM runs :func:`_on_sigterm` inside the block (main thread only: Python
-    delivers signals there), the previous handler is restored after it."""
+    """``with _SigtermAsInterrupt():`` SIGTERM runs :func:`_on_sigterm` and Ctrl-C :func:`_on_sigint` inside the
+    block (main thread only: Python delivers signals there), the previous handlers are restored after it."""
 
     def __enter__(self) -> "_SigtermAsInterrupt":
         self.previous: Any = None
+        self.previous_int: Any = None
         if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
             _TERMINATING.clear()
+            _INTERRUPTED.clear()
             self.previous = signal.signal(signal.SIGTERM, _on_sigterm)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when Ctrl-C is ignored
+                self.previous_int = signal.signal(signal.SIGINT, _on_sigint)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
+        if self.previous_int is not None:
+            signal.signal(signal.SIGINT, self.previous_int)
 
 
 def _sigterm_as_interrupt(fn: Any) -> Any:
@@ -525,6 +543,8 @@ def run_notebook(name: str, params: Mapping[str, Any], out_dir: Path, kernel_nam
     except Exception as err:
         if _TERMINATING.is_set():  # _on_sigterm killed the kernel; nbclient has cleaned up after it
             raise ReportTerminated() from err
+        if _INTERRUPTED.is_set():  # Ctrl-C stopped the kernel before this process's KeyboardInterrupt surfaced
+            raise KeyboardInterrupt() from err
         if isinstance(err, PapermillExecutionError):
             raise NotebookFailed(f"{name}: cell {err.exec_count} failed: {err.ename}: {err.evalue}") from err
         if isinstance(err, DeadKernelError):
