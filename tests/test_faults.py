@@ -317,6 +317,20 @@ def f_synth_rerun_over_files_a_user_added(ws: Workspace) -> Outcome:
                                "data lost"))
 
 
+@fault("data loss", "refused: a folder owned only by a manifest's file name vouches for none of its other files")
+def f_synth_over_a_folder_with_only_its_manifest_names(ws: Workspace) -> Outcome:
+    out = ws.run_dir("synth")
+    (out / "shoes").mkdir(parents=True)
+    (out / "synthetic.json").write_text("{}")  # the generator's file names, no ownership marker (an old build,
+    (out / "shoes" / "synthetic_meta.json").write_text("{}")  # or anyone's folder)
+    (out / "shoes" / "precious.txt").write_text("mine\n")
+    kept = tree_hashes(out)
+    call = cli("data", "synth", "--out", out, "--size", "tiny", "--layouts", "shoes", "--image-size", "16")
+    return first_failure(expect_error(call, r"refusing to replace .*shoes: it holds files the generator did not "
+                                            r"write \(precious\.txt\)"),
+                         check(tree_hashes(out) == kept, "the user's file changed", "data lost"))
+
+
 @fault("data loss", "refused, names the user's file inside its earlier build")
 def f_emoji_rebuild_over_a_file_a_user_added(ws: Workspace) -> Outcome:
     out = ws.run_dir("emoji")

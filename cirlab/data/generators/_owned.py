@@ -51,15 +51,24 @@ def seal(folder: Path, generator: str) -> None:
     (folder / MARKER).write_text(json.dumps({"generator": generator, "files": files}) + "\n", encoding="utf-8")
 
 
-def foreign(folder: Path) -> list[Path]:
+def foreign(folder: Path, manifests: Iterable[str] = ()) -> list[Path]:
     """What ``folder`` holds beyond the files its generator recorded (:func:`seal`): files a user added, and the
-    top-most folders made only of such files. Empty when nothing was recorded (a write that never finished, or a
-    build older than the record), since then everything in it is the generator's as far as anyone can tell."""
+    top-most folders made only of such files.
+
+    A folder with the generator's marker but no record (a write that never finished, or a build older than the
+    record) is the generator's as far as anyone can tell: nothing in it is foreign. A folder without a marker,
+    taken as the generator's only because it holds one of its ``manifests`` (a build from before markers, or
+    anyone's folder with such a file name), vouches for nothing: everything in it but those manifests is foreign.
+    """
+    if not folder.is_dir():
+        return []
     try:
         recorded = json.loads((folder / MARKER).read_text(encoding="utf-8")).get("files")
+    except FileNotFoundError:
+        recorded = list(manifests)
     except (OSError, ValueError, AttributeError):
         return []
-    if not isinstance(recorded, list) or not folder.is_dir():
+    if not isinstance(recorded, list):
         return []
     known = set(recorded) | {MARKER}
     known_dirs = {parent.as_posix() for name in known for parent in Path(name).parents}
@@ -77,10 +86,10 @@ def foreign(folder: Path) -> list[Path]:
     return found
 
 
-def refuse_foreign(command: str, folder: Path, force: bool) -> None:
+def refuse_foreign(command: str, folder: Path, force: bool, manifests: Iterable[str] = ()) -> None:
     """Refuse to replace generated ``folder`` while it holds files the generator did not write (with ``force``,
-    say which go)."""
-    extra = foreign(folder)
+    say which go); ``manifests`` as for :func:`foreign`."""
+    extra = foreign(folder, manifests)
     if not extra:
         return
     listed = ", ".join(str(p.relative_to(folder)) for p in extra[:5]) + (f" and {len(extra) - 5} more"

@@ -468,7 +468,7 @@ def _build_locked(out: Path, tarball: str | os.PathLike | None, version: str, se
         if not force and not _owned.is_empty(folder) and not _owned.is_owned(folder, __name__, (MANIFEST,)):
             raise _owned.refuse("cirlab data emoji", folder, [folder],
                                 f"it is not empty and was not written by the emoji builder (no {_owned.MARKER})")
-    _owned.refuse_foreign("cirlab data emoji", out, force)
+    _owned.refuse_foreign("cirlab data emoji", out, force, (MANIFEST,))
     package = read_package(tarball if tarball is not None else fetch_tarball(version))
     planned = plan(package, seed)  # every problem surfaces before anything is written
     # write next to the destination, then swap: a failed build never leaves a half dataset behind

@@ -554,7 +554,7 @@ def _claim(out: Path, layouts: Sequence[str], force: bool, overwrite: bool = Tru
                                                             if (out / n).exists()))
     if overwrite:
         for name in layouts:
-            _owned.refuse_foreign(command, out / name, force)
+            _owned.refuse_foreign(command, out / name, force, (META,))
     _owned.mark(out, __name__)
 
 
@@ -574,7 +574,8 @@ def ensure(out_root: str | os.PathLike | None = None, *, seed: int = 0, size: st
         return out
     with generated_folder_lock(out):  # a second process writing it too would break both trees
         if not _written(out, wanted, layouts):
-            generate(out, seed=seed, size=size, layouts=layouts, image_size=image_size)
+            # the default folder is cirlab's own cache: a build from before the ownership markers is replaced
+            generate(out, seed=seed, size=size, layouts=layouts, image_size=image_size, force=not out_root)
     return out
 
 
