@@ -65,7 +65,23 @@ def _add_submit(subparsers: Any) -> None:
 def _device(name: str) -> str:
     import torch
 
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    from cirlab.engine.train import check_device
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(name, "cirlab submit --device")  # a GPU that is not there: one line, before any work
+    return name
+
+
+def _file_part(value: str, flag: str) -> str:
+    """A ``--name`` / ``--suffix`` that becomes part of a file name: no separators or ``..`` (``--name ../x`` wrote
+    outside --out, and both submission files resolved to one path)."""
+    from cirlab.core.errors import ConfigError
+
+    if not value.strip() or any(c in value for c in "/\\") or ".." in value:
+        raise ConfigError(f"{flag} {value!r}: it becomes part of a file name; use letters, digits, '-', '_' or '.' "
+                          "(no path separators, no '..')")
+    return value
 
 
 def _run_submit(args: argparse.Namespace) -> int:
@@ -74,18 +90,26 @@ def _run_submit(args: argparse.Namespace) -> int:
     from cirlab.engine import rerank
     from cirlab.engine.runs import ConfigError, load_config, load_split, model_from_checkpoint
 
+    from cirlab.data.catalog import canonical_name
+
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"cirlab submit: {run} is not a run folder (no config.yaml)")
     config = load_config(run / "config.yaml", args.overrides + ([f"dataset.root={args.root}"] if args.root else []))
+    dataset = canonical_name(str(config["dataset"]["name"]))
+    if dataset != "cirr":  # the files are the CIRR test server's format; nothing else has such a server
+        raise ConfigError(f"cirlab submit: {run} is a {dataset} run; the submission files are for the CIRR test "
+                          "server, so submit takes CIRR runs only (cirlab eval scores other datasets)")
     split_name = config["dataset"]["test_split"] if args.split == "test" else args.split
-    name = args.name or f"{run.resolve().name}_{split_name}"
+    name = _file_part(args.name, "--name") if args.name else f"{run.resolve().name}_{split_name}"
     out = Path(args.out) if args.out else run / "submission"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"cirlab submit: --out {out} is a file; the two submission files go into a folder")
+    device = _device(args.device)
     check_outputs([out / f"{stem}_{name}.json" for stem in SUBMISSION_STEMS], overwrite=args.overwrite,
                   command="cirlab submit")
     (split,) = load_split(config, split_name)  # a wrong root fails before the model is read
     model, _ = model_from_checkpoint(run / "checkpoints" / args.checkpoint)
-    device = _device(args.device)
     model.to(device)
     try:
         submission = rerank.cirr_submission(model, split, eval_config={**config["eval"], "run_dir": str(run)},
@@ -379,7 +403,7 @@ def _cala_to_files(args: argparse.Namespace, model: Any, epoch: int) -> int:
     from cirlab.core.errors import ConfigError
     from cirlab.models import cala
 
-    out, suffix = Path(args.out), args.suffix or "arithmetic"
+    out, suffix = Path(args.out), _file_part(args.suffix, "--suffix") if args.suffix else "arithmetic"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"cirlab convert: {out} is a file; CaLa's files go into a folder")
     taken = sorted(out.glob(f"tuned_*_{suffix}.pt")) if out.is_dir() else []

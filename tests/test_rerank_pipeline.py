@@ -313,3 +313,31 @@ def test_pipeline_replaces_its_own_runs_and_refuses_others_before_training(cirr_
     assert len(trained) == 4 and (out / "stage2" / "checkpoints" / "last.pt").read_bytes() == b"someone else's"
     rerank.run_pipeline("cirr", cirr_root, out, overwrite=True)
     assert trained[4:] == [("stage1", True), ("stage2", True)]
+
+
+def test_submit_refuses_unsafe_names_foreign_runs_and_bad_outputs_before_any_work(runs, tmp_path, caplog,
+                                                                                  monkeypatch):
+    """--name ../x wrote outside --out (and both files resolved to one path); a Fashion-IQ run ended in an unpack
+    error; --out naming a file failed after the ranking; a missing GPU was a torch traceback."""
+    from cirlab.engine import runs as run_module
+
+    monkeypatch.setattr(run_module, "model_from_checkpoint", lambda *a, **k: pytest.fail("the model was read"))
+    stage1 = str(runs["stage1"])
+    cases = [(["--name", "../../escape"], r"--name '\.\./\.\./escape': it becomes part of a file name"),
+             (["--name", "a/b"], r"--name 'a/b': it becomes part of a file name"),
+             (["--out", str(tmp_path / "afile.txt")], r"--out \S+afile\.txt is a file"),
+             (["--device", "cuda:99"], r"--device: 'cuda:99' asked for, but")]
+    (tmp_path / "afile.txt").write_text("x")
+    for extra, message in cases:
+        caplog.clear()
+        assert main(["submit", stage1, "--out", str(tmp_path / "sub"), *extra]) == 2, extra
+        assert re.search(message, caplog.text), (extra, caplog.text)
+    assert not (tmp_path / "sub").exists() and not list(tmp_path.parent.glob("escape*"))
+    fiq = tmp_path / "fiq_run"
+    fiq.mkdir()
+    config = yaml.safe_load((runs["stage1"] / "config.yaml").read_text())
+    config["dataset"].update(name="fashioniq", test_split="val")
+    (fiq / "config.yaml").write_text(yaml.safe_dump(config))
+    caplog.clear()
+    assert main(["submit", str(fiq)]) == 2
+    assert "is a fashioniq run; the submission files are for the CIRR test server" in caplog.text
