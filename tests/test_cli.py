@@ -450,3 +450,32 @@ def test_a_model_on_a_dataset_of_the_other_task_is_one_config_error(tmp_path, ca
     assert len(errors) == 1 and "c.yaml: dataset.name: hrem is an image-text matching model" in errors[0].message
     assert errors[0].exc_info is None  # one line, no traceback
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, flag", [(["data", "synth", "--out", "x", "--seed", "-1"], "--seed"),
+                                        (["data", "synth", "--out", "x", "--image-size", "0"], "--image-size"),
+                                        (["data", "synth", "--out", "x", "--image-size", "100000"], "--image-size"),
+                                        (["data", "check", "--dataset", "shoes", "--max-per-kind", "-2"],
+                                         "--max-per-kind"),
+                                        (["eval", "run", "--k", "0"], "--k"),
+                                        (["eval", "run", "--batch-size", "two"], "--batch-size")])
+def test_numbers_out_of_range_are_usage_errors_naming_the_flag(argv, flag, tmp_path, capsys, monkeypatch):
+    """--seed -1 was a numpy traceback, --image-size 100000 ran out of memory, --max-per-kind -2 listed all but
+    two problems (a Python slice)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2
+    text = capsys.readouterr().err
+    assert f"argument {flag}: expected a whole number" in text and "Traceback" not in text
+    assert not (tmp_path / "x").exists()
+
+
+def test_synthetic_generate_refuses_a_bad_seed_or_size_by_name(tmp_path):
+    from cirlab.data.generators import synthetic
+
+    with pytest.raises(ConfigError, match="seed must be a whole number from 0 to 2\\*\\*32 - 1, got -1"):
+        synthetic.generate(tmp_path / "s", seed=-1, size="tiny")
+    with pytest.raises(ConfigError, match="image_size must be 16 to 1024 pixels, got 8"):
+        synthetic.generate(tmp_path / "s", size="tiny", image_size=8)
+    assert not (tmp_path / "s").exists()

@@ -168,3 +168,23 @@ def _describe(hint: Any) -> str:
     if isinstance(hint, type) and typing.get_origin(hint) is None:
         return hint.__name__
     return str(hint).replace("typing.", "")
+
+
+def int_range(low: int, high: int | None = None) -> Any:
+    """An argparse ``type`` for a whole number in ``[low, high]``: ``--image-size 0`` or ``--seed -1`` is a usage
+    error naming the flag (argparse adds it), not a traceback from deep inside numpy or PIL."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"of at least {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"expected a whole number {bound}, got {value}")
+        return value
+
+    parse.__name__ = "whole number"  # argparse names the type in its own messages
+    return parse
+

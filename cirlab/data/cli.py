@@ -11,6 +11,8 @@ import logging
 import sys
 from typing import Sequence
 
+from cirlab.core.config import int_range
+
 logger = logging.getLogger(__name__)
 
 # modules that contribute their own subcommand through register_cli(subparsers)
@@ -47,7 +49,7 @@ def _add_check(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--verify-images", action="store_true",
                         help="fully decode every image file (slow on the full datasets); by default only each "
                              "image's header and ending are checked (catches empty, garbage and truncated files)")
-    parser.add_argument("--max-per-kind", type=int, default=None, metavar="N",
+    parser.add_argument("--max-per-kind", type=int_range(0), default=None, metavar="N",
                         help="list at most N problems of each kind (counts still cover all); default: list all")
     parser.set_defaults(func=_run_check)
 

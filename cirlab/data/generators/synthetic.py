@@ -59,6 +59,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from cirlab.core.config import int_range
+from cirlab.core.errors import ConfigError
 from cirlab.data.generators import _owned
 from cirlab.data.generators import _scenes as sc
 from cirlab.data.generators._scenes import Edit, Scene, SceneSpec
@@ -68,6 +70,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: precomp captions differ in content by type (caption_type in the meta)
 MANIFEST = "synthetic.json"
 META = "synthetic_meta.json"
+MAX_IMAGE_SIZE = 1024  # BLIP's 384 fits; 100000 px squares exhausted memory before the first image was written
 LAYOUTS = ("fashioniq", "cirr", "shoes", "precomp")
 
 CATEGORY_SPECS: dict[str, SceneSpec] = {
@@ -508,8 +511,10 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
     unknown = [name for name in layouts if name not in _WRITERS]
     if unknown:
         raise ValueError(f"unknown layout(s) {unknown}; known: {', '.join(LAYOUTS)}")
-    if image_size < 16:
-        raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
+    if not 16 <= image_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"image_size must be 16 to {MAX_IMAGE_SIZE} pixels, got {image_size}")
+    if not 0 <= seed < 2**32:  # numpy's seed range; a negative seed was a numpy traceback
+        raise ConfigError(f"seed must be a whole number from 0 to 2**32 - 1, got {seed}")
     spec = resolve_size(size)
     out = Path(out_root).expanduser()
     _claim(out, layouts, force, overwrite)
@@ -696,12 +701,13 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
                     "layouts. No network; the same seed writes byte-identical files.")
     p.add_argument("--out", default=None,
                    help="destination folder (default: $CIRLAB_DATA/synthetic, i.e. cirlab.core.paths.data_root())")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0, help="random seed (default: 0)")
     p.add_argument("--size", choices=sorted(SIZES), default="default",
                    help="how much to write: tiny (tests), small, default (CPU demo; the default)")
     p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS), metavar="LAYOUT",
                    help=f"layouts to write, any of {', '.join(LAYOUTS)} (default: all)")
-    p.add_argument("--image-size", type=int, default=64, help="side of the rendered images in pixels (default: 64)")
+    p.add_argument("--image-size", type=int_range(16, MAX_IMAGE_SIZE), default=64,
+                   help=f"side of the rendered images in pixels, 16 to {MAX_IMAGE_SIZE} (default: 64)")
     p.add_argument("--audit", action="store_true",
                    help="afterwards, read the CIR splits back and print oracle vs text-only/image-only bounds")
     p.add_argument("--force", action="store_true",
