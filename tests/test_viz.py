@@ -509,3 +509,53 @@ def test_a_uniform_attention_map_is_labelled_not_drawn_with_offsets():
     bar_axis = fig.axes[-1]
     assert bar_axis.yaxis.get_offset_text().get_text() == ""
     plt.close(fig)
+
+
+def test_cut_offs_bins_and_lengths_are_checked_by_name():
+    """k=0 gave an empty table, R@0 a recall of 0, bins=[1, 5, 10] dropped every query ranked 10..50 without a
+    word, top=-1 dropped the last bridge word, and unequal lengths were a numpy broadcast error."""
+    before, after = np.array([1, 3, 12, 40]), np.array([2, 1, 5, 60])
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=r"k must be a whole number >= 1"):
+            analysis.rank_shift_table(before, after, bad)
+    with pytest.raises(ValueError, match=r"bins must be a whole number >= 1, got 0"):
+        analysis.rank_shift_table(before, after, 50, bins=0)
+    with pytest.raises(ValueError, match=r"bin edges must cover ranks 1\.\.50: start at 1 and end at 51"):
+        analysis.rank_shift_table(before, after, 50, bins=[1, 5, 10])
+    table = analysis.rank_shift_table(before, after, 50, bins=[1, 5, 51])
+    assert table["count"].tolist() == [2, 2]  # every query inside the pool lands in a bin
+    with pytest.raises(ValueError, match=r"rank_before \(4,\) and rank_after \(3,\) differ"):
+        analysis.rank_shift_summary(before, after[:-1])
+    with pytest.raises(ValueError, match=r"k must be a whole number >= 1, got 0"):
+        analysis.known_recall(before, [1, 0])
+    with pytest.raises(ValueError, match=r"pool must be a whole number >= 1, got 0"):
+        analysis.ceiling_recall(before, 0)
+    bridge = pd.DataFrame({"layer": ["hca.bridge"] * 3, "source": ["red", "blue", "tall"], "weight": [.3, -.2, .1]})
+    assert analysis.bridge_words(bridge, top=2)["word"].tolist() == ["red", "blue"]
+    with pytest.raises(ValueError, match=r"top must be a whole number >= 1, got -1"):
+        analysis.bridge_words(bridge, top=-1)
+    with pytest.raises(KeyError, match=r"no 'nope' records in the frame; its layers: hca.bridge"):
+        analysis.layer_matrix(bridge, "nope")
+
+
+def test_figure_arguments_are_checked_by_name(tmp_path):
+    """A layer name as a string was split into characters; max_queries=0 drew empty heatmaps; a misspelt sort_by
+    or color_by was ignored; save_figure's name could leave out_dir."""
+    frame = amc_frame()
+    fig = viz.plot_gate_entropy(frame, layers="layer2")
+    assert len([ax for ax in fig.axes if ax.patches]) >= 1
+    with pytest.raises(ValueError, match="max_queries must be a whole number >= 1, got 0"):
+        viz.plot_expert_heatmaps(frame, max_queries=0)
+    with pytest.raises(KeyError, match=r"sort_by='categroy' is not a column of the route frame"):
+        viz.plot_expert_heatmaps(frame, sort_by="categroy")
+    with pytest.raises(KeyError, match=r"color_by='catgory' is not a column"):
+        viz.plot_path_space(frame, color_by="catgory")
+    viz.plot_expert_heatmaps(frame.drop(columns="category"))  # the default grouping is optional
+    with pytest.raises(ValueError, match="the route frame is empty"):
+        viz.plot_expert_heatmaps(frame.iloc[:0])
+    with pytest.raises(ValueError, match=r"name '\.\./escape' must be a file name"):
+        viz.save_figure(fig, tmp_path / "figs", "../escape")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match=r"out_dir \S+afile is a file"):
+        viz.save_figure(fig, tmp_path / "afile", "x")
+    assert not (tmp_path / "escape.png").exists()

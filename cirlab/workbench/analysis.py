@@ -57,15 +57,30 @@ def align_ranks(before: Any, after: Any) -> Any:
     return merged[known].reset_index(drop=True)
 
 
+def _positive(name: str, value: Any) -> int:
+    """A rank cut-off, pool size or bin count: a whole number >= 1 (k=0 gave an empty table, R@0 a recall of 0)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+def _same_length(before: np.ndarray, after: np.ndarray) -> None:
+    if before.shape != after.shape:
+        raise ValueError(f"rank_before {before.shape} and rank_after {after.shape} differ")
+
+
 def _bin_edges(k: int, bins: int | Sequence[int] | None) -> np.ndarray:
-    """Left-closed integer bin edges over ranks 1..k (the last edge is k + 1)."""
+    """Left-closed integer bin edges over ranks 1..k (the last edge is k + 1). Given edges must cover exactly that
+    range: a query outside every bin would vanish from the table without a word."""
     if bins is None:
         return np.arange(1, k + 2)
-    if isinstance(bins, int):
-        return np.unique(np.linspace(1, k + 1, bins + 1).round().astype(int))
+    if isinstance(bins, (int, np.integer)):
+        return np.unique(np.linspace(1, k + 1, _positive("bins", bins) + 1).round().astype(int))
     edges = np.asarray(bins, dtype=int)
     if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
         raise ValueError(f"bins must be increasing integer edges, got {bins!r}")
+    if edges[0] != 1 or edges[-1] != k + 1:
+        raise ValueError(f"bin edges must cover ranks 1..{k}: start at 1 and end at {k + 1} (k + 1), got {bins!r}")
     return edges
 
 
@@ -80,10 +95,10 @@ def rank_shift_table(rank_before: Sequence[int], rank_after: Sequence[int], k: i
     """
     import pandas as pd
 
+    k = _positive("k", k)
     before = np.asarray(rank_before, dtype=float)
     after = np.asarray(rank_after, dtype=float)
-    if before.shape != after.shape:
-        raise ValueError(f"rank_before {before.shape} and rank_after {after.shape} differ")
+    _same_length(before, after)
     in_pool = (before >= 1) & (before <= k) & (after >= 1)
     before, after = before[in_pool], after[in_pool]
     edges = _bin_edges(k, bins)
@@ -104,9 +119,10 @@ def rank_shift_summary(rank_before: Sequence[int], rank_after: Sequence[int], k:
     """Counts and shares of queries whose target moved forward / back (within the pool if ``k`` is given)."""
     before = np.asarray(rank_before, dtype=float)
     after = np.asarray(rank_after, dtype=float)
+    _same_length(before, after)
     keep = (before >= 1) & (after >= 1)
     if k is not None:
-        keep &= before <= k
+        keep &= before <= _positive("k", k)
     before, after = before[keep], after[keep]
     n = len(before)
     share = (lambda m: 100.0 * float(m.sum()) / n) if n else (lambda m: float("nan"))
@@ -123,6 +139,7 @@ def known_recall(ranks: Sequence[int], ks: Sequence[int]) -> dict[str, float]:
     queries have none); NaN when no query is left, so a table of categories keeps its rows."""
     from cirlab.core.metrics import recall_from_ranks
 
+    ks = [_positive("k", k) for k in ks]
     r = np.asarray(ranks)
     r = r[r > 0]
     if len(r) == 0:
@@ -139,6 +156,7 @@ def recall_by_category(topk: Any, ks: Sequence[int]) -> dict[str, dict[str, floa
 
 def ceiling_recall(rank_before: Sequence[int], pool: int) -> float:
     """Best recall any re-ranker of the stage-I top-``pool`` candidates can reach (percent)."""
+    pool = _positive("pool", pool)
     return known_recall(rank_before, [pool])[f"R@{pool}"]
 
 
@@ -351,6 +369,9 @@ def layer_matrix(frame: Any, layer: str, query_id: Any | None = None) -> tuple[n
     """One traced layer of one query as a ``[destination x source]`` matrix with its labels in trace order (token
     strings for CaLa's HCA layers); ``query_id`` None takes the frame's first query."""
     rows = frame[frame["layer"] == layer]
+    if rows.empty:  # before .iloc[0]: an unknown layer was an IndexError
+        raise KeyError(f"no {layer!r} records in the frame; its layers: {', '.join(map(str, frame['layer'].unique()))}"
+                       if len(frame) else f"no {layer!r} records: the frame is empty")
     if query_id is None:
         query_id = rows["query_id"].iloc[0]
     rows = rows[rows["query_id"].astype(str) == str(query_id)]
@@ -370,6 +391,7 @@ SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "[DEC]")
 def bridge_words(frame: Any, top: int = 15, skip_special: bool = True) -> Any:
     """CaLa's ``hca.bridge`` over all traced queries: per word, the mean and count of its bridge value (its share
     of reference query 0's expected hinge logit), the ``top`` words by mean absolute value, largest first."""
+    top = _positive("top", top)  # head(-1) would drop the last word instead
     rows = frame[frame["layer"] == "hca.bridge"]
     if skip_special:
         rows = rows[~rows["source"].isin(SPECIAL_TOKENS)]

@@ -45,8 +45,13 @@ def _figure(width: float, height: float) -> Any:
 
 def save_figure(fig: Any, out_dir: str | os.PathLike, name: str,
                 formats: Sequence[str] = ("png", "svg")) -> list[Path]:
-    """Write ``fig`` as ``<out_dir>/<name>.<fmt>`` for each format; returns the paths written."""
+    """Write ``fig`` as ``<out_dir>/<name>.<fmt>`` for each format; returns the paths written. ``name`` is a file
+    name (no folders, no ``..``: ``../x`` wrote outside ``out_dir``); ``out_dir`` must not be a file."""
+    if not str(name).strip() or any(c in str(name) for c in "/\\") or ".." in str(name):
+        raise ValueError(f"save_figure: name {name!r} must be a file name (no path separators, no '..')")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"save_figure: out_dir {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for fmt in formats:
@@ -268,10 +273,16 @@ def plot_run_comparison(runs: Mapping[str, Any], metrics: Sequence[str] | None =
 
 
 # --------------------------------------------------------------------------------------------- routing
-def _layers(frame: Any, layers: Sequence[str] | None) -> list[str]:
+def _layers(frame: Any, layers: Sequence[str] | str | None) -> list[str]:
     present = list(dict.fromkeys(frame["layer"]))
+    if not present:
+        raise ValueError("the route frame is empty: nothing was traced (no queries, or a model without routers)")
     if layers is None:
         return present
+    if isinstance(layers, str):  # one layer by name; iterated it would be its characters
+        layers = [layers]
+    if not layers:
+        raise ValueError(f"layers is empty; layers of the route frame: {present}")
     unknown = [l for l in layers if l not in present]
     if unknown:
         raise KeyError(f"layers {unknown} not in the route frame; layers: {present}")
@@ -283,11 +294,26 @@ def _is_path_frame(frame: Any) -> bool:
     return "source" in frame.columns and bool((frame["source"].notna() & (frame["source"].astype(str) != "None")).any())
 
 
+def _group_column(frame: Any, by: str | None, argument: str) -> str | None:
+    """The column that groups queries: ``by`` when the frame has it; None for the default ``category`` on a frame
+    without one (HREM, a bare trace); any other missing name is an error (a misspelt ``sort_by`` / ``color_by`` drew
+    one ungrouped block without a word)."""
+    if not by or by in frame.columns:
+        return by or None
+    if by == "category":
+        return None
+    raise KeyError(f"{argument}={by!r} is not a column of the route frame; columns: "
+                   f"{', '.join(map(str, frame.columns))}")
+
+
 def _pick_queries(frame: Any, max_queries: int, by: str | None) -> tuple[list[Any], list[str]]:
     """Up to ``max_queries`` query ids spread evenly over the groups of column ``by`` (groups sorted, each in
     trace order), with each id's group: heatmap rows grouped and labelled by category."""
+    if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1:
+        raise ValueError(f"max_queries must be a whole number >= 1, got {max_queries!r}")
+    by = _group_column(frame, by, "sort_by")
     first = frame.drop_duplicates("query_id")
-    if not by or by not in frame.columns:
+    if not by:
         ids = list(first["query_id"])[:max_queries]
         return ids, [""] * len(ids)
     groups: dict[str, list[Any]] = {}
@@ -563,7 +589,7 @@ def plot_dime_flows(frame: Any, min_weight: float = 0.0) -> Any:
 
 def plot_path_space(frame: Any, color_by: str = "category", annotate: int = 0) -> Any:
     """A 2-D PCA map of queries in path space (all layers' weights concatenated), coloured by ``color_by``."""
-    x, ids, labels = analysis.path_vectors(frame, meta=color_by)
+    x, ids, labels = analysis.path_vectors(frame, meta=_group_column(frame, color_by, "color_by"))
     coords, ratio = analysis.pca_2d(x)
     fig = _figure(5.0, 4.2)
     ax = fig.add_subplot()
