@@ -189,3 +189,17 @@ def test_plugin_subcommands_are_registered(monkeypatch):
     add_subcommands(parser.add_subparsers(dest="command"))
     assert calls == ["synth"]
     assert main(["synth"]) == 7
+
+
+def test_precomp_check_finds_the_synth_layout_and_names_what_is_missing(tmp_path):
+    """`cirlab data synth --out DIR` writes DIR/precomp/f30k_precomp: checking DIR found nothing and printed a
+    literal "{name}_precomp"; --dataset coco beside an f30k set said "no {split}_ims.npy"."""
+    write_precomp(tmp_path / "precomp", name="f30k", splits=("train", "dev"))
+    assert check_dataset("precomp", tmp_path) == [] and check_dataset("f30k", tmp_path) == []
+    problems = check_dataset("coco", tmp_path)
+    assert [p.kind for p in problems] == ["missing_file"]
+    assert "no coco_precomp folder in" in problems[0].message and "(it holds f30k)" in problems[0].message
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (message,) = [p.message for p in check_dataset("precomp", empty)]
+    assert "no *_precomp folder in" in message and "{" not in message and "cirlab data synth" in message

@@ -310,15 +310,23 @@ def find_precomp(root: Path) -> list[tuple[str, Path]]:
 
 def scan(root: Path, sink: ProblemCollector, name: str | None = None, **kw: Any) -> None:
     """Validate every split file pair of one precomp set (``name``) or of every ``*_precomp`` folder under root."""
+    root = Path(root)
+    if not find_precomp(root) and find_precomp(root / "precomp"):  # cirlab data synth's layout: DIR/precomp/
+        root = root / "precomp"
     sets = [(name, precomp_dir(root, name))] if name else find_precomp(root)
-    if not sets or not sets[0][1].is_dir():
-        sink.add("missing_file", sets[0][1] if sets else Path(root) / "{name}_precomp", None,
-                 "precomp folder not found")
+    others = [n for n, _ in find_precomp(root) if n != name]
+    if not sets or not sets[0][1].is_dir() or (name and sets[0][1] == root and others):
+        found = ", ".join(n for n, _ in find_precomp(root))
+        where = sets[0][1] if sets else root
+        sink.add("missing_file", where, None,
+                 (f"no {name}_precomp folder" if name else "no *_precomp folder") + f" in {root}"
+                 + (f" (it holds {found})" if found else " (expected f30k_precomp/ or coco_precomp/ with "
+                    "<split>_ims.npy and <split>_caps.txt; `cirlab data synth --out DIR` writes DIR/precomp/)"))
         return
     for set_name, folder in sets:
         splits = sorted({p.name.rsplit("_", 1)[0] for p in (*folder.glob("*_ims.npy"), *folder.glob("*_caps.txt"))})
         if not splits:
-            sink.add("missing_file", folder / "test_ims.npy", None, "no {split}_ims.npy / {split}_caps.txt files")
+            sink.add("missing_file", folder, None, "no <split>_ims.npy / <split>_caps.txt files in it")
         for split in splits:
             load_precomp(folder.parent if folder.name.endswith("_precomp") else folder.parent.parent, set_name,
                          split, sink=sink, max_captions=None, **kw)
