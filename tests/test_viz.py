@@ -559,3 +559,21 @@ def test_figure_arguments_are_checked_by_name(tmp_path):
     with pytest.raises(FileExistsError, match=r"out_dir \S+afile is a file"):
         viz.save_figure(fig, tmp_path / "afile", "x")
     assert not (tmp_path / "escape.png").exists()
+
+
+def test_empty_or_malformed_inputs_are_named(tmp_path):
+    """A NaN gate won the argmax; a 1-D array, an empty comparison, a column-less table, k=-1 in the gallery and a
+    metrics file holding a list ended deep in numpy, matplotlib or dict code."""
+    with pytest.raises(ValueError, match=r"hold 1 NaN value\(s\) \(rows \[0\]"):
+        analysis.expert_utilisation([[np.nan, 1.0], [0.5, 0.2]])
+    with pytest.raises(ValueError, match=r"\[queries x experts\] with at least one expert, got shape \(3,\)"):
+        analysis.gate_entropy(np.ones(3))
+    with pytest.raises(ValueError, match="nothing to compare"):
+        viz.plot_run_comparison({})
+    with pytest.raises(ValueError, match="the table has no columns"):
+        viz.plot_table(pd.DataFrame())
+    with pytest.raises(ValueError, match="k must be a whole number >= 1, got -1"):
+        viz.plot_retrieval_gallery([{"ref_image": None, "text": "", "candidates": []}], k=-1)
+    (tmp_path / "metrics.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"metrics\.json: expected a JSON object of metrics, got a list"):
+        analysis.read_metrics(tmp_path)

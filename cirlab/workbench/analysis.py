@@ -203,9 +203,21 @@ def gate_matrix(frame: Any, layer: str) -> Any:
     return table[order]
 
 
+def _weights(weights: Any) -> np.ndarray:
+    """A ``[queries x experts]`` weight matrix with at least one expert and no NaN (argmax would pick a NaN as the
+    winner; a 1-D array had no expert axis)."""
+    w = np.asarray(weights, dtype=float)
+    if w.ndim != 2 or w.shape[1] == 0:
+        raise ValueError(f"routing weights must be [queries x experts] with at least one expert, got shape {w.shape}")
+    if np.isnan(w).any():
+        raise ValueError(f"routing weights hold {int(np.isnan(w).sum())} NaN value(s) (rows "
+                         f"{np.flatnonzero(np.isnan(w).any(axis=1))[:5].tolist()}...)")
+    return w
+
+
 def _normalise(weights: np.ndarray) -> np.ndarray:
     """Rows as distributions: AMC's sigmoid gates are not normalised, so entropy needs a division."""
-    w = np.clip(np.asarray(weights, dtype=float), 0.0, None)
+    w = np.clip(_weights(weights), 0.0, None)
     total = w.sum(axis=1, keepdims=True)
     uniform = np.full_like(w, 1.0 / w.shape[1])
     return np.where(total > 0, w / np.where(total > 0, total, 1.0), uniform)
@@ -222,7 +234,7 @@ def gate_entropy(weights: np.ndarray, normalised: bool = True) -> np.ndarray:
 def expert_utilisation(weights: np.ndarray) -> dict[str, np.ndarray]:
     """Per expert: mean normalised share of routing weight and the fraction of queries it wins (argmax)."""
     p = _normalise(weights)
-    wins = np.bincount(np.asarray(weights).argmax(axis=1), minlength=p.shape[1]) / max(len(p), 1)
+    wins = np.bincount(_weights(weights).argmax(axis=1), minlength=p.shape[1]) / max(len(p), 1)
     return {"mean_share": p.mean(axis=0), "top1_share": wins}
 
 
@@ -334,9 +346,12 @@ def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"metrics file not found: {path}")
     try:
-        return json.loads(path.read_text())
+        metrics = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: invalid JSON ({err.msg})") from err
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path}: expected a JSON object of metrics, got a {type(metrics).__name__}")
+    return metrics
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

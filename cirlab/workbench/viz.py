@@ -147,6 +147,8 @@ def plot_retrieval_gallery(rows: Sequence[Mapping[str, Any]], k: int = 5, title:
     """
     if not rows:
         raise ValueError("plot_retrieval_gallery needs at least one query row")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"plot_retrieval_gallery: k must be a whole number >= 1, got {k!r}")
     outside = any(_target_outside(row) for row in rows)
     ncols = k + 2 + int(outside)
     fig = _figure(1.5 * ncols, 1.7 * len(rows))
@@ -229,6 +231,8 @@ def plot_table(table: Any, title: str = "", fmt: str = "{:.2f}") -> Any:
     import pandas as pd
 
     df = pd.DataFrame(table)
+    if df.shape[1] == 0:
+        raise ValueError("plot_table: the table has no columns")
     cells = [[fmt.format(v) if isinstance(v, (float, np.floating)) else str(v) for v in row] for row in df.to_numpy()]
     fig = _figure(min(1.2 + 1.1 * (df.shape[1] + 1), 14.0), 0.6 + 0.25 * (len(df) + 1))
     ax = fig.add_subplot()
@@ -250,6 +254,9 @@ def plot_run_comparison(runs: Mapping[str, Any], metrics: Sequence[str] | None =
         if missing:
             raise KeyError(f"metrics {missing} not in every run; available: {list(table.index)}")
         table = table.loc[list(metrics)]
+    if table.empty:  # no runs, no metrics chosen, or runs without numeric metrics
+        raise ValueError(f"plot_run_comparison: nothing to compare ({len(runs)} run(s), metrics "
+                         f"{list(metrics) if metrics is not None else 'all'})")
     fig = _figure(max(6.0, 0.5 * len(table) * len(table.columns) + 2.0), 2.5 + 0.22 * len(table) + 2.6)
     top, bottom = fig.subfigures(2, 1, height_ratios=[0.5 + 0.22 * len(table), 2.6])
     ax = top.add_subplot()
