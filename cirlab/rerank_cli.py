@@ -73,19 +73,8 @@ def _device(name: str) -> str:
     return name
 
 
-def _file_part(value: str, flag: str) -> str:
-    """A ``--name`` / ``--suffix`` that becomes part of a file name: no separators or ``..`` (``--name ../x`` wrote
-    outside --out, and both submission files resolved to one path)."""
-    from cirlab.core.errors import ConfigError
-
-    if not value.strip() or any(c in value for c in "/\\") or ".." in value:
-        raise ConfigError(f"{flag} {value!r}: it becomes part of a file name; use letters, digits, '-', '_' or '.' "
-                          "(no path separators, no '..')")
-    return value
-
-
 def _run_submit(args: argparse.Namespace) -> int:
-    from cirlab.core.io import check_outputs
+    from cirlab.core.io import check_outputs, file_name_part
     from cirlab.core.retrieval import SUBMISSION_STEMS, save_cirr_submission
     from cirlab.engine import rerank
     from cirlab.engine.runs import ConfigError, load_config, load_split, model_from_checkpoint
@@ -101,7 +90,7 @@ def _run_submit(args: argparse.Namespace) -> int:
         raise ConfigError(f"cirlab submit: {run} is a {dataset} run; the submission files are for the CIRR test "
                           "server, so submit takes CIRR runs only (cirlab eval scores other datasets)")
     split_name = config["dataset"]["test_split"] if args.split == "test" else args.split
-    name = _file_part(args.name, "--name") if args.name else f"{run.resolve().name}_{split_name}"
+    name = file_name_part(args.name, "--name") if args.name else f"{run.resolve().name}_{split_name}"
     out = Path(args.out) if args.out else run / "submission"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"cirlab submit: --out {out} is a file; the two submission files go into a folder")
@@ -401,9 +390,10 @@ def _cala_files_to_cirlab(args: argparse.Namespace) -> int:
 def _cala_to_files(args: argparse.Namespace, model: Any, epoch: int) -> int:
     """A CaLa run or checkpoint -> CaLa's own ``tuned_*_<suffix>.pt`` files in the folder OUT (never over others)."""
     from cirlab.core.errors import ConfigError
+    from cirlab.core.io import file_name_part
     from cirlab.models import cala
 
-    out, suffix = Path(args.out), _file_part(args.suffix, "--suffix") if args.suffix else "arithmetic"
+    out, suffix = Path(args.out), file_name_part(args.suffix, "--suffix") if args.suffix else "arithmetic"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"cirlab convert: {out} is a file; CaLa's files go into a folder")
     taken = sorted(out.glob(f"tuned_*_{suffix}.pt")) if out.is_dir() else []

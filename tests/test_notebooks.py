@@ -366,9 +366,9 @@ def test_counts_are_checked_and_spread_over_the_categories_exactly(tiny_data, tm
     _train_tiny("amc", "fashioniq", tiny_data, tmp_path / "amc")
     model = workbench.load_run(tmp_path / "amc")
     for bad in (-5, 0, 2.5):
-        with pytest.raises(ValueError, match=r"k=.*: the top-K lists need a whole number k >= 1"):
+        with pytest.raises(ValueError, match=r"k \(the top-K lists' length\) must be a whole number >= 1"):
             workbench.evaluate_run(model, "fashioniq", tiny_data, k=bad)
-    with pytest.raises(ValueError, match=r"n=-3 \(router_explorer's n_queries\): expected a whole number"):
+    with pytest.raises(ValueError, match=r"n \(router_explorer's n_queries\) must be a whole number >= 1, got -3"):
         workbench.collect_routes(model, "fashioniq", tiny_data, n=-3)
     routes, texts = workbench.collect_routes(model, "fashioniq", tiny_data, n=7)
     per_category = routes.drop_duplicates("query_id")["category"].value_counts().sort_index()

@@ -553,7 +553,7 @@ def test_figure_arguments_are_checked_by_name(tmp_path):
     viz.plot_expert_heatmaps(frame.drop(columns="category"))  # the default grouping is optional
     with pytest.raises(ValueError, match="the route frame is empty"):
         viz.plot_expert_heatmaps(frame.iloc[:0])
-    with pytest.raises(ValueError, match=r"name '\.\./escape' must be a file name"):
+    with pytest.raises(ValueError, match=r"save_figure: name '\.\./escape': it becomes part of a file name"):
         viz.save_figure(fig, tmp_path / "figs", "../escape")
     (tmp_path / "afile").write_text("x")
     with pytest.raises(FileExistsError, match=r"out_dir \S+afile is a file"):

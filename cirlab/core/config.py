@@ -170,6 +170,17 @@ def _describe(hint: Any) -> str:
     return str(hint).replace("typing.", "")
 
 
+def whole_number(value: Any, name: str, low: int = 1) -> int:
+    """``value`` as an int when it is a whole number >= ``low`` (a count, a cut-off, a pool size), else a
+    :class:`FieldValueError` naming ``name``: k=0 or n=-3 otherwise gives empty tables, zero recalls or a slice
+    from the end instead of an error."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise FieldValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+    return int(value)
+
+
 def int_range(low: int, high: int | None = None) -> Any:
     """An argparse ``type`` for a whole number in ``[low, high]``: ``--image-size 0`` or ``--seed -1`` is a usage
     error naming the flag (argparse adds it), not a traceback from deep inside numpy or PIL."""

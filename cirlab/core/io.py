@@ -76,6 +76,18 @@ def write_yaml(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, yaml.safe_dump(obj, sort_keys=False))
 
 
+def file_name_part(value: str, what: str) -> str:
+    """``value`` when it can be (part of) a file name: no path separators and no ``..``. A name like ``../x`` or
+    ``a/b`` would write outside the folder the user chose (or make two outputs resolve to one path)."""
+    from cirlab.core.errors import ConfigError
+
+    text = str(value)
+    if not text.strip() or any(c in text for c in "/\\") or ".." in text:
+        raise ConfigError(f"{what} {text!r}: it becomes part of a file name; use letters, digits, '-', '_' or '.' "
+                          "(no path separators, no '..')")
+    return text
+
+
 class OutputExistsError(CirlabError, FileExistsError):
     """An output file a command would write is already there (or is a folder); the message names it."""
 

@@ -21,6 +21,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from cirlab.core.config import whole_number
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -57,13 +59,6 @@ def align_ranks(before: Any, after: Any) -> Any:
     return merged[known].reset_index(drop=True)
 
 
-def _positive(name: str, value: Any) -> int:
-    """A rank cut-off, pool size or bin count: a whole number >= 1 (k=0 gave an empty table, R@0 a recall of 0)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-    return int(value)
-
-
 def _same_length(before: np.ndarray, after: np.ndarray) -> None:
     if before.shape != after.shape:
         raise ValueError(f"rank_before {before.shape} and rank_after {after.shape} differ")
@@ -75,7 +70,7 @@ def _bin_edges(k: int, bins: int | Sequence[int] | None) -> np.ndarray:
     if bins is None:
         return np.arange(1, k + 2)
     if isinstance(bins, (int, np.integer)):
-        return np.unique(np.linspace(1, k + 1, _positive("bins", bins) + 1).round().astype(int))
+        return np.unique(np.linspace(1, k + 1, whole_number(bins, "bins") + 1).round().astype(int))
     edges = np.asarray(bins, dtype=int)
     if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
         raise ValueError(f"bins must be increasing integer edges, got {bins!r}")
@@ -95,7 +90,7 @@ def rank_shift_table(rank_before: Sequence[int], rank_after: Sequence[int], k: i
     """
     import pandas as pd
 
-    k = _positive("k", k)
+    k = whole_number(k, "k")
     before = np.asarray(rank_before, dtype=float)
     after = np.asarray(rank_after, dtype=float)
     _same_length(before, after)
@@ -122,7 +117,7 @@ def rank_shift_summary(rank_before: Sequence[int], rank_after: Sequence[int], k:
     _same_length(before, after)
     keep = (before >= 1) & (after >= 1)
     if k is not None:
-        keep &= before <= _positive("k", k)
+        keep &= before <= whole_number(k, "k")
     before, after = before[keep], after[keep]
     n = len(before)
     share = (lambda m: 100.0 * float(m.sum()) / n) if n else (lambda m: float("nan"))
@@ -139,7 +134,7 @@ def known_recall(ranks: Sequence[int], ks: Sequence[int]) -> dict[str, float]:
     queries have none); NaN when no query is left, so a table of categories keeps its rows."""
     from cirlab.core.metrics import recall_from_ranks
 
-    ks = [_positive("k", k) for k in ks]
+    ks = [whole_number(k, "k") for k in ks]
     r = np.asarray(ranks)
     r = r[r > 0]
     if len(r) == 0:
@@ -156,7 +151,7 @@ def recall_by_category(topk: Any, ks: Sequence[int]) -> dict[str, dict[str, floa
 
 def ceiling_recall(rank_before: Sequence[int], pool: int) -> float:
     """Best recall any re-ranker of the stage-I top-``pool`` candidates can reach (percent)."""
-    pool = _positive("pool", pool)
+    pool = whole_number(pool, "pool")
     return known_recall(rank_before, [pool])[f"R@{pool}"]
 
 
@@ -406,7 +401,7 @@ SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "[DEC]")
 def bridge_words(frame: Any, top: int = 15, skip_special: bool = True) -> Any:
     """CaLa's ``hca.bridge`` over all traced queries: per word, the mean and count of its bridge value (its share
     of reference query 0's expected hinge logit), the ``top`` words by mean absolute value, largest first."""
-    top = _positive("top", top)  # head(-1) would drop the last word instead
+    top = whole_number(top, "top")  # head(-1) would drop the last word instead
     rows = frame[frame["layer"] == "hca.bridge"]
     if skip_special:
         rows = rows[~rows["source"].isin(SPECIAL_TOKENS)]

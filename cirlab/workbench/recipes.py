@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from cirlab.core.config import did_you_mean
+from cirlab.core.config import did_you_mean, whole_number
 from cirlab.core.errors import ConfigError, MissingPathError
 
 logger = logging.getLogger(__name__)
@@ -364,8 +364,7 @@ def evaluate_run(model: Any, dataset: str, data_root: str | os.PathLike, split: 
     from cirlab.core.topk import load_topk
     from cirlab.engine.runs import evaluate_split, load_split
 
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:  # before the gallery is encoded
-        raise ParameterError(f"k={k!r}: the top-K lists need a whole number k >= 1")
+    whole_number(k, "k (the top-K lists' length)")  # before the gallery is encoded
     if model.task == "itm":
         if topk_dir is None:
             return evaluate_itm_run(model, dataset, data_root, split, device=device), {}
@@ -473,8 +472,7 @@ def explorer_kind(model: Any) -> str:
 
 def _check_count(n: Any, name: str) -> None:
     """A number of queries or images to trace: a whole number >= 1 (the router explorer's ``n_queries``)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ParameterError(f"{name}={n!r} (router_explorer's n_queries): expected a whole number of at least 1")
+    whole_number(n, f"{name} (router_explorer's n_queries)")
 
 
 def _shares(n: int, parts: int) -> list[int]:

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from cirlab.core.config import whole_number
 from cirlab.workbench import analysis
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,9 @@ def save_figure(fig: Any, out_dir: str | os.PathLike, name: str,
                 formats: Sequence[str] = ("png", "svg")) -> list[Path]:
     """Write ``fig`` as ``<out_dir>/<name>.<fmt>`` for each format; returns the paths written. ``name`` is a file
     name (no folders, no ``..``: ``../x`` wrote outside ``out_dir``); ``out_dir`` must not be a file."""
-    if not str(name).strip() or any(c in str(name) for c in "/\\") or ".." in str(name):
-        raise ValueError(f"save_figure: name {name!r} must be a file name (no path separators, no '..')")
+    from cirlab.core.io import file_name_part
+
+    file_name_part(name, "save_figure: name")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"save_figure: out_dir {out} is a file, not a folder")
@@ -147,8 +149,7 @@ def plot_retrieval_gallery(rows: Sequence[Mapping[str, Any]], k: int = 5, title:
     """
     if not rows:
         raise ValueError("plot_retrieval_gallery needs at least one query row")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"plot_retrieval_gallery: k must be a whole number >= 1, got {k!r}")
+    whole_number(k, "plot_retrieval_gallery: k")
     outside = any(_target_outside(row) for row in rows)
     ncols = k + 2 + int(outside)
     fig = _figure(1.5 * ncols, 1.7 * len(rows))
@@ -316,8 +317,7 @@ def _group_column(frame: Any, by: str | None, argument: str) -> str | None:
 def _pick_queries(frame: Any, max_queries: int, by: str | None) -> tuple[list[Any], list[str]]:
     """Up to ``max_queries`` query ids spread evenly over the groups of column ``by`` (groups sorted, each in
     trace order), with each id's group: heatmap rows grouped and labelled by category."""
-    if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1:
-        raise ValueError(f"max_queries must be a whole number >= 1, got {max_queries!r}")
+    whole_number(max_queries, "max_queries")
     by = _group_column(frame, by, "sort_by")
     first = frame.drop_duplicates("query_id")
     if not by:
