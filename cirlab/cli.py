@@ -11,8 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from cirlab.core.config import int_range
-
 logger = logging.getLogger("cirlab")
 
 EXAMPLES = """examples (from the repository root; `cirlab COMMAND --help` explains each command):
@@ -77,8 +75,8 @@ def _add_eval(subparsers: Any) -> None:
     p.add_argument("--protocol", default=None,
                    help="CIR: fashioniq | shoes | cirr (default: the dataset's); ITM: full (= f30k, the whole "
                         "matrix) | coco1k | coco5k | coco (1K and 5K; COCO's default, on its test split only)")
-    p.add_argument("--k", type=int_range(1), default=None, help="top-K file length (default: the run config's eval.k)")
-    p.add_argument("--batch-size", type=int_range(1), default=None,
+    p.add_argument("--k", type=int, default=None, help="top-K file length (default: the run config's eval.k)")
+    p.add_argument("--batch-size", type=int, default=None,
                    help="encoding batch size (default: the run config's eval.batch_size)")
     p.add_argument("--topk-dir", default=None, help="write top-K files to this folder (CIR); top-K files of the "
                                                      "evaluated splits already there are refused unless --overwrite")
