@@ -76,10 +76,9 @@ def _device(name: str) -> str:
 def _run_submit(args: argparse.Namespace) -> int:
     from cirlab.core.io import check_outputs, file_name_part
     from cirlab.core.retrieval import SUBMISSION_STEMS, save_cirr_submission
+    from cirlab.data.catalog import canonical_name
     from cirlab.engine import rerank
     from cirlab.engine.runs import ConfigError, load_config, load_split, model_from_checkpoint
-
-    from cirlab.data.catalog import canonical_name
 
     run = Path(args.run)
     if not (run / "config.yaml").is_file():

@@ -181,6 +181,9 @@ def whole_number(value: Any, name: str, low: int = 1) -> int:
     return int(value)
 
 
+MAX_SEED = 2**32 - 1  # numpy's seed range (np.random.default_rng / RandomState refuse a negative seed)
+
+
 def int_range(low: int, high: int | None = None) -> Any:
     """An argparse ``type`` for a whole number in ``[low, high]``: ``--image-size 0`` or ``--seed -1`` is a usage
     error naming the flag (argparse adds it), not a traceback from deep inside numpy or PIL."""

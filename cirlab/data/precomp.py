@@ -311,12 +311,14 @@ def find_precomp(root: Path) -> list[tuple[str, Path]]:
 def scan(root: Path, sink: ProblemCollector, name: str | None = None, **kw: Any) -> None:
     """Validate every split file pair of one precomp set (``name``) or of every ``*_precomp`` folder under root."""
     root = Path(root)
-    if not find_precomp(root) and find_precomp(root / "precomp"):  # cirlab data synth's layout: DIR/precomp/
+    present = find_precomp(root)
+    if not present and find_precomp(root / "precomp"):  # cirlab data synth's layout: DIR/precomp/
         root = root / "precomp"
-    sets = [(name, precomp_dir(root, name))] if name else find_precomp(root)
-    others = [n for n, _ in find_precomp(root) if n != name]
+        present = find_precomp(root)
+    sets = [(name, precomp_dir(root, name))] if name else present
+    others = [n for n, _ in present if n != name]
     if not sets or not sets[0][1].is_dir() or (name and sets[0][1] == root and others):
-        found = ", ".join(n for n, _ in find_precomp(root))
+        found = ", ".join(n for n, _ in present)
         where = sets[0][1] if sets else root
         sink.add("missing_file", where, None,
                  (f"no {name}_precomp folder" if name else "no *_precomp folder") + f" in {root}"

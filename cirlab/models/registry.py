@@ -141,12 +141,12 @@ def create_model(name: str, preset: str | None = None, *, config: Any = None, **
     elif isinstance(config, Mapping):
         cfg = cls.from_dict({**config, **overrides})
     elif isinstance(config, cls):
+        check_field_ranges(cls, vars(config))  # built elsewhere: not through check_fields
         check_fields(cls, overrides)
         cfg = dataclasses.replace(config, **overrides)
     else:
         raise ConfigError(f"create_model({name!r}): config must be its {cls.__name__} or a dict of its fields, got "
                           f"{type(config).__name__}")
-    check_field_ranges(cls, vars(cfg))  # a config built elsewhere has not been through check_fields
     model = entry.build(cfg)
     _check_identity(type(model), entry)
     check_model(model)

@@ -210,9 +210,10 @@ def _weights(weights: Any) -> np.ndarray:
     return w
 
 
-def _normalise(weights: np.ndarray) -> np.ndarray:
-    """Rows as distributions: AMC's sigmoid gates are not normalised, so entropy needs a division."""
-    w = np.clip(_weights(weights), 0.0, None)
+def _normalise(w: np.ndarray) -> np.ndarray:
+    """Rows of a checked weight matrix (:func:`_weights`) as distributions: AMC's sigmoid gates are not normalised,
+    so entropy needs a division."""
+    w = np.clip(w, 0.0, None)
     total = w.sum(axis=1, keepdims=True)
     uniform = np.full_like(w, 1.0 / w.shape[1])
     return np.where(total > 0, w / np.where(total > 0, total, 1.0), uniform)
@@ -220,7 +221,7 @@ def _normalise(weights: np.ndarray) -> np.ndarray:
 
 def gate_entropy(weights: np.ndarray, normalised: bool = True) -> np.ndarray:
     """Entropy of each row's routing distribution; divided by log(E) when ``normalised`` (1 = uniform)."""
-    p = _normalise(weights)
+    p = _normalise(_weights(weights))
     with np.errstate(divide="ignore", invalid="ignore"):
         h = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
     return h / np.log(p.shape[1]) if normalised and p.shape[1] > 1 else h
@@ -228,8 +229,9 @@ def gate_entropy(weights: np.ndarray, normalised: bool = True) -> np.ndarray:
 
 def expert_utilisation(weights: np.ndarray) -> dict[str, np.ndarray]:
     """Per expert: mean normalised share of routing weight and the fraction of queries it wins (argmax)."""
-    p = _normalise(weights)
-    wins = np.bincount(_weights(weights).argmax(axis=1), minlength=p.shape[1]) / max(len(p), 1)
+    w = _weights(weights)
+    p = _normalise(w)
+    wins = np.bincount(w.argmax(axis=1), minlength=p.shape[1]) / max(len(p), 1)
     return {"mean_share": p.mean(axis=0), "top1_share": wins}
 
 

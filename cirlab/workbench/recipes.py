@@ -20,6 +20,7 @@ from cirlab.core.errors import ConfigError, MissingPathError
 
 logger = logging.getLogger(__name__)
 
+
 class ParameterError(ConfigError):
     """A notebook parameter (or the workbench argument behind it) out of range or inconsistent with another; the
     message names it. Shown as one line in a notebook, like every cirlab error."""
@@ -94,10 +95,10 @@ def find_run(run_dir: str | os.PathLike = "", entry: str = "", dataset: str = ""
         path = reports_dir() / entry
         hint = _fix_hint(entry)
     checkpoints = path / "checkpoints"
-    inside = sorted({p.parent.parent.name for p in path.glob("*/checkpoints/*.pt")}) if path.is_dir() else []
-    if inside:  # the folder above the runs (reports/ for reports/train): name the runs instead of "train it"
-        hint = f"it holds the runs {', '.join(inside)}: name one of them ({path / inside[0]})"
     if not any((checkpoints / name).is_file() for name in ("best.pt", "last.pt")):
+        inside = sorted({p.parent.parent.name for p in path.glob("*/checkpoints/*.pt")}) if path.is_dir() else []
+        if inside:  # the folder above the runs (reports/ for reports/train): name the runs instead of "train it"
+            hint = f"it holds the runs {', '.join(inside)}: name one of them ({path / inside[0]})"
         raise MissingPathError(f"no trained run at {path} (no checkpoints/best.pt or last.pt): {hint}")
     return path
 
@@ -279,9 +280,9 @@ def train_run(model: str, preset: str, dataset: str, data_root: str | os.PathLik
     or ``resume`` (continue it): a notebook must not delete hours of someone's training because its ``output_dir``
     pointed there.
     """
-    import yaml
-
     import inspect
+
+    import yaml
 
     from cirlab.core.config import unknown_names_message
     from cirlab.engine.runs import run_experiment, validate_config

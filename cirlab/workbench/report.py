@@ -375,10 +375,11 @@ def check_entry_folders(out: Path, names: Sequence[str]) -> None:
     """Refuse, before any data is generated, a report whose entries would replace folders it did not write."""
     foreign = [str(f) for f in (foreign_entry_folder(out, n) for n in names) if f is not None]
     if foreign:
-        raise ReportFolderError(f"--out {out}: {', '.join(foreign)} exist{'s' if len(foreign) == 1 else ''} and "
-                         f"{'was' if len(foreign) == 1 else 'were'} not written by cirlab report (no {RECORD}); "
-                         "a report replaces its entry folders, so choose another --out or move "
-                         f"{'it' if len(foreign) == 1 else 'them'} away")
+        one = len(foreign) == 1
+        raise ReportFolderError(f"--out {out}: {', '.join(foreign)} exist{'s' if one else ''} and "
+                                f"{'was' if one else 'were'} not written by cirlab report (no {RECORD}); a report "
+                                f"replaces its entry folders, so choose another --out or move {'it' if one else 'them'}"
+                                " away")
 
 
 # --------------------------------------------------------------------------------------------- execution

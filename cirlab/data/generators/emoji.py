@@ -48,7 +48,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from cirlab.core.config import int_range
+from cirlab.core.config import MAX_SEED, int_range
 from cirlab.core.errors import CirlabError
 from cirlab.data.base import DataError
 from cirlab.data.generators import _owned
@@ -517,7 +517,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="destination folder (default: $CIRLAB_CACHE/emoji/google-<version>-"
                                                "seed<seed>)")
     p.add_argument("--version", default=DEFAULT_VERSION, help=f"package version (default: {DEFAULT_VERSION})")
-    p.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0, help="seed for the splits and phrasings (default: 0)")
+    p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0,
+                   help="seed for the splits and phrasings (default: 0)")
     p.add_argument("--force", action="store_true",
                    help="rebuild even when a complete build exists; also replace --out when it is a folder this "
                         "command did not write, or one holding files you added to its build (without it either is "

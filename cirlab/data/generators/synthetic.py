@@ -59,7 +59,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from cirlab.core.config import int_range
+from cirlab.core.config import MAX_SEED, int_range
 from cirlab.core.errors import ConfigError
 from cirlab.data.generators import _owned
 from cirlab.data.generators import _scenes as sc
@@ -513,7 +513,7 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
         raise ValueError(f"unknown layout(s) {unknown}; known: {', '.join(LAYOUTS)}")
     if not 16 <= image_size <= MAX_IMAGE_SIZE:
         raise ConfigError(f"image_size must be 16 to {MAX_IMAGE_SIZE} pixels, got {image_size}")
-    if not 0 <= seed < 2**32:  # numpy's seed range; a negative seed was a numpy traceback
+    if not 0 <= seed <= MAX_SEED:  # a negative seed was a numpy traceback
         raise ConfigError(f"seed must be a whole number from 0 to 2**32 - 1, got {seed}")
     spec = resolve_size(size)
     out = Path(out_root).expanduser()
@@ -701,7 +701,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
                     "layouts. No network; the same seed writes byte-identical files.")
     p.add_argument("--out", default=None,
                    help="destination folder (default: $CIRLAB_DATA/synthetic, i.e. cirlab.core.paths.data_root())")
-    p.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0, help="random seed (default: 0)")
     p.add_argument("--size", choices=sorted(SIZES), default="default",
                    help="how much to write: tiny (tests), small, default (CPU demo; the default)")
     p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS), metavar="LAYOUT",
