@@ -125,8 +125,30 @@ def test_read_log_names_the_bad_line(tmp_path):
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\nnot json\n')
     with pytest.raises(ValueError, match="log.jsonl:3"):
         analysis.read_log(path)
+    path.write_text('{"step": 1, "loss": 2.0}\n[1, 2]\n{"step": 2, "loss": 1.5}\n')  # JSON, but not a record
+    with pytest.raises(ValueError, match=r"log.jsonl:2: not a JSON record \(a JSON list"):
+        analysis.read_log(path)
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
     assert analysis.read_log(tmp_path)["loss"].tolist() == [2.0, 1.5]
+
+
+def test_pca_2d_refuses_nan_rows():
+    x = np.random.default_rng(0).normal(size=(6, 3))
+    x[4, 1] = np.nan
+    with pytest.raises(ValueError, match=r"1 row\(s\) hold NaN or inf values \(rows \[4\]"):
+        analysis.pca_2d(x)
+
+
+@pytest.mark.parametrize("call", [
+    lambda f: analysis.gate_matrix(f, "layer1"), analysis.route_statistics, analysis.path_vectors,
+    analysis.flow_matrices, analysis.feature_columns])
+def test_route_analysis_names_a_missing_column(call):
+    good = dime_frame()[0]
+    frame = good.rename(columns={"layer": "block"})  # a hand-built frame with its own names
+    with pytest.raises(KeyError, match=r"the route frame lacks column\(s\) layer; its columns: query_id, block,") as e:
+        call(frame)
+    assert str(e.value).startswith("the route frame")  # the message itself, not KeyError's quoted repr
+    assert call(good) is not None
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -332,6 +354,10 @@ def test_figure8_bars_are_average_deltas():
     heights = [p.get_height() for p in fig.axes[0].patches]
     np.testing.assert_allclose(heights, table["average_delta"])
     assert fig.axes[1].get_yscale() == "symlog"
+    with pytest.raises(ValueError, match="the rank-shift table has no rows"):
+        viz.plot_figure8(table.iloc[:0])
+    with pytest.raises(KeyError, match=r"the rank-shift table lacks column\(s\) average_delta"):
+        viz.plot_figure8(table.drop(columns="average_delta"))
 
 
 def test_training_curves_from_log(tmp_path):
@@ -347,6 +373,12 @@ def test_training_curves_from_log(tmp_path):
     np.testing.assert_allclose(curves["curve:loss"].get_ydata(), [1.0 / s for s in range(1, 6)])
     assert list(curves["curve:val/R@10"].get_xdata()) == [5]
     assert all(ax.get_ylabel() for ax in fig.axes if ax.lines)
+    fig = viz.plot_training_curves(path, keys="rank_loss")  # one name, not its letters
+    assert [l.get_gid() for ax in fig.axes for l in ax.lines] == ["curve:rank_loss"]
+    with pytest.raises(KeyError, match=r"the training log lacks column\(s\) rank-loss; its columns: kind, step,"):
+        viz.plot_training_curves(path, keys=["loss", "rank-loss"])  # was: the misspelt panel dropped silently
+    with pytest.raises(KeyError, match=r"lacks column\(s\) epochs"):
+        viz.plot_training_curves(path, x="epochs")
 
 
 def test_no_pyplot_state_leaks():

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     import torch
 
 TASKS = ("cir", "itm", "rerank")
+# the columns of a route-trace frame (cirlab.core.tracing.RouteTrace.to_frame), which the workbench's analysis reads
+FRAME_COLUMNS = ("query_id", "layer", "source", "destination", "expert", "code_index", "paper_name", "weight")
 
 
 @runtime_checkable

@@ -26,3 +26,13 @@ class MissingPathError(CirlabError, FileNotFoundError):
 
 class CheckpointError(CirlabError, RuntimeError):
     """A checkpoint file is missing, damaged, or needs ``trust_pickle=True``."""
+
+
+class UnknownKeyError(CirlabError, KeyError):
+    """A name the user gave (a column, layer, query id, metric) is not in the data; the message lists what is.
+
+    A ``KeyError`` for ``except KeyError`` callers, but printed as its message: ``KeyError.__str__`` quotes it as if
+    it were the missing key itself."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

@@ -27,9 +27,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from cirlab.core.contracts import FRAME_COLUMNS
+
 _ACTIVE: list["RouteTrace"] = []
-# the columns RouteTrace.to_frame writes first, in this order; the metadata of set_batch and emit follow
-FRAME_COLUMNS = ("query_id", "layer", "source", "destination", "expert", "code_index", "paper_name", "weight")
 
 
 def is_active() -> bool:
@@ -113,7 +113,7 @@ class RouteTrace:
             start = counters.get((rec.layer, rec.kind), 0)
             counters[(rec.layer, rec.kind)] = start + rec.weights.shape[0]
             rows.extend(_record_rows(rec, start))
-        columns = list(FRAME_COLUMNS)
+        columns = list(FRAME_COLUMNS)  # first, in this order; the metadata of set_batch and emit follow
         frame = pd.DataFrame(rows)
         if frame.empty:
             return pd.DataFrame(columns=columns)

@@ -22,6 +22,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cirlab.core.config import whole_number
+from cirlab.core.contracts import FRAME_COLUMNS
+from cirlab.core.errors import UnknownKeyError
 
 logger = logging.getLogger(__name__)
 
@@ -174,8 +176,18 @@ def rank_shift_by_category(aligned: Any, pool: int, ks: Sequence[int] = (1, 5, 1
 
 
 # --------------------------------------------------------------------------------------------- routing
+def require_columns(frame: Any, columns: Sequence[str], what: str) -> None:
+    """Stop with the missing names and the frame's own columns, not pandas' bare ``KeyError: 'layer'`` from deep in a
+    pivot (a renamed or hand-built frame)."""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise UnknownKeyError(f"{what} lacks column(s) {', '.join(missing)}; its columns: "
+                              f"{', '.join(map(str, frame.columns)) or '(none)'}")
+
+
 def feature_columns(frame: Any) -> Any:
     """Label of each weight: the expert for gate rows, ``source->destination`` for DIME path rows."""
+    require_columns(frame, FRAME_COLUMNS, "the route frame")
     src = frame["source"]
     is_path = src.notna() & (src.astype(str) != "None")
     label = frame["paper_name"].astype(str).where(frame["paper_name"].notna(), frame["expert"].astype(str))
@@ -188,9 +200,10 @@ def _ordered_unique(values: Sequence[Any]) -> list[Any]:
 
 def gate_matrix(frame: Any, layer: str) -> Any:
     """``[query x expert]`` weights of one layer (columns in the model's code order, paper names)."""
+    require_columns(frame, FRAME_COLUMNS, "the route frame")
     rows = frame[frame["layer"] == layer]
     if rows.empty:
-        raise KeyError(f"layer {layer!r} not in the route frame; layers: {_ordered_unique(frame['layer'])}")
+        raise UnknownKeyError(f"layer {layer!r} not in the route frame; layers: {_ordered_unique(frame['layer'])}")
     rows = rows.assign(_feature=feature_columns(rows))
     order = _ordered_unique(rows.sort_values("code_index", kind="stable")["_feature"]) if rows["source"].isna().all() \
         else _ordered_unique(rows["_feature"])
@@ -239,6 +252,7 @@ def route_statistics(frame: Any) -> Any:
     """Per layer and expert: mean raw weight, mean normalised share, top-1 share, mean layer entropy."""
     import pandas as pd
 
+    require_columns(frame, FRAME_COLUMNS, "the route frame")
     rows = []
     for layer in _ordered_unique(frame["layer"]):
         m = gate_matrix(frame, layer)
@@ -256,6 +270,7 @@ def flow_matrices(frame: Any) -> list[tuple[str, list[str], list[str], np.ndarra
 
     Returns ``(layer, sources, destinations, matrix)`` tuples; raises when the frame has no path rows.
     """
+    require_columns(frame, FRAME_COLUMNS, "the route frame")
     paths = frame[frame["source"].notna() & (frame["source"].astype(str) != "None")]
     if paths.empty:
         raise ValueError("the route frame has no path rows (source/destination); flows need a DIME-like model")
@@ -275,6 +290,7 @@ def path_vectors(frame: Any, meta: str | None = "category") -> tuple[np.ndarray,
 
     Returns ``(X [Q, F], query_ids, labels)`` where labels are the ``meta`` column per query ("" if absent).
     """
+    require_columns(frame, FRAME_COLUMNS, "the route frame")
     f = frame.assign(_feature=frame["layer"].astype(str) + ":" + feature_columns(frame))
     table = f.pivot_table(index="query_id", columns="_feature", values="weight", aggfunc="mean", sort=False)
     table = table.fillna(0.0)
@@ -295,6 +311,10 @@ def pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x, dtype=float)
     if x.ndim != 2 or len(x) < 2:
         raise ValueError(f"pca_2d needs a [N>=2, F] matrix, got shape {x.shape}")
+    if not np.isfinite(x).all():  # the SVD would fail with "did not converge" or draw every point at NaN
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        raise ValueError(f"pca_2d: {len(bad)} row(s) hold NaN or inf values (rows {bad[:5].tolist()}"
+                         f"{'...' if len(bad) > 5 else ''})")
     centred = x - x.mean(axis=0)
     _, s, vt = np.linalg.svd(centred, full_matrices=False)
     comps = vt[:2]
@@ -326,12 +346,15 @@ def read_log(path: str | os.PathLike) -> Any:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as err:
             if n == len(lines) and not text.endswith("\n"):  # torn: a run stopped while writing its last record
                 logger.warning("%s:%d: the last line is torn (a run stopped mid-write); skipped", path, n)
                 continue
             raise ValueError(f"{path}:{n}: not a JSON record ({err.msg})") from err
+        if not isinstance(record, dict):  # a bare number or list would become a column named 0
+            raise ValueError(f"{path}:{n}: not a JSON record (a JSON {type(record).__name__}, not an object)")
+        records.append(record)
     return pd.DataFrame(records)
 
 
@@ -382,13 +405,13 @@ def layer_matrix(frame: Any, layer: str, query_id: Any | None = None) -> tuple[n
     strings for CaLa's HCA layers); ``query_id`` None takes the frame's first query."""
     rows = frame[frame["layer"] == layer]
     if rows.empty:  # before .iloc[0]: an unknown layer was an IndexError
-        raise KeyError(f"no {layer!r} records in the frame; its layers: {', '.join(map(str, frame['layer'].unique()))}"
+        raise UnknownKeyError(f"no {layer!r} records in the frame; its layers: {', '.join(map(str, frame['layer'].unique()))}"
                        if len(frame) else f"no {layer!r} records: the frame is empty")
     if query_id is None:
         query_id = rows["query_id"].iloc[0]
     rows = rows[rows["query_id"].astype(str) == str(query_id)]
     if rows.empty:
-        raise KeyError(f"no {layer!r} records for query {query_id!r}")
+        raise UnknownKeyError(f"no {layer!r} records for query {query_id!r}")
     d_idx, s_idx = rows["code_index"].astype(int).to_numpy(), rows["source_code_index"].astype(int).to_numpy()
     mat = np.zeros((d_idx.max() + 1, s_idx.max() + 1))
     mat[d_idx, s_idx] = rows["weight"].to_numpy(dtype=float)
@@ -422,7 +445,7 @@ def relation_matrix(edges: Any, matrix: str = "relevance") -> tuple[np.ndarray, 
     with node labels (``img <id>`` then ``cap <id>``) and B; ``-inf`` (unconnected in the mask) becomes NaN."""
     rows = edges[edges["matrix"] == matrix]
     if rows.empty:
-        raise KeyError(f"no {matrix!r} matrix in the relation frame (has: {sorted(edges['matrix'].unique())})")
+        raise UnknownKeyError(f"no {matrix!r} matrix in the relation frame (has: {sorted(edges['matrix'].unique())})")
     n = int(rows["row"].max()) + 1
     mat = np.full((n, n), np.nan)
     mat[rows["row"].astype(int), rows["col"].astype(int)] = rows["weight"].to_numpy(dtype=float)
@@ -446,7 +469,7 @@ def word_region_matrix(word_region: Any, image_id: Any, value: str = "score",
     if real_words:
         rows = rows[rows["real_word"]]
     if rows.empty:
-        raise KeyError(f"no word-region scores against image {image_id!r}")
+        raise UnknownKeyError(f"no word-region scores against image {image_id!r}")
     mat = rows.pivot_table(index="word_pos", columns="region", values=value, aggfunc="first")
     words = rows.drop_duplicates("word_pos").set_index("word_pos").loc[mat.index, "word"].astype(str).tolist()
     return mat.to_numpy(dtype=float), words

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from cirlab.core.config import did_you_mean, whole_number
-from cirlab.core.errors import ConfigError, MissingPathError
+from cirlab.core.errors import ConfigError, MissingPathError, UnknownKeyError
 
 logger = logging.getLogger(__name__)
 
@@ -614,7 +614,7 @@ def query_fn_for(model: Any, dataset: str, data_root: str | os.PathLike, split: 
 
     def query_fn(query_id: Any, text: str) -> dict[str, Any]:
         if query_id not in owner:
-            raise KeyError(f"query {query_id!r} is not in the {dataset} {split} split")
+            raise UnknownKeyError(f"query {query_id!r} is not in the {dataset} {split} split")
         return per_cat[owner[query_id]](query_id, text)
 
     return query_fn

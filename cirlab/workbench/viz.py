@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cirlab.core.config import whole_number
+from cirlab.core.errors import UnknownKeyError
 from cirlab.workbench import analysis
 
 logger = logging.getLogger(__name__)
@@ -253,7 +254,7 @@ def plot_run_comparison(runs: Mapping[str, Any], metrics: Sequence[str] | None =
     if metrics is not None:
         missing = [m for m in metrics if m not in table.index]
         if missing:
-            raise KeyError(f"metrics {missing} not in every run; available: {list(table.index)}")
+            raise UnknownKeyError(f"metrics {missing} not in every run; available: {list(table.index)}")
         table = table.loc[list(metrics)]
     if table.empty:  # no runs, no metrics chosen, or runs without numeric metrics
         raise ValueError(f"plot_run_comparison: nothing to compare ({len(runs)} run(s), metrics "
@@ -293,7 +294,7 @@ def _layers(frame: Any, layers: Sequence[str] | str | None) -> list[str]:
         raise ValueError(f"layers is empty; layers of the route frame: {present}")
     unknown = [l for l in layers if l not in present]
     if unknown:
-        raise KeyError(f"layers {unknown} not in the route frame; layers: {present}")
+        raise UnknownKeyError(f"layers {unknown} not in the route frame; layers: {present}")
     return list(layers)
 
 
@@ -310,7 +311,7 @@ def _group_column(frame: Any, by: str | None, argument: str) -> str | None:
         return by or None
     if by == "category":
         return None
-    raise KeyError(f"{argument}={by!r} is not a column of the route frame; columns: "
+    raise UnknownKeyError(f"{argument}={by!r} is not a column of the route frame; columns: "
                    f"{', '.join(map(str, frame.columns))}")
 
 
@@ -404,7 +405,7 @@ def plot_query_gates(frame: Any, query_ids: Sequence[Any], layers: Sequence[str]
         for c, layer in enumerate(layers):
             mat = _paper_columns(analysis.gate_matrix(frame, layer))
             if qid not in mat.index:
-                raise KeyError(f"query {qid!r} not in the route frame for layer {layer!r}")
+                raise UnknownKeyError(f"query {qid!r} not in the route frame for layer {layer!r}")
             ax = axes[r, c]
             values = mat.loc[qid].to_numpy(dtype=float)
             ax.bar(range(len(values)), values, color=[PALETTE[j % len(PALETTE)] for j in range(len(values))])
@@ -427,7 +428,7 @@ def plot_gate_distributions(frame: Any, by: str = "category", layers: Sequence[s
     path weight per group (rows: source→destination paths, columns: groups), readable where 16 x groups boxes are not.
     """
     if by not in frame.columns:
-        raise KeyError(f"the route frame has no {by!r} column; columns: {list(frame.columns)}")
+        raise UnknownKeyError(f"the route frame has no {by!r} column; columns: {list(frame.columns)}")
     layers = _layers(frame, layers)
     if _is_path_frame(frame):
         return _group_means_heatmaps(frame, by, layers)
@@ -629,6 +630,9 @@ def plot_figure8(table: Any, title: str = "", label_before: str = "stage I", lab
     from matplotlib.gridspec import GridSpec
     from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
+    analysis.require_columns(table, ("bin_start", "average_delta", "count"), "the rank-shift table")
+    if table.empty:
+        raise ValueError("plot_figure8: the rank-shift table has no rows (no query had its target in the pool)")
     fig = _figure(5.156, 3.683)  # the paper's panel size
     fig.set_layout_engine("none")
     gs = GridSpec(2, 1, figure=fig, height_ratios=[2, 1], hspace=0.0, left=0.16, right=0.97, bottom=0.13,
@@ -750,12 +754,14 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | N
     df = log if isinstance(log, pd.DataFrame) else analysis.read_log(log)
     if df.empty:
         raise ValueError("the training log has no records")
+    keys = [keys] if isinstance(keys, str) else keys  # one name, not its letters
+    if x is not None or keys is not None:  # a misspelt name would plot nothing, or index records, without a word
+        analysis.require_columns(df, ([x] if x else []) + list(keys or []), "the training log")
     x = x or next((c for c in ("step", "global_step", "epoch") if c in df.columns), None)
     numeric = [c for c in df.columns if c != x and pd.api.types.is_numeric_dtype(df[c])]
     if keys is None:
         keys = [c for c in numeric if c.endswith("loss") or c == "lr" or "R@" in c or c.startswith("val")]
         keys = keys or numeric
-    keys = [k for k in keys if k in df.columns]
     if not keys:
         raise ValueError(f"no plottable columns in the training log; columns: {list(df.columns)}")
     constant = {k: df[k].dropna().iloc[0] for k in keys if df[k].notna().sum() > 1 and df[k].dropna().nunique() == 1}

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from cirlab.core.errors import UnknownKeyError
 from cirlab.workbench import analysis
 
 logger = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ def make_query_fn(model: Any, split: Any, transform: Any = None, gallery_feature
 
     def query_fn(query_id: Any, text: str) -> dict[str, Any]:
         if query_id not in index:
-            raise KeyError(f"query {query_id!r} is not in the split")
+            raise UnknownKeyError(f"query {query_id!r} is not in the split")
         item = queries[index[query_id]]
         trip = triplets[query_id]
         model.eval()
@@ -312,7 +313,7 @@ def make_pair_fn(model: Any, split: Any, device: str = "cpu") -> PairFn:
     def pair_fn(image_idx: int, text: str) -> dict[str, Any]:
         i = int(image_idx)
         if not 0 <= i < split.num_images:
-            raise KeyError(f"image {i} is not in the split (0..{split.num_images - 1})")
+            raise UnknownKeyError(f"image {i} is not in the split (0..{split.num_images - 1})")
         model.eval()
         with torch.no_grad():
             with trace_routes(model) as trace:
@@ -354,7 +355,7 @@ class _Explorer:
         for qid in self.query_ids:
             if str(qid) == str(query_id):
                 return qid
-        raise KeyError(f"query {query_id!r} not among the {len(self.query_ids)} traced queries "
+        raise UnknownKeyError(f"query {query_id!r} not among the {len(self.query_ids)} traced queries "
                        f"(first: {self.query_ids[:3]})")
 
     def _show(self, make_figure: Callable[[], Any]) -> Any:
@@ -415,7 +416,7 @@ class RouterExplorer(_Explorer):
     def view(self, query_id: Any, text: str | None = None) -> Any:
         """The static figure for ``query_id`` (with ``text`` re-routed through ``query_fn`` if it differs)."""
         if query_id not in self.query_ids:
-            raise KeyError(f"query {query_id!r} not among the traced queries ({len(self.query_ids)} traced)")
+            raise UnknownKeyError(f"query {query_id!r} not among the traced queries ({len(self.query_ids)} traced)")
         rows = self.routes[self.routes["query_id"] == query_id]
         original = self.texts.get(query_id)
         current = text if text is not None else original
@@ -506,7 +507,7 @@ class PathExplorer(_Explorer):
     def view(self, query_id: Any, text: str | None = None, image: int | None = None) -> Any:
         """The pair's traced paths and, when the caption or the image differ, the re-scored ones below them."""
         if query_id not in self.query_ids:
-            raise KeyError(f"pair {query_id!r} not among the traced pairs ({len(self.query_ids)} traced)")
+            raise UnknownKeyError(f"pair {query_id!r} not among the traced pairs ({len(self.query_ids)} traced)")
         rows = self.routes[self.routes["query_id"] == query_id]
         own = self.image_of.get(query_id)
         original = self.texts.get(query_id, "")
