@@ -405,8 +405,9 @@ def layer_matrix(frame: Any, layer: str, query_id: Any | None = None) -> tuple[n
     strings for CaLa's HCA layers); ``query_id`` None takes the frame's first query."""
     rows = frame[frame["layer"] == layer]
     if rows.empty:  # before .iloc[0]: an unknown layer was an IndexError
-        raise UnknownKeyError(f"no {layer!r} records in the frame; its layers: {', '.join(map(str, frame['layer'].unique()))}"
-                       if len(frame) else f"no {layer!r} records: the frame is empty")
+        layers = ", ".join(map(str, frame["layer"].unique()))
+        raise UnknownKeyError(f"no {layer!r} records in the frame; its layers: {layers}" if len(frame)
+                              else f"no {layer!r} records: the frame is empty")
     if query_id is None:
         query_id = rows["query_id"].iloc[0]
     rows = rows[rows["query_id"].astype(str) == str(query_id)]

@@ -312,7 +312,7 @@ def _group_column(frame: Any, by: str | None, argument: str) -> str | None:
     if by == "category":
         return None
     raise UnknownKeyError(f"{argument}={by!r} is not a column of the route frame; columns: "
-                   f"{', '.join(map(str, frame.columns))}")
+                          f"{', '.join(map(str, frame.columns))}")
 
 
 def _pick_queries(frame: Any, max_queries: int, by: str | None) -> tuple[list[Any], list[str]]:

@@ -356,7 +356,7 @@ class _Explorer:
             if str(qid) == str(query_id):
                 return qid
         raise UnknownKeyError(f"query {query_id!r} not among the {len(self.query_ids)} traced queries "
-                       f"(first: {self.query_ids[:3]})")
+                              f"(first: {self.query_ids[:3]})")
 
     def _show(self, make_figure: Callable[[], Any]) -> Any:
         """Draw into ``self.figure`` and the output area; a failing model call shows its error in the status line."""
