@@ -599,6 +599,10 @@ def test_init_from_a_cirlab_run_or_the_original_file_starts_a_new_run(tmp_path, 
     assert json.loads((tmp_path / "ft" / "init_from.json").read_text()) == written  # the start's report is kept
     assert main(base + ["--set", "model_overrides.init_trust_pickle=true", "--output-dir", str(tmp_path / "ft2")]) == 2
     assert "model_overrides.init_from" in caplog.text and "does not exist" in caplog.text  # a fresh run still checks
+    # replacing that run with one that starts from scratch: the old start's report must not stay as if it were its own
+    assert main(base[:-2] + ["--output-dir", str(tmp_path / "ft"), "--overwrite"]) == 0
+    assert not (tmp_path / "ft" / "init_from.json").exists()
+    assert json.loads((tmp_path / "ft" / "metrics.json").read_text())["steps"] == 1
 
 
 def test_bench_diagnosis_gradients_add_up_and_reg_stays_off_the_encoders():

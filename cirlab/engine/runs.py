@@ -782,6 +782,8 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     fit_to_training_data(model, config)
     # pretrained start from the model config (init_from); its report -> run folder. After the vocabulary is fitted:
     # a start that saved its own vocabulary (a cirlab run of a random tiny BERT) then keeps it with its embeddings
+    if continued is None and is_main_process():
+        _drop_stale_start_report(out)
     if isinstance(model, HasInit) and continued is None:
         model.load_init(out if is_main_process() else None)
     elif isinstance(model, HasInit):
@@ -876,6 +878,16 @@ def _resumed_checkpoint(out: Path, config: dict[str, Any], resume: bool) -> Path
 
     path = resume_checkpoint("auto" if resume else str((config.get("train") or {}).get("resume") or ""), out)
     return path if path is not None and path.is_file() else None
+
+
+def _drop_stale_start_report(out: Path) -> None:
+    """A fresh run's folder must not keep another start's ``init_from.json``: the run replaced with ``--overwrite``
+    (or one that stopped before its first write) may have started from weights this run does not use, and the
+    report would be read as this run's. A start this run does use writes its own report next."""
+    stale = out / "init_from.json"
+    if stale.is_file():
+        stale.unlink()
+        logger.info("removed %s: it reported the pretrained start of the run this one replaces", stale)
 
 
 START_FIELDS = ("init_from", "stage1_checkpoint")  # model_overrides naming weights read when a run starts

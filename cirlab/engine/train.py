@@ -720,8 +720,8 @@ class RunWriteError(CirlabError, OSError):
     """The run folder could not be written (disk full, quota, read-only); the last complete checkpoint is kept."""
 
 
-# what a run writes into its folder; a fresh run refuses a folder holding any of them unless told to overwrite
-# what a run writes into its folder (train, eval, submit): --overwrite replaces exactly these
+# what a run writes into its folder (train, eval, submit): a fresh run refuses a folder holding any of them, and
+# --overwrite replaces exactly these (a start's init_from.json goes when the new run starts: engine.runs)
 RUN_ARTIFACTS = ("config.yaml", "log.jsonl", "checkpoints", "tb", "metrics.json", "train_summary.json", "topk",
                  "submission")
 # train settings a resume may change without changing the trajectory of the steps already taken
