@@ -192,10 +192,32 @@ def test_set_batch_refuses_names_that_would_shadow_or_lose_the_ids():
             with pytest.raises(TypeError, match=rf"set_batch\({bad}=\.\.\.\): '{bad}' is not a metadata column .* "
                                                 r"pass the query ids as ids="):
                 trace.set_batch(**{bad: ["a"]})
-        with pytest.raises(TypeError, match="expected one value per query, got the string 'dress'"):
+        with pytest.raises(TypeError, match=r"set_batch\(category=\.\.\.\): expected one value per query \(a list\), "
+                                            "got 'dress'"):
             trace.set_batch(ids=["a"], category="dress")
+        with pytest.raises(TypeError, match=r"set_batch\(ids=\.\.\.\): .* got 'dress:0'"):  # was: failed in forward
+            trace.set_batch(ids="dress:0")
+        with pytest.raises(TypeError, match=r"set_batch\(category=\.\.\.\): .* got 3"):
+            trace.set_batch(ids=["a"], category=3)
         trace.set_batch(ids=["a"], category=["dress"])  # the intended call still works
         assert trace._pending_ids == ["a"] and trace._pending_meta == {"category": ["dress"]}
+        trace.set_batch(ids=torch.tensor([4]), category=torch.tensor([1]))
+        assert trace._pending_ids == [4] and trace._pending_meta == {"category": [1]}  # numbers, not tensor(4)
+
+
+def test_set_batch_labels_one_batch_only():
+    """Ids set once and two batches run: the second batch was labelled with the first batch's ids, and the analysis
+    then averaged different queries into one row."""
+    module = torch.nn.Linear(1, 1)
+    with trace_routes(module) as trace:
+        trace.set_batch(ids=["a", "b"])
+        emit(module, "layer1", torch.rand(2, 3), experts=["x", "y", "z"])
+        emit(module, "layer2", torch.rand(2, 3), experts=["x", "y", "z"])  # one forward pass: several layers
+        with pytest.raises(ValueError, match=r"'layer1' emitted twice under one set_batch: call set_batch before each"):
+            emit(module, "layer1", torch.rand(2, 3), experts=["x", "y", "z"])
+        trace.set_batch(ids=["c", "d"])
+        emit(module, "layer1", torch.rand(2, 3), experts=["x", "y", "z"])
+    assert trace.to_frame().query_id.unique().tolist() == ["a", "b", "c", "d"]
 
 
 def test_nested_traces_of_one_model_leave_in_order():

@@ -56,20 +56,22 @@ class RouteTrace:
     records: list[_Record] = field(default_factory=list)
     _pending_ids: list[Any] | None = None
     _pending_meta: dict[str, list[Any]] = field(default_factory=dict)
+    _pending_used: set[tuple[str, str]] = field(default_factory=set)  # (layer, kind) already labelled by them
 
     def set_batch(self, ids: Sequence[Any] | None = None, **meta: Sequence[Any]) -> None:
-        """Attach query ids (and metadata columns such as ``category``) to the next emissions.
+        """Attach query ids (and metadata columns such as ``category``) to the emissions of the next batch.
 
+        Call it before every batch: a layer that emits a second time under the same ids is an error (it would label
+        the second batch with the first batch's ids, and the analysis would average different queries as one).
         A metadata name that is one of :meth:`to_frame`'s own columns, or another name for the ids (``id=``), is an
         error: it would shadow a column, or become a column while the query ids stay unset."""
         for name, values in meta.items():
             if name in FRAME_COLUMNS or name in ("id", "qid", "qids", "query_ids"):
                 raise TypeError(f"set_batch({name}=...): {name!r} is not a metadata column (to_frame writes "
                                 f"{', '.join(FRAME_COLUMNS)} itself); pass the query ids as ids=")
-            if isinstance(values, (str, bytes)):
-                raise TypeError(f"set_batch({name}=...): expected one value per query, got the string {values!r}")
-        self._pending_ids = list(ids) if ids is not None else None
-        self._pending_meta = {k: list(v) for k, v in meta.items()}
+        self._pending_ids = _per_query("ids", ids) if ids is not None else None
+        self._pending_meta = {k: _per_query(k, v) for k, v in meta.items()}
+        self._pending_used = set()
 
     def layers(self, kind: str | None = None) -> list[str]:
         seen: dict[str, None] = {}
@@ -140,6 +142,14 @@ def _record_rows(rec: _Record, start: int) -> Iterator[dict[str, Any]]:
                            "source_paper_name": rec.paper_names.get(src, src), "weight": float(w[b, d, s])}
 
 
+def _per_query(name: str, values: Any) -> list[Any]:
+    """``set_batch``'s values as one plain value per query: a string or a scalar is refused before the forward pass
+    (it would fail there, or be spread letter by letter), a tensor becomes numbers (not ``tensor(0)`` objects)."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise TypeError(f"set_batch({name}=...): expected one value per query (a list), got {values!r}")
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
 def emit(module: torch.nn.Module, layer: str, weights: torch.Tensor, *, kind: str = "gate",
          experts: Sequence[str] | None = None, sources: Sequence[str] | None = None,
          destinations: Sequence[str] | None = None, paper_names: dict[str, str] | None = None,
@@ -176,7 +186,10 @@ def _make_record(trace: RouteTrace, layer: str, weights: torch.Tensor, kind: str
     # are added on top. When the emission is not per batch item (DIME scores every image x caption pair), the
     # batch columns cannot be aligned and only the emitter's own columns are kept.
     pending = {k: list(v) for k, v in trace._pending_meta.items() if len(v) == w.shape[0]}
-    batch_meta = {**(pending if meta else trace._pending_meta), **{k: list(v) for k, v in (meta or {}).items()}}
+    from_batch = pending if meta else trace._pending_meta
+    if (ids is None and trace._pending_ids is not None) or from_batch:
+        _use_batch_labels(trace, layer, kind)
+    batch_meta = {**from_batch, **{k: list(v) for k, v in (meta or {}).items()}}
     for key, values in ([("ids", batch_ids)] if batch_ids is not None else []) + list(batch_meta.items()):
         if len(values) != w.shape[0]:
             raise ValueError(f"trace {key!r} has {len(values)} entries for a batch of {w.shape[0]} ({layer!r})")
@@ -192,3 +205,12 @@ def trace_routes(model: torch.nn.Module) -> Iterator[RouteTrace]:
         yield trace
     finally:
         _ACTIVE.remove(trace)
+
+
+def _use_batch_labels(trace: RouteTrace, layer: str, kind: str) -> None:
+    """One forward pass emits each layer once: a layer that comes again under the same ``set_batch`` belongs to a
+    second batch, which would carry the first batch's ids (and to_frame's analysis would average the two as one)."""
+    if (layer, kind) in trace._pending_used:
+        raise ValueError(f"{layer!r} emitted twice under one set_batch: call set_batch before each batch (the second "
+                         "batch would carry the first batch's ids)")
+    trace._pending_used.add((layer, kind))
