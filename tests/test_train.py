@@ -57,6 +57,22 @@ def test_model_defaults_merge_under_overrides():
         TrainConfig(schedule="linear")
 
 
+def test_a_train_config_object_keeps_the_model_defaults_it_does_not_set(tmp_path):
+    """TrainConfig(lr=...) used to replace the model's whole paper recipe with the class defaults (batch 32, one
+    epoch, no selection metric) while the dict {"lr": ...} merged over it: the README passes the object."""
+    assert TrainConfig(3, tensorboard=False).given() == {"epochs": 3, "tensorboard": False}  # positional: epochs
+    as_object = train(_model(), TripletItems(32), TrainConfig(lr=5e-3, epochs=1, tensorboard=False, progress="none"),
+                      output_dir=tmp_path / "object")
+    as_dict = train(_model(), TripletItems(32), {"lr": 5e-3, "epochs": 1, "tensorboard": False, "progress": "none"},
+                    output_dir=tmp_path / "dict")
+    assert as_object["steps"] == as_dict["steps"] == 32 // 8  # the model's batch size of 8 in both
+    assert as_object["losses"] == as_dict["losses"]
+    cfg = TrainConfig(lr=1e-3)
+    cfg.batch_size = 4  # set after construction: the caller's too
+    assert cfg.given() == {"lr": 1e-3, "batch_size": 4}
+    assert resolve_train_config(_model(), cfg.given()).selection_metric == "R@1"  # the model's, kept
+
+
 def test_step_schedules_match_paper_formulas():
     amc = TrainConfig(lr=1e-4, schedule="step", lr_milestones=[40], epochs=50)
     assert [learning_rate(amc, 1e-4, e, 0) for e in (0, 39, 40, 49)] == pytest.approx([1e-4, 1e-4, 1e-5, 1e-5])

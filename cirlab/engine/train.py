@@ -62,7 +62,10 @@ EvalFn = Callable[[nn.Module], dict[str, Any]]
 
 @dataclass
 class TrainConfig:
-    """Optimisation and run settings. Model defaults (``model.default_train_config()``) are merged under these."""
+    """Optimisation and run settings. Model defaults (``model.default_train_config()``) are merged under the fields
+    given: ``train(model, data, TrainConfig(lr=1e-3))`` keeps the model's paper schedule, weight decay and EMA, as
+    the dict ``{"lr": 1e-3}`` does; a field the constructor filled in from its class default does not count as
+    given (:meth:`given`)."""
 
     # --- length ---
     epochs: int = 1  # passes over the training data
@@ -141,6 +144,18 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["betas"] = list(self.betas)
         return out
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        given = self.__dict__.get("_given")
+        if given is not None:  # set after construction (``cfg.selection = ...``): the caller's choice too
+            given.add(name)
+
+    def given(self) -> dict[str, Any]:
+        """The fields passed to the constructor or set since, with their values (the rest are class defaults)."""
+        given = self.__dict__.get("_given")
+        values = self.to_dict()
+        return values if given is None else {k: v for k, v in values.items() if k in given}
 
     def selection_split(self) -> str | None:
         """The split that chooses ``best.pt``: None for ``last``, ``test_split`` for ``paper``, else the named
@@ -253,6 +268,22 @@ def check_device(device: str, where: str = "device") -> None:
                               f"device(s) are visible (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError(f"{where}: 'mps' asked for, but the Apple MPS backend is not available here; use cpu")
+
+
+def _remember_given(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap the dataclass ``__init__`` so that an instance knows which fields its caller gave (positionally or by
+    name): :func:`train` merges the model's paper defaults under exactly those."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+
+    def __init__(self: TrainConfig, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        object.__setattr__(self, "_given", set(names[:len(args)]) | set(kwargs))
+
+    __init__.__doc__, __init__.__wrapped__ = init.__doc__, init  # type: ignore[attr-defined]
+    return __init__
+
+
+TrainConfig.__init__ = _remember_given(TrainConfig.__init__)  # type: ignore[method-assign]
 
 
 def resolve_train_config(model: nn.Module | None, overrides: dict[str, Any] | None = None, *,
@@ -1351,7 +1382,7 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
     Args:
         model: an ``nn.Module`` implementing ``training_step(batch) -> dict``.
         train_dataset: map-style dataset of batch items (dicts).
-        cfg: a :class:`TrainConfig`, or a dict of overrides merged over ``model.default_train_config()``.
+        cfg: a :class:`TrainConfig` or a dict; either's given fields are merged over ``model.default_train_config()``.
         output_dir: run folder (``config.yaml``, ``checkpoints/``, ``log.jsonl``, ``tb/``, ``metrics.json``).
         evaluate_fn: ``evaluate_fn(model) -> {split: {metric: value}}`` run at epoch ends (every process calls
             it, so it may gather across processes); drives the choice of ``checkpoints/best.pt``.
@@ -1365,8 +1396,8 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
         dict with ``steps``, ``epochs``, ``losses`` (per optimizer step of this call), ``eval_history``,
         ``best_score``, ``best_epoch``, ``best_checkpoint`` and ``last_checkpoint``.
     """
-    if not isinstance(cfg, TrainConfig):
-        cfg = resolve_train_config(model, cfg)
+    # a TrainConfig's own fields over the model's paper defaults, as a dict's: its class defaults do not count
+    cfg = resolve_train_config(model, cfg.given() if isinstance(cfg, TrainConfig) else cfg)
     output_dir = Path(output_dir)
     with io.folder_lock(output_dir) if init_distributed().is_main else contextlib.nullcontext():
         trainer = Trainer(model, train_dataset, cfg, output_dir, evaluate_fn, collate_fn, callbacks, run_config,
