@@ -463,6 +463,18 @@ def f_overwrite_replaces_a_run(ws: Workspace) -> Outcome:
                          check(steps == [1, 2, 3], f"log steps {steps}: the old log was kept"))
 
 
+@fault("data loss", "refused, --overwrite too; the user's own config.yaml is untouched")
+def f_overwrite_over_a_hand_written_config(ws: Workspace) -> Outcome:
+    run = ws.run_dir()
+    run.mkdir()
+    mine = "# my experiment, kept next to its outputs\nmodel: stub_cir\ntrain: {lr: 0.001}\n"
+    (run / "config.yaml").write_text(mine)
+    call = cli("train", ws.config(), "--output-dir", run, "--overwrite")
+    return first_failure(expect_error(call, r"config.yaml is not a config a cirlab run wrote .*move that file"),
+                         check((run / "config.yaml").read_text() == mine, "the user's config.yaml changed",
+                               "data lost"))
+
+
 @fault("data loss", "refused before the previous run is removed")
 def f_overwrite_with_a_wrong_dataset_root(ws: Workspace) -> Outcome:
     run = ws.run_dir(copy_finished=True)

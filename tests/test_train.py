@@ -73,6 +73,27 @@ def test_a_train_config_object_keeps_the_model_defaults_it_does_not_set(tmp_path
     assert resolve_train_config(_model(), cfg.given()).selection_metric == "R@1"  # the model's, kept
 
 
+def test_a_hand_written_config_yaml_in_the_run_folder_is_never_replaced(tmp_path):
+    """Any config.yaml counted as a run: --overwrite deleted the user's own experiment file, comments and all."""
+    from cirlab.engine.train import RunFolderError, run_artifacts
+
+    out = tmp_path / "exp"
+    out.mkdir()
+    mine = "# my settings\ntrain: {lr: 0.001}\n"
+    (out / "config.yaml").write_text(mine)
+    (out / "notes.txt").write_text("keep")
+    assert run_artifacts(out) == []  # not a run
+    for overwrite in (False, True):
+        with pytest.raises(RunFolderError, match=r"exp/config.yaml is not a config a cirlab run wrote"):
+            train(_model(), TripletItems(16), _cfg(epochs=1), output_dir=out, overwrite=overwrite)
+        assert (out / "config.yaml").read_text() == mine and sorted(p.name for p in out.iterdir()) == [
+            "config.yaml", "notes.txt"]
+    run = tmp_path / "run"
+    train(_model(), TripletItems(16), _cfg(epochs=1), output_dir=run)
+    assert "config.yaml" in run_artifacts(run)  # the run's own: --overwrite replaces it
+    train(_model(), TripletItems(16), _cfg(epochs=1), output_dir=run, overwrite=True)
+
+
 def test_step_schedules_match_paper_formulas():
     amc = TrainConfig(lr=1e-4, schedule="step", lr_milestones=[40], epochs=50)
     assert [learning_rate(amc, 1e-4, e, 0) for e in (0, 39, 40, 49)] == pytest.approx([1e-4, 1e-4, 1e-5, 1e-5])

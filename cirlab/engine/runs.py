@@ -731,7 +731,7 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     it; the stored config must match, differences are listed, ``allow_config_change`` accepts them) or
     ``overwrite`` (replace it).
     """
-    from cirlab.engine.train import check_device, claim_run_folder
+    from cirlab.engine.train import check_device, claim_run_folder, refuse_foreign_config
 
     validate_config(with_defaults(config), f"config {config.get('name') or ''}".strip())
     if resume and overwrite:
@@ -748,8 +748,8 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
         with folder_lock(out) if _rank_zero() else contextlib.nullcontext():
             # refuse a folder that holds a run now; with --overwrite the trainer removes it once the data, the
             # start files and the model have passed, so a mistyped root does not cost the previous run
-            if not resuming and not overwrite and _rank_zero():
-                claim_run_folder(out)
+            if not resuming and _rank_zero():
+                claim_run_folder(out) if not overwrite else refuse_foreign_config(out)
             return _run_locked(config, out, resume, device, allow_config_change, overwrite)
     except BaseException:
         if created and _rank_zero():

@@ -762,15 +762,41 @@ RESUME_MAY_CHANGE = frozenset({"epochs", "max_steps", "resume", "device", "num_w
 
 
 def run_artifacts(folder: str | os.PathLike) -> list[str]:
-    """The names of :data:`RUN_ARTIFACTS` present in ``folder`` (a folder with none holds no run)."""
+    """The names of :data:`RUN_ARTIFACTS` present in ``folder`` (a folder with none holds no run); a ``config.yaml``
+    counts only when a run wrote it (:func:`is_run_config`)."""
     folder = Path(folder)
-    return [name for name in RUN_ARTIFACTS if (folder / name).exists()]
+    return [name for name in RUN_ARTIFACTS if (folder / name).exists()
+            and (name != "config.yaml" or is_run_config(folder / name))]
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a config.yaml a run wrote: its ``train`` section holds every :class:`TrainConfig` field
+    (the resolved settings). A hand-written config (a few keys, comments) is the user's file, never a run's."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    train = config.get("train") if isinstance(config, dict) else None
+    return isinstance(train, dict) and all(f.name in train for f in dataclasses.fields(TrainConfig))
+
+
+def refuse_foreign_config(folder: str | os.PathLike) -> None:
+    """A fresh run writes its resolved ``config.yaml`` into its folder: stop before any work when a config.yaml
+    there is not a run's (the user's own experiment file, kept next to its outputs), instead of writing over it."""
+    path = Path(folder) / "config.yaml"
+    if path.is_file() and not is_run_config(path):
+        raise RunFolderError(f"{path} is not a config a cirlab run wrote (a file of yours?): the run would write its "
+                             "resolved config.yaml over it; move that file or choose another --output-dir")
 
 
 def claim_run_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Make ``folder`` ready for a fresh run: refuse one that holds a run, or with ``overwrite`` remove that run's
-    files (only :data:`RUN_ARTIFACTS`; anything else in the folder is left alone)."""
+    files (only :data:`RUN_ARTIFACTS`; anything else in the folder is left alone). A config.yaml the run did not
+    write is refused either way (:func:`refuse_foreign_config`)."""
     folder = Path(folder)
+    refuse_foreign_config(folder)
     found = run_artifacts(folder)
     if not found:
         return
