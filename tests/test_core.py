@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cirlab import paths, registry
+from cirlab.core.errors import CirlabError
 from cirlab.core.config import PresetMixin
 from cirlab.core.topk import TopK, load_topk, save_topk
 from cirlab.core.tracing import emit, is_active, trace_routes
@@ -88,6 +89,10 @@ def test_a_model_missing_part_of_its_contract_is_refused():
 def test_unknown_names_give_clear_errors(toy_registered):
     with pytest.raises(KeyError, match="unknown model 'nope'"):
         registry.create_model("nope")
+    with pytest.raises(CirlabError, match=r"^unknown model 'AMC' \(did you mean 'amc'\?\); known models: amc,"):
+        registry.create_model("AMC")  # one line in a notebook, unquoted, with the fix
+    with pytest.raises(TypeError, match=r"a model name is a string .* got \['amc'\]"):
+        registry.list_presets(["amc"])
     with pytest.raises(KeyError, match="unknown preset 'huge'.*paper, tiny"):
         registry.create_model(toy_registered, preset="huge")
     with pytest.raises(TypeError, match="unknown field.*'width'"):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from cirlab.core.contracts import check_model
-from cirlab.core.errors import ConfigError
+from cirlab.core.errors import ConfigError, UnknownKeyError
 
 # model modules imported on demand so that `import cirlab` does not import torch
 _MODEL_MODULES = ("cirlab.models.amc", "cirlab.models.dime", "cirlab.models.blip_rerank", "cirlab.models.hrem",
@@ -49,9 +49,14 @@ def _load_all() -> None:
 
 
 def get_entry(name: str) -> ModelEntry:
+    from cirlab.core.config import did_you_mean
+
     _load_all()
+    if not isinstance(name, str):  # a list would fail as "unhashable" inside the lookup
+        raise TypeError(f"a model name is a string (one of cirlab.list_models()), got {name!r}")
     if name not in _REGISTRY:
-        raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY)) or '(none)'}")
+        raise UnknownKeyError(f"unknown model {name!r}{did_you_mean(name, _REGISTRY)}; known models: "
+                              f"{', '.join(sorted(_REGISTRY)) or '(none)'}")
     return _REGISTRY[name]
 
 
