@@ -195,6 +195,16 @@ def test_bad_arguments_raise():
         synthetic.generate("/nonexistent-never-written", size="huge")
 
 
+def test_one_layout_given_as_a_string_is_that_layout(tmp_path):
+    """layouts="cirr" was read letter by letter ("unknown layout(s) ['c', 'i', ...]")."""
+    manifest = synthetic.generate(tmp_path / "a", size="tiny", layouts="shoes", image_size=24)
+    assert list(manifest["layouts"]) == ["shoes"]
+    root = synthetic.ensure(tmp_path / "b", size="tiny", layouts="shoes", image_size=24)
+    stamp = (root / synthetic.MANIFEST).stat().st_mtime_ns
+    assert synthetic.ensure(tmp_path / "b", size="tiny", layouts="shoes", image_size=24) == root
+    assert (root / synthetic.MANIFEST).stat().st_mtime_ns == stamp  # found written, not written again
+
+
 def test_cli_writes_and_summarises(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd")

@@ -609,3 +609,95 @@ def test_empty_or_malformed_inputs_are_named(tmp_path):
     (tmp_path / "metrics.json").write_text("[1]")
     with pytest.raises(ValueError, match=r"metrics\.json: expected a JSON object of metrics, got a list"):
         analysis.read_metrics(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ user review
+def test_one_name_given_as_a_string_is_that_name_not_its_letters(tmp_path):
+    """A query id, metric, format or layer given as a string was iterated letter by letter ("query 'd' not in the
+    route frame", "Format 'p' is not supported")."""
+    frame = amc_frame()
+    one, listed = viz.plot_query_gates(frame, "q3"), viz.plot_query_gates(frame, ["q3"])
+    assert [ax.get_title() for ax in one.axes] == [ax.get_title() for ax in listed.axes] == ["q3 | layer1",
+                                                                                           "q3 | layer2"]
+    dime = dime_frame()[0]
+    assert [ax.get_title() for ax in viz.plot_query_gates(dime, 2, layers="layer1").axes] == ["2 | layer1"]
+    runs = {"w1": {"avg": 3.0, "R@1": 1.0}, "w2": {"avg": 4.0, "R@1": 2.0}}
+    bars = [p for p in viz.plot_run_comparison(runs, metrics="avg").axes[1].patches if isinstance(p, Rectangle)]
+    assert sorted(b.get_height() for b in bars) == [3.0, 4.0]
+    fig = viz.plot_metrics_bars({"R@10": 10.0})
+    assert viz.save_figure(fig, tmp_path / "figs", "g", formats="png") == [tmp_path / "figs" / "g.png"]
+    assert analysis.name_list("layer1") == ["layer1"] and analysis.name_list(("a", "b")) == ["a", "b"]
+    graph = viz.plot_relation_graph(relation_edges(), matrices="relevance")
+    assert [ax.get_gid() for ax in graph.axes if ax.get_gid()] == ["relation:relevance"]
+    with pytest.raises(ValueError, match=r"save_figure: formats is empty"):
+        viz.save_figure(fig, tmp_path / "figs", "g", formats=[])
+
+
+def test_save_figure_does_not_double_a_requested_extension(tmp_path):
+    fig = viz.plot_metrics_bars({"R@10": 10.0})
+    paths = viz.save_figure(fig, tmp_path, "g3.png")
+    assert [p.name for p in paths] == ["g3.png", "g3.svg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g3.png", "g3.svg"]
+    assert [p.name for p in viz.save_figure(fig, tmp_path, "g4.SVG", formats=["svg"])] == ["g4.svg"]
+    assert [p.name for p in viz.save_figure(fig, tmp_path, "fig.v2", formats="png")] == ["fig.v2.png"]  # not a format
+    with pytest.raises(ValueError, match=r"save_figure: name '\.png'"):
+        viz.save_figure(fig, tmp_path, ".png")
+
+
+def test_path_vectors_refuses_a_misspelt_meta_column():
+    frame = amc_frame()
+    with pytest.raises(KeyError, match=r"meta='categroy' is not a column of the route frame; columns: query_id,"):
+        analysis.path_vectors(frame, meta="categroy")
+    _, _, labels = analysis.path_vectors(frame.drop(columns="category"))  # the default stays optional
+    assert set(labels) == {""}
+    assert analysis.path_vectors(frame, meta="modification")[2][:2] == ["color", "add"]
+
+
+def test_layer_matrix_names_a_gate_layer():
+    with pytest.raises(ValueError, match=r"^layer 'layer1' has no source/destination rows \(a gate layer, e\.g\. "
+                                         r"AMC's\)"):
+        analysis.layer_matrix(amc_frame(), "layer1")
+    path_rows = cala_frame().drop(columns="source_code_index")
+    with pytest.raises(KeyError, match=r"the trace frame lacks column\(s\) source_code_index"):
+        analysis.layer_matrix(path_rows, "hca.hinge")
+
+
+def test_align_ranks_wants_loaded_topk_files():
+    with pytest.raises(ValueError, match=r"align_ranks: before is a str \('topk_big'\), not a loaded top-K file; "
+                                         r"load paths with cirlab\.core\.topk\.load_topk\(path\) or "
+                                         r"cirlab\.workbench\.ranking_pair\(before, after\)"):
+        analysis.align_ranks("topk_big", "topk_big")
+    a = TopK(["x"], np.zeros((1, 1)), np.zeros((1, 1)), [1])
+    with pytest.raises(ValueError, match=r"align_ranks: after is a PosixPath"):
+        analysis.align_ranks(a, __import__("pathlib").Path("runs/after"))
+
+
+def test_compare_runs_takes_a_list_of_run_folders(tmp_path):
+    for name, r10 in (("w1", 12.5), ("w2", 20.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(f'{{"val": {{"R@10": {r10}}}}}')
+    table = analysis.compare_runs([tmp_path / "w1", str(tmp_path / "w2" / "metrics.json")])
+    assert list(table.columns) == ["w1", "w2"] and table.loc["val/R@10"].tolist() == [12.5, 20.0]
+    assert list(analysis.compare_runs(str(tmp_path / "w1")).columns) == ["w1"]
+    (tmp_path / "other" / "w1").mkdir(parents=True)
+    (tmp_path / "other" / "w1" / "metrics.json").write_text('{"a": 1}')
+    with pytest.raises(ValueError, match=r"compare_runs: two runs are named 'w1'"):
+        analysis.compare_runs([tmp_path / "w1", tmp_path / "other" / "w1"])
+    with pytest.raises(ValueError, match=r"compare_runs: a list holds run folders or metrics files; got a dict"):
+        analysis.compare_runs([{"R@1": 1.0}])
+
+
+def test_plot_table_draws_a_flat_dict_as_one_row():
+    fig = viz.plot_table({"a": 1.0, "b": "x"})
+    texts = [c.get_text().get_text() for c in fig.axes[0].tables[0].get_celld().values()]
+    assert {"a", "b", "1.00", "x", "value"} <= set(texts)
+    nested = viz.plot_table({"run": {"R@1": 1.0}})  # a dict of columns stays a table of columns
+    assert "R@1" in [c.get_text().get_text() for c in nested.axes[0].tables[0].get_celld().values()]
+
+
+def test_bridge_words_needs_a_cala_trace():
+    with pytest.raises(ValueError, match=r"bridge_words needs a CaLa trace \(rows of layer 'hca\.bridge'\); the "
+                                         r"frame's layers: layer1, layer2"):
+        analysis.bridge_words(amc_frame())
+    with pytest.raises(KeyError, match=r"the CaLa trace frame lacks column\(s\) source"):
+        analysis.bridge_words(pd.DataFrame({"layer": ["hca.bridge"], "weight": [1.0]}))

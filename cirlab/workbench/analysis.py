@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -36,7 +36,23 @@ __all__ = [
 ]
 
 
+def name_list(names: Any) -> list[Any]:
+    """``names`` as a list, where one name (a string, or a scalar such as an int query id) is a list of that name:
+    iterated, ``"dress:0"`` or ``"png"`` was its letters and ``5`` a TypeError."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+        return [names]
+    return list(names)
+
+
 # --------------------------------------------------------------------------------------------- rank shift
+def _require_topk(value: Any, argument: str) -> None:
+    """A path or name here failed as ``'str' object has no attribute 'query_ids'``: say what to pass instead."""
+    if not (hasattr(value, "query_ids") and hasattr(value, "target_rank")):
+        raise ValueError(f"align_ranks: {argument} is a {type(value).__name__} ({value!r}), not a loaded top-K file; "
+                         "load paths with cirlab.core.topk.load_topk(path) or "
+                         "cirlab.workbench.ranking_pair(before, after)")
+
+
 def align_ranks(before: Any, after: Any) -> Any:
     """Join two top-K files (``cirlab.core.topk.TopK``) by query id.
 
@@ -45,6 +61,8 @@ def align_ranks(before: Any, after: Any) -> Any:
     """
     import pandas as pd
 
+    _require_topk(before, "before")
+    _require_topk(after, "after")
     a = pd.DataFrame({"query_id": before.query_ids, "category": before.category, "rank_before": before.target_rank})
     b = pd.DataFrame({"query_id": after.query_ids, "rank_after": after.target_rank})
     for name, frame in (("before", a), ("after", b)):
@@ -185,11 +203,17 @@ def require_columns(frame: Any, columns: Sequence[str], what: str) -> None:
                               f"{', '.join(map(str, frame.columns)) or '(none)'}")
 
 
+def _has_source(frame: Any) -> Any:
+    """Per row, whether it is a path row (source -> destination); gate rows carry ``source`` None."""
+    src = frame["source"]
+    return src.notna() & (src.astype(str) != "None")
+
+
 def feature_columns(frame: Any) -> Any:
     """Label of each weight: the expert for gate rows, ``source->destination`` for DIME path rows."""
     require_columns(frame, FRAME_COLUMNS, "the route frame")
     src = frame["source"]
-    is_path = src.notna() & (src.astype(str) != "None")
+    is_path = _has_source(frame)
     label = frame["paper_name"].astype(str).where(frame["paper_name"].notna(), frame["expert"].astype(str))
     return label.where(~is_path, src.astype(str) + "->" + frame["destination"].astype(str))
 
@@ -271,7 +295,7 @@ def flow_matrices(frame: Any) -> list[tuple[str, list[str], list[str], np.ndarra
     Returns ``(layer, sources, destinations, matrix)`` tuples; raises when the frame has no path rows.
     """
     require_columns(frame, FRAME_COLUMNS, "the route frame")
-    paths = frame[frame["source"].notna() & (frame["source"].astype(str) != "None")]
+    paths = frame[_has_source(frame)]
     if paths.empty:
         raise ValueError("the route frame has no path rows (source/destination); flows need a DIME-like model")
     out = []
@@ -288,9 +312,14 @@ def flow_matrices(frame: Any) -> list[tuple[str, list[str], list[str], np.ndarra
 def path_vectors(frame: Any, meta: str | None = "category") -> tuple[np.ndarray, list[Any], list[Any]]:
     """Each query's weights over all layers as one vector (its point in path space).
 
-    Returns ``(X [Q, F], query_ids, labels)`` where labels are the ``meta`` column per query ("" if absent).
+    Returns ``(X [Q, F], query_ids, labels)`` where labels are the ``meta`` column per query ("" when the frame has
+    no ``category`` column and ``meta`` is that default; any other missing ``meta`` is an error, as a misspelt name
+    gave "" labels without a word).
     """
     require_columns(frame, FRAME_COLUMNS, "the route frame")
+    if meta and meta not in frame.columns and meta != "category":
+        raise UnknownKeyError(f"meta={meta!r} is not a column of the route frame; columns: "
+                              f"{', '.join(map(str, frame.columns))}")
     f = frame.assign(_feature=frame["layer"].astype(str) + ":" + feature_columns(frame))
     table = f.pivot_table(index="query_id", columns="_feature", values="weight", aggfunc="mean", sort=False)
     table = table.fillna(0.0)
@@ -386,12 +415,36 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, f
     return flat
 
 
-def compare_runs(runs: Mapping[str, Mapping[str, Any] | str | os.PathLike]) -> Any:
-    """Side-by-side table: one row per metric, one column per run (dicts or run folders / metrics files)."""
+def _run_name(path: str | os.PathLike) -> str:
+    """A run folder's name; for a ``metrics.json`` given directly, its folder's name."""
+    path = Path(path)
+    return path.parent.name if path.name == "metrics.json" else path.name
+
+
+def _named_runs(runs: Any) -> Mapping[str, Any]:
+    """``runs`` as ``{name: source}``: a list of run folders (or one folder) is named by the folders' names."""
+    if isinstance(runs, Mapping):
+        return runs
+    named: dict[str, Any] = {}
+    for path in name_list(runs):
+        if not isinstance(path, (str, os.PathLike)):  # a dict has no name to put on its column
+            raise ValueError(f"compare_runs: a list holds run folders or metrics files; got a {type(path).__name__} "
+                             "(pass {name: metrics} for metric dicts)")
+        name = _run_name(path)
+        if name in named:
+            raise ValueError(f"compare_runs: two runs are named {name!r} ({named[name]} and {path}); pass "
+                             "{name: folder} to name them")
+        named[name] = path
+    return named
+
+
+def compare_runs(runs: Mapping[str, Mapping[str, Any] | str | os.PathLike] | Sequence[str | os.PathLike]) -> Any:
+    """Side-by-side table: one row per metric, one column per run (dicts or run folders / metrics files). A list of
+    run folders (or one folder) names each column by its folder."""
     import pandas as pd
 
     columns = {}
-    for name, src in runs.items():
+    for name, src in _named_runs(runs).items():
         metrics = src if isinstance(src, Mapping) else read_metrics(src)
         columns[name] = flatten_metrics(metrics)
     table = pd.DataFrame(columns)
@@ -403,11 +456,17 @@ def compare_runs(runs: Mapping[str, Mapping[str, Any] | str | os.PathLike]) -> A
 def layer_matrix(frame: Any, layer: str, query_id: Any | None = None) -> tuple[np.ndarray, list[str], list[str]]:
     """One traced layer of one query as a ``[destination x source]`` matrix with its labels in trace order (token
     strings for CaLa's HCA layers); ``query_id`` None takes the frame's first query."""
+    require_columns(frame, ("layer", "source"), "the trace frame")
     rows = frame[frame["layer"] == layer]
     if rows.empty:  # before .iloc[0]: an unknown layer was an IndexError
         layers = ", ".join(map(str, frame["layer"].unique()))
         raise UnknownKeyError(f"no {layer!r} records in the frame; its layers: {layers}" if len(frame)
                               else f"no {layer!r} records: the frame is empty")
+    if not _has_source(rows).any():  # was pandas' KeyError: 'source_code_index'
+        raise ValueError(f"layer {layer!r} has no source/destination rows (a gate layer, e.g. AMC's): layer_matrix "
+                         "reads CaLa and HREM traces; gate_matrix reads gates")
+    require_columns(frame, ("query_id", "destination", "code_index", "source_code_index", "weight"),
+                    "the trace frame")
     if query_id is None:
         query_id = rows["query_id"].iloc[0]
     rows = rows[rows["query_id"].astype(str) == str(query_id)]
@@ -428,7 +487,11 @@ def bridge_words(frame: Any, top: int = 15, skip_special: bool = True) -> Any:
     """CaLa's ``hca.bridge`` over all traced queries: per word, the mean and count of its bridge value (its share
     of reference query 0's expected hinge logit), the ``top`` words by mean absolute value, largest first."""
     top = whole_number(top, "top")  # head(-1) would drop the last word instead
+    require_columns(frame, ("layer", "source", "weight"), "the CaLa trace frame")
     rows = frame[frame["layer"] == "hca.bridge"]
+    if rows.empty:  # another model's trace gave an empty table without a word
+        raise ValueError(f"bridge_words needs a CaLa trace (rows of layer 'hca.bridge'); the frame's layers: "
+                         f"{', '.join(map(str, frame['layer'].unique())) or '(none: it is empty)'}")
     if skip_special:
         rows = rows[~rows["source"].isin(SPECIAL_TOKENS)]
     table = rows.groupby("source")["weight"].agg(["mean", "count"]).reset_index().rename(

@@ -46,12 +46,17 @@ def _figure(width: float, height: float) -> Any:
 
 
 def save_figure(fig: Any, out_dir: str | os.PathLike, name: str,
-                formats: Sequence[str] = ("png", "svg")) -> list[Path]:
+                formats: Sequence[str] | str = ("png", "svg")) -> list[Path]:
     """Write ``fig`` as ``<out_dir>/<name>.<fmt>`` for each format; returns the paths written. ``name`` is a file
-    name (no folders, no ``..``: ``../x`` wrote outside ``out_dir``); ``out_dir`` must not be a file."""
+    name (no folders, no ``..``: ``../x`` wrote outside ``out_dir``); one ending in a requested format's extension
+    loses it (``"g3.png"`` writes ``g3.png`` and ``g3.svg``, not ``g3.png.png``). ``out_dir`` must not be a file."""
     from cirlab.core.io import file_name_part
 
+    formats = analysis.name_list(formats)
+    if not formats:  # nothing would be written, without a word
+        raise ValueError("save_figure: formats is empty; give one or more of e.g. 'png', 'svg', 'pdf'")
     file_name_part(name, "save_figure: name")
+    name = _without_extension(name, formats)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"save_figure: out_dir {out} is a file, not a folder")
@@ -63,6 +68,16 @@ def save_figure(fig: Any, out_dir: str | os.PathLike, name: str,
         paths.append(path)
     logger.info("saved figure %s (%s)", out / name, ", ".join(formats))
     return paths
+
+
+def _without_extension(name: str, formats: Sequence[str]) -> str:
+    """``name`` less a trailing ``.<fmt>`` of one of ``formats`` (any case); other dots stay (``fig.v2``)."""
+    stem, dot, ext = name.rpartition(".")
+    if not dot or ext.lower() not in {str(f).lower() for f in formats}:
+        return name
+    if not stem:
+        raise ValueError(f"save_figure: name {name!r} is only an extension; give a file name such as 'figure'")
+    return stem
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -229,9 +244,12 @@ def plot_metrics_bars(metrics: Mapping[str, float] | Any, title: str = "", ylabe
 
 
 def plot_table(table: Any, title: str = "", fmt: str = "{:.2f}") -> Any:
-    """A DataFrame drawn as a matplotlib table (for reports: metrics per protocol, run comparisons)."""
+    """A DataFrame drawn as a matplotlib table (for reports: metrics per protocol, run comparisons); a flat dict of
+    scalars (``{"R@1": 1.0, "R@10": 5.0}``) is one row, labelled ``value``."""
     import pandas as pd
 
+    if isinstance(table, Mapping) and table and all(pd.api.types.is_scalar(v) for v in table.values()):
+        table = pd.DataFrame([dict(table)], index=["value"])  # pandas refuses all-scalar dicts without an index
     df = pd.DataFrame(table)
     if df.shape[1] == 0:
         raise ValueError("plot_table: the table has no columns")
@@ -248,10 +266,13 @@ def plot_table(table: Any, title: str = "", fmt: str = "{:.2f}") -> Any:
     return fig
 
 
-def plot_run_comparison(runs: Mapping[str, Any], metrics: Sequence[str] | None = None, title: str = "") -> Any:
-    """Several runs side by side: a table (top) and grouped bars (bottom) of the chosen metrics."""
+def plot_run_comparison(runs: Mapping[str, Any] | Sequence[str | os.PathLike],
+                        metrics: Sequence[str] | str | None = None, title: str = "") -> Any:
+    """Several runs side by side: a table (top) and grouped bars (bottom) of the chosen metrics. ``runs`` as for
+    :func:`cirlab.workbench.analysis.compare_runs` (a dict of runs, or a list of run folders)."""
     table = analysis.compare_runs(runs)
     if metrics is not None:
+        metrics = analysis.name_list(metrics)
         missing = [m for m in metrics if m not in table.index]
         if missing:
             raise UnknownKeyError(f"metrics {missing} not in every run; available: {list(table.index)}")
@@ -288,14 +309,13 @@ def _layers(frame: Any, layers: Sequence[str] | str | None) -> list[str]:
         raise ValueError("the route frame is empty: nothing was traced (no queries, or a model without routers)")
     if layers is None:
         return present
-    if isinstance(layers, str):  # one layer by name; iterated it would be its characters
-        layers = [layers]
+    layers = analysis.name_list(layers)
     if not layers:
         raise ValueError(f"layers is empty; layers of the route frame: {present}")
     unknown = [l for l in layers if l not in present]
     if unknown:
         raise UnknownKeyError(f"layers {unknown} not in the route frame; layers: {present}")
-    return list(layers)
+    return layers
 
 
 def _is_path_frame(frame: Any) -> bool:
@@ -355,7 +375,7 @@ def _label_groups(ax: Any, labels: Sequence[str], with_ticks: bool) -> None:
         ax.set_yticks([])
 
 
-def plot_expert_heatmaps(frame: Any, layers: Sequence[str] | None = None, max_queries: int = 40,
+def plot_expert_heatmaps(frame: Any, layers: Sequence[str] | str | None = None, max_queries: int = 40,
                          sort_by: str | None = "category") -> Any:
     """Per layer, a ``query x expert`` heatmap of routing weights (DIME: columns are source→destination paths).
 
@@ -391,11 +411,12 @@ def plot_expert_heatmaps(frame: Any, layers: Sequence[str] | None = None, max_qu
     return fig
 
 
-def plot_query_gates(frame: Any, query_ids: Sequence[Any], layers: Sequence[str] | None = None,
+def plot_query_gates(frame: Any, query_ids: Sequence[Any] | Any, layers: Sequence[str] | str | None = None,
                      title: str = "") -> Any:
-    """Bar charts of the gates of a few queries: one row per query, one panel per layer (AMC: paper order)."""
+    """Bar charts of the gates of a few queries (or of one id): one row per query, one panel per layer (AMC: paper
+    order)."""
     layers = _layers(frame, layers)
-    query_ids = list(query_ids)
+    query_ids = analysis.name_list(query_ids)
     if not query_ids:
         raise ValueError("plot_query_gates needs at least one query id")
     fig = _figure(2.6 * len(layers) + 0.8, 1.6 * len(query_ids) + 0.6)
@@ -421,7 +442,7 @@ def plot_query_gates(frame: Any, query_ids: Sequence[Any], layers: Sequence[str]
     return fig
 
 
-def plot_gate_distributions(frame: Any, by: str = "category", layers: Sequence[str] | None = None) -> Any:
+def plot_gate_distributions(frame: Any, by: str = "category", layers: Sequence[str] | str | None = None) -> Any:
     """Per layer, each expert's weight grouped by ``by`` (category, modification type, ...).
 
     Gate models (AMC): box plots per expert and group. Path models (DIME, 16 paths a layer): a heatmap of the mean
@@ -489,7 +510,7 @@ def _group_means_heatmaps(frame: Any, by: str, layers: Sequence[str]) -> Any:
     return fig
 
 
-def plot_gate_entropy(frame: Any, layers: Sequence[str] | None = None) -> Any:
+def plot_gate_entropy(frame: Any, layers: Sequence[str] | str | None = None) -> Any:
     """Left: histogram of normalised gate entropy per layer. Right, one panel per layer: each expert's (DIME: each
     path's) mean share of the routing weight and the share of queries it wins (top-1), as horizontal bars so that
     16 path names stay readable."""
@@ -742,7 +763,7 @@ def _ceiling_bars(ax: Any, per_cat: Any, k: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------- training
-def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | None = None) -> Any:
+def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | str | None = None) -> Any:
     """Training curves from a ``log.jsonl`` (path, run folder or frame): one panel per logged quantity.
 
     ``x`` defaults to ``step`` (else ``epoch``, else the record index); ``keys`` defaults to every numeric
@@ -754,7 +775,7 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | N
     df = log if isinstance(log, pd.DataFrame) else analysis.read_log(log)
     if df.empty:
         raise ValueError("the training log has no records")
-    keys = [keys] if isinstance(keys, str) else keys  # one name, not its letters
+    keys = None if keys is None else analysis.name_list(keys)
     if x is not None or keys is not None:  # a misspelt name would plot nothing, or index records, without a word
         analysis.require_columns(df, ([x] if x else []) + list(keys or []), "the training log")
     x = x or next((c for c in ("step", "global_step", "epoch") if c in df.columns), None)
@@ -875,14 +896,14 @@ def plot_bridge_words(frame: Any, top: int = 15, title: str = "") -> Any:
 
 
 # --------------------------------------------------------------------------------------------- HREM: relation graph
-def plot_relation_graph(edges: Any, matrices: Sequence[str] = ("connection", "relevance", "attention"),
+def plot_relation_graph(edges: Any, matrices: Sequence[str] | str = ("connection", "relevance", "attention"),
                         title: str = "") -> Any:
     """HREM's instance-level graph of one batch (Fu et al., "Learning Semantic Relationship among Instances for
     Image-Text Matching", CVPR 2023): the joint ``2B x 2B`` matrix over B images then B captions, one panel per
     ``matrices`` entry (the connection relation, the relevance relation, the fusion attention; ``mask`` is the
     attention bias), the four blocks i2i / i2t / t2i / t2t separated and labelled. Rows are the attention queries;
     the mask's unconnected entries (-inf) are blank."""
-    present = [m for m in matrices if m in set(edges["matrix"])]
+    present = [m for m in analysis.name_list(matrices) if m in set(edges["matrix"])]
     fig = _figure(5.2 * len(present) + 0.4, 5.4)
     axes = fig.subplots(1, len(present), squeeze=False)[0]
     for ax, name in zip(axes, present):

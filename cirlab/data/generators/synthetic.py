@@ -489,8 +489,13 @@ def resolve_size(size: str | SynthSize) -> SynthSize:
     return SIZES[size]
 
 
+def _layout_list(layouts: Sequence[str] | str) -> list[str]:
+    """One layout by name is a list of it: iterated, ``"cirr"`` was the unknown layouts 'c', 'i', 'r', 'r'."""
+    return [layouts] if isinstance(layouts, str) else list(layouts)
+
+
 def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSize = "default",
-             layouts: Sequence[str] = LAYOUTS, image_size: int = 64, overwrite: bool = True,
+             layouts: Sequence[str] | str = LAYOUTS, image_size: int = 64, overwrite: bool = True,
              force: bool = False) -> dict[str, Any]:
     """Write the synthetic datasets under ``out_root`` and return the manifest.
 
@@ -498,7 +503,7 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
         out_root: destination folder; one sub-folder per layout (see the module docstring).
         seed: every random choice derives from it; the same seed writes byte-identical files.
         size: "tiny" (tests, well under a second or two), "small", "default" (a CPU demo), or a :class:`SynthSize`.
-        layouts: any of "fashioniq", "cirr", "shoes", "precomp".
+        layouts: any of "fashioniq", "cirr", "shoes", "precomp" (a list, or one name).
         image_size: side of the rendered square images, in pixels.
         overwrite: remove an existing layout folder first (stale files from another seed never survive).
         force: also write into (and replace layout folders of) a folder this generator did not create; without it
@@ -508,6 +513,7 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
         The manifest (also written to ``out_root/synthetic.json``): seed, size, image size and, per layout,
         ``root`` (absolute path to pass to the loader) and per-split counts.
     """
+    layouts = _layout_list(layouts)
     unknown = [name for name in layouts if name not in _WRITERS]
     if unknown:
         raise ValueError(f"unknown layout(s) {unknown}; known: {', '.join(LAYOUTS)}")
@@ -564,7 +570,7 @@ def _claim(out: Path, layouts: Sequence[str], force: bool, overwrite: bool = Tru
 
 
 def ensure(out_root: str | os.PathLike | None = None, *, seed: int = 0, size: str = "default",
-           layouts: Sequence[str] = LAYOUTS, image_size: int = 64) -> Path:
+           layouts: Sequence[str] | str = LAYOUTS, image_size: int = 64) -> Path:
     """The synthetic data root, generated only when missing or written with other settings.
 
     ``out_root`` defaults to ``cirlab.core.paths.cache_dir() / "synthetic" / f"{size}-seed{seed}-{image_size}px"``.
@@ -573,6 +579,7 @@ def ensure(out_root: str | os.PathLike | None = None, *, seed: int = 0, size: st
 
     from cirlab.core.io import generated_folder_lock
 
+    layouts = _layout_list(layouts)  # _written compares sets: a bare string was a set of letters, never written
     out = Path(out_root) if out_root else cache_dir() / "synthetic" / f"{size}-seed{seed}-{image_size}px"
     wanted = {"format": FORMAT_VERSION, "seed": seed, "size": size, "image_size": image_size}
     if _written(out, wanted, layouts):
