@@ -701,3 +701,15 @@ def test_bridge_words_needs_a_cala_trace():
         analysis.bridge_words(amc_frame())
     with pytest.raises(KeyError, match=r"the CaLa trace frame lacks column\(s\) source"):
         analysis.bridge_words(pd.DataFrame({"layer": ["hca.bridge"], "weight": [1.0]}))
+
+
+def test_repeated_query_ids_are_refused_not_averaged():
+    """Two id-less traces concatenated both number their queries from 0: the pivots averaged query 0 of one with
+    query 0 of the other into one row without a word."""
+    frame = amc_frame()
+    doubled = pd.concat([frame, frame.assign(weight=0.0)])
+    for call in (lambda f: analysis.gate_matrix(f, "layer1"), analysis.path_vectors, analysis.route_statistics):
+        with pytest.raises(ValueError, match=r"query id 'q0' has .* repeated weight row\(s\).*set_batch\(ids=\.\.\.\)"):
+            call(doubled)
+    renamed = pd.concat([frame, frame.assign(query_id="b:" + frame.query_id)])
+    assert len(analysis.gate_matrix(renamed, "layer1")) == 2 * frame.query_id.nunique()

@@ -222,6 +222,17 @@ def _ordered_unique(values: Sequence[Any]) -> list[Any]:
     return list(dict.fromkeys(values))
 
 
+def _refuse_repeated_queries(rows: Any, keys: list[str]) -> None:
+    """One weight per query and feature: a query id that repeats (two traces concatenated, each numbering its
+    queries 0..N; batches traced under one set_batch) would be averaged with another query into one row."""
+    repeated = rows.duplicated(["query_id", *keys])
+    if repeated.any():
+        first = rows.loc[repeated, "query_id"].iloc[0]
+        raise ValueError(f"query id {first!r} has {int(repeated.sum())} repeated weight row(s) in the route frame: "
+                         "two traces concatenated, or batches traced without their own ids? Give every query its own "
+                         "id (trace.set_batch(ids=...) before each batch)")
+
+
 def gate_matrix(frame: Any, layer: str) -> Any:
     """``[query x expert]`` weights of one layer (columns in the model's code order, paper names)."""
     require_columns(frame, FRAME_COLUMNS, "the route frame")
@@ -231,6 +242,7 @@ def gate_matrix(frame: Any, layer: str) -> Any:
     rows = rows.assign(_feature=feature_columns(rows))
     order = _ordered_unique(rows.sort_values("code_index", kind="stable")["_feature"]) if rows["source"].isna().all() \
         else _ordered_unique(rows["_feature"])
+    _refuse_repeated_queries(rows, ["_feature"])
     table = rows.pivot_table(index="query_id", columns="_feature", values="weight", aggfunc="mean", sort=False)
     return table[order]
 
@@ -321,6 +333,7 @@ def path_vectors(frame: Any, meta: str | None = "category") -> tuple[np.ndarray,
         raise UnknownKeyError(f"meta={meta!r} is not a column of the route frame; columns: "
                               f"{', '.join(map(str, frame.columns))}")
     f = frame.assign(_feature=frame["layer"].astype(str) + ":" + feature_columns(frame))
+    _refuse_repeated_queries(f, ["_feature"])
     table = f.pivot_table(index="query_id", columns="_feature", values="weight", aggfunc="mean", sort=False)
     table = table.fillna(0.0)
     ids = list(table.index)
