@@ -437,7 +437,7 @@ def test_a_model_on_a_dataset_of_the_other_task_is_one_config_error(tmp_path, ca
     (was: a TypeError deep in the caption vocabulary)."""
     from cirlab.engine.runs import validate_config, with_defaults
 
-    with pytest.raises(ConfigError, match=r"dime is an image-text matching model and cannot train on 'fashioniq'; "
+    with pytest.raises(ConfigError, match=r"dime is an image-text matching model and cannot read 'fashioniq'; "
                                           r"its datasets: f30k, coco"):
         validate_config(with_defaults({"model": "dime", "preset": "tiny", "dataset": {"name": "fashioniq"}}))
     with pytest.raises(ConfigError, match=r"amc is a composed image retrieval model .* its datasets: fashioniq"):

@@ -357,6 +357,42 @@ def test_run_and_data_lookups_name_what_is_wrong(tiny_data, tmp_path):
         workbench.find_data("fashoniq", tiny_data)
 
 
+def test_a_model_of_the_wrong_kind_or_a_device_typo_is_one_line(tiny_data):
+    """An ITM model handed to a CIR evaluation (and back), a CIR split to evaluate_itm, AMC to CaLa's or HREM's view,
+    a misspelt device: each failed as torch's "'DIME' object has no attribute ...", or its list of device types."""
+    import cirlab
+    from cirlab import workbench
+    from cirlab.core.errors import CirlabError
+    from cirlab.data import load_cir, load_precomp
+
+    amc, dime = cirlab.create_model("amc", "tiny"), cirlab.create_model("dime", "tiny", img_dim=2048)
+    fiq = load_cir("fashioniq", tiny_data / "fashioniq", "val", category="dress")
+    cases = [
+        (lambda: workbench.evaluate_run(amc, "f30k", tiny_data), r"evaluate_run: amc is a composed image retrieval "
+                                                                  r"model and cannot read 'f30k'; its datasets: "),
+        (lambda: workbench.evaluate_run(dime, "fashioniq", tiny_data), r"dime is an image-text matching model"),
+        (lambda: cirlab.evaluate_cir(dime, fiq), r"evaluate_cir needs a composed-retrieval model .* got 'dime' "
+                                                 r"\(task itm\): evaluate_itm scores"),
+        (lambda: cirlab.evaluate_itm(dime, fiq), r"evaluate_itm needs a precomp split .* got a CIRSplit"),
+        (lambda: cirlab.evaluate_itm(amc, load_precomp(tiny_data / "precomp", "f30k", "dev")),
+         r"evaluate_itm needs an image-text matching model"),
+        (lambda: workbench.cala_trace(amc, "fashioniq", tiny_data), r"cala_trace needs a cala model, got 'amc'"),
+        (lambda: workbench.hrem_relation(dime, "f30k", tiny_data), r"hrem_relation needs a hrem model, got 'dime'"),
+        (lambda: workbench.evaluate_run("amc", "fashioniq", tiny_data), r"evaluate_run needs a cirlab model"),
+        (lambda: workbench.evaluate_run(amc, "fashioniq", tiny_data, device="gpu"),
+         r"device: must be auto, cpu, cuda or cuda:N .*got 'gpu'"),
+        (lambda: cirlab.evaluate_cir(amc, fiq, protocol="shoes"), r"protocol='shoes', but the splits are fashioniq"),
+        (lambda: cirlab.evaluate_cir(amc, "val"), r"evaluate_cir: 'val' is a str, not a CIR split"),
+        (lambda: cirlab.evaluate_cir(amc, fiq, k=0), r"k must be a whole number >= 1"),
+    ]
+    for call, message in cases:
+        with pytest.raises(CirlabError, match=message):
+            call()
+    with pytest.raises(TypeError, match=r"trace_routes needs the model itself .* got 'amc'"):
+        with cirlab.trace_routes("amc"):
+            pass
+
+
 def test_counts_are_checked_and_spread_over_the_categories_exactly(tiny_data, tmp_path):
     """evaluate's k and router_explorer's n_queries: a number below 1 is an error naming it (k=-5 was reported as
     "too big"; n=-3 traced one query per category); n=7 over Fashion-IQ's three categories traces 3 + 2 + 2 (an

@@ -157,6 +157,26 @@ def check_model(model: Any) -> None:
             raise TypeError(f"{name} does not satisfy the {protocol.__name__} contract: missing {missing}")
 
 
+# what each task's protocol is called in a message, and the model kinds that satisfy it
+_KINDS = {"Model": "a cirlab model (cirlab.create_model, workbench.load_run)",
+          "CIRModel": "a composed-retrieval model (amc, cala)", "ITMModel": "an image-text matching model (dime, hrem)",
+          "Reranker": "a re-ranker (blip_rerank_stage2)"}
+
+
+def require_model(model: Any, protocol: type, where: str, *, hint: str = "") -> None:
+    """Stop ``where`` with one line when ``model`` lacks ``protocol`` (an ITM model given to a CIR evaluation failed
+    as torch's ``'DIME' object has no attribute 'encode_target'``). ``hint`` says what to call instead."""
+    from cirlab.core.errors import ModelMismatchError
+
+    if isinstance(model, protocol):
+        return
+    got = getattr(model, "model_name", None) or type(model).__name__
+    task = getattr(model, "task", None)
+    need = _KINDS.get(protocol.__name__, f"a model with {', '.join(_members(protocol))}")
+    raise ModelMismatchError(f"{where} needs {need}; got {got!r}" + (f" (task {task})" if task else "")
+                             + (f": {hint}" if hint else ""))
+
+
 def _members(protocol: type) -> list[str]:
     annotations = list(getattr(protocol, "__annotations__", {}))
     methods = [k for k, v in vars(protocol).items() if callable(v) and not k.startswith("_")]

@@ -36,3 +36,8 @@ class UnknownKeyError(CirlabError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class ModelMismatchError(CirlabError, TypeError):
+    """A model (or a split) handed to a function built for another kind: an ITM model to a CIR evaluation, a
+    non-CaLa model to CaLa's tracer; the message names what the function needs and what it got."""

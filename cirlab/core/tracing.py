@@ -199,6 +199,8 @@ def _make_record(trace: RouteTrace, layer: str, weights: torch.Tensor, kind: str
 @contextlib.contextmanager
 def trace_routes(model: torch.nn.Module) -> Iterator[RouteTrace]:
     """Record every router emission from ``model``'s modules while the block runs."""
+    if not isinstance(model, torch.nn.Module):  # a model's name failed as "'str' object has no attribute 'modules'"
+        raise TypeError(f"trace_routes needs the model itself (cirlab.create_model(...)), got {model!r}")
     trace = RouteTrace(module_ids={id(m) for m in model.modules()})
     _ACTIVE.append(trace)
     try:

@@ -28,7 +28,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from cirlab.core.contracts import HasGalleryScorer, HasImageTransform
+from cirlab.core.config import whole_number
+from cirlab.core.contracts import CIRModel, HasGalleryScorer, HasImageTransform, ITMModel, require_model
+from cirlab.core.errors import ConfigError, ModelMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +144,12 @@ def _split_key(split: Any) -> str:
 
 
 def _as_split_dict(split_or_splits: Any) -> dict[str, Any]:
+    given = split_or_splits.values() if isinstance(split_or_splits, Mapping) else split_or_splits \
+        if isinstance(split_or_splits, (list, tuple)) else [split_or_splits]
+    for split in given:
+        if not hasattr(split, "triplets"):  # a split's name ("val") or a precomp split, deep in the scoring before
+            raise ModelMismatchError(f"evaluate_cir: {split!r} is a {type(split).__name__}, not a CIR split "
+                                     "(cirlab.data.load_cir(dataset, root, split))")
     if isinstance(split_or_splits, Mapping):
         return dict(split_or_splits)
     splits = split_or_splits if isinstance(split_or_splits, (list, tuple)) else [split_or_splits]
@@ -155,7 +163,12 @@ def _as_split_dict(split_or_splits: Any) -> dict[str, Any]:
 
 
 def _infer_protocol(splits: dict[str, Any], protocol: str | None) -> str:
+    """The splits' dataset is their protocol; a ``protocol`` naming another dataset is refused (Shoes' metrics on
+    Fashion-IQ splits were computed and labelled as Shoes without a word)."""
     names = {getattr(s, "dataset", None) for s in splits.values()}
+    if protocol is not None and len(names) == 1 and next(iter(names)) in CIR_PROTOCOLS and protocol not in names:
+        raise ConfigError(f"protocol={protocol!r}, but the splits are {next(iter(names))} splits: leave protocol "
+                          "out to use theirs")
     if protocol is None:
         if len(names) != 1 or next(iter(names)) not in CIR_PROTOCOLS:
             raise ValueError(f"cannot infer the protocol from datasets {sorted(map(str, names))}; pass protocol=")
@@ -251,6 +264,9 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
     """
     from cirlab.core import metrics as M
 
+    require_model(model, CIRModel, "evaluate_cir", hint="evaluate_itm scores image-text matching models")
+    whole_number(k, "k")
+    whole_number(batch_size, "batch_size")
     splits = _as_split_dict(split_or_splits)
     protocol = _infer_protocol(splits, protocol)
     model.eval()
@@ -426,6 +442,12 @@ def evaluate_itm(model: Any, split: Any, protocol: str = "full", *, batch_size: 
     """
     from cirlab.core import metrics as M
 
+    require_model(model, ITMModel, "evaluate_itm", hint="evaluate_cir scores composed-retrieval models")
+    if not hasattr(split, "image_dataset"):  # a CIR split failed as "'CIRSplit' object has no attribute ..."
+        raise ModelMismatchError(f"evaluate_itm needs a precomp split (cirlab.data.load_precomp), got a "
+                                 f"{type(split).__name__}")
+    whole_number(batch_size, "batch_size")
+    whole_number(shard_size, "shard_size")
     if protocol not in ITM_PROTOCOLS:
         raise ValueError(f"unknown ITM protocol {protocol!r}; known: {', '.join(ITM_PROTOCOLS)}")
     cpi = int(getattr(split, "im_div", 5))

@@ -268,16 +268,27 @@ def validate_config(config: dict[str, Any], source: str = "config", *, for_eval:
 def _validate_task(config: dict[str, Any], source: str) -> None:
     """A composed-retrieval model (CIR, re-ranker) trains on a CIR dataset, an image-text matching model on precomp
     features: the other pairing fails deep in the data code otherwise (a caption vocabulary fitted on triplets)."""
-    from cirlab.data.catalog import CIR_DATASETS, DATASETS, ITM_DATASETS, canonical_name
     from cirlab.models.registry import get_entry
 
-    model, dataset = str(config["model"]), canonical_name(str(config["dataset"]["name"]))
-    wants_itm = get_entry(model).task == "itm"
-    if wants_itm != DATASETS[dataset].is_itm:
-        fits = ITM_DATASETS if wants_itm else CIR_DATASETS
-        kind = "an image-text matching" if wants_itm else "a composed image retrieval"
-        raise ConfigError(f"{source}: dataset.name: {model} is {kind} model and cannot train on {dataset!r}; "
-                          f"its datasets: {', '.join(fits)}")
+    model = str(config["model"])
+    problem = task_mismatch(model, get_entry(model).task, str(config["dataset"]["name"]))
+    if problem:
+        raise ConfigError(f"{source}: dataset.name: {problem}")
+
+
+def task_mismatch(model: str, task: str, dataset: str) -> str:
+    """Why a model of ``task`` cannot read ``dataset`` (a CIR model on precomp features, an ITM model on
+    triplets), naming the datasets it reads; ``""`` when it can."""
+    from cirlab.data.catalog import CIR_DATASETS, ITM_DATASETS, get_dataset
+
+    spec = get_dataset(dataset)
+    wants_itm = task == "itm"
+    if wants_itm == spec.is_itm:
+        return ""
+    dataset = spec.name
+    fits = ITM_DATASETS if wants_itm else CIR_DATASETS
+    kind = "an image-text matching" if wants_itm else "a composed image retrieval"
+    return f"{model} is {kind} model and cannot read {dataset!r}; its datasets: {', '.join(fits)}"
 
 
 def _validate_model(config: dict[str, Any], source: str) -> None:

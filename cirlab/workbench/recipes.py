@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from cirlab.core.config import did_you_mean, whole_number
-from cirlab.core.errors import ConfigError, MissingPathError, UnknownKeyError
+from cirlab.core.contracts import Model, require_model
+from cirlab.core.errors import ConfigError, MissingPathError, ModelMismatchError, UnknownKeyError
 
 logger = logging.getLogger(__name__)
 
@@ -305,12 +306,23 @@ def train_run(model: str, preset: str, dataset: str, data_root: str | os.PathLik
             "run_config": resolved}
 
 
+def run_device(device: str) -> str:
+    """A workbench function's ``device``, checked by name (as ``cirlab train`` checks ``train.device``: a typo such as
+    ``"gpu"`` was torch's list of device types) and with ``"auto"`` resolved to ``cuda`` when a GPU is visible."""
+    from cirlab.engine.runs import eval_device
+    from cirlab.engine.train import check_device
+
+    check_device(device, "device")
+    return eval_device(device)
+
+
 def load_run(run_dir: str | os.PathLike, device: str = "cpu", checkpoint: str = "best") -> Any:
     """A run's model with ``checkpoints/<checkpoint>.pt`` loaded, in eval mode. ``best`` falls back to ``last`` (a
     run that selects its last epoch writes no best.pt); any other name that is not there is an error listing the
     checkpoints the run has."""
     from cirlab.engine.runs import model_from_checkpoint
 
+    device = run_device(device)
     run = Path(run_dir).expanduser().resolve()
     folder = run / "checkpoints"
     have = sorted(p.stem for p in folder.glob("*.pt")) if folder.is_dir() else []
@@ -341,6 +353,7 @@ def untrained_copy(run_dir: str | os.PathLike, dataset: str, data_root: str | os
     from cirlab.engine.runs import fit_to_training_data, merge_config
     from cirlab.models.registry import create_model
 
+    device = run_device(device)
     trained = load_run(run_dir)
     torch.manual_seed(seed)
     model = create_model(trained.model_name, config=trained.config)
@@ -363,9 +376,14 @@ def evaluate_run(model: Any, dataset: str, data_root: str | os.PathLike, split: 
     import tempfile
 
     from cirlab.core.topk import load_topk
-    from cirlab.engine.runs import evaluate_split, load_split
+    from cirlab.engine.runs import evaluate_split, load_split, task_mismatch
 
+    device = run_device(device)
     whole_number(k, "k (the top-K lists' length)")  # before the gallery is encoded
+    require_model(model, Model, "evaluate_run")
+    problem = task_mismatch(model.model_name, model.task, dataset)
+    if problem:  # was torch's "'AMC' object has no attribute 'encode_image'" from deep in the scoring
+        raise ModelMismatchError(f"evaluate_run: {problem}")
     if model.task == "itm":
         if topk_dir is None:
             return evaluate_itm_run(model, dataset, data_root, split, device=device), {}
@@ -393,6 +411,7 @@ def evaluate_itm_run(model: Any, dataset: str, data_root: str | os.PathLike, spl
     from cirlab.data.catalog import ITM_DATASETS, is_itm
     from cirlab.engine.runs import evaluate_split
 
+    device = run_device(device)
     if not is_itm(dataset):
         raise ValueError(f"evaluate_itm_run: {dataset!r} is not a precomp ITM dataset ({', '.join(ITM_DATASETS)})")
     config = data_config(dataset, data_root, split)
@@ -435,6 +454,7 @@ def itm_topk(model: Any, dataset: str, data_root: str | os.PathLike, split: str 
     from cirlab.engine.evaluate import score_itm
     from cirlab.engine.runs import itm_protocol
 
+    device = run_device(device)
     loaded = itm_splits(dataset, data_root, split)
     config = data_config(dataset, data_root, split)
     split_name = str(config["dataset"]["val_split"])
@@ -482,6 +502,13 @@ def _shares(n: int, parts: int) -> list[int]:
     return [n // parts + (i < n % parts) for i in range(parts)]
 
 
+def _require_kind(model: Any, name: str, where: str, others: str) -> None:
+    """A model-specific view given another model failed as torch's ``'AMC' object has no attribute 'trace'``."""
+    got = getattr(model, "model_name", None) or type(model).__name__
+    if got != name:
+        raise ModelMismatchError(f"{where} needs a {name} model, got {got!r} ({others})")
+
+
 def cala_trace(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", n: int = 8,
                device: str = "cpu") -> tuple[Any, dict[Any, str]]:
     """CaLa's attention (:meth:`cirlab.models.cala.CaLa.trace`: HCA's hinge map and bridge shares, TAC's twin
@@ -493,6 +520,8 @@ def cala_trace(model: Any, dataset: str, data_root: str | os.PathLike, split: st
 
     from cirlab.workbench.viz import plain_text
 
+    device = run_device(device)
+    _require_kind(model, "cala", "cala_trace", "router models (AMC, DIME): collect_routes; HREM: hrem_relation")
     _check_count(n, "n")
     splits = cir_splits(dataset, data_root, split)
     transform = model.image_transform(False)
@@ -526,6 +555,8 @@ def hrem_relation(model: Any, dataset: str, data_root: str | os.PathLike, split:
 
     from cirlab.models.hrem import relation_frames
 
+    device = run_device(device)
+    _require_kind(model, "hrem", "hrem_relation", "router models (AMC, DIME): collect_routes; CaLa: cala_trace")
     loaded = itm_splits(dataset, data_root, split)
     cpi = int(getattr(loaded, "im_div", 5))
     _check_count(n_images, "n_images")
@@ -555,6 +586,7 @@ def collect_routes(model: Any, dataset: str, data_root: str | os.PathLike, split
     from cirlab.engine.evaluate import trace_split
     from cirlab.engine.runs import load_split
 
+    device = run_device(device)
     _check_count(n, "n")
     config = data_config(dataset, data_root, split)
     loaded = load_split(config, config["dataset"]["val_split"])
@@ -603,6 +635,7 @@ def query_fn_for(model: Any, dataset: str, data_root: str | os.PathLike, split: 
     """``query_fn(query_id, text)`` for :class:`cirlab.workbench.widgets.RouterExplorer` over every category of a CIR
     split (None for ITM models: see :func:`explorer_for`). ``splits`` (``{category: CIRSplit}``) avoids reloading
     them."""
+    device = run_device(device)
     if model.task != "cir":
         return None
     from cirlab.workbench.widgets import make_query_fn
@@ -633,6 +666,7 @@ def explorer_for(model: Any, routes: Any, texts: Mapping[Any, str], dataset: str
     """
     from cirlab.workbench import widgets
 
+    device = run_device(device)
     if model.task == "itm":
         from cirlab.engine.runs import load_split
 
