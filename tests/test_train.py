@@ -94,6 +94,37 @@ def test_a_hand_written_config_yaml_in_the_run_folder_is_never_replaced(tmp_path
     train(_model(), TripletItems(16), _cfg(epochs=1), output_dir=run, overwrite=True)
 
 
+def test_wrong_inputs_are_refused_before_the_folder_and_a_failed_start_leaves_no_run(tmp_path):
+    """fit(model, split) failed in the first step and left config.yaml and tb/: the corrected call was then refused
+    as "already holds a run"; a model name or a config file's path failed as AttributeError / TypeError."""
+    from cirlab.core.errors import CirlabError
+
+    class Split:  # a CIRSplit's shape: not the training items themselves
+        def triplet_dataset(self, transform):
+            return TripletItems(16)
+
+    out = tmp_path / "run"
+    for call, message in (
+            (lambda: train(_model(), Split(), _cfg(), output_dir=out),
+             r"needs a dataset of training items .* got a Split; a CIR split gives its training items with "
+             r"split.triplet_dataset"),
+            (lambda: train("amc", TripletItems(16), _cfg(), output_dir=out), r"needs a model .* got 'amc'"),
+            (lambda: train(_model(), TripletItems(16), "configs/amc.yaml", output_dir=out),
+             r"cfg is a TrainConfig or a dict .* cirlab.run_experiment\(cirlab.load_config\(path\)\)")):
+        with pytest.raises(CirlabError, match=message):
+            call()
+        assert not out.exists()
+
+    class Broken(TripletItems):
+        def __getitem__(self, i):
+            raise RuntimeError("a broken image file")
+
+    with pytest.raises(RuntimeError, match="a broken image file"):
+        train(_model(), Broken(16), _cfg(epochs=1, tensorboard=True), output_dir=out)
+    assert sorted(p.name for p in out.iterdir()) == []  # no config.yaml, log or tb/ of a run that never stepped
+    assert train(_model(), TripletItems(16), _cfg(epochs=1), output_dir=out)["steps"] == 2  # no --overwrite needed
+
+
 def test_step_schedules_match_paper_formulas():
     amc = TrainConfig(lr=1e-4, schedule="step", lr_milestones=[40], epochs=50)
     assert [learning_rate(amc, 1e-4, e, 0) for e in (0, 39, 40, 49)] == pytest.approx([1e-4, 1e-4, 1e-5, 1e-5])

@@ -1087,8 +1087,13 @@ class Trainer:
             if self.dist.is_main:
                 repair_log(self.output_dir / "log.jsonl", p.step)
         try:
-            with self.stop:
-                return self._run(p)
+            try:
+                with self.stop:
+                    return self._run(p)
+            except BaseException:
+                if resume_from is None and self.progress.step == 0 and self.dist.is_main:
+                    self._forget_failed_start()
+                raise
         except OSError as err:
             if isinstance(err, CirlabError) or err.errno not in _NO_SPACE:
                 raise
@@ -1096,6 +1101,19 @@ class Trainer:
             kept = f"the last complete checkpoint is kept: {last}" if last.is_file() else "no checkpoint was written"
             raise RunWriteError(f"cannot write to the run folder {self.output_dir} ({err.strerror or err}); "
                                 f"{kept}") from err
+
+    def _forget_failed_start(self) -> None:
+        """A fresh run that stopped before its first optimizer step holds nothing worth keeping, but its config.yaml,
+        log and tb/ made the folder "hold a run": the corrected call was refused without --overwrite."""
+        import shutil
+
+        for name in ("config.yaml", "log.jsonl", "tb", "train_summary.json"):
+            path = self.output_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.is_file():
+                path.unlink()
+        logger.info("the run stopped before its first step: nothing of it is kept in %s", self.output_dir)
 
     def _run(self, p: _Progress) -> dict[str, Any]:
         cfg = self.cfg
@@ -1399,6 +1417,23 @@ def resume_checkpoint(resume: str, output_dir: Path) -> Path | None:
     return Path(resume).expanduser()
 
 
+def _check_train_inputs(model: Any, train_dataset: Any, cfg: Any) -> None:
+    """Before the run folder is touched: a model name, a split instead of its training dataset, a config file's path
+    failed inside the first step (leaving a config.yaml that then refused the corrected call)."""
+    from cirlab.core.errors import ModelMismatchError
+
+    if not (isinstance(model, nn.Module) and hasattr(model, "training_step")):
+        raise ModelMismatchError(f"train/fit needs a model (cirlab.create_model(...)), got {model!r}")
+    if not (hasattr(train_dataset, "__getitem__") and hasattr(train_dataset, "__len__")):
+        hint = ("; a CIR split gives its training items with split.triplet_dataset(model.image_transform(True))"
+                if hasattr(train_dataset, "triplet_dataset") else "")
+        raise ModelMismatchError(f"train/fit needs a dataset of training items (indexable, with a length), got a "
+                                 f"{type(train_dataset).__name__}{hint}")
+    if cfg is not None and not isinstance(cfg, (TrainConfig, Mapping)):
+        raise ConfigError(f"train/fit: cfg is a TrainConfig or a dict of its fields, got {cfg!r} (a config file runs "
+                          "with cirlab.run_experiment(cirlab.load_config(path)))")
+
+
 def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any] | None = None, *,
           output_dir: str | os.PathLike, evaluate_fn: EvalFn | None = None, collate_fn: Callable | None = None,
           callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
@@ -1422,6 +1457,7 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
         dict with ``steps``, ``epochs``, ``losses`` (per optimizer step of this call), ``eval_history``,
         ``best_score``, ``best_epoch``, ``best_checkpoint`` and ``last_checkpoint``.
     """
+    _check_train_inputs(model, train_dataset, cfg)
     # a TrainConfig's own fields over the model's paper defaults, as a dict's: its class defaults do not count
     cfg = resolve_train_config(model, cfg.given() if isinstance(cfg, TrainConfig) else cfg)
     output_dir = Path(output_dir)
