@@ -393,6 +393,53 @@ def test_a_model_of_the_wrong_kind_or_a_device_typo_is_one_line(tiny_data):
             pass
 
 
+def test_gallery_lookups_checkpoints_and_rankings_name_what_is_wrong(tiny_data, tmp_path):
+    """gallery_rows took bare KeyErrors (an id of another category, n=-1) and not cir_splits' dict; worst_queries(-1)
+    gave all but one; load_run looked for last.pt.pt and refused a checkpoint file; find_data fell back to the
+    synthetic data for a run folder that does not exist; ranking_pair compared two datasets' rankings; metrics.json
+    held a bare NaN."""
+    import json
+
+    from cirlab import workbench
+    from cirlab.core.errors import CirlabError
+    from cirlab.core.topk import save_topk
+
+    run = tmp_path / "amc"
+    _train_tiny("amc", "fashioniq", tiny_data, run)
+    model = workbench.load_run(run, checkpoint="last.pt")
+    assert workbench.load_run(run / "checkpoints" / "best.pt").model_name == "amc"
+    _, topks = workbench.evaluate_run(model, "fashioniq", tiny_data, k=5, topk_dir=tmp_path / "topk")
+    splits = workbench.cir_splits("fashioniq", tiny_data, "val")
+    dress = topks["dress"]
+    rows = workbench.gallery_rows(dress, splits, n=2)  # the dict of every category's split
+    assert [r["query_id"] for r in rows] == list(dress.query_ids[:2])
+    assert workbench.gallery_rows(dress, splits["dress"], query_ids=dress.query_ids[1])[0]["query_id"] == \
+        dress.query_ids[1]  # one id, not its letters
+    shirt_id = topks["shirt"].query_ids[0]
+    for call, message in (
+            (lambda: workbench.gallery_rows(dress, splits["dress"], query_ids=[shirt_id]),
+             rf"query '{shirt_id}' is not in the top-K file"),
+            (lambda: workbench.gallery_rows(topks["shirt"], splits["dress"], query_ids=[shirt_id]),
+             rf"query '{shirt_id}' is not in the split"),
+            (lambda: workbench.gallery_rows(dress, splits, n=-1), r"n must be a whole number >= 1"),
+            (lambda: workbench.worst_queries(dress, n=-1), r"n must be a whole number >= 1"),
+            (lambda: workbench.find_data("fashioniq", run_dir=tmp_path / "nope"), r"run_dir .*nope does not exist"),
+            (lambda: workbench.find_data("fashioniq", size="smal"), r"size: unknown synthetic size 'smal'")):
+        with pytest.raises(CirlabError, match=message):
+            call()
+    assert workbench.find_data("fashioniq", None, run_dir=run) == workbench.find_data("fashioniq", "", run_dir=run)
+    dress.meta["dataset"] = "fashioniq"
+    save_topk(tmp_path / "a.topk.npz", dress)
+    dress.meta["dataset"] = "shoes"
+    save_topk(tmp_path / "b.topk.npz", dress)
+    with pytest.raises(CirlabError, match=r"before ranks dataset 'fashioniq' and after ranks dataset 'shoes'"):
+        workbench.ranking_pair(tmp_path / "a.topk.npz", tmp_path / "b.topk.npz")
+    assert workbench.ranking_pair(None, None) is None
+    workbench.write_outputs(tmp_path / "out", {"R@1": float("nan"), "R@5": 2.0}, {})
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text(), parse_constant=pytest.fail) == {
+        "R@1": None, "R@5": 2.0}  # strict JSON: null, not NaN
+
+
 def test_counts_are_checked_and_spread_over_the_categories_exactly(tiny_data, tmp_path):
     """evaluate's k and router_explorer's n_queries: a number below 1 is an error naming it (k=-5 was reported as
     "too big"; n=-3 traced one query per category); n=7 over Fashion-IQ's three categories traces 3 + 2 + 2 (an

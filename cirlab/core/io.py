@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -66,8 +67,24 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
-    """JSON with sorted keys; values JSON cannot hold (paths, numpy scalars) are written as their ``str``."""
-    return write_text(path, json.dumps(obj, indent=indent, sort_keys=True, default=str))
+    """Strict JSON with sorted keys; values JSON cannot hold (paths, numpy scalars) are written as their ``str``, and
+    NaN / infinity (a recall over no queries) as ``null``: Python writes a bare ``NaN`` that JSON readers (the
+    report's browser, ``jq``) refuse."""
+    return write_text(path, json.dumps(_finite(obj), indent=indent, sort_keys=True, default=str, allow_nan=False))
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float (in dicts, lists and tuples, at any depth) replaced by None; numpy
+    scalars as the Python numbers they hold (a float32 recall was written as the string "2.0")."""
+    if type(obj).__module__ == "numpy" and getattr(obj, "ndim", None) == 0:
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def write_yaml(path: str | os.PathLike, obj: Any) -> Path:

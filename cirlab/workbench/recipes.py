@@ -124,10 +124,17 @@ def find_data(dataset: str, data_root: str | os.PathLike = "", run_dir: str | os
     """
     from cirlab.data.catalog import get_dataset
 
-    try:
-        get_dataset(dataset)  # a misspelt name must not fall through to the synthetic data
-    except ValueError as err:
-        raise ParameterError(f"dataset: {err}") from None
+    from cirlab.data.generators.synthetic import resolve_size
+
+    # a misspelt name must not fall through to the synthetic data, nor a misspelt size wait until it is needed
+    for name, check in (("dataset", lambda: get_dataset(dataset)), ("size", lambda: resolve_size(size))):
+        try:
+            check()
+        except ValueError as err:
+            raise ParameterError(f"{name}: {err}") from None
+    data_root = data_root or ""  # None is "not given", not a folder named "None"
+    if run_dir and not Path(run_dir).expanduser().exists():  # was: the synthetic data, without a word
+        raise MissingPathError(f"run_dir {Path(run_dir).expanduser().resolve()} does not exist")
     for given, origin in ((str(data_root), "data_root"), (os.environ.get("CIRLAB_DATA", "").strip(), "$CIRLAB_DATA")):
         if given:
             path = _from_checkout(Path(given).expanduser()).resolve()
@@ -319,11 +326,16 @@ def run_device(device: str) -> str:
 def load_run(run_dir: str | os.PathLike, device: str = "cpu", checkpoint: str = "best") -> Any:
     """A run's model with ``checkpoints/<checkpoint>.pt`` loaded, in eval mode. ``best`` falls back to ``last`` (a
     run that selects its last epoch writes no best.pt); any other name that is not there is an error listing the
-    checkpoints the run has."""
+    checkpoints the run has. ``run_dir`` may also be a checkpoint file itself (``.../checkpoints/best.pt``), and
+    ``checkpoint`` a file name (``"last.pt"``)."""
     from cirlab.engine.runs import model_from_checkpoint
 
     device = run_device(device)
     run = Path(run_dir).expanduser().resolve()
+    if run.is_file() and run.suffix == ".pt":  # was: "no trained run at .../best.pt ... train it first"
+        model, _ = model_from_checkpoint(run)
+        return model.to(device).eval()
+    checkpoint = checkpoint.removesuffix(".pt")  # "last.pt" looked for last.pt.pt
     folder = run / "checkpoints"
     have = sorted(p.stem for p in folder.glob("*.pt")) if folder.is_dir() else []
     if not have:
@@ -700,22 +712,32 @@ def _main_layers(frame: Any) -> Any:
 def gallery_rows(topk: Any, split: Any, query_ids: Sequence[str] | None = None, k: int = 5,
                  n: int = 4) -> list[dict[str, Any]]:
     """Rows for :func:`cirlab.workbench.viz.plot_retrieval_gallery` from a top-K file and its split (images from
-    disk)."""
+    disk). ``split`` may be :func:`cir_splits`' ``{category: split}`` (a top-K file of every category); without
+    ``query_ids`` the first ``n`` queries of the file that the split holds."""
+    from cirlab.workbench.analysis import name_list
     from cirlab.workbench.viz import plain_text
 
-    by_id = {t.query_id: t for t in split.triplets}
+    whole_number(k, "k")
+    whole_number(n, "n")
+    owner = {t.query_id: (sp, t) for sp in (split.values() if isinstance(split, Mapping) else [split])
+             for t in sp.triplets}
     row_of = {q: i for i, q in enumerate(topk.query_ids)}
-    ids = list(query_ids) if query_ids is not None else list(topk.query_ids[:n])
+    ids = name_list(query_ids) if query_ids is not None else [q for q in topk.query_ids if q in owner][:n]
+    for qid in ids:  # bare KeyErrors before: an id of another category, or one the top-K file does not hold
+        for where, known in (("the top-K file", row_of), ("the split", owner)):
+            if str(qid) not in known:
+                raise UnknownKeyError(f"query {str(qid)!r} is not in {where} ({len(known)} queries, first: "
+                                      f"{', '.join(map(str, list(known)[:3]))})")
     rows = []
     for qid in ids:
-        i, trip = row_of[str(qid)], by_id[str(qid)]
+        (sp, trip), i = owner[str(qid)], row_of[str(qid)]
         cands = list(topk.gallery_ids[i, :k])
         target = trip.target_name
-        rows.append({"query_id": qid, "ref_image": split.image_path(trip.ref_name), "text": plain_text(trip.text),
-                     "candidates": [split.image_path(c) for c in cands], "candidate_ids": cands,
+        rows.append({"query_id": qid, "ref_image": sp.image_path(trip.ref_name), "text": plain_text(trip.text),
+                     "candidates": [sp.image_path(c) for c in cands], "candidate_ids": cands,
                      "scores": list(topk.scores[i, :k]), "target_rank": int(topk.target_rank[i]),
                      "target_position": cands.index(target) if target in cands else None,
-                     "target_image": split.image_path(target) if target else None})
+                     "target_image": sp.image_path(target) if target else None})
     return rows
 
 
@@ -723,6 +745,7 @@ def worst_queries(topk: Any, n: int = 4) -> list[str]:
     """Query ids whose target ranks worst (known targets only)."""
     import numpy as np
 
+    whole_number(n, "n")  # order[:-1] gave every query but one
     known = np.flatnonzero(topk.target_rank > 0)
     order = known[np.argsort(-topk.target_rank[known], kind="stable")]
     return [str(q) for q in topk.query_ids[order[:n]]]
@@ -755,6 +778,7 @@ def ranking_pair(before: str | os.PathLike, after: str | os.PathLike, rerank: bo
     neither must be set, and with ``rerank=False`` both (there would be nothing to compare). Returns the two
     :class:`~cirlab.core.topk.TopK` or None. Errors name the notebook parameter.
     """
+    before, after = before or "", after or ""  # None as "not set", not as a path named "None"
     if not str(before) and not str(after):
         if not rerank:
             raise ParameterError("rerank=False and before/after are empty: nothing to compare (set before and after "
@@ -771,6 +795,11 @@ def ranking_pair(before: str | os.PathLike, after: str | os.PathLike, rerank: bo
             raise MissingPathError(f"{name}={str(value)!r}: {err}") from None
         except (OSError, ValueError) as err:  # not a top-K file, or an unreadable one
             raise ParameterError(f"{name}={str(value)!r}: {err}") from None
+    for key in ("dataset", "split"):  # two rankings of different queries would align on ids that happen to match
+        said = [str((t.meta or {}).get(key, "")) for t in loaded]
+        if all(said) and said[0] != said[1]:
+            raise ParameterError(f"before ranks {key} {said[0]!r} and after ranks {key} {said[1]!r}: the comparison "
+                                 "needs two rankings of the same queries")
     return loaded[0], loaded[1]
 
 
