@@ -464,12 +464,103 @@ def test_import_is_cheap():
     assert out.strip() == "[]"
 
 
-def test_a_misspelt_category_names_the_file_it_meant(tmp_path):
+def test_a_misspelt_category_is_named_with_the_categories_on_disk(tmp_path):
+    """The category is checked before any file is read (it used to surface as split.shrt.val.json: file not found)."""
+    from cirlab.core.errors import ConfigError
     from cirlab.data.generators import synthetic
 
     root = synthetic.ensure(tmp_path / "s", size="tiny", layouts=["fashioniq"], image_size=16) / "fashioniq"
-    with pytest.raises(DataError, match=r"split\.shrt\.val\.json: file not found \(did you mean "
-                                          r"'split\.shirt\.val\.json'\?\)"):
+    with pytest.raises(ConfigError, match=r"unknown Fashion-IQ category 'shrt' \(did you mean 'shirt'\?\); "
+                                          r"categories in .*fashioniq: dress, shirt, toptee"):
         load_cir("fashioniq", root, "val", category="shrt")
     with pytest.raises(ValueError, match=r"unknown Fashion-IQ split 'vla' \(did you mean 'val'\?\)"):
         load_cir("fashioniq", root, "vla", category="dress")  # the split is checked before any file is looked for
+
+
+# ------------------------------------------------------------------------------------------------- arguments (review)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """The synthetic data root: fashioniq/, shoes/, cirr/ and precomp/f30k_precomp/ under one folder."""
+    from cirlab.data.generators import synthetic
+
+    root = tmp_path_factory.mktemp("synth")
+    synthetic.generate(root, size="tiny", image_size=16)
+    return root
+
+
+@pytest.mark.parametrize("name,pattern", [
+    ("f30kk", r"unknown precomp set 'f30kk' \(did you mean 'f30k'\?\); sets in .*precomp: f30k \(catalog names: "
+              r"f30k, coco\)"),
+    ("coco", r"precomp set 'coco' not found; sets in .*precomp: f30k"),
+    ("", r"name must be a precomp dataset name"),
+])
+def test_precomp_names_a_dataset_name_problem_not_a_missing_split(synth, name, pattern):
+    """A wrong name under a folder named precomp/ read as "split 'dev' not found; splits here: none"."""
+    from cirlab.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=pattern):
+        load_precomp(synth / "precomp", name, "dev")
+
+
+def test_precomp_folds_case_and_aliases_and_accepts_the_data_root(synth):
+    reference = load_precomp(synth / "precomp", "f30k", "dev")
+    for root, name in ((synth / "precomp", "F30K"), (synth / "precomp", "Flickr30k"), (synth, "f30k")):
+        split = load_precomp(root, name, "dev")
+        assert split.name == "f30k" and split.captions == reference.captions
+        np.testing.assert_array_equal(split.images, reference.images)
+
+
+@pytest.mark.parametrize("kw,pattern", [
+    ({"regions": "36"}, r"regions must be a whole number >= 1 or None, got '36'"),
+    ({"dim": 0}, r"dim must be a whole number >= 1 or None, got 0"),
+    ({"max_captions": 2.5}, r"max_captions must be a whole number >= 1 or None, got 2\.5"),
+    ({"max_captions": "10"}, r"max_captions must be a whole number >= 1 or None, got '10'"),
+    ({"max_captions": -5}, r"max_captions must be a whole number >= 1 or None, got -5"),
+    ({"max_captions": True}, r"max_captions .* got True"),
+])
+def test_precomp_count_arguments_are_checked_by_name(synth, kw, pattern):
+    from cirlab.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=pattern):
+        load_precomp(synth / "precomp", "f30k", "dev", **kw)
+    split = load_precomp(synth / "precomp", "f30k", "dev", max_captions=np.int64(10), regions=None, dim=None)
+    assert len(split.captions) == 10  # numpy integers and None stay valid
+
+
+@pytest.mark.parametrize("category,pattern", [
+    (["dress", "shirt"], r"category takes one Fashion-IQ category, got \['dress', 'shirt'\]: call load_cir once "
+                         r"per category"),
+    ("", r"category must be a Fashion-IQ category name or None, got ''"),
+    (3, r"category must be a Fashion-IQ category name or None, got 3"),
+    ("drss", r"unknown Fashion-IQ category 'drss' \(did you mean 'dress'\?\)"),
+])
+def test_fashioniq_category_is_checked_before_files_are_read(synth, category, pattern):
+    from cirlab.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=pattern):
+        load_cir("fashioniq", synth / "fashioniq", "val", category=category)
+
+
+def test_fashioniq_category_case_slip_is_folded(synth):
+    split = load_cir("fashioniq", synth / "fashioniq", "val", category="Dress")
+    reference = load_cir("fashioniq", synth / "fashioniq", "val", category="dress")
+    assert split.category == "dress" and split.triplets == reference.triplets
+
+
+@pytest.mark.parametrize("name,split", [("fashioniq", "val"), ("shoes", "test"), ("cirr", "val")])
+def test_load_cir_accepts_the_folder_holding_the_dataset(synth, name, split):
+    """The workbench's find_data accepts such a parent; load_cir said "captions: no cap.*.val.json file found"."""
+    from_parent = load_cir(name, synth, split)
+    direct = load_cir(name, synth / name, split)
+    assert from_parent.root == direct.root and from_parent.triplets == direct.triplets
+    assert from_parent.gallery_names == direct.gallery_names and from_parent.image_paths == direct.image_paths
+
+
+@pytest.mark.parametrize("loader", [lambda: load_cir("fashioniq", 3, "val"), lambda: load_precomp(3, "f30k", "dev")])
+def test_a_root_that_is_not_a_path_is_one_line(loader):
+    from cirlab.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^root must be a folder path \(str or os\.PathLike\) or None, got 3$"):
+        loader()

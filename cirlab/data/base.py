@@ -363,16 +363,17 @@ def load_cir(name: str, root: str | os.PathLike | None = None, split: str = "tra
 
     Args:
         name: "fashioniq" | "shoes" | "cirr".
-        root: dataset root; None = ``$CIRLAB_DATA/<name>`` (see :func:`cirlab.core.paths.resolve_root`).
+        root: dataset root, or a folder holding it as ``<root>/<name>`` (the synthetic set, ``$CIRLAB_DATA``; see
+            :func:`cirlab.data.catalog.dataset_root`); None = ``$CIRLAB_DATA/<name>``.
         split: split name ("train", "val", "test"; CIRR "test1").
-        category: Fashion-IQ category (None = all categories concatenated); ignored by Shoes and CIRR.
+        category: one Fashion-IQ category (None = all categories concatenated); ignored by Shoes and CIRR.
         **kw: dataset options (Fashion-IQ ``protocol``/``gallery``/``captions``, Shoes ``pairs``).
     """
-    from cirlab.core.paths import resolve_root
-    from cirlab.data.catalog import CIR_DATASETS, DATASETS, canonical_name
-
     from cirlab.core.config import did_you_mean, unknown_names_message
+    from cirlab.core.paths import resolve_root
+    from cirlab.data.catalog import CIR_DATASETS, DATASETS, canonical_name, dataset_root
 
+    check_root(root)
     key = canonical_name(name)
     if key not in CIR_DATASETS:
         raise ConfigError(f"unknown CIR dataset {name!r}{did_you_mean(name, CIR_DATASETS)}; "
@@ -383,11 +384,22 @@ def load_cir(name: str, root: str | os.PathLike | None = None, split: str = "tra
         raise ConfigError(unknown_names_message(f"load_cir({key!r})", set(kw) - set(options),
                                                 ["root", "split", "category", *options]))
     check_options(key, kw)
-    path = resolve_root(root, spec.subdir)
+    # a given root may be the folder holding <name>/ (what the workbench's find_data accepts): take the subfolder
+    path = dataset_root(key, root) if _given(root) else resolve_root(None, spec.subdir)
     if not path.is_dir():
         raise DataError(missing_root_message(key, path, root), file=path, kind="missing_file")
     module = importlib.import_module(spec.loader)
     return module.load(path, split=split, category=category, **kw)
+
+
+def check_root(root: Any) -> None:
+    """Refuse a root that is not a path (``root=3`` would fail deep inside pathlib with a TypeError)."""
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise ConfigError(f"root must be a folder path (str or os.PathLike) or None, got {root!r}")
+
+
+def _given(root: Any) -> bool:
+    return root is not None and str(root) != ""
 
 
 def missing_root_message(name: str, path: Path, given: Any = None) -> str:

@@ -244,6 +244,32 @@ def _load_category(root: Path, category: str, split: str, images: FashionIQImage
     return triplets, names or [], used
 
 
+def check_category(root: Path, category: Any) -> str | None:
+    """The on-disk name of ``category`` (a case slip is folded), None for all categories.
+
+    Checked before any file is read: a list, "" or a misspelt name would otherwise surface as a missing
+    ``split.<category>.<split>.json``. With no caption files on disk there is nothing to check against, and the
+    missing file is the problem the loader reports.
+    """
+    from cirlab.core.config import did_you_mean
+
+    if category is None:
+        return None
+    if isinstance(category, (list, tuple, set)):
+        raise ConfigError(f"category takes one Fashion-IQ category, got {category!r}: call load_cir once per "
+                          "category (the protocol scores each on its own), or pass None for all of them concatenated")
+    if not isinstance(category, str) or not category.strip():
+        raise ConfigError(f"category must be a Fashion-IQ category name or None, got {category!r}")
+    present = find_categories(root)
+    if not present or category in present:
+        return category
+    folded = [c for c in present if c.lower() == category.lower()]
+    if len(folded) == 1:
+        return folded[0]
+    raise ConfigError(f"unknown Fashion-IQ category {category!r}{did_you_mean(category, present)}; categories in "
+                      f"{root}: {', '.join(present)}")
+
+
 def _resolve_protocol(protocol: str, gallery: str | None, captions: str | None,
                       exclude_reference: bool | None) -> tuple[str, str, str, bool]:
     """(protocol label, gallery, caption policy, exclude_reference); the label notes any override."""
@@ -271,7 +297,8 @@ def load(root: Path, split: str = "train", category: str | None = None, *, proto
     Args:
         root: the Fashion-IQ root (holding ``captions/``, ``image_splits/`` and ``images/`` or ``img/``).
         split: "train" | "val" | "test".
-        category: e.g. "dress"; None = every category found in ``captions/`` for this split.
+        category: one category, e.g. "dress" (case-insensitive); None = every category found in ``captions/`` for
+            this split.
         protocol: "amc" (default; the AMC paper's protocol) or "clip4cir" (alias "rerank"); see the module doc.
         gallery: "amc" (caption-file candidates+targets) or "split" (``split.{cat}.{split}.json``).
         captions: caption policy name, see ``CAPTION_POLICIES``.
@@ -287,6 +314,7 @@ def load(root: Path, split: str = "train", category: str | None = None, *, proto
     root = Path(root)
     sink = sink or ProblemCollector(strict=True)
     label, gallery, captions, exclude = _resolve_protocol(protocol, gallery, captions, exclude_reference)
+    category = check_category(root, category)
     if category is not None:
         cats = [category]
     else:

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from cirlab.data.base import ProblemCollector, file_not_found
+from cirlab.core.errors import ConfigError
+from cirlab.data.base import ProblemCollector, check_root, file_not_found
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +38,59 @@ OPTIONS: dict[str, object] = {"max_captions": "int?", "regions": "int?", "dim": 
 
 
 def precomp_dir(root: Path, name: str) -> Path:
-    """``root/{name}_precomp`` (HREM/SCAN), else ``root/{name}/precomp`` (GPO), else ``root`` if it is that folder."""
-    root = Path(root)
-    for candidate in (root / f"{name}_precomp", root / name / "precomp"):
+    """The set's folder (:func:`find_set_dir`), else ``root/{name}_precomp`` (the path a missing-file problem names)."""
+    return find_set_dir(Path(root), name) or Path(root) / f"{name}_precomp"
+
+
+def find_set_dir(root: Path, name: str) -> Path | None:
+    """``root/{name}_precomp`` (HREM/SCAN), else ``root/{name}/precomp`` (GPO), else ``root/precomp/{name}_precomp``
+    (a data root holding several layouts: the synthetic set), else ``root`` if it is that folder; None if absent."""
+    for candidate in (root / f"{name}_precomp", root / name / "precomp", root / "precomp" / f"{name}_precomp"):
         if candidate.is_dir():
             return candidate
-    if root.name in (f"{name}_precomp", "precomp"):
+    # a folder named precomp/ is GPO's set folder only when it holds no *_precomp sets (the synthetic set's does)
+    if root.name == f"{name}_precomp" or (root.name == "precomp" and not find_precomp(root)):
         return root
-    return root / f"{name}_precomp"
+    return None
+
+
+def set_name(root: Path, name: Any) -> str:
+    """The name of the precomp set ``name`` picks under ``root``: as given when its folder exists, else the catalog's
+    name for it (a case slip or an alias: "F30K", "flickr30k" -> "f30k").
+
+    A name matching none of the sets in a folder that holds some is a ConfigError naming them; it would otherwise
+    read as a missing split.
+    """
+    from cirlab.core.config import did_you_mean
+    from cirlab.data.catalog import DATASETS, ITM_DATASETS, canonical_name
+
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"name must be a precomp dataset name such as 'f30k' or 'coco', got {name!r}")
+    key = canonical_name(name)
+    for candidate in dict.fromkeys((name, key)):
+        if find_set_dir(root, candidate) is not None:
+            return candidate
+    where = root if find_precomp(root) else root / "precomp"
+    present = [n for n, _ in find_precomp(where)]
+    if not present:  # nothing to choose from: the loader reports the missing folder
+        return key if key in DATASETS else name
+    what = f"precomp set {name!r} not found" if key in ITM_DATASETS else f"unknown precomp set {name!r}"
+    hint = did_you_mean(name, [n for n in dict.fromkeys([*present, *ITM_DATASETS]) if n != key])
+    raise ConfigError(f"{what}{hint}; sets in {where}: {', '.join(present)} (catalog names: "
+                      f"{', '.join(ITM_DATASETS)})")
+
+
+def count_or_none(value: Any, name: str) -> int | None:
+    """A count argument: a whole number >= 1, or None (no limit / any size). ``max_captions=-5`` would otherwise
+    slice the last 5 captions off, and ``regions="36"`` never match an array's shape."""
+    from cirlab.core.config import FieldValueError, whole_number
+
+    if value is None:
+        return None
+    try:
+        return whole_number(value, name)
+    except FieldValueError:
+        raise FieldValueError(f"{name} must be a whole number >= 1 or None, got {value!r}") from None
 
 
 def open_features(path: Path, sink: ProblemCollector, regions: int | None = 36, dim: int | None = 2048) -> Any:
@@ -246,8 +292,9 @@ def load_precomp(root: str | Path | None, name: str, split: str, *, max_captions
     """Load ``{name}_precomp/{split}_{ims.npy,caps.txt}`` with the original loaders' semantics (module doc).
 
     Args:
-        root: folder holding ``{name}_precomp/``; None = ``$CIRLAB_DATA``.
-        name: "f30k" | "coco" | any other precomp set.
+        root: folder holding ``{name}_precomp/`` (or ``precomp/{name}_precomp/``); None = ``$CIRLAB_DATA``.
+        name: "f30k" | "coco" (case and aliases folded, as in :func:`cirlab.data.catalog.canonical_name`) | any
+            other precomp set present under ``root``.
         split: "train" | "dev" | "test" | "testall".
         max_captions: keep only the first captions (default: 5,000 for "dev", all otherwise; None = all).
         regions, dim: expected feature shape ``[N, regions, dim]``; None accepts any size on that axis.
@@ -255,15 +302,24 @@ def load_precomp(root: str | Path | None, name: str, split: str, *, max_captions
     """
     from cirlab.core.paths import resolve_root
 
+    check_root(root)
+    regions, dim = count_or_none(regions, "regions"), count_or_none(dim, "dim")
+    if max_captions is not _DEFAULT:
+        max_captions = count_or_none(max_captions, "max_captions")
     sink = sink or ProblemCollector(strict=True)
-    folder = precomp_dir(resolve_root(root), name)
+    base = resolve_root(root)
+    name = set_name(base, name)
+    folder = precomp_dir(base, name)
     ims_path, caps_path = folder / f"{split}_ims.npy", folder / f"{split}_caps.txt"
     if not folder.is_dir() and sink.strict:
+        from cirlab.core.config import did_you_mean
         from cirlab.data.base import missing_root_hint
-        from cirlab.data.catalog import DATASETS, canonical_name
+        from cirlab.data.catalog import DATASETS, ITM_DATASETS
 
-        key = canonical_name(name) if canonical_name(name) in DATASETS else "f30k"
-        sink.add("missing_file", folder, None, f"precomp folder not found ({missing_root_hint(key, root)})")
+        known = name in DATASETS
+        hint = "" if known else did_you_mean(name, ITM_DATASETS)  # "f30kk" with no sets on disk to compare with
+        sink.add("missing_file", folder, None, f"precomp folder not found{hint} "
+                 f"({missing_root_hint(name if known else 'f30k', root)})")
     if not ims_path.exists() and not caps_path.exists() and folder.is_dir():
         found = sorted({p.name.split("_")[0] for p in folder.glob("*_ims.npy")})
         here = ", ".join(found) or "none"
