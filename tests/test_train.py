@@ -67,6 +67,8 @@ def test_a_train_config_object_keeps_the_model_defaults_it_does_not_set(tmp_path
                     output_dir=tmp_path / "dict")
     assert as_object["steps"] == as_dict["steps"] == 32 // 8  # the model's batch size of 8 in both
     assert as_object["losses"] == as_dict["losses"]
+    with pytest.raises(TypeError, match=r"TrainConfig: unknown field 'epoch' \(did you mean 'epochs'\?\)"):
+        TrainConfig(epoch=2)  # was the dataclass's "unexpected keyword argument", no suggestion
     cfg = TrainConfig(lr=1e-3)
     cfg.batch_size = 4  # set after construction: the caller's too
     assert cfg.given() == {"lr": 1e-3, "batch_size": 4}

@@ -744,7 +744,8 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     """
     from cirlab.engine.train import check_device, claim_run_folder, refuse_foreign_config
 
-    validate_config(with_defaults(config), f"config {config.get('name') or ''}".strip())
+    name = config.get("name")  # quoted: a config named "config" read "config config: ..."
+    validate_config(with_defaults(config), f"config {name!r}" if name else "config")
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other (continue the run, or replace it); "
                           "pass one of them")

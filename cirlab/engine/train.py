@@ -276,6 +276,9 @@ def _remember_given(init: Callable[..., None]) -> Callable[..., None]:
     names = [f.name for f in dataclasses.fields(TrainConfig)]
 
     def __init__(self: TrainConfig, *args: Any, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:  # the dataclass's own TypeError names the first one and suggests nothing
+            raise UnknownFieldError(unknown_names_message("TrainConfig", unknown, names))
         init(self, *args, **kwargs)
         object.__setattr__(self, "_given", set(names[:len(args)]) | set(kwargs))
 
