@@ -306,6 +306,17 @@ def test_fit_vocab_from_a_split_adds_each_caption() -> None:
     model = cirlab.create_model("amc", preset="tiny")
     assert model.fit_vocab(Split()) == 4 + 5
     assert model.vocab.words[4:] == ["is", "red", "has", "a", "bow"]
+    with pytest.raises(TypeError, match=r"AMC.fit_vocab expects the training captions .* got 'a red shirt'"):
+        model.fit_vocab("a red shirt")  # was a vocabulary of its 12 letters
+
+
+def test_encoding_with_an_empty_vocabulary_warns_in_eval_mode_too(caplog) -> None:
+    """evaluate_cir on an AMC that never had fit_vocab gave metrics of text-blind queries without a word."""
+    model = cirlab.create_model("amc", preset="tiny").eval()
+    caplog.set_level("WARNING", logger="cirlab")
+    model.text_encoder.token_ids(["make it red"])
+    model.text_encoder.token_ids(["make it blue"])
+    assert caplog.text.count("AMC: encoding texts with an empty vocabulary") == 1  # once, not per batch
 
 
 def test_backbone_weights_load_from_a_local_file(tmp_path, caplog) -> None:

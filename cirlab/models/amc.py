@@ -314,9 +314,9 @@ class TextEncoder(nn.Module):
 
     def token_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero-padded ids ``[B, L]`` and lengths ``[B]``."""
-        if not self.vocab.fitted and self.training and not self._warned_unfitted:
-            logger.warning("AMC: training with an empty vocabulary (every word is <UNK>): call "
-                           "model.fit_vocab(train_split) before training")
+        if not self.vocab.fitted and not self._warned_unfitted:  # evaluating too: the texts would count for nothing
+            logger.warning("AMC: %s with an empty vocabulary (every word is <UNK>): call model.fit_vocab(train_split) "
+                           "first", "training" if self.training else "encoding texts")
             self._warned_unfitted = True
         encoded = [self.vocab.encode(self.with_markup(t)) for t in texts]
         longest = max(len(e) for e in encoded)
@@ -605,6 +605,9 @@ class AMC(nn.Module):
             texts = [c for t in source.triplets for c in (t.captions or [t.text])]
             # the loader's query texts carry <BOS> … <EOS> (Fashion-IQ, AMC policy): plain texts get it added
             self.text_encoder.markup = any(t.text.lstrip().startswith("<BOS>") for t in source.triplets)
+        elif isinstance(source, str) or not isinstance(source, Iterable):  # a string was a vocabulary of letters
+            raise TypeError(f"AMC.fit_vocab expects the training captions (a CIRSplit or a list of strings), got "
+                            f"{source!r}")
         else:
             texts = list(source)
         self.text_encoder.fit_vocab(texts)
