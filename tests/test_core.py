@@ -210,6 +210,15 @@ def test_set_batch_refuses_names_that_would_shadow_or_lose_the_ids():
         assert trace._pending_ids == [4] and trace._pending_meta == {"category": [1]}  # numbers, not tensor(4)
 
 
+def test_trace_accessors_name_the_layers_recorded():
+    module = torch.nn.Linear(1, 1)
+    with trace_routes(module) as trace:
+        emit(module, "layer1", torch.rand(2, 3), experts=["x", "y", "z"])
+    for accessor in (trace.gates, trace.names):  # were bare KeyErrors ('layer 1')
+        with pytest.raises(CirlabError, match=r"layer 'layer 1' \(did you mean 'layer1'\?\); recorded: layer1"):
+            accessor("layer 1")
+
+
 def test_set_batch_labels_one_batch_only():
     """Ids set once and two batches run: the second batch was labelled with the first batch's ids, and the analysis
     then averaged different queries into one row."""

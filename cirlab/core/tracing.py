@@ -27,7 +27,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from cirlab.core.config import did_you_mean
 from cirlab.core.contracts import FRAME_COLUMNS
+from cirlab.core.errors import UnknownKeyError
 
 _ACTIVE: list["RouteTrace"] = []
 
@@ -83,7 +85,8 @@ class RouteTrace:
     def _stack(self, layer: str, kind: str) -> torch.Tensor:
         parts = [r.weights for r in self.records if r.layer == layer and r.kind == kind]
         if not parts:
-            raise KeyError(f"no {kind!r} records for layer {layer!r}; recorded: {self.layers()}")
+            raise UnknownKeyError(f"no {kind!r} records for layer {layer!r}{did_you_mean(layer, self.layers())}; "
+                                  f"recorded: {', '.join(self.layers()) or '(nothing)'}")
         return torch.cat(parts, dim=0)
 
     def gates(self, layer: str) -> torch.Tensor:
@@ -101,7 +104,8 @@ class RouteTrace:
         for r in self.records:
             if r.layer == layer:
                 return r.names
-        raise KeyError(layer)
+        raise UnknownKeyError(f"no records for layer {layer!r}{did_you_mean(layer, self.layers())}; recorded: "
+                              f"{', '.join(self.layers()) or '(nothing)'}")
 
     def to_frame(self) -> "Any":
         """A tidy pandas DataFrame, one row per (sample, layer, expert or source->destination) weight."""
