@@ -474,6 +474,10 @@ def test_synthetic_generate_refuses_a_bad_seed_or_size_by_name(tmp_path):
 
     with pytest.raises(ConfigError, match="seed must be a whole number from 0 to 2\\*\\*32 - 1, got -1"):
         synthetic.generate(tmp_path / "s", seed=-1, size="tiny")
-    with pytest.raises(ConfigError, match="image_size must be 16 to 1024 pixels, got 8"):
+    with pytest.raises(ConfigError, match="image_size must be a whole number from 16 to 1024 pixels, got 8"):
         synthetic.generate(tmp_path / "s", size="tiny", image_size=8)
+    with pytest.raises(ConfigError, match=r"seed must be a whole number .* got 1\.5"):  # was numpy's, half-written
+        synthetic.generate(tmp_path / "s", seed=1.5, size="tiny")
+    with pytest.raises(ConfigError, match=r"image_size must be a whole number .* got 32\.0"):  # was PIL's
+        synthetic.generate(tmp_path / "s", size="tiny", image_size=32.0)
     assert not (tmp_path / "s").exists()

@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import numbers
 import os
 import time
 import zlib
@@ -489,6 +490,10 @@ def resolve_size(size: str | SynthSize) -> SynthSize:
     return SIZES[size]
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _layout_list(layouts: Sequence[str] | str) -> list[str]:
     """One layout by name is a list of it: iterated, ``"cirr"`` was the unknown layouts 'c', 'i', 'r', 'r'."""
     return [layouts] if isinstance(layouts, str) else list(layouts)
@@ -517,10 +522,11 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
     unknown = [name for name in layouts if name not in _WRITERS]
     if unknown:
         raise ValueError(f"unknown layout(s) {unknown}; known: {', '.join(LAYOUTS)}")
-    if not 16 <= image_size <= MAX_IMAGE_SIZE:
-        raise ConfigError(f"image_size must be 16 to {MAX_IMAGE_SIZE} pixels, got {image_size}")
-    if not 0 <= seed <= MAX_SEED:  # a negative seed was a numpy traceback
-        raise ConfigError(f"seed must be a whole number from 0 to 2**32 - 1, got {seed}")
+    # whole numbers too, before the folder is touched: 1.5 failed inside numpy and 32.0 inside PIL, half-written
+    if not _whole(image_size) or not 16 <= image_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"image_size must be a whole number from 16 to {MAX_IMAGE_SIZE} pixels, got {image_size!r}")
+    if not _whole(seed) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be a whole number from 0 to 2**32 - 1, got {seed!r}")
     spec = resolve_size(size)
     out = Path(out_root).expanduser()
     _claim(out, layouts, force, overwrite)
