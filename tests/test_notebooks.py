@@ -435,6 +435,8 @@ def test_gallery_lookups_checkpoints_and_rankings_name_what_is_wrong(tiny_data, 
     with pytest.raises(CirlabError, match=r"before ranks dataset 'fashioniq' and after ranks dataset 'shoes'"):
         workbench.ranking_pair(tmp_path / "a.topk.npz", tmp_path / "b.topk.npz")
     assert workbench.ranking_pair(None, None) is None
+    with pytest.raises(CirlabError, match=r'compare="untrained" builds a fresh copy .* pass run_dir= too'):
+        workbench.explorer_for(model, None, {}, "fashioniq", tiny_data, compare="untrained")
     workbench.write_outputs(tmp_path / "out", {"R@1": float("nan"), "R@5": 2.0}, {})
     assert json.loads((tmp_path / "out" / "metrics.json").read_text(), parse_constant=pytest.fail) == {
         "R@1": None, "R@5": 2.0}  # strict JSON: null, not NaN

@@ -689,6 +689,9 @@ def explorer_for(model: Any, routes: Any, texts: Mapping[Any, str], dataset: str
     splits = cir_splits(dataset, data_root, split)
     query_fn = query_fn_for(model, dataset, data_root, split, k=k, device=device, splits=splits)
     compare_fn, labels = None, (Path(run_dir).name if str(run_dir) else "this run", str(compare))
+    if compare == "untrained" and not str(run_dir):  # was "no trained run at <cwd>": the copy needs the run's config
+        raise ParameterError('compare="untrained" builds a fresh copy of the run\'s model: pass run_dir= too (or '
+                             'compare="" for no comparison)')
     if compare:
         other = (untrained_copy(run_dir, dataset, data_root, device=device) if compare == "untrained"
                  else load_run(find_run(compare), device=device))
