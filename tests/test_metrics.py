@@ -301,3 +301,65 @@ def test_coco_5k_in_bounded_memory():
     assert 50.0 <= res["i2t_R@1"] < 51.0 and 50.0 <= res["t2i_R@1"] < 51.0
     # 64 rows x 25,000 columns of temporaries (~20 MB); any full-size extra copy would be >= 125 MB (bool)
     assert res["extra_mb"] < 64, res
+
+
+# ------------------------------------------------------------------ argument checks (user review)
+def test_recall_refuses_ranks_below_one_nan_and_fractions():
+    with pytest.raises(ValueError, match=r"ranks must be whole 1-based ranks >= 1: 2 of 3 entries are not, at "
+                                         r"positions \[0, 2\] \(values \[0, -2\]\)"):
+        M.recall_from_ranks([0, 1, -2], ks=[1])
+    for bad in ([1.7, 1], [1, float("nan")]):
+        with pytest.raises(ValueError, match="1 of 2 entries are not"):
+            M.recall_from_ranks(bad, ks=[1])
+    assert M.recall_from_ranks(np.array([1.0, 3.0]), ks=[1]) == {"R@1": 50.0}  # whole float ranks stay accepted
+
+
+def test_known_recall_still_drops_unknown_targets():
+    from cirlab.workbench.analysis import known_recall
+
+    assert known_recall([0, 1, 2], [1]) == {"R@1": 50.0}  # rank 0 = no ground truth, filtered before recall
+
+
+def test_recall_cutoffs_are_whole_numbers_and_one_int_is_a_list():
+    assert M.recall_from_ranks([1, 2, 5], ks=1) == M.recall_from_ranks([1, 2, 5], ks=[1])
+    assert M.shoes_metrics([1, 2], ks=2) == {"R@2": 100.0, "avg": 100.0}
+    assert M.itm_metrics_from_ranks([1, 2], [1, 3], ks=2)["rsum"] == 150.0  # 100 + 50
+    for ks in ([0], [-1], [1.5], 2.0, []):
+        with pytest.raises(ValueError, match="ks must"):
+            M.recall_from_ranks([1, 2], ks=ks)
+
+
+def test_repeated_cutoffs_count_once_in_the_average():
+    assert M.shoes_metrics([1, 20], ks=(1, 1, 10)) == M.shoes_metrics([1, 20], ks=(1, 10))
+
+
+def test_cirr_and_itm_from_ranks_refuse_rank_zero():
+    with pytest.raises(ValueError, match=r"subset_ranks must be whole 1-based ranks >= 1: 1 of 2"):
+        M.cirr_metrics_from_ranks([1, 2], [0, 1])
+    with pytest.raises(ValueError, match=r"t2i ranks must be whole 1-based ranks >= 1: 1 of 2"):
+        M.itm_metrics_from_ranks([1, 2], [1, 0.5])
+
+
+def test_target_indices_must_be_whole():
+    s = torch.rand(2, 4)
+    with pytest.raises(ValueError, match=r"target must hold whole numbers: 2 of 2 entries are not, at positions "
+                                         r"\[0, 1\]"):
+        M.target_ranks(s, [2.7, 1.2])
+    assert M.target_ranks(s, [2.0, 1.0]).tolist() == M.target_ranks(s, [2, 1]).tolist()
+    with pytest.raises(ValueError, match="exclude must hold whole numbers: 1 of 2"):
+        M.target_ranks(s, [2, 1], [0.5, -1])
+    with pytest.raises(ValueError, match="members must hold whole numbers: 1 of 6"):
+        M.cirr_subset_ranks(s, [2, 1], [0, 0], [[0, 2, 1.5], [0, 1, 3]])
+
+
+def test_flat_rank_lists_are_ranks_and_score_tuples_are_unchanged():
+    assert M.fashioniq_metrics({"dress": [1, 3, 12]}) == M.fashioniq_metrics({"dress": torch.tensor([1, 3, 12])})
+    assert M.shoes_metrics([1, 5, 60]) == M.shoes_metrics((1, 5, 60)) == M.shoes_metrics(np.array([1, 5, 60]))
+    s = [[0.1, 0.9, 0.5], [0.8, 0.2, 0.3]]
+    want = M.recall_at_k(s, [2, 0], M.SHOES_KS, exclude=[1, 2])
+    for entry in ((s, [2, 0], [1, 2]), [torch.tensor(s), torch.tensor([2, 0]), torch.tensor([1, 2])]):
+        got = M.shoes_metrics(entry)
+        assert {k: got[k] for k in want} == want
+    assert M.fashioniq_metrics({"dress": (np.array(s), [2, 0])})["dress_R@10"] == 100.0
+    with pytest.raises(ValueError, match=r"2 or 3 items, got 4"):
+        M.shoes_metrics((torch.tensor(s), [2, 0], [1, 2], [0, 0]))

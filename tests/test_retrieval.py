@@ -344,3 +344,31 @@ def test_cpu_bf16_detection_can_be_overridden(monkeypatch):
     _search.cpu_has_bf16.cache_clear()
     assert _search.cpu_has_bf16() is True
     _search.cpu_has_bf16.cache_clear()
+
+
+def test_topk_fields_refuse_fractional_ranks_and_wrong_shapes():
+    from cirlab.core.topk import TopK
+
+    g, s = [["a"], ["b"]], [[0.9], [0.8]]
+    with pytest.raises(ValueError, match=r"TopK: target_rank must hold whole ranks >= 0 \(0 = unknown\): 1 of 2 "
+                                         r"entries are not, at positions \[0\] \(values \[1.7\]\)"):
+        TopK(["q0", "q1"], g, s, [1.7, 0])
+    assert TopK(["q0", "q1"], g, s, [2.0, 0]).target_rank.tolist() == [2, 0]  # 0 = unknown stays allowed
+    with pytest.raises(ValueError, match=r"TopK: query_ids must be a 1-D list, got shape \(\) \(str\)"):
+        TopK("abc", [["a"]] * 3, [[0.9]] * 3, [1, 2, 3])
+    with pytest.raises(ValueError, match=r"TopK: scores has shape \(3, 1\), expected \[2 queries, K\]"):
+        TopK(["q0", "q1"], g, [[0.9]] * 3, [1, 2])
+    with pytest.raises(ValueError, match=r"TopK: target_rank has shape \(3,\), expected \[2\]"):
+        TopK(["q0", "q1"], g, s, [1, 2, 3])
+    with pytest.raises(ValueError, match=r"TopK: category must have 2 entries \(one per query\), got shape \(\)"):
+        TopK(["q0", "q1"], g, s, [1, 2], category="dress")
+    assert TopK(["q0", "q1"], ["a", "b"], [0.9, 0.8], [1, 2]).gallery_ids.shape == (2, 1)  # a flat [Q] list still fits
+
+
+def test_topk_k_is_a_whole_number():
+    """k=2.0 failed inside torch (``empty(): ... got float``) and k=True as a size mismatch."""
+    q, g = torch.rand(3, 4), torch.rand(6, 4)
+    for bad in (2.0, True, 0):
+        with pytest.raises(ValueError, match=rf"k \(a top-K list's length\) must be a whole number >= 1, got {bad}"):
+            R.topk_search(q, g, bad)
+    assert R.topk_search(q, g, np.int64(2))[1].shape == (3, 2)

@@ -33,11 +33,14 @@ Do not use torchmetrics' retrieval metrics here: they drop scores <= 0, which ch
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from cirlab.core.config import whole_number
 
 __all__ = [
     "AVG", "RSUM", "TIES", "FIQ_CATEGORIES", "FIQ_KS", "SHOES_KS", "CIRR_KS", "CIRR_SUBSET_KS", "ITM_KS",
@@ -89,10 +92,25 @@ def _as_scores(scores: ScoresLike) -> Tensor:
     return s
 
 
+def _refuse_entries(bad: Tensor, values: Tensor, what: str) -> None:
+    """One line naming how many entries of ``values`` (1-D) are ``bad`` and the first few positions and values."""
+    if bool(bad.any()):
+        pos = bad.nonzero()[:5, 0]
+        raise ValueError(f"{what}: {int(bad.sum())} of {len(values)} entries are not, at positions {pos.tolist()} "
+                         f"(values {values[pos].tolist()})")
+
+
+def _whole_entries(t: Tensor, name: str) -> Tensor:
+    """``t`` as int64; float entries must be whole, since ``.long()`` would silently truncate 2.7 to 2."""
+    if t.is_floating_point():
+        _refuse_entries(~torch.isfinite(t) | (t != t.floor()), t, f"{name} must hold whole numbers")
+    return t.long()
+
+
 def _as_index(x: ScoresLike | None, n: int, name: str, device: torch.device, fill: int = -1) -> Tensor:
     if x is None:
         return torch.full((n,), fill, dtype=torch.long, device=device)
-    t = torch.as_tensor(x, device=device).long().reshape(-1)
+    t = _whole_entries(torch.as_tensor(x, device=device).reshape(-1), name)
     if len(t) != n:
         raise ValueError(f"{name} has {len(t)} entries for {n} queries")
     return t
@@ -193,20 +211,45 @@ def target_ranks(scores: ScoresLike, target: ScoresLike, exclude: ScoresLike | N
     return out
 
 
-def recall_from_ranks(ranks: ScoresLike, ks: Sequence[int], prefix: str = "") -> dict[str, float]:
+def _as_ranks(ranks: ScoresLike, name: str = "ranks") -> Tensor:
+    """``ranks`` as a 1-D tensor of 1-based ranks: a 0 or negative rank would count as a hit for every K, and a
+    fractional or NaN one has no place in a ranking. Float ranks keep their dtype (+inf is a miss for every K)."""
+    r = torch.as_tensor(ranks).reshape(-1)
+    if len(r) == 0:
+        raise ValueError("recall of an empty query set is undefined")
+    bad = ~(r >= 1)  # NaN fails the comparison too
+    if r.is_floating_point():
+        bad |= r != r.floor()
+    _refuse_entries(bad, r, f"{name} must be whole 1-based ranks >= 1")
+    return r
+
+
+def _as_ks(ks: int | Sequence[int], name: str = "ks") -> list[int]:
+    """Recall cut-offs as whole numbers >= 1, one int meaning ``[k]``; repeats are dropped so that an average over
+    the cut-offs (Shoes, Fashion-IQ) counts each once."""
+    if isinstance(ks, numbers.Number):
+        ks = [ks]
+    out = list(dict.fromkeys(whole_number(k, name) for k in ks))
+    if not out:
+        raise ValueError(f"{name} must name at least one recall cut-off, got {ks!r}")
+    return out
+
+
+def recall_from_ranks(ranks: ScoresLike, ks: int | Sequence[int], prefix: str = "") -> dict[str, float]:
     """Recall@K in percent from 1-based ranks: ``100 * mean(rank <= k)`` over all queries.
+
+    Ranks below 1, NaN or fractional are refused (filter out unknown targets, rank 0, first); ``ks`` may be one int.
 
     Examples:
         >>> recall_from_ranks(torch.tensor([1, 3, 12, 2]), ks=(1, 10))
         {'R@1': 25.0, 'R@10': 75.0}
     """
-    r = torch.as_tensor(ranks).reshape(-1)
-    if len(r) == 0:
-        raise ValueError("recall of an empty query set is undefined")
+    ks = _as_ks(ks)
+    r = _as_ranks(ranks)
     return {recall_key(k, prefix): 100.0 * float((r <= k).double().mean()) for k in ks}
 
 
-def recall_at_k(scores: ScoresLike, target: ScoresLike, ks: Sequence[int], exclude: ScoresLike | None = None, *,
+def recall_at_k(scores: ScoresLike, target: ScoresLike, ks: int | Sequence[int], exclude: ScoresLike | None = None, *,
                 ties: str = "stable", chunk_size: int = 1024, prefix: str = "") -> dict[str, float]:
     """Recall@K in percent: the share of queries whose target ranks within the top K (see :func:`target_ranks`).
 
@@ -237,14 +280,27 @@ def _hit_ranks(scores: ScoresLike, target: ScoresLike, exclude: ScoresLike | Non
 RanksOrScores = Union[Tensor, Sequence]
 
 
+def _is_scores_entry(entry: RanksOrScores) -> bool:
+    """A ``(scores, target[, exclude])`` tuple or list starts with a matrix (an array or a nested sequence); a flat
+    list of numbers such as ``[1, 3, 12]`` is ready ranks."""
+    if not isinstance(entry, (tuple, list)) or len(entry) == 0:
+        return False
+    first = entry[0]
+    if isinstance(first, (str, bytes)):
+        return False
+    return getattr(first, "ndim", 0) >= 1 or isinstance(first, Sequence)
+
+
 def _ranks_of(entry: RanksOrScores, ties: str) -> Tensor:
-    """Accept ready ranks ([Q] tensor) or a ``(scores, target[, exclude])`` tuple."""
-    if isinstance(entry, (tuple, list)):
-        return _hit_ranks(*entry, ties=ties) if len(entry) == 3 else _hit_ranks(*entry, None, ties=ties)
-    return torch.as_tensor(entry).reshape(-1)
+    """Accept ready ranks ([Q] tensor, array or flat list) or a ``(scores, target[, exclude])`` tuple."""
+    if not _is_scores_entry(entry):
+        return torch.as_tensor(entry).reshape(-1)
+    if len(entry) not in (2, 3):
+        raise ValueError(f"a (scores, target[, exclude]) entry has 2 or 3 items, got {len(entry)}")
+    return _hit_ranks(*entry, ties=ties) if len(entry) == 3 else _hit_ranks(*entry, None, ties=ties)
 
 
-def fashioniq_metrics(per_category: Mapping[str, RanksOrScores], *, ks: Sequence[int] = FIQ_KS,
+def fashioniq_metrics(per_category: Mapping[str, RanksOrScores], *, ks: int | Sequence[int] = FIQ_KS,
                       ties: str = "stable") -> dict[str, float]:
     """Fashion-IQ: per-category R@10/R@50, their means over categories, and ``avg`` = mean of those means.
 
@@ -254,7 +310,8 @@ def fashioniq_metrics(per_category: Mapping[str, RanksOrScores], *, ks: Sequence
     The paper's "overall" is ``avg`` = (avg_R@10 + avg_R@50) / 2.
 
     Args:
-        per_category: category -> 1-based target ranks [Q], or a ``(scores, target[, exclude])`` tuple.
+        per_category: category -> 1-based target ranks [Q] (a tensor, array or flat list), or a
+            ``(scores, target[, exclude])`` tuple.
         ks: recall cut-offs (the protocol's 10 and 50).
 
     Examples:
@@ -264,6 +321,7 @@ def fashioniq_metrics(per_category: Mapping[str, RanksOrScores], *, ks: Sequence
     """
     if not per_category:
         raise ValueError("fashioniq_metrics needs at least one category")
+    ks = _as_ks(ks)
     out: dict[str, float] = {}
     for cat, entry in per_category.items():
         out.update(recall_from_ranks(_ranks_of(entry, ties), ks, prefix=cat))
@@ -273,16 +331,19 @@ def fashioniq_metrics(per_category: Mapping[str, RanksOrScores], *, ks: Sequence
     return out
 
 
-def shoes_metrics(entry: RanksOrScores, *, ks: Sequence[int] = SHOES_KS, ties: str = "stable") -> dict[str, float]:
+def shoes_metrics(entry: RanksOrScores, *, ks: int | Sequence[int] = SHOES_KS,
+                  ties: str = "stable") -> dict[str, float]:
     """Shoes (AMC): R@1/10/50 with the reference removed, and ``avg`` = their mean.
 
     Args:
-        entry: 1-based target ranks [Q], or ``(scores, target, exclude)`` with ``exclude`` the reference index.
+        entry: 1-based target ranks [Q] (a tensor, array or flat list), or ``(scores, target, exclude)`` with
+            ``exclude`` the reference index.
 
     Examples:
         >>> shoes_metrics(torch.tensor([1, 9, 49, 51]))
         {'R@1': 25.0, 'R@10': 50.0, 'R@50': 75.0, 'avg': 50.0}
     """
+    ks = _as_ks(ks)
     out = recall_from_ranks(_ranks_of(entry, ties), ks)
     out[AVG] = sum(out.values()) / len(ks)
     return out
@@ -320,7 +381,7 @@ def cirr_subset_ranks(scores: ScoresLike, target: ScoresLike, reference: ScoresL
     q, g = s.shape
     tgt = _as_index(target, q, "target", s.device)
     ref = _as_index(reference, q, "reference", s.device)
-    mem = torch.as_tensor(members, device=s.device).long().reshape(q, -1)
+    mem = _whole_entries(torch.as_tensor(members, device=s.device).reshape(-1), "members").reshape(q, -1)
     _check_range(tgt, g, "target", allow_missing=False)
     _check_range(mem.reshape(-1), g, "members (flattened)", allow_missing=True)
     same = tgt == ref
@@ -350,7 +411,7 @@ def cirr_metrics_from_ranks(ranks: ScoresLike, subset_ranks: ScoresLike) -> dict
         (50.0, 50.0, 50.0)
     """
     out = recall_from_ranks(ranks, CIRR_KS)
-    sub = torch.as_tensor(subset_ranks).reshape(-1)
+    sub = _as_ranks(subset_ranks, "subset_ranks")
     out.update({subset_key(k): 100.0 * float((sub <= k).double().mean()) for k in CIRR_SUBSET_KS})
     out[AVG] = (out[recall_key(5)] + out[subset_key(1)]) / 2
     return out
@@ -631,13 +692,15 @@ def _median_rank(rank: Tensor) -> float:
 
 
 def _direction_metrics(rank: Tensor, direction: str, ks: Sequence[int]) -> dict[str, float]:
+    rank = _as_ranks(rank, f"{direction} ranks")
     out = {itm_key(direction, k): 100.0 * float((rank <= k).double().mean()) for k in ks}
     out[itm_key(direction, "medr")] = _median_rank(rank)
     out[itm_key(direction, "meanr")] = float(rank.double().mean())  # mean(rank0) + 1
     return out
 
 
-def itm_metrics_from_ranks(i2t: ScoresLike, t2i: ScoresLike, *, ks: Sequence[int] = ITM_KS) -> dict[str, float]:
+def itm_metrics_from_ranks(i2t: ScoresLike, t2i: ScoresLike, *,
+                           ks: int | Sequence[int] = ITM_KS) -> dict[str, float]:
     """ITM metrics from 1-based i2t and t2i ranks: R@K, medr, meanr per direction and ``rsum``.
 
     Examples:
@@ -645,6 +708,7 @@ def itm_metrics_from_ranks(i2t: ScoresLike, t2i: ScoresLike, *, ks: Sequence[int
         >>> m["i2t_R@1"], m["i2t_medr"], m["t2i_meanr"], m["rsum"]
         (25.0, 4.0, 8.75, 350.0)
     """
+    ks = _as_ks(ks)
     out = _direction_metrics(torch.as_tensor(i2t), "i2t", ks)
     out.update(_direction_metrics(torch.as_tensor(t2i), "t2i", ks))
     out[RSUM] = sum(out[itm_key(d, k)] for d in ("i2t", "t2i") for k in ks)

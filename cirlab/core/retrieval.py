@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cirlab.core.config import whole_number
 from cirlab.core.featcache import cache_key, file_digest, state_dict_digest  # noqa: F401  (re-exported)
 from cirlab.core.featcache import default_dir as default_feature_dir
 from cirlab.core.featcache import load_tensor as _load_cached
@@ -124,12 +125,13 @@ def _mask_excluded(block: Tensor, exclude: Tensor, g0: int, g1: int) -> Tensor:
     return block
 
 
-def _check_k(k: int, n_g: int, exclude: Tensor | None) -> None:
-    if k < 1:
-        raise ValueError(f"k={k}: a top-K list needs k >= 1")
+def _check_k(k: int, n_g: int, exclude: Tensor | None) -> int:
+    """``k`` as an int a top-K list can hold (2.0 or True failed inside torch as a dtype or size error)."""
+    k = whole_number(k, "k (a top-K list's length)")
     available = n_g - (1 if exclude is not None and bool((exclude >= 0).any()) else 0)
     if k > available:
         raise ValueError(f"k={k} but only {available} gallery items can be ranked per query")
+    return k
 
 
 def _exclude_tensor(exclude: Any, n_q: int, n_g: int, device: torch.device) -> Tensor | None:
@@ -193,7 +195,7 @@ def topk_search(queries: Tensor, gallery: Tensor, k: int, *, query_chunk: int = 
                 raise ValueError(f"{name} contain NaN (row {int(torch.isnan(x).any(1).nonzero()[0, 0])})")
             finite = False
     exc = _exclude_tensor(exclude, len(queries), len(gallery), queries.device)
-    _check_k(k, len(gallery), exc)
+    k = _check_k(k, len(gallery), exc)
     engine = _search.choose_backend(backend, queries, gallery, k)
     if engine != "blocks" and not finite:
         if backend != "auto":
@@ -225,7 +227,7 @@ def topk_candidates(scores: Tensor, k: int, *, exclude: Any = None, query_chunk:
     if torch.isnan(s).any():
         raise ValueError("scores contain NaN")
     exc = _exclude_tensor(exclude, s.shape[0], s.shape[1], s.device)
-    _check_k(k, s.shape[1], exc)
+    k = _check_k(k, s.shape[1], exc)
     return _topk_blocks(lambda q0, q1, g0, g1: s[q0:q1, g0:g1], tuple(s.shape), k, exc, query_chunk, gallery_chunk,
                         s.device)
 

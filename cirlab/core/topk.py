@@ -40,18 +40,15 @@ class TopK:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.query_ids = _column(self.query_ids, "query_ids")
         q = len(self.query_ids)
-        self.query_ids = np.asarray(self.query_ids).astype(str)
-        self.gallery_ids = np.asarray(self.gallery_ids).astype(str).reshape(q, -1)
-        self.scores = np.asarray(self.scores, dtype=np.float32).reshape(q, -1)
-        self.target_rank = np.asarray(self.target_rank, dtype=np.int64).reshape(q)
-        self.category = np.asarray(self.category if self.category is not None else [""] * q).astype(str)
-        self.target_ids = np.asarray(self.target_ids if self.target_ids is not None else [""] * q).astype(str)
+        self.gallery_ids = _rows(np.asarray(self.gallery_ids).astype(str), q, "gallery_ids")
+        self.scores = _rows(np.asarray(self.scores, dtype=np.float32), q, "scores")
+        self.target_rank = _target_rank(self.target_rank, q)
+        self.category = _column(self.category if self.category is not None else [""] * q, "category", q)
+        self.target_ids = _column(self.target_ids if self.target_ids is not None else [""] * q, "target_ids", q)
         if self.gallery_ids.shape != self.scores.shape:
             raise ValueError(f"gallery_ids {self.gallery_ids.shape} and scores {self.scores.shape} differ")
-        for name in ("category", "target_ids"):
-            if len(getattr(self, name)) != q:
-                raise ValueError(f"{name} has {len(getattr(self, name))} entries for {q} queries")
 
     @property
     def k(self) -> int:
@@ -67,6 +64,42 @@ class TopK:
         return pd.DataFrame({"query_id": self.query_ids, "category": self.category, "target_id": self.target_ids,
                              "target_rank": self.target_rank,
                              "top1": self.gallery_ids[:, 0] if self.k else [""] * len(self)})
+
+
+def _column(values: Any, name: str, q: int | None = None) -> np.ndarray:
+    """A per-query string column [Q]: one string here was a 0-d array (``len() of unsized object`` later on)."""
+    a = np.asarray(values).astype(str)
+    if a.ndim != 1 or (q is not None and len(a) != q):
+        want = "be a 1-D list" if q is None else f"have {q} entries (one per query)"
+        raise ValueError(f"TopK: {name} must {want}, got shape {a.shape} ({type(values).__name__})")
+    return a
+
+
+def _rows(a: np.ndarray, q: int, name: str) -> np.ndarray:
+    """A [Q, K] field; a flat [Q * K] one is reshaped as before, but a 2-D one must already have Q rows."""
+    if a.ndim == 2 and a.shape[0] == q:
+        return a
+    if a.ndim != 2 and q > 0 and a.size % q == 0:
+        return a.reshape(q, -1)
+    raise ValueError(f"TopK: {name} has shape {a.shape}, expected [{q} queries, K]")
+
+
+def _target_rank(values: Any, q: int) -> np.ndarray:
+    """[Q] int64 ranks, 0 = unknown: ``astype(int64)`` would truncate 1.7 to 1 and a NaN to a huge negative rank."""
+    a = np.asarray(values)
+    if a.size != q:
+        raise ValueError(f"TopK: target_rank has shape {a.shape}, expected [{q}] (one rank per query)")
+    a = a.reshape(q)
+    if a.dtype.kind not in "iuf":
+        raise ValueError(f"TopK: target_rank must hold whole numbers, got dtype {a.dtype}")
+    bad = ~(a >= 0)  # NaN fails too
+    if a.dtype.kind == "f":
+        bad |= ~np.isfinite(a) | (a != np.floor(a))
+    if bad.any():
+        pos = np.flatnonzero(bad)[:5]
+        raise ValueError(f"TopK: target_rank must hold whole ranks >= 0 (0 = unknown): {int(bad.sum())} of {q} "
+                         f"entries are not, at positions {pos.tolist()} (values {a[pos].tolist()})")
+    return a.astype(np.int64)
 
 
 def save_topk(path: str | os.PathLike, topk: TopK) -> Path:
