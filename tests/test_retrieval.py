@@ -372,3 +372,11 @@ def test_topk_k_is_a_whole_number():
         with pytest.raises(ValueError, match=rf"k \(a top-K list's length\) must be a whole number >= 1, got {bad}"):
             R.topk_search(q, g, bad)
     assert R.topk_search(q, g, np.int64(2))[1].shape == (3, 2)
+
+
+def test_topk_meta_may_hold_paths(tmp_path):
+    """A Path in meta (a checkpoint, a data root) failed the save with JSON's TypeError."""
+    from cirlab.core.topk import TopK, load_topk, save_topk
+
+    topk = TopK(["q0"], [["a"]], [[0.5]], [1], meta={"checkpoint": tmp_path / "best.pt"})
+    assert load_topk(save_topk(tmp_path / "x.topk.npz", topk)).meta == {"checkpoint": str(tmp_path / "best.pt")}

@@ -108,7 +108,7 @@ def save_topk(path: str | os.PathLike, topk: TopK) -> Path:
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: savez would append ".npz" to a name
         np.savez_compressed(fh, query_ids=topk.query_ids, gallery_ids=topk.gallery_ids, scores=topk.scores,
                             target_rank=topk.target_rank, category=topk.category, target_ids=topk.target_ids,
-                            meta=np.array(json.dumps(topk.meta, sort_keys=True)))
+                            meta=np.array(json.dumps(topk.meta, sort_keys=True, default=str)))
     return path
 
 
