@@ -363,3 +363,15 @@ def test_flat_rank_lists_are_ranks_and_score_tuples_are_unchanged():
     assert M.fashioniq_metrics({"dress": (np.array(s), [2, 0])})["dress_R@10"] == 100.0
     with pytest.raises(ValueError, match=r"2 or 3 items, got 4"):
         M.shoes_metrics((torch.tensor(s), [2, 0], [1, 2], [0, 0]))
+
+
+def test_input_errors_are_one_line_in_notebooks_and_still_value_errors():
+    """A bad argument to a metric, a top-K file or an analysis function showed a full traceback through cirlab in
+    JupyterLab; as cirlab errors they show as one red line (IPython's _render_traceback_), and stay ValueErrors."""
+    from cirlab.core.errors import CirlabError
+    from cirlab.workbench import analysis
+
+    for call in (lambda: M.recall_from_ranks([0, 1], ks=[1]), lambda: analysis.pca_2d([[1.0, float("nan")]] * 3)):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert isinstance(err.value, CirlabError) and len(err.value._render_traceback_()) == 1

@@ -41,3 +41,8 @@ class UnknownKeyError(CirlabError, KeyError):
 class ModelMismatchError(CirlabError, TypeError):
     """A model (or a split) handed to a function built for another kind: an ITM model to a CIR evaluation, a
     non-CaLa model to CaLa's tracer; the message names what the function needs and what it got."""
+
+
+class InputError(CirlabError, ValueError):
+    """An argument's value cannot be used (ranks below 1, NaN weights, an empty table, a shape that does not fit);
+    the message names the argument. A ``ValueError`` for ``except ValueError`` callers, one line in notebooks."""

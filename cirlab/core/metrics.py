@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from cirlab.core.config import whole_number
+from cirlab.core.errors import InputError
 
 __all__ = [
     "AVG", "RSUM", "TIES", "FIQ_CATEGORIES", "FIQ_KS", "SHOES_KS", "CIRR_KS", "CIRR_SUBSET_KS", "ITM_KS",
@@ -88,7 +89,7 @@ def itm_key(direction: str, stat: str | int) -> str:
 def _as_scores(scores: ScoresLike) -> Tensor:
     s = torch.as_tensor(scores)  # shares memory with numpy inputs: no full-size copy
     if s.ndim != 2:
-        raise ValueError(f"scores must be a 2-D [queries x gallery] matrix, got shape {tuple(s.shape)}")
+        raise InputError(f"scores must be a 2-D [queries x gallery] matrix, got shape {tuple(s.shape)}")
     return s
 
 
@@ -96,7 +97,7 @@ def _refuse_entries(bad: Tensor, values: Tensor, what: str) -> None:
     """One line naming how many entries of ``values`` (1-D) are ``bad`` and the first few positions and values."""
     if bool(bad.any()):
         pos = bad.nonzero()[:5, 0]
-        raise ValueError(f"{what}: {int(bad.sum())} of {len(values)} entries are not, at positions {pos.tolist()} "
+        raise InputError(f"{what}: {int(bad.sum())} of {len(values)} entries are not, at positions {pos.tolist()} "
                          f"(values {values[pos].tolist()})")
 
 
@@ -112,7 +113,7 @@ def _as_index(x: ScoresLike | None, n: int, name: str, device: torch.device, fil
         return torch.full((n,), fill, dtype=torch.long, device=device)
     t = _whole_entries(torch.as_tensor(x, device=device).reshape(-1), name)
     if len(t) != n:
-        raise ValueError(f"{name} has {len(t)} entries for {n} queries")
+        raise InputError(f"{name} has {len(t)} entries for {n} queries")
     return t
 
 
@@ -121,19 +122,19 @@ def _check_range(idx: Tensor, size: int, name: str, allow_missing: bool) -> None
     bad = (idx < low) | (idx >= size)
     if bad.any():
         q = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{name}[{q}] = {int(idx[q])} is not a gallery index in [0, {size})")
+        raise InputError(f"{name}[{q}] = {int(idx[q])} is not a gallery index in [0, {size})")
 
 
 def _check_ties(ties: str) -> None:
     if ties not in TIES:
-        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+        raise InputError(f"ties must be one of {TIES}, got {ties!r}")
 
 
 def _check_finite_rows(block: Tensor, row0: int) -> None:
     nan = torch.isnan(block)
     if nan.any():
         q = row0 + int(nan.any(1).nonzero()[0, 0])
-        raise ValueError(f"scores row {q} contains NaN: a ranking is undefined")
+        raise InputError(f"scores row {q} contains NaN: a ranking is undefined")
 
 
 # ---------------------------------------------------------------------------------------------------- ranks
@@ -216,7 +217,7 @@ def _as_ranks(ranks: ScoresLike, name: str = "ranks") -> Tensor:
     fractional or NaN one has no place in a ranking. Float ranks keep their dtype (+inf is a miss for every K)."""
     r = torch.as_tensor(ranks).reshape(-1)
     if len(r) == 0:
-        raise ValueError("recall of an empty query set is undefined")
+        raise InputError("recall of an empty query set is undefined")
     bad = ~(r >= 1)  # NaN fails the comparison too
     if r.is_floating_point():
         bad |= r != r.floor()
@@ -231,7 +232,7 @@ def _as_ks(ks: int | Sequence[int], name: str = "ks") -> list[int]:
         ks = [ks]
     out = list(dict.fromkeys(whole_number(k, name) for k in ks))
     if not out:
-        raise ValueError(f"{name} must name at least one recall cut-off, got {ks!r}")
+        raise InputError(f"{name} must name at least one recall cut-off, got {ks!r}")
     return out
 
 
@@ -296,7 +297,7 @@ def _ranks_of(entry: RanksOrScores, ties: str) -> Tensor:
     if not _is_scores_entry(entry):
         return torch.as_tensor(entry).reshape(-1)
     if len(entry) not in (2, 3):
-        raise ValueError(f"a (scores, target[, exclude]) entry has 2 or 3 items, got {len(entry)}")
+        raise InputError(f"a (scores, target[, exclude]) entry has 2 or 3 items, got {len(entry)}")
     return _hit_ranks(*entry, ties=ties) if len(entry) == 3 else _hit_ranks(*entry, None, ties=ties)
 
 
@@ -320,7 +321,7 @@ def fashioniq_metrics(per_category: Mapping[str, RanksOrScores], *, ks: int | Se
         (66.67, 50.0, 58.33)
     """
     if not per_category:
-        raise ValueError("fashioniq_metrics needs at least one category")
+        raise InputError("fashioniq_metrics needs at least one category")
     ks = _as_ks(ks)
     out: dict[str, float] = {}
     for cat, entry in per_category.items():
@@ -387,11 +388,11 @@ def cirr_subset_ranks(scores: ScoresLike, target: ScoresLike, reference: ScoresL
     same = tgt == ref
     if same.any():
         i = int(same.nonzero()[0, 0])
-        raise ValueError(f"query {i}: target_hard equals the reference (gallery index {int(tgt[i])})")
+        raise InputError(f"query {i}: target_hard equals the reference (gallery index {int(tgt[i])})")
     missing = ~(mem == tgt[:, None]).any(1)
     if missing.any():
         i = int(missing.nonzero()[0, 0])
-        raise ValueError(f"query {i}: target {int(tgt[i])} is not among its img_set members {mem[i].tolist()}")
+        raise InputError(f"query {i}: target {int(tgt[i])} is not among its img_set members {mem[i].tolist()}")
     sm = s.gather(1, mem.clamp(min=0))  # [Q, M]
     st = s.gather(1, tgt[:, None])  # [Q, 1]
     ahead = sm > st
@@ -454,7 +455,7 @@ def cirr_submission(pair_ids: Sequence[int | str], ranked_names: Sequence[Sequen
         {'version': 'rc2', 'metric': 'recall_subset', '7': ['a', 'b', 'c']}
     """
     if not (len(pair_ids) == len(ranked_names) == len(subset_names)):
-        raise ValueError(f"CIRR submission: {len(pair_ids)} pair ids, {len(ranked_names)} global rankings and "
+        raise InputError(f"CIRR submission: {len(pair_ids)} pair ids, {len(ranked_names)} global rankings and "
                          f"{len(subset_names)} subset rankings differ in length")
     out = {}
     for metric, lists in (("recall", ranked_names), ("recall_subset", subset_names)):
@@ -477,15 +478,15 @@ def validate_cirr_submission(obj: Mapping[str, object], *, pair_ids: Sequence[in
         >>> validate_cirr_submission({"version": "rc2", "metric": "recall_subset", "1": ["a", "b"]})
         Traceback (most recent call last):
         ...
-        ValueError: CIRR submission (recall_subset): pair 1 has 2 names, expected 3
+        cirlab.core.errors.InputError: CIRR submission (recall_subset): pair 1 has 2 names, expected 3
     """
     if not isinstance(obj, Mapping):
-        raise ValueError(f"CIRR submission must be a dict, got {type(obj).__name__}")
+        raise InputError(f"CIRR submission must be a dict, got {type(obj).__name__}")
     if obj.get("version") != CIRR_VERSION:
-        raise ValueError(f"CIRR submission: 'version' must be {CIRR_VERSION!r}, got {obj.get('version')!r}")
+        raise InputError(f"CIRR submission: 'version' must be {CIRR_VERSION!r}, got {obj.get('version')!r}")
     metric = obj.get("metric")
     if metric not in CIRR_SUBMISSION_K:
-        raise ValueError(f"CIRR submission: 'metric' must be one of {sorted(CIRR_SUBMISSION_K)}, got {metric!r}")
+        raise InputError(f"CIRR submission: 'metric' must be one of {sorted(CIRR_SUBMISSION_K)}, got {metric!r}")
     k = CIRR_SUBMISSION_K[metric]
     keys = [key for key in obj if key not in ("version", "metric")]
     for key in keys:
@@ -493,23 +494,23 @@ def validate_cirr_submission(obj: Mapping[str, object], *, pair_ids: Sequence[in
     if pair_ids is not None:
         expected = {str(int(p)) for p in pair_ids}
         if len(expected) != len(pair_ids):
-            raise ValueError(f"CIRR submission ({metric}): duplicate pair ids")
+            raise InputError(f"CIRR submission ({metric}): duplicate pair ids")
         missing, extra = sorted(expected - set(keys)), sorted(set(keys) - expected)
         if missing or extra:
-            raise ValueError(f"CIRR submission ({metric}): missing pair ids {missing[:5]}, unexpected {extra[:5]}")
+            raise InputError(f"CIRR submission ({metric}): missing pair ids {missing[:5]}, unexpected {extra[:5]}")
     if not keys:
-        raise ValueError(f"CIRR submission ({metric}): no pair ids")
+        raise InputError(f"CIRR submission ({metric}): no pair ids")
 
 
 def _check_submission_entry(metric: str, key: object, names: object, k: int) -> None:
     if not isinstance(key, str) or not key.lstrip("-").isdigit() or str(int(key)) != key:
-        raise ValueError(f"CIRR submission ({metric}): key {key!r} is not a pair id written as str(int(pairid))")
+        raise InputError(f"CIRR submission ({metric}): key {key!r} is not a pair id written as str(int(pairid))")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"CIRR submission ({metric}): pair {key} must map to a list of image names")
+        raise InputError(f"CIRR submission ({metric}): pair {key} must map to a list of image names")
     if len(names) != k:
-        raise ValueError(f"CIRR submission ({metric}): pair {key} has {len(names)} names, expected {k}")
+        raise InputError(f"CIRR submission ({metric}): pair {key} has {len(names)} names, expected {k}")
     if len(set(names)) != k:
-        raise ValueError(f"CIRR submission ({metric}): pair {key} repeats an image name")
+        raise InputError(f"CIRR submission ({metric}): pair {key} repeats an image name")
 
 
 # ---------------------------------------------------------------------------------------------------- ITM
@@ -520,14 +521,14 @@ def _check_itm(sims: ScoresLike, captions_per_image: int) -> Tensor:
     s = _as_scores(sims)
     n, c = s.shape
     if c != captions_per_image * n:
-        raise ValueError(f"ITM sims must be [N images x {captions_per_image}N captions], got {tuple(s.shape)}")
+        raise InputError(f"ITM sims must be [N images x {captions_per_image}N captions], got {tuple(s.shape)}")
     return s
 
 
 def _itm_rows(chunk_size: int | None, n_cols: int, element_size: int) -> int:
     if chunk_size is not None:
         if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+            raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
         return chunk_size
     return max(1, _ITM_BLOCK_BYTES // max(1, n_cols * element_size))
 
@@ -757,7 +758,7 @@ def coco_1k_metrics(sims: ScoresLike, *, folds: int = 5, captions_per_image: int
     s = _check_itm(sims, captions_per_image)
     n = s.shape[0]
     if n % folds:
-        raise ValueError(f"COCO 1K needs a multiple of {folds} images, got {n}")
+        raise InputError(f"COCO 1K needs a multiple of {folds} images, got {n}")
     size = n // folds
     per_fold = []
     for f in range(folds):

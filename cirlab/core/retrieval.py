@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from cirlab.core.config import whole_number
+from cirlab.core.errors import InputError
 from cirlab.core.featcache import cache_key, file_digest, state_dict_digest  # noqa: F401  (re-exported)
 from cirlab.core.featcache import default_dir as default_feature_dir
 from cirlab.core.featcache import load_tensor as _load_cached
@@ -130,7 +131,7 @@ def _check_k(k: int, n_g: int, exclude: Tensor | None) -> int:
     k = whole_number(k, "k (a top-K list's length)")
     available = n_g - (1 if exclude is not None and bool((exclude >= 0).any()) else 0)
     if k > available:
-        raise ValueError(f"k={k} but only {available} gallery items can be ranked per query")
+        raise InputError(f"k={k} but only {available} gallery items can be ranked per query")
     return k
 
 
@@ -139,7 +140,7 @@ def _exclude_tensor(exclude: Any, n_q: int, n_g: int, device: torch.device) -> T
         return None
     exc = torch.as_tensor(exclude, device=device).long().reshape(-1)
     if len(exc) != n_q or bool(((exc < -1) | (exc >= n_g)).any()):
-        raise ValueError(f"exclude must hold {n_q} gallery indices in [-1, {n_g}), got shape {tuple(exc.shape)}")
+        raise InputError(f"exclude must hold {n_q} gallery indices in [-1, {n_g}), got shape {tuple(exc.shape)}")
     return exc
 
 
@@ -187,19 +188,19 @@ def topk_search(queries: Tensor, gallery: Tensor, k: int, *, query_chunk: int = 
     from cirlab.core import _search
 
     if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
-        raise ValueError(f"queries {tuple(queries.shape)} and gallery {tuple(gallery.shape)} must be [*, D]")
+        raise InputError(f"queries {tuple(queries.shape)} and gallery {tuple(gallery.shape)} must be [*, D]")
     finite = True
     for name, x in (("queries", queries), ("gallery", gallery)):
         if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):  # min/max keep NaN and inf
             if torch.isnan(x).any():
-                raise ValueError(f"{name} contain NaN (row {int(torch.isnan(x).any(1).nonzero()[0, 0])})")
+                raise InputError(f"{name} contain NaN (row {int(torch.isnan(x).any(1).nonzero()[0, 0])})")
             finite = False
     exc = _exclude_tensor(exclude, len(queries), len(gallery), queries.device)
     k = _check_k(k, len(gallery), exc)
     engine = _search.choose_backend(backend, queries, gallery, k)
     if engine != "blocks" and not finite:
         if backend != "auto":
-            raise ValueError(f"backend {backend!r} needs finite embeddings; use 'blocks'")
+            raise InputError(f"backend {backend!r} needs finite embeddings; use 'blocks'")
         engine = "blocks"
     if engine in ("filter", "bf16"):
         return _search.filtered_topk(queries, gallery, k, exc, query_chunk, gallery_chunk,
@@ -223,9 +224,9 @@ def topk_candidates(scores: Tensor, k: int, *, exclude: Any = None, query_chunk:
     """
     s = torch.as_tensor(scores)
     if s.ndim != 2:
-        raise ValueError(f"scores must be [Q, G], got {tuple(s.shape)}")
+        raise InputError(f"scores must be [Q, G], got {tuple(s.shape)}")
     if torch.isnan(s).any():
-        raise ValueError("scores contain NaN")
+        raise InputError("scores contain NaN")
     exc = _exclude_tensor(exclude, s.shape[0], s.shape[1], s.device)
     k = _check_k(k, s.shape[1], exc)
     return _topk_blocks(lambda q0, q1, g0, g1: s[q0:q1, g0:g1], tuple(s.shape), k, exc, query_chunk, gallery_chunk,
@@ -255,9 +256,9 @@ def fuse_scores(stage1: Tensor, stage2: Tensor, alpha: float) -> Tensor:
         [0.25, 0.75]
     """
     if stage1.shape != stage2.shape:
-        raise ValueError(f"stage1 {tuple(stage1.shape)} and stage2 {tuple(stage2.shape)} scores differ in shape")
+        raise InputError(f"stage1 {tuple(stage1.shape)} and stage2 {tuple(stage2.shape)} scores differ in shape")
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        raise InputError(f"alpha must lie in [0, 1], got {alpha}")
     return alpha * stage1 + (1.0 - alpha) * stage2
 
 
@@ -272,7 +273,7 @@ def reorder(candidates: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
         (tensor([[0.9000, 0.1000, 0.1000]]), tensor([[3, 7, 5]]))
     """
     if candidates.shape != scores.shape:
-        raise ValueError(f"candidates {tuple(candidates.shape)} and scores {tuple(scores.shape)} differ in shape")
+        raise InputError(f"candidates {tuple(candidates.shape)} and scores {tuple(scores.shape)} differ in shape")
     sorted_scores, perm = scores.sort(dim=1, descending=True, stable=True)
     return sorted_scores, candidates.gather(1, perm)
 
@@ -339,7 +340,7 @@ def make_topk(scores: Tensor, indices: Tensor, *, query_ids: Sequence[Any], gall
     idx = indices.cpu().numpy()
     names = np.asarray(gallery_ids, dtype=str)
     if idx.size and (idx.min() < 0 or idx.max() >= len(names)):
-        raise ValueError(f"indices reach outside the {len(names)} gallery ids")
+        raise InputError(f"indices reach outside the {len(names)} gallery ids")
     q, k = idx.shape
     tgt = np.full(q, -1) if target is None else torch.as_tensor(target).long().reshape(-1).cpu().numpy()
     if ranks is not None:
@@ -390,7 +391,7 @@ def subset_topk(scores: Tensor, reference: Any, members: Any, k: int = 3) -> Ten
     short = keep.sum(1) < k
     if short.any():
         i = int(short.nonzero()[0, 0])
-        raise ValueError(f"query {i}: img_set has {int(keep[i].sum())} non-reference members, need {k}")
+        raise InputError(f"query {i}: img_set has {int(keep[i].sum())} non-reference members, need {k}")
     member_scores = s.gather(1, mem.clamp(min=0)).float().masked_fill(~keep, float("-inf"))
     return _sort_rows(member_scores, mem)[1][:, :k]
 
@@ -411,7 +412,7 @@ def save_cirr_submission(submission: Mapping[str, Mapping[str, Any]], out_dir: s
         obj = submission[metric]
         validate_cirr_submission(obj)
         if obj["metric"] != metric:
-            raise ValueError(f"submission[{metric!r}] holds metric {obj['metric']!r}")
+            raise InputError(f"submission[{metric!r}] holds metric {obj['metric']!r}")
         paths.append(write_text(out_dir / f"{stem}_{name}.json", json.dumps(obj, sort_keys=True)))
     return paths[0], paths[1]
 
@@ -420,7 +421,7 @@ def save_cirr_submission(submission: Mapping[str, Mapping[str, Any]], out_dir: s
 def _cache_file(cache_dir: str | os.PathLike | None, key: str | None) -> Path | None:
     if key is None:
         if cache_dir is not None:
-            raise ValueError("encode_corpus: cache_dir given without cache_key; build one with cache_key(...)")
+            raise InputError("encode_corpus: cache_dir given without cache_key; build one with cache_key(...)")
         return None
     return Path(cache_dir if cache_dir is not None else default_feature_dir()) / f"{key}.pt"
 
@@ -443,7 +444,7 @@ def _encode_batches(encode_fn: Callable[[Any], Tensor], loader: Iterable, key: s
         if index_key is not None:
             order.append(torch.as_tensor(batch[index_key]).long().reshape(-1).cpu())
     if not feats:
-        raise ValueError("encode_corpus: the loader yielded no batches")
+        raise InputError("encode_corpus: the loader yielded no batches")
     features = torch.cat(feats)
     return features if index_key is None else _scatter_by_index(features, torch.cat(order), index_key)
 
@@ -452,7 +453,7 @@ def _scatter_by_index(features: Tensor, index: Tensor, index_key: str) -> Tensor
     """Put row i at position index[i] (loaders may shuffle or re-sort the rows)."""
     n = len(features)
     if len(index) != n or not torch.equal(index.sort().values, torch.arange(n)):
-        raise ValueError(f"encode_corpus: batch['{index_key}'] is not a permutation of 0..{n - 1} "
+        raise InputError(f"encode_corpus: batch['{index_key}'] is not a permutation of 0..{n - 1} "
                          "(an index is repeated or missing)")
     out = torch.empty_like(features)
     out[index] = features

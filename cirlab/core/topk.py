@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from cirlab.core.errors import InputError
 from cirlab.core.io import atomic_path
 
 
@@ -48,7 +49,7 @@ class TopK:
         self.category = _column(self.category if self.category is not None else [""] * q, "category", q)
         self.target_ids = _column(self.target_ids if self.target_ids is not None else [""] * q, "target_ids", q)
         if self.gallery_ids.shape != self.scores.shape:
-            raise ValueError(f"gallery_ids {self.gallery_ids.shape} and scores {self.scores.shape} differ")
+            raise InputError(f"gallery_ids {self.gallery_ids.shape} and scores {self.scores.shape} differ")
 
     @property
     def k(self) -> int:
@@ -71,7 +72,7 @@ def _column(values: Any, name: str, q: int | None = None) -> np.ndarray:
     a = np.asarray(values).astype(str)
     if a.ndim != 1 or (q is not None and len(a) != q):
         want = "be a 1-D list" if q is None else f"have {q} entries (one per query)"
-        raise ValueError(f"TopK: {name} must {want}, got shape {a.shape} ({type(values).__name__})")
+        raise InputError(f"TopK: {name} must {want}, got shape {a.shape} ({type(values).__name__})")
     return a
 
 
@@ -81,23 +82,23 @@ def _rows(a: np.ndarray, q: int, name: str) -> np.ndarray:
         return a
     if a.ndim != 2 and q > 0 and a.size % q == 0:
         return a.reshape(q, -1)
-    raise ValueError(f"TopK: {name} has shape {a.shape}, expected [{q} queries, K]")
+    raise InputError(f"TopK: {name} has shape {a.shape}, expected [{q} queries, K]")
 
 
 def _target_rank(values: Any, q: int) -> np.ndarray:
     """[Q] int64 ranks, 0 = unknown: ``astype(int64)`` would truncate 1.7 to 1 and a NaN to a huge negative rank."""
     a = np.asarray(values)
     if a.size != q:
-        raise ValueError(f"TopK: target_rank has shape {a.shape}, expected [{q}] (one rank per query)")
+        raise InputError(f"TopK: target_rank has shape {a.shape}, expected [{q}] (one rank per query)")
     a = a.reshape(q)
     if a.dtype.kind not in "iuf":
-        raise ValueError(f"TopK: target_rank must hold whole numbers, got dtype {a.dtype}")
+        raise InputError(f"TopK: target_rank must hold whole numbers, got dtype {a.dtype}")
     bad = ~(a >= 0)  # NaN fails too
     if a.dtype.kind == "f":
         bad |= ~np.isfinite(a) | (a != np.floor(a))
     if bad.any():
         pos = np.flatnonzero(bad)[:5]
-        raise ValueError(f"TopK: target_rank must hold whole ranks >= 0 (0 = unknown): {int(bad.sum())} of {q} "
+        raise InputError(f"TopK: target_rank must hold whole ranks >= 0 (0 = unknown): {int(bad.sum())} of {q} "
                          f"entries are not, at positions {pos.tolist()} (values {a[pos].tolist()})")
     return a.astype(np.int64)
 
@@ -124,7 +125,7 @@ def load_topk(path: str | os.PathLike) -> TopK:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in _REQUIRED if k not in z.files]
             if missing:
-                raise ValueError(f"{path}: not a cirlab top-K file (missing {missing})")
+                raise InputError(f"{path}: not a cirlab top-K file (missing {missing})")
             meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
             return TopK(z["query_ids"], z["gallery_ids"], z["scores"], z["target_rank"],
                         z["category"] if "category" in z.files else None,
@@ -132,4 +133,4 @@ def load_topk(path: str | os.PathLike) -> TopK:
     except (OSError, ValueError, json.JSONDecodeError) as err:
         if isinstance(err, ValueError) and str(path) in str(err):
             raise
-        raise ValueError(f"{path}: cannot read top-K file ({err})") from err
+        raise InputError(f"{path}: cannot read top-K file ({err})") from err

@@ -30,7 +30,7 @@ import torch
 
 from cirlab.core.config import whole_number
 from cirlab.core.contracts import CIRModel, HasGalleryScorer, HasImageTransform, ITMModel, require_model
-from cirlab.core.errors import ConfigError, ModelMismatchError
+from cirlab.core.errors import ConfigError, InputError, ModelMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _as_split_dict(split_or_splits: Any) -> dict[str, Any]:
     for split in splits:
         key = _split_key(split)
         if key in out:
-            raise ValueError(f"two splits share the name {key!r}; pass a dict name -> split")
+            raise InputError(f"two splits share the name {key!r}; pass a dict name -> split")
         out[key] = split
     return out
 
@@ -171,10 +171,10 @@ def _infer_protocol(splits: dict[str, Any], protocol: str | None) -> str:
                           "out to use theirs")
     if protocol is None:
         if len(names) != 1 or next(iter(names)) not in CIR_PROTOCOLS:
-            raise ValueError(f"cannot infer the protocol from datasets {sorted(map(str, names))}; pass protocol=")
+            raise InputError(f"cannot infer the protocol from datasets {sorted(map(str, names))}; pass protocol=")
         protocol = next(iter(names))
     if protocol not in CIR_PROTOCOLS:
-        raise ValueError(f"unknown CIR protocol {protocol!r}; known: {', '.join(CIR_PROTOCOLS)}")
+        raise InputError(f"unknown CIR protocol {protocol!r}; known: {', '.join(CIR_PROTOCOLS)}")
     return protocol
 
 
@@ -299,9 +299,9 @@ def cir_protocol_metrics(protocol: str, ranks: dict[str, torch.Tensor],
     if protocol == "fashioniq":
         return M.fashioniq_metrics(ranks)
     if protocol not in CIR_PROTOCOLS:
-        raise ValueError(f"unknown CIR protocol {protocol!r}; known: {', '.join(CIR_PROTOCOLS)}")
+        raise InputError(f"unknown CIR protocol {protocol!r}; known: {', '.join(CIR_PROTOCOLS)}")
     if len(ranks) != 1:
-        raise ValueError(f"protocol {protocol!r} takes one split, got {sorted(ranks)}")
+        raise InputError(f"protocol {protocol!r} takes one split, got {sorted(ranks)}")
     (only,) = ranks.values()
     if protocol == "shoes":
         return M.shoes_metrics(only)
@@ -449,7 +449,7 @@ def evaluate_itm(model: Any, split: Any, protocol: str = "full", *, batch_size: 
     whole_number(batch_size, "batch_size")
     whole_number(shard_size, "shard_size")
     if protocol not in ITM_PROTOCOLS:
-        raise ValueError(f"unknown ITM protocol {protocol!r}; known: {', '.join(ITM_PROTOCOLS)}")
+        raise InputError(f"unknown ITM protocol {protocol!r}; known: {', '.join(ITM_PROTOCOLS)}")
     cpi = int(getattr(split, "im_div", 5))
     if protocol.startswith("coco") and split.num_images != 5000:  # applies, but its numbers mean something else
         logger.warning("ITM protocol %r describes COCO's 5,000-image testall; this split has %d images (scored the "
@@ -460,7 +460,7 @@ def evaluate_itm(model: Any, split: Any, protocol: str = "full", *, batch_size: 
     if protocol == "coco1k":
         n = split.num_images // 5
         if split.num_images % 5:
-            raise ValueError(f"COCO 1K needs a multiple of 5 images; {split!r} has {split.num_images}")
+            raise InputError(f"COCO 1K needs a multiple of 5 images; {split!r} has {split.num_images}")
         # a cross-attention matcher pays per pair: score the 5 folds' blocks only (1/5 of the full matrix)
         blocks = [score(images=range(f * n, (f + 1) * n), captions=range(f * n * cpi, (f + 1) * n * cpi))
                   for f in range(5)]

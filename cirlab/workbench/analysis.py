@@ -23,7 +23,7 @@ import numpy as np
 
 from cirlab.core.config import whole_number
 from cirlab.core.contracts import FRAME_COLUMNS
-from cirlab.core.errors import UnknownKeyError
+from cirlab.core.errors import InputError, UnknownKeyError
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def name_list(names: Any) -> list[Any]:
 def _require_topk(value: Any, argument: str) -> None:
     """A path or name here failed as ``'str' object has no attribute 'query_ids'``: say what to pass instead."""
     if not (hasattr(value, "query_ids") and hasattr(value, "target_rank")):
-        raise ValueError(f"align_ranks: {argument} is a {type(value).__name__} ({value!r}), not a loaded top-K file; "
+        raise InputError(f"align_ranks: {argument} is a {type(value).__name__} ({value!r}), not a loaded top-K file; "
                          "load paths with cirlab.core.topk.load_topk(path) or "
                          "cirlab.workbench.ranking_pair(before, after)")
 
@@ -68,10 +68,10 @@ def align_ranks(before: Any, after: Any) -> Any:
     for name, frame in (("before", a), ("after", b)):
         dup = frame["query_id"][frame["query_id"].duplicated()]
         if len(dup):
-            raise ValueError(f"top-K file '{name}' repeats query id {dup.iloc[0]!r}")
+            raise InputError(f"top-K file '{name}' repeats query id {dup.iloc[0]!r}")
     merged = a.merge(b, on="query_id", how="inner")
     if merged.empty:
-        raise ValueError("the two top-K files share no query id (are they from the same split?)")
+        raise InputError("the two top-K files share no query id (are they from the same split?)")
     missing = len(a) - len(merged)
     if missing:
         logger.warning("%d queries of the 'before' file are absent from the 'after' file", missing)
@@ -81,7 +81,7 @@ def align_ranks(before: Any, after: Any) -> Any:
 
 def _same_length(before: np.ndarray, after: np.ndarray) -> None:
     if before.shape != after.shape:
-        raise ValueError(f"rank_before {before.shape} and rank_after {after.shape} differ")
+        raise InputError(f"rank_before {before.shape} and rank_after {after.shape} differ")
 
 
 def _bin_edges(k: int, bins: int | Sequence[int] | None) -> np.ndarray:
@@ -93,9 +93,9 @@ def _bin_edges(k: int, bins: int | Sequence[int] | None) -> np.ndarray:
         return np.unique(np.linspace(1, k + 1, whole_number(bins, "bins") + 1).round().astype(int))
     edges = np.asarray(bins, dtype=int)
     if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
-        raise ValueError(f"bins must be increasing integer edges, got {bins!r}")
+        raise InputError(f"bins must be increasing integer edges, got {bins!r}")
     if edges[0] != 1 or edges[-1] != k + 1:
-        raise ValueError(f"bin edges must cover ranks 1..{k}: start at 1 and end at {k + 1} (k + 1), got {bins!r}")
+        raise InputError(f"bin edges must cover ranks 1..{k}: start at 1 and end at {k + 1} (k + 1), got {bins!r}")
     return edges
 
 
@@ -228,7 +228,7 @@ def _refuse_repeated_queries(rows: Any, keys: list[str]) -> None:
     repeated = rows.duplicated(["query_id", *keys])
     if repeated.any():
         first = rows.loc[repeated, "query_id"].iloc[0]
-        raise ValueError(f"query id {first!r} has {int(repeated.sum())} repeated weight row(s) in the route frame: "
+        raise InputError(f"query id {first!r} has {int(repeated.sum())} repeated weight row(s) in the route frame: "
                          "two traces concatenated, or batches traced without their own ids? Give every query its own "
                          "id (trace.set_batch(ids=...) before each batch)")
 
@@ -252,9 +252,9 @@ def _weights(weights: Any) -> np.ndarray:
     winner; a 1-D array had no expert axis)."""
     w = np.asarray(weights, dtype=float)
     if w.ndim != 2 or w.shape[1] == 0:
-        raise ValueError(f"routing weights must be [queries x experts] with at least one expert, got shape {w.shape}")
+        raise InputError(f"routing weights must be [queries x experts] with at least one expert, got shape {w.shape}")
     if np.isnan(w).any():
-        raise ValueError(f"routing weights hold {int(np.isnan(w).sum())} NaN value(s) (rows "
+        raise InputError(f"routing weights hold {int(np.isnan(w).sum())} NaN value(s) (rows "
                          f"{np.flatnonzero(np.isnan(w).any(axis=1))[:5].tolist()}...)")
     return w
 
@@ -309,7 +309,7 @@ def flow_matrices(frame: Any) -> list[tuple[str, list[str], list[str], np.ndarra
     require_columns(frame, FRAME_COLUMNS, "the route frame")
     paths = frame[_has_source(frame)]
     if paths.empty:
-        raise ValueError("the route frame has no path rows (source/destination); flows need a DIME-like model")
+        raise InputError("the route frame has no path rows (source/destination); flows need a DIME-like model")
     out = []
     for layer in _ordered_unique(paths["layer"]):
         rows = paths[paths["layer"] == layer]
@@ -352,10 +352,10 @@ def pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     x = np.asarray(x, dtype=float)
     if x.ndim != 2 or len(x) < 2:
-        raise ValueError(f"pca_2d needs a [N>=2, F] matrix, got shape {x.shape}")
+        raise InputError(f"pca_2d needs a [N>=2, F] matrix, got shape {x.shape}")
     if not np.isfinite(x).all():  # the SVD would fail with "did not converge" or draw every point at NaN
         bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-        raise ValueError(f"pca_2d: {len(bad)} row(s) hold NaN or inf values (rows {bad[:5].tolist()}"
+        raise InputError(f"pca_2d: {len(bad)} row(s) hold NaN or inf values (rows {bad[:5].tolist()}"
                          f"{'...' if len(bad) > 5 else ''})")
     centred = x - x.mean(axis=0)
     _, s, vt = np.linalg.svd(centred, full_matrices=False)
@@ -393,9 +393,9 @@ def read_log(path: str | os.PathLike) -> Any:
             if n == len(lines) and not text.endswith("\n"):  # torn: a run stopped while writing its last record
                 logger.warning("%s:%d: the last line is torn (a run stopped mid-write); skipped", path, n)
                 continue
-            raise ValueError(f"{path}:{n}: not a JSON record ({err.msg})") from err
+            raise InputError(f"{path}:{n}: not a JSON record ({err.msg})") from err
         if not isinstance(record, dict):  # a bare number or list would become a column named 0
-            raise ValueError(f"{path}:{n}: not a JSON record (a JSON {type(record).__name__}, not an object)")
+            raise InputError(f"{path}:{n}: not a JSON record (a JSON {type(record).__name__}, not an object)")
         records.append(record)
     return pd.DataFrame(records)
 
@@ -410,9 +410,9 @@ def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
     try:
         metrics = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON ({err.msg})") from err
+        raise InputError(f"{path}: invalid JSON ({err.msg})") from err
     if not isinstance(metrics, dict):
-        raise ValueError(f"{path}: expected a JSON object of metrics, got a {type(metrics).__name__}")
+        raise InputError(f"{path}: expected a JSON object of metrics, got a {type(metrics).__name__}")
     return metrics
 
 
@@ -441,11 +441,11 @@ def _named_runs(runs: Any) -> Mapping[str, Any]:
     named: dict[str, Any] = {}
     for path in name_list(runs):
         if not isinstance(path, (str, os.PathLike)):  # a dict has no name to put on its column
-            raise ValueError(f"compare_runs: a list holds run folders or metrics files; got a {type(path).__name__} "
+            raise InputError(f"compare_runs: a list holds run folders or metrics files; got a {type(path).__name__} "
                              "(pass {name: metrics} for metric dicts)")
         name = _run_name(path)
         if name in named:
-            raise ValueError(f"compare_runs: two runs are named {name!r} ({named[name]} and {path}); pass "
+            raise InputError(f"compare_runs: two runs are named {name!r} ({named[name]} and {path}); pass "
                              "{name: folder} to name them")
         named[name] = path
     return named
@@ -476,7 +476,7 @@ def layer_matrix(frame: Any, layer: str, query_id: Any | None = None) -> tuple[n
         raise UnknownKeyError(f"no {layer!r} records in the frame; its layers: {layers}" if len(frame)
                               else f"no {layer!r} records: the frame is empty")
     if not _has_source(rows).any():  # was pandas' KeyError: 'source_code_index'
-        raise ValueError(f"layer {layer!r} has no source/destination rows (a gate layer, e.g. AMC's): layer_matrix "
+        raise InputError(f"layer {layer!r} has no source/destination rows (a gate layer, e.g. AMC's): layer_matrix "
                          "reads CaLa and HREM traces; gate_matrix reads gates")
     require_columns(frame, ("query_id", "destination", "code_index", "source_code_index", "weight"),
                     "the trace frame")
@@ -503,7 +503,7 @@ def bridge_words(frame: Any, top: int = 15, skip_special: bool = True) -> Any:
     require_columns(frame, ("layer", "source", "weight"), "the CaLa trace frame")
     rows = frame[frame["layer"] == "hca.bridge"]
     if rows.empty:  # another model's trace gave an empty table without a word
-        raise ValueError(f"bridge_words needs a CaLa trace (rows of layer 'hca.bridge'); the frame's layers: "
+        raise InputError(f"bridge_words needs a CaLa trace (rows of layer 'hca.bridge'); the frame's layers: "
                          f"{', '.join(map(str, frame['layer'].unique())) or '(none: it is empty)'}")
     if skip_special:
         rows = rows[~rows["source"].isin(SPECIAL_TOKENS)]

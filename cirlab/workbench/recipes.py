@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from cirlab.core.config import did_you_mean, whole_number
 from cirlab.core.contracts import Model, require_model
-from cirlab.core.errors import ConfigError, MissingPathError, ModelMismatchError, UnknownKeyError
+from cirlab.core.errors import ConfigError, InputError, MissingPathError, ModelMismatchError, UnknownKeyError
 
 logger = logging.getLogger(__name__)
 
@@ -425,7 +425,7 @@ def evaluate_itm_run(model: Any, dataset: str, data_root: str | os.PathLike, spl
 
     device = run_device(device)
     if not is_itm(dataset):
-        raise ValueError(f"evaluate_itm_run: {dataset!r} is not a precomp ITM dataset ({', '.join(ITM_DATASETS)})")
+        raise InputError(f"evaluate_itm_run: {dataset!r} is not a precomp ITM dataset ({', '.join(ITM_DATASETS)})")
     config = data_config(dataset, data_root, split)
     config["eval"]["shard_size"] = shard_size
     was_training = model.training
@@ -550,7 +550,7 @@ def cala_trace(model: Any, dataset: str, data_root: str | os.PathLike, split: st
         frames.append(frame)
         texts.update({t.query_id: plain_text(t.text) for t in trips})
     if not frames:
-        raise ValueError(f"no {dataset} {split} query with a known target to trace")
+        raise InputError(f"no {dataset} {split} query with a known target to trace")
     return pd.concat(frames, ignore_index=True), texts
 
 
@@ -638,7 +638,7 @@ def _with_caption_types(frame: Any, split: Any) -> Any:
 
 def _checked(frame: Any, model: Any) -> Any:
     if frame.empty:
-        raise ValueError(f"model {getattr(model, 'model_name', type(model).__name__)} emitted no router records")
+        raise InputError(f"model {getattr(model, 'model_name', type(model).__name__)} emitted no router records")
     return frame
 
 

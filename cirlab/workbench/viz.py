@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cirlab.core.config import whole_number
-from cirlab.core.errors import UnknownKeyError
+from cirlab.core.errors import InputError, UnknownKeyError
 from cirlab.workbench import analysis
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def save_figure(fig: Any, out_dir: str | os.PathLike, name: str,
 
     formats = analysis.name_list(formats)
     if not formats:  # nothing would be written, without a word
-        raise ValueError("save_figure: formats is empty; give one or more of e.g. 'png', 'svg', 'pdf'")
+        raise InputError("save_figure: formats is empty; give one or more of e.g. 'png', 'svg', 'pdf'")
     file_name_part(name, "save_figure: name")
     name = _without_extension(name, formats)
     out = Path(out_dir)
@@ -76,7 +76,7 @@ def _without_extension(name: str, formats: Sequence[str]) -> str:
     if not dot or ext.lower() not in {str(f).lower() for f in formats}:
         return name
     if not stem:
-        raise ValueError(f"save_figure: name {name!r} is only an extension; give a file name such as 'figure'")
+        raise InputError(f"save_figure: name {name!r} is only an extension; give a file name such as 'figure'")
     return stem
 
 
@@ -164,7 +164,7 @@ def plot_retrieval_gallery(rows: Sequence[Mapping[str, Any]], k: int = 5, title:
     without Fashion-IQ's ``<BOS>``/``<AND>``/``<EOS>`` markup (:func:`plain_text`).
     """
     if not rows:
-        raise ValueError("plot_retrieval_gallery needs at least one query row")
+        raise InputError("plot_retrieval_gallery needs at least one query row")
     whole_number(k, "plot_retrieval_gallery: k")
     outside = any(_target_outside(row) for row in rows)
     ncols = k + 2 + int(outside)
@@ -224,7 +224,7 @@ def plot_metrics_bars(metrics: Mapping[str, float] | Any, title: str = "", ylabe
     table = pd.DataFrame({"value": pd.Series(analysis.flatten_metrics(metrics))}) if isinstance(metrics, Mapping) \
         else pd.DataFrame(metrics)
     if table.empty:
-        raise ValueError("plot_metrics_bars got no numeric metrics")
+        raise InputError("plot_metrics_bars got no numeric metrics")
     n_metrics, n_runs = table.shape
     fig = _figure(max(4.0, 0.45 * n_metrics * max(n_runs, 1) + 1.5), 3.2)
     ax = fig.add_subplot()
@@ -252,7 +252,7 @@ def plot_table(table: Any, title: str = "", fmt: str = "{:.2f}") -> Any:
         table = pd.DataFrame([dict(table)], index=["value"])  # pandas refuses all-scalar dicts without an index
     df = pd.DataFrame(table)
     if df.shape[1] == 0:
-        raise ValueError("plot_table: the table has no columns")
+        raise InputError("plot_table: the table has no columns")
     cells = [[fmt.format(v) if isinstance(v, (float, np.floating)) else str(v) for v in row] for row in df.to_numpy()]
     fig = _figure(min(1.2 + 1.1 * (df.shape[1] + 1), 14.0), 0.6 + 0.25 * (len(df) + 1))
     ax = fig.add_subplot()
@@ -278,7 +278,7 @@ def plot_run_comparison(runs: Mapping[str, Any] | Sequence[str | os.PathLike],
             raise UnknownKeyError(f"metrics {missing} not in every run; available: {list(table.index)}")
         table = table.loc[list(metrics)]
     if table.empty:  # no runs, no metrics chosen, or runs without numeric metrics
-        raise ValueError(f"plot_run_comparison: nothing to compare ({len(runs)} run(s), metrics "
+        raise InputError(f"plot_run_comparison: nothing to compare ({len(runs)} run(s), metrics "
                          f"{list(metrics) if metrics is not None else 'all'})")
     fig = _figure(max(6.0, 0.5 * len(table) * len(table.columns) + 2.0), 2.5 + 0.22 * len(table) + 2.6)
     top, bottom = fig.subfigures(2, 1, height_ratios=[0.5 + 0.22 * len(table), 2.6])
@@ -306,12 +306,12 @@ def plot_run_comparison(runs: Mapping[str, Any] | Sequence[str | os.PathLike],
 def _layers(frame: Any, layers: Sequence[str] | str | None) -> list[str]:
     present = list(dict.fromkeys(frame["layer"]))
     if not present:
-        raise ValueError("the route frame is empty: nothing was traced (no queries, or a model without routers)")
+        raise InputError("the route frame is empty: nothing was traced (no queries, or a model without routers)")
     if layers is None:
         return present
     layers = analysis.name_list(layers)
     if not layers:
-        raise ValueError(f"layers is empty; layers of the route frame: {present}")
+        raise InputError(f"layers is empty; layers of the route frame: {present}")
     unknown = [l for l in layers if l not in present]
     if unknown:
         raise UnknownKeyError(f"layers {unknown} not in the route frame; layers: {present}")
@@ -418,7 +418,7 @@ def plot_query_gates(frame: Any, query_ids: Sequence[Any] | Any, layers: Sequenc
     layers = _layers(frame, layers)
     query_ids = analysis.name_list(query_ids)
     if not query_ids:
-        raise ValueError("plot_query_gates needs at least one query id")
+        raise InputError("plot_query_gates needs at least one query id")
     fig = _figure(2.6 * len(layers) + 0.8, 1.6 * len(query_ids) + 0.6)
     axes = fig.subplots(len(query_ids), len(layers), squeeze=False, sharey=True)
     ymax = max(float(frame["weight"].max()), 1e-6) * 1.1
@@ -653,7 +653,7 @@ def plot_figure8(table: Any, title: str = "", label_before: str = "stage I", lab
 
     analysis.require_columns(table, ("bin_start", "average_delta", "count"), "the rank-shift table")
     if table.empty:
-        raise ValueError("plot_figure8: the rank-shift table has no rows (no query had its target in the pool)")
+        raise InputError("plot_figure8: the rank-shift table has no rows (no query had its target in the pool)")
     fig = _figure(5.156, 3.683)  # the paper's panel size
     fig.set_layout_engine("none")
     gs = GridSpec(2, 1, figure=fig, height_ratios=[2, 1], hspace=0.0, left=0.16, right=0.97, bottom=0.13,
@@ -774,7 +774,7 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | s
 
     df = log if isinstance(log, pd.DataFrame) else analysis.read_log(log)
     if df.empty:
-        raise ValueError("the training log has no records")
+        raise InputError("the training log has no records")
     keys = None if keys is None else analysis.name_list(keys)
     if x is not None or keys is not None:  # a misspelt name would plot nothing, or index records, without a word
         analysis.require_columns(df, ([x] if x else []) + list(keys or []), "the training log")
@@ -784,7 +784,7 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | s
         keys = [c for c in numeric if c.endswith("loss") or c == "lr" or "R@" in c or c.startswith("val")]
         keys = keys or numeric
     if not keys:
-        raise ValueError(f"no plottable columns in the training log; columns: {list(df.columns)}")
+        raise InputError(f"no plottable columns in the training log; columns: {list(df.columns)}")
     constant = {k: df[k].dropna().iloc[0] for k in keys if df[k].notna().sum() > 1 and df[k].dropna().nunique() == 1}
     keys = [k for k in keys if k not in constant] or keys
     constant = {k: v for k, v in constant.items() if k not in keys}

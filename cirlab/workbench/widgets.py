@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from cirlab.core.errors import UnknownKeyError
+from cirlab.core.errors import InputError, UnknownKeyError
 from cirlab.workbench import analysis
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def plot_query_view(routes: Any, edited: Any = None, candidate_ids: Sequence[str
     other = _gates_by_layer(compare.get("routes")) if compare else {}
     layers = list(base) or list(new)
     if not layers:
-        raise ValueError("plot_query_view needs route rows for the query")
+        raise InputError("plot_query_view needs route rows for the query")
     ids = [str(c) for c in candidate_ids]
     target = None if target_id is None else str(target_id)
     outside = image_fn is not None and target is not None and target not in ids and bool(target_rank)
@@ -399,7 +399,7 @@ class RouterExplorer(_Explorer):
         from cirlab.workbench.viz import plain_text
 
         if routes is None or len(routes) == 0:
-            raise ValueError("RouterExplorer needs a non-empty route frame")
+            raise InputError("RouterExplorer needs a non-empty route frame")
         self._start()
         self.routes = routes
         self.query_ids = list(dict.fromkeys(routes["query_id"]))
@@ -490,7 +490,7 @@ class PathExplorer(_Explorer):
     def __init__(self, routes: Any, texts: Mapping[Any, str] | None = None, pair_fn: PairFn | None = None,
                  n_images: int | None = None) -> None:
         if routes is None or len(routes) == 0:
-            raise ValueError("PathExplorer needs a non-empty route frame")
+            raise InputError("PathExplorer needs a non-empty route frame")
         self._start()
         self.routes = routes
         self.query_ids = list(dict.fromkeys(routes["query_id"]))
