@@ -380,3 +380,13 @@ def test_topk_meta_may_hold_paths(tmp_path):
 
     topk = TopK(["q0"], [["a"]], [[0.5]], [1], meta={"checkpoint": tmp_path / "best.pt"})
     assert load_topk(save_topk(tmp_path / "x.topk.npz", topk)).meta == {"checkpoint": str(tmp_path / "best.pt")}
+
+
+def test_load_topk_names_a_file_that_is_not_one(tmp_path):
+    from cirlab.core.topk import load_topk
+
+    (tmp_path / "readme.py").write_text("print('hi')\n")
+    with pytest.raises(ValueError, match=r"readme.py: not a top-K file \(cirlab writes them as .topk.npz"):
+        load_topk(tmp_path / "readme.py")  # was numpy's "pickled data ... allow_pickle=False"
+    with pytest.raises(FileNotFoundError, match="top-K file not found"):
+        load_topk(tmp_path / "none.topk.npz")

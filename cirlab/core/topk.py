@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cirlab.core.errors import InputError
+from cirlab.core.errors import InputError, MissingPathError
 from cirlab.core.io import atomic_path
 
 
@@ -118,9 +118,13 @@ _REQUIRED = ("query_ids", "gallery_ids", "scores", "target_rank")
 
 def load_topk(path: str | os.PathLike) -> TopK:
     """Read a top-K file, naming the file and the missing key when it is not one."""
+    import zipfile
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"top-K file not found: {path}")
+        raise MissingPathError(f"top-K file not found: {path}")
+    if not zipfile.is_zipfile(path):  # numpy took any other file for a pickle and spoke of allow_pickle
+        raise InputError(f"{path}: not a top-K file (cirlab writes them as .topk.npz archives)")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in _REQUIRED if k not in z.files]
