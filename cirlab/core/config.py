@@ -170,13 +170,26 @@ def _describe(hint: Any) -> str:
     return str(hint).replace("typing.", "")
 
 
+def is_whole(value: Any) -> bool:
+    """An int, numpy's too, but not a bool (True is a 1 nobody meant) and not 2.0 (a float count is a slip)."""
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def name_list(names: Any) -> list[Any]:
+    """``names`` as a list, where one name (a string, or a scalar such as an int query id) is a list of that name:
+    iterated, ``"dress:0"`` or ``"png"`` was its letters and ``5`` a TypeError."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, collections.abc.Iterable):
+        return [names]
+    return list(names)
+
+
 def whole_number(value: Any, name: str, low: int = 1) -> int:
     """``value`` as an int when it is a whole number >= ``low`` (a count, a cut-off, a pool size), else a
     :class:`FieldValueError` naming ``name``: k=0 or n=-3 otherwise gives empty tables, zero recalls or a slice
     from the end instead of an error."""
-    import numbers
-
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    if not is_whole(value) or value < low:
         raise FieldValueError(f"{name} must be a whole number >= {low}, got {value!r}")
     return int(value)
 

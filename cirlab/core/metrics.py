@@ -33,14 +33,13 @@ Do not use torchmetrics' retrieval metrics here: they drop scores <= 0, which ch
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from cirlab.core.config import whole_number
+from cirlab.core.config import name_list, whole_number
 from cirlab.core.errors import InputError
 
 __all__ = [
@@ -228,9 +227,7 @@ def _as_ranks(ranks: ScoresLike, name: str = "ranks") -> Tensor:
 def _as_ks(ks: int | Sequence[int], name: str = "ks") -> list[int]:
     """Recall cut-offs as whole numbers >= 1, one int meaning ``[k]``; repeats are dropped so that an average over
     the cut-offs (Shoes, Fashion-IQ) counts each once."""
-    if isinstance(ks, numbers.Number):
-        ks = [ks]
-    out = list(dict.fromkeys(whole_number(k, name) for k in ks))
+    out = list(dict.fromkeys(whole_number(k, name) for k in name_list(ks)))
     if not out:
         raise InputError(f"{name} must name at least one recall cut-off, got {ks!r}")
     return out

@@ -17,11 +17,11 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from cirlab.core.config import whole_number
+from cirlab.core.config import name_list, whole_number
 from cirlab.core.contracts import FRAME_COLUMNS
 from cirlab.core.errors import InputError, UnknownKeyError
 
@@ -34,14 +34,6 @@ __all__ = [
     "compare_runs", "flatten_metrics", "layer_matrix", "bridge_words", "relation_matrix", "relation_block_means",
     "word_region_matrix", "word_image_matrix", "recall_by_category",
 ]
-
-
-def name_list(names: Any) -> list[Any]:
-    """``names`` as a list, where one name (a string, or a scalar such as an int query id) is a list of that name:
-    iterated, ``"dress:0"`` or ``"png"`` was its letters and ``5`` a TypeError."""
-    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
-        return [names]
-    return list(names)
 
 
 # --------------------------------------------------------------------------------------------- rank shift

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from cirlab.core.config import did_you_mean, whole_number
+from cirlab.core.config import did_you_mean, name_list, whole_number
 from cirlab.core.contracts import Model, require_model
 from cirlab.core.errors import ConfigError, InputError, MissingPathError, ModelMismatchError, UnknownKeyError
 
@@ -170,10 +170,8 @@ def as_list(value: Any, name: str) -> list[Any]:
     pass one string, which iterated would be one entry per character; ``""`` / None are empty."""
     if value is None or value == "":
         return []
-    if isinstance(value, (str, os.PathLike)):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return list(value)
+    if isinstance(value, (str, os.PathLike, list, tuple)):
+        return name_list(value)
     raise ParameterError(f"{name}: expected a list (papermill: -y '{name}: [a, b]'), got {type(value).__name__} "
                          f"{value!r}")
 
@@ -717,7 +715,6 @@ def gallery_rows(topk: Any, split: Any, query_ids: Sequence[str] | None = None, 
     """Rows for :func:`cirlab.workbench.viz.plot_retrieval_gallery` from a top-K file and its split (images from
     disk). ``split`` may be :func:`cir_splits`' ``{category: split}`` (a top-K file of every category); without
     ``query_ids`` the first ``n`` queries of the file that the split holds."""
-    from cirlab.workbench.analysis import name_list
     from cirlab.workbench.viz import plain_text
 
     whole_number(k, "k")

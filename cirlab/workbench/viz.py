@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from cirlab.core.config import whole_number
+from cirlab.core.config import name_list, whole_number
 from cirlab.core.errors import InputError, UnknownKeyError
 from cirlab.workbench import analysis
 
@@ -52,7 +52,7 @@ def save_figure(fig: Any, out_dir: str | os.PathLike, name: str,
     loses it (``"g3.png"`` writes ``g3.png`` and ``g3.svg``, not ``g3.png.png``). ``out_dir`` must not be a file."""
     from cirlab.core.io import file_name_part
 
-    formats = analysis.name_list(formats)
+    formats = name_list(formats)
     if not formats:  # nothing would be written, without a word
         raise InputError("save_figure: formats is empty; give one or more of e.g. 'png', 'svg', 'pdf'")
     file_name_part(name, "save_figure: name")
@@ -272,7 +272,7 @@ def plot_run_comparison(runs: Mapping[str, Any] | Sequence[str | os.PathLike],
     :func:`cirlab.workbench.analysis.compare_runs` (a dict of runs, or a list of run folders)."""
     table = analysis.compare_runs(runs)
     if metrics is not None:
-        metrics = analysis.name_list(metrics)
+        metrics = name_list(metrics)
         missing = [m for m in metrics if m not in table.index]
         if missing:
             raise UnknownKeyError(f"metrics {missing} not in every run; available: {list(table.index)}")
@@ -309,7 +309,7 @@ def _layers(frame: Any, layers: Sequence[str] | str | None) -> list[str]:
         raise InputError("the route frame is empty: nothing was traced (no queries, or a model without routers)")
     if layers is None:
         return present
-    layers = analysis.name_list(layers)
+    layers = name_list(layers)
     if not layers:
         raise InputError(f"layers is empty; layers of the route frame: {present}")
     unknown = [l for l in layers if l not in present]
@@ -416,7 +416,7 @@ def plot_query_gates(frame: Any, query_ids: Sequence[Any] | Any, layers: Sequenc
     """Bar charts of the gates of a few queries (or of one id): one row per query, one panel per layer (AMC: paper
     order)."""
     layers = _layers(frame, layers)
-    query_ids = analysis.name_list(query_ids)
+    query_ids = name_list(query_ids)
     if not query_ids:
         raise InputError("plot_query_gates needs at least one query id")
     fig = _figure(2.6 * len(layers) + 0.8, 1.6 * len(query_ids) + 0.6)
@@ -775,7 +775,7 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | s
     df = log if isinstance(log, pd.DataFrame) else analysis.read_log(log)
     if df.empty:
         raise InputError("the training log has no records")
-    keys = None if keys is None else analysis.name_list(keys)
+    keys = None if keys is None else name_list(keys)
     if x is not None or keys is not None:  # a misspelt name would plot nothing, or index records, without a word
         analysis.require_columns(df, ([x] if x else []) + list(keys or []), "the training log")
     x = x or next((c for c in ("step", "global_step", "epoch") if c in df.columns), None)
@@ -903,7 +903,7 @@ def plot_relation_graph(edges: Any, matrices: Sequence[str] | str = ("connection
     ``matrices`` entry (the connection relation, the relevance relation, the fusion attention; ``mask`` is the
     attention bias), the four blocks i2i / i2t / t2i / t2t separated and labelled. Rows are the attention queries;
     the mask's unconnected entries (-inf) are blank."""
-    present = [m for m in analysis.name_list(matrices) if m in set(edges["matrix"])]
+    present = [m for m in name_list(matrices) if m in set(edges["matrix"])]
     fig = _figure(5.2 * len(present) + 0.4, 5.4)
     axes = fig.subplots(1, len(present), squeeze=False)[0]
     for ax, name in zip(axes, present):

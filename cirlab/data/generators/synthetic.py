@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import numbers
 import os
 import time
 import zlib
@@ -60,7 +59,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from cirlab.core.config import MAX_SEED, int_range
+from cirlab.core.config import MAX_SEED, int_range, is_whole, name_list
 from cirlab.core.errors import ConfigError
 from cirlab.data.generators import _owned
 from cirlab.data.generators import _scenes as sc
@@ -490,15 +489,6 @@ def resolve_size(size: str | SynthSize) -> SynthSize:
     return SIZES[size]
 
 
-def _whole(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _layout_list(layouts: Sequence[str] | str) -> list[str]:
-    """One layout by name is a list of it: iterated, ``"cirr"`` was the unknown layouts 'c', 'i', 'r', 'r'."""
-    return [layouts] if isinstance(layouts, str) else list(layouts)
-
-
 def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSize = "default",
              layouts: Sequence[str] | str = LAYOUTS, image_size: int = 64, overwrite: bool = True,
              force: bool = False) -> dict[str, Any]:
@@ -518,14 +508,14 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
         The manifest (also written to ``out_root/synthetic.json``): seed, size, image size and, per layout,
         ``root`` (absolute path to pass to the loader) and per-split counts.
     """
-    layouts = _layout_list(layouts)
+    layouts = name_list(layouts)
     unknown = [name for name in layouts if name not in _WRITERS]
     if unknown:
         raise ValueError(f"unknown layout(s) {unknown}; known: {', '.join(LAYOUTS)}")
     # whole numbers too, before the folder is touched: 1.5 failed inside numpy and 32.0 inside PIL, half-written
-    if not _whole(image_size) or not 16 <= image_size <= MAX_IMAGE_SIZE:
+    if not is_whole(image_size) or not 16 <= image_size <= MAX_IMAGE_SIZE:
         raise ConfigError(f"image_size must be a whole number from 16 to {MAX_IMAGE_SIZE} pixels, got {image_size!r}")
-    if not _whole(seed) or not 0 <= seed <= MAX_SEED:
+    if not is_whole(seed) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"seed must be a whole number from 0 to 2**32 - 1, got {seed!r}")
     spec = resolve_size(size)
     out = Path(out_root).expanduser()
@@ -585,7 +575,7 @@ def ensure(out_root: str | os.PathLike | None = None, *, seed: int = 0, size: st
 
     from cirlab.core.io import generated_folder_lock
 
-    layouts = _layout_list(layouts)  # _written compares sets: a bare string was a set of letters, never written
+    layouts = name_list(layouts)  # _written compares sets: a bare string was a set of letters, never written
     out = Path(out_root) if out_root else cache_dir() / "synthetic" / f"{size}-seed{seed}-{image_size}px"
     wanted = {"format": FORMAT_VERSION, "seed": seed, "size": size, "image_size": image_size}
     if _written(out, wanted, layouts):
