@@ -1094,7 +1094,9 @@ class Trainer:
                 with self.stop:
                     return self._run(p)
             except BaseException:
-                if resume_from is None and self.progress.step == 0 and self.dist.is_main:
+                # an interruption saves last.pt even at step 0 and names --resume: that run is kept whole
+                started = self.progress.step > 0 or (self.ckpt_dir / "last.pt").exists()
+                if resume_from is None and not started and self.dist.is_main:
                     self._forget_failed_start()
                 raise
         except OSError as err:
