@@ -206,6 +206,8 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
         cli[section][field] = value
     if args.dataset and not args.root and not args.config:
         config["dataset"]["synthetic"] = None
+    if args.dataset and args.category is None and not _same_dataset(args.dataset, config["dataset"].get("name")):
+        config["dataset"]["category"] = None  # the stored run's categories belong to its own dataset
     config = merge_config(config, cli)
     if not (config_path is not None and config_path.is_file()) and config["dataset"].get("name"):
         _catalog_splits(config["dataset"])
@@ -216,6 +218,12 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
     validate_blaming(config, base, str(config_path) if config_path is not None and config_path.is_file()
                      else "cirlab eval", flags + [f"--set {o}" for o in args.overrides], for_eval=True)
     return config
+
+
+def _same_dataset(a: Any, b: Any) -> bool:
+    from cirlab.data.catalog import canonical_name
+
+    return b is not None and canonical_name(str(a)) == canonical_name(str(b))
 
 
 def _catalog_splits(dataset: dict[str, Any]) -> None:

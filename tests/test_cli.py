@@ -452,6 +452,30 @@ def test_a_model_on_a_dataset_of_the_other_task_is_one_config_error(tmp_path, ca
     assert not (tmp_path / "run").exists()
 
 
+def test_settings_that_were_read_and_ignored_are_refused(tmp_path):
+    """An edited model_config (the record a run writes) trained the preset's model; dataset.category on CIRR was
+    ignored; a config's path, or a dict without an eval section, failed inside the run."""
+    import cirlab
+    from cirlab.data.generators import synthetic
+    from cirlab.engine.runs import validate_config, with_defaults
+
+    base = {"model": "amc", "preset": "tiny", "dataset": {"name": "cirr"}}
+    with pytest.raises(ConfigError, match=r"model_config is the record a run writes .*embed_dim: 999 \(builds 64\)"
+                                          r".*model_overrides"):
+        validate_config(with_defaults({**base, "model_config": {"embed_dim": 999}}))
+    validate_config(with_defaults({**base, "model_config": {"embed_dim": 64}}))  # a run's own record, run again
+    with pytest.raises(ConfigError, match=r"dataset.category: cirr has no categories"):
+        validate_config(with_defaults({**base, "dataset": {"name": "cirr", "category": "dress"}}))
+    with pytest.raises(ConfigError, match=r"run_experiment takes a run config .* cirlab.load_config\(path\)"):
+        cirlab.run_experiment("configs/amc_synthetic_tiny.yaml")
+    data = tmp_path / "data"
+    synthetic.generate(data, size="tiny", layouts=["cirr"], image_size=16)
+    config = {**base, "dataset": {"name": "cirr", "root": str(data / "cirr")}, "output_dir": str(tmp_path / "run"),
+              "train": {"max_steps": 1, "batch_size": 8, "num_threads": 1}}  # no eval section
+    assert cirlab.run_experiment(config)["steps"] == 1
+    assert with_defaults({**base, "train": None})["train"] == with_defaults(base)["train"]  # null: the defaults
+
+
 @pytest.mark.parametrize("argv, flag", [(["data", "synth", "--out", "x", "--seed", "-1"], "--seed"),
                                         (["data", "synth", "--out", "x", "--image-size", "0"], "--image-size"),
                                         (["data", "synth", "--out", "x", "--image-size", "100000"], "--image-size"),

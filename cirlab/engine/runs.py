@@ -182,8 +182,10 @@ def merge_config(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    """A run config with every section's defaults (:data:`DEFAULTS`) filled in."""
-    return merge_config(DEFAULTS, config)
+    """A run config with every section's defaults (:data:`DEFAULTS`) filled in; an empty section (``train:`` with
+    nothing under it, YAML's null) is that section's defaults."""
+    given = {k: v for k, v in config.items() if not (v is None and isinstance(DEFAULTS.get(k), dict))}
+    return merge_config(DEFAULTS, given)
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -329,6 +331,33 @@ def _validate_model(config: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: dataset.name {dataset!r} is passed to the {name} config, which refuses it "
                               f"({' '.join(str(err).split())}); set model_overrides.dataset to one it accepts"
                               ) from None
+    _check_written_model_config(config, source, overrides)
+
+
+def _check_written_model_config(config: dict[str, Any], source: str, overrides: dict[str, Any]) -> None:
+    """``model_config`` is the record a run writes of the model it built, not an input: an edited copy (a run's
+    config.yaml with ``model_config.embed_dim`` changed) trained the preset's model without a word. A record that
+    matches the model this config builds (a run's config.yaml run again) passes."""
+    import dataclasses
+
+    from cirlab.engine.train import to_plain
+    from cirlab.models.registry import build_config, get_entry
+
+    written = config.get("model_config")
+    if not written:
+        return
+    if not isinstance(written, dict):
+        raise ConfigError(f"{source}: model_config: expected a mapping (the record a run writes), got {written!r}")
+    name = str(config["model"])
+    if getattr(get_entry(name).config_cls, "FOLLOWS_RUN_DATASET", False) and "dataset" not in overrides:
+        overrides = {**overrides, "dataset": (config.get("dataset") or {}).get("name")}
+    built = to_plain(dataclasses.asdict(build_config(name, config.get("preset"), **overrides)))
+    differ = [k for k, v in written.items() if to_plain(v) != built.get(k, v)]
+    if differ:
+        shown = ", ".join(f"{k}: {written[k]!r} (builds {built.get(k)!r})" for k in differ[:3])
+        raise ConfigError(f"{source}: model_config is the record a run writes and is not read, and it differs from "
+                          f"the model this config builds ({shown}); put the change in model_overrides, or delete "
+                          "model_config")
 
 
 def _validate_dataset(config: dict[str, Any], source: str) -> None:
@@ -351,6 +380,10 @@ def _validate_dataset(config: dict[str, Any], source: str) -> None:
     if cat is not None and not isinstance(cat, str) and not (isinstance(cat, list) and cat
                                                              and all(isinstance(c, str) for c in cat)):
         raise ConfigError(f"{source}: dataset.category: expected a name, a list of names or null, got {cat!r}")
+    spec = DATASETS[canonical_name(str(name))]
+    if cat and not spec.categories:  # the loaders of the others take no category: it was read and ignored
+        raise ConfigError(f"{source}: dataset.category: {spec.name} has no categories (Fashion-IQ's are "
+                          f"{', '.join(DATASETS['fashioniq'].categories)}); remove it")
     for key in ("train_split", "val_split", "test_split"):
         if not isinstance(ds.get(key), str) or not ds[key]:
             raise ConfigError(f"{source}: dataset.{key}: expected a split name, got {ds.get(key)!r}")
@@ -744,8 +777,12 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     """
     from cirlab.engine.train import check_device, claim_run_folder, refuse_foreign_config
 
+    if not isinstance(config, dict):  # a path here failed as "'str' object has no attribute 'get'"
+        raise ConfigError(f"run_experiment takes a run config (a dict): pass cirlab.load_config(path), got "
+                          f"{config!r:.80}")
+    config = with_defaults(config)  # a hand-built dict without an eval section failed after validation passed
     name = config.get("name")  # quoted: a config named "config" read "config config: ..."
-    validate_config(with_defaults(config), f"config {name!r}" if name else "config")
+    validate_config(config, f"config {name!r}" if name else "config")
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other (continue the run, or replace it); "
                           "pass one of them")
