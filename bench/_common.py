@@ -89,10 +89,18 @@ def command_line() -> str:
     return " ".join([".venv/bin/python", str(rel), *map(shlex.quote, sys.argv[1:])])
 
 
+def report_path(name: str) -> Path:
+    """``reports/benchmarks/<name>.md`` for a bare name; a name with a folder or ending in ``.md`` is that file (a
+    path such as ``$TMP/dime_eval_gpu.md`` became ``.../reports/benchmarks/$TMP/dime_eval_gpu.md.md``)."""
+    if name.endswith(".md") or os.sep in name or "/" in name:
+        return Path(name)
+    return REPORTS / f"{name}.md"
+
+
 def write_report(name: str, title: str, body: str) -> Path:
-    """Write reports/benchmarks/<name>.md with the command and the machine above the results."""
-    REPORTS.mkdir(parents=True, exist_ok=True)
-    path = REPORTS / f"{name}.md"
+    """Write the report :func:`report_path` names, with the command and the machine above the results."""
+    path = report_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
     text = (f"# {title}\n\nCommand (from the repository root):\n\n```\n{command_line()}\n```\n\n"
             f"Machine: {machine()}\n\nDate: {time.strftime('%Y-%m-%d %H:%M %Z')}\n\n{body.strip()}\n")
     path.write_text(text)

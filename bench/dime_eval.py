@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="fp32,bf16", help="cirlab precisions to time")
     parser.add_argument("--project-coco5k", action="store_true", help="project the COCO-5K (5000 x 25000) time")
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--out", default="dime_eval", help="report name under reports/benchmarks/")
+    parser.add_argument("--out", default="dime_eval",
+                        help="report: a name under reports/benchmarks/ (.md added) or a file path ending in .md")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

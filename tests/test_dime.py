@@ -784,3 +784,20 @@ def test_score_matrix_precision_choice(monkeypatch):
     _search.cpu_has_bf16.cache_clear()
     with pytest.raises(ValueError, match="eval_dtype"):
         _tiny("i2t", eval_dtype="fp16")
+
+
+def test_guidance_cell_gradient_stays_finite_on_a_feature_zero_over_all_tokens():
+    """A guide entry of 0 (its ReLU) zeroes that feature on every token: sqrt(0) gave the norm an infinite gradient
+    and DIME's bf16 step NaN weights at its second step. The cell still equals F.normalize's formula."""
+    from cirlab.models.dime import DIMEConfig, GlobalLocalGuidanceCell
+
+    torch.manual_seed(0)
+    cfg = DIMEConfig.from_preset("tiny")
+    cell = GlobalLocalGuidanceCell(cfg, num_out=4)
+    local = torch.randn(2, 5, cfg.embed_size, requires_grad=True)
+    guide = torch.randn(2, 1, cfg.embed_size).relu()  # about half the features exactly 0
+    out = cell(local, guide, None)
+    m = cell.fc_1(local) * guide
+    torch.testing.assert_close(out, (1 + torch.nn.functional.normalize(m, dim=-2)) * local)
+    out.sum().backward()
+    assert torch.isfinite(local.grad).all() and torch.isfinite(cell.fc_1.weight.grad).all()

@@ -336,8 +336,10 @@ class GlobalLocalGuidanceCell(_Cell):
         m = (self.fc_1(local) if fc_local is None else fc_local) * guide
         if mask is not None:
             m = m * mask.unsqueeze(-1).to(m.dtype)
-        # F.normalize(m, dim=-2), written out: a vector norm over the token axis is a slow strided reduction on CPU
-        return (1 + m / (m * m).sum(-2, keepdim=True).sqrt().clamp_min(1e-12)) * local
+        # F.normalize(m, dim=-2), written out: a vector norm over the token axis is a slow strided reduction on CPU.
+        # The clamp comes before the sqrt (eps 1e-12 squared): a feature that is 0 on every token (the guide's
+        # ReLU zeros, bf16 underflow) made sqrt's gradient inf and the step NaN; F.normalize's norm has gradient 0
+        return (1 + m / (m * m).sum(-2, keepdim=True).clamp_min(1e-24).sqrt()) * local
 
 
 class IntraModelReasoningCell(_Cell):
