@@ -102,11 +102,13 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=96, help="distinct images")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    ap.add_argument("--quick", action="store_true", help="batch 16, 3 steps, 2 repeats")
+    ap.add_argument("--quick", action="store_true", help="batch 16, 3 steps, 2 repeats"
+                    "; prints only: quick sizes never replace the committed table")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
     if args.quick:
         args.batch_size, args.steps, args.repeats = 16, 3, 2
+        args.no_write = True
     torch.set_num_threads(args.threads)
     print(machine(), flush=True)
     gen = torch.Generator().manual_seed(0)

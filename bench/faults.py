@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="markdown file to write (default: reports/benchmarks/faults.md)")
     args = parser.parse_args(argv)
     kinds = [k for k in tf.FAULTS if args.only in k.name]
+    if not kinds:  # a misspelt --only ran nothing and exited 0
+        parser.error(f"--only {args.only!r} matches no kind; kinds: {', '.join(k.name for k in tf.FAULTS)[:400]}...")
+    if not args.only:  # before the run, not after it: a missing folder lost the whole table
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory(prefix="cirlab-faults-") as tmp:

@@ -232,6 +232,9 @@ def _paired(by_variant: dict[str, list[dict]]) -> list[str]:
 def write_report(args: argparse.Namespace) -> None:
     out = Path(args.out_dir)
     records = [json.loads(p.read_text()) for p in sorted(out.glob("*/bench_result.json"))]
+    if not records and not (out / "eval_timing.json").is_file():  # an empty report would replace a committed one
+        sys.exit(f"hrem_synthetic: no results in {out} (no */bench_result.json, no eval_timing.json): run --train "
+                 "or --eval-timing with this --out-dir first; no report written")
     lines = ["# HREM on the synthetic precomp dataset (CPU)", ""]
     if records:
         tr, mo = records[0]["config"]["train"], records[0]["config"]["model_overrides"]

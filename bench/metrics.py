@@ -111,7 +111,8 @@ def bench_cirr(n_queries: int, n_gallery: int, repeats: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small sizes (1,000 images; 1,000 x 500 CIRR)")
+    ap.add_argument("--quick", action="store_true", help="small sizes (1,000 images; 1,000 x 500 CIRR)"
+                    "; prints only: quick sizes never replace the committed table")
     ap.add_argument("--images", type=int, default=5000, help="ITM images (captions = 5x)")
     ap.add_argument("--cirr-queries", type=int, default=4181, help="CIRR queries")
     ap.add_argument("--cirr-gallery", type=int, default=2297, help="CIRR gallery size")
@@ -122,6 +123,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.images, args.cirr_queries, args.cirr_gallery = 1000, 1000, 500
+        args.no_write = True
     torch.set_num_threads(args.threads)
     print(machine(), flush=True)
     results = bench_itm(args.images, args.repeats) + [bench_cirr(args.cirr_queries, args.cirr_gallery, args.repeats)]

@@ -70,11 +70,13 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (torch and faiss)")
     ap.add_argument("--backends", default="blocks,filter,bf16,auto", help="cirlab backends to time")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats per pair")
-    ap.add_argument("--quick", action="store_true", help="20k gallery, 1k queries")
+    ap.add_argument("--quick", action="store_true", help="20k gallery, 1k queries"
+                    "; prints only: quick sizes never replace the committed table")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
     if args.quick:
         args.gallery, args.queries = 20_000, 1_000
+        args.no_write = True
     try:
         import faiss
     except ImportError:
