@@ -713,3 +713,100 @@ def test_repeated_query_ids_are_refused_not_averaged():
             call(doubled)
     renamed = pd.concat([frame, frame.assign(query_id="b:" + frame.query_id)])
     assert len(analysis.gate_matrix(renamed, "layer1")) == 2 * frame.query_id.nunique()
+
+
+# ------------------------------------------------------------------------------------------------ review: inputs named
+def test_word_region_refuses_an_unknown_image_and_value():
+    frame = word_region_frame()  # images 3 and 4
+    with pytest.raises(KeyError, match=r"image_id 999 is not in the word-region frame; its images: 3, 4"):
+        viz.plot_word_region(frame, image_id=999)
+    with pytest.raises(KeyError, match=r"image_id '5' is not in the word-region frame; its images: 3, 4"):
+        viz.plot_word_region(frame, image_id="5")
+    left = next(ax for ax in viz.plot_word_region(frame, image_id="4").axes if ax.get_gid() == "word_region")
+    assert left.get_title() == "words x regions of image 4"  # a string of a known id is that id
+    with pytest.raises(KeyError, match=r"value='scor' is not a column of the word-region frame; columns: caption_id"):
+        viz.plot_word_region(frame, value="scor")
+    with pytest.raises(ValueError, match=r"pass hrem_relation\(\.\.\.\)\['word_region'\]"):
+        viz.plot_word_region({"edges": relation_edges(), "word_region": frame})
+
+
+def test_relation_graph_names_unknown_matrices_and_the_edges_frame():
+    edges = relation_edges()
+    for matrices in (["relevance", "atention"], "relevence"):
+        with pytest.raises(KeyError, match=r"not in the relation frame; its matrices: connection, relevance, mask, "
+                                           r"attention"):
+            viz.plot_relation_graph(edges, matrices=matrices)
+    with pytest.raises(ValueError, match=r"pass hrem_relation\(\.\.\.\)\['edges'\]"):
+        viz.plot_relation_graph({"edges": edges, "word_region": word_region_frame(), "texts": {}})
+    with pytest.raises(ValueError, match=r"pass its first element"):
+        viz.plot_bridge_words((cala_frame(), {"q7": "make the star red"}))
+    with pytest.raises(ValueError, match=r"pass its first element"):
+        viz.plot_cala_bridges((cala_frame(), {"q7": "make the star red"}))
+
+
+def test_empty_or_binned_rank_shift_inputs_are_refused():
+    with pytest.raises(ValueError, match=r"every count of the rank-shift table is 0 \(no query had its target"):
+        viz.plot_figure8(analysis.rank_shift_table([], [], 10))
+    al = _aligned()
+    with pytest.raises(ValueError, match=r"call rank_shift_table with bins=None"):
+        viz.plot_figure8(analysis.rank_shift_table(al.rank_before, al.rank_after, 200, bins=10))
+    with pytest.raises(ValueError, match=r"plot_rank_shift: aligned has no rows"):
+        viz.plot_rank_shift(al.iloc[:0], 10)
+    with pytest.raises(ValueError, match=r"plot_figure8: table must be a pandas DataFrame, got a dict"):
+        viz.plot_figure8(analysis.rank_shift_table(al.rank_before, al.rank_after, 200).to_dict())
+
+
+def test_rank_shift_wants_the_aligned_frame():
+    a = TopK(["x", "y"], np.zeros((2, 1)), np.zeros((2, 1)), [1, 2])
+    for bad in (a, (a, a), "runs/topk"):
+        with pytest.raises(ValueError, match=r"pass analysis\.align_ranks\(before, after\)"):
+            viz.plot_rank_shift(bad, 10)
+        with pytest.raises(ValueError, match=r"pass analysis\.align_ranks\(before, after\)"):
+            analysis.rank_shift_by_category(bad, 10)
+    al = _aligned()
+    with pytest.raises(KeyError, match=r"lacks column\(s\) rank_before; .*pass analysis\.align_ranks"):
+        viz.plot_rank_shift(al.drop(columns="rank_before"), 10)
+    plain = al.drop(columns="category")  # no category: one group, "all"
+    assert list(analysis.rank_shift_by_category(plain, 200)["category"]) == ["all"]
+    d = viz.plot_rank_shift(plain, 200).axes[3]
+    assert len([p for p in d.patches if p.get_gid() == "recall:ceiling_R@200"]) == 1
+
+
+def test_one_cut_off_is_a_list_of_one():
+    r = np.array([1, 3, 7, 20])
+    assert analysis.known_recall(r, 5) == analysis.known_recall(r, [5]) == {"R@5": pytest.approx(50.0)}
+    al = _aligned()
+    table = analysis.rank_shift_by_category(al, 10, ks=5)
+    assert [c for c in table.columns if c.startswith("before_")] == ["before_R@5"]
+    with pytest.raises(ValueError, match=r"k must be a whole number >= 1, got '10'"):
+        analysis.rank_shift_by_category(al, 10, ks="10")
+
+
+def test_rank_shift_table_refuses_float_edges_nan_and_2d_ranks():
+    with pytest.raises(ValueError, match=r"bins must be whole-number rank edges, got \[1, 2\.7, 6\]"):
+        analysis.rank_shift_table([1, 2, 3], [1, 2, 3], 5, bins=[1, 2.7, 6])
+    assert list(analysis.rank_shift_table([1, 2, 3], [1, 2, 3], 5, bins=[1.0, 3.0, 6.0])["bin_start"]) == [1, 3]
+    with pytest.raises(ValueError, match=r"rank_before holds 1 NaN rank\(s\)"):
+        analysis.rank_shift_table([1, np.nan, 3], [1, 2, 3], 5)
+    with pytest.raises(ValueError, match=r"rank_after must be a 1-D array of ranks .*got shape \(2, 2\)"):
+        analysis.rank_shift_table([1, 2], [[1, 2], [3, 4]], 5)
+
+
+def test_router_views_name_the_cala_views_for_a_cala_trace():
+    frame = pd.concat([cala_frame("q1"), cala_frame("q2")]).assign(category="dress")
+    for call in (viz.plot_expert_heatmaps, viz.plot_gate_entropy, analysis.route_statistics, viz.plot_path_matrices,
+                 viz.plot_dime_flows):
+        with pytest.raises(ValueError, match=r"is for router traces \(AMC gates, DIME paths\); this is a CaLa trace "
+                                             r".*plot_cala_bridges or viz\.plot_bridge_words"):
+            call(frame)
+
+
+def test_cala_bridges_take_one_step_and_refuse_an_empty_frame():
+    fig = viz.plot_cala_bridges(cala_frame(), steps=2)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "TAC reference -> target, step 2" in titles and "TAC target -> reference, step 2" in titles
+    assert not any("step 1" in t for t in titles)
+    with pytest.raises(ValueError, match=r"^plot_cala_bridges: the trace frame is empty"):
+        viz.plot_cala_bridges(cala_frame().iloc[:0])
+    with pytest.raises(ValueError, match=r"plot_cala_bridges needs a CaLa trace"):
+        viz.plot_cala_bridges(amc_frame())

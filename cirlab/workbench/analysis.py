@@ -76,6 +76,46 @@ def _same_length(before: np.ndarray, after: np.ndarray) -> None:
         raise InputError(f"rank_before {before.shape} and rank_after {after.shape} differ")
 
 
+def _ranks(values: Any, name: str) -> np.ndarray:
+    """A 1-D array of ranks without NaN: a 2-D array was flattened into the table, NaN dropped without a word."""
+    r = np.asarray(values, dtype=float)
+    if r.ndim != 1:
+        raise InputError(f"{name} must be a 1-D array of ranks (one per query), got shape {r.shape}")
+    if np.isnan(r).any():
+        raise InputError(f"{name} holds {int(np.isnan(r).sum())} NaN rank(s) (positions "
+                         f"{np.flatnonzero(np.isnan(r))[:5].tolist()}); use 0 for an unknown rank")
+    return r
+
+
+ALIGN_HINT = "pass analysis.align_ranks(before, after)"
+
+
+def require_frame(value: Any, what: str, hint: str = "") -> None:
+    """Raise when ``value`` is not a pandas DataFrame: a recipe's tuple or dict handed whole failed deep inside as
+    ``KeyError: 'matrix'`` or ``'tuple' object has no attribute 'loc'``; the message says which element to pass."""
+    import pandas as pd
+
+    if isinstance(value, pd.DataFrame):
+        return
+    if isinstance(value, Mapping) and "edges" in value:
+        hint = f"pass hrem_relation(...)[{'word_region' if 'word_region' in what else 'edges'!r}]"
+    elif isinstance(value, (tuple, list)) and value and isinstance(value[0], pd.DataFrame):
+        hint = "cala_trace / collect_routes return (frame, texts): pass its first element"
+    raise InputError(f"{what} must be a pandas DataFrame, got a {type(value).__name__}" + (f"; {hint}" if hint else ""))
+
+
+def aligned_frame(aligned: Any, what: str) -> Any:
+    """The frame of :func:`align_ranks` (``rank_before``, ``rank_after``; ``category`` optional), with rows."""
+    require_frame(aligned, what, ALIGN_HINT)
+    missing = [c for c in ("rank_before", "rank_after") if c not in aligned.columns]
+    if missing:
+        raise UnknownKeyError(f"{what} lacks column(s) {', '.join(missing)}; its columns: "
+                              f"{', '.join(map(str, aligned.columns)) or '(none)'}; {ALIGN_HINT}")
+    if aligned.empty:
+        raise InputError(f"{what} has no rows: no query has a known target rank in both rankings")
+    return aligned
+
+
 def _bin_edges(k: int, bins: int | Sequence[int] | None) -> np.ndarray:
     """Left-closed integer bin edges over ranks 1..k (the last edge is k + 1). Given edges must cover exactly that
     range: a query outside every bin would vanish from the table without a word."""
@@ -83,7 +123,10 @@ def _bin_edges(k: int, bins: int | Sequence[int] | None) -> np.ndarray:
         return np.arange(1, k + 2)
     if isinstance(bins, (int, np.integer)):
         return np.unique(np.linspace(1, k + 1, whole_number(bins, "bins") + 1).round().astype(int))
-    edges = np.asarray(bins, dtype=int)
+    raw = np.asarray(bins, dtype=float)
+    if raw.ndim == 1 and not np.all(np.isfinite(raw) & (raw == np.round(raw))):  # 2.7 was truncated to 2
+        raise InputError(f"bins must be whole-number rank edges, got {bins!r}")
+    edges = raw.astype(int) if raw.ndim == 1 and np.isfinite(raw).all() else raw
     if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
         raise InputError(f"bins must be increasing integer edges, got {bins!r}")
     if edges[0] != 1 or edges[-1] != k + 1:
@@ -103,8 +146,8 @@ def rank_shift_table(rank_before: Sequence[int], rank_after: Sequence[int], k: i
     import pandas as pd
 
     k = whole_number(k, "k")
-    before = np.asarray(rank_before, dtype=float)
-    after = np.asarray(rank_after, dtype=float)
+    before = _ranks(rank_before, "rank_before")
+    after = _ranks(rank_after, "rank_after")
     _same_length(before, after)
     in_pool = (before >= 1) & (before <= k) & (after >= 1)
     before, after = before[in_pool], after[in_pool]
@@ -146,7 +189,7 @@ def known_recall(ranks: Sequence[int], ks: Sequence[int]) -> dict[str, float]:
     queries have none); NaN when no query is left, so a table of categories keeps its rows."""
     from cirlab.core.metrics import recall_from_ranks
 
-    ks = [whole_number(k, "k") for k in ks]
+    ks = [whole_number(k, "k") for k in name_list(ks)]  # ks=5 was "int is not iterable", "10" its letters
     r = np.asarray(ranks)
     r = r[r > 0]
     if len(r) == 0:
@@ -171,10 +214,13 @@ def rank_shift_by_category(aligned: Any, pool: int, ks: Sequence[int] = (1, 5, 1
     """Per category (plus ``all``): recall before/after at ``ks``, the pool ceiling, and the shift summary."""
     import pandas as pd
 
+    aligned = aligned_frame(aligned, "rank_shift_by_category: aligned")
+    pool = whole_number(pool, "pool")
+    ks = name_list(ks)
     rows = []
-    groups = [("all", aligned)] + [(str(c), g) for c, g in aligned.groupby("category", sort=True)]
-    if aligned["category"].nunique() <= 1:
-        groups = groups[:1]
+    groups = [("all", aligned)]
+    if "category" in aligned.columns and aligned["category"].nunique() > 1:  # no category: one group, "all"
+        groups += [(str(c), g) for c, g in aligned.groupby("category", sort=True)]
     for name, g in groups:
         row: dict[str, Any] = {"category": name}
         row.update({f"before_{k}": v for k, v in known_recall(g["rank_before"], ks).items()})
@@ -193,6 +239,29 @@ def require_columns(frame: Any, columns: Sequence[str], what: str) -> None:
     if missing:
         raise UnknownKeyError(f"{what} lacks column(s) {', '.join(missing)}; its columns: "
                               f"{', '.join(map(str, frame.columns)) or '(none)'}")
+
+
+CALA_PREFIXES = ("hca.", "tac.")  # CaLa.trace's layers: HCA's hinge maps and bridge, TAC's twin attention steps
+HREM_LAYERS = ("connection", "relevance")  # HREM's relation graph, traced or as hrem_relation(...)["edges"]
+
+
+def refuse_attention_trace(frame: Any, what: str) -> None:
+    """Router views (AMC gates, DIME paths) given a CaLa or HREM trace failed on "repeated weight rows ...
+    set_batch" or drew meaningless panels: name the views made for that trace instead."""
+    if not hasattr(frame, "columns"):
+        return
+    if "matrix" in frame.columns and "edge_type" in frame.columns:
+        layers = set(map(str, frame["matrix"].unique()))
+    elif "layer" in frame.columns:
+        layers = set(map(str, frame["layer"].unique()))
+    else:
+        return
+    if any(l.startswith(CALA_PREFIXES) for l in layers):
+        raise InputError(f"{what} is for router traces (AMC gates, DIME paths); this is a CaLa trace (layers hca.*, "
+                         "tac.*): draw it with viz.plot_cala_bridges or viz.plot_bridge_words")
+    if set(HREM_LAYERS) <= layers:
+        raise InputError(f"{what} is for router traces (AMC gates, DIME paths); this is an HREM relation trace: draw "
+                         "it with viz.plot_relation_graph or viz.plot_word_region (workbench.hrem_relation)")
 
 
 def _has_source(frame: Any) -> Any:
@@ -227,6 +296,7 @@ def _refuse_repeated_queries(rows: Any, keys: list[str]) -> None:
 
 def gate_matrix(frame: Any, layer: str) -> Any:
     """``[query x expert]`` weights of one layer (columns in the model's code order, paper names)."""
+    refuse_attention_trace(frame, "gate_matrix")
     require_columns(frame, FRAME_COLUMNS, "the route frame")
     rows = frame[frame["layer"] == layer]
     if rows.empty:
@@ -280,6 +350,7 @@ def route_statistics(frame: Any) -> Any:
     """Per layer and expert: mean raw weight, mean normalised share, top-1 share, mean layer entropy."""
     import pandas as pd
 
+    refuse_attention_trace(frame, "route_statistics")
     require_columns(frame, FRAME_COLUMNS, "the route frame")
     rows = []
     for layer in _ordered_unique(frame["layer"]):
@@ -298,6 +369,7 @@ def flow_matrices(frame: Any) -> list[tuple[str, list[str], list[str], np.ndarra
 
     Returns ``(layer, sources, destinations, matrix)`` tuples; raises when the frame has no path rows.
     """
+    refuse_attention_trace(frame, "flow_matrices (plot_path_matrices, plot_dime_flows)")
     require_columns(frame, FRAME_COLUMNS, "the route frame")
     paths = frame[_has_source(frame)]
     if paths.empty:
@@ -320,6 +392,7 @@ def path_vectors(frame: Any, meta: str | None = "category") -> tuple[np.ndarray,
     no ``category`` column and ``meta`` is that default; any other missing ``meta`` is an error, as a misspelt name
     gave "" labels without a word).
     """
+    refuse_attention_trace(frame, "path_vectors (plot_path_space)")
     require_columns(frame, FRAME_COLUMNS, "the route frame")
     if meta and meta not in frame.columns and meta != "category":
         raise UnknownKeyError(f"meta={meta!r} is not a column of the route frame; columns: "
@@ -512,6 +585,8 @@ EDGE_BLOCKS = ("i2i", "i2t", "t2i", "t2t")
 def relation_matrix(edges: Any, matrix: str = "relevance") -> tuple[np.ndarray, list[str], int]:
     """One matrix of HREM's joint graph (:func:`cirlab.models.hrem.relation_frames` ``"edges"``) as ``[2B, 2B]``
     with node labels (``img <id>`` then ``cap <id>``) and B; ``-inf`` (unconnected in the mask) becomes NaN."""
+    require_frame(edges, "relation_matrix: edges", "pass hrem_relation(...)['edges']")
+    require_columns(edges, ("matrix", "row", "col", "row_kind", "row_id", "weight"), "the relation frame")
     rows = edges[edges["matrix"] == matrix]
     if rows.empty:
         raise UnknownKeyError(f"no {matrix!r} matrix in the relation frame (has: {sorted(edges['matrix'].unique())})")
@@ -531,9 +606,31 @@ def relation_block_means(edges: Any) -> Any:
         columns=list(EDGE_BLOCKS))
 
 
+def _word_region_frame(word_region: Any, value: str, what: str) -> None:
+    require_frame(word_region, f"{what}: word_region", "pass hrem_relation(...)['word_region']")
+    require_columns(word_region, ("image_id", "word_pos", "word", "real_word", "region"), "the word-region frame")
+    if value not in word_region.columns:
+        raise UnknownKeyError(f"value={value!r} is not a column of the word-region frame; columns: "
+                              f"{', '.join(map(str, word_region.columns))}")
+
+
+def image_key(word_region: Any, image_id: Any) -> Any:
+    """``image_id`` as it is in the frame's ``image_id`` column ('3' is 3); an unknown id lists the batch's images."""
+    images = list(dict.fromkeys(word_region["image_id"]))
+    if image_id in images:
+        return image_id
+    if isinstance(image_id, str) and image_id.strip().lstrip("-").isdigit() and int(image_id) in images:
+        return images[images.index(int(image_id))]
+    raise UnknownKeyError(f"image_id {image_id!r} is not in the word-region frame; its images: "
+                          f"{', '.join(map(str, images)) or '(none)'}")
+
+
 def word_region_matrix(word_region: Any, image_id: Any, value: str = "score",
                        real_words: bool = True) -> tuple[np.ndarray, list[str]]:
-    """HREM's word-region relevance of one caption against one image: ``[words x regions]`` and the words."""
+    """HREM's word-region relevance of one caption against one image: ``[words x regions]`` and the words. A string
+    of a known integer id ('3') is that id."""
+    _word_region_frame(word_region, value, "word_region_matrix")
+    image_id = image_key(word_region, image_id)
     rows = word_region[word_region["image_id"] == image_id]
     if real_words:
         rows = rows[rows["real_word"]]
@@ -547,6 +644,7 @@ def word_region_matrix(word_region: Any, image_id: Any, value: str = "score",
 def word_image_matrix(word_region: Any, value: str = "score",
                       real_words: bool = True) -> tuple[np.ndarray, list[str], list[Any]]:
     """Per word of the caption, its best region score against every image of the batch: ``[words x images]``."""
+    _word_region_frame(word_region, value, "word_image_matrix")
     rows = word_region[word_region["real_word"]] if real_words else word_region
     mat = rows.pivot_table(index="word_pos", columns="image_id", values=value, aggfunc="max")
     words = rows.drop_duplicates("word_pos").set_index("word_pos").loc[mat.index, "word"].astype(str).tolist()

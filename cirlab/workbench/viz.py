@@ -382,6 +382,7 @@ def plot_expert_heatmaps(frame: Any, layers: Sequence[str] | str | None = None, 
     Rows are up to ``max_queries`` queries spread over the values of ``sort_by`` (default: the category; DIME: the
     caption type), grouped and labelled by it. AMC's experts are drawn in the paper's order (α1 NIN, α2 GTN, α3 CRN).
     """
+    analysis.refuse_attention_trace(frame, "plot_expert_heatmaps")
     layers = _layers(frame, layers)
     ids, groups = _pick_queries(frame, max_queries, sort_by)
     paths = _is_path_frame(frame)
@@ -415,6 +416,7 @@ def plot_query_gates(frame: Any, query_ids: Sequence[Any] | Any, layers: Sequenc
                      title: str = "") -> Any:
     """Bar charts of the gates of a few queries (or of one id): one row per query, one panel per layer (AMC: paper
     order)."""
+    analysis.refuse_attention_trace(frame, "plot_query_gates")
     layers = _layers(frame, layers)
     query_ids = name_list(query_ids)
     if not query_ids:
@@ -448,6 +450,7 @@ def plot_gate_distributions(frame: Any, by: str = "category", layers: Sequence[s
     Gate models (AMC): box plots per expert and group. Path models (DIME, 16 paths a layer): a heatmap of the mean
     path weight per group (rows: source→destination paths, columns: groups), readable where 16 x groups boxes are not.
     """
+    analysis.refuse_attention_trace(frame, "plot_gate_distributions")
     if by not in frame.columns:
         raise UnknownKeyError(f"the route frame has no {by!r} column; columns: {list(frame.columns)}")
     layers = _layers(frame, layers)
@@ -514,6 +517,7 @@ def plot_gate_entropy(frame: Any, layers: Sequence[str] | str | None = None) -> 
     """Left: histogram of normalised gate entropy per layer. Right, one panel per layer: each expert's (DIME: each
     path's) mean share of the routing weight and the share of queries it wins (top-1), as horizontal bars so that
     16 path names stay readable."""
+    analysis.refuse_attention_trace(frame, "plot_gate_entropy")
     layers = _layers(frame, layers)
     stats = analysis.route_statistics(frame[frame["layer"].isin(layers)])
     per_layer = {layer: stats[stats["layer"] == layer] for layer in layers}
@@ -551,6 +555,7 @@ def plot_path_matrices(frame: Any, title: str = "Mean path weight per layer (des
     Each panel has its own colour scale: near-uniform routing (every weight close to 1/4) would otherwise
     look flat, and the differences between cells are what the panel is for.
     """
+    analysis.refuse_attention_trace(frame, "plot_path_matrices")
     mats = analysis.flow_matrices(frame)
     fig = _figure(3.2 * len(mats) + 0.6, 3.4)
     axes = fig.subplots(1, len(mats), squeeze=False)[0]
@@ -577,6 +582,7 @@ def plot_dime_flows(frame: Any, min_weight: float = 0.0) -> Any:
     Column ``l`` holds layer ``l``'s source cells, column ``l + 1`` its destinations. Each drawn band has
     ``gid="flow:<layer>:<source>-><destination>"`` and a line width proportional to its mean weight.
     """
+    analysis.refuse_attention_trace(frame, "plot_dime_flows")
     from matplotlib.patches import FancyBboxPatch, PathPatch
     from matplotlib.path import Path as MPath
 
@@ -618,6 +624,7 @@ def plot_dime_flows(frame: Any, min_weight: float = 0.0) -> Any:
 
 def plot_path_space(frame: Any, color_by: str = "category", annotate: int = 0) -> Any:
     """A 2-D PCA map of queries in path space (all layers' weights concatenated), coloured by ``color_by``."""
+    analysis.refuse_attention_trace(frame, "plot_path_space")
     x, ids, labels = analysis.path_vectors(frame, meta=_group_column(frame, color_by, "color_by"))
     coords, ratio = analysis.pca_2d(x)
     fig = _figure(5.0, 4.2)
@@ -651,9 +658,15 @@ def plot_figure8(table: Any, title: str = "", label_before: str = "stage I", lab
     from matplotlib.gridspec import GridSpec
     from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
+    analysis.require_frame(table, "plot_figure8: table", "pass analysis.rank_shift_table(rank_before, rank_after, k)")
     analysis.require_columns(table, ("bin_start", "average_delta", "count"), "the rank-shift table")
     if table.empty:
         raise InputError("plot_figure8: the rank-shift table has no rows (no query had its target in the pool)")
+    if not (table["count"] > 0).any():  # rank_shift_table always gives k rows: an empty input drew all zeros
+        raise InputError("plot_figure8: every count of the rank-shift table is 0 (no query had its target in the pool)")
+    if "bin_end" in table.columns and (table["bin_end"] != table["bin_start"]).any():
+        raise InputError("plot_figure8 draws one bin per initial rank; this table has wider bins (bin_end != "
+                         "bin_start): call rank_shift_table with bins=None")
     fig = _figure(5.156, 3.683)  # the paper's panel size
     fig.set_layout_engine("none")
     gs = GridSpec(2, 1, figure=fig, height_ratios=[2, 1], hspace=0.0, left=0.16, right=0.97, bottom=0.13,
@@ -695,6 +708,9 @@ def plot_rank_shift(aligned: Any, k: int, bins: int | Sequence[int] | None = 20,
     of the rank before, inside the candidate pool of size ``k``; (c) share of queries improved / unchanged /
     worsened per category; (d) recall before/after per category with the pool's ceiling recall R@k.
     """
+    aligned = analysis.aligned_frame(aligned, "plot_rank_shift: aligned")
+    if "category" not in aligned.columns:  # one group, as rank_shift_by_category reads it
+        aligned = aligned.assign(category="")
     table = analysis.rank_shift_table(aligned["rank_before"], aligned["rank_after"], k, bins)
     per_cat = analysis.rank_shift_by_category(aligned, k, ks=(1, 10))
     fig = _figure(10.0, 7.0)
@@ -839,8 +855,19 @@ def plot_cala_bridges(frame: Any, query_id: Any | None = None, text: str = "", s
     target queries attending to reference tokens (step 1 attends to the other image's tokens, later steps to the
     previous step's output).
     """
+    analysis.require_frame(frame, "plot_cala_bridges: frame")
+    analysis.require_columns(frame, ("layer", "query_id"), "the CaLa trace frame")
+    if frame.empty:
+        raise InputError("plot_cala_bridges: the trace frame is empty (nothing was traced)")
+    steps = [whole_number(s, "steps") for s in name_list(steps)]  # steps=2 was "int is not iterable"
+    if not steps:
+        raise InputError("plot_cala_bridges: steps is empty; TAC's steps are 1..4")
     if query_id is None:
-        query_id = frame.loc[frame["layer"] == "hca.bridge", "query_id"].iloc[0]
+        bridge_ids = frame.loc[frame["layer"] == "hca.bridge", "query_id"]
+        if bridge_ids.empty:  # another model's trace was an IndexError
+            raise InputError("plot_cala_bridges needs a CaLa trace (rows of layer 'hca.bridge'); the frame's layers: "
+                             f"{', '.join(map(str, frame['layer'].unique()))}")
+        query_id = bridge_ids.iloc[0]
     rc, refs, words = analysis.layer_matrix(frame, "hca.ref_to_text", query_id)
     ct, words2, tgts = analysis.layer_matrix(frame, "hca.text_to_target", query_id)
     hinge, _, tgt_cols = analysis.layer_matrix(frame, "hca.hinge", query_id)
@@ -881,6 +908,7 @@ def plot_cala_bridges(frame: Any, query_id: Any | None = None, text: str = "", s
 def plot_bridge_words(frame: Any, top: int = 15, title: str = "") -> Any:
     """The words with the largest mean HCA bridge value over every traced query
     (:func:`cirlab.workbench.analysis.bridge_words`), with how often each occurs."""
+    analysis.require_frame(frame, "plot_bridge_words: frame")
     table = analysis.bridge_words(frame, top=top)
     fig = _figure(6.5, 0.32 * max(len(table), 4) + 1.4)
     ax = fig.add_subplot()
@@ -903,7 +931,16 @@ def plot_relation_graph(edges: Any, matrices: Sequence[str] | str = ("connection
     ``matrices`` entry (the connection relation, the relevance relation, the fusion attention; ``mask`` is the
     attention bias), the four blocks i2i / i2t / t2i / t2t separated and labelled. Rows are the attention queries;
     the mask's unconnected entries (-inf) are blank."""
-    present = [m for m in name_list(matrices) if m in set(edges["matrix"])]
+    analysis.require_frame(edges, "plot_relation_graph: edges", "pass hrem_relation(...)['edges']")
+    analysis.require_columns(edges, ("matrix",), "the relation frame")
+    have = list(dict.fromkeys(edges["matrix"]))
+    present = name_list(matrices)
+    if not present:
+        raise InputError(f"plot_relation_graph: matrices is empty; the frame's matrices: {', '.join(map(str, have))}")
+    unknown = [m for m in present if m not in have]
+    if unknown:  # a misspelt name was dropped without a word (or left no panel at all)
+        raise UnknownKeyError(f"plot_relation_graph: matrices {unknown} not in the relation frame; its matrices: "
+                              f"{', '.join(map(str, have)) or '(none)'}")
     fig = _figure(5.2 * len(present) + 0.4, 5.4)
     axes = fig.subplots(1, len(present), squeeze=False)[0]
     for ax, name in zip(axes, present):
@@ -929,11 +966,18 @@ def plot_word_region(word_region: Any, image_id: Any | None = None, text: str = 
     caption's own image, caption id // 5 on five-caption precomp data, when it is in the batch); right, each word's
     best region score against every image of the batch (the caption's own image marked). Words are the
     tokenizer's, as HREM reads them."""
+    analysis.require_frame(word_region, "plot_word_region: word_region", "pass hrem_relation(...)['word_region']")
+    analysis.require_columns(word_region, ("caption_id", "image_id"), "the word-region frame")
+    if word_region.empty:
+        raise InputError("plot_word_region: the word-region frame is empty")
     cap = word_region["caption_id"].iloc[0]
-    own = int(cap) // 5 if image_id is None else image_id
     images = list(dict.fromkeys(word_region["image_id"]))
-    if own not in images:
-        own = images[0]
+    if image_id is None:  # the caption's own image when it is in the batch, else the first
+        own = int(cap) // 5
+        if own not in images:
+            own = images[0]
+    else:  # an unknown id drew image 0 under the title "image 0"
+        own = analysis.image_key(word_region, image_id)
     mat, words = analysis.word_region_matrix(word_region, own, value)
     best, words2, cols = analysis.word_image_matrix(word_region, value)
     fig = _figure(14, 0.28 * len(words) + 2.6)
