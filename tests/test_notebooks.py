@@ -366,6 +366,7 @@ def test_a_model_of_the_wrong_kind_or_a_device_typo_is_one_line(tiny_data):
     from cirlab.data import load_cir, load_precomp
 
     amc, dime = cirlab.create_model("amc", "tiny"), cirlab.create_model("dime", "tiny", img_dim=2048)
+    hrem = cirlab.create_model("hrem", "tiny", img_dim=2048)
     fiq = load_cir("fashioniq", tiny_data / "fashioniq", "val", category="dress")
     cases = [
         (lambda: workbench.evaluate_run(amc, "f30k", tiny_data), r"evaluate_run: amc is a composed image retrieval "
@@ -378,6 +379,11 @@ def test_a_model_of_the_wrong_kind_or_a_device_typo_is_one_line(tiny_data):
          r"evaluate_itm needs an image-text matching model"),
         (lambda: workbench.cala_trace(amc, "fashioniq", tiny_data), r"cala_trace needs a cala model, got 'amc'"),
         (lambda: workbench.hrem_relation(dime, "f30k", tiny_data), r"hrem_relation needs a hrem model, got 'dime'"),
+        (lambda: workbench.hrem_relation(hrem, "f30k", tiny_data, slot=7),
+         r"slot 7 is not a caption slot: every image has 5 captions \(0..4\)"),
+        (lambda: workbench.hrem_relation(hrem, "f30k", tiny_data, caption=2.0), r"caption must be a whole number"),
+        (lambda: workbench.collect_routes(cirlab.create_model("cala", "tiny"), "fashioniq", tiny_data, n=2),
+         r"emitted no router records .* CaLa's attention: cala_trace"),
         (lambda: workbench.evaluate_run("amc", "fashioniq", tiny_data), r"evaluate_run needs a cirlab model"),
         (lambda: workbench.evaluate_run(amc, "fashioniq", tiny_data, device="gpu"),
          r"device: must be auto, cpu, cuda or cuda:N .*got 'gpu'"),
@@ -435,6 +441,13 @@ def test_gallery_lookups_checkpoints_and_rankings_name_what_is_wrong(tiny_data, 
     with pytest.raises(CirlabError, match=r"before ranks dataset 'fashioniq' and after ranks dataset 'shoes'"):
         workbench.ranking_pair(tmp_path / "a.topk.npz", tmp_path / "b.topk.npz")
     assert workbench.ranking_pair(None, None) is None
+    assert workbench.load_run(run / "checkpoints").model_name == "amc"  # the checkpoints folder itself
+    with pytest.raises(CirlabError, match=r"checkpoint is a checkpoint's name in the run .* got None"):
+        workbench.load_run(run, checkpoint=None)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.yaml").write_text("model: [amc\n")
+    with pytest.raises(CirlabError, match=r"broken/config.yaml: not readable as a run's config"):
+        workbench.stored_config(tmp_path / "broken")
     with pytest.raises(CirlabError, match=r'compare="untrained" builds a fresh copy .* pass run_dir= too'):
         workbench.explorer_for(model, None, {}, "fashioniq", tiny_data, compare="untrained")
     workbench.write_outputs(tmp_path / "out", {"R@1": float("nan"), "R@5": 2.0}, {})

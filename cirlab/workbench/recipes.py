@@ -330,10 +330,14 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu", checkpoint: str = 
 
     device = run_device(device)
     run = Path(run_dir).expanduser().resolve()
-    if run.is_file() and run.suffix == ".pt":  # was: "no trained run at .../best.pt ... train it first"
+    if run.is_file() and run.suffix in (".pt", ".pth", ".ckpt"):  # a checkpoint file, cirlab's or an original's
         model, _ = model_from_checkpoint(run)
         return model.to(device).eval()
+    if not isinstance(checkpoint, str) or not checkpoint:
+        raise ParameterError(f"checkpoint is a checkpoint's name in the run (best, last), got {checkpoint!r}")
     checkpoint = checkpoint.removesuffix(".pt")  # "last.pt" looked for last.pt.pt
+    if run.name == "checkpoints" and any(run.glob("*.pt")):  # the run's checkpoints/ folder itself
+        run = run.parent
     folder = run / "checkpoints"
     have = sorted(p.stem for p in folder.glob("*.pt")) if folder.is_dir() else []
     if not have:
@@ -352,7 +356,15 @@ def stored_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     import yaml
 
     path = Path(run_dir) / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:  # was the YAML parser's traceback
+        raise ConfigError(f"{path}: not readable as a run's config ({' '.join(str(err).split())[:200]})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got a {type(config).__name__}")
+    return config
 
 
 def untrained_copy(run_dir: str | os.PathLike, dataset: str, data_root: str | os.PathLike, device: str = "cpu",
@@ -571,8 +583,15 @@ def hrem_relation(model: Any, dataset: str, data_root: str | os.PathLike, split:
     cpi = int(getattr(loaded, "im_div", 5))
     _check_count(n_images, "n_images")
     n = max(2, min(n_images, loaded.num_images))  # a relation graph needs two images
+    if n != n_images:
+        logger.warning("hrem_relation: n_images=%d -> %d (a relation graph needs 2; the split has %d images)",
+                       n_images, n, loaded.num_images)
+    whole_number(caption, "caption", low=0)  # 2.0 or "1" failed as list-index / comparison TypeErrors
+    whole_number(slot, "slot", low=0)
     if not 0 <= caption < n:
         raise ParameterError(f"caption {caption} is not a batch position (0..{n - 1})")
+    if slot >= cpi:  # slot 7 wrapped to slot 2 without a word
+        raise ParameterError(f"slot {slot} is not a caption slot: every image has {cpi} captions (0..{cpi - 1})")
     images = list(range(n))
     captions = [i * cpi + (slot % cpi) for i in images]
     batch = {"image_feats": torch.as_tensor(np.asarray(loaded.images[images]), dtype=torch.float32).to(device),
@@ -636,7 +655,10 @@ def _with_caption_types(frame: Any, split: Any) -> Any:
 
 def _checked(frame: Any, model: Any) -> Any:
     if frame.empty:
-        raise InputError(f"model {getattr(model, 'model_name', type(model).__name__)} emitted no router records")
+        name = getattr(model, "model_name", type(model).__name__)
+        views = {"cala": "; CaLa's attention: cala_trace", "hrem": "; HREM's relation graph: hrem_relation"}
+        raise InputError(f"model {name} emitted no router records (collect_routes traces AMC's gates and DIME's "
+                         f"paths{views.get(name, '')})")
     return frame
 
 
