@@ -450,7 +450,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _TERMINATING.set()
-    logging.getLogger("papermill").setLevel(logging.CRITICAL)  # nbclient's "Kernel died ...": we killed it
+    _quiet_dead_kernel_logs()  # we killed it
     for child in tuple(_CHILDREN):
         child.terminate()
     kernels = tuple(_KERNELS)
@@ -467,8 +467,17 @@ def _on_sigint(signum: int, frame: Any) -> None:
     signal lets :func:`run_notebook` report that race as the interruption it is, and silences that log line as
     :func:`_on_sigterm` does."""
     _INTERRUPTED.set()
-    logging.getLogger("papermill").setLevel(logging.CRITICAL)
+    _quiet_dead_kernel_logs()
     signal.default_int_handler(signum, frame)
+
+
+def _quiet_dead_kernel_logs() -> None:
+    """A kernel stopped by our own signal: nbclient logs "Kernel died" through papermill's logger, and its cell task,
+    abandoned when the interrupt unwinds the event loop, reaches asyncio's "Task exception was never retrieved"
+    with a DeadKernelError traceback at exit (an entry process under --jobs 2). Both describe the stop we asked
+    for; the report says it in one line."""
+    for name in ("papermill", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _kill_kernel_process(km: Any) -> None:
