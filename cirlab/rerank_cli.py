@@ -261,7 +261,7 @@ def _lavis_to_cirlab(args: argparse.Namespace, layout: str, state: dict) -> int:
     from cirlab.core.checkpoint import CheckpointError
     from cirlab.core.io import write_json
     from cirlab.engine.runs import parse_set_flat
-    from cirlab.engine.train import to_plain
+    from cirlab.core.io import to_plain
     from cirlab.models import blip_interop, lavis_interop
     from cirlab.models.registry import create_model
 
@@ -408,7 +408,7 @@ def _save_converted(out: Path, model: Any, source: str, layout: str | None = Non
     """A converted model as a cirlab checkpoint: weights, model name and config (so ``model_from_checkpoint``
     rebuilds it), and where it came from."""
     from cirlab.core.checkpoint import save_checkpoint
-    from cirlab.engine.train import to_plain
+    from cirlab.core.io import to_plain
 
     meta = {"converted_from": source, **({"converted_layout": layout} if layout else {})}
     save_checkpoint(out, {"model": model.state_dict(), "model_name": model.model_name,

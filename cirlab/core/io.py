@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from cirlab.core.errors import CirlabError
 
@@ -67,24 +67,35 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
-    """Strict JSON with sorted keys; values JSON cannot hold (paths, numpy scalars) are written as their ``str``, and
-    NaN / infinity (a recall over no queries) as ``null``: Python writes a bare ``NaN`` that JSON readers (the
-    report's browser, ``jq``) refuse."""
-    return write_text(path, json.dumps(_finite(obj), indent=indent, sort_keys=True, default=str, allow_nan=False))
+    """Strict JSON with sorted keys: values through :func:`to_plain` (numpy scalars as numbers, paths as their
+    ``str``), and NaN / infinity (a recall over no queries) as ``null``: Python writes a bare ``NaN`` that JSON
+    readers (the report's browser, ``jq``) refuse."""
+    return write_text(path, json.dumps(_finite(to_plain(obj)), indent=indent, sort_keys=True, allow_nan=False))
 
 
-def _finite(obj: Any) -> Any:
-    """``obj`` with every non-finite float (in dicts, lists and tuples, at any depth) replaced by None; numpy
-    scalars as the Python numbers they hold (a float32 recall was written as the string "2.0")."""
-    if type(obj).__module__ == "numpy" and getattr(obj, "ndim", None) == 0:
-        obj = obj.item()
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+def to_plain(value: Any) -> Any:
+    """Primitive containers only (weights_only loading, YAML and JSON refuse anything else); 0-d numpy/torch
+    scalars become numbers, anything else its ``str`` (e.g. a Path)."""
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return str(value)
+
+
+def _finite(plain: Any) -> Any:
+    """A :func:`to_plain` value with every non-finite float, at any depth, replaced by None."""
+    if isinstance(plain, float):
+        return plain if math.isfinite(plain) else None
+    if isinstance(plain, dict):
+        return {k: _finite(v) for k, v in plain.items()}
+    if isinstance(plain, list):
+        return [_finite(v) for v in plain]
+    return plain
 
 
 def write_yaml(path: str | os.PathLike, obj: Any) -> Path:

@@ -340,7 +340,7 @@ def _check_written_model_config(config: dict[str, Any], source: str, overrides: 
     matches the model this config builds (a run's config.yaml run again) passes."""
     import dataclasses
 
-    from cirlab.engine.train import to_plain
+    from cirlab.core.io import to_plain
     from cirlab.models.registry import build_config, get_entry
 
     written = config.get("model_config")

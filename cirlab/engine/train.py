@@ -51,7 +51,7 @@ from cirlab.core.config import UnknownFieldError, did_you_mean, unknown_names_me
 from cirlab.core.contracts import HasEpochHook, HasParamGroups, Model
 from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from cirlab.core.errors import CirlabError, ConfigError
-from cirlab.core.io import write_json
+from cirlab.core.io import to_plain, write_json
 from cirlab.core.threads import apply_thread_policy
 
 logger = logging.getLogger(__name__)
@@ -1380,20 +1380,6 @@ def _model_meta(model: nn.Module) -> dict[str, Any]:
     if config is not None and hasattr(config, "to_dict"):
         meta["model_config"] = to_plain(config.to_dict())
     return meta
-
-
-def to_plain(value: Any) -> Any:
-    """Primitive containers only (weights_only loading, YAML and JSON refuse anything else); 0-d numpy/torch
-    scalars become numbers, anything else its ``str`` (e.g. a Path)."""
-    if isinstance(value, Mapping):
-        return {str(k): to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
-        return value.item()
-    return str(value)
 
 
 def write_yaml(path: Path, values: dict[str, Any]) -> None:

@@ -829,16 +829,15 @@ def write_outputs(output_dir: str | os.PathLike, metrics: Mapping[str, Any], con
                   merge: bool = True) -> Path:
     """The notebook's result files: ``metrics.json`` (merged into one already there, e.g. the trainer's, when
     ``merge``) and its resolved ``config.json``."""
-    from cirlab.core.io import write_json
-    from cirlab.engine.train import to_plain
+    from cirlab.core.io import write_json  # plain, strict JSON (core.io.to_plain)
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "metrics.json"
     old = json.loads(path.read_text()) if merge and path.is_file() else {}
-    merged = {**(old if isinstance(old, dict) else {"previous": old}), **to_plain(metrics)}
+    merged = {**(old if isinstance(old, dict) else {"previous": old}), **{str(k): v for k, v in metrics.items()}}
     write_json(path, merged)  # atomic: a reader never sees half a metrics.json
-    write_json(out / "config.json", to_plain(config))
+    write_json(out / "config.json", config)
     return out
 
 

@@ -476,8 +476,11 @@ def _quiet_dead_kernel_logs() -> None:
     abandoned when the interrupt unwinds the event loop, reaches asyncio's "Task exception was never retrieved"
     with a DeadKernelError traceback at exit (an entry process under --jobs 2). Both describe the stop we asked
     for; the report says it in one line."""
-    for name in ("papermill", "asyncio"):
+    for name in _QUIETED:
         logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+_QUIETED = ("papermill", "asyncio")  # loggers a stop quiets; _SigtermAsInterrupt puts their levels back
 
 
 def _kill_kernel_process(km: Any) -> None:
@@ -499,6 +502,7 @@ class _SigtermAsInterrupt:
         if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
             _TERMINATING.clear()
             _INTERRUPTED.clear()
+            self.levels = {name: logging.getLogger(name).level for name in _QUIETED}
             self.previous = signal.signal(signal.SIGTERM, _on_sigterm)
             if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when Ctrl-C is ignored
                 self.previous_int = signal.signal(signal.SIGINT, _on_sigint)
@@ -507,6 +511,8 @@ class _SigtermAsInterrupt:
     def __exit__(self, *exc: Any) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
+            for name, level in self.levels.items():  # a notebook session that ran the report keeps asyncio's errors
+                logging.getLogger(name).setLevel(level)
         if self.previous_int is not None:
             signal.signal(signal.SIGINT, self.previous_int)
 
