@@ -810,3 +810,24 @@ def test_cala_bridges_take_one_step_and_refuse_an_empty_frame():
         viz.plot_cala_bridges(cala_frame().iloc[:0])
     with pytest.raises(ValueError, match=r"plot_cala_bridges needs a CaLa trace"):
         viz.plot_cala_bridges(amc_frame())
+
+
+def test_rank_shift_summary_and_known_recall_refuse_nan_ranks():
+    # NaN failed the ``>= 1`` / ``> 0`` filters, so the query vanished from the counts and the recall's denominator
+    with pytest.raises(ValueError, match=r"rank_after holds 1 NaN rank\(s\) \(positions \[1\]\)"):
+        analysis.rank_shift_summary([1, 2, 3], [1, np.nan, 3])
+    with pytest.raises(ValueError, match=r"ranks holds 1 NaN rank\(s\)"):
+        analysis.known_recall([1, np.nan, 30], [10])
+    assert analysis.known_recall([1, 0, 30], [10]) == {"R@10": pytest.approx(50.0)}  # 0 = unknown target, dropped
+
+
+def test_rank_shift_plot_says_when_no_query_is_in_the_pool(caplog):
+    al = pd.DataFrame({"query_id": [0, 1, 2], "rank_before": [40, 50, 60], "rank_after": [3, 70, 60]})
+    with caplog.at_level("WARNING"):
+        fig = viz.plot_rank_shift(al, k=10)
+    b = fig.axes[1]
+    assert [t.get_text() for t in b.texts if t.get_gid() == "no_in_pool"] == [
+        "no query with its target\nin the top-10 pool before"]
+    assert "no query has its target inside the top-10 pool" in caplog.text
+    fig = viz.plot_rank_shift(al, k=50)
+    assert not [t for t in fig.axes[1].texts if t.get_gid() == "no_in_pool"]

@@ -167,8 +167,8 @@ def rank_shift_table(rank_before: Sequence[int], rank_after: Sequence[int], k: i
 
 def rank_shift_summary(rank_before: Sequence[int], rank_after: Sequence[int], k: int | None = None) -> dict[str, float]:
     """Counts and shares of queries whose target moved forward / back (within the pool if ``k`` is given)."""
-    before = np.asarray(rank_before, dtype=float)
-    after = np.asarray(rank_after, dtype=float)
+    before = _ranks(rank_before, "rank_before")  # NaN failed ``>= 1`` and the query left the counts unsaid
+    after = _ranks(rank_after, "rank_after")
     _same_length(before, after)
     keep = (before >= 1) & (after >= 1)
     if k is not None:
@@ -190,7 +190,7 @@ def known_recall(ranks: Sequence[int], ks: Sequence[int]) -> dict[str, float]:
     from cirlab.core.metrics import recall_from_ranks
 
     ks = [whole_number(k, "k") for k in name_list(ks)]  # ks=5 was "int is not iterable", "10" its letters
-    r = np.asarray(ranks)
+    r = _ranks(ranks, "ranks")  # NaN failed ``> 0`` and left the recall's denominator without a word
     r = r[r > 0]
     if len(r) == 0:
         return {f"R@{k}": float("nan") for k in ks}

@@ -717,6 +717,11 @@ def plot_rank_shift(aligned: Any, k: int, bins: int | Sequence[int] | None = 20,
     (a, b), (c, d) = fig.subplots(2, 2)
     _rank_scatter(a, aligned, k, label_before, label_after)
     full = table[table["count"] > 0]
+    if full.empty:  # panel (b) was an empty frame with only the diagonal, as if nothing had been measured
+        logger.warning("plot_rank_shift: no query has its target inside the top-%d pool before; panel (b) is empty",
+                       k)
+        b.text(0.5, 0.5, f"no query with its target\nin the top-{k} pool before", ha="center", va="center",
+               transform=b.transAxes, gid="no_in_pool")
     b.plot(full["mean_rank_before"], full["mean_rank_after"], "o-", color=PALETTE[0], gid="binned_means",
            label=f"mean {label_after} rank")
     b.plot([1, k], [1, k], "--", color="gray", linewidth=0.8, label="no change")
