@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,3 +204,34 @@ def test_precomp_check_finds_the_synth_layout_and_names_what_is_missing(tmp_path
     empty.mkdir()
     (message,) = [p.message for p in check_dataset("precomp", empty)]
     assert "no *_precomp folder in" in message and "{" not in message and "cirlab data synth" in message
+
+
+@pytest.mark.parametrize("name,writer", [("fashioniq", write_fashioniq), ("cirr", write_cirr), ("shoes", write_shoes)])
+def test_a_data_root_holding_several_layouts_is_checked_as_the_loaders_read_it(tmp_path, name, writer, capsys):
+    # `cirlab data synth --out DIR` writes DIR/fashioniq, DIR/cirr, ...: the loaders take DIR, the check took DIR
+    # itself and reported the layout's files missing
+    writer(tmp_path / name)
+    problems = check_dataset(name, tmp_path)
+    assert problems == [] and problems.root == tmp_path / name
+    assert main(["check", "--dataset", name, "--root", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f" in {tmp_path / name}")
+
+
+def test_verify_images_must_be_a_bool(tmp_path):
+    write_shoes(tmp_path / "shoes")
+    with pytest.raises(ValueError, match=r"verify_images must be True or False, got 'no'"):
+        check_dataset("shoes", tmp_path / "shoes", verify_images="no")
+
+
+def test_a_junk_npy_file_is_named_not_a_pickle(tmp_path):
+    # numpy reads a file without the NUMPY header as a pickle and advises allow_pickle=True, which is wrong advice
+    write_precomp(tmp_path, name="f30k", splits=("train", "test", "dev"))
+    folder = tmp_path / "f30k_precomp"
+    (folder / "train_ims.npy").write_bytes(b"junk junk junk")
+    (folder / "dev_ims.npy").write_bytes(b"")
+    np.save(folder / "test_ims.npy", np.array([{"a": 1}], dtype=object))
+    problems = {Path(p.file).name: p.message for p in check_dataset("f30k", tmp_path)}
+    assert problems["train_ims.npy"] == r"not a .npy file (it does not start with numpy's \x93NUMPY header)"
+    assert problems["dev_ims.npy"].endswith(": the file is empty")
+    assert problems["test_ims.npy"] == "cannot memory-map the array (it holds Python objects, not numbers)"
+    assert not any("allow_pickle" in m for m in problems.values())

@@ -72,6 +72,7 @@ class ProblemList(list):
         super().__init__(problems)
         self.stats: dict[str, int] = dict(stats or {})
         self.warnings: list[Problem] = []
+        self.root: Path | None = None  # the folder checked (a data root's layout subfolder when one was taken)
 
 
 class ProblemCollector:

@@ -19,7 +19,7 @@ from types import ModuleType
 
 from cirlab.data.base import ProblemCollector, ProblemList
 from cirlab.data.catalog import DATASETS as _TABLE
-from cirlab.data.catalog import canonical_name
+from cirlab.data.catalog import canonical_name, dataset_root
 
 logger = logging.getLogger(__name__)
 
@@ -36,21 +36,26 @@ def check_dataset(name: str, root: str | os.PathLike | None = None, *, verify_im
         verify_images: fully decode every image file referenced instead of the default header-and-ending check.
 
     Returns:
-        a ``list[Problem]`` whose ``stats`` attribute counts what was walked (splits, triplets, images, captions)
-        and whose ``warnings`` attribute lists findings that do not invalidate the tree.
+        a ``list[Problem]`` whose ``stats`` attribute counts what was walked (splits, triplets, images, captions),
+        whose ``warnings`` attribute lists findings that do not invalidate the tree, and whose ``root`` is the
+        folder checked (``root/<dataset>`` when ``root`` holds several layouts, as the loaders read it).
     """
     from cirlab.core.paths import resolve_root
 
     from cirlab.core.config import did_you_mean
     from cirlab.core.errors import ConfigError
 
+    if not isinstance(verify_images, bool):  # "no" is truthy: every image would be decoded, slowly, unasked
+        raise ConfigError(f"verify_images must be True or False, got {verify_images!r}")
     key = canonical_name(name)
     if key not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; known: {', '.join(DATASETS)}")
     itm = key == "precomp" or _TABLE[key].is_itm
     given = root
-    root = resolve_root(root, "" if itm else _TABLE[key].subdir)
+    # a CIR root may be a data root holding several layouts (`cirlab data synth --out DIR`), as the loaders take it
+    root = resolve_root(root) if itm else dataset_root(key, root)
     sink = ProblemCollector(strict=False)
+    sink.problems.root = Path(root)
     if not Path(root).is_dir():
         from cirlab.data.base import missing_root_message
 

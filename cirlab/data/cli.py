@@ -30,7 +30,8 @@ def _run_check(args: argparse.Namespace) -> int:
         print(f"{args.dataset}: FAILED with {len(problems)} problem{'s' if len(problems) != 1 else ''} "
               f"({'found: ' if problems.stats else ''}{format_stats(problems.stats)})")
         return 1
-    print(f"{args.dataset}: OK ({format_stats(problems.stats)})")
+    # the folder checked, which is a subfolder of --root when --root holds several layouts
+    print(f"{args.dataset}: OK ({format_stats(problems.stats)}) in {problems.root}")
     return 0
 
 
@@ -45,7 +46,8 @@ def _add_check(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", required=True, choices=DATASETS,
                         help="layout to check; 'precomp' checks every *_precomp folder under --root")
     parser.add_argument("--root", default=None,
-                        help="dataset root (default: $CIRLAB_DATA/<dataset>; precomp: $CIRLAB_DATA)")
+                        help="dataset root, or a folder holding <dataset>/ (as cirlab data synth writes); "
+                             "default: $CIRLAB_DATA/<dataset>; precomp: $CIRLAB_DATA")
     parser.add_argument("--verify-images", action="store_true",
                         help="fully decode every image file (slow on the full datasets); by default only each "
                              "image's header and ending are checked (catches empty, garbage and truncated files)")

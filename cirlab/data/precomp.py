@@ -93,15 +93,26 @@ def count_or_none(value: Any, name: str) -> int | None:
         raise FieldValueError(f"{name} must be a whole number >= 1 or None, got {value!r}") from None
 
 
+_NPY_MAGIC = b"\x93NUMPY"  # the first six bytes of every .npy file (numpy.lib.format)
+
+
 def open_features(path: Path, sink: ProblemCollector, regions: int | None = 36, dim: int | None = 2048) -> Any:
     """Memory-map ``{split}_ims.npy`` and validate its header (shape, dtype, file size) without reading the data."""
     if not path.is_file():
         sink.add("missing_file", path, None, file_not_found(path))
         return None
+    with open(path, "rb") as fh:
+        magic = fh.read(len(_NPY_MAGIC))
+    if magic != _NPY_MAGIC:  # numpy takes such a file for a pickle and advises allow_pickle, which would be wrong here
+        sink.add("bad_array", path, None, "not a .npy file (it does not start with numpy's \\x93NUMPY header)"
+                 + (": the file is empty" if not magic else ""))
+        return None
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:  # truncated download: "mmap length is greater than file size"
-        sink.add("bad_array", path, None, f"cannot memory-map the array (truncated or not a .npy file?): {err}")
+        why = ("it holds Python objects, not numbers" if "Python objects" in str(err)
+               else f"truncated or damaged? {err}")
+        sink.add("bad_array", path, None, f"cannot memory-map the array ({why})")
         return None
     expected = f"[N, {regions or 'R'}, {dim or 'D'}]"
     if array.ndim != 3 or (regions and array.shape[1] != regions) or (dim and array.shape[2] != dim):
