@@ -558,3 +558,24 @@ def test_evaluate_and_rank_shift_compare_dime_and_hrem_t2i_ranks(tiny_data, tmp_
     assert rows["all"]["after_R@1"] == pytest.approx(ev["runs"]["hrem"]["t2i_R@1"])
     assert (tmp_path / "rs" / "figures" / "second_comparison.png").is_file()
     assert not (tmp_path / "rs" / "figures" / "rank_shift.png").exists()
+
+
+def test_untrained_copy_reads_the_data_where_it_is_now_and_refuses_another_dataset(tiny_data, tmp_path):
+    """The stored config's dataset section won over ``dataset`` / ``data_root``: a moved data folder failed at its
+    old path, and another dataset's name was ignored without a word."""
+    import shutil
+
+    from cirlab import workbench
+    from cirlab.core.errors import ModelMismatchError
+
+    moved = tmp_path / "data"
+    shutil.copytree(tiny_data, moved)
+    run = tmp_path / "runs" / "amc"
+    _train_tiny("amc", "fashioniq", moved, run)
+    trained = workbench.load_run(run)
+    shutil.move(moved, tmp_path / "data_now")
+    base = workbench.untrained_copy(run, "fashioniq", tmp_path / "data_now")
+    words = [[m.vocab.words for m in model.modules() if hasattr(m, "vocab")] for model in (base, trained)]
+    assert words[0] == words[1] and len(words[0][0]) > 4  # the same vocabulary, built from the data's new place
+    with pytest.raises(ModelMismatchError, match=r"was trained on 'fashioniq', not 'cirr'; pass dataset='fashioniq'"):
+        workbench.untrained_copy(run, "cirr", tmp_path / "data_now")

@@ -369,17 +369,28 @@ def stored_config(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 def untrained_copy(run_dir: str | os.PathLike, dataset: str, data_root: str | os.PathLike, device: str = "cpu",
                    seed: int = 0) -> Any:
-    """A freshly initialised model with a run's exact config (and the same training vocabulary): a baseline."""
+    """A freshly initialised model with a run's exact config (and the same training vocabulary): a baseline.
+
+    The vocabulary is built from ``dataset``'s training split under ``data_root`` (where the data is now; the run
+    may have been trained elsewhere), which must be the dataset the run was trained on."""
     import torch
 
+    from cirlab.data.catalog import canonical_name
     from cirlab.engine.runs import fit_to_training_data, merge_config
     from cirlab.models.registry import create_model
 
     device = run_device(device)
     trained = load_run(run_dir)
+    given = data_config(dataset, data_root)
+    stored = stored_config(run_dir)
+    trained_on = (stored.get("dataset") or {}).get("name")
+    if trained_on and canonical_name(str(trained_on)) != canonical_name(dataset):  # another vocabulary, silently
+        raise ModelMismatchError(f"untrained_copy: {run_dir} was trained on {trained_on!r}, not {dataset!r}; pass "
+                                 f"dataset={trained_on!r} for a baseline with its vocabulary")
     torch.manual_seed(seed)
     model = create_model(trained.model_name, config=trained.config)
-    config = merge_config(data_config(dataset, data_root), stored_config(run_dir))
+    config = merge_config(given, stored)
+    config["dataset"]["root"] = given["dataset"]["root"]  # the stored root won and data_root went unread
     config["model"] = trained.model_name
     fit_to_training_data(model, config)  # the same vocabulary as the trained run, built the same way
     return model.to(device).eval()
