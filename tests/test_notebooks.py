@@ -390,6 +390,9 @@ def test_a_model_of_the_wrong_kind_or_a_device_typo_is_one_line(tiny_data):
         (lambda: cirlab.evaluate_cir(amc, fiq, protocol="shoes"), r"protocol='shoes', but the splits are fashioniq"),
         (lambda: cirlab.evaluate_cir(amc, "val"), r"evaluate_cir: 'val' is a str, not a CIR split"),
         (lambda: cirlab.evaluate_cir(amc, fiq, k=0), r"k must be a whole number >= 1"),
+        (lambda: workbench.explorer_for(cirlab.create_model("cala", "tiny"), None, {}, "fashioniq", tiny_data),
+         r"explorer_for: cala has no live explorer .*viz\.plot_cala_bridges"),
+        (lambda: workbench.explorer_for(hrem, None, {}, "f30k", tiny_data), r"hrem has no live explorer"),
     ]
     for call, message in cases:
         with pytest.raises(CirlabError, match=message):

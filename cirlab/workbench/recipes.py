@@ -710,6 +710,13 @@ def explorer_for(model: Any, routes: Any, texts: Mapping[Any, str], dataset: str
     from cirlab.workbench import widgets
 
     device = run_device(device)
+    require_model(model, Model, "explorer_for")
+    kind = explorer_kind(model)
+    if kind != "router":  # a RouterExplorer on a CaLa trace failed later, inside the widget, on missing gates
+        views = {"cala": "viz.plot_cala_bridges / viz.plot_bridge_words",
+                 "hrem": "viz.plot_relation_graph / viz.plot_word_region"}[kind]
+        raise ModelMismatchError(f"explorer_for: {model.model_name} has no live explorer (it is for AMC gates and "
+                                 f"DIME paths); its views are {views}")
     if model.task == "itm":
         from cirlab.engine.runs import load_split
 
