@@ -582,3 +582,25 @@ def test_untrained_copy_reads_the_data_where_it_is_now_and_refuses_another_datas
     assert words[0] == words[1] and len(words[0][0]) > 4  # the same vocabulary, built from the data's new place
     with pytest.raises(ModelMismatchError, match=r"was trained on 'fashioniq', not 'cirr'; pass dataset='fashioniq'"):
         workbench.untrained_copy(run, "cirr", tmp_path / "data_now")
+
+
+def test_a_config_json_no_notebook_wrote_is_never_written_over(tmp_path):
+    """A notebook pointed at a folder holding the user's config.json (or a transformers model folder) wrote its
+    parameters over it at the end; now the output folder is refused when it is resolved, before any work."""
+    from cirlab import workbench
+
+    theirs = tmp_path / "model"
+    theirs.mkdir()
+    (theirs / "config.json").write_text('{"model_type": "blip"}')
+    with pytest.raises(workbench.recipes.ParameterError, match=r"output_dir: .*config\.json is not a config\.json a "
+                                                               r"cirlab notebook wrote .*choose another output_dir"):
+        workbench.output_folder(theirs, "evaluate")
+    with pytest.raises(workbench.recipes.ParameterError, match=r"not a config\.json a cirlab notebook wrote"):
+        workbench.write_outputs(theirs, {"a": 1}, {"k": 5})
+    assert (theirs / "config.json").read_text() == '{"model_type": "blip"}' and not (theirs / "metrics.json").exists()
+    ours = tmp_path / "ours"
+    workbench.write_outputs(ours, {"a": 1}, {"k": 5})  # no output_dir given: the folder is recorded
+    assert workbench.output_folder(ours, "evaluate") == ours.resolve()
+    workbench.write_outputs(ours, {"b": 2}, {"k": 6})  # a notebook's own config.json is replaced, metrics merged
+    assert json.loads((ours / "config.json").read_text()) == {"k": 6, "output_dir": str(ours)}
+    assert json.loads((ours / "metrics.json").read_text()) == {"a": 1, "b": 2}

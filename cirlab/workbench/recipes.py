@@ -158,11 +158,30 @@ def output_folder(output_dir: str | os.PathLike = "", notebook: str = "notebook"
     """Where a notebook writes: ``output_dir`` when given (relative to the working directory), else
     ``$CIRLAB_RUNS/<notebook>``, else ``<checkout>/runs/<notebook>`` (git-ignored), else ``./runs/<notebook>``."""
     if str(output_dir):
-        return Path(output_dir).expanduser().resolve()
-    env = os.environ.get("CIRLAB_RUNS", "").strip()
-    if env:
-        return Path(env).expanduser().resolve() / notebook
-    return (project_root() or Path.cwd()).resolve() / "runs" / notebook
+        folder = Path(output_dir).expanduser().resolve()
+    elif os.environ.get("CIRLAB_RUNS", "").strip():
+        folder = Path(os.environ["CIRLAB_RUNS"].strip()).expanduser().resolve() / notebook
+    else:
+        folder = (project_root() or Path.cwd()).resolve() / "runs" / notebook
+    refuse_foreign_notebook_config(folder)  # now, not after the notebook's work
+    return folder
+
+
+def refuse_foreign_notebook_config(folder: str | os.PathLike) -> None:
+    """A notebook writes its parameters to ``config.json`` in its output folder: refuse a folder whose config.json
+    no notebook wrote (one of the user's files, a transformers model folder) instead of writing over it. A
+    notebook's own is a JSON object with ``output_dir`` (every notebook records where it wrote)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return
+    try:
+        stored = json.loads(path.read_text())
+        ours = isinstance(stored, dict) and "output_dir" in stored
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise ParameterError(f"output_dir: {path} is not a config.json a cirlab notebook wrote (a file of yours?); "
+                             "the notebook would write its parameters over it: choose another output_dir")
 
 
 def as_list(value: Any, name: str) -> list[Any]:
@@ -850,6 +869,9 @@ def write_outputs(output_dir: str | os.PathLike, metrics: Mapping[str, Any], con
     from cirlab.core.io import write_json  # plain, strict JSON (core.io.to_plain)
 
     out = Path(output_dir)
+    refuse_foreign_notebook_config(out)
+    if "output_dir" not in config:  # the mark refuse_foreign_notebook_config knows a notebook's config.json by
+        config = {**config, "output_dir": str(out)}
     out.mkdir(parents=True, exist_ok=True)
     path = out / "metrics.json"
     old = json.loads(path.read_text()) if merge and path.is_file() else {}
