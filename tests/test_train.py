@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import cirlab
+from cirlab.core.errors import ConfigError
 from cirlab.engine.train import (EMA, ResumableSampler, TrainConfig, group_ids, learning_rate, resolve_train_config,
                           schedule_factor, train)
 from stub_models import TripletItems  # registers stub_cir / stub_itm
@@ -361,3 +362,12 @@ def test_relative_and_unscheduled_param_groups():
     after_milestone = SimpleNamespace(optimizer=opt, cfg=cfg, progress=SimpleNamespace(epoch=3, step=100))
     Trainer.set_lr(after_milestone)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-4, 1e-3, 2e-3])
+
+
+def test_a_batch_larger_than_the_training_set_names_the_largest_that_fits(tmp_path):
+    # the paper recipes' batches (CaLa 64) exceed the tiny synthetic sets: the message says what to set
+    with pytest.raises(ConfigError, match=r"the training set \(20 items\) is smaller than one optimizer step "
+                                                 r"\(batch_size 32 x grad_accum_steps 2\); set train\.batch_size to "
+                                                 r"at most 10 .* or train\.drop_last=false"):
+        train(_model(), TripletItems(20), _cfg(batch_size=32, grad_accum_steps=2), output_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()

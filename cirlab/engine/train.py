@@ -995,8 +995,12 @@ class Trainer:
         self.loader, self.sampler, self.items = self._loader(dataset, collate_fn)
         self.steps_per_epoch = len(self.loader) // cfg.grad_accum_steps
         if self.steps_per_epoch == 0:
+            # the paper recipes' batches (CaLa 64, the re-ranker's stage I 512) exceed the tiny synthetic sets
+            fits = max(1, len(dataset) // cfg.grad_accum_steps)  # batch_size is the global batch
             raise ConfigError(f"the training set ({len(dataset)} items) is smaller than one optimizer step "
-                             f"(batch_size {cfg.batch_size} x grad_accum_steps {cfg.grad_accum_steps})")
+                             f"(batch_size {cfg.batch_size} x grad_accum_steps {cfg.grad_accum_steps}); set "
+                             f"train.batch_size to at most {fits} (--set train.batch_size=N, TrainConfig(batch_size=N))"
+                             " or train.drop_last=false")
         self.ckpt_dir = output_dir / "checkpoints"
         self.run_config = run_config
         self.losses: list[float] = []
