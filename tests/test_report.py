@@ -403,3 +403,29 @@ def test_a_folder_no_report_wrote_is_refused_before_anything_runs(tmp_path, monk
     (out / "rank_shift" / "a.png").write_bytes(b"x")
     with pytest.raises(report.ReportFolderError, match=r"evaluate, .*rank_shift exist and were not written"):
         args.func(args)  # a CirlabError: `cirlab` logs it as one line (tests/test_faults.py runs the command)
+
+
+def test_set_values_are_checked_against_the_notebooks_declared_types_before_any_work(tmp_path, capsys):
+    # `--set k=abc` ran the train prerequisite and then failed in the evaluate notebook's cell 5
+    with pytest.raises(ValueError, match=r"--set k='abc': evaluate's parameter k is an int \(k: int = 50\), not str"):
+        report.check_override_types({"k": "abc"}, ["train", "evaluate"])
+    with pytest.raises(ValueError, match=r"--set evaluate\.include_untrained=1: .* is a bool .*not int"):
+        report.check_override_types({"evaluate.include_untrained": 1}, ["evaluate"])
+    with pytest.raises(ValueError, match=r"--set train\.epochs=2\.5: train's parameter epochs is an int"):
+        report.check_override_types({"train.epochs": 2.5}, ["train"])
+    # a list parameter takes one string (as_list), a str parameter a number; another entry's key is not checked
+    report.check_override_types({"runs": "/a/run", "query_id": 5, "train_dime.epochs": "x"}, ["evaluate",
+                                                                                               "router_explorer"])
+    for table in (report.REPORT_PARAMETERS, report.SMOKE_PARAMETERS):  # the report's own values fit the notebooks
+        for name, params in table.items():
+            report.check_override_types({f"{name}.{k}": v for k, v in params.items()}, [name])
+    assert report.main(["--out", str(tmp_path / "r"), "--only", "evaluate", "--set", "k=abc"]) == 2
+    assert "evaluate's parameter k is an int" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before the folder, the data or the train prerequisite
+
+
+def test_a_missing_notebook_is_named_before_any_notebook_runs(tmp_path, capsys):
+    assert report.main(["--out", str(tmp_path / "r"), "--notebooks", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr()
+    assert f"notebook not found: {tmp_path / 'none' / 'train.ipynb'}" in err.err and "running notebook" not in err.out
+    assert not (tmp_path / "r").exists()

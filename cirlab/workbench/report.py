@@ -419,6 +419,46 @@ def default_notebook_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "_resources" / "notebooks"
 
 
+def notebook_path(name: str, notebook_dir: Path | None = None) -> Path:
+    """The ``.ipynb`` file report entry ``name`` executes; FileNotFoundError naming the command that makes it."""
+    src = Path(notebook_dir or default_notebook_dir()) / f"{notebook_of(name)}.ipynb"
+    if not src.is_file():
+        raise FileNotFoundError(f"notebook not found: {src} (its py:percent twin {src.with_suffix('.py')} makes it: "
+                                f"`make notebooks`, or `jupytext --sync {src.with_suffix('.py')}`)")
+    return src
+
+
+# what a notebook parameter's declared type (papermill's inferred_type_name) takes from `--set` (YAML values):
+# a list parameter also takes one string (workbench.as_list), a str one a number (`--set query_id=5`)
+_TAKES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "list": (list, str),
+                                       "str": (str, int, float)}
+
+
+def check_override_types(overrides: Mapping[str, Any], names: Sequence[str], notebook_dir: Path | None = None) -> None:
+    """Every notebook a report runs exists, and every ``--set`` value has its parameter's declared type, before any
+    data is generated or notebook runs (``--set k=abc`` failed in the notebook after its prerequisites had run)."""
+    import papermill as pm
+
+    logging.getLogger("papermill").setLevel(logging.WARNING)  # its INFO "Input Notebook: ..." per inspection
+    declared: dict[str, dict[str, Any]] = {}
+    for name in names:
+        nb = notebook_of(name)
+        if nb not in declared:
+            declared[nb] = pm.inspect_notebook(str(notebook_path(name, notebook_dir)))
+    for key, value in overrides.items():
+        target, _, field = key.rpartition(".")
+        for name in ([target] if target else names):
+            spec = declared.get(notebook_of(name), {}).get(field)
+            if spec is None or name not in names:
+                continue
+            kind = spec.get("inferred_type_name", "None")
+            takes = _TAKES.get(kind)
+            if takes and (not isinstance(value, takes) or (isinstance(value, bool) and bool not in takes)):
+                article = "an" if kind[0] in "aeiou" else "a"
+                raise ValueError(f"--set {key}={value!r}: {notebook_of(name)}'s parameter {field} is {article} {kind} "
+                                 f"({field}: {kind} = {spec.get('default')}), not {type(value).__name__}")
+
+
 class NotebookFailed(RuntimeError):
     """A notebook raised: carries the failing cell's index and error."""
 
@@ -540,10 +580,7 @@ def run_notebook(name: str, params: Mapping[str, Any], out_dir: Path, kernel_nam
     from nbclient.exceptions import DeadKernelError
     from papermill.exceptions import PapermillExecutionError
 
-    src = Path(notebook_dir or default_notebook_dir()) / f"{notebook_of(name)}.ipynb"
-    if not src.is_file():
-        raise FileNotFoundError(f"notebook not found: {src} (its py:percent twin {src.with_suffix('.py')} makes it: "
-                                f"`make notebooks`, or `jupytext --sync {src.with_suffix('.py')}`)")
+    src = notebook_path(name, notebook_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dst = out_dir / f"{name}.ipynb"
     hooks: dict[str, Any] = {}
@@ -720,6 +757,7 @@ def run_report(out: str | os.PathLike = "reports", only: str | None = None,
     # the kernels inherit it: one passive-waiting thread on a small machine, the cores shared between the jobs
     os.environ.update(thread_env(None if jobs == 1 or os.environ.get(ENV) else max(1, (os.cpu_count() or 1) // jobs)))
     check_overrides(overrides, names)
+    check_override_types(overrides, names, notebook_dir)
     check_entry_folders(out, names)
     # one report at a time per folder: a second one would take the first one's entry being written for an
     # interrupted run and swap folders under it. The lock is released however this process ends.
