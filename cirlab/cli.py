@@ -143,6 +143,21 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def _version() -> str:
+    """``cirlab X (torch Y, transformers Z)``: what a bug report needs, read without importing either package."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from cirlab import __version__
+
+    found = []
+    for dist in ("torch", "transformers"):
+        try:
+            found.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            found.append(f"{dist} not installed")
+    return f"cirlab {__version__} ({', '.join(found)})"
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The ``cirlab`` parser; with ``argv``, only the sub-command being run loads its module (the others appear
     in ``--help`` by name and help line)."""
@@ -150,6 +165,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         prog="cirlab", description="cirlab: composed image retrieval and image-text matching workbench.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=_version(),
+                        help="print cirlab's version (and torch's, transformers') and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(subparsers)
     _add_eval(subparsers)

@@ -505,3 +505,14 @@ def test_synthetic_generate_refuses_a_bad_seed_or_size_by_name(tmp_path):
     with pytest.raises(ConfigError, match=r"image_size must be a whole number .* got 32\.0"):  # was PIL's
         synthetic.generate(tmp_path / "s", size="tiny", image_size=32.0)
     assert not (tmp_path / "s").exists()
+
+
+def test_version_names_cirlab_torch_and_transformers_from_one_source(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out == f"cirlab {cirlab.__version__} (torch {version('torch')}, transformers {version('transformers')})"
+    assert version("cirlab") == cirlab.__version__  # pyproject reads cirlab.__version__ (dynamic), not its own copy
