@@ -604,3 +604,12 @@ def test_a_config_json_no_notebook_wrote_is_never_written_over(tmp_path):
     workbench.write_outputs(ours, {"b": 2}, {"k": 6})  # a notebook's own config.json is replaced, metrics merged
     assert json.loads((ours / "config.json").read_text()) == {"k": 6, "output_dir": str(ours)}
     assert json.loads((ours / "metrics.json").read_text()) == {"a": 1, "b": 2}
+
+
+def test_an_unreadable_metrics_json_is_named_not_a_json_traceback(tmp_path):
+    from cirlab import workbench
+
+    (tmp_path / "metrics.json").write_text("{not json")
+    with pytest.raises(workbench.recipes.ParameterError, match=r"metrics\.json: not readable as JSON .*move it"):
+        workbench.write_outputs(tmp_path, {"a": 1}, {"k": 5})
+    assert (tmp_path / "metrics.json").read_text() == "{not json" and not (tmp_path / "config.json").exists()

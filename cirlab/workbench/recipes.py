@@ -874,7 +874,11 @@ def write_outputs(output_dir: str | os.PathLike, metrics: Mapping[str, Any], con
         config = {**config, "output_dir": str(out)}
     out.mkdir(parents=True, exist_ok=True)
     path = out / "metrics.json"
-    old = json.loads(path.read_text()) if merge and path.is_file() else {}
+    try:
+        old = json.loads(path.read_text()) if merge and path.is_file() else {}
+    except (UnicodeDecodeError, ValueError) as err:  # was json's traceback at the notebook's last cell
+        raise ParameterError(f"{path}: not readable as JSON ({err}); the notebook merges its metrics into it: move "
+                             "it or choose another output_dir") from None
     merged = {**(old if isinstance(old, dict) else {"previous": old}), **{str(k): v for k, v in metrics.items()}}
     write_json(path, merged)  # atomic: a reader never sees half a metrics.json
     write_json(out / "config.json", config)
