@@ -213,6 +213,7 @@ def test_a_data_root_holding_several_layouts_is_checked_as_the_loaders_read_it(t
     writer(tmp_path / name)
     problems = check_dataset(name, tmp_path)
     assert problems == [] and problems.root == tmp_path / name
+    assert check_dataset(name, tmp_path / name).root == tmp_path / name  # the dataset root itself, also CIRR's
     assert main(["check", "--dataset", name, "--root", str(tmp_path)]) == 0
     assert capsys.readouterr().out.rstrip().endswith(f" in {tmp_path / name}")
 

@@ -371,8 +371,7 @@ def load_cir(name: str, root: str | os.PathLike | None = None, split: str = "tra
         **kw: dataset options (Fashion-IQ ``protocol``/``gallery``/``captions``, Shoes ``pairs``).
     """
     from cirlab.core.config import did_you_mean, unknown_names_message
-    from cirlab.core.paths import resolve_root
-    from cirlab.data.catalog import CIR_DATASETS, DATASETS, canonical_name, dataset_root
+    from cirlab.data.catalog import CIR_DATASETS, DATASETS, canonical_name
 
     check_root(root)
     key = canonical_name(name)
@@ -385,12 +384,23 @@ def load_cir(name: str, root: str | os.PathLike | None = None, split: str = "tra
         raise ConfigError(unknown_names_message(f"load_cir({key!r})", set(kw) - set(options),
                                                 ["root", "split", "category", *options]))
     check_options(key, kw)
-    # a given root may be the folder holding <name>/ (what the workbench's find_data accepts): take the subfolder
-    path = dataset_root(key, root) if _given(root) else resolve_root(None, spec.subdir)
+    path = cir_root(key, root)
     if not path.is_dir():
         raise DataError(missing_root_message(key, path, root), file=path, kind="missing_file")
     module = importlib.import_module(spec.loader)
     return module.load(path, split=split, category=category, **kw)
+
+
+def cir_root(name: str, root: str | os.PathLike | None = None) -> Path:
+    """The folder a CIR loader reads (and ``cirlab data check`` checks) for ``root``: a given root may be the folder
+    holding ``<name>/`` (what the workbench's find_data accepts; :func:`cirlab.data.catalog.dataset_root`), None is
+    ``$CIRLAB_DATA/<name>``; then the loader's own ``dataset_root`` (CIRR's ``cirr_dataset`` or its ``cirr``)."""
+    from cirlab.core.paths import resolve_root
+    from cirlab.data.catalog import dataset_root, get_dataset
+
+    spec = get_dataset(name)
+    path = dataset_root(name, root) if _given(root) else resolve_root(None, spec.subdir)
+    return getattr(importlib.import_module(spec.loader), "dataset_root", Path)(path)
 
 
 def check_root(root: Any) -> None:

@@ -17,9 +17,9 @@ from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
-from cirlab.data.base import ProblemCollector, ProblemList
+from cirlab.data.base import ProblemCollector, ProblemList, cir_root
 from cirlab.data.catalog import DATASETS as _TABLE
-from cirlab.data.catalog import canonical_name, dataset_root
+from cirlab.data.catalog import canonical_name
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def check_dataset(name: str, root: str | os.PathLike | None = None, *, verify_im
     itm = key == "precomp" or _TABLE[key].is_itm
     given = root
     # a CIR root may be a data root holding several layouts (`cirlab data synth --out DIR`), as the loaders take it
-    root = resolve_root(root) if itm else dataset_root(key, root)
+    root = resolve_root(root) if itm else cir_root(key, root)
     sink = ProblemCollector(strict=False)
     sink.problems.root = Path(root)
     if not Path(root).is_dir():
