@@ -1,6 +1,9 @@
-"""Shared helpers for the bench/ scripts: machine description, timing, and the markdown report."""
+"""Shared helpers for the bench/ scripts: command-line argument types, machine description, timing, and the markdown
+report."""
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import platform
 import shlex
@@ -8,10 +11,141 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
+
+from cirlab.core.config import MAX_SEED, did_you_mean, int_range
 
 REPO = Path(__file__).resolve().parents[1]
 REPORTS = REPO / "reports" / "benchmarks"
+
+# ----------------------------------------------------------------------------------------- argument types
+# Every script's options go through these ``type=`` helpers, so bad input is argparse's one-line usage error naming
+# the option and the value (exit status 2) before any work starts. Before: ``--repeats 0`` was a StatisticsError
+# after the first timings, ``--threads 0`` torch's RuntimeError, ``--threads 1,abc`` a ValueError once the 1-thread
+# rows had run, ``--trace-images 0`` a pandas error after the whole training.
+
+positive_int: Callable[[str], int] = int_range(1)  # counts, sizes, repeats, steps, threads
+nonneg_int: Callable[[str], int] = int_range(0)  # where 0 means "none" or "torch's default", as the help says
+seed_int: Callable[[str], int] = int_range(0, MAX_SEED)  # numpy refuses a negative seed
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type``: a finite number above 0 (a learning rate: ``--lr -1`` failed inside the optimiser once the
+    data was built, ``--lr 0`` trained nothing and said nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
+    return value
+
+
+def _entries(text: str, what: str) -> list[str]:
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):  # "", "1,,2", "1,": an empty entry is a typo, not a request for nothing
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+    return parts
+
+
+def _no_repeats(values: list[Any], text: str) -> None:
+    twice = [str(v) for i, v in enumerate(values) if v in values[:i]]
+    if twice:  # "1,1" ran (and reported) the same rows twice
+        raise argparse.ArgumentTypeError(f"{', '.join(twice)} given twice in {text!r}")
+
+
+def int_list(low: int = 1) -> Callable[[str], list[int]]:
+    """argparse ``type``: comma-separated whole numbers of at least ``low`` (``--threads 1,2``) as a list."""
+    item = int_range(low)
+
+    def parse(text: str) -> list[int]:
+        values, parts = [], _entries(text, "whole numbers such as 1,2")
+        for part in parts:
+            try:
+                values.append(item(part))
+            except argparse.ArgumentTypeError as err:
+                raise argparse.ArgumentTypeError(f"{err} in {text!r}" if len(parts) > 1 else str(err)) from None
+        _no_repeats(values, text)
+        return values
+
+    parse.__name__ = "list of whole numbers"  # argparse names the type in its own messages
+    return parse
+
+
+def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """argparse ``type``: comma-separated names from ``choices`` (``--dtypes fp32,bf16``) as a list."""
+    def parse(text: str) -> list[str]:
+        names = _entries(text, f"names from {', '.join(choices)}")
+        for name in names:
+            if name not in choices:
+                raise argparse.ArgumentTypeError(f"unknown {name!r}{did_you_mean(name, choices)} in {text!r}; "
+                                                 f"choose from {', '.join(choices)}")
+        _no_repeats(names, text)
+        return names
+
+    parse.__name__ = "list of names"
+    return parse
+
+
+def synthetic_sizes() -> list[str]:
+    """``--size`` choices: the synthetic generator's size names (a misspelt size failed only once the run reached
+    the generator; amc_synthetic even wrote a report saying the data could not be built, and exited 0)."""
+    from cirlab.data.generators.synthetic import SIZES
+
+    return list(SIZES)
+
+
+def torch_device(text: str) -> str:
+    """argparse ``type`` of ``--device``: a device torch knows and this machine has (``--device gpu`` was a
+    RuntimeError traceback, ``--device cuda`` without a GPU one from the CUDA driver after the model was built)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:0, got {text!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s)")
+    return text
+
+
+REPORT_HELP = ("a bare NAME is reports/benchmarks/NAME.md; a path with a folder or ending in .md is that file "
+               "(as in every bench script)")
+
+
+def report_arg(text: str) -> str:
+    """argparse ``type`` of the report options (``--report``, dime_eval's ``--out``): ``''`` (no report) or a name /
+    path as :func:`report_path` reads it, checked before the run: a report that could not be written lost the run
+    at its very end."""
+    if not text:
+        return text
+    path = report_path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder: give a report name or a .md file")
+    folder = path.absolute().parent
+    while not folder.exists():  # written with parents=True: the nearest existing folder must take it
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: cannot write {path} ({folder} is not a writable folder)")
+    return text
+
+
+def run_folder(text: str) -> str:
+    """argparse ``type`` of a cirlab run folder (the diagnose scripts): checked for every folder before the first is
+    measured (a typo in the last of several folders failed after the others' work)."""
+    if not (Path(text) / "config.yaml").is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a cirlab run folder (no config.yaml in it)")
+    return text
+
+
+def fill_defaults(args: argparse.Namespace, values: dict[str, Any]) -> None:
+    """Give each option of ``values`` left at ``None`` (not on the command line) its value: ``--quick`` picks small
+    sizes for the options not given, instead of overwriting the ones given (``--quick --images 2000`` ran 1,000)."""
+    for dest, value in values.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
 
 
 def machine() -> str:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, paired, write_report  # noqa: E402
+from _common import fill_defaults, machine, paired, positive_int, write_report  # noqa: E402
 
 WORDS = ("is more has longer shorter darker lighter red blue black white green floral striped sleeveless "
          "collar buttons pattern print logo graphic lace casual formal fitted loose cotton denim silk").split()
@@ -94,20 +94,23 @@ def same_training(pool: torch.Tensor, texts: list[str], cache_dir: str, steps: i
     return l0 == l1 and all(torch.equal(a, b) for a, b in zip(p0, p1))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps per run")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    ap.add_argument("--pool", type=int, default=96, help="distinct images")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    ap.add_argument("--quick", action="store_true", help="batch 16, 3 steps, 2 repeats"
+    # batch size, steps and repeats default to None: --quick fills only the ones not given
+    ap.add_argument("--batch-size", type=positive_int, help="training batch (default 32)")
+    ap.add_argument("--steps", type=positive_int, help="timed optimizer steps per run (default 6)")
+    ap.add_argument("--warmup", type=positive_int, default=1,
+                    help="untimed steps first, at least 1: the timing starts at the last of them (default 1)")
+    ap.add_argument("--pool", type=positive_int, default=96, help="distinct images (default 96)")
+    ap.add_argument("--repeats", type=positive_int, help="interleaved repeats (default 3)")
+    ap.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--quick", action="store_true", help="batch 16, 3 steps, 2 repeats for the options not given"
                     "; prints only: quick sizes never replace the committed table")
     ap.add_argument("--no-write", action="store_true", help="print only")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    fill_defaults(args, {"batch_size": 16, "steps": 3, "repeats": 2} if args.quick else
+                  {"batch_size": 32, "steps": 6, "repeats": 3})
     if args.quick:
-        args.batch_size, args.steps, args.repeats = 16, 3, 2
         args.no_write = True
     torch.set_num_threads(args.threads)
     print(machine(), flush=True)

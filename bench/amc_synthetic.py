@@ -10,11 +10,13 @@ baselines of the same architecture with one modality cut (``ablation="image_only
   the gates' variance the modification type explains (eta squared, with a permutation p-value), plus the
   leave-one-out accuracy of a nearest-centroid classifier predicting the modification type from the 6 gates.
 
-Run (writes the Markdown table to ``--report``)::
+Run (writes the Markdown table to ``--report``: a bare name is ``reports/benchmarks/NAME.md``, a path with a folder
+or ending in ``.md`` is that file; without ``--report`` it is only printed)::
 
     .venv/bin/python bench/amc_synthetic.py --parts synthetic emoji --report reports/benchmarks/amc_synthetic.md
 
-The printed output is the report itself; nothing here is timed against a target.
+The printed output is the report itself; nothing here is timed against a target. Data and run folders go under
+``--work``.
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ import cirlab
 from cirlab.data import load_cir
 from cirlab.engine.evaluate import evaluate_cir, trace_split
 from cirlab.engine.train import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPORT_HELP, nonneg_int, positive_int, report_arg, report_path, synthetic_sizes  # noqa: E402
 
 logger = logging.getLogger("amc_synthetic")
 VARIANTS = ("full", "image_only", "text_only")
@@ -306,20 +311,27 @@ def header(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["synthetic", "emoji"], choices=["synthetic", "emoji"])
-    parser.add_argument("--work", default="/tmp/cirlab_amc_bench", help="data and run folders")
-    parser.add_argument("--size", default="default", help="synthetic size (tiny | small | default)")
-    parser.add_argument("--epochs", type=int, default=20, help="synthetic epochs")
-    parser.add_argument("--emoji-epochs", type=int, default=10)
+    parser.add_argument("--parts", nargs="+", default=["synthetic", "emoji"], choices=["synthetic", "emoji"],
+                        help="datasets to train and report (default: both)")
+    parser.add_argument("--work", default="/tmp/cirlab_amc_bench", help="data and run folders (default %(default)s)")
+    parser.add_argument("--size", default="default", choices=synthetic_sizes(),
+                        help="synthetic data size (default %(default)s)")
+    parser.add_argument("--epochs", type=positive_int, default=20, help="synthetic epochs (default 20)")
+    parser.add_argument("--emoji-epochs", type=positive_int, default=10, help="emoji epochs (default 10)")
     parser.add_argument("--emoji-tarball", default="", help="emoji-datasource-google .tgz (default: cache or npm)")
-    parser.add_argument("--emoji-max-train", type=int, default=1200,
+    parser.add_argument("--emoji-max-train", type=nonneg_int, default=1200,
                         help="training triplets per emoji category (0 = all; skin_tone has 2,666)")
-    parser.add_argument("--emoji-group-batches", type=int, default=6,
+    parser.add_argument("--emoji-group-batches", type=nonneg_int, default=6,
                         help="TrainConfig.group_batches for emoji: triplets with one reference kept together "
                              "(hard in-batch negatives; 0 = plain shuffle)")
-    parser.add_argument("--report", default="", help="write the Markdown report here")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--report", type=report_arg, default="",
+                        help=f"also write the printed report to this Markdown file: {REPORT_HELP}; "
+                             "'' (default) = print only")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
+    if args.emoji_tarball and "emoji" in args.parts and not Path(args.emoji_tarball).is_file():
+        # the emoji part would only have been reported as "Not run", with exit status 0
+        parser.error(f"--emoji-tarball {args.emoji_tarball!r}: no such file")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)  # the CPU is shared: oversubscribed threads slow every step down
     work = Path(args.work)
@@ -336,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n\n".join(sections) + "\n"
     print(text)
     if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(text, encoding="utf-8")
+        report_path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        report_path(args.report).write_text(text, encoding="utf-8")
     return 0
 
 

@@ -14,6 +14,8 @@ for an untrained model of the same config (same seed), on the first ``--batch`` 
 Usage (run folders of ``bench/cala_synthetic.py``; they keep ``checkpoints/last.pt``)::
 
     .venv/bin/python bench/cala_diagnose.py /tmp/exp/cos_emoji_s2/runs/cala --report cala_diagnose
+
+Prints one table per run; ``--report NAME`` also writes them to ``reports/benchmarks/NAME.md``.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from _common import diagnosis_report  # noqa: E402
+from _common import REPORT_HELP, diagnosis_report, positive_int, report_arg, run_folder  # noqa: E402
 
 TITLE = "CaLa: size of the TAC / HCA outputs and of their logits"
 
@@ -86,11 +88,12 @@ def intro(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", help="CaLa run folders (config.yaml + checkpoints/)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=run_folder, help="CaLa run folders (config.yaml + checkpoints/)")
     p.add_argument("--checkpoint", default="last", choices=["last", "best"])
-    p.add_argument("--batch", type=int, default=32, help="training triplets measured (the bench's batch size)")
-    p.add_argument("--report", default="", help="write reports/benchmarks/<name>.md; '' = print only")
+    p.add_argument("--batch", type=positive_int, default=32, help="training triplets measured (the bench's batch size)")
+    p.add_argument("--report", type=report_arg, default="",
+                   help=f"also write the tables to this Markdown report: {REPORT_HELP}; '' (default) = print only")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     results = {run: diagnose(Path(run), args.checkpoint, args.batch) for run in args.runs}

@@ -18,6 +18,10 @@ Usage::
 
     .venv/bin/python bench/cala_synthetic.py --dataset cirr --size small --epochs 8
     .venv/bin/python bench/cala_synthetic.py --dataset fashioniq --preset lite --epochs 2 --report ''
+
+Data, run folders and per-variant results go under ``--work``; the table is printed and written to
+``reports/benchmarks/<--report>.md`` (default ``cala_synthetic``; a path with a folder or ending in ``.md`` is that
+file; ``--report ''`` prints only).
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import write_report  # noqa: E402
+from _common import (REPORT_HELP, positive_float, positive_int, report_arg, seed_int,  # noqa: E402
+                     synthetic_sizes, write_report)
 
 VARIANTS = {
     "cala": {},
@@ -189,33 +194,41 @@ def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="cirr", choices=["cirr", "fashioniq", "emoji"],
                    help="a synthetic layout, or the emoji set (Fashion-IQ layout; built from its npm package)")
     p.add_argument("--categories", nargs="+", default=None,
                    help="Fashion-IQ-layout categories to train and report (default: all; emoji: gender color)")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "lite"])
-    p.add_argument("--size", default="small", help="synthetic size: tiny | small | default")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="the model's base lr (random-init tiny needs more than 1e-5)")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "lite"], help="CaLa preset (default tiny)")
+    p.add_argument("--size", default="small", choices=synthetic_sizes(), help="synthetic data size (default small)")
+    p.add_argument("--epochs", type=positive_int, default=8, help="training epochs (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="training batch (default 32)")
+    p.add_argument("--lr", type=positive_float, default=1e-3,
+                   help="the model's base lr (random-init tiny needs more than 1e-5; default 1e-3)")
     p.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
                    help="per-epoch lr schedule of every group: constant, or one cosine half-period from lr to 0 over "
                         "--epochs (the released recipe anneals with a cosine; the last epochs then move little)")
     p.add_argument("--encoder", default="both", choices=["multi", "both"],
                    help="both: the target Q-Former trains too (a random-init tiny target encoder carries no signal)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="the training seed (the data is always generated with seed 0)")
-    p.add_argument("--jobs", type=int, default=1, help="variants run at once, in separate processes")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads per run (default 1)")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="the training seed (the data is always generated with seed 0)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="variants run at once, in separate processes")
     p.add_argument("--selection", choices=["val", "last"], default=None,
                    help="val: the run's selection metric on val; last: the final weights (default: val, emoji last)")
     p.add_argument("--reuse", action="store_true",
                    help="take a variant's result from <work>/results/ when an earlier run with the same arguments "
                         "wrote it (add variants to a finished comparison)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--work", default="/tmp/cirlab_cala_bench")
-    p.add_argument("--report", default="cala_synthetic", help="reports/benchmarks/<name>.md; '' = print only")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="variants to run (default: all)")
+    p.add_argument("--work", default="/tmp/cirlab_cala_bench",
+                   help="folder for the data, the run folders and the per-variant results (default %(default)s)")
+    p.add_argument("--report", type=report_arg, default="cala_synthetic",
+                   help=f"the Markdown report (default cala_synthetic): {REPORT_HELP}; '' = print only")
     args = p.parse_args(argv)
+    if args.categories and args.dataset == "cirr":  # the run refused it only after the data was generated
+        p.error(f"--categories {' '.join(args.categories)}: --dataset cirr has no categories "
+                "(they are Fashion-IQ's: --dataset fashioniq or emoji)")
     if args.dataset == "emoji" and not args.categories:
         args.categories = ["gender", "color"]  # skin_tone (2,666 training triplets) costs hours of CPU at lite size
     if args.selection is None:  # on the small emoji galleries R@10/R@50 reach 100 within a few epochs: no signal

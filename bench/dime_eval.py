@@ -18,7 +18,9 @@ Usage::
     .venv/bin/python bench/dime_eval.py                          # CPU, 24 x 120 pairs, 1 thread
     .venv/bin/python bench/dime_eval.py --images 200 --device cuda --project-coco5k
 
-Writes ``reports/benchmarks/dime_eval.md`` (``--out``; ``--no-write``).
+Writes ``reports/benchmarks/dime_eval.md``; ``--out NAME`` writes ``reports/benchmarks/NAME.md`` and ``--out
+PATH.md`` (or a path with a folder) that file, as ``--report`` does in the other bench scripts; ``--no-write`` (or
+``--out ''``) prints only.
 """
 from __future__ import annotations
 
@@ -30,8 +32,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, paired, write_report  # noqa: E402
+from _common import (REPORT_HELP, choice_list, machine, nonneg_int, paired, positive_int, report_arg,  # noqa: E402
+                     torch_device, write_report)
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WORDS = ("a man woman dog cat red blue small large street park ball car tree water near on in the with "
          "playing sitting standing walking running two three white black green young old").split()
 
@@ -50,19 +54,29 @@ def _sync(device: torch.device) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--direction", choices=["i2t", "t2i", "both"], default="both")
-    parser.add_argument("--images", type=int, default=24, help="images (5 captions each)")
-    parser.add_argument("--plain-shard", type=int, default=64, help="block side of the plain loop")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per pair")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="cirlab precisions to time")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--direction", choices=["i2t", "t2i", "both"], default="both",
+                        help="DIME direction(s) to score (default both)")
+    parser.add_argument("--images", type=positive_int, default=24, help="images, 5 captions each (default 24)")
+    parser.add_argument("--plain-shard", type=positive_int, default=64,
+                        help="block side of the plain loop (default 64)")
+    parser.add_argument("--device", type=torch_device, default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="interleaved repeats per pair (default 3)")
+    parser.add_argument("--threads", type=nonneg_int, default=1, help="torch CPU threads (0: torch default; default 1)")
+    parser.add_argument("--dtypes", type=choice_list(list(DTYPES)), default="fp32,bf16",
+                        help="comma-separated cirlab precisions to time (default fp32,bf16)")
     parser.add_argument("--project-coco5k", action="store_true", help="project the COCO-5K (5000 x 25000) time")
-    parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--out", default="dime_eval",
-                        help="report: a name under reports/benchmarks/ (.md added) or a file path ending in .md")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--out", type=report_arg, default=None,
+                        help=f"the report (default dime_eval): {REPORT_HELP}; '' = print only. Not an output folder "
+                             "(rerank_synthetic's --out is one)")
     args = parser.parse_args(argv)
+    if args.no_write and args.out:
+        parser.error(f"--out {args.out!r} names a report and --no-write writes none: drop one of them")
+    if args.out is None:
+        args.out = "dime_eval"
+    if not args.out:
+        args.no_write = True
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -76,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     feats = torch.rand(n_img, 36, 2048, generator=torch.Generator().manual_seed(0))
     texts = _captions(n_cap, 1)
     directions = ["i2t", "t2i"] if args.direction == "both" else [args.direction]
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     rows, default = [], None
     for direction in directions:
         torch.manual_seed(0)
@@ -88,16 +101,16 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             img, txt = model.encode_image(feats.to(device)), model.encode_text(texts)
         small = ({k: v[:4] for k, v in img.items()}, {k: v[:8] for k, v in txt.items()})
-        for name in args.dtypes.split(","):  # warm-up (allocator, kernels)
-            score_matrix(model, *small, dtype=dtypes[name], device=device)
+        for name in args.dtypes:  # warm-up (allocator, kernels)
+            score_matrix(model, *small, dtype=DTYPES[name], device=device)
 
         def plain() -> torch.Tensor:
             out = naive_score_matrix(model, img, txt, shard=args.plain_shard, device=device)
             _sync(device)
             return out
 
-        for name in args.dtypes.split(","):
-            def ours(dt: torch.dtype = dtypes[name]) -> torch.Tensor:
+        for name in args.dtypes:
+            def ours(dt: torch.dtype = DTYPES[name]) -> torch.Tensor:
                 out = score_matrix(model, img, txt, dtype=dt, device=device)
                 _sync(device)
                 return out

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, paired, write_report  # noqa: E402
+from _common import machine, paired, positive_int, write_report  # noqa: E402
 
 WORDS = ("a man woman dog cat red blue small large street park ball car tree water near on in the with "
          "playing sitting standing walking running two three white black green young old").split()
@@ -41,14 +41,15 @@ def previous_glgc(self, local, guide, mask, fc_local=None):  # noqa: ANN001, ANN
     return (1 + F.normalize(m, dim=-2)) * local
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=2, help="steps per timing")
-    ap.add_argument("--repeats", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--batch-size", type=positive_int, default=32,
+                    help="images per step, each with 2 captions (default 32)")
+    ap.add_argument("--steps", type=positive_int, default=2, help="steps per timing (default 2)")
+    ap.add_argument("--repeats", type=positive_int, default=4, help="interleaved repeats of the A/B (default 4)")
+    ap.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--no-write", action="store_true", help="print only, do not write reports/benchmarks/dime_step.md")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     import cirlab
     from cirlab.models import dime as D

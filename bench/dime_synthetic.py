@@ -21,10 +21,12 @@ Usage::
 
     # the recorded run: each direction ~4-8 min on the shared 2-core machine (run the two in parallel with
     # --directions i2t / t2i and --threads 1, then once more with --reuse for the report)
-    PYTHONPATH=. .venv/bin/python bench/dime_synthetic.py --size small --epochs 8 --embed 32 --lr 3e-3 \
+    PYTHONPATH=. .venv/bin/python bench/dime_synthetic.py --size small --epochs 8 --embed 32 --lr 3e-3 \\
         --warmup-epochs 3 --eval-every 2
 
-Writes ``reports/benchmarks/dime_synthetic.md`` (``--report``).
+Run folders (checkpoints, ``summary.json``) and ``results.json`` go under ``--out-dir``; once both directions are
+trained the Markdown report goes to ``reports/benchmarks/dime_synthetic.md`` (``--report``: a bare name is
+``reports/benchmarks/NAME.md``, a path with a folder or ending in ``.md`` is that file; ``--report ''`` prints it).
 """
 from __future__ import annotations
 
@@ -40,6 +42,10 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (REPORT_HELP, choice_list, nonneg_int, positive_float, positive_int, report_arg,  # noqa: E402
+                     report_path, seed_int, synthetic_sizes)
 
 
 def _encode(model: Any, split: Any, batch: int = 128) -> tuple[dict, dict]:
@@ -156,29 +162,35 @@ def recall_by_type(scores: torch.Tensor, caption_type: list[str], per: int = 5) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="small", help="synthetic size: tiny | small | default")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="small", choices=synthetic_sizes(),
+                        help="synthetic data size (default small; unused with --data)")
     parser.add_argument("--data", default="", help="synthetic root (default: generated under the cirlab cache)")
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam lr (paper 2e-4 over 30 epochs)")
-    parser.add_argument("--embed", type=int, default=64, help="embed size (paper 256)")
+    parser.add_argument("--epochs", type=positive_int, default=6, help="training epochs (default 6)")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam lr (paper 2e-4 over 30 epochs)")
+    parser.add_argument("--embed", type=positive_int, default=64, help="embed size (paper 256)")
     parser.add_argument("--bert", choices=["random", "minilm"], default="minilm",
                         help="frozen text encoder: minilm (real pretrained MiniLM-L6, the lite preset) or random (a "
                              "random-init tiny BERT: its sentence similarities carry no meaning, so the path "
                              "regulariser has nothing to align the routes with)")
-    parser.add_argument("--lr-step", type=int, default=0, help="epochs between x0.1 lr steps (0: no step)")
-    parser.add_argument("--warmup-epochs", type=int, default=0, help="max_violation_warmup_epochs: epochs of summed "
-                        "violations before the hardest negative (0: the paper)")
-    parser.add_argument("--batch-size", type=int, default=32, help="training batch (paper 32)")
-    parser.add_argument("--eval-every", type=int, default=0, help="dev evaluation every N epochs (0: at the end)")
-    parser.add_argument("--directions", default="i2t,t2i", help="directions to train in this process")
+    parser.add_argument("--lr-step", type=nonneg_int, default=0, help="epochs between x0.1 lr steps (0: no step)")
+    parser.add_argument("--warmup-epochs", type=nonneg_int, default=0, help="max_violation_warmup_epochs: epochs of "
+                        "summed violations before the hardest negative (0: the paper)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="training batch (paper 32)")
+    parser.add_argument("--eval-every", type=nonneg_int, default=0,
+                        help="dev evaluation every N epochs (0: at the end)")
+    parser.add_argument("--directions", type=choice_list(["i2t", "t2i"]), default="i2t,t2i",
+                        help="comma-separated directions to train in this process (default i2t,t2i)")
     parser.add_argument("--reuse", action="store_true", help="load <out-dir>/<direction>/checkpoints/best.pt "
                         "when present instead of training (to train the directions in parallel processes)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--trace-images", type=int, default=50)
+    parser.add_argument("--seed", type=seed_int, default=0, help="training seed (default 0)")
+    parser.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--trace-images", type=positive_int, default=50,
+                        help="test images whose matching pairs are traced for the route tables (default 50)")
     parser.add_argument("--out-dir", default="", help="run folders (default: <runs_dir>/dime_synthetic)")
-    parser.add_argument("--report", default=str(ROOT / "reports" / "benchmarks" / "dime_synthetic.md"))
+    parser.add_argument("--report", type=report_arg, default=str(ROOT / "reports" / "benchmarks" / "dime_synthetic.md"),
+                        help=f"the Markdown report (default reports/benchmarks/dime_synthetic.md): {REPORT_HELP}; "
+                             "'' = print it only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
@@ -206,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     test_scores: dict[str, torch.Tensor] = {}
     routes: dict[str, Any] = {}
-    directions = [d for d in args.directions.split(",") if d]
+    directions = args.directions
     for direction in directions:
         model = build(direction, args, splits["train"])
         untrained = itm_metrics(scores_on(model, splits["test"]))
@@ -333,7 +345,10 @@ def write_report(args: argparse.Namespace, argv: list[str] | None, results: dict
                                  f"({mt.stack().max():.2f}) | {mt.mean(axis=0).idxmax()} "
                                  f"| {_edge_dev(m.loc[t], overall)} |")
             lines.append("")
-    out = Path(args.report)
+    if not args.report:
+        print("\n".join(lines))
+        return
+    out = report_path(args.report)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {out}")

@@ -26,23 +26,32 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
 import test_faults as tf  # noqa: E402  (tests/ on the path: the fault kinds and the harness)
+from _common import REPORT_HELP, report_arg, report_path  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="run only kinds whose name contains this text (no report file)")
-    parser.add_argument("--report", default=str(ROOT / "reports" / "benchmarks" / "faults.md"),
-                        help="markdown file to write (default: reports/benchmarks/faults.md)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="",
+                        help="run only kinds whose name contains this text; prints the table, writes no report")
+    parser.add_argument("--report", type=report_arg, default=None,
+                        help=f"the Markdown report (default reports/benchmarks/faults.md): {REPORT_HELP}; "
+                             "'' = print the table only")
     args = parser.parse_args(argv)
+    if args.only and args.report:  # a partial table is never the report; --only used to ignore --report silently
+        parser.error(f"--only prints the table of the kinds it runs and writes no report: drop --report "
+                     f"{args.report!r} or --only")
+    if args.report is None:
+        args.report = "" if args.only else "faults"
     kinds = [k for k in tf.FAULTS if args.only in k.name]
     if not kinds:  # a misspelt --only ran nothing and exited 0
         parser.error(f"--only {args.only!r} matches no kind; kinds: {', '.join(k.name for k in tf.FAULTS)[:400]}...")
-    if not args.only:  # before the run, not after it: a missing folder lost the whole table
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+    if args.report:  # before the run, not after it: a missing folder lost the whole table
+        report_path(args.report).parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory(prefix="cirlab-faults-") as tmp:
@@ -56,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((kind, outcome, time.perf_counter() - t0))
             print(f"{outcome.verdict:>15}  {kind.name}  ({rows[-1][2]:.1f}s)", flush=True)
     text = report(rows, time.perf_counter() - start, " ".join(sys.argv[1:]))
-    if args.only:
+    if not args.report:
         print(text)
     else:
-        Path(args.report).write_text(text, encoding="utf-8")
-        print(f"wrote {args.report}")
+        report_path(args.report).write_text(text, encoding="utf-8")
+        print(f"wrote {report_path(args.report)}")
     return 0 if all(o.verdict == "clear" for _, o, _ in rows) else 1
 
 

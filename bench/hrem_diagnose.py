@@ -13,6 +13,8 @@ of the step away from the base loss, the only term that trains the embeddings us
 Usage (run folders of ``bench/hrem_synthetic.py``; they keep ``checkpoints/``)::
 
     PYTHONPATH=. .venv/bin/python bench/hrem_diagnose.py /tmp/hrem_def/tiny_hrem_s0 --report hrem_diagnose
+
+Prints one table per run; ``--report NAME`` also writes them to ``reports/benchmarks/NAME.md``.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import diagnosis_report  # noqa: E402
+from _common import REPORT_HELP, diagnosis_report, positive_int, report_arg, run_folder  # noqa: E402
 
 TITLE = "HREM: gradient of each loss term, untrained and trained"
 TERMS = ("base_loss", "cross_loss", "enhanced_loss", "reg_loss")
@@ -113,11 +115,12 @@ def intro(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", help="HREM run folders (config.yaml + checkpoints/)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=run_folder, help="HREM run folders (config.yaml + checkpoints/)")
     p.add_argument("--checkpoint", default="best", choices=["last", "best"])
-    p.add_argument("--batches", type=int, default=8, help="training batches averaged over")
-    p.add_argument("--report", default="", help="write reports/benchmarks/<name>.md; '' = print only")
+    p.add_argument("--batches", type=positive_int, default=8, help="training batches averaged over")
+    p.add_argument("--report", type=report_arg, default="",
+                   help=f"also write the tables to this Markdown report: {REPORT_HELP}; '' (default) = print only")
     args = p.parse_args(argv)
     results = {run: diagnose(Path(run), args.checkpoint, args.batches) for run in args.runs}
     diagnosis_report(results, intro(args), args.report, TITLE)

@@ -26,10 +26,11 @@ Usage (the recorded run; the two halves of the seeds can run in parallel on 2 co
 
     PYTHONPATH=. .venv/bin/python bench/hrem_synthetic.py --train --seeds 0 1 2 --out-dir /tmp/hrem_bench
     PYTHONPATH=. .venv/bin/python bench/hrem_synthetic.py --eval-timing --out-dir /tmp/hrem_bench
-    PYTHONPATH=. .venv/bin/python bench/hrem_synthetic.py --report reports/benchmarks/hrem_synthetic.md \
+    PYTHONPATH=. .venv/bin/python bench/hrem_synthetic.py --report reports/benchmarks/hrem_synthetic.md \\
         --out-dir /tmp/hrem_bench
 
-Writes JSON results under ``--out-dir`` and the Markdown report with ``--report`` (from whatever is there).
+Writes JSON results under ``--out-dir`` and the Markdown report with ``--report`` (from whatever is there; a bare
+name is ``reports/benchmarks/NAME.md``, a path with a folder or ending in ``.md`` is that file).
 """
 from __future__ import annotations
 
@@ -46,6 +47,11 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (REPORT_HELP, nonneg_int, positive_float, positive_int, report_arg, report_path,  # noqa: E402
+                     seed_int, synthetic_sizes)
+
 VARIANTS = {
     "hrem": {},
     "no_instance": {"instance_module": False},
@@ -330,36 +336,43 @@ def write_report(args: argparse.Namespace) -> None:
         rows_n = t["images"] + t["captions"]
         lines += ["", f"`score_itm` alone (the full matrix): {t['score_itm_cpu']:.1f} CPU s, of which encoding the "
                   f"{rows_n:,} rows through the DataLoader {t['encode_only_cpu']:.1f} CPU s.", ""]
-    Path(args.report).write_text("\n".join(lines))
-    print(f"wrote {args.report}")
+    path = report_path(args.report)
+    path.parent.mkdir(parents=True, exist_ok=True)  # a new folder failed here, after --train had run
+    path.write_text("\n".join(lines))
+    print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
-                                epilog="See the module docstring for the recorded commands.")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", action="store_true", help="train every --variants x --seeds run into --out-dir")
     p.add_argument("--eval-timing", action="store_true", help="time evaluation on COCO-5K-sized random embeddings")
-    p.add_argument("--report", default="", help="write the Markdown report from what --out-dir holds to this file")
+    p.add_argument("--report", type=report_arg, default="",
+                   help=f"write the Markdown report from what --out-dir holds: {REPORT_HELP}")
     p.add_argument("--out-dir", default="/tmp/hrem_bench", help="run folders and JSON results (default: %(default)s)")
     p.add_argument("--backbone", choices=("tiny", "lite"), default="tiny",
                    help="text encoder: random tiny BERT or MiniLM-L6 (default: %(default)s)")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
                    help="what to train (default: %(default)s; hrem_bug only when named)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default: %(default)s)")
-    p.add_argument("--size", default="small", help="synthetic data size: tiny | small | default (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs (default: %(default)s)")
-    p.add_argument("--decay", type=int, default=15, help="epoch of the x0.1 lr step (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=32, help="batch size (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=5e-4, help="base learning rate (default: %(default)s)")
-    p.add_argument("--embed", type=int, default=256, help="joint embedding width (default: %(default)s)")
-    p.add_argument("--heads", type=int, default=8, help="heads of the Transformer layers (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=100,
+    p.add_argument("--seeds", nargs="+", type=seed_int, default=[0, 1, 2],
+                   help="training seeds (default: %(default)s)")
+    p.add_argument("--size", default="small", choices=synthetic_sizes(),
+                   help="synthetic data size (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=20, help="training epochs (default: %(default)s)")
+    p.add_argument("--decay", type=nonneg_int, default=15, help="epoch of the x0.1 lr step (default: %(default)s)")
+    p.add_argument("--batch", type=positive_int, default=32, help="batch size (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=5e-4, help="base learning rate (default: %(default)s)")
+    p.add_argument("--embed", type=positive_int, default=256, help="joint embedding width (default: %(default)s)")
+    p.add_argument("--heads", type=positive_int, default=8,
+                   help="heads of the Transformer layers (default: %(default)s)")
+    p.add_argument("--warmup", type=nonneg_int, default=100,
                    help="iterations before the instance-level module joins (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
-    p.add_argument("--timing-images", type=int, default=5000, help="--eval-timing: images (x5 captions)")
-    p.add_argument("--timing-batch", type=int, default=128, help="--eval-timing: encoding batch")
-    p.add_argument("--timing-shard", type=int, default=1000, help="--eval-timing: score shard size")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads per process (default: %(default)s)")
+    p.add_argument("--timing-images", type=positive_int, default=5000, help="--eval-timing: images (x5 captions)")
+    p.add_argument("--timing-batch", type=positive_int, default=128, help="--eval-timing: encoding batch")
+    p.add_argument("--timing-shard", type=positive_int, default=1000, help="--eval-timing: score shard size")
     args = p.parse_args(argv)
+    if not (args.train or args.eval_timing or args.report):  # ran nothing and exited 0
+        p.error("nothing to do: give --train, --eval-timing and/or --report FILE")
     args.command = "PYTHONPATH=. .venv/bin/python bench/hrem_synthetic.py " + " ".join(sys.argv[1:])
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)

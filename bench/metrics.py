@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _common import machine, paired, write_report  # noqa: E402
+from _common import fill_defaults, int_range, machine, paired, positive_int, write_report  # noqa: E402
 import naive_metrics as N  # noqa: E402
 
 from cirlab.core import metrics as M  # noqa: E402
@@ -109,20 +109,24 @@ def bench_cirr(n_queries: int, n_gallery: int, repeats: int) -> dict:
             "note": "metric dicts equal" if parity else "METRICS DIFFER"}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small sizes (1,000 images; 1,000 x 500 CIRR)"
-                    "; prints only: quick sizes never replace the committed table")
-    ap.add_argument("--images", type=int, default=5000, help="ITM images (captions = 5x)")
-    ap.add_argument("--cirr-queries", type=int, default=4181, help="CIRR queries")
-    ap.add_argument("--cirr-gallery", type=int, default=2297, help="CIRR gallery size")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats per pair (medians are reported)")
-    ap.add_argument("--threads", type=int, default=1,
+    ap.add_argument("--quick", action="store_true", help="small sizes (1,000 images; 1,000 x 500 CIRR) for the size "
+                    "options not given; prints only: quick sizes never replace the committed table")
+    # sizes default to None: --quick fills only the ones not given
+    ap.add_argument("--images", type=positive_int, help="ITM images (captions = 5x; default 5,000)")
+    ap.add_argument("--cirr-queries", type=positive_int, help="CIRR queries (default 4,181)")
+    ap.add_argument("--cirr-gallery", type=int_range(6),
+                    help="CIRR gallery size, at least 6: every query draws an img_set of 6 (default 2,297)")
+    ap.add_argument("--repeats", type=positive_int, default=3,
+                    help="interleaved repeats per pair (medians are reported; default 3)")
+    ap.add_argument("--threads", type=positive_int, default=1,
                     help="torch threads (default 1: the original loop is single-threaded NumPy)")
     ap.add_argument("--no-write", action="store_true", help="print only, do not write reports/benchmarks/metrics.md")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    fill_defaults(args, {"images": 1000, "cirr_queries": 1000, "cirr_gallery": 500} if args.quick else
+                  {"images": 5000, "cirr_queries": 4181, "cirr_gallery": 2297})
     if args.quick:
-        args.images, args.cirr_queries, args.cirr_gallery = 1000, 1000, 500
         args.no_write = True
     torch.set_num_threads(args.threads)
     print(machine(), flush=True)

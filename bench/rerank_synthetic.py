@@ -6,13 +6,17 @@ runs (:mod:`cirlab.engine.rerank`). Prints and writes stage-I vs stage-II
 recalls (all queries, and the re-ranked queries: those whose target is inside the top-K), the rank-shift top-K
 files for the notebook and CIRR test1 submission files for both stages.
 
+Everything goes into the folder ``--out`` (an output folder, not a report file as dime_eval's ``--out``):
+``metrics.json`` (the recalls, printed too), ``stage1/`` and ``stage2/`` (the runs), ``topk/``, ``submission/``,
+``cache/`` (ViT tokens) and, without ``--data``, ``data/``.
+
 Usage::
 
     python bench/rerank_synthetic.py --out reports/rerank_synthetic [--size small] [--epochs1 6] [--epochs2 6]
 
 Headline run (reports/benchmarks/rerank_synthetic.md; data from ``synthetic.generate(..., size="default")``)::
 
-    python bench/rerank_synthetic.py --out reports/rerank_def32_learned --data reports/rerank_data_default/cirr \
+    python bench/rerank_synthetic.py --out reports/rerank_def32_learned --data reports/rerank_data_default/cirr \\
         --image-size 32 --epochs1 15 --epochs2 4 --lr1 2e-3 --lr2 1e-3
 """
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 import json
 import logging
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -33,41 +38,57 @@ from cirlab.core.topk import load_topk
 from cirlab.data import load_cir
 from cirlab.data.generators import synthetic
 from cirlab.engine import rerank
-from cirlab.engine.train import train
+from cirlab.engine.train import run_artifacts, train
 from cirlab.models import blip_rerank as br
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import int_range, positive_float, positive_int, seed_int, synthetic_sizes  # noqa: E402
 
-def parse() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="reports/rerank_synthetic", help="output folder (runs, top-K files, metrics)")
+
+STAGE1_K = 200  # stage I's top-K lists (the paper's K=200 analysis files); stage II re-ranks the first --k
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="reports/rerank_synthetic",
+                   help="output FOLDER: runs, top-K files, submissions, metrics.json (default %(default)s)")
     p.add_argument("--data", default="", help="synthetic data root ('' = generate under <out>/data)")
-    p.add_argument("--size", default="small", help="synthetic size: tiny | small | default")
-    p.add_argument("--preset", default="tiny", help="model preset (tiny | lite)")
-    p.add_argument("--image-size", type=int, default=32, help="model input size")
-    p.add_argument("--epochs1", type=int, default=6)
-    p.add_argument("--epochs2", type=int, default=6)
-    p.add_argument("--batch1", type=int, default=32)
-    p.add_argument("--batch2", type=int, default=16)
-    p.add_argument("--lr1", type=float, default=1e-3, help="random-init weights need more than the paper's 2e-5")
-    p.add_argument("--lr2", type=float, default=5e-4)
-    p.add_argument("--k", type=int, default=50, help="re-ranked candidates (paper CIRR: 50)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--size", default="small", choices=synthetic_sizes(),
+                   help="synthetic data size (default small; unused with --data)")
+    p.add_argument("--preset", default="tiny", choices=br.BlipRerankConfig.presets(),
+                   help="model preset (default tiny)")
+    p.add_argument("--image-size", type=positive_int, default=32, help="model input size (default 32)")
+    p.add_argument("--epochs1", type=positive_int, default=6, help="stage-I epochs (default 6)")
+    p.add_argument("--epochs2", type=positive_int, default=6, help="stage-II epochs (default 6)")
+    p.add_argument("--batch1", type=positive_int, default=32, help="stage-I batch (default 32)")
+    p.add_argument("--batch2", type=positive_int, default=16, help="stage-II batch (default 16)")
+    p.add_argument("--lr1", type=positive_float, default=1e-3,
+                   help="stage-I lr (random-init weights need more than the paper's 2e-5; default 1e-3)")
+    p.add_argument("--lr2", type=positive_float, default=5e-4, help="stage-II lr (default 5e-4)")
+    p.add_argument("--k", type=int_range(1, STAGE1_K), default=50,
+                   help=f"re-ranked candidates, at most {STAGE1_K} and fewer than the val gallery (paper CIRR: 50)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the data and the training (default 0)")
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch intra-op threads; on the shared 2-core machine 2 threads thrash (each tiny op waits for "
                         "a time slice: a stage-I step took 2.6 s with 2 threads and 0.06 s with 1)")
     p.add_argument("--temp1", choices=("learned", "fixed"), default="learned",
                    help="stage-I temperature: 'learned' (paper, unclamped) or 'fixed' at temp_init (non-paper: at our "
                         "random-init learning rates the learned temperature drops from 0.07 to 0.007 in epoch 1; "
                         "measured: 'fixed' underfits, train loss about 3.2 against 1.3 learned after 15 epochs)")
-    return p.parse_args()
+    return p
 
 
 def recalls(ranks: np.ndarray) -> dict[str, float]:
     return metrics.recall_from_ranks(torch.as_tensor(ranks), (1, 5, 10, 50))
 
 
-def main() -> None:
-    args = parse()
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
+    args = p.parse_args(argv)
+    held = [f"{stage}/" for stage in ("stage1", "stage2") if run_artifacts(Path(args.out) / stage)]
+    if held:  # the trainer refused the folder only once the data and the token caches were built
+        p.error(f"--out {args.out!r} already holds the runs of an earlier call ({', '.join(held)}): "
+                "give a new folder or remove them")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -76,6 +97,10 @@ def main() -> None:
     root = args.data or synthetic.generate(out / "data", size=args.size, layouts=["cirr"], image_size=64,
                                            seed=args.seed)["layouts"]["cirr"]["root"]
     splits = {s: load_cir("cirr", root, s) for s in ("train", "val", "test1")}
+    longest = min(STAGE1_K, len(splits["val"].gallery_names) - 1)  # a query's own reference is not in its list
+    if args.k > longest:  # found by stage II's evaluation, after stage I had trained
+        p.error(f"--k {args.k}: stage I's val lists hold {longest} candidates on this data "
+                f"({len(splits['val'].gallery_names)} gallery images): give --k {longest} or a larger --size")
     cfg = br.BlipRerankConfig.from_preset(args.preset, image_size=args.image_size, rerank_k=args.k)
     stage1 = br.BlipRerankStage1(cfg)
     if args.temp1 == "fixed":
@@ -93,7 +118,7 @@ def main() -> None:
     val, test = splits["val"], splits["test1"]
     topk_dir = out / "topk"
     # ---- evaluation: the one re-ranking pipeline (cirlab.engine.rerank), as `cirlab eval` runs it
-    eval_config = {"k": 200, "batch_size": 16, "stage1_topk": str(topk_dir / "stage1")}
+    eval_config = {"k": STAGE1_K, "batch_size": 16, "stage1_topk": str(topk_dir / "stage1")}
     first = rerank.evaluate_stage1(stage1, [val], eval_config=eval_config, device="cpu", topk_dir=topk_dir / "stage1")
     top1 = load_topk(topk_dir / "stage1" / "val.topk.npz")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, paired, write_report  # noqa: E402
+from _common import choice_list, fill_defaults, int_list, machine, paired, positive_int, write_report  # noqa: E402
 
 from cirlab.core import _search  # noqa: E402
 from cirlab.core.retrieval import topk_search  # noqa: E402
@@ -61,21 +61,28 @@ def run_threads(q: torch.Tensor, g: torch.Tensor, k: int, threads: int, backends
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gallery", type=int, default=100_000, help="gallery size")
-    ap.add_argument("--queries", type=int, default=5_000, help="number of queries")
-    ap.add_argument("--dim", type=int, default=512, help="embedding dimension")
-    ap.add_argument("-k", type=int, default=50, help="list length")
-    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (torch and faiss)")
-    ap.add_argument("--backends", default="blocks,filter,bf16,auto", help="cirlab backends to time")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats per pair")
-    ap.add_argument("--quick", action="store_true", help="20k gallery, 1k queries"
+    # gallery and queries default to None: --quick fills only the ones not given
+    ap.add_argument("--gallery", type=positive_int, help="gallery size (default 100,000)")
+    ap.add_argument("--queries", type=positive_int, help="number of queries (default 5,000)")
+    ap.add_argument("--dim", type=positive_int, default=512, help="embedding dimension (default 512)")
+    ap.add_argument("-k", type=positive_int, default=50, help="list length, at most --gallery (default 50)")
+    ap.add_argument("--threads", type=int_list(1), default="1,2",
+                    help="comma-separated thread counts, torch and faiss (default 1,2)")
+    ap.add_argument("--backends", type=choice_list(_search.BACKENDS),
+                    default="blocks,filter,bf16,auto", help="comma-separated cirlab backends to time against faiss "
+                    "(default blocks,filter,bf16,auto)")
+    ap.add_argument("--repeats", type=positive_int, default=3, help="interleaved repeats per pair (default 3)")
+    ap.add_argument("--quick", action="store_true", help="20k gallery, 1k queries for the size options not given"
                     "; prints only: quick sizes never replace the committed table")
     ap.add_argument("--no-write", action="store_true", help="print only")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    fill_defaults(args, {"gallery": 20_000, "queries": 1_000} if args.quick else
+                  {"gallery": 100_000, "queries": 5_000})
+    if args.k > args.gallery:  # faiss pads the lists with -1 where the gallery runs out
+        ap.error(f"-k {args.k} is more than --gallery {args.gallery}")
     if args.quick:
-        args.gallery, args.queries = 20_000, 1_000
         args.no_write = True
     try:
         import faiss
@@ -87,10 +94,9 @@ def main() -> None:
     print(size, flush=True)
     index = faiss.IndexFlatIP(args.dim)
     index.add(g.numpy())
-    backends = args.backends.split(",")
     rows = []
-    for threads in map(int, args.threads.split(",")):
-        rows += run_threads(q, g, args.k, threads, backends, args.repeats, index)
+    for threads in args.threads:
+        rows += run_threads(q, g, args.k, threads, args.backends, args.repeats, index)
     lines = ["| threads | cirlab backend | faiss IndexFlatIP (s) | cirlab (s) | faiss / cirlab (median of ratios) | "
              "per-repeat ratios | identical to `blocks` (indices and scores) | faiss lists equal to cirlab's |",
              "| ---: | --- | ---: | ---: | ---: | --- | --- | ---: |"]

@@ -23,7 +23,9 @@ Examples::
     .venv/bin/python bench/train_step.py --model amc --preset fashioniq --batch-size 32 --device cuda \\
         --precision bf16 --report reports/benchmarks/train_step_gpu.md
 
-``--report FILE`` appends one table row (command, machine, numbers) to FILE, so several models can share it.
+``--report FILE`` appends one table row (numbers) to FILE, and the command and machine to FILE with the suffix
+``.commands.txt``, so several models can share it; a bare name is ``reports/benchmarks/NAME.md``, as ``--report``
+reads in every bench script. Without ``--report`` the row is only printed.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, machine  # noqa: E402
+from _common import (REPORT_HELP, command_line, machine, nonneg_int, positive_int, report_arg,  # noqa: E402
+                     report_path, torch_device)
 
 WORDS = ("is more has longer shorter darker lighter red blue black white green floral striped sleeveless "
          "collar buttons pattern print logo graphic lace casual formal fitted loose cotton denim silk "
@@ -122,25 +125,56 @@ def _peak_memory(device: torch.device) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS)"
 
 
+def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--model, --preset and --set name a model config, and the model-specific flags fit --model: a usage error
+    before the model is built (an unknown preset or field was a traceback; --images on another model was ignored)."""
+    from cirlab.core.config import did_you_mean
+    from cirlab.core.errors import ConfigError
+    from cirlab.engine.runs import parse_set_flat
+    from cirlab.models.registry import build_config, list_models, list_presets
+
+    models = list_models()
+    if args.model not in models:
+        parser.error(f"--model {args.model!r}: not a registered model{did_you_mean(args.model, models)}; "
+                     f"known: {', '.join(models)}")
+    presets = list_presets(args.model)
+    if args.preset not in presets:
+        parser.error(f"--preset {args.preset!r}: not a preset of {args.model}{did_you_mean(args.preset, presets)}; "
+                     f"known: {', '.join(presets)}")
+    try:
+        build_config(args.model, args.preset, **parse_set_flat(args.set))
+    except ConfigError as err:  # the message names --set itself when the entry is malformed
+        parser.error(f"--set: {err}" if args.set and not str(err).startswith("--set") else str(err))
+    if args.images and args.model != "blip_rerank_stage2":
+        parser.error(f"--images feeds images to blip_rerank_stage2; --model {args.model} does not use it")
+    if args.bert_base_random and args.model not in ("dime", "hrem"):
+        parser.error(f"--bert-base-random builds DIME's / HREM's text encoder; --model {args.model} has none")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--model", required=True, help="registered name (cirlab models)")
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--preset", default="tiny", help="a preset of --model (cirlab models; default tiny)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="training batch (default 32)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="trainer precision (auto: bf16 autocast on CUDA, fp32 on CPU)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, kernels)")
+    parser.add_argument("--device", type=torch_device, default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--steps", type=positive_int, default=5, help="timed optimizer steps (default 5)")
+    parser.add_argument("--warmup", type=nonneg_int, default=2,
+                        help="untimed steps first (allocator, kernels; default 2)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="model config override (YAML value), repeatable")
     parser.add_argument("--bert-base-random", action="store_true",
                         help="DIME / HREM: random BERT-base of the paper's size (default for the paper presets)")
-    parser.add_argument("--images", action="store_true", help="stage II: feed images, not cached ViT tokens")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    parser.add_argument("--report", default="", help="append a row to this markdown file")
+    parser.add_argument("--images", action="store_true",
+                        help="blip_rerank_stage2: feed images, not cached ViT tokens")
+    parser.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--report", type=report_arg, default="",
+                        help=f"append a row to this Markdown file (and the command to FILE.commands.txt): "
+                             f"{REPORT_HELP}; '' (default) = print only")
     args = parser.parse_args(argv)
+    check_model_options(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -176,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}/{args.preset} batch {args.batch_size} {dtype} on {device}: {per_step:.3f} s/step, "
           f"{args.batch_size / per_step:.1f} samples/s, peak {peak}, trainable {trainable:,} parameters")
     if args.report:
-        path = Path(args.report)
+        path = report_path(args.report)
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             path.write_text("# Training-step speed and peak memory (bench/train_step.py)\n\n"

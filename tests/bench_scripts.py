@@ -15,6 +15,7 @@ def load(name: str) -> ModuleType:
     try:
         spec = importlib.util.spec_from_file_location(f"{name}_bench", BENCH / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # a module-level @dataclass looks its module up there (amc_synthetic)
         spec.loader.exec_module(mod)
     finally:
         sys.path.remove(str(BENCH))
