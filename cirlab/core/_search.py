@@ -12,7 +12,8 @@ All engines return the same lists: the ``k`` best gallery items per query by the
   CPUs), with a certified error bound ``E_q`` per query; every item whose fp32 score could reach the k-th best
   (``coarse >= lower bound of the k-th best - 2 E_q``) is kept and rescored exactly in fp32 by the same BLAS
   kernel the ``blocks`` path uses, so lists *and* scores are bit-identical to it. The kernel identity is
-  checked once per process and dimension (:func:`rescoring_is_exact`); where it fails, ``bf16`` is not used.
+  checked once per process, dimension and thread count (:func:`rescoring_is_exact`); where it fails, ``bf16``
+  is not used.
 * ``faiss`` (``pip install cirlab[faiss]``): ``IndexFlatIP.search`` for ``k + 16`` items (``k + 17`` with an
   exclusion), certified the same way (its fp32 scores and torch's differ by at most ``2 gamma_D |q| |g|``), rescored
   exactly; the rows where faiss cannot certify the list (near-ties reaching past its last item) are recomputed by
@@ -98,15 +99,17 @@ def choose_backend(backend: str, queries: Tensor, gallery: Tensor, k: int) -> st
 
 # ---------------------------------------------------------------------------------------------------- exact rescoring
 def product(q: Tensor, g: Tensor, out: Tensor | None = None) -> Tensor:
-    """``q @ g.T`` computed by the BLAS's regular kernel whatever the block shape: a block of fewer than
-    :data:`_REPLICAS` query rows or :data:`_MIN_COLUMNS` gallery rows (the last chunk) is padded with zero rows,
-    because BLAS libraries switch to a small-matrix kernel (another summation order) there. A score therefore
-    never depends on which other queries or gallery items share its block."""
+    """``q @ g.T`` computed by the BLAS's regular kernel whatever the block shape: a block whose query rows are not
+    a multiple of :data:`_REPLICAS` is padded with zero rows to one, and one of fewer than :data:`_MIN_COLUMNS`
+    gallery rows (the last chunk) likewise, because BLAS libraries switch to another kernel (another summation
+    order) there: below 4 rows on one thread, and on several threads for small row counts that are not a multiple
+    of 4 (2 threads: 5-7 and 9-11 rows differed in the last bits from the same rows in a large block). A score
+    therefore never depends on which other queries or gallery items share its block, nor on the batch size."""
     m, n = len(q), len(g)
-    if m >= _REPLICAS and n >= _MIN_COLUMNS:
+    if m % _REPLICAS == 0 and n >= _MIN_COLUMNS:
         return torch.mm(q, g.T, out=out) if out is not None else q @ g.T
-    if m < _REPLICAS:
-        q = torch.cat([q, q.new_zeros(_REPLICAS - m, q.shape[1])])
+    if m % _REPLICAS:
+        q = torch.cat([q, q.new_zeros(-m % _REPLICAS, q.shape[1])])
     if n < _MIN_COLUMNS:
         g = torch.cat([g, g.new_zeros(_MIN_COLUMNS - n, g.shape[1])])
     res = (q @ g.T)[:m, :n]
@@ -130,9 +133,14 @@ def rescore(queries: Tensor, gallery_np: np.ndarray, idx: np.ndarray, buffer: np
     return torch.bmm(rows, cand.transpose(1, 2))[:, 0, :w]
 
 
-@functools.lru_cache(maxsize=None)
 def rescoring_is_exact(dim: int) -> bool:
-    """Whether :func:`rescore` reproduces ``q @ g.T`` bit for bit on this machine's BLAS (checked once per dim)."""
+    """Whether :func:`rescore` reproduces ``q @ g.T`` bit for bit on this machine's BLAS (checked once per dim and
+    torch thread count: the BLAS splits its work by the thread count, and a process may change it between calls)."""
+    return _rescoring_is_exact(dim, torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=None)
+def _rescoring_is_exact(dim: int, threads: int) -> bool:
     gen = torch.Generator().manual_seed(dim)
     q, g = torch.randn(64, dim, generator=gen), torch.randn(2048, dim, generator=gen)
     ref = q @ g.T  # a block shaped like the real ones, not a small-matrix special case

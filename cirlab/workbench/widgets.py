@@ -258,7 +258,7 @@ def make_query_fn(model: Any, split: Any, transform: Any = None, gallery_feature
     import torch
 
     from cirlab.core.metrics import target_ranks
-    from cirlab.core.retrieval import topk_search
+    from cirlab.core.retrieval import similarity, topk_search
     from cirlab.core.tracing import trace_routes
 
     queries = split.query_dataset(transform)
@@ -282,7 +282,8 @@ def make_query_fn(model: Any, split: Any, transform: Any = None, gallery_feature
         exclude = torch.tensor([ref])
         top_scores, top_idx = topk_search(q, gallery, min(k, len(names) - (ref >= 0)), exclude=exclude)
         target = int(item.get("target_idx", -1))
-        rank = int(target_ranks(q @ gallery.T, torch.tensor([target]), exclude)[0]) if target >= 0 else 0
+        # one query row: similarity() keeps it on the kernel topk_search used, so the rank matches the list above
+        rank = int(target_ranks(similarity(q, gallery), torch.tensor([target]), exclude)[0]) if target >= 0 else 0
         return {"routes": trace.to_frame(), "candidate_ids": [names[i] for i in top_idx[0].tolist()],
                 "scores": top_scores[0].tolist(), "target_id": trip.target_name, "target_rank": rank,
                 "gallery_size": len(names) - (ref >= 0), "reference_id": trip.ref_name}
