@@ -163,8 +163,8 @@ def recall_by_type(scores: torch.Tensor, caption_type: list[str], per: int = 5) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="small", choices=synthetic_sizes(),
-                        help="synthetic data size (default small; unused with --data)")
+    parser.add_argument("--size", default=None, choices=synthetic_sizes(),
+                        help="synthetic data size (default small; not with --data, which names the data)")
     parser.add_argument("--data", default="", help="synthetic root (default: generated under the cirlab cache)")
     parser.add_argument("--epochs", type=positive_int, default=6, help="training epochs (default 6)")
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam lr (paper 2e-4 over 30 epochs)")
@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"the Markdown report (default reports/benchmarks/dime_synthetic.md): {REPORT_HELP}; "
                              "'' = print it only")
     args = parser.parse_args(argv)
+    if args.data and args.size:  # the size of generated data: with --data it was ignored without a word
+        parser.error(f"--size {args.size} sizes the generated data; --data {args.data!r} names the data to use: drop one")
+    args.size = args.size or "small"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -274,7 +277,8 @@ def write_report(args: argparse.Namespace, argv: list[str] | None, results: dict
     lines = ["# DIME on the synthetic precomp dataset (CPU)", "", f"Command: `{cmd.strip()}`", "",
              f"Machine: CPU ({platform.machine()}), {torch.get_num_threads()} torch threads, shared with other jobs; "
              f"torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; wall time {elapsed / 60:.1f} min.", "",
-             f"Data: `cirlab.data.generators.synthetic` precomp, size `{args.size}` "
+             (f"Data: `{args.data}` " if args.data else
+              f"Data: `cirlab.data.generators.synthetic` precomp, size `{args.size}` ") +
              f"(train {splits['train'].num_images} images, "
              f"dev {splits['dev'].num_images}, test {test.num_images}; 5 captions each). Model: DIME with embed "
              f"{args.embed} (paper 256), text encoder `{args.bert}` (frozen), "

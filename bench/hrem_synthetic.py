@@ -358,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", default="small", choices=synthetic_sizes(),
                    help="synthetic data size (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=20, help="training epochs (default: %(default)s)")
-    p.add_argument("--decay", type=nonneg_int, default=15, help="epoch of the x0.1 lr step (default: %(default)s)")
+    p.add_argument("--decay", type=nonneg_int, default=None,
+                   help="epoch of the x0.1 lr step (default: 15, as in the recorded runs; none when after --epochs)")
     p.add_argument("--batch", type=positive_int, default=32, help="batch size (default: %(default)s)")
     p.add_argument("--lr", type=positive_float, default=5e-4, help="base learning rate (default: %(default)s)")
     p.add_argument("--embed", type=positive_int, default=256, help="joint embedding width (default: %(default)s)")
@@ -373,6 +374,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not (args.train or args.eval_timing or args.report):  # ran nothing and exited 0
         p.error("nothing to do: give --train, --eval-timing and/or --report FILE")
+    if args.embed % args.heads:  # the Transformer layers failed once the data was built and the first seed began
+        p.error(f"--embed {args.embed} must be a multiple of --heads {args.heads} (each head gets embed/heads dims)")
+    if args.decay is None:  # 15 whatever --epochs, so that the recorded commands (--epochs 12 or 40) reproduce
+        args.decay = 15
+        if args.decay > args.epochs:
+            print(f"hrem_synthetic.py: note: no lr step in {args.epochs} epochs (--decay defaults to 15)",
+                  file=sys.stderr)
+    elif args.decay > args.epochs:  # the x0.1 step would never come; the report would still name it
+        p.error(f"--decay {args.decay} is after the last epoch (--epochs {args.epochs}): the lr step would never come")
     args.command = "PYTHONPATH=. .venv/bin/python bench/hrem_synthetic.py " + " ".join(sys.argv[1:])
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)

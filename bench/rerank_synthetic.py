@@ -53,8 +53,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports/rerank_synthetic",
                    help="output FOLDER: runs, top-K files, submissions, metrics.json (default %(default)s)")
     p.add_argument("--data", default="", help="synthetic data root ('' = generate under <out>/data)")
-    p.add_argument("--size", default="small", choices=synthetic_sizes(),
-                   help="synthetic data size (default small; unused with --data)")
+    p.add_argument("--size", default=None, choices=synthetic_sizes(),
+                   help="synthetic data size (default small; not with --data, which names the data)")
     p.add_argument("--preset", default="tiny", choices=br.BlipRerankConfig.presets(),
                    help="model preset (default tiny)")
     p.add_argument("--image-size", type=positive_int, default=32, help="model input size (default 32)")
@@ -85,6 +85,9 @@ def recalls(ranks: np.ndarray) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     p = parser()
     args = p.parse_args(argv)
+    if args.data and args.size:  # the size of generated data: with --data it was ignored without a word
+        p.error(f"--size {args.size} sizes the generated data; --data {args.data!r} names the data to use: drop one")
+    args.size = args.size or "small"
     held = [f"{stage}/" for stage in ("stage1", "stage2") if run_artifacts(Path(args.out) / stage)]
     if held:  # the trainer refused the folder only once the data and the token caches were built
         p.error(f"--out {args.out!r} already holds the runs of an earlier call ({', '.join(held)}): "

@@ -46,6 +46,10 @@ BAD = [
     ("dime_synthetic", ["--out-dir", "{tmp}", "--trace-images", "0"], ["--trace-images", "0"]),
     ("hrem_synthetic", ["--out-dir", "{tmp}"], ["--train", "--report"]),  # nothing to do: ran nothing, exit 0
     ("hrem_synthetic", ["--out-dir", "{tmp}", "--train", "--threads", "0"], ["--threads", "0"]),
+    ("hrem_synthetic", ["--out-dir", "{tmp}", "--train", "--embed", "100"], ["--embed 100", "--heads 8"]),
+    ("hrem_synthetic", ["--out-dir", "{tmp}", "--train", "--epochs", "5", "--decay", "9"], ["--decay 9", "--epochs 5"]),
+    ("dime_synthetic", ["--out-dir", "{tmp}", "--data", "{tmp}", "--size", "tiny"], ["--size tiny", "--data"]),
+    ("rerank_synthetic", ["--out", "{tmp}", "--data", "{tmp}", "--size", "tiny"], ["--size tiny", "--data"]),
     ("amc_synthetic", ["--work", "{tmp}", "--parts", "synthetic", "--size", "huge"], ["--size", "huge"]),
     ("cala_synthetic", ["--work", "{tmp}", "--report", "", "--jobs", "0"], ["--jobs", "0"]),
     ("cala_diagnose", ["{tmp}/no_run"], ["runs", "no_run"]),
