@@ -158,6 +158,14 @@ def _version() -> str:
     return f"cirlab {__version__} ({', '.join(found)})"
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the package metadata is read only when it is asked for, not on every command's start."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(_version())
+        parser.exit()
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The ``cirlab`` parser; with ``argv``, only the sub-command being run loads its module (the others appear
     in ``--help`` by name and help line)."""
@@ -165,7 +173,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         prog="cirlab", description="cirlab: composed image retrieval and image-text matching workbench.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--version", action="version", version=_version(),
+    parser.add_argument("--version", action=_VersionAction, nargs=0,
                         help="print cirlab's version (and torch's, transformers') and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(subparsers)
