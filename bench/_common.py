@@ -96,19 +96,19 @@ def synthetic_sizes() -> list[str]:
 
 
 def torch_device(text: str) -> str:
-    """argparse ``type`` of ``--device``: a device torch knows and this machine has (``--device gpu`` was a
-    RuntimeError traceback, ``--device cuda`` without a GPU one from the CUDA driver after the model was built)."""
-    import torch
+    """argparse ``type`` of ``--device``: checked as ``cirlab train`` checks ``train.device``
+    (:func:`cirlab.engine.train.check_device`: a name torch knows, a GPU this machine has), ``auto`` resolved.
+    ``--device gpu`` was a RuntimeError traceback, ``--device cuda`` without a GPU one from the CUDA driver after the
+    model was built."""
+    from cirlab.core.errors import ConfigError
+    from cirlab.engine.runs import eval_device
+    from cirlab.engine.train import check_device
 
     try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:0, got {text!r}") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s)")
-    return text
+        check_device(text, "device")
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("device: ")) from None
+    return eval_device(text)
 
 
 REPORT_HELP = ("a bare NAME is reports/benchmarks/NAME.md; a path with a folder or ending in .md is that file "
