@@ -303,7 +303,7 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("jobs, how", [(1, "SIGTERM"), (2, "SIGTERM"), (2, "Ctrl-C")])
+@pytest.mark.parametrize("jobs, how", [(1, "SIGTERM"), (1, "Ctrl-C"), (2, "SIGTERM"), (2, "Ctrl-C")])
 def test_kill_or_ctrl_c_stops_kernels_puts_results_back_and_leaves_no_files(tmp_path, request, jobs, how):
     """`kill` (SIGTERM to the report) or Ctrl-C (SIGINT to its process group, kernels included) of a running
     report: exit 143 / 130 with one line, no traceback; every kernel stopped, its IPC sockets and connection file
@@ -429,3 +429,46 @@ def test_a_missing_notebook_is_named_before_any_notebook_runs(tmp_path, capsys):
     err = capsys.readouterr()
     assert f"notebook not found: {tmp_path / 'none' / 'train.ipynb'}" in err.err and "running notebook" not in err.out
     assert not (tmp_path / "r").exists()
+
+
+def test_a_stopped_notebooks_abandoned_cell_task_is_not_reported_when_collected_later(capsys):
+    """Ctrl-C unwinds nbclient's event loop and leaves its cell task behind; the kernel stopped, the task ends with
+    DeadKernelError and is only freed by the garbage collector, possibly after the stop's quiet loggers were put
+    back (an entry process's exit, under --jobs 2): asyncio's traceback for it must not reach the terminal. Any
+    other task's lost exception still does."""
+    import asyncio
+    import gc
+    import logging
+
+    from nbclient.exceptions import DeadKernelError
+
+    class NotebookClient:  # the name asyncio's report shows for nbclient's coroutine
+        async def async_execute_cell(self):
+            raise DeadKernelError("Kernel died")
+
+    async def someone_elses():
+        raise RuntimeError("a real bug")
+
+    def abandon(coro) -> None:
+        loop = asyncio.new_event_loop()
+        loop.create_task(coro)
+        loop.run_until_complete(asyncio.sleep(0))  # the task runs and fails; nobody asks for its exception
+        loop.close()
+
+    asyncio_log = logging.getLogger("asyncio")
+    handler = logging.StreamHandler()  # what the terminal shows of asyncio's logger
+    asyncio_log.addHandler(handler)
+    level = asyncio_log.level
+    try:
+        report._quiet_dead_kernel_logs()  # a stop
+        asyncio_log.setLevel(level)  # ... and the block's end, which puts the levels back
+        abandon(NotebookClient().async_execute_cell())
+        gc.collect()
+        assert "never retrieved" not in capsys.readouterr().err
+        abandon(someone_elses())
+        gc.collect()
+        err = capsys.readouterr().err
+        assert "Task exception was never retrieved" in err and "a real bug" in err
+    finally:
+        asyncio_log.removeHandler(handler)
+        logging.getLogger("papermill").setLevel(logging.NOTSET)

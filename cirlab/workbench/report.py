@@ -514,13 +514,30 @@ def _on_sigint(signum: int, frame: Any) -> None:
 def _quiet_dead_kernel_logs() -> None:
     """A kernel stopped by our own signal: nbclient logs "Kernel died" through papermill's logger, and its cell task,
     abandoned when the interrupt unwinds the event loop, reaches asyncio's "Task exception was never retrieved"
-    with a DeadKernelError traceback at exit (an entry process under --jobs 2). Both describe the stop we asked
-    for; the report says it in one line."""
+    with a DeadKernelError traceback. Both describe the stop we asked for; the report says it in one line.
+
+    The loggers are quiet while the stopped block unwinds. The abandoned task is only reported when the garbage
+    collector frees it, which can be after the block has put the loggers' levels back (at the exit of an entry
+    process under --jobs 2), so asyncio's logger also gets :class:`_AbandonedCellTasks` for good."""
     for name in _QUIETED:
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedCellTasks) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_AbandonedCellTasks())
 
 
 _QUIETED = ("papermill", "asyncio")  # loggers a stop quiets; _SigtermAsInterrupt puts their levels back
+
+
+class _AbandonedCellTasks(logging.Filter):
+    """Drops asyncio's reports of nbclient tasks left behind by a stopped notebook: "Task exception was never
+    retrieved" (DeadKernelError, the kernel we stopped) and "Task was destroyed but it is pending". Installed by the
+    first stop; every other asyncio record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        about_task = message.startswith(("Task exception was never retrieved", "Task was destroyed but it is pending"))
+        return not (about_task and "NotebookClient." in message)  # nbclient's coroutines are its methods
 
 
 def _kill_kernel_process(km: Any) -> None:
