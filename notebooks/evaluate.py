@@ -27,7 +27,7 @@
 # %matplotlib inline
 from pathlib import Path
 
-from cirlab import analysis, viz, workbench
+from cirlab import analysis, metrics, viz, workbench
 from cirlab.data.catalog import is_itm
 
 # %% tags=["parameters"]
@@ -74,7 +74,7 @@ viz.save_figure(fig, f"{out_dir}/figures", "metrics_table")
 fig
 
 # %%
-recall_rows = [m for m in table.index if "R@" in m]
+recall_rows = [m for m in table.index if metrics.is_recall_key(m)]
 fig = viz.plot_metrics_bars(table.loc[recall_rows], title="Runs side by side")
 viz.save_figure(fig, f"{out_dir}/figures", "run_comparison")
 fig

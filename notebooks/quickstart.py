@@ -28,7 +28,7 @@
 # %%
 # %matplotlib inline
 import cirlab
-from cirlab import analysis, viz, workbench
+from cirlab import analysis, metrics, viz, workbench
 
 # %% tags=["parameters"]
 data_root: str = ""  # the data ("": $CIRLAB_DATA, else the synthetic data in the cache, generated if missing)
@@ -91,7 +91,7 @@ fig
 untrained, _ = workbench.evaluate_run(workbench.untrained_copy(f"{out_dir}/run", "fashioniq", data_dir),
                                       "fashioniq", data_dir, "val", k=50, device=device)
 table = analysis.compare_runs({"trained": val_metrics, "untrained": untrained})
-fig = viz.plot_metrics_bars(table.loc[[m for m in table.index if "R@" in m]], title="Recall (%)")
+fig = viz.plot_metrics_bars(table.loc[[m for m in table.index if metrics.is_recall_key(m)]], title="Recall (%)")
 viz.save_figure(fig, f"{out_dir}/figures", "metrics")
 fig
 

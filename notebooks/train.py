@@ -27,7 +27,7 @@
 # %%
 # %matplotlib inline
 import cirlab
-from cirlab import analysis, viz, workbench
+from cirlab import analysis, metrics, viz, workbench
 
 # %% tags=["parameters"]
 model: str = "amc"  # any name from cirlab.list_models(): amc (CIR) | dime (ITM) | ...
@@ -74,7 +74,7 @@ fig
 best = workbench.load_run(run_dir, device=device)
 val_metrics, topks = workbench.evaluate_run(best, dataset, data_dir, "val", k=50, device=device,
                                             topk_dir=f"{run_dir}/topk")
-fig = viz.plot_metrics_bars({k: v for k, v in val_metrics.items() if "R@" in k}, title=f"{model} ({preset}) val")
+fig = viz.plot_metrics_bars({k: v for k, v in val_metrics.items() if metrics.is_recall_key(k)}, title=f"{model} ({preset}) val")
 viz.save_figure(fig, f"{run_dir}/figures", "val_metrics")
 fig
 

@@ -375,3 +375,14 @@ def test_input_errors_are_one_line_in_notebooks_and_still_value_errors():
         with pytest.raises(ValueError) as err:
             call()
         assert isinstance(err.value, CirlabError) and len(err.value._render_traceback_()) == 1
+
+
+def test_is_recall_key_knows_every_recall_the_key_builders_make_and_nothing_else():
+    # the figures' "recall (%)" bars: CIRR's Rsubset bars were dropped when the test was `"R@" in key`
+    from cirlab.core import metrics as m
+
+    recalls = [m.recall_key(10), m.recall_key(50, "dress"), m.subset_key(1), m.itm_key("i2t", 1),
+               m.itm_key("t2i", 10), "avg_R@10"]
+    assert all(m.is_recall_key(k) for k in recalls)
+    others = [m.AVG, m.RSUM, m.itm_key("t2i", "medr"), m.itm_key("i2t", "meanr"), "R@", "R@1x", "loss", "xR@1"]
+    assert not any(m.is_recall_key(k) for k in others)

@@ -33,6 +33,7 @@ Do not use torchmetrics' retrieval metrics here: they drop scores <= 0, which ch
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
@@ -44,7 +45,7 @@ from cirlab.core.errors import InputError
 
 __all__ = [
     "AVG", "RSUM", "TIES", "FIQ_CATEGORIES", "FIQ_KS", "SHOES_KS", "CIRR_KS", "CIRR_SUBSET_KS", "ITM_KS",
-    "recall_key", "subset_key", "itm_key",
+    "recall_key", "is_recall_key", "subset_key", "itm_key",
     "target_ranks", "recall_from_ranks", "recall_at_k",
     "fashioniq_metrics", "shoes_metrics",
     "cirr_subset_ranks", "cirr_metrics", "cirr_metrics_from_ranks", "cirr_submission", "validate_cirr_submission",
@@ -77,6 +78,12 @@ def recall_key(k: int, prefix: str = "") -> str:
 def subset_key(k: int) -> str:
     """CIRR Recall_subset key, ``"cirr_Rsubset@1"``."""
     return f"cirr_Rsubset@{k}"
+
+
+def is_recall_key(key: str) -> bool:
+    """A recall in % that :func:`recall_key`, :func:`subset_key` or :func:`itm_key` names (``"R@10"``,
+    ``"dress_R@10"``, ``"cirr_Rsubset@1"``, ``"i2t_R@1"``); not ``avg``, ``rsum`` or a median rank."""
+    return re.search(r"(^|_)R(subset)?@\d+$", key) is not None
 
 
 def itm_key(direction: str, stat: str | int) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cirlab.core.config import name_list, whole_number
+from cirlab.core.metrics import is_recall_key
 from cirlab.core.errors import InputError, UnknownKeyError
 from cirlab.workbench import analysis
 
@@ -802,7 +803,7 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | s
     x = x or next((c for c in ("step", "global_step", "epoch") if c in df.columns), None)
     numeric = [c for c in df.columns if c != x and pd.api.types.is_numeric_dtype(df[c])]
     if keys is None:
-        keys = [c for c in numeric if c.endswith("loss") or c == "lr" or "R@" in c or c.startswith("val")]
+        keys = [c for c in numeric if c.endswith("loss") or c == "lr" or is_recall_key(c) or c.startswith("val")]
         keys = keys or numeric
     if not keys:
         raise InputError(f"no plottable columns in the training log; columns: {list(df.columns)}")
