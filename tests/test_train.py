@@ -350,18 +350,19 @@ def test_relative_and_unscheduled_param_groups():
             super().__init__()
             self.a, self.b, self.c = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
 
-        def param_groups(self):
-            return [{"params": list(self.a.parameters())},
-                    {"params": list(self.b.parameters()), "lr_scale": 10.0, "lr": 123.0},  # the scale wins
+        def param_groups(self):  # a scaled group first, as HREM's BERT group (0.1 x train.lr)
+            return [{"params": list(self.b.parameters()), "lr_scale": 10.0, "lr": 123.0},  # the scale wins
+                    {"params": list(self.a.parameters())},
                     {"params": list(self.c.parameters()), "lr_scale": 2.0, "scheduled": False}]
 
     cfg = TrainConfig(lr=1e-3, schedule="step", lr_milestones=[1], lr_gamma=0.1)
     opt = build_optimizer(Grouped(), cfg)
-    assert [g["base_lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-2, 2e-3])
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-2, 2e-3])
+    assert [g["base_lr"] for g in opt.param_groups] == pytest.approx([1e-2, 1e-3, 2e-3])
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-2, 1e-3, 2e-3])
     after_milestone = SimpleNamespace(optimizer=opt, cfg=cfg, progress=SimpleNamespace(epoch=3, step=100))
-    Trainer.set_lr(after_milestone)
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-4, 1e-3, 2e-3])
+    logged = Trainer.set_lr(after_milestone)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-4, 2e-3])
+    assert logged == pytest.approx(1e-4)  # the log's "lr" is train.lr's, not the first group's
 
 
 def test_a_batch_larger_than_the_training_set_names_the_largest_that_fits(tmp_path):

@@ -1202,10 +1202,13 @@ class Trainer:
 
     # -- one optimizer step -------------------------------------------------------------------------
     def set_lr(self) -> float:
+        """Set every scheduled group's lr for this step; returns train.lr's value at it, the "lr" of the log (the
+        first group's could be a scaled one: HREM's BERT group is 0.1 x train.lr)."""
+        epoch, step = self.progress.epoch, self.progress.step
         for group in self.optimizer.param_groups:
             if group.get("scheduled", True):  # an unscheduled group (e.g. CaLa's non-Q-Former groups) stays constant
-                group["lr"] = learning_rate(self.cfg, group["base_lr"], self.progress.epoch, self.progress.step)
-        return self.optimizer.param_groups[0]["lr"]
+                group["lr"] = learning_rate(self.cfg, group["base_lr"], epoch, step)
+        return learning_rate(self.cfg, self.cfg.lr, epoch, step)
 
     def forward_backward(self, batch: Any, sync: bool) -> dict[str, float]:
         batch = to_device(batch, self.device)
