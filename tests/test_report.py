@@ -126,6 +126,24 @@ def test_index_has_contents_run_records_integers_and_each_metric_once(tmp_path):
     assert "A training diagnostic; no paper figure" in page
 
 
+def test_index_shows_every_metric_tables_of_records_included(tmp_path):
+    # rank_shift writes 70-odd numbers and its second comparison as a list of per-category records: the page cut
+    # the first at 60 rows and dropped the second
+    from cirlab import analysis
+
+    folder = tmp_path / "rank_shift"
+    folder.mkdir()
+    many = {f"m{i:02d}": i + 0.5 for i in range(70)}
+    records = [{"category": "all", "before_R@1": 12.5, "queries": 8}, {"category": "dress", "before_R@1": 25.0}]
+    summary = analysis.rank_shift_summary([3, 1, 2], [1, 1, 4], k=3)
+    (folder / "metrics.json").write_text(json.dumps({**many, "second_comparison": records, "all": summary}))
+    page = report.write_index(tmp_path).read_text()
+    assert all(f">m{i:02d}<" in page for i in range(70)) and "<summary>" in page  # the rest folded, not cut
+    assert ">second_comparison/all/before_R@1<" in page and ">second_comparison/dress/before_R@1<" in page
+    assert ">second_comparison/all/queries</td><td class='num'>8<" in page
+    assert ">all/queries</td><td class='num'>3<" in page  # a count is an int, not 3.00
+
+
 def test_a_dependency_that_ran_later_marks_the_entry_stale(tmp_path):
     for name, started, finished in (("train", "2026-01-03T00:00:00", "2026-01-03T00:01:00"),
                                     ("evaluate", "2026-01-02T00:00:00", "2026-01-02T00:01:00")):

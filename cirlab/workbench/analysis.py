@@ -165,8 +165,10 @@ def rank_shift_table(rank_before: Sequence[int], rank_after: Sequence[int], k: i
     return pd.DataFrame(rows)
 
 
-def rank_shift_summary(rank_before: Sequence[int], rank_after: Sequence[int], k: int | None = None) -> dict[str, float]:
-    """Counts and shares of queries whose target moved forward / back (within the pool if ``k`` is given)."""
+def rank_shift_summary(rank_before: Sequence[int], rank_after: Sequence[int],
+                       k: int | None = None) -> dict[str, int | float]:
+    """The number of queries (an int) and the shares of those whose target moved forward / back (within the pool if
+    ``k`` is given)."""
     before = _ranks(rank_before, "rank_before")  # NaN failed ``>= 1`` and the query left the counts unsaid
     after = _ranks(rank_after, "rank_after")
     _same_length(before, after)
@@ -176,7 +178,7 @@ def rank_shift_summary(rank_before: Sequence[int], rank_after: Sequence[int], k:
     before, after = before[keep], after[keep]
     n = len(before)
     share = (lambda m: 100.0 * float(m.sum()) / n) if n else (lambda m: float("nan"))
-    return {"queries": float(n),
+    return {"queries": n,
             "mean_rank_before": float(before.mean()) if n else float("nan"),
             "mean_rank_after": float(after.mean()) if n else float("nan"),
             "moved_forward": float((before - after).mean()) if n else float("nan"),

@@ -1052,10 +1052,13 @@ def _metrics_html(path: Path, limit: int = 60) -> str:
         flat = _unique_metrics(_flat_numbers(json.loads(path.read_text())))
     except (OSError, json.JSONDecodeError) as err:
         return f"<p>metrics unreadable: {html.escape(str(err))}</p>"
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td class='num'>{_fmt(v)}</td></tr>"
-                   for k, v in list(flat.items())[:limit])
-    more = f"<p>... {len(flat) - limit} more in metrics.json</p>" if len(flat) > limit else ""
-    return f"<table class='metrics'><tr><th>metric</th><th>value</th></tr>{rows}</table>{more}"
+    rows = [f"<tr><td>{html.escape(k)}</td><td class='num'>{_fmt(v)}</td></tr>" for k, v in flat.items()]
+    head = "<tr><th>metric</th><th>value</th></tr>"
+    table = f"<table class='metrics'>{head}{''.join(rows[:limit])}</table>"
+    if len(rows) > limit:  # folded, not cut: every number of metrics.json is on the page
+        table += (f"<details><summary>{len(rows) - limit} more</summary><table class='metrics'>{head}"
+                  f"{''.join(rows[limit:])}</table></details>")
+    return table
 
 
 def figure_caption(name: str, stem: str) -> str:
@@ -1191,11 +1194,16 @@ def _fmt(value: Any) -> str:
 
 
 def _flat_numbers(metrics: Any, prefix: str = "") -> dict[str, int | float]:
-    """Nested metrics -> ``{"a/b": number}``, keeping ints as ints (``flatten_metrics`` makes every leaf a float)."""
+    """Nested metrics -> ``{"a/b": number}``, keeping ints as ints (``flatten_metrics`` makes every leaf a float).
+    A list of records (a table's ``to_dict("records")``) is keyed by each record's ``category``, else its position."""
     flat: dict[str, int | float] = {}
     if isinstance(metrics, Mapping):
         for key, value in metrics.items():
             flat.update(_flat_numbers(value, f"{prefix}{key}/"))
+    elif isinstance(metrics, list):
+        for i, value in enumerate(metrics):
+            name = value.get("category", i) if isinstance(value, Mapping) else i
+            flat.update(_flat_numbers(value, f"{prefix}{name}/"))
     elif isinstance(metrics, (int, float)) and not isinstance(metrics, bool):
         flat[prefix.rstrip("/")] = metrics
     return flat
