@@ -115,14 +115,15 @@ for category, group in aligned.groupby("category") if rerank else ():
 # %% [markdown]
 # ## Second comparison: two full rankings (not a re-ranking)
 # Drawn only when `before` and `after` are set (the report passes the `evaluate` notebook's untrained and trained
-# AMC). Both models rank the whole gallery, so there is no candidate pool: the "ceiling" is only the first model's
-# recall at `pool_k`.
+# AMC). Both models rank the whole gallery, so there is no candidate pool and no ceiling: panel (b) bins the queries
+# whose first rank is within `pool_k`.
 
 # %%
 other = analysis.align_ranks(*pair) if pair else None
 if other is not None:
     fig = viz.plot_rank_shift(other, k=pool_k, bins=bins, label_before=label_before, label_after=label_after,
-                              title=f"{label_before} vs {label_after}: two full rankings, not a re-ranker")
+                              title=f"{label_before} vs {label_after}: two full rankings, not a re-ranker",
+                              reranked=False)
     viz.save_figure(fig, f"{out_dir}/figures", "second_comparison")
     display(fig)
 

@@ -152,6 +152,15 @@ def test_notebook_writes_its_files(executed, name):
 
 
 @pytest.mark.slow
+def test_every_figure_the_report_writes_has_a_caption(executed):
+    # the index shows a caption under each figure: one without says nothing of what it shows (second_comparison had
+    # none)
+    missing = [(name, png.stem) for name in report.ORDER for png in sorted((executed / name / "figures").glob("*.png"))
+               if not report.figure_caption(name, png.stem)]
+    assert not missing
+
+
+@pytest.mark.slow
 def test_smoke_metrics_are_sane(executed):
     evaluate = json.loads((executed / "evaluate" / "metrics.json").read_text())
     for run in ("train", "untrained"):

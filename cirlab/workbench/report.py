@@ -168,6 +168,9 @@ FIGURE_CAPTIONS: dict[str, dict[str, str]] = {
                     "panels a-d.",
         "rank_shift": "cirlab's four-panel summary of the same two rankings (per-query ranks, binned means, shares "
                       "improved/worsened, the candidate pool's recall ceiling). No paper figure.",
+        "second_comparison": "Two full rankings of the same queries, the untrained AMC's and the trained AMC's, "
+                             "in the same four panels: not a re-ranking, so there is no candidate pool and no "
+                             "ceiling. No paper figure.",
     },
     "quickstart": {
         "training_curves": "Training loss of the quickstart's small AMC. No paper figure.",

@@ -701,13 +701,15 @@ def plot_figure8(table: Any, title: str = "", label_before: str = "stage I", lab
 
 
 def plot_rank_shift(aligned: Any, k: int, bins: int | Sequence[int] | None = 20, title: str = "",
-                    label_before: str = "before", label_after: str = "after") -> Any:
+                    label_before: str = "before", label_after: str = "after", reranked: bool = True) -> Any:
     """Four panels comparing two rankings of the same queries (aligned by
     :func:`cirlab.workbench.analysis.align_ranks`).
 
     (a) per-query target rank before vs after (log axes, diagonal = no change); (b) mean rank after per bin
     of the rank before, inside the candidate pool of size ``k``; (c) share of queries improved / unchanged /
     worsened per category; (d) recall before/after per category with the pool's ceiling recall R@k.
+    ``reranked=False``: the second ranking is a full ranking of its own, not a re-ranking of the first's top ``k``,
+    so there is no pool and no ceiling: (b) and (c) read "top-k" as a range of first ranks, and (d) has no ceiling.
     """
     aligned = analysis.aligned_frame(aligned, "plot_rank_shift: aligned")
     if "category" not in aligned.columns:  # one group, as rank_shift_by_category reads it
@@ -726,12 +728,12 @@ def plot_rank_shift(aligned: Any, k: int, bins: int | Sequence[int] | None = 20,
     b.plot(full["mean_rank_before"], full["mean_rank_after"], "o-", color=PALETTE[0], gid="binned_means",
            label=f"mean {label_after} rank")
     b.plot([1, k], [1, k], "--", color="gray", linewidth=0.8, label="no change")
-    b.set_xlabel(f"rank {label_before} (bin mean, pool top-{k})")
+    b.set_xlabel(f"rank {label_before} (bin mean, {'pool ' if reranked else ''}top-{k})")
     b.set_ylabel(f"mean rank {label_after}")
     b.legend(fontsize=7)
     b.set_title("(b) mean rank after per bin of rank before", fontsize=9)
     _shift_shares(c, per_cat)
-    _ceiling_bars(d, per_cat, k)
+    _ceiling_bars(d, per_cat, k if reranked else None)
     if title:
         fig.suptitle(title)
     return fig
@@ -769,8 +771,9 @@ def _shift_shares(ax: Any, per_cat: Any) -> None:
     ax.set_title("(c) improved / unchanged / worsened", fontsize=9)
 
 
-def _ceiling_bars(ax: Any, per_cat: Any, k: int) -> None:
-    keys = [c for c in per_cat.columns if c.startswith(("before_R@", "after_R@"))] + [f"ceiling_R@{k}"]
+def _ceiling_bars(ax: Any, per_cat: Any, k: int | None) -> None:
+    """Recall before/after per category, and the top-``k`` pool's ceiling unless ``k`` is None (no pool)."""
+    keys = [c for c in per_cat.columns if c.startswith(("before_R@", "after_R@"))] + ([f"ceiling_R@{k}"] if k else [])
     x = np.arange(len(per_cat))
     width = 0.8 / len(keys)
     for j, key in enumerate(keys):
@@ -781,7 +784,7 @@ def _ceiling_bars(ax: Any, per_cat: Any, k: int) -> None:
     ax.set_ylabel("recall (%)")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=6, ncols=2)
-    ax.set_title(f"(d) recall and candidate-pool ceiling (top-{k})", fontsize=9)
+    ax.set_title(f"(d) recall and candidate-pool ceiling (top-{k})" if k else "(d) recall", fontsize=9)
 
 
 # --------------------------------------------------------------------------------------------- training
