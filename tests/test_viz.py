@@ -463,6 +463,18 @@ def test_bridge_words_mean_over_queries_without_special_tokens():
     assert labels == ["red (1)", "make (1)", "blue (1)", "star (2)", "the (1)"]
 
 
+def test_bridge_words_joins_wordpiece_pieces_into_their_words():
+    # the demo's figure listed "##gon" and "##xa" as words; hexagon's contribution is the sum of its tokens'
+    q1 = cala_frame("q1", ["[CLS]", "hexa", "##gon", "red", "##dish", "[SEP]"])  # bridge -2, -1, 0, 1, 2, 3
+    q2 = cala_frame("q2", ["hexa", "##gon", "star"])  # bridge -2, -1, 0
+    table = analysis.bridge_words(pd.concat([q2, q1])).set_index("word")
+    assert set(table.index) == {"hexagon", "reddish", "star"}
+    assert table.loc["hexagon", "count"] == 2 and table.loc["hexagon", "bridge"] == pytest.approx(((-1 + 0) + (-3)) / 2)
+    assert table.loc["reddish", "bridge"] == pytest.approx(1 + 2)
+    tokens = analysis.bridge_words(pd.concat([q2, q1]), whole_words=False)
+    assert "##gon" in set(tokens["word"]) and "hexagon" not in set(tokens["word"])
+
+
 def relation_edges(b: int = 3) -> pd.DataFrame:
     """relation_frames' "edges" schema for B images (ids 10, 11, ...) and one caption each (ids 50, 55, ...)."""
     rows = []

@@ -563,15 +563,19 @@ def layer_matrix(frame: Any, layer: str, query_id: Any | None = None) -> tuple[n
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "[DEC]")
 
 
-def bridge_words(frame: Any, top: int = 15, skip_special: bool = True) -> Any:
+def bridge_words(frame: Any, top: int = 15, skip_special: bool = True, whole_words: bool = True) -> Any:
     """CaLa's ``hca.bridge`` over all traced queries: per word, the mean and count of its bridge value (its share
-    of reference query 0's expected hinge logit), the ``top`` words by mean absolute value, largest first."""
+    of reference query 0's expected hinge logit), the ``top`` words by mean absolute value, largest first.
+    ``whole_words``: WordPiece continuations (``##gon``) are joined to the word they continue (``hexagon``), the
+    word's value the sum of its pieces' (the bridge is a sum over tokens); ``False`` keeps one row per token."""
     top = whole_number(top, "top")  # head(-1) would drop the last word instead
     require_columns(frame, ("layer", "source", "weight"), "the CaLa trace frame")
     rows = frame[frame["layer"] == "hca.bridge"]
     if rows.empty:  # another model's trace gave an empty table without a word
         raise InputError(f"bridge_words needs a CaLa trace (rows of layer 'hca.bridge'); the frame's layers: "
                          f"{', '.join(map(str, frame['layer'].unique())) or '(none: it is empty)'}")
+    if whole_words:
+        rows = _join_word_pieces(rows)
     if skip_special:
         rows = rows[~rows["source"].isin(SPECIAL_TOKENS)]
     table = rows.groupby("source")["weight"].agg(["mean", "count"]).reset_index().rename(
@@ -579,6 +583,20 @@ def bridge_words(frame: Any, top: int = 15, skip_special: bool = True) -> Any:
     table["abs"] = table["bridge"].abs()
     return table.sort_values(["abs", "word"], ascending=[False, True]).head(top).drop(columns="abs").reset_index(
         drop=True)
+
+
+def _join_word_pieces(rows: Any) -> Any:
+    """One row per word of each query: a ``##`` piece is appended to the token before it (in token order,
+    ``source_code_index``) and its weight added."""
+    pieces = rows["source"].astype(str).str.startswith("##")
+    if not pieces.any():
+        return rows
+    require_columns(rows, ("query_id", "source_code_index"), "the CaLa trace frame")
+    rows = rows.assign(_piece=pieces).sort_values(["query_id", "source_code_index"], kind="stable")
+    word = (~rows["_piece"]).astype(int).groupby(rows["query_id"], sort=False).cumsum()
+    join = lambda tokens: tokens.iloc[0] + "".join(t[2:] for t in tokens.iloc[1:])  # noqa: E731
+    return (rows.groupby([rows["query_id"], word], sort=False)
+            .agg(source=("source", join), weight=("weight", "sum")).reset_index(drop=True))
 
 
 EDGE_BLOCKS = ("i2i", "i2t", "t2i", "t2t")

@@ -159,8 +159,9 @@ FIGURE_CAPTIONS: dict[str, dict[str, str]] = {
                         "bridge value, and TAC's twin attention (first and last step). CaLa's paper draws the modules, "
                         "not their maps: no paper figure is regenerated. Random-init tiny model: the maps show what "
                         "is traced, not learned associations.",
-        "bridge_words": "Words with the largest mean HCA bridge value over the traced queries (occurrences in "
-                        "brackets). No paper figure; random-init tiny model.",
+        "bridge_words": "Words (WordPiece pieces joined) with the largest mean HCA bridge value over the traced "
+                        "queries, positive (green) or negative (red), largest magnitude first; occurrences in "
+                        "brackets. No paper figure; random-init tiny model.",
     },
     "rank_shift": {
         "figure8_": "Figure 8 of the re-ranking paper (Appendix A.4): average rank change per initial rank (top) and "
