@@ -135,13 +135,16 @@ def test_index_shows_every_metric_tables_of_records_included(tmp_path):
     folder.mkdir()
     many = {f"m{i:02d}": i + 0.5 for i in range(70)}
     records = [{"category": "all", "before_R@1": 12.5, "queries": 8}, {"category": "dress", "before_R@1": 25.0}]
+    words = [{"word": "purple", "bridge": 0.25, "count": 1}, {"bridge": 0.5}]  # CaLa's bridge words; one unnamed
     summary = analysis.rank_shift_summary([3, 1, 2], [1, 1, 4], k=3)
-    (folder / "metrics.json").write_text(json.dumps({**many, "second_comparison": records, "all": summary}))
+    (folder / "metrics.json").write_text(json.dumps({**many, "second_comparison": records, "all": summary,
+                                                     "bridge_words": words}))
     page = report.write_index(tmp_path).read_text()
     assert all(f">m{i:02d}<" in page for i in range(70)) and "<summary>" in page  # the rest folded, not cut
     assert ">second_comparison/all/before_R@1<" in page and ">second_comparison/dress/before_R@1<" in page
     assert ">second_comparison/all/queries</td><td class='num'>8<" in page
     assert ">all/queries</td><td class='num'>3<" in page  # a count is an int, not 3.00
+    assert ">bridge_words/purple/bridge<" in page and ">bridge_words/1/bridge<" in page
 
 
 def test_a_dependency_that_ran_later_marks_the_entry_stale(tmp_path):

@@ -1199,14 +1199,15 @@ def _fmt(value: Any) -> str:
 
 def _flat_numbers(metrics: Any, prefix: str = "") -> dict[str, int | float]:
     """Nested metrics -> ``{"a/b": number}``, keeping ints as ints (``flatten_metrics`` makes every leaf a float).
-    A list of records (a table's ``to_dict("records")``) is keyed by each record's ``category``, else its position."""
+    A list of records (a table's ``to_dict("records")``) is keyed by each record's first text field (``category``,
+    ``word``), else its position."""
     flat: dict[str, int | float] = {}
     if isinstance(metrics, Mapping):
         for key, value in metrics.items():
             flat.update(_flat_numbers(value, f"{prefix}{key}/"))
     elif isinstance(metrics, list):
         for i, value in enumerate(metrics):
-            name = value.get("category", i) if isinstance(value, Mapping) else i
+            name = next((v for v in value.values() if isinstance(v, str)), i) if isinstance(value, Mapping) else i
             flat.update(_flat_numbers(value, f"{prefix}{name}/"))
     elif isinstance(metrics, (int, float)) and not isinstance(metrics, bool):
         flat[prefix.rstrip("/")] = metrics

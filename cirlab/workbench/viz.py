@@ -19,8 +19,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cirlab.core.config import name_list, whole_number
-from cirlab.core.metrics import is_recall_key
 from cirlab.core.errors import InputError, UnknownKeyError
+from cirlab.core.metrics import is_recall_key
 from cirlab.workbench import analysis
 
 logger = logging.getLogger(__name__)
