@@ -193,8 +193,9 @@ def test_tokenisation_and_fashioniq_join() -> None:
     assert vocab.encode("!!!") == [0]
 
 
-def test_sentence_vector_is_the_masked_max_of_a_naive_loop() -> None:
-    model = tiny().eval()
+@pytest.mark.parametrize("pool", ["masked_max", "zero_floor_max"])
+def test_sentence_vector_is_the_masked_max_of_a_naive_loop(pool) -> None:
+    model = tiny(text_pool=pool).eval()
     texts = ["remove the triangle", "is darker", "make the red circle blue"]
     enc = model.text_encoder
     with torch.no_grad():
@@ -204,9 +205,11 @@ def test_sentence_vector_is_the_masked_max_of_a_naive_loop() -> None:
             ids = torch.tensor([enc.vocab.encode(text)])
             steps, _ = enc.lstm(enc.embed(ids))
             expected = steps[0].max(dim=0).values
-            if ids.shape[1] < longest:  # padded steps are 0 before the max: floor at 0
-                expected = expected.clamp(min=0)
+            if pool == "zero_floor_max" and ids.shape[1] < longest:  # the original: padded steps are 0 before the
+                expected = expected.clamp(min=0)  # max, a floor at 0
             assert torch.allclose(stc[i], expected, atol=1e-6)
+            alone = enc([text])[0]  # the same text encoded by itself
+            assert torch.allclose(alone, stc[i], atol=1e-6) == (pool == "masked_max" or ids.shape[1] == longest)
 
 
 def test_experts_router_and_layer_match_the_formulas() -> None:

