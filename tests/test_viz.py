@@ -783,7 +783,9 @@ def test_rank_shift_wants_the_aligned_frame():
     d = viz.plot_rank_shift(plain, 200).axes[3]
     assert len([p for p in d.patches if p.get_gid() == "recall:ceiling_R@200"]) == 1
     # two full rankings: no pool, so no ceiling bar (it drew the first model's recall as a ceiling below the second's)
-    d = viz.plot_rank_shift(plain, 200, reranked=False).axes[3]
+    fig = viz.plot_rank_shift(plain, 200, reranked=False)
+    assert fig.axes[2].get_xlabel() == "% of queries with target in the first top-200"
+    d = fig.axes[3]
     assert {p.get_gid() for p in d.patches} == {"recall:before_R@1", "recall:before_R@10", "recall:after_R@1",
                                                 "recall:after_R@10"}
     assert d.get_title() == "(d) recall"

@@ -732,7 +732,7 @@ def plot_rank_shift(aligned: Any, k: int, bins: int | Sequence[int] | None = 20,
     b.set_ylabel(f"mean rank {label_after}")
     b.legend(fontsize=7)
     b.set_title("(b) mean rank after per bin of rank before", fontsize=9)
-    _shift_shares(c, per_cat)
+    _shift_shares(c, per_cat, "the pool" if reranked else f"the first top-{k}")
     _ceiling_bars(d, per_cat, k if reranked else None)
     if title:
         fig.suptitle(title)
@@ -757,7 +757,7 @@ def _rank_scatter(ax: Any, aligned: Any, k: int, label_before: str, label_after:
         ax.legend(fontsize=6)
 
 
-def _shift_shares(ax: Any, per_cat: Any) -> None:
+def _shift_shares(ax: Any, per_cat: Any, within: str = "the pool") -> None:
     y = np.arange(len(per_cat))
     left = np.zeros(len(per_cat))
     for key, color in (("improved_pct", PALETTE[2]), ("unchanged_pct", "#bbbbbb"), ("worsened_pct", PALETTE[3])):
@@ -765,7 +765,7 @@ def _shift_shares(ax: Any, per_cat: Any) -> None:
         ax.barh(y, vals, left=left, color=color, label=key.replace("_pct", ""), gid=f"share:{key}")
         left += vals
     ax.set_yticks(y, per_cat["category"].tolist(), fontsize=7)
-    ax.set_xlabel("% of queries with target in the pool")
+    ax.set_xlabel(f"% of queries with target in {within}")
     ax.set_xlim(0, 100)
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("(c) improved / unchanged / worsened", fontsize=9)
