@@ -520,9 +520,9 @@ def _quiet_dead_kernel_logs() -> None:
     abandoned when the interrupt unwinds the event loop, reaches asyncio's "Task exception was never retrieved"
     with a DeadKernelError traceback. Both describe the stop we asked for; the report says it in one line.
 
-    The loggers are quiet while the stopped block unwinds. The abandoned task is only reported when the garbage
-    collector frees it, which can be after the block has put the loggers' levels back (at the exit of an entry
-    process under --jobs 2), so asyncio's logger also gets :class:`_AbandonedCellTasks` for good."""
+    papermill's logger is quiet while the stopped block unwinds. The abandoned task is only reported when the
+    garbage collector frees it, which can be after the block has ended (at the exit of an entry process under
+    --jobs 2), so asyncio's logger gets :class:`_AbandonedCellTasks` for good instead of a level for the block."""
     for name in _QUIETED:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     asyncio_log = logging.getLogger("asyncio")
@@ -530,7 +530,7 @@ def _quiet_dead_kernel_logs() -> None:
         asyncio_log.addFilter(_AbandonedCellTasks())
 
 
-_QUIETED = ("papermill", "asyncio")  # loggers a stop quiets; _SigtermAsInterrupt puts their levels back
+_QUIETED = ("papermill",)  # loggers a stop quiets; _SigtermAsInterrupt puts their levels back
 
 
 class _AbandonedCellTasks(logging.Filter):
@@ -572,7 +572,7 @@ class _SigtermAsInterrupt:
     def __exit__(self, *exc: Any) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
-            for name, level in self.levels.items():  # a notebook session that ran the report keeps asyncio's errors
+            for name, level in self.levels.items():  # a notebook session keeps papermill's warnings
                 logging.getLogger(name).setLevel(level)
         if self.previous_int is not None:
             signal.signal(signal.SIGINT, self.previous_int)
