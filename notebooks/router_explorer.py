@@ -79,7 +79,8 @@ routes.head()
 # %% [markdown]
 # ## Gates per query and layer
 # AMC: one row per query, one column per expert. DIME: per layer, the weight each source cell sends to each
-# destination cell (one column per path). Rows are grouped by category (DIME: caption type).
+# destination cell (one column per path). Rows are grouped by category (DIME: caption type). Each layer has its own
+# colour scale; pass `scale="shared"` to compare weights across layers on one.
 
 # %%
 if kind == "router":

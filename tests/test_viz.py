@@ -223,6 +223,25 @@ def test_expert_heatmaps_show_the_gate_matrix():
     assert [ax.images[0].get_array().shape for ax in fig.axes if ax.images] == [(6, 16), (6, 16), (6, 4)]
 
 
+def test_path_heatmaps_give_each_layer_its_own_colour_range_unless_shared():
+    dime, _ = dime_frame()
+    for fig in (viz.plot_expert_heatmaps(dime), viz.plot_gate_distributions(dime)):
+        images = [ax.images[0] for ax in fig.axes if ax.images]
+        for image in images:  # the hidden layers' near-1/4 weights span the whole colour map, not a sliver of it
+            data = image.get_array()
+            assert image.get_clim() == pytest.approx((float(data.min()), float(data.max())))
+        assert len({image.get_clim() for image in images}) == 3
+        assert sum(1 for ax in fig.axes if not ax.images) == 3  # a colour bar per panel
+    for fig in (viz.plot_expert_heatmaps(dime, scale="shared"), viz.plot_gate_distributions(dime, scale="shared")):
+        images = [ax.images[0] for ax in fig.axes if ax.images]
+        top = max(float(image.get_array().max()) for image in images)
+        assert [image.get_clim()[1] for image in images] == [pytest.approx(top)] * 3
+        assert sum(1 for ax in fig.axes if not ax.images) == 1
+    assert viz.plot_expert_heatmaps(dime, scale="shared").axes[0].images[0].get_clim()[0] == 0.0
+    with pytest.raises(ValueError, match="scale='global'; expected one of layer, shared"):
+        viz.plot_expert_heatmaps(dime, scale="global")
+
+
 def test_gate_distributions_one_box_per_group_and_expert():
     frame = amc_frame()
     fig = viz.plot_gate_distributions(frame, by="category")

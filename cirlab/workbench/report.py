@@ -121,8 +121,10 @@ FIGURE_CAPTIONS: dict[str, dict[str, str]] = {
                       "gates of this run beside an untrained copy's for the same text. No paper figure.",
     },
     "router_explorer_dime": {
-        "expert_heatmaps": f"Path weights per image-caption pair and layer, grouped by caption type. {_DIME_PATHS}.",
-        "gates_by_category": f"Mean weight of every path per caption type. {_DIME_PATHS}.",
+        "expert_heatmaps": f"Path weights per image-caption pair and layer, grouped by caption type; each layer on "
+                           f"its own colour scale (the hidden layers' weights sit near 1/4). {_DIME_PATHS}.",
+        "gates_by_category": f"Mean weight of every path per caption type, each layer on its own colour scale. "
+                             f"{_DIME_PATHS}.",
         "entropy_utilisation": "Routing entropy per layer and the share of each path. No paper figure.",
         "cell_flows": f"Mean path weight between the cells of consecutive layers (the dense routing of the paper's "
                       f"architecture figure, with its weights). {_DIME_PATHS}.",

@@ -376,14 +376,38 @@ def _label_groups(ax: Any, labels: Sequence[str], with_ticks: bool) -> None:
         ax.set_yticks([])
 
 
+_SCALES = ("layer", "shared")
+
+
+def _check_scale(scale: str, caller: str) -> None:
+    if scale not in _SCALES:
+        raise InputError(f"{caller}: scale={scale!r}; expected one of {', '.join(_SCALES)}")
+
+
+def _colour_ranges(mats: Sequence[Any], scale: str, floor: float | None = None) -> list[tuple[float, float]]:
+    """``(vmin, vmax)`` per panel: each panel's own range (``scale="layer"``) or one range over all of them
+    (``"shared"``); ``floor`` fixes the shared range's bottom (weights from 0). A constant panel gets a range of
+    its value so that imshow does not divide by zero."""
+    lows = [float(np.nanmin(m)) if np.size(m) else 0.0 for m in mats]
+    highs = [float(np.nanmax(m)) if np.size(m) else 1.0 for m in mats]
+    if scale == "shared":
+        lo = min(lows) if floor is None else floor
+        return [(lo, max(max(highs), lo + 1e-12))] * len(mats)
+    return [(lo, max(hi, lo + 1e-12)) for lo, hi in zip(lows, highs)]
+
+
 def plot_expert_heatmaps(frame: Any, layers: Sequence[str] | str | None = None, max_queries: int = 40,
-                         sort_by: str | None = "category") -> Any:
+                         sort_by: str | None = "category", scale: str = "layer") -> Any:
     """Per layer, a ``query x expert`` heatmap of routing weights (DIME: columns are source→destination paths).
 
     Rows are up to ``max_queries`` queries spread over the values of ``sort_by`` (default: the category; DIME: the
     caption type), grouped and labelled by it. AMC's experts are drawn in the paper's order (α1 NIN, α2 GTN, α3 CRN).
+    ``scale="layer"`` (default) gives each panel its own colour range and colour bar: DIME's 16 paths of a hidden
+    layer share about 1/4 of the weight each, which a range set by the output layer (near 1) draws as one flat
+    colour. ``scale="shared"``: one range from 0 for all panels, to compare weights across layers.
     """
     analysis.refuse_attention_trace(frame, "plot_expert_heatmaps")
+    _check_scale(scale, "plot_expert_heatmaps")
     layers = _layers(frame, layers)
     ids, groups = _pick_queries(frame, max_queries, sort_by)
     paths = _is_path_frame(frame)
@@ -391,10 +415,12 @@ def plot_expert_heatmaps(frame: Any, layers: Sequence[str] | str | None = None, 
     widths = [max(2.0, 0.3 * m.shape[1] + 0.8) for m in mats]
     fig = _figure(sum(widths) + 2.0, 1.6 + 0.13 * len(ids))
     axes = fig.subplots(1, len(layers), squeeze=False, width_ratios=widths)[0]
-    vmax = float(frame["weight"].max()) or 1.0
-    for i, (ax, layer, mat) in enumerate(zip(axes, layers, mats)):
-        image = ax.imshow(mat.to_numpy(dtype=float), aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax,
+    ranges = _colour_ranges([m.to_numpy(dtype=float) for m in mats], scale, floor=0.0)
+    for i, (ax, layer, mat, (vmin, vmax)) in enumerate(zip(axes, layers, mats, ranges)):
+        image = ax.imshow(mat.to_numpy(dtype=float), aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax,
                           interpolation="nearest")
+        if scale == "layer":
+            fig.colorbar(image, ax=ax, shrink=0.8, label="routing weight" if ax is axes[-1] else None)
         names = [display_label(c) for c in mat.columns]
         many = mat.shape[1] > 4 or max(map(len, names)) > 7  # long DIME path names would run together
         ax.set_xticks(range(mat.shape[1]), names, rotation=90 if many else 0, fontsize=6 if many else 8)
@@ -408,7 +434,8 @@ def plot_expert_heatmaps(frame: Any, layers: Sequence[str] | str | None = None, 
         ax.set_title(str(layer), fontsize=9)
     what = "image–caption pair" if paths else "query"
     axes[0].set_ylabel(f"{what} ({len(ids)} shown" + (f", grouped by {sort_by})" if any(groups) else ")"), fontsize=8)
-    fig.colorbar(image, ax=list(axes), shrink=0.8, label="routing weight")
+    if scale == "shared":
+        fig.colorbar(image, ax=list(axes), shrink=0.8, label="routing weight")
     fig.suptitle("Path weights per pair and layer" if paths else "Router gates per query and layer")
     return fig
 
@@ -445,18 +472,21 @@ def plot_query_gates(frame: Any, query_ids: Sequence[Any] | Any, layers: Sequenc
     return fig
 
 
-def plot_gate_distributions(frame: Any, by: str = "category", layers: Sequence[str] | str | None = None) -> Any:
+def plot_gate_distributions(frame: Any, by: str = "category", layers: Sequence[str] | str | None = None,
+                            scale: str = "layer") -> Any:
     """Per layer, each expert's weight grouped by ``by`` (category, modification type, ...).
 
     Gate models (AMC): box plots per expert and group. Path models (DIME, 16 paths a layer): a heatmap of the mean
-    path weight per group (rows: source→destination paths, columns: groups), readable where 16 x groups boxes are not.
+    path weight per group (rows: source→destination paths, columns: groups), readable where 16 x groups boxes are not;
+    ``scale`` as in :func:`plot_expert_heatmaps` (box plots share their y axis either way).
     """
     analysis.refuse_attention_trace(frame, "plot_gate_distributions")
+    _check_scale(scale, "plot_gate_distributions")
     if by not in frame.columns:
         raise UnknownKeyError(f"the route frame has no {by!r} column; columns: {list(frame.columns)}")
     layers = _layers(frame, layers)
     if _is_path_frame(frame):
-        return _group_means_heatmaps(frame, by, layers)
+        return _group_means_heatmaps(frame, by, layers, scale)
     groups = sorted(frame[by].dropna().astype(str).unique())
     fig = _figure(max(4.0, 3.5 * len(layers)), 3.2)
     axes = fig.subplots(1, len(layers), squeeze=False, sharey=True)[0]
@@ -486,7 +516,7 @@ def plot_gate_distributions(frame: Any, by: str = "category", layers: Sequence[s
     return fig
 
 
-def _group_means_heatmaps(frame: Any, by: str, layers: Sequence[str]) -> Any:
+def _group_means_heatmaps(frame: Any, by: str, layers: Sequence[str], scale: str) -> Any:
     """Per layer: rows = paths, columns = groups of ``by``, cell = mean weight of the path in the group."""
     groups = sorted(frame[by].dropna().astype(str).unique())
     labels = frame.drop_duplicates("query_id").set_index("query_id")[by].astype(str)
@@ -499,17 +529,19 @@ def _group_means_heatmaps(frame: Any, by: str, layers: Sequence[str]) -> Any:
     rows = max(m.shape[0] for m in mats)
     fig = _figure(max(4.0, (1.6 + 0.45 * len(groups)) * len(layers) + 1.2), 1.4 + 0.2 * rows)
     axes = fig.subplots(1, len(layers), squeeze=False)[0]
-    vmin, vmax = min(float(m.min()) for m in mats), max(float(m.max()) for m in mats)
-    for ax, layer, data in zip(axes, layers, mats):
+    for ax, layer, data, (vmin, vmax) in zip(axes, layers, mats, _colour_ranges(mats, scale)):
         names = list(analysis.gate_matrix(frame, layer).columns)
         image = ax.imshow(data, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
         image.set_gid(f"means:{layer}")
+        if scale == "layer":
+            fig.colorbar(image, ax=ax, shrink=0.8, label="mean path weight" if ax is axes[-1] else None)
         ax.set_yticks(range(len(names)), [display_label(n) for n in names], fontsize=6)
         ax.set_xticks(range(len(groups)), groups, rotation=45, ha="right", fontsize=7)
         ax.set_xlabel(by, fontsize=8)
         ax.set_title(str(layer), fontsize=9)
     axes[0].set_ylabel("path (source→destination cell)", fontsize=8)
-    fig.colorbar(image, ax=list(axes), shrink=0.8, label="mean path weight")
+    if scale == "shared":
+        fig.colorbar(image, ax=list(axes), shrink=0.8, label="mean path weight")
     fig.suptitle(f"Mean path weight per {by}")
     return fig
 
