@@ -9,6 +9,8 @@ from cirlab import analysis, viz
 from cirlab.core.topk import TopK
 
 matplotlib = pytest.importorskip("matplotlib")
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.colors import to_hex  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import PathPatch, Rectangle  # noqa: E402
 
@@ -328,6 +330,44 @@ def test_path_space_colours_by_category():
     fig = viz.plot_path_space(amc_frame(n=15))
     groups = {c.get_gid(): len(c.get_offsets()) for c in fig.axes[0].collections}
     assert groups == {"group:dress": 5, "group:shirt": 5, "group:toptee": 5}
+
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_legends_sit_beside_the_data_not_on_it():
+    figs = {"path_space": (viz.plot_path_space(amc_frame(n=15)), [0]),
+            "rank_shift": (viz.plot_rank_shift(_aligned(), k=200, bins=10), [2, 3])}
+    for name, (fig, panels) in figs.items():
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()  # the constrained layout places the axes and legends
+        renderer = canvas.get_renderer()
+        for i in panels:
+            ax = fig.axes[i]
+            legend = ax.get_legend()
+            assert legend is not None, (name, i)
+            assert not _overlaps(legend.get_window_extent(renderer), ax.get_window_extent(renderer)), (name, i)
+
+
+def test_boxplot_medians_are_not_drawn_in_a_group_colour():
+    fig = viz.plot_gate_distributions(amc_frame(), by="category")
+    medians = [line for ax in fig.axes for line in ax.lines if line.get_gid() is None and len(line.get_xdata()) == 2
+               and line.get_ydata()[0] == line.get_ydata()[1]]  # caps and medians: the horizontal segments
+    assert len(medians) >= 2 * 3 * 3
+    palette = {to_hex(c) for c in viz.PALETTE}
+    assert not [m for m in medians if to_hex(m.get_color()) in palette]
+
+
+def test_entropy_histograms_put_the_layers_side_by_side():
+    frame = amc_frame(n=30)
+    ax = viz.plot_gate_entropy(frame).axes[0]
+    bars = {layer: [p for p in ax.patches if p.get_gid() == f"entropy:{layer}"] for layer in ("layer1", "layer2")}
+    for layer, patches in bars.items():  # the counts are the layer's entropies, binned
+        ent = analysis.gate_entropy(analysis.gate_matrix(frame, layer).to_numpy())
+        np.testing.assert_array_equal([p.get_height() for p in patches], np.histogram(ent, np.linspace(0, 1, 21))[0])
+    for one, two in zip(bars["layer1"], bars["layer2"]):  # same bin, no shared x range: neither hides the other
+        assert one.get_x() + one.get_width() <= two.get_x() + 1e-12
 
 
 def test_query_gates_bars_equal_gates():

@@ -40,6 +40,12 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#bcbd22", "#17becf")
 
 
+def _legend_outside(ax: Any, **kwargs: Any) -> Any:
+    """The axes' legend to the right of its plot area, where it cannot cover data (bars reaching 100 %, scatter
+    points in every corner); the constrained layout makes room for it."""
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, **kwargs)
+
+
 def _figure(width: float, height: float) -> Any:
     from matplotlib.figure import Figure
 
@@ -498,7 +504,7 @@ def plot_gate_distributions(frame: Any, by: str = "category", layers: Sequence[s
             data = [mat.loc[labels == group, col].dropna().to_numpy(dtype=float) for col in mat.columns]
             pos = np.arange(mat.shape[1]) + (g - (len(groups) - 1) / 2) * width
             box = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, manage_ticks=False,
-                             showfliers=False)
+                             showfliers=False, medianprops={"color": "black"})  # the default orange is a group colour
             for patch in box["boxes"]:
                 patch.set_facecolor(PALETTE[g % len(PALETTE)])
                 patch.set_gid(f"box:{group}")
@@ -558,9 +564,13 @@ def plot_gate_entropy(frame: Any, layers: Sequence[str] | str | None = None) -> 
     fig = _figure(3.2 + 2.4 * len(layers), max(3.0, 1.0 + 0.22 * rows))
     axes = fig.subplots(1, 1 + len(layers), width_ratios=[1.3] + [1.0] * len(layers), squeeze=False)[0]
     left = axes[0]
-    for i, layer in enumerate(layers):
-        ent = analysis.gate_entropy(analysis.gate_matrix(frame, layer).to_numpy())
-        left.hist(ent, bins=np.linspace(0, 1, 21), alpha=0.6, label=str(layer), color=PALETTE[i % len(PALETTE)])
+    entropies = [analysis.gate_entropy(analysis.gate_matrix(frame, layer).to_numpy()) for layer in layers]
+    # one bar per layer side by side in each bin: overlaid translucent bars mixed into a third colour
+    _, _, bars = left.hist(entropies, bins=np.linspace(0, 1, 21), label=[str(layer) for layer in layers],
+                           color=[PALETTE[i % len(PALETTE)] for i in range(len(layers))])
+    for layer, container in zip(layers, bars if len(layers) > 1 else [bars]):
+        for patch in container:
+            patch.set_gid(f"entropy:{layer}")
     left.set_xlabel("gate entropy / log(E)  (1 = uniform)", fontsize=8)
     left.set_ylabel("queries")
     left.legend(fontsize=7)
@@ -673,7 +683,7 @@ def plot_path_space(frame: Any, color_by: str = "category", annotate: int = 0) -
     ax.set_xlabel(f"PC1 ({100 * ratio[0]:.0f}% var.)")
     ax.set_ylabel(f"PC2 ({100 * ratio[1]:.0f}% var.)")
     if len(groups) > 1:
-        ax.legend(fontsize=7, title=color_by)
+        _legend_outside(ax, fontsize=7, title=color_by)
     ax.set_title("Queries in path space", fontsize=9)
     return fig
 
@@ -799,7 +809,7 @@ def _shift_shares(ax: Any, per_cat: Any, within: str = "the pool") -> None:
     ax.set_yticks(y, per_cat["category"].tolist(), fontsize=7)
     ax.set_xlabel(f"% of queries with target in {within}")
     ax.set_xlim(0, 100)
-    ax.legend(fontsize=7, loc="lower right")
+    _legend_outside(ax, fontsize=7)
     ax.set_title("(c) improved / unchanged / worsened", fontsize=9)
 
 
@@ -815,7 +825,7 @@ def _ceiling_bars(ax: Any, per_cat: Any, k: int | None) -> None:
     ax.set_xticks(x, per_cat["category"].tolist(), fontsize=7)
     ax.set_ylabel("recall (%)")
     ax.set_ylim(0, 105)
-    ax.legend(fontsize=6, ncols=2)
+    _legend_outside(ax, fontsize=6)
     ax.set_title(f"(d) recall and candidate-pool ceiling (top-{k})" if k else "(d) recall", fontsize=9)
 
 
