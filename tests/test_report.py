@@ -59,6 +59,22 @@ def test_plan_orders_by_dependency_and_adds_missing_prerequisites(tmp_path):
         report.plan("nope")
 
 
+def test_only_repeated_runs_every_named_notebook_and_refuses_a_skip_beside_it(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "metrics.json").write_text("{}")
+    assert report.plan(["router_explorer", "router_explorer_dime"], tmp_path) == [
+        "router_explorer", "train_dime", "router_explorer_dime"]
+    parser = argparse.ArgumentParser(prog="cirlab")
+    report.register_cli(parser.add_subparsers())
+    args = parser.parse_args(["report", "--only", "rank_shift", "--only", "router_explorer"])
+    assert args.only == ["rank_shift", "router_explorer"]  # a plain option kept only the last one, without a word
+    assert report.plan(args.only, tmp_path) == ["evaluate", "router_explorer", "rank_shift"]
+    with pytest.raises(ValueError, match="--only and --no-dime cannot be combined"):
+        report.plan(["train_dime"], tmp_path, skip=["dime"])
+    with pytest.raises(ValueError, match="unknown notebook 'nope'"):
+        report.plan(["train", "nope"], tmp_path)
+
+
 def test_dime_entries_run_the_train_and_router_notebooks_with_itm_parameters(tmp_path):
     assert report.notebook_of("train_dime") == "train" and report.notebook_of("rank_shift") == "rank_shift"
     t = report.notebook_parameters("train_dime", tmp_path, "/data")
@@ -164,7 +180,7 @@ def test_register_cli_adds_report_command():
     sub = parser.add_subparsers(dest="command")
     report.register_cli(sub)
     args = parser.parse_args(["report", "--only", "rank_shift", "--set", "pool_k=20", "--smoke", "--out", "x"])
-    assert (args.only, args.set_, args.smoke, args.out, args.skip) == ("rank_shift", ["pool_k=20"], True, "x", None)
+    assert (args.only, args.set_, args.smoke, args.out, args.skip) == (["rank_shift"], ["pool_k=20"], True, "x", None)
     assert parser.parse_args(["report", "--no-dime", "--no-cala"]).skip == ["dime", "cala"]
     text = sub.choices["report"].format_help()
     for said in ("never replaced", "report.json", "--set 'settings=[", "relative to the current directory",

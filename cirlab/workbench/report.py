@@ -1,6 +1,6 @@
 """Headless regeneration of every notebook: ``cirlab report``.
 
-``cirlab report [--only NAME] [--set key=value ...] [--out reports] [--smoke] [--jobs N]`` executes the notebooks
+``cirlab report [--only NAME ...] [--set key=value ...] [--out reports] [--smoke] [--jobs N]`` executes the notebooks
 in ``notebooks/`` with papermill in dependency order (train -> evaluate -> router_explorer -> rank_shift, then
 train_dime -> router_explorer_dime, train_hrem -> router_explorer_hrem, train_cala -> router_explorer_cala, then
 quickstart) on the embedded synthetic data (generated into the cache on first use), two notebooks at once on a
@@ -340,19 +340,23 @@ def check_overrides(overrides: Mapping[str, Any], names: Sequence[str]) -> None:
             raise ValueError(f"--set {key}: no such parameter; known: {', '.join(known)}")
 
 
-def plan(only: str | None = None, out: Path | None = None, skip: Sequence[str] = ()) -> list[str]:
-    """Entries to run, in order: all but the :data:`SKIPPABLE` groups named in ``skip``, or ``only`` plus any
-    prerequisite whose outputs are missing."""
-    if only is None:
+def plan(only: str | Sequence[str] | None = None, out: Path | None = None, skip: Sequence[str] = ()) -> list[str]:
+    """Entries to run, in order: all but the :data:`SKIPPABLE` groups named in ``skip``, or the notebooks named in
+    ``only`` (one name or several) plus any prerequisite whose outputs are missing."""
+    only = [only] if isinstance(only, str) else list(only or [])
+    if not only:
         unknown = sorted(set(skip) - set(SKIPPABLE))
         if unknown:
             raise ValueError(f"cannot skip {', '.join(unknown)}; skippable: {', '.join(SKIPPABLE)}")
         skipped = {entry for model in skip for entry in SKIPPABLE[model]}
         return [n for n in ORDER if n not in skipped]
-    if only not in REPORT_PARAMETERS:
-        raise ValueError(f"unknown notebook {only!r}; notebooks: {', '.join(ORDER)}")
-    needed = {only}
-    stack = [only]
+    if skip:  # --only names what runs: a --no-<model> beside it would be ignored, or contradict it
+        raise ValueError(f"--only and --no-{skip[0]} cannot be combined: --only names every notebook that runs")
+    unknown = [name for name in only if name not in REPORT_PARAMETERS]
+    if unknown:
+        raise ValueError(f"unknown notebook {unknown[0]!r}; notebooks: {', '.join(ORDER)}")
+    needed = set(only)
+    stack = list(only)
     while stack:
         for dep in DEPENDS.get(stack.pop(), ()):
             if out is None or not (out / dep / "metrics.json").is_file():
@@ -759,7 +763,7 @@ def export_html(notebook: Path) -> Path:
 
 
 @_sigterm_as_interrupt
-def run_report(out: str | os.PathLike = "reports", only: str | None = None,
+def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | None = None,
                overrides: Mapping[str, Any] | None = None, smoke: bool = False, kernel_name: str | None = None,
                notebook_dir: Path | None = None, stream: TextIO | None = sys.stdout,
                skip: Sequence[str] = (), command: str | None = None, jobs: int = 1) -> int:
@@ -1252,8 +1256,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--only", choices=list(ORDER), default=None,
-                        help="run one notebook (and any prerequisite whose outputs are missing)")
+    parser.add_argument("--only", choices=list(ORDER), action="append", default=None, metavar="NOTEBOOK",
+                        help="run this notebook (and any prerequisite whose outputs are missing); repeat it for "
+                             f"several. Notebooks: {', '.join(ORDER)}")
     parser.add_argument("--set", dest="set_", action="append", default=[], metavar="KEY=VALUE",
                         help="override a notebook parameter: KEY=VALUE for every notebook that has it, or "
                              "NOTEBOOK.KEY=VALUE for one; data_root=PATH uses your data instead of the synthetic set")
