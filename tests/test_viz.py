@@ -563,9 +563,13 @@ def test_relation_graph_shows_the_joint_matrix_with_its_four_blocks():
     for ax in panels:
         assert [t.get_text() for t in ax.get_xticklabels()] == labels
         assert [t.get_text() for t in ax.get_yticklabels()] == labels
-        blocks = {t.get_text(): t.get_position() for t in ax.texts if (t.get_gid() or "").startswith("block:")}
-        assert blocks == {"i2i": (1.0, 1.0), "i2t": (4.0, 1.0), "t2i": (1.0, 4.0), "t2t": (4.0, 4.0)}  # (x, y)
+        blocks = {t.get_text().strip(): t.get_position() for t in ax.texts
+                  if (t.get_gid() or "").startswith("block:")}
+        # each block's tag at its top-left corner (x, y), not over the middle of its cells
+        assert blocks == {"i2i": (-0.5, -0.5), "i2t": (2.5, -0.5), "t2i": (-0.5, 2.5), "t2t": (2.5, 2.5)}
         assert ax.images[0].get_array()[0, 4] == 4.0  # row 0 (img 10) x column 4 (cap 55)
+    bars = [ax.get_ylabel() for ax in fig.axes if not ax.images and ax.get_gid() is None]
+    assert bars == ["connected (1) or not (0)", "relevance", "fusion attention weight"]  # every colour bar says what
 
 
 def word_region_frame(words=("[CLS]", "a", "red", "star", "[SEP]"), images=(3, 4), regions: int = 4,
@@ -595,6 +599,10 @@ def test_word_region_view_labels_the_captions_words():
     assert [t.get_text() for t in right.get_xticklabels()] == ["img 3", "img 4"]
     assert right.get_xticklabels()[0].get_fontweight() == "bold"
     assert "a red star" in fig._suptitle.get_text()
+    # one colour range for both panels (the right one's own-image column is the left one's row maxima), labelled
+    assert left.images[0].get_clim() == right.images[0].get_clim() == pytest.approx((3.0, 4.43))
+    assert sorted(ax.get_ylabel() for ax in fig.axes if not ax.images and ax.get_gid() is None) == [
+        "max over regions of the score", "word-region score"]
 
 
 def test_a_uniform_attention_map_is_labelled_not_drawn_with_offsets():

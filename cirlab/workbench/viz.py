@@ -877,9 +877,14 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | s
 
 # --------------------------------------------------------------------------------------------- CaLa: HCA and TAC
 def _heat(fig: Any, ax: Any, mat: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str,
-          cmap: str = "viridis", center: bool = False) -> None:
+          cmap: str = "viridis", center: bool = False, label: str = "",
+          limits: tuple[float, float] | None = None) -> None:
+    """A labelled heatmap with its own colour bar, titled ``label`` (what the colours measure); ``limits`` fixes
+    the colour range (panels that show the same quantity share one)."""
     kw: dict[str, Any] = {"cmap": cmap, "aspect": "auto"}
-    if center:
+    if limits is not None:
+        kw.update(vmin=limits[0], vmax=limits[1])
+    elif center:
         lim = float(np.nanmax(np.abs(mat))) or 1.0
         kw.update(cmap="RdBu_r", vmin=-lim, vmax=lim)
     elif np.nanmax(mat) - np.nanmin(mat) < 1e-4:  # a uniform map (TAC's later steps): say so, not 1e-8 offsets
@@ -890,7 +895,8 @@ def _heat(fig: Any, ax: Any, mat: np.ndarray, rows: Sequence[str], cols: Sequenc
     ax.set_xticks(range(len(cols)), list(cols), rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(rows)), list(rows), fontsize=7)
     ax.set_title(title, fontsize=9)
-    bar = fig.colorbar(im, ax=ax, shrink=0.8)
+    bar = fig.colorbar(im, ax=ax, shrink=0.8, label=label or None)
+    bar.ax.yaxis.label.set_fontsize(8)
     bar.formatter.set_useOffset(False)
     bar.update_ticks()
 
@@ -926,13 +932,13 @@ def plot_cala_bridges(frame: Any, query_id: Any | None = None, text: str = "", s
     fig = _figure(17, 9.5)
     grid = fig.add_gridspec(2, 4)
     top = [fig.add_subplot(grid[0, i]) for i in range(4)]
-    _heat(fig, top[0], rc, refs, words, "HCA: reference query x word (S_rc)")
+    _heat(fig, top[0], rc, refs, words, "HCA: reference query x word (S_rc)", label="score S_rc")
     top[0].set_xlabel("caption word", fontsize=8)
     top[0].set_ylabel("reference query", fontsize=8)
-    _heat(fig, top[1], ct, words2, tgts, "HCA: word x target query (S_ct)")
+    _heat(fig, top[1], ct, words2, tgts, "HCA: word x target query (S_ct)", label="score S_ct")
     top[1].set_xlabel("target query", fontsize=8)
     top[1].set_ylabel("caption word", fontsize=8)
-    _heat(fig, top[2], hinge, refs, tgt_cols, "HCA hinge: softmax(S_rc S_ct)")
+    _heat(fig, top[2], hinge, refs, tgt_cols, "HCA hinge: softmax(S_rc S_ct)", label="hinge weight")
     top[2].set_xlabel("target query", fontsize=8)
     top[2].set_ylabel("reference query", fontsize=8)
     ax = top[3]
@@ -949,7 +955,7 @@ def plot_cala_bridges(frame: Any, query_id: Any | None = None, text: str = "", s
         for j, step in enumerate(steps):
             axis = fig.add_subplot(tac[0, i * len(steps) + j])
             mat, dst, src = analysis.layer_matrix(frame, f"tac.{name}_attention.step{step}", query_id)
-            _heat(fig, axis, mat, dst, src, f"TAC {label}, step {step}", cmap="magma")
+            _heat(fig, axis, mat, dst, src, f"TAC {label}, step {step}", cmap="magma", label="attention weight")
             axis.set_xlabel("attended token", fontsize=8)
             axis.set_ylabel(f"{name} query", fontsize=8)
     fig.suptitle(f"CaLa query {query_id}" + (f": \u201c{text}\u201d" if text else ""), fontsize=11)
@@ -975,6 +981,10 @@ def plot_bridge_words(frame: Any, top: int = 15, title: str = "") -> Any:
 
 
 # --------------------------------------------------------------------------------------------- HREM: relation graph
+_RELATION_UNITS = {"connection": "connected (1) or not (0)", "relevance": "relevance",
+                   "attention": "fusion attention weight", "mask": "additive attention mask"}
+
+
 def plot_relation_graph(edges: Any, matrices: Sequence[str] | str = ("connection", "relevance", "attention"),
                         title: str = "") -> Any:
     """HREM's instance-level graph of one batch (Fu et al., "Learning Semantic Relationship among Instances for
@@ -996,16 +1006,16 @@ def plot_relation_graph(edges: Any, matrices: Sequence[str] | str = ("connection
     axes = fig.subplots(1, len(present), squeeze=False)[0]
     for ax, name in zip(axes, present):
         mat, labels, b = analysis.relation_matrix(edges, name)
-        _heat(fig, ax, mat, labels, labels, name, cmap="Greys" if name == "connection" else "viridis")
+        _heat(fig, ax, mat, labels, labels, name, cmap="Greys" if name == "connection" else "viridis",
+              label=_RELATION_UNITS.get(name, name))
         ax.set_gid(f"relation:{name}")
         ax.axhline(b - 0.5, color="red", lw=1.2)
         ax.axvline(b - 0.5, color="red", lw=1.2)
-        n = mat.shape[0]
         for block, (r0, c0) in zip(analysis.EDGE_BLOCKS, ((0, 0), (0, b), (b, 0), (b, b))):
-            r_mid = (r0 + (b if block[0] == "i" else n) - 1) / 2
-            c_mid = (c0 + (b if block[2] == "i" else n) - 1) / 2
-            ax.text(c_mid, r_mid, block, ha="center", va="center", fontsize=13, fontweight="bold", color="red",
-                    alpha=0.75, gid=f"block:{block}")
+            # a small tag in the block's top-left corner: a large name in the middle hid the cells it sat on
+            ax.text(c0 - 0.5, r0 - 0.5, f" {block} ", ha="left", va="top", fontsize=7, color="red",
+                    fontweight="bold", gid=f"block:{block}",
+                    bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "red", "lw": 0.6})
         ax.set_xlabel("key node (images | captions)", fontsize=8)
     axes[0].set_ylabel("query node (images | captions)", fontsize=8)
     fig.suptitle(title or f"HREM relation graph of one batch ({b} images + {mat.shape[0] - b} captions)")
@@ -1031,14 +1041,19 @@ def plot_word_region(word_region: Any, image_id: Any | None = None, text: str = 
         own = analysis.image_key(word_region, image_id)
     mat, words = analysis.word_region_matrix(word_region, own, value)
     best, words2, cols = analysis.word_image_matrix(word_region, value)
+    # one colour range for both panels: the right one holds row maxima of such matrices (its own-image column is
+    # the left panel's row max), so equal colours must mean equal values
+    limits = (float(min(np.nanmin(mat), np.nanmin(best))), float(max(np.nanmax(mat), np.nanmax(best))))
     fig = _figure(14, 0.28 * len(words) + 2.6)
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1.3]})
-    _heat(fig, left, mat, words, [str(r) for r in range(mat.shape[1])], f"words x regions of image {own}")
+    _heat(fig, left, mat, words, [str(r) for r in range(mat.shape[1])], f"words x regions of image {own}",
+          label=f"word-region {value}", limits=limits)
     left.tick_params(axis="x", labelsize=5)
     left.set_xlabel("region", fontsize=8)
     left.set_ylabel("caption word", fontsize=8)
     left.set_gid("word_region")
-    _heat(fig, right, best, words2, [f"img {c}" for c in cols], "best region score per image")
+    _heat(fig, right, best, words2, [f"img {c}" for c in cols], f"best region {value} per image",
+          label=f"max over regions of the {value}", limits=limits)
     right.set_gid("word_image")
     right.set_xlabel("image (own image in bold)", fontsize=8)
     for lab, c in zip(right.get_xticklabels(), cols):
