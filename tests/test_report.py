@@ -142,6 +142,20 @@ def test_index_has_contents_run_records_integers_and_each_metric_once(tmp_path):
     assert "A training diagnostic; no paper figure" in page
 
 
+def test_index_names_the_selection_metric_and_drops_the_selected_splits_repeat(tmp_path):
+    folder = tmp_path / "train_dime"
+    folder.mkdir()
+    dev, test = {"rsum": 387.2, "i2t_R@1": 40.0}, {"rsum": 387.2, "i2t_R@1": 38.0}  # test's rsum equal by chance
+    (folder / "metrics.json").write_text(json.dumps({
+        "val": dev, "splits": {"dev": dev, "test": test},
+        "selection": {"best_score": 212.8, "metric": "i2t_R@1+i2t_R@5", "split": "dev", "mode": "dev"}}))
+    (folder / report.RECORD).write_text(json.dumps({"status": "ok", "parameters": {}}))
+    page = report.write_index(tmp_path).read_text()
+    assert "selection/best_score (i2t_R@1+i2t_R@5 on dev)</td><td class='num'>212.80<" in page
+    assert "splits/dev/" not in page and "val/rsum" in page  # the selected split is val/, shown once
+    assert "splits/test/rsum</td><td class='num'>387.20<" in page  # another split's equal number stays
+
+
 def test_index_shows_every_metric_tables_of_records_included(tmp_path):
     # rank_shift writes 70-odd numbers and its second comparison as a list of per-category records: the page cut
     # the first at 60 rows and dropped the second

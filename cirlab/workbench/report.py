@@ -1059,9 +1059,18 @@ def _say(stream: TextIO | None, line: str) -> None:
 # --------------------------------------------------------------------------------------------- index.html
 def _metrics_html(path: Path, limit: int = 60) -> str:
     try:
-        flat = _unique_metrics(_flat_numbers(json.loads(path.read_text())))
+        metrics = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         return f"<p>metrics unreadable: {html.escape(str(err))}</p>"
+    selection = metrics.get("selection") if isinstance(metrics, Mapping) else None
+    selection = selection if isinstance(selection, Mapping) else {}
+    split = selection.get("split")
+    # the notebook's val/ holds the metrics of the split the trainer selected on (ITM: dev), which the trainer's
+    # record repeats under splits/<split>/
+    flat = _unique_metrics(_flat_numbers(metrics), [(f"splits/{split}/", "val/")] if isinstance(split, str) else [])
+    if isinstance(selection.get("metric"), str) and "selection/best_score" in flat:  # which number it is best at
+        what = selection["metric"] + (f" on {split}" if isinstance(split, str) else "")
+        flat = {(f"selection/best_score ({what})" if k == "selection/best_score" else k): v for k, v in flat.items()}
     rows = [f"<tr><td>{html.escape(k)}</td><td class='num'>{_fmt(v)}</td></tr>" for k, v in flat.items()]
     head = "<tr><th>metric</th><th>value</th></tr>"
     table = f"<table class='metrics'>{head}{''.join(rows[:limit])}</table>"
@@ -1220,11 +1229,18 @@ def _flat_numbers(metrics: Any, prefix: str = "") -> dict[str, int | float]:
     return flat
 
 
-def _unique_metrics(flat: Mapping[str, int | float]) -> dict[str, int | float]:
+def _unique_metrics(flat: Mapping[str, int | float],
+                    aliases: Sequence[tuple[str, str]] = ()) -> dict[str, int | float]:
     """Drop a metric that repeats a shorter key's value under a longer path: the trainer's ``splits/val/avg`` next
-    to the notebook's ``val/avg`` is one number, shown once (under the shorter name)."""
-    return {k: v for k, v in flat.items()
-            if not any(k != other and k.endswith("/" + other) and flat[other] == v for other in flat)}
+    to the notebook's ``val/avg`` is one number, shown once (under the shorter name). ``aliases``: ``(long, short)``
+    key prefixes that name the same numbers (``("splits/dev/", "val/")``); a long key equal to its short twin goes."""
+    def repeated(key: str, value: int | float) -> bool:
+        if any(key != other and key.endswith("/" + other) and flat[other] == value for other in flat):
+            return True
+        twins = [short + key[len(long):] for long, short in aliases if key.startswith(long)]
+        return any(twin in flat and flat[twin] == value for twin in twins)
+
+    return {k: v for k, v in flat.items() if not repeated(k, v)}
 
 
 # --------------------------------------------------------------------------------------------- CLI
