@@ -328,13 +328,19 @@ def notebook_parameters(name: str, out: str | os.PathLike, data_root: str | os.P
     return params
 
 
+def _override_targets(key: str, names: Sequence[str]) -> tuple[str, list[str]]:
+    """A ``--set`` key -> (its parameter, the entries it sets): ``NOTEBOOK.KEY`` that entry, ``KEY`` every entry in
+    ``names``."""
+    nb, _, field = key.rpartition(".")
+    if nb and nb not in REPORT_PARAMETERS:
+        raise ValueError(f"--set {key}: unknown notebook {nb!r}; notebooks: {', '.join(ORDER)}")
+    return field, [nb] if nb else list(names)
+
+
 def check_overrides(overrides: Mapping[str, Any], names: Sequence[str]) -> None:
     """Every ``--set`` key must name a parameter of at least one selected notebook (typos fail early)."""
     for key in overrides:
-        nb, _, field = key.rpartition(".")
-        if nb and nb not in REPORT_PARAMETERS:
-            raise ValueError(f"--set {key}: unknown notebook {nb!r}; notebooks: {', '.join(ORDER)}")
-        targets = [nb] if nb else list(names)
+        field, targets = _override_targets(key, names)
         if field != "data_root" and not any(field in REPORT_PARAMETERS[t] for t in targets):
             known = sorted({p for t in targets for p in REPORT_PARAMETERS[t]})
             raise ValueError(f"--set {key}: no such parameter; known: {', '.join(known)}")
@@ -444,20 +450,27 @@ _TAKES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bo
                                        "str": (str, int, float)}
 
 
+def _papermill() -> Any:
+    """papermill, with its INFO lines ("Input Notebook: ...", "Executing notebook with kernel: ...", on every
+    inspection and run) silenced: they repeat what the report prints."""
+    import papermill as pm
+
+    logging.getLogger("papermill").setLevel(logging.WARNING)
+    return pm
+
+
 def check_override_types(overrides: Mapping[str, Any], names: Sequence[str], notebook_dir: Path | None = None) -> None:
     """Every notebook a report runs exists, and every ``--set`` value has its parameter's declared type, before any
     data is generated or notebook runs (``--set k=abc`` failed in the notebook after its prerequisites had run)."""
-    import papermill as pm
-
-    logging.getLogger("papermill").setLevel(logging.WARNING)  # its INFO "Input Notebook: ..." per inspection
+    pm = _papermill()
     declared: dict[str, dict[str, Any]] = {}
     for name in names:
         nb = notebook_of(name)
         if nb not in declared:
             declared[nb] = pm.inspect_notebook(str(notebook_path(name, notebook_dir)))
     for key, value in overrides.items():
-        target, _, field = key.rpartition(".")
-        for name in ([target] if target else names):
+        field, targets = _override_targets(key, names)
+        for name in targets:
             spec = declared.get(notebook_of(name), {}).get(field)
             if spec is None or name not in names:
                 continue
@@ -603,7 +616,6 @@ def run_notebook(name: str, params: Mapping[str, Any], out_dir: Path, kernel_nam
     With a ``stream``, one line per code cell as it starts and the kernel's stderr (training progress lines,
     warnings) go to it, each line once, prefixed by ``prefix``.
     """
-    import papermill as pm
     from nbclient.exceptions import DeadKernelError
     from papermill.exceptions import PapermillExecutionError
 
@@ -611,7 +623,7 @@ def run_notebook(name: str, params: Mapping[str, Any], out_dir: Path, kernel_nam
     out_dir.mkdir(parents=True, exist_ok=True)
     dst = out_dir / f"{name}.ipynb"
     hooks: dict[str, Any] = {}
-    logging.getLogger("papermill").setLevel(logging.WARNING)  # its INFO lines repeat what the report prints
+    pm = _papermill()
     if stream is not None:
         progress = _CellProgress(src, stream, prefix)
         hooks = {"on_cell_start": progress.on_cell_start, "stderr_file": progress}
