@@ -99,3 +99,19 @@ def test_resume_from_non_checkpoint_is_clear(tmp_path):
     torch.save({"model": _model().state_dict()}, bad)
     with pytest.raises(Exception, match="not a resumable cirlab checkpoint"):
         train(_model(), TripletItems(12), _cfg(epochs=1, resume=str(bad)), output_dir=tmp_path / "r")
+
+
+def test_resume_with_an_unreadable_stored_config_is_one_line_naming_it(tmp_path):
+    from cirlab.core.errors import ConfigError
+    from cirlab.engine.runs import check_resume_config, read_run_config
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
+    (tmp_path / "config.yaml").write_text("train: [1\n")
+    with pytest.raises(ConfigError, match=r"^--resume: .*config.yaml: not readable as a run's config \(.*\)$"):
+        check_resume_config(tmp_path, {"train": {}})
+    (tmp_path / "config.yaml").write_text("- a list\n")
+    with pytest.raises(ConfigError, match=r"^--resume: .*config.yaml: expected a mapping of sections, got a list$"):
+        check_resume_config(tmp_path, {"train": {}})
+    (tmp_path / "config.yaml").unlink()
+    assert read_run_config(tmp_path) == {}

@@ -880,18 +880,30 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     return result
 
 
+def read_run_config(run_dir: str | os.PathLike, context: str = "") -> dict[str, Any]:
+    """A run folder's resolved ``config.yaml`` as a dict (empty when the run wrote none); a file that is not YAML
+    or not a mapping is a one-line :class:`ConfigError` naming it, prefixed by ``context``."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:  # was the YAML parser's traceback
+        raise ConfigError(f"{context}{path}: not readable as a run's config "
+                          f"({' '.join(str(err).split())[:200]})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{context}{path}: expected a mapping of sections, got a {type(config).__name__}")
+    return config
+
+
 def check_resume_config(out: Path, resolved: dict[str, Any], allow_config_change: bool = False) -> None:
     """Refuse to resume ``out`` with settings other than the ones it was trained with (``config.yaml``), listing
     each difference; ``allow_config_change`` logs them instead. Run length, logging and device may change."""
     from cirlab.engine.train import resume_differences
 
-    stored_path = out / "config.yaml"
-    if not (out / "checkpoints" / "last.pt").is_file() or not stored_path.is_file():
+    if not (out / "checkpoints" / "last.pt").is_file() or not (out / "config.yaml").is_file():
         return  # nothing to continue: the run starts fresh
-    try:
-        stored = yaml.safe_load(stored_path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"--resume: cannot read the stored {stored_path} ({' '.join(str(err).split())})") from None
+    stored = read_run_config(out, "--resume: ")
     diffs: list[str] = []
     for key in ("model", "preset", "model_overrides", "model_config", "dataset"):
         diffs += _differences(key, _plain(stored.get(key)), _plain(resolved.get(key)))

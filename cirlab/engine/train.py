@@ -764,12 +764,13 @@ RESUME_MAY_CHANGE = frozenset({"epochs", "max_steps", "resume", "device", "num_w
                                "eval_every_steps", "precision", "deterministic"})
 
 
-def run_artifacts(folder: str | os.PathLike) -> list[str]:
+def run_artifacts(folder: str | os.PathLike, config_is_a_runs: bool = False) -> list[str]:
     """The names of :data:`RUN_ARTIFACTS` present in ``folder`` (a folder with none holds no run); a ``config.yaml``
-    counts only when a run wrote it (:func:`is_run_config`)."""
+    counts only when a run wrote it (:func:`is_run_config`), unless the caller has just checked
+    (``config_is_a_runs``)."""
     folder = Path(folder)
     return [name for name in RUN_ARTIFACTS if (folder / name).exists()
-            and (name != "config.yaml" or is_run_config(folder / name))]
+            and (name != "config.yaml" or config_is_a_runs or is_run_config(folder / name))]
 
 
 def is_run_config(path: Path) -> bool:
@@ -800,7 +801,7 @@ def claim_run_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> N
     write is refused either way (:func:`refuse_foreign_config`)."""
     folder = Path(folder)
     refuse_foreign_config(folder)
-    found = run_artifacts(folder)
+    found = run_artifacts(folder, config_is_a_runs=True)  # a config.yaml still here is a run's: read it once
     if not found:
         return
     if not overwrite:

@@ -307,8 +307,6 @@ def train_run(model: str, preset: str, dataset: str, data_root: str | os.PathLik
     """
     import inspect
 
-    import yaml
-
     from cirlab.core.config import unknown_names_message
     from cirlab.engine.runs import run_experiment, validate_config
     from cirlab.engine.train import claim_for_recipe, mark_recipe_run
@@ -325,7 +323,7 @@ def train_run(model: str, preset: str, dataset: str, data_root: str | os.PathLik
                                    'output_dir')
     result = run_experiment(config, output_dir=run, overwrite=replace)
     mark_recipe_run(run)
-    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    resolved = stored_config(run)
     return {**result, "best_score": result["selection"]["best_score"], "best_epoch": result["selection"]["best_epoch"],
             "run_config": resolved}
 
@@ -372,18 +370,9 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu", checkpoint: str = 
 
 def stored_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     """A run folder's resolved ``config.yaml`` (empty when the run wrote none)."""
-    import yaml
+    from cirlab.engine.runs import read_run_config
 
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        return {}
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:  # was the YAML parser's traceback
-        raise ConfigError(f"{path}: not readable as a run's config ({' '.join(str(err).split())[:200]})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got a {type(config).__name__}")
-    return config
+    return read_run_config(run_dir)
 
 
 def untrained_copy(run_dir: str | os.PathLike, dataset: str, data_root: str | os.PathLike, device: str = "cpu",
