@@ -5,6 +5,8 @@ checkpoint module imports torch; ``cirlab --help`` and ``cirlab models`` must no
 """
 from __future__ import annotations
 
+from typing import Any
+
 
 class CirlabError(Exception):
     """Base of every error caused by the user's input (a config, a file, a dataset, a flag)."""
@@ -46,3 +48,18 @@ class ModelMismatchError(CirlabError, TypeError):
 class InputError(CirlabError, ValueError):
     """An argument's value cannot be used (ranks below 1, NaN weights, an empty table, a shape that does not fit);
     the message names the argument. A ``ValueError`` for ``except ValueError`` callers, one line in notebooks."""
+
+
+def refuse_entries(bad: Any, values: Any, what: str) -> None:
+    """Raise one :class:`InputError` line saying how many entries of the 1-D ``values`` are ``bad`` (a mask as long),
+    with the first few positions and values: ``{what}: 3 of 10 entries are not, at positions [...] (values [...])``.
+    NumPy arrays or CPU tensors; nothing happens when no entry is bad."""
+    import numpy as np  # here, not at the top: importing the errors must stay light
+
+    bad = np.asarray(bad).reshape(-1)
+    if not bad.any():
+        return
+    values = np.asarray(values).reshape(-1)
+    pos = np.flatnonzero(bad)[:5]
+    raise InputError(f"{what}: {int(bad.sum())} of {len(values)} entries are not, at positions {pos.tolist()} "
+                     f"(values {values[pos].tolist()})")

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from cirlab.core.config import name_list, whole_number
-from cirlab.core.errors import InputError
+from cirlab.core.errors import InputError, refuse_entries
 
 __all__ = [
     "AVG", "RSUM", "TIES", "FIQ_CATEGORIES", "FIQ_KS", "SHOES_KS", "CIRR_KS", "CIRR_SUBSET_KS", "ITM_KS",
@@ -101,10 +101,8 @@ def _as_scores(scores: ScoresLike) -> Tensor:
 
 def _refuse_entries(bad: Tensor, values: Tensor, what: str) -> None:
     """One line naming how many entries of ``values`` (1-D) are ``bad`` and the first few positions and values."""
-    if bool(bad.any()):
-        pos = bad.nonzero()[:5, 0]
-        raise InputError(f"{what}: {int(bad.sum())} of {len(values)} entries are not, at positions {pos.tolist()} "
-                         f"(values {values[pos].tolist()})")
+    if bool(bad.any()):  # the check stays on the tensors' device; only a refusal copies them to the CPU
+        refuse_entries(bad.cpu(), values.cpu(), what)
 
 
 def _whole_entries(t: Tensor, name: str) -> Tensor:

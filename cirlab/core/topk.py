@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cirlab.core.errors import InputError, MissingPathError
+from cirlab.core.errors import InputError, MissingPathError, refuse_entries
 from cirlab.core.io import atomic_path
 
 
@@ -96,10 +96,7 @@ def _target_rank(values: Any, q: int) -> np.ndarray:
     bad = ~(a >= 0)  # NaN fails too
     if a.dtype.kind == "f":
         bad |= ~np.isfinite(a) | (a != np.floor(a))
-    if bad.any():
-        pos = np.flatnonzero(bad)[:5]
-        raise InputError(f"TopK: target_rank must hold whole ranks >= 0 (0 = unknown): {int(bad.sum())} of {q} "
-                         f"entries are not, at positions {pos.tolist()} (values {a[pos].tolist()})")
+    refuse_entries(bad, a, "TopK: target_rank must hold whole ranks >= 0 (0 = unknown)")
     return a.astype(np.int64)
 
 
