@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 
 import pytest
@@ -73,6 +74,18 @@ def test_only_repeated_runs_every_named_notebook_and_refuses_a_skip_beside_it(tm
         report.plan(["train_dime"], tmp_path, skip=["dime"])
     with pytest.raises(ValueError, match="unknown notebook 'nope'"):
         report.plan(["train", "nope"], tmp_path)
+
+
+def test_a_refused_report_option_is_the_clis_one_error_line(tmp_path, caplog, capsys):
+    from cirlab import cli
+
+    with caplog.at_level(logging.ERROR):
+        code = cli.main(["report", "--out", str(tmp_path / "r"), "--only", "train_dime", "--no-dime"])
+    assert code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["--only and --no-dime cannot be combined: --only names every notebook that runs"]
+    assert capsys.readouterr().err == ""  # not a second style ("cirlab report: ...") printed beside the log
+    assert not (tmp_path / "r").exists()
 
 
 def test_dime_entries_run_the_train_and_router_notebooks_with_itm_parameters(tmp_path):

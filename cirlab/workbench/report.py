@@ -1328,9 +1328,8 @@ def _run_from_args(args: argparse.Namespace) -> int:
                           skip=getattr(args, "skip", None) or (), jobs=getattr(args, "jobs", 1))
     except CirlabError:  # cirlab's own one-line errors: logged by the CLI like every command's
         raise
-    except (ValueError, FileNotFoundError) as err:
-        sys.stderr.write(f"cirlab report: {err}\n")
-        return 2
+    except (ValueError, FileNotFoundError) as err:  # the options' refusals: the same one ERROR line, exit 2
+        raise ConfigError(str(err)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
