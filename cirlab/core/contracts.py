@@ -163,6 +163,11 @@ _KINDS = {"Model": "a cirlab model (cirlab.create_model, workbench.load_run)",
           "Reranker": "a re-ranker (blip_rerank_stage2)"}
 
 
+def model_label(model: Any) -> str:
+    """How an error names a model it was given: its registry name (``amc``), else its class."""
+    return getattr(model, "model_name", None) or type(model).__name__
+
+
 def require_model(model: Any, protocol: type, where: str, *, hint: str = "") -> None:
     """Stop ``where`` with one line when ``model`` lacks ``protocol`` (an ITM model given to a CIR evaluation failed
     as torch's ``'DIME' object has no attribute 'encode_target'``). ``hint`` says what to call instead."""
@@ -170,7 +175,7 @@ def require_model(model: Any, protocol: type, where: str, *, hint: str = "") -> 
 
     if isinstance(model, protocol):
         return
-    got = getattr(model, "model_name", None) or type(model).__name__
+    got = model_label(model)
     task = getattr(model, "task", None)
     need = _KINDS.get(protocol.__name__, f"a model with {', '.join(_members(protocol))}")
     raise ModelMismatchError(f"{where} needs {need}; got {got!r}" + (f" (task {task})" if task else "")

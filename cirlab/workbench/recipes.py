@@ -545,7 +545,9 @@ def _shares(n: int, parts: int) -> list[int]:
 
 def _require_kind(model: Any, name: str, where: str, others: str) -> None:
     """A model-specific view given another model failed as torch's ``'AMC' object has no attribute 'trace'``."""
-    got = getattr(model, "model_name", None) or type(model).__name__
+    from cirlab.core.contracts import model_label
+
+    got = model_label(model)
     if got != name:
         raise ModelMismatchError(f"{where} needs a {name} model, got {got!r} ({others})")
 
