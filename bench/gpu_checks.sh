@@ -15,7 +15,7 @@ PY=${PY:-.venv/bin/python}
 if [[ "${1:-}" == "--dry" ]]; then
     DEVICE=cpu; AMC=tiny; DIME_I=tiny; DIME_T="tiny --set direction=t2i"; BLIP=tiny; CALA=tiny; HREM=tiny
     CALA_BATCH=4; HREM_BATCH=8; IMAGES=4; STEPS=2
-    REPORT_DIR=$(mktemp -d)
+    REPORT_DIR=${REPORT_DIR:-$(mktemp -d)}
 else
     DEVICE=cuda; AMC=fashioniq; DIME_I=f30k_i2t; DIME_T=f30k_t2i; BLIP=cirr; CALA=cirr; HREM=f30k
     CALA_BATCH=64; HREM_BATCH=128; IMAGES=200; STEPS=10
@@ -24,6 +24,13 @@ else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
 STEP_REPORT=$REPORT_DIR/train_step_gpu.md
+# train_step.py appends one row per call: a rerun starts its own table, and an earlier run's is kept beside it
+if [[ -f "$STEP_REPORT" ]]; then
+    mv "$STEP_REPORT" "${STEP_REPORT%.md}.$(date -u -r "$STEP_REPORT" +%Y%m%dT%H%M%SZ).md"
+    if [[ -f "${STEP_REPORT%.md}.commands.txt" ]]; then
+        mv "${STEP_REPORT%.md}.commands.txt" "${STEP_REPORT%.md}.$(date -u +%Y%m%dT%H%M%SZ).commands.txt"
+    fi
+fi
 step() { "$PY" bench/train_step.py --device "$DEVICE" --precision bf16 --steps "$STEPS" --warmup 3 \
              --report "$STEP_REPORT" "$@"; }
 
