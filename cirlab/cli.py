@@ -207,16 +207,12 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, Any]:
     from cirlab.core.errors import ConfigError
-    from cirlab.engine.runs import apply_overrides, merge_config, parse_set, read_yaml, validate_blaming, with_defaults
+    from cirlab.engine.runs import (apply_overrides, merge_config, parse_set, read_config_file, validate_blaming,
+                                    with_defaults)
 
     config_path = Path(args.config) if args.config else (run_dir / "config.yaml" if run_dir else None)
-    if args.config and not config_path.is_file():
-        raise ConfigError(f"--config {config_path}: file not found")
-    if config_path is not None and config_path.is_file():
-        raw = read_yaml(config_path.read_text(encoding="utf-8"), str(config_path)) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{config_path}: expected a mapping of sections, got {type(raw).__name__}")
-        config = with_defaults(raw)
+    if args.config or (config_path is not None and config_path.is_file()):
+        config = with_defaults(read_config_file(config_path, "--config" if args.config else ""))
     else:
         config = with_defaults({})
     base = copy.deepcopy(config)  # what the file says, before the flags and --set change it

@@ -1129,6 +1129,20 @@ def f_eval_config_file_missing(ws: Workspace) -> Outcome:
     return expect_error(cli("eval", run, "--config", ws.root / "nope.yaml"), r"--config .*nope\.yaml: file not found")
 
 
+@fault("traceback or late failure", "refused naming the file")
+def f_eval_config_file_binary(ws: Workspace) -> Outcome:
+    run = ws.run_dir(copy_finished=True)
+    binary = ws.root / "model.yaml"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(128, 256)))  # was a UnicodeDecodeError traceback
+    return expect_error(cli("eval", run, "--config", binary), r"--config .*model\.yaml: cannot read the config")
+
+
+@fault("traceback or late failure", "refused: the config is a folder")
+def f_eval_config_path_is_a_folder(ws: Workspace) -> Outcome:
+    run = ws.run_dir(copy_finished=True)
+    return expect_error(cli("eval", run, "--config", ws.root), r"--config .* is a folder; pass a run config YAML file")
+
+
 @fault("traceback or late failure", "refused, says how to get the tarball")
 def f_emoji_without_npm(ws: Workspace) -> Outcome:
     from cirlab.data.generators import emoji

@@ -188,20 +188,30 @@ def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     return merge_config(DEFAULTS, given)
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read a run config, apply ``--set`` overrides and fill defaults; errors name the file and the key."""
+def read_config_file(path: str | os.PathLike, flag: str = "") -> dict[str, Any]:
+    """A config YAML file's sections as written (no defaults); a folder, a missing file, a binary or non-YAML file
+    and a file that is not a mapping are one-line :class:`ConfigError` naming it (after ``flag``, e.g.
+    ``--config``)."""
     path = Path(path)
+    name = f"{flag} {path}" if flag else str(path)
     if path.is_dir():
-        raise ConfigError(f"{path} is a folder; pass a run config YAML file (e.g. configs/amc_synthetic_tiny.yaml)")
+        raise ConfigError(f"{name} is a folder; pass a run config YAML file (e.g. configs/amc_synthetic_tiny.yaml)")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{name}: file not found")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read the config ({err})") from None
+        raise ConfigError(f"{name}: cannot read the config ({err})") from None
     raw = read_yaml(text, str(path)) or {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"{name}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a run config, apply ``--set`` overrides and fill defaults; errors name the file and the key."""
+    path = Path(path)
+    raw = read_config_file(path)
     check_sections(raw, str(path))  # before the --set overrides merge into them
     config = with_defaults(apply_overrides(raw, parse_set(overrides)))
     config.setdefault("name", path.stem)
