@@ -469,7 +469,7 @@ def test_a_folder_no_report_wrote_is_refused_before_anything_runs(tmp_path, monk
         args.func(args)  # a CirlabError: `cirlab` logs it as one line (tests/test_faults.py runs the command)
 
 
-def test_set_values_are_checked_against_the_notebooks_declared_types_before_any_work(tmp_path, capsys):
+def test_set_values_are_checked_against_the_notebooks_declared_types_before_any_work(tmp_path, caplog):
     # `--set k=abc` ran the train prerequisite and then failed in the evaluate notebook's cell 5
     with pytest.raises(ValueError, match=r"--set k='abc': evaluate's parameter k is an int \(k: int = 50\), not str"):
         report.check_override_types({"k": "abc"}, ["train", "evaluate"])
@@ -483,15 +483,17 @@ def test_set_values_are_checked_against_the_notebooks_declared_types_before_any_
     for table in (report.REPORT_PARAMETERS, report.SMOKE_PARAMETERS):  # the report's own values fit the notebooks
         for name, params in table.items():
             report.check_override_types({f"{name}.{k}": v for k, v in params.items()}, [name])
-    assert report.main(["--out", str(tmp_path / "r"), "--only", "evaluate", "--set", "k=abc"]) == 2
-    assert "evaluate's parameter k is an int" in capsys.readouterr().err
+    with caplog.at_level(logging.ERROR):
+        assert report.main(["--out", str(tmp_path / "r"), "--only", "evaluate", "--set", "k=abc"]) == 2
+    assert "evaluate's parameter k is an int" in caplog.text
     assert not (tmp_path / "r").exists()  # refused before the folder, the data or the train prerequisite
 
 
-def test_a_missing_notebook_is_named_before_any_notebook_runs(tmp_path, capsys):
-    assert report.main(["--out", str(tmp_path / "r"), "--notebooks", str(tmp_path / "none")]) == 2
-    err = capsys.readouterr()
-    assert f"notebook not found: {tmp_path / 'none' / 'train.ipynb'}" in err.err and "running notebook" not in err.out
+def test_a_missing_notebook_is_named_before_any_notebook_runs(tmp_path, capsys, caplog):
+    with caplog.at_level(logging.ERROR):
+        assert report.main(["--out", str(tmp_path / "r"), "--notebooks", str(tmp_path / "none")]) == 2
+    assert f"notebook not found: {tmp_path / 'none' / 'train.ipynb'}" in caplog.text
+    assert "running notebook" not in capsys.readouterr().out
     assert not (tmp_path / "r").exists()
 
 
