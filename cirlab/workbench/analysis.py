@@ -212,12 +212,17 @@ def ceiling_recall(rank_before: Sequence[int], pool: int) -> float:
     return known_recall(rank_before, [pool])[f"R@{pool}"]
 
 
-def rank_shift_by_category(aligned: Any, pool: int, ks: Sequence[int] = (1, 5, 10, 50)) -> Any:
-    """Per category (plus ``all``): recall before/after at ``ks``, the pool ceiling, and the shift summary."""
+def rank_shift_by_category(aligned: Any, pool: int | None, ks: Sequence[int] = (1, 5, 10, 50)) -> Any:
+    """Per category (plus ``all``): recall before/after at ``ks``, the pool ceiling, and the shift summary.
+
+    A re-ranking (``pool`` = its candidate pool size): the shift summary is over the queries whose target is in the
+    pool before, counted in ``queries_in_pool`` (the recalls are over every query with a known target).
+    ``pool=None``, two full rankings of their own: no ceiling, and the summary is over every query with a known
+    target (``queries``); a pool filter would keep only the queries the first ranking already did well on."""
     import pandas as pd
 
     aligned = aligned_frame(aligned, "rank_shift_by_category: aligned")
-    pool = whole_number(pool, "pool")
+    pool = None if pool is None else whole_number(pool, "pool")
     ks = name_list(ks)
     rows = []
     groups = [("all", aligned)]
@@ -227,8 +232,11 @@ def rank_shift_by_category(aligned: Any, pool: int, ks: Sequence[int] = (1, 5, 1
         row: dict[str, Any] = {"category": name}
         row.update({f"before_{k}": v for k, v in known_recall(g["rank_before"], ks).items()})
         row.update({f"after_{k}": v for k, v in known_recall(g["rank_after"], ks).items()})
-        row[f"ceiling_R@{pool}"] = ceiling_recall(g["rank_before"], pool)
-        row.update(rank_shift_summary(g["rank_before"], g["rank_after"], k=pool))
+        shift = rank_shift_summary(g["rank_before"], g["rank_after"], k=pool)
+        if pool is not None:
+            row[f"ceiling_R@{pool}"] = ceiling_recall(g["rank_before"], pool)
+            shift["queries_in_pool"] = shift.pop("queries")
+        row.update(shift)
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -167,13 +167,16 @@ FIGURE_CAPTIONS: dict[str, dict[str, str]] = {
     },
     "rank_shift": {
         "figure8_": "Figure 8 of the re-ranking paper (Appendix A.4): average rank change per initial rank (top) and "
-                    "the number of queries per initial rank (bottom, symlog), one panel per category as the paper's "
-                    "panels a-d.",
+                    "the number of queries per initial rank (bottom, symlog), for one category. The paper's panels "
+                    "a-d are one such figure for each Fashion-IQ category and one for CIRR; this Fashion-IQ run "
+                    "draws the three category figures.",
         "rank_shift": "cirlab's four-panel summary of the same two rankings (per-query ranks, binned means, shares "
-                      "improved/worsened, the candidate pool's recall ceiling). No paper figure.",
+                      "improved/worsened, the candidate pool's recall ceiling). The shares and binned ranks count "
+                      "the queries with the target in the pool (queries_in_pool); the recalls count every query. "
+                      "No paper figure.",
         "second_comparison": "Two full rankings of the same queries, the untrained AMC's and the trained AMC's, "
                              "in the same four panels: not a re-ranking, so there is no candidate pool and no "
-                             "ceiling. No paper figure.",
+                             "ceiling, and the shares and binned ranks count every query. No paper figure.",
     },
     "quickstart": {
         "training_curves": "Training loss of the quickstart's small AMC. No paper figure.",

@@ -749,18 +749,28 @@ def plot_rank_shift(aligned: Any, k: int, bins: int | Sequence[int] | None = 20,
 
     (a) per-query target rank before vs after (log axes, diagonal = no change); (b) mean rank after per bin
     of the rank before, inside the candidate pool of size ``k``; (c) share of queries improved / unchanged /
-    worsened per category; (d) recall before/after per category with the pool's ceiling recall R@k.
+    worsened per category, among those with the target in the pool; (d) recall before/after per category with the
+    pool's ceiling recall R@k.
     ``reranked=False``: the second ranking is a full ranking of its own, not a re-ranking of the first's top ``k``,
-    so there is no pool and no ceiling: (b) and (c) read "top-k" as a range of first ranks, and (d) has no ceiling.
+    so there is no pool: (b) bins every query with a known target by its first rank (log-spaced bins, ``bins`` of
+    them when an int, else 12), (c) counts every such query, (d) has no ceiling and ``k`` is not used. A top-``k``
+    filter there would keep only the queries the first ranking already did well on, and make any second ranking
+    look worse.
     """
     aligned = analysis.aligned_frame(aligned, "plot_rank_shift: aligned")
     if "category" not in aligned.columns:  # one group, as rank_shift_by_category reads it
         aligned = aligned.assign(category="")
-    table = analysis.rank_shift_table(aligned["rank_before"], aligned["rank_after"], k, bins)
-    per_cat = analysis.rank_shift_by_category(aligned, k, ks=(1, 10))
+    if reranked:
+        table = analysis.rank_shift_table(aligned["rank_before"], aligned["rank_after"], k, bins)
+    else:
+        k = int(aligned["rank_before"].max())  # the whole first ranking, binned on a log scale
+        count = whole_number(bins, "bins") if isinstance(bins, (int, np.integer)) else 12
+        edges = np.unique(np.geomspace(1, k + 1, count + 1).round().astype(int))
+        table = analysis.rank_shift_table(aligned["rank_before"], aligned["rank_after"], k, edges)
+    per_cat = analysis.rank_shift_by_category(aligned, k if reranked else None, ks=(1, 10))
     fig = _figure(10.0, 7.0)
     (a, b), (c, d) = fig.subplots(2, 2)
-    _rank_scatter(a, aligned, k, label_before, label_after)
+    _rank_scatter(a, aligned, k if reranked else None, label_before, label_after)
     full = table[table["count"] > 0]
     if full.empty:  # panel (b) was an empty frame with only the diagonal, as if nothing had been measured
         logger.warning("plot_rank_shift: no query has its target inside the top-%d pool before; panel (b) is empty",
@@ -770,26 +780,34 @@ def plot_rank_shift(aligned: Any, k: int, bins: int | Sequence[int] | None = 20,
     b.plot(full["mean_rank_before"], full["mean_rank_after"], "o-", color=PALETTE[0], gid="binned_means",
            label=f"mean {label_after} rank")
     b.plot([1, k], [1, k], "--", color="gray", linewidth=0.8, label="no change")
-    b.set_xlabel(f"rank {label_before} (bin mean, {'pool ' if reranked else ''}top-{k})")
+    if reranked:
+        b.set_xlabel(f"rank {label_before} (bin mean, pool top-{k})")
+    else:
+        b.set_xscale("log")
+        b.set_yscale("log")
+        b.set_xlabel(f"rank {label_before} (bin mean, log-spaced bins over all queries)")
     b.set_ylabel(f"mean rank {label_after}")
     b.legend(fontsize=7)
     b.set_title("(b) mean rank after per bin of rank before", fontsize=9)
-    _shift_shares(c, per_cat, "the pool" if reranked else f"the first top-{k}")
-    _ceiling_bars(d, per_cat, k if reranked else None)
+    _shift_shares(c, per_cat, "% of queries with the target in the pool" if reranked
+                  else "% of queries (all with a known target)")
+    _ceiling_bars(d, per_cat, k if reranked else None, label_before, label_after)
     if title:
         fig.suptitle(title)
     return fig
 
 
-def _rank_scatter(ax: Any, aligned: Any, k: int, label_before: str, label_after: str) -> None:
+def _rank_scatter(ax: Any, aligned: Any, k: int | None, label_before: str, label_after: str) -> None:
+    """Target rank before vs after per query, coloured by category; the pool's edge ``k`` drawn when there is one."""
     cats = sorted(aligned["category"].astype(str).unique())
     for g, cat in enumerate(cats):
         m = aligned["category"].astype(str) == cat
         ax.scatter(aligned.loc[m, "rank_before"], aligned.loc[m, "rank_after"], s=8, alpha=0.6,
                    color=PALETTE[g % len(PALETTE)], label=cat or "all", gid=f"scatter:{cat}")
-    top = float(max(aligned["rank_before"].max(), aligned["rank_after"].max(), k))
+    top = float(max(aligned["rank_before"].max(), aligned["rank_after"].max(), k or 1))
     ax.plot([1, top], [1, top], "--", color="gray", linewidth=0.8)
-    ax.axvline(k, color="black", linewidth=0.6, linestyle=":")
+    if k is not None:
+        ax.axvline(k, color="black", linewidth=0.6, linestyle=":")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(f"target rank {label_before}")
@@ -799,7 +817,7 @@ def _rank_scatter(ax: Any, aligned: Any, k: int, label_before: str, label_after:
         ax.legend(fontsize=6)
 
 
-def _shift_shares(ax: Any, per_cat: Any, within: str = "the pool") -> None:
+def _shift_shares(ax: Any, per_cat: Any, xlabel: str) -> None:
     y = np.arange(len(per_cat))
     left = np.zeros(len(per_cat))
     for key, color in (("improved_pct", PALETTE[2]), ("unchanged_pct", "#bbbbbb"), ("worsened_pct", PALETTE[3])):
@@ -807,19 +825,23 @@ def _shift_shares(ax: Any, per_cat: Any, within: str = "the pool") -> None:
         ax.barh(y, vals, left=left, color=color, label=key.replace("_pct", ""), gid=f"share:{key}")
         left += vals
     ax.set_yticks(y, per_cat["category"].tolist(), fontsize=7)
-    ax.set_xlabel(f"% of queries with target in {within}")
+    ax.set_xlabel(xlabel)
     ax.set_xlim(0, 100)
     _legend_outside(ax, fontsize=7)
     ax.set_title("(c) improved / unchanged / worsened", fontsize=9)
 
 
-def _ceiling_bars(ax: Any, per_cat: Any, k: int | None) -> None:
-    """Recall before/after per category, and the top-``k`` pool's ceiling unless ``k`` is None (no pool)."""
+def _ceiling_bars(ax: Any, per_cat: Any, k: int | None, label_before: str = "before",
+                  label_after: str = "after") -> None:
+    """Recall before/after per category, and the top-``k`` pool's ceiling unless ``k`` is None (no pool); the legend
+    names the rankings (``stage I R@1``), not the table's keys."""
     keys = [c for c in per_cat.columns if c.startswith(("before_R@", "after_R@"))] + ([f"ceiling_R@{k}"] if k else [])
     x = np.arange(len(per_cat))
     width = 0.8 / len(keys)
     for j, key in enumerate(keys):
-        ax.bar(x + (j - (len(keys) - 1) / 2) * width, per_cat[key].to_numpy(), width, label=key,
+        side, _, metric = key.partition("_")
+        name = {"before": label_before, "after": label_after}.get(side, side)  # ceiling_R@50 -> "ceiling R@50"
+        ax.bar(x + (j - (len(keys) - 1) / 2) * width, per_cat[key].to_numpy(), width, label=f"{name} {metric}",
                color="black" if key.startswith("ceiling") else PALETTE[j % len(PALETTE)],
                alpha=0.35 if key.startswith("ceiling") else 1.0, gid=f"recall:{key}")
     ax.set_xticks(x, per_cat["category"].tolist(), fontsize=7)
