@@ -79,8 +79,8 @@ routes.head()
 # %% [markdown]
 # ## Gates per query and layer
 # AMC: one row per query, one column per expert. DIME: per layer, the weight each source cell sends to each
-# destination cell (one column per path). Rows are grouped by category (DIME: caption type). Each layer has its own
-# colour scale; pass `scale="shared"` to compare weights across layers on one.
+# destination cell (one column per path). Rows are grouped by category (DIME: caption type). AMC's sigmoid gates
+# share one colour scale; DIME's layers each have their own (pass `scale="shared"` to compare them on one).
 
 # %%
 if kind == "router":
@@ -123,7 +123,8 @@ stats
 # ## Dense routing flows (DIME) and the path space
 # DIME: the mean path weight from each cell to each cell of the next layer, drawn as flows between layers (line
 # width = weight), then the same means as one heatmap per layer, each on its own colour scale. Path space:
-# every query's concatenated routing weights, projected to 2-D (PCA), coloured by category (DIME: caption type).
+# every query's concatenated routing weights, each scaled to unit variance (DIME's raw output-layer weights would
+# otherwise make the map one path's), projected to 2-D (PCA), coloured by category (DIME: caption type).
 
 # %%
 has_paths = kind == "router" and routes["source"].notna().any()

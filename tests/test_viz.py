@@ -122,6 +122,24 @@ def test_pca_2d_recovers_the_dominant_direction():
     assert abs(np.corrcoef(coords[:, 0], t)[0, 1]) > 0.999
 
 
+def test_standardised_pca_is_not_one_large_feature():
+    """DIME's path space was 99% one raw output-layer weight: the standardised map weighs every path alike."""
+    rng = np.random.default_rng(1)
+    signal = rng.normal(size=300)
+    small = np.outer(signal, [0.01, 0.01, 0.01]) + 0.001 * rng.normal(size=(300, 3))  # correlated, small scale
+    big = 0.5 * rng.normal(size=(300, 1))  # independent, large scale
+    x = np.hstack([small, big, np.full((300, 1), 0.25)])  # and a constant column
+    _, raw = analysis.pca_2d(x)
+    assert raw[0] > 0.99  # the large feature alone
+    coords, ratio = analysis.pca_2d(x, standardize=True)
+    assert 0.6 < ratio[0] < 0.8  # the three correlated small features: 3 of 4 units of variance
+    assert abs(np.corrcoef(coords[:, 0], signal)[0, 1]) > 0.99
+    z = (x[:, :4] - x[:, :4].mean(0)) / x[:, :4].std(0)  # naive reference: the covariance of the z-scores
+    top = np.linalg.eigvalsh(np.cov(z, rowvar=False, bias=True))[::-1]
+    np.testing.assert_allclose(ratio, top[:2] / top.sum(), rtol=1e-9)
+    assert "weights standardised" in viz.plot_path_space(amc_frame(n=15)).axes[0].get_xlabel()
+
+
 def test_read_log_names_the_bad_line(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\nnot json\n')
@@ -240,8 +258,13 @@ def test_path_heatmaps_give_each_layer_its_own_colour_range_unless_shared():
         assert [image.get_clim()[1] for image in images] == [pytest.approx(top)] * 3
         assert sum(1 for ax in fig.axes if not ax.images) == 1
     assert viz.plot_expert_heatmaps(dime, scale="shared").axes[0].images[0].get_clim()[0] == 0.0
-    with pytest.raises(ValueError, match="scale='global'; expected one of layer, shared"):
+    with pytest.raises(ValueError, match="scale='global'; expected one of auto, layer, shared"):
         viz.plot_expert_heatmaps(dime, scale="global")
+    bars = [ax for ax in viz.plot_expert_heatmaps(dime).axes if not ax.images]
+    assert [ax.get_ylabel() for ax in bars] == ["routing weight"] * 3  # every colour bar says what it shows
+    amc = viz.plot_expert_heatmaps(amc_frame())  # AMC's sigmoid gates: one range from 0, comparable across layers
+    assert len({ax.images[0].get_clim() for ax in amc.axes if ax.images}) == 1
+    assert sum(1 for ax in amc.axes if not ax.images) == 1
 
 
 def test_gate_distributions_one_box_per_group_and_expert():
@@ -324,6 +347,13 @@ def test_dime_flows_band_per_path_scaled_by_weight():
     assert widest > thinnest
     wmax = max(m.mean(axis=0).max() for m in mats.values())
     assert widest == pytest.approx(0.5 + 12.0 * mean.max() / wmax)
+    # column 0 holds layer0's own cells (the sources of its paths), not the input: the labels were one column off
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["layer0 cells", "layer1 cells", "layer2 cells", "out"]
+    layers = {t.get_gid(): t.get_position()[0] for t in ax.texts if (t.get_gid() or "").startswith("paths:")}
+    assert layers == {"paths:layer0": 0.5, "paths:layer1": 1.5, "paths:layer2": 2.5}  # between their two columns
+    x0 = bands[f"flow:layer0:{CELLS[s]}->{CELLS[d]}"].get_path().vertices[:, 0]
+    assert x0.min() > 0 and x0.max() < 1  # a layer0 band runs from column 0 to column 1
 
 
 def test_path_space_colours_by_category():

@@ -420,10 +420,13 @@ def path_vectors(frame: Any, meta: str | None = "category") -> tuple[np.ndarray,
     return table.to_numpy(dtype=float), ids, labels
 
 
-def pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pca_2d(x: np.ndarray, standardize: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Project rows onto the first two principal components (numpy SVD; no sklearn).
 
     Returns ``(coords [N, 2], explained_variance_ratio [2])``; components with no variance give zeros.
+    ``standardize``: divide each centred column by its standard deviation first (a constant column stays 0), so
+    that features on larger scales (DIME's raw output-layer weights beside normalised hidden-layer ones) do not make
+    the map one feature's.
     """
     x = np.asarray(x, dtype=float)
     if x.ndim != 2 or len(x) < 2:
@@ -433,6 +436,9 @@ def pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise InputError(f"pca_2d: {len(bad)} row(s) hold NaN or inf values (rows {bad[:5].tolist()}"
                          f"{'...' if len(bad) > 5 else ''})")
     centred = x - x.mean(axis=0)
+    if standardize:
+        std = centred.std(axis=0)
+        centred = centred / np.where(std > 0, std, 1.0)
     _, s, vt = np.linalg.svd(centred, full_matrices=False)
     comps = vt[:2]
     coords = centred @ comps.T

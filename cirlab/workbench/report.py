@@ -89,7 +89,10 @@ _CHILDREN: set[Any] = set()
 _AMC_GATES = ("AMC's router gates α1 (NIN), α2 (GTN), α3 (CRN), in the paper's order and numbering (its Fig. 3, the "
               "architecture, defines them; the code's order is NIN, CRN, GTN). The AMC paper's code returns the gates "
               "but plots nothing, so no paper figure is regenerated exactly")
-_DIME_PATHS = ("DIME's routing paths (cells RIC, GLGC, IMRC, CMRC; the paper numbers them 0, 2, 1, 3). The DIME code "
+_DIME_PATHS = ("DIME's routing paths (cells RIC, GLGC, IMRC, CMRC; the paper numbers them 0, 2, 1, 3): layer l's paths go "
+               "from its cells to layer l+1's. The weights of layer0 and layer1 are normalised per destination (a "
+               "cell's incoming weights sum to 1, about 1/4 each); layer2's are the raw sigmoid router outputs into "
+               "the output, not normalised (they sum to about 3), as DIME's output mixing uses them. The DIME code "
                "saves and plots no paths, so no paper figure is regenerated exactly")
 FIGURE_CAPTIONS: dict[str, dict[str, str]] = {
     "train": {
@@ -114,9 +117,11 @@ FIGURE_CAPTIONS: dict[str, dict[str, str]] = {
         "gates_by_modification": f"Distribution of each gate per modification type (color, add, remove, move, "
                                  f"size). {_AMC_GATES}.",
         "entropy_utilisation": "How decisive the router is (entropy of the normalised gates) and which experts do "
-                               "the work (mean share, share of queries won). No paper figure.",
-        "path_space": "Each query's gates of all layers projected to 2-D (PCA), coloured by category. No AMC paper "
-                      "figure.",
+                               "the work (mean share, share of queries won). A share is a gate over the sum of the "
+                               "query's gates: AMC's gates are independent sigmoids, so the raw gates of the box "
+                               "plots do not sum to 1. No paper figure.",
+        "path_space": "Each query's gates of all layers, standardised, projected to 2-D (PCA), coloured by category. "
+                      "No AMC paper figure.",
         "query_view": "The explorer's view of one query: reference, text, top 5 and the target with its rank, and the "
                       "gates of this run beside an untrained copy's for the same text. No paper figure.",
     },
@@ -129,7 +134,8 @@ FIGURE_CAPTIONS: dict[str, dict[str, str]] = {
         "cell_flows": f"Mean path weight between the cells of consecutive layers (the dense routing of the paper's "
                       f"architecture figure, with its weights). {_DIME_PATHS}.",
         "path_matrices": f"The same mean path weights as one destination x source matrix per layer. {_DIME_PATHS}.",
-        "path_space": "Pairs in path space (all path weights, PCA to 2-D), coloured by caption type: the idea of the "
+        "path_space": "Pairs in path space (all path weights, each standardised, PCA to 2-D), coloured by caption "
+                      "type: the idea of the "
                       "DIME paper's path-space visualisation (no figure number is cited here: not checked against "
                       "the paper).",
         "query_view": "The explorer's view of one pair: its path matrices as traced. No paper figure.",

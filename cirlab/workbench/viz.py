@@ -382,12 +382,16 @@ def _label_groups(ax: Any, labels: Sequence[str], with_ticks: bool) -> None:
         ax.set_yticks([])
 
 
-_SCALES = ("layer", "shared")
+_SCALES = ("auto", "layer", "shared")
 
 
-def _check_scale(scale: str, caller: str) -> None:
+def _check_scale(scale: str, caller: str, frame: Any) -> str:
+    """``scale`` checked, ``"auto"`` resolved: one range per layer for path frames, one shared range for gates."""
     if scale not in _SCALES:
         raise InputError(f"{caller}: scale={scale!r}; expected one of {', '.join(_SCALES)}")
+    if scale == "auto":
+        return "layer" if _is_path_frame(frame) else "shared"
+    return scale
 
 
 def _colour_ranges(mats: Sequence[Any], scale: str, floor: float | None = None) -> list[tuple[float, float]]:
@@ -403,17 +407,18 @@ def _colour_ranges(mats: Sequence[Any], scale: str, floor: float | None = None) 
 
 
 def plot_expert_heatmaps(frame: Any, layers: Sequence[str] | str | None = None, max_queries: int = 40,
-                         sort_by: str | None = "category", scale: str = "layer") -> Any:
+                         sort_by: str | None = "category", scale: str = "auto") -> Any:
     """Per layer, a ``query x expert`` heatmap of routing weights (DIME: columns are source→destination paths).
 
     Rows are up to ``max_queries`` queries spread over the values of ``sort_by`` (default: the category; DIME: the
     caption type), grouped and labelled by it. AMC's experts are drawn in the paper's order (α1 NIN, α2 GTN, α3 CRN).
-    ``scale="layer"`` (default) gives each panel its own colour range and colour bar: DIME's 16 paths of a hidden
-    layer share about 1/4 of the weight each, which a range set by the output layer (near 1) draws as one flat
-    colour. ``scale="shared"``: one range from 0 for all panels, to compare weights across layers.
+    ``scale="layer"`` gives each panel its own colour range and colour bar: DIME's 16 paths of a hidden layer share
+    about 1/4 of the weight each, which a range set by the output layer (near 1) draws as one flat colour.
+    ``scale="shared"``: one range from 0 for all panels, to compare weights across layers. ``"auto"`` (default):
+    ``layer`` for path models (DIME), ``shared`` for gate models (AMC's sigmoid gates, comparable in [0, 1]).
     """
     analysis.refuse_attention_trace(frame, "plot_expert_heatmaps")
-    _check_scale(scale, "plot_expert_heatmaps")
+    scale = _check_scale(scale, "plot_expert_heatmaps", frame)
     layers = _layers(frame, layers)
     ids, groups = _pick_queries(frame, max_queries, sort_by)
     paths = _is_path_frame(frame)
@@ -426,7 +431,7 @@ def plot_expert_heatmaps(frame: Any, layers: Sequence[str] | str | None = None, 
         image = ax.imshow(mat.to_numpy(dtype=float), aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax,
                           interpolation="nearest")
         if scale == "layer":
-            fig.colorbar(image, ax=ax, shrink=0.8, label="routing weight" if ax is axes[-1] else None)
+            fig.colorbar(image, ax=ax, shrink=0.8, label="routing weight")
         names = [display_label(c) for c in mat.columns]
         many = mat.shape[1] > 4 or max(map(len, names)) > 7  # long DIME path names would run together
         ax.set_xticks(range(mat.shape[1]), names, rotation=90 if many else 0, fontsize=6 if many else 8)
@@ -479,7 +484,7 @@ def plot_query_gates(frame: Any, query_ids: Sequence[Any] | Any, layers: Sequenc
 
 
 def plot_gate_distributions(frame: Any, by: str = "category", layers: Sequence[str] | str | None = None,
-                            scale: str = "layer") -> Any:
+                            scale: str = "auto") -> Any:
     """Per layer, each expert's weight grouped by ``by`` (category, modification type, ...).
 
     Gate models (AMC): box plots per expert and group. Path models (DIME, 16 paths a layer): a heatmap of the mean
@@ -487,7 +492,7 @@ def plot_gate_distributions(frame: Any, by: str = "category", layers: Sequence[s
     ``scale`` as in :func:`plot_expert_heatmaps` (box plots share their y axis either way).
     """
     analysis.refuse_attention_trace(frame, "plot_gate_distributions")
-    _check_scale(scale, "plot_gate_distributions")
+    scale = _check_scale(scale, "plot_gate_distributions", frame)
     if by not in frame.columns:
         raise UnknownKeyError(f"the route frame has no {by!r} column; columns: {list(frame.columns)}")
     layers = _layers(frame, layers)
@@ -540,7 +545,7 @@ def _group_means_heatmaps(frame: Any, by: str, layers: Sequence[str], scale: str
         image = ax.imshow(data, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
         image.set_gid(f"means:{layer}")
         if scale == "layer":
-            fig.colorbar(image, ax=ax, shrink=0.8, label="mean path weight" if ax is axes[-1] else None)
+            fig.colorbar(image, ax=ax, shrink=0.8, label="mean path weight")
         ax.set_yticks(range(len(names)), [display_label(n) for n in names], fontsize=6)
         ax.set_xticks(range(len(groups)), groups, rotation=45, ha="right", fontsize=7)
         ax.set_xlabel(by, fontsize=8)
@@ -654,7 +659,14 @@ def plot_dime_flows(frame: Any, min_weight: float = 0.0) -> Any:
                                  edgecolor="black", linewidth=0.8, zorder=3)
             ax.add_patch(box)
             ax.text(c, y, str(name), ha="center", va="center", fontsize=7, zorder=4)
-    ax.set_xticks(range(len(columns)), ["input"] + [str(f[0]) for f in flows], fontsize=8)
+    # column l holds the cells routing layer l reads from (layer0's own cells first), the last column where the last
+    # routing layer sends to; each band's layer is written between its two columns
+    last = str(flows[-1][2][0]) if len(flows[-1][2]) == 1 else f"after {flows[-1][0]}"  # DIME: "output"
+    ax.set_xticks(range(len(columns)), [f"{f[0]} cells" for f in flows] + [last], fontsize=8)
+    span_top = max(len(c) for c in columns) / 2 + 0.05
+    for l, f in enumerate(flows):
+        ax.text(l + 0.5, span_top, f"{f[0]} paths", ha="center", va="bottom", fontsize=7, color="dimgray",
+                gid=f"paths:{f[0]}")
     ax.set_yticks([])
     ax.set_xlim(-0.4, len(columns) - 0.6)
     span = max(len(c) for c in columns) / 2 + 0.3
@@ -665,11 +677,15 @@ def plot_dime_flows(frame: Any, min_weight: float = 0.0) -> Any:
     return fig
 
 
-def plot_path_space(frame: Any, color_by: str = "category", annotate: int = 0) -> Any:
-    """A 2-D PCA map of queries in path space (all layers' weights concatenated), coloured by ``color_by``."""
+def plot_path_space(frame: Any, color_by: str = "category", annotate: int = 0, standardize: bool = True) -> Any:
+    """A 2-D PCA map of queries in path space (all layers' weights concatenated), coloured by ``color_by``.
+
+    ``standardize`` (default): every weight is scaled to unit variance before the PCA. DIME's output-layer weights
+    are raw sigmoids (0.4-0.9) beside hidden-layer weights normalised to about 1/4, and unscaled, one output path
+    made 99% of the variance: the map showed that path alone."""
     analysis.refuse_attention_trace(frame, "plot_path_space")
     x, ids, labels = analysis.path_vectors(frame, meta=_group_column(frame, color_by, "color_by"))
-    coords, ratio = analysis.pca_2d(x)
+    coords, ratio = analysis.pca_2d(x, standardize=standardize)
     fig = _figure(5.0, 4.2)
     ax = fig.add_subplot()
     groups = sorted(set(map(str, labels)))
@@ -680,8 +696,9 @@ def plot_path_space(frame: Any, color_by: str = "category", annotate: int = 0) -
                    label=group or "(none)", gid=f"group:{group}")
     for i in range(min(annotate, len(ids))):
         ax.annotate(str(ids[i]), coords[i], fontsize=6)
-    ax.set_xlabel(f"PC1 ({100 * ratio[0]:.0f}% var.)")
-    ax.set_ylabel(f"PC2 ({100 * ratio[1]:.0f}% var.)")
+    scaled = ", weights standardised" if standardize else ""
+    ax.set_xlabel(f"PC1 ({100 * ratio[0]:.0f}% var.{scaled})")
+    ax.set_ylabel(f"PC2 ({100 * ratio[1]:.0f}% var.{scaled})")
     if len(groups) > 1:
         _legend_outside(ax, fontsize=7, title=color_by)
     ax.set_title("Queries in path space", fontsize=9)
