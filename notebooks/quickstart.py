@@ -70,8 +70,8 @@ fig
 
 # %% [markdown]
 # ## 3. What does it retrieve?
-# Each row: the reference image, the text, then the five best gallery images. The target has a green frame
-# (no frame means it ranked below five).
+# Each row: the reference image, the text, then the five best gallery images. The target has a green frame; when
+# it ranked below five, it is drawn last with a dashed green frame and its rank.
 
 # %%
 model = workbench.load_run(f"{out_dir}/run", device=device)

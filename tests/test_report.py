@@ -155,6 +155,19 @@ def test_index_has_contents_run_records_integers_and_each_metric_once(tmp_path):
     assert "A training diagnostic; no paper figure" in page
 
 
+def test_index_shows_figures_in_the_order_the_notebook_saved_them(tmp_path):
+    figures = tmp_path / "evaluate" / "figures"
+    figures.mkdir(parents=True)
+    for i, stem in enumerate(("metrics_table", "gallery_dress", "failures_dress", "per_category")):
+        (figures / f"{stem}.png").write_bytes(b"\x89PNG")
+        os.utime(figures / f"{stem}.png", ns=(10**9 * (100 + i), 10**9 * (100 + i)))
+    (tmp_path / "evaluate" / report.RECORD).write_text(json.dumps({"status": "ok", "parameters": {}}))
+    page = report.write_index(tmp_path).read_text()
+    shown = [page.index(f"alt='{stem}'") for stem in ("metrics_table", "gallery_dress", "failures_dress",
+                                                       "per_category")]
+    assert shown == sorted(shown)  # alphabetical put failures before galleries and the table after them
+
+
 def test_index_names_the_selection_metric_and_drops_the_selected_splits_repeat(tmp_path):
     folder = tmp_path / "train_dime"
     folder.mkdir()

@@ -1,6 +1,8 @@
 """cirlab.workbench.viz plots and the cirlab.workbench.analysis numbers behind them, on small known inputs."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -217,6 +219,8 @@ def test_metrics_bars_one_bar_per_metric_and_run():
     table = analysis.compare_runs({"a": {"R@1": 1.0, "R@5": 2.0}, "b": {"R@1": 3.0, "R@5": 4.0}})
     fig = viz.plot_metrics_bars(table)
     assert sorted(p.get_height() for p in fig.axes[0].patches) == [1.0, 2.0, 3.0, 4.0]
+    fig = viz.plot_metrics_bars({"dress": 50.75, "avg": 41.75})  # "50.7" beside "41.8": the tables say 50.75, 41.75
+    assert [t.get_text() for t in fig.axes[0].texts] == ["50.75", "41.75"]
 
 
 def test_run_comparison_table(tmp_path):
@@ -468,6 +472,19 @@ def test_training_curves_from_log(tmp_path):
         viz.plot_training_curves(path, keys=["loss", "rank-loss"])  # was: the misspelt panel dropped silently
     with pytest.raises(KeyError, match=r"lacks column\(s\) epochs"):
         viz.plot_training_curves(path, x="epochs")
+
+
+def test_a_logged_phase_flag_is_marked_where_it_turns_on(tmp_path):
+    """DIME's rank loss drops where its warm-up ends (sum of violations -> hardest negative): the curves say so."""
+    path = tmp_path / "log.jsonl"
+    rows = [{"kind": "train", "step": s, "loss": 100.0 / s, "max_violation_on": float(s >= 30),
+             "relation_on": 1.0} for s in (1, 10, 20, 30, 40)]  # relation_on never turns on: no line for it
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = viz.plot_training_curves(path)
+    lines = [l for ax in fig.axes for l in ax.lines if (l.get_gid() or "").startswith("phase:")]
+    assert [(l.get_gid(), l.get_xdata()[0]) for l in lines] == [("phase:max_violation_on", 30.0)]
+    assert any(t.get_text() == "max violation on" for t in fig.axes[0].texts)
+    assert "curve:max_violation_on" not in {l.get_gid() for ax in fig.axes for l in ax.lines}  # no panel of its own
 
 
 def test_no_pyplot_state_leaks():

@@ -642,7 +642,9 @@ class DIME(BertVocabMixin, nn.Module):
         bert = txt["bert"][:n]
         path_reg = ((self.itr_module.path_similarity(paths) - bert @ bert.t()) ** 2).sum() / n
         return {"rank_loss": rank, "path_loss": cfg.path_weight * path_reg, "path_reg": path_reg.detach(),
-                "pos_score": scores[:n, :n].diagonal().mean().detach()}
+                "pos_score": scores[:n, :n].diagonal().mean().detach(),
+                # a phase flag in the log: the training curves mark where the warm-up's sum of violations ends
+                "max_violation_on": torch.tensor(float(self.uses_max_violation()))}
 
     def on_epoch_start(self, epoch: int) -> None:
         """Trainer hook (0-based epoch): ends the sum-of-violations warm-up after ``max_violation_warmup_epochs``."""

@@ -1208,7 +1208,9 @@ def _entry_html(out: Path, name: str, state: Mapping[str, Any]) -> str:
         parts.append(f"<details><summary>parameters</summary><table>{rows}</table></details>")
     if (folder / "metrics.json").is_file():
         parts.append(f"<details open><summary>metrics</summary>{_metrics_html(folder / 'metrics.json')}</details>")
-    figures = sorted((folder / "figures").glob("*.png"))
+    # in the order the notebook saved them (its narrative: galleries before failures, the overview before the
+    # per-category figures), not alphabetically; the name breaks ties
+    figures = sorted((folder / "figures").glob("*.png"), key=lambda p: (p.stat().st_mtime_ns, p.name))
     if figures:
         parts.append("<div class='figs'>")
         for png in figures:

@@ -240,7 +240,7 @@ def plot_metrics_bars(metrics: Mapping[str, float] | Any, title: str = "", ylabe
     for j, run in enumerate(table.columns):
         bars = ax.bar(x + (j - (n_runs - 1) / 2) * width, table[run].to_numpy(dtype=float), width,
                       label=str(run), color=PALETTE[j % len(PALETTE)])
-        ax.bar_label(bars, fmt="%.1f", fontsize=6)
+        ax.bar_label(bars, fmt="%.2f", fontsize=6)  # as the tables: Fashion-IQ's recalls step by 0.25 (50.75)
     ax.set_xticks(x, [str(i) for i in table.index], rotation=45, ha="right", fontsize=7)
     ax.set_ylabel(ylabel)
     if n_runs > 1:
@@ -875,6 +875,9 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | s
     ``x`` defaults to ``step`` (else ``epoch``, else the record index); ``keys`` defaults to every numeric
     column ending in ``loss`` plus ``lr`` and any validation metric (``val`` prefix or ``R@`` in the name).
     A quantity that never changes (a constant learning rate) gets no panel: its value is written under the figure.
+    A 0/1 phase flag a model logs (a column ending in ``_on``: DIME's ``max_violation_on`` after its sum-of-violations
+    warm-up, HREM's ``relation_on`` after ``warmup_iters``) is a dotted line in every panel at the first logged
+    record where it is on after being off: a loss that changes its definition there drops for that reason.
     """
     import pandas as pd
 
@@ -906,12 +909,32 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | s
         ax.set_xlabel(x or "record", fontsize=7)
         ax.set_ylabel(key, fontsize=7)
         ax.grid(True, linestyle="--", alpha=0.5)
+    for name, at in _phase_starts(df, xs).items():
+        for ax in axes[:len(keys)]:
+            ax.axvline(at, color="dimgray", linestyle=":", linewidth=1.0, gid=f"phase:{name}")
+        axes[0].annotate(f"{name.removesuffix('_on').replace('_', ' ')} on", (at, 1.0),
+                         xycoords=("data", "axes fraction"), xytext=(2, -2), textcoords="offset points",
+                         va="top", fontsize=6, color="dimgray")
     for ax in axes[len(keys):]:
         ax.axis("off")
     if constant:
         note = "constant: " + ", ".join(f"{k} = {float(v):g}" for k, v in constant.items())
         fig.supxlabel(note, fontsize=8, gid="constants")
     return fig
+
+
+def _phase_starts(df: Any, xs: Any) -> dict[str, float]:
+    """``{flag: x}`` for each logged 0/1 column ending in ``_on`` that is off at first and on later: the x of its
+    first logged record where it is on."""
+    starts = {}
+    for name in (c for c in df.columns if str(c).endswith("_on")):
+        values = df[name]
+        seen = values.notna()
+        flags = values[seen].to_numpy(dtype=float)
+        if len(flags) < 2 or not set(np.unique(flags)) <= {0.0, 1.0} or flags[0] != 0.0 or not flags.any():
+            continue
+        starts[str(name)] = float(xs[seen].to_numpy()[int(np.argmax(flags == 1.0))])
+    return starts
 
 
 # --------------------------------------------------------------------------------------------- CaLa: HCA and TAC
