@@ -164,7 +164,9 @@ if kind == "cala":
 # lines): the connection relation (which pairs the fusion may attend to), the relevance relation (the weights it
 # learned from the word-region scores) and the first fusion layer's attention (heads averaged). Then the chosen
 # caption (`query_id`, a batch position) against the regions of its own image, and each of its words' best
-# region score against every image of the batch.
+# region score against every image of the batch. The table gives the mean relevance and attention per block;
+# the connection's block means are left out: each row keeps its top `threshold` share in every block, so they are
+# 0.5 by construction.
 
 # %%
 if kind == "hrem":
@@ -174,7 +176,8 @@ if kind == "hrem":
     fig = viz.plot_word_region(graph["word_region"], text=texts[graph["caption_id"]])
     viz.save_figure(fig, f"{out_dir}/figures", "word_region")
     display(fig)
-    display(analysis.relation_block_means(routes))
+    block_means = analysis.relation_block_means(routes).drop(index=["connection", "mask"], errors="ignore")
+    display(block_means)
 
 # %% [markdown]
 # ## One query, live
@@ -213,7 +216,7 @@ elif kind == "cala":
                "bridge_words": dict(analysis.bridge_words(routes, top=10)[["word", "bridge"]].values.tolist())}
 else:
     metrics = {"queries": len(texts), "caption_id": int(graph["caption_id"]),
-               "block_means": analysis.relation_block_means(routes).to_dict("index")}
+               "block_means": block_means.to_dict("index")}
 config = {"run_dir": run, "dataset": dataset, "data_root": data_dir, "split": split, "output_dir": out_dir,
           "n_queries": n_queries, "query_id": query_id, "shown_query": str(shown), "compare": compare,
           "interactive": interactive, "device": device}

@@ -221,6 +221,7 @@ def test_metrics_bars_one_bar_per_metric_and_run():
     assert sorted(p.get_height() for p in fig.axes[0].patches) == [1.0, 2.0, 3.0, 4.0]
     fig = viz.plot_metrics_bars({"dress": 50.75, "avg": 41.75})  # "50.7" beside "41.8": the tables say 50.75, 41.75
     assert [t.get_text() for t in fig.axes[0].texts] == ["50.75", "41.75"]
+    assert fig.axes[0].get_ylim() == (0.0, 108.0)  # recalls on the whole percent scale, not autoscaled to 50
 
 
 def test_run_comparison_table(tmp_path):
@@ -397,9 +398,13 @@ def test_entropy_histograms_put_the_layers_side_by_side():
     frame = amc_frame(n=30)
     ax = viz.plot_gate_entropy(frame).axes[0]
     bars = {layer: [p for p in ax.patches if p.get_gid() == f"entropy:{layer}"] for layer in ("layer1", "layer2")}
+    ents = {layer: analysis.gate_entropy(analysis.gate_matrix(frame, layer).to_numpy()) for layer in bars}
+    low = min(e.min() for e in ents.values())
+    start = max(0.0, np.floor(20 * low) / 20 - 0.05)  # the axis starts just below the lowest entropy, ends at 1
+    assert start <= low and start > 0.0  # these random gates are far from 0: the bins are not spent on [0, 0.5]
     for layer, patches in bars.items():  # the counts are the layer's entropies, binned
-        ent = analysis.gate_entropy(analysis.gate_matrix(frame, layer).to_numpy())
-        np.testing.assert_array_equal([p.get_height() for p in patches], np.histogram(ent, np.linspace(0, 1, 21))[0])
+        np.testing.assert_array_equal([p.get_height() for p in patches],
+                                      np.histogram(ents[layer], np.linspace(start, 1, 21))[0])
     for one, two in zip(bars["layer1"], bars["layer2"]):  # same bin, no shared x range: neither hides the other
         assert one.get_x() + one.get_width() <= two.get_x() + 1e-12
 
@@ -616,7 +621,9 @@ def test_relation_graph_shows_the_joint_matrix_with_its_four_blocks():
         assert blocks == {"i2i": (-0.5, -0.5), "i2t": (2.5, -0.5), "t2i": (-0.5, 2.5), "t2t": (2.5, 2.5)}
         assert ax.images[0].get_array()[0, 4] == 4.0  # row 0 (img 10) x column 4 (cap 55)
     bars = [ax.get_ylabel() for ax in fig.axes if not ax.images and ax.get_gid() is None]
-    assert bars == ["connected (1) or not (0)", "relevance", "fusion attention weight"]  # every colour bar says what
+    assert bars == ["connection", "relevance", "fusion attention weight"]  # every colour bar says what
+    connection_bar = next(ax for ax in fig.axes if not ax.images and ax.get_gid() is None)
+    assert [t.get_text() for t in connection_bar.get_yticklabels()] == ["not connected", "connected"]  # two levels
 
 
 def word_region_frame(words=("[CLS]", "a", "red", "star", "[SEP]"), images=(3, 4), regions: int = 4,
@@ -646,6 +653,10 @@ def test_word_region_view_labels_the_captions_words():
     assert [t.get_text() for t in right.get_xticklabels()] == ["img 3", "img 4"]
     assert right.get_xticklabels()[0].get_fontweight() == "bold"
     assert "a red star" in fig._suptitle.get_text()
+    wide = viz.plot_word_region(word_region_frame(regions=36))  # 36 regions: every fifth labelled, readable
+    left36 = next(ax for ax in wide.axes if ax.get_gid() == "word_region")
+    assert [t.get_text() for t in left36.get_xticklabels()] == [str(r) for r in range(0, 36, 5)]
+    assert left36.get_xticklabels()[0].get_fontsize() >= 7
     # one colour range for both panels (the right one's own-image column is the left one's row maxima), labelled
     assert left.images[0].get_clim() == right.images[0].get_clim() == pytest.approx((3.0, 4.43))
     assert sorted(ax.get_ylabel() for ax in fig.axes if not ax.images and ax.get_gid() is None) == [

@@ -243,6 +243,9 @@ def plot_metrics_bars(metrics: Mapping[str, float] | Any, title: str = "", ylabe
         ax.bar_label(bars, fmt="%.2f", fontsize=6)  # as the tables: Fashion-IQ's recalls step by 0.25 (50.75)
     ax.set_xticks(x, [str(i) for i in table.index], rotation=45, ha="right", fontsize=7)
     ax.set_ylabel(ylabel)
+    values = table.to_numpy(dtype=float)
+    if "%" in ylabel and np.nanmin(values) >= 0 and np.nanmax(values) <= 100:
+        ax.set_ylim(0, 108)  # the whole percent scale: an autoscaled axis made chance-level bars look tall
     if n_runs > 1:
         ax.legend(fontsize=7)
     ax.set_title(title)
@@ -570,8 +573,11 @@ def plot_gate_entropy(frame: Any, layers: Sequence[str] | str | None = None) -> 
     axes = fig.subplots(1, 1 + len(layers), width_ratios=[1.3] + [1.0] * len(layers), squeeze=False)[0]
     left = axes[0]
     entropies = [analysis.gate_entropy(analysis.gate_matrix(frame, layer).to_numpy()) for layer in layers]
+    # the axis starts a little below the lowest entropy (DIME's routing sits at 0.97-1.0, one bin of [0, 1])
+    low = min(float(np.nanmin(e)) for e in entropies) if any(len(e) for e in entropies) else 0.0
+    start = max(0.0, np.floor(20 * low) / 20 - 0.05)
     # one bar per layer side by side in each bin: overlaid translucent bars mixed into a third colour
-    _, _, bars = left.hist(entropies, bins=np.linspace(0, 1, 21), label=[str(layer) for layer in layers],
+    _, _, bars = left.hist(entropies, bins=np.linspace(start, 1, 21), label=[str(layer) for layer in layers],
                            color=[PALETTE[i % len(PALETTE)] for i in range(len(layers))])
     for layer, container in zip(layers, bars if len(layers) > 1 else [bars]):
         for patch in container:
@@ -940,9 +946,10 @@ def _phase_starts(df: Any, xs: Any) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------- CaLa: HCA and TAC
 def _heat(fig: Any, ax: Any, mat: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str,
           cmap: str = "viridis", center: bool = False, label: str = "",
-          limits: tuple[float, float] | None = None) -> None:
+          limits: tuple[float, float] | None = None, levels: Mapping[float, str] | None = None) -> None:
     """A labelled heatmap with its own colour bar, titled ``label`` (what the colours measure); ``limits`` fixes
-    the colour range (panels that show the same quantity share one)."""
+    the colour range (panels that show the same quantity share one); ``levels`` names the only values a map holds
+    (a 0/1 mask: its bar shows those two, not a continuous scale)."""
     kw: dict[str, Any] = {"cmap": cmap, "aspect": "auto"}
     if limits is not None:
         kw.update(vmin=limits[0], vmax=limits[1])
@@ -959,6 +966,9 @@ def _heat(fig: Any, ax: Any, mat: np.ndarray, rows: Sequence[str], cols: Sequenc
     ax.set_title(title, fontsize=9)
     bar = fig.colorbar(im, ax=ax, shrink=0.8, label=label or None)
     bar.ax.yaxis.label.set_fontsize(8)
+    if levels:
+        bar.set_ticks(list(levels), labels=list(levels.values()), fontsize=7)
+        return
     bar.formatter.set_useOffset(False)
     bar.update_ticks()
 
@@ -1043,7 +1053,7 @@ def plot_bridge_words(frame: Any, top: int = 15, title: str = "") -> Any:
 
 
 # --------------------------------------------------------------------------------------------- HREM: relation graph
-_RELATION_UNITS = {"connection": "connected (1) or not (0)", "relevance": "relevance",
+_RELATION_UNITS = {"connection": "connection", "relevance": "relevance",
                    "attention": "fusion attention weight", "mask": "additive attention mask"}
 
 
@@ -1068,8 +1078,10 @@ def plot_relation_graph(edges: Any, matrices: Sequence[str] | str = ("connection
     axes = fig.subplots(1, len(present), squeeze=False)[0]
     for ax, name in zip(axes, present):
         mat, labels, b = analysis.relation_matrix(edges, name)
-        _heat(fig, ax, mat, labels, labels, name, cmap="Greys" if name == "connection" else "viridis",
-              label=_RELATION_UNITS.get(name, name))
+        binary = name == "connection"
+        _heat(fig, ax, mat, labels, labels, name, cmap="Greys" if binary else "viridis",
+              label=_RELATION_UNITS.get(name, name), limits=(0.0, 1.0) if binary else None,
+              levels={0.0: "not connected", 1.0: "connected"} if binary else None)
         ax.set_gid(f"relation:{name}")
         ax.axhline(b - 0.5, color="red", lw=1.2)
         ax.axvline(b - 0.5, color="red", lw=1.2)
@@ -1110,7 +1122,9 @@ def plot_word_region(word_region: Any, image_id: Any | None = None, text: str = 
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1.3]})
     _heat(fig, left, mat, words, [str(r) for r in range(mat.shape[1])], f"words x regions of image {own}",
           label=f"word-region {value}", limits=limits)
-    left.tick_params(axis="x", labelsize=5)
+    if mat.shape[1] > 20:  # 36 regions at a readable size do not fit: every fifth
+        left.set_xticks(range(0, mat.shape[1], 5), [str(r) for r in range(0, mat.shape[1], 5)], rotation=0,
+                        ha="center", fontsize=7)
     left.set_xlabel("region", fontsize=8)
     left.set_ylabel("caption word", fontsize=8)
     left.set_gid("word_region")
