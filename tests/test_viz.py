@@ -486,8 +486,10 @@ def test_a_logged_phase_flag_is_marked_where_it_turns_on(tmp_path):
              "relation_on": 1.0} for s in (1, 10, 20, 30, 40)]  # relation_on never turns on: no line for it
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     fig = viz.plot_training_curves(path)
-    lines = [l for ax in fig.axes for l in ax.lines if (l.get_gid() or "").startswith("phase:")]
-    assert [(l.get_gid(), l.get_xdata()[0]) for l in lines] == [("phase:max_violation_on", 30.0)]
+    bands = [p for ax in fig.axes for p in ax.patches if (p.get_gid() or "").startswith("phase:")]
+    assert len(bands) == 1 and bands[0].get_gid() == "phase:max_violation_on"  # one panel (loss), one band
+    left, width = bands[0].get_x(), bands[0].get_width()
+    assert (left, left + width) == (20.0, 30.0)  # between the last record with it off and the first with it on
     assert any(t.get_text() == "max violation on" for t in fig.axes[0].texts)
     assert "curve:max_violation_on" not in {l.get_gid() for ax in fig.axes for l in ax.lines}  # no panel of its own
 

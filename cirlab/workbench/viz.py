@@ -882,8 +882,9 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | s
     column ending in ``loss`` plus ``lr`` and any validation metric (``val`` prefix or ``R@`` in the name).
     A quantity that never changes (a constant learning rate) gets no panel: its value is written under the figure.
     A 0/1 phase flag a model logs (a column ending in ``_on``: DIME's ``max_violation_on`` after its sum-of-violations
-    warm-up, HREM's ``relation_on`` after ``warmup_iters``) is a dotted line in every panel at the first logged
-    record where it is on after being off: a loss that changes its definition there drops for that reason.
+    warm-up, HREM's ``relation_on`` after ``warmup_iters``) is a shaded band in every panel, from the last logged
+    record where it is off to the first where it is on (the switch is somewhere in it): a loss that changes its
+    definition there moves for that reason.
     """
     import pandas as pd
 
@@ -915,10 +916,10 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | s
         ax.set_xlabel(x or "record", fontsize=7)
         ax.set_ylabel(key, fontsize=7)
         ax.grid(True, linestyle="--", alpha=0.5)
-    for name, at in _phase_starts(df, xs).items():
+    for name, (off, on) in _phase_starts(df, xs).items():
         for ax in axes[:len(keys)]:
-            ax.axvline(at, color="dimgray", linestyle=":", linewidth=1.0, gid=f"phase:{name}")
-        axes[0].annotate(f"{name.removesuffix('_on').replace('_', ' ')} on", (at, 1.0),
+            ax.axvspan(off, on, color="gray", alpha=0.2, linewidth=0, gid=f"phase:{name}")
+        axes[0].annotate(f"{name.removesuffix('_on').replace('_', ' ')} on", (on, 1.0),
                          xycoords=("data", "axes fraction"), xytext=(2, -2), textcoords="offset points",
                          va="top", fontsize=6, color="dimgray")
     for ax in axes[len(keys):]:
@@ -929,9 +930,9 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | s
     return fig
 
 
-def _phase_starts(df: Any, xs: Any) -> dict[str, float]:
-    """``{flag: x}`` for each logged 0/1 column ending in ``_on`` that is off at first and on later: the x of its
-    first logged record where it is on."""
+def _phase_starts(df: Any, xs: Any) -> dict[str, tuple[float, float]]:
+    """``{flag: (x_off, x_on)}`` for each logged 0/1 column ending in ``_on`` that is off at first and on later: the
+    x of the last logged record where it is off and of the first where it is on."""
     starts = {}
     for name in (c for c in df.columns if str(c).endswith("_on")):
         values = df[name]
@@ -939,7 +940,9 @@ def _phase_starts(df: Any, xs: Any) -> dict[str, float]:
         flags = values[seen].to_numpy(dtype=float)
         if len(flags) < 2 or not set(np.unique(flags)) <= {0.0, 1.0} or flags[0] != 0.0 or not flags.any():
             continue
-        starts[str(name)] = float(xs[seen].to_numpy()[int(np.argmax(flags == 1.0))])
+        first_on = int(np.argmax(flags == 1.0))
+        at = xs[seen].to_numpy()
+        starts[str(name)] = (float(at[first_on - 1]), float(at[first_on]))
     return starts
 
 
