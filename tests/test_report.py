@@ -171,6 +171,10 @@ def test_index_shows_figures_in_the_order_the_notebook_saved_them(tmp_path):
 def test_index_names_the_selection_metric_and_drops_the_selected_splits_repeat(tmp_path):
     folder = tmp_path / "train_dime"
     folder.mkdir()
+    cala = tmp_path / "train_cala"
+    cala.mkdir()
+    (cala / "metrics.json").write_text(json.dumps({"protocol": "cirr", "val": {"avg": 10.58, "R@5": 0.96}}))
+    (cala / report.RECORD).write_text(json.dumps({"status": "ok", "parameters": {}}))
     dev, test = {"rsum": 387.2, "i2t_R@1": 40.0}, {"rsum": 387.2, "i2t_R@1": 38.0}  # test's rsum equal by chance
     (folder / "metrics.json").write_text(json.dumps({
         "val": dev, "splits": {"dev": dev, "test": test},
@@ -180,6 +184,7 @@ def test_index_names_the_selection_metric_and_drops_the_selected_splits_repeat(t
     assert "selection/best_score (i2t_R@1+i2t_R@5 on dev)</td><td class='num'>212.80<" in page
     assert "splits/dev/" not in page and "val/rsum" in page  # the selected split is val/, shown once
     assert "splits/test/rsum</td><td class='num'>387.20<" in page  # another split's equal number stays
+    assert "val/avg = (R@5 + Rsubset@1) / 2</td><td class='num'>10.58<" in page  # CIRR's avg, by its formula
 
 
 def test_index_shows_every_metric_tables_of_records_included(tmp_path):

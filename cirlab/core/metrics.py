@@ -55,6 +55,9 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------------- metric keys
 AVG = "avg"  # the headline average of a protocol (FIQ overall, Shoes mean, CIRR (R@5 + Rsubset@1) / 2)
+# what ``avg`` is, per protocol, in words for tables (the functions below compute it)
+AVG_DEFINITIONS = {"fashioniq": "(avg_R@10 + avg_R@50) / 2", "shoes": "(R@1 + R@10 + R@50) / 3",
+                   "cirr": "(R@5 + Rsubset@1) / 2"}
 RSUM = "rsum"  # ITM: i2t R@1+R@5+R@10 + t2i R@1+R@5+R@10
 TIES = ("stable", "optimistic", "pessimistic")
 FIQ_CATEGORIES = ("dress", "shirt", "toptee")

@@ -1089,6 +1089,11 @@ def _metrics_html(path: Path, limit: int = 60) -> str:
     # the notebook's val/ holds the metrics of the split the trainer selected on (ITM: dev), which the trainer's
     # record repeats under splits/<split>/
     flat = _unique_metrics(_flat_numbers(metrics), [(f"splits/{split}/", "val/")] if isinstance(split, str) else [])
+    from cirlab.core.metrics import AVG, AVG_DEFINITIONS  # here: the module imports torch, the report CLI does not
+
+    avg = AVG_DEFINITIONS.get(str(metrics.get("protocol"))) if isinstance(metrics, Mapping) else None
+    if avg:  # the protocol's headline number, named by its formula (CIRR's and Fashion-IQ's differ)
+        flat = {(f"{k} = {avg}" if k.rsplit("/", 1)[-1] == AVG else k): v for k, v in flat.items()}
     if isinstance(selection.get("metric"), str) and "selection/best_score" in flat:  # which number it is best at
         what = selection["metric"] + (f" on {split}" if isinstance(split, str) else "")
         flat = {(f"selection/best_score ({what})" if k == "selection/best_score" else k): v for k, v in flat.items()}
