@@ -74,7 +74,8 @@ fig
 best = workbench.load_run(run_dir, device=device)
 val_metrics, topks = workbench.evaluate_run(best, dataset, data_dir, "val", k=50, device=device,
                                             topk_dir=f"{run_dir}/topk")
-fig = viz.plot_metrics_bars({k: v for k, v in val_metrics.items() if metrics.is_recall_key(k)}, title=f"{model} ({preset}) val")
+recalls = {k: v for k, v in val_metrics.items() if metrics.is_recall_key(k)}
+fig = viz.plot_metrics_bars(recalls, title=f"{model} ({preset}) val")
 viz.save_figure(fig, f"{run_dir}/figures", "val_metrics")
 fig
 

@@ -89,8 +89,8 @@ _CHILDREN: set[Any] = set()
 _AMC_GATES = ("AMC's router gates α1 (NIN), α2 (GTN), α3 (CRN), in the paper's order and numbering (its Fig. 3, the "
               "architecture, defines them; the code's order is NIN, CRN, GTN). The AMC paper's code returns the gates "
               "but plots nothing, so no paper figure is regenerated exactly")
-_DIME_PATHS = ("DIME's routing paths (cells RIC, GLGC, IMRC, CMRC; the paper numbers them 0, 2, 1, 3): layer l's paths go "
-               "from its cells to layer l+1's. The weights of layer0 and layer1 are normalised per destination (a "
+_DIME_PATHS = ("DIME's routing paths (cells RIC, GLGC, IMRC, CMRC; the paper numbers them 0, 2, 1, 3): layer l's paths "
+               "go from its cells to layer l+1's. The weights of layer0 and layer1 are normalised per destination (a "
                "cell's incoming weights sum to 1, about 1/4 each); layer2's are the raw sigmoid router outputs into "
                "the output, not normalised (they sum to about 3), as DIME's output mixing uses them. The DIME code "
                "saves and plots no paths, so no paper figure is regenerated exactly")
