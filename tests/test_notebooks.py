@@ -544,7 +544,9 @@ def test_train_and_explorer_entries_of_hrem_and_cala(tiny_data, tmp_path, model)
     explorer = json.loads((tmp_path / f"router_explorer_{model}" / "metrics.json").read_text())
     if model == "hrem":
         assert set(explorer["block_means"]["relevance"]) == {"i2i", "i2t", "t2i", "t2t"}
-        assert explorer["block_means"]["connection"]["i2i"] > 0  # every image is connected to itself
+        assert explorer["block_means"]["relevance"]["i2i"] > 0  # every image is relevant to itself (exp(0) = 1)
+        # the connection's block means are its threshold by construction, and the mask is not drawn: left out
+        assert not {"connection", "mask"} & set(explorer["block_means"])
     else:
         assert explorer["bridge_words"] and not {"[CLS]", "[SEP]"} & set(explorer["bridge_words"])
 
