@@ -227,10 +227,13 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
         cli[section][field] = value
     if args.dataset and not args.root and not args.config:
         config["dataset"]["synthetic"] = None
-    if args.dataset and args.category is None and not _same_dataset(args.dataset, config["dataset"].get("name")):
-        config["dataset"]["category"] = None  # the stored run's categories belong to its own dataset
+    other = bool(args.dataset) and not _same_dataset(args.dataset, config["dataset"].get("name"))
+    if other:  # the stored dataset section (root, categories, split names, options), its protocol and its split
+        # list belong to its own dataset: another dataset starts from the defaults (the flags still apply)
+        config["dataset"] = copy.deepcopy(with_defaults({})["dataset"])
+        config["eval"].update(protocol=None, splits=None)
     config = merge_config(config, cli)
-    if not (config_path is not None and config_path.is_file()) and config["dataset"].get("name"):
+    if (other or not (config_path is not None and config_path.is_file())) and config["dataset"].get("name"):
         _catalog_splits(config["dataset"])
     config = apply_overrides(config, parse_set(args.overrides))
     if not config["dataset"].get("name"):

@@ -516,3 +516,33 @@ def test_version_names_cirlab_torch_and_transformers_from_one_source(capsys):
     out = capsys.readouterr().out.strip()
     assert out == f"cirlab {cirlab.__version__} (torch {version('torch')}, transformers {version('transformers')})"
     assert version("cirlab") == cirlab.__version__  # pyproject reads cirlab.__version__ (dynamic), not its own copy
+
+
+def test_eval_on_another_dataset_starts_from_that_datasets_defaults_not_the_runs(tmp_path):
+    """`cirlab eval RUN --dataset other` kept the run's root (the old dataset's folder), split names and protocol;
+    only its categories were reset."""
+    import argparse
+
+    import yaml
+
+    from cirlab.cli import _eval_config
+    from cirlab.data.catalog import get_dataset
+    from cirlab.engine.runs import with_defaults
+
+    stored = with_defaults({"dataset": {"name": "fashioniq", "root": str(tmp_path / "fiq"), "category": ["dress"],
+                                        "options": {"captions": "amc"}},
+                            "eval": {"protocol": "fashioniq", "splits": ["val"]}})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
+    flags = dict(config=None, dataset=None, root=None, category=None, protocol=None, k=None, batch_size=None,
+                 split=None, overrides=[])
+    same = _eval_config(argparse.Namespace(**{**flags, "dataset": "fashioniq"}), tmp_path)
+    assert same["dataset"]["root"] == str(tmp_path / "fiq") and same["dataset"]["category"] == ["dress"]
+    other = _eval_config(argparse.Namespace(**{**flags, "dataset": "f30k", "root": str(tmp_path / "f30k")}),
+                         tmp_path)
+    assert other["dataset"]["root"] == str(tmp_path / "f30k") and other["dataset"]["category"] is None
+    assert other["dataset"]["options"] == {} and other["eval"]["protocol"] is None and other["eval"]["splits"] is None
+    spec = get_dataset("f30k")
+    assert (other["dataset"]["train_split"], other["dataset"]["val_split"], other["dataset"]["test_split"]) == \
+        tuple(spec.splits)
+    no_root = _eval_config(argparse.Namespace(**{**flags, "dataset": "f30k"}), tmp_path)
+    assert no_root["dataset"]["root"] == ""  # $CIRLAB_DATA/f30k, not the Fashion-IQ folder of the run
