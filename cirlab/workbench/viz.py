@@ -1049,7 +1049,8 @@ def plot_bridge_words(frame: Any, top: int = 15, title: str = "") -> Any:
     ax.set_yticks(range(len(table)), [f"{w} ({c})" for w, c in zip(table["word"], table["count"])], fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="black", lw=0.6)
-    ax.set_xlabel("mean bridge value (word (occurrences))")
+    ax.set_xlabel("mean bridge value")
+    ax.set_ylabel("word (occurrences)", fontsize=8)
     ax.set_title(title or f"CaLa: words that bridge reference and target ({frame['query_id'].nunique()} queries)",
                  fontsize=10)
     return fig
