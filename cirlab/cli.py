@@ -212,7 +212,10 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
 
     config_path = Path(args.config) if args.config else (run_dir / "config.yaml" if run_dir else None)
     if args.config or (config_path is not None and config_path.is_file()):
-        config = with_defaults(read_config_file(config_path, "--config" if args.config else ""))
+        raw = read_config_file(config_path, "--config" if args.config else "")
+        if raw.get("model_name") == raw.get("model"):  # cirlab.fit's runs before 0.1 repeated the model's name
+            raw.pop("model_name", None)
+        config = with_defaults(raw)
     else:
         config = with_defaults({})
     base = copy.deepcopy(config)  # what the file says, before the flags and --set change it
@@ -237,6 +240,9 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
         _catalog_splits(config["dataset"])
     config = apply_overrides(config, parse_set(args.overrides))
     if not config["dataset"].get("name"):
+        if config_path is not None and config_path.is_file():  # a run of the Python API (cirlab.fit) records none
+            raise ConfigError(f"cirlab eval: {config_path} records no dataset (a cirlab.fit run is given its data "
+                              "in Python): pass --dataset and --root")
         raise ConfigError("cirlab eval: no dataset: pass --dataset (or --config, or a run folder)")
     flags = [f"{flag} {value}" for _, _, flag, value in given]
     validate_blaming(config, base, str(config_path) if config_path is not None and config_path.is_file()

@@ -546,3 +546,27 @@ def test_eval_on_another_dataset_starts_from_that_datasets_defaults_not_the_runs
         tuple(spec.splits)
     no_root = _eval_config(argparse.Namespace(**{**flags, "dataset": "f30k"}), tmp_path)
     assert no_root["dataset"]["root"] == ""  # $CIRLAB_DATA/f30k, not the Fashion-IQ folder of the run
+
+
+def test_a_run_of_the_python_api_is_evaluated_by_the_cli(tmp_path, synth, caplog):
+    """The README's `cirlab.fit(..., output_dir=...)` run: `cirlab eval RUN` said "pass ... a run folder" (it had),
+    and with --dataset it stopped at the `model_name` key fit wrote into config.yaml."""
+    from cirlab.data import load_cir
+    from cirlab.data.generators import synthetic
+
+    root = synthetic.ensure(synth, size="tiny", image_size=32) / "fashioniq"
+    model = cirlab.create_model("stub_cir", preset="tiny", embed_dim=12)
+    train = load_cir("fashioniq", root, "train", category="dress")
+    run = tmp_path / "run"
+    cirlab.fit(model, train.triplet_dataset(model.image_transform(True)),
+               cirlab.TrainConfig(epochs=1, batch_size=8, progress="log"), output_dir=run)
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert set(written) == {"model", "model_config", "train"} and written["model"] == "stub_cir"
+    assert main(["eval", str(run)]) == 2
+    assert f"{run / 'config.yaml'} records no dataset" in caplog.text and "--dataset and --root" in caplog.text
+    assert main(["eval", str(run), "--dataset", "fashioniq", "--root", str(root), "--category", "dress",
+                 "--split", "val", "--k", "5"]) == 0
+    legacy = {**written, "model_name": "stub_cir"}  # what fit wrote before: still evaluated
+    (run / "config.yaml").write_text(yaml.safe_dump(legacy))
+    assert main(["eval", str(run), "--dataset", "fashioniq", "--root", str(root), "--category", "dress",
+                 "--split", "val", "--k", "5", "--output", str(tmp_path / "m.json")]) == 0

@@ -1154,8 +1154,10 @@ class Trainer:
     def _write_config(self) -> None:
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            config = self.run_config or {"model": getattr(self.model, "model_name", type(self.model).__name__),
-                                         **_model_meta(self.model), "train": self.cfg.to_dict()}
+            # cirlab.fit's run: the sections cirlab eval reads back (model, its config, train); the dataset is the
+            # caller's, so `cirlab eval RUN` needs --dataset/--root (it says so)
+            meta = _model_meta(self.model)
+            config = self.run_config or {"model": meta.pop("model_name"), **meta, "train": self.cfg.to_dict()}
             write_yaml(self.output_dir / "config.yaml", config)
             if self.cfg.selection == "paper":
                 logger.warning("selection='paper': best.pt is chosen on the %r split, the split results are "
