@@ -183,6 +183,10 @@ def _add_convert(subparsers: Any) -> None:
 
 def _run_convert(args: argparse.Namespace) -> int:
     _refuse_existing(args)
+    if not Path(args.source).exists():  # said first, in one form: each reader below named a missing path its own way
+        from cirlab.core.errors import MissingPathError
+
+        raise MissingPathError(f"cirlab convert: {args.source}: no such file or folder")
     if args.to == "original":
         if args.source_layout == "lavis":
             from cirlab.core.errors import ConfigError

@@ -1137,6 +1137,16 @@ def f_eval_config_file_binary(ws: Workspace) -> Outcome:
     return expect_error(cli("eval", run, "--config", binary), r"--config .*model\.yaml: cannot read the config")
 
 
+@fault("traceback or late failure", "refused naming the missing source, whatever the model")
+def f_convert_source_missing(ws: Workspace) -> Outcome:
+    """--model cala said the folder was in the wrong format, a re-ranker "checkpoint not found", LAVIS its own."""
+    calls = [cli("convert", ws.root / "released" / "cala_cirr", ws.root / "out.pt", *flags)
+             for flags in (["--model", "cala", "--preset", "tiny"], ["--model", "blip_rerank_stage1"],
+                           ["--from", "lavis", "--model", "cala"])]
+    return first_failure(*(expect_error(call, r"cirlab convert: .*released/cala_cirr: no such file or folder$")
+                           for call in calls))
+
+
 @fault("traceback or late failure", "refused: the config is a folder")
 def f_eval_config_path_is_a_folder(ws: Workspace) -> Outcome:
     run = ws.run_dir(copy_finished=True)
