@@ -211,9 +211,14 @@ def test_ema_reseed_after_paper_apply():
 
 def test_selection_on_named_split_and_paper_mode(tmp_path, caplog):
     scores = iter([{"val": {"R@1": 5.0}, "test": {"R@1": 1.0}}, {"val": {"R@1": 3.0}, "test": {"R@1": 9.0}}])
-    result = train(_model(), TripletItems(16), _cfg(epochs=2, selection_metric="R@1"), output_dir=tmp_path / "v",
-                   evaluate_fn=lambda m: next(scores))
+    with caplog.at_level(logging.INFO, logger="cirlab.engine.train"):
+        result = train(_model(), TripletItems(16), _cfg(epochs=2, selection_metric="R@1"),
+                       output_dir=tmp_path / "v", evaluate_fn=lambda m: next(scores))
     assert result["best_epoch"] == 0 and result["best_score"] == 5.0 and result["selection_split"] == "val"
+    evals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval at step")]
+    # epochs counted from 1 in the log lines, as the progress line counts them ("train: step 4/8 ... epoch 1")
+    assert [m.split(":")[0] for m in evals] == ["eval at step 2, epoch 1", "eval at step 4, epoch 2"]
+    caplog.clear()
 
     scores = iter([{"val": {"R@1": 5.0}, "test": {"R@1": 1.0}}, {"val": {"R@1": 3.0}, "test": {"R@1": 9.0}}])
     with caplog.at_level(logging.WARNING, logger="cirlab.engine.train"):

@@ -1336,7 +1336,8 @@ class Trainer:
                 self.save_weights("best.pt", results)  # weights as evaluated (EMA if enabled)
         self.eval_history.append(record)
         log.write(record)
-        logger.info("eval epoch %d step %d: %s", p.epoch, p.step, _short(record))
+        # numbered as the progress line numbers epochs (from 1); the record keeps the 0-based index
+        logger.info("eval at step %d, epoch %d: %s", p.step, p.epoch + 1, _short(record))
 
     def save_weights(self, name: str, metrics: dict[str, Any] | None = None) -> None:
         if self.dist.is_main:
