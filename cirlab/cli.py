@@ -96,7 +96,7 @@ def _add_eval(subparsers: Any) -> None:
                    help="evaluate RUN_OR_CHECKPOINT together with this model as one ensemble; repeatable. AMC: "
                         "mean of the members' cosines (the original eval_ensemble.py); DIME: DIME* = mean of the "
                         "members' score matrices (e.g. an i2t and a t2i run). The dataset and the evaluation "
-                        "settings come from TARGET, the first member")
+                        "settings come from the first member, the positional RUN_OR_CHECKPOINT")
     p.set_defaults(func=_run_eval)
 
 
@@ -306,11 +306,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.ensemble:
         from cirlab.engine.runs import make_ensemble
 
-        members = [model] + [model_from_checkpoint(_checkpoint_of(m, args.checkpoint)[0], model=args.model,
-                                                   preset=args.preset, trust_pickle=args.trust_pickle,
-                                                   overrides=config.get("model_overrides"))[0]
-                             for m in args.ensemble]
-        model = make_ensemble(members)
+        files = [checkpoint] + [_checkpoint_of(m, args.checkpoint)[0] for m in args.ensemble]
+        members = [model] + [model_from_checkpoint(path, model=args.model, preset=args.preset,
+                                                   trust_pickle=args.trust_pickle,
+                                                   overrides=config.get("model_overrides"))[0] for path in files[1:]]
+        model = make_ensemble(members, [str(path) for path in files])
     device = eval_device(args.device)
     model.to(device)
     results = {}
@@ -321,7 +321,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     record: dict[str, Any] = {"checkpoint": str(checkpoint), "splits": results,
                               "protocols": {split: protocol_of(config, split) for split in splits}}
     if args.ensemble:
-        record["ensemble"] = [str(checkpoint)] + [str(_checkpoint_of(m, args.checkpoint)[0]) for m in args.ensemble]
+        record["ensemble"] = [str(path) for path in files]
     text = json.dumps(record, indent=2, sort_keys=True)
     print(text)
     if args.output:

@@ -411,8 +411,10 @@ def test_ensembles_need_members_of_one_paper_model():
     amc = cirlab.create_model("amc", "tiny")
     with pytest.raises(ConfigError, match="one model kind"):
         make_ensemble([amc, cirlab.create_model("stub_cir", "tiny")])
-    with pytest.raises(ConfigError, match="image transform/size"):
-        make_ensemble([amc, cirlab.create_model("amc", "tiny", image_size=32)])
+    size = amc.config.image_size
+    with pytest.raises(ConfigError, match=rf"image transforms differ \(member 1 amc_shoes at {size} px, member 2 "
+                                          r"amc_shoes at 32 px\); .* \(member 1: runs/a; member 2: runs/b\)$"):
+        make_ensemble([amc, cirlab.create_model("amc", "tiny", image_size=32)], ["runs/a", "runs/b"])
     both = make_ensemble([amc, cirlab.create_model("amc", "tiny")])
     assert both.model_name == "amc_ensemble" and len(both.members) == 2
 

@@ -645,10 +645,10 @@ def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, 
     return net, meta
 
 
-def make_ensemble(models: Sequence[Any]) -> Any:
+def make_ensemble(models: Sequence[Any], names: Sequence[str] = ()) -> Any:
     """One model that scores as the mean of ``models``' scores, built by the members' own ``ensemble``
     classmethod (AMC: mean of cosines, the original ``eval_ensemble.py``; DIME: DIME*, mean of the score
-    matrices). Members must be the same paper's model."""
+    matrices). Members must be the same paper's model; ``names`` (their files) number them in a refusal."""
     kinds = sorted({type(m).__name__ for m in models})
     if len(kinds) != 1:
         raise ConfigError(f"an ensemble's members must be one model kind; got {', '.join(kinds)}")
@@ -658,7 +658,8 @@ def make_ensemble(models: Sequence[Any]) -> Any:
     try:
         return build(list(models))
     except ValueError as err:
-        raise ConfigError(str(err)) from None
+        members = "; ".join(f"member {i}: {name}" for i, name in enumerate(names, 1))
+        raise ConfigError(f"{err}" + (f" ({members})" if members else "")) from None
 
 
 def _restore_tuples(cls: type, values: dict[str, Any]) -> dict[str, Any]:

@@ -590,9 +590,11 @@ class AMC(nn.Module):
     @classmethod
     def ensemble(cls, models: Sequence["AMC"]) -> "AMCEnsemble":
         """The original ``eval_ensemble.py``: one model scoring as the mean of the members' cosines."""
-        transforms = {(m.config.transform, m.config.image_size) for m in models}
-        if len(transforms) != 1:  # the ensemble feeds every member the same images
-            raise ValueError(f"AMC ensemble: members differ in image transform/size {sorted(transforms)}")
+        transforms = [(m.config.transform, m.config.image_size) for m in models]
+        if len(set(transforms)) != 1:  # the ensemble feeds every member the same images
+            listed = ", ".join(f"member {i} {name} at {size} px" for i, (name, size) in enumerate(transforms, 1))
+            raise ValueError(f"AMC ensemble: the members' image transforms differ ({listed}); an ensemble feeds every "
+                             "member the same images")
         return AMCEnsemble(models)
 
     def __init__(self, config: AMCConfig) -> None:
