@@ -89,6 +89,11 @@ def _run_submit(args: argparse.Namespace) -> int:
         raise ConfigError(f"cirlab submit: {run} is a {dataset} run; the submission files are for the CIRR test "
                           "server, so submit takes CIRR runs only (cirlab eval scores other datasets)")
     split_name = config["dataset"]["test_split"] if args.split == "test" else args.split
+    said = split_name
+    if args.split == "test" and split_name == config["dataset"]["val_split"]:  # tiny configs test on val: say so
+        said = f"{split_name} (--split test: the run config's dataset.test_split is its validation split)"
+        logger.warning("cirlab submit: --split test ranks split %r: the run config's dataset.test_split is its "
+                       "validation split, so these files are not a test submission", split_name)
     name = file_name_part(args.name, "--name") if args.name else f"{run.resolve().name}_{split_name}"
     out = Path(args.out) if args.out else run / "submission"
     if out.exists() and not out.is_dir():
@@ -106,7 +111,7 @@ def _run_submit(args: argparse.Namespace) -> int:
         if isinstance(err, ConfigError):
             raise
         root = config["dataset"].get("root") or "the configured dataset"
-        raise ConfigError(f"cirlab submit: {run}, split {split_name} of {root}: {err}") from None
+        raise ConfigError(f"cirlab submit: {run}, split {said} of {root}: {err}") from None
     recall, subset = save_cirr_submission(submission, out, name)
     print(json.dumps({"recall": str(recall), "recall_subset": str(subset), "queries": len(split.triplets)}, indent=2))
     return 0

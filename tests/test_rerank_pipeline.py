@@ -151,6 +151,11 @@ def test_submit_refuses_a_split_with_a_short_gallery(runs, caplog):
     assert main(["submit", str(runs["stage1"]), "--split", "val"]) == 2  # 43 candidates < the server's 50
     assert re.search(r"cirlab submit: \S+stage1, split val of \S+: k=50 but only 43 gallery items can "
                      r"be ranked per query$", caplog.text.strip())
+    assert "test_split" not in caplog.text
+    caplog.clear()  # a config whose test split is its validation split (the tiny configs): said, not silent
+    assert main(["submit", str(runs["stage1"]), "--split", "test", "--set", "dataset.test_split=val"]) == 2
+    assert "--split test ranks split 'val': the run config's dataset.test_split is its validation split" in caplog.text
+    assert "split val (--split test: the run config's dataset.test_split is its validation split) of" in caplog.text
 
 
 def test_submit_refuses_to_replace_its_files_before_any_work(runs, tmp_path, capsys, caplog, monkeypatch):
