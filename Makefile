@@ -14,7 +14,7 @@ NBSTRIP_KEYS := metadata.language_info.codemirror_mode metadata.language_info.fi
 .PHONY: demo test setup git-filter notebooks browser clean-reports bench help
 
 help:
-	@echo "make demo       - set up .venv and regenerate reports/ (synthetic data, CPU, about 5 min)"
+	@echo "make demo       - set up .venv and regenerate reports/ (synthetic data, CPU, about 3 min after setup)"
 	@echo "make test       - set up .venv and run the test suite"
 	@echo "make notebooks  - pair notebooks/*.ipynb with their py:percent twins (jupytext --sync)"
 	@echo "make browser    - install Debian's chromium for tests/test_browser.py (root, apt-get)"
