@@ -6,6 +6,7 @@ checkout's root, and write nothing into notebooks/."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -650,3 +651,14 @@ def test_the_explorers_one_query_search_scores_as_the_batched_evaluation(tiny_da
             assert answer["target_rank"] == int(topk.target_rank[i]), qid
             checked += 1
     assert checked >= 6
+
+
+def test_hrem_relation_says_why_it_changed_the_number_of_images(tiny_data, caplog):
+    import cirlab
+    from cirlab import workbench
+
+    hrem = cirlab.create_model("hrem", "tiny", img_dim=2048)
+    with caplog.at_level(logging.WARNING):
+        graph = workbench.hrem_relation(hrem, "f30k", tiny_data, n_images=999)
+    n = len(graph["texts"])  # one caption of each image in the batch
+    assert f"hrem_relation: n_images=999: using {n} (the split has only {n} images)" in caplog.text

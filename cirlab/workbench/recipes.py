@@ -605,8 +605,9 @@ def hrem_relation(model: Any, dataset: str, data_root: str | os.PathLike, split:
     _check_count(n_images, "n_images")
     n = max(2, min(n_images, loaded.num_images))  # a relation graph needs two images
     if n != n_images:
-        logger.warning("hrem_relation: n_images=%d -> %d (a relation graph needs 2; the split has %d images)",
-                       n_images, n, loaded.num_images)
+        why = (f"the split has only {loaded.num_images} images" if n_images > loaded.num_images
+               else "a relation graph needs at least 2 images")
+        logger.warning("hrem_relation: n_images=%d: using %d (%s)", n_images, n, why)
     whole_number(caption, "caption", low=0)  # 2.0 or "1" failed as list-index / comparison TypeErrors
     whole_number(slot, "slot", low=0)
     if not 0 <= caption < n:
