@@ -373,6 +373,8 @@ def test_cala_files_round_trip(tmp_path):
     hca = next(r for r in reports if r.target == "hca")
     assert sorted(hca.ignored) == sorted(f"{k}2.{p}" for k in ("query_ref", "key_text", "key_tar", "value")
                                          for p in ("weight", "bias"))
+    assert "ignored 8 (defined but never used by the released CaLa forward" in hca.summary()  # the why, logged
+    assert hca.to_dict()["ignored_why"] and not next(r for r in reports if r.target == "tac").ignored_why
     for (k, a), (k2, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
 

@@ -110,6 +110,7 @@ class InteropReport:
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (dest key, source shape, dest shape)
     ignored: list[str] = field(default_factory=list)  # buffers deliberately skipped (position_ids)
     target: str = ""  # what was loaded: "stage1", "stage2", "stage2 <- stage1 text encoder", ...
+    ignored_why: str = ""  # why the ignored keys are not loaded, said with their count
 
     @property
     def ok(self) -> bool:
@@ -118,7 +119,8 @@ class InteropReport:
     def summary(self) -> str:
         into = f" -> {self.target}" if self.target else ""
         head = (f"{self.source or 'state dict'}{into}: loaded {len(self.loaded)}, unmatched {len(self.unmatched)}, "
-                f"missing {len(self.missing)}, shape-mismatched {len(self.mismatched)}, ignored {len(self.ignored)}")
+                f"missing {len(self.missing)}, shape-mismatched {len(self.mismatched)}, ignored {len(self.ignored)}"
+                + (f" ({self.ignored_why})" if self.ignored and self.ignored_why else ""))
         parts = [head]
         for name, keys in (("unmatched", self.unmatched), ("missing", self.missing)):
             if keys:  # model_base.pth has hundreds of unmatched keys: the full lists are in to_dict()

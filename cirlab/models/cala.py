@@ -908,13 +908,15 @@ def load_cala_files(model: CaLa, folder: str | os.PathLike, *, suffix: str = "")
         report = InteropReport(source=str(path), target=head)
         if module is None:
             report.ignored = sorted(read_state(path))
+            report.ignored_why = f"this model has no {head} head"
             reports.append(report.log())
             continue
         mapped = {}
         for key, value in read_state(path).items():
             dest = _head_key_to_cirlab(head, key)
             if dest is None:
-                report.ignored.append(key)  # HCA's *2 projections: defined but unused by the released forward
+                report.ignored.append(key)
+                report.ignored_why = "defined but never used by the released CaLa forward, e.g. HCA's *2 projections"
             else:
                 mapped[dest] = value
         hb.load_into(module, mapped, f"{head}.", report)
