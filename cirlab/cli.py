@@ -213,7 +213,7 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
     config_path = Path(args.config) if args.config else (run_dir / "config.yaml" if run_dir else None)
     if args.config or (config_path is not None and config_path.is_file()):
         raw = read_config_file(config_path, "--config" if args.config else "")
-        if raw.get("model_name") == raw.get("model"):  # cirlab.fit's runs before 0.1 repeated the model's name
+        if raw.get("model_name") == raw.get("model"):  # older cirlab.fit runs repeated the model's name there
             raw.pop("model_name", None)
         config = with_defaults(raw)
     else:
