@@ -945,6 +945,9 @@ def test_two_full_rankings_are_compared_over_every_query_not_the_first_ones_top_
              if ((before >= lo) & (before < hi)).any()]
     np.testing.assert_allclose(ys, naive)
     assert not [line for line in a.lines if line.get_linestyle() == ":"]  # no pool edge drawn
+    unknown = al.assign(rank_before=0, rank_after=0)  # CIRR test: no target known
+    with pytest.raises(ValueError, match="no query has a known target rank in the first ranking"):
+        viz.plot_rank_shift(unknown, 50, reranked=False)
 
 
 def test_one_cut_off_is_a_list_of_one():

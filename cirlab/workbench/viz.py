@@ -787,6 +787,8 @@ def plot_rank_shift(aligned: Any, k: int, bins: int | Sequence[int] | None = 20,
         table = analysis.rank_shift_table(aligned["rank_before"], aligned["rank_after"], k, bins)
     else:
         k = int(aligned["rank_before"].max())  # the whole first ranking, binned on a log scale
+        if k < 1:  # 0 = unknown target (CIRR's test split): nothing to compare
+            raise InputError("plot_rank_shift: no query has a known target rank in the first ranking")
         count = whole_number(bins, "bins") if isinstance(bins, (int, np.integer)) else 12
         edges = np.unique(np.geomspace(1, k + 1, count + 1).round().astype(int))
         table = analysis.rank_shift_table(aligned["rank_before"], aligned["rank_after"], k, edges)
