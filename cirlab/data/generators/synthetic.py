@@ -703,8 +703,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         description="Render shape scenes and write them in the real Fashion-IQ, CIRR, Shoes and Flickr30K precomp "
                     "layouts. No network; the same seed writes byte-identical files.")
     p.add_argument("--out", default=None,
-                   help="destination folder (default: $CIRLAB_DATA/synthetic; without $CIRLAB_DATA, "
-                        "./data/synthetic under the current folder)")
+                   help="destination folder (default: the synthetic folder of the data root: $CIRLAB_DATA, else "
+                        "a folder named data in the current folder)")
     p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0, help="random seed (default: 0)")
     p.add_argument("--size", choices=sorted(SIZES), default="default",
                    help="how much to write: tiny (tests), small, default (CPU demo; the default)")
