@@ -211,13 +211,12 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
                                     with_defaults)
 
     config_path = Path(args.config) if args.config else (run_dir / "config.yaml" if run_dir else None)
-    if args.config or (config_path is not None and config_path.is_file()):
-        raw = read_config_file(config_path, "--config" if args.config else "")
-        if raw.get("model_name") == raw.get("model"):  # older cirlab.fit runs repeated the model's name there
-            raw.pop("model_name", None)
-        config = with_defaults(raw)
-    else:
-        config = with_defaults({})
+    # the file the config comes from: --config (which must exist), else the run folder's config.yaml if any
+    source = config_path if args.config or (config_path is not None and config_path.is_file()) else None
+    raw = read_config_file(source, "--config" if args.config else "") if source is not None else {}
+    if raw.get("model_name") == raw.get("model"):  # older cirlab.fit runs repeated the model's name there
+        raw.pop("model_name", None)
+    config = with_defaults(raw)
     base = copy.deepcopy(config)  # what the file says, before the flags and --set change it
     # (section, field, flag, value) of each flag given: the config entries it sets, and how to name it in an error
     given = [(section, field, flag, value) for section, field, flag, value in (
@@ -236,17 +235,17 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
         config["dataset"] = copy.deepcopy(with_defaults({})["dataset"])
         config["eval"].update(protocol=None, splits=None)
     config = merge_config(config, cli)
-    if (other or not (config_path is not None and config_path.is_file())) and config["dataset"].get("name"):
+    if (other or source is None) and config["dataset"].get("name"):
         _catalog_splits(config["dataset"])
     config = apply_overrides(config, parse_set(args.overrides))
     if not config["dataset"].get("name"):
-        if config_path is not None and config_path.is_file():  # a run of the Python API (cirlab.fit) records none
-            raise ConfigError(f"cirlab eval: {config_path} records no dataset (a cirlab.fit run is given its data "
+        if source is not None:  # a run of the Python API (cirlab.fit) records none
+            raise ConfigError(f"cirlab eval: {source} records no dataset (a cirlab.fit run is given its data "
                               "in Python): pass --dataset and --root")
         raise ConfigError("cirlab eval: no dataset: pass --dataset (or --config, or a run folder)")
     flags = [f"{flag} {value}" for _, _, flag, value in given]
-    validate_blaming(config, base, str(config_path) if config_path is not None and config_path.is_file()
-                     else "cirlab eval", flags + [f"--set {o}" for o in args.overrides], for_eval=True)
+    validate_blaming(config, base, str(source) if source is not None else "cirlab eval",
+                     flags + [f"--set {o}" for o in args.overrides], for_eval=True)
     return config
 
 

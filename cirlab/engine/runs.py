@@ -202,7 +202,7 @@ def read_config_file(path: str | os.PathLike, flag: str = "") -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{name}: cannot read the config ({err})") from None
-    raw = read_yaml(text, str(path)) or {}
+    raw = read_yaml(text, name) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: expected a mapping of sections, got {type(raw).__name__}")
     return raw
@@ -892,19 +892,10 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
 
 
 def read_run_config(run_dir: str | os.PathLike, context: str = "") -> dict[str, Any]:
-    """A run folder's resolved ``config.yaml`` as a dict (empty when the run wrote none); a file that is not YAML
-    or not a mapping is a one-line :class:`ConfigError` naming it, prefixed by ``context``."""
+    """A run folder's resolved ``config.yaml`` as a dict (empty when the run wrote none), read as every config file
+    is (:func:`read_config_file`, its errors prefixed by ``context``)."""
     path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        return {}
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:  # was the YAML parser's traceback
-        raise ConfigError(f"{context}{path}: not readable as a run's config "
-                          f"({' '.join(str(err).split())[:200]})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{context}{path}: expected a mapping of sections, got a {type(config).__name__}")
-    return config
+    return read_config_file(path, context) if path.is_file() else {}
 
 
 def check_resume_config(out: Path, resolved: dict[str, Any], allow_config_change: bool = False) -> None:
@@ -914,7 +905,7 @@ def check_resume_config(out: Path, resolved: dict[str, Any], allow_config_change
 
     if not (out / "checkpoints" / "last.pt").is_file() or not (out / "config.yaml").is_file():
         return  # nothing to continue: the run starts fresh
-    stored = read_run_config(out, "--resume: ")
+    stored = read_run_config(out, "--resume:")
     diffs: list[str] = []
     for key in ("model", "preset", "model_overrides", "model_config", "dataset"):
         diffs += _differences(key, _plain(stored.get(key)), _plain(resolved.get(key)))
