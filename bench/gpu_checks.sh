@@ -26,9 +26,10 @@ fi
 STEP_REPORT=$REPORT_DIR/train_step_gpu.md
 # train_step.py appends one row per call: a rerun starts its own table, and an earlier run's is kept beside it
 if [[ -f "$STEP_REPORT" ]]; then
-    mv "$STEP_REPORT" "${STEP_REPORT%.md}.$(date -u -r "$STEP_REPORT" +%Y%m%dT%H%M%SZ).md"
+    STAMP=$(date -u -r "$STEP_REPORT" +%Y%m%dT%H%M%SZ)  # when that table was written; its commands keep the same
+    mv "$STEP_REPORT" "${STEP_REPORT%.md}.$STAMP.md"
     if [[ -f "${STEP_REPORT%.md}.commands.txt" ]]; then
-        mv "${STEP_REPORT%.md}.commands.txt" "${STEP_REPORT%.md}.$(date -u +%Y%m%dT%H%M%SZ).commands.txt"
+        mv "${STEP_REPORT%.md}.commands.txt" "${STEP_REPORT%.md}.$STAMP.commands.txt"
     fi
 fi
 step() { "$PY" bench/train_step.py --device "$DEVICE" --precision bf16 --steps "$STEPS" --warmup 3 \

@@ -20,12 +20,14 @@ def test_gpu_checks_dry_run_finishes_and_copies_its_reports(tmp_path):
     reports.mkdir()
     (reports / "train_step_gpu.md").write_text("| an earlier run's table |\n")  # a rerun appended to it
     os.utime(reports / "train_step_gpu.md", (0, 86400))
+    (reports / "train_step_gpu.commands.txt").write_text("an earlier run's commands\n")
     env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable, "REPORT_DIR": str(reports)}
     result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_checks.sh"), "--dry"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (reports / "train_step_gpu.19700102T000000Z.md").read_text() == "| an earlier run's table |\n"  # kept
     assert "earlier run" not in (reports / "train_step_gpu.md").read_text()  # the new run's own table
+    assert (reports / "train_step_gpu.19700102T000000Z.commands.txt").read_text() == "an earlier run's commands\n"
     rows = [line for line in (tmp_path / "train_step_gpu.md").read_text().splitlines() if "bf16" in line]
     assert len(rows) == 7  # AMC, DIME i2t and t2i, BLIP stage I and II, CaLa, HREM
     assert "DIME full-matrix evaluation speed" in (tmp_path / "dime_eval_gpu.md").read_text()

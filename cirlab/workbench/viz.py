@@ -20,7 +20,6 @@ import numpy as np
 
 from cirlab.core.config import name_list, whole_number
 from cirlab.core.errors import InputError, UnknownKeyError
-from cirlab.core.metrics import is_recall_key
 from cirlab.workbench import analysis
 
 logger = logging.getLogger(__name__)
@@ -890,6 +889,8 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | s
     """
     import pandas as pd
 
+    from cirlab.core.metrics import is_recall_key  # here: the metrics module imports torch, viz does not
+
     df = log if isinstance(log, pd.DataFrame) else analysis.read_log(log)
     if df.empty:
         raise InputError("the training log has no records")
@@ -1123,7 +1124,7 @@ def plot_word_region(word_region: Any, image_id: Any | None = None, text: str = 
     best, words2, cols = analysis.word_image_matrix(word_region, value)
     # one colour range for both panels: the right one holds row maxima of such matrices (its own-image column is
     # the left panel's row max), so equal colours must mean equal values
-    limits = (float(min(np.nanmin(mat), np.nanmin(best))), float(max(np.nanmax(mat), np.nanmax(best))))
+    limits = _colour_ranges([mat, best], "shared")[0]
     fig = _figure(14, 0.28 * len(words) + 2.6)
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1.3]})
     _heat(fig, left, mat, words, [str(r) for r in range(mat.shape[1])], f"words x regions of image {own}",
