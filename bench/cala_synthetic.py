@@ -165,7 +165,7 @@ def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
              f"{args.threads} thread(s) per run, {args.jobs} run(s) at once; selection: {selection}, "
              f"reported on `{split}`.",
              "",
-             "| variant | " + " | ".join(keys) + " | steps | best epoch | train+eval s |",
+             "| variant | " + " | ".join(keys) + " | steps | best epoch (from 1) | train+eval s |",
              "|---|" + "---|" * (len(keys) + 3)]
     for name, r in result["results"].items():
         m = r["splits"][split]

@@ -277,7 +277,7 @@ def write_report(args: argparse.Namespace) -> None:
                   f"{tr['lr_milestones'][0]}, clip 2, text augmentation and region drop on; instance module from "
                   f"iteration {mo['warmup_iters']} ({per_epoch} iterations per epoch). Selection on **dev** by rsum; "
                   f"numbers are on test ({n_test} x {5 * n_test}, full matrix) with the selected weights.", ""]
-        lines += ["| variant | seeds | " + " | ".join(KEYS) + " | best epochs | min/run |",
+        lines += ["| variant | seeds | " + " | ".join(KEYS) + " | best epochs (from 1) | min/run |",
                   "|---|---|" + "---|" * len(KEYS) + "---|---|"]
         by_variant: dict[str, list[dict]] = {}
         for r in records:

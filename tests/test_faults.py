@@ -991,7 +991,7 @@ def f_nan_in_training_data(ws: Workspace) -> Outcome:
                                 "val_split": "dev", "options": {"regions": 4, "dim": 12}},
                        train={"selection": "last"}, eval={"splits": ["dev"]})
     return expect_error(cli("train", config, "--output-dir", ws.run_dir()),
-                        r"non-finite loss at epoch 0, step 1: .*cirlab data check")
+                        r"non-finite loss in epoch 1, step 1: .*cirlab data check")
 
 
 def _interrupt_at(step: int, signum: int) -> Any:
@@ -1017,10 +1017,10 @@ def _interrupted_then_resumed(ws: Workspace, signum: int) -> Outcome:
     steps = [r["step"] for r in _train_log(run) if r["kind"] == "train"]
     name = signal.Signals(signum).name
     return first_failure(
-        expect_error(first, rf"{name}: training stopped at epoch 0, step 2; saved .*last\.pt\. Resume with the same "
+        expect_error(first, rf"{name}: training stopped in epoch 1, step 2; saved .*last\.pt\. Resume with the same "
                             r"command plus --resume", code=128 + signum),
         check(saved == 2, f"last.pt holds step {saved}, not 2"),
-        expect_ok(second, r"resumed from .* at epoch 0, step 2"),
+        expect_ok(second, r"resumed from .* in epoch 1, step 2"),
         check(steps == [1, 2, 3, 4], f"log steps {steps}"))
 
 

@@ -1073,7 +1073,7 @@ class Trainer:
             rng = ranks[self.dist.rank % len(ranks)]
         _set_rng_state(rng)
         self.progress = _Progress(**ckpt["progress"])
-        logger.info("resumed from %s at epoch %d, step %d, batch %d of the epoch", path, self.progress.epoch,
+        logger.info("resumed from %s in epoch %d, step %d, batch %d of the epoch", path, self.progress.epoch + 1,
                     self.progress.step, self.progress.batch_in_epoch)
 
     # -- the run ----------------------------------------------------------------------------------------
@@ -1167,8 +1167,14 @@ class Trainer:
 
     def summary(self) -> dict[str, Any]:
         p = self.progress
-        summary = {"output_dir": str(self.output_dir), "steps": p.step, "epochs": p.epoch, "losses": self.losses,
-                   "eval_history": self.eval_history, "best_score": p.best_score, "best_epoch": p.best_epoch,
+        # best_epoch counted from 1, as every log line and epoch_<N>.pt count epochs (Progress keeps the 0-based
+        # index); "epochs" is the epochs trained, a fraction where max_steps stopped the run inside one (a CaLa
+        # demo's 20 steps read "0.31", not "0" beside a best epoch of 1)
+        best_epoch = None if p.best_epoch is None else p.best_epoch + 1
+        used = self.steps_per_epoch * self.cfg.grad_accum_steps
+        epochs = round(p.epoch + p.batch_in_epoch / used, 3) if p.batch_in_epoch else p.epoch
+        summary = {"output_dir": str(self.output_dir), "steps": p.step, "epochs": epochs, "losses": self.losses,
+                   "eval_history": self.eval_history, "best_score": p.best_score, "best_epoch": best_epoch,
                    "best_step": p.best_step, "selection": self.cfg.selection,
                    "selection_split": self.selection_split(), "selection_metric": self.cfg.selection_metric,
                    "best_checkpoint": str(self.ckpt_dir / "best.pt"),
@@ -1199,7 +1205,7 @@ class Trainer:
             self.save("last.pt")
         p, signum = self.progress, self.stop.signum or signal.SIGTERM
         name = signal.Signals(signum).name
-        raise TrainingInterrupted(f"{name}: training stopped at epoch {p.epoch}, step {p.step}; saved "
+        raise TrainingInterrupted(f"{name}: training stopped in epoch {p.epoch + 1}, step {p.step}; saved "
                                   f"{self.ckpt_dir / 'last.pt'}. Resume with the same command plus --resume "
                                   f"(Python: resume='auto')", signum)
 
@@ -1226,7 +1232,7 @@ class Trainer:
                 raise ValueError(f"training_step returned no '*_loss' term (keys: {sorted(terms)})")
             loss = sum(terms[k].float() for k in loss_keys)
             if not torch.isfinite(loss):  # stop before a NaN reaches the weights and the checkpoints
-                raise NonFiniteLossError(f"non-finite loss at epoch {self.progress.epoch}, step "
+                raise NonFiniteLossError(f"non-finite loss in epoch {self.progress.epoch + 1}, step "
                                          f"{self.progress.step + 1}: " + ", ".join(
                                              f"{k}={float(terms[k].detach()):.4g}" for k in loss_keys)
                                          + " (NaN/Inf in the data? `cirlab data check` lists them; else try a "
@@ -1456,8 +1462,10 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
             without it such a folder is refused (:class:`RunFolderError`). The folder is locked while training.
 
     Returns:
-        dict with ``steps``, ``epochs``, ``losses`` (per optimizer step of this call), ``eval_history``,
-        ``best_score``, ``best_epoch``, ``best_checkpoint`` and ``last_checkpoint``.
+        dict with ``steps``, ``epochs`` (epochs trained; a fraction where ``max_steps`` ends the run inside one),
+        ``losses`` (per optimizer step of this call), ``eval_history``,
+        ``best_score``, ``best_epoch`` (counted from 1, as the log lines count epochs; None without selection),
+        ``best_step``, ``best_checkpoint`` and ``last_checkpoint``.
     """
     _check_train_inputs(model, train_dataset, cfg)
     # a TrainConfig's own fields over the model's paper defaults, as a dict's: its class defaults do not count
