@@ -155,6 +155,17 @@ def test_index_has_contents_run_records_integers_and_each_metric_once(tmp_path):
     assert "A training diagnostic; no paper figure" in page
 
 
+def test_regenerate_command_keeps_the_runs_settings_and_selects_the_entry(tmp_path):
+    ran = "cirlab report --no-dime --set 'settings=[train.lr=1e-3]' --only train --jobs 1 --out /tmp/r --only=evaluate"
+    assert report.regenerate_command(ran, "evaluate") == (
+        "cirlab report --set 'settings=[train.lr=1e-3]' --out /tmp/r --only evaluate")
+    assert report.regenerate_command(None, "train") == "cirlab report --only train"
+    folder = tmp_path / "train"
+    folder.mkdir()
+    (folder / report.RECORD).write_text(json.dumps({"status": "ok", "command": "cirlab report --smoke --set k=10"}))
+    assert "<code>cirlab report --smoke --set k=10 --only train</code>" in report.write_index(tmp_path).read_text()
+
+
 def test_index_shows_figures_in_the_order_the_notebook_saved_them(tmp_path):
     figures = tmp_path / "evaluate" / "figures"
     figures.mkdir(parents=True)

@@ -1048,6 +1048,26 @@ def _command_line() -> str:
     return shlex.join(["cirlab", "report", *args])
 
 
+def regenerate_command(command: str | None, name: str) -> str:
+    """The ``cirlab report`` command that reruns entry ``name`` as ``command`` (its run record's) ran it: the same
+    ``--set``, ``--out``, ``--smoke``, ``--kernel`` and ``--notebooks``, with ``--only name`` for the selection."""
+    import shlex
+
+    try:
+        args = shlex.split(command or "")[2:]  # after "cirlab report"
+    except ValueError:  # a hand-edited record: fall back to the entry alone
+        args = []
+    kept, skip_value = [], False
+    for arg in args:
+        if skip_value:
+            skip_value = False
+        elif arg in ("--only", "--jobs"):  # the selection and the parallelism are this command's own
+            skip_value = True
+        elif not arg.startswith(("--only=", "--jobs=", "--no-")):
+            kept.append(arg)
+    return shlex.join(["cirlab", "report", *kept, "--only", name])
+
+
 def _commit() -> str:
     """``abc1234`` (``+ uncommitted changes`` when the work tree differs) of the checkout, or ``unknown``."""
     import subprocess
@@ -1185,7 +1205,7 @@ def _entry_html(out: Path, name: str, state: Mapping[str, Any]) -> str:
     folder, record, failed = out / name, state["record"], state["failed"]
     source = f" <small>(notebook {notebook_of(name)})</small>" if notebook_of(name) != name else ""
     parts = [f"<section id='{name}'><h2>{name}{source} {_badge(state)}</h2>"]
-    regenerate = f"<code>cirlab report --only {name}</code>"
+    regenerate = f"<code>{html.escape(regenerate_command(record.get('command'), name))}</code>"
     if record:
         parts.append(f"<p class='meta'>ran {_when(record.get('started'))} for "
                      f"{record.get('duration_s', '?')} s · commit {html.escape(str(record.get('commit', '?')))} · "
