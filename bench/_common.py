@@ -101,14 +101,12 @@ def torch_device(text: str) -> str:
     ``--device gpu`` was a RuntimeError traceback, ``--device cuda`` without a GPU one from the CUDA driver after the
     model was built."""
     from cirlab.core.errors import ConfigError
-    from cirlab.engine.runs import eval_device
-    from cirlab.engine.train import check_device
+    from cirlab.engine.train import resolve_device
 
     try:
-        check_device(text, "device")
+        return resolve_device(text, "device")
     except ConfigError as err:
         raise argparse.ArgumentTypeError(str(err).removeprefix("device: ")) from None
-    return eval_device(text)
 
 
 REPORT_HELP = ("a bare NAME is reports/benchmarks/NAME.md; a path with a folder or ending in .md is that file "

@@ -286,13 +286,11 @@ def _checkpoint_of(target_arg: str, name: str) -> tuple[Path, Path | None]:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from cirlab.engine.runs import eval_device, evaluate_split, load_split, model_from_checkpoint, protocol_of
-
-    from cirlab.engine.train import check_device
+    from cirlab.engine.runs import evaluate_split, load_split, model_from_checkpoint, protocol_of
+    from cirlab.engine.train import resolve_device
 
     checkpoint, run_dir = _checkpoint_of(args.target, args.checkpoint)
-    if args.device != "auto":
-        check_device(args.device, "--device")
+    device = resolve_device(args.device, "--device")
     config = _eval_config(args, run_dir)
     splits = config["eval"].get("splits") or [config["dataset"]["val_split"]]
     _check_eval_outputs(args, splits)
@@ -310,7 +308,6 @@ def _run_eval(args: argparse.Namespace) -> int:
                                                    trust_pickle=args.trust_pickle,
                                                    overrides=config.get("model_overrides"))[0] for path in files[1:]]
         model = make_ensemble(members, [str(path) for path in files])
-    device = eval_device(args.device)
     model.to(device)
     results = {}
     for split in splits:

@@ -63,14 +63,9 @@ def _add_submit(subparsers: Any) -> None:
 
 
 def _device(name: str) -> str:
-    import torch
+    from cirlab.engine.train import resolve_device
 
-    from cirlab.engine.train import check_device
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    check_device(name, "cirlab submit --device")  # a GPU that is not there: one line, before any work
-    return name
+    return resolve_device(name, "cirlab submit --device")  # a GPU that is not there: one line, before any work
 
 
 def _run_submit(args: argparse.Namespace) -> int:

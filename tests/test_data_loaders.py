@@ -159,6 +159,19 @@ def test_root_defaults_to_cirlab_data(tmp_path, monkeypatch):
     assert len(load_cir("fashioniq", None, "val", category="dress")) == 4
 
 
+def test_every_reader_of_a_default_root_takes_the_same_folder(tmp_path, monkeypatch):
+    from cirlab.data.base import cir_root
+    from cirlab.data.catalog import dataset_root
+
+    # the loaders (cir_root) and the workbench and re-ranker (dataset_root) read one folder, also where it is absent
+    monkeypatch.setenv("CIRLAB_DATA", str(tmp_path))
+    for name in ("shoes", "fashioniq"):
+        assert dataset_root(name, None) == cir_root(name, None) == tmp_path / name
+    assert cir_root("cirr", None) == tmp_path / "cirr"
+    (tmp_path / "precomp").mkdir()  # precomp sets: found under $CIRLAB_DATA as under a given root
+    assert dataset_root("f30k", None) == dataset_root("f30k", tmp_path) == tmp_path / "precomp"
+
+
 # broken Fashion-IQ trees: (mutation, expected file name, expected entry, message fragment)
 def _fiq_missing_image(root):
     (root / "images" / "dress_val_4.png").unlink()

@@ -379,3 +379,18 @@ def test_a_batch_larger_than_the_training_set_names_the_largest_that_fits(tmp_pa
                                                  r"at most 10 .* or train\.drop_last=false"):
         train(_model(), TripletItems(20), _cfg(batch_size=32, grad_accum_steps=2), output_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_auto_device_is_this_ranks_card_and_names_are_checked(monkeypatch):
+    from cirlab.engine.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(ConfigError, match=r"^--device: .*'gpu'"):
+        resolve_device("gpu", "--device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    # under torchrun every rank trains and evaluates on its own card, not all of them on cuda:0
+    assert resolve_device("auto") == "cuda:1" and resolve_device("auto", local_rank=0) == "cuda:0"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("auto") == "cuda:0"

@@ -393,24 +393,19 @@ def load_cir(name: str, root: str | os.PathLike | None = None, split: str = "tra
 
 def cir_root(name: str, root: str | os.PathLike | None = None) -> Path:
     """The folder a CIR loader reads (and ``cirlab data check`` checks) for ``root``: a given root may be the folder
-    holding ``<name>/`` (what the workbench's find_data accepts; :func:`cirlab.data.catalog.dataset_root`), None is
-    ``$CIRLAB_DATA/<name>``; then the loader's own ``dataset_root`` (CIRR's ``cirr_dataset`` or its ``cirr``)."""
-    from cirlab.core.paths import resolve_root
+    holding ``<name>/`` (what the workbench's find_data accepts), None is ``$CIRLAB_DATA/<name>``
+    (:func:`cirlab.data.catalog.dataset_root` decides both); then the loader's own ``dataset_root`` (CIRR's
+    ``cirr_dataset`` or its ``cirr``)."""
     from cirlab.data.catalog import dataset_root, get_dataset
 
-    spec = get_dataset(name)
-    path = dataset_root(name, root) if _given(root) else resolve_root(None, spec.subdir)
-    return getattr(importlib.import_module(spec.loader), "dataset_root", Path)(path)
+    loader = importlib.import_module(get_dataset(name).loader)
+    return getattr(loader, "dataset_root", Path)(dataset_root(name, root))
 
 
 def check_root(root: Any) -> None:
     """Refuse a root that is not a path (``root=3`` would fail deep inside pathlib with a TypeError)."""
     if root is not None and not isinstance(root, (str, os.PathLike)):
         raise ConfigError(f"root must be a folder path (str or os.PathLike) or None, got {root!r}")
-
-
-def _given(root: Any) -> bool:
-    return root is not None and str(root) != ""
 
 
 def missing_root_message(name: str, path: Path, given: Any = None) -> str:

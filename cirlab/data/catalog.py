@@ -75,14 +75,20 @@ def is_itm(name: str) -> bool:
 def dataset_root(name: str, root: str | os.PathLike | None = None) -> Path:
     """The folder a dataset's loader reads, from a dataset root or a data root holding several layouts.
 
-    ``root`` (default ``$CIRLAB_DATA``) may be the dataset's own folder, or a folder with the dataset in its
-    ``subdir`` (``<root>/fashioniq``, ``<root>/precomp``: the synthetic set and ``$CIRLAB_DATA`` look like
-    that); the subfolder is taken when it exists. The one place this decision is taken.
+    ``root`` may be the dataset's own folder, or a folder with the dataset in its ``subdir`` (``<root>/fashioniq``,
+    ``<root>/precomp``: the synthetic set looks like that); the subfolder is taken when it exists. Without a root, a
+    CIR dataset is ``$CIRLAB_DATA/<subdir>`` (so a missing one is named by that path) and precomp features are
+    found under ``$CIRLAB_DATA`` as under a given root. The one place this decision is taken (the loaders, ``cirlab
+    data check`` and the workbench all ask here).
     """
     from cirlab.core.paths import data_root
 
-    base = Path(root).expanduser() if root is not None and str(root) != "" else data_root()
-    sub = base / get_dataset(name).subdir
+    spec = get_dataset(name)
+    given = root is not None and str(root) != ""
+    if not given and not spec.is_itm:
+        return data_root() / spec.subdir
+    base = Path(root).expanduser() if given else data_root()
+    sub = base / spec.subdir
     return sub if sub.is_dir() else base
 
 

@@ -823,7 +823,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     """:func:`run_experiment` once the config is valid and the run folder is locked (and, without ``overwrite``,
     known to hold no run: with it the trainer replaces the previous run's files when it starts)."""
     from cirlab.core.checkpoint import load_model_weights
-    from cirlab.engine.train import resolve_train_config, train
+    from cirlab.engine.train import resolve_device, resolve_train_config, train
 
     continued = _resumed_checkpoint(out, config, resume)
     if continued is None:  # a resumed run takes every weight from its checkpoint: the start files may be gone
@@ -863,7 +863,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     if select_split and model.task == "rerank" and not isinstance(model, HasOwnEvaluation):
         raise ConfigError(f"{config['model']}: model selection needs an evaluate_split hook on the model; "
                           "set train.selection=last")
-    run_device = eval_device(cfg.device)
+    run_device = resolve_device(cfg.device, "train.device")
     resolved = {**config, "output_dir": str(out), "train": cfg.to_dict(), "model_config": model.config.to_dict()}
     if cfg.resume and _rank_zero():
         check_resume_config(out, resolved, allow_config_change)
@@ -1006,15 +1006,6 @@ def _prepare_data(config: dict[str, Any]) -> None:
     if dist_info.is_main:
         dataset_root(config)
     dist.barrier()
-
-
-def eval_device(device: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; any other name as given."""
-    import torch
-
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def is_main_process() -> bool:

@@ -507,7 +507,10 @@ def init_distributed(backend: str | None = None) -> _Dist:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend=backend)  # env:// from torchrun (RANK, WORLD_SIZE, MASTER_ADDR, ...)
     if dist.is_available() and dist.is_initialized():
-        return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+        info = _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+        if torch.cuda.is_available() and torch.cuda.device_count() > info.local_rank:
+            torch.cuda.set_device(info.local_rank)  # NCCL collectives and any bare "cuda" of this rank: its own card
+        return info
     return _Dist()
 
 
@@ -523,11 +526,17 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.deterministic = True
 
 
-def _device(cfg: TrainConfig, dist_info: _Dist) -> torch.device:
-    if cfg.device != "auto":
-        check_device(cfg.device, "train.device")
-        return torch.device(cfg.device)
-    return torch.device(f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu")
+def resolve_device(device: str, where: str = "device", local_rank: int | None = None) -> str:
+    """The one reading of a ``device`` setting (training, evaluation, the workbench, the CLIs): a name is checked
+    (:func:`check_device`), ``"auto"`` is this process's GPU when one is visible, else ``"cpu"``. This process's GPU
+    is ``cuda:<LOCAL_RANK>`` under torchrun (``local_rank`` overrides the environment), so that every rank's
+    training and evaluation use the same card (a bare ``"cuda"`` would put every rank's evaluation on card 0)."""
+    if device != "auto":
+        check_device(device, where)
+        return device
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) if local_rank is None else local_rank}"
 
 
 def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -981,7 +990,7 @@ class Trainer:
         self.dist = init_distributed()
         apply_thread_policy(cfg.num_threads or None)  # 1 thread on small or busy machines (see cirlab.core.threads)
         seed_everything(cfg.seed + self.dist.rank, cfg.deterministic)
-        self.device = _device(cfg, self.dist)
+        self.device = torch.device(resolve_device(cfg.device, "train.device", self.dist.local_rank))
         self.model = model.to(self.device)
         self.step_module: nn.Module = _StepModule(self.model)
         if self.dist.world_size > 1:

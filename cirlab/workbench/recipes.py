@@ -331,11 +331,9 @@ def train_run(model: str, preset: str, dataset: str, data_root: str | os.PathLik
 def run_device(device: str) -> str:
     """A workbench function's ``device``, checked by name (as ``cirlab train`` checks ``train.device``: a typo such as
     ``"gpu"`` was torch's list of device types) and with ``"auto"`` resolved to ``cuda`` when a GPU is visible."""
-    from cirlab.engine.runs import eval_device
-    from cirlab.engine.train import check_device
+    from cirlab.engine.train import resolve_device
 
-    check_device(device, "device")
-    return eval_device(device)
+    return resolve_device(device, "device")
 
 
 def load_run(run_dir: str | os.PathLike, device: str = "cpu", checkpoint: str = "best") -> Any:
