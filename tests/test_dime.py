@@ -784,6 +784,16 @@ def test_score_matrix_precision_choice(monkeypatch):
     _search.cpu_has_bf16.cache_clear()
     with pytest.raises(ValueError, match="eval_dtype"):
         _tiny("i2t", eval_dtype="fp16")
+    # the module path (DIME.score's small blocks, module_score_matrix) follows eval_dtype too: fp32 asked for on a
+    # GPU is no bf16 autocast there (it was bf16 on every GPU whatever the config said)
+    import warnings
+
+    gpu = torch.device("cuda")
+    assert not isinstance(D._autocast(_tiny("i2t", eval_dtype="fp32"), gpu), torch.autocast)
+    assert not isinstance(D._autocast(model, torch.device("cpu")), torch.autocast)
+    with warnings.catch_warnings():  # a CPU-only torch warns that CUDA autocast is disabled: the choice is the test
+        warnings.simplefilter("ignore")
+        assert isinstance(D._autocast(model, gpu), torch.autocast)
 
 
 def test_guidance_cell_gradient_stays_finite_on_a_feature_zero_over_all_tokens():

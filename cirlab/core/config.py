@@ -124,12 +124,23 @@ def _is_size_field(name: str) -> bool:
                                                                                                "_hidden"))
 
 
+def _is_count_field(name: str) -> bool:
+    """Warm-up lengths and step counts (DIME's and HREM's warm-up epochs, HREM's warmup_iters, CaLa's tac_steps): a
+    negative count has no meaning; 0 switches the phase off."""
+    return name.endswith(("_epochs", "_iters", "_steps"))
+
+
 def check_field_ranges(cls: type, values: Mapping[str, Any]) -> None:
-    """Refuse a size field (:func:`_is_size_field`) below 1, naming it, before the config or the model is built:
-    a config's own checks or torch would fail with a modulo by zero or a message about tensor shapes instead."""
+    """Refuse a size field (:func:`_is_size_field`) below 1 and a count (:func:`_is_count_field`) below 0, naming
+    it, before the config or the model is built: a config's own checks or torch would fail with a modulo by zero or
+    a message about tensor shapes instead, or a negative warm-up would be read as none."""
     for name, value in values.items():
-        if _is_size_field(name) and isinstance(value, int) and not isinstance(value, bool) and value < 1:
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        if _is_size_field(name) and value < 1:
             raise FieldValueError(f"{cls.__name__}.{name}: expected a positive size, got {value}")
+        if _is_count_field(name) and value < 0:
+            raise FieldValueError(f"{cls.__name__}.{name}: expected a count >= 0, got {value}")
 
 
 def _fits(value: Any, hint: Any) -> bool:

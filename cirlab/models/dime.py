@@ -612,7 +612,7 @@ class DIME(BertVocabMixin, nn.Module):
         if torch.is_grad_enabled() and self.training:
             return self.itr_module(img, txt)[0]
         if ni * nt <= _pairs_per_shard(self, self.device):
-            with _autocast(self.device):
+            with _autocast(self, self.device):
                 return self.itr_module(img, txt)[0].float()
         return score_matrix(self, img, txt, device=self.device).to(self.device)
 
@@ -782,10 +782,13 @@ def selection_score(metrics: dict[str, float]) -> float:
 # --------------------------------------------------------------------------------------------- evaluation
 
 
-def _autocast(device: torch.device) -> Any:
+def _autocast(model: DIME, device: torch.device) -> Any:
+    """The module path's precision: bf16 autocast on a GPU when :func:`eval_dtype` says bf16 (``eval_dtype="fp32"``
+    keeps fp32 there too); on a CPU the module runs in fp32 (its bf16 path is the fused kernel of
+    :func:`score_matrix`)."""
     import contextlib
 
-    if device.type == "cuda":
+    if device.type == "cuda" and eval_dtype(model, device) == torch.bfloat16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -870,7 +873,7 @@ def module_score_matrix(model: DIME, img: dict[str, torch.Tensor], txt: dict[str
     lengths = txt["mask"].sum(1).cpu()
     order = torch.argsort(lengths, descending=True, stable=True) if can_trim else torch.arange(nt)
     out = torch.empty(ni, nt)
-    with _autocast(device):
+    with _autocast(model, device):
         img_dev = {k: (v.to(device) if k != "ids" else v) for k, v in img.items()}
         img_dev = itr.prepare(img_dev, _slice(txt, slice(0, 1), device))[0]  # per-image work, once
         for c0 in range(0, nt, shard_captions):
@@ -893,7 +896,7 @@ def naive_score_matrix(model: DIME, img: dict[str, torch.Tensor], txt: dict[str,
     base_img = {k: img[k] for k in ("img", "rgn", "ids")}
     base_txt = {k: txt[k] for k in ("stc", "wrd", "mask", "ids")}
     out = torch.empty(ni, nt)
-    with _autocast(device):
+    with _autocast(model, device):
         for i0 in range(0, ni, shard):
             im = _slice(base_img, slice(i0, i0 + shard), device)
             for c0 in range(0, nt, shard):
