@@ -287,3 +287,17 @@ def test_emitter_columns_join_the_callers_batch_columns():
     first = frame[frame.query_id.isin(["a", "b"])]
     assert first.caption_idx.tolist() == [3, 3, 4, 4] and first.image_id.tolist() == [0, 0, 0, 0]
     assert frame[frame.query_id == 5].caption_idx.isna().all()
+
+
+def test_flat_numbers_is_the_one_flattening_of_nested_metrics():
+
+    from cirlab.core.io import flat_numbers
+    from cirlab.workbench.analysis import flatten_metrics
+
+    tree = {"val": {"R@1": np.float32(12.5), "n": 240, "ok": True, "name": "dress", "t": torch.tensor(3.0)},
+            "table": [{"category": "shirt", "R@10": 40}, [7]]}
+    assert flat_numbers(tree) == {"val/R@1": 12.5, "val/n": 240.0, "val/t": 3.0, "table/shirt/R@10": 40.0,
+                                  "table/1/0": 7.0}
+    kept = flat_numbers(tree, floats=False)
+    assert type(kept["val/n"]) is int and type(kept["table/shirt/R@10"]) is int  # the index shows 240, not 240.0
+    assert flatten_metrics(tree) == flat_numbers(tree)  # the workbench's public name reads through the same one

@@ -87,6 +87,26 @@ def to_plain(value: Any) -> Any:
     return str(value)
 
 
+def flat_numbers(tree: Any, prefix: str = "", *, floats: bool = True) -> dict[str, Any]:
+    """Nested metrics -> ``{"a/b": number}``, numeric leaves only (bools and text dropped): the one flattening of the
+    trainer's log records, the workbench's metric tables and the report's index. Numpy and 0-d torch scalars count
+    as numbers; ``floats=False`` keeps ints as ints (the index shows ``240``, not ``240.0``). A list is keyed by
+    each item's first text field (a table's ``to_dict("records")``: ``category``, ``word``), else its position."""
+    flat: dict[str, Any] = {}
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            flat.update(flat_numbers(value, f"{prefix}{key}/", floats=floats))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            name = next((v for v in value.values() if isinstance(v, str)), i) if isinstance(value, Mapping) else i
+            flat.update(flat_numbers(value, f"{prefix}{name}/", floats=floats))
+    else:
+        number = tree.item() if hasattr(tree, "item") and getattr(tree, "ndim", None) == 0 else tree
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            flat[prefix.rstrip("/")] = float(number) if floats else number
+    return flat
+
+
 def _finite(plain: Any) -> Any:
     """A :func:`to_plain` value with every non-finite float, at any depth, replaced by None."""
     if isinstance(plain, float):

@@ -805,14 +805,14 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     resuming = resume or bool((config.get("train") or {}).get("resume"))
     created = not out.exists()
     try:
-        with folder_lock(out) if _rank_zero() else contextlib.nullcontext():
+        with folder_lock(out) if is_main_process() else contextlib.nullcontext():
             # refuse a folder that holds a run now; with --overwrite the trainer removes it once the data, the
             # start files and the model have passed, so a mistyped root does not cost the previous run
-            if not resuming and _rank_zero():
+            if not resuming and is_main_process():
                 claim_run_folder(out) if not overwrite else refuse_foreign_config(out)
             return _run_locked(config, out, resume, device, allow_config_change, overwrite)
     except BaseException:
-        if created and _rank_zero():
+        if created and is_main_process():
             with contextlib.suppress(OSError):  # only an empty folder this run made: a failed start leaves no trace
                 out.rmdir()
         raise
@@ -865,7 +865,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
                           "set train.selection=last")
     run_device = resolve_device(cfg.device, "train.device")
     resolved = {**config, "output_dir": str(out), "train": cfg.to_dict(), "model_config": model.config.to_dict()}
-    if cfg.resume and _rank_zero():
+    if cfg.resume and is_main_process():
         check_resume_config(out, resolved, allow_config_change)
     # the selection split too, before the first step: a broken val file must fail now, not after the training
     if select_split and select_split not in loaded:
@@ -984,14 +984,6 @@ def _check_not_empty(config: dict[str, Any], split: str, loaded: Any) -> None:
                           "(its caption file is empty); check the data with `cirlab data check`")
 
 
-def _rank_zero() -> bool:
-    """The process that owns the run folder: rank 0 under torchrun (known from the environment before the process
-    group exists), the only process otherwise."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _prepare_data(config: dict[str, Any]) -> None:
@@ -1009,10 +1001,13 @@ def _prepare_data(config: dict[str, Any]) -> None:
 
 
 def is_main_process() -> bool:
-    """True outside DDP and on rank 0 (the process that writes run files)."""
+    """The process that owns the run folder and writes run files: rank 0 under torchrun (known from the
+    environment before the process group exists), the only process otherwise."""
     import torch.distributed as dist
 
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _final_splits(config: dict[str, Any]) -> list[str]:

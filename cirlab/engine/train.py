@@ -51,7 +51,7 @@ from cirlab.core.config import UnknownFieldError, did_you_mean, unknown_names_me
 from cirlab.core.contracts import HasEpochHook, HasParamGroups, Model
 from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from cirlab.core.errors import CirlabError, ConfigError
-from cirlab.core.io import to_plain, write_json
+from cirlab.core.io import flat_numbers, to_plain, write_json
 from cirlab.core.threads import apply_thread_policy
 
 logger = logging.getLogger(__name__)
@@ -689,7 +689,7 @@ class _RunLog:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
         if self.tb is not None:
             prefix = record.get("kind", "train")
-            for key, value in _flat_numbers(record).items():
+            for key, value in flat_numbers(record).items():
                 if key not in ("step", "epoch"):
                     self.tb.add_scalar(f"{prefix}/{key}", value, record.get("step", 0))
 
@@ -728,16 +728,6 @@ def _duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def _flat_numbers(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            out.update(_flat_numbers(value, f"{prefix}{key}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[f"{prefix}{key}"] = float(value)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -1397,7 +1387,7 @@ def _numbers_only(values: Any) -> Any:
 
 
 def _short(record: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.2f}" for k, v in _flat_numbers(record.get("metrics", {})).items())
+    return ", ".join(f"{k}={v:.2f}" for k, v in flat_numbers(record.get("metrics", {})).items())
 
 
 def _model_meta(model: nn.Module) -> dict[str, Any]:

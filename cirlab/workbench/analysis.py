@@ -498,15 +498,11 @@ def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Nested metric dicts -> flat ``{"a/b": value}`` with numeric leaves only."""
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_metrics(value, prefix=name + "/"))
-        elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
-            flat[name] = float(value)
-    return flat
+    """Nested metric dicts -> flat ``{"a/b": value}`` with numeric leaves only, as floats
+    (:func:`cirlab.core.io.flat_numbers`)."""
+    from cirlab.core.io import flat_numbers
+
+    return flat_numbers(metrics, prefix)
 
 
 def _run_name(path: str | os.PathLike) -> str:

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
 from cirlab.core.errors import CirlabError, ConfigError
-from cirlab.core.io import folder_lock
+from cirlab.core.io import flat_numbers, folder_lock
 from cirlab.core.threads import ENV, thread_env
 
 logger = logging.getLogger(__name__)
@@ -1108,7 +1108,7 @@ def _metrics_html(path: Path, limit: int = 60) -> str:
     split = selection.get("split")
     # the notebook's val/ holds the metrics of the split the trainer selected on (ITM: dev), which the trainer's
     # record repeats under splits/<split>/
-    flat = _unique_metrics(_flat_numbers(metrics), [(f"splits/{split}/", "val/")] if isinstance(split, str) else [])
+    flat = _unique_metrics(flat_numbers(metrics, floats=False), [(f"splits/{split}/", "val/")] if isinstance(split, str) else [])
     from cirlab.core.metrics import AVG, AVG_DEFINITIONS  # here: the module imports torch, the report CLI does not
 
     avg = AVG_DEFINITIONS.get(str(metrics.get("protocol"))) if isinstance(metrics, Mapping) else None
@@ -1259,22 +1259,6 @@ def _fmt(value: Any) -> str:
         return f"{value:.3g}"
     return f"{value:.2f}"
 
-
-def _flat_numbers(metrics: Any, prefix: str = "") -> dict[str, int | float]:
-    """Nested metrics -> ``{"a/b": number}``, keeping ints as ints (``flatten_metrics`` makes every leaf a float).
-    A list of records (a table's ``to_dict("records")``) is keyed by each record's first text field (``category``,
-    ``word``), else its position."""
-    flat: dict[str, int | float] = {}
-    if isinstance(metrics, Mapping):
-        for key, value in metrics.items():
-            flat.update(_flat_numbers(value, f"{prefix}{key}/"))
-    elif isinstance(metrics, list):
-        for i, value in enumerate(metrics):
-            name = next((v for v in value.values() if isinstance(v, str)), i) if isinstance(value, Mapping) else i
-            flat.update(_flat_numbers(value, f"{prefix}{name}/"))
-    elif isinstance(metrics, (int, float)) and not isinstance(metrics, bool):
-        flat[prefix.rstrip("/")] = metrics
-    return flat
 
 
 def _unique_metrics(flat: Mapping[str, int | float],
