@@ -290,7 +290,6 @@ def test_emitter_columns_join_the_callers_batch_columns():
 
 
 def test_flat_numbers_is_the_one_flattening_of_nested_metrics():
-
     from cirlab.core.io import flat_numbers
     from cirlab.workbench.analysis import flatten_metrics
 

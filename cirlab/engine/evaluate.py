@@ -31,6 +31,7 @@ import torch
 from cirlab.core.config import whole_number
 from cirlab.core.contracts import CIRModel, HasGalleryScorer, HasImageTransform, ITMModel, require_model
 from cirlab.core.errors import ConfigError, InputError, ModelMismatchError
+from cirlab.engine.train import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -75,16 +76,6 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
-def _to(value: Any, device: torch.device | str) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
 @torch.no_grad()
 def encode_dataset(fn: Callable[[dict[str, Any]], Any], dataset: Any, *, batch_size: int, device: Any = "cpu",
                    num_workers: int = 0, indices: Sequence[int] | None = None, gather: bool = True) -> Any:
@@ -98,7 +89,7 @@ def encode_dataset(fn: Callable[[dict[str, Any]], Any], dataset: Any, *, batch_s
     mine = idx[rank::world]
     subset = torch.utils.data.Subset(dataset, mine)
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    parts = [_to_cpu(fn(_to(batch, device))) for batch in loader]
+    parts = [_to_cpu(fn(to_device(batch, device))) for batch in loader]
     local = _concat(parts) if parts else None
     if world == 1:
         return local
@@ -412,8 +403,8 @@ def score_itm(model: Any, split: Any, *, batch_size: int = 128, shard_size: int 
     for i, image_feats in enumerate(images):
         if i % world != rank:
             continue
-        im = _to(image_feats, device)
-        rows[i] = torch.cat([score(im, _to(tx, device)).float().cpu() for tx in captions], dim=1)
+        im = to_device(image_feats, device)
+        rows[i] = torch.cat([score(im, to_device(tx, device)).float().cpu() for tx in captions], dim=1)
     if world > 1:
         import torch.distributed as dist
 

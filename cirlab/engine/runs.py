@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
 import re
@@ -46,7 +45,7 @@ from typing import Any, Sequence
 import yaml
 
 from cirlab.core.config import did_you_mean, unknown_names_message
-from cirlab.core.io import folder_lock, write_json
+from cirlab.core.io import folder_lock, to_plain, write_json
 from cirlab.core.contracts import HasDatasetExtras, HasImageTransform, HasInit, HasOwnEvaluation, HasVocab
 
 logger = logging.getLogger(__name__)
@@ -350,7 +349,6 @@ def _check_written_model_config(config: dict[str, Any], source: str, overrides: 
     matches the model this config builds (a run's config.yaml run again) passes."""
     import dataclasses
 
-    from cirlab.core.io import to_plain
     from cirlab.models.registry import build_config, get_entry
 
     written = config.get("model_config")
@@ -908,9 +906,9 @@ def check_resume_config(out: Path, resolved: dict[str, Any], allow_config_change
     stored = read_run_config(out, "--resume:")
     diffs: list[str] = []
     for key in ("model", "preset", "model_overrides", "model_config", "dataset"):
-        diffs += _differences(key, _plain(stored.get(key)), _plain(resolved.get(key)))
-    diffs += [f"train.{d}" for d in resume_differences(_plain(stored.get("train") or {}),
-                                                         _plain(resolved.get("train") or {}))]
+        diffs += _differences(key, to_plain(stored.get(key)), to_plain(resolved.get(key)))
+    diffs += [f"train.{d}" for d in resume_differences(to_plain(stored.get("train") or {}),
+                                                         to_plain(resolved.get("train") or {}))]
     if not diffs:
         return
     listed = "; ".join(diffs[:12]) + (f"; and {len(diffs) - 12} more" if len(diffs) > 12 else "")
@@ -920,10 +918,6 @@ def check_resume_config(out: Path, resolved: dict[str, Any], allow_config_change
         return
     raise ConfigError(f"{message}. Resuming would mix two runs in one folder: restore those settings, start a fresh "
                       "run (another --output-dir, or --overwrite), or pass --allow-config-change")
-
-
-def _plain(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))  # tuples -> lists, paths -> strings: YAML's view
 
 
 def _differences(key: str, old: Any, new: Any) -> list[str]:

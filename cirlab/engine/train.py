@@ -577,12 +577,13 @@ class _StepModule(nn.Module):
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor of a (nested) batch to ``device``; strings and other values stay as they are."""
+    """Move every tensor of a (nested) batch to ``device`` (the trainer's and the encoders' batches); strings and
+    other values stay as they are. Non-blocking: for a copy back to the CPU use a blocking ``.cpu()``."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+    if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
 

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
 from cirlab.core.errors import CirlabError, ConfigError
-from cirlab.core.io import flat_numbers, folder_lock
+from cirlab.core.io import flat_numbers, folder_lock, write_json
 from cirlab.core.threads import ENV, thread_env
 
 logger = logging.getLogger(__name__)
@@ -995,12 +995,12 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
                       error=str(err) or type(err).__name__)
         _move(folder, failed)
         failed.mkdir(parents=True, exist_ok=True)
-        _write_record(failed / RECORD, record)
+        write_json(failed / RECORD, record)
         if previous.is_dir():
             previous.rename(folder)
         raise
     record.update(status="ok", finished=_now(), duration_s=round(time.time() - t0, 1))
-    _write_record(folder / RECORD, record)
+    write_json(folder / RECORD, record)
     shutil.rmtree(previous, ignore_errors=True)
     shutil.rmtree(failed, ignore_errors=True)
     return folder
@@ -1014,12 +1014,6 @@ def _move(src: Path, dst: Path) -> None:
     shutil.rmtree(dst, ignore_errors=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
     src.rename(dst)
-
-
-def _write_record(path: Path, record: Mapping[str, Any]) -> None:
-    from cirlab.core.io import write_json
-
-    write_json(path, json.loads(json.dumps(record, default=str)))
 
 
 def _read_record(folder: Path) -> dict[str, Any]:
