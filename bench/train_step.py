@@ -72,9 +72,9 @@ def build(args: argparse.Namespace) -> tuple[Any, RandomItems]:
     """The model (from the registry, preset + overrides) and a random dataset of its training items."""
     import cirlab
 
-    from cirlab.engine.runs import parse_set
+    from cirlab.engine.runs import parse_set_flat
 
-    overrides: dict[str, Any] = {".".join(path): value for path, value in parse_set(args.set)}
+    overrides: dict[str, Any] = parse_set_flat(args.set)
     family = args.model.split("_")[0]
     if family == "amc":
         overrides.setdefault("pretrained", False)  # timing only: no weight files needed

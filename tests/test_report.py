@@ -12,12 +12,14 @@ import pytest
 from cirlab import report
 
 
-def test_parse_set_reads_yaml_values():
-    assert report.parse_set(["max_steps=10", "train.device=cuda", "runs=[a, b]", "interactive=true", "resume="]) == {
+def test_report_set_reads_yaml_values():
+    from cirlab.engine.runs import parse_set_flat  # cirlab report --set reads as cirlab train --set
+
+    assert parse_set_flat(["max_steps=10", "train.device=cuda", "runs=[a, b]", "interactive=true", "resume="]) == {
         "max_steps": 10, "train.device": "cuda", "runs": ["a", "b"], "interactive": True, "resume": ""}
     with pytest.raises(ValueError, match="KEY=VALUE"):
-        report.parse_set(["max_steps"])
-    assert report.parse_set(["lr=2e-4"]) == {"lr": 2e-4}  # the same parser as cirlab train --set (YAML 1.1 fixed)
+        parse_set_flat(["max_steps"])
+    assert parse_set_flat(["lr=2e-4"]) == {"lr": 2e-4}  # the same parser as cirlab train --set (YAML 1.1 fixed)
 
 
 def test_parameters_fill_paths_and_apply_overrides(tmp_path):

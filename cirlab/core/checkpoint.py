@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from cirlab.core.contracts import model_label
 from cirlab.core.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ def load_state(model: torch.nn.Module, state: dict[str, Any], path: str | os.Pat
     """``model.load_state_dict(state)`` with NaN/Inf weights refused and a mismatch reported as one line naming the
     file, the model the checkpoint says it holds (``saved_name``) and the first differing keys."""
     check_finite(state, path)
-    expected = getattr(model, "model_name", type(model).__name__)
+    expected = model_label(model)
     try:
         return model.load_state_dict(state, strict=strict)
     except (RuntimeError, ValueError, KeyError) as err:
@@ -247,7 +248,7 @@ def load_converted(model: torch.nn.Module, state: dict[str, Any], path: str | os
     if missing or result.unexpected_keys:
         parts = [f"{len(keys)} {what} keys ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
                  for what, keys in (("missing", missing), ("unexpected", list(result.unexpected_keys))) if keys]
-        name = getattr(model, "model_name", type(model).__name__)
+        name = model_label(model)
         raise CheckpointError(f"checkpoint {path} does not fit model {name!r}: {'; '.join(parts)}; check the "
                               "preset (or the model_overrides) it was trained with")
     return kept

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from cirlab.core.config import whole_number
-from cirlab.core.contracts import CIRModel, HasGalleryScorer, HasImageTransform, ITMModel, require_model
+from cirlab.core.contracts import (CIRModel, HasGalleryScorer, HasImageTransform, ITMModel, model_label,
+                                    require_model)
 from cirlab.core.errors import ConfigError, InputError, ModelMismatchError
 from cirlab.engine.train import to_device
 
@@ -169,7 +170,8 @@ def _infer_protocol(splits: dict[str, Any], protocol: str | None) -> str:
     return protocol
 
 
-def _cir_transform(model: Any, transform: Any) -> Any:
+def cir_transform(model: Any, transform: Any) -> Any:
+    """The image transform of a CIR evaluation: the caller's, else the model's eval transform, else the split's."""
     if transform is not None:
         return transform
     if isinstance(model, HasImageTransform):
@@ -261,7 +263,7 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
     splits = _as_split_dict(split_or_splits)
     protocol = _infer_protocol(splits, protocol)
     model.eval()
-    transform = _cir_transform(model, transform)
+    transform = cir_transform(model, transform)
     per_split: dict[str, dict[str, Any]] = {}
     for name, split in splits.items():
         scores = score_split(model, split, transform=transform, batch_size=batch_size, device=device,
@@ -276,7 +278,7 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
               "query_ids": {n: [t.query_id for t in v["split"].triplets] for n, v in per_split.items()},
               "topk_paths": []}
     if topk_path is not None and _world()[0] == 0:
-        base = {"model": getattr(model, "model_name", type(model).__name__), "protocol": protocol, **(meta or {})}
+        base = {"model": model_label(model), "protocol": protocol, **(meta or {})}
         result["topk_paths"] = _write_topk(per_split, Path(topk_path), k, base)
     return result
 
@@ -323,13 +325,14 @@ def _cir_metrics(protocol: str, per_split: dict[str, dict[str, Any]], M: Any) ->
     if protocol == "cirr" and len(scored) == 1:
         (v,) = scored.values()
         known = v["target"] >= 0
-        members = _pad_members(v["split"].member_indices())[known]
+        members = pad_members(v["split"].member_indices())[known]
         reference = torch.tensor(v["split"].ref_indices(), dtype=torch.long)[known]
         subset = M.cirr_subset_ranks(v["scores"][known], v["target"][known], reference, members)
     return cir_protocol_metrics(protocol, ranks, subset)
 
 
-def _pad_members(members: list[list[int]]) -> torch.Tensor:
+def pad_members(members: list[list[int]]) -> torch.Tensor:
+    """CIRR's subset members as one [Q, width] index tensor, short rows padded with -1 (no gallery item)."""
     width = max((len(m) for m in members), default=0)
     return torch.tensor([m + [-1] * (width - len(m)) for m in members], dtype=torch.long).reshape(len(members), width)
 
@@ -491,7 +494,7 @@ def trace_split(model: Any, split: Any, n: int | None = 200, *, batch_size: int 
              else np.arange(count)).tolist()
     with trace_routes(model) as trace:
         if hasattr(split, "triplets"):
-            _route_cir(model, split, order, trace, batch_size, device, _cir_transform(model, transform))
+            _route_cir(model, split, order, trace, batch_size, device, cir_transform(model, transform))
         else:
             _route_itm(model, split, order, trace, device)
     return trace.to_frame()

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from cirlab.core import metrics as M
-from cirlab.core.contracts import HasImageTransform, Reranker
+from cirlab.core.contracts import Reranker, model_label
 from cirlab.core import retrieval
 from cirlab.core.topk import TopK, load_topk, save_topk
 
@@ -175,10 +175,10 @@ def rerank_topk(score_fn: ScoreFn, split: Any, stage1: TopK, k: int, *, skip_mis
 
 
 def _members(split: Any) -> tuple[Tensor, Tensor]:
-    members = split.member_indices()
-    width = max((len(m) for m in members), default=0)
-    padded = torch.tensor([m + [-1] * (width - len(m)) for m in members], dtype=torch.long)
-    return padded.reshape(len(members), width), torch.tensor(split.ref_indices(), dtype=torch.long)
+    """The split's padded subset members (as the evaluation pads them) and its reference images' indices."""
+    from cirlab.engine.evaluate import pad_members
+
+    return pad_members(split.member_indices()), torch.tensor(split.ref_indices(), dtype=torch.long)
 
 
 @torch.no_grad()
@@ -251,7 +251,7 @@ def evaluate_reranker(model: Any, splits: Sequence[Any], *, eval_config: Mapping
             name = topk_name(split)
             score = model.candidate_scorer(split, batch_size=batch)
             topks[name] = rerank_topk(score, split, firsts[name], k, skip_misses=skip_misses, batch_size=batch,
-                                      meta={"model": getattr(model, "model_name", type(model).__name__)})
+                                      meta={"model": model_label(model)})
             if protocol == "cirr" and split.has_targets:
                 subset = subset_ranks(subset_scores(score, split, batch_size=batch), split)
             logger.info("re-ranked %s: top %d of %d queries (%d scored)", name, k, len(split.triplets),
@@ -271,12 +271,11 @@ def evaluate_reranker(model: Any, splits: Sequence[Any], *, eval_config: Mapping
 def score_matrix(model: Any, split: Any, *, batch_size: int = 64, device: Any = "cpu") -> Tensor:
     """[Q, G] scores of a CIR model over ``split.gallery_names``: the engine's evaluation scores (query embeddings
     times gallery features, or the model's own gallery scorer)."""
-    from cirlab.engine.evaluate import score_split
+    from cirlab.engine.evaluate import cir_transform, score_split
 
-    transform = model.image_transform(False) if isinstance(model, HasImageTransform) else None
     model.eval()
-    return score_split(model, split, transform=transform, batch_size=batch_size, device=device, num_workers=0,
-                        cache_dir=None)
+    return score_split(model, split, transform=cir_transform(model, None), batch_size=batch_size, device=device,
+                       num_workers=0, cache_dir=None)
 
 
 def cirr_rankings(model: Any, split: Any, *, eval_config: Mapping[str, Any], device: Any,

@@ -46,7 +46,8 @@ import yaml
 
 from cirlab.core.config import did_you_mean, unknown_names_message
 from cirlab.core.io import folder_lock, to_plain, write_json
-from cirlab.core.contracts import HasDatasetExtras, HasImageTransform, HasInit, HasOwnEvaluation, HasVocab
+from cirlab.core.contracts import (HasDatasetExtras, HasEnsemble, HasImageTransform, HasInit, HasOwnEvaluation,
+                                   HasVocab)
 
 logger = logging.getLogger(__name__)
 
@@ -650,11 +651,10 @@ def make_ensemble(models: Sequence[Any], names: Sequence[str] = ()) -> Any:
     kinds = sorted({type(m).__name__ for m in models})
     if len(kinds) != 1:
         raise ConfigError(f"an ensemble's members must be one model kind; got {', '.join(kinds)}")
-    build = getattr(type(models[0]), "ensemble", None)
-    if build is None:
+    if not isinstance(models[0], HasEnsemble):
         raise ConfigError(f"{kinds[0]} defines no ensemble (AMC and DIME do)")
     try:
-        return build(list(models))
+        return type(models[0]).ensemble(list(models))
     except ValueError as err:
         members = "; ".join(f"member {i}: {name}" for i, name in enumerate(names, 1))
         raise ConfigError(f"{err}" + (f" ({members})" if members else "")) from None

@@ -48,7 +48,7 @@ from torch import nn
 
 from cirlab.core import io
 from cirlab.core.config import UnknownFieldError, did_you_mean, unknown_names_message
-from cirlab.core.contracts import HasEpochHook, HasParamGroups, Model
+from cirlab.core.contracts import HasEpochHook, HasParamGroups, Model, model_label
 from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from cirlab.core.errors import CirlabError, ConfigError
 from cirlab.core.io import flat_numbers, to_plain, write_json
@@ -1392,7 +1392,7 @@ def _short(record: dict[str, Any]) -> str:
 
 
 def _model_meta(model: nn.Module) -> dict[str, Any]:
-    meta: dict[str, Any] = {"model_name": getattr(model, "model_name", type(model).__name__)}
+    meta: dict[str, Any] = {"model_name": model_label(model)}
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         meta["model_config"] = to_plain(config.to_dict())

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from cirlab.core.config import did_you_mean, name_list, whole_number
-from cirlab.core.contracts import Model, require_model
+from cirlab.core.contracts import Model, model_label, require_model
 from cirlab.core.errors import ConfigError, InputError, MissingPathError, ModelMismatchError, UnknownKeyError
 
 logger = logging.getLogger(__name__)
@@ -675,7 +675,7 @@ def _with_caption_types(frame: Any, split: Any) -> Any:
 
 def _checked(frame: Any, model: Any) -> Any:
     if frame.empty:
-        name = getattr(model, "model_name", type(model).__name__)
+        name = model_label(model)
         views = {"cala": "; CaLa's attention: cala_trace", "hrem": "; HREM's relation graph: hrem_relation"}
         raise InputError(f"model {name} emitted no router records (collect_routes traces AMC's gates and DIME's "
                          f"paths{views.get(name, '')})")

@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
-from cirlab.core.errors import CirlabError, ConfigError
+from cirlab.core.errors import ConfigError, MissingPathError
 from cirlab.core.io import flat_numbers, folder_lock, write_json
 from cirlab.core.threads import ENV, thread_env
 
@@ -298,14 +298,6 @@ SYNTHETIC_SIZE_ITM = "small"  # the report's {itm_data} (precomp only); smoke ru
 
 
 # --------------------------------------------------------------------------------------------- parameters
-def parse_set(items: Sequence[str]) -> dict[str, Any]:
-    """``["key=value", "train.max_steps=10"]`` -> ``{"key": value, "train.max_steps": 10}``: parsed exactly as
-    ``cirlab train --set`` parses (:func:`cirlab.engine.runs.parse_set`: YAML values, ``2e-4`` a float)."""
-    from cirlab.engine.runs import parse_set_flat
-
-    return parse_set_flat(items)
-
-
 def _fill(value: Any, out: Path, data: Path, itm_data: Path) -> Any:
     if isinstance(value, str):
         return value.replace("{out}", str(out)).replace("{itm_data}", str(itm_data)).replace("{data}", str(data))
@@ -342,7 +334,7 @@ def _override_targets(key: str, names: Sequence[str]) -> tuple[str, list[str]]:
     ``names``."""
     nb, _, field = key.rpartition(".")
     if nb and nb not in REPORT_PARAMETERS:
-        raise ValueError(f"--set {key}: unknown notebook {nb!r}; notebooks: {', '.join(ORDER)}")
+        raise ConfigError(f"--set {key}: unknown notebook {nb!r}; notebooks: {', '.join(ORDER)}")
     return field, [nb] if nb else list(names)
 
 
@@ -352,7 +344,7 @@ def check_overrides(overrides: Mapping[str, Any], names: Sequence[str]) -> None:
         field, targets = _override_targets(key, names)
         if field != "data_root" and not any(field in REPORT_PARAMETERS[t] for t in targets):
             known = sorted({p for t in targets for p in REPORT_PARAMETERS[t]})
-            raise ValueError(f"--set {key}: no such parameter; known: {', '.join(known)}")
+            raise ConfigError(f"--set {key}: no such parameter; known: {', '.join(known)}")
 
 
 def plan(only: str | Sequence[str] | None = None, out: Path | None = None, skip: Sequence[str] = ()) -> list[str]:
@@ -362,14 +354,14 @@ def plan(only: str | Sequence[str] | None = None, out: Path | None = None, skip:
     if not only:
         unknown = sorted(set(skip) - set(SKIPPABLE))
         if unknown:
-            raise ValueError(f"cannot skip {', '.join(unknown)}; skippable: {', '.join(SKIPPABLE)}")
+            raise ConfigError(f"cannot skip {', '.join(unknown)}; skippable: {', '.join(SKIPPABLE)}")
         skipped = {entry for model in skip for entry in SKIPPABLE[model]}
         return [n for n in ORDER if n not in skipped]
     if skip:  # --only names what runs: a --no-<model> beside it would be ignored, or contradict it
-        raise ValueError(f"--only and --no-{skip[0]} cannot be combined: --only names every notebook that runs")
+        raise ConfigError(f"--only and --no-{skip[0]} cannot be combined: --only names every notebook that runs")
     unknown = [name for name in only if name not in REPORT_PARAMETERS]
     if unknown:
-        raise ValueError(f"unknown notebook {unknown[0]!r}; notebooks: {', '.join(ORDER)}")
+        raise ConfigError(f"unknown notebook {unknown[0]!r}; notebooks: {', '.join(ORDER)}")
     needed = set(only)
     stack = list(only)
     while stack:
@@ -448,7 +440,7 @@ def notebook_path(name: str, notebook_dir: Path | None = None) -> Path:
     """The ``.ipynb`` file report entry ``name`` executes; FileNotFoundError naming the command that makes it."""
     src = Path(notebook_dir or default_notebook_dir()) / f"{notebook_of(name)}.ipynb"
     if not src.is_file():
-        raise FileNotFoundError(f"notebook not found: {src} (its py:percent twin {src.with_suffix('.py')} makes it: "
+        raise MissingPathError(f"notebook not found: {src} (its py:percent twin {src.with_suffix('.py')} makes it: "
                                 f"`make notebooks`, or `jupytext --sync {src.with_suffix('.py')}`)")
     return src
 
@@ -487,7 +479,7 @@ def check_override_types(overrides: Mapping[str, Any], names: Sequence[str], not
             takes = _TAKES.get(kind)
             if takes and (not isinstance(value, takes) or (isinstance(value, bool) and bool not in takes)):
                 article = "an" if kind[0] in "aeiou" else "a"
-                raise ValueError(f"--set {key}={value!r}: {notebook_of(name)}'s parameter {field} is {article} {kind} "
+                raise ConfigError(f"--set {key}={value!r}: {notebook_of(name)}'s parameter {field} is {article} {kind} "
                                  f"({field}: {kind} = {spec.get('default')}), not {type(value).__name__}")
 
 
@@ -799,7 +791,7 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
     out = Path(out).resolve()
     overrides = dict(overrides or {})
     if jobs < 1:
-        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     names = plan(only, out, skip)
     jobs = min(jobs, len(names)) or 1
     # the kernels inherit it: one passive-waiting thread on a small machine, the cores shared between the jobs
@@ -1335,15 +1327,12 @@ def _jobs(value: str) -> int:
 
 
 def _run_from_args(args: argparse.Namespace) -> int:
-    try:
-        overrides = parse_set(args.set_)
-        notebooks = Path(args.notebooks).expanduser() if getattr(args, "notebooks", None) else None
-        return run_report(args.out, args.only, overrides, args.smoke, args.kernel, notebook_dir=notebooks,
-                          skip=getattr(args, "skip", None) or (), jobs=getattr(args, "jobs", 1))
-    except CirlabError:  # cirlab's own one-line errors: logged by the CLI like every command's
-        raise
-    except (ValueError, FileNotFoundError) as err:  # the options' refusals: the same one ERROR line, exit 2
-        raise ConfigError(str(err)) from None
+    from cirlab.engine.runs import parse_set_flat  # as cirlab train --set parses (YAML values)
+
+    overrides = parse_set_flat(args.set_)
+    notebooks = Path(args.notebooks).expanduser() if getattr(args, "notebooks", None) else None
+    return run_report(args.out, args.only, overrides, args.smoke, args.kernel, notebook_dir=notebooks,
+                      skip=getattr(args, "skip", None) or (), jobs=getattr(args, "jobs", 1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
