@@ -269,15 +269,20 @@ def test_a_missing_start_file_fails_before_the_data_and_the_model(tmp_path, monk
     missing = tmp_path / "blip2.pth"
     cases = [("cala_cirr.yaml", "init_from", f"lavis:{missing}"), ("hrem_f30k.yaml", "init_from", str(missing)),
              ("dime_f30k_i2t.yaml", "init_from", str(missing)),
-             ("blip_rerank_cirr_stage2.yaml", "stage1_checkpoint", str(missing))]
+             ("blip_rerank_cirr_stage2.yaml", "stage1_checkpoint", str(missing)),
+             # files the model is built from: a missing vocab_file was a traceback from the first training step
+             ("cala_synthetic_tiny.yaml", "vocab_file", str(missing)),
+             ("blip_rerank_cirr_stage1.yaml", "vocab_file", str(missing)),
+             ("amc_fashioniq.yaml", "glove_path", str(missing))]
     for config, field, value in cases:
         caplog.clear()
         out = tmp_path / field
         assert main(["train", str(ROOT / "configs" / config), "--output-dir", str(out),
                      "--set", f"model_overrides.{field}={value}"]) == 2, config
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        how = "starts from" if field in runs.START_FIELDS else "is built from"
         assert errors == [f"model_overrides.{field}: {missing} does not exist (model "
-                          f"{runs.load_config(ROOT / 'configs' / config)['model']!r} starts from it)"], config
+                          f"{runs.load_config(ROOT / 'configs' / config)['model']!r} {how} it)"], config
         assert not out.exists()
     config = {"model": "blip_rerank_stage2", "model_overrides": {"init_from": "stage1"}}
     runs._check_start_paths(config)  # stage II's own stage I: no file to look for
@@ -445,6 +450,11 @@ def test_a_model_on_a_dataset_of_the_other_task_is_one_config_error(tmp_path, ca
     with pytest.raises(ConfigError, match=r"amc is a composed image retrieval model .* its datasets: fashioniq"):
         validate_config(with_defaults({"model": "amc", "preset": "tiny", "dataset": {"name": "f30k"}}))
     validate_config(with_defaults({"model": "blip_rerank_stage1", "preset": "tiny", "dataset": {"name": "cirr"}}))
+    # grouping by reference image needs CIR triplets: an ITM run refuses it here, not with a traceback once the
+    # data and the model are built
+    with pytest.raises(ConfigError, match=r"train\.group_batches groups CIR triplets .* f30k's image-caption pairs"):
+        validate_config(with_defaults({"model": "dime", "preset": "tiny", "dataset": {"name": "f30k"},
+                                       "train": {"group_batches": 2}}))
     config = tmp_path / "c.yaml"
     config.write_text(f"model: hrem\npreset: tiny\ndataset: {{name: shoes, root: {tmp_path}}}\n")
     assert main(["train", str(config), "--output-dir", str(tmp_path / "run")]) == 2

@@ -8,6 +8,7 @@ data with its task's protocol; and a checkpoint round trip rebuilds a model with
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -183,5 +184,13 @@ def test_create_model_from_a_config_takes_overrides_and_refuses_what_it_cannot_u
         with pytest.raises(ConfigError, match=rf"Config\.{field}: expected a count >= 0, got -1"):
             create_model(name, "tiny", **{field: -1})
     assert create_model("hrem", "tiny", vse_mean_warmup_epochs=0).config.vse_mean_warmup_epochs == 0
+    # a file setting the rest of the config never reads was ignored without a word (GloVe with random word vectors,
+    # backbone weights without pretrained, a BERT vocabulary for CaLa's CLIP path)
+    for name, fields, reader in (("amc", {"glove_path": "g.txt", "word_vectors": "random"}, "word_vectors='glove'"),
+                                 ("amc", {"backbone_weights": "r.pth", "pretrained": False}, "pretrained=True"),
+                                 ("cala", {"vocab_file": "v.txt", "backbone": "clip_rn50x4"}, "backbone='blip2'")):
+        field = next(iter(fields))
+        with pytest.raises(ValueError, match=rf"Config\.{field}='.*' is read only with {re.escape(reader)}"):
+            build_config(name, "tiny", **fields)
     with pytest.raises(ConfigError, match=r"unknown field 'embed_sise' \(did you mean 'embed_size'\?\)"):
         create_model("hrem", config=base, embed_sise=8)

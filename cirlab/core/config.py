@@ -124,6 +124,15 @@ def _is_size_field(name: str) -> bool:
                                                                                                "_hidden"))
 
 
+def refuse_unread(config_name: str, settings: Iterable[tuple[str, Any, bool, str]]) -> None:
+    """Refuse a file setting that the rest of the config never reads (``glove_path`` beside
+    ``word_vectors='random'``): it would be ignored without a word. ``settings``: ``(field, value, read, reader)``
+    with ``read`` whether the config reads the field and ``reader`` the setting that would."""
+    for name, value, read, reader in settings:
+        if value and not read:
+            raise ValueError(f"{config_name}.{name}={value!r} is read only with {reader}; clear it or set {reader}")
+
+
 def _is_count_field(name: str) -> bool:
     """Warm-up lengths and step counts (DIME's and HREM's warm-up epochs, HREM's warmup_iters, CaLa's tac_steps): a
     negative count has no meaning; 0 switches the phase off."""

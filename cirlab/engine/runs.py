@@ -286,6 +286,12 @@ def _validate_task(config: dict[str, Any], source: str) -> None:
     problem = task_mismatch(model, get_entry(model).task, str(config["dataset"]["name"]))
     if problem:
         raise ConfigError(f"{source}: dataset.name: {problem}")
+    from cirlab.data.catalog import get_dataset
+
+    dataset = get_dataset(str(config["dataset"]["name"]))
+    if (config.get("train") or {}).get("group_batches") and dataset.is_itm:  # before the data and the model
+        raise ConfigError(f"{source}: train.group_batches groups CIR triplets by reference image; "
+                          f"{dataset.name}'s image-caption pairs have no groups (set it to 0)")
 
 
 def task_mismatch(model: str, task: str, dataset: str) -> str:
@@ -948,23 +954,27 @@ def _drop_stale_start_report(out: Path) -> None:
 
 
 START_FIELDS = ("init_from", "stage1_checkpoint")  # model_overrides naming weights read when a run starts
+# model_overrides naming files read when the model is built (vocabularies, word vectors, backbone weights)
+BUILD_FILE_FIELDS = ("vocab_file", "glove_path", "minilm_path", "backbone_weights")
 
 
 def _check_start_paths(config: dict[str, Any]) -> None:
-    """A pretrained start (``init_from``, ``stage1_checkpoint``) that names nothing on disk stops before the model is
-    built: a paper-size build takes tens of seconds. Every such value is a local path, possibly ``lavis:PATH``,
+    """A pretrained start (``init_from``, ``stage1_checkpoint``) or a file the model is built from (``vocab_file``,
+    ``glove_path``, ...) that names nothing on disk stops before the model is built: a paper-size build takes tens
+    of seconds. Every such value is a local path, possibly ``lavis:PATH``,
     except stage II's ``init_from: stage1`` (the frozen stage I's own weights)."""
     from cirlab.models.lavis_interop import strip_lavis_prefix
 
     overrides = config.get("model_overrides") or {}
-    for field in START_FIELDS:
+    for field in START_FIELDS + BUILD_FILE_FIELDS:
         value = str(overrides.get(field) or "")
         if not value or value == "stage1":
             continue
         path = Path(strip_lavis_prefix(value)).expanduser()
         if not path.exists():
-            raise ConfigError(f"model_overrides.{field}: {path} does not exist (model {config['model']!r} starts "
-                              "from it)")
+            how = "starts from" if field in START_FIELDS else "is built from"
+            raise ConfigError(f"model_overrides.{field}: {path} does not exist (model {config['model']!r} {how} "
+                              "it)")
 
 
 def _check_not_empty(config: dict[str, Any], split: str, loaded: Any) -> None:
@@ -976,8 +986,6 @@ def _check_not_empty(config: dict[str, Any], split: str, loaded: Any) -> None:
     if empty:
         raise ConfigError(f"dataset {config['dataset']['name']!r}: evaluation split {split!r} has no queries "
                           "(its caption file is empty); check the data with `cirlab data check`")
-
-
 
 
 def _prepare_data(config: dict[str, Any]) -> None:

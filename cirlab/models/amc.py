@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cirlab.core import tracing
-from cirlab.core.config import PresetMixin
+from cirlab.core.config import PresetMixin, refuse_unread
 from cirlab.models.registry import register_model
 
 logger = logging.getLogger(__name__)
@@ -149,6 +149,10 @@ class AMCConfig(PresetMixin):
                 raise ValueError(f"AMCConfig.{name}={value!r}; expected one of {allowed}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"AMCConfig: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        refuse_unread("AMCConfig", [("glove_path", self.glove_path, self.word_vectors == "glove", "word_vectors='glove'"),
+                                    ("minilm_path", self.minilm_path, self.word_vectors == "minilm",
+                                     "word_vectors='minilm'"),
+                                    ("backbone_weights", self.backbone_weights, self.pretrained, "pretrained=True")])
 
 
 # ================================================================================================ text

@@ -98,7 +98,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cirlab.core import tracing
-from cirlab.core.config import PresetMixin
+from cirlab.core.config import PresetMixin, refuse_unread
 from cirlab.models import _hf_blip2 as hb
 from cirlab.models.registry import register_model
 
@@ -213,6 +213,10 @@ class CaLaConfig(PresetMixin):
                               ("clip_map_layout", CLIP_MAP_LAYOUTS), ("clip_cls_token", CLIP_CLS_TOKENS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"CaLaConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
+        blip2 = self.backbone == "blip2"
+        refuse_unread("CaLaConfig", [("minilm_path", self.minilm_path, blip2 and self.qformer_init == "minilm",
+                                      "backbone='blip2' and qformer_init='minilm'"),
+                                     ("vocab_file", self.vocab_file, blip2, "backbone='blip2' (CLIP has its own BPE)")])
         # a list in YAML / to_dict round trips: kept as a list of ints (yaml.safe_dump has no tuples)
         self.clip_vision_layers = [int(n) for n in self.clip_vision_layers]
         if self.backbone != "blip2":
