@@ -36,6 +36,8 @@ def _randomise_routers(model: D.DIME, seed: int = 0, weight_std: float = 0.2, bi
 
 
 def test_paper_preset_trainable_parameter_count():
+    from cirlab.models.registry import module_parameters
+
     # DIME paper sizes: image fc+BN 0.53M, text head 1.57M, interaction 4.17M -> 6.27M (+ frozen BERT-Base)
     expected = {"img_enc": 2048 * 256 + 256 + 2 * 256,
                 "txt_enc": (768 * 256 + 256) + sum(256 * k * 768 + 256 for k in (1, 2, 3)) + (768 * 256 + 256),
@@ -46,14 +48,16 @@ def test_paper_preset_trainable_parameter_count():
             model = cirlab.create_model("dime", preset, bert="random", bert_config=D.BERT_BASE_CONFIG)
         got = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in model.named_children()}
         bert = sum(p.numel() for p in model.txt_enc.bert.parameters())
-        print(f"DIME {preset}: trainable {model.trainable_parameters():,} {got}; frozen BERT-Base {bert:,}")
+        trainable = module_parameters(model)[-1]["trainable"]
+        print(f"DIME {preset}: trainable {trainable:,} {got}; frozen BERT-Base {bert:,}")
         assert got == expected
-        assert model.trainable_parameters() == 6_267_044  # = 6.27M
+        assert trainable == 6_267_044  # = 6.27M
         assert 108e6 < bert < 110e6 and not any(p.requires_grad for p in model.txt_enc.bert.parameters())
     with torch.device("meta"):
         lean = cirlab.create_model("dime", "f30k_i2t", bert="random", bert_config=D.BERT_BASE_CONFIG,
                                    keep_unused_params=False)
-    assert lean.trainable_parameters() == 6_267_044 - 3 * (256 * 256 + 256) - 2 * 256  # GLGC.fc_2 x3, i2t img BN
+    lean_trainable = module_parameters(lean)[-1]["trainable"]
+    assert lean_trainable == 6_267_044 - 3 * (256 * 256 + 256) - 2 * 256  # GLGC.fc_2 x3, i2t img BN
 
 
 @pytest.mark.parametrize("direction", ["i2t", "t2i"])
@@ -400,9 +404,13 @@ def test_bad_inputs_raise_clear_errors():
         model.encode_text("one caption")
     with pytest.raises(ValueError, match="direction"):
         D.DIMEConfig(direction="both")
+    # the original checkpoint criterion r1 + r5 + r1i + r5i, as the trainer selects with DIME's SELECTION_METRIC
+    from cirlab.engine.train import selection_score
+
     with pytest.raises(KeyError, match="t2i_R@5"):
-        D.selection_score({"i2t_R@1": 1.0, "i2t_R@5": 1.0, "t2i_R@1": 1.0})
-    assert D.selection_score({"i2t_R@1": 1, "i2t_R@5": 2, "t2i_R@1": 3, "t2i_R@5": 4, "rsum": 99}) == 10
+        selection_score({"i2t_R@1": 1.0, "i2t_R@5": 1.0, "t2i_R@1": 1.0}, "dev", D.SELECTION_METRIC)
+    assert selection_score({"i2t_R@1": 1, "i2t_R@5": 2, "t2i_R@1": 3, "t2i_R@5": 4, "rsum": 99}, "dev",
+                           D.SELECTION_METRIC) == 10
 
 
 @pytest.mark.parametrize("direction", ["i2t", "t2i"])

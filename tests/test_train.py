@@ -319,6 +319,8 @@ def test_group_batches_trains_through_the_trainer(tmp_path):
         assert all(sum(1 for j in batch if j // 4 == i // 4) == 4 for i in batch)
     with pytest.raises(ValueError, match="group_batches"):
         TrainConfig(group_batches=-1)
+    with pytest.raises(ConfigError, match=r"TrainConfig\.seed: must be <= 4294967295"):  # NumPy would refuse it
+        TrainConfig(seed=2**32)
     # a dataset without group keys: one ConfigError before the run folder exists (it was a ValueError traceback)
     with pytest.raises(ConfigError, match=r"group_batches needs a training set with group_keys\(\).*TripletItems"):
         train(_model(), TripletItems(8), _cfg(group_batches=4), output_dir=tmp_path / "plain")

@@ -98,7 +98,7 @@ def encode_dataset(fn: Callable[[dict[str, Any]], Any], dataset: Any, *, batch_s
 
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, local)
-    return _interleave([g for g in gathered], world, len(idx))
+    return _interleave(gathered, world, len(idx))
 
 
 def _interleave(shards: list[Any], world: int, n: int) -> Any:
@@ -345,8 +345,7 @@ def _write_topk(per_split: dict[str, dict[str, Any]], path: Path, k: int, base: 
     for name, v in per_split.items():
         split, scores = v["split"], v["scores"]
         kk = min(k, scores.shape[1] - (1 if v["exclude"] is not None else 0))
-        exclude = v["exclude"] if v["exclude"] is not None else None
-        top_scores, top_idx = topk_candidates(scores, kk, exclude=exclude)
+        top_scores, top_idx = topk_candidates(scores, kk, exclude=v["exclude"])
         files[name] = make_topk(top_scores, top_idx, query_ids=[t.query_id for t in split.triplets],
                                 gallery_ids=split.gallery_names, target=v["target"], ranks=v["ranks"],
                                 category=[t.category for t in split.triplets],
@@ -392,11 +391,11 @@ def score_itm(model: Any, split: Any, *, batch_size: int = 128, shard_size: int 
 
     Cross-attention matchers need every (image, caption) pair, so their score matrix is built block by block:
     each block holds at most ``shard_size`` images x ``shard_size`` captions of encoded features on ``device``.
-    Models without ``score`` use the dot product of their embeddings. Under DDP, image shards are split over the
-    processes and the rows are gathered.
+    Under DDP, image shards are split over the processes and the rows are gathered.
     """
+    require_model(model, ITMModel, "score_itm")  # encode_image, encode_text and score (a dual encoder's: a product)
     model.eval()
-    score = getattr(model, "score", None) or (lambda im, tx: im @ tx.T)
+    score = model.score
     images = _itm_encode_shards(lambda b: model.encode_image(b["image_feats"]), split.image_dataset(), shard_size,
                                 batch_size, device, images)
     captions = _itm_encode_shards(lambda b: model.encode_text(b["text"]), split.caption_dataset(), shard_size,
@@ -515,7 +514,8 @@ def _route_itm(model: Any, split: Any, order: list[int], trace: Any, device: Any
     """One call per image with all of its traced captions (every pair in the call is a matching pair): the
     text encoder and the routing cells then run once per image rather than once per caption, which dominated
     the explorer notebooks' run time on CPU."""
-    score = getattr(model, "score", None) or (lambda im, tx: im @ tx.T)
+    require_model(model, ITMModel, "route tracing on precomp data")
+    score = model.score
     encode_image, encode_text = _with_ids(model.encode_image), _with_ids(model.encode_text)
     by_image: dict[int, list[int]] = {}
     for k in order:

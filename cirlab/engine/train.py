@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from cirlab.core import io
-from cirlab.core.config import UnknownFieldError, did_you_mean, unknown_names_message
+from cirlab.core.config import MAX_SEED, UnknownFieldError, did_you_mean, unknown_names_message
 from cirlab.core.contracts import HasEpochHook, HasParamGroups, Model, model_label
 from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from cirlab.core.errors import CirlabError, ConfigError
@@ -224,10 +224,11 @@ def _value_problem(name: str, value: Any) -> str | None:
         return "must be a finite number"
     if name == "ema_decay" and not 0 < float(value) < 1:
         return "must be between 0 and 1 (e.g. 0.999), or null for no EMA"
+    if name == "seed" and value > MAX_SEED:
+        return f"must be <= {MAX_SEED} (NumPy's seed range, as cirlab data synth --seed)"
     if low is not None and (value < low if inclusive else value <= low):
-        why = " (0 would train nothing and write no checkpoint)" if name in ("epochs", "max_steps") else ""
-        if name == "max_steps":
-            why = " (0 would train nothing and write no checkpoint; null = no cap)"
+        why = {"epochs": " (0 would train nothing and write no checkpoint)",
+               "max_steps": " (0 would train nothing and write no checkpoint; null = no cap)"}.get(name, "")
         return f"must be {'>=' if inclusive else '>'} {low:g}{why}"
     return None
 
@@ -517,7 +518,7 @@ def init_distributed(backend: str | None = None) -> _Dist:
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python, NumPy and torch; optionally switch to deterministic kernels."""
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % (MAX_SEED + 1))  # a derived seed (seed + rank) may pass NumPy's range
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS for determinism
@@ -831,8 +832,6 @@ def _last_checkpoint_fingerprint(folder: Path) -> list[int] | None:
 def mark_recipe_run(folder: str | os.PathLike) -> None:
     """Record that a recipe finished the run in ``folder``: a re-run of the recipe may replace it
     (:func:`recipe_wrote`)."""
-    from cirlab.core.io import write_json
-
     folder = Path(folder)
     write_json(folder / RECIPE_MARK, {"last_checkpoint": _last_checkpoint_fingerprint(folder)})
 

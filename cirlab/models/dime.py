@@ -712,9 +712,6 @@ class DIME(BertVocabMixin, nn.Module):
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
-    def trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
     def load_original(self, checkpoint: Any, source: str) -> dict[str, list[str]]:
         """The original's ``model_best.pth.tar`` (``cirlab eval FILE --model dime --preset f30k_t2i
         --trust-pickle``): every weight must fit; the vocabulary is the built one (the original saves none)."""
@@ -768,15 +765,6 @@ def contrastive_loss(scores: torch.Tensor, n: int, margin: float = 0.2, max_viol
     if max_violation:
         return cost_s.amax(1).sum() + cost_im.amax(0).sum()
     return cost_s.sum() + cost_im.sum()
-
-
-def selection_score(metrics: dict[str, float]) -> float:
-    """The original checkpoint criterion r1 + r5 + r1i + r5i (i2t R@1, R@5 + t2i R@1, R@5)."""
-    keys = SELECTION_METRIC.split("+")
-    missing = [k for k in keys if k not in metrics]
-    if missing:
-        raise KeyError(f"selection_score: metrics lack {missing}; got {sorted(metrics)}")
-    return float(sum(metrics[k] for k in keys))
 
 
 # --------------------------------------------------------------------------------------------- evaluation

@@ -625,9 +625,6 @@ class HREM(BertVocabMixin, nn.Module):
                  "lr_scale": self.config.bert_lr_scale},
                 {"params": [p for p in self.parameters() if id(p) not in bert and p.requires_grad]}]
 
-    def trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
     def load_original(self, checkpoint: Any, source: str) -> dict[str, list[str]]:
         """The original's ``model_best.pth`` (``cirlab eval FILE --model hrem --preset f30k --trust-pickle``):
         the two encoders must fit exactly; the instance module and the warm-up counter, which it never saves,

@@ -84,8 +84,9 @@ _KERNELS: set[Any] = set()
 _CHILDREN: set[Any] = set()
 
 # What each figure shows and which figure of which paper it regenerates, per report entry (or notebook) and figure
-# name ("name_" entries match every figure starting with it). Figure numbers are the papers' own where the shared
-# digests of the papers' code and figures state them; otherwise the caption says that none is reproduced.
+# name ("name_" entries match every figure starting with it). Figure numbers are the papers' own (AMC, Zhu et al.
+# TOMM 2023; DIME, Qu et al. SIGIR 2021; the re-ranker's Fig. 8, Liu et al. TMLR 2024; CaLa, Jiang et al. SIGIR 2024;
+# HREM, Fu et al. CVPR 2023) where a figure of the paper plots the same thing; otherwise the caption says that none is.
 _AMC_GATES = ("AMC's router gates α1 (NIN), α2 (GTN), α3 (CRN), in the paper's order and numbering (its Fig. 3, the "
               "architecture, defines them; the code's order is NIN, CRN, GTN). The AMC paper's code returns the gates "
               "but plots nothing, so no paper figure is regenerated exactly")

@@ -28,6 +28,7 @@ import numpy as np
 
 from cirlab.core.errors import InputError, UnknownKeyError
 from cirlab.workbench import analysis
+from cirlab.workbench.viz import PALETTE, QUERY_COLOR
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ PairFn = Callable[[int, str], Mapping[str, Any]]
 __all__ = ["plot_query_view", "plot_pair_view", "make_query_fn", "make_pair_fn", "encode_gallery", "RouterExplorer",
            "PathExplorer", "live_frontend"]
 
-MAIN_COLOR, COMPARE_COLOR = "#1f77b4", "#ff7f0e"
+MAIN_COLOR, COMPARE_COLOR = PALETTE[0], PALETTE[1]  # the figures' first two colours
 
 
 def live_frontend() -> bool:
@@ -138,7 +139,7 @@ def plot_query_view(routes: Any, edited: Any = None, candidate_ids: Sequence[str
             ax.set_gid("target_outside")
         if reference_id is not None:
             ax = fig.add_subplot(top[0, first.pop(0)])
-            image_axis(ax, image_fn(str(reference_id)), title=f"reference\n{reference_id}", color="#1f77b4", width=2.0)
+            image_axis(ax, image_fn(str(reference_id)), title=f"reference\n{reference_id}", color=QUERY_COLOR, width=2.0)
             ax.set_gid("query")
         if text is not None:
             ax = fig.add_subplot(top[0, first.pop(0)])

@@ -124,3 +124,10 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def write_release_json(path: Path, obj: object) -> None:
+    """A generated annotation file as the public releases write theirs: one line, UTF-8 (indenting would also switch
+    json to its slow pure-Python encoder on the larger sets)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, ensure_ascii=False) + "\n", encoding="utf-8")

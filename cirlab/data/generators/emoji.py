@@ -412,8 +412,8 @@ def write_dataset(package: Package, out: Path, version: str, seed: int,
                         "modification": cat} for t in chosen]
             entries = [entries[int(i)] for i in rng.permutation(len(entries))]
             gallery = sorted({_stem(x) for t in chosen for x in (t.ref, t.target)})
-            _dump(out / "captions" / f"cap.{cat}.{split}.json", entries)
-            _dump(out / "image_splits" / f"split.{cat}.{split}.json", gallery)
+            _owned.write_release_json(out / "captions" / f"cap.{cat}.{split}.json", entries)
+            _owned.write_release_json(out / "image_splits" / f"split.{cat}.{split}.json", gallery)
             used.update(t.ref for t in chosen)
             used.update(t.target for t in chosen)
             counts[f"{cat}/{split}"] = {"queries": len(entries), "images": len(gallery)}
@@ -425,11 +425,6 @@ def write_dataset(package: Package, out: Path, version: str, seed: int,
     return {"images": len(used), "splits": counts,
             "triplets": {cat: sum(t.category == cat for t in triplets) for cat in CATEGORIES},
             "color_groups": len(color_groups([e for e in package.entries if e.get("has_img_google", True)]))}
-
-
-def _dump(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def build(out_root: str | os.PathLike | None = None, *, tarball: str | os.PathLike | None = None,
@@ -479,7 +474,7 @@ def _build_locked(out: Path, tarball: str | os.PathLike | None, version: str, se
     _owned.mark(partial, __name__)
     try:
         info = write_dataset(package, partial, version, seed, planned)
-        _dump(partial / MANIFEST, {"format": FORMAT_VERSION, "package": PACKAGE, "version": version, "seed": seed,
+        _owned.write_release_json(partial / MANIFEST, {"format": FORMAT_VERSION, "package": PACKAGE, "version": version, "seed": seed,
                                    "source": package.path.name, **info})
         _owned.seal(partial, __name__)
     except BaseException:

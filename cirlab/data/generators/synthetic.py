@@ -257,15 +257,9 @@ class _Meta:
                 raise RuntimeError(f"text {text!r} phrases two different edits")
 
     def write(self, root: Path) -> None:
-        _write_json(root / META, {"format": FORMAT_VERSION, "generator": __name__, "layout": self.layout,
+        _owned.write_release_json(root / META, {"format": FORMAT_VERSION, "generator": __name__, "layout": self.layout,
                                   "seed": self.seed, "specs": self.specs, "categories": self.categories,
                                   "scenes": self.scenes, "edits": self.edits})
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # one line, like the public releases (and the C encoder: indenting switches json to its slow pure-Python path)
-    path.write_text(json.dumps(obj, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _save_image(scene: Scene, spec: SceneSpec, path: Path, image_size: int) -> None:
@@ -313,9 +307,9 @@ def write_fashioniq(root: Path, seed: int, size: SynthSize, image_size: int) -> 
                     meta.texts(caps, edit)
                     entries.append({"candidate": names[sc.scene_key(c.ref)], "target": names[sc.scene_key(target)],
                                     "captions": caps, "modification": edit.kind})
-            _write_json(root / "captions" / f"cap.{cat}.{split}.json", _shuffled(rng, entries))
+            _owned.write_release_json(root / "captions" / f"cap.{cat}.{split}.json", _shuffled(rng, entries))
             gallery = _shuffled(rng, scenes)
-            _write_json(root / "image_splits" / f"split.{cat}.{split}.json", [names[sc.scene_key(s)] for s in gallery])
+            _owned.write_release_json(root / "image_splits" / f"split.{cat}.{split}.json", [names[sc.scene_key(s)] for s in gallery])
             for s in scenes:
                 name = names[sc.scene_key(s)]
                 meta.scene(name, s, cat)
@@ -355,7 +349,7 @@ def write_cirr(root: Path, seed: int, size: SynthSize, image_size: int) -> dict[
                     entries.append(entry)
                     pairid += 1
                 set_id += 1
-        _write_json(root / "cirr" / "captions" / f"cap.rc2.{split}.json", _shuffled(rng, entries))
+        _owned.write_release_json(root / "cirr" / "captions" / f"cap.rc2.{split}.json", _shuffled(rng, entries))
         paths = {}
         for i, s in enumerate(_shuffled(rng, scenes)):
             name = names[sc.scene_key(s)]
@@ -363,7 +357,7 @@ def write_cirr(root: Path, seed: int, size: SynthSize, image_size: int) -> dict[
             paths[name] = f"./{sub}/{name}.png"
             meta.scene(name, s, "cirr")
             _save_image(s, CIRR_SPEC, root / sub / f"{name}.png", image_size)
-        _write_json(root / "cirr" / "image_splits" / f"split.rc2.{split}.json", paths)
+        _owned.write_release_json(root / "cirr" / "image_splits" / f"split.rc2.{split}.json", paths)
         counts[split] = {"queries": len(entries), "images": len(scenes)}
     meta.write(root)
     return counts
@@ -399,7 +393,7 @@ def write_shoes(root: Path, seed: int, size: SynthSize, image_size: int) -> dict
             meta.scene(name, s, "shoes")
             _save_image(s, SHOES_SPEC, root / "attributedata" / "womens_synthetic" / "0" / name, image_size)
         counts[split] = {"queries": len(split_entries), "images": len(scenes)}
-    _write_json(root / "relative_captions_shoes.json", entries)
+    _owned.write_release_json(root / "relative_captions_shoes.json", entries)
     meta.write(root)
     return counts
 
@@ -468,7 +462,7 @@ def write_precomp(root: Path, seed: int, size: SynthSize, image_size: int, name:
         split_scenes[split] = [sc.scene_to_json(s) for s in scenes]
         split_types[split] = [t for _ in scenes for t in sc.CAPTION_TYPES]  # per caption, in file order
         counts[split] = {"images": len(scenes), "captions": len(captions)}
-    _write_json(root / META, {"format": FORMAT_VERSION, "generator": __name__, "layout": "precomp", "seed": seed,
+    _owned.write_release_json(root / META, {"format": FORMAT_VERSION, "generator": __name__, "layout": "precomp", "seed": seed,
                               "name": name, "specs": meta.specs, "scenes": split_scenes,
                               "caption_types": list(sc.CAPTION_TYPES), "caption_type": split_types})
     return counts
@@ -534,7 +528,7 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
         _owned.seal(root, __name__)
         logger.info("synthetic %s written to %s in %.1fs", name, root, time.perf_counter() - start)
         manifest["layouts"][name] = {"root": name, "splits": counts}
-    _write_json(out / MANIFEST, manifest)
+    _owned.write_release_json(out / MANIFEST, manifest)
     for entry in manifest["layouts"].values():
         entry["root"] = str(out / entry["root"])
     return manifest
