@@ -498,6 +498,14 @@ def test_a_folder_no_report_wrote_is_refused_before_anything_runs(tmp_path, monk
     (out / "rank_shift" / "a.png").write_bytes(b"x")
     with pytest.raises(report.ReportFolderError, match=r"evaluate, .*rank_shift exist and were not written"):
         args.func(args)  # a CirlabError: `cirlab` logs it as one line (tests/test_faults.py runs the command)
+    mine = tmp_path / "site"  # the user's own index.html was silently replaced by the report's page
+    mine.mkdir()
+    (mine / "index.html").write_text("<html>my page</html>")
+    with pytest.raises(report.ReportFolderError, match=r"index\.html exists and was not written by cirlab report"):
+        report.run_report(mine, only="train", stream=io.StringIO())
+    assert (mine / "index.html").read_text() == "<html>my page</html>"
+    report.write_index(mine / "own")  # a report's own index is its to replace
+    report.check_entry_folders(mine / "own", ["train"])
 
 
 def test_set_values_are_checked_against_the_notebooks_declared_types_before_any_work(tmp_path, caplog):
@@ -569,3 +577,12 @@ def test_a_stopped_notebooks_abandoned_cell_task_is_not_reported_when_collected_
     finally:
         asyncio_log.removeHandler(handler)
         logging.getLogger("papermill").setLevel(logging.NOTSET)
+
+
+def test_an_unknown_kernel_is_one_line_before_any_work(tmp_path, monkeypatch):
+    from cirlab.core.errors import ConfigError
+
+    monkeypatch.setattr(report, "ensure_synthetic_data", lambda *a, **k: pytest.fail("data built before the check"))
+    with pytest.raises(ConfigError, match=r"--kernel pythn3: no Jupyter kernel .*did you mean 'python3'.*installed: "):
+        report.run_report(tmp_path / "r", only="evaluate", kernel_name="pythn3", stream=io.StringIO())
+    assert not (tmp_path / "r").exists()

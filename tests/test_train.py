@@ -400,3 +400,24 @@ def test_auto_device_is_this_ranks_card_and_names_are_checked(monkeypatch):
     assert resolve_device("auto") == "cuda:1" and resolve_device("auto", local_rank=0) == "cuda:0"
     monkeypatch.delenv("LOCAL_RANK")
     assert resolve_device("auto") == "cuda:0"
+
+
+def test_a_resume_without_last_pt_or_an_overwrite_never_removes_what_a_run_did_not_write(tmp_path):
+    from cirlab.engine.train import RunFolderError
+
+    run = tmp_path / "run"
+    train(_model(), TripletItems(16), _cfg(epochs=1), output_dir=run)
+    (run / "checkpoints" / "last.pt").unlink()  # e.g. deleted to save disk: best.pt and the metrics stay
+    with pytest.raises(RunFolderError, match=r"--resume: .* but no checkpoints/last\.pt to continue from; run with "
+                                             r"--overwrite instead"):
+        train(_model(), TripletItems(16), _cfg(epochs=1, resume="auto"), output_dir=run)
+    assert (run / "checkpoints" / "best.pt").is_file() and (run / "train_summary.json").is_file()
+
+    mine = tmp_path / "mine"  # run-like names in a folder no run wrote (no config.yaml, no log.jsonl)
+    (mine / "checkpoints").mkdir(parents=True)
+    (mine / "checkpoints" / "my_model.pt").write_text("x")
+    (mine / "tb").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(RunFolderError, match=r"holds checkpoints, tb but no run's config\.yaml or log\.jsonl"):
+            train(_model(), TripletItems(16), _cfg(epochs=1), output_dir=mine, overwrite=overwrite)
+    assert sorted(p.name for p in mine.rglob("*")) == ["checkpoints", "my_model.pt", "tb"]

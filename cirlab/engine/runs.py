@@ -444,6 +444,9 @@ def _validate_eval(config: dict[str, Any], source: str) -> None:
     if splits is not None and not (isinstance(splits, list) and splits and all(isinstance(x, str) for x in splits)):
         raise ConfigError(f"{source}: eval.splits: expected a list of split names (e.g. [val, test]) or null, "
                           f"got {splits!r}")
+    twice = sorted({s for s in splits or [] if splits.count(s) > 1})
+    if twice:  # each split's metrics are one entry of the results: a repeat failed after evaluating everything
+        raise ConfigError(f"{source}: eval.splits: {', '.join(map(repr, twice))} listed more than once ({splits})")
     if not isinstance(ev.get("topk", True), bool):
         raise ConfigError(f"{source}: eval.topk: expected true or false, got {ev['topk']!r}")
     protocol = ev.get("protocol")
@@ -790,7 +793,7 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     it; the stored config must match, differences are listed, ``allow_config_change`` accepts them) or
     ``overwrite`` (replace it).
     """
-    from cirlab.engine.train import check_device, claim_run_folder, refuse_foreign_config
+    from cirlab.engine.train import check_device, check_run_folder, claim_run_folder
 
     if not isinstance(config, dict):  # a path here failed as "'str' object has no attribute 'get'"
         raise ConfigError(f"run_experiment takes a run config (a dict): pass cirlab.load_config(path), got "
@@ -813,7 +816,7 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
             # refuse a folder that holds a run now; with --overwrite the trainer removes it once the data, the
             # start files and the model have passed, so a mistyped root does not cost the previous run
             if not resuming and is_main_process():
-                claim_run_folder(out) if not overwrite else refuse_foreign_config(out)
+                claim_run_folder(out) if not overwrite else check_run_folder(out, overwrite=True)
             return _run_locked(config, out, resume, device, allow_config_change, overwrite)
     except BaseException:
         if created and is_main_process():

@@ -796,25 +796,53 @@ def refuse_foreign_config(folder: str | os.PathLike) -> None:
                              "resolved config.yaml over it; move that file or choose another --output-dir")
 
 
-def claim_run_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """Make ``folder`` ready for a fresh run: refuse one that holds a run, or with ``overwrite`` remove that run's
-    files (only :data:`RUN_ARTIFACTS`; anything else in the folder is left alone). A config.yaml the run did not
-    write is refused either way (:func:`refuse_foreign_config`)."""
+# what a run saved that a resume without last.pt must not throw away (its config.yaml and log alone may go)
+_SAVED_RESULTS = ("checkpoints", "metrics.json", "train_summary.json", "topk", "submission")
+
+
+def check_run_folder(folder: str | os.PathLike, *, overwrite: bool = False, resuming: bool = False) -> list[str]:
+    """What a fresh run in ``folder`` would remove (:data:`RUN_ARTIFACTS` of the run there; empty: nothing), or
+    why it may not start there. Refused: a folder holding a run (without ``overwrite``); a config.yaml no run wrote
+    (:func:`refuse_foreign_config`); run-like names (``checkpoints/``, ``tb/``) in a folder no run wrote (no run's
+    config.yaml or log.jsonl): they are the user's and never removed. ``resuming`` (a resume that found no
+    ``last.pt``) may replace a run that never saved a result, not one that did (its ``best.pt``, its metrics)."""
     folder = Path(folder)
     refuse_foreign_config(folder)
     found = run_artifacts(folder, config_is_a_runs=True)  # a config.yaml still here is a run's: read it once
     if not found:
-        return
-    if not overwrite:
+        return []
+    if not {"config.yaml", "log.jsonl"} & set(found):
+        raise RunFolderError(f"{folder} holds {', '.join(found)} but no run's config.yaml or log.jsonl: no cirlab "
+                             "run wrote them, so a run neither writes into nor removes them; choose another "
+                             "--output-dir")
+    saved = [name for name in found if name in _SAVED_RESULTS and not _is_empty_dir(folder / name)]
+    if resuming and not overwrite and saved:
+        raise RunFolderError(f"--resume: {folder} holds a run ({', '.join(saved)}) but no checkpoints/last.pt to "
+                             "continue from; run with --overwrite instead of --resume to replace it, or choose "
+                             "another --output-dir")
+    if not (overwrite or resuming):
         raise RunFolderError(f"run folder {folder} already holds a run ({', '.join(found)}); pass --resume to "
                              "continue it or --overwrite to replace it (Python: resume / overwrite=True), or "
                              "choose another --output-dir")
+    return found
+
+
+def claim_run_folder(folder: str | os.PathLike, *, overwrite: bool = False, resuming: bool = False) -> None:
+    """Make ``folder`` ready for a fresh run (:func:`check_run_folder`), removing the previous run's files when it
+    may (only :data:`RUN_ARTIFACTS`; anything else in the folder is left alone)."""
     import shutil
 
+    folder = Path(folder)
+    found = check_run_folder(folder, overwrite=overwrite, resuming=resuming)
     for name in found:
         path = folder / name
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    logger.warning("overwrite: removed the previous run's %s from %s", ", ".join(found), folder)
+    if found:
+        logger.warning("overwrite: removed the previous run's %s from %s", ", ".join(found), folder)
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
 
 
 RECIPE_MARK = "recipe_run.json"  # in a run folder a recipe (train notebook, re-rank pipeline) finished
@@ -1081,12 +1109,12 @@ class Trainer:
         selected or the final weights) and ``train_summary.json``; returns the summary."""
         cfg, p = self.cfg, self.progress
         resume_from = resume_checkpoint(cfg.resume, self.output_dir)
-        if resume_from is None and cfg.resume == "auto":
-            logger.info("resume='auto': no %s yet, starting a fresh run", self.ckpt_dir / "last.pt")
         if self.dist.is_main:
             if resume_from is None:  # a fresh run (resume="auto" with no last.pt yet replaces a run that never saved)
-                claim_run_folder(self.output_dir, overwrite=self.overwrite or bool(cfg.resume))
+                claim_run_folder(self.output_dir, overwrite=self.overwrite, resuming=bool(cfg.resume))
             _remove_stale_temporaries(self.output_dir)
+        if resume_from is None and cfg.resume == "auto":
+            logger.info("resume='auto': no %s yet, starting a fresh run", self.ckpt_dir / "last.pt")
         self._barrier()
         if resume_from is not None:
             self.resume(resume_from)

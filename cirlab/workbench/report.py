@@ -193,7 +193,8 @@ FIGURE_CAPTIONS: dict[str, dict[str, str]] = {
     },
 }
 
-_INDEX_HEAD = ("<!doctype html><html><head><meta charset='utf-8'><title>cirlab report</title><style>"
+_INDEX_TITLE = "<title>cirlab report</title>"  # how a later report knows the index.html it may replace
+_INDEX_HEAD = ("<!doctype html><html><head><meta charset='utf-8'>" + _INDEX_TITLE + "<style>"
                "body{font-family:sans-serif;max-width:1400px;margin:auto;padding:0 1em}"
                "img{max-width:100%;border:1px solid #ddd}figure{margin:0}figcaption{font-size:13px;color:#333}"
                ".figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:18px}"
@@ -385,6 +386,15 @@ def foreign_entry_folder(out: Path, name: str) -> Path | None:
     return folder
 
 
+def _is_report_index(path: Path) -> bool:
+    """Whether ``path`` is an index.html a report wrote (its head names it: :data:`_INDEX_HEAD`)."""
+    try:
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            return _INDEX_TITLE in fh.read(4096)
+    except OSError:  # a folder named index.html, an unreadable file: not the report's
+        return False
+
+
 class ReportFolderError(ConfigError):
     """An entry folder of the report exists and no report wrote it: replacing it could delete someone's work."""
 
@@ -392,6 +402,10 @@ class ReportFolderError(ConfigError):
 def check_entry_folders(out: Path, names: Sequence[str]) -> None:
     """Refuse, before any data is generated, a report whose entries would replace folders it did not write."""
     foreign = [str(f) for f in (foreign_entry_folder(out, n) for n in names) if f is not None]
+    index = out / "index.html"
+    if index.exists() and not _is_report_index(index):
+        raise ReportFolderError(f"--out {out}: {index} exists and was not written by cirlab report; the report "
+                                "writes its own index.html there, so choose another --out or move it away")
     if foreign:
         one = len(foreign) == 1
         raise ReportFolderError(f"--out {out}: {', '.join(foreign)} exist{'s' if one else ''} and "
@@ -411,6 +425,19 @@ def ensure_synthetic_data(size: str = "default", seed: int = SYNTHETIC_SEED, roo
     path = synthetic.ensure(root, seed=seed, size=size, **({"layouts": tuple(layouts)} if layouts else {}))
     _say(stream, f"data: synthetic ({size}, seed {seed}) ready in {time.time() - t0:.1f}s -> {path}")
     return path
+
+
+def check_kernel(name: str) -> None:
+    """``--kernel NAME`` names an installed Jupyter kernel: refused in one line before any work (it failed in every
+    notebook with two tracebacks from jupyter_client)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from cirlab.core.config import did_you_mean
+
+    installed = sorted(KernelSpecManager().find_kernel_specs())
+    if name not in installed:
+        raise ConfigError(f"--kernel {name}: no Jupyter kernel of that name is installed"
+                          f"{did_you_mean(name, installed)}; installed: {', '.join(installed) or 'none'}")
 
 
 def notebook_kernel(path: Path, fallback: str = "python3") -> str:
@@ -800,6 +827,8 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
     check_overrides(overrides, names)
     check_override_types(overrides, names, notebook_dir)
     check_entry_folders(out, names)
+    if kernel_name:
+        check_kernel(kernel_name)
     # one report at a time per folder: a second one would take the first one's entry being written for an
     # interrupted run and swap folders under it. The lock is released however this process ends.
     with folder_lock(out):
