@@ -916,8 +916,11 @@ def check_resume_config(out: Path, resolved: dict[str, Any], allow_config_change
     diffs: list[str] = []
     for key in ("model", "preset", "model_overrides", "model_config", "dataset"):
         diffs += _differences(key, to_plain(stored.get(key)), to_plain(resolved.get(key)))
-    diffs += [f"train.{d}" for d in resume_differences(to_plain(stored.get("train") or {}),
-                                                         to_plain(resolved.get("train") or {}))]
+    old_train, new_train = to_plain(stored.get("train") or {}), to_plain(resolved.get("train") or {})
+    diffs += [f"train.{d}" for d in resume_differences(old_train, new_train)]
+    allowed = resume_differences(old_train, new_train, may_change=frozenset({"resume"})) if not diffs else []
+    if allowed:  # run length, logging, device: they may change, and the log says that they did
+        logger.info("--resume: continuing %s with changed train.%s", out, "; train.".join(allowed))
     if not diffs:
         return
     listed = "; ".join(diffs[:12]) + (f"; and {len(diffs) - 12} more" if len(diffs) > 12 else "")

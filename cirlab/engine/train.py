@@ -1119,6 +1119,7 @@ class Trainer:
         if resume_from is not None:
             self.resume(resume_from)
             p = self.progress
+            self._refuse_a_resume_past_the_end()
             if self.dist.is_main:
                 repair_log(self.output_dir / "log.jsonl", p.step)
         try:
@@ -1139,6 +1140,22 @@ class Trainer:
             raise RunWriteError(f"cannot write to the run folder {self.output_dir} ({err.strerror or err}); "
                                 f"{kept}") from err
 
+    def total_steps(self) -> int:
+        """The optimizer steps this run trains to: ``epochs`` whole epochs, capped by ``max_steps``."""
+        total = self.steps_per_epoch * self.cfg.epochs
+        return min(total, self.cfg.max_steps) if self.cfg.max_steps is not None else total
+
+    def _refuse_a_resume_past_the_end(self) -> None:
+        """A resumed run already at (or past) the end the settings now set trains nothing; its config.yaml would
+        be rewritten with a run length its checkpoints and metrics contradict. Stop before writing anything."""
+        p, cfg = self.progress, self.cfg
+        if p.step < self.total_steps():
+            return
+        raise ConfigError(f"--resume: {self.output_dir} is already at step {p.step}, at or past "
+                          f"the end train.epochs={cfg.epochs}, train.max_steps={cfg.max_steps} sets now "
+                          f"({self.total_steps()} steps): nothing to train. Raise them to train further (--set "
+                          f"train.epochs=N), or evaluate the run with cirlab eval")
+
     def _forget_failed_start(self) -> None:
         """A fresh run that stopped before its first optimizer step holds nothing worth keeping, but its config.yaml,
         log and tb/ made the folder "hold a run": the corrected call was refused without --overwrite."""
@@ -1155,8 +1172,7 @@ class Trainer:
     def _run(self, p: _Progress) -> dict[str, Any]:
         cfg = self.cfg
         self._write_config()
-        total = self.steps_per_epoch * cfg.epochs
-        total = min(total, cfg.max_steps) if cfg.max_steps is not None else total
+        total = self.total_steps()
         log = _RunLog(self.output_dir, cfg, total, self.dist.is_main, p.step,
                       steps_per_epoch=self.steps_per_epoch)
         self.model.train()
