@@ -192,8 +192,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from cirlab.core.errors import ConfigError
     from cirlab.engine.runs import is_main_process, load_config, run_experiment
 
+    if args.allow_config_change and not args.resume:  # it qualifies a resume: alone it would be ignored
+        raise ConfigError("--allow-config-change applies to --resume (it accepts a resumed run's changed settings); "
+                          "without --resume there is nothing to allow")
     config = load_config(args.config, args.overrides)
     result = run_experiment(config, output_dir=args.output_dir, resume=args.resume, device=args.device,
                             overwrite=args.overwrite, allow_config_change=args.allow_config_change)

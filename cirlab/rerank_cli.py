@@ -89,6 +89,9 @@ def _run_submit(args: argparse.Namespace) -> int:
         said = f"{split_name} (--split test: the run config's dataset.test_split is its validation split)"
         logger.warning("cirlab submit: --split test ranks split %r: the run config's dataset.test_split is its "
                        "validation split, so these files are not a test submission", split_name)
+    elif split_name == config["dataset"]["train_split"]:  # the server scores test1; training queries score high
+        logger.warning("cirlab submit: --split %s ranks the training split, which the model was trained on: these "
+                       "files are not a test submission", split_name)
     name = file_name_part(args.name, "--name") if args.name else f"{run.resolve().name}_{split_name}"
     out = Path(args.out) if args.out else run / "submission"
     if out.exists() and not out.is_dir():

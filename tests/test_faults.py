@@ -415,6 +415,59 @@ def f_report_out_over_a_training_run(ws: Workspace) -> Outcome:
                          check(tree_hashes(out) == before, "the refused report changed the folder"))
 
 
+@fault("data loss", "a report refuses to write over an index.html it did not write")
+def f_report_out_over_a_users_index_html(ws: Workspace) -> Outcome:
+    out = ws.root / "site"
+    out.mkdir()
+    (out / "index.html").write_text("<html>my page</html>")
+    before = tree_hashes(out)
+    call = cli("report", "--out", out, "--only", "train", "--set", f"data_root={ws.user}")
+    return first_failure(expect_error(call, r"index\.html exists and was not written by cirlab report"),
+                         check(tree_hashes(out) == before, "the refused report changed the folder"))
+
+
+@fault("data loss", "--resume with no last.pt refuses a finished run (it replaced best.pt and the metrics)")
+def f_resume_a_finished_run_without_last_pt(ws: Workspace) -> Outcome:
+    run = ws.run_dir(copy_finished=True)
+    (run / "checkpoints" / "last.pt").unlink()
+    before = tree_hashes(run)
+    call = cli("train", ws.config(), "--output-dir", run, "--resume")
+    return first_failure(expect_error(call, r"--resume: .* but no checkpoints/last\.pt to continue from"),
+                         check(tree_hashes(run) == before, "the refused resume changed the run"))
+
+
+@fault("data loss", "--overwrite refuses run-like folders (checkpoints/, tb/) no run wrote (it deleted them)")
+def f_overwrite_a_folder_of_the_users_checkpoints(ws: Workspace) -> Outcome:
+    mine = ws.root / "mine"
+    (mine / "checkpoints").mkdir(parents=True)
+    (mine / "checkpoints" / "my_model.pt").write_bytes(b"weights")
+    (mine / "tb").mkdir()
+    before = tree_hashes(mine)
+    call = cli("train", ws.config(), "--output-dir", mine, "--overwrite")
+    return first_failure(expect_error(call, r"holds checkpoints, tb but no run's config\.yaml or log\.jsonl"),
+                         check(tree_hashes(mine) == before, "the refused run changed the folder"))
+
+
+@fault("silently wrong", "refused: it qualifies --resume")
+def f_allow_config_change_without_resume(ws: Workspace) -> Outcome:
+    run = ws.run_dir()
+    call = cli("train", ws.config(), "--output-dir", run, "--allow-config-change")
+    return first_failure(expect_error(call, r"--allow-config-change applies to --resume"),
+                         check(not run.exists(), f"{run} was created"))
+
+
+@fault("traceback or late failure", "refused naming the field, before data or model")
+def f_missing_vocab_file(ws: Workspace) -> Outcome:
+    return _config_error(ws, r"model_overrides\.vocab_file: .*nope\.txt does not exist", "model=cala",
+                         "model_overrides={}", f"model_overrides.vocab_file={ws.root / 'nope.txt'}")
+
+
+@fault("traceback or late failure", "refused before evaluating (a KeyError after every split)")
+def f_eval_split_twice(ws: Workspace) -> Outcome:
+    run = ws.run_dir(copy_finished=True)
+    return expect_error(cli("eval", run, "--split", "val", "--split", "val"), r"'val' listed more than once")
+
+
 @fault("data loss", "the second waits for the first and reuses its data", absorbed=True)
 def f_two_runs_generating_the_same_synthetic_data(ws: Workspace) -> Outcome:
     from cirlab.data.generators import synthetic
