@@ -68,7 +68,8 @@ def _add_eval(subparsers: Any) -> None:
                    help="run config YAML describing the dataset (default: the run folder's config.yaml)")
     p.add_argument("--dataset", default=None, help="dataset name: fashioniq | shoes | cirr | f30k | coco")
     p.add_argument("--root", default=None, help="dataset root (default: config, else $CIRLAB_DATA/<dataset>)")
-    p.add_argument("--category", default=None, help="Fashion-IQ category (default: all three, reported each)")
+    p.add_argument("--category", default=None, action=_Once,
+                   help="one Fashion-IQ category (default: the run's dataset.category, else all three, reported each)")
     p.add_argument("--split", action="append", default=None,
                    help="split(s) to evaluate; repeatable (default: the config's eval.splits, else the validation "
                         "split: val, or dev for f30k / coco)")
@@ -271,6 +272,17 @@ def _catalog_splits(dataset: dict[str, Any]) -> None:
     dataset["train_split"], dataset["val_split"], dataset["test_split"] = spec.splits
 
 
+class _Once(argparse.Action):
+    """An option taken once: a second ``--category`` beside a repeatable ``--split`` looked like a list, and
+    argparse kept only the last."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)}, {values}): it takes one value")
+        setattr(namespace, self.dest, values)
+
+
 def _checkpoint_of(target_arg: str, name: str) -> tuple[Path, Path | None]:
     """(checkpoint file, its run folder or None) of a run folder or checkpoint path given to ``eval``."""
     from cirlab.core.errors import CheckpointError
@@ -295,6 +307,9 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     checkpoint, run_dir = _checkpoint_of(args.target, args.checkpoint)
     device = resolve_device(args.device, "--device")
+    if run_dir is not None and (run_dir / "log.jsonl").is_file() and not (run_dir / "train_summary.json").is_file():
+        logger.warning("%s: the run did not finish (no train_summary.json: stopped, or still training); evaluating "
+                       "%s as it is now", run_dir, checkpoint)
     config = _eval_config(args, run_dir)
     splits = config["eval"].get("splits") or [config["dataset"]["val_split"]]
     _check_eval_outputs(args, splits)

@@ -586,3 +586,10 @@ def test_a_run_of_the_python_api_is_evaluated_by_the_cli(tmp_path, synth, caplog
     (run / "config.yaml").write_text(yaml.safe_dump(legacy))
     assert main(["eval", str(run), "--dataset", "fashioniq", "--root", str(root), "--category", "dress",
                  "--split", "val", "--k", "5", "--output", str(tmp_path / "m.json")]) == 0
+
+
+def test_eval_category_is_taken_once(capsys):
+    # --split repeats, --category does not: a second one was kept alone, without a word
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "runs/x", "--category", "dress", "--category", "shirt"])
+    assert exit_.value.code == 2 and "--category given twice (dress, shirt)" in capsys.readouterr().err

@@ -127,6 +127,9 @@ def test_build_is_cached_and_deterministic(tarball, tmp_path):
     other = emoji.build(tmp_path / "b", tarball=tarball)
     for path in sorted(root.rglob("*.json")):
         assert path.read_bytes() == (other / path.relative_to(root)).read_bytes()
+    # a --tarball naming nothing is refused even when the cached build makes it unneeded (it exited 0 silently)
+    with pytest.raises(DataError, match=r"nope\.tgz: tarball not found"):
+        emoji.build(tmp_path / "a", tarball=tmp_path / "nope.tgz")
 
 
 def test_default_root_is_under_cirlab_cache(tarball, tmp_path, monkeypatch):

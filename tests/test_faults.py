@@ -891,6 +891,13 @@ def f_eval_a_run_without_best_pt(ws: Workspace) -> Outcome:
     return expect_error(cli("eval", run), r"has no checkpoints/best\.pt .*try --checkpoint last\.pt")
 
 
+@fault("silently wrong", "evaluates, saying the run did not finish", absorbed=True)
+def f_eval_a_run_that_was_stopped(ws: Workspace) -> Outcome:
+    run = ws.run_dir(copy_finished=True)
+    (run / "train_summary.json").unlink()  # what a run stopped by Ctrl-C (or still training) lacks
+    return expect_ok(cli("eval", run), r"the run did not finish \(no train_summary\.json")
+
+
 @fault("wrong cause", "names the root, CIRLAB_DATA and `cirlab data synth`")
 def f_missing_data_root(ws: Workspace) -> Outcome:
     with environ(CIRLAB_DATA=str(ws.root / "nothing_here")):

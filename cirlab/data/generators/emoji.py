@@ -447,8 +447,11 @@ def build(out_root: str | os.PathLike | None = None, *, tarball: str | os.PathLi
     from cirlab.core.io import generated_folder_lock
 
     out = Path(out_root).expanduser() if out_root else default_root(version, seed)
+    if tarball is not None and not Path(tarball).expanduser().is_file():  # even when a build makes it unneeded
+        raise DataError("tarball not found", file=Path(tarball), kind="missing_file")
     if not force and _complete(out, version, seed):
-        logger.info("emoji dataset already built at %s", out)
+        unread = f" (--tarball {tarball} not read: pass --force to rebuild from it)" if tarball is not None else ""
+        logger.info("emoji dataset already built at %s%s", out, unread)
         return out
     with generated_folder_lock(out):  # a second build (two runs started together) waits, then finds it built
         if not force and _complete(out, version, seed):
