@@ -348,3 +348,14 @@ def test_fashioniq_per_category_topk_and_rerank(tmp_path):
                 assert top2.target_rank[i] == top1.target_rank[i]
             else:
                 assert top2.gallery_ids[i, top2.target_rank[i] - 1] == split.triplets[i].target_name
+
+
+def test_a_text_embedding_smaller_than_the_tokenizer_is_one_line_not_an_index_error():
+    from cirlab.core.errors import InputError
+
+    model = cirlab.create_model("blip_rerank_stage1", "tiny")
+    model.text_encoder.resize_token_embeddings(33, mean_resizing=False)  # a checkpoint of another vocabulary
+    for encode in (model.tokenize, model.tokenize_text):
+        with pytest.raises(InputError, match=r"the tokenizer has \d+ tokens and the model's text embedding 33 rows: "
+                                             r"set vocab_file"):
+            encode(["a red dress"])

@@ -61,6 +61,7 @@ from torch import nn
 
 from cirlab.core import io
 from cirlab.core.config import PresetMixin
+from cirlab.core.errors import InputError
 from cirlab.models import _hf_blip as hf
 from cirlab.models import blip_interop
 from cirlab.models.registry import register_model
@@ -216,11 +217,23 @@ class BlipRerankStage1(nn.Module):
     def tokenizer(self) -> Any:
         return hf.blip_tokenizer(self.config.vocab_file)
 
-    def tokenize(self, texts: Sequence[str], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padding to the longest text, ``[CLS]`` replaced by ``[ENC]`` (BLIP's image-grounded encoder input)."""
+    def _tokenized(self, texts: Sequence[str]) -> Any:
+        """The tokenizer's batch (padded to the longest text), refused when it names rows the text embedding lacks:
+        a checkpoint trained with another vocabulary (a converted LAVIS test file's 33 rows) failed in torch's
+        embedding lookup with ``IndexError: index out of range in self``."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         tok = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.config.max_text_len,
                              return_tensors="pt")
+        rows = self.text_encoder.get_input_embeddings().num_embeddings
+        if tok["input_ids"].numel() and int(tok["input_ids"].max()) >= rows:
+            raise InputError(f"the tokenizer has {len(self.tokenizer)} tokens and the model's text embedding {rows} "
+                             "rows: set vocab_file (model_overrides.vocab_file) to the vocabulary the checkpoint was "
+                             "trained with")
+        return tok
+
+    def tokenize(self, texts: Sequence[str], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padding to the longest text, ``[CLS]`` replaced by ``[ENC]`` (BLIP's image-grounded encoder input)."""
+        tok = self._tokenized(texts)
         ids = tok["input_ids"].clone()
         ids[:, 0] = self.tokenizer.enc_token_id
         device = device or self.temp.device
@@ -229,9 +242,7 @@ class BlipRerankStage1(nn.Module):
     def tokenize_text(self, texts: Sequence[str],
                       device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The text-only encoder's input: as :meth:`tokenize` but with ``[CLS]`` first (BLIP's unimodal mode)."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        tok = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.config.max_text_len,
-                             return_tensors="pt")
+        tok = self._tokenized(texts)
         device = device or self.temp.device
         return tok["input_ids"].to(device), tok["attention_mask"].to(device)
 
