@@ -891,6 +891,16 @@ def f_eval_a_run_without_best_pt(ws: Workspace) -> Outcome:
     return expect_error(cli("eval", run), r"has no checkpoints/best\.pt .*try --checkpoint last\.pt")
 
 
+@fault("wrong cause", "names the config entries that name the split or category")
+def f_unknown_split_or_category_name(ws: Workspace) -> Outcome:
+    split = cli("train", ws.config(), "--output-dir", ws.run_dir(), "--set", "dataset.val_split=vall")
+    category = cli("train", ws.config(), "--output-dir", ws.run_dir("run2"), "--set", "dataset.category=dres")
+    name = cli("train", ws.config(), "--output-dir", ws.run_dir("run3"), "--set", "name=123")
+    return first_failure(expect_error(split, r"dataset\.val_split=vall: unknown Fashion-IQ split 'vall'"),
+                         expect_error(category, r"dataset\.category=dres: unknown Fashion-IQ category 'dres'"),
+                         expect_error(name, r"--set name=123: name: expected a string"))
+
+
 @fault("silently wrong", "evaluates, saying the run did not finish", absorbed=True)
 def f_eval_a_run_that_was_stopped(ws: Workspace) -> Outcome:
     run = ws.run_dir(copy_finished=True)

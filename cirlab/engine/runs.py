@@ -215,7 +215,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
     check_sections(raw, str(path))  # before the --set overrides merge into them
     config = with_defaults(apply_overrides(raw, parse_set(overrides)))
     config.setdefault("name", path.stem)
-    base = {**with_defaults(raw), "name": config["name"]}
+    base = {**with_defaults(raw), "name": raw.get("name", path.stem)}  # the file's own name: --set name=... is not
     validate_blaming(config, base, str(path), [f"--set {o}" for o in overrides])
     return config
 
@@ -761,8 +761,28 @@ def evaluate_split(model: Any, config: dict[str, Any], split: str, *, device: An
 
 
 def load_split(config: dict[str, Any], split: str) -> Any:
-    """A PrecompSplit (ITM) or the list of CIRSplits (one per Fashion-IQ category) of a named split."""
-    return load_precomp_split(config, split) if is_precomp(config) else load_cir_splits(config, split)
+    """A PrecompSplit (ITM) or the list of CIRSplits (one per Fashion-IQ category) of a named split. A split name
+    the loader does not know is refused naming the config entries that name it (``dataset.val_split``, ...)."""
+    try:
+        return load_precomp_split(config, split) if is_precomp(config) else load_cir_splits(config, split)
+    except ConfigError as err:
+        named = _entries_naming_split(config, split) if f"split {split!r}" in str(err) else []
+        category = (config.get("dataset") or {}).get("category")
+        if category and "category" in str(err) and not named:
+            named = [f"dataset.category={category}"]
+        if not named:
+            raise
+        raise ConfigError(f"{', '.join(named)}: {err}") from None
+
+
+def _entries_naming_split(config: dict[str, Any], split: str) -> list[str]:
+    ds, ev, tr = config.get("dataset") or {}, config.get("eval") or {}, config.get("train") or {}
+    named = [f"dataset.{key}={split}" for key in ("train_split", "val_split", "test_split") if ds.get(key) == split]
+    if split in (ev.get("splits") or []):
+        named.append(f"eval.splits={ev['splits']}")
+    if tr.get("selection") == split:
+        named.append(f"train.selection={split}")
+    return named
 
 
 def make_evaluate_fn(config: dict[str, Any], splits: Sequence[str], device: Any,
