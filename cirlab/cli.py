@@ -251,7 +251,33 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
     flags = [f"{flag} {value}" for _, _, flag, value in given]
     validate_blaming(config, base, str(source) if source is not None else "cirlab eval",
                      flags + [f"--set {o}" for o in args.overrides], for_eval=True)
+    model = args.model or _run_model(run_dir) or config.get("model")  # the run's model, whatever --config says
+    _refuse_a_task_mismatch(model, config["dataset"]["name"], flags + ([f"--config {args.config}"] if args.config
+                                                                        else []))
     return config
+
+
+def _run_model(run_dir: Path | None) -> str | None:
+    """The model a run folder's config.yaml names (None without one)."""
+    from cirlab.engine.runs import read_run_config
+
+    return read_run_config(run_dir).get("model") if run_dir is not None else None
+
+
+def _refuse_a_task_mismatch(model: Any, dataset: str, flags: Sequence[str]) -> None:
+    """A CIR run evaluated on f30k (``--dataset f30k``, another run's ``--config``), or the reverse: said as
+    ``cirlab train`` says it, before any data is read (it failed in the data code or the evaluator)."""
+    from cirlab.core.errors import ConfigError
+    from cirlab.engine.runs import task_mismatch
+    from cirlab.models.registry import get_entry
+
+    try:
+        task = get_entry(str(model)).task if model else None
+    except KeyError:  # not a registered name: the checkpoint's loader says what it is
+        return
+    problem = task_mismatch(str(model), task, dataset) if task else ""
+    if problem:
+        raise ConfigError(f"cirlab eval{' ' + ', '.join(flags) if flags else ''}: {problem}")
 
 
 def _same_dataset(a: Any, b: Any) -> bool:

@@ -319,14 +319,19 @@ def _lavis_to_cirlab(args: argparse.Namespace, layout: str, state: dict) -> int:
 
 
 def _to_cirlab(args: argparse.Namespace) -> int:
+    from cirlab.core.checkpoint import CheckpointError
     from cirlab.core.io import write_json
     from cirlab.engine.runs import parse_set_flat
     from cirlab.models import blip_rerank
 
     overrides = parse_set_flat(args.overrides)
     stage = {"blip_rerank_stage1": 1, "blip_rerank_stage2": 2}.get(args.model or "")
-    model, reports = blip_rerank.from_pretrained(args.source, stage=stage, preset=args.preset, stage1=args.stage1,
-                                                 **overrides)
+    try:
+        model, reports = blip_rerank.from_pretrained(args.source, stage=stage, preset=args.preset,
+                                                     stage1=args.stage1, **overrides)
+    except CheckpointError as err:  # said as the command's other refusals say it, with its flag
+        said = str(err).replace("from_pretrained(stage1=...)", "cirlab convert --stage1", 1)
+        raise CheckpointError(said.replace("from_pretrained", "cirlab convert", 1)) from None
     out = Path(args.out)
     _save_converted(out, model, str(args.source))
     report = write_json(out.with_name(out.name + ".report.json"), [r.to_dict() for r in reports])

@@ -901,6 +901,22 @@ def f_unknown_split_or_category_name(ws: Workspace) -> Outcome:
                          expect_error(name, r"--set name=123: name: expected a string"))
 
 
+@fault("wrong cause", "says the model cannot read that dataset, before any data (it named internal functions)")
+def f_eval_a_cir_run_on_itm_data(ws: Workspace) -> Outcome:
+    run = ws.run_dir(copy_finished=True)
+    return expect_error(cli("eval", run, "--dataset", "f30k"),
+                        r"cirlab eval --dataset f30k: stub_cir is a composed image retrieval model and cannot read "
+                        r"'f30k'", forbid="evaluate_itm")
+
+
+@fault("wrong cause", "says what the file is, as cirlab eval does (it quoted torch's weights_only advice)")
+def f_convert_a_text_file(ws: Workspace) -> Outcome:
+    notes = ws.root / "notes.md"
+    notes.write_text("# my notes\n")
+    return expect_error(cli("convert", notes, ws.root / "out.pt"), r"notes\.md \(\d+ bytes\) is a text file, not a "
+                        r"checkpoint", forbid="weights_only")
+
+
 @fault("silently wrong", "evaluates, saying the run did not finish", absorbed=True)
 def f_eval_a_run_that_was_stopped(ws: Workspace) -> Outcome:
     run = ws.run_dir(copy_finished=True)

@@ -162,13 +162,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _load(path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises several types for refused or damaged files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ValueError(f"{path}: cannot load with weights_only=True ({type(err).__name__}: {first})") from err
+    """``torch.load(weights_only=True)`` as every cirlab command loads a checkpoint: a file that is no checkpoint
+    (a README, an HTML page, an LFS pointer) is said to be what it is
+    (:func:`cirlab.core.checkpoint.load_checkpoint`)."""
+    from cirlab.core.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)
 
 
 def unwrap_state_dict(obj: Any, source: str = "<checkpoint>") -> dict[str, torch.Tensor]:
@@ -212,6 +211,10 @@ def read_pretrained(path: str | os.PathLike) -> Pretrained:
     except ValueError as err:
         raise InteropError(str(err)) from None
     kind, name = _layout(state)
+    held = obj.get("model_name") if isinstance(obj, dict) else None
+    if kind is None and held:  # a cirlab checkpoint of another model (an AMC run): say so, not its first keys
+        raise InteropError(f"{path} holds {held}; BLIP sources are BLIP / LAVIS / transformers files and cirlab "
+                           "blip_rerank runs")
     if kind is None:
         keys = ", ".join(list(state)[:4])
         raise InteropError(f"{path}: not a BLIP checkpoint (expected visual_encoder.blocks.* (BLIP), vision_model.* "

@@ -697,14 +697,14 @@ def from_pretrained(path: str | os.PathLike, *, stage: int | None = None, preset
     """
     from cirlab.models.registry import create_model
 
-    src = _loading("convert", blip_interop.read_pretrained, path)
+    src = _loading("from_pretrained", blip_interop.read_pretrained, path)
     if stage is None:
         twin = any(".self0." in k or "merge_layer" in k or k.startswith("cls_head.") for k in src.state)
         stage = 2 if src.model_name == "blip_rerank_stage2" or (src.kind != "cirlab" and twin) else 1
     model = create_model(f"blip_rerank_stage{stage}", preset, **overrides)
-    reports = _loading("convert", model.load_pretrained, src)
+    reports = _loading("from_pretrained", model.load_pretrained, src)
     if stage1 and stage == 2:
-        reports += _loading("convert --stage1", model.stage1.load_pretrained, stage1)
+        reports += _loading("from_pretrained(stage1=...)", model.stage1.load_pretrained, stage1)
     return model, reports
 
 
