@@ -251,7 +251,7 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
     flags = [f"{flag} {value}" for _, _, flag, value in given]
     validate_blaming(config, base, str(source) if source is not None else "cirlab eval",
                      flags + [f"--set {o}" for o in args.overrides], for_eval=True)
-    model = args.model or _run_model(run_dir) or config.get("model")  # the run's model, whatever --config says
+    model = getattr(args, "model", None) or _run_model(run_dir) or config.get("model")  # the run's model, whatever --config says
     _refuse_a_task_mismatch(model, config["dataset"]["name"], flags + ([f"--config {args.config}"] if args.config
                                                                         else []))
     return config

@@ -164,10 +164,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _load(path: Path) -> Any:
     """``torch.load(weights_only=True)`` as every cirlab command loads a checkpoint: a file that is no checkpoint
     (a README, an HTML page, an LFS pointer) is said to be what it is
-    (:func:`cirlab.core.checkpoint.load_checkpoint`)."""
-    from cirlab.core.checkpoint import load_checkpoint
+    (:func:`cirlab.core.checkpoint.load_checkpoint`); a ValueError (:class:`InteropError`) like every refusal here,
+    a FileNotFoundError when there is no file."""
+    from cirlab.core.checkpoint import CheckpointError, load_checkpoint
 
-    return load_checkpoint(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as err:
+        raise InteropError(str(err)) from None
 
 
 def unwrap_state_dict(obj: Any, source: str = "<checkpoint>") -> dict[str, torch.Tensor]:
