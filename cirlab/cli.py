@@ -107,7 +107,7 @@ def _add_models(subparsers: Any) -> None:
                                           "MODEL: its parameters per module (total, trainable, frozen), built on "
                                           "the meta device, so a paper preset counts in seconds without memory, "
                                           "weights or a GPU (a hub BERT named bert-base-uncased counts at BERT-base "
-                                          "sizes; lite presets, which read weight files when built, do not count).")
+                                          "sizes); the small tiny and lite presets are built on the CPU.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--params", metavar="MODEL", default=None,
                    help="count MODEL's parameters per module instead of listing the models")
@@ -418,14 +418,14 @@ def _run_params(args: argparse.Namespace) -> int:
     from cirlab.core.config import did_you_mean
     from cirlab.core.errors import ConfigError
     from cirlab.engine.runs import parse_set_flat
-    from cirlab.models.registry import build_config, list_models, list_presets, parameter_table
+    from cirlab.models.registry import CPU_PRESETS, build_config, list_models, list_presets, parameter_table
 
     name = args.params
     if name not in list_models():
         raise ConfigError(f"cirlab models --params: unknown model {name!r}{did_you_mean(name, list_models())}; "
                           f"known: {', '.join(list_models())}")
     presets = list_presets(name)
-    preset = args.preset or next(p for p in presets if p not in ("tiny", "lite"))
+    preset = args.preset or next(p for p in presets if p not in CPU_PRESETS)
     if preset not in presets:
         raise ConfigError(f"cirlab models --params {name}: unknown preset {preset!r}{did_you_mean(preset, presets)}; "
                           f"known: {', '.join(presets)}")
@@ -438,13 +438,15 @@ def _run_params(args: argparse.Namespace) -> int:
     try:
         rows = parameter_table(name, preset, **overrides)
     except (KeyError, TypeError, ValueError, OSError, RuntimeError, NotImplementedError) as err:
-        raise ConfigError(f"cirlab models --params {name} --preset {preset}: cannot build it on the meta device "
-                          f"({' '.join(str(err).split())}); the lite presets read weight files when built") from None
+        where = "on the CPU" if preset in CPU_PRESETS else "on the meta device"
+        raise ConfigError(f"cirlab models --params {name} --preset {preset}: cannot build it {where} "
+                          f"({' '.join(str(err).split())})") from None
     if args.json:
         print(json.dumps({"model": name, "preset": preset, "overrides": overrides, "modules": rows}, indent=2))
         return 0
     width = max(len(r["module"]) for r in rows)
-    print(f"{name} (preset {preset}{''.join(f', {k}={v}' for k, v in overrides.items())}), built on the meta device")
+    where = "on the CPU" if preset in CPU_PRESETS else "on the meta device"
+    print(f"{name} (preset {preset}{''.join(f', {k}={v}' for k, v in overrides.items())}), built {where}")
     print(f"{'module':<{width}}  {'params':>13}  {'trainable':>13}  {'frozen':>13}")
     for r in rows:
         print(f"{r['module']:<{width}}  {r['params']:>13,}  {r['trainable']:>13,}  {r['frozen']:>13,}")

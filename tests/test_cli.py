@@ -320,6 +320,13 @@ def test_models_params_counts_paper_presets_on_the_meta_device(capsys, caplog):
     assert printed == {m: [r["params"], r["trainable"], r["frozen"]] for m, r in expected.items()}
     assert printed["visual"][1] > 0 and printed["tower"][1] == 0  # encoder=both trains the visual Q-Former
 
+    # a lite preset reads its offline weights when built: it is built on the CPU (on the meta device it failed after
+    # hundreds of torch warnings)
+    assert main(["models", "--params", "hrem", "--preset", "lite", "--json"]) == 0
+    lite = {r["module"]: r for r in json.loads(capsys.readouterr().out)["modules"]}
+    built = cirlab.create_model("hrem", "lite")
+    assert lite["total"]["params"] == sum(p.numel() for p in built.parameters())
+
     for args, says in ((["models", "--params", "hrme"], "unknown model 'hrme'"),
                        (["models", "--preset", "cirr"], "--preset and --set go with --params"),
                        (["models", "--params", "cala", "--set", "nonsense=1"], "nonsense")):
