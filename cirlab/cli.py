@@ -33,7 +33,8 @@ def _add_train(subparsers: Any) -> None:
         "train", help="train a model from a YAML run config",
         description="Train one model as a run config describes (model, preset, dataset, train, eval sections; see "
                     "configs/ and cirlab.engine.runs), then evaluate checkpoints/best.pt and write the run folder: "
-                    "config.yaml, checkpoints/, log.jsonl, tb/, metrics.json, topk/. Under torchrun the same command "
+                    "config.yaml, checkpoints/, log.jsonl, train_summary.json, metrics.json, topk/ (and tb/ when "
+                    "tensorboard is installed and train.tensorboard is on). Under torchrun the same command "
                     "trains with DistributedDataParallel (train.batch_size is the global batch).")
     p.add_argument("config", help="run config YAML (e.g. configs/amc_synthetic_tiny.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -251,7 +252,8 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
     flags = [f"{flag} {value}" for _, _, flag, value in given]
     validate_blaming(config, base, str(source) if source is not None else "cirlab eval",
                      flags + [f"--set {o}" for o in args.overrides], for_eval=True)
-    model = getattr(args, "model", None) or _run_model(run_dir) or config.get("model")  # the run's model, whatever --config says
+    # the run's model, whatever --config says
+    model = getattr(args, "model", None) or _run_model(run_dir) or config.get("model")
     _refuse_a_task_mismatch(model, config["dataset"]["name"], flags + ([f"--config {args.config}"] if args.config
                                                                         else []))
     return config

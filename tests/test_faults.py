@@ -283,6 +283,14 @@ def f_synth_out_onto_a_dataset_folder(ws: Workspace) -> Outcome:
                         r"refusing to write into .*user.*would delete .*fashioniq \(\d+ files")
 
 
+@fault("wrong cause", "refused without suggesting --force, which would not help")
+def f_synth_out_onto_a_file(ws: Workspace) -> Outcome:
+    notes = ws.root / "notes.md"
+    notes.write_text("mine")
+    return expect_error(cli("data", "synth", "--out", notes, "--size", "tiny", "--layouts", "fashioniq"),
+                        r"refusing to write into .*notes\.md: it is a file, not a folder", forbid="--force")
+
+
 @fault("data loss", "refused")
 def f_synth_out_onto_a_non_empty_folder(ws: Workspace) -> Outcome:
     (ws.root / "mine").mkdir()

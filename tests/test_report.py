@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import logging
 import os
 
@@ -313,8 +314,13 @@ def test_failed_only_run_keeps_the_previous_report_and_marks_it(tmp_path, monkey
     good = {p.relative_to(out / "evaluate"): p.read_bytes() for p in (out / "evaluate").rglob("*") if p.is_file()}
     assert json.loads((out / "evaluate" / report.RECORD).read_text())["status"] == "ok"
 
-    code = report.run_report(out, overrides={"data_root": str(tmp_path), "fail": True}, stream=io.StringIO(), **run)
+    failing = io.StringIO()
+    code = report.run_report(out, overrides={"data_root": str(tmp_path), "fail": True}, stream=failing, **run)
     assert code == 1
+    # the failed cell numbered as the progress lines number it ("cell 2/2"), with the executed notebook's In [n]
+    assert "evaluate: cell 2/2: " in failing.getvalue()
+    assert re.search(r"evaluate: cell 2/2 \(In \[\d+\] of evaluate\.ipynb\) failed: ValueError: broken on purpose",
+                     failing.getvalue()), failing.getvalue()
     now = {p.relative_to(out / "evaluate"): p.read_bytes() for p in (out / "evaluate").rglob("*") if p.is_file()}
     assert now == good  # the previous results, byte for byte: figures, metrics.json, executed notebook
     assert (out / report.FAILED_DIR / "evaluate" / "figures" / "gallery_dress.png").read_bytes() == b"new"
@@ -531,7 +537,13 @@ def test_set_values_are_checked_against_the_notebooks_declared_types_before_any_
 def test_a_missing_notebook_is_named_before_any_notebook_runs(tmp_path, capsys, caplog):
     with caplog.at_level(logging.ERROR):
         assert report.main(["--out", str(tmp_path / "r"), "--notebooks", str(tmp_path / "none")]) == 2
-    assert f"notebook not found: {tmp_path / 'none' / 'train.ipynb'}" in caplog.text
+    # a folder that is not there is said to be missing (it suggested `jupytext --sync` on a path in it)
+    assert f"--notebooks {tmp_path / 'none'}: no such folder" in caplog.text
+    (tmp_path / "empty").mkdir()
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert report.main(["--out", str(tmp_path / "r"), "--notebooks", str(tmp_path / "empty")]) == 2
+    assert f"notebook not found: {tmp_path / 'empty' / 'train.ipynb'}" in caplog.text
     assert "running notebook" not in capsys.readouterr().out
     assert not (tmp_path / "r").exists()
 

@@ -149,9 +149,9 @@ class AMCConfig(PresetMixin):
                 raise ValueError(f"AMCConfig.{name}={value!r}; expected one of {allowed}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"AMCConfig: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        refuse_unread("AMCConfig", [("glove_path", self.glove_path, self.word_vectors == "glove", "word_vectors='glove'"),
-                                    ("minilm_path", self.minilm_path, self.word_vectors == "minilm",
-                                     "word_vectors='minilm'"),
+        words = self.word_vectors
+        refuse_unread("AMCConfig", [("glove_path", self.glove_path, words == "glove", "word_vectors='glove'"),
+                                    ("minilm_path", self.minilm_path, words == "minilm", "word_vectors='minilm'"),
                                     ("backbone_weights", self.backbone_weights, self.pretrained, "pretrained=True")])
 
 

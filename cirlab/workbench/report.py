@@ -466,7 +466,11 @@ def default_notebook_dir() -> Path:
 
 def notebook_path(name: str, notebook_dir: Path | None = None) -> Path:
     """The ``.ipynb`` file report entry ``name`` executes; FileNotFoundError naming the command that makes it."""
-    src = Path(notebook_dir or default_notebook_dir()) / f"{notebook_of(name)}.ipynb"
+    folder = Path(notebook_dir or default_notebook_dir())
+    if not folder.is_dir():
+        raise MissingPathError(f"--notebooks {folder}: no such folder (it holds the report's notebooks; default: the "
+                               "checkout's notebooks/)")
+    src = folder / f"{notebook_of(name)}.ipynb"
     if not src.is_file():
         raise MissingPathError(f"notebook not found: {src} (its py:percent twin {src.with_suffix('.py')} makes it: "
                                 f"`make notebooks`, or `jupytext --sync {src.with_suffix('.py')}`)")
@@ -667,7 +671,10 @@ def run_notebook(name: str, params: Mapping[str, Any], out_dir: Path, kernel_nam
         if _INTERRUPTED.is_set():  # Ctrl-C stopped the kernel before this process's KeyboardInterrupt surfaced
             raise KeyboardInterrupt() from err
         if isinstance(err, PapermillExecutionError):
-            raise NotebookFailed(f"{name}: cell {err.exec_count} failed: {err.ename}: {err.evalue}") from err
+            # numbered as the progress lines number the cells, with the executed notebook's In [n] to find it there
+            cell = f"cell {progress.done}/{progress.total}" if stream is not None else "a cell"
+            raise NotebookFailed(f"{name}: {cell} (In [{err.exec_count}] of {dst.name}) failed: {err.ename}: "
+                                 f"{err.evalue}") from err
         if isinstance(err, DeadKernelError):
             raise NotebookFailed(f"{name}: the kernel died ({err}): out of memory, or killed from outside") from err
         raise
@@ -1124,7 +1131,8 @@ def _metrics_html(path: Path, limit: int = 60) -> str:
     split = selection.get("split")
     # the notebook's val/ holds the metrics of the split the trainer selected on (ITM: dev), which the trainer's
     # record repeats under splits/<split>/
-    flat = _unique_metrics(flat_numbers(metrics, floats=False), [(f"splits/{split}/", "val/")] if isinstance(split, str) else [])
+    repeats = [(f"splits/{split}/", "val/")] if isinstance(split, str) else []
+    flat = _unique_metrics(flat_numbers(metrics, floats=False), repeats)
     from cirlab.core.metrics import AVG, AVG_DEFINITIONS  # here: the module imports torch, the report CLI does not
 
     avg = AVG_DEFINITIONS.get(str(metrics.get("protocol"))) if isinstance(metrics, Mapping) else None

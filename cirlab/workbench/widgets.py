@@ -139,7 +139,8 @@ def plot_query_view(routes: Any, edited: Any = None, candidate_ids: Sequence[str
             ax.set_gid("target_outside")
         if reference_id is not None:
             ax = fig.add_subplot(top[0, first.pop(0)])
-            image_axis(ax, image_fn(str(reference_id)), title=f"reference\n{reference_id}", color=QUERY_COLOR, width=2.0)
+            image_axis(ax, image_fn(str(reference_id)), title=f"reference\n{reference_id}", color=QUERY_COLOR,
+                       width=2.0)
             ax.set_gid("query")
         if text is not None:
             ax = fig.add_subplot(top[0, first.pop(0)])

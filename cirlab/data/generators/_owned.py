@@ -113,10 +113,13 @@ def describe(folder: Path) -> str:
     return f"{folder} ({len(files):,} file{'s' if len(files) != 1 else ''}, {size / 1e6:.1f} MB)"
 
 
-def refuse(command: str, target: Path, doomed: list[Path], reason: str) -> NotOwnedError:
+def refuse(command: str, target: Path, doomed: list[Path], reason: str, *, forcible: bool = True) -> NotOwnedError:
+    """The refusal to write into ``target``; ``forcible=False`` where ``--force`` would not help (a file where the
+    folder goes: the generator never replaces a file it did not write)."""
     deleted = "; it would delete " + ", ".join(describe(p) for p in doomed) if doomed else ""
+    force = ", or pass --force (Python: force=True) to replace it" if forcible else ""
     return NotOwnedError(f"{command}: refusing to write into {target}: {reason}{deleted}. Choose an empty or new "
-                         "folder, or pass --force (Python: force=True) to replace it")
+                         f"folder{force}")
 
 
 def remove(path: Path) -> None:

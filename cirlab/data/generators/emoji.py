@@ -477,8 +477,9 @@ def _build_locked(out: Path, tarball: str | os.PathLike | None, version: str, se
     _owned.mark(partial, __name__)
     try:
         info = write_dataset(package, partial, version, seed, planned)
-        _owned.write_release_json(partial / MANIFEST, {"format": FORMAT_VERSION, "package": PACKAGE, "version": version, "seed": seed,
-                                   "source": package.path.name, **info})
+        manifest = {"format": FORMAT_VERSION, "package": PACKAGE, "version": version, "seed": seed,
+                    "source": package.path.name, **info}
+        _owned.write_release_json(partial / MANIFEST, manifest)
         _owned.seal(partial, __name__)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

@@ -309,7 +309,8 @@ def write_fashioniq(root: Path, seed: int, size: SynthSize, image_size: int) -> 
                                     "captions": caps, "modification": edit.kind})
             _owned.write_release_json(root / "captions" / f"cap.{cat}.{split}.json", _shuffled(rng, entries))
             gallery = _shuffled(rng, scenes)
-            _owned.write_release_json(root / "image_splits" / f"split.{cat}.{split}.json", [names[sc.scene_key(s)] for s in gallery])
+            _owned.write_release_json(root / "image_splits" / f"split.{cat}.{split}.json",
+                                      [names[sc.scene_key(s)] for s in gallery])
             for s in scenes:
                 name = names[sc.scene_key(s)]
                 meta.scene(name, s, cat)
@@ -462,9 +463,9 @@ def write_precomp(root: Path, seed: int, size: SynthSize, image_size: int, name:
         split_scenes[split] = [sc.scene_to_json(s) for s in scenes]
         split_types[split] = [t for _ in scenes for t in sc.CAPTION_TYPES]  # per caption, in file order
         counts[split] = {"images": len(scenes), "captions": len(captions)}
-    _owned.write_release_json(root / META, {"format": FORMAT_VERSION, "generator": __name__, "layout": "precomp", "seed": seed,
-                              "name": name, "specs": meta.specs, "scenes": split_scenes,
-                              "caption_types": list(sc.CAPTION_TYPES), "caption_type": split_types})
+    _owned.write_release_json(root / META, {"format": FORMAT_VERSION, "generator": __name__, "layout": "precomp",
+                                            "seed": seed, "name": name, "specs": meta.specs, "scenes": split_scenes,
+                                            "caption_types": list(sc.CAPTION_TYPES), "caption_type": split_types})
     return counts
 
 
@@ -539,7 +540,7 @@ def _claim(out: Path, layouts: Sequence[str], force: bool, overwrite: bool = Tru
     that a layout folder to be replaced holds only what it wrote there."""
     command = "cirlab data synth"
     if out.exists() and not out.is_dir():
-        raise _owned.refuse(command, out, [], "it is a file, not a folder")
+        raise _owned.refuse(command, out, [], "it is a file, not a folder", forcible=False)
     if not force:
         if not _owned.is_empty(out) and not _owned.is_owned(out, __name__, (MANIFEST,)):
             doomed = [out / n for n in layouts if (out / n).exists()]
