@@ -308,7 +308,7 @@ def write_report(args: argparse.Namespace) -> None:
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         lines.append("")
         lines += _paired(by_variant)
-        last = sum(r["selection"]["best_epoch"] >= tr["epochs"] - 2 for r in records)
+        last = sum(r["selection"]["best_epoch"] >= tr["epochs"] - 1 for r in records)  # counted from 1
         lines += [f"Caveats: the test split has {n_test} images, so one image is {100 / n_test:g} point(s) of i2t R@1 "
                   f"and seed-to-seed spread is large; {last} of {len(records)} runs selected one of their last two "
                   "epochs (a short CPU recipe: still improving); synthetic region features and captions, "

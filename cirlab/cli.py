@@ -197,10 +197,11 @@ def _run_train(args: argparse.Namespace) -> int:
     from cirlab.core.errors import ConfigError
     from cirlab.engine.runs import is_main_process, load_config, run_experiment
 
-    if args.allow_config_change and not args.resume:  # it qualifies a resume: alone it would be ignored
-        raise ConfigError("--allow-config-change applies to --resume (it accepts a resumed run's changed settings); "
-                          "without --resume there is nothing to allow")
     config = load_config(args.config, args.overrides)
+    resuming = args.resume or bool((config.get("train") or {}).get("resume"))  # the flag, or train.resume
+    if args.allow_config_change and not resuming:  # it qualifies a resume: alone it would be ignored
+        raise ConfigError("--allow-config-change applies to a resume (--resume or train.resume; it accepts a resumed "
+                          "run's changed settings); without one there is nothing to allow")
     result = run_experiment(config, output_dir=args.output_dir, resume=args.resume, device=args.device,
                             overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     if is_main_process():  # under torchrun every process returns the same gathered metrics
@@ -252,8 +253,8 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
     flags = [f"{flag} {value}" for _, _, flag, value in given]
     validate_blaming(config, base, str(source) if source is not None else "cirlab eval",
                      flags + [f"--set {o}" for o in args.overrides], for_eval=True)
-    # the run's model, whatever --config says
-    model = getattr(args, "model", None) or _run_model(run_dir) or config.get("model")
+    # the run's model, whatever --config says (without --config, config.yaml of the run is the config read above)
+    model = getattr(args, "model", None) or (_run_model(run_dir) if args.config else None) or config.get("model")
     _refuse_a_task_mismatch(model, config["dataset"]["name"], flags + ([f"--config {args.config}"] if args.config
                                                                         else []))
     return config
@@ -420,7 +421,8 @@ def _run_params(args: argparse.Namespace) -> int:
     from cirlab.core.config import did_you_mean
     from cirlab.core.errors import ConfigError
     from cirlab.engine.runs import parse_set_flat
-    from cirlab.models.registry import CPU_PRESETS, build_config, list_models, list_presets, parameter_table
+    from cirlab.models.registry import (CPU_PRESETS, build_config, list_models, list_presets, parameter_table,
+                                        parameter_table_device)
 
     name = args.params
     if name not in list_models():
@@ -437,17 +439,16 @@ def _run_params(args: argparse.Namespace) -> int:
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"cirlab models --params {name} --preset {preset}: --set: "
                           f"{' '.join(str(err.args[0] if err.args else err).split())}") from None
+    where = {"cpu": "on the CPU", "meta": "on the meta device"}[parameter_table_device(preset)]
     try:
         rows = parameter_table(name, preset, **overrides)
     except (KeyError, TypeError, ValueError, OSError, RuntimeError, NotImplementedError) as err:
-        where = "on the CPU" if preset in CPU_PRESETS else "on the meta device"
         raise ConfigError(f"cirlab models --params {name} --preset {preset}: cannot build it {where} "
                           f"({' '.join(str(err).split())})") from None
     if args.json:
         print(json.dumps({"model": name, "preset": preset, "overrides": overrides, "modules": rows}, indent=2))
         return 0
     width = max(len(r["module"]) for r in rows)
-    where = "on the CPU" if preset in CPU_PRESETS else "on the meta device"
     print(f"{name} (preset {preset}{''.join(f', {k}={v}' for k, v in overrides.items())}), built {where}")
     print(f"{'module':<{width}}  {'params':>13}  {'trainable':>13}  {'frozen':>13}")
     for r in rows:

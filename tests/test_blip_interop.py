@@ -162,7 +162,7 @@ def test_shape_mismatch_reported_and_pos_embed_resized():
 def test_pickled_checkpoint_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": {"a": torch.zeros(1)}, "obj": bi.InteropReport()}, path)
-    with pytest.raises(ValueError, match=r"evil\.pt contains pickled Python objects .* trust_pickle"):
+    with pytest.raises(ValueError, match=r"evil\.pt contains pickled Python objects .* re-save its weights alone"):
         bi.read_checkpoint(path)
     with pytest.raises(FileNotFoundError):
         bi.read_checkpoint(tmp_path / "missing.pt")

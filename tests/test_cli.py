@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -457,12 +458,12 @@ def test_a_model_on_a_dataset_of_the_other_task_is_one_config_error(tmp_path, ca
     with pytest.raises(ConfigError, match=r"amc is a composed image retrieval model .* its datasets: fashioniq"):
         validate_config(with_defaults({"model": "amc", "preset": "tiny", "dataset": {"name": "f30k"}}))
     validate_config(with_defaults({"model": "blip_rerank_stage1", "preset": "tiny", "dataset": {"name": "cirr"}}))
-    # grouping by reference image needs CIR triplets: an ITM run refuses it here, not with a traceback once the
-    # data and the model are built
     # a split listed twice failed with a KeyError after evaluating every split
     with pytest.raises(ConfigError, match=r"eval\.splits: 'val' listed more than once"):
         validate_config(with_defaults({"model": "amc", "preset": "tiny", "dataset": {"name": "fashioniq"},
                                        "eval": {"splits": ["val", "test", "val"]}}))
+    # grouping by reference image needs CIR triplets: an ITM run refuses it here, not with a traceback once the
+    # data and the model are built
     with pytest.raises(ConfigError, match=r"train\.group_batches groups CIR triplets .* f30k's image-caption pairs"):
         validate_config(with_defaults({"model": "dime", "preset": "tiny", "dataset": {"name": "f30k"},
                                        "train": {"group_batches": 2}}))
@@ -600,3 +601,13 @@ def test_eval_category_is_taken_once(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "runs/x", "--category", "dress", "--category", "shirt"])
     assert exit_.value.code == 2 and "--category given twice (dress, shirt)" in capsys.readouterr().err
+
+
+def test_allow_config_change_goes_with_a_resume_from_the_flag_or_the_config(tmp_path, synth, caplog):
+    config = _write_config(tmp_path / "stub.yaml", synth, max_steps=2)
+    with caplog.at_level(logging.ERROR):
+        assert main(["train", str(config), "--output-dir", str(tmp_path / "a"), "--allow-config-change"]) == 2
+    assert "--allow-config-change applies to a resume" in caplog.text and not (tmp_path / "a").exists()
+    # train.resume in the config (or --set) is a resume too: accepted, as run_experiment reads it
+    assert main(["train", str(config), "--output-dir", str(tmp_path / "b"), "--set", "train.resume=auto",
+                 "--allow-config-change"]) == 0

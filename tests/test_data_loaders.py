@@ -156,7 +156,7 @@ def test_root_defaults_to_cirlab_data(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"fashioniq: dataset root not found.*CIRLAB_DATA"):
         load_cir("fashioniq", None, "val", category="dress")
     (tmp_path / "synthetic" / "fashioniq").mkdir(parents=True)  # where `cirlab data synth` writes by default
-    with pytest.raises(DataError, match=r"synthetic data is at .*synthetic .*: pass --root .*synthetic"):
+    with pytest.raises(DataError, match=r"synthetic data is at .*synthetic .*: use it as the root"):
         load_cir("fashioniq", None, "val", category="dress")
     write_fashioniq(tmp_path / "fashioniq", categories=("dress",), splits=("val",))
     assert len(load_cir("fashioniq", None, "val", category="dress")) == 4

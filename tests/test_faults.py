@@ -423,25 +423,29 @@ def f_report_out_over_a_training_run(ws: Workspace) -> Outcome:
                          check(tree_hashes(out) == before, "the refused report changed the folder"))
 
 
+def _refused_leaving(folder: Path, pattern: str, *argv: Any) -> Outcome:
+    """``cirlab ARGV`` refused with ``pattern``, ``folder`` (the user's files the command must not touch) unchanged."""
+    before = tree_hashes(folder)
+    call = cli(*argv)
+    return first_failure(expect_error(call, pattern),
+                         check(tree_hashes(folder) == before, f"the refused command changed {folder}"))
+
+
 @fault("data loss", "a report refuses to write over an index.html it did not write")
 def f_report_out_over_a_users_index_html(ws: Workspace) -> Outcome:
     out = ws.root / "site"
     out.mkdir()
     (out / "index.html").write_text("<html>my page</html>")
-    before = tree_hashes(out)
-    call = cli("report", "--out", out, "--only", "train", "--set", f"data_root={ws.user}")
-    return first_failure(expect_error(call, r"index\.html exists and was not written by cirlab report"),
-                         check(tree_hashes(out) == before, "the refused report changed the folder"))
+    return _refused_leaving(out, r"index\.html exists and was not written by cirlab report",
+                            "report", "--out", out, "--only", "train", "--set", f"data_root={ws.user}")
 
 
 @fault("data loss", "--resume with no last.pt refuses a finished run (it replaced best.pt and the metrics)")
 def f_resume_a_finished_run_without_last_pt(ws: Workspace) -> Outcome:
     run = ws.run_dir(copy_finished=True)
     (run / "checkpoints" / "last.pt").unlink()
-    before = tree_hashes(run)
-    call = cli("train", ws.config(), "--output-dir", run, "--resume")
-    return first_failure(expect_error(call, r"--resume: .* but no checkpoints/last\.pt to continue from"),
-                         check(tree_hashes(run) == before, "the refused resume changed the run"))
+    return _refused_leaving(run, r"--resume: .* but no checkpoints/last\.pt to continue from",
+                            "train", ws.config(), "--output-dir", run, "--resume")
 
 
 @fault("data loss", "--overwrite refuses run-like folders (checkpoints/, tb/) no run wrote (it deleted them)")
@@ -450,17 +454,15 @@ def f_overwrite_a_folder_of_the_users_checkpoints(ws: Workspace) -> Outcome:
     (mine / "checkpoints").mkdir(parents=True)
     (mine / "checkpoints" / "my_model.pt").write_bytes(b"weights")
     (mine / "tb").mkdir()
-    before = tree_hashes(mine)
-    call = cli("train", ws.config(), "--output-dir", mine, "--overwrite")
-    return first_failure(expect_error(call, r"holds checkpoints, tb but no run's config\.yaml or log\.jsonl"),
-                         check(tree_hashes(mine) == before, "the refused run changed the folder"))
+    return _refused_leaving(mine, r"holds checkpoints, tb but no run's config\.yaml or log\.jsonl",
+                            "train", ws.config(), "--output-dir", mine, "--overwrite")
 
 
 @fault("silently wrong", "refused: it qualifies --resume")
 def f_allow_config_change_without_resume(ws: Workspace) -> Outcome:
     run = ws.run_dir()
     call = cli("train", ws.config(), "--output-dir", run, "--allow-config-change")
-    return first_failure(expect_error(call, r"--allow-config-change applies to --resume"),
+    return first_failure(expect_error(call, r"--allow-config-change applies to a resume \(--resume or train\.resume"),
                          check(not run.exists(), f"{run} was created"))
 
 

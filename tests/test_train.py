@@ -422,13 +422,26 @@ def test_a_resume_without_last_pt_or_an_overwrite_never_removes_what_a_run_did_n
             train(_model(), TripletItems(16), _cfg(epochs=1), output_dir=mine, overwrite=overwrite)
     assert sorted(p.name for p in mine.rglob("*")) == ["checkpoints", "my_model.pt", "tb"]
 
+    torn = tmp_path / "torn"  # killed while writing its first last.pt: only a temporary file in checkpoints/
+    train(_model(), TripletItems(16), _cfg(epochs=1), output_dir=torn)
+    for name in ("best.pt", "last.pt"):
+        (torn / "checkpoints" / name).unlink()
+    for name in ("train_summary.json",):
+        (torn / name).unlink()
+    (torn / "checkpoints" / ".last.pt.abc123.tmp").write_bytes(b"half")
+    assert train(_model(), TripletItems(16), _cfg(epochs=1, resume="auto"), output_dir=torn)["steps"] == 2
+
 
 def test_a_resume_past_the_end_it_now_sets_is_refused_before_config_yaml_is_rewritten(tmp_path):
     train(_model(), TripletItems(16), _cfg(epochs=2), output_dir=tmp_path)  # 2 x 2 steps
     before = (tmp_path / "config.yaml").read_text()
-    with pytest.raises(ConfigError, match=r"--resume: .* is already at step 4, at or past the end train\.epochs=1, "
-                                          r"train\.max_steps=None sets now \(2 steps\): nothing to train"):
+    with pytest.raises(ConfigError, match=r"resume: .* is already at step 4, past the end train\.epochs=1, "
+                                          r"train\.max_steps=None sets now \(2 steps\)"):
         train(_model(), TripletItems(16), _cfg(epochs=1, resume="auto"), output_dir=tmp_path)
     assert (tmp_path / "config.yaml").read_text() == before  # it said epochs 1 beside a run of 2
     more = train(_model(), TripletItems(16), _cfg(epochs=3, resume="auto"), output_dir=tmp_path)
     assert more["steps"] == 6 and more["epochs"] == 3
+    # exactly at its end (a stop on the last step owes the final evaluation and summary): resumed, not refused
+    (tmp_path / "train_summary.json").unlink()
+    again = train(_model(), TripletItems(16), _cfg(epochs=3, resume="auto"), output_dir=tmp_path)
+    assert again["steps"] == 6 and (tmp_path / "train_summary.json").is_file()

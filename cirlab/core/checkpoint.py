@@ -118,13 +118,18 @@ def _not_a_checkpoint(path: Path, kind: str) -> CheckpointError:
     return CheckpointError(f"checkpoint {path} ({size} bytes) {what}")
 
 
-def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", trust_pickle: bool = False) -> Any:
+TRUST_HINT = "if you trust its source, pass trust_pickle=True (CLI: --trust-pickle)"
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", trust_pickle: bool = False,
+                    trust_hint: str = TRUST_HINT) -> Any:
     """Load a checkpoint with ``weights_only=True``; pickled objects only when ``trust_pickle`` is set.
 
     Returns the loaded object (a dict for cirlab checkpoints; possibly an ``nn.Module`` for trusted
     pickled checkpoints). Raises :class:`CheckpointError` naming the file when it is missing, truncated,
     corrupt, not a checkpoint at all (the message says what it is), or holds pickled code while
-    ``trust_pickle`` is False.
+    ``trust_pickle`` is False; ``trust_hint`` is what that refusal tells the user to do (a reader without a
+    ``trust_pickle`` option says what else works).
     """
     path = Path(path)
     if path.is_dir():
@@ -147,8 +152,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", trust
         if not trust_pickle:
             raise CheckpointError(
                 f"checkpoint {path} contains pickled Python objects ({_refused_global(err)}), which can run "
-                "arbitrary code when loaded. cirlab refuses it by default; if you trust its source, pass "
-                "trust_pickle=True (CLI: --trust-pickle)."
+                f"arbitrary code when loaded. cirlab refuses it by default; {trust_hint}."
             ) from err
     except Exception as err:  # noqa: BLE001 - torch raises RuntimeError/KeyError/EOFError... for damaged files
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: "

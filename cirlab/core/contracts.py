@@ -164,7 +164,8 @@ _KINDS = {"Model": "a cirlab model (cirlab.create_model, workbench.load_run)",
 
 
 def model_label(model: Any) -> str:
-    """How an error names a model it was given: its registry name (``amc``), else its class."""
+    """A model's name wherever cirlab writes or says one (errors, checkpoints' ``model_name``, top-K metadata):
+    its registry name (``amc``), else its class."""
     return getattr(model, "model_name", None) or type(model).__name__
 
 

@@ -417,18 +417,17 @@ def missing_root_message(name: str, path: Path, given: Any = None) -> str:
 
 def missing_root_hint(name: str, root: Any = None) -> str:
     """What to do about a dataset root that does not exist: where the default comes from and how to get data."""
-    from cirlab.data.catalog import get_dataset
-
     from cirlab.core.paths import data_root
+    from cirlab.data.catalog import dataset_root, get_dataset
 
     spec = get_dataset(name)
-    default = "$CIRLAB_DATA" if spec.is_itm else f"$CIRLAB_DATA/{spec.subdir}"  # as catalog.dataset_root reads it
     where = ("it is the root you gave" if root not in (None, "")
-             else f"the default is {default}, and CIRLAB_DATA is "
-                  + (f"{os.environ['CIRLAB_DATA']!r}" if os.environ.get("CIRLAB_DATA") else "not set (./data)"))
+             else f"the default is {dataset_root(name, None)} (CIRLAB_DATA is "
+                  + (f"{os.environ['CIRLAB_DATA']!r})" if os.environ.get("CIRLAB_DATA") else "not set: ./data)"))
     synthetic = data_root() / "synthetic"
     if root in (None, "") and (synthetic / spec.subdir).is_dir():  # `cirlab data synth` without --out wrote there
-        where += f"; synthetic data is at {synthetic} (cirlab data synth's default): pass --root {synthetic}"
+        where += (f"; synthetic data is at {synthetic} (cirlab data synth's default): use it as the root "
+                  f"({synthetic})")
     return (f"{where}; set dataset.root (cirlab train --set dataset.root=PATH, cirlab eval --root PATH) or "
             "CIRLAB_DATA to the folder holding the release, or write the synthetic data in this layout with "
             "`cirlab data synth --out DIR` and use DIR")

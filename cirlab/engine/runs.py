@@ -813,7 +813,7 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     it; the stored config must match, differences are listed, ``allow_config_change`` accepts them) or
     ``overwrite`` (replace it).
     """
-    from cirlab.engine.train import check_device, check_run_folder, claim_run_folder
+    from cirlab.engine.train import check_device, check_run_folder
 
     if not isinstance(config, dict):  # a path here failed as "'str' object has no attribute 'get'"
         raise ConfigError(f"run_experiment takes a run config (a dict): pass cirlab.load_config(path), got "
@@ -836,7 +836,7 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
             # refuse a folder that holds a run now; with --overwrite the trainer removes it once the data, the
             # start files and the model have passed, so a mistyped root does not cost the previous run
             if not resuming and is_main_process():
-                claim_run_folder(out) if not overwrite else check_run_folder(out, overwrite=True)
+                check_run_folder(out, overwrite=overwrite)
             return _run_locked(config, out, resume, device, allow_config_change, overwrite)
     except BaseException:
         if created and is_main_process():
@@ -996,9 +996,10 @@ def _check_start_paths(config: dict[str, Any]) -> None:
         value = str(overrides.get(field) or "")
         if not value or value == "stage1":
             continue
-        path = Path(strip_lavis_prefix(value)).expanduser()
+        start = field in START_FIELDS  # a start may be lavis:PATH; a vocabulary or word-vector file is a plain path
+        path = Path(strip_lavis_prefix(value) if start else value).expanduser()
         if not path.exists():
-            how = "starts from" if field in START_FIELDS else "is built from"
+            how = "starts from" if start else "is built from"
             raise ConfigError(f"model_overrides.{field}: {path} does not exist (model {config['model']!r} {how} "
                               "it)")
 

@@ -1110,9 +1110,9 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         resume_from = resume_checkpoint(cfg.resume, self.output_dir)
         if self.dist.is_main:
+            _remove_stale_temporaries(self.output_dir)  # first: a torn last.pt write is no saved result
             if resume_from is None:  # a fresh run (resume="auto" with no last.pt yet replaces a run that never saved)
                 claim_run_folder(self.output_dir, overwrite=self.overwrite, resuming=bool(cfg.resume))
-            _remove_stale_temporaries(self.output_dir)
         if resume_from is None and cfg.resume == "auto":
             logger.info("resume='auto': no %s yet, starting a fresh run", self.ckpt_dir / "last.pt")
         self._barrier()
@@ -1146,15 +1146,16 @@ class Trainer:
         return min(total, self.cfg.max_steps) if self.cfg.max_steps is not None else total
 
     def _refuse_a_resume_past_the_end(self) -> None:
-        """A resumed run already at (or past) the end the settings now set trains nothing; its config.yaml would
-        be rewritten with a run length its checkpoints and metrics contradict. Stop before writing anything."""
+        """A resumed run already past the end the settings now set cannot be continued to it; its config.yaml would
+        be rewritten with a run length its checkpoints and metrics contradict. Stop before writing anything. A run
+        exactly at its end continues: a stop on the last step still owes its final evaluation and summary."""
         p, cfg = self.progress, self.cfg
-        if p.step < self.total_steps():
+        if p.step <= self.total_steps():
             return
-        raise ConfigError(f"--resume: {self.output_dir} is already at step {p.step}, at or past "
-                          f"the end train.epochs={cfg.epochs}, train.max_steps={cfg.max_steps} sets now "
-                          f"({self.total_steps()} steps): nothing to train. Raise them to train further (--set "
-                          f"train.epochs=N), or evaluate the run with cirlab eval")
+        raise ConfigError(f"resume: {self.output_dir} is already at step {p.step}, past the end "
+                          f"train.epochs={cfg.epochs}, train.max_steps={cfg.max_steps} sets now "
+                          f"({self.total_steps()} steps). Raise them to train further (train.epochs, "
+                          f"train.max_steps), or evaluate the run as it is (cirlab eval)")
 
     def _forget_failed_start(self) -> None:
         """A fresh run that stopped before its first optimizer step holds nothing worth keeping, but its config.yaml,

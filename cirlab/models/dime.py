@@ -845,7 +845,8 @@ def module_score_matrix(model: DIME, img: dict[str, torch.Tensor], txt: dict[str
     cirlab's strategy: the pair-independent work (layer-0 cells and routers of the refined modality, CMRC
     context projections of the other) is done once per image/caption instead of once per shard; shards are
     as large as memory allows (``pairs_per_shard``; from free memory on CUDA); captions are grouped by length
-    so each shard drops the padding columns it does not need (exact: padding is masked); bf16 on CUDA.
+    so each shard drops the padding columns it does not need (exact: padding is masked); bf16 autocast on CUDA
+    when :func:`eval_dtype` says bf16 (fp32 on a CPU).
     """
     itr = model.itr_module
     device = torch.device(device) if device is not None else model.device

@@ -180,8 +180,6 @@ def parameter_table(name: str, preset: str | None = None, **overrides: Any) -> l
     count on any machine. A BERT named by the hub id ``bert-base-uncased`` (the paper presets' text encoder) is
     counted at BERT-base sizes without the hub. The CPU presets (``tiny``, ``lite``) are built for real: they are
     small, and ``lite`` reads its offline weight files when built, which the meta device refuses."""
-    import contextlib
-
     import torch
 
     config = build_config(name, preset, **overrides)
@@ -189,9 +187,14 @@ def parameter_table(name: str, preset: str | None = None, **overrides: Any) -> l
         from cirlab.models._text import BERT_BASE_CONFIG
 
         config = build_config(name, preset, **{**overrides, "bert": "random", "bert_config": BERT_BASE_CONFIG})
-    with contextlib.nullcontext() if preset in CPU_PRESETS else torch.device("meta"):
+    with torch.device(parameter_table_device(preset)):
         model = create_model(name, config=config)
     return module_parameters(model)
+
+
+def parameter_table_device(preset: str | None) -> str:
+    """Where :func:`parameter_table` builds a preset: ``"cpu"`` for the small CPU presets, else ``"meta"``."""
+    return "cpu" if preset in CPU_PRESETS else "meta"
 
 
 def _check_identity(cls: type, entry: ModelEntry) -> None:

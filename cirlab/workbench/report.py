@@ -468,8 +468,8 @@ def notebook_path(name: str, notebook_dir: Path | None = None) -> Path:
     """The ``.ipynb`` file report entry ``name`` executes; FileNotFoundError naming the command that makes it."""
     folder = Path(notebook_dir or default_notebook_dir())
     if not folder.is_dir():
-        raise MissingPathError(f"--notebooks {folder}: no such folder (it holds the report's notebooks; default: the "
-                               "checkout's notebooks/)")
+        said = f"--notebooks {folder}: no such folder" if notebook_dir else f"the notebooks folder {folder} is missing"
+        raise MissingPathError(f"{said} (it holds the report's notebooks; --notebooks DIR names another)")
     src = folder / f"{notebook_of(name)}.ipynb"
     if not src.is_file():
         raise MissingPathError(f"notebook not found: {src} (its py:percent twin {src.with_suffix('.py')} makes it: "
