@@ -27,6 +27,8 @@
 # %matplotlib inline
 from pathlib import Path
 
+from IPython.display import display
+
 from cirlab import analysis, metrics, viz, workbench
 from cirlab.data.catalog import is_itm
 
@@ -90,7 +92,7 @@ for cat, sp in splits.items():  # CIR only (precomp ITM data has no pictures)
     fig = viz.plot_retrieval_gallery(workbench.gallery_rows(topks[first][cat], sp, n=n_show, k=5),
                                      title=f"{first}: {cat}")
     viz.save_figure(fig, f"{out_dir}/figures", f"gallery_{cat}")
-fig
+    display(fig)  # one gallery per category
 
 # %% [markdown]
 # ## Worst failures: the queries whose target ranks lowest
@@ -101,7 +103,7 @@ for cat, sp in splits.items():  # CIR only
     fig = viz.plot_retrieval_gallery(workbench.gallery_rows(topks[first][cat], sp, worst, k=5),
                                      title=f"{first}: worst {cat} queries")
     viz.save_figure(fig, f"{out_dir}/figures", f"failures_{cat}")
-fig
+    display(fig)
 
 # %% [markdown]
 # ## Per-category breakdown
@@ -120,4 +122,5 @@ fig
 # %%
 config = {"runs": runs, "run_dirs": run_dirs, "dataset": dataset, "data_root": data_dir, "split": split,
           "output_dir": out_dir, "k": k, "include_untrained": include_untrained, "n_show": n_show, "device": device}
-workbench.write_outputs(out_dir, {"runs": results, "per_category": per_category}, config)
+written = workbench.write_outputs(out_dir, {"runs": results, "per_category": per_category}, config)
+print("wrote metrics.json and config.json to", written)

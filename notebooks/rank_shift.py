@@ -50,8 +50,9 @@ epochs: int = 3  # stage I epochs
 stage2_epochs: int = 2  # stage II epochs
 max_steps: int = 0  # cap on each stage's optimizer steps (0: no cap)
 batch_size: int = 32  # stage I batch (stage II's is in stage2_settings: it scores B x B pairs per step)
-settings: list = []  # cirlab train --set overrides of stage I (section.key then the value)
-stage2_settings: list = []  # cirlab train --set overrides of stage II
+short_recipe: bool = True  # tiny preset: the short CPU recipes (workbench.CPU_RECIPES) first; False: the paper's
+settings: list = []  # more cirlab train --set overrides of stage I (after the recipe: they win)
+stage2_settings: list = []  # more cirlab train --set overrides of stage II
 bins: int = 10  # bins of the rank before in panel (b)
 device: str = "cpu"  # cpu | cuda | cuda:N | auto
 output_dir: str = ""  # metrics.json, config.json, figures/, runs/ ("": runs/rank_shift in the checkout)
@@ -69,8 +70,11 @@ shown = {"before": before, "after": after} if pair else {}
 print(workbench.describe_paths(data=data_dir, output=out_dir,
                                **{name: Path(path).expanduser().resolve() for name, path in shown.items()}))
 caps = [f"train.max_steps={max_steps}"] if max_steps else []
-stage1_set = [f"train.epochs={epochs}", f"train.batch_size={batch_size}", *caps, *settings]
-stage2_set = [f"train.epochs={stage2_epochs}", *caps, *stage2_settings]
+recipes = {stage: workbench.cpu_recipe(f"blip_rerank_{stage}", preset) if short_recipe else []
+           for stage in ("stage1", "stage2")}  # the paper's lr 2e-5 needs far longer runs than a CPU notebook
+print("short CPU recipes:", recipes if any(recipes.values()) else "none (the preset's own, the paper's recipe)")
+stage1_set = [f"train.epochs={epochs}", f"train.batch_size={batch_size}", *recipes["stage1"], *caps, *settings]
+stage2_set = [f"train.epochs={stage2_epochs}", *recipes["stage2"], *caps, *stage2_settings]
 
 # %% [markdown]
 # ## Train stage I, write its top-K, train stage II, re-rank
@@ -137,8 +141,10 @@ if rerank:
 if other is not None:
     metrics["second_comparison"] = analysis.rank_shift_by_category(other, None, ks=(1, 10)).to_dict("records")
 config = {"data_root": data_dir, "dataset": dataset, "preset": preset, "pool_k": pool_k, "epochs": epochs,
-          "stage2_epochs": stage2_epochs, "max_steps": max_steps, "batch_size": batch_size, "settings": settings,
-          "stage2_settings": stage2_settings, "bins": bins, "device": device, "output_dir": out_dir,
+          "stage2_epochs": stage2_epochs, "max_steps": max_steps, "batch_size": batch_size,
+          "short_recipe": short_recipe, "settings": settings, "stage2_settings": stage2_settings, "bins": bins,
+          "device": device, "output_dir": out_dir,
           "before": before, "after": after, "label_before": label_before, "label_after": label_after,
           "rerank": rerank}
-workbench.write_outputs(out_dir, metrics, config)
+written = workbench.write_outputs(out_dir, metrics, config)
+print("wrote metrics.json and config.json to", written)

@@ -117,6 +117,7 @@ stats = analysis.route_statistics(routes) if kind == "router" else None
 if kind == "router":
     fig = viz.plot_gate_entropy(routes)
     viz.save_figure(fig, f"{out_dir}/figures", "entropy_utilisation")
+    display(fig)
 stats
 
 # %% [markdown]
@@ -220,4 +221,5 @@ else:
 config = {"run_dir": run, "dataset": dataset, "data_root": data_dir, "split": split, "output_dir": out_dir,
           "n_queries": n_queries, "query_id": query_id, "shown_query": str(shown), "compare": compare,
           "interactive": interactive, "device": device}
-workbench.write_outputs(out_dir, metrics, config)
+written = workbench.write_outputs(out_dir, metrics, config)
+print("wrote metrics.json and config.json to", written)

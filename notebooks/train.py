@@ -42,7 +42,8 @@ device: str = "cpu"  # cpu | cuda | cuda:N | auto
 seed: int = 0  # seeds Python, NumPy, torch and the data order
 resume: str = ""  # "" fresh run | "auto" continue from output_dir/checkpoints/last.pt | a checkpoint path
 overwrite: bool = False  # replace a run in output_dir this notebook did not finish (a re-run replaces its own)
-settings: list = []  # extra run-config overrides, written as cirlab train --set takes them (section.key then the value)
+short_recipe: bool = True  # tiny preset: the model's short CPU recipe (workbench.CPU_RECIPES) first; False: the paper's
+settings: list = []  # more run-config overrides, as cirlab train --set takes them (after the recipe: they win)
 
 # %%
 data_dir = str(workbench.find_data(dataset, data_root))
@@ -55,9 +56,11 @@ print("models:", cirlab.list_models(), "| presets of", model, ":", cirlab.list_p
 # One loop for every model (`cirlab.engine.train`); validation recall selects `checkpoints/best.pt`.
 
 # %%
+recipe = workbench.cpu_recipe(model, preset) if short_recipe else []  # the papers' recipes need far longer runs
+print("short CPU recipe:", recipe or "none (the preset's own, the paper's recipe)")
 run = workbench.train_run(model, preset, dataset, data_dir, run_dir, epochs=epochs, max_steps=max_steps,
                           batch_size=batch_size, device=device, seed=seed, resume=resume, overwrite=overwrite,
-                          settings=settings)
+                          settings=recipe + settings)
 print({k: run[k] for k in ("steps", "epochs", "best_score", "best_epoch")})
 
 # %%
@@ -82,6 +85,7 @@ fig
 # %%
 config = {"model": model, "preset": preset, "dataset": dataset, "data_root": data_dir, "output_dir": run_dir,
           "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "device": device, "seed": seed,
-          "resume": resume, "overwrite": overwrite, "settings": settings,
+          "resume": resume, "overwrite": overwrite, "short_recipe": short_recipe, "settings": recipe + settings,
           "model_config": run["run_config"]["model_config"]}
-workbench.write_outputs(run_dir, {"val": val_metrics, "steps": run["steps"], "epochs": run["epochs"]}, config)
+written = workbench.write_outputs(run_dir, {"val": val_metrics, "steps": run["steps"], "epochs": run["epochs"]}, config)
+print("wrote metrics.json and config.json to", written)

@@ -662,3 +662,20 @@ def test_hrem_relation_says_why_it_changed_the_number_of_images(tiny_data, caplo
         graph = workbench.hrem_relation(hrem, "f30k", tiny_data, n_images=999)
     n = len(graph["texts"])  # one caption of each image in the batch
     assert f"hrem_relation: n_images=999: using {n} (the split has only {n} images)" in caplog.text
+
+
+def test_the_tiny_presets_short_cpu_recipe_is_a_valid_set_of_overrides_for_each_model():
+    """The notebooks start the tiny preset from workbench.cpu_recipe (opened as they are, the paper recipe trained
+    nothing in a CPU notebook's few hundred steps); each recipe must be a run config every model accepts."""
+    from cirlab.engine.runs import apply_overrides, parse_set, validate_config, with_defaults
+    from cirlab.workbench import CPU_RECIPES, cpu_recipe
+
+    datasets = {"amc": "fashioniq", "dime": "f30k", "hrem": "f30k", "cala": "cirr", "blip_rerank_stage1": "fashioniq",
+                "blip_rerank_stage2": "fashioniq"}
+    assert set(CPU_RECIPES) == set(datasets)
+    for model, dataset in datasets.items():
+        recipe = cpu_recipe(model, "tiny")
+        assert recipe and cpu_recipe(model, "fashioniq") == [] and cpu_recipe(model, "lite") == []
+        config = apply_overrides(with_defaults({"model": model, "preset": "tiny", "dataset": {"name": dataset}}),
+                                 parse_set(recipe))
+        validate_config(config, f"{model} recipe")

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from cirlab import report
+from cirlab import report, workbench
 
 
 def test_report_set_reads_yaml_values():
@@ -111,7 +111,8 @@ def test_hrem_and_cala_entries_and_their_captions(tmp_path):
                                                                                           "train")
     c = report.notebook_parameters("train_cala", tmp_path, "/data")
     assert (c["model"], c["dataset"], c["data_root"]) == ("cala", "cirr", "/data")
-    assert "model_overrides.image_size=32" in c["settings"]
+    # the short CPU recipe is the notebook's own default (short_recipe), not a report parameter
+    assert "settings" not in c and "model_overrides.image_size=32" in workbench.cpu_recipe("cala", c["preset"])
     for model in ("hrem", "cala"):
         r = report.notebook_parameters(f"router_explorer_{model}", tmp_path, "/data", itm_data_root="/itm")
         assert r["run_dir"] == f"{tmp_path}/train_{model}" and not r["interactive"]

@@ -31,7 +31,43 @@ __all__ = ["cir_splits", "data_config", "run_config", "train_run", "load_run", "
            "evaluate_itm_run", "collect_routes", "query_fn_for", "explorer_for", "gallery_rows", "worst_queries",
            "load_topk_files", "write_outputs", "ensure_synthetic", "stored_config", "project_root", "reports_dir",
            "find_run", "find_data", "output_folder", "describe_paths", "explorer_kind", "cala_trace", "hrem_relation",
-           "itm_topk", "itm_splits", "ranking_pair", "as_list"]
+           "itm_topk", "itm_splits", "ranking_pair", "as_list", "CPU_RECIPES", "cpu_recipe"]
+
+# The tiny presets' short CPU recipes: `cirlab train --set` overrides the notebooks apply by default
+# (short_recipe=True) and `cirlab report` runs with. The papers' recipes need far longer runs than a notebook on a CPU:
+# AMC's 50 epochs at lr 1e-4 with EMA 0.999 leave a few hundred steps' EMA weights almost at their initial values
+# (an opened quickstart trained nothing: avg R@10 3.6, the untrained copy's). Paper presets are untouched.
+CPU_RECIPES: dict[str, list[str]] = {
+    # about a minute on 2 cores: avg R@10 about 40 on the synthetic Fashion-IQ (untrained: about 4)
+    "amc": ["train.lr=1e-3", "train.ema_decay=0.99", "train.lr_milestones=[]", "train.eval_every=0",
+            "model_overrides.image_size=32"],
+    # 5 epochs (3 summing all violations) of the small precomp set, about 2 min on one core: dev rsum 387 (untrained
+    # about 64). The real frozen MiniLM, not the tiny preset's random BERT: the path regulariser aligns routes with
+    # sentence similarity, which only a pretrained encoder gives meaning (bench/dime_synthetic.py); 32 positions
+    # hold the longest synthetic captions
+    "dime": ["train.lr=3e-3", "train.eval_every=0", "model_overrides.direction=t2i",
+             "model_overrides.lambda_softmax=9.0", "model_overrides.max_violation_warmup_epochs=3",
+             "model_overrides.bert=minilm", "model_overrides.max_words=32"],
+    # the original optimisation (AdamW, BERT at 0.1 x lr, clip 2) at lr 2e-3 instead of 5e-4: dev rsum about 84 at
+    # 60 steps (5e-4: 69); far from trained (reports/benchmarks/hrem_synthetic.md: 12 epochs, embed 128, rsum ~400)
+    "hrem": ["train.lr=2e-3", "train.eval_every=0"],
+    # random BLIP-2 sizes at 32 px: a few dozen CPU steps show the pipeline and the attention maps, not a trained CaLa
+    # (its position-0 features start near-identical; reports/benchmarks/cala_synthetic.md)
+    "cala": ["model_overrides.lr=1e-3", "model_overrides.image_size=32", "train.eval_every=0"],
+    # the re-ranker (random-init tiny BLIP, 32 px): lr 2e-3 instead of 2e-5, no dropout; stage II at batch 8 (its
+    # B x B pair scores make a step cost B^2); about a minute for both stages. Measured alternatives (stage II lr
+    # 3e-3 / 5e-3, batch 16, grouping by reference) moved fewer targets forward
+    "blip_rerank_stage1": ["train.lr=2e-3", "train.log_every=50", "model_overrides.dropout=0.0"],
+    "blip_rerank_stage2": ["train.batch_size=8", "train.lr=2e-3", "train.log_every=100",
+                           "model_overrides.dropout=0.0"],
+}
+
+
+def cpu_recipe(model: str, preset: str) -> list[str]:
+    """The short CPU recipe (:data:`CPU_RECIPES`) of ``model`` for the ``tiny`` preset, else ``[]`` (the preset's own,
+    the paper's recipe): the ``settings`` a notebook puts before the user's own."""
+    return list(CPU_RECIPES.get(model, [])) if preset == "tiny" else []
+
 
 REPORTS_ENV = "CIRLAB_REPORTS"  # where `cirlab report` / `make demo` wrote the report (default: <checkout>/reports)
 

@@ -214,45 +214,15 @@ SYNTHETIC_SEED = 0
 
 # Parameters `cirlab report` passes; "{out}" and "{data}" are filled in at run time.
 _COMMON = {"device": "cpu", "seed": 0}
-# Short CPU runs need a faster recipe than the papers' (50 epochs at lr 1e-4 with EMA 0.999 would leave a few hundred
-# steps' EMA weights almost at their initial values): these `cirlab train --set` overrides are the demo's, measured
-# to train in about a minute on 2 cores. Paper presets and defaults are untouched.
-AMC_DEMO = ["train.lr=1e-3", "train.ema_decay=0.99", "train.lr_milestones=[]", "train.eval_every=0",
-            "model_overrides.image_size=32"]
-DIME_DEMO = ["train.lr=3e-3", "train.eval_every=0", "model_overrides.direction=t2i",
-             "model_overrides.lambda_softmax=9.0", "model_overrides.max_violation_warmup_epochs=3",
-             # the real (frozen) MiniLM, not the tiny preset's random BERT: the path regulariser aligns routes with
-             # sentence similarity, which only a pretrained encoder gives meaning, so only then do the routes
-             # differ by caption type (bench/dime_synthetic.py); 32 positions hold the longest synthetic captions
-             "model_overrides.bert=minilm", "model_overrides.max_words=32"]
-# DIME's demo: 5 epochs (3 of them summing all violations) of the small precomp set, 75 steps, about 2 min on one
-# core: dev rsum 387 (8 epochs: 415, 2.4 min more; an untrained model: about 64)
-
-# The re-ranker's demo (random-init tiny BLIP, 32 px): stage I 3 epochs at batch 32, stage II 2 epochs at batch 8 (its
-# B x B pair scores make a step cost B^2), lr 2e-3 instead of the paper's 2e-5, no dropout; about a minute of CPU for
-# both stages on the default synthetic Fashion-IQ. Measured alternatives (stage II lr 3e-3 / 5e-3, batch 16, batch
-# grouping by reference) moved fewer targets forward.
-RERANK_DEMO = ["train.lr=2e-3", "train.log_every=50", "model_overrides.dropout=0.0"]
-RERANK_DEMO_STAGE2 = ["train.batch_size=8", "train.lr=2e-3", "train.log_every=100", "model_overrides.dropout=0.0"]
-
-# HREM's demo (tiny preset: random tiny BERT, embed 32; the instance-level module from the first step): the original
-# optimisation (AdamW, BERT at 0.1 x lr, clip 2) at lr 2e-3 instead of 5e-4 on the small precomp set, 15 steps per
-# epoch, validation at the end: 45 steps, about 10 s of training; dev rsum about 84 at 60 steps (5e-4: 69). Far from
-# trained (reports/benchmarks/hrem_synthetic.md: 12 epochs, embed 128, rsum ~400).
-HREM_DEMO = ["train.lr=2e-3", "train.eval_every=0"]
+# The tiny presets' short CPU recipes (workbench.CPU_RECIPES) are the notebooks' defaults (short_recipe=True).
 HREM_EPOCHS = 3
-# CaLa's demo: the tiny preset (random BLIP-2 sizes, 32 px) at lr 1e-3 (configs/cala_synthetic_tiny.yaml). From random
-# init its position-0 features are near-identical, and a few dozen CPU steps do not break that symmetry
-# (reports/benchmarks/cala_synthetic.md): the entry shows the pipeline and the attention maps, not a trained CaLa.
-CALA_DEMO = ["model_overrides.lr=1e-3", "model_overrides.image_size=32", "train.eval_every=0"]
 CALA_STEPS = 20
 
 REPORT_PARAMETERS: dict[str, dict[str, Any]] = {
     "quickstart": {"data_root": "{data}", "output_dir": "{out}/quickstart", "preset": "tiny", "epochs": 2,
-                   "max_steps": 0, "batch_size": 32, "n_show": 4, "settings": AMC_DEMO, **_COMMON},
+                   "max_steps": 0, "batch_size": 32, "n_show": 4, **_COMMON},
     "train": {"model": "amc", "preset": "tiny", "dataset": "fashioniq", "data_root": "{data}",
-              "output_dir": "{out}/train", "epochs": 3, "max_steps": 0, "batch_size": 32, "resume": "",
-              "settings": AMC_DEMO, **_COMMON},
+              "output_dir": "{out}/train", "epochs": 3, "max_steps": 0, "batch_size": 32, "resume": "", **_COMMON},
     "evaluate": {"runs": ["{out}/train"], "dataset": "fashioniq", "data_root": "{data}", "split": "val",
                  "output_dir": "{out}/evaluate", "k": 50, "include_untrained": True, "n_show": 4,
                  "device": "cpu"},
@@ -262,15 +232,13 @@ REPORT_PARAMETERS: dict[str, dict[str, Any]] = {
     # Figure 8: a tiny two-stage re-ranker (stage I -> top-50 -> stage II) on the synthetic Fashion-IQ; the AMC
     # untrained-vs-trained rankings of `evaluate` are drawn after it as a separate, differently titled figure
     "rank_shift": {"data_root": "{data}", "dataset": "fashioniq", "preset": "tiny", "pool_k": 50, "epochs": 3,
-                   "stage2_epochs": 2, "max_steps": 0, "batch_size": 32, "settings": RERANK_DEMO,
-                   "stage2_settings": RERANK_DEMO_STAGE2, "bins": 10, "device": "cpu",
+                   "stage2_epochs": 2, "max_steps": 0, "batch_size": 32, "bins": 10, "device": "cpu",
                    "output_dir": "{out}/rank_shift", "before": "{out}/evaluate/topk/untrained",
                    "after": "{out}/evaluate/topk/train", "label_before": "untrained AMC",
                    "label_after": "trained AMC"},
     # DIME (ITM) on the synthetic precomp data: the train and router_explorer notebooks again
     "train_dime": {"model": "dime", "preset": "tiny", "dataset": "f30k", "data_root": "{itm_data}",
-                   "output_dir": "{out}/train_dime", "epochs": 5, "max_steps": 0, "batch_size": 32, "resume": "",
-                   "settings": DIME_DEMO, **_COMMON},
+                   "output_dir": "{out}/train_dime", "epochs": 5, "max_steps": 0, "batch_size": 32, "resume": "", **_COMMON},
     "router_explorer_dime": {"run_dir": "{out}/train_dime", "dataset": "f30k", "data_root": "{itm_data}",
                              "split": "val",
                              "output_dir": "{out}/router_explorer_dime", "n_queries": 100, "query_id": "",
@@ -278,14 +246,14 @@ REPORT_PARAMETERS: dict[str, dict[str, Any]] = {
     # HREM (ITM) on the synthetic precomp data: train, then the relation explorer of one dev batch
     "train_hrem": {"model": "hrem", "preset": "tiny", "dataset": "f30k", "data_root": "{itm_data}",
                    "output_dir": "{out}/train_hrem", "epochs": HREM_EPOCHS, "max_steps": 0, "batch_size": 32,
-                   "resume": "", "settings": HREM_DEMO, **_COMMON},
+                   "resume": "", **_COMMON},
     "router_explorer_hrem": {"run_dir": "{out}/train_hrem", "dataset": "f30k", "data_root": "{itm_data}",
                              "split": "val", "output_dir": "{out}/router_explorer_hrem", "n_queries": 6,
                              "query_id": "", "compare": "", "interactive": False, "device": "cpu"},
     # CaLa (CIR, tiny random BLIP-2 sizes, 32 px) on the synthetic CIRR: train, then HCA / TAC attention
     "train_cala": {"model": "cala", "preset": "tiny", "dataset": "cirr", "data_root": "{data}",
                    "output_dir": "{out}/train_cala", "epochs": 1, "max_steps": CALA_STEPS, "batch_size": 32,
-                   "resume": "", "settings": CALA_DEMO, **_COMMON},
+                   "resume": "", **_COMMON},
     "router_explorer_cala": {"run_dir": "{out}/train_cala", "dataset": "cirr", "data_root": "{data}",
                              "split": "val", "output_dir": "{out}/router_explorer_cala", "n_queries": 8,
                              "query_id": "", "compare": "", "interactive": False, "device": "cpu"},
