@@ -359,3 +359,15 @@ def test_a_text_embedding_smaller_than_the_tokenizer_is_one_line_not_an_index_er
         with pytest.raises(InputError, match=r"the tokenizer has \d+ tokens and the model's text embedding 33 rows: "
                                              r"set vocab_file"):
             encode(["a red dress"])
+
+
+def test_stage2_started_from_stage1_says_its_new_layers_are_expected_missing(caplog):
+    import logging
+
+    model = cirlab.create_model("blip_rerank_stage2", "tiny")
+    with caplog.at_level(logging.INFO, logger="cirlab.models.blip_interop"):
+        report = model.init_from_stage1().log()
+    assert report.missing and all(".merge." in k or k.startswith("cls_head.") for k in report.missing)
+    # said with why (new in stage II, random as the original starts them), not warned about as weights left untouched
+    assert "merge layers and cls_head: new" in report.summary()
+    assert [r.levelname for r in caplog.records] == ["INFO"]

@@ -111,6 +111,7 @@ class InteropReport:
     ignored: list[str] = field(default_factory=list)  # buffers deliberately skipped (position_ids)
     target: str = ""  # what was loaded: "stage1", "stage2", "stage2 <- stage1 text encoder", ...
     ignored_why: str = ""  # why the ignored keys are not loaded, said with their count
+    missing_why: str = ""  # set when the missing keys are expected (parts the source never has): said, not warned
 
     @property
     def ok(self) -> bool:
@@ -119,7 +120,8 @@ class InteropReport:
     def summary(self) -> str:
         into = f" -> {self.target}" if self.target else ""
         head = (f"{self.source or 'state dict'}{into}: loaded {len(self.loaded)}, unmatched {len(self.unmatched)}, "
-                f"missing {len(self.missing)}, shape-mismatched {len(self.mismatched)}, ignored {len(self.ignored)}"
+                f"missing {len(self.missing)}" + (f" ({self.missing_why})" if self.missing and self.missing_why else "")
+                + f", shape-mismatched {len(self.mismatched)}, ignored {len(self.ignored)}"
                 + (f" ({self.ignored_why})" if self.ignored and self.ignored_why else ""))
         parts = [head]
         for name, keys in (("unmatched", self.unmatched), ("missing", self.missing)):
@@ -135,7 +137,8 @@ class InteropReport:
     def log(self) -> "InteropReport":
         """Log the summary: a warning when model weights stay as they were (missing) or did not fit (mismatched);
         unmatched source keys are routine (``model_base.pth``'s decoder, momentum encoders and queues)."""
-        (logger.warning if self.missing or self.mismatched else logger.info)("%s", self.summary())
+        unexpected = (self.missing and not self.missing_why) or self.mismatched
+        (logger.warning if unexpected else logger.info)("%s", self.summary())
         return self
 
     def to_dict(self) -> dict[str, Any]:

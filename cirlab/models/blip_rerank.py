@@ -508,6 +508,9 @@ class BlipRerankStage2(nn.Module):
         report = blip_interop.convert_stage2(state, self, strict=False, source="stage1.text_encoder")
         report.target = "stage2 streams"
         report.missing = [k for k in report.missing if not k.startswith("stage1.")]  # the ViT is not copied here
+        if all(k.startswith(("text_encoder.layers.", "cls_head.")) and (".merge" in k or k.startswith("cls_head."))
+               for k in report.missing):
+            report.missing_why = "stage II's merge layers and cls_head: new, random as the original starts them"
         return report
 
     def _autocast(self) -> Any:
