@@ -61,7 +61,10 @@ print("short CPU recipe:", recipe or "none (the preset's own, the paper's recipe
 run = workbench.train_run(model, preset, dataset, data_dir, run_dir, epochs=epochs, max_steps=max_steps,
                           batch_size=batch_size, device=device, seed=seed, resume=resume, overwrite=overwrite,
                           settings=recipe + settings)
-print({k: run[k] for k in ("steps", "epochs", "best_score", "best_epoch")})
+chosen = run["selection"]  # which metric on which split picked checkpoints/best.pt
+print(f"{run['steps']} steps, {run['epochs']} epochs; best.pt: {chosen['metric']} on {chosen['split']} = "
+      f"{run['best_score']} at epoch {run['best_epoch']} (counted from 1)" if chosen["split"] else
+      f"{run['steps']} steps, {run['epochs']} epochs; best.pt: the last weights (no selection)")
 
 # %%
 fig = viz.plot_training_curves(run_dir)

@@ -445,3 +445,9 @@ def test_a_resume_past_the_end_it_now_sets_is_refused_before_config_yaml_is_rewr
     (tmp_path / "train_summary.json").unlink()
     again = train(_model(), TripletItems(16), _cfg(epochs=3, resume="auto"), output_dir=tmp_path)
     assert again["steps"] == 6 and (tmp_path / "train_summary.json").is_file()
+
+
+def test_the_last_step_is_logged_whatever_log_every_says(tmp_path):
+    # 4 steps at log_every=3: the first, the third and the last (the notebook's progress stopped at step 70 of 75)
+    train(_model(), TripletItems(16), _cfg(epochs=2, log_every=3), output_dir=tmp_path)
+    assert [r["step"] for r in _read_log(tmp_path / "log.jsonl") if r["kind"] == "train"] == [1, 3, 4]

@@ -1338,7 +1338,7 @@ class Trainer:
 
     def after_step(self, record: dict[str, Any], log: _RunLog) -> None:
         cfg, step = self.cfg, self.progress.step
-        if step % cfg.log_every == 0 or step == 1:
+        if step % cfg.log_every == 0 or step == 1 or step == self.total_steps():  # the first and the last too
             log.write(record)
             log.progress(record)
         elif log.bar is not None:
