@@ -611,3 +611,13 @@ def test_allow_config_change_goes_with_a_resume_from_the_flag_or_the_config(tmp_
     # train.resume in the config (or --set) is a resume too: accepted, as run_experiment reads it
     assert main(["train", str(config), "--output-dir", str(tmp_path / "b"), "--set", "train.resume=auto",
                  "--allow-config-change"]) == 0
+
+
+def test_a_precomp_split_typo_names_the_config_entry(tmp_path, synth, caplog):
+    # the precomp loader says a missing split as a DataError naming the file: the entry that named it leads now
+    with caplog.at_level(logging.ERROR):
+        assert main(["train", str(ROOT / "configs" / "dime_synthetic_tiny.yaml"), "--output-dir", str(tmp_path / "r"),
+                     "--set", "dataset.val_split=devv", "--set", f"dataset.synthetic.out={synth}"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith("dataset.val_split=devv: "), errors
+    assert "split 'devv' not found" in errors[0] and not (tmp_path / "r" / "checkpoints").exists()

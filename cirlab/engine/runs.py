@@ -762,10 +762,13 @@ def evaluate_split(model: Any, config: dict[str, Any], split: str, *, device: An
 
 def load_split(config: dict[str, Any], split: str) -> Any:
     """A PrecompSplit (ITM) or the list of CIRSplits (one per Fashion-IQ category) of a named split. A split name
-    the loader does not know is refused naming the config entries that name it (``dataset.val_split``, ...)."""
+    the loader does not know is refused naming the config entries that name it (``dataset.val_split``, ...): the CIR
+    loaders say so as a ConfigError, the precomp loader as a DataError naming the missing file."""
+    from cirlab.data.base import DataError
+
     try:
         return load_precomp_split(config, split) if is_precomp(config) else load_cir_splits(config, split)
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:
         named = _entries_naming_split(config, split) if f"split {split!r}" in str(err) else []
         category = (config.get("dataset") or {}).get("category")
         if category and "category" in str(err) and not named:
