@@ -270,17 +270,14 @@ def _run_model(run_dir: Path | None) -> str | None:
 def _refuse_a_task_mismatch(model: Any, dataset: str, flags: Sequence[str]) -> None:
     """A CIR run evaluated on f30k (``--dataset f30k``, another run's ``--config``), or the reverse: said as
     ``cirlab train`` says it, before any data is read (it failed in the data code or the evaluator)."""
-    from cirlab.core.errors import ConfigError
-    from cirlab.engine.runs import task_mismatch
-    from cirlab.models.registry import get_entry
+    from cirlab.engine.runs import refuse_task_mismatch
 
+    if not model:
+        return
     try:
-        task = get_entry(str(model)).task if model else None
+        refuse_task_mismatch(str(model), dataset, f"cirlab eval{' ' + ', '.join(flags) if flags else ''}")
     except KeyError:  # not a registered name: the checkpoint's loader says what it is
         return
-    problem = task_mismatch(str(model), task, dataset) if task else ""
-    if problem:
-        raise ConfigError(f"cirlab eval{' ' + ', '.join(flags) if flags else ''}: {problem}")
 
 
 def _same_dataset(a: Any, b: Any) -> bool:

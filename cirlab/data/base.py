@@ -417,14 +417,14 @@ def missing_root_message(name: str, path: Path, given: Any = None) -> str:
 
 def missing_root_hint(name: str, root: Any = None) -> str:
     """What to do about a dataset root that does not exist: where the default comes from and how to get data."""
-    from cirlab.core.paths import data_root
     from cirlab.data.catalog import dataset_root, get_dataset
+    from cirlab.data.generators.synthetic import default_out
 
     spec = get_dataset(name)
     where = ("it is the root you gave" if root not in (None, "")
              else f"the default is {dataset_root(name, None)} (CIRLAB_DATA is "
                   + (f"{os.environ['CIRLAB_DATA']!r})" if os.environ.get("CIRLAB_DATA") else "not set: ./data)"))
-    synthetic = data_root() / "synthetic"
+    synthetic = default_out()
     if root in (None, "") and (synthetic / spec.subdir).is_dir():  # `cirlab data synth` without --out wrote there
         where += (f"; synthetic data is at {synthetic} (cirlab data synth's default): use it as the root "
                   f"({synthetic})")

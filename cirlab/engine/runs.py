@@ -280,18 +280,24 @@ def validate_config(config: dict[str, Any], source: str = "config", *, for_eval:
 def _validate_task(config: dict[str, Any], source: str) -> None:
     """A composed-retrieval model (CIR, re-ranker) trains on a CIR dataset, an image-text matching model on precomp
     features: the other pairing fails deep in the data code otherwise (a caption vocabulary fitted on triplets)."""
-    from cirlab.models.registry import get_entry
-
-    model = str(config["model"])
-    problem = task_mismatch(model, get_entry(model).task, str(config["dataset"]["name"]))
-    if problem:
-        raise ConfigError(f"{source}: dataset.name: {problem}")
     from cirlab.data.catalog import get_dataset
+
+    refuse_task_mismatch(str(config["model"]), str(config["dataset"]["name"]), f"{source}: dataset.name")
 
     dataset = get_dataset(str(config["dataset"]["name"]))
     if (config.get("train") or {}).get("group_batches") and dataset.is_itm:  # before the data and the model
         raise ConfigError(f"{source}: train.group_batches groups CIR triplets by reference image; "
                           f"{dataset.name}'s image-caption pairs have no groups (set it to 0)")
+
+
+def refuse_task_mismatch(model: str, dataset: str, source: str) -> None:
+    """:func:`task_mismatch` of registered ``model`` as a ConfigError led by ``source`` (``cirlab train``'s config
+    check, ``cirlab eval``'s flags); a KeyError for a name the registry does not know."""
+    from cirlab.models.registry import get_entry
+
+    problem = task_mismatch(model, get_entry(model).task, dataset)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
 
 
 def task_mismatch(model: str, task: str, dataset: str) -> str:
@@ -931,7 +937,7 @@ def read_run_config(run_dir: str | os.PathLike, context: str = "") -> dict[str, 
 def check_resume_config(out: Path, resolved: dict[str, Any], allow_config_change: bool = False) -> None:
     """Refuse to resume ``out`` with settings other than the ones it was trained with (``config.yaml``), listing
     each difference; ``allow_config_change`` logs them instead. Run length, logging and device may change."""
-    from cirlab.engine.train import resume_differences
+    from cirlab.engine.train import RESUME_MAY_CHANGE, resume_differences
 
     if not (out / "checkpoints" / "last.pt").is_file() or not (out / "config.yaml").is_file():
         return  # nothing to continue: the run starts fresh
@@ -939,10 +945,11 @@ def check_resume_config(out: Path, resolved: dict[str, Any], allow_config_change
     diffs: list[str] = []
     for key in ("model", "preset", "model_overrides", "model_config", "dataset"):
         diffs += _differences(key, to_plain(stored.get(key)), to_plain(resolved.get(key)))
-    old_train, new_train = to_plain(stored.get("train") or {}), to_plain(resolved.get("train") or {})
-    diffs += [f"train.{d}" for d in resume_differences(old_train, new_train)]
-    allowed = resume_differences(old_train, new_train, may_change=frozenset({"resume"})) if not diffs else []
-    if allowed:  # run length, logging, device: they may change, and the log says that they did
+    changed = resume_differences(to_plain(stored.get("train") or {}), to_plain(resolved.get("train") or {}),
+                                 may_change=frozenset({"resume"}))
+    allowed = [d for d in changed if d.split(":", 1)[0] in RESUME_MAY_CHANGE]
+    diffs += [f"train.{d}" for d in changed if d not in allowed]
+    if allowed and not diffs:  # run length, logging, device: they may change, and the log says that they did
         logger.info("--resume: continuing %s with changed train.%s", out, "; train.".join(allowed))
     if not diffs:
         return

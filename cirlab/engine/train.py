@@ -508,11 +508,20 @@ def init_distributed(backend: str | None = None) -> _Dist:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend=backend)  # env:// from torchrun (RANK, WORLD_SIZE, MASTER_ADDR, ...)
     if dist.is_available() and dist.is_initialized():
-        info = _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+        info = _Dist(dist.get_rank(), dist.get_world_size(), _local_rank())
         if torch.cuda.is_available() and torch.cuda.device_count() > info.local_rank:
             torch.cuda.set_device(info.local_rank)  # NCCL collectives and any bare "cuda" of this rank: its own card
         return info
     return _Dist()
+
+
+def _local_rank() -> int:
+    """This process's card index: torchrun's LOCAL_RANK, else the rank of a process group the caller set up, else 0."""
+    import torch.distributed as dist
+
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -530,14 +539,14 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 def resolve_device(device: str, where: str = "device", local_rank: int | None = None) -> str:
     """The one reading of a ``device`` setting (training, evaluation, the workbench, the CLIs): a name is checked
     (:func:`check_device`), ``"auto"`` is this process's GPU when one is visible, else ``"cpu"``. This process's GPU
-    is ``cuda:<LOCAL_RANK>`` under torchrun (``local_rank`` overrides the environment), so that every rank's
-    training and evaluation use the same card (a bare ``"cuda"`` would put every rank's evaluation on card 0)."""
+    is ``cuda:<local rank>`` (:func:`_local_rank`, or ``local_rank``), so that every rank's training and evaluation
+    use the same card (a bare ``"cuda"`` would put every rank's evaluation on card 0)."""
     if device != "auto":
         check_device(device, where)
         return device
     if not torch.cuda.is_available():
         return "cpu"
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) if local_rank is None else local_rank}"
+    return f"cuda:{_local_rank() if local_rank is None else local_rank}"
 
 
 def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -1008,7 +1017,7 @@ class Trainer:
         self.dist = init_distributed()
         apply_thread_policy(cfg.num_threads or None)  # 1 thread on small or busy machines (see cirlab.core.threads)
         seed_everything(cfg.seed + self.dist.rank, cfg.deterministic)
-        self.device = torch.device(resolve_device(cfg.device, "train.device", self.dist.local_rank))
+        self.device = torch.device(resolve_device(cfg.device, "train.device"))
         self.model = model.to(self.device)
         self.step_module: nn.Module = _StepModule(self.model)
         if self.dist.world_size > 1:
@@ -1140,6 +1149,11 @@ class Trainer:
             raise RunWriteError(f"cannot write to the run folder {self.output_dir} ({err.strerror or err}); "
                                 f"{kept}") from err
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """The micro-batches of an epoch that fill whole accumulation groups (the rest of the loader is dropped)."""
+        return self.steps_per_epoch * self.cfg.grad_accum_steps
+
     def total_steps(self) -> int:
         """The optimizer steps this run trains to: ``epochs`` whole epochs, capped by ``max_steps``."""
         total = self.steps_per_epoch * self.cfg.epochs
@@ -1215,8 +1229,7 @@ class Trainer:
         # index); "epochs" is the epochs trained, a fraction where max_steps stopped the run inside one (a CaLa
         # demo's 20 steps read "0.31", not "0" beside a best epoch of 1)
         best_epoch = None if p.best_epoch is None else p.best_epoch + 1
-        used = self.steps_per_epoch * self.cfg.grad_accum_steps
-        epochs = round(p.epoch + p.batch_in_epoch / used, 3) if p.batch_in_epoch else p.epoch
+        epochs = round(p.epoch + p.batch_in_epoch / self.batches_per_epoch, 3) if p.batch_in_epoch else p.epoch
         summary = {"output_dir": str(self.output_dir), "steps": p.step, "epochs": epochs, "losses": self.losses,
                    "eval_history": self.eval_history, "best_score": p.best_score, "best_epoch": best_epoch,
                    "best_step": p.best_step, "selection": self.cfg.selection,
@@ -1301,7 +1314,7 @@ class Trainer:
     def train_one_epoch(self, log: _RunLog) -> bool:
         """Runs (the rest of) the current epoch; returns False when max_steps stopped it before its end."""
         cfg, p = self.cfg, self.progress
-        used = self.steps_per_epoch * cfg.grad_accum_steps  # micro-batches that fill whole accumulation groups
+        used = self.batches_per_epoch
         self.items.epoch = p.epoch
         self.sampler.set_epoch(p.epoch, start=p.batch_in_epoch * self.loader.batch_size)
         micro_terms: list[dict[str, float]] = []

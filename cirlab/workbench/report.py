@@ -238,7 +238,8 @@ REPORT_PARAMETERS: dict[str, dict[str, Any]] = {
                    "label_after": "trained AMC"},
     # DIME (ITM) on the synthetic precomp data: the train and router_explorer notebooks again
     "train_dime": {"model": "dime", "preset": "tiny", "dataset": "f30k", "data_root": "{itm_data}",
-                   "output_dir": "{out}/train_dime", "epochs": 5, "max_steps": 0, "batch_size": 32, "resume": "", **_COMMON},
+                   "output_dir": "{out}/train_dime", "epochs": 5, "max_steps": 0, "batch_size": 32, "resume": "",
+                   **_COMMON},
     "router_explorer_dime": {"run_dir": "{out}/train_dime", "dataset": "f30k", "data_root": "{itm_data}",
                              "split": "val",
                              "output_dir": "{out}/router_explorer_dime", "n_queries": 100, "query_id": "",

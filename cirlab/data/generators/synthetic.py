@@ -717,10 +717,15 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _run_cli(args: argparse.Namespace) -> int:
+def default_out() -> Path:
+    """Where ``cirlab data synth`` writes without ``--out``: ``$CIRLAB_DATA/synthetic``."""
     from cirlab.core.paths import resolve_root
 
-    out = resolve_root(args.out, "synthetic")
+    return resolve_root(None, "synthetic")
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    out = Path(args.out).expanduser() if args.out else default_out()
     start = time.perf_counter()
     manifest = generate(out, seed=args.seed, size=args.size, layouts=args.layouts, image_size=args.image_size,
                         force=args.force)
