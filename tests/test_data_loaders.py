@@ -12,7 +12,7 @@ import torch
 from fixtures_data import write_cirr, write_fashioniq, write_image, write_json, write_precomp, write_shoes
 from torch.utils.data import DataLoader
 
-from cirlab.data import CIRSplit, DataError, load_cir, load_precomp
+from cirlab.data import CIRSplit, DataError, UnknownNameError, load_cir, load_precomp
 from cirlab.data.fashioniq import clip4cir_random
 
 QUERY_KEYS = {"query_id", "ref_image", "text", "ref_idx", "target_idx", "category", "modification"}
@@ -459,8 +459,9 @@ def test_precomp_empty_caption_and_missing_split(tmp_path):
     caps.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"test_caps\.txt \[line 7\]: empty caption"):
         load_precomp(tmp_path, "f30k", "test")
-    with pytest.raises(DataError, match=r"split 'train' not found; splits here: test"):
+    with pytest.raises(UnknownNameError, match=r"train_ims\.npy: split 'train' not found; splits here: test") as err:
         load_precomp(tmp_path, "f30k", "train")
+    assert (err.value.field, err.value.name) == ("split", "train")
 
 
 # -------------------------------------------------------------------------------------------------------------- general
@@ -491,6 +492,28 @@ def test_a_misspelt_category_is_named_with_the_categories_on_disk(tmp_path):
         load_cir("fashioniq", root, "val", category="shrt")
     with pytest.raises(ValueError, match=r"unknown Fashion-IQ split 'vla' \(did you mean 'val'\?\)"):
         load_cir("fashioniq", root, "vla", category="dress")  # the split is checked before any file is looked for
+
+
+def test_every_loader_says_which_name_it_does_not_have(tmp_path):
+    """An unknown split or category is an UnknownNameError saying which field and name, so that `cirlab train` can
+    name the config entry that holds it without reading the message (it used to match the message's text)."""
+    import pickle
+
+    write_cirr(tmp_path / "cirr")
+    write_shoes(tmp_path / "shoes")
+    fiq = write_fashioniq(tmp_path / "fiq")
+    cases = [(lambda: load_cir("cirr", tmp_path / "cirr", "vall"), "split", "vall", r"CIRR split 'vall' \(did "
+              r"you mean 'val'\?\); known: train, val, test1"),
+             (lambda: load_cir("shoes", tmp_path / "shoes", "tset"), "split", "tset", r"Shoes split 'tset' \(did you "
+              r"mean 'test'\?\)"),
+             (lambda: load_cir("fashioniq", fiq["root"], "val", category="dres"), "category", "dres",
+              r"Fashion-IQ category 'dres' \(did you mean 'dress'\?\)")]
+    for load, field, name, message in cases:
+        with pytest.raises(UnknownNameError, match=message) as err:
+            load()
+        assert (err.value.field, err.value.name) == (field, name)
+        again = pickle.loads(pickle.dumps(err.value))  # a worker process may carry it back
+        assert (type(again), str(again), again.field, again.name) == (UnknownNameError, str(err.value), field, name)
 
 
 # ------------------------------------------------------------------------------------------------- arguments (review)

@@ -21,6 +21,20 @@ class ConfigError(CirlabError, ValueError):
     """A run config is malformed; the message names the file and the key."""
 
 
+class UnknownNameError(ConfigError):
+    """A dataset loader was asked for a split or a category it does not have. ``field`` says which (``"split"`` or
+    ``"category"``) and ``name`` holds the name as asked, so that a caller can say which config entry holds it
+    (``dataset.val_split=vall: ...``) without reading the message."""
+
+    def __init__(self, message: str, field: str = "split", name: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+        self.name = name
+
+    def __reduce__(self) -> tuple:  # picklable (a DataLoader worker or a process pool may carry it back)
+        return type(self), (str(self), self.field, self.name)
+
+
 class MissingPathError(CirlabError, FileNotFoundError):
     """A file or folder the user named (or a default that points at one) does not exist; the message says how to
     make it."""

@@ -7,7 +7,8 @@
     problems = cirlab.data.check_dataset("cirr", root)
 
 The layouts are documented in ``docs/datasets.md`` and in each module's docstring. Loading validates eagerly and raises
-:class:`DataError` (a ``ValueError``) naming the file and the entry. Submodules load on first use, so importing this
+:class:`DataError` (a ``ValueError``) naming the file and the entry; a split or category the dataset does not have
+raises :class:`UnknownNameError` (``.field``, ``.name``). Submodules load on first use, so importing this
 package stays cheap (no torch, no numpy).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from cirlab.core.errors import UnknownNameError
 from cirlab.data.base import CIRSplit, DataError, Problem, Triplet, load_cir
 
 _LAZY = {
@@ -27,7 +29,7 @@ _LAZY = {
     "list_transforms": "cirlab.data.transforms:list_transforms",
 }
 
-__all__ = ["CIRSplit", "DataError", "Problem", "Triplet", "load_cir", *_LAZY]
+__all__ = ["CIRSplit", "DataError", "Problem", "Triplet", "UnknownNameError", "load_cir", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

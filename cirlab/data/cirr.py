@@ -22,7 +22,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cirlab.core.errors import ConfigError
+from cirlab.core.config import did_you_mean
+from cirlab.core.errors import UnknownNameError
 from cirlab.data.base import CIRSplit, ProblemCollector, Triplet, is_str_list, read_json
 
 logger = logging.getLogger(__name__)
@@ -131,7 +132,8 @@ def load(root: Path, split: str = "train", category: str | None = None, *,
     sink = sink or ProblemCollector(strict=True)
     split = _SPLIT_ALIASES.get(split, split)
     if split not in SPLITS:
-        raise ConfigError(f"unknown CIRR split {split!r}; known: {', '.join(SPLITS)} (aliases dev, test)")
+        raise UnknownNameError(f"unknown CIRR split {split!r}{did_you_mean(split, (*SPLITS, *_SPLIT_ALIASES))}; "
+                               f"known: {', '.join(SPLITS)} (aliases dev, test)", "split", split)
     rejected: set[str] = set()
     images = _read_image_split(root, split, sink, rejected)
     path = captions_file(root, split)

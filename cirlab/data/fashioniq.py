@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from cirlab.core.errors import ConfigError
+from cirlab.core.errors import ConfigError, UnknownNameError
 from cirlab.data.base import (CIRSplit, ProblemCollector, Triplet, first_appearance, index_images, is_str_list,
                               read_json)
 
@@ -266,8 +266,8 @@ def check_category(root: Path, category: Any) -> str | None:
     folded = [c for c in present if c.lower() == category.lower()]
     if len(folded) == 1:
         return folded[0]
-    raise ConfigError(f"unknown Fashion-IQ category {category!r}{did_you_mean(category, present)}; categories in "
-                      f"{root}: {', '.join(present)}")
+    raise UnknownNameError(f"unknown Fashion-IQ category {category!r}{did_you_mean(category, present)}; categories "
+                           f"in {root}: {', '.join(present)}", "category", category)
 
 
 def _resolve_protocol(protocol: str, gallery: str | None, captions: str | None,
@@ -309,8 +309,8 @@ def load(root: Path, split: str = "train", category: str | None = None, *, proto
     if split not in SPLITS:  # a typo would otherwise read as "no caption file found"
         from cirlab.core.config import did_you_mean
 
-        raise ConfigError(f"unknown Fashion-IQ split {split!r}{did_you_mean(split, SPLITS)}; known: "
-                          f"{', '.join(SPLITS)}")
+        raise UnknownNameError(f"unknown Fashion-IQ split {split!r}{did_you_mean(split, SPLITS)}; known: "
+                               f"{', '.join(SPLITS)}", "split", split)
     root = Path(root)
     sink = sink or ProblemCollector(strict=True)
     label, gallery, captions, exclude = _resolve_protocol(protocol, gallery, captions, exclude_reference)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cirlab.core.errors import ConfigError
+from cirlab.core.errors import ConfigError, UnknownNameError
 from cirlab.data.base import ProblemCollector, check_root, file_not_found
 
 logger = logging.getLogger(__name__)
@@ -332,10 +332,12 @@ def load_precomp(root: str | Path | None, name: str, split: str, *, max_captions
         sink.add("missing_file", folder, None, f"precomp folder not found{hint} "
                  f"({missing_root_hint(name if known else 'f30k', root)})")
     if not ims_path.exists() and not caps_path.exists() and folder.is_dir():
+        # a name the caller asked for, not a file the tree lacks (the checker only loads the splits it finds)
+        from cirlab.core.config import did_you_mean
+
         found = sorted({p.name.split("_")[0] for p in folder.glob("*_ims.npy")})
-        here = ", ".join(found) or "none"
-        sink.add("missing_file", ims_path, None, f"split {split!r} not found; splits here: {here}")
-        return _empty(name, split, ims_path, caps_path, None, None)
+        raise UnknownNameError(f"{ims_path}: split {split!r} not found{did_you_mean(split, found)}; splits here: "
+                               f"{', '.join(found) or 'none'}", "split", split)
     images = open_features(ims_path, sink, regions, dim)
     if images is not None and not sink.strict:  # the checker reads every value; loading for training does not
         check_finite_features(images, ims_path, sink)

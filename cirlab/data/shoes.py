@@ -27,7 +27,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cirlab.core.errors import ConfigError
+from cirlab.core.config import did_you_mean
+from cirlab.core.errors import ConfigError, UnknownNameError
 from cirlab.data.base import CIRSplit, ProblemCollector, Triplet, index_images, read_json, read_lines
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,8 @@ def load(root: Path, split: str = "train", category: str | None = None, *, pairs
     sink = sink or ProblemCollector(strict=True)
     split = _SPLIT_ALIASES.get(split, split)
     if split not in SPLIT_FILES:
-        raise ConfigError(f"unknown Shoes split {split!r}; known: train, test (aliases eval, val)")
+        raise UnknownNameError(f"unknown Shoes split {split!r}{did_you_mean(split, (*SPLIT_FILES, *_SPLIT_ALIASES))}"
+                               "; known: train, test (aliases eval, val)", "split", split)
     if pairs not in PAIR_MODES:
         raise ConfigError(f"unknown Shoes pairs mode {pairs!r}; known: {', '.join(PAIR_MODES)}")
     images = index_shoes_images(root, sink) if images is None else images

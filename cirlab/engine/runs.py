@@ -65,7 +65,7 @@ DEFAULTS: dict[str, Any] = {
 SYNTHETIC_KEYS = ("size", "seed", "out", "image_size")  # dataset.synthetic: cirlab.data.generators.synthetic.ensure
 
 
-from cirlab.core.errors import ConfigError  # noqa: E402  (re-exported: raised and caught by this name)
+from cirlab.core.errors import ConfigError, UnknownNameError  # noqa: E402  (ConfigError is re-exported)
 
 
 # PyYAML follows YAML 1.1, where "2e-4" (no dot) is a string; users mean a float
@@ -767,21 +767,19 @@ def evaluate_split(model: Any, config: dict[str, Any], split: str, *, device: An
 
 
 def load_split(config: dict[str, Any], split: str) -> Any:
-    """A PrecompSplit (ITM) or the list of CIRSplits (one per Fashion-IQ category) of a named split. A split name
-    the loader does not know is refused naming the config entries that name it (``dataset.val_split``, ...): the CIR
-    loaders say so as a ConfigError, the precomp loader as a DataError naming the missing file."""
-    from cirlab.data.base import DataError
-
+    """A PrecompSplit (ITM) or the list of CIRSplits (one per Fashion-IQ category) of a named split. A split or
+    category the loader does not have (its :class:`UnknownNameError`) is refused naming the config entries that
+    hold the name (``dataset.val_split=vall: unknown Fashion-IQ split 'vall' ...``)."""
     try:
         return load_precomp_split(config, split) if is_precomp(config) else load_cir_splits(config, split)
-    except (ConfigError, DataError) as err:
-        named = _entries_naming_split(config, split) if f"split {split!r}" in str(err) else []
-        category = (config.get("dataset") or {}).get("category")
-        if category and "category" in str(err) and not named:
-            named = [f"dataset.category={category}"]
+    except UnknownNameError as err:
+        if err.field == "split":
+            named = _entries_naming_split(config, split)
+        else:
+            named = [f"dataset.{err.field}={err.name}"] if (config.get("dataset") or {}).get(err.field) else []
         if not named:
             raise
-        raise ConfigError(f"{', '.join(named)}: {err}") from None
+        raise UnknownNameError(f"{', '.join(named)}: {err}", err.field, err.name) from None
 
 
 def _entries_naming_split(config: dict[str, Any], split: str) -> list[str]:
