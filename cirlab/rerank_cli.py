@@ -126,7 +126,7 @@ Sources (--from):
   original  BLIP model_base.pth, a released stage-I (BLIP_Retrieval) or stage-II (BLIP_NLVR) file of
             Candidate-Reranking-CIR, a transformers BLIP folder, or a cirlab run; with --model cala, a folder
             of CaLa's saved files (tuned_blip_{text,multi,visual}_<suffix>.pt, tuned_tac_*, tuned_hca_*,
-            tuned_artemis_*), sizes from --preset
+            tuned_artemis_*; the CLIP path's tuned_clip_* with a CLIP preset), sizes read from the files
   lavis     a LAVIS checkpoint ({"model": state_dict} .pth, or a .safetensors state dict):
             blip_retrieval -> blip_rerank_stage1 (momentum encoders and ITC queues are ignored;
             --itm-head keeps LAVIS's ITM head), BLIP-2 blip2_feature_extractor / pretrain (EVA ViT-g) /
@@ -134,9 +134,10 @@ Sources (--from):
   auto      (default) lavis when the keys are a LAVIS layout (Qformer.* + query_tokens; or a BLIP ViT and text
             encoder with momentum encoders, queues or itm_head and no text_decoder), else original
 
-LAVIS sources: the sizes are read from the tensors and --preset gives everything else; head counts are not in
-the tensors: the preset's when its width is the same, else width // 64 (16 for 1024- and 1408-wide ViTs); set
-them with --set vision_heads=N / text_heads=N / qformer_heads=N. The report and the printed summary list the
+LAVIS sources and CaLa's files: the sizes are read from the tensors and --preset gives everything else (the
+loss, the frame, ...: pass the preset the files were trained with). Head counts are not in the tensors: the
+preset's when its width is the same, else width // 64 (16 for 1024- and 1408-wide ViTs); set them with
+--set vision_heads=N / text_heads=N / qformer_heads=N (CLIP: clip_text_heads=N). The report and the printed summary list the
 model_overrides a run config needs to build the same model (e.g. for init_from: lavis:PATH).
 
 --to original: write a cirlab run or checkpoint in the original code's file format: the re-ranker's stage I / II
@@ -165,7 +166,8 @@ def _add_convert(subparsers: Any) -> None:
                         "stage-II file, else stage I)")
     p.add_argument("--preset", default=None,
                    help="--to cirlab: model sizes (cirr / fashioniq = the papers' sizes, the default; tiny for test "
-                        "files); for LAVIS sources the sizes come from the tensors and the preset gives the rest")
+                        "files); for LAVIS sources and CaLa's files the sizes come from the tensors and the preset "
+                        "gives the rest")
     p.add_argument("--itm-head", action="store_true",
                    help="--from lavis, blip_retrieval: build stage I with BLIP's ITM head and load LAVIS's "
                         "(itm_logits(); the re-ranker does not use it)")
@@ -201,12 +203,14 @@ def _run_convert(args: argparse.Namespace) -> int:
     if lavis is not None:
         return _lavis_to_cirlab(args, *lavis)
     if args.model == "cala":
-        if Path(args.source).is_dir() and any(Path(args.source).glob("tuned_blip_*.pt")):
+        from cirlab.models.cala import saved_files_path
+
+        if saved_files_path(args.source):
             return _cala_files_to_cirlab(args)
         from cirlab.core.errors import ConfigError
 
         raise ConfigError(f"cirlab convert: {args.source}: --model cala reads a LAVIS BLIP-2 checkpoint or a folder "
-                          "of CaLa's tuned_blip_*.pt files")
+                          "of CaLa's saves (tuned_blip_*.pt, or tuned_clip_*.pt with a CLIP preset)")
     return _to_cirlab(args)
 
 
@@ -371,26 +375,33 @@ def _to_original(args: argparse.Namespace) -> int:
 def _cala_files_to_cirlab(args: argparse.Namespace) -> int:
     """A folder of CaLa's saved files -> a cirlab checkpoint + ``<OUT>.report.json`` (one report per file)."""
     from cirlab.core.checkpoint import CheckpointError
-    from cirlab.core.io import write_json
+    from cirlab.core.errors import ConfigError
+    from cirlab.core.io import to_plain, write_json
     from cirlab.engine.runs import parse_set_flat
     from cirlab.models import blip_interop, cala
     from cirlab.models.registry import create_model
 
     overrides = parse_set_flat(args.overrides)
-    model = create_model("cala", args.preset, **overrides)
-    try:
+    try:  # the sizes come from the files (one file read, nothing built yet), the rest from the preset and --set
+        config, model_overrides = cala.config_for_files(args.source, args.preset, suffix=args.suffix or "",
+                                                        **overrides)
+        model = create_model("cala", config=config)
         reports = cala.load_cala_files(model, args.source, suffix=args.suffix or "")
+    except ConfigError as err:
+        raise ConfigError(f"cirlab convert: {err}") from None
     except (blip_interop.InteropError, FileNotFoundError, ValueError, OSError) as err:
         raise CheckpointError(f"cirlab convert: {' '.join(str(err).split())}") from None
     bad = next((r for r in reports if r.mismatched), None)
     if bad is not None:
         key, src, dst = bad.mismatched[0]
-        raise CheckpointError(f"cirlab convert: {bad.source}: {len(bad.mismatched)} tensors do not fit CaLa preset "
-                              f"{args.preset!r} (e.g. {key}: file {list(src)} vs model {list(dst)}); pass the "
-                              "preset (or --set sizes) it was trained with")
+        raise CheckpointError(f"cirlab convert: {bad.source}: {len(bad.mismatched)} tensors do not fit the model "
+                              f"built from preset {args.preset!r} with the files' sizes and --set (e.g. {key}: file "
+                              f"{list(src)} vs model {list(dst)}); drop the --set that changes a size, or pass the "
+                              "preset the files were trained with")
     out = Path(args.out)
     _save_converted(out, model, str(args.source), "cala files")
     summary = {"model": "cala", "checkpoint": str(out), "source_layout": "cala files", "preset": args.preset,
+               "model_overrides": to_plain(model_overrides),
                "files": [r.source for r in reports], "loaded": sum(len(r.loaded) for r in reports),
                "ignored": sum(len(r.ignored) for r in reports), "missing": [k for r in reports for k in r.missing]}
     path = write_json(out.with_name(out.name + ".report.json"), {**summary, "reports": [r.to_dict() for r in reports]})

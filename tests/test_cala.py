@@ -445,10 +445,22 @@ def test_convert_command_writes_and_reads_cala_files(tmp_path, capsys, caplog):
     capsys.readouterr()
     for (k, a), (k2, b) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
-    # a folder of other sizes: one line naming the file and the preset
+    # a --set size the files do not have: one line naming the file and what to do
     assert main(["convert", str(files), str(tmp_path / "x.pt"), "--model", "cala", "--preset", "tiny",
                  "--suffix", "arithmetic", "--set", "cir_frame=artemis", "--set", "qformer_width=48"]) == 2
-    assert "do not fit CaLa preset 'tiny'" in caplog.text and not (tmp_path / "x.pt").exists()
+    assert "do not fit the model built from preset 'tiny' with the files' sizes and --set" in caplog.text
+    assert not (tmp_path / "x.pt").exists()
+    # the default preset (cirr, a BLIP-2 of a billion parameters) takes its sizes from the files: nothing of the
+    # preset's size is built (it was, with 63 shape warnings, before a one-line refusal)
+    assert main(["convert", str(files), str(tmp_path / "y.pt"), "--model", "cala", "--suffix", "arithmetic",
+                 "--set", "cir_frame=artemis"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["model_overrides"]["qformer_width"] == 32 and summary["missing"] == []
+    sized, _ = runs.model_from_checkpoint(tmp_path / "y.pt")
+    assert sized.config.dataset == "cirr" and sum(p.numel() for p in sized.parameters()) == \
+        sum(p.numel() for p in model.parameters())
+    for (k, a), (k2, b) in zip(model.state_dict().items(), sized.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
 
 
 # ------------------------------------------------------------------------------------------------ engine

@@ -7,6 +7,7 @@ All on the ``tiny_clip`` preset (random init, CPU) except the meta-device checks
 """
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -286,6 +287,29 @@ def test_cala_clip_files_round_trip(tmp_path):
         assert k == k2 and torch.equal(a, b), k
     learned = tiny().load_pretrained(tmp_path / "saved")  # the released TAC has no cls parameter
     assert next(r for r in learned if r.target == "tac").missing == ["tac.cls_token"]
+
+
+def test_convert_command_reads_clip_files_back(tmp_path, capsys, caplog):
+    """`cirlab convert RUN DIR --to original` wrote a CLIP run's tuned_clip files that `cirlab convert DIR OUT --model
+    cala` then refused ("reads ... tuned_blip_*.pt"); it reads them back now, sizes and all, and says which presets
+    fit when the preset is the BLIP-2 path."""
+    from cirlab.cli import main
+    from cirlab.engine import runs
+
+    model = _perturbed(clip_cls_token="zero", clip_text_heads=4)  # a head count other than width // 64
+    C.export_cala_files(model, tmp_path / "saved", suffix="arithmetic")
+    assert main(["convert", str(tmp_path / "saved"), str(tmp_path / "x.pt"), "--model", "cala"]) == 2
+    assert "holds CaLa's CLIP saves and preset 'cirr' is the BLIP-2 path; pass one of cirr_clip, fashioniq_clip, " \
+        "tiny_clip" in caplog.text and not (tmp_path / "x.pt").exists()
+    out = tmp_path / "back.pt"
+    assert main(["convert", str(tmp_path / "saved"), str(out), "--model", "cala", "--preset", "tiny_clip",
+                 "--set", "clip_cls_token=zero", "--set", "clip_text_heads=4"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["missing"] == [] and summary["model_overrides"] == {"clip_cls_token": "zero", "clip_text_heads": 4}
+    rebuilt, _ = runs.model_from_checkpoint(out)
+    assert rebuilt.config == model.config
+    for (k, a), (k2, b) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
 
 
 def test_checkpoint_round_trip(tmp_path):

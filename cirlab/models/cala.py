@@ -99,6 +99,7 @@ from torch import nn
 
 from cirlab.core import tracing
 from cirlab.core.config import PresetMixin, refuse_unread
+from cirlab.core.errors import ConfigError
 from cirlab.models import _hf_blip2 as hb
 from cirlab.models.registry import register_model
 
@@ -938,6 +939,44 @@ def _head_key_to_cirlab(head: str, key: str) -> str | None:
     prefix, _, param = key.rpartition(".")
     table = _HCA_KEYS if head == "hca" else _ARTEMIS_KEYS
     return f"{table[prefix]}.{param}" if prefix in table else None
+
+
+def saved_files_path(folder: str | os.PathLike) -> str | None:
+    """Which path of the released code saved the files in ``folder``: ``"clip"`` (``tuned_clip_*.pt``), ``"blip2"``
+    (``tuned_blip_*.pt``), or None (no CaLa saves there)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    return "clip" if any(folder.glob("tuned_clip_*.pt")) else "blip2" if any(folder.glob("tuned_blip_*.pt")) else None
+
+
+def config_for_files(folder: str | os.PathLike, preset: str, *, suffix: str = "",
+                     **overrides: Any) -> tuple[CaLaConfig, dict[str, Any]]:
+    """``(CaLaConfig, changed fields)`` that fit the released code's saves in ``folder``: ``preset``'s fields with
+    the sizes read off the saved tensors (as ``cirlab convert --from lavis`` does; head counts are not in the shapes:
+    the preset's where the width is the preset's), then ``overrides``. Reads one file, builds nothing, so a folder
+    of other sizes than the preset costs no model of the preset's size. A preset of the other path (BLIP-2 files
+    with a CLIP preset, or the reverse) is a ConfigError."""
+    from cirlab.models import _clip_rn
+    from cirlab.models.lavis_interop import cala_config_from, changed_fields, default_heads
+
+    folder = Path(folder)
+    kind = saved_files_path(folder)
+    base = CaLaConfig.from_preset(preset)
+    if kind is None:
+        raise FileNotFoundError(f"{folder}: no CaLa saves (tuned_blip_*.pt or tuned_clip_*.pt) in it")
+    if (kind == "clip") != (base.backbone != "blip2"):
+        clip_presets = ", ".join(p for p, v in CaLaConfig.PRESETS.items() if v.get("backbone", "blip2") != "blip2")
+        blip_presets = ", ".join(p for p, v in CaLaConfig.PRESETS.items() if v.get("backbone", "blip2") == "blip2")
+        raise ConfigError(f"{folder} holds CaLa's {'CLIP' if kind == 'clip' else 'BLIP-2'} saves and preset "
+                          f"{preset!r} is the {'BLIP-2' if kind == 'clip' else 'CLIP'} path; pass one of "
+                          f"{clip_presets if kind == 'clip' else blip_presets}")
+    if kind == "blip2":
+        return cala_config_from(read_state(_one_file(folder, "tuned_blip_text", suffix)), preset, **overrides)
+    sizes = _clip_rn.config_from_state(_clip_rn.read_clip_state(_one_file(folder, "tuned_clip", suffix)))
+    sizes["clip_text_heads"] = default_heads(sizes["clip_text_width"], base.clip_text_width, base.clip_text_heads)
+    config = CaLaConfig.from_preset(preset, **{**sizes, **overrides})
+    return config, changed_fields(config, base)
 
 
 def _one_file(folder: Path, stem: str, suffix: str) -> Path:

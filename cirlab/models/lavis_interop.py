@@ -405,7 +405,8 @@ def text_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 # ------------------------------------------------------------------------------------------------------ configs
 
 
-def _changed(config: Any, base: Any) -> dict[str, Any]:
+def changed_fields(config: Any, base: Any) -> dict[str, Any]:
+    """The fields of ``config`` whose values differ from ``base``'s (a preset): a converted model's model_overrides."""
     ours, theirs = config.to_dict(), base.to_dict()
     return {k: v for k, v in ours.items() if v != theirs.get(k)}
 
@@ -425,7 +426,7 @@ def stage1_config_from(state: dict[str, torch.Tensor], preset: str = "cirr", *, 
     sizes["text_heads"] = default_heads(sizes["text_width"], base.text_width, base.text_heads)
     sizes["vocab_size"] = 0 if vocab == MED_VOCAB_SIZE else vocab
     config = BlipRerankConfig.from_preset(preset, **{**sizes, "itm_head": itm_head, **overrides})
-    return config, _changed(config, base)
+    return config, changed_fields(config, base)
 
 
 def cala_config_from(state: dict[str, torch.Tensor], preset: str = "cirr",
@@ -442,4 +443,4 @@ def cala_config_from(state: dict[str, torch.Tensor], preset: str = "cirr",
         sizes["vision_heads"] = default_heads(sizes["vision_width"], base.vision_width, base.vision_heads)
     sizes["qformer_heads"] = default_heads(sizes["qformer_width"], base.qformer_width, base.qformer_heads)
     config = CaLaConfig.from_preset(preset, **{**sizes, "qformer_init": "random", **overrides})
-    return config, _changed(config, base)
+    return config, changed_fields(config, base)
