@@ -151,12 +151,49 @@ def test_index_has_contents_run_records_integers_and_each_metric_once(tmp_path):
         "parameters": {"max_steps": 0, "settings": ["train.lr=1e-3"]}}))
     page = report.write_index(tmp_path).read_text()
     assert "<nav><h2>Contents</h2>" in page and "<a href='#train'>train</a>" in page
-    assert "2026-01-02 03:04 UTC" in page and "abc1234" in page and "cirlab report --only train" in page
+    assert "finished 2026-01-02 03:05 UTC after 60.0 s" in page and "abc1234" in page
+    assert "cirlab report --only train" in page
     assert "train.lr=1e-3" in page  # parameters
     assert ">240<" in page and ">3<" in page and "3.000" not in page  # integers stay integers
     assert ">70.42<" in page and page.count(">70.42<") == 1  # splits/val/avg repeats val/avg: shown once
     assert "splits/val/avg" not in page and "val/avg" in page
     assert "A training diagnostic; no paper figure" in page
+
+
+def _png(path, width: int, height: int) -> None:
+    """A PNG signature and IHDR chunk of the given size: all the index reads of a figure."""
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + (13).to_bytes(4, "big") + b"IHDR" + width.to_bytes(4, "big")
+                     + height.to_bytes(4, "big") + bytes(5))
+
+
+def test_index_groups_entries_by_paper_explains_its_terms_and_gives_wide_figures_the_width(tmp_path):
+    """The reviewer's complaints: entries in run order (the quickstart last), abbreviations never expanded, wide
+    figures shrunk to a grid cell, and a 70-row metrics table pushing the figures down."""
+    assert sorted(n for _, names in report.GROUPS for n in names) == sorted(report.ORDER)  # every entry has a group
+    for name, metrics in (("quickstart", {"trained": {"avg_R@10": 41.75}}),
+                          ("train_dime", {"val": {"rsum": 387.2, "i2t_R@1": 40.0}}),
+                          ("rank_shift", {f"m{i:02d}": i for i in range(30)})):
+        (tmp_path / name / "figures").mkdir(parents=True)
+        (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
+        (tmp_path / name / report.RECORD).write_text(json.dumps({"status": "ok", "parameters": {}}))
+    _png(tmp_path / "train_dime" / "figures" / "cell_flows.png", 1248, 456)
+    _png(tmp_path / "train_dime" / "figures" / "val_metrics.png", 504, 384)
+    (tmp_path / "train_dime" / "figures" / "broken.png").write_bytes(b"\x89PNG")
+    page = report.write_index(tmp_path).read_text()
+    order = [page.index(f"<section id='{n}'>") for n in ("quickstart", "rank_shift", "train_dime")]
+    assert order == sorted(order) and "<h3>Start here</h3>" in page and "Flickr30K" in page
+    assert "HREM" not in page.split("</nav>")[0]  # a group without entries is not listed
+    terms = page[page.index("Terms used on this page"):page.index("</dl>")]
+    assert "<dt>rsum</dt>" in terms and "<dt>i2t, t2i</dt>" in terms and "<dt>avg</dt>" in terms
+    assert "<dt>NIN" not in terms and "<dt>Rsubset" not in terms  # only the terms the page uses
+    assert "<figure class='wide'><a href='train_dime/figures/cell_flows.svg'>" in page
+    assert "<figure><a href='train_dime/figures/val_metrics.svg'>" in page
+    assert "<figure><a href='train_dime/figures/broken.svg'>" in page  # an unreadable header: the grid cell
+    assert "<details open><summary>metrics (1 number)</summary>" in page
+    assert "<details><summary>metrics (30 numbers)</summary>" in page  # long: folded
+    assert "benchmarks/" not in page  # no such folder beside this index
+    (tmp_path / "benchmarks").mkdir()
+    assert "<a href='benchmarks/'>benchmarks/</a>" in report.write_index(tmp_path).read_text()
 
 
 def test_regenerate_command_keeps_the_runs_settings_and_selects_the_entry(tmp_path):

@@ -73,6 +73,50 @@ SOURCE: dict[str, str] = {"train_dime": "train", "router_explorer_dime": "router
 # full report on an idle 2-core machine; far more when other jobs load it).
 SKIPPABLE: dict[str, tuple[str, ...]] = {model: (f"train_{model}", f"router_explorer_{model}")
                                          for model in ("dime", "hrem", "cala")}
+# How the index groups the entries, by paper, the quickstart first (ORDER is the order they run in)
+GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Start here", ("quickstart",)),
+    ("AMC: routing over experts (Fashion-IQ)", ("train", "evaluate", "router_explorer")),
+    ("Two-stage re-ranking: Figure 8's rank shifts", ("rank_shift",)),
+    ("DIME: dynamic routing cells (Flickr30K-style precomp)", ("train_dime", "router_explorer_dime")),
+    ("HREM: fragment- and instance-level relations (precomp)", ("train_hrem", "router_explorer_hrem")),
+    ("CaLa: complementary association learning (CIRR)", ("train_cala", "router_explorer_cala")),
+)
+# The names the index's tables and figures use, each explained once at the top of the page where it appears on it:
+# (regular expression found in the page, the name as written, what it means)
+GLOSSARY: tuple[tuple[str, str, str], ...] = (
+    (r"R@\d", "R@K", "recall at K: the percentage of queries whose target (ITM: a correct match) is among the top K"),
+    (r"Rsubset@", "Rsubset@K", "CIRR's recall within the query's own subset of six similar images"),
+    (r"(?<![a-z])avg(?![a-z])", "avg",
+     "the protocol's headline number: Fashion-IQ (avg_R@10 + avg_R@50) / 2 over the categories (avg_R@K: the mean "
+     "of the categories' R@K), CIRR (R@5 + Rsubset@1) / 2, Shoes (R@1 + R@10 + R@50) / 3"),
+    (r"(?<![a-z])rsum", "rsum", "image-text matching: R@1 + R@5 + R@10 of image-to-text plus those of text-to-image "
+                                "(at most 600)"),
+    (r"(?<![a-z])(i2t|t2i)", "i2t, t2i", "image-to-text (an image queries the captions), text-to-image"),
+    (r"(?<![a-z])(i2i|t2t)(?![a-z])", "i2i, t2t", "HREM's relation graph blocks: image-image, text-text"),
+    (r"meanr|medr", "meanr, medr", "mean and median rank (from 1) of the first correct match"),
+    (r"NIN|GTN|CRN", "NIN, GTN, CRN",
+     "AMC's experts: NIN leaves the image features without interaction (a layer norm), GTN scales and shifts "
+     "them by the text, CRN reasons over image and text jointly (self-attention); α1-α3 in the paper's Fig. 3"),
+    (r"RIC|GLGC|IMRC|CMRC", "RIC, GLGC, IMRC, CMRC",
+     "DIME's cells: rectified identity, global-local guidance, intra-modal reasoning, cross-modal refinement"),
+    (r"stage ?(I|1)\b|before_R@|after_R@", "stage I, stage II (before, after)",
+     "the re-ranker's first ranking (a dual encoder) and its second, which re-scores stage I's top K"),
+    (r"ceiling_R@", "ceiling_R@K", "stage I's recall at the pool size K: the most a re-ranking of its top K can "
+                                   "reach"),
+    (r"queries_in_pool", "queries_in_pool", "queries whose target stage I ranked inside the pool: the shares "
+                                            "improved/unchanged/worsened count these"),
+    (r"moved_forward", "moved_forward", "mean rank change, before minus after: positive when targets moved up"),
+    (r"best_epoch|best_step|best_score", "best_epoch, best_step, best_score",
+     "the checkpoint model selection kept: its epoch (counted from 1), step and selection score"),
+    (r"(?<![a-z_])epochs<", "epochs", "training epochs completed (a fraction when max_steps stopped mid-epoch)"),
+    (r"(?<![a-z])val/", "val/", "the numbers of the split the trainer selected on (Fashion-IQ, CIRR: val; precomp "
+                                "data: dev)"),
+)
+OPEN_METRICS_ROWS = 24  # a longer metrics table starts folded in the index
+# a figure this many pixels wide (twice a grid cell: its labels would shrink below a third) or this much wider than
+# tall takes the index's whole width
+WIDE_PIXELS, WIDE_ASPECT = 1100, 2.2
 RECORD = "report.json"  # per entry: status, start/finish times, duration, commit, command, parameters
 FAILED_DIR = "_failed"  # <out>/_failed/<entry>/: the output of an entry's last run when it failed
 _IPC_KERNEL_MANAGER: Any = None
@@ -176,7 +220,8 @@ FIGURE_CAPTIONS: dict[str, dict[str, str]] = {
         "figure8_": "Figure 8 of the re-ranking paper (Appendix A.4): average rank change per initial rank (top) and "
                     "the number of queries per initial rank (bottom, symlog), for one category. The paper's panels "
                     "a-d are one such figure for each Fashion-IQ category and one for CIRR; this Fashion-IQ run "
-                    "draws the three category figures.",
+                    "draws the three category figures. The paper re-ranks the top 200 candidates (x from 1 to 200); "
+                    "this run re-ranks the notebook's pool_k (its title says K; 50 in the report), so x ends there.",
         "rank_shift": "cirlab's four-panel summary of the same two rankings (per-query ranks, binned means, shares "
                       "improved/worsened, the candidate pool's recall ceiling). The shares and binned ranks count "
                       "the queries with the target in the pool (queries_in_pool); the recalls count every query. "
@@ -203,7 +248,10 @@ _INDEX_HEAD = ("<!doctype html><html><head><meta charset='utf-8'>" + _INDEX_TITL
                ".badge{font-size:12px;padding:1px 6px;border-radius:3px;background:#ddd;vertical-align:middle}"
                ".badge.ok{background:#d4edda}.badge.failed{background:#f5c6cb}.badge.stale{background:#ffe8a1}"
                ".warn{padding:6px 10px;margin:6px 0;border-radius:4px}.warn.failed{background:#f8d7da}"
-               ".warn.stale{background:#fff3cd}nav ol{columns:2}section{border-top:2px solid #eee;margin-top:2em}"
+               ".warn.stale{background:#fff3cd}nav .groups{columns:2}nav .group{break-inside:avoid}"
+               "nav ol{margin:0 0 .6em}nav h3{margin:.4em 0 .2em;font-size:15px}"
+               "section{border-top:2px solid #eee;margin-top:2em}figure.wide{grid-column:1/-1}"
+               "dl.terms{font-size:13px;columns:2}dl.terms dt{font-weight:bold}dl.terms dd{margin:0 0 .4em 1em}"
                "</style></head><body>")
 
 
@@ -1090,11 +1138,12 @@ def _say(stream: TextIO | None, line: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- index.html
-def _metrics_html(path: Path, limit: int = 60) -> str:
+def _metrics_html(path: Path, limit: int = 60) -> tuple[str, int]:
+    """The metrics table of ``path`` and its number of rows (the first ``limit`` shown, the rest folded)."""
     try:
         metrics = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        return f"<p>metrics unreadable: {html.escape(str(err))}</p>"
+        return f"<p>metrics unreadable: {html.escape(str(err))}</p>", 0
     selection = metrics.get("selection") if isinstance(metrics, Mapping) else None
     selection = selection if isinstance(selection, Mapping) else {}
     split = selection.get("split")
@@ -1116,7 +1165,18 @@ def _metrics_html(path: Path, limit: int = 60) -> str:
     if len(rows) > limit:  # folded, not cut: every number of metrics.json is on the page
         table += (f"<details><summary>{len(rows) - limit} more</summary><table class='metrics'>{head}"
                   f"{''.join(rows[limit:])}</table></details>")
-    return table
+    return table, len(rows)
+
+
+def _is_wide(png: Path) -> bool:
+    """A figure :data:`WIDE_PIXELS` wide or more, or more than :data:`WIDE_ASPECT` times as wide as tall, from the
+    PNG header's size (no image library: the report command does not import one). An unreadable header is not."""
+    with open(png, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or not head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return False
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return height > 0 and (width >= WIDE_PIXELS or width / height > WIDE_ASPECT)
 
 
 def figure_caption(name: str, stem: str) -> str:
@@ -1148,25 +1208,43 @@ def write_index(out: str | os.PathLike) -> Path:
     (each number once) and its figures with captions naming the paper figure they regenerate."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    entries = [n for n in ORDER if (out / n).is_dir() or (out / FAILED_DIR / n).is_dir()]
-    states = {n: entry_state(out, n) for n in entries}
+    present = {n for n in ORDER if (out / n).is_dir() or (out / FAILED_DIR / n).is_dir()}
+    groups = [(title, [n for n in names if n in present]) for title, names in GROUPS]
+    states = {n: entry_state(out, n) for n in present}
     records = [s["record"] for s in states.values() if s["record"]]
     latest = max(records, key=lambda r: r.get("finished", ""), default={})
     parts = [_INDEX_HEAD, "<h1>cirlab report</h1>",
              f"<p class='meta'>written {_when(_now())} · last run {_when(latest.get('finished'))} · "
              f"commit {html.escape(latest.get('commit', _commit()))} · command "
-             f"<code>{html.escape(latest.get('command', 'cirlab report'))}</code></p>",
-             "<nav><h2>Contents</h2><ol>"]
-    for name in entries:
-        badge, when = _badge(states[name]), states[name]["record"].get("finished")
-        parts.append(f"<li><a href='#{name}'>{name}</a> {badge} <small>{_when(when) if when else ''}</small></li>")
-    parts.append("</ol></nav>")
-    for name in entries:
-        parts.append(_entry_html(out, name, states[name]))
-    parts.append("</body></html>")
+             f"<code>{html.escape(latest.get('command', 'cirlab report'))}</code>"
+             + (" · measured results with their commands: <a href='benchmarks/'>benchmarks/</a>"
+                if (out / "benchmarks").is_dir() else "") + "</p>", "<nav><h2>Contents</h2><div class='groups'>"]
+    for title, names in groups:
+        if names:
+            parts.append(f"<div class='group'><h3>{html.escape(title)}</h3><ol>")
+            for name in names:
+                badge, when = _badge(states[name]), states[name]["record"].get("finished")
+                finished = f"finished {_when(when)}" if when else ""
+                parts.append(f"<li><a href='#{name}'>{name}</a> {badge} <small>{finished}</small></li>")
+            parts.append("</ol></div>")
+    parts.append("</div></nav>")
+    body = [_entry_html(out, name, states[name]) for _, names in groups for name in names]
+    parts += [_glossary_html("\n".join(body)), *body, "</body></html>"]
     index = out / "index.html"
     index.write_text("\n".join(parts), encoding="utf-8")
     return index
+
+
+def _glossary_html(body: str) -> str:
+    """The :data:`GLOSSARY` terms that ``body`` uses, as a definition list (nothing when it uses none)."""
+    import re
+
+    terms = [(name, meaning) for pattern, name, meaning in GLOSSARY if re.search(pattern, body)]
+    if not terms:
+        return ""
+    items = "".join(f"<dt>{html.escape(name)}</dt><dd>{html.escape(meaning)}</dd>" for name, meaning in terms)
+    names = html.escape(", ".join(name for name, _ in terms))
+    return f"<details><summary>Terms used on this page: {names}</summary><dl class='terms'>{items}</dl></details>"
 
 
 def _when(iso: str | None) -> str:
@@ -1200,7 +1278,7 @@ def _entry_html(out: Path, name: str, state: Mapping[str, Any]) -> str:
     parts = [f"<section id='{name}'><h2>{name}{source} {_badge(state)}</h2>"]
     regenerate = f"<code>{html.escape(regenerate_command(record.get('command'), name))}</code>"
     if record:
-        parts.append(f"<p class='meta'>ran {_when(record.get('started'))} for "
+        parts.append(f"<p class='meta'>finished {_when(record.get('finished'))} after "
                      f"{record.get('duration_s', '?')} s · commit {html.escape(str(record.get('commit', '?')))} · "
                      f"regenerate: {regenerate}</p>")
     if failed:
@@ -1225,7 +1303,10 @@ def _entry_html(out: Path, name: str, state: Mapping[str, Any]) -> str:
                        for k, v in record["parameters"].items())
         parts.append(f"<details><summary>parameters</summary><table>{rows}</table></details>")
     if (folder / "metrics.json").is_file():
-        parts.append(f"<details open><summary>metrics</summary>{_metrics_html(folder / 'metrics.json')}</details>")
+        table, rows = _metrics_html(folder / "metrics.json")
+        # a long table (rank_shift's 70-odd numbers) starts folded, so that the figures stay near the heading
+        parts.append(f"<details{' open' if rows <= OPEN_METRICS_ROWS else ''}><summary>metrics ({rows} "
+                     f"number{'s' if rows != 1 else ''})</summary>{table}</details>")
     # in the order the notebook saved them (its narrative: galleries before failures, the overview before the
     # per-category figures), not alphabetically; the name breaks ties
     figures = sorted((folder / "figures").glob("*.png"), key=lambda p: (p.stat().st_mtime_ns, p.name))
@@ -1234,7 +1315,8 @@ def _entry_html(out: Path, name: str, state: Mapping[str, Any]) -> str:
         for png in figures:
             rel = png.relative_to(out).as_posix()
             caption = figure_caption(name, png.stem)
-            parts.append(f"<figure><a href='{rel[:-4]}.svg'><img loading='lazy' src='{rel}' "
+            wide = " class='wide'" if _is_wide(png) else ""  # across the page: its labels stay readable
+            parts.append(f"<figure{wide}><a href='{rel[:-4]}.svg'><img loading='lazy' src='{rel}' "
                          f"alt='{html.escape(png.stem)}'></a><figcaption><b>{html.escape(png.stem)}</b>"
                          f"{': ' + html.escape(caption) if caption else ''}</figcaption></figure>")
         parts.append("</div>")
