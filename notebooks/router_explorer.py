@@ -145,7 +145,7 @@ if kind == "router":
 # ## CaLa: which words bridge reference and target
 # Drawn when the run is CaLa. HCA (hinge cross-attention) scores reference queries against the caption's words and
 # the words against the target's queries; the hinge is the softmax of their product, and a word's *bridge value* is
-# its share of reference query 0's expected hinge logit (green: the word links the reference to the target tokens
+# its share of reference query 0's expected hinge logit (blue: the word links the reference to the target tokens
 # the hinge attends to). TAC's twin attention: reference queries attending to the target and the reverse, first and
 # last of its shared-weight steps. Then the words with the largest mean bridge value over every traced query.
 

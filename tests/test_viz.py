@@ -266,7 +266,7 @@ def test_path_heatmaps_give_each_layer_its_own_colour_range_unless_shared():
     with pytest.raises(ValueError, match="scale='global'; expected one of auto, layer, shared"):
         viz.plot_expert_heatmaps(dime, scale="global")
     bars = [ax for ax in viz.plot_expert_heatmaps(dime).axes if not ax.images]
-    assert [ax.get_ylabel() for ax in bars] == ["routing weight"] * 3  # every colour bar says what it shows
+    assert [ax.get_ylabel() for ax in bars] == ["path weight"] * 3  # every colour bar says what it shows
     amc = viz.plot_expert_heatmaps(amc_frame())  # AMC's sigmoid gates: one range from 0, comparable across layers
     assert len({ax.images[0].get_clim() for ax in amc.axes if ax.images}) == 1
     assert sum(1 for ax in amc.axes if not ax.images) == 1
@@ -320,7 +320,7 @@ def test_heatmap_rows_are_spread_over_and_labelled_by_category():
     ax = fig.axes[0]
     assert ax.images[0].get_array().shape == (9, 3)
     assert [t.get_text() for t in ax.get_yticklabels()] == ["dress (3)", "shirt (3)", "toptee (3)"]
-    assert "grouped by category" in ax.get_ylabel()
+    assert ax.get_ylabel() == "query (9 shown, grouped by category)"
 
 
 def test_plain_text_drops_the_fashioniq_markup():
@@ -350,13 +350,22 @@ def test_dime_flows_band_per_path_scaled_by_weight():
     widest = bands[f"flow:layer0:{CELLS[s]}->{CELLS[d]}"].get_linewidth()
     thinnest = bands[f"flow:layer0:{CELLS[s2]}->{CELLS[d2]}"].get_linewidth()
     assert widest > thinnest
-    wmax = max(m.mean(axis=0).max() for m in mats.values())
-    assert widest == pytest.approx(0.5 + 12.0 * mean.max() / wmax)
+    # each layer spans the whole width range on its own scale: layer2's unnormalised gates (0.4-0.9 in DIME) no longer
+    # set the scale for the hidden layers, whose weights near 1/4 all drew one width
+    assert (thinnest, widest) == pytest.approx(viz._BAND_WIDTHS)
+    last = [p.get_linewidth() for gid, p in bands.items() if gid.startswith("flow:layer2:")]
+    assert (min(last), max(last)) == pytest.approx(viz._BAND_WIDTHS)
+    keys = [t.get_text() for t in fig.axes[0].texts if t.get_gid() == "keyval:layer0"]  # the width key's weights
+    assert keys == [f"{mean.min():.3f}", f"{(mean.min() + mean.max()) / 2:.3f}", f"{mean.max():.3f}"]
+    key_widths = [l.get_linewidth() for l in fig.axes[0].lines if (l.get_gid() or "").startswith("key:layer0:")]
+    assert key_widths == pytest.approx([viz._BAND_WIDTHS[0], sum(viz._BAND_WIDTHS) / 2, viz._BAND_WIDTHS[1]])
     # column 0 holds layer0's own cells (the sources of its paths), not the input: the labels were one column off
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["layer0 cells", "layer1 cells", "layer2 cells", "out"]
     layers = {t.get_gid(): t.get_position()[0] for t in ax.texts if (t.get_gid() or "").startswith("paths:")}
     assert layers == {"paths:layer0": 0.5, "paths:layer1": 1.5, "paths:layer2": 2.5}  # between their two columns
+    kinds = {t.get_gid(): t.get_text() for t in ax.texts if (t.get_gid() or "").startswith("paths:")}
+    assert all("not normalised" in text for text in kinds.values())  # random weights: no layer sums to 1
     x0 = bands[f"flow:layer0:{CELLS[s]}->{CELLS[d]}"].get_path().vertices[:, 0]
     assert x0.min() > 0 and x0.max() < 1  # a layer0 band runs from column 0 to column 1
 
@@ -390,7 +399,7 @@ def test_boxplot_medians_are_not_drawn_in_a_group_colour():
     medians = [line for ax in fig.axes for line in ax.lines if line.get_gid() is None and len(line.get_xdata()) == 2
                and line.get_ydata()[0] == line.get_ydata()[1]]  # caps and medians: the horizontal segments
     assert len(medians) >= 2 * 3 * 3
-    palette = {to_hex(c) for c in viz.PALETTE}
+    palette = {to_hex(c) for c in viz.CVD_PALETTE[:3]}  # the three categories' colours
     assert not [m for m in medians if to_hex(m.get_color()) in palette]
 
 
@@ -489,8 +498,12 @@ def test_a_logged_phase_flag_is_marked_where_it_turns_on(tmp_path):
     bands = [p for ax in fig.axes for p in ax.patches if (p.get_gid() or "").startswith("phase:")]
     assert len(bands) == 1 and bands[0].get_gid() == "phase:max_violation_on"  # one panel (loss), one band
     left, width = bands[0].get_x(), bands[0].get_width()
-    assert (left, left + width) == (20.0, 30.0)  # between the last record with it off and the first with it on
-    assert any(t.get_text() == "max violation on" for t in fig.axes[0].texts)
+    assert (left, left + width) == (30.0, 40.0)  # on from the first record with it on to the end of the run
+    switch = [p for ax in fig.axes for p in ax.patches if p.get_gid() == "switch:max_violation_on"]
+    assert len(switch) == 1 and switch[0].get_hatch()  # the switch: between the last record off and the first on
+    assert (switch[0].get_x(), switch[0].get_x() + switch[0].get_width()) == (20.0, 30.0)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["max violation on (to the end)", "max violation switched on in here"]
     assert "curve:max_violation_on" not in {l.get_gid() for ax in fig.axes for l in ax.lines}  # no panel of its own
 
 
@@ -622,10 +635,19 @@ def test_relation_graph_shows_the_joint_matrix_with_its_four_blocks():
         # each block's tag at its top-left corner (x, y), not over the middle of its cells
         assert blocks == {"i2i": (-0.5, -0.5), "i2t": (2.5, -0.5), "t2i": (-0.5, 2.5), "t2t": (2.5, 2.5)}
         assert ax.images[0].get_array()[0, 4] == 4.0  # row 0 (img 10) x column 4 (cap 55)
-    bars = [ax.get_ylabel() for ax in fig.axes if not ax.images and ax.get_gid() is None]
-    assert bars == ["connection", "relevance", "fusion attention weight"]  # every colour bar says what
-    connection_bar = next(ax for ax in fig.axes if not ax.images and ax.get_gid() is None)
-    assert [t.get_text() for t in connection_bar.get_yticklabels()] == ["not connected", "connected"]  # two levels
+    bars = [ax for ax in fig.axes if not ax.images and ax.get_gid() is None]
+    # the 0/1 connection has a two-entry legend, not a grey scale; the other two a labelled bar under their panel
+    assert [ax.get_xlabel() for ax in bars] == ["relevance", "fusion attention weight"]
+    legend = panels[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["connected", "not connected"]
+    assert [to_hex(h.get_facecolor()) for h in legend.legend_handles] == ["#000000", "#ffffff"]
+    assert all(ax.get_ylabel() and ax.get_xlabel() for ax in panels)  # every panel labels its own axes
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    for panel, bar in zip(panels[1:], bars):  # each bar and its label sit under their own panel
+        box, label = panel.get_window_extent(renderer), bar.xaxis.label.get_window_extent(renderer)
+        assert box.x0 <= label.x0 and label.x1 <= box.x1 and label.y1 < box.y0
 
 
 def word_region_frame(words=("[CLS]", "a", "red", "star", "[SEP]"), images=(3, 4), regions: int = 4,
@@ -676,9 +698,9 @@ def test_a_uniform_attention_map_is_labelled_not_drawn_with_offsets():
     fig, ax = plt.subplots()
     _heat(fig, ax, np.full((3, 4), 0.25) + 1e-9 * np.arange(12).reshape(3, 4), ["a", "b", "c"], list("wxyz"), "step 4")
     assert ax.get_title() == "step 4 (uniform, 0.25)"
-    fig.canvas.draw()
-    bar_axis = fig.axes[-1]
-    assert bar_axis.yaxis.get_offset_text().get_text() == ""
+    assert fig.axes == [ax]  # no colour bar: a 0.20-0.30 scale for one value carried nothing
+    note = next(t.get_text() for t in ax.texts if t.get_gid() == "uniform")
+    assert "uniform" in note and "1/4 = 0.25" in note  # the panel says it: 1/n over its 4 keys
     plt.close(fig)
 
 
@@ -1009,3 +1031,105 @@ def test_rank_shift_plot_says_when_no_query_is_in_the_pool(caplog):
     assert "no query has its target inside the top-10 pool" in caplog.text
     fig = viz.plot_rank_shift(al, k=50)
     assert not [t for t in fig.axes[1].texts if t.get_gid() == "no_in_pool"]
+
+
+# ------------------------------------------------------------------------------------------------ figure review
+GREEN_RED = {"#2ca02c", "#d62728"}  # matplotlib's green / red: one colour to deuteranopes
+
+
+def _hexes(patches) -> set[str]:
+    return {to_hex(p.get_facecolor()) for p in patches}
+
+
+def test_rank_shift_gives_each_colour_one_meaning():
+    fig = viz.plot_rank_shift(_aligned(), k=200, bins=10, label_before="stage I", label_after="stage II")
+    a, b, c, d = fig.axes
+    shares = {key: _hexes(p for p in c.patches if p.get_gid() == f"share:{key}")
+              for key in ("improved_pct", "unchanged_pct", "worsened_pct")}
+    improved, worsened = shares["improved_pct"], shares["worsened_pct"]
+    assert improved == {to_hex(viz.BETTER_COLOR)} and worsened == {to_hex(viz.WORSE_COLOR)} and improved != worsened
+    assert not (improved | worsened) & GREEN_RED
+    assert all(p.get_hatch() for p in c.patches if p.get_gid() == "share:worsened_pct")  # also without colour
+    categories = {to_hex(coll.get_facecolor()[0]) for coll in a.collections}
+    assert len(categories) == 2 and not categories & (improved | worsened)  # a category is not "improved"
+    recall = {key: _hexes(p for p in d.patches if p.get_gid() == f"recall:{key}")
+              for key in ("before_R@1", "after_R@1", "before_R@10", "after_R@10")}
+    bars = set().union(*recall.values())
+    assert not bars & (improved | worsened | categories)  # stage II R@10 no longer wears "worsened"
+    assert recall["before_R@1"] == recall["before_R@10"] != recall["after_R@1"] == recall["after_R@10"]  # light/dark
+    hatches = {key: {p.get_hatch() for p in d.patches if p.get_gid() == f"recall:{key}"} for key in recall}
+    assert hatches["before_R@1"] == hatches["after_R@1"] != hatches["before_R@10"]  # the metric: by hatching
+    assert to_hex(b.get_lines()[0].get_color()) not in improved | worsened
+    for ax in (a, b, c, d):  # every legend is readable when saved, and (a) explains its dotted line
+        assert min(t.get_fontsize() for t in ax.get_legend().get_texts()) >= 8
+    assert "pool edge: top-200 re-ranked" in [t.get_text() for t in a.get_legend().get_texts()]
+
+
+def test_figure8_and_bridge_bars_use_the_blue_orange_pair():
+    al = _aligned()
+    fig = viz.plot_figure8(analysis.rank_shift_table(al.rank_before, al.rank_after, 200))
+    bars = fig.axes[0].patches
+    up = {to_hex(p.get_facecolor()) for p in bars if p.get_height() > 0}
+    down = {to_hex(p.get_facecolor()) for p in bars if p.get_height() < 0}
+    assert up == {to_hex(viz.BETTER_COLOR)} and down == {to_hex(viz.WORSE_COLOR)}
+    assert all(p.get_hatch() for p in bars if p.get_height() < 0)
+    frame = pd.concat([cala_frame("q1"), cala_frame("q2", ["[CLS]", "star", "blue", "[SEP]"])])
+    for fig in (viz.plot_bridge_words(frame), viz.plot_cala_bridges(cala_frame())):
+        ax = next(ax for ax in fig.axes if ax.get_legend() and "bridge" in ax.get_xlabel())
+        pos = {to_hex(p.get_facecolor()) for p in ax.patches if p.get_width() > 0}
+        neg = [p for p in ax.patches if p.get_width() < 0]
+        assert pos == {to_hex(viz.BETTER_COLOR)} and {to_hex(p.get_facecolor()) for p in neg} == {
+            to_hex(viz.WORSE_COLOR)}
+        assert neg and all(p.get_hatch() for p in neg) and not (pos & GREEN_RED)
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["> 0: bridges", "< 0: works against"]
+
+
+def test_gate_entropy_colours_and_counts_say_what_they_are():
+    dime, _ = dime_frame()
+    for frame, rows in ((amc_frame(), "queries"), (dime, "image–caption pairs")):
+        fig = viz.plot_gate_entropy(frame)
+        hist, shares = fig.axes[0], fig.axes[1]
+        assert hist.get_ylabel() == rows  # DIME's histogram counts image-caption pairs, not queries
+        layers = {to_hex(p.get_facecolor()) for p in hist.patches}
+        stats = {to_hex(p.get_facecolor()) for ax in fig.axes[1:] for p in ax.patches}
+        assert len(stats) == 2 and not layers & stats  # no colour is a layer here and a statistic there
+        assert min(t.get_fontsize() for t in shares.get_yticklabels()) >= 8
+    assert viz.plot_path_space(dime).axes[0].get_title() == "Image–caption pairs in path space"
+    assert viz.plot_path_space(amc_frame(n=15)).axes[0].get_title() == "Queries in path space"
+
+
+def test_gate_boxes_get_a_y_range_per_layer_and_safe_category_colours():
+    frame = amc_frame(n=30)
+    frame.loc[frame.layer == "layer1", "weight"] = 0.7 + 0.01 * frame.loc[frame.layer == "layer1", "weight"]
+    fig = viz.plot_gate_distributions(frame, by="modification")
+    one, two = fig.axes[:2]
+    assert one.get_ylim()[1] - one.get_ylim()[0] < 0.05 < two.get_ylim()[1] - two.get_ylim()[0]  # not flat lines
+    colours = [to_hex(h.get_facecolor()) for h in fig.legends[0].legend_handles]
+    assert colours == [to_hex(c) for c in viz.CVD_PALETTE[:2]] and not set(colours) & GREEN_RED
+
+
+def test_one_name_for_the_routed_weight_and_readable_ticks():
+    dime, _ = dime_frame()
+    for frame, name in ((amc_frame(), "gate weight"), (dime, "path weight")):
+        heat = viz.plot_expert_heatmaps(frame, scale="layer")
+        bars = {ax.get_ylabel() for ax in heat.axes if not ax.images}
+        gates = viz.plot_query_gates(frame, [frame["query_id"].iloc[0]])
+        assert bars == {name} and gates.axes[0].get_ylabel() == name
+        sizes = [t.get_fontsize() for fig in (heat, gates) for ax in fig.axes if ax.images or ax.patches
+                 for t in ax.get_xticklabels() + ax.get_yticklabels() if t.get_text()]
+        assert min(sizes) >= 8  # expert and path names were 5-7 pt
+    assert viz.plot_query_gates(dime, [0])._suptitle.get_text() == "Path weights per image–caption pair"
+
+
+def test_cala_tac_panels_explain_prev_tokens_and_flag_uniform_maps():
+    frame = cala_frame()
+    uniform = frame["layer"].str.endswith("step4")
+    frame.loc[uniform, "weight"] = 1 / 3
+    fig = viz.plot_cala_bridges(frame)
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    step4 = axes["TAC reference -> target, step 4 (uniform, 0.333)"]
+    assert any(t.get_gid() == "uniform" and "1/3" in t.get_text() for t in step4.texts)
+    assert "prev<j> = token j of step 3's output" in step4.get_xlabel()
+    assert "target token" in axes["TAC reference -> target, step 1"].get_xlabel()
+    bars = [ax for ax in fig.axes if not ax.images and not ax.patches]
+    assert len(bars) == 3 + 2  # the HCA maps and the two step-1 maps: the uniform step-4 maps have no colour bar

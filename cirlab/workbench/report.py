@@ -213,7 +213,7 @@ FIGURE_CAPTIONS: dict[str, dict[str, str]] = {
                         "not their maps: no paper figure is regenerated. Random-init tiny model: the maps show what "
                         "is traced, not learned associations.",
         "bridge_words": "Words (WordPiece pieces joined) with the largest mean HCA bridge value over the traced "
-                        "queries, positive (green) or negative (red), largest magnitude first; occurrences in "
+                        "queries, positive (blue) or negative (orange, hatched), largest magnitude first; occurrences in "
                         "brackets. No paper figure; random-init tiny model.",
     },
     "rank_shift": {

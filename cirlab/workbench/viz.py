@@ -37,6 +37,15 @@ TARGET_COLOR = "#2ca02c"  # green frame around the ground-truth target in galler
 QUERY_COLOR = "#1f77b4"
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
+# Okabe & Ito's colour-universal-design set (https://jfly.uni-koeln.de/color/), ordered so that neighbours differ for
+# every common colour-vision deficiency: matplotlib's default puts green next to red, which deuteranopes cannot tell
+# apart. Used for categories and other groups in the router and rank-shift plots.
+CVD_PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
+# one meaning per colour inside a figure: better / worse (rank moved up or down, a word's bridge value above or below
+# zero) is a blue / orange pair, which stays two colours for deuteranopes and protanopes, unlike green / red
+BETTER_COLOR, WORSE_COLOR, NEUTRAL_COLOR = "#0072B2", "#E69F00", "#BBBBBB"
+WORSE_HATCH = "//"  # the worse side is also hatched, so it reads in greyscale prints too
+MIN_FONT = 8  # smallest text size (points) for tick labels and legends: below it labels are hard to read when saved
 
 
 def _legend_outside(ax: Any, **kwargs: Any) -> Any:
@@ -332,6 +341,19 @@ def _is_path_frame(frame: Any) -> bool:
     return "source" in frame.columns and bool((frame["source"].notna() & (frame["source"].astype(str) != "None")).any())
 
 
+def _rows_name(frame: Any) -> str:
+    """What one row id of the frame is: DIME (ITM) traces every image x caption pair, whose ids are in its
+    ``image_id`` / ``caption_id`` columns (``cirlab.models.dime``); the CIR routers (AMC) trace queries."""
+    pairs = _is_path_frame(frame) or {"image_id", "caption_id"} <= set(frame.columns)
+    return "image–caption pairs" if pairs else "queries"
+
+
+def _weight_name(frame: Any) -> str:
+    """One name for the routed quantity in every panel and colour bar: DIME's paths carry path weights, AMC's
+    routers gate weights (the heatmap's colour bar said "routing weight" where the bar charts said "gate weight")."""
+    return "path weight" if _is_path_frame(frame) else "gate weight"
+
+
 def _group_column(frame: Any, by: str | None, argument: str) -> str | None:
     """The column that groups queries: ``by`` when the frame has it; None for the default ``category`` on a frame
     without one (HREM, a bare trace); any other missing name is an error (a misspelt ``sort_by`` / ``color_by`` drew
@@ -379,7 +401,7 @@ def _label_groups(ax: Any, labels: Sequence[str], with_ticks: bool) -> None:
         ax.axhline(lo - 0.5, color="white", linewidth=1.5)
     if with_ticks:
         ax.set_yticks([(lo + hi - 1) / 2 for lo, hi, _ in bounds], [f"{name} ({hi - lo})" for lo, hi, name in bounds],
-                      fontsize=7)
+                      fontsize=MIN_FONT)
     else:
         ax.set_yticks([])
 
@@ -426,29 +448,31 @@ def plot_expert_heatmaps(frame: Any, layers: Sequence[str] | str | None = None, 
     paths = _is_path_frame(frame)
     mats = [_paper_columns(analysis.gate_matrix(frame, l)).reindex(ids) for l in layers]
     widths = [max(2.0, 0.3 * m.shape[1] + 0.8) for m in mats]
-    fig = _figure(sum(widths) + 2.0, 1.6 + 0.13 * len(ids))
+    # 0.16 in (11.5 pt) a row: room for a query id at MIN_FONT without the labels running into each other
+    fig = _figure(sum(widths) + 2.0, 1.6 + 0.16 * len(ids))
+    weight = _weight_name(frame)
     axes = fig.subplots(1, len(layers), squeeze=False, width_ratios=widths)[0]
     ranges = _colour_ranges([m.to_numpy(dtype=float) for m in mats], scale, floor=0.0)
     for i, (ax, layer, mat, (vmin, vmax)) in enumerate(zip(axes, layers, mats, ranges)):
         image = ax.imshow(mat.to_numpy(dtype=float), aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax,
                           interpolation="nearest")
         if scale == "layer":
-            fig.colorbar(image, ax=ax, shrink=0.8, label="routing weight")
+            fig.colorbar(image, ax=ax, shrink=0.8, label=weight)
         names = [display_label(c) for c in mat.columns]
-        many = mat.shape[1] > 4 or max(map(len, names)) > 7  # long DIME path names would run together
-        ax.set_xticks(range(mat.shape[1]), names, rotation=90 if many else 0, fontsize=6 if many else 8)
+        many = mat.shape[1] > 4 or max(map(len, names)) > 7  # long DIME path names would run together: turned
+        ax.set_xticks(range(mat.shape[1]), names, rotation=90 if many else 0, fontsize=MIN_FONT)
         ax.set_xlabel("path (source→destination cell)" if paths else "expert", fontsize=8)
         if any(groups):
             _label_groups(ax, groups, with_ticks=i == 0)
         elif i == 0:
-            ax.set_yticks(range(len(ids)), [str(q) for q in ids], fontsize=5)
+            ax.set_yticks(range(len(ids)), [str(q) for q in ids], fontsize=MIN_FONT)
         else:
             ax.set_yticks([])
         ax.set_title(str(layer), fontsize=9)
-    what = "image–caption pair" if paths else "query"
+    what = {"queries": "query"}.get(_rows_name(frame), "image–caption pair")  # singular: "query (40 shown)"
     axes[0].set_ylabel(f"{what} ({len(ids)} shown" + (f", grouped by {sort_by})" if any(groups) else ")"), fontsize=8)
     if scale == "shared":
-        fig.colorbar(image, ax=list(axes), shrink=0.8, label="routing weight")
+        fig.colorbar(image, ax=list(axes), shrink=0.8, label=weight)
     fig.suptitle("Path weights per pair and layer" if paths else "Router gates per query and layer")
     return fig
 
@@ -472,16 +496,18 @@ def plot_query_gates(frame: Any, query_ids: Sequence[Any] | Any, layers: Sequenc
                 raise UnknownKeyError(f"query {qid!r} not in the route frame for layer {layer!r}")
             ax = axes[r, c]
             values = mat.loc[qid].to_numpy(dtype=float)
-            ax.bar(range(len(values)), values, color=[PALETTE[j % len(PALETTE)] for j in range(len(values))])
-            ax.set_xticks(range(len(values)), [display_label(v) for v in mat.columns], fontsize=6,
+            ax.bar(range(len(values)), values, color=[CVD_PALETTE[j % len(CVD_PALETTE)] for j in range(len(values))])
+            ax.set_xticks(range(len(values)), [display_label(v) for v in mat.columns], fontsize=MIN_FONT,
                           rotation=90 if len(values) > 4 else 0)
+            ax.tick_params(axis="y", labelsize=MIN_FONT)
             ax.set_ylim(0, ymax)
-            ax.set_title(f"{qid} | {layer}", fontsize=7)
+            ax.set_title(f"{qid} | {layer}", fontsize=MIN_FONT)
             if c == 0:
-                ax.set_ylabel("gate weight", fontsize=7)
+                ax.set_ylabel(_weight_name(frame), fontsize=MIN_FONT)
             if r == len(query_ids) - 1:
-                ax.set_xlabel("path" if _is_path_frame(frame) else "expert", fontsize=7)
-    fig.suptitle(title or "Router gates per query")
+                ax.set_xlabel("path" if _is_path_frame(frame) else "expert", fontsize=MIN_FONT)
+    default = "Path weights per image–caption pair" if _is_path_frame(frame) else "Router gates per query"
+    fig.suptitle(title or default)
     return fig
 
 
@@ -491,7 +517,8 @@ def plot_gate_distributions(frame: Any, by: str = "category", layers: Sequence[s
 
     Gate models (AMC): box plots per expert and group. Path models (DIME, 16 paths a layer): a heatmap of the mean
     path weight per group (rows: source→destination paths, columns: groups), readable where 16 x groups boxes are not;
-    ``scale`` as in :func:`plot_expert_heatmaps` (box plots share their y axis either way).
+    ``scale`` as in :func:`plot_expert_heatmaps`. Box plots get a y range per layer: AMC's layer-1 gates sit within a
+    few hundredths of each other, and a y axis shared with layer 2's wider spread drew them as flat lines.
     """
     analysis.refuse_attention_trace(frame, "plot_gate_distributions")
     scale = _check_scale(scale, "plot_gate_distributions", frame)
@@ -502,7 +529,8 @@ def plot_gate_distributions(frame: Any, by: str = "category", layers: Sequence[s
         return _group_means_heatmaps(frame, by, layers, scale)
     groups = sorted(frame[by].dropna().astype(str).unique())
     fig = _figure(max(4.0, 3.5 * len(layers)), 3.2)
-    axes = fig.subplots(1, len(layers), squeeze=False, sharey=True)[0]
+    axes = fig.subplots(1, len(layers), squeeze=False)[0]
+    colors = [CVD_PALETTE[g % len(CVD_PALETTE)] for g in range(len(groups))]
     for ax, layer in zip(axes, layers):
         mat = _paper_columns(analysis.gate_matrix(frame, layer))
         labels = frame.drop_duplicates("query_id").set_index("query_id")[by].astype(str).reindex(mat.index)
@@ -513,18 +541,19 @@ def plot_gate_distributions(frame: Any, by: str = "category", layers: Sequence[s
             box = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, manage_ticks=False,
                              showfliers=False, medianprops={"color": "black"})  # the default orange is a group colour
             for patch in box["boxes"]:
-                patch.set_facecolor(PALETTE[g % len(PALETTE)])
+                patch.set_facecolor(colors[g])
                 patch.set_gid(f"box:{group}")
-        ax.set_xticks(range(mat.shape[1]), [display_label(c) for c in mat.columns], fontsize=7,
+        ax.set_xticks(range(mat.shape[1]), [display_label(c) for c in mat.columns], fontsize=MIN_FONT,
                       rotation=90 if mat.shape[1] > 4 else 0)
+        ax.tick_params(axis="y", labelsize=MIN_FONT)
         ax.set_xlabel("expert", fontsize=8)
+        ax.set_ylabel(f"{_weight_name(frame)} (own scale per layer)", fontsize=8)  # each panel its own y range
         ax.set_title(str(layer), fontsize=9)
         ax.grid(axis="y", linestyle="--", alpha=0.5)
-    axes[0].set_ylabel("gate weight")
     from matplotlib.patches import Patch
 
-    fig.legend(handles=[Patch(color=PALETTE[g % len(PALETTE)], label=grp) for g, grp in enumerate(groups)],
-               loc="outside right upper", fontsize=7, title=by)
+    fig.legend(handles=[Patch(color=c, label=grp) for c, grp in zip(colors, groups)],
+               loc="outside right upper", fontsize=MIN_FONT, title=by)
     fig.suptitle(f"Gate distributions per {by}")
     return fig
 
@@ -547,22 +576,23 @@ def _group_means_heatmaps(frame: Any, by: str, layers: Sequence[str], scale: str
         image = ax.imshow(data, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
         image.set_gid(f"means:{layer}")
         if scale == "layer":
-            fig.colorbar(image, ax=ax, shrink=0.8, label="mean path weight")
-        ax.set_yticks(range(len(names)), [display_label(n) for n in names], fontsize=6)
-        ax.set_xticks(range(len(groups)), groups, rotation=45, ha="right", fontsize=7)
+            fig.colorbar(image, ax=ax, shrink=0.8, label=f"mean {_weight_name(frame)}")
+        ax.set_yticks(range(len(names)), [display_label(n) for n in names], fontsize=MIN_FONT)
+        ax.set_xticks(range(len(groups)), groups, rotation=45, ha="right", fontsize=MIN_FONT)
         ax.set_xlabel(by, fontsize=8)
         ax.set_title(str(layer), fontsize=9)
     axes[0].set_ylabel("path (source→destination cell)", fontsize=8)
     if scale == "shared":
-        fig.colorbar(image, ax=list(axes), shrink=0.8, label="mean path weight")
-    fig.suptitle(f"Mean path weight per {by}")
+        fig.colorbar(image, ax=list(axes), shrink=0.8, label=f"mean {_weight_name(frame)}")
+    fig.suptitle(f"Mean {_weight_name(frame)} per {by}")
     return fig
 
 
 def plot_gate_entropy(frame: Any, layers: Sequence[str] | str | None = None) -> Any:
     """Left: histogram of normalised gate entropy per layer. Right, one panel per layer: each expert's (DIME: each
-    path's) mean share of the routing weight and the share of queries it wins (top-1), as horizontal bars so that
-    16 path names stay readable."""
+    path's) mean share of the routing weight and the share of queries (DIME: image–caption pairs) it wins (top-1), as
+    horizontal bars so that 16 path names stay readable. The layers are colours; the two shares are two greys (the
+    second hatched), so no colour means a layer in one panel and a statistic in the next."""
     analysis.refuse_attention_trace(frame, "plot_gate_entropy")
     layers = _layers(frame, layers)
     stats = analysis.route_statistics(frame[frame["layer"].isin(layers)])
@@ -577,27 +607,32 @@ def plot_gate_entropy(frame: Any, layers: Sequence[str] | str | None = None) -> 
     start = max(0.0, np.floor(20 * low) / 20 - 0.05)
     # one bar per layer side by side in each bin: overlaid translucent bars mixed into a third colour
     _, _, bars = left.hist(entropies, bins=np.linspace(start, 1, 21), label=[str(layer) for layer in layers],
-                           color=[PALETTE[i % len(PALETTE)] for i in range(len(layers))])
+                           color=[CVD_PALETTE[i % len(CVD_PALETTE)] for i in range(len(layers))])
     for layer, container in zip(layers, bars if len(layers) > 1 else [bars]):
         for patch in container:
             patch.set_gid(f"entropy:{layer}")
+    rows_name = _rows_name(frame)
     left.set_xlabel("gate entropy / log(E)  (1 = uniform)", fontsize=8)
-    left.set_ylabel("queries")
-    left.legend(fontsize=7)
+    left.set_ylabel(rows_name)
+    left.tick_params(labelsize=MIN_FONT)
+    left.legend(fontsize=MIN_FONT, title="layer", title_fontsize=MIN_FONT)
     left.set_title("Routing entropy", fontsize=9)
     for ax, layer in zip(axes[1:], layers):
         s = per_layer[layer].set_index("expert")
         names = paper_order(list(s.index))[::-1]  # barh draws bottom-up: first expert on top
         s = s.loc[names]
         y = np.arange(len(s))
-        ax.barh(y + 0.2, s["mean_share"], 0.4, label="mean share", color=PALETTE[0], gid="mean_share")
-        ax.barh(y - 0.2, s["top1_share"], 0.4, label="top-1 share", color=PALETTE[1], gid="top1_share")
-        ax.set_yticks(y, [display_label(n) for n in names], fontsize=6 if len(y) > 4 else 8)
+        ax.barh(y + 0.2, s["mean_share"], 0.4, label="mean share of the weight", color="#404040", gid="mean_share")
+        ax.barh(y - 0.2, s["top1_share"], 0.4, label=f"top-1 share of {rows_name}", color="#B0B0B0", hatch="///",
+                edgecolor="white", linewidth=0, gid="top1_share")
+        ax.set_yticks(y, [display_label(n) for n in names], fontsize=MIN_FONT)
+        ax.tick_params(axis="x", labelsize=MIN_FONT)
         ax.set_xlim(0, 1)
-        ax.set_xlabel("fraction of queries / weight", fontsize=8)
+        ax.set_xlabel("share (see legend)", fontsize=8)
         ax.set_title(f"Utilisation: {layer}", fontsize=9)
         ax.grid(axis="x", linestyle="--", alpha=0.5)
-    axes[1].legend(fontsize=7, loc="lower right")
+    # under the panels: inside one it covered the bars of the last paths
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=MIN_FONT)
     return fig
 
 
@@ -629,23 +664,59 @@ def plot_path_matrices(frame: Any, title: str = "Mean path weight per layer (des
     return fig
 
 
+_BAND_WIDTHS = (1.0, 12.0)  # line widths (points) of a layer's lightest and heaviest band
+
+
+def _band_width(w: float, lo: float, hi: float) -> float:
+    """Line width of a band of weight ``w`` in a layer whose bands weigh ``lo..hi``: the layer's range spread over
+    :data:`_BAND_WIDTHS`. DIME's hidden-layer means all lie near 1/4 (0.22-0.27 in the demo run); widths
+    proportional to the weight drew them as one width, so the range is stretched and the key gives the values."""
+    thin, thick = _BAND_WIDTHS
+    if hi - lo < 1e-12:
+        return (thin + thick) / 2
+    return thin + (thick - thin) * (w - lo) / (hi - lo)
+
+
+def _is_normalised(mat: np.ndarray) -> bool:
+    """Whether each destination's incoming weights sum to 1 (DIME's hidden layers: ``raw / raw.sum(-1)`` in
+    ``mix_dense``); DIME's last layer keeps the raw sigmoid gates (``mix_final``), which do not."""
+    return bool(np.allclose(mat.sum(axis=1), 1.0, atol=1e-3))
+
+
+def _flow_key(ax: Any, x: float, y: float, layer: str, lo: float, hi: float, normalised: bool) -> None:
+    """A width key above the bands of one layer: three sample bands (lightest, middle, heaviest) with their mean
+    weights, under the layer's name and whether its weights are normalised."""
+    kind = "normalised per destination" if normalised else "raw gates, not normalised"
+    ax.text(x, y + 0.55, f"{layer} paths\n({kind})", ha="center", va="bottom", fontsize=MIN_FONT, color="dimgray",
+            gid=f"paths:{layer}")
+    for i, w in enumerate((lo, (lo + hi) / 2, hi) if hi - lo >= 1e-12 else (lo,)):
+        x0 = x - 0.3 + 0.22 * i if hi - lo >= 1e-12 else x - 0.07
+        ax.plot([x0, x0 + 0.14], [y, y], color="dimgray", linewidth=_band_width(w, lo, hi), solid_capstyle="butt",
+                gid=f"key:{layer}:{i}")
+        ax.text(x0 + 0.07, y + 0.13, f"{w:.3f}", ha="center", va="bottom", fontsize=MIN_FONT, gid=f"keyval:{layer}")
+
+
 def plot_dime_flows(frame: Any, min_weight: float = 0.0) -> Any:
     """Dense routing as a Sankey-like flow: columns of cells per layer, band width = mean path weight.
 
     Column ``l`` holds layer ``l``'s source cells, column ``l + 1`` its destinations. Each drawn band has
-    ``gid="flow:<layer>:<source>-><destination>"`` and a line width proportional to its mean weight.
+    ``gid="flow:<layer>:<source>-><destination>"``. Widths are scaled per layer, from the layer's lightest to its
+    heaviest band (:func:`_band_width`), and a key above each layer gives the weights of three widths: DIME's
+    last layer holds raw sigmoid gates (0.4-0.9) beside hidden layers normalised to about 1/4, and on one scale
+    the hidden layers' bands all looked alike.
     """
     analysis.refuse_attention_trace(frame, "plot_dime_flows")
     from matplotlib.patches import FancyBboxPatch, PathPatch
     from matplotlib.path import Path as MPath
 
     flows = analysis.flow_matrices(frame)
-    fig = _figure(2.6 * (len(flows) + 1), 3.8)
+    fig = _figure(2.6 * (len(flows) + 1), 4.6)
     ax = fig.add_subplot()
     columns = [flows[0][1]] + [f[2] for f in flows]
     ypos = [{name: (len(col) - 1) / 2 - i for i, name in enumerate(col)} for col in columns]
-    wmax = max(float(f[3].max()) for f in flows) or 1.0
     for l, (layer, sources, dests, mat) in enumerate(flows):
+        drawn = mat[mat > min_weight]
+        lo, hi = (float(drawn.min()), float(drawn.max())) if drawn.size else (0.0, 0.0)
         for d, dst in enumerate(dests):
             for s, src in enumerate(sources):
                 w = float(mat[d, s])
@@ -654,31 +725,29 @@ def plot_dime_flows(frame: Any, min_weight: float = 0.0) -> Any:
                 y0, y1 = ypos[l][src], ypos[l + 1][dst]
                 verts = [(l + 0.12, y0), (l + 0.5, y0), (l + 0.5, y1), (l + 0.88, y1)]
                 path = MPath(verts, [MPath.MOVETO, MPath.CURVE4, MPath.CURVE4, MPath.CURVE4])
-                patch = PathPatch(path, facecolor="none", edgecolor=PALETTE[s % len(PALETTE)],
-                                  linewidth=0.5 + 12.0 * w / wmax, alpha=0.55, capstyle="butt")
+                patch = PathPatch(path, facecolor="none", edgecolor=CVD_PALETTE[s % len(CVD_PALETTE)],
+                                  linewidth=_band_width(w, lo, hi), alpha=0.55, capstyle="butt")
                 patch.set_gid(f"flow:{layer}:{src}->{dst}")
                 ax.add_patch(patch)
+        _flow_key(ax, l + 0.5, max(len(c) for c in columns) / 2 + 0.1, layer, lo, hi, _is_normalised(mat))
     for c, col in enumerate(columns):
         for name, y in ypos[c].items():
             box = FancyBboxPatch((c - 0.12, y - 0.18), 0.24, 0.36, boxstyle="round,pad=0.02", facecolor="white",
                                  edgecolor="black", linewidth=0.8, zorder=3)
             ax.add_patch(box)
-            ax.text(c, y, str(name), ha="center", va="center", fontsize=7, zorder=4)
+            ax.text(c, y, str(name), ha="center", va="center", fontsize=MIN_FONT, zorder=4)
     # column l holds the cells routing layer l reads from (layer0's own cells first), the last column where the last
     # routing layer sends to; each band's layer is written between its two columns
     last = str(flows[-1][2][0]) if len(flows[-1][2]) == 1 else f"after {flows[-1][0]}"  # DIME: "output"
-    ax.set_xticks(range(len(columns)), [f"{f[0]} cells" for f in flows] + [last], fontsize=8)
-    span_top = max(len(c) for c in columns) / 2 + 0.05
-    for l, f in enumerate(flows):
-        ax.text(l + 0.5, span_top, f"{f[0]} paths", ha="center", va="bottom", fontsize=7, color="dimgray",
-                gid=f"paths:{f[0]}")
+    ax.set_xticks(range(len(columns)), [f"{f[0]} cells" for f in flows] + [last], fontsize=MIN_FONT)
     ax.set_yticks([])
     ax.set_xlim(-0.4, len(columns) - 0.6)
     span = max(len(c) for c in columns) / 2 + 0.3
-    ax.set_ylim(-span, span)
+    ax.set_ylim(-span, span + 1.2)  # head room for the keys
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
-    ax.set_title("Cell-to-cell routing flows (band width = mean path weight)", fontsize=9)
+    ax.set_title("Cell-to-cell routing flows: band width = mean path weight, on each layer's own scale (keys above)",
+                 fontsize=9)
     return fig
 
 
@@ -697,7 +766,7 @@ def plot_path_space(frame: Any, color_by: str = "category", annotate: int = 0, s
     labels = np.array([str(v) for v in labels])
     for g, group in enumerate(groups):
         m = labels == group
-        ax.scatter(coords[m, 0], coords[m, 1], s=14, alpha=0.8, color=PALETTE[g % len(PALETTE)],
+        ax.scatter(coords[m, 0], coords[m, 1], s=14, alpha=0.8, color=CVD_PALETTE[g % len(CVD_PALETTE)],
                    label=group or "(none)", gid=f"group:{group}")
     for i in range(min(annotate, len(ids))):
         ax.annotate(str(ids[i]), coords[i], fontsize=6)
@@ -705,8 +774,8 @@ def plot_path_space(frame: Any, color_by: str = "category", annotate: int = 0, s
     ax.set_xlabel(f"PC1 ({100 * ratio[0]:.0f}% var.{scaled})")
     ax.set_ylabel(f"PC2 ({100 * ratio[1]:.0f}% var.{scaled})")
     if len(groups) > 1:
-        _legend_outside(ax, fontsize=7, title=color_by)
-    ax.set_title("Queries in path space", fontsize=9)
+        _legend_outside(ax, fontsize=MIN_FONT, title=color_by)
+    ax.set_title(f"{_rows_name(frame).capitalize()} in path space", fontsize=9)  # DIME (ITM) traces pairs
     return fig
 
 
@@ -718,7 +787,8 @@ def plot_figure8(table: Any, title: str = "", label_before: str = "stage I", lab
     Top: average delta per initial rank, ``rank before - rank after`` (positive = the target moved forward, the
     paper's sign; the axis label says so); bottom: number of queries per initial rank on a symlog axis with plain
     integer ticks (0, 1, 10, 100, ...). The paper's panel size; the two y labels are aligned and each stays within
-    its own panel.
+    its own panel. Bars are blue where the target moved up and orange (hatched) where it moved down, the colours of
+    improved / worsened in :func:`plot_rank_shift`; the count line is black, a colour with no such meaning.
     """
     from matplotlib.gridspec import GridSpec
     from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
@@ -739,14 +809,22 @@ def plot_figure8(table: Any, title: str = "", label_before: str = "stage I", lab
     top = fig.add_subplot(gs[0])
     bottom = fig.add_subplot(gs[1], sharex=top)
     x = table["bin_start"].to_numpy()
-    top.bar(x, table["average_delta"].to_numpy(), width=0.8, align="center", color="royalblue")
+    delta = table["average_delta"].to_numpy()
+    up = delta >= 0
+    top.bar(x, delta, width=0.8, align="center", color=np.where(up, BETTER_COLOR, WORSE_COLOR))
+    for patch, moved_up in zip(top.patches, up):
+        if not moved_up:
+            patch.set_hatch(WORSE_HATCH)
+            patch.set_edgecolor("white")
+            patch.set_linewidth(0)
     top.axhline(0.0, color="black", linewidth=0.6)
-    top.set_ylabel(f"Average $\\Delta$ = rank {label_before}\n− rank {label_after} (> 0: moved up)", fontsize=7)
+    top.set_ylabel(f"Average $\\Delta$ = rank {label_before}\n− rank {label_after} (> 0: moved up)",
+                   fontsize=MIN_FONT)
     top.yaxis.set_major_locator(MaxNLocator(nbins=5, prune="lower"))  # no label on the seam between the panels
     top.grid(True, linestyle="--", alpha=0.6)
-    top.tick_params(labelbottom=False, labelsize=7)
+    top.tick_params(labelbottom=False, labelsize=MIN_FONT)
     counts = table["count"].to_numpy()
-    bottom.plot(x, counts, color="chocolate", linewidth=0.9)
+    bottom.plot(x, counts, color="black", linewidth=0.9)
     bottom.set_yscale("symlog", linthresh=1.0)
     peak = max(float(counts.max()) if len(counts) else 1.0, 1.0)
     decades = [0.0] + [10.0 ** e for e in range(int(np.floor(np.log10(peak))) + 1)]
@@ -754,9 +832,9 @@ def plot_figure8(table: Any, title: str = "", label_before: str = "stage I", lab
     bottom.yaxis.set_major_locator(FixedLocator(decades))
     bottom.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     bottom.yaxis.set_minor_locator(NullLocator())
-    bottom.set_ylabel("Queries", fontsize=7)
-    bottom.set_xlabel(f"Initial rank ({label_before}, 1-based)", fontsize=8)
-    bottom.tick_params(labelsize=7)
+    bottom.set_ylabel("Queries", fontsize=MIN_FONT)
+    bottom.set_xlabel(f"Initial rank ({label_before}, 1-based)", fontsize=MIN_FONT)
+    bottom.tick_params(labelsize=MIN_FONT)
     bottom.grid(True, linestyle="--", alpha=0.6)
     fig.align_ylabels([top, bottom])
     if title:
@@ -801,8 +879,8 @@ def plot_rank_shift(aligned: Any, k: int, bins: int | Sequence[int] | None = 20,
                        k)
         b.text(0.5, 0.5, f"no query with its target\nin the top-{k} pool before", ha="center", va="center",
                transform=b.transAxes, gid="no_in_pool")
-    b.plot(full["mean_rank_before"], full["mean_rank_after"], "o-", color=PALETTE[0], gid="binned_means",
-           label=f"mean {label_after} rank")
+    b.plot(full["mean_rank_before"], full["mean_rank_after"], "o-", color="black", gid="binned_means",
+           label=f"mean {label_after} rank")  # not blue: blue means "improved" in (c)
     b.plot([1, k], [1, k], "--", color="gray", linewidth=0.8, label="no change")
     if reranked:
         b.set_xlabel(f"rank {label_before} (bin mean, pool top-{k})")
@@ -811,7 +889,8 @@ def plot_rank_shift(aligned: Any, k: int, bins: int | Sequence[int] | None = 20,
         b.set_yscale("log")
         b.set_xlabel(f"rank {label_before} (bin mean, log-spaced bins over all queries)")
     b.set_ylabel(f"mean rank {label_after}")
-    b.legend(fontsize=7)
+    b.tick_params(labelsize=MIN_FONT)
+    b.legend(fontsize=MIN_FONT)
     b.set_title("(b) mean rank after per bin of rank before", fontsize=9)
     _shift_shares(c, per_cat, "% of queries with the target in the pool" if reranked
                   else "% of queries (all with a known target)")
@@ -821,57 +900,82 @@ def plot_rank_shift(aligned: Any, k: int, bins: int | Sequence[int] | None = 20,
     return fig
 
 
+# rank-shift figures: blue / orange are better / worse (BETTER_COLOR, WORSE_COLOR) and nothing else; categories take
+# the other colour-blind-safe colours and a marker each, recall bars one purple, light before and dark after
+_SHIFT_CATEGORY_COLORS = ("#009E73", "#000000", "#56B4E9", "#D55E00", "#F0E442")
+_SHIFT_MARKERS = ("o", "s", "^", "D", "v", "P")
+_RECALL_BEFORE, _RECALL_AFTER = "#E6BCD3", "#8F5575"  # Okabe-Ito's reddish purple #CC79A7, lightened / darkened
+_METRIC_HATCHES = ("", "...", "xxx", "---")  # R@1 plain, R@10 dotted, ...
+
+
 def _rank_scatter(ax: Any, aligned: Any, k: int | None, label_before: str, label_after: str) -> None:
-    """Target rank before vs after per query, coloured by category; the pool's edge ``k`` drawn when there is one."""
+    """Target rank before vs after per query, a colour and marker per category; the diagonal and the pool's edge
+    ``k`` (when there is one) are in the legend."""
     cats = sorted(aligned["category"].astype(str).unique())
     for g, cat in enumerate(cats):
         m = aligned["category"].astype(str) == cat
-        ax.scatter(aligned.loc[m, "rank_before"], aligned.loc[m, "rank_after"], s=8, alpha=0.6,
-                   color=PALETTE[g % len(PALETTE)], label=cat or "all", gid=f"scatter:{cat}")
+        ax.scatter(aligned.loc[m, "rank_before"], aligned.loc[m, "rank_after"], s=9, alpha=0.6,
+                   color=_SHIFT_CATEGORY_COLORS[g % len(_SHIFT_CATEGORY_COLORS)],
+                   marker=_SHIFT_MARKERS[g % len(_SHIFT_MARKERS)], linewidths=0, label=cat or "all queries",
+                   gid=f"scatter:{cat}")
     top = float(max(aligned["rank_before"].max(), aligned["rank_after"].max(), k or 1))
-    ax.plot([1, top], [1, top], "--", color="gray", linewidth=0.8)
-    if k is not None:
-        ax.axvline(k, color="black", linewidth=0.6, linestyle=":")
+    ax.plot([1, top], [1, top], "--", color="gray", linewidth=0.8, label="no change")
+    if k is not None:  # right of it the second stage did not re-rank: those targets keep their rank
+        ax.axvline(k, color="black", linewidth=0.8, linestyle=":", label=f"pool edge: top-{k} re-ranked",
+                   gid="pool_edge")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(f"target rank {label_before}")
     ax.set_ylabel(f"target rank {label_after}")
+    ax.tick_params(labelsize=MIN_FONT)
     ax.set_title("(a) per-query target rank (below diagonal = improved)", fontsize=9)
-    if len(cats) > 1:
-        ax.legend(fontsize=6)
+    _legend_outside(ax, fontsize=MIN_FONT, markerscale=1.5)
 
 
 def _shift_shares(ax: Any, per_cat: Any, xlabel: str) -> None:
+    """Stacked shares improved (blue) / unchanged (grey) / worsened (orange, hatched) per category."""
     y = np.arange(len(per_cat))
     left = np.zeros(len(per_cat))
-    for key, color in (("improved_pct", PALETTE[2]), ("unchanged_pct", "#bbbbbb"), ("worsened_pct", PALETTE[3])):
+    for key, color, hatch in (("improved_pct", BETTER_COLOR, ""), ("unchanged_pct", NEUTRAL_COLOR, ""),
+                              ("worsened_pct", WORSE_COLOR, WORSE_HATCH)):
         vals = per_cat[key].fillna(0).to_numpy()
-        ax.barh(y, vals, left=left, color=color, label=key.replace("_pct", ""), gid=f"share:{key}")
+        ax.barh(y, vals, left=left, color=color, hatch=hatch, edgecolor="white", linewidth=0,
+                label=key.replace("_pct", ""), gid=f"share:{key}")
         left += vals
-    ax.set_yticks(y, per_cat["category"].tolist(), fontsize=7)
+    ax.set_yticks(y, per_cat["category"].tolist(), fontsize=MIN_FONT)
+    ax.tick_params(axis="x", labelsize=MIN_FONT)
     ax.set_xlabel(xlabel)
     ax.set_xlim(0, 100)
-    _legend_outside(ax, fontsize=7)
+    _legend_outside(ax, fontsize=MIN_FONT)
     ax.set_title("(c) improved / unchanged / worsened", fontsize=9)
 
 
 def _ceiling_bars(ax: Any, per_cat: Any, k: int | None, label_before: str = "before",
                   label_after: str = "after") -> None:
     """Recall before/after per category, and the top-``k`` pool's ceiling unless ``k`` is None (no pool); the legend
-    names the rankings (``stage I R@1``), not the table's keys."""
-    keys = [c for c in per_cat.columns if c.startswith(("before_R@", "after_R@"))] + ([f"ceiling_R@{k}"] if k else [])
+    names the rankings (``stage I R@1``), not the table's keys. Before and after of one metric stand side by side,
+    light and dark of one colour; the metrics differ by hatching; the ceiling is an empty outline."""
+    metrics = [c.partition("_")[2] for c in per_cat.columns if c.startswith("before_R@")]
+    keys = [f"{side}_{m}" for m in metrics for side in ("before", "after") if f"{side}_{m}" in per_cat.columns]
+    keys += [f"ceiling_R@{k}"] if k else []
     x = np.arange(len(per_cat))
     width = 0.8 / len(keys)
     for j, key in enumerate(keys):
         side, _, metric = key.partition("_")
-        name = {"before": label_before, "after": label_after}.get(side, side)  # ceiling_R@50 -> "ceiling R@50"
-        ax.bar(x + (j - (len(keys) - 1) / 2) * width, per_cat[key].to_numpy(), width, label=f"{name} {metric}",
-               color="black" if key.startswith("ceiling") else PALETTE[j % len(PALETTE)],
-               alpha=0.35 if key.startswith("ceiling") else 1.0, gid=f"recall:{key}")
-    ax.set_xticks(x, per_cat["category"].tolist(), fontsize=7)
+        offset = x + (j - (len(keys) - 1) / 2) * width
+        if side == "ceiling":
+            ax.bar(offset, per_cat[key].to_numpy(), width, facecolor="none", edgecolor="black", linewidth=0.8,
+                   label=f"ceiling {metric}", gid=f"recall:{key}")
+            continue
+        name = label_before if side == "before" else label_after
+        ax.bar(offset, per_cat[key].to_numpy(), width, label=f"{name} {metric}",
+               color=_RECALL_BEFORE if side == "before" else _RECALL_AFTER, edgecolor="black", linewidth=0.5,
+               hatch=_METRIC_HATCHES[metrics.index(metric) % len(_METRIC_HATCHES)], gid=f"recall:{key}")
+    ax.set_xticks(x, per_cat["category"].tolist(), fontsize=MIN_FONT)
+    ax.tick_params(axis="y", labelsize=MIN_FONT)
     ax.set_ylabel("recall (%)")
     ax.set_ylim(0, 105)
-    _legend_outside(ax, fontsize=6)
+    _legend_outside(ax, fontsize=MIN_FONT)
     ax.set_title(f"(d) recall and candidate-pool ceiling (top-{k})" if k else "(d) recall", fontsize=9)
 
 
@@ -883,9 +987,11 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | s
     column ending in ``loss`` plus ``lr`` and any validation metric (``val`` prefix or ``R@`` in the name).
     A quantity that never changes (a constant learning rate) gets no panel: its value is written under the figure.
     A 0/1 phase flag a model logs (a column ending in ``_on``: DIME's ``max_violation_on`` after its sum-of-violations
-    warm-up, HREM's ``relation_on`` after ``warmup_iters``) is a shaded band in every panel, from the last logged
-    record where it is off to the first where it is on (the switch is somewhere in it): a loss that changes its
-    definition there moves for that reason.
+    warm-up, HREM's ``relation_on`` after ``warmup_iters``) shades every panel from the first logged record where it
+    is on to the end of the run (the phase lasts to the end), with the interval before it, back to the last record
+    where it is off, hatched (the switch is somewhere in it) and "<phase> on from here" written at its start: a loss
+    that changes its definition there moves for that reason. (A band over the switch interval alone read as "on only
+    during this interval".)
     """
     import pandas as pd
 
@@ -915,22 +1021,43 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | s
     for ax, key in zip(axes, keys):
         m = df[key].notna()
         ax.plot(xs[m], df.loc[m, key], marker="." if m.sum() < 30 else None, linewidth=1.0, gid=f"curve:{key}")
-        ax.set_title(key, fontsize=8)
-        ax.set_xlabel(x or "record", fontsize=7)
-        ax.set_ylabel(key, fontsize=7)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel(x or "record", fontsize=MIN_FONT)
+        ax.set_ylabel(key, fontsize=MIN_FONT)
+        ax.tick_params(labelsize=MIN_FONT)
         ax.grid(True, linestyle="--", alpha=0.5)
-    for name, (off, on) in _phase_starts(df, xs).items():
+    phases = _phase_starts(df, xs)
+    end = float(np.nanmax(xs.to_numpy(dtype=float)))
+    for name, (off, on) in phases.items():
         for ax in axes[:len(keys)]:
-            ax.axvspan(off, on, color="gray", alpha=0.2, linewidth=0, gid=f"phase:{name}")
-        axes[0].annotate(f"{name.removesuffix('_on').replace('_', ' ')} on", (on, 1.0),
-                         xycoords=("data", "axes fraction"), xytext=(2, -2), textcoords="offset points",
-                         va="top", fontsize=6, color="dimgray")
+            _shade_phase(ax, name, off, on, end)
+    if phases:
+        _phase_legend(fig, list(phases))
     for ax in axes[len(keys):]:
         ax.axis("off")
     if constant:
         note = "constant: " + ", ".join(f"{k} = {float(v):g}" for k, v in constant.items())
         fig.supxlabel(note, fontsize=8, gid="constants")
     return fig
+
+
+def _shade_phase(ax: Any, name: str, off: float, on: float, end: float) -> None:
+    """The phase ``name`` in one panel: grey from its first 'on' record ``on`` to the run's ``end``, hatched over
+    ``off..on``, where it switched at some step the log does not record."""
+    ax.axvspan(on, max(on, end), color="gray", alpha=0.15, linewidth=0, gid=f"phase:{name}")
+    ax.axvspan(off, on, facecolor="none", edgecolor="gray", hatch="//", linewidth=0, alpha=0.5, gid=f"switch:{name}")
+
+
+def _phase_legend(fig: Any, names: Sequence[str]) -> None:
+    """Above the panels: grey = the phase is on, hatched = it switched somewhere between two logged records."""
+    from matplotlib.patches import Patch
+
+    handles = []
+    for name in names:
+        label = name.removesuffix("_on").replace("_", " ")
+        handles += [Patch(color="gray", alpha=0.15, label=f"{label} on (to the end)"),
+                    Patch(facecolor="none", edgecolor="gray", hatch="//", label=f"{label} switched on in here")]
+    fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), fontsize=MIN_FONT, frameon=False)
 
 
 def _phase_starts(df: Any, xs: Any) -> dict[str, tuple[float, float]]:
@@ -952,31 +1079,51 @@ def _phase_starts(df: Any, xs: Any) -> dict[str, tuple[float, float]]:
 # --------------------------------------------------------------------------------------------- CaLa: HCA and TAC
 def _heat(fig: Any, ax: Any, mat: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str,
           cmap: str = "viridis", center: bool = False, label: str = "",
-          limits: tuple[float, float] | None = None, levels: Mapping[float, str] | None = None) -> None:
+          limits: tuple[float, float] | None = None, levels: Mapping[float, str] | None = None,
+          bar_location: str = "right") -> None:
     """A labelled heatmap with its own colour bar, titled ``label`` (what the colours measure); ``limits`` fixes
     the colour range (panels that show the same quantity share one); ``levels`` names the only values a map holds
-    (a 0/1 mask: its bar shows those two, not a continuous scale)."""
+    (a 0/1 mask: its bar shows those two, not a continuous scale); ``bar_location`` puts the bar ("bottom": under
+    the panel, where its label cannot be read as the next panel's y label). A uniform map (TAC's later steps, every
+    weight 1/n) gets no bar: a 0.20-0.28 scale for one value carried nothing, the panel says "uniform" instead."""
     kw: dict[str, Any] = {"cmap": cmap, "aspect": "auto"}
     if limits is not None:
         kw.update(vmin=limits[0], vmax=limits[1])
     elif center:
         lim = float(np.nanmax(np.abs(mat))) or 1.0
         kw.update(cmap="RdBu_r", vmin=-lim, vmax=lim)
-    elif np.nanmax(mat) - np.nanmin(mat) < 1e-4:  # a uniform map (TAC's later steps): say so, not 1e-8 offsets
-        mid = float(np.nanmean(mat))
-        kw.update(vmin=mid - 0.05, vmax=mid + 0.05)
-        title = f"{title} (uniform, {mid:.3g})"
+    elif np.nanmax(mat) - np.nanmin(mat) < 1e-4:
+        _uniform(ax, mat, rows, cols, title)
+        return
     im = ax.imshow(mat, **kw)
-    ax.set_xticks(range(len(cols)), list(cols), rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(rows)), list(rows), fontsize=7)
-    ax.set_title(title, fontsize=9)
-    bar = fig.colorbar(im, ax=ax, shrink=0.8, label=label or None)
+    _heat_ticks(ax, rows, cols, title)
+    bar = fig.colorbar(im, ax=ax, shrink=0.8, label=label or None, location=bar_location)
+    bar.ax.xaxis.label.set_fontsize(8)
     bar.ax.yaxis.label.set_fontsize(8)
+    bar.ax.tick_params(labelsize=MIN_FONT)
     if levels:
-        bar.set_ticks(list(levels), labels=list(levels.values()), fontsize=7)
+        bar.set_ticks(list(levels), labels=list(levels.values()), fontsize=MIN_FONT)
         return
     bar.formatter.set_useOffset(False)
     bar.update_ticks()
+
+
+def _heat_ticks(ax: Any, rows: Sequence[str], cols: Sequence[str], title: str) -> None:
+    ax.set_xticks(range(len(cols)), list(cols), rotation=60, ha="right", fontsize=MIN_FONT)
+    ax.set_yticks(range(len(rows)), list(rows), fontsize=MIN_FONT)
+    ax.set_title(title, fontsize=9)
+
+
+def _uniform(ax: Any, mat: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str) -> None:
+    """A map with one value everywhere, drawn light grey with the value written on it (1/n when it is a uniform
+    attention over n keys)."""
+    mid = float(np.nanmean(mat))
+    n = mat.shape[1]
+    share = f"1/{n} = " if n and abs(mid - 1.0 / n) < 1e-4 else ""
+    ax.imshow(np.zeros_like(mat, dtype=float), cmap="Greys", vmin=0.0, vmax=10.0, aspect="auto")
+    _heat_ticks(ax, rows, cols, f"{title} (uniform, {mid:.3g})")
+    ax.text(0.5, 0.5, f"uniform:\n{share}{mid:.3g} everywhere\n(no information)", transform=ax.transAxes,
+            ha="center", va="center", fontsize=9, gid="uniform")
 
 
 def plot_cala_bridges(frame: Any, query_id: Any | None = None, text: str = "", steps: Sequence[int] = (1, 4)) -> Any:
@@ -1020,11 +1167,7 @@ def plot_cala_bridges(frame: Any, query_id: Any | None = None, text: str = "", s
     top[2].set_xlabel("target query", fontsize=8)
     top[2].set_ylabel("reference query", fontsize=8)
     ax = top[3]
-    values = bridge[0]
-    ax.barh(range(len(values)), values, color=[PALETTE[2] if v >= 0 else PALETTE[3] for v in values])
-    ax.set_yticks(range(len(bridge_words)), bridge_words, fontsize=7)
-    ax.invert_yaxis()
-    ax.axvline(0, color="black", lw=0.6)
+    _signed_bars(ax, bridge[0], bridge_words)
     ax.set_gid("hca:bridge")
     ax.set_title("bridge: word's share of ref query 0's hinge logit", fontsize=9)
     ax.set_xlabel("bridge value", fontsize=8)
@@ -1034,10 +1177,38 @@ def plot_cala_bridges(frame: Any, query_id: Any | None = None, text: str = "", s
             axis = fig.add_subplot(tac[0, i * len(steps) + j])
             mat, dst, src = analysis.layer_matrix(frame, f"tac.{name}_attention.step{step}", query_id)
             _heat(fig, axis, mat, dst, src, f"TAC {label}, step {step}", cmap="magma", label="attention weight")
-            axis.set_xlabel("attended token", fontsize=8)
+            axis.set_xlabel(_tac_keys(name, step), fontsize=8)
             axis.set_ylabel(f"{name} query", fontsize=8)
     fig.suptitle(f"CaLa query {query_id}" + (f": \u201c{text}\u201d" if text else ""), fontsize=11)
     return fig
+
+
+def _tac_keys(name: str, step: int) -> str:
+    """What TAC attends to at ``step`` (``CaLa``'s ``TwinAttentionCompositor._iterate``): the other image's tokens at
+    step 1, then its own previous output, whose token j the trace names ``prev<j>``."""
+    if step == 1:
+        return "attended token: " + ("target token t<j>" if name == "ref" else "reference token r<j>")
+    return f"attended token: prev<j> = token j of step {step - 1}'s output"
+
+
+def _signed_bars(ax: Any, values: Any, labels: Sequence[str]) -> None:
+    """Horizontal bars, one per label top-down: blue above zero, orange and hatched below, with a legend."""
+    from matplotlib.patches import Patch
+
+    values = np.asarray(values, dtype=float)
+    bars = ax.barh(range(len(values)), values, color=[BETTER_COLOR if v >= 0 else WORSE_COLOR for v in values])
+    for bar, v in zip(bars, values):
+        if v < 0:
+            bar.set_hatch(WORSE_HATCH)
+            bar.set_edgecolor("white")
+            bar.set_linewidth(0)
+    ax.set_yticks(range(len(labels)), list(labels), fontsize=MIN_FONT)
+    ax.tick_params(axis="x", labelsize=MIN_FONT)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", lw=0.6)
+    ax.legend(handles=[Patch(color=BETTER_COLOR, label="> 0: bridges"),
+                       Patch(facecolor=WORSE_COLOR, hatch=WORSE_HATCH, edgecolor="white", label="< 0: works against")],
+              fontsize=MIN_FONT, loc="best")
 
 
 def plot_bridge_words(frame: Any, top: int = 15, title: str = "") -> Any:
@@ -1047,11 +1218,8 @@ def plot_bridge_words(frame: Any, top: int = 15, title: str = "") -> Any:
     table = analysis.bridge_words(frame, top=top)
     fig = _figure(6.5, 0.32 * max(len(table), 4) + 1.4)
     ax = fig.add_subplot()
-    vals = table["bridge"].to_numpy(dtype=float)
-    ax.barh(range(len(table)), vals, color=[PALETTE[2] if v >= 0 else PALETTE[3] for v in vals])
-    ax.set_yticks(range(len(table)), [f"{w} ({c})" for w, c in zip(table["word"], table["count"])], fontsize=8)
-    ax.invert_yaxis()
-    ax.axvline(0, color="black", lw=0.6)
+    _signed_bars(ax, table["bridge"].to_numpy(dtype=float),
+                 [f"{w} ({c})" for w, c in zip(table["word"], table["count"])])
     ax.set_xlabel("mean bridge value")
     ax.set_ylabel("word (occurrences)", fontsize=8)
     ax.set_title(title or f"CaLa: words that bridge reference and target ({frame['query_id'].nunique()} queries)",
@@ -1070,7 +1238,9 @@ def plot_relation_graph(edges: Any, matrices: Sequence[str] | str = ("connection
     Image-Text Matching", CVPR 2023): the joint ``2B x 2B`` matrix over B images then B captions, one panel per
     ``matrices`` entry (the connection relation, the relevance relation, the fusion attention; ``mask`` is the
     attention bias), the four blocks i2i / i2t / t2i / t2t separated and labelled. Rows are the attention queries;
-    the mask's unconnected entries (-inf) are blank."""
+    the mask's unconnected entries (-inf) are blank. The 0/1 connection gets a two-entry legend (connected / not),
+    the continuous maps a colour bar under their own panel, and every panel its own axis labels: a bar's label at
+    its right read as the next panel's y label."""
     analysis.require_frame(edges, "plot_relation_graph: edges", "pass hrem_relation(...)['edges']")
     analysis.require_columns(edges, ("matrix",), "the relation frame")
     have = list(dict.fromkeys(edges["matrix"]))
@@ -1081,14 +1251,14 @@ def plot_relation_graph(edges: Any, matrices: Sequence[str] | str = ("connection
     if unknown:  # a misspelt name was dropped without a word (or left no panel at all)
         raise UnknownKeyError(f"plot_relation_graph: matrices {unknown} not in the relation frame; its matrices: "
                               f"{', '.join(map(str, have)) or '(none)'}")
-    fig = _figure(5.2 * len(present) + 0.4, 5.4)
+    fig = _figure(5.2 * len(present) + 0.4, 6.2)
     axes = fig.subplots(1, len(present), squeeze=False)[0]
     for ax, name in zip(axes, present):
         mat, labels, b = analysis.relation_matrix(edges, name)
-        binary = name == "connection"
-        _heat(fig, ax, mat, labels, labels, name, cmap="Greys" if binary else "viridis",
-              label=_RELATION_UNITS.get(name, name), limits=(0.0, 1.0) if binary else None,
-              levels={0.0: "not connected", 1.0: "connected"} if binary else None)
+        if name == "connection":
+            _binary_map(ax, mat, labels, name)
+        else:
+            _heat(fig, ax, mat, labels, labels, name, label=_RELATION_UNITS.get(name, name), bar_location="bottom")
         ax.set_gid(f"relation:{name}")
         ax.axhline(b - 0.5, color="red", lw=1.2)
         ax.axvline(b - 0.5, color="red", lw=1.2)
@@ -1098,9 +1268,21 @@ def plot_relation_graph(edges: Any, matrices: Sequence[str] | str = ("connection
                     fontweight="bold", gid=f"block:{block}",
                     bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "red", "lw": 0.6})
         ax.set_xlabel("key node (images | captions)", fontsize=8)
-    axes[0].set_ylabel("query node (images | captions)", fontsize=8)
+        ax.set_ylabel("query node (images | captions)", fontsize=8)
     fig.suptitle(title or f"HREM relation graph of one batch ({b} images + {mat.shape[0] - b} captions)")
     return fig
+
+
+def _binary_map(ax: Any, mat: np.ndarray, labels: Sequence[str], title: str) -> None:
+    """A 0/1 matrix in black (1) and white (0) with a two-entry legend under the panel, not a grey colour bar that
+    suggests values in between."""
+    from matplotlib.patches import Patch
+
+    ax.imshow(mat, cmap="Greys", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+    _heat_ticks(ax, labels, labels, title)
+    ax.legend(handles=[Patch(facecolor="black", edgecolor="black", label="connected"),
+                       Patch(facecolor="white", edgecolor="black", label="not connected")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=2, fontsize=MIN_FONT, frameon=False)
 
 
 def plot_word_region(word_region: Any, image_id: Any | None = None, text: str = "", value: str = "score") -> Any:
