@@ -19,8 +19,14 @@ class BuildPyWithResources(build_py):
             return
         here = Path(__file__).resolve().parent
         for folder, pattern in RESOURCES.items():
-            for source in sorted((here / folder).glob(pattern)):
-                target = Path(self.build_lib) / "cirlab" / "_resources" / folder / source.name
+            sources = sorted((here / folder).glob(pattern))
+            built = Path(self.build_lib) / "cirlab" / "_resources" / folder
+            # a build/ kept from an earlier build still holds the copy of a file since deleted from the checkout
+            for stale in sorted(built.glob(pattern)) if built.is_dir() else []:
+                if not (here / folder / stale.name).is_file():
+                    stale.unlink()
+            for source in sources:
+                target = built / source.name
                 self.mkpath(str(target.parent))
                 self.copy_file(str(source), str(target))
 

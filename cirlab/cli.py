@@ -25,18 +25,24 @@ EXAMPLES = """examples (from the repository root; `cirlab COMMAND --help` explai
   cirlab convert --from lavis blip2_pretrained.pth cala_init.pt --model cala
   cirlab models --params cala                                     # parameters per module, no weights read
   cirlab report                                                   # every notebook headless -> reports/
+  cirlab notebooks my-notebooks                                   # copies to open in JupyterLab
+installed from a wheel (no checkout): name a shipped config without its folder, e.g. cirlab train amc_synthetic_tiny
 """
 
 
 def _add_train(subparsers: Any) -> None:
+    from cirlab.core.shipped import shipped_configs
+
     p = subparsers.add_parser(
         "train", help="train a model from a YAML run config",
+        epilog=f"configs cirlab ships (pass the name): {', '.join(shipped_configs()) or 'none found'}",
         description="Train one model as a run config describes (model, preset, dataset, train, eval sections; see "
                     "configs/ and cirlab.engine.runs), then evaluate checkpoints/best.pt and write the run folder: "
                     "config.yaml, checkpoints/, log.jsonl, train_summary.json, metrics.json, topk/ (and tb/ when "
                     "tensorboard is installed and train.tensorboard is on). Under torchrun the same command "
                     "trains with DistributedDataParallel (train.batch_size is the global batch).")
-    p.add_argument("config", help="run config YAML (e.g. configs/amc_synthetic_tiny.yaml)")
+    p.add_argument("config", help="run config YAML (e.g. configs/amc_synthetic_tiny.yaml), or the name of a config "
+                                  "cirlab ships (amc_synthetic_tiny; see the list below)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config entry, value parsed as YAML; repeatable "
                         "(e.g. --set train.lr=2e-4 --set dataset.root=PATH/TO/fiq --set dataset.category=[dress])")
@@ -119,6 +125,19 @@ def _add_models(subparsers: Any) -> None:
     p.set_defaults(func=_run_models)
 
 
+def _add_notebooks(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "notebooks", help="copy the notebooks cirlab ships into a folder, to open them in JupyterLab",
+        description="Copy the notebooks cirlab ships (quickstart, train, evaluate, router_explorer, rank_shift) into "
+                    "DIR, to open and run there in JupyterLab; their runs go to DIR/runs/. An installed wheel has "
+                    "no checkout: its notebooks lie inside the package, where nothing should be written. Files "
+                    "already in DIR are refused unless --overwrite.")
+    p.add_argument("out", metavar="DIR", nargs="?", default="cirlab-notebooks",
+                   help="folder to copy them into (default: ./cirlab-notebooks; made if missing)")
+    p.add_argument("--overwrite", action="store_true", help="replace notebooks of the same name in DIR")
+    p.set_defaults(func=_run_notebooks)
+
+
 # Sub-commands owned by other modules: (name, module, hook, help). Their modules load only when the command is
 # the one being run (or for a full parser): `cirlab --help` and `cirlab models` then import no numpy or torch.
 _DELEGATED = (
@@ -187,6 +206,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         elif name not in subparsers.choices:
             subparsers.add_parser(name, help=help_text, add_help=False)
     _add_models(subparsers)
+    _add_notebooks(subparsers)
     return parser
 
 
@@ -391,6 +411,35 @@ def _key_groups(keys: Sequence[str] | None) -> str:
         groups.setdefault(key.split(".", 1)[0], []).append(key)
     named = [head if found == [head] else f"{head}.* ({len(found)})" for head, found in groups.items()]
     return ", ".join(named) or "nothing"
+
+
+def _run_notebooks(args: argparse.Namespace) -> int:
+    import shutil
+
+    from cirlab.core.errors import ConfigError, MissingPathError
+    from cirlab.core.io import check_outputs
+    from cirlab.core.shipped import inside_package, resource_dir
+
+    notebooks = sorted(resource_dir("notebooks").glob("*.ipynb"))
+    if not notebooks:
+        raise MissingPathError(f"cirlab notebooks: no notebooks in {resource_dir('notebooks')} (a wheel built "
+                               "without them: build it from the checkout, whose setup.py copies them)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"cirlab notebooks: {out} is a file; pass a folder")
+    if inside_package(out):
+        raise ConfigError(f"cirlab notebooks: {out} is inside the installed cirlab package; pass another folder")
+    pairs = [(nb, out / nb.name) for nb in notebooks]
+    same = [t for s, t in pairs if t.is_file() and t.read_bytes() == s.read_bytes()]  # copied before, not edited
+    pairs = [(s, t) for s, t in pairs if t not in same]
+    check_outputs([t for _, t in pairs], overwrite=args.overwrite, command="cirlab notebooks")  # before any copy
+    out.mkdir(parents=True, exist_ok=True)
+    for source, target in pairs:
+        shutil.copyfile(source, target)
+    kept = f" ({len(same)} already there, unchanged)" if same else ""
+    print(f"copied {len(pairs)} notebooks to {out}{kept}: {', '.join(t.name for _, t in pairs) or '-'}\n"
+          f"open them with: jupyter lab {out}   (start with quickstart.ipynb)")
+    return 0
 
 
 def _run_models(args: argparse.Namespace) -> int:

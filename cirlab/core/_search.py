@@ -84,7 +84,10 @@ def choose_backend(backend: str, queries: Tensor, gallery: Tensor, k: int) -> st
         if backend in ("filter", "bf16", "faiss") and not (cpu and fp32):
             raise ValueError(f"backend {backend!r} needs float32 CPU tensors; use 'blocks' (or 'auto')")
         if backend == "faiss" and faiss_module() is None:
-            raise ImportError("backend 'faiss' needs the faiss package: pip install cirlab[faiss] (faiss-cpu)")
+            from cirlab.core.errors import MissingExtraError
+
+            raise MissingExtraError("backend 'faiss' needs cirlab's faiss extra (faiss is not installed): "
+                                    "pip install 'cirlab[faiss]'")
         if backend in ("bf16", "faiss") and not rescoring_is_exact(queries.shape[1]):
             log.warning("topk_search: this BLAS does not reproduce its fp32 block products in the rescoring "
                         "kernel; using 'filter' instead of %r", backend)

