@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ("cirlab", "notebooks", "configs", "pyproject.toml", "setup.py", "MANIFEST.in", "README.md")
+SOURCES = ("cirlab", "notebooks", "configs", "pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,7 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_ships_every_notebook_and_config(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)  # the license its metadata declares
     for nb in (ROOT / "notebooks").glob("*.ipynb"):
         assert f"cirlab/_resources/notebooks/{nb.name}" in names
     for cfg in (ROOT / "configs").glob("*.yaml"):
