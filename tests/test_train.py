@@ -178,15 +178,30 @@ def test_ema_standard_restores_and_paper_mode_replaces(tmp_path):
 
     model = _model()
     train(model, TripletItems(16), _cfg(epochs=1, ema_decay=0.9), output_dir=tmp_path / "std", evaluate_fn=evaluate)
-    live = model.image.weight.detach().clone()
-    assert not torch.allclose(seen["weights"], live)  # evaluated on EMA weights
+    live = torch.load(tmp_path / "std" / "checkpoints" / "last.pt", weights_only=True)["model"]["image.weight"]
+    assert not torch.allclose(seen["weights"], live)  # evaluated on EMA weights, not the live ones (kept for resume)
     best = torch.load(tmp_path / "std" / "checkpoints" / "best.pt", weights_only=True)["model"]
     torch.testing.assert_close(best["image.weight"], seen["weights"])  # best.pt holds what was evaluated
+    torch.testing.assert_close(model.image.weight, seen["weights"])  # and so does the model the caller holds
 
     model = _model()
     train(model, TripletItems(16), _cfg(epochs=1, ema_decay=0.9, ema_mode="paper_no_restore"),
           output_dir=tmp_path / "paper", evaluate_fn=evaluate)
     torch.testing.assert_close(model.image.weight, seen["weights"])  # AMC quirk: live weights ARE the EMA
+
+
+def test_fit_without_evaluation_leaves_the_saved_model_in_hand_and_claims_no_selection(tmp_path):
+    """README's API example: `cirlab.fit` then `evaluate_cir(model)` printed the live weights' recall (45.0) while
+    best.pt, what `cirlab eval` loads, held the EMA's (13.75); and train_summary named "rsum" as the selection
+    metric of a run that selected nothing."""
+    model = _model()
+    summary = train(model, TripletItems(16), _cfg(epochs=2, ema_decay=0.9), output_dir=tmp_path)
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["model"]
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, best[name], rtol=0, atol=0)
+    stored = json.loads((tmp_path / "train_summary.json").read_text())
+    for record in (summary, stored):
+        assert (record["selection"], record["selection_split"], record["selection_metric"]) == ("last", None, None)
 
 
 def test_ema_reseed_after_paper_apply():

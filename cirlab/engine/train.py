@@ -1205,9 +1205,19 @@ class Trainer:
             if self.selection_split() is None or self.evaluate_fn is None:
                 with self.evaluated_weights():  # without selection, best.pt is the final model
                     self.save_weights("best.pt")
+            self._keep_evaluated_weights()
         finally:
             log.close()
         return self.summary()
+
+    def _keep_evaluated_weights(self) -> None:
+        """Leave the model holding the weights the run evaluates and saves (the EMA's in standard mode): a caller
+        who evaluates the model after ``cirlab.fit`` measured the live weights, which no checkpoint's ``model``
+        holds as ``best.pt`` does (``last.pt`` keeps the live ones and the average, for a resume)."""
+        if self.ema is not None and self.cfg.ema_mode == "standard":
+            self.ema.apply_permanently(self.model)
+            logger.info("the model holds the EMA weights now (ema_decay=%s), as evaluated and saved; "
+                        "checkpoints/last.pt keeps the live ones for a resume", self.cfg.ema_decay)
 
     def _write_config(self) -> None:
         if self.dist.is_main:
@@ -1230,10 +1240,13 @@ class Trainer:
         # demo's 20 steps read "0.31", not "0" beside a best epoch of 1)
         best_epoch = None if p.best_epoch is None else p.best_epoch + 1
         epochs = round(p.epoch + p.batch_in_epoch / self.batches_per_epoch, 3) if p.batch_in_epoch else p.epoch
+        # without an evaluate_fn nothing was selected: best.pt is the last model (a CIR run read "rsum" here)
+        selected = self.evaluate_fn is not None and self.selection_split() is not None
         summary = {"output_dir": str(self.output_dir), "steps": p.step, "epochs": epochs, "losses": self.losses,
                    "eval_history": self.eval_history, "best_score": p.best_score, "best_epoch": best_epoch,
-                   "best_step": p.best_step, "selection": self.cfg.selection,
-                   "selection_split": self.selection_split(), "selection_metric": self.cfg.selection_metric,
+                   "best_step": p.best_step, "selection": self.cfg.selection if self.evaluate_fn else "last",
+                   "selection_split": self.selection_split() if selected else None,
+                   "selection_metric": self.cfg.selection_metric if selected else None,
                    "best_checkpoint": str(self.ckpt_dir / "best.pt"),
                    "last_checkpoint": str(self.ckpt_dir / "last.pt")}
         if self.dist.is_main:
