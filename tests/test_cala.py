@@ -379,6 +379,18 @@ def test_cala_files_round_trip(tmp_path):
         assert k == k2 and torch.equal(a, b), k
 
 
+def test_a_text_embedding_smaller_than_the_tokenizer_is_one_line_not_an_index_error():
+    """`cirlab eval` of the README's converted LAVIS test file (a 32-row vocabulary) ended in torch's IndexError."""
+    from cirlab.core.errors import InputError
+
+    model = tiny(vocab_size=32)
+    with pytest.raises(InputError, match=r"the tokenizer has 30523 tokens and the model's text embedding 32 rows: "
+                                         r"set vocab_file"):
+        model.tokenize(["a red dress"])
+    ids, _ = tiny().tokenize(["a red dress"])  # the full vocabulary: the same text passes
+    assert int(ids.max()) < tiny().config.vocab_size
+
+
 def test_checkpoint_round_trip(tmp_path):
     from cirlab.core.checkpoint import save_checkpoint
     from cirlab.engine import runs

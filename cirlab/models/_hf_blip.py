@@ -187,6 +187,17 @@ def default_vocab_file() -> Path:
                                 "bert-base-uncased vocab.txt") from None
 
 
+def refuse_unknown_tokens(ids: torch.Tensor, tokenizer: Any, rows: int) -> None:
+    """A token id the text embedding has no row for (a checkpoint trained with another vocabulary: a converted
+    LAVIS test file's 33 rows) is one :class:`InputError` line saying what to set, before torch's embedding lookup
+    fails with ``IndexError: index out of range in self``."""
+    if ids.numel() and int(ids.max()) >= rows:
+        from cirlab.core.errors import InputError
+
+        raise InputError(f"the tokenizer has {len(tokenizer)} tokens and the model's text embedding {rows} rows: set "
+                         "vocab_file (model_overrides.vocab_file) to the vocabulary the checkpoint was trained with")
+
+
 def vocab_path(vocab_file: str = "") -> Path:
     """The WordPiece vocabulary of BLIP's and BLIP-2's tokenizers: ``vocab_file``, else :func:`default_vocab_file`."""
     path = Path(vocab_file).expanduser() if vocab_file else default_vocab_file()

@@ -61,7 +61,6 @@ from torch import nn
 
 from cirlab.core import io
 from cirlab.core.config import PresetMixin
-from cirlab.core.errors import InputError
 from cirlab.models import _hf_blip as hf
 from cirlab.models import blip_interop
 from cirlab.models.registry import register_model
@@ -225,10 +224,7 @@ class BlipRerankStage1(nn.Module):
         tok = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.config.max_text_len,
                              return_tensors="pt")
         rows = self.text_encoder.get_input_embeddings().num_embeddings
-        if tok["input_ids"].numel() and int(tok["input_ids"].max()) >= rows:
-            raise InputError(f"the tokenizer has {len(self.tokenizer)} tokens and the model's text embedding {rows} "
-                             "rows: set vocab_file (model_overrides.vocab_file) to the vocabulary the checkpoint was "
-                             "trained with")
+        hf.refuse_unknown_tokens(tok["input_ids"], self.tokenizer, rows)
         return tok
 
     def tokenize(self, texts: Sequence[str], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

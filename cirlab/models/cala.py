@@ -101,6 +101,7 @@ from cirlab.core import tracing
 from cirlab.core.config import PresetMixin, refuse_unread
 from cirlab.core.errors import ConfigError
 from cirlab.models import _hf_blip2 as hb
+from cirlab.models._hf_blip import refuse_unknown_tokens
 from cirlab.models.registry import register_model
 
 logger = logging.getLogger(__name__)
@@ -533,6 +534,8 @@ class CaLa(nn.Module):
             return ids.to(self.device), mask.to(self.device)
         tok = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.config.max_text_len,
                              return_tensors="pt")
+        # every Q-Former copy's word embedding has vocab_size rows (a converted LAVIS test file: 32)
+        refuse_unknown_tokens(tok["input_ids"], self.tokenizer, int(self.config.vocab_size))
         return tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
