@@ -14,7 +14,7 @@ from typing import Any, Sequence
 logger = logging.getLogger("cirlab")
 
 EXAMPLES = """examples (from the repository root; `cirlab COMMAND --help` explains each command):
-  cirlab data synth --size tiny --out data/synthetic            # the embedded synthetic sets
+  cirlab data synth --size tiny --out data/synth                 # the embedded synthetic sets
   cirlab train configs/amc_synthetic_tiny.yaml --set train.max_steps=20 --output-dir runs/demo
   cirlab train configs/hrem_synthetic_tiny.yaml --output-dir runs/hrem    # also cala_, dime_ configs
   cirlab train configs/amc_fashioniq.yaml --set dataset.root=$CIRLAB_DATA/fashioniq --resume
@@ -74,7 +74,8 @@ def _add_eval(subparsers: Any) -> None:
     p.add_argument("--config", default=None,
                    help="run config YAML describing the dataset (default: the run folder's config.yaml)")
     p.add_argument("--dataset", default=None, help="dataset name: fashioniq | shoes | cirr | f30k | coco")
-    p.add_argument("--root", default=None, help="dataset root (default: config, else $CIRLAB_DATA/<dataset>)")
+    p.add_argument("--root", default=None, help="dataset root (default: config, else $CIRLAB_DATA/<dataset> for CIR "
+                                                "data, $CIRLAB_DATA for f30k / coco precomp)")
     p.add_argument("--category", default=None, action=_Once,
                    help="one Fashion-IQ category (default: the run's dataset.category, else all three, reported each)")
     p.add_argument("--split", action="append", default=None,

@@ -12,8 +12,9 @@
 # Trains any registered model (`cirlab.list_models()`) with any preset and writes the run folder:
 # `config.yaml`, `checkpoints/{last,best}.pt`, `log.jsonl`, `tb/`, `metrics.json`, `topk/` (CIR), plus this
 # notebook's `config.json` and `figures/`. CIR models (AMC) train on a dataset in the Fashion-IQ, Shoes or CIRR
-# layout; image-text matching models (DIME) on precomp region features (`dataset="f30k"` or `"coco"`, read from
-# `<data_root>/precomp/`). The synthetic data holds both. Re-running with `resume="auto"` continues an
+# layout; image-text matching models (DIME) on precomp region features (`dataset="f30k"` or `"coco"`: a
+# `f30k_precomp/` folder in `data_root`, or in its `precomp/` as the synthetic data has it). The synthetic data
+# holds both. Re-running with `resume="auto"` continues an
 # interrupted run exactly (papermill itself cannot resume a notebook). A re-run replaces the run this notebook
 # finished in `output_dir`; any other run there (from `cirlab train`, or interrupted) is refused unless
 # `overwrite=True` or `resume="auto"`.

@@ -462,6 +462,13 @@ def test_a_model_on_a_dataset_of_the_other_task_is_one_config_error(tmp_path, ca
     with pytest.raises(ConfigError, match=r"eval\.splits: 'val' listed more than once"):
         validate_config(with_defaults({"model": "amc", "preset": "tiny", "dataset": {"name": "fashioniq"},
                                        "eval": {"splits": ["val", "test", "val"]}}))
+    # "protocol" names the metric protocol (eval) and the loader's gallery/captions (dataset.options): docs/datasets.md
+    # lists the second, `--protocol clip4cir` read "not a protocol of dataset 'fashioniq'; known: fashioniq"
+    with pytest.raises(ConfigError, match=r"eval\.protocol: 'rerank' is a protocol of the fashioniq loader .*: set it "
+                                          r"with dataset\.options\.protocol=rerank; eval\.protocol names the metric "
+                                          r"protocol \(fashioniq\)$"):
+        validate_config(with_defaults({"model": "amc", "preset": "tiny", "dataset": {"name": "fashioniq"},
+                                       "eval": {"protocol": "rerank"}}))
     # grouping by reference image needs CIR triplets: an ITM run refuses it here, not with a traceback once the
     # data and the model are built
     with pytest.raises(ConfigError, match=r"train\.group_batches groups CIR triplets .* f30k's image-caption pairs"):

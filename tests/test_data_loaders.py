@@ -464,6 +464,16 @@ def test_precomp_empty_caption_and_missing_split(tmp_path):
     assert (err.value.field, err.value.name) == ("split", "train")
 
 
+def test_precomp_val_is_the_releases_dev_split(tmp_path):
+    """The notebooks say "val" for the precomp "dev" split; `cirlab eval RUN --split val` said "split 'val' not
+    found; splits here: dev, test, train"."""
+    write_precomp(tmp_path, splits=("dev", "test"))
+    val, dev = load_precomp(tmp_path, "f30k", "val"), load_precomp(tmp_path, "f30k", "dev")
+    assert val.split == "dev" and val.captions == dev.captions and np.array_equal(val.images, dev.images)
+    write_precomp(tmp_path / "own", splits=("val", "dev"))  # a set with a val split of its own keeps it
+    assert load_precomp(tmp_path / "own", "f30k", "val").split == "val"
+
+
 # -------------------------------------------------------------------------------------------------------------- general
 
 

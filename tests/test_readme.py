@@ -25,6 +25,9 @@ SKIP_COMMANDS = {
     "make test": "the test runner itself",
     ".venv/bin/jupyter lab": "a server: tests/test_browser.py starts JupyterLab and drives it in Chromium",
     "make lavis": "builds the separate LAVIS environment (.venv-lavis, 6.8 GB, downloads); its fixtures are committed",
+    "pip install": "installs cirlab from PyPI: tests/test_wheel.py builds the wheel and installs it in a clean venv",
+    "cirlab report --smoke --out my-report": "every notebook again (minutes): tests/test_wheel.py runs the smoke "
+                                             "report from an installed wheel",
 }
 # README section -> why its blocks are not run
 SKIP_SECTIONS = {

@@ -433,6 +433,13 @@ def missing_root_hint(name: str, root: Any = None) -> str:
             "`cirlab data synth --out DIR` and use DIR")
 
 
+def loader_options(name: str) -> dict[str, Any]:
+    """The options a dataset's loader takes (``dataset.options``), each with its choices: its ``OPTIONS`` table."""
+    from cirlab.data.catalog import get_dataset
+
+    return dict(getattr(importlib.import_module(get_dataset(name).loader), "OPTIONS", {}))
+
+
 def check_options(name: str, options: dict[str, Any]) -> None:
     """Check loader options (``dataset.options``) against the loader's ``OPTIONS`` table: an unknown option or a
     value outside its choices is a :class:`~cirlab.core.errors.ConfigError` with a "did you mean" suggestion."""
@@ -440,7 +447,7 @@ def check_options(name: str, options: dict[str, Any]) -> None:
     from cirlab.data.catalog import get_dataset
 
     spec = get_dataset(name)
-    schema: dict[str, Any] = getattr(importlib.import_module(spec.loader), "OPTIONS", {})
+    schema = loader_options(name)
     unknown = sorted(set(options) - set(schema))
     if unknown:
         where = f"dataset.options ({spec.name} loader" + (")" if schema else ", which takes no options)")

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test", "testall")
 CAPTIONS_PER_IMAGE = 5
+# "val", as the notebooks and the CIR datasets name the validation split: the precomp releases call it "dev"
+SPLIT_ALIASES = {"val": "dev"}
 DEV_MAX_CAPTIONS = 5000  # VSE++ data.py: `if data_split == 'dev': self.length = 5000`
 _DEFAULT = object()
 # dataset.options the loader takes ("int?": an integer >= 1 or null)
@@ -297,6 +299,13 @@ class CaptionDataset:
         return {"text": self.split.captions[k], "caption_idx": k}
 
 
+def _split_alias(folder: Path, split: str) -> str:
+    """``split``, or the release's name for it (:data:`SPLIT_ALIASES`) where only that one is on disk."""
+    alias = SPLIT_ALIASES.get(split)
+    has = lambda s: (folder / f"{s}_ims.npy").exists() or (folder / f"{s}_caps.txt").exists()  # noqa: E731
+    return alias if alias and not has(split) and has(alias) else split
+
+
 def load_precomp(root: str | Path | None, name: str, split: str, *, max_captions: Any = _DEFAULT,
                  regions: int | None = 36, dim: int | None = 2048, sink: ProblemCollector | None = None
                  ) -> PrecompSplit:
@@ -306,7 +315,7 @@ def load_precomp(root: str | Path | None, name: str, split: str, *, max_captions
         root: folder holding ``{name}_precomp/`` (or ``precomp/{name}_precomp/``); None = ``$CIRLAB_DATA``.
         name: "f30k" | "coco" (case and aliases folded, as in :func:`cirlab.data.catalog.canonical_name`) | any
             other precomp set present under ``root``.
-        split: "train" | "dev" | "test" | "testall".
+        split: "train" | "dev" | "test" | "testall"; "val" reads "dev" where the set has no val split.
         max_captions: keep only the first captions (default: 5,000 for "dev", all otherwise; None = all).
         regions, dim: expected feature shape ``[N, regions, dim]``; None accepts any size on that axis.
         sink: problem collector (default strict: raise the first problem as DataError).
@@ -321,6 +330,7 @@ def load_precomp(root: str | Path | None, name: str, split: str, *, max_captions
     base = resolve_root(root)
     name = set_name(base, name)
     folder = precomp_dir(base, name)
+    split = _split_alias(folder, split)
     ims_path, caps_path = folder / f"{split}_ims.npy", folder / f"{split}_caps.txt"
     if not folder.is_dir() and sink.strict:
         from cirlab.core.config import did_you_mean

@@ -481,11 +481,17 @@ def _validate_eval(config: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: eval.topk: expected true or false, got {ev['topk']!r}")
     protocol = ev.get("protocol")
     if protocol is not None:
-        known = get_dataset(config["dataset"]["name"]).protocols
+        from cirlab.data.base import loader_options
+
+        name = config["dataset"]["name"]
+        known = get_dataset(name).protocols
+        if protocol in loader_options(name).get("protocol", ()):  # the word names two settings: say which is which
+            raise ConfigError(f"{source}: eval.protocol: {protocol!r} is a protocol of the {name} loader (which "
+                              f"gallery and captions a split holds): set it with dataset.options.protocol="
+                              f"{protocol}; eval.protocol names the metric protocol ({', '.join(known)})")
         if protocol not in known:
             raise ConfigError(f"{source}: eval.protocol: {protocol!r} is not a protocol of dataset "
-                              f"{config['dataset']['name']!r}{did_you_mean(protocol, known)}; "
-                              f"known: {', '.join(known)}")
+                              f"{name!r}{did_you_mean(protocol, known)}; known: {', '.join(known)}")
 
 
 def _validate_train(config: dict[str, Any], source: str) -> None:

@@ -1426,7 +1426,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                              "NOTEBOOK.KEY=VALUE for one; data_root=PATH uses your data instead of the synthetic set")
     parser.add_argument("--out", default="reports",
                         help="report folder, relative to the current directory (default: reports)")
-    parser.add_argument("--smoke", action="store_true", help="tiny data and a few steps (seconds per notebook)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny data and a few steps (about 15 s a notebook, a few minutes in all)")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel (default: the notebook's, else python3)")
     parser.add_argument("--notebooks", default=None, metavar="DIR",
                         help="folder of the notebooks to run (default: the checkout's notebooks/, else the copies "
