@@ -277,6 +277,26 @@ def test_missing_runs_and_data_name_absolute_paths_and_the_fixing_command(tmp_pa
     assert out.is_absolute() and out.name == "train" and out.parent.name == "runs"
 
 
+def test_the_default_run_of_another_dataset_is_refused_before_any_data_is_read(tmp_path, monkeypatch):
+    """evaluate / router_explorer with dataset="shoes" and no run named took the report's Fashion-IQ run, read the
+    Shoes data, and failed at the untrained baseline advising dataset='fashioniq'."""
+    import yaml
+
+    from cirlab import workbench
+    from cirlab.core.errors import ModelMismatchError
+
+    run = tmp_path / "reports" / "train"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.pt").write_bytes(b"")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": "amc", "dataset": {"name": "fashioniq"}}))
+    monkeypatch.setenv("CIRLAB_REPORTS", str(tmp_path / "reports"))
+    with pytest.raises(ModelMismatchError, match=r"dataset='shoes': the default run .*train was trained on "
+                                                 r"'fashioniq'; train one on 'shoes' first"):
+        workbench.find_run("", dataset="shoes")
+    assert workbench.find_run("", dataset="FashionIQ") == run  # the same dataset, spelt another way
+    assert workbench.find_run(run, dataset="shoes") == run  # a run named by the user is the user's choice
+
+
 # ---------------------------------------------------------------------------------------- HREM, CaLa, DIME vs HREM
 def _train_tiny(model: str, dataset: str, data, out, settings=()):
     from cirlab import workbench

@@ -129,7 +129,21 @@ def find_run(run_dir: str | os.PathLike = "", entry: str = "", dataset: str = ""
         if inside:  # the folder above the runs (reports/ for reports/train): name the runs instead of "train it"
             hint = f"it holds the runs {', '.join(inside)}: name one of them ({path / inside[0]})"
         raise MissingPathError(f"no trained run at {path} (no checkpoints/best.pt or last.pt): {hint}")
+    if dataset and not str(run_dir):
+        _refuse_default_run_of_another_dataset(path, dataset)
     return path
+
+
+def _refuse_default_run_of_another_dataset(path: Path, dataset: str) -> None:
+    """The report's run is the default for ``dataset``'s task; one trained on another dataset failed only after the
+    data had been read (at the untrained baseline, advising the wrong dataset)."""
+    from cirlab.data.catalog import canonical_name
+
+    trained_on = (stored_config(path).get("dataset") or {}).get("name")
+    if trained_on and canonical_name(str(trained_on)) != canonical_name(dataset):
+        raise ModelMismatchError(f"dataset={dataset!r}: the default run {path} was trained on {trained_on!r}; train "
+                                 f"one on {dataset!r} first (the train notebook with dataset={dataset!r}) and name "
+                                 f"its folder (run_dir / runs), or set dataset={trained_on!r}")
 
 
 def _from_checkout(path: Path) -> Path:
