@@ -28,7 +28,7 @@ import numpy as np
 
 from cirlab.core.errors import InputError, UnknownKeyError
 from cirlab.workbench import analysis
-from cirlab.workbench.viz import PALETTE, QUERY_COLOR
+from cirlab.workbench.viz import MIN_FONT, PALETTE, QUERY_COLOR
 
 logger = logging.getLogger(__name__)
 
@@ -110,11 +110,12 @@ def plot_query_view(routes: Any, edited: Any = None, candidate_ids: Sequence[str
         ax.set_title(str(layer), fontsize=9)
         ax.set_xlabel("expert", fontsize=8)
         names = list((base.get(layer) if layer in base else new[layer]).index)
-        ax.set_xticks(np.arange(len(names)), [display_label(n) for n in names], fontsize=6,
+        ax.set_xticks(np.arange(len(names)), [display_label(n) for n in names], fontsize=MIN_FONT,
                       rotation=90 if len(names) > 4 else 0)
+        ax.tick_params(axis="y", labelsize=MIN_FONT)
     gate_axes[0].set_ylabel("gate weight", fontsize=8)
     if len(gate_axes[0].get_legend_handles_labels()[0]) > 1:
-        gate_axes[0].legend(fontsize=6, loc="upper right")
+        gate_axes[0].legend(fontsize=MIN_FONT, loc="upper right")
     ranks = _rank_line(target_rank, gallery_size, compare, labels)
     if image_fn is None:
         _candidate_list(fig.add_subplot(bottom[0, len(layers)]), ids, scores, target, ranks, TARGET_COLOR)
@@ -220,13 +221,14 @@ def plot_pair_view(routes: Any, edited: Any = None, title: str = "", labels: Seq
             ax = axes[r, c]
             image = ax.imshow(mat, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
             image.set_gid(f"paths:{label}:{layer}")
-            ax.set_xticks(range(len(sources)), sources, rotation=45, ha="right", fontsize=7)
-            ax.set_yticks(range(len(dests)), dests, fontsize=7)
+            ax.set_xticks(range(len(sources)), sources, rotation=45, ha="right", fontsize=MIN_FONT)
+            ax.set_yticks(range(len(dests)), dests, fontsize=MIN_FONT)
             for (d, s), v in np.ndenumerate(mat):
-                ax.text(s, d, f"{v:.2f}", ha="center", va="center", fontsize=6, color="black" if v > 0.5 else "white")
+                ax.text(s, d, f"{v:.2f}", ha="center", va="center", fontsize=MIN_FONT,
+                        color="black" if v > 0.5 else "white")
             ax.set_title(f"{layer} ({label})", fontsize=8)
-            ax.set_xlabel("source cell", fontsize=7)
-        axes[r, 0].set_ylabel("destination cell", fontsize=7)
+            ax.set_xlabel("source cell", fontsize=MIN_FONT)
+        axes[r, 0].set_ylabel("destination cell", fontsize=MIN_FONT)
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.7, label="path weight")
     fig.suptitle(title, fontsize=9)
     return fig
