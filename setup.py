@@ -1,8 +1,8 @@
 """Build hook only (the project is declared in pyproject.toml): ship the notebooks and the run configs in the wheel.
 
 ``cirlab report`` runs the notebooks and ``cirlab train`` takes the configs; an installed wheel has no checkout
-around it, so the build copies ``notebooks/*.ipynb`` and ``configs/*.yaml`` into ``cirlab/_resources/`` (read by
-``cirlab.workbench.report.default_notebook_dir``). Editable installs read them from the checkout instead.
+around it, so the build copies ``notebooks/*.ipynb`` and ``configs/*.yaml`` into ``cirlab/_resources/`` (found by
+``cirlab.core.shipped.resource_dir``). Editable installs read them from the checkout instead.
 """
 from pathlib import Path
 

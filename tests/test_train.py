@@ -204,6 +204,22 @@ def test_fit_without_evaluation_leaves_the_saved_model_in_hand_and_claims_no_sel
         assert (record["selection"], record["selection_split"], record["selection_metric"]) == ("last", None, None)
 
 
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_fit_leaves_the_selected_checkpoint_in_hand(tmp_path, ema):
+    """With evaluation, the checkpoint selection kept (here the first epoch's) is what the model holds afterwards,
+    not the last epoch's weights (live or averaged)."""
+    scores = iter([5.0, 1.0, 0.5])
+    model = _model()
+    summary = train(model, TripletItems(16), _cfg(epochs=3, ema_decay=ema), output_dir=tmp_path,
+                    evaluate_fn=lambda m: {"val": {"R@1": next(scores)}})
+    assert summary["best_epoch"] == 1
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["model"]
+    last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert not torch.equal(best["image.weight"], last["image.weight"])  # the selection mattered
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, best[name], rtol=0, atol=0)
+
+
 def test_ema_reseed_after_paper_apply():
     model = torch.nn.Linear(2, 1)
     ema = EMA(model, 0.5, "paper_no_restore")

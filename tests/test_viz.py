@@ -1133,3 +1133,11 @@ def test_cala_tac_panels_explain_prev_tokens_and_flag_uniform_maps():
     assert "target token" in axes["TAC reference -> target, step 1"].get_xlabel()
     bars = [ax for ax in fig.axes if not ax.images and not ax.patches]
     assert len(bars) == 3 + 2  # the HCA maps and the two step-1 maps: the uniform step-4 maps have no colour bar
+
+
+def test_training_curves_take_a_non_numeric_x():
+    """The phase shading's end was computed as a float for every figure: an x of strings raised ValueError."""
+    import pandas as pd
+
+    fig = viz.plot_training_curves(pd.DataFrame({"time": ["a", "b", "c"], "loss": [3.0, 2.0, 1.0]}), x="time")
+    assert [ax.get_title() for ax in fig.axes if ax.get_title()] == ["loss"]

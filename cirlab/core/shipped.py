@@ -22,13 +22,18 @@ def is_checkout(folder: Path) -> bool:
         return False
 
 
+def source_checkout() -> Path | None:
+    """The checkout cirlab is imported from (an editable install), or None (an installed wheel)."""
+    return PACKAGE_DIR.parent if is_checkout(PACKAGE_DIR.parent) else None
+
+
 def resource_dir(kind: str) -> Path:
     """``notebooks/`` or ``configs/`` of the checkout cirlab is imported from (an editable install), else the copy
     shipped in the wheel (``cirlab/_resources/<kind>``)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    checkout = PACKAGE_DIR.parent
-    return checkout / kind if is_checkout(checkout) else PACKAGE_DIR / "_resources" / kind
+    checkout = source_checkout()
+    return checkout / kind if checkout else PACKAGE_DIR / "_resources" / kind
 
 
 def shipped_configs() -> list[str]:
@@ -46,7 +51,7 @@ def shipped_config(name: str | os.PathLike) -> Path | None:
 def inside_package(path: str | os.PathLike) -> bool:
     """Whether ``path`` lies inside the installed cirlab package (a wheel's site-packages copy): nothing a user runs
     may write there (``pip uninstall`` leaves such files behind, an upgrade mixes them with the new version's)."""
-    if is_checkout(PACKAGE_DIR.parent):  # an editable install: the package folder is the user's checkout
+    if source_checkout():  # an editable install: the package folder is the user's checkout
         return False
     resolved = Path(path).expanduser().resolve()
     return resolved == PACKAGE_DIR or PACKAGE_DIR in resolved.parents

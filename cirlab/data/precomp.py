@@ -346,7 +346,8 @@ def load_precomp(root: str | Path | None, name: str, split: str, *, max_captions
         from cirlab.core.config import did_you_mean
 
         found = sorted({p.name.split("_")[0] for p in folder.glob("*_ims.npy")})
-        raise UnknownNameError(f"{ims_path}: split {split!r} not found{did_you_mean(split, found)}; splits here: "
+        close = did_you_mean(split, [*found, *(a for a, s in SPLIT_ALIASES.items() if s in found)])
+        raise UnknownNameError(f"{ims_path}: split {split!r} not found{close}; splits here: "
                                f"{', '.join(found) or 'none'}", "split", split)
     images = open_features(ims_path, sink, regions, dim)
     if images is not None and not sink.strict:  # the checker reads every value; loading for training does not

@@ -191,8 +191,8 @@ def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
 def read_config_file(path: str | os.PathLike, flag: str = "") -> dict[str, Any]:
     """A config YAML file's sections as written (no defaults); a folder, a missing file, a binary or non-YAML file
     and a file that is not a mapping are one-line :class:`ConfigError` naming it (after ``flag``, e.g.
-    ``--config``)."""
-    path = Path(path)
+    ``--config``). A bare name may name a config cirlab ships (:func:`config_path`)."""
+    path = config_path(path)
     name = f"{flag} {path}" if flag else str(path)
     if path.is_dir():
         raise ConfigError(f"{name} is a folder; pass a run config YAML file (e.g. configs/amc_synthetic_tiny.yaml)")
@@ -234,7 +234,7 @@ def config_path(path: str | os.PathLike) -> Path:
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Read a run config, apply ``--set`` overrides and fill defaults; errors name the file and the key. ``path``
     may name a config cirlab ships (:func:`config_path`)."""
-    path = config_path(path)
+    path = config_path(path)  # its name below is the file's
     raw = read_config_file(path)
     check_sections(raw, str(path))  # before the --set overrides merge into them
     config = with_defaults(apply_overrides(raw, parse_set(overrides)))

@@ -1211,13 +1211,23 @@ class Trainer:
         return self.summary()
 
     def _keep_evaluated_weights(self) -> None:
-        """Leave the model holding the weights the run evaluates and saves (the EMA's in standard mode): a caller
-        who evaluates the model after ``cirlab.fit`` measured the live weights, which no checkpoint's ``model``
-        holds as ``best.pt`` does (``last.pt`` keeps the live ones and the average, for a resume)."""
+        """Leave the model holding what ``best.pt`` holds: the checkpoint model selection kept (loaded back when an
+        earlier evaluation won), else the final weights as evaluated (the EMA's in standard mode). A caller who
+        evaluated the model after ``cirlab.fit`` measured the live last weights, which are not what the run saved
+        as its model (``last.pt`` keeps them, with the average, for a resume)."""
+        p = self.progress
+        if self.evaluate_fn is not None and self.selection_split() is not None and p.best_step is not None:
+            if p.best_step != p.step or (self.ema is not None and self.cfg.ema_mode == "standard"):
+                self._barrier()  # rank 0 wrote best.pt
+                best = self.ckpt_dir / "best.pt"
+                load_state(self.model, load_checkpoint(best, map_location=self.device)["model"], best)
+                logger.info("the model holds checkpoints/best.pt now (epoch %d, step %d, the one selected)",
+                            (p.best_epoch or 0) + 1, p.best_step)
+            return
         if self.ema is not None and self.cfg.ema_mode == "standard":
             self.ema.apply_permanently(self.model)
-            logger.info("the model holds the EMA weights now (ema_decay=%s), as evaluated and saved; "
-                        "checkpoints/last.pt keeps the live ones for a resume", self.cfg.ema_decay)
+            logger.info("the model holds the EMA weights now (ema_decay=%s), as evaluated and saved in "
+                        "checkpoints/best.pt; checkpoints/last.pt keeps the live ones for a resume", self.cfg.ema_decay)
 
     def _write_config(self) -> None:
         if self.dist.is_main:

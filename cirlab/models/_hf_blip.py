@@ -181,7 +181,7 @@ def default_vocab_file() -> Path:
     from cirlab.models._lite import bert_vocab_path
 
     try:
-        return bert_vocab_path()
+        return bert_vocab_path("the BERT tokenizer of BLIP and BLIP-2 (the vocab_file default)")
     except MissingExtraError as err:
         raise MissingExtraError(f"{err}; or set the model config's vocab_file (model_overrides.vocab_file) to a "
                                 "bert-base-uncased vocab.txt") from None

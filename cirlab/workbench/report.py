@@ -88,17 +88,16 @@ GLOSSARY: tuple[tuple[str, str, str], ...] = (
     (r"R@\d", "R@K", "recall at K: the percentage of queries whose target (ITM: a correct match) is among the top K"),
     (r"Rsubset@", "Rsubset@K", "CIRR's recall within the query's own subset of six similar images"),
     (r"(?<![a-z])avg(?![a-z])", "avg",
-     "the protocol's headline number: Fashion-IQ (avg_R@10 + avg_R@50) / 2 over the categories (avg_R@K: the mean "
-     "of the categories' R@K), CIRR (R@5 + Rsubset@1) / 2, Shoes (R@1 + R@10 + R@50) / 3"),
+     "the protocol's headline number: {avg} (avg_R@K: the mean of the Fashion-IQ categories' R@K)"),
     (r"(?<![a-z])rsum", "rsum", "image-text matching: R@1 + R@5 + R@10 of image-to-text plus those of text-to-image "
                                 "(at most 600)"),
     (r"(?<![a-z])(i2t|t2i)", "i2t, t2i", "image-to-text (an image queries the captions), text-to-image"),
     (r"(?<![a-z])(i2i|t2t)(?![a-z])", "i2i, t2t", "HREM's relation graph blocks: image-image, text-text"),
     (r"meanr|medr", "meanr, medr", "mean and median rank (from 1) of the first correct match"),
-    (r"NIN|GTN|CRN", "NIN, GTN, CRN",
+    (r"\b(NIN|GTN|CRN)\b", "NIN, GTN, CRN",
      "AMC's experts: NIN leaves the image features without interaction (a layer norm), GTN scales and shifts "
      "them by the text, CRN reasons over image and text jointly (self-attention); α1-α3 in the paper's Fig. 3"),
-    (r"RIC|GLGC|IMRC|CMRC", "RIC, GLGC, IMRC, CMRC",
+    (r"\b(RIC|GLGC|IMRC|CMRC)\b", "RIC, GLGC, IMRC, CMRC",
      "DIME's cells: rectified identity, global-local guidance, intra-modal reasoning, cross-modal refinement"),
     (r"stage ?(I|1)\b|before_R@|after_R@", "stage I, stage II (before, after)",
      "the re-ranker's first ranking (a dual encoder) and its second, which re-scores stage I's top K"),
@@ -484,6 +483,8 @@ def notebook_kernel(path: Path) -> str:
     name = nbformat.read(path, as_version=4).metadata.get("kernelspec", {}).get("name", "")
     if name and name in KernelSpecManager().find_kernel_specs():
         return name
+    logger.info("kernel %r named by %s is not installed; running it in this Python (%s)", name, path.name,
+                sys.executable)
     return this_python_kernel()
 
 
@@ -1278,7 +1279,10 @@ def _glossary_html(body: str) -> str:
     """The :data:`GLOSSARY` terms that ``body`` uses, as a definition list (nothing when it uses none)."""
     import re
 
-    terms = [(name, meaning) for pattern, name, meaning in GLOSSARY if re.search(pattern, body)]
+    from cirlab.core.metrics import AVG_DEFINITIONS  # here: the module imports torch, the report CLI does not
+
+    avg = "; ".join(f"{name} {formula}" for name, formula in AVG_DEFINITIONS.items())  # the formulas, written once
+    terms = [(name, meaning.replace("{avg}", avg)) for pattern, name, meaning in GLOSSARY if re.search(pattern, body)]
     if not terms:
         return ""
     items = "".join(f"<dt>{html.escape(name)}</dt><dd>{html.escape(meaning)}</dd>" for name, meaning in terms)
@@ -1428,7 +1432,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="report folder, relative to the current directory (default: reports)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny data and a few steps (about 15 s a notebook, a few minutes in all)")
-    parser.add_argument("--kernel", default=None, help="Jupyter kernel (default: the notebook's, else python3)")
+    parser.add_argument("--kernel", default=None,
+                        help="Jupyter kernel (default: the notebook's, 'cirlab', where installed (make setup), else "
+                             "one running this Python, written to $CIRLAB_CACHE/jupyter)")
     parser.add_argument("--notebooks", default=None, metavar="DIR",
                         help="folder of the notebooks to run (default: the checkout's notebooks/, else the copies "
                              "shipped in the installed package)")

@@ -989,8 +989,8 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | s
     A 0/1 phase flag a model logs (a column ending in ``_on``: DIME's ``max_violation_on`` after its sum-of-violations
     warm-up, HREM's ``relation_on`` after ``warmup_iters``) shades every panel from the first logged record where it
     is on to the end of the run (the phase lasts to the end), with the interval before it, back to the last record
-    where it is off, hatched (the switch is somewhere in it) and "<phase> on from here" written at its start: a loss
-    that changes its definition there moves for that reason. (A band over the switch interval alone read as "on only
+    where it is off, hatched (the switch is somewhere in it), both named in a legend above the panels: a loss that
+    changes its definition there moves for that reason. (A band over the switch interval alone read as "on only
     during this interval".)
     """
     import pandas as pd
@@ -1027,7 +1027,7 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | s
         ax.tick_params(labelsize=MIN_FONT)
         ax.grid(True, linestyle="--", alpha=0.5)
     phases = _phase_starts(df, xs)
-    end = float(np.nanmax(xs.to_numpy(dtype=float)))
+    end = float(pd.to_numeric(xs, errors="coerce").max()) if phases else 0.0  # an x of dates has no phases
     for name, (off, on) in phases.items():
         for ax in axes[:len(keys)]:
             _shade_phase(ax, name, off, on, end)
