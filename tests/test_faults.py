@@ -1259,6 +1259,48 @@ def f_emoji_without_npm(ws: Workspace) -> Outcome:
     return expect_error(call, r"npm was not found and no tarball was given.*--tarball")
 
 
+@fault("traceback or late failure", "refused, did you mean the shipped config")
+def f_shipped_config_name_misspelt(ws: Workspace) -> Outcome:
+    """A wheel user names a shipped config (there is no configs/ folder outside a checkout)."""
+    run = ws.run_dir()
+    return first_failure(expect_error(cli("train", "amc_synthetic_tinyy", "--output-dir", run),
+                                      r"amc_synthetic_tinyy: file not found, nor a config cirlab ships \(did you "
+                                      r"mean 'amc_synthetic_tiny'\?\)"),
+                         check(not run.exists(), f"{run} was created"))
+
+
+@fault("data loss", "refused: an edited notebook copy is kept")
+def f_notebooks_over_an_edited_copy(ws: Workspace) -> Outcome:
+    out = ws.root / "my-notebooks"
+    ws.allowed.append(out)
+    first = cli("notebooks", out)
+    edited = out / "quickstart.ipynb"
+    edited.write_text("my edits")
+    again = cli("notebooks", out)
+    return first_failure(check(first.code == 0, f"the first copy failed: {first.log}"),
+                         expect_error(again, r"cirlab notebooks: .*quickstart\.ipynb exists; pass --overwrite"),
+                         check(edited.read_text() == "my edits", "the edited notebook was replaced"))
+
+
+@fault("traceback or late failure", "refused: says where the loader's protocol is set")
+def f_loader_protocol_as_eval_protocol(ws: Workspace) -> Outcome:
+    return _config_error(ws, r"eval\.protocol: 'clip4cir' is a protocol of the fashioniq loader .*dataset\.options\."
+                             r"protocol=clip4cir", "eval.protocol=clip4cir")
+
+
+@fault("traceback or late failure", "refused naming the extra to install")
+def f_report_without_the_notebooks_extra(ws: Workspace) -> Outcome:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    with mock.patch.object(importlib.util, "find_spec", lambda name, *a: None if name == "papermill" else
+                           real(name, *a)):
+        call = cli("report", "--smoke", "--only", "train", "--out", ws.root / "reports")
+    return first_failure(expect_error(call, r"needs cirlab's notebooks extra \(papermill is not installed\): pip "
+                                            r"install 'cirlab\[notebooks\]'"),
+                         check(not (ws.root / "reports").exists(), "the report folder was made first"))
+
+
 # ============================================================================================================ tests
 
 
