@@ -20,8 +20,9 @@
 # file per run (`topk/<run>/dev_t2i.topk.npz`: one row per caption, ranked images), which the rank-shift notebook
 # compares query by query (e.g. DIME vs HREM). Precomp data has region features, not pictures: no galleries.
 #
-# With its defaults this notebook evaluates the AMC run `make demo` trained (`reports/train`) on the data it was
-# trained on, from whatever folder the kernel starts in, and writes `runs/evaluate/` in the checkout.
+# With its defaults this notebook evaluates the AMC run `make demo` (`cirlab report`) trained (`reports/train`) on the
+# data it was trained on, from whatever folder the kernel starts in, and writes `runs/evaluate/` in the checkout
+# (outside one, in the notebook's folder).
 
 # %%
 # %matplotlib inline
@@ -33,11 +34,11 @@ from cirlab import analysis, metrics, viz, workbench
 from cirlab.data.catalog import is_itm
 
 # %% tags=["parameters"]
-runs: list = []  # run folders to evaluate, each with config.yaml and checkpoints/ ([]: reports/train from make demo)
+runs: list = []  # run folders to evaluate, each with config.yaml and checkpoints/ ([]: reports/train, from make demo)
 dataset: str = "fashioniq"  # fashioniq | shoes | cirr (CIR runs) | f30k | coco (ITM runs, data_root/precomp)
 data_root: str = ""  # folder holding the dataset ("": $CIRLAB_DATA, else the data the first run was trained on)
 split: str = "val"  # split to evaluate
-output_dir: str = ""  # metrics.json, config.json, figures/, topk/<run>/ ("": runs/evaluate in the checkout)
+output_dir: str = ""  # metrics.json, config.json, figures/, topk/<run>/ ("": runs/evaluate, in the checkout or here)
 k: int = 50  # length of the written top-K lists
 include_untrained: bool = True  # also evaluate an untrained copy of the first run's model (a baseline)
 n_show: int = 4  # queries per gallery figure

@@ -23,7 +23,8 @@
 #
 # This notebook: generate the synthetic data, train a small AMC for a few minutes, look at what it
 # retrieves, its metrics, and the gates its router chose. Open it first: it needs nothing but `make setup`
-# (or `make demo`), whatever folder the kernel starts in, and writes `runs/quickstart/` in the checkout.
+# (or `pip install 'cirlab[notebooks]'`), whatever folder the kernel starts in, and writes `runs/quickstart/` in
+# the checkout (outside one, in the notebook's folder).
 
 # %%
 # %matplotlib inline
@@ -32,7 +33,7 @@ from cirlab import analysis, metrics, viz, workbench
 
 # %% tags=["parameters"]
 data_root: str = ""  # the data ("": $CIRLAB_DATA, else the synthetic data in the cache, generated if missing)
-output_dir: str = ""  # the run folder, metrics.json, config.json, figures/ ("": runs/quickstart in the checkout)
+output_dir: str = ""  # the run folder, metrics.json, config.json, figures/ ("": runs/quickstart, checkout or here)
 preset: str = "tiny"  # AMC preset: tiny (a few minutes on CPU) | lite (real pretrained features, slower)
 epochs: int = 2  # passes over the training data (75 optimizer steps each on the synthetic set, batch 32)
 max_steps: int = 0  # stop after this many optimizer steps (0: no cap)
