@@ -350,6 +350,7 @@ def _checkpoint_of(target_arg: str, name: str) -> tuple[Path, Path | None]:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from cirlab.core.errors import UnknownNameError
     from cirlab.engine.runs import evaluate_split, load_split, model_from_checkpoint, protocol_of
     from cirlab.engine.train import resolve_device
 
@@ -361,7 +362,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     config = _eval_config(args, run_dir)
     splits = config["eval"].get("splits") or [config["dataset"]["val_split"]]
     _check_eval_outputs(args, splits)
-    loaded = {split: load_split(config, split) for split in splits}  # a wrong --root fails before the model loads
+    try:
+        loaded = {split: load_split(config, split) for split in splits}  # a wrong --root fails before the model loads
+    except UnknownNameError as err:
+        flag = {"split": ("--split", args.split or []), "category": ("--category", [args.category])}.get(err.field)
+        if flag and err.name in flag[1]:  # the flag set it, not the config: blame the flag
+            raise UnknownNameError(f"{flag[0]} {err.name}: {err.reason}", err.field, err.name, err.reason) from None
+        raise
     model, meta = model_from_checkpoint(checkpoint, model=args.model, preset=args.preset,
                                         trust_pickle=args.trust_pickle, overrides=config.get("model_overrides"))
     if meta.get("converted_from"):

@@ -1259,6 +1259,17 @@ def f_emoji_without_npm(ws: Workspace) -> Outcome:
     return expect_error(call, r"npm was not found and no tarball was given.*--tarball")
 
 
+@fault("traceback or late failure", "refused naming the flag, did you mean")
+def f_eval_split_and_category_flag_typos(ws: Workspace) -> Outcome:
+    """They were blamed on eval.splits=['vall'] / dataset.category, entries the user never wrote."""
+    run = ws.run_dir(copy_finished=True)
+    return first_failure(expect_error(cli("eval", run, "--split", "vall"),
+                                      r"^--split vall: unknown Fashion-IQ split 'vall' \(did you mean 'val'\?\)"),
+                         expect_error(cli("eval", run, "--category", "dres"),
+                                      r"^--category dres: unknown Fashion-IQ category 'dres' \(did you mean "
+                                      r"'dress'\?\)"))
+
+
 @fault("traceback or late failure", "refused, did you mean the shipped config")
 def f_shipped_config_name_misspelt(ws: Workspace) -> Outcome:
     """A wheel user names a shipped config (there is no configs/ folder outside a checkout)."""

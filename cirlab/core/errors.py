@@ -24,15 +24,17 @@ class ConfigError(CirlabError, ValueError):
 class UnknownNameError(ConfigError):
     """A dataset loader was asked for a split or a category it does not have. ``field`` says which (``"split"`` or
     ``"category"``) and ``name`` holds the name as asked, so that a caller can say which config entry holds it
-    (``dataset.val_split=vall: ...``) without reading the message."""
+    (``dataset.val_split=vall: ...``) without reading the message; ``reason`` is the loader's own message when the
+    error names the config entries in front of it."""
 
-    def __init__(self, message: str, field: str = "split", name: str = "") -> None:
+    def __init__(self, message: str, field: str = "split", name: str = "", reason: str = "") -> None:
         super().__init__(message)
         self.field = field
         self.name = name
+        self.reason = reason or message
 
     def __reduce__(self) -> tuple:  # picklable (a DataLoader worker or a process pool may carry it back)
-        return type(self), (str(self), self.field, self.name)
+        return type(self), (str(self), self.field, self.name, self.reason)
 
 
 class MissingPathError(CirlabError, FileNotFoundError):

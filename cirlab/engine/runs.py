@@ -809,7 +809,7 @@ def load_split(config: dict[str, Any], split: str) -> Any:
             named = [f"dataset.{err.field}={err.name}"] if (config.get("dataset") or {}).get(err.field) else []
         if not named:
             raise
-        raise UnknownNameError(f"{', '.join(named)}: {err}", err.field, err.name) from None
+        raise UnknownNameError(f"{', '.join(named)}: {err}", err.field, err.name, err.reason) from None
 
 
 def _entries_naming_split(config: dict[str, Any], split: str) -> list[str]:
