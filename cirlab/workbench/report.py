@@ -1279,12 +1279,14 @@ def _glossary_html(body: str) -> str:
     """The :data:`GLOSSARY` terms that ``body`` uses, as a definition list (nothing when it uses none)."""
     import re
 
-    from cirlab.core.metrics import AVG_DEFINITIONS  # here: the module imports torch, the report CLI does not
-
-    avg = "; ".join(f"{name} {formula}" for name, formula in AVG_DEFINITIONS.items())  # the formulas, written once
-    terms = [(name, meaning.replace("{avg}", avg)) for pattern, name, meaning in GLOSSARY if re.search(pattern, body)]
+    terms = [(name, meaning) for pattern, name, meaning in GLOSSARY if re.search(pattern, body)]
     if not terms:
         return ""
+    if any("{avg}" in meaning for _, meaning in terms):  # only then: the metrics module imports torch (slow; an
+        from cirlab.core.metrics import AVG_DEFINITIONS  # interrupted report writes its index on the way out)
+
+        avg = "; ".join(f"{name} {formula}" for name, formula in AVG_DEFINITIONS.items())  # the formulas, once
+        terms = [(name, meaning.replace("{avg}", avg)) for name, meaning in terms]
     items = "".join(f"<dt>{html.escape(name)}</dt><dd>{html.escape(meaning)}</dd>" for name, meaning in terms)
     names = html.escape(", ".join(name for name, _ in terms))
     return f"<details><summary>Terms used on this page: {names}</summary><dl class='terms'>{items}</dl></details>"
