@@ -332,6 +332,30 @@ def _notebook(path, body: str) -> None:
     nbformat.write(nb, path)
 
 
+def test_the_kernels_get_the_thread_policy_and_the_caller_keeps_its_environment(tmp_path, monkeypatch):
+    """run_report sets the thread policy for its kernels; a Python session that called it gets its environment
+    back (else its own training afterwards would run on the report's share of the cores)."""
+    from cirlab.core.threads import ENV
+
+    for key in (ENV, "OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv(ENV, "1")  # the policy the kernels must see, whatever this machine's size
+    before = dict(os.environ)
+    nbs = tmp_path / "notebooks"
+    nbs.mkdir()
+    _notebook(nbs / "evaluate.ipynb", "import os\np = pathlib.Path(out)\np.mkdir(parents=True, exist_ok=True)\n"
+                                      "(p / 'env.json').write_text(json.dumps(dict(os.environ)))")
+    monkeypatch.setattr(report, "ORDER", ("evaluate",))
+    monkeypatch.setattr(report, "REPORT_PARAMETERS", {"evaluate": {"fail": False, "out": "{out}/evaluate"}})
+    out = tmp_path / "reports"
+    code = report.run_report(out, only="evaluate", overrides={"data_root": str(tmp_path)}, kernel_name="python3",
+                             notebook_dir=nbs, stream=io.StringIO())
+    assert code == 0
+    seen = json.loads((out / "evaluate" / "env.json").read_text())
+    assert seen["OMP_WAIT_POLICY"] == "PASSIVE" and seen["OMP_NUM_THREADS"] == "1"
+    assert dict(os.environ) == before
+
+
 def test_failed_only_run_keeps_the_previous_report_and_marks_it(tmp_path, monkeypatch):
     nbs = tmp_path / "notebooks"
     nbs.mkdir()
@@ -431,8 +455,12 @@ def test_jobs_a_failure_starts_nothing_new_and_keeps_what_ran(tmp_path, monkeypa
 
 
 _SIGTERM_SCRIPT = """
+import faulthandler
+import signal
 import sys
 from cirlab import cli, report
+
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for the stacks of a report that hangs
 
 if __name__ == "__main__":
     names = ("train", "evaluate", "quickstart")
@@ -488,7 +516,15 @@ def test_kill_or_ctrl_c_stops_kernels_puts_results_back_and_leaves_no_files(tmp_
         proc.send_signal(signal.SIGTERM)
     else:
         os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=90)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:  # say where it hangs: every thread's stack, then stop it and its kernels
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2.0)
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"the report did not stop within 90 s of {how}\nits output:\n{log.read_text()}\n"
+                    f"its stderr and stacks:\n{err}")
     text = log.read_text()
     assert proc.returncode == (143 if how == "SIGTERM" else 130), (text, err)
     assert ("terminated" if how == "SIGTERM" else "interrupted") in err

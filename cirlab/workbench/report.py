@@ -864,7 +864,26 @@ def export_html(notebook: Path) -> Path:
     return path
 
 
+def _environ_restored(fn: Any) -> Any:
+    """Run ``fn`` and put this process's environment back after it: the report sets variables for its kernels
+    and entry processes (the thread policy, ``JUPYTER_PATH`` for :func:`this_python_kernel`), which a notebook
+    or Python session that called :func:`run_report` must not keep (its own training would run on one thread)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        before = dict(os.environ)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for key in set(os.environ) - set(before):
+                del os.environ[key]
+            os.environ.update({k: v for k, v in before.items() if os.environ.get(k) != v})
+
+    return wrapper
+
+
 @_sigterm_as_interrupt
+@_environ_restored
 def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | None = None,
                overrides: Mapping[str, Any] | None = None, smoke: bool = False, kernel_name: str | None = None,
                notebook_dir: Path | None = None, stream: TextIO | None = sys.stdout,
