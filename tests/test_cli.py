@@ -538,6 +538,16 @@ def test_synthetic_generate_refuses_a_bad_seed_or_size_by_name(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("argv, verbose", [
+    (["train", "amc_synthetic_tiny", "-v"], True), (["-v", "train", "amc_synthetic_tiny"], True),
+    (["train", "amc_synthetic_tiny"], False), (["data", "check", "--dataset", "cirr", "--verbose"], True),
+    (["report", "--only", "evaluate", "-v"], True), (["models"], False)])
+def test_verbose_is_taken_before_or_after_the_command(argv, verbose):
+    from cirlab.cli import build_parser
+
+    assert build_parser(argv).parse_args(argv).verbose is verbose
+
+
 def test_version_names_cirlab_torch_and_transformers_from_one_source(capsys):
     from importlib.metadata import version
 
