@@ -37,8 +37,9 @@
 #   2B x 2B heatmap with its four blocks i2i / i2t / t2i / t2t labelled (connection, relevance, fusion
 #   attention), and the word-region relevance of one caption, with its words (`cirlab.models.hrem.relation_frames`).
 #
-# With its defaults this notebook opens the AMC run `make demo` trained (`reports/train`; `reports/train_dime`
-# with `dataset="f30k"`), from whatever folder the kernel starts in, and writes `runs/router_explorer/`.
+# With its defaults this notebook opens the AMC run `make demo` (`cirlab report`) trained (`reports/train`;
+# `reports/train_dime` with `dataset="f30k"`), from whatever folder the kernel starts in, and writes
+# `runs/router_explorer/`.
 
 # %%
 # %matplotlib inline

@@ -19,8 +19,9 @@
 # finished in `output_dir`; any other run there (from `cirlab train`, or interrupted) is refused unless
 # `overwrite=True` or `resume="auto"`.
 #
-# With its defaults this notebook reads the synthetic data `make demo` generated and writes `runs/train/` in the
-# checkout, from whatever folder the kernel starts in. A progress bar (steps, loss, ETA) follows the training.
+# With its defaults this notebook reads the synthetic data `make demo` (`cirlab report`) generated and writes
+# `runs/train/` in the checkout, from whatever folder the kernel starts in. A progress bar (steps, loss, ETA)
+# follows the training.
 #
 # Tracking keys (TensorBoard needs none; Comet/W&B) are read from environment variables only, never from
 # parameters: papermill writes every parameter into the executed notebook.
