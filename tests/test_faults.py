@@ -1100,7 +1100,13 @@ def _interrupt_at(step: int, signum: int) -> Any:
         if record["step"] == step:
             os.kill(os.getpid(), signum)
 
-    return mock.patch.object(Trainer, "after_step", after_step)
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(Trainer, "after_step", after_step))
+    # not ignored, as in a terminal's foreground job (a test run started in the background of a non-interactive
+    # shell inherits Ctrl-C ignored, and training then rightly leaves it alone)
+    previous = signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    stack.callback(signal.signal, signum, previous)
+    return stack
 
 
 def _interrupted_then_resumed(ws: Workspace, signum: int) -> Outcome:

@@ -461,6 +461,9 @@ import sys
 from cirlab import cli, report
 
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for the stacks of a report that hangs
+# Ctrl-C as a terminal's foreground job gets it: a test run started in the background of a non-interactive shell
+# passes SIGINT down ignored, and the report then (rightly) leaves an ignored Ctrl-C alone
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if __name__ == "__main__":
     names = ("train", "evaluate", "quickstart")

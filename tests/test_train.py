@@ -482,3 +482,23 @@ def test_the_last_step_is_logged_whatever_log_every_says(tmp_path):
     # 4 steps at log_every=3: the first, the third and the last (the notebook's progress stopped at step 70 of 75)
     train(_model(), TripletItems(16), _cfg(epochs=2, log_every=3), output_dir=tmp_path)
     assert [r["step"] for r in _read_log(tmp_path / "log.jsonl") if r["kind"] == "train"] == [1, 3, 4]
+
+
+def test_ctrl_c_handling_leaves_an_ignored_sigint_alone():
+    """A background job of a shell script is started with Ctrl-C ignored; training must not take it over (a
+    Ctrl-C of the script's foreground command would stop it too), but still stops cleanly on SIGTERM."""
+    import signal
+
+    from cirlab.engine.train import _StopSignals
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _StopSignals() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with _StopSignals() as stop:
+            assert signal.getsignal(signal.SIGINT) == stop._handle
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, previous)

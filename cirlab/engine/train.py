@@ -950,7 +950,10 @@ def repair_log(path: Path, last_step: int | None = None) -> int:
 
 class _StopSignals:
     """SIGINT / SIGTERM ask the loop to stop after the current optimizer step (it then writes ``last.pt``); a
-    second signal stops at once. Installed only in the main thread (signal handlers live there)."""
+    second signal stops at once. Installed only in the main thread (signal handlers live there), and not for a
+    signal this process was started with ignored: a background job of a shell script inherits Ctrl-C ignored (so
+    that a Ctrl-C of the script's foreground command leaves it running), as Python itself and ``cirlab report``
+    respect."""
 
     SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
 
@@ -961,6 +964,8 @@ class _StopSignals:
     def __enter__(self) -> "_StopSignals":
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
+                if signal.getsignal(sig) is signal.SIG_IGN:
+                    continue
                 try:
                     self._previous[sig] = signal.signal(sig, self._handle)
                 except (ValueError, OSError):  # not allowed here (an embedded interpreter)
