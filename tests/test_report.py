@@ -340,20 +340,27 @@ def test_the_kernels_get_the_thread_policy_and_the_caller_keeps_its_environment(
     for key in (ENV, "OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv(ENV, "1")  # the policy the kernels must see, whatever this machine's size
-    before = dict(os.environ)
+    keys = (ENV, "OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "JUPYTER_PATH")
+    before = {key: os.environ.get(key) for key in keys}
     nbs = tmp_path / "notebooks"
     nbs.mkdir()
     _notebook(nbs / "evaluate.ipynb", "import os\np = pathlib.Path(out)\np.mkdir(parents=True, exist_ok=True)\n"
                                       "(p / 'env.json').write_text(json.dumps(dict(os.environ)))")
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(nbs / "evaluate.ipynb", as_version=4)
+    nb.metadata["kernelspec"]["name"] = "no-such-kernel"  # the report then runs it in this Python's kernel
+    nbformat.write(nb, nbs / "evaluate.ipynb")
+    monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "cache"))  # where that kernel's spec is written
     monkeypatch.setattr(report, "ORDER", ("evaluate",))
     monkeypatch.setattr(report, "REPORT_PARAMETERS", {"evaluate": {"fail": False, "out": "{out}/evaluate"}})
     out = tmp_path / "reports"
-    code = report.run_report(out, only="evaluate", overrides={"data_root": str(tmp_path)}, kernel_name="python3",
-                             notebook_dir=nbs, stream=io.StringIO())
+    code = report.run_report(out, only="evaluate", overrides={"data_root": str(tmp_path)}, notebook_dir=nbs,
+                             stream=io.StringIO())
     assert code == 0
     seen = json.loads((out / "evaluate" / "env.json").read_text())
     assert seen["OMP_WAIT_POLICY"] == "PASSIVE" and seen["OMP_NUM_THREADS"] == "1"
-    assert dict(os.environ) == before
+    assert seen["JUPYTER_PATH"].split(os.pathsep)[0] == str(tmp_path / "cache" / "jupyter")
+    assert {key: os.environ.get(key) for key in keys} == before
 
 
 def test_failed_only_run_keeps_the_previous_report_and_marks_it(tmp_path, monkeypatch):

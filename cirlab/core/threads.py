@@ -22,6 +22,7 @@ import os
 logger = logging.getLogger(__name__)
 
 ENV = "CIRLAB_THREADS"
+CHILD_ENV = (ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")  # every variable thread_env may set
 
 
 def policy_threads(threads: int | None = None) -> int | None:

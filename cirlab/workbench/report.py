@@ -56,7 +56,7 @@ from typing import Any, Mapping, Sequence, TextIO
 
 from cirlab.core.errors import ConfigError, MissingPathError
 from cirlab.core.io import flat_numbers, folder_lock, write_json
-from cirlab.core.threads import ENV, thread_env
+from cirlab.core.threads import CHILD_ENV, ENV, thread_env
 
 logger = logging.getLogger(__name__)
 
@@ -864,20 +864,25 @@ def export_html(notebook: Path) -> Path:
     return path
 
 
+_KERNEL_ENV = (*CHILD_ENV, "JUPYTER_PATH")  # what the report sets in its own environment for its kernels
+
+
 def _environ_restored(fn: Any) -> Any:
-    """Run ``fn`` and put this process's environment back after it: the report sets variables for its kernels
-    and entry processes (the thread policy, ``JUPYTER_PATH`` for :func:`this_python_kernel`), which a notebook
+    """Run ``fn`` and put :data:`_KERNEL_ENV` back after it: the report sets the thread policy and
+    ``JUPYTER_PATH`` (:func:`this_python_kernel`) for the kernels and entry processes it starts, which a notebook
     or Python session that called :func:`run_report` must not keep (its own training would run on one thread)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        before = dict(os.environ)
+        before = {key: os.environ.get(key) for key in _KERNEL_ENV}
         try:
             return fn(*args, **kwargs)
         finally:
-            for key in set(os.environ) - set(before):
-                del os.environ[key]
-            os.environ.update({k: v for k, v in before.items() if os.environ.get(k) != v})
+            for key, value in before.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     return wrapper
 
