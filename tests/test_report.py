@@ -445,6 +445,47 @@ def test_jobs_run_independent_notebooks_side_by_side_and_keep_dependencies(tmp_p
     assert all(json.loads((out / n / report.RECORD).read_text())["status"] == "ok" for n in t)
 
 
+def test_jobs_an_entry_process_that_dies_is_one_failure_and_its_previous_results_come_back(tmp_path, monkeypatch):
+    """An entry process killed outright (the out-of-memory killer's SIGKILL, here from its own kernel) cannot put
+    its folder back or send a result: the report does both for it, in one line, and goes on."""
+    nbs = _parallel_setup(tmp_path, monkeypatch, {"train": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
+                                                  "quickstart": ""})
+    out, stream = tmp_path / "reports", io.StringIO()
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "keep.txt").write_text("previous")
+    (out / "train" / report.RECORD).write_text('{"status": "ok", "started": "2000-01-01T00:00:00"}')
+    code = report.run_report(out, overrides={"data_root": str(tmp_path)}, kernel_name="python3", notebook_dir=nbs,
+                             stream=stream, jobs=2)
+    text = stream.getvalue()
+    assert code == 1 and "Traceback" not in text
+    assert "train: FAILED" in text and "its process ended without a result (killed by SIGKILL" in text
+    assert (out / "train" / "keep.txt").read_text() == "previous" and not (out / ".train.previous").exists()
+    failed = json.loads((out / report.FAILED_DIR / "train" / report.RECORD).read_text())
+    assert failed["status"] == "failed" and "SIGKILL" in failed["error"]
+    assert (out / "quickstart" / "metrics.json").is_file()  # the entry beside it finished
+    assert "badge failed" in (out / "index.html").read_text()
+
+
+def test_jobs_from_a_script_without_a_main_guard_says_what_to_change(tmp_path):
+    """Entry processes import the script that started them: an unguarded run_report(jobs=2) there ran a second
+    report, which blamed a locked folder."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text("import sys\nfrom cirlab import report\n"
+                      "report.ORDER = ('train', 'quickstart')\n"
+                      "report.REPORT_PARAMETERS = {n: {'fail': False, 'out': '{out}/' + n} for n in report.ORDER}\n"
+                      f"sys.exit(report.run_report({str(tmp_path / 'reports')!r}, kernel_name='python3', jobs=2, "
+                      f"notebook_dir={str(tmp_path)!r}, overrides={{'data_root': {str(tmp_path)!r}}}))\n")
+    for name in ("train", "quickstart"):
+        _notebook(tmp_path / f"{name}.ipynb", "pass")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 1, run.stderr
+    assert "put the call under `if __name__ == \"__main__\":`" in run.stderr and "in use by" not in run.stderr
+    assert "train: FAILED" in run.stdout and "ended without a result (exit code 1)" in run.stdout
+
+
 def test_jobs_a_failure_starts_nothing_new_and_keeps_what_ran(tmp_path, monkeypatch):
     nbs = _parallel_setup(tmp_path, monkeypatch, {"train": "raise ValueError('broken train')", "evaluate": "",
                                                   "quickstart": "time.sleep(3)"})

@@ -901,6 +901,7 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
     ``jobs`` > 1 runs up to that many notebooks at once, each as soon as its prerequisites have finished (every
     kernel gets an equal share of the cores); after a failure no new notebook starts, the running ones finish.
     """
+    _refuse_a_reimport()
     out = Path(out).resolve()
     overrides = dict(overrides or {})
     if jobs < 1:
@@ -943,8 +944,9 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
                 return False
             except NotebookFailed as err:
                 kept = "the previous results are kept and marked" if (out / name).is_dir() else "no previous results"
+                executed = out / FAILED_DIR / name / (name + ".ipynb")
                 _say(stream, f"{tag}: FAILED after {time.time() - t0:.1f}s\n{err}\n"
-                             f"executed notebook: {out / FAILED_DIR / name / (name + '.ipynb')} ({kept})")
+                             + (f"executed notebook: {executed} ({kept})" if executed.is_file() else f"({kept})"))
                 return False
             _say(stream, f"{tag}: done in {time.time() - t0:.1f}s -> {out / name}")
             return True
@@ -961,6 +963,19 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
         if ok:
             _say(stream, f"report: {len(names)} notebook(s) in {time.time() - t_all:.1f}s -> {index}")
         return 0 if ok else 1
+
+
+def _refuse_a_reimport() -> None:
+    """``run_report(jobs=2)`` in a script without a ``__main__`` guard: each entry process (multiprocessing's
+    spawn start) imports the script again and would run a second report, which found the folder locked by the
+    first and said so, a message about the wrong thing. Say what to change instead."""
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # spawn's flag while it imports main
+        script = getattr(sys.modules.get("__mp_main__"), "__file__", None) or "your script"
+        raise ConfigError(f"run_report was called again while an entry process of the report imported "
+                          f"{script}: with jobs > 1, put the call under "
+                          "`if __name__ == \"__main__\":` (entry processes import the script that started them)")
 
 
 def _run_parallel(names: Sequence[str], one: Any, jobs: int) -> bool:
@@ -1002,10 +1017,11 @@ def _run_entry_in_process(name: str, params: Mapping[str, Any], out: Path, kerne
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_entry_child, args=(send, name, dict(params), out, kernel_name, notebook_dir, prefix,
                                                    command), name=f"cirlab-report-{name}")
+    started = _now()
     child.start()
     _CHILDREN.add(child)
     send.close()
-    outcome: Any = RuntimeError(f"{name}: the notebook's process ended without a result")
+    outcome: Any = _NO_RESULT
     try:
         while True:
             try:
@@ -1019,8 +1035,46 @@ def _run_entry_in_process(name: str, params: Mapping[str, Any], out: Path, kerne
     finally:
         child.join()
         _CHILDREN.discard(child)
+    if outcome is _NO_RESULT:  # killed (out of memory, SIGKILL) or ended by the code it imported
+        error = (f"{name}: its process ended without a result ({_exit_description(child.exitcode)}); its own "
+                 "error, if it printed one, is above")
+        if not _repair_entry(out, name, {"entry": name, "notebook": notebook_of(name), "status": "failed",
+                                         "started": started, "finished": _now(), "command": command,
+                                         "error": error}):
+            raise NotebookFailed(error)
+        return
     if outcome is not None:
         raise outcome
+
+
+_NO_RESULT = object()
+
+
+def _exit_description(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}" + (" - out of memory?" if -code == 9 else "")
+        except ValueError:
+            pass
+    return f"exit code {code}"
+
+
+def _repair_entry(out: Path, name: str, record: dict[str, Any]) -> bool:
+    """What :func:`run_entry` does after a failure, done for an entry process that died before it could: the
+    partial output goes to ``_failed/<name>/`` with ``record``, the previous results (if any) back in place.
+    True when the entry had finished after all (only its tidy-up and its message were cut off)."""
+    import shutil
+
+    folder, previous, failed = out / name, out / f".{name}.previous", out / FAILED_DIR / name
+    if (folder / RECORD).is_file() and _read_record(folder).get("started", "") >= record["started"]:
+        shutil.rmtree(previous, ignore_errors=True)  # it finished: the previous results were to go
+        return True
+    _move(folder, failed)
+    failed.mkdir(parents=True, exist_ok=True)
+    write_json(failed / RECORD, record)
+    if previous.is_dir():
+        previous.rename(folder)
+    return False
 
 
 class _PipeStream:
