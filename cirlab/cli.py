@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import copy
 import importlib
 import json
@@ -242,7 +243,7 @@ def _run_train(args: argparse.Namespace) -> int:
         print(json.dumps(result["splits"], indent=2, sort_keys=True))
         run = Path(result["checkpoint"]).parents[1]  # <run>/checkpoints/best.pt
         logger.info("run written to %s (metrics.json, checkpoints/best.pt; cirlab eval %s evaluates it again)",
-                    run, run)
+                    run, shlex.quote(str(run)))
     return 0
 
 
@@ -459,7 +460,7 @@ def _run_notebooks(args: argparse.Namespace) -> int:
         shutil.copyfile(source, target)
     kept = f" ({len(same)} already there, unchanged)" if same else ""
     print(f"copied {len(pairs)} notebooks to {out}{kept}: {', '.join(t.name for _, t in pairs) or '-'}\n"
-          f"open them with: jupyter lab {out}   (start with quickstart.ipynb)")
+          f"open them with: jupyter lab {shlex.quote(str(out))}   (start with quickstart.ipynb)")
     return 0
 
 
@@ -523,9 +524,19 @@ def _run_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _printable_anywhere() -> None:
+    """A path the terminal's encoding cannot show (an ASCII or Latin-1 terminal, ``PYTHONIOENCODING=ascii``) is
+    printed escaped (``\\xfc``), as Python's stderr does: a print at the end of a finished command raised
+    UnicodeEncodeError and turned its success into exit 1."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and getattr(stream, "errors", "") == "strict":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cirlab`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _printable_anywhere()
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -638,3 +639,18 @@ def test_a_precomp_split_typo_names_the_config_entry(tmp_path, synth, caplog):
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and errors[0].startswith("dataset.val_split=devv: "), errors
     assert "split 'devv' not found" in errors[0] and not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_a_path_an_ascii_terminal_cannot_show_is_printed_escaped_not_a_failure(tmp_path):
+    """PYTHONIOENCODING=ascii (or an ASCII / Latin-1 locale): the last print of a finished command raised
+    UnicodeEncodeError and made its success exit 1. Paths it cannot show are escaped; a pasted command is quoted."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "my nötebooks"
+    run = subprocess.run([sys.executable, "-m", "cirlab", "notebooks", str(out)], capture_output=True,
+                         env={**os.environ, "PYTHONIOENCODING": "ascii"}, timeout=120)
+    assert run.returncode == 0, run.stderr.decode("ascii", "replace")
+    text = run.stdout.decode("ascii")
+    assert "my n\\xf6tebooks" in text and "jupyter lab '" in text
+    assert (out / "quickstart.ipynb").is_file()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from cirlab.core.contracts import check_model
@@ -79,7 +80,7 @@ def describe_models() -> list[dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     for module in _MODEL_MODULES:
         spec = importlib.util.find_spec(module)
-        found = _static_entries(ast.parse(open(spec.origin, encoding="utf-8").read())) if spec and spec.origin else None
+        found = _static_entries(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) if spec and spec.origin else None
         if found is None:
             importlib.import_module(module)
             continue
