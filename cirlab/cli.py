@@ -417,9 +417,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _check_eval_outputs(args: argparse.Namespace, splits: Sequence[str]) -> None:
     """Before any work: ``--output`` must be a file path (an existing one only with ``--overwrite``), and top-K
     files of these splits already in ``--topk-dir`` (``<split>[_<category>].topk.npz``) are refused likewise."""
-    from cirlab.core.io import check_outputs
+    from cirlab.core.io import check_outputs, check_writable
 
     check_outputs([args.output], overwrite=args.overwrite, command="cirlab eval --output")
+    check_writable([Path(args.output).parent if args.output else None], command="cirlab eval --output")
+    check_writable([args.topk_dir], command="cirlab eval --topk-dir")
     if args.topk_dir and Path(args.topk_dir).is_dir():
         found = sorted(p for s in splits for pattern in (f"{s}.topk.npz", f"{s}_*.topk.npz")
                        for p in Path(args.topk_dir).glob(pattern))
@@ -439,7 +441,7 @@ def _run_notebooks(args: argparse.Namespace) -> int:
     import shutil
 
     from cirlab.core.errors import ConfigError, MissingPathError
-    from cirlab.core.io import check_outputs
+    from cirlab.core.io import check_outputs, check_writable
     from cirlab.core.shipped import inside_package, resource_dir
 
     notebooks = sorted(resource_dir("notebooks").glob("*.ipynb"))
@@ -455,6 +457,7 @@ def _run_notebooks(args: argparse.Namespace) -> int:
     same = [t for s, t in pairs if t.is_file() and t.read_bytes() == s.read_bytes()]  # copied before, not edited
     pairs = [(s, t) for s, t in pairs if t not in same]
     check_outputs([t for _, t in pairs], overwrite=args.overwrite, command="cirlab notebooks")  # before any copy
+    check_writable([out], command="cirlab notebooks")
     out.mkdir(parents=True, exist_ok=True)
     for source, target in pairs:
         shutil.copyfile(source, target)

@@ -654,3 +654,44 @@ def test_a_path_an_ascii_terminal_cannot_show_is_printed_escaped_not_a_failure(t
     text = run.stdout.decode("ascii")
     assert "my n\\xf6tebooks" in text and "jupyter lab '" in text
     assert (out / "quickstart.ipynb").is_file()
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, synth, monkeypatch, caplog):
+    """An --output or --topk-dir that cannot be written threw away a finished evaluation with a traceback;
+    `cirlab notebooks`, `data synth --out` and cirlab's own cache likewise. One line each, before any work."""
+    from cirlab.core import io as cio
+    from cirlab.engine import runs
+
+    cfg = _write_config(tmp_path / "stub.yaml", synth)
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--output-dir", str(run), "--set", "train.max_steps=2"]) == 0
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the evaluation ran")
+
+    monkeypatch.setattr(runs, "evaluate_split", never)
+    cases = [(["eval", str(run), "--output", str(a_file / "m.json")], "cirlab eval --output: cannot write into"),
+             (["eval", str(run), "--topk-dir", str(a_file / "topk")], "cirlab eval --topk-dir: cannot write into"),
+             (["notebooks", str(a_file / "nbs")], "cirlab notebooks: cannot write into"),
+             (["data", "synth", "--out", str(a_file / "synth"), "--size", "tiny"], "cannot create the folder")]
+    for argv, message in cases:
+        caplog.clear()
+        assert main(argv) == 2, argv
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and message in errors[0] and f"{a_file} is a file" in errors[0], (argv, errors)
+    assert a_file.read_text() == "mine"
+
+    monkeypatch.setattr(cio.os, "access", lambda path, mode: False)  # a read-only folder, even for root
+    with pytest.raises(cio.FolderLockedError, match=r"cannot write into .*out \(.* is not writable\)"):
+        cio.check_writable([tmp_path / "out"], command="cirlab eval --topk-dir")
+
+
+def test_a_cache_that_cannot_be_created_names_cirlab_cache(tmp_path, monkeypatch, caplog):
+    a_file = tmp_path / "home-is-a-file"
+    a_file.write_text("")
+    monkeypatch.setenv("CIRLAB_CACHE", str(a_file / "cache"))
+    assert main(["train", "amc_synthetic_tiny", "--output-dir", str(tmp_path / "run")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "cannot create the folder" in errors[0] and "set CIRLAB_CACHE" in errors[0]

@@ -154,6 +154,20 @@ def check_outputs(paths: Any, *, overwrite: bool, command: str) -> None:
                                     "path")
 
 
+def check_writable(folders: Any, *, command: str) -> None:
+    """Before any work: each folder (None: an option not given) exists or can be created, and this process may
+    write into it; else one line naming it, instead of a traceback after the work whose results it was to hold."""
+    for folder in folders:
+        if folder is None:
+            continue
+        folder = Path(folder).absolute()
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir():
+            raise FolderLockedError(f"{command}: cannot write into {folder} ({existing} is a file)")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise FolderLockedError(f"{command}: cannot write into {folder} ({existing} is not writable)")
+
+
 def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Temporary files :func:`atomic_path` left behind in ``folder`` (a process killed mid-write)."""
     folder = Path(folder)
@@ -183,10 +197,7 @@ def folder_lock(folder: str | os.PathLike, *, wait: float = 0.0) -> Iterator[Pat
     host, start time) when a live process holds it (after ``wait`` seconds, see :func:`file_lock`).
     """
     folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise FolderLockedError(f"cannot create the folder {folder} ({err.strerror or err})") from None
+    make_folder(folder)
     with file_lock(folder / LOCK_NAME, wait=wait) as path:
         yield path
 
@@ -224,8 +235,26 @@ def generated_folder_lock(folder: str | os.PathLike, *, wait: float = GENERATE_W
     generated tree itself stays byte-identical for a seed), waiting for a live holder. Two runs that need the same
     data (parallel seeds, notebooks side by side) then write it once: the second finds the first one's write."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(folder.parent)
     return file_lock(folder.parent / f".{folder.name}{LOCK_NAME}", wait=wait)
+
+
+def make_folder(folder: Path) -> None:
+    """``mkdir -p``, or one line naming the folder (and ``CIRLAB_CACHE`` when it is cirlab's cache: a read-only
+    or missing home directory)."""
+    from cirlab.core.paths import cache_dir
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        try:
+            in_cache = folder.resolve().is_relative_to(cache_dir().resolve())
+        except (OSError, RuntimeError):  # no home directory to resolve the default cache against
+            in_cache = False
+        hint = "; it is cirlab's cache: set CIRLAB_CACHE to a folder you can write" if in_cache else ""
+        a_file = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{a_file} is a file" if a_file is not None else err.strerror or str(err)
+        raise FolderLockedError(f"cannot create the folder {folder} ({why}){hint}") from None
 
 
 def _acquire(path: Path, wait: float = 0.0) -> Any:
