@@ -1,7 +1,5 @@
 """``python -m cirlab``: the ``cirlab`` command (``python -m cirlab.cli`` also works, as torchrun uses it)."""
-import sys
-
-from cirlab.cli import main
+from cirlab.cli import console
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

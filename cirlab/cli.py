@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import copy
 import importlib
 import json
 import logging
+import shlex
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -557,5 +558,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(getattr(err, "exit_code", 130))
 
 
+def console() -> None:
+    """The ``cirlab`` console script (and ``python -m cirlab``): :func:`main`, then a Ctrl-C while Python shuts
+    down ends the process at once. A second Ctrl-C after a stopped run otherwise raised KeyboardInterrupt inside
+    torch's exit handlers (a traceback, or an abort with a core dump). Not done by :func:`main`, which a notebook
+    or a test calls in a process that goes on."""
+    import signal
+
+    code = main()
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when Ctrl-C is ignored
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

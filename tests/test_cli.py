@@ -695,3 +695,56 @@ def test_a_cache_that_cannot_be_created_names_cirlab_cache(tmp_path, monkeypatch
     assert main(["train", "amc_synthetic_tiny", "--output-dir", str(tmp_path / "run")]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "cannot create the folder" in errors[0] and "set CIRLAB_CACHE" in errors[0]
+
+
+def test_ctrl_c_twice_ends_training_at_once_without_a_traceback(tmp_path):
+    """"send it again to stop at once": the second Ctrl-C raised KeyboardInterrupt wherever Python was, inside
+    torch's C++ callbacks (an abort, exit 134) or its exit handlers ("Exception ignored ..."). It now ends the
+    process as an unhandled Ctrl-C does; whatever was saved is whole (a second one during the stop keeps last.pt)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run, err = tmp_path / "run", tmp_path / "stderr.txt"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "cirlab", "train", "amc_synthetic_tiny", "--output-dir", str(run),
+                                 "--set", "train.max_steps=null", "--set", "train.epochs=200"],
+                                stdout=subprocess.DEVNULL, stderr=stderr,  # Ctrl-C as a terminal's job has it:
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline and "train: step" not in err.read_text():
+        assert proc.poll() is None, err.read_text()
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)  # the run has stopped after its step; the process is winding up
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=120)
+    text = err.read_text()
+    assert not any(s in text for s in ("Traceback", "terminate called", "Exception ignored")), text
+    assert "SIGINT: training stopped" in text and (run / "checkpoints" / "last.pt").is_file()
+    assert code == -signal.SIGINT, text  # ended by the second one, as an unhandled Ctrl-C ends a process
+
+
+def test_after_a_stop_a_command_ends_at_the_next_ctrl_c_and_a_notebook_gets_its_handler_back():
+    """The mechanism behind the test above, where timing cannot reach it: once a run was asked to stop from a
+    command or script, Ctrl-C ends the process (no KeyboardInterrupt raised inside torch's callbacks or exit
+    handlers); a notebook kernel's own handler is put back (Ctrl-C interrupts a cell, the kernel lives)."""
+    import signal
+
+    from cirlab.engine.train import _StopSignals
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        for before, after in ((signal.default_int_handler, signal.SIG_DFL), (lambda *a: None, None)):
+            signal.signal(signal.SIGINT, before)
+            with _StopSignals() as stop:
+                stop._handle(signal.SIGINT, None)  # the first Ctrl-C: stop after this step
+            assert signal.getsignal(signal.SIGINT) is (before if after is None else after)
+            signal.signal(signal.SIGINT, before)
+            with _StopSignals():  # no stop asked: the handler is put back as it was
+                pass
+            assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, previous)

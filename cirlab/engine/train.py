@@ -973,10 +973,16 @@ class _StopSignals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:  # asked twice: stop now, as without cirlab
+        if self.signum is not None:  # asked twice: stop now
+            previous = self._previous.get(signum)
             self._restore()
             if signum == getattr(signal, "SIGINT", None):
-                raise KeyboardInterrupt
+                if previous is not signal.default_int_handler:  # a notebook kernel's: it interrupts the cell
+                    raise KeyboardInterrupt
+                # a command or script: end the process as an unhandled Ctrl-C does, at once. A KeyboardInterrupt
+                # raised here can surface inside torch's C++ callbacks and abort with a core dump (exit 134);
+                # last.pt and the log are written atomically, so nothing half-written is left
+                signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
@@ -989,7 +995,10 @@ class _StopSignals:
         self._previous = {}
 
     def __exit__(self, *exc: Any) -> None:
+        stopping = self.signum is not None and self._previous.get(signal.SIGINT) is signal.default_int_handler
         self._restore()
+        if stopping:  # asked to stop from a command or script: a further Ctrl-C, while it winds up, ends it at once
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _ignore_sigint(worker_id: int) -> None:
