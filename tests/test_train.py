@@ -502,3 +502,18 @@ def test_ctrl_c_handling_leaves_an_ignored_sigint_alone():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_tensorboard_is_left_out_where_it_would_name_another_folder(tmp_path, monkeypatch, caplog):
+    """tensorboard names files in UTF-8 whatever the locale: under Latin-1, a run folder with a non-ASCII letter
+    is another folder to it, and its writer thread failed mid-training. Such a run logs to log.jsonl only."""
+    from cirlab.engine import train as train_mod
+
+    assert train_mod.utf8_paths_agree(tmp_path / "rün", "utf-8")
+    assert not train_mod.utf8_paths_agree(tmp_path / "rün", "latin-1")
+    assert train_mod.utf8_paths_agree(tmp_path / "run", "latin-1")  # ASCII names are the same in both
+    monkeypatch.setattr(train_mod.sys, "getfilesystemencoding", lambda: "latin-1")
+    with caplog.at_level("WARNING"):
+        assert train_mod._RunLog._tensorboard(tmp_path / "rün") is None
+    assert "tensorboard cannot write into" in caplog.text and "log.jsonl only" in caplog.text
+    assert not (tmp_path / "rün" / "tb").exists()

@@ -691,6 +691,10 @@ class _RunLog:
         except ImportError:  # tensorboard is an optional extra
             logger.info("tensorboard is not installed; logging to log.jsonl only")
             return None
+        if not utf8_paths_agree(output_dir):
+            logger.warning("tensorboard cannot write into %s: it names files in UTF-8, this system in %s (a "
+                           "non-UTF-8 locale); logging to log.jsonl only", output_dir, sys.getfilesystemencoding())
+            return None
         return SummaryWriter(str(output_dir / "tb"))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -946,6 +950,17 @@ def repair_log(path: Path, last_step: int | None = None) -> int:
         io.write_text(path, "".join(f"{line}\n" for line in kept))
         logger.info("%s: %d record(s) after the resumed step %s removed", path, removed, last_step)
     return removed
+
+
+def utf8_paths_agree(path: Path, encoding: str | None = None) -> bool:
+    """Whether ``path`` names the same file in UTF-8 as in the file system's encoding. tensorboard encodes its
+    paths as UTF-8 whatever the locale: under a Latin-1 locale a folder named with a non-ASCII letter is another
+    folder to it, and its writer thread then failed with FileNotFoundError in the middle of training."""
+    text = str(path)
+    try:
+        return text.encode(encoding or sys.getfilesystemencoding(), "surrogateescape") == text.encode("utf-8")
+    except UnicodeError:
+        return False
 
 
 class _StopSignals:
