@@ -236,3 +236,26 @@ def test_a_junk_npy_file_is_named_not_a_pickle(tmp_path):
     assert problems["dev_ims.npy"].endswith(": the file is empty")
     assert problems["test_ims.npy"] == "cannot memory-map the array (it holds Python objects, not numbers)"
     assert not any("allow_pickle" in m for m in problems.values())
+
+
+def test_a_synthetic_tree_whose_write_was_interrupted_is_not_passed(tmp_path, monkeypatch):
+    """Ctrl-C in `cirlab data synth` after some of a layout's files: the splits written were valid, so the check
+    said OK for a tree with splits missing. A finished write (and the output root beside it) stays clean."""
+    from cirlab.data.generators import _owned, synthetic
+
+    synthetic.generate(tmp_path / "done", size="tiny", layouts=["fashioniq", "precomp"])
+    assert check_dataset("fashioniq", tmp_path / "done") == []
+    assert check_dataset("precomp", tmp_path / "done" / "precomp") == []
+    seal = _owned.seal
+
+    def interrupted(folder, generator):
+        if folder.name == "fashioniq":
+            raise KeyboardInterrupt  # after its files, before the record that says they are all there
+        seal(folder, generator)
+
+    monkeypatch.setattr(_owned, "seal", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.generate(tmp_path / "cut", size="tiny", layouts=["fashioniq"])
+    problems = check_dataset("fashioniq", tmp_path / "cut")
+    assert [p.kind for p in problems] == ["unfinished_write"]
+    assert "the write did not finish" in problems[0].message and "run the command that wrote it" in problems[0].message

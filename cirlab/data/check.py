@@ -61,6 +61,7 @@ def check_dataset(name: str, root: str | os.PathLike | None = None, *, verify_im
 
         sink.add("missing_file", root, None, missing_root_message("f30k" if key == "precomp" else key, root, given))
         return sink.problems
+    _check_finished(Path(root), sink)
     if itm:
         from cirlab.data import precomp
 
@@ -69,6 +70,19 @@ def check_dataset(name: str, root: str | os.PathLike | None = None, *, verify_im
         module = importlib.import_module(_TABLE[key].loader)
         _check_images(module, Path(root), sink, full=verify_images)
     return sink.problems
+
+
+def _check_finished(root: Path, sink: ProblemCollector) -> None:
+    """A tree cirlab's generator was writing when it stopped (Ctrl-C, a full disk) can be valid as far as it goes,
+    with splits missing: say so instead of passing it."""
+    from cirlab.data.generators import _owned, synthetic
+
+    for folder in (root, *sorted(p for p in root.iterdir() if p.is_dir())):
+        generator = _owned.unfinished(folder, (synthetic.MANIFEST,))  # emoji writes aside and renames when done
+        if generator:
+            sink.add("unfinished_write", folder / _owned.MARKER, None,
+                     f"{folder} was being written by {generator.rsplit('.', 1)[-1]} and the write did not finish "
+                     "(splits or files may be missing): run the command that wrote it again")
 
 
 def _check_images(module: ModuleType, root: Path, sink: ProblemCollector, full: bool) -> None:

@@ -32,6 +32,21 @@ def is_owned(folder: Path, generator: str, manifests: Iterable[str] = ()) -> boo
     return any((folder / name).is_file() for name in manifests)
 
 
+def unfinished(folder: Path, manifests: Iterable[str] = ()) -> str | None:
+    """The generator whose write into ``folder`` never finished, else None: its marker lacks the record of the
+    files that :func:`seal` adds last, and no completed ``manifests`` (written after everything else, in the
+    folder or the one above it) says otherwise (a build from before the record, or the output root itself)."""
+    try:
+        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or "files" in marker:
+        return None
+    if any((f / name).is_file() for f in (folder, folder.parent) for name in manifests):
+        return None
+    return str(marker.get("generator", "a cirlab generator"))
+
+
 def is_empty(folder: Path) -> bool:
     return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
 
