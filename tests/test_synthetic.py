@@ -255,3 +255,23 @@ def test_ensure_waits_for_a_second_process_writing_the_same_data(tmp_path):
     assert (root / synthetic.MANIFEST).stat().st_mtime_ns == stamp  # found written, not written again
     assert not (tmp_path / ".s.cirlab.lock").exists()  # released and removed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_ensure_rebuilds_its_interrupted_cache_without_blaming_force(tmp_path, monkeypatch, caplog):
+    """An interrupted build of cirlab's own cache is rebuilt by the next run; the log said "--force: replacing",
+    a flag nobody passed. A warning stays for what the generator did not write (tested in test_faults)."""
+    from cirlab.data.generators import _owned
+
+    monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "cache"))
+    seal = _owned.seal
+
+    def interrupted(folder, generator):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_owned, "seal", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.ensure(size="tiny", layouts=["fashioniq"])
+    monkeypatch.setattr(_owned, "seal", seal)
+    with caplog.at_level("INFO"):
+        root = synthetic.ensure(size="tiny", layouts=["fashioniq"])
+    assert (root / synthetic.MANIFEST).is_file() and "--force" not in caplog.text

@@ -551,9 +551,11 @@ def _claim(out: Path, layouts: Sequence[str], force: bool, overwrite: bool = Tru
         if foreign:
             raise _owned.refuse(command, out, foreign, "its layout folder(s) were not written by the synthetic "
                                                        "generator")
-    elif any((out / n).exists() for n in layouts):
-        logger.warning("--force: replacing %s", ", ".join(_owned.describe(out / n) for n in layouts
-                                                            if (out / n).exists()))
+    else:  # only what this generator did not write needs --force, and is worth a warning
+        foreign = [out / n for n in layouts
+                   if not _owned.is_empty(out / n) and not _owned.is_owned(out / n, __name__, (META,))]
+        if foreign:
+            logger.warning("--force: replacing %s", ", ".join(_owned.describe(p) for p in foreign))
     if overwrite:
         for name in layouts:
             _owned.refuse_foreign(command, out / name, force, (META,))
