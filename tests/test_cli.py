@@ -730,21 +730,34 @@ def test_ctrl_c_twice_ends_training_at_once_without_a_traceback(tmp_path):
 def test_after_a_stop_a_command_ends_at_the_next_ctrl_c_and_a_notebook_gets_its_handler_back():
     """The mechanism behind the test above, where timing cannot reach it: once a run was asked to stop from a
     command or script, Ctrl-C ends the process (no KeyboardInterrupt raised inside torch's callbacks or exit
-    handlers); a notebook kernel's own handler is put back (Ctrl-C interrupts a cell, the kernel lives)."""
+    handlers); in a notebook kernel (ipykernel runs cells under Python's own handler too) the handler is put back
+    and a second interrupt raises KeyboardInterrupt: the cell stops, the kernel lives."""
     import signal
+    import sys
+    import types
 
     from cirlab.engine.train import _StopSignals
 
     previous = signal.getsignal(signal.SIGINT)
+    kernel = types.ModuleType("ipykernel")
     try:
-        for before, after in ((signal.default_int_handler, signal.SIG_DFL), (lambda *a: None, None)):
-            signal.signal(signal.SIGINT, before)
-            with _StopSignals() as stop:
-                stop._handle(signal.SIGINT, None)  # the first Ctrl-C: stop after this step
-            assert signal.getsignal(signal.SIGINT) is (before if after is None else after)
-            signal.signal(signal.SIGINT, before)
-            with _StopSignals():  # no stop asked: the handler is put back as it was
-                pass
-            assert signal.getsignal(signal.SIGINT) is before
+        for before, in_kernel, after in ((signal.default_int_handler, False, signal.SIG_DFL),
+                                         (signal.default_int_handler, True, None), (lambda *a: None, False, None)):
+            with pytest.MonkeyPatch.context() as mp:
+                if in_kernel:
+                    mp.setitem(sys.modules, "ipykernel", kernel)
+                else:
+                    mp.delitem(sys.modules, "ipykernel", raising=False)
+                signal.signal(signal.SIGINT, before)
+                with _StopSignals() as stop:
+                    stop._handle(signal.SIGINT, None)  # the first Ctrl-C: stop after this step
+                    if in_kernel:  # the second: the cell's KeyboardInterrupt, not the end of the kernel
+                        with pytest.raises(KeyboardInterrupt):
+                            stop._handle(signal.SIGINT, None)
+                assert signal.getsignal(signal.SIGINT) is (before if after is None else after)
+                signal.signal(signal.SIGINT, before)
+                with _StopSignals():  # no stop asked: the handler is put back as it was
+                    pass
+                assert signal.getsignal(signal.SIGINT) is before
     finally:
         signal.signal(signal.SIGINT, previous)

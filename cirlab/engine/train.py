@@ -992,7 +992,7 @@ class _StopSignals:
             previous = self._previous.get(signum)
             self._restore()
             if signum == getattr(signal, "SIGINT", None):
-                if previous is not signal.default_int_handler:  # a notebook kernel's: it interrupts the cell
+                if previous is not signal.default_int_handler or _in_a_kernel():  # interrupt the cell, keep the kernel
                     raise KeyboardInterrupt
                 # a command or script: end the process as an unhandled Ctrl-C does, at once. A KeyboardInterrupt
                 # raised here can surface inside torch's C++ callbacks and abort with a core dump (exit 134);
@@ -1010,10 +1010,18 @@ class _StopSignals:
         self._previous = {}
 
     def __exit__(self, *exc: Any) -> None:
-        stopping = self.signum is not None and self._previous.get(signal.SIGINT) is signal.default_int_handler
+        stopping = (self.signum is not None and self._previous.get(signal.SIGINT) is signal.default_int_handler
+                    and not _in_a_kernel())
         self._restore()
         if stopping:  # asked to stop from a command or script: a further Ctrl-C, while it winds up, ends it at once
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _in_a_kernel() -> bool:
+    """Whether this is a Jupyter kernel: ipykernel runs each cell under Python's own Ctrl-C handler (and ignores
+    Ctrl-C between cells), so the handler alone cannot tell a notebook from a command, and a notebook's interrupt
+    must end the cell, never the kernel."""
+    return "ipykernel" in sys.modules
 
 
 def _ignore_sigint(worker_id: int) -> None:
