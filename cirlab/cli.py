@@ -9,7 +9,6 @@ import json
 import logging
 import shlex
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -540,7 +539,6 @@ def _printable_anywhere() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cirlab`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _printable_anywhere()
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
@@ -559,16 +557,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def console() -> None:
-    """The ``cirlab`` console script (and ``python -m cirlab``): :func:`main`, then a Ctrl-C while Python shuts
-    down ends the process at once. A second Ctrl-C after a stopped run otherwise raised KeyboardInterrupt inside
-    torch's exit handlers (a traceback, or an abort with a core dump). Not done by :func:`main`, which a notebook
-    or a test calls in a process that goes on."""
-    import signal
+    """The ``cirlab`` console script (and ``python -m cirlab``): :func:`main` in a process that is the command.
+    Output a terminal's encoding cannot show is escaped; a second Ctrl-C of a stopping run, or one while Python
+    shuts down, ends the process at once (:mod:`cirlab.core.console`). :func:`main` alone, as a notebook or a
+    test calls it, leaves both as they are."""
+    from cirlab.core import console as this_process
 
+    this_process.mark_console()
+    _printable_anywhere()
     code = main()
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when Ctrl-C is ignored
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    this_process.end_at_next_ctrl_c()
     sys.exit(code)
 
 

@@ -716,48 +716,43 @@ def test_ctrl_c_twice_ends_training_at_once_without_a_traceback(tmp_path):
     while time.time() < deadline and "train: step" not in err.read_text():
         assert proc.poll() is None, err.read_text()
         time.sleep(0.2)
-    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.3)  # the run has stopped after its step; the process is winding up
-    proc.send_signal(signal.SIGINT)
+    while time.time() < deadline and "SIGINT: training stopped" not in err.read_text() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)  # while the command winds up (importing less than a second on this machine)
     code = proc.wait(timeout=120)
     text = err.read_text()
     assert not any(s in text for s in ("Traceback", "terminate called", "Exception ignored")), text
     assert "SIGINT: training stopped" in text and (run / "checkpoints" / "last.pt").is_file()
-    assert code == -signal.SIGINT, text  # ended by the second one, as an unhandled Ctrl-C ends a process
+    assert code in (-signal.SIGINT, 130), text  # ended by the second one (or done before it arrived)
 
 
-def test_after_a_stop_a_command_ends_at_the_next_ctrl_c_and_a_notebook_gets_its_handler_back():
-    """The mechanism behind the test above, where timing cannot reach it: once a run was asked to stop from a
-    command or script, Ctrl-C ends the process (no KeyboardInterrupt raised inside torch's callbacks or exit
-    handlers); in a notebook kernel (ipykernel runs cells under Python's own handler too) the handler is put back
-    and a second interrupt raises KeyboardInterrupt: the cell stops, the kernel lives."""
+def test_after_a_stop_the_command_ends_at_the_next_ctrl_c_and_the_python_api_gets_its_handler_back(monkeypatch):
+    """The mechanism behind the test above, where timing cannot reach it. In the cirlab command, once a run was
+    asked to stop, Ctrl-C ends the process (no KeyboardInterrupt inside torch's callbacks or exit handlers). Called
+    from Python (a notebook kernel, a prompt, a script) the handler is put back and a second Ctrl-C raises
+    KeyboardInterrupt: the cell stops, the session goes on."""
     import signal
-    import sys
-    import types
 
+    from cirlab.core import console
     from cirlab.engine.train import _StopSignals
 
     previous = signal.getsignal(signal.SIGINT)
-    kernel = types.ModuleType("ipykernel")
     try:
-        for before, in_kernel, after in ((signal.default_int_handler, False, signal.SIG_DFL),
-                                         (signal.default_int_handler, True, None), (lambda *a: None, False, None)):
-            with pytest.MonkeyPatch.context() as mp:
-                if in_kernel:
-                    mp.setitem(sys.modules, "ipykernel", kernel)
-                else:
-                    mp.delitem(sys.modules, "ipykernel", raising=False)
-                signal.signal(signal.SIGINT, before)
-                with _StopSignals() as stop:
-                    stop._handle(signal.SIGINT, None)  # the first Ctrl-C: stop after this step
-                    if in_kernel:  # the second: the cell's KeyboardInterrupt, not the end of the kernel
-                        with pytest.raises(KeyboardInterrupt):
-                            stop._handle(signal.SIGINT, None)
-                assert signal.getsignal(signal.SIGINT) is (before if after is None else after)
-                signal.signal(signal.SIGINT, before)
-                with _StopSignals():  # no stop asked: the handler is put back as it was
-                    pass
-                assert signal.getsignal(signal.SIGINT) is before
+        for before, command, after in ((signal.default_int_handler, True, signal.SIG_DFL),
+                                       (signal.default_int_handler, False, signal.default_int_handler),
+                                       (lambda *a: None, False, None)):
+            monkeypatch.setattr(console, "_CONSOLE", command)
+            signal.signal(signal.SIGINT, before)
+            with _StopSignals() as stop:
+                stop._handle(signal.SIGINT, None)  # the first Ctrl-C: stop after this step
+                if not command:  # the second: the caller's KeyboardInterrupt
+                    with pytest.raises(KeyboardInterrupt):
+                        stop._handle(signal.SIGINT, None)
+            assert signal.getsignal(signal.SIGINT) is (before if after is None else after)
+            signal.signal(signal.SIGINT, before)
+            with _StopSignals():  # no stop asked: the handler is put back as it was, in the command too
+                pass
+            assert signal.getsignal(signal.SIGINT) is before
     finally:
         signal.signal(signal.SIGINT, previous)

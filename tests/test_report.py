@@ -480,10 +480,19 @@ def test_jobs_from_a_script_without_a_main_guard_says_what_to_change(tmp_path):
                       f"notebook_dir={str(tmp_path)!r}, overrides={{'data_root': {str(tmp_path)!r}}}))\n")
     for name in ("train", "quickstart"):
         _notebook(tmp_path / f"{name}.ipynb", "pass")
+    previous = tmp_path / "reports" / "train"  # results of an earlier report, which the dead entry never touched
+    previous.mkdir(parents=True)
+    (previous / "keep.txt").write_text("previous")
+    (previous / report.RECORD).write_text('{"status": "ok", "started": "2000-01-01T00:00:00"}')
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 1, run.stderr
     assert "put the call under `if __name__ == \"__main__\":`" in run.stderr and "in use by" not in run.stderr
+    assert "Traceback" not in run.stderr
     assert "train: FAILED" in run.stdout and "ended without a result (exit code 1)" in run.stdout
+    assert (previous / "keep.txt").read_text() == "previous"  # left in place, not moved to _failed
+    assert json.loads((previous / report.RECORD).read_text())["status"] == "ok"
+    assert json.loads((tmp_path / "reports" / report.FAILED_DIR / "train" / report.RECORD).read_text())["status"] \
+        == "failed"
 
 
 def test_jobs_a_failure_starts_nothing_new_and_keeps_what_ran(tmp_path, monkeypatch):

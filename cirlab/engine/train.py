@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cirlab.core import io
+from cirlab.core import console, io
 from cirlab.core.config import MAX_SEED, UnknownFieldError, did_you_mean, unknown_names_message
 from cirlab.core.contracts import HasEpochHook, HasParamGroups, Model, model_label
 from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
@@ -989,15 +989,13 @@ class _StopSignals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:  # asked twice: stop now
-            previous = self._previous.get(signum)
             self._restore()
             if signum == getattr(signal, "SIGINT", None):
-                if previous is not signal.default_int_handler or _in_a_kernel():  # interrupt the cell, keep the kernel
+                if not console.ends_with_ctrl_c():  # a notebook, a prompt, a script: the caller's interrupt
                     raise KeyboardInterrupt
-                # a command or script: end the process as an unhandled Ctrl-C does, at once. A KeyboardInterrupt
-                # raised here can surface inside torch's C++ callbacks and abort with a core dump (exit 134);
-                # last.pt and the log are written atomically, so nothing half-written is left
-                signal.signal(signum, signal.SIG_DFL)
+                # the cirlab command: end as an unhandled Ctrl-C does (last.pt and the log are written
+                # atomically, so nothing half-written is left)
+                console.end_at_next_ctrl_c()
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
@@ -1010,18 +1008,9 @@ class _StopSignals:
         self._previous = {}
 
     def __exit__(self, *exc: Any) -> None:
-        stopping = (self.signum is not None and self._previous.get(signal.SIGINT) is signal.default_int_handler
-                    and not _in_a_kernel())
         self._restore()
-        if stopping:  # asked to stop from a command or script: a further Ctrl-C, while it winds up, ends it at once
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _in_a_kernel() -> bool:
-    """Whether this is a Jupyter kernel: ipykernel runs each cell under Python's own Ctrl-C handler (and ignores
-    Ctrl-C between cells), so the handler alone cannot tell a notebook from a command, and a notebook's interrupt
-    must end the cell, never the kernel."""
-    return "ipykernel" in sys.modules
+        if self.signum is not None:  # the command winds up: a further Ctrl-C ends it at once
+            console.end_at_next_ctrl_c()
 
 
 def _ignore_sigint(worker_id: int) -> None:

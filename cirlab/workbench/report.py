@@ -968,14 +968,15 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
 def _refuse_a_reimport() -> None:
     """``run_report(jobs=2)`` in a script without a ``__main__`` guard: each entry process (multiprocessing's
     spawn start) imports the script again and would run a second report, which found the folder locked by the
-    first and said so, a message about the wrong thing. Say what to change instead."""
+    first and said so, a message about the wrong thing. Say what to change, in one line: the CLI's handler does
+    not run in a child that is still importing, so a ``SystemExit`` message is what prints one line."""
     import multiprocessing
 
     if getattr(multiprocessing.current_process(), "_inheriting", False):  # spawn's flag while it imports main
         script = getattr(sys.modules.get("__mp_main__"), "__file__", None) or "your script"
-        raise ConfigError(f"run_report was called again while an entry process of the report imported "
-                          f"{script}: with jobs > 1, put the call under "
-                          "`if __name__ == \"__main__\":` (entry processes import the script that started them)")
+        raise SystemExit(f"cirlab: run_report was called in a multiprocessing child process importing {script}: put "
+                         "the call under `if __name__ == \"__main__\":` (run_report with jobs > 1 starts such "
+                         "processes, which import the script that started them)")
 
 
 def _run_parallel(names: Sequence[str], one: Any, jobs: int) -> bool:
@@ -1035,14 +1036,14 @@ def _run_entry_in_process(name: str, params: Mapping[str, Any], out: Path, kerne
     finally:
         child.join()
         _CHILDREN.discard(child)
-    if outcome is _NO_RESULT:  # killed (out of memory, SIGKILL) or ended by the code it imported
-        error = (f"{name}: its process ended without a result ({_exit_description(child.exitcode)}); its own "
-                 "error, if it printed one, is above")
-        if not _repair_entry(out, name, {"entry": name, "notebook": notebook_of(name), "status": "failed",
-                                         "started": started, "finished": _now(), "command": command,
-                                         "error": error}):
-            raise NotebookFailed(error)
-        return
+    if outcome is _NO_RESULT:  # killed (by us after a stop, out of memory) or ended by the code it imported
+        stopped = "SIGTERM" if _TERMINATING.is_set() else "Ctrl-C" if _INTERRUPTED.is_set() else None
+        error = (f"{name}: stopped by {stopped}" if stopped else f"{name}: its process ended without a result "
+                 f"({_exit_description(child.exitcode)}); its own error, if it printed one, is above")
+        if _repair_entry(out, name, {"entry": name, "notebook": notebook_of(name), "status": "failed",
+                                     "started": started, "finished": _now(), "command": command, "error": error}):
+            return
+        raise EntryStopped(stopped) if stopped else NotebookFailed(error)
     if outcome is not None:
         raise outcome
 
@@ -1053,7 +1054,8 @@ _NO_RESULT = object()
 def _exit_description(code: int | None) -> str:
     if code is not None and code < 0:
         try:
-            return f"killed by {signal.Signals(-code).name}" + (" - out of memory?" if -code == 9 else "")
+            name = signal.Signals(-code).name
+            return f"killed by {name}" + (" - out of memory?" if name == "SIGKILL" else "")
         except ValueError:
             pass
     return f"exit code {code}"
@@ -1066,10 +1068,14 @@ def _repair_entry(out: Path, name: str, record: dict[str, Any]) -> bool:
     import shutil
 
     folder, previous, failed = out / name, out / f".{name}.previous", out / FAILED_DIR / name
-    if (folder / RECORD).is_file() and _read_record(folder).get("started", "") >= record["started"]:
+    recorded = _read_record(folder).get("started", "")  # "" without a record
+    if recorded >= record["started"]:
         shutil.rmtree(previous, ignore_errors=True)  # it finished: the previous results were to go
         return True
-    _move(folder, failed)
+    if previous.is_dir() or not recorded:  # the folder holds the partial output (or nothing)
+        _move(folder, failed)
+    else:  # it died before it moved the previous results aside: they stay where they are
+        shutil.rmtree(failed, ignore_errors=True)
     failed.mkdir(parents=True, exist_ok=True)
     write_json(failed / RECORD, record)
     if previous.is_dir():
