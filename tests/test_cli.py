@@ -682,9 +682,13 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, sy
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
         assert len(errors) == 1 and message in errors[0] and f"{a_file} is a file" in errors[0], (argv, errors)
     assert a_file.read_text() == "mine"
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")  # mkdir would fail on it after the evaluation
+    caplog.clear()
+    assert main(["eval", str(run), "--topk-dir", str(tmp_path / "dangling")]) == 2
+    assert "is a broken symbolic link" in caplog.text
 
     monkeypatch.setattr(cio.os, "access", lambda path, mode: False)  # a read-only folder, even for root
-    with pytest.raises(cio.FolderLockedError, match=r"cannot write into .*out \(.* is not writable\)"):
+    with pytest.raises(cio.UnwritableFolderError, match=r"cannot write into .*out \(.* is not writable\)"):
         cio.check_writable([tmp_path / "out"], command="cirlab eval --topk-dir")
 
 

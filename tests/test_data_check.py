@@ -259,3 +259,14 @@ def test_a_synthetic_tree_whose_write_was_interrupted_is_not_passed(tmp_path, mo
     problems = check_dataset("fashioniq", tmp_path / "cut")
     assert [p.kind for p in problems] == ["unfinished_write"]
     assert "the write did not finish" in problems[0].message and "run the command that wrote it" in problems[0].message
+
+    # an emoji build from before the file record: its manifest, written last, says the build finished
+    from cirlab.data.generators import emoji
+
+    tree = tmp_path / "emoji"
+    write_fashioniq(tree)
+    (tree / _owned.MARKER).write_text(json.dumps({"generator": emoji.__name__}))
+    (tree / emoji.MANIFEST).write_text("{}")
+    assert check_dataset("fashioniq", tree) == []
+    (tree / emoji.MANIFEST).unlink()
+    assert [p.kind for p in check_dataset("fashioniq", tree)] == ["unfinished_write"]

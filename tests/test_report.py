@@ -335,7 +335,9 @@ def _notebook(path, body: str) -> None:
 def test_the_kernels_get_the_thread_policy_and_the_caller_keeps_its_environment(tmp_path, monkeypatch):
     """run_report sets the thread policy for its kernels; a Python session that called it gets its environment
     back (else its own training afterwards would run on the report's share of the cores)."""
-    from cirlab.core.threads import ENV
+    from cirlab.core.threads import CHILD_ENV, ENV, thread_env
+
+    assert set(thread_env(3)) | set(thread_env(None)) <= set(CHILD_ENV)  # run_report puts back all it sets
 
     for key in (ENV, "OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(key, raising=False)

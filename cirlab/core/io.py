@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from cirlab.core.errors import CirlabError
 
@@ -154,18 +154,30 @@ def check_outputs(paths: Any, *, overwrite: bool, command: str) -> None:
                                     "path")
 
 
-def check_writable(folders: Any, *, command: str) -> None:
+def check_writable(folders: Iterable[str | os.PathLike | None], *, command: str) -> None:
     """Before any work: each folder (None: an option not given) exists or can be created, and this process may
     write into it; else one line naming it, instead of a traceback after the work whose results it was to hold."""
     for folder in folders:
-        if folder is None:
-            continue
-        folder = Path(folder).absolute()
-        existing = next(p for p in (folder, *folder.parents) if p.exists())
-        if not existing.is_dir():
-            raise FolderLockedError(f"{command}: cannot write into {folder} ({existing} is a file)")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise FolderLockedError(f"{command}: cannot write into {folder} ({existing} is not writable)")
+        if folder is not None:
+            why = _why_not_writable(Path(folder).absolute())
+            if why:
+                raise UnwritableFolderError(f"{command}: cannot write into {folder} ({why})")
+
+
+def _why_not_writable(folder: Path) -> str | None:
+    """What stops ``folder`` from being created or written (None: nothing): the nearest entry of the path that
+    exists is a file, a broken symbolic link, or a folder this process may not write into. ``os.path`` functions,
+    which answer False where ``Path.exists`` raises (a parent folder this user may not enter)."""
+    for entry in (folder, *folder.parents):
+        if os.path.islink(entry) and not os.path.exists(entry):
+            return f"{entry} is a broken symbolic link"
+        if os.path.lexists(entry):
+            if not os.path.isdir(entry):
+                return f"{entry} is a file"
+            if not os.access(entry, os.W_OK | os.X_OK):
+                return f"{entry} is not writable"
+            return None
+    return None
 
 
 def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
@@ -184,6 +196,11 @@ _HELD: dict[tuple[int, str], list[Any]] = {}
 
 class FolderLockedError(CirlabError, OSError):
     """Another live process holds the folder's lock; the message names it."""
+
+
+class UnwritableFolderError(CirlabError, OSError):
+    """A folder cirlab must write into cannot be created or written (a file in its path, no permission); the
+    message names it. Not worth a retry, unlike :class:`FolderLockedError`."""
 
 
 @contextlib.contextmanager
@@ -252,9 +269,8 @@ def make_folder(folder: Path) -> None:
         except (OSError, RuntimeError):  # no home directory to resolve the default cache against
             in_cache = False
         hint = "; it is cirlab's cache: set CIRLAB_CACHE to a folder you can write" if in_cache else ""
-        a_file = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
-        why = f"{a_file} is a file" if a_file is not None else err.strerror or str(err)
-        raise FolderLockedError(f"cannot create the folder {folder} ({why}){hint}") from None
+        why = _why_not_writable(folder.absolute()) or err.strerror or str(err)
+        raise UnwritableFolderError(f"cannot create the folder {folder} ({why}){hint}") from None
 
 
 def _acquire(path: Path, wait: float = 0.0) -> Any:
@@ -268,7 +284,7 @@ def _acquire(path: Path, wait: float = 0.0) -> Any:
         try:
             fh = open(path, "a+")
         except OSError as err:
-            raise FolderLockedError(f"cannot write into {path.parent} ({err.strerror or err})") from None
+            raise UnwritableFolderError(f"cannot write into {path.parent} ({err.strerror or err})") from None
         if not _try_lock(fh):
             fh.seek(0)
             holder = fh.read().strip() or "unknown process"

@@ -75,10 +75,10 @@ def check_dataset(name: str, root: str | os.PathLike | None = None, *, verify_im
 def _check_finished(root: Path, sink: ProblemCollector) -> None:
     """A tree cirlab's generator was writing when it stopped (Ctrl-C, a full disk) can be valid as far as it goes,
     with splits missing: say so instead of passing it."""
-    from cirlab.data.generators import _owned, synthetic
+    from cirlab.data.generators import _owned, emoji, synthetic
 
     for folder in (root, *sorted(p for p in root.iterdir() if p.is_dir())):
-        generator = _owned.unfinished(folder, (synthetic.MANIFEST,))  # emoji writes aside and renames when done
+        generator = _owned.unfinished(folder, (synthetic.MANIFEST, emoji.MANIFEST))
         if generator:
             sink.add("unfinished_write", folder / _owned.MARKER, None,
                      f"{folder} was being written by {generator.rsplit('.', 1)[-1]} and the write did not finish "

@@ -692,8 +692,9 @@ class _RunLog:
             logger.info("tensorboard is not installed; logging to log.jsonl only")
             return None
         if not utf8_paths_agree(output_dir):
-            logger.warning("tensorboard cannot write into %s: it names files in UTF-8, this system in %s (a "
-                           "non-UTF-8 locale); logging to log.jsonl only", output_dir, sys.getfilesystemencoding())
+            logger.warning("tensorboard cannot write into %s: it names files in UTF-8, and this path has no UTF-8 "
+                           "name under the file system's encoding (%s); logging to log.jsonl only", output_dir,
+                           sys.getfilesystemencoding())
             return None
         return SummaryWriter(str(output_dir / "tb"))
 

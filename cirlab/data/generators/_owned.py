@@ -54,13 +54,13 @@ def is_empty(folder: Path) -> bool:
 def mark(folder: Path, generator: str) -> None:
     """Create ``folder`` (if needed) and mark it as written by ``generator``: the first write, so a folder that
     cannot be written is one line here, before any data is generated."""
-    from cirlab.core.io import FolderLockedError, make_folder
+    from cirlab.core.io import UnwritableFolderError, make_folder
 
     make_folder(folder)
     try:  # no time or pid in it: the same seed must still write byte-identical trees
         (folder / MARKER).write_text(json.dumps({"generator": generator}) + "\n", encoding="utf-8")
     except OSError as err:
-        raise FolderLockedError(f"cannot write into {folder} ({err.strerror or err})") from None
+        raise UnwritableFolderError(f"cannot write into {folder} ({err.strerror or err})") from None
 
 
 def seal(folder: Path, generator: str) -> None:

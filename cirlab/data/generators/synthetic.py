@@ -541,21 +541,18 @@ def _claim(out: Path, layouts: Sequence[str], force: bool, overwrite: bool = Tru
     command = "cirlab data synth"
     if out.exists() and not out.is_dir():
         raise _owned.refuse(command, out, [], "it is a file, not a folder", forcible=False)
+    foreign = [out / n for n in layouts
+               if not _owned.is_empty(out / n) and not _owned.is_owned(out / n, __name__, (META,))]
     if not force:
         if not _owned.is_empty(out) and not _owned.is_owned(out, __name__, (MANIFEST,)):
             doomed = [out / n for n in layouts if (out / n).exists()]
             raise _owned.refuse(command, out, doomed, f"it is not empty and was not created by the synthetic "
                                 f"generator (it has no {_owned.MARKER} or {MANIFEST})")
-        foreign = [out / n for n in layouts
-                   if not _owned.is_empty(out / n) and not _owned.is_owned(out / n, __name__, (META,))]
         if foreign:
             raise _owned.refuse(command, out, foreign, "its layout folder(s) were not written by the synthetic "
                                                        "generator")
-    else:  # only what this generator did not write needs --force, and is worth a warning
-        foreign = [out / n for n in layouts
-                   if not _owned.is_empty(out / n) and not _owned.is_owned(out / n, __name__, (META,))]
-        if foreign:
-            logger.warning("--force: replacing %s", ", ".join(_owned.describe(p) for p in foreign))
+    elif foreign:  # only what this generator did not write needs --force, and is worth a warning
+        logger.warning("--force: replacing %s", ", ".join(_owned.describe(p) for p in foreign))
     if overwrite:
         for name in layouts:
             _owned.refuse_foreign(command, out / name, force, (META,))
