@@ -217,7 +217,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 def _accept_verbose_after_the_command(parser: argparse.ArgumentParser) -> None:
     """``cirlab train X -v`` as ``cirlab -v train X``: every sub-command (nested ones too) takes ``-v``. Its
     default is left out of the namespace so that the top-level flag is not overwritten by the sub-parser."""
-    for action in parser._subparsers._group_actions if parser._subparsers else ():
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
         for sub in dict.fromkeys(action.choices.values()):  # aliases share a parser
             if "-v" not in sub._option_string_actions and "--verbose" not in sub._option_string_actions:
                 sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
