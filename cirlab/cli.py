@@ -7,6 +7,7 @@ import copy
 import importlib
 import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -421,9 +422,9 @@ def _check_eval_outputs(args: argparse.Namespace, splits: Sequence[str]) -> None
     files of these splits already in ``--topk-dir`` (``<split>[_<category>].topk.npz``) are refused likewise."""
     from cirlab.core.io import check_outputs, check_writable
 
-    check_outputs([args.output], overwrite=args.overwrite, command="cirlab eval --output")
     check_writable([Path(args.output).parent if args.output else None], command="cirlab eval --output")
     check_writable([args.topk_dir], command="cirlab eval --topk-dir")
+    check_outputs([args.output], overwrite=args.overwrite, command="cirlab eval --output")
     if args.topk_dir and Path(args.topk_dir).is_dir():
         found = sorted(p for s in splits for pattern in (f"{s}.topk.npz", f"{s}_*.topk.npz")
                        for p in Path(args.topk_dir).glob(pattern))
@@ -451,15 +452,15 @@ def _run_notebooks(args: argparse.Namespace) -> int:
         raise MissingPathError(f"cirlab notebooks: no notebooks in {resource_dir('notebooks')} (a wheel built "
                                "without them: build it from the checkout, whose setup.py copies them)")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
+    if os.path.lexists(out) and not os.path.isdir(out):  # os.path: Path.exists raises in a folder one cannot enter
         raise ConfigError(f"cirlab notebooks: {out} is a file; pass a folder")
+    check_writable([out], command="cirlab notebooks")  # before any look inside it
     if inside_package(out):
         raise ConfigError(f"cirlab notebooks: {out} is inside the installed cirlab package; pass another folder")
     pairs = [(nb, out / nb.name) for nb in notebooks]
     same = [t for s, t in pairs if t.is_file() and t.read_bytes() == s.read_bytes()]  # copied before, not edited
     pairs = [(s, t) for s, t in pairs if t not in same]
     check_outputs([t for _, t in pairs], overwrite=args.overwrite, command="cirlab notebooks")  # before any copy
-    check_writable([out], command="cirlab notebooks")
     out.mkdir(parents=True, exist_ok=True)
     for source, target in pairs:
         shutil.copyfile(source, target)

@@ -675,7 +675,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, sy
     cases = [(["eval", str(run), "--output", str(a_file / "m.json")], "cirlab eval --output: cannot write into"),
              (["eval", str(run), "--topk-dir", str(a_file / "topk")], "cirlab eval --topk-dir: cannot write into"),
              (["notebooks", str(a_file / "nbs")], "cirlab notebooks: cannot write into"),
-             (["data", "synth", "--out", str(a_file / "synth"), "--size", "tiny"], "cannot create the folder")]
+             (["data", "synth", "--out", str(a_file / "synth"), "--size", "tiny"], "cirlab data synth: cannot write into")]
     for argv, message in cases:
         caplog.clear()
         assert main(argv) == 2, argv

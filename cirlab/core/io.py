@@ -147,9 +147,9 @@ def check_outputs(paths: Any, *, overwrite: bool, command: str) -> None:
         if path is None:
             continue
         path = Path(path)
-        if path.is_dir():
+        if os.path.isdir(path):  # os.path: Path.is_dir raises in a folder this user may not enter
             raise OutputExistsError(f"{command}: {path} is a folder; give the path of a file to write")
-        if path.exists() and not overwrite:
+        if os.path.lexists(path) and not overwrite:
             raise OutputExistsError(f"{command}: {path} exists; pass --overwrite to replace it, or choose another "
                                     "path")
 

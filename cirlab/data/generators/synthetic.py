@@ -538,9 +538,12 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
 def _claim(out: Path, layouts: Sequence[str], force: bool, overwrite: bool = True) -> None:
     """Check, before anything is deleted or written, that ``out`` and its layout folders are this generator's, and
     that a layout folder to be replaced holds only what it wrote there."""
+    from cirlab.core.io import check_writable
+
     command = "cirlab data synth"
-    if out.exists() and not out.is_dir():
+    if os.path.lexists(out) and not os.path.isdir(out):  # os.path: Path.exists raises where one cannot enter
         raise _owned.refuse(command, out, [], "it is a file, not a folder", forcible=False)
+    check_writable([out], command=command)  # before any look inside it
     foreign = [out / n for n in layouts
                if not _owned.is_empty(out / n) and not _owned.is_owned(out / n, __name__, (META,))]
     if not force:
