@@ -540,7 +540,8 @@ def _printable_anywhere() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``cirlab`` console script; returns the exit status."""
+    """The ``cirlab`` command's work (the console script runs it through :func:`console`); returns the exit status.
+    Callable in-process (a notebook, a test): it changes neither the output streams nor Ctrl-C."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)

@@ -675,7 +675,8 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, sy
     cases = [(["eval", str(run), "--output", str(a_file / "m.json")], "cirlab eval --output: cannot write into"),
              (["eval", str(run), "--topk-dir", str(a_file / "topk")], "cirlab eval --topk-dir: cannot write into"),
              (["notebooks", str(a_file / "nbs")], "cirlab notebooks: cannot write into"),
-             (["data", "synth", "--out", str(a_file / "synth"), "--size", "tiny"], "cirlab data synth: cannot write into")]
+             (["data", "synth", "--out", str(a_file / "synth"), "--size", "tiny"],
+              "cirlab data synth: cannot write into")]
     for argv, message in cases:
         caplog.clear()
         assert main(argv) == 2, argv
@@ -712,8 +713,9 @@ def test_ctrl_c_twice_ends_training_at_once_without_a_traceback(tmp_path):
 
     run, err = tmp_path / "run", tmp_path / "stderr.txt"
     with open(err, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "cirlab", "train", "amc_synthetic_tiny", "--output-dir", str(run),
-                                 "--set", "train.max_steps=null", "--set", "train.epochs=200"],
+        proc = subprocess.Popen([sys.executable, "-m", "cirlab", "train", "amc_synthetic_tiny",
+                                 "--output-dir", str(run), "--set", "train.max_steps=null",
+                                 "--set", "train.epochs=200"],
                                 stdout=subprocess.DEVNULL, stderr=stderr,  # Ctrl-C as a terminal's job has it:
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120

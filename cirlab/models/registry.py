@@ -80,7 +80,8 @@ def describe_models() -> list[dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     for module in _MODEL_MODULES:
         spec = importlib.util.find_spec(module)
-        found = _static_entries(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) if spec and spec.origin else None
+        source = Path(spec.origin).read_text(encoding="utf-8") if spec and spec.origin else None
+        found = _static_entries(ast.parse(source)) if source is not None else None
         if found is None:
             importlib.import_module(module)
             continue

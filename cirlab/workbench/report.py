@@ -212,8 +212,8 @@ FIGURE_CAPTIONS: dict[str, dict[str, str]] = {
                         "not their maps: no paper figure is regenerated. Random-init tiny model: the maps show what "
                         "is traced, not learned associations.",
         "bridge_words": "Words (WordPiece pieces joined) with the largest mean HCA bridge value over the traced "
-                        "queries, positive (blue) or negative (orange, hatched), largest magnitude first; occurrences in "
-                        "brackets. No paper figure; random-init tiny model.",
+                        "queries, positive (blue) or negative (orange, hatched), largest magnitude first; occurrences "
+                        "in brackets. No paper figure; random-init tiny model.",
     },
     "rank_shift": {
         "figure8_": "Figure 8 of the re-ranking paper (Appendix A.4): average rank change per initial rank (top) and "
@@ -1366,8 +1366,8 @@ def _glossary_html(body: str) -> str:
     terms = [(name, meaning) for pattern, name, meaning in GLOSSARY if re.search(pattern, body)]
     if not terms:
         return ""
-    if any("{avg}" in meaning for _, meaning in terms):  # only then: the metrics module imports torch (slow; an
-        from cirlab.core.metrics import AVG_DEFINITIONS  # interrupted report writes its index on the way out)
+    if any("{avg}" in meaning for _, meaning in terms):  # only then: the metrics module imports torch, which the
+        from cirlab.core.metrics import AVG_DEFINITIONS  # report process (its kernels do the work) needs no other time
 
         avg = "; ".join(f"{name} {formula}" for name, formula in AVG_DEFINITIONS.items())  # the formulas, once
         terms = [(name, meaning.replace("{avg}", avg)) for name, meaning in terms]
