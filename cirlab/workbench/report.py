@@ -1073,14 +1073,33 @@ def _repair_entry(out: Path, name: str, record: dict[str, Any]) -> bool:
         shutil.rmtree(previous, ignore_errors=True)  # it finished: the previous results were to go
         return True
     if previous.is_dir() or not recorded:  # the folder holds the partial output (or nothing)
-        _move(folder, failed)
+        _put_back(folder, previous, failed)
     else:  # it died before it moved the previous results aside: they stay where they are
         shutil.rmtree(failed, ignore_errors=True)
     failed.mkdir(parents=True, exist_ok=True)
     write_json(failed / RECORD, record)
-    if previous.is_dir():
-        previous.rename(folder)
     return False
+
+
+def _put_back(folder: Path, previous: Path, failed: Path, wait: float = 5.0) -> None:
+    """Partial output to ``failed``, the previous results (if any) back to ``folder``. The dead entry's kernel may
+    still write into ``folder`` for a moment (it stops once it sees its parent gone), recreating it under the
+    rename: move what it wrote aside again, for up to ``wait`` seconds; after that the previous results stay in
+    ``previous``, where the next run puts them back (:func:`run_entry`)."""
+    deadline = time.monotonic() + wait
+    while True:
+        _move(folder, failed)
+        if not previous.is_dir():
+            return
+        try:
+            previous.rename(folder)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                logger.warning("%s: still being written by a stopped kernel; the previous results stay in %s, "
+                               "where the next report puts them back", folder, previous)
+                return
+            time.sleep(0.2)
 
 
 class _PipeStream:
