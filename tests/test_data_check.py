@@ -124,6 +124,36 @@ def test_cirr_all_problems_listed(tmp_path):
     assert {p.entry for p in problems if p.kind == "missing_image"} == {"dev-0-1-img0", "test1-0-3-img0"}
 
 
+def test_cirr_img_set_must_hold_six_names_with_reference_and_target(tmp_path):
+    # Recall_subset ranks the target among the five non-reference members: a set that lacks either image, or has
+    # another size, would be scored over fewer candidates (or fail deep in the metric) without these checks
+    info = write_cirr(tmp_path / "cirr_dataset", groups={"val": 3})
+    path = info["root"] / "cirr" / "captions" / "cap.rc2.val.json"
+    entries = json.loads(path.read_text())
+    entries[0]["img_set"]["members"] = entries[0]["img_set"]["members"][:5]  # reference at 0, target at 2 kept
+    elsewhere = entries[5]["img_set"]["members"]  # group 2's images: in the split, not in groups 0 and 1
+
+    def replace(entry, name, by):
+        members = entry["img_set"]["members"]
+        members[members.index(name)] = by
+
+    replace(entries[1], entries[1]["target_hard"], elsewhere[0])
+    replace(entries[2], entries[2]["img_set"]["members"][5], entries[2]["img_set"]["members"][4])  # one repeated
+    replace(entries[3], entries[3]["reference"], elsewhere[1])
+    entries[4]["target_hard"] = entries[4]["reference"]  # removed with the reference: a miss, warned
+    write_json(path, entries)
+    problems = check_dataset("cirr", info["root"])
+    assert _kinds(problems) == {"bad_entry": 4}
+    assert {p.entry for p in problems} == {f"pairid {e['pairid']}" for e in entries[:4]}
+    text = "\n".join(p.message for p in problems)
+    assert "has 5 members; CIRR sets have 6" in text and "more than once" in text
+    assert f"the target_hard {entries[1]['target_hard']!r} is not among its img_set members" in text
+    assert f"the reference {entries[3]['reference']!r} is not among its img_set members" in text
+    assert [w.kind for w in problems.warnings] == ["target_is_reference"]
+    with pytest.raises(DataError, match=r"cap.rc2.val.json.*pairid 100.*has 5 members"):
+        load_cir("cirr", info["root"], "val")
+
+
 def test_precomp_all_problems_listed(tmp_path, capsys):
     write_precomp(tmp_path, name="f30k", splits=("train", "dev", "test"))
     folder = tmp_path / "f30k_precomp"

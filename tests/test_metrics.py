@@ -158,6 +158,8 @@ def cirr_case(draw):
     scores = rng.integers(0, 4, (q, g)).astype(np.float32) if tied else rng.random((q, g)).astype(np.float32)
     members = np.stack([rng.choice(g, 6, replace=False) for _ in range(q)])
     reference, target = members[:, 0].copy(), members[:, 1].copy()
+    if draw(st.booleans()):
+        target[0] = reference[0]  # a target that is its own reference: removed with it, a miss (C.5's loop)
     for row in members:
         rng.shuffle(row)  # the reference and target sit anywhere in img_set.members
     return scores, target, reference, members
@@ -181,8 +183,15 @@ def test_cirr_rejects_broken_queries():
     s = torch.rand(2, 8)
     with pytest.raises(ValueError, match="query 1: target 5 is not among its img_set members"):
         M.cirr_metrics(s, [1, 5], [0, 0], [[0, 1, 2, 3, 4, 6], [0, 1, 2, 3, 4, 6]])
-    with pytest.raises(ValueError, match="query 0: target_hard equals the reference"):
-        M.cirr_metrics(s, [1, 2], [1, 0], [[0, 1, 2, 3, 4, 6], [0, 1, 2, 3, 4, 6]])
+
+def test_cirr_target_that_is_the_reference_is_a_miss():
+    # the target first in every ranking, but it is the query's reference: removed with it, as the original's loop does
+    s = torch.tensor([[0.1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4], [0.1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]])
+    members = [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]]
+    assert M.cirr_subset_ranks(s, [1, 1], [1, 0], members).tolist() == [7, 1]
+    got = M.cirr_metrics(s, [1, 1], [1, 0], members)
+    assert got["R@50"] == got["cirr_Rsubset@3"] == 50.0
+    assert got == pytest.approx(N.naive_cirr(s.numpy(), [1, 1], [1, 0], members))
 
 
 def _submission_lists(n: int = 3):

@@ -377,6 +377,8 @@ def cirr_subset_ranks(scores: ScoresLike, target: ScoresLike, reference: ScoresL
         reference: [Q] gallery index of the reference.
         members: [Q, M] gallery indices of ``img_set.members`` (6 in CIRR, reference included); -1 pads.
 
+    A target that is its own reference is removed with it and gets rank ``M + 1`` (a miss for Recall_subset@1/2/3).
+
     Examples:
         >>> s = torch.tensor([[0.1, 0.9, 0.8, 0.7, 0.6]])
         >>> cirr_subset_ranks(s, [3], [1], [[1, 2, 3, 4]]).tolist()
@@ -390,10 +392,6 @@ def cirr_subset_ranks(scores: ScoresLike, target: ScoresLike, reference: ScoresL
     mem = _whole_entries(torch.as_tensor(members, device=s.device).reshape(-1), "members").reshape(q, -1)
     _check_range(tgt, g, "target", allow_missing=False)
     _check_range(mem.reshape(-1), g, "members (flattened)", allow_missing=True)
-    same = tgt == ref
-    if same.any():
-        i = int(same.nonzero()[0, 0])
-        raise InputError(f"query {i}: target_hard equals the reference (gallery index {int(tgt[i])})")
     missing = ~(mem == tgt[:, None]).any(1)
     if missing.any():
         i = int(missing.nonzero()[0, 0])
@@ -405,7 +403,10 @@ def cirr_subset_ranks(scores: ScoresLike, target: ScoresLike, reference: ScoresL
         ahead |= (sm == st) & (mem < tgt[:, None])
     elif ties == "pessimistic":
         ahead |= sm == st
-    return (ahead & _subset_mask(mem, tgt, ref)).sum(1) + 1
+    ranks = (ahead & _subset_mask(mem, tgt, ref)).sum(1) + 1
+    # a target that is the reference itself is removed with it, as the global ranking removes it (target_ranks):
+    # the original's restriction of that ranking to the set finds no target, a miss at every cut-off
+    return ranks.masked_fill(tgt == ref, mem.shape[1] + 1)
 
 
 def cirr_metrics_from_ranks(ranks: ScoresLike, subset_ranks: ScoresLike) -> dict[str, float]:
@@ -442,7 +443,7 @@ def cirr_metrics(scores: ScoresLike, target: ScoresLike, reference: ScoresLike, 
         (50.0, 50.0, 75.0)
     """
     subset = cirr_subset_ranks(scores, target, reference, members, ties=ties)  # cheap, and validates the inputs
-    return cirr_metrics_from_ranks(target_ranks(scores, target, reference, ties=ties, chunk_size=chunk_size), subset)
+    return cirr_metrics_from_ranks(_hit_ranks(scores, target, reference, ties, chunk_size), subset)
 
 
 def cirr_submission(pair_ids: Sequence[int | str], ranked_names: Sequence[Sequence[str]],

@@ -113,9 +113,32 @@ def _check_entry(entry: Any, i: int, path: Path, split: str, sink: ProblemCollec
         img_set = entry.get("img_set")
         if not (isinstance(img_set, dict) and is_str_list(img_set.get("members"))):
             problems.append(f"'img_set' must be an object with a 'members' list of names, got {img_set!r:.80}")
+        elif not problems:
+            problems += _img_set_problems(entry, split)
     for message in problems:
         sink.add("bad_entry", path, where, message)
     return not problems
+
+
+SET_SIZE = 6  # every rc2 img_set: the reference and five others (Recall_subset@1/2/3 ranks those five)
+
+
+def _img_set_problems(entry: dict[str, Any], split: str) -> list[str]:
+    """What makes an entry's ``img_set`` unusable for Recall_subset: not six distinct names, or a set that lacks the
+    reference or ``target_hard`` (in every rc2 split both are members). The metric would otherwise rank the target
+    among fewer candidates, or not at all, without a word."""
+    members = entry["img_set"]["members"]
+    problems = []
+    if len(members) != SET_SIZE:
+        problems.append(f"'img_set' has {len(members)} members; CIRR sets have {SET_SIZE} (the reference and five "
+                        "others)")
+    repeated = sorted({m for m in members if members.count(m) > 1})
+    if repeated:
+        problems.append(f"'img_set' lists {', '.join(map(repr, repeated))} more than once")
+    roles = [("reference", entry["reference"])] + ([("target_hard", entry["target_hard"])] if split != "test1" else [])
+    problems += [f"the {role} {name!r} is not among its img_set members" for role, name in roles
+                 if name not in members]
+    return problems
 
 
 def load(root: Path, split: str = "train", category: str | None = None, *,
@@ -174,7 +197,8 @@ def _triplet(entry: dict[str, Any], split: str, path: Path, images: dict[str, Pa
                 sink.add("unknown_name", path, where, f"{role} {name!r} is not in split.{RELEASE}.{split}.json")
     if target is not None and target == entry["reference"]:
         sink.warn("target_is_reference", path, where, f"the target {target!r} is the reference image itself "
-                                                      "(the protocol removes the reference from its ranking)")
+                                                      "(the protocol removes the reference from its ranking: the "
+                                                      "query counts as a miss)")
     extras = {k: v for k, v in entry.items() if k not in _CORE_KEYS}
     extras["members"] = members
     extras["img_set_id"] = entry["img_set"].get("id")
