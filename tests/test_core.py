@@ -77,6 +77,20 @@ def test_create_model_applies_preset_and_overrides(toy_registered):
     assert toy_registered in registry.list_models("toy_*")
 
 
+def test_create_model_seed_gives_the_same_initial_weights_whatever_ran_before():
+    import torch
+
+    first = registry.create_model("amc", preset="tiny", seed=3)
+    torch.rand(5)  # another draw from the global generator between the calls
+    again = registry.create_model("amc", preset="tiny", seed=3)
+    other = registry.create_model("amc", preset="tiny", seed=4)
+    weights = [dict(m.named_parameters()) for m in (first, again, other)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+    with pytest.raises(CirlabError, match="create_model: seed must be a whole number >= 0, got -1"):
+        registry.create_model("amc", preset="tiny", seed=-1)
+
+
 def test_a_model_missing_part_of_its_contract_is_refused():
     registry.register_model("incomplete", task="cir", config_cls=_ToyConfig)(_Incomplete)
     try:

@@ -699,3 +699,18 @@ def test_the_tiny_presets_short_cpu_recipe_is_a_valid_set_of_overrides_for_each_
         config = apply_overrides(with_defaults({"model": model, "preset": "tiny", "dataset": {"name": dataset}}),
                                  parse_set(recipe))
         validate_config(config, f"{model} recipe")
+
+
+def test_a_returned_figure_is_drawn_in_a_users_own_notebook(tmp_path):
+    """A figure from cirlab.viz, the last value of a cell, shows as an image in a notebook the user wrote without
+    ``%matplotlib inline`` (it showed as ``<Figure size ...>`` text); a format the user chose stays theirs."""
+    from nbclient import NotebookClient
+
+    plot = 'from cirlab import viz\nviz.plot_metrics_bars({"a": {"R@1": 10.0, "R@5": 30.0}})'
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell(plot),
+        nbformat.v4.new_code_cell("%config InlineBackend.figure_formats = ['svg']\n%matplotlib inline\n" + plot)])
+    NotebookClient(nb, kernel_name=_kernel(), timeout=120, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    first, second = ([o for o in cell.outputs if o.output_type == "execute_result"] for cell in nb.cells)
+    assert len(first) == 1 and "image/png" in first[0].data, first
+    assert len(second) == 1 and "image/svg+xml" in second[0].data and "image/png" not in second[0].data, second

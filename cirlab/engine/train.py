@@ -1571,6 +1571,10 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
         overwrite: a fresh run (no ``cfg.resume``) into a folder that holds a run replaces that run's files;
             without it such a folder is refused (:class:`RunFolderError`). The folder is locked while training.
 
+    The run seeds Python's, NumPy's and torch's global generators with ``cfg.seed`` when it starts and leaves them
+    advanced: a model built after it draws other weights than one built before. For a cell that gives the same
+    numbers at every re-run, build the model with ``create_model(..., seed=N)``.
+
     Returns:
         dict with ``steps``, ``epochs`` (epochs trained; a fraction where ``max_steps`` ends the run inside one),
         ``losses`` (per optimizer step of this call), ``eval_history``,

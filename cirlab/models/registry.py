@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from cirlab.core.config import whole_number
 from cirlab.core.contracts import check_model
 from cirlab.core.errors import ConfigError, UnknownKeyError
 
@@ -132,9 +133,14 @@ def build_config(name: str, preset: str | None = None, **overrides: Any) -> Any:
     return cls.from_preset(preset, **overrides) if preset else cls.from_dict(overrides)
 
 
-def create_model(name: str, preset: str | None = None, *, config: Any = None, **overrides: Any) -> Any:
+def create_model(name: str, preset: str | None = None, *, config: Any = None, seed: int | None = None,
+                 **overrides: Any) -> Any:
     """Build a registered model from a preset (``tiny``, ``lite``, paper presets) plus field overrides, or from a
-    ``config`` (the model's config dataclass, or a dict of its fields) plus field overrides."""
+    ``config`` (the model's config dataclass, or a dict of its fields) plus field overrides.
+
+    ``seed`` seeds Python, NumPy and torch (as ``TrainConfig.seed`` does when training starts) before the weights
+    are drawn, so that one call gives one model: the same initial weights as ``cirlab train`` with ``train.seed``
+    set to it. Without it the weights follow the global random state as it is."""
     import dataclasses
 
     from cirlab.core.config import check_field_ranges, check_fields
@@ -154,6 +160,10 @@ def create_model(name: str, preset: str | None = None, *, config: Any = None, **
     else:
         raise ConfigError(f"create_model({name!r}): config must be its {cls.__name__} or a dict of its fields, got "
                           f"{type(config).__name__}")
+    if seed is not None:
+        from cirlab.engine.train import seed_everything
+
+        seed_everything(whole_number(seed, "create_model: seed", low=0))
     model = entry.build(cfg)
     _check_identity(type(model), entry)
     check_model(model)

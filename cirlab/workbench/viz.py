@@ -2,7 +2,8 @@
 
 Figures are built with ``matplotlib.figure.Figure`` directly (Agg canvas), never through pyplot, so no
 global figure state leaks between calls and nothing needs a display: the same call works in a headless
-papermill run, in a test and in Jupyter (where ``%matplotlib inline`` renders a returned figure).
+papermill run, in a test and in Jupyter: a returned figure (a cell's last value, or ``display(fig)``) is drawn in
+any notebook, with or without ``%matplotlib inline``. ``plt.show()`` does not show them (pyplot never holds them).
 :func:`save_figure` writes PNG and SVG.
 
 Inputs are plain data: a route-trace frame (``cirlab.core.tracing.RouteTrace.to_frame()``), a frame from
@@ -57,7 +58,30 @@ def _legend_outside(ax: Any, **kwargs: Any) -> Any:
 def _figure(width: float, height: float) -> Any:
     from matplotlib.figure import Figure
 
+    _shown_by_ipython(Figure)
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _shown_by_ipython(figure_type: type) -> None:
+    """Let IPython draw a returned figure: a Figure made without pyplot has no image formatter until
+    ``%matplotlib inline`` installs one, so a user's own notebook showed ``<Figure size ...>`` as text (and
+    ``plt.show()`` cannot show a figure pyplot does not know). Registers PNG only where no format is registered
+    yet: a user's ``%matplotlib inline``, SVG or widget backend choice stays theirs. Outside IPython, nothing."""
+    import sys
+
+    ipython = sys.modules.get("IPython")  # never import IPython here: a plain script or test does not need it
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is None:
+        return
+    formatters = shell.display_formatter.formatters
+    chosen = [*formatters.values(), shell.display_formatter.ipython_display_formatter]  # the last: ipympl's
+    if any(figure_type in f.type_printers for f in chosen):
+        return
+    import functools
+
+    from IPython.core.pylabtools import print_figure
+
+    formatters["image/png"].for_type(figure_type, functools.partial(print_figure, fmt="png", base64=True))
 
 
 def save_figure(fig: Any, out_dir: str | os.PathLike, name: str,
