@@ -413,7 +413,8 @@ def test_a_model_of_the_wrong_kind_or_a_device_typo_is_one_line(tiny_data):
          r"slot 7 is not a caption slot: every image has 5 captions \(0..4\)"),
         (lambda: workbench.hrem_relation(hrem, "f30k", tiny_data, caption=2.0), r"caption must be a whole number"),
         (lambda: workbench.collect_routes(cirlab.create_model("cala", "tiny"), "fashioniq", tiny_data, n=2),
-         r"emitted no router records .* CaLa's attention: cala_trace"),
+         r"collect_routes needs a router model \(amc, dime\); got 'cala' \(task cir\): CaLa's HCA/TAC attention: "
+         r"cirlab.workbench.cala_trace"),
         (lambda: workbench.evaluate_run("amc", "fashioniq", tiny_data), r"evaluate_run needs a cirlab model"),
         (lambda: workbench.evaluate_run(amc, "fashioniq", tiny_data, device="gpu"),
          r"device: must be auto, cpu, cuda or cuda:N .*got 'gpu'"),
@@ -423,6 +424,12 @@ def test_a_model_of_the_wrong_kind_or_a_device_typo_is_one_line(tiny_data):
         (lambda: workbench.explorer_for(cirlab.create_model("cala", "tiny"), None, {}, "fashioniq", tiny_data),
          r"explorer_for: cala has no live explorer .*viz\.plot_cala_bridges"),
         (lambda: workbench.explorer_for(hrem, None, {}, "f30k", tiny_data), r"hrem has no live explorer"),
+        # the re-ranker's stages have no router: stage I said "router" and stage II failed in torch (encode_query)
+        (lambda: workbench.explorer_kind(cirlab.create_model("blip_rerank_stage1", "tiny")),
+         r"^the router explorer needs a router model \(amc, dime\); got 'blip_rerank_stage1' \(task cir\): it has "
+         r"no router"),
+        (lambda: workbench.collect_routes(cirlab.create_model("blip_rerank_stage2", "tiny"), "fashioniq", tiny_data),
+         r"^collect_routes needs a router model \(amc, dime\); got 'blip_rerank_stage2' \(task rerank\)"),
     ]
     for call, message in cases:
         with pytest.raises(CirlabError, match=message):
@@ -430,6 +437,29 @@ def test_a_model_of_the_wrong_kind_or_a_device_typo_is_one_line(tiny_data):
     with pytest.raises(TypeError, match=r"trace_routes needs the model itself .* got 'amc'"):
         with cirlab.trace_routes("amc"):
             pass
+
+
+def test_trace_routes_says_when_it_recorded_nothing(caplog):
+    """A trace block on a model whose forward has no router (CaLa, HREM, the re-ranker) gave an empty frame without a
+    word; a router model's block that records says nothing."""
+    import logging
+
+    import torch
+
+    import cirlab
+
+    hrem = cirlab.create_model("hrem", "tiny", img_dim=2048)
+    dime = cirlab.create_model("dime", "tiny", img_dim=2048).eval()
+    with caplog.at_level(logging.WARNING, logger="cirlab"):
+        with cirlab.trace_routes(dime) as trace:
+            dime.score(dime.encode_image(torch.rand(1, 36, 2048)), dime.encode_text(["a dog on the grass"]))
+        assert not trace.to_frame().empty and not caplog.records
+        with cirlab.trace_routes(hrem) as trace:
+            hrem.eval().score(hrem.encode_image(torch.rand(1, 36, 2048)), hrem.encode_text(["a dog"]))
+    assert trace.to_frame().empty
+    assert [r.getMessage() for r in caplog.records] == [
+        "trace_routes recorded nothing from model hrem: AMC's gates (encode_query) and DIME's paths (score) are "
+        "traced; HREM's relation graph: cirlab.workbench.hrem_relation (or cirlab.models.hrem.relation_frames)"]
 
 
 def test_gallery_lookups_checkpoints_and_rankings_name_what_is_wrong(tiny_data, tmp_path):

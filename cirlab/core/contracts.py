@@ -159,8 +159,9 @@ def check_model(model: Any) -> None:
 
 # what each task's protocol is called in a message, and the model kinds that satisfy it
 _KINDS = {"Model": "a cirlab model (cirlab.create_model, workbench.load_run)",
-          "CIRModel": "a composed-retrieval model (amc, cala)", "ITMModel": "an image-text matching model (dime, hrem)",
-          "Reranker": "a re-ranker (blip_rerank_stage2)"}
+          "CIRModel": "a composed-retrieval model (amc, cala, blip_rerank_stage1)",
+          "ITMModel": "an image-text matching model (dime, hrem)", "Reranker": "a re-ranker (blip_rerank_stage2)",
+          "TracedModel": "a router model (amc, dime)"}
 
 
 def model_label(model: Any) -> str:

@@ -22,6 +22,7 @@ figure uses, so both stay explicit in the frame (columns ``code_index`` and ``pa
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -108,7 +109,12 @@ class RouteTrace:
                               f"{', '.join(self.layers()) or '(nothing)'}")
 
     def to_frame(self) -> "Any":
-        """A tidy pandas DataFrame, one row per (sample, layer, expert or source->destination) weight."""
+        """A tidy pandas DataFrame, one row per (sample, layer, expert or source->destination) weight.
+
+        Columns: ``query_id`` (``set_batch``'s ids, else a running index per layer), ``layer``, ``kind`` ("gate" or
+        "path"), ``expert`` (gates) or ``source`` / ``destination`` (paths), ``weight``, ``code_index``,
+        ``paper_name``, then the metadata of ``set_batch`` and of the emitting model. Vector emissions are not in
+        it (:meth:`vectors`). Empty (with these columns) when nothing was recorded."""
         import pandas as pd
 
         rows: list[dict[str, Any]] = []
@@ -200,9 +206,30 @@ def _make_record(trace: RouteTrace, layer: str, weights: torch.Tensor, kind: str
     return _Record(layer, kind, w, names, dict(paper_names or {}), batch_ids, batch_meta)
 
 
+# the views of the models whose retrieval forward emits no routes (their attention and graph come from own calls)
+OTHER_VIEWS = {"cala": "CaLa's HCA/TAC attention: cirlab.workbench.cala_trace (or model.trace)",
+               "hrem": "HREM's relation graph: cirlab.workbench.hrem_relation (or cirlab.models.hrem.relation_frames)"}
+
+
+def nothing_traced(name: str, what: str) -> str:
+    """The message for a trace that recorded nothing from model ``name``: which models emit, and where the others'
+    views are."""
+    view = f"; {OTHER_VIEWS[name]}" if name in OTHER_VIEWS else ""
+    return (f"{what} recorded nothing from model {name}: AMC's gates (encode_query) and DIME's paths (score) are "
+            f"traced{view}")
+
+
 @contextlib.contextmanager
 def trace_routes(model: torch.nn.Module) -> Iterator[RouteTrace]:
-    """Record every router emission from ``model``'s modules while the block runs."""
+    """Record every router emission from ``model``'s modules while the block runs; yields the :class:`RouteTrace`.
+
+    Call ``trace.set_batch(ids=..., **meta)`` before each batch to label its rows, run the model's retrieval
+    forward (AMC: ``encode_query``; DIME: ``score``), then read ``trace.to_frame()`` (one row per weight: query_id,
+    layer, expert or source/destination, weight, code_index, paper_name, and the metadata) or the tensors
+    (``gates``, ``paths``, ``vectors``). A block that records nothing logs a warning that says where the model's
+    own view is (CaLa's attention, HREM's relation graph: their retrieval forward has no router)."""
+    from cirlab.core.contracts import model_label
+
     if not isinstance(model, torch.nn.Module):  # a model's name failed as "'str' object has no attribute 'modules'"
         raise TypeError(f"trace_routes needs the model itself (cirlab.create_model(...)), got {model!r}")
     trace = RouteTrace(module_ids={id(m) for m in model.modules()})
@@ -211,6 +238,8 @@ def trace_routes(model: torch.nn.Module) -> Iterator[RouteTrace]:
         yield trace
     finally:
         _ACTIVE.remove(trace)
+    if not trace.records:  # an empty frame, without a word, was all a CaLa, HREM or BLIP user got
+        logging.getLogger("cirlab").warning("%s", nothing_traced(model_label(model), "trace_routes"))
 
 
 def _use_batch_labels(trace: RouteTrace, layer: str, kind: str) -> None:

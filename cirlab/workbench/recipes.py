@@ -576,9 +576,18 @@ def itm_topk(model: Any, dataset: str, data_root: str | os.PathLike, split: str 
 
 def explorer_kind(model: Any) -> str:
     """What the router-explorer notebook draws for a model: ``"cala"`` (HCA hinge / TAC attention),
-    ``"hrem"`` (the instance-level relation graph) or ``"router"`` (AMC gates, DIME paths)."""
+    ``"hrem"`` (the instance-level relation graph) or ``"router"`` (AMC gates, DIME paths: a
+    :class:`cirlab.core.contracts.TracedModel`). Another model (the BLIP re-ranker's stages) has none of these: a
+    one-line :class:`ModelMismatchError` (it was "router", and the notebook failed later on an empty trace)."""
+    from cirlab.core.contracts import TracedModel
+
     name = getattr(model, "model_name", "")
-    return name if name in ("cala", "hrem") else "router"
+    if name in ("cala", "hrem"):
+        return name
+    require_model(model, TracedModel, "the router explorer",
+                  hint="it has no router, attention view or relation graph to explore (the rank_shift notebook "
+                       "compares its rankings)")
+    return "router"
 
 
 def _check_count(n: Any, name: str) -> None:
@@ -686,6 +695,11 @@ def collect_routes(model: Any, dataset: str, data_root: str | os.PathLike, split
     from cirlab.engine.evaluate import trace_split
     from cirlab.engine.runs import load_split
 
+    from cirlab.core.contracts import TracedModel
+    from cirlab.core.tracing import OTHER_VIEWS
+
+    name = model_label(model)
+    require_model(model, TracedModel, "collect_routes", hint=OTHER_VIEWS.get(name, "its forward emits no routes"))
     device = run_device(device)
     _check_count(n, "n")
     config = data_config(dataset, data_root, split)
@@ -726,10 +740,9 @@ def _with_caption_types(frame: Any, split: Any) -> Any:
 
 def _checked(frame: Any, model: Any) -> Any:
     if frame.empty:
-        name = model_label(model)
-        views = {"cala": "; CaLa's attention: cala_trace", "hrem": "; HREM's relation graph: hrem_relation"}
-        raise InputError(f"model {name} emitted no router records (collect_routes traces AMC's gates and DIME's "
-                         f"paths{views.get(name, '')})")
+        from cirlab.core.tracing import nothing_traced
+
+        raise InputError(nothing_traced(model_label(model), "collect_routes"))
     return frame
 
 
