@@ -93,6 +93,20 @@ def test_align_ranks_joins_by_query_and_rejects_disjoint_files():
         analysis.align_ranks(a, TopK(["w"], np.zeros((1, 1)), np.zeros((1, 1)), [1]))
 
 
+def test_align_ranks_refuses_rankings_of_another_split():
+    # precomp caption ids are 0..N-1 in every split: a dev and a test ranking aligned row for row, without a word
+    def ranking(split, dataset="f30k"):
+        return TopK(["0", "1"], np.zeros((2, 2)), np.zeros((2, 2)), [1, 2],
+                    meta={"dataset": dataset, "split": split})
+
+    assert len(analysis.align_ranks(ranking("dev"), ranking("dev"))) == 2
+    assert len(analysis.align_ranks(ranking("dev"), TopK(["0"], np.zeros((1, 1)), np.zeros((1, 1)), [1]))) == 1
+    for other, said in ((ranking("test"), "split 'dev' and after ranks split 'test'"),
+                        (ranking("dev", "coco"), "dataset 'f30k' and after ranks dataset 'coco'")):
+        with pytest.raises(ValueError, match=f"^align_ranks: before ranks {said}: the comparison needs two"):
+            analysis.align_ranks(ranking("dev"), other)
+
+
 def test_gate_entropy_and_utilisation():
     w = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.2, 0.6, 0.2]])
     h = analysis.gate_entropy(w)

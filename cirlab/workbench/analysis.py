@@ -28,7 +28,7 @@ from cirlab.core.errors import InputError, UnknownKeyError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "align_ranks", "rank_shift_table", "rank_shift_summary", "ceiling_recall", "known_recall",
+    "align_ranks", "different_queries", "rank_shift_table", "rank_shift_summary", "ceiling_recall", "known_recall",
     "rank_shift_by_category", "feature_columns", "gate_matrix", "gate_entropy", "expert_utilisation",
     "route_statistics", "flow_matrices", "path_vectors", "pca_2d", "read_log", "read_metrics",
     "compare_runs", "flatten_metrics", "layer_matrix", "bridge_words", "relation_matrix", "relation_block_means",
@@ -45,16 +45,32 @@ def _require_topk(value: Any, argument: str) -> None:
                          "cirlab.workbench.ranking_pair(before, after)")
 
 
+def different_queries(before: Any, after: Any) -> str:
+    """Why two top-K files rank different queries ("" when they may rank the same): their metadata names another
+    dataset or split. Precomp caption ids are 0..N-1 in every split, and CIR ids can coincide, so two such rankings
+    would align on ids that merely match."""
+    for key in ("dataset", "split"):
+        said = [str((getattr(t, "meta", None) or {}).get(key, "")) for t in (before, after)]
+        if all(said) and said[0] != said[1]:
+            return (f"before ranks {key} {said[0]!r} and after ranks {key} {said[1]!r}: the comparison needs two "
+                    "rankings of the same queries")
+    return ""
+
+
 def align_ranks(before: Any, after: Any) -> Any:
     """Join two top-K files (``cirlab.core.topk.TopK``) by query id.
 
     Returns a frame with ``query_id, category, rank_before, rank_after`` (1-based, 0 = unknown), keeping
-    only queries whose target rank is known in both files. Raises if the files share no query.
+    only queries whose target rank is known in both files. Raises if the files share no query, or if their
+    metadata says they rank different datasets or splits (:func:`different_queries`).
     """
     import pandas as pd
 
     _require_topk(before, "before")
     _require_topk(after, "after")
+    why = different_queries(before, after)
+    if why:
+        raise InputError(f"align_ranks: {why}")
     a = pd.DataFrame({"query_id": before.query_ids, "category": before.category, "rank_before": before.target_rank})
     b = pd.DataFrame({"query_id": after.query_ids, "rank_after": after.target_rank})
     for name, frame in (("before", a), ("after", b)):

@@ -908,11 +908,11 @@ def ranking_pair(before: str | os.PathLike, after: str | os.PathLike, rerank: bo
             raise MissingPathError(f"{name}={str(value)!r}: {err}") from None
         except (OSError, ValueError) as err:  # not a top-K file, or an unreadable one
             raise ParameterError(f"{name}={str(value)!r}: {err}") from None
-    for key in ("dataset", "split"):  # two rankings of different queries would align on ids that happen to match
-        said = [str((t.meta or {}).get(key, "")) for t in loaded]
-        if all(said) and said[0] != said[1]:
-            raise ParameterError(f"before ranks {key} {said[0]!r} and after ranks {key} {said[1]!r}: the comparison "
-                                 "needs two rankings of the same queries")
+    from cirlab.workbench.analysis import different_queries
+
+    why = different_queries(*loaded)  # checked here too: before the notebook's later cells run
+    if why:
+        raise ParameterError(why)
     return loaded[0], loaded[1]
 
 
