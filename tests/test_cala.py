@@ -271,6 +271,9 @@ def test_eval_mode_and_validate_in_train_mode():
     with torch.no_grad():
         a, b = (noisy.encode_query(batch()["ref_image"], TEXTS) for _ in range(2))
     assert not torch.equal(a, b)  # dropout on, as the released training loop validates
+    both = tiny(validate_in_train_mode=True, encoder="both").eval()  # the released loop trains the visual copy too
+    assert both.multimodal.training and both.textual.training and both.visual.training
+    assert not tiny(encoder="both").eval().visual.training
 
 
 def test_trace_gives_tidy_frames_with_token_strings():

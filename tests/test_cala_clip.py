@@ -79,6 +79,25 @@ def test_group0_schedule_and_config_checks():
         C.CaLaConfig.from_preset("tiny_clip", clip_map_layout="transpose")
     cfg = C.CaLaConfig.from_preset("tiny_clip")
     assert cfg.clip_vision_layers == [1, 1, 1, 1] and C.CaLaConfig.from_dict(cfg.to_dict()) == cfg
+    # the CLIP path's switches on the BLIP-2 path, or ARTEMIS's without its frame, would be read by nothing
+    for field, value in (("clip_bn_train_mode", True), ("clip_cls_token", "zero"), ("clip_artemis_trained", False)):
+        with pytest.raises(ValueError, match=f"CaLaConfig.{field}={value!r} is read only with backbone="):
+            C.CaLaConfig.from_preset("tiny", **{field: value})
+    with pytest.raises(ValueError, match="clip_artemis_trained=False is read only with cir_frame='artemis'"):
+        C.CaLaConfig.from_preset("tiny_clip", clip_artemis_trained=False)
+
+
+def test_released_clip_artemis_is_never_trained():
+    # the released CLIP optimizer has three groups (text tower, TAC, HCA): its ARTEMIS frame keeps ARTEMIS's init
+    released = tiny(cir_frame="artemis", clip_artemis_trained=False)
+    assert [g["name"] for g in released.param_groups()] == ["clip.text", "tac", "hca"]
+    assert not any(p.requires_grad for p in released.artemis.parameters())
+    terms = released.training_step(batch())
+    sum(v for k, v in terms.items() if k.endswith("_loss")).backward()
+    assert all(p.grad is None for p in released.artemis.parameters())
+    assert all(p.grad is not None for p in released.tac.parameters())
+    default = tiny(cir_frame="artemis")
+    assert [g["name"] for g in default.param_groups()] == ["clip.text", "tac", "hca", "artemis"]
 
 
 def test_logits_and_retrieval_use_the_pooled_clip_vectors():

@@ -34,7 +34,8 @@ Behaviour choices, defaults first, the original as a named option:
 
 * ``validate_in_train_mode=False``: evaluation runs the Q-Formers in eval mode (the original's standalone
   ``validate.py``). ``True`` reproduces the training loop's validation, which never calls ``.eval()`` on the trained
-  Q-Formers (dropout on): ``model.eval()`` then leaves them in train mode.
+  Q-Formers (dropout on): ``model.eval()`` then leaves them in train mode (with ``encoder="both"`` the visual copy
+  too, so the gallery is encoded with dropout on, as in the released loop).
 * ``lr_schedule="all"``: every parameter group follows the trainer's schedule. ``"group0"`` is the released code's
   ``cosine_lr_schedule(..., onlyGroup0=True)``: only group 0 (the multimodal Q-Former) is annealed and the others
   keep their constant LR; the groups carry ``"scheduled": False`` for the trainer to honour.
@@ -44,6 +45,10 @@ Behaviour choices, defaults first, the original as a named option:
 * ``hca_mask_padding=False`` (original): padded text positions take part in HCA's hinge product; ``True`` removes
   them (the hinge sum then runs over real tokens only).
 * Text is padded to the longest caption and truncated at ``max_text_len`` (the original never truncates).
+* Precision: the original trains under fp16 autocast with a GradScaler (its frozen ViT-L in fp16); cirlab's trainer
+  default (``precision="auto"``) uses bf16 autocast on CUDA and fp32 on the CPU, with the tower in the autocast
+  dtype. ``--set train.precision=fp16`` gives the original's fp16 + GradScaler; evaluation runs in fp32, as the
+  released ``validate.py`` does (``.float()``).
 * ``ablation``: ``image_only`` / ``text_only`` baselines (query = reference image through the multimodal Q-Former's
   image mode / the text CLS alone), trained with QTM only, for the benchmarks.
 
@@ -73,8 +78,9 @@ Options (corrected default first; the released code, which the design notes trea
 * Parameter groups (the optimiser of src/blip_fine_tune.py): every CLIP parameter outside ``visual`` (the text tower)
   at ``lr``, TAC and HCA at
   ``2 * lr``; ``logit_scale`` is frozen (it is in the released group but receives no gradient). The released CLIP
-  optimizer has no ARTEMIS group, so its ARTEMIS frame never trains ARTEMIS; cirlab trains it at ``10 * lr`` as on
-  BLIP-2. ``encoder="both"`` is refused (the released CLIP tower is always frozen).
+  optimizer has no ARTEMIS group, so its ARTEMIS frame never trains ARTEMIS: ``clip_artemis_trained=True`` trains
+  it at ``10 * lr`` as on BLIP-2, ``False`` reproduces the release (ARTEMIS stays at its initial weights).
+  ``encoder="both"`` is refused (the released CLIP tower is always frozen).
 * The released CLIP validation crashes in both datasets (src/validate.py as released); here evaluation is the
   engine's, as on BLIP-2.
 * Weights: ``init_from`` names OpenAI's ``RN50x4.pt`` (TorchScript, read without pickle), an OpenAI/open_clip
@@ -85,6 +91,7 @@ Options (corrected default first; the released code, which the design notes trea
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import logging
 import math
@@ -188,6 +195,7 @@ class CaLaConfig(PresetMixin):
     clip_map_layout: str = "permute"  # permute | view_quirk (released: .view(bs, h*w, c) without a permute)
     clip_cls_token: str = "learned"  # learned | zero | random_quirk (released: torch.randn at every forward)
     clip_bn_train_mode: bool = False  # released: clip_model.train() puts the frozen tower's BatchNorm in train mode
+    clip_artemis_trained: bool = True  # released (False): the CLIP optimizer has no ARTEMIS group, it never trains
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cirr": {"dataset": "cirr"},
@@ -221,6 +229,7 @@ class CaLaConfig(PresetMixin):
                                      ("vocab_file", self.vocab_file, blip2, "backbone='blip2' (CLIP has its own BPE)")])
         # a list in YAML / to_dict round trips: kept as a list of ints (yaml.safe_dump has no tuples)
         self.clip_vision_layers = [int(n) for n in self.clip_vision_layers]
+        self._refuse_unread_clip_options()
         if self.backbone != "blip2":
             if len(self.clip_vision_layers) != 4:
                 raise ValueError(f"CaLaConfig.clip_vision_layers={self.clip_vision_layers}: four stages expected")
@@ -235,6 +244,21 @@ class CaLaConfig(PresetMixin):
             return
         if self.vision != "efficientnet_lite0" and self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    def _refuse_unread_clip_options(self) -> None:
+        """The CLIP path's behaviour switches changed on the BLIP-2 path (or ``clip_artemis_trained`` without the
+        artemis frame) would be ignored without a word. Sizes (``clip_embed_dim``, ...) are left alone: a preset's
+        sizes are not a behaviour the user asked for."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        switches = ("clip_map_layout", "clip_cls_token", "clip_bn_train_mode", "clip_artemis_trained")
+        for name in switches:
+            if getattr(self, name) == defaults[name]:
+                continue
+            if self.backbone == "blip2":
+                raise ValueError(f"CaLaConfig.{name}={getattr(self, name)!r} is read only with "
+                                 "backbone='clip_rn50x4'; clear it or set the backbone")
+            if name == "clip_artemis_trained" and self.cir_frame != "artemis":
+                raise ValueError("CaLaConfig.clip_artemis_trained=False is read only with cir_frame='artemis'")
 
     def qformer_hf_config(self) -> Any:
         return hb.qformer_config(width=self.qformer_width, depth=self.qformer_depth, heads=self.qformer_heads,
@@ -486,6 +510,8 @@ class CaLa(nn.Module):
         if self.is_clip:
             self.clip.visual.requires_grad_(False)
             self.clip.logit_scale.requires_grad_(False)
+            if self.artemis is not None and not self.config.clip_artemis_trained:
+                self.artemis.requires_grad_(False)  # outside the released CLIP optimizer's groups
             return
         self.tower.lock()
         for q in (self.multimodal, self.textual, self.visual):
@@ -505,7 +531,8 @@ class CaLa(nn.Module):
         if mode and self.config.encoder != "both":
             self.visual.eval()  # the original keeps blip_visual in eval mode (is_eval=True) unless it is trained
         if not mode and self.config.validate_in_train_mode:
-            for q in (self.multimodal, self.textual):  # the released training loop never calls .eval() on them
+            # the released training loop never calls .eval() on the copies it trains (src/blip_fine_tune.py)
+            for q in (self.multimodal, self.textual) + ((self.visual,) if self.config.encoder == "both" else ()):
                 q.train()
         return self
 
@@ -628,7 +655,7 @@ class CaLa(nn.Module):
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The released optimiser's groups (src/blip_fine_tune.py) in the original order (group 0 = the multimodal
-        Q-Former), each with its multiplier ``lr_scale`` of ``train.lr`` (and the resulting ``lr`` at the model's
+        Q-Former; with ``encoder="both"`` the visual copy's two groups come last here, after TAC/HCA/ARTEMIS), each with its multiplier ``lr_scale`` of ``train.lr`` (and the resulting ``lr`` at the model's
         own ``lr``) and ``scheduled`` (False for groups > 0 under ``lr_schedule="group0"``).
         CLIP path: ``clip.text`` (every CLIP parameter whose name lacks ``visual``; group 0), ``tac``, ``hca``."""
         c = self.config
@@ -640,7 +667,7 @@ class CaLa(nn.Module):
                       ("multimodal.query_tokens", [self.multimodal.query_tokens], 1.0),
                       ("textual.qformer", self.textual.trainable_core(), 1.0)]
         groups += [("tac", list(self.tac.parameters()), 2.0), ("hca", list(self.hca.parameters()), 2.0)]
-        if self.artemis is not None:
+        if self.artemis is not None and (not self.is_clip or c.clip_artemis_trained):
             groups.append(("artemis", list(self.artemis.parameters()), 10.0))
         if c.encoder == "both":
             groups += [("visual.qformer", self.visual.trainable_core(), 1.0),

@@ -34,6 +34,13 @@ Deviations from the original code and quirks, each behind a named config field (
   Python loop over captions; it keeps the loop's padding behaviour (see its docstring). Token ids are padded to at
   least ``topk`` positions so that short batches have the padding words the loop would read (it would fail
   without them).
+
+Not options (cirlab's trainer and evaluation, the same for every model):
+
+* A non-finite loss stops the run with a one-line error naming the step and its loss terms; the original
+  (``lib/vse.py``) logs it and skips the step. Training on past a NaN would hide what caused it, and a skipped
+  backward on one process of a distributed run would leave the others waiting.
+* Evaluation scores in float32 (the original fills float64 arrays): the ranking differs only on near-ties.
 """
 from __future__ import annotations
 
