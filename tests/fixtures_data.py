@@ -59,7 +59,7 @@ def write_fashioniq(root: Path, categories: tuple[str, ...] = FIQ_CATEGORIES,
     for cat in categories:
         for split in splits:
             listed = [f"{cat}_{split}_{k}" for k in range(n_queries + n_extra)]
-            folder = root / "images" if layout == "images" else root / "img" / cat
+            folder = root / "img" / cat if layout == "img" else root / layout  # images/, image_data/ (CaLa)
             for name in listed:
                 write_image(folder / f"{name}.{ext}")
             caps = []

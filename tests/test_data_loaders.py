@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 from fixtures_data import write_cirr, write_fashioniq, write_image, write_json, write_precomp, write_shoes
 from torch.utils.data import DataLoader
 
-from cirlab.data import CIRSplit, DataError, UnknownNameError, load_cir, load_precomp
+from cirlab.data import CIRSplit, DataError, UnknownNameError, check_dataset, load_cir, load_precomp
 from cirlab.data.fashioniq import clip4cir_random
 
 QUERY_KEYS = {"query_id", "ref_image", "text", "ref_idx", "target_idx", "category", "modification"}
@@ -106,6 +108,23 @@ def test_fashioniq_img_category_layout_jpg(tmp_path):
     info = write_fashioniq(tmp_path, categories=("dress",), layout="img", ext="jpg")
     split = load_cir("fashioniq", info["root"], "val", category="dress")
     assert split.image_path("dress_val_0") == info["root"] / "img" / "dress" / "dress_val_0.jpg"
+
+
+def test_fashioniq_calas_image_data_layout_and_two_layouts_refused(tmp_path):
+    # CaLa reads fashionIQ_dataset/image_data/{asin}.jpg: it was one missing_file line plus one line per image
+    info = write_fashioniq(tmp_path / "fiq", categories=("dress",), layout="image_data", ext="jpg")
+    split = load_cir("fashioniq", info["root"], "val", category="dress")
+    assert split.image_path("dress_val_0") == info["root"] / "image_data" / "dress_val_0.jpg"
+    assert check_dataset("fashioniq", info["root"]) == []
+    write_image(info["root"] / "images" / "dress_val_0.png")  # a second layout: which one is read?
+    problems = check_dataset("fashioniq", info["root"])
+    assert [(p.kind, Path(p.file).name) for p in problems] == [("ambiguous_layout", "fiq")]
+    assert "holds images/ and image_data/: more than one image layout" in problems[0].message
+    # no image folder at all: the one missing_file line, not one more per image
+    bare = write_fashioniq(tmp_path / "bare", categories=("dress",), layout="img")
+    shutil.rmtree(bare["root"] / "img")
+    problems = check_dataset("fashioniq", bare["root"])
+    assert [p.kind for p in problems] == ["missing_file"] and "image_data/{asin}" in problems[0].message
 
 
 def test_fashioniq_items_and_batches(fiq):

@@ -134,21 +134,37 @@ def find_categories(root: Path, split: str | None = None) -> list[str]:
     return sorted(found)
 
 
+# the image folders in use: flat ones (CLIP4Cir and the re-ranker: images/; CaLa's src/data_utils.py: image_data/)
+# and AMC's per-category img/{category}/
+FLAT_IMAGE_FOLDERS = ("images", "image_data")
+PER_CATEGORY_FOLDER = "img"
+
+
 class FashionIQImages:
-    """Finds ``images/{asin}.{png,jpg}`` (flat) or ``img/{category}/{asin}.jpg`` (per category) with one scan."""
+    """Finds ``images/{asin}.{png,jpg}`` or ``image_data/{asin}.{png,jpg}`` (flat) or ``img/{category}/{asin}.jpg``
+    (per category) with one scan. A root holding two of these layouts is an error: which one a run read would be a
+    silent choice."""
 
     def __init__(self, root: Path, sink: ProblemCollector) -> None:
         self.root, self.sink = root, sink
-        self.flat = (root / "images").is_dir()
+        present = [f for f in (*FLAT_IMAGE_FOLDERS, PER_CATEGORY_FOLDER) if (root / f).is_dir()]
         self._index: dict[str, dict[str, Path]] = {}
-        if self.flat:
-            self._index[""] = index_images(root / "images", sink)
-        elif not (root / "img").is_dir():
-            sink.add("missing_file", root / "images", None,
-                     "no image folder: expected images/{asin}.png|jpg or img/{category}/{asin}.jpg")
+        # without any image folder (or with two), its one line says it all: no further line per image
+        self.present = len(present) == 1
+        self.flat = bool(present) and present[0] in FLAT_IMAGE_FOLDERS
+        self._flat_folder = root / (present[0] if self.flat else FLAT_IMAGE_FOLDERS[0])
+        if len(present) > 1:
+            sink.add("ambiguous_layout", root, None, f"holds {' and '.join(f + '/' for f in present)}: more than one "
+                     "image layout, and which one a run reads would be a silent choice; keep one (rename or move the "
+                     "others)")
+        if self.flat and self.present:
+            self._index[""] = index_images(self._flat_folder, sink)
+        elif not present:
+            sink.add("missing_file", root / "images", None, "no image folder: expected images/{asin}.png|jpg, "
+                     "image_data/{asin}.png|jpg (CaLa's layout) or img/{category}/{asin}.jpg")
 
     def folder(self, category: str) -> Path:
-        return self.root / "images" if self.flat else self.root / "img" / category
+        return self._flat_folder if self.flat else self.root / PER_CATEGORY_FOLDER / category
 
     def lookup(self, name: str, category: str) -> Path | None:
         key = "" if self.flat else category
@@ -208,7 +224,7 @@ def _load_category(root: Path, category: str, split: str, images: FashionIQImage
     """Triplets, split-file names and caption-file names (candidates+targets, first appearance) of one category."""
     s_path, c_path = split_file(root, category, split), captions_file(root, category, split)
     names = _read_split_names(s_path, sink)
-    for i, name in enumerate(names or []):
+    for i, name in enumerate(names or [] if images.present else []):
         if images.lookup(name, category) is None:
             sink.add("missing_image", s_path, f"#{i}", f"image {name!r} not found in {images.folder(category)}")
     known = set(names) if names is not None else None
@@ -229,7 +245,7 @@ def _load_category(root: Path, category: str, split: str, images: FashionIQImage
                 continue
             if known is not None and name not in known:
                 sink.add("unknown_name", c_path, f"#{i}", f"{role} {name!r} is not listed in {s_path.name}")
-            elif known is None and images.lookup(name, category) is None:
+            elif known is None and images.present and images.lookup(name, category) is None:
                 sink.add("missing_image", c_path, f"#{i}", f"{role} image {name!r} not found")
         if entry.get("target") is not None and entry["target"] == entry["candidate"]:
             sink.warn("target_is_reference", c_path, f"#{i}", f"the target {entry['target']!r} is the reference "
