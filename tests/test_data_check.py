@@ -166,6 +166,30 @@ def test_precomp_all_problems_listed(tmp_path, capsys):
     assert "FAILED with 3 problems" in capsys.readouterr().out
 
 
+def test_precomp_finds_gpos_layout_as_f30k_and_coco_do(tmp_path):
+    # GPO keeps each set in {f30k,coco}/precomp/: --dataset f30k found it, --dataset precomp said "no *_precomp folder"
+    for name in ("f30k", "coco"):
+        write_precomp(tmp_path / "staging", name=name, splits=("train", "dev"))
+        (tmp_path / "gpo" / name).mkdir(parents=True)
+        (tmp_path / "staging" / f"{name}_precomp").rename(tmp_path / "gpo" / name / "precomp")
+    root = tmp_path / "gpo"
+    assert check_dataset("precomp", root) == [] and check_dataset("f30k", root) == []
+    problems = check_dataset("precomp", root)
+    assert problems.stats["splits"] == 4  # two sets of two splits each
+    assert check_dataset("precomp", root / "coco" / "precomp") == []  # the set folder itself
+    problems = check_dataset("precomp", tmp_path / "staging")  # emptied: the message names both layouts
+    assert [p.kind for p in problems] == ["missing_file"] and "or GPO's f30k/precomp/" in problems[0].message
+
+
+def test_the_base_path_of_clip4cir_and_cala_is_a_data_root(tmp_path):
+    # their --data-path holds cirr_dataset/ and fashionIQ_dataset/: it was "no CIRR split found" / "no captions/"
+    write_cirr(tmp_path / "cirr_dataset", groups={"val": 1})
+    write_fashioniq(tmp_path / "fashionIQ_dataset", categories=("dress",), splits=("val",))
+    for name in ("cirr", "fashioniq"):
+        assert check_dataset(name, tmp_path) == [], name
+    assert len(load_cir("cirr", tmp_path, "val").triplets) == 2
+
+
 def test_verify_images_finds_corrupt_files(tmp_path):
     info = write_cirr(tmp_path / "cirr_dataset", groups={"val": 1})
     assert check_dataset("cirr", info["root"], verify_images=True) == []

@@ -23,6 +23,8 @@ class DatasetSpec:
     categories: tuple[str, ...] = ()  # the paper's categories, each evaluated on its own (Fashion-IQ)
     splits: tuple[str, ...] = ("train", "val", "test")  # the layout's names for training, validation, test
     aliases: tuple[str, ...] = ()
+    # the dataset's folder under the base path of CLIP4Cir, the re-ranker and CaLa (their --data-path or base_path)
+    release_dir: str = ""
 
     @property
     def is_itm(self) -> bool:
@@ -33,9 +35,11 @@ _ITM_PROTOCOLS = ("full", "f30k", "coco1k", "coco5k", "coco")
 
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
     DatasetSpec("fashioniq", "cir", "cirlab.data.fashioniq", "fashioniq", ("fashioniq",), "fashioniq",
-                categories=("dress", "shirt", "toptee"), aliases=("fiq", "fashion_iq", "fashion-iq")),
+                categories=("dress", "shirt", "toptee"), aliases=("fiq", "fashion_iq", "fashion-iq"),
+                release_dir="fashionIQ_dataset"),
     DatasetSpec("shoes", "cir", "cirlab.data.shoes", "shoes", ("shoes",), "shoes"),
-    DatasetSpec("cirr", "cir", "cirlab.data.cirr", "cirr", ("cirr",), "cirr", splits=("train", "val", "test1")),
+    DatasetSpec("cirr", "cir", "cirlab.data.cirr", "cirr", ("cirr",), "cirr", splits=("train", "val", "test1"),
+                release_dir="cirr_dataset"),
     # COCO's protocol "coco" reports 1K (5 folds) and 5K from one matrix, on its test split only (testall)
     DatasetSpec("f30k", "itm", "cirlab.data.precomp", "precomp", _ITM_PROTOCOLS, "full",
                 splits=("train", "dev", "test"), aliases=("flickr30k",)),
@@ -76,7 +80,9 @@ def dataset_root(name: str, root: str | os.PathLike | None = None) -> Path:
     """The folder a dataset's loader reads, from a dataset root or a data root holding several layouts.
 
     ``root`` may be the dataset's own folder, or a folder with the dataset in its ``subdir`` (``<root>/fashioniq``,
-    ``<root>/precomp``: the synthetic set looks like that); the subfolder is taken when it exists. Without a root, a
+    ``<root>/precomp``: the synthetic set looks like that) or in its ``release_dir`` (``<root>/fashionIQ_dataset``,
+    ``<root>/cirr_dataset``: the base path of CLIP4Cir, the re-ranker and CaLa); the subfolder is taken when it
+    exists. Without a root, a
     CIR dataset is ``$CIRLAB_DATA/<subdir>`` (so a missing one is named by that path) and precomp features are
     found under ``$CIRLAB_DATA`` as under a given root. The one place this decision is taken (the loaders, ``cirlab
     data check`` and the workbench all ask here).
@@ -88,8 +94,10 @@ def dataset_root(name: str, root: str | os.PathLike | None = None) -> Path:
     if not given and not spec.is_itm:
         return data_root() / spec.subdir
     base = Path(root).expanduser() if given else data_root()
-    sub = base / spec.subdir
-    return sub if sub.is_dir() else base
+    for sub in (base / spec.subdir, *([base / spec.release_dir] if spec.release_dir else [])):
+        if sub.is_dir():
+            return sub
+    return base
 
 
 def categories(name: str, root: str | os.PathLike | None, split: str) -> list[str]:

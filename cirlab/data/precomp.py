@@ -51,7 +51,7 @@ def find_set_dir(root: Path, name: str) -> Path | None:
         if candidate.is_dir():
             return candidate
     # a folder named precomp/ is GPO's set folder only when it holds no *_precomp sets (the synthetic set's does)
-    if root.name == f"{name}_precomp" or (root.name == "precomp" and not find_precomp(root)):
+    if root.name == f"{name}_precomp" or _is_gpo_set(root):
         return root
     return None
 
@@ -380,12 +380,29 @@ def _empty(name: str, split: str, ims_path: Path, caps_path: Path, images: Any, 
                         captions or [], 1, ims_path, caps_path)
 
 
+def _precomp_folders(root: Path) -> list[tuple[str, Path]]:
+    """``(name, folder)`` of every ``*_precomp`` folder directly under ``root`` (HREM/SCAN's layout)."""
+    return [(p.name[: -len("_precomp")], p) for p in sorted(Path(root).glob("*_precomp")) if p.is_dir()]
+
+
+def _is_gpo_set(folder: Path) -> bool:
+    """GPO's ``{name}/precomp/`` set folder: a ``precomp`` folder that holds no ``*_precomp`` sets (the synthetic
+    data's ``DIR/precomp/`` holds them, and is no set itself)."""
+    return folder.name == "precomp" and folder.is_dir() and not _precomp_folders(folder)
+
+
 def find_precomp(root: Path) -> list[tuple[str, Path]]:
-    """``(name, folder)`` of every ``*_precomp`` folder under ``root`` (or ``root`` itself)."""
+    """``(name, folder)`` of every precomp set under ``root``: ``*_precomp`` folders, GPO's ``{name}/precomp/``
+    folders, or ``root`` itself when it is one of these."""
     root = Path(root)
     if root.name.endswith("_precomp"):
         return [(root.name[: -len("_precomp")], root)]
-    return [(p.name[: -len("_precomp")], p) for p in sorted(root.glob("*_precomp")) if p.is_dir()]
+    if _is_gpo_set(root):
+        return [(root.parent.name, root)]
+    found = _precomp_folders(root)
+    named = {name for name, _ in found}
+    return found + [(p.parent.name, p) for p in sorted(root.glob("*/precomp"))
+                    if _is_gpo_set(p) and p.parent.name not in named]
 
 
 def scan(root: Path, sink: ProblemCollector, name: str | None = None, **kw: Any) -> None:
@@ -402,8 +419,9 @@ def scan(root: Path, sink: ProblemCollector, name: str | None = None, **kw: Any)
         where = sets[0][1] if sets else root
         sink.add("missing_file", where, None,
                  (f"no {name}_precomp folder" if name else "no *_precomp folder") + f" in {root}"
-                 + (f" (it holds {found})" if found else " (expected f30k_precomp/ or coco_precomp/ with "
-                    "<split>_ims.npy and <split>_caps.txt; `cirlab data synth --out DIR` writes DIR/precomp/)"))
+                 + (f" (it holds {found})" if found else " (expected f30k_precomp/ or coco_precomp/, or GPO's "
+                    "f30k/precomp/, with <split>_ims.npy and <split>_caps.txt; `cirlab data synth --out DIR` writes "
+                    "DIR/precomp/)"))
         return
     for set_name, folder in sets:
         splits = sorted({p.name.rsplit("_", 1)[0] for p in (*folder.glob("*_ims.npy"), *folder.glob("*_caps.txt"))})
