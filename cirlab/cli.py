@@ -385,6 +385,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         if flag and err.name in flag[1]:  # the flag set it, not the config: blame the flag
             raise UnknownNameError(f"{flag[0]} {err.name}: {err.reason}", err.field, err.name, err.reason) from None
         raise
+    _refuse_rankings_kept_nowhere(args, config, loaded)
     model, meta = model_from_checkpoint(checkpoint, model=args.model, preset=args.preset,
                                         trust_pickle=args.trust_pickle, overrides=config.get("model_overrides"))
     if meta.get("converted_from"):
@@ -415,6 +416,25 @@ def _run_eval(args: argparse.Namespace) -> int:
 
         write_text(args.output, text + "\n")
     return 0
+
+
+def _refuse_rankings_kept_nowhere(args: argparse.Namespace, config: dict[str, Any], loaded: dict[str, Any]) -> None:
+    """A CIR split without ground truth (Fashion-IQ test, CIRR test1) gives no metrics, only rankings: without
+    ``--topk-dir`` they were computed and then written nowhere. The re-ranker's stages keep theirs in ``<run>/topk``
+    by themselves."""
+    from cirlab.core.errors import InputError
+    from cirlab.data.catalog import canonical_name
+    from cirlab.engine.runs import is_precomp
+    from cirlab.models.registry import get_entry
+
+    if args.topk_dir or is_precomp(config) or hasattr(get_entry(config["model"]).build, "evaluate_split"):
+        return
+    blind = [split for split, parts in loaded.items() if not any(p.has_targets for p in parts)]
+    if blind:
+        cirr = canonical_name(config["dataset"]["name"]) == "cirr"
+        submit = " (CIRR's submission files: cirlab submit RUN --split test1)" if cirr else ""
+        raise InputError(f"--split {blind[0]}: {config['dataset']['name']} {blind[0]} has no ground-truth targets, so "
+                         f"the evaluation gives no metrics, only rankings; pass --topk-dir DIR to keep them{submit}")
 
 
 def _check_eval_outputs(args: argparse.Namespace, splits: Sequence[str]) -> None:

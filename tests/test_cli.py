@@ -102,6 +102,28 @@ def test_eval_refuses_to_replace_outputs_before_any_work(tmp_path, synth, capsys
     assert load_topk(topk).k == 3
 
 
+def test_eval_of_a_split_without_targets_needs_a_topk_dir(tmp_path, synth, capsys, caplog, monkeypatch):
+    """Fashion-IQ test (no "target" in its caption files) gives rankings only: they were computed, then kept nowhere."""
+    from fixtures_data import write_fashioniq
+
+    from cirlab.engine import runs
+
+    out = tmp_path / "run"
+    assert main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), "--output-dir", str(out),
+                 "--set", "train.max_steps=2"]) == 0
+    fiq = write_fashioniq(tmp_path / "fiq", categories=("dress", "shirt"))["root"]
+    monkeypatch.setattr(runs, "model_from_checkpoint", lambda *a, **k: pytest.fail("the model was read"))
+    caplog.clear()
+    assert main(["eval", str(out), "--split", "test", "--root", str(fiq)]) == 2
+    assert ("--split test: fashioniq test has no ground-truth targets, so the evaluation gives no metrics, only "
+            "rankings; pass --topk-dir DIR to keep them") in caplog.text
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["eval", str(out), "--split", "test", "--root", str(fiq), "--topk-dir", str(tmp_path / "k")]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"]["test"] == {}
+    assert {p.name for p in (tmp_path / "k").iterdir()} == {"test_dress.topk.npz", "test_shirt.topk.npz"}
+
+
 def test_python_api_run_and_resume(tmp_path, synth):
     cfg = load_config(_write_config(tmp_path / "stub.yaml", synth, checkpoint_every=2),
                       ["train.max_steps=3", "output_dir=" + str(tmp_path / "run")])
