@@ -385,9 +385,9 @@ def _run_eval(args: argparse.Namespace) -> int:
         if flag and err.name in flag[1]:  # the flag set it, not the config: blame the flag
             raise UnknownNameError(f"{flag[0]} {err.name}: {err.reason}", err.field, err.name, err.reason) from None
         raise
-    _refuse_rankings_kept_nowhere(args, config, loaded)
     model, meta = model_from_checkpoint(checkpoint, model=args.model, preset=args.preset,
                                         trust_pickle=args.trust_pickle, overrides=config.get("model_overrides"))
+    _refuse_rankings_kept_nowhere(args, config, loaded, type(model))  # before the evaluation, the long part
     if meta.get("converted_from"):
         logger.info("%s: read as the %s layout; ignored: %s; kept as built (not in the file): %s", checkpoint,
                     meta["converted_layout"], _key_groups(meta.get("ignored")), _key_groups(meta.get("kept_as_built")))
@@ -418,16 +418,16 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refuse_rankings_kept_nowhere(args: argparse.Namespace, config: dict[str, Any], loaded: dict[str, Any]) -> None:
+def _refuse_rankings_kept_nowhere(args: argparse.Namespace, config: dict[str, Any], loaded: dict[str, Any],
+                                  model_cls: type) -> None:
     """A CIR split without ground truth (Fashion-IQ test, CIRR test1) gives no metrics, only rankings: without
     ``--topk-dir`` they were computed and then written nowhere. The re-ranker's stages keep theirs in ``<run>/topk``
-    by themselves."""
+    by themselves (their ``evaluate_split``)."""
     from cirlab.core.errors import InputError
     from cirlab.data.catalog import canonical_name
     from cirlab.engine.runs import is_precomp
-    from cirlab.models.registry import get_entry
 
-    if args.topk_dir or is_precomp(config) or hasattr(get_entry(config["model"]).build, "evaluate_split"):
+    if args.topk_dir or is_precomp(config) or hasattr(model_cls, "evaluate_split"):
         return
     blind = [split for split, parts in loaded.items() if not any(p.has_targets for p in parts)]
     if blind:

@@ -112,7 +112,7 @@ def test_eval_of_a_split_without_targets_needs_a_topk_dir(tmp_path, synth, capsy
     assert main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), "--output-dir", str(out),
                  "--set", "train.max_steps=2"]) == 0
     fiq = write_fashioniq(tmp_path / "fiq", categories=("dress", "shirt"))["root"]
-    monkeypatch.setattr(runs, "model_from_checkpoint", lambda *a, **k: pytest.fail("the model was read"))
+    monkeypatch.setattr(runs, "evaluate_split", lambda *a, **k: pytest.fail("the split was evaluated"))
     caplog.clear()
     assert main(["eval", str(out), "--split", "test", "--root", str(fiq)]) == 2
     assert ("--split test: fashioniq test has no ground-truth targets, so the evaluation gives no metrics, only "
