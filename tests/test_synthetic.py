@@ -191,6 +191,8 @@ def test_every_text_means_one_edit():
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="unknown layout"):
         synthetic.generate("/nonexistent-never-written", layouts=["coco"])
+    with pytest.raises(ValueError, match=r"unknown synthetic size 'tinyy' \(did you mean 'tiny'\?\); known: tiny,"):
+        synthetic.resolve_size("tinyy")
     with pytest.raises(ValueError, match="unknown synthetic size"):
         synthetic.generate("/nonexistent-never-written", size="huge")
 

@@ -166,6 +166,12 @@ def test_read_log_names_the_bad_line(tmp_path):
         analysis.read_log(path)
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
     assert analysis.read_log(tmp_path)["loss"].tolist() == [2.0, 1.5]
+    from cirlab.core.errors import MissingPathError  # cirlab's type, as for every other missing path
+
+    with pytest.raises(MissingPathError, match="training log not found"):
+        analysis.read_log(tmp_path / "absent")
+    with pytest.raises(MissingPathError, match="metrics file not found"):
+        analysis.read_metrics(tmp_path / "absent")
 
 
 def test_pca_2d_refuses_nan_rows():

@@ -77,6 +77,8 @@ class RouteTrace:
         self._pending_used = set()
 
     def layers(self, kind: str | None = None) -> list[str]:
+        """The recorded layer names in first-emission order, only those of ``kind`` ("gate", "path", "vector")
+        when given."""
         seen: dict[str, None] = {}
         for r in self.records:
             if kind is None or r.kind == kind:
@@ -99,6 +101,7 @@ class RouteTrace:
         return self._stack(layer, "path")
 
     def vectors(self, layer: str) -> torch.Tensor:
+        """All vector emissions of ``layer`` in emission order, ``[N, ...]`` (e.g. DIME's 36-d path vector)."""
         return self._stack(layer, "vector")
 
     def names(self, layer: str) -> dict[str, list[str]]:

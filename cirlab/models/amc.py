@@ -695,7 +695,7 @@ class AMC(nn.Module):
                 "drop_last": True, "shuffle": True, "epochs": 50, "schedule": "step", "lr_milestones": [40],
                 "lr_gamma": 0.1, "ema_decay": 0.999, "ema_mode": "standard", "seed": self.config.TRAIN_SEED}
 
-    def image_transform(self, train: bool) -> Callable[[Any], torch.Tensor]:
+    def image_transform(self, train: bool = False) -> Callable[[Any], torch.Tensor]:
         """The paper's named transform (``config.transform``, training or evaluation variant) at ``image_size``."""
         return image_transform(self.config.transform, self.config.image_size, train)
 
@@ -753,7 +753,8 @@ class AMCEnsemble(nn.Module):
     def encode_target(self, images: torch.Tensor) -> torch.Tensor:
         return self._combine([m.encode_target(images) for m in self.members])
 
-    def image_transform(self, train: bool) -> Callable[[Any], torch.Tensor]:
+    def image_transform(self, train: bool = False) -> Callable[[Any], torch.Tensor]:
+        """The members' transform (they share one config)."""
         return self.members[0].image_transform(train)
 
 

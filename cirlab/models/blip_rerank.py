@@ -322,9 +322,12 @@ class BlipRerankStage1(nn.Module):
         return {"itc_loss": F.cross_entropy(logits.float(), labels), "temp": self.temp.detach()}
 
     def default_train_config(self) -> dict[str, Any]:
+        """The original stage I recipe for this config's dataset (:func:`_train_config`)."""
         return _train_config("stage1", self.config)
 
     def image_transform(self, train: bool = False) -> Callable:
+        """The CLIP4Cir transform (:func:`image_transform`); ``train`` is accepted for the contract, the original
+        uses one transform for training and evaluation."""
         return image_transform(self.config, train)
 
     # -- evaluation and pretrained starts -----------------------------------------------------------------------
@@ -564,9 +567,12 @@ class BlipRerankStage2(nn.Module):
         return {"rerank_loss": F.cross_entropy(logits.float(), labels)}
 
     def default_train_config(self) -> dict[str, Any]:
+        """The original stage II recipe for this config's dataset (:func:`_train_config`)."""
         return _train_config("stage2", self.config)
 
     def image_transform(self, train: bool = False) -> Callable:
+        """The CLIP4Cir transform (:func:`image_transform`); ``train`` is accepted for the contract, the original
+        uses one transform for training and evaluation."""
         return image_transform(self.config, train)
 
     # -- evaluation ---------------------------------------------------------------------------------------------

@@ -677,6 +677,8 @@ class CaLa(nn.Module):
                 for i, (name, params, scale) in enumerate(groups)]
 
     def image_transform(self, train: bool = False) -> Callable:
+        """The CLIP4Cir transform at ``image_size`` (:func:`image_transform`); ``train`` is accepted for the contract,
+        CaLa uses one transform for training and evaluation."""
         return image_transform(self.config, train)
 
     # -- retrieval contract -------------------------------------------------------------------------------------

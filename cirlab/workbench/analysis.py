@@ -23,7 +23,7 @@ import numpy as np
 
 from cirlab.core.config import name_list, whole_number
 from cirlab.core.contracts import FRAME_COLUMNS
-from cirlab.core.errors import InputError, UnknownKeyError
+from cirlab.core.errors import InputError, MissingPathError, UnknownKeyError
 
 logger = logging.getLogger(__name__)
 
@@ -477,7 +477,7 @@ def read_log(path: str | os.PathLike) -> Any:
     if path.is_dir():
         path = path / "log.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"training log not found: {path}")
+        raise MissingPathError(f"training log not found: {path}")
     records = []
     text = path.read_text()
     lines = text.splitlines()
@@ -503,7 +503,7 @@ def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
     if path.is_dir():
         path = path / "metrics.json"
     if not path.is_file():
-        raise FileNotFoundError(f"metrics file not found: {path}")
+        raise MissingPathError(f"metrics file not found: {path}")
     try:
         metrics = json.loads(path.read_text())
     except json.JSONDecodeError as err:

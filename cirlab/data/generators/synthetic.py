@@ -480,7 +480,11 @@ def resolve_size(size: str | SynthSize) -> SynthSize:
     if isinstance(size, SynthSize):
         return size
     if size not in SIZES:
-        raise ValueError(f"unknown synthetic size {size!r}; known: {', '.join(SIZES)}")
+        from cirlab.core.config import did_you_mean
+        from cirlab.core.errors import UnknownNameError
+
+        raise UnknownNameError(f"unknown synthetic size {size!r}{did_you_mean(str(size), SIZES)}; known: "
+                               f"{', '.join(SIZES)}", "size", str(size))
     return SIZES[size]
 
 
