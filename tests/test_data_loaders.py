@@ -127,6 +127,24 @@ def test_fashioniq_calas_image_data_layout_and_two_layouts_refused(tmp_path):
     assert [p.kind for p in problems] == ["missing_file"] and "image_data/{asin}" in problems[0].message
 
 
+def test_fashioniq_partial_download_fails_or_drops_on_request(tmp_path, caplog):
+    # the Amazon images are dead links: real copies miss some. The default refuses; missing_images=drop leaves the
+    # image out of the gallery and every query naming it, each counted in a warning
+    info = write_fashioniq(tmp_path / "fiq", categories=("dress",), splits=("val",))
+    root = info["root"]
+    listed = info["names"][("dress", "val")]
+    (root / "images" / f"{listed[5]}.png").unlink()  # an extra image: no caption names it
+    (root / "images" / f"{listed[1]}.png").unlink()  # target of query 0, candidate of query 1
+    with pytest.raises(DataError, match=r"split.dress.val.json \[#1\].*not found .*missing_images=drop"):
+        load_cir("fashioniq", root, "val", category="dress")
+    with pytest.raises(ValueError, match=r"dataset.options.missing_images: 'skip' is not one of error, drop"):
+        load_cir("fashioniq", root, "val", category="dress", missing_images="skip")
+    split = load_cir("fashioniq", root, "val", category="dress", missing_images="drop", gallery="split")
+    assert [t.query_id for t in split.triplets] == ["dress:2", "dress:3"]
+    assert split.gallery_names == [listed[i] for i in (0, 2, 3, 4)]
+    assert "2 listed images are not on disk" in caplog.text and "2 queries name an image" in caplog.text
+
+
 def test_fashioniq_items_and_batches(fiq):
     split = load_cir("fashioniq", fiq["root"], "val", category="dress")
     batch = next(iter(DataLoader(split.query_dataset(), batch_size=4)))

@@ -107,8 +107,13 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
 _PROTOCOL_ALIASES = {"rerank": "clip4cir", "cala": "clip4cir"}
 GALLERIES = ("amc", "split")
 # dataset.options the loader takes: choices, or "bool?" (true/false/null)
+# what a split-file image missing from disk does: "error" (every listed image must exist), or "drop" (opt-in, for
+# a partial download of the dead-link Amazon images: the image leaves the gallery and every query naming it is left
+# out, each counted in a warning, as CaLa's src/data_utils.py drops the names it cannot find)
+MISSING_IMAGES = ("error", "drop")
 OPTIONS: dict[str, object] = {"protocol": (*PROTOCOLS, *_PROTOCOL_ALIASES), "gallery": GALLERIES,
-                              "captions": tuple(CAPTION_POLICIES), "exclude_reference": "bool?"}
+                              "captions": tuple(CAPTION_POLICIES), "exclude_reference": "bool?",
+                              "missing_images": MISSING_IMAGES}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -220,14 +225,24 @@ def _parse_entry(entry: Any, i: int, path: Path, split: str, sink: ProblemCollec
 
 
 def _load_category(root: Path, category: str, split: str, images: FashionIQImages, policy: CaptionPolicy,
-                   sink: ProblemCollector) -> tuple[list[Triplet], list[str], list[str]]:
+                   sink: ProblemCollector, missing_images: str = "error") -> tuple[list[Triplet], list[str], list[str]]:
     """Triplets, split-file names and caption-file names (candidates+targets, first appearance) of one category."""
     s_path, c_path = split_file(root, category, split), captions_file(root, category, split)
     names = _read_split_names(s_path, sink)
+    absent: set[str] = set()  # listed, not on disk, and dropped (missing_images="drop")
     for i, name in enumerate(names or [] if images.present else []):
         if images.lookup(name, category) is None:
-            sink.add("missing_image", s_path, f"#{i}", f"image {name!r} not found in {images.folder(category)}")
+            if missing_images == "drop":
+                absent.add(name)
+            else:
+                sink.add("missing_image", s_path, f"#{i}", f"image {name!r} not found in {images.folder(category)}"
+                         " (a partial download: dataset.options.missing_images=drop leaves such images out)")
+    if absent:
+        names = [n for n in names if n not in absent]
+        sink.warn("dropped_images", s_path, None, f"{len(absent)} listed images are not on disk: left out of the "
+                  "gallery, with the queries that name them (dataset.options.missing_images=drop)")
     known = set(names) if names is not None else None
+    dropped = 0
     entries = read_json(c_path, sink)
     if entries is not None and not isinstance(entries, list):
         sink.add("bad_entry", c_path, None, f"expected a JSON list of caption entries, got {type(entries).__name__}")
@@ -238,6 +253,9 @@ def _load_category(root: Path, category: str, split: str, images: FashionIQImage
     for i, raw in enumerate(entries or []):
         entry = _parse_entry(raw, i, c_path, split, sink)
         if entry is None:
+            continue
+        if any(entry.get(role) in absent for role in ("candidate", "target")):
+            dropped += 1
             continue
         for role in ("candidate", "target"):
             name = entry.get(role)
@@ -254,6 +272,9 @@ def _load_category(root: Path, category: str, split: str, images: FashionIQImage
         extras = {k: v for k, v in entry.items() if k not in _CORE_KEYS}
         triplets.append(Triplet(f"{category}:{i}", entry["candidate"], caps, policy.join(caps), entry.get("target"),
                                 category, extras))
+    if dropped:
+        sink.warn("dropped_queries", c_path, None, f"{dropped} queries name an image that is not on disk: left out "
+                  "(dataset.options.missing_images=drop)")
     sink.count("triplets", len(triplets))
     sink.count("splits")
     used = first_appearance(n for t in triplets for n in (t.ref_name, t.target_name) if n is not None)
@@ -307,7 +328,8 @@ def _resolve_protocol(protocol: str, gallery: str | None, captions: str | None,
 
 def load(root: Path, split: str = "train", category: str | None = None, *, protocol: str = "amc",
          gallery: str | None = None, captions: str | None = None, exclude_reference: bool | None = None,
-         sink: ProblemCollector | None = None, images: FashionIQImages | None = None) -> CIRSplit:
+         missing_images: str = "error", sink: ProblemCollector | None = None,
+         images: FashionIQImages | None = None) -> CIRSplit:
     """Load one Fashion-IQ split (one category, or all categories concatenated when ``category`` is None).
 
     Args:
@@ -319,6 +341,9 @@ def load(root: Path, split: str = "train", category: str | None = None, *, proto
         gallery: "amc" (caption-file candidates+targets) or "split" (``split.{cat}.{split}.json``).
         captions: caption policy name, see ``CAPTION_POLICIES``.
         exclude_reference: override the protocol's choice of removing the reference from its own ranking.
+        missing_images: "error" (default: every listed image must be on disk) or "drop" (a partial download: such
+            images leave the gallery and the queries naming them are left out, counted in warnings; the metrics
+            are then on the reduced split, not comparable with the full one).
         sink: problem collector (default strict: raise the first problem as DataError).
         images: a pre-built image index (the checker shares one across splits).
     """
@@ -327,6 +352,8 @@ def load(root: Path, split: str = "train", category: str | None = None, *, proto
 
         raise UnknownNameError(f"unknown Fashion-IQ split {split!r}{did_you_mean(split, SPLITS)}; known: "
                                f"{', '.join(SPLITS)}", "split", split)
+    if missing_images not in MISSING_IMAGES:
+        raise ConfigError(f"missing_images={missing_images!r}; expected one of {', '.join(MISSING_IMAGES)}")
     root = Path(root)
     sink = sink or ProblemCollector(strict=True)
     label, gallery, captions, exclude = _resolve_protocol(protocol, gallery, captions, exclude_reference)
@@ -342,7 +369,8 @@ def load(root: Path, split: str = "train", category: str | None = None, *, proto
     gallery_names: list[str] = []
     paths: dict[str, Path] = {}
     for cat in cats:
-        cat_triplets, split_names, used = _load_category(root, cat, split, images, CAPTION_POLICIES[captions], sink)
+        cat_triplets, split_names, used = _load_category(root, cat, split, images, CAPTION_POLICIES[captions], sink,
+                                                         missing_images)
         triplets += cat_triplets
         gallery_names += used if gallery == "amc" else split_names
         for name in first_appearance([*split_names, *used]):
