@@ -87,6 +87,19 @@ def test_group0_schedule_and_config_checks():
         C.CaLaConfig.from_preset("tiny_clip", clip_artemis_trained=False)
 
 
+def test_a_stored_blip2_config_with_a_clip_switch_still_loads(caplog):
+    # such a run was made when the switch was accepted and never read: it loads with the default, which it used
+    stored = {**C.CaLaConfig.from_preset("tiny").to_dict(), "clip_bn_train_mode": True, "clip_cls_token": "zero"}
+    with pytest.raises(ValueError, match="is read only with backbone="):
+        C.CaLaConfig.from_dict(stored)
+    cfg = C.CaLaConfig.from_stored(stored, "run/checkpoints/best.pt")
+    assert (cfg.clip_bn_train_mode, cfg.clip_cls_token) == (False, "learned")
+    assert "run/checkpoints/best.pt: the stored BLIP-2 config sets clip_cls_token='zero', clip_bn_train_mode=True" \
+        in caplog.text
+    clip = {**C.CaLaConfig.from_preset("tiny_clip").to_dict(), "clip_bn_train_mode": True}
+    assert C.CaLaConfig.from_stored(clip).clip_bn_train_mode  # read on the CLIP path: kept
+
+
 def test_released_clip_artemis_is_never_trained():
     # the released CLIP optimizer has three groups (text tower, TAC, HCA): its ARTEMIS frame keeps ARTEMIS's init
     released = tiny(cir_frame="artemis", clip_artemis_trained=False)

@@ -87,8 +87,9 @@ def test_create_model_seed_gives_the_same_initial_weights_whatever_ran_before():
     weights = [dict(m.named_parameters()) for m in (first, again, other)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
-    with pytest.raises(CirlabError, match="create_model: seed must be a whole number >= 0, got -1"):
-        registry.create_model("amc", preset="tiny", seed=-1)
+    for bad, problem in ((-1, "must be >= 0"), (2**40, "must be <= 4294967295"), (1.5, "expected an integer")):
+        with pytest.raises(CirlabError, match=f"^create_model: seed: {problem}"):
+            registry.create_model("amc", preset="tiny", seed=bad)
 
 
 def test_a_model_missing_part_of_its_contract_is_refused():

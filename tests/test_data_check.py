@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from fixtures_data import write_cirr, write_fashioniq, write_image, write_json, write_precomp, write_shoes
 
-from cirlab.data import DataError, check_dataset, format_problems, load_cir
+from cirlab.data import DataError, check_dataset, format_problems, load_cir, load_precomp
 from cirlab.data.cli import add_subcommands, build_parser, main
 
 
@@ -152,6 +152,15 @@ def test_cirr_img_set_must_hold_six_names_with_reference_and_target(tmp_path):
     assert [w.kind for w in problems.warnings] == ["target_is_reference"]
     with pytest.raises(DataError, match=r"cap.rc2.val.json.*pairid 100.*has 5 members"):
         load_cir("cirr", info["root"], "val")
+    # on train nothing reads the set: the same problem is a warning, and the entry trains
+    train = write_cirr(tmp_path / "train_only", groups={"train": 1})
+    path = train["root"] / "cirr" / "captions" / "cap.rc2.train.json"
+    entries = json.loads(path.read_text())
+    entries[0]["img_set"]["members"] = entries[0]["img_set"]["members"][:5]
+    write_json(path, entries)
+    problems = check_dataset("cirr", train["root"])
+    assert list(problems) == [] and [w.kind for w in problems.warnings] == ["img_set"]
+    assert len(load_cir("cirr", train["root"], "train").triplets) == 2
 
 
 def test_precomp_all_problems_listed(tmp_path, capsys):
@@ -177,6 +186,8 @@ def test_precomp_finds_gpos_layout_as_f30k_and_coco_do(tmp_path):
     problems = check_dataset("precomp", root)
     assert problems.stats["splits"] == 4  # two sets of two splits each
     assert check_dataset("precomp", root / "coco" / "precomp") == []  # the set folder itself
+    with pytest.raises(ValueError, match=r"precomp set 'f30k' not found; sets in .*coco/precomp: coco"):
+        load_precomp(root / "coco" / "precomp", "f30k", "dev")  # it read COCO's features as Flickr30K's
     problems = check_dataset("precomp", tmp_path / "staging")  # emptied: the message names both layouts
     assert [p.kind for p in problems] == ["missing_file"] and "or GPO's f30k/precomp/" in problems[0].message
 
@@ -188,6 +199,11 @@ def test_the_base_path_of_clip4cir_and_cala_is_a_data_root(tmp_path):
     for name in ("cirr", "fashioniq"):
         assert check_dataset(name, tmp_path) == [], name
     assert len(load_cir("cirr", tmp_path, "val").triplets) == 2
+    # the categories a run evaluates one by one are read in the same folder (it fell back to dress/shirt/toptee)
+    from cirlab.engine.runs import load_cir_splits
+
+    config = {"dataset": {"name": "fashioniq", "root": str(tmp_path), "category": None}}
+    assert [s.category for s in load_cir_splits(config, "val")] == ["dress"]
 
 
 def test_verify_images_finds_corrupt_files(tmp_path):

@@ -395,6 +395,8 @@ def test_a_model_of_the_wrong_kind_or_a_device_typo_is_one_line(tiny_data):
     from cirlab.core.errors import CirlabError
     from cirlab.data import load_cir, load_precomp
 
+    from cirlab.models.amc import AMCEnsemble
+
     amc, dime = cirlab.create_model("amc", "tiny"), cirlab.create_model("dime", "tiny", img_dim=2048)
     hrem = cirlab.create_model("hrem", "tiny", img_dim=2048)
     fiq = load_cir("fashioniq", tiny_data / "fashioniq", "val", category="dress")
@@ -430,6 +432,9 @@ def test_a_model_of_the_wrong_kind_or_a_device_typo_is_one_line(tiny_data):
          r"no router"),
         (lambda: workbench.collect_routes(cirlab.create_model("blip_rerank_stage2", "tiny"), "fashioniq", tiny_data),
          r"^collect_routes needs a router model \(amc, dime\); got 'blip_rerank_stage2' \(task rerank\)"),
+        # an ensemble's members emit under the same layer names ("'layer1' emitted twice under one set_batch")
+        (lambda: workbench.collect_routes(AMCEnsemble([amc, amc]), "fashioniq", tiny_data),
+         r"got 'amc_ensemble' \(task cir\): an ensemble: trace one of its members \(model.members\[0\]\)"),
     ]
     for call, message in cases:
         with pytest.raises(CirlabError, match=message):

@@ -79,6 +79,13 @@ class PresetMixin:
         check_fields(cls, values)
         return cls(**values)
 
+    @classmethod
+    def from_stored(cls: type[T], values: dict[str, Any], where: str = "") -> T:
+        """A config an earlier run stored (a checkpoint's ``model_config``): :meth:`from_dict`, which a config class
+        relaxes for settings that earlier versions accepted and never read (``where`` names the file for its
+        warning), so that such a run still loads."""
+        return cls.from_dict(values)
+
 
 def field_names(cls: type) -> list[str]:
     """The field names of a config dataclass."""

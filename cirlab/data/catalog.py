@@ -106,10 +106,11 @@ def categories(name: str, root: str | os.PathLike | None, split: str) -> list[st
     spec = get_dataset(name)
     if not spec.categories:
         return []
-    if root is not None and Path(root).is_dir():
+    folder = dataset_root(name, root)  # the folder the loader reads: <root>/fashioniq, <root>/fashionIQ_dataset
+    if folder.is_dir():
         from cirlab.data.fashioniq import find_categories
 
-        found = find_categories(Path(root), split)
+        found = find_categories(folder, split)
         if found:
             return found
     return list(spec.categories)  # none found: the loader names the missing file

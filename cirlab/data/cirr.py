@@ -113,8 +113,6 @@ def _check_entry(entry: Any, i: int, path: Path, split: str, sink: ProblemCollec
         img_set = entry.get("img_set")
         if not (isinstance(img_set, dict) and is_str_list(img_set.get("members"))):
             problems.append(f"'img_set' must be an object with a 'members' list of names, got {img_set!r:.80}")
-        elif not problems:
-            problems += _img_set_problems(entry, split)
     for message in problems:
         sink.add("bad_entry", path, where, message)
     return not problems
@@ -125,8 +123,8 @@ SET_SIZE = 6  # every rc2 img_set: the reference and five others (Recall_subset@
 
 def _img_set_problems(entry: dict[str, Any], split: str) -> list[str]:
     """What makes an entry's ``img_set`` unusable for Recall_subset: not six distinct names, or a set that lacks the
-    reference or ``target_hard`` (in every rc2 split both are members). The metric would otherwise rank the target
-    among fewer candidates, or not at all, without a word."""
+    reference or ``target_hard`` (both are members in the rc2 val and test1 files). The metric would otherwise rank
+    the target among fewer candidates, or not at all, without a word."""
     members = entry["img_set"]["members"]
     problems = []
     if len(members) != SET_SIZE:
@@ -139,6 +137,18 @@ def _img_set_problems(entry: dict[str, Any], split: str) -> list[str]:
     problems += [f"the {role} {name!r} is not among its img_set members" for role, name in roles
                  if name not in members]
     return problems
+
+
+def _img_set_usable(entry: dict[str, Any], split: str, path: Path, where: str, sink: ProblemCollector) -> bool:
+    """:func:`_img_set_problems` as problems where Recall_subset reads the set (val, test1), as warnings on train,
+    where nothing does (one odd set must not stop a training run)."""
+    problems = _img_set_problems(entry, split)
+    for message in problems:
+        if split == "train":
+            sink.warn("img_set", path, where, message + " (unused in training)")
+        else:
+            sink.add("bad_entry", path, where, message)
+    return split == "train" or not problems
 
 
 def load(root: Path, split: str = "train", category: str | None = None, *,
@@ -176,6 +186,8 @@ def load(root: Path, split: str = "train", category: str | None = None, *,
             sink.add("duplicate", path, where, "pairid appears twice")
             continue
         seen.add(entry["pairid"])
+        if not _img_set_usable(entry, split, path, where, sink):
+            continue
         triplets.append(_triplet(entry, split, path, images, sink, rejected))
     sink.count("triplets", len(triplets))
     sink.count("splits")

@@ -50,10 +50,17 @@ def find_set_dir(root: Path, name: str) -> Path | None:
     for candidate in (root / f"{name}_precomp", root / name / "precomp", root / "precomp" / f"{name}_precomp"):
         if candidate.is_dir():
             return candidate
-    # a folder named precomp/ is GPO's set folder only when it holds no *_precomp sets (the synthetic set's does)
-    if root.name == f"{name}_precomp" or _is_gpo_set(root):
+    # a folder named precomp/ is GPO's set folder only when it holds no *_precomp sets (the synthetic set's does),
+    # and it is this set unless its parent names another one (coco/precomp loaded as f30k read COCO's features)
+    if root.name == f"{name}_precomp" or (_is_gpo_set(root) and not _names_another_set(root.parent.name, name)):
         return root
     return None
+
+
+def _names_another_set(folder_name: str, name: str) -> bool:
+    from cirlab.data.catalog import ITM_DATASETS, canonical_name
+
+    return canonical_name(folder_name) in ITM_DATASETS and canonical_name(folder_name) != canonical_name(name)
 
 
 def set_name(root: Path, name: Any) -> str:

@@ -599,13 +599,14 @@ def model_config_of(config: dict[str, Any]) -> Any:
         raise ConfigError(f"model_overrides: {' '.join(str(err).split())}") from None
 
 
-def build_model(config: dict[str, Any], model_config: Any = None) -> Any:
-    """The run config's model. A pretrained part it names that cannot be read (a missing folder, a hub id on a
-    machine without the hub) is a one-line :class:`ConfigError` naming the model and the path."""
+def build_model(config: dict[str, Any], model_config: Any = None, seed: int | None = None) -> Any:
+    """The run config's model (initial weights drawn under ``seed`` when given, as ``create_model(seed=)``). A
+    pretrained part it names that cannot be read (a missing folder, a hub id on a machine without the hub) is a
+    one-line :class:`ConfigError` naming the model and the path."""
     from cirlab.models.registry import create_model
 
     try:
-        return create_model(config["model"], config=model_config or model_config_of(config))
+        return create_model(config["model"], config=model_config or model_config_of(config), seed=seed)
     except OSError as err:
         raise ConfigError(f"model {config['model']!r} (model_overrides): {' '.join(str(err).split())}") from None
 
@@ -614,14 +615,11 @@ def build_seeded_model(config: dict[str, Any]) -> Any:
     """:func:`build_model` with the initial weights drawn under the run's seed (``train.seed``, else the model
     config's ``TRAIN_SEED``, e.g. AMC's 300, else 0), so one config gives one run; the trainer re-seeds with the
     same seed for the data order and augmentations."""
-    from cirlab.engine.train import seed_everything
-
     model_config = model_config_of(config)
     train_seed = (config.get("train") or {}).get("seed")
     if train_seed is None:
         train_seed = getattr(type(model_config), "TRAIN_SEED", None)
-    seed_everything(int(train_seed or 0))
-    return build_model(config, model_config)
+    return build_model(config, model_config, seed=int(train_seed or 0))
 
 
 class _Captions:
@@ -676,7 +674,7 @@ def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, 
                               f"known: {', '.join(list_models())}") from None
     try:
         if preset is None and meta.get("model_config") and not (model and saved is None):
-            cfg = entry.config_cls.from_dict(_restore_tuples(entry.config_cls, meta["model_config"]))
+            cfg = entry.config_cls.from_stored(_restore_tuples(entry.config_cls, meta["model_config"]), str(path))
             net = create_model(name, config=cfg)
         else:
             net = create_model(name, preset, **(overrides or {}))

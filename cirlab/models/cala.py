@@ -114,6 +114,8 @@ from cirlab.models.registry import register_model
 logger = logging.getLogger(__name__)
 
 FRAMES = ("sum", "artemis")
+# the CLIP path's behaviour switches (read by nothing on the BLIP-2 path)
+CLIP_SWITCHES = ("clip_map_layout", "clip_cls_token", "clip_bn_train_mode", "clip_artemis_trained")
 ENCODERS = ("multi", "both")
 LOSS_FORMS = ("code", "paper", "code_pre_fix")
 LR_SCHEDULES = ("all", "group0")
@@ -245,13 +247,27 @@ class CaLaConfig(PresetMixin):
         if self.vision != "efficientnet_lite0" and self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
 
+    @classmethod
+    def from_stored(cls, values: dict[str, Any], where: str = "") -> "CaLaConfig":
+        """A stored BLIP-2 config whose CLIP-only switches are set (accepted and never read before they were
+        refused) loads with them back at their defaults, which is what the run did; one warning says so."""
+        values = dict(values)
+        if values.get("backbone", "blip2") == "blip2":
+            defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+            unread = [k for k in CLIP_SWITCHES if k in values and values[k] != defaults[k]]
+            if unread:
+                logger.warning("%s: the stored BLIP-2 config sets %s, which the BLIP-2 path never read; rebuilt "
+                               "with the defaults (what the run used)", where or "a stored CaLa config",
+                               ", ".join(f"{k}={values[k]!r}" for k in unread))
+                values.update({k: defaults[k] for k in unread})
+        return cls.from_dict(values)
+
     def _refuse_unread_clip_options(self) -> None:
         """The CLIP path's behaviour switches changed on the BLIP-2 path (or ``clip_artemis_trained`` without the
         artemis frame) would be ignored without a word. Sizes (``clip_embed_dim``, ...) are left alone: a preset's
         sizes are not a behaviour the user asked for."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        switches = ("clip_map_layout", "clip_cls_token", "clip_bn_train_mode", "clip_artemis_trained")
-        for name in switches:
+        for name in CLIP_SWITCHES:
             if getattr(self, name) == defaults[name]:
                 continue
             if self.backbone == "blip2":
@@ -655,8 +671,9 @@ class CaLa(nn.Module):
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The released optimiser's groups (src/blip_fine_tune.py) in the original order (group 0 = the multimodal
-        Q-Former; with ``encoder="both"`` the visual copy's two groups come last here, after TAC/HCA/ARTEMIS), each with its multiplier ``lr_scale`` of ``train.lr`` (and the resulting ``lr`` at the model's
-        own ``lr``) and ``scheduled`` (False for groups > 0 under ``lr_schedule="group0"``).
+        Q-Former; with ``encoder="both"`` the visual copy's two groups come last here, after TAC/HCA/ARTEMIS), each
+        with its multiplier ``lr_scale`` of ``train.lr`` (and the resulting ``lr`` at the model's own ``lr``) and
+        ``scheduled`` (False for groups > 0 under ``lr_schedule="group0"``).
         CLIP path: ``clip.text`` (every CLIP parameter whose name lacks ``visual``; group 0), ``tac``, ``hca``."""
         c = self.config
         if self.is_clip:

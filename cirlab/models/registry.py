@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from cirlab.core.config import whole_number
 from cirlab.core.contracts import check_model
 from cirlab.core.errors import ConfigError, UnknownKeyError
 
@@ -161,9 +160,10 @@ def create_model(name: str, preset: str | None = None, *, config: Any = None, se
         raise ConfigError(f"create_model({name!r}): config must be its {cls.__name__} or a dict of its fields, got "
                           f"{type(config).__name__}")
     if seed is not None:
-        from cirlab.engine.train import seed_everything
+        from cirlab.engine.train import seed_everything, validate_train_values
 
-        seed_everything(whole_number(seed, "create_model: seed", low=0))
+        validate_train_values({"seed": seed}, prefix="create_model: ")  # what train.seed accepts (NumPy's range)
+        seed_everything(seed)
     model = entry.build(cfg)
     _check_identity(type(model), entry)
     check_model(model)

@@ -585,9 +585,16 @@ def explorer_kind(model: Any) -> str:
     if name in ("cala", "hrem"):
         return name
     require_model(model, TracedModel, "the router explorer",
-                  hint="it has no router, attention view or relation graph to explore (the rank_shift notebook "
-                       "compares its rankings)")
+                  hint=_ensemble_hint(model) or "it has no router, attention view or relation graph to explore (the "
+                                                "rank_shift notebook compares its rankings)")
     return "router"
+
+
+def _ensemble_hint(model: Any) -> str:
+    """An AMC or DIME ensemble has routers, one per member under the same layer names (a trace could not tell
+    them apart): explore one member."""
+    members = getattr(model, "members", None)
+    return "an ensemble: trace one of its members (model.members[0])" if members is not None else ""
 
 
 def _check_count(n: Any, name: str) -> None:
@@ -699,7 +706,8 @@ def collect_routes(model: Any, dataset: str, data_root: str | os.PathLike, split
     from cirlab.core.tracing import OTHER_VIEWS
 
     name = model_label(model)
-    require_model(model, TracedModel, "collect_routes", hint=OTHER_VIEWS.get(name, "its forward emits no routes"))
+    require_model(model, TracedModel, "collect_routes",
+                  hint=_ensemble_hint(model) or OTHER_VIEWS.get(name, "its forward emits no routes"))
     device = run_device(device)
     _check_count(n, "n")
     config = data_config(dataset, data_root, split)

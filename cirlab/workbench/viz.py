@@ -55,7 +55,9 @@ def _legend_outside(ax: Any, **kwargs: Any) -> Any:
     return ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, **kwargs)
 
 
-def _figure(width: float, height: float) -> Any:
+def new_figure(width: float, height: float) -> Any:
+    """An empty Figure (no pyplot) of ``width`` x ``height`` inches at 100 dpi, constrained layout, that a notebook
+    draws when a cell returns or displays it (:func:`_shown_by_ipython`): every cirlab figure starts here."""
     from matplotlib.figure import Figure
 
     _shown_by_ipython(Figure)
@@ -207,7 +209,7 @@ def plot_retrieval_gallery(rows: Sequence[Mapping[str, Any]], k: int = 5, title:
     whole_number(k, "plot_retrieval_gallery: k")
     outside = any(_target_outside(row) for row in rows)
     ncols = k + 2 + int(outside)
-    fig = _figure(1.5 * ncols, 1.7 * len(rows))
+    fig = new_figure(1.5 * ncols, 1.7 * len(rows))
     axes = np.atleast_2d(fig.subplots(len(rows), ncols, squeeze=False))
     for r, row in enumerate(rows):
         _gallery_row(axes[r], row, k)
@@ -265,7 +267,7 @@ def plot_metrics_bars(metrics: Mapping[str, float] | Any, title: str = "", ylabe
     if table.empty:
         raise InputError("plot_metrics_bars got no numeric metrics")
     n_metrics, n_runs = table.shape
-    fig = _figure(max(4.0, 0.45 * n_metrics * max(n_runs, 1) + 1.5), 3.2)
+    fig = new_figure(max(4.0, 0.45 * n_metrics * max(n_runs, 1) + 1.5), 3.2)
     ax = fig.add_subplot()
     width = 0.8 / n_runs
     x = np.arange(n_metrics)
@@ -296,7 +298,7 @@ def plot_table(table: Any, title: str = "", fmt: str = "{:.2f}") -> Any:
     if df.shape[1] == 0:
         raise InputError("plot_table: the table has no columns")
     cells = [[fmt.format(v) if isinstance(v, (float, np.floating)) else str(v) for v in row] for row in df.to_numpy()]
-    fig = _figure(min(1.2 + 1.1 * (df.shape[1] + 1), 14.0), 0.6 + 0.25 * (len(df) + 1))
+    fig = new_figure(min(1.2 + 1.1 * (df.shape[1] + 1), 14.0), 0.6 + 0.25 * (len(df) + 1))
     ax = fig.add_subplot()
     ax.axis("off")
     tab = ax.table(cellText=cells or [[""] * df.shape[1]], colLabels=[str(c) for c in df.columns],
@@ -322,7 +324,7 @@ def plot_run_comparison(runs: Mapping[str, Any] | Sequence[str | os.PathLike],
     if table.empty:  # no runs, no metrics chosen, or runs without numeric metrics
         raise InputError(f"plot_run_comparison: nothing to compare ({len(runs)} run(s), metrics "
                          f"{list(metrics) if metrics is not None else 'all'})")
-    fig = _figure(max(6.0, 0.5 * len(table) * len(table.columns) + 2.0), 2.5 + 0.22 * len(table) + 2.6)
+    fig = new_figure(max(6.0, 0.5 * len(table) * len(table.columns) + 2.0), 2.5 + 0.22 * len(table) + 2.6)
     top, bottom = fig.subfigures(2, 1, height_ratios=[0.5 + 0.22 * len(table), 2.6])
     ax = top.add_subplot()
     ax.axis("off")
@@ -473,7 +475,7 @@ def plot_expert_heatmaps(frame: Any, layers: Sequence[str] | str | None = None, 
     mats = [_paper_columns(analysis.gate_matrix(frame, l)).reindex(ids) for l in layers]
     widths = [max(2.0, 0.3 * m.shape[1] + 0.8) for m in mats]
     # 0.16 in (11.5 pt) a row: room for a query id at MIN_FONT without the labels running into each other
-    fig = _figure(sum(widths) + 2.0, 1.6 + 0.16 * len(ids))
+    fig = new_figure(sum(widths) + 2.0, 1.6 + 0.16 * len(ids))
     weight = _weight_name(frame)
     axes = fig.subplots(1, len(layers), squeeze=False, width_ratios=widths)[0]
     ranges = _colour_ranges([m.to_numpy(dtype=float) for m in mats], scale, floor=0.0)
@@ -510,7 +512,7 @@ def plot_query_gates(frame: Any, query_ids: Sequence[Any] | Any, layers: Sequenc
     query_ids = name_list(query_ids)
     if not query_ids:
         raise InputError("plot_query_gates needs at least one query id")
-    fig = _figure(2.6 * len(layers) + 0.8, 1.6 * len(query_ids) + 0.6)
+    fig = new_figure(2.6 * len(layers) + 0.8, 1.6 * len(query_ids) + 0.6)
     axes = fig.subplots(len(query_ids), len(layers), squeeze=False, sharey=True)
     ymax = max(float(frame["weight"].max()), 1e-6) * 1.1
     for r, qid in enumerate(query_ids):
@@ -552,7 +554,7 @@ def plot_gate_distributions(frame: Any, by: str = "category", layers: Sequence[s
     if _is_path_frame(frame):
         return _group_means_heatmaps(frame, by, layers, scale)
     groups = sorted(frame[by].dropna().astype(str).unique())
-    fig = _figure(max(4.0, 3.5 * len(layers)), 3.2)
+    fig = new_figure(max(4.0, 3.5 * len(layers)), 3.2)
     axes = fig.subplots(1, len(layers), squeeze=False)[0]
     colors = [CVD_PALETTE[g % len(CVD_PALETTE)] for g in range(len(groups))]
     for ax, layer in zip(axes, layers):
@@ -593,7 +595,7 @@ def _group_means_heatmaps(frame: Any, by: str, layers: Sequence[str], scale: str
         mats.append(np.stack([mat.loc[lab == g].mean(axis=0).to_numpy(dtype=float) for g in groups], axis=1)
                     if groups else np.zeros((mat.shape[1], 0)))
     rows = max(m.shape[0] for m in mats)
-    fig = _figure(max(4.0, (1.6 + 0.45 * len(groups)) * len(layers) + 1.2), 1.4 + 0.2 * rows)
+    fig = new_figure(max(4.0, (1.6 + 0.45 * len(groups)) * len(layers) + 1.2), 1.4 + 0.2 * rows)
     axes = fig.subplots(1, len(layers), squeeze=False)[0]
     for ax, layer, data, (vmin, vmax) in zip(axes, layers, mats, _colour_ranges(mats, scale)):
         names = list(analysis.gate_matrix(frame, layer).columns)
@@ -622,7 +624,7 @@ def plot_gate_entropy(frame: Any, layers: Sequence[str] | str | None = None) -> 
     stats = analysis.route_statistics(frame[frame["layer"].isin(layers)])
     per_layer = {layer: stats[stats["layer"] == layer] for layer in layers}
     rows = max(len(s) for s in per_layer.values())
-    fig = _figure(3.2 + 2.4 * len(layers), max(3.0, 1.0 + 0.22 * rows))
+    fig = new_figure(3.2 + 2.4 * len(layers), max(3.0, 1.0 + 0.22 * rows))
     axes = fig.subplots(1, 1 + len(layers), width_ratios=[1.3] + [1.0] * len(layers), squeeze=False)[0]
     left = axes[0]
     entropies = [analysis.gate_entropy(analysis.gate_matrix(frame, layer).to_numpy()) for layer in layers]
@@ -669,7 +671,7 @@ def plot_path_matrices(frame: Any, title: str = "Mean path weight per layer (des
     """
     analysis.refuse_attention_trace(frame, "plot_path_matrices")
     mats = analysis.flow_matrices(frame)
-    fig = _figure(3.2 * len(mats) + 0.6, 3.4)
+    fig = new_figure(3.2 * len(mats) + 0.6, 3.4)
     axes = fig.subplots(1, len(mats), squeeze=False)[0]
     for ax, (layer, sources, dests, mat) in zip(axes, mats):
         im = ax.imshow(mat, cmap="viridis", aspect="auto")
@@ -734,7 +736,7 @@ def plot_dime_flows(frame: Any, min_weight: float = 0.0) -> Any:
     from matplotlib.path import Path as MPath
 
     flows = analysis.flow_matrices(frame)
-    fig = _figure(2.6 * (len(flows) + 1), 4.6)
+    fig = new_figure(2.6 * (len(flows) + 1), 4.6)
     ax = fig.add_subplot()
     columns = [flows[0][1]] + [f[2] for f in flows]
     ypos = [{name: (len(col) - 1) / 2 - i for i, name in enumerate(col)} for col in columns]
@@ -784,7 +786,7 @@ def plot_path_space(frame: Any, color_by: str = "category", annotate: int = 0, s
     analysis.refuse_attention_trace(frame, "plot_path_space")
     x, ids, labels = analysis.path_vectors(frame, meta=_group_column(frame, color_by, "color_by"))
     coords, ratio = analysis.pca_2d(x, standardize=standardize)
-    fig = _figure(5.0, 4.2)
+    fig = new_figure(5.0, 4.2)
     ax = fig.add_subplot()
     groups = sorted(set(map(str, labels)))
     labels = np.array([str(v) for v in labels])
@@ -826,7 +828,7 @@ def plot_figure8(table: Any, title: str = "", label_before: str = "stage I", lab
     if "bin_end" in table.columns and (table["bin_end"] != table["bin_start"]).any():
         raise InputError("plot_figure8 draws one bin per initial rank; this table has wider bins (bin_end != "
                          "bin_start): call rank_shift_table with bins=None")
-    fig = _figure(5.156, 3.683)  # the paper's panel size
+    fig = new_figure(5.156, 3.683)  # the paper's panel size
     fig.set_layout_engine("none")
     gs = GridSpec(2, 1, figure=fig, height_ratios=[2, 1], hspace=0.0, left=0.16, right=0.97, bottom=0.13,
                   top=0.91 if title else 0.97)
@@ -894,7 +896,7 @@ def plot_rank_shift(aligned: Any, k: int, bins: int | Sequence[int] | None = 20,
         edges = np.unique(np.geomspace(1, k + 1, count + 1).round().astype(int))
         table = analysis.rank_shift_table(aligned["rank_before"], aligned["rank_after"], k, edges)
     per_cat = analysis.rank_shift_by_category(aligned, k if reranked else None, ks=(1, 10))
-    fig = _figure(10.0, 7.0)
+    fig = new_figure(10.0, 7.0)
     (a, b), (c, d) = fig.subplots(2, 2)
     _rank_scatter(a, aligned, k if reranked else None, label_before, label_after)
     full = table[table["count"] > 0]
@@ -1039,7 +1041,7 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | s
     constant = {k: v for k, v in constant.items() if k not in keys}
     ncols = min(3, len(keys))
     nrows = int(np.ceil(len(keys) / ncols))
-    fig = _figure(3.3 * ncols, 2.4 * nrows + (0.3 if constant else 0.0))
+    fig = new_figure(3.3 * ncols, 2.4 * nrows + (0.3 if constant else 0.0))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
     xs = df[x] if x else pd.Series(np.arange(len(df)))
     for ax, key in zip(axes, keys):
@@ -1178,7 +1180,7 @@ def plot_cala_bridges(frame: Any, query_id: Any | None = None, text: str = "", s
     ct, words2, tgts = analysis.layer_matrix(frame, "hca.text_to_target", query_id)
     hinge, _, tgt_cols = analysis.layer_matrix(frame, "hca.hinge", query_id)
     bridge, _, bridge_words = analysis.layer_matrix(frame, "hca.bridge", query_id)
-    fig = _figure(17, 9.5)
+    fig = new_figure(17, 9.5)
     grid = fig.add_gridspec(2, 4)
     top = [fig.add_subplot(grid[0, i]) for i in range(4)]
     _heat(fig, top[0], rc, refs, words, "HCA: reference query x word (S_rc)", label="score S_rc")
@@ -1240,7 +1242,7 @@ def plot_bridge_words(frame: Any, top: int = 15, title: str = "") -> Any:
     (:func:`cirlab.workbench.analysis.bridge_words`), with how often each occurs."""
     analysis.require_frame(frame, "plot_bridge_words: frame")
     table = analysis.bridge_words(frame, top=top)
-    fig = _figure(6.5, 0.32 * max(len(table), 4) + 1.4)
+    fig = new_figure(6.5, 0.32 * max(len(table), 4) + 1.4)
     ax = fig.add_subplot()
     _signed_bars(ax, table["bridge"].to_numpy(dtype=float),
                  [f"{w} ({c})" for w, c in zip(table["word"], table["count"])])
@@ -1275,7 +1277,7 @@ def plot_relation_graph(edges: Any, matrices: Sequence[str] | str = ("connection
     if unknown:  # a misspelt name was dropped without a word (or left no panel at all)
         raise UnknownKeyError(f"plot_relation_graph: matrices {unknown} not in the relation frame; its matrices: "
                               f"{', '.join(map(str, have)) or '(none)'}")
-    fig = _figure(5.2 * len(present) + 0.4, 6.2)
+    fig = new_figure(5.2 * len(present) + 0.4, 6.2)
     axes = fig.subplots(1, len(present), squeeze=False)[0]
     for ax, name in zip(axes, present):
         mat, labels, b = analysis.relation_matrix(edges, name)
@@ -1331,7 +1333,7 @@ def plot_word_region(word_region: Any, image_id: Any | None = None, text: str = 
     # one colour range for both panels: the right one holds row maxima of such matrices (its own-image column is
     # the left panel's row max), so equal colours must mean equal values
     limits = _colour_ranges([mat, best], "shared")[0]
-    fig = _figure(14, 0.28 * len(words) + 2.6)
+    fig = new_figure(14, 0.28 * len(words) + 2.6)
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1.3]})
     _heat(fig, left, mat, words, [str(r) for r in range(mat.shape[1])], f"words x regions of image {own}",
           label=f"word-region {value}", limits=limits)

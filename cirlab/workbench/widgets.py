@@ -83,9 +83,7 @@ def plot_query_view(routes: Any, edited: Any = None, candidate_ids: Sequence[str
     them: ``gid="target_outside"``), else a ranked list; the target gets a green frame / green text and
     ``gid="target"``.
     """
-    from matplotlib.figure import Figure
-
-    from cirlab.workbench.viz import TARGET_COLOR, display_label, wrap_text, image_axis, plain_text
+    from cirlab.workbench.viz import TARGET_COLOR, display_label, image_axis, new_figure, plain_text, wrap_text
 
     base, new = _gates_by_layer(routes), _gates_by_layer(edited)
     other = _gates_by_layer(compare.get("routes")) if compare else {}
@@ -98,7 +96,7 @@ def plot_query_view(routes: Any, edited: Any = None, candidate_ids: Sequence[str
     thumbs = len(ids) + int(outside) + int(reference_id is not None and image_fn is not None)
     top_cols = (thumbs + int(text is not None)) if image_fn is not None else 0
     width = max(2.6 * len(layers) + (0 if image_fn is not None else 2.6), 1.25 * top_cols) + 0.6
-    fig = Figure(figsize=(width, 2.9 + (2.0 if image_fn is not None else 0.0)), dpi=100, layout="constrained")
+    fig = new_figure(width, 2.9 + (2.0 if image_fn is not None else 0.0))
     grid = fig.add_gridspec(2 if image_fn is not None else 1, 1, height_ratios=[1.0, 1.45] if image_fn else None)
     bottom = grid[-1].subgridspec(1, len(layers) + (0 if image_fn is not None else 1),
                                   width_ratios=[2.0] * len(layers) + ([] if image_fn is not None else [2.2]))
@@ -209,12 +207,12 @@ def plot_pair_view(routes: Any, edited: Any = None, title: str = "", labels: Seq
 
     Each heatmap has ``gid`` ``paths:<row label>:<layer>``; values are written in the cells.
     """
-    from matplotlib.figure import Figure
+    from cirlab.workbench.viz import new_figure
 
     rows = [(labels[0], routes)] + ([(labels[1], edited)] if edited is not None and len(edited) else [])
     mats = [(label, analysis.flow_matrices(frame)) for label, frame in rows]
     ncols = len(mats[0][1])
-    fig = Figure(figsize=(3.0 * ncols + 1.0, 2.9 * len(mats) + 0.5), dpi=100, layout="constrained")
+    fig = new_figure(3.0 * ncols + 1.0, 2.9 * len(mats) + 0.5)
     axes = fig.subplots(len(mats), ncols, squeeze=False)
     for r, (label, layers) in enumerate(mats):
         for c, (layer, sources, dests, mat) in enumerate(layers):
