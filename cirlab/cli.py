@@ -523,7 +523,10 @@ def _run_params(args: argparse.Namespace) -> int:
         raise ConfigError(f"cirlab models --params: unknown model {name!r}{did_you_mean(name, list_models())}; "
                           f"known: {', '.join(list_models())}")
     presets = list_presets(name)
-    preset = args.preset or next(p for p in presets if p not in CPU_PRESETS)
+    if not presets and not args.preset:
+        raise ConfigError(f"cirlab models --params {name}: the model defines no presets; pass --preset")
+    # the first paper preset (the sizes people ask about); a model of one's own may have only tiny/lite
+    preset = args.preset or next((p for p in presets if p not in CPU_PRESETS), presets[0])
     if preset not in presets:
         raise ConfigError(f"cirlab models --params {name}: unknown preset {preset!r}{did_you_mean(preset, presets)}; "
                           f"known: {', '.join(presets)}")

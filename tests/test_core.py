@@ -92,6 +92,47 @@ def test_create_model_seed_gives_the_same_initial_weights_whatever_ran_before():
             registry.create_model("amc", preset="tiny", seed=bad)
 
 
+def test_a_users_model_module_named_in_cirlab_models_is_registered_everywhere(tmp_path):
+    """A model defined outside the package reached `cirlab train`, `eval`, `models`, notebooks and report kernels only
+    through a wrapper script: CIRLAB_MODELS names its module (their environment carries it to every process)."""
+    import os
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    env = {**os.environ, "CIRLAB_MODELS": "stub_models", "PYTHONPATH": str(tests)}
+    cli = [sys.executable, "-m", "cirlab"]
+    listed = subprocess.run([*cli, "models"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert listed.returncode == 0 and "stub_cir            cir     tiny, tiny_dropout" in listed.stdout
+    env["CIRLAB_MODELS"] = "stub_models, no_such_module"
+    broken = subprocess.run([*cli, "models"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr
+    assert ("CIRLAB_MODELS='stub_models, no_such_module': cannot import 'no_such_module' (No module named "
+            "'no_such_module'); its folder must be on PYTHONPATH") in broken.stderr
+    with pytest.raises(CirlabError, match=r"unknown model 'bowcir'; known models: .* \(a model of your own: name "
+                                          r"its module in CIRLAB_MODELS"):
+        registry.create_model("bowcir")
+
+
+def test_register_model_refuses_what_would_fail_later(toy_registered):
+    from cirlab.core.errors import ModelContractError
+
+    with pytest.raises(ModelContractError, match=r"register_model\('x'\): task='CIR'; expected one of cir, itm"):
+        registry.register_model("x", task="CIR", config_cls=_ToyConfig)
+    with pytest.raises(ModelContractError, match=r"config class dict lacks \['from_preset', 'from_dict', 'PRESETS'\]"):
+        registry.register_model("x", task="cir", config_cls=dict)
+    with pytest.raises(ModelContractError, match=r"register_model\('amc'\): the name is taken by "
+                                                 r"cirlab.models.amc.build_amc; test_core._ToyRouter needs another name"):
+        registry.create_model("amc", "tiny")  # the built-ins are loaded: amc is held
+        registry.register_model("amc", task="cir", config_cls=_ToyConfig)(_ToyRouter)
+    # one class under two names: each model gets its own name (it was set on the class by the first)
+    registry.register_model("toy_router_2", task="cir", config_cls=_ToyConfig)(_ToyRouter)
+    try:
+        names = {registry.create_model(n, "tiny").model_name for n in (toy_registered, "toy_router_2")}
+        assert names == {toy_registered, "toy_router_2"}
+    finally:
+        registry._REGISTRY.pop("toy_router_2", None)
+
+
 def test_a_model_missing_part_of_its_contract_is_refused():
     registry.register_model("incomplete", task="cir", config_cls=_ToyConfig)(_Incomplete)
     try:

@@ -110,6 +110,24 @@ def test_cirr_test1_has_rankings_but_no_metrics(synth, tmp_path):
     assert (load_topk(tmp_path / "t.topk.npz").target_rank == 0).all()
 
 
+def test_encoders_outside_the_contract_are_one_line(synth):
+    # a user's model whose encoders disagree failed as torch's "mat1 and mat2 shapes cannot be multiplied"
+    from cirlab.core.errors import ModelContractError
+    from cirlab.data import load_cir
+
+    val = load_cir("cirr", synth / "cirr", "val")
+    for encode_query, message in (
+            (lambda ref, texts: torch.zeros(len(texts), 3), r"encode_query gives 3-d vectors and encode_target \d+-d"),
+            (lambda ref, texts: torch.zeros(len(texts)), r"encode_query gave a tensor of shape \(\d+,\); the CIR "
+                                                         r"contract's encoders give \[batch, dim\] tensors"),
+            (lambda ref, texts: (torch.zeros(len(texts), 3), None), r"cannot concatenate encoder outputs of type "
+                                                                    r"NoneType")):
+        model = _cir_model()
+        model.encode_query = encode_query
+        with pytest.raises(ModelContractError, match=message):
+            evaluate_cir(model, val, k=5)
+
+
 def test_itm_sharded_scores_equal_full_matrix(synth):
     from cirlab.data import load_precomp
     from cirlab import metrics as M

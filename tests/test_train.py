@@ -268,11 +268,40 @@ def test_selection_metric_missing_is_a_clear_error(tmp_path):
               evaluate_fn=lambda m: {"val": {"R@1": 1.0, "R@50": 2.0}})
 
 
-def test_training_step_without_loss_terms_errors(tmp_path):
+def test_a_training_step_outside_the_contract_is_one_line(tmp_path):
+    """A user's model whose training_step returns something else failed inside torch ("iteration over a 0-d
+    tensor", "'float' object has no attribute 'float'", "element 0 of tensors does not require grad")."""
+    from cirlab.core.errors import ModelContractError
+
+    weight = torch.tensor(1.0, requires_grad=True)
+    cases = [({"similarity": weight * 2}, r"returned no '\*_loss' term \(keys: \['similarity'\]\)"),
+             (weight * 2, r"returned a Tensor; it returns a dict with one or more '\*_loss' scalar tensors"),
+             ({"a_loss": 2.0}, r"'a_loss' is float; a loss term is a scalar tensor"),
+             ({"a_loss": weight * torch.ones(3)}, r"'a_loss' is Tensor of shape \(3,\); a loss term is a scalar"),
+             ({"a_loss": torch.tensor(2.0)}, r"no loss term has a gradient \(a_loss: computed under no_grad")]
+    for i, (returned, message) in enumerate(cases):
+        model = _model()
+        model.training_step = lambda batch, returned=returned: returned
+        with pytest.raises(ModelContractError, match=r"^StubCIR.training_step.* " + message):
+            train(model, TripletItems(16), _cfg(epochs=1), output_dir=tmp_path / str(i))
+    model = _model()  # a constant term beside a trained one is fine (HREM's loss without a sampled negative is 0)
+    base = model.training_step
+    model.training_step = lambda batch: {**base(batch), "zero_loss": torch.tensor(0.0)}
+    assert train(model, TripletItems(16), _cfg(epochs=1), output_dir=tmp_path / "ok")["steps"] > 0
+
+
+def test_default_train_config_and_param_groups_outside_the_contract(tmp_path):
+    from cirlab.core.errors import ModelContractError
+
     model = _model()
-    model.training_step = lambda batch: {"similarity": torch.tensor(1.0, requires_grad=True)}
-    with pytest.raises(ValueError, match="_loss"):
-        train(model, TripletItems(16), _cfg(epochs=1), output_dir=tmp_path)
+    model.default_train_config = lambda: None
+    with pytest.raises(ModelContractError, match=r"default_train_config\(\) returned None; it returns a dict"):
+        train(model, TripletItems(16), _cfg(epochs=1), output_dir=tmp_path / "a")
+    model = _model()
+    first = next(model.parameters())
+    model.param_groups = lambda: [{"params": [first]}]  # the rest would never train
+    with pytest.raises(ModelContractError, match=r"param_groups\(\) leaves out \d+ trainable parameter\(s\)"):
+        train(model, TripletItems(16), _cfg(epochs=1), output_dir=tmp_path / "b")
 
 
 def test_sampler_shards_cover_the_global_batches():

@@ -145,16 +145,22 @@ TASK_PROTOCOLS: dict[str, type] = {"cir": CIRModel, "itm": ITMModel, "rerank": R
 
 
 def check_model(model: Any) -> None:
-    """Raise ``TypeError`` naming what is missing when ``model`` does not satisfy :class:`Model` and its task's
-    protocol."""
+    """Raise :class:`~cirlab.core.errors.ModelContractError` (a ``TypeError``) naming what is missing when ``model``
+    is not a ``torch.nn.Module`` or does not satisfy :class:`Model` and its task's protocol."""
+    import torch
+
+    from cirlab.core.errors import ModelContractError
+
     name = type(model).__name__
-    task = getattr(type(model), "task", None)
+    if not isinstance(model, torch.nn.Module):  # the trainer, evaluation and checkpoints all need one
+        raise ModelContractError(f"{name} is not a torch.nn.Module: a cirlab model class subclasses nn.Module")
+    task = getattr(model, "task", None)  # the class's, or the registration's (set on the instance)
     if task not in TASK_PROTOCOLS:
-        raise TypeError(f"{name}.task is {task!r}; expected one of {', '.join(TASKS)}")
+        raise ModelContractError(f"{name}.task is {task!r}; expected one of {', '.join(TASKS)}")
     for protocol in (Model, TASK_PROTOCOLS[task]):
         if not isinstance(model, protocol):
             missing = [m for m in _members(protocol) if not hasattr(model, m)]
-            raise TypeError(f"{name} does not satisfy the {protocol.__name__} contract: missing {missing}")
+            raise ModelContractError(f"{name} does not satisfy the {protocol.__name__} contract: missing {missing}")
 
 
 # what each task's protocol is called in a message, and the model kinds that satisfy it

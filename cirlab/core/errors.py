@@ -82,6 +82,11 @@ class UnknownKeyError(CirlabError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class ModelContractError(CirlabError, TypeError):
+    """A model class (a user's, registered with ``register_model``) does not keep the model contract of
+    :mod:`cirlab.core.contracts`: the message names the class and what is missing or wrong."""
+
+
 class ModelMismatchError(CirlabError, TypeError):
     """A model (or a split) handed to a function built for another kind: an ITM model to a CIR evaluation, a
     non-CaLa model to CaLa's tracer; the message names what the function needs and what it got."""

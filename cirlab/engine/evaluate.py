@@ -64,7 +64,10 @@ def _concat(parts: list[Any]) -> Any:
         return type(first)(_concat([p[i] for p in parts]) for i in range(len(first)))
     if isinstance(first, dict):
         return {k: _concat([p[k] for p in parts]) for k in first}
-    raise TypeError(f"cannot concatenate encoder outputs of type {type(first).__name__}")
+    from cirlab.core.errors import ModelContractError
+
+    raise ModelContractError(f"cannot concatenate encoder outputs of type {type(first).__name__} (an encoder returns "
+                             "tensors, or tuples, lists or dicts of them)")
 
 
 def _to_cpu(value: Any) -> Any:
@@ -194,7 +197,23 @@ def score_split(model: Any, split: Any, *, transform: Any, batch_size: int, devi
                               batch_size=batch_size, device=device, num_workers=num_workers).float()
     q = encode_dataset(lambda b: model.encode_query(b["ref_image"], b["text"]), queries, batch_size=batch_size,
                        device=device, num_workers=num_workers)
+    _check_embeddings(model, q, g)
     return q.float() @ g.float().T
+
+
+def _check_embeddings(model: Any, queries: Any, gallery: Any) -> None:
+    """``encode_query`` and ``encode_target`` give [N, D] tensors of one width D (the contract's dot-product
+    retrieval); otherwise the product failed as torch's "mat1 and mat2 shapes cannot be multiplied"."""
+    from cirlab.core.errors import ModelContractError
+
+    for what, value in (("encode_query", queries), ("encode_target", gallery)):
+        if not (torch.is_tensor(value) and value.ndim == 2):
+            shape = f"a tensor of shape {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
+            raise ModelContractError(f"{type(model).__name__}.{what} gave {shape}; the CIR contract's encoders give "
+                                     "[batch, dim] tensors")
+    if queries.shape[1] != gallery.shape[1]:
+        raise ModelContractError(f"{type(model).__name__}: encode_query gives {queries.shape[1]}-d vectors and "
+                                 f"encode_target {gallery.shape[1]}-d ones; retrieval scores their dot products")
 
 
 def _encode_gallery(model: Any, split: Any, gallery: Any, *, batch_size: int, device: Any, num_workers: int,

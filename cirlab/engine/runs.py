@@ -671,7 +671,8 @@ def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, 
         from cirlab.models.registry import list_models
 
         raise CheckpointError(f"{path}: model {name!r} is not registered here{did_you_mean(name, list_models())}; "
-                              f"known: {', '.join(list_models())}") from None
+                              f"known: {', '.join(list_models())} (a model of your own: name its module in "
+                              "CIRLAB_MODELS)") from None
     try:
         if preset is None and meta.get("model_config") and not (model and saved is None):
             cfg = entry.config_cls.from_stored(_restore_tuples(entry.config_cls, meta["model_config"]), str(path))

@@ -294,8 +294,13 @@ def resolve_train_config(model: nn.Module | None, overrides: dict[str, Any] | No
                          base: dict[str, Any] | None = None) -> TrainConfig:
     """``base`` (e.g. a dataset's default selection metric), then the model's paper defaults
     (``default_train_config()``), then the user's ``overrides`` on top: the one place they are merged."""
-    defaults = dict(model.default_train_config()) if isinstance(model, Model) else {}
-    return TrainConfig.from_dict({**(base or {}), **defaults, **(overrides or {})})
+    defaults = model.default_train_config() if isinstance(model, Model) else {}
+    if not isinstance(defaults, Mapping):  # dict(None) failed as "'NoneType' object is not iterable"
+        from cirlab.core.errors import ModelContractError
+
+        raise ModelContractError(f"{type(model).__name__}.default_train_config() returned {defaults!r}; it returns a "
+                                 "dict of TrainConfig fields (its paper recipe; {} for none)")
+    return TrainConfig.from_dict({**(base or {}), **dict(defaults), **(overrides or {})})
 
 
 # ----------------------------------------------------------------------------------------------- schedule
@@ -562,6 +567,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     every group together, keeping the paper's ratios), else its own absolute ``lr``, else ``train.lr``. A group
     with ``scheduled: False`` keeps its ``base_lr`` for the whole run (see :meth:`Trainer.set_lr`)."""
     groups = model.param_groups() if isinstance(model, HasParamGroups) else [{"params": list(model.parameters())}]
+    _refuse_left_out(model, groups)
     cleaned = []
     for group in groups:
         params = [p for p in group["params"] if p.requires_grad]
@@ -573,6 +579,44 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         raise ConfigError("the model has no trainable parameters (everything is frozen)")
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return cls(cleaned, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def _loss_keys(model: nn.Module, terms: Any) -> list[str]:
+    """The ``*_loss`` keys of ``training_step``'s dict, scalar tensors, at least one with a gradient: a step returning
+    otherwise failed inside torch ("iteration over a 0-d tensor", "'float' object has no attribute 'float'",
+    "element 0 of tensors does not require grad")."""
+    from cirlab.core.errors import ModelContractError
+
+    where = f"{type(model).__name__}.training_step"
+    if not isinstance(terms, Mapping):
+        raise ModelContractError(f"{where} returned a {type(terms).__name__}; it returns a dict with one or more "
+                                 "'*_loss' scalar tensors (summed by the trainer) and any other terms to log")
+    keys = [k for k in terms if isinstance(k, str) and k.endswith("_loss")]
+    if not keys:
+        raise ModelContractError(f"{where} returned no '*_loss' term (keys: {sorted(map(str, terms))})")
+    for k in keys:
+        v = terms[k]
+        if not (torch.is_tensor(v) and v.numel() == 1):
+            raise ModelContractError(f"{where}: {k!r} is {type(v).__name__}"
+                                     + (f" of shape {tuple(v.shape)}" if torch.is_tensor(v) else "")
+                                     + "; a loss term is a scalar tensor")
+    if torch.is_grad_enabled() and not any(terms[k].requires_grad for k in keys):  # one may be a constant 0
+        raise ModelContractError(f"{where}: no loss term has a gradient ({', '.join(keys)}: computed under no_grad, "
+                                 "or detached)")
+    return keys
+
+
+def _refuse_left_out(model: nn.Module, groups: Sequence[Mapping[str, Any]]) -> None:
+    """A trainable parameter that no group of ``param_groups()`` holds would never train, without a word: it must be
+    in a group or frozen (``requires_grad=False``, as the models freeze what their paper does not train)."""
+    from cirlab.core.errors import ModelContractError
+
+    held = {id(p) for group in groups for p in group["params"]}
+    left = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if left:
+        raise ModelContractError(f"{type(model).__name__}.param_groups() leaves out {len(left)} trainable "
+                                 f"parameter(s) ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}), which "
+                                 "would never train: put them in a group or set requires_grad=False")
 
 
 class _StepModule(nn.Module):
@@ -1334,9 +1378,7 @@ class Trainer:
         with no_sync():
             with autocast:
                 terms = self.step_module(batch)
-            loss_keys = [k for k in terms if k.endswith("_loss")]
-            if not loss_keys:
-                raise ValueError(f"training_step returned no '*_loss' term (keys: {sorted(terms)})")
+            loss_keys = _loss_keys(self.model, terms)
             loss = sum(terms[k].float() for k in loss_keys)
             if not torch.isfinite(loss):  # stop before a NaN reaches the weights and the checkpoints
                 raise NonFiniteLossError(f"non-finite loss in epoch {self.progress.epoch + 1}, step "

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -33,20 +35,70 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
+MODELS_ENV = "CIRLAB_MODELS"  # modules of a user's own models, imported with cirlab's (comma-separated)
+ENTRY_POINT_GROUP = "cirlab.models"  # the same, declared by an installed package (its pyproject's entry points)
+
+
 def register_model(name: str, *, task: str, config_cls: type) -> Callable:
-    """Decorator registering ``build(config) -> nn.Module`` under ``name``."""
+    """Decorator registering ``build(config) -> nn.Module`` (a model class, or a function returning one) under
+    ``name``. Checked here, where the mistake is: ``task`` is one of ``cir``, ``itm``, ``rerank``; ``config_cls`` has
+    the preset interface (``from_preset``, ``from_dict``: subclass :class:`cirlab.core.config.PresetMixin`); a name
+    that another model holds is refused (one of them would be lost, which one depending on import order). A module
+    imported again (``importlib.reload``) may register its own names again."""
+    from cirlab.core.contracts import TASKS
+    from cirlab.core.errors import ModelContractError
+
+    if task not in TASKS:
+        raise ModelContractError(f"register_model({name!r}): task={task!r}; expected one of {', '.join(TASKS)}")
+    missing = [m for m in ("from_preset", "from_dict", "PRESETS") if not hasattr(config_cls, m)]
+    if missing:
+        raise ModelContractError(f"register_model({name!r}): config class {config_cls.__name__} lacks {missing}: "
+                                 "subclass cirlab.core.config.PresetMixin (a dataclass with a PRESETS dict)")
 
     def wrap(build: Callable) -> Callable:
+        held = _REGISTRY.get(name)
+        if held is not None and _origin(held.build) != _origin(build):
+            raise ModelContractError(f"register_model({name!r}): the name is taken by {_origin(held.build)}; "
+                                     f"{_origin(build)} needs another name")
         _REGISTRY[name] = ModelEntry(name, task, build, config_cls)
         return build
 
     return wrap
 
 
+def _origin(build: Callable) -> str:
+    return f"{build.__module__}.{getattr(build, '__qualname__', build)}"
+
+
 def _load_all() -> None:
     # every listed module must import: a typo or a broken model file is an error, never a silently missing model
     for module in _MODEL_MODULES:
         importlib.import_module(module)
+    _load_user_models()
+
+
+def _load_user_models() -> None:
+    for module, source in user_model_modules():
+        if module in sys.modules:
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigError(f"{source}: cannot import {module!r} ({err}); its folder must be on PYTHONPATH "
+                              "(or the package installed)") from None
+
+
+def user_model_modules() -> list[tuple[str, str]]:
+    """``(module, where it is named)`` for a user's model modules: the comma-separated ``CIRLAB_MODELS`` (a module
+    on ``PYTHONPATH``: seen by the command line, notebooks and report kernels alike, which inherit the environment),
+    then the ``cirlab.models`` entry points of installed packages."""
+    from importlib.metadata import entry_points
+
+    named = [(m.strip(), f"{MODELS_ENV}={os.environ[MODELS_ENV]!r}")
+             for m in os.environ.get(MODELS_ENV, "").split(",") if m.strip()]
+    named += [(ep.value.split(":")[0], f"entry point {ep.name!r} of group {ENTRY_POINT_GROUP!r}")
+              for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    return named
 
 
 def get_entry(name: str) -> ModelEntry:
@@ -57,7 +109,8 @@ def get_entry(name: str) -> ModelEntry:
         raise TypeError(f"a model name is a string (one of cirlab.list_models()), got {name!r}")
     if name not in _REGISTRY:
         raise UnknownKeyError(f"unknown model {name!r}{did_you_mean(name, _REGISTRY)}; known models: "
-                              f"{', '.join(sorted(_REGISTRY)) or '(none)'}")
+                              f"{', '.join(sorted(_REGISTRY)) or '(none)'} (a model of your own: name its module in "
+                              f"{MODELS_ENV}, see docs/architecture.md)")
     return _REGISTRY[name]
 
 
@@ -73,7 +126,8 @@ def describe_models() -> list[dict[str, Any]]:
     """``[{"model", "task", "presets"}]`` for every listed model, read from the model files' source (their
     ``@register_model`` calls and their config classes' ``PRESETS`` keys) without importing them, so that
     ``cirlab models`` answers without loading torch. A file written otherwise (a computed name or preset table)
-    is imported instead; models registered from outside the listed modules are included too."""
+    is imported instead; a user's model modules (:func:`user_model_modules`) are imported, and models registered
+    from outside the listed modules are included too."""
     import ast
     import importlib.util
 
@@ -86,6 +140,7 @@ def describe_models() -> list[dict[str, Any]]:
             importlib.import_module(module)
             continue
         rows.update({row["model"]: row for row in found})
+    _load_user_models()  # CIRLAB_MODELS and entry points: imported (a user's file may be written any way)
     for name, entry in _REGISTRY.items():  # imported above, or registered by the caller
         rows.setdefault(name, {"model": name, "task": entry.task, "presets": sorted(entry.config_cls.presets())})
     return [rows[n] for n in sorted(rows)]
@@ -165,7 +220,7 @@ def create_model(name: str, preset: str | None = None, *, config: Any = None, se
         validate_train_values({"seed": seed}, prefix="create_model: ")  # what train.seed accepts (NumPy's range)
         seed_everything(seed)
     model = entry.build(cfg)
-    _check_identity(type(model), entry)
+    _check_identity(model, entry)
     check_model(model)
     return model
 
@@ -209,12 +264,16 @@ def parameter_table_device(preset: str | None) -> str:
     return "cpu" if preset in CPU_PRESETS else "meta"
 
 
-def _check_identity(cls: type, entry: ModelEntry) -> None:
-    """Model classes declare ``model_name`` and ``task`` (checkpoints and the engine read them); a class that
-    declares neither gets its registration's, one that declares others is a registration error."""
+def _check_identity(model: Any, entry: ModelEntry) -> None:
+    """Model classes declare ``model_name`` and ``task`` (checkpoints and the engine read them); a model whose class
+    declares neither gets its registration's (on the instance: one class may serve several names), one whose class
+    declares others is a registration error."""
+    from cirlab.core.errors import ModelContractError
+
+    cls = type(model)
     for attr, expected in (("model_name", entry.name), ("task", entry.task)):
         declared = cls.__dict__.get(attr) or getattr(cls, attr, None)
         if declared is None:
-            setattr(cls, attr, expected)
+            object.__setattr__(model, attr, expected)  # past nn.Module's __setattr__: a plain attribute
         elif declared != expected:
-            raise TypeError(f"{cls.__name__}.{attr} is {declared!r} but it is registered as {expected!r}")
+            raise ModelContractError(f"{cls.__name__}.{attr} is {declared!r} but it is registered as {expected!r}")

@@ -764,8 +764,10 @@ def query_fn_for(model: Any, dataset: str, data_root: str | os.PathLike, split: 
         return None
     from cirlab.workbench.widgets import make_query_fn
 
+    from cirlab.engine.evaluate import cir_transform
+
     splits = splits if splits is not None else cir_splits(dataset, data_root, split)
-    transform = model.image_transform(False)
+    transform = cir_transform(model, None)  # image_transform is an optional hook: the split's default without it
     per_cat = {cat: make_query_fn(model, sp, transform, k=k, device=device) for cat, sp in splits.items()}
     owner = {t.query_id: cat for cat, sp in splits.items() for t in sp.triplets}
 
