@@ -1107,8 +1107,8 @@ class Trainer:
             fits = max(1, len(dataset) // cfg.grad_accum_steps)  # batch_size is the global batch
             raise ConfigError(f"the training set ({len(dataset)} items) is smaller than one optimizer step "
                              f"(batch_size {cfg.batch_size} x grad_accum_steps {cfg.grad_accum_steps}); set "
-                             f"train.batch_size to at most {fits} (--set train.batch_size=N, TrainConfig(batch_size=N))"
-                             " or train.drop_last=false")
+                             f"train.batch_size to at most {fits} (--set train.batch_size=N, "
+                             "TrainConfig(batch_size=N), train_run's or a notebook's batch_size) or train.drop_last=false")
         self.ckpt_dir = output_dir / "checkpoints"
         self.run_config = run_config
         self.losses: list[float] = []
