@@ -1108,7 +1108,8 @@ class Trainer:
             raise ConfigError(f"the training set ({len(dataset)} items) is smaller than one optimizer step "
                              f"(batch_size {cfg.batch_size} x grad_accum_steps {cfg.grad_accum_steps}); set "
                              f"train.batch_size to at most {fits} (--set train.batch_size=N, "
-                             "TrainConfig(batch_size=N), train_run's or a notebook's batch_size) or train.drop_last=false")
+                             "TrainConfig(batch_size=N), train_run's or a notebook's batch_size) or "
+                             "train.drop_last=false")
         self.ckpt_dir = output_dir / "checkpoints"
         self.run_config = run_config
         self.losses: list[float] = []
