@@ -108,6 +108,15 @@ def test_a_users_model_module_named_in_cirlab_models_is_registered_everywhere(tm
     assert broken.returncode == 2 and "Traceback" not in broken.stderr
     assert ("CIRLAB_MODELS='stub_models, no_such_module': cannot import 'no_such_module' (No module named "
             "'no_such_module'); its folder must be on PYTHONPATH") in broken.stderr
+    # the same through an installed package's entry point (a dist-info folder on the path is one)
+    dist = tmp_path / "site" / "bow_models-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bow-models\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[cirlab.models]\nstubs = stub_models\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(tests)])}
+    env.pop("CIRLAB_MODELS", None)
+    listed = subprocess.run([*cli, "models"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert listed.returncode == 0 and "stub_itm            itm     tiny, tiny_dropout" in listed.stdout
     with pytest.raises(CirlabError, match=r"unknown model 'bowcir'; known models: .* \(a model of your own: name "
                                           r"its module in CIRLAB_MODELS"):
         registry.create_model("bowcir")

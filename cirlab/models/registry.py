@@ -9,6 +9,7 @@ Usage::
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib
 import os
 import sys
@@ -92,13 +93,19 @@ def user_model_modules() -> list[tuple[str, str]]:
     """``(module, where it is named)`` for a user's model modules: the comma-separated ``CIRLAB_MODELS`` (a module
     on ``PYTHONPATH``: seen by the command line, notebooks and report kernels alike, which inherit the environment),
     then the ``cirlab.models`` entry points of installed packages."""
-    from importlib.metadata import entry_points
-
     named = [(m.strip(), f"{MODELS_ENV}={os.environ[MODELS_ENV]!r}")
              for m in os.environ.get(MODELS_ENV, "").split(",") if m.strip()]
-    named += [(ep.value.split(":")[0], f"entry point {ep.name!r} of group {ENTRY_POINT_GROUP!r}")
-              for ep in entry_points(group=ENTRY_POINT_GROUP)]
-    return named
+    return named + list(_entry_point_modules())
+
+
+@functools.lru_cache(maxsize=1)
+def _entry_point_modules() -> tuple[tuple[str, str], ...]:
+    """The ``cirlab.models`` entry points, read once per process (scanning every installed distribution's metadata
+    at each model lookup would cost more than the lookup)."""
+    from importlib.metadata import entry_points
+
+    return tuple((ep.value.split(":")[0], f"entry point {ep.name!r} of group {ENTRY_POINT_GROUP!r}")
+                 for ep in entry_points(group=ENTRY_POINT_GROUP))
 
 
 def get_entry(name: str) -> ModelEntry:
