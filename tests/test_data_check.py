@@ -150,6 +150,13 @@ def test_cirr_img_set_must_hold_six_names_with_reference_and_target(tmp_path):
     assert f"the target_hard {entries[1]['target_hard']!r} is not among its img_set members" in text
     assert f"the reference {entries[3]['reference']!r} is not among its img_set members" in text
     assert [w.kind for w in problems.warnings] == ["target_is_reference"]
+    split_path = info["root"] / "cirr" / "image_splits" / "split.rc2.val.json"
+    paths = json.loads(split_path.read_text())
+    names = list(paths)
+    paths[names[1]] = paths[names[0]].replace("./", "")  # the same file under a second name
+    write_json(split_path, paths)
+    warned = [(w.kind, w.entry) for w in check_dataset("cirr", info["root"]).warnings]
+    assert sorted(warned) == [("same_file", names[1]), ("target_is_reference", "pairid 104")]
     with pytest.raises(DataError, match=r"cap.rc2.val.json.*pairid 100.*has 5 members"):
         load_cir("cirr", info["root"], "val")
     # on train nothing reads the set: the same problem is a warning, and the entry trains

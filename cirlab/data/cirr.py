@@ -19,6 +19,7 @@ from its own ranking. The official split names are ``val`` and ``test1``; ``dev`
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ def _read_image_split(root: Path, split: str, sink: ProblemCollector,
         sink.add("bad_entry", path, None, f"expected a JSON object name -> relative path, got {type(data).__name__}")
         return {}
     images: dict[str, Path] = {}
+    named: dict[str, str] = {}  # normalised path -> the first name given it
     for name, rel in data.items():
         if not isinstance(rel, str):
             sink.add("bad_entry", path, name, f"expected a relative path string, got {rel!r}")
@@ -76,6 +78,9 @@ def _read_image_split(root: Path, split: str, sink: ProblemCollector,
         image = root / rel
         if not image.is_file():
             sink.add("missing_image", path, name, f"image file {image} not found")
+        first = named.setdefault(os.path.normpath(rel), name)
+        if first != name:  # one picture twice in the gallery: a target and its copy tie in every ranking
+            sink.warn("same_file", path, name, f"names the file of {first!r} ({rel})")
         images[name] = image
     sink.count("images", len(images))
     return images
