@@ -387,7 +387,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise
     model, meta = model_from_checkpoint(checkpoint, model=args.model, preset=args.preset,
                                         trust_pickle=args.trust_pickle, overrides=config.get("model_overrides"))
-    _refuse_rankings_kept_nowhere(args, config, loaded, type(model))  # before the evaluation, the long part
+    splits = _splits_worth_evaluating(args, config, loaded, type(model))  # before the evaluation, the long part
     if meta.get("converted_from"):
         logger.info("%s: read as the %s layout; ignored: %s; kept as built (not in the file): %s", checkpoint,
                     meta["converted_layout"], _key_groups(meta.get("ignored")), _key_groups(meta.get("kept_as_built")))
@@ -418,23 +418,30 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refuse_rankings_kept_nowhere(args: argparse.Namespace, config: dict[str, Any], loaded: dict[str, Any],
-                                  model_cls: type) -> None:
-    """A CIR split without ground truth (Fashion-IQ test, CIRR test1) gives no metrics, only rankings: without
-    ``--topk-dir`` they were computed and then written nowhere. The re-ranker's stages keep theirs in ``<run>/topk``
-    by themselves (their ``evaluate_split``)."""
+def _splits_worth_evaluating(args: argparse.Namespace, config: dict[str, Any], loaded: dict[str, Any],
+                             model_cls: type) -> list[str]:
+    """The splits to evaluate. A CIR split without ground truth (Fashion-IQ test, CIRR test1) gives no metrics, only
+    rankings, which without ``--topk-dir`` were computed and then written nowhere: named with ``--split`` it is
+    refused; listed by the run's ``eval.splits`` it is left out with a warning (``cirlab eval RUN`` evaluates the
+    others). The re-ranker's stages keep their rankings in ``<run>/topk`` by themselves (their ``evaluate_split``)."""
     from cirlab.core.errors import InputError
     from cirlab.data.catalog import canonical_name
     from cirlab.engine.runs import is_precomp
 
     if args.topk_dir or is_precomp(config) or hasattr(model_cls, "evaluate_split"):
-        return
+        return list(loaded)
     blind = [split for split, parts in loaded.items() if not any(p.has_targets for p in parts)]
-    if blind:
-        cirr = canonical_name(config["dataset"]["name"]) == "cirr"
-        submit = " (CIRR's submission files: cirlab submit RUN --split test1)" if cirr else ""
-        raise InputError(f"--split {blind[0]}: {config['dataset']['name']} {blind[0]} has no ground-truth targets, so "
-                         f"the evaluation gives no metrics, only rankings; pass --topk-dir DIR to keep them{submit}")
+    if not blind:
+        return list(loaded)
+    cirr = canonical_name(config["dataset"]["name"]) == "cirr"
+    why = (f"{config['dataset']['name']} {blind[0]} has no ground-truth targets, so its evaluation gives no metrics, "
+           "only rankings; pass --topk-dir DIR to keep them"
+           + (" (CIRR's submission files: cirlab submit RUN --split test1)" if cirr else ""))
+    rest = [split for split in loaded if split not in blind]
+    if args.split or not rest:
+        raise InputError(f"--split {blind[0]}: {why}" if args.split else why)
+    logger.warning("left out %s: %s", ", ".join(blind), why)
+    return rest
 
 
 def _check_eval_outputs(args: argparse.Namespace, splits: Sequence[str]) -> None:

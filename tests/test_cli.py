@@ -115,10 +115,14 @@ def test_eval_of_a_split_without_targets_needs_a_topk_dir(tmp_path, synth, capsy
     monkeypatch.setattr(runs, "evaluate_split", lambda *a, **k: pytest.fail("the split was evaluated"))
     caplog.clear()
     assert main(["eval", str(out), "--split", "test", "--root", str(fiq)]) == 2
-    assert ("--split test: fashioniq test has no ground-truth targets, so the evaluation gives no metrics, only "
+    assert ("--split test: fashioniq test has no ground-truth targets, so its evaluation gives no metrics, only "
             "rankings; pass --topk-dir DIR to keep them") in caplog.text
     monkeypatch.undo()
     capsys.readouterr()
+    caplog.clear()  # the run's own eval.splits (val, test): val is evaluated, test left out with a warning
+    assert main(["eval", str(out), "--root", str(fiq)]) == 0
+    assert set(json.loads(capsys.readouterr().out)["splits"]) == {"val"}
+    assert "left out test: fashioniq test has no ground-truth targets" in caplog.text
     assert main(["eval", str(out), "--split", "test", "--root", str(fiq), "--topk-dir", str(tmp_path / "k")]) == 0
     assert json.loads(capsys.readouterr().out)["splits"]["test"] == {}
     assert {p.name for p in (tmp_path / "k").iterdir()} == {"test_dress.topk.npz", "test_shirt.topk.npz"}
