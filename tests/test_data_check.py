@@ -166,7 +166,7 @@ def test_cirr_img_set_must_hold_six_names_with_reference_and_target(tmp_path):
     entries[0]["img_set"]["members"] = entries[0]["img_set"]["members"][:5]
     write_json(path, entries)
     problems = check_dataset("cirr", train["root"])
-    assert list(problems) == [] and [w.kind for w in problems.warnings] == ["img_set"]
+    assert list(problems) == [] and [w.kind for w in problems.warnings] == ["unusable_img_set"]
     assert len(load_cir("cirr", train["root"], "train").triplets) == 2
 
 
@@ -199,7 +199,7 @@ def test_precomp_finds_gpos_layout_as_f30k_and_coco_do(tmp_path):
     assert [p.kind for p in problems] == ["missing_file"] and "or GPO's f30k/precomp/" in problems[0].message
 
 
-def test_the_base_path_of_clip4cir_and_cala_is_a_data_root(tmp_path):
+def test_the_base_path_of_clip4cir_and_cala_is_a_data_root(tmp_path, monkeypatch):
     # their --data-path holds cirr_dataset/ and fashionIQ_dataset/: it was "no CIRR split found" / "no captions/"
     write_cirr(tmp_path / "cirr_dataset", groups={"val": 1})
     write_fashioniq(tmp_path / "fashionIQ_dataset", categories=("dress",), splits=("val",))
@@ -211,6 +211,8 @@ def test_the_base_path_of_clip4cir_and_cala_is_a_data_root(tmp_path):
 
     config = {"dataset": {"name": "fashioniq", "root": str(tmp_path), "category": None}}
     assert [s.category for s in load_cir_splits(config, "val")] == ["dress"]
+    monkeypatch.setenv("CIRLAB_DATA", str(tmp_path))  # and $CIRLAB_DATA may be that base path too
+    assert len(load_cir("cirr", None, "val").triplets) == 2
 
 
 def test_verify_images_finds_corrupt_files(tmp_path):

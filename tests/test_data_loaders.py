@@ -116,6 +116,10 @@ def test_fashioniq_calas_image_data_layout_and_two_layouts_refused(tmp_path):
     split = load_cir("fashioniq", info["root"], "val", category="dress")
     assert split.image_path("dress_val_0") == info["root"] / "image_data" / "dress_val_0.jpg"
     assert check_dataset("fashioniq", info["root"]) == []
+    (info["root"] / "images").symlink_to("image_data")  # one download under both names: one layout
+    (info["root"] / "img").mkdir()  # and an empty folder is none
+    assert check_dataset("fashioniq", info["root"]) == []
+    (info["root"] / "images").unlink()
     write_image(info["root"] / "images" / "dress_val_0.png")  # a second layout: which one is read?
     problems = check_dataset("fashioniq", info["root"])
     assert [(p.kind, Path(p.file).name) for p in problems] == [("ambiguous_layout", "fiq")]
@@ -142,7 +146,18 @@ def test_fashioniq_partial_download_fails_or_drops_on_request(tmp_path, caplog):
     split = load_cir("fashioniq", root, "val", category="dress", missing_images="drop", gallery="split")
     assert [t.query_id for t in split.triplets] == ["dress:2", "dress:3"]
     assert split.gallery_names == [listed[i] for i in (0, 2, 3, 4)]
-    assert "2 listed images are not on disk" in caplog.text and "2 queries name an image" in caplog.text
+    assert "Fashion-IQ val dress: dropped_image x 2 (e.g." in caplog.text
+    assert "Fashion-IQ val dress: dropped_query x 2 (e.g." in caplog.text
+
+
+def test_fashioniq_test_split_under_the_amc_gallery_says_no_answer_can_be_found(fiq, caplog):
+    # test has no targets: the amc gallery (the caption file's images) is the candidates alone
+    split = load_cir("fashioniq", fiq["root"], "test", category="dress")
+    assert split.gallery_names == [f"dress_test_{k}" for k in range(4)]
+    assert "gallery_without_targets x 1" in caplog.text and "dataset.options.gallery=split" in caplog.text
+    caplog.clear()
+    assert len(load_cir("fashioniq", fiq["root"], "test", category="dress", gallery="split").gallery_names) == 6
+    assert "gallery_without_targets" not in caplog.text
 
 
 def test_fashioniq_items_and_batches(fiq):

@@ -109,7 +109,7 @@ class ProblemCollector:
         for w in self.problems.warnings:
             kinds.setdefault(w.kind, []).append(w)
         for kind, found in kinds.items():
-            logger.warning("%s: %d %s (e.g. %s)", where, len(found), kind.replace("_", " "), found[0])
+            logger.warning("%s: %s x %d (e.g. %s)", where, kind, len(found), found[0])
         self.problems.warnings.clear()
 
 

@@ -82,22 +82,19 @@ def dataset_root(name: str, root: str | os.PathLike | None = None) -> Path:
     ``root`` may be the dataset's own folder, or a folder with the dataset in its ``subdir`` (``<root>/fashioniq``,
     ``<root>/precomp``: the synthetic set looks like that) or in its ``release_dir`` (``<root>/fashionIQ_dataset``,
     ``<root>/cirr_dataset``: the base path of CLIP4Cir, the re-ranker and CaLa); the subfolder is taken when it
-    exists. Without a root, a
-    CIR dataset is ``$CIRLAB_DATA/<subdir>`` (so a missing one is named by that path) and precomp features are
-    found under ``$CIRLAB_DATA`` as under a given root. The one place this decision is taken (the loaders, ``cirlab
-    data check`` and the workbench all ask here).
+    exists. Without a root, ``$CIRLAB_DATA`` is read the same way, and a CIR dataset found in neither subfolder is
+    ``$CIRLAB_DATA/<subdir>`` (so a missing one is named by that path). The one place this decision is taken (the
+    loaders, ``cirlab data check`` and the workbench all ask here).
     """
     from cirlab.core.paths import data_root
 
     spec = get_dataset(name)
     given = root is not None and str(root) != ""
-    if not given and not spec.is_itm:
-        return data_root() / spec.subdir
     base = Path(root).expanduser() if given else data_root()
     for sub in (base / spec.subdir, *([base / spec.release_dir] if spec.release_dir else [])):
         if sub.is_dir():
             return sub
-    return base
+    return base / spec.subdir if not given and not spec.is_itm else base
 
 
 def categories(name: str, root: str | os.PathLike | None, split: str) -> list[str]:

@@ -150,7 +150,7 @@ def _img_set_usable(entry: dict[str, Any], split: str, path: Path, where: str, s
     problems = _img_set_problems(entry, split)
     for message in problems:
         if split == "train":
-            sink.warn("img_set", path, where, message + " (unused in training)")
+            sink.warn("unusable_img_set", path, where, message + " (unused in training)")
         else:
             sink.add("bad_entry", path, where, message)
     return split == "train" or not problems

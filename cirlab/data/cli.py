@@ -44,7 +44,8 @@ def _add_check(subparsers: argparse._SubParsersAction) -> None:
                     "caption/image count mismatch, wrong array shape), grouped with counts. Exit status 1 when any "
                     "problem is found, 0 with a summary line when the tree is valid.")
     parser.add_argument("--dataset", required=True, choices=DATASETS,
-                        help="layout to check; 'precomp' checks every *_precomp folder under --root")
+                        help="layout to check; 'precomp' checks every *_precomp folder (and GPO's "
+                             "<name>/precomp/) under --root")
     parser.add_argument("--root", default=None,
                         help="dataset root, or a folder holding <dataset>/ (as cirlab data synth writes); "
                              "default: $CIRLAB_DATA/<dataset>; precomp: $CIRLAB_DATA")

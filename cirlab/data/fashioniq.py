@@ -36,6 +36,7 @@ Caption policies (``CAPTION_POLICIES``):
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,17 @@ FLAT_IMAGE_FOLDERS = ("images", "image_data")
 PER_CATEGORY_FOLDER = "img"
 
 
+def _image_layouts(root: Path) -> list[str]:
+    """The image folders of ``root`` that hold something, one name per folder: ``images`` linked to
+    ``image_data`` (one download shared by CLIP4Cir and CaLa) is one layout, and an empty folder is none."""
+    found: dict[str, str] = {}
+    for name in (*FLAT_IMAGE_FOLDERS, PER_CATEGORY_FOLDER):
+        folder = root / name
+        if folder.is_dir() and next(folder.iterdir(), None) is not None:
+            found.setdefault(os.path.realpath(folder), name)
+    return list(found.values())
+
+
 class FashionIQImages:
     """Finds ``images/{asin}.{png,jpg}`` or ``image_data/{asin}.{png,jpg}`` (flat) or ``img/{category}/{asin}.jpg``
     (per category) with one scan. A root holding two of these layouts is an error: which one a run read would be a
@@ -152,7 +164,7 @@ class FashionIQImages:
 
     def __init__(self, root: Path, sink: ProblemCollector) -> None:
         self.root, self.sink = root, sink
-        present = [f for f in (*FLAT_IMAGE_FOLDERS, PER_CATEGORY_FOLDER) if (root / f).is_dir()]
+        present = _image_layouts(root)
         self._index: dict[str, dict[str, Path]] = {}
         # without any image folder (or with two), its one line says it all: no further line per image
         self.present = len(present) == 1
@@ -237,12 +249,12 @@ def _load_category(root: Path, category: str, split: str, images: FashionIQImage
             else:
                 sink.add("missing_image", s_path, f"#{i}", f"image {name!r} not found in {images.folder(category)}"
                          " (a partial download: dataset.options.missing_images=drop leaves such images out)")
-    if absent:
+    if absent:  # one warning per image and per query: the log line counts them, data check lists them
         names = [n for n in names if n not in absent]
-        sink.warn("dropped_images", s_path, None, f"{len(absent)} listed images are not on disk: left out of the "
-                  "gallery, with the queries that name them (dataset.options.missing_images=drop)")
+        for name in sorted(absent):
+            sink.warn("dropped_image", s_path, name, "not on disk: left out of the gallery, with the queries that "
+                      "name it (dataset.options.missing_images=drop)")
     known = set(names) if names is not None else None
-    dropped = 0
     entries = read_json(c_path, sink)
     if entries is not None and not isinstance(entries, list):
         sink.add("bad_entry", c_path, None, f"expected a JSON list of caption entries, got {type(entries).__name__}")
@@ -255,7 +267,8 @@ def _load_category(root: Path, category: str, split: str, images: FashionIQImage
         if entry is None:
             continue
         if any(entry.get(role) in absent for role in ("candidate", "target")):
-            dropped += 1
+            sink.warn("dropped_query", c_path, f"#{i}", "names an image that is not on disk: left out "
+                      "(dataset.options.missing_images=drop)")
             continue
         for role in ("candidate", "target"):
             name = entry.get(role)
@@ -272,9 +285,6 @@ def _load_category(root: Path, category: str, split: str, images: FashionIQImage
         extras = {k: v for k, v in entry.items() if k not in _CORE_KEYS}
         triplets.append(Triplet(f"{category}:{i}", entry["candidate"], caps, policy.join(caps), entry.get("target"),
                                 category, extras))
-    if dropped:
-        sink.warn("dropped_queries", c_path, None, f"{dropped} queries name an image that is not on disk: left out "
-                  "(dataset.options.missing_images=drop)")
     sink.count("triplets", len(triplets))
     sink.count("splits")
     used = first_appearance(n for t in triplets for n in (t.ref_name, t.target_name) if n is not None)
@@ -378,6 +388,12 @@ def load(root: Path, split: str = "train", category: str | None = None, *, proto
             if path is not None:
                 paths.setdefault(name, path)
     sink.count("images", len(paths))
+    if sink.strict and gallery == "amc" and triplets and not any(t.target_name for t in triplets):
+        # the caption files' candidates and targets, without targets: a gallery no answer can be in (said when a
+        # run loads the split to rank it, not by data check: the data is fine)
+        sink.warn("gallery_without_targets", captions_file(root, cats[0], split), None, "this split has no targets, "
+                  "so the amc gallery (the caption file's images) holds only the candidates; rankings over the split "
+                  "file's images: dataset.options.gallery=split")
     sink.log_warnings(f"Fashion-IQ {split}" + (f" {category}" if category else ""))
     return CIRSplit("fashioniq", split, root, category, triplets, first_appearance(gallery_names), paths,
                     protocol=label, exclude_reference=exclude, train_text=CAPTION_POLICIES[captions].train)

@@ -18,6 +18,7 @@ validation; pass ``max_captions=None`` for the whole split.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,9 +48,13 @@ def precomp_dir(root: Path, name: str) -> Path:
 def find_set_dir(root: Path, name: str) -> Path | None:
     """``root/{name}_precomp`` (HREM/SCAN), else ``root/{name}/precomp`` (GPO), else ``root/precomp/{name}_precomp``
     (a data root holding several layouts: the synthetic set), else ``root`` if it is that folder; None if absent."""
-    for candidate in (root / f"{name}_precomp", root / name / "precomp", root / "precomp" / f"{name}_precomp"):
-        if candidate.is_dir():
-            return candidate
+    found = [c for c in (root / f"{name}_precomp", root / name / "precomp", root / "precomp" / f"{name}_precomp")
+             if c.is_dir()]
+    if len({os.path.realpath(c) for c in found}) > 1:  # the first is read: said, not chosen silently
+        logger.warning("%s holds %s: reading %s", root, " and ".join(str(c.relative_to(root)) for c in found),
+                       found[0].relative_to(root))
+    if found:
+        return found[0]
     # a folder named precomp/ is GPO's set folder only when it holds no *_precomp sets (the synthetic set's does),
     # and it is this set unless its parent names another one (coco/precomp loaded as f30k read COCO's features)
     if root.name == f"{name}_precomp" or (_is_gpo_set(root) and not _names_another_set(root.parent.name, name)):

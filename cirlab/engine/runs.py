@@ -1088,6 +1088,7 @@ def _final_evaluation(model: Any, config: dict[str, Any], out: Path, device: Any
         evaluated = evaluate_split(model, config, split, device=device, topk_dir=topk_dir,
                                    loaded=(loaded or {}).get(split))
         results[split] = evaluated["metrics"]
-        logger.info("%s: %s", split, ", ".join(f"{k}={v:.2f}" for k, v in evaluated["metrics"].items()))
+        logger.info("%s: %s", split, ", ".join(f"{k}={v:.2f}" for k, v in evaluated["metrics"].items())
+                    or f"no metrics (no targets): its rankings are in {topk_dir or 'no top-K file (eval.topk off)'}")
     return results
 
