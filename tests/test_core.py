@@ -365,3 +365,12 @@ def test_flat_numbers_is_the_one_flattening_of_nested_metrics():
     kept = flat_numbers(tree, floats=False)
     assert type(kept["val/n"]) is int and type(kept["table/shirt/R@10"]) is int  # the index shows 240, not 240.0
     assert flatten_metrics(tree) == flat_numbers(tree)  # the workbench's public name reads through the same one
+
+
+def test_unknown_names_message_with_and_without_known_names():
+    from cirlab.core.config import unknown_names_message
+
+    assert unknown_names_message("Cfg", ["rooot"], ["root", "split"]) == \
+        "Cfg: unknown field 'rooot' (did you mean 'root'?); known: root, split"
+    # a config class without fields ended on an empty "known:"
+    assert unknown_names_message("Empty", ["a", "b"], []) == "Empty: unknown fields 'a', 'b'; it has none"

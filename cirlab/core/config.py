@@ -35,7 +35,7 @@ def unknown_names_message(where: str, unknown: Iterable[Any], known: Iterable[An
     unknown, known = sorted(str(u) for u in unknown), sorted(str(k) for k in known)
     parts = [f"{u!r}{did_you_mean(u, known)}" for u in unknown]
     noun = "field" if len(unknown) == 1 else "fields"
-    return f"{where}: unknown {noun} {', '.join(parts)}; known: {', '.join(known)}"
+    return f"{where}: unknown {noun} {', '.join(parts)}; " + (f"known: {', '.join(known)}" if known else "it has none")
 
 
 class UnknownPresetError(ConfigError, KeyError):
