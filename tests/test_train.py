@@ -298,6 +298,9 @@ def test_default_train_config_and_param_groups_outside_the_contract(tmp_path):
     with pytest.raises(ModelContractError, match=r"default_train_config\(\) returned None; it returns a dict"):
         train(model, TripletItems(16), _cfg(epochs=1), output_dir=tmp_path / "a")
     model = _model()
+    model.param_groups = lambda: [{"params": model.parameters(), "lr_scale": 1.0}]  # a generator, as torch takes it
+    assert train(model, TripletItems(16), _cfg(epochs=1), output_dir=tmp_path / "generator")["steps"] > 0
+    model = _model()
     first = next(model.parameters())
     model.param_groups = lambda: [{"params": [first]}]  # the rest would never train
     with pytest.raises(ModelContractError, match=r"param_groups\(\) leaves out \d+ trainable parameter\(s\)"):

@@ -567,6 +567,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     every group together, keeping the paper's ratios), else its own absolute ``lr``, else ``train.lr``. A group
     with ``scheduled: False`` keeps its ``base_lr`` for the whole run (see :meth:`Trainer.set_lr`)."""
     groups = model.param_groups() if isinstance(model, HasParamGroups) else [{"params": list(model.parameters())}]
+    groups = [{**group, "params": list(group["params"])} for group in groups]  # a generator would be read once
     _refuse_left_out(model, groups)
     cleaned = []
     for group in groups:
