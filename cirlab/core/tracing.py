@@ -114,9 +114,10 @@ class RouteTrace:
     def to_frame(self) -> "Any":
         """A tidy pandas DataFrame, one row per (sample, layer, expert or source->destination) weight.
 
-        Columns: ``query_id`` (``set_batch``'s ids, else a running index per layer), ``layer``, ``kind`` ("gate" or
-        "path"), ``expert`` (gates) or ``source`` / ``destination`` (paths), ``weight``, ``code_index``,
-        ``paper_name``, then the metadata of ``set_batch`` and of the emitting model. Vector emissions are not in
+        Columns: ``query_id`` (``set_batch``'s ids, else a running index per layer), ``layer``, ``source`` and
+        ``destination`` (paths), ``expert`` (the gate's expert; for a path its destination cell, so one column
+        groups both kinds), ``code_index``, ``paper_name``, ``weight``, then the metadata of ``set_batch`` and of
+        the emitting model (e.g. DIME's ``image_id``, ``caption_id``, ``source_code_index``). Vector emissions are not in
         it (:meth:`vectors`). Empty (with these columns) when nothing was recorded."""
         import pandas as pd
 
