@@ -129,8 +129,8 @@ def test_register_model_refuses_what_would_fail_later(toy_registered):
         registry.register_model("x", task="CIR", config_cls=_ToyConfig)
     with pytest.raises(ModelContractError, match=r"config class dict lacks \['from_preset', 'from_dict', 'PRESETS'\]"):
         registry.register_model("x", task="cir", config_cls=dict)
-    with pytest.raises(ModelContractError, match=r"register_model\('amc'\): the name is taken by "
-                                                 r"cirlab.models.amc.build_amc; test_core._ToyRouter needs another name"):
+    with pytest.raises(ModelContractError, match=r"register_model\('amc'\): the name is taken by cirlab.models."
+                                                 r"amc.build_amc; test_core._ToyRouter needs another name"):
         registry.create_model("amc", "tiny")  # the built-ins are loaded: amc is held
         registry.register_model("amc", task="cir", config_cls=_ToyConfig)(_ToyRouter)
     # one class under two names: each model gets its own name (it was set on the class by the first)

@@ -117,8 +117,8 @@ class RouteTrace:
         Columns: ``query_id`` (``set_batch``'s ids, else a running index per layer), ``layer``, ``source`` and
         ``destination`` (paths), ``expert`` (the gate's expert; for a path its destination cell, so one column
         groups both kinds), ``code_index``, ``paper_name``, ``weight``, then the metadata of ``set_batch`` and of
-        the emitting model (e.g. DIME's ``image_id``, ``caption_id``, ``source_code_index``). Vector emissions are not in
-        it (:meth:`vectors`). Empty (with these columns) when nothing was recorded."""
+        the emitting model (e.g. DIME's ``image_id``, ``caption_id``, ``source_code_index``). Vector emissions are
+        not in it (:meth:`vectors`). Empty (with these columns) when nothing was recorded."""
         import pandas as pd
 
         rows: list[dict[str, Any]] = []
