@@ -182,6 +182,17 @@ def test_precomp_all_problems_listed(tmp_path, capsys):
     assert "FAILED with 3 problems" in capsys.readouterr().out
 
 
+def test_precomp_root_with_two_folders_of_one_set_says_which_it_reads_once(tmp_path, caplog):
+    import shutil
+
+    write_precomp(tmp_path, name="f30k", splits=("dev",))
+    (tmp_path / "f30k").mkdir()
+    shutil.copytree(tmp_path / "f30k_precomp", tmp_path / "f30k" / "precomp")
+    assert load_precomp(tmp_path, "f30k", "dev").num_images == 4
+    said = [r.getMessage() for r in caplog.records if "reading" in r.getMessage()]
+    assert said == [f"{tmp_path} holds f30k_precomp and f30k/precomp: reading f30k_precomp"]
+
+
 def test_precomp_finds_gpos_layout_as_f30k_and_coco_do(tmp_path):
     # GPO keeps each set in {f30k,coco}/precomp/: --dataset f30k found it, --dataset precomp said "no *_precomp folder"
     for name in ("f30k", "coco"):

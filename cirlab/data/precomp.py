@@ -41,20 +41,31 @@ OPTIONS: dict[str, object] = {"max_captions": "int?", "regions": "int?", "dim": 
 
 
 def precomp_dir(root: Path, name: str) -> Path:
-    """The set's folder (:func:`find_set_dir`), else ``root/{name}_precomp`` (the path a missing-file problem names)."""
-    return find_set_dir(Path(root), name) or Path(root) / f"{name}_precomp"
+    """The set's folder (:func:`find_set_dir`), else ``root/{name}_precomp`` (the path a missing-file problem names).
+    The folder a split is read from: where a root holds two folders of the set, the one read is said here (once
+    per load; :func:`find_set_dir` is also asked where only existence matters)."""
+    root = Path(root)
+    found = find_set_dir(root, name)
+    if found is None:
+        return root / f"{name}_precomp"
+    others = [c for c in _set_dir_candidates(root, name)
+              if c.is_dir() and os.path.realpath(c) != os.path.realpath(found)]
+    if others:
+        logger.warning("%s holds %s and %s: reading %s", root, found.relative_to(root),
+                       " and ".join(str(c.relative_to(root)) for c in others), found.relative_to(root))
+    return found
+
+
+def _set_dir_candidates(root: Path, name: str) -> tuple[Path, ...]:
+    return root / f"{name}_precomp", root / name / "precomp", root / "precomp" / f"{name}_precomp"
 
 
 def find_set_dir(root: Path, name: str) -> Path | None:
     """``root/{name}_precomp`` (HREM/SCAN), else ``root/{name}/precomp`` (GPO), else ``root/precomp/{name}_precomp``
     (a data root holding several layouts: the synthetic set), else ``root`` if it is that folder; None if absent."""
-    found = [c for c in (root / f"{name}_precomp", root / name / "precomp", root / "precomp" / f"{name}_precomp")
-             if c.is_dir()]
-    if len({os.path.realpath(c) for c in found}) > 1:  # the first is read: said, not chosen silently
-        logger.warning("%s holds %s: reading %s", root, " and ".join(str(c.relative_to(root)) for c in found),
-                       found[0].relative_to(root))
-    if found:
-        return found[0]
+    for candidate in _set_dir_candidates(root, name):
+        if candidate.is_dir():
+            return candidate
     # a folder named precomp/ is GPO's set folder only when it holds no *_precomp sets (the synthetic set's does),
     # and it is this set unless its parent names another one (coco/precomp loaded as f30k read COCO's features)
     if root.name == f"{name}_precomp" or (_is_gpo_set(root) and not _names_another_set(root.parent.name, name)):

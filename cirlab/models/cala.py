@@ -252,24 +252,25 @@ class CaLaConfig(PresetMixin):
         """A stored BLIP-2 config whose CLIP-only switches are set (accepted and never read before they were
         refused) loads with them back at their defaults, which is what the run did; one warning says so."""
         values = dict(values)
-        if values.get("backbone", "blip2") == "blip2":
-            defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-            unread = [k for k in CLIP_SWITCHES if k in values and values[k] != defaults[k]]
-            if unread:
-                logger.warning("%s: the stored BLIP-2 config sets %s, which the BLIP-2 path never read; rebuilt "
-                               "with the defaults (what the run used)", where or "a stored CaLa config",
-                               ", ".join(f"{k}={values[k]!r}" for k in unread))
-                values.update({k: defaults[k] for k in unread})
+        unread = cls._switched(values) if values.get("backbone", "blip2") == "blip2" else {}
+        if unread:
+            logger.warning("%s: the stored BLIP-2 config sets %s, which the BLIP-2 path never read; rebuilt with the "
+                           "defaults (what the run used)", where or "a stored CaLa config",
+                           ", ".join(f"{k}={values[k]!r}" for k in unread))
+            values.update(unread)
         return cls.from_dict(values)
+
+    @classmethod
+    def _switched(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """The CLIP-only switches ``values`` sets away from their defaults, each with its default."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.name in CLIP_SWITCHES}
+        return {k: d for k, d in defaults.items() if k in values and values[k] != d}
 
     def _refuse_unread_clip_options(self) -> None:
         """The CLIP path's behaviour switches changed on the BLIP-2 path (or ``clip_artemis_trained`` without the
         artemis frame) would be ignored without a word. Sizes (``clip_embed_dim``, ...) are left alone: a preset's
         sizes are not a behaviour the user asked for."""
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for name in CLIP_SWITCHES:
-            if getattr(self, name) == defaults[name]:
-                continue
+        for name in self._switched(vars(self)):
             if self.backbone == "blip2":
                 raise ValueError(f"CaLaConfig.{name}={getattr(self, name)!r} is read only with "
                                  "backbone='clip_rn50x4'; clear it or set the backbone")
