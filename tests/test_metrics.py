@@ -395,3 +395,13 @@ def test_is_recall_key_knows_every_recall_the_key_builders_make_and_nothing_else
     assert all(m.is_recall_key(k) for k in recalls)
     others = [m.AVG, m.RSUM, m.itm_key("t2i", "medr"), m.itm_key("i2t", "meanr"), "R@", "R@1x", "loss", "xR@1"]
     assert not any(m.is_recall_key(k) for k in others)
+
+
+def test_removed_targets_missed_marks_only_targets_that_are_their_reference():
+    ranks = M.removed_targets_missed([3, 5, 0, 2], [1, 2, -1, 4], [1, -1, -1, 0])
+    assert ranks[0] > 10**9 and ranks[1:].tolist() == [5, 0, 2]  # unknown target (-1 == -1) left alone
+    # the rank target_ranks gives such a target (G + 1 = 3) would be a hit at R@5 without it
+    s = torch.tensor([[0.9, 0.5]])
+    assert M.recall_from_ranks(M.target_ranks(s, [0], [0]), (5,))["R@5"] == 100.0
+    assert M.recall_at_k(s, [0], (5,), exclude=[0])["R@5"] == 0.0
+    assert M.removed_targets_missed([4], [0], None).tolist() == [4]

@@ -46,7 +46,7 @@ from cirlab.core.errors import InputError, refuse_entries
 __all__ = [
     "AVG", "RSUM", "TIES", "FIQ_CATEGORIES", "FIQ_KS", "SHOES_KS", "CIRR_KS", "CIRR_SUBSET_KS", "ITM_KS",
     "recall_key", "is_recall_key", "subset_key", "itm_key",
-    "target_ranks", "recall_from_ranks", "recall_at_k",
+    "target_ranks", "removed_targets_missed", "recall_from_ranks", "recall_at_k",
     "fashioniq_metrics", "shoes_metrics",
     "cirr_subset_ranks", "cirr_metrics", "cirr_metrics_from_ranks", "cirr_submission", "validate_cirr_submission",
     "itm_ranks", "i2t_ranks", "t2i_ranks", "itm_metrics_from_ranks", "itm_metrics", "coco_1k_metrics",
@@ -274,12 +274,19 @@ def recall_at_k(scores: ScoresLike, target: ScoresLike, ks: int | Sequence[int],
 def _hit_ranks(scores: ScoresLike, target: ScoresLike, exclude: ScoresLike | None, ties: str,
                chunk_size: int = 1024) -> Tensor:
     """Ranks for recall: a target removed together with its reference can never be a hit."""
-    ranks = target_ranks(scores, target, exclude, ties=ties, chunk_size=chunk_size)
-    if exclude is not None:
-        removed = torch.as_tensor(target, device=ranks.device).reshape(-1) == torch.as_tensor(
-            exclude, device=ranks.device).reshape(-1)
-        ranks = ranks.masked_fill(removed, _NEVER)
-    return ranks
+    return removed_targets_missed(target_ranks(scores, target, exclude, ties=ties, chunk_size=chunk_size),
+                                  target, exclude)
+
+
+def removed_targets_missed(ranks: ScoresLike, target: ScoresLike, exclude: ScoresLike | None) -> Tensor:
+    """``ranks`` with each target that is its own excluded reference set to a rank no recall cut-off reaches:
+    removed with the reference, it is a miss whatever the gallery size (its ``target_ranks`` rank, ``G + 1``,
+    would be a hit at any K above G). Unknown targets (-1) are left as they are."""
+    r = torch.as_tensor(ranks).reshape(-1)
+    if exclude is None:
+        return r
+    tgt = torch.as_tensor(target, device=r.device).reshape(-1)
+    return r.masked_fill((tgt == torch.as_tensor(exclude, device=r.device).reshape(-1)) & (tgt >= 0), _NEVER)
 
 
 # ---------------------------------------------------------------------------------------------------- CIR: FIQ, Shoes

@@ -41,7 +41,6 @@ CIR_PROTOCOLS = ("fashioniq", "shoes", "cirr")  # each CIR dataset's own (cirlab
 # coco1k: mean over 5 folds of 1,000 images (only the 5 diagonal blocks are scored); coco5k: full testall;
 # coco: both COCO numbers from one full matrix (keys prefixed 1k_ / 5k_), as HREM's evaluation prints them
 ITM_PROTOCOLS = ("full", "f30k", "coco1k", "coco5k", "coco")
-_MISS = np.iinfo(np.int64).max  # rank given to metrics for a target that was removed with its reference
 
 
 # ----------------------------------------------------------------------------------------------- encoding
@@ -243,10 +242,9 @@ def _ranks(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | N
 
 
 def _metric_ranks(ranks: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
-    r = ranks.clone()
-    if exclude is not None:
-        r[(target == exclude) & (target >= 0)] = _MISS  # never a hit, whatever the gallery size
-    return r[target >= 0]
+    from cirlab.core.metrics import removed_targets_missed
+
+    return removed_targets_missed(ranks, target, exclude)[target >= 0]
 
 
 def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, *, batch_size: int = 64,
