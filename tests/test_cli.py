@@ -788,3 +788,21 @@ def test_after_a_stop_the_command_ends_at_the_next_ctrl_c_and_the_python_api_get
             assert signal.getsignal(signal.SIGINT) is before
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_training_split_is_read_once_so_its_load_warnings_are_logged_once(tmp_path, caplog):
+    from fixtures_data import write_cirr
+
+    info = write_cirr(tmp_path / "cirr")
+    path = info["root"] / "cirr" / "captions" / "cap.rc2.train.json"
+    entries = json.loads(path.read_text())
+    entries[0]["img_set"]["members"] = entries[0]["img_set"]["members"][:5]  # a train-only warning
+    path.write_text(json.dumps(entries))
+    config = {"model": "amc", "preset": "tiny", "dataset": {"name": "cirr", "root": str(info["root"])},
+              "train": {"max_steps": 1, "batch_size": 2, "progress": "none", "tensorboard": False},
+              "eval": {"splits": ["val"], "k": 5, "batch_size": 8}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    caplog.set_level("WARNING")
+    run_experiment(load_config(tmp_path / "c.yaml"), output_dir=tmp_path / "run")
+    warned = [r.getMessage() for r in caplog.records if "has 5 members" in r.getMessage()]
+    assert len(warned) == 1, warned

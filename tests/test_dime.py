@@ -740,7 +740,8 @@ def test_tiny_synthetic_config_trains_with_the_fitted_vocab_and_random_extras(tm
     config["dataset"]["synthetic"]["out"] = str(tmp_path / "data")
     items: list = []
     real = runs.train_dataset
-    monkeypatch.setattr(runs, "train_dataset", lambda cfg, model: items.append(real(cfg, model)) or items[-1])
+    monkeypatch.setattr(runs, "train_dataset",
+                        lambda cfg, model, data=None: items.append(real(cfg, model, data)) or items[-1])
     with caplog.at_level("WARNING", logger="cirlab.models.dime"):
         result = runs.run_experiment(config)
     assert result["steps"] == 2 and set(result["splits"]) == {"test"}

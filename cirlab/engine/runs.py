@@ -567,16 +567,28 @@ def load_precomp_split(config: dict[str, Any], split: str) -> Any:
     return load_precomp(dataset_root(config), str(ds["name"]).lower(), split, **dict(ds.get("options") or {}))
 
 
-def train_dataset(config: dict[str, Any], model: Any) -> Any:
+def load_train_data(config: dict[str, Any]) -> Any:
+    """The run's training split as read from disk: a ``PrecompSplit`` (ITM) or a list of ``CIRSplit`` (one per
+    category trained jointly). Read once per run and handed to :func:`fit_to_training_data` and
+    :func:`train_dataset`, so its load warnings are logged once."""
+    split = config["dataset"]["train_split"]
+    if is_precomp(config):
+        return load_precomp_split(config, split)
+    return load_cir_splits(config, split, for_training=True)
+
+
+def train_dataset(config: dict[str, Any], model: Any, train_data: Any = None) -> Any:
+    """The torch dataset the trainer draws from (``train_data``: :func:`load_train_data`'s result, read when
+    not given)."""
     import torch
 
-    split = config["dataset"]["train_split"]
+    data = load_train_data(config) if train_data is None else train_data
     if is_precomp(config):
         # models whose items carry random extras (DIME's extra caption / image per sample) say which
         extras = model.dataset_extras() if isinstance(model, HasDatasetExtras) else {}
-        return load_precomp_split(config, split).pair_dataset(**extras)
+        return data.pair_dataset(**extras)
     transform = model.image_transform(True) if isinstance(model, HasImageTransform) else None
-    parts = [s.triplet_dataset(transform) for s in load_cir_splits(config, split, for_training=True)]
+    parts = [s.triplet_dataset(transform) for s in data]
     return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
 
 
@@ -629,17 +641,15 @@ class _Captions:
         self.triplets = [t for s in splits for t in s.triplets]
 
 
-def fit_to_training_data(model: Any, config: dict[str, Any]) -> None:
+def fit_to_training_data(model: Any, config: dict[str, Any], train_data: Any = None) -> None:
     """Data-dependent set-up before training: models with a vocabulary built from the training captions
     (AMC's ``fit_vocab``; DIME's for its random tiny BERT, a no-op for real BERTs) get it here, so the CLI,
-    the notebooks and the API train the same model. Precomp (ITM) models get the training ``PrecompSplit``."""
+    the notebooks and the API train the same model. Precomp (ITM) models get the training ``PrecompSplit``.
+    ``train_data``: :func:`load_train_data`'s result, read here when not given."""
     if not isinstance(model, HasVocab):
         return
-    if is_precomp(config):
-        size = model.fit_vocab(load_precomp_split(config, config["dataset"]["train_split"]))
-    else:
-        splits = load_cir_splits(config, config["dataset"]["train_split"], for_training=True)
-        size = model.fit_vocab(_Captions(splits))
+    data = load_train_data(config) if train_data is None else train_data
+    size = model.fit_vocab(data if is_precomp(config) else _Captions(data))
     logger.info("%s: vocabulary of %s words from the %s captions", config["model"], size,
                 config["dataset"]["train_split"])
 
@@ -902,7 +912,8 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     for split, value in loaded.items():
         _check_not_empty(config, split, value)
     model = build_seeded_model(config)
-    fit_to_training_data(model, config)
+    train_data = load_train_data(config)
+    fit_to_training_data(model, config, train_data)
     # pretrained start from the model config (init_from); its report -> run folder. After the vocabulary is fitted:
     # a start that saved its own vocabulary (a cirlab run of a random tiny BERT) then keeps it with its embeddings
     if continued is None and is_main_process():
@@ -937,7 +948,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     if select_split:
         check_selection_metric(config, cfg.selection_metric, select_split, loaded[select_split], model)
     evaluate_fn = make_evaluate_fn(config, [select_split], run_device, loaded) if select_split else None
-    summary = train(model, train_dataset(config, model), cfg, output_dir=out, evaluate_fn=evaluate_fn,
+    summary = train(model, train_dataset(config, model, train_data), cfg, output_dir=out, evaluate_fn=evaluate_fn,
                     run_config=resolved, overwrite=overwrite)
     load_model_weights(model, out / "checkpoints" / "best.pt")
     model.to(run_device)
