@@ -8,6 +8,7 @@ data with its task's protocol; and a checkpoint round trip rebuilds a model with
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 from pathlib import Path
 
@@ -66,6 +67,11 @@ def test_tiny_preset_satisfies_its_task_protocol(name):
     check_model(model)
     assert isinstance(model, Model) and isinstance(model, TASK_PROTOCOLS[model.task])
     assert model.model_name == name and model.task == cirlab.registry.get_entry(name).task
+    protocol = TASK_PROTOCOLS[model.task]  # the protocol's argument names, so keyword calls work on every model
+    for method in ("encode_query", "encode_target", "encode_image", "encode_text", "score"):
+        if hasattr(protocol, method):
+            want = list(inspect.signature(getattr(protocol, method)).parameters)[1:]
+            assert list(inspect.signature(getattr(model, method)).parameters)[:len(want)] == want, method
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -606,15 +606,16 @@ class DIME(BertVocabMixin, nn.Module):
         out["ids"] = _ids(ids, tok.shape[0])
         return out
 
-    def score(self, img: dict[str, torch.Tensor], txt: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Scores [Ni, Nt] for every image-caption pair (sharded when large; see :func:`score_matrix`)."""
-        ni, nt = img["img"].shape[0], txt["stc"].shape[0]
+    def score(self, image: dict[str, torch.Tensor], text: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scores [Ni, Nt] for every image-caption pair of :meth:`encode_image`'s and :meth:`encode_text`'s
+        outputs (sharded when large; see :func:`score_matrix`)."""
+        ni, nt = image["img"].shape[0], text["stc"].shape[0]
         if torch.is_grad_enabled() and self.training:
-            return self.itr_module(img, txt)[0]
+            return self.itr_module(image, text)[0]
         if ni * nt <= _pairs_per_shard(self, self.device):
             with _autocast(self, self.device):
-                return self.itr_module(img, txt)[0].float()
-        return score_matrix(self, img, txt, device=self.device).to(self.device)
+                return self.itr_module(image, text)[0].float()
+        return score_matrix(self, image, text, device=self.device).to(self.device)
 
     # -- training -------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -921,8 +922,8 @@ class DIMEEnsemble(nn.Module):
     def encode_text(self, texts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
         return [m.encode_text(texts) for m in self.members]
 
-    def score(self, img: list[dict], txt: list[dict]) -> torch.Tensor:
-        return ensemble_scores(*[m.score(i, t) for m, i, t in zip(self.members, img, txt)])
+    def score(self, image: list[dict], text: list[dict]) -> torch.Tensor:
+        return ensemble_scores(*[m.score(i, t) for m, i, t in zip(self.members, image, text)])
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
