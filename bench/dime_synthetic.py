@@ -13,7 +13,7 @@ a random-init tiny BERT with a WordPiece vocabulary built from the training capt
 (VSE++ hardest negative with extra negatives + 0.5 x path regulariser). The regulariser pulls the similarity of two
 captions' routes towards the similarity of their frozen-BERT sentence vectors; only a pretrained encoder gives
 those vectors meaning (captions of one type close, of different types apart), so with ``--bert random`` the routes
-stay near their uniform start whatever the caption says. ``--warmup-epochs N`` sets ``max_violation_warmup_epochs``:
+stay near their uniform start whatever the caption says. ``--warmup-epochs N`` sets ``vse_mean_warmup_epochs``:
 N epochs of the sum of violations before the hardest negative (VSE-infinity's warm-up; 0 = the paper). Checkpoint
 selection on dev by r1+r5+r1i+r5i; numbers are on test with the selected weights.
 
@@ -75,7 +75,7 @@ def build(direction: str, args: argparse.Namespace, train_split: Any) -> Any:
     import cirlab
 
     torch.manual_seed(args.seed)
-    common = dict(direction=direction, max_violation_warmup_epochs=args.warmup_epochs, img_dim=2048,
+    common = dict(direction=direction, vse_mean_warmup_epochs=args.warmup_epochs, img_dim=2048,
                   embed_size=args.embed, hid_router=args.embed * 2,
                   hid_imrc=args.embed * 2, num_head_imrc=4, path_hid=32, max_words=32,
                   lambda_softmax=4.0 if direction == "i2t" else 9.0)
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                              "random-init tiny BERT: its sentence similarities carry no meaning, so the path "
                              "regulariser has nothing to align the routes with)")
     parser.add_argument("--lr-step", type=nonneg_int, default=0, help="epochs between x0.1 lr steps (0: no step)")
-    parser.add_argument("--warmup-epochs", type=nonneg_int, default=0, help="max_violation_warmup_epochs: epochs of "
+    parser.add_argument("--warmup-epochs", type=nonneg_int, default=0, help="vse_mean_warmup_epochs: epochs of "
                         "summed violations before the hardest negative (0: the paper)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="training batch (paper 32)")
     parser.add_argument("--eval-every", type=nonneg_int, default=0,
@@ -285,7 +285,7 @@ def write_report(args: argparse.Namespace, argv: list[str] | None, results: dict
              "paper loss (VSE++ hardest negative + extra "
              f"negatives + 0.5 x path regulariser), Adam lr {args.lr}, x0.1 every {args.lr_step or '-'} epochs, "
              f"batch {args.batch_size}, clip 2, {args.epochs} "
-             f"epochs, sum-of-violations warm-up {args.warmup_epochs} epoch(s) (max_violation_warmup_epochs); "
+             f"epochs, sum-of-violations warm-up {args.warmup_epochs} epoch(s) (vse_mean_warmup_epochs); "
              f"selection on dev by `{selection_metric}`. Scores on test ({test.num_images} x "
              f"{len(test.captions)}, full matrix through the interaction module).", "",
              "| model | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum |", "|---|---|---|---|---|---|---|---|"]

@@ -415,9 +415,9 @@ def test_bad_inputs_raise_clear_errors():
 
 @pytest.mark.parametrize("direction", ["i2t", "t2i"])
 def test_max_violation_warmup_sums_violations_then_takes_hardest(direction):
-    """max_violation_warmup_epochs: sum of violations in the warm-up epochs, the hardest negative after (GPO)."""
+    """vse_mean_warmup_epochs: sum of violations in the warm-up epochs, the hardest negative after (GPO)."""
     # deterministic training_step: no BERT dropout, no extra negatives (BN uses batch statistics either way)
-    model = _tiny(direction, max_violation_warmup_epochs=2, bert_dropout_in_train=False, extra_negatives=False)
+    model = _tiny(direction, vse_mean_warmup_epochs=2, bert_dropout_in_train=False, extra_negatives=False)
     _randomise_routers(model)
     batch = _batch()
     model.train()
@@ -438,9 +438,9 @@ def test_max_violation_warmup_sums_violations_then_takes_hardest(direction):
         assert torch.allclose(rank, maxed if hardest else summed, atol=1e-5), (epoch, rank, summed, maxed)
     paper = _tiny(direction)
     paper.on_epoch_start(0)
-    assert paper.config.max_violation_warmup_epochs == 0 and paper.uses_max_violation()  # paper default
-    with pytest.raises(ValueError, match="max_violation_warmup_epochs"):
-        _tiny(direction, max_violation_warmup_epochs=-1)
+    assert paper.config.vse_mean_warmup_epochs == 0 and paper.uses_max_violation()  # paper default
+    with pytest.raises(ValueError, match="vse_mean_warmup_epochs"):
+        _tiny(direction, vse_mean_warmup_epochs=-1)
 
 
 def test_default_train_config_is_the_paper_recipe():
@@ -820,3 +820,19 @@ def test_guidance_cell_gradient_stays_finite_on_a_feature_zero_over_all_tokens()
     torch.testing.assert_close(out, (1 + torch.nn.functional.normalize(m, dim=-2)) * local)
     out.sum().backward()
     assert torch.isfinite(local.grad).all() and torch.isfinite(cell.fc_1.weight.grad).all()
+
+
+def test_the_renamed_warmup_field_is_read_from_stored_configs_and_refused_in_new_ones():
+    from cirlab.core.config import UnknownFieldError
+    from cirlab.models.registry import build_config
+
+    stored = {**D.DIMEConfig.from_preset("tiny").to_dict(), "max_violation_warmup_epochs": 3}
+    del stored["vse_mean_warmup_epochs"]
+    assert D.DIMEConfig.from_stored(stored).vse_mean_warmup_epochs == 3  # a run saved before the rename loads
+    with pytest.raises(UnknownFieldError, match="DIMEConfig: field 'max_violation_warmup_epochs' is called "
+                                                "'vse_mean_warmup_epochs' now"):
+        build_config("dime", "tiny", max_violation_warmup_epochs=3)
+    # one schedule for both ITM models that warm up this way
+    from cirlab.models.hrem import HREM
+
+    assert HREM.uses_max_violation is D.DIME.uses_max_violation

@@ -340,7 +340,7 @@ def test_paper_presets(preset, direction, lam):
     assert (cfg.direction, cfg.lambda_softmax) == (direction, lam)
     assert (cfg.img_dim, cfg.embed_size, cfg.max_words, cfg.hid_router, cfg.hid_imrc, cfg.num_head_imrc,
             cfg.path_hid) == (2048, 256, 32, 512, 512, 16, 128)
-    assert (cfg.margin, cfg.path_weight, cfg.max_violation, cfg.max_violation_warmup_epochs) == (0.2, 0.5, True, 0)
+    assert (cfg.margin, cfg.path_weight, cfg.max_violation, cfg.vse_mean_warmup_epochs) == (0.2, 0.5, True, 0)
     assert cfg.bert == "bert-base-uncased" and cfg.bert_dropout_in_train is True
 
 

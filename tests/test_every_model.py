@@ -185,7 +185,7 @@ def test_create_model_from_a_config_takes_overrides_and_refuses_what_it_cannot_u
     with pytest.raises(ConfigError, match=r"HREMConfig\.nhead: expected a positive size, got 0"):
         create_model("hrem", config=base, nhead=0)
     # a negative warm-up was accepted by HREM and read as none (DIME refused its own); every model's counts now
-    for name, field in (("hrem", "vse_mean_warmup_epochs"), ("dime", "max_violation_warmup_epochs"),
+    for name, field in (("hrem", "vse_mean_warmup_epochs"), ("dime", "vse_mean_warmup_epochs"),
                         ("hrem", "warmup_iters"), ("cala", "tac_steps")):
         with pytest.raises(ConfigError, match=rf"Config\.{field}: expected a count >= 0, got -1"):
             create_model(name, "tiny", **{field: -1})

@@ -57,6 +57,9 @@ class PresetMixin:
     TRAIN_SEED: ClassVar[int | None] = None
     # True: the config's ``dataset`` field is set from the run config's dataset.name unless model_overrides sets it
     FOLLOWS_RUN_DATASET: ClassVar[bool] = False
+    # old field name -> new one: a stored config (a checkpoint's) is read under the new name; a config file that
+    # sets the old one is refused with the new name (unknown keys are errors)
+    RENAMED: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def presets(cls) -> list[str]:
@@ -83,8 +86,10 @@ class PresetMixin:
     def from_stored(cls: type[T], values: dict[str, Any], where: str = "") -> T:
         """A config an earlier run stored (a checkpoint's ``model_config``): :meth:`from_dict`, which a config class
         relaxes for settings that earlier versions accepted and never read (``where`` names the file for its
-        warning), so that such a run still loads."""
-        return cls.from_dict(values)
+        warning), so that such a run still loads. Fields renamed since (``RENAMED``) are read under their new
+        names."""
+        renamed = getattr(cls, "RENAMED", {})
+        return cls.from_dict({renamed.get(k, k): v for k, v in values.items()})
 
 
 def field_names(cls: type) -> list[str]:
@@ -96,6 +101,10 @@ def check_fields(cls: type, values: dict[str, Any]) -> None:
     """Refuse field names ``cls`` does not have (with "did you mean") and values of the wrong type."""
     known = field_names(cls)
     unknown = sorted(set(values) - set(known))
+    renamed = {u: getattr(cls, "RENAMED", {})[u] for u in unknown if u in getattr(cls, "RENAMED", {})}
+    if renamed:
+        old, new = next(iter(renamed.items()))
+        raise UnknownFieldError(f"{cls.__name__}: field {old!r} is called {new!r} now; rename it in your config")
     if unknown:
         raise UnknownFieldError(unknown_names_message(cls.__name__, unknown, known))
     check_field_types(cls, values)

@@ -258,7 +258,7 @@ class CaLaConfig(PresetMixin):
                            "defaults (what the run used)", where or "a stored CaLa config",
                            ", ".join(f"{k}={values[k]!r}" for k in unread))
             values.update(unread)
-        return cls.from_dict(values)
+        return super().from_stored(values, where)
 
     @classmethod
     def _switched(cls, values: dict[str, Any]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ Deviations from the original code, each behind a named config field (original be
   the original; ``mask_repeats=True`` masks every same-image pair, extras included.
 * ``bert="random"`` (the ``tiny`` preset): :meth:`DIME.fit_vocab` builds a whole-word WordPiece vocabulary from
   the training captions (``runs.fit_to_training_data`` calls it); it is saved in the state dict.
-* ``max_violation_warmup_epochs=N`` [0]: the first N epochs sum all violations, then the hardest negative is
+* ``vse_mean_warmup_epochs=N`` [0]: the first N epochs sum all violations, then the hardest negative is
   used (VSE-infinity's first-epoch warm-up). Hardest-negative training from scratch can collapse to equal scores;
   the paper's behaviour is 0.
 * The CMRC context projections are computed once per caption/image and mixed by the attention weights
@@ -47,7 +47,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -92,8 +92,8 @@ class DIMEConfig(PresetMixin):
     # Epochs that sum all violations before switching to the hardest negative (0 = paper: hardest from the start).
     # Not in DIME; VSE-infinity (GPO, Chen et al. CVPR 2021, its vse_mean_warmup_epochs = 1) warms up this way
     # because hardest-negative training from scratch can collapse to equal scores (loss = 2 x batch x margin).
-    # Needs the trainer's on_epoch_start(epoch) hook; only applies when max_violation is True.
-    max_violation_warmup_epochs: int = 0
+    # Needs the trainer's on_epoch_start(epoch) hook; only applies when max_violation is True. GPO's name, as HREM's.
+    vse_mean_warmup_epochs: int = 0
     path_weight: float = 0.5  # trade-off of the path-similarity regulariser
     # Extra one-directional negatives, captions (i2t) / images (t2i): "random" = the original (one random training
     # caption / image per sample, supplied by the dataset: PrecompSplit.pair_dataset(**model.dataset_extras()));
@@ -112,6 +112,7 @@ class DIMEConfig(PresetMixin):
     init_from: str = ""  # a cirlab DIME run folder or checkpoint, or the original's model_best.pth.tar
     init_trust_pickle: bool = False  # the original's file pickles its argparse options: unpickle it (trusted only)
 
+    RENAMED: ClassVar[dict[str, str]] = {"max_violation_warmup_epochs": "vse_mean_warmup_epochs"}
     PRESETS = {
         "f30k_i2t": {"direction": "i2t", "lambda_softmax": 4.0},
         "f30k_t2i": {"direction": "t2i", "lambda_softmax": 9.0},
@@ -127,8 +128,8 @@ class DIMEConfig(PresetMixin):
             raise ValueError(f"DIMEConfig.direction must be 'i2t' or 't2i', got {self.direction!r}")
         if self.embed_size % self.num_head_imrc:
             raise ValueError(f"DIMEConfig: embed_size {self.embed_size} not divisible by {self.num_head_imrc} heads")
-        if self.max_violation_warmup_epochs < 0:
-            raise ValueError("DIMEConfig.max_violation_warmup_epochs must be >= 0")
+        if self.vse_mean_warmup_epochs < 0:
+            raise ValueError("DIMEConfig.vse_mean_warmup_epochs must be >= 0")
         if self.max_words < 3:
             raise ValueError("DIMEConfig.max_words must leave room for [CLS], one word and [SEP]")
         if isinstance(self.extra_negatives, bool):  # configs / checkpoints written before the field was a choice
@@ -540,7 +541,24 @@ class InteractionModule(nn.Module):
 # --------------------------------------------------------------------------------------------- model
 
 
-class DIME(BertVocabMixin, nn.Module):
+class MaxViolationWarmup:
+    """VSE++'s hardest negative after ``config.vse_mean_warmup_epochs`` epochs that sum every violation (the
+    warm-up of VSE-infinity, Chen et al. CVPR 2021, github.com/woodfrog/vse_infty, which HREM's ``train.py``
+    keeps): DIME's option and HREM's ``vse`` loss follow this one schedule. The config needs ``max_violation``
+    and ``vse_mean_warmup_epochs``; the trainer calls :meth:`on_epoch_start`."""
+
+    _epoch = 0  # 0-based epoch, set by the trainer
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Trainer hook (0-based epoch): ends the sum-of-violations warm-up after ``vse_mean_warmup_epochs``."""
+        self._epoch = int(epoch)
+
+    def uses_max_violation(self) -> bool:
+        """Whether the ranking loss takes the hardest negative now (False: sum of violations)."""
+        return bool(self.config.max_violation) and self._epoch >= self.config.vse_mean_warmup_epochs
+
+
+class DIME(MaxViolationWarmup, BertVocabMixin, nn.Module):
     """One DIME direction: ``encode_image``, ``encode_text``, ``score`` (all pairs) and ``training_step``."""
 
     model_name = "dime"
@@ -565,7 +583,6 @@ class DIME(BertVocabMixin, nn.Module):
         self.itr_module = InteractionModule(cfg)
         self._pool: dict[str, Any] | None = None  # previous batch, for extra_negatives="previous_batch" / fallback
         self._warned: set[str] = set()
-        self._epoch = 0  # set by the trainer through on_epoch_start; drives the max-violation warm-up
 
     # -- contract -------------------------------------------------------------------------------------
     @property
@@ -646,14 +663,6 @@ class DIME(BertVocabMixin, nn.Module):
                 "pos_score": scores[:n, :n].diagonal().mean().detach(),
                 # a phase flag in the log: the training curves mark where the warm-up's sum of violations ends
                 "max_violation_on": torch.tensor(float(self.uses_max_violation()))}
-
-    def on_epoch_start(self, epoch: int) -> None:
-        """Trainer hook (0-based epoch): ends the sum-of-violations warm-up after ``max_violation_warmup_epochs``."""
-        self._epoch = int(epoch)
-
-    def uses_max_violation(self) -> bool:
-        """Whether the ranking loss takes the hardest negative now (False: sum of violations)."""
-        return self.config.max_violation and self._epoch >= self.config.max_violation_warmup_epochs
 
     def dataset_extras(self) -> dict[str, bool]:
         """Keyword arguments for ``PrecompSplit.pair_dataset``: the random extras every training item must carry

@@ -57,6 +57,7 @@ from torch import nn
 from cirlab.core import tracing
 from cirlab.core.config import PresetMixin
 from cirlab.models._text import BertVocabMixin, load_bert
+from cirlab.models.dime import MaxViolationWarmup, contrastive_loss  # VSE++ hinge and its warm-up, DIME's
 from cirlab.models.registry import register_model
 
 logger = logging.getLogger(__name__)
@@ -475,7 +476,7 @@ def triplet_dws_loss(im: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, ma
 # --------------------------------------------------------------------------------------------- model
 
 
-class HREM(BertVocabMixin, nn.Module):
+class HREM(MaxViolationWarmup, BertVocabMixin, nn.Module):
     """Dual encoder (``encode_image``, ``encode_text``, ``score`` = matrix product) trained with the
     instance-level relation module (``training_step``)."""
 
@@ -492,7 +493,6 @@ class HREM(BertVocabMixin, nn.Module):
         self.txt_enc = EncoderText(cfg, bert)
         self.relation = InstanceRelation(cfg) if cfg.instance_module else None
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))  # warm-up counter (GraphLoss calls)
-        self._epoch = 0
 
     @property
     def device(self) -> torch.device:
@@ -603,16 +603,7 @@ class HREM(BertVocabMixin, nn.Module):
         cfg = self.config
         if kind == "trip":
             return triplet_dws_loss(im, s, labels, cfg.margin, cfg.dws_dim, cfg.dws_clamp, cfg.dws_cutoff)
-        from cirlab.models.dime import contrastive_loss  # VSE++ hinge, shared with DIME
-
         return contrastive_loss(im @ s.t(), im.shape[0], cfg.margin, self.uses_max_violation(), labels, labels)
-
-    def on_epoch_start(self, epoch: int) -> None:
-        """Trainer hook (0-based epoch): the ``vse`` loss sums violations for ``vse_mean_warmup_epochs`` epochs."""
-        self._epoch = int(epoch)
-
-    def uses_max_violation(self) -> bool:
-        return self.config.max_violation and self._epoch >= self.config.vse_mean_warmup_epochs
 
     def default_train_config(self) -> dict[str, Any]:
         """The original ``train.py``: AdamW lr 5e-4 (BERT 5e-5 via :meth:`param_groups`), weight decay 1e-4 on

@@ -47,7 +47,7 @@ CPU_RECIPES: dict[str, list[str]] = {
     # sentence similarity, which only a pretrained encoder gives meaning (bench/dime_synthetic.py); 32 positions
     # hold the longest synthetic captions
     "dime": ["train.lr=3e-3", "train.eval_every=0", "model_overrides.direction=t2i",
-             "model_overrides.lambda_softmax=9.0", "model_overrides.max_violation_warmup_epochs=3",
+             "model_overrides.lambda_softmax=9.0", "model_overrides.vse_mean_warmup_epochs=3",
              "model_overrides.bert=minilm", "model_overrides.max_words=32"],
     # the original optimisation (AdamW, BERT at 0.1 x lr, clip 2) at lr 2e-3 instead of 5e-4: dev rsum about 84 at
     # 60 steps (5e-4: 69); far from trained (reports/benchmarks/hrem_synthetic.md: 12 epochs, embed 128, rsum ~400)
