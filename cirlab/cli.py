@@ -288,6 +288,12 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
             raise ConfigError(f"cirlab eval: {source} records no dataset (a cirlab.fit run is given its data "
                               "in Python): pass --dataset and --root")
         raise ConfigError("cirlab eval: no dataset: pass --dataset (or --config, or a run folder)")
+    stored_root = (base.get("dataset") or {}).get("root")
+    if (source is not None and not args.config and stored_root == config["dataset"].get("root")
+            and not Path(str(stored_root)).expanduser().is_absolute()):  # earlier versions recorded it as typed
+        logger.warning("%s gives a relative dataset.root %r, read from this folder as %s: the run may have read "
+                       "other data; pass --root to say which", source, stored_root,
+                       Path(str(stored_root)).expanduser().absolute())
     flags = [f"{flag} {value}" for _, _, flag, value in given]
     validate_blaming(config, base, str(source) if source is not None else "cirlab eval",
                      flags + [f"--set {o}" for o in args.overrides], for_eval=True)

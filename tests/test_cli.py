@@ -806,3 +806,37 @@ def test_a_training_split_is_read_once_so_its_load_warnings_are_logged_once(tmp_
     run_experiment(load_config(tmp_path / "c.yaml"), output_dir=tmp_path / "run")
     warned = [r.getMessage() for r in caplog.records if "has 5 members" in r.getMessage()]
     assert len(warned) == 1, warned
+
+
+def test_a_relative_root_is_recorded_absolute_so_eval_elsewhere_reads_the_same_data(tmp_path, monkeypatch, caplog,
+                                                                                     capsys):
+    from fixtures_data import write_fashioniq
+
+    work, other = tmp_path / "work", tmp_path / "other"
+    other.mkdir()
+    root = write_fashioniq(work / "data", categories=("dress",))["root"]
+    config = {"model": "stub_cir", "preset": "tiny", "model_overrides": {"embed_dim": 12},
+              "dataset": {"name": "fashioniq", "root": os.path.relpath(root, work), "category": "dress"},
+              "train": {"max_steps": 1, "batch_size": 4, "progress": "none", "tensorboard": False,
+                        "selection_metric": "avg"},
+              "eval": {"splits": ["val"], "k": 5, "batch_size": 8}}
+    (work / "c.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(work)
+    assert main(["train", "c.yaml", "--output-dir", "~/../" + str(work / "runs" / "r").lstrip("/")]) == 0
+    run = work / "runs" / "r"  # "~/..": expanded, not a folder named "~" here
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    assert stored["dataset"]["root"] == str(root)
+    assert stored["output_dir"] == str(Path.home() / ".." / run.relative_to("/"))
+    trained = json.loads((run / "metrics.json").read_text())["splits"]["val"]
+    capsys.readouterr()
+    monkeypatch.chdir(other)  # no data/ here: the run still knows where its data is
+    assert main(["eval", str(run), "--split", "val"]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"]["val"] == pytest.approx(trained)
+    # a run folder written as typed (earlier versions): read from here, and said so
+    stored["dataset"]["root"] = "data/fashioniq"
+    (run / "config.yaml").write_text(yaml.safe_dump(stored))
+    caplog.clear()
+    assert main(["eval", str(run), "--split", "val"]) == 2
+    assert f"gives a relative dataset.root 'data/fashioniq', read from this folder as {other}/data/fashioniq" in \
+        caplog.text
+    assert f"it is the given root (dataset.root or --root), {other}/data/fashioniq" in caplog.text

@@ -421,7 +421,8 @@ def missing_root_hint(name: str, root: Any = None) -> str:
     from cirlab.data.generators.synthetic import default_out
 
     spec = get_dataset(name)
-    where = ("it is the root you gave" if root not in (None, "")
+    where = (f"it is the given root (dataset.root or --root), {Path(str(root)).expanduser().absolute()}"
+             if root not in (None, "")
              else f"the default is {dataset_root(name, None)} (CIRLAB_DATA is "
                   + (f"{os.environ['CIRLAB_DATA']!r})" if os.environ.get("CIRLAB_DATA") else "not set: ./data)"))
     synthetic = default_out()

@@ -505,6 +505,21 @@ def _validate_train(config: dict[str, Any], source: str) -> None:
     validate_train_values(section, f"{source}: train.")
 
 
+def with_absolute_root(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``dataset.root`` absolute (``~`` expanded), as the run folder records it: a relative root
+    was read against the working folder of each later ``cirlab eval RUN`` or ``--resume``, so the same run was
+    scored on whatever data sat at that path there, without a word."""
+    root = (config.get("dataset") or {}).get("root")
+    if not root:
+        return config
+    absolute = str(Path(str(root)).expanduser().absolute())
+    if absolute == root:
+        return config
+    config = copy.deepcopy(config)
+    config["dataset"]["root"] = absolute
+    return config
+
+
 def output_dir_of(config: dict[str, Any]) -> Path:
     if config.get("output_dir"):
         return Path(config["output_dir"]).expanduser()
@@ -867,6 +882,7 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     config = with_defaults(config)  # a hand-built dict without an eval section failed after validation passed
     name = config.get("name")  # quoted: a config named "config" read "config config: ..."
     validate_config(config, f"config {name!r}" if name else "config")
+    config = with_absolute_root(config)
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other (continue the run, or replace it); "
                           "pass one of them")
@@ -874,7 +890,7 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
         check_device(device, "--device")
     elif (config.get("train") or {}).get("device", "auto") != "auto":
         check_device(config["train"]["device"], "train.device")
-    out = Path(output_dir) if output_dir else output_dir_of(config)
+    out = (Path(output_dir).expanduser() if output_dir else output_dir_of(config)).absolute()
     resuming = resume or bool((config.get("train") or {}).get("resume"))
     created = not out.exists()
     try:
