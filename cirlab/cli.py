@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from cirlab.core.cliargs import Parser, command_parser
+from cirlab.core.paths import user_path
+
 logger = logging.getLogger("cirlab")
 
 EXAMPLES = """examples (from the repository root; `cirlab COMMAND --help` explains each command):
@@ -48,7 +51,7 @@ def _add_train(subparsers: Any) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config entry, value parsed as YAML; repeatable "
                         "(e.g. --set train.lr=2e-4 --set dataset.root=PATH/TO/fiq --set dataset.category=[dress])")
-    p.add_argument("--output-dir", default=None,
+    p.add_argument("--output-dir", default=None, type=user_path,
                    help="run folder (default: the config's output_dir, else $CIRLAB_RUNS/<config name>)")
     p.add_argument("--resume", action="store_true",
                    help="continue from <output-dir>/checkpoints/last.pt when it exists (exact: same losses as an "
@@ -70,14 +73,15 @@ def _add_eval(subparsers: Any) -> None:
         description="Evaluate a trained model. RUN_OR_CHECKPOINT is a run folder (its config.yaml and "
                     "checkpoints/best.pt are used) or a checkpoint file (cirlab checkpoints know their model; "
                     "others need --model/--preset). Prints the metrics as JSON and writes them with --output.")
-    p.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="run folder or checkpoint file")
+    p.add_argument("target", metavar="RUN_OR_CHECKPOINT", type=user_path, help="run folder or checkpoint file")
     p.add_argument("--checkpoint", default="best.pt",
                    help="checkpoint inside a run folder's checkpoints/ (default: best.pt; last.pt also works)")
     p.add_argument("--config", default=None,
                    help="run config YAML describing the dataset (default: the run folder's config.yaml)")
     p.add_argument("--dataset", default=None, help="dataset name: fashioniq | shoes | cirr | f30k | coco")
-    p.add_argument("--root", default=None, help="dataset root (default: config, else $CIRLAB_DATA/<dataset> for CIR "
-                                                "data, $CIRLAB_DATA for f30k / coco precomp)")
+    p.add_argument("--root", default=None, type=user_path,
+                   help="dataset root (default: config, else $CIRLAB_DATA/<dataset> for CIR data, $CIRLAB_DATA for "
+                        "f30k / coco precomp)")
     p.add_argument("--category", default=None, action=_Once,
                    help="one Fashion-IQ category (default: the run's dataset.category, else all three, reported each)")
     p.add_argument("--split", action="append", default=None,
@@ -89,10 +93,11 @@ def _add_eval(subparsers: Any) -> None:
     p.add_argument("--k", type=int, default=None, help="top-K file length (default: the run config's eval.k)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="encoding batch size (default: the run config's eval.batch_size)")
-    p.add_argument("--topk-dir", default=None, help="write top-K files to this folder (CIR); top-K files of the "
-                                                     "evaluated splits already there are refused unless --overwrite")
-    p.add_argument("--output", default=None, help="also write the metrics JSON to this file (an existing one is "
-                                                   "refused unless --overwrite)")
+    p.add_argument("--topk-dir", default=None, type=user_path,
+                   help="write top-K files to this folder (CIR); top-K files of the evaluated splits already there are "
+                        "refused unless --overwrite")
+    p.add_argument("--output", default=None, type=user_path,
+                   help="also write the metrics JSON to this file (an existing one is refused unless --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --output file and the --topk-dir files of the evaluated splits")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N (default: cuda if available)")
@@ -194,7 +199,7 @@ class _VersionAction(argparse.Action):
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The ``cirlab`` parser; with ``argv``, only the sub-command being run loads its module (the others appear
     in ``--help`` by name and help line)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cirlab", description="cirlab: composed image retrieval and image-text matching workbench.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -289,7 +294,7 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
                               "in Python): pass --dataset and --root")
         raise ConfigError("cirlab eval: no dataset: pass --dataset (or --config, or a run folder)")
     stored_root = (base.get("dataset") or {}).get("root")
-    if (source is not None and not args.config and stored_root == config["dataset"].get("root")
+    if (source is not None and not args.config and stored_root and stored_root == config["dataset"].get("root")
             and not Path(str(stored_root)).expanduser().is_absolute()):  # earlier versions recorded it as typed
         logger.warning("%s gives a relative dataset.root %r, read from this folder as %s: the run may have read "
                        "other data; pass --root to say which", source, stored_root,
@@ -580,10 +585,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     Callable in-process (a notebook, a test): it changes neither the output streams nor Ctrl-C."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the sub-command's parser: its usage, and the option meant (--sett: --set)
+        command_parser(parser, argv).refuse_unknown(unknown)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            stream=sys.stderr)
+    if args.verbose:  # cirlab's own debug lines: the root logger's would add every library's (PIL: lines per image)
+        logging.getLogger("cirlab").setLevel(logging.DEBUG)
     from cirlab.core.errors import CirlabError  # config, checkpoint and data errors; imports nothing heavy
 
     try:
@@ -605,8 +614,10 @@ def console() -> None:
 
     this_process.mark_console()
     _printable_anywhere()
+    this_process.survive_a_closed_stdout()
     code = main()
     this_process.end_at_next_ctrl_c()
+    sys.stdout.flush()  # a closed pipe's last buffered bytes: dropped here, not in a shutdown warning
     sys.exit(code)
 
 

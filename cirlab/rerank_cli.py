@@ -26,6 +26,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from cirlab.core.paths import user_path
+
 logger = logging.getLogger(__name__)
 
 
@@ -47,13 +49,13 @@ def _add_submit(subparsers: Any) -> None:
                     "reference removed) and recall_subset_submission_<name>.json (best 3 of the img_set), both "
                     "checked against the split first. A stage-II run re-ranks stage I's top-K "
                     "(eval.stage1_topk of its config, or its own frozen stage I).")
-    p.add_argument("run", metavar="RUN", help="run folder (config.yaml + checkpoints/)")
+    p.add_argument("run", metavar="RUN", type=user_path, help="run folder (config.yaml + checkpoints/)")
     p.add_argument("--split", default="test",
                    help="split to rank (default: test = the config's dataset.test_split, test1 for CIRR)")
     p.add_argument("--checkpoint", default="best.pt", help="checkpoint in RUN/checkpoints/ (default: best.pt)")
-    p.add_argument("--out", default=None, help="output folder (default: RUN/submission)")
+    p.add_argument("--out", default=None, type=user_path, help="output folder (default: RUN/submission)")
     p.add_argument("--name", default=None, help="file name part (default: <run folder name>_<split>)")
-    p.add_argument("--root", default=None, help="dataset root (default: the run config's)")
+    p.add_argument("--root", default=None, type=user_path, help="dataset root (default: the run config's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config entry, e.g. --set eval.stage1_topk=runs/cirr_stage1")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N (default: cuda if available)")
@@ -156,7 +158,7 @@ def _add_convert(subparsers: Any) -> None:
     p.add_argument("source", metavar="SRC",
                    help="checkpoint file, transformers folder, cirlab run folder or a folder of CaLa's "
                         "tuned_*.pt files")
-    p.add_argument("out", metavar="OUT", help="file to write (--to original for CaLa: a folder)")
+    p.add_argument("out", metavar="OUT", type=user_path, help="file to write (--to original for CaLa: a folder)")
     p.add_argument("--to", choices=("cirlab", "original"), default="cirlab",
                    help="target layout (default: cirlab)")
     p.add_argument("--from", dest="source_layout", choices=("auto", "original", "lavis"), default="auto",

@@ -682,6 +682,33 @@ def test_a_path_an_ascii_terminal_cannot_show_is_printed_escaped_not_a_failure(t
     assert (out / "quickstart.ipynb").is_file()
 
 
+def test_a_reader_that_closes_the_pipe_ends_the_output_not_the_command(tmp_path):
+    """`cirlab models | head -1`: every print after the reader left raised BrokenPipeError (a traceback, exit 1),
+    and `cirlab report | head` stopped the report. The command goes on; the rest of its output is dropped."""
+    import subprocess
+    import sys
+
+    for command in (["models", "--params", "amc", "--preset", "tiny"], ["notebooks", str(tmp_path / "nb")]):
+        proc = subprocess.Popen([sys.executable, "-m", "cirlab", *command], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        proc.stdout.close()  # the reader is gone before the first line
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+    assert (tmp_path / "nb" / "quickstart.ipynb").is_file()  # the work was done
+
+
+def test_verbose_is_cirlabs_debug_lines_not_every_librarys(caplog):
+    import logging as _logging
+
+    cirlab_logger, pil = _logging.getLogger("cirlab"), _logging.getLogger("PIL.PngImagePlugin")
+    before = cirlab_logger.level
+    try:
+        assert main(["-v", "models"]) == 0
+        assert cirlab_logger.isEnabledFor(_logging.DEBUG) and not pil.isEnabledFor(_logging.DEBUG)
+    finally:
+        cirlab_logger.setLevel(before)
+
+
 def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, synth, monkeypatch, caplog):
     """An --output or --topk-dir that cannot be written threw away a finished evaluation with a traceback;
     `cirlab notebooks`, `data synth --out` and cirlab's own cache likewise. One line each, before any work."""
@@ -840,3 +867,24 @@ def test_a_relative_root_is_recorded_absolute_so_eval_elsewhere_reads_the_same_d
     assert f"gives a relative dataset.root 'data/fashioniq', read from this folder as {other}/data/fashioniq" in \
         caplog.text
     assert f"it is the given root (dataset.root or --root), {other}/data/fashioniq" in caplog.text
+
+
+def test_options_are_spelled_out_and_a_near_miss_names_the_option(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:  # was --output: a metrics FILE named evalres
+        main(["eval", str(tmp_path), "--out", "evalres/"])
+    assert exit_.value.code == 2 and not (tmp_path / "evalres").exists()
+    err = capsys.readouterr().err
+    assert "cirlab eval: error: unrecognized arguments: --out evalres/ (--out: did you mean --output?)" in err
+    with pytest.raises(SystemExit):
+        main(["train", "amc_synthetic_tiny", "--sett", "train.lr=1"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: cirlab train") and "(--sett: did you mean --set?)" in err
+    with pytest.raises(SystemExit):
+        main(["data", "check", "--dataset", "cirr", "--ro", "x"])
+    assert "cirlab data check: error: unrecognized arguments: --ro x" in capsys.readouterr().err
+    # a quoted ~ is the home folder for every path option, as for an unquoted one
+    args = build_parser(["eval"]).parse_args(["eval", "~/run", "--output", "~/m.json", "--topk-dir", "~/k",
+                                              "--root", "~/data"])
+    assert {args.target, args.output, args.topk_dir, args.root} == {str(Path.home() / n)
+                                                                    for n in ("run", "m.json", "k", "data")}

@@ -7,9 +7,12 @@ script calling the API goes on after the call, so there Ctrl-C keeps raising ``K
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sys
 import threading
+from typing import Any, TextIO
 
 _CONSOLE = False  # set by cirlab.cli.console, the console script and `python -m cirlab`
 
@@ -31,3 +34,44 @@ def end_at_next_ctrl_c() -> None:
     background job of a shell script)."""
     if ends_with_ctrl_c() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+class _ReaderGone:
+    """``sys.stdout`` of the command, which goes on quietly once the program reading it has closed the pipe
+    (``cirlab models | head -3``): each print raised BrokenPipeError, a traceback for a pipe doing its job, and
+    ``cirlab report | head`` stopped the report itself. The first such write points file descriptor 1 at
+    ``os.devnull``: the rest of the output is dropped, as the reader asked, and the work goes on."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+        with contextlib.suppress(BrokenPipeError):
+            self._stream.flush()  # what was buffered for the closed pipe now goes to devnull
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def survive_a_closed_stdout() -> None:
+    """In the ``cirlab`` command: a reader that stops reading stdout ends the output, not the command."""
+    if not isinstance(sys.stdout, _ReaderGone) and sys.stdout is not None:
+        sys.stdout = _ReaderGone(sys.stdout)  # type: ignore[assignment]

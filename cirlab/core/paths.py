@@ -5,6 +5,12 @@ import os
 from pathlib import Path
 
 
+def user_path(value: str) -> str:
+    """A path option as a shell would give it unquoted: ``~`` expanded (argparse ``type=``). A quoted ``~`` from a
+    script made a folder named ``~`` in the working folder for some options and not for others."""
+    return os.path.expanduser(value)
+
+
 def _env_path(var: str, fallback: Path) -> Path:
     value = os.environ.get(var, "").strip()
     return Path(value).expanduser() if value else fallback

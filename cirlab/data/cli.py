@@ -11,6 +11,7 @@ import logging
 import sys
 from typing import Sequence
 
+from cirlab.core.cliargs import Parser
 from cirlab.core.config import int_range
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_parser(prog: str = "cirlab data") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Dataset tools: validate trees, build offline datasets.")
+    parser = Parser(prog=prog, description="Dataset tools: validate trees, build offline datasets.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_subcommands(subparsers)
     return parser

@@ -56,6 +56,7 @@ from typing import Any, Mapping, Sequence, TextIO
 
 from cirlab.core.errors import ConfigError, MissingPathError
 from cirlab.core.io import flat_numbers, folder_lock, write_json
+from cirlab.core.paths import user_path
 from cirlab.core.threads import CHILD_ENV, ENV, thread_env
 
 logger = logging.getLogger(__name__)
@@ -1533,14 +1534,14 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="set_", action="append", default=[], metavar="KEY=VALUE",
                         help="override a notebook parameter: KEY=VALUE for every notebook that has it, or "
                              "NOTEBOOK.KEY=VALUE for one; data_root=PATH uses your data instead of the synthetic set")
-    parser.add_argument("--out", default="reports",
+    parser.add_argument("--out", default="reports", type=user_path,
                         help="report folder, relative to the current directory (default: reports)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny data and a few steps (about 15 s a notebook, a few minutes in all)")
     parser.add_argument("--kernel", default=None,
                         help="Jupyter kernel (default: the notebook's, 'cirlab', where installed (make setup), else "
                              "one running this Python, written to $CIRLAB_CACHE/jupyter)")
-    parser.add_argument("--notebooks", default=None, metavar="DIR",
+    parser.add_argument("--notebooks", default=None, metavar="DIR", type=user_path,
                         help="folder of the notebooks to run (default: the checkout's notebooks/, else the copies "
                              "shipped in the installed package)")
     parser.add_argument("--jobs", default="auto", type=_jobs,

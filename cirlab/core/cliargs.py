@@ -1,0 +1,37 @@
+"""The argument parser of every ``cirlab`` command: options are spelled out (no abbreviations), and an unknown
+option is answered by the usage of the command it was given to, with the closest option's name."""
+from __future__ import annotations
+
+import argparse
+import difflib
+from typing import Any, Sequence
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` without prefix matching: ``cirlab eval --out DIR/`` was taken as ``--output``
+    (a metrics *file*) while ``--out`` names a folder on ``submit`` and ``report``. Sub-command parsers made by
+    ``add_subparsers`` are of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def refuse_unknown(self, unknown: Sequence[str]) -> None:
+        """Exit with this parser's usage and "unrecognized arguments", naming the closest option of each."""
+        options = [s for action in self._actions for s in action.option_strings]
+        hints = []
+        for arg in unknown:
+            close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1) if arg.startswith("-") else []
+            if close:
+                hints.append(f"{arg.split('=', 1)[0]}: did you mean {close[0]}?")
+        self.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
+def command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser of the (nested: ``data check``) sub-command ``argv`` runs, else ``parser`` itself."""
+    current = parser
+    for word in argv:
+        subs = [a for a in current._actions if isinstance(a, argparse._SubParsersAction)]  # noqa: SLF001
+        if subs and word in subs[0].choices:
+            current = subs[0].choices[word]
+    return current
