@@ -255,6 +255,18 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_if_the_data_changed(run_dir: Path, config: dict[str, Any]) -> None:
+    """The files defining the data under the root read now differ from those the run was trained on (regenerated
+    synthetic data, an edited split file, another stage-I top-K): its numbers here will not match metrics.json."""
+    from cirlab.data.fingerprint import summary
+    from cirlab.engine.runs import data_changes_since, dataset_root
+
+    diffs = data_changes_since(run_dir, config)
+    if diffs:
+        logger.warning("%s was trained on other data than %s holds now (%s): these results are not comparable with "
+                       "its metrics.json", run_dir, dataset_root(config), summary(diffs))
+
+
 def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, Any]:
     from cirlab.core.errors import ConfigError
     from cirlab.engine.runs import (apply_overrides, merge_config, parse_set, read_config_file, validate_blaming,
@@ -396,6 +408,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         if flag and err.name in flag[1]:  # the flag set it, not the config: blame the flag
             raise UnknownNameError(f"{flag[0]} {err.name}: {err.reason}", err.field, err.name, err.reason) from None
         raise
+    if run_dir is not None:
+        _warn_if_the_data_changed(run_dir, config)
     model, meta = model_from_checkpoint(checkpoint, model=args.model, preset=args.preset,
                                         trust_pickle=args.trust_pickle, overrides=config.get("model_overrides"))
     splits = _splits_worth_evaluating(args, config, loaded, type(model))  # before the evaluation, the long part

@@ -888,3 +888,42 @@ def test_options_are_spelled_out_and_a_near_miss_names_the_option(tmp_path, caps
                                               "--root", "~/data"])
     assert {args.target, args.output, args.topk_dir, args.root} == {str(Path.home() / n)
                                                                     for n in ("run", "m.json", "k", "data")}
+
+
+def test_a_run_records_its_data_and_code_and_says_when_the_data_changed(tmp_path, caplog, capsys):
+    from fixtures_data import write_fashioniq
+
+    root = write_fashioniq(tmp_path / "data", categories=("dress",))["root"]
+    config = {"model": "stub_cir", "preset": "tiny", "model_overrides": {"embed_dim": 12},
+              "dataset": {"name": "fashioniq", "root": str(root), "category": "dress"},
+              "train": {"max_steps": 2, "batch_size": 4, "progress": "none", "tensorboard": False,
+                        "selection_metric": "avg"},
+              "eval": {"splits": ["val"], "k": 5, "batch_size": 8}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(run)]) == 0
+    recorded = json.loads((run / "data_fingerprint.json").read_text())
+    assert recorded["root"] == str(root) and "captions/cap.dress.val.json" in recorded["files"]
+    assert json.loads((run / "provenance.json").read_text())["starts"][0]["from_step"] == 0
+    capsys.readouterr()
+    caplog.clear()
+    assert main(["eval", str(run), "--split", "val"]) == 0
+    assert "trained on other data" not in caplog.text
+    # the data under the same path changes (regenerated, edited): eval says so, a resume refuses
+    path = root / "captions" / "cap.dress.val.json"
+    entries = json.loads(path.read_text())
+    entries[0]["target"], entries[1]["target"] = entries[1]["target"], entries[0]["target"]
+    path.write_text(json.dumps(entries))
+    caplog.clear()
+    assert main(["eval", str(run), "--split", "val"]) == 0
+    assert (f"{run} was trained on other data than {root} holds now (captions/cap.dress.val.json changed): these "
+            "results are not comparable with its metrics.json") in caplog.text
+    caplog.clear()
+    more = ["--output-dir", str(run), "--resume", "--set", "train.max_steps=3"]
+    assert main(["train", str(tmp_path / "c.yaml"), *more]) == 2
+    assert "--resume: the data changed since" in caplog.text and "captions/cap.dress.val.json changed" in caplog.text
+    assert main(["train", str(tmp_path / "c.yaml"), *more, "--allow-config-change"]) == 0
+    starts = json.loads((run / "provenance.json").read_text())["starts"]
+    assert [s["from_step"] for s in starts] == [0, 2]
+    assert starts[1]["data_changes"] == ["captions/cap.dress.val.json changed"]
+    assert starts[1]["config_changes"] == ["train.max_steps: 2 -> 3"]

@@ -360,3 +360,27 @@ def test_a_synthetic_tree_whose_write_was_interrupted_is_not_passed(tmp_path, mo
     assert check_dataset("fashioniq", tree) == []
     (tree / emoji.MANIFEST).unlink()
     assert [p.kind for p in check_dataset("fashioniq", tree)] == ["unfinished_write"]
+
+
+def test_the_data_fingerprint_digests_annotations_and_features_not_images(tmp_path, monkeypatch):
+    from cirlab.data import fingerprint as F
+
+    (tmp_path / "captions").mkdir()
+    (tmp_path / "captions" / "cap.json").write_text("[1]")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "x.png").write_bytes(b"png")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "b.json").write_text("{}")
+    monkeypatch.setattr(F, "WHOLE_BELOW", 10)  # "large" files: size + first and last SAMPLE bytes
+    monkeypatch.setattr(F, "SAMPLE", 4)
+    (tmp_path / "feats.npy").write_bytes(b"0123456789abcdef")
+    digests = F.folder_digests(tmp_path)
+    assert set(digests) == {"captions/cap.json", "feats.npy"} and digests["feats.npy"].startswith("sampled:")
+    (tmp_path / "feats.npy").write_bytes(b"0123456789abcdeX")  # the tail is read
+    (tmp_path / "captions" / "cap.json").write_text("[2]")
+    (tmp_path / "new.json").write_text("{}")  # added since: the old data is still all there
+    now = F.folder_digests(tmp_path)
+    assert F.differences({"files": digests}, {"files": now}) == ["captions/cap.json changed", "feats.npy changed"]
+    (tmp_path / "feats.npy").unlink()
+    assert F.differences({"files": digests}, {"files": F.folder_digests(tmp_path)})[-1] == "feats.npy is gone"
+    assert F.summary([f"f{i}" for i in range(6)], limit=2) == "f0; f1; and 4 more"

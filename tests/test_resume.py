@@ -115,3 +115,34 @@ def test_resume_with_an_unreadable_stored_config_is_one_line_naming_it(tmp_path)
         check_resume_config(tmp_path, {"train": {}})
     (tmp_path / "config.yaml").unlink()
     assert read_run_config(tmp_path) == {}
+
+
+def test_a_resumed_run_logs_each_evaluation_once_and_keeps_the_earlier_ones_in_its_summary(tmp_path, monkeypatch):
+    """kill -9 while writing the last.pt that follows an epoch-end evaluation: the last.pt on disk is the one
+    written before it (checkpoint_every), so the resumed run evaluates again; its record was kept and logged twice.
+    And the summary of a resumed run listed only the evaluations after the resume."""
+    from cirlab.engine.train import Trainer
+
+    data = TripletItems(22)  # 5 optimizer steps per epoch at batch 4
+    evaluate = lambda model: {"val": {"avg": float(sum(p.sum() for p in model.parameters()))}}  # noqa: E731
+    cfg = dict(checkpoint_every=5, selection="val", selection_metric="avg", ema_decay=None)
+    real_save = Trainer.save
+
+    def save(self, name):
+        if name == "last.pt" and self.progress.epoch == 1 and self.progress.step == 5:  # after the step-5 eval
+            raise Killed("killed while writing last.pt")
+        real_save(self, name)
+
+    monkeypatch.setattr(Trainer, "save", save)
+    with pytest.raises(Killed):
+        train(_model(), data, _cfg(**cfg), output_dir=tmp_path / "run", evaluate_fn=evaluate)
+    monkeypatch.setattr(Trainer, "save", real_save)
+    summary = train(_model(), data, _cfg(resume="auto", **cfg), output_dir=tmp_path / "run", evaluate_fn=evaluate)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["kind"] == "eval"] == [5, 10, 15]
+    assert [r["step"] for r in summary["eval_history"]] == [5, 10, 15]
+    written = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert [r["step"] for r in written["eval_history"]] == [5, 10, 15]
+    starts = json.loads((tmp_path / "run" / "provenance.json").read_text())["starts"]
+    assert [s["from_step"] for s in starts] == [0, 5] and starts[0]["torch"] == torch.__version__
+    assert starts[0]["device"] == "cpu" and starts[0]["precision"] == "float32" and starts[0]["cirlab"]

@@ -912,6 +912,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     """:func:`run_experiment` once the config is valid and the run folder is locked (and, without ``overwrite``,
     known to hold no run: with it the trainer replaces the previous run's files when it starts)."""
     from cirlab.core.checkpoint import load_model_weights
+    from cirlab.data.fingerprint import FILE_NAME as FINGERPRINT_FILE
     from cirlab.engine.train import resolve_device, resolve_train_config, train
 
     continued = _resumed_checkpoint(out, config, resume)
@@ -927,6 +928,10 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     loaded = {s: load_split(config, s) for s in _final_splits(config)}
     for split, value in loaded.items():
         _check_not_empty(config, split, value)
+    fingerprint = data_fingerprint(config)
+    notes: dict[str, Any] = {}
+    if continued is not None and is_main_process():
+        notes["data_changes"] = check_resume_data(out, fingerprint, allow_config_change)
     model = build_seeded_model(config)
     train_data = load_train_data(config)
     fit_to_training_data(model, config, train_data)
@@ -956,7 +961,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     run_device = resolve_device(cfg.device, "train.device")
     resolved = {**config, "output_dir": str(out), "train": cfg.to_dict(), "model_config": model.config.to_dict()}
     if cfg.resume and is_main_process():
-        check_resume_config(out, resolved, allow_config_change)
+        notes["config_changes"] = check_resume_config(out, resolved, allow_config_change)
     # the selection split too, before the first step: a broken val file must fail now, not after the training
     if select_split and select_split not in loaded:
         loaded[select_split] = load_split(config, select_split)
@@ -965,7 +970,8 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
         check_selection_metric(config, cfg.selection_metric, select_split, loaded[select_split], model)
     evaluate_fn = make_evaluate_fn(config, [select_split], run_device, loaded) if select_split else None
     summary = train(model, train_dataset(config, model, train_data), cfg, output_dir=out, evaluate_fn=evaluate_fn,
-                    run_config=resolved, overwrite=overwrite)
+                    run_config=resolved, overwrite=overwrite, start_notes={k: v for k, v in notes.items() if v},
+                    run_files={FINGERPRINT_FILE: fingerprint})
     load_model_weights(model, out / "checkpoints" / "best.pt")
     model.to(run_device)
     final = _final_evaluation(model, config, out, run_device, loaded)
@@ -988,13 +994,54 @@ def read_run_config(run_dir: str | os.PathLike, context: str = "") -> dict[str, 
     return read_config_file(path, context) if path.is_file() else {}
 
 
-def check_resume_config(out: Path, resolved: dict[str, Any], allow_config_change: bool = False) -> None:
+def data_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
+    """Digests of the files that define the run's data (:mod:`cirlab.data.fingerprint`): the dataset root's
+    annotations and features, and a re-ranker's stage-I top-K files."""
+    from cirlab.data.fingerprint import fingerprint
+
+    return fingerprint(dataset_root(config), (config.get("eval") or {}).get("stage1_topk") or None)
+
+
+def data_changes_since(run_dir: str | os.PathLike, config: dict[str, Any]) -> list[str]:
+    """The data files that differ between what ``run_dir`` was trained on (its ``data_fingerprint.json``) and what
+    ``config``'s dataset root holds now; empty for another dataset, or a run that recorded none."""
+    from cirlab.data.catalog import canonical_name
+    from cirlab.data.fingerprint import differences, read_fingerprint
+
+    stored = read_fingerprint(Path(run_dir))
+    trained_on = (read_run_config(run_dir).get("dataset") or {}).get("name") if stored is not None else None
+    if not trained_on or canonical_name(str(trained_on)) != canonical_name(str(config["dataset"]["name"])):
+        return []
+    return differences(stored, data_fingerprint(config))
+
+
+def check_resume_data(out: Path, now: dict[str, Any], allow_config_change: bool = False) -> list[str]:
+    """Refuse to resume ``out`` on data other than the data it started on (its ``data_fingerprint.json``; runs
+    without one are not checked), listing the files that changed; ``allow_config_change`` accepts it with a
+    warning. Returns the accepted differences (recorded in ``provenance.json``)."""
+    from cirlab.data.fingerprint import FILE_NAME, differences, read_fingerprint, summary
+
+    stored = read_fingerprint(out)
+    diffs = differences(stored, now) if stored is not None else []
+    if not diffs:
+        return []
+    message = (f"--resume: the data changed since {out} started ({summary(diffs)}; root {now.get('root')}, "
+               f"recorded in {out / FILE_NAME})")
+    if allow_config_change:
+        logger.warning("%s; resuming anyway (--allow-config-change)", message)
+        return diffs
+    raise ConfigError(f"{message}. Resuming would train one model on two datasets: restore the data, start a fresh "
+                      "run (another --output-dir, or --overwrite), or pass --allow-config-change")
+
+
+def check_resume_config(out: Path, resolved: dict[str, Any], allow_config_change: bool = False) -> list[str]:
     """Refuse to resume ``out`` with settings other than the ones it was trained with (``config.yaml``), listing
-    each difference; ``allow_config_change`` logs them instead. Run length, logging and device may change."""
+    each difference; ``allow_config_change`` logs them instead (and returns them: ``provenance.json`` keeps them,
+    as config.yaml is rewritten with the new values). Run length, logging and device may change."""
     from cirlab.engine.train import RESUME_MAY_CHANGE, resume_differences
 
     if not (out / "checkpoints" / "last.pt").is_file() or not (out / "config.yaml").is_file():
-        return  # nothing to continue: the run starts fresh
+        return []  # nothing to continue: the run starts fresh
     stored = read_run_config(out, "--resume:")
     diffs: list[str] = []
     for key in ("model", "preset", "model_overrides", "model_config", "dataset"):
@@ -1006,12 +1053,12 @@ def check_resume_config(out: Path, resolved: dict[str, Any], allow_config_change
     if allowed and not diffs:  # run length, logging, device: they may change, and the log says that they did
         logger.info("--resume: continuing %s with changed train.%s", out, "; train.".join(allowed))
     if not diffs:
-        return
+        return [f"train.{d}" for d in allowed]
     listed = "; ".join(diffs[:12]) + (f"; and {len(diffs) - 12} more" if len(diffs) > 12 else "")
     message = f"--resume: {out} was trained with other settings ({listed})"
     if allow_config_change:
         logger.warning("%s; resuming anyway (--allow-config-change)", message)
-        return
+        return diffs + [f"train.{d}" for d in allowed]
     raise ConfigError(f"{message}. Resuming would mix two runs in one folder: restore those settings, start a fresh "
                       "run (another --output-dir, or --overwrite), or pass --allow-config-change")
 

@@ -817,7 +817,7 @@ class RunWriteError(CirlabError, OSError):
 # what a run writes into its folder (train, eval, submit): a fresh run refuses a folder holding any of them, and
 # --overwrite replaces exactly these (a start's init_from.json goes when the new run starts: engine.runs)
 RUN_ARTIFACTS = ("config.yaml", "log.jsonl", "checkpoints", "tb", "metrics.json", "train_summary.json", "topk",
-                 "submission")
+                 "submission", "provenance.json", "data_fingerprint.json")
 # train settings a resume may change without changing the trajectory of the steps already taken
 RESUME_MAY_CHANGE = frozenset({"epochs", "max_steps", "resume", "device", "num_workers", "num_threads", "progress",
                                "tensorboard", "log_every", "checkpoint_every", "keep_epoch_checkpoints", "eval_every",
@@ -967,9 +967,10 @@ def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
     return out
 
 
-def repair_log(path: Path, last_step: int | None = None) -> int:
+def repair_log(path: Path, last_step: int | None = None, evaluated_step: int | None = None) -> int:
     """Make ``log.jsonl`` appendable again: drop a torn final line (a process killed mid-write) and, on resume,
-    the records of steps after ``last_step`` (they are logged again as the resumed run re-takes them). Rewrites
+    the records of steps after ``last_step`` (they are logged again as the resumed run re-takes them), and the
+    evaluations after ``evaluated_step`` (the last one the resumed state includes; None: unknown). Rewrites
     the file atomically when anything changes; returns how many lines were removed."""
     if not path.is_file():
         return 0
@@ -990,12 +991,30 @@ def repair_log(path: Path, last_step: int | None = None) -> int:
         step = record.get("step") if isinstance(record, dict) else None
         if last_step is not None and isinstance(step, int) and step > last_step:
             continue
+        if (evaluated_step is not None and isinstance(step, int) and step > evaluated_step
+                and record.get("kind") == "eval"):
+            continue
         kept.append(line)
     removed = len(lines) - len(kept)
     if removed:
         io.write_text(path, "".join(f"{line}\n" for line in kept))
         logger.info("%s: %d record(s) after the resumed step %s removed", path, removed, last_step)
     return removed
+
+
+def eval_records(path: Path) -> list[dict[str, Any]]:
+    """The evaluation records of a run's ``log.jsonl`` (after :func:`repair_log`), oldest first."""
+    if not path.is_file():
+        return []
+    found = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # repair_log keeps damage it did not make for a reader to report; it is not an evaluation
+        if isinstance(record, dict) and record.get("kind") == "eval":
+            found.append(record)
+    return found
 
 
 def utf8_paths_agree(path: Path, encoding: str | None = None) -> bool:
@@ -1074,6 +1093,10 @@ class _Progress:
     best_score: float | None = None
     best_epoch: int | None = None
     best_step: int | None = None
+    # step of the last evaluation this state includes (-1: none yet; None: a checkpoint from before this was kept).
+    # A last.pt written just before an epoch-end evaluation is behind that evaluation's log record: the resumed run
+    # evaluates again, so the record is dropped, not logged twice
+    evaluated_step: int | None = None
 
 
 class Trainer:
@@ -1100,7 +1123,7 @@ class Trainer:
         self.amp_dtype = _autocast_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_mode) if cfg.ema_decay else None
-        self.progress = _Progress()
+        self.progress = _Progress(evaluated_step=-1)
         self.loader, self.sampler, self.items = self._loader(dataset, collate_fn)
         self.steps_per_epoch = len(self.loader) // cfg.grad_accum_steps
         if self.steps_per_epoch == 0:
@@ -1113,6 +1136,8 @@ class Trainer:
                              "train.drop_last=false")
         self.ckpt_dir = output_dir / "checkpoints"
         self.run_config = run_config
+        self.start_notes: dict[str, Any] = {}  # this start's extra provenance fields (train(start_notes=))
+        self.run_files: dict[str, Any] = {}  # files written at the first start (train(run_files=))
         self.losses: list[float] = []
         self.eval_history: list[dict[str, Any]] = []
 
@@ -1203,7 +1228,9 @@ class Trainer:
             p = self.progress
             self._refuse_a_resume_past_the_end()
             if self.dist.is_main:
-                repair_log(self.output_dir / "log.jsonl", p.step)
+                repair_log(self.output_dir / "log.jsonl", p.step, p.evaluated_step)
+            # the evaluations before the resume belong to this run's history (train_summary.json) too
+            self.eval_history = eval_records(self.output_dir / "log.jsonl")
         try:
             try:
                 with self.stop:
@@ -1249,7 +1276,8 @@ class Trainer:
         log and tb/ made the folder "hold a run": the corrected call was refused without --overwrite."""
         import shutil
 
-        for name in ("config.yaml", "log.jsonl", "tb", "train_summary.json"):
+        for name in ("config.yaml", "log.jsonl", "tb", "train_summary.json", "provenance.json",
+                     "data_fingerprint.json"):
             path = self.output_dir / name
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
@@ -1310,11 +1338,23 @@ class Trainer:
             meta = _model_meta(self.model)
             config = self.run_config or {"model": meta.pop("model_name"), **meta, "train": self.cfg.to_dict()}
             write_yaml(self.output_dir / "config.yaml", config)
+            self._record_start()
             if self.cfg.selection == "paper":
                 logger.warning("selection='paper': best.pt is chosen on the %r split, the split results are "
                                "reported on, as the original code does; this is optimistic (no held-out selection)",
                                self.cfg.test_split)
         self._barrier()
+
+    def _record_start(self) -> None:
+        """``provenance.json``: this start's code, versions, host, device and precision (one entry per start);
+        and the :attr:`run_files` a fresh run writes (a resume keeps what the run started with)."""
+        from cirlab.core.provenance import record_start, start_entry
+
+        precision = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype is not None else "float32"
+        record_start(self.output_dir, start_entry(self.progress.step, str(self.device), precision, self.start_notes))
+        for name, value in self.run_files.items():
+            if self.progress.step == 0 or not (self.output_dir / name).exists():
+                io.write_json(self.output_dir / name, value)
 
     def summary(self) -> dict[str, Any]:
         p = self.progress
@@ -1484,6 +1524,7 @@ class Trainer:
     def _select(self, results: dict[str, Any], log: _RunLog) -> None:
         p, split = self.progress, self.selection_split()
         record = {"kind": "eval", "epoch": p.epoch, "step": p.step, "metrics": _numbers_only(results)}
+        p.evaluated_step = p.step
         if split is not None:
             score = selection_score(results, split, self.cfg.selection_metric)
             record["selection_score"] = score
@@ -1599,7 +1640,9 @@ def _check_train_inputs(model: Any, train_dataset: Any, cfg: Any) -> None:
 def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any] | None = None, *,
           output_dir: str | os.PathLike, evaluate_fn: EvalFn | None = None, collate_fn: Callable | None = None,
           callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
-          run_config: dict[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
+          run_config: dict[str, Any] | None = None, overwrite: bool = False,
+          start_notes: Mapping[str, Any] | None = None, run_files: Mapping[str, Any] | None = None
+          ) -> dict[str, Any]:
     """Train ``model`` on ``train_dataset``; write the run folder; return a summary.
 
     Args:
@@ -1614,6 +1657,9 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
         run_config: the full resolved run config to write as ``config.yaml`` (default: model + train sections).
         overwrite: a fresh run (no ``cfg.resume``) into a folder that holds a run replaces that run's files;
             without it such a folder is refused (:class:`RunFolderError`). The folder is locked while training.
+        start_notes: extra fields of this start's entry in ``provenance.json`` (e.g. the settings a resume changed).
+        run_files: ``{name: JSON value}`` written into the run folder when the run first starts (kept on resume),
+            e.g. ``data_fingerprint.json``.
 
     The run seeds Python's, NumPy's and torch's global generators with ``cfg.seed`` when it starts and leaves them
     advanced: a model built after it draws other weights than one built before. For a cell that gives the same
@@ -1632,4 +1678,5 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
     with io.folder_lock(output_dir) if init_distributed().is_main else contextlib.nullcontext():
         trainer = Trainer(model, train_dataset, cfg, output_dir, evaluate_fn, collate_fn, callbacks, run_config,
                           overwrite)
+        trainer.start_notes, trainer.run_files = dict(start_notes or {}), dict(run_files or {})
         return trainer.run()

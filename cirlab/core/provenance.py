@@ -1,0 +1,76 @@
+"""Which code, on which machine, ran a run: ``<run>/provenance.json`` holds one entry per start of the run (the
+first, then each ``--resume``) with the versions, the git commit of the cirlab source, the command line, the host,
+the device and precision in use, and the settings a resume changed (``--allow-config-change``)."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from cirlab.core.io import write_json
+
+FILE_NAME = "provenance.json"
+logger = logging.getLogger(__name__)
+
+
+def code_version(root: Path | None = None) -> str:
+    """``abc1234`` (``+ uncommitted changes`` when the work tree differs) of the checkout ``root`` (default: the one
+    cirlab is imported from), or what identifies the code where there is none (an installed wheel: its version)."""
+    from cirlab import __version__
+    from cirlab.core.shipped import source_checkout
+
+    root = root or source_checkout()
+    if root is None:
+        return f"cirlab {__version__} (installed, not a git checkout)"
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git not available)"
+    if head.returncode != 0:
+        return f"cirlab {__version__} (not a git checkout)"
+    return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+
+
+def _version(module: str) -> str | None:
+    """The module's own ``__version__`` where it is imported (torch's names its build: ``2.14.1+cu130``), else
+    the installed distribution's (importing transformers only for its version would take seconds)."""
+    loaded = sys.modules.get(module)
+    if getattr(loaded, "__version__", None):
+        return str(loaded.__version__)
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:  # noqa: BLE001 - not installed: nothing to record
+        return None
+
+
+def start_entry(step: int, device: str, precision: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """This start's record: time, step it starts from, command line, code and library versions, host, device."""
+    from cirlab import __version__
+
+    return {"started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "from_step": int(step),
+            "command": list(sys.argv), "cirlab": __version__, "code": code_version(),
+            "torch": _version("torch"), "transformers": _version("transformers"),
+            "python": platform.python_version(), "host": platform.node(), "device": device,
+            "precision": precision, **dict(extra or {})}
+
+
+def record_start(run_dir: Path, entry: Mapping[str, Any]) -> None:
+    """Append ``entry`` to the run's ``provenance.json`` (a fresh run starts a new file)."""
+    path = Path(run_dir) / FILE_NAME
+    starts: list[Any] = []
+    if entry.get("from_step") and path.is_file():  # a resume: the earlier starts stay
+        try:
+            starts = list(json.loads(path.read_text()).get("starts") or [])
+        except (OSError, ValueError, AttributeError) as err:
+            logger.warning("%s cannot be read (%s): its earlier entries are replaced by this start's", path, err)
+    write_json(path, {"starts": [*starts, dict(entry)]})
