@@ -927,3 +927,26 @@ def test_a_run_records_its_data_and_code_and_says_when_the_data_changed(tmp_path
     assert [s["from_step"] for s in starts] == [0, 2]
     assert starts[1]["data_changes"] == ["captions/cap.dress.val.json changed"]
     assert starts[1]["config_changes"] == ["train.max_steps: 2 -> 3"]
+
+
+def test_what_stops_the_final_evaluation_says_the_training_is_saved_and_resume_finishes(tmp_path, caplog, capsys):
+    from fixtures_data import write_fashioniq
+
+    root = write_fashioniq(tmp_path / "data", categories=("dress",))["root"]
+    image = root / "images" / "dress_val_0.png"
+    good = image.read_bytes()
+    image.write_bytes(b"")  # found only when the val split's images are read: after training (selection=last)
+    config = {"model": "stub_cir", "preset": "tiny", "model_overrides": {"embed_dim": 12},
+              "dataset": {"name": "fashioniq", "root": str(root), "category": "dress"},
+              "train": {"max_steps": 2, "batch_size": 4, "progress": "none", "tensorboard": False,
+                        "selection": "last"},
+              "eval": {"splits": ["val"], "k": 5, "batch_size": 8}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(run)]) == 2
+    assert (f"; the training is done and saved in {run / 'checkpoints'}; the same command with --resume runs the "
+            "final evaluation") in caplog.text
+    assert not (run / "metrics.json").exists()
+    image.write_bytes(good)
+    assert main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(run), "--resume"]) == 0
+    assert set(json.loads((run / "metrics.json").read_text())["splits"]) == {"val"}

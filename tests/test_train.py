@@ -549,3 +549,30 @@ def test_tensorboard_is_left_out_where_it_would_name_another_folder(tmp_path, mo
         assert train_mod._RunLog._tensorboard(tmp_path / "rün") is None
     assert "tensorboard cannot write into" in caplog.text and "log.jsonl only" in caplog.text
     assert not (tmp_path / "rün" / "tb").exists()
+
+
+def test_ctrl_c_in_fit_is_a_keyboard_interrupt_for_a_scripts_clean_up(tmp_path):
+    import os
+    import signal
+
+    from cirlab.core.errors import CirlabError
+
+    def ctrl_c(record):
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the trainer's handler stops after this step
+
+    with pytest.raises(KeyboardInterrupt) as caught:
+        cirlab.fit(_model(), TripletItems(40), _cfg(epochs=3), output_dir=tmp_path / "run", callbacks=[ctrl_c])
+    assert isinstance(caught.value, CirlabError) and caught.value.exit_code == 130
+    assert "Resume" in str(caught.value) and (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+
+
+def test_the_seed_of_the_initial_weights_is_recorded_with_the_run(tmp_path):
+    for seed in (0, 3):
+        model = cirlab.create_model("stub_cir", preset="tiny", seed=seed)
+        cirlab.fit(model, TripletItems(16), _cfg(epochs=1, selection="last"), output_dir=tmp_path / f"s{seed}")
+        starts = json.loads((tmp_path / f"s{seed}" / "provenance.json").read_text())["starts"]
+        assert starts[0]["model_init_seed"] == seed
+    cirlab.fit(cirlab.create_model("stub_cir", preset="tiny"), TripletItems(16), _cfg(epochs=1, selection="last"),
+               output_dir=tmp_path / "none")
+    assert "model_init_seed" not in json.loads((tmp_path / "none" / "provenance.json").read_text())["starts"][0]

@@ -40,7 +40,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import yaml
 
@@ -974,6 +974,39 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
                     run_files={FINGERPRINT_FILE: fingerprint})
     load_model_weights(model, out / "checkpoints" / "best.pt")
     model.to(run_device)
+    with _finishing(out):
+        result = _final_results(config, out, run_device, loaded, model, summary)
+    return result
+
+
+@contextlib.contextmanager
+def _finishing(out: Path) -> Iterator[None]:
+    """The final evaluation of a trained run: what stops it (Ctrl-C, a full disk, an unreadable test image) says
+    that the training is saved and how to finish: the same command with ``--resume`` evaluates and writes the
+    results (a run at its last step owes only those)."""
+    from cirlab.core.errors import CirlabError
+    from cirlab.engine.train import NO_SPACE, RunWriteError
+
+    finish = (f"the training is done and saved in {out / 'checkpoints'}; the same command with --resume runs the "
+              "final evaluation")
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        err.message = f"interrupted in the final evaluation: {finish}"  # type: ignore[attr-defined]
+        raise
+    except CirlabError as err:
+        err.args = (f"{err}; {finish}", *err.args[1:])
+        raise
+    except OSError as err:
+        if err.errno not in NO_SPACE:
+            raise
+        raise RunWriteError(f"cannot write the final results to {out} ({err.strerror or err}); {finish}") from err
+
+
+def _final_results(config: dict[str, Any], out: Path, run_device: Any, loaded: dict[str, Any], model: Any,
+                   summary: dict[str, Any]) -> dict[str, Any]:
+    """The final evaluation of the selected weights on ``eval.splits``, written as ``metrics.json``."""
+    ds = config["dataset"]
     final = _final_evaluation(model, config, out, run_device, loaded)
     result = {"model": config["model"], "preset": config.get("preset"), "dataset": ds["name"],
               "protocol": protocol_of(config, ds["test_split"]),

@@ -798,8 +798,10 @@ class NonFiniteLossError(CirlabError, FloatingPointError):
     """The loss became NaN or infinite; training stopped before the step reached the weights or a checkpoint."""
 
 
-class TrainingInterrupted(CirlabError):
-    """SIGINT or SIGTERM stopped the run after ``checkpoints/last.pt`` was written; ``exit_code`` is 128 + signal."""
+class TrainingInterrupted(CirlabError, KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run after ``checkpoints/last.pt`` was written; ``exit_code`` is 128 + signal.
+    A ``KeyboardInterrupt`` too: a script's ``except KeyboardInterrupt`` clean-up around ``cirlab.fit`` runs, as it
+    would for a Ctrl-C anywhere else (and ``except Exception`` still catches it, as every cirlab error)."""
 
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
@@ -1242,7 +1244,7 @@ class Trainer:
                     self._forget_failed_start()
                 raise
         except OSError as err:
-            if isinstance(err, CirlabError) or err.errno not in _NO_SPACE:
+            if isinstance(err, CirlabError) or err.errno not in NO_SPACE:
                 raise
             last = self.ckpt_dir / "last.pt"
             kept = f"the last complete checkpoint is kept: {last}" if last.is_file() else "no checkpoint was written"
@@ -1351,7 +1353,10 @@ class Trainer:
         from cirlab.core.provenance import record_start, start_entry
 
         precision = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype is not None else "float32"
-        record_start(self.output_dir, start_entry(self.progress.step, str(self.device), precision, self.start_notes))
+        notes = dict(self.start_notes)
+        if getattr(self.model, "init_seed", None) is not None:  # create_model(seed=): the initial weights' seed
+            notes.setdefault("model_init_seed", self.model.init_seed)
+        record_start(self.output_dir, start_entry(self.progress.step, str(self.device), precision, notes))
         for name, value in self.run_files.items():
             if self.progress.step == 0 or not (self.output_dir / name).exists():
                 io.write_json(self.output_dir / name, value)
@@ -1595,7 +1600,8 @@ def write_yaml(path: Path, values: dict[str, Any]) -> None:
     io.write_yaml(path, to_plain(values))
 
 
-_NO_SPACE = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS") if hasattr(errno, name)}
+# errno values of a disk that takes no more (full, over quota, read-only): said as one line, nothing is lost
+NO_SPACE = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS") if hasattr(errno, name)}
 
 
 def _remove_stale_temporaries(output_dir: Path) -> None:
@@ -1670,6 +1676,11 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
         ``losses`` (per optimizer step of this call), ``eval_history``,
         ``best_score``, ``best_epoch`` (counted from 1, as the log lines count epochs; None without selection),
         ``best_step``, ``best_checkpoint`` and ``last_checkpoint``.
+
+    Raises:
+        TrainingInterrupted: Ctrl-C (SIGINT) or SIGTERM stopped the run after the current step, with
+            ``checkpoints/last.pt`` written; ``cfg.resume="auto"`` continues it. It is a ``KeyboardInterrupt`` (and
+            a :class:`CirlabError`), so ``except KeyboardInterrupt`` catches it.
     """
     _check_train_inputs(model, train_dataset, cfg)
     # a TrainConfig's own fields over the model's paper defaults, as a dict's: its class defaults do not count

@@ -229,6 +229,7 @@ def create_model(name: str, preset: str | None = None, *, config: Any = None, se
     model = entry.build(cfg)
     _check_identity(model, entry)
     check_model(model)
+    model.init_seed = seed  # which initial weights: a run's provenance.json records it (None: the global state's)
     return model
 
 
