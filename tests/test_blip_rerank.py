@@ -253,6 +253,42 @@ def test_topk_files_rerank_and_submission(cirr_root, tmp_path):
         rerank.cirr_submission(m2, test, eval_config={})
 
 
+def test_stage1_topk_of_every_evaluated_split_is_checked_without_evaluating(cirr_root, tmp_path):
+    """What stage II's evaluation refused only after an epoch of training (a top-K shorter than the re-ranked K, a
+    split without its file, a file of another split) is refused by check_stage1_topk, which runs before the first
+    step, with the evaluation's own messages."""
+    from dataclasses import replace
+
+    from cirlab.core.errors import ConfigError
+    from cirlab.core.topk import load_topk, save_topk
+    from cirlab.engine import rerank
+
+    val, test = (cirlab.data.load_cir("cirr", cirr_root, s) for s in ("val", "test1"))
+    first = tmp_path / "s1"
+    rerank.evaluate_stage1(tiny("stage1").eval(), [val], eval_config={"k": 10}, device="cpu", topk_dir=first)
+    m2 = tiny("stage2", rerank_k=20)
+    source = {"stage1_topk": str(first)}
+    with pytest.raises(ConfigError, match=rf"^eval\.stage1_topk: {first}/val\.topk\.npz holds the top 10, stage II "
+                                          r"re-ranks 20: write stage I's top-K with eval\.k >= 20$"):
+        rerank.check_stage1_topk(m2, source, {"val": [val]})
+    short = tiny("stage2", rerank_k=10)
+    assert rerank.check_stage1_topk(short, source, {"val": [val]}) is None  # long enough: nothing said
+    with pytest.raises(ConfigError, match=rf"no stage-I top-K file {first}/test1\.topk\.npz"):
+        rerank.check_stage1_topk(short, source, {"val": [val], "test1": [test]})  # a final split without its file
+    (first / "test1.topk.npz").write_bytes((first / "val.topk.npz").read_bytes())
+    with pytest.raises(ConfigError, match=r"has no list for 40 of the 40 queries of cirr test1"):
+        rerank.check_stage1_topk(short, source, {"test1": [test]})
+    top = load_topk(first / "val.topk.npz")
+    names = top.gallery_ids.astype(object)
+    names[0, 3] = "not-in-the-gallery"
+    save_topk(first / "val.topk.npz", replace(top, gallery_ids=names.astype(str)))
+    with pytest.raises(ConfigError, match=r"names 'not-in-the-gallery', which is not in that split's gallery"):
+        rerank.check_stage1_topk(short, source, {"val": [val]})
+    # nothing to read: no eval.stage1_topk (the frozen stage I ranks at evaluation), or not a re-ranker
+    assert rerank.check_stage1_topk(m2, {"stage1_topk": ""}, {"val": [val], "test1": [test]}) is None
+    assert rerank.check_stage1_topk(tiny("stage1"), source, {"val": [val]}) is None
+
+
 
 # ------------------------------------------------------------------------------------------------ full size
 

@@ -325,7 +325,7 @@ def test_a_missing_pretrained_folder_is_one_line_naming_it(tmp_path, synth, capl
         missing = tmp_path / f"no_{field}"
         assert main(["train", str(ROOT / "configs" / config), "--output-dir", str(tmp_path / field),
                      "--set", f"model_overrides.{field}={missing}",
-                     "--set", f"dataset.synthetic.out={synth}"]) == 2
+                     "--set", f"dataset.synthetic.out={synth}", "--set", "dataset.synthetic.image_size=32"]) == 2
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
         assert len(errors) == 1 and says in errors[0] and str(missing) in errors[0], errors
         assert not (tmp_path / field).exists()
@@ -661,7 +661,8 @@ def test_a_precomp_split_typo_names_the_config_entry(tmp_path, synth, caplog):
     # the precomp loader says a missing split as a DataError naming the file: the entry that named it leads now
     with caplog.at_level(logging.ERROR):
         assert main(["train", str(ROOT / "configs" / "dime_synthetic_tiny.yaml"), "--output-dir", str(tmp_path / "r"),
-                     "--set", "dataset.val_split=devv", "--set", f"dataset.synthetic.out={synth}"]) == 2
+                     "--set", "dataset.val_split=devv", "--set", f"dataset.synthetic.out={synth}",
+                     "--set", "dataset.synthetic.image_size=32"]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and errors[0].startswith("dataset.val_split=devv: "), errors
     assert "split 'devv' not found" in errors[0] and not (tmp_path / "r" / "checkpoints").exists()
@@ -950,3 +951,17 @@ def test_what_stops_the_final_evaluation_says_the_training_is_saved_and_resume_f
     image.write_bytes(good)
     assert main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(run), "--resume"]) == 0
     assert set(json.loads((run / "metrics.json").read_text())["splits"]) == {"val"}
+
+
+def test_a_set_given_twice_or_replacing_a_whole_mapping_is_said(caplog):
+    raw = {"model": "amc", "dataset": {"name": "fashioniq", "category": "dress", "root": "/d"}}
+    with caplog.at_level(logging.WARNING):
+        out = apply_overrides(raw, parse_set(["train.lr=1e-3", "train.lr=5e-3", "dataset={name: fashioniq}"]))
+    assert out["train"]["lr"] == 5e-3 and out["dataset"] == {"name": "fashioniq"}
+    assert "--set train.lr is given twice (0.001, then 0.005): the last one is used" in caplog.text
+    assert ("--set dataset={...} replaces the whole mapping: category='dress', root='/d' from the config no longer "
+            "apply (--set dataset.KEY=VALUE changes one entry)") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # one entry changed, or the same value twice: nothing to say
+        apply_overrides(raw, parse_set(["dataset.category=shirt", "train.lr=1", "train.lr=1"]))
+    assert caplog.text == ""

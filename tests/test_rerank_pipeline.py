@@ -250,6 +250,39 @@ def test_train_with_a_wrong_init_from_stops_in_one_line(cirr_root, tmp_path, cap
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_stage2_with_unusable_stage1_topk_stops_before_the_first_step(runs, cirr_root, tmp_path, caplog,
+                                                                      monkeypatch):
+    """Stage II re-ranking more candidates than stage I's top-K holds, or a final split without a top-K file, failed
+    at the first evaluation: after an epoch of training, leaving a run folder that then needed --overwrite. Both
+    files are there before training, so the run stops before it, in one line, and the folder holds no run."""
+    from cirlab.engine import train as engine_train
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the stage-I top-K files were checked")
+
+    monkeypatch.setattr(engine_train, "train", no_training)
+    run1 = runs["stage1"]
+    short = load_topk(run1 / "topk" / "val.topk.npz").k  # the tiny val gallery is shorter than K1
+    only_val = tmp_path / "only_val"
+    only_val.mkdir()
+    (only_val / "val.topk.npz").write_bytes((run1 / "topk" / "val.topk.npz").read_bytes())
+    cases = [({"rerank_k": short + 5}, {}, f"{run1 / 'topk' / 'val.topk.npz'} holds the top {short}, stage II "
+                                           f"re-ranks {short + 5}: write stage I's top-K with eval.k >= {short + 5}"),
+             ({"rerank_k": K2}, {"splits": ["val", "test1"], "stage1_topk": str(only_val)},
+              f"no stage-I top-K file {only_val / 'test1.topk.npz'}")]
+    for i, (overrides, eval_section, message) in enumerate(cases):
+        caplog.clear()
+        cfg = _config(tmp_path / f"s2_{i}.yaml", "blip_rerank_stage2", cirr_root,
+                      {"stage1_checkpoint": str(run1), "init_from": "stage1", **overrides},
+                      {"stage1_topk": str(run1), **eval_section})
+        out = tmp_path / f"run_{i}"
+        assert main(["train", str(cfg), "--output-dir", str(out)]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "\n" not in errors[0] and message in errors[0], errors
+        left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+        assert not {"config.yaml", "log.jsonl", "checkpoints", "tb"} & set(left), left
+
+
 def test_submit_and_convert_explain_every_option():
     import argparse
 

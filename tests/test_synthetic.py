@@ -277,3 +277,67 @@ def test_ensure_rebuilds_its_interrupted_cache_without_blaming_force(tmp_path, m
     with caplog.at_level("INFO"):
         root = synthetic.ensure(size="tiny", layouts=["fashioniq"])
     assert (root / synthetic.MANIFEST).is_file() and "--force" not in caplog.text
+
+
+def test_a_rerun_with_other_settings_is_refused_without_force(tmp_path, capsys, caplog):
+    """`data synth --seed 3` into a folder written with seed 0 replaced the data without a word, and runs trained on
+    it then evaluated on other data. Other settings are refused, naming the folder, both settings and --force; the
+    same settings again rewrite the same files; --force replaces and says so."""
+    from cirlab.cli import main
+
+    out = tmp_path / "syn"
+    args = ["data", "synth", "--out", str(out), "--size", "tiny", "--layouts", "shoes", "--image-size", "16"]
+    assert main(args) == 0
+    before = _files(out)
+    refused = {"--seed 3": "seed 3, size tiny, 16-px images", "--image-size 24": "seed 0, size tiny, 24-px images",
+               "--size small": "seed 0, size small, 16-px images"}
+    for change, asked in refused.items():
+        caplog.clear()
+        assert main(args + change.split()) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert errors == [f"cirlab data synth: refusing to write into {out}: it holds synthetic data written with "
+                          f"seed 0, size tiny, 16-px images, not {asked} as asked, and runs trained on it would then "
+                          "read other data. Choose another --out, or pass --force (Python: force=True) to replace it"]
+        assert _files(out) == before  # nothing deleted or rewritten
+    assert main(args + ["--layouts", "cirr", "--seed", "3"]) == 2  # another layout too: the manifest is the folder's
+    assert _files(out) == before
+    assert main(args) == 0 and _files(out) == before  # the same settings: the same files, no --force needed
+    caplog.clear()
+    assert main(args + ["--seed", "3", "--force"]) == 0
+    assert json.loads((out / synthetic.MANIFEST).read_text())["seed"] == 3
+    assert any("replacing the synthetic data of seed 0, size tiny, 16-px images in" in r.getMessage()
+               for r in caplog.records if r.levelname == "WARNING")
+    with pytest.raises(synthetic.OtherSettingsError, match=r"written with seed 3, .* not seed 0, .* as asked"):
+        synthetic.generate(out, seed=0, size="tiny", layouts="shoes", image_size=16)  # the API refuses alike
+    capsys.readouterr()
+
+
+def test_a_custom_size_is_recorded_and_compared_by_its_counts(tmp_path):
+    import dataclasses
+
+    out = tmp_path / "syn"
+    small_shoes = dataclasses.replace(synthetic.SIZES["tiny"], shoes=(40, 40))
+    synthetic.generate(out, size=small_shoes, layouts="shoes", image_size=16)
+    synthetic.generate(out, size=small_shoes, layouts="shoes", image_size=16)  # the same counts: allowed
+    with pytest.raises(synthetic.OtherSettingsError, match=r"size custom \(.*shoes=\[40, 40\].*\), 16-px images, "
+                                                           r"not seed 0, size custom \(.*shoes=\[80, 80\]"):
+        synthetic.generate(out, size=dataclasses.replace(small_shoes, shoes=(80, 80)), layouts="shoes",
+                           image_size=16)
+
+
+def test_ensure_refuses_a_named_folder_of_other_settings_and_keeps_one_cache_folder_per_settings(tmp_path,
+                                                                                               monkeypatch):
+    out = synthetic.ensure(tmp_path / "named", size="tiny", layouts="shoes", image_size=16)
+    before = _files(out)
+    with pytest.raises(synthetic.OtherSettingsError,
+                       match=rf"^synthetic data: refusing to write into {out}: it holds synthetic data written with "
+                             r"seed 0, size tiny, 16-px images, not seed 3, size tiny, 16-px images as asked, .* Name "
+                             r"another folder \(dataset\.synthetic\.out\), or replace it with `cirlab data synth "
+                             rf"--out {out} --seed 3 --size tiny --image-size 16 --force`$"):
+        synthetic.ensure(out, seed=3, size="tiny", layouts="shoes", image_size=16)
+    assert _files(out) == before
+    assert synthetic.ensure(out, size="tiny", layouts="shoes", image_size=16) == out  # the same settings: reused
+    monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "cache"))  # the cache: one folder per settings, none refused
+    first = synthetic.ensure(seed=0, size="tiny", layouts="shoes", image_size=16)
+    second = synthetic.ensure(seed=3, size="tiny", layouts="shoes", image_size=16)
+    assert first != second and [synthetic.recorded_settings(p)["seed"] for p in (first, second)] == [0, 3]

@@ -110,6 +110,27 @@ def load_stage1_topk(source: str | os.PathLike, split: Any, k: int = 0) -> TopK:
                 topk.category[rows], topk.target_ids[rows], {**topk.meta, "file": str(path)})
 
 
+def check_stage1_topk(model: Any, eval_config: Mapping[str, Any], loaded: Mapping[str, Any]) -> None:
+    """Before the first training step: every split the run will re-rank (``loaded``: split name -> its CIR splits,
+    as :func:`cirlab.engine.runs.load_split` returns them: the selection split and the final evaluation's) has a
+    stage-I top-K in ``eval.stage1_topk`` that lists its queries, names only its gallery and is at least as long as
+    the model re-ranks (``model.config.k``). The files are there before training starts, and
+    :func:`evaluate_reranker` refuses the same files with the same errors, but only at the first evaluation: an epoch
+    of training later, with the run folder left behind. Models that are not re-rankers, re-rankers without the
+    evaluation hook (their evaluation is skipped, so they read no file) and an empty ``eval.stage1_topk`` (the
+    frozen stage I ranks at evaluation time) have nothing to check."""
+    from cirlab.core.contracts import HasOwnEvaluation
+
+    source = eval_config.get("stage1_topk") or ""
+    k = getattr(getattr(model, "config", None), "k", None)
+    if not source or getattr(model, "task", None) != "rerank" or not isinstance(model, HasOwnEvaluation) or not k:
+        return
+    for splits in loaded.values():
+        for split in splits:
+            first = load_stage1_topk(source, split, int(k))
+            _gallery_indices(first.gallery_ids[:, :int(k)], split)  # a top-K of another split or protocol
+
+
 def stage1_topk(model: Any, splits: Sequence[Any], *, eval_config: Mapping[str, Any], device: Any, k: int,
                 topk_dir: Path | None = None) -> dict[str, TopK]:
     """Stage I's top-K per split: read from ``eval.stage1_topk`` when set, else ranked now by the re-ranker's own

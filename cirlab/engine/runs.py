@@ -156,7 +156,12 @@ def parse_set_flat(items: Sequence[str]) -> dict[str, Any]:
 def apply_overrides(config: dict[str, Any], overrides: Sequence[tuple[list[str], Any]]) -> dict[str, Any]:
     """Set nested keys (creating sections as needed); a path through a non-mapping is an error."""
     config = copy.deepcopy(config)
+    seen: dict[str, Any] = {}
     for path, value in overrides:
+        key = ".".join(path)
+        if key in seen and seen[key] != value:  # a script's base flags, then its own: the last wins, said
+            logger.warning("--set %s is given twice (%r, then %r): the last one is used", key, seen[key], value)
+        seen[key] = value
         if path[0] not in SECTIONS:
             raise ConfigError(f"--set {'.'.join(path)}: unknown section {path[0]!r}{did_you_mean(path[0], SECTIONS)}; "
                               f"known: {', '.join(SECTIONS)}")
@@ -168,6 +173,14 @@ def apply_overrides(config: dict[str, Any], overrides: Sequence[tuple[list[str],
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
             node = child
+        old = node.get(path[-1])
+        if isinstance(old, dict) and isinstance(value, dict) and set(old) - set(value):
+            # a mapping value replaces the mapping; what the config file set in it is gone, which must be said
+            dropped = ", ".join(f"{k}={old[k]!r}" for k in sorted(set(old) - set(value))
+                                if old[k] not in (None, "", {}, []))
+            if dropped:
+                logger.warning("--set %s={...} replaces the whole mapping: %s from the config no longer apply "
+                               "(--set %s.KEY=VALUE changes one entry)", key, dropped, key)
         node[path[-1]] = value
     return config
 
@@ -913,6 +926,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     known to hold no run: with it the trainer replaces the previous run's files when it starts)."""
     from cirlab.core.checkpoint import load_model_weights
     from cirlab.data.fingerprint import FILE_NAME as FINGERPRINT_FILE
+    from cirlab.engine.rerank import check_stage1_topk
     from cirlab.engine.train import resolve_device, resolve_train_config, train
 
     continued = _resumed_checkpoint(out, config, resume)
@@ -968,6 +982,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
         _check_not_empty(config, select_split, loaded[select_split])
     if select_split:
         check_selection_metric(config, cfg.selection_metric, select_split, loaded[select_split], model)
+    check_stage1_topk(model, config["eval"], loaded)  # a re-ranker's stage-I files, before the first step
     evaluate_fn = make_evaluate_fn(config, [select_split], run_device, loaded) if select_split else None
     summary = train(model, train_dataset(config, model, train_data), cfg, output_dir=out, evaluate_fn=evaluate_fn,
                     run_config=resolved, overwrite=overwrite, start_notes={k: v for k, v in notes.items() if v},

@@ -33,7 +33,10 @@ or ``cirlab data synth --out data/synthetic``. What is written under ``out_root`
 =====================================  =================================================================================
 
 The generator writes only into folders it created: a non-empty ``out_root`` or layout folder without its marker
-(e.g. your own Fashion-IQ folder) is refused, naming what would be deleted, unless ``force=True`` (``--force``).
+(e.g. your own Fashion-IQ folder) is refused, naming what would be deleted, unless ``force=True`` (``--force``). So is
+an ``out_root`` it wrote with other settings (seed, size, image size, file format: what ``synthetic.json`` records),
+naming what it holds and what was asked: runs trained there would read other data. The same settings again rewrite
+byte-identical files, with no ``force``.
 
 Every caption entry carries an extra key ``"modification"`` (color | add | remove | move | size), which the loaders
 keep in ``Triplet.extras``.
@@ -53,14 +56,14 @@ import logging
 import os
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from cirlab.core.config import MAX_SEED, int_range, is_whole, name_list
-from cirlab.core.errors import ConfigError
+from cirlab.core.errors import CirlabError, ConfigError
 from cirlab.data.generators import _owned
 from cirlab.data.generators import _scenes as sc
 from cirlab.data.generators._scenes import Edit, Scene, SceneSpec
@@ -72,6 +75,15 @@ MANIFEST = "synthetic.json"
 META = "synthetic_meta.json"
 MAX_IMAGE_SIZE = 1024  # BLIP's 384 fits; 100000 px squares exhausted memory before the first image was written
 LAYOUTS = ("fashioniq", "cirr", "shoes", "precomp")
+# what the manifest records about how its data was made: a write that differs in any of them writes other data
+# (``spec`` only for a custom SynthSize, whose name "custom" says nothing about its counts)
+SETTINGS = ("format", "seed", "size", "spec", "image_size")
+
+
+class OtherSettingsError(CirlabError, FileExistsError):
+    """A folder holds synthetic data written with other settings (seed, size, image size, format) than asked, and
+    replacing it was not forced: runs trained on it would then read other data without a word."""
+
 
 CATEGORY_SPECS: dict[str, SceneSpec] = {
     "dress": SceneSpec(("circle", "square", "triangle", "star")),
@@ -500,8 +512,10 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
         layouts: any of "fashioniq", "cirr", "shoes", "precomp" (a list, or one name).
         image_size: side of the rendered square images, in pixels.
         overwrite: remove an existing layout folder first (stale files from another seed never survive).
-        force: also write into (and replace layout folders of) a folder this generator did not create; without it
-            such a folder is refused (:class:`~cirlab.data.generators._owned.NotOwnedError` naming what would go).
+        force: also write into (and replace layout folders of) a folder this generator did not create, or one it
+            wrote with other settings; without it such a folder is refused (:class:`~cirlab.data.generators._owned.
+            NotOwnedError` naming what would go, :class:`OtherSettingsError` naming what it holds and what was asked).
+            The same settings again rewrite identical files and need no ``force``.
 
     Returns:
         The manifest (also written to ``out_root/synthetic.json``): seed, size, image size and, per layout,
@@ -518,11 +532,13 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
         raise ConfigError(f"seed must be a whole number from 0 to 2**32 - 1, got {seed!r}")
     spec = resolve_size(size)
     out = Path(out_root).expanduser()
-    _claim(out, layouts, force, overwrite)
+    settings = _settings_of(seed, size, image_size)
+    _claim(out, layouts, force, overwrite, settings)
     (out / MANIFEST).unlink(missing_ok=True)  # a partial write must never look complete
     manifest: dict[str, Any] = {"format": FORMAT_VERSION, "generator": __name__, "seed": seed,
-                                "size": size if isinstance(size, str) else "custom", "image_size": image_size,
-                                "layouts": {}}
+                                "size": settings["size"], "image_size": image_size, "layouts": {}}
+    if settings["spec"] is not None:  # a custom size: its counts, which the name "custom" does not say
+        manifest["spec"] = settings["spec"]
     for name in layouts:
         root = out / name
         if overwrite and root.exists():
@@ -539,9 +555,11 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
     return manifest
 
 
-def _claim(out: Path, layouts: Sequence[str], force: bool, overwrite: bool = True) -> None:
-    """Check, before anything is deleted or written, that ``out`` and its layout folders are this generator's, and
-    that a layout folder to be replaced holds only what it wrote there."""
+def _claim(out: Path, layouts: Sequence[str], force: bool, overwrite: bool = True,
+           settings: dict[str, Any] | None = None) -> None:
+    """Check, before anything is deleted or written, that ``out`` and its layout folders are this generator's, that
+    a layout folder to be replaced holds only what it wrote there, and that the data there was written with
+    ``settings`` (:func:`_settings_of`)."""
     from cirlab.core.io import check_writable
 
     command = "cirlab data synth"
@@ -563,12 +581,66 @@ def _claim(out: Path, layouts: Sequence[str], force: bool, overwrite: bool = Tru
     if overwrite:
         for name in layouts:
             _owned.refuse_foreign(command, out / name, force, (META,))
+    held = recorded_settings(out)
+    if settings is not None and held is not None and held != settings:
+        if not force:
+            raise other_settings_error(command, out, held, settings, "Choose another --out, or pass --force (Python: "
+                                       "force=True) to replace it")
+        # no flag named: ensure() forces its own cache folder, where nobody passed --force
+        logger.warning("replacing the synthetic data of %s in %s with data of %s: runs trained on it read other "
+                       "data from now on", describe_settings(held, settings), out, describe_settings(settings, held))
     _owned.mark(out, __name__)
+
+
+def other_settings_error(command: str, out: Path, held: dict[str, Any], asked: dict[str, Any],
+                         fix: str) -> OtherSettingsError:
+    """The refusal to replace ``out``'s data of settings ``held`` with data of settings ``asked``, then ``fix``."""
+    return OtherSettingsError(f"{command}: refusing to write into {out}: it holds synthetic data written with "
+                              f"{describe_settings(held, asked)}, not {describe_settings(asked, held)} as asked, and "
+                              f"runs trained on it would then read other data. {fix}")
+
+
+def _settings_of(seed: int, size: str | SynthSize, image_size: int) -> dict[str, Any]:
+    """The :data:`SETTINGS` of a write, as its manifest records them (JSON values: a custom size's tuples as lists,
+    so a record read back compares equal)."""
+    custom = not isinstance(size, str)
+    spec = json.loads(json.dumps(asdict(size))) if custom else None
+    return {"format": FORMAT_VERSION, "seed": seed, "size": "custom" if custom else size, "spec": spec,
+            "image_size": image_size}
+
+
+def recorded_settings(out_root: str | os.PathLike) -> dict[str, Any] | None:
+    """The :data:`SETTINGS` the manifest in ``out_root`` records (a missing one as None), or None where there is no
+    readable manifest of this generator (nothing written yet, an interrupted write, someone else's file: the
+    ownership checks deal with those)."""
+    try:
+        manifest = json.loads((Path(out_root) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("generator") != __name__:
+        return None
+    return {k: manifest.get(k) for k in SETTINGS}
+
+
+def describe_settings(settings: dict[str, Any], other: dict[str, Any] | None = None) -> str:
+    """``"seed 0, size tiny, 64-px images"``; the format and a custom size's counts only where they differ from
+    ``other``'s (they say nothing new otherwise)."""
+    other = other or {}
+    parts = [f"seed {settings.get('seed')}", f"size {settings.get('size')}"]
+    if settings.get("spec") is not None and settings.get("spec") != other.get("spec"):
+        parts[-1] += f" ({', '.join(f'{k}={v}' for k, v in settings['spec'].items())})"
+    parts.append(f"{settings.get('image_size')}-px images")
+    if settings.get("format") != other.get("format", settings.get("format")):
+        parts.append(f"file format {settings.get('format')}")
+    return ", ".join(parts)
 
 
 def ensure(out_root: str | os.PathLike | None = None, *, seed: int = 0, size: str = "default",
            layouts: Sequence[str] | str = LAYOUTS, image_size: int = 64) -> Path:
-    """The synthetic data root, generated only when missing or written with other settings.
+    """The synthetic data root, generated only when missing (or missing some of ``layouts``).
+
+    An ``out_root`` that holds data written with other settings (seed, size, image size, file format) is refused
+    (:class:`OtherSettingsError`): runs may have trained on it. The default folder is one per settings.
 
     ``out_root`` defaults to ``cirlab.core.paths.cache_dir() / "synthetic" / f"{size}-seed{seed}-{image_size}px"``.
     """
@@ -582,6 +654,13 @@ def ensure(out_root: str | os.PathLike | None = None, *, seed: int = 0, size: st
     if _written(out, wanted, layouts):
         return out
     with generated_folder_lock(out):  # a second process writing it too would break both trees
+        held, asked = recorded_settings(out), _settings_of(seed, size, image_size)
+        if out_root and held is not None and held != asked:
+            # a folder the caller named (dataset.synthetic.out) may hold the data earlier runs trained on; cirlab's
+            # own cache folder is per settings, so there only another file format differs, and it is rebuilt
+            command = f"cirlab data synth --out {out} --seed {seed} --size {size} --image-size {image_size}"
+            raise other_settings_error("synthetic data", out, held, asked, f"Name another folder (dataset.synthetic."
+                                       f"out), or replace it with `{command} --force`")
         if not _written(out, wanted, layouts):
             # the default folder is cirlab's own cache: a build from before the ownership markers is replaced
             generate(out, seed=seed, size=size, layouts=layouts, image_size=image_size, force=not out_root)
@@ -702,7 +781,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "synth", help="write the synthetic datasets (Fashion-IQ, CIRR, Shoes and precomp layouts)",
         description="Render shape scenes and write them in the real Fashion-IQ, CIRR, Shoes and Flickr30K precomp "
-                    "layouts. No network; the same seed writes byte-identical files.")
+                    "layouts. No network; the same seed writes byte-identical files. An --out written before "
+                    "with other settings (seed, size, image size) is refused without --force.")
     p.add_argument("--out", default=None,
                    help="destination folder (default: the synthetic folder of the data root: $CIRLAB_DATA, else "
                         "a folder named data in the current folder)")
@@ -716,9 +796,11 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--audit", action="store_true",
                    help="afterwards, read the CIR splits back and print oracle vs text-only/image-only bounds")
     p.add_argument("--force", action="store_true",
-                   help="write into --out even when it is a folder this command did not create, replacing its "
-                        "fashioniq/ cirr/ shoes/ precomp/ sub-folders, and with them files you added inside its "
-                        "own earlier output (without it either is refused, naming what would go)")
+                   help="write into --out even when it is a folder this command did not create, or one it wrote "
+                        "with another seed, size or image size, replacing its fashioniq/ cirr/ shoes/ precomp/ "
+                        "sub-folders, and with them files you added inside its own earlier output (without it each "
+                        "is refused, naming what would go; a re-run with the same settings rewrites the same files "
+                        "and needs no --force)")
     p.set_defaults(func=_run_cli)
     return p
 
