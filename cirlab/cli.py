@@ -52,7 +52,8 @@ def _add_train(subparsers: Any) -> None:
                    help="override a config entry, value parsed as YAML; repeatable "
                         "(e.g. --set train.lr=2e-4 --set dataset.root=PATH/TO/fiq --set dataset.category=[dress])")
     p.add_argument("--output-dir", default=None, type=user_path,
-                   help="run folder (default: the config's output_dir, else $CIRLAB_RUNS/<config name>)")
+                   help="run folder (default: the config's output_dir, else $CIRLAB_RUNS/<config name>, "
+                        "./runs/<config name> without CIRLAB_RUNS)")
     p.add_argument("--resume", action="store_true",
                    help="continue from <output-dir>/checkpoints/last.pt when it exists (exact: same losses as an "
                         "uninterrupted run); the stored config.yaml must match (differences are listed)")
@@ -255,6 +256,21 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_unread_sections(overrides: Sequence[tuple[list[str], Any]], model: str | None) -> None:
+    """``cirlab eval --set train.lr=...`` was accepted and read by nothing (typos and wrong types included): eval
+    rebuilds the model its checkpoint records and trains nothing. ``model_overrides`` are read only for a
+    checkpoint that records no model (``--model``)."""
+    from cirlab.core.errors import ConfigError
+
+    read = ("dataset", "eval", "model_overrides") if model else ("dataset", "eval")
+    for path, _ in overrides:
+        if path[0] not in read:
+            raise ConfigError(f"--set {'.'.join(path)}: cirlab eval reads only the {' and '.join(read)} sections "
+                              "(the model and its weights come from the checkpoint, nothing is trained)"
+                              + ("; model_overrides apply with --model, to a checkpoint that records no model"
+                                 if path[0] == "model_overrides" else ""))
+
+
 def _warn_if_the_data_changed(run_dir: Path, config: dict[str, Any]) -> None:
     """The files defining the data under the root read now differ from those the run was trained on (regenerated
     synthetic data, an edited split file, another stage-I top-K): its numbers here will not match metrics.json."""
@@ -299,7 +315,9 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
     config = merge_config(config, cli)
     if (other or source is None) and config["dataset"].get("name"):
         _catalog_splits(config["dataset"])
-    config = apply_overrides(config, parse_set(args.overrides))
+    overrides = parse_set(args.overrides)
+    _refuse_unread_sections(overrides, getattr(args, "model", None))
+    config = apply_overrides(config, overrides)
     if not config["dataset"].get("name"):
         if source is not None:  # a run of the Python API (cirlab.fit) records none
             raise ConfigError(f"cirlab eval: {source} records no dataset (a cirlab.fit run is given its data "
@@ -313,11 +331,12 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
                        Path(str(stored_root)).expanduser().absolute())
     flags = [f"{flag} {value}" for _, _, flag, value in given]
     validate_blaming(config, base, str(source) if source is not None else "cirlab eval",
-                     flags + [f"--set {o}" for o in args.overrides], for_eval=True)
+                     flags + [f"--set {o}" for o in args.overrides], for_eval=True, check_train=bool(args.config))
     # the run's model, whatever --config says (without --config, config.yaml of the run is the config read above)
     model = getattr(args, "model", None) or (_run_model(run_dir) if args.config else None) or config.get("model")
-    _refuse_a_task_mismatch(model, config["dataset"]["name"], flags + ([f"--config {args.config}"] if args.config
-                                                                        else []))
+    blamed = ([f"--model {args.model}"] if getattr(args, "model", None)  # the flag that named the model
+              else flags + ([f"--config {args.config}"] if args.config else []))
+    _refuse_a_task_mismatch(model, config["dataset"]["name"], blamed)
     return config
 
 
@@ -383,6 +402,10 @@ def _checkpoint_of(target_arg: str, name: str) -> tuple[Path, Path | None]:
             f"has no checkpoints/{name} (a run still training or stopped early? try --checkpoint last.pt)"
         raise CheckpointError(f"{run_dir} {what}")
     checkpoint = target / "checkpoints" / name if run_dir else target
+    if run_dir is None:  # a file given: say what it is before the config is looked for (a text file read "no dataset")
+        from cirlab.core.checkpoint import check_checkpoint_file
+
+        check_checkpoint_file(checkpoint)
     if run_dir is None and (target.parent.parent / "config.yaml").is_file() and target.parent.name == "checkpoints":
         run_dir = target.parent.parent  # a checkpoint inside a run folder: use that run's config
     return checkpoint, run_dir
@@ -517,8 +540,9 @@ def _run_notebooks(args: argparse.Namespace) -> int:
     for source, target in pairs:
         shutil.copyfile(source, target)
     kept = f" ({len(same)} already there, unchanged)" if same else ""
-    print(f"copied {len(pairs)} notebooks to {out}{kept}: {', '.join(t.name for _, t in pairs) or '-'}\n"
-          f"open them with: jupyter lab {shlex.quote(str(out))}   (start with quickstart.ipynb)")
+    done = (f"copied {len(pairs)} notebooks to {out}{kept}: {', '.join(t.name for _, t in pairs)}" if pairs
+            else f"the {len(same)} notebooks in {out} are up to date (nothing copied)")
+    print(f"{done}\nopen them with: jupyter lab {shlex.quote(str(out))}   (start with quickstart.ipynb)")
     return 0
 
 

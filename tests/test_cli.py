@@ -522,6 +522,8 @@ def test_settings_that_were_read_and_ignored_are_refused(tmp_path):
                                           r".*model_overrides"):
         validate_config(with_defaults({**base, "model_config": {"embed_dim": 999}}))
     validate_config(with_defaults({**base, "model_config": {"embed_dim": 64}}))  # a run's own record, run again
+    with pytest.raises(ConfigError, match=r"model_config: unknown field 'embed_dimm' \(did you mean 'embed_dim'\?\)"):
+        validate_config(with_defaults({**base, "model_config": {"embed_dimm": 999}}))  # a typo passed as matching
     with pytest.raises(ConfigError, match=r"dataset.category: cirr has no categories"):
         validate_config(with_defaults({**base, "dataset": {"name": "cirr", "category": "dress"}}))
     with pytest.raises(ConfigError, match=r"run_experiment takes a run config .* cirlab.load_config\(path\)"):
@@ -965,3 +967,47 @@ def test_a_set_given_twice_or_replacing_a_whole_mapping_is_said(caplog):
     with caplog.at_level(logging.WARNING):  # one entry changed, or the same value twice: nothing to say
         apply_overrides(raw, parse_set(["dataset.category=shirt", "train.lr=1", "train.lr=1"]))
     assert caplog.text == ""
+
+
+def test_eval_refuses_settings_it_would_not_read(tmp_path, synth, caplog):
+    out = tmp_path / "run"
+    assert main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), "--output-dir", str(out),
+                 "--set", "train.max_steps=1"]) == 0
+    for setting, says in (("train.lrr=1", "--set train.lrr: cirlab eval reads only the dataset and eval sections"),
+                          ("model_overrides.embed_dim=32", "model_overrides apply with --model")):
+        caplog.clear()
+        assert main(["eval", str(out), "--set", setting, "--split", "val"]) == 2
+        assert says in caplog.text
+    typo = yaml.safe_load((tmp_path / "stub.yaml").read_text())
+    typo["train"]["max_step"] = 5
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(typo))
+    caplog.clear()
+    assert main(["eval", str(out), "--config", str(tmp_path / "typo.yaml"), "--split", "val"]) == 2
+    assert "unknown field 'max_step' (did you mean 'max_steps'?)" in caplog.text
+
+
+def test_a_run_name_is_a_folder_name_not_a_path(tmp_path, caplog, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "amc_synthetic_tiny", "--set", "name=../escaped", "--set", "train.max_steps=1"]) == 2
+    assert "name '../escaped': it becomes part of a file name" in caplog.text
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "runs").exists()
+
+
+def test_eval_says_what_is_wrong_with_the_flag_that_is_wrong(tmp_path, synth, caplog):
+    out = tmp_path / "run"
+    assert main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), "--output-dir", str(out),
+                 "--set", "train.max_steps=1"]) == 0
+    text = tmp_path / "notes.txt"
+    text.write_text("my notes\n")
+    cases = [(["eval", str(text)], f"checkpoint {text} (9 bytes) is a text file, not a checkpoint"),  # was: no dataset
+             (["eval", str(out), "--preset", "fashioniq", "--split", "val"], "records its model (stub_cir) and the "
+              "config it was built with: drop --preset"),  # was: built from the preset, then a state-dict dump
+             (["eval", str(out), "--model", "stub_itm", "--split", "val"], "--model stub_itm: ")]  # was: --split
+    for argv, says in cases:
+        caplog.clear()
+        assert main(argv) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and says in errors[0], errors
+    caplog.clear()
+    assert main(["train", str(tmp_path / "stub.yaml"), "--set", "train.lr=null"]) == 2
+    assert caplog.text.rstrip().endswith("train.lr: expected a number, got null")

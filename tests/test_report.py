@@ -41,6 +41,63 @@ def test_unknown_overrides_fail_early():
     report.check_overrides({"rank_shift.pool_k": 3, "data_root": "/x"}, list(report.ORDER))
 
 
+def _documented_settings() -> str:
+    """The ``--set settings=[...]`` value ``cirlab report --help`` shows."""
+    parser = argparse.ArgumentParser(prog="cirlab")
+    sub = parser.add_subparsers()
+    report.register_cli(sub)
+    return re.search(r"--set '(settings=\[[^']*\])'", sub.choices["report"].format_help()).group(1)
+
+
+def test_set_settings_passes_cirlab_train_overrides_to_the_notebooks_that_train(tmp_path):
+    from cirlab.engine.runs import parse_set_flat
+
+    # the help's example was refused: "--set settings: no such parameter" (the notebooks that train declare it)
+    overrides = parse_set_flat([_documented_settings()])
+    assert overrides == {"settings": ["train.lr=1e-3", "train.epochs=2"]}
+    report.check_overrides(overrides, ["train"])
+    report.check_override_types(overrides, list(report.ORDER))
+    given = {n: report.notebook_parameters(n, tmp_path, "/data", overrides=overrides).get("settings")
+             for n in report.plan()}
+    assert {n for n, v in given.items() if v is not None} == {"train", "rank_shift", "train_dime", "train_hrem",
+                                                              "train_cala", "quickstart"}
+    assert given["train"] == given["quickstart"] == ["train.lr=1e-3", "train.epochs=2"]
+    # one value without brackets is a list of one (the notebooks add it to their recipe's list), for one entry only
+    one = {"train_dime.settings": "train.lr=1e-3"}
+    assert report.notebook_parameters("train_dime", tmp_path, "/data", overrides=one)["settings"] == ["train.lr=1e-3"]
+    assert "settings" not in report.notebook_parameters("train", tmp_path, "/data", overrides=one)
+    with pytest.raises(ValueError, match="--set settings: no such parameter"):  # no selected notebook trains
+        report.check_overrides(overrides, ["evaluate", "router_explorer"])
+    for bad, said in ((["trian.lr=1"], r"--set settings: trian\.lr: unknown section 'trian' \(did you mean 'train'"),
+                      ("train.lr", r"--set settings: 'train\.lr': expected KEY=VALUE"),
+                      (["model.lr=1"], r"--set settings: model\.lr: 'model' is not a section"),
+                      (["train=3"], r"--set settings: train: expected a mapping, got 3"),
+                      ([{"train.lr": 1}], r"--set settings: .* expected a KEY=VALUE string"),
+                      (5, r"--set settings=5: expected a list of cirlab train --set overrides")):
+        with pytest.raises(ValueError, match=said):
+            report.check_overrides({"settings": bad}, ["train"])
+
+
+def test_the_helps_settings_example_reaches_the_train_notebook(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbs = tmp_path / "notebooks"
+    nbs.mkdir()
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("out: str = ''  # output folder\nsettings: list = []  # run-config overrides")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(
+        "import json, pathlib\npathlib.Path(out).mkdir(parents=True, exist_ok=True)\n"
+        "(pathlib.Path(out) / 'settings.json').write_text(json.dumps(settings))")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, nbs / "train.ipynb")
+    monkeypatch.setattr(report, "REPORT_PARAMETERS", {**report.REPORT_PARAMETERS, "train": {"out": "{out}/train"}})
+    out = tmp_path / "rep"
+    code = report.main(["--out", str(out), "--only", "train", "--kernel", "python3", "--notebooks", str(nbs),
+                        "--set", f"data_root={tmp_path}", "--set", _documented_settings()])
+    assert code == 0
+    assert json.loads((out / "train" / "settings.json").read_text()) == ["train.lr=1e-3", "train.epochs=2"]
+
+
 def test_plan_orders_by_dependency_and_adds_missing_prerequisites(tmp_path):
     assert report.plan() == ["train", "evaluate", "router_explorer", "rank_shift", "train_dime",
                              "router_explorer_dime", "train_hrem", "router_explorer_hrem", "train_cala",
@@ -735,3 +792,60 @@ def test_an_unknown_kernel_is_one_line_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"--kernel pythn3: no Jupyter kernel .*did you mean 'python3'.*installed: "):
         report.run_report(tmp_path / "r", only="evaluate", kernel_name="pythn3", stream=io.StringIO())
     assert not (tmp_path / "r").exists()
+
+
+def test_a_missing_data_root_is_refused_before_any_kernel_starts(tmp_path, monkeypatch, caplog, capsys):
+    # it started the train notebook, which failed in its second cell (exit 1, the error on stdout, rep/_failed)
+    monkeypatch.setattr(report, "ensure_synthetic_data", lambda *a, **k: pytest.fail("data built before the check"))
+    monkeypatch.setattr(report, "run_entry", lambda *a, **k: pytest.fail("a notebook started before the check"))
+    missing = tmp_path / "nope"
+    with caplog.at_level(logging.ERROR):
+        code = report.main(["--only", "train", "--smoke", "--out", str(tmp_path / "rep"), "--set",
+                            f"data_root={missing}"])
+    assert code == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        f"--set data_root={missing}: {missing} does not exist: point it at your data, or write the synthetic set "
+        f"there with `cirlab data synth --out {missing}`"]
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "rep").exists()
+
+
+def test_set_paths_are_made_absolute_and_must_exist_unless_a_prerequisite_writes_them(tmp_path, monkeypatch):
+    from cirlab.core.errors import MissingPathError
+
+    monkeypatch.chdir(tmp_path)  # the kernels run in <out>/<entry>/: a relative path meant another folder there
+    (tmp_path / "data").mkdir()
+    out, names = tmp_path / "rep", report.plan()
+    given = {"data_root": "data", "evaluate.runs": ["rep/train"], "rank_shift.before": "rep/evaluate/topk/untrained",
+             "router_explorer.compare": "untrained", "train.resume": "auto", "k": 5}
+    assert report.resolve_input_paths(given, names, out) == {
+        **given, "data_root": str(tmp_path / "data"), "evaluate.runs": [str(out / "train")],
+        "rank_shift.before": str(out / "evaluate" / "topk" / "untrained")}
+    for bad, missing in (({"train.data_root": "rep/train"}, out / "train"),  # no entry writes data
+                         ({"evaluate.runs": ["rep/train", "rep/train_dime"]}, out / "train_dime"),  # not waited for
+                         ({"train.resume": "old/last.pt"}, tmp_path / "old" / "last.pt"),
+                         ({"router_explorer.run_dir": "rep/trian"}, out / "trian")):
+        with pytest.raises(MissingPathError, match=re.escape(f"{missing} does not exist")):
+            report.resolve_input_paths(bad, names, out)
+    # only the entries that run are checked: a path for one that does not is not read
+    assert report.resolve_input_paths({"train.resume": "old/last.pt"}, ["evaluate"], out)
+
+
+def test_a_failed_notebook_is_also_an_error_line_on_stderr(tmp_path, monkeypatch, caplog):
+    nbs = tmp_path / "notebooks"
+    nbs.mkdir()
+    _notebook(nbs / "evaluate.ipynb", "if fail: raise ValueError('broken on purpose')")
+    monkeypatch.setattr(report, "REPORT_PARAMETERS", {**report.REPORT_PARAMETERS,
+                                                      "evaluate": {"fail": True, "out": "{out}/evaluate"}})
+    out = tmp_path / "reports"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "metrics.json").write_text("{}")  # prerequisite present: only evaluate runs
+    stream = io.StringIO()
+    with caplog.at_level(logging.ERROR):
+        code = report.run_report(out, only="evaluate", overrides={"data_root": str(tmp_path)}, kernel_name="python3",
+                                 notebook_dir=nbs, stream=stream)
+    assert code == 1 and "[1/1] evaluate: FAILED" in stream.getvalue()  # the progress (stdout) says it
+    # ... and so does the log (stderr), in one line: with stdout sent to a file the terminal showed nothing
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and re.fullmatch(r"evaluate: cell 2/2 \(In \[\d+\] of evaluate\.ipynb\) failed: "
+                                             r"ValueError: broken on purpose", errors[0]), errors

@@ -121,16 +121,9 @@ def _not_a_checkpoint(path: Path, kind: str) -> CheckpointError:
 TRUST_HINT = "if you trust its source, pass trust_pickle=True (CLI: --trust-pickle)"
 
 
-def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", trust_pickle: bool = False,
-                    trust_hint: str = TRUST_HINT) -> Any:
-    """Load a checkpoint with ``weights_only=True``; pickled objects only when ``trust_pickle`` is set.
-
-    Returns the loaded object (a dict for cirlab checkpoints; possibly an ``nn.Module`` for trusted
-    pickled checkpoints). Raises :class:`CheckpointError` naming the file when it is missing, truncated,
-    corrupt, not a checkpoint at all (the message says what it is), or holds pickled code while
-    ``trust_pickle`` is False; ``trust_hint`` is what that refusal tells the user to do (a reader without a
-    ``trust_pickle`` option says what else works).
-    """
+def check_checkpoint_file(path: str | os.PathLike) -> Path:
+    """``path`` when it is a file that looks like a PyTorch checkpoint (from its first bytes, without loading it);
+    else a :class:`CheckpointError` saying what it is (missing, a folder, empty, text, HTML, ...)."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")
@@ -141,11 +134,25 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", trust
     kind = sniff(path)
     if kind not in ("torch-zip", "torch-legacy", "pickle"):
         raise _not_a_checkpoint(path, kind)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", trust_pickle: bool = False,
+                    trust_hint: str = TRUST_HINT) -> Any:
+    """Load a checkpoint with ``weights_only=True``; pickled objects only when ``trust_pickle`` is set.
+
+    Returns the loaded object (a dict for cirlab checkpoints; possibly an ``nn.Module`` for trusted
+    pickled checkpoints). Raises :class:`CheckpointError` naming the file when it is missing, truncated,
+    corrupt, not a checkpoint at all (the message says what it is), or holds pickled code while
+    ``trust_pickle`` is False; ``trust_hint`` is what that refusal tells the user to do (a reader without a
+    ``trust_pickle`` option says what else works).
+    """
+    path = check_checkpoint_file(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         if not _is_weights_only_refusal(err):
-            if kind == "pickle":
+            if sniff(path) == "pickle":
                 raise CheckpointError(f"checkpoint {path} is a Python pickle that is not a PyTorch checkpoint (it "
                                       "uses pickle instructions a weights-only load does not read)") from err
             raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({_first_line(err)})") from err

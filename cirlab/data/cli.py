@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from cirlab.core.cliargs import Parser
+from cirlab.core.paths import user_path
 from cirlab.core.config import int_range
 
 logger = logging.getLogger(__name__)
@@ -47,9 +48,9 @@ def _add_check(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", required=True, choices=DATASETS,
                         help="layout to check; 'precomp' checks every *_precomp folder (and GPO's "
                              "<name>/precomp/) under --root")
-    parser.add_argument("--root", default=None,
+    parser.add_argument("--root", default=None, type=user_path,
                         help="dataset root, or a folder holding <dataset>/ (as cirlab data synth writes); "
-                             "default: $CIRLAB_DATA/<dataset>; precomp: $CIRLAB_DATA")
+                             "default: $CIRLAB_DATA/<dataset>; precomp: $CIRLAB_DATA (./data without CIRLAB_DATA)")
     parser.add_argument("--verify-images", action="store_true",
                         help="fully decode every image file (slow on the full datasets); by default only each "
                              "image's header and ending are checked (catches empty, garbage and truncated files)")

@@ -45,7 +45,7 @@ from typing import Any, Iterator, Sequence
 import yaml
 
 from cirlab.core.config import did_you_mean, unknown_names_message
-from cirlab.core.io import folder_lock, to_plain, write_json
+from cirlab.core.io import file_name_part, folder_lock, to_plain, write_json
 from cirlab.core.contracts import (HasDatasetExtras, HasEnsemble, HasImageTransform, HasInit, HasOwnEvaluation,
                                    HasVocab)
 
@@ -249,6 +249,9 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
     may name a config cirlab ships (:func:`config_path`)."""
     path = config_path(path)  # its name below is the file's
     raw = read_config_file(path)
+    if not raw:
+        raise ConfigError(f"{path}: the file sets nothing (empty, or only comments): a run config names at least a "
+                          "model and a dataset (e.g. configs/amc_synthetic_tiny.yaml)")
     check_sections(raw, str(path))  # before the --set overrides merge into them
     config = with_defaults(apply_overrides(raw, parse_set(overrides)))
     config.setdefault("name", path.stem)
@@ -293,20 +296,25 @@ def check_sections(config: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: {section}: expected a mapping, got {config[section]!r:.60}")
 
 
-def validate_config(config: dict[str, Any], source: str = "config", *, for_eval: bool = False) -> None:
+def validate_config(config: dict[str, Any], source: str = "config", *, for_eval: bool = False,
+                    check_train: bool = False) -> None:
     """Check every section before any data is read: names (model, preset, dataset, protocol), every key of every
     section against its schema with "did you mean" suggestions, and values (types, ranges, choices).
 
     ``for_eval``: the config of ``cirlab eval``: the model comes from the checkpoint, nothing is trained, so only
-    the sections it reads (dataset, eval) are checked.
+    the sections it reads (dataset, eval) are checked, and the train section with ``check_train`` (a file the user
+    passed, whose typos would otherwise go unsaid; a run's own config.yaml holds what its version resolved).
     Raises :class:`ConfigError` naming ``source`` and the field.
     """
     check_sections(config, source)
     for key in ("name", "output_dir"):
         if config.get(key) is not None and not isinstance(config[key], str):
             raise ConfigError(f"{source}: {key}: expected a string, got {config[key]!r}")
+    if config.get("name") and not for_eval:  # the run folder's name under runs/: ../x wrote outside it
+        file_name_part(config["name"], f"{source}: name")
     if not for_eval:  # cirlab eval rebuilds the model from the checkpoint and trains nothing
         _validate_model(config, source)
+    if not for_eval or check_train:
         _validate_train(config, source)
     _validate_dataset(config, source)
     if not for_eval:
@@ -357,7 +365,8 @@ def _validate_model(config: dict[str, Any], source: str) -> None:
 
     name = config.get("model")
     if not name:
-        raise ConfigError(f"{source}: 'model' is required (one of cirlab.list_models())")
+        raise ConfigError(f"{source}: 'model' is required: one of {', '.join(list_models())} (`cirlab models` lists "
+                          "them with their presets)")
     try:
         entry = get_entry(str(name))
     except KeyError:
@@ -410,7 +419,12 @@ def _check_written_model_config(config: dict[str, Any], source: str, overrides: 
     if getattr(get_entry(name).config_cls, "FOLLOWS_RUN_DATASET", False) and "dataset" not in overrides:
         overrides = {**overrides, "dataset": (config.get("dataset") or {}).get("name")}
     built = to_plain(dataclasses.asdict(build_config(name, config.get("preset"), **overrides)))
-    differ = [k for k, v in written.items() if to_plain(v) != built.get(k, v)]
+    renamed = getattr(get_entry(name).config_cls, "RENAMED", {})  # a run written before a field was renamed
+    written = {renamed.get(k, k): v for k, v in written.items()}
+    unknown = sorted(set(written) - set(built))
+    if unknown:  # an edited record with a typo read as matching
+        raise ConfigError(unknown_names_message(f"{source}: model_config", unknown, built))
+    differ = [k for k, v in written.items() if to_plain(v) != built[k]]
     if differ:
         shown = ", ".join(f"{k}: {written[k]!r} (builds {built.get(k)!r})" for k in differ[:3])
         raise ConfigError(f"{source}: model_config is the record a run writes and is not read, and it differs from "
@@ -703,6 +717,9 @@ def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, 
     if model and saved and model != saved:
         raise CheckpointError(f"{path} holds weights of model {saved!r}, not {model!r}; drop --model (the checkpoint "
                               "knows its model) or pass the matching checkpoint")
+    if preset is not None and saved and meta.get("model_config"):  # built from the preset, its weights then clashed
+        raise CheckpointError(f"{path} records its model ({saved}) and the config it was built with: drop --preset "
+                              "(it is for checkpoints that record no model, with --model)")
     try:
         entry = get_entry(name)
     except KeyError:

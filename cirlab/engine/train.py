@@ -202,7 +202,8 @@ def _value_problem(name: str, value: Any) -> str | None:
         return None if ok else "expected a list of epoch numbers >= 0, e.g. [40]"
     kind, low, inclusive, optional = _RULES[name]
     if value is None:
-        return None if optional else f"expected {'an integer' if kind == 'int' else 'a ' + _KIND_NAMES[kind]}, got null"
+        # the caller adds "got <value>": "got null" here read "got null, got None"
+        return None if optional else f"expected {'an integer' if kind == 'int' else 'a ' + _KIND_NAMES[kind]}"
     if kind == "bool":
         return None if isinstance(value, bool) else "expected true or false"
     if kind == "str":
@@ -251,7 +252,7 @@ def validate_train_values(values: Mapping[str, Any], prefix: str = "train.") -> 
         if name in _RULES or name in ("betas", "lr_milestones"):
             problem = _value_problem(name, value)
             if problem:
-                raise ConfigError(f"{prefix}{name}: {problem}, got {value!r}")
+                raise ConfigError(f"{prefix}{name}: {problem}, got {'null' if value is None else repr(value)}")
 
 
 def check_device(device: str, where: str = "device") -> None:

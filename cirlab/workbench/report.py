@@ -35,9 +35,11 @@ with ``{out}`` (the report folder), ``{data}`` (the synthetic data root) and ``{
 precomp data: the "small" size, because DIME scores every image-caption pair with cross-attention and the
 default size's 100 x 500 validation pairs cost minutes per evaluation on two CPU cores; ``--smoke`` and
 ``--set data_root=...`` use ``{data}`` for both) filled in; ``tests/test_notebooks.py``
-checks them against ``papermill.inspect_notebook``. Secrets (tracking keys) never go through parameters: they
-are read from environment variables by the code that needs them, because papermill writes every parameter into
-the executed notebook.
+checks them against ``papermill.inspect_notebook``. ``--set`` changes them, and passes the
+:data:`SET_ONLY_PARAMETERS` (``settings``: ``cirlab train --set`` overrides for the notebooks that train) when it
+names them; a path it gives must exist before any notebook starts (:data:`INPUT_PATHS`). Secrets (tracking keys)
+never go through parameters: they are read from environment variables by the code that needs them, because
+papermill writes every parameter into the executed notebook.
 """
 from __future__ import annotations
 
@@ -313,6 +315,18 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
     for name, params in REPORT_PARAMETERS.items()
 }
 SYNTHETIC_SIZE = {"report": "default", "smoke": "tiny"}
+# Notebook parameters the report leaves at the notebook's default and passes only when `--set` names them, per
+# notebook: `settings`, the run-config overrides (`cirlab train --set`'s, applied after the notebook's short CPU
+# recipe) of the notebooks that train (rank_shift: its stage I). Not in REPORT_PARAMETERS, so that a report without
+# them passes, and records, exactly what it did before.
+SET_ONLY_PARAMETERS: dict[str, tuple[str, ...]] = {"train": ("settings",), "quickstart": ("settings",),
+                                                   "rank_shift": ("settings",)}
+# Notebook parameters naming a file or folder the notebook reads, with the words they also take. A `--set` value is
+# made absolute (the kernels run in <out>/<entry>/, where a relative path meant something else) and must exist
+# before any notebook starts: data_root always (no entry writes data), the others unless they lie in the folder of
+# an entry this report writes before the one that reads it (`--set rank_shift.before=reports/evaluate/topk/...`).
+INPUT_PATHS: dict[str, tuple[str, ...]] = {"data_root": (), "runs": (), "run_dir": (), "compare": ("untrained",),
+                                           "before": (), "after": (), "resume": ("auto",)}
 SYNTHETIC_SIZE_ITM = "small"  # the report's {itm_data} (precomp only); smoke runs use {data}
 
 
@@ -339,13 +353,21 @@ def notebook_parameters(name: str, out: str | os.PathLike, data_root: str | os.P
     base = (SMOKE_PARAMETERS if smoke else REPORT_PARAMETERS)[name]
     itm = Path(itm_data_root) if itm_data_root else Path(data_root)
     params = {k: _fill(v, Path(out), Path(data_root), itm) for k, v in base.items()}
+    settable = _settable(name)
     for key, value in (overrides or {}).items():
         nb, _, field = key.rpartition(".")
         if nb and nb != name:
             continue
-        if field in params:
-            params[field] = value
+        if field in settable:
+            # one value without brackets is a list of one (the notebooks concatenate `settings` to a list)
+            params[field] = [value] if field in SET_ONLY_PARAMETERS.get(notebook_of(name), ()) and isinstance(
+                value, str) else value
     return params
+
+
+def _settable(name: str) -> set[str]:
+    """The parameters ``--set`` may change in entry ``name``: the report's own and its notebook's set-only ones."""
+    return {*REPORT_PARAMETERS[name], *SET_ONLY_PARAMETERS.get(notebook_of(name), ())}
 
 
 def _override_targets(key: str, names: Sequence[str]) -> tuple[str, list[str]]:
@@ -358,12 +380,83 @@ def _override_targets(key: str, names: Sequence[str]) -> tuple[str, list[str]]:
 
 
 def check_overrides(overrides: Mapping[str, Any], names: Sequence[str]) -> None:
-    """Every ``--set`` key must name a parameter of at least one selected notebook (typos fail early)."""
-    for key in overrides:
+    """Every ``--set`` key must name a parameter of at least one selected notebook (typos fail early), and every
+    entry of a ``settings`` value must be a ``cirlab train --set`` override."""
+    for key, value in overrides.items():
         field, targets = _override_targets(key, names)
-        if field != "data_root" and not any(field in REPORT_PARAMETERS[t] for t in targets):
-            known = sorted({p for t in targets for p in REPORT_PARAMETERS[t]})
+        if field != "data_root" and not any(field in _settable(t) for t in targets):
+            known = sorted({p for t in targets for p in _settable(t)})
             raise ConfigError(f"--set {key}: no such parameter; known: {', '.join(known)}")
+        if field == "settings":
+            check_settings(key, value)
+
+
+def check_settings(key: str, value: Any) -> None:
+    """``--set settings=[train.lr=1e-3, ...]``: each entry ``section.key=value`` as ``cirlab train --set`` takes it,
+    refused here in one line instead of in a training cell after the entry's prerequisites ran. The fields of a
+    section are checked by the notebook (with its model's config): knowing them would import torch here."""
+    from cirlab.engine.runs import DEFAULTS, apply_overrides, check_sections, parse_set
+
+    if not isinstance(value, (str, list)):
+        raise ConfigError(f"--set {key}={value!r}: expected a list of cirlab train --set overrides, e.g. "
+                          "'settings=[train.lr=1e-3, train.epochs=2]'")
+    # the notebooks' run configs name their model and preset: a key below one of them is not a section there
+    config = {**DEFAULTS, "name": "report", "model": "model", "preset": "preset"}
+    try:
+        changed = apply_overrides(config, parse_set(value))
+    except ConfigError as err:  # parse_set's and apply_overrides' messages start with "--set <entry>"
+        raise ConfigError(f"--set {key}: {str(err).removeprefix('--set ')}") from None
+    check_sections(changed, f"--set {key}")
+
+
+def resolve_input_paths(overrides: Mapping[str, Any], names: Sequence[str], out: Path) -> dict[str, Any]:
+    """``overrides`` with each :data:`INPUT_PATHS` value an entry of ``names`` reads made absolute (relative to the
+    current directory, as ``--out``) and checked to exist, before any data is generated or kernel starts:
+    ``--set data_root=/typo`` failed in the notebook's second cell and left a failed entry in ``out``. A path in
+    the folder of a prerequisite of every entry reading it (``{out}/train/...`` for evaluate) may not exist yet:
+    this report writes it first."""
+    resolved = dict(overrides)
+    for key, value in overrides.items():
+        field, targets = _override_targets(key, names)
+        # the bare data_root is the report's own {data}, whichever entries declare it
+        readers = [t for t in targets if t in names and (field in _settable(t) or key == "data_root")]
+        if field not in INPUT_PATHS or not readers:
+            continue
+        paths = []
+        for given in value if isinstance(value, list) else [value]:
+            if isinstance(given, (int, float)) and not isinstance(given, bool):
+                given = str(given)  # YAML read `--set run_dir=2024` as a number; the notebook takes a str
+            if not isinstance(given, str) or not given or given in INPUT_PATHS[field]:
+                paths.append(given)  # a word the parameter takes, "" (the notebook's default), or a wrong type
+                continue  # (check_override_types has refused those)
+            path = Path(given).expanduser().resolve()
+            if not path.exists() and (field == "data_root" or not _written_first(path, out, readers, names)):
+                hint = (f": point it at your data, or write the synthetic set there with `cirlab data synth --out "
+                        f"{path}`" if field == "data_root" else "")
+                raise MissingPathError(f"--set {key}={given}: {path} does not exist{hint}")
+            paths.append(str(path))
+        resolved[key] = paths if isinstance(value, list) else paths[0]
+    return resolved
+
+
+def _written_first(path: Path, out: Path, readers: Sequence[str], names: Sequence[str]) -> bool:
+    """Whether ``path`` lies in the folder of an entry this report runs and finishes before each of ``readers``
+    starts (a prerequisite: ``--jobs 2`` runs the others alongside)."""
+    if not path.is_relative_to(out) or path == out:
+        return False
+    writer = path.relative_to(out).parts[0]
+    return writer in names and all(writer in _prerequisites(reader) for reader in readers)
+
+
+def _prerequisites(name: str) -> set[str]:
+    """Every entry ``name`` waits for (:data:`DEPENDS`, transitively)."""
+    found, stack = set(), [name]
+    while stack:
+        for dep in DEPENDS.get(stack.pop(), ()):
+            if dep not in found:
+                found.add(dep)
+                stack.append(dep)
+    return found
 
 
 def plan(only: str | Sequence[str] | None = None, out: Path | None = None, skip: Sequence[str] = ()) -> list[str]:
@@ -914,6 +1007,7 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
     os.environ.update(thread_env(None if jobs == 1 or os.environ.get(ENV) else max(1, (os.cpu_count() or 1) // jobs)))
     check_overrides(overrides, names)
     check_override_types(overrides, names, notebook_dir)
+    overrides = resolve_input_paths(overrides, names, out)
     check_entry_folders(out, names)
     if kernel_name:
         check_kernel(kernel_name)
@@ -948,6 +1042,9 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
                 executed = out / FAILED_DIR / name / (name + ".ipynb")
                 _say(stream, f"{tag}: FAILED after {time.time() - t0:.1f}s\n{err}\n"
                              + (f"executed notebook: {executed} ({kept})" if executed.is_file() else f"({kept})"))
+                # and its error on stderr, as every other error of the command: with the progress (stdout) sent to
+                # a file or a pipe, or no stream given, the exit status 1 was all that reached the terminal
+                logger.error("%s", " ".join(str(err).split()))
                 return False
             _say(stream, f"{tag}: done in {time.time() - t0:.1f}s -> {out / name}")
             return True
@@ -1251,26 +1348,12 @@ def regenerate_command(command: str | None, name: str) -> str:
 
 
 def _commit() -> str:
-    """``abc1234`` (``+ uncommitted changes`` when the work tree differs) of the checkout, or ``unknown``."""
-    import subprocess
-
+    """``abc1234`` (``+ uncommitted changes`` when the work tree differs) of the checkout in use, or what else
+    identifies the code (:func:`cirlab.core.provenance.code_version`)."""
+    from cirlab.core.provenance import code_version
     from cirlab.workbench.recipes import project_root
 
-    from cirlab import __version__
-
-    root = project_root()
-    if root is None:  # an installed wheel: its version is what identifies the code
-        return f"cirlab {__version__} (installed, not a git checkout)"
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (git not available)"
-    if head.returncode != 0:
-        return f"cirlab {__version__} (not a git checkout)"
-    return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+    return code_version(project_root())
 
 
 def _say(stream: TextIO | None, line: str) -> None:
@@ -1533,7 +1616,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"several. Notebooks: {', '.join(ORDER)}")
     parser.add_argument("--set", dest="set_", action="append", default=[], metavar="KEY=VALUE",
                         help="override a notebook parameter: KEY=VALUE for every notebook that has it, or "
-                             "NOTEBOOK.KEY=VALUE for one; data_root=PATH uses your data instead of the synthetic set")
+                             "NOTEBOOK.KEY=VALUE for one; data_root=PATH uses your data instead of the synthetic set "
+                             "(paths: relative to the current directory, checked before any notebook runs); "
+                             "settings=[...] passes cirlab train --set overrides to the notebooks that train "
+                             "(train, quickstart, rank_shift's stage I)")
     parser.add_argument("--out", default="reports", type=user_path,
                         help="report folder, relative to the current directory (default: reports)")
     parser.add_argument("--smoke", action="store_true",
