@@ -65,7 +65,7 @@ class Setup:
 def synthetic_setup(work: Path, size: str, epochs: int) -> Setup:
     from cirlab.data.generators import synthetic
 
-    manifest = synthetic.generate(work / "synthetic", seed=0, size=size, layouts=["fashioniq"], image_size=64)
+    manifest = synthetic.generate(work / f"synthetic-{size}", seed=0, size=size, layouts=["fashioniq"], image_size=64)
     root = Path(manifest["layouts"]["fashioniq"]["root"])
     train_cfg = {"epochs": epochs, "lr": 1e-3, "lr_milestones": [int(epochs * 0.8)], "ema_decay": 0.99,
                  "batch_size": 32, "eval_every": max(epochs // 3, 1), "selection_metric": "avg_R@10+avg_R@50"}

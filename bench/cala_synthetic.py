@@ -126,7 +126,9 @@ def prepare_data(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 "counts": {k: v for k, v in manifest["splits"].items() if k.split("/")[0] in args.categories}}
     from cirlab.data.generators import synthetic
 
-    manifest = synthetic.generate(work / "data", seed=0, size=args.size, image_size=64, layouts=(args.dataset,))
+    # one folder per size: generate refuses to replace data written with other settings
+    manifest = synthetic.generate(work / f"data-{args.size}", seed=0, size=args.size, image_size=64,
+                                  layouts=(args.dataset,))
     layout = manifest["layouts"][args.dataset]
     return {"source": f"`cirlab.data.generators.synthetic.generate(seed=0, size={args.size!r}, image_size=64)`, "
                       f"{args.dataset} layout", "counts": {k: v for k, v in layout.items() if k != "root"}}

@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     start = time.time()
-    root = args.data or synthetic.generate(out / "data", size=args.size, layouts=["cirr"], image_size=64,
-                                           seed=args.seed)["layouts"]["cirr"]["root"]
+    # one folder per size and seed: generate refuses to replace data written with other settings
+    root = args.data or synthetic.generate(out / f"data-{args.size}-seed{args.seed}", size=args.size,
+                                           layouts=["cirr"], image_size=64, seed=args.seed)["layouts"]["cirr"]["root"]
     splits = {s: load_cir("cirr", root, s) for s in ("train", "val", "test1")}
     longest = min(STAGE1_K, len(splits["val"].gallery_names) - 1)  # a query's own reference is not in its list
     if args.k > longest:  # found by stage II's evaluation, after stage I had trained

@@ -275,12 +275,12 @@ def _warn_if_the_data_changed(run_dir: Path, config: dict[str, Any]) -> None:
     """The files defining the data under the root read now differ from those the run was trained on (regenerated
     synthetic data, an edited split file, another stage-I top-K): its numbers here will not match metrics.json."""
     from cirlab.data.fingerprint import summary
-    from cirlab.engine.runs import data_changes_since, dataset_root
+    from cirlab.engine.runs import data_changes_since, data_folder
 
     diffs = data_changes_since(run_dir, config)
     if diffs:
         logger.warning("%s was trained on other data than %s holds now (%s): these results are not comparable with "
-                       "its metrics.json", run_dir, dataset_root(config), summary(diffs))
+                       "its metrics.json", run_dir, data_folder(config), summary(diffs))
 
 
 def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, Any]:

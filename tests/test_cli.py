@@ -1011,3 +1011,20 @@ def test_eval_says_what_is_wrong_with_the_flag_that_is_wrong(tmp_path, synth, ca
     caplog.clear()
     assert main(["train", str(tmp_path / "stub.yaml"), "--set", "train.lr=null"]) == 2
     assert caplog.text.rstrip().endswith("train.lr: expected a number, got null")
+
+
+def test_the_data_fingerprint_covers_the_folder_the_loader_reads(tmp_path, monkeypatch):
+    """A root holding several datasets (what `data synth --out` writes) and an empty root ($CIRLAB_DATA, every
+    paper config) fingerprint the dataset's own folder: the first took every dataset's files, the second none."""
+    from cirlab.data.generators import synthetic
+    from cirlab.engine.runs import data_fingerprint, with_defaults
+
+    synthetic.generate(tmp_path / "data", size="tiny", image_size=16, layouts=["fashioniq", "cirr", "precomp"])
+    for root in (str(tmp_path / "data"), ""):
+        monkeypatch.setenv("CIRLAB_DATA", str(tmp_path / "data"))
+        cir = data_fingerprint(with_defaults({"model": "amc", "dataset": {"name": "fashioniq", "root": root}}))
+        assert cir["root"] == str(tmp_path / "data" / "fashioniq") and "captions/cap.dress.val.json" in cir["files"]
+        assert not any(name.startswith(("cirr", "precomp")) for name in cir["files"])
+        itm = data_fingerprint(with_defaults({"model": "dime", "dataset": {"name": "f30k", "root": root}}))
+        assert itm["root"] == str(tmp_path / "data" / "precomp" / "f30k_precomp")
+        assert "train_caps.txt" in itm["files"] and len(itm["files"]) > 1

@@ -60,7 +60,8 @@ def test_cirlab_notebooks_copies_them_out_and_never_over_a_users_file(wheel, tmp
     assert sorted(p.name for p in out.iterdir()) == ["quickstart.ipynb", "train.ipynb"]
     assert json.loads((out / "train.ipynb").read_text())["name"] == "train"
     assert f"jupyter lab {Path('cirlab-notebooks')}" in capsys.readouterr().out
-    assert main(["notebooks"]) == 0 and "(2 already there, unchanged)" in capsys.readouterr().out
+    assert main(["notebooks"]) == 0
+    assert "the 2 notebooks in cirlab-notebooks are up to date (nothing copied)" in capsys.readouterr().out
     (out / "train.ipynb").write_text("my edits")
     assert main(["notebooks"]) == 2 and "train.ipynb exists; pass --overwrite" in caplog.text
     assert (out / "train.ipynb").read_text() == "my edits"  # nothing copied: the check comes first

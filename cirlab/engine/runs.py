@@ -1064,7 +1064,22 @@ def data_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
     annotations and features, and a re-ranker's stage-I top-K files."""
     from cirlab.data.fingerprint import fingerprint
 
-    return fingerprint(dataset_root(config), (config.get("eval") or {}).get("stage1_topk") or None)
+    return fingerprint(data_folder(config), (config.get("eval") or {}).get("stage1_topk") or None)
+
+
+def data_folder(config: dict[str, Any]) -> Path:
+    """The folder the run's loader reads: the dataset's own folder under the root (or ``$CIRLAB_DATA`` for an empty
+    root), as :func:`cirlab.data.catalog.dataset_root` resolves it, and for precomp data the set's folder. A root
+    holding several datasets is not all of this run's data."""
+    from cirlab.data.catalog import canonical_name, dataset_root as resolve, get_dataset
+
+    name = config["dataset"]["name"]
+    folder = resolve(name, dataset_root(config))
+    if get_dataset(name).is_itm:
+        from cirlab.data.precomp import find_set_dir
+
+        folder = find_set_dir(folder, canonical_name(str(name))) or folder
+    return folder
 
 
 def data_changes_since(run_dir: str | os.PathLike, config: dict[str, Any]) -> list[str]:

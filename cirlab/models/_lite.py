@@ -139,13 +139,14 @@ def efficientnet_lite0_weights_path() -> Path:
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A tensor state dict from a local ``.pth``/``.pt`` file (``weights_only``; unwraps ``state_dict``/``model``)."""
+    from cirlab.core.checkpoint import load_checkpoint
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt, truncated or pickled-object file
-        raise RuntimeError(f"could not read weights file {path}: {err}") from err
+    # one line naming the file for a missing, empty, Git LFS pointer, HTML, corrupt or pickled-code file, as every
+    # other weights reader says it (a torch traceback of 65 lines here)
+    state = load_checkpoint(path, trust_hint="save the weights as a state dict (torch.save(model.state_dict()))")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -168,7 +168,9 @@ def _load_original_layout(path: Path, owner: str) -> nn.Module:
         raise FileNotFoundError(f"{owner}: {weights} missing (original layout needs bert_config.json + "
                                 "pytorch_model.bin)")
     model = BertModel(BertConfig.from_json_file(str(path / "bert_config.json")), add_pooling_layer=False)
-    state = convert_original_bert_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    from cirlab.core.checkpoint import load_checkpoint
+
+    state = convert_original_bert_state_dict(load_checkpoint(weights, trust_hint="save the weights as a state dict"))
     state = {k: v for k, v in state.items() if not k.startswith("pooler.")}  # no pooler: never used
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]

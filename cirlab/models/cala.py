@@ -889,7 +889,10 @@ def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    return _unwrap(torch.load(path, map_location="cpu", weights_only=True), str(path))
+    from cirlab.core.checkpoint import load_checkpoint
+
+    hint = "save the weights as a state dict (torch.save(model.state_dict()))"
+    return _unwrap(load_checkpoint(path, trust_hint=hint), str(path))
 
 
 def load_lavis_blip2(model: CaLa, source: str | os.PathLike | dict[str, torch.Tensor], *,

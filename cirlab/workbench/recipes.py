@@ -388,10 +388,10 @@ def run_device(device: str) -> str:
 
 
 def load_run(run_dir: str | os.PathLike, device: str = "cpu", checkpoint: str = "best") -> Any:
-    """A run's model with ``checkpoints/<checkpoint>.pt`` loaded, in eval mode. ``best`` falls back to ``last`` (a
-    run that selects its last epoch writes no best.pt); any other name that is not there is an error listing the
-    checkpoints the run has. ``run_dir`` may also be a checkpoint file itself (``.../checkpoints/best.pt``), and
-    ``checkpoint`` a file name (``"last.pt"``)."""
+    """A run's model with ``checkpoints/<checkpoint>.pt`` loaded, in eval mode. ``best`` falls back to ``last`` with a
+    warning (a run stopped before its first evaluation has no best.pt: its last weights, not a selected model);
+    any other name that is not there is an error listing the checkpoints the run has. ``run_dir`` may also be a
+    checkpoint file itself (``.../checkpoints/best.pt``), and ``checkpoint`` a file name (``"last.pt"``)."""
     from cirlab.engine.runs import model_from_checkpoint
 
     device = run_device(device)
@@ -413,6 +413,9 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu", checkpoint: str = 
     if name is None:
         raise MissingPathError(f"checkpoint={checkpoint!r}: no {folder / (checkpoint + '.pt')}"
                                f"{did_you_mean(checkpoint, have)}; this run has: {', '.join(have)}")
+    if name != checkpoint:  # cirlab eval refuses such a run and names --checkpoint last.pt: said here too
+        logger.warning("%s has no best.pt (stopped before its first evaluation?): loading last.pt, the weights it "
+                       "stopped with, not a selected model", folder)
     model, _ = model_from_checkpoint(folder / f"{name}.pt")
     return model.to(device).eval()
 

@@ -229,7 +229,7 @@ def _gallery_row(axes: Sequence[Any], row: Mapping[str, Any], k: int) -> None:
     cands = list(row.get("candidates", []))[:k]
     ids = list(row.get("candidate_ids", [""] * len(cands)))
     scores = row.get("scores")
-    target = row.get("target_position")
+    target = _shown_at(row)
     for j in range(k):
         ax = axes[2 + j]
         if j >= len(cands):
@@ -253,8 +253,14 @@ def _gallery_row(axes: Sequence[Any], row: Mapping[str, Any], k: int) -> None:
             ax.axis("off")
 
 
+def _shown_at(row: Mapping[str, Any]) -> int | None:
+    """The target's 0-based position among the shown candidates, None when it is not shown (-1 or None)."""
+    position = row.get("target_position")
+    return None if position is None or int(position) < 0 else int(position)
+
+
 def _target_outside(row: Mapping[str, Any]) -> bool:
-    return row.get("target_image") is not None and row.get("target_position") is None and bool(row.get("target_rank"))
+    return row.get("target_image") is not None and _shown_at(row) is None and bool(row.get("target_rank"))
 
 
 # --------------------------------------------------------------------------------------------- tables
