@@ -1028,3 +1028,13 @@ def test_the_data_fingerprint_covers_the_folder_the_loader_reads(tmp_path, monke
         itm = data_fingerprint(with_defaults({"model": "dime", "dataset": {"name": "f30k", "root": root}}))
         assert itm["root"] == str(tmp_path / "data" / "precomp" / "f30k_precomp")
         assert "train_caps.txt" in itm["files"] and len(itm["files"]) > 1
+
+
+def test_split_names_a_config_leaves_out_are_the_datasets_own():
+    from cirlab.engine.runs import protocol_of, with_defaults
+
+    coco = with_defaults({"model": "dime", "dataset": {"name": "coco"}, "eval": {"splits": ["testall"]}})
+    assert [coco["dataset"][k] for k in ("train_split", "val_split", "test_split")] == ["train", "dev", "testall"]
+    assert protocol_of(coco, "testall") == "coco"  # was "full": one 5K matrix, no 1K folds
+    cirr = with_defaults({"model": "amc", "dataset": {"name": "cirr", "test_split": "val"}})
+    assert (cirr["dataset"]["val_split"], cirr["dataset"]["test_split"]) == ("val", "val")  # given names stay

@@ -198,7 +198,25 @@ def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     """A run config with every section's defaults (:data:`DEFAULTS`) filled in; an empty section (``train:`` with
     nothing under it, YAML's null) is that section's defaults."""
     given = {k: v for k, v in config.items() if not (v is None and isinstance(DEFAULTS.get(k), dict))}
-    return merge_config(DEFAULTS, given)
+    out = merge_config(DEFAULTS, given)
+    _release_split_names(out["dataset"], given.get("dataset") if isinstance(given.get("dataset"), dict) else {})
+    return out
+
+
+def _release_split_names(dataset: dict[str, Any], given: dict[str, Any]) -> None:
+    """The split names a config leaves out are its dataset's own (:mod:`cirlab.data.catalog`: f30k ``dev``/``test``,
+    COCO ``dev``/``testall``, CIRR ``val``/``test1``), as the workbench and ``cirlab eval`` without a config take
+    them: ``train/val/test`` for every dataset scored COCO's ``testall`` as a 5K matrix only (its test split was
+    ``test``, so ``testall`` was not the test split and got the ``full`` protocol)."""
+    from cirlab.data.catalog import get_dataset
+
+    try:
+        spec = get_dataset(dataset["name"])
+    except (KeyError, ValueError, TypeError):  # no name or an unknown one: the config check reports it
+        return
+    for key, name in zip(("train_split", "val_split", "test_split"), spec.splits):
+        if key not in given:
+            dataset[key] = name
 
 
 def read_config_file(path: str | os.PathLike, flag: str = "") -> dict[str, Any]:
