@@ -379,3 +379,12 @@ def test_submit_refuses_unsafe_names_foreign_runs_and_bad_outputs_before_any_wor
     caplog.clear()
     assert main(["submit", str(fiq)]) == 2
     assert "is a fashioniq run; the submission files are for the CIRR test server" in caplog.text
+
+
+def test_pipeline_configs_read_the_dataset_name_as_every_config_does(tmp_path):
+    from cirlab.engine.rerank import pipeline_configs
+
+    for name, test, options in (("fiq", "val", {"protocol": "rerank"}), ("CIRR", "test1", {})):
+        first, second = pipeline_configs(name, tmp_path, tmp_path / "out")  # aliases and case lost both
+        assert (first["dataset"]["test_split"], first["dataset"]["options"]) == (test, options)
+        assert second["dataset"]["name"] == first["dataset"]["name"] != name

@@ -363,11 +363,12 @@ def pipeline_configs(dataset: str, data_root: str | os.PathLike, output_dir: str
     paper starts them from BLIP), freezes that stage I (``stage1_checkpoint``), re-ranks all ``k`` candidates and reads
     stage I's top-K files (``eval.stage1_topk``). ``stage1`` / ``stage2`` are ``--set``-style overrides
     (``train.epochs=3``)."""
-    from cirlab.data.catalog import dataset_root
+    from cirlab.data.catalog import canonical_name, dataset_root
     from cirlab.engine.runs import apply_overrides, parse_set, validate_config, with_defaults
 
     out = Path(output_dir)
     data_root = dataset_root(dataset, data_root)  # <data_root>/<dataset> when the root holds several layouts
+    dataset = canonical_name(dataset)  # "fiq", "CIRR": the comparisons below lost the protocol and test1
     options = {"protocol": "rerank"} if dataset == "fashioniq" else {}  # the paper's Fashion-IQ gallery and captions
     test = "test1" if dataset == "cirr" else "val"
     base = {"preset": preset, "dataset": {"name": dataset, "root": str(data_root), "category": None,
