@@ -560,3 +560,19 @@ def test_bench_pooled_r1_counts_every_held_out_query(tmp_path):
     out = mod.pooled_r1(tmp_path)
     assert out["color_R@1"] == pytest.approx(200 / 3) and out["gender_R@1"] == pytest.approx(50.0)
     assert out["avg_R@1"] == pytest.approx((200 / 3 + 50) / 2) and out["queries"] == 7  # train_x is not held out
+
+
+def test_a_start_from_a_cirlab_checkpoint_is_recorded_in_init_from_json(tmp_path):
+    import json
+
+    from cirlab.core.checkpoint import save_checkpoint
+    from cirlab.engine.train import _model_meta
+
+    source = tiny()
+    path = tmp_path / "start.pt"
+    save_checkpoint(path, {"model": source.state_dict(), **_model_meta(source)})
+    model = tiny(init_from=str(path))
+    assert model.load_init(tmp_path) == []  # every weight: nothing to report but where it came from
+    record = json.loads((tmp_path / "init_from.json").read_text())
+    assert record == {"init_from": str(path), "reports": [], "layout": "cirlab", "source": str(path)}
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))

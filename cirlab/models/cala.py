@@ -775,11 +775,15 @@ class CaLa(nn.Module):
             reports = self.load_pretrained(self.config.init_from)
         except (InteropError, ValueError, OSError) as err:
             raise CheckpointError(f"model_overrides.init_from: {' '.join(str(err).split())}") from err
-        if report_dir is not None and reports:
+        if report_dir is not None:
             from cirlab.core import io
 
-            io.write_json(Path(report_dir) / "init_from.json",
-                          {"init_from": self.config.init_from, "reports": [r.to_dict() for r in reports]})
+            record: dict[str, Any] = {"init_from": self.config.init_from, "reports": [r.to_dict() for r in reports]}
+            if not reports and not self.is_clip:  # a cirlab checkpoint: every weight, only where from to record
+                from cirlab.core.checkpoint import run_checkpoint
+
+                record.update(layout="cirlab", source=str(run_checkpoint(Path(self.config.init_from))))
+            io.write_json(Path(report_dir) / "init_from.json", record)
         return reports
 
     # -- inspection ---------------------------------------------------------------------------------------------
