@@ -46,8 +46,9 @@ def _add_train(subparsers: Any) -> None:
                     "config.yaml, checkpoints/, log.jsonl, train_summary.json, metrics.json, topk/ (and tb/ when "
                     "tensorboard is installed and train.tensorboard is on). Under torchrun the same command "
                     "trains with DistributedDataParallel (train.batch_size is the global batch).")
-    p.add_argument("config", help="run config YAML (e.g. configs/amc_synthetic_tiny.yaml), or the name of a config "
-                                  "cirlab ships (amc_synthetic_tiny; see the list below)")
+    p.add_argument("config", type=user_path,
+                   help="run config YAML (e.g. configs/amc_synthetic_tiny.yaml), or the name of a config cirlab ships "
+                        "(amc_synthetic_tiny; see the list below)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config entry, value parsed as YAML; repeatable "
                         "(e.g. --set train.lr=2e-4 --set dataset.root=PATH/TO/fiq --set dataset.category=[dress])")
@@ -77,7 +78,7 @@ def _add_eval(subparsers: Any) -> None:
     p.add_argument("target", metavar="RUN_OR_CHECKPOINT", type=user_path, help="run folder or checkpoint file")
     p.add_argument("--checkpoint", default="best.pt",
                    help="checkpoint inside a run folder's checkpoints/ (default: best.pt; last.pt also works)")
-    p.add_argument("--config", default=None,
+    p.add_argument("--config", default=None, type=user_path,
                    help="run config YAML describing the dataset (default: the run folder's config.yaml)")
     p.add_argument("--dataset", default=None, help="dataset name: fashioniq | shoes | cirr | f30k | coco")
     p.add_argument("--root", default=None, type=user_path,
@@ -109,7 +110,7 @@ def _add_eval(subparsers: Any) -> None:
                         "code from the file, only for sources you trust")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config entry (as for train), e.g. --set eval.shard_size=500")
-    p.add_argument("--ensemble", action="append", default=[], metavar="RUN_OR_CHECKPOINT",
+    p.add_argument("--ensemble", action="append", default=[], metavar="RUN_OR_CHECKPOINT", type=user_path,
                    help="evaluate RUN_OR_CHECKPOINT together with this model as one ensemble; repeatable. AMC: "
                         "mean of the members' cosines (the original eval_ensemble.py); DIME: DIME* = mean of the "
                         "members' score matrices (e.g. an i2t and a t2i run). The dataset and the evaluation "
@@ -142,7 +143,7 @@ def _add_notebooks(subparsers: Any) -> None:
                     "them (inside one, to the checkout's runs/; $CIRLAB_RUNS overrides both). An installed wheel "
                     "has no checkout: its notebooks lie inside the package, where nothing should be written. "
                     "Unchanged copies already in DIR are kept; edited ones are refused unless --overwrite.")
-    p.add_argument("out", metavar="DIR", nargs="?", default="cirlab-notebooks",
+    p.add_argument("out", metavar="DIR", nargs="?", default="cirlab-notebooks", type=user_path,
                    help="folder to copy them into (default: ./cirlab-notebooks; made if missing)")
     p.add_argument("--overwrite", action="store_true", help="replace notebooks of the same name in DIR")
     p.set_defaults(func=_run_notebooks)
@@ -641,6 +642,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM where a command takes it the same way (its own code)
         logger.error("%s", getattr(err, "message", "interrupted"))
         return int(getattr(err, "exit_code", 130))
+    except OSError as err:  # a full, over-quota or read-only disk wherever no nearer handler names what was kept
+        from cirlab.engine.train import NO_SPACE
+
+        if err.errno not in NO_SPACE:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        logger.error("%scannot write (%s): free space or choose another folder, then run the same command again",
+                     where, err.strerror or err)
+        return 2
 
 
 def console() -> None:

@@ -155,7 +155,7 @@ def _add_convert(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "convert", help="convert checkpoints between the original BLIP / CaLa / LAVIS layouts and cirlab",
         description=_CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", metavar="SRC",
+    p.add_argument("source", metavar="SRC", type=user_path,
                    help="checkpoint file, transformers folder, cirlab run folder or a folder of CaLa's "
                         "tuned_*.pt files")
     p.add_argument("out", metavar="OUT", type=user_path, help="file to write (--to original for CaLa: a folder)")
@@ -173,9 +173,9 @@ def _add_convert(subparsers: Any) -> None:
     p.add_argument("--itm-head", action="store_true",
                    help="--from lavis, blip_retrieval: build stage I with BLIP's ITM head and load LAVIS's "
                         "(itm_logits(); the re-ranker does not use it)")
-    p.add_argument("--stage1", default=None,
+    p.add_argument("--stage1", default=None, type=user_path,
                    help="--to cirlab, stage II: the frozen stage I to embed (a released stage-I file or a cirlab run)")
-    p.add_argument("--stage1-out", default=None,
+    p.add_argument("--stage1-out", default=None, type=user_path,
                    help="--to original, stage II: also write its frozen stage I (BLIP_Retrieval) to this file")
     p.add_argument("--suffix", default=None,
                    help="CaLa's files: the save to read (tuned_blip_text_<SUFFIX>.pt; default: the only one in the "

@@ -990,6 +990,8 @@ def test_a_run_name_is_a_folder_name_not_a_path(tmp_path, caplog, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["train", "amc_synthetic_tiny", "--set", "name=../escaped", "--set", "train.max_steps=1"]) == 2
     assert "name '../escaped': it becomes part of a file name" in caplog.text
+    assert main(["train", "amc_synthetic_tiny", "--set", "name=.", "--set", "train.max_steps=1"]) == 2
+    assert "name '.': it becomes part of a file name" in caplog.text  # was: the run written into runs/ itself
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "runs").exists()
 
 
@@ -1038,3 +1040,32 @@ def test_split_names_a_config_leaves_out_are_the_datasets_own():
     assert protocol_of(coco, "testall") == "coco"  # was "full": one 5K matrix, no 1K folds
     cirr = with_defaults({"model": "amc", "dataset": {"name": "cirr", "test_split": "val"}})
     assert (cirr["dataset"]["val_split"], cirr["dataset"]["test_split"]) == ("val", "val")  # given names stay
+
+
+def test_stage_one_paths_and_every_path_option_are_recorded_and_read_as_given(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from cirlab.engine.runs import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    config = {"dataset": {"root": "data"}, "eval": {"stage1_topk": "runs/s1"},
+              "model_overrides": {"stage1_checkpoint": "~/s1", "init_from": "stage1"}}
+    out = with_absolute_paths(config)
+    assert out["eval"]["stage1_topk"] == str(tmp_path / "runs" / "s1")
+    assert out["dataset"]["root"] == str(tmp_path / "data")
+    assert out["model_overrides"] == {"stage1_checkpoint": str(Path.home() / "s1"), "init_from": "stage1"}
+    assert config["eval"]["stage1_topk"] == "runs/s1"  # the caller's dict is left as it was
+    for argv, field in ((["train", "~/c.yaml"], "config"), (["eval", "r", "--config", "~/c.yaml"], "config"),
+                        (["eval", "r", "--ensemble", "~/r2"], "ensemble"), (["notebooks", "~/nb"], "out")):
+        value = getattr(build_parser(argv).parse_args(argv), field)
+        assert str(Path.home()) in str(value), (argv, value)
+    # a full disk anywhere no nearer handler names what was kept: one line, not a traceback
+    import cirlab.cli as cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "runs" / ".cirlab.lock"))
+
+    monkeypatch.setattr(cli, "_run_models", full)
+    caplog.clear()
+    assert main(["models"]) == 2
+    assert "runs/.cirlab.lock: cannot write (No space left on device): free space or choose another" in caplog.text

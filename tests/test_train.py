@@ -576,3 +576,11 @@ def test_the_seed_of_the_initial_weights_is_recorded_with_the_run(tmp_path):
     cirlab.fit(cirlab.create_model("stub_cir", preset="tiny"), TripletItems(16), _cfg(epochs=1, selection="last"),
                output_dir=tmp_path / "none")
     assert "model_init_seed" not in json.loads((tmp_path / "none" / "provenance.json").read_text())["starts"][0]
+
+
+def test_a_step_evaluated_by_eval_every_steps_is_not_evaluated_again_at_the_epoch_end(tmp_path):
+    evaluate = lambda model: {"val": {"R@1": 1.0}}  # noqa: E731
+    cirlab.fit(_model(), TripletItems(40), _cfg(epochs=2, batch_size=8, eval_every_steps=5), output_dir=tmp_path / "r",
+               evaluate_fn=evaluate)  # 5 steps per epoch: every epoch end is a multiple of 5
+    steps = [r["step"] for r in _read_log(tmp_path / "r" / "log.jsonl") if r["kind"] == "eval"]
+    assert steps == [5, 10]  # was [5, 5, 10, 10]

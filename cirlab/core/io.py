@@ -125,14 +125,15 @@ def write_yaml(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def file_name_part(value: str, what: str) -> str:
-    """``value`` when it can be (part of) a file name: no path separators and no ``..``. A name like ``../x`` or
-    ``a/b`` would write outside the folder the user chose (or make two outputs resolve to one path)."""
+    """``value`` when it can be (part of) a file name: no path separators, no ``..``, not ``.``. A name like ``../x``
+    or ``a/b`` would write outside the folder the user chose (or make two outputs resolve to one path), ``.`` into
+    that folder itself."""
     from cirlab.core.errors import ConfigError
 
     text = str(value)
-    if not text.strip() or any(c in text for c in "/\\") or ".." in text:
+    if not text.strip() or any(c in text for c in "/\\") or ".." in text or text.strip() == ".":
         raise ConfigError(f"{what} {text!r}: it becomes part of a file name; use letters, digits, '-', '_' or '.' "
-                          "(no path separators, no '..')")
+                          "(no path separators, no '..', not '.')")
     return text
 
 

@@ -550,19 +550,25 @@ def _validate_train(config: dict[str, Any], source: str) -> None:
     validate_train_values(section, f"{source}: train.")
 
 
-def with_absolute_root(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` with ``dataset.root`` absolute (``~`` expanded), as the run folder records it: a relative root
-    was read against the working folder of each later ``cirlab eval RUN`` or ``--resume``, so the same run was
-    scored on whatever data sat at that path there, without a word."""
-    root = (config.get("dataset") or {}).get("root")
-    if not root:
-        return config
-    absolute = str(Path(str(root)).expanduser().absolute())
-    if absolute == root:
-        return config
-    config = copy.deepcopy(config)
-    config["dataset"]["root"] = absolute
-    return config
+# the paths a run reads beside its model's own files: (section, key). A re-ranker's stage II reads stage I's run
+# (its top-K files, its frozen weights) again at every later evaluation
+RUN_PATHS = (("dataset", "root"), ("eval", "stage1_topk"), ("model_overrides", "stage1_checkpoint"))
+
+
+def with_absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the :data:`RUN_PATHS` absolute (``~`` expanded), as the run folder records them: a relative
+    path was read against the working folder of each later ``cirlab eval RUN`` or ``--resume``, so the same run was
+    scored on whatever data sat at that path there, without a word (or not found at all)."""
+    out = config
+    for section, key in RUN_PATHS:
+        value = (config.get(section) or {}).get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        absolute = str(Path(value).expanduser().absolute())
+        if absolute != value:
+            out = copy.deepcopy(out) if out is config else out
+            out[section][key] = absolute
+    return out
 
 
 def output_dir_of(config: dict[str, Any]) -> Path:
@@ -930,7 +936,7 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     config = with_defaults(config)  # a hand-built dict without an eval section failed after validation passed
     name = config.get("name")  # quoted: a config named "config" read "config config: ..."
     validate_config(config, f"config {name!r}" if name else "config")
-    config = with_absolute_root(config)
+    config = with_absolute_paths(config)
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other (continue the run, or replace it); "
                           "pass one of them")

@@ -1556,7 +1556,8 @@ class Trainer:
         if self.ema is not None and cfg.ema_mode == "paper_no_restore":
             self.ema.apply_permanently(self.model)  # AMC: validation and training continue on EMA weights
         last_epoch = p.epoch + 1 >= cfg.epochs
-        if (cfg.eval_every and (p.epoch + 1) % cfg.eval_every == 0) or last_epoch:
+        due = (cfg.eval_every and (p.epoch + 1) % cfg.eval_every == 0) or last_epoch
+        if due and p.evaluated_step != p.step:  # eval_every_steps may have just evaluated this very step
             self.evaluate_and_select(log)
         p.epoch += 1
         p.batch_in_epoch = 0
