@@ -821,6 +821,10 @@ class RunWriteError(CirlabError, OSError):
 # --overwrite replaces exactly these (a start's init_from.json goes when the new run starts: engine.runs)
 RUN_ARTIFACTS = ("config.yaml", "log.jsonl", "checkpoints", "tb", "metrics.json", "train_summary.json", "topk",
                  "submission", "provenance.json", "data_fingerprint.json")
+# - its results (a resume without last.pt must not throw them away)
+RUN_RESULTS = ("checkpoints", "metrics.json", "train_summary.json", "topk", "submission")
+# - the records it writes when it starts (a start that fails before its first step removes them again)
+RUN_RECORDS = tuple(name for name in RUN_ARTIFACTS if name not in RUN_RESULTS)
 # train settings a resume may change without changing the trajectory of the steps already taken
 RESUME_MAY_CHANGE = frozenset({"epochs", "max_steps", "resume", "device", "num_workers", "num_threads", "progress",
                                "tensorboard", "log_every", "checkpoint_every", "keep_epoch_checkpoints", "eval_every",
@@ -858,9 +862,6 @@ def refuse_foreign_config(folder: str | os.PathLike) -> None:
                              "resolved config.yaml over it; move that file or choose another --output-dir")
 
 
-# what a run saved that a resume without last.pt must not throw away (its config.yaml and log alone may go)
-_SAVED_RESULTS = ("checkpoints", "metrics.json", "train_summary.json", "topk", "submission")
-
 
 def check_run_folder(folder: str | os.PathLike, *, overwrite: bool = False, resuming: bool = False) -> list[str]:
     """What a fresh run in ``folder`` would remove (:data:`RUN_ARTIFACTS` of the run there; empty: nothing), or
@@ -877,7 +878,7 @@ def check_run_folder(folder: str | os.PathLike, *, overwrite: bool = False, resu
         raise RunFolderError(f"{folder} holds {', '.join(found)} but no run's config.yaml or log.jsonl: no cirlab "
                              "run wrote them, so a run neither writes into nor removes them; choose another "
                              "--output-dir")
-    saved = [name for name in found if name in _SAVED_RESULTS and not _is_empty_dir(folder / name)]
+    saved = [name for name in found if name in RUN_RESULTS and not _is_empty_dir(folder / name)]
     if resuming and not overwrite and saved:
         raise RunFolderError(f"--resume: {folder} holds a run ({', '.join(saved)}) but no checkpoints/last.pt to "
                              "continue from; run with --overwrite instead of --resume to replace it, or choose "
@@ -1279,8 +1280,7 @@ class Trainer:
         log and tb/ made the folder "hold a run": the corrected call was refused without --overwrite."""
         import shutil
 
-        for name in ("config.yaml", "log.jsonl", "tb", "train_summary.json", "provenance.json",
-                     "data_fingerprint.json"):
+        for name in RUN_RECORDS:
             path = self.output_dir / name
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
