@@ -7,11 +7,11 @@ A run config (``configs/*.yaml``) has five sections::
     model_overrides: {}            # config-dataclass fields changed on top of the preset
     dataset:
       name: fashioniq              # fashioniq | shoes | cirr (CIR) or f30k | coco (ITM precomp)
-      root: ""                     # "" -> $CIRLAB_DATA/<name> (precomp: $CIRLAB_DATA); never an absolute path here
+      root: ""                     # "" -> $CIRLAB_DATA/<name> (precomp: $CIRLAB_DATA); a run records it absolute
       category: dress              # Fashion-IQ: one category, a list, or null (train on all, report per category)
-      train_split: train
-      val_split: val               # model selection split (train.selection: "val" means this split)
-      test_split: test             # the split results are reported on (selection "paper" selects here)
+      train_split: train           # left out: the dataset's own split names (cirlab.data.catalog): f30k dev/test,
+      val_split: val               #   COCO dev/testall, CIRR val/test1. The model selection split
+      test_split: test             #   (train.selection "val" means it); the split results are reported on
       options: {}                  # loader options (e.g. Fashion-IQ protocol / gallery)
       synthetic: null              # {size: tiny, seed: 0}: generate the embedded synthetic data when root is ""
     train: {}                      # cirlab.engine.train.TrainConfig fields, over the model's paper defaults
