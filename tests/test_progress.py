@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from cirlab.core import console
 from cirlab.engine import train as train_mod
 from cirlab.engine.train import TrainConfig, _RunLog
 
@@ -15,7 +16,7 @@ def record(step: int, loss: float = 0.5) -> dict:
 
 
 def test_headless_runs_print_each_logged_step_once_with_eta(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train_mod, "live_frontend", lambda: False)
+    monkeypatch.setattr(console, "live_frontend", lambda: False)
     log = _RunLog(tmp_path, TrainConfig(epochs=2, progress="auto", tensorboard=False), 40, True, 0, steps_per_epoch=20)
     assert log.bar is None and log.lines  # pytest's stderr is no terminal, no Jupyter frontend: lines
     for step in (1, 10, 20):
@@ -27,7 +28,7 @@ def test_headless_runs_print_each_logged_step_once_with_eta(tmp_path, capsys, mo
 
 
 def test_a_live_jupyter_frontend_or_a_terminal_gets_a_tqdm_bar(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "live_frontend", lambda: True)
+    monkeypatch.setattr(console, "live_frontend", lambda: True)
     log = _RunLog(tmp_path, TrainConfig(epochs=1, progress="auto", tensorboard=False), 10, True, 0)
     try:
         assert log.bar is not None and not log.lines

@@ -410,3 +410,16 @@ def test_a_score_does_not_depend_on_the_batch_size(threads):
                 assert torch.equal(R.topk_search(q[:m], g, 20, backend="bf16")[0], whole[0][:m]), m
     finally:
         torch.set_num_threads(before)
+
+
+def test_encoding_draws_a_bar_only_where_someone_watches(monkeypatch, capsys):
+    """encode_corpus drew a tqdm bar by default, also under papermill and into log files (the trainer's "auto"
+    policy did not): "auto" now follows that policy."""
+    from cirlab.core import console, retrieval
+
+    batches = [{"image": torch.ones(2, 3)}, {"image": torch.zeros(1, 3)}]
+    for watched in (False, True):
+        monkeypatch.setattr(console, "live_frontend", lambda: watched)
+        out = retrieval.encode_corpus(lambda x: x.sum(1, keepdim=True), batches)
+        assert out.flatten().tolist() == [3.0, 3.0, 0.0]
+        assert ("encode image" in capsys.readouterr().err) is watched

@@ -75,3 +75,26 @@ def survive_a_closed_stdout() -> None:
     """In the ``cirlab`` command: a reader that stops reading stdout ends the output, not the command."""
     if not isinstance(sys.stdout, _ReaderGone) and sys.stdout is not None:
         sys.stdout = _ReaderGone(sys.stdout)  # type: ignore[assignment]
+
+
+def live_frontend() -> bool:
+    """Whether this process is a Jupyter kernel driven by a live frontend (JupyterLab, Notebook, VS Code).
+
+    Live frontends send their execute requests with ``allow_stdin`` (they can answer ``input()``); papermill,
+    nbclient and ``nbconvert --execute`` never do, so a headless run gets ``False`` here.
+    """
+    ipython = sys.modules.get("IPython")
+    kernel = getattr(ipython.get_ipython(), "kernel", None) if ipython is not None else None
+    if kernel is None or not hasattr(kernel, "get_parent"):
+        return False
+    try:
+        return bool(kernel.get_parent().get("content", {}).get("allow_stdin", False))
+    except Exception:  # noqa: BLE001 - an unusual kernel is simply not a live frontend
+        return False
+
+
+def wants_a_bar() -> bool:
+    """A progress bar where someone watches it redraw: a terminal, or a live Jupyter frontend (its widget); log lines
+    or nothing elsewhere (papermill, CI, a redirected stderr), where a bar is a wall of carriage returns. The one
+    policy of the trainer's ``progress="auto"`` and the encoders' ``progress="auto"``."""
+    return sys.stderr.isatty() or live_frontend()

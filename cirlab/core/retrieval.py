@@ -469,7 +469,7 @@ def _scatter_by_index(features: Tensor, index: Tensor, index_key: str) -> Tensor
 @torch.no_grad()
 def encode_corpus(encode_fn: Callable[[Any], Tensor], loader: Iterable, *, device: torch.device | str = "cpu",
                   key: str | None = "image", index_key: str | None = None, cache_dir: str | os.PathLike | None = None,
-                  cache_key: str | None = None, progress: bool = True) -> Tensor:
+                  cache_key: str | None = None, progress: bool | str = "auto") -> Tensor:
     """Encode every batch of ``loader`` with ``encode_fn(batch[key])``; features come back on the CPU.
 
     With ``cache_key`` (build it with :func:`cache_key` from the checkpoint digest, dataset name/split/size and
@@ -485,7 +485,8 @@ def encode_corpus(encode_fn: Callable[[Any], Tensor], loader: Iterable, *, devic
             that order and must cover 0..N-1 exactly once.
         cache_dir: cache folder.
         cache_key: the key; no caching without it.
-        progress: show a tqdm bar.
+        progress: show a tqdm bar; ``"auto"`` where someone watches it (a terminal, a live Jupyter frontend; not
+            papermill or a log file: :func:`cirlab.core.console.wants_a_bar`, the trainer's policy).
 
     Examples:
         >>> batches = [{"image": torch.ones(2, 3)}, {"image": torch.zeros(1, 3)}]
@@ -500,7 +501,11 @@ def encode_corpus(encode_fn: Callable[[Any], Tensor], loader: Iterable, *, devic
             return cached
     if path is not None:
         log.info("feature cache miss: %s; encoding", path)
-    features = _encode_batches(encode_fn, loader, key, index_key, device, progress)
+    if progress == "auto":
+        from cirlab.core.console import wants_a_bar
+
+        progress = wants_a_bar()
+    features = _encode_batches(encode_fn, loader, key, index_key, device, bool(progress))
     if path is not None:
         _save_cached(path, cache_key, features)
         log.info("feature cache written: %s (%s rows)", path, len(features))

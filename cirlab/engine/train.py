@@ -675,30 +675,14 @@ def _as_tuple(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------------- logging
 
 
-def live_frontend() -> bool:
-    """Whether this process is a Jupyter kernel driven by a live frontend (JupyterLab, Notebook, VS Code).
-
-    Live frontends send their execute requests with ``allow_stdin`` (they can answer ``input()``); papermill,
-    nbclient and ``nbconvert --execute`` never do, so a headless run gets ``False`` here.
-    """
-    ipython = sys.modules.get("IPython")
-    kernel = getattr(ipython.get_ipython(), "kernel", None) if ipython is not None else None
-    if kernel is None or not hasattr(kernel, "get_parent"):
-        return False
-    try:
-        return bool(kernel.get_parent().get("content", {}).get("allow_stdin", False))
-    except Exception:  # noqa: BLE001 - an unusual kernel is simply not a live frontend
-        return False
-
-
 class _RunLog:
     """Rank-0 sinks: JSONL log, TensorBoard (if importable) and the progress display.
 
     Progress (``TrainConfig.progress``): ``tqdm`` draws a ``tqdm.auto`` bar (steps, loss, lr, ETA): a text bar
     in a terminal, a widget in JupyterLab; ``log`` prints one line per logged step to stderr (step/total, loss,
     lr, elapsed, ETA), each line once, for logs and headless notebook runs (``cirlab report`` shows them);
-    ``auto`` picks ``tqdm`` on a terminal or in a live Jupyter frontend (:func:`live_frontend`) and ``log``
-    elsewhere (papermill, CI, a redirected stderr).
+    ``auto`` picks ``tqdm`` on a terminal or in a live Jupyter frontend and ``log`` elsewhere (papermill, CI, a
+    redirected stderr): :func:`cirlab.core.console.wants_a_bar`.
     """
 
     def __init__(self, output_dir: Path, cfg: TrainConfig, total_steps: int | None, active: bool,
@@ -708,7 +692,7 @@ class _RunLog:
         self.tb = self._tensorboard(output_dir) if active and cfg.tensorboard else None
         mode = cfg.progress
         if mode == "auto":
-            mode = "tqdm" if sys.stderr.isatty() or live_frontend() else "log"
+            mode = "tqdm" if console.wants_a_bar() else "log"
         self.total, self.start_step = total_steps, start_step
         self.bar = None
         if active and mode == "tqdm":

@@ -46,10 +46,10 @@ MAIN_COLOR, COMPARE_COLOR = PALETTE[0], PALETTE[1]  # the figures' first two col
 
 def live_frontend() -> bool:
     """Whether this kernel is driven by a live Jupyter frontend (JupyterLab, Notebook, VS Code): the notebooks
-    build their widgets only then, never under papermill (:func:`cirlab.engine.train.live_frontend`)."""
-    from cirlab.engine.train import live_frontend as _live
+    build their widgets only then, never under papermill (:func:`cirlab.core.console.live_frontend`)."""
+    from cirlab.core import console
 
-    return _live()
+    return console.live_frontend()
 
 
 def _gates_by_layer(routes: Any) -> dict[str, Any]:
