@@ -325,8 +325,9 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
                               "in Python): pass --dataset and --root")
         raise ConfigError("cirlab eval: no dataset: pass --dataset (or --config, or a run folder)")
     stored_root = (base.get("dataset") or {}).get("root")
-    if (source is not None and not args.config and stored_root and stored_root == config["dataset"].get("root")
-            and not Path(str(stored_root)).expanduser().is_absolute()):  # earlier versions recorded it as typed
+    # earlier versions recorded a relative root as typed: read against this folder, which may hold other data
+    if (source is not None and not args.config and not args.root and stored_root
+            and stored_root == config["dataset"].get("root") and not Path(str(stored_root)).expanduser().is_absolute()):
         logger.warning("%s gives a relative dataset.root %r, read from this folder as %s: the run may have read "
                        "other data; pass --root to say which", source, stored_root,
                        Path(str(stored_root)).expanduser().absolute())
@@ -370,13 +371,9 @@ def _same_dataset(a: Any, b: Any) -> bool:
 def _catalog_splits(dataset: dict[str, Any]) -> None:
     """Without a config, the split names are the release's own (:mod:`cirlab.data.catalog`: f30k's validation
     split is dev, CIRR's test split test1); an unknown name is left for the config check to report."""
-    from cirlab.data.catalog import get_dataset
+    from cirlab.engine.runs import release_split_names
 
-    try:
-        spec = get_dataset(dataset["name"])
-    except (KeyError, ValueError):
-        return
-    dataset["train_split"], dataset["val_split"], dataset["test_split"] = spec.splits
+    release_split_names(dataset, {})  # as a config that names none
 
 
 class _Once(argparse.Action):

@@ -700,16 +700,17 @@ def test_a_reader_that_closes_the_pipe_ends_the_output_not_the_command(tmp_path)
     assert (tmp_path / "nb" / "quickstart.ipynb").is_file()  # the work was done
 
 
-def test_verbose_is_cirlabs_debug_lines_not_every_librarys(caplog):
-    import logging as _logging
+def test_verbose_is_cirlabs_debug_lines_not_every_librarys():
+    """-v set the root logger to DEBUG: every library's debug lines (PIL: several per image read)."""
+    import subprocess
+    import sys
 
-    cirlab_logger, pil = _logging.getLogger("cirlab"), _logging.getLogger("PIL.PngImagePlugin")
-    before = cirlab_logger.level
-    try:
-        assert main(["-v", "models"]) == 0
-        assert cirlab_logger.isEnabledFor(_logging.DEBUG) and not pil.isEnabledFor(_logging.DEBUG)
-    finally:
-        cirlab_logger.setLevel(before)
+    script = ("import logging, sys; from cirlab.cli import main; code = main(['-v', 'models']); "
+              "print(logging.getLogger('cirlab.data').isEnabledFor(logging.DEBUG), "
+              "logging.getLogger('PIL.PngImagePlugin').isEnabledFor(logging.DEBUG)); sys.exit(code)")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "True False"
 
 
 def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, synth, monkeypatch, caplog):
@@ -947,8 +948,8 @@ def test_what_stops_the_final_evaluation_says_the_training_is_saved_and_resume_f
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     run = tmp_path / "run"
     assert main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(run)]) == 2
-    assert (f"; the training is done and saved in {run / 'checkpoints'}; the same command with --resume runs the "
-            "final evaluation") in caplog.text
+    assert (f"; the training is done and saved in {run / 'checkpoints'}; the same command with --resume (and without "
+            "--overwrite) runs the final evaluation") in caplog.text
     assert not (run / "metrics.json").exists()
     image.write_bytes(good)
     assert main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(run), "--resume"]) == 0
@@ -1069,3 +1070,17 @@ def test_stage_one_paths_and_every_path_option_are_recorded_and_read_as_given(tm
     caplog.clear()
     assert main(["models"]) == 2
     assert "runs/.cirlab.lock: cannot write (No space left on device): free space or choose another" in caplog.text
+
+
+def test_a_resume_compares_settings_not_how_an_earlier_version_wrote_them(tmp_path, monkeypatch):
+    from cirlab.engine.runs import _as_recorded_now, with_absolute_paths, with_defaults
+
+    monkeypatch.chdir(tmp_path)
+    now = with_absolute_paths(with_defaults({"model": "dime", "dataset": {"name": "f30k", "root": "data"},
+                                             "model_overrides": {"vse_mean_warmup_epochs": 1}}))
+    old = {"model": "dime", "dataset": {**now["dataset"], "root": "data", "val_split": "val"},
+           "model_overrides": {"max_violation_warmup_epochs": 1}}  # relative root, old split and field names
+    seen = _as_recorded_now(old, now)
+    assert seen["dataset"] == now["dataset"] and seen["model_overrides"] == now["model_overrides"]
+    other = _as_recorded_now({**old, "dataset": {**old["dataset"], "val_split": "test"}}, now)
+    assert other["dataset"]["val_split"] == "test"  # another split is still a difference

@@ -384,3 +384,18 @@ def test_the_data_fingerprint_digests_annotations_and_features_not_images(tmp_pa
     (tmp_path / "feats.npy").unlink()
     assert F.differences({"files": digests}, {"files": F.folder_digests(tmp_path)})[-1] == "feats.npy is gone"
     assert F.summary([f"f{i}" for i in range(6)], limit=2) == "f0; f1; and 4 more"
+
+
+def test_the_data_fingerprint_follows_linked_folders_and_survives_unreadable_files(tmp_path):
+    from cirlab.data import fingerprint as F
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "cap.json").write_text("[1]")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "captions").symlink_to(shared, target_is_directory=True)  # captions -> a shared copy
+    (data / "loop").symlink_to(data, target_is_directory=True)  # a cycle is walked once
+    (data / "gone.txt").symlink_to(tmp_path / "nothing.txt")  # a dangling link: a traceback before
+    digests = F.folder_digests(data)
+    assert set(digests) == {"captions/cap.json", "gone.txt"} and digests["gone.txt"].startswith("unreadable: ")

@@ -584,3 +584,11 @@ def test_a_step_evaluated_by_eval_every_steps_is_not_evaluated_again_at_the_epoc
                evaluate_fn=evaluate)  # 5 steps per epoch: every epoch end is a multiple of 5
     steps = [r["step"] for r in _read_log(tmp_path / "r" / "log.jsonl") if r["kind"] == "eval"]
     assert steps == [5, 10]  # was [5, 5, 10, 10]
+
+
+def test_max_steps_ending_on_an_eval_every_steps_step_evaluates_it_once(tmp_path):
+    evaluate = lambda model: {"val": {"R@1": 1.0}}  # noqa: E731
+    cirlab.fit(_model(), TripletItems(40), _cfg(epochs=2, batch_size=8, eval_every_steps=3, max_steps=3),
+               output_dir=tmp_path / "r", evaluate_fn=evaluate)
+    steps = [r["step"] for r in _read_log(tmp_path / "r" / "log.jsonl") if r["kind"] == "eval"]
+    assert steps == [3]  # was [3, 3]

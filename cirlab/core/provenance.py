@@ -64,11 +64,11 @@ def start_entry(step: int, device: str, precision: str, extra: Mapping[str, Any]
             "precision": precision, **dict(extra or {})}
 
 
-def record_start(run_dir: Path, entry: Mapping[str, Any]) -> None:
-    """Append ``entry`` to the run's ``provenance.json`` (a fresh run starts a new file)."""
+def record_start(run_dir: Path, entry: Mapping[str, Any], resumed: bool = False) -> None:
+    """Append ``entry`` to the run's ``provenance.json``; a fresh run (not ``resumed``) starts a new file."""
     path = Path(run_dir) / FILE_NAME
     starts: list[Any] = []
-    if entry.get("from_step") and path.is_file():  # a resume: the earlier starts stay
+    if resumed and path.is_file():  # the earlier starts stay (a resume from a step-0 checkpoint too)
         try:
             starts = list(json.loads(path.read_text()).get("starts") or [])
         except (OSError, ValueError, AttributeError) as err:

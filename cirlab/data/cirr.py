@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 RELEASE = "rc2"
 SPLITS = ("train", "val", "test1")
-_SPLIT_ALIASES = {"dev": "val", "test": "test1"}
+SPLIT_ALIASES = {"dev": "val", "test": "test1"}
 _CORE_KEYS = ("pairid", "reference", "target_hard", "caption", "img_set")
 OPTIONS: dict[str, object] = {}  # dataset.options the loader takes (none)
 
@@ -168,9 +168,9 @@ def load(root: Path, split: str = "train", category: str | None = None, *,
     """
     root = dataset_root(root)
     sink = sink or ProblemCollector(strict=True)
-    split = _SPLIT_ALIASES.get(split, split)
+    split = SPLIT_ALIASES.get(split, split)
     if split not in SPLITS:
-        raise UnknownNameError(f"unknown CIRR split {split!r}{did_you_mean(split, (*SPLITS, *_SPLIT_ALIASES))}; "
+        raise UnknownNameError(f"unknown CIRR split {split!r}{did_you_mean(split, (*SPLITS, *SPLIT_ALIASES))}; "
                                f"known: {', '.join(SPLITS)} (aliases dev, test)", "split", split)
     rejected: set[str] = set()
     images = _read_image_split(root, split, sink, rejected)

@@ -48,13 +48,29 @@ def folder_digests(root: Path, prefix: str = "") -> dict[str, str]:
     if root.is_file():
         return {prefix + root.name: file_digest(root)}
     found: dict[str, str] = {}
-    for folder, dirs, files in os.walk(root):
+    seen: set[str] = set()
+    # linked folders are followed (captions -> a shared copy is the data too), each real folder once (no cycles)
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _CACHE_DIRS)
         for name in sorted(files):
             if name.endswith(SUFFIXES) and not name.startswith("."):
                 path = Path(folder) / name
-                found[prefix + path.relative_to(root).as_posix()] = file_digest(path)
+                found[prefix + path.relative_to(root).as_posix()] = _digest_or_why(path)
     return found
+
+
+def _digest_or_why(path: Path) -> str:
+    """:func:`file_digest`, or why the file cannot be read (a dangling link, no permission): recorded as such, so
+    that it becoming readable (or the reverse) is a difference, and the loader says the rest."""
+    try:
+        return file_digest(path)
+    except OSError as err:
+        return f"unreadable: {err.strerror or type(err).__name__}"
 
 
 def fingerprint(root: Path | None, stage1_topk: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 CAPTIONS_FILE = "relative_captions_shoes.json"
 SPLIT_FILES = {"train": "train_im_names.txt", "test": "eval_im_names.txt"}
-_SPLIT_ALIASES = {"eval": "test", "val": "test"}
+SPLIT_ALIASES = {"eval": "test", "val": "test"}
 _CORE_KEYS = ("ImageName", "ReferenceImageName", "RelativeCaption")
 PAIR_MODES = ("unique", "amc")
 OPTIONS: dict[str, object] = {"pairs": PAIR_MODES}  # dataset.options the loader takes
@@ -114,9 +114,9 @@ def load(root: Path, split: str = "train", category: str | None = None, *, pairs
     """
     root = Path(root)
     sink = sink or ProblemCollector(strict=True)
-    split = _SPLIT_ALIASES.get(split, split)
+    split = SPLIT_ALIASES.get(split, split)
     if split not in SPLIT_FILES:
-        raise UnknownNameError(f"unknown Shoes split {split!r}{did_you_mean(split, (*SPLIT_FILES, *_SPLIT_ALIASES))}"
+        raise UnknownNameError(f"unknown Shoes split {split!r}{did_you_mean(split, (*SPLIT_FILES, *SPLIT_ALIASES))}"
                                "; known: train, test (aliases eval, val)", "split", split)
     if pairs not in PAIR_MODES:
         raise ConfigError(f"unknown Shoes pairs mode {pairs!r}; known: {', '.join(PAIR_MODES)}")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import logging
 import os
 import re
@@ -199,11 +200,11 @@ def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     nothing under it, YAML's null) is that section's defaults."""
     given = {k: v for k, v in config.items() if not (v is None and isinstance(DEFAULTS.get(k), dict))}
     out = merge_config(DEFAULTS, given)
-    _release_split_names(out["dataset"], given.get("dataset") if isinstance(given.get("dataset"), dict) else {})
+    release_split_names(out["dataset"], given.get("dataset") if isinstance(given.get("dataset"), dict) else {})
     return out
 
 
-def _release_split_names(dataset: dict[str, Any], given: dict[str, Any]) -> None:
+def release_split_names(dataset: dict[str, Any], given: dict[str, Any]) -> None:
     """The split names a config leaves out are its dataset's own (:mod:`cirlab.data.catalog`: f30k ``dev``/``test``,
     COCO ``dev``/``testall``, CIRR ``val``/``test1``), as the workbench and ``cirlab eval`` without a config take
     them: ``train/val/test`` for every dataset scored COCO's ``testall`` as a 5K matrix only (its test split was
@@ -983,7 +984,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     loaded = {s: load_split(config, s) for s in _final_splits(config)}
     for split, value in loaded.items():
         _check_not_empty(config, split, value)
-    fingerprint = data_fingerprint(config)
+    fingerprint = data_fingerprint(config) if is_main_process() else {}  # only the main process writes or checks it
     notes: dict[str, Any] = {}
     if continued is not None and is_main_process():
         notes["data_changes"] = check_resume_data(out, fingerprint, allow_config_change)
@@ -1043,8 +1044,8 @@ def _finishing(out: Path) -> Iterator[None]:
     from cirlab.core.errors import CirlabError
     from cirlab.engine.train import NO_SPACE, RunWriteError
 
-    finish = (f"the training is done and saved in {out / 'checkpoints'}; the same command with --resume runs the "
-              "final evaluation")
+    finish = (f"the training is done and saved in {out / 'checkpoints'}; the same command with --resume (and "
+              "without --overwrite) runs the final evaluation")
     try:
         yield
     except KeyboardInterrupt as err:
@@ -1134,8 +1135,42 @@ def check_resume_data(out: Path, now: dict[str, Any], allow_config_change: bool 
     if allow_config_change:
         logger.warning("%s; resuming anyway (--allow-config-change)", message)
         return diffs
-    raise ConfigError(f"{message}. Resuming would train one model on two datasets: restore the data, start a fresh "
-                      "run (another --output-dir, or --overwrite), or pass --allow-config-change")
+    raise ConfigError(f"{message}. Resuming would continue the run on other data than it started on: restore the "
+                      "data, start a fresh run (another --output-dir, or --overwrite), or pass --allow-config-change")
+
+
+def _as_recorded_now(stored: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
+    """A run folder's config.yaml as this version records the same settings, so that a resume compares settings,
+    not spellings: model fields renamed since (``PresetMixin.RENAMED``), a relative :data:`RUN_PATHS` entry (read, as
+    it always was, against the working folder), and a split name the loader reads as another (f30k ``val`` is
+    ``dev``, CIRR ``test`` is ``test1``; runs recorded ``train/val/test`` for every dataset)."""
+    from cirlab.models.registry import get_entry
+
+    stored = with_absolute_paths(copy.deepcopy(stored))
+    try:
+        renamed = getattr(get_entry(str(stored.get("model"))).config_cls, "RENAMED", {})
+    except KeyError:
+        renamed = {}
+    for section in ("model_overrides", "model_config"):
+        if isinstance(stored.get(section), dict):
+            stored[section] = {renamed.get(k, k): v for k, v in stored[section].items()}
+    ds, now = stored.get("dataset"), resolved.get("dataset") or {}
+    if isinstance(ds, dict) and ds.get("name"):
+        for key in ("train_split", "val_split", "test_split"):
+            if ds.get(key) != now.get(key) and _same_split(ds["name"], ds.get(key), now.get(key)):
+                ds[key] = now.get(key)
+    return stored
+
+
+def _same_split(dataset: str, a: Any, b: Any) -> bool:
+    """Whether the loader of ``dataset`` reads split names ``a`` and ``b`` as one split (its alias table)."""
+    from cirlab.data.catalog import get_dataset
+
+    try:
+        aliases = dict(getattr(importlib.import_module(get_dataset(dataset).loader), "SPLIT_ALIASES", {}))
+    except (KeyError, ValueError, ImportError):
+        return False
+    return a is not None and b is not None and aliases.get(a, a) == aliases.get(b, b)
 
 
 def check_resume_config(out: Path, resolved: dict[str, Any], allow_config_change: bool = False) -> list[str]:
@@ -1146,7 +1181,7 @@ def check_resume_config(out: Path, resolved: dict[str, Any], allow_config_change
 
     if not (out / "checkpoints" / "last.pt").is_file() or not (out / "config.yaml").is_file():
         return []  # nothing to continue: the run starts fresh
-    stored = read_run_config(out, "--resume:")
+    stored = _as_recorded_now(read_run_config(out, "--resume:"), resolved)
     diffs: list[str] = []
     for key in ("model", "preset", "model_overrides", "model_config", "dataset"):
         diffs += _differences(key, to_plain(stored.get(key)), to_plain(resolved.get(key)))

@@ -1126,6 +1126,7 @@ class Trainer:
         self.run_config = run_config
         self.start_notes: dict[str, Any] = {}  # this start's extra provenance fields (train(start_notes=))
         self.run_files: dict[str, Any] = {}  # files written at the first start (train(run_files=))
+        self.resumed = False  # run(): continued from a checkpoint (even one at step 0)
         self.losses: list[float] = []
         self.eval_history: list[dict[str, Any]] = []
 
@@ -1211,6 +1212,7 @@ class Trainer:
         if resume_from is None and cfg.resume == "auto":
             logger.info("resume='auto': no %s yet, starting a fresh run", self.ckpt_dir / "last.pt")
         self._barrier()
+        self.resumed = resume_from is not None
         if resume_from is not None:
             self.resume(resume_from)
             p = self.progress
@@ -1284,7 +1286,8 @@ class Trainer:
                 if isinstance(self.model, HasEpochHook):
                     self.model.on_epoch_start(p.epoch)
                 if not self.train_one_epoch(log):  # stopped by max_steps mid-epoch
-                    self.evaluate_and_select(log)
+                    if self.progress.evaluated_step != self.progress.step:  # eval_every_steps may have just done it
+                        self.evaluate_and_select(log)
                     self.save("last.pt")  # keeps the position inside the epoch for a later resume
                     break
                 self.end_of_epoch(log)
@@ -1341,9 +1344,10 @@ class Trainer:
         notes = dict(self.start_notes)
         if getattr(self.model, "init_seed", None) is not None:  # create_model(seed=): the initial weights' seed
             notes.setdefault("model_init_seed", self.model.init_seed)
-        record_start(self.output_dir, start_entry(self.progress.step, str(self.device), precision, notes))
+        record_start(self.output_dir, start_entry(self.progress.step, str(self.device), precision, notes),
+                     resumed=self.resumed)
         for name, value in self.run_files.items():
-            if self.progress.step == 0 or not (self.output_dir / name).exists():
+            if not self.resumed or not (self.output_dir / name).exists():
                 io.write_json(self.output_dir / name, value)
 
     def summary(self) -> dict[str, Any]:
