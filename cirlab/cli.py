@@ -410,7 +410,8 @@ def _checkpoint_of(target_arg: str, name: str) -> tuple[Path, Path | None]:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from cirlab.core.errors import UnknownNameError
+    from cirlab.core.errors import ConfigError, UnknownNameError
+    from cirlab.data.catalog import is_itm
     from cirlab.engine.runs import evaluate_split, load_split, model_from_checkpoint, protocol_of
     from cirlab.engine.train import resolve_device
 
@@ -420,6 +421,11 @@ def _run_eval(args: argparse.Namespace) -> int:
         logger.warning("%s: the run did not finish (no train_summary.json: stopped, or still training); evaluating "
                        "%s as it is now", run_dir, checkpoint)
     config = _eval_config(args, run_dir)
+    if args.topk_dir and is_itm(str(config["dataset"]["name"])):  # nothing would be written there, without a word
+        raise ConfigError(f"--topk-dir {args.topk_dir}: top-K files are for composed retrieval (CIR) rankings; "
+                          f"{config['dataset']['name']} is image-text matching, scored as whole score matrices")
+    if run_dir is not None:  # the run is where it was given, not where its config.yaml says it was trained (a copy
+        config["output_dir"] = str(run_dir.absolute())  # or a moved run: a stage I writes its top-K into its own)
     splits = config["eval"].get("splits") or [config["dataset"]["val_split"]]
     _check_eval_outputs(args, splits)
     try:

@@ -332,8 +332,11 @@ def test_backbone_weights_load_from_a_local_file(tmp_path, caplog) -> None:
     for key, value in source.image_encoder.backbone.state_dict().items():
         assert torch.equal(model.image_encoder.backbone.state_dict()[key], value), key
     torch.save({"stages.0.0.weight": torch.zeros(1)}, tmp_path / "bad.pth")
-    with pytest.raises(RuntimeError, match="bad.pth"):
+    from cirlab.core.errors import CirlabError
+
+    with pytest.raises(RuntimeError, match="bad.pth") as caught:
         tiny(pretrained=True, backbone_weights=str(tmp_path / "bad.pth"))
+    assert isinstance(caught.value, CirlabError)  # one line at the command line (a 43-line traceback before)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         tiny(pretrained=True, backbone_weights=str(tmp_path / "missing.pth"))
     with caplog.at_level("WARNING", logger="cirlab.models.amc"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -576,3 +577,6 @@ def test_a_start_from_a_cirlab_checkpoint_is_recorded_in_init_from_json(tmp_path
     record = json.loads((tmp_path / "init_from.json").read_text())
     assert record == {"init_from": str(path), "reports": [], "layout": "cirlab", "source": str(path)}
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+    home = Path.home()  # "~/..." as DIME's and the re-ranker's init_from take it (was: no such file / LAVIS reader)
+    relative = os.path.relpath(path, home)
+    assert tiny(init_from=f"~/{relative}").load_init(None) == []

@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 
+import cirlab
 from cirlab.core.checkpoint import (CheckpointError, load_checkpoint, load_model_weights, model_state_dict,
                                save_checkpoint)
 
@@ -68,3 +69,19 @@ def test_find_state_dict_reads_every_container_the_converters_meet():
     assert find_state_dict({"epoch": 3, "Blip2Qformer": {"model": sd}}) is sd
     assert find_state_dict({"BLIP_NLVR": sd, "other": {}}, ("BLIP_NLVR",)) is sd
     assert find_state_dict({"a": {}, "b": {}}) is None and find_state_dict([sd]) is None and find_state_dict({}) is None
+
+
+def test_a_file_in_an_original_layout_is_written_as_given_and_a_failed_write_is_one_error(tmp_path, monkeypatch):
+    from cirlab.core.checkpoint import CheckpointWriteError, save_checkpoint
+    from cirlab.models import blip_rerank
+
+    save_checkpoint(tmp_path / "orig.pt", {"epoch": 0, "BLIP_NLVR": {"w": torch.ones(1)}}, stamp=False)
+    assert set(torch.load(tmp_path / "orig.pt", weights_only=True)) == {"epoch", "BLIP_NLVR"}  # no "format" key
+
+    def full(*args, **kwargs):  # torch's zip writer on a full disk
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0")
+
+    monkeypatch.setattr(torch, "save", full)
+    model = cirlab.create_model("blip_rerank_stage1", preset="tiny")
+    with pytest.raises(CheckpointWriteError, match=r"cannot write checkpoint .*s1.pt .*no s1.pt was written"):
+        blip_rerank.export_original(model, tmp_path / "s1.pt")  # was a 32-line traceback from cirlab convert

@@ -1084,3 +1084,13 @@ def test_a_resume_compares_settings_not_how_an_earlier_version_wrote_them(tmp_pa
     assert seen["dataset"] == now["dataset"] and seen["model_overrides"] == now["model_overrides"]
     other = _as_recorded_now({**old, "dataset": {**old["dataset"], "val_split": "test"}}, now)
     assert other["dataset"]["val_split"] == "test"  # another split is still a difference
+
+
+def test_eval_refuses_a_topk_dir_for_image_text_matching(tmp_path, caplog):
+    run = tmp_path / "itm"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.pt").write_bytes(b"not read: refused before the model loads")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": "stub_itm", "dataset": {"name": "f30k"}}))
+    assert main(["eval", str(run), "--topk-dir", str(tmp_path / "k")]) == 2  # was: exit 0, nothing written there
+    assert "--topk-dir" in caplog.text and "f30k is image-text matching" in caplog.text
+    assert not (tmp_path / "k").exists()

@@ -70,6 +70,19 @@ def runs(cirr_root, tmp_path_factory) -> dict[str, Path]:
     return {"stage1": run1, "stage2": run2, "tmp": tmp}
 
 
+def test_a_copied_stage1_run_writes_its_topk_into_itself(runs, tmp_path):
+    """cirlab eval of a copied (or moved) stage-I run wrote into the folder its config.yaml names, not the copy."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(runs["stage1"], copy)
+    (copy / "topk" / "test1.topk.npz").unlink()
+    before = (runs["stage1"] / "topk" / "test1.topk.npz").stat().st_mtime_ns
+    assert main(["eval", str(copy), "--split", "test1"]) == 0
+    assert (copy / "topk" / "test1.topk.npz").is_file()
+    assert (runs["stage1"] / "topk" / "test1.topk.npz").stat().st_mtime_ns == before  # the original untouched
+
+
 def test_stage1_run_starts_from_the_blip_file_and_writes_its_topk(runs, cirr_root):
     run1 = runs["stage1"]
     report = json.loads((run1 / "init_from.json").read_text())["reports"][0]

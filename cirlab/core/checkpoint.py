@@ -44,8 +44,10 @@ LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically: a temp file in the same folder, fsync, then ``os.replace``.
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], *, stamp: bool = True) -> Path:
+    """Write ``state`` to ``path`` atomically: a temp file in the same folder, fsync, then ``os.replace``. With
+    ``stamp`` the file records cirlab's checkpoint ``format``; without, ``state`` is written as given (a file in
+    the original code's layout, which has no such key).
 
     A crash or a full disk mid-write leaves the previous file at ``path`` untouched (the last good checkpoint
     survives) and no temporary file behind; the failure is a :class:`CheckpointWriteError` saying so.
@@ -54,7 +56,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     try:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
-                torch.save({"format": FORMAT, **state}, fh)
+                torch.save({"format": FORMAT, **state} if stamp else state, fh)
     except (OSError, RuntimeError) as err:  # torch's zip writer reports a failed write as RuntimeError
         kept = f"the previous {path.name} is kept unchanged" if path.is_file() else f"no {path.name} was written"
         raise CheckpointWriteError(f"cannot write checkpoint {path} ({_describe_write_error(err, path)}); "

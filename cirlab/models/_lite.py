@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 # cirlab's image transforms normalise with these (torchvision's convention); the lite nets undo them
+from cirlab.core.errors import CheckpointError
 from cirlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise RuntimeError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+        raise CheckpointError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
     # checkpoints saved from DataParallel/DDP prefix every key with "module."
     return {k.removeprefix("module."): v for k, v in state.items()}
 
@@ -159,7 +160,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load_weights_into(module: nn.Module, path: str | os.PathLike, ignore_prefixes: Sequence[str] = ()) -> None:
     """Load a local state-dict file into ``module`` strictly, ignoring classifier keys such as ``fc.``.
 
-    Raises a RuntimeError naming the file and the first missing/unexpected/mis-shaped keys.
+    Raises a :class:`CheckpointError` (a RuntimeError) naming the file and the first missing/unexpected/mis-shaped
+    keys.
     """
     state = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith(tuple(ignore_prefixes))}
     own = module.state_dict()
@@ -169,8 +171,9 @@ def load_weights_into(module: nn.Module, path: str | os.PathLike, ignore_prefixe
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or shapes:
-        raise RuntimeError(f"weights file {path} does not fit {type(module).__name__}: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}, shape mismatch {shapes[:5]}")
+        # a CheckpointError (a RuntimeError too): one line at the command line, not a 43-line traceback
+        raise CheckpointError(f"weights file {path} does not fit {type(module).__name__}: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, shape mismatch {shapes[:5]}")
     module.load_state_dict(state, strict=True)
     logger.info("loaded %d tensors into %s from %s", len(state), type(module).__name__, path)
 

@@ -720,8 +720,9 @@ def export_original(model: BlipRerankStage1 | BlipRerankStage2, path: str | os.P
         key, state = "BLIP_NLVR", blip_interop.export_stage2(model)
     else:
         key, state = "BLIP_Retrieval", blip_interop.export_stage1(model)
-    with io.atomic_path(path) as tmp:
-        torch.save({"epoch": 0, key: state}, tmp)
+    from cirlab.core.checkpoint import save_checkpoint
+
+    save_checkpoint(path, {"epoch": 0, key: state}, stamp=False)  # atomic; a full disk is one line, the old file kept
     return Path(path)
 
 

@@ -753,7 +753,7 @@ class CaLa(nn.Module):
             return _load_clip_start(self, path, suffix)
         if str(path).startswith(lavis_interop.LAVIS_PREFIX):
             return [_load_lavis_checked(self, path)]
-        path = Path(path)
+        path = Path(path).expanduser()  # "~/runs/x": DIME's and the re-ranker's init_from take it too
         if path.is_dir() and glob.glob(str(path / "tuned_*.pt")):
             return load_cala_files(self, path, suffix=suffix)
         if path.is_dir() or _is_cirlab_checkpoint(path):
@@ -1069,10 +1069,11 @@ def export_cala_files(model: CaLa, folder: str | os.PathLike, *, suffix: str = "
 
 
 def _save(path: Path, key: str, state: dict[str, torch.Tensor], epoch: int) -> Path:
-    from cirlab.core import io
+    from cirlab.core.checkpoint import save_checkpoint
 
-    with io.atomic_path(path) as tmp:
-        torch.save({"epoch": epoch, key: {k: v.detach().clone() for k, v in state.items()}}, tmp)
+    # atomic; a full disk is one line, the old file kept
+    save_checkpoint(path, {"epoch": epoch, key: {k: v.detach().clone() for k, v in state.items()}},
+                    stamp=False)
     return path
 
 
@@ -1179,7 +1180,7 @@ def _load_clip_start(model: CaLa, path: str | os.PathLike, suffix: str = "") -> 
     """``init_from`` on the CLIP path: a folder of CaLa's CLIP saves, a cirlab run/checkpoint, or a CLIP file."""
     from cirlab.models._clip_rn import is_torchscript
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir() and glob.glob(str(path / "tuned_clip_*.pt")):
         return load_cala_clip_files(model, path, suffix=suffix)
     if path.is_dir() or (path.is_file() and not is_torchscript(path) and _is_cirlab_checkpoint(path)):
