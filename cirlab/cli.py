@@ -523,7 +523,7 @@ def _run_notebooks(args: argparse.Namespace) -> int:
     import shutil
 
     from cirlab.core.errors import ConfigError, MissingPathError
-    from cirlab.core.io import check_outputs, check_writable
+    from cirlab.core.io import atomic_path, check_outputs, check_writable
     from cirlab.core.shipped import inside_package, resource_dir
 
     notebooks = sorted(resource_dir("notebooks").glob("*.ipynb"))
@@ -542,7 +542,11 @@ def _run_notebooks(args: argparse.Namespace) -> int:
     check_outputs([t for _, t in pairs], overwrite=args.overwrite, command="cirlab notebooks")  # before any copy
     out.mkdir(parents=True, exist_ok=True)
     for source, target in pairs:
-        shutil.copyfile(source, target)
+        try:
+            with atomic_path(target) as tmp:  # a full disk leaves no half file that a retry would refuse
+                shutil.copyfile(source, tmp)
+        except OSError as err:
+            raise ConfigError(f"cirlab notebooks: cannot write {target} ({err.strerror or err})") from None
     kept = f" ({len(same)} already there, unchanged)" if same else ""
     done = (f"copied {len(pairs)} notebooks to {out}{kept}: {', '.join(t.name for _, t in pairs)}" if pairs
             else f"the {len(same)} notebooks in {out} are up to date (nothing copied)")

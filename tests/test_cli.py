@@ -1094,3 +1094,22 @@ def test_eval_refuses_a_topk_dir_for_image_text_matching(tmp_path, caplog):
     assert main(["eval", str(run), "--topk-dir", str(tmp_path / "k")]) == 2  # was: exit 0, nothing written there
     assert "--topk-dir" in caplog.text and "f30k is image-text matching" in caplog.text
     assert not (tmp_path / "k").exists()
+
+
+def test_notebooks_on_a_full_disk_name_the_copy_and_leave_no_half_file(tmp_path, monkeypatch, caplog):
+    import errno
+    import shutil
+
+    real = shutil.copyfile
+
+    def full(source, target):
+        with open(target, "wb"):  # the copy started, then the disk was full
+            pass
+        raise OSError(errno.ENOSPC, "No space left on device", str(source))
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    assert main(["notebooks", str(tmp_path / "nb")]) == 2
+    assert f"cannot write {tmp_path / 'nb'}" in caplog.text and "No space left on device" in caplog.text
+    assert [p for p in (tmp_path / "nb").iterdir()] == []  # a retry is not refused over a 0-byte notebook
+    monkeypatch.setattr(shutil, "copyfile", real)
+    assert main(["notebooks", str(tmp_path / "nb")]) == 0
