@@ -5,6 +5,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -34,6 +35,16 @@ def _write_config(path: Path, synth: Path, **train) -> Path:
                   "selection_metric": "avg", **train},
         "eval": {"splits": ["val", "test"], "k": 5, "batch_size": 16},
     }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _dress_config(path: Path, root: Any, **train: Any) -> Path:
+    """A stub_cir run config on a Fashion-IQ tree's dress category (``train`` over two quick steps)."""
+    config = {"model": "stub_cir", "preset": "tiny", "model_overrides": {"embed_dim": 12},
+              "dataset": {"name": "fashioniq", "root": str(root), "category": "dress"},
+              "train": {"max_steps": 2, "batch_size": 4, "progress": "none", "tensorboard": False, **train},
+              "eval": {"splits": ["val"], "k": 5, "batch_size": 8}}
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -846,12 +857,7 @@ def test_a_relative_root_is_recorded_absolute_so_eval_elsewhere_reads_the_same_d
     work, other = tmp_path / "work", tmp_path / "other"
     other.mkdir()
     root = write_fashioniq(work / "data", categories=("dress",))["root"]
-    config = {"model": "stub_cir", "preset": "tiny", "model_overrides": {"embed_dim": 12},
-              "dataset": {"name": "fashioniq", "root": os.path.relpath(root, work), "category": "dress"},
-              "train": {"max_steps": 1, "batch_size": 4, "progress": "none", "tensorboard": False,
-                        "selection_metric": "avg"},
-              "eval": {"splits": ["val"], "k": 5, "batch_size": 8}}
-    (work / "c.yaml").write_text(yaml.safe_dump(config))
+    _dress_config(work / "c.yaml", os.path.relpath(root, work), max_steps=1, selection_metric="avg")
     monkeypatch.chdir(work)
     assert main(["train", "c.yaml", "--output-dir", "~/../" + str(work / "runs" / "r").lstrip("/")]) == 0
     run = work / "runs" / "r"  # "~/..": expanded, not a folder named "~" here
@@ -898,12 +904,7 @@ def test_a_run_records_its_data_and_code_and_says_when_the_data_changed(tmp_path
     from fixtures_data import write_fashioniq
 
     root = write_fashioniq(tmp_path / "data", categories=("dress",))["root"]
-    config = {"model": "stub_cir", "preset": "tiny", "model_overrides": {"embed_dim": 12},
-              "dataset": {"name": "fashioniq", "root": str(root), "category": "dress"},
-              "train": {"max_steps": 2, "batch_size": 4, "progress": "none", "tensorboard": False,
-                        "selection_metric": "avg"},
-              "eval": {"splits": ["val"], "k": 5, "batch_size": 8}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    _dress_config(tmp_path / "c.yaml", root, selection_metric="avg")
     run = tmp_path / "run"
     assert main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(run)]) == 0
     recorded = json.loads((run / "data_fingerprint.json").read_text())
@@ -940,12 +941,7 @@ def test_what_stops_the_final_evaluation_says_the_training_is_saved_and_resume_f
     image = root / "images" / "dress_val_0.png"
     good = image.read_bytes()
     image.write_bytes(b"")  # found only when the val split's images are read: after training (selection=last)
-    config = {"model": "stub_cir", "preset": "tiny", "model_overrides": {"embed_dim": 12},
-              "dataset": {"name": "fashioniq", "root": str(root), "category": "dress"},
-              "train": {"max_steps": 2, "batch_size": 4, "progress": "none", "tensorboard": False,
-                        "selection": "last"},
-              "eval": {"splits": ["val"], "k": 5, "batch_size": 8}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    _dress_config(tmp_path / "c.yaml", root, selection="last")
     run = tmp_path / "run"
     assert main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(run)]) == 2
     assert (f"; the training is done and saved in {run / 'checkpoints'}; the same command with --resume (and without "

@@ -79,17 +79,11 @@ def test_set_settings_passes_cirlab_train_overrides_to_the_notebooks_that_train(
 
 
 def test_the_helps_settings_example_reaches_the_train_notebook(tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
     nbs = tmp_path / "notebooks"
     nbs.mkdir()
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell("out: str = ''  # output folder\nsettings: list = []  # run-config overrides")
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(
-        "import json, pathlib\npathlib.Path(out).mkdir(parents=True, exist_ok=True)\n"
-        "(pathlib.Path(out) / 'settings.json').write_text(json.dumps(settings))")]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, nbs / "train.ipynb")
+    _write_notebook(nbs / "train.ipynb", "out: str = ''  # output folder\nsettings: list = []  # run-config overrides",
+                    ["import json, pathlib\npathlib.Path(out).mkdir(parents=True, exist_ok=True)\n"
+                     "(pathlib.Path(out) / 'settings.json').write_text(json.dumps(settings))"])
     monkeypatch.setattr(report, "REPORT_PARAMETERS", {**report.REPORT_PARAMETERS, "train": {"out": "{out}/train"}})
     out = tmp_path / "rep"
     code = report.main(["--out", str(out), "--only", "train", "--kernel", "python3", "--notebooks", str(nbs),
@@ -352,16 +346,10 @@ def test_register_cli_adds_report_command():
 
 
 def test_failing_notebook_stops_the_report_with_its_error(tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
     nbs = tmp_path / "notebooks"
     nbs.mkdir()
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell("pool_k: int = 1  # pool")
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [nbformat.v4.new_code_cell("import math"), params,
-                nbformat.v4.new_code_cell("raise RuntimeError('broken cell ' + str(pool_k))")]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, nbs / "rank_shift.ipynb")
+    _write_notebook(nbs / "rank_shift.ipynb", "pool_k: int = 1  # pool",
+                    ["import math", "raise RuntimeError('broken cell ' + str(pool_k))"], params_at=1)
     monkeypatch.setattr(report, "REPORT_PARAMETERS", {**report.REPORT_PARAMETERS, "rank_shift": {"pool_k": 3}})
     out = tmp_path / "reports"
     (out / "evaluate").mkdir(parents=True)
@@ -379,14 +367,21 @@ def test_failing_notebook_stops_the_report_with_its_error(tmp_path, monkeypatch)
     assert text.count("cell 2/2: raise RuntimeError") == 1
 
 
-def _notebook(path, body: str) -> None:
+def _write_notebook(path, params: str, cells: list[str], params_at: int = 0) -> None:
+    """A stand-in notebook: code ``cells`` with a ``parameters`` cell holding ``params`` at ``params_at``."""
     nbformat = pytest.importorskip("nbformat")
     nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell("fail: bool = False  # make the notebook fail\nout: str = ''  # output folder")
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [nbformat.v4.new_code_cell("import json, pathlib, sys"), params, nbformat.v4.new_code_cell(body)]
+    tagged = nbformat.v4.new_code_cell(params)
+    tagged.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    nb.cells.insert(params_at, tagged)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
+
+
+def _notebook(path, body: str) -> None:
+    _write_notebook(path, "fail: bool = False  # make the notebook fail\nout: str = ''  # output folder",
+                    ["import json, pathlib, sys", body], params_at=1)
 
 
 def test_the_kernels_get_the_thread_policy_and_the_caller_keeps_its_environment(tmp_path, monkeypatch):
