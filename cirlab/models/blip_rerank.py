@@ -114,7 +114,9 @@ class BlipRerankConfig(PresetMixin):
     stage1_checkpoint: str = ""  # stage II: the frozen stage I (cirlab stage-I run/checkpoint or released stage-I file)
     # --- memory ---
     gradient_checkpointing: bool = False  # recompute text-encoder layers in backward
-    bf16: bool = False  # bf16 autocast for inference; training precision is TrainConfig.precision
+    # bf16 autocast for inference; also the default of train.precision ("bf16", else "auto"), which a run's
+    # train.precision overrides
+    bf16: bool = False
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "fashioniq": {"dataset": "fashioniq"},

@@ -184,7 +184,9 @@ class CaLaConfig(PresetMixin):
     validate_in_train_mode: bool = False  # original training-loop validation: trained Q-Formers keep dropout on
     init_from: str = ""  # LAVIS BLIP-2 checkpoint ("lavis:PATH" forces that layout), a folder of CaLa's tuned_*.pt
     #                      files, or a cirlab run/checkpoint
-    bf16: bool = False  # bf16 autocast for inference (training precision is TrainConfig.precision)
+    # bf16 autocast for inference; also the default of train.precision ("bf16", else "auto"), which a run's
+    # train.precision overrides
+    bf16: bool = False
     # --- CLIP path (backbone clip_rn50x4; image_size 288 in its presets) ---
     clip_vision_layers: tuple[int, ...] | list[int] = (4, 6, 10, 6)  # ModifiedResNet blocks per stage (RN50x4)
     clip_vision_width: int = 80  # stem width; the layer-4 map has 32x as many channels (2560)
