@@ -650,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("%s", getattr(err, "message", "interrupted"))
         return int(getattr(err, "exit_code", 130))
     except OSError as err:  # a full, over-quota or read-only disk wherever no nearer handler names what was kept
-        from cirlab.engine.train import NO_SPACE
+        from cirlab.core.io import NO_SPACE
 
         if err.errno not in NO_SPACE:
             raise

@@ -88,8 +88,12 @@ class PresetMixin:
         relaxes for settings that earlier versions accepted and never read (``where`` names the file for its
         warning), so that such a run still loads. Fields renamed since (``RENAMED``) are read under their new
         names."""
-        renamed = getattr(cls, "RENAMED", {})
-        return cls.from_dict({renamed.get(k, k): v for k, v in values.items()})
+        return cls.from_dict(cls.current_names(values))
+
+    @classmethod
+    def current_names(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` with fields renamed since (``RENAMED``) under their new names; the others as they are."""
+        return {cls.RENAMED.get(k, k): v for k, v in values.items()}
 
 
 def field_names(cls: type) -> list[str]:

@@ -8,6 +8,7 @@ crash or a full disk leaves the old file in place, and no temporary file outlive
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from cirlab.core.errors import CirlabError
+
+# errno values of a disk that takes no more (full, over quota, read-only): said as one line, nothing is lost
+NO_SPACE = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS") if hasattr(errno, name))
 
 TMP_SUFFIX = ".tmp"
 

@@ -438,8 +438,7 @@ def _check_written_model_config(config: dict[str, Any], source: str, overrides: 
     if getattr(get_entry(name).config_cls, "FOLLOWS_RUN_DATASET", False) and "dataset" not in overrides:
         overrides = {**overrides, "dataset": (config.get("dataset") or {}).get("name")}
     built = to_plain(dataclasses.asdict(build_config(name, config.get("preset"), **overrides)))
-    renamed = getattr(get_entry(name).config_cls, "RENAMED", {})  # a run written before a field was renamed
-    written = {renamed.get(k, k): v for k, v in written.items()}
+    written = get_entry(name).config_cls.current_names(written)  # a run written before a field was renamed
     unknown = sorted(set(written) - set(built))
     if unknown:  # an edited record with a typo read as matching
         raise ConfigError(unknown_names_message(f"{source}: model_config", unknown, built))
@@ -1042,7 +1041,8 @@ def _finishing(out: Path) -> Iterator[None]:
     that the training is saved and how to finish: the same command with ``--resume`` evaluates and writes the
     results (a run at its last step owes only those)."""
     from cirlab.core.errors import CirlabError
-    from cirlab.engine.train import NO_SPACE, RunWriteError
+    from cirlab.core.io import NO_SPACE
+    from cirlab.engine.train import RunWriteError
 
     finish = (f"the training is done and saved in {out / 'checkpoints'}; the same command with --resume (and "
               "without --overwrite) runs the final evaluation")
@@ -1148,12 +1148,12 @@ def _as_recorded_now(stored: dict[str, Any], resolved: dict[str, Any]) -> dict[s
 
     stored = with_absolute_paths(copy.deepcopy(stored))
     try:
-        renamed = getattr(get_entry(str(stored.get("model"))).config_cls, "RENAMED", {})
+        config_cls = get_entry(str(stored.get("model"))).config_cls
     except KeyError:
-        renamed = {}
+        config_cls = None
     for section in ("model_overrides", "model_config"):
-        if isinstance(stored.get(section), dict):
-            stored[section] = {renamed.get(k, k): v for k, v in stored[section].items()}
+        if config_cls is not None and isinstance(stored.get(section), dict):
+            stored[section] = config_cls.current_names(stored[section])
     ds, now = stored.get("dataset"), resolved.get("dataset") or {}
     if isinstance(ds, dict) and ds.get("name"):
         for key in ("train_split", "val_split", "test_split"):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import math
@@ -51,7 +50,7 @@ from cirlab.core.config import MAX_SEED, UnknownFieldError, did_you_mean, unknow
 from cirlab.core.contracts import HasEpochHook, HasParamGroups, Model, model_label
 from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from cirlab.core.errors import CirlabError, ConfigError
-from cirlab.core.io import flat_numbers, to_plain, write_json
+from cirlab.core.io import NO_SPACE, flat_numbers, to_plain, write_json
 from cirlab.core.threads import apply_thread_policy
 
 logger = logging.getLogger(__name__)
@@ -1093,7 +1092,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, dataset: Any, cfg: TrainConfig, output_dir: Path,
                  evaluate_fn: EvalFn | None, collate_fn: Callable | None, callbacks: Sequence[Callable],
-                 run_config: dict[str, Any] | None, overwrite: bool = False) -> None:
+                 run_config: dict[str, Any] | None, overwrite: bool = False,
+                 start_notes: Mapping[str, Any] | None = None, run_files: Mapping[str, Any] | None = None) -> None:
         self.cfg, self.output_dir, self.evaluate_fn, self.callbacks = cfg, output_dir, evaluate_fn, list(callbacks)
         self.overwrite = overwrite
         self.stop = _StopSignals()
@@ -1124,8 +1124,8 @@ class Trainer:
                              "train.drop_last=false")
         self.ckpt_dir = output_dir / "checkpoints"
         self.run_config = run_config
-        self.start_notes: dict[str, Any] = {}  # this start's extra provenance fields (train(start_notes=))
-        self.run_files: dict[str, Any] = {}  # files written at the first start (train(run_files=))
+        self.start_notes = dict(start_notes or {})  # this start's extra provenance fields (train(start_notes=))
+        self.run_files = dict(run_files or {})  # files written at the first start (train(run_files=))
         self.resumed = False  # run(): continued from a checkpoint (even one at step 0)
         self.losses: list[float] = []
         self.eval_history: list[dict[str, Any]] = []
@@ -1286,8 +1286,7 @@ class Trainer:
                 if isinstance(self.model, HasEpochHook):
                     self.model.on_epoch_start(p.epoch)
                 if not self.train_one_epoch(log):  # stopped by max_steps mid-epoch
-                    if self.progress.evaluated_step != self.progress.step:  # eval_every_steps may have just done it
-                        self.evaluate_and_select(log)
+                    self.evaluate_and_select(log)
                     self.save("last.pt")  # keeps the position inside the epoch for a later resume
                     break
                 self.end_of_epoch(log)
@@ -1503,7 +1502,9 @@ class Trainer:
         return contextlib.nullcontext(self.model)
 
     def evaluate_and_select(self, log: _RunLog) -> dict[str, Any] | None:
-        if self.evaluate_fn is None:
+        """Evaluate and select at this step, once: an epoch end or a max_steps stop on a step eval_every_steps has
+        just evaluated does not evaluate (and log) it again."""
+        if self.evaluate_fn is None or self.progress.evaluated_step == self.progress.step:
             return None
         with self.evaluated_weights():
             self.model.eval()
@@ -1544,8 +1545,7 @@ class Trainer:
         if self.ema is not None and cfg.ema_mode == "paper_no_restore":
             self.ema.apply_permanently(self.model)  # AMC: validation and training continue on EMA weights
         last_epoch = p.epoch + 1 >= cfg.epochs
-        due = (cfg.eval_every and (p.epoch + 1) % cfg.eval_every == 0) or last_epoch
-        if due and p.evaluated_step != p.step:  # eval_every_steps may have just evaluated this very step
+        if (cfg.eval_every and (p.epoch + 1) % cfg.eval_every == 0) or last_epoch:
             self.evaluate_and_select(log)
         p.epoch += 1
         p.batch_in_epoch = 0
@@ -1590,8 +1590,6 @@ def write_yaml(path: Path, values: dict[str, Any]) -> None:
     io.write_yaml(path, to_plain(values))
 
 
-# errno values of a disk that takes no more (full, over quota, read-only): said as one line, nothing is lost
-NO_SPACE = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS") if hasattr(errno, name)}
 
 
 def _remove_stale_temporaries(output_dir: Path) -> None:
@@ -1678,6 +1676,5 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
     output_dir = Path(output_dir)
     with io.folder_lock(output_dir) if init_distributed().is_main else contextlib.nullcontext():
         trainer = Trainer(model, train_dataset, cfg, output_dir, evaluate_fn, collate_fn, callbacks, run_config,
-                          overwrite)
-        trainer.start_notes, trainer.run_files = dict(start_notes or {}), dict(run_files or {})
+                          overwrite, start_notes, run_files)
         return trainer.run()
