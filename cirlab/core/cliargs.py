@@ -3,7 +3,6 @@ option is answered by the usage of the command it was given to, with the closest
 from __future__ import annotations
 
 import argparse
-import difflib
 from typing import Any, Sequence
 
 
@@ -18,12 +17,15 @@ class Parser(argparse.ArgumentParser):
 
     def refuse_unknown(self, unknown: Sequence[str]) -> None:
         """Exit with this parser's usage and "unrecognized arguments", naming the closest option of each."""
+        from cirlab.core.config import closest
+
         options = [s for action in self._actions for s in action.option_strings]
         hints = []
         for arg in unknown:
-            close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1) if arg.startswith("-") else []
+            flag = arg.split("=", 1)[0]
+            close = closest(flag, options) if arg.startswith("-") else None
             if close:
-                hints.append(f"{arg.split('=', 1)[0]}: did you mean {close[0]}?")
+                hints.append(f"{flag}: did you mean {close}?")
         self.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else ""))
 
 

@@ -19,15 +19,21 @@ class UnknownFieldError(ConfigError, TypeError):
     """A config names a field its dataclass does not have (a ``TypeError`` too, like a bad keyword argument)."""
 
 
-def did_you_mean(name: Any, choices: Iterable[Any]) -> str:
-    """``" (did you mean 'root'?)"`` for the closest of ``choices`` to ``name``, else ``""``."""
+def closest(name: Any, choices: Iterable[Any]) -> str | None:
+    """The one of ``choices`` closest to ``name`` (a near spelling, a case slip, a prefix), else None."""
     names = [str(c) for c in choices]
     close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
     if not close:  # a case slip ("Cosine") or a prefix ("cos") still deserves a hint
         lower = {c.lower(): c for c in names}
         close = [lower[str(name).lower()]] if str(name).lower() in lower else [
             c for c in names if c.startswith(str(name)) and str(name)][:1]
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return close[0] if close else None
+
+
+def did_you_mean(name: Any, choices: Iterable[Any]) -> str:
+    """``" (did you mean 'root'?)"`` for the closest of ``choices`` to ``name``, else ``""``."""
+    close = closest(name, choices)
+    return f" (did you mean {close!r}?)" if close else ""
 
 
 def unknown_names_message(where: str, unknown: Iterable[Any], known: Iterable[Any]) -> str:
