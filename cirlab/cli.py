@@ -449,7 +449,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         files = [checkpoint] + [_checkpoint_of(m, args.checkpoint)[0] for m in args.ensemble]
         members = [model] + [model_from_checkpoint(path, model=args.model, preset=args.preset,
                                                    trust_pickle=args.trust_pickle,
-                                                   overrides=config.get("model_overrides"))[0] for path in files[1:]]
+                                                   overrides=config.get("model_overrides"),
+                                                   overrides_must_agree=False)[0] for path in files[1:]]
         model = make_ensemble(members, [str(path) for path in files])
     model.to(device)
     results = {}

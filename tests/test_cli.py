@@ -975,6 +975,17 @@ def test_eval_refuses_settings_it_would_not_read(tmp_path, synth, caplog):
         caplog.clear()
         assert main(["eval", str(out), "--set", setting, "--split", "val"]) == 2
         assert says in caplog.text
+    caplog.clear()  # with --model, on a checkpoint that records its config: that config is what the weights fit
+    assert main(["eval", str(out), "--model", "stub_cir", "--set", "model_overrides.embed_dim=32",
+                 "--split", "val"]) == 2
+    assert ("model_overrides.embed_dim=32 differs from the config the checkpoint records (embed_dim=12)"
+            in caplog.text)
+    assert main(["eval", str(out), "--model", "stub_cir", "--set", "model_overrides.embed_dim=12",
+                 "--split", "val"]) == 0  # the value it records: nothing is lost
+    from cirlab.engine.runs import model_from_checkpoint
+
+    best = out / "checkpoints" / "best.pt"  # an ensemble's other member keeps its own config, as it was trained
+    assert model_from_checkpoint(best, overrides={"embed_dim": 8}, overrides_must_agree=False)[0].config.embed_dim == 12
     typo = yaml.safe_load((tmp_path / "stub.yaml").read_text())
     typo["train"]["max_step"] = 5
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump(typo))
