@@ -280,6 +280,10 @@ def test_coco_1k_is_the_mean_over_folds():
     assert M.coco_1k_metrics(torch.from_numpy(sims), folds=5) == pytest.approx(N.naive_coco_1k(sims, folds=5))
     with pytest.raises(ValueError, match="multiple of 5 images"):
         M.coco_1k_metrics(torch.rand(6, 30))
+    # the folds a scorer computes alone (evaluate_itm's coco1k): contiguous images with their own captions
+    assert M.coco_1k_folds(10, captions_per_image=5)[1] == (range(2, 4), range(10, 20))
+    assert M.coco_1k_folds(6, folds=3, captions_per_image=2) == [(range(0, 2), range(0, 4)), (range(2, 4), range(4, 8)),
+                                                                  (range(4, 6), range(8, 12))]
     with pytest.raises(ValueError, match=r"\[N images x 5N captions\]"):
         M.itm_metrics(torch.rand(3, 14))
 

@@ -50,7 +50,7 @@ __all__ = [
     "fashioniq_metrics", "shoes_metrics",
     "cirr_subset_ranks", "cirr_metrics", "cirr_metrics_from_ranks", "cirr_submission", "validate_cirr_submission",
     "itm_ranks", "i2t_ranks", "t2i_ranks", "itm_metrics_from_ranks", "itm_metrics", "coco_1k_metrics",
-    "coco_5k_metrics",
+    "coco_1k_folds", "fold_mean_metrics", "coco_5k_metrics",
 ]
 
 # ---------------------------------------------------------------------------------------------------- metric keys
@@ -769,12 +769,23 @@ def coco_1k_metrics(sims: ScoresLike, *, folds: int = 5, captions_per_image: int
         600.0
     """
     s = _check_itm(sims, captions_per_image)
-    n = s.shape[0]
-    if n % folds:
-        raise InputError(f"COCO 1K needs a multiple of {folds} images, got {n}")
-    size = n // folds
-    per_fold = []
-    for f in range(folds):
-        block = s[f * size:(f + 1) * size, f * size * captions_per_image:(f + 1) * size * captions_per_image]
-        per_fold.append(itm_metrics(block, captions_per_image=captions_per_image, ties=ties, chunk_size=chunk_size))
-    return {key: sum(m[key] for m in per_fold) / folds for key in per_fold[0]}
+    blocks = [s[images.start:images.stop, captions.start:captions.stop]
+              for images, captions in coco_1k_folds(s.shape[0], folds=folds, captions_per_image=captions_per_image)]
+    return fold_mean_metrics(blocks, captions_per_image=captions_per_image, ties=ties, chunk_size=chunk_size)
+
+
+def coco_1k_folds(num_images: int, *, folds: int = 5, captions_per_image: int = 5) -> list[tuple[range, range]]:
+    """(images, captions) of each COCO 1K fold: contiguous blocks of ``num_images / folds`` images and their own
+    captions (HREM's and VSE++'s ``evaluation.py``). A scorer may compute only these blocks of the matrix."""
+    if num_images % folds:
+        raise InputError(f"COCO 1K needs a multiple of {folds} images, got {num_images}")
+    n = num_images // folds
+    return [(range(f * n, (f + 1) * n), range(f * n * captions_per_image, (f + 1) * n * captions_per_image))
+            for f in range(folds)]
+
+
+def fold_mean_metrics(blocks: Sequence[ScoresLike], *, captions_per_image: int = 5, ties: str = "stable",
+                      chunk_size: int | None = None) -> dict[str, float]:
+    """:func:`itm_metrics` of each fold's block, every metric (R@K, medr, meanr, rsum) the mean over the folds."""
+    per_fold = [itm_metrics(b, captions_per_image=captions_per_image, ties=ties, chunk_size=chunk_size) for b in blocks]
+    return {key: sum(m[key] for m in per_fold) / len(per_fold) for key in per_fold[0]}

@@ -466,14 +466,13 @@ def evaluate_itm(model: Any, split: Any, protocol: str = "full", *, batch_size: 
                        + (" and 5 folds" if protocol == "coco" else ""))
     score = functools.partial(score_itm, model, split, batch_size=batch_size, shard_size=shard_size, device=device)
     if protocol == "coco1k":
-        n = split.num_images // 5
-        if split.num_images % 5:
-            raise InputError(f"COCO 1K needs a multiple of 5 images; {split!r} has {split.num_images}")
+        try:
+            folds = M.coco_1k_folds(split.num_images, captions_per_image=cpi)
+        except InputError as err:
+            raise InputError(f"{split!r}: {err}") from None
         # a cross-attention matcher pays per pair: score the 5 folds' blocks only (1/5 of the full matrix)
-        blocks = [score(images=range(f * n, (f + 1) * n), captions=range(f * n * cpi, (f + 1) * n * cpi))
-                  for f in range(5)]
-        per_fold = [M.itm_metrics(b, captions_per_image=cpi) for b in blocks]
-        metrics = {key: sum(m[key] for m in per_fold) / 5 for key in per_fold[0]}
+        blocks = [score(images=images, captions=captions) for images, captions in folds]
+        metrics = M.fold_mean_metrics(blocks, captions_per_image=cpi)
     else:
         sims = score()
         metrics = M.itm_metrics(sims, captions_per_image=cpi)
