@@ -462,6 +462,10 @@ def _run_eval(args: argparse.Namespace) -> int:
                               "protocols": {split: protocol_of(config, split) for split in splits}}
     if args.ensemble:
         record["ensemble"] = [str(path) for path in files]
+    from cirlab.core.contracts import HasEvalPrecision
+
+    if isinstance(model, HasEvalPrecision):  # DIME's "auto" scores in bf16 on some CPUs, fp32 on others
+        record["eval_precision"] = model.eval_precision(device)
     text = json.dumps(record, indent=2, sort_keys=True)
     print(text)
     if args.output:

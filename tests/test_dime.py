@@ -742,9 +742,23 @@ def test_tiny_synthetic_config_trains_with_the_fitted_vocab_and_random_extras(tm
     real = runs.train_dataset
     monkeypatch.setattr(runs, "train_dataset",
                         lambda cfg, model, data=None: items.append(real(cfg, model, data)) or items[-1])
+    from cirlab.core import _search
+
+    monkeypatch.setenv("CIRLAB_BF16", "0")  # eval_dtype "auto": fp32 on this CPU, recorded with the run
+    _search.cpu_has_bf16.cache_clear()
     with caplog.at_level("WARNING", logger="cirlab.models.dime"):
         result = runs.run_experiment(config)
     assert result["steps"] == 2 and set(result["splits"]) == {"test"}
+    starts = json.loads((tmp_path / "run" / "provenance.json").read_text())["starts"]
+    assert starts[0]["eval_precision"] == "float32" and starts[0]["precision"] == "float32"
+    monkeypatch.setenv("CIRLAB_BF16", "1")  # the same run evaluated where "auto" is bf16: its output says so
+    _search.cpu_has_bf16.cache_clear()
+    from cirlab.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tmp_path / "run"), "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["eval_precision"] == "bfloat16"
+    _search.cpu_has_bf16.cache_clear()
     assert not [r for r in caplog.records if "previous batch" in r.getMessage()]  # the dataset supplied them
     item = items[0][0]
     assert {"extra_text", "extra_text_image_idx"} <= set(item)

@@ -141,6 +141,14 @@ class HasEnsemble(Protocol):
         """One model scoring as the mean of the members' scores."""
 
 
+@runtime_checkable
+class HasEvalPrecision(Protocol):
+    def eval_precision(self, device: Any) -> str:
+        """The number format its evaluation scores in on ``device`` (``"bfloat16"``, ``"float32"``), when the model
+        chooses one itself (DIME's ``eval_dtype="auto"``: bf16 on CPUs with bf16 units); ``provenance.json`` and
+        ``cirlab eval``'s output record it beside the training precision."""
+
+
 TASK_PROTOCOLS: dict[str, type] = {"cir": CIRModel, "itm": ITMModel, "rerank": Reranker}
 
 

@@ -47,7 +47,7 @@ from torch import nn
 
 from cirlab.core import console, io
 from cirlab.core.config import MAX_SEED, UnknownFieldError, did_you_mean, unknown_names_message
-from cirlab.core.contracts import HasEpochHook, HasParamGroups, Model, model_label
+from cirlab.core.contracts import HasEpochHook, HasEvalPrecision, HasParamGroups, Model, model_label
 from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from cirlab.core.errors import CirlabError, ConfigError
 from cirlab.core.io import NO_SPACE, flat_numbers, to_plain, write_json
@@ -1343,6 +1343,8 @@ class Trainer:
         notes = dict(self.start_notes)
         if getattr(self.model, "init_seed", None) is not None:  # create_model(seed=): the initial weights' seed
             notes.setdefault("model_init_seed", self.model.init_seed)
+        if isinstance(self.model, HasEvalPrecision):  # a model that picks its scoring precision by the hardware
+            notes.setdefault("eval_precision", self.model.eval_precision(self.device))
         record_start(self.output_dir, start_entry(self.progress.step, str(self.device), precision, notes),
                      resumed=self.resumed)
         for name, value in self.run_files.items():

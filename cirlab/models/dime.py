@@ -589,6 +589,10 @@ class DIME(MaxViolationWarmup, BertVocabMixin, nn.Module):
     def device(self) -> torch.device:
         return self.img_enc.fc.weight.device
 
+    def eval_precision(self, device: Any) -> str:
+        """``eval_dtype`` as resolved on ``device`` ("auto" depends on the CPU): recorded with the run."""
+        return str(eval_dtype(self, torch.device(device))).removeprefix("torch.")
+
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``[CLS] + first max_words-2 WordPieces + [SEP]``, zero-padded to ``max_words``.
 
@@ -933,6 +937,9 @@ class DIMEEnsemble(nn.Module):
 
     def score(self, image: list[dict], text: list[dict]) -> torch.Tensor:
         return ensemble_scores(*[m.score(i, t) for m, i, t in zip(self.members, image, text)])
+
+    def eval_precision(self, device: Any) -> str:
+        return "/".join(dict.fromkeys(m.eval_precision(device) for m in self.members))
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
