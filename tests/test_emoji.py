@@ -132,6 +132,18 @@ def test_build_is_cached_and_deterministic(tarball, tmp_path):
         emoji.build(tmp_path / "a", tarball=tmp_path / "nope.tgz")
 
 
+def test_a_folder_built_with_other_settings_is_refused_without_force(tarball, tmp_path):
+    """``--seed 1`` into a folder built with seed 0 replaced it without a word; runs trained on it read other
+    splits from then on (as ``data synth`` refuses)."""
+    root = emoji.build(tmp_path / "e", tarball=tarball, seed=0)
+    before = (root / "captions").iterdir().__next__().read_bytes()
+    with pytest.raises(emoji.OtherSettingsError, match=r"e: it holds the emoji dataset built with seed 0 \(google "
+                       r"16\.0\.0\), not seed 1 \(google 16\.0\.0\) as asked.*pass --force"):
+        emoji.build(root, tarball=tarball, seed=1)
+    assert next((root / "captions").iterdir()).read_bytes() == before
+    assert json.loads((emoji.build(root, tarball=tarball, seed=1, force=True) / emoji.MANIFEST).read_text())["seed"] == 1
+
+
 def test_default_root_is_under_cirlab_cache(tarball, tmp_path, monkeypatch):
     monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "cache"))
     root = emoji.build(tarball=tarball)

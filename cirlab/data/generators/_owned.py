@@ -21,6 +21,11 @@ class NotOwnedError(CirlabError, FileExistsError):
     """A generator was pointed at a folder it did not create (and ``force`` was not given)."""
 
 
+class OtherSettingsError(CirlabError, FileExistsError):
+    """A folder holds generated data written with other settings (seed, size, image size, version, format) than
+    asked, and replacing it was not forced: runs trained on it would then read other data without a word."""
+
+
 def is_owned(folder: Path, generator: str, manifests: Iterable[str] = ()) -> bool:
     """True when ``folder`` carries the marker of ``generator`` or one of its completed manifests (older builds)."""
     marker = folder / MARKER

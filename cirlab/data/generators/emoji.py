@@ -13,7 +13,8 @@ Apache-2.0; metadata (``emoji.json``): MIT. cirlab ships none of it: :func:`buil
     <root>/.cirlab-generated.json                                         marks the folder as this builder's
 
 The builder replaces only a folder it wrote itself: pointing ``--out`` at any other non-empty folder (your own
-Fashion-IQ copy, say) is refused, naming what would be deleted, unless ``force=True`` (``--force``).
+Fashion-IQ copy, say) is refused, naming what would be deleted, unless ``force=True`` (``--force``); so is a folder it
+built with another seed or package version (runs trained on it would read other splits).
 
 Triplets come from exact ground truth in ``emoji.json``:
 
@@ -52,6 +53,7 @@ from cirlab.core.config import MAX_SEED, int_range
 from cirlab.core.errors import CirlabError
 from cirlab.data.base import DataError
 from cirlab.data.generators import _owned
+from cirlab.data.generators._owned import OtherSettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -457,10 +459,11 @@ def build(out_root: str | os.PathLike | None = None, *, tarball: str | os.PathLi
         if not force and _complete(out, version, seed):
             logger.info("emoji dataset already built at %s (by another process)", out)
             return out
-        return _build_locked(out, tarball, version, seed, force)
+        return _build_locked(out, tarball, version, seed, force, named=out_root is not None)
 
 
-def _build_locked(out: Path, tarball: str | os.PathLike | None, version: str, seed: int, force: bool) -> Path:
+def _build_locked(out: Path, tarball: str | os.PathLike | None, version: str, seed: int, force: bool,
+                  named: bool = True) -> Path:
     """:func:`build` once ``out``'s lock is held and no complete build with these settings is there."""
     partial = out.with_name(out.name + ".partial")
     for folder in (out, partial):  # checked before anything is read, written or deleted
@@ -468,6 +471,12 @@ def _build_locked(out: Path, tarball: str | os.PathLike | None, version: str, se
             raise _owned.refuse("cirlab data emoji", folder, [folder],
                                 f"it is not empty and was not written by the emoji builder (no {_owned.MARKER})")
     _owned.refuse_foreign("cirlab data emoji", out, force, (MANIFEST,))
+    held, asked = _settings(out), {"format": FORMAT_VERSION, "version": version, "seed": seed}
+    if named and not force and held is not None and held != asked:  # the default folder is one per version and seed
+        raise OtherSettingsError(f"cirlab data emoji: refusing to write into {out}: it holds the emoji dataset built "
+                                 f"with {_describe(held, asked)}, not {_describe(asked, held)} as asked, and runs "
+                                 "trained on it would then read other data. Choose another --out, or pass --force "
+                                 "(Python: force=True) to replace it")
     package = read_package(tarball if tarball is not None else fetch_tarball(version))
     planned = plan(package, seed)  # every problem surfaces before anything is written
     # write next to the destination, then swap: a failed build never leaves a half dataset behind
@@ -494,11 +503,22 @@ def _build_locked(out: Path, tarball: str | os.PathLike | None, version: str, se
 
 
 def _complete(out: Path, version: str, seed: int) -> bool:
+    return _settings(out) == {"format": FORMAT_VERSION, "version": version, "seed": seed}
+
+
+def _settings(out: Path) -> dict[str, Any] | None:
+    """The format, package version and seed ``out``'s manifest (written last) records; None without a readable one."""
     try:
         m = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return m.get("format") == FORMAT_VERSION and m.get("version") == version and m.get("seed") == seed
+        return None
+    return {k: m.get(k) for k in ("format", "version", "seed")} if isinstance(m, dict) else None
+
+
+def _describe(settings: dict[str, Any], other: dict[str, Any]) -> str:
+    """``seed 0 (google 16.0.0)``, and the file format where it differs from ``other``'s."""
+    text = f"seed {settings['seed']} (google {settings['version']})"
+    return text + (f", file format {settings['format']}" if settings["format"] != other["format"] else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -520,8 +540,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
                    help="seed for the splits and phrasings (default: 0)")
     p.add_argument("--force", action="store_true",
                    help="rebuild even when a complete build exists; also replace --out when it is a folder this "
-                        "command did not write, or one holding files you added to its build (without it either is "
-                        "refused, naming what would go)")
+                        "command did not write, one holding files you added to its build, or one built with another "
+                        "--seed or --version (without it each is refused, naming what would go)")
     p.set_defaults(func=_run_cli)
     return p
 

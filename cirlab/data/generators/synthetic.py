@@ -63,9 +63,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from cirlab.core.config import MAX_SEED, int_range, is_whole, name_list
-from cirlab.core.errors import CirlabError, ConfigError
+from cirlab.core.errors import ConfigError
 from cirlab.data.generators import _owned
 from cirlab.data.generators import _scenes as sc
+from cirlab.data.generators._owned import OtherSettingsError
 from cirlab.data.generators._scenes import Edit, Scene, SceneSpec
 
 logger = logging.getLogger(__name__)
@@ -78,11 +79,6 @@ LAYOUTS = ("fashioniq", "cirr", "shoes", "precomp")
 # what the manifest records about how its data was made: a write that differs in any of them writes other data
 # (``spec`` only for a custom SynthSize, whose name "custom" says nothing about its counts)
 SETTINGS = ("format", "seed", "size", "spec", "image_size")
-
-
-class OtherSettingsError(CirlabError, FileExistsError):
-    """A folder holds synthetic data written with other settings (seed, size, image size, format) than asked, and
-    replacing it was not forced: runs trained on it would then read other data without a word."""
 
 
 CATEGORY_SPECS: dict[str, SceneSpec] = {
