@@ -317,10 +317,11 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
 SYNTHETIC_SIZE = {"report": "default", "smoke": "tiny"}
 # Notebook parameters the report leaves at the notebook's default and passes only when `--set` names them, per
 # notebook: `settings`, the run-config overrides (`cirlab train --set`'s, applied after the notebook's short CPU
-# recipe) of the notebooks that train (rank_shift: its stage I). Not in REPORT_PARAMETERS, so that a report without
-# them passes, and records, exactly what it did before.
+# recipe) of the notebooks that train (rank_shift: its stage I; `stage2_settings` its stage II). Not in
+# REPORT_PARAMETERS, so that a report without them passes, and records, exactly what it did before.
 SET_ONLY_PARAMETERS: dict[str, tuple[str, ...]] = {"train": ("settings",), "quickstart": ("settings",),
-                                                   "rank_shift": ("settings",)}
+                                                   "rank_shift": ("settings", "stage2_settings")}
+TRAIN_SETTINGS = ("settings", "stage2_settings")  # parameters listing cirlab train --set overrides
 # Notebook parameters naming a file or folder the notebook reads, with the words they also take. A `--set` value is
 # made absolute (the kernels run in <out>/<entry>/, where a relative path meant something else) and must exist
 # before any notebook starts: data_root always (no entry writes data), the others unless they lie in the folder of
@@ -387,7 +388,7 @@ def check_overrides(overrides: Mapping[str, Any], names: Sequence[str]) -> None:
         if field != "data_root" and not any(field in _settable(t) for t in targets):
             known = sorted({p for t in targets for p in _settable(t)})
             raise ConfigError(f"--set {key}: no such parameter; known: {', '.join(known)}")
-        if field == "settings":
+        if field in TRAIN_SETTINGS:
             check_settings(key, value)
 
 
@@ -1619,7 +1620,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                              "NOTEBOOK.KEY=VALUE for one; data_root=PATH uses your data instead of the synthetic set "
                              "(paths: relative to the current directory, checked before any notebook runs); "
                              "settings=[...] passes cirlab train --set overrides to the notebooks that train "
-                             "(train, quickstart, rank_shift's stage I)")
+                             "(train, quickstart, rank_shift's stage I; rank_shift.stage2_settings=[...] its stage "
+                             "II)")
     parser.add_argument("--out", default="reports", type=user_path,
                         help="report folder, relative to the current directory (default: reports)")
     parser.add_argument("--smoke", action="store_true",
