@@ -7,7 +7,9 @@ has some 70,000): a changed image list shows in the split files, a re-encoded im
 :data:`WHOLE_BELOW` (precomp features, several GB) are digested by their size and first and last
 :data:`SAMPLE` bytes. The stage-I top-K files a re-ranker reads (``eval.stage1_topk``) are part of its data too.
 
-The digests are written to ``<run>/data_fingerprint.json`` when a run starts.
+The digests are written to ``<run>/data_fingerprint.json`` when a run starts, and again when a resume accepts
+changed data (``--allow-config-change``; ``provenance.json`` lists the files that changed): the run's later results
+are computed on that data.
 """
 from __future__ import annotations
 

@@ -1125,7 +1125,7 @@ class Trainer:
         self.ckpt_dir = output_dir / "checkpoints"
         self.run_config = run_config
         self.start_notes = dict(start_notes or {})  # this start's extra provenance fields (train(start_notes=))
-        self.run_files = dict(run_files or {})  # files written at the first start (train(run_files=))
+        self.run_files = dict(run_files or {})  # files written at each start (train(run_files=))
         self.resumed = False  # run(): continued from a checkpoint (even one at step 0)
         self.losses: list[float] = []
         self.eval_history: list[dict[str, Any]] = []
@@ -1336,7 +1336,9 @@ class Trainer:
 
     def _record_start(self) -> None:
         """``provenance.json``: this start's code, versions, host, device and precision (one entry per start);
-        and the :attr:`run_files` a fresh run writes (a resume keeps what the run started with)."""
+        and the :attr:`run_files`, as of this start: a resume reaches here with the same ones, or with ones whose
+        change was accepted (``--allow-config-change``, listed in this start's entry), and the run's later results
+        (metrics.json) are then computed on what they describe now."""
         from cirlab.core.provenance import record_start, start_entry
 
         precision = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype is not None else "float32"
@@ -1348,8 +1350,7 @@ class Trainer:
         record_start(self.output_dir, start_entry(self.progress.step, str(self.device), precision, notes),
                      resumed=self.resumed)
         for name, value in self.run_files.items():
-            if not self.resumed or not (self.output_dir / name).exists():
-                io.write_json(self.output_dir / name, value)
+            io.write_json(self.output_dir / name, value)
 
     def summary(self) -> dict[str, Any]:
         p = self.progress
@@ -1654,7 +1655,7 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
         overwrite: a fresh run (no ``cfg.resume``) into a folder that holds a run replaces that run's files;
             without it such a folder is refused (:class:`RunFolderError`). The folder is locked while training.
         start_notes: extra fields of this start's entry in ``provenance.json`` (e.g. the settings a resume changed).
-        run_files: ``{name: JSON value}`` written into the run folder when the run first starts (kept on resume),
+        run_files: ``{name: JSON value}`` written into the run folder at each start (a resume rewrites them),
             e.g. ``data_fingerprint.json``.
 
     The run seeds Python's, NumPy's and torch's global generators with ``cfg.seed`` when it starts and leaves them
