@@ -241,3 +241,26 @@ def test_collect_routes_on_dime_keeps_dataset_ids_and_both_cell_numberings(synth
     final = frame[frame.layer == "layer2"]
     assert set(zip(final.source, final.source_paper_name)) == {
         ("RIC", "cell 0 (RIC)"), ("GLGC", "cell 2 (GLGC)"), ("IMRC", "cell 1 (IMRC)"), ("CMRC", "cell 3 (CMRC)")}
+
+
+def test_the_gallery_cache_holds_models_with_extra_state_and_follows_the_transform(synth, tmp_path):
+    """AMC keeps its vocabulary in ``get_extra_state`` (a dict): the cache's digest raised AttributeError on it. A
+    cached gallery encoded at 32 px was then reused for a 24-px evaluation (the key held weights, not transform)."""
+    from cirlab.data import load_cir
+    from cirlab.data.transforms import build_transform
+
+    split = load_cir("fashioniq", synth / "fashioniq", "val", category="dress")
+    torch.manual_seed(0)
+    model = cirlab.create_model("amc", preset="tiny", image_size=32).eval()
+    model.fit_vocab(split)
+    cache = tmp_path / "cache"
+    for size in (32, 24):
+        transform = build_transform("amc_shoes", image_size=size, train=False)
+        plain = evaluate_cir(model, split, transform=transform, batch_size=8)["ranks"]["val_dress"]
+        cached = evaluate_cir(model, split, transform=transform, batch_size=8, cache_dir=cache)["ranks"]["val_dress"]
+        np.testing.assert_array_equal(cached, plain)
+    assert len(list(cache.rglob("*.pt"))) == 2  # one gallery file per transform
+    from cirlab.core.featcache import state_dict_digest
+
+    digest = lambda words: state_dict_digest({"w": torch.ones(2), "vocab": {"words": words, "size": 2}})  # noqa: E731
+    assert digest(["a", "b"]) == digest(["a", "b"]) != digest(["a", "c"])  # extra state is part of the key too

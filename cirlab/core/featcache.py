@@ -61,14 +61,32 @@ def file_digest(path: str | os.PathLike, *, block: int = 1 << 20) -> str:
 
 
 def state_dict_digest(module_or_state: Any) -> str:
-    """SHA-256 over a model's parameter and buffer names and bytes (for models not loaded from a file)."""
+    """SHA-256 over a model's parameter and buffer names and bytes (for models not loaded from a file), and over
+    the extra state a module keeps beside them (``get_extra_state``: AMC's vocabulary, a dict of lists)."""
     state = module_or_state.state_dict() if hasattr(module_or_state, "state_dict") else module_or_state
     h = hashlib.sha256()
     for key in sorted(state):
-        t = state[key].detach().cpu().contiguous()
+        _digest_value(h, key, state[key])
+    return h.hexdigest()
+
+
+def _digest_value(h: Any, key: str, value: Any) -> None:
+    """Feed one state entry to ``h``: a tensor by dtype, shape and bytes; a mapping or sequence entry by entry; any
+    other value (a word, a number) by its repr."""
+    if isinstance(value, Tensor):
+        t = value.detach().cpu().contiguous()
         h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    elif isinstance(value, dict):
+        h.update(f"{key}:dict:{len(value)}".encode())
+        for k in sorted(value, key=str):
+            _digest_value(h, f"{key}.{k}", value[k])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{key}:{type(value).__name__}:{len(value)}".encode())
+        for i, v in enumerate(value):
+            _digest_value(h, f"{key}[{i}]", v)
+    else:
+        h.update(f"{key}={value!r}".encode())
 
 
 def tensor_digest(t: Tensor) -> str:

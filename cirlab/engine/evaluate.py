@@ -19,7 +19,7 @@ that every process computes the same metrics (evaluation gathered across process
 from __future__ import annotations
 
 import functools
-
+import json
 import logging
 import os
 from pathlib import Path
@@ -220,11 +220,25 @@ def _encode_gallery(model: Any, split: Any, gallery: Any, *, batch_size: int, de
                               device=device, num_workers=num_workers)
     from cirlab.core import retrieval
 
-    key = retrieval.cache_key(retrieval.state_dict_digest(model), split.dataset, split.root, split.split,
-                              split.category, len(gallery), "encode_target")
+    key = retrieval.cache_key(retrieval.state_dict_digest(model), *_encoder_identity(model, gallery), split.dataset,
+                              split.root, split.split, split.category, len(gallery), "encode_target")
     loader = torch.utils.data.DataLoader(gallery, batch_size=batch_size, num_workers=num_workers)
     return retrieval.encode_corpus(model.encode_target, loader, device=device, key="image", index_key="gallery_idx",
                                    cache_dir=cache_dir, cache_key=key, progress=False)
+
+
+def _encoder_identity(model: Any, gallery: Any) -> tuple[str, str, str]:
+    """What decides the gallery features besides the weights: the model's class, its config (a pooling flag or an
+    image size changes ``encode_target``, not the state dict) and the image transform, taken as the digest of the
+    first gallery image it gives (a transform's repr names functions by memory address, and says nothing of a
+    user's own class)."""
+    from cirlab.core.featcache import tensor_digest
+
+    config = getattr(model, "config", None)
+    settings = json.dumps(config.to_dict(), sort_keys=True, default=str) if hasattr(config, "to_dict") else ""
+    first = gallery[0]["image"] if len(gallery) else None
+    return (f"{type(model).__module__}.{type(model).__qualname__}", settings,
+            tensor_digest(first) if torch.is_tensor(first) else "")
 
 
 def _ranks(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
@@ -263,7 +277,8 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
             ``<split>[_<category>].topk.npz`` per split).
         transform: image transform (default: ``model.image_transform(False)`` if the model has one).
         num_workers: DataLoader workers.
-        cache_dir: cache gallery features there (keyed by weights digest, dataset, split, size).
+        cache_dir: cache gallery features there (keyed by the weights, the model class and config, the image
+            transform (its output on the first gallery image), dataset, split and size).
         meta: extra entries for the top-K files' ``meta`` (model name, checkpoint, ...).
 
     Returns:
