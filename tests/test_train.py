@@ -263,7 +263,7 @@ def test_selection_on_named_split_and_paper_mode(tmp_path, caplog):
 
 
 def test_selection_metric_missing_is_a_clear_error(tmp_path):
-    with pytest.raises(KeyError, match="R@10"):
+    with pytest.raises(ConfigError, match=r"\['R@10'\] not in split 'val'"):
         train(_model(), TripletItems(16), _cfg(epochs=1, selection_metric="R@10+R@50"), output_dir=tmp_path,
               evaluate_fn=lambda m: {"val": {"R@1": 1.0, "R@50": 2.0}})
 
@@ -598,3 +598,30 @@ def test_max_steps_ending_on_an_eval_every_steps_step_evaluates_it_once(tmp_path
                output_dir=tmp_path / "r", evaluate_fn=evaluate)
     steps = [r["step"] for r in _read_log(tmp_path / "r" / "log.jsonl") if r["kind"] == "eval"]
     assert steps == [3]  # was [3, 3]
+
+
+def test_the_default_selection_metric_follows_the_task_and_a_missing_one_keeps_the_work(tmp_path):
+    """cirlab.fit of a CIR model selected on "rsum" (ITM's headline) by default: a bare KeyError after the whole
+    first epoch, and nothing saved. The default is the task's own now; a metric the evaluation does not report is a
+    one-line ConfigError, with the training so far in last.pt for a resume."""
+    import dataclasses
+
+    cir = lambda model: {"val": {"avg": 1.0, "R@1": 0.5}}  # noqa: E731
+    base = {k: v for k, v in dataclasses.asdict(_cfg(epochs=1)).items() if k != "selection_metric"}
+    model = _model()  # a CIR model whose recipe names no selection metric (AMC's does not)
+    model.default_train_config = lambda: {"lr": 1e-2}
+    summary = cirlab.fit(model, TripletItems(16), TrainConfig(**base), output_dir=tmp_path / "auto", evaluate_fn=cir)
+    assert summary["selection_metric"] == "avg" and (tmp_path / "auto" / "checkpoints" / "best.pt").is_file()
+    assert TrainConfig().selection_metric == "auto"
+    with pytest.raises(ConfigError, match=r"model selection: metric\(s\) \['R@10'\] not in split 'val' \(available: "
+                                          r"\['R@1', 'avg'\]\); set train\.selection_metric .*saved in .*last\.pt"):
+        cirlab.fit(_model(), TripletItems(16), _cfg(epochs=2, selection_metric="R@10"), output_dir=tmp_path / "r",
+                   evaluate_fn=cir)
+    assert (tmp_path / "r" / "checkpoints" / "last.pt").is_file()
+    resumed = cirlab.fit(_model(), TripletItems(16), _cfg(epochs=2, selection_metric="avg", resume="auto"),
+                         output_dir=tmp_path / "r", evaluate_fn=cir)
+    straight = cirlab.fit(_model(), TripletItems(16), _cfg(epochs=2, selection_metric="avg"),
+                          output_dir=tmp_path / "s", evaluate_fn=cir)
+    assert resumed["steps"] == straight["steps"] and resumed["best_step"] == straight["best_step"]
+    assert [r["step"] for r in _read_log(tmp_path / "r" / "log.jsonl") if r["kind"] == "eval"] == [
+        r["step"] for r in _read_log(tmp_path / "s" / "log.jsonl") if r["kind"] == "eval"]

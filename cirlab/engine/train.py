@@ -108,7 +108,9 @@ class TrainConfig:
     eval_every_steps: int = 0  # also evaluate every N optimizer steps (DIME: 2000); 0 = off
     selection: str = "val"  # split name to select best.pt on | "paper" (the reported split, as the original
     #                         code does; logged as a warning) | "last" (no selection: best.pt = final weights)
-    selection_metric: str = "rsum"  # metric key, or keys joined by "+" that are summed (e.g. "R@10+R@50")
+    # metric key, or keys joined by "+" that are summed (e.g. "R@10+R@50"); "auto": the task's headline metric,
+    # rsum for image-text matching, avg for composed retrieval (it was rsum for every model: a CIR model failed)
+    selection_metric: str = "auto"
     test_split: str = "test"  # the split results are reported on (used by selection="paper")
     # --- output ---
     log_every: int = 10  # optimizer steps between log records (JSONL, TensorBoard, console)
@@ -1094,6 +1096,8 @@ class Trainer:
                  evaluate_fn: EvalFn | None, collate_fn: Callable | None, callbacks: Sequence[Callable],
                  run_config: dict[str, Any] | None, overwrite: bool = False,
                  start_notes: Mapping[str, Any] | None = None, run_files: Mapping[str, Any] | None = None) -> None:
+        if cfg.selection_metric == "auto":
+            cfg = dataclasses.replace(cfg, selection_metric=TASK_SELECTION_METRIC.get(getattr(model, "task", ""), "avg"))
         self.cfg, self.output_dir, self.evaluate_fn, self.callbacks = cfg, output_dir, evaluate_fn, list(callbacks)
         self.overwrite = overwrite
         self.stop = _StopSignals()
@@ -1522,9 +1526,9 @@ class Trainer:
     def _select(self, results: dict[str, Any], log: _RunLog) -> None:
         p, split = self.progress, self.selection_split()
         record = {"kind": "eval", "epoch": p.epoch, "step": p.step, "metrics": _numbers_only(results)}
+        score = self._selection_score(results, split) if split is not None else None
         p.evaluated_step = p.step
-        if split is not None:
-            score = selection_score(results, split, self.cfg.selection_metric)
+        if score is not None:
             record["selection_score"] = score
             if p.best_score is None or score > p.best_score:
                 p.best_score, p.best_epoch, p.best_step = score, p.epoch, p.step
@@ -1534,6 +1538,18 @@ class Trainer:
         log.write(record)
         # numbered as the progress line numbers epochs (from 1); the record keeps the 0-based index
         logger.info("eval at step %d, epoch %d: %s", p.step, p.epoch + 1, _short(record))
+
+    def _selection_score(self, results: dict[str, Any], split: str) -> float:
+        """The selection metric's value; a metric the evaluation does not report stops the run after keeping the
+        training so far (it is found after the first stretch of training, which was lost with a bare KeyError)."""
+        try:
+            return selection_score(results, split, self.cfg.selection_metric)
+        except KeyError as err:
+            self.save("last.pt")
+            raise ConfigError(f"{err.args[0]}; set train.selection_metric to what the evaluation reports "
+                              "(TrainConfig(selection_metric=...)); the training so far is saved in "
+                              f"{self.ckpt_dir / 'last.pt'}: the same call with resume='auto' (cirlab train "
+                              "--resume) continues it") from None
 
     def save_weights(self, name: str, metrics: dict[str, Any] | None = None) -> None:
         if self.dist.is_main:
@@ -1555,6 +1571,9 @@ class Trainer:
         self.save("last.pt")
         if cfg.keep_epoch_checkpoints:
             self.save(f"epoch_{p.epoch}.pt")
+
+
+TASK_SELECTION_METRIC = {"itm": "rsum", "cir": "avg", "rerank": "avg"}  # selection_metric="auto", per model task
 
 
 def selection_score(results: dict[str, Any], split: str, metric: str) -> float:
