@@ -1126,3 +1126,27 @@ def test_notebooks_on_a_full_disk_name_the_copy_and_leave_no_half_file(tmp_path,
     assert [p for p in (tmp_path / "nb").iterdir()] == []  # a retry is not refused over a 0-byte notebook
     monkeypatch.setattr(shutil, "copyfile", real)
     assert main(["notebooks", str(tmp_path / "nb")]) == 0
+
+
+def test_an_itm_models_img_dim_follows_the_features_or_is_refused_before_training(tmp_path, caplog):
+    """Own 512-d precomp features: the tiny preset's img_dim (64) was a 50-line traceback inside the first training
+    step, and the shipped configs' img_dim 2048 too; the notebooks set it from the features, cirlab train did not."""
+    from fixtures_data import write_precomp
+
+    root = write_precomp(tmp_path / "data", regions=12, dim=512, n_images=8)["root"]
+    config = {"model": "hrem", "preset": "tiny", "model_overrides": {"warmup_iters": 1},
+              "dataset": {"name": "f30k", "root": str(root), "options": {"dim": 512, "regions": 12}},
+              "train": {"max_steps": 1, "batch_size": 4, "progress": "none", "tensorboard": False},
+              "eval": {"splits": ["dev"]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(tmp_path / "run")]) == 0
+    assert "img_dim set to 512, the width of the region features" in caplog.text
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model_config"]["img_dim"] == 512
+    caplog.clear()
+    assert main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(tmp_path / "r2"),
+                 "--set", "model_overrides.img_dim=2048"]) == 2
+    assert (f"model_overrides.img_dim=2048, but {root / 'f30k_precomp' / 'train_ims.npy'} holds 512-d region "
+            "features: set model_overrides.img_dim=512 (or leave it out: it follows the features)") in caplog.text
+    assert not (tmp_path / "r2" / "checkpoints").exists()

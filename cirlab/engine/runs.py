@@ -643,6 +643,28 @@ def load_train_data(config: dict[str, Any]) -> Any:
     return load_cir_splits(config, split, for_training=True)
 
 
+def match_feature_width(config: dict[str, Any], train_data: Any) -> None:
+    """An ITM model reads region features of one width (``img_dim``): when the preset's differs from the features'
+    (the tiny presets' 64, the paper's 2048 against CLIP's 512), ``model_overrides.img_dim`` is set to it, as the
+    notebooks' run configs do; a width the config names itself and the features contradict is refused here, in one
+    line, instead of inside the first training step. A preset that fits is left as it is (runs resume unchanged)."""
+    if not is_precomp(config) or getattr(train_data, "images", None) is None:
+        return
+    width = int(train_data.images.shape[-1])
+    given = (config.get("model_overrides") or {}).get("img_dim")
+    if given is not None:
+        if int(given) != width:
+            raise ConfigError(f"model_overrides.img_dim={given}, but {train_data.ims_path} holds {width}-d region "
+                              f"features: set model_overrides.img_dim={width} (or leave it out: it follows the "
+                              "features)")
+        return
+    current = getattr(model_config_of(config), "img_dim", None)
+    if current is not None and int(current) != width:
+        config["model_overrides"] = {**(config.get("model_overrides") or {}), "img_dim": width}
+        logger.info("%s: img_dim set to %d, the width of the region features in %s (the %s preset has %d)",
+                    config["model"], width, train_data.ims_path, config.get("preset"), current)
+
+
 def train_dataset(config: dict[str, Any], model: Any, train_data: Any = None) -> Any:
     """The torch dataset the trainer draws from (``train_data``: :func:`load_train_data`'s result, read when
     not given)."""
@@ -1007,8 +1029,9 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     notes: dict[str, Any] = {}
     if continued is not None and is_main_process():
         notes["data_changes"] = check_resume_data(out, fingerprint, allow_config_change)
-    model = build_seeded_model(config)
     train_data = load_train_data(config)
+    match_feature_width(config, train_data)  # before the model is built with the preset's img_dim
+    model = build_seeded_model(config)
     fit_to_training_data(model, config, train_data)
     # pretrained start from the model config (init_from); its report -> run folder. After the vocabulary is fitted:
     # a start that saved its own vocabulary (a cirlab run of a random tiny BERT) then keeps it with its embeddings
