@@ -56,6 +56,7 @@ from torch import nn
 
 from cirlab.core import tracing
 from cirlab.core.config import PresetMixin
+from cirlab.core.errors import InputError
 from cirlab.models._text import BertVocabMixin, load_bert
 from cirlab.models.dime import MaxViolationWarmup, contrastive_loss  # VSE++ hinge and its warm-up, DIME's
 from cirlab.models.registry import register_model
@@ -591,8 +592,12 @@ class HREM(MaxViolationWarmup, BertVocabMixin, nn.Module):
         n = feats.shape[0]
         lengths = batch.get("image_lengths")
         lengths = torch.as_tensor(lengths).to(self.device) if lengths is not None else None
+        if feats.shape[1] < cfg.topk:  # word_region_scores keeps the topk best regions: raised mid-step
+            raise InputError(f"HREM: topk={cfg.topk} needs at least {cfg.topk} regions per image (the word-region "
+                             f"relevance keeps the {cfg.topk} best); these features have {feats.shape[1]}: set "
+                             f"model_overrides.topk to at most {feats.shape[1]}")
         if self.training and cfg.region_drop > 0:
-            feats, lengths = drop_regions(feats, lengths, cfg.region_drop)
+            feats, lengths = drop_regions(feats, lengths, cfg.region_drop, min_keep=cfg.topk)
         img = self._image(feats, lengths)
         txt = self._text(list(batch["text"]), augment=self.training and cfg.text_augment)
         ids = batch.get("image_idx")
@@ -667,15 +672,19 @@ class HREM(MaxViolationWarmup, BertVocabMixin, nn.Module):
             self.train(was)
 
 
-def drop_regions(feats: torch.Tensor, lengths: torch.Tensor | None, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+def drop_regions(feats: torch.Tensor, lengths: torch.Tensor | None, p: float,
+                 min_keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep each valid region iff ``rand > p`` (order kept), re-pad with zeros to the longest kept set
-    (the original's ``--size_augment``). An image that would keep nothing keeps all its regions (cirlab's rule)."""
+    (the original's ``--size_augment``). An image that would keep fewer than ``min_keep`` regions keeps all its
+    regions (cirlab's rule: HREM passes ``topk``, which the word-region relevance needs; with BUTD's 36 regions the
+    original never meets the case, with 12 it raised in the middle of a run)."""
     b, r, _ = feats.shape
     if lengths is None:
         lengths = torch.full((b,), r, dtype=torch.long, device=feats.device)
     valid = valid_mask(lengths, r)
     keep = (torch.rand(b, r, device=feats.device) > p) & valid
-    keep = torch.where(keep.any(1, keepdim=True), keep, valid)
+    enough = keep.sum(1, keepdim=True) >= valid.sum(1, keepdim=True).clamp(max=min_keep)
+    keep = torch.where(enough & keep.any(1, keepdim=True) | ~valid.any(1, keepdim=True), keep, valid)
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept regions first, in order
     new_len = keep.sum(1)
     out = feats.gather(1, order[..., None].expand_as(feats))[:, : int(new_len.max())]
