@@ -409,3 +409,81 @@ def test_removed_targets_missed_marks_only_targets_that_are_their_reference():
     assert M.recall_from_ranks(M.target_ranks(s, [0], [0]), (5,))["R@5"] == 100.0
     assert M.recall_at_k(s, [0], (5,), exclude=[0])["R@5"] == 0.0
     assert M.removed_targets_missed([4], [0], None).tolist() == [4]
+
+
+# ------------------------------------------------------------------ argument checks (review: chunks, folds, shapes)
+def test_chunk_sizes_are_whole_numbers_of_at_least_one():
+    """A negative chunk_size made ``range(0, q, chunk)`` empty and returned uninitialised memory as ranks (R@1 0.0
+    on a perfect ranking); 0 and 1.5 failed inside ``range`` as bare ValueError/TypeError."""
+    from cirlab.core.errors import InputError
+
+    s = torch.eye(3)
+    calls = {"target_ranks": lambda c: M.target_ranks(s, [0, 1, 2], chunk_size=c),
+             "recall_at_k": lambda c: M.recall_at_k(s, [0, 1, 2], (1,), chunk_size=c),
+             "cirr_metrics": lambda c: M.cirr_metrics(s, [0, 1, 2], [1, 2, 0], [[0, 1], [1, 2], [2, 0]], chunk_size=c),
+             "itm_metrics": lambda c: M.itm_metrics(torch.rand(2, 10), chunk_size=c),
+             "coco_1k_metrics": lambda c: M.coco_1k_metrics(torch.rand(2, 10), folds=2, chunk_size=c)}
+    for name, call in calls.items():
+        for bad in (-1, 0, 1.5, True):
+            with pytest.raises(InputError, match=rf"^chunk_size must be a whole number >= 1, got {bad!r}$"):
+                call(bad)
+        call(np.int64(1))  # a NumPy integer is a whole number
+    assert M.recall_at_k(s, [0, 1, 2], (1,), chunk_size=2) == {"R@1": 100.0}
+
+
+def test_coco_1k_folds_and_captions_per_image_are_checked():
+    """folds=0/-1/1.0 were a ZeroDivisionError, an IndexError and a TypeError; captions_per_image=0 a NumPy error."""
+    from cirlab.core.errors import InputError
+
+    sims = torch.eye(4).repeat_interleave(5, dim=1)
+    for bad in (0, -1, 1.0):
+        with pytest.raises(InputError, match=rf"^folds must be a whole number >= 1, got {bad!r}$"):
+            M.coco_1k_metrics(sims, folds=bad)
+        with pytest.raises(InputError, match="folds must be"):
+            M.coco_1k_folds(4, folds=bad)
+    with pytest.raises(InputError, match=r"^captions_per_image must be a whole number >= 1, got 0$"):
+        M.itm_metrics(torch.zeros(2, 0), captions_per_image=0)
+    with pytest.raises(InputError, match="captions_per_image must be"):
+        M.coco_1k_folds(4, folds=2, captions_per_image=0)
+    assert M.coco_1k_metrics(sims, folds=np.int64(4))["rsum"] == 600.0
+
+
+def test_cirr_members_must_be_padded_to_one_length():
+    """Ragged member lists failed inside torch ("expected sequence of length 2"); the contract is a [Q, M] table
+    padded with -1, and the error now says so. A table with another number of rows is refused, not re-cut."""
+    from cirlab.core.errors import InputError
+
+    s = torch.tensor([[0.9, 0.1, 0.8, 0.3], [0.2, 0.4, 0.6, 0.9]])
+    with pytest.raises(InputError, match=r"^members must be one list per query padded with -1 to one length, "
+                                         r"got lists of lengths \[2, 3\]$"):
+        M.cirr_metrics(s, [1, 2], [0, 3], [[0, 1], [0, 2, 3]])
+    padded = M.cirr_metrics(s, [1, 2], [0, 3], [[0, 1, -1], [0, 2, 3]])
+    assert padded == pytest.approx(N.naive_cirr(s.numpy(), [1, 2], [0, 3], [[0, 1, -1], [0, 2, 3]]))
+    with pytest.raises(InputError, match=r"members must be a \[2 queries x M\] table, got shape \(4, 3\)"):
+        M.cirr_subset_ranks(s, [1, 2], [0, 3], [[0, 1, 2], [0, 2, 3]] * 2)
+
+
+def test_recall_cutoffs_may_be_an_integer_tensor():
+    s = torch.tensor([[0.9, 0.1, 0.8], [0.2, 0.4, 0.6]])
+    want = M.recall_at_k(s, [2, 1], np.array([1, 2]))
+    assert want == {"R@1": 0.0, "R@2": 100.0}
+    assert M.recall_at_k(s, [2, 1], torch.tensor([1, 2])) == want
+    assert M.recall_from_ranks([1, 3], torch.tensor(1)) == {"R@1": 50.0}
+    with pytest.raises(ValueError, match="ks must be a whole number >= 1, got 1.5"):
+        M.recall_from_ranks([1, 3], torch.tensor([1.5]))
+
+
+def test_ranks_as_a_column_list_are_ranks_and_matrices_are_refused():
+    """``[[1], [9]]`` (a [Q, 1] tensor's .tolist()) was read as a (scores, target) pair and refused as a 1-D score
+    matrix; it is ranks. A [Q, G] matrix given as ranks, or a tuple whose scores are not 2-D, says what it expects."""
+    from cirlab.core.errors import InputError
+
+    assert M.shoes_metrics([[1], [9]]) == M.shoes_metrics([1, 9]) == M.shoes_metrics(torch.tensor([[1], [9]]))
+    assert M.shoes_metrics([[1], [9], [60]]) == M.shoes_metrics([1, 9, 60])
+    assert M.fashioniq_metrics({"dress": [[1], [20]]}) == M.fashioniq_metrics({"dress": [1, 20]})
+    assert M.shoes_metrics([torch.tensor([1]), torch.tensor([9])]) == M.shoes_metrics([1, 9])
+    with pytest.raises(InputError, match=r"expected 1-based ranks \[Q\] \(or \[Q, 1\]\), or a \(scores \[Q, G\], "
+                                         r"target\[, exclude\]\) tuple; got ranks of shape \(2, 2\)"):
+        M.shoes_metrics(np.array([[1, 2], [3, 4]]))
+    with pytest.raises(InputError, match=r"expected 1-based ranks .* got a tuple that is neither"):
+        M.shoes_metrics(([0.1, 0.9, 0.5], [1], [0]))  # one query's scores, not a [1, G] matrix

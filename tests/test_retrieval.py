@@ -423,3 +423,81 @@ def test_encoding_draws_a_bar_only_where_someone_watches(monkeypatch, capsys):
         out = retrieval.encode_corpus(lambda x: x.sum(1, keepdim=True), batches)
         assert out.flatten().tolist() == [3.0, 3.0, 0.0]
         assert ("encode image" in capsys.readouterr().err) is watched
+
+
+# ------------------------------------------------------------------ exclusion next to -inf scores, chunk sizes
+@st.composite
+def inf_case(draw):
+    """Tie-heavy integer scores where many (or all) entries are -inf, an exclusion on most queries."""
+    q, g = draw(st.integers(1, 6)), draw(st.integers(2, 20))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    scores = rng.integers(-2, 3, (q, g)).astype(np.float32)
+    scores[rng.random((q, g)) < draw(st.sampled_from([0.3, 0.8, 1.0]))] = -np.inf
+    exclude = np.where(rng.random(q) < 0.2, -1, rng.integers(0, g, q))
+    return scores, exclude, draw(st.integers(1, g - 1))
+
+
+@FAST
+@given(inf_case(), st.integers(1, 4), st.integers(1, 8))
+def test_excluded_item_never_listed_among_minus_inf_scores(case, query_chunk, gallery_chunk):
+    """The excluded item was masked with -inf, tied with real -inf scores and won by its lower index: it came back
+    in the list. The list must equal a stable sort with the item removed, and agree with target_ranks."""
+    scores, exclude, k = case
+    full, exc = torch.from_numpy(scores), torch.from_numpy(exclude)
+    want_s, want_i = N.naive_topk(scores, k, exclude)
+    got_s, got_i = R.topk_candidates(full, k, exclude=exc, query_chunk=query_chunk, gallery_chunk=gallery_chunk)
+    assert got_i.tolist() == want_i.tolist()
+    np.testing.assert_array_equal(got_s.numpy(), want_s)
+    for target in range(scores.shape[1]):  # each listed item sits at its target_ranks rank
+        tgt = torch.full((len(scores),), target)
+        ranks = M.target_ranks(full, tgt, exc)
+        pos = R.candidate_ranks(got_i, tgt)
+        assert torch.equal(pos, torch.where(ranks <= k, ranks, 0))
+
+
+def test_excluded_item_is_dropped_by_every_backend_when_scores_reach_minus_inf():
+    # the reviewer's case: topk_candidates gave [[2, 0]] with item 0 excluded
+    inf = float("inf")
+    assert R.topk_candidates(torch.tensor([[-inf, -inf, 0.5]]), 2, exclude=[0])[1].tolist() == [[2, 1]]
+    # embeddings whose products overflow to -inf for half of the gallery: the search backends meet real -inf too
+    rng = np.random.default_rng(0)
+    gallery = np.concatenate([np.where(rng.random((30, 1)) < 0.5, -1e30, 0.0),
+                              rng.integers(-1, 2, (30, 2))], 1).astype(np.float32)
+    queries = np.concatenate([np.full((5, 1), 1e30), rng.integers(-1, 2, (5, 2))], 1).astype(np.float32)
+    full = torch.from_numpy(queries) @ torch.from_numpy(gallery).T
+    assert bool(torch.isneginf(full).any()) and not bool(torch.isnan(full).any())
+    exclude = torch.from_numpy(np.nonzero(gallery[:, 0] < 0)[0][:5])  # each query excludes a -inf item
+    want_i = N.naive_topk(full.numpy(), 25, exclude.numpy())[1]
+    for backend in BACKENDS:
+        got = R.topk_search(torch.from_numpy(queries), torch.from_numpy(gallery), 25, gallery_chunk=7,
+                            exclude=exclude, backend=backend)[1]
+        assert got.tolist() == want_i.tolist(), backend
+
+
+def test_chunk_sizes_are_whole_numbers_of_at_least_one():
+    """query_chunk=-1 returned uninitialised memory as indices, gallery_chunk=-1 a bare TypeError, 0 a bare
+    ValueError from range()."""
+    from cirlab.core.errors import InputError
+
+    q, g = torch.rand(3, 4), torch.rand(6, 4)
+    s = q @ g.T
+    for name in ("query_chunk", "gallery_chunk"):
+        for bad in (-1, 0, 1.5):
+            pattern = rf"^{name} must be a whole number >= 1, got {bad!r}$"
+            with pytest.raises(InputError, match=pattern):
+                R.topk_search(q, g, 2, **{name: bad})
+            with pytest.raises(InputError, match=pattern):
+                R.topk_candidates(s, 2, **{name: bad})
+    with pytest.raises(InputError, match=r"^query_chunk must be a whole number >= 1, got -1$"):
+        R.cirr_rankings(s, [0, 1, 2], [[0, 1, 2, 3, 4]] * 3, list("abcdef"), k=2, query_chunk=-1)
+    with pytest.raises(InputError, match=r"^batch_size must be a whole number >= 1, got 0$"):
+        R.rerank(lambda qi, c: c.float(), torch.arange(3), torch.tensor([[1, 2]] * 3), batch_size=0)
+    assert torch.equal(R.topk_candidates(s, 2, query_chunk=np.int64(1))[1], R.topk_candidates(s, 2)[1])
+
+
+def test_cirr_rankings_say_member_lists_must_be_padded():
+    from cirlab.core.errors import InputError
+
+    with pytest.raises(InputError, match=r"padded with -1 to one length, got lists of lengths \[4, 5\]"):
+        R.cirr_rankings(torch.rand(2, 8), [0, 1], [[0, 1, 2, 3], [1, 2, 3, 4, 5]], list("abcdefgh"), k=2)
+    assert R.subset_topk(torch.rand(2, 8), [0, 1], [[0, 1, 2, 3, -1], [1, 2, 3, 4, 5]]).shape == (2, 3)

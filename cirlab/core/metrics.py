@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cirlab.core.config import name_list, whole_number
+from cirlab.core.config import is_whole, name_list, whole_number
 from cirlab.core.errors import InputError, refuse_entries
 
 __all__ = [
@@ -95,6 +95,16 @@ def itm_key(direction: str, stat: str | int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- input checks
+def whole_argument(value: Any, name: str, low: int = 1) -> int:
+    """``value`` as an int when it is a whole number >= ``low`` (a chunk size, a fold count), else one
+    :class:`InputError` line naming ``name``. The chunked loops ``range(0, n, chunk)`` do nothing for a negative step
+    (the output kept uninitialised memory as ranks), and 0 or 1.5 failed inside ``range`` as a bare error.
+    :func:`cirlab.core.retrieval.topk_search` checks its chunk sizes with this too."""
+    if not is_whole(value) or value < low:
+        raise InputError(f"{name} must be a whole number >= {low}, got {value!r}")
+    return int(value)
+
+
 def _as_scores(scores: ScoresLike) -> Tensor:
     s = torch.as_tensor(scores)  # shares memory with numpy inputs: no full-size copy
     if s.ndim != 2:
@@ -204,6 +214,7 @@ def target_ranks(scores: ScoresLike, target: ScoresLike, exclude: ScoresLike | N
         [2, 1]
     """
     _check_ties(ties)
+    chunk_size = whole_argument(chunk_size, "chunk_size")
     s = _as_scores(scores)
     q, g = s.shape
     tgt = _as_index(target, q, "target", s.device)
@@ -234,7 +245,10 @@ def _as_ranks(ranks: ScoresLike, name: str = "ranks") -> Tensor:
 
 def _as_ks(ks: int | Sequence[int], name: str = "ks") -> list[int]:
     """Recall cut-offs as whole numbers >= 1, one int meaning ``[k]``; repeats are dropped so that an average over
-    the cut-offs (Shoes, Fashion-IQ) counts each once."""
+    the cut-offs (Shoes, Fashion-IQ) counts each once. A tensor is read as a NumPy array is (its iteration gave
+    0-d tensors, which are no ints)."""
+    if isinstance(ks, Tensor):
+        ks = ks.tolist()
     out = list(dict.fromkeys(whole_number(k, name) for k in name_list(ks)))
     if not out:
         raise InputError(f"{name} must name at least one recall cut-off, got {ks!r}")
@@ -293,24 +307,41 @@ def removed_targets_missed(ranks: ScoresLike, target: ScoresLike, exclude: Score
 RanksOrScores = Union[Tensor, Sequence]
 
 
+def _is_matrix(x: Any) -> bool:
+    """2-D: an array of ndim >= 2, or a sequence whose first item is itself a sequence or an array."""
+    if hasattr(x, "ndim"):
+        return x.ndim >= 2
+    if not isinstance(x, Sequence) or isinstance(x, (str, bytes)) or len(x) == 0:
+        return False
+    inner = x[0]
+    return getattr(inner, "ndim", 0) >= 1 or (isinstance(inner, Sequence) and not isinstance(inner, (str, bytes)))
+
+
 def _is_scores_entry(entry: RanksOrScores) -> bool:
     """A ``(scores, target[, exclude])`` tuple or list starts with a matrix (an array or a nested sequence); a flat
-    list of numbers such as ``[1, 3, 12]`` is ready ranks."""
+    list of numbers such as ``[1, 3, 12]`` is ready ranks, and so is a [Q, 1] nested list such as ``[[1], [9]]``
+    (a [Q, 1] tensor's ``.tolist()``): its first item is one row, not a scores matrix."""
     if not isinstance(entry, (tuple, list)) or len(entry) == 0:
         return False
-    first = entry[0]
-    if isinstance(first, (str, bytes)):
-        return False
-    return getattr(first, "ndim", 0) >= 1 or isinstance(first, Sequence)
+    return _is_matrix(entry[0])
+
+
+_ENTRY_FORMS = "1-based ranks [Q] (or [Q, 1]), or a (scores [Q, G], target[, exclude]) tuple"
 
 
 def _ranks_of(entry: RanksOrScores, ties: str) -> Tensor:
-    """Accept ready ranks ([Q] tensor, array or flat list) or a ``(scores, target[, exclude])`` tuple."""
-    if not _is_scores_entry(entry):
-        return torch.as_tensor(entry).reshape(-1)
-    if len(entry) not in (2, 3):
-        raise InputError(f"a (scores, target[, exclude]) entry has 2 or 3 items, got {len(entry)}")
-    return _hit_ranks(*entry, ties=ties) if len(entry) == 3 else _hit_ranks(*entry, None, ties=ties)
+    """Accept ready ranks ([Q] or [Q, 1] tensor, array or list) or a ``(scores, target[, exclude])`` tuple."""
+    if _is_scores_entry(entry):
+        if len(entry) not in (2, 3):
+            raise InputError(f"a (scores, target[, exclude]) entry has 2 or 3 items, got {len(entry)}")
+        return _hit_ranks(*entry, ties=ties) if len(entry) == 3 else _hit_ranks(*entry, None, ties=ties)
+    try:
+        ranks = torch.as_tensor(entry)
+    except (ValueError, TypeError, RuntimeError):  # ragged, e.g. a tuple whose scores are not 2-D
+        raise InputError(f"expected {_ENTRY_FORMS}; got a {type(entry).__name__} that is neither") from None
+    if sum(d > 1 for d in ranks.shape) > 1:  # a matrix is not a list of ranks: flattened, it counted as Q x G ranks
+        raise InputError(f"expected {_ENTRY_FORMS}; got ranks of shape {tuple(ranks.shape)}")
+    return ranks.reshape(-1)
 
 
 def fashioniq_metrics(per_category: Mapping[str, RanksOrScores], *, ks: int | Sequence[int] = FIQ_KS,
@@ -371,6 +402,23 @@ def _subset_mask(members: Tensor, target: Tensor, reference: Tensor) -> Tensor:
     return (members >= 0) & (members != reference[:, None]) & (members != target[:, None]) & ~repeated
 
 
+def members_table(members: ScoresLike, n_queries: int, device: torch.device | str | None = None) -> Tensor:
+    """``img_set`` members as a [Q, M] int64 table: whole gallery indices, each query's list padded with -1 to one
+    length (the contract of :func:`cirr_subset_ranks`; ragged lists failed inside torch as "expected sequence of
+    length 2"). :func:`cirlab.core.retrieval.subset_topk` reads its members with this too."""
+    try:
+        t = torch.as_tensor(members, device=device)
+    except (ValueError, TypeError):
+        try:
+            got = f"lists of lengths {sorted({len(m) for m in members})}"
+        except TypeError:
+            got = type(members).__name__
+        raise InputError(f"members must be one list per query padded with -1 to one length, got {got}") from None
+    if (t.ndim == 2 and len(t) != n_queries) or t.ndim == 0 or (n_queries and t.numel() % n_queries):
+        raise InputError(f"members must be a [{n_queries} queries x M] table, got shape {tuple(t.shape)}")
+    return _whole_entries(t.reshape(-1), "members").reshape(n_queries, -1)
+
+
 def cirr_subset_ranks(scores: ScoresLike, target: ScoresLike, reference: ScoresLike, members: ScoresLike, *,
                       ties: str = "stable") -> Tensor:
     """1-based rank of the target among the ``img_set`` members with the reference removed.
@@ -396,7 +444,7 @@ def cirr_subset_ranks(scores: ScoresLike, target: ScoresLike, reference: ScoresL
     q, g = s.shape
     tgt = _as_index(target, q, "target", s.device)
     ref = _as_index(reference, q, "reference", s.device)
-    mem = _whole_entries(torch.as_tensor(members, device=s.device).reshape(-1), "members").reshape(q, -1)
+    mem = members_table(members, q, s.device)
     _check_range(tgt, g, "target", allow_missing=False)
     _check_range(mem.reshape(-1), g, "members (flattened)", allow_missing=True)
     missing = ~(mem == tgt[:, None]).any(1)
@@ -531,6 +579,7 @@ _ITM_BLOCK_BYTES = 1 << 20  # rows per pass: about 1 MB of scores, so the four c
 
 
 def _check_itm(sims: ScoresLike, captions_per_image: int) -> Tensor:
+    whole_argument(captions_per_image, "captions_per_image")  # 0 passed the shape check on an empty matrix
     s = _as_scores(sims)
     n, c = s.shape
     if c != captions_per_image * n:
@@ -540,9 +589,7 @@ def _check_itm(sims: ScoresLike, captions_per_image: int) -> Tensor:
 
 def _itm_rows(chunk_size: int | None, n_cols: int, element_size: int) -> int:
     if chunk_size is not None:
-        if chunk_size < 1:
-            raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
-        return chunk_size
+        return whole_argument(chunk_size, "chunk_size")
     return max(1, _ITM_BLOCK_BYTES // max(1, n_cols * element_size))
 
 
@@ -777,6 +824,9 @@ def coco_1k_metrics(sims: ScoresLike, *, folds: int = 5, captions_per_image: int
 def coco_1k_folds(num_images: int, *, folds: int = 5, captions_per_image: int = 5) -> list[tuple[range, range]]:
     """(images, captions) of each COCO 1K fold: contiguous blocks of ``num_images / folds`` images and their own
     captions (HREM's and VSE++'s ``evaluation.py``). A scorer may compute only these blocks of the matrix."""
+    folds = whole_argument(folds, "folds")  # 0, -1 and 1.0 failed as bare ZeroDivision, Index and Type errors
+    captions_per_image = whole_argument(captions_per_image, "captions_per_image")
+    num_images = whole_argument(num_images, "num_images")
     if num_images % folds:
         raise InputError(f"COCO 1K needs a multiple of {folds} images, got {num_images}")
     n = num_images // folds

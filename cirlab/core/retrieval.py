@@ -33,7 +33,7 @@ from cirlab.core.featcache import default_dir as default_feature_dir
 from cirlab.core.featcache import load_tensor as _load_cached
 from cirlab.core.featcache import save_tensor as _save_cached
 from cirlab.core.io import write_text
-from cirlab.core.metrics import target_ranks, validate_cirr_submission
+from cirlab.core.metrics import members_table, target_ranks, validate_cirr_submission, whole_argument
 from cirlab.core.topk import TopK
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,9 @@ def _merge(best: tuple[Tensor, Tensor] | None, new: tuple[Tensor, Tensor], k: in
 def _topk_blocks(block_fn: BlockFn, shape: tuple[int, int], k: int, exclude: Tensor | None, query_chunk: int,
                  gallery_chunk: int, device: torch.device) -> tuple[Tensor, Tensor]:
     n_q, n_g = shape
+    # with an exclusion, keep one more than k: the excluded item is dropped by its index at the end. Writing -inf
+    # into its score instead tied it with real -inf scores, where its lower index won it a place in the list
+    room = min(k + 1, n_g) if exclude is not None else k
     out_s = torch.empty(n_q, k, device=device)
     out_i = torch.empty(n_q, k, dtype=torch.long, device=device)
     for q0 in range(0, n_q, query_chunk):
@@ -115,21 +118,18 @@ def _topk_blocks(block_fn: BlockFn, shape: tuple[int, int], k: int, exclude: Ten
         for g0 in range(0, n_g, gallery_chunk):
             g1 = min(n_g, g0 + gallery_chunk)
             block = block_fn(q0, q1, g0, g1).float()  # [b, g]
-            if exclude is not None:
-                block = _mask_excluded(block, exclude[q0:q1], g0, g1)
-            best = _merge(best, _block_topk(block, k, g0), k)
-        out_s[q0:q1], out_i[q0:q1] = best
+            best = _merge(best, _block_topk(block, room, g0), room)
+        out_s[q0:q1], out_i[q0:q1] = best if room == k else _drop_excluded(*best, exclude[q0:q1], k)
     return out_s, out_i
 
 
-def _mask_excluded(block: Tensor, exclude: Tensor, g0: int, g1: int) -> Tensor:
-    inside = (exclude >= g0) & (exclude < g1)
-    if not inside.any():
-        return block
-    rows = inside.nonzero()[:, 0]
-    block = block.clone()  # never write into a caller's score matrix (topk_candidates passes views of it)
-    block[rows, exclude[rows] - g0] = float("-inf")
-    return block
+def _drop_excluded(scores: Tensor, idx: Tensor, exclude: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The first k of each row's k + 1 best once its excluded item is gone (the last item goes where the excluded
+    one is not listed): the rest keep their order, so ties stay with the lower index as in ``target_ranks``."""
+    drop = idx == exclude[:, None]
+    drop[~drop.any(1), -1] = True
+    keep = ~drop
+    return scores[keep].view(-1, k), idx[keep].view(-1, k)
 
 
 def _check_k(k: int, n_g: int, exclude: Tensor | None) -> int:
@@ -139,6 +139,11 @@ def _check_k(k: int, n_g: int, exclude: Tensor | None) -> int:
     if k > available:
         raise InputError(f"k={k} but only {available} gallery items can be ranked per query")
     return k
+
+
+def _chunk_sizes(query_chunk: int, gallery_chunk: int) -> tuple[int, int]:
+    """Both chunk sizes as whole numbers >= 1: a negative one left the output lists uninitialised memory."""
+    return whole_argument(query_chunk, "query_chunk"), whole_argument(gallery_chunk, "gallery_chunk")
 
 
 def _exclude_tensor(exclude: Any, n_q: int, n_g: int, device: torch.device) -> Tensor | None:
@@ -201,6 +206,7 @@ def topk_search(queries: Tensor, gallery: Tensor, k: int, *, query_chunk: int = 
             if torch.isnan(x).any():
                 raise InputError(f"{name} contain NaN (row {int(torch.isnan(x).any(1).nonzero()[0, 0])})")
             finite = False
+    query_chunk, gallery_chunk = _chunk_sizes(query_chunk, gallery_chunk)
     exc = _exclude_tensor(exclude, len(queries), len(gallery), queries.device)
     k = _check_k(k, len(gallery), exc)
     engine = _search.choose_backend(backend, queries, gallery, k)
@@ -233,6 +239,7 @@ def topk_candidates(scores: Tensor, k: int, *, exclude: Any = None, query_chunk:
         raise InputError(f"scores must be [Q, G], got {tuple(s.shape)}")
     if torch.isnan(s).any():
         raise InputError("scores contain NaN")
+    query_chunk, gallery_chunk = _chunk_sizes(query_chunk, gallery_chunk)
     exc = _exclude_tensor(exclude, s.shape[0], s.shape[1], s.device)
     k = _check_k(k, s.shape[1], exc)
     return _topk_blocks(lambda q0, q1, g0, g1: s[q0:q1, g0:g1], tuple(s.shape), k, exc, query_chunk, gallery_chunk,
@@ -296,6 +303,7 @@ def rerank(score_fn: Callable[[Tensor, Tensor], Tensor], query_idx: Tensor, cand
         >>> rerank(fn, torch.arange(1), torch.tensor([[5, 2, 9]]))[1].tolist()
         [[2, 5, 9]]
     """
+    batch_size = whole_argument(batch_size, "batch_size")
     parts = [score_fn(query_idx[i:i + batch_size], candidates[i:i + batch_size])
              for i in range(0, len(candidates), batch_size)]
     scores = torch.cat(parts).to(candidates.device)
@@ -373,8 +381,7 @@ def cirr_rankings(scores: Tensor, reference: Any, members: Any, gallery_names: S
     s = torch.as_tensor(scores)
     names = np.asarray(gallery_names, dtype=str)
     ref = torch.as_tensor(reference).long().reshape(-1)
-    mem = torch.as_tensor(members).long().reshape(len(ref), -1)
-    sub = subset_topk(s, ref, mem, subset_k)  # validates members before the long global search
+    sub = subset_topk(s, ref, members, subset_k)  # validates members before the long global search
     _, top = topk_candidates(s, k, exclude=ref, query_chunk=query_chunk)
     return names[top.numpy()].tolist(), names[sub.numpy()].tolist()
 
@@ -389,7 +396,7 @@ def subset_topk(scores: Tensor, reference: Any, members: Any, k: int = 3) -> Ten
     """
     s = torch.as_tensor(scores)
     ref = torch.as_tensor(reference).long().reshape(-1)
-    mem = torch.as_tensor(members).long().reshape(len(ref), -1)
+    mem = members_table(members, len(ref))
     m = mem.shape[1]
     earlier = torch.ones(m, m, dtype=torch.bool).tril(-1)
     repeated = ((mem[:, :, None] == mem[:, None, :]) & earlier).any(2)
