@@ -305,6 +305,11 @@ def test_default_train_config_and_param_groups_outside_the_contract(tmp_path):
     model.param_groups = lambda: [{"params": [first]}]  # the rest would never train
     with pytest.raises(ModelContractError, match=r"param_groups\(\) leaves out \d+ trainable parameter\(s\)"):
         train(model, TripletItems(16), _cfg(epochs=1), output_dir=tmp_path / "b")
+    model = _model()  # a misspelt key trained the group at the full lr without a word (torch keeps any key)
+    model.param_groups = lambda: [{"params": list(model.parameters()), "lr_scal": 0.1, "name": "all"}]
+    with pytest.raises(ModelContractError, match=r"StubCIR\.param_groups\(\) group 0 \('all'\): unknown key "
+                                                 r"'lr_scal' \(did you mean 'lr_scale'\?\); a group takes "):
+        train(model, TripletItems(16), _cfg(epochs=1), output_dir=tmp_path / "c")
 
 
 def test_sampler_shards_cover_the_global_batches():

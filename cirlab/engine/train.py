@@ -570,6 +570,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     with ``scheduled: False`` keeps its ``base_lr`` for the whole run (see :meth:`Trainer.set_lr`)."""
     groups = model.param_groups() if isinstance(model, HasParamGroups) else [{"params": list(model.parameters())}]
     groups = [{**group, "params": list(group["params"])} for group in groups]  # a generator would be read once
+    _refuse_unknown_group_keys(model, groups)
     _refuse_left_out(model, groups)
     cleaned = []
     for group in groups:
@@ -607,6 +608,24 @@ def _loss_keys(model: nn.Module, terms: Any) -> list[str]:
         raise ModelContractError(f"{where}: no loss term has a gradient ({', '.join(keys)}: computed under no_grad, "
                                  "or detached)")
     return keys
+
+
+# what a param_groups() dict may hold: cirlab's keys and the per-group settings torch's Adam/AdamW read
+GROUP_KEYS = ("params", "name", "lr", "lr_scale", "scheduled", "weight_decay", "betas", "eps", "amsgrad")
+
+
+def _refuse_unknown_group_keys(model: nn.Module, groups: Sequence[Mapping[str, Any]]) -> None:
+    """torch keeps any key of a group, so a misspelt ``lr_scal`` trained its group at the full lr without a word."""
+    from cirlab.core.config import did_you_mean
+    from cirlab.core.errors import ModelContractError
+
+    for i, group in enumerate(groups):
+        for key in group:
+            if key not in GROUP_KEYS:
+                name = f" ({group['name']!r})" if "name" in group else ""
+                raise ModelContractError(f"{type(model).__name__}.param_groups() group {i}{name}: unknown key "
+                                         f"{key!r}{did_you_mean(str(key), GROUP_KEYS)}; a group takes "
+                                         f"{', '.join(GROUP_KEYS)}")
 
 
 def _refuse_left_out(model: nn.Module, groups: Sequence[Mapping[str, Any]]) -> None:
