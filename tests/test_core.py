@@ -108,6 +108,12 @@ def test_a_users_model_module_named_in_cirlab_models_is_registered_everywhere(tm
     assert broken.returncode == 2 and "Traceback" not in broken.stderr
     assert ("CIRLAB_MODELS='stub_models, no_such_module': cannot import 'no_such_module' (No module named "
             "'no_such_module'); its folder must be on PYTHONPATH") in broken.stderr
+    # found, but one of its imports is not installed: that is what is said (PYTHONPATH was blamed)
+    (tmp_path / "needs_more.py").write_text("import not_a_package_xyz\n")
+    env["CIRLAB_MODELS"], env["PYTHONPATH"] = "needs_more", os.pathsep.join([str(tests), str(tmp_path)])
+    broken = subprocess.run([*cli, "models"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert broken.returncode == 2 and ("cannot import 'needs_more': it imports 'not_a_package_xyz', which is not "
+                                       "installed in this environment") in broken.stderr
     # the same through an installed package's entry point (a dist-info folder on the path is one)
     dist = tmp_path / "site" / "bow_models-0.1.dist-info"
     dist.mkdir(parents=True)
@@ -129,6 +135,11 @@ def test_register_model_refuses_what_would_fail_later(toy_registered):
         registry.register_model("x", task="CIR", config_cls=_ToyConfig)
     with pytest.raises(ModelContractError, match=r"config class dict lacks \['from_preset', 'from_dict', 'PRESETS'\]"):
         registry.register_model("x", task="cir", config_cls=dict)
+
+    class Undecorated(_ToyConfig):  # a subclass without @dataclass: its new field was a class attribute
+        extra_weight: float = 0.5
+    with pytest.raises(ModelContractError, match=r"config class Undecorated is not a dataclass: decorate it"):
+        registry.register_model("x", task="cir", config_cls=Undecorated)
     with pytest.raises(ModelContractError, match=r"register_model\('amc'\): the name is taken by cirlab.models."
                                                  r"amc.build_amc; test_core._ToyRouter needs another name"):
         registry.create_model("amc", "tiny")  # the built-ins are loaded: amc is held

@@ -8,6 +8,7 @@ Usage::
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import importlib
@@ -55,6 +56,10 @@ def register_model(name: str, *, task: str, config_cls: type) -> Callable:
     if missing:
         raise ModelContractError(f"register_model({name!r}): config class {config_cls.__name__} lacks {missing}: "
                                  "subclass cirlab.core.config.PresetMixin (a dataclass with a PRESETS dict)")
+    if not _all_fields_are_dataclass_fields(config_cls):  # create_model failed inside dataclasses, or the field
+        # of an undecorated subclass was a class attribute that no preset or override could set
+        raise ModelContractError(f"register_model({name!r}): config class {config_cls.__name__} is not a dataclass: "
+                                 "decorate it with @dataclasses.dataclass (a subclass of a config needs it too)")
 
     def wrap(build: Callable) -> Callable:
         held = _REGISTRY.get(name)
@@ -65,6 +70,15 @@ def register_model(name: str, *, task: str, config_cls: type) -> Callable:
         return build
 
     return wrap
+
+
+def _all_fields_are_dataclass_fields(cls: type) -> bool:
+    """A dataclass whose own annotated names are all fields (a ``ClassVar`` is not a field)."""
+    if not dataclasses.is_dataclass(cls):
+        return False
+    fields = {f.name for f in dataclasses.fields(cls)}
+    own = cls.__dict__.get("__annotations__", {})
+    return all(n in fields or "ClassVar" in str(t) for n, t in own.items())
 
 
 def _origin(build: Callable) -> str:
@@ -85,6 +99,10 @@ def _load_user_models() -> None:
         try:
             importlib.import_module(module)
         except ImportError as err:
+            if err.name and not module.startswith(err.name) and not err.name.startswith(module):
+                # the module was found; something it imports is not installed
+                raise ConfigError(f"{source}: cannot import {module!r}: it imports {err.name!r}, which is not "
+                                  "installed in this environment") from None
             raise ConfigError(f"{source}: cannot import {module!r} ({err}); its folder must be on PYTHONPATH "
                               "(or the package installed)") from None
 
