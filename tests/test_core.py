@@ -385,3 +385,15 @@ def test_unknown_names_message_with_and_without_known_names():
         "Cfg: unknown field 'rooot' (did you mean 'root'?); known: root, split"
     # a config class without fields ended on an empty "known:"
     assert unknown_names_message("Empty", ["a", "b"], []) == "Empty: unknown fields 'a', 'b'; it has none"
+
+
+def test_a_contract_method_that_is_not_callable_is_named():
+    """A model whose default_train_config is a dict (not a method) was refused as "missing []"."""
+    import stub_models  # noqa: F401 - registers stub_cir
+    from cirlab.core.contracts import check_model
+    from cirlab.core.errors import ModelContractError
+
+    model = registry.create_model("stub_cir", "tiny")
+    model.default_train_config = {"lr": 1e-3}
+    with pytest.raises(ModelContractError, match=r"contract: not callable: \['default_train_config'\]$"):
+        check_model(model)

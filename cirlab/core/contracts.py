@@ -166,16 +166,24 @@ def check_model(model: Any) -> None:
     if task not in TASK_PROTOCOLS:
         raise ModelContractError(f"{name}.task is {task!r}; expected one of {', '.join(TASKS)}")
     for protocol in (Model, TASK_PROTOCOLS[task]):
-        if not isinstance(model, protocol):
+        if not isinstance(model, protocol) or _uncallable(model, protocol):
             missing = [m for m in _members(protocol) if not hasattr(model, m)]
-            raise ModelContractError(f"{name} does not satisfy the {protocol.__name__} contract: missing {missing}")
+            what = f"missing {missing}" if missing else f"not callable: {_uncallable(model, protocol)}"
+            raise ModelContractError(f"{name} does not satisfy the {protocol.__name__} contract: {what}")
+
+
+def _uncallable(model: Any, protocol: type) -> list[str]:
+    """The protocol's methods that ``model`` has as something else (a dict named ``default_train_config``)."""
+    return [m for m in _members(protocol) if callable(getattr(protocol, m, None)) and hasattr(model, m)
+            and not callable(getattr(model, m))]
 
 
 # what each task's protocol is called in a message, and the model kinds that satisfy it
 _KINDS = {"Model": "a cirlab model (cirlab.create_model, workbench.load_run)",
           "CIRModel": "a composed-retrieval model (amc, cala, blip_rerank_stage1)",
           "ITMModel": "an image-text matching model (dime, hrem)", "Reranker": "a re-ranker (blip_rerank_stage2)",
-          "TracedModel": "a router model (amc, dime)"}
+          "TracedModel": "a router model (amc, dime, or one of your own with a trace_kind that emits through "
+                         "cirlab.core.tracing.emit)"}
 
 
 def model_label(model: Any) -> str:

@@ -219,8 +219,8 @@ def nothing_traced(name: str, what: str) -> str:
     """The message for a trace that recorded nothing from model ``name``: which models emit, and where the others'
     views are."""
     view = f"; {OTHER_VIEWS[name]}" if name in OTHER_VIEWS else ""
-    return (f"{what} recorded nothing from model {name}: AMC's gates (encode_query) and DIME's paths (score) are "
-            f"traced{view}")
+    return (f"{what} recorded nothing from model {name}: router models emit while traced (AMC's gates in "
+            f"encode_query, DIME's paths in score; a model of your own through cirlab.core.tracing.emit){view}")
 
 
 @contextlib.contextmanager
