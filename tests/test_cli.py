@@ -1150,3 +1150,24 @@ def test_an_itm_models_img_dim_follows_the_features_or_is_refused_before_trainin
     assert (f"model_overrides.img_dim=2048, but {root / 'f30k_precomp' / 'train_ims.npy'} holds 512-d region "
             "features: set model_overrides.img_dim=512 (or leave it out: it follows the features)") in caplog.text
     assert not (tmp_path / "r2" / "checkpoints").exists()
+
+
+def test_an_empty_category_of_an_evaluation_split_is_named_before_training(tmp_path, caplog):
+    """cap.dress.val.json = [] beside a shirt category with queries: the first evaluation blamed the model
+    ("AMC.encode_query gave NoneType; the CIR contract's encoders give [batch, dim] tensors")."""
+    from fixtures_data import write_fashioniq
+
+    root = write_fashioniq(tmp_path / "data", categories=("dress", "shirt"))["root"]
+    (root / "captions" / "cap.dress.val.json").write_text("[]")
+    config = yaml.safe_load(_dress_config(tmp_path / "c.yaml", root, selection_metric="avg").read_text())
+    config["dataset"]["category"] = None
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(tmp_path / "run")]) == 2
+    assert ("dataset 'fashioniq': evaluation split 'val' has no queries in category dress (its caption file is "
+            "empty); check the data with `cirlab data check`") in caplog.text
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    from cirlab.core.errors import InputError
+    from cirlab.data import load_cir
+
+    with pytest.raises(InputError, match=r"evaluate_cir: split 'val' \(category dress\) has no queries"):
+        cirlab.evaluate_cir(cirlab.create_model("stub_cir", "tiny"), load_cir("fashioniq", root, "val", category="dress"))

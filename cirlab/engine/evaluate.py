@@ -292,6 +292,11 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
     whole_number(batch_size, "batch_size")
     splits = _as_split_dict(split_or_splits)
     protocol = _infer_protocol(splits, protocol)
+    for split in splits.values():  # no queries: the encoders got nothing to encode, and the model was blamed
+        if not split.triplets:
+            category = f" (category {split.category})" if split.category else ""
+            raise InputError(f"evaluate_cir: split {split.split!r}{category} has no queries (its caption file is "
+                             f"empty); check the data with `cirlab data check`")
     model.eval()
     transform = cir_transform(model, transform)
     per_split: dict[str, dict[str, Any]] = {}

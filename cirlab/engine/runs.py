@@ -1300,12 +1300,12 @@ def _check_start_paths(config: dict[str, Any]) -> None:
 def _check_not_empty(config: dict[str, Any], split: str, loaded: Any) -> None:
     """An evaluation split without queries would report empty or NaN metrics after training: stop now."""
     if is_precomp(config):
-        empty = not loaded.captions
-    else:
-        empty = sum(len(s.triplets) for s in loaded) == 0
+        empty = [""] if not loaded.captions else []
+    else:  # one empty Fashion-IQ category fails too: the protocol averages over every category
+        empty = [f" in category {s.category}" if s.category else "" for s in loaded if not s.triplets]
     if empty:
-        raise ConfigError(f"dataset {config['dataset']['name']!r}: evaluation split {split!r} has no queries "
-                          "(its caption file is empty); check the data with `cirlab data check`")
+        raise ConfigError(f"dataset {config['dataset']['name']!r}: evaluation split {split!r} has no queries"
+                          f"{empty[0]} (its caption file is empty); check the data with `cirlab data check`")
 
 
 def _prepare_data(config: dict[str, Any]) -> None:
