@@ -320,6 +320,23 @@ def test_encoding_with_an_empty_vocabulary_warns_in_eval_mode_too(caplog) -> Non
     model.text_encoder.token_ids(["make it red"])
     model.text_encoder.token_ids(["make it blue"])
     assert caplog.text.count("AMC: encoding texts with an empty vocabulary") == 1  # once, not per batch
+    assert "call model.fit_vocab(train_split) first" in caplog.text
+
+
+def test_non_ascii_captions_are_said_to_lose_their_characters(caplog) -> None:
+    """Captions in another script left an empty vocabulary, and the warning then said to call fit_vocab, which
+    had been called: the original tokeniser drops non-ASCII characters (kept here), and that is what is said."""
+    model = cirlab.create_model("amc", preset="tiny").eval()
+    caplog.set_level("WARNING", logger="cirlab")
+    model.fit_vocab(["ein grünes kleid", "a red dress"])
+    assert ("AMC: 1 of 2 training captions hold non-ASCII characters, which AMC's tokeniser drops as the original "
+            "does (text.encode('ascii', 'ignore'): 'grünes' is read as 'grnes').") in caplog.text
+    assert "grnes" in model.vocab.index
+    caplog.clear()
+    model.fit_vocab(["红色的裙子", "更长的袖子"])
+    assert "The vocabulary is empty: no caption has an ASCII word." in caplog.text
+    model.text_encoder.token_ids(["红色"])
+    assert "the training captions gave no word (see the warning of fit_vocab)" in caplog.text
 
 
 def test_backbone_weights_load_from_a_local_file(tmp_path, caplog) -> None:

@@ -170,6 +170,20 @@ def tokenize(text: str) -> list[str]:
 MAX_WORDS = 128
 
 
+def _say_dropped_characters(texts: Sequence[str], vocab: "Vocab") -> None:
+    """The original tokeniser drops every non-ASCII character (:func:`tokenize`): harmless on the English captions of
+    Fashion-IQ and Shoes, it turns ``grün`` into ``grn`` and a caption in another script into nothing. Said once, with
+    an example, when the training captions hold such characters."""
+    changed = [t for t in texts if not t.isascii()]
+    if not changed:
+        return
+    word = next(w for t in changed for w in t.split() if not w.isascii())
+    empty = " The vocabulary is empty: no caption has an ASCII word." if not vocab.fitted else ""
+    logger.warning("AMC: %d of %d training captions hold non-ASCII characters, which AMC's tokeniser drops as the "
+                   "original does (text.encode('ascii', 'ignore'): %r is read as %r).%s", len(changed), len(texts),
+                   word, " ".join(tokenize(word)), empty)
+
+
 def join_captions(captions: Sequence[str]) -> str:
     """Fashion-IQ query text as the original joins its two captions: ``"<BOS> c0 <AND> c1 <EOS>"`` (fixed order)."""
     return "<BOS> " + " <AND> ".join(c.strip() for c in captions) + " <EOS>"
@@ -267,10 +281,13 @@ class TextEncoder(nn.Module):
     def fit_vocab(self, texts: Iterable[str]) -> None:
         """Build the vocabulary from training captions and re-create the embedding table (with word vectors)."""
         vocab = Vocab()
+        texts = list(texts)
         for text in texts:
             vocab.add_text(text)
+        _say_dropped_characters(texts, vocab)
         self._set_vocab(vocab.words[len(SPECIAL_TOKENS):])
         self._init_word_vectors()
+        self._fitted_once = True
 
     def _set_vocab(self, words: Sequence[str]) -> None:
         self.vocab = Vocab(words)
@@ -326,8 +343,9 @@ class TextEncoder(nn.Module):
     def token_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero-padded ids ``[B, L]`` and lengths ``[B]``."""
         if not self.vocab.fitted and not self._warned_unfitted:  # evaluating too: the texts would count for nothing
-            logger.warning("AMC: %s with an empty vocabulary (every word is <UNK>): call model.fit_vocab(train_split) "
-                           "first", "training" if self.training else "encoding texts")
+            logger.warning("AMC: %s with an empty vocabulary (every word is <UNK>): %s", "training" if self.training
+                           else "encoding texts", "the training captions gave no word (see the warning of fit_vocab)"
+                           if getattr(self, "_fitted_once", False) else "call model.fit_vocab(train_split) first")
             self._warned_unfitted = True
         encoded = [self.vocab.encode(self.with_markup(t)) for t in texts]
         longest = max(len(e) for e in encoded)
