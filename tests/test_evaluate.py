@@ -264,3 +264,19 @@ def test_the_gallery_cache_holds_models_with_extra_state_and_follows_the_transfo
 
     digest = lambda words: state_dict_digest({"w": torch.ones(2), "vocab": {"words": words, "size": 2}})  # noqa: E731
     assert digest(["a", "b"]) == digest(["a", "b"]) != digest(["a", "c"])  # extra state is part of the key too
+
+
+def test_recall_cutoffs_past_the_gallery_are_said_to_be_100_for_any_model(tmp_path, caplog):
+    from fixtures_data import write_fashioniq
+
+    from cirlab.data import load_cir
+
+    root = write_fashioniq(tmp_path, categories=("dress",), n_queries=12, n_extra=0)["root"]
+    split = load_cir("fashioniq", root, "val", category="dress")
+    candidates = len(split.gallery_names) - 1  # the reference is removed from its own ranking
+    assert 10 < candidates < 50  # R@50 is 100 by construction, R@10 is not
+    with caplog.at_level("WARNING", logger="cirlab"):
+        out = evaluate_cir(_cir_model(), split)
+    assert out["metrics"]["dress_R@50"] == 100.0
+    assert (f"val_dress: R@50 is 100 for any model: each query ranks {candidates} candidates, so every target is "
+            "within them") in caplog.text and "R@10" not in caplog.text

@@ -306,6 +306,7 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
         target = torch.tensor(split.target_indices(), dtype=torch.long)
         exclude = torch.tensor(split.ref_indices(), dtype=torch.long) if split.exclude_reference else None
         ranks = _ranks(scores, target, exclude)
+        _say_trivial_cutoffs(name, protocol, scores.shape[1] - (exclude is not None))
         per_split[name] = {"split": split, "scores": scores, "target": target, "exclude": exclude, "ranks": ranks}
         logger.info("evaluated %s: %d queries x %d gallery images", name, scores.shape[0], scores.shape[1])
     result = {"metrics": _cir_metrics(protocol, per_split, M),
@@ -316,6 +317,19 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
         base = {"model": model_label(model), "protocol": protocol, **(meta or {})}
         result["topk_paths"] = _write_topk(per_split, Path(topk_path), k, base)
     return result
+
+
+def _say_trivial_cutoffs(name: str, protocol: str, candidates: int) -> None:
+    """A recall cut-off at or past the number of candidates a query ranks is 100 for any model (a small gallery of
+    one's own data, the tiny synthetic sets): said, so that 100 is not read as a result."""
+    from cirlab.core import metrics as M
+
+    ks = {"fashioniq": M.FIQ_KS, "shoes": M.SHOES_KS, "cirr": M.CIRR_KS}.get(protocol, ())
+    trivial = [f"R@{k}" for k in ks if k >= candidates]
+    if trivial:
+        logger.warning("%s: %s %s 100 for any model: each query ranks %d candidates, so every target is within "
+                       "them (a larger gallery makes %s mean something)", name, ", ".join(trivial),
+                       "is" if len(trivial) == 1 else "are", candidates, "it" if len(trivial) == 1 else "them")
 
 
 def cir_protocol_metrics(protocol: str, ranks: dict[str, torch.Tensor],
