@@ -399,3 +399,135 @@ def test_the_data_fingerprint_follows_linked_folders_and_survives_unreadable_fil
     (data / "gone.txt").symlink_to(tmp_path / "nothing.txt")  # a dangling link: a traceback before
     digests = F.folder_digests(data)
     assert set(digests) == {"captions/cap.json", "gone.txt"} and digests["gone.txt"].startswith("unreadable: ")
+
+
+# ------------------------------------------------------------------------------------ users' own files (review h58)
+
+
+def test_a_key_given_twice_in_a_json_object_is_a_duplicate_not_the_last_value(tmp_path, capsys):
+    # Python's json keeps the last value: a split naming an image twice pointed at the second file without a word
+    info = write_cirr(tmp_path / "cirr_dataset", groups={"val": 1})
+    root, first = info["root"], info["names"]["val"][0]
+    split = root / "cirr" / "image_splits" / "split.rc2.val.json"
+    write_image(root / "dev" / "other.png")
+    split.write_text(split.read_text().replace("{", f'{{\n "{first}": "./dev/other.png",', 1))
+    problems = check_dataset("cirr", root, verify_images=True)
+    assert [(p.kind, p.entry, p.message) for p in problems] == [
+        ("duplicate", first, f"key {first!r} appears twice in split.rc2.val.json")]
+    with pytest.raises(DataError, match=rf"split\.rc2\.val\.json \[{first}\]: key '{first}' appears twice") as err:
+        load_cir("cirr", root, "val")
+    assert err.value.kind == "duplicate"
+    # a field inside a caption entry (and inside its img_set) is named with the entry it is in
+    caps = root / "cirr" / "captions" / "cap.rc2.val.json"
+    text = json.dumps(info["entries"]["val"], indent=1)
+    text = text.replace('"caption": "make it look like 5', '"caption": "x", "caption": "make it look like 5')
+    text = text.replace('"id": 0,', '"id": 0, "id": 1,', 1)
+    caps.write_text(text)
+    split.write_text(json.dumps({n: f"./dev/{n}.png" for n in info["names"]["val"]}))
+    problems = check_dataset("cirr", root)
+    assert sorted((p.kind, p.entry, p.message) for p in problems) == [
+        ("duplicate", "#0 img_set", "key 'id' appears twice in cap.rc2.val.json"),
+        ("duplicate", "#1", "key 'caption' appears twice in cap.rc2.val.json")]
+
+
+def test_a_trailing_comma_is_named(tmp_path):
+    info = write_fashioniq(tmp_path / "fiq", categories=("dress",), splits=("val",))
+    path = info["root"] / "captions" / "cap.dress.val.json"
+    path.write_text(path.read_text().rstrip().rstrip("]").rstrip() + ",\n]\n")
+    problems = check_dataset("fashioniq", info["root"])
+    assert [p.kind for p in problems] == ["malformed_json"]
+    assert problems[0].message.endswith("(a trailing comma?)")
+    path.write_text('[{"candidate": "a"]')  # another malformation: no guess
+    assert "trailing" not in check_dataset("fashioniq", info["root"])[0].message
+
+
+def test_a_windows_path_in_a_cirr_split_says_to_use_slashes(tmp_path):
+    info = write_cirr(tmp_path / "cirr_dataset", groups={"val": 1})
+    split = info["root"] / "cirr" / "image_splits" / "split.rc2.val.json"
+    paths = json.loads(split.read_text())
+    name = next(iter(paths))
+    paths[name] = paths[name].replace("/", "\\")
+    write_json(split, paths)
+    problems = check_dataset("cirr", info["root"])
+    assert [(p.kind, p.entry) for p in problems] == [("missing_image", name)]
+    assert "use / in paths" in problems[0].message
+
+
+def test_a_byte_order_mark_is_dropped_in_every_text_file(tmp_path):
+    bom = b"\xef\xbb\xbf"
+
+    def add_bom(path):
+        path.write_bytes(bom + path.read_bytes())
+
+    cirr = write_cirr(tmp_path / "cirr_dataset", groups={"val": 1})
+    add_bom(cirr["root"] / "cirr" / "captions" / "cap.rc2.val.json")
+    add_bom(cirr["root"] / "cirr" / "image_splits" / "split.rc2.val.json")
+    assert list(check_dataset("cirr", cirr["root"])) == []
+    assert load_cir("cirr", cirr["root"], "val").gallery_names[0] == cirr["names"]["val"][0]
+    shoes = write_shoes(tmp_path / "shoes")
+    add_bom(shoes["root"] / "train_im_names.txt")  # the first name would not be found with "\ufeff" in front
+    assert list(check_dataset("shoes", shoes["root"])) == []
+    write_precomp(tmp_path / "itm", splits=("test",))
+    add_bom(tmp_path / "itm" / "f30k_precomp" / "test_caps.txt")
+    assert list(check_dataset("f30k", tmp_path / "itm")) == []
+    assert load_precomp(tmp_path / "itm", "f30k", "test").captions[0] == "image 0 caption 0 ."
+
+
+def test_a_missing_key_is_named_with_the_entrys_keys_and_the_likely_rename(tmp_path):
+    cirr = write_cirr(tmp_path / "cirr_dataset", groups={"val": 1})
+    path = cirr["root"] / "cirr" / "captions" / "cap.rc2.val.json"
+    entries = cirr["entries"]["val"]
+    entries[0]["target"] = entries[0].pop("target_hard")
+    entries[1]["img_set"]["names"] = entries[1]["img_set"].pop("members")
+    write_json(path, entries)
+    problems = check_dataset("cirr", cirr["root"])
+    assert [(p.entry, p.message) for p in problems] == [
+        ("pairid 100", "missing key 'target_hard' (this entry has: pairid, reference, target_soft, caption, img_set, "
+                       "target; did you mean 'target'?)"),
+        ("pairid 101", "'img_set': missing key 'members' (this entry has: id, reference_rank, target_rank, names)")]
+    with pytest.raises(DataError, match=r"\[pairid 100\]: missing key 'target_hard' .*did you mean 'target'\?"):
+        load_cir("cirr", cirr["root"], "val")
+    fiq = write_fashioniq(tmp_path / "fiq", categories=("dress",), splits=("val",))
+    path = fiq["root"] / "captions" / "cap.dress.val.json"
+    entries = fiq["entries"]["dress", "val"]
+    entries[2]["caption"] = entries[2].pop("captions")
+    write_json(path, entries)
+    message = "missing key 'captions' (this entry has: candidate, target, caption; did you mean 'caption'?)"
+    assert [(p.entry, p.message) for p in check_dataset("fashioniq", fiq["root"])] == [("#2", message)]
+    shoes = write_shoes(tmp_path / "shoes")
+    entries = shoes["entries"]
+    entries[0]["ReferenceImage"] = entries[0].pop("ReferenceImageName")
+    write_json(shoes["root"] / "relative_captions_shoes.json", entries)
+    assert [p.message for p in check_dataset("shoes", shoes["root"])] == [
+        "missing key 'ReferenceImageName' (this entry has: ImageName, RelativeCaption, ReferenceImage; did you mean "
+        "'ReferenceImage'?)"]
+
+
+def test_data_check_takes_the_feature_size_a_run_config_gives(tmp_path, capsys):
+    write_precomp(tmp_path, splits=("test",), dim=512, regions=6)
+    problems = check_dataset("f30k", tmp_path)
+    assert [p.kind for p in problems] == ["bad_array"]
+    assert ("; for 6-region features set dataset.options.regions=6 (cirlab data check --regions 6); for "
+            "512-dimensional features set dataset.options.dim=512 (cirlab data check --dim 512)") in problems[0].message
+    assert list(check_dataset("f30k", tmp_path, options={"dim": 512, "regions": 6})) == []
+    assert main(["check", "--dataset", "f30k", "--root", str(tmp_path), "--dim", "512", "--regions", "6"]) == 0
+    assert main(["check", "--dataset", "precomp", "--root", str(tmp_path), "--dim", "512", "--regions", "6"]) == 0
+    capsys.readouterr()
+    assert main(["check", "--dataset", "f30k", "--root", str(tmp_path), "--dim", "512"]) == 1
+    assert "dataset.options.regions=6" in capsys.readouterr().out
+    # a flag that changes nothing for a CIR layout is refused, not ignored
+    write_cirr(tmp_path / "cirr_dataset", groups={"val": 1})
+    assert main(["check", "--dataset", "cirr", "--root", str(tmp_path / "cirr_dataset"), "--dim", "512"]) == 2
+    with pytest.raises(Exception, match="dataset.options.*unknown field 'dimm'"):
+        check_dataset("f30k", tmp_path, options={"dimm": 512})
+
+
+def test_the_train_side_img_set_warning_says_the_query_is_trained(tmp_path):
+    train = write_cirr(tmp_path / "cirr_dataset", groups={"train": 1})
+    path = train["root"] / "cirr" / "captions" / "cap.rc2.train.json"
+    entries = train["entries"]["train"]
+    entries[0]["img_set"]["members"] = entries[0]["img_set"]["members"][1:]
+    write_json(path, entries)
+    warnings = check_dataset("cirr", train["root"]).warnings
+    assert {w.kind for w in warnings} == {"unusable_img_set"}  # 5 members, without the reference
+    assert all("the query is trained; only this img_set is unusable" in w.message for w in warnings)

@@ -668,3 +668,49 @@ def test_a_root_that_is_not_a_path_is_one_line(loader):
 
     with pytest.raises(ConfigError, match=r"^root must be a folder path \(str or os\.PathLike\) or None, got 3$"):
         loader()
+
+
+# ------------------------------------------------------------------------------- images as viewers show them (h58)
+
+
+def test_high_bit_depth_images_are_scaled_to_8_bits(tmp_path):
+    # PIL's convert("RGB") clips 16-bit values at 255: a 16-bit PNG loaded almost white
+    from PIL import Image
+
+    from cirlab.data.base import load_image, to_rgb
+
+    Image.fromarray(np.array([[0, 257, 32768, 65535]], np.uint16)).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I;16")
+    assert np.asarray(load_image(tmp_path / "g16.png"))[0, :, 0].tolist() == [0, 1, 128, 255]
+    as_float = Image.fromarray(np.array([[-0.5, 0.0, 0.5, 1.0, 2.0]], np.float32))  # mode F: 0..1, clipped
+    assert np.asarray(to_rgb(as_float))[0, :, 0].tolist() == [0, 0, 128, 255, 255]
+    as_int32 = Image.fromarray(np.array([[-5, 0, 2 ** 30, 2 ** 31 - 1]], np.int32))  # mode I, not from a PNG
+    assert np.asarray(to_rgb(as_int32))[0, :, 0].tolist() == [0, 0, 128, 255]
+    assert np.asarray(to_rgb(as_int32, "PNG"))[0, :, 0].tolist() == [0, 0, 255, 255]  # older Pillow's 16-bit PNG
+    # through a split's dataset view, as training reads it
+    info = write_fashioniq(tmp_path / "fiq", categories=("dress",), splits=("val",))
+    name = info["names"]["dress", "val"][0]
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(info["root"] / "images" / f"{name}.png")
+    split = load_cir("fashioniq", info["root"], "val", category="dress", protocol="clip4cir")
+    assert _pixel(split.gallery_dataset()[split.gallery_names.index(name)]["image"]) == (128, 128, 128)
+
+
+def test_exif_orientation_is_applied_and_transparency_is_white(tmp_path):
+    from PIL import Image
+
+    from cirlab.data.base import load_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": a phone's portrait photo stored landscape
+    Image.new("RGB", (60, 30), "white").save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    assert load_image(tmp_path / "phone.jpg").size == (30, 60)
+    # whatever colour an encoder left under alpha 0 (black, red) is not what anyone sees: white is
+    pixels = np.array([[[255, 0, 0, 0], [0, 0, 0, 0], [0, 0, 255, 255], [0, 0, 255, 128]]], np.uint8)
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "cutout.png")
+    assert np.asarray(load_image(tmp_path / "cutout.png"))[0].tolist() == [
+        [255, 255, 255], [255, 255, 255], [0, 0, 255], [127, 127, 255]]
+    Image.fromarray(np.array([[0, 200]], np.uint8), "L").save(tmp_path / "grey.png", transparency=0)
+    assert np.asarray(load_image(tmp_path / "grey.png"))[0].tolist() == [[255, 255, 255], [200, 200, 200]]
+    Image.new("RGB", (3, 2), (1, 2, 3)).save(tmp_path / "plain.png")  # an ordinary image is untouched
+    plain = load_image(tmp_path / "plain.png")
+    assert (plain.mode, plain.size, plain.getpixel((2, 1))) == ("RGB", (3, 2), (1, 2, 3))

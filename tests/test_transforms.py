@@ -145,3 +145,12 @@ def test_default_transform_and_errors():
         build_transform("nope", 4)
     with pytest.raises(ValueError, match="unknown normalize"):
         build_transform("resize", 4, normalize="zscore")
+
+
+def test_a_pil_image_given_to_a_transform_is_made_rgb_by_the_loaders_rule():
+    # convert("RGB") would clip the 16-bit grey to white and show the red under the transparent pixel
+    grey16 = Image.fromarray(np.full((4, 4), 32768, np.uint16))
+    out = build_transform("tensor")(grey16)
+    assert out.shape == (3, 4, 4) and torch.allclose(out, torch.full_like(out, 128 / 255))
+    cutout = Image.fromarray(np.array([[[255, 0, 0, 0]]], np.uint8), "RGBA")
+    assert build_transform("tensor")(cutout)[:, 0, 0].tolist() == [1.0, 1.0, 1.0]

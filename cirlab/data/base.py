@@ -125,19 +125,63 @@ def file_not_found(path: Path) -> str:
     return "file not found" + did_you_mean(path.name, names)
 
 
+# Every text and JSON file the loaders read is decoded as "utf-8-sig": a UTF-8 byte order mark (what Windows
+# editors write) is dropped, never refused as malformed JSON nor kept as "\ufeff" in the first name or caption.
+TEXT_ENCODING = "utf-8-sig"
+
+
 def read_json(path: Path, sink: ProblemCollector) -> Any | None:
-    """Parse a JSON file; a missing or malformed file becomes a problem (None is returned in collect mode)."""
+    """Parse a JSON file; a missing or malformed file becomes a problem (None is returned in collect mode).
+
+    A key given twice in one object is a ``duplicate`` problem: Python's json keeps the last value without a word,
+    so a split naming an image twice would silently point at the second file.
+    """
     if not path.is_file():
         sink.add("missing_file", path, None, file_not_found(path))
         return None
+    repeated: dict[int, list[str]] = {}  # id(object) -> its keys given more than once
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        text = path.read_text(encoding=TEXT_ENCODING)
+        data = json.loads(text, object_pairs_hook=lambda pairs: _object(pairs, repeated))
     except json.JSONDecodeError as err:
-        sink.add("malformed_json", path, f"line {err.lineno} column {err.colno}", f"malformed JSON: {err.msg}")
+        sink.add("malformed_json", path, f"line {err.lineno} column {err.colno}",
+                 f"malformed JSON: {err.msg}{_trailing_comma_hint(err)}")
+        return None
     except UnicodeDecodeError as err:
         sink.add("malformed_json", path, f"byte {err.start}", f"not UTF-8 text: {err.reason}")
-    return None
+        return None
+    if repeated:
+        for where, key in _repeated_keys(data, repeated):
+            sink.add("duplicate", path, where, f"key {key!r} appears twice in {path.name}")
+    return data
+
+
+def _object(pairs: list[tuple[str, Any]], repeated: dict[int, list[str]]) -> dict[str, Any]:
+    """``object_pairs_hook``: the dict json would build, noting the keys it would silently overwrite."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            repeated.setdefault(id(obj), []).append(key)
+        obj[key] = value
+    return obj
+
+
+def _repeated_keys(data: Any, repeated: dict[int, list[str]], where: str = "") -> Iterable[tuple[str, str]]:
+    """``(entry, key)`` of every repeated key, the entry named as the loaders name it: a top-level object's key by
+    the key itself (CIRR split files), a list element by ``#index``, a nested object by its path below that."""
+    for key in repeated.get(id(data), []):
+        yield where or key, key
+    children = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for name, child in children:
+        if isinstance(child, (dict, list)):
+            part = f"#{name}" if isinstance(data, list) else str(name)
+            yield from _repeated_keys(child, repeated, f"{where} {part}" if where else part)
+
+
+def _trailing_comma_hint(err: json.JSONDecodeError) -> str:
+    """`` (a trailing comma?)`` when the character before the error (whitespace skipped) is a comma: json's own
+    "Expecting property name enclosed in double quotes" does not say what is wrong with ``[1, 2,]`` or ``{"a": 1,}``."""
+    return " (a trailing comma?)" if err.doc[:err.pos].rstrip().endswith(",") else ""
 
 
 def read_lines(path: Path, sink: ProblemCollector) -> list[tuple[int, str]] | None:
@@ -146,11 +190,30 @@ def read_lines(path: Path, sink: ProblemCollector) -> list[tuple[int, str]] | No
         sink.add("missing_file", path, None, file_not_found(path))
         return None
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding=TEXT_ENCODING)
     except UnicodeDecodeError as err:
         sink.add("bad_entry", path, f"byte {err.start}", f"not UTF-8 text: {err.reason}")
         return None
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def missing_keys_message(entry: dict[str, Any], keys: Iterable[str], known: Iterable[str] = ()) -> str | None:
+    """``missing key 'target_hard' (this entry has: pairid, reference, ...; did you mean 'target'?)``, None when
+    none of ``keys`` is missing: a renamed field reads as what it is, not as a value of the wrong type.
+    ``known``: the fields the loader reads, never offered as a misspelling (``target_soft`` is no ``target_hard``)."""
+    from cirlab.core.config import closest
+
+    missing = [key for key in keys if key not in entry]
+    if not missing:
+        return None
+    names = list(entry)
+    spare = [n for n in names if n not in set(known) | set(missing)]
+    guesses = [(close, key) for key, close in ((key, closest(key, spare)) for key in missing) if close]
+    said = [f"{close!r}" + (f" for {key!r}" if len(missing) > 1 else "") for close, key in guesses]
+    hint = f"; did you mean {', '.join(said)}?" if said else ""
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "no keys"
+    what = f"key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}"
+    return f"missing {what} (this entry has: {shown}{hint})"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -280,16 +343,70 @@ def _resolve_transform(transform: Transform | None) -> Transform:
 
 
 def load_image(path: Path) -> Any:
-    """Open an image as RGB; an unreadable file is a DataError naming it."""
+    """Open an image as 8-bit RGB, as an image viewer shows it (:func:`to_rgb`); an unreadable file is a DataError
+    naming it."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb(upright(img), img.format)
     except FileNotFoundError:
         raise DataError("image file not found", file=path, kind="missing_image") from None
     except (UnidentifiedImageError, OSError) as err:
         raise DataError(f"cannot read image: {err}", file=path, kind="unreadable_image") from None
+
+
+def upright(img: Any) -> Any:
+    """The image turned as its EXIF orientation says (a phone writes the tag instead of rotating the pixels: without
+    it a portrait photo loads lying on its side). Untagged images, nearly all, are returned as they are."""
+    from PIL import ExifTags, ImageOps
+
+    if img.getexif().get(ExifTags.Base.Orientation, 1) in (0, 1):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
+WHITE = (255, 255, 255)  # what transparent pixels become: the background viewers and product photos show
+
+
+def to_rgb(img: Any, fmt: str | None = None) -> Any:
+    """8-bit RGB of any PIL image: high-bit-depth modes scaled (:func:`to_8bit`), transparency composited on white.
+
+    PIL's ``convert("RGB")`` (what the papers' loaders call) clips 16-bit values at 255, so a 16-bit PNG loads almost
+    white, and it drops alpha, keeping whatever colour the encoder left under transparent pixels (often black, or
+    anything): the model would see a colour no viewer shows. Both rules change nothing for 8-bit opaque images,
+    which is what the public releases ship. ``fmt``: the file format (a turned copy no longer knows it).
+    """
+    from PIL import Image
+
+    img = to_8bit(img, fmt or img.format)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*WHITE, 255)), rgba).convert("RGB")
+    return img.convert("RGB")  # a loaded copy even for RGB: the caller closes the file
+
+
+def to_8bit(img: Any, fmt: str | None = None) -> Any:
+    """An ``L`` image from a 16/32-bit integer or float one (other modes unchanged), scaled by the mode's range:
+
+    * ``I;16*`` (16-bit PNG / TIFF): 0..65535 -> 0..255 (divided by 257, so 65535 is 255);
+    * ``I`` from a PNG (older Pillow's mode for 16-bit PNGs): the same 0..65535 range;
+    * ``I`` otherwise (32-bit signed TIFF): 0..2**31-1 -> 0..255, negatives 0;
+    * ``F`` (32-bit float): 0.0..1.0 -> 0..255, values outside clipped.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if img.mode == "F":
+        top = 1.0
+    elif img.mode.startswith("I;16") or img.mode == "I" and fmt == "PNG":
+        top = 65535.0
+    elif img.mode == "I":
+        top = float(2 ** 31 - 1)
+    else:
+        return img
+    values = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
 
 
 class TripletDataset:

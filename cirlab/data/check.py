@@ -16,24 +16,31 @@ import os
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
-from cirlab.data.base import ProblemCollector, ProblemList, cir_root
+from cirlab.data.base import ProblemCollector, ProblemList, check_options, cir_root
 from cirlab.data.catalog import DATASETS as _TABLE
+from cirlab.data.catalog import ITM_DATASETS
 from cirlab.data.catalog import canonical_name
 
 logger = logging.getLogger(__name__)
 
 # "precomp" checks every *_precomp folder under the root
 DATASETS = (*_TABLE, "precomp")
+ITM_CHOICES = (*ITM_DATASETS, "precomp")  # the choices whose features --dim / --regions describe
 
 
-def check_dataset(name: str, root: str | os.PathLike | None = None, *, verify_images: bool = False) -> ProblemList:
+def check_dataset(name: str, root: str | os.PathLike | None = None, *, verify_images: bool = False,
+                  options: dict[str, Any] | None = None) -> ProblemList:
     """Every problem of a dataset tree (an empty list when the tree is valid).
 
     Args:
         name: "fashioniq" | "shoes" | "cirr" | "f30k" | "coco" | "precomp" (every ``*_precomp`` folder under root).
         root: the dataset root; None = ``$CIRLAB_DATA/<name>`` (precomp: ``$CIRLAB_DATA``).
         verify_images: fully decode every image file referenced instead of the default header-and-ending check.
+        options: the loader options a run would pass (``dataset.options``: precomp ``dim`` / ``regions`` for
+            features other than 36 x 2048, Fashion-IQ ``missing_images``, ...), so the tree is checked as that run
+            reads it; checked against the loader's table like a run config's.
 
     Returns:
         a ``list[Problem]`` whose ``stats`` attribute counts what was walked (splits, triplets, images, captions),
@@ -51,6 +58,8 @@ def check_dataset(name: str, root: str | os.PathLike | None = None, *, verify_im
     if key not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; known: {', '.join(DATASETS)}")
     itm = key == "precomp" or _TABLE[key].is_itm
+    options = dict(options or {})
+    check_options("f30k" if key == "precomp" else key, options)  # every precomp set has the same loader
     given = root
     # a CIR root may be a data root holding several layouts (`cirlab data synth --out DIR`), as the loaders take it
     root = resolve_root(root) if itm else cir_root(key, root)
@@ -65,10 +74,10 @@ def check_dataset(name: str, root: str | os.PathLike | None = None, *, verify_im
     if itm:
         from cirlab.data import precomp
 
-        precomp.scan(Path(root), sink, name=None if key == "precomp" else key)
+        precomp.scan(Path(root), sink, name=None if key == "precomp" else key, **options)
     else:
         module = importlib.import_module(_TABLE[key].loader)
-        _check_images(module, Path(root), sink, full=verify_images)
+        _check_images(module, Path(root), sink, full=verify_images, options=options)
     return sink.problems
 
 
@@ -85,11 +94,12 @@ def _check_finished(root: Path, sink: ProblemCollector) -> None:
                      "(splits or files may be missing): run the command that wrote it again")
 
 
-def _check_images(module: ModuleType, root: Path, sink: ProblemCollector, full: bool) -> None:
+def _check_images(module: ModuleType, root: Path, sink: ProblemCollector, full: bool,
+                  options: dict[str, Any] | None = None) -> None:
     """Scan, then check every image the loaded splits point to: its header (default) or a full decode."""
     from PIL import Image
 
-    paths = {path for split in module.scan(root, sink) for path in split.image_paths.values()}
+    paths = {path for split in module.scan(root, sink, **(options or {})) for path in split.image_paths.values()}
     for path in sorted(paths):
         if not path.is_file():
             continue  # already reported as missing

@@ -25,7 +25,8 @@ from typing import Any
 
 from cirlab.core.config import did_you_mean
 from cirlab.core.errors import UnknownNameError
-from cirlab.data.base import CIRSplit, ProblemCollector, Triplet, is_str_list, read_json
+from cirlab.data.base import (CIRSplit, ProblemCollector, Triplet, is_str_list, missing_keys_message,
+                              read_json)
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ RELEASE = "rc2"
 SPLITS = ("train", "val", "test1")
 SPLIT_ALIASES = {"dev": "val", "test": "test1"}
 _CORE_KEYS = ("pairid", "reference", "target_hard", "caption", "img_set")
+_KNOWN_KEYS = (*_CORE_KEYS, "target_soft")  # never suggested as the misspelling of a missing key
 OPTIONS: dict[str, object] = {}  # dataset.options the loader takes (none)
 
 
@@ -77,13 +79,18 @@ def _read_image_split(root: Path, split: str, sink: ProblemCollector,
             continue
         image = root / rel
         if not image.is_file():
-            sink.add("missing_image", path, name, f"image file {image} not found")
+            sink.add("missing_image", path, name, f"image file {image} not found" + _backslash_hint(rel))
         first = named.setdefault(os.path.normpath(rel), name)
         if first != name:  # one picture twice in the gallery: a target and its copy tie in every ranking
             sink.warn("same_file", path, name, f"names the file of {first!r} ({rel})")
         images[name] = image
     sink.count("images", len(images))
     return images
+
+
+def _backslash_hint(rel: str) -> str:
+    """A split file written on Windows (``.\\dev\\x.png``) names files no POSIX system finds: say so."""
+    return " (use / in paths: backslashes are part of a file name outside Windows)" if "\\" in rel else ""
 
 
 def _inside_root(rel: str) -> bool:
@@ -104,23 +111,35 @@ def _inside_root(rel: str) -> bool:
 
 def _check_entry(entry: Any, i: int, path: Path, split: str, sink: ProblemCollector) -> bool:
     where = f"#{i}" if not isinstance(entry, dict) or "pairid" not in entry else f"pairid {entry['pairid']}"
-    problems = []
     if not isinstance(entry, dict):
-        problems.append(f"expected an object, got {entry!r:.80}")
+        problems = [f"expected an object, got {entry!r:.80}"]
     else:
-        if not isinstance(entry.get("pairid"), int) or isinstance(entry.get("pairid"), bool):
-            problems.append(f"'pairid' must be an integer, got {entry.get('pairid')!r}")
-        for key in ("reference", "caption") + (("target_hard",) if split != "test1" else ()):
-            if not isinstance(entry.get(key), str):
-                problems.append(f"{key!r} must be a string, got {entry.get(key)!r:.80}")
-            elif not entry[key].strip():
-                problems.append(f"{key!r} is empty")
-        img_set = entry.get("img_set")
-        if not (isinstance(img_set, dict) and is_str_list(img_set.get("members"))):
-            problems.append(f"'img_set' must be an object with a 'members' list of names, got {img_set!r:.80}")
+        problems = _field_problems(entry, split)
     for message in problems:
         sink.add("bad_entry", path, where, message)
     return not problems
+
+
+def _field_problems(entry: dict[str, Any], split: str) -> list[str]:
+    """What is wrong with the fields of one caption entry: a missing key is named as missing (with the entry's keys
+    and the likely rename), a present one of the wrong type as such."""
+    strings = ("reference", "caption") + (("target_hard",) if split != "test1" else ())
+    missing = missing_keys_message(entry, ("pairid", *strings, "img_set"), _KNOWN_KEYS)
+    problems = [missing] if missing else []
+    pairid = entry.get("pairid", 0)
+    if not isinstance(pairid, int) or isinstance(pairid, bool):
+        problems.append(f"'pairid' must be an integer, got {pairid!r}")
+    for key in (k for k in strings if k in entry):
+        if not isinstance(entry[key], str):
+            problems.append(f"{key!r} must be a string, got {entry[key]!r:.80}")
+        elif not entry[key].strip():
+            problems.append(f"{key!r} is empty")
+    img_set = entry.get("img_set", {"members": []})
+    if isinstance(img_set, dict) and "members" not in img_set:
+        problems.append("'img_set': " + missing_keys_message(img_set, ("members",), ("id",)))
+    elif not (isinstance(img_set, dict) and is_str_list(img_set.get("members"))):
+        problems.append(f"'img_set' must be an object with a 'members' list of names, got {img_set!r:.80}")
+    return problems
 
 
 SET_SIZE = 6  # every rc2 img_set: the reference and five others (Recall_subset@1/2/3 ranks those five)
@@ -150,7 +169,8 @@ def _img_set_usable(entry: dict[str, Any], split: str, path: Path, where: str, s
     problems = _img_set_problems(entry, split)
     for message in problems:
         if split == "train":
-            sink.warn("unusable_img_set", path, where, message + " (unused in training)")
+            sink.warn("unusable_img_set", path, where, message + " (the query is trained; only this img_set is "
+                      "unusable, and training does not read it)")
         else:
             sink.add("bad_entry", path, where, message)
     return split == "train" or not problems

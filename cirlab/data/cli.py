@@ -22,9 +22,14 @@ _PLUGINS = ("cirlab.data.generators.synthetic", "cirlab.data.generators.emoji")
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from cirlab.data.check import check_dataset, format_problems, format_stats
+    from cirlab.core.errors import ConfigError
+    from cirlab.data.check import ITM_CHOICES, check_dataset, format_problems, format_stats
 
-    problems = check_dataset(args.dataset, args.root, verify_images=args.verify_images)
+    options = {key: getattr(args, key) for key in ("dim", "regions") if getattr(args, key) is not None}
+    if options and args.dataset not in ITM_CHOICES:  # a flag that would change nothing must not look like it did
+        raise ConfigError(f"--{'/--'.join(options)} applies to precomp features (--dataset "
+                          f"{', '.join(ITM_CHOICES)}), not to {args.dataset}")
+    problems = check_dataset(args.dataset, args.root, verify_images=args.verify_images, options=options)
     if problems.warnings:
         print(format_problems(problems.warnings, max_per_kind=args.max_per_kind).replace(" problem", " warning"))
     if problems:
@@ -54,6 +59,10 @@ def _add_check(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--verify-images", action="store_true",
                         help="fully decode every image file (slow on the full datasets); by default only each "
                              "image's header and ending are checked (catches empty, garbage and truncated files)")
+    for option, what, default in (("dim", "feature dimension", 2048), ("regions", "number of regions", 36)):
+        parser.add_argument(f"--{option}", type=int_range(1), default=None, metavar="N",
+                            help=f"precomp: the {what} of the features (default {default}, BUTD's); the run-config "
+                                 f"spelling is dataset.options.{option}")
     parser.add_argument("--max-per-kind", type=int_range(0), default=None, metavar="N",
                         help="list at most N problems of each kind (counts still cover all); default: list all")
     parser.set_defaults(func=_run_check)

@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 from cirlab.core.errors import ConfigError, UnknownNameError
 from cirlab.data.base import (CIRSplit, ProblemCollector, Triplet, first_appearance, index_images, is_str_list,
-                              read_json)
+                              missing_keys_message, read_json)
 
 logger = logging.getLogger(__name__)
 
@@ -218,22 +218,29 @@ def _parse_entry(entry: Any, i: int, path: Path, split: str, sink: ProblemCollec
     if not isinstance(entry, dict):
         sink.add("bad_entry", path, where, f"expected an object with candidate/target/captions, got {entry!r:.80}")
         return None
-    ok = True
-    if not isinstance(entry.get("candidate"), str):
-        sink.add("bad_entry", path, where, f"'candidate' must be an image name, got {entry.get('candidate')!r}")
-        ok = False
+    problems = _field_problems(entry, split)
+    for message in problems:
+        sink.add("bad_entry", path, where, message)
+    return None if problems else entry
+
+
+def _field_problems(entry: dict[str, Any], split: str) -> list[str]:
+    """What is wrong with one caption entry's fields; a missing key is named as missing, with the entry's keys and
+    the likely rename ("captions" written "caption"), not as a value of the wrong type."""
+    required = ("candidate", "captions") + (("target",) if split != "test" else ())
+    missing = missing_keys_message(entry, required, _CORE_KEYS)
+    problems = [missing] if missing else []
+    if "candidate" in entry and not isinstance(entry["candidate"], str):
+        problems.append(f"'candidate' must be an image name, got {entry['candidate']!r}")
     target = entry.get("target")
-    if target is None and split != "test" or target is not None and not isinstance(target, str):
-        sink.add("bad_entry", path, where, f"'target' must be an image name, got {target!r}")
-        ok = False
-    caps = entry.get("captions")
+    if "target" in entry and not isinstance(target, str) and (target is not None or split != "test"):
+        problems.append(f"'target' must be an image name, got {target!r}")
+    caps = entry.get("captions", ["", "present"])  # a missing list is reported above
     if not (is_str_list(caps) and len(caps) == 2):
-        sink.add("bad_entry", path, where, f"'captions' must be a list of 2 strings, got {caps!r:.80}")
-        ok = False
+        problems.append(f"'captions' must be a list of 2 strings, got {caps!r:.80}")
     elif not any(c.strip() for c in caps):
-        sink.add("bad_entry", path, where, "both captions are empty")
-        ok = False
-    return entry if ok else None
+        problems.append("both captions are empty")
+    return problems
 
 
 def _load_category(root: Path, category: str, split: str, images: FashionIQImages, policy: CaptionPolicy,

@@ -17,6 +17,7 @@ validation; pass ``max_captions=None`` for the whole split.
 """
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 from dataclasses import dataclass
@@ -141,12 +142,24 @@ def open_features(path: Path, sink: ProblemCollector, regions: int | None = 36, 
         return None
     expected = f"[N, {regions or 'R'}, {dim or 'D'}]"
     if array.ndim != 3 or (regions and array.shape[1] != regions) or (dim and array.shape[2] != dim):
-        sink.add("bad_array", path, None, f"shape {tuple(array.shape)} does not match {expected}")
+        sink.add("bad_array", path, None, f"shape {tuple(array.shape)} does not match {expected}"
+                 + _shape_hint(array.shape, regions, dim))
         return None
     if not np.issubdtype(array.dtype, np.floating):
         sink.add("bad_array", path, None, f"dtype {array.dtype} is not a floating-point type")
         return None
     return array
+
+
+def _shape_hint(shape: tuple[int, ...], regions: int | None, dim: int | None) -> str:
+    """Which option sets the expected size, for features of another backbone or region count than BUTD's 36 x 2048:
+    the run-config spelling and ``cirlab data check``'s."""
+    if len(shape) != 3:
+        return " (region features are 3-D: images x regions x dimensions)"
+    wrong = [(name, got) for name, want, got in (("regions", regions, shape[1]), ("dim", dim, shape[2]))
+             if want and got != want]
+    return "".join(f"; for {got}-{'region' if name == 'regions' else 'dimensional'} features set "
+                   f"dataset.options.{name}={got} (cirlab data check --{name} {got})" for name, got in wrong)
 
 
 def check_finite_features(array: Any, path: Path, sink: ProblemCollector, chunk: int = 256) -> None:
@@ -163,11 +176,15 @@ def check_finite_features(array: Any, path: Path, sink: ProblemCollector, chunk:
 
 
 def read_captions(path: Path, sink: ProblemCollector) -> list[str] | None:
-    """Lines of ``{split}_caps.txt`` (read as bytes, decoded as UTF-8); an empty line is a problem, never dropped."""
+    """Lines of ``{split}_caps.txt`` (read as bytes, decoded as UTF-8 without a leading byte order mark); an empty
+    line is a problem, never dropped."""
     if not path.is_file():
         sink.add("missing_file", path, None, file_not_found(path))
         return None
-    lines = path.read_bytes().split(b"\n")
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):  # base.TEXT_ENCODING's rule: a byte order mark is no part of caption 1
+        data = data[len(codecs.BOM_UTF8):]
+    lines = data.split(b"\n")
     if lines and lines[-1] == b"":  # the final newline ends the last caption, it does not start another
         lines.pop()
     captions = []
@@ -451,6 +468,7 @@ def scan(root: Path, sink: ProblemCollector, name: str | None = None, **kw: Any)
         if not splits:
             sink.add("missing_file", folder, None, "no <split>_ims.npy / <split>_caps.txt files in it")
         for split in splits:
+            # every caption is checked unless the caller limits them (dev's default cap is for validation speed)
             load_precomp(folder.parent if folder.name.endswith("_precomp") else folder.parent.parent, set_name,
-                         split, sink=sink, max_captions=None, **kw)
+                         split, sink=sink, **{"max_captions": None, **kw})
 

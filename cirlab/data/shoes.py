@@ -29,7 +29,8 @@ from typing import Any
 
 from cirlab.core.config import did_you_mean
 from cirlab.core.errors import ConfigError, UnknownNameError
-from cirlab.data.base import CIRSplit, ProblemCollector, Triplet, index_images, read_json, read_lines
+from cirlab.data.base import (CIRSplit, ProblemCollector, Triplet, index_images, missing_keys_message, read_json,
+                              read_lines)
 
 logger = logging.getLogger(__name__)
 
@@ -68,16 +69,27 @@ def _parse_entries(path: Path, sink: ProblemCollector) -> list[dict[str, Any] | 
         return []
     entries: list[dict[str, Any] | None] = []
     for i, entry in enumerate(data):
-        bad = not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in _CORE_KEYS)
-        if bad:
-            sink.add("bad_entry", path, f"#{i}", f"expected string fields {', '.join(_CORE_KEYS)}, got {entry!r:.120}")
-        elif not entry["RelativeCaption"].strip():
-            sink.add("bad_entry", path, f"#{i}", "'RelativeCaption' is empty")
-            bad = True
-        entries.append(None if bad else entry)
+        problems = _entry_problems(entry)
+        for message in problems:
+            sink.add("bad_entry", path, f"#{i}", message)
+        entries.append(None if problems else entry)
     if not data:
         sink.warn("empty_split", path, None, "the caption file holds no entries (an empty list): no queries")
     return entries
+
+
+def _entry_problems(entry: Any) -> list[str]:
+    """What is wrong with one caption entry: a missing key named as missing (with the entry's keys and the likely
+    rename), a value of the wrong type as such, an empty caption."""
+    if not isinstance(entry, dict):
+        return [f"expected an object with string fields {', '.join(_CORE_KEYS)}, got {entry!r:.120}"]
+    missing = missing_keys_message(entry, _CORE_KEYS, _CORE_KEYS)
+    problems = [missing] if missing else []
+    problems += [f"{key!r} must be a string, got {entry[key]!r:.80}" for key in _CORE_KEYS
+                 if key in entry and not isinstance(entry[key], str)]
+    if not problems and not entry["RelativeCaption"].strip():
+        problems.append("'RelativeCaption' is empty")
+    return problems
 
 
 def _select(entries: list[dict[str, Any] | None], names: list[str], pairs: str) -> list[tuple[int, int]]:

@@ -86,7 +86,11 @@ class SquarePad:
 
 
 def _to_rgb(image: Any) -> Any:
-    return image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
+    """A PIL image given straight to a transform is made RGB by the loaders' rule (16-bit scaled, transparency on
+    white: :func:`cirlab.data.base.to_rgb`), not by ``convert("RGB")``, which clips and drops alpha."""
+    from cirlab.data.base import to_rgb
+
+    return to_rgb(image) if getattr(image, "mode", "RGB") != "RGB" else image
 
 
 def _resize_size(image_size: int) -> int:
