@@ -419,7 +419,7 @@ def test_a_model_of_the_wrong_kind_or_a_device_typo_is_one_line(tiny_data):
          r"slot 7 is not a caption slot: every image has 5 captions \(0..4\)"),
         (lambda: workbench.hrem_relation(hrem, "f30k", tiny_data, caption=2.0), r"caption must be a whole number"),
         (lambda: workbench.collect_routes(cirlab.create_model("cala", "tiny"), "fashioniq", tiny_data, n=2),
-         r"collect_routes needs a router model \(amc, dime\); got 'cala' \(task cir\): CaLa's HCA/TAC attention: "
+         r"collect_routes needs a router model \(amc, dime, or one of your own emitting through cirlab\.core\.tracing\.emit\); got 'cala' \(task cir\): CaLa's HCA/TAC attention: "
          r"cirlab.workbench.cala_trace"),
         (lambda: workbench.evaluate_run("amc", "fashioniq", tiny_data), r"evaluate_run needs a cirlab model"),
         (lambda: workbench.evaluate_run(amc, "fashioniq", tiny_data, device="gpu"),
@@ -432,10 +432,10 @@ def test_a_model_of_the_wrong_kind_or_a_device_typo_is_one_line(tiny_data):
         (lambda: workbench.explorer_for(hrem, None, {}, "f30k", tiny_data), r"hrem has no live explorer"),
         # the re-ranker's stages have no router: stage I said "router" and stage II failed in torch (encode_query)
         (lambda: workbench.explorer_kind(cirlab.create_model("blip_rerank_stage1", "tiny")),
-         r"^the router explorer needs a router model \(amc, dime\); got 'blip_rerank_stage1' \(task cir\): it has "
+         r"^the router explorer needs a router model \(amc, dime, or one of your own emitting through cirlab\.core\.tracing\.emit\); got 'blip_rerank_stage1' \(task cir\): it has "
          r"no router"),
         (lambda: workbench.collect_routes(cirlab.create_model("blip_rerank_stage2", "tiny"), "fashioniq", tiny_data),
-         r"^collect_routes needs a router model \(amc, dime\); got 'blip_rerank_stage2' \(task rerank\)"),
+         r"^collect_routes needs a router model \(amc, dime, or one of your own emitting through cirlab\.core\.tracing\.emit\); got 'blip_rerank_stage2' \(task rerank\)"),
         # an ensemble's members emit under the same layer names ("'layer1' emitted twice under one set_batch")
         (lambda: workbench.collect_routes(AMCEnsemble([amc, amc]), "fashioniq", tiny_data),
          r"got 'amc_ensemble' \(task cir\): an ensemble: trace one of its members \(model.members\[0\]\)"),

@@ -182,8 +182,7 @@ def _uncallable(model: Any, protocol: type) -> list[str]:
 _KINDS = {"Model": "a cirlab model (cirlab.create_model, workbench.load_run)",
           "CIRModel": "a composed-retrieval model (amc, cala, blip_rerank_stage1)",
           "ITMModel": "an image-text matching model (dime, hrem)", "Reranker": "a re-ranker (blip_rerank_stage2)",
-          "TracedModel": "a router model (amc, dime, or one of your own with a trace_kind that emits through "
-                         "cirlab.core.tracing.emit)"}
+          "TracedModel": "a router model (amc, dime, or one of your own emitting through cirlab.core.tracing.emit)"}
 
 
 def model_label(model: Any) -> str:

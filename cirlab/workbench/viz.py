@@ -125,12 +125,13 @@ def _without_extension(name: str, formats: Sequence[str]) -> str:
 def _to_image(x: Any) -> np.ndarray:
     """An image (path, PIL image, HWC/CHW array or tensor) as an HWC float array in [0, 1]."""
     if isinstance(x, (str, os.PathLike)):
-        from PIL import Image
+        from cirlab.data.base import load_image  # as the loaders read it: upright, 8-bit, transparency on white
 
-        with Image.open(x) as im:
-            return np.asarray(im.convert("RGB"), dtype=float) / 255.0
+        return np.asarray(load_image(Path(x)), dtype=float) / 255.0
     if hasattr(x, "convert") and hasattr(x, "size"):  # PIL image
-        return np.asarray(x.convert("RGB"), dtype=float) / 255.0
+        from cirlab.data.base import to_rgb
+
+        return np.asarray(to_rgb(x), dtype=float) / 255.0
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     a = np.asarray(x, dtype=float)
