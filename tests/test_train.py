@@ -630,3 +630,36 @@ def test_the_default_selection_metric_follows_the_task_and_a_missing_one_keeps_t
     assert resumed["steps"] == straight["steps"] and resumed["best_step"] == straight["best_step"]
     assert [r["step"] for r in _read_log(tmp_path / "r" / "log.jsonl") if r["kind"] == "eval"] == [
         r["step"] for r in _read_log(tmp_path / "s" / "log.jsonl") if r["kind"] == "eval"]
+
+
+def test_seeded_items_draw_per_item_streams_and_leave_the_callers_untouched():
+    """Item i of epoch e is drawn under its own seed in torch, random and numpy, whatever was drawn before; the
+    caller's streams continue as if no item had been read (only the CPU generator is touched now: torch.manual_seed
+    re-seeded the CUDA ones and cost a stack trace per item)."""
+    import random
+
+    import numpy as np
+
+    from cirlab.engine.train import SeededItems
+
+    class Draws:
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(2).tolist(), random.random(), float(np.random.rand())
+
+    items = SeededItems(Draws(), seed=5)
+    first = [items[i] for i in range(4)]
+    torch.rand(7), random.random(), np.random.rand(3)  # the caller draws in between
+    assert [items[i] for i in (3, 2, 1, 0)] == first[::-1]
+    items.epoch = 1
+    assert items[0] != first[0]
+    seed = int(np.random.SeedSequence([5, 0, 2]).generate_state(1)[0])
+    torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+    assert first[2] == Draws()[2]  # the documented rule: the item's seed in all three
+    torch.manual_seed(11), random.seed(11), np.random.seed(11)
+    expected = (torch.rand(3).tolist(), random.random(), float(np.random.rand()))
+    torch.manual_seed(11), random.seed(11), np.random.seed(11)
+    items[1]
+    assert (torch.rand(3).tolist(), random.random(), float(np.random.rand())) == expected
