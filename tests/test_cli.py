@@ -1171,3 +1171,16 @@ def test_an_empty_category_of_an_evaluation_split_is_named_before_training(tmp_p
 
     with pytest.raises(InputError, match=r"evaluate_cir: split 'val' \(category dress\) has no queries"):
         cirlab.evaluate_cir(cirlab.create_model("stub_cir", "tiny"), load_cir("fashioniq", root, "val", category="dress"))
+
+
+def test_the_final_metrics_are_those_of_best_pt_as_cirlab_eval_reads_it(tmp_path, synth, capsys):
+    """The final evaluation scores the model train() leaves, which holds best.pt (loaded a second time before):
+    with an EMA, and with an earlier step selected, metrics.json and `cirlab eval RUN` agree."""
+    for name, extra in (("ema", ["--set", "train.ema_decay=0.5"]), ("early", ["--set", "train.eval_every_steps=2"])):
+        out = tmp_path / name
+        assert main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), "--output-dir", str(out),
+                     "--set", "train.max_steps=6", "--set", "eval.splits=[val]", *extra]) == 0
+        capsys.readouterr()
+        assert main(["eval", str(out), "--split", "val", "--output", str(tmp_path / f"{name}.json")]) == 0
+        again = json.loads((tmp_path / f"{name}.json").read_text())["splits"]["val"]
+        assert json.loads((out / "metrics.json").read_text())["splits"]["val"] == pytest.approx(again, abs=1e-9)

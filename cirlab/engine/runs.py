@@ -1007,7 +1007,6 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
                 allow_config_change: bool, overwrite: bool = False) -> dict[str, Any]:
     """:func:`run_experiment` once the config is valid and the run folder is locked (and, without ``overwrite``,
     known to hold no run: with it the trainer replaces the previous run's files when it starts)."""
-    from cirlab.core.checkpoint import load_model_weights
     from cirlab.data.fingerprint import FILE_NAME as FINGERPRINT_FILE
     from cirlab.engine.rerank import check_stage1_topk
     from cirlab.engine.train import resolve_device, resolve_train_config, train
@@ -1071,8 +1070,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     summary = train(model, train_dataset(config, model, train_data), cfg, output_dir=out, evaluate_fn=evaluate_fn,
                     run_config=resolved, overwrite=overwrite, start_notes={k: v for k, v in notes.items() if v},
                     run_files={FINGERPRINT_FILE: fingerprint})
-    load_model_weights(model, out / "checkpoints" / "best.pt")
-    model.to(run_device)
+    model.to(run_device)  # it holds best.pt's weights: train() leaves the model as the checkpoint it selected
     with _finishing(out):
         result = _final_results(config, out, run_device, loaded, model, summary)
     return result
