@@ -1184,3 +1184,27 @@ def test_the_final_metrics_are_those_of_best_pt_as_cirlab_eval_reads_it(tmp_path
         assert main(["eval", str(out), "--split", "val", "--output", str(tmp_path / f"{name}.json")]) == 0
         again = json.loads((tmp_path / f"{name}.json").read_text())["splits"]["val"]
         assert json.loads((out / "metrics.json").read_text())["splits"]["val"] == pytest.approx(again, abs=1e-9)
+
+
+def test_an_itm_split_the_selection_scored_with_best_pt_is_not_scored_again(tmp_path, caplog, capsys):
+    from fixtures_data import write_precomp
+
+    root = write_precomp(tmp_path / "data", dim=12, regions=4, n_images=8)["root"]
+    config = {"model": "stub_itm", "preset": "tiny", "dataset": {"name": "f30k", "root": str(root),
+                                                                 "options": {"dim": 12, "regions": 4}},
+              "train": {"max_steps": 4, "batch_size": 4, "progress": "none", "tensorboard": False,
+                        "eval_every_steps": 2, "ema_decay": 0.5},
+              "eval": {"splits": ["dev", "test"]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(tmp_path / "run")]) == 0
+    assert "dev: " in caplog.text and "(as evaluated when best.pt was selected)" in caplog.text
+    assert caplog.text.count("(as evaluated when best.pt was selected)") == 1  # test is scored: nobody had
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--output", str(tmp_path / "e.json")]) == 0
+    again = json.loads((tmp_path / "e.json").read_text())["splits"]
+    final = json.loads((tmp_path / "run" / "metrics.json").read_text())["splits"]
+    assert set(final) == set(again) == {"dev", "test"}
+    for split in final:
+        assert final[split] == pytest.approx(again[split], abs=1e-9)
