@@ -467,8 +467,9 @@ def test_trace_routes_says_when_it_recorded_nothing(caplog):
             hrem.eval().score(hrem.encode_image(torch.rand(1, 36, 2048)), hrem.encode_text(["a dog"]))
     assert trace.to_frame().empty
     assert [r.getMessage() for r in caplog.records] == [
-        "trace_routes recorded nothing from model hrem: AMC's gates (encode_query) and DIME's paths (score) are "
-        "traced; HREM's relation graph: cirlab.workbench.hrem_relation (or cirlab.models.hrem.relation_frames)"]
+        "trace_routes recorded nothing from model hrem: router models emit while traced (AMC's gates in "
+        "encode_query, DIME's paths in score; a model of your own through cirlab.core.tracing.emit); HREM's "
+        "relation graph: cirlab.workbench.hrem_relation (or cirlab.models.hrem.relation_frames)"]
 
 
 def test_gallery_lookups_checkpoints_and_rankings_name_what_is_wrong(tiny_data, tmp_path):
