@@ -72,14 +72,17 @@ def int_list(low: int = 1) -> Callable[[str], list[int]]:
     return parse
 
 
-def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
-    """argparse ``type``: comma-separated names from ``choices`` (``--dtypes fp32,bf16``) as a list."""
+def choice_list(choices: Sequence[str] | Callable[[], Sequence[str]]) -> Callable[[str], list[str]]:
+    """argparse ``type``: comma-separated names from ``choices`` (``--dtypes fp32,bf16``) as a list. ``choices`` may
+    be a function giving them, called only when the option is parsed: names read from a module that imports torch
+    then cost nothing to a command line rejected for another option."""
     def parse(text: str) -> list[str]:
-        names = _entries(text, f"names from {', '.join(choices)}")
+        choices_ = choices() if callable(choices) else choices
+        names = _entries(text, f"names from {', '.join(choices_)}")
         for name in names:
-            if name not in choices:
-                raise argparse.ArgumentTypeError(f"unknown {name!r}{did_you_mean(name, choices)} in {text!r}; "
-                                                 f"choose from {', '.join(choices)}")
+            if name not in choices_:
+                raise argparse.ArgumentTypeError(f"unknown {name!r}{did_you_mean(name, choices_)} in {text!r}; "
+                                                 f"choose from {', '.join(choices_)}")
         _no_repeats(names, text)
         return names
 
@@ -100,6 +103,8 @@ def torch_device(text: str) -> str:
     (:func:`cirlab.engine.train.check_device`: a name torch knows, a GPU this machine has), ``auto`` resolved.
     ``--device gpu`` was a RuntimeError traceback, ``--device cuda`` without a GPU one from the CUDA driver after the
     model was built."""
+    if text == "cpu":  # always valid; the check imports torch (1.5 s), which a rejected command line never needs
+        return text
     from cirlab.core.errors import ConfigError
     from cirlab.engine.train import resolve_device
 

@@ -30,14 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-import cirlab
-from cirlab.data import load_cir
-from cirlab.engine.evaluate import evaluate_cir, trace_split
-from cirlab.engine.train import train
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPORT_HELP, nonneg_int, positive_int, report_arg, report_path, synthetic_sizes  # noqa: E402
 
@@ -98,6 +90,8 @@ def emoji_setup(work: Path, epochs: int, tarball: str, max_train: int, group_bat
 
 
 def load_splits(setup: Setup, split: str) -> list[Any]:
+    from cirlab.data import load_cir
+
     if setup.categories is None:
         return [load_cir("fashioniq", setup.root, split, category=c) for c in _categories(setup.root, split)]
     return [load_cir("fashioniq", setup.root, split, category=c) for c in setup.categories]
@@ -111,6 +105,10 @@ def _categories(root: Path, split: str) -> list[str]:
 
 
 def build(setup: Setup, train_split: Any, ablation: str, seed: int = 0) -> Any:
+    import torch
+
+    import cirlab
+
     torch.manual_seed(seed)
     model = cirlab.create_model("amc", preset=setup.preset, ablation=ablation, **setup.model_overrides)
     model.fit_vocab(train_split)
@@ -119,6 +117,10 @@ def build(setup: Setup, train_split: Any, ablation: str, seed: int = 0) -> Any:
 
 def evaluate(model: Any, splits: list[Any]) -> dict[str, float]:
     """The Fashion-IQ protocol metrics plus R@1 per category and averaged (from the per-query ranks)."""
+    import numpy as np
+
+    from cirlab.engine.evaluate import evaluate_cir
+
     out = evaluate_cir(model, splits, protocol="fashioniq", batch_size=128)
     metrics = dict(out["metrics"])
     for split, (name, ranks) in zip(splits, out["ranks"].items()):
@@ -135,11 +137,15 @@ def evaluate(model: Any, splits: list[Any]) -> dict[str, float]:
 def routes(model: Any, splits: list[Any]) -> Any:
     import pandas as pd
 
+    from cirlab.engine.evaluate import trace_split
+
     return pd.concat([trace_split(model, s, n=None, batch_size=128) for s in splits], ignore_index=True)
 
 
 def run_variant(setup: Setup, ablation: str, train_split: Any, val: list[Any], test: list[Any],
                 out_dir: Path, **train_changes: Any) -> dict[str, Any]:
+    from cirlab.engine.train import train
+
     model = build(setup, train_split, ablation)
     start = time.perf_counter()
     name = ablation + "".join(f"_{k}{v}" for k, v in train_changes.items())
@@ -157,6 +163,9 @@ def run_variant(setup: Setup, ablation: str, train_split: Any, val: list[Any], t
 
 
 def train_items(setup: Setup, split: Any, model: Any) -> Any:
+    import numpy as np
+    import torch
+
     dataset = split.triplet_dataset(model.image_transform(True))
     if setup.max_train_per_category <= 0:
         return dataset
@@ -184,6 +193,8 @@ def gate_table(frame: Any) -> Any:
 
 def eta_squared(values: np.ndarray, labels: np.ndarray) -> float:
     """Share of the variance of ``values`` explained by the group ``labels`` (one-way ANOVA effect size)."""
+    import numpy as np
+
     total = ((values - values.mean()) ** 2).sum()
     if total == 0:
         return 0.0
@@ -193,6 +204,8 @@ def eta_squared(values: np.ndarray, labels: np.ndarray) -> float:
 
 def gate_statistics(frame: Any, permutations: int = 500, seed: int = 0) -> dict[str, Any]:
     """eta^2 (+ permutation p) per layer x expert, and nearest-centroid LOO accuracy from the 6 gates."""
+    import numpy as np
+
     wide = frame.pivot_table(index=["query_id", "modification"], columns=["layer", "expert"], values="weight")
     labels = wide.index.get_level_values("modification").to_numpy()
     x = wide.to_numpy()
@@ -211,6 +224,8 @@ def gate_statistics(frame: Any, permutations: int = 500, seed: int = 0) -> dict[
 
 
 def _nearest_centroid_loo(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     x = (x - x.mean(0)) / (x.std(0) + 1e-12)  # standardise: gates of different experts live on different scales
     groups = np.unique(labels)
     sums = {g: x[labels == g].sum(0) for g in groups}
@@ -234,6 +249,8 @@ def _nearest_centroid_loo(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def run_setup(setup: Setup, work: Path) -> dict[str, Any]:
+    from cirlab.data import load_cir
+
     train_split = load_cir("fashioniq", setup.root, "train")
     val, test = load_splits(setup, "val"), load_splits(setup, "test")
     untrained = build(setup, train_split, "none").eval()
@@ -298,6 +315,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def header(args: argparse.Namespace) -> str:
+    import torch
+
     cpu = platform.processor() or platform.machine()
     return "\n".join([
         "# AMC on synthetic and emoji data (CPU)", "",
@@ -332,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.emoji_tarball and "emoji" in args.parts and not Path(args.emoji_tarball).is_file():
         # the emoji part would only have been reported as "Not run", with exit status 0
         parser.error(f"--emoji-tarball {args.emoji_tarball!r}: no such file")
+    import torch  # after parsing: a bad argument is rejected before torch's import time
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)  # the CPU is shared: oversubscribed threads slow every step down
     work = Path(args.work)

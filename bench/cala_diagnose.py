@@ -26,10 +26,6 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
 from _common import REPORT_HELP, diagnosis_report, positive_int, report_arg, run_folder  # noqa: E402
 
 TITLE = "CaLa: size of the TAC / HCA outputs and of their logits"
@@ -47,23 +43,26 @@ def first_batch(config: dict[str, Any], model: Any, size: int) -> dict[str, Any]
     return default_collate([data[i] for i in range(size)])
 
 
-@torch.no_grad()
 def measure(model: Any, batch: dict[str, Any]) -> dict[str, float]:
     """Norms of the four vectors and the size / cross-entropy / top-1 of each logit matrix (eval mode)."""
-    model.eval()
-    feats = model.features(batch["ref_image"], list(batch["text"]), batch["target_image"])
-    gap = model.tac(feats["F_r_visual"], feats["F_t"])
-    vectors = {"text_feats": feats["F_c"][:, 0], "reference_feats": feats["F_r"][:, 0],
-               "target_feats": feats["F_t"][:, 0], "tac_gap": gap}
-    out = {f"norm {k}": float(v.float().norm(dim=-1).mean()) for k, v in vectors.items()}
-    logits = model.logits(feats, trace={})  # a trace asks for every head, whatever the loss weights
-    labels = torch.arange(len(batch["text"]))
-    for key, value in logits.items():
-        value = value.float()
-        out[f"{key} sd"] = float(value.std())
-        out[f"{key} CE"] = float(F.cross_entropy(value, labels))
-        out[f"{key} top-1"] = float((value.argmax(1) == labels).float().mean())
-    return out
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():  # a decorator would need torch when the module loads; it loads before parsing
+        model.eval()
+        feats = model.features(batch["ref_image"], list(batch["text"]), batch["target_image"])
+        gap = model.tac(feats["F_r_visual"], feats["F_t"])
+        vectors = {"text_feats": feats["F_c"][:, 0], "reference_feats": feats["F_r"][:, 0],
+                   "target_feats": feats["F_t"][:, 0], "tac_gap": gap}
+        out = {f"norm {k}": float(v.float().norm(dim=-1).mean()) for k, v in vectors.items()}
+        logits = model.logits(feats, trace={})  # a trace asks for every head, whatever the loss weights
+        labels = torch.arange(len(batch["text"]))
+        for key, value in logits.items():
+            value = value.float()
+            out[f"{key} sd"] = float(value.std())
+            out[f"{key} CE"] = float(F.cross_entropy(value, labels))
+            out[f"{key} top-1"] = float((value.argmax(1) == labels).float().mean())
+        return out
 
 
 def diagnose(run: Path, checkpoint: str, size: int) -> dict[str, dict[str, float]]:
@@ -95,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", type=report_arg, default="",
                    help=f"also write the tables to this Markdown report: {REPORT_HELP}; '' (default) = print only")
     args = p.parse_args(argv)
+    import torch  # after parsing: a bad argument is rejected before torch's import time
+
     torch.manual_seed(0)
     results = {run: diagnose(Path(run), args.checkpoint, args.batch) for run in args.runs}
     diagnosis_report(results, intro(args), args.report, TITLE)

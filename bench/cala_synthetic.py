@@ -33,9 +33,6 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-
 from _common import (REPORT_HELP, positive_float, positive_int, report_arg, seed_int,  # noqa: E402
                      synthetic_sizes, write_report)
 
@@ -73,6 +70,8 @@ def config(args: argparse.Namespace, data_root: Path, variant: str) -> dict[str,
 
 def run_variant(args: argparse.Namespace, data_root: Path, variant: str) -> dict[str, Any]:
     """One variant's run (in this process or a worker process)."""
+    import torch
+
     from cirlab.engine import runs
 
     torch.set_num_threads(args.threads)

@@ -29,19 +29,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (REPORT_HELP, choice_list, machine, nonneg_int, paired, positive_int, report_arg,  # noqa: E402
                      torch_device, write_report)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # names of torch dtypes: torch is imported after parsing
 WORDS = ("a man woman dog cat red blue small large street park ball car tree water near on in the with "
          "playing sitting standing walking running two three white black green young old").split()
 
 
 def _captions(n: int, seed: int) -> list[str]:
     """Flickr-like caption lengths (8-20 words, 10-22 tokens with [CLS]/[SEP]/'.') from a small word list."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(8, 21, (n,), generator=g)
     return [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (int(k),), generator=g)) + " ."
@@ -49,6 +49,8 @@ def _captions(n: int, seed: int) -> list[str]:
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out = "dime_eval"
     if not args.out:
         args.no_write = True
+    import torch  # after parsing: a bad argument is rejected before torch's import time
+
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             img, txt = model.encode_image(feats.to(device)), model.encode_text(texts)
         small = ({k: v[:4] for k, v in img.items()}, {k: v[:8] for k, v in txt.items()})
         for name in args.dtypes:  # warm-up (allocator, kernels)
-            score_matrix(model, *small, dtype=DTYPES[name], device=device)
+            score_matrix(model, *small, dtype=getattr(torch, DTYPES[name]), device=device)
 
         def plain() -> torch.Tensor:
             out = naive_score_matrix(model, img, txt, shard=args.plain_shard, device=device)
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             return out
 
         for name in args.dtypes:
-            def ours(dt: torch.dtype = DTYPES[name]) -> torch.Tensor:
+            def ours(dt: torch.dtype = getattr(torch, DTYPES[name])) -> torch.Tensor:
                 out = score_matrix(model, img, txt, dtype=dt, device=device)
                 _sync(device)
                 return out

@@ -20,9 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, paired, positive_int, write_report  # noqa: E402
 
@@ -35,6 +32,8 @@ def _caption(rng: random.Random) -> str:
 
 
 def previous_glgc(self, local, guide, mask, fc_local=None):  # noqa: ANN001, ANN201 (the code before the change)
+    import torch.nn.functional as F
+
     m = (self.fc_1(local) if fc_local is None else fc_local) * guide
     if mask is not None:
         m = m * mask.unsqueeze(-1).to(m.dtype)
@@ -50,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     ap.add_argument("--no-write", action="store_true", help="print only, do not write reports/benchmarks/dime_step.md")
     args = ap.parse_args(argv)
+    import torch  # after parsing: a bad argument is rejected before torch's import time
+
     torch.set_num_threads(args.threads)
     import cirlab
     from cirlab.models import dime as D

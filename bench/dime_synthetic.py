@@ -39,8 +39,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -50,6 +48,8 @@ from _common import (REPORT_HELP, choice_list, nonneg_int, positive_float, posit
 
 def _encode(model: Any, split: Any, batch: int = 128) -> tuple[dict, dict]:
     """Per-image and per-caption encodings of a whole split (computed once, shared by all shards)."""
+    import torch
+
     feats = torch.from_numpy(split.images[:].astype("float32"))
     with torch.no_grad():
         imgs = [model.encode_image(feats[i:i + batch]) for i in range(0, len(feats), batch)]
@@ -72,6 +72,8 @@ def scores_on(model: Any, split: Any) -> torch.Tensor:
 
 
 def build(direction: str, args: argparse.Namespace, train_split: Any) -> Any:
+    import torch
+
     import cirlab
 
     torch.manual_seed(args.seed)
@@ -96,6 +98,8 @@ def route_table(model: Any, split: Any, n_images: int, caption_type: list[str]) 
     layer's entries; 0 = type tells nothing, 1 = type fixes the routes); ``eta2_within_image`` = the same after
     removing each image's mean, i.e. what type explains beyond which image it is.
     """
+    import torch
+
     import pandas as pd
 
     import cirlab
@@ -154,6 +158,8 @@ def dominant_by_type(matrix: Any, gates: bool) -> dict[str, str]:
 
 def recall_by_type(scores: torch.Tensor, caption_type: list[str], per: int = 5) -> dict[str, float]:
     """t2i R@1 of each caption type (caption j's image is j // per)."""
+    import torch
+
     rank1 = scores.argmax(0) == torch.arange(scores.shape[1]) // per
     out: dict[str, list[bool]] = {}
     for j, t in enumerate(caption_type):
@@ -195,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.data and args.size:  # the size of generated data: with --data it was ignored without a word
         parser.error(f"--size {args.size} sizes the generated data; --data {args.data!r} names the data to use: drop one")
     args.size = args.size or "small"
+    import torch  # after parsing: a bad argument is rejected before torch's import time
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -271,6 +279,8 @@ def _fmt(m: dict[str, float]) -> str:
 
 def write_report(args: argparse.Namespace, argv: list[str] | None, results: dict, routes: dict, splits: dict,
                  elapsed: float, selection_metric: str) -> None:
+    import torch
+
     cmd = "PYTHONPATH=. .venv/bin/python bench/dime_synthetic.py " + " ".join(argv if argv is not None
                                                                               else sys.argv[1:])
     test = splits["test"]

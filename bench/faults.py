@@ -27,10 +27,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-
-import test_faults as tf  # noqa: E402  (tests/ on the path: the fault kinds and the harness)
 from _common import REPORT_HELP, report_arg, report_path  # noqa: E402
 
 
@@ -47,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
                      f"{args.report!r} or --only")
     if args.report is None:
         args.report = "" if args.only else "faults"
+    # tests/ is on the path: the fault kinds and the harness; imported after the checks above, which need
+    # neither it nor torch (a bad argument is rejected in 0.1 s)
+    import test_faults as tf
+
     kinds = [k for k in tf.FAULTS if args.only in k.name]
     if not kinds:  # a misspelt --only ran nothing and exited 0
         parser.error(f"--only {args.only!r} matches no kind; kinds: {', '.join(k.name for k in tf.FAULTS)[:400]}...")
@@ -78,6 +78,10 @@ def _cell(text: str) -> str:
 
 
 def report(rows: list, seconds: float, argv: str) -> str:
+    import torch
+
+    import test_faults as tf
+
     count = {v: sum(o.verdict == v for _, o, _ in rows) for v in tf.VERDICTS}
     absorbed = sum(k.absorbed and o.verdict == "clear" for k, o, _ in rows)
     lines = [

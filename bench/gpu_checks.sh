@@ -14,11 +14,12 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 if [[ "${1:-}" == "--dry" ]]; then
     DEVICE=cpu; AMC=tiny; DIME_I=tiny; DIME_T="tiny --set direction=t2i"; BLIP=tiny; CALA=tiny; HREM=tiny
-    CALA_BATCH=4; HREM_BATCH=8; IMAGES=4; STEPS=2
+    # one warm-up and one timed step: the dry run checks that every step runs (in bf16), not its speed
+    CALA_BATCH=4; HREM_BATCH=8; IMAGES=4; WARMUP=1; STEPS=1
     REPORT_DIR=${REPORT_DIR:-$(mktemp -d)}
 else
     DEVICE=cuda; AMC=fashioniq; DIME_I=f30k_i2t; DIME_T=f30k_t2i; BLIP=cirr; CALA=cirr; HREM=f30k
-    CALA_BATCH=64; HREM_BATCH=128; IMAGES=200; STEPS=10
+    CALA_BATCH=64; HREM_BATCH=128; IMAGES=200; WARMUP=3; STEPS=10
     REPORT_DIR=reports/benchmarks
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: use --dry on CPU')"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -32,7 +33,7 @@ if [[ -f "$STEP_REPORT" ]]; then
         mv "${STEP_REPORT%.md}.commands.txt" "${STEP_REPORT%.md}.$STAMP.commands.txt"
     fi
 fi
-step() { "$PY" bench/train_step.py --device "$DEVICE" --precision bf16 --steps "$STEPS" --warmup 3 \
+step() { "$PY" bench/train_step.py --device "$DEVICE" --precision bf16 --steps "$STEPS" --warmup "$WARMUP" \
              --report "$STEP_REPORT" "$@"; }
 
 step --model amc --preset $AMC --batch-size 32

@@ -24,9 +24,6 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-
 from _common import REPORT_HELP, diagnosis_report, positive_int, report_arg, run_folder  # noqa: E402
 
 TITLE = "HREM: gradient of each loss term, untrained and trained"
@@ -40,6 +37,8 @@ def encoder_parameters(model: Any) -> list[torch.Tensor]:
 
 def term_gradients(model: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Each loss term's gradient over the encoder parameters, flattened (zeros where a term does not reach)."""
+    import torch
+
     params = encoder_parameters(model)
     terms = model.training_step(batch)
     out = {}
@@ -51,6 +50,8 @@ def term_gradients(model: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]
 
 def measure(model: Any, batches: list[dict[str, Any]], clip: float) -> dict[str, float]:
     """Means over the batches: norms, the base share of the (clipped) step, cos(base, relation terms)."""
+    import torch
+
     model.train()
     model.iteration.fill_(max(int(model.iteration), int(model.config.warmup_iters)))  # relation module on
     rows = []
@@ -71,6 +72,8 @@ def measure(model: Any, batches: list[dict[str, Any]], clip: float) -> dict[str,
 
 
 def training_batches(config: dict[str, Any], model: Any, count: int) -> list[dict[str, Any]]:
+    import torch
+
     from cirlab.engine.runs import train_dataset
 
     data = train_dataset(config, model)
@@ -86,6 +89,8 @@ def training_batches(config: dict[str, Any], model: Any, count: int) -> list[dic
 
 
 def diagnose(run: Path, checkpoint: str, count: int) -> dict[str, dict[str, float]]:
+    import torch
+
     from cirlab.engine.runs import build_seeded_model, fit_to_training_data
     from cirlab.workbench.recipes import load_run, stored_config
 

@@ -44,8 +44,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -127,23 +125,29 @@ class _Split:
         return _Rows(5 * self.num_images, "text")
 
 
-class _Precomputed(torch.nn.Module):
-    """Encoders that look the embeddings up; ``score`` is HREM's (one matrix product)."""
+def _precomputed(img: torch.Tensor, txt: torch.Tensor) -> Any:
+    """Encoders that look the embeddings up; ``score`` is HREM's (one matrix product). The module class is made
+    here, not at module level, so that importing the script does not import torch: it parses its arguments first
+    (a bad one is rejected in 0.1 s, not after torch's 1.5 s)."""
+    import torch
 
-    def __init__(self, img: torch.Tensor, txt: torch.Tensor) -> None:
-        super().__init__()
-        self.img, self.txt = img, txt
+    from cirlab.models.hrem import HREM
 
-    def encode_image(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.img[idx]
+    class Precomputed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.img, self.txt = img, txt
 
-    def encode_text(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.txt[idx]
+        def encode_image(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.img[idx]
 
-    def score(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        from cirlab.models.hrem import HREM
+        def encode_text(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.txt[idx]
 
-        return HREM.score(self, image, text)  # type: ignore[arg-type]
+        def score(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+            return HREM.score(self, image, text)  # type: ignore[arg-type]
+
+    return Precomputed()
 
 
 class _Clock:
@@ -158,6 +162,8 @@ class _Clock:
 
 
 def eval_timing(args: argparse.Namespace) -> None:
+    import torch
+
     from cirlab.core import metrics as M
     from cirlab.engine.evaluate import encode_dataset, evaluate_itm, score_itm
 
@@ -165,7 +171,7 @@ def eval_timing(args: argparse.Namespace) -> None:
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
     txt = torch.nn.functional.normalize(img.repeat_interleave(5, 0) + 1.2 * torch.randn(5 * n, d, generator=g), dim=-1)
-    model = _Precomputed(img, txt)
+    model = _precomputed(img, txt)
     rows = []
     for protocol in ("coco5k", "coco"):
         with _Clock() as mm:
@@ -236,6 +242,8 @@ def _paired(by_variant: dict[str, list[dict]]) -> list[str]:
 
 
 def write_report(args: argparse.Namespace) -> None:
+    import torch
+
     out = Path(args.out_dir)
     records = [json.loads(p.read_text()) for p in sorted(out.glob("*/bench_result.json"))]
     if not records and not (out / "eval_timing.json").is_file():  # an empty report would replace a committed one
@@ -384,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.decay > args.epochs:  # the x0.1 step would never come; the report would still name it
         p.error(f"--decay {args.decay} is after the last epoch (--epochs {args.epochs}): the lr step would never come")
     args.command = "PYTHONPATH=. .venv/bin/python bench/hrem_synthetic.py " + " ".join(sys.argv[1:])
+    import torch  # after parsing: a bad argument is rejected before torch's import time
+
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     if args.train:

@@ -20,19 +20,15 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _common import fill_defaults, int_range, machine, paired, positive_int, write_report  # noqa: E402
-import naive_metrics as N  # noqa: E402
-
-from cirlab.core import metrics as M  # noqa: E402
 
 
 def original_itm_loop(sims: np.ndarray, per_image: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """0-based i2t and t2i ranks as the original evaluation code computes them (unstable argsort, reversed)."""
+    import numpy as np
+
     n = sims.shape[0]
     i2t, top1 = np.zeros(n), np.zeros(n)
     for index in range(n):
@@ -59,6 +55,8 @@ def read_pass(sims: np.ndarray) -> float:
 
 def compare_count_pass(sims: np.ndarray, rows: int) -> np.ndarray:
     """One direction's strict count ``#(s_ij > t_i)`` in blocks of ``rows`` rows: one compare + count per element."""
+    import numpy as np
+
     n, c = sims.shape
     t = sims[np.arange(n), 5 * np.arange(n)][:, None]
     out, buf = np.zeros(n, dtype=np.int64), np.empty((rows, c), dtype=bool)
@@ -69,6 +67,10 @@ def compare_count_pass(sims: np.ndarray, rows: int) -> np.ndarray:
 
 
 def bench_itm(n_images: int, repeats: int) -> list[dict]:
+    import torch
+
+    from cirlab.core import metrics as M
+
     gen = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(n_images, 256, generator=gen), dim=1)
     cap = torch.nn.functional.normalize(img.repeat_interleave(5, 0) + 0.9 * torch.randn(5 * n_images, 256,
@@ -94,6 +96,13 @@ def bench_itm(n_images: int, repeats: int) -> list[dict]:
 
 
 def bench_cirr(n_queries: int, n_gallery: int, repeats: int) -> dict:
+    import numpy as np
+    import torch
+
+    import naive_metrics as N
+
+    from cirlab.core import metrics as M
+
     rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(n_queries, 256, generator=gen), dim=1)
@@ -128,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
                   {"images": 5000, "cirr_queries": 4181, "cirr_gallery": 2297})
     if args.quick:
         args.no_write = True
+    import torch  # after parsing: a bad argument is rejected before torch's import time
+
     torch.set_num_threads(args.threads)
     print(machine(), flush=True)
     results = bench_itm(args.images, args.repeats) + [bench_cirr(args.cirr_queries, args.cirr_gallery, args.repeats)]

@@ -29,18 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from cirlab.core import metrics
-from cirlab.core.retrieval import save_cirr_submission
-from cirlab.core.topk import load_topk
-from cirlab.data import load_cir
-from cirlab.data.generators import synthetic
-from cirlab.engine import rerank
-from cirlab.engine.train import run_artifacts, train
-from cirlab.models import blip_rerank as br
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import int_range, positive_float, positive_int, seed_int, synthetic_sizes  # noqa: E402
 
@@ -49,6 +37,8 @@ STAGE1_K = 200  # stage I's top-K lists (the paper's K=200 analysis files); stag
 
 
 def parser() -> argparse.ArgumentParser:
+    from cirlab.models import blip_rerank as br
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="reports/rerank_synthetic",
                    help="output FOLDER: runs, top-K files, submissions, metrics.json (default %(default)s)")
@@ -79,6 +69,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def recalls(ranks: np.ndarray) -> dict[str, float]:
+    import torch
+
+    from cirlab.core import metrics
+
     return metrics.recall_from_ranks(torch.as_tensor(ranks), (1, 5, 10, 50))
 
 
@@ -88,6 +82,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.data and args.size:  # the size of generated data: with --data it was ignored without a word
         p.error(f"--size {args.size} sizes the generated data; --data {args.data!r} names the data to use: drop one")
     args.size = args.size or "small"
+    import torch  # after parsing: a bad argument is rejected before torch's import time
+
+    from cirlab.core.retrieval import save_cirr_submission
+    from cirlab.core.topk import load_topk
+    from cirlab.data import load_cir
+    from cirlab.data.generators import synthetic
+    from cirlab.engine import rerank
+    from cirlab.engine.train import run_artifacts, train
+    from cirlab.models import blip_rerank as br
+
     held = [f"{stage}/" for stage in ("stage1", "stage2") if run_artifacts(Path(args.out) / stage)]
     if held:  # the trainer refused the folder only once the data and the token caches were built
         p.error(f"--out {args.out!r} already holds the runs of an earlier call ({', '.join(held)}): "

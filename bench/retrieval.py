@@ -20,16 +20,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import choice_list, fill_defaults, int_list, machine, paired, positive_int, write_report  # noqa: E402
 
-from cirlab.core import _search  # noqa: E402
-from cirlab.core.retrieval import topk_search  # noqa: E402
-
 
 def embeddings(n: int, dim: int, seed: int) -> torch.Tensor:
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     return torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=1)
 
@@ -41,6 +38,11 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run_threads(q: torch.Tensor, g: torch.Tensor, k: int, threads: int, backends: list[str], repeats: int,
                 index) -> list[tuple]:
+    import torch
+
+    from cirlab.core import _search
+    from cirlab.core.retrieval import topk_search
+
     torch.set_num_threads(threads)
     import faiss
 
@@ -61,6 +63,13 @@ def run_threads(q: torch.Tensor, g: torch.Tensor, k: int, threads: int, backends
     return rows
 
 
+def _backends() -> tuple[str, ...]:
+    """cirlab's search backends, read when --backends is parsed (``cirlab.core._search`` imports torch)."""
+    from cirlab.core import _search
+
+    return _search.BACKENDS
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # gallery and queries default to None: --quick fills only the ones not given
@@ -70,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("-k", type=positive_int, default=50, help="list length, at most --gallery (default 50)")
     ap.add_argument("--threads", type=int_list(1), default="1,2",
                     help="comma-separated thread counts, torch and faiss (default 1,2)")
-    ap.add_argument("--backends", type=choice_list(_search.BACKENDS),
+    ap.add_argument("--backends", type=choice_list(_backends),
                     default="blocks,filter,bf16,auto", help="comma-separated cirlab backends to time against faiss "
                     "(default blocks,filter,bf16,auto)")
     ap.add_argument("--repeats", type=positive_int, default=3, help="interleaved repeats per pair (default 3)")
@@ -78,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
                     "; prints only: quick sizes never replace the committed table")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
+    from cirlab.core import _search  # imports torch: after parsing, so a bad argument is rejected in 0.1 s
+
     fill_defaults(args, {"gallery": 20_000, "queries": 1_000} if args.quick else
                   {"gallery": 100_000, "queries": 5_000})
     if args.k > args.gallery:  # faiss pads the lists with -1 where the gallery runs out

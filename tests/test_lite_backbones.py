@@ -121,3 +121,71 @@ def test_load_minilm_from_a_local_directory(tmp_path) -> None:
     assert model(**ids).last_hidden_state.shape == (1, 4, 16)
     with pytest.raises(FileNotFoundError, match="config.json"):
         _lite.load_minilm(tmp_path / "nowhere")
+
+
+# unknown ("☃", "🙂"), partly unknown, multi-piece, punctuation-split, accented, cased and empty words, and a word of
+# more than 128 pieces (the shipped tokenizer.json truncates at 128 and pads to 128)
+WORDS = ["red", "sleeveless", "v-neck", "xqzzyvk", "\u2603", "\U0001F642", "\u6f22\u5b57", "<BOS>", "Caf\u00e9", "",
+         "[UNK]", "w12", " ".join(["sleeveless"] * 70)]
+
+
+def test_minilm_word_vectors_read_the_files_not_the_model(monkeypatch) -> None:
+    """The word table comes straight from model.safetensors and the pieces from tokenizer.json: bit-equal to the
+    vectors of the whole transformers model and tokenizer, without building them (3-4 s a call before)."""
+    directory = _lite.minilm_dir()
+    expected = _lite._word_vectors_via_transformers(WORDS, directory)
+    tokenizer = _lite.load_minilm(directory)[1]
+    pieces = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in WORDS]
+    assert pieces[4] == [tokenizer.unk_token_id] and len(pieces[1]) == 2 and len(pieces[-1]) == 140  # the cases hold
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("minilm_word_vectors built the transformers model")
+
+    monkeypatch.setattr(_lite, "load_minilm", no_model)
+    fast = _lite.minilm_word_vectors(WORDS)
+    assert fast.dtype == expected.dtype == torch.float32
+    assert torch.equal(fast, expected)
+    assert torch.all(fast[9] == 0) and not torch.all(fast[4] == 0)  # "" has no pieces; an unknown word is [UNK]
+    assert torch.equal(_lite.minilm_word_vectors(WORDS, directory), expected)
+
+
+def _tiny_bert_folder(folder) -> None:
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "blue", "heart", "##s", "s"]
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)  # tokenizer.json only
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")  # what transformers reads without it
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(folder)
+
+
+def test_minilm_word_vectors_fall_back_to_transformers_without_tokenizer_json(tmp_path, monkeypatch) -> None:
+    """A folder without tokenizer.json (or model.safetensors) goes through transformers, which reads any layout;
+    with both files the direct read gives the same vectors."""
+    _tiny_bert_folder(tmp_path)
+    words = ["red", "hearts", "green", ""]  # one piece, two pieces, [UNK], none
+    assert (tmp_path / "tokenizer.json").is_file() and (tmp_path / "model.safetensors").is_file()
+    assert _lite._piece_ids_from_tokenizer_json(tmp_path / "tokenizer.json")("hearts") == [7, 8]
+    direct = _lite.minilm_word_vectors(words, tmp_path)
+    assert torch.equal(direct, _lite._word_vectors_via_transformers(words, tmp_path))
+    (tmp_path / "tokenizer.json").unlink()
+    calls = []
+    real = _lite._word_vectors_via_transformers
+    monkeypatch.setattr(_lite, "_word_vectors_via_transformers", lambda *a: calls.append(a) or real(*a))
+    assert torch.equal(_lite.minilm_word_vectors(words, tmp_path), direct)
+    assert len(calls) == 1
+
+
+def test_minilm_word_vectors_refuse_missing_and_mismatched_files(tmp_path) -> None:
+    from cirlab.core.errors import CheckpointError
+
+    with pytest.raises(FileNotFoundError, match="nowhere has no config.json"):
+        _lite.minilm_word_vectors(["red"], tmp_path / "nowhere")
+    source = _lite.minilm_dir()
+    for name in ("model.safetensors", "tokenizer.json"):
+        (tmp_path / name).symlink_to(source / name)
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "vocab_size": 30000, "hidden_size": 384}')
+    # transformers refuses it too (a RuntimeError pointing at its load report); this one names the files
+    with pytest.raises(CheckpointError, match=r"is \[30522, 384\] but .*config.json says .* \[30000, 384\]"):
+        _lite.minilm_word_vectors(["red"], tmp_path)

@@ -109,21 +109,83 @@ def load_minilm(path: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-@torch.no_grad()
+# the input embedding table's name in a BertModel file; a file saved from BertForMaskedLM & co prefixes "bert."
+_WORD_TABLE_KEYS = ("embeddings.word_embeddings.weight", "bert.embeddings.word_embeddings.weight")
+
+
 def minilm_word_vectors(words: Sequence[str], path: str | os.PathLike | None = None) -> torch.Tensor:
     """One vector per whole word: the mean of MiniLM's input (WordPiece) embeddings of its pieces, ``[V, 384]``.
 
     This is the pretrained counterpart of a GloVe table for a vocabulary of whole words: "red" and "blue" are
     close (cosine ~0.5), "red" and "sandwich" are not (~0). A word with no pieces (empty string) gets zeros.
+
+    Reads the one table it needs from ``model.safetensors`` and tokenises with ``tokenizer.json`` (0.1 s): building
+    the whole model through ``transformers`` for it took 3-4 s, 8-9 s inside a run (its lazy imports). A folder
+    without those two files (a ``pytorch_model.bin`` checkpoint, a slow tokenizer's ``vocab.txt`` only) still goes
+    through ``transformers``, which reads every layout; both ways give the same vectors, bit for bit.
     """
-    model, tokenizer = load_minilm(path)
+    directory = Path(path) if path else minilm_dir()
+    if not (directory / "config.json").is_file():  # the message load_minilm gives, whichever path runs
+        raise FileNotFoundError(f"MiniLM directory {directory} has no config.json")
+    if (directory / "model.safetensors").is_file() and (directory / "tokenizer.json").is_file():
+        table = _word_table(directory / "model.safetensors")
+        _check_table_fits_config(table, directory / "config.json")
+        return _pool_pieces(words, table, _piece_ids_from_tokenizer_json(directory / "tokenizer.json"))
+    return _word_vectors_via_transformers(words, directory)
+
+
+@torch.no_grad()
+def _word_vectors_via_transformers(words: Sequence[str], directory: str | os.PathLike) -> torch.Tensor:
+    """:func:`minilm_word_vectors` through the whole ``transformers`` model and tokenizer (any folder layout)."""
+    model, tokenizer = load_minilm(directory)
     table = model.get_input_embeddings().weight.detach().float()
+    return _pool_pieces(words, table, lambda word: tokenizer(word, add_special_tokens=False)["input_ids"])
+
+
+def _pool_pieces(words: Sequence[str], table: torch.Tensor, piece_ids: Any) -> torch.Tensor:
+    """Row ``i``: the mean of ``table``'s rows for the pieces of ``words[i]`` (``piece_ids(word)``), zeros if none."""
     out = torch.zeros(len(words), table.shape[1])
     for i, word in enumerate(words):
-        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        ids = piece_ids(word)
         if ids:
             out[i] = table[ids].mean(0)
     return out
+
+
+def _word_table(file: Path) -> torch.Tensor:
+    """The input (word-piece) embedding table of a BERT ``model.safetensors``, as float32, without the rest."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as weights:
+        key = next((k for k in _WORD_TABLE_KEYS if k in weights.keys()), None)
+        if key is None:  # transformers would have started such a table from random numbers without a word
+            raise CheckpointError(f"weights file {file} has no word-embedding table ({' or '.join(_WORD_TABLE_KEYS)})")
+        return weights.get_tensor(key).float()
+
+
+def _check_table_fits_config(table: torch.Tensor, config_file: Path) -> None:
+    """A table of another size than ``config.json`` says is a RuntimeError, as ``transformers`` refuses it (it
+    loads the model the config describes); it names both files here instead of pointing at a load report."""
+    import json
+
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    expected = (config.get("vocab_size"), config.get("hidden_size"))
+    if tuple(table.shape) != expected:
+        raise CheckpointError(f"the word-embedding table in {config_file.with_name('model.safetensors')} is "
+                              f"{list(table.shape)} but {config_file} says vocab_size x hidden_size = "
+                              f"{list(expected)}; the folder mixes two models' files")
+
+
+def _piece_ids_from_tokenizer_json(file: Path) -> Any:
+    """``word -> its WordPiece ids`` (no [CLS]/[SEP]) from a fast tokenizer's ``tokenizer.json``, as the
+    ``transformers`` tokenizer gives them for one text: the shipped file pads every text to 128 ids and truncates
+    at 128, which ``transformers`` switches off for a call without ``padding``/``truncation``."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(file))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return lambda word: tokenizer.encode(word, add_special_tokens=False).ids
 
 
 # -------------------------------------------------------------------------------------------- EfficientNet
