@@ -20,7 +20,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
+
+
+if TYPE_CHECKING:  # annotations only: torch is imported after the arguments are parsed
+    import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fill_defaults, machine, paired, positive_int, write_report  # noqa: E402

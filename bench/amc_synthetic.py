@@ -28,7 +28,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
+
+
+if TYPE_CHECKING:  # annotations only: torch is imported after the arguments are parsed
+    import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPORT_HELP, nonneg_int, positive_int, report_arg, report_path, synthetic_sizes  # noqa: E402

@@ -28,6 +28,10 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: torch is imported after the arguments are parsed
+    import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (REPORT_HELP, choice_list, machine, nonneg_int, paired, positive_int, report_arg,  # noqa: E402

@@ -37,9 +37,13 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
+
+if TYPE_CHECKING:  # annotations only: torch is imported after the arguments are parsed
+    import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (REPORT_HELP, choice_list, nonneg_int, positive_float, positive_int, report_arg,  # noqa: E402

@@ -21,7 +21,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
+
+
+if TYPE_CHECKING:  # annotations only: torch is imported after the arguments are parsed
+    import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPORT_HELP, diagnosis_report, positive_int, report_arg, run_folder  # noqa: E402

@@ -42,9 +42,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
+
+if TYPE_CHECKING:  # annotations only: torch is imported after the arguments are parsed
+    import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (REPORT_HELP, nonneg_int, positive_float, positive_int, report_arg, report_path,  # noqa: E402

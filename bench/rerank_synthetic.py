@@ -28,6 +28,10 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: torch is imported after the arguments are parsed
+    import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import int_range, positive_float, positive_int, seed_int, synthetic_sizes  # noqa: E402

@@ -19,6 +19,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: torch is imported after the arguments are parsed
+    import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import choice_list, fill_defaults, int_list, machine, paired, positive_int, write_report  # noqa: E402

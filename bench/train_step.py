@@ -36,7 +36,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
+
+
+if TYPE_CHECKING:  # annotations only: torch is imported after the arguments are parsed
+    import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (REPORT_HELP, command_line, machine, nonneg_int, positive_int, report_arg,  # noqa: E402
