@@ -85,7 +85,8 @@ def _add_eval(subparsers: Any) -> None:
                    help="dataset root (default: config, else $CIRLAB_DATA/<dataset> for CIR data, $CIRLAB_DATA for "
                         "f30k / coco precomp)")
     p.add_argument("--category", default=None, action=_Once,
-                   help="one Fashion-IQ category (default: the run's dataset.category, else all three, reported each)")
+                   help="one Fashion-IQ category (default: the run's dataset.category, else every category the split "
+                        "has on disk, reported each)")
     p.add_argument("--split", action="append", default=None,
                    help="split(s) to evaluate; repeatable (default: the config's eval.splits, else the validation "
                         "split: val, or dev for f30k / coco)")

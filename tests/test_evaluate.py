@@ -280,3 +280,16 @@ def test_recall_cutoffs_past_the_gallery_are_said_to_be_100_for_any_model(tmp_pa
     assert out["metrics"]["dress_R@50"] == 100.0
     assert (f"val_dress: R@50 is 100 for any model: each query ranks {candidates} candidates, so every target is "
             "within them") in caplog.text and "R@10" not in caplog.text
+
+
+def test_score_split_is_the_matrix_evaluate_cir_ranks(synth):
+    from cirlab.core.metrics import target_ranks
+    from cirlab.data import load_cir
+    from cirlab.engine.evaluate import score_split
+
+    split = load_cir("fashioniq", synth / "fashioniq", "val", category="dress")
+    model = _cir_model()
+    scores = score_split(model, split)  # the defaults: the model's own transform, CPU, no cache
+    assert scores.shape == (len(split.triplets), len(split.gallery_names))
+    ranks = target_ranks(scores, split.target_indices(), split.ref_indices())
+    np.testing.assert_array_equal(ranks.numpy(), evaluate_cir(model, split)["ranks"]["val_dress"])

@@ -180,10 +180,13 @@ def cir_transform(model: Any, transform: Any) -> Any:
 
 
 @torch.no_grad()
-def score_split(model: Any, split: Any, *, transform: Any, batch_size: int, device: Any, num_workers: int,
-                 cache_dir: Any) -> torch.Tensor:
+def score_split(model: Any, split: Any, *, transform: Any = None, batch_size: int = 64, device: Any = "cpu",
+                num_workers: int = 0, cache_dir: Any = None) -> torch.Tensor:
     """[Q, G] query x gallery scores of one split (CPU float32): query embeddings times gallery features, or the
-    model's own pair scorer over the gallery features (:class:`HasGalleryScorer`)."""
+    model's own pair scorer over the gallery features (:class:`HasGalleryScorer`). What :func:`evaluate_cir` ranks,
+    for metrics of one's own (rows: ``split.triplets``; columns: ``split.gallery_names``); ``transform`` as there.
+    The model is used as it is (call ``model.eval()`` first)."""
+    transform = cir_transform(model, transform)
     queries = split.query_dataset(transform)
     g = _encode_gallery(model, split, split.gallery_dataset(transform), batch_size=batch_size, device=device,
                         num_workers=num_workers, cache_dir=cache_dir)
@@ -283,7 +286,9 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
 
     Returns:
         ``{"metrics": {...}, "ranks": {name: int64 array}, "query_ids": {name: list}, "topk_paths": [...]}``;
-        ranks are 1-based over the full gallery, 0 where the split has no ground truth (CIRR test1).
+        ranks are 1-based over the full gallery, 0 where the split has no ground truth (CIRR test1), and
+        ``G + 1`` where the target is the query's own reference and the protocol removes it (a miss at every K,
+        :func:`cirlab.core.metrics.removed_targets_missed`). The score matrix itself: :func:`score_split`.
     """
     from cirlab.core import metrics as M
 
