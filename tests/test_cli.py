@@ -1208,3 +1208,19 @@ def test_an_itm_split_the_selection_scored_with_best_pt_is_not_scored_again(tmp_
     assert set(final) == set(again) == {"dev", "test"}
     for split in final:
         assert final[split] == pytest.approx(again[split], abs=1e-9)
+
+
+def test_a_model_read_on_another_protocol_than_its_papers_is_told(caplog):
+    """cala_synthetic_tiny switched to Fashion-IQ read it with AMC's protocol (the loader's default) silently."""
+    from cirlab.engine.runs import say_other_protocol
+
+    config = {"model": "cala", "dataset": {"name": "fashioniq", "options": {}}}
+    with caplog.at_level(logging.WARNING):
+        assert say_other_protocol(config)
+    assert ("cala's paper reads fashioniq with dataset.options protocol: clip4cir; this run reads it with "
+            "protocol: amc: its numbers follow another protocol than the paper's") in caplog.text
+    for model, options in (("cala", {"protocol": "cala"}), ("blip_rerank_stage1", {"protocol": "rerank"}),
+                           ("amc", {}), ("cala", {"protocol": "clip4cir"})):
+        assert not say_other_protocol({"model": model, "dataset": {"name": "fashioniq", "options": options}})
+    assert say_other_protocol({"model": "amc", "dataset": {"name": "fashioniq", "options": {"protocol": "cala"}}})
+    assert not say_other_protocol({"model": "cala", "dataset": {"name": "cirr", "options": {}}})

@@ -63,6 +63,9 @@ class PresetMixin:
     TRAIN_SEED: ClassVar[int | None] = None
     # True: the config's ``dataset`` field is set from the run config's dataset.name unless model_overrides sets it
     FOLLOWS_RUN_DATASET: ClassVar[bool] = False
+    # dataset name -> the loader options the paper evaluates it with (CaLa and the re-ranker read Fashion-IQ with
+    # CLIP4Cir's protocol): a run reading it otherwise is told that its numbers follow another protocol
+    PAPER_DATA_OPTIONS: ClassVar[dict[str, dict[str, Any]]] = {}
     # old field name -> new one: a stored config (a checkpoint's) is read under the new name; a config file that
     # sets the old one is refused with the new name (unknown keys are errors)
     RENAMED: ClassVar[dict[str, str]] = {}

@@ -643,6 +643,30 @@ def load_train_data(config: dict[str, Any]) -> Any:
     return load_cir_splits(config, split, for_training=True)
 
 
+def say_other_protocol(config: dict[str, Any]) -> bool:
+    """Warn when the run reads its dataset with other loader options than the model's paper evaluates it with
+    (``PAPER_DATA_OPTIONS``: CaLa's configs switched to Fashion-IQ read it with AMC's protocol, the loader's
+    default, without a word). Returns whether it warned."""
+    from cirlab.data.catalog import canonical_name, get_dataset
+    from cirlab.models.registry import get_entry
+
+    name = str(config["dataset"]["name"])
+    wanted = getattr(get_entry(str(config["model"])).config_cls, "PAPER_DATA_OPTIONS", {}).get(canonical_name(name))
+    if not wanted:
+        return False
+    module = importlib.import_module(get_dataset(name).loader)
+    aliases, defaults = getattr(module, "OPTION_ALIASES", {}), getattr(module, "OPTION_DEFAULTS", {})
+    given = {**defaults, **(config["dataset"].get("options") or {})}
+    plain = lambda key, value: aliases.get(key, {}).get(value, value)  # noqa: E731
+    differ = {k: given.get(k) for k, v in wanted.items() if plain(k, given.get(k)) != plain(k, v)}
+    if differ:
+        logger.warning("%s's paper reads %s with dataset.options %s; this run reads it with %s: its numbers follow "
+                       "another protocol than the paper's", config["model"], name,
+                       ", ".join(f"{k}: {v}" for k, v in wanted.items()),
+                       ", ".join(f"{k}: {v}" for k, v in differ.items()))
+    return bool(differ)
+
+
 def match_feature_width(config: dict[str, Any], train_data: Any) -> None:
     """An ITM model reads region features of one width (``img_dim``): when the preset's differs from the features'
     (the tiny presets' 64, the paper's 2048 against CLIP's 512), ``model_overrides.img_dim`` is set to it, as the
@@ -1015,6 +1039,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     if continued is None:  # a resumed run takes every weight from its checkpoint: the start files may be gone
         _check_start_paths(config)  # before any data is generated or read
     _prepare_data(config)
+    say_other_protocol(config)
     ds = config["dataset"]
     if not ds.get("root") and ds.get("synthetic"):  # the config opted in; said out loud on every run
         logger.warning("dataset.root is empty and dataset.synthetic is set: this run uses the generated SYNTHETIC "

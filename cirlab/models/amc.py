@@ -89,6 +89,7 @@ class AMCConfig(PresetMixin):
     """
 
     TRAIN_SEED: ClassVar[int | None] = 300  # the original main script's torch/numpy seed
+    PAPER_DATA_OPTIONS: ClassVar[dict[str, dict[str, Any]]] = {"fashioniq": {"protocol": "amc"}}
 
     # --- image encoder ---
     backbone: str = "resnet50"  # resnet50 (paper) | efficientnet_lite0 (lite: real offline weights) | tiny_cnn (tests)

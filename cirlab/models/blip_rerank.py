@@ -118,6 +118,7 @@ class BlipRerankConfig(PresetMixin):
     # train.precision overrides
     bf16: bool = False
 
+    PAPER_DATA_OPTIONS: ClassVar[dict[str, dict[str, Any]]] = {"fashioniq": {"protocol": "clip4cir"}}
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "fashioniq": {"dataset": "fashioniq"},
         "cirr": {"dataset": "cirr"},

@@ -138,6 +138,7 @@ class CaLaConfig(PresetMixin):
     the CLIP path's (``backbone="clip_rn50x4"``; defaults = OpenAI RN50x4)."""
 
     TRAIN_SEED: ClassVar[int | None] = 42  # the released training scripts' seed
+    PAPER_DATA_OPTIONS: ClassVar[dict[str, dict[str, Any]]] = {"fashioniq": {"protocol": "clip4cir"}}
     FOLLOWS_RUN_DATASET: ClassVar[bool] = True  # a run on Fashion-IQ selects on its metric whatever the preset
 
     dataset: str = "cirr"  # cirr | fashioniq: picks the selection metric (both use the same recipe)
