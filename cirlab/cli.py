@@ -413,7 +413,7 @@ def _checkpoint_of(target_arg: str, name: str) -> tuple[Path, Path | None]:
 def _run_eval(args: argparse.Namespace) -> int:
     from cirlab.core.errors import ConfigError, UnknownNameError
     from cirlab.data.catalog import is_itm
-    from cirlab.engine.runs import evaluate_split, load_split, model_from_checkpoint, protocol_of
+    from cirlab.engine.runs import evaluate_split, load_split, model_from_checkpoint, parse_set, protocol_of
     from cirlab.engine.train import resolve_device
 
     checkpoint, run_dir = _checkpoint_of(args.target, args.checkpoint)
@@ -438,8 +438,10 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise
     if run_dir is not None:
         _warn_if_the_data_changed(run_dir, config)
+    asked = {".".join(path[1:]): value for path, value in parse_set(args.overrides) if path[0] == "model_overrides"}
     model, meta = model_from_checkpoint(checkpoint, model=args.model, preset=args.preset,
-                                        trust_pickle=args.trust_pickle, overrides=config.get("model_overrides"))
+                                        trust_pickle=args.trust_pickle, overrides=config.get("model_overrides"),
+                                        asked=asked)
     splits = _splits_worth_evaluating(args, config, loaded, type(model))  # before the evaluation, the long part
     if meta.get("converted_from"):
         logger.info("%s: read as the %s layout; ignored: %s; kept as built (not in the file): %s", checkpoint,
@@ -450,8 +452,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         files = [checkpoint] + [_checkpoint_of(m, args.checkpoint)[0] for m in args.ensemble]
         members = [model] + [model_from_checkpoint(path, model=args.model, preset=args.preset,
                                                    trust_pickle=args.trust_pickle,
-                                                   overrides=config.get("model_overrides"),
-                                                   overrides_must_agree=False)[0] for path in files[1:]]
+                                                   overrides=config.get("model_overrides"))[0]
+                                   for path in files[1:]]
         model = make_ensemble(members, [str(path) for path in files])
     model.to(device)
     results = {}

@@ -990,8 +990,8 @@ def test_eval_refuses_settings_it_would_not_read(tmp_path, synth, caplog):
                  "--split", "val"]) == 0  # the value it records: nothing is lost
     from cirlab.engine.runs import model_from_checkpoint
 
-    best = out / "checkpoints" / "best.pt"  # an ensemble's other member keeps its own config, as it was trained
-    assert model_from_checkpoint(best, overrides={"embed_dim": 8}, overrides_must_agree=False)[0].config.embed_dim == 12
+    best = out / "checkpoints" / "best.pt"  # a run config's overrides (an ensemble member's) are not asked values
+    assert model_from_checkpoint(best, overrides={"embed_dim": 8})[0].config.embed_dim == 12
     typo = yaml.safe_load((tmp_path / "stub.yaml").read_text())
     typo["train"]["max_step"] = 5
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump(typo))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import cirlab
+from cirlab.core.errors import CirlabError
 from cirlab.models import dime as D
 
 CAPTIONS = ["a man riding a horse .", "two dogs play in the snow", "a red car parked near a tree",
@@ -763,6 +764,14 @@ def test_tiny_synthetic_config_trains_with_the_fitted_vocab_and_random_extras(tm
     item = items[0][0]
     assert {"extra_text", "extra_text_image_idx"} <= set(item)
     model, _ = runs.model_from_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    # asked fields compare as the config reads them: the old bool True is "random", what the run recorded
+    best = tmp_path / "run" / "checkpoints" / "best.pt"
+    assert runs.model_from_checkpoint(best, asked={"extra_negatives": True})[0].config.extra_negatives == "random"
+    with pytest.raises(CirlabError, match=r"model_overrides\.extra_negatives=False differs from the config the "
+                                          r"checkpoint records \(extra_negatives=random\)"):
+        runs.model_from_checkpoint(best, asked={"extra_negatives": False})
+    # a run config's own overrides are not asked: config.yaml saying False (as before the choice) still evaluates
+    assert runs.model_from_checkpoint(best, overrides={"extra_negatives": False})[0].config.extra_negatives == "random"
     ids, mask = model.tokenize([item["text"]])
     pieces = model._get_tokenizer().convert_ids_to_tokens(ids[0][mask[0]])
     words = item["text"].lower().replace(".", " .").replace(",", " ,").split()

@@ -768,15 +768,16 @@ def fit_to_training_data(model: Any, config: dict[str, Any], train_data: Any = N
 
 def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, preset: str | None = None,
                           trust_pickle: bool = False, overrides: dict[str, Any] | None = None,
-                          overrides_must_agree: bool = True) -> tuple[Any, dict[str, Any]]:
+                          asked: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
     """Rebuild the model a checkpoint was trained with (its saved name + config) and load its weights.
 
     A checkpoint that does not record its model is built from ``model`` + ``preset`` (+ ``overrides``, config
     fields). When it is a file the paper's own code saved in a layout with no state dict to find (DIME's and HREM's
     ``model_best.pth``), the model's own reader (:class:`HasOriginalCheckpoint`) loads it; the returned metadata
     then says ``converted_from`` and what was ignored. A checkpoint that records its config is built from that
-    config: ``overrides`` naming other values are refused, unless ``overrides_must_agree`` is False (an ensemble's
-    other members, whose runs may differ from the first one's config)."""
+    config: ``asked``, the model fields this call was given (``cirlab eval --set model_overrides.*``), must then agree
+    with it; ``overrides`` (a run config's, which repeats what the run was built with) are read only for a
+    checkpoint that records no model."""
     from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_object
     from cirlab.models.registry import create_model, get_entry
 
@@ -803,8 +804,7 @@ def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, 
     try:
         if preset is None and meta.get("model_config") and not (model and saved is None):
             cfg = entry.config_cls.from_stored(_restore_tuples(entry.config_cls, meta["model_config"]), str(path))
-            if overrides_must_agree:
-                _refuse_other_overrides(cfg, overrides, path)
+            _refuse_other_overrides(cfg, asked, path)
             net = create_model(name, config=cfg)
         else:
             net = create_model(name, preset, **(overrides or {}))
@@ -817,16 +817,21 @@ def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, 
     return net, meta
 
 
-def _refuse_other_overrides(cfg: Any, overrides: dict[str, Any] | None, path: Any) -> None:
-    """``overrides`` for a checkpoint that records its config: that config is what its weights were trained with, and
-    it is the one built; a value other than the recorded one would be read by nothing (a run's own config.yaml
-    repeats its overrides, which agree)."""
+def _refuse_other_overrides(cfg: Any, asked: dict[str, Any] | None, path: Any) -> None:
+    """Model fields asked for a checkpoint that records its config: that config is what its weights were trained
+    with, and it is the one built; a value other than the recorded one would be read by nothing. Compared as the
+    config class reads them (DIME's old bool ``extra_negatives`` is "none" / "random")."""
     from cirlab.core.checkpoint import CheckpointError
 
-    current = type(cfg).current_names(dict(overrides or {}))
-    other = {k: v for k, v in current.items() if not hasattr(cfg, k) or to_plain(getattr(cfg, k)) != to_plain(v)}
+    asked = type(cfg).current_names(dict(asked or {}))
+    unknown = sorted(k for k in asked if not hasattr(cfg, k))
+    try:
+        wanted = type(cfg).from_stored({**cfg.to_dict(), **{k: v for k, v in asked.items() if k not in unknown}})
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: model_overrides: {' '.join(str(err).split())}") from None
+    other = unknown + [k for k in asked if k not in unknown and to_plain(getattr(wanted, k)) != to_plain(getattr(cfg, k))]
     if other:
-        given = ", ".join(f"model_overrides.{k}={v}" for k, v in other.items())
+        given = ", ".join(f"model_overrides.{k}={asked[k]}" for k in other)
         recorded = ", ".join(f"{k}={getattr(cfg, k)}" for k in other if hasattr(cfg, k)) or "no such field"
         raise CheckpointError(f"{path}: {given} differs from the config the checkpoint records "
                               f"({recorded}); its weights were trained with that config, which is the one built "
