@@ -332,6 +332,8 @@ def test_non_ascii_captions_are_said_to_lose_their_characters(caplog) -> None:
     assert ("AMC: 1 of 2 training captions hold non-ASCII characters, which AMC's tokeniser drops as the original "
             "does (text.encode('ascii', 'ignore'): 'grünes' is read as 'grnes').") in caplog.text
     assert "grnes" in model.vocab.index
+    model.fit_vocab(["is red\u00a0with stripes", "is blue"])  # no-break space: no non-ASCII word (StopIteration)
+    assert {"redwith", "stripes"} <= set(model.vocab.index)
     caplog.clear()
     model.fit_vocab(["红色的裙子", "更长的袖子"])
     assert "The vocabulary is empty: no caption has an ASCII word." in caplog.text

@@ -178,7 +178,8 @@ def _say_dropped_characters(texts: Sequence[str], vocab: "Vocab") -> None:
     changed = [t for t in texts if not t.isascii()]
     if not changed:
         return
-    word = next(w for t in changed for w in t.split() if not w.isascii())
+    # a caption whose only non-ASCII character is a space (no-break, ideographic) has no such word: show the caption
+    word = next((w for t in changed for w in t.split() if not w.isascii()), changed[0])
     empty = " The vocabulary is empty: no caption has an ASCII word." if not vocab.fitted else ""
     logger.warning("AMC: %d of %d training captions hold non-ASCII characters, which AMC's tokeniser drops as the "
                    "original does (text.encode('ascii', 'ignore'): %r is read as %r).%s", len(changed), len(texts),
