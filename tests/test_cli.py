@@ -1208,6 +1208,12 @@ def test_an_itm_split_the_selection_scored_with_best_pt_is_not_scored_again(tmp_
     assert set(final) == set(again) == {"dev", "test"}
     for split in final:
         assert final[split] == pytest.approx(again[split], abs=1e-9)
+    # a resumed run scores again: the selecting evaluation may be an earlier process's, on data since changed
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(tmp_path / "run"), "--resume",
+                     "--set", "train.max_steps=6"]) == 0
+    assert "dev: " in caplog.text and "(as evaluated when best.pt was selected)" not in caplog.text
 
 
 def test_a_model_read_on_another_protocol_than_its_papers_is_told(caplog):

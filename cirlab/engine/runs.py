@@ -1366,8 +1366,11 @@ def _final_splits(config: dict[str, Any]) -> list[str]:
 
 def _evaluated_best(summary: dict[str, Any]) -> dict[str, Any]:
     """``{split: metrics}`` of the evaluation that selected best.pt (its weights, EMA included, are the ones
-    evaluated then), empty when nothing was selected."""
+    evaluated then), empty when nothing was selected or the run was resumed: the evaluation may then be an earlier
+    process's, on data a resume accepted as changed since, or by an older cirlab."""
     step = summary.get("best_step")
+    if summary.get("resumed"):
+        return {}
     chosen = [r for r in summary.get("eval_history") or () if r.get("best") and r.get("step") == step]
     return dict(chosen[-1].get("metrics") or {}) if step is not None and chosen else {}
 

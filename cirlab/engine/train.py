@@ -1392,7 +1392,7 @@ class Trainer:
                    "best_step": p.best_step, "selection": self.cfg.selection if self.evaluate_fn else "last",
                    "selection_split": self.selection_split() if selected else None,
                    "selection_metric": self.cfg.selection_metric if selected else None,
-                   "best_checkpoint": str(self.ckpt_dir / "best.pt"),
+                   "best_checkpoint": str(self.ckpt_dir / "best.pt"), "resumed": self.resumed,
                    "last_checkpoint": str(self.ckpt_dir / "last.pt")}
         if self.dist.is_main:
             write_json(self.output_dir / "train_summary.json", {k: v for k, v in summary.items() if k != "losses"})
