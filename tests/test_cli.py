@@ -1175,8 +1175,10 @@ def test_an_empty_category_of_an_evaluation_split_is_named_before_training(tmp_p
 
 def test_the_final_metrics_are_those_of_best_pt_as_cirlab_eval_reads_it(tmp_path, synth, capsys):
     """The final evaluation scores the model train() leaves, which holds best.pt (loaded a second time before):
-    with an EMA, and with an earlier step selected, metrics.json and `cirlab eval RUN` agree."""
-    for name, extra in (("ema", ["--set", "train.ema_decay=0.5"]), ("early", ["--set", "train.eval_every_steps=2"])):
+    with an EMA in either mode (the trainer-level case of an epoch end after an evaluated step is in test_train),
+    metrics.json and `cirlab eval RUN` agree."""
+    pnr = ["--set", "train.ema_decay=0.5", "--set", "train.ema_mode=paper_no_restore", "--set", "train.eval_every_steps=2"]
+    for name, extra in (("ema", ["--set", "train.ema_decay=0.5"]), ("paper_no_restore", pnr)):
         out = tmp_path / name
         assert main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), "--output-dir", str(out),
                      "--set", "train.max_steps=6", "--set", "eval.splits=[val]", *extra]) == 0

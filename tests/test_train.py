@@ -620,14 +620,18 @@ def test_the_default_selection_metric_follows_the_task_and_a_missing_one_keeps_t
     assert TrainConfig().selection_metric == "auto"
     with pytest.raises(ConfigError, match=r"model selection: metric\(s\) \['R@10'\] not in split 'val' \(available: "
                                           r"\['R@1', 'avg'\]\); set train\.selection_metric .*saved in .*last\.pt"):
-        cirlab.fit(_model(), TripletItems(16), _cfg(epochs=2, selection_metric="R@10"), output_dir=tmp_path / "r",
-                   evaluate_fn=cir)
+        cirlab.fit(_model(), TripletItems(16), _cfg(epochs=2, selection_metric="R@10", ema_decay=0.5),
+                   output_dir=tmp_path / "r", evaluate_fn=cir)
     assert (tmp_path / "r" / "checkpoints" / "last.pt").is_file()
-    resumed = cirlab.fit(_model(), TripletItems(16), _cfg(epochs=2, selection_metric="avg", resume="auto"),
-                         output_dir=tmp_path / "r", evaluate_fn=cir)
-    straight = cirlab.fit(_model(), TripletItems(16), _cfg(epochs=2, selection_metric="avg"),
+    # with an EMA too, the resume continues the live weights (last.pt was written with the average swapped in)
+    resumed_model, straight_model = _model(), _model()
+    resumed = cirlab.fit(resumed_model, TripletItems(16), _cfg(epochs=2, selection_metric="avg", resume="auto",
+                                                               ema_decay=0.5), output_dir=tmp_path / "r", evaluate_fn=cir)
+    straight = cirlab.fit(straight_model, TripletItems(16), _cfg(epochs=2, selection_metric="avg", ema_decay=0.5),
                           output_dir=tmp_path / "s", evaluate_fn=cir)
     assert resumed["steps"] == straight["steps"] and resumed["best_step"] == straight["best_step"]
+    live = [torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=False)["model"] for run in "rs"]
+    assert all(torch.equal(live[0][k], live[1][k]) for k in live[1])  # the live weights, not the average
     assert [r["step"] for r in _read_log(tmp_path / "r" / "log.jsonl") if r["kind"] == "eval"] == [
         r["step"] for r in _read_log(tmp_path / "s" / "log.jsonl") if r["kind"] == "eval"]
 
@@ -663,3 +667,15 @@ def test_seeded_items_draw_per_item_streams_and_leave_the_callers_untouched():
     torch.manual_seed(11), random.seed(11), np.random.seed(11)
     items[1]
     assert (torch.rand(3).tolist(), random.random(), float(np.random.rand())) == expected
+
+
+def test_the_model_holds_best_pt_after_fit_with_a_paper_no_restore_ema(tmp_path):
+    """eval_every_steps on an epoch's last step saved best.pt; the epoch end then copied the EMA into the live
+    weights (AMC's paper mode) and, the step being evaluated already, nothing reloaded best.pt: a caller (and the
+    final evaluation of cirlab train) scored other weights than the run's checkpoint."""
+    model = _model()
+    cirlab.fit(model, TripletItems(16), _cfg(epochs=1, batch_size=8, ema_decay=0.5, ema_mode="paper_no_restore",
+                                             eval_every_steps=2, selection_metric="avg"),
+               output_dir=tmp_path / "r", evaluate_fn=lambda m: {"val": {"avg": 1.0}})
+    best = torch.load(tmp_path / "r" / "checkpoints" / "best.pt", weights_only=False)["model"]
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())

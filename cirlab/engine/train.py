@@ -1333,7 +1333,9 @@ class Trainer:
         as its model (``last.pt`` keeps them, with the average, for a resume)."""
         p = self.progress
         if self.evaluate_fn is not None and self.selection_split() is not None and p.best_step is not None:
-            if p.best_step != p.step or (self.ema is not None and self.cfg.ema_mode == "standard"):
+            # an EMA changes the live weights after an evaluation (standard: they were never the EMA's; paper_no_restore:
+            # the epoch end copies the average in after an eval_every_steps evaluation of that step saved best.pt)
+            if p.best_step != p.step or self.ema is not None:
                 self._barrier()  # rank 0 wrote best.pt
                 best = self.ckpt_dir / "best.pt"
                 load_state(self.model, load_checkpoint(best, map_location=self.device)["model"], best)
@@ -1535,14 +1537,24 @@ class Trainer:
         just evaluated does not evaluate (and log) it again."""
         if self.evaluate_fn is None or self.progress.evaluated_step == self.progress.step:
             return None
+        missing = None
         with self.evaluated_weights():
             self.model.eval()
             try:
                 with torch.no_grad():
                     results = self.evaluate_fn(self.model)
-                self._select(results, log)
+                try:
+                    self._select(results, log)
+                except _MissingMetric as err:  # kept below, once the live weights are back (not the EMA's)
+                    missing = err
             finally:
                 self.model.train()
+        if missing is not None:
+            self.save("last.pt")
+            raise ConfigError(f"{missing.args[0]}; set train.selection_metric to one of them and resume: the "
+                              f"training so far is saved in {self.ckpt_dir / 'last.pt'} (Python: the same call with "
+                              "selection_metric=... and resume='auto'; cirlab train: --resume --allow-config-change "
+                              "--set train.selection_metric=...)") from None
         return results
 
     def _select(self, results: dict[str, Any], log: _RunLog) -> None:
@@ -1563,15 +1575,12 @@ class Trainer:
 
     def _selection_score(self, results: dict[str, Any], split: str) -> float:
         """The selection metric's value; a metric the evaluation does not report stops the run after keeping the
-        training so far (it is found after the first stretch of training, which was lost with a bare KeyError)."""
+        training so far (:meth:`evaluate_and_select`: it is found after the first stretch of training, which was
+        lost with a bare KeyError)."""
         try:
             return selection_score(results, split, self.cfg.selection_metric)
         except KeyError as err:
-            self.save("last.pt")
-            raise ConfigError(f"{err.args[0]}; set train.selection_metric to what the evaluation reports "
-                              "(TrainConfig(selection_metric=...)); the training so far is saved in "
-                              f"{self.ckpt_dir / 'last.pt'}: the same call with resume='auto' (cirlab train "
-                              "--resume) continues it") from None
+            raise _MissingMetric(err.args[0]) from None
 
     def save_weights(self, name: str, metrics: dict[str, Any] | None = None) -> None:
         if self.dist.is_main:
@@ -1593,6 +1602,10 @@ class Trainer:
         self.save("last.pt")
         if cfg.keep_epoch_checkpoints:
             self.save(f"epoch_{p.epoch}.pt")
+
+
+class _MissingMetric(KeyError):
+    """The selection metric is not among an evaluation's results (raised inside the evaluated-weights swap)."""
 
 
 TASK_SELECTION_METRIC = {"itm": "rsum", "cir": "avg", "rerank": "avg"}  # selection_metric="auto", per model task
