@@ -1164,20 +1164,23 @@ def test_an_empty_category_of_an_evaluation_split_is_named_before_training(tmp_p
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     assert main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(tmp_path / "run")]) == 2
     assert ("dataset 'fashioniq': evaluation split 'val' has no queries in category dress (its caption file is "
-            "empty); check the data with `cirlab data check`") in caplog.text
+            "empty, or every query was left out: missing_images: drop); check the data with `cirlab data check`"
+            ) in caplog.text
     assert not (tmp_path / "run" / "checkpoints").exists()
     from cirlab.core.errors import InputError
     from cirlab.data import load_cir
 
     with pytest.raises(InputError, match=r"evaluate_cir: split 'val' \(category dress\) has no queries"):
-        cirlab.evaluate_cir(cirlab.create_model("stub_cir", "tiny"), load_cir("fashioniq", root, "val", category="dress"))
+        cirlab.evaluate_cir(cirlab.create_model("stub_cir", "tiny"),
+                            load_cir("fashioniq", root, "val", category="dress"))
 
 
 def test_the_final_metrics_are_those_of_best_pt_as_cirlab_eval_reads_it(tmp_path, synth, capsys):
     """The final evaluation scores the model train() leaves, which holds best.pt (loaded a second time before):
     with an EMA in either mode (the trainer-level case of an epoch end after an evaluated step is in test_train),
     metrics.json and `cirlab eval RUN` agree."""
-    pnr = ["--set", "train.ema_decay=0.5", "--set", "train.ema_mode=paper_no_restore", "--set", "train.eval_every_steps=2"]
+    pnr = ["--set", "train.ema_decay=0.5", "--set", "train.ema_mode=paper_no_restore",
+           "--set", "train.eval_every_steps=2"]
     for name, extra in (("ema", ["--set", "train.ema_decay=0.5"]), ("paper_no_restore", pnr)):
         out = tmp_path / name
         assert main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), "--output-dir", str(out),

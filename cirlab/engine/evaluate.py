@@ -301,7 +301,8 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
         if not split.triplets:
             category = f" (category {split.category})" if split.category else ""
             raise InputError(f"evaluate_cir: split {split.split!r}{category} has no queries (its caption file is "
-                             f"empty); check the data with `cirlab data check`")
+                             "empty, or every query was left out: missing_images: drop); check the data with "
+                             "`cirlab data check`")
     model.eval()
     transform = cir_transform(model, transform)
     per_split: dict[str, dict[str, Any]] = {}

@@ -829,7 +829,8 @@ def _refuse_other_overrides(cfg: Any, asked: dict[str, Any] | None, path: Any) -
         wanted = type(cfg).from_stored({**cfg.to_dict(), **{k: v for k, v in asked.items() if k not in unknown}})
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{path}: model_overrides: {' '.join(str(err).split())}") from None
-    other = unknown + [k for k in asked if k not in unknown and to_plain(getattr(wanted, k)) != to_plain(getattr(cfg, k))]
+    other = unknown + [k for k in asked
+                       if k not in unknown and to_plain(getattr(wanted, k)) != to_plain(getattr(cfg, k))]
     if other:
         given = ", ".join(f"model_overrides.{k}={asked[k]}" for k in other)
         recorded = ", ".join(f"{k}={getattr(cfg, k)}" for k in other if hasattr(cfg, k)) or "no such field"
@@ -869,7 +870,10 @@ def _restore_tuples(cls: type, values: dict[str, Any]) -> dict[str, Any]:
 
 
 def default_selection_metric(config: dict[str, Any]) -> str:
-    return "rsum" if is_precomp(config) else "avg"
+    """The headline metric of the run's data (the trainer's selection_metric="auto" decides it by model task)."""
+    from cirlab.engine.train import TASK_SELECTION_METRIC
+
+    return TASK_SELECTION_METRIC["itm" if is_precomp(config) else "cir"]
 
 
 def reported_metric_names(config: dict[str, Any], loaded: Any, split: str | None = None) -> set[str] | None:
@@ -1333,7 +1337,8 @@ def _check_not_empty(config: dict[str, Any], split: str, loaded: Any) -> None:
         empty = [f" in category {s.category}" if s.category else "" for s in loaded if not s.triplets]
     if empty:
         raise ConfigError(f"dataset {config['dataset']['name']!r}: evaluation split {split!r} has no queries"
-                          f"{empty[0]} (its caption file is empty); check the data with `cirlab data check`")
+                          f"{empty[0]} (its caption file is empty, or every query was left out: missing_images: drop); "
+                          "check the data with `cirlab data check`")
 
 
 def _prepare_data(config: dict[str, Any]) -> None:

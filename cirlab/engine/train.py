@@ -614,7 +614,8 @@ def _loss_keys(model: nn.Module, terms: Any) -> list[str]:
 
 
 # what a param_groups() dict may hold: cirlab's keys and the per-group settings torch's Adam/AdamW read
-GROUP_KEYS = ("params", "name", "lr", "lr_scale", "scheduled", "weight_decay", "betas", "eps", "amsgrad")
+GROUP_KEYS = ("params", "name", "lr", "lr_scale", "scheduled", "weight_decay", "betas", "eps", "amsgrad", "maximize",
+              "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
 
 
 def _refuse_unknown_group_keys(model: nn.Module, groups: Sequence[Mapping[str, Any]]) -> None:
@@ -1119,7 +1120,8 @@ class Trainer:
                  run_config: dict[str, Any] | None, overwrite: bool = False,
                  start_notes: Mapping[str, Any] | None = None, run_files: Mapping[str, Any] | None = None) -> None:
         if cfg.selection_metric == "auto":
-            cfg = dataclasses.replace(cfg, selection_metric=TASK_SELECTION_METRIC.get(getattr(model, "task", ""), "avg"))
+            task = getattr(model, "task", "")
+            cfg = dataclasses.replace(cfg, selection_metric=TASK_SELECTION_METRIC.get(task, "avg"))
         self.cfg, self.output_dir, self.evaluate_fn, self.callbacks = cfg, output_dir, evaluate_fn, list(callbacks)
         self.overwrite = overwrite
         self.stop = _StopSignals()
@@ -1333,8 +1335,8 @@ class Trainer:
         as its model (``last.pt`` keeps them, with the average, for a resume)."""
         p = self.progress
         if self.evaluate_fn is not None and self.selection_split() is not None and p.best_step is not None:
-            # an EMA changes the live weights after an evaluation (standard: they were never the EMA's; paper_no_restore:
-            # the epoch end copies the average in after an eval_every_steps evaluation of that step saved best.pt)
+            # an EMA changes the live weights after an evaluation (standard: they were never the EMA's;
+            # paper_no_restore: the epoch end copies the average in after an eval_every_steps evaluation saved best.pt)
             if p.best_step != p.step or self.ema is not None:
                 self._barrier()  # rank 0 wrote best.pt
                 best = self.ckpt_dir / "best.pt"
