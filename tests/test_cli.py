@@ -1148,8 +1148,15 @@ def test_an_itm_models_img_dim_follows_the_features_or_is_refused_before_trainin
     assert main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(tmp_path / "r2"),
                  "--set", "model_overrides.img_dim=2048"]) == 2
     assert (f"model_overrides.img_dim=2048, but {root / 'f30k_precomp' / 'train_ims.npy'} holds 512-d region "
-            "features: set model_overrides.img_dim=512 (or leave it out: it follows the features)") in caplog.text
+            "features: set model_overrides.img_dim=512 (a config without it follows the features)") in caplog.text
     assert not (tmp_path / "r2" / "checkpoints").exists()
+    # the trained run evaluated on features of another width: one line, before any scoring (was a traceback)
+    other = write_precomp(tmp_path / "other", regions=12, dim=256, n_images=8)["root"]
+    caplog.clear()
+    assert main(["eval", str(tmp_path / "run"), "--root", str(other), "--set", "dataset.options.dim=256",
+                 "--split", "dev"]) == 2
+    assert (f"hrem reads 512-d region features (its img_dim), but {other / 'f30k_precomp' / 'dev_ims.npy'} holds "
+            "256-d ones") in caplog.text
 
 
 def test_an_empty_category_of_an_evaluation_split_is_named_before_training(tmp_path, caplog):

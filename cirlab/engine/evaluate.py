@@ -312,7 +312,8 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
         target = torch.tensor(split.target_indices(), dtype=torch.long)
         exclude = torch.tensor(split.ref_indices(), dtype=torch.long) if split.exclude_reference else None
         ranks = _ranks(scores, target, exclude)
-        _say_trivial_cutoffs(name, protocol, scores.shape[1] - (exclude is not None))
+        if (target >= 0).any():  # a split without ground truth (CIRR test1) has no recall to be trivial
+            _say_trivial_cutoffs(name, protocol, scores.shape[1] - (exclude is not None))
         per_split[name] = {"split": split, "scores": scores, "target": target, "exclude": exclude, "ranks": ranks}
         logger.info("evaluated %s: %d queries x %d gallery images", name, scores.shape[0], scores.shape[1])
     result = {"metrics": _cir_metrics(protocol, per_split, M),
@@ -325,6 +326,9 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
     return result
 
 
+_SAID_TRIVIAL: set[tuple[str, str, int]] = set()
+
+
 def _say_trivial_cutoffs(name: str, protocol: str, candidates: int) -> None:
     """A recall cut-off at or past the number of candidates a query ranks is 100 for any model (a small gallery of
     one's own data, the tiny synthetic sets): said, so that 100 is not read as a result."""
@@ -332,7 +336,8 @@ def _say_trivial_cutoffs(name: str, protocol: str, candidates: int) -> None:
 
     ks = {"fashioniq": M.FIQ_KS, "shoes": M.SHOES_KS, "cirr": M.CIRR_KS}.get(protocol, ())
     trivial = [f"R@{k}" for k in ks if k >= candidates]
-    if trivial:
+    if trivial and (name, protocol, candidates) not in _SAID_TRIVIAL:  # once: a run evaluates the split each epoch
+        _SAID_TRIVIAL.add((name, protocol, candidates))
         logger.warning("%s: %s %s 100 for any model: each query ranks %d candidates, so every target is within "
                        "them (a larger gallery makes %s mean something)", name, ", ".join(trivial),
                        "is" if len(trivial) == 1 else "are", candidates, "it" if len(trivial) == 1 else "them")
@@ -471,6 +476,17 @@ def score_itm(model: Any, split: Any, *, batch_size: int = 128, shard_size: int 
     return torch.cat([rows[i] for i in range(len(images))])
 
 
+def _refuse_other_feature_width(model: Any, split: Any) -> None:
+    """A model built for region features of one width (its config's ``img_dim``) evaluated on features of another
+    (``cirlab eval RUN --root`` of 512-d features): one line before any scoring, instead of the encoder's traceback."""
+    want = getattr(getattr(model, "config", None), "img_dim", None)
+    have = int(split.images.shape[-1]) if getattr(split, "images", None) is not None else None
+    if isinstance(want, int) and have is not None and want != have:
+        raise ModelMismatchError(f"{model_label(model)} reads {want}-d region features (its img_dim), but "
+                                 f"{getattr(split, 'ims_path', split)} holds {have}-d ones: evaluate it on features of "
+                                 "the width it was trained on")
+
+
 def evaluate_itm(model: Any, split: Any, protocol: str = "full", *, batch_size: int = 128, shard_size: int = 1000,
                  device: Any = "cpu") -> dict[str, Any]:
     """Evaluate an ITM model on a precomp split.
@@ -496,6 +512,7 @@ def evaluate_itm(model: Any, split: Any, protocol: str = "full", *, batch_size: 
                                  f"{type(split).__name__}")
     whole_number(batch_size, "batch_size")
     whole_number(shard_size, "shard_size")
+    _refuse_other_feature_width(model, split)
     if protocol not in ITM_PROTOCOLS:
         raise InputError(f"unknown ITM protocol {protocol!r}; known: {', '.join(ITM_PROTOCOLS)}")
     cpi = int(getattr(split, "im_div", 5))

@@ -679,7 +679,7 @@ def match_feature_width(config: dict[str, Any], train_data: Any) -> None:
     if given is not None:
         if int(given) != width:
             raise ConfigError(f"model_overrides.img_dim={given}, but {train_data.ims_path} holds {width}-d region "
-                              f"features: set model_overrides.img_dim={width} (or leave it out: it follows the "
+                              f"features: set model_overrides.img_dim={width} (a config without it follows the "
                               "features)")
         return
     current = getattr(model_config_of(config), "img_dim", None)
