@@ -128,6 +128,45 @@ def test_a_users_model_module_named_in_cirlab_models_is_registered_everywhere(tm
         registry.create_model("bowcir")
 
 
+@pytest.mark.parametrize("module, files, said", [
+    # a missing dependency whose name starts the module's name (no dot between): PYTHONPATH was blamed
+    ("nodepq_model", {"nodepq_model.py": "import nodepq\n"},
+     "cannot import 'nodepq_model': it imports 'nodepq', which is not installed in this environment"),
+    # a module of the user's own package is missing: not an uninstalled dependency
+    ("pkq_models", {"pkq_models/__init__.py": "import pkq_models.helperz\n"},
+     "cannot import 'pkq_models': it imports 'pkq_models.helperz', which cannot be found"),
+    ("pkr_models", {"pkr_models/__init__.py": "from . import helperz\n"},
+     "cannot import 'pkr_models': cannot import name 'helperz' from partially initialized module 'pkr_models'"),
+    # the module itself, or a package above it, not found: that one is a PYTHONPATH matter
+    ("pks_models.bow", {"pks_models/__init__.py": ""},
+     "cannot import 'pks_models.bow' (No module named 'pks_models.bow'); its folder must be on PYTHONPATH"),
+    ("pkt_nowhere.bow", {}, "cannot import 'pkt_nowhere.bow' (No module named 'pkt_nowhere'); its folder must be"),
+])
+def test_a_users_module_that_fails_to_import_says_what_is_missing(tmp_path, monkeypatch, module, files, said):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("CIRLAB_MODELS", module)
+    monkeypatch.setattr(registry, "_entry_point_modules", lambda: ())
+    with pytest.raises(CirlabError) as caught:
+        registry._load_user_models()
+    assert str(caught.value).startswith(f"CIRLAB_MODELS={module!r}: {said}")
+
+
+def test_a_config_with_an_init_var_is_a_dataclass():
+    @dataclasses.dataclass
+    class WithInitVar(_ToyConfig):  # an __init__ argument that __post_init__ reads, never a field
+        scale: dataclasses.InitVar[float] = 1.0
+
+        def __post_init__(self, scale: float) -> None:
+            self.scaled = scale
+
+    assert registry._all_fields_are_dataclass_fields(WithInitVar)
+    registry.register_model("init_var_toy", task="cir", config_cls=WithInitVar)(_ToyRouter)
+    registry._REGISTRY.pop("init_var_toy", None)
+
+
 def test_register_model_refuses_what_would_fail_later(toy_registered):
     from cirlab.core.errors import ModelContractError
 

@@ -695,6 +695,27 @@ def test_high_bit_depth_images_are_scaled_to_8_bits(tmp_path):
     assert _pixel(split.gallery_dataset()[split.gallery_names.index(name)]["image"]) == (128, 128, 128)
 
 
+def test_16_bit_pgm_and_in_memory_i_images_are_read_as_16_bit(tmp_path):
+    # Pillow opens a 16-bit PGM as mode I (format PPM), and an in-memory copy has no format: scaled by 2**31 they
+    # loaded all black
+    from PIL import Image
+
+    from cirlab.data.base import load_image, to_rgb
+
+    values = np.array([[0, 257, 32768, 65535]], np.uint16)
+    header = b"P5 4 1 65535\n"
+    (tmp_path / "g16.pgm").write_bytes(header + values.astype(">u2").tobytes())
+    opened = Image.open(tmp_path / "g16.pgm")
+    assert (opened.mode, opened.format) == ("I", "PPM")
+    assert np.asarray(load_image(tmp_path / "g16.pgm"))[0, :, 0].tolist() == [0, 1, 128, 255]
+    in_memory = Image.fromarray(values.astype(np.int32))  # mode I, format None
+    assert in_memory.mode == "I" and in_memory.format is None
+    assert np.asarray(to_rgb(in_memory))[0, :, 0].tolist() == [0, 1, 128, 255]
+    # a value beyond 16 bits says the data is 32-bit
+    wide = Image.fromarray(np.array([[0, 65536, 2 ** 30]], np.int32))
+    assert np.asarray(to_rgb(wide, "TIFF"))[0, :, 0].tolist() == [0, 0, 128]
+
+
 def test_exif_orientation_is_applied_and_transparency_is_white(tmp_path):
     from PIL import Image
 

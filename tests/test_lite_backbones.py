@@ -149,6 +149,27 @@ def test_minilm_word_vectors_read_the_files_not_the_model(monkeypatch) -> None:
     assert torch.equal(_lite.minilm_word_vectors(WORDS, directory), expected)
 
 
+def test_minilm_word_vectors_follow_a_tokenizer_config_that_changes_the_normaliser(tmp_path, monkeypatch) -> None:
+    """transformers rebuilds the normaliser from tokenizer_config.json: a cased config over the shipped (uncased)
+    tokenizer.json tokenises "Grün" otherwise, so the direct read must not answer for such a folder."""
+    import json
+
+    source = _lite.minilm_dir()
+    for item in source.iterdir():
+        if item.name != "tokenizer_config.json":
+            (tmp_path / item.name).symlink_to(item)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "do_lower_case": False}))
+    words = ["Gr\u00fcn", "\u00c9T\u00c9", "na\u00efve", "T-shirt", "red"]
+    expected = _lite._word_vectors_via_transformers(words, tmp_path)
+    assert not torch.equal(expected, _lite.minilm_word_vectors(words))  # the case holds: the vectors differ
+    assert torch.equal(_lite.minilm_word_vectors(words, tmp_path), expected)
+    # without tokenizer_config.json transformers uses BERT's defaults, which the shipped tokenizer.json has
+    (tmp_path / "tokenizer_config.json").unlink()
+    monkeypatch.setattr(_lite, "load_minilm", lambda *a: pytest.fail("the shipped normaliser took the slow path"))
+    assert torch.equal(_lite.minilm_word_vectors(words, tmp_path), _lite.minilm_word_vectors(words))
+
+
 def _tiny_bert_folder(folder) -> None:
     from transformers import BertConfig, BertModel, BertTokenizer
 

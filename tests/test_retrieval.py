@@ -238,6 +238,31 @@ def test_digests_change_with_content(tmp_path):
     assert R.state_dict_digest(lin) != d0
 
 
+def test_extra_state_digests_see_whole_arrays_and_are_the_same_in_every_process():
+    """Extra state was digested by repr: numpy elides arrays of over 1000 elements, so two tables collided (wrong
+    cache hits), and a set prints in hash order, so the digest changed per process (the cache never hit)."""
+    import os
+    import subprocess
+    import sys
+
+    from cirlab.core.errors import ModelContractError
+
+    table = np.zeros(2000, np.float32)
+    other = table.copy()
+    other[1000] = 1.0
+    assert R.state_dict_digest({"t": table}) != R.state_dict_digest({"t": other})
+    assert R.state_dict_digest({"t": table}) != R.state_dict_digest({"t": table.astype(np.float64)})
+    assert R.state_dict_digest({"b": b"ab"}) != R.state_dict_digest({"b": b"ac"})
+    code = ("from cirlab.core.featcache import state_dict_digest; "
+            "print(state_dict_digest({'words': {'red', 'blue', 'green', 'sleeveless', 'v-neck', 'cafe'}}))")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(4)}
+    assert len(digests) == 1
+    unpicklable = r"cannot digest the extra state 'f': a function is none of .* and it does not pickle"
+    with pytest.raises(ModelContractError, match=unpicklable):
+        R.state_dict_digest({"f": lambda: 0})
+
+
 def test_rerank_topk_fuses_with_stage1_scores_only_when_asked():
     from types import SimpleNamespace
 

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cirlab.core.errors import ModelContractError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["cache_key", "file_digest", "state_dict_digest", "tensor_digest", "default_dir", "load_tensor",
@@ -70,9 +72,15 @@ def state_dict_digest(module_or_state: Any) -> str:
     return h.hexdigest()
 
 
+# values whose repr is their whole content, the same in every process
+_REPR_TYPES = (str, int, float, bool, type(None))
+
+
 def _digest_value(h: Any, key: str, value: Any) -> None:
-    """Feed one state entry to ``h``: a tensor by dtype, shape and bytes; a mapping or sequence entry by entry; any
-    other value (a word, a number) by its repr."""
+    """Feed one state entry to ``h``: a tensor or numpy array by dtype, shape and bytes; a mapping or sequence
+    entry by entry; a set by its items' digests, sorted; bytes as they are; a word, number, bool or None by its
+    repr; anything else by its pickle (protocol 4). A repr is not an identity for the rest: numpy elides arrays of
+    over 1000 elements ("..."), so two tables collided; a set prints in hash order, which changes per process."""
     if isinstance(value, Tensor):
         t = value.detach().cpu().contiguous()
         h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -85,8 +93,55 @@ def _digest_value(h: Any, key: str, value: Any) -> None:
         h.update(f"{key}:{type(value).__name__}:{len(value)}".encode())
         for i, v in enumerate(value):
             _digest_value(h, f"{key}[{i}]", v)
-    else:
+    elif isinstance(value, _REPR_TYPES):
         h.update(f"{key}={value!r}".encode())
+    else:
+        _digest_other(h, key, value)
+
+
+def _digest_other(h: Any, key: str, value: Any) -> None:
+    """:func:`_digest_value` for arrays, sets, bytes and any other picklable value."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        _digest_array(h, key, np.asarray(value))
+    elif isinstance(value, (set, frozenset)):
+        h.update(f"{key}:{type(value).__name__}:{len(value)}".encode())
+        for item in sorted(_item_digest(v) for v in value):  # hash order differs between processes
+            h.update(item.encode())
+    elif isinstance(value, (bytes, bytearray)):
+        h.update(f"{key}:{type(value).__name__}:{len(value)}:".encode())
+        h.update(bytes(value))
+    else:
+        h.update(f"{key}:pickle:{type(value).__qualname__}:".encode())
+        h.update(_pickled(key, value))
+
+
+def _digest_array(h: Any, key: str, array: np.ndarray) -> None:
+    """An array by dtype, shape and bytes; one of Python objects (whose bytes are addresses) item by item."""
+    h.update(f"{key}:ndarray:{array.dtype.str}:{array.shape}".encode())
+    if array.dtype.hasobject:
+        _digest_value(h, f"{key}.items", array.reshape(-1).tolist())
+    else:
+        h.update(np.ascontiguousarray(array).tobytes())
+
+
+def _item_digest(value: Any) -> str:
+    """The digest of one set item on its own: sorting these orders a set the same way in every process."""
+    h = hashlib.sha256()
+    _digest_value(h, "", value)
+    return h.hexdigest()
+
+
+def _pickled(key: str, value: Any) -> bytes:
+    """``value``'s pickle (protocol 4, readable by every Python cirlab supports); a value that does not pickle
+    cannot be told from another one, so it is refused rather than digested by something partial."""
+    import pickle
+
+    try:
+        return pickle.dumps(value, protocol=4)
+    except Exception as err:  # pickling raises PicklingError, TypeError or AttributeError, depending on the value
+        raise ModelContractError(f"cannot digest the extra state {key!r}: a {type(value).__qualname__} is none of "
+                                 "tensor, numpy array, dict, list, tuple, set, bytes, str, number, bool or None, and "
+                                 f"it does not pickle ({err}); make get_extra_state return one of those") from None
 
 
 def tensor_digest(t: Tensor) -> str:

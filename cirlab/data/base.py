@@ -390,23 +390,37 @@ def to_8bit(img: Any, fmt: str | None = None) -> Any:
     """An ``L`` image from a 16/32-bit integer or float one (other modes unchanged), scaled by the mode's range:
 
     * ``I;16*`` (16-bit PNG / TIFF): 0..65535 -> 0..255 (divided by 257, so 65535 is 255);
-    * ``I`` from a PNG (older Pillow's mode for 16-bit PNGs): the same 0..65535 range;
-    * ``I`` otherwise (32-bit signed TIFF): 0..2**31-1 -> 0..255, negatives 0;
+    * ``I`` from a PNG or PPM/PGM file (how Pillow opens 16-bit PNGs in older versions and 16-bit PGM/PPM files):
+      the same 0..65535 range;
+    * ``I`` otherwise (a 32-bit TIFF, or an in-memory image, whose format is unknown): decided from the data, as
+      the format cannot tell: largest value <= 65535 -> the 16-bit range, else 0..2**31-1 -> 0..255; negatives 0;
     * ``F`` (32-bit float): 0.0..1.0 -> 0..255, values outside clipped.
     """
     import numpy as np
     from PIL import Image
 
-    if img.mode == "F":
-        top = 1.0
-    elif img.mode.startswith("I;16") or img.mode == "I" and fmt == "PNG":
-        top = 65535.0
-    elif img.mode == "I":
-        top = float(2 ** 31 - 1)
-    else:
+    top = _full_scale(img, fmt)
+    if top is None:
         return img
     values = np.asarray(img, dtype=np.float64)
     return Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+
+
+# formats whose ``I`` images hold 16-bit samples: PNG (older Pillow) and PGM/PPM (Pillow reports "PPM" for both)
+_SIXTEEN_BIT_I_FORMATS = ("PNG", "PPM")
+
+
+def _full_scale(img: Any, fmt: str | None) -> float | None:
+    """The value that maps to 255 for ``img``'s mode (None: an 8-bit mode, left as it is)."""
+    if img.mode == "F":
+        return 1.0
+    if img.mode.startswith("I;16") or img.mode == "I" and fmt in _SIXTEEN_BIT_I_FORMATS:
+        return 65535.0
+    if img.mode == "I":
+        # an in-memory copy (format None) or another format may hold either range: scaling 16-bit data by 2**31
+        # would turn it black, so a largest value within 16 bits is read as 16-bit data
+        return 65535.0 if img.getextrema()[1] <= 65535 else float(2 ** 31 - 1)
+    return None
 
 
 class TripletDataset:

@@ -122,12 +122,17 @@ def minilm_word_vectors(words: Sequence[str], path: str | os.PathLike | None = N
     Reads the one table it needs from ``model.safetensors`` and tokenises with ``tokenizer.json`` (0.1 s): building
     the whole model through ``transformers`` for it took 3-4 s, 8-9 s inside a run (its lazy imports). A folder
     without those two files (a ``pytorch_model.bin`` checkpoint, a slow tokenizer's ``vocab.txt`` only) still goes
-    through ``transformers``, which reads every layout; both ways give the same vectors, bit for bit.
+    through ``transformers``, which reads every layout. ``transformers`` rebuilds the text normaliser from
+    ``tokenizer_config.json`` (``do_lower_case``, ``strip_accents``, ``tokenize_chinese_chars``; BERT's defaults
+    when the file or a key is missing), so the fast path runs only when those agree with ``tokenizer.json``'s
+    normaliser (the shipped folder: they do); then both ways give the same vectors, bit for bit. Any other
+    folder (a cased config over an uncased ``tokenizer.json``, another tokenizer class) goes through
+    ``transformers``.
     """
     directory = Path(path) if path else minilm_dir()
     if not (directory / "config.json").is_file():  # the message load_minilm gives, whichever path runs
         raise FileNotFoundError(f"MiniLM directory {directory} has no config.json")
-    if (directory / "model.safetensors").is_file() and (directory / "tokenizer.json").is_file():
+    if (directory / "model.safetensors").is_file() and _tokenizer_json_is_what_transformers_builds(directory):
         table = _word_table(directory / "model.safetensors")
         _check_table_fits_config(table, directory / "config.json")
         return _pool_pieces(words, table, _piece_ids_from_tokenizer_json(directory / "tokenizer.json"))
@@ -174,6 +179,35 @@ def _check_table_fits_config(table: torch.Tensor, config_file: Path) -> None:
         raise CheckpointError(f"the word-embedding table in {config_file.with_name('model.safetensors')} is "
                               f"{list(table.shape)} but {config_file} says vocab_size x hidden_size = "
                               f"{list(expected)}; the folder mixes two models' files")
+
+
+# BertTokenizer's normaliser flags as tokenizer_config.json names them, with transformers' defaults, and the
+# BertNormalizer field of tokenizer.json that each one sets
+_NORMALISER_FLAGS = {"do_lower_case": (True, "lowercase"), "strip_accents": (None, "strip_accents"),
+                     "tokenize_chinese_chars": (True, "handle_chinese_chars")}
+_BERT_TOKENIZER_CLASSES = (None, "BertTokenizer", "BertTokenizerFast")
+
+
+def _tokenizer_json_is_what_transformers_builds(directory: Path) -> bool:
+    """Whether ``tokenizer.json`` alone tokenises as ``transformers`` does for ``directory``: it replaces the
+    file's normaliser with one built from ``tokenizer_config.json``'s flags, so those must agree. Anything not
+    understood (another tokenizer class or normaliser, an unreadable file) says no: ``transformers`` then decides."""
+    import json
+
+    tokenizer_file, config_file = directory / "tokenizer.json", directory / "tokenizer_config.json"
+    if not tokenizer_file.is_file():
+        return False
+    try:
+        normalizer = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("normalizer") or {}
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not isinstance(config, dict) or config.get("tokenizer_class") not in _BERT_TOKENIZER_CLASSES:
+        return False
+    if normalizer.get("type") != "BertNormalizer":
+        return False
+    return all(config.get(flag, default) == normalizer.get(field, default)
+               for flag, (default, field) in _NORMALISER_FLAGS.items())
 
 
 def _piece_ids_from_tokenizer_json(file: Path) -> Any:

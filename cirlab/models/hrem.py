@@ -675,20 +675,42 @@ class HREM(MaxViolationWarmup, BertVocabMixin, nn.Module):
 def drop_regions(feats: torch.Tensor, lengths: torch.Tensor | None, p: float,
                  min_keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep each valid region iff ``rand > p`` (order kept), re-pad with zeros to the longest kept set
-    (the original's ``--size_augment``). An image that would keep fewer than ``min_keep`` regions keeps all its
-    regions (cirlab's rule: HREM passes ``topk``, which the word-region relevance needs; with BUTD's 36 regions the
-    original never meets the case, with 12 it raised in the middle of a run)."""
+    (the original's ``--size_augment``).
+
+    cirlab's rules on top (neither changes a batch the original handles): an image that would keep no region keeps
+    all its valid ones; and the padded width (the longest kept set) is at least ``min(min_keep, the most valid
+    regions of an image)``: when no image keeps that many, the image with the most valid regions keeps all of them,
+    and every other image keeps its drop. HREM passes ``topk``: the word-region relevance reads the ``topk`` best
+    of the padded width (padding included), so only the width needs it. With BUTD's 36 regions the original never
+    meets the case; with 12 it raised in the middle of a run. A per-image rule would have cut the drop on
+    12-region features from 20 % to about 6 %.
+    """
     b, r, _ = feats.shape
     if lengths is None:
         lengths = torch.full((b,), r, dtype=torch.long, device=feats.device)
     valid = valid_mask(lengths, r)
     keep = (torch.rand(b, r, device=feats.device) > p) & valid
-    enough = keep.sum(1, keepdim=True) >= valid.sum(1, keepdim=True).clamp(max=min_keep)
-    keep = torch.where(enough & keep.any(1, keepdim=True) | ~valid.any(1, keepdim=True), keep, valid)
+    keep = torch.where(keep.any(1, keepdim=True), keep, valid)  # nothing kept: keep all
+    keep = _widen_to(keep, valid, min_keep)
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept regions first, in order
     new_len = keep.sum(1)
     out = feats.gather(1, order[..., None].expand_as(feats))[:, : int(new_len.max())]
     return out * valid_mask(new_len, out.shape[1])[..., None].to(out.dtype), new_len
+
+
+def _widen_to(keep: torch.Tensor, valid: torch.Tensor, min_keep: int) -> torch.Tensor:
+    """``keep`` with one image's drop undone when the longest kept set is shorter than ``min_keep`` (capped at the
+    most valid regions any image has): restoring the image with the most valid regions reaches the width while
+    every other image keeps its drop, so the augmentation stays as strong as configured."""
+    if keep.shape[0] == 0:  # an empty batch has no width to reach
+        return keep
+    n_valid = valid.sum(1)
+    if int(keep.sum(1).max()) >= min(min_keep, int(n_valid.max())):
+        return keep
+    keep = keep.clone()
+    widest = int(n_valid.argmax())
+    keep[widest] = valid[widest]
+    return keep
 
 
 # --------------------------------------------------------------------------------------------- tracing

@@ -78,7 +78,14 @@ def _all_fields_are_dataclass_fields(cls: type) -> bool:
         return False
     fields = {f.name for f in dataclasses.fields(cls)}
     own = cls.__dict__.get("__annotations__", {})
-    return all(n in fields or "ClassVar" in str(t) for n, t in own.items())
+    return all(n in fields or _is_pseudo_field(t) for n, t in own.items())
+
+
+def _is_pseudo_field(annotation: Any) -> bool:
+    """A ``ClassVar`` or an ``InitVar`` (an ``__init__``/``__post_init__`` argument): annotated in the class body,
+    yet never a field. Read from the text, as a module with ``from __future__ import annotations`` keeps strings."""
+    text = str(annotation)
+    return "ClassVar" in text or "InitVar" in text
 
 
 def _origin(build: Callable) -> str:
@@ -99,12 +106,30 @@ def _load_user_models() -> None:
         try:
             importlib.import_module(module)
         except ImportError as err:
-            if err.name and not module.startswith(err.name) and not err.name.startswith(module):
-                # the module was found; something it imports is not installed
-                raise ConfigError(f"{source}: cannot import {module!r}: it imports {err.name!r}, which is not "
-                                  "installed in this environment") from None
-            raise ConfigError(f"{source}: cannot import {module!r} ({err}); its folder must be on PYTHONPATH "
-                              "(or the package installed)") from None
+            raise _user_import_error(module, source, err) from None
+
+
+def _user_import_error(module: str, source: str, err: ImportError) -> ConfigError:
+    """What a failed import of a user's model module says: the module (or a package above it) is not found, so its
+    folder is not on PYTHONPATH; or it was found and something it imports is missing (names compared at dots:
+    ``torchx`` is no part of ``torchx_model``)."""
+    missing = err.name
+    if not isinstance(err, ModuleNotFoundError):
+        # found and running: a name it imports is not there (`from . import helperz` without helperz.py says
+        # "cannot import name 'helperz' from 'pk'", naming the user's own package)
+        return ConfigError(f"{source}: cannot import {module!r}: {err}")
+    if not missing or _is_within(module, missing):
+        return ConfigError(f"{source}: cannot import {module!r} ({err}); its folder must be on PYTHONPATH "
+                           "(or the package installed)")
+    if missing.split(".")[0] == module.split(".")[0]:  # a module of the user's own package, not a dependency
+        return ConfigError(f"{source}: cannot import {module!r}: it imports {missing!r}, which cannot be found")
+    return ConfigError(f"{source}: cannot import {module!r}: it imports {missing!r}, which is not installed in "
+                       "this environment")
+
+
+def _is_within(module: str, package: str) -> bool:
+    """Whether ``package`` is ``module`` itself or a package above it (``a`` and ``a.b`` for ``a.b``)."""
+    return module == package or module.startswith(package + ".")
 
 
 def user_model_modules() -> list[tuple[str, str]]:
