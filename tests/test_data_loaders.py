@@ -735,3 +735,25 @@ def test_exif_orientation_is_applied_and_transparency_is_white(tmp_path):
     Image.new("RGB", (3, 2), (1, 2, 3)).save(tmp_path / "plain.png")  # an ordinary image is untouched
     plain = load_image(tmp_path / "plain.png")
     assert (plain.mode, plain.size, plain.getpixel((2, 1))) == ("RGB", (3, 2), (1, 2, 3))
+
+
+def test_image_read_original_decodes_as_the_papers_loaders_do(tmp_path):
+    """Alpha on white and EXIF orientation are the default; the papers' loaders call .convert("RGB") only, which
+    dataset.options.image_read: original reproduces (a named option for the original behaviour)."""
+    from PIL import Image
+
+    from fixtures_data import write_fashioniq
+
+    from cirlab.data import load_cir
+
+    root = write_fashioniq(tmp_path, categories=("dress",))["root"]
+    split = load_cir("fashioniq", root, "val", category="dress")
+    path = split.image_path(split.gallery_names[0])
+    Image.new("RGBA", (8, 8), (200, 0, 0, 0)).save(path)  # fully transparent red
+    viewer = np.asarray(split.gallery_dataset(lambda im: im)[0]["image"])
+    original_split = load_cir("fashioniq", root, "val", category="dress", image_read="original")
+    original = np.asarray(original_split.gallery_dataset(lambda im: im)[0]["image"])
+    assert viewer[0, 0].tolist() == [255, 255, 255] and original[0, 0].tolist() == [200, 0, 0]
+    assert original_split.image_read == "original" and split.image_read == "viewer"
+    with pytest.raises(ValueError, match=r"dataset.options.image_read: 'raw' is not one of viewer, original"):
+        load_cir("fashioniq", root, "val", category="dress", image_read="raw")

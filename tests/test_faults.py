@@ -615,9 +615,9 @@ def f_unknown_shoes_loader_option(ws: Workspace) -> Outcome:
                          "dataset.options.pair=amc", dataset={"name": "shoes", "category": None})
 
 
-@fault("silently wrong", "refused: CIRR takes no options")
+@fault("silently wrong", "refused: CIRR takes image_read only")
 def f_unknown_cirr_loader_option(ws: Workspace) -> Outcome:
-    return _config_error(ws, r"cirr loader, which takes no options\): unknown field 'protocol'",
+    return _config_error(ws, r"cirr loader\): unknown field 'protocol'; known: image_read",
                          "dataset.options.protocol=amc", dataset={"name": "cirr", "category": None,
                                                                   "test_split": "val"})
 

@@ -10,6 +10,7 @@ No torch at import time: images and tensors are produced inside the dataset view
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -274,6 +275,7 @@ class CIRSplit:
     protocol: str = ""
     exclude_reference: bool = True
     train_text: Callable[[list[str]], str] | None = None
+    image_read: str = "viewer"  # dataset.options.image_read: how image files are decoded (load_image)
 
     def __repr__(self) -> str:
         cat = f", category={self.category!r}" if self.category else ""
@@ -289,6 +291,10 @@ class CIRSplit:
             return self.image_paths[name]
         except KeyError:
             raise KeyError(f"image {name!r} is not part of {self!r}") from None
+
+    def read_image(self, name: str) -> Any:
+        """Image ``name`` as 8-bit RGB, decoded as ``image_read`` says (:func:`load_image`)."""
+        return load_image(self.image_path(name), self.image_read)
 
     @cached_property
     def gallery_index(self) -> dict[str, int]:
@@ -342,13 +348,18 @@ def _resolve_transform(transform: Transform | None) -> Transform:
     return default_transform()
 
 
-def load_image(path: Path) -> Any:
-    """Open an image as 8-bit RGB, as an image viewer shows it (:func:`to_rgb`); an unreadable file is a DataError
-    naming it."""
+IMAGE_READS = ("viewer", "original")  # dataset.options.image_read of every CIR dataset
+
+
+def load_image(path: Path, image_read: str = "viewer") -> Any:
+    """Open an image as 8-bit RGB, as an image viewer shows it (:func:`to_rgb`; ``image_read="original"``: as the
+    papers' loaders read it, ``.convert("RGB")`` only); an unreadable file is a DataError naming it."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
+            if image_read == "original":  # no orientation tag read, alpha dropped, 16-bit clipped at 255
+                return img.convert("RGB")
             return to_rgb(upright(img), img.format)
     except FileNotFoundError:
         raise DataError("image file not found", file=path, kind="missing_image") from None
@@ -440,9 +451,9 @@ class TripletDataset:
         t = self.split.triplets[i]
         return {
             "query_id": t.query_id,
-            "ref_image": self.transform(load_image(self.split.image_path(t.ref_name))),
+            "ref_image": self.transform(self.split.read_image(t.ref_name)),
             "text": self.text_fn(t.captions) if self.text_fn else t.text,
-            "target_image": self.transform(load_image(self.split.image_path(t.target_name))),
+            "target_image": self.transform(self.split.read_image(t.target_name)),
             "category": t.category,
             "modification": str(t.extras.get("modification", "")),
         }
@@ -463,7 +474,7 @@ class QueryDataset:
         t = self.split.triplets[i]
         return {
             "query_id": t.query_id,
-            "ref_image": self.transform(load_image(self.split.image_path(t.ref_name))),
+            "ref_image": self.transform(self.split.read_image(t.ref_name)),
             "text": t.text,
             "ref_idx": self.ref_idx[i],
             "target_idx": self.target_idx[i],
@@ -483,7 +494,7 @@ class GalleryDataset:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         name = self.split.gallery_names[i]
-        return {"image": self.transform(load_image(self.split.image_path(name))), "gallery_idx": i, "name": name}
+        return {"image": self.transform(self.split.read_image(name)), "gallery_idx": i, "name": name}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -510,7 +521,7 @@ def load_cir(name: str, root: str | os.PathLike | None = None, split: str = "tra
         raise ConfigError(f"unknown CIR dataset {name!r}{did_you_mean(name, CIR_DATASETS)}; "
                           f"known: {', '.join(CIR_DATASETS)}")
     spec = DATASETS[key]
-    options = getattr(importlib.import_module(spec.loader), "OPTIONS", {})
+    options = loader_options(key)
     if set(kw) - set(options):  # load_cir's own arguments are candidates too: categroy= means category=
         raise ConfigError(unknown_names_message(f"load_cir({key!r})", set(kw) - set(options),
                                                 ["root", "split", "category", *options]))
@@ -519,7 +530,8 @@ def load_cir(name: str, root: str | os.PathLike | None = None, split: str = "tra
     if not path.is_dir():
         raise DataError(missing_root_message(key, path, root), file=path, kind="missing_file")
     module = importlib.import_module(spec.loader)
-    return module.load(path, split=split, category=category, **kw)
+    image_read = kw.pop("image_read", "viewer")  # every CIR loader's; the split carries it to its datasets
+    return dataclasses.replace(module.load(path, split=split, category=category, **kw), image_read=image_read)
 
 
 def cir_root(name: str, root: str | os.PathLike | None = None) -> Path:
@@ -569,7 +581,9 @@ def loader_options(name: str) -> dict[str, Any]:
     """The options a dataset's loader takes (``dataset.options``), each with its choices: its ``OPTIONS`` table."""
     from cirlab.data.catalog import get_dataset
 
-    return dict(getattr(importlib.import_module(get_dataset(name).loader), "OPTIONS", {}))
+    spec = get_dataset(name)
+    common = {} if spec.is_itm else {"image_read": IMAGE_READS}
+    return {**dict(getattr(importlib.import_module(spec.loader), "OPTIONS", {})), **common}
 
 
 def check_options(name: str, options: dict[str, Any]) -> None:

@@ -99,7 +99,9 @@ def _check_images(module: ModuleType, root: Path, sink: ProblemCollector, full: 
     """Scan, then check every image the loaded splits point to: its header (default) or a full decode."""
     from PIL import Image
 
-    paths = {path for split in module.scan(root, sink, **(options or {})) for path in split.image_paths.values()}
+    # image_read is how images decode, not which: the files checked are the same
+    scan_options = {k: v for k, v in (options or {}).items() if k != "image_read"}
+    paths = {path for split in module.scan(root, sink, **scan_options) for path in split.image_paths.values()}
     for path in sorted(paths):
         if not path.is_file():
             continue  # already reported as missing

@@ -833,8 +833,6 @@ def cache_image_tokens(model: BlipRerankStage1 | BlipRerankStage2, split: Any, p
         batch_size: images per ViT pass.
         dtype: storage dtype ("float32" exact, "float16" halves the disk size).
     """
-    from cirlab.data.base import load_image
-
     stage1 = model.stage1 if isinstance(model, BlipRerankStage2) else model
     fingerprint = vision_fingerprint(stage1)
     names = _split_image_names(split)
@@ -842,7 +840,9 @@ def cache_image_tokens(model: BlipRerankStage1 | BlipRerankStage2, split: Any, p
     meta_path, arr_path = path.with_suffix(".json"), path.with_suffix(".npy")
     if meta_path.is_file() and arr_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") == fingerprint and meta.get("names") == names:
+        read = getattr(split, "image_read", "viewer")  # how the images were decoded is part of what was cached
+        if meta.get("fingerprint") == fingerprint and meta.get("names") == names and meta.get("image_read",
+                                                                                              "viewer") == read:
             logger.info("reusing ViT token cache %s", arr_path)
             return TokenStore.load(path)
         logger.info("ViT token cache %s is stale (different images or encoder); rewriting", arr_path)
@@ -856,10 +856,10 @@ def cache_image_tokens(model: BlipRerankStage1 | BlipRerankStage2, split: Any, p
                                                       "fortran_order": False, "shape": tuple(shape)})
             device = stage1.temp.device
             for i0 in range(0, len(names), batch_size):
-                batch = torch.stack([transform(load_image(split.image_path(n))) for n in names[i0:i0 + batch_size]])
+                batch = torch.stack([transform(split.read_image(n)) for n in names[i0:i0 + batch_size]])
                 fh.write(stage1.image_tokens(batch.to(device)).float().cpu().numpy().astype(dtype).tobytes())
-        io.write_json(meta_path, {"names": names, "shape": shape, "fingerprint": fingerprint, "dtype": dtype},
-                      indent=None)
+        io.write_json(meta_path, {"names": names, "shape": shape, "fingerprint": fingerprint, "dtype": dtype,
+                                  "image_read": getattr(split, "image_read", "viewer")}, indent=None)
     finally:
         stage1.train(was_training)
     logger.info("wrote ViT token cache %s (%s)", arr_path, shape)

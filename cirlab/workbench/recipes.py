@@ -628,7 +628,6 @@ def cala_trace(model: Any, dataset: str, data_root: str | os.PathLike, split: st
     import pandas as pd
     import torch
 
-    from cirlab.data.base import load_image  # as the loaders read the images
     from cirlab.workbench.viz import plain_text
 
     device = run_device(device)
@@ -641,7 +640,7 @@ def cala_trace(model: Any, dataset: str, data_root: str | os.PathLike, split: st
         trips = [t for t in sp.triplets if t.target_name][:share]
         if not trips:
             continue
-        load = lambda names, sp=sp: torch.stack([transform(load_image(sp.image_path(x)))  # noqa: E731
+        load = lambda names, sp=sp: torch.stack([transform(sp.read_image(x))  # noqa: E731
                                                  for x in names]).to(device)
         frame = model.trace(load([t.ref_name for t in trips]), [t.text for t in trips],
                             load([t.target_name for t in trips]), ids=[t.query_id for t in trips])
