@@ -531,3 +531,18 @@ def test_the_train_side_img_set_warning_says_the_query_is_trained(tmp_path):
     warnings = check_dataset("cirr", train["root"]).warnings
     assert {w.kind for w in warnings} == {"unusable_img_set"}  # 5 members, without the reference
     assert all("the query is trained; only this img_set is unusable" in w.message for w in warnings)
+
+
+def test_a_utf16_text_file_is_named_as_such(tmp_path):
+    """Notepad's "Unicode" save of a caption or split file read "not UTF-8 text: invalid start byte" (precomp: once
+    per line)."""
+    from fixtures_data import write_precomp
+
+    from cirlab.data.check import check_dataset
+
+    root = write_precomp(tmp_path / "p", n_images=2)["root"]
+    caps = root / "f30k_precomp" / "dev_caps.txt"
+    caps.write_bytes(caps.read_text().encode("utf-16"))
+    problems = [p for p in check_dataset("f30k", root) if p.kind == "bad_entry"]
+    assert len(problems) == 1 and "UTF-16 text (as Windows Notepad's \"Unicode\" saves it): save it as UTF-8" in str(
+        problems[0])

@@ -487,3 +487,9 @@ def test_ranks_as_a_column_list_are_ranks_and_matrices_are_refused():
         M.shoes_metrics(np.array([[1, 2], [3, 4]]))
     with pytest.raises(InputError, match=r"expected 1-based ranks .* got a tuple that is neither"):
         M.shoes_metrics(([0.1, 0.9, 0.5], [1], [0]))  # one query's scores, not a [1, G] matrix
+
+
+def test_fashioniq_metrics_says_it_takes_a_mapping():
+    with pytest.raises(ValueError, match=r"fashioniq_metrics takes \{category: ranks or \(scores, target\)\}, got a "
+                                         r"list \(one category: \{'dress': ranks\}\)"):
+        M.fashioniq_metrics([[1], [9]])

@@ -363,6 +363,9 @@ def fashioniq_metrics(per_category: Mapping[str, RanksOrScores], *, ks: int | Se
         >>> round(m["dress_R@50"], 2), round(m["avg_R@10"], 2), round(m["avg"], 2)
         (66.67, 50.0, 58.33)
     """
+    if not isinstance(per_category, Mapping):  # a list of ranks failed as "'list' object has no attribute 'items'"
+        raise InputError(f"fashioniq_metrics takes {{category: ranks or (scores, target)}}, got a "
+                         f"{type(per_category).__name__} (one category: {{'dress': ranks}})")
     if not per_category:
         raise InputError("fashioniq_metrics needs at least one category")
     ks = _as_ks(ks)

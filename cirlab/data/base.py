@@ -131,6 +131,19 @@ def file_not_found(path: Path) -> str:
 TEXT_ENCODING = "utf-8-sig"
 
 
+def utf16_text(path: Path, head: bytes | None = None) -> str | None:
+    """The message for a UTF-16 text file (Windows Notepad's "Unicode" save), None for any other: its bytes are no
+    UTF-8, and "invalid start byte" did not say what to do."""
+    import codecs
+
+    if head is None:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "UTF-16 text (as Windows Notepad's \"Unicode\" saves it): save it as UTF-8"
+    return None
+
+
 def read_json(path: Path, sink: ProblemCollector) -> Any | None:
     """Parse a JSON file; a missing or malformed file becomes a problem (None is returned in collect mode).
 
@@ -149,7 +162,7 @@ def read_json(path: Path, sink: ProblemCollector) -> Any | None:
                  f"malformed JSON: {err.msg}{_trailing_comma_hint(err)}")
         return None
     except UnicodeDecodeError as err:
-        sink.add("malformed_json", path, f"byte {err.start}", f"not UTF-8 text: {err.reason}")
+        sink.add("malformed_json", path, f"byte {err.start}", utf16_text(path) or f"not UTF-8 text: {err.reason}")
         return None
     if repeated:
         for where, key in _repeated_keys(data, repeated):
@@ -193,7 +206,7 @@ def read_lines(path: Path, sink: ProblemCollector) -> list[tuple[int, str]] | No
     try:
         text = path.read_text(encoding=TEXT_ENCODING)
     except UnicodeDecodeError as err:
-        sink.add("bad_entry", path, f"byte {err.start}", f"not UTF-8 text: {err.reason}")
+        sink.add("bad_entry", path, f"byte {err.start}", utf16_text(path) or f"not UTF-8 text: {err.reason}")
         return None
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from cirlab.core.errors import ConfigError, UnknownNameError
-from cirlab.data.base import ProblemCollector, check_root, file_not_found
+from cirlab.data.base import ProblemCollector, check_root, file_not_found, utf16_text
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +182,10 @@ def read_captions(path: Path, sink: ProblemCollector) -> list[str] | None:
         sink.add("missing_file", path, None, file_not_found(path))
         return None
     data = path.read_bytes()
+    utf16 = utf16_text(path, data[:2])
+    if utf16:  # one problem, not one per line
+        sink.add("bad_entry", path, None, utf16)
+        return None
     if data.startswith(codecs.BOM_UTF8):  # base.TEXT_ENCODING's rule: a byte order mark is no part of caption 1
         data = data[len(codecs.BOM_UTF8):]
     lines = data.split(b"\n")
