@@ -173,3 +173,18 @@ def write_precomp(root: Path, name: str = "f30k", splits: tuple[str, ...] = ("tr
         (folder / f"{split}_caps.txt").write_text("".join(f"{c}\n" for c in caps))
         out["features"][split], out["captions"][split] = feats, caps
     return out
+
+
+def precomp_run_config(path: Path, root: Path, *, model: str = "hrem", regions: int = 36, dim: int = 2048,
+                       overrides: dict[str, Any] | None = None, splits: tuple[str, ...] = ("dev",),
+                       **train: Any) -> Path:
+    """A ``cirlab train`` YAML config at ``path``: ``model``'s tiny preset on the f30k precomp tree under ``root``
+    (features ``regions`` x ``dim``), one step of batch 4 unless ``train`` says otherwise."""
+    import yaml
+
+    config = {"model": model, "preset": "tiny", "model_overrides": dict(overrides or {}),
+              "dataset": {"name": "f30k", "root": str(root), "options": {"dim": dim, "regions": regions}},
+              "train": {"max_steps": 1, "batch_size": 4, "progress": "none", "tensorboard": False, **train},
+              "eval": {"splits": list(splits)}}
+    path.write_text(yaml.safe_dump(config))
+    return path

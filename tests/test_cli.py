@@ -1131,14 +1131,10 @@ def test_notebooks_on_a_full_disk_name_the_copy_and_leave_no_half_file(tmp_path,
 def test_an_itm_models_img_dim_follows_the_features_or_is_refused_before_training(tmp_path, caplog):
     """Own 512-d precomp features: the tiny preset's img_dim (64) was a 50-line traceback inside the first training
     step, and the shipped configs' img_dim 2048 too; the notebooks set it from the features, cirlab train did not."""
-    from fixtures_data import write_precomp
+    from fixtures_data import precomp_run_config, write_precomp
 
     root = write_precomp(tmp_path / "data", regions=12, dim=512, n_images=8)["root"]
-    config = {"model": "hrem", "preset": "tiny", "model_overrides": {"warmup_iters": 1},
-              "dataset": {"name": "f30k", "root": str(root), "options": {"dim": 512, "regions": 12}},
-              "train": {"max_steps": 1, "batch_size": 4, "progress": "none", "tensorboard": False},
-              "eval": {"splits": ["dev"]}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    precomp_run_config(tmp_path / "c.yaml", root, regions=12, dim=512, overrides={"warmup_iters": 1})
     caplog.clear()
     with caplog.at_level(logging.INFO):
         assert main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(tmp_path / "run")]) == 0
@@ -1199,15 +1195,11 @@ def test_the_final_metrics_are_those_of_best_pt_as_cirlab_eval_reads_it(tmp_path
 
 
 def test_an_itm_split_the_selection_scored_with_best_pt_is_not_scored_again(tmp_path, caplog, capsys):
-    from fixtures_data import write_precomp
+    from fixtures_data import precomp_run_config, write_precomp
 
     root = write_precomp(tmp_path / "data", dim=12, regions=4, n_images=8)["root"]
-    config = {"model": "stub_itm", "preset": "tiny", "dataset": {"name": "f30k", "root": str(root),
-                                                                 "options": {"dim": 12, "regions": 4}},
-              "train": {"max_steps": 4, "batch_size": 4, "progress": "none", "tensorboard": False,
-                        "eval_every_steps": 2, "ema_decay": 0.5},
-              "eval": {"splits": ["dev", "test"]}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    precomp_run_config(tmp_path / "c.yaml", root, model="stub_itm", regions=4, dim=12, splits=("dev", "test"),
+                       max_steps=4, eval_every_steps=2, ema_decay=0.5)
     caplog.clear()
     with caplog.at_level(logging.INFO):
         assert main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(tmp_path / "run")]) == 0

@@ -419,17 +419,12 @@ def test_region_drop_leaves_topk_regions_and_too_few_regions_are_one_line(tmp_pa
     # an image that would keep nothing keeps all its valid regions
     _, lengths = H.drop_regions(torch.randn(3, 12, 3), torch.tensor([12, 5, 0]), 1.0, min_keep=10)
     assert lengths.tolist() == [12, 5, 0]
-    from cirlab.cli import main
-    from fixtures_data import write_precomp
+    from fixtures_data import precomp_run_config, write_precomp
 
-    import yaml
+    from cirlab.cli import main
 
     root = write_precomp(tmp_path / "data", regions=9, dim=64, n_images=8)["root"]
-    config = {"model": "hrem", "preset": "tiny", "model_overrides": {"warmup_iters": 0},
-              "dataset": {"name": "f30k", "root": str(root), "options": {"dim": 64, "regions": 9}},
-              "train": {"max_steps": 1, "batch_size": 4, "progress": "none", "tensorboard": False},
-              "eval": {"splits": ["dev"]}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    precomp_run_config(tmp_path / "c.yaml", root, regions=9, dim=64, overrides={"warmup_iters": 0})
     assert main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(tmp_path / "run")]) == 2
     assert ("HREM: topk=10 needs at least 10 regions per image (the word-region relevance keeps the 10 best); "
             "these features have 9: set model_overrides.topk to at most 9") in caplog.text
