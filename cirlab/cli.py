@@ -438,7 +438,10 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise
     if run_dir is not None:
         _warn_if_the_data_changed(run_dir, config)
-    asked = {".".join(path[1:]): value for path, value in parse_set(args.overrides) if path[0] == "model_overrides"}
+    asked: dict[str, Any] = {}  # the model fields this command line asks for (--set model_overrides.F=V or ={...})
+    for path, value in parse_set(args.overrides):
+        if path[0] == "model_overrides":
+            asked.update(value if len(path) == 1 and isinstance(value, dict) else {".".join(path[1:]): value})
     model, meta = model_from_checkpoint(checkpoint, model=args.model, preset=args.preset,
                                         trust_pickle=args.trust_pickle, overrides=config.get("model_overrides"),
                                         asked=asked)
@@ -452,7 +455,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         files = [checkpoint] + [_checkpoint_of(m, args.checkpoint)[0] for m in args.ensemble]
         members = [model] + [model_from_checkpoint(path, model=args.model, preset=args.preset,
                                                    trust_pickle=args.trust_pickle,
-                                                   overrides=config.get("model_overrides"))[0]
+                                                   overrides=config.get("model_overrides"), asked=asked)[0]
                                    for path in files[1:]]
         model = make_ensemble(members, [str(path) for path in files])
     model.to(device)

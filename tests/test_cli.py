@@ -988,6 +988,12 @@ def test_eval_refuses_settings_it_would_not_read(tmp_path, synth, caplog):
             in caplog.text)
     assert main(["eval", str(out), "--model", "stub_cir", "--set", "model_overrides.embed_dim=12",
                  "--split", "val"]) == 0  # the value it records: nothing is lost
+    assert main(["eval", str(out), "--model", "stub_cir", "--set", "model_overrides={embed_dim: 12}",
+                 "--split", "val"]) == 0  # the whole mapping, spelt at once
+    caplog.clear()
+    assert main(["eval", str(out), "--model", "stub_cir", "--set", "model_overrides={embed_dim: 32}",
+                 "--split", "val", "--ensemble", str(out)]) == 2
+    assert "model_overrides.embed_dim=32 differs" in caplog.text
     from cirlab.engine.runs import model_from_checkpoint
 
     best = out / "checkpoints" / "best.pt"  # a run config's overrides (an ensemble member's) are not asked values

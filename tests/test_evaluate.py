@@ -260,6 +260,9 @@ def test_the_gallery_cache_holds_models_with_extra_state_and_follows_the_transfo
         cached = evaluate_cir(model, split, transform=transform, batch_size=8, cache_dir=cache)["ranks"]["val_dress"]
         np.testing.assert_array_equal(cached, plain)
     assert len(list(cache.rglob("*.pt"))) == 2  # one gallery file per transform
+    original = load_cir("fashioniq", synth / "fashioniq", "val", category="dress", image_read="original")
+    evaluate_cir(model, original, transform=transform, batch_size=8, cache_dir=cache)
+    assert len(list(cache.rglob("*.pt"))) == 3  # how the images were decoded is part of the key
     from cirlab.core.featcache import state_dict_digest
 
     digest = lambda words: state_dict_digest({"w": torch.ones(2), "vocab": {"words": words, "size": 2}})  # noqa: E731

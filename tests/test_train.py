@@ -630,6 +630,10 @@ def test_the_default_selection_metric_follows_the_task_and_a_missing_one_keeps_t
     straight = cirlab.fit(straight_model, TripletItems(16), _cfg(epochs=2, selection_metric="avg", ema_decay=0.5),
                           output_dir=tmp_path / "s", evaluate_fn=cir)
     assert resumed["steps"] == straight["steps"] and resumed["best_step"] == straight["best_step"]
+    with pytest.raises(ConfigError, match=r"evaluate_fn returned no split 'val' .*; set train\.selection to one of "
+                                          r"them and resume"):  # the split is what is missing, not the metric
+        cirlab.fit(_model(), TripletItems(16), _cfg(epochs=1, selection_metric="avg"), output_dir=tmp_path / "n",
+                   evaluate_fn=lambda m: {"dev": {"avg": 1.0}, "test": {"avg": 1.0}})
     live = [torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=False)["model"] for run in "rs"]
     assert all(torch.equal(live[0][k], live[1][k]) for k in live[1])  # the live weights, not the average
     assert [r["step"] for r in _read_log(tmp_path / "r" / "log.jsonl") if r["kind"] == "eval"] == [

@@ -224,7 +224,8 @@ def _encode_gallery(model: Any, split: Any, gallery: Any, *, batch_size: int, de
     from cirlab.core import retrieval
 
     key = retrieval.cache_key(retrieval.state_dict_digest(model), *_encoder_identity(model, gallery), split.dataset,
-                              split.root, split.split, split.category, len(gallery), "encode_target")
+                              split.root, split.split, split.category, len(gallery), "encode_target",
+                              getattr(split, "image_read", "viewer"))
     loader = torch.utils.data.DataLoader(gallery, batch_size=batch_size, num_workers=num_workers)
     return retrieval.encode_corpus(model.encode_target, loader, device=device, key="image", index_key="gallery_idx",
                                    cache_dir=cache_dir, cache_key=key, progress=False)

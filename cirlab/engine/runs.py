@@ -820,13 +820,16 @@ def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, 
 def _refuse_other_overrides(cfg: Any, asked: dict[str, Any] | None, path: Any) -> None:
     """Model fields asked for a checkpoint that records its config: that config is what its weights were trained
     with, and it is the one built; a value other than the recorded one would be read by nothing. Compared as the
-    config class reads them (DIME's old bool ``extra_negatives`` is "none" / "random")."""
+    config class reads them (its ``__post_init__``: DIME's old bool ``extra_negatives`` is "none" / "random"; not
+    ``from_stored``, whose compatibility resets would make a requested value agree)."""
+    import dataclasses
+
     from cirlab.core.checkpoint import CheckpointError
 
     asked = type(cfg).current_names(dict(asked or {}))
     unknown = sorted(k for k in asked if not hasattr(cfg, k))
     try:
-        wanted = type(cfg).from_stored({**cfg.to_dict(), **{k: v for k, v in asked.items() if k not in unknown}})
+        wanted = dataclasses.replace(cfg, **{k: v for k, v in asked.items() if k not in unknown})
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{path}: model_overrides: {' '.join(str(err).split())}") from None
     other = unknown + [k for k in asked

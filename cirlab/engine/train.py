@@ -1553,10 +1553,11 @@ class Trainer:
                 self.model.train()
         if missing is not None:
             self.save("last.pt")
-            raise ConfigError(f"{missing.args[0]}; set train.selection_metric to one of them and resume: the "
-                              f"training so far is saved in {self.ckpt_dir / 'last.pt'} (Python: the same call with "
-                              "selection_metric=... and resume='auto'; cirlab train: --resume --allow-config-change "
-                              "--set train.selection_metric=...)") from None
+            field = "selection" if "returned no split" in missing.args[0] else "selection_metric"  # which is wrong
+            raise ConfigError(f"{missing.args[0]}; set train.{field} to one of them and resume: the training so far "
+                              f"is saved in {self.ckpt_dir / 'last.pt'} (Python: the same call with {field}=... and "
+                              f"resume='auto'; cirlab train: --resume --allow-config-change --set train.{field}=...)"
+                              ) from None
         return results
 
     def _select(self, results: dict[str, Any], log: _RunLog) -> None:

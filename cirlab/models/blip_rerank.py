@@ -845,7 +845,10 @@ def cache_image_tokens(model: BlipRerankStage1 | BlipRerankStage2, split: Any, p
                                                                                               "viewer") == read:
             logger.info("reusing ViT token cache %s", arr_path)
             return TokenStore.load(path)
-        logger.info("ViT token cache %s is stale (different images or encoder); rewriting", arr_path)
+        why = [what for what, same in (("images", meta.get("names") == names),
+                                       ("encoder", meta.get("fingerprint") == fingerprint),
+                                       ("image_read", meta.get("image_read", "viewer") == read)) if not same]
+        logger.info("ViT token cache %s is stale (other %s); rewriting", arr_path, ", ".join(why))
     transform = transform or image_transform(stage1.config)
     shape = [len(names), stage1.config.num_image_tokens, stage1.config.vision_width]
     was_training = stage1.training
