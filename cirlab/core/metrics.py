@@ -44,7 +44,7 @@ from cirlab.core.config import is_whole, name_list, whole_number
 from cirlab.core.errors import InputError, refuse_entries
 
 __all__ = [
-    "AVG", "RSUM", "TIES", "FIQ_CATEGORIES", "FIQ_KS", "SHOES_KS", "CIRR_KS", "CIRR_SUBSET_KS", "ITM_KS",
+    "AVG", "RSUM", "TIES", "FIQ_CATEGORIES", "FIQ_KS", "SHOES_KS", "CIRR_KS", "RECALL_KS", "CIRR_SUBSET_KS", "ITM_KS",
     "recall_key", "is_recall_key", "subset_key", "itm_key",
     "target_ranks", "removed_targets_missed", "recall_from_ranks", "recall_at_k",
     "fashioniq_metrics", "shoes_metrics",
@@ -64,6 +64,7 @@ FIQ_CATEGORIES = ("dress", "shirt", "toptee")
 FIQ_KS = (10, 50)
 SHOES_KS = (1, 10, 50)
 CIRR_KS = (1, 5, 10, 50)
+RECALL_KS = {"fashioniq": FIQ_KS, "shoes": SHOES_KS, "cirr": CIRR_KS}  # each CIR protocol's recall cut-offs
 CIRR_SUBSET_KS = (1, 2, 3)
 ITM_KS = (1, 5, 10)
 CIRR_VERSION = "rc2"

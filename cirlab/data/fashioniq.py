@@ -106,9 +106,8 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "clip4cir": {"gallery": "split", "captions": "clip4cir", "exclude_reference": False},
 }
 _PROTOCOL_ALIASES = {"rerank": "clip4cir", "cala": "clip4cir"}
-# option spellings that mean one setting, and the value an option left out has (for comparing two option sets)
+# option spellings that mean one setting (for comparing two option sets)
 OPTION_ALIASES: dict[str, dict[str, str]] = {"protocol": _PROTOCOL_ALIASES}
-OPTION_DEFAULTS: dict[str, str] = {"protocol": "amc"}
 GALLERIES = ("amc", "split")
 # dataset.options the loader takes: choices, or "bool?" (true/false/null)
 # what a split-file image missing from disk does: "error" (every listed image must exist), or "drop" (opt-in, for

@@ -335,7 +335,7 @@ def _say_trivial_cutoffs(name: str, protocol: str, candidates: int) -> None:
     one's own data, the tiny synthetic sets): said, so that 100 is not read as a result."""
     from cirlab.core import metrics as M
 
-    ks = {"fashioniq": M.FIQ_KS, "shoes": M.SHOES_KS, "cirr": M.CIRR_KS}.get(protocol, ())
+    ks = M.RECALL_KS.get(protocol, ())
     trivial = [f"R@{k}" for k in ks if k >= candidates]
     if trivial and (name, protocol, candidates) not in _SAID_TRIVIAL:  # once: a run evaluates the split each epoch
         _SAID_TRIVIAL.add((name, protocol, candidates))

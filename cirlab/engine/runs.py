@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import inspect
 import logging
 import os
 import re
@@ -655,7 +656,9 @@ def say_other_protocol(config: dict[str, Any]) -> bool:
     if not wanted:
         return False
     module = importlib.import_module(get_dataset(name).loader)
-    aliases, defaults = getattr(module, "OPTION_ALIASES", {}), getattr(module, "OPTION_DEFAULTS", {})
+    aliases = getattr(module, "OPTION_ALIASES", {})
+    defaults = {k: p.default for k, p in inspect.signature(module.load).parameters.items()  # an option left out
+                if p.kind is p.KEYWORD_ONLY and p.default is not p.empty}
     given = {**defaults, **(config["dataset"].get("options") or {})}
     plain = lambda key, value: aliases.get(key, {}).get(value, value)  # noqa: E731
     differ = {k: given.get(k) for k, v in wanted.items() if plain(k, given.get(k)) != plain(k, v)}

@@ -1547,13 +1547,13 @@ class Trainer:
                     results = self.evaluate_fn(self.model)
                 try:
                     self._select(results, log)
-                except _MissingMetric as err:  # kept below, once the live weights are back (not the EMA's)
+                except MissingSelection as err:  # kept below, once the live weights are back (not the EMA's)
                     missing = err
             finally:
                 self.model.train()
         if missing is not None:
             self.save("last.pt")
-            field = "selection" if "returned no split" in missing.args[0] else "selection_metric"  # which is wrong
+            field = missing.field
             raise ConfigError(f"{missing.args[0]}; set train.{field} to one of them and resume: the training so far "
                               f"is saved in {self.ckpt_dir / 'last.pt'} (Python: the same call with {field}=... and "
                               f"resume='auto'; cirlab train: --resume --allow-config-change --set train.{field}=...)"
@@ -1563,7 +1563,7 @@ class Trainer:
     def _select(self, results: dict[str, Any], log: _RunLog) -> None:
         p, split = self.progress, self.selection_split()
         record = {"kind": "eval", "epoch": p.epoch, "step": p.step, "metrics": _numbers_only(results)}
-        score = self._selection_score(results, split) if split is not None else None
+        score = selection_score(results, split, self.cfg.selection_metric) if split is not None else None
         p.evaluated_step = p.step
         if score is not None:
             record["selection_score"] = score
@@ -1575,15 +1575,6 @@ class Trainer:
         log.write(record)
         # numbered as the progress line numbers epochs (from 1); the record keeps the 0-based index
         logger.info("eval at step %d, epoch %d: %s", p.step, p.epoch + 1, _short(record))
-
-    def _selection_score(self, results: dict[str, Any], split: str) -> float:
-        """The selection metric's value; a metric the evaluation does not report stops the run after keeping the
-        training so far (:meth:`evaluate_and_select`: it is found after the first stretch of training, which was
-        lost with a bare KeyError)."""
-        try:
-            return selection_score(results, split, self.cfg.selection_metric)
-        except KeyError as err:
-            raise _MissingMetric(err.args[0]) from None
 
     def save_weights(self, name: str, metrics: dict[str, Any] | None = None) -> None:
         if self.dist.is_main:
@@ -1607,8 +1598,13 @@ class Trainer:
             self.save(f"epoch_{p.epoch}.pt")
 
 
-class _MissingMetric(KeyError):
-    """The selection metric is not among an evaluation's results (raised inside the evaluated-weights swap)."""
+class MissingSelection(KeyError):
+    """The selection split or metric is not among an evaluation's results; ``field`` names the setting to change
+    (``selection`` or ``selection_metric``). The trainer stops after keeping the training so far."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 TASK_SELECTION_METRIC = {"itm": "rsum", "cir": "avg", "rerank": "avg"}  # selection_metric="auto", per model task
@@ -1618,12 +1614,14 @@ def selection_score(results: dict[str, Any], split: str, metric: str) -> float:
     """Sum of the ``+``-joined ``metric`` keys in ``results[split]`` (a flat dict counts as that split)."""
     split_metrics = results.get(split, results if not any(isinstance(v, dict) for v in results.values()) else None)
     if not isinstance(split_metrics, dict):
-        raise KeyError(f"model selection: evaluate_fn returned no split {split!r} (splits: {sorted(results)})")
+        raise MissingSelection(f"model selection: evaluate_fn returned no split {split!r} (splits: "
+                               f"{sorted(results)})", "selection")
     keys = [k.strip() for k in metric.split("+")]
     missing = [k for k in keys if k not in split_metrics]
     if missing:
-        raise KeyError(f"model selection: metric(s) {missing} not in split {split!r} "
-                       f"(available: {sorted(k for k in split_metrics if not isinstance(split_metrics[k], dict))})")
+        available = sorted(k for k in split_metrics if not isinstance(split_metrics[k], dict))
+        raise MissingSelection(f"model selection: metric(s) {missing} not in split {split!r} (available: "
+                               f"{available})", "selection_metric")
     return float(sum(float(split_metrics[k]) for k in keys))
 
 
