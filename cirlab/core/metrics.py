@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cirlab.core.config import is_whole, name_list, whole_number
+from cirlab.core.config import FieldValueError, name_list, whole_number
 from cirlab.core.errors import InputError, refuse_entries
 
 __all__ = [
@@ -100,10 +100,12 @@ def whole_argument(value: Any, name: str, low: int = 1) -> int:
     """``value`` as an int when it is a whole number >= ``low`` (a chunk size, a fold count), else one
     :class:`InputError` line naming ``name``. The chunked loops ``range(0, n, chunk)`` do nothing for a negative step
     (the output kept uninitialised memory as ranks), and 0 or 1.5 failed inside ``range`` as a bare error.
-    :func:`cirlab.core.retrieval.topk_search` checks its chunk sizes with this too."""
-    if not is_whole(value) or value < low:
-        raise InputError(f"{name} must be a whole number >= {low}, got {value!r}")
-    return int(value)
+    :func:`cirlab.core.retrieval.topk_search` checks its chunk sizes with this too. The rule is
+    :func:`cirlab.core.config.whole_number`'s; an argument of a function is an input, not a config field."""
+    try:
+        return whole_number(value, name, low)
+    except FieldValueError as err:
+        raise InputError(str(err)) from None
 
 
 def _as_scores(scores: ScoresLike) -> Tensor:
