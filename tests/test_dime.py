@@ -629,7 +629,8 @@ def test_random_extras_fall_back_to_the_previous_batch_with_one_warning(caplog):
         for seed in (1, 2, 3):
             model.training_step(_batch(seed=seed))
     assert seen == [(6, 6), (6, 12), (6, 12)]
-    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    warned = [r.getMessage() for r in caplog.records  # the tiny tokenizer spells by letters: captions are cut
+              if r.levelname == "WARNING" and " were cut to " not in r.getMessage()]
     assert len(warned) == 1 and "previous batch" in warned[0] and "dataset_extras" in warned[0]
 
 
@@ -650,7 +651,8 @@ def test_extra_negatives_options_and_the_old_bool(caplog):
                 model.training_step({**_batch(seed=seed), "extra_text": ["x", "y", "z"],
                                      "extra_text_image_idx": torch.arange(3)})
         assert seen == expected, mode
-        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        warned = [r.getMessage() for r in caplog.records
+                  if r.levelname == "WARNING" and " were cut to " not in r.getMessage()]
         assert len(warned) == 1 and "ignored" in warned[0], mode
 
 

@@ -116,6 +116,14 @@ class ClipTokenizer:
         mask = (torch.arange(ids.shape[1])[None, :] <= eot).long()
         return ids, mask
 
+    def cut_count(self, texts: Sequence[str], ids: torch.Tensor) -> int:
+        """How many of ``texts`` :meth:`encode` cut (``ids`` its output): only a row without padding can have been
+        cut; its BPE is counted on its first ``context_length`` words (each gives at least one token), so a
+        pasted book costs no more than that."""
+        full = [text for text, last in zip(texts, ids[:, -1].tolist()) if last != 0]
+        words = [" ".join(text.split()[: self.context_length]) for text in full]
+        return sum(len(self._bpe.encode(text)) + 2 > self.context_length for text in words)
+
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         """Token strings of one row (``</w>`` word ends dropped; padding after EOT shown as ``<pad>``)."""
         ids = [int(i) for i in ids]

@@ -55,6 +55,7 @@ from torch import nn
 
 from cirlab.core import tracing
 from cirlab.core.config import PresetMixin, refuse_unread
+from cirlab.models._truncation import say_cut
 from cirlab.models.registry import register_model
 
 logger = logging.getLogger(__name__)
@@ -352,8 +353,8 @@ class TextEncoder(nn.Module):
         encoded = [self.vocab.encode(self.with_markup(t)) for t in texts]
         longest = max(len(e) for e in encoded)
         if longest > MAX_WORDS:
-            logger.warning("AMC: %d text(s) longer than %d words cut to their first %d (the longest had %d)",
-                           sum(len(e) > MAX_WORDS for e in encoded), MAX_WORDS, MAX_WORDS, longest)
+            say_cut(logger, self, "AMC", sum(len(e) > MAX_WORDS for e in encoded), len(encoded), MAX_WORDS, "words",
+                    longest)
             encoded = [e[:MAX_WORDS] for e in encoded]
         ids = torch.zeros(len(encoded), max(len(e) for e in encoded), dtype=torch.long)
         for i, e in enumerate(encoded):

@@ -39,7 +39,7 @@ Behaviour choices, defaults first, the original as a named option:
 * Precision: the original uses fp16 autocast + GradScaler; cirlab's trainer default (``precision="auto"``) uses bf16
   autocast on CUDA. ``bf16=True`` also runs inference (:meth:`encode_query`, :meth:`score_candidates`) under bf16.
 * Texts are tokenised with padding to the longest and truncated at ``max_text_len`` (the original never truncates;
-  512 positions are never reached by CIR captions).
+  512 positions are never reached by CIR captions); a cut is logged, as in every cirlab model.
 * Stage II skips queries whose target is not among the K candidates (their scores are ``-99999.99`` and the
   stage-I order is kept), as the original does; :func:`cirlab.engine.rerank.rerank_topk` with ``skip_misses=False``
   scores them too. The recalls are identical either way.
@@ -63,6 +63,7 @@ from cirlab.core import io
 from cirlab.core.config import PresetMixin
 from cirlab.models import _hf_blip as hf
 from cirlab.models import blip_interop
+from cirlab.models._truncation import hf_cut_count, say_cut
 from cirlab.models.registry import register_model
 
 logger = logging.getLogger(__name__)
@@ -228,6 +229,9 @@ class BlipRerankStage1(nn.Module):
                              return_tensors="pt")
         rows = self.text_encoder.get_input_embeddings().num_embeddings
         hf.refuse_unknown_tokens(tok["input_ids"], self.tokenizer, rows)
+        limit = self.config.max_text_len
+        say_cut(logger, self, "BLIP", hf_cut_count(self.tokenizer, texts, tok["attention_mask"], limit), len(texts),
+                limit, "tokens ([CLS] and [SEP] included; max_text_len, the text position embeddings)")
         return tok
 
     def tokenize(self, texts: Sequence[str], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

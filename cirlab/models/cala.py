@@ -44,7 +44,8 @@ Behaviour choices, defaults first, the original as a named option:
   model's ``lr`` field (the paper and the author's answers in issues #4/#6 say 1e-5; the README says 5e-6).
 * ``hca_mask_padding=False`` (original): padded text positions take part in HCA's hinge product; ``True`` removes
   them (the hinge sum then runs over real tokens only).
-* Text is padded to the longest caption and truncated at ``max_text_len`` (the original never truncates).
+* Text is padded to the longest caption and truncated at ``max_text_len`` (the original never truncates); a cut is
+  logged, as in every cirlab model.
 * Precision: the original trains under fp16 autocast with a GradScaler (its frozen ViT-L in fp16); cirlab's trainer
   default (``precision="auto"``) uses bf16 autocast on CUDA and fp32 on the CPU, with the tower in the autocast
   dtype. ``--set train.precision=fp16`` gives the original's fp16 + GradScaler; evaluation runs in fp32, as the
@@ -109,6 +110,7 @@ from cirlab.core.config import PresetMixin, refuse_unread
 from cirlab.core.errors import ConfigError
 from cirlab.models import _hf_blip2 as hb
 from cirlab.models._hf_blip import refuse_unknown_tokens
+from cirlab.models._truncation import hf_cut_count, say_cut
 from cirlab.models.registry import register_model
 
 logger = logging.getLogger(__name__)
@@ -578,9 +580,13 @@ class CaLa(nn.Module):
         texts = [texts] if isinstance(texts, str) else list(texts)
         if self.is_clip:
             ids, mask = self.tokenizer.encode(texts)
+            say_cut(logger, self, "CaLa", self.tokenizer.cut_count(texts, ids), len(texts), ids.shape[1],
+                    "BPE tokens (SOT and EOT included; CLIP's context length)")
             return ids.to(self.device), mask.to(self.device)
-        tok = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.config.max_text_len,
-                             return_tensors="pt")
+        limit = self.config.max_text_len
+        tok = self.tokenizer(texts, padding="longest", truncation=True, max_length=limit, return_tensors="pt")
+        say_cut(logger, self, "CaLa", hf_cut_count(self.tokenizer, texts, tok["attention_mask"], limit), len(texts),
+                limit, "tokens ([CLS] and [SEP] included; max_text_len, the Q-Former's position embeddings)")
         # every Q-Former copy's word embedding has vocab_size rows (a converted LAVIS test file: 32)
         refuse_unknown_tokens(tok["input_ids"], self.tokenizer, int(self.config.vocab_size))
         return tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)

@@ -58,6 +58,7 @@ from cirlab.core.config import PresetMixin
 from cirlab.models._text import (  # noqa: F401  (BERT_BASE_CONFIG, tiny_vocab, ... stay importable from here)
     BERT_BASE_CONFIG, BertVocabMixin, convert_original_bert_state_dict, load_bert, make_tokenizer, tiny_vocab,
     word_splitter)
+from cirlab.models._truncation import hf_cut_count, say_cut
 from cirlab.models.registry import register_model
 
 logger = logging.getLogger(__name__)
@@ -598,16 +599,15 @@ class DIME(MaxViolationWarmup, BertVocabMixin, nn.Module):
 
         The original keeps 30 WordPieces but tokenises the whole text first; a text of more than ``4 * max_words``
         words is cut to that many words before tokenising (each word gives at least one WordPiece, so the ids do
-        not change) and the cut is logged, so a pasted book does not stall a batch."""
-        limit = 4 * self.config.max_words
-        words = [t.split(maxsplit=limit) for t in texts]  # stops splitting after `limit` words
-        cut = sum(len(w) > limit for w in words)
-        if cut:
-            logger.warning("DIME: %d caption(s) of more than %d words cut to their first %d before tokenising "
-                           "(only the first %d WordPieces are read)", cut, limit, limit, self.config.max_words - 2)
-            texts = [" ".join(w[:limit]) if len(w) > limit else t for t, w in zip(texts, words)]
-        enc = self._get_tokenizer()(list(texts), max_length=self.config.max_words, truncation=True,
-                                    padding="max_length", return_tensors="pt")
+        not change), so a pasted book does not stall a batch. A text cut at ``max_words`` is logged (the first
+        time as a warning)."""
+        most = 4 * self.config.max_words
+        words = [t.split(maxsplit=most) for t in texts]  # stops splitting after `most` words
+        texts = [" ".join(w[:most]) if len(w) > most else t for t, w in zip(texts, words)]
+        tokenizer, limit = self._get_tokenizer(), self.config.max_words
+        enc = tokenizer(list(texts), max_length=limit, truncation=True, padding="max_length", return_tensors="pt")
+        say_cut(logger, self, "DIME", hf_cut_count(tokenizer, texts, enc["attention_mask"], limit), len(texts), limit,
+                "WordPieces ([CLS] and [SEP] included; the original's protocol)")
         return enc["input_ids"], enc["attention_mask"].bool()
 
     def encode_image(self, image_feats: torch.Tensor, ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -58,6 +58,7 @@ from cirlab.core import tracing
 from cirlab.core.config import PresetMixin
 from cirlab.core.errors import InputError
 from cirlab.models._text import BertVocabMixin, load_bert
+from cirlab.models._truncation import say_cut
 from cirlab.models.dime import MaxViolationWarmup, contrastive_loss  # VSE++ hinge and its warm-up, DIME's
 from cirlab.models.registry import register_model
 
@@ -513,6 +514,8 @@ class HREM(MaxViolationWarmup, BertVocabMixin, nn.Module):
             if augment:
                 pieces = self._augment(pieces, enc.word_ids(i), tok)
             seqs.append([tok.cls_token_id, *pieces[: self.config.max_words - 2], tok.sep_token_id])
+        say_cut(logger, self, "HREM", sum(len(p) + 2 > self.config.max_words for p in enc["input_ids"]), len(seqs),
+                self.config.max_words, "WordPieces ([CLS] and [SEP] included)")
         width = max(max(len(s) for s in seqs), self.config.topk)
         ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
         for i, s in enumerate(seqs):
