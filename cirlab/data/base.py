@@ -211,6 +211,28 @@ def read_lines(path: Path, sink: ProblemCollector) -> list[tuple[int, str]] | No
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
+# One role, three CIR layouts' names for it (Fashion-IQ, CIRR, Shoes): an entry written in another layout's names (a
+# Fashion-IQ file with CIRR's "reference") is offered the rename although the names are not alike.
+SAME_FIELD_ACROSS_LAYOUTS = ({"fashioniq": "candidate", "cirr": "reference", "shoes": "ReferenceImageName"},
+                             {"fashioniq": "target", "cirr": "target_hard", "shoes": "ImageName"},
+                             {"fashioniq": "captions", "cirr": "caption", "shoes": "RelativeCaption"})
+
+
+def _other_layouts_name(key: str, spare: list[str]) -> str | None:
+    """The entry's name for ``key``'s role in another CIR layout, if it has one."""
+    for names in SAME_FIELD_ACROSS_LAYOUTS:
+        if key in names.values():
+            return next((n for n in spare if n in names.values() and n != key), None)
+    return None
+
+
+def _whose_name(name: str) -> str:
+    """`` (the name CIRR uses)`` for a field of another layout, else nothing."""
+    layouts = {"fashioniq": "Fashion-IQ", "cirr": "CIRR", "shoes": "Shoes"}
+    owner = next((layout for names in SAME_FIELD_ACROSS_LAYOUTS for layout, n in names.items() if n == name), None)
+    return f" (the name {layouts[owner]} uses)" if owner else ""
+
+
 def missing_keys_message(entry: dict[str, Any], keys: Iterable[str], known: Iterable[str] = ()) -> str | None:
     """``missing key 'target_hard' (this entry has: pairid, reference, ...; did you mean 'target'?)``, None when
     none of ``keys`` is missing: a renamed field reads as what it is, not as a value of the wrong type.
@@ -222,8 +244,10 @@ def missing_keys_message(entry: dict[str, Any], keys: Iterable[str], known: Iter
         return None
     names = list(entry)
     spare = [n for n in names if n not in set(known) | set(missing)]
-    guesses = [(close, key) for key, close in ((key, closest(key, spare)) for key in missing) if close]
-    said = [f"{close!r}" + (f" for {key!r}" if len(missing) > 1 else "") for close, key in guesses]
+    guesses = [(close, key) for key, close in ((key, closest(key, spare) or _other_layouts_name(key, spare))
+                                               for key in missing) if close]
+    said = [f"{close!r}" + (f" for {key!r}" if len(missing) > 1 else "") + _whose_name(close)
+            for close, key in guesses]
     hint = f"; did you mean {', '.join(said)}?" if said else ""
     shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "no keys"
     what = f"key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}"
