@@ -417,6 +417,23 @@ def test_flat_numbers_is_the_one_flattening_of_nested_metrics():
     assert flatten_metrics(tree) == flat_numbers(tree)  # the workbench's public name reads through the same one
 
 
+def test_json_and_yaml_files_keep_non_ascii_text_as_itself_and_escape_only_what_utf8_cannot_hold(tmp_path):
+    import json
+
+    import yaml
+
+    from cirlab.core.io import write_json, write_yaml
+
+    record = {"root": "/home/josé/données", "name": "写真-run", "n": 1}
+    for write, read, name in ((write_json, json.loads, "a.json"), (write_yaml, yaml.safe_load, "a.yaml")):
+        text = write(tmp_path / name, record).read_bytes().decode("utf-8")
+        assert "josé/données" in text and "写真-run" in text, text  # was jos\u00e9 / "jos\xE9"
+        assert read(text) == record
+        odd = {"root": "/data/caf\udce9"}  # a file name that is not UTF-8, as os.listdir gives it
+        text = write(tmp_path / ("odd-" + name), odd).read_bytes().decode("ascii")  # escaped, so still UTF-8
+        assert read(text) == odd
+
+
 def test_unknown_names_message_with_and_without_known_names():
     from cirlab.core.config import unknown_names_message
 

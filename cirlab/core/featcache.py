@@ -234,7 +234,7 @@ class FeatureStore:
         for keys_file in sorted(self.directory.glob("seg-*.keys.json")):
             data_file = keys_file.with_name(keys_file.name.replace(".keys.json", ".npy"))
             try:
-                keys = json.loads(keys_file.read_text())
+                keys = json.loads(keys_file.read_text(encoding="utf-8"))
                 rows = np.load(data_file, mmap_mode="r")
             except (OSError, ValueError) as err:
                 log.warning("feature store %s: skipping unreadable segment %s (%s)", self.directory, data_file, err)

@@ -73,8 +73,22 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
     """Strict JSON with sorted keys: values through :func:`to_plain` (numpy scalars as numbers, paths as their
     ``str``), and NaN / infinity (a recall over no queries) as ``null``: Python writes a bare ``NaN`` that JSON
-    readers (the report's browser, ``jq``) refuse."""
-    return write_text(path, json.dumps(_finite(to_plain(obj)), indent=indent, sort_keys=True, allow_nan=False))
+    readers (the report's browser, ``jq``) refuse. Non-ASCII text is written as itself (``josé``, not
+    ``jos\\u00e9``), except a string holding a lone surrogate (a file name that is not UTF-8): UTF-8 cannot encode
+    it, so that file is written with ASCII escapes."""
+    plain = _finite(to_plain(obj))
+    text = json.dumps(plain, indent=indent, sort_keys=True, allow_nan=False, ensure_ascii=False)
+    if not _utf8_encodable(text):
+        text = json.dumps(plain, indent=indent, sort_keys=True, allow_nan=False)
+    return write_text(path, text)
+
+
+def _utf8_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def to_plain(value: Any) -> Any:
@@ -125,7 +139,8 @@ def _finite(plain: Any) -> Any:
 def write_yaml(path: str | os.PathLike, obj: Any) -> Path:
     import yaml
 
-    return write_text(path, yaml.safe_dump(obj, sort_keys=False))
+    # non-ASCII text as itself; PyYAML still escapes what is not printable (a lone surrogate), so this stays UTF-8
+    return write_text(path, yaml.safe_dump(obj, sort_keys=False, allow_unicode=True))
 
 
 def file_name_part(value: str, what: str) -> str:

@@ -70,7 +70,7 @@ def record_start(run_dir: Path, entry: Mapping[str, Any], resumed: bool = False)
     starts: list[Any] = []
     if resumed and path.is_file():  # the earlier starts stay (a resume from a step-0 checkpoint too)
         try:
-            starts = list(json.loads(path.read_text()).get("starts") or [])
+            starts = list(json.loads(path.read_text(encoding="utf-8")).get("starts") or [])
         except (OSError, ValueError, AttributeError) as err:
             logger.warning("%s cannot be read (%s): its earlier entries are replaced by this start's", path, err)
     write_json(path, {"starts": [*starts, dict(entry)]})

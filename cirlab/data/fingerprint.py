@@ -103,7 +103,7 @@ def read_fingerprint(run_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         value = err
     if not isinstance(value, dict):

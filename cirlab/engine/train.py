@@ -755,7 +755,7 @@ class _RunLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.active:
             return
-        with self.path.open("a") as fh:
+        with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
         if self.tb is not None:
             prefix = record.get("kind", "train")
@@ -854,7 +854,7 @@ def is_run_config(path: Path) -> bool:
     import yaml
 
     try:
-        config = yaml.safe_load(path.read_text())
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
     train = config.get("train") if isinstance(config, dict) else None
@@ -940,7 +940,7 @@ def recipe_wrote(folder: str | os.PathLike) -> bool:
     since (``cirlab train --resume`` or ``--overwrite`` change ``last.pt``)."""
     folder = Path(folder)
     try:
-        mark = json.loads((folder / RECIPE_MARK).read_text())
+        mark = json.loads((folder / RECIPE_MARK).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     fingerprint = _last_checkpoint_fingerprint(folder)

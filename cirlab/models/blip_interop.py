@@ -252,13 +252,13 @@ def _layout(state: dict[str, torch.Tensor]) -> tuple[str | None, str]:
 def read_transformers_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict of a transformers BLIP folder (``save_pretrained`` layout), without building the model."""
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if config.get("model_type") != "blip":
         raise InteropError(f"{folder / 'config.json'}: model_type is {config.get('model_type')!r}, not 'blip'")
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (folder / index_name).is_file():
-            shards = sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
+            shards = sorted(set(json.loads((folder / index_name).read_text(encoding="utf-8"))["weight_map"].values()))
             return {k: v for shard in shards for k, v in _read_weights(folder / shard).items()}
         if (folder / single).is_file():
             return _read_weights(folder / single)

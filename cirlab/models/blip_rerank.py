@@ -773,7 +773,7 @@ class TokenStore:
         for p in (meta_path, arr_path):
             if not p.is_file():
                 raise FileNotFoundError(f"token cache file missing: {p}")
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
         arr = np.load(arr_path, mmap_mode="r")
         if list(arr.shape) != meta["shape"]:
             raise ValueError(f"{arr_path}: shape {list(arr.shape)} differs from {meta_path} ({meta['shape']})")
@@ -843,7 +843,7 @@ def cache_image_tokens(model: BlipRerankStage1 | BlipRerankStage2, split: Any, p
     path = Path(path) if path is not None else default_cache_path(split, fingerprint)
     meta_path, arr_path = path.with_suffix(".json"), path.with_suffix(".npy")
     if meta_path.is_file() and arr_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
         read = getattr(split, "image_read", "viewer")  # how the images were decoded is part of what was cached
         if meta.get("fingerprint") == fingerprint and meta.get("names") == names and meta.get("image_read",
                                                                                               "viewer") == read:

@@ -479,7 +479,7 @@ def read_log(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise MissingPathError(f"training log not found: {path}")
     records = []
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     lines = text.splitlines()
     for n, line in enumerate(lines, start=1):
         if not line.strip():
@@ -505,7 +505,7 @@ def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise MissingPathError(f"metrics file not found: {path}")
     try:
-        metrics = json.loads(path.read_text())
+        metrics = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise InputError(f"{path}: invalid JSON ({err.msg})") from err
     if not isinstance(metrics, dict):

@@ -226,7 +226,7 @@ def refuse_foreign_notebook_config(folder: str | os.PathLike) -> None:
     if not path.is_file():
         return
     try:
-        stored = json.loads(path.read_text())
+        stored = json.loads(path.read_text(encoding="utf-8"))
         ours = isinstance(stored, dict) and "output_dir" in stored
     except (OSError, UnicodeDecodeError, ValueError, TypeError):
         ours = False
@@ -740,7 +740,8 @@ def _with_caption_types(frame: Any, split: Any) -> Any:
     meta = Path(getattr(split, "ims_path", "")).parent.parent / "synthetic_meta.json"
     types: list[str] = []
     if meta.is_file():
-        types = list(json.loads(meta.read_text()).get("caption_type", {}).get(getattr(split, "split", ""), []))
+        meta_json = json.loads(meta.read_text(encoding="utf-8"))
+        types = list(meta_json.get("caption_type", {}).get(getattr(split, "split", ""), []))
     cpi = int(getattr(split, "im_div", 5))
     idx = frame["caption_id"].astype(int)
     frame = frame.copy()
@@ -941,7 +942,7 @@ def write_outputs(output_dir: str | os.PathLike, metrics: Mapping[str, Any], con
     out.mkdir(parents=True, exist_ok=True)
     path = out / "metrics.json"
     try:
-        old = json.loads(path.read_text()) if merge and path.is_file() else {}
+        old = json.loads(path.read_text(encoding="utf-8")) if merge and path.is_file() else {}
     except (UnicodeDecodeError, ValueError) as err:  # was json's traceback at the notebook's last cell
         raise ParameterError(f"{path}: not readable as JSON ({err}); the notebook merges its metrics into it: move "
                              "it or choose another output_dir") from None

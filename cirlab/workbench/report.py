@@ -1369,7 +1369,7 @@ def _say(stream: TextIO | None, line: str) -> None:
 def _metrics_html(path: Path, limit: int = 60) -> tuple[str, int]:
     """The metrics table of ``path`` and its number of rows (the first ``limit`` shown, the rest folded)."""
     try:
-        metrics = json.loads(path.read_text())
+        metrics = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         return f"<p>metrics unreadable: {html.escape(str(err))}</p>", 0
     selection = metrics.get("selection") if isinstance(metrics, Mapping) else None
