@@ -56,6 +56,7 @@ BAD = [
     ("faults", ["--only", "resume", "--report", "{tmp}/f.md"], ["--only", "--report"]),
     ("rerank_synthetic", ["--out", "{tmp}", "--threads", "0"], ["--threads", "0"]),
     ("seeded_items", ["--items", "0"], ["--items", "0"]),
+    ("feature_digest", ["--repeats", "0"], ["--repeats", "0"]),
 ]
 
 
@@ -123,6 +124,7 @@ WRITES = {"amc_cache": "reports/benchmarks/amc_cache.md", "amc_synthetic": "repo
           "cala_diagnose": "reports/benchmarks/NAME.md", "cala_synthetic": "reports/benchmarks/NAME.md",
           "dime_eval": "reports/benchmarks/dime_eval.md", "dime_step": "reports/benchmarks/dime_step.md",
           "dime_synthetic": "reports/benchmarks/dime_synthetic.md", "faults": "reports/benchmarks/faults.md",
+          "feature_digest": "reports/benchmarks/feature_digest.md",
           "hrem_diagnose": "reports/benchmarks/NAME.md", "hrem_synthetic": "reports/benchmarks/NAME.md",
           "lite_minilm_vectors": "reports/benchmarks/NAME.md",
           "metrics": "reports/benchmarks/metrics.md", "rerank_synthetic": "metrics.json",
