@@ -1387,6 +1387,41 @@ def test_folder_lock_holds_against_another_thread(tmp_path: Path) -> None:
     assert float(outcome["entered"]) >= released
 
 
+def test_a_lock_released_after_its_folder_was_moved_leaves_the_new_holders_lock(tmp_path: Path) -> None:
+    """A holds L; L is renamed away (a report moving an entry aside); B locks the new L; when A leaves its block it
+    removed L's lock file by path (B's), and C got in beside B (helper-66 F2b)."""
+    import threading
+
+    from cirlab.core.io import LOCK_NAME, FolderLockedError, folder_lock
+
+    folder, events, outcome = tmp_path / "L", {n: threading.Event() for n in ("b_holds", "a_left")}, {}
+
+    def b() -> None:
+        with folder_lock(folder):
+            events["b_holds"].set()
+            events["a_left"].wait(30)
+
+    def c() -> None:  # another thread meets the lock as another process would
+        try:
+            with folder_lock(folder):
+                outcome["c"] = "entered"
+        except FolderLockedError:
+            outcome["c"] = "refused"
+
+    with folder_lock(folder):
+        (tmp_path / "L").rename(tmp_path / "L.moved")
+        thread = threading.Thread(target=b)
+        thread.start()
+        assert events["b_holds"].wait(30)
+    assert (folder / LOCK_NAME).is_file()  # B's lock file is still there after A left
+    third = threading.Thread(target=c)
+    third.start()
+    third.join(30)
+    events["a_left"].set()
+    thread.join(30)
+    assert outcome["c"] == "refused"
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_trust_pickle_is_suggested_only_for_refused_globals(tmp_path: Path) -> None:
     from cirlab.core.checkpoint import CheckpointError, load_checkpoint

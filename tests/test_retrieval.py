@@ -197,6 +197,27 @@ def test_encode_corpus_cache_hit_and_changed_key(tmp_path, caplog):
     assert not list(tmp_path.glob("*.tmp"))  # atomic write leaves no temp file
 
 
+def test_feature_caches_are_written_with_the_users_umask(tmp_path):
+    """A group-shared CIRLAB_CACHE: the gallery cache and the per-item store were 0600 whatever the umask
+    (``mkstemp``), so another member's run could not read them and replaced them (helper-66 F5)."""
+    import os
+
+    from cirlab.core.featcache import FeatureStore, save_tensor
+
+    old = os.umask(0o002)
+    try:
+        save_tensor(tmp_path / "gallery" / "g.pt", "key", torch.ones(2, 3))
+        store = FeatureStore(tmp_path / "store")
+        store.get_or_compute(torch.rand(4, 3), lambda x: x * 2)
+        store.flush()
+    finally:
+        os.umask(old)
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.startswith(".cirlab.lock")]
+    assert len(written) >= 3  # the gallery file, a segment and its keys
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {"0o664"}, {p.name: oct(p.stat().st_mode & 0o777)
+                                                                           for p in written}
+
+
 def test_encode_corpus_recomputes_a_corrupt_cache(tmp_path, caplog):
     key = R.cache_key("x")
     (tmp_path / f"{key}.pt").write_bytes(b"not a torch file")

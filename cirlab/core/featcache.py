@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import uuid
 import weakref
 from pathlib import Path
@@ -178,26 +177,17 @@ def load_tensor(path: Path, key: str) -> Tensor | None:
 
 def save_tensor(path: Path, key: str, features: Tensor) -> None:
     """Write ``features`` under ``key`` atomically: a reader sees the old file or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"cache_key": key, "features": features}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _atomic_write(path, lambda f: torch.save({"cache_key": key, "features": features}, f))
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], suffix: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Through :func:`cirlab.core.io.atomic_path`, so the file gets the user's umask like every file cirlab writes
+    (``mkstemp``'s 0600 made a group-shared ``CIRLAB_CACHE`` unreadable to the other members, who recomputed and
+    replaced each other's entries on every run)."""
+    from cirlab.core.io import atomic_path
+
+    with atomic_path(path, fsync=False) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 # ---------------------------------------------------------------------------------------------------- per-item store
@@ -300,9 +290,9 @@ class FeatureStore:
                 directory.mkdir(parents=True, exist_ok=True)
                 stem = directory / f"seg-{uuid.uuid4().hex}"
                 data = np.stack([pending[k] for k in keys])
-                _atomic_write(stem.with_suffix(".npy"), lambda f: np.save(f, data), ".npy.tmp")
+                _atomic_write(stem.with_suffix(".npy"), lambda f: np.save(f, data))
                 blob = json.dumps(keys).encode()
-                _atomic_write(Path(f"{stem}.keys.json"), lambda f: f.write(blob), ".json.tmp")  # commits it
+                _atomic_write(Path(f"{stem}.keys.json"), lambda f: f.write(blob))  # commits it
             except OSError as err:  # a full or read-only disk: the cache is an optimisation, never an error
                 log.warning("feature store %s: could not write a segment (%s)", directory, err)
                 continue

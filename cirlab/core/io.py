@@ -364,8 +364,20 @@ def _try_lock(fh: Any) -> bool:
 
 def _release(path: Path, fh: Any) -> None:
     try:
-        path.unlink(missing_ok=True)  # before unlocking: a waiter that opened the old file sees the inode change
+        # before unlocking: a waiter that opened the old file sees the inode change. Only our own file: after the
+        # folder was renamed away (a report moving an entry aside), ``path`` may be another holder's lock file, and
+        # removing it would let a third process in beside that holder.
+        if _same_file(path, fh):
+            path.unlink(missing_ok=True)
     except OSError:  # Windows cannot remove an open file; the next holder takes it over
         pass
     finally:
         fh.close()  # closing the descriptor releases the OS lock
+
+
+def _same_file(path: Path, fh: Any) -> bool:
+    try:
+        on_disk, held = os.stat(path), os.fstat(fh.fileno())
+    except FileNotFoundError:
+        return False
+    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
