@@ -547,3 +547,25 @@ def test_cirr_rankings_say_member_lists_must_be_padded():
     with pytest.raises(InputError, match=r"padded with -1 to one length, got lists of lengths \[4, 5\]"):
         R.cirr_rankings(torch.rand(2, 8), [0, 1], [[0, 1, 2, 3], [1, 2, 3, 4, 5]], list("abcdefgh"), k=2)
     assert R.subset_topk(torch.rand(2, 8), [0, 1], [[0, 1, 2, 3, -1], [1, 2, 3, 4, 5]]).shape == (2, 3)
+
+
+def test_subset_topk_lists_members_scored_minus_infinity_never_the_reference_or_a_pad():
+    """A stage-II scorer giving log-probabilities can score a member -inf; the masked reference / -1 pad / repeat
+    (also -inf) won the tie by its lower index, so the submission listed them while cirr_subset_ranks did not."""
+    from cirlab.core import metrics as M
+
+    inf = float("-inf")
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 8, generator=gen)
+    scores[scores < 0.3] = inf  # many members at -inf, ties among them
+    reference = torch.arange(6)
+    members = [[r, (r + 1) % 8, (r + 2) % 8, -1, (r + 3) % 8, (r + 1) % 8] for r in range(6)]
+
+    def naive(q: int) -> list[int]:  # kept members once each, by (score descending, index ascending)
+        kept = sorted({m for m in members[q] if m >= 0 and m != q})
+        return sorted(kept, key=lambda m: (-float(scores[q, m]), m))[:3]
+
+    got = R.subset_topk(scores, reference, members, k=3)
+    assert got.tolist() == [naive(q) for q in range(6)]
+    targets = got[:, 0]
+    assert M.cirr_subset_ranks(scores, targets, reference, members).tolist() == [1] * 6  # the metric agrees

@@ -405,8 +405,14 @@ def subset_topk(scores: Tensor, reference: Any, members: Any, k: int = 3) -> Ten
     if short.any():
         i = int(short.nonzero()[0, 0])
         raise InputError(f"query {i}: img_set has {int(keep[i].sum())} non-reference members, need {k}")
-    member_scores = s.gather(1, mem.clamp(min=0)).float().masked_fill(~keep, float("-inf"))
-    return _sort_rows(member_scores, mem)[1][:, :k]
+    member_scores = s.gather(1, mem.clamp(min=0)).float()
+    # ordered by (kept first, score descending, gallery index ascending): a masked entry (the reference, a -1 pad,
+    # a repeat) must not tie with a member scored -inf (a stage-II log-probability) and be listed before it, which
+    # cirr_subset_ranks never does
+    perm = mem.sort(dim=1, stable=True)[1]
+    perm = perm.gather(1, member_scores.gather(1, perm).sort(dim=1, descending=True, stable=True)[1])
+    perm = perm.gather(1, keep.gather(1, perm).int().sort(dim=1, descending=True, stable=True)[1])
+    return mem.gather(1, perm)[:, :k]
 
 
 SUBMISSION_STEMS = ("recall_submission", "recall_subset_submission")  # the CIRR server's file names, <stem>_<name>
