@@ -1009,12 +1009,14 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
     check_overrides(overrides, names)
     check_override_types(overrides, names, notebook_dir)
     overrides = resolve_input_paths(overrides, names, out)
-    check_entry_folders(out, names)
     if kernel_name:
         check_kernel(kernel_name)
     # one report at a time per folder: a second one would take the first one's entry being written for an
     # interrupted run and swap folders under it. The lock is released however this process ends.
     with folder_lock(out):
+        # under the lock: a running report's first entry has no report.json yet, and checked before the lock a
+        # second report called it a folder cirlab did not write and told the user to move it away
+        check_entry_folders(out, names)
         data_override = overrides.pop("data_root", "")
         data = Path(data_override) if data_override else ensure_synthetic_data(
             SYNTHETIC_SIZE["smoke" if smoke else "report"], stream=stream)
@@ -1269,7 +1271,7 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
         _move(folder, failed)
         previous.rename(folder)
     if folder.exists():
-        folder.rename(previous)
+        _move_aside(folder, previous)
     record: dict[str, Any] = {"entry": name, "notebook": notebook_of(name), "started": _now(), "command": command,
                               "commit": _commit(), "parameters": dict(params),
                               "depends": {d: _finished(out / d) for d in DEPENDS.get(name, ())}}
@@ -1290,6 +1292,15 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
     shutil.rmtree(previous, ignore_errors=True)
     shutil.rmtree(failed, ignore_errors=True)
     return folder
+
+
+def _move_aside(folder: Path, previous: Path) -> None:
+    """Rename ``folder`` to ``previous`` holding its lock: a run folder a live ``cirlab train`` holds (the user
+    continuing ``reports/train`` while a report runs) is refused in one line naming that process. Moved anyway, the
+    training went on writing to the old path, inside the notebook's new run, and the report's clean-up deleted it."""
+    with folder_lock(folder) as lock:
+        folder.rename(previous)
+        (previous / lock.name).unlink(missing_ok=True)  # our own lock file moved along: no stale file is left
 
 
 def _move(src: Path, dst: Path) -> None:
