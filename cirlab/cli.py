@@ -477,8 +477,24 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.output:
         from cirlab.core.io import write_text
 
-        write_text(args.output, text + "\n")
+        if args.overwrite:
+            write_text(args.output, text + "\n")
+        else:
+            _write_new(Path(args.output), text + "\n", command="cirlab eval --output")
     return 0
+
+
+def _write_new(path: Path, text: str, *, command: str) -> None:
+    """:func:`cirlab.core.io.write_new_text`, its refusal as the usual one line: the check before the work cannot see
+    a second eval writing the same ``--output`` meanwhile, and a replacing write would drop its result silently."""
+    from cirlab.core.io import OutputExistsError, write_new_text
+
+    try:
+        write_new_text(path, text)
+    except FileExistsError:
+        raise OutputExistsError(f"{command}: {path} exists (written by another process while this one ran; its "
+                                "results are printed above); pass --overwrite to replace it, or choose another "
+                                "path") from None
 
 
 def _splits_worth_evaluating(args: argparse.Namespace, config: dict[str, Any], loaded: dict[str, Any],

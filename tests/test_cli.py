@@ -113,6 +113,38 @@ def test_eval_refuses_to_replace_outputs_before_any_work(tmp_path, synth, capsys
     assert load_topk(topk).k == 3
 
 
+def test_eval_output_written_meanwhile_by_another_eval_is_not_replaced(tmp_path, synth, capsys, caplog, monkeypatch):
+    """Two `cirlab eval ... --output same.json` at once both passed the check before the work, and the later write
+    replaced the earlier one's result without a word, with rc 0 for both. Without --overwrite the file is now
+    created exclusively: the loser gets the usual one-line refusal (its results are on stdout) and the other file
+    stays whole."""
+    from cirlab.engine import runs
+
+    run = tmp_path / "run"
+    assert main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), "--output-dir", str(run),
+                 "--set", "train.max_steps=2"]) == 0
+    target = tmp_path / "eval.json"
+    evaluate = runs.evaluate_split
+
+    def the_other_eval_finishes_first(*args, **kwargs):
+        if not target.exists():
+            target.write_text('{"checkpoint": "the other eval"}\n')
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "evaluate_split", the_other_eval_finishes_first)
+    capsys.readouterr()
+    caplog.clear()
+    assert main(["eval", str(run), "--split", "val", "--output", str(target)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and f"cirlab eval --output: {target} exists" in errors[0], errors
+    assert "pass --overwrite" in errors[0] and "Traceback" not in caplog.text
+    assert target.read_text() == '{"checkpoint": "the other eval"}\n'
+    assert json.loads(capsys.readouterr().out)["splits"]["val"]  # this eval's results are not lost: printed
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staged file left
+    assert main(["eval", str(run), "--split", "val", "--output", str(target), "--overwrite"]) == 0
+    assert json.loads(target.read_text())["checkpoint"].endswith("best.pt")
+
+
 def test_eval_of_a_split_without_targets_needs_a_topk_dir(tmp_path, synth, capsys, caplog, monkeypatch):
     """Fashion-IQ test (no "target" in its caption files) gives rankings only: they were computed, then kept nowhere."""
     from fixtures_data import write_fashioniq

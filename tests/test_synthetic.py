@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -341,3 +342,58 @@ def test_ensure_refuses_a_named_folder_of_other_settings_and_keeps_one_cache_fol
     first = synthetic.ensure(seed=0, size="tiny", layouts="shoes", image_size=16)
     second = synthetic.ensure(seed=3, size="tiny", layouts="shoes", image_size=16)
     assert first != second and [synthetic.recorded_settings(p)["seed"] for p in (first, second)] == [0, 3]
+
+
+def test_data_synth_into_a_folder_another_process_is_writing_is_refused_in_one_line(tmp_path, caplog):
+    """Two `cirlab data synth` into one --out deleted and rewrote each other's files: a tree of two seeds (manifest
+    of one) that still loaded and trained, and a traceback from the loser. The write now holds the folder's lock;
+    a second writer is refused at once, naming the holder, and the first one's tree is left alone."""
+    import threading
+
+    from cirlab.cli import main
+    from cirlab.core.io import file_lock
+
+    out = tmp_path / "syn"
+    args = ["data", "synth", "--out", str(out), "--size", "tiny", "--layouts", "shoes", "--image-size", "16"]
+    assert main(args) == 0
+    before = _files(out)
+    taken, done = threading.Event(), threading.Event()
+
+    def writer() -> None:  # another thread opens the lock anew, so it counts as another process
+        with file_lock(tmp_path / ".syn.cirlab.lock"):
+            taken.set()
+            done.wait(60)
+
+    holder = threading.Thread(target=writer)
+    holder.start()
+    try:
+        assert taken.wait(30)
+        caplog.clear()
+        assert main(args + ["--seed", "3", "--force"]) == 2
+    finally:
+        done.set()
+        holder.join()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith(f"cirlab data synth: {out} is being written by another cirlab "
+                                                     f"process (pid {os.getpid()} on "), errors
+    assert "\n" not in errors[0] and "Traceback" not in caplog.text
+    assert _files(out) == before  # nothing deleted or rewritten
+    assert main(args) == 0  # free again: the lock went with its holder
+
+
+def test_ensure_with_a_synth_size_finds_its_data_written(tmp_path, monkeypatch):
+    """ensure(size=SynthSize) compared the object with the manifest's "custom" and deleted and rewrote the folder
+    on every call; without out_root the folder was named by the dataclass repr."""
+    import dataclasses
+
+    size = dataclasses.replace(synthetic.SIZES["tiny"], shoes=(40, 40))
+    root = synthetic.ensure(tmp_path / "s", size=size, layouts="shoes", image_size=16)
+    stamp = (root / "shoes" / synthetic.META).stat()
+    assert synthetic.ensure(tmp_path / "s", size=size, layouts="shoes", image_size=16) == root
+    again = (root / "shoes" / synthetic.META).stat()
+    assert (again.st_ino, again.st_mtime_ns) == (stamp.st_ino, stamp.st_mtime_ns)  # found written, not rewritten
+    monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "cache"))
+    cached = synthetic.ensure(size=size, layouts="shoes", image_size=16)
+    assert cached.parent == tmp_path / "cache" / "synthetic"
+    assert cached.name.startswith("custom-") and cached.name.endswith("-seed0-16px") and "(" not in cached.name
+    assert synthetic.recorded_settings(cached)["spec"]["shoes"] == [40, 40]

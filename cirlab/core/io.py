@@ -70,6 +70,33 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def write_new_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` only if nothing is there, whole or not at all: staged beside ``path`` and hard-linked
+    in, which fails with FileExistsError where ``path`` exists (a second process wrote it meanwhile). On a filesystem
+    without hard links: an exclusive create (still exclusive; a reader could see it half-written)."""
+    import uuid
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")  # found by stale_temporaries if killed
+    try:
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666: the umask decides, as elsewhere
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(staged, path)
+        except FileExistsError:
+            raise
+        except OSError:
+            with open(path, "x", encoding="utf-8") as fh:
+                fh.write(text)
+    finally:
+        staged.unlink(missing_ok=True)
+    return path
+
+
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
     """Strict JSON with sorted keys: values through :func:`to_plain` (numpy scalars as numbers, paths as their
     ``str``), and NaN / infinity (a recall over no queries) as ``null``: Python writes a bare ``NaN`` that JSON

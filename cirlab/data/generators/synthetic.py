@@ -51,6 +51,7 @@ R@1 is 100%; all scenes in a category are distinct). :func:`audit_split` measure
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -529,6 +530,28 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
     spec = resolve_size(size)
     out = Path(out_root).expanduser()
     settings = _settings_of(seed, size, image_size)
+    _check_folder(out, "cirlab data synth")  # before the lock: one line naming --out, not the lock file's folder
+    from cirlab.core.io import LOCK_NAME, FolderLockedError, generated_folder_lock
+
+    # the whole write under the folder's lock, refused at once when held: two writers deleted and rewrote each
+    # other's files, leaving a tree of two seeds that still loaded and trained. ensure() holds it already (nested).
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(generated_folder_lock(out, wait=0))
+        except FolderLockedError:  # the lock's own message names the folder above out, where its file lies
+            try:
+                holder = (out.parent / f".{out.name}{LOCK_NAME}").read_text(encoding="utf-8").strip()
+            except OSError:
+                holder = ""
+            raise FolderLockedError(f"cirlab data synth: {out} is being written by another cirlab process "
+                                    f"({holder or 'unknown process'}); wait for it to finish or choose another "
+                                    "folder") from None
+        return _generate_locked(out, seed, spec, layouts, image_size, overwrite, force, settings)
+
+
+def _generate_locked(out: Path, seed: int, spec: SynthSize, layouts: Sequence[str], image_size: int, overwrite: bool,
+                     force: bool, settings: dict[str, Any]) -> dict[str, Any]:
+    """:func:`generate` once ``out``'s lock is held."""
     _claim(out, layouts, force, overwrite, settings)
     (out / MANIFEST).unlink(missing_ok=True)  # a partial write must never look complete
     manifest: dict[str, Any] = {"format": FORMAT_VERSION, "generator": __name__, "seed": seed,
@@ -556,12 +579,7 @@ def _claim(out: Path, layouts: Sequence[str], force: bool, overwrite: bool = Tru
     """Check, before anything is deleted or written, that ``out`` and its layout folders are this generator's, that
     a layout folder to be replaced holds only what it wrote there, and that the data there was written with
     ``settings`` (:func:`_settings_of`)."""
-    from cirlab.core.io import check_writable
-
     command = "cirlab data synth"
-    if os.path.lexists(out) and not os.path.isdir(out):  # os.path: Path.exists raises where one cannot enter
-        raise _owned.refuse(command, out, [], "it is a file, not a folder", forcible=False)
-    check_writable([out], command=command)  # before any look inside it
     foreign = [out / n for n in layouts
                if not _owned.is_empty(out / n) and not _owned.is_owned(out / n, __name__, (META,))]
     if not force:
@@ -586,6 +604,15 @@ def _claim(out: Path, layouts: Sequence[str], force: bool, overwrite: bool = Tru
         logger.warning("replacing the synthetic data of %s in %s with data of %s: runs trained on it read other "
                        "data from now on", describe_settings(held, settings), out, describe_settings(settings, held))
     _owned.mark(out, __name__)
+
+
+def _check_folder(out: Path, command: str) -> None:
+    """``out`` is a folder (or can be one) that this process may write into; else one line naming it."""
+    from cirlab.core.io import check_writable
+
+    if os.path.lexists(out) and not os.path.isdir(out):  # os.path: Path.exists raises where one cannot enter
+        raise _owned.refuse(command, out, [], "it is a file, not a folder", forcible=False)
+    check_writable([out], command=command)  # before any look inside it
 
 
 def other_settings_error(command: str, out: Path, held: dict[str, Any], asked: dict[str, Any],
@@ -631,36 +658,48 @@ def describe_settings(settings: dict[str, Any], other: dict[str, Any] | None = N
     return ", ".join(parts)
 
 
-def ensure(out_root: str | os.PathLike | None = None, *, seed: int = 0, size: str = "default",
+def ensure(out_root: str | os.PathLike | None = None, *, seed: int = 0, size: str | SynthSize = "default",
            layouts: Sequence[str] | str = LAYOUTS, image_size: int = 64) -> Path:
     """The synthetic data root, generated only when missing (or missing some of ``layouts``).
 
     An ``out_root`` that holds data written with other settings (seed, size, image size, file format) is refused
     (:class:`OtherSettingsError`): runs may have trained on it. The default folder is one per settings.
 
-    ``out_root`` defaults to ``cirlab.core.paths.cache_dir() / "synthetic" / f"{size}-seed{seed}-{image_size}px"``.
+    ``out_root`` defaults to ``cirlab.core.paths.cache_dir() / "synthetic" / f"{size}-seed{seed}-{image_size}px"``
+    (a :class:`SynthSize` as ``custom-<digest of its counts>``).
     """
     from cirlab.core.paths import cache_dir
 
     from cirlab.core.io import generated_folder_lock
 
     layouts = name_list(layouts)  # _written compares sets: a bare string was a set of letters, never written
-    out = Path(out_root) if out_root else cache_dir() / "synthetic" / f"{size}-seed{seed}-{image_size}px"
-    wanted = {"format": FORMAT_VERSION, "seed": seed, "size": size, "image_size": image_size}
+    # what the manifest records, so a SynthSize compares by its counts: the object never equalled the manifest's
+    # "custom", and every call deleted and rewrote the folder (under a run reading it)
+    wanted = _settings_of(seed, size, image_size)
+    name = size if isinstance(size, str) else "custom-" + _digest(wanted["spec"])
+    out = Path(out_root).expanduser() if out_root else cache_dir() / "synthetic" / f"{name}-seed{seed}-{image_size}px"
     if _written(out, wanted, layouts):
         return out
     with generated_folder_lock(out):  # a second process writing it too would break both trees
-        held, asked = recorded_settings(out), _settings_of(seed, size, image_size)
-        if out_root and held is not None and held != asked:
+        held = recorded_settings(out)
+        if out_root and held is not None and held != wanted:
             # a folder the caller named (dataset.synthetic.out) may hold the data earlier runs trained on; cirlab's
             # own cache folder is per settings, so there only another file format differs, and it is rebuilt
-            command = f"cirlab data synth --out {out} --seed {seed} --size {size} --image-size {image_size}"
-            raise other_settings_error("synthetic data", out, held, asked, f"Name another folder (dataset.synthetic."
-                                       f"out), or replace it with `{command} --force`")
+            command = (f"cirlab data synth --out {out} --seed {seed} --size {size} --image-size {image_size} --force"
+                       if isinstance(size, str) else f"synthetic.generate({str(out)!r}, ..., force=True)")
+            raise other_settings_error("synthetic data", out, held, wanted, f"Name another folder (dataset.synthetic."
+                                       f"out), or replace it with `{command}`")
         if not _written(out, wanted, layouts):
             # the default folder is cirlab's own cache: a build from before the ownership markers is replaced
             generate(out, seed=seed, size=size, layouts=layouts, image_size=image_size, force=not out_root)
     return out
+
+
+def _digest(spec: Any) -> str:
+    """A short name-safe digest of a custom size's counts (its repr is no folder name)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _written(out: Path, wanted: dict[str, Any], layouts: Sequence[str]) -> bool:
