@@ -206,6 +206,18 @@ def test_stage2_original_layout_strict_and_round_trip(tmp_path):
     torch.testing.assert_close(stage2_scores(fresh), stage2_scores(m))
 
 
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_export_of_a_vit_key_with_no_original_name_is_a_clear_key_error(monkeypatch, stage):
+    # a ViT tensor added without a table entry: both exporters name the key (stage II used to fail on str + None)
+    m = tiny(stage)
+    table = bi.vit_key_to_original
+    monkeypatch.setattr(bi, "vit_key_to_original",
+                        lambda key: None if key == "embeddings.class_embedding" else table(key))
+    export = bi.export_stage1 if stage == "stage1" else bi.export_stage2
+    with pytest.raises(KeyError, match="no original name for .*visual_encoder.embeddings.class_embedding"):
+        export(m)
+
+
 def test_model_base_into_stage2_duplicates_streams():
     m = tiny("stage2")
     c = m.config

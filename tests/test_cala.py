@@ -259,6 +259,12 @@ def test_artemis_scores_match_a_naive_pair_loop():
     assert float(scores.abs().max()) <= 2.0 + 1e-6
 
 
+def test_artemis_scores_on_a_sum_frame_model_is_one_line():
+    # public method: a sum-frame model has no ARTEMIS head (was an AttributeError on self.artemis = None)
+    with pytest.raises(ValueError, match="cir_frame='artemis'.*cir_frame='sum'"):
+        tiny(cir_frame="sum").artemis_scores(torch.zeros(1, 3, 32, 32), ["a"], torch.zeros(2, 16))
+
+
 # ------------------------------------------------------------------------------------------------ modes, trace
 
 

@@ -321,6 +321,20 @@ def test_cala_clip_files_round_trip(tmp_path):
     assert next(r for r in learned if r.target == "tac").missing == ["tac.cls_token"]
 
 
+def test_the_clip_file_helpers_refuse_a_blip2_cala_in_one_line(tmp_path):
+    """The public CLIP-path loaders and exporter on a BLIP-2 CaLa: a ValueError naming the backbone and the helper to
+    use (was an AttributeError on model.clip = None / model.hca.fc), and no empty folder left by the exporter."""
+    files = C.export_cala_clip_files(tiny(), tmp_path / "saved")
+    blip2 = cirlab.create_model("cala", "tiny")
+    with pytest.raises(ValueError, match="BLIP-2 path .*load_lavis_blip2"):
+        C.load_clip_weights(blip2, files[0])
+    with pytest.raises(ValueError, match="BLIP-2 path .*load_lavis_blip2"):
+        C.load_cala_clip_files(blip2, tmp_path / "saved")
+    with pytest.raises(ValueError, match="this CaLa is BLIP-2 .*use export_cala_files"):
+        C.export_cala_clip_files(blip2, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_convert_command_reads_clip_files_back(tmp_path, capsys, caplog):
     """`cirlab convert RUN DIR --to original` wrote a CLIP run's tuned_clip files that `cirlab convert DIR OUT --model
     cala` then refused ("reads ... tuned_blip_*.pt"); it reads them back now, sizes and all, and says which presets

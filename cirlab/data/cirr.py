@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import AbstractSet, Any
 
 from cirlab.core.config import did_you_mean
 from cirlab.core.errors import UnknownNameError
@@ -222,7 +222,7 @@ def load(root: Path, split: str = "train", category: str | None = None, *,
 
 
 def _triplet(entry: dict[str, Any], split: str, path: Path, images: dict[str, Path], sink: ProblemCollector,
-             rejected: set[str] = frozenset()) -> Triplet:
+             rejected: AbstractSet[str] = frozenset()) -> Triplet:
     where = f"pairid {entry['pairid']}"
     target = entry.get("target_hard") if split != "test1" else None
     members = list(entry["img_set"]["members"])

@@ -511,7 +511,11 @@ def export_stage2(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in model.state_dict().items():
         if key.startswith("stage1.visual_encoder."):
-            out["visual_encoder." + vit_key_to_original(key[len("stage1.visual_encoder."):])] = value.clone()
+            # as export_stage1: a ViT key with no table entry is a clear KeyError, not a str + None TypeError
+            orig = vit_key_to_original(key[len("stage1.visual_encoder."):])
+            if orig is None:
+                raise KeyError(f"no original name for {key}")
+            out["visual_encoder." + orig] = value.clone()
         elif key.startswith("text_encoder."):
             orig = stage2_text_key_to_original(key[len("text_encoder."):])
             if orig is not None and not orig.endswith("position_ids"):

@@ -738,6 +738,9 @@ class CaLa(nn.Module):
     def artemis_scores(self, ref_images: torch.Tensor, texts: Sequence[str], gallery: torch.Tensor,
                        chunk: int = 256) -> torch.Tensor:
         """[B, G] ARTEMIS scores of B queries against G gallery features (``encode_target`` outputs)."""
+        if self.artemis is None:  # public: a sum-frame model has no ARTEMIS head (else an AttributeError on None)
+            raise ValueError(f"artemis_scores needs cir_frame='artemis'; this model has cir_frame="
+                             f"{self.config.cir_frame!r} (use encode_query / encode_target)")
         text_feats, ref_feats = self.query_features(ref_images, texts)
         parts = self.artemis.query_parts(ref_feats, text_feats)
         gallery = gallery.to(text_feats.dtype)
@@ -1122,6 +1125,9 @@ def load_clip_weights(model: CaLa, source: str | os.PathLike | dict[str, torch.T
     from cirlab.models.blip_interop import InteropError, InteropReport
 
     name = name or ("<state dict>" if isinstance(source, dict) else str(source))
+    if not model.is_clip:  # the twin of load_lavis_blip2's guard: a BLIP-2 CaLa has no model.clip to load into
+        raise ValueError("a CLIP state dict does not fit CaLa's BLIP-2 path (backbone='blip2'): build the model with "
+                         "a *_clip preset, or use load_lavis_blip2 / load_cala_files")
     state = source if isinstance(source, dict) else _clip_rn.read_clip_state(source)
     if not _clip_rn.is_clip_state(state):
         raise InteropError(f"{name}: not a CLIP ModifiedResNet state dict (no visual.attnpool.* / token_embedding)")
@@ -1170,6 +1176,9 @@ def export_cala_clip_files(model: CaLa, folder: str | os.PathLike, *, suffix: st
     """Write a CLIP-path ``model`` as the released code saves it: ``tuned_clip_<suffix>.pt`` (``"CLIP"``),
     ``tuned_tac_*`` and ``tuned_hca_*`` (HCA's unused ``*2`` projections written as copies of the used ones so the
     released class loads strictly; a learned cls token has no place there and is left out)."""
+    if not model.is_clip:  # refused before mkdir, so a wrong call leaves no empty folder behind
+        raise ValueError("export_cala_clip_files writes the CLIP path's files; this CaLa is BLIP-2 "
+                         "(backbone='blip2'): use export_cala_files")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     inv = {v: k for k, v in _TAC_KEYS.items()}

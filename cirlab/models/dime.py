@@ -523,7 +523,7 @@ class InteractionModule(nn.Module):
         cap_ids = txt.get("ids", torch.arange(nt)).tolist()
         meta = {"image_id": [i for i in img_ids for _ in range(nt)], "caption_id": cap_ids * ni}
         cells = list(CELL_NAMES)
-        for i, (mat, kind) in enumerate(zip(normalised, ("normalised", "normalised", "raw"))):
+        for i, mat in enumerate(normalised):  # layers 0-1 normalised, layer 2 its raw output gates (as PATH_DIM)
             dest = cells if mat.shape[-2] == 4 else ["output"]
             tracing.emit(self, f"layer{i}", mat.reshape(ni * nt, *mat.shape[-2:]), kind="path", sources=cells,
                          destinations=dest, paper_names=PAPER_NAMES, meta=meta)

@@ -292,7 +292,7 @@ def word_region_scores(regions: torch.Tensor, words: torch.Tensor, cap_len: torc
     Returns ``t2i_topk`` [B_txt, B_img, k], ``t2i_mean`` [B_txt, B_img], ``i2t_topk`` [B_img, B_txt, k],
     ``i2t_mean`` [B_img, B_txt] and ``z`` [B_txt, B_img, L, R] (the leaky-ReLU scores, padding words included).
     """
-    bt, length, _ = words.shape
+    length = words.shape[1]
     if length < topk or regions.shape[1] < topk:
         raise ValueError(f"word_region_scores: topk {topk} needs >= {topk} word positions and regions, got "
                          f"{length} and {regions.shape[1]}")
@@ -593,8 +593,9 @@ class HREM(MaxViolationWarmup, BertVocabMixin, nn.Module):
         cfg = self.config
         feats = torch.as_tensor(batch["image_feats"]).to(self.device, torch.float32)
         n = feats.shape[0]
-        lengths = batch.get("image_lengths")
-        lengths = torch.as_tensor(lengths).to(self.device) if lengths is not None else None
+        # no dataset gives per-image region counts (precomp items are fixed-size [R, D]): every region is real
+        # until region_drop re-pads them
+        lengths = None
         if feats.shape[1] < cfg.topk:  # word_region_scores keeps the topk best regions: raised mid-step
             raise InputError(f"HREM: topk={cfg.topk} needs at least {cfg.topk} regions per image (the word-region "
                              f"relevance keeps the {cfg.topk} best); these features have {feats.shape[1]}: set "

@@ -897,7 +897,8 @@ def load_topk_files(path: str | os.PathLike) -> Any:
                 {"files": [str(f) for f in files], **parts[0].meta})
 
 
-def ranking_pair(before: str | os.PathLike, after: str | os.PathLike, rerank: bool = True) -> tuple[Any, Any] | None:
+def ranking_pair(before: str | os.PathLike | None, after: str | os.PathLike | None,
+                 rerank: bool = True) -> tuple[Any, Any] | None:
     """The rank_shift notebook's optional second comparison, read and checked before anything trains.
 
     ``before`` and ``after`` name top-K files (or folders of them) of two rankings of the same queries; both or
