@@ -492,8 +492,8 @@ def _write_new(path: Path, text: str, *, command: str) -> None:
     try:
         write_new_text(path, text)
     except FileExistsError:
-        raise OutputExistsError(f"{command}: {path} exists (written by another process while this one ran; its "
-                                "results are printed above); pass --overwrite to replace it, or choose another "
+        raise OutputExistsError(f"{command}: {path} exists (written by another process while this one ran; this "
+                                "evaluation's results are printed above); pass --overwrite to replace it, or choose another "
                                 "path") from None
 
 

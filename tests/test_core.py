@@ -429,6 +429,8 @@ def test_json_and_yaml_files_keep_non_ascii_text_as_itself_and_escape_only_what_
         text = write(tmp_path / name, record).read_bytes().decode("utf-8")
         assert "josé/données" in text and "写真-run" in text, text  # was jos\u00e9 / "jos\xE9"
         assert read(text) == record
+        breaks = {"root": "/data/a\x85b\u2028c"}  # Unicode line breaks: YAML read them back as spaces when raw
+        assert read(write(tmp_path / ("breaks-" + name), breaks).read_text(encoding="utf-8")) == breaks
         odd = {"root": "/data/caf\udce9"}  # a file name that is not UTF-8, as os.listdir gives it
         text = write(tmp_path / ("odd-" + name), odd).read_bytes().decode("ascii")  # escaped, so still UTF-8
         assert read(text) == odd

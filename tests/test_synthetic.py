@@ -344,6 +344,18 @@ def test_ensure_refuses_a_named_folder_of_other_settings_and_keeps_one_cache_fol
     assert first != second and [synthetic.recorded_settings(p)["seed"] for p in (first, second)] == [0, 3]
 
 
+def test_data_synth_into_the_current_empty_folder_writes_there(tmp_path, monkeypatch):
+    """`--out .`: the lock file's name was built from the empty relative name and landed inside the folder, which
+    then was not empty and was refused as someone else's."""
+    from cirlab.cli import main
+
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["data", "synth", "--out", ".", "--size", "tiny", "--layouts", "shoes", "--image-size", "16"]) == 0
+    assert (tmp_path / "here" / synthetic.MANIFEST).is_file()
+    assert not [p.name for p in (tmp_path / "here").iterdir() if "lock" in p.name]
+
+
 def test_data_synth_into_a_folder_another_process_is_writing_is_refused_in_one_line(tmp_path, caplog):
     """Two `cirlab data synth` into one --out deleted and rewrote each other's files: a tree of two seeds (manifest
     of one) that still loaded and trained, and a traceback from the loser. The write now holds the folder's lock;

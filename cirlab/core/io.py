@@ -166,8 +166,12 @@ def _finite(plain: Any) -> Any:
 def write_yaml(path: str | os.PathLike, obj: Any) -> Path:
     import yaml
 
-    # non-ASCII text as itself; PyYAML still escapes what is not printable (a lone surrogate), so this stays UTF-8
-    return write_text(path, yaml.safe_dump(obj, sort_keys=False, allow_unicode=True))
+    # non-ASCII text as itself; PyYAML still escapes what is not printable (a lone surrogate), so this stays UTF-8.
+    # Not where a string holds a Unicode line break (NEL, U+2028/9): written raw, YAML reads it back as a space.
+    text = yaml.safe_dump(obj, sort_keys=False, allow_unicode=True)
+    if any(c in text for c in "\x85\u2028\u2029"):
+        text = yaml.safe_dump(obj, sort_keys=False)
+    return write_text(path, text)
 
 
 def file_name_part(value: str, what: str) -> str:
@@ -298,9 +302,17 @@ def generated_folder_lock(folder: str | os.PathLike, *, wait: float = GENERATE_W
     """:func:`file_lock` for writing a generated dataset ``folder``: ``.<folder>.cirlab.lock`` next to it (so the
     generated tree itself stays byte-identical for a seed), waiting for a live holder. Two runs that need the same
     data (parallel seeds, notebooks side by side) then write it once: the second finds the first one's write."""
-    folder = Path(folder)
-    make_folder(folder.parent)
-    return file_lock(folder.parent / f".{folder.name}{LOCK_NAME}", wait=wait)
+    lock = generated_lock_file(folder)
+    make_folder(lock.parent)
+    return file_lock(lock, wait=wait)
+
+
+def generated_lock_file(folder: str | os.PathLike) -> Path:
+    """The lock file :func:`generated_folder_lock` takes for ``folder``: beside it, from its absolute path (for
+    ``--out .`` the relative name is empty and the lock file landed inside the folder, which then was no longer
+    empty and was refused as someone else's)."""
+    folder = Path(os.path.abspath(folder))
+    return folder.parent / f".{folder.name}{LOCK_NAME}"
 
 
 def make_folder(folder: Path) -> None:

@@ -593,9 +593,10 @@ class HREM(MaxViolationWarmup, BertVocabMixin, nn.Module):
         cfg = self.config
         feats = torch.as_tensor(batch["image_feats"]).to(self.device, torch.float32)
         n = feats.shape[0]
-        # no dataset gives per-image region counts (precomp items are fixed-size [R, D]): every region is real
-        # until region_drop re-pads them
-        lengths = None
+        # per-image region counts: no shipped dataset gives them (precomp items are fixed-size [R, D], every region
+        # real), a dataset of one's own with padded regions may
+        lengths = batch.get("image_lengths")
+        lengths = torch.as_tensor(lengths).to(self.device) if lengths is not None else None
         if feats.shape[1] < cfg.topk:  # word_region_scores keeps the topk best regions: raised mid-step
             raise InputError(f"HREM: topk={cfg.topk} needs at least {cfg.topk} regions per image (the word-region "
                              f"relevance keeps the {cfg.topk} best); these features have {feats.shape[1]}: set "

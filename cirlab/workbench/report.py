@@ -1265,7 +1265,7 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
     import shutil
 
     folder, previous, failed = out / name, out / f".{name}.previous", out / FAILED_DIR / name
-    check_entry_folders(out, [name])  # also here: run_entry is public, and run_report checks before the lock
+    check_entry_folders(out, [name])  # also here: run_entry is public (run_report checks every entry first)
     out.mkdir(parents=True, exist_ok=True)
     if previous.is_dir():  # an interrupted run: its partial output is a failure, the previous folder is good
         _move(folder, failed)

@@ -531,7 +531,7 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
     out = Path(out_root).expanduser()
     settings = _settings_of(seed, size, image_size)
     _check_folder(out, "cirlab data synth")  # before the lock: one line naming --out, not the lock file's folder
-    from cirlab.core.io import LOCK_NAME, FolderLockedError, generated_folder_lock
+    from cirlab.core.io import FolderLockedError, generated_folder_lock, generated_lock_file
 
     # the whole write under the folder's lock, refused at once when held: two writers deleted and rewrote each
     # other's files, leaving a tree of two seeds that still loaded and trained. ensure() holds it already (nested).
@@ -540,7 +540,7 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
             held.enter_context(generated_folder_lock(out, wait=0))
         except FolderLockedError:  # the lock's own message names the folder above out, where its file lies
             try:
-                holder = (out.parent / f".{out.name}{LOCK_NAME}").read_text(encoding="utf-8").strip()
+                holder = generated_lock_file(out).read_text(encoding="utf-8").strip()
             except OSError:
                 holder = ""
             raise FolderLockedError(f"cirlab data synth: {out} is being written by another cirlab process "
