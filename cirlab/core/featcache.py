@@ -143,6 +143,10 @@ def _pickled(key: str, value: Any) -> bytes:
                                  f"it does not pickle ({err}); make get_extra_state return one of those") from None
 
 
+DIGEST_SCHEME = "sha256-128"  # of tensor_digest; part of a store's folder key, so entries of another scheme (a
+# BLAKE2b store of earlier cirlab versions), which can never be hit, are not loaded on every open
+
+
 def tensor_digest(t: Tensor) -> str:
     """SHA-256 (first 128 bits) of a tensor's dtype, shape and bytes: the identity of one input (a transformed
     image). SHA-256, not BLAKE2b: on CPUs with SHA instructions the whole call is about 1.9x faster

@@ -503,7 +503,7 @@ class ImageEncoder(nn.Module):
         fingerprint = tuple((t.data_ptr(), t._version) for t in tensors)  # changes when weights are loaded
         if self._store_key is None or self._store_key[0] != fingerprint:  # first use, or weights were loaded
             key = featcache.cache_key("amc-backbone", self.config.backbone, self.FROZEN_CHUNK, torch.__version__,
-                                      featcache.state_dict_digest(self.backbone))
+                                      featcache.state_dict_digest(self.backbone), featcache.DIGEST_SCHEME)
             root = Path(self.config.feature_cache_dir) if self.config.feature_cache_dir else featcache.default_dir()
             self._store_key = (fingerprint, str(root / "amc" / key))
         return featcache.open_store(self._store_key[1])
