@@ -11,6 +11,7 @@ import os
 import pytest
 
 from cirlab import report, workbench
+from lock_holder import held_by_another_thread
 
 
 def test_report_set_reads_yaml_values():
@@ -681,8 +682,6 @@ def test_an_entry_folder_a_live_training_holds_is_not_moved_aside(tmp_path, monk
     """A user's `cirlab train --output-dir reports/train` running while a report starts: the report moved the live
     run aside, the training wrote into the notebook's new folder, and the report's clean-up deleted the run
     (helper-66 F2). The folder's lock is taken for the rename: one line naming the holder, nothing moved."""
-    import threading
-
     from cirlab.core.io import FolderLockedError, folder_lock
 
     out = tmp_path / "reports"
@@ -690,22 +689,9 @@ def test_an_entry_folder_a_live_training_holds_is_not_moved_aside(tmp_path, monk
     (out / "train" / report.RECORD).write_text("{}")  # the demo's entry, which the user continued
     (out / "train" / "checkpoints" / "last.pt").write_bytes(b"live")
     monkeypatch.setattr(report, "run_notebook", lambda *a, **k: pytest.fail("a notebook ran"))
-    holding, done = threading.Event(), threading.Event()
-
-    def training() -> None:  # another thread meets the lock as another process would
-        with folder_lock(out / "train"):
-            holding.set()
-            done.wait(30)
-
-    thread = threading.Thread(target=training)
-    thread.start()
-    try:
-        assert holding.wait(30)
+    with held_by_another_thread(lambda: folder_lock(out / "train")):  # the user's training
         with pytest.raises(FolderLockedError, match=r"reports[/\\]train is in use by another cirlab process"):
             report.run_entry("train", {}, out, notebook_dir=tmp_path / "none")
-    finally:
-        done.set()
-        thread.join(30)
     assert (out / "train" / "checkpoints" / "last.pt").read_bytes() == b"live"
     assert not (out / ".train.previous").exists()
 
@@ -713,29 +699,14 @@ def test_an_entry_folder_a_live_training_holds_is_not_moved_aside(tmp_path, monk
 def test_a_second_report_names_the_running_one_not_its_entry_being_written(tmp_path, monkeypatch):
     """While a first report writes an entry for the first time (no report.json yet), a second report into the same
     --out said the entry was not written by cirlab report and to move it away (helper-66 F4)."""
-    import threading
-
     from cirlab.core.io import FolderLockedError, folder_lock
 
     out = tmp_path / "reports"
     (out / "train").mkdir(parents=True)
     (out / "train" / "log.jsonl").write_text("")  # the first report's notebook, training
-    holding, done = threading.Event(), threading.Event()
-
-    def first_report() -> None:
-        with folder_lock(out):
-            holding.set()
-            done.wait(30)
-
-    thread = threading.Thread(target=first_report)
-    thread.start()
-    try:
-        assert holding.wait(30)
+    with held_by_another_thread(lambda: folder_lock(out)):  # the first report
         with pytest.raises(FolderLockedError, match="is in use by another cirlab process"):
             report.run_report(out, only="train", stream=io.StringIO())
-    finally:
-        done.set()
-        thread.join(30)
 
 
 def test_a_folder_no_report_wrote_is_refused_before_anything_runs(tmp_path, monkeypatch):

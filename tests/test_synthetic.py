@@ -14,6 +14,7 @@ from cirlab.data.generators import _scenes as sc
 from cirlab.data.generators import synthetic
 from cirlab.data.base import load_cir
 from cirlab.data.precomp import load_precomp
+from lock_holder import held_by_another_thread
 
 KINDS = set(sc.KINDS)
 
@@ -360,8 +361,6 @@ def test_data_synth_into_a_folder_another_process_is_writing_is_refused_in_one_l
     """Two `cirlab data synth` into one --out deleted and rewrote each other's files: a tree of two seeds (manifest
     of one) that still loaded and trained, and a traceback from the loser. The write now holds the folder's lock;
     a second writer is refused at once, naming the holder, and the first one's tree is left alone."""
-    import threading
-
     from cirlab.cli import main
     from cirlab.core.io import file_lock
 
@@ -369,22 +368,9 @@ def test_data_synth_into_a_folder_another_process_is_writing_is_refused_in_one_l
     args = ["data", "synth", "--out", str(out), "--size", "tiny", "--layouts", "shoes", "--image-size", "16"]
     assert main(args) == 0
     before = _files(out)
-    taken, done = threading.Event(), threading.Event()
-
-    def writer() -> None:  # another thread opens the lock anew, so it counts as another process
-        with file_lock(tmp_path / ".syn.cirlab.lock"):
-            taken.set()
-            done.wait(60)
-
-    holder = threading.Thread(target=writer)
-    holder.start()
-    try:
-        assert taken.wait(30)
+    with held_by_another_thread(lambda: file_lock(tmp_path / ".syn.cirlab.lock")):  # another data synth
         caplog.clear()
         assert main(args + ["--seed", "3", "--force"]) == 2
-    finally:
-        done.set()
-        holder.join()
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and errors[0].startswith(f"cirlab data synth: {out} is being written by another cirlab "
                                                      f"process (pid {os.getpid()} on "), errors
