@@ -689,9 +689,13 @@ def test_an_entry_folder_a_live_training_holds_is_not_moved_aside(tmp_path, monk
     (out / "train" / report.RECORD).write_text("{}")  # the demo's entry, which the user continued
     (out / "train" / "checkpoints" / "last.pt").write_bytes(b"live")
     monkeypatch.setattr(report, "run_notebook", lambda *a, **k: pytest.fail("a notebook ran"))
+    monkeypatch.setattr(report, "ensure_synthetic_data", lambda *a, **k: pytest.fail("data built before the check"))
     with held_by_another_thread(lambda: folder_lock(out / "train")):  # the user's training
         with pytest.raises(FolderLockedError, match=r"reports[/\\]train is in use by another cirlab process"):
             report.run_entry("train", {}, out, notebook_dir=tmp_path / "none")
+        # the whole report finds it before the data and any entry (it stopped midway, at that entry's turn)
+        with pytest.raises(FolderLockedError, match=r"--out .*reports: entry train: .*in use by another cirlab"):
+            report.run_report(out, only="train", stream=io.StringIO())
     assert (out / "train" / "checkpoints" / "last.pt").read_bytes() == b"live"
     assert not (out / ".train.previous").exists()
 

@@ -525,6 +525,21 @@ def check_entry_folders(out: Path, names: Sequence[str]) -> None:
                                 " away")
 
 
+def refuse_held_entries(out: Path, names: Sequence[str]) -> None:
+    """Refuse, before any data is generated or any entry runs, a report one of whose entry folders a live cirlab
+    process holds (a user's ``cirlab train --output-dir reports/train``): found only at that entry's turn, it
+    stopped a report midway, after the data and the earlier entries."""
+    from cirlab.core.io import FolderLockedError
+
+    for name in names:
+        if (out / name).is_dir():
+            try:
+                with folder_lock(out / name):
+                    pass
+            except FolderLockedError as err:
+                raise FolderLockedError(f"--out {out}: entry {name}: {err}") from None
+
+
 # --------------------------------------------------------------------------------------------- execution
 def ensure_synthetic_data(size: str = "default", seed: int = SYNTHETIC_SEED, root: str | os.PathLike | None = None,
                           stream: TextIO | None = None, layouts: Sequence[str] | None = None) -> Path:
@@ -1017,6 +1032,7 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
         # under the lock: a running report's first entry has no report.json yet, and checked before the lock a
         # second report called it a folder cirlab did not write and told the user to move it away
         check_entry_folders(out, names)
+        refuse_held_entries(out, names)
         data_override = overrides.pop("data_root", "")
         data = Path(data_override) if data_override else ensure_synthetic_data(
             SYNTHETIC_SIZE["smoke" if smoke else "report"], stream=stream)
@@ -1268,6 +1284,9 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
     check_entry_folders(out, [name])  # also here: run_entry is public (run_report checks every entry first)
     out.mkdir(parents=True, exist_ok=True)
     if previous.is_dir():  # an interrupted run: its partial output is a failure, the previous folder is good
+        if folder.exists():
+            with folder_lock(folder):  # a live process writing the partial output is refused, not moved
+                pass
         _move(folder, failed)
         previous.rename(folder)
     if folder.exists():
