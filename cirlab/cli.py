@@ -493,8 +493,8 @@ def _write_new(path: Path, text: str, *, command: str) -> None:
         write_new_text(path, text)
     except FileExistsError:
         raise OutputExistsError(f"{command}: {path} exists (written by another process while this one ran; this "
-                                "evaluation's results are printed above); pass --overwrite to replace it, or choose another "
-                                "path") from None
+                                "evaluation's results are printed above); pass --overwrite to replace it, or choose "
+                                "another path") from None
 
 
 def _splits_worth_evaluating(args: argparse.Namespace, config: dict[str, Any], loaded: dict[str, Any],

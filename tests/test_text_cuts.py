@@ -86,4 +86,5 @@ def test_hf_cut_count_matches_a_count_of_untruncated_lengths():
     texts = [" ".join(["red"] * n) for n in range(20)] + ["", "blue " * 300]
     tok = tokenizer(texts, padding="longest", truncation=True, max_length=limit, return_tensors="pt")
     naive = sum(len(tokenizer(t)["input_ids"]) > limit for t in texts)  # with [CLS] and [SEP], no truncation
-    assert hf_cut_count(tokenizer, texts, tok["attention_mask"], limit) == naive == len(range(limit - 1, 20)) + 1  # n + 2 > limit words, and the long one
+    # n + 2 > limit for n = limit - 1 .. 19 words, and the long one
+    assert hf_cut_count(tokenizer, texts, tok["attention_mask"], limit) == naive == len(range(limit - 1, 20)) + 1

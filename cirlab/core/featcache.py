@@ -150,8 +150,8 @@ DIGEST_SCHEME = "sha256-128"  # of tensor_digest; part of a store's folder key, 
 def tensor_digest(t: Tensor) -> str:
     """SHA-256 (first 128 bits) of a tensor's dtype, shape and bytes: the identity of one input (a transformed
     image). SHA-256, not BLAKE2b: on CPUs with SHA instructions the whole call is about 1.9x faster
-    (``bench/feature_digest.py``), and a warm AMC ``lite`` run hashes every image of every step. (The change made
-    the entries of a store filled before it unreachable: they are recomputed once.)"""
+    (``bench/feature_digest.py``), and a warm AMC ``lite`` run hashes every image of every step. A store of the
+    earlier digest is not opened (:data:`DIGEST_SCHEME` is part of its folder key): its items are recomputed once."""
     t = t.detach().cpu().contiguous()
     h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}".encode())
     h.update(t.reshape(-1).view(torch.uint8).numpy().data)

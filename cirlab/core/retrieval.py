@@ -64,11 +64,16 @@ def similarity(queries: Tensor, gallery: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- top-K
+def _row_order(scores: Tensor, idx: Tensor) -> Tensor:
+    """The permutation ordering each row by (score descending, gallery index ascending)."""
+    perm = idx.sort(dim=1, stable=True)[1]
+    return perm.gather(1, scores.gather(1, perm).sort(dim=1, descending=True, stable=True)[1])
+
+
 def _sort_rows(scores: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     """Order each row by (score descending, gallery index ascending)."""
-    idx, perm = idx.sort(dim=1)
-    scores, perm = scores.gather(1, perm).sort(dim=1, descending=True, stable=True)
-    return scores, idx.gather(1, perm)
+    perm = _row_order(scores, idx)
+    return scores.gather(1, perm), idx.gather(1, perm)
 
 
 def _lowest_index_topk(block: Tensor, kth: Tensor, k: int) -> Tensor:
@@ -409,8 +414,7 @@ def subset_topk(scores: Tensor, reference: Any, members: Any, k: int = 3) -> Ten
     # ordered by (kept first, score descending, gallery index ascending): a masked entry (the reference, a -1 pad,
     # a repeat) must not tie with a member scored -inf (a stage-II log-probability) and be listed before it, which
     # cirr_subset_ranks never does
-    perm = mem.sort(dim=1, stable=True)[1]
-    perm = perm.gather(1, member_scores.gather(1, perm).sort(dim=1, descending=True, stable=True)[1])
+    perm = _row_order(member_scores, mem)
     perm = perm.gather(1, keep.gather(1, perm).int().sort(dim=1, descending=True, stable=True)[1])
     return mem.gather(1, perm)[:, :k]
 

@@ -1284,13 +1284,9 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
     check_entry_folders(out, [name])  # also here: run_entry is public (run_report checks every entry first)
     out.mkdir(parents=True, exist_ok=True)
     if previous.is_dir():  # an interrupted run: its partial output is a failure, the previous folder is good
-        if folder.exists():
-            with folder_lock(folder):  # a live process writing the partial output is refused, not moved
-                pass
-        _move(folder, failed)
+        _move(folder, failed, unless_held=True)
         previous.rename(folder)
-    if folder.exists():
-        _move_aside(folder, previous)
+    _move(folder, previous, unless_held=True)
     record: dict[str, Any] = {"entry": name, "notebook": notebook_of(name), "started": _now(), "command": command,
                               "commit": _commit(), "parameters": dict(params),
                               "depends": {d: _finished(out / d) for d in DEPENDS.get(name, ())}}
@@ -1313,23 +1309,24 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
     return folder
 
 
-def _move_aside(folder: Path, previous: Path) -> None:
-    """Rename ``folder`` to ``previous`` holding its lock: a run folder a live ``cirlab train`` holds (the user
-    continuing ``reports/train`` while a report runs) is refused in one line naming that process. Moved anyway, the
-    training went on writing to the old path, inside the notebook's new run, and the report's clean-up deleted it."""
-    with folder_lock(folder) as lock:
-        folder.rename(previous)
-        (previous / lock.name).unlink(missing_ok=True)  # our own lock file moved along: no stale file is left
-
-
-def _move(src: Path, dst: Path) -> None:
+def _move(src: Path, dst: Path, *, unless_held: bool = False) -> None:
+    """Rename ``src`` to ``dst`` (replacing it), if ``src`` exists. ``unless_held``: under ``src``'s lock, so a
+    folder a live ``cirlab train`` holds (a user continuing ``reports/train`` while a report runs) is refused in one
+    line naming that process; moved anyway, the training went on writing to the old path, inside the notebook's new
+    run, and the report's clean-up deleted it. (Not after a failed notebook: a kernel that outlived its entry may
+    still hold its output, and the failure must be reported, not replaced by a lock error.)"""
     import shutil
 
     if not src.exists():
         return
     shutil.rmtree(dst, ignore_errors=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    src.rename(dst)
+    if not unless_held:
+        src.rename(dst)
+        return
+    with folder_lock(src) as lock:
+        src.rename(dst)
+        (dst / lock.name).unlink(missing_ok=True)  # our own lock file moved along: no stale file is left
 
 
 def _read_record(folder: Path) -> dict[str, Any]:
