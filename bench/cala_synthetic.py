@@ -119,7 +119,7 @@ def prepare_data(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         from cirlab.data.generators import emoji
 
         root = emoji.build(work / "data" / "emoji")
-        manifest = json.loads((root / emoji.MANIFEST).read_text())
+        manifest = json.loads((root / emoji.MANIFEST).read_text(encoding="utf-8"))
         return {"source": f"`cirlab.data.generators.emoji.build()` (Noto emoji of {manifest['package']} "
                           f"{manifest['version']}), Fashion-IQ layout, categories {', '.join(args.categories)}",
                 "counts": {k: v for k, v in manifest["splits"].items() if k.split("/")[0] in args.categories}}
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     work = Path(args.work)
     data = prepare_data(args, work)
-    done = {v: json.loads((work / "results" / f"{v}.json").read_text()) for v in args.variants
+    done = {v: json.loads((work / "results" / f"{v}.json").read_text(encoding="utf-8")) for v in args.variants
             if args.reuse and (work / "results" / f"{v}.json").is_file()}  # same --work, same arguments
     todo = [v for v in args.variants if v not in done]
     if args.jobs == 1:

@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = {s: cirlab.data.load_precomp(pre, "f30k", s) for s in ("train", "dev", "test")}
     out_dir = Path(args.out_dir) if args.out_dir else runs_dir() / "dime_synthetic"
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = json.loads((pre / synthetic.META).read_text()) if (pre / synthetic.META).is_file() else {}
+    meta = json.loads((pre / synthetic.META).read_text(encoding="utf-8")) if (pre / synthetic.META).is_file() else {}
     caption_type = meta.get("caption_type", {}).get("test") or [f"style {k % 5}" for k in
                                                                  range(len(splits["test"].captions))]
     print(f"data: {pre} | " + ", ".join(f"{s} {v.num_images} images / {len(v.captions)} captions"
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         untrained = itm_metrics(scores_on(model, splits["test"]))
         best_path = out_dir / direction / "checkpoints" / "best.pt"
         if args.reuse and best_path.is_file():
-            summary = json.loads((out_dir / direction / "summary.json").read_text())
+            summary = json.loads((out_dir / direction / "summary.json").read_text(encoding="utf-8"))
         else:
             cfg = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                    "lr_step_size": args.lr_step or args.epochs + 1,

@@ -249,7 +249,7 @@ def write_report(args: argparse.Namespace) -> None:
     import torch
 
     out = Path(args.out_dir)
-    records = [json.loads(p.read_text()) for p in sorted(out.glob("*/bench_result.json"))]
+    records = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out.glob("*/bench_result.json"))]
     if not records and not (out / "eval_timing.json").is_file():  # an empty report would replace a committed one
         sys.exit(f"hrem_synthetic: no results in {out} (no */bench_result.json, no eval_timing.json): run --train "
                  "or --eval-timing with this --out-dir first; no report written")
@@ -330,7 +330,7 @@ def write_report(args: argparse.Namespace) -> None:
                   "paper's margins.", ""]
     timing = out / "eval_timing.json"
     if timing.is_file():
-        t = json.loads(timing.read_text())
+        t = json.loads(timing.read_text(encoding="utf-8"))
         lines += ["## Evaluation speed on COCO-5K-sized embeddings", "",
                   f"{t['images']:,} images x {t['captions']:,} captions, {t['dim']}-d random unit embeddings "
                   f"(precomputed; no encoder cost), {t['threads']} thread(s). `evaluate_itm` = DataLoader over the "

@@ -472,10 +472,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if isinstance(model, HasEvalPrecision):  # DIME's "auto" scores in bf16 on some CPUs, fp32 on others
         record["eval_precision"] = model.eval_precision(device)
-    text = json.dumps(record, indent=2, sort_keys=True)
+    from cirlab.core.io import json_text, write_text
+
+    text = json_text(record)  # what is printed is what --output holds: strict JSON, non-ASCII paths as themselves
     print(text)
     if args.output:
-        from cirlab.core.io import write_text
 
         if args.overwrite:
             write_text(args.output, text + "\n")

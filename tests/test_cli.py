@@ -67,7 +67,7 @@ def _check_run_folder(out: Path) -> dict:
 
 def test_cli_train_then_eval(tmp_path, synth, capsys):
     cfg = _write_config(tmp_path / "stub.yaml", synth)
-    out = tmp_path / "run"
+    out = tmp_path / "run_josé"  # a non-ASCII run folder: eval's JSON holds its path as itself, not as escapes
     assert main(["train", str(cfg), "--output-dir", str(out), "--set", "train.max_steps=5",
                  "--set", "model_overrides.dropout=0.0"]) == 0
     metrics = _check_run_folder(out)
@@ -80,7 +80,8 @@ def test_cli_train_then_eval(tmp_path, synth, capsys):
     assert main(["eval", str(out), "--split", "test", "--output", str(tmp_path / "eval.json")]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["splits"]["test"] == pytest.approx(metrics["splits"]["test"])  # same weights, same numbers
-    assert json.loads((tmp_path / "eval.json").read_text()) == printed
+    written = (tmp_path / "eval.json").read_text(encoding="utf-8")
+    assert json.loads(written) == printed and str(out / "checkpoints") in written
 
     # a checkpoint file alone: the model is rebuilt from the name and config it records
     assert main(["eval", str(out / "checkpoints" / "best.pt"), "--split", "val"]) == 0

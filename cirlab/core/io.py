@@ -98,16 +98,21 @@ def write_new_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
+    """``obj`` as :func:`json_text` into ``path`` (atomically, through :func:`write_text`)."""
+    return write_text(path, json_text(obj, indent=indent))
+
+
+def json_text(obj: Any, *, indent: int | None = 2) -> str:
     """Strict JSON with sorted keys: values through :func:`to_plain` (numpy scalars as numbers, paths as their
     ``str``), and NaN / infinity (a recall over no queries) as ``null``: Python writes a bare ``NaN`` that JSON
     readers (the report's browser, ``jq``) refuse. Non-ASCII text is written as itself (``josé``, not
     ``jos\\u00e9``), except a string holding a lone surrogate (a file name that is not UTF-8): UTF-8 cannot encode
-    it, so that file is written with ASCII escapes."""
+    it, so that text is written with ASCII escapes."""
     plain = _finite(to_plain(obj))
     text = json.dumps(plain, indent=indent, sort_keys=True, allow_nan=False, ensure_ascii=False)
     if not _utf8_encodable(text):
         text = json.dumps(plain, indent=indent, sort_keys=True, allow_nan=False)
-    return write_text(path, text)
+    return text
 
 
 def _utf8_encodable(text: str) -> bool:
