@@ -410,8 +410,23 @@ def _checkpoint_of(target_arg: str, name: str) -> tuple[Path, Path | None]:
     return checkpoint, run_dir
 
 
+def _blame_a_writer(run_dir: Path | None, checkpoint: Path) -> None:
+    """A checkpoint seen a moment ago is gone: when a live cirlab process holds the run folder (a ``train
+    --overwrite`` of it), say so instead of a bare "checkpoint not found"."""
+    from cirlab.core.errors import CheckpointError
+    from cirlab.core.io import lock_holder
+
+    if run_dir is None or checkpoint.exists():
+        return
+    holder = lock_holder(run_dir)
+    if holder:
+        raise CheckpointError(f"{checkpoint} vanished before it was read: {run_dir} is being written by another "
+                              f"cirlab process ({holder}), e.g. a `cirlab train --overwrite` of it; evaluate when "
+                              "it finishes") from None
+
+
 def _run_eval(args: argparse.Namespace) -> int:
-    from cirlab.core.errors import ConfigError, UnknownNameError
+    from cirlab.core.errors import CheckpointError, ConfigError, UnknownNameError
     from cirlab.data.catalog import is_itm
     from cirlab.engine.runs import evaluate_split, load_split, model_from_checkpoint, parse_set, protocol_of
     from cirlab.engine.train import resolve_device
@@ -419,8 +434,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     checkpoint, run_dir = _checkpoint_of(args.target, args.checkpoint)
     device = resolve_device(args.device, "--device")
     if run_dir is not None and (run_dir / "log.jsonl").is_file() and not (run_dir / "train_summary.json").is_file():
-        logger.warning("%s: the run did not finish (no train_summary.json: stopped, or still training); evaluating "
-                       "%s as it is now", run_dir, checkpoint)
+        from cirlab.core.io import lock_holder
+
+        holder = lock_holder(run_dir)
+        why = f"still training: {holder}" if holder else "no train_summary.json: it stopped"
+        logger.warning("%s: the run did not finish (%s); evaluating %s as it is now", run_dir, why, checkpoint)
     config = _eval_config(args, run_dir)
     if args.topk_dir and is_itm(str(config["dataset"]["name"])):  # nothing would be written there, without a word
         raise ConfigError(f"--topk-dir {args.topk_dir}: top-K files are for composed retrieval (CIR) rankings; "
@@ -442,9 +460,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     for path, value in parse_set(args.overrides):
         if path[0] == "model_overrides":
             asked.update(value if len(path) == 1 and isinstance(value, dict) else {".".join(path[1:]): value})
-    model, meta = model_from_checkpoint(checkpoint, model=args.model, preset=args.preset,
-                                        trust_pickle=args.trust_pickle, overrides=config.get("model_overrides"),
-                                        asked=asked)
+    try:
+        model, meta = model_from_checkpoint(checkpoint, model=args.model, preset=args.preset,
+                                            trust_pickle=args.trust_pickle, overrides=config.get("model_overrides"),
+                                            asked=asked)
+    except CheckpointError:
+        _blame_a_writer(run_dir, checkpoint)
+        raise
     splits = _splits_worth_evaluating(args, config, loaded, type(model))  # before the evaluation, the long part
     if meta.get("converted_from"):
         logger.info("%s: read as the %s layout; ignored: %s; kept as built (not in the file): %s", checkpoint,

@@ -146,6 +146,35 @@ def test_eval_output_written_meanwhile_by_another_eval_is_not_replaced(tmp_path,
     assert json.loads(target.read_text())["checkpoint"].endswith("best.pt")
 
 
+def test_eval_names_the_process_rewriting_the_run(tmp_path, synth, caplog, monkeypatch):
+    """`cirlab eval RUN` while `cirlab train --overwrite` rewrites RUN: the checkpoint it had just found vanished and
+    it said only "checkpoint not found". Now it names the live process holding the run folder, and a run without
+    train_summary.json is called "still training" while its lock is held (not "it stopped")."""
+    from cirlab.core.io import folder_lock
+    from cirlab.engine import runs
+    from lock_holder import held_by_another_thread
+
+    run = tmp_path / "run"
+    assert main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), "--output-dir", str(run),
+                 "--set", "train.max_steps=2"]) == 0
+    read = runs.model_from_checkpoint
+
+    def removed_by_the_overwrite(path, **kwargs):
+        Path(path).unlink()
+        return read(path, **kwargs)
+
+    monkeypatch.setattr(runs, "model_from_checkpoint", removed_by_the_overwrite)
+    (run / "train_summary.json").unlink()
+    with held_by_another_thread(lambda: folder_lock(run)):
+        caplog.clear()
+        assert main(["eval", str(run), "--split", "val"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "best.pt vanished before it was read" in errors[0], errors
+    assert f"{run} is being written by another cirlab process (pid {os.getpid()} on " in errors[0]
+    assert "the run did not finish (still training: pid " in caplog.text
+    assert not (run / ".cirlab.lock").exists()  # the probe left the holder's file to the holder, which removed it
+
+
 def test_eval_of_a_split_without_targets_needs_a_topk_dir(tmp_path, synth, capsys, caplog, monkeypatch):
     """Fashion-IQ test (no "target" in its caption files) gives rankings only: they were computed, then kept nowhere."""
     from fixtures_data import write_fashioniq

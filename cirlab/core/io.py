@@ -300,6 +300,29 @@ def file_lock(path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[Path]:
         _release(path, fh)
 
 
+def lock_holder(folder: str | os.PathLike) -> str | None:
+    """Who holds ``folder``'s :func:`folder_lock` now (the lock file's line: pid, host, start time), or None when
+    nobody does. Only looks: a shared probe that is dropped at once, so a reader can say why a file it was about to
+    read vanished (a ``train --overwrite`` rewriting the run) without taking the lock it would hold a writer out
+    with."""
+    path = Path(folder) / LOCK_NAME
+    try:
+        fh = open(path)
+    except OSError:  # released (the holder unlinks its file) or never taken
+        return None
+    with fh:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no shared probe; a lock file that is there is taken as held
+            return fh.read().strip() or "unknown process"
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return fh.read().strip() or "unknown process"
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)  # a stale file of a process that died: nobody holds it
+    return None
+
+
 GENERATE_WAIT_S = 900.0  # a generated dataset writes in well under this on one core
 
 
