@@ -436,6 +436,35 @@ def test_json_and_yaml_files_keep_non_ascii_text_as_itself_and_escape_only_what_
         assert read(text) == odd
 
 
+def test_atomic_writers_take_any_name_the_file_system_takes_and_never_touch_the_umask(tmp_path, monkeypatch):
+    """The staged file was named after the whole target plus 14 (write_text) or 39 (write_new_text) characters, so a
+    name near the 255-byte limit wrote nothing ("File name too long") after the work was done; and atomic_path read
+    the umask by setting it to 0 for a moment, so a file another thread created then was world-writable."""
+    import os
+
+    from cirlab.core.io import _create_exclusive, stale_temporaries, write_new_text, write_text
+
+    def no_umask(mask):
+        raise AssertionError("os.umask called")
+
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", no_umask)
+        for write, name in ((write_text, "a" * 250 + ".json"), (write_new_text, "b" * 250 + ".json"),
+                            (write_text, "é" * 125 + ".json")):  # 255 bytes each, "é" two of them
+            assert len(name.encode()) == 255
+            path = write(tmp_path / name, "{}\n")
+            assert path.read_text(encoding="utf-8") == "{}\n" and oct(path.stat().st_mode & 0o777) == "0o640"
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert stale_temporaries(tmp_path) == [] and len(list(tmp_path.iterdir())) == 3
+    half = tmp_path / "half.json"  # the no-hard-link fallback: a failed write leaves no file to be refused later
+    with pytest.raises(UnicodeEncodeError):
+        _create_exclusive(half, "ok \udce9")
+    assert not half.exists()
+
+
 def test_unknown_names_message_with_and_without_known_names():
     from cirlab.core.config import unknown_names_message
 

@@ -1,8 +1,8 @@
 """Atomic file writing: the one way cirlab writes a file that a reader, a resume or a crash may see.
 
 Every writer goes through :func:`atomic_path`: the content is written to a temporary file in the destination
-folder, flushed to disk, given the permissions a plain ``open(path, "w")`` would have (the user's umask, not
-``mkstemp``'s 0600), then renamed over the destination. A reader sees the old file or the complete new one, a
+folder (created with the permissions a plain ``open(path, "w")`` gives: the user's umask, not ``mkstemp``'s 0600),
+flushed to disk, then renamed over the destination. A reader sees the old file or the complete new one, a
 crash or a full disk leaves the old file in place, and no temporary file outlives a failed write.
 """
 from __future__ import annotations
@@ -12,7 +12,6 @@ import errno
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -24,34 +23,51 @@ NO_SPACE = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROF
 TMP_SUFFIX = ".tmp"
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it; restored at once
-    os.umask(mask)
-    return mask
-
-
 def _fsync(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
+
+
+# A staged file's name: "." + the target's name, cut to fit + "." + 12 hex digits + ".tmp". The cut keeps it within
+# the file system's name limit, so any name that can be written can be staged (the whole name plus mkstemp's or a
+# uuid's tail did not fit where the target's name was close to 255 bytes).
+_STAGE_TAIL = 1 + 12 + len(TMP_SUFFIX)
+
+
+def _create_staged(path: Path) -> tuple[int, Path]:
+    """An open descriptor and the path of a new, empty file next to ``path`` (see :func:`stale_temporaries`). Mode
+    0o666 through ``os.open``: the kernel applies the umask, as for ``open(path, "w")``. (Reading the umask to chmod
+    a ``mkstemp`` file means setting it for a moment: a file another thread created then got the wrong mode.)"""
+    import uuid
+
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # Windows has no pathconf; NTFS takes 255 characters
+        limit = 255
+    stem = os.fsencode(path.name)[:max(1, limit - 1 - _STAGE_TAIL)].decode(errors="ignore") or "x"
+    while True:
+        staged = path.with_name(f".{stem}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+        try:
+            return os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), staged
+        except FileExistsError:  # 48 random bits met another staged file: draw again
+            continue
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on a clean exit it replaces ``path`` in one rename.
 
-    The temporary name starts with ``.<name>.`` and ends with ``.tmp`` (so :func:`stale_temporaries` can find
-    leftovers of a killed process). The parent folder is created when missing.
+    The temporary name starts with ``.`` and ends with ``.tmp`` (so :func:`stale_temporaries` can find leftovers of a
+    killed process). The parent folder is created when missing.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    fd, tmp = _create_staged(path)
     os.close(fd)
-    tmp = Path(name)
     try:
         yield tmp
         if fsync:
             _fsync(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -74,13 +90,10 @@ def write_new_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` only if nothing is there, whole or not at all: staged beside ``path`` and hard-linked
     in, which fails with FileExistsError where ``path`` exists (a second process wrote it meanwhile). On a filesystem
     without hard links: an exclusive create (still exclusive; a reader could see it half-written)."""
-    import uuid
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")  # found by stale_temporaries if killed
+    fd, staged = _create_staged(path)
     try:
-        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666: the umask decides, as elsewhere
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -90,11 +103,22 @@ def write_new_text(path: str | os.PathLike, text: str) -> Path:
         except FileExistsError:
             raise
         except OSError:
-            with open(path, "x", encoding="utf-8") as fh:
-                fh.write(text)
+            _create_exclusive(path, text)
     finally:
         staged.unlink(missing_ok=True)
     return path
+
+
+def _create_exclusive(path: Path, text: str) -> None:
+    """``open(path, "x")`` and write, removing the file again when the write fails (a full disk): a half file would
+    be refused as "exists" by the next try."""
+    with open(path, "x", encoding="utf-8") as fh:
+        try:
+            fh.write(text)
+            fh.flush()
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
 
 
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
