@@ -379,6 +379,30 @@ def test_data_synth_into_a_folder_another_process_is_writing_is_refused_in_one_l
     assert main(args) == 0  # free again: the lock went with its holder
 
 
+def test_data_synth_under_a_read_only_parent_locks_in_the_cache(tmp_path, monkeypatch, caplog):
+    """`--out X` where X's parent cannot be written (a read-only mount holding a writable data folder): the lock file
+    beside X could not be created and nothing was generated. The lock now goes to the cache's locks/ folder, named
+    by X's absolute path, and another writer there is still refused."""
+    from cirlab.cli import main
+    from cirlab.core import io
+
+    ro, cache = tmp_path / "mount", tmp_path / "cache"
+    (ro / "data").mkdir(parents=True)
+    monkeypatch.setenv("CIRLAB_CACHE", str(cache))
+    access = os.access
+    # root passes every permission check, so the read-only parent is told through os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == ro else access(path, mode))
+    lock = io.generated_lock_file(ro / "data")
+    assert lock.parent == cache / "locks" and lock == io.generated_lock_file(str(ro / "sub" / ".." / "data"))
+    args = ["data", "synth", "--out", str(ro / "data"), "--size", "tiny", "--layouts", "shoes", "--image-size", "16"]
+    with held_by_another_thread(lambda: io.generated_folder_lock(ro / "data", wait=0)):
+        caplog.clear()
+        assert main(args) == 2
+    assert "is being written by another cirlab process" in caplog.text
+    assert main(args) == 0 and (ro / "data" / synthetic.MANIFEST).is_file()
+    assert sorted(p.name for p in ro.iterdir()) == ["data"]  # nothing written beside it
+
+
 def test_ensure_with_a_synth_size_finds_its_data_written(tmp_path, monkeypatch):
     """ensure(size=SynthSize) compared the object with the manifest's "custom" and deleted and rewrote the folder
     on every call; without out_root the folder was named by the dataclass repr."""
