@@ -42,8 +42,8 @@ def test_a_cut_is_said_once_as_a_warning_then_at_debug_level(name, preset, field
     cuts = _cuts(caplog)
     assert [r.levelno for r in cuts] == [logging.WARNING, logging.DEBUG]
     first = cuts[0].getMessage()
-    assert f"2 of 3 text(s) were cut to {limit} " in first and "later cuts" in first
-    assert f"1 of 2 text(s) were cut to {limit} " in cuts[1].getMessage()
+    assert f"2 of the 3 text(s) in a batch were cut to {limit} " in first and "later cuts" in first
+    assert f"1 of the 2 text(s) in a batch were cut to {limit} " in cuts[1].getMessage()
     other = cirlab.create_model(name, preset).eval()  # another instance warns on its own first cut
     with caplog.at_level(logging.DEBUG, logger="cirlab"):
         caplog.clear()

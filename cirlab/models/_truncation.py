@@ -25,7 +25,7 @@ def say_cut(log: logging.Logger, owner: Any, model: str, cut: int, total: int, l
     if first:
         _warned.add(owner)
     log.log(logging.WARNING if first else logging.DEBUG,
-            "%s: %d of %d text(s) were cut to %d %s%s%s", model, cut, total, limit, unit,
+            "%s: %d of the %d text(s) in a batch were cut to %d %s%s%s", model, cut, total, limit, unit,
             f" (the longest had {longest})" if longest is not None else "",
             "; later cuts by this model are logged at DEBUG level" if first else "")
 
