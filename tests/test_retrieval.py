@@ -549,6 +549,22 @@ def test_cirr_rankings_say_member_lists_must_be_padded():
     assert R.subset_topk(torch.rand(2, 8), [0, 1], [[0, 1, 2, 3, -1], [1, 2, 3, 4, 5]]).shape == (2, 3)
 
 
+def test_subset_topk_agrees_with_cirr_subset_ranks_on_float64_near_ties_and_refuses_nan():
+    """float64 scores were cast to float32 first, so two members 1e-12 apart tied and the lower index was listed
+    where cirr_subset_ranks ranked the higher-scored one first; a NaN member was listed first, silently."""
+    from cirlab.core.errors import InputError
+
+    scores = torch.tensor([[5.0, 1.0, 1.0 + 1e-12, 0.0]], dtype=torch.float64)
+    best = R.subset_topk(scores, [0], [[0, 1, 2, 3]], k=1)
+    assert best.tolist() == [[2]] and M.cirr_subset_ranks(scores, [2], [0], [[0, 1, 2, 3]]).tolist() == [1]
+    half = R.subset_topk(scores.to(torch.bfloat16), [0], [[0, 1, 2, 3]], k=2)
+    assert half.tolist() == [[1, 2]]  # bfloat16 cannot tell them apart: a tie, lower index first
+    nan = torch.tensor([[0.9, float("nan"), 0.8, 0.3, 0.5]])
+    with pytest.raises(InputError, match=r"^query 0: scores contain NaN among its img_set members$"):
+        R.subset_topk(nan, [0], [[0, 1, 2, 3]], k=2)
+    assert R.subset_topk(nan, [1], [[0, 1, 2, 3]], k=2).tolist() == [[0, 2]]  # NaN on the removed reference: fine
+
+
 def test_subset_topk_lists_members_scored_minus_infinity_never_the_reference_or_a_pad():
     """A stage-II scorer giving log-probabilities can score a member -inf; the masked reference / -1 pad / repeat
     (also -inf) won the tie by its lower index, so the submission listed them while cirr_subset_ranks did not."""

@@ -410,7 +410,12 @@ def subset_topk(scores: Tensor, reference: Any, members: Any, k: int = 3) -> Ten
     if short.any():
         i = int(short.nonzero()[0, 0])
         raise InputError(f"query {i}: img_set has {int(keep[i].sum())} non-reference members, need {k}")
-    member_scores = s.gather(1, mem.clamp(min=0)).float()
+    member_scores = s.gather(1, mem.clamp(min=0))
+    if member_scores.dtype in (torch.float16, torch.bfloat16):  # widened exactly; float64 is kept, since .float()
+        member_scores = member_scores.float()                   # merged near-ties that cirr_subset_ranks tells apart
+    if torch.isnan(member_scores[keep]).any():  # NaN sorted first here; cirr_subset_ranks ranks it nowhere
+        i = int(torch.isnan(member_scores).logical_and(keep).any(1).nonzero()[0, 0])
+        raise InputError(f"query {i}: scores contain NaN among its img_set members")
     # ordered by (kept first, score descending, gallery index ascending): a masked entry (the reference, a -1 pad,
     # a repeat) must not tie with a member scored -inf (a stage-II log-probability) and be listed before it, which
     # cirr_subset_ranks never does
