@@ -88,3 +88,15 @@ def test_hf_cut_count_matches_a_count_of_untruncated_lengths():
     naive = sum(len(tokenizer(t)["input_ids"]) > limit for t in texts)  # with [CLS] and [SEP], no truncation
     # n + 2 > limit for n = limit - 1 .. 19 words, and the long one
     assert hf_cut_count(tokenizer, texts, tok["attention_mask"], limit) == naive == len(range(limit - 1, 20)) + 1
+
+
+def test_clip_counts_a_cut_hidden_behind_words_its_cleaning_removes():
+    """CLIP's cleaning turns ``&nbsp;`` into a space: counted on the first context_length words, a text of 20 of
+    them and then 20 words was read as fitting, although encode had cut it."""
+    from cirlab.models._clip_rn import clip_tokenizer
+
+    tokenizer = clip_tokenizer(16)
+    texts = ["&nbsp; " * 20 + "red " * 20, "&nbsp; " * 20 + "red " * 5]
+    ids, _ = tokenizer.encode(texts)
+    assert ids[0, -1] != 0 and ids[1, -1] == 0  # the first fills the row (cut), the second is padded (whole)
+    assert tokenizer.cut_count(texts, ids) == 1

@@ -118,11 +118,10 @@ class ClipTokenizer:
 
     def cut_count(self, texts: Sequence[str], ids: torch.Tensor) -> int:
         """How many of ``texts`` :meth:`encode` cut (``ids`` its output): only a row without padding can have been
-        cut; its BPE is counted on its first ``context_length`` words (each gives at least one token), so a
-        pasted book costs no more than that."""
+        cut; its whole text is BPE-encoded again (as :meth:`encode` did: counting only its first words missed the
+        cuts of texts whose leading words CLIP's cleaning removes, such as ``&nbsp;``)."""
         full = [text for text, last in zip(texts, ids[:, -1].tolist()) if last != 0]
-        words = [" ".join(text.split()[: self.context_length]) for text in full]
-        return sum(len(self._bpe.encode(text)) + 2 > self.context_length for text in words)
+        return sum(len(self._bpe.encode(text)) + 2 > self.context_length for text in full)
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         """Token strings of one row (``</w>`` word ends dropped; padding after EOT shown as ``<pad>``)."""
