@@ -419,3 +419,8 @@ def test_ensure_with_a_synth_size_finds_its_data_written(tmp_path, monkeypatch):
     assert cached.parent == tmp_path / "cache" / "synthetic"
     assert cached.name.startswith("custom-") and cached.name.endswith("-seed0-16px") and "(" not in cached.name
     assert synthetic.recorded_settings(cached)["spec"]["shoes"] == [40, 40]
+    # a SynthSize equal to a preset is that preset: its data, folder and manifest (it was "custom", refused there)
+    tiny = synthetic.ensure(tmp_path / "t", size="tiny", layouts="shoes", image_size=16)
+    assert synthetic.ensure(tmp_path / "t", size=synthetic.SIZES["tiny"], layouts="shoes", image_size=16) == tiny
+    assert synthetic.ensure(size=dataclasses.replace(synthetic.SIZES["tiny"]), layouts="shoes",
+                            image_size=16).name == "tiny-seed0-16px"

@@ -485,6 +485,15 @@ _WRITERS = {"fashioniq": write_fashioniq, "cirr": write_cirr, "shoes": write_sho
 # public entry points
 
 
+def preset_name(size: str | SynthSize) -> str | SynthSize:
+    """The preset's name for a :class:`SynthSize` equal to one (``SIZES["tiny"]`` is "tiny"), else ``size``: the
+    same counts then share the preset's folder and manifest, instead of a "custom" record that refused the preset's
+    data as written with other settings."""
+    if isinstance(size, SynthSize):
+        return next((name for name, preset in SIZES.items() if preset == size), size)
+    return size
+
+
 def resolve_size(size: str | SynthSize) -> SynthSize:
     if isinstance(size, SynthSize):
         return size
@@ -518,7 +527,7 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
         The manifest (also written to ``out_root/synthetic.json``): seed, size, image size and, per layout,
         ``root`` (absolute path to pass to the loader) and per-split counts.
     """
-    layouts = name_list(layouts)
+    layouts, size = name_list(layouts), preset_name(size)
     unknown = [name for name in layouts if name not in _WRITERS]
     if unknown:
         raise ValueError(f"unknown layout(s) {unknown}; known: {', '.join(LAYOUTS)}")
@@ -673,6 +682,7 @@ def ensure(out_root: str | os.PathLike | None = None, *, seed: int = 0, size: st
     from cirlab.core.io import generated_folder_lock
 
     layouts = name_list(layouts)  # _written compares sets: a bare string was a set of letters, never written
+    size = preset_name(size)
     # what the manifest records, so a SynthSize compares by its counts: the object never equalled the manifest's
     # "custom", and every call deleted and rewrote the folder (under a run reading it)
     wanted = _settings_of(seed, size, image_size)
