@@ -322,8 +322,8 @@ def test_a_custom_size_is_recorded_and_compared_by_its_counts(tmp_path):
     synthetic.generate(out, size=small_shoes, layouts="shoes", image_size=16)
     synthetic.generate(out, size=small_shoes, layouts="shoes", image_size=16)  # the same counts: allowed
     with pytest.raises(synthetic.OtherSettingsError, match=r"size custom \(.*shoes=\[40, 40\].*\), 16-px images, "
-                                                           r"not seed 0, size custom \(.*shoes=\[80, 80\]"):
-        synthetic.generate(out, size=dataclasses.replace(small_shoes, shoes=(80, 80)), layouts="shoes",
+                                                           r"not seed 0, size custom \(.*shoes=\[60, 60\]"):
+        synthetic.generate(out, size=dataclasses.replace(small_shoes, shoes=(60, 60)), layouts="shoes",
                            image_size=16)
 
 
