@@ -52,7 +52,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -400,7 +400,10 @@ def _load_lavis_blip(model: "BlipRerankStage1", state: dict[str, torch.Tensor],
     return blip_interop.check_usable(report)
 
 
-def _loading(label: str, load: Callable[[Any], list], path: Any) -> list:
+_Loaded = TypeVar("_Loaded")
+
+
+def _loading(label: str, load: Callable[[Any], _Loaded], path: Any) -> _Loaded:
     """Run a pretrained load; a bad source becomes one ``CheckpointError`` line naming ``label`` and the file."""
     from cirlab.core.checkpoint import CheckpointError
 

@@ -288,7 +288,7 @@ def _shuffled(rng: np.random.Generator, items: Sequence[Any]) -> list[Any]:
     return [items[int(i)] for i in rng.permutation(len(items))]
 
 
-def _named(rng: np.random.Generator, scenes: Sequence[Scene], fmt: str, start: int = 0) -> dict[str, Scene]:
+def _named(rng: np.random.Generator, scenes: Sequence[Scene], fmt: str, start: int = 0) -> dict[str, str]:
     """key -> name, numbering a shuffled order so names reveal nothing about clusters or roles."""
     order = _shuffled(rng, list(scenes))
     return {sc.scene_key(s): fmt.format(start + i) for i, s in enumerate(order)}
