@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib
 import json
@@ -428,7 +429,7 @@ def _blame_a_writer(run_dir: Path | None, checkpoint: Path) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     from cirlab.core.errors import CheckpointError, ConfigError, UnknownNameError
     from cirlab.data.catalog import is_itm
-    from cirlab.engine.runs import evaluate_split, load_split, model_from_checkpoint, parse_set, protocol_of
+    from cirlab.engine.runs import load_split, model_from_checkpoint, parse_set, protocol_of
     from cirlab.engine.train import resolve_device
 
     checkpoint, run_dir = _checkpoint_of(args.target, args.checkpoint)
@@ -481,11 +482,7 @@ def _run_eval(args: argparse.Namespace) -> int:
                                    for path in files[1:]]
         model = make_ensemble(members, [str(path) for path in files])
     model.to(device)
-    results = {}
-    for split in splits:
-        out = evaluate_split(model, config, split, device=device, loaded=loaded.pop(split),
-                             topk_dir=Path(args.topk_dir) if args.topk_dir else None)
-        results[split] = out["metrics"]
+    results = _evaluate_splits(args, model, config, splits, loaded, device)
     record: dict[str, Any] = {"checkpoint": str(checkpoint), "splits": results,
                               "protocols": {split: protocol_of(config, split) for split in splits}}
     if args.ensemble:
@@ -505,6 +502,29 @@ def _run_eval(args: argparse.Namespace) -> int:
         else:
             _write_new(Path(args.output), text + "\n", command="cirlab eval --output")
     return 0
+
+
+def _evaluate_splits(args: argparse.Namespace, model: Any, config: dict[str, Any], splits: Sequence[str],
+                     loaded: dict[str, Any], device: Any) -> dict[str, Any]:
+    """Each split's metrics. Without ``--overwrite``, a top-K file that appeared in ``--topk-dir`` after the check
+    before the work (a second eval writing there) is not replaced: the usual one-line refusal."""
+    from cirlab.core.io import OutputExistsError, new_files_only
+    from cirlab.engine.runs import evaluate_split
+
+    topk_dir = Path(args.topk_dir) if args.topk_dir else None
+    results = {}
+    with new_files_only(topk_dir) if topk_dir and not args.overwrite else contextlib.nullcontext():
+        for split in splits:
+            try:
+                out = evaluate_split(model, config, split, device=device, loaded=loaded.pop(split), topk_dir=topk_dir)
+            except FileExistsError as err:
+                if not err.filename or Path(err.filename).parent.absolute() != topk_dir.absolute():
+                    raise
+                raise OutputExistsError(f"cirlab eval --topk-dir: {err.filename} exists (written by another process "
+                                        "while this one ran); pass --overwrite to replace it, or choose another "
+                                        "folder") from None
+            results[split] = out["metrics"]
+    return results
 
 
 def _write_new(path: Path, text: str, *, command: str) -> None:

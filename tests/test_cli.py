@@ -146,6 +146,36 @@ def test_eval_output_written_meanwhile_by_another_eval_is_not_replaced(tmp_path,
     assert json.loads(target.read_text())["checkpoint"].endswith("best.pt")
 
 
+def test_eval_topk_files_written_meanwhile_by_another_eval_are_not_replaced(tmp_path, synth, capsys, caplog,
+                                                                            monkeypatch):
+    """As for --output: the top-K files of --topk-dir were checked before the work and then replaced without a word
+    when a second eval wrote them meanwhile. Without --overwrite they are now placed only where nothing is."""
+    from cirlab.engine import runs
+
+    run = tmp_path / "run"
+    assert main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), "--output-dir", str(run),
+                 "--set", "train.max_steps=2"]) == 0
+    topk_dir = tmp_path / "shared_topk"
+    evaluate = runs.evaluate_split
+
+    def the_other_eval_finishes_first(*args, **kwargs):
+        topk_dir.mkdir(exist_ok=True)
+        (topk_dir / "val_dress.topk.npz").write_bytes(b"the other eval's")
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "evaluate_split", the_other_eval_finishes_first)
+    caplog.clear()
+    assert main(["eval", str(run), "--split", "val", "--topk-dir", str(topk_dir)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"cirlab eval --topk-dir: {topk_dir / 'val_dress.topk.npz'} exists (written by another process"), errors
+    assert (topk_dir / "val_dress.topk.npz").read_bytes() == b"the other eval's"
+    assert not [p.name for p in topk_dir.iterdir() if p.name.startswith(".")]  # no staged file left
+    assert main(["eval", str(run), "--split", "val", "--topk-dir", str(topk_dir), "--overwrite"]) == 0
+    assert load_topk(topk_dir / "val_dress.topk.npz").k == 5
+    assert main(["eval", str(run), "--split", "val", "--topk-dir", str(tmp_path / "mine")]) == 0  # a new folder
+
+
 def test_eval_names_the_process_rewriting_the_run(tmp_path, synth, caplog, monkeypatch):
     """`cirlab eval RUN` while `cirlab train --overwrite` rewrites RUN: the checkpoint it had just found vanished and
     it said only "checkpoint not found". Now it names the live process holding the run folder, and a run without

@@ -442,7 +442,7 @@ def test_atomic_writers_take_any_name_the_file_system_takes_and_never_touch_the_
     the umask by setting it to 0 for a moment, so a file another thread created then was world-writable."""
     import os
 
-    from cirlab.core.io import _create_exclusive, stale_temporaries, write_new_text, write_text
+    from cirlab.core.io import stale_temporaries, write_new_text, write_text
 
     def no_umask(mask):
         raise AssertionError("os.umask called")
@@ -459,10 +459,39 @@ def test_atomic_writers_take_any_name_the_file_system_takes_and_never_touch_the_
         monkeypatch.undo()
         os.umask(old)
     assert stale_temporaries(tmp_path) == [] and len(list(tmp_path.iterdir())) == 3
-    half = tmp_path / "half.json"  # the no-hard-link fallback: a failed write leaves no file to be refused later
-    with pytest.raises(UnicodeEncodeError):
-        _create_exclusive(half, "ok \udce9")
-    assert not half.exists()
+
+
+def test_new_files_are_never_replaced_with_or_without_hard_links(tmp_path, monkeypatch):
+    """write_new_text and atomic_path under new_files_only refuse a file that is there (a second process wrote it
+    meanwhile), naming it; on a file system without hard links the fallback claims the name exclusively and leaves
+    no file behind when the write fails (open(path, "x") did: a half file the next try refused as "exists")."""
+    import os
+
+    from cirlab.core.io import atomic_path, new_files_only, stale_temporaries, write_new_text, write_text
+
+    for hard_links in (True, False):
+        if not hard_links:
+            monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(PermissionError(1, "no links")))
+        folder = tmp_path / f"links-{hard_links}"
+        assert write_new_text(folder / "a.json", "mine\n").read_text() == "mine\n"
+        with pytest.raises(FileExistsError) as err:
+            write_new_text(folder / "a.json", "theirs\n")
+        assert err.value.filename == str(folder / "a.json")
+        with new_files_only(folder):
+            write_text(folder / "b.json", "new\n")
+            with pytest.raises(FileExistsError):
+                write_text(folder / "b.json", "again\n")
+            write_text(tmp_path / f"elsewhere-{hard_links}.json", "x\n")  # outside the folder: replaced as usual
+            write_text(tmp_path / f"elsewhere-{hard_links}.json", "y\n")
+        write_text(folder / "b.json", "replaced\n")  # outside the block: replaced as usual
+        assert [(folder / n).read_text() for n in ("a.json", "b.json")] == ["mine\n", "replaced\n"]
+        with pytest.raises(UnicodeEncodeError):  # a failed write: no claimed name left behind
+            write_new_text(folder / "half.json", "ok \udce9")
+        assert not (folder / "half.json").exists() and stale_temporaries(folder) == []
+    monkeypatch.setattr(os, "replace", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space"):  # no hard links, and the rename after the claim fails
+        write_new_text(folder / "claimed.json", "x\n")
+    assert not (folder / "claimed.json").exists() and stale_temporaries(folder) == []
 
 
 def test_unknown_names_message_with_and_without_known_names():

@@ -8,6 +8,7 @@ crash or a full disk leaves the old file in place, and no temporary file outlive
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import json
 import math
@@ -53,9 +54,27 @@ def _create_staged(path: Path) -> tuple[int, Path]:
             continue
 
 
+# folders whose files must be new in this context (see new_files_only): atomic_path links instead of replacing
+_NEW_ONLY: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("cirlab_new_only", default=())
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on a clean exit it replaces ``path`` in one rename.
+def new_files_only(folder: str | os.PathLike) -> Iterator[None]:
+    """In this block, a file :func:`atomic_path` writes under ``folder`` must be new: one that appeared meanwhile
+    (another process writing the same outputs after this one's check before the work) raises FileExistsError
+    instead of being replaced. For writes deep inside a library path (an evaluation's top-K files) that a command
+    checked beforehand without ``--overwrite``."""
+    token = _NEW_ONLY.set(_NEW_ONLY.get() + (Path(os.path.abspath(folder)),))
+    try:
+        yield
+    finally:
+        _NEW_ONLY.reset(token)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, fsync: bool = True, new: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on a clean exit it replaces ``path`` in one rename, or with
+    ``new`` (or under :func:`new_files_only`) takes its place only where nothing is: FileExistsError otherwise.
 
     The temporary name starts with ``.`` and ends with ``.tmp`` (so :func:`stale_temporaries` can find leftovers of a
     killed process). The parent folder is created when missing.
@@ -68,10 +87,31 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
         yield tmp
         if fsync:
             _fsync(tmp)
-        os.replace(tmp, path)
+        if new or Path(os.path.abspath(path)).parent in _NEW_ONLY.get():
+            _place_new(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _place_new(tmp: Path, path: Path) -> None:
+    """``tmp`` becomes ``path`` where nothing is there: a hard link fails with FileExistsError where ``path`` exists
+    (a second process wrote it meanwhile). Without hard links: ``path`` is claimed by an exclusive create, then
+    replaced in one rename (a reader may see it empty for that moment, never half-written)."""
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:  # named by the path that exists (os.link's error names the source first)
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+    except OSError:  # a file system without hard links (FAT, some network shares)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        path.unlink(missing_ok=True)  # our empty claim: the next try would refuse it as "exists"
+        raise
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -87,38 +127,11 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_new_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` only if nothing is there, whole or not at all: staged beside ``path`` and hard-linked
-    in, which fails with FileExistsError where ``path`` exists (a second process wrote it meanwhile). On a filesystem
-    without hard links: an exclusive create (still exclusive; a reader could see it half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, staged = _create_staged(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(staged, path)
-        except FileExistsError:
-            raise
-        except OSError:
-            _create_exclusive(path, text)
-    finally:
-        staged.unlink(missing_ok=True)
-    return path
-
-
-def _create_exclusive(path: Path, text: str) -> None:
-    """``open(path, "x")`` and write, removing the file again when the write fails (a full disk): a half file would
-    be refused as "exists" by the next try."""
-    with open(path, "x", encoding="utf-8") as fh:
-        try:
-            fh.write(text)
-            fh.flush()
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
+    """Write ``text`` to ``path`` only if nothing is there, whole or not at all (:func:`atomic_path` with ``new``):
+    FileExistsError where ``path`` exists (a second process wrote it meanwhile)."""
+    with atomic_path(path, new=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
