@@ -310,6 +310,14 @@ def test_default_train_config_and_param_groups_outside_the_contract(tmp_path):
     with pytest.raises(ModelContractError, match=r"StubCIR\.param_groups\(\) group 0 \('all'\): unknown key "
                                                  r"'lr_scal' \(did you mean 'lr_scale'\?\); a group takes "):
         train(model, TripletItems(16), _cfg(epochs=1), output_dir=tmp_path / "c")
+    model = _model()  # torch's "some parameters appear in more than one parameter group" named none of them
+    name, param = next(model.named_parameters())
+    for groups, where in (([{"params": list(model.parameters())}, {"params": [param], "lr": 1e-5}], "groups 0 and 1"),
+                          ([{"params": [param] + list(model.parameters())}], "group 0 twice")):
+        model.param_groups = lambda groups=groups: groups
+        with pytest.raises(ModelContractError, match=rf"StubCIR\.param_groups\(\) lists the parameter {name} in "
+                                                     rf"{where}: a parameter belongs to one group"):
+            train(model, TripletItems(16), _cfg(epochs=1), output_dir=tmp_path / "d")
 
 
 def test_sampler_shards_cover_the_global_batches():

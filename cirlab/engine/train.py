@@ -634,10 +634,21 @@ def _refuse_unknown_group_keys(model: nn.Module, groups: Sequence[Mapping[str, A
 
 def _refuse_left_out(model: nn.Module, groups: Sequence[Mapping[str, Any]]) -> None:
     """A trainable parameter that no group of ``param_groups()`` holds would never train, without a word: it must be
-    in a group or frozen (``requires_grad=False``, as the models freeze what their paper does not train)."""
+    in a group or frozen (``requires_grad=False``, as the models freeze what their paper does not train); one held
+    by two groups (or twice by one) is refused by name."""
     from cirlab.core.errors import ModelContractError
 
-    held = {id(p) for group in groups for p in group["params"]}
+    names = {id(p): name for name, p in model.named_parameters()}
+    seen: dict[int, int] = {}
+    for i, group in enumerate(groups):
+        for p in group["params"]:  # torch's own refusal names neither the parameter nor the groups
+            if id(p) in seen:
+                where = f"groups {seen[id(p)]} and {i}" if seen[id(p)] != i else f"group {i} twice"
+                raise ModelContractError(f"{type(model).__name__}.param_groups() lists the parameter "
+                                         f"{names.get(id(p), 'of shape ' + str(tuple(p.shape)))} in {where}: a "
+                                         "parameter belongs to one group (one learning rate)")
+            seen[id(p)] = i
+    held = set(seen)
     left = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in held]
     if left:
         raise ModelContractError(f"{type(model).__name__}.param_groups() leaves out {len(left)} trainable "
