@@ -51,6 +51,34 @@ def test_pickled_module_refused_unless_trusted(tmp_path, caplog):
     assert torch.equal(target[0].weight, module[0].weight)
 
 
+class _RunsCode:
+    """Unpickling calls os.system: a weights-only load must refuse it as code, not call the file corrupt."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))
+
+
+def test_data_loads_without_trust_and_code_is_named_as_code(tmp_path):
+    """argparse options and numpy scalars (what HREM's and DIME's training scripts pickle beside the weights) are
+    data: read without trust_pickle. A global of a module torch blocks outright (os.system) was called "corrupt or
+    truncated" because torch words that refusal differently; it is now refused as pickled code."""
+    import argparse
+
+    import numpy as np
+
+    saved = {"model": {"w": torch.ones(2)}, "opt": argparse.Namespace(lr=2e-4, name="x", dims=[1, 2]),
+             "best_rsum": np.float64(501.25), "step": np.int64(7), "epoch": 3}
+    torch.save(saved, tmp_path / "released.pth")
+    loaded = load_checkpoint(tmp_path / "released.pth")
+    assert loaded["opt"] == saved["opt"] and loaded["best_rsum"] == 501.25 and loaded["step"] == 7
+    torch.save({"model": {"w": torch.ones(2)}, "x": _RunsCode()}, tmp_path / "code.pth")
+    with pytest.raises(CheckpointError, match=r"contains pickled Python objects \(e.g. posix.system\), which can run "
+                                              r"arbitrary code"):
+        load_checkpoint(tmp_path / "code.pth")
+
+
 def test_model_state_dict_shapes(tmp_path):
     sd = {"w": torch.ones(1)}
     assert model_state_dict({"state_dict": sd}) is sd and model_state_dict(sd) is sd

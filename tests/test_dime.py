@@ -356,9 +356,13 @@ def test_original_checkpoint_conversion_round_trip():
 
 def test_cirlab_eval_reads_the_original_checkpoint(tmp_path, capsys):
     """A released ``model_best.pth.tar`` (three state dicts and a pickled ``opt``) evaluates from the command line
-    with ``--model/--preset/--trust-pickle``, giving the metrics of the model that wrote it."""
+    with ``--model/--preset``, giving the metrics of the model that wrote it (``--trust-pickle`` is no longer needed:
+    the options are read as data)."""
     import argparse
     import json
+    import pathlib
+
+    from cirlab.core.config import UnknownFieldError
 
     from fixtures_data import write_precomp
 
@@ -377,18 +381,24 @@ def test_cirlab_eval_reads_the_original_checkpoint(tmp_path, capsys):
     config = with_defaults({"dataset": {"name": "f30k", "root": str(data["root"])}, "eval": {"protocol": "full"}})
     expected = evaluate_split(model, config, "test")["metrics"]
     capsys.readouterr()
-    assert main(["eval", str(path), "--model", "dime", "--preset", "tiny", "--trust-pickle", "--dataset", "f30k",
+    assert main(["eval", str(path), "--model", "dime", "--preset", "tiny", "--dataset", "f30k",
                  "--root", str(data["root"]), "--split", "test", "--protocol", "full",
                  "--set", "model_overrides.direction=t2i", "--set", "model_overrides.img_dim=2048"]) == 0
     assert json.loads(capsys.readouterr().out)["splits"]["test"] == pytest.approx(expected)
 
-    # the same file as a training start (model_overrides.init_from): trusted, every weight in place
-    start = _tiny("t2i", seed=9, img_dim=2048, init_from=str(path), init_trust_pickle=True)
+    # the same file as a training start (model_overrides.init_from): every weight in place
+    start = _tiny("t2i", seed=9, img_dim=2048, init_from=str(path))  # its argparse options are data: no trust
     [report] = start.load_init()
     assert report["layout"] == "original" and report["kept_as_built"] == []
     assert all(torch.equal(start.state_dict()[k], v) for k, v in state.items() if isinstance(v, torch.Tensor))
-    with pytest.raises(CheckpointError, match="model_overrides.init_from: .* set model_overrides.init_trust_pickle"):
-        _tiny("t2i", img_dim=2048, init_from=str(path)).load_init()
+    coded = tmp_path / "coded.pth.tar"  # anything else pickled: refused, and no config field can trust it
+    torch.save({"model": parts, "opt": pathlib.PurePosixPath("/x")}, coded)
+    with pytest.raises(CheckpointError, match=r"model_overrides.init_from: checkpoint .* contains pickled Python "
+                                              r"objects \(e.g. pathlib.PurePosixPath\).* a training start is read "
+                                              r"as weights only"):
+        _tiny("t2i", img_dim=2048, init_from=str(coded)).load_init()
+    with pytest.raises(UnknownFieldError, match=r"^DIMEConfig: field 'init_trust_pickle' is no longer read"):
+        _tiny("t2i", img_dim=2048, init_from=str(coded), init_trust_pickle=True)
 
     parts[2].pop(next(iter(parts[2])))
     torch.save({"model": parts}, path)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import pathlib
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -449,10 +451,13 @@ def test_original_checkpoint_layout_loads_with_a_report(tmp_path):
     fresh = _tiny(seed=7, fit=False).eval()
     from cirlab.core.checkpoint import CheckpointError
 
-    with pytest.raises(CheckpointError, match="trust_pickle"):
-        H.load_original_checkpoint(fresh, path)
-    report = H.load_original_checkpoint(fresh, path, trust_pickle=True)
+    report = H.load_original_checkpoint(fresh, path)  # its argparse options are data: no trust needed
     assert report["missing"] == [] and report["unexpected"] == []
+    coded = tmp_path / "coded.pth"  # a file pickling anything else needs the API's (or the CLI's) trust
+    torch.save({"model": [img, txt], "opt": pathlib.PurePosixPath("/x")}, coded)
+    with pytest.raises(CheckpointError, match="trust_pickle"):
+        H.load_original_checkpoint(fresh, coded)
+    assert H.load_original_checkpoint(fresh, coded, trust_pickle=True)["missing"] == []
     assert sorted(report["ignored"]) == ["txt_enc.bert.embeddings.position_ids", "txt_enc.bert.pooler.dense.bias",
                                          "txt_enc.bert.pooler.dense.weight"]
     assert "iteration" in report["training_only"] and any(k.startswith("relation.") for k in report["training_only"])
@@ -469,8 +474,9 @@ def test_original_checkpoint_layout_loads_with_a_report(tmp_path):
 
 
 def test_cirlab_eval_reads_the_original_checkpoint(tmp_path, capsys, caplog):
-    """``cirlab eval model_best.pth --model hrem --preset ... --trust-pickle``: the same metrics as the model that
-    wrote it; a file of other sizes or with a missing weight stops with one line naming it."""
+    """``cirlab eval model_best.pth --model hrem --preset ...`` (no --trust-pickle: the pickled argparse options and
+    numpy scalars are read as data): the same metrics as the model that wrote it; a file of other sizes or with a
+    missing weight stops with one line naming it."""
     import json
 
     from fixtures_data import write_precomp
@@ -486,15 +492,16 @@ def test_cirlab_eval_reads_the_original_checkpoint(tmp_path, capsys, caplog):
     txt = {k[len("txt_enc."):]: v for k, v in state.items() if k.startswith("txt_enc.")}
     path = tmp_path / "model_best.pth"
     sizes = {"img_dim": 2048}
-    torch.save({"model": [img, txt], "opt": argparse.Namespace(embed_size=32), "epoch": 11}, path)
+    torch.save({"model": [img, txt], "opt": argparse.Namespace(embed_size=32), "epoch": 11,
+                "best_rsum": np.float64(412.5)}, path)
 
-    _, meta = model_from_checkpoint(path, model="hrem", preset="tiny", trust_pickle=True, overrides=sizes)
+    _, meta = model_from_checkpoint(path, model="hrem", preset="tiny", overrides=sizes)
     assert meta["converted_layout"] == "original hrem" and meta["epoch"] == 11
     assert "iteration" in meta["kept_as_built"] and all(k.startswith(("relation.", "iteration"))
                                                          for k in meta["kept_as_built"])
     config = with_defaults({"dataset": {"name": "f30k", "root": str(data["root"])}, "eval": {"protocol": "full"}})
     expected = evaluate_split(model, config, "test")["metrics"]
-    args = ["eval", str(path), "--model", "hrem", "--preset", "tiny", "--trust-pickle", "--dataset", "f30k",
+    args = ["eval", str(path), "--model", "hrem", "--preset", "tiny", "--dataset", "f30k",
             "--root", str(data["root"]), "--split", "test", "--protocol", "full",
             "--set", "model_overrides.img_dim=2048"]
     capsys.readouterr()
@@ -512,10 +519,10 @@ def test_cirlab_eval_reads_the_original_checkpoint(tmp_path, capsys, caplog):
     del txt["linear.bias"]
     torch.save({"model": [img, txt]}, path)
     with pytest.raises(CheckpointError, match=r"1 missing keys \(txt_enc.linear.bias\)"):
-        model_from_checkpoint(path, model="hrem", preset="tiny", trust_pickle=True, overrides=sizes)
+        model_from_checkpoint(path, model="hrem", preset="tiny", overrides=sizes)
     torch.save({"model": [img]}, path)
     with pytest.raises(CheckpointError, match=r"model_best.pth: HREM checkpoint: expected 'model' = \[img_enc"):
-        model_from_checkpoint(path, model="hrem", preset="tiny", trust_pickle=True, overrides=sizes)
+        model_from_checkpoint(path, model="hrem", preset="tiny", overrides=sizes)
 
 
 def test_relation_frames_and_trace_routes():
@@ -577,8 +584,9 @@ def test_tiny_synthetic_run_trains_selects_on_dev_and_reloads(tmp_path):
 
 def test_init_from_a_cirlab_run_or_the_original_file_starts_a_new_run(tmp_path, capsys, caplog):
     """``model_overrides.init_from``: a cirlab run folder gives its best weights (and vocabulary) with the warm-up
-    counter back at 0; the original's pickled file needs ``init_trust_pickle`` (one line naming it otherwise)
-    and then starts ``cirlab train`` from its encoders, with ``init_from.json`` in the run folder."""
+    counter back at 0; the original's file (its argparse options pickled beside the weights, read as data) starts
+    ``cirlab train`` from its encoders, with ``init_from.json`` in the run folder. A file pickling anything else is
+    refused, and no config field can switch unpickling on (a shared config could run code with it)."""
     import json
 
     from cirlab.cli import main
@@ -609,20 +617,31 @@ def test_init_from_a_cirlab_run_or_the_original_file_starts_a_new_run(tmp_path, 
 
     state = trained.state_dict()  # the original's layout: [img_enc, txt_enc] and its pickled argparse options
     original = tmp_path / "model_best.pth"
-    torch.save({"model": [{k[8:]: v for k, v in state.items() if k.startswith("img_enc.")},
-                          {k[8:]: v for k, v in state.items() if k.startswith("txt_enc.")}],
-                "opt": argparse.Namespace(embed_size=32), "epoch": 4}, original)
+    parts = [{k[8:]: v for k, v in state.items() if k.startswith("img_enc.")},
+             {k[8:]: v for k, v in state.items() if k.startswith("txt_enc.")}]
+    torch.save({"model": parts, "opt": argparse.Namespace(embed_size=32), "epoch": 4,
+                "best_rsum": np.float64(301.5)}, original)
     base = ["train", str(ROOT / "configs" / "hrem_synthetic_tiny.yaml"), "--set", "train.max_steps=1",
             "--set", f"dataset.synthetic.out={tmp_path / 'data'}", "--set", "train.num_threads=1",
             "--set", f"model_overrides.init_from={original}"]
     caplog.set_level("INFO", logger="cirlab")
-    assert main(base + ["--output-dir", str(tmp_path / "refused")]) == 2
-    assert "model_overrides.init_from" in caplog.text and "set model_overrides.init_trust_pickle: true" in caplog.text
-    assert not (tmp_path / "refused").exists()  # nothing left behind by a refused start
     with pytest.raises(CheckpointError, match="does not exist"):
         cirlab.create_model("hrem", "tiny", init_from=str(tmp_path / "nowhere")).load_init()
+    code = tmp_path / "code.pth"  # anything pickled beyond data (here a path object) is code to a weights-only load
+    torch.save({"model": parts, "opt": pathlib.PurePosixPath("/x")}, code)
+    refused = base[:-1] + [f"model_overrides.init_from={code}", "--output-dir", str(tmp_path / "refused")]
+    for extra, said in (([], f"model_overrides.init_from: checkpoint {code} contains pickled Python objects (e.g. "
+                              "pathlib.PurePosixPath), which can run arbitrary code when loaded. cirlab refuses it by "
+                              "default; a training start is read as weights only"),
+                        (["--set", "model_overrides.init_trust_pickle=true"],
+                         "--set model_overrides.init_trust_pickle=true: model_overrides (HREMConfig): field "
+                         "'init_trust_pickle' is no longer read: a config file cannot switch on unpickling")):
+        caplog.clear()
+        assert main(refused + extra) == 2
+        assert said in caplog.text and "Traceback" not in caplog.text
+    assert not (tmp_path / "refused").exists()  # nothing left behind by a refused start
 
-    assert main(base + ["--set", "model_overrides.init_trust_pickle=true", "--output-dir", str(tmp_path / "ft")]) == 0
+    assert main(base + ["--output-dir", str(tmp_path / "ft")]) == 0  # the original's file: no trust needed
     written = json.loads((tmp_path / "ft" / "init_from.json").read_text())
     assert written["layout"] == "original" and written["source"] == str(original)
     assert any(k.startswith("relation.") for k in written["kept_as_built"])  # the original never saves it
@@ -630,12 +649,11 @@ def test_init_from_a_cirlab_run_or_the_original_file_starts_a_new_run(tmp_path, 
     # a resumed run continues from its checkpoint, which holds every weight: the start file may have gone since
     original.rename(tmp_path / "moved.pth")
     caplog.clear()
-    assert main(base + ["--set", "model_overrides.init_trust_pickle=true", "--set", "train.max_steps=2",
-                        "--output-dir", str(tmp_path / "ft"), "--resume"]) == 0
+    assert main(base + ["--set", "train.max_steps=2", "--output-dir", str(tmp_path / "ft"), "--resume"]) == 0
     assert "is not read again" in caplog.text
     assert json.loads((tmp_path / "ft" / "metrics.json").read_text())["steps"] == 2
     assert json.loads((tmp_path / "ft" / "init_from.json").read_text()) == written  # the start's report is kept
-    assert main(base + ["--set", "model_overrides.init_trust_pickle=true", "--output-dir", str(tmp_path / "ft2")]) == 2
+    assert main(base + ["--output-dir", str(tmp_path / "ft2")]) == 2
     assert "model_overrides.init_from" in caplog.text and "does not exist" in caplog.text  # a fresh run still checks
     # replacing that run with one that starts from scratch: the old start's report must not stay as if it were its own
     assert main(base[:-2] + ["--output-dir", str(tmp_path / "ft"), "--overwrite"]) == 0

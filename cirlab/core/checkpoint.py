@@ -151,7 +151,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", trust
     """
     path = check_checkpoint_file(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(data_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         if not _is_weights_only_refusal(err):
             if sniff(path) == "pickle":
@@ -174,6 +175,23 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", trust
                               f"{_first_line(err)})") from err
 
 
+def data_globals() -> list[Any]:
+    """Pickled globals a weights-only load may rebuild because they are data, not code: ``argparse.Namespace`` (the
+    options HREM's and DIME's training scripts save beside the weights, a plain attribute bag) and numpy scalars with
+    their dtypes (a ``best_rsum`` computed in numpy). So the papers' released files load without trusting them
+    (``torch.load(weights_only=False)`` would run whatever else such a file pickles)."""
+    import argparse
+
+    import numpy as np
+
+    try:
+        scalar = np._core.multiarray.scalar  # numpy 2
+    except AttributeError:  # numpy 1
+        scalar = np.core.multiarray.scalar
+    kinds = (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64, np.uint8, np.bool_)
+    return [argparse.Namespace, scalar, np.dtype, *{type(np.dtype(kind)) for kind in kinds}]
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:200] if text else type(err).__name__
@@ -182,7 +200,9 @@ def _first_line(err: BaseException) -> str:
 def _is_weights_only_refusal(err: Exception) -> bool:
     # torch raises UnpicklingError both for a refused global ("Unsupported global: GLOBAL x.y") and for bytes its
     # restricted unpickler cannot read ("Unsupported operand 118"); only the first is a reason to trust the file
-    return "Unsupported global" in str(err)
+    # torch words it "Unsupported global: GLOBAL x.y", or for a module it blocks outright (os, posix, subprocess)
+    # "Trying to load unsupported GLOBAL posix.system whose module posix is blocked": both are refusals of code
+    return "unsupported global" in str(err).lower()
 
 
 def _refused_global(err: Exception) -> str:
@@ -287,39 +307,45 @@ def load_object(model: torch.nn.Module, obj: Any, path: str | os.PathLike) -> di
     return None
 
 
-def load_start(model: torch.nn.Module, source: str | os.PathLike, *, trust_pickle: bool = False,
-               field: str = "model_overrides.init_from",
-               trust_field: str = "model_overrides.init_trust_pickle") -> dict[str, Any]:
+# the field HREM and DIME had for unpickling an init_from file, refused by name in a config file (see load_start)
+RETIRED_TRUST_FIELD = {"init_trust_pickle": "a config file cannot switch on unpickling (a shared config could run "
+                                            "code with it); the paper's released file loads without it (its pickled "
+                                            "argparse options are read as data): remove the field"}
+
+
+def load_start(model: torch.nn.Module, source: str | os.PathLike, *,
+               field: str = "model_overrides.init_from") -> dict[str, Any]:
     """A pretrained start (``init_from``) for a model trained from its own weights: a cirlab run folder (its
     ``checkpoints/best.pt``), a cirlab checkpoint, or a file the paper's own code saved, read by the model's
     :class:`~cirlab.core.contracts.HasOriginalCheckpoint` reader. Returns where the weights came from, in which
     layout, and (original files) what was ignored or kept as built. Anything unusable is one
-    :class:`CheckpointError` line naming ``field`` and the file; a pickled file names ``trust_field``."""
+    :class:`CheckpointError` line naming ``field`` and the file.
+
+    Always a weights-only load: a config file names the start, and a config shared by someone else must not be
+    able to switch on unpickling (which runs whatever the file pickles). The papers' files load as they are (their
+    pickled argparse options are data, :func:`data_globals`)."""
     path = run_checkpoint(source)
     if not path.is_file():
         raise CheckpointError(f"{field}: {path} does not exist (give a cirlab run folder, a checkpoint, or the "
                               "paper's own file)")
+    hint = ("a training start is read as weights only; if you trust its source, load it yourself and save its "
+            "weights alone (torch.save(state_dict, path))")
     try:
-        report = load_object(model, load_checkpoint(path, trust_pickle=trust_pickle), path)
+        report = load_object(model, load_checkpoint(path, trust_hint=hint), path)
     except CheckpointError as err:
-        cause = err.__cause__
-        if isinstance(cause, pickle.UnpicklingError) and _is_weights_only_refusal(cause):  # a config, not a flag
-            raise CheckpointError(f"{field}: {path} contains pickled Python objects ({_refused_global(cause)}), "
-                                  f"which run code when loaded; if you trust its source, set {trust_field}: true"
-                                  ) from None
         raise CheckpointError(f"{field}: {err}") from None
     if report is not None:
         return {"source": str(path), "layout": "original", **report}
     return {"source": str(path), "layout": "cirlab"}
 
 
-def apply_init_from(model: torch.nn.Module, init_from: str, *, trust_pickle: bool = False,
+def apply_init_from(model: torch.nn.Module, init_from: str, *,
                     report_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """``load_init`` of the models that start from their own weights (:func:`load_start`): logs where the weights
     came from and writes ``<report_dir>/init_from.json``."""
     if not init_from:
         return []
-    report = load_start(model, init_from, trust_pickle=trust_pickle)
+    report = load_start(model, init_from)
     kept = report.get("kept_as_built") or []
     logger.info("init_from: %s weights from %s%s", report["layout"], report["source"],
                 f"; kept as built: {len(kept)} keys" if kept else "")

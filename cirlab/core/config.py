@@ -8,7 +8,7 @@ import difflib
 import os
 import types
 import typing
-from typing import Any, ClassVar, Iterable, Mapping, TypeVar
+from typing import Any, ClassVar, Iterable, Mapping, Sequence, TypeVar
 
 from cirlab.core.errors import ConfigError
 
@@ -69,6 +69,9 @@ class PresetMixin:
     # old field name -> new one: a stored config (a checkpoint's) is read under the new name; a config file that
     # sets the old one is refused with the new name (unknown keys are errors)
     RENAMED: ClassVar[dict[str, str]] = {}
+    # field removed since -> why, and what to do instead: a stored config (a checkpoint's) drops it; a config file
+    # that sets it is refused with the reason (unknown keys are errors)
+    RETIRED: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def presets(cls) -> list[str]:
@@ -101,8 +104,9 @@ class PresetMixin:
 
     @classmethod
     def current_names(cls, values: dict[str, Any]) -> dict[str, Any]:
-        """``values`` with fields renamed since (``RENAMED``) under their new names; the others as they are."""
-        return {cls.RENAMED.get(k, k): v for k, v in values.items()}
+        """``values`` with fields renamed since (``RENAMED``) under their new names, without fields removed since
+        (``RETIRED``); the others as they are."""
+        return {cls.RENAMED.get(k, k): v for k, v in values.items() if k not in cls.RETIRED}
 
 
 def field_names(cls: type) -> list[str]:
@@ -112,16 +116,24 @@ def field_names(cls: type) -> list[str]:
 
 def check_fields(cls: type, values: dict[str, Any]) -> None:
     """Refuse field names ``cls`` does not have (with "did you mean") and values of the wrong type."""
-    known = field_names(cls)
-    unknown = sorted(set(values) - set(known))
-    renamed = {u: getattr(cls, "RENAMED", {})[u] for u in unknown if u in getattr(cls, "RENAMED", {})}
-    if renamed:
-        old, new = next(iter(renamed.items()))
-        raise UnknownFieldError(f"{cls.__name__}: field {old!r} is called {new!r} now; rename it in your config")
+    unknown = sorted(set(values) - set(field_names(cls)))
     if unknown:
-        raise UnknownFieldError(unknown_names_message(cls.__name__, unknown, known))
+        raise UnknownFieldError(unknown_fields_message(cls, unknown, cls.__name__))
     check_field_types(cls, values)
     check_field_ranges(cls, values)
+
+
+def unknown_fields_message(cls: type, unknown: Sequence[str], context: str) -> str:
+    """The refusal of fields ``cls`` does not have, after ``context`` (the class, or the config file's section): a
+    field renamed since (``RENAMED``) names its new name, one removed since (``RETIRED``) says why; others get
+    "did you mean" and the known names."""
+    renamed, retired = getattr(cls, "RENAMED", {}), getattr(cls, "RETIRED", {})
+    for name in unknown:
+        if name in renamed:
+            return f"{context}: field {name!r} is called {renamed[name]!r} now; rename it in your config"
+        if name in retired:
+            return f"{context}: field {name!r} is no longer read: {retired[name]}"
+    return unknown_names_message(context, list(unknown), field_names(cls))
 
 
 def check_field_types(cls: type, values: dict[str, Any]) -> None:

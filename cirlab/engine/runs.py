@@ -46,7 +46,7 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
-from cirlab.core.config import did_you_mean, unknown_names_message
+from cirlab.core.config import did_you_mean, unknown_fields_message, unknown_names_message
 from cirlab.core.io import file_name_part, folder_lock, to_plain, write_json
 from cirlab.core.contracts import (HasDatasetExtras, HasEnsemble, HasImageTransform, HasInit, HasOwnEvaluation,
                                    HasVocab)
@@ -405,8 +405,7 @@ def _validate_model(config: dict[str, Any], source: str) -> None:
     fields = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
     unknown = sorted(set(overrides) - set(fields))
     if fields and unknown:
-        raise ConfigError(unknown_names_message(f"{source}: model_overrides ({entry.config_cls.__name__})", unknown,
-                                                fields))
+        raise ConfigError(unknown_fields_message(cls, unknown, f"{source}: model_overrides ({cls.__name__})"))
     try:  # the config dataclass checks its own values (choices, divisibility); no weights are built here
         build_config(name, preset, **overrides)
     except (TypeError, ValueError, KeyError) as err:

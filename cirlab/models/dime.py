@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cirlab.core import tracing
+from cirlab.core.checkpoint import RETIRED_TRUST_FIELD
 from cirlab.core.config import PresetMixin
 from cirlab.models._text import (  # noqa: F401  (BERT_BASE_CONFIG, tiny_vocab, ... stay importable from here)
     BERT_BASE_CONFIG, BertVocabMixin, convert_original_bert_state_dict, load_bert, make_tokenizer, tiny_vocab,
@@ -111,9 +112,9 @@ class DIMEConfig(PresetMixin):
     eval_dtype: str = "auto"
     # pretrained start, applied by load_init when `cirlab train` builds the model
     init_from: str = ""  # a cirlab DIME run folder or checkpoint, or the original's model_best.pth.tar
-    init_trust_pickle: bool = False  # the original's file pickles its argparse options: unpickle it (trusted only)
 
     RENAMED: ClassVar[dict[str, str]] = {"max_violation_warmup_epochs": "vse_mean_warmup_epochs"}
+    RETIRED: ClassVar[dict[str, str]] = RETIRED_TRUST_FIELD
     PRESETS = {
         "f30k_i2t": {"direction": "i2t", "lambda_softmax": 4.0},
         "f30k_t2i": {"direction": "t2i", "lambda_softmax": 9.0},
@@ -742,8 +743,7 @@ class DIME(MaxViolationWarmup, BertVocabMixin, nn.Module):
         original's file (every weight must fit, as for :meth:`load_original`)."""
         from cirlab.core.checkpoint import apply_init_from
 
-        return apply_init_from(self, self.config.init_from, trust_pickle=self.config.init_trust_pickle,
-                               report_dir=report_dir)
+        return apply_init_from(self, self.config.init_from, report_dir=report_dir)
 
     # the vocabulary (tokenizer cache, fit_vocab for the random tiny BERT, saved token list) comes from
     # cirlab.models._text.BertVocabMixin, shared with HREM

@@ -28,7 +28,7 @@ Deviations from the original code and quirks, each behind a named config field (
   / ``paper`` (the original validates and keeps ``model_best`` on the test split; optimistic, label it).
 * The warm-up counter (``iteration``) is a buffer saved with the weights, so a resumed run keeps its position
   [a Python counter, reset on restart]. A new run started from weights (``init_from``: a cirlab run, or the
-  original's ``model_best.pth`` with ``init_trust_pickle``) restarts it at 0. A loss that samples no negative
+  original's ``model_best.pth``) restarts it at 0. A loss that samples no negative
   (every row empty) is 0, as the original's ``try/except`` around ``torch.multinomial`` makes it.
 * Word-region matching (:func:`word_region_scores`) is one batched tensor ``[B_txt, B_img, L, R]`` instead of a
   Python loop over captions; it keeps the loop's padding behaviour (see its docstring). Token ids are padded to at
@@ -48,13 +48,14 @@ import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cirlab.core import tracing
+from cirlab.core.checkpoint import RETIRED_TRUST_FIELD
 from cirlab.core.config import PresetMixin
 from cirlab.core.errors import InputError
 from cirlab.models._text import BertVocabMixin, load_bert
@@ -114,8 +115,8 @@ class HREMConfig(PresetMixin):
     paper_batch_size: int = 128  # the paper's batch (128 F30K, 256 COCO)
     # --- pretrained start, applied by load_init when `cirlab train` builds the model ---
     init_from: str = ""  # a cirlab HREM run folder or checkpoint, or the original's model_best.pth
-    init_trust_pickle: bool = False  # the original's file pickles its argparse options: unpickle it (trusted only)
 
+    RETIRED: ClassVar[dict[str, str]] = RETIRED_TRUST_FIELD
     PRESETS = {
         "f30k": {"mask_weight": 1.0, "dws_cutoff": 1.7, "paper_batch_size": 128},
         "coco": {"mask_weight": 1.5, "dws_cutoff": 1.9, "paper_batch_size": 256},
@@ -651,8 +652,7 @@ class HREM(MaxViolationWarmup, BertVocabMixin, nn.Module):
         a new run, whose relation terms begin ``warmup_iters`` iterations after its own start."""
         from cirlab.core.checkpoint import apply_init_from
 
-        reports = apply_init_from(self, self.config.init_from, trust_pickle=self.config.init_trust_pickle,
-                                  report_dir=report_dir)
+        reports = apply_init_from(self, self.config.init_from, report_dir=report_dir)
         self.iteration.zero_()
         return reports
 
