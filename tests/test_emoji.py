@@ -213,3 +213,47 @@ def test_a_second_build_of_the_same_folder_waits_and_reuses_it(tarball, tmp_path
     assert "waiting up to" in stderr and "by another process" in stderr
     assert (root / emoji.MANIFEST).stat().st_mtime_ns == stamp
     assert not (tmp_path / ".e.cirlab.lock").exists()
+
+
+@pytest.mark.parametrize("bad", ["../../escaped.png", "/ABS/escaped.png", "sub/1f44d.png", "1f44d.png.exe", ".png"])
+@pytest.mark.parametrize("where", ["image", "skin_variations"])
+def test_image_names_that_are_not_plain_code_point_file_names_are_refused_before_writing(tmp_path, bad, where):
+    """emoji.json's image names were joined into the output path, so '../' or an absolute name wrote a PNG anywhere
+    (the tarball only had to hold a member under that name)."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    name = bad.replace("/ABS", str(victim)) if bad.startswith("/ABS") else bad
+    entries = fake_entries()
+    if where == "image":
+        entries[2]["image"] = name  # MAN COOK: used by a gender triplet
+    else:
+        entries[0]["skin_variations"]["1F3FB"]["image"] = name
+    images = _images(entries)
+    evil = write_tarball(tmp_path / "evil.tgz", entries, images)
+    out = tmp_path / "deep" / "er" / "out"
+    with pytest.raises(DataError) as err:
+        emoji.build(out, tarball=evil)
+    message = str(err.value)
+    assert "evil.tgz" in message and "\n" not in message and err.value.kind == "bad_entry"
+    assert ("#2 1F468-200D-1F373 image" if where == "image" else "#0 1F44D skin_variations['1F3FB'].image") in message
+    assert not out.exists() and not (out.parent / "out.partial").exists()
+    assert not list(victim.iterdir()) and not list(tmp_path.rglob("escaped.png"))
+
+
+def test_a_skin_variation_that_is_not_an_object_is_a_one_line_error(tmp_path):
+    entries = fake_entries()
+    entries[0]["skin_variations"]["1F3FC"] = "1f44d-1f3fc.png"
+    bad = write_tarball(tmp_path / "bad.tgz", entries, _images(fake_entries()))
+    with pytest.raises(DataError, match=r"bad\.tgz!package/emoji\.json \[#0 1F44D skin_variations\['1F3FC'\]\]"):
+        emoji.build(tmp_path / "out", tarball=bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_oversized_member_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    entries = fake_entries()
+    tarball = write_tarball(tmp_path / "big.tgz", entries, _images(entries))
+    monkeypatch.setattr(emoji, "MAX_IMAGE_BYTES", 16)  # the fake PNGs are a few hundred bytes
+    with pytest.raises(DataError, match=r"big\.tgz!package/img/google/64/.*\.png: member is \d+ bytes, more than "
+                                        r"the 16 bytes"):
+        emoji.build(tmp_path / "out", tarball=tarball)
+    assert not (tmp_path / "out").exists()

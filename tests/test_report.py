@@ -219,6 +219,60 @@ def test_index_has_contents_run_records_integers_and_each_metric_once(tmp_path):
     assert "A training diagnostic; no paper figure" in page
 
 
+class _Tags:
+    """Every start tag of an HTML page with its attributes, as a browser's tokenizer reads them."""
+
+    def __init__(self, page: str) -> None:
+        from html.parser import HTMLParser
+
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        parser = HTMLParser()
+        parser.handle_starttag = lambda tag, attrs: self.tags.append((tag, dict(attrs)))  # type: ignore[method-assign]
+        parser.feed(page)
+        parser.close()
+
+
+def test_index_keeps_names_and_record_fields_from_files_out_of_the_markup(tmp_path):
+    """A figure's file name (from a dataset's category name) went raw into src='...' and href='...', so a quote
+    closed the attribute and added an onerror handler; the record's duration_s and error went in raw as well."""
+    from urllib.parse import unquote
+
+    evil = "gallery_x' onerror='alert(1)<b>"
+    folder = tmp_path / "evaluate"
+    (folder / "figures").mkdir(parents=True)
+    (folder / "figures" / f"{evil}.png").write_bytes(b"\x89PNG")
+    (folder / report.RECORD).write_text(json.dumps({
+        "status": "ok", "started": "2026-01-02T03:04:05+00:00", "finished": "2026-01-02T03:05:05+00:00",
+        "duration_s": "<script>alert('duration_s')</script>", "commit": "<i>x</i>", "command": "cirlab report '",
+        "parameters": {"k": "<script>"}}))
+    failed = tmp_path / report.FAILED_DIR / "evaluate"
+    failed.mkdir(parents=True)
+    (failed / report.RECORD).write_text(json.dumps({"status": "failed", "started": "2026-01-03T00:00:00+00:00",
+                                                    "error": "<img src=x onerror=alert(2)>"}))
+    page = report.write_index(tmp_path).read_text()
+    tags = _Tags(page).tags
+    assert not [t for t in tags if t[0] in ("script", "i") or any(a.startswith("on") for a in t[1])]
+    assert [t for t, _ in tags].count("img") == 1 and [t for t, _ in tags].count("b") == 2  # the caption's, a label
+    img = next(attrs for tag, attrs in tags if tag == "img")
+    assert unquote(img["src"]) == f"evaluate/figures/{evil}.png" and img["alt"] == evil
+    hrefs = [attrs["href"] for tag, attrs in tags if tag == "a"]
+    assert f"evaluate/figures/{evil}.svg" in [unquote(h) for h in hrefs]
+    assert "after ? s" in page and "&lt;img src=x onerror=alert(2)&gt;" in page
+    assert "<code>cirlab report --only evaluate</code>" in page  # an unparsable command: the entry alone
+
+
+def test_index_of_a_folder_with_a_record_that_is_no_object(tmp_path):
+    """A report folder from elsewhere: a record that is no object, or fields of other types, raised tracebacks."""
+    for name, record in (("train", "[1, 2]"), ("evaluate", json.dumps({
+            "started": 5, "finished": [1], "duration_s": 12, "commit": ["<i>x</i>"], "command": 5,
+            "parameters": ["p"]}))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / report.RECORD).write_text(record)
+    page = report.write_index(tmp_path).read_text()
+    assert "<section id='train'>" in page and "finished ? after 12.0 s" in page
+    assert "&lt;i&gt;x&lt;/i&gt;" in page and "<code>cirlab report --only evaluate</code>" in page
+
+
 def _png(path, width: int, height: int) -> None:
     """A PNG signature and IHDR chunk of the given size: all the index reads of a figure."""
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + (13).to_bytes(4, "big") + b"IHDR" + width.to_bytes(4, "big")

@@ -176,6 +176,23 @@ def test_explorer_texts_are_plain_and_a_failing_model_call_shows_an_error():
     assert exp.pick("") == "q0" and exp.pick("q0") == "q0"
 
 
+def test_the_error_line_shows_markup_in_a_message_as_text():
+    """The status line is an ipywidgets.HTML: an image name such as ``<img src=x onerror=...>.png`` in an error
+    message ran as markup in the notebook."""
+    evil = "<img src=x onerror=alert(1)>.png"
+
+    def query_fn(qid, text):
+        raise RuntimeError(f"cannot read image {evil}: 'truncated' & \"bad\"")
+
+    exp = RouterExplorer(routes_for("q0", text_gates("abc")), texts={"q0": "abc"}, query_fn=query_fn,
+                         topk=TopK(["q0"], [["g"]], [[1.0]], [1], target_ids=["g"]), k=1)
+    exp.build()
+    exp.text.value = "edited"
+    assert exp.status.value == ("<span style='color:#b00'>error: RuntimeError: cannot read image "
+                                "&lt;img src=x onerror=alert(1)&gt;.png: &#x27;truncated&#x27; &amp; "
+                                "&quot;bad&quot;</span>")
+
+
 def dime_pair_routes(qid, image, weights):
     cells = ["RIC", "GLGC", "IMRC", "CMRC"]
     rows = []

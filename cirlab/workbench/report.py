@@ -53,6 +53,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
@@ -1330,10 +1331,15 @@ def _move(src: Path, dst: Path, *, unless_held: bool = False) -> None:
 
 
 def _read_record(folder: Path) -> dict[str, Any]:
+    """``folder``'s run record; {} without a readable one. A report folder may come from elsewhere: a record that is
+    no object is none, and times that are no strings are dropped (they are compared and parsed as ISO strings)."""
     try:
-        return json.loads((folder / RECORD).read_text(encoding="utf-8"))
+        record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    if not isinstance(record, dict):
+        return {}
+    return {k: v for k, v in record.items() if k not in ("started", "finished") or isinstance(v, str)}
 
 
 def _finished(folder: Path) -> str | None:
@@ -1470,8 +1476,8 @@ def write_index(out: str | os.PathLike) -> Path:
     latest = max(records, key=lambda r: r.get("finished", ""), default={})
     parts = [_INDEX_HEAD, "<h1>cirlab report</h1>",
              f"<p class='meta'>written {_when(_now())} · last run {_when(latest.get('finished'))} · "
-             f"commit {html.escape(latest.get('commit', _commit()))} · command "
-             f"<code>{html.escape(latest.get('command', 'cirlab report'))}</code>"
+             f"commit {html.escape(str(latest.get('commit', _commit())))} · command "
+             f"<code>{html.escape(str(latest.get('command', 'cirlab report')))}</code>"
              + (" · measured results with their commands: <a href='benchmarks/'>benchmarks/</a>"
                 if (out / "benchmarks").is_dir() else "") + "</p>", "<nav><h2>Contents</h2><div class='groups'>"]
     for title, names in groups:
@@ -1536,18 +1542,20 @@ def _entry_html(out: Path, name: str, state: Mapping[str, Any]) -> str:
     folder, record, failed = out / name, state["record"], state["failed"]
     source = f" <small>(notebook {notebook_of(name)})</small>" if notebook_of(name) != name else ""
     parts = [f"<section id='{name}'><h2>{name}{source} {_badge(state)}</h2>"]
-    regenerate = f"<code>{html.escape(regenerate_command(record.get('command'), name))}</code>"
+    command = record.get("command")
+    command = regenerate_command(command if isinstance(command, str) else None, name)
+    regenerate = f"<code>{html.escape(command)}</code>"
     if record:
         parts.append(f"<p class='meta'>finished {_when(record.get('finished'))} after "
-                     f"{record.get('duration_s', '?')} s · commit {html.escape(str(record.get('commit', '?')))} · "
-                     f"regenerate: {regenerate}</p>")
+                     f"{_seconds(record.get('duration_s'))} s · commit "
+                     f"{html.escape(str(record.get('commit', '?')))} · regenerate: {regenerate}</p>")
     if failed:
         link = f"{FAILED_DIR}/{name}/{name}.html"
         shown = ("The figures and numbers below are from the previous successful run "
                  f"({_when(record.get('started'))})." if record else "There are no earlier results.")
         parts.append(f"<div class='warn failed'><b>The last run failed</b> ({_when(failed.get('started'))})"
-                     f": {html.escape(failed.get('error', '?'))}. Its executed notebook: <a href='{link}'>{link}</a>. "
-                     f"{shown}</div>")
+                     f": {html.escape(str(failed.get('error', '?')))}. Its executed notebook: "
+                     f"<a href='{_url(link)}'>{html.escape(link)}</a>. {shown}</div>")
     if state["stale"]:
         deps = ", ".join(f"{d} (re-run {_when(t)})" for d, t in state["stale"].items())
         parts.append(f"<div class='warn stale'><b>Stale</b>: ran before the latest run of {deps}; its numbers and "
@@ -1555,10 +1563,10 @@ def _entry_html(out: Path, name: str, state: Mapping[str, Any]) -> str:
     if not folder.is_dir():
         parts.append("</section>")
         return "\n".join(parts)
-    links = [f"<a href='{name}/{f}'>{f}</a>" for f in (f"{name}.html", f"{name}.ipynb", "metrics.json",
-                                                       "config.json", RECORD) if (folder / f).is_file()]
+    files = (f"{name}.html", f"{name}.ipynb", "metrics.json", "config.json", RECORD)
+    links = [f"<a href='{_url(f'{name}/{f}')}'>{html.escape(f)}</a>" for f in files if (folder / f).is_file()]
     parts.append(f"<p>{' | '.join(links)}</p>")
-    if record.get("parameters"):
+    if isinstance(record.get("parameters"), Mapping) and record["parameters"]:
         rows = "".join(f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(json.dumps(v))}</code></td></tr>"
                        for k, v in record["parameters"].items())
         parts.append(f"<details><summary>parameters</summary><table>{rows}</table></details>")
@@ -1576,12 +1584,27 @@ def _entry_html(out: Path, name: str, state: Mapping[str, Any]) -> str:
             rel = png.relative_to(out).as_posix()
             caption = figure_caption(name, png.stem)
             wide = " class='wide'" if _is_wide(png) else ""  # across the page: its labels stay readable
-            parts.append(f"<figure{wide}><a href='{rel[:-4]}.svg'><img loading='lazy' src='{rel}' "
+            # the file name comes from the notebook's data (a Fashion-IQ category is a file name part, which may hold
+            # a quote): inside an attribute it must stay one URL
+            parts.append(f"<figure{wide}><a href='{_url(rel[:-4] + '.svg')}'><img loading='lazy' src='{_url(rel)}' "
                          f"alt='{html.escape(png.stem)}'></a><figcaption><b>{html.escape(png.stem)}</b>"
                          f"{': ' + html.escape(caption) if caption else ''}</figcaption></figure>")
         parts.append("</div>")
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _url(path: str) -> str:
+    """A relative file path as a single-quoted attribute value: percent-encoded (quotes, '<', spaces, '#', '?'
+    become part of the file name, not markup or URL syntax), then HTML-escaped."""
+    return html.escape(urllib.parse.quote(path, safe="/"), quote=True)
+
+
+def _seconds(value: Any) -> str:
+    """A run record's ``duration_s`` as a number; anything else (a hand-edited or foreign record) as ``?``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "?"
+    return f"{float(value):.1f}"
 
 
 def _fmt(value: Any) -> str:

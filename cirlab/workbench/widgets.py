@@ -21,6 +21,7 @@ trained on the markup adds it on its own text path.
 """
 from __future__ import annotations
 
+import html
 import logging
 from typing import Any, Callable, Mapping, Sequence
 
@@ -368,7 +369,9 @@ class _Explorer:
         except Exception as err:  # noqa: BLE001 - shown to the user in the widget, the figure stays as it was
             logger.exception("explorer: drawing failed")
             if self.status is not None:
-                self.status.value = f"<span style='color:#b00'>error: {type(err).__name__}: {err}</span>"
+                # the status line is HTML, and the message quotes data (paths, image names, the edited text)
+                message = html.escape(f"{type(err).__name__}: {err}")
+                self.status.value = f"<span style='color:#b00'>error: {message}</span>"
             return self.figure
         self.renders += 1
         if self.status is not None:
