@@ -1359,6 +1359,40 @@ def test_folder_lock_is_reentrant_and_released(tmp_path: Path) -> None:
     assert not (tmp_path / LOCK_NAME).exists()
 
 
+def test_a_lock_path_that_is_no_lock_file_is_refused_and_its_target_kept(tmp_path: Path) -> None:
+    """A downloaded run or report folder holding `.cirlab.lock` as a symbolic link to a user's file: the lock opened
+    it through the link and truncated the target to its pid line, even when the command then refused to run. A
+    hard link and a file of other text are refused the same way; a stale pid line is still taken over."""
+    import os
+
+    from cirlab.core.io import LOCK_NAME, NotALockFileError, folder_lock, lock_holder
+
+    thesis = tmp_path / "thesis.tex"
+    thesis.write_text("important line 1\nimportant line 2\n")
+    for kind in ("symlink", "hardlink", "foreign"):
+        folder = tmp_path / kind
+        folder.mkdir()
+        lock = folder / LOCK_NAME
+        if kind == "symlink":
+            lock.symlink_to(thesis)
+        elif kind == "hardlink":
+            os.link(thesis, lock)
+        else:
+            lock.write_text("my notes\n")
+        with pytest.raises(NotALockFileError, match=rf"^{lock} (is a symbolic link|is a hard link to another file|is "
+                                                     r"not a lock file cirlab wrote \(it holds other text\))"):
+            with folder_lock(folder):
+                pass
+        assert lock_holder(folder) is None  # nobody holds it; the probe does not follow the link either
+    assert thesis.read_text() == "important line 1\nimportant line 2\n"
+    assert (tmp_path / "foreign" / LOCK_NAME).read_text() == "my notes\n"
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / LOCK_NAME).write_text("pid 999999 on elsewhere since 2026-01-01 00:00:00\n")
+    with folder_lock(stale) as lock:  # a dead process's line: taken over
+        assert lock.read_text().startswith(f"pid {os.getpid()} on ")
+
+
 def test_folder_lock_holds_against_another_thread(tmp_path: Path) -> None:
     import threading
 

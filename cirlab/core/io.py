@@ -344,8 +344,8 @@ def lock_holder(folder: str | os.PathLike) -> str | None:
     with."""
     path = Path(folder) / LOCK_NAME
     try:
-        fh = open(path)
-    except OSError:  # released (the holder unlinks its file) or never taken
+        fh = os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), encoding="utf-8")
+    except OSError:  # released (the holder unlinks its file), never taken, or a link that is no lock
         return None
     with fh:
         try:
@@ -414,10 +414,7 @@ def _acquire(path: Path, wait: float = 0.0) -> Any:
     deadline, told = time.monotonic() + wait, False
     attempts = 0
     while attempts < 10:  # the file may be unlinked by its releasing holder between our open and our lock
-        try:
-            fh = open(path, "a+")
-        except OSError as err:
-            raise UnwritableFolderError(f"cannot write into {path.parent} ({err.strerror or err})") from None
+        fh = _open_lock_file(path)
         if not _try_lock(fh):
             fh.seek(0)
             holder = fh.read().strip() or "unknown process"
@@ -439,6 +436,10 @@ def _acquire(path: Path, wait: float = 0.0) -> Any:
         if same:
             fh.seek(0)
             previous = fh.read().strip()
+            if previous and not previous.startswith("pid "):  # not a line cirlab wrote: never truncate it
+                fh.close()
+                raise NotALockFileError(f"{path} is not a lock file cirlab wrote (it holds other text); move it "
+                                        "away, then retry")
             if previous:  # left by a process that died: the OS dropped its lock, the file stayed
                 logging.getLogger(__name__).info("%s: stale lock of a finished process (%s) taken over", path.parent,
                                                  previous)
@@ -449,6 +450,33 @@ def _acquire(path: Path, wait: float = 0.0) -> Any:
             return fh
         fh.close()
     raise FolderLockedError(f"{path.parent}: could not take the lock {path}")
+
+
+class NotALockFileError(UnwritableFolderError):
+    """A folder's lock path is something cirlab must not write through or truncate (a symbolic link, a hard link to
+    another file, a foreign file): a folder from elsewhere may hold one aimed at a user's file."""
+
+
+def _open_lock_file(path: Path) -> Any:
+    """The lock file opened for reading and writing, created when missing, without following a symbolic link;
+    refused unless it is a plain file of one name (a link planted in a downloaded run or report folder had its
+    target truncated to the pid line)."""
+    import stat
+
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP or path.is_symlink():
+            raise NotALockFileError(f"{path} is a symbolic link, not a lock file cirlab wrote; remove it, then "
+                                    "retry") from None
+        raise UnwritableFolderError(f"cannot write into {path.parent} ({err.strerror or err})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        what = "is not a plain file" if not stat.S_ISREG(info.st_mode) else "is a hard link to another file"
+        raise NotALockFileError(f"{path} {what}, not a lock file cirlab wrote; remove it, then retry")
+    return os.fdopen(fd, "r+", encoding="utf-8")
 
 
 def _try_lock(fh: Any) -> bool:
