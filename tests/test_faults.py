@@ -659,6 +659,25 @@ def f_misspelt_section_in_set(ws: Workspace) -> Outcome:
     return _config_error(ws, r"--set trian\.lr: unknown section 'trian' \(did you mean 'train'\?\)", "trian.lr=1")
 
 
+@fault("traceback or late failure", "refused in one line before any work (was: all memory, then MemoryError)")
+def f_yaml_alias_bomb(ws: Workspace) -> Outcome:
+    path = ws.config()  # nine levels of ten aliases: 481 bytes that expand to about 10**10 values
+    levels = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    path.write_text("\n".join(levels) + "\n" + path.read_text())
+    return expect_error(cli("train", path, "--output-dir", ws.run_dir()),
+                        r"run\.yaml: its anchors and aliases \(\*name\) expand it to 12,345,679,\d{3} values, more "
+                        r"than the 100,000 a config may hold")
+
+
+@fault("traceback or late failure", "refused in one line (was: a RecursionError traceback)")
+def f_yaml_nested_too_deeply(ws: Workspace) -> Outcome:
+    path = ws.config()
+    path.write_text(path.read_text() + "deep: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    return expect_error(cli("train", path, "--output-dir", ws.run_dir()),
+                        r"run\.yaml: not valid YAML \(nested too deeply\)")
+
+
 @fault("silently wrong", "refused, names both lines")
 def f_duplicate_yaml_key(ws: Workspace) -> Outcome:
     path = ws.config()

@@ -104,14 +104,54 @@ def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
 
 
+# values a config may expand to through its anchors and aliases: a real one has a few hundred, while nine levels of
+# ten aliases each (a 481-byte "billion laughs" file) expand to 10**9 and took every byte of memory
+MAX_YAML_VALUES = 100_000
+
+
 def read_yaml(text: str, source: str) -> Any:
     """Parse YAML with duplicate keys refused; every error is one :class:`ConfigError` line naming ``source``."""
     try:
-        return _fix_floats(yaml.load(text, Loader=_StrictLoader))
+        return _fix_floats(_load_bounded(text, source))
     except _DuplicateKey as err:
         raise ConfigError(f"{source}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML ({' '.join(str(err).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML (nested too deeply)") from None
+
+
+def _load_bounded(text: str, source: str) -> Any:
+    """The document, composed first and refused when its aliases expand it past :data:`MAX_YAML_VALUES` values
+    (the constructed lists and dicts are then rebuilt as copies by :func:`_fix_floats`)."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        count = _expanded_size(node, {})
+        if count > MAX_YAML_VALUES:
+            raise ConfigError(f"{source}: its anchors and aliases (*name) expand it to {count:,} values, more than "
+                              f"the {MAX_YAML_VALUES:,} a config may hold; write the repeated parts out")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many values ``node`` stands for with every alias written out (aliases share their node: counted once
+    per node, so a bomb is measured without being expanded)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a node reached again inside itself (a recursive alias) counts once, not forever
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size
+    return size
 
 
 def _fix_floats(value: Any) -> Any:
