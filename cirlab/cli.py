@@ -456,7 +456,10 @@ def _run_eval(args: argparse.Namespace) -> int:
             raise UnknownNameError(f"{flag[0]} {err.name}: {err.reason}", err.field, err.name, err.reason) from None
         raise
     if run_dir is not None:
+        from cirlab.engine.runs import say_unrecorded_image_read
+
         _warn_if_the_data_changed(run_dir, config)
+        say_unrecorded_image_read(run_dir, config)
     asked: dict[str, Any] = {}  # the model fields this command line asks for (--set model_overrides.F=V or ={...})
     for path, value in parse_set(args.overrides):
         if path[0] == "model_overrides":

@@ -197,6 +197,14 @@ def test_token_cache_atomic_reuse_and_values(cirr_root, tmp_path):
     mtime = (tmp_path / "val.npy").stat().st_mtime_ns
     br.cache_image_tokens(m, split, tmp_path / "val")
     assert (tmp_path / "val.npy").stat().st_mtime_ns == mtime  # reused
+    meta = json.loads((tmp_path / "val.json").read_text())
+    del meta["image_read"]  # a cache written before the decoding was recorded (with convert("RGB")): stale
+    (tmp_path / "val.json").write_text(json.dumps(meta))
+    br.cache_image_tokens(m, split, tmp_path / "val")
+    assert json.loads((tmp_path / "val.json").read_text())["image_read"] == "viewer"
+    mtime = (tmp_path / "val.npy").stat().st_mtime_ns
+    br.cache_image_tokens(m, split, tmp_path / "val")
+    assert (tmp_path / "val.npy").stat().st_mtime_ns == mtime  # reused again
     with torch.no_grad():
         m.visual_encoder.post_layernorm.bias.add_(1.0)  # another encoder -> stale cache rewritten
     store2 = br.cache_image_tokens(m, split, tmp_path / "val")

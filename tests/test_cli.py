@@ -176,6 +176,32 @@ def test_eval_topk_files_written_meanwhile_by_another_eval_are_not_replaced(tmp_
     assert main(["eval", str(run), "--split", "val", "--topk-dir", str(tmp_path / "mine")]) == 0  # a new folder
 
 
+def test_a_run_that_records_no_image_decoding_is_said_to_when_read(tmp_path, synth, caplog):
+    """Runs of cirlab before image_read="viewer" became the default decoded images with convert("RGB"): evaluated or
+    resumed now they gave other numbers (images with alpha) without a word. A run records its decoding in
+    provenance.json; one that records none is warned about, with the setting that reproduces the old decoding."""
+    run = tmp_path / "run"
+    assert main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), "--output-dir", str(run),
+                 "--set", "train.max_steps=2"]) == 0
+    provenance = json.loads((run / "provenance.json").read_text(encoding="utf-8"))
+    assert [start["image_read"] for start in provenance["starts"]] == ["viewer"]
+    caplog.clear()
+    assert main(["eval", str(run), "--split", "val"]) == 0
+    assert "does not record how its images were decoded" not in caplog.text
+    for start in provenance["starts"]:  # a run written before the decoding was recorded
+        del start["image_read"]
+    (run / "provenance.json").write_text(json.dumps(provenance), encoding="utf-8")
+    assert main(["eval", str(run), "--split", "val"]) == 0
+    assert f"{run} does not record how its images were decoded" in caplog.text
+    assert "--set dataset.options.image_read=original reproduces them" in caplog.text
+    caplog.clear()
+    assert main(["eval", str(run), "--split", "val", "--set", "dataset.options.image_read=viewer"]) == 0
+    assert "does not record how its images were decoded" not in caplog.text  # chosen on the command line
+    assert main(["train", str(run / "config.yaml"), "--output-dir", str(run), "--resume",
+                 "--set", "train.max_steps=3"]) == 0
+    assert "does not record how its images were decoded" in caplog.text  # a resume is told too
+
+
 def test_eval_names_the_process_rewriting_the_run(tmp_path, synth, caplog, monkeypatch):
     """`cirlab eval RUN` while `cirlab train --overwrite` rewrites RUN: the checkpoint it had just found vanished and
     it said only "checkpoint not found". Now it names the live process holding the run folder, and a run without

@@ -38,6 +38,7 @@ import contextlib
 import copy
 import importlib
 import inspect
+import json
 import logging
 import os
 import re
@@ -1104,9 +1105,10 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     for split, value in loaded.items():
         _check_not_empty(config, split, value)
     fingerprint = data_fingerprint(config) if is_main_process() else {}  # only the main process writes or checks it
-    notes: dict[str, Any] = {}
+    notes: dict[str, Any] = {"image_read": image_read_of(config)}
     if continued is not None and is_main_process():
         notes["data_changes"] = check_resume_data(out, fingerprint, allow_config_change)
+        say_unrecorded_image_read(out, config)
     train_data = load_train_data(config)
     match_feature_width(config, train_data)  # before the model is built with the preset's img_dim
     model = build_seeded_model(config)
@@ -1225,6 +1227,45 @@ def data_folder(config: dict[str, Any]) -> Path:
 
         folder = find_set_dir(folder, canonical_name(str(name))) or folder
     return folder
+
+
+# the day image_read="viewer" became the default (EXIF rotation, transparency on white, 16 bits scaled); runs of
+# cirlab before it decoded every image with PIL's convert("RGB"), image_read="original"
+VIEWER_DEFAULT_SINCE = "2026-12-06"
+
+
+def image_read_of(config: dict[str, Any]) -> str | None:
+    """How the run's images are decoded (``dataset.options.image_read``, default "viewer"); None for precomp
+    features. Recorded in each start's ``provenance.json`` entry, since a default left out of config.yaml cannot
+    tell a later reader which decoding the numbers came from."""
+    from cirlab.data.catalog import get_dataset
+
+    if get_dataset(str(config["dataset"]["name"])).is_itm:
+        return None
+    return str((config["dataset"].get("options") or {}).get("image_read", "viewer"))
+
+
+def say_unrecorded_image_read(run_dir: str | os.PathLike, config: dict[str, Any]) -> bool:
+    """Warn when a stored run records no image decoding (neither its config nor its provenance) and is read with the
+    default: it may come from before :data:`VIEWER_DEFAULT_SINCE`, whose decoding differs for some images. Returns
+    whether it warned."""
+    from cirlab.core.provenance import FILE_NAME
+
+    if image_read_of(config) is None or "image_read" in (config["dataset"].get("options") or {}):
+        return False
+    if not (read_run_config(run_dir).get("dataset") or {}).get("name"):  # a cirlab.fit run: its data was the caller's
+        return False
+    try:
+        starts = json.loads((Path(run_dir) / FILE_NAME).read_text(encoding="utf-8")).get("starts") or []
+    except (OSError, ValueError, AttributeError):
+        starts = []
+    if any(isinstance(start, dict) and start.get("image_read") for start in starts):
+        return False
+    logger.warning("%s does not record how its images were decoded: runs of cirlab before %s decoded them with "
+                   "PIL's convert(\"RGB\") (--set dataset.options.image_read=original reproduces them); read now as "
+                   "an image viewer shows them (image_read=viewer), images with transparency, an EXIF rotation or "
+                   "16 bits per channel give other numbers", run_dir, VIEWER_DEFAULT_SINCE)
+    return True
 
 
 def data_changes_since(run_dir: str | os.PathLike, config: dict[str, Any]) -> list[str]:

@@ -847,14 +847,15 @@ def cache_image_tokens(model: BlipRerankStage1 | BlipRerankStage2, split: Any, p
     meta_path, arr_path = path.with_suffix(".json"), path.with_suffix(".npy")
     if meta_path.is_file() and arr_path.is_file():
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        read = getattr(split, "image_read", "viewer")  # how the images were decoded is part of what was cached
-        if meta.get("fingerprint") == fingerprint and meta.get("names") == names and meta.get("image_read",
-                                                                                              "viewer") == read:
+        # how the images were decoded is part of what was cached; a cache that does not say (written before the
+        # decoding was recorded, with PIL's convert("RGB")) is stale for either choice
+        read = getattr(split, "image_read", "viewer")
+        same = {"images": meta.get("names") == names, "encoder": meta.get("fingerprint") == fingerprint,
+                "image_read": meta.get("image_read") == read}
+        if all(same.values()):
             logger.info("reusing ViT token cache %s", arr_path)
             return TokenStore.load(path)
-        why = [what for what, same in (("images", meta.get("names") == names),
-                                       ("encoder", meta.get("fingerprint") == fingerprint),
-                                       ("image_read", meta.get("image_read", "viewer") == read)) if not same]
+        why = [what for what, ok in same.items() if not ok]
         logger.info("ViT token cache %s is stale (other %s); rewriting", arr_path, ", ".join(why))
     transform = transform or image_transform(stage1.config)
     shape = [len(names), stage1.config.num_image_tokens, stage1.config.vision_width]
