@@ -472,9 +472,12 @@ def _run_eval(args: argparse.Namespace) -> int:
         _blame_a_writer(run_dir, checkpoint)
         raise
     splits = _splits_worth_evaluating(args, config, loaded, type(model))  # before the evaluation, the long part
-    if meta.get("converted_from"):
+    if meta.get("converted_from") and "ignored" in meta:  # the paper's own layout, converted as it was read
         logger.info("%s: read as the %s layout; ignored: %s; kept as built (not in the file): %s", checkpoint,
                     meta["converted_layout"], _key_groups(meta.get("ignored")), _key_groups(meta.get("kept_as_built")))
+    elif meta.get("converted_from"):  # a file `cirlab convert` wrote: what it came from (the layout, where recorded)
+        logger.info("%s: written by cirlab convert from %s%s", checkpoint, meta["converted_from"],
+                    f" ({meta['converted_layout']} layout)" if meta.get("converted_layout") else "")
     if args.ensemble:
         from cirlab.engine.runs import make_ensemble
 

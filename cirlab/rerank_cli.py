@@ -339,7 +339,7 @@ def _to_cirlab(args: argparse.Namespace) -> int:
         said = str(err).replace("from_pretrained(stage1=...)", "cirlab convert --stage1", 1)
         raise CheckpointError(said.replace("from_pretrained", "cirlab convert", 1)) from None
     out = Path(args.out)
-    _save_converted(out, model, str(args.source))
+    _save_converted(out, model, str(args.source), "original BLIP")
     report = write_json(out.with_name(out.name + ".report.json"), [r.to_dict() for r in reports])
     print(json.dumps({"model": model.model_name, "checkpoint": str(out), "report": str(report),
                       "loaded": sum(len(r.loaded) for r in reports),
