@@ -550,3 +550,61 @@ def test_a_utf16_text_file_is_named_as_such(tmp_path):
     problems = [p for p in check_dataset("f30k", root) if p.kind == "bad_entry"]
     assert len(problems) == 1 and "UTF-16 text (as Windows Notepad's \"Unicode\" saves it): save it as UTF-8" in str(
         problems[0])
+
+
+def test_an_image_declaring_too_many_pixels_is_a_problem_before_it_is_decoded(tmp_path, capsys):
+    """A small PNG can declare a huge canvas (a decompression bomb): --verify-images decoded it and said OK."""
+    from PIL import Image
+
+    info = write_cirr(tmp_path / "cirr_dataset", groups={"val": 1})
+    bomb = info["root"] / "dev" / "dev-0-2-img0.png"
+    Image.new("1", (8000, 7000)).save(bomb)  # 56 Mpx in a few KB; 1 bit per pixel keeps the old decode cheap
+    for full in (True, False):
+        problems = check_dataset("cirr", info["root"], verify_images=full)
+        assert _kinds(problems) == {"unreadable_image": 1} and problems[0].file.endswith("dev-0-2-img0.png")
+        assert "8000 x 7000 pixels" in problems[0].message and "MAX_IMAGE_PIXELS" in problems[0].message
+    assert main(["check", "--dataset", "cirr", "--root", str(info["root"]), "--verify-images"]) == 1
+    assert "image too large" in capsys.readouterr().out
+
+
+def test_max_per_kind_keeps_the_first_problems_and_counts_all(tmp_path, capsys):
+    """Every problem was kept even when only the first few were listed: a 10 MB file of bad entries took 1.7 GB."""
+    info = write_fashioniq(tmp_path / "fiq", categories=("dress",), splits=("val",))
+    write_json(info["root"] / "captions" / "cap.dress.val.json", [0] * 50)
+    full = check_dataset("fashioniq", info["root"])
+    few = check_dataset("fashioniq", info["root"], max_per_kind=2)
+    assert len(full) == 50 and len(few) == 2 and few == full[:2]
+    assert few.counts() == {"bad_entry": 50} and few.total == 50
+    assert format_problems(few, max_per_kind=2) == format_problems(full, max_per_kind=2)
+    assert "bad_entry: 50 problems" in format_problems(few) and "  ... and 48 more" in format_problems(few)
+    nothing_kept = check_dataset("fashioniq", info["root"], max_per_kind=0)
+    assert len(nothing_kept) == 0 and nothing_kept and nothing_kept.total == 50  # still a failed check
+    assert main(["check", "--dataset", "fashioniq", "--root", str(info["root"]), "--max-per-kind", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED with 50 problems" in out and "50 problems in total (50 bad_entry)" in out
+    assert out.count("\n  ") == 2  # one problem listed, then "... and 49 more"
+    with pytest.raises(ValueError, match="max_per_kind"):
+        check_dataset("fashioniq", info["root"], max_per_kind=-1)
+
+
+def test_problems_not_kept_are_counted_once_when_a_file_is_read_twice(tmp_path):
+    # Shoes' caption file is parsed once per split: its problems are the same problems, kept or only counted
+    info = write_shoes(tmp_path / "shoes")
+    write_json(info["root"] / "relative_captions_shoes.json", info["entries"] + [7] * 30)
+    full = check_dataset("shoes", info["root"])
+    few = check_dataset("shoes", info["root"], max_per_kind=3)
+    assert _kinds(full) == {"bad_entry": 30} and few.counts() == {"bad_entry": 30} and len(few) == 3
+
+
+def test_json_nested_thousands_deep_is_malformed_json_naming_the_file(tmp_path, capsys):
+    """A RecursionError traceback came out of `cirlab data check` and of loading."""
+    info = write_fashioniq(tmp_path / "fiq", categories=("dress",), splits=("val",))
+    path = info["root"] / "captions" / "cap.dress.val.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    problems = check_dataset("fashioniq", info["root"])
+    assert [(p.kind, p.file) for p in problems] == [("malformed_json", str(path))]
+    assert "nested too deeply" in problems[0].message
+    assert main(["check", "--dataset", "fashioniq", "--root", str(info["root"])]) == 1
+    assert "nested too deeply" in capsys.readouterr().out
+    with pytest.raises(DataError, match=r"cap\.dress\.val\.json: malformed JSON: nested too deeply"):
+        load_cir("fashioniq", info["root"], "val", category="dress")

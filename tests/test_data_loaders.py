@@ -757,3 +757,40 @@ def test_image_read_original_decodes_as_the_papers_loaders_do(tmp_path):
     assert original_split.image_read == "original" and split.image_read == "viewer"
     with pytest.raises(ValueError, match=r"dataset.options.image_read: 'raw' is not one of viewer, original"):
         load_cir("fashioniq", root, "val", category="dress", image_read="raw")
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG of a few dozen bytes whose header declares ``width x height`` 8-bit grey pixels (no pixel data)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_declaring_too_many_pixels_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    """Pillow only warns below 2 x its own limit: a 347 KB PNG took 2.8 GB per load (a decompression bomb)."""
+    from cirlab.data import base
+    from cirlab.data.base import load_image
+
+    big = _png_header_only(tmp_path / "big.png", 12_000, 5_000)  # under Pillow's limits, over cirlab's
+    for image_read in ("viewer", "original"):
+        with pytest.raises(DataError, match=r"big\.png: image too large: 12000 x 5000 pixels \(60\.0 Mpx\)"):
+            load_image(big, image_read)
+    # over twice Pillow's limit its own error came out (not an OSError): now the same one-line DataError
+    with pytest.raises(DataError, match=r"huge\.png: image too large: .*400000000 pixels"):
+        load_image(_png_header_only(tmp_path / "huge.png", 20_000, 20_000))
+    # the limit is read at each call; an image at the limit still loads, one pixel over it does not
+    info = write_fashioniq(tmp_path / "fiq", categories=("dress",), splits=("val",))
+    split = load_cir("fashioniq", info["root"], "val", category="dress")
+    monkeypatch.setattr(base, "MAX_IMAGE_PIXELS", 64)
+    assert split.read_image(split.gallery_names[0]).size == (8, 8)
+    monkeypatch.setattr(base, "MAX_IMAGE_PIXELS", 63)
+    with pytest.raises(DataError, match=r"image too large: 8 x 8 pixels") as err:
+        split.gallery_dataset()[0]
+    assert err.value.kind == "unreadable_image" and err.value.file.endswith(".png")

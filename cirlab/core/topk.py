@@ -111,10 +111,20 @@ def save_topk(path: str | os.PathLike, topk: TopK) -> Path:
 
 
 _REQUIRED = ("query_ids", "gallery_ids", "scores", "target_rank")
+_FIELDS = (*_REQUIRED, "category", "target_ids", "meta")  # every member load_topk reads
+
+# A file whose arrays declare more than _MAX_PLAIN_BYTES, and more than _MAX_RATIO times the file's own size, is
+# refused before any array is read: real top-K files inflate 2 to 20 times (the scores hardly compress), while
+# zeros inflate a thousand times (a 1.5 MB file declared 1.6 GB)
+_MAX_PLAIN_BYTES = 256 * 2 ** 20
+_MAX_RATIO = 100
 
 
 def load_topk(path: str | os.PathLike) -> TopK:
-    """Read a top-K file, naming the file and the missing key when it is not one."""
+    """Read a top-K file, naming the file and the missing key when it is not one.
+
+    Every array's header (shape, dtype) is read and checked first, so a file declaring arrays that do not fit each
+    other, or far more data than it could hold, is refused before any of it is decompressed."""
     import zipfile
 
     path = Path(path)
@@ -122,6 +132,7 @@ def load_topk(path: str | os.PathLike) -> TopK:
         raise MissingPathError(f"top-K file not found: {path}")
     if not zipfile.is_zipfile(path):  # numpy took any other file for a pickle and spoke of allow_pickle
         raise InputError(f"{path}: not a top-K file (cirlab writes them as .topk.npz archives)")
+    _check_declared(path, _declared_arrays(path))
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in _REQUIRED if k not in z.files]
@@ -135,3 +146,90 @@ def load_topk(path: str | os.PathLike) -> TopK:
         if isinstance(err, ValueError) and str(path) in str(err):
             raise
         raise InputError(f"{path}: cannot read top-K file ({err})") from err
+
+
+def _declared_arrays(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``field -> (shape, dtype)`` from the .npy headers of the archive's members, without reading their data."""
+    import zipfile
+    import zlib
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            found = {}
+            for field_name in _FIELDS:
+                member = _member_name(field_name, names)
+                if member is not None:
+                    found[field_name] = _npy_header(archive, member, path)
+            return found
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+        raise InputError(f"{path}: cannot read top-K file ({err})") from err
+
+
+def _member_name(field_name: str, names: set[str]) -> str | None:
+    """The archive member ``np.load`` reads for ``field_name`` (the bare name first, as NpzFile looks it up)."""
+    for member in (field_name, f"{field_name}.npy"):
+        if member in names:
+            return member
+    return None
+
+
+def _npy_header(archive: Any, member: str, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from one member's .npy header; only its first bytes are decompressed."""
+    fmt = np.lib.format
+    with archive.open(member) as fh:
+        try:
+            version = fmt.read_magic(fh)
+            if version == (1, 0):
+                shape, _, dtype = fmt.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, _, dtype = fmt.read_array_header_2_0(fh)
+            else:  # 3.0 only differs for structured dtypes with non-Latin-1 field names, never a top-K field
+                raise ValueError(f"unsupported .npy format version {version}")
+        except ValueError as err:
+            raise InputError(f"{path}: {member} is not a NumPy array a top-K file holds ({err})") from err
+    return tuple(int(n) for n in shape), dtype
+
+
+def _check_declared(path: Path, declared: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+    """Refuse declared shapes that cannot make a top-K (the checks :class:`TopK` makes on the loaded arrays), and
+    an archive declaring far more data than its size explains, before anything is decompressed."""
+    import math
+
+    if "query_ids" not in declared:
+        return  # the missing keys are named by load_topk
+    shapes = {key: shape for key, (shape, _) in declared.items()}
+    size = {key: math.prod(shape) for key, shape in shapes.items()}
+    if len(shapes["query_ids"]) != 1:
+        raise InputError(f"{path}: query_ids declares shape {shapes['query_ids']}, expected [Q] (one id per query)")
+    q = shapes["query_ids"][0]
+    for key in ("target_rank", "category", "target_ids"):
+        if key in shapes and (size[key] != q or key != "target_rank" and len(shapes[key]) != 1):
+            raise InputError(f"{path}: {key} declares shape {shapes[key]}, but query_ids declares {q} queries")
+    for key in ("gallery_ids", "scores"):
+        if key in shapes and not _fits_rows(shapes[key], q):
+            raise InputError(f"{path}: {key} declares shape {shapes[key]}, expected [{q} queries, K]")
+    if "gallery_ids" in size and "scores" in size and size["gallery_ids"] != size["scores"]:
+        raise InputError(f"{path}: gallery_ids declares shape {shapes['gallery_ids']} and scores "
+                         f"{shapes['scores']}: they differ")
+    if "meta" in size and size["meta"] != 1:
+        raise InputError(f"{path}: meta declares shape {shapes['meta']}, expected one JSON string")
+    _check_inflation(path, sum(size[key] * dtype.itemsize for key, (_, dtype) in declared.items()))
+
+
+def _fits_rows(shape: tuple[int, ...], q: int) -> bool:
+    """Whether a [Q, K] field of this shape loads (``_rows``: Q rows, or a flat Q * K)."""
+    import math
+
+    if len(shape) == 2:
+        return shape[0] == q
+    return q > 0 and math.prod(shape) % q == 0
+
+
+def _check_inflation(path: Path, plain_bytes: int) -> None:
+    """Refuse an archive whose arrays would take far more memory than its size explains (a zip bomb)."""
+    on_disk = max(path.stat().st_size, 1)
+    if plain_bytes > _MAX_PLAIN_BYTES and plain_bytes > _MAX_RATIO * on_disk:
+        raise InputError(f"{path}: its arrays declare {plain_bytes / 2 ** 20:.0f} MiB, {plain_bytes / on_disk:.0f} "
+                         f"times the file's {on_disk / 2 ** 20:.1f} MiB; top-K files that cirlab writes inflate far "
+                         "less: refused unread (a zip bomb?)")

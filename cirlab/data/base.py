@@ -15,6 +15,8 @@ import importlib
 import json
 import logging
 import os
+from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -65,53 +67,110 @@ class Problem:
         return DataError(self.message, file=self.file, entry=self.entry or None, kind=self.kind)
 
 
-class ProblemList(list):
+class Findings(list):
+    """``list[Problem]`` that may keep only the first problems of each kind and file (``ProblemCollector(keep=N)``):
+    :meth:`counts` and :attr:`total` still cover every distinct problem found, kept or not."""
+
+    def __init__(self, problems: Iterable[Problem] = ()) -> None:
+        super().__init__(problems)
+        # kind -> hash() of every distinct problem not kept: 8 bytes each, where a Problem with its strings took
+        # hundreds (a 10 MB file of bad entries held 1.7 GB of them); hashes, so that a file read twice (Shoes'
+        # captions, once per split) is still counted once
+        self.omitted: dict[str, array] = {}
+
+    def __bool__(self) -> bool:  # keep=0 keeps nothing, and the tree is still invalid
+        return len(self) > 0 or any(self.omitted.values())
+
+    def counts(self) -> Counter[str]:
+        """Kind -> number of distinct problems of that kind, the ones not kept included."""
+        counts = Counter(p.kind for p in self)
+        for kind, hashes in self.omitted.items():
+            counts[kind] += _distinct(hashes)
+        return counts
+
+    @property
+    def total(self) -> int:
+        """Every distinct problem found, the ones not kept included (``len()`` counts only the kept ones)."""
+        return sum(self.counts().values())
+
+
+def _distinct(hashes: array) -> int:
+    """How many different values ``hashes`` holds, without a Python int per value."""
+    import numpy as np
+
+    if not hashes:
+        return 0
+    values = np.sort(np.frombuffer(hashes, dtype=np.int64))  # one copy; np.unique took five times the array
+    return int(np.count_nonzero(values[1:] != values[:-1])) + 1
+
+
+class ProblemList(Findings):
     """``list[Problem]`` with ``stats`` (counts of what was walked: splits, triplets, images, ...) and ``warnings``
     (findings that do not make the tree invalid, e.g. a query whose target is its reference image)."""
 
     def __init__(self, problems: Iterable[Problem] = (), stats: dict[str, int] | None = None) -> None:
         super().__init__(problems)
         self.stats: dict[str, int] = dict(stats or {})
-        self.warnings: list[Problem] = []
+        self.warnings: Findings = Findings()
         self.root: Path | None = None  # the folder checked (a data root's layout subfolder when one was taken)
 
 
 class ProblemCollector:
-    """Receives problems from a loader: raises the first one (``strict``) or records them all."""
+    """Receives problems from a loader: raises the first one (``strict``) or records them all.
 
-    def __init__(self, strict: bool = True) -> None:
+    ``keep``: in collect mode, keep at most this many problems (and warnings) of each kind and file; the others are
+    only counted (:meth:`Findings.counts`), so a file of millions of bad entries takes megabytes, not gigabytes.
+    None keeps every one.
+    """
+
+    def __init__(self, strict: bool = True, keep: int | None = None) -> None:
         self.strict = strict
+        self.keep = keep
         self.problems = ProblemList()
-        self._seen: set[Problem] = set()
+        self._seen: set[tuple[str, str, str, str]] = set()  # the fields of every problem kept
+        self._kept: dict[tuple[str, str], int] = {}  # (kind, file) -> problems kept (only when keep is set)
 
     def add(self, kind: str, file: str | os.PathLike, entry: Any, message: str) -> None:
-        problem = Problem(kind, str(file), "" if entry is None else str(entry), message)
+        fields = (kind, str(file), "" if entry is None else str(entry), message)
         if self.strict:
-            raise problem.to_error()
-        if problem not in self._seen:  # a file shared by several splits (Shoes captions) is parsed more than once
-            self._seen.add(problem)
-            self.problems.append(problem)
+            raise Problem(*fields).to_error()
+        self._record(fields, self.problems)
 
     def count(self, key: str, n: int = 1) -> None:
         self.problems.stats[key] = self.problems.stats.get(key, 0) + n
 
     def warn(self, kind: str, file: str | os.PathLike, entry: Any, message: str) -> None:
         """Record a finding that does not invalidate the tree (listed by ``cirlab data check``, logged on load)."""
-        problem = Problem(kind, str(file), "" if entry is None else str(entry), message)
-        if problem not in self._seen:
-            self._seen.add(problem)
-            self.problems.warnings.append(problem)
+        self._record((kind, str(file), "" if entry is None else str(entry), message), self.problems.warnings)
+
+    def _record(self, fields: tuple[str, str, str, str], found: Findings) -> None:
+        """Keep the problem in ``found`` (or only count it, past ``keep``), once however often it is reported.
+
+        Works on the plain fields: a Problem is built only for the problems kept, which made a file of millions
+        of bad entries twice as fast to check."""
+        if fields in self._seen:  # a file shared by several splits (Shoes captions) is parsed more than once
+            return
+        if self.keep is not None:
+            group = fields[:2]
+            kept = self._kept.get(group, 0)
+            if kept >= self.keep:
+                found.omitted.setdefault(fields[0], array("q")).append(hash(fields))
+                return
+            self._kept[group] = kept + 1
+        self._seen.add(fields)
+        found.append(Problem(*fields))
 
     def log_warnings(self, where: str) -> None:
         """Loading (strict mode): one log line per kind of warning, with its count and first case; then forget them."""
         if not self.strict:
             return
-        kinds: dict[str, list[Problem]] = {}
-        for w in self.problems.warnings:
-            kinds.setdefault(w.kind, []).append(w)
-        for kind, found in kinds.items():
-            logger.warning("%s: %s x %d (e.g. %s)", where, kind, len(found), found[0])
-        self.problems.warnings.clear()
+        warnings = self.problems.warnings
+        counts = warnings.counts()
+        for kind, n in counts.items():
+            first = next((w for w in warnings if w.kind == kind), None)  # None: keep=0 kept no case
+            logger.warning("%s: %s x %d%s", where, kind, n, f" (e.g. {first})" if first else "")
+        warnings.clear()
+        warnings.omitted.clear()
 
 
 def file_not_found(path: Path) -> str:
@@ -157,6 +216,7 @@ def read_json(path: Path, sink: ProblemCollector) -> Any | None:
     try:
         text = path.read_text(encoding=TEXT_ENCODING)
         data = json.loads(text, object_pairs_hook=lambda pairs: _object(pairs, repeated))
+        found = list(_repeated_keys(data, repeated)) if repeated else []  # recursive too: inside the same guard
     except json.JSONDecodeError as err:
         sink.add("malformed_json", path, f"line {err.lineno} column {err.colno}",
                  f"malformed JSON: {err.msg}{_trailing_comma_hint(err)}")
@@ -164,9 +224,14 @@ def read_json(path: Path, sink: ProblemCollector) -> Any | None:
     except UnicodeDecodeError as err:
         sink.add("malformed_json", path, f"byte {err.start}", utf16_text(path) or f"not UTF-8 text: {err.reason}")
         return None
-    if repeated:
-        for where, key in _repeated_keys(data, repeated):
-            sink.add("duplicate", path, where, f"key {key!r} appears twice in {path.name}")
+    except RecursionError:
+        # json decodes nested lists and objects recursively: "[[[[..." thousands deep ended in a raw traceback;
+        # no dataset file nests more than a few levels
+        sink.add("malformed_json", path, None, "malformed JSON: nested too deeply (lists or objects inside each "
+                 "other about a thousand levels deep or more; dataset files nest a few levels)")
+        return None
+    for where, key in found:
+        sink.add("duplicate", path, where, f"key {key!r} appears twice in {path.name}")
     return data
 
 
@@ -387,19 +452,39 @@ def _resolve_transform(transform: Transform | None) -> Transform:
 
 IMAGE_READS = ("viewer", "original")  # dataset.options.image_read of every CIR dataset
 
+# The most pixels an image file may declare (width x height); a larger one is refused before it is decoded. The
+# CIR and ITM releases' images are at most a few megapixels, while Pillow only warns up to twice its own limit
+# (about 179 Mpx): a PNG of a few hundred KB declaring 15000 x 11900 pixels took gigabytes per load, in every
+# DataLoader worker. Read at each call, so a project with larger images can raise it (cirlab.data.base).
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+def check_image_size(img: Any, path: str | os.PathLike) -> None:
+    """Refuse an opened image whose header declares more than :data:`MAX_IMAGE_PIXELS` pixels (a DataError naming
+    the file and its size). ``img``: a PIL image from ``Image.open``, whose pixels are not decoded yet."""
+    width, height = img.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(f"image too large: {width} x {height} pixels ({width * height / 1e6:.1f} Mpx) is above the "
+                        f"{MAX_IMAGE_PIXELS / 1e6:g} Mpx limit (cirlab.data.base.MAX_IMAGE_PIXELS); decoding it "
+                        "would take gigabytes of memory (a decompression bomb?)", file=path, kind="unreadable_image")
+
 
 def load_image(path: Path, image_read: str = "viewer") -> Any:
     """Open an image as 8-bit RGB, as an image viewer shows it (:func:`to_rgb`; ``image_read="original"``: as the
-    papers' loaders read it, ``.convert("RGB")`` only); an unreadable file is a DataError naming it."""
+    papers' loaders read it, ``.convert("RGB")`` only); an unreadable file, or one declaring more than
+    :data:`MAX_IMAGE_PIXELS` pixels, is a DataError naming it."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
+            check_image_size(img, path)  # Image.open read only the header: nothing is decoded yet
             if image_read == "original":  # no orientation tag read, alpha dropped, 16-bit clipped at 255
                 return img.convert("RGB")
             return to_rgb(upright(img), img.format)
     except FileNotFoundError:
         raise DataError("image file not found", file=path, kind="missing_image") from None
+    except Image.DecompressionBombError as err:  # Pillow's own refusal (twice its limit): not an OSError
+        raise DataError(f"image too large: {err}", file=path, kind="unreadable_image") from None
     except (UnidentifiedImageError, OSError) as err:
         raise DataError(f"cannot read image: {err}", file=path, kind="unreadable_image") from None
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from cirlab.data.base import ProblemCollector, ProblemList, check_options, cir_root
+from cirlab.data.base import (DataError, Findings, ProblemCollector, ProblemList, check_image_size, check_options,
+                              cir_root)
 from cirlab.data.catalog import DATASETS as _TABLE
 from cirlab.data.catalog import ITM_DATASETS
 from cirlab.data.catalog import canonical_name
@@ -31,7 +32,7 @@ ITM_CHOICES = (*ITM_DATASETS, "precomp")  # the choices whose features --dim / -
 
 
 def check_dataset(name: str, root: str | os.PathLike | None = None, *, verify_images: bool = False,
-                  options: dict[str, Any] | None = None) -> ProblemList:
+                  options: dict[str, Any] | None = None, max_per_kind: int | None = None) -> ProblemList:
     """Every problem of a dataset tree (an empty list when the tree is valid).
 
     Args:
@@ -41,11 +42,15 @@ def check_dataset(name: str, root: str | os.PathLike | None = None, *, verify_im
         options: the loader options a run would pass (``dataset.options``: precomp ``dim`` / ``regions`` for
             features other than 36 x 2048, Fashion-IQ ``missing_images``, ...), so the tree is checked as that run
             reads it; checked against the loader's table like a run config's.
+        max_per_kind: keep at most this many problems (and warnings) of each kind and file, only counting the
+            others (``problems.counts()``, ``problems.total``), so that millions of bad entries do not take
+            gigabytes; None = keep every one.
 
     Returns:
         a ``list[Problem]`` whose ``stats`` attribute counts what was walked (splits, triplets, images, captions),
         whose ``warnings`` attribute lists findings that do not invalidate the tree, and whose ``root`` is the
-        folder checked (``root/<dataset>`` when ``root`` holds several layouts, as the loaders read it).
+        folder checked (``root/<dataset>`` when ``root`` holds several layouts, as the loaders read it). With
+        ``max_per_kind``, ``len()`` counts the problems kept and ``total`` every one.
     """
     from cirlab.core.paths import resolve_root
 
@@ -54,6 +59,9 @@ def check_dataset(name: str, root: str | os.PathLike | None = None, *, verify_im
 
     if not isinstance(verify_images, bool):  # "no" is truthy: every image would be decoded, slowly, unasked
         raise ConfigError(f"verify_images must be True or False, got {verify_images!r}")
+    if max_per_kind is not None and (not isinstance(max_per_kind, int) or isinstance(max_per_kind, bool)
+                                     or max_per_kind < 0):
+        raise ConfigError(f"max_per_kind must be an integer >= 0 or None, got {max_per_kind!r}")
     key = canonical_name(name)
     if key not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; known: {', '.join(DATASETS)}")
@@ -63,7 +71,7 @@ def check_dataset(name: str, root: str | os.PathLike | None = None, *, verify_im
     given = root
     # a CIR root may be a data root holding several layouts (`cirlab data synth --out DIR`), as the loaders take it
     root = resolve_root(root) if itm else cir_root(key, root)
-    sink = ProblemCollector(strict=False)
+    sink = ProblemCollector(strict=False, keep=max_per_kind)
     sink.problems.root = Path(root)
     if not Path(root).is_dir():
         from cirlab.data.base import missing_root_message
@@ -109,7 +117,10 @@ def _check_images(module: ModuleType, root: Path, sink: ProblemCollector, full: 
             if path.stat().st_size == 0:
                 raise ValueError("the file is empty (0 bytes)")
             with Image.open(path) as img:
+                check_image_size(img, path)  # before decoding: loading refuses it, so must the check
                 img.load() if full else _check_ending(path, img.format)
+        except DataError as err:
+            sink.add(err.kind, path, None, err.detail)
         except Exception as err:  # noqa: BLE001 - any decoder failure is a problem to list
             sink.add("unreadable_image", path, None, f"cannot {'decode' if full else 'read'} image: {err}")
     sink.count("images_decoded" if full else "images_checked", len(paths))
@@ -138,17 +149,19 @@ def format_problems(problems: list, max_per_kind: int | None = None) -> str:
     """
     if not problems:
         return "no problems"
-    counts = Counter(p.kind for p in problems)
+    # a list checked with max_per_kind keeps only the first problems of each kind: its counts cover the rest
+    counts = problems.counts() if isinstance(problems, Findings) else Counter(p.kind for p in problems)
     lines = []
     for kind, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"{kind}: {count} problem{'s' if count != 1 else ''}")
         group = [p for p in problems if p.kind == kind]
         shown = group if max_per_kind is None else group[:max_per_kind]
         lines += [f"  {p}" for p in shown]
-        if len(shown) < len(group):
-            lines.append(f"  ... and {len(group) - len(shown)} more")
+        if len(shown) < count:
+            lines.append(f"  ... and {count - len(shown)} more")
     summary = ", ".join(f"{count} {kind}" for kind, count in sorted(counts.items()))
-    lines.append(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in total ({summary})")
+    total = sum(counts.values())
+    lines.append(f"{total} problem{'s' if total != 1 else ''} in total ({summary})")
     return "\n".join(lines)
 
 

@@ -29,12 +29,14 @@ def _run_check(args: argparse.Namespace) -> int:
     if options and args.dataset not in ITM_CHOICES:  # a flag that would change nothing must not look like it did
         raise ConfigError(f"--{'/--'.join(options)} applies to precomp features (--dataset "
                           f"{', '.join(ITM_CHOICES)}), not to {args.dataset}")
-    problems = check_dataset(args.dataset, args.root, verify_images=args.verify_images, options=options)
+    # only the problems listed are kept (the others are counted): millions of bad entries must not take gigabytes
+    problems = check_dataset(args.dataset, args.root, verify_images=args.verify_images, options=options,
+                             max_per_kind=args.max_per_kind)
     if problems.warnings:
         print(format_problems(problems.warnings, max_per_kind=args.max_per_kind).replace(" problem", " warning"))
     if problems:
         print(format_problems(problems, max_per_kind=args.max_per_kind))
-        print(f"{args.dataset}: FAILED with {len(problems)} problem{'s' if len(problems) != 1 else ''} "
+        print(f"{args.dataset}: FAILED with {problems.total} problem{'s' if problems.total != 1 else ''} "
               f"({'found: ' if problems.stats else ''}{format_stats(problems.stats)})")
         return 1
     # the folder checked, which is a subfolder of --root when --root holds several layouts

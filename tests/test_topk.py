@@ -1,0 +1,74 @@
+"""A top-K file is checked from its arrays' headers before any array is decompressed (a zip bomb stays unread)."""
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import pytest
+
+from cirlab.core import topk as topk_module
+from cirlab.core.topk import TopK, load_topk, save_topk
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _header_only(shape: tuple[int, ...], dtype: str) -> bytes:
+    """A .npy member declaring ``shape`` without its data (what a crafted file can claim)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _archive(path, members: dict[str, bytes]):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def _one_query(**override: bytes) -> dict[str, bytes]:
+    members = {"query_ids.npy": _npy(np.array(["q0"])), "gallery_ids.npy": _npy(np.array([["a", "b"]])),
+               "scores.npy": _npy(np.array([[0.9, 0.1]], np.float32)), "target_rank.npy": _npy(np.array([1]))}
+    return {**members, **override}
+
+
+def test_the_crafted_archive_loads_when_it_is_consistent(tmp_path):
+    back = load_topk(_archive(tmp_path / "ok.topk.npz", _one_query()))
+    assert back.k == 2 and back.query_ids.tolist() == ["q0"]
+
+
+@pytest.mark.parametrize("member,shape,dtype,pattern", [
+    ("scores.npy", (1000, 1000), "<f4", r"scores declares shape \(1000, 1000\), expected \[1 queries, K\]"),
+    ("gallery_ids.npy", (1, 4000), "<U8", r"gallery_ids declares shape \(1, 4000\) and scores \(1, 2\): they differ"),
+    ("target_rank.npy", (50000,), "<i8", r"target_rank declares shape \(50000,\), but query_ids declares 1 queries"),
+    ("category.npy", (1, 1), "<U5", r"category declares shape \(1, 1\), but query_ids declares 1 queries"),
+    ("query_ids.npy", (2, 3), "<U2", r"query_ids declares shape \(2, 3\), expected \[Q\]"),
+    ("meta.npy", (9000,), "<U9", r"meta declares shape \(9000,\), expected one JSON string"),
+])
+def test_declared_shapes_that_do_not_fit_are_refused_unread(tmp_path, member, shape, dtype, pattern):
+    """The member has a header and no data: loading its data first would fail only after reading it all."""
+    path = _archive(tmp_path / "bad.topk.npz", _one_query(**{member: _header_only(shape, dtype)}))
+    with pytest.raises(ValueError, match=r"bad\.topk\.npz: " + pattern):
+        load_topk(path)
+
+
+def test_an_archive_inflating_far_beyond_its_size_is_refused_unread(tmp_path, monkeypatch):
+    # consistent shapes, but zeros inflate a thousand times: the limits are lowered to keep the test small
+    topk = TopK([""] * 200, np.full((200, 50), "", dtype="<U40"), np.zeros((200, 50), np.float32), [0] * 200)
+    path = save_topk(tmp_path / "zeros.topk.npz", topk)
+    assert load_topk(path).k == 50
+    monkeypatch.setattr(topk_module, "_MAX_PLAIN_BYTES", 2 ** 10)
+    monkeypatch.setattr(topk_module, "_MAX_RATIO", 20)
+    with pytest.raises(ValueError, match=r"zeros\.topk\.npz: its arrays declare .* MiB, \d+ times the file's"):
+        load_topk(path)
+
+
+def test_a_member_that_is_no_npy_array_is_named(tmp_path):
+    path = _archive(tmp_path / "raw.topk.npz", _one_query(**{"scores.npy": b"not an array"}))
+    with pytest.raises(ValueError, match=r"raw\.topk\.npz: scores\.npy is not a NumPy array"):
+        load_topk(path)
