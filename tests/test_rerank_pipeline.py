@@ -20,7 +20,7 @@ import cirlab
 from cirlab.cli import main
 from cirlab.core import metrics as M
 from cirlab.core import retrieval as R
-from cirlab.core.topk import load_topk
+from cirlab.core.topk import load_topk, save_topk
 from cirlab.engine import rerank
 from cirlab.engine.runs import model_from_checkpoint
 from cirlab.models import blip_interop as bi
@@ -190,7 +190,7 @@ def test_submit_refuses_to_replace_its_files_before_any_work(runs, tmp_path, cap
     assert not (runs["stage1"] / "submission" / f"recall_submission_{runs['stage1'].name}_val.json").exists()
 
 
-def test_convert_round_trips_through_the_original_format(runs, tmp_path, capsys):
+def test_convert_round_trips_through_the_original_format(runs, cirr_root, tmp_path, capsys, caplog):
     run1 = runs["stage1"]
     assert main(["convert", str(run1), str(tmp_path / "blip_mean.pt"), "--to", "original"]) == 0
     written = (tmp_path / "blip_mean.pt").read_bytes()
@@ -209,6 +209,10 @@ def test_convert_round_trips_through_the_original_format(runs, tmp_path, capsys)
     trained, _ = model_from_checkpoint(run1 / "checkpoints" / "best.pt")
     for key, value in trained.state_dict().items():
         torch.testing.assert_close(back.state_dict()[key], value, rtol=0, atol=0)
+    caplog.set_level("INFO", logger="cirlab")  # the converted file evaluates (it failed with KeyError 'converted_layout')
+    assert main(["eval", str(tmp_path / "back.pt"), "--dataset", "cirr", "--root", str(cirr_root), "--split",
+                 "val"]) == 0
+    assert f"back.pt: written by cirlab convert from {tmp_path / 'blip_mean.pt'} (original BLIP layout)" in caplog.text
     # stage II: the twin encoder and its frozen stage I as two original files, and back into one cirlab checkpoint
     run2 = runs["stage2"]
     assert main(["convert", str(run2), str(tmp_path / "blip.pt"), "--to", "original",
@@ -279,8 +283,15 @@ def test_stage2_with_unusable_stage1_topk_stops_before_the_first_step(runs, cirr
     only_val = tmp_path / "only_val"
     only_val.mkdir()
     (only_val / "val.topk.npz").write_bytes((run1 / "topk" / "val.topk.npz").read_bytes())
-    cases = [({"rerank_k": short + 5}, {}, f"{run1 / 'topk' / 'val.topk.npz'} holds the top {short}, stage II "
-                                           f"re-ranks {short + 5}: write stage I's top-K with eval.k >= {short + 5}"),
+    # a file of every candidate serves any rerank_k (stage II re-ranks them all); one cut short does not
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    full = load_topk(run1 / "topk" / "val.topk.npz")
+    save_topk(cut / "val.topk.npz", dataclasses.replace(full, gallery_ids=full.gallery_ids[:, :short - 5],
+                                                        scores=full.scores[:, :short - 5]))
+    cases = [({"rerank_k": short + 5}, {"stage1_topk": str(cut)},
+              f"{cut / 'val.topk.npz'} holds the top {short - 5}, stage II re-ranks {short} (the gallery has only "
+              f"{short} candidates per query): write stage I's top-K with eval.k >= {short}"),
              ({"rerank_k": K2}, {"splits": ["val", "test1"], "stage1_topk": str(only_val)},
               f"no stage-I top-K file {only_val / 'test1.topk.npz'}")]
     for i, (overrides, eval_section, message) in enumerate(cases):

@@ -458,6 +458,23 @@ def _aligned(n: int = 300, seed: int = 0) -> pd.DataFrame:
                          "rank_before": before, "rank_after": after})
 
 
+def test_rank_shift_plot_leaves_a_target_removed_with_its_reference_off_the_axes():
+    """A target that is its query's own reference has the never-a-hit rank in a top-K file (past every cut-off):
+    as the top of the log bins and the scatter's axes it broke the full-ranking plot ("bins must be increasing")
+    and stretched the axes to 1e19. It is left off the drawing and counted as a miss in the recalls."""
+    from cirlab.workbench import analysis
+
+    al = _aligned()
+    al.loc[0, ["rank_before", "rank_after"]] = analysis.removed_rank()
+    for reranked in (True, False):
+        fig = viz.plot_rank_shift(al, k=200, bins=10, reranked=reranked)
+        a = fig.axes[0]
+        assert a.get_xlim()[1] < 1e4 and a.get_ylim()[1] < 1e4
+        drawn = sum(len(c.get_offsets()) for c in a.collections)
+        assert drawn == len(al) - 1
+        fig.clf()
+
+
 def test_rank_shift_plot_binned_means_and_shares():
     al = _aligned()
     k = 200

@@ -360,7 +360,8 @@ def load_precomp(root: str | Path | None, name: str, split: str, *, max_captions
         name: "f30k" | "coco" (case and aliases folded, as in :func:`cirlab.data.catalog.canonical_name`) | any
             other precomp set present under ``root``.
         split: "train" | "dev" | "test" | "testall"; "val" reads "dev" where the set has no val split.
-        max_captions: keep only the first captions (default: 5,000 for "dev", all otherwise; None = all).
+        max_captions: keep only the first captions (default: 5,000 for "dev", all otherwise; None = all); a cap
+            that would split an image's 5 captions is refused (ConfigError naming ``dataset.options.max_captions``).
         regions, dim: expected feature shape ``[N, regions, dim]``; None accepts any size on that axis.
         sink: problem collector (default strict: raise the first problem as DataError).
     """
@@ -409,6 +410,7 @@ def load_precomp(root: str | Path | None, name: str, split: str, *, max_captions
         sink.warn("empty_split", caps_path, None, "no captions (an empty file): the split has no pairs")
     limit = (DEV_MAX_CAPTIONS if split == "dev" else None) if max_captions is _DEFAULT else max_captions
     if limit is not None and limit < len(captions):
+        _refuse_partial_image(limit, im_div, name, split, caps_path)
         captions = captions[:limit]
     n_img = -(-len(captions) // im_div)
     sink.count("images", n_img)
@@ -416,6 +418,18 @@ def load_precomp(root: str | Path | None, name: str, split: str, *, max_captions
     sink.count("splits")
     sink.log_warnings(f"{name} {split}")
     return PrecompSplit(name, split, images[:n_img], captions, im_div, ims_path, caps_path)
+
+
+def _refuse_partial_image(limit: int, im_div: int, name: str, split: str, caps_path: Path) -> None:
+    """A caption cap that cuts an image's captions apart: its image would have fewer than ``im_div`` captions, and
+    the ITM metrics (5 captions per image) fail at the first evaluation, after training. Refused at load instead;
+    rounding would change what the user asked for without a word."""
+    if limit % im_div == 0:
+        return
+    lower, upper = limit - limit % im_div, limit - limit % im_div + im_div
+    fix = f"{lower} or {upper}" if lower else f"{upper}"
+    raise ConfigError(f"dataset.options.max_captions={limit} ({name} {split}, {caps_path}): the split has {im_div} "
+                      f"captions per image, so the cap must be a multiple of {im_div} to keep whole images, e.g. {fix}")
 
 
 def _empty(name: str, split: str, ims_path: Path, caps_path: Path, images: Any, captions: Any) -> PrecompSplit:

@@ -276,9 +276,10 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
             from its own ranking follows each split's ``exclude_reference``.
         batch_size: encoding batch size.
         device: where the model runs.
-        k: list length of the top-K file.
+        k: list length of the top-K file (at most the candidates a query ranks; 0 when none is left).
         topk_path: write top-K results: a ``.npz`` file (all splits in one file) or a folder (one
-            ``<split>[_<category>].topk.npz`` per split).
+            ``<split>[_<category>].topk.npz`` per split). A target removed with its reference has the rank
+            :func:`cirlab.core.metrics.removed_targets_missed` gives there (past every cut-off), not ``G + 1``.
         transform: image transform (default: ``model.image_transform(False)`` if the model has one).
         num_workers: DataLoader workers.
         cache_dir: cache gallery features there (keyed by the weights, the model class and config, the image
@@ -314,7 +315,7 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
         exclude = torch.tensor(split.ref_indices(), dtype=torch.long) if split.exclude_reference else None
         ranks = _ranks(scores, target, exclude)
         if (target >= 0).any():  # a split without ground truth (CIRR test1) has no recall to be trivial
-            _say_trivial_cutoffs(name, protocol, scores.shape[1] - (exclude is not None))
+            _say_trivial_cutoffs(name, protocol, candidates_per_query(split), _metric_ranks(ranks, target, exclude))
         per_split[name] = {"split": split, "scores": scores, "target": target, "exclude": exclude, "ranks": ranks}
         logger.info("evaluated %s: %d queries x %d gallery images", name, scores.shape[0], scores.shape[1])
     result = {"metrics": _cir_metrics(protocol, per_split, M),
@@ -327,21 +328,45 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
     return result
 
 
-_SAID_TRIVIAL: set[tuple[str, str, int]] = set()
+_SAID_TRIVIAL: set[tuple[str, str, int, float]] = set()
 
 
-def _say_trivial_cutoffs(name: str, protocol: str, candidates: int) -> None:
-    """A recall cut-off at or past the number of candidates a query ranks is 100 for any model (a small gallery of
-    one's own data, the tiny synthetic sets): said, so that 100 is not read as a result."""
+def candidates_per_query(split: Any) -> int:
+    """How many gallery items each query of ``split`` ranks: the reference is removed from its own ranking when the
+    protocol excludes it. The length a full top-K list of the split has (what stage II can re-rank at most)."""
+    return len(split.gallery_names) - (1 if split.exclude_reference else 0)
+
+
+def _say_trivial_cutoffs(name: str, protocol: str, candidates: int, metric_ranks: torch.Tensor) -> None:
+    """A recall cut-off at or past the number of candidates a query ranks is the same for any model (a small gallery
+    of one's own data, the tiny synthetic sets): said, so that its value is not read as a result.
+
+    ``metric_ranks`` are the ranks the metrics read (:func:`_metric_ranks`): a target removed with its reference
+    is a miss there, so the value for any model is the share of the other targets, not always 100."""
     from cirlab.core import metrics as M
 
     ks = M.RECALL_KS.get(protocol, ())
     trivial = [f"R@{k}" for k in ks if k >= candidates]
-    if trivial and (name, protocol, candidates) not in _SAID_TRIVIAL:  # once: a run evaluates the split each epoch
-        _SAID_TRIVIAL.add((name, protocol, candidates))
+    value = 100.0 * float((metric_ranks <= candidates).double().mean()) if len(metric_ranks) else 0.0
+    key = (name, protocol, candidates, value)
+    if not trivial or key in _SAID_TRIVIAL:  # once: a run evaluates the split each epoch
+        return
+    _SAID_TRIVIAL.add(key)
+    verb = "is" if len(trivial) == 1 else "are"
+    removed = int((metric_ranks > candidates + 1).sum())  # past the whole gallery: removed with the reference
+    if removed == 0:
         logger.warning("%s: %s %s 100 for any model: each query ranks %d candidates, so every target is within "
-                       "them (a larger gallery makes %s mean something)", name, ", ".join(trivial),
-                       "is" if len(trivial) == 1 else "are", candidates, "it" if len(trivial) == 1 else "them")
+                       "them (a larger gallery makes %s mean something)", name, ", ".join(trivial), verb,
+                       candidates, "it" if len(trivial) == 1 else "them")
+        return
+    if removed == len(metric_ranks):
+        logger.warning("%s: %s %s 0 for any model: every query's target is its own reference, removed from the "
+                       "ranking with it (a miss at every cut-off)", name, ", ".join(trivial), verb)
+        return
+    logger.warning("%s: %s %s %.4g for any model: each query ranks %d candidates, so every target is within them "
+                   "but for the %d of %d queries whose target is their own reference, removed from the ranking with "
+                   "it (a miss at every cut-off)", name, ", ".join(trivial), verb, value, candidates, removed,
+                   len(metric_ranks))
 
 
 def cir_protocol_metrics(protocol: str, ranks: dict[str, torch.Tensor],
@@ -399,16 +424,19 @@ def pad_members(members: list[list[int]]) -> torch.Tensor:
 
 
 def _write_topk(per_split: dict[str, dict[str, Any]], path: Path, k: int, base: dict[str, Any]) -> list[str]:
-    from cirlab.core.retrieval import make_topk, topk_candidates
+    from cirlab.core.metrics import removed_targets_missed
+    from cirlab.core.retrieval import make_topk
     from cirlab.core.topk import TopK, save_topk
 
     files: dict[str, TopK] = {}
     for name, v in per_split.items():
         split, scores = v["split"], v["scores"]
-        kk = min(k, scores.shape[1] - (1 if v["exclude"] is not None else 0))
-        top_scores, top_idx = topk_candidates(scores, kk, exclude=v["exclude"])
+        top_scores, top_idx = _top_lists(scores, min(k, candidates_per_query(split)), v["exclude"])
+        # the file's readers (stage II, the workbench) compare ranks with a cut-off as the metrics do: a target
+        # removed with its reference gets the metrics' never-a-hit rank, not G + 1 (a hit at any K past G)
+        ranks = removed_targets_missed(v["ranks"], v["target"], v["exclude"])
         files[name] = make_topk(top_scores, top_idx, query_ids=[t.query_id for t in split.triplets],
-                                gallery_ids=split.gallery_names, target=v["target"], ranks=v["ranks"],
+                                gallery_ids=split.gallery_names, target=v["target"], ranks=ranks,
                                 category=[t.category for t in split.triplets],
                                 meta={**base, "dataset": split.dataset, "split": split.split,
                                       "category": split.category or "", "stage": base.get("stage", "retrieval")})
@@ -416,6 +444,16 @@ def _write_topk(per_split: dict[str, dict[str, Any]], path: Path, k: int, base: 
         merged = _merge_topk(list(files.values()))
         return [str(save_topk(path, merged))]
     return [str(save_topk(path / f"{name}.topk.npz", t)) for name, t in files.items()]
+
+
+def _top_lists(scores: torch.Tensor, k: int, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best ``k`` candidates per query; ``k = 0`` (a 1-image gallery whose image is the removed reference leaves
+    none) gives empty [Q, 0] lists, where top-K search refuses a length of 0 (an error after training)."""
+    from cirlab.core.retrieval import topk_candidates
+
+    if k == 0:
+        return torch.zeros(scores.shape[0], 0), torch.zeros(scores.shape[0], 0, dtype=torch.long)
+    return topk_candidates(scores, k, exclude=exclude)
 
 
 def _merge_topk(parts: list[Any]) -> Any:

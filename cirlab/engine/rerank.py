@@ -102,12 +102,25 @@ def load_stage1_topk(source: str | os.PathLike, split: Any, k: int = 0) -> TopK:
     if missing:
         raise _config_error(f"eval.stage1_topk: {path} has no list for {len(missing)} of the {len(wanted)} queries of "
                             f"{split.dataset} {topk_name(split)} (e.g. {missing[0]!r}): written for another split?")
-    if k and topk.k < k:
-        raise _config_error(f"eval.stage1_topk: {path} holds the top {topk.k}, stage II re-ranks {k}: write stage I's "
-                            f"top-K with eval.k >= {k}")
+    _refuse_short_lists(path, topk, split, k)
     rows = np.asarray([index[q] for q in wanted], dtype=np.int64)
     return TopK(topk.query_ids[rows], topk.gallery_ids[rows], topk.scores[rows], topk.target_rank[rows],
                 topk.category[rows], topk.target_ids[rows], {**topk.meta, "file": str(path)})
+
+
+def _refuse_short_lists(path: Path, topk: TopK, split: Any, k: int) -> None:
+    """Stage II re-ranks the first ``k`` of each list, or all of them where the gallery holds fewer (rerank_topk
+    clamps): a file of every candidate a query ranks is complete, whatever ``eval.k`` was. A shorter one is refused
+    with the ``eval.k`` that would have written enough."""
+    from cirlab.engine.evaluate import candidates_per_query
+
+    available = candidates_per_query(split)
+    need = min(k, available)
+    if not k or topk.k >= need:
+        return
+    small = f" (the gallery has only {available} candidates per query)" if available < k else ""
+    raise _config_error(f"eval.stage1_topk: {path} holds the top {topk.k}, stage II re-ranks {need}{small}: write "
+                        f"stage I's top-K with eval.k >= {need}")
 
 
 def check_stage1_topk(model: Any, eval_config: Mapping[str, Any], loaded: Mapping[str, Any]) -> None:
@@ -177,7 +190,7 @@ def rerank_topk(score_fn: ScoreFn, split: Any, stage1: TopK, k: int, *, skip_mis
     k = min(int(k), stage1.k)
     candidates = _gallery_indices(stage1.gallery_ids[:, :k], split)  # [Q, K]
     target = torch.tensor(split.target_indices(), dtype=torch.long)
-    first_ranks = torch.from_numpy(stage1.target_rank.astype(np.int64))
+    first_ranks = _removed_missed(torch.from_numpy(stage1.target_rank.astype(np.int64)), split)
     hit = (first_ranks >= 1) & (first_ranks <= k)
     rows = hit.nonzero()[:, 0] if skip_misses and split.has_targets else torch.arange(len(candidates))
     scores = torch.full(candidates.shape, MISS_SCORE)
@@ -193,6 +206,15 @@ def rerank_topk(score_fn: ScoreFn, split: Any, stage1: TopK, k: int, *, skip_mis
     info.pop("file", None)
     return retrieval.make_topk(scores, order, query_ids=list(stage1.query_ids), gallery_ids=split.gallery_names,
                                target=target, ranks=ranks, category=list(stage1.category), meta=info)
+
+
+def _removed_missed(ranks: Tensor, split: Any) -> Tensor:
+    """Ranks read from a top-K file, with a target that is its own removed reference a miss at every cut-off, as the
+    stage-I metrics count it (:func:`cirlab.core.metrics.removed_targets_missed`): files of earlier versions hold
+    ``G + 1`` there, a hit for a re-ranking K past the gallery size."""
+    if not split.exclude_reference:
+        return ranks
+    return M.removed_targets_missed(ranks, split.target_indices(), split.ref_indices())
 
 
 def _members(split: Any) -> tuple[Tensor, Tensor]:
@@ -239,7 +261,7 @@ def reranked_metrics(protocol: str, splits: Sequence[Any], topks: Mapping[str, T
         known = torch.tensor(split.target_indices()) >= 0
         if bool(known.any()):
             key = split.category or name if protocol == "fashioniq" else name
-            ranks[key] = torch.from_numpy(topks[name].target_rank.astype(np.int64))[known]
+            ranks[key] = _removed_missed(torch.from_numpy(topks[name].target_rank.astype(np.int64)), split)[known]
     if not ranks:
         logger.warning("no split has ground-truth targets: no metrics, only rankings")
         return {}
@@ -312,6 +334,7 @@ def cirr_rankings(model: Any, split: Any, *, eval_config: Mapping[str, Any], dev
     k = int(model.config.k)
     first = stage1_topk(model, [split], eval_config=eval_config, device=device, k=max(k, SUBMISSION_K),
                         topk_dir=topk_dir_for(eval_config, topk_dir))[topk_name(split)]
+    _refuse_short_submission(first, split)
     model.eval()
     score = model.candidate_scorer(split, batch_size=batch)
     top = rerank_topk(score, split, first, k, batch_size=batch)
@@ -320,6 +343,15 @@ def cirr_rankings(model: Any, split: Any, *, eval_config: Mapping[str, Any], dev
     best = retrieval.subset_topk(subset_scores(score, split, batch_size=batch), reference, members, 3)
     names = np.asarray(split.gallery_names)
     return ranked, names[best.numpy()].tolist()
+
+
+def _refuse_short_submission(first: TopK, split: Any) -> None:
+    """Stage I's lists fill the recall file past the re-ranked K; load_stage1_topk accepts a list of every candidate
+    however short, but the server wants :data:`SUBMISSION_K` names, which a smaller gallery cannot give."""
+    if first.k < SUBMISSION_K:
+        raise _config_error(f"CIRR submission: the stage-I top-K of {split.dataset} {topk_name(split)} holds the top "
+                            f"{first.k} (every candidate of its {len(split.gallery_names)}-image gallery), but the "
+                            f"test server's recall file lists {SUBMISSION_K} names per query")
 
 
 def check_submission(submission: Mapping[str, Mapping[str, Any]], split: Any) -> None:

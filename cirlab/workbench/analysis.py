@@ -32,7 +32,7 @@ __all__ = [
     "rank_shift_by_category", "feature_columns", "gate_matrix", "gate_entropy", "expert_utilisation",
     "route_statistics", "flow_matrices", "path_vectors", "pca_2d", "read_log", "read_metrics",
     "compare_runs", "flatten_metrics", "layer_matrix", "bridge_words", "relation_matrix", "relation_block_means",
-    "word_region_matrix", "word_image_matrix", "recall_by_category",
+    "word_region_matrix", "word_image_matrix", "recall_by_category", "removed_rank",
 ]
 
 
@@ -181,14 +181,28 @@ def rank_shift_table(rank_before: Sequence[int], rank_after: Sequence[int], k: i
     return pd.DataFrame(rows)
 
 
+def removed_rank() -> int:
+    """The rank a top-K file gives a target that is its query's own reference, removed from the ranking with it
+    (:func:`cirlab.core.metrics.removed_targets_missed`): past every cut-off, so the recalls here count it as a miss,
+    as the protocol's metrics do."""
+    import torch
+
+    from cirlab.core.metrics import removed_targets_missed
+
+    one = torch.ones(1, dtype=torch.long)
+    return int(removed_targets_missed(one, [0], [0])[0])  # query 0: target 0 is its own removed reference
+
+
 def rank_shift_summary(rank_before: Sequence[int], rank_after: Sequence[int],
                        k: int | None = None) -> dict[str, int | float]:
     """The number of queries (an int) and the shares of those whose target moved forward / back (within the pool if
-    ``k`` is given)."""
+    ``k`` is given). A target removed with its reference (:func:`removed_rank`) has no place in either ranking to
+    move from: left out, as an unknown one, so that its stand-in rank does not swamp the mean ranks."""
     before = _ranks(rank_before, "rank_before")  # NaN failed ``>= 1`` and the query left the counts unsaid
     after = _ranks(rank_after, "rank_after")
     _same_length(before, after)
-    keep = (before >= 1) & (after >= 1)
+    removed = float(removed_rank())
+    keep = (before >= 1) & (after >= 1) & (before < removed) & (after < removed)
     if k is not None:
         keep &= before <= whole_number(k, "k")
     before, after = before[keep], after[keep]
@@ -217,7 +231,9 @@ def known_recall(ranks: Sequence[int], ks: Sequence[int]) -> dict[str, float]:
 
 def recall_by_category(topk: Any, ks: Sequence[int]) -> dict[str, dict[str, float]]:
     """``{category: {"R@k": recall}}`` of one top-K file grouped by its ``category`` column (known targets only),
-    e.g. an ITM run's text-to-image file per caption type."""
+    e.g. an ITM run's text-to-image file per caption type. A target removed with its reference is a miss at every
+    k (its rank is :func:`removed_rank`), as in the run's metrics; files of cirlab versions before that rank hold
+    ``gallery size + 1`` there instead, a hit for a k past the gallery size."""
     cats = np.asarray(topk.category).astype(str)
     return {str(c): known_recall(np.asarray(topk.target_rank)[cats == c], ks) for c in dict.fromkeys(cats)}
 

@@ -868,11 +868,14 @@ def gallery_rows(topk: Any, split: Any, query_ids: Sequence[str] | None = None, 
 
 
 def worst_queries(topk: Any, n: int = 4) -> list[str]:
-    """Query ids whose target ranks worst (known targets only)."""
+    """Query ids whose target ranks worst (known targets only; a target that is its own reference, removed from the
+    ranking with it, has no rank to be worst at: its never-a-hit stand-in put those queries first)."""
     import numpy as np
 
+    from cirlab.workbench.analysis import removed_rank
+
     whole_number(n, "n")  # order[:-1] gave every query but one
-    known = np.flatnonzero(topk.target_rank > 0)
+    known = np.flatnonzero((topk.target_rank > 0) & (topk.target_rank < removed_rank()))
     order = known[np.argsort(-topk.target_rank[known], kind="stable")]
     return [str(q) for q in topk.query_ids[order[:n]]]
 

@@ -225,6 +225,8 @@ def _gallery_row(axes: Sequence[Any], row: Mapping[str, Any], k: int) -> None:
     axes[0].set_gid("query")
     axes[1].axis("off")
     rank = row.get("target_rank")
+    if rank and rank >= analysis.removed_rank():  # its stand-in rank, past every cut-off, is no place to show
+        rank = "none: the target is the reference, removed from the ranking"
     caption = wrap_text(plain_text(row.get("text", ""))) + (f"\n\n(target rank {rank})" if rank else "")
     axes[1].text(0.0, 0.5, caption, fontsize=7, va="center", ha="left", transform=axes[1].transAxes)
     cands = list(row.get("candidates", []))[:k]
@@ -896,7 +898,7 @@ def plot_rank_shift(aligned: Any, k: int, bins: int | Sequence[int] | None = 20,
     if reranked:
         table = analysis.rank_shift_table(aligned["rank_before"], aligned["rank_after"], k, bins)
     else:
-        k = int(aligned["rank_before"].max())  # the whole first ranking, binned on a log scale
+        k = int(_placed(aligned["rank_before"]).max(initial=0))  # the whole first ranking, log-scale bins
         if k < 1:  # 0 = unknown target (CIRR's test split): nothing to compare
             raise InputError("plot_rank_shift: no query has a known target rank in the first ranking")
         count = whole_number(bins, "bins") if isinstance(bins, (int, np.integer)) else 12
@@ -941,17 +943,27 @@ _RECALL_BEFORE, _RECALL_AFTER = "#E6BCD3", "#8F5575"  # Okabe-Ito's reddish purp
 _METRIC_HATCHES = ("", "...", "xxx", "---")  # R@1 plain, R@10 dotted, ...
 
 
+def _placed(ranks: Any) -> np.ndarray:
+    """The ranks that are places in a ranking: a target removed with its reference has
+    :func:`cirlab.workbench.analysis.removed_rank` (past every cut-off), which as an axis end stretched the plot to
+    1e19 and broke its bins."""
+    values = np.asarray(ranks, dtype=float)
+    return values[values < analysis.removed_rank()]
+
+
 def _rank_scatter(ax: Any, aligned: Any, k: int | None, label_before: str, label_after: str) -> None:
     """Target rank before vs after per query, a colour and marker per category; the diagonal and the pool's edge
     ``k`` (when there is one) are in the legend."""
     cats = sorted(aligned["category"].astype(str).unique())
+    removed = float(analysis.removed_rank())  # a target removed with its reference has no place to draw
+    aligned = aligned[(aligned["rank_before"] < removed) & (aligned["rank_after"] < removed)]
     for g, cat in enumerate(cats):
         m = aligned["category"].astype(str) == cat
         ax.scatter(aligned.loc[m, "rank_before"], aligned.loc[m, "rank_after"], s=9, alpha=0.6,
                    color=_SHIFT_CATEGORY_COLORS[g % len(_SHIFT_CATEGORY_COLORS)],
                    marker=_SHIFT_MARKERS[g % len(_SHIFT_MARKERS)], linewidths=0, label=cat or "all queries",
                    gid=f"scatter:{cat}")
-    top = float(max(aligned["rank_before"].max(), aligned["rank_after"].max(), k or 1))
+    top = float(max(aligned["rank_before"].max(), aligned["rank_after"].max(), k or 1)) if len(aligned) else k or 1.0
     ax.plot([1, top], [1, top], "--", color="gray", linewidth=0.8, label="no change")
     if k is not None:  # right of it the second stage did not re-rank: those targets keep their rank
         ax.axvline(k, color="black", linewidth=0.8, linestyle=":", label=f"pool edge: top-{k} re-ranked",
