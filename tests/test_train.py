@@ -691,3 +691,26 @@ def test_the_model_holds_best_pt_after_fit_with_a_paper_no_restore_ema(tmp_path)
                output_dir=tmp_path / "r", evaluate_fn=lambda m: {"val": {"avg": 1.0}})
     best = torch.load(tmp_path / "r" / "checkpoints" / "best.pt", weights_only=False)["model"]
     assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+
+
+def test_a_batch_too_small_for_in_batch_negatives_is_refused_before_training(tmp_path):
+    """A loss over in-batch negatives is exactly 0 for a batch of one item: batch_size=1 (which the small-set
+    refusal even suggested for a 1-item set) trained for every step on nothing, and ended with rc 0. Models that
+    contrast within the batch declare min_micro_batch; gradient accumulation adds no negatives."""
+    model = _model()
+    type(model).min_micro_batch = 2
+    try:
+        for kw, said in (({"batch_size": 1}, r"^StubCIR contrasts each item with the other items of its batch, so a "
+                                              r"batch needs at least 2 items per process \(train.batch_size 1\); "
+                                              r"grad_accum_steps adds no negatives"),
+                         ({"batch_size": 1, "grad_accum_steps": 4}, r"at least 2 items per process"),
+                         ({"batch_size": 8}, r"^the training set \(1 items\) is smaller than one optimizer step .* "
+                                             r"needs at least 2 items per batch")):
+            items = TripletItems(1 if kw["batch_size"] == 8 else 16)
+            with pytest.raises(ConfigError, match=said):
+                train(model, items, _cfg(epochs=1, **kw), output_dir=tmp_path / "r")
+            assert not (tmp_path / "r" / "checkpoints").exists()
+        assert train(model, TripletItems(16), _cfg(epochs=1, batch_size=2), output_dir=tmp_path / "ok")["steps"] > 0
+    finally:
+        del type(model).min_micro_batch
+    assert cirlab.create_model("amc", "tiny").min_micro_batch == 2 and not hasattr(_model(), "min_micro_batch")

@@ -26,6 +26,8 @@ class Model(Protocol):
     model_name: ClassVar[str]  # the registry name, saved in checkpoints
     task: ClassVar[str]  # one of TASKS
     config: Any  # a PresetMixin dataclass
+    # optional ``min_micro_batch: ClassVar[int]``: the fewest items a micro-batch needs for a learning signal (2 for
+    # a loss over in-batch negatives); the trainer refuses a batch_size that gives fewer per process
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, "torch.Tensor"]:
         """Named terms; the trainer sums the keys ending in ``_loss`` and logs all of them."""

@@ -1156,6 +1156,12 @@ class Trainer:
         if self.steps_per_epoch == 0:
             # the paper recipes' batches (CaLa 64, the re-ranker's stage I 512) exceed the tiny synthetic sets
             fits = max(1, len(dataset) // cfg.grad_accum_steps)  # batch_size is the global batch
+            need = int(getattr(self.model, "min_micro_batch", 1)) * self.dist.world_size
+            if fits < need:  # a smaller batch would train on a zero loss
+                raise ConfigError(f"the training set ({len(dataset)} items) is smaller than one optimizer step "
+                                  f"(batch_size {cfg.batch_size} x grad_accum_steps {cfg.grad_accum_steps}), and "
+                                  f"{type(self.model).__name__} needs at least {need} items per batch: add training "
+                                  "data, or lower train.grad_accum_steps")
             raise ConfigError(f"the training set ({len(dataset)} items) is smaller than one optimizer step "
                              f"(batch_size {cfg.batch_size} x grad_accum_steps {cfg.grad_accum_steps}); set "
                              f"train.batch_size to at most {fits} (--set train.batch_size=N, "
@@ -1174,6 +1180,13 @@ class Trainer:
         cfg, world = self.cfg, self.dist.world_size
         if cfg.batch_size % world:
             raise ConfigError(f"train.batch_size {cfg.batch_size} is not divisible by the {world} processes")
+        need = int(getattr(self.model, "min_micro_batch", 1))
+        if cfg.batch_size // world < need:  # a contrastive loss over one item is 0: steps that learn nothing
+            per = f" over {world} processes, {cfg.batch_size // world} each" if world > 1 else ""
+            raise ConfigError(f"{type(self.model).__name__} contrasts each item with the other items of its batch, so "
+                              f"a batch needs at least {need} items per process (train.batch_size {cfg.batch_size}"
+                              f"{per}); grad_accum_steps adds no negatives. Set train.batch_size to {need * world} "
+                              "or more")
         items = SeededItems(dataset, cfg.seed)
         groups = group_ids(dataset) if cfg.group_batches else None
         sampler = ResumableSampler(len(dataset), shuffle=cfg.shuffle, seed=cfg.seed, drop_last=cfg.drop_last,

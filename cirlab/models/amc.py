@@ -610,6 +610,7 @@ class AMC(nn.Module):
 
     model_name = "amc"
     task = "cir"
+    min_micro_batch = 2  # its loss contrasts each item with the batch's others: one alone gives 0
     trace_kind = "gate"  # each routing layer emits its [B, 3] expert weights
 
     @classmethod

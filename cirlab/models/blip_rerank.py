@@ -193,6 +193,7 @@ class BlipRerankStage1(nn.Module):
 
     model_name = "blip_rerank_stage1"
     task = "cir"
+    min_micro_batch = 2  # its loss contrasts each item with the batch's others: one alone gives 0
 
     def __init__(self, config: BlipRerankConfig) -> None:
         super().__init__()
@@ -489,6 +490,7 @@ class BlipRerankStage2(nn.Module):
 
     model_name = "blip_rerank_stage2"
     task = "rerank"
+    min_micro_batch = 2  # its loss contrasts each item with the batch's others: one alone gives 0
 
     def __init__(self, config: BlipRerankConfig, stage1: BlipRerankStage1 | None = None) -> None:
         super().__init__()

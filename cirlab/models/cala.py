@@ -476,6 +476,7 @@ class CaLa(nn.Module):
 
     model_name = "cala"
     task = "cir"
+    min_micro_batch = 2  # its loss contrasts each item with the batch's others: one alone gives 0
 
     def __init__(self, config: CaLaConfig) -> None:
         super().__init__()

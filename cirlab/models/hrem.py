@@ -485,6 +485,7 @@ class HREM(MaxViolationWarmup, BertVocabMixin, nn.Module):
 
     model_name = "hrem"
     task = "itm"
+    min_micro_batch = 2  # its loss contrasts each item with the batch's others: one alone gives 0
 
     def __init__(self, cfg: HREMConfig, bert: nn.Module | None = None, vocab: Any = None) -> None:
         super().__init__()
