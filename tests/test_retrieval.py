@@ -292,7 +292,7 @@ def test_rerank_topk_fuses_with_stage1_scores_only_when_asked():
 
     names = [f"g{i}" for i in range(6)]
     split = SimpleNamespace(gallery_index={n: i for i, n in enumerate(names)}, gallery_names=names,
-                            target_indices=lambda: [2, 5], has_targets=True)
+                            target_indices=lambda: [2, 5], has_targets=True, exclude_reference=False)
     first = TopK(["q0", "q1"], [["g0", "g1", "g2"], ["g3", "g4", "g0"]], [[0.9, 0.8, 0.1], [0.9, 0.5, 0.4]], [3, 9])
 
     def stage2(rows: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
