@@ -411,6 +411,18 @@ def _checkpoint_of(target_arg: str, name: str) -> tuple[Path, Path | None]:
     return checkpoint, run_dir
 
 
+def _refuse_a_mixed_run(run_dir: Path | None, checkpoint: Path, model: Any, args: argparse.Namespace) -> None:
+    """A run folder whose config.yaml names another model than its checkpoint holds (a folder assembled from two
+    runs, a shared "CaLa run" holding AMC weights): its numbers would be reported as the config's model's."""
+    from cirlab.core.errors import CheckpointError
+
+    named = _run_model(run_dir) if not getattr(args, "model", None) else None
+    if named and named != model.model_name:
+        raise CheckpointError(f"{run_dir}: its config.yaml names model {named!r}, but {checkpoint} holds a "
+                              f"{model.model_name!r} model: the folder mixes two runs. Evaluate the checkpoint file "
+                              "with --dataset/--root (or --config) to score it as what it is")
+
+
 def _blame_a_writer(run_dir: Path | None, checkpoint: Path) -> None:
     """A checkpoint seen a moment ago is gone: when a live cirlab process holds the run folder (a ``train
     --overwrite`` of it), say so instead of a bare "checkpoint not found"."""
@@ -471,6 +483,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     except CheckpointError:
         _blame_a_writer(run_dir, checkpoint)
         raise
+    _refuse_a_mixed_run(run_dir, checkpoint, model, args)
     splits = _splits_worth_evaluating(args, config, loaded, type(model))  # before the evaluation, the long part
     if meta.get("converted_from") and "ignored" in meta:  # the paper's own layout, converted as it was read
         logger.info("%s: read as the %s layout; ignored: %s; kept as built (not in the file): %s", checkpoint,
@@ -489,7 +502,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         model = make_ensemble(members, [str(path) for path in files])
     model.to(device)
     results = _evaluate_splits(args, model, config, splits, loaded, device)
-    record: dict[str, Any] = {"checkpoint": str(checkpoint), "splits": results,
+    record: dict[str, Any] = {"checkpoint": str(checkpoint), "model": model.model_name, "splits": results,
                               "protocols": {split: protocol_of(config, split) for split in splits}}
     if args.ensemble:
         record["ensemble"] = [str(path) for path in files]

@@ -202,6 +202,25 @@ def test_a_run_that_records_no_image_decoding_is_said_to_when_read(tmp_path, syn
     assert "does not record how its images were decoded" in caplog.text  # a resume is told too
 
 
+def test_a_run_folder_whose_config_names_another_model_than_its_checkpoint_is_refused(tmp_path, synth, caplog,
+                                                                                     capsys):
+    """A folder assembled from two runs (config.yaml says CaLa, best.pt holds AMC weights) printed the checkpoint
+    model's numbers as the config's model's, without a word; the printed record did not name the model either."""
+    run = tmp_path / "run"
+    assert main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), "--output-dir", str(run),
+                 "--set", "train.max_steps=2"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--split", "val"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "stub_cir"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "model": "amc", "preset": "tiny"}))
+    caplog.clear()
+    assert main(["eval", str(run), "--split", "val"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith(f"{run}: its config.yaml names model 'amc', but "
+                                                     f"{run / 'checkpoints' / 'best.pt'} holds a 'stub_cir' model")
+
+
 def test_eval_names_the_process_rewriting_the_run(tmp_path, synth, caplog, monkeypatch):
     """`cirlab eval RUN` while `cirlab train --overwrite` rewrites RUN: the checkpoint it had just found vanished and
     it said only "checkpoint not found". Now it names the live process holding the run folder, and a run without
