@@ -221,6 +221,24 @@ def test_a_run_folder_whose_config_names_another_model_than_its_checkpoint_is_re
                                                      f"{run / 'checkpoints' / 'best.pt'} holds a 'stub_cir' model")
 
 
+def test_resuming_a_run_folder_with_symbolic_links_where_it_writes_is_refused(tmp_path, synth, caplog):
+    """A downloaded run folder whose log.jsonl points at a user's file: --resume appended log lines to that file
+    (and a linked checkpoints/ got best.pt and last.pt written into its target)."""
+    run = tmp_path / "run"
+    assert main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), "--output-dir", str(run),
+                 "--set", "train.max_steps=2"]) == 0
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my own notes\n")
+    (run / "log.jsonl").unlink()
+    (run / "log.jsonl").symlink_to(notes)
+    caplog.clear()
+    assert main(["train", str(run / "config.yaml"), "--output-dir", str(run), "--resume",
+                 "--set", "train.max_steps=4"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and f"symbolic link(s) where the run writes (log.jsonl -> {notes})" in errors[0], errors
+    assert notes.read_text() == "my own notes\n"
+
+
 def test_eval_names_the_process_rewriting_the_run(tmp_path, synth, caplog, monkeypatch):
     """`cirlab eval RUN` while `cirlab train --overwrite` rewrites RUN: the checkpoint it had just found vanished and
     it said only "checkpoint not found". Now it names the live process holding the run folder, and a run without

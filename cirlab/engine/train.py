@@ -923,6 +923,16 @@ def claim_run_folder(folder: str | os.PathLike, *, overwrite: bool = False, resu
         logger.warning("overwrite: removed the previous run's %s from %s", ", ".join(found), folder)
 
 
+def refuse_linked_artifacts(folder: Path) -> None:
+    """A run folder to be resumed whose log, checkpoints or other outputs are symbolic links (a folder from
+    elsewhere): the resume appended its log to, and wrote checkpoints into, whatever they point to."""
+    linked = [name for name in RUN_ARTIFACTS if (folder / name).is_symlink()]
+    if linked:
+        targets = ", ".join(f"{name} -> {os.readlink(folder / name)}" for name in linked)
+        raise ConfigError(f"{folder}: symbolic link(s) where the run writes ({targets}); a resumed run would change "
+                          "the files they point to. Replace each with a copy of what it points to, then resume")
+
+
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
@@ -1261,6 +1271,8 @@ class Trainer:
             _remove_stale_temporaries(self.output_dir)  # first: a torn last.pt write is no saved result
             if resume_from is None:  # a fresh run (resume="auto" with no last.pt yet replaces a run that never saved)
                 claim_run_folder(self.output_dir, overwrite=self.overwrite, resuming=bool(cfg.resume))
+            else:
+                refuse_linked_artifacts(self.output_dir)
         if resume_from is None and cfg.resume == "auto":
             logger.info("resume='auto': no %s yet, starting a fresh run", self.ckpt_dir / "last.pt")
         self._barrier()
