@@ -193,3 +193,23 @@ def test_worst_queries_and_the_gallery_caption_skip_a_target_removed_with_its_re
     caption = axes[1].texts[0].get_text()
     assert "target rank none: the target is the reference" in caption and str(removed) not in caption
     plt.close(fig)
+
+
+def test_coco_1k_on_a_split_of_another_image_count_is_refused_before_training(tmp_path, caplog):
+    """eval.protocol=coco1k on a 7-image test split: refused only at the final evaluation, after the whole training
+    ("COCO 1K needs a multiple of 5 images"), and --resume met it again. Now refused when the split is read."""
+    import yaml
+
+    from cirlab.cli import main
+    from fixtures_data import precomp_run_config
+
+    root = write_precomp(tmp_path / "data", dim=12, regions=4, n_images=7)["root"]
+    config = precomp_run_config(tmp_path / "c.yaml", root, model="stub_itm", regions=4, dim=12, splits=("test",))
+    settings = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**settings, "eval": {**settings["eval"], "protocol": "coco1k"}}))
+    caplog.clear()
+    assert main(["train", str(config), "--output-dir", str(tmp_path / "run")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith("eval.protocol=coco1k: f30k test (") and \
+        "has 7 images, and COCO 1K needs a multiple of 5 images, got 7; use eval.protocol=full" in errors[0], errors
+    assert not (tmp_path / "run" / "checkpoints").exists()  # before the first step

@@ -1425,6 +1425,24 @@ def _check_not_empty(config: dict[str, Any], split: str, loaded: Any) -> None:
         raise ConfigError(f"dataset {config['dataset']['name']!r}: evaluation split {split!r} has no queries"
                           f"{empty[0]} (its caption file is empty, or every query was left out: missing_images: drop); "
                           "check the data with `cirlab data check`")
+    _check_protocol_fits(config, split, loaded)
+
+
+def _check_protocol_fits(config: dict[str, Any], split: str, loaded: Any) -> None:
+    """COCO 1K scores 5 folds of a fifth of the images each: a split of another image count failed at the final
+    evaluation, after the whole training. Checked when the split is read, before the first step."""
+    from cirlab.core.errors import InputError
+    from cirlab.core.metrics import coco_1k_folds
+
+    protocol = protocol_of(config, split)
+    if not is_precomp(config) or protocol not in ("coco1k", "coco"):
+        return
+    try:
+        coco_1k_folds(loaded.num_images)
+    except InputError as err:
+        raise ConfigError(f"eval.protocol={protocol}: {config['dataset']['name']} {split} ({loaded.ims_path}) has "
+                          f"{loaded.num_images} images, and {err}; use eval.protocol=full, or a split of 5 x N "
+                          "images") from None
 
 
 def _prepare_data(config: dict[str, Any]) -> None:
