@@ -213,3 +213,24 @@ def test_coco_1k_on_a_split_of_another_image_count_is_refused_before_training(tm
     assert len(errors) == 1 and errors[0].startswith("eval.protocol=coco1k: f30k test (") and \
         "has 7 images, and COCO 1K needs a multiple of 5 images, got 7; use eval.protocol=full" in errors[0], errors
     assert not (tmp_path / "run" / "checkpoints").exists()  # before the first step
+
+
+def test_an_infinite_feature_in_an_evaluation_split_is_refused_before_training(tmp_path, caplog):
+    """An inf in test_ims.npy (which `data check` lists) trained the whole run, then failed at the final evaluation
+    with "scores row 3 contains NaN", naming no file, and --resume failed again."""
+    from cirlab.cli import main
+    from fixtures_data import precomp_run_config
+
+    data = write_precomp(tmp_path / "data", dim=12, regions=4, n_images=5)
+    test_ims = data["root"] / "f30k_precomp" / "test_ims.npy"
+    features = np.load(test_ims)
+    features[3, 1, 2] = np.inf
+    np.save(test_ims, features)
+    config = precomp_run_config(tmp_path / "c.yaml", data["root"], model="stub_itm", regions=4, dim=12,
+                                splits=("test",))
+    caplog.clear()
+    assert main(["train", str(config), "--output-dir", str(tmp_path / "run")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and str(test_ims) in errors[0] and "image 3" in errors[0] and \
+        "NaN or infinite feature values" in errors[0], errors
+    assert not (tmp_path / "run" / "checkpoints").exists()

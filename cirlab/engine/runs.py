@@ -1426,6 +1426,11 @@ def _check_not_empty(config: dict[str, Any], split: str, loaded: Any) -> None:
                           f"{empty[0]} (its caption file is empty, or every query was left out: missing_images: drop); "
                           "check the data with `cirlab data check`")
     _check_protocol_fits(config, split, loaded)
+    if is_precomp(config):  # a NaN or inf feature made the final evaluation fail after the training, naming no file
+        from cirlab.data.base import ProblemCollector
+        from cirlab.data.precomp import check_finite_features
+
+        check_finite_features(loaded.images, loaded.ims_path, ProblemCollector(strict=True))
 
 
 def _check_protocol_fits(config: dict[str, Any], split: str, loaded: Any) -> None:
