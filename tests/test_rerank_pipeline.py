@@ -213,6 +213,11 @@ def test_convert_round_trips_through_the_original_format(runs, cirr_root, tmp_pa
     assert main(["eval", str(tmp_path / "back.pt"), "--dataset", "cirr", "--root", str(cirr_root), "--split",
                  "val"]) == 0
     assert f"back.pt: written by cirlab convert from {tmp_path / 'blip_mean.pt'} (original BLIP layout)" in caplog.text
+    caplog.clear()  # the original file itself: it said only "does not fit" with a list of missing keys
+    assert main(["eval", str(tmp_path / "blip_mean.pt"), "--model", "blip_rerank_stage1", "--preset", "tiny",
+                 "--dataset", "cirr", "--root", str(cirr_root), "--split", "val"]) == 2
+    assert f"blip_mean.pt holds weights in the original BLIP layout, not cirlab's: convert it first (cirlab convert " \
+           f"{tmp_path / 'blip_mean.pt'} OUT.pt --to cirlab --preset PRESET)" in caplog.text
     # stage II: the twin encoder and its frozen stage I as two original files, and back into one cirlab checkpoint
     run2 = runs["stage2"]
     assert main(["convert", str(run2), str(tmp_path / "blip.pt"), "--to", "original",

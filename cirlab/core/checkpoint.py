@@ -303,7 +303,14 @@ def load_object(model: torch.nn.Module, obj: Any, path: str | os.PathLike) -> di
     if find_state_dict(obj) is None and isinstance(model, HasOriginalCheckpoint):
         return model.load_original(obj, str(path))
     saved = obj.get("model_name") if isinstance(obj, dict) else None
-    load_state(model, model_state_dict(obj, path), path, saved_name=saved)
+    state = model_state_dict(obj, path)
+    try:
+        load_state(model, state, path, saved_name=saved)
+    except CheckpointError as err:  # a layout the model's converter reads (BLIP's original files): say how
+        hint = model.layout_hint(state, str(path)) if hasattr(model, "layout_hint") else None
+        if hint:
+            raise CheckpointError(f"checkpoint {path} {hint}") from err
+        raise
     return None
 
 

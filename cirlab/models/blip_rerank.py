@@ -188,12 +188,25 @@ def _as_long(x: Any, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.long, device=device)
 
 
+def _layout_hint(state: dict[str, Any], path: str, stage1_flag: str = "") -> str | None:
+    """What to do with a state dict in BLIP's original or transformers' layout given as a cirlab checkpoint (it
+    failed with a bare "does not fit" and a list of missing keys): convert it first."""
+    layout, _ = blip_interop._layout(state)
+    if layout not in ("original", "transformers"):
+        return None
+    return (f"holds weights in the {layout} BLIP layout, not cirlab's: convert it first (cirlab convert {path} "
+            f"OUT.pt --to cirlab --preset PRESET{stage1_flag}), then evaluate OUT.pt")
+
+
 class BlipRerankStage1(nn.Module):
     """Stage I: BLIP image-grounded text encoder as the query composer; frozen ViT; 256-d ITC projections."""
 
     model_name = "blip_rerank_stage1"
     task = "cir"
     min_micro_batch = 2  # its loss contrasts each item with the batch's others: one alone gives 0
+
+    def layout_hint(self, state: dict[str, Any], path: str) -> str | None:
+        return _layout_hint(state, path)
 
     def __init__(self, config: BlipRerankConfig) -> None:
         super().__init__()
@@ -491,6 +504,9 @@ class BlipRerankStage2(nn.Module):
     model_name = "blip_rerank_stage2"
     task = "rerank"
     min_micro_batch = 2  # its loss contrasts each item with the batch's others: one alone gives 0
+
+    def layout_hint(self, state: dict[str, Any], path: str) -> str | None:
+        return _layout_hint(state, path, " --stage1 STAGE1_FILE")
 
     def __init__(self, config: BlipRerankConfig, stage1: BlipRerankStage1 | None = None) -> None:
         super().__init__()
