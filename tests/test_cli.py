@@ -1328,8 +1328,8 @@ def test_an_empty_category_of_an_evaluation_split_is_named_before_training(tmp_p
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     assert main(["train", str(tmp_path / "c.yaml"), "--output-dir", str(tmp_path / "run")]) == 2
     assert ("dataset 'fashioniq': evaluation split 'val' has no queries in category dress (its caption file is "
-            "empty, or every query was left out: missing_images: drop); check the data with `cirlab data check`"
-            ) in caplog.text
+            "empty or names no image of the split, or dataset.options.missing_images=drop left every query out); "
+            "check the data with `cirlab data check`") in caplog.text
     assert not (tmp_path / "run" / "checkpoints").exists()
     from cirlab.core.errors import InputError
     from cirlab.data import load_cir

@@ -234,3 +234,13 @@ def test_an_infinite_feature_in_an_evaluation_split_is_refused_before_training(t
     assert len(errors) == 1 and str(test_ims) in errors[0] and "image 3" in errors[0] and \
         "NaN or infinite feature values" in errors[0], errors
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_empty_evaluation_split_is_blamed_only_on_causes_its_dataset_can_have():
+    """A Shoes split selecting no caption entry was blamed on "missing_images: drop", an option Shoes does not have,
+    and precomp splits were told the same."""
+    from cirlab.data.base import no_queries_reason
+
+    assert no_queries_reason("shoes") == "its caption file is empty or names no image of the split"
+    assert no_queries_reason("fashioniq").endswith(", or dataset.options.missing_images=drop left every query out")
+    assert no_queries_reason("f30k") == "its caption file is empty"

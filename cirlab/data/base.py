@@ -708,6 +708,18 @@ def loader_options(name: str) -> dict[str, Any]:
     return {**dict(getattr(importlib.import_module(spec.loader), "OPTIONS", {})), **common}
 
 
+def no_queries_reason(name: str) -> str:
+    """Why a split of dataset ``name`` can hold no query, as the refusal of an empty evaluation split says it: only
+    the causes this dataset can have (Shoes has no ``missing_images`` option to blame)."""
+    from cirlab.data.catalog import get_dataset
+
+    if get_dataset(name).is_itm:
+        return "its caption file is empty"
+    drop = ", or dataset.options.missing_images=drop left every query out" \
+        if "missing_images" in loader_options(name) else ""
+    return f"its caption file is empty or names no image of the split{drop}"
+
+
 def check_options(name: str, options: dict[str, Any]) -> None:
     """Check loader options (``dataset.options``) against the loader's ``OPTIONS`` table: an unknown option or a
     value outside its choices is a :class:`~cirlab.core.errors.ConfigError` with a "did you mean" suggestion."""

@@ -302,9 +302,10 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
     for split in splits.values():  # no queries: the encoders got nothing to encode, and the model was blamed
         if not split.triplets:
             category = f" (category {split.category})" if split.category else ""
-            raise InputError(f"evaluate_cir: split {split.split!r}{category} has no queries (its caption file is "
-                             "empty, or every query was left out: missing_images: drop); check the data with "
-                             "`cirlab data check`")
+            from cirlab.data.base import no_queries_reason
+
+            raise InputError(f"evaluate_cir: split {split.split!r}{category} has no queries "
+                             f"({no_queries_reason(split.dataset)}); check the data with `cirlab data check`")
     model.eval()
     transform = cir_transform(model, transform)
     per_split: dict[str, dict[str, Any]] = {}

@@ -1422,9 +1422,11 @@ def _check_not_empty(config: dict[str, Any], split: str, loaded: Any) -> None:
     else:  # one empty Fashion-IQ category fails too: the protocol averages over every category
         empty = [f" in category {s.category}" if s.category else "" for s in loaded if not s.triplets]
     if empty:
+        from cirlab.data.base import no_queries_reason
+
         raise ConfigError(f"dataset {config['dataset']['name']!r}: evaluation split {split!r} has no queries"
-                          f"{empty[0]} (its caption file is empty, or every query was left out: missing_images: drop); "
-                          "check the data with `cirlab data check`")
+                          f"{empty[0]} ({no_queries_reason(str(config['dataset']['name']))}); check the data with "
+                          "`cirlab data check`")
     _check_protocol_fits(config, split, loaded)
     if is_precomp(config):  # a NaN or inf feature made the final evaluation fail after the training, naming no file
         from cirlab.data.base import ProblemCollector
