@@ -608,3 +608,19 @@ def test_json_nested_thousands_deep_is_malformed_json_naming_the_file(tmp_path, 
     assert "nested too deeply" in capsys.readouterr().out
     with pytest.raises(DataError, match=r"cap\.dress\.val\.json: malformed JSON: nested too deeply"):
         load_cir("fashioniq", info["root"], "val", category="dress")
+
+
+def test_all_zero_image_features_are_a_warning(tmp_path):
+    """An export that wrote no features (rows of zeros) passed the check; DIME and HREM then gave finite metrics
+    that came from tie order alone."""
+    import numpy as np
+
+    data = write_precomp(tmp_path, splits=("test",), dim=8, regions=2, n_images=6)
+    path = data["root"] / "f30k_precomp" / "test_ims.npy"
+    features = np.load(path)
+    features[[1, 4]] = 0.0
+    np.save(path, features)
+    problems = check_dataset("f30k", tmp_path, options={"dim": 8, "regions": 2})
+    assert list(problems) == [] and [w.kind for w in problems.warnings] == ["zero_features"]
+    assert problems.warnings[0].entry == "image 1" and "all-zero features in 2 images (index 1, 4)" in \
+        problems.warnings[0].message

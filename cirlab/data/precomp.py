@@ -163,16 +163,27 @@ def _shape_hint(shape: tuple[int, ...], regions: int | None, dim: int | None) ->
 
 
 def check_finite_features(array: Any, path: Path, sink: ProblemCollector, chunk: int = 256) -> None:
-    """Report NaN / infinite values (``cirlab data check``: reads the whole array, a block of images at a time)."""
+    """Report NaN / infinite values, and warn of images whose features are all zero (``cirlab data check``: reads the
+    whole array, a block of images at a time)."""
     bad: list[int] = []
+    zero: list[int] = []
     for start in range(0, len(array), chunk):
         block = np.asarray(array[start:start + chunk])
-        finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
-        bad += [start + int(i) for i in np.flatnonzero(~finite)]
+        block = block.reshape(len(block), -1)
+        bad += [start + int(i) for i in np.flatnonzero(~np.isfinite(block).all(axis=1))]
+        zero += [start + int(i) for i in np.flatnonzero(~block.any(axis=1))]
     if bad:
-        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        sink.add("bad_array", path, f"image {bad[0]}", f"NaN or infinite feature values in {len(bad)} image"
-                 f"{'s' if len(bad) != 1 else ''} (index {shown}); training on them gives a NaN loss")
+        sink.add("bad_array", path, f"image {bad[0]}", f"NaN or infinite feature values in {_images(bad)}; training "
+                 "on them gives a NaN loss")
+    if zero:  # an export that wrote no features: finite, so it trained and scored, by tie order alone
+        sink.warn("zero_features", path, f"image {zero[0]}", f"all-zero features in {_images(zero)}: such images score "
+                  "alike against every caption, their ranks come from tie order alone")
+
+
+def _images(indices: list[int]) -> str:
+    """``"3 images (index 0, 4, 7)"``: a count and the first few indices."""
+    shown = ", ".join(map(str, indices[:5])) + (f" and {len(indices) - 5} more" if len(indices) > 5 else "")
+    return f"{len(indices)} image{'s' if len(indices) != 1 else ''} (index {shown})"
 
 
 def read_captions(path: Path, sink: ProblemCollector) -> list[str] | None:
