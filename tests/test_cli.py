@@ -65,6 +65,14 @@ def _check_run_folder(out: Path) -> dict:
     return metrics
 
 
+def _trained_stub(tmp_path: Path, synth: Path) -> Path:
+    """A 2-step stub_cir run in ``tmp_path/run`` (the run the eval and resume tests start from)."""
+    run = tmp_path / "run"
+    assert main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), "--output-dir", str(run),
+                 "--set", "train.max_steps=2"]) == 0
+    return run
+
+
 def test_cli_train_then_eval(tmp_path, synth, capsys):
     cfg = _write_config(tmp_path / "stub.yaml", synth)
     out = tmp_path / "run_josé"  # a non-ASCII run folder: eval's JSON holds its path as itself, not as escapes
@@ -121,9 +129,7 @@ def test_eval_output_written_meanwhile_by_another_eval_is_not_replaced(tmp_path,
     stays whole."""
     from cirlab.engine import runs
 
-    run = tmp_path / "run"
-    assert main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), "--output-dir", str(run),
-                 "--set", "train.max_steps=2"]) == 0
+    run = _trained_stub(tmp_path, synth)
     target = tmp_path / "eval.json"
     evaluate = runs.evaluate_split
 
@@ -152,9 +158,7 @@ def test_eval_topk_files_written_meanwhile_by_another_eval_are_not_replaced(tmp_
     when a second eval wrote them meanwhile. Without --overwrite they are now placed only where nothing is."""
     from cirlab.engine import runs
 
-    run = tmp_path / "run"
-    assert main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), "--output-dir", str(run),
-                 "--set", "train.max_steps=2"]) == 0
+    run = _trained_stub(tmp_path, synth)
     topk_dir = tmp_path / "shared_topk"
     evaluate = runs.evaluate_split
 
@@ -180,9 +184,7 @@ def test_a_run_that_records_no_image_decoding_is_said_to_when_read(tmp_path, syn
     """Runs of cirlab before image_read="viewer" became the default decoded images with convert("RGB"): evaluated or
     resumed now they gave other numbers (images with alpha) without a word. A run records its decoding in
     provenance.json; one that records none is warned about, with the setting that reproduces the old decoding."""
-    run = tmp_path / "run"
-    assert main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), "--output-dir", str(run),
-                 "--set", "train.max_steps=2"]) == 0
+    run = _trained_stub(tmp_path, synth)
     provenance = json.loads((run / "provenance.json").read_text(encoding="utf-8"))
     assert [start["image_read"] for start in provenance["starts"]] == ["viewer"]
     caplog.clear()
@@ -206,9 +208,7 @@ def test_a_run_folder_whose_config_names_another_model_than_its_checkpoint_is_re
                                                                                      capsys):
     """A folder assembled from two runs (config.yaml says CaLa, best.pt holds AMC weights) printed the checkpoint
     model's numbers as the config's model's, without a word; the printed record did not name the model either."""
-    run = tmp_path / "run"
-    assert main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), "--output-dir", str(run),
-                 "--set", "train.max_steps=2"]) == 0
+    run = _trained_stub(tmp_path, synth)
     capsys.readouterr()
     assert main(["eval", str(run), "--split", "val"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == "stub_cir"
@@ -224,9 +224,7 @@ def test_a_run_folder_whose_config_names_another_model_than_its_checkpoint_is_re
 def test_resuming_a_run_folder_with_symbolic_links_where_it_writes_is_refused(tmp_path, synth, caplog):
     """A downloaded run folder whose log.jsonl points at a user's file: --resume appended log lines to that file
     (and a linked checkpoints/ got best.pt and last.pt written into its target)."""
-    run = tmp_path / "run"
-    assert main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), "--output-dir", str(run),
-                 "--set", "train.max_steps=2"]) == 0
+    run = _trained_stub(tmp_path, synth)
     notes = tmp_path / "notes.txt"
     notes.write_text("my own notes\n")
     (run / "log.jsonl").unlink()
@@ -247,9 +245,7 @@ def test_eval_names_the_process_rewriting_the_run(tmp_path, synth, caplog, monke
     from cirlab.engine import runs
     from lock_holder import held_by_another_thread
 
-    run = tmp_path / "run"
-    assert main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), "--output-dir", str(run),
-                 "--set", "train.max_steps=2"]) == 0
+    run = _trained_stub(tmp_path, synth)
     read = runs.model_from_checkpoint
 
     def removed_by_the_overwrite(path, **kwargs):
