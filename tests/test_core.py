@@ -467,7 +467,7 @@ def test_new_files_are_never_replaced_with_or_without_hard_links(tmp_path, monke
     no file behind when the write fails (open(path, "x") did: a half file the next try refused as "exists")."""
     import os
 
-    from cirlab.core.io import atomic_path, new_files_only, stale_temporaries, write_new_text, write_text
+    from cirlab.core.io import new_files_only, stale_temporaries, write_new_text, write_text
 
     for hard_links in (True, False):
         if not hard_links:
