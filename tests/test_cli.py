@@ -235,6 +235,14 @@ def test_resuming_a_run_folder_with_symbolic_links_where_it_writes_is_refused(tm
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and f"symbolic link(s) where the run writes (log.jsonl -> {notes})" in errors[0], errors
     assert notes.read_text() == "my own notes\n"
+    elsewhere = tmp_path / "elsewhere"  # a linked checkpoints/: its target's files are not touched either
+    (run / "checkpoints").rename(elsewhere)
+    (run / "checkpoints").symlink_to(elsewhere)
+    (elsewhere / ".draft.tmp").write_text("another run's write in flight\n")
+    (run / "log.jsonl").unlink()
+    assert main(["train", str(run / "config.yaml"), "--output-dir", str(run), "--resume",
+                 "--set", "train.max_steps=4"]) == 2
+    assert (elsewhere / ".draft.tmp").read_text() == "another run's write in flight\n"
 
 
 def test_eval_names_the_process_rewriting_the_run(tmp_path, synth, caplog, monkeypatch):

@@ -1268,11 +1268,11 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         resume_from = resume_checkpoint(cfg.resume, self.output_dir)
         if self.dist.is_main:
+            if resume_from is not None:  # before anything in the folder is touched
+                refuse_linked_artifacts(self.output_dir)
             _remove_stale_temporaries(self.output_dir)  # first: a torn last.pt write is no saved result
             if resume_from is None:  # a fresh run (resume="auto" with no last.pt yet replaces a run that never saved)
                 claim_run_folder(self.output_dir, overwrite=self.overwrite, resuming=bool(cfg.resume))
-            else:
-                refuse_linked_artifacts(self.output_dir)
         if resume_from is None and cfg.resume == "auto":
             logger.info("resume='auto': no %s yet, starting a fresh run", self.ckpt_dir / "last.pt")
         self._barrier()
@@ -1689,6 +1689,8 @@ def write_yaml(path: Path, values: dict[str, Any]) -> None:
 def _remove_stale_temporaries(output_dir: Path) -> None:
     """Temporary files a killed process left mid-write (``.last.pt.*.tmp``); the caller holds the folder lock."""
     for folder in (output_dir, output_dir / "checkpoints"):
+        if folder.is_symlink():  # another folder's in-flight writes: never removed from here
+            continue
         for tmp in io.stale_temporaries(folder):
             tmp.unlink(missing_ok=True)
             logger.info("removed %s, left by a process stopped while writing it", tmp)
