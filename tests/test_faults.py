@@ -1388,7 +1388,7 @@ def test_a_lock_path_that_is_no_lock_file_is_refused_and_its_target_kept(tmp_pat
 
     thesis = tmp_path / "thesis.tex"
     thesis.write_text("important line 1\nimportant line 2\n")
-    for kind in ("symlink", "hardlink", "foreign"):
+    for kind in ("symlink", "hardlink", "foreign", "binary", "fifo"):
         folder = tmp_path / kind
         folder.mkdir()
         lock = folder / LOCK_NAME
@@ -1396,13 +1396,18 @@ def test_a_lock_path_that_is_no_lock_file_is_refused_and_its_target_kept(tmp_pat
             lock.symlink_to(thesis)
         elif kind == "hardlink":
             os.link(thesis, lock)
-        else:
+        elif kind == "foreign":
             lock.write_text("my notes\n")
+        elif kind == "binary":  # not UTF-8: a UnicodeDecodeError traceback
+            lock.write_bytes(b"\xff\xfe\x00garbage")
+        else:  # a FIFO: opening it to read blocked `cirlab eval` forever
+            os.mkfifo(lock)
         with pytest.raises(NotALockFileError, match=rf"^{lock} (is a symbolic link|is a hard link to another file|is "
-                                                     r"not a lock file cirlab wrote \(it holds other text\))"):
+                                                     r"not a lock file cirlab wrote \(it holds other text\)|is not a "
+                                                     r"plain file)"):
             with folder_lock(folder):
                 pass
-        assert lock_holder(folder) is None  # nobody holds it; the probe does not follow the link either
+        assert lock_holder(folder) is None  # nobody holds it; the probe follows no link and opens no FIFO
     assert thesis.read_text() == "important line 1\nimportant line 2\n"
     assert (tmp_path / "foreign" / LOCK_NAME).read_text() == "my notes\n"
     stale = tmp_path / "stale"

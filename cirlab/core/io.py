@@ -341,23 +341,45 @@ def lock_holder(folder: str | os.PathLike) -> str | None:
     """Who holds ``folder``'s :func:`folder_lock` now (the lock file's line: pid, host, start time), or None when
     nobody does. Only looks: a shared probe that is dropped at once, so a reader can say why a file it was about to
     read vanished (a ``train --overwrite`` rewriting the run) without taking the lock it would hold a writer out
-    with."""
+    with. Anything but a plain file there (a link, a FIFO, which blocked the open) is no lock: None."""
+    import stat
+
     path = Path(folder) / LOCK_NAME
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        fh = os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), encoding="utf-8")
+        fd = os.open(path, flags)
     except OSError:  # released (the holder unlinks its file), never taken, or a link that is no lock
         return None
-    with fh:
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         try:
             import fcntl
-        except ImportError:  # Windows: no shared probe; a lock file that is there is taken as held
-            return fh.read().strip() or "unknown process"
+        except ImportError:  # Windows: msvcrt's byte-range lock, probed as _try_lock takes it
+            import msvcrt
+
+            try:
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            except OSError:
+                return "unknown process"  # the holder's lock also keeps its line from being read
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+            return None
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return fh.read().strip() or "unknown process"
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)  # a stale file of a process that died: nobody holds it
-    return None
+            return _line(os.read(fd, _LINE_BYTES)) or "unknown process"
+        fcntl.flock(fd, fcntl.LOCK_UN)  # a stale file of a process that died: nobody holds it
+        return None
+    finally:
+        os.close(fd)
+
+
+_LINE_BYTES = 256  # a holder's line is under 100 bytes; a planted file of gigabytes is not read whole
+
+
+def _line(data: bytes) -> str:
+    """A lock file's first bytes as text (bytes that are not UTF-8 replaced: a foreign file, said as such)."""
+    return data.decode("utf-8", errors="replace").strip()
 
 
 GENERATE_WAIT_S = 900.0  # a generated dataset writes in well under this on one core
@@ -415,9 +437,12 @@ def _acquire(path: Path, wait: float = 0.0) -> Any:
     attempts = 0
     while attempts < 10:  # the file may be unlinked by its releasing holder between our open and our lock
         fh = _open_lock_file(path)
+        if fh is None:
+            attempts += 1
+            continue
         if not _try_lock(fh):
             fh.seek(0)
-            holder = fh.read().strip() or "unknown process"
+            holder = _line(fh.buffer.read(_LINE_BYTES)) or "unknown process"
             fh.close()
             if time.monotonic() < deadline:
                 if not told:
@@ -435,7 +460,7 @@ def _acquire(path: Path, wait: float = 0.0) -> Any:
             same = False
         if same:
             fh.seek(0)
-            previous = fh.read().strip()
+            previous = _line(fh.buffer.read(_LINE_BYTES))
             if previous and not previous.startswith("pid "):  # not a line cirlab wrote: never truncate it
                 fh.close()
                 raise NotALockFileError(f"{path} is not a lock file cirlab wrote (it holds other text); move it "
@@ -460,7 +485,8 @@ class NotALockFileError(UnwritableFolderError):
 def _open_lock_file(path: Path) -> Any:
     """The lock file opened for reading and writing, created when missing, without following a symbolic link;
     refused unless it is a plain file of one name (a link planted in a downloaded run or report folder had its
-    target truncated to the pid line)."""
+    target truncated to the pid line). None when the name no longer holds the file opened (a holder released and
+    removed it meanwhile): open it again."""
     import stat
 
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -472,6 +498,16 @@ def _open_lock_file(path: Path) -> Any:
                                     "retry") from None
         raise UnwritableFolderError(f"cannot write into {path.parent} ({err.strerror or err})") from None
     info = os.fstat(fd)
+    try:
+        named = os.lstat(path)  # where O_NOFOLLOW is missing (Windows): the name must be the file opened
+    except OSError:
+        named = None
+    if named is not None and stat.S_ISLNK(named.st_mode):
+        os.close(fd)
+        raise NotALockFileError(f"{path} is a symbolic link, not a lock file cirlab wrote; remove it, then retry")
+    if named is None or (named.st_dev, named.st_ino) != (info.st_dev, info.st_ino):
+        os.close(fd)  # its holder released it (and removed it) meanwhile: the caller opens the name again
+        return None
     if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
         os.close(fd)
         what = "is not a plain file" if not stat.S_ISREG(info.st_mode) else "is a hard link to another file"
