@@ -201,7 +201,10 @@ def test_a_run_that_records_no_image_decoding_is_said_to_when_read(tmp_path, syn
     assert "does not record how its images were decoded" not in caplog.text  # chosen on the command line
     assert main(["train", str(run / "config.yaml"), "--output-dir", str(run), "--resume",
                  "--set", "train.max_steps=3"]) == 0
-    assert "does not record how its images were decoded" in caplog.text  # a resume is told too
+    assert "does not record how its images were decoded (in any start)" in caplog.text  # a resume is told too
+    caplog.clear()  # resumed: its new start records viewer, its first steps still decoded the old way
+    assert main(["eval", str(run), "--split", "val"]) == 0
+    assert "does not record how its images were decoded (in some of its starts)" in caplog.text
 
 
 def test_a_run_folder_whose_config_names_another_model_than_its_checkpoint_is_refused(tmp_path, synth, caplog,

@@ -1259,13 +1259,22 @@ def say_unrecorded_image_read(run_dir: str | os.PathLike, config: dict[str, Any]
         starts = json.loads((Path(run_dir) / FILE_NAME).read_text(encoding="utf-8")).get("starts") or []
     except (OSError, ValueError, AttributeError):
         starts = []
-    if any(isinstance(start, dict) and start.get("image_read") for start in starts):
-        return False
-    logger.warning("%s does not record how its images were decoded: runs of cirlab before %s decoded them with "
-                   "PIL's convert(\"RGB\") (--set dataset.options.image_read=original reproduces them); read now as "
-                   "an image viewer shows them (image_read=viewer), images with transparency, an EXIF rotation or "
-                   "16 bits per channel give other numbers", run_dir, VIEWER_DEFAULT_SINCE)
-    return True
+    recorded = {start.get("image_read") if isinstance(start, dict) else None for start in starts} or {None}
+    now = image_read_of(config)
+    if None in recorded:  # every start must say: a resumed old run trained its first steps the old way
+        logger.warning("%s does not record how its images were decoded (in %s): runs of cirlab before %s decoded "
+                       "them with PIL's convert(\"RGB\") (--set dataset.options.image_read=original reproduces them); "
+                       "read now as an image viewer shows them (image_read=viewer), images with transparency, an EXIF "
+                       "rotation or 16 bits per channel give other numbers", run_dir,
+                       "any start" if recorded == {None} else "some of its starts", VIEWER_DEFAULT_SINCE)
+        return True
+    if recorded != {now}:
+        logger.warning("%s was trained with dataset.options.image_read=%s, read now with %s: images with "
+                       "transparency, an EXIF rotation or 16 bits per channel give other numbers (--set "
+                       "dataset.options.image_read=%s reproduces its decoding)", run_dir,
+                       " then ".join(sorted(recorded)), now, sorted(recorded)[0])
+        return True
+    return False
 
 
 def data_changes_since(run_dir: str | os.PathLike, config: dict[str, Any]) -> list[str]:
