@@ -113,3 +113,21 @@ def test_a_file_in_an_original_layout_is_written_as_given_and_a_failed_write_is_
     model = cirlab.create_model("blip_rerank_stage1", preset="tiny")
     with pytest.raises(CheckpointWriteError, match=r"cannot write checkpoint .*s1.pt .*no s1.pt was written"):
         blip_rerank.export_original(model, tmp_path / "s1.pt")  # was a 32-line traceback from cirlab convert
+
+
+def test_argparse_options_load_on_a_torch_without_safe_globals(tmp_path, monkeypatch):
+    """torch 2.4 has add_safe_globals but no safe_globals context: the AttributeError was raised inside the load's
+    try and every checkpoint was called "corrupt or truncated"."""
+    import argparse
+
+    torch.save({"model": {"w": torch.ones(1)}, "opt": argparse.Namespace(a=1)}, tmp_path / "released.pth")
+    added = []
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    monkeypatch.setattr(torch.serialization, "add_safe_globals", lambda globs: added.extend(globs))
+    from cirlab.core import checkpoint
+
+    context = checkpoint._data_globals_allowed()
+    assert argparse.Namespace in added
+    with context:
+        pass
+    assert load_checkpoint(tmp_path / "released.pth", trust_pickle=True)["opt"].a == 1  # loads, never "corrupt"

@@ -150,8 +150,9 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", trust
     ``trust_pickle`` option says what else works).
     """
     path = check_checkpoint_file(path)
+    allowed = _data_globals_allowed()  # outside the try: a failure here is cirlab's, not the file's
     try:
-        with torch.serialization.safe_globals(data_globals()):
+        with allowed:
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         if not _is_weights_only_refusal(err):
@@ -190,6 +191,20 @@ def data_globals() -> list[Any]:
         scalar = np.core.multiarray.scalar
     kinds = (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64, np.uint8, np.bool_)
     return [argparse.Namespace, scalar, np.dtype, *{type(np.dtype(kind)) for kind in kinds}]
+
+
+def _data_globals_allowed() -> Any:
+    """A context allowing :func:`data_globals` in weights-only loads: ``safe_globals`` (torch >= 2.5); on torch 2.4
+    they are added process-wide (they are data either way); older torch has no allowlist, and such files then need
+    ``trust_pickle`` as before."""
+    import contextlib
+
+    serialization = torch.serialization
+    if hasattr(serialization, "safe_globals"):
+        return serialization.safe_globals(data_globals())
+    if hasattr(serialization, "add_safe_globals"):
+        serialization.add_safe_globals(data_globals())
+    return contextlib.nullcontext()
 
 
 def _first_line(err: BaseException) -> str:
