@@ -244,3 +244,16 @@ def test_an_empty_evaluation_split_is_blamed_only_on_causes_its_dataset_can_have
     assert no_queries_reason("shoes") == "its caption file is empty or names no image of the split"
     assert no_queries_reason("fashioniq").endswith(", or dataset.options.missing_images=drop left every query out")
     assert no_queries_reason("f30k") == "its caption file is empty"
+
+
+def test_a_provenance_record_nested_too_deeply_records_no_decoding(tmp_path, caplog):
+    """A run folder's provenance.json of "[[[[..." made `cirlab eval` end in a RecursionError traceback."""
+    import yaml
+
+    from cirlab.engine.runs import say_unrecorded_image_read, with_defaults
+
+    config = with_defaults({"model": "stub_cir", "dataset": {"name": "fashioniq"}})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": "stub_cir", "dataset": {"name": "fashioniq"}}))
+    (tmp_path / "provenance.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert say_unrecorded_image_read(tmp_path, config)
+    assert "does not record how its images were decoded (in any start)" in caplog.text

@@ -678,6 +678,15 @@ def f_yaml_nested_too_deeply(ws: Workspace) -> Outcome:
                         r"run\.yaml: not valid YAML \(nested too deeply\)")
 
 
+@fault("traceback or late failure", "refused in one line as not a run's config (was: a RecursionError traceback)")
+def f_output_config_nested_too_deeply(ws: Workspace) -> Outcome:
+    run = ws.run_dir()
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("deep: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    return expect_error(cli("train", ws.config(), "--output-dir", run), r"config\.yaml is not a config a cirlab run "
+                        r"wrote")
+
+
 @fault("silently wrong", "refused, names both lines")
 def f_duplicate_yaml_key(ws: Workspace) -> Outcome:
     path = ws.config()

@@ -1257,7 +1257,7 @@ def say_unrecorded_image_read(run_dir: str | os.PathLike, config: dict[str, Any]
         return False
     try:
         starts = json.loads((Path(run_dir) / FILE_NAME).read_text(encoding="utf-8")).get("starts") or []
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # an unreadable record records nothing
         starts = []
     recorded = {start.get("image_read") if isinstance(start, dict) else None for start in starts} or {None}
     now = image_read_of(config)

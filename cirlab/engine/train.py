@@ -866,7 +866,7 @@ def is_run_config(path: Path) -> bool:
 
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):  # nested too deeply: no run wrote it
         return False
     train = config.get("train") if isinstance(config, dict) else None
     return isinstance(train, dict) and all(f.name in train for f in dataclasses.fields(TrainConfig))
