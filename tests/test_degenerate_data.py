@@ -191,7 +191,7 @@ def test_worst_queries_and_the_gallery_caption_skip_a_target_removed_with_its_re
     viz._gallery_row(axes, {"query_id": "q0", "ref_image": np.zeros((4, 4, 3)), "text": "x", "target_rank": removed,
                             "candidates": [], "candidate_ids": []}, k=1)
     caption = axes[1].texts[0].get_text()
-    assert "target rank none: the target is the reference" in caption and str(removed) not in caption
+    assert "target rank none (the target is the reference, removed)" in caption and str(removed) not in caption
     plt.close(fig)
 
 
@@ -257,3 +257,11 @@ def test_a_provenance_record_nested_too_deeply_records_no_decoding(tmp_path, cap
     (tmp_path / "provenance.json").write_text("[" * 100_000 + "]" * 100_000)
     assert say_unrecorded_image_read(tmp_path, config)
     assert "does not record how its images were decoded (in any start)" in caplog.text
+
+
+def test_the_explorer_rank_line_says_a_removed_target_was_removed():
+    """The explorer printed "target rank 9223372036854775807 of G" for a target removed with its reference."""
+    from cirlab.workbench import analysis, widgets
+
+    line = widgets._rank_line(analysis.removed_rank(), 40, {"target_rank": 3}, ("trained", "untrained"))
+    assert line == "target rank none (the target is the reference, removed) of 40 (trained)\n3 of 40 (untrained)"

@@ -60,10 +60,10 @@ _NEW_ONLY: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("ci
 
 @contextlib.contextmanager
 def new_files_only(folder: str | os.PathLike) -> Iterator[None]:
-    """In this block, a file :func:`atomic_path` writes under ``folder`` must be new: one that appeared meanwhile
-    (another process writing the same outputs after this one's check before the work) raises FileExistsError
-    instead of being replaced. For writes deep inside a library path (an evaluation's top-K files) that a command
-    checked beforehand without ``--overwrite``."""
+    """In this block, a file :func:`atomic_path` writes directly in ``folder`` (not in its subfolders) must be new:
+    one that appeared meanwhile (another process writing the same outputs after this one's check before the work)
+    raises FileExistsError instead of being replaced. For writes deep inside a library path (an evaluation's top-K
+    files) that a command checked beforehand without ``--overwrite``."""
     token = _NEW_ONLY.set(_NEW_ONLY.get() + (Path(os.path.abspath(folder)),))
     try:
         yield

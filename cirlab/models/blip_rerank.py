@@ -50,6 +50,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence, TypeVar
@@ -194,8 +195,8 @@ def _layout_hint(state: dict[str, Any], path: str, stage1_flag: str = "") -> str
     layout, _ = blip_interop._layout(state)
     if layout not in ("original", "transformers"):
         return None
-    return (f"holds weights in the {layout} BLIP layout, not cirlab's: convert it first (cirlab convert {path} "
-            f"OUT.pt --to cirlab --preset PRESET{stage1_flag}), then evaluate OUT.pt")
+    return (f"holds weights in the {layout} BLIP layout, not cirlab's: convert it first (cirlab convert "
+            f"{shlex.quote(path)} OUT.pt --to cirlab --preset PRESET{stage1_flag}), then evaluate OUT.pt")
 
 
 class BlipRerankStage1(nn.Module):

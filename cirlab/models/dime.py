@@ -728,8 +728,8 @@ class DIME(MaxViolationWarmup, BertVocabMixin, nn.Module):
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
     def load_original(self, checkpoint: Any, source: str) -> dict[str, list[str]]:
-        """The original's ``model_best.pth.tar`` (``cirlab eval FILE --model dime --preset f30k_t2i
-        --trust-pickle``): every weight must fit; the vocabulary is the built one (the original saves none)."""
+        """The original's ``model_best.pth.tar`` (``cirlab eval FILE --model dime --preset f30k_t2i``): every
+        weight must fit; the vocabulary is the built one (the original saves none)."""
         from cirlab.core.checkpoint import CheckpointError, load_converted
 
         try:

@@ -636,7 +636,7 @@ class HREM(MaxViolationWarmup, BertVocabMixin, nn.Module):
                 {"params": [p for p in self.parameters() if id(p) not in bert and p.requires_grad]}]
 
     def load_original(self, checkpoint: Any, source: str) -> dict[str, list[str]]:
-        """The original's ``model_best.pth`` (``cirlab eval FILE --model hrem --preset f30k --trust-pickle``):
+        """The original's ``model_best.pth`` (``cirlab eval FILE --model hrem --preset f30k``):
         the two encoders must fit exactly; the instance module and the warm-up counter, which it never saves,
         stay as built (:func:`load_original_checkpoint` is the lenient, reporting form)."""
         from cirlab.core.checkpoint import CheckpointError, load_converted
@@ -815,8 +815,8 @@ def load_original_checkpoint(model: HREM, checkpoint: Any, *, trust_pickle: bool
     ``{"missing", "unexpected", "ignored", "training_only"}`` and logs every unmatched key. ``training_only``
     lists the instance module and the warm-up counter, which the original never saves (kept as built).
 
-    The original file also pickles its argparse ``opt``: reading it from a path needs ``trust_pickle=True``
-    (:func:`cirlab.core.checkpoint.load_checkpoint` refuses pickled objects otherwise)."""
+    The original file also pickles its argparse ``opt`` (and numpy scalars): read as data
+    (:func:`cirlab.core.checkpoint.data_globals`), without ``trust_pickle``; a file pickling anything else needs it."""
     if isinstance(checkpoint, (str, Path)):
         from cirlab.core.checkpoint import load_checkpoint
 

@@ -32,7 +32,7 @@ __all__ = [
     "rank_shift_by_category", "feature_columns", "gate_matrix", "gate_entropy", "expert_utilisation",
     "route_statistics", "flow_matrices", "path_vectors", "pca_2d", "read_log", "read_metrics",
     "compare_runs", "flatten_metrics", "layer_matrix", "bridge_words", "relation_matrix", "relation_block_means",
-    "word_region_matrix", "word_image_matrix", "recall_by_category", "removed_rank",
+    "word_region_matrix", "word_image_matrix", "recall_by_category", "removed_rank", "shown_rank",
 ]
 
 
@@ -191,6 +191,12 @@ def removed_rank() -> int:
 
     one = torch.ones(1, dtype=torch.long)
     return int(removed_targets_missed(one, [0], [0])[0])  # query 0: target 0 is its own removed reference
+
+
+def shown_rank(rank: int) -> str:
+    """A target rank as a figure or widget prints it: the number, or for a target removed with its reference (its
+    :func:`removed_rank` stand-in, a 19-digit number) what happened to it."""
+    return "none (the target is the reference, removed)" if int(rank) >= removed_rank() else str(int(rank))
 
 
 def rank_shift_summary(rank_before: Sequence[int], rank_after: Sequence[int],

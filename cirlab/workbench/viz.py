@@ -225,9 +225,8 @@ def _gallery_row(axes: Sequence[Any], row: Mapping[str, Any], k: int) -> None:
     axes[0].set_gid("query")
     axes[1].axis("off")
     rank = row.get("target_rank")
-    if rank and rank >= analysis.removed_rank():  # its stand-in rank, past every cut-off, is no place to show
-        rank = "none: the target is the reference, removed from the ranking"
-    caption = wrap_text(plain_text(row.get("text", ""))) + (f"\n\n(target rank {rank})" if rank else "")
+    caption = wrap_text(plain_text(row.get("text", ""))) + \
+        (f"\n\n(target rank {analysis.shown_rank(rank)})" if rank else "")
     axes[1].text(0.0, 0.5, caption, fontsize=7, va="center", ha="left", transform=axes[1].transAxes)
     cands = list(row.get("candidates", []))[:k]
     ids = list(row.get("candidate_ids", [""] * len(cands)))

@@ -132,7 +132,7 @@ def plot_query_view(routes: Any, edited: Any = None, candidate_ids: Sequence[str
                 ax.set_gid("target")
         if outside:
             ax = fig.add_subplot(top[0, next(slots)])
-            image_axis(ax, image_fn(target), title=f"target {target}\nrank {target_rank}", color=TARGET_COLOR,
+            image_axis(ax, image_fn(target), title=f"target {target}\nrank {analysis.shown_rank(target_rank)}", color=TARGET_COLOR,
                        width=2.0)
             for spine in ax.spines.values():
                 spine.set_linestyle("--")
@@ -177,9 +177,9 @@ def _rank_line(rank: int | None, size: int | None, compare: Mapping[str, Any] | 
     if not rank:
         return ""
     of = f" of {size}" if size else ""
-    line = f"target rank {rank}{of}"
+    line = f"target rank {analysis.shown_rank(rank)}{of}"
     if compare and compare.get("target_rank"):
-        line += f" ({labels[0]})\n{compare['target_rank']}{of} ({labels[1]})"
+        line += f" ({labels[0]})\n{analysis.shown_rank(compare['target_rank'])}{of} ({labels[1]})"
     return line
 
 
