@@ -1402,3 +1402,18 @@ def test_a_model_read_on_another_protocol_than_its_papers_is_told(caplog):
         assert not say_other_protocol({"model": model, "dataset": {"name": "fashioniq", "options": options}})
     assert say_other_protocol({"model": "amc", "dataset": {"name": "fashioniq", "options": {"protocol": "cala"}}})
     assert not say_other_protocol({"model": "cala", "dataset": {"name": "cirr", "options": {}}})
+
+
+def test_a_set_value_whose_hash_yaml_would_eat_is_refused_with_the_quoting():
+    """--set "dataset.root=/data/run #1": YAML read ' #1' as a comment and the run trained on /data/run without a
+    word; a quoted value keeps its '#'."""
+    from cirlab.engine.runs import parse_set
+
+    with pytest.raises(ConfigError, match=r"""^--set 'dataset.root=/data/run #1': YAML reads the '#' and what follows """
+                                          r"""as a comment, so the value would be '/data/run'; quote it to keep it """
+                                          r"""whole: --set 'dataset.root="/data/run #1"'$"""):
+        parse_set(["dataset.root=/data/run #1"])
+    with pytest.raises(ConfigError, match="as a comment, so the value would be None"):
+        parse_set(["dataset.category=#dress"])
+    assert parse_set(['dataset.root="/data/run #1"', "dataset.root=/data/run#1"]) == [
+        (["dataset", "root"], "/data/run #1"), (["dataset", "root"], "/data/run#1")]  # quoted; no space before it

@@ -186,8 +186,17 @@ def parse_set(items: Sequence[str] | str) -> list[tuple[list[str], Any]]:
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. train.lr=1e-4)")
         value = read_yaml(raw, f"--set {item!r}: value") if raw.strip() else ""
+        _refuse_a_cut_comment(item, key.strip(), raw, value)
         out.append(([part for part in key.strip().split(".")], value))
     return out
+
+
+def _refuse_a_cut_comment(item: str, key: str, raw: str, value: Any) -> None:
+    """YAML reads `` #...`` as a comment: ``dataset.root=/data/run #1`` became ``/data/run``, and the run used that
+    other folder without a word. A value whose ``#`` was eaten so is refused with the quoting that keeps it."""
+    if re.search(r"(^|\s)#", raw) and "#" not in str(value):
+        raise ConfigError(f"--set {item!r}: YAML reads the '#' and what follows as a comment, so the value would be "
+                          f"{value!r}; quote it to keep it whole: --set '{key}=\"{raw}\"'")
 
 
 def parse_set_flat(items: Sequence[str]) -> dict[str, Any]:
@@ -506,7 +515,9 @@ def _validate_dataset(config: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: dataset.name: unknown dataset {name!r}{did_you_mean(name, DATASETS)}; "
                           f"known: {', '.join(DATASETS)}")
     if ds.get("root") is not None and not isinstance(ds["root"], str):
-        raise ConfigError(f"{source}: dataset.root: expected a path string, got {ds['root']!r}")
+        raise ConfigError(f"{source}: dataset.root: expected a path string, got {ds['root']!r} (YAML reads an "
+                          "unquoted date, number or yes/no as such: quote the path, e.g. "
+                          "--set 'dataset.root=\"2024-01-01\"')")
     cat = ds.get("category")
     if cat is not None and not isinstance(cat, str) and not (isinstance(cat, list) and cat
                                                              and all(isinstance(c, str) for c in cat)):
