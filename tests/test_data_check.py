@@ -624,3 +624,18 @@ def test_all_zero_image_features_are_a_warning(tmp_path):
     assert list(problems) == [] and [w.kind for w in problems.warnings] == ["zero_features"]
     assert problems.warnings[0].entry == "image 1" and "all-zero features in 2 images (index 1, 4)" in \
         problems.warnings[0].message
+
+
+def test_a_fashioniq_category_named_like_the_average_is_refused(tmp_path):
+    """Category files named cap.avg.*.json: the category's recalls were written under the average's keys
+    (avg_R@10) and lost without a word."""
+    from cirlab.data import load_cir
+    from cirlab.data.base import DataError
+
+    tree = write_fashioniq(tmp_path, categories=("dress", "avg"))
+    problems = check_dataset("fashioniq", tree["root"])
+    assert [p.kind for p in problems] == ["bad_entry"] and "shares its metric keys with the average" in \
+        problems[0].message
+    with pytest.raises(DataError, match=r"a category named 'avg' shares its metric keys"):
+        load_cir("fashioniq", tree["root"], "val")
+    assert len(load_cir("fashioniq", tree["root"], "val", category="dress").triplets) > 0

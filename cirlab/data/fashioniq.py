@@ -40,7 +40,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from cirlab.core.errors import ConfigError, UnknownNameError
 from cirlab.data.base import (CIRSplit, ProblemCollector, Triplet, first_appearance, index_images, is_str_list,
@@ -129,6 +129,17 @@ def captions_file(root: Path, category: str, split: str) -> Path:
 
 def split_file(root: Path, category: str, split: str) -> Path:
     return root / "image_splits" / f"split.{category}.{split}.json"
+
+
+def _refuse_reserved_names(root: Path, categories: Sequence[str], sink: ProblemCollector) -> None:
+    """A category named like the protocol's average ("avg") would write its recalls under the average's keys
+    (avg_R@10), and one of the two would be lost without a word."""
+    from cirlab.core.metrics import AVG
+
+    if AVG in categories:
+        sink.add("bad_entry", root / "captions", f"category {AVG!r}",
+                 f"a category named {AVG!r} shares its metric keys with the average over the categories "
+                 f"({AVG}_R@10): rename its cap.{AVG}.*.json and split.{AVG}.*.json files")
 
 
 def find_categories(root: Path, split: str | None = None) -> list[str]:
@@ -383,6 +394,7 @@ def load(root: Path, split: str = "train", category: str | None = None, *, proto
         cats = find_categories(root, split)
         if not cats:
             sink.add("missing_file", root / "captions", None, f"no cap.*.{split}.json caption file found")
+    _refuse_reserved_names(root, cats, sink)
     images = images or FashionIQImages(root, sink)
     triplets: list[Triplet] = []
     gallery_names: list[str] = []
@@ -415,6 +427,7 @@ def scan(root: Path, sink: ProblemCollector, **kw: Any) -> list[CIRSplit]:
     if not cats:
         sink.add("missing_file", root / "captions", None, "no captions/cap.{category}.{split}.json files found")
         return []
+    _refuse_reserved_names(root, cats, sink)
     splits = []
     images = FashionIQImages(root, sink)
     for split in SPLITS:
