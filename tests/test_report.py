@@ -474,7 +474,7 @@ def test_the_kernels_get_the_thread_policy_and_the_caller_keeps_its_environment(
                              stream=io.StringIO())
     assert code == 0
     seen = json.loads((out / "evaluate" / "env.json").read_text())
-    assert seen["OMP_WAIT_POLICY"] == "PASSIVE" and seen["OMP_NUM_THREADS"] == "1"
+    assert seen["OMP_WAIT_POLICY"] == "passive" and seen["OMP_NUM_THREADS"] == "1"
     assert seen["JUPYTER_PATH"].split(os.pathsep)[0] == str(tmp_path / "cache" / "jupyter")
     assert {key: os.environ.get(key) for key in keys} == before
 
@@ -941,3 +941,28 @@ def test_a_failed_notebook_is_also_an_error_line_on_stderr(tmp_path, monkeypatch
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and re.fullmatch(r"evaluate: cell 2/2 \(In \[\d+\] of evaluate\.ipynb\) failed: "
                                              r"ValueError: broken on purpose", errors[0]), errors
+
+
+@pytest.mark.parametrize("text", [
+    "[" * 100_000 + "]" * 100_000,  # json itself runs out of stack
+    # json decodes this, but near its own limit the index's flattening and printing then ran out of stack:
+    # anything deeper than report files nest is refused
+    '{"a": ' * 150 + "1" + "}" * 150,
+])
+def test_index_of_a_folder_with_json_nested_too_deeply(tmp_path, text):
+    """A report folder from elsewhere: deep JSON in a run record or metrics.json raised RecursionError."""
+    for name in ("train", "evaluate"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "train" / report.RECORD).write_text(text)
+    (tmp_path / "evaluate" / report.RECORD).write_text('{"status": "ok", "parameters": {"p": ' + text + "}}")
+    (tmp_path / "evaluate" / "metrics.json").write_text(text)
+    page = report.write_index(tmp_path).read_text()
+    assert "<section id='train'>" in page and "no run record" in page
+    assert "metrics unreadable: metrics.json: nested too deeply" in page
+
+
+def test_index_of_a_folder_with_a_metrics_file_that_is_no_utf8(tmp_path):
+    (tmp_path / "evaluate").mkdir()
+    (tmp_path / "evaluate" / "metrics.json").write_bytes(b'{"R@1": \xff}')
+    page = report.write_index(tmp_path).read_text()
+    assert "metrics unreadable: &#x27;utf-8&#x27; codec can&#x27;t decode byte 0xff" in page

@@ -38,7 +38,8 @@ def test_child_environment_waits_passively_and_apply_sets_torch(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setenv("CIRLAB_THREADS", "1")
     env = threads.thread_env()
-    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["OMP_NUM_THREADS"] == "1"
+    # lower case: libgomp folds the case by the locale, and under tr_TR "PASSIVE" was refused (no I -> i)
+    assert env["OMP_WAIT_POLICY"] == "passive" and env["OMP_NUM_THREADS"] == "1"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert "OMP_WAIT_POLICY" not in threads.thread_env()  # the user's own choice is kept
     before = torch.get_num_threads()

@@ -10,8 +10,9 @@ threads of one small op then wait for each other: the demo's training notebook t
   already busy;
 * else torch's default.
 
-OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``) unless the user set a policy: a spinning waiter
-steals the core that another process needs. That variable only acts before OpenMP starts, so the report sets
+OpenMP threads wait passively (``OMP_WAIT_POLICY=passive``; lower case: libgomp folds the case by the locale, and
+under tr_TR it refused ``PASSIVE``) unless the user set a policy: a spinning waiter steals the core that another
+process needs. That variable only acts before OpenMP starts, so the report sets
 it for the kernels it launches, and :func:`thread_env` gives the environment for any child process.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ def policy_threads(threads: int | None = None) -> int | None:
 
 def thread_env(threads: int | None = None) -> dict[str, str]:
     """Environment variables that give a child process (a notebook kernel, a worker) the policy."""
-    env = {} if "OMP_WAIT_POLICY" in os.environ else {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {} if "OMP_WAIT_POLICY" in os.environ else {"OMP_WAIT_POLICY": "passive"}
     n = policy_threads(threads)
     if n is not None:
         env.update({ENV: str(n), "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)})
