@@ -739,11 +739,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("%s", getattr(err, "message", "interrupted"))
         return int(getattr(err, "exit_code", 130))
     except OSError as err:  # a full, over-quota or read-only disk wherever no nearer handler names what was kept
+        import errno
+
         from cirlab.core.io import NO_SPACE
 
+        where = f"{err.filename}: " if err.filename else ""
+        if err.errno == errno.ENAMETOOLONG:  # a path the user chose: one line, as for other input
+            logger.error("%sfile name too long (a name may take 255 bytes: 255 ASCII letters, 85 CJK characters); "
+                         "choose a shorter folder or file name", where)
+            return 2
         if err.errno not in NO_SPACE:
             raise
-        where = f"{err.filename}: " if err.filename else ""
         logger.error("%scannot write (%s): free space or choose another folder, then run the same command again",
                      where, err.strerror or err)
         return 2

@@ -424,3 +424,17 @@ def test_ensure_with_a_synth_size_finds_its_data_written(tmp_path, monkeypatch):
     assert synthetic.ensure(tmp_path / "t", size=synthetic.SIZES["tiny"], layouts="shoes", image_size=16) == tiny
     assert synthetic.ensure(size=dataclasses.replace(synthetic.SIZES["tiny"]), layouts="shoes",
                             image_size=16).name == "tiny-seed0-16px"
+
+
+def test_data_synth_into_a_folder_of_a_255_byte_name_writes_there(tmp_path, monkeypatch, caplog):
+    """85 CJK characters make a legal 255-byte folder name, but the lock beside it (".<name>.cirlab.lock") did not
+    fit and data synth ended in an OSError traceback; a path too long for any file system is one line."""
+    from cirlab.cli import main
+
+    monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / ("数" * 85)
+    args = ["data", "synth", "--size", "tiny", "--layouts", "shoes", "--image-size", "16", "--out"]
+    assert main(args + [str(out)]) == 0 and (out / synthetic.MANIFEST).is_file()
+    caplog.clear()
+    assert main(args + [str(tmp_path / ("数" * 86))]) == 2
+    assert "file name too long (a name may take 255 bytes" in caplog.text and "Traceback" not in caplog.text

@@ -397,18 +397,21 @@ def generated_folder_lock(folder: str | os.PathLike, *, wait: float = GENERATE_W
 def generated_lock_file(folder: str | os.PathLike) -> Path:
     """The lock file :func:`generated_folder_lock` takes for ``folder``: beside it, from its absolute path (for
     ``--out .`` the relative name is empty and the lock file landed inside the folder, which then was no longer
-    empty and was refused as someone else's); under ``<cache>/locks/`` when that parent cannot be written."""
+    empty and was refused as someone else's); under ``<cache>/locks/`` when that parent cannot be written or the
+    name would pass 255 bytes."""
     folder = Path(os.path.abspath(folder))
-    if folder.parent.is_dir() and not os.access(folder.parent, os.W_OK):
-        # a folder made for the data under a read-only parent (a mount point, a folder an admin created): the lock
-        # goes to cirlab's cache, named by the folder's absolute path, so every process still meets the same file
+    beside = f".{folder.name}{LOCK_NAME}"
+    if (folder.parent.is_dir() and not os.access(folder.parent, os.W_OK)) or len(os.fsencode(beside)) > 255:
+        # a folder made for the data under a read-only parent (a mount point, a folder an admin created), or one
+        # whose name leaves no room for the lock's (255 bytes): the lock goes to cirlab's cache, named by the
+        # folder's absolute path, so every process still meets the same file
         import hashlib
 
         from cirlab.core.paths import cache_dir
 
         digest = hashlib.sha256(os.fsencode(str(folder))).hexdigest()[:32]
         return cache_dir() / "locks" / f"{digest}{LOCK_NAME}"
-    return folder.parent / f".{folder.name}{LOCK_NAME}"
+    return folder.parent / beside
 
 
 def make_folder(folder: Path) -> None:
