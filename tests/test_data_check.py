@@ -639,3 +639,21 @@ def test_a_fashioniq_category_named_like_the_average_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"a category named 'avg' shares its metric keys"):
         load_cir("fashioniq", tree["root"], "val")
     assert len(load_cir("fashioniq", tree["root"], "val", category="dress").triplets) > 0
+
+
+def test_utf16_without_a_byte_order_mark_is_named(tmp_path):
+    """UTF-16 saved without a byte order mark: caption files loaded with a NUL beside every letter (data check said
+    OK), JSON files were "malformed JSON: Expecting value"; neither said what the file was."""
+    import json
+
+    data = write_precomp(tmp_path / "p", splits=("test",), dim=8, regions=2, n_images=2)
+    caps = data["root"] / "f30k_precomp" / "test_caps.txt"
+    caps.write_bytes(caps.read_text(encoding="utf-8").rstrip("\n").encode("utf-16-le"))
+    problems = check_dataset("f30k", data["root"], options={"dim": 8, "regions": 2})
+    assert [p.message for p in problems] == ["UTF-16 text without a byte order mark (a NUL byte beside every "
+                                             "letter): save it as UTF-8"]
+    tree = write_fashioniq(tmp_path / "f", categories=("dress",))
+    cap = tree["root"] / "captions" / "cap.dress.val.json"
+    cap.write_bytes(json.dumps(json.loads(cap.read_text(encoding="utf-8"))).encode("utf-16-be"))
+    messages = [p.message for p in check_dataset("fashioniq", tree["root"]) if p.file == str(cap)]
+    assert messages == ["UTF-16 text without a byte order mark (a NUL byte beside every letter): save it as UTF-8"]

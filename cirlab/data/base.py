@@ -197,10 +197,25 @@ def utf16_text(path: Path, head: bytes | None = None) -> str | None:
 
     if head is None:
         with open(path, "rb") as fh:
-            head = fh.read(2)
+            head = fh.read(_SNIFF_BYTES)
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return "UTF-16 text (as Windows Notepad's \"Unicode\" saves it): save it as UTF-8"
+    if _nul_between_letters(head[:_SNIFF_BYTES]):  # no byte order mark: read as UTF-8 it is letters and NULs
+        return "UTF-16 text without a byte order mark (a NUL byte beside every letter): save it as UTF-8"
     return None
+
+
+_SNIFF_BYTES = 2048  # enough text to tell UTF-16 from UTF-8 by its NUL bytes
+
+
+def _nul_between_letters(head: bytes) -> bool:
+    """Whether ``head`` looks like UTF-16 of mostly Latin text: NUL in at least a third of the even or of the odd
+    bytes, and almost none in the other half (UTF-8 text holds no NUL at all)."""
+    even, odd = head[0::2], head[1::2]
+    if len(odd) < 4:
+        return False
+    shares = sorted((even.count(0) / len(even), odd.count(0) / len(odd)))
+    return shares[1] >= 1 / 3 and shares[0] <= 0.05
 
 
 def read_json(path: Path, sink: ProblemCollector) -> Any | None:
@@ -219,7 +234,7 @@ def read_json(path: Path, sink: ProblemCollector) -> Any | None:
         found = list(_repeated_keys(data, repeated)) if repeated else []  # recursive too: inside the same guard
     except json.JSONDecodeError as err:
         sink.add("malformed_json", path, f"line {err.lineno} column {err.colno}",
-                 f"malformed JSON: {err.msg}{_trailing_comma_hint(err)}")
+                 utf16_text(path) or f"malformed JSON: {err.msg}{_trailing_comma_hint(err)}")
         return None
     except UnicodeDecodeError as err:
         sink.add("malformed_json", path, f"byte {err.start}", utf16_text(path) or f"not UTF-8 text: {err.reason}")

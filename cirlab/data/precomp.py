@@ -193,7 +193,7 @@ def read_captions(path: Path, sink: ProblemCollector) -> list[str] | None:
         sink.add("missing_file", path, None, file_not_found(path))
         return None
     data = path.read_bytes()
-    utf16 = utf16_text(path, data[:2])
+    utf16 = utf16_text(path, data[:2048])
     if utf16:  # one problem, not one per line
         sink.add("bad_entry", path, None, utf16)
         return None
