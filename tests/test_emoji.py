@@ -5,6 +5,7 @@ import argparse
 import io
 import json
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from cirlab.data.generators import emoji
+from cirlab.data import base
 from cirlab.data.base import DataError, load_cir
 
 TONE_KEYS = ("1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF")
@@ -257,3 +259,45 @@ def test_an_oversized_member_is_refused_before_it_is_read(tmp_path, monkeypatch)
                                         r"the 16 bytes"):
         emoji.build(tmp_path / "out", tarball=tarball)
     assert not (tmp_path / "out").exists()
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG declaring ``width`` x ``height`` grey pixels, with no pixel data (Image.open reads only the header)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_a_png_above_the_pixel_limit_is_refused_before_writing(tmp_path, monkeypatch):
+    """The rule cirlab.data.base.load_image applies (MAX_IMAGE_PIXELS), lowered under the fake 64 x 64 PNGs."""
+    entries = fake_entries()
+    tarball = write_tarball(tmp_path / "huge.tgz", entries, _images(entries))
+    monkeypatch.setattr(base, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DataError, match=r"^\S*huge\.tgz!package/img/google/64/[0-9a-f-]+\.png: image too large: "
+                                        r"64 x 64 pixels \(0\.0 Mpx\) is above"):
+        emoji.build(tmp_path / "out", tarball=tarball)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*partial*"))
+
+
+def test_a_png_declaring_pillows_bomb_size_is_a_one_line_error(tmp_path):
+    entries = fake_entries()
+    images = {**_images(entries), "1f499.png": _png_header(20000, 20000)}  # 400 Mpx: Pillow itself refuses it
+    tarball = write_tarball(tmp_path / "bomb.tgz", entries, images)
+    with pytest.raises(DataError, match=r"bomb\.tgz!package/img/google/64/1f499\.png: image too large: Image size "
+                                        r"\(400000000 pixels\)") as err:
+        emoji.build(tmp_path / "out", tarball=tarball)
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_an_emoji_json_nested_too_deeply_is_a_one_line_error(tmp_path):
+    """emoji.json of "[[[..." thousands deep ended in a RecursionError traceback."""
+    path = tmp_path / "deep.tgz"
+    with tarfile.open(path, "w:gz") as tar:
+        data = b"[" * 100_000 + b"]" * 100_000
+        info = tarfile.TarInfo("package/emoji.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(DataError, match=r"emoji\.json.*malformed JSON: nested too deeply"):
+        emoji.build(tmp_path / "out", tarball=path)

@@ -64,8 +64,68 @@ def test_an_archive_inflating_far_beyond_its_size_is_refused_unread(tmp_path, mo
     assert load_topk(path).k == 50
     monkeypatch.setattr(topk_module, "_MAX_PLAIN_BYTES", 2 ** 10)
     monkeypatch.setattr(topk_module, "_MAX_RATIO", 20)
-    with pytest.raises(ValueError, match=r"zeros\.topk\.npz: its arrays declare .* MiB, \d+ times the file's"):
+    with pytest.raises(ValueError, match=r"zeros\.topk\.npz: loading its arrays would take .* MiB, \d+ times the "):
         load_topk(path)
+
+
+def _streamed_zeros(archive: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype: str) -> None:
+    """A member holding ``shape`` zeros of ``dtype``, written a MiB at a time (never allocated whole)."""
+    with archive.open(name, "w", force_zip64=True) as fh:
+        fh.write(_header_only(shape, dtype))
+        left = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        chunk = bytes(2 ** 20)
+        while left > 0:
+            fh.write(chunk[:left])
+            left -= len(chunk)
+
+
+def test_the_bomb_check_counts_what_loading_takes_not_what_is_declared(tmp_path):
+    """1M queries declare 12 MiB (far under the old 256 MiB cap), but TopK copies the ids and the ranks and builds
+    the missing category and target_ids as lists: about 48 MiB, from a file of a few KiB."""
+    q = 2 ** 20
+    path = tmp_path / "wide.topk.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        _streamed_zeros(archive, "query_ids.npy", (q,), "<U1")
+        _streamed_zeros(archive, "target_rank.npy", (q,), "<i8")
+        archive.writestr("gallery_ids.npy", _header_only((q, 0), "<U1"))
+        archive.writestr("scores.npy", _header_only((q, 0), "<f4"))
+    assert path.stat().st_size < 2 ** 16
+    with pytest.raises(ValueError, match=r"wide\.topk\.npz: loading its arrays would take 4\d MiB, \d+ times the "
+                                         r"file's 0\.0 MiB; .* refused unread"):
+        load_topk(path)
+
+
+@pytest.mark.parametrize("member,shape,dtype,want", [
+    ("query_ids.npy", (1,), "|i1", "a string dtype"),  # astype(str) made each byte a 16-byte string
+    ("gallery_ids.npy", (1, 2), "<f8", "a string dtype"),
+    ("target_rank.npy", (1,), "<f8", "an integer dtype"),
+    ("scores.npy", (1, 2), "<U3", "a float dtype"),
+    ("category.npy", (1,), "<i8", "a string dtype"),
+    ("target_ids.npy", (1,), "|b1", "a string dtype"),
+    ("meta.npy", (), "<f8", "a JSON string"),
+])
+def test_a_dtype_cirlab_never_writes_is_refused_unread(tmp_path, member, shape, dtype, want):
+    path = _archive(tmp_path / "odd.topk.npz", _one_query(**{member: _header_only(shape, dtype)}))
+    field = member.removesuffix(".npy")
+    with pytest.raises(ValueError, match=rf"odd\.topk\.npz: {field} declares dtype {np.dtype(dtype)}, expected {want}"):
+        load_topk(path)
+
+
+def _written(q: int, k: int, name_length: int) -> TopK:
+    names = np.array([f"{i:06d}".rjust(name_length, "x") for i in range(max(q * k, 1))])
+    rng = np.random.default_rng(0)
+    gallery = rng.choice(names, size=(q, k))
+    return TopK([f"dress:{i}" for i in range(q)], gallery, rng.random((q, k), np.float32), np.arange(q),
+                ["dress"] * q, gallery[:, 0] if k else [""] * q, {"model": "amc", "k": k})
+
+
+@pytest.mark.parametrize("q,k,name_length", [(300, 50, 8), (300, 50, 190), (0, 0, 8), (5, 0, 8), (0, 5, 8)])
+def test_files_cirlab_writes_pass_the_ratio_without_the_floor(tmp_path, monkeypatch, q, k, name_length):
+    """Long names (stored as 4-byte characters) compress best of what a real file holds; K = 0 and Q = 0 load too."""
+    path = save_topk(tmp_path / "real.topk.npz", _written(q, k, name_length))
+    monkeypatch.setattr(topk_module, "_MAX_PLAIN_BYTES", 0)
+    back = load_topk(path)
+    assert (len(back), back.k) == (q, k)
 
 
 def test_a_member_that_is_no_npy_array_is_named(tmp_path):

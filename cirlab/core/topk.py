@@ -113,11 +113,20 @@ def save_topk(path: str | os.PathLike, topk: TopK) -> Path:
 _REQUIRED = ("query_ids", "gallery_ids", "scores", "target_rank")
 _FIELDS = (*_REQUIRED, "category", "target_ids", "meta")  # every member load_topk reads
 
-# A file whose arrays declare more than _MAX_PLAIN_BYTES, and more than _MAX_RATIO times the file's own size, is
-# refused before any array is read: real top-K files inflate 2 to 20 times (the scores hardly compress), while
-# zeros inflate a thousand times (a 1.5 MB file declared 1.6 GB)
-_MAX_PLAIN_BYTES = 256 * 2 ** 20
-_MAX_RATIO = 100
+# the dtype kinds save_topk writes each member with; np.load of any other kind is followed by a conversion in TopK
+# that can multiply it (an int8 id becomes a 16-byte string), so other kinds are refused from the header
+_KINDS = {"query_ids": ("US", "a string dtype"), "gallery_ids": ("US", "a string dtype"),
+          "scores": ("f", "a float dtype"), "target_rank": ("iu", "an integer dtype"),
+          "category": ("US", "a string dtype"), "target_ids": ("US", "a string dtype"),
+          "meta": ("US", "a JSON string")}
+
+# A file whose arrays would take more than _MAX_PLAIN_BYTES of memory once loaded (see _loaded_bytes), and more than
+# _MAX_RATIO times the file's own size, is refused before any array is read. The floor only keeps small files clear
+# of the ratio; above it the ratio alone bounds what a file may cost. Real top-K files take 15 to 150 times their
+# size by that estimate (which counts each array twice; names stored as 4-byte characters compress well, the
+# longer the better, the scores hardly at all), while zeros inflate about 2000 times (a 1.5 MB file declared 1.6 GB)
+_MAX_PLAIN_BYTES = 16 * 2 ** 20
+_MAX_RATIO = 250
 
 
 def load_topk(path: str | os.PathLike) -> TopK:
@@ -196,6 +205,7 @@ def _check_declared(path: Path, declared: dict[str, tuple[tuple[int, ...], np.dt
     an archive declaring far more data than its size explains, before anything is decompressed."""
     import math
 
+    _check_dtypes(path, declared)
     if "query_ids" not in declared:
         return  # the missing keys are named by load_topk
     shapes = {key: shape for key, (shape, _) in declared.items()}
@@ -214,7 +224,7 @@ def _check_declared(path: Path, declared: dict[str, tuple[tuple[int, ...], np.dt
                          f"{shapes['scores']}: they differ")
     if "meta" in size and size["meta"] != 1:
         raise InputError(f"{path}: meta declares shape {shapes['meta']}, expected one JSON string")
-    _check_inflation(path, sum(size[key] * dtype.itemsize for key, (_, dtype) in declared.items()))
+    _check_inflation(path, _loaded_bytes(declared, q))
 
 
 def _fits_rows(shape: tuple[int, ...], q: int) -> bool:
@@ -226,10 +236,45 @@ def _fits_rows(shape: tuple[int, ...], q: int) -> bool:
     return q > 0 and math.prod(shape) % q == 0
 
 
-def _check_inflation(path: Path, plain_bytes: int) -> None:
+def _check_dtypes(path: Path, declared: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+    """Refuse a member whose dtype save_topk never writes (see :data:`_KINDS`), naming it and its dtype."""
+    for key, (_, dtype) in declared.items():
+        kinds, want = _KINDS[key]
+        if dtype.kind not in kinds:  # a structured or sub-array dtype is kind "V": refused too
+            raise InputError(f"{path}: {key} declares dtype {dtype}, expected {want} (as cirlab writes top-K files)")
+
+
+def _loaded_bytes(declared: dict[str, tuple[tuple[int, ...], np.dtype]], q: int) -> int:
+    """What loading the archive takes at its peak: load_topk hands every array np.load read to TopK at once, and
+    TopK converts them into copies (strings to str, ranks to int64), so both are counted (float32 scores, which
+    are not copied, are counted twice: a small overestimate); a missing category or target_ids becomes a Python
+    list of ``q`` pointers and then a 1-character str array."""
+    import math
+
+    total = 0
+    for shape, dtype in declared.values():
+        total += math.prod(shape) * (dtype.itemsize + _converted_itemsize(dtype))
+    for key in ("category", "target_ids"):
+        if key not in declared:
+            total += q * (8 + 4)
+    return total
+
+
+def _converted_itemsize(dtype: np.dtype) -> int:
+    """Bytes per element after TopK's conversion of an array of a dtype :func:`_check_dtypes` lets through."""
+    if dtype.kind == "S":  # bytes to str: 4 bytes (UCS-4) per character
+        return 4 * max(dtype.itemsize, 1)
+    if dtype.kind == "U":  # astype(str) copies; an empty <U0 becomes <U1
+        return max(dtype.itemsize, 4)
+    if dtype.kind == "f":
+        return 4  # float32
+    return 8  # int64 ranks
+
+
+def _check_inflation(path: Path, loaded_bytes: int) -> None:
     """Refuse an archive whose arrays would take far more memory than its size explains (a zip bomb)."""
     on_disk = max(path.stat().st_size, 1)
-    if plain_bytes > _MAX_PLAIN_BYTES and plain_bytes > _MAX_RATIO * on_disk:
-        raise InputError(f"{path}: its arrays declare {plain_bytes / 2 ** 20:.0f} MiB, {plain_bytes / on_disk:.0f} "
-                         f"times the file's {on_disk / 2 ** 20:.1f} MiB; top-K files that cirlab writes inflate far "
-                         "less: refused unread (a zip bomb?)")
+    if loaded_bytes > _MAX_PLAIN_BYTES and loaded_bytes > _MAX_RATIO * on_disk:
+        raise InputError(f"{path}: loading its arrays would take {loaded_bytes / 2 ** 20:.0f} MiB, "
+                         f"{loaded_bytes / on_disk:.0f} times the file's {on_disk / 2 ** 20:.1f} MiB; top-K files that "
+                         "cirlab writes inflate far less: refused unread (a zip bomb?)")

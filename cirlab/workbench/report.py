@@ -1330,11 +1330,45 @@ def _move(src: Path, dst: Path, *, unless_held: bool = False) -> None:
         (dst / lock.name).unlink(missing_ok=True)  # our own lock file moved along: no stale file is left
 
 
+# the JSON files of a report folder nest a few levels; what the index does with them (flat_numbers, json.dumps)
+# recurses once per level on top of its own calls, so a file that json itself could still decode (990 levels) ran
+# out of stack there
+_MAX_JSON_DEPTH = 100
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file of a report folder; every way it can be unreadable is an OSError or a ValueError (a file that is
+    no UTF-8 text raises UnicodeDecodeError, one of them). Such a folder may come from elsewhere: json decodes
+    nested lists and objects recursively, so ``[[[...]]]`` thousands deep raised RecursionError: a ValueError here."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        too_deep = not _depth_within(data, _MAX_JSON_DEPTH)
+    except RecursionError:
+        too_deep = True
+    if too_deep:
+        raise ValueError(f"{path.name}: nested too deeply (lists or objects inside each other more than "
+                         f"{_MAX_JSON_DEPTH} levels deep)")
+    return data
+
+
+def _depth_within(data: Any, limit: int) -> bool:
+    """Whether no list or object in ``data`` lies more than ``limit`` levels deep; a loop, not a recursion, so that
+    any decoded depth is measured."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return False
+            stack.extend((child, depth + 1) for child in (value.values() if isinstance(value, dict) else value))
+    return True
+
+
 def _read_record(folder: Path) -> dict[str, Any]:
     """``folder``'s run record; {} without a readable one. A report folder may come from elsewhere: a record that is
     no object is none, and times that are no strings are dropped (they are compared and parsed as ISO strings)."""
     try:
-        record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
+        record = _read_json(folder / RECORD)
     except (OSError, ValueError):
         return {}
     if not isinstance(record, dict):
@@ -1402,8 +1436,8 @@ def _say(stream: TextIO | None, line: str) -> None:
 def _metrics_html(path: Path, limit: int = 60) -> tuple[str, int]:
     """The metrics table of ``path`` and its number of rows (the first ``limit`` shown, the rest folded)."""
     try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+        metrics = _read_json(path)
+    except (OSError, ValueError) as err:  # not JSON, not UTF-8 text, nested too deeply
         return f"<p>metrics unreadable: {html.escape(str(err))}</p>", 0
     selection = metrics.get("selection") if isinstance(metrics, Mapping) else None
     selection = selection if isinstance(selection, Mapping) else {}

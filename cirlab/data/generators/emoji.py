@@ -52,7 +52,7 @@ import numpy as np
 
 from cirlab.core.config import MAX_SEED, int_range
 from cirlab.core.errors import CirlabError
-from cirlab.data.base import DataError
+from cirlab.data.base import DataError, check_image_size
 from cirlab.data.generators import _owned
 from cirlab.data.generators._owned import OtherSettingsError
 
@@ -153,8 +153,9 @@ def read_package(tarball: str | os.PathLike) -> Package:
                     raw = _read_member(tar, member, MAX_TEXT_BYTES, path)
                     try:
                         entries = json.loads(raw)
-                    except ValueError as err:
-                        raise DataError(f"malformed JSON: {err}", file=f"{path}!{member.name}",
+                    except (ValueError, RecursionError) as err:  # RecursionError: "[[[..." nested thousands deep
+                        what = str(err) if isinstance(err, ValueError) else "nested too deeply"
+                        raise DataError(f"malformed JSON: {what}", file=f"{path}!{member.name}",
                                         kind="malformed_json") from None
                 elif member.name == "package/LICENSE":
                     license_text = _read_member(tar, member, MAX_TEXT_BYTES, path).decode("utf-8", "replace")
@@ -403,21 +404,48 @@ def collect_triplets(entries: list[dict[str, Any]], seed: int = 0, where: str = 
 
 
 def _check_images(triplets: Iterable[EmojiTriplet], package: Package) -> None:
-    for t in triplets:
-        for image in (t.ref, t.target):
-            if image not in package.images:
-                raise DataError(f"emoji.json names image {image!r} but {IMAGE_DIR}{image} is not in the tarball",
-                                file=package.path, entry=f"{IMAGE_DIR}{image}", kind="missing_image")
+    used = sorted({image for t in triplets for image in (t.ref, t.target)})
+    for image in used:
+        if image not in package.images:
+            raise DataError(f"emoji.json names image {image!r} but {IMAGE_DIR}{image} is not in the tarball",
+                            file=package.path, entry=f"{IMAGE_DIR}{image}", kind="missing_image")
+    for image in used:  # headers only: an oversized or undecodable PNG is refused before anything is written
+        _open_png(package.images[image], _member(package, image)).close()
 
 
-def _write_png(data: bytes, path: Path, source: str) -> None:
+def _member(package: Package, image: str) -> str:
+    """How errors name an image: the tarball and its member."""
+    return f"{package.path}!{IMAGE_DIR}{image}"
+
+
+def _open_png(data: bytes, source: str) -> Any:
+    """The PNG opened with its pixels not decoded yet, refused as :func:`cirlab.data.base.load_image` refuses a
+    file (:func:`~cirlab.data.base.check_image_size`): the member cap bounds the compressed bytes, not what
+    decoding takes (a 20 KB PNG can declare 13000 x 13000 pixels, gigabytes once decoded)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            rgba = img.convert("RGBA")
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:  # Pillow's own refusal (twice its limit): not an OSError
+        raise DataError(f"image too large: {err}", file=source, kind="unreadable_image") from None
     except (UnidentifiedImageError, OSError) as err:
         raise DataError(f"cannot decode image: {err}", file=source, kind="unreadable_image") from None
+    try:
+        check_image_size(img, source)
+    except DataError:
+        img.close()
+        raise
+    return img
+
+
+def _write_png(data: bytes, path: Path, source: str) -> None:
+    from PIL import Image
+
+    with _open_png(data, source) as img:
+        try:
+            rgba = img.convert("RGBA")
+        except OSError as err:  # a truncated or corrupt stream shows only once decoded
+            raise DataError(f"cannot decode image: {err}", file=source, kind="unreadable_image") from None
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     Image.alpha_composite(white, rgba).convert("RGB").save(path, compress_level=6)
 
@@ -456,7 +484,7 @@ def write_dataset(package: Package, out: Path, version: str, seed: int,
             used.update(t.target for t in chosen)
             counts[f"{cat}/{split}"] = {"queries": len(entries), "images": len(gallery)}
     for image in sorted(used):
-        _write_png(package.images[image], out / "images" / f"{_stem(image)}.png", f"{package.path}!{IMAGE_DIR}{image}")
+        _write_png(package.images[image], out / "images" / f"{_stem(image)}.png", _member(package, image))
     (out / "NOTICE").write_text(NOTICE.format(package=PACKAGE, version=version), encoding="utf-8")
     if package.license:
         (out / "LICENSE.emoji-datasource").write_text(package.license, encoding="utf-8")
