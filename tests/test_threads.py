@@ -47,3 +47,38 @@ def test_child_environment_waits_passively_and_apply_sets_torch(monkeypatch):
         assert threads.apply_thread_policy(2) == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_run_gives_the_caller_its_thread_count_back(tmp_path, monkeypatch):
+    """A notebook kernel set torch to 2 threads, trained (the policy set 1 on a small machine) and kept 1 for the
+    rest of the session."""
+    import torch
+
+    from cirlab.engine.train import TrainConfig, train
+    from stub_models import TripletItems
+
+    import cirlab
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        model = cirlab.create_model("stub_cir", "tiny")
+        cfg = TrainConfig(epochs=1, max_steps=2, batch_size=8, num_threads=1, progress="none", tensorboard=False)
+        train(model, TripletItems(16), cfg, output_dir=tmp_path / "run")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_an_evaluation_leaves_the_callers_random_numbers_alone():
+    """Each DataLoader iteration without a generator of its own took a number from torch's global generator: after
+    torch.manual_seed(0), the next torch.rand gave another value when an evaluation ran in between."""
+    import torch
+
+    from cirlab.engine.evaluate import encode_dataset
+
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    encode_dataset(lambda batch: batch.float(), torch.arange(10), batch_size=4)
+    assert torch.equal(torch.rand(1), expected)

@@ -17,8 +17,10 @@ it for the kernels it launches, and :func:`thread_env` gives the environment for
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from typing import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,20 @@ def thread_env(threads: int | None = None) -> dict[str, str]:
     if n is not None:
         env.update({ENV: str(n), "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)})
     return env
+
+
+@contextlib.contextmanager
+def kept_threads() -> Iterator[None]:
+    """Restore torch's intra-op thread count on leaving the block: a run applies the policy in this process (a
+    notebook kernel, a script looping over runs), and the caller's own setting came back as 1 after training."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def apply_thread_policy(threads: int | None = None) -> int:

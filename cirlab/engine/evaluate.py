@@ -42,6 +42,14 @@ CIR_PROTOCOLS = tuple(dict.fromkeys(p for spec in DATASETS.values() if not spec.
 
 
 # ----------------------------------------------------------------------------------------------- encoding
+def ordered_loader(dataset: Any, batch_size: int, num_workers: int = 0) -> Any:
+    """A DataLoader over ``dataset`` in order, drawing its worker seed from its own generator: each iteration of a
+    loader without one takes a number from torch's global generator, so an evaluation changed what the caller's
+    next ``torch.rand`` gave after ``torch.manual_seed``."""
+    import torch
+
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                       generator=torch.Generator())
 
 
 def _world() -> tuple[int, int]:
@@ -89,7 +97,7 @@ def encode_dataset(fn: Callable[[dict[str, Any]], Any], dataset: Any, *, batch_s
     rank, world = _world() if gather else (0, 1)
     mine = idx[rank::world]
     subset = torch.utils.data.Subset(dataset, mine)
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = ordered_loader(subset, batch_size, num_workers)
     parts = [_to_cpu(fn(to_device(batch, device))) for batch in loader]
     local = _concat(parts) if parts else None
     if world == 1:
@@ -226,7 +234,7 @@ def _encode_gallery(model: Any, split: Any, gallery: Any, *, batch_size: int, de
     key = retrieval.cache_key(retrieval.state_dict_digest(model), *_encoder_identity(model, gallery), split.dataset,
                               split.root, split.split, split.category, len(gallery), "encode_target",
                               getattr(split, "image_read", "viewer"))
-    loader = torch.utils.data.DataLoader(gallery, batch_size=batch_size, num_workers=num_workers)
+    loader = ordered_loader(gallery, batch_size, num_workers)
     return retrieval.encode_corpus(model.encode_target, loader, device=device, key="image", index_key="gallery_idx",
                                    cache_dir=cache_dir, cache_key=key, progress=False)
 

@@ -51,6 +51,7 @@ from cirlab.core.config import did_you_mean, unknown_fields_message, unknown_nam
 from cirlab.core.io import file_name_part, folder_lock, to_plain, write_json
 from cirlab.core.contracts import (HasDatasetExtras, HasEnsemble, HasImageTransform, HasInit, HasOwnEvaluation,
                                    HasVocab)
+from cirlab.core.threads import kept_threads
 
 logger = logging.getLogger(__name__)
 
@@ -1080,7 +1081,7 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     resuming = resume or bool((config.get("train") or {}).get("resume"))
     created = not out.exists()
     try:
-        with folder_lock(out) if is_main_process() else contextlib.nullcontext():
+        with kept_threads(), folder_lock(out) if is_main_process() else contextlib.nullcontext():
             # refuse a folder that holds a run now; with --overwrite the trainer removes it once the data, the
             # start files and the model have passed, so a mistyped root does not cost the previous run
             if not resuming and is_main_process():

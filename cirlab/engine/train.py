@@ -51,7 +51,7 @@ from cirlab.core.contracts import HasEpochHook, HasEvalPrecision, HasParamGroups
 from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from cirlab.core.errors import CirlabError, ConfigError
 from cirlab.core.io import NO_SPACE, flat_numbers, to_plain, write_json
-from cirlab.core.threads import apply_thread_policy
+from cirlab.core.threads import apply_thread_policy, kept_threads
 
 logger = logging.getLogger(__name__)
 
@@ -1770,7 +1770,7 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
     # a TrainConfig's own fields over the model's paper defaults, as a dict's: its class defaults do not count
     cfg = resolve_train_config(model, cfg.given() if isinstance(cfg, TrainConfig) else cfg)
     output_dir = Path(output_dir)
-    with io.folder_lock(output_dir) if init_distributed().is_main else contextlib.nullcontext():
+    with kept_threads(), io.folder_lock(output_dir) if init_distributed().is_main else contextlib.nullcontext():
         trainer = Trainer(model, train_dataset, cfg, output_dir, evaluate_fn, collate_fn, callbacks, run_config,
                           overwrite, start_notes, run_files)
         return trainer.run()

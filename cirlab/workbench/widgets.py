@@ -240,7 +240,9 @@ def encode_gallery(model: Any, split: Any, transform: Any = None, batch_size: in
     import torch
 
     data = split.gallery_dataset(transform)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    from cirlab.engine.evaluate import ordered_loader
+
+    loader = ordered_loader(data, batch_size)
     feats = []
     model.eval()
     with torch.no_grad():
