@@ -189,6 +189,9 @@ if kind == "hrem":
 # DIME: the caption box and the image dropdown re-score the edited caption against the chosen image.
 
 # %%
+earlier = globals().get("explorer")
+if earlier is not None:  # this cell run again: the earlier explorer's widgets would stay open, with its models
+    earlier.close()
 explorer = None
 if kind == "router":
     explorer = workbench.explorer_for(model, routes, texts, dataset, data_dir, split, run_dir=run, compare=compare,

@@ -273,3 +273,18 @@ def test_amc_adds_the_markup_to_a_plain_text_on_its_own_text_path():
     other = cirlab.create_model("amc", preset="tiny")
     other.load_state_dict(model.state_dict())
     assert other.text_encoder.markup  # saved with the checkpoint
+
+
+def test_a_rebuilt_or_closed_explorer_leaves_no_widget_open(explorer):
+    """ipywidgets keeps every open widget for the kernel's life, and through their callbacks the explorer with its
+    models and data: each build() kept the previous one's widgets alive (about 5 MB per build with tiny models)."""
+    import ipywidgets as widgets
+
+    open_before = len(widgets.Widget.widgets)
+    explorer.build()
+    made = len(widgets.Widget.widgets) - open_before
+    assert made >= 6  # dropdown, text, status, output and the two boxes
+    explorer.build()  # a notebook cell run again on the same explorer
+    assert len(widgets.Widget.widgets) - open_before == made
+    explorer.close()
+    assert len(widgets.Widget.widgets) == open_before

@@ -350,8 +350,29 @@ class _Explorer:
     def _start(self) -> None:
         self.figure, self.renders, self.output, self.status = None, 0, None, None
         self._syncing = False
+        self._made: list[Any] = []  # the widgets build() made, closed by close()
 
     query_ids: list[Any]
+
+    def close(self) -> None:
+        """Close every widget :meth:`build` made. ipywidgets keeps each open widget (and through its callbacks this
+        explorer, its models and its data) for the whole kernel session: a notebook re-running its explorer cell
+        kept every earlier one alive. ``build()`` closes the widgets of its previous call itself."""
+        for widget in self._made:
+            widget.close()
+        self._made.clear()
+
+    def _keep(self, box: Any) -> Any:
+        """``box`` and every widget inside it, with their layout and style widgets (each one open on its own),
+        remembered for :meth:`close`; returns ``box``."""
+        stack = [box]
+        while stack:
+            widget = stack.pop()
+            self._made.append(widget)
+            self._made += [part for part in (getattr(widget, "layout", None), getattr(widget, "style", None))
+                           if part is not None]
+            stack.extend(getattr(widget, "children", ()))
+        return box
 
     def pick(self, query_id: Any = "") -> Any:
         """The traced query named ``query_id`` (compared as text, so a notebook's string parameter finds DIME's
@@ -451,6 +472,7 @@ class RouterExplorer(_Explorer):
         """Create the widgets (query dropdown, text box, status line, output) and render the first query."""
         import ipywidgets as widgets
 
+        self.close()
         first = self.query_ids[0]
         self.query = widgets.Dropdown(options=self.query_ids, value=first, description="query")
         self.text = widgets.Text(value=self.texts.get(first, ""), description="text", continuous_update=False,
@@ -460,7 +482,7 @@ class RouterExplorer(_Explorer):
         self.query.observe(self._on_query, names="value")
         self.text.observe(self._on_text, names="value")
         self.render()
-        return widgets.VBox([widgets.HBox([self.query, self.text]), self.status, self.output])
+        return self._keep(widgets.VBox([widgets.HBox([self.query, self.text]), self.status, self.output]))
 
     def _on_query(self, change: Mapping[str, Any]) -> None:
         self._syncing = True  # resetting the text box must not render a second time
@@ -538,6 +560,7 @@ class PathExplorer(_Explorer):
         """Create the widgets (pair dropdown, image dropdown, caption box, status, output) and render."""
         import ipywidgets as widgets
 
+        self.close()
         first = self.query_ids[0]
         self.query = widgets.Dropdown(options=self.query_ids, value=first, description="pair")
         self.image = widgets.Dropdown(options=self.images, value=self.image_of.get(first, self.images[0]),
@@ -550,7 +573,8 @@ class PathExplorer(_Explorer):
         self.text.observe(self._on_edit, names="value")
         self.image.observe(self._on_edit, names="value")
         self.render()
-        return widgets.VBox([widgets.HBox([self.query, self.image]), self.text, self.status, self.output])
+        return self._keep(widgets.VBox([widgets.HBox([self.query, self.image]), self.text, self.status,
+                                        self.output]))
 
     def _on_query(self, change: Mapping[str, Any]) -> None:
         self._syncing = True
