@@ -12,7 +12,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from cirlab.core.cliargs import Parser, command_parser
 from cirlab.core.paths import user_path
@@ -723,11 +723,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the sub-command's parser: its usage, and the option meant (--sett: --set)
         command_parser(parser, argv).refuse_unknown(unknown)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            stream=sys.stderr)
-    if args.verbose:  # cirlab's own debug lines: the root logger's would add every library's (PIL: lines per image)
-        logging.getLogger("cirlab").setLevel(logging.DEBUG)
+    with _command_logging(args.verbose):
+        return _run_command(args)
+
+
+@contextlib.contextmanager
+def _command_logging(verbose: bool) -> Iterator[None]:
+    """Log lines on stderr for the command (INFO; ``-v``: cirlab's DEBUG lines too), and logging as it was
+    afterwards: called in a notebook, ``logging.basicConfig`` left every library's INFO lines on for the session,
+    and ``-v`` cirlab's DEBUG ones."""
+    root, own = logging.getLogger(), logging.getLogger("cirlab")
+    levels, added = (root.level, own.level), None
+    if not root.handlers:
+        added = logging.StreamHandler(sys.stderr)
+        added.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(added)
+        root.setLevel(logging.INFO)
+    if verbose:  # cirlab's own debug lines: the root logger's would add every library's (PIL: lines per image)
+        own.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        if added is not None:
+            root.removeHandler(added)
+            root.setLevel(levels[0])
+        own.setLevel(levels[1])
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """The parsed command, its failures said as :func:`main` promises (one line for the user's input)."""
     from cirlab.core.errors import CirlabError  # config, checkpoint and data errors; imports nothing heavy
 
     try:

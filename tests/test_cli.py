@@ -874,16 +874,20 @@ def test_a_reader_that_closes_the_pipe_ends_the_output_not_the_command(tmp_path)
 
 
 def test_verbose_is_cirlabs_debug_lines_not_every_librarys():
-    """-v set the root logger to DEBUG: every library's debug lines (PIL: several per image read)."""
+    """-v set the root logger to DEBUG: every library's debug lines (PIL: several per image read). Checked while the
+    command runs (afterwards main leaves logging as it found it)."""
     import subprocess
     import sys
 
-    script = ("import logging, sys; from cirlab.cli import main; code = main(['-v', 'models']); "
-              "print(logging.getLogger('cirlab.data').isEnabledFor(logging.DEBUG), "
-              "logging.getLogger('PIL.PngImagePlugin').isEnabledFor(logging.DEBUG)); sys.exit(code)")
+    script = ("import logging, sys; import cirlab.cli as c; run = c._run_command\n"
+              "def spy(args):\n"
+              "    print(logging.getLogger('cirlab.data').isEnabledFor(logging.DEBUG), "
+              "logging.getLogger('PIL.PngImagePlugin').isEnabledFor(logging.DEBUG))\n"
+              "    return run(args)\n"
+              "c._run_command = spy; sys.exit(c.main(['-v', 'models']))")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines()[-1] == "True False"
+    assert run.stdout.splitlines()[0] == "True False"
 
 
 def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, synth, monkeypatch, caplog):
@@ -1417,3 +1421,22 @@ def test_a_set_value_whose_hash_yaml_would_eat_is_refused_with_the_quoting():
         parse_set(["dataset.category=#dress"])
     assert parse_set(['dataset.root="/data/run #1"', "dataset.root=/data/run#1"]) == [
         (["dataset", "root"], "/data/run #1"), (["dataset", "root"], "/data/run#1")]  # quoted; no space before it
+
+
+def test_main_called_in_a_session_leaves_logging_as_it_found_it(tmp_path):
+    """A notebook calling cirlab.cli.main got logging.basicConfig(INFO) for the rest of the session (every library's
+    INFO lines), and with -v cirlab's DEBUG lines too."""
+    import subprocess
+    import sys
+
+    script = """
+import logging, sys
+from cirlab.cli import main
+root, own = logging.getLogger(), logging.getLogger("cirlab")
+before = (list(root.handlers), root.level, own.level)
+assert main(["-v", "models"]) == 0
+assert (list(root.handlers), root.level, own.level) == before, (root.handlers, root.level, own.level)
+print("kept")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("kept"), done.stderr[-2000:]
