@@ -1411,14 +1411,21 @@ def test_a_model_read_on_another_protocol_than_its_papers_is_told(caplog):
 def test_a_set_value_whose_hash_yaml_would_eat_is_refused_with_the_quoting():
     """--set "dataset.root=/data/run #1": YAML read ' #1' as a comment and the run trained on /data/run without a
     word; a quoted value keeps its '#'."""
+    import shlex
+
     from cirlab.engine.runs import parse_set
 
     with pytest.raises(ConfigError, match=r"""^--set 'dataset.root=/data/run #1': YAML reads the '#' and what follows """
                                           r"""as a comment, so the value would be '/data/run'; quote it to keep it """
-                                          r"""whole: --set 'dataset.root="/data/run #1"'$"""):
+                                          r"""whole \(--set "dataset.root='/data/run #1'"\), or drop the comment$"""):
         parse_set(["dataset.root=/data/run #1"])
     with pytest.raises(ConfigError, match="as a comment, so the value would be None"):
         parse_set(["dataset.category=#dress"])
+    for raw in ("/data/run #1", "C:\\data #1", "/it's #1"):  # the suggested quoting keeps each value whole
+        with pytest.raises(ConfigError) as refused:
+            parse_set([f"dataset.root={raw}"])
+        suggested = shlex.split(str(refused.value).split("(--set ", 1)[1].split("), or drop", 1)[0])[0]
+        assert parse_set([suggested]) == [(["dataset", "root"], raw)]
     assert parse_set(['dataset.root="/data/run #1"', "dataset.root=/data/run#1"]) == [
         (["dataset", "root"], "/data/run #1"), (["dataset", "root"], "/data/run#1")]  # quoted; no space before it
 

@@ -657,3 +657,14 @@ def test_utf16_without_a_byte_order_mark_is_named(tmp_path):
     cap.write_bytes(json.dumps(json.loads(cap.read_text(encoding="utf-8"))).encode("utf-16-be"))
     messages = [p.message for p in check_dataset("fashioniq", tree["root"]) if p.file == str(cap)]
     assert messages == ["UTF-16 text without a byte order mark (a NUL byte beside every letter): save it as UTF-8"]
+
+
+def test_a_shoes_name_list_in_utf16_without_a_byte_order_mark_is_named(tmp_path):
+    """UTF-16 of Latin text is valid UTF-8 once read: a Shoes name list loaded names with a NUL beside every letter,
+    and no problem was recorded."""
+    tree = write_shoes(tmp_path)
+    names = tree["root"] / "train_im_names.txt"
+    names.write_bytes(names.read_text(encoding="utf-8").encode("utf-16-le"))
+    problems = check_dataset("shoes", tree["root"])
+    assert [(p.file, p.message) for p in problems if p.file == str(names)] == [
+        (str(names), "UTF-16 text without a byte order mark (a NUL byte beside every letter): save it as UTF-8")]

@@ -265,3 +265,25 @@ def test_the_explorer_rank_line_says_a_removed_target_was_removed():
 
     line = widgets._rank_line(analysis.removed_rank(), 40, {"target_rank": 3}, ("trained", "untrained"))
     assert line == "target rank none (the target is the reference, removed) of 40 (trained)\n3 of 40 (untrained)"
+
+
+def test_the_decoding_warning_reads_damaged_records_and_names_the_starts_in_order(tmp_path, caplog):
+    """A provenance.json with a list or a number for image_read made `cirlab eval` end in a TypeError; the starts'
+    decodings were named in alphabetical order, and the one to --set was the alphabetically first."""
+    import json
+
+    import yaml
+
+    from cirlab.engine.runs import say_unrecorded_image_read, with_defaults
+
+    config = with_defaults({"model": "stub_cir", "dataset": {"name": "fashioniq"}})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": "stub_cir", "dataset": {"name": "fashioniq"}}))
+    record = tmp_path / "provenance.json"
+    record.write_text(json.dumps({"starts": [{"image_read": ["x"]}, {"image_read": 3}]}))
+    assert say_unrecorded_image_read(tmp_path, config)
+    assert "does not record how its images were decoded (in any start)" in caplog.text
+    caplog.clear()
+    record.write_text(json.dumps({"starts": [{"image_read": "viewer"}, {"image_read": "original"}]}))
+    assert say_unrecorded_image_read(tmp_path, config)
+    assert "was trained with dataset.options.image_read=viewer then original, read now with viewer" in caplog.text
+    assert "--set dataset.options.image_read=original reproduces the decoding it ended with" in caplog.text

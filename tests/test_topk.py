@@ -132,3 +132,29 @@ def test_a_member_that_is_no_npy_array_is_named(tmp_path):
     path = _archive(tmp_path / "raw.topk.npz", _one_query(**{"scores.npy": b"not an array"}))
     with pytest.raises(ValueError, match=r"raw\.topk\.npz: scores\.npy is not a NumPy array"):
         load_topk(path)
+
+
+def test_a_file_with_one_long_gallery_name_loads():
+    """numpy pads every id to the longest one, and the padding compresses to nearly nothing: a file cirlab wrote with
+    one 255-character name among short ones took 262 times its size by the estimate and was refused as a bomb."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from cirlab.core.retrieval import make_topk
+    from cirlab.core.topk import load_topk, save_topk
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, g = 200, 100, 200  # about 280 times the file's size by the estimate
+    names = [f"g{i}" for i in range(g - 1)] + ["x" * 255]
+    scores = torch.rand(q, k, generator=gen).to(torch.bfloat16).float().sort(dim=1, descending=True)[0]
+    idx = torch.randint(0, g, (q, k), generator=gen)
+    idx[0, 0] = g - 1
+    topk = make_topk(scores, idx, query_ids=[f"q{i}" for i in range(q)], gallery_ids=names,
+                     target=torch.randint(0, g, (q,), generator=gen), ranks=torch.randint(1, g, (q,), generator=gen))
+    with tempfile.TemporaryDirectory() as folder:
+        path = save_topk(Path(folder) / "long.topk.npz", topk)
+        assert load_topk(path).gallery_ids[0, 0] == "x" * 255
+        assert np.array_equal(load_topk(path).scores, topk.scores)

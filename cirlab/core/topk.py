@@ -122,11 +122,11 @@ _KINDS = {"query_ids": ("US", "a string dtype"), "gallery_ids": ("US", "a string
 
 # A file whose arrays would take more than _MAX_PLAIN_BYTES of memory once loaded (see _loaded_bytes), and more than
 # _MAX_RATIO times the file's own size, is refused before any array is read. The floor only keeps small files clear
-# of the ratio; above it the ratio alone bounds what a file may cost. Real top-K files take 15 to 150 times their
+# of the ratio; above it the ratio alone bounds what a file may cost. Real top-K files take 15 to 260 times their
 # size by that estimate (which counts each array twice; names stored as 4-byte characters compress well, the
 # longer the better, the scores hardly at all), while zeros inflate about 2000 times (a 1.5 MB file declared 1.6 GB)
 _MAX_PLAIN_BYTES = 16 * 2 ** 20
-_MAX_RATIO = 250
+_MAX_RATIO = 1000  # real files: up to about 260x (one long name pads every id to its length), zeros about 2000x
 
 
 def load_topk(path: str | os.PathLike) -> TopK:

@@ -288,6 +288,10 @@ def read_lines(path: Path, sink: ProblemCollector) -> list[tuple[int, str]] | No
     except UnicodeDecodeError as err:
         sink.add("bad_entry", path, f"byte {err.start}", utf16_text(path) or f"not UTF-8 text: {err.reason}")
         return None
+    utf16 = utf16_text(path) if "\x00" in text[:_SNIFF_BYTES] else None  # UTF-16 of Latin text is valid UTF-8
+    if utf16:
+        sink.add("bad_entry", path, None, utf16)
+        return None
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 

@@ -196,8 +196,14 @@ def _refuse_a_cut_comment(item: str, key: str, raw: str, value: Any) -> None:
     """YAML reads `` #...`` as a comment: ``dataset.root=/data/run #1`` became ``/data/run``, and the run used that
     other folder without a word. A value whose ``#`` was eaten so is refused with the quoting that keeps it."""
     if re.search(r"(^|\s)#", raw) and "#" not in str(value):
+        import shlex
+
+        arg = f"{key}='{raw.strip().replace(chr(39), chr(39) * 2)}'"  # YAML doubles a quote inside single quotes
+        # YAML's single quotes keep every character (its double quotes read \ escapes: C:\data failed); the shell
+        # word around them in double quotes where that needs no escaping, else as shlex writes it
+        quoted = f'"{arg}"' if not set(arg) & set('"$`\\!') else shlex.quote(arg)
         raise ConfigError(f"--set {item!r}: YAML reads the '#' and what follows as a comment, so the value would be "
-                          f"{value!r}; quote it to keep it whole: --set '{key}=\"{raw}\"'")
+                          f"{value!r}; quote it to keep it whole (--set {quoted}), or drop the comment")
 
 
 def parse_set_flat(items: Sequence[str]) -> dict[str, Any]:
@@ -1271,20 +1277,23 @@ def say_unrecorded_image_read(run_dir: str | os.PathLike, config: dict[str, Any]
         starts = json.loads((Path(run_dir) / FILE_NAME).read_text(encoding="utf-8")).get("starts") or []
     except (OSError, ValueError, AttributeError, RecursionError):  # an unreadable record records nothing
         starts = []
-    recorded = {start.get("image_read") if isinstance(start, dict) else None for start in starts} or {None}
+    # in the order of the starts; a value that is no name (a damaged or foreign record) records nothing
+    used = [start.get("image_read") if isinstance(start, dict) else None for start in starts] or [None]
+    used = [read if isinstance(read, str) and read else None for read in used]
+    recorded = list(dict.fromkeys(used))
     now = image_read_of(config)
     if None in recorded:  # every start must say: a resumed old run trained its first steps the old way
         logger.warning("%s does not record how its images were decoded (in %s): runs of cirlab before %s decoded "
                        "them with PIL's convert(\"RGB\") (--set dataset.options.image_read=original reproduces them); "
                        "read now as an image viewer shows them (image_read=viewer), images with transparency, an EXIF "
                        "rotation or 16 bits per channel give other numbers", run_dir,
-                       "any start" if recorded == {None} else "some of its starts", VIEWER_DEFAULT_SINCE)
+                       "any start" if recorded == [None] else "some of its starts", VIEWER_DEFAULT_SINCE)
         return True
-    if recorded != {now}:
+    if recorded != [now]:
         logger.warning("%s was trained with dataset.options.image_read=%s, read now with %s: images with "
                        "transparency, an EXIF rotation or 16 bits per channel give other numbers (--set "
-                       "dataset.options.image_read=%s reproduces its decoding)", run_dir,
-                       " then ".join(sorted(recorded)), now, sorted(recorded)[0])
+                       "dataset.options.image_read=%s reproduces the decoding it ended with)", run_dir,
+                       " then ".join(recorded), now, used[-1])
         return True
     return False
 
