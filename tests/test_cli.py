@@ -1415,9 +1415,10 @@ def test_a_set_value_whose_hash_yaml_would_eat_is_refused_with_the_quoting():
 
     from cirlab.engine.runs import parse_set
 
-    with pytest.raises(ConfigError, match=r"""^--set 'dataset.root=/data/run #1': YAML reads the '#' and what follows """
-                                          r"""as a comment, so the value would be '/data/run'; quote it to keep it """
-                                          r"""whole \(--set "dataset.root='/data/run #1'"\), or drop the comment$"""):
+    with pytest.raises(ConfigError, match=r"""^--set 'dataset.root=/data/run #1': YAML reads the '#' and what """
+                                          r"""follows as a comment, so the value would be '/data/run'; quote it to """
+                                          r"""keep it whole \(--set "dataset.root='/data/run #1'"\), or drop the """
+                                          r"""comment$"""):
         parse_set(["dataset.root=/data/run #1"])
     with pytest.raises(ConfigError, match="as a comment, so the value would be None"):
         parse_set(["dataset.category=#dress"])

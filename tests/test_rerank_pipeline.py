@@ -209,7 +209,7 @@ def test_convert_round_trips_through_the_original_format(runs, cirr_root, tmp_pa
     trained, _ = model_from_checkpoint(run1 / "checkpoints" / "best.pt")
     for key, value in trained.state_dict().items():
         torch.testing.assert_close(back.state_dict()[key], value, rtol=0, atol=0)
-    caplog.set_level("INFO", logger="cirlab")  # the converted file evaluates (it failed with KeyError 'converted_layout')
+    caplog.set_level("INFO", logger="cirlab")  # the converted file evaluates (was: KeyError 'converted_layout')
     assert main(["eval", str(tmp_path / "back.pt"), "--dataset", "cirr", "--root", str(cirr_root), "--split",
                  "val"]) == 0
     assert f"back.pt: written by cirlab convert from {tmp_path / 'blip_mean.pt'} (original BLIP layout)" in caplog.text

@@ -132,8 +132,8 @@ def plot_query_view(routes: Any, edited: Any = None, candidate_ids: Sequence[str
                 ax.set_gid("target")
         if outside:
             ax = fig.add_subplot(top[0, next(slots)])
-            image_axis(ax, image_fn(target), title=f"target {target}\nrank {analysis.shown_rank(target_rank)}", color=TARGET_COLOR,
-                       width=2.0)
+            image_axis(ax, image_fn(target), title=f"target {target}\nrank {analysis.shown_rank(target_rank)}",
+                       color=TARGET_COLOR, width=2.0)
             for spine in ax.spines.values():
                 spine.set_linestyle("--")
             ax.set_gid("target_outside")
