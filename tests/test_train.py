@@ -714,3 +714,14 @@ def test_a_batch_too_small_for_in_batch_negatives_is_refused_before_training(tmp
     finally:
         del type(model).min_micro_batch
     assert cirlab.create_model("amc", "tiny").min_micro_batch == 2 and not hasattr(_model(), "min_micro_batch")
+
+
+def test_a_decimal_comma_is_named():
+    """--set train.lr=0,001 (a German keyboard's number) was refused as "expected a number, got '0,001'"."""
+    from cirlab.engine.train import validate_train_values
+
+    with pytest.raises(ConfigError, match=r"^train\.lr: expected a number \(write 0\.001: a decimal point, not a "
+                                          r"comma\), got '0,001'$"):
+        validate_train_values({"lr": "0,001"})
+    with pytest.raises(ConfigError, match=r"^train\.lr: expected a number, got 'fast'$"):
+        validate_train_values({"lr": "fast"})

@@ -823,7 +823,7 @@ def fit_to_training_data(model: Any, config: dict[str, Any], train_data: Any = N
         return
     data = load_train_data(config) if train_data is None else train_data
     size = model.fit_vocab(data if is_precomp(config) else _Captions(data))
-    logger.info("%s: vocabulary of %s words from the %s captions", config["model"], size,
+    logger.info("%s: vocabulary of %s tokens from the %s captions", config["model"], size,
                 config["dataset"]["train_split"])
 
 

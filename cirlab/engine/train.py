@@ -221,7 +221,7 @@ def _value_problem(name: str, value: Any) -> str | None:
     if kind == "int" and not _is_int(value):
         return "expected an integer"
     if kind == "float" and not _is_number(value):
-        return "expected a number"
+        return "expected a number" + _decimal_comma_hint(value)
     if kind == "float" and not math.isfinite(float(value)):
         return "must be a finite number"
     if name == "ema_decay" and not 0 < float(value) < 1:
@@ -236,6 +236,18 @@ def _value_problem(name: str, value: Any) -> str | None:
 
 
 _KIND_NAMES = {"float": "number", "bool": "boolean", "str": "string"}
+
+
+def _decimal_comma_hint(value: Any) -> str:
+    """`` (write 0.001: a decimal point, not a comma)`` for a text like ``"0,001"`` (a German or French keyboard's
+    number), else nothing."""
+    if isinstance(value, str) and value.count(",") == 1:
+        try:
+            number = float(value.replace(",", "."))
+        except ValueError:
+            return ""
+        return f" (write {number:g}: a decimal point, not a comma)"
+    return ""
 
 
 def _is_int(value: Any) -> bool:
