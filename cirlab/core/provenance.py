@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -70,7 +71,21 @@ def record_start(run_dir: Path, entry: Mapping[str, Any], resumed: bool = False)
     starts: list[Any] = []
     if resumed and path.is_file():  # the earlier starts stay (a resume from a step-0 checkpoint too)
         try:
-            starts = list(json.loads(path.read_text(encoding="utf-8")).get("starts") or [])
-        except (OSError, ValueError, AttributeError) as err:
+            starts = read_starts(run_dir)
+        except (OSError, ValueError) as err:
             logger.warning("%s cannot be read (%s): its earlier entries are replaced by this start's", path, err)
     write_json(path, {"starts": [*starts, dict(entry)]})
+
+
+def read_starts(run_dir: str | os.PathLike) -> list[Any]:
+    """The entries of the run's ``provenance.json``, one per start (each a dict as :func:`start_entry` makes it, in
+    a file cirlab wrote). OSError or ValueError when it cannot be read (a file from elsewhere may hold anything:
+    no object, no list, JSON nested too deeply)."""
+    try:
+        data = json.loads((Path(run_dir) / FILE_NAME).read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    starts = data.get("starts") if isinstance(data, dict) else None
+    if starts is not None and not isinstance(starts, list):
+        raise ValueError(f"'starts' is a {type(starts).__name__}, not a list")
+    return list(starts or [])

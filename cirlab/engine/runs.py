@@ -38,7 +38,6 @@ import contextlib
 import copy
 import importlib
 import inspect
-import json
 import logging
 import os
 import re
@@ -193,7 +192,7 @@ def parse_set(items: Sequence[str] | str) -> list[tuple[list[str], Any]]:
 
 
 def _refuse_a_cut_comment(item: str, key: str, raw: str, value: Any) -> None:
-    """YAML reads `` #...`` as a comment: ``dataset.root=/data/run #1`` became ``/data/run``, and the run used that
+    """YAML reads `` #...`` as a comment: ``dataset.root=data/run #1`` became ``data/run``, and the run used that
     other folder without a word. A value whose ``#`` was eaten so is refused with the quoting that keeps it."""
     if re.search(r"(^|\s)#", raw) and "#" not in str(value):
         import shlex
@@ -1121,7 +1120,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     # tens of seconds to build and may need weights that are not there, and a wrong root must fail first
     loaded = {s: load_split(config, s) for s in _final_splits(config)}
     for split, value in loaded.items():
-        _check_not_empty(config, split, value)
+        _check_eval_split(config, split, value)
     fingerprint = data_fingerprint(config) if is_main_process() else {}  # only the main process writes or checks it
     notes: dict[str, Any] = {"image_read": image_read_of(config)}
     if continued is not None and is_main_process():
@@ -1161,7 +1160,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     # the selection split too, before the first step: a broken val file must fail now, not after the training
     if select_split and select_split not in loaded:
         loaded[select_split] = load_split(config, select_split)
-        _check_not_empty(config, select_split, loaded[select_split])
+        _check_eval_split(config, select_split, loaded[select_split])
     if select_split:
         check_selection_metric(config, cfg.selection_metric, select_split, loaded[select_split], model)
     check_stage1_topk(model, config["eval"], loaded)  # a re-ranker's stage-I files, before the first step
@@ -1267,21 +1266,21 @@ def say_unrecorded_image_read(run_dir: str | os.PathLike, config: dict[str, Any]
     """Warn when a stored run records no image decoding (neither its config nor its provenance) and is read with the
     default: it may come from before :data:`VIEWER_DEFAULT_SINCE`, whose decoding differs for some images. Returns
     whether it warned."""
-    from cirlab.core.provenance import FILE_NAME
+    from cirlab.core.provenance import read_starts
 
-    if image_read_of(config) is None or "image_read" in (config["dataset"].get("options") or {}):
+    now = image_read_of(config)
+    if now is None or "image_read" in (config["dataset"].get("options") or {}):
         return False
     if not (read_run_config(run_dir).get("dataset") or {}).get("name"):  # a cirlab.fit run: its data was the caller's
         return False
     try:
-        starts = json.loads((Path(run_dir) / FILE_NAME).read_text(encoding="utf-8")).get("starts") or []
-    except (OSError, ValueError, AttributeError, RecursionError):  # an unreadable record records nothing
+        starts = read_starts(run_dir)
+    except (OSError, ValueError):  # an unreadable record records nothing
         starts = []
     # in the order of the starts; a value that is no name (a damaged or foreign record) records nothing
     used = [start.get("image_read") if isinstance(start, dict) else None for start in starts] or [None]
     used = [read if isinstance(read, str) and read else None for read in used]
     recorded = list(dict.fromkeys(used))
-    now = image_read_of(config)
     if None in recorded:  # every start must say: a resumed old run trained its first steps the old way
         logger.warning("%s does not record how its images were decoded (in %s): runs of cirlab before %s decoded "
                        "them with PIL's convert(\"RGB\") (--set dataset.options.image_read=original reproduces them); "
@@ -1445,8 +1444,9 @@ def _check_start_paths(config: dict[str, Any]) -> None:
                               "it)")
 
 
-def _check_not_empty(config: dict[str, Any], split: str, loaded: Any) -> None:
-    """An evaluation split without queries would report empty or NaN metrics after training: stop now."""
+def _check_eval_split(config: dict[str, Any], split: str, loaded: Any) -> None:
+    """Before the first step, what would fail the evaluation after training: a split without queries (empty or NaN
+    metrics), a protocol its size does not fit, NaN or inf precomp features."""
     if is_precomp(config):
         empty = [""] if not loaded.captions else []
     else:  # one empty Fashion-IQ category fails too: the protocol averages over every category
