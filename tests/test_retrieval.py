@@ -140,6 +140,14 @@ def test_make_topk_round_trips_through_the_file_format(tmp_path):
     assert all(r == p or (r == 11 and p > 10) for r, p in zip(lower.target_rank[:5], ranks[:5].tolist()))
 
 
+def test_make_topk_of_empty_lists_counts_every_known_target_a_miss(tmp_path):
+    # K = 0: a one-image gallery with the reference excluded leaves nothing to list
+    topk = R.make_topk(torch.zeros(3, 0), torch.zeros(3, 0, dtype=torch.long), query_ids=["a", "b", "c"],
+                       gallery_ids=["x"], target=[0, 0, -1])
+    assert topk.target_rank.tolist() == [1, 1, 0] and topk.gallery_ids.shape == (3, 0)
+    assert R.candidate_ranks(torch.zeros(2, 0, dtype=torch.long), [0, -1]).tolist() == [0, 0]
+
+
 def test_cirr_rankings_build_a_valid_submission(tmp_path):
     gen = torch.Generator().manual_seed(1)
     scores = torch.rand(4, 80, generator=gen)

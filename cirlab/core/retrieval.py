@@ -260,6 +260,8 @@ def candidate_ranks(indices: Tensor, target: Any) -> Tensor:
     """
     tgt = torch.as_tensor(target, device=indices.device).long().reshape(-1, 1)
     hit = indices == tgt
+    if hit.shape[1] == 0:  # empty lists (a one-image gallery with its reference excluded): nothing is a hit
+        return torch.zeros(hit.shape[0], dtype=torch.long, device=indices.device)
     return torch.where(hit.any(1), hit.int().argmax(1) + 1, 0)
 
 
