@@ -587,6 +587,18 @@ def test_max_per_kind_keeps_the_first_problems_and_counts_all(tmp_path, capsys):
         check_dataset("fashioniq", info["root"], max_per_kind=-1)
 
 
+def test_check_lists_twenty_problems_per_kind_by_default_and_all_on_request(tmp_path, capsys):
+    """Every problem was listed by default: a folder of 77,000 missing images printed 77,000 lines."""
+    info = write_fashioniq(tmp_path / "fiq", categories=("dress",), splits=("val",))
+    write_json(info["root"] / "captions" / "cap.dress.val.json", [0] * 50)
+    assert main(["check", "--dataset", "fashioniq", "--root", str(info["root"])]) == 1
+    out = capsys.readouterr().out
+    assert out.count("\n  ") == 21 and "... and 30 more" in out and "--max-per-kind all" in out
+    assert main(["check", "--dataset", "fashioniq", "--root", str(info["root"]), "--max-per-kind", "all"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("\n  ") == 50 and "more" not in out and "FAILED with 50 problems" in out
+
+
 def test_problems_not_kept_are_counted_once_when_a_file_is_read_twice(tmp_path):
     # Shoes' caption file is parsed once per split: its problems are the same problems, kept or only counted
     info = write_shoes(tmp_path / "shoes")

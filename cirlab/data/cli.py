@@ -36,6 +36,8 @@ def _run_check(args: argparse.Namespace) -> int:
         print(format_problems(problems.warnings, max_per_kind=args.max_per_kind).replace(" problem", " warning"))
     if problems:
         print(format_problems(problems, max_per_kind=args.max_per_kind))
+        if args.max_per_kind is not None and any(n > args.max_per_kind for n in problems.counts().values()):
+            print(f"(at most {args.max_per_kind} listed per kind: --max-per-kind all lists every one)")
         print(f"{args.dataset}: FAILED with {problems.total} problem{'s' if problems.total != 1 else ''} "
               f"({'found: ' if problems.stats else ''}{format_stats(problems.stats)})")
         return 1
@@ -49,8 +51,8 @@ def _add_check(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "check", help="validate a dataset tree and list every problem",
-        description="Walk a whole dataset tree and list every problem (missing image, malformed JSON, unknown name, "
-                    "caption/image count mismatch, wrong array shape), grouped with counts. Exit status 1 when any "
+        description="Walk a whole dataset tree and find every problem (missing image, malformed JSON, unknown name, "
+                    "caption/image count mismatch, wrong array shape), grouped by kind with counts (the first 20 of each kind listed). Exit status 1 when any "
                     "problem is found, 0 with a summary line when the tree is valid.")
     parser.add_argument("--dataset", required=True, choices=DATASETS,
                         help="layout to check; 'precomp' checks every *_precomp folder (and GPO's "
@@ -65,9 +67,22 @@ def _add_check(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument(f"--{option}", type=int_range(1), default=None, metavar="N",
                             help=f"precomp: the {what} of the features (default {default}, BUTD's); the run-config "
                                  f"spelling is dataset.options.{option}")
-    parser.add_argument("--max-per-kind", type=int_range(0), default=None, metavar="N",
-                        help="list at most N problems of each kind (counts still cover all); default: list all")
+    parser.add_argument("--max-per-kind", type=_count_or_all, default=LISTED_PER_KIND, metavar="N",
+                        help=f"list at most N problems of each kind (counts still cover all), 'all' lists every "
+                             f"one; default {LISTED_PER_KIND}: a folder of 77,000 missing images is one screen, "
+                             f"not 77,000 lines")
     parser.set_defaults(func=_run_check)
+
+
+LISTED_PER_KIND = 20  # problems listed per kind by default
+
+
+def _count_or_all(text: str) -> int | None:
+    """``--max-per-kind``: a whole number >= 0, or ``all`` (None: list and keep every problem)."""
+    return None if text.strip().lower() == "all" else int_range(0)(text)
+
+
+_count_or_all.__name__ = "whole number or 'all'"  # argparse names the type in its own messages
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
