@@ -52,8 +52,9 @@ def _add_check(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "check", help="validate a dataset tree and list every problem",
         description="Walk a whole dataset tree and find every problem (missing image, malformed JSON, unknown name, "
-                    "caption/image count mismatch, wrong array shape), grouped by kind with counts (the first 20 of each kind listed). Exit status 1 when any "
-                    "problem is found, 0 with a summary line when the tree is valid.")
+                    "caption/image count mismatch, wrong array shape), grouped by kind with counts (the first "
+                    f"{LISTED_PER_KIND} of each kind listed). Exit status 1 when any problem is found, 0 with a "
+                    "summary line when the tree is valid.")
     parser.add_argument("--dataset", required=True, choices=DATASETS,
                         help="layout to check; 'precomp' checks every *_precomp folder (and GPO's "
                              "<name>/precomp/) under --root")
