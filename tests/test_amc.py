@@ -480,6 +480,42 @@ def test_frozen_feature_cache_run_equals_uncached_run(tmp_path, monkeypatch) -> 
     assert again == plain and again_model.image_encoder._feature_store().misses == 0
 
 
+def test_frozen_feature_cache_skips_training_views_of_a_random_transform(tmp_path, monkeypatch, caplog) -> None:
+    """With transform "amc" (random crop + flip) every training view was a cache miss written to disk and never read:
+    13 GB per Fashion-IQ epoch, and one more open segment per 256 views."""
+    from cirlab.core import featcache
+
+    monkeypatch.setattr(featcache, "_STORES", {})
+    pool = torch.randn(7, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    plain, plain_state = _run(tiny(train_backbone=False, feature_cache=False, transform="amc").train(), pool)
+    model = tiny(train_backbone=False, feature_cache_dir=str(tmp_path), transform="amc").train()
+    with caplog.at_level("INFO", logger="cirlab.models.amc"):
+        cached, cached_state = _run(model, pool)
+    assert cached == plain and all(torch.equal(plain_state[k], cached_state[k]) for k in plain_state)
+    store = model.image_encoder._feature_store()
+    assert (store.hits, store.misses) == (0, 0)  # training never touched the store
+    assert sum("not used for training views" in r.getMessage() for r in caplog.records) == 1
+    with torch.no_grad():
+        model.eval().image_encoder(pool)  # evaluation images (centre crop: fixed) are cached
+    assert store.misses == len(pool)
+
+
+def test_only_the_amc_training_transform_draws_at_random() -> None:
+    import numpy as np
+    from PIL import Image
+
+    from cirlab.data.transforms import build_transform, is_random, list_transforms
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 60, 3), dtype=np.uint8))
+    for name in list_transforms():
+        for train in (False, True):
+            t = build_transform(name, image_size=32, train=train)
+            torch.manual_seed(0)
+            views = [t(image) for _ in range(6)]
+            differ = any(v.shape != views[0].shape or not torch.equal(v, views[0]) for v in views[1:])
+            assert differ == is_random(name, train), (name, train)
+
+
 def test_frozen_feature_cache_misses_on_changed_image_transform_or_weights(tmp_path, monkeypatch) -> None:
     from cirlab.core import featcache
 

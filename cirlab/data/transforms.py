@@ -129,6 +129,17 @@ TRANSFORMS: dict[str, str] = {
 }
 
 
+# transforms whose training variant draws at random (a crop, a flip): no two epochs see the same view of an image
+RANDOM_IN_TRAINING = frozenset({"amc"})
+
+
+def is_random(name: str, train: bool) -> bool:
+    """Whether ``build_transform(name, train=train)`` can give two different tensors for the same image."""
+    if name not in TRANSFORMS:
+        raise ValueError(f"unknown transform {name!r}; known: {', '.join(TRANSFORMS)}")
+    return train and name in RANDOM_IN_TRAINING
+
+
 def list_transforms() -> list[str]:
     return list(TRANSFORMS)
 

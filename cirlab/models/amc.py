@@ -104,6 +104,8 @@ class AMCConfig(PresetMixin):
     # Frozen backbone only: keep its features per image on disk (cirlab.core.featcache.FeatureStore, memory-mapped),
     # found by the digest of the transformed image under a key of the backbone's weights, so every later epoch and
     # run reads them instead of recomputing (lite: ~88 % of a CPU step). Changed images, transforms or weights miss.
+    # Not used in training with a random transform (amc crops and flips): no view repeats, so every one would be a
+    # miss written to disk (13 GB per Fashion-IQ epoch) and never read; its evaluation images are still cached.
     feature_cache: bool = True
     feature_cache_dir: str = ""  # "" = $CIRLAB_CACHE/features (cirlab.core.paths.cache_dir)
     cnn_width: int = 64  # tiny_cnn: channels of its last stage (stages width/4, width/2, width, each stride 2)
@@ -461,6 +463,7 @@ class ImageEncoder(nn.Module):
         if not config.train_backbone:
             self.backbone.requires_grad_(False)
         self._store_key: tuple[tuple, str] | None = None  # (weights fingerprint, store folder)
+        self._said_uncached = False  # the log line that training views are not cached, once
         self.train()
 
     def train(self, mode: bool = True) -> "ImageEncoder":
@@ -480,9 +483,20 @@ class ImageEncoder(nn.Module):
         """The backbone's feature map ``[B, C, h, w]``; from the feature cache when the backbone is frozen."""
         if self.config.train_backbone:
             return self.backbone(images)
-        if not self.config.feature_cache:
+        if not self.config.feature_cache or self._views_are_random():
             return self._frozen(images)
         return self._feature_store().get_or_compute(images, self._frozen)
+
+    def _views_are_random(self) -> bool:
+        """Training with a transform that crops or flips at random (``amc``): a cached view would never be read."""
+        from cirlab.data.transforms import is_random
+
+        random = self.training and is_random(self.config.transform, train=True)
+        if random and not self._said_uncached:
+            self._said_uncached = True
+            logger.info("AMC feature cache: not used for training views (transform %r crops and flips at random, "
+                        "so no view repeats); evaluation images are cached", self.config.transform)
+        return random
 
     @torch.no_grad()
     def _frozen(self, images: torch.Tensor) -> torch.Tensor:
