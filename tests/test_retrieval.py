@@ -226,6 +226,36 @@ def test_feature_caches_are_written_with_the_users_umask(tmp_path):
                                                                            for p in written}
 
 
+def test_feature_store_keeps_a_bounded_number_of_segments_mapped(tmp_path, monkeypatch, caplog):
+    """Every segment stayed memory-mapped, each map holding a file descriptor: a store of Fashion-IQ's 77K images
+    (300 segments) came near the usual limit of 1024 open files."""
+    import os
+
+    from cirlab.core import featcache
+
+    monkeypatch.setattr(featcache, "MAX_MAPPED", 3)
+    items = torch.arange(40.0).view(20, 2)
+    store = featcache.FeatureStore(tmp_path / "store", flush_rows=2)
+    for i in range(0, 20, 2):
+        store.get_or_compute(items[i:i + 2], lambda x: x * 10)
+    assert len(list((tmp_path / "store").glob("seg-*.npy"))) == 10
+    reopened = featcache.FeatureStore(tmp_path / "store", flush_rows=2)  # a later run
+    fds = len(os.listdir("/proc/self/fd"))
+    got = reopened.get_or_compute(items[torch.randperm(20)], lambda x: pytest.fail("recomputed"))
+    assert sorted(got[:, 0].tolist()) == [float(x) for x in range(0, 400, 20)]
+    assert len(reopened._mapped) == 3 and len(os.listdir("/proc/self/fd")) <= fds + 3
+    # a segment removed since the store was opened: its items are recomputed, once, and stored again
+    for seg in (tmp_path / "store").glob("seg-*.npy"):
+        seg.unlink()
+    reopened._mapped.clear()
+    calls = []
+    with caplog.at_level(logging.WARNING, logger="cirlab.core.featcache"):
+        again = reopened.get_or_compute(items, lambda x: calls.append(len(x)) or x * 10)
+        assert torch.equal(again, items * 10) and calls == [20]
+        reopened.get_or_compute(items, lambda x: calls.append(len(x)) or x * 10)
+    assert calls == [20] and "became unreadable" in caplog.text
+
+
 def test_encode_corpus_recomputes_a_corrupt_cache(tmp_path, caplog):
     key = R.cache_key("x")
     (tmp_path / f"{key}.pt").write_bytes(b"not a torch file")

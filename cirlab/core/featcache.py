@@ -22,6 +22,7 @@ import logging
 import os
 import uuid
 import weakref
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -195,6 +196,9 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- per-item store
+MAX_MAPPED = 64  # segments a FeatureStore keeps memory-mapped at once (each map holds a file descriptor)
+
+
 class FeatureStore:
     """Features of single inputs, keyed by the digest of each input's bytes, memory-mapped on disk.
 
@@ -217,7 +221,8 @@ class FeatureStore:
         self.directory = Path(directory) if directory is not None else None
         self.flush_rows = flush_rows
         self._rows: dict[str, tuple[int, int]] = {}  # digest -> (segment, row)
-        self._segments: list[np.ndarray] = []
+        self._segments: list[Path] = []  # segment files, mapped on demand (:meth:`_segment`)
+        self._mapped: OrderedDict[int, np.ndarray] = OrderedDict()  # the open maps, least recently used first
         self._pending: dict[str, np.ndarray] = {}  # rows not written yet (all of them for an in-memory store)
         self.hits = self.misses = 0
         if self.directory is not None:
@@ -232,25 +237,51 @@ class FeatureStore:
             data_file = keys_file.with_name(keys_file.name.replace(".keys.json", ".npy"))
             try:
                 keys = json.loads(keys_file.read_text(encoding="utf-8"))
-                rows = np.load(data_file, mmap_mode="r")
+                rows = len(np.load(data_file, mmap_mode="r"))  # the map is dropped at once: its fd closes
             except (OSError, ValueError) as err:
                 log.warning("feature store %s: skipping unreadable segment %s (%s)", self.directory, data_file, err)
                 continue
-            if len(keys) != len(rows):
+            if len(keys) != rows:
                 log.warning("feature store %s: segment %s is incomplete; skipped", self.directory, data_file)
                 continue
-            seg = len(self._segments)
-            self._segments.append(rows)
-            for i, k in enumerate(keys):
-                self._rows.setdefault(k, (seg, i))
+            self._add_segment(data_file, keys)
         if self._rows:
             log.info("feature store %s: %d cached items", self.directory, len(self._rows))
 
     def _get(self, digest: str) -> np.ndarray | None:
         loc = self._rows.get(digest)
         if loc is not None:
-            return self._segments[loc[0]][loc[1]]
+            rows = self._segment(loc[0])
+            if rows is not None:
+                return rows[loc[1]]
         return self._pending.get(digest)
+
+    def _add_segment(self, data_file: Path, keys: list[str]) -> None:
+        seg = len(self._segments)
+        self._segments.append(data_file)
+        for i, k in enumerate(keys):
+            self._rows.setdefault(k, (seg, i))
+
+    def _segment(self, seg: int) -> np.ndarray | None:
+        """Segment ``seg`` memory-mapped, None when its file became unreadable (its rows are then recomputed).
+
+        At most :data:`MAX_MAPPED` maps stay open: each holds a file descriptor, and a store of paper-size data
+        has hundreds of segments (Fashion-IQ's 77K images: 300), past the usual limit of 1024 open files with the
+        DataLoader's own. A map dropped from the table closes once no row read from it is alive."""
+        if seg in self._mapped:
+            self._mapped.move_to_end(seg)
+            return self._mapped[seg]
+        try:
+            rows = np.load(self._segments[seg], mmap_mode="r")
+        except (OSError, ValueError) as err:  # removed or replaced since the store was opened
+            log.warning("feature store %s: segment %s became unreadable (%s); its items are recomputed",
+                        self.directory, self._segments[seg], err)
+            self._rows = {k: loc for k, loc in self._rows.items() if loc[0] != seg}  # stored again when recomputed
+            return None
+        self._mapped[seg] = rows
+        while len(self._mapped) > MAX_MAPPED:
+            self._mapped.popitem(last=False)
+        return rows
 
     def get_or_compute(self, inputs: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
         """``compute(inputs)`` row by row, with every row found in the store taken from it instead; ``compute``
@@ -276,10 +307,7 @@ class FeatureStore:
         if self.directory is None or not self._pending:
             return
         for keys, written in FeatureStore._write_segment(self.directory, self._pending):
-            seg = len(self._segments)
-            self._segments.append(np.load(written, mmap_mode="r"))
-            for i, k in enumerate(keys):
-                self._rows.setdefault(k, (seg, i))
+            self._add_segment(written, keys)
         self._pending.clear()
 
     @staticmethod
