@@ -147,6 +147,20 @@ def test_itm_sharded_scores_equal_full_matrix(synth):
         evaluate_itm(model, split, protocol="coco10k")
 
 
+def test_itm_scores_refuse_a_block_of_the_wrong_shape(synth):
+    """The matrix is filled in place (it was held twice): a score block of the wrong shape must not leave
+    uninitialised entries."""
+    from cirlab.core.errors import ModelContractError
+    from cirlab.data import load_precomp
+
+    model = cirlab.create_model("stub_itm", preset="tiny", region_dim=2048).eval()
+    split = load_precomp(synth / "precomp", "f30k", "test")
+    score = model.score
+    model.score = lambda im, tx: score(im, tx)[:, :-1]
+    with pytest.raises(ModelContractError, match=r"score gave a \(3, 2\) block for 3 images x 3 captions"):
+        score_itm(model, split, shard_size=3)
+
+
 def test_coco_protocols_score_folds_only_and_report_both(synth):
     """coco1k scores only its 5 diagonal blocks (1/5 of the pairs) and equals the fold mean of the full matrix;
     coco reports 1K and 5K from one full matrix."""

@@ -31,7 +31,7 @@ import torch
 from cirlab.core.config import whole_number
 from cirlab.core.contracts import (CIRModel, HasGalleryScorer, HasImageTransform, ITMModel, model_label,
                                     require_model)
-from cirlab.core.errors import ConfigError, InputError, ModelMismatchError
+from cirlab.core.errors import ConfigError, InputError, ModelContractError, ModelMismatchError
 from cirlab.data.catalog import DATASETS, ITM_PROTOCOLS
 from cirlab.engine.train import to_device
 
@@ -69,7 +69,6 @@ def _concat(parts: list[Any]) -> Any:
         return type(first)(_concat([p[i] for p in parts]) for i in range(len(first)))
     if isinstance(first, dict):
         return {k: _concat([p[k] for p in parts]) for k in first}
-    from cirlab.core.errors import ModelContractError
 
     raise ModelContractError(f"cannot concatenate encoder outputs of type {type(first).__name__} (an encoder returns "
                              "tensors, or tuples, lists or dicts of them)")
@@ -504,24 +503,38 @@ def score_itm(model: Any, split: Any, *, batch_size: int = 128, shard_size: int 
     require_model(model, ITMModel, "score_itm")  # encode_image, encode_text and score (a dual encoder's: a product)
     model.eval()
     score = model.score
-    images = _itm_encode_shards(lambda b: model.encode_image(b["image_feats"]), split.image_dataset(), shard_size,
-                                batch_size, device, images)
-    captions = _itm_encode_shards(lambda b: model.encode_text(b["text"]), split.caption_dataset(), shard_size,
-                                  batch_size, device, captions)
+    image_data, caption_data = split.image_dataset(), split.caption_dataset()
+    image_rows = range(len(image_data)) if images is None else images
+    caption_rows = range(len(caption_data)) if captions is None else captions
+    image_shards = _itm_encode_shards(lambda b: model.encode_image(b["image_feats"]), image_data, shard_size,
+                                      batch_size, device, image_rows)
+    caption_shards = _itm_encode_shards(lambda b: model.encode_text(b["text"]), caption_data, shard_size,
+                                        batch_size, device, caption_rows)
+    # filled block by block in place: a row strip per shard then their concatenation held the matrix twice
+    # (COCO 5K: 477 MB twice)
+    out = torch.empty(len(image_rows), len(caption_rows))
     rank, world = _world()
-    rows: dict[int, torch.Tensor] = {}
-    for i, image_feats in enumerate(images):
-        if i % world != rank:
-            continue
-        im = to_device(image_feats, device)
-        rows[i] = torch.cat([score(im, to_device(tx, device)).float().cpu() for tx in captions], dim=1)
+    mine = [i for i in range(len(image_shards)) if i % world == rank]
+    for i in mine:
+        im, first = to_device(image_shards[i], device), i * shard_size
+        height, column = len(image_rows[first:first + shard_size]), 0
+        for j, tx in enumerate(caption_shards):
+            block = score(im, to_device(tx, device)).float().cpu()
+            width = len(caption_rows[j * shard_size:(j + 1) * shard_size])
+            if tuple(block.shape) != (height, width):  # torch.empty must not show through a short block
+                raise ModelContractError(f"{model_label(model)}.score gave a {tuple(block.shape)} block for "
+                                         f"{height} images x {width} captions")
+            out[first:first + height, column:column + width] = block
+            column += width
     if world > 1:
         import torch.distributed as dist
 
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, rows)
-        rows = {i: r for part in gathered for i, r in part.items()}
-    return torch.cat([rows[i] for i in range(len(images))])
+        gathered: list[Any] = [None] * world  # a clone per strip: a pickled view would carry the whole matrix
+        dist.all_gather_object(gathered, {i: out[i * shard_size:(i + 1) * shard_size].clone() for i in mine})
+        for part in gathered:
+            for i, strip in part.items():
+                out[i * shard_size:i * shard_size + len(strip)] = strip
+    return out
 
 
 def _refuse_other_feature_width(model: Any, split: Any) -> None:
