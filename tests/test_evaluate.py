@@ -317,3 +317,13 @@ def test_score_split_is_the_matrix_evaluate_cir_ranks(synth):
     assert scores.shape == (len(split.triplets), len(split.gallery_names))
     ranks = target_ranks(scores, split.target_indices(), split.ref_indices())
     np.testing.assert_array_equal(ranks.numpy(), evaluate_cir(model, split)["ranks"]["val_dress"])
+
+
+def test_known_rows_copies_the_score_matrix_only_when_a_target_is_unknown():
+    """A boolean index copied the whole [Q, G] matrix before ranking, though every val target is known."""
+    from cirlab.engine.evaluate import known_rows
+
+    scores = torch.rand(4, 6)
+    assert known_rows(scores, torch.ones(4, dtype=torch.bool)) is scores
+    mask = torch.tensor([True, False, True, True])
+    assert torch.equal(known_rows(scores, mask), scores[mask])

@@ -243,10 +243,12 @@ def subset_scores(score_fn: ScoreFn, split: Any, *, batch_size: int = 8) -> Tens
 
 def subset_ranks(scores: Tensor, split: Any) -> Tensor:
     """Recall_subset ranks (1-based among the five non-reference members) of the queries with a target."""
+    from cirlab.engine.evaluate import known_rows
+
     members, reference = _members(split)
     target = torch.tensor(split.target_indices(), dtype=torch.long)
     known = target >= 0
-    return M.cirr_subset_ranks(scores[known], target[known], reference[known], members[known])
+    return M.cirr_subset_ranks(known_rows(scores, known), target[known], reference[known], members[known])
 
 
 def reranked_metrics(protocol: str, splits: Sequence[Any], topks: Mapping[str, TopK],
