@@ -283,6 +283,9 @@ def test_encode_corpus_argument_errors(tmp_path):
         R.encode_corpus(lambda x: x.tolist(), [{"image": torch.ones(1, 2)}], progress=False)
     with pytest.raises(ValueError, match="no batches"):
         R.encode_corpus(Counter(), [], progress=False)
+    ragged = [{"image": torch.ones(2, 3)}, {"image": torch.ones(1, 4)}]
+    with pytest.raises(ValueError, match=r"batch 1 encodes to rows of shape \(4,\), batch 0 to \(3,\)"):
+        R.encode_corpus(lambda x: x, ragged, progress=False)
 
 
 def test_digests_change_with_content(tmp_path):

@@ -475,18 +475,29 @@ def _encode_batches(encode_fn: Callable[[Any], Tensor], loader: Iterable, key: s
             order.append(torch.as_tensor(batch[index_key]).long().reshape(-1).cpu())
     if not feats:
         raise InputError("encode_corpus: the loader yielded no batches")
-    features = torch.cat(feats)
-    return features if index_key is None else _scatter_by_index(features, torch.cat(order), index_key)
+    n = sum(len(f) for f in feats)
+    if index_key is not None:
+        index = torch.cat(order)
+        if len(index) != n or not torch.equal(index.sort().values, torch.arange(n)):
+            raise InputError(f"encode_corpus: batch['{index_key}'] is not a permutation of 0..{n - 1} "
+                             "(an index is repeated or missing)")
+    return _place(feats, order if index_key is not None else None, n)
 
 
-def _scatter_by_index(features: Tensor, index: Tensor, index_key: str) -> Tensor:
-    """Put row i at position index[i] (loaders may shuffle or re-sort the rows)."""
-    n = len(features)
-    if len(index) != n or not torch.equal(index.sort().values, torch.arange(n)):
-        raise InputError(f"encode_corpus: batch['{index_key}'] is not a permutation of 0..{n - 1} "
-                         "(an index is repeated or missing)")
-    out = torch.empty_like(features)
-    out[index] = features
+def _place(feats: list[Tensor], order: list[Tensor] | None, n: int) -> Tensor:
+    """The batches as one [n, ...] tensor, each batch's rows at its ``order`` positions (loaders may shuffle or
+    re-sort the rows; None: in turn), each batch released once placed: a concatenation held the features twice at
+    its peak, and a scatter after it three times (100K x 1024 floats: +786 / +1181 MB for 391 MB of features)."""
+    first = feats[0]
+    out = first.new_empty((n, *first.shape[1:]))
+    row = 0
+    for i, part in enumerate(feats):
+        if part.shape[1:] != first.shape[1:]:
+            raise InputError(f"encode_corpus: batch {i} encodes to rows of shape {tuple(part.shape[1:])}, batch 0 to "
+                             f"{tuple(first.shape[1:])}")
+        out[order[i] if order is not None else slice(row, row + len(part))] = part.to(out.dtype)
+        row += len(part)
+        feats[i] = None  # type: ignore[call-overload]  # released as soon as it is placed
     return out
 
 
