@@ -22,7 +22,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -296,7 +296,23 @@ class PrecompSplit:
         return CaptionDataset(self)
 
 
-class PairDataset:
+class _CaptionReader:
+    """A dataset that reads its split's captions through a :class:`TextTable` made when it is made."""
+
+    split: PrecompSplit
+    texts: "TextTable"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # workers started by spawn (not fork) share nothing anyway: the table is made again from the split's
+        # captions there, so that they are not pickled twice
+        return {k: v for k, v in self.__dict__.items() if k != "texts"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.texts = TextTable(self.split.captions)
+
+
+class PairDataset(_CaptionReader):
     """One (image, caption) pair per caption, optionally with one random extra caption and/or image.
 
     Extra items are drawn uniformly from the whole split with ``torch.randint`` (global torch RNG: seeded per item
@@ -312,19 +328,19 @@ class PairDataset:
 
     def __init__(self, split: PrecompSplit, extra_text: bool = False, extra_image: bool = False) -> None:
         self.split, self.extra_text, self.extra_image = split, bool(extra_text), bool(extra_image)
+        self.texts = TextTable(split.captions)  # the captions as they are now, read by the workers
 
     def __len__(self) -> int:
-        return len(self.split.captions)
+        return len(self.texts)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         import torch
 
         i = self.split.image_of_caption(k)
-        item = {"image_feats": self.split.features(i), "text": self.split.captions[k], "image_idx": i,
-                "caption_idx": k}
+        item = {"image_feats": self.split.features(i), "text": self.texts[k], "image_idx": i, "caption_idx": k}
         if self.extra_text:
-            j = int(torch.randint(len(self.split.captions), ()))
-            item.update(extra_text=self.split.captions[j], extra_text_image_idx=self.split.image_of_caption(j),
+            j = int(torch.randint(len(self.texts), ()))
+            item.update(extra_text=self.texts[j], extra_text_image_idx=self.split.image_of_caption(j),
                         extra_caption_idx=j)
         if self.extra_image:
             j = int(torch.randint(self.split.num_images, ()))
@@ -343,15 +359,46 @@ class ImageDataset:
         return {"image_feats": self.split.features(i), "image_idx": i}
 
 
-class CaptionDataset:
+class CaptionDataset(_CaptionReader):
     def __init__(self, split: PrecompSplit) -> None:
         self.split = split
+        self.texts = TextTable(split.captions)  # the captions as they are now, read by the workers
 
     def __len__(self) -> int:
-        return len(self.split.captions)
+        return len(self.texts)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        return {"text": self.split.captions[k], "caption_idx": k}
+        return {"text": self.texts[k], "caption_idx": k}
+
+
+class TextTable:
+    """Strings packed in one byte array with their offsets, read as ``table[k]``.
+
+    DataLoader workers are forked: reading an item of a ``list[str]`` writes its reference count, so each worker
+    slowly copies every memory page that holds captions (COCO train's 566K captions: about 86 MB per worker by
+    the end of an epoch). Two numpy arrays are read without writing, and stay shared.
+
+    Examples:
+        >>> t = TextTable(["a dog", "", "café"])
+        >>> len(t), t[2], t[-3], t[1] == ""
+        (3, 'café', 'a dog', True)
+    """
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        encoded = [t.encode("utf-8", "surrogatepass") for t in texts]  # any str, a lone surrogate too, round-trips
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
+        self._data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, k: int) -> str:
+        n = len(self)
+        if not -n <= k < n:
+            raise IndexError(f"text {k} of {n}")
+        k %= n
+        return self._data[self._offsets[k]:self._offsets[k + 1]].tobytes().decode("utf-8", "surrogatepass")
 
 
 def _split_alias(folder: Path, split: str) -> str:
