@@ -23,7 +23,7 @@
 #
 # This notebook: generate the synthetic data, train a small AMC for a few minutes, look at what it
 # retrieves, its metrics, and the gates its router chose. Open it first: it needs nothing but `make setup`
-# (or `pip install 'cirlab[notebooks]'`), whatever folder the kernel starts in, and writes `runs/quickstart/` in
+# (or `pip install 'cirlab[notebooks,lite]'`), whatever folder the kernel starts in, and writes `runs/quickstart/` in
 # the checkout (outside one, in the notebook's folder).
 
 # %%

