@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,6 +214,109 @@ def test_token_cache_atomic_reuse_and_values(cirr_root, tmp_path):
     store2 = br.cache_image_tokens(m, split, tmp_path / "val")
     assert json.loads((tmp_path / "val.json").read_text())["fingerprint"] == br.vision_fingerprint(m)
     assert (store2.take([0]) - store.take([0])).abs().max() > 0.5
+
+
+
+def _count_reads(monkeypatch, split) -> list[str]:
+    """Record the images ``split`` reads (a ViT pass reads each of its images once)."""
+    reads, real = [], split.read_image
+
+    def counted(name, *args, **kwargs):
+        reads.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(split, "read_image", counted)
+    return reads
+
+
+def test_token_cache_written_once_while_a_second_process_waits_for_it(cirr_root, tmp_path, monkeypatch, caplog):
+    """Job-array tasks evaluating one split each ran the ViT pass and wrote their own full-size temporary file. The
+    entry's lock meets another thread as it would another process: this thread holds it as the first writer."""
+    import threading
+
+    from cirlab.core import io
+
+    split = cirlab.data.load_cir("cirr", cirr_root, "val")
+    m = tiny("stage1")
+    reads = _count_reads(monkeypatch, split)
+    stem, waiter_got = tmp_path / "val", []
+    waiter = threading.Thread(target=lambda: waiter_got.append(br.cache_image_tokens(m, split, stem)))
+    with caplog.at_level(logging.INFO, logger="cirlab"):
+        with io.generated_folder_lock(stem):
+            waiter.start()
+            for _ in range(600):  # until the second one says it waits, naming the holder
+                if "is held by another cirlab process (pid " in caplog.text:
+                    break
+                time.sleep(0.05)
+            assert "is held by another cirlab process (pid " in caplog.text
+            assert not reads  # it waits, not computes
+            first = br.cache_image_tokens(m, split, stem)  # the holder writes the cache
+        waiter.join(timeout=60)
+    assert len(reads) == len(br._split_image_names(split))  # one ViT pass
+    assert "written by another process meanwhile" in caplog.text
+    torch.testing.assert_close(waiter_got[0].take([0, 1]), first.take([0, 1]))
+    assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob(".*.lock"))
+
+
+def test_a_complete_token_cache_is_read_without_a_lock(cirr_root, tmp_path, monkeypatch):
+    """A cache folder the user can only read (a shared, pre-computed cache) works as before the lock: reading takes
+    no lock, and a stale entry there takes its lock under <CIRLAB_CACHE>/locks instead of beside it."""
+    from cirlab.core import io
+
+    split = cirlab.data.load_cir("cirr", cirr_root, "val")
+    m = tiny("stage1")
+    shared = tmp_path / "shared"
+    br.cache_image_tokens(m, split, shared / "val")
+
+    def no_lock(*args, **kwargs):
+        raise AssertionError("a complete cache was locked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(io, "file_lock", no_lock)
+        assert len(br.cache_image_tokens(m, split, shared / "val")) == len(split.gallery_names)
+
+    (shared / "val.json").unlink()  # stale (incomplete): rewritten, its lock not beside it in a read-only folder
+    real_access, real_read, held = os.access, split.read_image, set()
+
+    def access(p, mode, **kw):  # the shared folder as a user without write permission sees it
+        return False if Path(p) == shared else real_access(p, mode, **kw)
+
+    def read_image(*args, **kwargs):  # during the ViT pass: the locks held
+        held.update([*(tmp_path / "cache" / "locks").glob("*.lock"), *shared.glob(".*.lock")])
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(io.os, "access", access)
+    monkeypatch.setattr(split, "read_image", read_image)
+    monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "cache"))
+    br.cache_image_tokens(m, split, shared / "val")
+    assert [p.parent for p in held] == [tmp_path / "cache" / "locks"]
+
+
+def test_a_cache_miss_removes_what_killed_writers_of_that_entry_left(cirr_root, tmp_path, caplog):
+    """A writer killed mid-pass (a time limit, scancel) left .<name>.npy.<hex>.tmp, as large as the cache, in
+    CIRLAB_CACHE for good. Other entries' temporaries (their writers may be alive) stay."""
+    from cirlab.core import io
+
+    split = cirlab.data.load_cir("cirr", cirr_root, "val")
+    stem = tmp_path / "val"
+    killed = {}
+    for target in (stem.with_suffix(".npy"), stem.with_suffix(".json"), stem.with_suffix(".npy")):
+        fd, staged = io._create_staged(target)  # what atomic_path had staged when its process was killed
+        os.write(fd, b"\0" * 250_000)
+        os.close(fd)
+        killed[staged] = target
+    others = []
+    for target in (tmp_path / "test1.npy", tmp_path / "va.npy", tmp_path / "val.npy.bak"):
+        fd, staged = io._create_staged(target)
+        os.close(fd)
+        others.append(staged)
+    with caplog.at_level(logging.INFO, logger="cirlab"):
+        br.cache_image_tokens(tiny("stage1"), split, stem)
+    assert not any(p.exists() for p in killed)
+    assert all(p.exists() for p in others)
+    said = sorted(r.getMessage() for r in caplog.records if r.getMessage().startswith("removed "))
+    assert said == sorted(f"removed {p} (0.2 MB), left by a writer of the ViT token cache {target} that was killed"
+                          for p, target in killed.items())
 
 
 def test_topk_files_rerank_and_submission(cirr_root, tmp_path):

@@ -279,6 +279,32 @@ def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return sorted(folder.glob(f".*{TMP_SUFFIX}")) if folder.is_dir() else []
 
 
+def staged_temporaries(path: str | os.PathLike) -> list[Path]:
+    """The temporary files :func:`atomic_path` staged for ``path`` that are still beside it: writes of ``path`` not
+    finished yet, or killed mid-write. Stale only where the caller holds a lock that every writer of ``path``
+    takes; unlike :func:`stale_temporaries` (a whole run folder under its lock), the temporaries of other files in
+    that folder are not listed, as their writers may be alive."""
+    import re
+
+    path = Path(path)
+    name = re.compile(re.escape(f".{_staged_stem(path)}.") + "[0-9a-f]{12}" + re.escape(TMP_SUFFIX))
+    try:
+        entries = os.listdir(path.parent)
+    except OSError:  # no folder yet, or one this process may not list: nothing of ours there
+        return []
+    return sorted(path.parent / entry for entry in entries if name.fullmatch(entry))
+
+
+def _staged_stem(path: Path) -> str:
+    """The part of ``path``'s name that :func:`_create_staged` puts in a staged file's name (the whole name, cut
+    where it nears the file system's name limit)."""
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # as _create_staged: no pathconf, or no folder yet
+        limit = 255
+    return os.fsencode(path.name)[:max(1, limit - 1 - _STAGE_TAIL)].decode(errors="ignore") or "x"
+
+
 # ----------------------------------------------------------------------------------------------- folder locks
 
 LOCK_NAME = ".cirlab.lock"

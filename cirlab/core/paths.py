@@ -4,6 +4,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cirlab.core.errors import ConfigError
+
+
+class NoHomeError(ConfigError, RuntimeError):
+    """No home directory to put a default location in (no ``HOME``, a user id without a passwd entry: a container
+    run with ``--user``); the message names the variable that sets the location instead. A RuntimeError too, as
+    ``Path.home()`` raises, for callers that catch that."""
+
 
 def user_path(value: str) -> str:
     """A path option as a shell would give it unquoted: ``~`` expanded (argparse ``type=``). A quoted ``~`` from a
@@ -22,9 +30,36 @@ def data_root() -> Path:
 
 
 def cache_dir() -> Path:
-    """Cache for derived assets (emoji set, feature caches): ``$CIRLAB_CACHE``, else ``$XDG_CACHE_HOME/cirlab``."""
-    xdg = _env_path("XDG_CACHE_HOME", Path.home() / ".cache")
-    return _env_path("CIRLAB_CACHE", xdg / "cirlab")
+    """Cache for derived assets (emoji set, feature caches): ``$CIRLAB_CACHE``, else ``$XDG_CACHE_HOME/cirlab``,
+    else ``~/.cache/cirlab``. The home directory is looked up only when neither variable is set: a batch job
+    without one that sets ``CIRLAB_CACHE`` works."""
+    for var, below in (("CIRLAB_CACHE", ""), ("XDG_CACHE_HOME", "cirlab")):
+        value = os.environ.get(var, "").strip()
+        if value:
+            return _expand(value, var) / below
+    return home("set CIRLAB_CACHE to a folder for cirlab's cache") / ".cache" / "cirlab"
+
+
+def home(fix: str) -> Path:
+    """The user's home directory, or a one-line :class:`NoHomeError` ending in ``fix`` (what to set instead)."""
+    try:
+        return Path.home()
+    except (RuntimeError, KeyError, OSError):  # no HOME and no passwd entry for this user id
+        raise NoHomeError(f"no home directory (HOME is not set and user id {_uid()} has no passwd entry): "
+                          f"{fix}") from None
+
+
+def _expand(value: str, var: str) -> Path:
+    """``value`` of ``var`` with a leading ``~`` expanded; one line when that needs a home directory there is not."""
+    try:
+        return Path(value).expanduser()
+    except (RuntimeError, KeyError, OSError):
+        raise NoHomeError(f"{var}={value}: no home directory to expand '~' against (HOME is not set and user id "
+                          f"{_uid()} has no passwd entry); give {var} without '~'") from None
+
+
+def _uid() -> str:
+    return str(os.getuid()) if hasattr(os, "getuid") else "?"
 
 
 def runs_dir() -> Path:

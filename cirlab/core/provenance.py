@@ -1,6 +1,7 @@
 """Which code, on which machine, ran a run: ``<run>/provenance.json`` holds one entry per start of the run (the
 first, then each ``--resume``) with the versions, the git commit of the cirlab source, the command line, the host,
-the device and precision in use, and the settings a resume changed (``--allow-config-change``)."""
+the device and precision in use, torch's intra-op thread count, and the settings a resume changed
+(``--allow-config-change``)."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -55,14 +56,21 @@ def _version(module: str) -> str | None:
 
 
 def start_entry(step: int, device: str, precision: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """This start's record: time, step it starts from, command line, code and library versions, host, device."""
+    """This start's record: time, step it starts from, command line, code and library versions, host, device,
+    precision and intra-op threads (a CPU run's losses differ in the last digits with another count)."""
     from cirlab import __version__
 
     return {"started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "from_step": int(step),
             "command": list(sys.argv), "cirlab": __version__, "code": code_version(),
             "torch": _version("torch"), "transformers": _version("transformers"),
             "python": platform.python_version(), "host": platform.node(), "device": device,
-            "precision": precision, **dict(extra or {})}
+            "precision": precision, "threads": _torch_threads(), **dict(extra or {})}
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def record_start(run_dir: Path, entry: Mapping[str, Any], resumed: bool = False) -> None:
@@ -74,7 +82,31 @@ def record_start(run_dir: Path, entry: Mapping[str, Any], resumed: bool = False)
             starts = read_starts(run_dir)
         except (OSError, ValueError) as err:
             logger.warning("%s cannot be read (%s): its earlier entries are replaced by this start's", path, err)
+    if starts:
+        say_other_threads(run_dir, starts[-1], entry)
     write_json(path, {"starts": [*starts, dict(entry)]})
+
+
+def say_other_threads(run_dir: Path, previous: Any, entry: Mapping[str, Any]) -> bool:
+    """Warn when this start of a run uses another intra-op thread count than its previous start: torch sums in
+    another order, so losses and metrics can differ in the last digits, and a resume is exact only with the count
+    the run was interrupted with (a requeued job may land on a node with another allocation or load). A start
+    recorded without a count (a run of an older cirlab) says nothing, nor does a start on a GPU, whose sums the
+    CPU's threads do not order. Returns whether it warned."""
+    before = previous.get("threads") if isinstance(previous, Mapping) else None
+    now = entry.get("threads")
+    if not _is_count(before) or not _is_count(now) or before == now:
+        return False
+    if not str(entry.get("device") or "cpu").startswith("cpu"):
+        return False
+    logger.warning("%s: this start uses %d intra-op threads, its previous start used %d: results can differ in the "
+                   "last digits, and an exact resume needs the same count (CIRLAB_THREADS=%d)", run_dir, now, before,
+                   before)
+    return True
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def read_starts(run_dir: str | os.PathLike) -> list[Any]:

@@ -842,6 +842,11 @@ def default_cache_path(split: Any, fingerprint: str) -> Path:
     return cache_dir() / "blip_rerank" / f"{split.dataset}_{split.split}{cat}_{fingerprint}_{root}"
 
 
+# how long a second process waits for the one writing the same token cache: a waiter that gave up would compute the
+# same tokens itself, as long again, so it waits for the longest ViT pass (a large split on a CPU)
+TOKEN_CACHE_WAIT_S = 6 * 3600.0
+
+
 @torch.no_grad()
 def cache_image_tokens(model: BlipRerankStage1 | BlipRerankStage2, split: Any, path: str | os.PathLike | None = None,
                        *, transform: Callable | None = None, batch_size: int = 32,
@@ -850,6 +855,9 @@ def cache_image_tokens(model: BlipRerankStage1 | BlipRerankStage2, split: Any, p
 
     The cache is ``<path>.npy`` ([G, N, D], memory-mapped on load) plus ``<path>.json`` (names, shape, ViT
     fingerprint). An existing cache with the same names and fingerprint is reused; a stale one is rewritten.
+    Processes that need the same cache at once (a job array) compute it once: the writer holds the entry's lock
+    (:func:`cirlab.core.io.generated_folder_lock`), the others wait for it, then reuse what it wrote. A writer
+    removes the temporary files that killed writers of the entry left behind.
 
     Args:
         model: stage I or II (its frozen ViT is used).
@@ -863,37 +871,78 @@ def cache_image_tokens(model: BlipRerankStage1 | BlipRerankStage2, split: Any, p
     fingerprint = vision_fingerprint(stage1)
     names = _split_image_names(split)
     path = Path(path) if path is not None else default_cache_path(split, fingerprint)
-    meta_path, arr_path = path.with_suffix(".json"), path.with_suffix(".npy")
-    if meta_path.is_file() and arr_path.is_file():
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        # how the images were decoded is part of what was cached; a cache that does not say (written before the
-        # decoding was recorded, with PIL's convert("RGB")) is stale for either choice
-        read = getattr(split, "image_read", "viewer")
-        same = {"images": meta.get("names") == names, "encoder": meta.get("fingerprint") == fingerprint,
-                "image_read": meta.get("image_read") == read}
-        if all(same.values()):
-            logger.info("reusing ViT token cache %s", arr_path)
+    wanted = {"names": names, "fingerprint": fingerprint, "image_read": getattr(split, "image_read", "viewer")}
+    arr_path = path.with_suffix(".npy")
+    if _token_cache_differs(path, wanted) == []:  # no lock to read: a read-only cache folder is used as it is
+        logger.info("reusing ViT token cache %s", arr_path)
+        return TokenStore.load(path)
+    with io.generated_folder_lock(path, wait=TOKEN_CACHE_WAIT_S):
+        why = _token_cache_differs(path, wanted)  # again: another process may have written it while this one waited
+        if why == []:
+            logger.info("reusing ViT token cache %s, written by another process meanwhile", arr_path)
             return TokenStore.load(path)
-        why = [what for what, ok in same.items() if not ok]
-        logger.info("ViT token cache %s is stale (other %s); rewriting", arr_path, ", ".join(why))
+        if why:
+            logger.info("ViT token cache %s is stale (other %s); rewriting", arr_path, ", ".join(why))
+        _remove_killed_writes(path)
+        shape = _write_token_cache(stage1, split, path, wanted, transform, batch_size, dtype)
+    logger.info("wrote ViT token cache %s (%s)", arr_path, shape)
+    return TokenStore.load(path)
+
+
+def _token_cache_differs(path: Path, wanted: dict[str, Any]) -> list[str] | None:
+    """What the token cache at ``path`` was written for that ``wanted`` differs in (``[]``: nothing, reuse it), or
+    None where there is no complete cache (its ``.json`` is written last)."""
+    meta_path, arr_path = path.with_suffix(".json"), path.with_suffix(".npy")
+    if not (meta_path.is_file() and arr_path.is_file()):
+        return None
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    # how the images were decoded is part of what was cached; a cache that does not say (written before the
+    # decoding was recorded, with PIL's convert("RGB")) is stale for either choice
+    same = {"images": meta.get("names") == wanted["names"], "encoder": meta.get("fingerprint") == wanted["fingerprint"],
+            "image_read": meta.get("image_read") == wanted["image_read"]}
+    return [what for what, ok in same.items() if not ok]
+
+
+def _remove_killed_writes(path: Path) -> None:
+    """Remove what killed writers of the token cache ``path`` left: their temporary ``.npy`` (as large as the cache,
+    gigabytes for a real split) and ``.json``. Called under the entry's lock, which every writer holds while it
+    writes, so none of these files belongs to a live writer."""
+    for stem in (path.with_suffix(".npy"), path.with_suffix(".json")):
+        for leftover in io.staged_temporaries(stem):
+            try:
+                size = leftover.stat().st_size
+                leftover.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                logger.warning("cannot remove %s, left by a killed writer of a ViT token cache (%s)", leftover,
+                               err.strerror or err)
+                continue
+            logger.info("removed %s (%.1f MB), left by a writer of the ViT token cache %s that was killed", leftover,
+                        size / 1e6, stem)
+
+
+def _write_token_cache(stage1: BlipRerankStage1, split: Any, path: Path, wanted: dict[str, Any],
+                       transform: Callable | None, batch_size: int, dtype: str) -> list[int]:
+    """One ViT pass over ``wanted["names"]`` into ``<path>.npy``, then ``<path>.json``; returns the array's shape."""
+    names = wanted["names"]
     transform = transform or image_transform(stage1.config)
     shape = [len(names), stage1.config.num_image_tokens, stage1.config.vision_width]
     was_training = stage1.training
     stage1.eval()
     try:
-        with io.atomic_path(arr_path) as tmp, open(tmp, "wb") as fh:
+        with io.atomic_path(path.with_suffix(".npy")) as tmp, open(tmp, "wb") as fh:
             np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
                                                       "fortran_order": False, "shape": tuple(shape)})
             device = stage1.temp.device
             for i0 in range(0, len(names), batch_size):
                 batch = torch.stack([transform(split.read_image(n)) for n in names[i0:i0 + batch_size]])
                 fh.write(stage1.image_tokens(batch.to(device)).float().cpu().numpy().astype(dtype).tobytes())
-        io.write_json(meta_path, {"names": names, "shape": shape, "fingerprint": fingerprint, "dtype": dtype,
-                                  "image_read": getattr(split, "image_read", "viewer")}, indent=None)
+        io.write_json(path.with_suffix(".json"), {"names": names, "shape": shape, "fingerprint": wanted["fingerprint"],
+                                                  "dtype": dtype, "image_read": wanted["image_read"]}, indent=None)
     finally:
         stage1.train(was_training)
-    logger.info("wrote ViT token cache %s (%s)", arr_path, shape)
-    return TokenStore.load(path)
+    return shape
 
 
 class CachedTripletDataset:

@@ -213,7 +213,9 @@ def output_folder(output_dir: str | os.PathLike = "", notebook: str = "notebook"
     else:
         folder = (project_root() or Path.cwd()).resolve() / "runs" / notebook
         if inside_package(folder):  # copy the notebooks out with `cirlab notebooks DIR` to write beside them
-            folder = Path.home() / "cirlab" / "runs" / notebook
+            from cirlab.core.paths import home
+
+            folder = home("set CIRLAB_RUNS or pass output_dir") / "cirlab" / "runs" / notebook
     refuse_foreign_notebook_config(folder)  # now, not after the notebook's work
     return folder
 

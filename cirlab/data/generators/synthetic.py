@@ -555,7 +555,24 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
             raise FolderLockedError(f"cirlab data synth: {out} is being written by another cirlab process "
                                     f"({holder or 'unknown process'}); wait for it to finish or choose another "
                                     "folder") from None
-        return _generate_locked(out, seed, spec, layouts, image_size, overwrite, force, settings)
+        try:
+            return _generate_locked(out, seed, spec, layouts, image_size, overwrite, force, settings)
+        except OSError as err:
+            named = _naming_folder(err, out)
+            if named is None:
+                raise
+            raise named from err
+
+
+def _naming_folder(err: OSError, out: Path) -> OSError | None:
+    """For a full, over-quota or read-only disk met by a write that names no file (PIL's ``save`` says only "No
+    space left on device"), the same error naming ``out``: on a cluster with separate home, scratch and project
+    quotas the user must know which one is full. None for any other error (kept as raised)."""
+    from cirlab.core.io import NO_SPACE
+
+    if err.errno not in NO_SPACE or err.filename:
+        return None
+    return OSError(err.errno, err.strerror or os.strerror(err.errno), str(out))
 
 
 def _generate_locked(out: Path, seed: int, spec: SynthSize, layouts: Sequence[str], image_size: int, overwrite: bool,
