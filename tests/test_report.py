@@ -966,3 +966,11 @@ def test_index_of_a_folder_with_a_metrics_file_that_is_no_utf8(tmp_path):
     (tmp_path / "evaluate" / "metrics.json").write_bytes(b'{"R@1": \xff}')
     page = report.write_index(tmp_path).read_text()
     assert "metrics unreadable: &#x27;utf-8&#x27; codec can&#x27;t decode byte 0xff" in page
+
+
+def test_jobs_auto_counts_the_cpus_allocated_to_this_process(monkeypatch):
+    """--jobs auto read the node's core count: a batch job given 1 CPU of a 64-core node ran two notebooks on it."""
+    monkeypatch.setattr(report, "allocated_cpus", lambda: (1, True))
+    assert report._jobs("auto") == 1
+    monkeypatch.setattr(report, "allocated_cpus", lambda: (8, True))
+    assert report._jobs("auto") == 2 and report._jobs("3") == 3

@@ -60,7 +60,7 @@ from typing import Any, Mapping, Sequence, TextIO
 from cirlab.core.errors import ConfigError, MissingPathError
 from cirlab.core.io import flat_numbers, folder_lock, write_json
 from cirlab.core.paths import user_path
-from cirlab.core.threads import CHILD_ENV, ENV, thread_env
+from cirlab.core.threads import CHILD_ENV, ENV, allocated_cpus, thread_env
 
 logger = logging.getLogger(__name__)
 
@@ -1029,7 +1029,9 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
     _require_extras(names)
     jobs = min(jobs, len(names)) or 1
     # the kernels inherit it: one passive-waiting thread on a small machine, the cores shared between the jobs
-    os.environ.update(thread_env(None if jobs == 1 or os.environ.get(ENV) else max(1, (os.cpu_count() or 1) // jobs)))
+    # (the CPUs this process may use: a batch job's allocation, not the node's count)
+    share = max(1, allocated_cpus()[0] // jobs)
+    os.environ.update(thread_env(None if jobs == 1 or os.environ.get(ENV) else share))
     check_overrides(overrides, names)
     check_override_types(overrides, names, notebook_dir)
     overrides = resolve_input_paths(overrides, names, out)
@@ -1737,7 +1739,7 @@ def _jobs(value: str) -> int:
     """``--jobs``: a whole number >= 1, or ``auto`` (2 where there are 2 or more cores: the report's longest entry,
     train_dime, then runs beside the AMC chain instead of after it)."""
     if value == "auto":
-        return 2 if (os.cpu_count() or 1) >= 2 else 1
+        return 2 if allocated_cpus()[0] >= 2 else 1
     try:
         n = int(value)
     except ValueError:
