@@ -500,6 +500,28 @@ def test_frozen_feature_cache_skips_training_views_of_a_random_transform(tmp_pat
     assert store.misses == len(pool)
 
 
+def test_frozen_feature_cache_keeps_features_of_each_precision_apart(tmp_path, monkeypatch) -> None:
+    """A bf16-autocast run filled the store, and an fp32 run then trained on its bf16 features without a word."""
+    from cirlab.core import featcache
+
+    monkeypatch.setattr(featcache, "_STORES", {})
+    model = tiny(train_backbone=False, feature_cache_dir=str(tmp_path)).eval()
+    enc = model.image_encoder
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = enc.backbone_features(images)
+        full = enc.backbone_features(images)
+        assert torch.equal(full, enc._frozen(images))  # computed in fp32, not read from the bf16 entries
+        assert not torch.equal(full, half)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(enc.backbone_features(images), half)  # each precision still reuses its own
+            half_store = enc._feature_store("cpu")
+    full_store = enc._feature_store("cpu")
+    assert half_store is not full_store and (half_store.hits, half_store.misses) == (3, 3)
+    assert (full_store.hits, full_store.misses) == (0, 3)
+
+
 def test_only_the_amc_training_transform_draws_at_random() -> None:
     import numpy as np
     from PIL import Image

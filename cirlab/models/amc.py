@@ -485,7 +485,7 @@ class ImageEncoder(nn.Module):
             return self.backbone(images)
         if not self.config.feature_cache or self._views_are_random():
             return self._frozen(images)
-        return self._feature_store().get_or_compute(images, self._frozen)
+        return self._feature_store(images.device.type).get_or_compute(images, self._frozen)
 
     def _views_are_random(self) -> bool:
         """Training with a transform that crops or flips at random (``amc``): a cached view would never be read."""
@@ -509,15 +509,20 @@ class ImageEncoder(nn.Module):
             out.append(self.backbone(part)[:min(chunk, n - i)])
         return torch.cat(out)
 
-    def _feature_store(self) -> Any:
-        """The store for the current backbone weights (shared by copies of this model, e.g. the EMA)."""
+    def _feature_store(self, device_type: str = "cpu") -> Any:
+        """The store for the current backbone weights and the precision the backbone runs in (shared by copies of
+        this model, e.g. the EMA). Under bf16/fp16 autocast (``train.precision``) the features differ from fp32
+        ones: an fp32 run read a bf16 run's features from a shared store, and its losses depended on which run
+        filled the cache first."""
         from cirlab.core import featcache
 
+        precision = str(torch.get_autocast_dtype(device_type)).removeprefix("torch.") \
+            if torch.is_autocast_enabled(device_type) else "float32"
         tensors = (*self.backbone.parameters(), *self.backbone.buffers())
-        fingerprint = tuple((t.data_ptr(), t._version) for t in tensors)  # changes when weights are loaded
-        if self._store_key is None or self._store_key[0] != fingerprint:  # first use, or weights were loaded
+        fingerprint = (precision, *((t.data_ptr(), t._version) for t in tensors))  # weights loaded: other pointers
+        if self._store_key is None or self._store_key[0] != fingerprint:  # first use, weights loaded, other precision
             key = featcache.cache_key("amc-backbone", self.config.backbone, self.FROZEN_CHUNK, torch.__version__,
-                                      featcache.state_dict_digest(self.backbone), featcache.DIGEST_SCHEME)
+                                      featcache.state_dict_digest(self.backbone), featcache.DIGEST_SCHEME, precision)
             root = Path(self.config.feature_cache_dir) if self.config.feature_cache_dir else featcache.default_dir()
             self._store_key = (fingerprint, str(root / "amc" / key))
         return featcache.open_store(self._store_key[1])
