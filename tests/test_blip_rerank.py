@@ -217,6 +217,21 @@ def test_token_cache_atomic_reuse_and_values(cirr_root, tmp_path):
 
 
 
+def test_token_cache_of_another_dtype_is_not_reused(cirr_root, tmp_path, monkeypatch):
+    """A float16 cache was read when float32 ("exact") was asked for; the default path now names a non-float32
+    dtype, so the two live side by side."""
+    monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "cache"))
+    split = cirlab.data.load_cir("cirr", cirr_root, "val")
+    m = tiny("stage1")
+    half = br.cache_image_tokens(m, split, tmp_path / "val", dtype="float16")
+    full = br.cache_image_tokens(m, split, tmp_path / "val")
+    assert half.tokens.dtype == np.float16 and full.tokens.dtype == np.float32
+    assert json.loads((tmp_path / "val.json").read_text())["dtype"] == "float32"
+    fingerprint = br.vision_fingerprint(m)
+    assert br.default_cache_path(split, fingerprint, "float16") != br.default_cache_path(split, fingerprint)
+    assert br.default_cache_path(split, fingerprint, "float16").name.endswith("_float16")
+
+
 def _count_reads(monkeypatch, split) -> list[str]:
     """Record the images ``split`` reads (a ViT pass reads each of its images once)."""
     reads, real = [], split.read_image

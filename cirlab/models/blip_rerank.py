@@ -832,14 +832,16 @@ def _split_image_names(split: Any) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def default_cache_path(split: Any, fingerprint: str) -> Path:
-    """``cirlab.core.paths.cache_dir()/blip_rerank/<dataset>_<split>[_<category>]_<vit>_<root>``: the root's hash
-    keeps two data sets with the same image names (two synthetic sizes) apart."""
+def default_cache_path(split: Any, fingerprint: str, dtype: str = "float32") -> Path:
+    """``cirlab.core.paths.cache_dir()/blip_rerank/<dataset>_<split>[_<category>]_<vit>_<root>[_<dtype>]``: the
+    root's hash keeps two data sets with the same image names (two synthetic sizes) apart, the storage dtype (named
+    unless float32) a half-size cache from the exact one."""
     from cirlab.core.paths import cache_dir
 
     cat = f"_{split.category}" if getattr(split, "category", None) else ""
     root = hashlib.sha1(str(Path(split.root).resolve()).encode()).hexdigest()[:8]
-    return cache_dir() / "blip_rerank" / f"{split.dataset}_{split.split}{cat}_{fingerprint}_{root}"
+    stored = "" if dtype == "float32" else f"_{dtype}"
+    return cache_dir() / "blip_rerank" / f"{split.dataset}_{split.split}{cat}_{fingerprint}_{root}{stored}"
 
 
 # how long a second process waits for the one writing the same token cache: a waiter that gave up would compute the
@@ -854,7 +856,8 @@ def cache_image_tokens(model: BlipRerankStage1 | BlipRerankStage2, split: Any, p
     """Compute the frozen ViT tokens of every image a split names, once, and write them atomically.
 
     The cache is ``<path>.npy`` ([G, N, D], memory-mapped on load) plus ``<path>.json`` (names, shape, ViT
-    fingerprint). An existing cache with the same names and fingerprint is reused; a stale one is rewritten.
+    fingerprint, dtype). An existing cache with the same names, fingerprint, image decoding and dtype is reused; a
+    stale one is rewritten.
     Processes that need the same cache at once (a job array) compute it once: the writer holds the entry's lock
     (:func:`cirlab.core.io.generated_folder_lock`), the others wait for it, then reuse what it wrote. A writer
     removes the temporary files that killed writers of the entry left behind.
@@ -870,8 +873,9 @@ def cache_image_tokens(model: BlipRerankStage1 | BlipRerankStage2, split: Any, p
     stage1 = model.stage1 if isinstance(model, BlipRerankStage2) else model
     fingerprint = vision_fingerprint(stage1)
     names = _split_image_names(split)
-    path = Path(path) if path is not None else default_cache_path(split, fingerprint)
-    wanted = {"names": names, "fingerprint": fingerprint, "image_read": getattr(split, "image_read", "viewer")}
+    path = Path(path) if path is not None else default_cache_path(split, fingerprint, dtype)
+    wanted = {"names": names, "fingerprint": fingerprint, "image_read": getattr(split, "image_read", "viewer"),
+              "dtype": dtype}
     arr_path = path.with_suffix(".npy")
     if _token_cache_differs(path, wanted) == []:  # no lock to read: a read-only cache folder is used as it is
         logger.info("reusing ViT token cache %s", arr_path)
@@ -899,7 +903,8 @@ def _token_cache_differs(path: Path, wanted: dict[str, Any]) -> list[str] | None
     # how the images were decoded is part of what was cached; a cache that does not say (written before the
     # decoding was recorded, with PIL's convert("RGB")) is stale for either choice
     same = {"images": meta.get("names") == wanted["names"], "encoder": meta.get("fingerprint") == wanted["fingerprint"],
-            "image_read": meta.get("image_read") == wanted["image_read"]}
+            "image_read": meta.get("image_read") == wanted["image_read"],
+            "dtype": meta.get("dtype") == wanted["dtype"]}  # a float16 cache is no answer to a float32 request
     return [what for what, ok in same.items() if not ok]
 
 
