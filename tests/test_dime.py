@@ -871,3 +871,25 @@ def test_the_renamed_warmup_field_is_read_from_stored_configs_and_refused_in_new
     from cirlab.models.hrem import HREM
 
     assert HREM.uses_max_violation is D.DIME.uses_max_violation
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_fp16_autocast_training_step_is_finite(direction):
+    """Under fp16 autocast GLGC's norm clamp (1e-24) and the path normaliser's eps (1e-8) are 0: NaN at step 1."""
+    model = _tiny(direction)
+    model.train()
+    _randomise_routers(model)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = model.training_step(_batch())
+    loss = sum(v for k, v in out.items() if k.endswith("_loss"))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    cell = D.GlobalLocalGuidanceCell.forward
+    tiny = torch.full((2, 5, 8), 1e-5, dtype=torch.float16)  # m * m is 0 in fp16 on every token
+    fake = type("G", (), {"fc_1": lambda self, x: x})()
+    assert torch.isfinite(cell(fake, tiny, torch.ones(2, 1, 8, dtype=torch.float16), None)).all()
+    zero = torch.zeros(3, 4, 4, 4, dtype=torch.float16)  # every router of every destination 0
+    _, paths = D.mix_dense([torch.ones(3, 4, 2, 8)] * 4, zero, torch.Size([3, 4, 2, 8]))
+    assert torch.isfinite(paths).all()
+

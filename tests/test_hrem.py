@@ -719,3 +719,12 @@ def test_with_and_without_the_instance_module_the_encoders_start_the_same():
         torch.manual_seed(0)  # the trainer re-seeds before its first step
         losses.append(model.training_step(_batch(image_idx=list(range(6))))["base_loss"])
     assert torch.equal(losses[0], losses[1])
+
+
+def test_hrem_l2norm_of_a_zero_fp16_row_is_zero_not_nan():
+    from cirlab.models.hrem import l2norm
+
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0]], dtype=torch.float16)
+    out = l2norm(x)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), torch.tensor([[0.0, 0.0], [0.6, 0.8]]), atol=1e-3, rtol=0)

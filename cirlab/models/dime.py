@@ -341,7 +341,10 @@ class GlobalLocalGuidanceCell(_Cell):
             m = m * mask.unsqueeze(-1).to(m.dtype)
         # F.normalize(m, dim=-2), written out: a vector norm over the token axis is a slow strided reduction on CPU.
         # The clamp comes before the sqrt (eps 1e-12 squared): a feature that is 0 on every token (the guide's
-        # ReLU zeros, bf16 underflow) made sqrt's gradient inf and the step NaN; F.normalize's norm has gradient 0
+        # ReLU zeros, bf16 underflow) made sqrt's gradient inf and the step NaN; F.normalize's norm has gradient 0.
+        # Under fp16 autocast 1e-24 is 0 and m * m is 0 below 2.4e-4 (NaN at step 1): the norm is taken in fp32
+        if m.dtype == torch.float16:
+            m = m.float()
         return (1 + m / (m * m).sum(-2, keepdim=True).clamp_min(1e-24).sqrt()) * local
 
 
@@ -379,6 +382,8 @@ def mix_dense(embs: Sequence[torch.Tensor], raw: torch.Tensor, shape: torch.Size
     = [Ni, Nt, L, d]). Returns the 4 destination inputs [Ni, Nt, 4, L, d] and the per-destination normalised
     paths. A destination whose raw incoming weights sum below 1e-4 also receives the RIC output (skip).
     """
+    if raw.dtype == torch.float16:  # _PATH_EPS is 0 in fp16: a destination whose routers are all 0 gave 0 / 0
+        raw = raw.float()
     total = raw.sum(-1, keepdim=True)
     paths = raw / (total + _PATH_EPS)
     gate = (total < _PATH_THRESHOLD).to(paths.dtype)  # [..., 4, 1]

@@ -145,7 +145,10 @@ class HREMConfig(PresetMixin):
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``x / (||x|| + eps)`` over the last axis (the code's l2norm; F.normalize clamps instead)."""
+    """``x / (||x|| + eps)`` over the last axis (the code's l2norm; F.normalize clamps instead); in fp32 for an
+    fp16 ``x`` (eps 1e-8 is 0 in fp16: a zero row gave 0 / 0), returned in ``x``'s dtype."""
+    if x.dtype == torch.float16:
+        return l2norm(x.float(), eps).to(x.dtype)
     return x / (x.norm(dim=-1, keepdim=True) + eps)
 
 
