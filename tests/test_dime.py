@@ -840,6 +840,25 @@ def test_score_matrix_precision_choice(monkeypatch):
         assert isinstance(D._autocast(model, gpu), torch.autocast)
 
 
+def test_a_bf16_score_matrix_on_a_cpu_is_bf16_in_every_block():
+    """Blocks of up to pairs_per_shard pairs went through the fp32 module path on a CPU, larger ones through the
+    bf16 kernel: one matrix mixed both and was recorded as bfloat16."""
+    model = _tiny("i2t", eval_dtype="bf16", pairs_per_shard=16).eval()
+    batch = _batch()
+    with torch.no_grad():
+        img, txt = model.encode_image(batch["image_feats"]), model.encode_text(batch["text"])
+        small = model.score(_slice_items(img, 2), _slice_items(txt, 3))  # 6 pairs: a small block
+        kernel = D.score_matrix(model, img, txt)
+        fp32 = D.score_matrix(model, img, txt, dtype=torch.float32)
+    assert model.eval_precision("cpu") == "bfloat16"
+    torch.testing.assert_close(small, kernel[:2, :3], rtol=0, atol=0)
+    assert not torch.equal(small, fp32[:2, :3])
+
+
+def _slice_items(encoded: dict, n: int) -> dict:
+    return {k: v[:n] for k, v in encoded.items()}
+
+
 def test_guidance_cell_gradient_stays_finite_on_a_feature_zero_over_all_tokens():
     """A guide entry of 0 (its ReLU) zeroes that feature on every token: sqrt(0) gave the norm an infinite gradient
     and DIME's bf16 step NaN weights at its second step. The cell still equals F.normalize's formula."""

@@ -639,7 +639,10 @@ class DIME(MaxViolationWarmup, BertVocabMixin, nn.Module):
         ni, nt = image["img"].shape[0], text["stc"].shape[0]
         if torch.is_grad_enabled() and self.training:
             return self.itr_module(image, text)[0]
-        if ni * nt <= _pairs_per_shard(self, self.device):
+        # on a CPU the module path runs in fp32 and the kernel in eval_dtype: with bf16 every block goes to the
+        # kernel, so that one matrix is never part fp32 (its small blocks), part bf16, and recorded as bf16
+        module_path = self.device.type != "cpu" or eval_dtype(self, self.device) == torch.float32
+        if module_path and ni * nt <= _pairs_per_shard(self, self.device):
             with _autocast(self, self.device):
                 return self.itr_module(image, text)[0].float()
         return score_matrix(self, image, text, device=self.device).to(self.device)
