@@ -537,3 +537,12 @@ def test_stage2_started_from_stage1_says_its_new_layers_are_expected_missing(cap
     # said with why (new in stage II, random as the original starts them), not warned about as weights left untouched
     assert "merge layers and cls_head: new" in report.summary()
     assert [r.levelname for r in caplog.records] == ["INFO"]
+
+
+def test_inference_precision_is_recorded_as_it_runs():
+    from cirlab.core.contracts import HasEvalPrecision
+
+    for stage in ("stage1", "stage2"):
+        for bf16, name in ((False, "float32"), (True, "bfloat16")):
+            model = tiny(stage, bf16=bf16)
+            assert isinstance(model, HasEvalPrecision) and model.eval_precision("cpu") == name

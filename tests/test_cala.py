@@ -586,3 +586,12 @@ def test_a_start_from_a_cirlab_checkpoint_is_recorded_in_init_from_json(tmp_path
     home = Path.home()  # "~/..." as DIME's and the re-ranker's init_from take it (was: no such file / LAVIS reader)
     relative = os.path.relpath(path, home)
     assert tiny(init_from=f"~/{relative}").load_init(None) == []
+
+
+def test_inference_precision_is_recorded_as_it_runs():
+    """bf16=True runs CaLa's inference under bf16 autocast; the run and `cirlab eval` recorded float32 (no record)."""
+    from cirlab.core.contracts import HasEvalPrecision
+
+    for bf16, name in ((False, "float32"), (True, "bfloat16")):
+        model = tiny(bf16=bf16)
+        assert isinstance(model, HasEvalPrecision) and model.eval_precision("cpu") == name

@@ -280,6 +280,10 @@ class BlipRerankStage1(nn.Module):
     def _autocast(self) -> Any:
         return torch.autocast(self.temp.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
+    def eval_precision(self, device: Any) -> str:
+        """What inference runs in (``bf16=True``: bf16 autocast), recorded with the run and by ``cirlab eval``."""
+        return "bfloat16" if self.config.bf16 else "float32"
+
     # -- encoders -----------------------------------------------------------------------------------------------
     def compose(self, ref_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``z_t``: the text encoder's last hidden state over the reference tokens, [B, L, D]."""
@@ -543,6 +547,9 @@ class BlipRerankStage2(nn.Module):
 
     def _autocast(self) -> Any:
         return self.stage1._autocast()
+
+    def eval_precision(self, device: Any) -> str:
+        return self.stage1.eval_precision(device)
 
     # -- pieces -------------------------------------------------------------------------------------------------
     def z_t(self, ref_tokens: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,8 @@ Behaviour choices, defaults first, the original as a named option:
 * Precision: the original trains under fp16 autocast with a GradScaler (its frozen ViT-L in fp16); cirlab's trainer
   default (``precision="auto"``) uses bf16 autocast on CUDA and fp32 on the CPU, with the tower in the autocast
   dtype. ``--set train.precision=fp16`` gives the original's fp16 + GradScaler; evaluation runs in fp32, as the
-  released ``validate.py`` does (``.float()``).
+  released ``validate.py`` does (``.float()``), unless ``bf16=True``, which runs inference under bf16 autocast too
+  (recorded as ``eval_precision`` with the run and in ``cirlab eval``'s output).
 * ``ablation``: ``image_only`` / ``text_only`` baselines (query = reference image through the multimodal Q-Former's
   image mode / the text CLS alone), trained with QTM only, for the benchmarks.
 
@@ -604,6 +605,10 @@ class CaLa(nn.Module):
 
     def _autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def eval_precision(self, device: Any) -> str:
+        """What inference runs in (``bf16=True``: bf16 autocast), recorded with the run and by ``cirlab eval``."""
+        return "bfloat16" if self.config.bf16 else "float32"
 
     # -- features -----------------------------------------------------------------------------------------------
     def features(self, ref_images: torch.Tensor, texts: Sequence[str], target_images: torch.Tensor,
