@@ -34,7 +34,8 @@ Behaviour choices, defaults first, the original as a named option:
   stage-II training, so its dropout acts as noise; ``False`` computes it in eval mode.
 * The LR schedule is the original per-epoch cosine *without clamping* (trainer ``schedule="periodic_cosine"``,
   ``cosine_epochs`` = ``--blip-max-epoch``): with CIRR stage I (max_epoch 10, 40 epochs) the LR is 0 at epochs 10
-  and 30 and back to 2e-5 at 20; CIRR stage II (80 / 100) reaches 0 at 80 and rises to ~0.13 x lr0 in its last epoch (99).
+  and 30 and back to 2e-5 at 20; CIRR stage II (80 / 100) reaches 0 at 80 and rises to ~0.13 x lr0 in its last
+  epoch (99).
   ``schedule="cosine"`` in the trainer is the clamped alternative.
 * Precision: the original uses fp16 autocast + GradScaler; cirlab's trainer default (``precision="auto"``) uses bf16
   autocast on CUDA. ``bf16=True`` also runs inference (:meth:`encode_query`, :meth:`score_candidates`) under bf16.
