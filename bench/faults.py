@@ -7,8 +7,9 @@
     .venv/bin/python bench/faults.py --only resume    # kinds whose name contains "resume", table on stdout only
 
 Each kind runs in a fresh workspace that also holds somebody's own dataset and notes; its outcome is one of: clear
-(a one-line error naming the field or file with exit status 2 -- 1 for ``data check`` problems -- or, for faults
-the tool absorbs, the right result plus a line saying what it did), traceback, silent (exit 0 or nothing said where
+(a one-line error naming the field or file with exit status 2 -- 1 for ``data check`` problems, 75 where the same
+command may succeed later -- or, for faults the tool absorbs, the right result plus a line saying what it did),
+traceback, silent (exit 0 or nothing said where
 something was due), unclear message (an error, but not the right words or exit status), data lost (a file outside
 the case's own run folder changed). The kinds and the verdicts are the test module's, so this table and
 ``make test`` can never disagree.
@@ -93,7 +94,8 @@ def report(rows: list, seconds: float, argv: str) -> str:
         "Every kind runs in a fresh workspace that also holds somebody's own Fashion-IQ folder and notes, hashed "
         "before and after (`$TMP` below is the temporary folder of the run). *Clear* means a one-line error "
         "naming the field or file (exit status 2; 1 for `cirlab "
-        "data check`'s list of problems; 130/143 after Ctrl-C/SIGTERM, with `last.pt` saved and the resume command "
+        "data check`'s list of problems; 75 where the same command may succeed later: a folder in use by another "
+        "cirlab process, a full disk; 130/143 after Ctrl-C/SIGTERM, with `last.pt` saved and the resume command "
         f"named) or, for the {sum(k.absorbed for k, _, _ in rows)} faults the tool must absorb, the right result "
         "plus a line saying what it did. *Unclear message* would be an error with the wrong words or exit status.",
         "",

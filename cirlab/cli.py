@@ -19,6 +19,12 @@ from cirlab.core.paths import user_path
 
 logger = logging.getLogger("cirlab")
 
+# exit statuses (docs/architecture.md lists them all): 2 the user's input is at fault (fix it, then run again);
+# 75, sysexits.h's EX_TEMPFAIL, a retry may succeed as it is (the folder is in use by another cirlab process, the
+# disk is full or over quota); 128 + N a stop signal (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1 on Linux)
+EXIT_INPUT = 2
+EXIT_RETRY = 75
+
 EXAMPLES = """examples (from the repository root; `cirlab COMMAND --help` explains each command):
   cirlab data synth --size tiny --out data/synth                 # the embedded synthetic sets
   cirlab train configs/amc_synthetic_tiny.yaml --set train.max_steps=20 --output-dir runs/demo
@@ -433,9 +439,11 @@ def _blame_a_writer(run_dir: Path | None, checkpoint: Path) -> None:
         return
     holder = lock_holder(run_dir)
     if holder:
-        raise CheckpointError(f"{checkpoint} vanished before it was read: {run_dir} is being written by another "
+        err = CheckpointError(f"{checkpoint} vanished before it was read: {run_dir} is being written by another "
                               f"cirlab process ({holder}), e.g. a `cirlab train --overwrite` of it; evaluate when "
-                              "it finishes") from None
+                              "it finishes")
+        err.exit_code = EXIT_RETRY  # type: ignore[attr-defined]  # the folder in use: the same command, later
+        raise err from None
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -727,16 +735,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_command(args)
 
 
+def _launch_rank() -> int:
+    """This process's rank as ``torchrun`` sets it (``RANK``; 0 outside a launcher): logging is set up before the
+    training joins the process group."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
 @contextlib.contextmanager
 def _command_logging(verbose: bool) -> Iterator[None]:
     """Log lines on stderr for the command (INFO; ``-v``: cirlab's DEBUG lines too), and logging as it was
     afterwards: called in a notebook, ``logging.basicConfig`` left every library's INFO lines on for the session,
-    and ``-v`` cirlab's DEBUG ones."""
+    and ``-v`` cirlab's DEBUG ones. Under ``torchrun`` the processes other than rank 0 write only warnings and
+    errors, marked ``[rank N]``: every line came once per process, in the same job log."""
     root, own = logging.getLogger(), logging.getLogger("cirlab")
-    levels, added = (root.level, own.level), None
+    levels, added, rank = (root.level, own.level), None, _launch_rank()
     if not root.handlers:
         added = logging.StreamHandler(sys.stderr)
-        added.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        mark = f"[rank {rank}] " if rank else ""
+        added.setFormatter(logging.Formatter(f"%(asctime)s {mark}%(levelname)s %(name)s: %(message)s"))
+        added.setLevel(logging.WARNING if rank else logging.NOTSET)
         root.addHandler(added)
         root.setLevel(logging.INFO)
     if verbose:  # cirlab's own debug lines: the root logger's would add every library's (PIL: lines per image)
@@ -758,7 +778,7 @@ def _run_command(args: argparse.Namespace) -> int:
         return int(args.func(args) or 0)
     except CirlabError as err:  # the user's input: one line, never a traceback
         logger.error("%s", " ".join(str(err).split()))
-        return int(getattr(err, "exit_code", 2))
+        return int(getattr(err, "exit_code", EXIT_RETRY if _worth_a_retry(err) else EXIT_INPUT))
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM where a command takes it the same way (its own code)
         logger.error("%s", getattr(err, "message", "interrupted"))
         return int(getattr(err, "exit_code", 130))
@@ -771,12 +791,30 @@ def _run_command(args: argparse.Namespace) -> int:
         if err.errno == errno.ENAMETOOLONG:  # a path the user chose: one line, as for other input
             logger.error("%sfile name too long (a name may take 255 bytes: 255 ASCII letters, 85 CJK characters); "
                          "choose a shorter folder or file name", where)
-            return 2
+            return EXIT_INPUT
         if err.errno not in NO_SPACE:
             raise
         logger.error("%scannot write (%s): free space or choose another folder, then run the same command again",
                      where, err.strerror or err)
-        return 2
+        return EXIT_RETRY if _worth_a_retry(err) else EXIT_INPUT  # a read-only folder stays read-only
+
+
+def _worth_a_retry(err: BaseException) -> bool:
+    """Whether the same command may succeed later as it is: another cirlab process holds the folder's lock, or the
+    disk was full or over quota (the error itself, or the OSError it was raised from). A requeue or retry wrapper
+    tells these from the user's errors by the exit status."""
+    import errno
+
+    from cirlab.core.io import FolderLockedError
+
+    retry = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT") if hasattr(errno, name)}
+    seen: list[BaseException] = []
+    while err is not None and not any(err is e for e in seen):
+        if isinstance(err, FolderLockedError) or (isinstance(err, OSError) and err.errno in retry):
+            return True
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def console() -> None:

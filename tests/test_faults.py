@@ -1,7 +1,8 @@
 """Fault injection (issue 18, "Nothing lost, nothing silent").
 
 Every kind of bad input or fault below ends in one of two ways: a clear error (a one-line message naming the field
-or file, exit status 2 -- 1 for ``cirlab data check``'s "problems found" -- and no traceback), or, for faults the
+or file, exit status 2 -- 1 for ``cirlab data check``'s "problems found", 75 where the same command may succeed
+later: a folder in use by another cirlab process, a full disk -- and no traceback), or, for faults the
 tool has to absorb (Ctrl-C, a torn log line, a stale lock, an orphaned temporary file, a 600k-word caption), the
 right result plus a line saying what was done. No kind may end in a traceback, in a silent (wrong or unexplained)
 result, or with a file outside its own run folder changed: every case runs in a workspace holding somebody's own
@@ -38,7 +39,7 @@ import yaml
 import stub_models  # noqa: F401 - registers stub_cir / stub_itm
 from fixtures_data import write_cirr, write_fashioniq, write_image, write_precomp
 
-from cirlab.cli import main
+from cirlab.cli import EXIT_RETRY, main
 
 GROUPS = ("data loss", "silently wrong", "wrong cause", "traceback or late failure")
 VERDICTS = ("clear", "traceback", "silent", "unclear message", "data lost")
@@ -378,7 +379,7 @@ def f_two_runs_into_one_folder_at_once(ws: Workspace) -> Outcome:
         holder.kill()
         holder.wait()
     return first_failure(expect_error(call, rf"{re.escape(str(run))} is in use by another cirlab process \(pid "
-                                            rf"{holder.pid}"),
+                                            rf"{holder.pid}", code=EXIT_RETRY),
                          check(not (run / "config.yaml").exists(), "the refused run wrote into the folder"))
 
 
@@ -407,7 +408,7 @@ def f_two_reports_into_one_folder_at_once(ws: Workspace) -> Outcome:
         holder.kill()
         holder.wait()
     return first_failure(expect_error(call, rf"{re.escape(str(out.resolve()))} is in use by another cirlab process "
-                                            rf"\(pid {holder.pid}"),
+                                            rf"\(pid {holder.pid}", code=EXIT_RETRY),
                          check(after == before, "the refused report changed the folder"))
 
 
@@ -1187,7 +1188,8 @@ def f_disk_full_writing_a_checkpoint(ws: Workspace) -> Outcome:
         call = cli("train", ws.config(train={"max_steps": 5}), "--output-dir", run, "--resume")
     leftovers = sorted(p.name for p in last.parent.iterdir())
     return first_failure(expect_error(call, r"cannot write checkpoint .*last\.pt \(OSError: .*No space left on "
-                                            r"device.*MiB free.*\); the previous last\.pt is kept unchanged"),
+                                            r"device.*MiB free.*\); the previous last\.pt is kept unchanged",
+                                      code=EXIT_RETRY),
                          check(last.read_bytes() == good, "last.pt changed", "data lost"),
                          check(leftovers == ["best.pt", "last.pt"], f"left behind: {leftovers}"))
 
@@ -1200,7 +1202,7 @@ def f_disk_full_writing_the_log(ws: Workspace) -> Outcome:
     with mock.patch.object(_RunLog, "write", _no_space):
         call = cli("train", ws.config(train={"max_steps": 5}), "--output-dir", run, "--resume")
     return expect_error(call, r"cannot write to the run folder .*No space left on device.*the last complete "
-                              r"checkpoint is kept")
+                              r"checkpoint is kept", code=EXIT_RETRY)
 
 
 @fault("traceback or late failure", "written with the user's umask (0644 under umask 022), not 0600", absorbed=True)

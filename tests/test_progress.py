@@ -23,7 +23,8 @@ def test_headless_runs_print_each_logged_step_once_with_eta(tmp_path, capsys, mo
         log.progress(record(step))
     log.close()
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 3 and err[1].startswith("train: step 10/40 (25%) epoch 1 loss 0.5000 lr 1.00e-03")
+    assert len(err) == 3 and err[1].split(" ", 2)[2].startswith("train: step 10/40 (25%) epoch 1 loss 0.5000 lr "
+                                                                 "1.00e-03")
     assert "elapsed, ETA" in err[2]
 
 

@@ -361,7 +361,7 @@ def test_data_synth_into_a_folder_another_process_is_writing_is_refused_in_one_l
     """Two `cirlab data synth` into one --out deleted and rewrote each other's files: a tree of two seeds (manifest
     of one) that still loaded and trained, and a traceback from the loser. The write now holds the folder's lock;
     a second writer is refused at once, naming the holder, and the first one's tree is left alone."""
-    from cirlab.cli import main
+    from cirlab.cli import EXIT_RETRY, main
     from cirlab.core.io import file_lock
 
     out = tmp_path / "syn"
@@ -370,7 +370,7 @@ def test_data_synth_into_a_folder_another_process_is_writing_is_refused_in_one_l
     before = _files(out)
     with held_by_another_thread(lambda: file_lock(tmp_path / ".syn.cirlab.lock")):  # another data synth
         caplog.clear()
-        assert main(args + ["--seed", "3", "--force"]) == 2
+        assert main(args + ["--seed", "3", "--force"]) == EXIT_RETRY  # the same command may succeed later
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and errors[0].startswith(f"cirlab data synth: {out} is being written by another cirlab "
                                                      f"process (pid {os.getpid()} on "), errors
@@ -383,7 +383,7 @@ def test_data_synth_under_a_read_only_parent_locks_in_the_cache(tmp_path, monkey
     """`--out X` where X's parent cannot be written (a read-only mount holding a writable data folder): the lock file
     beside X could not be created and nothing was generated. The lock now goes to the cache's locks/ folder, named
     by X's absolute path, and another writer there is still refused."""
-    from cirlab.cli import main
+    from cirlab.cli import EXIT_RETRY, main
     from cirlab.core import io
 
     ro, cache = tmp_path / "mount", tmp_path / "cache"
@@ -397,7 +397,7 @@ def test_data_synth_under_a_read_only_parent_locks_in_the_cache(tmp_path, monkey
     args = ["data", "synth", "--out", str(ro / "data"), "--size", "tiny", "--layouts", "shoes", "--image-size", "16"]
     with held_by_another_thread(lambda: io.generated_folder_lock(ro / "data", wait=0)):
         caplog.clear()
-        assert main(args) == 2
+        assert main(args) == EXIT_RETRY
     assert "is being written by another cirlab process" in caplog.text
     assert main(args) == 0 and (ro / "data" / synthetic.MANIFEST).is_file()
     assert sorted(p.name for p in ro.iterdir()) == ["data"]  # nothing written beside it

@@ -725,3 +725,62 @@ def test_a_decimal_comma_is_named():
         validate_train_values({"lr": "0,001"})
     with pytest.raises(ConfigError, match=r"^train\.lr: expected a number, got 'fast'$"):
         validate_train_values({"lr": "fast"})
+
+
+def test_a_checkpoint_write_blames_the_disk_only_for_the_disks_errors(tmp_path, monkeypatch):
+    """A DataLoader worker killed by SIGTERM made torch raise inside the write of last.pt; save_checkpoint reported
+    it as "cannot write checkpoint ... (RuntimeError: DataLoader worker ... is killed ...; 68015 MiB free on that
+    disk)", sending the user to a disk that was not full. Only an OSError is the disk's; another error breaking into
+    the write comes out as itself; torch's own write error is named without the free-space guess."""
+    import errno
+
+    from cirlab.core.checkpoint import CheckpointWriteError, save_checkpoint
+
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"w": torch.ones(2)})
+    good = path.read_bytes()
+
+    def killed_worker(*args, **kwargs):  # raised wherever the main process is, here inside torch's writer
+        try:
+            raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Terminated.")
+        except RuntimeError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def writer_failed(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0")
+
+    monkeypatch.setattr(torch, "save", killed_worker)
+    with pytest.raises(RuntimeError) as caught:
+        save_checkpoint(path, {"w": torch.zeros(2)})
+    assert not isinstance(caught.value, CheckpointWriteError)
+    assert "DataLoader worker (pid 123)" in str(caught.value.__context__)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match=r"\(OSError: .*No space left on device; \d+ MiB free on that "
+                                                   r"disk\); the previous last\.pt is kept unchanged"):
+        save_checkpoint(path, {"w": torch.zeros(2)})
+    monkeypatch.setattr(torch, "save", writer_failed)
+    with pytest.raises(CheckpointWriteError, match=r"\(RuntimeError: .*unexpected pos 128 vs 0\); the previous"
+                       ) as caught:
+        save_checkpoint(path, {"w": torch.zeros(2)})
+    assert "MiB free" not in str(caught.value)
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_log_mode_progress_lines_carry_the_wall_clock_as_the_log_lines_do(tmp_path, capsys):
+    """Progress lines in a batch job's log had no time ("1s elapsed" restarts at every resume): when a step ran, or
+    how long a hang lasted, could not be told. They start with the log lines' %(asctime)s now."""
+    import re
+    import time
+
+    before = time.time()
+    cirlab.fit(_model(), TripletItems(16), _cfg(epochs=1, progress="log", selection="last"), output_dir=tmp_path / "r")
+    lines = [line for line in capsys.readouterr().err.splitlines() if "train: step" in line]
+    assert len(lines) == 2, lines  # 2 steps, log_every=1
+    for line in lines:
+        stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) train: step \d/2 ", line)
+        assert stamp, line
+        when = time.mktime(time.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S"))  # logging's own format, local time
+        assert before - 1 <= when <= time.time(), line

@@ -50,7 +50,9 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], *, stamp: bo
     the original code's layout, which has no such key).
 
     A crash or a full disk mid-write leaves the previous file at ``path`` untouched (the last good checkpoint
-    survives) and no temporary file behind; the failure is a :class:`CheckpointWriteError` saying so.
+    survives) and no temporary file behind; the failure is a :class:`CheckpointWriteError` saying so. Any other
+    error raised during the write (a DataLoader worker's death, which torch raises wherever the main process is)
+    comes out as it is: it is no write failure, and the disk is not to blame.
     """
     path = Path(path)
     try:
@@ -58,14 +60,39 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], *, stamp: bo
             with open(tmp, "wb") as fh:
                 torch.save({"format": FORMAT, **state} if stamp else state, fh)
     except (OSError, RuntimeError) as err:  # torch's zip writer reports a failed write as RuntimeError
+        failure = _write_failure(err)
+        if failure is None:
+            raise
         kept = f"the previous {path.name} is kept unchanged" if path.is_file() else f"no {path.name} was written"
-        raise CheckpointWriteError(f"cannot write checkpoint {path} ({_describe_write_error(err, path)}); "
+        raise CheckpointWriteError(f"cannot write checkpoint {path} ({_describe_write_error(failure, path)}); "
                                    f"{kept}") from err
     return path
 
 
+def _write_failure(err: BaseException) -> BaseException | None:
+    """The write's own failure behind ``err``: an ``OSError`` anywhere in its chain (torch's writer raises its
+    "unexpected pos" RuntimeError over the file's OSError), else torch's writer error when nothing else caused it;
+    None when another error broke into the write (torch's writer then reports it as a failed write too)."""
+    chain: list[BaseException] = []
+    while err is not None and not any(err is seen for seen in chain):
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    for link in chain:
+        if isinstance(link, OSError):
+            return link
+    writer = all(isinstance(link, RuntimeError) and _from_torchs_writer(link) for link in chain)
+    return chain[0] if writer else None
+
+
+def _from_torchs_writer(err: RuntimeError) -> bool:
+    text = str(err)
+    return "inline_container" in text or "PytorchStreamWriter" in text
+
+
 def _describe_write_error(err: BaseException, path: Path) -> str:
     text = f"{type(err).__name__}: {err}"
+    if not isinstance(err, OSError):  # the free space says nothing about an error that is not the disk's
+        return text
     try:
         free = shutil.disk_usage(path.parent).free
     except OSError:

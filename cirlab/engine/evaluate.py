@@ -33,7 +33,7 @@ from cirlab.core.contracts import (CIRModel, HasGalleryScorer, HasImageTransform
                                     require_model)
 from cirlab.core.errors import ConfigError, InputError, ModelContractError, ModelMismatchError
 from cirlab.data.catalog import DATASETS, ITM_PROTOCOLS
-from cirlab.engine.train import to_device
+from cirlab.engine.train import ignore_stop_signals, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +45,13 @@ CIR_PROTOCOLS = tuple(dict.fromkeys(p for spec in DATASETS.values() if not spec.
 def ordered_loader(dataset: Any, batch_size: int, num_workers: int = 0) -> Any:
     """A DataLoader over ``dataset`` in order, drawing its worker seed from its own generator: each iteration of a
     loader without one takes a number from torch's global generator, so an evaluation changed what the caller's
-    next ``torch.rand`` gave after ``torch.manual_seed``."""
+    next ``torch.rand`` gave after ``torch.manual_seed``. Its workers leave the stop signals to this process, as
+    the training loader's do (:func:`~cirlab.engine.train.ignore_stop_signals`)."""
     import torch
 
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                       generator=torch.Generator())
+                                       generator=torch.Generator(),
+                                       worker_init_fn=ignore_stop_signals if num_workers else None)
 
 
 def _world() -> tuple[int, int]:

@@ -1176,19 +1176,22 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
 
 @contextlib.contextmanager
 def _finishing(out: Path) -> Iterator[None]:
-    """The final evaluation of a trained run: what stops it (Ctrl-C, a full disk, an unreadable test image) says
-    that the training is saved and how to finish: the same command with ``--resume`` evaluates and writes the
-    results (a run at its last step owes only those)."""
+    """The final evaluation of a trained run: what stops it (Ctrl-C, SIGTERM, SIGUSR1, a full disk, an unreadable
+    test image) says that the training is saved and how to finish: the same command with ``--resume`` evaluates and
+    writes the results (a run at its last step owes only those). A stop signal ends the command with its own exit
+    status (128 + the signal's number), as it does during the training."""
     from cirlab.core.errors import CirlabError
     from cirlab.core.io import NO_SPACE
-    from cirlab.engine.train import RunWriteError
+    from cirlab.engine.train import RunWriteError, StopSignalInterrupt, stop_signals_interrupt
 
     finish = (f"the training is done and saved in {out / 'checkpoints'}; the same command with --resume (and "
               "without --overwrite) runs the final evaluation")
     try:
-        yield
+        with stop_signals_interrupt():  # else SIGTERM / SIGUSR1 end the process here without a line
+            yield
     except KeyboardInterrupt as err:
-        err.message = f"interrupted in the final evaluation: {finish}"  # type: ignore[attr-defined]
+        signal_name = f"{err}: " if isinstance(err, StopSignalInterrupt) else ""
+        err.message = f"{signal_name}interrupted in the final evaluation: {finish}"  # type: ignore[attr-defined]
         raise
     except CirlabError as err:
         err.args = (f"{err}; {finish}", *err.args[1:])

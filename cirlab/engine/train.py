@@ -726,8 +726,9 @@ class _RunLog:
     """Rank-0 sinks: JSONL log, TensorBoard (if importable) and the progress display.
 
     Progress (``TrainConfig.progress``): ``tqdm`` draws a ``tqdm.auto`` bar (steps, loss, lr, ETA): a text bar
-    in a terminal, a widget in JupyterLab; ``log`` prints one line per logged step to stderr (step/total, loss,
-    lr, elapsed, ETA), each line once, for logs and headless notebook runs (``cirlab report`` shows them);
+    in a terminal, a widget in JupyterLab; ``log`` prints one line per logged step to stderr (wall-clock time,
+    step/total, loss, lr, elapsed, ETA), each line once, for logs and headless notebook runs (``cirlab report``
+    shows them);
     ``auto`` picks ``tqdm`` on a terminal or in a live Jupyter frontend and ``log`` elsewhere (papermill, CI, a
     redirected stderr): :func:`cirlab.core.console.wants_a_bar`.
     """
@@ -790,8 +791,8 @@ class _RunLog:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
-        elif self.lines:
-            sys.stderr.write(self.line(record) + "\n")
+        elif self.lines:  # the wall clock first, as on the log lines between them (a long job's log shows when)
+            sys.stderr.write(f"{wall_clock()} {self.line(record)}\n")
             sys.stderr.flush()
 
     def line(self, record: dict[str, Any]) -> str:
@@ -813,6 +814,13 @@ class _RunLog:
             self.tb.close()
 
 
+def wall_clock(now: float | None = None) -> str:
+    """``2026-12-06 19:40:00,123``: the local time as the log lines' ``%(asctime)s`` writes it (logging's default
+    format, milliseconds after a comma)."""
+    now = time.time() if now is None else now
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int((now - int(now)) * 1000):03d}"
+
+
 def _duration(seconds: float) -> str:
     """``42s``, ``3m05s``, ``1h02m``."""
     seconds = int(round(seconds))
@@ -831,7 +839,8 @@ class NonFiniteLossError(CirlabError, FloatingPointError):
 
 
 class TrainingInterrupted(CirlabError, KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped the run after ``checkpoints/last.pt`` was written; ``exit_code`` is 128 + signal.
+    """SIGINT, SIGTERM or SIGUSR1 stopped the run after ``checkpoints/last.pt`` was written; ``exit_code`` is 128 +
+    the signal's number (130, 143, and 138 on Linux), the status the signal gives a process it ends.
     A ``KeyboardInterrupt`` too: a script's ``except KeyboardInterrupt`` clean-up around ``cirlab.fit`` runs, as it
     would for a Ctrl-C anywhere else (and ``except Exception`` still catches it, as every cirlab error)."""
 
@@ -1073,18 +1082,31 @@ def utf8_paths_agree(path: Path, encoding: str | None = None) -> bool:
         return False
 
 
-class _StopSignals:
-    """SIGINT / SIGTERM ask the loop to stop after the current optimizer step (it then writes ``last.pt``); a
-    second signal stops at once. Installed only in the main thread (signal handlers live there), and not for a
-    signal this process was started with ignored: a background job of a shell script inherits Ctrl-C ignored (so
-    that a Ctrl-C of the script's foreground command leaves it running), as Python itself and ``cirlab report``
-    respect."""
+# the signals that stop a run after its current step: Ctrl-C, a scheduler's or kill's SIGTERM, and SIGUSR1, the
+# "time is nearly up" signal of batch schedulers (SLURM's --signal=USR1@300); a platform lacking one leaves it out
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
-    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
+
+class _EvaluationStopped(BaseException):
+    """Raised by the stop handler inside an evaluation of the training loop, to cut it short. A BaseException: an
+    evaluation's ``except Exception`` must not swallow it."""
+
+
+class _StopSignals:
+    """SIGINT / SIGTERM / SIGUSR1 ask the loop to stop after the current optimizer step (it then writes
+    ``last.pt``); inside an interruptible evaluation (:meth:`evaluation`) the first one stops the evaluation itself
+    (an evaluation on real data outlasts a cluster's grace period between SIGTERM and SIGKILL). A second signal
+    stops at once. Installed only in the main thread (signal handlers live there), and not for a signal this
+    process was started with ignored: a background job of a shell script inherits Ctrl-C ignored (so that a Ctrl-C
+    of the script's foreground command leaves it running), as Python itself and ``cirlab report`` respect."""
+
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._evaluating = False  # inside an evaluation of the loop
+        self._interruptible = False  # ... which the first signal may cut short
 
     def __enter__(self) -> "_StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -1096,6 +1118,16 @@ class _StopSignals:
                 except (ValueError, OSError):  # not allowed here (an embedded interpreter)
                     pass
         return self
+
+    @contextlib.contextmanager
+    def evaluation(self, interruptible: bool) -> Iterator[None]:
+        """The block is an evaluation: with ``interruptible``, a first stop signal inside it raises
+        :class:`_EvaluationStopped` there; else the loop stops once the evaluation is done."""
+        self._evaluating, self._interruptible = True, interruptible
+        try:
+            yield
+        finally:
+            self._evaluating = self._interruptible = False
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:  # asked twice: stop now
@@ -1109,8 +1141,15 @@ class _StopSignals:
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
-        logger.warning("%s received: stopping after this step and saving checkpoints/last.pt (send it again to stop "
-                       "at once)", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if self._interruptible:
+            self._interruptible = False
+            logger.warning("%s received: stopping the evaluation and saving checkpoints/last.pt; the resumed run "
+                           "evaluates this step again (send it again to stop at once)", name)
+            raise _EvaluationStopped(name)
+        when = "after this evaluation" if self._evaluating else "after this step"
+        logger.warning("%s received: stopping %s and saving checkpoints/last.pt (send it again to stop at once)",
+                       name, when)
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -1123,11 +1162,64 @@ class _StopSignals:
             console.end_at_next_ctrl_c()
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process, which stops cleanly after the step."""
+class StopSignalInterrupt(KeyboardInterrupt):
+    """SIGTERM or SIGUSR1 where no training loop takes it (a run's final evaluation), raised as Ctrl-C raises
+    ``KeyboardInterrupt`` there; ``exit_code`` is 128 + the signal's number, the status an unhandled one gives."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.exit_code = signum, 128 + signum
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """Inside the block SIGTERM and SIGUSR1 raise :class:`StopSignalInterrupt`, so that the caller's clean-up and
+    message run for them as for Ctrl-C (which keeps its own handler); a second one acts as it did before the block.
+    Main thread only, and a signal the process was started with ignored stays ignored."""
+    previous: dict[int, Any] = {}
+
+    def interrupt(signum: int, frame: Any) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        previous.clear()
+        raise StopSignalInterrupt(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            if sig != getattr(signal, "SIGINT", None) and signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker leaves every stop signal to the main process, which stops after the step and then shuts
+    the workers down itself. A cluster's SIGTERM (a time limit, scancel) reaches the whole process group: a worker
+    it killed made torch raise in the main process wherever that was, a checkpoint write among others."""
     del worker_id
-    if hasattr(signal, "SIGINT"):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in ("SIGINT", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    if hasattr(signal, "SIGTERM") and hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask"):
+        _end_only_at_the_parents_sigterm()
+
+
+def _end_only_at_the_parents_sigterm() -> None:
+    """SIGTERM ends this worker only when the main process sends it: torch and multiprocessing end a worker that
+    does not exit on its own that way (a plain SIG_IGN left the main process waiting for it forever at exit), as
+    torch's own worker handler does. The signal is blocked and taken by a thread that reads who sent it."""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+    threading.Thread(target=_exit_at_sigterm_from, args=(parent,), name="cirlab-worker-sigterm", daemon=True).start()
+
+
+def _exit_at_sigterm_from(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)  # 0, as torch's handler: the main process's SIGCHLD check takes it as a clean exit
 
 
 @dataclass
@@ -1217,7 +1309,7 @@ class Trainer:
         loader = torch.utils.data.DataLoader(
             items, batch_size=cfg.batch_size // world, sampler=sampler, num_workers=cfg.num_workers,
             collate_fn=collate_fn, drop_last=cfg.drop_last, pin_memory=self.device.type == "cuda",
-            worker_init_fn=_ignore_sigint if cfg.num_workers else None,
+            worker_init_fn=ignore_stop_signals if cfg.num_workers else None,
             generator=torch.Generator().manual_seed(cfg.seed))  # own generator: the global RNG is not consumed
         return loader, sampler, items
 
@@ -1358,12 +1450,18 @@ class Trainer:
                       steps_per_epoch=self.steps_per_epoch)
         self.model.train()
         try:
-            while p.epoch < cfg.epochs and (cfg.max_steps is None or p.step < cfg.max_steps):
+            owed = self._owes_evaluation()
+            while self._more_to_do(owed):
                 if isinstance(self.model, HasEpochHook):
                     self.model.on_epoch_start(p.epoch)
+                if owed:  # where the stopped run was: after its step, before the rest of the epoch
+                    self.evaluate_and_select(log)
+                    owed = False
                 if not self.train_one_epoch(log):  # stopped by max_steps mid-epoch
                     self.evaluate_and_select(log)
                     self.save("last.pt")  # keeps the position inside the epoch for a later resume
+                    if self._stop_requested():  # during that save: the command must not go on to its final evaluation
+                        self._interrupted(saved=True)
                     break
                 self.end_of_epoch(log)
                 if self._stop_requested():  # end_of_epoch has just written last.pt
@@ -1375,6 +1473,27 @@ class Trainer:
         finally:
             log.close()
         return self.summary()
+
+    def _owes_evaluation(self) -> bool:
+        """Whether a resumed run starts at a step whose evaluation a stop cut short or came before: an
+        ``eval_every_steps`` step, or the ``max_steps`` stop inside an epoch. (An epoch end needs nothing: its
+        ``last.pt`` is behind the epoch end, so the resumed run ends that epoch, evaluation included.)"""
+        p, cfg = self.progress, self.cfg
+        if not self.resumed or self.evaluate_fn is None or p.evaluated_step in (None, p.step) or p.step == 0:
+            return False  # None: a checkpoint from before evaluated_step was kept, which cannot tell
+        every = bool(cfg.eval_every_steps) and p.step % cfg.eval_every_steps == 0
+        last = cfg.max_steps is not None and p.step >= cfg.max_steps and p.batch_in_epoch < self.batches_per_epoch
+        return every or last
+
+    def _more_to_do(self, owed: bool) -> bool:
+        """Whether the loop takes another epoch (or the rest of one). At ``max_steps`` a resumed run still ends the
+        step it stopped at: its evaluation (``owed``) or its epoch end, as the uninterrupted run did."""
+        p, cfg = self.progress, self.cfg
+        if p.epoch >= cfg.epochs:
+            return False
+        if cfg.max_steps is None or p.step < cfg.max_steps:
+            return True
+        return owed or p.batch_in_epoch >= self.batches_per_epoch
 
     def _keep_evaluated_weights(self) -> None:
         """Leave the model holding what ``best.pt`` holds: the checkpoint model selection kept (loaded back when an
@@ -1457,7 +1576,7 @@ class Trainer:
             dist.barrier()
 
     def _stop_requested(self) -> bool:
-        """True once SIGINT/SIGTERM arrived (under DDP: in any process, so every process stops at one step)."""
+        """True once a stop signal arrived (under DDP: in any process, so every process stops at one step)."""
         stop = self.stop.signum is not None
         if self.dist.world_size > 1:
             import torch.distributed as dist
@@ -1467,12 +1586,15 @@ class Trainer:
             stop = bool(flag.item())
         return stop
 
-    def _interrupted(self, saved: bool = False) -> None:
+    def _interrupted(self, saved: bool = False, evaluation: bool = False) -> None:
+        """Save ``last.pt`` (unless ``saved``) and raise :class:`TrainingInterrupted`; ``evaluation``: the stop came
+        instead of the evaluation of this step, which the resumed run then runs."""
         if not saved:
             self.save("last.pt")
         p, signum = self.progress, self.stop.signum or signal.SIGTERM
         name = signal.Signals(signum).name
-        raise TrainingInterrupted(f"{name}: training stopped in epoch {p.epoch + 1}, step {p.step}; saved "
+        owed = " before its evaluation (the resumed run evaluates it)" if evaluation else ""
+        raise TrainingInterrupted(f"{name}: training stopped in epoch {p.epoch + 1}, step {p.step}{owed}; saved "
                                   f"{self.ckpt_dir / 'last.pt'}. Resume with the same command plus --resume "
                                   f"(Python: resume='auto')", signum)
 
@@ -1523,6 +1645,8 @@ class Trainer:
         """Runs (the rest of) the current epoch; returns False when max_steps stopped it before its end."""
         cfg, p = self.cfg, self.progress
         used = self.batches_per_epoch
+        if cfg.max_steps is not None and p.step >= cfg.max_steps:  # resumed at its last step: none to take
+            return p.batch_in_epoch >= used
         self.items.epoch = p.epoch
         self.sampler.set_epoch(p.epoch, start=p.batch_in_epoch * self.loader.batch_size)
         micro_terms: list[dict[str, float]] = []
@@ -1587,18 +1711,19 @@ class Trainer:
         just evaluated does not evaluate (and log) it again."""
         if self.evaluate_fn is None or self.progress.evaluated_step == self.progress.step:
             return None
-        missing = None
-        with self.evaluated_weights():
-            self.model.eval()
-            try:
-                with torch.no_grad():
-                    results = self.evaluate_fn(self.model)
-                try:
-                    self._select(results, log)
-                except MissingSelection as err:  # kept below, once the live weights are back (not the EMA's)
-                    missing = err
-            finally:
-                self.model.train()
+        if self._stop_requested():  # asked during the step: stop now, not after a whole evaluation
+            self._interrupted(evaluation=True)
+        # one process only: under DDP the others would wait for this one in the evaluation's collectives
+        interruptible = self.dist.world_size == 1
+        rng = _rng_state() if interruptible else None
+        stopped = False
+        try:
+            results, missing = self._evaluate(log, interruptible)
+        except _EvaluationStopped:  # a stop signal cut the evaluation short; the weights are back as they were
+            stopped = True
+        if stopped:
+            _set_rng_state(rng)  # as before it: the resumed run evaluates from the same state
+            self._interrupted(evaluation=True)
         if missing is not None:
             self.save("last.pt")
             field = missing.field
@@ -1607,6 +1732,22 @@ class Trainer:
                               f"resume='auto'; cirlab train: --resume --allow-config-change --set train.{field}=...)"
                               ) from None
         return results
+
+    def _evaluate(self, log: _RunLog, interruptible: bool) -> tuple[dict[str, Any], MissingSelection | None]:
+        """Evaluate the weights :meth:`evaluated_weights` names and select; returns the results and the selection's
+        complaint, if any (raised by the caller once the live weights are back, not the EMA's)."""
+        with self.evaluated_weights():
+            self.model.eval()
+            try:
+                with torch.no_grad(), self.stop.evaluation(interruptible):
+                    results = self.evaluate_fn(self.model)
+                try:  # outside the interruptible part: selection and its log record are never left half done
+                    self._select(results, log)
+                except MissingSelection as err:
+                    return results, err
+                return results, None
+            finally:
+                self.model.train()
 
     def _select(self, results: dict[str, Any], log: _RunLog) -> None:
         p, split = self.progress, self.selection_split()
@@ -1774,9 +1915,10 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
         ``best_step``, ``best_checkpoint`` and ``last_checkpoint``.
 
     Raises:
-        TrainingInterrupted: Ctrl-C (SIGINT) or SIGTERM stopped the run after the current step, with
-            ``checkpoints/last.pt`` written; ``cfg.resume="auto"`` continues it. It is a ``KeyboardInterrupt`` (and
-            a :class:`CirlabError`), so ``except KeyboardInterrupt`` catches it.
+        TrainingInterrupted: Ctrl-C (SIGINT), SIGTERM or SIGUSR1 stopped the run after the current step (or cut
+            an evaluation of the loop short, in a single process), with ``checkpoints/last.pt`` written;
+            ``cfg.resume="auto"`` continues it, evaluating first what the stop cut short. It is a
+            ``KeyboardInterrupt`` (and a :class:`CirlabError`), so ``except KeyboardInterrupt`` catches it.
     """
     _check_train_inputs(model, train_dataset, cfg)
     # a TrainConfig's own fields over the model's paper defaults, as a dict's: its class defaults do not count
