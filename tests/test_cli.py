@@ -1512,3 +1512,34 @@ def test_processes_other_than_rank_0_log_only_warnings_marked_with_their_rank(mo
                     "[rank 3] WARNING cirlab.engine.train: SIGTERM received"]
     finally:
         root.handlers[:] = kept
+
+
+def test_resume_from_a_moved_copy_of_the_same_data_is_accepted_and_other_data_is_not(tmp_path, caplog):
+    """A batch job copying its data to the node's scratch folder resumes from another dataset.root each time: that
+    was refused as another setting (--allow-config-change, which also accepts real changes, was the only way)."""
+    import shutil
+
+    from fixtures_data import write_fashioniq
+
+    first = write_fashioniq(tmp_path / "job1" / "fiq", categories=("dress",))["root"]
+    run = tmp_path / "run"
+    assert main(["train", str(_dress_config(tmp_path / "c.yaml", first, selection_metric="avg")), "--output-dir",
+                 str(run)]) == 0
+    second = tmp_path / "job2" / "fiq"
+    shutil.copytree(first, second)
+    shutil.rmtree(tmp_path / "job1")
+    with caplog.at_level(logging.INFO):
+        resumed = _dress_config(tmp_path / "c2.yaml", second, max_steps=3, selection_metric="avg")
+        assert main(["train", str(resumed), "--output-dir", str(run), "--resume"]) == 0
+    assert f"changed dataset.root: '{first}' -> '{second}'" in caplog.text
+    assert yaml.safe_load((run / "config.yaml").read_text())["dataset"]["root"] == str(second)
+    # a copy that differs is other data: refused as before, naming the file
+    other = tmp_path / "job3" / "fiq"
+    shutil.copytree(second, other)
+    split_file = next((other / "image_splits").glob("split.dress.train.json"))
+    split_file.write_text(split_file.read_text().replace("]", ', "dress_train_x"]'))
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        changed = _dress_config(tmp_path / "c3.yaml", other, max_steps=4, selection_metric="avg")
+        assert main(["train", str(changed), "--output-dir", str(run), "--resume"]) == 2
+    assert "split.dress.train.json changed" in caplog.text

@@ -1382,17 +1382,36 @@ def check_resume_config(out: Path, resolved: dict[str, Any], allow_config_change
                                  may_change=frozenset({"resume"}))
     allowed = [d for d in changed if d.split(":", 1)[0] in RESUME_MAY_CHANGE]
     diffs += [f"train.{d}" for d in changed if d not in allowed]
-    if allowed and not diffs:  # run length, logging, device: they may change, and the log says that they did
-        logger.info("--resume: continuing %s with changed train.%s", out, "; train.".join(allowed))
+    moved = _moved_to_the_same_data(out, diffs, resolved)
+    diffs = [d for d in diffs if d not in moved]
+    allowed = moved + [f"train.{d}" for d in allowed]
+    if allowed and not diffs:  # run length, logging, device, a moved copy: they may change, the log says they did
+        logger.info("--resume: continuing %s with changed %s", out, "; ".join(allowed))
     if not diffs:
-        return [f"train.{d}" for d in allowed]
+        return allowed
     listed = "; ".join(diffs[:12]) + (f"; and {len(diffs) - 12} more" if len(diffs) > 12 else "")
     message = f"--resume: {out} was trained with other settings ({listed})"
     if allow_config_change:
         logger.warning("%s; resuming anyway (--allow-config-change)", message)
-        return diffs + [f"train.{d}" for d in allowed]
+        return diffs + allowed
     raise ConfigError(f"{message}. Resuming would mix two runs in one folder: restore those settings, start a fresh "
                       "run (another --output-dir, or --overwrite), or pass --allow-config-change")
+
+
+def _moved_to_the_same_data(out: Path, diffs: list[str], resolved: dict[str, Any]) -> list[str]:
+    """The ``dataset.root`` difference among ``diffs`` when the new root holds the same data as the run recorded
+    (every file of its ``data_fingerprint.json`` there with the same digest): a batch job that copies the data to
+    its node's scratch folder resumes from another path every time. Empty otherwise (a run recorded without a
+    fingerprint, or with none of its files, cannot tell)."""
+    from cirlab.data.fingerprint import differences, read_fingerprint
+
+    moved = [d for d in diffs if d.startswith("dataset.root: ")]
+    if not moved:
+        return []
+    stored = read_fingerprint(out)
+    if not stored or not stored.get("files") or differences(stored, data_fingerprint(resolved)):
+        return []
+    return moved
 
 
 def _differences(key: str, old: Any, new: Any) -> list[str]:
