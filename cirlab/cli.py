@@ -32,7 +32,7 @@ EXAMPLES = """examples (from the repository root; `cirlab COMMAND --help` explai
   cirlab train configs/amc_fashioniq.yaml --set dataset.root=$CIRLAB_DATA/fashioniq --resume
   torchrun --nproc_per_node=4 -m cirlab.cli train configs/blip_rerank_cirr_stage1.yaml   # multi-GPU
   cirlab eval runs/demo --split test
-  cirlab eval released/model_best.pth --model hrem --preset f30k --trust-pickle --dataset f30k  # DIME's too
+  cirlab eval released/model_best.pth --model hrem --preset f30k --dataset f30k  # DIME's too (no --trust-pickle)
   cirlab submit runs/cirr_stage2 --out submissions                # CIRR test-server files
   cirlab convert --from lavis blip2_pretrained.pth cala_init.pt --model cala
   cirlab models --params cala                                     # parameters per module, no weights read
@@ -50,9 +50,9 @@ def _add_train(subparsers: Any) -> None:
         epilog=f"configs cirlab ships (pass the name): {', '.join(shipped_configs()) or 'none found'}",
         description="Train one model as a run config describes (model, preset, dataset, train, eval sections; see "
                     "configs/ and cirlab.engine.runs), then evaluate checkpoints/best.pt and write the run folder: "
-                    "config.yaml, checkpoints/, log.jsonl, train_summary.json, metrics.json, topk/ (and tb/ when "
-                    "tensorboard is installed and train.tensorboard is on). Under torchrun the same command "
-                    "trains with DistributedDataParallel (train.batch_size is the global batch).")
+                    "config.yaml, checkpoints/, log.jsonl, train_summary.json, metrics.json, topk/ (CIR models; "
+                    "and tb/ when tensorboard is installed and train.tensorboard is on). Under torchrun the same "
+                    "command trains with DistributedDataParallel (train.batch_size is the global batch).")
     p.add_argument("config", type=user_path,
                    help="run config YAML (e.g. configs/amc_synthetic_tiny.yaml), or the name of a config cirlab ships "
                         "(amc_synthetic_tiny; see the list below)")
