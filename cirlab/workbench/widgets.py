@@ -29,7 +29,7 @@ import numpy as np
 
 from cirlab.core.errors import InputError, UnknownKeyError
 from cirlab.workbench import analysis
-from cirlab.workbench.viz import MIN_FONT, PALETTE, QUERY_COLOR
+from cirlab.workbench.viz import MIN_FONT, PALETTE, QUERY_COLOR, text_on_viridis
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def plot_pair_view(routes: Any, edited: Any = None, title: str = "", labels: Seq
             ax.set_yticks(range(len(dests)), dests, fontsize=MIN_FONT)
             for (d, s), v in np.ndenumerate(mat):
                 ax.text(s, d, f"{v:.2f}", ha="center", va="center", fontsize=MIN_FONT,
-                        color="black" if v > 0.5 else "white")
+                        color=text_on_viridis(v))
             ax.set_title(f"{layer} ({label})", fontsize=8)
             ax.set_xlabel("source cell", fontsize=MIN_FONT)
         axes[r, 0].set_ylabel("destination cell", fontsize=MIN_FONT)
