@@ -254,7 +254,7 @@ def test_index_keeps_names_and_record_fields_from_files_out_of_the_markup(tmp_pa
     assert not [t for t in tags if t[0] in ("script", "i") or any(a.startswith("on") for a in t[1])]
     assert [t for t, _ in tags].count("img") == 1 and [t for t, _ in tags].count("b") == 2  # the caption's, a label
     img = next(attrs for tag, attrs in tags if tag == "img")
-    assert unquote(img["src"]) == f"evaluate/figures/{evil}.png" and img["alt"] == evil
+    assert unquote(img["src"]) == f"evaluate/figures/{evil}.png" and img["alt"].startswith(evil + ": ")
     hrefs = [attrs["href"] for tag, attrs in tags if tag == "a"]
     assert f"evaluate/figures/{evil}.svg" in [unquote(h) for h in hrefs]
     assert "after ? s" in page and "&lt;img src=x onerror=alert(2)&gt;" in page
@@ -329,7 +329,7 @@ def test_index_shows_figures_in_the_order_the_notebook_saved_them(tmp_path):
         os.utime(figures / f"{stem}.png", ns=(10**9 * (100 + i), 10**9 * (100 + i)))
     (tmp_path / "evaluate" / report.RECORD).write_text(json.dumps({"status": "ok", "parameters": {}}))
     page = report.write_index(tmp_path).read_text()
-    shown = [page.index(f"alt='{stem}'") for stem in ("metrics_table", "gallery_dress", "failures_dress",
+    shown = [page.index(f"<b>{stem}</b>") for stem in ("metrics_table", "gallery_dress", "failures_dress",
                                                        "per_category")]
     assert shown == sorted(shown)  # alphabetical put failures before galleries and the table after them
 
@@ -347,10 +347,10 @@ def test_index_names_the_selection_metric_and_drops_the_selected_splits_repeat(t
         "selection": {"best_score": 212.8, "metric": "i2t_R@1+i2t_R@5", "split": "dev", "mode": "dev"}}))
     (folder / report.RECORD).write_text(json.dumps({"status": "ok", "parameters": {}}))
     page = report.write_index(tmp_path).read_text()
-    assert "selection/best_score (i2t_R@1+i2t_R@5 on dev)</td><td class='num'>212.80<" in page
+    assert "selection/best_score (i2t_R@1+i2t_R@5 on dev)</th><td class='num'>212.80<" in page
     assert "splits/dev/" not in page and "val/rsum" in page  # the selected split is val/, shown once
-    assert "splits/test/rsum</td><td class='num'>387.20<" in page  # another split's equal number stays
-    assert "val/avg = (R@5 + Rsubset@1) / 2</td><td class='num'>10.58<" in page  # CIRR's avg, by its formula
+    assert "splits/test/rsum</th><td class='num'>387.20<" in page  # another split's equal number stays
+    assert "val/avg = (R@5 + Rsubset@1) / 2</th><td class='num'>10.58<" in page  # CIRR's avg, by its formula
 
 
 def test_index_shows_every_metric_tables_of_records_included(tmp_path):
@@ -369,8 +369,8 @@ def test_index_shows_every_metric_tables_of_records_included(tmp_path):
     page = report.write_index(tmp_path).read_text()
     assert all(f">m{i:02d}<" in page for i in range(70)) and "<summary>" in page  # the rest folded, not cut
     assert ">second_comparison/all/before_R@1<" in page and ">second_comparison/dress/before_R@1<" in page
-    assert ">second_comparison/all/queries</td><td class='num'>8<" in page
-    assert ">all/queries</td><td class='num'>3<" in page  # a count is an int, not 3.00
+    assert ">second_comparison/all/queries</th><td class='num'>8<" in page
+    assert ">all/queries</th><td class='num'>3<" in page  # a count is an int, not 3.00
     assert ">bridge_words/purple/bridge<" in page and ">bridge_words/1/bridge<" in page
 
 
@@ -974,3 +974,26 @@ def test_jobs_auto_counts_the_cpus_allocated_to_this_process(monkeypatch):
     assert report._jobs("auto") == 1
     monkeypatch.setattr(report, "allocated_cpus", lambda: (8, True))
     assert report._jobs("auto") == 2 and report._jobs("3") == 3
+
+
+def test_the_index_and_the_notebook_pages_serve_screen_readers_and_zoom(tmp_path):
+    """Figures' alt text was their file name (a screen reader's only name for the link), the page had no language,
+    no viewport and a 520 px minimum column (sideways scrolling at 200 % zoom), table rows had no headers, and every
+    notebook page was titled "Notebook"."""
+    import html
+
+    import nbformat
+
+    figures = tmp_path / "evaluate" / "figures"
+    figures.mkdir(parents=True)
+    (figures / "per_category.png").write_bytes(b"\x89PNG")
+    (tmp_path / "evaluate" / report.RECORD).write_text(json.dumps({"status": "ok", "parameters": {"k": 10}}))
+    page = report.write_index(tmp_path).read_text()
+    assert page.startswith("<!doctype html><html lang='en'>") and "name='viewport'" in page
+    assert "minmax(min(520px,100%),1fr)" in page
+    caption = report.figure_caption("evaluate", "per_category")
+    assert caption and f"alt='per_category: {html.escape(caption, quote=True)}'" in page
+    assert "<th scope='row'>k</th>" in page and "<th scope='col'>parameter</th>" in page
+    notebook = tmp_path / "train_dime.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# DIME")]), notebook)
+    assert "<title>train_dime</title>" in report.export_html(notebook).read_text(encoding="utf-8")

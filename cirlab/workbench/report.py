@@ -242,11 +242,13 @@ FIGURE_CAPTIONS: dict[str, dict[str, str]] = {
 }
 
 _INDEX_TITLE = "<title>cirlab report</title>"  # how a later report knows the index.html it may replace
-_INDEX_HEAD = ("<!doctype html><html><head><meta charset='utf-8'>" + _INDEX_TITLE + "<style>"
+_INDEX_HEAD = ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+               "<meta name='viewport' content='width=device-width, initial-scale=1'>" + _INDEX_TITLE + "<style>"
                "body{font-family:sans-serif;max-width:1400px;margin:auto;padding:0 1em}"
                "img{max-width:100%;border:1px solid #ddd}figure{margin:0}figcaption{font-size:13px;color:#333}"
-               ".figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:18px}"
+               ".figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(520px,100%),1fr));gap:18px}"
                "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}"
+               "th[scope=row]{text-align:left;font-weight:normal}"
                "td.num{text-align:right;font-variant-numeric:tabular-nums}.meta{color:#555;font-size:13px}"
                ".badge{font-size:12px;padding:1px 6px;border-radius:3px;background:#ddd;vertical-align:middle}"
                ".badge.ok{background:#d4edda}.badge.failed{background:#f5c6cb}.badge.stale{background:#ffe8a1}"
@@ -975,7 +977,9 @@ def export_html(notebook: Path) -> Path:
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # nbconvert warns that figure outputs carry no alt text, once per notebook
     try:
-        body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
+        # the page's title names the notebook (nbconvert's default title is "Notebook" on every page)
+        body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4),
+                                                    resources={"metadata": {"name": notebook.stem}})
     finally:
         quiet.setLevel(level)
     path = notebook.with_suffix(".html")
@@ -1464,8 +1468,8 @@ def _metrics_html(path: Path, limit: int = 60) -> tuple[str, int]:
     if isinstance(selection.get("metric"), str) and "selection/best_score" in flat:  # which number it is best at
         what = selection["metric"] + (f" on {split}" if isinstance(split, str) else "")
         flat = {(f"selection/best_score ({what})" if k == "selection/best_score" else k): v for k, v in flat.items()}
-    rows = [f"<tr><td>{html.escape(k)}</td><td class='num'>{_fmt(v)}</td></tr>" for k, v in flat.items()]
-    head = "<tr><th>metric</th><th>value</th></tr>"
+    rows = [f"<tr><th scope='row'>{html.escape(k)}</th><td class='num'>{_fmt(v)}</td></tr>" for k, v in flat.items()]
+    head = "<tr><th scope='col'>metric</th><th scope='col'>value</th></tr>"
     table = f"<table class='metrics'>{head}{''.join(rows[:limit])}</table>"
     if len(rows) > limit:  # folded, not cut: every number of metrics.json is on the page
         table += (f"<details><summary>{len(rows) - limit} more</summary><table class='metrics'>{head}"
@@ -1611,9 +1615,10 @@ def _entry_html(out: Path, name: str, state: Mapping[str, Any]) -> str:
     links = [f"<a href='{_url(f'{name}/{f}')}'>{html.escape(f)}</a>" for f in files if (folder / f).is_file()]
     parts.append(f"<p>{' | '.join(links)}</p>")
     if isinstance(record.get("parameters"), Mapping) and record["parameters"]:
-        rows = "".join(f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(json.dumps(v))}</code></td></tr>"
-                       for k, v in record["parameters"].items())
-        parts.append(f"<details><summary>parameters</summary><table>{rows}</table></details>")
+        rows = "".join(f"<tr><th scope='row'>{html.escape(k)}</th><td><code>{html.escape(json.dumps(v))}</code></td>"
+                       "</tr>" for k, v in record["parameters"].items())
+        head = "<tr><th scope='col'>parameter</th><th scope='col'>value</th></tr>"
+        parts.append(f"<details><summary>parameters</summary><table>{head}{rows}</table></details>")
     if (folder / "metrics.json").is_file():
         table, rows = _metrics_html(folder / "metrics.json")
         # a long table (rank_shift's 70-odd numbers) starts folded, so that the figures stay near the heading
@@ -1630,8 +1635,10 @@ def _entry_html(out: Path, name: str, state: Mapping[str, Any]) -> str:
             wide = " class='wide'" if _is_wide(png) else ""  # across the page: its labels stay readable
             # the file name comes from the notebook's data (a Fashion-IQ category is a file name part, which may hold
             # a quote): inside an attribute it must stay one URL
+            # the alt text says what the figure shows (a screen reader read the file name, the link's only name)
+            alt = f"{png.stem}: {caption}" if caption else f"figure {png.stem} of {name}"
             parts.append(f"<figure{wide}><a href='{_url(rel[:-4] + '.svg')}'><img loading='lazy' src='{_url(rel)}' "
-                         f"alt='{html.escape(png.stem)}'></a><figcaption><b>{html.escape(png.stem)}</b>"
+                         f"alt='{html.escape(alt)}'></a><figcaption><b>{html.escape(png.stem)}</b>"
                          f"{': ' + html.escape(caption) if caption else ''}</figcaption></figure>")
         parts.append("</div>")
     parts.append("</section>")
