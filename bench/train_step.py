@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="tiny", help="a preset of --model (cirlab models; default tiny)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="training batch (default 32)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="trainer precision (auto: bf16 autocast on CUDA, fp32 on CPU)")
+                        help="trainer precision (auto: bf16 autocast on a CUDA card with bf16 in "
+                             "hardware, fp32 elsewhere)")
     parser.add_argument("--device", type=torch_device, default="cpu", help="torch device (default cpu)")
     parser.add_argument("--steps", type=positive_int, default=5, help="timed optimizer steps (default 5)")
     parser.add_argument("--warmup", type=nonneg_int, default=2,
@@ -216,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     n = len(timed) - (0 if args.warmup else 1)
     per_step = (timed[-1] - start) / max(n, 1)
     peak = _peak_memory(device)
-    dtype = {"auto": "bf16" if device.type == "cuda" else "fp32"}.get(args.precision, args.precision)
+    from cirlab.core._search import cuda_native_bf16
+
+    dtype = {"auto": "bf16" if cuda_native_bf16(device) else "fp32"}.get(args.precision, args.precision)
     line = (f"| {args.model} | {args.preset} | {args.batch_size} | {dtype} | {device.type} | {trainable / 1e6:.2f}M | "
             f"{per_step:.3f} | {args.batch_size / per_step:.1f} | {peak} |")
     print(f"{args.model}/{args.preset} batch {args.batch_size} {dtype} on {device}: {per_step:.3f} s/step, "

@@ -327,3 +327,22 @@ def test_known_rows_copies_the_score_matrix_only_when_a_target_is_unknown():
     assert known_rows(scores, torch.ones(4, dtype=torch.bool)) is scores
     mask = torch.tensor([True, False, True, True])
     assert torch.equal(known_rows(scores, mask), scores[mask])
+
+
+def test_the_gallery_cache_keeps_features_encoded_under_autocast_apart(synth, tmp_path):
+    """The key held no autocast: an fp32 call after a bf16-autocast one read the bf16 gallery features from the cache
+    and scored fp32 queries against them."""
+    from cirlab.data import load_cir
+    from cirlab.engine.evaluate import score_split
+
+    split = load_cir("fashioniq", synth / "fashioniq", "val", category="dress")
+    model, cache = _cir_model(), tmp_path / "cache"
+    fp32 = score_split(model, split)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = score_split(model, split, cache_dir=cache)
+    assert not torch.equal(bf16, fp32)  # the stub's layers do run in bf16 under the autocast
+    assert torch.equal(score_split(model, split, cache_dir=cache), fp32)  # its own features, not the bf16 ones
+    assert len(list(cache.rglob("*.pt"))) == 2  # one gallery file per precision
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(score_split(model, split, cache_dir=cache), bf16)  # and each is still reused
+    assert len(list(cache.rglob("*.pt"))) == 2

@@ -66,6 +66,24 @@ def cpu_has_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def cuda_native_bf16(device: Any) -> bool:
+    """Whether ``device`` is a CUDA card that computes bf16 in hardware (compute capability 8.0 and later, or ROCm).
+    torch's own check counts emulated bf16 as support by default: a V100 or T4 then ran every product in bf16
+    without tensor cores, losing precision for no speed."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    if not torch.cuda.is_available():  # no card to ask (check_device refuses such a device): bf16, as before
+        return True
+    with torch.cuda.device(device):  # the card asked for, not the current one
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # torch before 2.4 has no including_emulation: native bf16 is compute capability 8+
+            return torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def faiss_module() -> Any:
     try:
         import faiss

@@ -33,7 +33,7 @@ from cirlab.core.contracts import (CIRModel, HasGalleryScorer, HasImageTransform
                                     require_model)
 from cirlab.core.errors import ConfigError, InputError, ModelContractError, ModelMismatchError
 from cirlab.data.catalog import DATASETS, ITM_PROTOCOLS
-from cirlab.engine.train import ignore_stop_signals, to_device
+from cirlab.engine.train import ignore_stop_signals, refuse_low_precision_weights, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ def score_split(model: Any, split: Any, *, transform: Any = None, batch_size: in
     model's own pair scorer over the gallery features (:class:`HasGalleryScorer`). What :func:`evaluate_cir` ranks,
     for metrics of one's own (rows: ``split.triplets``; columns: ``split.gallery_names``); ``transform`` as there.
     The model is used as it is (call ``model.eval()`` first)."""
+    refuse_low_precision_weights(model, "score_split")
     transform = cir_transform(model, transform)
     queries = split.query_dataset(transform)
     g = _encode_gallery(model, split, split.gallery_dataset(transform), batch_size=batch_size, device=device,
@@ -234,10 +235,19 @@ def _encode_gallery(model: Any, split: Any, gallery: Any, *, batch_size: int, de
 
     key = retrieval.cache_key(retrieval.state_dict_digest(model), *_encoder_identity(model, gallery), split.dataset,
                               split.root, split.split, split.category, len(gallery), "encode_target",
-                              getattr(split, "image_read", "viewer"))
+                              getattr(split, "image_read", "viewer"), _autocast_state(device))
     loader = ordered_loader(gallery, batch_size, num_workers)
     return retrieval.encode_corpus(model.encode_target, loader, device=device, key="image", index_key="gallery_idx",
                                    cache_dir=cache_dir, cache_key=key, progress=False)
+
+
+def _autocast_state(device: Any) -> str:
+    """The caller's autocast for ``device``'s type: gallery features encoded under bf16 autocast differ from fp32
+    ones (by ~5e-3 in the scores), and an fp32 evaluation read them from the cache as if they were its own."""
+    kind = torch.device(device).type
+    if not torch.is_autocast_enabled(kind):
+        return "autocast off"
+    return f"autocast {str(torch.get_autocast_dtype(kind)).removeprefix('torch.')}"
 
 
 def _encoder_identity(model: Any, gallery: Any) -> tuple[str, str, str]:
@@ -310,6 +320,7 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
     from cirlab.core import metrics as M
 
     require_model(model, CIRModel, "evaluate_cir", hint="evaluate_itm scores image-text matching models")
+    refuse_low_precision_weights(model, "evaluate_cir")
     whole_number(k, "k")
     whole_number(batch_size, "batch_size")
     splits = _as_split_dict(split_or_splits)
@@ -509,6 +520,7 @@ def score_itm(model: Any, split: Any, *, batch_size: int = 128, shard_size: int 
     Under DDP, image shards are split over the processes and the rows are gathered.
     """
     require_model(model, ITMModel, "score_itm")  # encode_image, encode_text and score (a dual encoder's: a product)
+    refuse_low_precision_weights(model, "score_itm")
     model.eval()
     score = model.score
     image_data, caption_data = split.image_dataset(), split.caption_dataset()
@@ -576,6 +588,7 @@ def evaluate_itm(model: Any, split: Any, protocol: str = "full", *, batch_size: 
     from cirlab.core import metrics as M
 
     require_model(model, ITMModel, "evaluate_itm", hint="evaluate_cir scores composed-retrieval models")
+    refuse_low_precision_weights(model, "evaluate_itm")
     if not hasattr(split, "image_dataset"):  # a CIR split failed as "'CIRSplit' object has no attribute ..."
         raise ModelMismatchError(f"evaluate_itm needs a precomp split (cirlab.data.load_precomp), got a "
                                  f"{type(split).__name__}")

@@ -1066,7 +1066,7 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     it; the stored config must match, differences are listed, ``allow_config_change`` accepts them) or
     ``overwrite`` (replace it).
     """
-    from cirlab.engine.train import check_device, check_run_folder
+    from cirlab.engine.train import check_device, check_precision, check_run_folder, resolve_device
 
     if not isinstance(config, dict):  # a path here failed as "'str' object has no attribute 'get'"
         raise ConfigError(f"run_experiment takes a run config (a dict): pass cirlab.load_config(path), got "
@@ -1082,6 +1082,9 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
         check_device(device, "--device")
     elif (config.get("train") or {}).get("device", "auto") != "auto":
         check_device(config["train"]["device"], "train.device")
+    train_section = config.get("train") or {}  # fp16 on a CPU: refused before the data is read and the model built
+    check_precision(str(train_section.get("precision", "auto")),
+                    resolve_device(device or str(train_section.get("device", "auto")), "train.device"))
     out = (Path(output_dir).expanduser() if output_dir else output_dir_of(config)).absolute()
     resuming = resume or bool((config.get("train") or {}).get("resume"))
     created = not out.exists()

@@ -49,8 +49,9 @@ from cirlab.core import console, io
 from cirlab.core.config import MAX_SEED, UnknownFieldError, did_you_mean, unknown_names_message
 from cirlab.core.contracts import HasEpochHook, HasEvalPrecision, HasParamGroups, Model, model_label
 from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
-from cirlab.core.errors import CirlabError, ConfigError
+from cirlab.core.errors import CirlabError, ConfigError, InputError
 from cirlab.core.io import NO_SPACE, flat_numbers, to_plain, write_json
+from cirlab.core._search import cuda_native_bf16
 from cirlab.core.threads import apply_thread_policy, kept_threads
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,11 @@ class TrainConfig:
     min_lr: float = 0.0  # cosine: lr at the end of the half-period
     warmup_steps: int = 0  # linear warm-up over the first optimizer steps (multiplies the schedule)
     # --- numerics ---
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (with GradScaler)
+    # auto: bf16 autocast on a CUDA card with bf16 in hardware (Ampere and later), else fp32 | fp32 | bf16 |
+    # fp16: autocast with a GradScaler, on CUDA only. A CPU refuses fp16 for every model: it has no fp16 kernels
+    # for some layers (oneDNN's LSTM failed mid-step for AMC while HREM trained), the rest is slow emulation, and
+    # bf16 is the CPU's half precision
+    precision: str = "auto"
     ema_decay: float | None = None  # keep an exponential moving average of the weights (AMC: 0.999); None = off
     ema_mode: str = "standard"  # standard: EMA weights swapped in for evaluation, then restored |
     #                             paper_no_restore: AMC's code, EMA weights replace the live ones at every epoch end
@@ -573,8 +578,48 @@ def resolve_device(device: str, where: str = "device", local_rank: int | None = 
 
 def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     if cfg.precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        return torch.bfloat16 if cuda_native_bf16(device) else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+
+
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # an autocast dtype, as configured
+
+
+def _say_auto_precision(cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None) -> None:
+    """``auto`` depends on the hardware: the log says what it chose here and why."""
+    if cfg.precision != "auto":
+        return
+    if dtype is not None:
+        logger.info("train.precision=auto: bf16 autocast on %s (bf16 in hardware)", device)
+    elif device.type == "cuda":
+        logger.info("train.precision=auto: fp32 on %s, which has no bf16 in hardware (before Ampere); "
+                    "train.precision=fp16 trains with fp16 autocast and a GradScaler", device)
+    else:
+        logger.info("train.precision=auto: fp32 on %s", device)
+
+
+def check_precision(precision: str, device: torch.device | str, where: str = "train.precision") -> None:
+    """Refuse fp16 autocast on a CPU in one line, before any work (see :attr:`TrainConfig.precision`)."""
+    if precision == "fp16" and torch.device(device).type == "cpu":
+        raise ConfigError(f"{where}=fp16: fp16 autocast is for CUDA; use bf16 or fp32 on a CPU")
+
+
+def refuse_low_precision_weights(model: nn.Module, where: str) -> None:
+    """cirlab keeps fp32 weights and lowers the precision of the computation with autocast; a model cast to half
+    (``model.half()``, ``.to(torch.bfloat16)``) failed deep in torch (a dtype mismatch in the first layer, or the
+    GradScaler's "Attempting to unscale FP16 gradients"). The trainable parameters are checked, or, for a model
+    with none, the whole model: a frozen tower kept in fp16 on purpose beside fp32 layers passes."""
+    floating = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
+    trainable = [(name, p) for name, p in floating if p.requires_grad]
+    if trainable:
+        bad = [(name, p) for name, p in trainable if p.dtype != torch.float32]
+    else:
+        bad = floating if all(p.dtype != torch.float32 for _, p in floating) else []
+    if bad:
+        name, p = bad[0]
+        raise InputError(f"{where}: {model_label(model)} holds {str(p.dtype).removeprefix('torch.')} weights "
+                         f"({len(bad)} parameter(s), e.g. {name}); cirlab keeps fp32 weights: call model.float() "
+                         "first (half-precision training is train.precision=bf16 or fp16, autocast over fp32 weights)")
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -780,7 +825,7 @@ class _RunLog:
         if not self.active:
             return
         with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.write(io.json_text(record, indent=None) + "\n")  # strict JSON: a NaN grad_norm is null
         if self.tb is not None:
             prefix = record.get("kind", "train")
             for key, value in flat_numbers(record).items():
@@ -836,6 +881,25 @@ def _duration(seconds: float) -> str:
 
 class NonFiniteLossError(CirlabError, FloatingPointError):
     """The loss became NaN or infinite; training stopped before the step reached the weights or a checkpoint."""
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all ``grads`` together (torch >= 2.6 has it as ``nn.utils.get_total_norm``)."""
+    if not grads:
+        return torch.zeros(())
+    total = getattr(torch.nn.utils, "get_total_norm", None)
+    if total is not None:
+        return total(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]))
+
+
+class NonFiniteGradientError(NonFiniteLossError):
+    """A finite loss gave a NaN or infinite gradient (a half-precision underflow: sqrt or a division at 0) where no
+    GradScaler skips such a step; training stopped before the step reached the weights or a checkpoint. A
+    :class:`NonFiniteLossError`, so that it ends a run as that does."""
+
+
+SKIPPED_IN_A_ROW_WARNING = 10  # fp16: consecutive steps the GradScaler skips before the log warns (scale / 1024)
 
 
 class TrainingInterrupted(CirlabError, KeyboardInterrupt):
@@ -1234,6 +1298,7 @@ class _Progress:
     # A last.pt written just before an epoch-end evaluation is behind that evaluation's log record: the resumed run
     # evaluates again, so the record is dropped, not logged twice
     evaluated_step: int | None = None
+    skipped_steps: int = 0  # fp16: optimizer steps the GradScaler skipped (inf/NaN gradients), counted in `step` too
 
 
 class Trainer:
@@ -1254,6 +1319,7 @@ class Trainer:
         apply_thread_policy(cfg.num_threads or None)  # 1 thread on small or busy machines (see cirlab.core.threads)
         seed_everything(cfg.seed + self.dist.rank, cfg.deterministic)
         self.device = torch.device(resolve_device(cfg.device, "train.device"))
+        check_precision(cfg.precision, self.device)
         self.model = model.to(self.device)
         self.step_module: nn.Module = _StepModule(self.model)
         if self.dist.world_size > 1:
@@ -1262,7 +1328,9 @@ class Trainer:
                 self.step_module, device_ids=ids, find_unused_parameters=cfg.ddp_find_unused_parameters)
         self.optimizer = build_optimizer(self.model, cfg)
         self.amp_dtype = _autocast_dtype(cfg, self.device)
+        _say_auto_precision(cfg, self.device, self.amp_dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self._skipped_in_a_row, self._said_skips = 0, False  # fp16: the GradScaler's skips in a row, warned once
         self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_mode) if cfg.ema_decay else None
         self.progress = _Progress(evaluated_step=-1)
         self.loader, self.sampler, self.items = self._loader(dataset, collate_fn)
@@ -1327,6 +1395,7 @@ class Trainer:
                 "schedule": {"kind": self.cfg.schedule, "epoch": p.epoch, "step": p.step,
                              "last_lr": [g["lr"] for g in self.optimizer.param_groups]},
                 "ema": self.ema.state_dict() if self.ema else None, "scaler": self.scaler.state_dict(),
+                "precision": PRECISION_NAMES[self.amp_dtype],  # as resolved here ("auto" depends on the device)
                 "rng": rng, "progress": dataclasses.asdict(p), "train_config": self.cfg.to_dict(),
                 **_model_meta(self.model)}
 
@@ -1352,7 +1421,9 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.ema is not None and ckpt.get("ema"):
             self.ema.load_state_dict(ckpt["ema"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        saved_precision = self._saved_precision(path, ckpt)
+        self._say_a_precision_change(path, saved_precision)
+        self._load_scaler(path, ckpt.get("scaler"), saved_precision)
         rng = ckpt["rng"]
         if "per_rank" in rng:
             ranks = rng["per_rank"]
@@ -1364,6 +1435,48 @@ class Trainer:
         self.progress = _Progress(**ckpt["progress"])
         logger.info("resumed from %s in epoch %d, step %d, batch %d of the epoch", path, self.progress.epoch + 1,
                     self.progress.step, self.progress.batch_in_epoch)
+
+    @staticmethod
+    def _saved_precision(path: Path, ckpt: Mapping[str, Any]) -> str | None:
+        """The precision the checkpoint's steps were taken in (fp32, bf16, fp16), None where unknown. A checkpoint
+        from before it was stored: its train.precision, or, for ``auto``, the precision its run's last start
+        recorded in provenance.json."""
+        if ckpt.get("precision") in PRECISION_NAMES.values():
+            return ckpt["precision"]
+        configured = (ckpt.get("train_config") or {}).get("precision")
+        if configured in ("fp32", "bf16", "fp16"):
+            return configured
+        if path.parent.name != "checkpoints":  # a checkpoint outside a run folder: no provenance beside it
+            return None
+        from cirlab.core.provenance import read_starts
+
+        try:
+            starts = read_starts(path.parent.parent)
+        except (OSError, ValueError):
+            return None
+        recorded = starts[-1].get("precision") if starts and isinstance(starts[-1], dict) else None
+        return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(recorded)
+
+    def _say_a_precision_change(self, path: Path, saved: str | None) -> None:
+        """A resume in another autocast precision changes the numerics of every later step (``auto`` too, when it
+        resolves otherwise on another device): warn, as for any changed setting."""
+        now = PRECISION_NAMES[self.amp_dtype]
+        if saved is None or saved == now:
+            return
+        logger.warning("resuming %s in precision %s; its steps so far were taken in %s: the run is no longer one "
+                       "uninterrupted run", path, self.precision_label(), saved)
+
+    def _load_scaler(self, path: Path, state: Mapping[str, Any] | None, saved: str | None) -> None:
+        """The GradScaler's loss scale, where this run uses one (fp16). A checkpoint of fp32, bf16 or ``auto``
+        holds a disabled scaler's empty state, which torch refuses to load: the scale then starts afresh."""
+        if not self.scaler.is_enabled():
+            return
+        if state:
+            self.scaler.load_state_dict(state)
+            return
+        logger.info("resuming %s into fp16: its checkpoint holds no GradScaler state (%s), so the loss scale starts "
+                    "afresh at %g", path, f"its steps were in {saved}" if saved else "none was in use",
+                    self.scaler.get_scale())
 
     # -- the run ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -1564,6 +1677,7 @@ class Trainer:
                    "selection_split": self.selection_split() if selected else None,
                    "selection_metric": self.cfg.selection_metric if selected else None,
                    "best_checkpoint": str(self.ckpt_dir / "best.pt"), "resumed": self.resumed,
+                   "skipped_steps": p.skipped_steps,
                    "last_checkpoint": str(self.ckpt_dir / "last.pt")}
         if self.dist.is_main:
             write_json(self.output_dir / "train_summary.json", {k: v for k, v in summary.items() if k != "losses"})
@@ -1628,18 +1742,64 @@ class Trainer:
         logged = {k: float(v.detach().float().mean()) for k, v in terms.items() if torch.is_tensor(v)}
         return {**logged, "loss": float(loss.detach())}
 
-    def optimizer_step(self) -> float | None:
-        grad_norm = None
-        if self.cfg.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+    def optimizer_step(self) -> tuple[float | None, bool]:
+        """Clip, step, update the EMA; returns the gradient norm (where ``grad_clip`` computes it) and whether the
+        fp16 GradScaler skipped the step (inf/NaN gradients: the weights did not move)."""
+        grad_norm = self._checked_grad_norm()
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        # update() lowers the scale exactly when the step found inf/NaN gradients and was skipped
+        skipped = scale is not None and self.scaler.get_scale() < scale
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model)
-        return grad_norm
+        return (None if grad_norm is None else float(grad_norm)), skipped
+
+    def _checked_grad_norm(self) -> torch.Tensor | None:
+        """The global gradient norm where ``grad_clip`` needs it (after clipping to it). Without the GradScaler
+        (fp32, bf16) nothing skips a step whose loss was finite but whose gradient is not: it is refused here,
+        before the weights move, from the clip's norm or one norm pass over the gradients."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = None
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        if self.scaler.is_enabled():
+            return norm
+        checked = norm if norm is not None else _total_norm([p.grad for p in params if p.grad is not None])
+        if not torch.isfinite(checked):
+            self._refuse_non_finite_gradient(float(checked))
+        return norm
+
+    def _refuse_non_finite_gradient(self, norm: float) -> None:
+        p = self.progress
+        name = next((n for n, q in self.model.named_parameters()
+                     if q.grad is not None and not torch.isfinite(q.grad).all()), "?")
+        hint = ("an underflow in half precision (a sqrt or a division at 0)? try train.precision=fp32"
+                if self.amp_dtype is not None else "a sqrt or a division at 0 in the loss? else try a lower train.lr")
+        raise NonFiniteGradientError(f"non-finite gradient in epoch {p.epoch + 1}, step {p.step + 1} (precision "
+                                     f"{self.precision_label()}): the loss is finite, the gradient norm is {norm} "
+                                     f"(first in {name}); the step was not taken, the weights and checkpoints are "
+                                     f"as before it ({hint})")
+
+    def precision_label(self) -> str:
+        """``bf16``, or ``auto (fp32 on cpu)``: the setting and, for auto, what it chose here."""
+        chosen = PRECISION_NAMES[self.amp_dtype]
+        return chosen if self.cfg.precision != "auto" else f"auto ({chosen} on {self.device})"
+
+    def _count_skipped(self, skipped: bool) -> None:
+        """fp16: a step the GradScaler skipped changed no weight; count it, and warn once when they go on."""
+        if not skipped:
+            self._skipped_in_a_row = 0
+            return
+        self.progress.skipped_steps += 1
+        self._skipped_in_a_row += 1
+        if self._skipped_in_a_row >= SKIPPED_IN_A_ROW_WARNING and not self._said_skips:
+            self._said_skips = True
+            logger.warning("fp16: the GradScaler skipped the last %d optimizer steps in a row (inf/NaN gradients at "
+                           "every loss scale down to %g): the weights are not changing; try train.precision=bf16 "
+                           "or fp32, or a lower train.lr", SKIPPED_IN_A_ROW_WARNING, self.scaler.get_scale())
 
     def train_one_epoch(self, log: _RunLog) -> bool:
         """Runs (the rest of) the current epoch; returns False when max_steps stopped it before its end."""
@@ -1659,9 +1819,10 @@ class Trainer:
             p.batch_in_epoch += 1
             if not sync:
                 continue
-            grad_norm = self.optimizer_step()
+            grad_norm, skipped = self.optimizer_step()
             p.step += 1
-            record = self._step_record(micro_terms, lr, grad_norm)
+            self._count_skipped(skipped)
+            record = self._step_record(micro_terms, lr, grad_norm, skipped)
             micro_terms = []
             self.after_step(record, log)
             if self._stop_requested():
@@ -1673,12 +1834,15 @@ class Trainer:
             lr = self.set_lr()
         return True
 
-    def _step_record(self, micro_terms: list[dict[str, float]], lr: float, grad_norm: float | None) -> dict:
+    def _step_record(self, micro_terms: list[dict[str, float]], lr: float, grad_norm: float | None,
+                     skipped: bool = False) -> dict:
         terms = {k: sum(t[k] for t in micro_terms) / len(micro_terms) for k in micro_terms[0]}
         self.losses.append(terms["loss"])
         record = {"kind": "train", "epoch": self.progress.epoch, "step": self.progress.step, "lr": lr, **terms}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
+        if skipped:
+            record["skipped"] = True
         return record
 
     def after_step(self, record: dict[str, Any], log: _RunLog) -> None:
@@ -1875,6 +2039,7 @@ def _check_train_inputs(model: Any, train_dataset: Any, cfg: Any) -> None:
     if cfg is not None and not isinstance(cfg, (TrainConfig, Mapping)):
         raise ConfigError(f"train/fit: cfg is a TrainConfig or a dict of its fields, got {cfg!r} (a config file runs "
                           "with cirlab.run_experiment(cirlab.load_config(path)))")
+    refuse_low_precision_weights(model, "train")
     grouped = cfg.group_batches if isinstance(cfg, TrainConfig) else (cfg or {}).get("group_batches")
     if grouped:
         group_ids(train_dataset)  # a dataset without group keys: refused here, not once the run folder is claimed
@@ -1912,7 +2077,8 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
         dict with ``steps``, ``epochs`` (epochs trained; a fraction where ``max_steps`` ends the run inside one),
         ``losses`` (per optimizer step of this call), ``eval_history``,
         ``best_score``, ``best_epoch`` (counted from 1, as the log lines count epochs; None without selection),
-        ``best_step``, ``best_checkpoint`` and ``last_checkpoint``.
+        ``best_step``, ``best_checkpoint``, ``last_checkpoint`` and ``skipped_steps`` (fp16: the steps the
+        GradScaler skipped for inf/NaN gradients, over the whole run; each is ``"skipped": true`` in log.jsonl).
 
     Raises:
         TrainingInterrupted: Ctrl-C (SIGINT), SIGTERM or SIGUSR1 stopped the run after the current step (or cut

@@ -37,8 +37,9 @@ Behaviour choices, defaults first, the original as a named option:
   and 30 and back to 2e-5 at 20; CIRR stage II (80 / 100) reaches 0 at 80 and rises to ~0.13 x lr0 in its last
   epoch (99).
   ``schedule="cosine"`` in the trainer is the clamped alternative.
-* Precision: the original uses fp16 autocast + GradScaler; cirlab's trainer default (``precision="auto"``) uses bf16
-  autocast on CUDA. ``bf16=True`` also runs inference (:meth:`encode_query`, :meth:`score_candidates`) under bf16.
+* Precision: the original uses fp16 autocast + GradScaler (``train.precision=fp16``, CUDA only); cirlab's trainer
+  default (``precision="auto"``) uses bf16 autocast on a CUDA card with bf16 in hardware, else fp32. ``bf16=True``
+  also runs inference (:meth:`encode_query`, :meth:`score_candidates`) under bf16.
 * Texts are tokenised with padding to the longest and truncated at ``max_text_len`` (the original never truncates;
   512 positions are never reached by CIR captions); a cut is logged, as in every cirlab model.
 * Stage II skips queries whose target is not among the K candidates (their scores are ``-99999.99`` and the

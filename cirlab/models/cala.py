@@ -47,8 +47,9 @@ Behaviour choices, defaults first, the original as a named option:
 * Text is padded to the longest caption and truncated at ``max_text_len`` (the original never truncates); a cut is
   logged, as in every cirlab model.
 * Precision: the original trains under fp16 autocast with a GradScaler (its frozen ViT-L in fp16); cirlab's trainer
-  default (``precision="auto"``) uses bf16 autocast on CUDA and fp32 on the CPU, with the tower in the autocast
-  dtype. ``--set train.precision=fp16`` gives the original's fp16 + GradScaler; evaluation runs in fp32, as the
+  default (``precision="auto"``) uses bf16 autocast on a CUDA card with bf16 in hardware (Ampere and later) and
+  fp32 elsewhere, with the tower in the autocast dtype. ``--set train.precision=fp16`` gives the original's fp16 +
+  GradScaler (CUDA only); evaluation runs in fp32, as the
   released ``validate.py`` does (``.float()``), unless ``bf16=True``, which runs inference under bf16 autocast too
   (recorded as ``eval_precision`` with the run and in ``cirlab eval``'s output).
 * ``ablation``: ``image_only`` / ``text_only`` baselines (query = reference image through the multimodal Q-Former's

@@ -107,8 +107,9 @@ class DIMEConfig(PresetMixin):
     keep_unused_params: bool = True  # keep GLGC.fc_2 and the i2t image BN (unused, in original checkpoints)
     pairs_per_shard: int = 0  # evaluation shard size in pairs (0: from memory on CUDA, 4096 on CPU)
     # Full-matrix evaluation precision (score_matrix): "fp32" (scores within 1e-5 of the module's), "bf16" (within
-    # about 2e-3, see reports/benchmarks/dime_eval.md) or "auto" = bf16 on CUDA and on CPUs with bf16 dot-product
-    # units (avx512_bf16 / amx_bf16; CIRLAB_BF16=0 turns it off), fp32 elsewhere.
+    # about 2e-3, see reports/benchmarks/dime_eval.md) or "auto" = bf16 on CUDA cards with bf16 in hardware (Ampere
+    # and later) and on CPUs with bf16 dot-product units (avx512_bf16 / amx_bf16; CIRLAB_BF16=0 turns it off), fp32
+    # elsewhere.
     eval_dtype: str = "auto"
     # pretrained start, applied by load_init when `cirlab train` builds the model
     init_from: str = ""  # a cirlab DIME run folder or checkpoint, or the original's model_best.pth.tar
@@ -827,12 +828,14 @@ def _slice(d: dict[str, torch.Tensor], sl: slice | torch.Tensor, device: torch.d
 
 
 def eval_dtype(model: DIME, device: torch.device) -> torch.dtype:
-    """The precision of :func:`score_matrix` for ``model.config.eval_dtype`` on ``device``."""
+    """The precision of :func:`score_matrix` for ``model.config.eval_dtype`` on ``device``; ``auto`` is bf16 on a
+    CUDA card with bf16 in hardware (Ampere and later) and on a CPU with bf16 units, else fp32."""
     choice = model.config.eval_dtype
-    if choice == "auto":
-        from cirlab.core._search import cpu_has_bf16
+    if choice == "auto":  # bf16 where the hardware has it (emulated bf16 loses precision for no speed)
+        from cirlab.core._search import cpu_has_bf16, cuda_native_bf16
 
-        choice = "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
+        native = cuda_native_bf16(device) if device.type == "cuda" else device.type == "cpu" and cpu_has_bf16()
+        choice = "bf16" if native else "fp32"
     return torch.bfloat16 if choice == "bf16" else torch.float32
 
 
