@@ -254,3 +254,24 @@ def test_the_command_refuses_fp16_on_a_cpu_before_reading_data(tmp_path, caplog)
                      f"dataset.synthetic.out={tmp_path / 'never'}", "--output-dir", str(tmp_path / "run")]) == 2
     assert "fp16 autocast is for CUDA" in caplog.text
     assert not (tmp_path / "never").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.filterwarnings("ignore:torch.*is deprecated:DeprecationWarning")  # the older names, called here on purpose
+def test_the_active_autocast_is_read_on_torch_before_2_4_too(monkeypatch):
+    """is_autocast_enabled(device_type) and get_autocast_dtype came in torch 2.4 (pyproject allows 2.1): an older
+    torch raised TypeError in every cached gallery encode and frozen AMC backbone pass."""
+    from cirlab.core._search import autocast_dtype
+
+    assert autocast_dtype("cpu") is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocast_dtype("cpu") == torch.bfloat16
+        enabled = torch.is_autocast_enabled
+
+        def old_is_autocast_enabled(*device):  # torch 2.1-2.3: no argument, and it means CUDA
+            if device:
+                raise TypeError("is_autocast_enabled() takes 0 positional arguments but 1 was given")
+            return enabled("cuda")
+
+        monkeypatch.setattr(torch, "is_autocast_enabled", old_is_autocast_enabled)
+        monkeypatch.delattr(torch, "get_autocast_dtype")
+        assert autocast_dtype("cpu") == torch.bfloat16 and autocast_dtype("cuda") is None

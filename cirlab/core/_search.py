@@ -84,6 +84,21 @@ def cuda_native_bf16(device: Any) -> bool:
             return torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 8
 
 
+def autocast_dtype(device_type: str) -> Any:
+    """The dtype autocast computes in on ``device_type`` ("cpu", "cuda") at this point, None where it is off: what
+    a cache of computed features must be keyed by. torch before 2.4 asks per device under other names."""
+    import torch
+
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except (TypeError, AttributeError):  # torch 2.1-2.3: is_autocast_enabled() takes no device, and means CUDA
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        if device_type == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        return None
+
+
 def faiss_module() -> Any:
     try:
         import faiss

@@ -244,10 +244,10 @@ def _encode_gallery(model: Any, split: Any, gallery: Any, *, batch_size: int, de
 def _autocast_state(device: Any) -> str:
     """The caller's autocast for ``device``'s type: gallery features encoded under bf16 autocast differ from fp32
     ones (by ~5e-3 in the scores), and an fp32 evaluation read them from the cache as if they were its own."""
-    kind = torch.device(device).type
-    if not torch.is_autocast_enabled(kind):
-        return "autocast off"
-    return f"autocast {str(torch.get_autocast_dtype(kind)).removeprefix('torch.')}"
+    from cirlab.core._search import autocast_dtype
+
+    dtype = autocast_dtype(torch.device(device).type)
+    return "autocast off" if dtype is None else f"autocast {str(dtype).removeprefix('torch.')}"
 
 
 def _encoder_identity(model: Any, gallery: Any) -> tuple[str, str, str]:

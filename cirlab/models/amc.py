@@ -516,8 +516,9 @@ class ImageEncoder(nn.Module):
         filled the cache first."""
         from cirlab.core import featcache
 
-        precision = str(torch.get_autocast_dtype(device_type)).removeprefix("torch.") \
-            if torch.is_autocast_enabled(device_type) else "float32"
+        from cirlab.core._search import autocast_dtype
+
+        precision = str(autocast_dtype(device_type) or torch.float32).removeprefix("torch.")
         tensors = (*self.backbone.parameters(), *self.backbone.buffers())
         fingerprint = (precision, *((t.data_ptr(), t._version) for t in tensors))  # weights loaded: other pointers
         if self._store_key is None or self._store_key[0] != fingerprint:  # first use, weights loaded, other precision
