@@ -232,3 +232,14 @@ def test_an_evaluation_cut_short_is_run_again_on_resume_as_in_an_uninterrupted_r
         got = torch.load(run / "checkpoints" / name, weights_only=True)["model"]
         want = torch.load(tmp_path / "ref" / "checkpoints" / name, weights_only=True)["model"]
         assert all(torch.equal(got[k], want[k]) for k in want), (where, name)
+
+
+def test_ctrl_c_lets_an_evaluation_inside_training_finish_then_stops(tmp_path):
+    """Only a scheduler's SIGTERM / SIGUSR1 cut an evaluation short: Ctrl-C in a notebook raised an exception inside
+    whatever library code the evaluation was running."""
+    data = TripletItems(40)
+    stopping = Validation(2, signal.SIGINT)
+    with pytest.raises(TrainingInterrupted, match="SIGINT") as caught:
+        train(_model(), data, _cfg(), output_dir=tmp_path / "run", evaluate_fn=stopping)
+    assert stopping.finished == 2 and "before its evaluation" not in str(caught.value)  # it ran to its end
+    assert caught.value.exit_code == 130

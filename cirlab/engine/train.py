@@ -1158,8 +1158,8 @@ class _EvaluationStopped(BaseException):
 
 class _StopSignals:
     """SIGINT / SIGTERM / SIGUSR1 ask the loop to stop after the current optimizer step (it then writes
-    ``last.pt``); inside an interruptible evaluation (:meth:`evaluation`) the first one stops the evaluation itself
-    (an evaluation on real data outlasts a cluster's grace period between SIGTERM and SIGKILL). A second signal
+    ``last.pt``); inside an interruptible evaluation (:meth:`evaluation`) a first SIGTERM or SIGUSR1 stops the
+    evaluation itself (an evaluation on real data outlasts a cluster's grace period between SIGTERM and SIGKILL). A second signal
     stops at once. Installed only in the main thread (signal handlers live there), and not for a signal this
     process was started with ignored: a background job of a shell script inherits Ctrl-C ignored (so that a Ctrl-C
     of the script's foreground command leaves it running), as Python itself and ``cirlab report`` respect."""
@@ -1206,7 +1206,10 @@ class _StopSignals:
             return
         self.signum = signum
         name = signal.Signals(signum).name
-        if self._interruptible:
+        # a scheduler's SIGTERM / SIGUSR1 cut the evaluation short (SIGKILL follows); Ctrl-C lets it finish (in a
+        # notebook, an exception raised anywhere inside a library's evaluation code could leave its state half
+        # changed; a second Ctrl-C still stops at once)
+        if self._interruptible and signum != getattr(signal, "SIGINT", None):
             self._interruptible = False
             logger.warning("%s received: stopping the evaluation and saving checkpoints/last.pt; the resumed run "
                            "evaluates this step again (send it again to stop at once)", name)
