@@ -283,6 +283,12 @@ def test_encode_corpus_argument_errors(tmp_path):
         R.encode_corpus(lambda x: x.tolist(), [{"image": torch.ones(1, 2)}], progress=False)
     with pytest.raises(ValueError, match="no batches"):
         R.encode_corpus(Counter(), [], progress=False)
+    mixed = [{"image": torch.ones(2, 3, dtype=torch.bfloat16)}, {"image": torch.full((1, 3), 1 / 3)}]
+    assert R.encode_corpus(lambda x: x, mixed, progress=False).dtype == torch.float32  # promoted, as torch.cat does
+    uneven = [{"image": torch.ones(2, 3), "gallery_idx": torch.tensor([0, 1, 2])},
+              {"image": torch.ones(2, 3), "gallery_idx": torch.tensor([3])}]
+    with pytest.raises(ValueError, match="batch 0 holds 3 indices for 2 encoded rows"):
+        R.encode_corpus(lambda x: x, uneven, index_key="gallery_idx", progress=False)
     ragged = [{"image": torch.ones(2, 3)}, {"image": torch.ones(1, 4)}]
     with pytest.raises(ValueError, match=r"batch 1 encodes to rows of shape \(4,\), batch 0 to \(3,\)"):
         R.encode_corpus(lambda x: x, ragged, progress=False)

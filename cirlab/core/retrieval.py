@@ -16,6 +16,8 @@ promise this; :func:`topk_search` repairs the rows where a tie straddles the K-t
 """
 from __future__ import annotations
 
+import functools
+
 import json
 import logging
 import os
@@ -489,13 +491,16 @@ def _place(feats: list[Tensor], order: list[Tensor] | None, n: int) -> Tensor:
     re-sort the rows; None: in turn), each batch released once placed: a concatenation held the features twice at
     its peak, and a scatter after it three times (100K x 1024 floats: +786 / +1181 MB for 391 MB of features)."""
     first = feats[0]
-    out = first.new_empty((n, *first.shape[1:]))
+    dtype = functools.reduce(torch.promote_types, (f.dtype for f in feats))  # as torch.cat promotes
+    out = first.new_empty((n, *first.shape[1:]), dtype=dtype)
     row = 0
     for i, part in enumerate(feats):
         if part.shape[1:] != first.shape[1:]:
             raise InputError(f"encode_corpus: batch {i} encodes to rows of shape {tuple(part.shape[1:])}, batch 0 to "
                              f"{tuple(first.shape[1:])}")
-        out[order[i] if order is not None else slice(row, row + len(part))] = part.to(out.dtype)
+        if order is not None and len(order[i]) != len(part):
+            raise InputError(f"encode_corpus: batch {i} holds {len(order[i])} indices for {len(part)} encoded rows")
+        out[order[i] if order is not None else slice(row, row + len(part))] = part.to(dtype)
         row += len(part)
         feats[i] = None  # type: ignore[call-overload]  # released as soon as it is placed
     return out

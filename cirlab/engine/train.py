@@ -591,9 +591,10 @@ def _say_auto_precision(cfg: TrainConfig, device: torch.device, dtype: torch.dty
         return
     if dtype is not None:
         logger.info("train.precision=auto: bf16 autocast on %s (bf16 in hardware)", device)
-    elif device.type == "cuda":
-        logger.info("train.precision=auto: fp32 on %s, which has no bf16 in hardware (before Ampere); "
-                    "train.precision=fp16 trains with fp16 autocast and a GradScaler", device)
+    elif device.type == "cuda":  # a warning: cirlab chose bf16 on every card before, and fp32 takes more memory
+        logger.warning("train.precision=auto: fp32 on %s, which has no bf16 in hardware (before Ampere; fp32 needs "
+                       "more memory than bf16 did); train.precision=fp16 trains with fp16 autocast and a GradScaler",
+                       device)
     else:
         logger.info("train.precision=auto: fp32 on %s", device)
 
