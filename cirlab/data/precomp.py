@@ -233,7 +233,9 @@ class PrecompSplit:
         name: dataset name ("f30k", "coco", ...).
         split: split name.
         images: memory-mapped ``[N_img, R, D]`` features (only the images covered by ``captions``).
-        captions: raw captions; caption ``k`` describes image ``k // im_div``.
+        captions: raw captions; caption ``k`` describes image ``k // im_div``. The datasets made from the split
+            (:meth:`pair_dataset`, :meth:`caption_dataset`) read the captions as they were when made: edit the
+            list before making them (its length and order stay the split's, as ``im_div`` pairs them).
         im_div: captions per image (5, or 1 when the files hold one caption per image).
         ims_path / caps_path: the two files.
     """
