@@ -500,14 +500,19 @@ def test_frozen_feature_cache_skips_training_views_of_a_random_transform(tmp_pat
     assert store.misses == len(pool)
 
 
-def test_frozen_feature_cache_keeps_features_of_each_precision_apart(tmp_path, monkeypatch) -> None:
-    """A bf16-autocast run filled the store, and an fp32 run then trained on its bf16 features without a word."""
+def _frozen_encoder(tmp_path, monkeypatch) -> tuple:
+    """A tiny AMC's frozen image encoder with its feature store in ``tmp_path`` (a fresh process's registry), and
+    three images."""
     from cirlab.core import featcache
 
     monkeypatch.setattr(featcache, "_STORES", {})
     model = tiny(train_backbone=False, feature_cache_dir=str(tmp_path)).eval()
-    enc = model.image_encoder
-    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    return model.image_encoder, torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+
+
+def test_frozen_feature_cache_keeps_features_of_each_precision_apart(tmp_path, monkeypatch) -> None:
+    """A bf16-autocast run filled the store, and an fp32 run then trained on its bf16 features without a word."""
+    enc, images = _frozen_encoder(tmp_path, monkeypatch)
     with torch.no_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             half = enc.backbone_features(images)
@@ -539,12 +544,7 @@ def test_only_the_amc_training_transform_draws_at_random() -> None:
 
 
 def test_frozen_feature_cache_misses_on_changed_image_transform_or_weights(tmp_path, monkeypatch) -> None:
-    from cirlab.core import featcache
-
-    monkeypatch.setattr(featcache, "_STORES", {})
-    model = tiny(train_backbone=False, feature_cache_dir=str(tmp_path)).eval()
-    enc = model.image_encoder
-    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    enc, images = _frozen_encoder(tmp_path, monkeypatch)
     with torch.no_grad():
         first = enc(images)
         store = enc._feature_store()
