@@ -1189,13 +1189,10 @@ def test_grouped_bars_differ_in_colour_blind_safe_colour_and_hatching(tmp_path):
     to protanopes (CIEDE2000 1.3 in the report's per-category bars)."""
     import pandas as pd
     from matplotlib.axes import Axes
-    from matplotlib.colors import to_hex
 
     frame = pd.DataFrame({"dress": [10.0, 20.0], "shirt": [12.0, 22.0], "toptee": [14.0, 24.0]}, index=["R@10", "R@50"])
     runs = {name: {"val": {"R@10": float(i), "R@50": 2.0 * i}} for i, name in enumerate(frame.columns, 1)}
     for fig in (viz.plot_metrics_bars(frame), viz.plot_run_comparison(runs)):
-        from matplotlib.patches import Rectangle
-
         bars = [p for ax in fig.findobj(Axes) for p in ax.patches if isinstance(p, Rectangle)]  # subfigures too
         styles = {(to_hex(p.get_facecolor()), p.get_hatch() or "") for p in bars}
         assert {c for c, _ in styles} == {c.lower() for c in viz.CVD_PALETTE[:3]}
