@@ -229,6 +229,8 @@ def test_path_explorer_rescores_an_edited_caption_against_a_chosen_image():
     assert set(edited) == {"paths:edited:layer0", "paths:edited:layer1", "paths:edited:layer2"}
     assert float(edited["paths:edited:layer0"][0, 0]) == pytest.approx(len(exp.text.value) / 100)
     assert "image rank 3 of 50" in exp.figure._suptitle.get_text()
+    assert exp.status.value == ("traced: image 0, score 0.500, image rank 3 of 50 for the caption; edited: image 2, "
+                                "score 0.500, image rank 3 of 50 for the caption")  # as text too
     exp.query.value = 5  # picking another pair resets caption and image without a second render
     assert exp.text.value == "a blue ring" and exp.image.value == 1 and exp.pick("5") == 5
 
@@ -295,3 +297,12 @@ def _open_widgets() -> int:
 
     instances = getattr(widget, "_instances", None)
     return len(instances if instances is not None else widget.Widget.widgets)
+
+
+def test_the_status_line_says_in_text_what_the_figure_shows(explorer):
+    """The target's rank, the top-K and their scores were only drawn in the figure: a screen reader read nothing."""
+    explorer.build()
+    explorer.query.value = "q1"
+    assert explorer.status.value == "target g1: rank 2; top 3: g3 (0.300), g1 (0.200), g2 (0.100)"
+    explorer.text.value = "a <b>bold</b> edit"  # re-routed: query_fn's candidates, no rank for them
+    assert explorer.status.value.startswith("target g1: rank 2; top 3: g1 (0.900)")

@@ -336,6 +336,18 @@ def make_pair_fn(model: Any, split: Any, device: str = "cpu") -> PairFn:
 
 
 # --------------------------------------------------------------------------------------------- the explorers
+def _retrieval_line(ids: Sequence[Any], scores: Sequence[float], target: Any, rank: int | None,
+                    gallery_size: int | None) -> str:
+    """``target t: rank 3 of 40; top 5: a (0.812), b (0.790), ...``: the query view's numbers as text."""
+    parts = []
+    if target is not None:
+        of = f" of {gallery_size}" if gallery_size else ""
+        parts.append(f"target {target}: rank {analysis.shown_rank(rank) if rank else 'unknown'}{of}")
+    if len(ids):
+        parts.append(f"top {len(ids)}: " + ", ".join(f"{i} ({float(s):.3f})" for i, s in zip(ids, scores)))
+    return "; ".join(parts)
+
+
 def _pair_line(label: str, image: int, answer: Mapping[str, Any]) -> str:
     return (f"{label}: image {image}, score {answer['score']:.3f}, image rank {answer['image_rank']} of "
             f"{answer['n_images']} for the caption")
@@ -346,6 +358,7 @@ class _Explorer:
 
     figure: Any = None
     renders: int = 0
+    summary: str = ""  # the last view's numbers as one line of text (the widget's status line shows it)
 
     def _start(self) -> None:
         self.figure, self.renders, self.output, self.status = None, 0, None, None
@@ -397,8 +410,8 @@ class _Explorer:
                 self.status.value = f"<span style='color:#b00'>error: {message}</span>"
             return self.figure
         self.renders += 1
-        if self.status is not None:
-            self.status.value = ""
+        if self.status is not None:  # what the figure shows, as text too: a screen reader reads no figure
+            self.status.value = html.escape(self.summary)
         if self.output is not None:
             from IPython.display import display
 
@@ -461,6 +474,7 @@ class RouterExplorer(_Explorer):
         if self.compare_fn is not None and current is not None:
             compare = self.compare_fn(query_id, current)
         title = f"query {query_id}" + (f": {current!r}" if current and self.image_fn is None else "")
+        self.summary = _retrieval_line(ids, scores, target, rank, answer.get("gallery_size"))
         return plot_query_view(rows, answer.get("routes") if edit else None, ids, scores, target, self.image_fn,
                                title=title, target_rank=rank or None, gallery_size=answer.get("gallery_size"),
                                reference_id=answer.get("reference_id"),
@@ -554,6 +568,7 @@ class PathExplorer(_Explorer):
                 edited = answer["routes"]
                 info += "\n" + _pair_line("edited", chosen, answer)
         title = f"pair {query_id}: image {own}, caption {original!r}" + info
+        self.summary = "; ".join(info.strip().splitlines())
         return plot_pair_view(rows, edited, title=title, labels=("traced", "edited"))
 
     def build(self) -> Any:
