@@ -805,16 +805,12 @@ def _worth_a_retry(err: BaseException) -> bool:
     tells these from the user's errors by the exit status."""
     import errno
 
+    from cirlab.core.errors import error_chain
     from cirlab.core.io import FolderLockedError
 
     retry = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT") if hasattr(errno, name)}
-    seen: list[BaseException] = []
-    while err is not None and not any(err is e for e in seen):
-        if isinstance(err, FolderLockedError) or (isinstance(err, OSError) and err.errno in retry):
-            return True
-        seen.append(err)
-        err = err.__cause__ or err.__context__
-    return False
+    return any(isinstance(link, FolderLockedError) or (isinstance(link, OSError) and link.errno in retry)
+               for link in error_chain(err))
 
 
 def console() -> None:

@@ -32,6 +32,7 @@ FORMAT = "cirlab-checkpoint-v1"
 
 
 from cirlab.core.errors import CheckpointError  # noqa: E402  (re-exported: raised and caught by this name)
+from cirlab.core.errors import error_chain  # noqa: E402
 
 
 class CheckpointWriteError(CheckpointError, OSError):
@@ -73,10 +74,7 @@ def _write_failure(err: BaseException) -> BaseException | None:
     """The write's own failure behind ``err``: an ``OSError`` anywhere in its chain (torch's writer raises its
     "unexpected pos" RuntimeError over the file's OSError), else torch's writer error when nothing else caused it;
     None when another error broke into the write (torch's writer then reports it as a failed write too)."""
-    chain: list[BaseException] = []
-    while err is not None and not any(err is seen for seen in chain):
-        chain.append(err)
-        err = err.__cause__ or err.__context__
+    chain = error_chain(err)
     for link in chain:
         if isinstance(link, OSError):
             return link

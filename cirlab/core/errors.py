@@ -97,6 +97,16 @@ class InputError(CirlabError, ValueError):
     the message names the argument. A ``ValueError`` for ``except ValueError`` callers, one line in notebooks."""
 
 
+def error_chain(err: BaseException | None) -> list[BaseException]:
+    """``err`` and what it was raised from or during (``__cause__``, else ``__context__``), nearest first, each once
+    (a chain may loop back)."""
+    chain: list[BaseException] = []
+    while err is not None and not any(err is seen for seen in chain):
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
 def refuse_entries(bad: Any, values: Any, what: str) -> None:
     """Raise one :class:`InputError` line saying how many entries of the 1-D ``values`` are ``bad`` (a mask as long),
     with the first few positions and values: ``{what}: 3 of 10 entries are not, at positions [...] (values [...])``.
