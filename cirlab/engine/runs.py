@@ -1159,7 +1159,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     run_device = resolve_device(cfg.device, "train.device")
     resolved = {**config, "output_dir": str(out), "train": cfg.to_dict(), "model_config": model.config.to_dict()}
     if cfg.resume and is_main_process():
-        notes["config_changes"] = check_resume_config(out, resolved, allow_config_change)
+        notes["config_changes"] = check_resume_config(out, resolved, allow_config_change, data_now=fingerprint)
     # the selection split too, before the first step: a broken val file must fail now, not after the training
     if select_split and select_split not in loaded:
         loaded[select_split] = load_split(config, select_split)
@@ -1369,10 +1369,13 @@ def _same_split(dataset: str, a: Any, b: Any) -> bool:
     return a is not None and b is not None and aliases.get(a, a) == aliases.get(b, b)
 
 
-def check_resume_config(out: Path, resolved: dict[str, Any], allow_config_change: bool = False) -> list[str]:
+def check_resume_config(out: Path, resolved: dict[str, Any], allow_config_change: bool = False,
+                        data_now: dict[str, Any] | None = None) -> list[str]:
     """Refuse to resume ``out`` with settings other than the ones it was trained with (``config.yaml``), listing
     each difference; ``allow_config_change`` logs them instead (and returns them: ``provenance.json`` keeps them,
-    as config.yaml is rewritten with the new values). Run length, logging and device may change."""
+    as config.yaml is rewritten with the new values). Run length, logging and device may change, and
+    ``dataset.root`` where it holds the same data (``data_now``: its :func:`data_fingerprint`, computed here when
+    not given)."""
     from cirlab.engine.train import RESUME_MAY_CHANGE, resume_differences
 
     if not (out / "checkpoints" / "last.pt").is_file() or not (out / "config.yaml").is_file():
@@ -1385,7 +1388,7 @@ def check_resume_config(out: Path, resolved: dict[str, Any], allow_config_change
                                  may_change=frozenset({"resume"}))
     allowed = [d for d in changed if d.split(":", 1)[0] in RESUME_MAY_CHANGE]
     diffs += [f"train.{d}" for d in changed if d not in allowed]
-    moved = _moved_to_the_same_data(out, diffs, resolved)
+    moved = _moved_to_the_same_data(out, diffs, resolved, data_now)
     diffs = [d for d in diffs if d not in moved]
     allowed = moved + [f"train.{d}" for d in allowed]
     if allowed and not diffs:  # run length, logging, device, a moved copy: they may change, the log says they did
@@ -1401,7 +1404,8 @@ def check_resume_config(out: Path, resolved: dict[str, Any], allow_config_change
                       "run (another --output-dir, or --overwrite), or pass --allow-config-change")
 
 
-def _moved_to_the_same_data(out: Path, diffs: list[str], resolved: dict[str, Any]) -> list[str]:
+def _moved_to_the_same_data(out: Path, diffs: list[str], resolved: dict[str, Any],
+                            data_now: dict[str, Any] | None) -> list[str]:
     """The ``dataset.root`` difference among ``diffs`` when the new root holds the same data as the run recorded
     (every file of its ``data_fingerprint.json`` there with the same digest): a batch job that copies the data to
     its node's scratch folder resumes from another path every time. Empty otherwise (a run recorded without a
@@ -1412,7 +1416,9 @@ def _moved_to_the_same_data(out: Path, diffs: list[str], resolved: dict[str, Any
     if not moved:
         return []
     stored = read_fingerprint(out)
-    if not stored or not stored.get("files") or differences(stored, data_fingerprint(resolved)):
+    if not stored or not stored.get("files"):
+        return []
+    if differences(stored, data_now if data_now is not None else data_fingerprint(resolved)):
         return []
     return moved
 
