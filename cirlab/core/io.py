@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import errno
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -279,6 +280,25 @@ def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return sorted(folder.glob(f".*{TMP_SUFFIX}")) if folder.is_dir() else []
 
 
+def remove_temporaries(paths: Iterable[Path]) -> list[tuple[Path, int]]:
+    """Remove temporary files killed writers left (from :func:`stale_temporaries` or :func:`staged_temporaries`,
+    under the lock every writer takes); returns those removed with their sizes, for the caller to say. One gone
+    meanwhile is skipped; one that cannot be removed is said and left."""
+    removed = []
+    for leftover in paths:
+        try:
+            size = leftover.stat().st_size
+            leftover.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            logging.getLogger(__name__).warning("cannot remove %s, left by a killed writer (%s)", leftover,
+                                                err.strerror or err)
+            continue
+        removed.append((leftover, size))
+    return removed
+
+
 def staged_temporaries(path: str | os.PathLike) -> list[Path]:
     """The temporary files :func:`atomic_path` staged for ``path`` that are still beside it: writes of ``path`` not
     finished yet, or killed mid-write. Stale only where the caller holds a lock that every writer of ``path``
@@ -458,7 +478,6 @@ def make_folder(folder: Path) -> None:
 
 
 def _acquire(path: Path, wait: float = 0.0) -> Any:
-    import logging
     import socket
     import time
 
@@ -561,8 +580,6 @@ def _try_lock(fh: Any) -> bool:
     except BlockingIOError:
         return False
     except OSError as err:  # a filesystem without locks (some network mounts): go on unlocked, but say so
-        import logging
-
         logging.getLogger(__name__).warning("%s: this filesystem does not support file locks (%s); the folder is "
                                             "not protected against a second run", Path(fh.name).parent, err)
         return True

@@ -2012,9 +2012,8 @@ def _remove_stale_temporaries(output_dir: Path) -> None:
     for folder in (output_dir, output_dir / "checkpoints"):
         if folder.is_symlink():  # another folder's in-flight writes: never removed from here
             continue
-        for tmp in io.stale_temporaries(folder):
-            tmp.unlink(missing_ok=True)
-            logger.info("removed %s, left by a process stopped while writing it", tmp)
+        for leftover, _ in io.remove_temporaries(io.stale_temporaries(folder)):
+            logger.info("removed %s, left by a process stopped while writing it", leftover)
 
 
 def resume_checkpoint(resume: str, output_dir: Path) -> Path | None:

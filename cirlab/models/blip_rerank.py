@@ -922,16 +922,7 @@ def _remove_killed_writes(path: Path) -> None:
     gigabytes for a real split) and ``.json``. Called under the entry's lock, which every writer holds while it
     writes, so none of these files belongs to a live writer."""
     for stem in (path.with_suffix(".npy"), path.with_suffix(".json")):
-        for leftover in io.staged_temporaries(stem):
-            try:
-                size = leftover.stat().st_size
-                leftover.unlink()
-            except FileNotFoundError:
-                continue
-            except OSError as err:
-                logger.warning("cannot remove %s, left by a killed writer of a ViT token cache (%s)", leftover,
-                               err.strerror or err)
-                continue
+        for leftover, size in io.remove_temporaries(io.staged_temporaries(stem)):
             logger.info("removed %s (%.1f MB), left by a writer of the ViT token cache %s that was killed", leftover,
                         size / 1e6, stem)
 
