@@ -1459,7 +1459,9 @@ class Trainer:
         except (OSError, ValueError):
             return None
         recorded = starts[-1].get("precision") if starts and isinstance(starts[-1], dict) else None
-        return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(recorded)
+        # provenance.json names the dtype (torch's "bfloat16"); the config's spelling of the same
+        by_dtype = {str(dtype or torch.float32).removeprefix("torch."): name for dtype, name in PRECISION_NAMES.items()}
+        return by_dtype.get(recorded)
 
     def _say_a_precision_change(self, path: Path, saved: str | None) -> None:
         """A resume in another autocast precision changes the numerics of every later step (``auto`` too, when it
