@@ -85,7 +85,7 @@ fig
 # %% [markdown]
 # ## Retrieval galleries (first run)
 # Each row: the reference image, the modification text, then the top-K gallery images; the target is framed
-# in green, or drawn last with a dashed frame and its rank when it is ranked below K.
+# in green and marked "✓ target", or drawn last with a dashed frame and its rank when it is ranked below K.
 
 # %%
 first = names[0]

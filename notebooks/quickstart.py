@@ -74,8 +74,8 @@ fig
 
 # %% [markdown]
 # ## 3. What does it retrieve?
-# Each row: the reference image, the text, then the five best gallery images. The target has a green frame; when
-# it ranked below five, it is drawn last with a dashed green frame and its rank.
+# Each row: the reference image, the text, then the five best gallery images. The target has a green frame and
+# the mark "✓ target"; when it ranked below five, it is drawn last with a dashed green frame and its rank.
 
 # %%
 model = workbench.load_run(f"{out_dir}/run", device=device)

@@ -211,6 +211,8 @@ def test_gallery_highlights_the_target():
     assert isinstance(fig, Figure)
     axes = np.array(fig.axes).reshape(2, 6)
     assert [ax.get_gid() for ax in axes[0, 2:]] == [None, None, "target", None]
+    assert [viz.TARGET_MARK in ax.get_title() for ax in axes[0, 2:]] == [False, False, True, False]
+    assert axes[0, 4].get_title() == f"#3 c {viz.TARGET_MARK}"
     assert all(ax.get_gid() != "target" for ax in axes[1])
     assert axes[0, 0].get_gid() == "query"
     assert axes[0, 4].spines["top"].get_edgecolor()[:3] == pytest.approx(matplotlib.colors.to_rgb(viz.TARGET_COLOR))

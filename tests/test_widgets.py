@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from cirlab.core.topk import TopK
+from cirlab.workbench import viz
 from cirlab.workbench.widgets import RouterExplorer, plot_query_view
 
 pytest.importorskip("ipywidgets")
@@ -97,6 +98,8 @@ def test_thumbnails_frame_the_target():
                           image_fn=lambda name: np.full((4, 4, 3), 0.5))
     thumbs = fig.axes[2:]
     assert [ax.get_gid() for ax in thumbs] == [None, "target", None]
+    # the target is told by text too, not only by its green frame
+    assert [viz.TARGET_MARK in ax.get_title() for ax in thumbs] == [False, True, False]
 
 
 def test_explorer_without_model_disables_text():
@@ -119,7 +122,7 @@ def test_static_view_searches_when_no_topk_is_given():
     fig = exp.view("q0")
     assert calls == ["abc"]  # the original text, only to get the top-K
     assert bars(fig, "gates:edited") == []
-    assert [t.get_text() for t in fig.axes[-1].texts if t.get_gid() == "target"] == ["#2 t  0.500"]
+    assert [t.get_text() for t in fig.axes[-1].texts if t.get_gid() == "target"] == [f"#2 t  0.500  {viz.TARGET_MARK}"]
 
 
 # --------------------------------------------------------------------------------------------- what users see

@@ -35,6 +35,8 @@ __all__ = [
 ]
 
 TARGET_COLOR = "#2ca02c"  # green frame around the ground-truth target in galleries
+# written after the target's label too: a green frame alone is lost on readers who cannot tell green (WCAG 1.4.1)
+TARGET_MARK = "\u2713 target"
 QUERY_COLOR = "#1f77b4"
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
@@ -151,6 +153,13 @@ def _to_image(x: Any) -> np.ndarray:
     return np.clip(a, 0.0, 1.0)
 
 
+def candidate_label(rank: int, name: Any, score: Any = None, target: bool = False) -> str:
+    """A shown candidate's title: its 1-based rank and id, its score on a second line when given, and the target
+    mark when it is the ground truth (so the target is told by text as well as by its green frame)."""
+    label = f"#{rank} {name}".rstrip() + (f" {TARGET_MARK}" if target else "")
+    return label if score is None else f"{label}\n{float(score):.3f}"
+
+
 def image_axis(ax: Any, image: Any, title: str = "", color: str | None = None, width: float = 4.0) -> None:
     ax.imshow(_to_image(image), cmap="gray" if np.ndim(image) == 2 else None)
     ax.set_xticks([])
@@ -244,10 +253,9 @@ def _gallery_row(axes: Sequence[Any], row: Mapping[str, Any], k: int) -> None:
         if j >= len(cands):
             ax.axis("off")
             continue
-        label = f"#{j + 1} {ids[j]}" if j < len(ids) else f"#{j + 1}"
-        if scores is not None:
-            label += f"\n{float(scores[j]):.3f}"
         is_target = target is not None and int(target) == j
+        label = candidate_label(j + 1, ids[j] if j < len(ids) else "", None if scores is None else scores[j],
+                                is_target)
         image_axis(ax, cands[j], title=label, color=TARGET_COLOR if is_target else None)
         if is_target:
             ax.set_gid("target")

@@ -29,7 +29,7 @@ import numpy as np
 
 from cirlab.core.errors import InputError, UnknownKeyError
 from cirlab.workbench import analysis
-from cirlab.workbench.viz import MIN_FONT, PALETTE, QUERY_COLOR, text_on_viridis
+from cirlab.workbench.viz import MIN_FONT, PALETTE, QUERY_COLOR, TARGET_MARK, candidate_label, text_on_viridis
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +126,8 @@ def plot_query_view(routes: Any, edited: Any = None, candidate_ids: Sequence[str
         for j, (slot, name) in enumerate(zip(cand_slots, ids)):
             ax = fig.add_subplot(top[0, slot])
             hit = name == target
-            score = f"\n{float(scores[j]):.3f}" if j < len(scores) else ""
-            image_axis(ax, image_fn(name), title=f"#{j + 1} {name}{score}", color=TARGET_COLOR if hit else None)
+            title = candidate_label(j + 1, name, scores[j] if j < len(scores) else None, hit)
+            image_axis(ax, image_fn(name), title=title, color=TARGET_COLOR if hit else None)
             if hit:
                 ax.set_gid("target")
         if outside:
@@ -190,7 +190,8 @@ def _candidate_list(ax: Any, ids: Sequence[str], scores: Sequence[float], target
     for j, name in enumerate(ids):
         hit = target is not None and name == target
         score = f"  {float(scores[j]):.3f}" if j < len(scores) else ""
-        t = ax.text(0.0, 1.0 - (j + 0.5) / max(rows, 1), f"#{j + 1} {name}{score}", fontsize=8,
+        mark = f"  {TARGET_MARK}" if hit else ""
+        t = ax.text(0.0, 1.0 - (j + 0.5) / max(rows, 1), f"#{j + 1} {name}{score}{mark}", fontsize=8,
                     color=color if hit else "black", fontweight="bold" if hit else "normal", transform=ax.transAxes,
                     va="center")
         if hit:
