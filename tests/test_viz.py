@@ -678,6 +678,14 @@ def test_relation_graph_shows_the_joint_matrix_with_its_four_blocks():
         # each block's tag at its top-left corner (x, y), not over the middle of its cells
         assert blocks == {"i2i": (-0.5, -0.5), "i2t": (2.5, -0.5), "t2i": (-0.5, 2.5), "t2t": (2.5, 2.5)}
         assert ax.images[0].get_array()[0, 4] == 4.0  # row 0 (img 10) x column 4 (cap 55)
+        # block edges and tags readable on every cell colour: black with a white halo, black tags on white boxes
+        edges_drawn = [line for line in ax.lines if line.get_gid() == "block_edge"]
+        assert len(edges_drawn) == 2
+        for line in edges_drawn:
+            assert to_hex(line.get_color()) == "#000000" and line.get_path_effects()
+        for tag in (t for t in ax.texts if (t.get_gid() or "").startswith("block:")):
+            back = tag.get_bbox_patch().get_facecolor()
+            assert _contrast(tag.get_color(), back) >= 4.5
     bars = [ax for ax in fig.axes if not ax.images and ax.get_gid() is None]
     # the 0/1 connection has a two-entry legend, not a grey scale; the other two a labelled bar under their panel
     assert [ax.get_xlabel() for ax in bars] == ["relevance", "fusion attention weight"]
@@ -1208,15 +1216,20 @@ def test_svg_figures_keep_their_text_as_text(tmp_path):
     assert "recall per cut-off" in svg and "R@50" in svg
 
 
+def _contrast(a, b) -> float:
+    """WCAG 2's contrast ratio of two matplotlib colours (1 to 21)."""
+    def luminance(colour):
+        c = np.asarray(matplotlib.colors.to_rgb(colour))
+        c = np.where(c <= 0.03928, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        return float(c @ [0.2126, 0.7152, 0.0722])
+
+    high, low = sorted((luminance(a), luminance(b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
 def test_numbers_on_viridis_heatmaps_keep_wcag_contrast():
     """White text just below viridis' middle fell to 3.8:1 (WCAG AA asks 4.5:1 for small text)."""
     from matplotlib import colormaps
 
-    def luminance(rgb):
-        c = np.asarray(rgb[:3])
-        c = np.where(c <= 0.03928, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-        return float(c @ [0.2126, 0.7152, 0.0722])
-
     for f in np.linspace(0, 1, 201):
-        back, text = luminance(colormaps["viridis"](f)), 0.0 if viz.text_on_viridis(f) == "black" else 1.0
-        assert (max(back, text) + 0.05) / (min(back, text) + 0.05) >= 4.5, f
+        assert _contrast(colormaps["viridis"](f), viz.text_on_viridis(f)) >= 4.5, f
