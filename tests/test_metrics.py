@@ -365,6 +365,18 @@ def test_target_indices_must_be_whole():
         M.cirr_subset_ranks(s, [2, 1], [0, 0], [[0, 2, 1.5], [0, 1, 3]])
 
 
+def test_cirr_subset_ranks_refuse_nan_members_but_not_a_nan_reference():
+    """NaN compares false both ways: a NaN target got subset rank 1, so a re-ranker that diverged to NaN reported
+    Recall_subset@1 = 100 (every other ranking path refuses NaN)."""
+    s = torch.tensor([[0.9, float("nan"), 0.8, 0.3, 0.5]])
+    with pytest.raises(ValueError, match=r"^query 0: scores contain NaN among its img_set members"):
+        M.cirr_subset_ranks(s, [1], [0], [[0, 1, 2, 3]])
+    with pytest.raises(ValueError, match="NaN among its img_set members"):
+        M.cirr_subset_ranks(s, [2], [0], [[0, 1, 2, 3]])  # a NaN beside the target: its place is undefined too
+    assert M.cirr_subset_ranks(s, [2], [1], [[0, 1, 2, 3]]).tolist() == [2]  # NaN on the removed reference
+    assert M.cirr_subset_ranks(s, [2], [0], [[0, 2, 3]]).tolist() == [1]  # NaN outside the set
+
+
 def test_flat_rank_lists_are_ranks_and_score_tuples_are_unchanged():
     assert M.fashioniq_metrics({"dress": [1, 3, 12]}) == M.fashioniq_metrics({"dress": torch.tensor([1, 3, 12])})
     assert M.shoes_metrics([1, 5, 60]) == M.shoes_metrics((1, 5, 60)) == M.shoes_metrics(np.array([1, 5, 60]))

@@ -104,6 +104,40 @@ def test_reorder_is_stable_and_fuse_interpolates():
         R.fuse_scores(s1, s2, 1.5)
 
 
+def test_reorder_and_rerank_refuse_nan_scores():
+    """A diverged stage II's NaN scores were sorted first: its re-ranked list led with them, with no word."""
+    cand = torch.tensor([[4, 1, 3], [2, 0, 5]])
+    scores = torch.tensor([[0.5, 0.2, 0.1], [0.3, float("nan"), 0.9]])
+    with pytest.raises(ValueError, match=r"^re-ranking scores of query row 1 contain NaN"):
+        R.reorder(cand, scores)
+    with pytest.raises(ValueError, match="query row 0 contain NaN"):
+        R.rerank(lambda q, c: torch.full(c.shape, float("nan")), torch.arange(2), cand)
+
+
+def test_topk_ranks_float64_scores_in_float64_as_target_ranks_does():
+    """float64 scores were ranked in float32: two items 1e-12 apart tied, the lower index was listed first, and the
+    list contradicted target_ranks (and the CIRR submission's recall file its recall_subset file)."""
+    s = torch.tensor([[0.5, 0.5 + 1e-12, 0.1, 0.2]], dtype=torch.float64)
+    scores, idx = R.topk_candidates(s, 2)
+    assert idx.tolist() == [[1, 0]] and scores.dtype == torch.float64
+    assert M.target_ranks(s, [1]).tolist() == [1]
+    q, g = torch.tensor([[1.0]], dtype=torch.float64), s.reshape(4, 1)
+    assert R.topk_search(q, g, 2)[1].tolist() == [[1, 0]]
+    recall, subset = R.cirr_rankings(s, [3], [[0, 1, 2, 3]], list("abcd"), k=2)
+    assert recall == [["b", "a"]] and subset[0][:2] == ["b", "a"]
+    assert R.topk_candidates(s.float(), 2)[1].tolist() == [[0, 1]]  # a real float32 tie: lower index first
+
+
+def test_topk_search_refuses_the_nan_products_of_infinite_embeddings():
+    """inf x 0 is NaN: such scores were listed first (and the inf item dropped), where target_ranks refuses them."""
+    q = torch.tensor([[1.0, 0.0]])
+    g = torch.tensor([[0.0, 1.0], [float("inf"), 0.0], [0.0, float("inf")]])
+    with pytest.raises(ValueError, match=r"^scores of query row 0 contain NaN \(an infinite embedding"):
+        R.topk_search(q, g, 2)
+    finite_scores = torch.tensor([[1.0, 1.0]])
+    assert R.topk_search(finite_scores, torch.tensor([[1.0, float("-inf")], [0.0, 1.0]]), 1)[1].tolist() == [[1]]
+
+
 def test_rerank_batches_and_keeps_out_of_pool_ranks():
     calls = []
 

@@ -309,3 +309,24 @@ def test_the_status_line_says_in_text_what_the_figure_shows(explorer):
     assert explorer.status.value == "target g1: rank 2; top 3: g3 (0.300), g1 (0.200), g2 (0.100)"
     explorer.text.value = "a <b>bold</b> edit"  # re-routed: query_fn's candidates, no rank for them
     assert explorer.status.value.startswith("target g1: rank 2; top 3: g1 (0.900)")
+
+
+def test_pair_fn_ranks_a_duplicated_image_as_the_t2i_metrics_do(tmp_path):
+    """The DIME explorer counted only higher scores: an image whose features duplicate a lower-indexed one showed a
+    rank one better than the run's t2i metrics give it (ties go to the lower image index there)."""
+    import cirlab
+    from cirlab.data import load_precomp
+    from cirlab.workbench.widgets import make_pair_fn
+    from fixtures_data import write_precomp
+
+    folder = write_precomp(tmp_path, splits=("test",), regions=6, dim=64)["dir"]
+    feats = np.load(folder / "test_ims.npy")
+    feats[2] = feats[1]
+    np.save(folder / "test_ims.npy", feats)
+    split = load_precomp(tmp_path, "f30k", "test", regions=6, dim=64)
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    pair_fn = make_pair_fn(cirlab.create_model("dime", "tiny"), split)
+    first, second = (pair_fn(i, "image 1 caption 0 .") for i in (1, 2))
+    assert first["score"] == pytest.approx(second["score"])
+    assert second["image_rank"] == first["image_rank"] + 1

@@ -10,7 +10,10 @@ the re-ranking paper and CaLa for Fashion-IQ/CIRR; AMC for Shoes; VSE++/DIME/HRE
 * **Shoes** (AMC): R@1/10/50 with the reference removed, ``avg`` = their mean.
 * **CIRR**: R@1/5/10/50 with the reference removed from the gallery, Recall_subset@1/2/3 over the
   ``img_set`` members (reference removed; the subset ranking is the global ranking restricted to the set),
-  ``avg`` = (R@5 + Rsubset@1) / 2. :func:`cirr_submission` builds the test-server JSON.
+  ``avg`` = (R@5 + Rsubset@1) / 2. :func:`cirr_submission` builds the test-server JSON. A two-stage re-ranker
+  scores the members itself (they need not be among its top-K), so its subset ranking breaks ties by the rule
+  below (lower gallery index), while its re-ranked top-K keeps stage I's order on ties
+  (:func:`cirlab.core.retrieval.reorder`): with tied stage-II scores the two lists may order members differently.
 * **ITM** (VSE++/SCAN/GPO/HREM ``mode='coco'``, HREM and DIME evaluation code): ``sims`` is [N images x 5N captions]
   with captions ``5i..5i+4`` belonging to image ``i``; i2t ranks an image by its best caption, t2i ranks each caption's
   image; R@1/5/10, ``medr = floor(median(rank0)) + 1`` (NumPy median: the mean of the two middle values for an even
@@ -459,6 +462,10 @@ def cirr_subset_ranks(scores: ScoresLike, target: ScoresLike, reference: ScoresL
         raise InputError(f"query {i}: target {int(tgt[i])} is not among its img_set members {mem[i].tolist()}")
     sm = s.gather(1, mem.clamp(min=0))  # [Q, M]
     st = s.gather(1, tgt[:, None])  # [Q, 1]
+    nan = torch.isnan(sm) & (mem >= 0) & (mem != ref[:, None])  # the removed reference's score plays no part
+    if nan.any():  # NaN compares false both ways: a NaN target came out first (a diverged re-ranker scored 100)
+        i = int(nan.any(1).nonzero()[0, 0])
+        raise InputError(f"query {i}: scores contain NaN among its img_set members: a ranking is undefined")
     ahead = sm > st
     if ties == "stable":
         ahead |= (sm == st) & (mem < tgt[:, None])

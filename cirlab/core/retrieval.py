@@ -112,19 +112,27 @@ def _merge(best: tuple[Tensor, Tensor] | None, new: tuple[Tensor, Tensor], k: in
 
 
 def _topk_blocks(block_fn: BlockFn, shape: tuple[int, int], k: int, exclude: Tensor | None, query_chunk: int,
-                 gallery_chunk: int, device: torch.device) -> tuple[Tensor, Tensor]:
+                 gallery_chunk: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                 check_nan: bool = False) -> tuple[Tensor, Tensor]:
+    """``dtype``: the scores' ranking precision (fp32, or fp64 for fp64 scores: ranked in fp32, near-ties merged and
+    the list contradicted ``target_ranks`` of the same matrix). ``check_nan``: refuse NaN block products (an inf
+    embedding times a zero gives NaN, which ``torch.topk`` lists first)."""
     n_q, n_g = shape
     # with an exclusion, keep one more than k: the excluded item is dropped by its index at the end. Writing -inf
     # into its score instead tied it with real -inf scores, where its lower index won it a place in the list
     room = min(k + 1, n_g) if exclude is not None else k
-    out_s = torch.empty(n_q, k, device=device)
+    out_s = torch.empty(n_q, k, device=device, dtype=dtype)
     out_i = torch.empty(n_q, k, dtype=torch.long, device=device)
     for q0 in range(0, n_q, query_chunk):
         q1 = min(n_q, q0 + query_chunk)
         best = None
         for g0 in range(0, n_g, gallery_chunk):
             g1 = min(n_g, g0 + gallery_chunk)
-            block = block_fn(q0, q1, g0, g1).float()  # [b, g]
+            block = block_fn(q0, q1, g0, g1).to(dtype)  # [b, g]
+            if check_nan and torch.isnan(block).any():
+                row = q0 + int(torch.isnan(block).any(1).nonzero()[0, 0])
+                raise InputError(f"scores of query row {row} contain NaN (an infinite embedding entry times a zero?): "
+                                 "a ranking is undefined")
             best = _merge(best, _block_topk(block, room, g0), room)
         out_s[q0:q1], out_i[q0:q1] = best if room == k else _drop_excluded(*best, exclude[q0:q1], k)
     return out_s, out_i
@@ -166,8 +174,9 @@ def topk_search(queries: Tensor, gallery: Tensor, k: int, *, query_chunk: int = 
                 exclude: Any = None, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Top-k gallery items per query by dot product, never materialising more than a query x gallery chunk.
 
-    Every backend returns the same lists and scores: the fp32 products of ``queries @ gallery.T``, best first, ties
-    to the lower gallery index (see :mod:`cirlab.core._search`):
+    Every backend returns the same lists and scores: the fp32 products of ``queries @ gallery.T`` (fp64 for fp64
+    embeddings, which only ``blocks`` searches), best first, ties to the lower gallery index (see
+    :mod:`cirlab.core._search`):
 
     * ``"blocks"``: ``torch.topk`` per block plus a tie repair, merged (any device).
     * ``"filter"`` (CPU): each block is compared with a running threshold (the k-th best so far) instead.
@@ -230,7 +239,13 @@ def topk_search(queries: Tensor, gallery: Tensor, k: int, *, query_chunk: int = 
     def block_fn(q0: int, q1: int, g0: int, g1: int) -> Tensor:
         return _search.product(queries[q0:q1], gallery[g0:g1].to(queries.device, queries.dtype))
 
-    return _topk_blocks(block_fn, (len(queries), len(gallery)), k, exc, query_chunk, gallery_chunk, queries.device)
+    return _topk_blocks(block_fn, (len(queries), len(gallery)), k, exc, query_chunk, gallery_chunk, queries.device,
+                        _ranking_dtype(queries.dtype), check_nan=not finite)
+
+
+def _ranking_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 scores are ranked in fp64 (as ``cirlab.core.metrics`` ranks them), every other dtype in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def topk_candidates(scores: Tensor, k: int, *, exclude: Any = None, query_chunk: int = 1024,
@@ -250,7 +265,7 @@ def topk_candidates(scores: Tensor, k: int, *, exclude: Any = None, query_chunk:
     exc = _exclude_tensor(exclude, s.shape[0], s.shape[1], s.device)
     k = _check_k(k, s.shape[1], exc)
     return _topk_blocks(lambda q0, q1, g0, g1: s[q0:q1, g0:g1], tuple(s.shape), k, exc, query_chunk, gallery_chunk,
-                        s.device)
+                        s.device, _ranking_dtype(s.dtype))
 
 
 def candidate_ranks(indices: Tensor, target: Any) -> Tensor:
@@ -296,6 +311,10 @@ def reorder(candidates: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
     """
     if candidates.shape != scores.shape:
         raise InputError(f"candidates {tuple(candidates.shape)} and scores {tuple(scores.shape)} differ in shape")
+    nan = torch.isnan(scores)
+    if nan.any():  # sorted first: a diverged stage II listed NaN candidates as its best, with no word
+        raise InputError(f"re-ranking scores of query row {int(nan.any(1).nonzero()[0, 0])} contain NaN: a ranking "
+                         "is undefined (a diverged or overflowed model?)")
     sorted_scores, perm = scores.sort(dim=1, descending=True, stable=True)
     return sorted_scores, candidates.gather(1, perm)
 

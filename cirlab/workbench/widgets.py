@@ -306,6 +306,7 @@ def make_pair_fn(model: Any, split: Any, device: str = "cpu") -> PairFn:
     """
     import torch
 
+    from cirlab.core.metrics import target_ranks
     from cirlab.core.tracing import trace_routes
 
     cache: dict[str, Any] = {}
@@ -329,7 +330,9 @@ def make_pair_fn(model: Any, split: Any, device: str = "cpu") -> PairFn:
             all_scores = model.score(images(), model.encode_text([text]))[:, 0].float().cpu()
         frame = trace.to_frame()
         frame = frame[~frame["layer"].astype(str).str.endswith("_raw")].reset_index(drop=True)
-        rank = int((all_scores > all_scores[i]).sum()) + 1
+        # the evaluation's rank (cirlab.core.metrics, ties to the lower image index, NaN refused): counting only
+        # higher scores put a duplicated image one place ahead of its rank in the run's t2i metrics
+        rank = int(target_ranks(all_scores[None], [i])[0])
         return {"routes": frame, "score": float(score.reshape(-1)[0]), "image_rank": rank,
                 "n_images": int(split.num_images)}
 
