@@ -303,6 +303,12 @@ def test_gate_distributions_one_box_per_group_and_expert():
     fig = viz.plot_gate_distributions(frame, by="category")
     boxes = [p for ax in fig.axes for p in ax.patches if (p.get_gid() or "").startswith("box:")]
     assert len(boxes) == 2 * 3 * 3  # layers x experts x categories
+    # each category has its own hatching (boxes and legend), not only its own colour
+    hatch = {p.get_gid(): p.get_hatch() or "" for p in boxes}
+    assert len(set(hatch.values())) == 3
+    legend = fig.legends[0]
+    assert {t.get_text(): (h.get_hatch() or "") for t, h in zip(legend.get_texts(), legend.legend_handles)} == {
+        gid.removeprefix("box:"): h for gid, h in hatch.items()}
     fig = viz.plot_gate_distributions(frame, by="modification")
     assert len([p for ax in fig.axes for p in ax.patches if (p.get_gid() or "").startswith("box:")]) == 2 * 3 * 2
     with pytest.raises(KeyError, match="no 'nope' column"):
@@ -400,6 +406,8 @@ def test_path_space_colours_by_category():
     fig = viz.plot_path_space(amc_frame(n=15))
     groups = {c.get_gid(): len(c.get_offsets()) for c in fig.axes[0].collections}
     assert groups == {"group:dress": 5, "group:shirt": 5, "group:toptee": 5}
+    shapes = {c.get_gid(): c.get_paths()[0].vertices.round(3).tobytes() for c in fig.axes[0].collections}
+    assert len(set(shapes.values())) == 3  # a marker shape per category, not only a colour
 
 
 def _overlaps(a, b) -> bool:

@@ -50,6 +50,8 @@ BETTER_COLOR, WORSE_COLOR, NEUTRAL_COLOR = "#0072B2", "#E69F00", "#BBBBBB"
 # grouped bars (runs, categories) also differ in hatching: colour alone fails in greyscale and for a reader who
 # tells two neighbouring colours apart by hue only
 GROUP_HATCHES = ("", "//", "..", "xx", "\\\\", "++", "oo", "--")
+# a marker shape per scatter group, for the same reason: groups told apart by hue alone merge for colour-blind readers
+GROUP_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 WORSE_HATCH = "//"  # the worse side is also hatched, so it reads in greyscale prints too
 MIN_FONT = 8  # smallest text size (points) for tick labels and legends: below it labels are hard to read when saved
 
@@ -605,6 +607,7 @@ def plot_gate_distributions(frame: Any, by: str = "category", layers: Sequence[s
                              showfliers=False, medianprops={"color": "black"})  # the default orange is a group colour
             for patch in box["boxes"]:
                 patch.set_facecolor(colors[g])
+                patch.set_hatch(GROUP_HATCHES[g % len(GROUP_HATCHES)])  # groups told apart without colour too
                 patch.set_gid(f"box:{group}")
         ax.set_xticks(range(mat.shape[1]), [display_label(c) for c in mat.columns], fontsize=MIN_FONT,
                       rotation=90 if mat.shape[1] > 4 else 0)
@@ -615,7 +618,8 @@ def plot_gate_distributions(frame: Any, by: str = "category", layers: Sequence[s
         ax.grid(axis="y", linestyle="--", alpha=0.5)
     from matplotlib.patches import Patch
 
-    fig.legend(handles=[Patch(color=c, label=grp) for c, grp in zip(colors, groups)],
+    fig.legend(handles=[Patch(facecolor=c, hatch=GROUP_HATCHES[g % len(GROUP_HATCHES)], edgecolor="black", label=grp)
+                        for g, (c, grp) in enumerate(zip(colors, groups))],
                loc="outside right upper", fontsize=MIN_FONT, title=by)
     fig.suptitle(f"Gate distributions per {by}")
     return fig
@@ -830,7 +834,7 @@ def plot_path_space(frame: Any, color_by: str = "category", annotate: int = 0, s
     for g, group in enumerate(groups):
         m = labels == group
         ax.scatter(coords[m, 0], coords[m, 1], s=14, alpha=0.8, color=CVD_PALETTE[g % len(CVD_PALETTE)],
-                   label=group or "(none)", gid=f"group:{group}")
+                   marker=GROUP_MARKERS[g % len(GROUP_MARKERS)], label=group or "(none)", gid=f"group:{group}")
     for i in range(min(annotate, len(ids))):
         ax.annotate(str(ids[i]), coords[i], fontsize=6)
     scaled = ", weights standardised" if standardize else ""
