@@ -997,3 +997,25 @@ def test_the_index_and_the_notebook_pages_serve_screen_readers_and_zoom(tmp_path
     notebook = tmp_path / "train_dime.ipynb"
     nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# DIME")]), notebook)
     assert "<title>train_dime</title>" in report.export_html(notebook).read_text(encoding="utf-8")
+
+
+def test_notebook_pages_give_each_figure_an_alt_text_naming_its_section(tmp_path):
+    """nbconvert wrote "No description has been provided for this image" on every figure of the notebook pages."""
+    import base64
+
+    import nbformat
+
+    v4 = nbformat.v4
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n").decode()
+    figure = v4.new_output("display_data", data={"image/png": png, "text/plain": "<Figure>"})
+    table = v4.new_output("display_data", data={"text/html": "<table></table>", "image/png": png})
+    cells = [v4.new_code_cell("fig", outputs=[figure]), v4.new_markdown_cell("# Title\n## Retrieval galleries"),
+             v4.new_code_cell("x", outputs=[figure, table, figure]), v4.new_markdown_cell("text only"),
+             v4.new_code_cell("y", outputs=[figure])]
+    notebook = tmp_path / "evaluate.ipynb"
+    nbformat.write(v4.new_notebook(cells=cells), notebook)
+    page = report.export_html(notebook).read_text(encoding="utf-8")
+    alts = re.findall(r'<img alt="([^"]*)"', page) or re.findall(r'alt="([^"]*)"', page)
+    assert alts == ["figure 1 of the notebook"] + [
+        f"figure {i} in section \u201cRetrieval galleries\u201d of the notebook" for i in (1, 2, 3)]
+    assert "No description has been provided" not in page

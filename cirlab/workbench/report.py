@@ -983,8 +983,48 @@ def export_html(notebook: Path) -> Path:
     finally:
         quiet.setLevel(level)
     path = notebook.with_suffix(".html")
-    path.write_text(body, encoding="utf-8")
+    path.write_text(_with_figure_alts(body, nbformat.read(notebook, as_version=4)), encoding="utf-8")
     return path
+
+
+# what nbconvert renders an output as, first found first (its HTML display priority); a figure is drawn as <img>
+# only when none of the formats before the image's is in the output
+_HTML_FIRST = ("application/vnd.jupyter.widget-view+json", "application/javascript", "text/html", "text/markdown",
+               "image/svg+xml", "text/latex")
+
+
+def figure_alts(nb: Any) -> list[str]:
+    """An alt text for each figure output of a notebook, in page order: the section it sits in (the last heading
+    above it) and its number there. nbconvert gave every figure "No description has been provided for this image",
+    all a screen reader could read of a page of figures."""
+    alts, heading, count = [], "", 0
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            titles = [line.lstrip("#").strip() for line in cell.source.splitlines() if line.startswith("#")]
+            if titles:
+                heading, count = titles[-1], 0
+        for output in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            data = output.get("data", {})
+            if any(k in data for k in ("image/png", "image/jpeg")) and not any(k in data for k in _HTML_FIRST):
+                count += 1
+                where = f" in section \u201c{heading}\u201d" if heading else ""
+                alts.append(f"figure {count}{where} of the notebook")
+    return alts
+
+
+def _with_figure_alts(body: str, nb: Any) -> str:
+    """``body`` with :func:`figure_alts` on its output images; unchanged (and said) where their count differs."""
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(body, features="html.parser")
+    images = soup.select("div.jp-OutputArea-output img")
+    alts = figure_alts(nb)
+    if len(images) != len(alts):  # a template that draws outputs otherwise: keep nbconvert's text, say so
+        logger.info("%d output images but %d figure outputs: their alt texts stay nbconvert's", len(images), len(alts))
+        return body
+    for image, alt in zip(images, alts):
+        image["alt"] = alt
+    return str(soup)
 
 
 _KERNEL_ENV = (*CHILD_ENV, "JUPYTER_PATH")  # what the report sets in its own environment for its kernels
