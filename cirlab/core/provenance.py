@@ -30,6 +30,12 @@ def code_version(root: Path | None = None) -> str:
     if root is None:
         return f"cirlab {__version__} (installed, not a git checkout)"
     try:
+        # git answers from the repository around root, which is another project's where root has no .git of its own
+        # (an unpacked sdist inside a packaging repository or a dotfiles repo): only root's own commit is recorded
+        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=10)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != Path(root).resolve():
+            return f"cirlab {__version__} (not a git checkout)"
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10)
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
