@@ -414,6 +414,59 @@ def test_glove_vectors_load_from_a_local_file(tmp_path) -> None:
         tiny(word_vectors="glove", glove_path=str(tmp_path / "bad.txt"))
 
 
+def _glove_line(word: str, value: float, dim: int = 32) -> str:
+    return f"{word} " + " ".join([str(value)] * dim)
+
+
+def test_glove_840b_tokens_with_spaces_are_read_as_whole_tokens(tmp_path) -> None:
+    """GloVe 840B holds tokens with spaces ("at name@domain.com", ". . ."): the token is everything before the
+    last dim values, so such a line neither breaks the read nor replaces the vector of its first word."""
+    path = tmp_path / "glove.840B.like.txt"
+    lines = [_glove_line(",", 0.5), _glove_line("at", 1.0), _glove_line("at name@domain.com", 7.0),
+             _glove_line(". . .", 8.0), _glove_line("to", 2.0), _glove_line("to name@domain.com", 9.0)]
+    path.write_text("\n".join(lines) + "\n")
+    model = tiny(word_vectors="glove", glove_path=str(path))  # "at" and "to" are words of CAPTIONS
+    table, vocab = model.text_encoder.embed.weight, model.vocab
+    assert torch.equal(table[vocab.index["at"]], torch.full((32,), 1.0))
+    assert torch.equal(table[vocab.index["to"]], torch.full((32,), 2.0))
+    found = amc_mod.read_glove(path, ["at", "at name@domain.com", ". . ."], 32)
+    assert {w: float(v[0]) for w, v in found.items()} == {"at": 1.0, "at name@domain.com": 7.0, ". . .": 8.0}
+
+
+def test_glove_files_that_cannot_be_word_vectors_are_one_line_each(tmp_path, caplog) -> None:
+    """A zip (as GloVe is downloaded), a binary file, a file of another dimension, a non-number value, and a file
+    covering no vocabulary word are each one InputError line naming model_overrides.glove_path and the file (the
+    zip and the zero-coverage file trained with random word vectors before); a low coverage is a WARNING."""
+    import logging
+    import zipfile
+
+    from cirlab.core.errors import InputError
+
+    text = "\n".join(_glove_line(w, 1.0) for w in ("red", "blue", "circle")) + "\n"
+    archive = tmp_path / "glove.840B.300d.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("glove.840B.300d.txt", text)
+    binary = tmp_path / "vectors.bin"
+    binary.write_bytes(b"3 32\nred " + bytes(range(256)))
+    wide = tmp_path / "glove.300d.txt"
+    wide.write_text("\n".join(_glove_line(w, 1.0, dim=40) for w in ("red", "blue")) + "\n")
+    nan_word = tmp_path / "glove.bad_value.txt"
+    nan_word.write_text(_glove_line("zzz", 1.0) + "\n" + "red " + " ".join(["x1"] * 32) + "\n")
+    other = tmp_path / "glove.other_words.txt"
+    other.write_text("\n".join(_glove_line(w, 1.0) for w in ("rouge", "bleu")) + "\n")
+    for path, message in ((archive, "zip archive.*unzip it.*glove.840B.300d.txt"), (binary, "binary file"),
+                          (wide, "line 1 .*40 values, expected 32"), (nan_word, "line 2 \\('red'\\)"),
+                          (other, "covers none of the")):
+        with pytest.raises(InputError, match=f"model_overrides.glove_path: {path}.*{message}"):
+            tiny(word_vectors="glove", glove_path=str(path))
+    low = tmp_path / "glove.low.txt"
+    low.write_text(text)
+    with caplog.at_level(logging.INFO, logger="cirlab.models.amc"):
+        tiny(word_vectors="glove", glove_path=str(low))
+    said = [r for r in caplog.records if "covers 3 of" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING
+
+
 # ------------------------------------------------------------------------------------------- config, contract
 
 

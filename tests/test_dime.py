@@ -291,6 +291,45 @@ def test_bert_loads_from_transformers_directory_and_errors(tmp_path):
         cirlab.create_model("dime", "tiny", bert=str(tmp_path / "missing"))
 
 
+def test_bert_folder_vocabulary_from_tokenizer_json_and_one_line_refusals(tmp_path):
+    """transformers 5's tokenizer save_pretrained writes tokenizer.json and no vocab.txt: its WordPiece vocabulary
+    tokenises as the vocab.txt would. A folder with neither, a file given as the folder, and a vocabulary longer
+    than the word-embedding table are each one CirlabError line naming the field when the model is built (before:
+    a FileNotFoundError traceback, "does not exist", an IndexError at the first training step)."""
+    from transformers import BertTokenizer
+
+    from cirlab.core.errors import InputError, MissingPathError
+
+    vocab = D.tiny_vocab(["dog", "man", "horse"])
+    cfg, bert = _tiny_bert(vocab)
+    bert.save_pretrained(tmp_path / "hf")
+    BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(tmp_path / "hf")
+    assert not (tmp_path / "hf" / "vocab.txt").exists() and (tmp_path / "hf" / "tokenizer.json").is_file()
+    model = cirlab.create_model("dime", "tiny", bert=str(tmp_path / "hf"))
+    tok, mask = model.tokenize(["A dog, Horses"])
+    expected = [vocab.index(t) for t in ("[CLS]", "a", "dog", ",", "horse", "##s", "[SEP]")]
+    assert tok[0, :7].tolist() == expected and mask.sum() == 7
+    assert model.get_extra_state() == {"vocab": None}  # read from the folder again on loading
+
+    (tmp_path / "hf" / "tokenizer.json").unlink()
+    with pytest.raises(MissingPathError, match=r"hf \(model_overrides.bert\) has neither vocab.txt nor "
+                                               r"tokenizer.json"):
+        cirlab.create_model("dime", "tiny", bert=str(tmp_path / "hf"))
+    (tmp_path / "hf" / "vocab.txt").write_text("\n".join(vocab + ["extra1", "extra2"]) + "\n")  # another BERT's
+    with pytest.raises(InputError, match=rf"model_overrides.bert=.*hf: the vocabulary .* has {len(vocab) + 2} "
+                                         rf"tokens but the BERT's word-embedding table {len(vocab)} rows"):
+        cirlab.create_model("dime", "tiny", bert=str(tmp_path / "hf"))
+    (tmp_path / "hf" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (tmp_path / "big.txt").write_text("\n".join(vocab + ["extra"]) + "\n")
+    with pytest.raises(InputError, match=r"model_overrides.vocab_file=.*big.txt: the vocabulary"):
+        cirlab.create_model("dime", "tiny", bert=str(tmp_path / "hf"), vocab_file=str(tmp_path / "big.txt"))
+    with pytest.raises(InputError, match=r"model_overrides.vocab_file=.*big.txt: the vocabulary"):  # random BERT
+        cirlab.create_model("dime", "tiny", vocab_file=str(tmp_path / "big.txt"),
+                            bert_config={"vocab_size": len(vocab)})
+    with pytest.raises(InputError, match=r"model_overrides.bert=.*vocab.txt is a file; a BERT folder is expected"):
+        cirlab.create_model("dime", "tiny", bert=str(tmp_path / "hf" / "vocab.txt"))
+
+
 def test_a_hub_id_without_the_hub_is_one_clear_error(monkeypatch):
     """``bert: bert-base-uncased`` (the paper presets) on a machine without the hub or its cache: transformers'
     several-line OSError becomes one FileNotFoundError that says what to set, after a 3-second probe of the hub

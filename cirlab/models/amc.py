@@ -55,6 +55,7 @@ from torch import nn
 
 from cirlab.core import tracing
 from cirlab.core.config import PresetMixin, refuse_unread
+from cirlab.core.errors import InputError, MissingPathError
 from cirlab.models._truncation import say_cut
 from cirlab.models.registry import register_model
 
@@ -223,33 +224,84 @@ class Vocab:
         return len(self.words) > len(SPECIAL_TOKENS)
 
 
+GLOVE_FIELD = "model_overrides.glove_path"  # how the errors about the GloVe file name the setting
+GLOVE_LOW_COVERAGE = 0.5  # a GloVe file covering less of the vocabulary than this share is said as a WARNING
+
+
+def _refuse_non_text(path: Path) -> None:
+    """A GloVe file given as the ``.zip`` (or ``.gz``) it is downloaded as, or any other binary file (a checkpoint),
+    is one :class:`InputError` line: read as text with replaced bytes it matched no word, and every word vector
+    stayed random without an error. A text file never holds a NUL byte."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    if head.startswith(b"PK\x03\x04"):
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            names = []
+        if any(n.endswith("data.pkl") for n in names):
+            raise InputError(f"{GLOVE_FIELD}: {path} is a torch checkpoint, not a GloVe text file")
+        inside = f" ({', '.join(names[:3])})" if names else ""
+        raise InputError(f"{GLOVE_FIELD}: {path} is a zip archive, not a GloVe text file; unzip it and set "
+                         f"glove_path to the .txt inside{inside}")
+    if head.startswith(b"\x1f\x8b"):
+        raise InputError(f"{GLOVE_FIELD}: {path} is gzip-compressed; gunzip it and set glove_path to the .txt")
+    if b"\0" in head:
+        raise InputError(f"{GLOVE_FIELD}: {path} is a binary file, not a GloVe text file (a word and its values per "
+                         "line)")
+
+
 def read_glove(path: str | os.PathLike, words: Sequence[str], dim: int) -> dict[str, torch.Tensor]:
     """Vectors of ``words`` from a GloVe text file (``word v1 ... vdim`` per line), scanning it once.
 
+    The token is everything before the last ``dim`` fields, as GloVe 840B needs: a few of its tokens hold spaces
+    (``at name@domain.com``, ``. . .``), so the first space does not end the token. The first line (a one-word
+    token in every GloVe release) must have ``dim`` values, so a file of another dimension is refused rather than
+    read as tokens with spaces.
     The original falls back to ``word.strip("-.'")`` and the part before ``/`` for words GloVe lacks; kept for
     callers with their own word lists (AMC's vocabulary is punctuation-free after :func:`tokenize`, so there the
     fallback never fires, as in the original).
-    A line with the wrong number of values raises an error naming the file and the line.
+    A missing file, a zip, gzip or other binary file, and a line of a word asked for with the wrong number of
+    values or a value that is no number raise one :class:`InputError` line naming ``model_overrides.glove_path``,
+    the file and the line.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"GloVe file {path} does not exist")
+        raise MissingPathError(f"{GLOVE_FIELD}: GloVe file {path} does not exist")
+    _refuse_non_text(path)
     wanted: dict[str, list[str]] = {}
     for word in words:
         wanted.setdefault(word, []).append(word)
         alias = word.strip("-.'").split("/")[0]
         if alias and alias != word:
             wanted.setdefault(alias, []).append(word)
+    spaced = any(" " in w for w in wanted)  # a caller's word with a space: every line needs the full split
+
+    def bad(lineno: int, token: str, what: str) -> InputError:
+        return InputError(f"{GLOVE_FIELD}: {path} line {lineno} ({token[:40]!r}): {what}")
+
     found: dict[str, torch.Tensor] = {}
     with open(path, encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
-            head, _, rest = line.rstrip("\n").partition(" ")
-            if head not in wanted:
+            line = line.rstrip("\r\n")
+            if lineno == 1 and len(line.split(" ")) - 1 != dim:
+                head = line.split(" ", 1)[0]
+                raise bad(lineno, head, f"{len(line.split(' ')) - 1} values, expected {dim} (the model's word_dim)")
+            if not spaced and line.partition(" ")[0] not in wanted:  # fast path: most lines are other words
                 continue
-            values = rest.split(" ")
-            if len(values) != dim:
-                raise ValueError(f"{path} line {lineno} ({head!r}): {len(values)} values, expected {dim}")
-            vector = torch.tensor([float(v) for v in values])
+            fields = line.rsplit(" ", dim)
+            head = fields[0]
+            if head not in wanted:  # e.g. "at name@domain.com ...", a token with spaces that starts with a word
+                continue
+            if len(fields) != dim + 1:
+                raise bad(lineno, head, f"{len(fields) - 1} values, expected {dim} (the model's word_dim)")
+            try:
+                vector = torch.tensor([float(v) for v in fields[1:]])
+            except ValueError as err:
+                raise bad(lineno, head, f"{err}") from None
             for word in wanted[head]:
                 # the exact word wins over a fallback alias that happens to come first in the file
                 if word == head or word not in found:
@@ -318,11 +370,19 @@ class TextEncoder(nn.Module):
                            "random N(0,1) init (the paper initialises them from GloVe 840B-300d)", len(words))
             return
         found = read_glove(cfg.glove_path, words, cfg.word_dim)
+        asked = [w for w in words if w not in SPECIAL_TOKENS]  # <UNK> & co: no GloVe word, never counted
+        if asked and not any(w in found for w in asked):
+            raise InputError(f"{GLOVE_FIELD}: {cfg.glove_path} covers none of the {len(asked)} vocabulary words "
+                             f"(e.g. {asked[:3]}); is it a GloVe file (one 'word v1 ... v{cfg.word_dim}' per line)?")
         with torch.no_grad():
             for word, vector in found.items():
                 self.embed.weight[self.vocab.index[word]] = vector
-        logger.info("GloVe %s covers %d of %d vocabulary words (others keep N(0,1))", cfg.glove_path, len(found),
-                    len(words))
+        covered = sum(w in found for w in asked)
+        # the paper's GloVe 840B covers most of a caption vocabulary (all but typos and rare words): under half
+        # covered is more likely the wrong file (another language, a small GloVe) than the data
+        level = logging.WARNING if covered < GLOVE_LOW_COVERAGE * len(asked) else logging.INFO
+        logger.log(level, "GloVe %s covers %d of %d vocabulary words (others keep N(0,1))%s", cfg.glove_path,
+                   covered, len(asked), "; is it the right file?" if level == logging.WARNING else "")
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"vocab": list(self.vocab.words), "markup": self.markup}
