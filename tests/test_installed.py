@@ -168,7 +168,7 @@ def test_help_names_the_shipped_configs_and_python_m_cirlab_works(capsys):
 def test_the_extras_named_in_errors_are_pyprojects_and_provide_their_modules():
     """require_extra names pyproject's extras by the modules they install: a renamed extra or a dropped package
     would send users to `pip install 'cirlab[x]'` for nothing (make setup installs every extra named here)."""
-    import tomllib
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11's (requires-python allows 3.10)")
 
     from cirlab.core.errors import EXTRA_MODULES
 

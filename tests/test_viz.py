@@ -539,6 +539,14 @@ def test_training_curves_from_log(tmp_path):
         viz.plot_training_curves(path, x="epochs")
 
 
+def _x_span(patch) -> tuple[float, float]:
+    """The data x range an ``axvspan`` covers (a Rectangle from matplotlib 3.9, a Polygon before it)."""
+    xs = patch.get_path().vertices[:, 0] if hasattr(patch, "get_xy") and not hasattr(patch, "get_x") else None
+    if xs is None:
+        return patch.get_x(), patch.get_x() + patch.get_width()
+    return float(xs.min()), float(xs.max())
+
+
 def test_a_logged_phase_flag_is_marked_where_it_turns_on(tmp_path):
     """DIME's rank loss drops where its warm-up ends (sum of violations -> hardest negative): the curves say so."""
     path = tmp_path / "log.jsonl"
@@ -548,11 +556,10 @@ def test_a_logged_phase_flag_is_marked_where_it_turns_on(tmp_path):
     fig = viz.plot_training_curves(path)
     bands = [p for ax in fig.axes for p in ax.patches if (p.get_gid() or "").startswith("phase:")]
     assert len(bands) == 1 and bands[0].get_gid() == "phase:max_violation_on"  # one panel (loss), one band
-    left, width = bands[0].get_x(), bands[0].get_width()
-    assert (left, left + width) == (30.0, 40.0)  # on from the first record with it on to the end of the run
+    assert _x_span(bands[0]) == (30.0, 40.0)  # on from the first record with it on to the end of the run
     switch = [p for ax in fig.axes for p in ax.patches if p.get_gid() == "switch:max_violation_on"]
     assert len(switch) == 1 and switch[0].get_hatch()  # the switch: between the last record off and the first on
-    assert (switch[0].get_x(), switch[0].get_x() + switch[0].get_width()) == (20.0, 30.0)
+    assert _x_span(switch[0]) == (20.0, 30.0)
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels == ["max violation on (to the end)", "max violation switched on in here"]
     assert "curve:max_violation_on" not in {l.get_gid() for ax in fig.axes for l in ax.lines}  # no panel of its own

@@ -294,12 +294,14 @@ def test_a_rebuilt_or_closed_explorer_leaves_no_widget_open(explorer):
 
 
 def _open_widgets() -> int:
-    """How many widgets the kernel keeps open: ipywidgets 8 keeps them in ``widget._instances`` (``Widget.widgets``,
-    its older spelling, now warns that it is deprecated)."""
+    """How many widgets the kernel keeps open: ipywidgets 8.0.3+ keeps them in ``widget._instances`` (8.0.0-8.0.2 in
+    ``Widget._active_widgets``; ``Widget.widgets``, 7.x's spelling, warns that it is deprecated)."""
     from ipywidgets.widgets import widget
 
-    instances = getattr(widget, "_instances", None)
-    return len(instances if instances is not None else widget.Widget.widgets)
+    for instances in (getattr(widget, "_instances", None), getattr(widget.Widget, "_active_widgets", None)):
+        if instances is not None:
+            return len(instances)
+    return len(widget.Widget.widgets)
 
 
 def test_the_status_line_says_in_text_what_the_figure_shows(explorer):
