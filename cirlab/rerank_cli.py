@@ -210,9 +210,9 @@ def _run_convert(args: argparse.Namespace) -> int:
         if saved_files_path(args.source):
             return _cala_files_to_cirlab(args)
         from cirlab.core.errors import ConfigError
+        from cirlab.models.cala import SOURCES
 
-        raise ConfigError(f"cirlab convert: {args.source}: --model cala reads a LAVIS BLIP-2 checkpoint or a folder "
-                          "of CaLa's saves (tuned_blip_*.pt, or tuned_clip_*.pt with a CLIP preset)")
+        raise ConfigError(f"cirlab convert: {args.source}: --model cala reads {SOURCES}")
     return _to_cirlab(args)
 
 
@@ -301,7 +301,7 @@ def _lavis_to_cirlab(args: argparse.Namespace, layout: str, state: dict) -> int:
                                                                       **overrides)
             model = create_model("blip_rerank_stage1", config=config)
             _, report = lavis_interop.convert_lavis_blip(state, model, keep_heads=False, source=source)
-            blip_interop.check_usable(report)
+            blip_interop.check_usable(report, model)  # a file short of tensors it should hold: --set init_partial=true
             vocab, rows = len(hf.blip_tokenizer(config.vocab_file)), int(config.vocab_size or hf.MED_VOCAB_SIZE)
     except (blip_interop.InteropError, ValueError, TypeError, OSError) as err:
         if isinstance(err, CheckpointError):

@@ -301,12 +301,11 @@ def test_stage2_init_from_blip_and_a_stage1_file(tmp_path):
         torch.testing.assert_close(m.state_dict()[name], by_hand.state_dict()[name])
 
 
-def test_init_from_a_transformers_blip_folder(tmp_path):
-    from transformers import BlipConfig, BlipForImageTextRetrieval
+def hf_blip_config(c):
+    """A transformers ``BlipConfig`` of the sizes of the re-ranker config ``c``."""
+    from transformers import BlipConfig
 
-    m = tiny("stage1")
-    c = m.config
-    hf_config = BlipConfig(
+    return BlipConfig(
         vision_config=dict(hidden_size=c.vision_width, num_hidden_layers=c.vision_depth,
                            num_attention_heads=c.vision_heads, intermediate_size=c.vision_mlp, image_size=c.image_size,
                            patch_size=c.patch_size, layer_norm_eps=1e-6),
@@ -314,11 +313,18 @@ def test_init_from_a_transformers_blip_folder(tmp_path):
                          num_attention_heads=c.text_heads, intermediate_size=c.text_intermediate,
                          encoder_hidden_size=c.vision_width, max_position_embeddings=c.max_text_len),
         image_text_hidden_size=c.embed_dim)
+
+
+def test_init_from_a_transformers_blip_folder(tmp_path):
+    from transformers import BlipForImageTextRetrieval
+
+    m = tiny("stage1")
     torch.manual_seed(5)
-    ref = BlipForImageTextRetrieval(hf_config).eval()
+    ref = BlipForImageTextRetrieval(hf_blip_config(m.config)).eval()
     ref.save_pretrained(tmp_path / "hf_blip")
     report = m.load_pretrained(tmp_path / "hf_blip")[0]
     assert report.missing == ["temp"]  # transformers' retrieval model has no ITC temperature
+    assert "temp" in report.missing_why  # declared new (blip_interop.NEW_LAYERS): said, not refused or warned
     assert sorted(report.unmatched) == ["itm_head.bias", "itm_head.weight"] and not report.mismatched
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
@@ -361,3 +367,70 @@ def test_a_report_of_many_shape_mismatches_logs_a_sample():
     assert lines[1:13] == [f"  shape mismatch layer.{i}.weight: checkpoint [4, 4] vs model [8, 8]" for i in range(12)]
     assert lines[13:] == ["  ... (28 more shape mismatches)"]
     assert len(report.to_dict()["mismatched"]) == 40  # the JSON report keeps them all
+
+
+# ------------------------------------------------------------------------------------------------ partial starts
+
+
+def _caption_folder(tmp_path, config):
+    """A transformers BLIP *captioning* folder (``BlipForConditionalGeneration``): the right ViT, but a text
+    decoder instead of the retrieval model's text encoder and projections."""
+    from transformers import BlipForConditionalGeneration
+
+    torch.manual_seed(7)
+    BlipForConditionalGeneration(hf_blip_config(config)).save_pretrained(tmp_path / "blip_caption")
+    return tmp_path / "blip_caption"
+
+
+def test_a_captioning_folder_is_refused_in_one_line_unless_init_partial(tmp_path):
+    """It used to load its 30 ViT tensors, warn about 61 missing ones and train with a random text encoder, rc 0
+    (helper-91 #1); as the frozen stage I of stage II it stayed random for the whole run."""
+    from cirlab.core.checkpoint import CheckpointError
+
+    folder = _caption_folder(tmp_path, tiny("stage1").config)
+    m = cirlab.create_model("blip_rerank_stage1", preset="tiny", init_from=str(folder))
+    with pytest.raises(CheckpointError) as err:
+        m.load_init(tmp_path / "run1")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"model_overrides.init_from: {folder}: ")
+    assert "tensors of stage1 are not in it (text_encoder.* (" in message and "FROZEN" not in message
+    assert "model_overrides.init_partial=true" in message and not (tmp_path / "run1" / "init_from.json").exists()
+    # stage II's stage I is frozen: said so, with the other field's name
+    m2 = cirlab.create_model("blip_rerank_stage2", preset="tiny", stage1_checkpoint=str(folder))
+    with pytest.raises(CheckpointError, match=r"^model_overrides\.stage1_checkpoint: .*all FROZEN, they would stay "
+                                              r"random for the whole run and never train"):
+        m2.load_init()
+    # the original's load_state_dict(strict=False), by name: loads what fits, warns about the rest
+    reports = cirlab.create_model("blip_rerank_stage2", preset="tiny", stage1_checkpoint=str(folder),
+                                  init_partial=True).load_init()
+    assert reports[0].loaded and any(k.startswith("text_encoder.") for k in reports[0].missing)
+
+
+def test_a_file_missing_part_of_the_frozen_vit_is_refused_and_new_layers_are_not(tmp_path):
+    from cirlab.core.checkpoint import CheckpointError
+
+    c = tiny("stage1").config
+    state = random_state(stage1_layout(c), seed=2)
+    partial = {k: v for k, v in state.items() if not k.startswith("visual_encoder.blocks.1.")}
+    torch.save({"model": partial}, tmp_path / "partial.pth")
+    m = cirlab.create_model("blip_rerank_stage1", preset="tiny", init_from=str(tmp_path / "partial.pth"))
+    with pytest.raises(CheckpointError, match=r"tensors of stage1 are not in it \(visual_encoder\.encoder\.layers\.1"
+                                              r"\.\* \(\d+\)\): all FROZEN"):
+        m.load_init()
+    # stage II from the complete file: its merge layers and cls_head are new (declared), not a partial source
+    torch.save({"model": state}, tmp_path / "full.pth")
+    stage2 = cirlab.create_model("blip_rerank_stage2", preset="tiny", init_from=str(tmp_path / "full.pth"))
+    report = stage2.load_init()[0]
+    assert report.missing and bi.explain_missing(report) == [] and "merge layers and cls_head" in report.missing_why
+
+
+def test_lavis_prefix_on_a_folder_says_it_is_a_folder(tmp_path):
+    from cirlab.core.checkpoint import CheckpointError
+
+    (tmp_path / "blip_itm").mkdir()
+    (tmp_path / "blip_itm" / "config.json").write_text("{}")
+    for stage in ("stage1", "stage2"):
+        m = cirlab.create_model(f"blip_rerank_{stage}", preset="tiny", init_from=f"lavis:{tmp_path / 'blip_itm'}")
+        with pytest.raises(CheckpointError, match=r"^model_overrides\.init_from: .*blip_itm is a folder; a LAVIS "
+                                                  r"checkpoint is one \.pth file.*without the lavis: prefix"):
+            m.load_init()

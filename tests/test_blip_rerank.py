@@ -527,6 +527,24 @@ def test_a_text_embedding_smaller_than_the_tokenizer_is_one_line_not_an_index_er
             encode(["a red dress"])
 
 
+def test_a_vocab_file_that_is_not_a_wordpiece_vocabulary_is_refused_when_the_model_is_built(tmp_path):
+    """A config.json as vocab_file failed at the first training step with a 66-line tokenizer traceback
+    (``WordPiece error: Missing [UNK] token``, helper-91 #7)."""
+    from cirlab.core.errors import CirlabError
+
+    wrong = tmp_path / "config.json"
+    wrong.write_text('{"model_type": "bert", "vocab_size": 30522}')
+    for stage in ("stage1", "stage2"):
+        with pytest.raises(CirlabError) as err:
+            cirlab.create_model(f"blip_rerank_{stage}", "tiny", vocab_file=str(wrong))
+        assert str(err.value) == (f"model_overrides.vocab_file: {wrong} is not a WordPiece vocabulary (a BERT "
+                                  "vocab.txt: one token per line, [UNK] among them)")
+    good = tmp_path / "vocab.txt"
+    good.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "dress"]) + "\n")
+    model = cirlab.create_model("blip_rerank_stage1", "tiny", vocab_file=str(good))
+    assert model.tokenize(["a red dress"])[0].shape == (1, 5)
+
+
 def test_stage2_started_from_stage1_says_its_new_layers_are_expected_missing(caplog):
     import logging
 

@@ -588,6 +588,33 @@ def test_a_start_from_a_cirlab_checkpoint_is_recorded_in_init_from_json(tmp_path
     assert tiny(init_from=f"~/{relative}").load_init(None) == []
 
 
+def test_an_init_from_folder_cala_does_not_read_is_one_line_with_the_field_and_the_sources(tmp_path):
+    """A transformers BLIP-2 folder said "checkpoint not found: <folder>/checkpoints/best.pt" and a run of another
+    model lacked the field name (helper-91 #6)."""
+    from cirlab.core.checkpoint import save_checkpoint
+    from cirlab.core.errors import CheckpointError
+
+    folder = tmp_path / "blip2_itm"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "blip-2"}')
+    (folder / "model.safetensors").write_bytes(b"")
+    for model in (tiny(init_from=str(folder)), cirlab.create_model("cala", "tiny_clip", init_from=str(folder))):
+        with pytest.raises(CheckpointError) as err:
+            model.load_init()
+        assert str(err.value) == (f"model_overrides.init_from: {folder}: a transformers blip-2 folder, which CaLa "
+                                  f"does not read; CaLa reads {C.SOURCES}, a CLIP RN file (CLIP presets) or a cirlab "
+                                  "cala run")
+    with pytest.raises(CheckpointError, match=r"^model_overrides\.init_from: .*neither a cirlab run"):
+        tiny(init_from=str(tmp_path)).load_init()
+    run = tmp_path / "hrem_run"
+    save_checkpoint(run / "checkpoints" / "best.pt", {"model": {"w": torch.zeros(1)}, "model_name": "hrem"})
+    with pytest.raises(CheckpointError, match=r"^model_overrides\.init_from: .*holds model 'hrem'"):
+        tiny(init_from=str(run)).load_init()
+    with pytest.raises(CheckpointError, match=r"^model_overrides\.init_from: .*blip2_itm is a folder; a LAVIS "
+                                              r"checkpoint is one \.pth file"):
+        tiny(init_from=f"lavis:{folder}").load_init()
+
+
 def test_inference_precision_is_recorded_as_it_runs():
     """bf16=True runs CaLa's inference under bf16 autocast; the run and `cirlab eval` recorded float32 (no record)."""
     from cirlab.core.contracts import HasEvalPrecision

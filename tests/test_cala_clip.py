@@ -302,6 +302,24 @@ def test_openai_state_dicts_load_from_torch_save_and_torchscript(tmp_path):
                             init_from=str(tmp_path / "clip.pt")).load_init()
 
 
+@pytest.mark.parametrize("drop", ["visual.", "visual.layer4."])
+def test_a_clip_file_without_its_frozen_image_tower_is_refused_unless_init_partial(tmp_path, drop):
+    """A CLIP file missing (part of) the frozen ModifiedResNet trained with it random, rc 0 (helper-91 #1)."""
+    from cirlab.core.errors import CheckpointError
+
+    keep = "visual.attnpool.positional_embedding"  # what makes it a CLIP RN file (helper-91's clip_rn_novisual.pt)
+    state = {k: v for k, v in _perturbed().clip.state_dict().items() if not k.startswith(drop) or k == keep}
+    torch.save(state, tmp_path / "clip.pt")
+    with pytest.raises(CheckpointError) as err:
+        tiny(init_from=str(tmp_path / "clip.pt")).load_init()
+    message = str(err.value)
+    assert message.startswith(f"model_overrides.init_from: {tmp_path / 'clip.pt'}: ") and "\n" not in message
+    assert f"tensors of cala clip are not in it (clip.{drop}" in message
+    assert "all FROZEN, they would stay random" in message and "model_overrides.init_partial=true" in message
+    reports = tiny(init_from=str(tmp_path / "clip.pt"), init_partial=True).load_init()  # the original's strict=False
+    assert reports[0].missing and all(k.startswith("clip." + drop) for k in reports[0].missing)
+
+
 def test_cala_clip_files_round_trip(tmp_path):
     """cirlab -> the released CLIP path's tuned_clip / tuned_tac / tuned_hca files -> a fresh model: equal."""
     model = _perturbed(clip_cls_token="zero")

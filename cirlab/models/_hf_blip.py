@@ -199,11 +199,32 @@ def refuse_unknown_tokens(ids: torch.Tensor, tokenizer: Any, rows: int) -> None:
 
 
 def vocab_path(vocab_file: str = "") -> Path:
-    """The WordPiece vocabulary of BLIP's and BLIP-2's tokenizers: ``vocab_file``, else :func:`default_vocab_file`."""
+    """The WordPiece vocabulary of BLIP's and BLIP-2's tokenizers: ``vocab_file``, else :func:`default_vocab_file`.
+    A given file that is no WordPiece vocabulary (a ``config.json``, a weights file) is one ConfigError line naming
+    ``model_overrides.vocab_file``; the models call this when they are built, so it comes before any training step
+    (the tokenizer would fail at the first batch: ``WordPiece error: Missing [UNK] token from the vocabulary``)."""
     path = Path(vocab_file).expanduser() if vocab_file else default_vocab_file()
+    if path.is_dir():
+        from cirlab.core.errors import ConfigError
+
+        raise ConfigError(f"model_overrides.vocab_file: {path} is a folder; give the vocab.txt file in it")
     if not path.is_file():
         raise MissingPathError(f"vocab_file: tokenizer vocab file not found: {path}")
+    if vocab_file:
+        _check_wordpiece(path)
     return path
+
+
+def _check_wordpiece(path: Path) -> None:
+    """A BERT ``vocab.txt`` holds one token per line, ``[UNK]`` among them (within its first lines: 101 in bert's)."""
+    from cirlab.core.errors import ConfigError
+
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 22)
+    tokens = {line.strip() for line in head.decode("utf-8", errors="replace").splitlines()}
+    if b"\0" in head or "[UNK]" not in tokens:
+        raise ConfigError(f"model_overrides.vocab_file: {path} is not a WordPiece vocabulary (a BERT vocab.txt: one "
+                          "token per line, [UNK] among them)")
 
 
 @functools.lru_cache(maxsize=4)

@@ -53,7 +53,10 @@ generate state dicts from. This module knows key names only; it never imports a 
 
 Every conversion returns an :class:`InteropReport` listing loaded, unmatched (source keys with no destination),
 missing (destination keys left untouched), shape-mismatched and ignored keys; ``strict=True`` raises on any
-unmatched, missing or mismatched key.
+unmatched, missing or mismatched key. A model's pretrained start (:func:`check_usable` given the model) also refuses
+a source that leaves tensors untouched which it should hold (:class:`PartialLoadError`, naming the frozen ones):
+only the layers :data:`NEW_LAYERS` declares new per target start random without a switch; the original code's
+``load_state_dict(strict=False)`` is the model configs' ``init_partial=True``.
 """
 from __future__ import annotations
 
@@ -68,6 +71,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from cirlab.core.errors import CirlabError
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +156,12 @@ class InteropReport:
 class InteropError(ValueError):
     """A conversion cannot be used: a strict one found unmatched, missing or shape-mismatched keys, or the file
     holds no BLIP weights (the message names the file)."""
+
+
+class PartialLoadError(InteropError, CirlabError):
+    """A non-strict pretrained load left tensors untouched that its source should have held (a captioning folder
+    for a retrieval model, a CLIP file without its image tower): refused unless the model config's
+    ``init_partial`` is set. One line (the command line prints it so); the callers prefix the config field."""
 
 
 # ------------------------------------------------------------------------------------------------------ reading
@@ -424,9 +435,96 @@ def _params(module: nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.state_dict(keep_vars=True)) | {k: v for k, v in module.named_parameters()}
 
 
-def check_usable(report: InteropReport) -> InteropReport:
+# Destination keys that a pretrained source is NOT expected to hold, per report target: layers the model adds on top
+# of every supported source, started at random as the original code starts them. Any other key a non-strict load
+# leaves untouched is refused by check_usable unless the model's config sets init_partial. A declared set, not a
+# count: a partial file that happens to miss few tensors is refused as firmly as one that misses a whole tower.
+_TWIN_NEW = ((r"text_encoder\.layers\.\d+\.merge\.(weight|bias)", r"cls_head\.\d+\.(weight|bias)"),
+             "stage II's merge layers and cls_head: new, random as the original starts them")
+NEW_LAYERS: dict[str, tuple[tuple[str, ...], str]] = {
+    # transformers' BlipForImageTextRetrieval has no ITC temperature: it starts at temp_init, as BLIP's does
+    "stage1": ((r"temp",), "temp: not in transformers BLIP folders, starts at temp_init"),
+    "stage2": _TWIN_NEW,  # model_base.pth / an ITM folder / LAVIS: the single-stream MED feeds both streams
+    "stage2 streams": _TWIN_NEW,  # init_from: stage1
+    "cala clip": ((), ""),  # an OpenAI / open_clip RN file holds every tensor of the CLIP
+}
+PARTIAL_OPTION = "init_partial"  # the model config field that allows a partial start (BlipRerankConfig, CaLaConfig)
+
+
+def explain_missing(report: InteropReport) -> list[str]:
+    """The missing keys of ``report`` that its target's source should have held (not in :data:`NEW_LAYERS`); when
+    there are none, the expected ones are explained in ``report.missing_why`` (said, not warned)."""
+    patterns, why = NEW_LAYERS.get(report.target, ((), ""))
+    unexpected = [k for k in report.missing if not any(re.fullmatch(p, k) for p in patterns)]
+    if report.missing and not unexpected and not report.missing_why:
+        report.missing_why = why
+    return unexpected
+
+
+def group_keys(keys: list[str], limit: int = 4) -> str:
+    """``text_encoder.* (58), temp`` / ``clip.visual.layer4.* (24)``: keys grouped by module prefix, for one line."""
+    parts = [k.split(".") for k in keys]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    depth = common if common >= 2 else common + 1
+    groups: dict[str, int] = {}
+    for p in parts:
+        name = ".".join(p[:depth]) + (".*" if len(p) > depth else "")
+        groups[name] = groups.get(name, 0) + 1
+    shown = [f"{name} ({n})" if name.endswith("*") else name for name, n in list(groups.items())[:limit]]
+    more = f", ... ({len(groups) - limit} more groups)" if len(groups) > limit else ""
+    return ", ".join(shown) + more
+
+
+def _frozen_keys(model: nn.Module) -> set[str]:
+    """Keys that never train: parameters with ``requires_grad=False`` and buffers."""
+    return ({k for k, p in model.named_parameters() if not p.requires_grad}
+            | {k for k, _ in model.named_buffers()})
+
+
+def check_complete(report: InteropReport, model: nn.Module, partial: bool | None = None) -> InteropReport:
+    """Refuse (:class:`PartialLoadError`, one line) a load that left tensors of ``model`` untouched which the source
+    should have held (:func:`explain_missing`), unless ``partial`` (default: ``model.config.init_partial``); the
+    line says which are frozen (random for the whole run) and how to opt in. With the opt-in they are warned."""
+    unexpected = explain_missing(report)
+    if partial is None:
+        partial = bool(getattr(getattr(model, "config", None), PARTIAL_OPTION, False))
+    if not unexpected or partial:
+        return report
+    frozen = [k for k in unexpected if k in _frozen_keys(model)]
+    into = report.target or "the model"
+    message = f"{report.source}: {len(unexpected)} tensors of {into} are not in it ({group_keys(unexpected)})"
+    if len(frozen) == len(unexpected):
+        message += ": all FROZEN, they would stay random for the whole run and never train"
+    elif frozen:
+        message += (f", {len(frozen)} of them FROZEN ({group_keys(frozen)}): those would stay random for the whole "
+                    "run and never train")
+    else:
+        message += ": they would start random"
+    raise PartialLoadError(f"{message}; is it the right file? To start from it anyway, as the original code's "
+                           f"load_state_dict(strict=False) does, set model_overrides.{PARTIAL_OPTION}=true (cirlab "
+                           f"convert: --set {PARTIAL_OPTION}=true)")
+
+
+def refuse_lavis_folder(path: str | os.PathLike, *, reads_transformers: bool = False) -> None:
+    """``lavis:FOLDER``: one :class:`InteropError` line saying that a LAVIS checkpoint is one ``.pth`` file (the
+    LAVIS reader would say "no such file" of a folder that exists). ``reads_transformers``: the caller also reads
+    transformers BLIP folders (the re-ranker), said when the folder is one."""
+    from cirlab.models.lavis_interop import strip_lavis_prefix
+
+    where = Path(strip_lavis_prefix(path)).expanduser()
+    if where.is_dir():
+        plain = ("; a transformers BLIP folder like this one is read without the lavis: prefix"
+                 if reads_transformers and (where / "config.json").is_file() else "")
+        raise InteropError(f"{where} is a folder; a LAVIS checkpoint is one .pth file: give lavis:{where}/NAME.pth"
+                           f"{plain}")
+
+
+def check_usable(report: InteropReport, model: nn.Module | None = None) -> InteropReport:
     """Raise :class:`InteropError` (one line, naming the source) when a non-strict conversion loaded nothing or
-    found tensors of another shape (another model size); otherwise log the report and return it."""
+    found tensors of another shape (another model size), and, given the ``model`` it filled, when it left tensors
+    the source should have held (:func:`check_complete`); otherwise log the report and return it."""
     if report.mismatched:
         key, src, dst = report.mismatched[0]
         into = report.target or "the model"
@@ -435,6 +533,8 @@ def check_usable(report: InteropReport) -> InteropReport:
     if not report.loaded:
         raise InteropError(f"{report.source}: nothing in it fits {report.target or 'the model'} "
                            f"(e.g. unmatched {', '.join(report.unmatched[:3])})")
+    if model is not None:
+        check_complete(report, model)
     return report.log()
 
 

@@ -42,6 +42,13 @@ Behaviour choices, defaults first, the original as a named option:
   also runs inference (:meth:`encode_query`, :meth:`score_candidates`) under bf16.
 * Texts are tokenised with padding to the longest and truncated at ``max_text_len`` (the original never truncates;
   512 positions are never reached by CIR captions); a cut is logged, as in every cirlab model.
+* ``init_partial=False``: a pretrained start (``init_from``, ``stage1_checkpoint``) that leaves tensors untouched
+  which its source should hold (a BLIP captioning folder has no text encoder; a partial copy) is refused in one line
+  naming the field, the file and the missing modules, and saying which are frozen (stage I's ViT, stage II's whole
+  stage I: they would stay random for the whole run). Tensors no supported source holds are started at random
+  without a switch (:data:`~cirlab.models.blip_interop.NEW_LAYERS`: stage I's ``temp``, absent from transformers
+  folders; stage II's merge layers and ``cls_head``). The original ``load_checkpoint`` (``load_state_dict(
+  strict=False)``, which prints the missing keys and goes on) is ``init_partial=True``: a warning, then training.
 * Stage II skips queries whose target is not among the K candidates (their scores are ``-99999.99`` and the
   stage-I order is kept), as the original does; :func:`cirlab.engine.rerank.rerank_topk` with ``skip_misses=False``
   scores them too. The recalls are identical either way.
@@ -116,6 +123,8 @@ class BlipRerankConfig(PresetMixin):
     #                      blip_retrieval file ("lavis:PATH" forces that layout) or a cirlab run/checkpoint; stage II
     #                      also "stage1" (the frozen stage I's text encoder to both streams)
     stage1_checkpoint: str = ""  # stage II: the frozen stage I (cirlab stage-I run/checkpoint or released stage-I file)
+    init_partial: bool = False  # original (True): a source that lacks tensors it should hold starts them at random
+    #                             with a warning (load_state_dict(strict=False)); False refuses it (one line)
     # --- memory ---
     gradient_checkpointing: bool = False  # recompute text-encoder layers in backward
     # bf16 autocast for inference; also the default of train.precision ("bf16", else "auto"), which a run's
@@ -214,6 +223,8 @@ class BlipRerankStage1(nn.Module):
     def __init__(self, config: BlipRerankConfig) -> None:
         super().__init__()
         self.config = config
+        if config.vocab_file:  # a wrong file is one line now, not a tokenizer traceback at the first step
+            hf.vocab_path(config.vocab_file)
         self.visual_encoder = hf.build_vision_encoder(config.vision_hf_config())
         self.text_encoder = hf.build_text_encoder(config.text_hf_config())
         self.vision_proj = nn.Linear(config.vision_width, config.embed_dim)
@@ -374,18 +385,17 @@ class BlipRerankStage1(nn.Module):
         from cirlab.models import lavis_interop
 
         if _is_lavis(path):
-            _, state = lavis_interop.read_lavis_layout(path, expected=("blip_retrieval",))
-            return [_load_lavis_blip(self, state, _lavis_path(path))]
+            return [_load_lavis_blip(self, _read_lavis(path), _lavis_path(path))]
         src = _read(path)
         if src.kind == "original" and lavis_interop.lavis_layout(src.state) == "blip_retrieval":
             return [_load_lavis_blip(self, src.state, src.source)]
         if src.kind != "cirlab":
-            return [blip_interop.check_usable(blip_interop.convert_stage1(src.state, self, source=src.source))]
+            return [blip_interop.check_usable(blip_interop.convert_stage1(src.state, self, source=src.source), self)]
         state = src.state
         if src.model_name == "blip_rerank_stage2":
             state = {k[len("stage1."):]: v for k, v in state.items() if k.startswith("stage1.")}
         report = blip_interop.load_cirlab_state(self, state, source=src.source, target="stage1")
-        return [blip_interop.check_usable(report)]
+        return [blip_interop.check_usable(report, self)]
 
     def load_init(self, report_dir: str | os.PathLike | None = None) -> list[blip_interop.InteropReport]:
         """Apply ``config.init_from``; the reports are logged and written to ``<report_dir>/init_from.json``."""
@@ -412,13 +422,21 @@ def _lavis_path(path: Any) -> str:
     return strip_lavis_prefix(path)
 
 
+def _read_lavis(path: Any) -> dict[str, torch.Tensor]:
+    """The state dict of a ``lavis:PATH`` ``blip_retrieval`` file (a folder is refused: LAVIS saves one file)."""
+    from cirlab.models import lavis_interop
+
+    blip_interop.refuse_lavis_folder(path, reads_transformers=True)
+    return lavis_interop.read_lavis_layout(path, expected=("blip_retrieval",))[1]
+
+
 def _load_lavis_blip(model: "BlipRerankStage1", state: dict[str, torch.Tensor],
                      source: str) -> blip_interop.InteropReport:
     """A LAVIS ``blip_retrieval`` state dict into ``model`` (the ITM head too when the model has one)."""
     from cirlab.models import lavis_interop
 
     _, report = lavis_interop.convert_lavis_blip(state, model, keep_heads=False, source=source)
-    return blip_interop.check_usable(report)
+    return blip_interop.check_usable(report, model)
 
 
 _Loaded = TypeVar("_Loaded")
@@ -542,9 +560,7 @@ class BlipRerankStage2(nn.Module):
         report = blip_interop.convert_stage2(state, self, strict=False, source="stage1.text_encoder")
         report.target = "stage2 streams"
         report.missing = [k for k in report.missing if not k.startswith("stage1.")]  # the ViT is not copied here
-        if all(k.startswith(("text_encoder.layers.", "cls_head.")) and (".merge" in k or k.startswith("cls_head."))
-               for k in report.missing):
-            report.missing_why = "stage II's merge layers and cls_head: new, random as the original starts them"
+        blip_interop.explain_missing(report)  # merge layers and cls_head: new (blip_interop.NEW_LAYERS), said
         return report
 
     def _autocast(self) -> Any:
@@ -694,16 +710,14 @@ class BlipRerankStage2(nn.Module):
         if isinstance(path, (str, os.PathLike)) and str(path) == "stage1":
             return [self.init_from_stage1().log()]
         if _is_lavis(path):  # LAVIS keeps BLIP's layout: its text encoder starts both streams, as model_base.pth's
-            from cirlab.models import lavis_interop
-
-            _, state = lavis_interop.read_lavis_layout(path, expected=("blip_retrieval",))
-            return [blip_interop.check_usable(blip_interop.convert_stage2(state, self, source=_lavis_path(path)))]
+            report = blip_interop.convert_stage2(_read_lavis(path), self, source=_lavis_path(path))
+            return [blip_interop.check_usable(report, self)]
         src = _read(path)
         if src.kind != "cirlab":
-            return [blip_interop.check_usable(blip_interop.convert_stage2(src.state, self, source=src.source))]
+            return [blip_interop.check_usable(blip_interop.convert_stage2(src.state, self, source=src.source), self)]
         if src.model_name == "blip_rerank_stage2":
             report = blip_interop.load_cirlab_state(self, src.state, source=src.source, target="stage2")
-            return [blip_interop.check_usable(report)]
+            return [blip_interop.check_usable(report, self)]
         return self.stage1.load_pretrained(src) + [self.init_from_stage1().log()]
 
     def load_init(self, report_dir: str | os.PathLike | None = None) -> list[blip_interop.InteropReport]:

@@ -52,6 +52,12 @@ Behaviour choices, defaults first, the original as a named option:
   GradScaler (CUDA only); evaluation runs in fp32, as the
   released ``validate.py`` does (``.float()``), unless ``bf16=True``, which runs inference under bf16 autocast too
   (recorded as ``eval_precision`` with the run and in ``cirlab eval``'s output).
+* ``init_partial=False``: on the CLIP path, an ``init_from`` file that leaves tensors of the CLIP untouched (a file
+  without its image tower, or a part of it) is refused in one line naming ``model_overrides.init_from``, the file and
+  the missing modules, saying which are frozen (the ModifiedResNet: it would stay random for the whole run); an
+  OpenAI / open_clip RN file holds every tensor, so nothing is new there
+  (:data:`~cirlab.models.blip_interop.NEW_LAYERS`). The original's ``load_state_dict(strict=False)`` is
+  ``init_partial=True``: the missing tensors start random, with a warning.
 * ``ablation``: ``image_only`` / ``text_only`` baselines (query = reference image through the multimodal Q-Former's
   image mode / the text CLS alone), trained with QTM only, for the benchmarks.
 
@@ -118,6 +124,9 @@ from cirlab.models.registry import register_model
 logger = logging.getLogger(__name__)
 
 FRAMES = ("sum", "artemis")
+# what CaLa's weights come from, as `cirlab convert --model cala` and `init_from` say it (one wording for both)
+SOURCES = ("a LAVIS BLIP-2 checkpoint or a folder of CaLa's saves (tuned_blip_*.pt, or tuned_clip_*.pt with a CLIP "
+           "preset)")
 # the CLIP path's behaviour switches (read by nothing on the BLIP-2 path)
 CLIP_SWITCHES = ("clip_map_layout", "clip_cls_token", "clip_bn_train_mode", "clip_artemis_trained")
 ENCODERS = ("multi", "both")
@@ -189,6 +198,8 @@ class CaLaConfig(PresetMixin):
     validate_in_train_mode: bool = False  # original training-loop validation: trained Q-Formers keep dropout on
     init_from: str = ""  # LAVIS BLIP-2 checkpoint ("lavis:PATH" forces that layout), a folder of CaLa's tuned_*.pt
     #                      files, or a cirlab run/checkpoint
+    init_partial: bool = False  # CLIP path: original (True) starts tensors a CLIP file lacks at random with a warning
+    #                             (load_state_dict(strict=False)); False refuses such a file (one line)
     # bf16 autocast for inference; also the default of train.precision ("bf16", else "auto"), which a run's
     # train.precision overrides
     bf16: bool = False
@@ -488,6 +499,10 @@ class CaLa(nn.Module):
             self._build_clip()
             return
         self.clip = None
+        if c.vocab_file:  # a file that is no WordPiece vocabulary: one line now, not at the first training step
+            from cirlab.models._hf_blip import vocab_path
+
+            vocab_path(c.vocab_file)
         weights = None if c.pretrained_vision else ""
         self.tower = hb.ImageTower(c.vision, width=c.vision_width, depth=c.vision_depth, heads=c.vision_heads,
                                    mlp=c.vision_mlp, image_size=c.image_size, patch_size=c.patch_size, weights=weights)
@@ -775,6 +790,7 @@ class CaLa(nn.Module):
         path = Path(path).expanduser()  # "~/runs/x": DIME's and the re-ranker's init_from take it too
         if path.is_dir() and glob.glob(str(path / "tuned_*.pt")):
             return load_cala_files(self, path, suffix=suffix)
+        _refuse_other_folder(path)
         if path.is_dir() or _is_cirlab_checkpoint(path):
             from cirlab.core.checkpoint import load_model_weights, run_checkpoint
 
@@ -792,8 +808,11 @@ class CaLa(nn.Module):
             return []
         try:
             reports = self.load_pretrained(self.config.init_from)
-        except (InteropError, ValueError, OSError) as err:
-            raise CheckpointError(f"model_overrides.init_from: {' '.join(str(err).split())}") from err
+        except (InteropError, ValueError, OSError, CheckpointError) as err:  # a cirlab run of another model too
+            message = " ".join(str(err).split())
+            if message.startswith("model_overrides.init_from"):
+                raise
+            raise CheckpointError(f"model_overrides.init_from: {message}") from err
         if report_dir is not None:
             from cirlab.core import io
 
@@ -870,6 +889,26 @@ def cala_loss(logits: dict[str, torch.Tensor], config: CaLaConfig) -> dict[str, 
     return out
 
 
+def _refuse_other_folder(path: Path) -> None:
+    """A folder that is neither a cirlab run nor CaLa's saves (a transformers BLIP-2 or BLIP folder, a LAVIS cache):
+    one :class:`~cirlab.models.blip_interop.InteropError` line saying what CaLa reads, not "checkpoint not found:
+    <folder>/checkpoints/best.pt"."""
+    from cirlab.models.blip_interop import InteropError
+
+    if not path.is_dir() or (path / "checkpoints" / "best.pt").is_file():
+        return
+    what = "neither a cirlab run (checkpoints/best.pt) nor a folder of CaLa's saves"
+    if (path / "config.json").is_file():
+        import json
+
+        try:
+            kind = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+        except (ValueError, OSError, AttributeError):
+            kind = None
+        what = f"a transformers {kind + ' ' if isinstance(kind, str) else ''}folder, which CaLa does not read"
+    raise InteropError(f"{path}: {what}; CaLa reads {SOURCES}, a CLIP RN file (CLIP presets) or a cirlab cala run")
+
+
 def _is_cirlab_checkpoint(path: Path) -> bool:
     if path.suffix == ".safetensors" or not path.is_file():
         return False
@@ -944,7 +983,9 @@ def _load_lavis_checked(model: CaLa, path: str | os.PathLike) -> Any:
     """:func:`load_lavis_blip2` of a file that must hold a LAVIS BLIP-2 state dict whose tensors fit ``model``
     (``lavis:`` prefix allowed); anything else raises :class:`~cirlab.models.blip_interop.InteropError`."""
     from cirlab.models import lavis_interop
+    from cirlab.models.blip_interop import refuse_lavis_folder
 
+    refuse_lavis_folder(path)
     _, state = lavis_interop.read_lavis_layout(path, expected=("blip2",))
     return load_lavis_state(model, state, lavis_interop.strip_lavis_prefix(path))
 
@@ -1129,7 +1170,7 @@ def load_clip_weights(model: CaLa, source: str | os.PathLike | dict[str, torch.T
     prefixed ``clip.``). Tensors of other sizes than the model's raise
     :class:`~cirlab.models.blip_interop.InteropError`."""
     from cirlab.models import _clip_rn
-    from cirlab.models.blip_interop import InteropError, InteropReport
+    from cirlab.models.blip_interop import InteropError, InteropReport, check_complete
 
     name = name or ("<state dict>" if isinstance(source, dict) else str(source))
     if not model.is_clip:  # the twin of load_lavis_blip2's guard: a BLIP-2 CaLa has no model.clip to load into
@@ -1144,6 +1185,7 @@ def load_clip_weights(model: CaLa, source: str | os.PathLike | dict[str, torch.T
         key, src, dst = report.mismatched[0]
         raise InteropError(f"{name}: {len(report.mismatched)} tensors do not fit this CLIP (e.g. {key}: file "
                            f"{list(src)} vs model {list(dst)}); set the clip_* model_overrides to the file's sizes")
+    check_complete(report, model)  # a file without (part of) its frozen image tower: refused unless init_partial
     return report.log()
 
 
@@ -1208,6 +1250,7 @@ def _load_clip_start(model: CaLa, path: str | os.PathLike, suffix: str = "") -> 
     path = Path(path).expanduser()
     if path.is_dir() and glob.glob(str(path / "tuned_clip_*.pt")):
         return load_cala_clip_files(model, path, suffix=suffix)
+    _refuse_other_folder(path)
     if path.is_dir() or (path.is_file() and not is_torchscript(path) and _is_cirlab_checkpoint(path)):
         from cirlab.core.checkpoint import load_model_weights, run_checkpoint
 
