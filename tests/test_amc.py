@@ -433,6 +433,14 @@ def test_glove_840b_tokens_with_spaces_are_read_as_whole_tokens(tmp_path) -> Non
     assert {w: float(v[0]) for w, v in found.items()} == {"at": 1.0, "at name@domain.com": 7.0, ". . .": 8.0}
 
 
+def test_a_word2vec_header_line_is_skipped(tmp_path) -> None:
+    """gensim's text format starts with "count dim": it was read as a token "3" with one value and refused."""
+    path = tmp_path / "vectors.w2v.txt"
+    path.write_text("\n".join(["3 32", _glove_line("at", 1.0), _glove_line("to", 2.0)]) + "\n")
+    found = amc_mod.read_glove(path, ["at", "to", "3"], 32)
+    assert {w: float(v[0]) for w, v in found.items()} == {"at": 1.0, "to": 2.0}
+
+
 def test_glove_files_that_cannot_be_word_vectors_are_one_line_each(tmp_path, caplog) -> None:
     """A zip (as GloVe is downloaded), a binary file, a file of another dimension, a non-number value, and a file
     covering no vocabulary word are each one InputError line naming model_overrides.glove_path and the file (the

@@ -383,8 +383,8 @@ def _caption_folder(tmp_path, config):
 
 
 def test_a_captioning_folder_is_refused_in_one_line_unless_init_partial(tmp_path):
-    """It used to load its 30 ViT tensors, warn about 61 missing ones and train with a random text encoder, rc 0
-    (helper-91 #1); as the frozen stage I of stage II it stayed random for the whole run."""
+    """It used to load its 30 ViT tensors, warn about 61 missing ones and train with a random text encoder, rc 0;
+    as the frozen stage I of stage II it stayed random for the whole run."""
     from cirlab.core.checkpoint import CheckpointError
 
     folder = _caption_folder(tmp_path, tiny("stage1").config)
@@ -434,3 +434,10 @@ def test_lavis_prefix_on_a_folder_says_it_is_a_folder(tmp_path):
         with pytest.raises(CheckpointError, match=r"^model_overrides\.init_from: .*blip_itm is a folder; a LAVIS "
                                                   r"checkpoint is one \.pth file.*without the lavis: prefix"):
             m.load_init()
+
+
+def test_missing_keys_group_by_module_prefix_and_an_empty_list_is_empty():
+    """group_keys looped forever on an empty list (all() of nothing is True)."""
+    assert bi.group_keys([]) == ""
+    keys = [f"text_encoder.layers.{i}.w" for i in range(3)] + ["temp"]
+    assert bi.group_keys(keys) == "text_encoder.* (3), temp"

@@ -529,7 +529,7 @@ def test_a_text_embedding_smaller_than_the_tokenizer_is_one_line_not_an_index_er
 
 def test_a_vocab_file_that_is_not_a_wordpiece_vocabulary_is_refused_when_the_model_is_built(tmp_path):
     """A config.json as vocab_file failed at the first training step with a 66-line tokenizer traceback
-    (``WordPiece error: Missing [UNK] token``, helper-91 #7)."""
+    (``WordPiece error: Missing [UNK] token``)."""
     from cirlab.core.errors import CirlabError
 
     wrong = tmp_path / "config.json"

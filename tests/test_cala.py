@@ -590,7 +590,7 @@ def test_a_start_from_a_cirlab_checkpoint_is_recorded_in_init_from_json(tmp_path
 
 def test_an_init_from_folder_cala_does_not_read_is_one_line_with_the_field_and_the_sources(tmp_path):
     """A transformers BLIP-2 folder said "checkpoint not found: <folder>/checkpoints/best.pt" and a run of another
-    model lacked the field name (helper-91 #6)."""
+    model lacked the field name."""
     from cirlab.core.checkpoint import save_checkpoint
     from cirlab.core.errors import CheckpointError
 

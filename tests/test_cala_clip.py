@@ -304,10 +304,10 @@ def test_openai_state_dicts_load_from_torch_save_and_torchscript(tmp_path):
 
 @pytest.mark.parametrize("drop", ["visual.", "visual.layer4."])
 def test_a_clip_file_without_its_frozen_image_tower_is_refused_unless_init_partial(tmp_path, drop):
-    """A CLIP file missing (part of) the frozen ModifiedResNet trained with it random, rc 0 (helper-91 #1)."""
+    """A CLIP file missing (part of) the frozen ModifiedResNet trained with it random, rc 0."""
     from cirlab.core.errors import CheckpointError
 
-    keep = "visual.attnpool.positional_embedding"  # what makes it a CLIP RN file (helper-91's clip_rn_novisual.pt)
+    keep = "visual.attnpool.positional_embedding"  # what makes it a CLIP RN file
     state = {k: v for k, v in _perturbed().clip.state_dict().items() if not k.startswith(drop) or k == keep}
     torch.save(state, tmp_path / "clip.pt")
     with pytest.raises(CheckpointError) as err:

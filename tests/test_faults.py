@@ -1458,7 +1458,7 @@ def test_folder_lock_holds_against_another_thread(tmp_path: Path) -> None:
 
 def test_a_lock_released_after_its_folder_was_moved_leaves_the_new_holders_lock(tmp_path: Path) -> None:
     """A holds L; L is renamed away (a report moving an entry aside); B locks the new L; when A leaves its block it
-    removed L's lock file by path (B's), and C got in beside B (helper-66 F2b)."""
+    removed L's lock file by path (B's), and C got in beside B."""
     import threading
 
     from cirlab.core.io import LOCK_NAME, FolderLockedError, folder_lock

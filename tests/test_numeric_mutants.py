@@ -1,5 +1,5 @@
-"""Tests that kill single-line mutants of the numeric core that the rest of the suite let through (the mutation audit
-in notes/helper-64.md). Each compares cirlab with a naive loop written here, or with a value worked out by hand,
+"""Tests that kill single-line mutants of the numeric core that the rest of the suite let through (found by a
+mutation audit). Each compares cirlab with a naive loop written here, or with a value worked out by hand,
 on tiny tie-heavy inputs: the tie rules other than "stable", the ``ties`` argument reaching every protocol, the
 torch path of the ITM ranks (GPU, non-float dtypes), stable re-ordering, duplicated CIRR members, flat top-K fields,
 and the loss terms that only differ from their mutants with duplicate images or non-default weights."""

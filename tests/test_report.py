@@ -734,8 +734,8 @@ def test_kernel_sockets_fit_a_unix_socket_path_under_a_long_tmpdir(tmp_path):
 
 def test_an_entry_folder_a_live_training_holds_is_not_moved_aside(tmp_path, monkeypatch):
     """A user's `cirlab train --output-dir reports/train` running while a report starts: the report moved the live
-    run aside, the training wrote into the notebook's new folder, and the report's clean-up deleted the run
-    (helper-66 F2). The folder's lock is taken for the rename: one line naming the holder, nothing moved."""
+    run aside, the training wrote into the notebook's new folder, and the report's clean-up deleted the run.
+    The folder's lock is taken for the rename: one line naming the holder, nothing moved."""
     from cirlab.core.io import FolderLockedError, folder_lock
 
     out = tmp_path / "reports"
@@ -756,7 +756,7 @@ def test_an_entry_folder_a_live_training_holds_is_not_moved_aside(tmp_path, monk
 
 def test_a_second_report_names_the_running_one_not_its_entry_being_written(tmp_path, monkeypatch):
     """While a first report writes an entry for the first time (no report.json yet), a second report into the same
-    --out said the entry was not written by cirlab report and to move it away (helper-66 F4)."""
+    --out said the entry was not written by cirlab report and to move it away."""
     from cirlab.core.io import FolderLockedError, folder_lock
 
     out = tmp_path / "reports"
@@ -1006,16 +1006,22 @@ def test_notebook_pages_give_each_figure_an_alt_text_naming_its_section(tmp_path
     import nbformat
 
     v4 = nbformat.v4
-    png = base64.b64encode(b"\x89PNG\r\n\x1a\n").decode()
-    figure = v4.new_output("display_data", data={"image/png": png, "text/plain": "<Figure>"})
-    table = v4.new_output("display_data", data={"text/html": "<table></table>", "image/png": png})
-    cells = [v4.new_code_cell("fig", outputs=[figure]), v4.new_markdown_cell("# Title\n## Retrieval galleries"),
-             v4.new_code_cell("x", outputs=[figure, table, figure]), v4.new_markdown_cell("text only"),
-             v4.new_code_cell("y", outputs=[figure])]
+
+    def figure(i: int, **more: str):
+        png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes([i])).decode()
+        return v4.new_output("display_data", data={"image/png": png, "text/plain": "<Figure>", **more})
+
+    # a widget view with a PNG fallback and no saved widget state is drawn as its image: it broke a count of images
+    widget = figure(9, **{"application/vnd.jupyter.widget-view+json": {"model_id": "x", "version_major": 2,
+                                                                        "version_minor": 0}})
+    table = figure(8, **{"text/html": "<table></table>"})  # drawn as the table: no image on the page
+    cells = [v4.new_code_cell("fig", outputs=[figure(1)]), v4.new_markdown_cell("# Title\n## Retrieval galleries"),
+             v4.new_code_cell("x", outputs=[figure(2), table, widget, figure(3)]), v4.new_markdown_cell("text only"),
+             v4.new_code_cell("y", outputs=[figure(4)])]
     notebook = tmp_path / "evaluate.ipynb"
     nbformat.write(v4.new_notebook(cells=cells), notebook)
     page = report.export_html(notebook).read_text(encoding="utf-8")
     alts = re.findall(r'<img alt="([^"]*)"', page) or re.findall(r'alt="([^"]*)"', page)
     assert alts == ["figure 1 of the notebook"] + [
-        f"figure {i} in section \u201cRetrieval galleries\u201d of the notebook" for i in (1, 2, 3)]
+        f"figure {i} in section \u201cRetrieval galleries\u201d of the notebook" for i in (1, 2, 3, 4)]
     assert "No description has been provided" not in page

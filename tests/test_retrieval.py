@@ -108,10 +108,15 @@ def test_reorder_and_rerank_refuse_nan_scores():
     """A diverged stage II's NaN scores were sorted first: its re-ranked list led with them, with no word."""
     cand = torch.tensor([[4, 1, 3], [2, 0, 5]])
     scores = torch.tensor([[0.5, 0.2, 0.1], [0.3, float("nan"), 0.9]])
-    with pytest.raises(ValueError, match=r"^re-ranking scores of query row 1 contain NaN"):
+    with pytest.raises(ValueError, match=r"^re-ranking scores of query 1 contain NaN"):
         R.reorder(cand, scores)
-    with pytest.raises(ValueError, match="query row 0 contain NaN"):
-        R.rerank(lambda q, c: torch.full(c.shape, float("nan")), torch.arange(2), cand)
+    with pytest.raises(ValueError, match="query 7 contain NaN"):  # the query's index, not its row among those scored
+        R.rerank(lambda q, c: torch.where(q[:, None] == 7, float("nan"), 0.0).expand(c.shape), torch.tensor([3, 7]),
+                 cand)
+    # alpha 1 (stage I alone) or 0 (stage II alone) with an infinite score on the other side: not NaN (0 x -inf)
+    s1, s2 = torch.tensor([[2.0, 1.0, 0.0]]), torch.tensor([[float("-inf"), 0.5, 0.9]])
+    assert R.rerank(lambda q, c: s2, torch.arange(1), cand[:1], stage1_scores=s1, alpha=1.0)[1].tolist() == [[4, 1, 3]]
+    assert R.fuse_scores(s2, s1, 0.0).tolist() == s1.tolist()
 
 
 def test_topk_ranks_float64_scores_in_float64_as_target_ranks_does():
@@ -241,7 +246,7 @@ def test_encode_corpus_cache_hit_and_changed_key(tmp_path, caplog):
 
 def test_feature_caches_are_written_with_the_users_umask(tmp_path):
     """A group-shared CIRLAB_CACHE: the gallery cache and the per-item store were 0600 whatever the umask
-    (``mkstemp``), so another member's run could not read them and replaced them (helper-66 F5)."""
+    (``mkstemp``), so another member's run could not read them and replaced them."""
     import os
 
     from cirlab.core.featcache import FeatureStore, save_tensor

@@ -462,10 +462,9 @@ def cirr_subset_ranks(scores: ScoresLike, target: ScoresLike, reference: ScoresL
         raise InputError(f"query {i}: target {int(tgt[i])} is not among its img_set members {mem[i].tolist()}")
     sm = s.gather(1, mem.clamp(min=0))  # [Q, M]
     st = s.gather(1, tgt[:, None])  # [Q, 1]
-    nan = torch.isnan(sm) & (mem >= 0) & (mem != ref[:, None])  # the removed reference's score plays no part
-    if nan.any():  # NaN compares false both ways: a NaN target came out first (a diverged re-ranker scored 100)
-        i = int(nan.any(1).nonzero()[0, 0])
-        raise InputError(f"query {i}: scores contain NaN among its img_set members: a ranking is undefined")
+    # NaN compares false both ways: a NaN target came out first (a diverged re-ranker scored 100); the removed
+    # reference's score plays no part
+    refuse_nan_members(sm, (mem >= 0) & (mem != ref[:, None]))
     ahead = sm > st
     if ties == "stable":
         ahead |= (sm == st) & (mem < tgt[:, None])
@@ -475,6 +474,14 @@ def cirr_subset_ranks(scores: ScoresLike, target: ScoresLike, reference: ScoresL
     # a target that is the reference itself is removed with it, as the global ranking removes it (target_ranks):
     # the original's restriction of that ranking to the set finds no target, a miss at every cut-off
     return ranks.masked_fill(tgt == ref, mem.shape[1] + 1)
+
+
+def refuse_nan_members(member_scores: Tensor, keep: Tensor) -> None:
+    """One line naming the first query whose ranked ``img_set`` members (``keep``, [Q, M]) have a NaN score: their
+    ranking is undefined (the subset ranks and the submission's ``recall_subset`` lists both refuse it)."""
+    nan = torch.isnan(member_scores) & keep
+    if nan.any():
+        raise InputError(f"query {int(nan.any(1).nonzero()[0, 0])}: scores contain NaN among its img_set members")
 
 
 def cirr_metrics_from_ranks(ranks: ScoresLike, subset_ranks: ScoresLike) -> dict[str, float]:

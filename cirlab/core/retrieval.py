@@ -35,7 +35,8 @@ from cirlab.core.featcache import default_dir as default_feature_dir
 from cirlab.core.featcache import load_tensor as _load_cached
 from cirlab.core.featcache import save_tensor as _save_cached
 from cirlab.core.io import write_text
-from cirlab.core.metrics import members_table, target_ranks, validate_cirr_submission, whole_argument
+from cirlab.core.metrics import (members_table, refuse_nan_members, target_ranks, validate_cirr_submission,
+                                 whole_argument)
 from cirlab.core.topk import TopK
 
 log = logging.getLogger(__name__)
@@ -296,11 +297,14 @@ def fuse_scores(stage1: Tensor, stage2: Tensor, alpha: float) -> Tensor:
         raise InputError(f"stage1 {tuple(stage1.shape)} and stage2 {tuple(stage2.shape)} scores differ in shape")
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"alpha must lie in [0, 1], got {alpha}")
+    if alpha in (0.0, 1.0):  # one side alone, exactly: 0 x -inf is NaN, which re-ranking refuses
+        return (stage1 if alpha == 1.0 else stage2).clone()
     return alpha * stage1 + (1.0 - alpha) * stage2
 
 
-def reorder(candidates: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
-    """Re-order each row of candidates by new scores, descending; ties keep the incoming (stage-I) order.
+def reorder(candidates: Tensor, scores: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Re-order each row of candidates by new scores, descending; ties keep the incoming (stage-I) order. NaN scores
+    are refused, naming the query: ``rows[i]`` (the query index of row ``i``), else ``i``.
 
     Returns:
         ``(scores, candidates)``, both [Q, K], best first.
@@ -311,10 +315,12 @@ def reorder(candidates: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
     """
     if candidates.shape != scores.shape:
         raise InputError(f"candidates {tuple(candidates.shape)} and scores {tuple(scores.shape)} differ in shape")
-    nan = torch.isnan(scores)
+    nan = torch.isnan(scores).any(1)
     if nan.any():  # sorted first: a diverged stage II listed NaN candidates as its best, with no word
-        raise InputError(f"re-ranking scores of query row {int(nan.any(1).nonzero()[0, 0])} contain NaN: a ranking "
-                         "is undefined (a diverged or overflowed model?)")
+        row = int(nan.nonzero()[0, 0])
+        query = row if rows is None else int(rows[row])
+        raise InputError(f"re-ranking scores of query {query} contain NaN: a ranking is undefined (a diverged or "
+                         "overflowed model?)")
     sorted_scores, perm = scores.sort(dim=1, descending=True, stable=True)
     return sorted_scores, candidates.gather(1, perm)
 
@@ -337,7 +343,7 @@ def rerank(score_fn: Callable[[Tensor, Tensor], Tensor], query_idx: Tensor, cand
     scores = torch.cat(parts).to(candidates.device)
     if stage1_scores is not None:
         scores = fuse_scores(stage1_scores.to(scores), scores, alpha)
-    return reorder(candidates, scores)
+    return reorder(candidates, scores, query_idx)
 
 
 def reranked_target_ranks(candidates: Tensor, target: Any, stage1_ranks: Any) -> Tensor:
@@ -436,9 +442,7 @@ def subset_topk(scores: Tensor, reference: Any, members: Any, k: int = 3) -> Ten
     member_scores = s.gather(1, mem.clamp(min=0))
     if member_scores.dtype in (torch.float16, torch.bfloat16):  # widened exactly; float64 is kept, since .float()
         member_scores = member_scores.float()                   # merged near-ties that cirr_subset_ranks tells apart
-    if torch.isnan(member_scores[keep]).any():  # NaN sorted first here; cirr_subset_ranks ranks it nowhere
-        i = int(torch.isnan(member_scores).logical_and(keep).any(1).nonzero()[0, 0])
-        raise InputError(f"query {i}: scores contain NaN among its img_set members")
+    refuse_nan_members(member_scores, keep)  # NaN sorted first here
     # ordered by (kept first, score descending, gallery index ascending): a masked entry (the reference, a -1 pad,
     # a repeat) must not tie with a member scored -inf (a stage-II log-probability) and be listed before it, which
     # cirr_subset_ranks never does

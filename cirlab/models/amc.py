@@ -254,6 +254,12 @@ def _refuse_non_text(path: Path) -> None:
                          "line)")
 
 
+def _is_word2vec_header(line: str) -> bool:
+    """A word2vec text file's first line: the word count and the dimension, two whole numbers."""
+    fields = line.split()
+    return len(fields) == 2 and all(f.isdigit() for f in fields)
+
+
 def read_glove(path: str | os.PathLike, words: Sequence[str], dim: int) -> dict[str, torch.Tensor]:
     """Vectors of ``words`` from a GloVe text file (``word v1 ... vdim`` per line), scanning it once.
 
@@ -264,9 +270,10 @@ def read_glove(path: str | os.PathLike, words: Sequence[str], dim: int) -> dict[
     The original falls back to ``word.strip("-.'")`` and the part before ``/`` for words GloVe lacks; kept for
     callers with their own word lists (AMC's vocabulary is punctuation-free after :func:`tokenize`, so there the
     fallback never fires, as in the original).
-    A missing file, a zip, gzip or other binary file, and a line of a word asked for with the wrong number of
-    values or a value that is no number raise one :class:`InputError` line naming ``model_overrides.glove_path``,
-    the file and the line.
+    A word2vec text file's header line (``count dim``, as gensim writes it) is skipped. A missing file
+    (:class:`MissingPathError`), a zip, gzip or other binary file, and a line of a word asked for with the wrong
+    number of values or a value that is no number (:class:`InputError`) are one line naming
+    ``model_overrides.glove_path``, the file and the line.
     """
     path = Path(path)
     if not path.is_file():
@@ -287,6 +294,9 @@ def read_glove(path: str | os.PathLike, words: Sequence[str], dim: int) -> dict[
     with open(path, encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
             line = line.rstrip("\r\n")
+            if lineno == 1 and _is_word2vec_header(line):  # "N dim" (gensim's save_word2vec_format): not a word
+                logger.info("%s: skipping its word2vec header line %r", path, line)
+                continue
             if lineno == 1 and len(line.split(" ")) - 1 != dim:
                 head = line.split(" ", 1)[0]
                 raise bad(lineno, head, f"{len(line.split(' ')) - 1} values, expected {dim} (the model's word_dim)")

@@ -463,6 +463,8 @@ def explain_missing(report: InteropReport) -> list[str]:
 
 def group_keys(keys: list[str], limit: int = 4) -> str:
     """``text_encoder.* (58), temp`` / ``clip.visual.layer4.* (24)``: keys grouped by module prefix, for one line."""
+    if not keys:
+        return ""
     parts = [k.split(".") for k in keys]
     common = 0
     while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):

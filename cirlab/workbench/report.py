@@ -987,17 +987,18 @@ def export_html(notebook: Path) -> Path:
     return path
 
 
-# what nbconvert renders an output as, first found first (its HTML display priority); a figure is drawn as <img>
-# only when none of the formats before the image's is in the output
-_HTML_FIRST = ("application/vnd.jupyter.widget-view+json", "application/javascript", "text/html", "text/markdown",
-               "image/svg+xml", "text/latex")
+# output formats nbconvert draws before an image (its HTML display priority), where they are in the output: such an
+# output's image is not on the page (a widget view can fall back to its image, so it is not listed)
+_DRAWN_BEFORE_IMAGES = ("application/javascript", "text/html", "text/markdown", "image/svg+xml", "text/latex")
+_IMAGE_TYPES = ("image/png", "image/jpeg")
 
 
-def figure_alts(nb: Any) -> list[str]:
-    """An alt text for each figure output of a notebook, in page order: the section it sits in (the last heading
-    above it) and its number there. nbconvert gave every figure "No description has been provided for this image",
-    all a screen reader could read of a page of figures."""
-    alts, heading, count = [], "", 0
+def figure_alts(nb: Any) -> dict[str, str]:
+    """An alt text for each figure output of a notebook, keyed by its base64 image data: the section it sits in (the
+    last heading above it) and its number there. nbconvert gave every figure "No description has been provided for
+    this image", all a screen reader could read of a page of figures."""
+    alts: dict[str, str] = {}
+    heading, count = "", 0
     for cell in nb.cells:
         if cell.cell_type == "markdown":
             titles = [line.lstrip("#").strip() for line in cell.source.splitlines() if line.startswith("#")]
@@ -1005,25 +1006,29 @@ def figure_alts(nb: Any) -> list[str]:
                 heading, count = titles[-1], 0
         for output in cell.get("outputs", []) if cell.cell_type == "code" else []:
             data = output.get("data", {})
-            if any(k in data for k in ("image/png", "image/jpeg")) and not any(k in data for k in _HTML_FIRST):
+            images = [data[k] for k in _IMAGE_TYPES if k in data]
+            if images and not any(k in data for k in _DRAWN_BEFORE_IMAGES):
                 count += 1
                 where = f" in section \u201c{heading}\u201d" if heading else ""
-                alts.append(f"figure {count}{where} of the notebook")
+                for image in images:
+                    alts.setdefault("".join(str(image).split()), f"figure {count}{where} of the notebook")
     return alts
 
 
 def _with_figure_alts(body: str, nb: Any) -> str:
-    """``body`` with :func:`figure_alts` on its output images; unchanged (and said) where their count differs."""
+    """``body`` with :func:`figure_alts` on its output images, each found by its image data (an image the notebook
+    does not hold as a figure output keeps nbconvert's text)."""
     from bs4 import BeautifulSoup
 
-    soup = BeautifulSoup(body, features="html.parser")
-    images = soup.select("div.jp-OutputArea-output img")
     alts = figure_alts(nb)
-    if len(images) != len(alts):  # a template that draws outputs otherwise: keep nbconvert's text, say so
-        logger.info("%d output images but %d figure outputs: their alt texts stay nbconvert's", len(images), len(alts))
+    if not alts:
         return body
-    for image, alt in zip(images, alts):
-        image["alt"] = alt
+    soup = BeautifulSoup(body, features="html.parser")
+    for image in soup.select("div.jp-OutputArea-output img"):
+        src = str(image.get("src", ""))
+        alt = alts.get("".join(src.partition("base64,")[2].split())) if src.startswith("data:image/") else None
+        if alt:
+            image["alt"] = alt
     return str(soup)
 
 
