@@ -284,7 +284,7 @@ def test_ensure_rebuilds_its_interrupted_cache_without_blaming_force(tmp_path, m
 def test_a_rerun_with_other_settings_is_refused_without_force(tmp_path, capsys, caplog):
     """`data synth --seed 3` into a folder written with seed 0 replaced the data without a word, and runs trained on
     it then evaluated on other data. Other settings are refused, naming the folder, both settings and --force; the
-    same settings again rewrite the same files; --force replaces and says so."""
+    same settings again leave the folder as it is; --force replaces and says so."""
     from cirlab.cli import main
 
     out = tmp_path / "syn"
@@ -303,7 +303,13 @@ def test_a_rerun_with_other_settings_is_refused_without_force(tmp_path, capsys, 
         assert _files(out) == before  # nothing deleted or rewritten
     assert main(args + ["--layouts", "cirr", "--seed", "3"]) == 2  # another layout too: the manifest is the folder's
     assert _files(out) == before
-    assert main(args) == 0 and _files(out) == before  # the same settings: the same files, no --force needed
+    stamp = (out / synthetic.MANIFEST).stat()
+    capsys.readouterr()
+    # the same settings: left as it is, not deleted and written again under a run reading it (nor re-stamped)
+    assert main(args) == 0 and _files(out) == before
+    again = (out / synthetic.MANIFEST).stat()
+    assert (again.st_ino, again.st_mtime_ns) == (stamp.st_ino, stamp.st_mtime_ns)
+    assert "already holds shoes written with these settings" in capsys.readouterr().out
     caplog.clear()
     assert main(args + ["--seed", "3", "--force"]) == 0
     assert json.loads((out / synthetic.MANIFEST).read_text())["seed"] == 3

@@ -36,7 +36,8 @@ The generator writes only into folders it created: a non-empty ``out_root`` or l
 (e.g. your own Fashion-IQ folder) is refused, naming what would be deleted, unless ``force=True`` (``--force``). So is
 an ``out_root`` it wrote with other settings (seed, size, image size, file format: what ``synthetic.json`` records),
 naming what it holds and what was asked: runs trained there would read other data. The same settings again rewrite
-byte-identical files, with no ``force``.
+byte-identical files, with no ``force`` (``cirlab data synth`` leaves a complete folder of the same settings as it
+is instead: a run may be reading it).
 
 Every caption entry carries an extra key ``"modification"`` (color | add | remove | move | size), which the loaders
 keep in ``Triplet.extras``.
@@ -844,7 +845,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         "synth", help="write the synthetic datasets (Fashion-IQ, CIRR, Shoes and precomp layouts)",
         description="Render shape scenes and write them in the real Fashion-IQ, CIRR, Shoes and Flickr30K precomp "
                     "layouts. No network; the same seed writes byte-identical files. An --out written before "
-                    "with other settings (seed, size, image size) is refused without --force.")
+                    "with other settings (seed, size, image size) is refused without --force; one that already "
+                    "holds the asked layouts with the same settings is left as it is.")
     p.add_argument("--out", default=None,
                    help="destination folder (default: the synthetic folder of the data root: $CIRLAB_DATA, else "
                         "a folder named data in the current folder)")
@@ -861,8 +863,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
                    help="write into --out even when it is a folder this command did not create, or one it wrote "
                         "with another seed, size or image size, replacing its fashioniq/ cirr/ shoes/ precomp/ "
                         "sub-folders, and with them files you added inside its own earlier output (without it each "
-                        "is refused, naming what would go; a re-run with the same settings rewrites the same files "
-                        "and needs no --force)")
+                        "is refused, naming what would go); also writes again a folder that already holds the asked "
+                        "layouts with the same settings, which is otherwise left as it is")
     p.set_defaults(func=_run_cli)
     return p
 
@@ -877,6 +879,21 @@ def default_out() -> Path:
 def _run_cli(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser() if args.out else default_out()
     start = time.perf_counter()
+    if not args.force and _written(out, _settings_of(args.seed, args.size, args.image_size), args.layouts):
+        # rewriting a complete folder deleted it under any run reading it (which then failed on a missing image)
+        # and renewed every file's time stamp, so a make or snakemake workflow rebuilt everything downstream
+        print(f"{out} already holds {', '.join(args.layouts)} written with these settings (seed {args.seed}, size "
+              f"{args.size}, {args.image_size}-px images): left as it is (--force writes it again)")
+    else:
+        _write_cli(out, args, start)
+    if args.audit:
+        for key, res in audit(out).items():
+            print(f"{key}: oracle R@1 {res['oracle_R@1']:.1f}, text-only best R@1 {res['text_only_best_R@1']:.1f}, "
+                  f"image-only best R@1 {res['image_only_best_R@1']:.1f}")
+    return 0
+
+
+def _write_cli(out: Path, args: argparse.Namespace, start: float) -> None:
     manifest = generate(out, seed=args.seed, size=args.size, layouts=args.layouts, image_size=args.image_size,
                         force=args.force)
     parts = []
@@ -885,8 +902,3 @@ def _run_cli(args: argparse.Namespace) -> int:
         n_i = sum(c["images"] for c in entry["splits"].values())
         parts.append(f"{layout} {n_q} {'captions' if layout == 'precomp' else 'queries'}/{n_i} images")
     print(f"wrote {', '.join(parts)} to {out} (seed {args.seed}, {time.perf_counter() - start:.1f}s)")
-    if args.audit:
-        for key, res in audit(out).items():
-            print(f"{key}: oracle R@1 {res['oracle_R@1']:.1f}, text-only best R@1 {res['text_only_best_R@1']:.1f}, "
-                  f"image-only best R@1 {res['image_only_best_R@1']:.1f}")
-    return 0
