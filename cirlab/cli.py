@@ -825,7 +825,8 @@ def console() -> None:
     this_process.survive_a_closed_stdout()
     code = main()
     this_process.end_at_next_ctrl_c()
-    sys.stdout.flush()  # a closed pipe's last buffered bytes: dropped here, not in a shutdown warning
+    if sys.stdout is not None:  # None where the command started with stdout closed (`>&-`): the work is done
+        sys.stdout.flush()  # a closed pipe's last buffered bytes: dropped here, not in a shutdown warning
     sys.exit(code)
 
 

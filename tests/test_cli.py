@@ -873,6 +873,19 @@ def test_a_reader_that_closes_the_pipe_ends_the_output_not_the_command(tmp_path)
     assert (tmp_path / "nb" / "quickstart.ipynb").is_file()  # the work was done
 
 
+def test_a_command_started_with_stdout_closed_succeeds(tmp_path):
+    """`cirlab ... >&-` (a scheduler or daemon with no stdout): Python's sys.stdout is None, and the final flush
+    turned a finished command into exit 1 with a traceback (a retry then met "folder already holds a run")."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "cirlab", "notebooks", str(tmp_path / "nb")], stdout=None,
+                          stderr=subprocess.PIPE, text=True, timeout=120,
+                          preexec_fn=lambda: __import__("os").close(1))
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert (tmp_path / "nb" / "quickstart.ipynb").is_file()
+
+
 def test_verbose_is_cirlabs_debug_lines_not_every_librarys():
     """-v set the root logger to DEBUG: every library's debug lines (PIL: several per image read). Checked while the
     command runs (afterwards main leaves logging as it found it)."""
