@@ -20,6 +20,7 @@ from cirlab.core.paths import user_path
 logger = logging.getLogger("cirlab")
 
 # exit statuses (docs/architecture.md lists them all): 2 the user's input is at fault (fix it, then run again);
+# 3 the command ran and found problems (cirlab.core.errors.EXIT_FOUND: data check's, a report's failed entry);
 # 75, sysexits.h's EX_TEMPFAIL, a retry may succeed as it is (the folder is in use by another cirlab process, the
 # disk is full or over quota); 128 + N a stop signal (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1 on Linux)
 EXIT_INPUT = 2
@@ -258,8 +259,12 @@ def _run_train(args: argparse.Namespace) -> int:
     result = run_experiment(config, output_dir=args.output_dir, resume=args.resume, device=args.device,
                             overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     if is_main_process():  # under torchrun every process returns the same gathered metrics
-        print(json.dumps(result["splits"], indent=2, sort_keys=True))
+        from cirlab.core.io import json_text
+
         run = Path(result["checkpoint"]).parents[1]  # <run>/checkpoints/best.pt
+        # metrics.json's record and the run folder, as strict JSON: the keys `cirlab eval` prints (checkpoint,
+        # model, splits) read the same from both; the splits alone gave a script no way to the run
+        print(json_text({**result, "run_dir": str(run.resolve())}))
         logger.info("run written to %s (metrics.json, checkpoints/best.pt; cirlab eval %s evaluates it again)",
                     run, shlex.quote(str(run)))
     return 0

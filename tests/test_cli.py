@@ -83,7 +83,9 @@ def test_cli_train_then_eval(tmp_path, synth, capsys):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 5 and saved["train"]["lr"] == 0.01  # resolved config, --set applied
     assert saved["model_overrides"] == {"embed_dim": 12, "dropout": 0.0}
-    capsys.readouterr()
+    # train prints metrics.json's record plus the run folder (it printed the splits alone: no way to the run)
+    trained = json.loads(capsys.readouterr().out)
+    assert trained == {**metrics, "run_dir": str(out.resolve())}
 
     assert main(["eval", str(out), "--split", "test", "--output", str(tmp_path / "eval.json")]) == 0
     printed = json.loads(capsys.readouterr().out)

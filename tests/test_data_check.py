@@ -12,6 +12,7 @@ import pytest
 from fixtures_data import write_cirr, write_fashioniq, write_image, write_json, write_precomp, write_shoes
 
 from cirlab.data import DataError, check_dataset, format_problems, load_cir, load_precomp
+from cirlab.core.errors import EXIT_FOUND
 from cirlab.data.cli import add_subcommands, build_parser, main
 
 
@@ -79,7 +80,7 @@ def test_fashioniq_all_problems_listed(tmp_path, capsys):
     assert "unknown_name: 7 problems" in text and "malformed_json: 1 problem\n" in text
     assert text.endswith("13 problems in total (2 bad_entry, 1 duplicate, 1 malformed_json, 2 missing_image, "
                          "7 unknown_name)")
-    assert main(["check", "--dataset", "fashioniq", "--root", str(info["root"])]) == 1
+    assert main(["check", "--dataset", "fashioniq", "--root", str(info["root"])]) == EXIT_FOUND
     out = capsys.readouterr().out
     assert "FAILED with 13 problems" in out
     assert out.count("\n  ") == 13  # every problem is listed, one line each
@@ -178,7 +179,7 @@ def test_precomp_all_problems_listed(tmp_path, capsys):
     (folder / "test_caps.txt").unlink()
     problems = check_dataset("f30k", tmp_path)
     assert _kinds(problems) == {"count_mismatch": 1, "bad_array": 1, "missing_file": 1}
-    assert main(["check", "--dataset", "f30k", "--root", str(tmp_path)]) == 1
+    assert main(["check", "--dataset", "f30k", "--root", str(tmp_path)]) == EXIT_FOUND
     assert "FAILED with 3 problems" in capsys.readouterr().out
 
 
@@ -240,8 +241,8 @@ def test_verify_images_finds_corrupt_files(tmp_path):
 def test_missing_root_and_unknown_dataset(tmp_path, capsys):
     problems = check_dataset("shoes", tmp_path / "absent")
     assert _kinds(problems) == {"missing_file": 1}
-    assert main(["check", "--dataset", "cirr", "--root", str(tmp_path / "absent")]) == 1
-    assert "dataset root not found" in capsys.readouterr().out
+    # a --root that is not there is input the command refuses (2, as every command), not a dataset's problem (3)
+    assert main(["check", "--dataset", "cirr", "--root", str(tmp_path / "absent")]) == 2
     with pytest.raises(ValueError, match="unknown dataset"):
         check_dataset("imagenet", tmp_path)
     with pytest.raises(SystemExit):
@@ -517,7 +518,7 @@ def test_data_check_takes_the_feature_size_a_run_config_gives(tmp_path, capsys):
     assert main(["check", "--dataset", "f30k", "--root", str(tmp_path), "--dim", "512", "--regions", "6"]) == 0
     assert main(["check", "--dataset", "precomp", "--root", str(tmp_path), "--dim", "512", "--regions", "6"]) == 0
     capsys.readouterr()
-    assert main(["check", "--dataset", "f30k", "--root", str(tmp_path), "--dim", "512"]) == 1
+    assert main(["check", "--dataset", "f30k", "--root", str(tmp_path), "--dim", "512"]) == EXIT_FOUND
     assert "dataset.options.regions=6" in capsys.readouterr().out
     # a flag that changes nothing for a CIR layout is refused, not ignored
     write_cirr(tmp_path / "cirr_dataset", groups={"val": 1})
@@ -563,7 +564,8 @@ def test_an_image_declaring_too_many_pixels_is_a_problem_before_it_is_decoded(tm
         problems = check_dataset("cirr", info["root"], verify_images=full)
         assert _kinds(problems) == {"unreadable_image": 1} and problems[0].file.endswith("dev-0-2-img0.png")
         assert "8000 x 7000 pixels" in problems[0].message and "MAX_IMAGE_PIXELS" in problems[0].message
-    assert main(["check", "--dataset", "cirr", "--root", str(info["root"]), "--verify-images"]) == 1
+    assert main(["check", "--dataset", "cirr", "--root", str(info["root"]),
+                 "--verify-images"]) == EXIT_FOUND
     assert "image too large" in capsys.readouterr().out
 
 
@@ -579,7 +581,8 @@ def test_max_per_kind_keeps_the_first_problems_and_counts_all(tmp_path, capsys):
     assert "bad_entry: 50 problems" in format_problems(few) and "  ... and 48 more" in format_problems(few)
     nothing_kept = check_dataset("fashioniq", info["root"], max_per_kind=0)
     assert len(nothing_kept) == 0 and nothing_kept and nothing_kept.total == 50  # still a failed check
-    assert main(["check", "--dataset", "fashioniq", "--root", str(info["root"]), "--max-per-kind", "1"]) == 1
+    assert main(["check", "--dataset", "fashioniq", "--root", str(info["root"]),
+                 "--max-per-kind", "1"]) == EXIT_FOUND
     out = capsys.readouterr().out
     assert "FAILED with 50 problems" in out and "50 problems in total (50 bad_entry)" in out
     assert out.count("\n  ") == 2  # one problem listed, then "... and 49 more"
@@ -591,10 +594,11 @@ def test_check_lists_twenty_problems_per_kind_by_default_and_all_on_request(tmp_
     """Every problem was listed by default: a folder of 77,000 missing images printed 77,000 lines."""
     info = write_fashioniq(tmp_path / "fiq", categories=("dress",), splits=("val",))
     write_json(info["root"] / "captions" / "cap.dress.val.json", [0] * 50)
-    assert main(["check", "--dataset", "fashioniq", "--root", str(info["root"])]) == 1
+    assert main(["check", "--dataset", "fashioniq", "--root", str(info["root"])]) == EXIT_FOUND
     out = capsys.readouterr().out
     assert out.count("\n  ") == 21 and "... and 30 more" in out and "--max-per-kind all" in out
-    assert main(["check", "--dataset", "fashioniq", "--root", str(info["root"]), "--max-per-kind", "all"]) == 1
+    assert main(["check", "--dataset", "fashioniq", "--root", str(info["root"]),
+                 "--max-per-kind", "all"]) == EXIT_FOUND
     out = capsys.readouterr().out
     assert out.count("\n  ") == 50 and "more" not in out and "FAILED with 50 problems" in out
 
@@ -616,7 +620,7 @@ def test_json_nested_thousands_deep_is_malformed_json_naming_the_file(tmp_path, 
     problems = check_dataset("fashioniq", info["root"])
     assert [(p.kind, p.file) for p in problems] == [("malformed_json", str(path))]
     assert "nested too deeply" in problems[0].message
-    assert main(["check", "--dataset", "fashioniq", "--root", str(info["root"])]) == 1
+    assert main(["check", "--dataset", "fashioniq", "--root", str(info["root"])]) == EXIT_FOUND
     assert "nested too deeply" in capsys.readouterr().out
     with pytest.raises(DataError, match=r"cap\.dress\.val\.json: malformed JSON: nested too deeply"):
         load_cir("fashioniq", info["root"], "val", category="dress")

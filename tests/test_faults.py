@@ -40,6 +40,7 @@ import stub_models  # noqa: F401 - registers stub_cir / stub_itm
 from fixtures_data import write_cirr, write_fashioniq, write_image, write_precomp
 
 from cirlab.cli import EXIT_RETRY, main
+from cirlab.core.errors import EXIT_FOUND
 
 GROUPS = ("data loss", "silently wrong", "wrong cause", "traceback or late failure")
 VERDICTS = ("clear", "traceback", "silent", "unclear message", "data lost")
@@ -301,16 +302,23 @@ def f_synth_out_onto_a_non_empty_folder(ws: Workspace) -> Outcome:
                         r"refusing to write into .*mine: it is not empty and was not created")
 
 
-@fault("data loss", "its own earlier output is regenerated", absorbed=True)
+@fault("data loss", "its own earlier output is left as it is; --force regenerates it", absorbed=True)
 def f_synth_rerun_into_its_own_folder(ws: Workspace) -> Outcome:
     out = ws.run_dir("synth")
     args = ("data", "synth", "--out", out, "--size", "tiny", "--layouts", "shoes", "--image-size", "16")
     first, second = cli(*args), cli(*args)
-    return first_failure(expect_ok(first, r"shoes"), expect_ok(second, r"synthetic shoes written"))
+    kept = tree_hashes(out)
+    third = cli(*args, "--force")
+    return first_failure(expect_ok(first, r"shoes"), expect_ok(second, r"left as it is"),
+                         expect_ok(third, r"synthetic shoes written"),
+                         check(tree_hashes(out) == kept, "--force wrote other files", "not byte-identical"))
 
 
-@fault("data loss", "refused, names the user's files inside its earlier output")
+@fault("data loss", "the command leaves it as it is; the API's rewrite is refused, naming the user's files")
 def f_synth_rerun_over_files_a_user_added(ws: Workspace) -> Outcome:
+    from cirlab.data.generators import synthetic
+    from cirlab.data.generators._owned import NotOwnedError
+
     out = ws.run_dir("synth")
     args = ("data", "synth", "--out", out, "--size", "tiny", "--layouts", "shoes", "--image-size", "16")
     first = cli(*args)
@@ -319,9 +327,14 @@ def f_synth_rerun_over_files_a_user_added(ws: Workspace) -> Outcome:
     (out / "shoes" / "attributedata" / "my_crop.png").write_bytes(b"png")
     kept = tree_hashes(out)
     second = cli(*args)
-    return first_failure(expect_ok(first, r"shoes"),
-                         expect_error(second, r"refusing to replace .*shoes: it holds files the generator did not "
-                                              r"write \(attributedata/my_crop\.png, my_analysis\)"),
+    try:
+        synthetic.generate(out, size="tiny", layouts="shoes", image_size=16)
+        api = Outcome("silent", "generate() rewrote the folder over the user's files")
+    except NotOwnedError as err:
+        api = check(bool(re.search(r"refusing to replace .*shoes: it holds files the generator did not write "
+                                   r"\(attributedata/my_crop\.png, my_analysis\)", str(err))), str(err),
+                    "unclear message")
+    return first_failure(expect_ok(first, r"shoes"), expect_ok(second, r"left as it is"), api,
                          check(tree_hashes(out) == kept, "the user's files or the earlier output changed",
                                "data lost"))
 
@@ -721,7 +734,8 @@ def _outside_the_root(ws: Workspace, rel: str) -> Outcome:
         loaded = Outcome("silent", "load_cir accepted the path")
     except DataError as err:
         loaded = check("points outside the dataset root" in str(err), str(err), "unclear message")
-    return first_failure(expect_error(call, r"image path .* points outside the dataset root", code=1), loaded)
+    return first_failure(expect_error(call, r"image path .* points outside the dataset root", code=EXIT_FOUND),
+                         loaded)
 
 
 @fault("silently wrong", "data check and loading refuse it")
@@ -735,7 +749,7 @@ def f_cirr_absolute_path(ws: Workspace) -> Outcome:
     return _outside_the_root(ws, str(write_image(ws.root / "elsewhere" / "x.png")))
 
 
-def _data_check(root: Path, name: str, pattern: str, code: int = 1) -> Outcome:
+def _data_check(root: Path, name: str, pattern: str, code: int = EXIT_FOUND) -> Outcome:
     return expect_error(cli("data", "check", "--dataset", name, "--root", root), pattern, code=code)
 
 

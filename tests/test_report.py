@@ -11,6 +11,7 @@ import os
 import pytest
 
 from cirlab import report, workbench
+from cirlab.core.errors import EXIT_FOUND
 from lock_holder import held_by_another_thread
 
 
@@ -420,7 +421,7 @@ def test_failing_notebook_stops_the_report_with_its_error(tmp_path, monkeypatch)
     code = report.run_report(out, only="rank_shift", overrides={"data_root": str(tmp_path)}, kernel_name="python3",
                              notebook_dir=nbs, stream=stream)
     text = stream.getvalue()
-    assert code == 1
+    assert code == EXIT_FOUND
     assert "[1/1] rank_shift: FAILED" in text and "RuntimeError: broken cell 3" in text
     failed = out / report.FAILED_DIR / "rank_shift"
     assert (failed / "rank_shift.ipynb").is_file() and (out / "index.html").is_file()
@@ -502,7 +503,7 @@ def test_failed_only_run_keeps_the_previous_report_and_marks_it(tmp_path, monkey
 
     failing = io.StringIO()
     code = report.run_report(out, overrides={"data_root": str(tmp_path), "fail": True}, stream=failing, **run)
-    assert code == 1
+    assert code == EXIT_FOUND
     # the failed cell numbered as the progress lines number it ("cell 2/2"), with the executed notebook's In [n]
     assert "evaluate: cell 2/2: " in failing.getvalue()
     assert re.search(r"evaluate: cell 2/2 \(In \[\d+\] of evaluate\.ipynb\) failed: ValueError: broken on purpose",
@@ -573,7 +574,7 @@ def test_jobs_an_entry_process_that_dies_is_one_failure_and_its_previous_results
     code = report.run_report(out, overrides={"data_root": str(tmp_path)}, kernel_name="python3", notebook_dir=nbs,
                              stream=stream, jobs=2)
     text = stream.getvalue()
-    assert code == 1 and "Traceback" not in text
+    assert code == EXIT_FOUND and "Traceback" not in text
     assert "train: FAILED" in text and "its process ended without a result (killed by SIGKILL" in text
     assert (out / "train" / "keep.txt").read_text() == "previous" and not (out / ".train.previous").exists()
     failed = json.loads((out / report.FAILED_DIR / "train" / report.RECORD).read_text())
@@ -601,7 +602,7 @@ def test_jobs_from_a_script_without_a_main_guard_says_what_to_change(tmp_path):
     (previous / "keep.txt").write_text("previous")
     (previous / report.RECORD).write_text('{"status": "ok", "started": "2000-01-01T00:00:00"}')
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert run.returncode == 1, run.stderr
+    assert run.returncode == EXIT_FOUND, run.stderr
     assert "put the call under `if __name__ == \"__main__\":`" in run.stderr and "in use by" not in run.stderr
     assert "Traceback" not in run.stderr
     assert "train: FAILED" in run.stdout and "ended without a result (exit code 1)" in run.stdout
@@ -617,7 +618,7 @@ def test_jobs_a_failure_starts_nothing_new_and_keeps_what_ran(tmp_path, monkeypa
     out, stream = tmp_path / "reports", io.StringIO()
     code = report.run_report(out, overrides={"data_root": str(tmp_path)}, kernel_name="python3", notebook_dir=nbs,
                              stream=stream, jobs=2)
-    assert code == 1
+    assert code == EXIT_FOUND
     text = stream.getvalue()
     assert "train: FAILED" in text and "broken train" in text
     assert (out / "quickstart" / "metrics.json").is_file()  # the one running beside it finished
@@ -936,7 +937,7 @@ def test_a_failed_notebook_is_also_an_error_line_on_stderr(tmp_path, monkeypatch
     with caplog.at_level(logging.ERROR):
         code = report.run_report(out, only="evaluate", overrides={"data_root": str(tmp_path)}, kernel_name="python3",
                                  notebook_dir=nbs, stream=stream)
-    assert code == 1 and "[1/1] evaluate: FAILED" in stream.getvalue()  # the progress (stdout) says it
+    assert code == EXIT_FOUND and "[1/1] evaluate: FAILED" in stream.getvalue()  # the progress (stdout) says it
     # ... and so does the log (stderr), in one line: with stdout sent to a file the terminal showed nothing
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and re.fullmatch(r"evaluate: cell 2/2 \(In \[\d+\] of evaluate\.ipynb\) failed: "

@@ -8,6 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 
+# the command ran to its end and found problems (`cirlab data check`: the dataset's; `cirlab report`: a failed
+# entry), told apart from 1, an unexpected error (a traceback), and 2, input it refused (cirlab.cli's EXIT_INPUT)
+EXIT_FOUND = 3
+
+
 class CirlabError(Exception):
     """Base of every error caused by the user's input (a config, a file, a dataset, a flag)."""
 

@@ -9,6 +9,7 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from cirlab.core.cliargs import Parser
@@ -22,13 +23,15 @@ _PLUGINS = ("cirlab.data.generators.synthetic", "cirlab.data.generators.emoji")
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from cirlab.core.errors import ConfigError
+    from cirlab.core.errors import EXIT_FOUND, ConfigError, MissingPathError
     from cirlab.data.check import ITM_CHOICES, check_dataset, format_problems, format_stats
 
     options = {key: getattr(args, key) for key in ("dim", "regions") if getattr(args, key) is not None}
     if options and args.dataset not in ITM_CHOICES:  # a flag that would change nothing must not look like it did
         raise ConfigError(f"--{'/--'.join(options)} applies to precomp features (--dataset "
                           f"{', '.join(ITM_CHOICES)}), not to {args.dataset}")
+    if args.root is not None and not Path(args.root).expanduser().exists():  # input, as every other command says
+        raise MissingPathError(f"--root {args.root}: no such folder")
     # only the problems listed are kept (the others are counted): millions of bad entries must not take gigabytes
     problems = check_dataset(args.dataset, args.root, verify_images=args.verify_images, options=options,
                              max_per_kind=args.max_per_kind)
@@ -40,7 +43,7 @@ def _run_check(args: argparse.Namespace) -> int:
             print(f"(at most {args.max_per_kind} listed per kind: --max-per-kind all lists every one)")
         print(f"{args.dataset}: FAILED with {problems.total} problem{'s' if problems.total != 1 else ''} "
               f"({'found: ' if problems.stats else ''}{format_stats(problems.stats)})")
-        return 1
+        return EXIT_FOUND  # 3: checked, problems found (1 is a crash, 2 input refused)
     # the folder checked, which is a subfolder of --root when --root holds several layouts
     print(f"{args.dataset}: OK ({format_stats(problems.stats)}) in {problems.root}")
     return 0

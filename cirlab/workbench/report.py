@@ -57,7 +57,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
-from cirlab.core.errors import ConfigError, MissingPathError
+from cirlab.core.errors import EXIT_FOUND, ConfigError, MissingPathError
 from cirlab.core.io import flat_numbers, folder_lock, write_json
 from cirlab.core.paths import user_path
 from cirlab.core.threads import CHILD_ENV, ENV, allocated_cpus, thread_env
@@ -1061,7 +1061,7 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
                overrides: Mapping[str, Any] | None = None, smoke: bool = False, kernel_name: str | None = None,
                notebook_dir: Path | None = None, stream: TextIO | None = sys.stdout,
                skip: Sequence[str] = (), command: str | None = None, jobs: int = 1) -> int:
-    """Run the report; returns the exit status (0 = every notebook ran, 1 = one failed).
+    """Run the report; returns the exit status (0 = every notebook ran, 3 = one failed: ``EXIT_FOUND``).
 
     ``skip`` names :data:`SKIPPABLE` groups (``"dime"``, ``"hrem"``, ``"cala"``) a full report leaves out. Each entry
     runs in place of the previous one, which is kept aside and put back if the run fails (:func:`run_entry`).
@@ -1139,7 +1139,7 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
         index = write_index(out)
         if ok:
             _say(stream, f"report: {len(names)} notebook(s) in {time.time() - t_all:.1f}s -> {index}")
-        return 0 if ok else 1
+        return 0 if ok else EXIT_FOUND
 
 
 def _refuse_a_reimport() -> None:
