@@ -85,6 +85,17 @@ def test_fashioniq_all_problems_listed(tmp_path, capsys):
     assert "FAILED with 13 problems" in out
     assert out.count("\n  ") == 13  # every problem is listed, one line each
     assert "B00UNKNOWN" in out and "dress_val_1" in out
+    # --json: the same result for a script, one strict JSON object on stdout, the same exit status
+    assert main(["check", "--dataset", "fashioniq", "--root", str(info["root"]), "--json",
+                 "--max-per-kind", "1"]) == EXIT_FOUND
+    found = json.loads(capsys.readouterr().out)
+    assert (found["ok"], found["total"], found["listed_per_kind"]) == (False, 13, 1)
+    assert found["counts"] == {"bad_entry": 2, "duplicate": 1, "malformed_json": 1, "missing_image": 2,
+                               "unknown_name": 7}
+    listed = found["problems"]  # at most one per kind and file: fewer than found
+    assert len(listed) < 13 and {p["kind"] for p in listed} == set(found["counts"])
+    assert all(set(p) == {"kind", "file", "entry", "message"} for p in listed)
+    assert found["dataset"] == "fashioniq" and found["stats"] == problems.stats
     # loading fails fast on the first problem of the split it reads
     with pytest.raises(DataError, match=r"split\.dress\.val\.json \[#1\]"):
         load_cir("fashioniq", info["root"], "val", category="dress")

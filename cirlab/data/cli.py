@@ -10,7 +10,7 @@ import importlib
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from cirlab.core.cliargs import Parser
 from cirlab.core.paths import user_path
@@ -35,6 +35,9 @@ def _run_check(args: argparse.Namespace) -> int:
     # only the problems listed are kept (the others are counted): millions of bad entries must not take gigabytes
     problems = check_dataset(args.dataset, args.root, verify_images=args.verify_images, options=options,
                              max_per_kind=args.max_per_kind)
+    if args.json:
+        print(_as_json(args.dataset, problems, args.max_per_kind))
+        return EXIT_FOUND if problems else 0
     if problems.warnings:
         print(format_problems(problems.warnings, max_per_kind=args.max_per_kind).replace(" problem", " warning"))
     if problems:
@@ -49,6 +52,18 @@ def _run_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _as_json(dataset: str, problems: Any, max_per_kind: int | None) -> str:
+    """``cirlab data check --json``: the check's result for a script (strict JSON)."""
+    from dataclasses import asdict
+
+    from cirlab.core.io import json_text
+
+    return json_text({"dataset": dataset, "root": None if problems.root is None else str(problems.root),
+                      "ok": not problems, "total": problems.total, "counts": dict(problems.counts()),
+                      "stats": dict(problems.stats), "listed_per_kind": max_per_kind,
+                      "problems": [asdict(p) for p in problems], "warnings": [asdict(w) for w in problems.warnings]})
+
+
 def _add_check(subparsers: argparse._SubParsersAction) -> None:
     from cirlab.data.check import DATASETS
 
@@ -56,8 +71,9 @@ def _add_check(subparsers: argparse._SubParsersAction) -> None:
         "check", help="validate a dataset tree and list every problem",
         description="Walk a whole dataset tree and find every problem (missing image, malformed JSON, unknown name, "
                     "caption/image count mismatch, wrong array shape), grouped by kind with counts (the first "
-                    f"{LISTED_PER_KIND} of each kind listed). Exit status 1 when any problem is found, 0 with a "
-                    "summary line when the tree is valid.")
+                    f"{LISTED_PER_KIND} of each kind listed). Exit status 3 when any problem is found, 0 with a "
+                    "summary line when the tree is valid (2 when it refuses its input, e.g. a --root that is not "
+                    "there).")
     parser.add_argument("--dataset", required=True, choices=DATASETS,
                         help="layout to check; 'precomp' checks every *_precomp folder (and GPO's "
                              "<name>/precomp/) under --root")
@@ -75,6 +91,10 @@ def _add_check(subparsers: argparse._SubParsersAction) -> None:
                         help=f"list at most N problems of each kind (counts still cover all), 'all' lists every "
                              f"one; default {LISTED_PER_KIND}: a folder of 77,000 missing images is one screen, "
                              f"not 77,000 lines")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object instead of the text (dataset, root, ok, total, counts per kind, "
+                             "stats, and the problems and warnings listed, each with kind, file, entry, message); "
+                             "the exit status is the same")
     parser.set_defaults(func=_run_check)
 
 
