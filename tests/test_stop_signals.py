@@ -239,7 +239,13 @@ def test_ctrl_c_lets_an_evaluation_inside_training_finish_then_stops(tmp_path):
     whatever library code the evaluation was running."""
     data = TripletItems(40)
     stopping = Validation(2, signal.SIGINT)
-    with pytest.raises(TrainingInterrupted, match="SIGINT") as caught:
-        train(_model(), data, _cfg(), output_dir=tmp_path / "run", evaluate_fn=stopping)
+    # Ctrl-C as a terminal's Python has it: a test run started in the background (`make test &`, nohup) inherits
+    # SIGINT ignored, which the training loop respects (it then installs no handler of its own)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(TrainingInterrupted, match="SIGINT") as caught:
+            train(_model(), data, _cfg(), output_dir=tmp_path / "run", evaluate_fn=stopping)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert stopping.finished == 2 and "before its evaluation" not in str(caught.value)  # it ran to its end
     assert caught.value.exit_code == 130

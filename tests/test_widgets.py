@@ -298,9 +298,10 @@ def _open_widgets() -> int:
     ``Widget._active_widgets``; ``Widget.widgets``, 7.x's spelling, warns that it is deprecated)."""
     from ipywidgets.widgets import widget
 
-    for instances in (getattr(widget, "_instances", None), getattr(widget.Widget, "_active_widgets", None)):
-        if instances is not None:
-            return len(instances)
+    if getattr(widget, "_instances", None) is not None:  # asked first: the older names warn where this exists
+        return len(widget._instances)
+    if "_active_widgets" in vars(widget.Widget):
+        return len(widget.Widget._active_widgets)
     return len(widget.Widget.widgets)
 
 
