@@ -16,6 +16,7 @@ from typing import Any, Iterator, Sequence
 
 from cirlab.core.cliargs import Parser, command_parser
 from cirlab.core.paths import user_path
+from cirlab.core.threads import launch_rank
 
 logger = logging.getLogger("cirlab")
 
@@ -613,12 +614,10 @@ def _check_eval_outputs(args: argparse.Namespace, splits: Sequence[str]) -> None
 
 
 def _key_groups(keys: Sequence[str] | None) -> str:
-    """``relation.* (20), iteration``: state-dict keys grouped by their first component, for one log line."""
-    groups: dict[str, list[str]] = {}
-    for key in keys or ():
-        groups.setdefault(key.split(".", 1)[0], []).append(key)
-    named = [head if found == [head] else f"{head}.* ({len(found)})" for head, found in groups.items()]
-    return ", ".join(named) or "nothing"
+    """``relation.* (20), iteration``: state-dict keys grouped by module prefix, for one log line."""
+    from cirlab.models.blip_interop import group_keys
+
+    return group_keys(list(keys or ()), limit=12) or "nothing"
 
 
 def _run_notebooks(args: argparse.Namespace) -> int:
@@ -740,15 +739,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_command(args)
 
 
-def _launch_rank() -> int:
-    """This process's rank as ``torchrun`` sets it (``RANK``; 0 outside a launcher): logging is set up before the
-    training joins the process group."""
-    try:
-        return int(os.environ.get("RANK", "0") or 0)
-    except ValueError:
-        return 0
-
-
 @contextlib.contextmanager
 def _command_logging(verbose: bool) -> Iterator[None]:
     """Log lines on stderr for the command (INFO; ``-v``: cirlab's DEBUG lines too), and logging as it was
@@ -756,7 +746,7 @@ def _command_logging(verbose: bool) -> Iterator[None]:
     and ``-v`` cirlab's DEBUG ones. Under ``torchrun`` the processes other than rank 0 write only warnings and
     errors, marked ``[rank N]``: every line came once per process, in the same job log."""
     root, own = logging.getLogger(), logging.getLogger("cirlab")
-    levels, added, rank = (root.level, own.level), None, _launch_rank()
+    levels, added, rank = (root.level, own.level), None, launch_rank()
     if not root.handlers:
         added = logging.StreamHandler(sys.stderr)
         mark = f"[rank {rank}] " if rank else ""

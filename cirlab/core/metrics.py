@@ -153,11 +153,17 @@ def _check_ties(ties: str) -> None:
         raise InputError(f"ties must be one of {TIES}, got {ties!r}")
 
 
+def first_nan_row(block: Tensor) -> int | None:
+    """The first row of ``block`` [rows, cols] that holds a NaN, None when none does: every ranking path refuses
+    such a row (NaN compares false both ways, so it would rank anywhere)."""
+    rows = torch.isnan(block).any(1)
+    return int(rows.nonzero()[0, 0]) if bool(rows.any()) else None
+
+
 def _check_finite_rows(block: Tensor, row0: int) -> None:
-    nan = torch.isnan(block)
-    if nan.any():
-        q = row0 + int(nan.any(1).nonzero()[0, 0])
-        raise InputError(f"scores row {q} contains NaN: a ranking is undefined")
+    row = first_nan_row(block)
+    if row is not None:
+        raise InputError(f"scores row {row0 + row} contains NaN: a ranking is undefined")
 
 
 # ---------------------------------------------------------------------------------------------------- ranks
@@ -479,9 +485,9 @@ def cirr_subset_ranks(scores: ScoresLike, target: ScoresLike, reference: ScoresL
 def refuse_nan_members(member_scores: Tensor, keep: Tensor) -> None:
     """One line naming the first query whose ranked ``img_set`` members (``keep``, [Q, M]) have a NaN score: their
     ranking is undefined (the subset ranks and the submission's ``recall_subset`` lists both refuse it)."""
-    nan = torch.isnan(member_scores) & keep
-    if nan.any():
-        raise InputError(f"query {int(nan.any(1).nonzero()[0, 0])}: scores contain NaN among its img_set members")
+    row = first_nan_row(member_scores.masked_fill(~keep, 0.0))
+    if row is not None:
+        raise InputError(f"query {row}: scores contain NaN among its img_set members")
 
 
 def cirr_metrics_from_ranks(ranks: ScoresLike, subset_ranks: ScoresLike) -> dict[str, float]:

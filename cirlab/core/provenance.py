@@ -89,26 +89,25 @@ def record_start(run_dir: Path, entry: Mapping[str, Any], resumed: bool = False)
         except (OSError, ValueError) as err:
             logger.warning("%s cannot be read (%s): its earlier entries are replaced by this start's", path, err)
     if starts:
-        say_other_threads(run_dir, starts[-1], entry)
+        _say_other_threads(run_dir, starts[-1], entry)
     write_json(path, {"starts": [*starts, dict(entry)]})
 
 
-def say_other_threads(run_dir: Path, previous: Any, entry: Mapping[str, Any]) -> bool:
+def _say_other_threads(run_dir: Path, previous: Any, entry: Mapping[str, Any]) -> None:
     """Warn when this start of a run uses another intra-op thread count than its previous start: torch sums in
     another order, so losses and metrics can differ in the last digits, and a resume is exact only with the count
     the run was interrupted with (a requeued job may land on a node with another allocation or load). A start
     recorded without a count (a run of an older cirlab) says nothing, nor does a start on a GPU, whose sums the
-    CPU's threads do not order. Returns whether it warned."""
+    CPU's threads do not order."""
     before = previous.get("threads") if isinstance(previous, Mapping) else None
     now = entry.get("threads")
     if not _is_count(before) or not _is_count(now) or before == now:
-        return False
+        return
     if not str(entry.get("device") or "cpu").startswith("cpu"):
-        return False
+        return
     logger.warning("%s: this start uses %d intra-op threads, its previous start used %d: results can differ in the "
                    "last digits, and an exact resume needs the same count (CIRLAB_THREADS=%d)", run_dir, now, before,
                    before)
-    return True
 
 
 def _is_count(value: Any) -> bool:

@@ -35,8 +35,8 @@ from cirlab.core.featcache import default_dir as default_feature_dir
 from cirlab.core.featcache import load_tensor as _load_cached
 from cirlab.core.featcache import save_tensor as _save_cached
 from cirlab.core.io import write_text
-from cirlab.core.metrics import (members_table, refuse_nan_members, target_ranks, validate_cirr_submission,
-                                 whole_argument)
+from cirlab.core.metrics import (first_nan_row, members_table, refuse_nan_members, target_ranks,
+                                 validate_cirr_submission, whole_argument)
 from cirlab.core.topk import TopK
 
 log = logging.getLogger(__name__)
@@ -130,10 +130,10 @@ def _topk_blocks(block_fn: BlockFn, shape: tuple[int, int], k: int, exclude: Ten
         for g0 in range(0, n_g, gallery_chunk):
             g1 = min(n_g, g0 + gallery_chunk)
             block = block_fn(q0, q1, g0, g1).to(dtype)  # [b, g]
-            if check_nan and torch.isnan(block).any():
-                row = q0 + int(torch.isnan(block).any(1).nonzero()[0, 0])
-                raise InputError(f"scores of query row {row} contain NaN (an infinite embedding entry times a zero?): "
-                                 "a ranking is undefined")
+            row = first_nan_row(block) if check_nan else None
+            if row is not None:
+                raise InputError(f"scores of query row {q0 + row} contain NaN (an infinite embedding entry times a "
+                                 "zero?): a ranking is undefined")
             best = _merge(best, _block_topk(block, room, g0), room)
         out_s[q0:q1], out_i[q0:q1] = best if room == k else _drop_excluded(*best, exclude[q0:q1], k)
     return out_s, out_i
@@ -220,8 +220,9 @@ def topk_search(queries: Tensor, gallery: Tensor, k: int, *, query_chunk: int = 
     finite = True
     for name, x in (("queries", queries), ("gallery", gallery)):
         if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):  # min/max keep NaN and inf
-            if torch.isnan(x).any():
-                raise InputError(f"{name} contain NaN (row {int(torch.isnan(x).any(1).nonzero()[0, 0])})")
+            row = first_nan_row(x)
+            if row is not None:
+                raise InputError(f"{name} contain NaN (row {row})")
             finite = False
     query_chunk, gallery_chunk = _chunk_sizes(query_chunk, gallery_chunk)
     exc = _exclude_tensor(exclude, len(queries), len(gallery), queries.device)
@@ -315,9 +316,8 @@ def reorder(candidates: Tensor, scores: Tensor, rows: Tensor | None = None) -> t
     """
     if candidates.shape != scores.shape:
         raise InputError(f"candidates {tuple(candidates.shape)} and scores {tuple(scores.shape)} differ in shape")
-    nan = torch.isnan(scores).any(1)
-    if nan.any():  # sorted first: a diverged stage II listed NaN candidates as its best, with no word
-        row = int(nan.nonzero()[0, 0])
+    row = first_nan_row(scores)
+    if row is not None:  # sorted first: a diverged stage II listed NaN candidates as its best, with no word
         query = row if rows is None else int(rows[row])
         raise InputError(f"re-ranking scores of query {query} contain NaN: a ranking is undefined (a diverged or "
                          "overflowed model?)")

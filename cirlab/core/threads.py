@@ -123,3 +123,12 @@ def apply_thread_policy(threads: int | None = None) -> int:
         torch.set_num_threads(n)
         logger.info("using %d intra-op thread%s (%s)", n, "" if n == 1 else "s", why)
     return torch.get_num_threads()
+
+
+def launch_rank() -> int:
+    """This process's rank as ``torchrun`` sets it (``RANK``; 0 outside a launcher, or for a value that is no whole
+    number), known before the process group exists: the command line's logging and the run's writer ask it."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0

@@ -1534,7 +1534,9 @@ def is_main_process() -> bool:
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
+    from cirlab.core.threads import launch_rank
+
+    return launch_rank() == 0
 
 
 def _final_splits(config: dict[str, Any]) -> list[str]:

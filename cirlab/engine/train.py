@@ -860,10 +860,10 @@ class _RunLog:
             self.tb.close()
 
 
-def wall_clock(now: float | None = None) -> str:
+def wall_clock() -> str:
     """``2026-12-06 19:40:00,123``: the local time as the log lines' ``%(asctime)s`` writes it (logging's default
     format, milliseconds after a comma)."""
-    now = time.time() if now is None else now
+    now = time.time()
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int((now - int(now)) * 1000):03d}"
 
 

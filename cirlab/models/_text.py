@@ -83,6 +83,13 @@ def load_bert(cfg: Any, owner: str = "text encoder") -> tuple[nn.Module, Any]:
     """``(BertModel without pooler, vocab)`` for ``cfg.bert``; ``vocab`` is a vocab.txt path, a token list or a
     tokenizer. ``owner`` names the model in error messages. A vocabulary the word-embedding table has too few rows
     for is refused here, before any data meets the model (:func:`refuse_vocab_beyond_table`)."""
+    bert, vocab = _bert_and_vocab(cfg, owner)
+    refuse_vocab_beyond_table(bert, vocab, cfg, owner)
+    return bert, vocab
+
+
+def _bert_and_vocab(cfg: Any, owner: str) -> tuple[nn.Module, Any]:
+    """:func:`load_bert`'s model and vocabulary, unchecked."""
     from transformers import BertConfig, BertModel
 
     name = cfg.bert
@@ -95,9 +102,7 @@ def load_bert(cfg: Any, owner: str = "text encoder") -> tuple[nn.Module, Any]:
                 raise ValueError(f"{owner} bert_config vocab_size {sizes['vocab_size']} < tiny vocab {len(vocab)}")
         else:
             sizes.setdefault("vocab_size", vocab_tokens(vocab))
-        bert = BertModel(BertConfig(**sizes), add_pooling_layer=False)
-        refuse_vocab_beyond_table(bert, vocab, cfg, owner)
-        return bert, vocab
+        return BertModel(BertConfig(**sizes), add_pooling_layer=False), vocab
     if name == "minilm":
         from cirlab.models._lite import minilm_dir
 
@@ -113,9 +118,7 @@ def load_bert(cfg: Any, owner: str = "text encoder") -> tuple[nn.Module, Any]:
             raise FileNotFoundError(f"{owner}: {path} has neither config.json (transformers) nor bert_config.json "
                                     "(original Google/DIME layout)")
         vocab = cfg.vocab_file or folder_vocab(path, owner)  # before the weights: a missing vocabulary is quick
-        bert = load(path, owner)
-        refuse_vocab_beyond_table(bert, vocab, cfg, owner)
-        return bert, vocab
+        return load(path, owner), vocab
     if path.exists():  # a file (a vocab.txt, a weights file) where the folder that holds them belongs
         raise InputError(f"{owner}: model_overrides.bert={name} is a file; a BERT folder is expected (config.json "
                          "+ weights + vocab.txt or tokenizer.json, or the original bert_config.json + "
@@ -127,14 +130,12 @@ def load_bert(cfg: Any, owner: str = "text encoder") -> tuple[nn.Module, Any]:
     from transformers import BertTokenizer
 
     try:
-        bert, vocab = (BertModel.from_pretrained(name, add_pooling_layer=False, local_files_only=offline),
-                       BertTokenizer.from_pretrained(name, local_files_only=offline))
+        return (BertModel.from_pretrained(name, add_pooling_layer=False, local_files_only=offline),
+                BertTokenizer.from_pretrained(name, local_files_only=offline))
     except OSError:  # no hub here and not in its cache: transformers' several-line message says only that
         raise FileNotFoundError(f"{owner}: bert {name!r} is not a local folder, and neither the model hub nor its "
                                 "cache has it; set bert to a local BERT folder (config.json + vocab.txt, or the "
                                 "original bert_config.json layout)") from None
-    refuse_vocab_beyond_table(bert, vocab, cfg, owner)
-    return bert, vocab
 
 
 def folder_vocab(path: Path, owner: str = "text encoder") -> Any:

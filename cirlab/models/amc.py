@@ -231,10 +231,12 @@ GLOVE_LOW_COVERAGE = 0.5  # a GloVe file covering less of the vocabulary than th
 def _refuse_non_text(path: Path) -> None:
     """A GloVe file given as the ``.zip`` (or ``.gz``) it is downloaded as, or any other binary file (a checkpoint),
     is one :class:`InputError` line: read as text with replaced bytes it matched no word, and every word vector
-    stayed random without an error. A text file never holds a NUL byte."""
-    with open(path, "rb") as fh:
-        head = fh.read(4096)
-    if head.startswith(b"PK\x03\x04"):
+    stayed random without an error. The kind is :func:`cirlab.core.checkpoint.sniff`'s; a text file never holds a
+    NUL byte (what ``sniff`` leaves unknown, e.g. a UTF-8 character cut at its 512 bytes, is told by that)."""
+    from cirlab.core.checkpoint import sniff
+
+    kind = sniff(path)
+    if kind == "torch-zip":  # a zip archive: torch's own format, or the .zip GloVe is downloaded as
         import zipfile
 
         try:
@@ -247,10 +249,13 @@ def _refuse_non_text(path: Path) -> None:
         inside = f" ({', '.join(names[:3])})" if names else ""
         raise InputError(f"{GLOVE_FIELD}: {path} is a zip archive, not a GloVe text file; unzip it and set "
                          f"glove_path to the .txt inside{inside}")
-    if head.startswith(b"\x1f\x8b"):
+    if kind == "gzip":
         raise InputError(f"{GLOVE_FIELD}: {path} is gzip-compressed; gunzip it and set glove_path to the .txt")
-    if b"\0" in head:
-        raise InputError(f"{GLOVE_FIELD}: {path} is a binary file, not a GloVe text file (a word and its values per "
+    with open(path, "rb") as fh:
+        binary = b"\0" in fh.read(4096)
+    if kind not in ("text", "unknown", "empty") or binary:  # an array, a pickle, a web page, an LFS pointer
+        what = "binary" if kind in ("text", "unknown", "empty") else kind
+        raise InputError(f"{GLOVE_FIELD}: {path} is a {what} file, not a GloVe text file (a word and its values per "
                          "line)")
 
 

@@ -446,7 +446,7 @@ NEW_LAYERS: dict[str, tuple[tuple[str, ...], str]] = {
     "stage1": ((r"temp",), "temp: not in transformers BLIP folders, starts at temp_init"),
     "stage2": _TWIN_NEW,  # model_base.pth / an ITM folder / LAVIS: the single-stream MED feeds both streams
     "stage2 streams": _TWIN_NEW,  # init_from: stage1
-    "cala clip": ((), ""),  # an OpenAI / open_clip RN file holds every tensor of the CLIP
+    # "cala clip": none (the default): an OpenAI / open_clip RN file holds every tensor of the CLIP
 }
 PARTIAL_OPTION = "init_partial"  # the model config field that allows a partial start (BlipRerankConfig, CaLaConfig)
 
@@ -485,16 +485,15 @@ def _frozen_keys(model: nn.Module) -> set[str]:
             | {k for k, _ in model.named_buffers()})
 
 
-def check_complete(report: InteropReport, model: nn.Module, partial: bool | None = None) -> InteropReport:
+def check_complete(report: InteropReport, model: nn.Module) -> InteropReport:
     """Refuse (:class:`PartialLoadError`, one line) a load that left tensors of ``model`` untouched which the source
-    should have held (:func:`explain_missing`), unless ``partial`` (default: ``model.config.init_partial``); the
-    line says which are frozen (random for the whole run) and how to opt in. With the opt-in they are warned."""
+    should have held (:func:`explain_missing`), unless ``model.config.init_partial``; the line says which are frozen
+    (random for the whole run) and how to opt in. With the opt-in they are warned."""
     unexpected = explain_missing(report)
-    if partial is None:
-        partial = bool(getattr(getattr(model, "config", None), PARTIAL_OPTION, False))
-    if not unexpected or partial:
+    if not unexpected or getattr(getattr(model, "config", None), PARTIAL_OPTION, False):
         return report
-    frozen = [k for k in unexpected if k in _frozen_keys(model)]
+    never_trained = _frozen_keys(model)
+    frozen = [k for k in unexpected if k in never_trained]
     into = report.target or "the model"
     message = f"{report.source}: {len(unexpected)} tensors of {into} are not in it ({group_keys(unexpected)})"
     if len(frozen) == len(unexpected):

@@ -973,17 +973,17 @@ def export_html(notebook: Path) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
 
+    nb = nbformat.read(notebook, as_version=4)
     quiet = logging.getLogger("traitlets")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # nbconvert warns that figure outputs carry no alt text, once per notebook
     try:
         # the page's title names the notebook (nbconvert's default title is "Notebook" on every page)
-        body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4),
-                                                    resources={"metadata": {"name": notebook.stem}})
+        body, _ = HTMLExporter().from_notebook_node(nb, resources={"metadata": {"name": notebook.stem}})
     finally:
         quiet.setLevel(level)
     path = notebook.with_suffix(".html")
-    path.write_text(_with_figure_alts(body, nbformat.read(notebook, as_version=4)), encoding="utf-8")
+    path.write_text(_with_figure_alts(body, nb), encoding="utf-8")
     return path
 
 
