@@ -549,6 +549,24 @@ def test_ctrl_c_handling_leaves_an_ignored_sigint_alone():
         signal.signal(signal.SIGINT, previous)
 
 
+def test_stop_signal_handlers_are_left_alone_where_the_interpreter_refuses_them(monkeypatch):
+    """An embedded interpreter may refuse signal.signal (ValueError): the final evaluation's SIGTERM handling went
+    on without it in the loop but raised out of stop_signals_interrupt; both now run without their handlers."""
+    import signal
+
+    from cirlab.engine import train as train_mod
+
+    def refuse(sig, handler):
+        raise ValueError("signal only works in main thread of the main interpreter")
+
+    monkeypatch.setattr(train_mod.signal, "signal", refuse)
+    with train_mod.stop_signals_interrupt():
+        ran = True
+    with train_mod._StopSignals() as stop:
+        assert stop._previous == {}
+    assert ran and signal.getsignal(signal.SIGTERM) is not stop._handle
+
+
 def test_tensorboard_is_left_out_where_it_would_name_another_folder(tmp_path, monkeypatch, caplog):
     """tensorboard names files in UTF-8 whatever the locale: under Latin-1, a run folder with a non-ASCII letter
     is another folder to it, and its writer thread failed mid-training. Such a run logs to log.jsonl only."""

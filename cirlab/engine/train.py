@@ -1152,6 +1152,31 @@ def utf8_paths_agree(path: Path, encoding: str | None = None) -> bool:
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
 
+def _take_signals(signals: Sequence[int], handler: Callable[[int, Any], None]) -> dict[int, Any]:
+    """Installs ``handler`` for each of ``signals`` and returns the handlers it replaced. Main thread only (signal
+    handlers live there); a signal this process was started with ignored stays ignored (a shell script's background
+    job inherits Ctrl-C ignored, so that a Ctrl-C of its foreground command leaves it running); one this
+    interpreter may not take (an embedded one) is left as it is."""
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous
+    for sig in signals:
+        if signal.getsignal(sig) is signal.SIG_IGN:
+            continue
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except (ValueError, OSError):
+            pass
+    return previous
+
+
+def _give_back_signals(previous: dict[int, Any]) -> None:
+    """Puts back the handlers :func:`_take_signals` replaced (once: ``previous`` is emptied)."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    previous.clear()
+
+
 class _EvaluationStopped(BaseException):
     """Raised by the stop handler inside an evaluation of the training loop, to cut it short. A BaseException: an
     evaluation's ``except Exception`` must not swallow it."""
@@ -1174,14 +1199,7 @@ class _StopSignals:
         self._interruptible = False  # ... which the first signal may cut short
 
     def __enter__(self) -> "_StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                if signal.getsignal(sig) is signal.SIG_IGN:
-                    continue
-                try:
-                    self._previous[sig] = signal.signal(sig, self._handle)
-                except (ValueError, OSError):  # not allowed here (an embedded interpreter)
-                    pass
+        self._previous = _take_signals(self.SIGNALS, self._handle)
         return self
 
     @contextlib.contextmanager
@@ -1220,9 +1238,7 @@ class _StopSignals:
                        name, when)
 
     def _restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
+        _give_back_signals(self._previous)
 
     def __exit__(self, *exc: Any) -> None:
         self._restore()
@@ -1244,23 +1260,15 @@ def stop_signals_interrupt() -> Iterator[None]:
     """Inside the block SIGTERM and SIGUSR1 raise :class:`StopSignalInterrupt`, so that the caller's clean-up and
     message run for them as for Ctrl-C (which keeps its own handler); a second one acts as it did before the block.
     Main thread only, and a signal the process was started with ignored stays ignored."""
-    previous: dict[int, Any] = {}
-
     def interrupt(signum: int, frame: Any) -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        previous.clear()
+        _give_back_signals(previous)
         raise StopSignalInterrupt(signum)
 
-    if threading.current_thread() is threading.main_thread():
-        for sig in STOP_SIGNALS:
-            if sig != getattr(signal, "SIGINT", None) and signal.getsignal(sig) is not signal.SIG_IGN:
-                previous[sig] = signal.signal(sig, interrupt)
+    previous = _take_signals([sig for sig in STOP_SIGNALS if sig != getattr(signal, "SIGINT", None)], interrupt)
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        _give_back_signals(previous)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
