@@ -798,13 +798,10 @@ def _worth_a_retry(err: BaseException) -> bool:
     """Whether the same command may succeed later as it is: another cirlab process holds the folder's lock, or the
     disk was full or over quota (the error itself, or the OSError it was raised from). A requeue or retry wrapper
     tells these from the user's errors by the exit status."""
-    import errno
-
     from cirlab.core.errors import error_chain
-    from cirlab.core.io import FolderLockedError
+    from cirlab.core.io import SPACE_RAN_OUT, FolderLockedError
 
-    retry = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT") if hasattr(errno, name)}
-    return any(isinstance(link, FolderLockedError) or (isinstance(link, OSError) and link.errno in retry)
+    return any(isinstance(link, FolderLockedError) or (isinstance(link, OSError) and link.errno in SPACE_RAN_OUT)
                for link in error_chain(err))
 
 

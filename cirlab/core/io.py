@@ -19,8 +19,10 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from cirlab.core.errors import CirlabError
 
-# errno values of a disk that takes no more (full, over quota, read-only): said as one line, nothing is lost
-NO_SPACE = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS") if hasattr(errno, name))
+# errno values of a disk that takes no more (full, over quota, read-only): said as one line, nothing is lost;
+# the first two may pass (space freed by others): the same command may succeed when tried again later
+SPACE_RAN_OUT = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT") if hasattr(errno, name))
+NO_SPACE = SPACE_RAN_OUT | frozenset(getattr(errno, name) for name in ("EROFS",) if hasattr(errno, name))
 
 TMP_SUFFIX = ".tmp"
 
