@@ -95,6 +95,38 @@ def test_sigusr1_stops_after_the_step_with_its_own_exit_status(tmp_path):
     assert _saved_step(run) == int(stopped.group(1)) > 10
 
 
+def test_a_hang_up_stops_after_the_step_though_the_terminal_is_gone(tmp_path):
+    """A closed terminal or a dropped ssh connection (SIGHUP) ended the run at once, exit 129 with no line, last.pt
+    at the previous epoch end: everything since it was lost. It stops after the step as SIGTERM does now, and the
+    progress lines written into the dead terminal (EIO) do not stop it first."""
+    import pty
+
+    run = tmp_path / "run"
+    master, slave = pty.openpty()
+    os.write(master, b"")  # the terminal is open while the run starts
+    proc = subprocess.Popen([sys.executable, "-m", "cirlab", *TINY, "--set", "train.progress=log", "--output-dir",
+                             str(run)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave,
+                            start_new_session=True)
+    os.close(slave)
+    try:
+        seen, deadline = b"", time.time() + 120
+        while b"train: step 13/" not in seen:  # inside epoch 2: last.pt holds step 10 so far
+            assert proc.poll() is None and time.time() < deadline, seen.decode(errors="replace")[-3000:]
+            try:
+                seen += os.read(master, 65536)
+            except OSError:
+                break
+        os.close(master)  # the terminal goes: every later write to it fails with EIO
+        proc.send_signal(signal.SIGHUP)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 128 + signal.SIGHUP
+    assert _saved_step(run) > 13 - 1 and _saved_step(run) != 10
+
+
 SLOW_VALIDATION = """
 import sys, time
 import cirlab.engine.runs as runs

@@ -802,3 +802,70 @@ def test_log_mode_progress_lines_carry_the_wall_clock_as_the_log_lines_do(tmp_pa
         assert stamp, line
         when = time.mktime(time.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S"))  # logging's own format, local time
         assert before - 1 <= when <= time.time(), line
+
+
+def test_evaluations_due_match_a_step_by_step_count():
+    """The ETA's count of evaluations still due, against walking the steps: every eval_every-th epoch end, every
+    eval_every_steps step, the last step (the last epoch or a max_steps stop), each step once."""
+    from cirlab.engine.train import evaluations_after
+
+    for per_epoch, epochs, every, every_steps, cap in [(10, 5, 1, 0, None), (10, 5, 2, 0, None), (7, 4, 0, 3, None),
+                                                         (10, 5, 2, 4, 37), (6, 3, 1, 6, None), (5, 2, 3, 0, 8)]:
+        total = min(cap or per_epoch * epochs, per_epoch * epochs)
+
+        def evaluated(s):
+            epoch_end = s % per_epoch == 0 and every and (s // per_epoch) % every == 0
+            return bool(epoch_end or (every_steps and s % every_steps == 0) or s == total)
+
+        for step in range(total + 1):
+            naive = sum(evaluated(s) for s in range(step + 1, total + 1))
+            assert evaluations_after(step, total, per_epoch, epochs, every, every_steps) == naive, (
+                per_epoch, epochs, every, every_steps, cap, step)
+
+
+def test_the_eta_follows_the_recent_step_rate_and_counts_the_evaluations_due(tmp_path, monkeypatch):
+    """The ETA was elapsed / steps done x steps left from the start: 2-3.5x too long after a feature-caching first
+    epoch, and "ETA 0s" was followed by the evaluations still due. It takes the recent rate and adds them now."""
+    from cirlab.engine import train as train_mod
+
+    clock = [1000.0]
+    monkeypatch.setattr(train_mod.time, "time", lambda: clock[0])
+    cfg = TrainConfig(epochs=4, eval_every=1, progress="log", tensorboard=False)
+    log = train_mod._RunLog(tmp_path, cfg, 400, active=True, start_step=0, steps_per_epoch=100, evaluates=True)
+    record = {"epoch": 0, "loss": 1.0, "lr": 1e-3}
+    for step in range(1, 101):  # the first epoch: 10 s a step (features are cached)
+        clock[0] += 10.0
+        log.line({**record, "step": step})
+    # 300 steps x 10 s; none measured yet of the 4 evaluations due (this step's comes after its line)
+    assert log.eta(100) == "50m00s + 4 evaluations"
+    clock[0] += 60.0
+    log.evaluated(60.0)
+    for step in range(101, 201):  # then 1 s a step
+        clock[0] += 1.0
+        line = log.line({**record, "epoch": 1, "step": step})
+    # 200 steps left x 120 s / 102 steps (the last 120 s of stepping: 2 steps at 10 s, 100 at 1 s) + 3 x 60 s
+    assert line.endswith("ETA 6m55s"), line
+
+
+def test_log_records_carry_their_wall_clock(tmp_path):
+    import time
+
+    before = time.time()
+    cirlab.fit(_model(), TripletItems(16), _cfg(epochs=1, selection="last"), output_dir=tmp_path / "r")
+    records = _read_log(tmp_path / "r" / "log.jsonl")
+    assert records and all(before - 1 <= r["time"] <= time.time() for r in records)
+
+
+def test_a_terminal_of_no_width_gets_log_lines_not_an_invisible_bar(monkeypatch):
+    """tqdm draws nothing on a terminal that reports 0 columns (some `docker exec -t` or CI pseudo-terminals): a
+    run there showed no progress at all."""
+    import os
+
+    from cirlab.core import console
+
+    monkeypatch.setattr(console.sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(console, "live_frontend", lambda: False)
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd=None: os.terminal_size((0, 0)))
+    assert not console.wants_a_bar()
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd=None: os.terminal_size((120, 40)))
+    assert console.wants_a_bar()

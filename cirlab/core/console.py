@@ -96,5 +96,14 @@ def live_frontend() -> bool:
 def wants_a_bar() -> bool:
     """A progress bar where someone watches it redraw: a terminal, or a live Jupyter frontend (its widget); log lines
     or nothing elsewhere (papermill, CI, a redirected stderr), where a bar is a wall of carriage returns. The one
-    policy of the trainer's ``progress="auto"`` and the encoders' ``progress="auto"``."""
-    return sys.stderr.isatty() or live_frontend()
+    policy of the trainer's ``progress="auto"`` and the encoders' ``progress="auto"``. A terminal that reports no
+    width (some ``docker exec -t`` or CI pseudo-terminals) gets lines: tqdm draws nothing at zero columns."""
+    return (sys.stderr.isatty() and _terminal_columns() > 0) or live_frontend()
+
+
+def _terminal_columns() -> int:
+    """The width stderr's terminal reports, as tqdm asks it (0 where it reports none)."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 0

@@ -425,9 +425,15 @@ def lock_holder(folder: str | os.PathLike) -> str | None:
 _LINE_BYTES = 256  # a holder's line is under 100 bytes; a planted file of gigabytes is not read whole
 
 
+# the lock file outlives a process killed with SIGKILL (or by the OOM killer): read in the folder, the holder's line
+# then tells a killed run from a live one; the error that names a live holder leaves it out
+STALE_NOTE = " (if this process is gone, it was killed: the lock is stale)"
+
+
 def _line(data: bytes) -> str:
-    """A lock file's first bytes as text (bytes that are not UTF-8 replaced: a foreign file, said as such)."""
-    return data.decode("utf-8", errors="replace").strip()
+    """A lock file's first bytes as text (bytes that are not UTF-8 replaced: a foreign file, said as such), without
+    :data:`STALE_NOTE`."""
+    return data.decode("utf-8", errors="replace").strip().removesuffix(STALE_NOTE.strip()).strip()
 
 
 GENERATE_WAIT_S = 900.0  # a generated dataset writes in well under this on one core
@@ -520,7 +526,8 @@ def _acquire(path: Path, wait: float = 0.0) -> Any:
                                                  previous)
             fh.seek(0)
             fh.truncate()
-            fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                     f"{STALE_NOTE}\n")
             fh.flush()
             return fh
         fh.close()

@@ -1,7 +1,9 @@
 """Which code, on which machine, ran a run: ``<run>/provenance.json`` holds one entry per start of the run (the
 first, then each ``--resume``) with the versions, the git commit of the cirlab source, the command line, the host,
 the device and precision in use, torch's intra-op thread count, and the settings a resume changed
-(``--allow-config-change``)."""
+(``--allow-config-change``). A start that ended in this process also says how (:func:`record_end`): ``ended``,
+``status`` (finished, stopped (SIGTERM), failed, error) and, unless finished, the ``message`` the command printed;
+a start without them was killed (or is running: its folder's lock is held)."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -18,6 +20,9 @@ from cirlab.core.io import write_json
 
 FILE_NAME = "provenance.json"
 logger = logging.getLogger(__name__)
+# run folder -> (index, "started", resumed) of the start this process appended last: record_end completes that entry
+# and no other (an earlier process's start, or one a later --overwrite replaced, is not this process's to close)
+_APPENDED: dict[str, tuple[int, str, bool]] = {}
 
 
 def code_version(root: Path | None = None) -> str:
@@ -91,6 +96,51 @@ def record_start(run_dir: Path, entry: Mapping[str, Any], resumed: bool = False)
     if starts:
         _say_other_threads(run_dir, starts[-1], entry)
     write_json(path, {"starts": [*starts, dict(entry)]})
+    _APPENDED[_key(run_dir)] = (len(starts), str(entry.get("started")), bool(resumed))
+
+
+def _key(run_dir: str | os.PathLike) -> str:
+    return os.path.abspath(run_dir)
+
+
+def recorded_start(run_dir: str | os.PathLike) -> bool | None:
+    """Whether this process has recorded a start in ``run_dir`` that has not ended: None where not, else whether
+    that start resumed the run (False: a fresh run's new provenance.json)."""
+    appended = _APPENDED.get(_key(run_dir))
+    return None if appended is None else appended[2]
+
+
+def forget_start(run_dir: str | os.PathLike) -> None:
+    """Forget the start this process recorded in ``run_dir`` (before a new one: a start appended by a bare
+    ``cirlab.fit`` that never ended through :func:`record_end` must not be closed by a later run)."""
+    _APPENDED.pop(_key(run_dir), None)
+
+
+def record_end(run_dir: str | os.PathLike, status: str, message: str | None = None) -> bool:
+    """Add ``ended`` (UTC time), ``status`` and ``message`` to the start this process appended to ``run_dir``'s
+    provenance.json; False where it appended none (the run failed before its start was recorded). The file a failed
+    first step removed is not written again, and a write that fails is a warning: the end of a run must never hide
+    why it ended."""
+    appended = _APPENDED.pop(_key(run_dir), None)
+    if appended is None:
+        return False
+    index, started, _ = appended
+    path = Path(run_dir) / FILE_NAME
+    end = {"ended": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "status": status}
+    if message:
+        end["message"] = message
+    try:
+        if not path.is_file():  # a start that failed before its first step leaves no records
+            return True
+        starts = read_starts(run_dir)
+        entry = starts[index] if index < len(starts) else None
+        if not isinstance(entry, dict) or str(entry.get("started")) != started:
+            return True  # rewritten since by someone else: the entry is not this process's any more
+        starts[index] = {**entry, **end}
+        write_json(path, {"starts": starts})
+    except Exception as err:  # noqa: BLE001 - whatever it is, the run's own error or result goes first
+        logger.warning("%s: cannot record how this start ended (%s: %s)", path, type(err).__name__, err)
+    return True
 
 
 def _say_other_threads(run_dir: Path, previous: Any, entry: Mapping[str, Any]) -> None:

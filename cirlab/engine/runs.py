@@ -41,6 +41,7 @@ import inspect
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -1094,12 +1095,173 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
             # start files and the model have passed, so a mistyped root does not cost the previous run
             if not resuming and is_main_process():
                 check_run_folder(out, overwrite=overwrite)
-            return _run_locked(config, out, resume, device, allow_config_change, overwrite)
+            with _train_log(out, resuming, overwrite) as log:
+                return _run_recorded(config, out, resume, device, allow_config_change, overwrite, log)
     except BaseException:
         if created and is_main_process():
             with contextlib.suppress(OSError):  # only an empty folder this run made: a failed start leaves no trace
                 out.rmdir()
         raise
+
+
+TRAIN_LOG = "train.log"  # the run's log lines (INFO and up), one block per start; kept beside RUN_ARTIFACTS
+
+
+def _run_recorded(config: dict[str, Any], out: Path, resume: bool, device: str | None, allow_config_change: bool,
+                  overwrite: bool, log: Any) -> dict[str, Any]:
+    """:func:`_run_locked`, its end written where it can be read later: the status and message into this start's
+    provenance entry (once the trainer recorded one), the line the command prints (or the traceback) into
+    train.log. The exception itself goes on unchanged."""
+    from cirlab.core import provenance
+
+    provenance.forget_start(out)
+    try:
+        result = _run_locked(config, out, resume, device, allow_config_change, overwrite)
+    except BaseException as err:
+        try:
+            status, message = ending_of(err)
+            log.ended(err, message, status)  # before record_end, which forgets the start
+            provenance.record_end(out, status, message)
+        except Exception as unrecorded:  # noqa: BLE001 - never in the way of the error being raised
+            logger.warning("%s: cannot record how this start ended (%s)", out, unrecorded)
+        raise
+    log.take_start()  # the lines held back, where no line came after the start was recorded
+    provenance.record_end(out, "finished")
+    return result
+
+
+def ending_of(err: BaseException) -> tuple[str, str]:
+    """How a run that raised ``err`` ended, and the line the ``cirlab`` command prints for it: ``stopped (SIGTERM)``
+    for a stop signal or Ctrl-C, ``failed`` for the user's input or data (a :class:`CirlabError`), ``error`` for
+    anything else (its traceback is the command's output; the line names the exception)."""
+    import signal
+
+    from cirlab.core.errors import CirlabError
+
+    if isinstance(err, KeyboardInterrupt):  # TrainingInterrupted is a CirlabError too: a stop first
+        signum = getattr(err, "signum", None) or signal.SIGINT
+        try:
+            status = f"stopped ({signal.Signals(signum).name})"
+        except ValueError:  # not a signal this platform names
+            status = f"stopped (signal {signum})"
+    else:
+        status = "failed" if isinstance(err, CirlabError) else "error"
+    if isinstance(err, CirlabError):
+        message = str(err)
+    elif isinstance(err, KeyboardInterrupt):
+        message = str(getattr(err, "message", "interrupted"))
+    else:
+        message = f"{type(err).__name__}: {err}"
+    return status, " ".join(message.split())
+
+
+class _TrainLog(logging.Handler):
+    """``<run>/train.log`` for one start: the ``cirlab`` loggers' lines at INFO and up, as stderr shows them. Held in
+    memory until the trainer records the start in provenance.json (after ``--overwrite`` removed the previous run):
+    a start refused before that (a resume whose config differs, a wrong dataset root) leaves the folder as it was."""
+
+    FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the command's stderr lines (cli._command_logging)
+
+    def __init__(self, out: Path) -> None:
+        super().__init__(logging.INFO)
+        self.path, self.started = out / TRAIN_LOG, False
+        self.pending: list[logging.LogRecord] = []
+        self.file: logging.FileHandler | None = None
+        self.failed: OSError | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.file is None and not self.take_start():
+            if self.failed is None:
+                self.pending.append(record)
+            return
+        assert self.file is not None
+        self.file.handle(record)
+
+    def take_start(self) -> bool:
+        """Open train.log once this process's start is in provenance.json: appended to by a resume, new otherwise
+        (the previous run's went with it), the lines so far written first."""
+        from cirlab.core import provenance
+
+        resumed = provenance.recorded_start(self.path.parent)
+        if self.file is not None or resumed is None or self.failed is not None:
+            return self.file is not None
+        try:
+            self.file = logging.FileHandler(self.path, mode="a" if resumed else "w", encoding="utf-8")
+        except OSError as err:  # an unwritable log must not stop the run; said when the run ends
+            self.failed, self.pending = err, []
+            return False
+        self.file.setFormatter(logging.Formatter(self.FORMAT))
+        self.started, self.fresh = True, not resumed
+        for record in self.pending:
+            self.file.handle(record)
+        self.pending = []
+        return True
+
+    def write(self, level: int, message: str, exc_info: Any = None) -> None:
+        """A line into train.log only (stderr has it already, or gets it from the command)."""
+        self.handle(logging.getLogger("cirlab").makeRecord("cirlab", level, __file__, 0, "%s", (message,), exc_info))
+
+    def ended(self, err: BaseException, message: str, status: str) -> None:
+        """The end of a start that raised: the command's one line, or the traceback stderr gets for an error."""
+        if status == "error":
+            self.write(logging.ERROR, f"the run ended with an unexpected error: {message}",
+                       (type(err), err, err.__traceback__))
+        else:
+            self.write(logging.ERROR, message)
+
+    def close(self) -> None:
+        """Close the file; a new one goes again where the start left no run (a failure before its first step):
+        train.log alone must not make a folder look like a run."""
+        from cirlab.engine.train import run_artifacts
+
+        super().close()
+        if self.file is not None:
+            self.file.close()
+            if self.fresh and not run_artifacts(self.path.parent):
+                self.path.unlink(missing_ok=True)
+        if self.failed is not None:
+            logger.warning("%s: cannot write %s (%s)", self.path.parent, TRAIN_LOG,
+                           self.failed.strerror or self.failed)
+
+
+@contextlib.contextmanager
+def _train_log(out: Path, resuming: bool, overwrite: bool) -> Iterator[Any]:
+    """train.log written for the block (the main process only): the ``cirlab`` loggers' lines from INFO up, after a
+    line marking this start; the handler goes afterwards (a notebook's second run logs each line once)."""
+    if not is_main_process():
+        yield _NoTrainLog()
+        return
+    own, log = logging.getLogger("cirlab"), _TrainLog(out)
+    log.setFormatter(logging.Formatter(_TrainLog.FORMAT))
+    # no handler anywhere: Python prints warnings through its last-resort handler, which a handler here disables
+    keep_stderr = logging.lastResort if not own.hasHandlers() and logging.lastResort is not None else None
+    for handler in (log, keep_stderr):
+        if handler is not None:
+            own.addHandler(handler)
+    try:
+        how = "resume" if resuming else "overwrite" if overwrite else "fresh run"
+        log.write(logging.INFO, f"=== start ({how}, pid {os.getpid()}): {' '.join(sys.argv)}")
+        yield log
+    finally:
+        for handler in (log, keep_stderr):
+            if handler is not None:
+                own.removeHandler(handler)
+        try:
+            log.close()
+        except OSError as err:
+            logger.warning("%s: cannot finish %s (%s)", out, TRAIN_LOG, err.strerror or err)
+
+
+class _NoTrainLog:
+    """train.log's stand-in where none is written (torchrun's other ranks)."""
+
+    started = False
+
+    def take_start(self) -> bool:
+        return False
+
+    def ended(self, err: BaseException, message: str, status: str) -> None:
+        pass
 
 
 def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | None,
@@ -1201,8 +1363,12 @@ def _finishing(out: Path) -> Iterator[None]:
         raise
     except OSError as err:
         if err.errno not in NO_SPACE:
+            logger.error("%s", finish)
             raise
         raise RunWriteError(f"cannot write the final results to {out} ({err.strerror or err}); {finish}") from err
+    except Exception:  # a bug, or e.g. CUDA out of memory at the eval batch size: the traceback stays, with the way on
+        logger.error("%s", finish)
+        raise
 
 
 def _final_results(config: dict[str, Any], out: Path, run_device: Any, loaded: dict[str, Any], model: Any,

@@ -25,6 +25,7 @@ batch, so compare multi-GPU runs with that in mind.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -777,10 +778,16 @@ class _RunLog:
     shows them);
     ``auto`` picks ``tqdm`` on a terminal or in a live Jupyter frontend and ``log`` elsewhere (papermill, CI, a
     redirected stderr): :func:`cirlab.core.console.wants_a_bar`.
+
+    The log lines' ETA is the training's end, its evaluations included (not the final evaluation a run does after
+    it): the steps left at the recent step rate (the last :data:`ETA_WINDOW_S` seconds of stepping, or the last
+    tenth of it where that is longer: the first epoch of a feature-caching model is slower than the others), plus
+    the evaluations still due, this step's included, at the last one's duration (before the first, the line says
+    how many are due).
     """
 
     def __init__(self, output_dir: Path, cfg: TrainConfig, total_steps: int | None, active: bool,
-                 start_step: int, steps_per_epoch: int | None = None) -> None:
+                 start_step: int, steps_per_epoch: int | None = None, evaluates: bool = False) -> None:
         self.active = active
         self.path = output_dir / "log.jsonl"
         self.tb = self._tensorboard(output_dir) if active and cfg.tensorboard else None
@@ -795,6 +802,9 @@ class _RunLog:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         self.lines = active and mode == "log"
         self.t0 = time.time()
+        self.eval_seconds, self.last_eval = 0.0, None  # time spent in the loop's evaluations; the last one's
+        self.samples: collections.deque = collections.deque([(0.0, start_step)], maxlen=1024)  # (step clock, step)
+        self.schedule = (steps_per_epoch, cfg.epochs, cfg.eval_every, cfg.eval_every_steps) if evaluates else None
         if active:
             self._warn_if_capped(cfg, steps_per_epoch)
 
@@ -825,12 +835,14 @@ class _RunLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.active:
             return
+        # the wall clock (Unix seconds) of each record: a watcher of log.jsonl can tell a slow run from a hung one
+        record = {**record, "time": round(time.time(), 3)}
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(io.json_text(record, indent=None) + "\n")  # strict JSON: a NaN grad_norm is null
         if self.tb is not None:
             prefix = record.get("kind", "train")
             for key, value in flat_numbers(record).items():
-                if key not in ("step", "epoch"):
+                if key not in ("step", "epoch", "time"):
                     self.tb.add_scalar(f"{prefix}/{key}", value, record.get("step", 0))
 
     def progress(self, record: dict[str, Any]) -> None:
@@ -838,26 +850,78 @@ class _RunLog:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
         elif self.lines:  # the wall clock first, as on the log lines between them (a long job's log shows when)
-            sys.stderr.write(f"{wall_clock()} {self.line(record)}\n")
-            sys.stderr.flush()
+            line = f"{wall_clock()} {self.line(record)}\n"
+            try:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            except (OSError, ValueError):  # a hung-up terminal (EIO) or a closed stream: the run goes on unseen
+                self.lines = False
+
+    def evaluated(self, seconds: float) -> None:
+        """An evaluation of the loop took ``seconds``: left out of the step rate, counted for those still due."""
+        self.eval_seconds += seconds
+        self.last_eval = seconds
 
     def line(self, record: dict[str, Any]) -> str:
         """``train: step 40/240 (17%) epoch 2 loss 0.4123 lr 1.00e-03 | 12s elapsed, ETA 58s``."""
         step, elapsed = int(record["step"]), time.time() - self.t0
         total = f"/{self.total}" if self.total else ""
         share = f" ({100 * step / self.total:.0f}%)" if self.total else ""
-        done = step - self.start_step
-        eta = ""
-        if self.total and done > 0:
-            eta = f", ETA {_duration(elapsed / done * max(self.total - step, 0))}"
+        eta = f", ETA {self.eta(step)}" if self.total and step > self.start_step else ""
         return (f"train: step {step}{total}{share} epoch {int(record['epoch']) + 1} loss {record['loss']:.4f} "
                 f"lr {record['lr']:.2e} | {_duration(elapsed)} elapsed{eta}")
+
+    def eta(self, step: int) -> str:
+        """The time left at ``step``: steps left x the recent step time, plus the evaluations still due."""
+        clock = time.time() - self.t0 - self.eval_seconds  # time spent stepping
+        per_step = recent_step_seconds(self.samples, clock, step)
+        self.samples.append((clock, step))
+        left = per_step * max(int(self.total or 0) - step, 0)
+        # this step's evaluation, if it has one, comes after its line
+        due = evaluations_after(step - 1, int(self.total or 0), *self.schedule) if self.schedule else 0
+        if due and self.last_eval is None:
+            return f"{_duration(left)} + {due} evaluation{'' if due == 1 else 's'}"
+        return _duration(left + due * (self.last_eval or 0.0))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+ETA_WINDOW_S = 120.0  # the step rate of the ETA: over the last two minutes of stepping at least
+
+
+def recent_step_seconds(samples: Sequence[tuple[float, int]], clock: float, step: int) -> float:
+    """Seconds per step at ``step`` (reached at stepping time ``clock``), over the recent ``samples`` of (stepping
+    time, step) in order: from the earliest one in the last :data:`ETA_WINDOW_S` seconds, or in the last tenth of
+    the stepping time where that is longer (else the latest one before ``step``)."""
+    window = max(ETA_WINDOW_S, 0.1 * clock)
+    earlier = [(c, s) for c, s in samples if s < step]
+    if not earlier:
+        return 0.0
+    since, at = next(((c, s) for c, s in earlier if c >= clock - window), earlier[-1])
+    return max(clock - since, 0.0) / (step - at)
+
+
+def evaluations_after(step: int, total: int, steps_per_epoch: int | None, epochs: int, eval_every: int,
+                      eval_every_steps: int) -> int:
+    """How many evaluations the loop runs after ``step`` up to its last step ``total``: at every ``eval_every``-th
+    epoch end, every ``eval_every_steps`` steps, and at the last step (the last epoch's end or a ``max_steps``
+    stop); a step is evaluated once whatever asks for it."""
+    if total <= step:
+        return 0
+
+    def multiples(m: int) -> int:  # multiples of m in (step, total]
+        return total // m - step // m if m > 0 else 0
+
+    by_epoch = (steps_per_epoch or 0) * eval_every
+    count = multiples(by_epoch) + multiples(eval_every_steps)
+    if by_epoch and eval_every_steps:
+        count -= multiples(math.lcm(by_epoch, eval_every_steps))
+    on_total = any(m and total % m == 0 for m in (by_epoch, eval_every_steps))
+    return count + (0 if on_total else 1)
 
 
 def wall_clock() -> str:
@@ -904,8 +968,8 @@ SKIPPED_IN_A_ROW_WARNING = 10  # fp16: consecutive steps the GradScaler skips be
 
 
 class TrainingInterrupted(CirlabError, KeyboardInterrupt):
-    """SIGINT, SIGTERM or SIGUSR1 stopped the run after ``checkpoints/last.pt`` was written; ``exit_code`` is 128 +
-    the signal's number (130, 143, and 138 on Linux), the status the signal gives a process it ends.
+    """SIGINT, SIGTERM, SIGUSR1 or SIGHUP stopped the run after ``checkpoints/last.pt`` was written; ``exit_code`` is
+    128 + the signal's number (130, 143, and 138 on Linux), the status the signal gives a process it ends.
     A ``KeyboardInterrupt`` too: a script's ``except KeyboardInterrupt`` clean-up around ``cirlab.fit`` runs, as it
     would for a Ctrl-C anywhere else (and ``except Exception`` still catches it, as every cirlab error)."""
 
@@ -1147,9 +1211,11 @@ def utf8_paths_agree(path: Path, encoding: str | None = None) -> bool:
         return False
 
 
-# the signals that stop a run after its current step: Ctrl-C, a scheduler's or kill's SIGTERM, and SIGUSR1, the
-# "time is nearly up" signal of batch schedulers (SLURM's --signal=USR1@300); a platform lacking one leaves it out
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+# the signals that stop a run after its current step: Ctrl-C, a scheduler's or kill's SIGTERM, SIGUSR1, the
+# "time is nearly up" signal of batch schedulers (SLURM's --signal=USR1@300), and SIGHUP, a closed terminal or a
+# dropped ssh connection (whose default ended the run without its last.pt); a platform lacking one leaves it out
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGHUP")
+                     if hasattr(signal, name))
 
 
 def _take_signals(signals: Sequence[int], handler: Callable[[int, Any], None]) -> dict[int, Any]:
@@ -1183,12 +1249,13 @@ class _EvaluationStopped(BaseException):
 
 
 class _StopSignals:
-    """SIGINT / SIGTERM / SIGUSR1 ask the loop to stop after the current optimizer step (it then writes
-    ``last.pt``); inside an interruptible evaluation (:meth:`evaluation`) a first SIGTERM or SIGUSR1 stops the
-    evaluation itself (an evaluation on real data outlasts a cluster's grace period between SIGTERM and SIGKILL). A second signal
-    stops at once. Installed only in the main thread (signal handlers live there), and not for a signal this
-    process was started with ignored: a background job of a shell script inherits Ctrl-C ignored (so that a Ctrl-C
-    of the script's foreground command leaves it running), as Python itself and ``cirlab report`` respect."""
+    """SIGINT / SIGTERM / SIGUSR1 / SIGHUP ask the loop to stop after the current optimizer step (it then writes
+    ``last.pt``); inside an interruptible evaluation (:meth:`evaluation`) a first SIGTERM, SIGUSR1 or SIGHUP stops
+    the evaluation itself (an evaluation on real data outlasts a cluster's grace period between SIGTERM and SIGKILL).
+    A second signal stops at once. Installed only in the main thread (signal handlers live there), and not for a
+    signal this process was started with ignored: a background job of a shell script inherits Ctrl-C ignored (so
+    that a Ctrl-C of the script's foreground command leaves it running), as Python itself and ``cirlab report``
+    respect."""
 
     SIGNALS = STOP_SIGNALS
 
@@ -1225,9 +1292,9 @@ class _StopSignals:
             return
         self.signum = signum
         name = signal.Signals(signum).name
-        # a scheduler's SIGTERM / SIGUSR1 cut the evaluation short (SIGKILL follows); Ctrl-C lets it finish (in a
-        # notebook, an exception raised anywhere inside a library's evaluation code could leave its state half
-        # changed; a second Ctrl-C still stops at once)
+        # a scheduler's SIGTERM / SIGUSR1 (or a hang-up) cut the evaluation short (SIGKILL follows); Ctrl-C lets it
+        # finish (in a notebook, an exception raised anywhere inside a library's evaluation code could leave its
+        # state half changed; a second Ctrl-C still stops at once)
         if self._interruptible and signum != getattr(signal, "SIGINT", None):
             self._interruptible = False
             logger.warning("%s received: stopping the evaluation and saving checkpoints/last.pt; the resumed run "
@@ -1247,7 +1314,7 @@ class _StopSignals:
 
 
 class StopSignalInterrupt(KeyboardInterrupt):
-    """SIGTERM or SIGUSR1 where no training loop takes it (a run's final evaluation), raised as Ctrl-C raises
+    """SIGTERM, SIGUSR1 or SIGHUP where no training loop takes it (a run's final evaluation), raised as Ctrl-C raises
     ``KeyboardInterrupt`` there; ``exit_code`` is 128 + the signal's number, the status an unhandled one gives."""
 
     def __init__(self, signum: int) -> None:
@@ -1257,8 +1324,9 @@ class StopSignalInterrupt(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def stop_signals_interrupt() -> Iterator[None]:
-    """Inside the block SIGTERM and SIGUSR1 raise :class:`StopSignalInterrupt`, so that the caller's clean-up and
-    message run for them as for Ctrl-C (which keeps its own handler); a second one acts as it did before the block.
+    """Inside the block SIGTERM, SIGUSR1 and SIGHUP raise :class:`StopSignalInterrupt`, so that the caller's clean-up
+    and message run for them as for Ctrl-C (which keeps its own handler); a second one acts as it did before the
+    block.
     Main thread only, and a signal the process was started with ignored stays ignored."""
     def interrupt(signum: int, frame: Any) -> None:
         _give_back_signals(previous)
@@ -1276,7 +1344,7 @@ def ignore_stop_signals(worker_id: int) -> None:
     the workers down itself. A cluster's SIGTERM (a time limit, scancel) reaches the whole process group: a worker
     it killed made torch raise in the main process wherever that was, a checkpoint write among others."""
     del worker_id
-    for name in ("SIGINT", "SIGUSR1"):
+    for name in ("SIGINT", "SIGUSR1", "SIGHUP"):  # a hang-up reaches the terminal's whole process group
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
     if hasattr(signal, "SIGTERM") and hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask"):
@@ -1574,7 +1642,7 @@ class Trainer:
         self._write_config()
         total = self.total_steps()
         log = _RunLog(self.output_dir, cfg, total, self.dist.is_main, p.step,
-                      steps_per_epoch=self.steps_per_epoch)
+                      steps_per_epoch=self.steps_per_epoch, evaluates=self.evaluate_fn is not None)
         self.model.train()
         try:
             owed = self._owes_evaluation()
@@ -1914,11 +1982,16 @@ class Trainer:
     def _evaluate(self, log: _RunLog, interruptible: bool) -> tuple[dict[str, Any], MissingSelection | None]:
         """Evaluate the weights :meth:`evaluated_weights` names and select; returns the results and the selection's
         complaint, if any (raised by the caller once the live weights are back, not the EMA's)."""
+        p = self.progress
+        logger.info("evaluating at step %d, epoch %d (%s)", p.step, p.epoch + 1,
+                    self.selection_split() or "no selection")
         with self.evaluated_weights():
             self.model.eval()
             try:
+                started = time.time()
                 with torch.no_grad(), self.stop.evaluation(interruptible):
                     results = self.evaluate_fn(self.model)
+                log.evaluated(time.time() - started)
                 try:  # outside the interruptible part: selection and its log record are never left half done
                     self._select(results, log)
                 except MissingSelection as err:
@@ -2094,7 +2167,7 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
         GradScaler skipped for inf/NaN gradients, over the whole run; each is ``"skipped": true`` in log.jsonl).
 
     Raises:
-        TrainingInterrupted: Ctrl-C (SIGINT), SIGTERM or SIGUSR1 stopped the run after the current step (or cut
+        TrainingInterrupted: Ctrl-C (SIGINT), SIGTERM, SIGUSR1 or SIGHUP stopped the run after the current step (or cut
             an evaluation of the loop short, in a single process), with ``checkpoints/last.pt`` written;
             ``cfg.resume="auto"`` continues it, evaluating first what the stop cut short. It is a
             ``KeyboardInterrupt`` (and a :class:`CirlabError`), so ``except KeyboardInterrupt`` catches it.

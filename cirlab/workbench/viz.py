@@ -1081,7 +1081,8 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | s
     if x is not None or keys is not None:  # a misspelt name would plot nothing, or index records, without a word
         analysis.require_columns(df, ([x] if x else []) + list(keys or []), "the training log")
     x = x or next((c for c in ("step", "global_step", "epoch") if c in df.columns), None)
-    numeric = [c for c in df.columns if c != x and pd.api.types.is_numeric_dtype(df[c])]
+    # "time" (each record's wall clock) is no curve to plot
+    numeric = [c for c in df.columns if c not in (x, "time") and pd.api.types.is_numeric_dtype(df[c])]
     if keys is None:
         keys = [c for c in numeric if c.endswith("loss") or c == "lr" or is_recall_key(c) or c.startswith("val")]
         keys = keys or numeric

@@ -1,0 +1,146 @@
+"""How a start of a run ended, written into its folder: ``provenance.json``'s start entry gets ``ended``, ``status``
+and ``message``; ``train.log`` keeps the log lines (a traceback for an unexpected error), one block per start; the
+lock file says what a stale lock means. One tiny AMC run on the synthetic data per test (a few seconds each)."""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from pathlib import Path
+
+import pytest
+
+import cirlab
+from cirlab.core.errors import ConfigError
+from cirlab.engine import runs
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "amc_synthetic_tiny.yaml"
+
+
+@pytest.fixture
+def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> dict:
+    monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "cache"))
+    caplog.set_level(logging.INFO, logger="cirlab")  # as the command logs (train.log takes what the loggers emit)
+    return cirlab.load_config(CONFIG, ["train.max_steps=2", "eval.splits=[val]"])
+
+
+def _starts(run: Path) -> list[dict]:
+    return json.loads((run / "provenance.json").read_text())["starts"]
+
+
+def _fail_final_evaluation(monkeypatch: pytest.MonkeyPatch, err: BaseException) -> None:
+    def final_evaluation(*args, **kwargs):
+        raise err
+
+    monkeypatch.setattr(runs, "_final_evaluation", final_evaluation)  # after the training, inside _finishing
+
+
+def _file_handlers() -> list[logging.Handler]:
+    return [h for h in logging.getLogger("cirlab").handlers if isinstance(h, logging.FileHandler)]
+
+
+def test_a_finished_run_records_its_end_and_its_log_and_overwrite_keeps_the_new_log(config, tmp_path):
+    run = tmp_path / "run"
+    cirlab.run_experiment(config, output_dir=run)
+    (entry,) = _starts(run)
+    assert entry["status"] == "finished" and "message" not in entry
+    assert entry["ended"] >= entry["started"] and entry["ended"].endswith("+00:00")
+    text = (run / "train.log").read_text()
+    assert text.splitlines()[0].split(" INFO cirlab: ")[1].startswith("=== start (fresh run")
+    assert "INFO cirlab.engine.train: evaluating at step 2" in text
+    assert "WARNING cirlab.engine.runs: dataset.root" in text
+    assert not _file_handlers()  # removed (and closed) after the run
+
+    # a second call in the same process, replacing the run: the trainer removes the previous run's files at its
+    # start; train.log then holds this start's lines, each once (no second handler left over from the first call)
+    cirlab.run_experiment(config, output_dir=run, overwrite=True)
+    text = (run / "train.log").read_text()
+    assert text.count("=== start") == 1 and "=== start (overwrite" in text
+    assert text.count("evaluating at step 2") == 1 and text.count("evaluated val_dress") == 2  # selection, final
+    assert [s["status"] for s in _starts(run)] == ["finished"]
+    assert not _file_handlers()
+
+
+def test_a_stopped_final_evaluation_is_recorded_and_resume_appends_to_the_log(config, tmp_path, monkeypatch):
+    from cirlab.engine.train import StopSignalInterrupt
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _fail_final_evaluation(patch, StopSignalInterrupt(signal.SIGTERM))
+        with pytest.raises(StopSignalInterrupt) as stopped:
+            cirlab.run_experiment(config, output_dir=run)
+    (entry,) = _starts(run)
+    assert entry["status"] == "stopped (SIGTERM)" and entry["message"] == stopped.value.message
+    assert entry["message"].startswith("SIGTERM: interrupted in the final evaluation: the training is done")
+    assert f"ERROR cirlab: {entry['message']}" in (run / "train.log").read_text()
+
+    cirlab.run_experiment(config, output_dir=run, resume=True)
+    first, second = _starts(run)
+    assert first["status"] == "stopped (SIGTERM)" and second["status"] == "finished"
+    lines = (run / "train.log").read_text().splitlines()
+    marks = [i for i, line in enumerate(lines) if "=== start" in line]
+    assert len(marks) == 2 and "=== start (resume" in lines[marks[1]] and marks[1] > 1
+    assert "resumed from" in "\n".join(lines[marks[1]:])
+
+
+def test_a_failed_run_is_recorded_and_a_start_that_failed_leaves_nothing(config, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:  # before training: the folder it created goes, with no train.log in it
+        patch.setattr(runs, "_prepare_data", lambda config: (_ for _ in ()).throw(ConfigError("no data here")))
+        with pytest.raises(ConfigError):
+            cirlab.run_experiment(config, output_dir=run)
+        assert not run.exists()
+        run.mkdir()  # an empty folder of the user's stays empty
+        with pytest.raises(ConfigError):
+            cirlab.run_experiment(config, output_dir=run)
+        assert list(run.iterdir()) == []
+
+    with monkeypatch.context() as patch:
+        _fail_final_evaluation(patch, ConfigError("test split unreadable"))
+        with pytest.raises(ConfigError) as failed:
+            cirlab.run_experiment(config, output_dir=run)
+    (entry,) = _starts(run)
+    assert entry["status"] == "failed" and entry["message"] == " ".join(str(failed.value).split())
+    assert entry["message"].startswith("test split unreadable; the training is done and saved")
+    assert f"ERROR cirlab: {entry['message']}" in (run / "train.log").read_text()
+
+
+def test_an_unexpected_error_in_the_final_evaluation_says_how_to_finish(config, tmp_path, monkeypatch, caplog):
+    run = tmp_path / "run"
+    boom = RuntimeError("CUDA out of memory (simulated)")
+    _fail_final_evaluation(monkeypatch, boom)
+    with pytest.raises(RuntimeError) as raised:
+        cirlab.run_experiment(config, output_dir=run)
+    assert raised.value is boom  # unchanged, its traceback kept
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("the training is done and saved in" in m and "--resume" in m for m in said)
+    (entry,) = _starts(run)
+    assert entry["status"] == "error" and entry["message"] == "RuntimeError: CUDA out of memory (simulated)"
+    text = (run / "train.log").read_text()
+    assert "the same command with --resume" in text
+    assert "Traceback (most recent call last)" in text and text.rstrip().endswith(entry["message"])
+    assert not _file_handlers()
+
+
+def test_provenance_without_end_keys_still_reads_and_only_this_process_start_is_closed(tmp_path):
+    from cirlab.core import provenance
+    from cirlab.core.io import write_json
+
+    old = {"started": "2026-01-01T00:00:00+00:00", "from_step": 0, "device": "cpu", "precision": "float32"}
+    write_json(tmp_path / "provenance.json", {"starts": [old]})
+    assert provenance.read_starts(tmp_path) == [old]
+    assert provenance.record_end(tmp_path, "finished") is False  # no start of this process there: nothing written
+    provenance.record_start(tmp_path, {**old, "started": "2026-01-02T00:00:00+00:00", "from_step": 4}, resumed=True)
+    assert provenance.record_end(tmp_path, "failed", "non-finite loss") is True
+    first, second = provenance.read_starts(tmp_path)
+    assert first == old and second["status"] == "failed" and second["message"] == "non-finite loss"
+    assert provenance.record_end(tmp_path, "finished") is False  # once
+
+
+def test_the_lock_file_says_a_stale_lock_means_a_killed_process(tmp_path):
+    from cirlab.core.io import LOCK_NAME, STALE_NOTE, folder_lock, lock_holder
+
+    with folder_lock(tmp_path):
+        text = (tmp_path / LOCK_NAME).read_text()
+        assert text.startswith("pid ") and text.rstrip("\n").endswith(STALE_NOTE) and text.count("\n") == 1
+        assert "killed" in STALE_NOTE and not lock_holder(tmp_path).endswith(STALE_NOTE.strip())
