@@ -132,6 +132,7 @@ print("wrote metrics.json and config.json to", written)
 
 # %%
 import json
+from pathlib import Path
 
 from cirlab.cli import main as cirlab_cli
 from cirlab.engine.runs import model_from_checkpoint
@@ -146,7 +147,7 @@ else:
     assert cirlab_cli(["convert", "--from", "lavis", str(lavis_file), converted, "--preset", "tiny", "--itm-head",
                        "--overwrite"]) == 0
     lavis_stage1, lavis_meta = model_from_checkpoint(converted)
-    lavis_report = json.loads(open(f"{converted}.report.json", encoding="utf-8").read())
+    lavis_report = json.loads(Path(f"{converted}.report.json").read_text(encoding="utf-8"))
     print("converted from", lavis_meta["converted_from"], "->", type(lavis_stage1).__name__,
           "| ITM head:", lavis_stage1.itm_head is not None)
     print("ignored:", {group: len(keys) for group, keys in lavis_report["reports"][0]["ignored_groups"].items()})

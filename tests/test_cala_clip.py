@@ -281,9 +281,10 @@ def test_openai_state_dicts_load_from_torch_save_and_torchscript(tmp_path):
         warnings.simplefilter("ignore")
         ids = model.tokenize(TEXTS[:1])[0]
         torch.jit.trace_module(model.clip, {"text_features": (ids,)}, check_trace=False).save(str(tmp_path / "jit.pt"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+    with warnings.catch_warnings(record=True) as seen:  # a user reading OpenAI's RN50x4.pt saw torch's deprecation
+        warnings.simplefilter("always")
         inferred = _clip_rn.config_from_state(_clip_rn.read_clip_state(tmp_path / "jit.pt"))
+        assert [str(w.message) for w in seen if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
         assert inferred.pop("clip_text_heads") == 1  # OpenAI's rule, width // 64 (the tiny tower has 2 heads)
         assert inferred == {k: v for k, v in model.config.to_dict().items() if k in inferred}
         for name in ("clip.pt", "jit.pt"):

@@ -704,7 +704,8 @@ def test_high_bit_depth_images_are_scaled_to_8_bits(tmp_path):
     from cirlab.data.base import load_image, to_rgb
 
     Image.fromarray(np.array([[0, 257, 32768, 65535]], np.uint16)).save(tmp_path / "g16.png")
-    assert Image.open(tmp_path / "g16.png").mode.startswith("I")  # I;16 (Pillow 10+) or I (before)
+    with Image.open(tmp_path / "g16.png") as opened:
+        assert opened.mode.startswith("I")  # I;16 (Pillow 10+) or I (before)
     assert np.asarray(load_image(tmp_path / "g16.png"))[0, :, 0].tolist() == [0, 1, 128, 255]
     as_float = Image.fromarray(np.array([[-0.5, 0.0, 0.5, 1.0, 2.0]], np.float32))  # mode F: 0..1, clipped
     assert np.asarray(to_rgb(as_float))[0, :, 0].tolist() == [0, 0, 128, 255, 255]
@@ -729,8 +730,8 @@ def test_16_bit_pgm_and_in_memory_i_images_are_read_as_16_bit(tmp_path):
     values = np.array([[0, 257, 32768, 65535]], np.uint16)
     header = b"P5 4 1 65535\n"
     (tmp_path / "g16.pgm").write_bytes(header + values.astype(">u2").tobytes())
-    opened = Image.open(tmp_path / "g16.pgm")
-    assert (opened.mode, opened.format) == ("I", "PPM")
+    with Image.open(tmp_path / "g16.pgm") as opened:
+        assert (opened.mode, opened.format) == ("I", "PPM")
     assert np.asarray(load_image(tmp_path / "g16.pgm"))[0, :, 0].tolist() == [0, 1, 128, 255]
     in_memory = Image.fromarray(values.astype(np.int32))  # mode I, format None
     assert in_memory.mode == "I" and in_memory.format is None

@@ -20,6 +20,7 @@ from a user file through :func:`read_clip_state` (OpenAI's TorchScript ``RN50x4.
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -149,7 +150,9 @@ def read_clip_state(path: str | Path) -> dict[str, torch.Tensor]:
 
         state: Any = load_file(str(path))
     elif is_torchscript(path):  # OpenAI's released files
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        with warnings.catch_warnings():  # torch deprecates TorchScript (a FutureWarning); these files are in it
+            warnings.filterwarnings("ignore", message=r".*torch\.jit", category=FutureWarning)
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
