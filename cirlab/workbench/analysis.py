@@ -519,11 +519,15 @@ def read_log(path: str | os.PathLike) -> Any:
     return pd.DataFrame(records)
 
 
+def _metrics_path(path: str | os.PathLike) -> Path:
+    """A run folder's ``metrics.json``, or the file itself."""
+    path = Path(path)
+    return path / "metrics.json" if path.is_dir() else path
+
+
 def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
     """``metrics.json`` of a run folder (or the file itself)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.json"
+    path = _metrics_path(path)
     if not path.is_file():
         raise MissingPathError(f"metrics file not found: {path}")
     try:
@@ -566,18 +570,135 @@ def _named_runs(runs: Any) -> Mapping[str, Any]:
     return named
 
 
-def compare_runs(runs: Mapping[str, Mapping[str, Any] | str | os.PathLike] | Sequence[str | os.PathLike]) -> Any:
+def compare_runs(runs: Mapping[str, Mapping[str, Any] | str | os.PathLike] | Sequence[str | os.PathLike], *,
+                 unfinished: str = "error") -> Any:
     """Side-by-side table: one row per metric, one column per run (dicts or run folders / metrics files). A list of
-    run folders (or one folder) names each column by its folder."""
+    run folders (or one folder) names each column by its folder. A run folder without metrics.json (stopped,
+    killed, still running) is an error, or with ``unfinished="skip"`` left out with a warning naming it (a glob of a
+    sweep's folders); :func:`runs_table` lists every run with its state."""
     import pandas as pd
 
+    if unfinished not in ("error", "skip"):
+        raise InputError(f"compare_runs: unfinished={unfinished!r}; expected 'error' or 'skip'")
     columns = {}
     for name, src in _named_runs(runs).items():
+        if unfinished == "skip" and not isinstance(src, Mapping) and not _metrics_path(src).is_file():
+            logger.warning("compare_runs: %s has no metrics.json (%s): left out", src, run_state(src)["state"]
+                           if Path(src).is_dir() else "not a run folder")
+            continue
         metrics = src if isinstance(src, Mapping) else read_metrics(src)
         columns[name] = flatten_metrics(metrics)
     table = pd.DataFrame(columns)
     table.index.name = "metric"
     return table
+
+
+RUN_MARKS = ("provenance.json", "log.jsonl")  # what every run that took a step holds; a user's folder holds neither
+_NOT_RUNS = {"checkpoints", "tb", "topk", "figures"}  # a run's own subfolders: never searched for runs
+
+
+def find_runs(root: str | os.PathLike) -> list[Path]:
+    """The run folders at or under ``root`` (each holds a :data:`RUN_MARKS` file), sorted by path; a run's own
+    subfolders are not searched, nor hidden ones."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MissingPathError(f"runs folder not found: {root}")
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        if any(mark in files for mark in RUN_MARKS):
+            found.append(Path(folder))
+            subfolders[:] = [d for d in subfolders if d not in _NOT_RUNS]
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+    return sorted(found)
+
+
+def run_state(run: str | os.PathLike) -> dict[str, Any]:
+    """Where one run stands, from its folder alone: ``state`` is ``running`` (its lock is held), ``finished``
+    (metrics.json), how its last start ended (``stopped (SIGTERM)``, ``failed``, ``error``: provenance.json), ``trained``
+    (its training is done, the final evaluation is owed: ``--resume`` runs it) or ``killed`` (a start that never
+    recorded an end: ``kill -9``, the OOM killer, a lost node). With ``message``, ``started``, ``ended`` and the last
+    logged ``step``."""
+    from cirlab.core.io import lock_holder
+
+    run = Path(run)
+    starts = _json_or(run / "provenance.json", {}).get("starts") or [{}]
+    last = starts[-1] if isinstance(starts[-1], dict) else {}
+    if lock_holder(run) is not None:
+        state = "running"
+    elif (run / "metrics.json").is_file():
+        state = "finished"
+    elif last.get("status") not in (None, "finished"):
+        state = str(last["status"])
+    elif (run / "train_summary.json").is_file():
+        state = "trained"
+    else:
+        state = "killed"
+    return {"state": state, "message": last.get("message") if state == last.get("status") else None,
+            "started": last.get("started"), "ended": last.get("ended"), "step": _last_step(run / "log.jsonl")}
+
+
+def _json_or(path: Path, default: Any) -> Any:
+    """A JSON file cirlab wrote, or ``default`` where it is missing or unreadable (a listing must not stop at one
+    broken run)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return default
+    return data if isinstance(data, type(default)) else default
+
+
+def _last_step(log: Path) -> int | None:
+    """The step of the last complete record of a log.jsonl (read from its end: a long run's log is large)."""
+    try:
+        with log.open("rb") as fh:
+            fh.seek(max(fh.seek(0, os.SEEK_END) - 65536, 0))
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(step, int):
+            return step
+    return None
+
+
+def runs_table(root: str | os.PathLike) -> Any:
+    """One row per run folder at or under ``root`` (:func:`find_runs`): its path relative to ``root``, model,
+    preset, dataset, :func:`run_state` (state, last step, start and end time, the message of a stop or failure),
+    the selection metric's best validation score, and each final split's value of that metric (``test avg``,
+    ``test rsum``, ...). Runs that stopped are listed too: a folder of sweeps shows which to resume."""
+    import pandas as pd
+
+    rows = []
+    for run in find_runs(root):
+        config = _yaml_or(run / "config.yaml")
+        metrics = _json_or(run / "metrics.json", {})
+        summary = _json_or(run / "train_summary.json", {})
+        selection = metrics.get("selection") if isinstance(metrics.get("selection"), dict) else {}
+        metric = selection.get("metric") or summary.get("selection_metric") or "avg"
+        state = run_state(run)
+        row = {"run": run.relative_to(root).as_posix() or ".", "model": config.get("model"),
+               "preset": config.get("preset"), "dataset": (config.get("dataset") or {}).get("name"),
+               "state": state.pop("state"), "step": state.pop("step"),
+               "best val": selection.get("best_score", summary.get("best_score"))}
+        for split, values in (metrics.get("splits") or {}).items():
+            if isinstance(values, dict) and metric in values:
+                row[f"{split} {metric}"] = values[metric]
+        rows.append({**row, **state})  # the times and the message last: the widest columns
+    return pd.DataFrame(rows)
+
+
+def _yaml_or(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 # --------------------------------------------------------------------------------------------- CaLa and HREM traces

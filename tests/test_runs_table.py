@@ -1,0 +1,83 @@
+"""A folder of runs listed without code: which finished, which stopped and how, which were killed, which is still
+running (``analysis.runs_table``), and ``compare_runs`` over a sweep's folders that are not all finished."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+import cirlab
+from cirlab import analysis
+from cirlab.core.errors import MissingPathError
+from cirlab.core.io import folder_lock
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "amc_synthetic_tiny.yaml"
+
+
+def _run(folder: Path, *, end: dict | None = None, metrics: bool = False, summary: bool = False,
+         steps: int = 3) -> Path:
+    """A run folder as the trainer leaves it: a start in provenance.json (with how it ended, where it did), log
+    records up to ``steps``, and the summary / metrics files of a run that got that far."""
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("model: amc\npreset: tiny\ndataset: {name: fashioniq}\n")
+    start = {"started": "2026-12-07T00:00:00+00:00", "from_step": 0, **(end or {})}
+    (folder / "provenance.json").write_text(json.dumps({"starts": [start]}))
+    records = [{"kind": "train", "step": s, "loss": 1.0} for s in range(1, steps + 1)]
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "tr')  # torn
+    (folder / "checkpoints").mkdir()
+    if summary or metrics:
+        (folder / "train_summary.json").write_text(json.dumps({"best_score": 40.0, "selection_metric": "avg"}))
+    if metrics:
+        (folder / "metrics.json").write_text(json.dumps({
+            "model": "amc", "selection": {"metric": "avg", "best_score": 41.0},
+            "splits": {"val": {"avg": 41.0, "R@10": 20.0}, "test": {"avg": 39.5}}}))
+    return folder
+
+
+def test_runs_table_tells_every_ending_from_the_folder_alone(tmp_path):
+    root = tmp_path / "sweep"
+    _run(root / "done", end={"ended": "2026-12-07T00:10:00+00:00", "status": "finished"}, metrics=True)
+    _run(root / "lr" / "big", end={"ended": "2026-12-07T00:01:00+00:00", "status": "failed",
+                                   "message": "non-finite loss in epoch 1, step 2"}, steps=1)
+    _run(root / "term", end={"status": "stopped (SIGTERM)", "message": "SIGTERM: training stopped"}, steps=7)
+    _run(root / "owed", end={"status": "error", "message": "RuntimeError: CUDA out of memory"}, summary=True)
+    _run(root / "nine", steps=5)  # kill -9: no end recorded
+    (root / "notes").mkdir()  # no run
+    (root / "notes" / "config.yaml").write_text("model: amc\n")
+    live = _run(root / "live", steps=2)
+    with folder_lock(live):
+        table = analysis.runs_table(root).set_index("run")
+    assert list(table.index) == ["done", "live", "lr/big", "nine", "owed", "term"]
+    assert table["state"].to_dict() == {"done": "finished", "live": "running", "lr/big": "failed", "nine": "killed",
+                                        "owed": "error", "term": "stopped (SIGTERM)"}
+    assert table["step"].to_dict() == {"done": 3, "live": 2, "lr/big": 1, "nine": 5, "owed": 3, "term": 7}
+    assert table.loc["done", "test avg"] == 39.5 and table.loc["done", "val avg"] == 41.0
+    assert table.loc["done", "best val"] == 41.0 and table.loc["owed", "best val"] == 40.0
+    assert table.loc["lr/big", "message"].startswith("non-finite loss")
+    assert table.loc["done", "model"] == "amc" and table.loc["done", "dataset"] == "fashioniq"
+    assert analysis.run_state(live)["state"] == "killed"  # its lock released: the process is gone
+    with pytest.raises(MissingPathError, match="runs folder not found"):
+        analysis.runs_table(tmp_path / "nowhere")
+
+
+def test_compare_runs_leaves_out_unfinished_runs_when_asked(tmp_path, caplog):
+    """Over a glob of a sweep's folders, compare_runs stopped at the first run without metrics.json."""
+    done = _run(tmp_path / "done", end={"status": "finished"}, metrics=True)
+    stopped = _run(tmp_path / "stopped", end={"status": "stopped (SIGTERM)"})
+    with pytest.raises(MissingPathError, match="metrics file not found"):
+        analysis.compare_runs([done, stopped])
+    with caplog.at_level(logging.WARNING):
+        table = analysis.compare_runs([done, stopped], unfinished="skip")
+    assert list(table.columns) == ["done"] and table.loc["splits/test/avg", "done"] == 39.5
+    assert "stopped has no metrics.json (stopped (SIGTERM)): left out" in caplog.text
+
+
+def test_a_real_run_is_listed_as_finished_with_its_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "cache"))
+    config = cirlab.load_config(CONFIG, ["train.max_steps=2", "eval.splits=[val]"])
+    result = cirlab.run_experiment(config, output_dir=tmp_path / "runs" / "a")
+    row = analysis.runs_table(tmp_path / "runs").iloc[0]
+    assert (row["run"], row["model"], row["preset"], row["state"], row["step"]) == ("a", "amc", "tiny", "finished", 2)
+    assert row["val avg"] == result["splits"]["val"]["avg"] and row["ended"]
