@@ -671,3 +671,18 @@ def test_subset_topk_lists_members_scored_minus_infinity_never_the_reference_or_
     assert got.tolist() == [naive(q) for q in range(6)]
     targets = got[:, 0]
     assert M.cirr_subset_ranks(scores, targets, reference, members).tolist() == [1] * 6  # the metric agrees
+
+
+def test_a_reopened_feature_store_says_how_much_disk_it_takes(tmp_path, caplog):
+    """Nothing prunes the cache and real data fills gigabytes: the store's line says its size, not only its items."""
+    import logging
+
+    from cirlab.core.featcache import FeatureStore
+
+    store = FeatureStore(tmp_path / "store", flush_rows=1)
+    store.get_or_compute(torch.arange(4000.0).view(2, 2000), lambda t: t)
+    store.flush()
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "store").glob("seg-*"))
+    with caplog.at_level(logging.INFO, logger="cirlab"):
+        FeatureStore(tmp_path / "store")
+    assert f"2 cached items, {on_disk / 1e6:.1f} MB" in caplog.text and on_disk > 16000

@@ -24,7 +24,7 @@ import uuid
 import weakref
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -199,6 +199,17 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
 MAX_MAPPED = 64  # segments a FeatureStore keeps memory-mapped at once (each map holds a file descriptor)
 
 
+
+def _bytes_in(paths: Iterable[Path]) -> int:
+    """The bytes the files among ``paths`` take (one removed meanwhile by another process counts nothing)."""
+    total = 0
+    for path in paths:
+        try:
+            total += path.stat().st_size
+        except OSError:
+            pass
+    return total
+
 class FeatureStore:
     """Features of single inputs, keyed by the digest of each input's bytes, memory-mapped on disk.
 
@@ -245,8 +256,9 @@ class FeatureStore:
                 log.warning("feature store %s: segment %s is incomplete; skipped", self.directory, data_file)
                 continue
             self._add_segment(data_file, keys)
-        if self._rows:
-            log.info("feature store %s: %d cached items", self.directory, len(self._rows))
+        if self._rows:  # its size too: nothing prunes the cache, and real data fills gigabytes
+            log.info("feature store %s: %d cached items, %.1f MB", self.directory, len(self._rows),
+                     _bytes_in(self.directory.glob("seg-*")) / 1e6)
 
     def _get(self, digest: str) -> np.ndarray | None:
         loc = self._rows.get(digest)
