@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -72,6 +73,9 @@ class PresetMixin:
     # field removed since -> why, and what to do instead: a stored config (a checkpoint's) drops it; a config file
     # that sets it is refused with the reason (unknown keys are errors)
     RETIRED: ClassVar[dict[str, str]] = {}
+    # field -> its valid range, where the name alone does not say it (check_field_ranges: sizes >= 1, counts >= 0
+    # and drop probabilities in [0, 1) follow from the name): positive temperatures and scales, 0 meaning "off"
+    RANGES: ClassVar[dict[str, "Bound"]] = {}
 
     @classmethod
     def presets(cls) -> list[str]:
@@ -159,10 +163,92 @@ class FieldValueError(ConfigError, ValueError):
     """A config value of the right type out of its range (a ``ValueError`` too)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The valid range of a numeric config field: ``low``/``high`` (None: unbounded), each inclusive unless its
+    ``*_open`` flag says otherwise. A refusal below ``low`` names ``kind`` ("a positive size") where set, else the
+    range, and says ``why``; one above ``high`` names the range and says ``why_high`` (else ``why``)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    kind: str = ""
+    why: str = ""
+    why_high: str = ""
+
+    def admits(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        """``"a value in [0, 1)"``, ``"a value >= 1"``, ``"a value > 0"``, ``"a value <= 512"``."""
+        low, high = _number(self.low), _number(self.high)
+        if low is not None and high is not None:
+            return f"a value in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if low is not None:
+            return f"a value {'>' if self.low_open else '>='} {low}"
+        return f"a value {'<' if self.high_open else '<='} {high}" if high is not None else "a number"
+
+
+def _number(value: float | None) -> str | None:
+    """``1048576`` for an int (``:g`` writes 1.04858e+06), ``0.5`` for a float."""
+    return None if value is None else str(value) if isinstance(value, int) else f"{value:g}"
+
+
+# No layer, vocabulary or text length of these models comes near a million: a Linear 2**20 wide alone holds 4 TB
+# of fp32 weights, so a larger size is a slip (an extra digit, 1e9) that would otherwise end in an allocator
+# traceback, or a native abort, after minutes of loading.
+MAX_SIZE = 2**20
+# Image sides: the papers use 224-384 px; at 8192 px a ViT-B/16 already sees 262,144 tokens per image.
+MAX_IMAGE_SIDE = 8192
+
+SIZE = Bound(1, MAX_SIZE, kind="a positive size", why_high="no layer, vocabulary or text of these models comes near "
+                                                             "a million; it would not fit in memory")
+IMAGE_SIDE = Bound(1, MAX_IMAGE_SIDE, kind="a positive size", why_high="an image side in pixels; the papers use 224 "
+                                                                        "to 384")
+COUNT = Bound(0, kind="a count >= 0", why="0 switches the phase off")
+PROBABILITY = Bound(0, 1, high_open=True, why="a drop probability; 1 would drop everything")
+POSITIVE = Bound(0, low_open=True)
+NON_NEGATIVE = Bound(0)
+
+
 def _is_size_field(name: str) -> bool:
-    """Widths, head counts and image sizes: a layer of width -4 or 0 heads has no meaning in any of the models."""
-    return name in ("dim", "nhead", "embed_size", "image_size", "patch_size") or name.endswith(("_dim", "_heads",
-                                                                                               "_hidden"))
+    """Widths, depths, head and layer counts, token counts, lengths and image sizes: a layer of width -4, 0 heads or a
+    0-token text has no meaning in any of the models (0 where it means "off" or "the default" is declared in the
+    config's ``RANGES``)."""
+    return (name in ("dim", "nhead", "embed_size", "patch_size", "vocab_size")
+            or name.startswith(("num_", "hid_"))
+            or name.endswith(("_dim", "_heads", "_hidden", "_hid", "_width", "_depth", "_layers", "_intermediate",
+                              "_mlp", "_len", "_length", "_freq", "_tokens", "_vocab_size")))
+
+
+def _is_count_field(name: str) -> bool:
+    """Warm-up lengths and step counts (DIME's and HREM's warm-up epochs, HREM's warmup_iters, CaLa's tac_steps): a
+    negative count has no meaning; 0 switches the phase off."""
+    return name.endswith(("_epochs", "_iters", "_steps"))
+
+
+def _is_drop_field(name: str) -> bool:
+    """Dropout, region-drop and drop-path probabilities (``dropout``, ``qformer_dropout``, ``region_drop``,
+    ``frozen_vit_drop_path``): torch refuses one outside [0, 1] only when the layer is built, as a traceback."""
+    return "dropout" in name or name.endswith("_drop") or "drop_path" in name
+
+
+def field_bound(cls: type, name: str) -> Bound | None:
+    """The range of field ``name`` of ``cls``: the class's own ``RANGES`` entry, else the one its name implies
+    (:func:`_is_size_field`, ``image_size``, :func:`_is_count_field`, :func:`_is_drop_field`), else None."""
+    declared = getattr(cls, "RANGES", {})
+    if name in declared:
+        return declared[name]
+    if name == "image_size":
+        return IMAGE_SIDE
+    if _is_size_field(name):
+        return SIZE
+    if _is_count_field(name):
+        return COUNT
+    return PROBABILITY if _is_drop_field(name) else None
 
 
 def refuse_unread(config_name: str, settings: Iterable[tuple[str, Any, bool, str]]) -> None:
@@ -174,23 +260,40 @@ def refuse_unread(config_name: str, settings: Iterable[tuple[str, Any, bool, str
             raise ValueError(f"{config_name}.{name}={value!r} is read only with {reader}; clear it or set {reader}")
 
 
-def _is_count_field(name: str) -> bool:
-    """Warm-up lengths and step counts (DIME's and HREM's warm-up epochs, HREM's warmup_iters, CaLa's tac_steps): a
-    negative count has no meaning; 0 switches the phase off."""
-    return name.endswith(("_epochs", "_iters", "_steps"))
+def refuse_indivisible(config_name: str, pairs: Iterable[tuple[str, int, str, int]]) -> None:
+    """Refuse a width its head count does not divide (``(width field, width, heads field, heads)``): the attention
+    layer would fail as it is built, as a traceback from transformers or torch."""
+    for width_name, width, heads_name, heads in pairs:
+        if heads > 0 and width % heads:
+            raise FieldValueError(f"{config_name}: {width_name} {width} is not divisible by {heads_name} {heads}")
 
 
 def check_field_ranges(cls: type, values: Mapping[str, Any]) -> None:
-    """Refuse a size field (:func:`_is_size_field`) below 1 and a count (:func:`_is_count_field`) below 0, naming
-    it, before the config or the model is built: a config's own checks or torch would fail with a modulo by zero or
-    a message about tensor shapes instead, or a negative warm-up would be read as none."""
+    """Refuse a non-finite number (NaN, inf) in any field, and a number outside its field's range
+    (:func:`field_bound`; each item of a list of sizes), naming the field, before the config or the model is built:
+    otherwise torch fails later with a modulo by zero, a negative dimension or an allocator error as a traceback,
+    or a NaN temperature surfaces steps later as a "non-finite loss" that blames the data."""
     for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool):
-            continue
-        if _is_size_field(name) and value < 1:
-            raise FieldValueError(f"{cls.__name__}.{name}: expected a positive size, got {value}")
-        if _is_count_field(name) and value < 0:
-            raise FieldValueError(f"{cls.__name__}.{name}: expected a count >= 0, got {value}")
+        items = list(enumerate(value)) if isinstance(value, (list, tuple)) else [(None, value)]
+        for index, item in items:
+            where = f"{cls.__name__}.{name}" + ("" if index is None else f"[{index}]")
+            problem = _range_problem(item, field_bound(cls, name))
+            if problem:
+                raise FieldValueError(f"{where}: {problem}")
+
+
+def _range_problem(value: Any, bound: Bound | None) -> str | None:
+    """Why ``value`` is out of ``bound`` (None when it fits, or is not a number)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"expected a finite number, got {value}"
+    if bound is None or bound.admits(value):
+        return None
+    below = bound.low is not None and not Bound(low=bound.low, low_open=bound.low_open).admits(value)
+    expected = bound.kind if below and bound.kind else bound.describe()
+    why = bound.why if below else bound.why_high or bound.why
+    return f"expected {expected}, got {_number(value)}" + (f" ({why})" if why else "")
 
 
 def _fits(value: Any, hint: Any) -> bool:

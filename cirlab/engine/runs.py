@@ -465,13 +465,13 @@ def _validate_model(config: dict[str, Any], source: str) -> None:
         raise ConfigError(unknown_fields_message(cls, unknown, f"{source}: model_overrides ({cls.__name__})"))
     try:  # the config dataclass checks its own values (choices, divisibility); no weights are built here
         build_config(name, preset, **overrides)
-    except (TypeError, ValueError, KeyError) as err:
+    except (TypeError, ValueError, KeyError, ArithmeticError) as err:  # a modulo by zero in a check: still one line
         raise ConfigError(f"{source}: model_overrides: {' '.join(str(err).split())}") from None
     dataset = (config.get("dataset") or {}).get("name")
     if getattr(cls, "FOLLOWS_RUN_DATASET", False) and dataset and "dataset" not in overrides:
         try:
             build_config(name, preset, **{**overrides, "dataset": dataset})
-        except (TypeError, ValueError, KeyError) as err:
+        except (TypeError, ValueError, KeyError, ArithmeticError) as err:
             raise ConfigError(f"{source}: dataset.name {dataset!r} is passed to the {name} config, which refuses it "
                               f"({' '.join(str(err).split())}); set model_overrides.dataset to one it accepts"
                               ) from None
@@ -536,6 +536,7 @@ def _validate_dataset(config: dict[str, Any], source: str) -> None:
     for key in ("train_split", "val_split", "test_split"):
         if not isinstance(ds.get(key), str) or not ds[key]:
             raise ConfigError(f"{source}: dataset.{key}: expected a split name, got {ds.get(key)!r}")
+    _check_train_split(ds, spec, source)
     options = ds.get("options") or {}
     if not isinstance(options, dict):
         raise ConfigError(f"{source}: dataset.options: expected a mapping of loader options, got {options!r:.60}")
@@ -551,15 +552,33 @@ def _validate_dataset(config: dict[str, Any], source: str) -> None:
         unknown = sorted(set(synth) - set(SYNTHETIC_KEYS))
         if unknown:
             raise ConfigError(unknown_names_message(f"{source}: dataset.synthetic", unknown, SYNTHETIC_KEYS))
-        from cirlab.data.generators.synthetic import SIZES
+        from cirlab.core.config import MAX_SEED
+        from cirlab.data.generators.synthetic import MAX_IMAGE_SIZE, SIZES
 
         if synth.get("size", "tiny") not in SIZES:
             raise ConfigError(f"{source}: dataset.synthetic.size: {synth['size']!r} is not one of "
                               f"{', '.join(SIZES)}{did_you_mean(synth['size'], SIZES)}")
-        for key, low in (("seed", 0), ("image_size", 16)):
+        for key, low, high in (("seed", 0, MAX_SEED), ("image_size", 16, MAX_IMAGE_SIZE)):  # the generator's ranges
             value = synth.get(key, low)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"{source}: dataset.synthetic.{key}: expected an integer >= {low}, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ConfigError(f"{source}: dataset.synthetic.{key}: expected an integer from {low} to {high}, "
+                                  f"got {value!r}")
+
+
+def _check_train_split(ds: dict[str, Any], spec: Any, source: str) -> None:
+    """A composed-retrieval loader knows a fixed set of split names (and aliases): a slip in ``train_split`` is refused
+    here, naming the field, rather than by the training-data loader as "unknown Fashion-IQ split 'nope'" without
+    it. Region-feature (ITM) layouts name their splits by the files present: not checked."""
+    if spec.is_itm:
+        return
+    import importlib
+
+    module = importlib.import_module(spec.loader)
+    known = [*getattr(module, "SPLITS", getattr(module, "SPLIT_FILES", ())), *getattr(module, "SPLIT_ALIASES", ())]
+    split = ds["train_split"]  # val_split and test_split: load_split names them in its refusal
+    if known and split not in known:
+        raise ConfigError(f"{source}: dataset.train_split: {spec.name} has no split {split!r}"
+                          f"{did_you_mean(split, known)}; known: {', '.join(known)}")
 
 
 def _validate_eval(config: dict[str, Any], source: str) -> None:

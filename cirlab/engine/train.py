@@ -192,8 +192,14 @@ _RULES: dict[str, tuple[str, float | None, bool, bool]] = {
     "tensorboard": ("bool", None, True, False), "num_threads": ("int", 0, True, False),
     "resume": ("str", None, True, False), "device": ("str", None, True, False), "selection": ("str", None, True, False),
     "selection_metric": ("str", None, True, False), "test_split": ("str", None, True, False),
+    "ddp_find_unused_parameters": ("bool", None, True, False),
     **{name: ("str", None, True, False) for name in CHOICES},
 }
+# processes or threads per CPU this process may use: more only oversubscribes, and a slip (num_workers=1e9) started
+# ~1,800 DataLoader workers that ignored SIGTERM; num_threads=1e9 made libgomp allocate 216 GB. At least _MIN_CAP
+# whatever the machine, so that a config written on a server still runs (oversubscribed) on a laptop.
+_PER_CPU, _MIN_CAP = 4, 32
+_PER_CPU_FIELDS = {"num_workers": "DataLoader worker processes", "num_threads": "torch CPU threads"}
 _FLOAT_FIELDS = tuple(name for name, rule in _RULES.items() if rule[0] == "float")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -232,6 +238,9 @@ def _value_problem(name: str, value: Any) -> str | None:
         return "must be a finite number"
     if name == "ema_decay" and not 0 < float(value) < 1:
         return "must be between 0 and 1 (e.g. 0.999), or null for no EMA"
+    if name in _PER_CPU_FIELDS and value > cpu_cap():
+        return (f"must be <= {cpu_cap()} ({_PER_CPU_FIELDS[name]}: {_PER_CPU} per CPU, at least {_MIN_CAP}; this "
+                f"process may use {available_cpus()} CPUs)")
     if name == "seed" and value > MAX_SEED:
         return f"must be <= {MAX_SEED} (NumPy's seed range, as cirlab data synth --seed)"
     if low is not None and (value < low if inclusive else value <= low):
@@ -242,6 +251,61 @@ def _value_problem(name: str, value: Any) -> str | None:
 
 
 _KIND_NAMES = {"float": "number", "bool": "boolean", "str": "string"}
+
+
+# schedule field -> the schedules that read it (schedule_factor, learning_rate)
+_SCHEDULE_READERS = {"lr_milestones": ("step",), "lr_step_size": ("step",), "lr_gamma": ("step",),
+                     "cosine_epochs": ("cosine", "periodic_cosine"), "min_lr": ("cosine", "periodic_cosine")}
+
+
+def setting_warnings(cfg: TrainConfig, total_steps: int | None, recipe: Mapping[str, Any] | None = None
+                     ) -> list[str]:
+    """Settings that are valid but do nothing or leave nothing to train: a warm-up as long as the run (the lr never
+    reaches its value), and schedule fields set away from their defaults under a schedule that never reads them.
+    Warnings, not errors; a value the model's paper ``recipe`` (``default_train_config``) holds is not the user's
+    choice, and not said (a tiny config's constant schedule carries AMC's milestones unread)."""
+    out = []
+    if cfg.warmup_steps and total_steps and cfg.warmup_steps >= total_steps:
+        out.append(f"train.warmup_steps={cfg.warmup_steps} covers the whole run ({total_steps} optimizer steps): "
+                   f"the lr rises linearly for all of it and never reaches train.lr; lower train.warmup_steps")
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                for f in dataclasses.fields(TrainConfig) if f.name in _SCHEDULE_READERS}
+    recipe = recipe or {}
+
+    def chosen(name: str) -> bool:
+        value = getattr(cfg, name)
+        return value != defaults[name] and not (name in recipe and _same_setting(recipe[name], value))
+
+    unread = [f"{name}={getattr(cfg, name)!r}" for name, readers in _SCHEDULE_READERS.items()
+              if cfg.schedule not in readers and chosen(name)]
+    if cfg.schedule == "step" and cfg.lr_step_size > 0 and cfg.lr_milestones and chosen("lr_milestones"):
+        # the step size wins over milestones
+        unread.append(f"lr_milestones={cfg.lr_milestones!r} (lr_step_size={cfg.lr_step_size} is used instead)")
+    if unread:
+        out.append(f"train.schedule={cfg.schedule!r} does not read train.{', train.'.join(unread)}: ignored (a "
+                   "model's paper recipe sets them for its own schedule); set the schedule that reads them, or "
+                   "remove them")
+    return out
+
+
+def _same_setting(recipe_value: Any, value: Any) -> bool:
+    """Whether a recipe's value is the resolved one (a recipe's list of milestones is a tuple once resolved)."""
+    if isinstance(recipe_value, (list, tuple)) and isinstance(value, (list, tuple)):
+        return list(recipe_value) == list(value)
+    return recipe_value == value
+
+
+def cpu_cap() -> int:
+    """The most ``num_workers`` / ``num_threads`` accepted: 4 per CPU this process may use, at least 32."""
+    return max(_PER_CPU * available_cpus(), _MIN_CAP)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, as a container or taskset limits it), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
 
 
 def _decimal_comma_hint(value: Any) -> str:
@@ -787,7 +851,8 @@ class _RunLog:
     """
 
     def __init__(self, output_dir: Path, cfg: TrainConfig, total_steps: int | None, active: bool,
-                 start_step: int, steps_per_epoch: int | None = None, evaluates: bool = False) -> None:
+                 start_step: int, steps_per_epoch: int | None = None, evaluates: bool = False,
+                 recipe: Mapping[str, Any] | None = None) -> None:
         self.active = active
         self.path = output_dir / "log.jsonl"
         self.tb = self._tensorboard(output_dir) if active and cfg.tensorboard else None
@@ -807,6 +872,8 @@ class _RunLog:
         self.schedule = (steps_per_epoch, cfg.epochs, cfg.eval_every, cfg.eval_every_steps) if evaluates else None
         if active:
             self._warn_if_capped(cfg, steps_per_epoch)
+            for warning in setting_warnings(cfg, total_steps, recipe):
+                logger.warning("%s", warning)
 
     @staticmethod
     def _warn_if_capped(cfg: TrainConfig, steps_per_epoch: int | None) -> None:
@@ -1642,7 +1709,8 @@ class Trainer:
         self._write_config()
         total = self.total_steps()
         log = _RunLog(self.output_dir, cfg, total, self.dist.is_main, p.step,
-                      steps_per_epoch=self.steps_per_epoch, evaluates=self.evaluate_fn is not None)
+                      steps_per_epoch=self.steps_per_epoch, evaluates=self.evaluate_fn is not None,
+                      recipe=self.model.default_train_config() if isinstance(self.model, Model) else None)
         self.model.train()
         try:
             owed = self._owes_evaluation()

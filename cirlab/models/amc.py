@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cirlab.core import tracing
-from cirlab.core.config import PresetMixin, refuse_unread
+from cirlab.core.config import NON_NEGATIVE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_unread
 from cirlab.core.errors import InputError, MissingPathError
 from cirlab.models._truncation import say_cut
 from cirlab.models.registry import register_model
@@ -132,6 +132,13 @@ class AMCConfig(PresetMixin):
     transform: str = "amc"  # cirlab.data.transforms name: amc (FIQ: random crop + flip in training, centre crop in
     #                         evaluation) | amc_shoes (centre crop only) | amc_eval (the standalone eval.py resize)
 
+    # ranges the names do not imply (core.config.check_field_ranges): a logit scale of 0 leaves the classification
+    # loss without signal and a negative one inverts it; a negative loss weight trains against its loss
+    RANGES: ClassVar[dict[str, Bound]] = {
+        "logit_scale": POSITIVE, "cls_weight": NON_NEGATIVE, "sim_weight": NON_NEGATIVE,
+        "ffn_ratio": Bound(0, 64, low_open=True, why="the CRN feed-forward is embed_dim x ffn_ratio wide; 0.5 in "
+                                                     "the paper"),
+    }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "fashioniq": {},  # per category (dress / shirt / toptee trained separately)
         # Shoes: no augmentation at all in the original (train and test Resize([256,256]) -> CenterCrop 224)
@@ -146,14 +153,20 @@ class AMCConfig(PresetMixin):
     }
 
     def __post_init__(self) -> None:
+        from cirlab.data.transforms import TRANSFORMS  # a typo failed as a traceback once the data was read
+
+        check_field_ranges(type(self), vars(self))  # also when built directly, not through a preset
         for name, value, allowed in (("backbone", self.backbone, BACKBONES),
                                      ("word_vectors", self.word_vectors, WORD_VECTORS),
                                      ("ablation", self.ablation, ABLATIONS),
-                                     ("text_pool", self.text_pool, TEXT_POOLS)):
+                                     ("text_pool", self.text_pool, TEXT_POOLS),
+                                     ("transform", self.transform, tuple(TRANSFORMS))):
             if value not in allowed:
                 raise ValueError(f"AMCConfig.{name}={value!r}; expected one of {allowed}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"AMCConfig: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if int(self.embed_dim * self.ffn_ratio) < 1:  # CRN's feed-forward would be 0 wide
+            raise ValueError(f"AMCConfig.ffn_ratio={self.ffn_ratio}: embed_dim {self.embed_dim} x ffn_ratio is below 1")
         words = self.word_vectors
         refuse_unread("AMCConfig", [("glove_path", self.glove_path, words == "glove", "word_vectors='glove'"),
                                     ("minilm_path", self.minilm_path, words == "minilm", "word_vectors='minilm'"),

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cirlab.core import io
-from cirlab.core.config import PresetMixin
+from cirlab.core.config import MAX_SIZE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_indivisible
 from cirlab.models import _hf_blip as hf
 from cirlab.models import blip_interop
 from cirlab.models._truncation import hf_cut_count, say_cut
@@ -132,6 +132,13 @@ class BlipRerankConfig(PresetMixin):
     bf16: bool = False
 
     PAPER_DATA_OPTIONS: ClassVar[dict[str, dict[str, Any]]] = {"fashioniq": {"protocol": "clip4cir"}}
+    # ranges the names do not imply (core.config.check_field_ranges), where 0 means "the default" or "off": a
+    # negative rerank_k or pair_chunk was read as a real setting (rerank_k=-1 re-ranked nothing and exited 0)
+    RANGES: ClassVar[dict[str, Bound]] = {
+        "rerank_k": Bound(0, why="0 = the paper's K"), "pair_chunk": Bound(0, why="0 = all B queries at once"),
+        "score_chunk": Bound(1), "merge_linear_from": Bound(0, why="the first layer merging by Linear; 0 = all"),
+        "vocab_size": Bound(0, MAX_SIZE, why="0 = BLIP's 30,524"), "temp_init": POSITIVE,
+    }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "fashioniq": {"dataset": "fashioniq"},
         "cirr": {"dataset": "cirr"},
@@ -145,10 +152,13 @@ class BlipRerankConfig(PresetMixin):
     }
 
     def __post_init__(self) -> None:
+        check_field_ranges(type(self), vars(self))  # also when built directly, not through a preset
         if self.dataset not in PAPER_RERANK_K:
             raise ValueError(f"BlipRerankConfig.dataset must be one of {sorted(PAPER_RERANK_K)}, got {self.dataset!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        refuse_indivisible("BlipRerankConfig", [("vision_width", self.vision_width, "vision_heads", self.vision_heads),
+                                                ("text_width", self.text_width, "text_heads", self.text_heads)])
 
     @property
     def num_image_tokens(self) -> int:

@@ -114,7 +114,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cirlab.core import tracing
-from cirlab.core.config import PresetMixin, refuse_unread
+from cirlab.core.config import (NON_NEGATIVE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_indivisible,
+                                refuse_unread)
 from cirlab.core.errors import ConfigError
 from cirlab.models import _hf_blip2 as hb
 from cirlab.models._hf_blip import refuse_unknown_tokens
@@ -217,6 +218,14 @@ class CaLaConfig(PresetMixin):
     clip_bn_train_mode: bool = False  # released: clip_model.train() puts the frozen tower's BatchNorm in train mode
     clip_artemis_trained: bool = True  # released (False): the CLIP optimizer has no ARTEMIS group, it never trains
 
+    # ranges the names do not imply (core.config.check_field_ranges): the logit scales multiply cosine scores (0 or
+    # NaN leaves no signal); lr feeds train.lr (checked here, where the user set it, before the model is built)
+    RANGES: ClassVar[dict[str, Bound]] = {
+        "qtm_scale": POSITIVE, "aux_scale": POSITIVE, "hca_weight": NON_NEGATIVE, "tac_weight": NON_NEGATIVE,
+        "lr": NON_NEGATIVE,
+        "tac_steps": Bound(0, 1000, kind="a count >= 0", why_high="the paper applies 4; every application is kept "
+                                                                  "for the backward pass"),
+    }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cirr": {"dataset": "cirr"},
         "fashioniq": {"dataset": "fashioniq"},
@@ -237,6 +246,7 @@ class CaLaConfig(PresetMixin):
     }
 
     def __post_init__(self) -> None:
+        check_field_ranges(type(self), vars(self))  # also when built directly, not through a preset
         for name, allowed in (("dataset", DATASETS), ("vision", hb.VISION_ARCHS), ("encoder", ENCODERS),
                               ("cir_frame", FRAMES), ("loss_form", LOSS_FORMS), ("lr_schedule", LR_SCHEDULES),
                               ("ablation", ABLATIONS), ("qformer_init", QFORMER_INITS), ("backbone", BACKBONES),
@@ -261,7 +271,12 @@ class CaLaConfig(PresetMixin):
             if self.encoder != "multi":
                 raise ValueError("CaLaConfig.encoder='both' trains the BLIP-2 visual Q-Former; the CLIP path's image "
                                  "tower is always frozen (use encoder='multi')")
+            refuse_indivisible("CaLaConfig", [("clip_text_width", self.clip_text_width, "clip_text_heads",
+                                               self.clip_text_heads)])
             return
+        vit = [("vision_width", self.vision_width, "vision_heads", self.vision_heads)]
+        refuse_indivisible("CaLaConfig", [("qformer_width", self.qformer_width, "qformer_heads", self.qformer_heads),
+                                          *(vit if self.vision != "efficientnet_lite0" else [])])
         if self.vision != "efficientnet_lite0" and self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
 

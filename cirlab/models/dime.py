@@ -55,7 +55,7 @@ from torch import nn
 
 from cirlab.core import tracing
 from cirlab.core.checkpoint import RETIRED_TRUST_FIELD
-from cirlab.core.config import PresetMixin
+from cirlab.core.config import NON_NEGATIVE, POSITIVE, Bound, PresetMixin, check_field_ranges
 from cirlab.models._text import (  # noqa: F401  (BERT_BASE_CONFIG, tiny_vocab, ... stay importable from here)
     BERT_BASE_CONFIG, BertVocabMixin, convert_original_bert_state_dict, load_bert, make_tokenizer, tiny_vocab,
     word_splitter)
@@ -114,6 +114,13 @@ class DIMEConfig(PresetMixin):
     # pretrained start, applied by load_init when `cirlab train` builds the model
     init_from: str = ""  # a cirlab DIME run folder or checkpoint, or the original's model_best.pth.tar
 
+    # ranges the names do not imply (core.config.check_field_ranges): BERT's position embeddings hold 512 tokens
+    # (a larger max_words pads every caption to it: 1e9 aborted natively after 30 s)
+    RANGES: ClassVar[dict[str, Bound]] = {
+        "max_words": Bound(3, 512, why="[CLS], one word and [SEP] need 3; BERT's positions hold 512"),
+        "lambda_softmax": POSITIVE, "margin": NON_NEGATIVE, "path_weight": NON_NEGATIVE,
+        "pairs_per_shard": Bound(0, why="0 = from memory on CUDA, 4096 on CPU"),
+    }
     RENAMED: ClassVar[dict[str, str]] = {"max_violation_warmup_epochs": "vse_mean_warmup_epochs"}
     RETIRED: ClassVar[dict[str, str]] = RETIRED_TRUST_FIELD
     PRESETS = {
@@ -127,6 +134,7 @@ class DIMEConfig(PresetMixin):
     }
 
     def __post_init__(self) -> None:
+        check_field_ranges(type(self), vars(self))  # also when built directly, not through a preset
         if self.direction not in ("i2t", "t2i"):
             raise ValueError(f"DIMEConfig.direction must be 'i2t' or 't2i', got {self.direction!r}")
         if self.embed_size % self.num_head_imrc:

@@ -56,7 +56,7 @@ from torch import nn
 
 from cirlab.core import tracing
 from cirlab.core.checkpoint import RETIRED_TRUST_FIELD
-from cirlab.core.config import PresetMixin
+from cirlab.core.config import NON_NEGATIVE, POSITIVE, Bound, PresetMixin, check_field_ranges
 from cirlab.core.errors import InputError
 from cirlab.models._text import BertVocabMixin, load_bert
 from cirlab.models._truncation import say_cut
@@ -117,6 +117,17 @@ class HREMConfig(PresetMixin):
     init_from: str = ""  # a cirlab HREM run folder or checkpoint, or the original's model_best.pth
 
     RETIRED: ClassVar[dict[str, str]] = RETIRED_TRUST_FIELD
+    # ranges the names do not imply (core.config.check_field_ranges): sigma and the temperature divide distances
+    # and scores (0 gave a NaN loss at step 3); a negative bert_lr_scale turns BERT's steps into gradient ascent
+    RANGES: ClassVar[dict[str, Bound]] = {
+        "max_words": Bound(3, 512, why="[CLS], one word and [SEP] need 3; BERT's positions hold 512"),
+        "sigma": POSITIVE, "temperature": POSITIVE, "mask_weight": POSITIVE, "dws_cutoff": POSITIVE,
+        "residual_weight": Bound(0, 1), "threshold": Bound(0, 1, low_open=True), "reg_loss_weight": NON_NEGATIVE,
+        "margin": NON_NEGATIVE, "dws_clamp": NON_NEGATIVE, "bert_lr_scale": NON_NEGATIVE,
+        "maxk": Bound(1), "paper_batch_size": Bound(1),
+        "topk": Bound(1, 512, why="scores of at most max_words words and the regions; the relevance MLPs are topk "
+                                  "wide (1e9 failed allocating 4e18 bytes)"),
+    }
     PRESETS = {
         "f30k": {"mask_weight": 1.0, "dws_cutoff": 1.7, "paper_batch_size": 128},
         "coco": {"mask_weight": 1.5, "dws_cutoff": 1.9, "paper_batch_size": 256},
@@ -128,6 +139,7 @@ class HREMConfig(PresetMixin):
     }
 
     def __post_init__(self) -> None:
+        check_field_ranges(type(self), vars(self))  # also when built directly, not through a preset
         checks = [(self.embed_size % self.nhead == 0, f"embed_size {self.embed_size} not divisible by {self.nhead} "
                    "heads"),
                   (self.mask_weight > 0, "mask_weight must be > 0 (0 x -inf is NaN in the attention mask)"),
