@@ -62,8 +62,9 @@ def _add_train(subparsers: Any) -> None:
                    help="override a config entry, value parsed as YAML; repeatable "
                         "(e.g. --set train.lr=2e-4 --set dataset.root=PATH/TO/fiq --set dataset.category=[dress])")
     p.add_argument("--output-dir", default=None, type=user_path,
-                   help="run folder (default: the config's output_dir, else $CIRLAB_RUNS/<config name>, "
-                        "./runs/<config name> without CIRLAB_RUNS)")
+                   help="run folder (default: for a run folder's own config.yaml, that folder, wherever it has "
+                        "moved; else the config's output_dir, else $CIRLAB_RUNS/<config name>, ./runs/<config name> "
+                        "without CIRLAB_RUNS)")
     p.add_argument("--resume", action="store_true",
                    help="continue from <output-dir>/checkpoints/last.pt when it exists (exact: same losses as an "
                         "uninterrupted run); the stored config.yaml must match (differences are listed)")
@@ -92,7 +93,7 @@ def _add_eval(subparsers: Any) -> None:
     p.add_argument("--dataset", default=None, help="dataset name: fashioniq | shoes | cirr | f30k | coco")
     p.add_argument("--root", default=None, type=user_path,
                    help="dataset root (default: config, else $CIRLAB_DATA/<dataset> for CIR data, $CIRLAB_DATA for "
-                        "f30k / coco precomp)")
+                        "f30k / coco precomp; a run's recorded root comes before CIRLAB_DATA, also when it is gone)")
     p.add_argument("--category", default=None, action=_Once,
                    help="one Fashion-IQ category (default: the run's dataset.category, else every category the split "
                         "has on disk, reported each)")
@@ -257,7 +258,8 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.allow_config_change and not resuming:  # it qualifies a resume: alone it would be ignored
         raise ConfigError("--allow-config-change applies to a resume (--resume or train.resume; it accepts a resumed "
                           "run's changed settings); without one there is nothing to allow")
-    result = run_experiment(config, output_dir=args.output_dir, resume=args.resume, device=args.device,
+    output_dir = args.output_dir or _run_folder_of_config(Path(args.config), config, args.overrides)
+    result = run_experiment(config, output_dir=output_dir, resume=args.resume, device=args.device,
                             overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     if is_main_process():  # under torchrun every process returns the same gathered metrics
         from cirlab.core.io import json_text
@@ -269,6 +271,25 @@ def _run_train(args: argparse.Namespace) -> int:
         logger.info("run written to %s (metrics.json, checkpoints/best.pt; cirlab eval %s evaluates it again)",
                     run, shlex.quote(str(run)))
     return 0
+
+
+def _run_folder_of_config(path: Path, config: dict[str, Any], overrides: Sequence[str]) -> Path | None:
+    """The folder ``path`` lies in when it is a run folder's own config.yaml (checkpoints/ or provenance.json
+    beside it) and neither --output-dir nor ``--set output_dir=`` names another: the run is where its config is.
+    Its recorded ``output_dir`` is absolute, so a moved or received run folder resumed (or trained) into the old
+    path, re-creating it, and left the run that was meant untouched."""
+    from cirlab.engine.runs import parse_set
+
+    folder = path.parent
+    if path.name != "config.yaml" or not ((folder / "checkpoints").is_dir() or (folder / "provenance.json").is_file()):
+        return None
+    if any(keys[0] == "output_dir" for keys, _ in parse_set(overrides)):  # said on the command line: it stands
+        return None
+    recorded = str(config.get("output_dir") or "")
+    if recorded and Path(recorded).expanduser().resolve() != folder.resolve():
+        logger.info("%s is a run folder's config.yaml: the run is %s, not the output_dir it records (%s; moved or "
+                    "copied?): writing there (--output-dir names another folder)", path, folder, recorded)
+    return folder
 
 
 def _refuse_unread_sections(overrides: Sequence[tuple[list[str], Any]], model: str | None) -> None:
@@ -293,6 +314,9 @@ def _warn_if_the_data_changed(run_dir: Path, config: dict[str, Any]) -> None:
     from cirlab.engine.runs import data_changes_since, data_folder
 
     diffs = data_changes_since(run_dir, config)
+    stage1 = str((config.get("eval") or {}).get("stage1_topk") or "")
+    if stage1 and not Path(stage1).expanduser().exists():  # a path that is wrong, not changed data: its error says so
+        diffs = [d for d in diffs if not d.startswith("eval.stage1_topk/")]
     if diffs:
         logger.warning("%s was trained on other data than %s holds now (%s): these results are not comparable with "
                        "its metrics.json", run_dir, data_folder(config), summary(diffs))
@@ -354,6 +378,44 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
               else flags + ([f"--config {args.config}"] if args.config else []))
     _refuse_a_task_mismatch(model, config["dataset"]["name"], blamed)
     return config
+
+
+def _refuse_a_gone_recorded_root(run_dir: Path | None, config: dict[str, Any], args: argparse.Namespace) -> None:
+    """The dataset root a run folder's config.yaml records is gone (a moved checkout, a run received from a
+    colleague): the loader's message called it a root the user had given and advised CIRLAB_DATA, which a recorded
+    root comes before. Said as what it is, with --root, the flag that names the data now."""
+    from cirlab.core.errors import MissingPathError
+    from cirlab.data.base import missing_root_hint
+    from cirlab.engine.runs import read_run_config
+
+    if run_dir is None or args.root is not None or args.config is not None:
+        return
+    recorded = (read_run_config(run_dir).get("dataset") or {}).get("root")
+    if not recorded or str(recorded) != str(config["dataset"].get("root")):  # --set dataset.root= gave another
+        return
+    path = Path(str(recorded)).expanduser()
+    if not path.exists():
+        hint = missing_root_hint(str(config["dataset"]["name"]), recorded, recorded_in=run_dir / "config.yaml")
+        raise MissingPathError(f"{path}: dataset root not found ({hint})")
+
+
+def _refuse_a_gone_stage1_topk(run_dir: Path | None, config: dict[str, Any]) -> None:
+    """A re-ranker's stage-I top-K files as its config.yaml records them (an absolute path) are gone: the stage-I run
+    moved with it, or the run came from elsewhere. The error said to write them again with `cirlab eval STAGE1_RUN`,
+    after a warning that the run had been trained on other data; the files are usually there, at the new path."""
+    from cirlab.core.errors import ConfigError
+    from cirlab.engine.runs import read_run_config
+
+    if run_dir is None:
+        return
+    recorded = (read_run_config(run_dir).get("eval") or {}).get("stage1_topk")
+    if not recorded or str(recorded) != str(config["eval"].get("stage1_topk")):  # --set gave another: its own check
+        return
+    path = Path(str(recorded)).expanduser()
+    if not path.exists():
+        raise ConfigError(f"eval.stage1_topk: {path}, recorded in {run_dir / 'config.yaml'}, does not exist (the "
+                          "stage-I run moved, or this run came from another machine?): name the stage-I run folder "
+                          "(or its top-K files) here with --set eval.stage1_topk=PATH")
 
 
 def _run_model(run_dir: Path | None) -> str | None:
@@ -474,6 +536,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         config["output_dir"] = str(run_dir.absolute())  # or a moved run: a stage I writes its top-K into its own)
     splits = config["eval"].get("splits") or [config["dataset"]["val_split"]]
     _check_eval_outputs(args, splits)
+    _refuse_a_gone_recorded_root(run_dir, config, args)
+    _refuse_a_gone_stage1_topk(run_dir, config)
     try:
         loaded = {split: load_split(config, split) for split in splits}  # a wrong --root fails before the model loads
     except UnknownNameError as err:

@@ -1057,7 +1057,9 @@ def test_a_relative_root_is_recorded_absolute_so_eval_elsewhere_reads_the_same_d
     assert main(["eval", str(run), "--split", "val"]) == 2
     assert f"gives a relative dataset.root 'data/fashioniq', read from this folder as {other}/data/fashioniq" in \
         caplog.text
-    assert f"it is the given root (dataset.root or --root), {other}/data/fashioniq" in caplog.text
+    # the root came from the run's config.yaml, not from the user: said so, with --root (not CIRLAB_DATA)
+    assert (f"it is the dataset.root recorded in {run / 'config.yaml'}, where the run was trained: "
+            f"{other}/data/fashioniq") in caplog.text
 
 
 def test_options_are_spelled_out_and_a_near_miss_names_the_option(tmp_path, capsys, monkeypatch):

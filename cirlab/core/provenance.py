@@ -14,7 +14,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from cirlab.core.io import write_json
 
@@ -25,9 +25,19 @@ logger = logging.getLogger(__name__)
 _APPENDED: dict[str, tuple[int, str, bool]] = {}
 
 
-def code_version(root: Path | None = None) -> str:
+# set by `cirlab report` for the notebook it runs: the command that regenerates the entry, recorded as the command of
+# a run the notebook trains (a kernel's own argv is ipykernel_launcher and a temporary connection file)
+REPORT_COMMAND_ENV = "CIRLAB_REPORT_COMMAND"
+# set by `cirlab report` for the notebooks it runs: its output folder, whose tracked files it rewrites (a committed
+# reports/), is left out of the dirty check, or each run it trains recorded "+ uncommitted changes" of its own making
+REPORT_OUT_ENV = "CIRLAB_REPORT_OUT"
+
+
+def code_version(root: Path | None = None, exclude: Sequence[str | os.PathLike] = ()) -> str:
     """``abc1234`` (``+ uncommitted changes`` when the work tree differs) of the checkout ``root`` (default: the one
-    cirlab is imported from), or what identifies the code where there is none (an installed wheel: its version)."""
+    cirlab is imported from), or what identifies the code where there is none (an installed wheel: its version).
+    Changes under the ``exclude`` folders, and under ``$CIRLAB_REPORT_OUT`` (:data:`REPORT_OUT_ENV`), are outputs,
+    not code: they do not count."""
     from cirlab import __version__
     from cirlab.core.shipped import source_checkout
 
@@ -43,13 +53,42 @@ def code_version(root: Path | None = None) -> str:
             return f"cirlab {__version__} (not a git checkout)"
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", *_left_out(Path(root), exclude)], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return "unknown (git not available)"
     if head.returncode != 0:
         return f"cirlab {__version__} (not a git checkout)"
     return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+
+
+def _command() -> list[str]:
+    """This process's command line; in a Jupyter kernel that `cirlab report` started, the report's command for the
+    entry (:data:`REPORT_COMMAND_ENV`). Elsewhere (a kernel the user started, a script the kernel runs) the argv."""
+    import shlex
+
+    given = os.environ.get(REPORT_COMMAND_ENV, "").strip()
+    in_kernel = bool(sys.argv) and Path(sys.argv[0]).name.startswith("ipykernel_launcher")
+    if given and in_kernel:
+        try:
+            return shlex.split(given)
+        except ValueError:  # not one command line: recorded as it was given
+            return [given]
+    return list(sys.argv)
+
+
+def _left_out(root: Path, exclude: Sequence[str | os.PathLike]) -> list[str]:
+    """git pathspecs leaving out each folder of ``exclude`` (and ``$CIRLAB_REPORT_OUT``) that lies inside ``root``."""
+    folders = [*exclude, *([os.environ[REPORT_OUT_ENV]] if os.environ.get(REPORT_OUT_ENV, "").strip() else [])]
+    specs = []
+    for folder in folders:
+        try:
+            inside = Path(folder).expanduser().resolve().relative_to(root.resolve())
+        except ValueError:  # outside the checkout: git does not see it anyway
+            continue
+        if inside.parts:  # the checkout itself is not left out
+            specs.append(f":(exclude){inside.as_posix()}")
+    return specs
 
 
 def _version(module: str) -> str | None:
@@ -72,7 +111,7 @@ def start_entry(step: int, device: str, precision: str, extra: Mapping[str, Any]
     from cirlab import __version__
 
     return {"started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "from_step": int(step),
-            "command": list(sys.argv), "cirlab": __version__, "code": code_version(),
+            "command": _command(), "cirlab": __version__, "code": code_version(),
             "torch": _version("torch"), "transformers": _version("transformers"),
             "python": platform.python_version(), "host": platform.node(), "device": device,
             "precision": precision, "threads": _torch_threads(), **dict(extra or {})}

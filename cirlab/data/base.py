@@ -699,11 +699,17 @@ def missing_root_message(name: str, path: Path, given: Any = None) -> str:
     return f"{what} ({missing_root_hint(name, given)})"
 
 
-def missing_root_hint(name: str, root: Any = None) -> str:
-    """What to do about a dataset root that does not exist: where the default comes from and how to get data."""
+def missing_root_hint(name: str, root: Any = None, recorded_in: Path | None = None) -> str:
+    """What to do about a dataset root that does not exist: where the default comes from and how to get data.
+    ``recorded_in``: the run's config.yaml the root was read from (``cirlab eval RUN``): the user gave no root, and
+    CIRLAB_DATA does not apply (a recorded root comes before it), so only ``--root`` is advised."""
     from cirlab.data.catalog import dataset_root, get_dataset
     from cirlab.data.generators.synthetic import default_out
 
+    if recorded_in is not None:
+        return (f"it is the dataset.root recorded in {recorded_in}, where the run was trained: "
+                f"{Path(str(root)).expanduser().absolute()}, gone since (moved, or another machine?); pass --root PATH "
+                f"(cirlab eval {recorded_in.parent} --root PATH) naming the folder that holds that data here")
     spec = get_dataset(name)
     where = (f"it is the given root (dataset.root or --root), {Path(str(root)).expanduser().absolute()}"
              if root not in (None, "")

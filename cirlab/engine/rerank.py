@@ -90,8 +90,7 @@ def load_stage1_topk(source: str | os.PathLike, split: Any, k: int = 0) -> TopK:
         folder = path / "topk" if (path / "topk").is_dir() else path
         path = folder / f"{topk_name(split)}.topk.npz"
     if not path.is_file():
-        raise _config_error(f"eval.stage1_topk: no stage-I top-K file {path} (write it with `cirlab eval STAGE1_RUN "
-                            f"--split {split.split}`)")
+        raise _config_error(f"eval.stage1_topk: no stage-I top-K file {path} ({_missing_topk_hint(source, split)})")
     try:
         topk = load_topk(path)
     except ValueError as err:
@@ -106,6 +105,16 @@ def load_stage1_topk(source: str | os.PathLike, split: Any, k: int = 0) -> TopK:
     rows = np.asarray([index[q] for q in wanted], dtype=np.int64)
     return TopK(topk.query_ids[rows], topk.gallery_ids[rows], topk.scores[rows], topk.target_rank[rows],
                 topk.category[rows], topk.target_ids[rows], {**topk.meta, "file": str(path)})
+
+
+def _missing_topk_hint(source: str | os.PathLike, split: Any) -> str:
+    """What to do about a missing stage-I file: a stage-I folder that is gone has usually moved (with this run), and
+    writing its files again (the advice for a split it never evaluated) would redo what exists elsewhere."""
+    given = Path(source).expanduser()
+    if not given.exists():
+        return f"{given} does not exist: name where the stage-I run is now with --set eval.stage1_topk=PATH"
+    return (f"write it with `cirlab eval STAGE1_RUN --split {split.split}`, or name other files with "
+            "--set eval.stage1_topk=PATH")
 
 
 def _refuse_short_lists(path: Path, topk: TopK, split: Any, k: int) -> None:

@@ -159,9 +159,11 @@ def find_data(dataset: str, data_root: str | os.PathLike = "", run_dir: str | os
     """The data folder a notebook reads, as an absolute path.
 
     ``data_root`` when given; else ``$CIRLAB_DATA``; else the folder the run in ``run_dir`` was trained on (its
-    ``config.yaml``), when it is the same dataset and still exists; else the embedded synthetic data in the cache
-    (what ``make demo`` generated; generated here in seconds when missing). A given folder that does not exist
-    raises ``FileNotFoundError`` with its absolute path and the command that writes the synthetic set there.
+    ``config.yaml``), when it is the same dataset; else the embedded synthetic data in the cache (what ``make demo``
+    generated; generated here in seconds when missing). A given folder that does not exist raises
+    ``FileNotFoundError`` with its absolute path and the command that writes the synthetic set there. A recorded
+    folder that is gone is the synthetic set of the size, seed and image size it names when it was one (generated
+    again, said in the log); any other raises ``MissingPathError`` naming it: the run is not scored on other data.
     """
     from cirlab.data.catalog import get_dataset
 
@@ -190,9 +192,51 @@ def find_data(dataset: str, data_root: str | os.PathLike = "", run_dir: str | os
             same = get_dataset(str(stored.get("name", ""))).name == get_dataset(dataset).name
         except (KeyError, ValueError):
             same = False
-        if root and same and Path(root).exists():
-            return Path(root).resolve()
+        if root and same:
+            return _recorded_root(Path(str(root)).expanduser(), Path(run_dir).expanduser(), dataset)
     return ensure_synthetic(None, size=size, seed=seed).resolve()
+
+
+def _recorded_root(root: Path, run_dir: Path, dataset: str) -> Path:
+    """The data root ``run_dir``'s config.yaml records, where it still is. Gone (a moved cache, a run received from
+    a colleague), the default-size synthetic set stood in for it without a word: the run was then scored on other
+    data. A generated synthetic set is made again with the settings its folder names; anything else is refused."""
+    if root.exists():
+        return root.resolve()
+    settings = _synthetic_settings(root)
+    if settings is None:
+        raise MissingPathError(f"run_dir {run_dir}: the {dataset} data root it was trained on, {root} (recorded in "
+                               f"{run_dir / 'config.yaml'}), does not exist here: pass data_root= (or set "
+                               "CIRLAB_DATA) to the folder holding that data")
+    from cirlab.data.generators import synthetic
+
+    size, seed, image_size, inside = settings
+    logger.warning("%s: the data root it was trained on, %s, is gone; it was the synthetic set (size %s, seed %d, "
+                   "%d-px images): using that set generated again in the cache (data_root= names another)",
+                   run_dir / "config.yaml", root, size, seed, image_size)
+    base = synthetic.ensure(None, seed=seed, size=size, image_size=image_size)
+    return base.joinpath(*inside).resolve()
+
+
+def _synthetic_settings(root: Path) -> tuple[str, int, int, tuple[str, ...]] | None:
+    """(size, seed, image size, parts below it) of a root inside a generated synthetic folder
+    (``.../synthetic/<size>-seed<N>-<px>px/...``, :func:`cirlab.data.generators.synthetic.ensure`'s default); None
+    for any other folder, and for a custom size (its counts are not in the name, so it cannot be made again)."""
+    import re
+
+    from cirlab.data.generators.synthetic import resolve_size
+
+    parts = root.parts
+    for i in range(1, len(parts)):
+        found = re.fullmatch(r"(\w+)-seed(\d+)-(\d+)px", parts[i])
+        if parts[i - 1] != "synthetic" or found is None:
+            continue
+        try:
+            resolve_size(found.group(1))
+        except ValueError:
+            return None
+        return found.group(1), int(found.group(2)), int(found.group(3)), parts[i + 1:]
+    return None
 
 
 def output_folder(output_dir: str | os.PathLike = "", notebook: str = "notebook") -> Path:

@@ -40,10 +40,18 @@ checks them against ``papermill.inspect_notebook``. ``--set`` changes them, and 
 names them; a path it gives must exist before any notebook starts (:data:`INPUT_PATHS`). Secrets (tracking keys)
 never go through parameters: they are read from environment variables by the code that needs them, because
 papermill writes every parameter into the executed notebook.
+
+What is written does not change when nothing changed: each ``report.json`` records the commit as it was when the
+report started, its output folder left out of the check (a committed reports/ that it rewrites is not "uncommitted
+changes"; its kernels get that folder as ``CIRLAB_REPORT_OUT``, and the entry's regenerate command as
+``CIRLAB_REPORT_COMMAND``, the ``command`` a run trained there records), the order its figures were saved in (the
+index follows it, not the files' times, which a copy or a clone changes), and the parameters cell papermill injects
+gets a fixed id.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import html
 import json
@@ -55,11 +63,12 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TextIO
+from typing import Any, Iterator, Mapping, Sequence, TextIO
 
 from cirlab.core.errors import EXIT_FOUND, ConfigError, MissingPathError
 from cirlab.core.io import flat_numbers, folder_lock, write_json
 from cirlab.core.paths import user_path
+from cirlab.core.provenance import REPORT_COMMAND_ENV, REPORT_OUT_ENV
 from cirlab.core.threads import CHILD_ENV, ENV, allocated_cpus, thread_env
 
 logger = logging.getLogger(__name__)
@@ -856,9 +865,34 @@ def run_notebook(name: str, params: Mapping[str, Any], out_dir: Path, kernel_nam
     finally:
         if stream is not None:
             progress.flush()
+        if dst.is_file():
+            fix_parameters_cell_id(dst)
         if html_export and dst.is_file():
             export_html(dst)
     return dst
+
+
+PARAMETERS_CELL_ID = "injected-parameters"
+
+
+def fix_parameters_cell_id(notebook: Path) -> None:
+    """Give the cell papermill injects (tagged ``injected-parameters``) a fixed id: papermill makes a random one
+    each run, so the same report re-run changed every executed notebook and its HTML (``id="cell-id=..."``)."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(str(notebook), as_version=nbformat.NO_CONVERT)
+    except Exception as err:  # noqa: BLE001 - a notebook a dead kernel left half-written: its own error is raised
+        logger.warning("%s cannot be read (%s): its parameters cell keeps papermill's random id", notebook, err)
+        return
+    cells = [c for c in nb.cells if PARAMETERS_CELL_ID in (c.get("metadata", {}).get("tags") or [])]
+    if not cells or all(c.get("id") == PARAMETERS_CELL_ID for c in cells) or "id" not in cells[0]:
+        return  # nothing injected, already fixed, or a notebook format without cell ids
+    taken = {c.get("id") for c in nb.cells if c not in cells}
+    if PARAMETERS_CELL_ID in taken:  # the notebook's own cell already has the name: ids must stay unique
+        return
+    cells[0]["id"] = PARAMETERS_CELL_ID
+    nbformat.write(nb, str(notebook))
 
 
 def _kernel_manager_class() -> Any:
@@ -1032,7 +1066,8 @@ def _with_figure_alts(body: str, nb: Any) -> str:
     return str(soup)
 
 
-_KERNEL_ENV = (*CHILD_ENV, "JUPYTER_PATH")  # what the report sets in its own environment for its kernels
+# what the report sets in its own environment for its kernels (and code_version's left-out output folder)
+_KERNEL_ENV = (*CHILD_ENV, "JUPYTER_PATH", REPORT_OUT_ENV, REPORT_COMMAND_ENV)
 
 
 def _environ_restored(fn: Any) -> Any:
@@ -1093,6 +1128,10 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
         # second report called it a folder cirlab did not write and told the user to move it away
         check_entry_folders(out, names)
         refuse_held_entries(out, names)
+        # the code as it is now, before any entry folder moves (a committed reports/ would read as changed); the
+        # runs the notebooks train leave this folder out of their own check too
+        commit = _commit(out)
+        os.environ[REPORT_OUT_ENV] = str(out)
         data_override = overrides.pop("data_root", "")
         data = Path(data_override) if data_override else ensure_synthetic_data(
             SYNTHETIC_SIZE["smoke" if smoke else "report"], stream=stream)
@@ -1109,7 +1148,8 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
             _say(stream, f"{tag}: running notebook {notebook_of(name)} ...")
             try:
                 (run_entry if jobs == 1 else _run_entry_in_process)(name, params, out, kernel_name, notebook_dir,
-                                                                     stream=stream, prefix=f"{tag}: ", command=command)
+                                                                     stream=stream, prefix=f"{tag}: ", command=command,
+                                                                     commit=commit)
             except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM, --jobs 1: this process ran the notebook
                 _say(stream, f"{tag}: stopped by {_how_stopped(err)} after {time.time() - t0:.1f}s")
                 raise
@@ -1186,7 +1226,8 @@ def _run_parallel(names: Sequence[str], one: Any, jobs: int) -> bool:
 
 
 def _run_entry_in_process(name: str, params: Mapping[str, Any], out: Path, kernel_name: str | None,
-                          notebook_dir: Path | None, *, stream: TextIO | None, prefix: str, command: str) -> None:
+                          notebook_dir: Path | None, *, stream: TextIO | None, prefix: str, command: str,
+                          commit: str = "") -> None:
     """:func:`run_entry` in a child process, its progress lines relayed to ``stream``. papermill changes the
     process's working directory while it starts a kernel, so two notebooks cannot run in one process."""
     import multiprocessing
@@ -1194,7 +1235,7 @@ def _run_entry_in_process(name: str, params: Mapping[str, Any], out: Path, kerne
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_entry_child, args=(send, name, dict(params), out, kernel_name, notebook_dir, prefix,
-                                                   command), name=f"cirlab-report-{name}")
+                                                   command, commit), name=f"cirlab-report-{name}")
     started = _now()
     child.start()
     _CHILDREN.add(child)
@@ -1294,12 +1335,12 @@ class _PipeStream:
 
 
 def _entry_child(conn: Any, name: str, params: dict[str, Any], out: Path, kernel_name: str | None,
-                 notebook_dir: Path | None, prefix: str, command: str) -> None:
+                 notebook_dir: Path | None, prefix: str, command: str, commit: str = "") -> None:
     outcome: BaseException | None = None
     try:
         with _SigtermAsInterrupt():  # the parent passes SIGTERM on: stop the kernel, put the folder back
             run_entry(name, params, out, kernel_name, notebook_dir, stream=_PipeStream(conn), prefix=prefix,
-                      command=command)
+                      command=command, commit=commit)
     except KeyboardInterrupt as err:  # Ctrl-C (the whole process group) or SIGTERM: run_entry put the folder back
         outcome = EntryStopped(_how_stopped(err))
     except BaseException as err:  # noqa: BLE001 - handed to the parent, which raises it
@@ -1328,7 +1369,7 @@ def _picklable(obj: Any) -> bool:
 
 def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str | None = None,
               notebook_dir: Path | None = None, *, stream: TextIO | None = None, prefix: str = "",
-              command: str = "") -> Path:
+              command: str = "", commit: str = "") -> Path:
     """Run one report entry so that a failure never leaves a half-overwritten folder.
 
     The notebook writes to ``<out>/<name>/`` (the paths inside the executed notebook and the run's config are the
@@ -1336,7 +1377,8 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
     ``<name>/report.json`` (status, times, commit, command, parameters) and deletes the previous folder; a failure
     moves the new output to ``<out>/_failed/<name>/`` (with its own ``report.json``) and swaps the previous folder
     back, so ``index.html`` shows the last good results marked as such. A run killed half-way is repaired the same
-    way by the next one.
+    way by the next one. ``commit``: the code's version when the report started (default: now, the report folder
+    left out); ``report.json`` also lists the figures in the order the notebook saved them (``figures``).
     """
     import shutil
 
@@ -1346,13 +1388,15 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
     if previous.is_dir():  # an interrupted run: its partial output is a failure, the previous folder is good
         _move(folder, failed, unless_held=True)
         previous.rename(folder)
+    commit = commit or _commit(out)  # before the folder moves: its tracked files are not code changes
     _move(folder, previous, unless_held=True)
     record: dict[str, Any] = {"entry": name, "notebook": notebook_of(name), "started": _now(), "command": command,
-                              "commit": _commit(), "parameters": dict(params),
+                              "commit": commit, "parameters": dict(params),
                               "depends": {d: _finished(out / d) for d in DEPENDS.get(name, ())}}
     t0 = time.time()
     try:
-        run_notebook(name, params, folder, kernel_name, notebook_dir, stream=stream, prefix=prefix)
+        with _environ_set(REPORT_COMMAND_ENV, regenerate_command(command, name)):  # a trained run's command
+            run_notebook(name, params, folder, kernel_name, notebook_dir, stream=stream, prefix=prefix)
     except BaseException as err:  # a failed cell, a missing kernel, Ctrl-C: put the previous results back
         record.update(status="failed", finished=_now(), duration_s=round(time.time() - t0, 1),
                       error=str(err) or type(err).__name__)
@@ -1362,11 +1406,26 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
         if previous.is_dir():
             previous.rename(folder)
         raise
-    record.update(status="ok", finished=_now(), duration_s=round(time.time() - t0, 1))
+    record.update(status="ok", finished=_now(), duration_s=round(time.time() - t0, 1),
+                  figures=[png.name for png in _figures_by_time(folder)])
     write_json(folder / RECORD, record)
     shutil.rmtree(previous, ignore_errors=True)
     shutil.rmtree(failed, ignore_errors=True)
     return folder
+
+
+@contextlib.contextmanager
+def _environ_set(key: str, value: str) -> Iterator[None]:
+    """``os.environ[key] = value`` for the kernel started inside; the caller's value (or none) comes back after."""
+    before = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def _move(src: Path, dst: Path, *, unless_held: bool = False) -> None:
@@ -1474,13 +1533,14 @@ def regenerate_command(command: str | None, name: str) -> str:
     return shlex.join(["cirlab", "report", *kept, "--only", name])
 
 
-def _commit() -> str:
+def _commit(out: Path | None = None) -> str:
     """``abc1234`` (``+ uncommitted changes`` when the work tree differs) of the checkout in use, or what else
-    identifies the code (:func:`cirlab.core.provenance.code_version`)."""
+    identifies the code (:func:`cirlab.core.provenance.code_version`). The report folder ``out`` is left out of
+    the check: a committed reports/ that the report rewrites is its output, not a change to the code."""
     from cirlab.core.provenance import code_version
     from cirlab.workbench.recipes import project_root
 
-    return code_version(project_root())
+    return code_version(project_root(), exclude=[out] if out is not None else ())
 
 
 def _say(stream: TextIO | None, line: str) -> None:
@@ -1569,7 +1629,7 @@ def write_index(out: str | os.PathLike) -> Path:
     latest = max(records, key=lambda r: r.get("finished", ""), default={})
     parts = [_INDEX_HEAD, "<h1>cirlab report</h1>",
              f"<p class='meta'>written {_when(_now())} · last run {_when(latest.get('finished'))} · "
-             f"commit {html.escape(str(latest.get('commit', _commit())))} · command "
+             f"commit {html.escape(str(latest.get('commit', _commit(out))))} · command "
              f"<code>{html.escape(str(latest.get('command', 'cirlab report')))}</code>"
              + (" · measured results with their commands: <a href='benchmarks/'>benchmarks/</a>"
                 if (out / "benchmarks").is_dir() else "") + "</p>", "<nav><h2>Contents</h2><div class='groups'>"]
@@ -1669,9 +1729,7 @@ def _entry_html(out: Path, name: str, state: Mapping[str, Any]) -> str:
         # a long table (rank_shift's 70-odd numbers) starts folded, so that the figures stay near the heading
         parts.append(f"<details{' open' if rows <= OPEN_METRICS_ROWS else ''}><summary>metrics ({rows} "
                      f"number{'s' if rows != 1 else ''})</summary>{table}</details>")
-    # in the order the notebook saved them (its narrative: galleries before failures, the overview before the
-    # per-category figures), not alphabetically; the name breaks ties
-    figures = sorted((folder / "figures").glob("*.png"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    figures = _figures_in_order(folder, record)
     if figures:
         parts.append("<div class='figs'>")
         for png in figures:
@@ -1688,6 +1746,22 @@ def _entry_html(out: Path, name: str, state: Mapping[str, Any]) -> str:
         parts.append("</div>")
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _figures_by_time(folder: Path) -> list[Path]:
+    """``folder``'s figures (``figures/*.png``) in the order they were written: their times, the name for ties."""
+    return sorted((folder / "figures").glob("*.png"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def _figures_in_order(folder: Path, record: Mapping[str, Any]) -> list[Path]:
+    """``folder``'s figures in the order the notebook saved them (its narrative: galleries before failures, the
+    overview before the per-category figures), not alphabetically: as report.json lists them when the entry
+    finished. File times alone were that order only where the files were written; a copy, a clone or a checkout
+    gives them new times, and the index of the same results came out reordered. Figures it does not list (a
+    record from before the list) follow in time order."""
+    listed = record.get("figures") if isinstance(record.get("figures"), list) else []
+    rank = {str(name): i for i, name in enumerate(listed)}
+    return sorted(_figures_by_time(folder), key=lambda p: rank.get(p.name, len(rank)))  # stable: time order kept
 
 
 def _url(path: str) -> str:

@@ -114,12 +114,24 @@ def save_figure(fig: Any, out_dir: str | os.PathLike, name: str,
 
     for fmt in formats:
         path = out / f"{name}.{fmt}"
-        # SVG text stays text (matplotlib draws it as outlines by default): screen readers read it, search finds it
-        with matplotlib.rc_context({"svg.fonttype": "none"}):
-            fig.savefig(path, format=fmt, dpi=120 if fmt == "png" else None)
+        # SVG text stays text (matplotlib draws it as outlines by default): screen readers read it, search finds it.
+        # A fixed hash salt and no date make the same figure the same bytes: matplotlib salts its clip-path ids with
+        # a random uuid, so every re-run changed every SVG in a committed reports/ and hid the real changes
+        with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "cirlab"}):
+            fig.savefig(path, format=fmt, dpi=120 if fmt == "png" else None, **_fixed_metadata(fmt))
         paths.append(path)
     logger.info("saved figure %s (%s)", out / name, ", ".join(formats))
     return paths
+
+
+def _fixed_metadata(fmt: str) -> dict[str, Any]:
+    """``savefig`` metadata that leaves out the save time where the format writes one (SVG's dc:date, PDF's
+    CreationDate): the file then depends on the figure alone."""
+    if fmt.lower() == "svg":
+        return {"metadata": {"Date": None}}
+    if fmt.lower() == "pdf":
+        return {"metadata": {"CreationDate": None}}
+    return {}
 
 
 def _without_extension(name: str, formats: Sequence[str]) -> str:
