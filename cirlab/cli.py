@@ -38,6 +38,7 @@ EXAMPLES = """examples (from the repository root; `cirlab COMMAND --help` explai
   cirlab submit runs/cirr_stage2 --out submissions                # CIRR test-server files
   cirlab convert --from lavis blip2_pretrained.pth cala_init.pt --model cala
   cirlab models --params cala                                     # parameters per module, no weights read
+  cirlab runs runs/                                               # every run under runs/: state, step, metrics
   cirlab report                                                   # every notebook headless -> reports/
   cirlab notebooks my-notebooks                                   # copies to open in JupyterLab
 installed from a wheel (no checkout): name a shipped config without its folder, e.g. cirlab train amc_synthetic_tiny
@@ -146,6 +147,42 @@ def _add_models(subparsers: Any) -> None:
     p.set_defaults(func=_run_models)
 
 
+def _add_runs(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "runs", help="list the runs under a folder: state, last step, best val, final metrics",
+        description="List every run folder at or under DIR, one row each, read from the folders alone: model, "
+                    "preset, dataset, state (running: its lock is held; finished; stopped (SIGTERM) / failed / "
+                    "error, as its last start ended; trained: the final evaluation is owed, --resume runs it; "
+                    "killed: a start that never recorded its end), last logged step, best validation score, each "
+                    "final split's value of the selection metric, start and end time, and the message of a stop or "
+                    "failure (cirlab.analysis.runs_table).")
+    p.add_argument("folder", metavar="DIR", nargs="?", default=None, type=user_path,
+                   help="folder to search (default: $CIRLAB_RUNS, else ./runs)")
+    p.add_argument("--json", action="store_true", help="print one strict-JSON list of rows instead of a table")
+    p.set_defaults(func=_run_runs)
+
+
+def _run_runs(args: argparse.Namespace) -> int:
+    from cirlab.core.io import json_text
+    from cirlab.core.paths import runs_dir
+    from cirlab.workbench.analysis import runs_table
+
+    table = runs_table(args.folder or runs_dir())
+    if args.json:
+        print(json_text(table.to_dict(orient="records"), indent=None))
+    elif table.empty:
+        print(f"no runs under {args.folder or runs_dir()}")
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.width", 250, "display.max_columns", None, "display.max_colwidth", 60):
+            shown = table.drop(columns=["message"])
+            print(shown.astype(object).where(shown.notna(), "-").to_string(index=False))
+        for _, row in table[table["message"].notna()].iterrows():  # whole lines: a cut message says nothing
+            print(f"{row['run']}: {row['message']}")
+    return 0
+
+
 def _add_notebooks(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "notebooks", help="copy the notebooks cirlab ships into a folder, to open them in JupyterLab",
@@ -228,6 +265,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         elif name not in subparsers.choices:
             subparsers.add_parser(name, help=help_text, add_help=False)
     _add_models(subparsers)
+    _add_runs(subparsers)
     _add_notebooks(subparsers)
     _accept_verbose_after_the_command(parser)
     return parser

@@ -81,3 +81,29 @@ def test_a_real_run_is_listed_as_finished_with_its_metrics(tmp_path, monkeypatch
     row = analysis.runs_table(tmp_path / "runs").iloc[0]
     assert (row["run"], row["model"], row["preset"], row["state"], row["step"]) == ("a", "amc", "tiny", "finished", 2)
     assert row["val avg"] == result["splits"]["val"]["avg"] and row["ended"]
+
+
+def test_cirlab_runs_lists_a_folder_of_runs(tmp_path, capsys):
+    from cirlab.cli import main
+
+    _run(tmp_path / "done", end={"status": "finished"}, metrics=True)
+    _run(tmp_path / "bad", end={"status": "failed", "message": "non-finite loss in epoch 1, step 2: loss=nan"})
+    assert main(["runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:7] == ["run", "model", "preset", "dataset", "state", "step", "metric"]
+    assert out[1].split()[:5] == ["bad", "amc", "tiny", "fashioniq", "failed"]
+    assert out[2].split()[:5] == ["done", "amc", "tiny", "fashioniq", "finished"] and "39.5" in out[2]
+    assert out[3] == "bad: non-finite loss in epoch 1, step 2: loss=nan"  # whole, not cut to a column
+    assert main(["runs", str(tmp_path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["run"], r["state"], r["test avg"]) for r in rows] == [("bad", "failed", None), ("done", "finished", 39.5)]
+    assert main(["runs", str(tmp_path / "nowhere")]) == 2
+
+
+def test_a_summed_selection_metric_is_summed_for_the_final_splits(tmp_path):
+    run = _run(tmp_path / "cala", end={"status": "finished"}, metrics=True)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["selection"]["metric"] = "R@10+avg"
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    row = analysis.runs_table(tmp_path).iloc[0]
+    assert row["metric"] == "R@10+avg" and row["val R@10+avg"] == 61.0 and "test R@10+avg" not in row

@@ -668,7 +668,7 @@ def _last_step(log: Path) -> int | None:
 def runs_table(root: str | os.PathLike) -> Any:
     """One row per run folder at or under ``root`` (:func:`find_runs`): its path relative to ``root``, model,
     preset, dataset, :func:`run_state` (state, last step, start and end time, the message of a stop or failure),
-    the selection metric's best validation score, and each final split's value of that metric (``test avg``,
+    the selection metric and its best validation score, and each final split's value of that metric (``test avg``,
     ``test rsum``, ...). Runs that stopped are listed too: a folder of sweeps shows which to resume."""
     import pandas as pd
 
@@ -682,13 +682,16 @@ def runs_table(root: str | os.PathLike) -> Any:
         state = run_state(run)
         row = {"run": run.relative_to(root).as_posix() or ".", "model": config.get("model"),
                "preset": config.get("preset"), "dataset": (config.get("dataset") or {}).get("name"),
-               "state": state.pop("state"), "step": state.pop("step"),
+               "state": state.pop("state"), "step": state.pop("step"), "metric": metric,
                "best val": selection.get("best_score", summary.get("best_score"))}
         for split, values in (metrics.get("splits") or {}).items():
-            if isinstance(values, dict) and metric in values:
-                row[f"{split} {metric}"] = values[metric]
-        rows.append({**row, **state})  # the times and the message last: the widest columns
-    return pd.DataFrame(rows)
+            keys = metric.split("+")  # a summed selection metric (CaLa's R@1+R@5+...), as the trainer sums it
+            if isinstance(values, dict) and all(isinstance(values.get(k), (int, float)) for k in keys):
+                row[f"{split} {metric}"] = sum(values[k] for k in keys)
+        rows.append({**row, **state})
+    table = pd.DataFrame(rows)
+    last = [c for c in ("started", "ended", "message") if c in table.columns]  # the widest columns last
+    return table[[c for c in table.columns if c not in last] + last]
 
 
 def _yaml_or(path: Path) -> dict[str, Any]:
