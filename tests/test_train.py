@@ -869,3 +869,28 @@ def test_a_terminal_of_no_width_gets_log_lines_not_an_invisible_bar(monkeypatch)
     assert not console.wants_a_bar()
     monkeypatch.setattr(os, "get_terminal_size", lambda fd=None: os.terminal_size((120, 40)))
     assert console.wants_a_bar()
+
+
+def test_a_copied_recipe_run_is_still_the_recipes_and_a_retrained_one_is_not(tmp_path):
+    """The mark recorded last.pt's mtime: a `cp -r` or a clone of a notebook's run folder was refused on the
+    notebook's re-run as a run it did not finish. It records the content now; old marks are still honoured."""
+    import os
+    import shutil
+
+    from cirlab.engine.train import RECIPE_MARK, mark_recipe_run, recipe_wrote
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    last = run / "checkpoints" / "last.pt"
+    torch.save({"w": torch.arange(300000.0)}, last)  # over 2 MiB: the first and the last MiB are read
+    mark_recipe_run(run)
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, copy_function=shutil.copy)  # cp -r: new mtimes
+    assert recipe_wrote(run) and recipe_wrote(copy)
+    torch.save({"w": torch.arange(300000.0) + 1}, copy / "checkpoints" / "last.pt")  # trained into: same size
+    assert (copy / "checkpoints" / "last.pt").stat().st_size == last.stat().st_size and not recipe_wrote(copy)
+    st = last.stat()
+    (run / RECIPE_MARK).write_text(json.dumps({"last_checkpoint": [st.st_size, st.st_mtime_ns]}))  # an old mark
+    assert recipe_wrote(run)
+    os.utime(last, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert not recipe_wrote(run)

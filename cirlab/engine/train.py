@@ -1157,8 +1157,30 @@ def _is_empty_dir(path: Path) -> bool:
 RECIPE_MARK = "recipe_run.json"  # in a run folder a recipe (train notebook, re-rank pipeline) finished
 
 
-def _last_checkpoint_fingerprint(folder: Path) -> list[int] | None:
-    """(size, mtime in ns) of ``checkpoints/last.pt``: any later training into the folder changes it."""
+_FINGERPRINT_BYTES = 1 << 20
+
+
+def _last_checkpoint_fingerprint(folder: Path) -> list[Any] | None:
+    """[size, sha256 of the first and last MiB] of ``checkpoints/last.pt``: any later training into the folder
+    changes it (the end of a torch.save zip lists every entry's CRC), and a copy (``cp -r``, a clone) keeps it; the
+    mtime it was before changed with every copy, and the copy's re-run was refused."""
+    import hashlib
+
+    path = folder / "checkpoints" / "last.pt"
+    try:
+        with path.open("rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(0)
+            digest = hashlib.sha256(fh.read(_FINGERPRINT_BYTES))
+            fh.seek(max(size - _FINGERPRINT_BYTES, 0))
+            digest.update(fh.read(_FINGERPRINT_BYTES))
+    except OSError:
+        return None
+    return [size, digest.hexdigest()]
+
+
+def _legacy_fingerprint(folder: Path) -> list[int] | None:
+    """[size, mtime in ns] of ``last.pt``: the mark of a recipe run before content fingerprints (still honoured)."""
     try:
         st = (folder / "checkpoints" / "last.pt").stat()
     except OSError:
@@ -1181,8 +1203,9 @@ def recipe_wrote(folder: str | os.PathLike) -> bool:
         mark = json.loads((folder / RECIPE_MARK).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    fingerprint = _last_checkpoint_fingerprint(folder)
-    return isinstance(mark, dict) and fingerprint is not None and mark.get("last_checkpoint") == fingerprint
+    if not isinstance(mark, dict) or mark.get("last_checkpoint") is None:
+        return False
+    return mark["last_checkpoint"] in (_last_checkpoint_fingerprint(folder), _legacy_fingerprint(folder))
 
 
 def claim_for_recipe(folder: str | os.PathLike, *, overwrite: bool, resume: bool, what: str, fix: str) -> bool:
