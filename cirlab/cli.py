@@ -23,7 +23,7 @@ logger = logging.getLogger("cirlab")
 # exit statuses (docs/architecture.md lists them all): 2 the user's input is at fault (fix it, then run again);
 # 3 the command ran and found problems (cirlab.core.errors.EXIT_FOUND: data check's, a report's failed entry);
 # 75, sysexits.h's EX_TEMPFAIL, a retry may succeed as it is (the folder is in use by another cirlab process, the
-# disk is full or over quota); 128 + N a stop signal (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1 on Linux)
+# disk is full or over quota); 128 + N a stop signal (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1, 129 SIGHUP on Linux)
 EXIT_INPUT = 2
 EXIT_RETRY = 75
 

@@ -201,3 +201,29 @@ def test_a_recipes_own_schedule_fields_are_not_warned_about():
     assert setting_warnings(cfg, 100, recipe={"schedule": "step", "lr_milestones": [40], "cosine_epochs": 15}) == []
     said = setting_warnings(cfg, 100, recipe={"lr_milestones": [40]})
     assert len(said) == 1 and "cosine_epochs=15" in said[0] and "lr_milestones" not in said[0]
+
+
+def test_a_users_own_config_keeps_its_zeros_for_off():
+    """The wide naming rule (lengths, counts, frequencies >= 1) was applied to a user's registered config too: its
+    `max_len=0` ("no truncation") or `num_negatives=0` was refused as "a positive size". Only cirlab's own configs
+    follow it (NAME_RANGES); widths, heads and NaN are refused for every config, as before."""
+    import dataclasses
+
+    from cirlab.core.config import FieldValueError, PresetMixin, check_field_ranges
+
+    @dataclasses.dataclass
+    class MyConfig(PresetMixin):
+        dim: int = 8
+        max_len: int = 0
+        num_negatives: int = 0
+        log_freq: int = 0
+        dropout: float = 0.0
+
+    check_field_ranges(MyConfig, vars(MyConfig()))
+    for bad in ({"dim": 0}, {"dropout": float("nan")}):
+        with pytest.raises(FieldValueError, match=f"MyConfig.{next(iter(bad))}"):
+            check_field_ranges(MyConfig, vars(MyConfig(**bad)))
+    from cirlab.models.hrem import HREMConfig
+
+    with pytest.raises(FieldValueError, match="num_layers_enc"):
+        HREMConfig.from_preset("tiny", num_layers_enc=0)

@@ -101,6 +101,25 @@ def test_find_data_makes_a_gone_synthetic_root_again_with_its_size_seed_and_imag
     assert found.is_dir() and str(gone) in caplog.text and "size tiny, seed 3, 32-px" in caplog.text
 
 
+def test_find_data_reads_the_synthetic_set_a_shipped_config_recorded(tmp_path, monkeypatch, caplog):
+    """A run of configs/amc_synthetic_tiny.yaml records root "" and dataset.synthetic {size: tiny, ...}: the
+    notebooks read the default-size set for it (400 val queries per category, not the run's 80)."""
+    import logging
+
+    from cirlab import workbench
+
+    monkeypatch.delenv("CIRLAB_DATA", raising=False)
+    monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": "amc", "dataset": {
+        "name": "fashioniq", "root": "", "synthetic": {"size": "tiny", "seed": 2, "image_size": 32}}}))
+    with caplog.at_level(logging.INFO, logger="cirlab"):
+        found = workbench.find_data("fashioniq", "", run_dir=run)
+    assert found == (tmp_path / "cache" / "synthetic" / "tiny-seed2-32px").resolve() and found.is_dir()
+    assert "size tiny, seed 2, 32-px" in caplog.text
+
+
 def test_eval_of_a_run_whose_recorded_root_is_gone_says_where_it_was_recorded(stub_run, tmp_path, monkeypatch,
                                                                                caplog, capsys):
     received = tmp_path / "received"

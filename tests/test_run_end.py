@@ -144,3 +144,16 @@ def test_the_lock_file_says_a_stale_lock_means_a_killed_process(tmp_path):
         text = (tmp_path / LOCK_NAME).read_text()
         assert text.startswith("pid ") and text.rstrip("\n").endswith(STALE_NOTE) and text.count("\n") == 1
         assert "killed" in STALE_NOTE and not lock_holder(tmp_path).endswith(STALE_NOTE.strip())
+
+
+def test_the_start_line_names_the_command_provenance_records_and_overwrite_only_of_a_run(config, tmp_path,
+                                                                                           monkeypatch):
+    """A notebook run by `cirlab report` wrote its kernel's temporary argv into train.log (provenance.json has the
+    report's command), and "overwrite" for a fresh folder a notebook passed overwrite=True for."""
+    monkeypatch.setattr("sys.argv", ["/venv/lib/ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
+    monkeypatch.setenv("CIRLAB_REPORT_COMMAND", "cirlab report --only train")
+    run = tmp_path / "nb"
+    runs.run_experiment(config, output_dir=run, overwrite=True)
+    first = (run / "train.log").read_text().splitlines()[0]
+    assert "=== start (fresh run," in first and first.endswith("): cirlab report --only train"), first
+    assert _starts(run)[-1]["command"] == ["cirlab", "report", "--only", "train"]

@@ -71,7 +71,7 @@ def test_compare_runs_leaves_out_unfinished_runs_when_asked(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         table = analysis.compare_runs([done, stopped], unfinished="skip")
     assert list(table.columns) == ["done"] and table.loc["splits/test/avg", "done"] == 39.5
-    assert "stopped has no metrics.json (stopped (SIGTERM)): left out" in caplog.text
+    assert "stopped is not finished (stopped (SIGTERM)): left out" in caplog.text
 
 
 def test_a_real_run_is_listed_as_finished_with_its_metrics(tmp_path, monkeypatch):
@@ -96,7 +96,8 @@ def test_cirlab_runs_lists_a_folder_of_runs(tmp_path, capsys):
     assert out[3] == "bad: non-finite loss in epoch 1, step 2: loss=nan"  # whole, not cut to a column
     assert main(["runs", str(tmp_path), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [(r["run"], r["state"], r["test avg"]) for r in rows] == [("bad", "failed", None), ("done", "finished", 39.5)]
+    assert [(r["run"], r["state"], r["test avg"]) for r in rows] == [("bad", "failed", None),
+                                                                     ("done", "finished", 39.5)]
     assert main(["runs", str(tmp_path / "nowhere")]) == 2
 
 
@@ -107,3 +108,21 @@ def test_a_summed_selection_metric_is_summed_for_the_final_splits(tmp_path):
     (run / "metrics.json").write_text(json.dumps(metrics))
     row = analysis.runs_table(tmp_path).iloc[0]
     assert row["metric"] == "R@10+avg" and row["val R@10+avg"] == 61.0 and "test R@10+avg" not in row
+
+
+def test_a_resume_that_stopped_or_was_killed_is_not_its_earlier_starts_finish(tmp_path):
+    """A finished run resumed (more epochs) and then stopped kept the first start's metrics.json: it was listed as
+    finished, its stop message dropped, and compare_runs(unfinished="skip") compared the stale metrics."""
+    import datetime as dt
+
+    run = _run(tmp_path / "b", end={"status": "finished"}, metrics=True)
+    starts = json.loads((run / "provenance.json").read_text())["starts"]
+    later = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=30)).isoformat(timespec="seconds")
+    resumed = {"started": later, "from_step": 3, "status": "stopped (SIGTERM)", "message": "SIGTERM: stopped"}
+    (run / "provenance.json").write_text(json.dumps({"starts": [*starts, resumed]}))
+    assert analysis.run_state(run)["state"] == "stopped (SIGTERM)"
+    assert analysis.run_state(run)["message"] == "SIGTERM: stopped"
+    assert list(analysis.compare_runs([run], unfinished="skip").columns) == []
+    killed = {"started": later, "from_step": 3}  # kill -9 of the resume: no end, metrics.json older than it
+    (run / "provenance.json").write_text(json.dumps({"starts": [*starts, killed]}))
+    assert analysis.run_state(run)["state"] == "killed"

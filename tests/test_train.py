@@ -894,3 +894,15 @@ def test_a_copied_recipe_run_is_still_the_recipes_and_a_retrained_one_is_not(tmp
     assert recipe_wrote(run)
     os.utime(last, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert not recipe_wrote(run)
+
+
+@pytest.mark.parametrize("eval_every", [0, 3])
+def test_a_max_steps_stop_on_an_epoch_end_is_evaluated_as_the_last_step(tmp_path, eval_every):
+    """max_steps that ends a run exactly at an epoch end skipped the last evaluation unless that epoch was due one:
+    its last steps never reached selection, and with eval_every=0 no best.pt was written at all."""
+    steps = []
+    train(_model(), TripletItems(16), _cfg(epochs=5, max_steps=4, eval_every=eval_every, selection="val"),
+          output_dir=tmp_path / "r", evaluate_fn=lambda m: steps.append(1) or {"val": {"R@1": float(len(steps))}})
+    evaluated = [r["step"] for r in _read_log(tmp_path / "r" / "log.jsonl") if r["kind"] == "eval"]
+    # 2 steps per epoch: the cap ends epoch 2, which neither setting makes due
+    assert evaluated == [4] and (tmp_path / "r" / "checkpoints" / "best.pt").is_file()

@@ -76,6 +76,9 @@ class PresetMixin:
     # field -> its valid range, where the name alone does not say it (check_field_ranges: sizes >= 1, counts >= 0
     # and drop probabilities in [0, 1) follow from the name): positive temperatures and scales, 0 meaning "off"
     RANGES: ClassVar[dict[str, "Bound"]] = {}
+    # whether the wide naming rule holds (depths, layer/token counts, lengths >= 1; drop probabilities in [0, 1)):
+    # cirlab's own configs, whose fields follow it; a user's config opts in, or declares its RANGES
+    NAME_RANGES: ClassVar[bool] = False
 
     @classmethod
     def presets(cls) -> list[str]:
@@ -214,14 +217,17 @@ POSITIVE = Bound(0, low_open=True)
 NON_NEGATIVE = Bound(0)
 
 
-def _is_size_field(name: str) -> bool:
-    """Widths, depths, head and layer counts, token counts, lengths and image sizes: a layer of width -4, 0 heads or a
-    0-token text has no meaning in any of the models (0 where it means "off" or "the default" is declared in the
-    config's ``RANGES``)."""
-    return (name in ("dim", "nhead", "embed_size", "patch_size", "vocab_size")
-            or name.startswith(("num_", "hid_"))
-            or name.endswith(("_dim", "_heads", "_hidden", "_hid", "_width", "_depth", "_layers", "_intermediate",
-                              "_mlp", "_len", "_length", "_freq", "_tokens", "_vocab_size")))
+def _is_size_field(name: str, wide: bool = True) -> bool:
+    """Widths, head counts and image sizes (any config: a layer of width -4 or 0 heads has no meaning in any model);
+    with ``wide`` (cirlab's own configs, ``PresetMixin.NAME_RANGES``) also depths, layer and token counts, lengths and
+    frequencies, where the five models mean none of them 0 (0 as "off" or "the default" is declared in the config's
+    ``RANGES``). A user's config may mean ``max_len=0`` or ``num_negatives=0`` as "off": only the narrow names hold
+    there."""
+    if name in ("dim", "nhead", "embed_size", "patch_size") or name.endswith(("_dim", "_heads", "_hidden")):
+        return True
+    return wide and (name == "vocab_size" or name.startswith(("num_", "hid_"))
+                     or name.endswith(("_hid", "_width", "_depth", "_layers", "_intermediate", "_mlp", "_len",
+                                       "_length", "_freq", "_tokens", "_vocab_size")))
 
 
 def _is_count_field(name: str) -> bool:
@@ -244,11 +250,12 @@ def field_bound(cls: type, name: str) -> Bound | None:
         return declared[name]
     if name == "image_size":
         return IMAGE_SIDE
-    if _is_size_field(name):
+    wide = bool(getattr(cls, "NAME_RANGES", False))
+    if _is_size_field(name, wide):
         return SIZE
     if _is_count_field(name):
         return COUNT
-    return PROBABILITY if _is_drop_field(name) else None
+    return PROBABILITY if wide and _is_drop_field(name) else None
 
 
 def refuse_unread(config_name: str, settings: Iterable[tuple[str, Any, bool, str]]) -> None:

@@ -62,7 +62,7 @@ def code_version(root: Path | None = None, exclude: Sequence[str | os.PathLike] 
     return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
 
 
-def _command() -> list[str]:
+def command_line() -> list[str]:
     """This process's command line; in a Jupyter kernel that `cirlab report` started, the report's command for the
     entry (:data:`REPORT_COMMAND_ENV`). Elsewhere (a kernel the user started, a script the kernel runs) the argv."""
     import shlex
@@ -111,7 +111,7 @@ def start_entry(step: int, device: str, precision: str, extra: Mapping[str, Any]
     from cirlab import __version__
 
     return {"started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "from_step": int(step),
-            "command": _command(), "cirlab": __version__, "code": code_version(),
+            "command": command_line(), "cirlab": __version__, "code": code_version(),
             "torch": _version("torch"), "transformers": _version("transformers"),
             "python": platform.python_version(), "host": platform.node(), "device": device,
             "precision": precision, "threads": _torch_threads(), **dict(extra or {})}

@@ -41,7 +41,7 @@ import inspect
 import logging
 import os
 import re
-import sys
+import shlex
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -1258,8 +1258,13 @@ def _train_log(out: Path, resuming: bool, overwrite: bool) -> Iterator[Any]:
         if handler is not None:
             own.addHandler(handler)
     try:
-        how = "resume" if resuming else "overwrite" if overwrite else "fresh run"
-        log.write(logging.INFO, f"=== start ({how}, pid {os.getpid()}): {' '.join(sys.argv)}")
+        from cirlab.core.provenance import command_line
+        from cirlab.engine.train import run_artifacts
+
+        # "overwrite" where a run is replaced (a notebook passes overwrite=True into fresh folders too); the command
+        # as provenance.json records it (a report-run notebook's, not its kernel's temporary argv)
+        how = "resume" if resuming else "overwrite" if overwrite and run_artifacts(out) else "fresh run"
+        log.write(logging.INFO, f"=== start ({how}, pid {os.getpid()}): {shlex.join(command_line())}")
         yield log
     finally:
         for handler in (log, keep_stderr):

@@ -1036,7 +1036,7 @@ SKIPPED_IN_A_ROW_WARNING = 10  # fp16: consecutive steps the GradScaler skips be
 
 class TrainingInterrupted(CirlabError, KeyboardInterrupt):
     """SIGINT, SIGTERM, SIGUSR1 or SIGHUP stopped the run after ``checkpoints/last.pt`` was written; ``exit_code`` is
-    128 + the signal's number (130, 143, and 138 on Linux), the status the signal gives a process it ends.
+    128 + the signal's number (130, 143, and 138 and 129 on Linux), the status the signal gives a process it ends.
     A ``KeyboardInterrupt`` too: a script's ``except KeyboardInterrupt`` clean-up around ``cirlab.fit`` runs, as it
     would for a Ctrl-C anywhere else (and ``except Exception`` still catches it, as every cirlab error)."""
 
@@ -2119,7 +2119,9 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         if self.ema is not None and cfg.ema_mode == "paper_no_restore":
             self.ema.apply_permanently(self.model)  # AMC: validation and training continue on EMA weights
-        last_epoch = p.epoch + 1 >= cfg.epochs
+        # the run's last epoch, also where max_steps ends it exactly at this epoch's end (that stop is no mid-epoch
+        # stop, which evaluates on its own: with eval_every != 1 the last steps went unselected, and with 0 no best.pt)
+        last_epoch = p.epoch + 1 >= cfg.epochs or (cfg.max_steps is not None and p.step >= cfg.max_steps)
         if (cfg.eval_every and (p.epoch + 1) % cfg.eval_every == 0) or last_epoch:
             self.evaluate_and_select(log)
         p.epoch += 1

@@ -134,6 +134,7 @@ class AMCConfig(PresetMixin):
 
     # ranges the names do not imply (core.config.check_field_ranges): a logit scale of 0 leaves the classification
     # loss without signal and a negative one inverts it; a negative loss weight trains against its loss
+    NAME_RANGES: ClassVar[bool] = True  # its fields follow the naming rule of core.config.field_bound
     RANGES: ClassVar[dict[str, Bound]] = {
         "logit_scale": POSITIVE, "cls_weight": NON_NEGATIVE, "sim_weight": NON_NEGATIVE,
         "ffn_ratio": Bound(0, 64, low_open=True, why="the CRN feed-forward is embed_dim x ffn_ratio wide; 0.5 in "

@@ -134,6 +134,7 @@ class BlipRerankConfig(PresetMixin):
     PAPER_DATA_OPTIONS: ClassVar[dict[str, dict[str, Any]]] = {"fashioniq": {"protocol": "clip4cir"}}
     # ranges the names do not imply (core.config.check_field_ranges), where 0 means "the default" or "off": a
     # negative rerank_k or pair_chunk was read as a real setting (rerank_k=-1 re-ranked nothing and exited 0)
+    NAME_RANGES: ClassVar[bool] = True  # its fields follow the naming rule of core.config.field_bound
     RANGES: ClassVar[dict[str, Bound]] = {
         "rerank_k": Bound(0, why="0 = the paper's K"), "pair_chunk": Bound(0, why="0 = all B queries at once"),
         "score_chunk": Bound(1), "merge_linear_from": Bound(0, why="the first layer merging by Linear; 0 = all"),

@@ -220,6 +220,7 @@ class CaLaConfig(PresetMixin):
 
     # ranges the names do not imply (core.config.check_field_ranges): the logit scales multiply cosine scores (0 or
     # NaN leaves no signal); lr feeds train.lr (checked here, where the user set it, before the model is built)
+    NAME_RANGES: ClassVar[bool] = True  # its fields follow the naming rule of core.config.field_bound
     RANGES: ClassVar[dict[str, Bound]] = {
         "qtm_scale": POSITIVE, "aux_scale": POSITIVE, "hca_weight": NON_NEGATIVE, "tac_weight": NON_NEGATIVE,
         "lr": NON_NEGATIVE,

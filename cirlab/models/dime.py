@@ -116,6 +116,7 @@ class DIMEConfig(PresetMixin):
 
     # ranges the names do not imply (core.config.check_field_ranges): BERT's position embeddings hold 512 tokens
     # (a larger max_words pads every caption to it: 1e9 aborted natively after 30 s)
+    NAME_RANGES: ClassVar[bool] = True  # its fields follow the naming rule of core.config.field_bound
     RANGES: ClassVar[dict[str, Bound]] = {
         "max_words": Bound(3, 512, why="[CLS], one word and [SEP] need 3; BERT's positions hold 512"),
         "lambda_softmax": POSITIVE, "margin": NON_NEGATIVE, "path_weight": NON_NEGATIVE,

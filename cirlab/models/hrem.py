@@ -119,6 +119,7 @@ class HREMConfig(PresetMixin):
     RETIRED: ClassVar[dict[str, str]] = RETIRED_TRUST_FIELD
     # ranges the names do not imply (core.config.check_field_ranges): sigma and the temperature divide distances
     # and scores (0 gave a NaN loss at step 3); a negative bert_lr_scale turns BERT's steps into gradient ascent
+    NAME_RANGES: ClassVar[bool] = True  # its fields follow the naming rule of core.config.field_bound
     RANGES: ClassVar[dict[str, Bound]] = {
         "max_words": Bound(3, 512, why="[CLS], one word and [SEP] need 3; BERT's positions hold 512"),
         "sigma": POSITIVE, "temperature": POSITIVE, "mask_weight": POSITIVE, "dws_cutoff": POSITIVE,

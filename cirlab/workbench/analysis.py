@@ -570,21 +570,29 @@ def _named_runs(runs: Any) -> Mapping[str, Any]:
     return named
 
 
+def _unfinished(src: str | os.PathLike) -> str | None:
+    """Why a run folder (or metrics file) has no current metrics: its state, or that the file is missing."""
+    if Path(src).is_dir():
+        state = run_state(src)["state"]
+        return None if state == "finished" else state
+    return None if _metrics_path(src).is_file() else "no metrics.json"
+
+
 def compare_runs(runs: Mapping[str, Mapping[str, Any] | str | os.PathLike] | Sequence[str | os.PathLike], *,
                  unfinished: str = "error") -> Any:
     """Side-by-side table: one row per metric, one column per run (dicts or run folders / metrics files). A list of
     run folders (or one folder) names each column by its folder. A run folder without metrics.json (stopped,
     killed, still running) is an error, or with ``unfinished="skip"`` left out with a warning naming it (a glob of a
-    sweep's folders); :func:`runs_table` lists every run with its state."""
+    sweep's folders), as is one whose last start did not finish (its metrics.json is an earlier start's);
+    :func:`runs_table` lists every run with its state."""
     import pandas as pd
 
     if unfinished not in ("error", "skip"):
         raise InputError(f"compare_runs: unfinished={unfinished!r}; expected 'error' or 'skip'")
     columns = {}
     for name, src in _named_runs(runs).items():
-        if unfinished == "skip" and not isinstance(src, Mapping) and not _metrics_path(src).is_file():
-            logger.warning("compare_runs: %s has no metrics.json (%s): left out", src, run_state(src)["state"]
-                           if Path(src).is_dir() else "not a run folder")
+        if unfinished == "skip" and not isinstance(src, Mapping) and _unfinished(src):
+            logger.warning("compare_runs: %s is not finished (%s): left out", src, _unfinished(src))
             continue
         metrics = src if isinstance(src, Mapping) else read_metrics(src)
         columns[name] = flatten_metrics(metrics)
@@ -613,11 +621,11 @@ def find_runs(root: str | os.PathLike) -> list[Path]:
 
 
 def run_state(run: str | os.PathLike) -> dict[str, Any]:
-    """Where one run stands, from its folder alone: ``state`` is ``running`` (its lock is held), ``finished``
-    (metrics.json), how its last start ended (``stopped (SIGTERM)``, ``failed``, ``error``: provenance.json), ``trained``
-    (its training is done, the final evaluation is owed: ``--resume`` runs it) or ``killed`` (a start that never
-    recorded an end: ``kill -9``, the OOM killer, a lost node). With ``message``, ``started``, ``ended`` and the last
-    logged ``step``."""
+    """Where one run stands, from its folder alone: ``state`` is ``running`` (its lock is held), how its last start
+    ended where that was not a finish (``stopped (SIGTERM)``, ``failed``, ``error``: provenance.json), ``finished``
+    (a metrics.json that start wrote), ``trained`` (its training is done, the final evaluation is owed:
+    ``--resume`` runs it) or ``killed`` (a start that never recorded an end: ``kill -9``, the OOM killer, a lost
+    node). With ``message``, ``started``, ``ended`` and the last logged ``step``."""
     from cirlab.core.io import lock_holder
 
     run = Path(run)
@@ -625,16 +633,28 @@ def run_state(run: str | os.PathLike) -> dict[str, Any]:
     last = starts[-1] if isinstance(starts[-1], dict) else {}
     if lock_holder(run) is not None:
         state = "running"
-    elif (run / "metrics.json").is_file():
-        state = "finished"
-    elif last.get("status") not in (None, "finished"):
+    elif last.get("status") not in (None, "finished"):  # its last start: a resume's stop leaves the old metrics
         state = str(last["status"])
-    elif (run / "train_summary.json").is_file():
+    elif (run / "metrics.json").is_file() and _written_since(run / "metrics.json", last.get("started")):
+        state = "finished"
+    elif (run / "train_summary.json").is_file() and _written_since(run / "train_summary.json", last.get("started")):
         state = "trained"
     else:
         state = "killed"
     return {"state": state, "message": last.get("message") if state == last.get("status") else None,
             "started": last.get("started"), "ended": last.get("ended"), "step": _last_step(run / "log.jsonl")}
+
+
+def _written_since(path: Path, started: Any) -> bool:
+    """Whether ``path`` was written by the start that began at ``started`` (ISO time, seconds) or later: a resume
+    killed before its end leaves the previous start's files. A start of unknown time counts it as written."""
+    import datetime as dt
+
+    try:
+        begun = dt.datetime.fromisoformat(str(started)).timestamp()
+        return path.stat().st_mtime >= begun - 1  # the time is kept to the second
+    except (ValueError, OSError):
+        return True
 
 
 def _json_or(path: Path, default: Any) -> Any:

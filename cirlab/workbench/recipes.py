@@ -194,7 +194,22 @@ def find_data(dataset: str, data_root: str | os.PathLike = "", run_dir: str | os
             same = False
         if root and same:
             return _recorded_root(Path(str(root)).expanduser(), Path(run_dir).expanduser(), dataset)
+        if same and isinstance(stored.get("synthetic"), dict):  # the shipped configs: root "" and the set's settings
+            return _recorded_synthetic(stored["synthetic"], Path(run_dir).expanduser())
     return ensure_synthetic(None, size=size, seed=seed).resolve()
+
+
+def _recorded_synthetic(settings: dict[str, Any], run_dir: Path) -> Path:
+    """The generated synthetic set a run was trained on (its config's ``dataset.synthetic``: size, seed, image size,
+    folder), made again where missing: the notebook's own ``size`` (default) stood in for it, and a run trained on
+    the tiny set was scored on the default one."""
+    from cirlab.data.generators import synthetic
+
+    size, seed = str(settings.get("size", "tiny")), int(settings.get("seed", 0))
+    image_size = int(settings.get("image_size", 64))
+    logger.info("%s was trained on the generated synthetic set (size %s, seed %d, %d-px images): reading that set "
+                "(data_root= names another)", run_dir, size, seed, image_size)
+    return synthetic.ensure(settings.get("out") or None, seed=seed, size=size, image_size=image_size).resolve()
 
 
 def _recorded_root(root: Path, run_dir: Path, dataset: str) -> Path:
