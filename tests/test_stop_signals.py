@@ -95,6 +95,12 @@ def test_sigusr1_stops_after_the_step_with_its_own_exit_status(tmp_path):
     assert _saved_step(run) == int(stopped.group(1)) > 10
 
 
+def _hang_up_as_a_terminal_sends_it() -> None:
+    """The run's SIGHUP as a shell in a terminal starts it: under `nohup make test` every child inherits it ignored,
+    and cirlab keeps an ignored signal ignored (the run went on to exit 0, as a nohup'd run should)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def test_a_hang_up_stops_after_the_step_though_the_terminal_is_gone(tmp_path):
     """A closed terminal or a dropped ssh connection (SIGHUP) ended the run at once, exit 129 with no line, last.pt
     at the previous epoch end: everything since it was lost. It stops after the step as SIGTERM does now, and the
@@ -106,7 +112,7 @@ def test_a_hang_up_stops_after_the_step_though_the_terminal_is_gone(tmp_path):
     os.write(master, b"")  # the terminal is open while the run starts
     proc = subprocess.Popen([sys.executable, "-m", "cirlab", *TINY, "--set", "train.progress=log", "--output-dir",
                              str(run)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_hang_up_as_a_terminal_sends_it)
     os.close(slave)
     try:
         seen, deadline = b"", time.time() + 120
