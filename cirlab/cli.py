@@ -418,42 +418,36 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
     return config
 
 
-def _refuse_a_gone_recorded_root(run_dir: Path | None, config: dict[str, Any], args: argparse.Namespace) -> None:
-    """The dataset root a run folder's config.yaml records is gone (a moved checkout, a run received from a
-    colleague): the loader's message called it a root the user had given and advised CIRLAB_DATA, which a recorded
-    root comes before. Said as what it is, with --root, the flag that names the data now."""
-    from cirlab.core.errors import MissingPathError
+def _refuse_gone_recorded_paths(run_dir: Path | None, config: dict[str, Any], args: argparse.Namespace) -> None:
+    """A path a run folder's config.yaml records (absolute) that is gone: a moved checkout, a run received from a
+    colleague. Its dataset root was called a root the user had given, with CIRLAB_DATA advised (a recorded root
+    comes before it); a re-ranker's stage-I top-K files were to be written again (after a warning of other data),
+    though they usually lie at the new path. Each is said as what it is, with the flag that names it now."""
+    from cirlab.core.errors import ConfigError, MissingPathError
     from cirlab.data.base import missing_root_hint
-    from cirlab.engine.runs import read_run_config
-
-    if run_dir is None or args.root is not None or args.config is not None:
-        return
-    recorded = (read_run_config(run_dir).get("dataset") or {}).get("root")
-    if not recorded or str(recorded) != str(config["dataset"].get("root")):  # --set dataset.root= gave another
-        return
-    path = Path(str(recorded)).expanduser()
-    if not path.exists():
-        hint = missing_root_hint(str(config["dataset"]["name"]), recorded, recorded_in=run_dir / "config.yaml")
-        raise MissingPathError(f"{path}: dataset root not found ({hint})")
-
-
-def _refuse_a_gone_stage1_topk(run_dir: Path | None, config: dict[str, Any]) -> None:
-    """A re-ranker's stage-I top-K files as its config.yaml records them (an absolute path) are gone: the stage-I run
-    moved with it, or the run came from elsewhere. The error said to write them again with `cirlab eval STAGE1_RUN`,
-    after a warning that the run had been trained on other data; the files are usually there, at the new path."""
-    from cirlab.core.errors import ConfigError
     from cirlab.engine.runs import read_run_config
 
     if run_dir is None:
         return
-    recorded = (read_run_config(run_dir).get("eval") or {}).get("stage1_topk")
-    if not recorded or str(recorded) != str(config["eval"].get("stage1_topk")):  # --set gave another: its own check
-        return
-    path = Path(str(recorded)).expanduser()
-    if not path.exists():
-        raise ConfigError(f"eval.stage1_topk: {path}, recorded in {run_dir / 'config.yaml'}, does not exist (the "
+    recorded = read_run_config(run_dir)
+    root = _gone(recorded, config, "dataset", "root") if args.root is None and args.config is None else None
+    if root is not None:
+        hint = missing_root_hint(str(config["dataset"]["name"]), str(root), recorded_in=run_dir / "config.yaml")
+        raise MissingPathError(f"{root}: dataset root not found ({hint})")
+    stage1 = _gone(recorded, config, "eval", "stage1_topk")
+    if stage1 is not None:
+        raise ConfigError(f"eval.stage1_topk: {stage1}, recorded in {run_dir / 'config.yaml'}, does not exist (the "
                           "stage-I run moved, or this run came from another machine?): name the stage-I run folder "
                           "(or its top-K files) here with --set eval.stage1_topk=PATH")
+
+
+def _gone(recorded: dict[str, Any], config: dict[str, Any], section: str, key: str) -> Path | None:
+    """The recorded ``section.key`` path where this command still uses it (no --set gave another) and it is gone."""
+    value = (recorded.get(section) or {}).get(key)
+    if not value or str(value) != str((config.get(section) or {}).get(key)):
+        return None
+    path = Path(str(value)).expanduser()
+    return None if path.exists() else path
 
 
 def _run_model(run_dir: Path | None) -> str | None:
@@ -574,8 +568,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         config["output_dir"] = str(run_dir.absolute())  # or a moved run: a stage I writes its top-K into its own)
     splits = config["eval"].get("splits") or [config["dataset"]["val_split"]]
     _check_eval_outputs(args, splits)
-    _refuse_a_gone_recorded_root(run_dir, config, args)
-    _refuse_a_gone_stage1_topk(run_dir, config)
+    _refuse_gone_recorded_paths(run_dir, config, args)
     try:
         loaded = {split: load_split(config, split) for split in splits}  # a wrong --root fails before the model loads
     except UnknownNameError as err:

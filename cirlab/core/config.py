@@ -181,9 +181,12 @@ class Bound:
     why_high: str = ""
 
     def admits(self, value: float) -> bool:
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return False
-        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return not self.below(value) and (self.high is None or (value < self.high if self.high_open
+                                                                 else value <= self.high))
+
+    def below(self, value: float) -> bool:
+        """Whether ``value`` lies under the range (its refusal then names ``kind`` and ``why``)."""
+        return self.low is not None and (value <= self.low if self.low_open else value < self.low)
 
     def describe(self) -> str:
         """``"a value in [0, 1)"``, ``"a value >= 1"``, ``"a value > 0"``, ``"a value <= 512"``."""
@@ -297,7 +300,7 @@ def _range_problem(value: Any, bound: Bound | None) -> str | None:
         return f"expected a finite number, got {value}"
     if bound is None or bound.admits(value):
         return None
-    below = bound.low is not None and not Bound(low=bound.low, low_open=bound.low_open).admits(value)
+    below = bound.below(value)
     expected = bound.kind if below and bound.kind else bound.describe()
     why = bound.why if below else bound.why_high or bound.why
     return f"expected {expected}, got {_number(value)}" + (f" ({why})" if why else "")

@@ -1183,7 +1183,7 @@ class _TrainLog(logging.Handler):
 
     def __init__(self, out: Path) -> None:
         super().__init__(logging.INFO)
-        self.path, self.started = out / TRAIN_LOG, False
+        self.path = out / TRAIN_LOG
         self.pending: list[logging.LogRecord] = []
         self.file: logging.FileHandler | None = None
         self.failed: OSError | None = None
@@ -1210,7 +1210,7 @@ class _TrainLog(logging.Handler):
             self.failed, self.pending = err, []
             return False
         self.file.setFormatter(logging.Formatter(self.FORMAT))
-        self.started, self.fresh = True, not resumed
+        self.fresh = not resumed
         for record in self.pending:
             self.file.handle(record)
         self.pending = []
@@ -1278,8 +1278,6 @@ def _train_log(out: Path, resuming: bool, overwrite: bool) -> Iterator[Any]:
 
 class _NoTrainLog:
     """train.log's stand-in where none is written (torchrun's other ranks)."""
-
-    started = False
 
     def take_start(self) -> bool:
         return False

@@ -627,10 +627,14 @@ def run_state(run: str | os.PathLike) -> dict[str, Any]:
     ``--resume`` runs it) or ``killed`` (a start that never recorded an end: ``kill -9``, the OOM killer, a lost
     node). With ``message``, ``started``, ``ended`` and the last logged ``step``."""
     from cirlab.core.io import lock_holder
+    from cirlab.core.provenance import read_starts
 
     run = Path(run)
-    starts = _json_or(run / "provenance.json", {}).get("starts") or [{}]
-    last = starts[-1] if isinstance(starts[-1], dict) else {}
+    try:
+        starts = read_starts(run)
+    except (OSError, ValueError):  # a listing must not stop at one broken run
+        starts = []
+    last = starts[-1] if starts and isinstance(starts[-1], dict) else {}
     if lock_holder(run) is not None:
         state = "running"
     elif last.get("status") not in (None, "finished"):  # its last start: a resume's stop leaves the old metrics

@@ -203,13 +203,17 @@ def _recorded_synthetic(settings: dict[str, Any], run_dir: Path) -> Path:
     """The generated synthetic set a run was trained on (its config's ``dataset.synthetic``: size, seed, image size,
     folder), made again where missing: the notebook's own ``size`` (default) stood in for it, and a run trained on
     the tiny set was scored on the default one."""
-    from cirlab.data.generators import synthetic
-
     size, seed = str(settings.get("size", "tiny")), int(settings.get("seed", 0))
     image_size = int(settings.get("image_size", 64))
     logger.info("%s was trained on the generated synthetic set (size %s, seed %d, %d-px images): reading that set "
                 "(data_root= names another)", run_dir, size, seed, image_size)
-    return synthetic.ensure(settings.get("out") or None, seed=seed, size=size, image_size=image_size).resolve()
+    return _synthetic_set(size, seed, image_size, settings.get("out") or None)
+
+
+def _synthetic_set(size: str, seed: int, image_size: int, out: Any = None) -> Path:
+    from cirlab.data.generators import synthetic
+
+    return synthetic.ensure(out, seed=seed, size=size, image_size=image_size).resolve()
 
 
 def _recorded_root(root: Path, run_dir: Path, dataset: str) -> Path:
@@ -218,39 +222,28 @@ def _recorded_root(root: Path, run_dir: Path, dataset: str) -> Path:
     data. A generated synthetic set is made again with the settings its folder names; anything else is refused."""
     if root.exists():
         return root.resolve()
-    settings = _synthetic_settings(root)
-    if settings is None:
+    found = _synthetic_settings(root)
+    if found is None:
         raise MissingPathError(f"run_dir {run_dir}: the {dataset} data root it was trained on, {root} (recorded in "
                                f"{run_dir / 'config.yaml'}), does not exist here: pass data_root= (or set "
                                "CIRLAB_DATA) to the folder holding that data")
-    from cirlab.data.generators import synthetic
-
-    size, seed, image_size, inside = settings
+    (size, seed, image_size), inside = found
     logger.warning("%s: the data root it was trained on, %s, is gone; it was the synthetic set (size %s, seed %d, "
                    "%d-px images): using that set generated again in the cache (data_root= names another)",
                    run_dir / "config.yaml", root, size, seed, image_size)
-    base = synthetic.ensure(None, seed=seed, size=size, image_size=image_size)
-    return base.joinpath(*inside).resolve()
+    return _synthetic_set(size, seed, image_size).joinpath(*inside)
 
 
-def _synthetic_settings(root: Path) -> tuple[str, int, int, tuple[str, ...]] | None:
-    """(size, seed, image size, parts below it) of a root inside a generated synthetic folder
-    (``.../synthetic/<size>-seed<N>-<px>px/...``, :func:`cirlab.data.generators.synthetic.ensure`'s default); None
-    for any other folder, and for a custom size (its counts are not in the name, so it cannot be made again)."""
-    import re
-
-    from cirlab.data.generators.synthetic import resolve_size
+def _synthetic_settings(root: Path) -> tuple[tuple[str, int, int], tuple[str, ...]] | None:
+    """((size, seed, image size), parts below it) of a root inside a generated synthetic folder
+    (``.../synthetic/<size>-seed<N>-<px>px/...``); None for any other folder."""
+    from cirlab.data.generators.synthetic import settings_of_folder
 
     parts = root.parts
     for i in range(1, len(parts)):
-        found = re.fullmatch(r"(\w+)-seed(\d+)-(\d+)px", parts[i])
-        if parts[i - 1] != "synthetic" or found is None:
-            continue
-        try:
-            resolve_size(found.group(1))
-        except ValueError:
-            return None
-        return found.group(1), int(found.group(2)), int(found.group(3)), parts[i + 1:]
+        settings = settings_of_folder(parts[i]) if parts[i - 1] == "synthetic" else None
+        if settings is not None:
+            return settings, parts[i + 1:]
     return None
 
 

@@ -1077,17 +1077,24 @@ def _environ_restored(fn: Any) -> Any:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        before = {key: os.environ.get(key) for key in _KERNEL_ENV}
-        try:
+        with _environ_kept(_KERNEL_ENV):
             return fn(*args, **kwargs)
-        finally:
-            for key, value in before.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _environ_kept(keys: Sequence[str]) -> Iterator[None]:
+    """``os.environ``'s values of ``keys`` (or their absence) as they were before the block, after it."""
+    before = {key: os.environ.get(key) for key in keys}
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @_sigterm_as_interrupt
@@ -1417,15 +1424,9 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
 @contextlib.contextmanager
 def _environ_set(key: str, value: str) -> Iterator[None]:
     """``os.environ[key] = value`` for the kernel started inside; the caller's value (or none) comes back after."""
-    before = os.environ.get(key)
-    os.environ[key] = value
-    try:
+    with _environ_kept([key]):
+        os.environ[key] = value
         yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
 
 
 def _move(src: Path, dst: Path, *, unless_held: bool = False) -> None:

@@ -685,6 +685,22 @@ def describe_settings(settings: dict[str, Any], other: dict[str, Any] | None = N
     return ", ".join(parts)
 
 
+def folder_name(size: str, seed: int, image_size: int) -> str:
+    """The cache folder of one setting of the set, ``<size>-seed<N>-<px>px`` (:func:`ensure`'s default)."""
+    return f"{size}-seed{seed}-{image_size}px"
+
+
+def settings_of_folder(name: str) -> tuple[str, int, int] | None:
+    """(size, seed, image size) a :func:`folder_name` names, None for any other name and for a custom size (its
+    counts are not in the name: it cannot be made again from it)."""
+    import re
+
+    found = re.fullmatch(r"(\w+)-seed(\d+)-(\d+)px", name)
+    if found is None or found.group(1) not in SIZES:
+        return None
+    return found.group(1), int(found.group(2)), int(found.group(3))
+
+
 def ensure(out_root: str | os.PathLike | None = None, *, seed: int = 0, size: str | SynthSize = "default",
            layouts: Sequence[str] | str = LAYOUTS, image_size: int = 64) -> Path:
     """The synthetic data root, generated only when missing (or missing some of ``layouts``).
@@ -705,7 +721,7 @@ def ensure(out_root: str | os.PathLike | None = None, *, seed: int = 0, size: st
     # "custom", and every call deleted and rewrote the folder (under a run reading it)
     wanted = _settings_of(seed, size, image_size)
     name = size if isinstance(size, str) else "custom-" + _digest(wanted["spec"])
-    out = Path(out_root).expanduser() if out_root else cache_dir() / "synthetic" / f"{name}-seed{seed}-{image_size}px"
+    out = Path(out_root).expanduser() if out_root else cache_dir() / "synthetic" / folder_name(name, seed, image_size)
     if _written(out, wanted, layouts):
         return out
     with generated_folder_lock(out):  # a second process writing it too would break both trees
