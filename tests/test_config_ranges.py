@@ -89,6 +89,15 @@ CASES = [
     # finding 7: a negative lr scale, and a training split the loader does not have
     ("hrem", "model_overrides.bert_lr_scale", "-1", "0", "HREMConfig.bert_lr_scale"),
     ("amc", "dataset.train_split", "nope", "train", "dataset.train_split"),
+    # the rest of finding 7: settings nothing read (a test split only the protocol and `selection: paper` read, a
+    # train.test_split the run replaced by dataset.test_split, a stage-I top-K for a model that ranks everything),
+    # and slips by a factor of 1e17 in Adam's eps or the lr
+    ("amc", "dataset.test_split", "nope", "test", "dataset.test_split"),
+    ("amc", "dataset.val_split", "vall", "val", "dataset.val_split"),
+    ("amc", "train.test_split", "nonsense", "test", "train.test_split"),
+    ("amc", "eval.stage1_topk", "/nonexistent.npz", "''", "eval.stage1_topk"),
+    ("amc", "train.eps", "1.0e+9", "1.0", "train.eps"),
+    ("amc", "train.lr", "1.0e+4", "10", "train.lr"),
 ]
 
 

@@ -403,10 +403,15 @@ def _validate_task(config: dict[str, Any], source: str) -> None:
     """A composed-retrieval model (CIR, re-ranker) trains on a CIR dataset, an image-text matching model on precomp
     features: the other pairing fails deep in the data code otherwise (a caption vocabulary fitted on triplets)."""
     from cirlab.data.catalog import get_dataset
+    from cirlab.models.registry import get_entry
 
     refuse_task_mismatch(str(config["model"]), str(config["dataset"]["name"]), f"{source}: dataset.name")
 
     dataset = get_dataset(str(config["dataset"]["name"]))
+    if (config.get("eval") or {}).get("stage1_topk") and get_entry(str(config["model"])).task != "rerank":
+        # only a stage II reads stage I's lists; any other model ranks the whole gallery and never opened the path
+        raise ConfigError(f"{source}: eval.stage1_topk: {config['model']} ranks the whole gallery and reads no "
+                          "stage-I top-K (only a re-ranker's stage II, blip_rerank_stage2, does); remove it")
     if (config.get("train") or {}).get("group_batches") and dataset.is_itm:  # before the data and the model
         raise ConfigError(f"{source}: train.group_batches groups CIR triplets by reference image; "
                           f"{dataset.name}'s image-caption pairs have no groups (set it to 0)")
@@ -536,7 +541,7 @@ def _validate_dataset(config: dict[str, Any], source: str) -> None:
     for key in ("train_split", "val_split", "test_split"):
         if not isinstance(ds.get(key), str) or not ds[key]:
             raise ConfigError(f"{source}: dataset.{key}: expected a split name, got {ds.get(key)!r}")
-    _check_train_split(ds, spec, source)
+    _check_splits(ds, spec, source)
     options = ds.get("options") or {}
     if not isinstance(options, dict):
         raise ConfigError(f"{source}: dataset.options: expected a mapping of loader options, got {options!r:.60}")
@@ -565,20 +570,21 @@ def _validate_dataset(config: dict[str, Any], source: str) -> None:
                                   f"got {value!r}")
 
 
-def _check_train_split(ds: dict[str, Any], spec: Any, source: str) -> None:
-    """A composed-retrieval loader knows a fixed set of split names (and aliases): a slip in ``train_split`` is refused
-    here, naming the field, rather than by the training-data loader as "unknown Fashion-IQ split 'nope'" without
-    it. Region-feature (ITM) layouts name their splits by the files present: not checked."""
+def _check_splits(ds: dict[str, Any], spec: Any, source: str) -> None:
+    """A composed-retrieval loader knows a fixed set of split names (and aliases): a slip in a split field is refused
+    here, naming the field, rather than by the loader as "unknown Fashion-IQ split 'nope'" without it (or not at
+    all: see below). Region-feature (ITM) layouts name their splits by the files present: not checked."""
     if spec.is_itm:
         return
     import importlib
 
     module = importlib.import_module(spec.loader)
     known = [*getattr(module, "SPLITS", getattr(module, "SPLIT_FILES", ())), *getattr(module, "SPLIT_ALIASES", ())]
-    split = ds["train_split"]  # val_split and test_split: load_split names them in its refusal
-    if known and split not in known:
-        raise ConfigError(f"{source}: dataset.train_split: {spec.name} has no split {split!r}"
-                          f"{did_you_mean(split, known)}; known: {', '.join(known)}")
+    # all three: test_split is read only for the protocol and `selection: paper`, so a slip there went unsaid
+    for key in ("train_split", "val_split", "test_split"):
+        if known and ds[key] not in known:
+            raise ConfigError(f"{source}: dataset.{key}: {spec.name} has no split {ds[key]!r}"
+                              f"{did_you_mean(ds[key], known)}; known: {', '.join(known)}")
 
 
 def _validate_eval(config: dict[str, Any], source: str) -> None:
@@ -626,6 +632,12 @@ def _validate_train(config: dict[str, Any], source: str) -> None:
     if unknown:
         raise ConfigError(unknown_names_message(f"{source}: train", unknown, fields))
     validate_train_values(section, f"{source}: train.")
+    split = (config.get("dataset") or {}).get("test_split", DEFAULTS["dataset"]["test_split"])
+    # a run sets it from dataset.test_split; in a run's own config.yaml (model_config) it is that value, written
+    if "test_split" in section and section["test_split"] != split and "model_config" not in config:
+        raise ConfigError(f"{source}: train.test_split: {section['test_split']!r} differs from dataset.test_split "
+                          f"{split!r}, which a run uses (for `selection: paper`): set dataset.test_split and remove "
+                          "train.test_split")
 
 
 # the paths a run reads beside its model's own files: (section, key). A re-ranker's stage II reads stage I's run

@@ -200,6 +200,9 @@ _RULES: dict[str, tuple[str, float | None, bool, bool]] = {
 # whatever the machine, so that a config written on a server still runs (oversubscribed) on a laptop.
 _PER_CPU, _MIN_CAP = 4, 32
 _PER_CPU_FIELDS = {"num_workers": "DataLoader worker processes", "num_threads": "torch CPU threads"}
+# field -> (highest value, why): far past any paper's value, a slip (1e9 for 1e-9) that trains without a word
+_UPPER = {"lr": (10.0, "a learning rate above 10 diverges at once; e.g. 1e-4, not 1e4"),
+          "eps": (1.0, "Adam's eps floors the update's denominator: a large one stops learning; e.g. 1e-8, not 1e8")}
 _FLOAT_FIELDS = tuple(name for name, rule in _RULES.items() if rule[0] == "float")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -241,6 +244,8 @@ def _value_problem(name: str, value: Any) -> str | None:
     if name in _PER_CPU_FIELDS and value > cpu_cap():
         return (f"must be <= {cpu_cap()} ({_PER_CPU_FIELDS[name]}: {_PER_CPU} per CPU, at least {_MIN_CAP}; this "
                 f"process may use {available_cpus()} CPUs)")
+    if name in _UPPER and value > _UPPER[name][0]:
+        return f"must be <= {_UPPER[name][0]:g} ({_UPPER[name][1]})"
     if name == "seed" and value > MAX_SEED:
         return f"must be <= {MAX_SEED} (NumPy's seed range, as cirlab data synth --seed)"
     if low is not None and (value < low if inclusive else value <= low):
