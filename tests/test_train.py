@@ -906,3 +906,19 @@ def test_a_max_steps_stop_on_an_epoch_end_is_evaluated_as_the_last_step(tmp_path
     evaluated = [r["step"] for r in _read_log(tmp_path / "r" / "log.jsonl") if r["kind"] == "eval"]
     # 2 steps per epoch: the cap ends epoch 2, which neither setting makes due
     assert evaluated == [4] and (tmp_path / "r" / "checkpoints" / "best.pt").is_file()
+
+
+def test_keep_epoch_checkpoints_keeps_every_epoch_or_the_last_n_across_a_resume(tmp_path):
+    """``true`` keeps every epoch's full training state; an integer N the last N (a resume keeps counting)."""
+    train(_model(), TripletItems(16), _cfg(epochs=3, keep_epoch_checkpoints=True), output_dir=tmp_path / "all")
+    assert sorted(p.name for p in (tmp_path / "all" / "checkpoints").glob("epoch_*.pt")) == \
+        ["epoch_1.pt", "epoch_2.pt", "epoch_3.pt"]
+    run = tmp_path / "two"
+    train(_model(), TripletItems(16), _cfg(epochs=3, keep_epoch_checkpoints=2), output_dir=run)
+    assert sorted(p.name for p in (run / "checkpoints").glob("epoch_*.pt")) == ["epoch_2.pt", "epoch_3.pt"]
+    train(_model(), TripletItems(16), _cfg(epochs=5, keep_epoch_checkpoints=2, resume="auto"), output_dir=run)
+    assert sorted(p.name for p in (run / "checkpoints").glob("epoch_*.pt")) == ["epoch_4.pt", "epoch_5.pt"]
+    state = torch.load(run / "checkpoints" / "epoch_5.pt", weights_only=True)
+    assert state["progress"]["epoch"] == 5 and "optimizer" in state  # a state to resume from, as last.pt
+    with pytest.raises(ConfigError, match="keep_epoch_checkpoints: expected true .*, false, or the number"):
+        resolve_train_config(_model(), {"keep_epoch_checkpoints": -1})

@@ -121,7 +121,9 @@ class TrainConfig:
     # --- output ---
     log_every: int = 10  # optimizer steps between log records (JSONL, TensorBoard, console)
     checkpoint_every: int = 0  # optimizer steps between checkpoints/last.pt writes (0 = epoch ends only)
-    keep_epoch_checkpoints: bool = False  # also keep checkpoints/epoch_{N}.pt
+    # also keep checkpoints/epoch_{N}.pt (whole training states, as last.pt): true = every epoch's, an integer N =
+    # the last N epochs' (each holds the optimizer's state too: every epoch of a 100-epoch run filled a disk)
+    keep_epoch_checkpoints: bool | int = False
     tensorboard: bool = True  # write tb/ when tensorboard is importable
     progress: str = "auto"  # auto (tqdm bar on a TTY or in JupyterLab, log lines otherwise) | tqdm | log | none
     resume: str = ""  # "" = fresh run | "auto" = <output_dir>/checkpoints/last.pt if present | a checkpoint path
@@ -213,6 +215,9 @@ def _value_problem(name: str, value: Any) -> str | None:
         ok = (isinstance(value, (list, tuple)) and len(value) == 2
               and all(_is_number(b) and 0 <= float(b) < 1 for b in value))
         return None if ok else "expected two numbers in [0, 1), e.g. [0.9, 0.999]"
+    if name == "keep_epoch_checkpoints":
+        ok = isinstance(value, bool) or (_is_int(value) and value >= 0)
+        return None if ok else "expected true (every epoch's), false, or the number of recent epochs to keep"
     if name == "lr_milestones":
         ok = isinstance(value, (list, tuple)) and all(_is_int(m) and m >= 0 for m in value)
         return None if ok else "expected a list of epoch numbers >= 0, e.g. [40]"
@@ -2134,6 +2139,16 @@ class Trainer:
         self.save("last.pt")
         if cfg.keep_epoch_checkpoints:
             self.save(f"epoch_{p.epoch}.pt")
+            self._drop_old_epoch_checkpoints()
+
+    def _drop_old_epoch_checkpoints(self) -> None:
+        """With ``keep_epoch_checkpoints: N``, delete the epoch checkpoints older than the last N (files this run
+        wrote under these names; an earlier start of the same run wrote the others)."""
+        keep = self.cfg.keep_epoch_checkpoints
+        if keep is True or not self.dist.is_main:
+            return
+        for epoch in range(1, self.progress.epoch - int(keep) + 1):
+            (self.ckpt_dir / f"epoch_{epoch}.pt").unlink(missing_ok=True)
 
 
 class MissingSelection(KeyError):
