@@ -949,7 +949,8 @@ def f_unknown_split_or_category_name(ws: Workspace) -> Outcome:
     split = cli("train", ws.config(), "--output-dir", ws.run_dir(), "--set", "dataset.val_split=vall")
     category = cli("train", ws.config(), "--output-dir", ws.run_dir("run2"), "--set", "dataset.category=dres")
     name = cli("train", ws.config(), "--output-dir", ws.run_dir("run3"), "--set", "name=123")
-    return first_failure(expect_error(split, r"dataset\.val_split=vall: unknown Fashion-IQ split 'vall'"),
+    return first_failure(expect_error(split, r"dataset\.val_split=vall: dataset\.val_split: fashioniq has no split "
+                                                r"'vall' \(did you mean 'val'\?\)"),
                          expect_error(category, r"dataset\.category=dres: unknown Fashion-IQ category 'dres'"),
                          expect_error(name, r"--set name=123: name: expected a string"))
 
