@@ -7,6 +7,8 @@ import json
 import re
 import logging
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -533,6 +535,54 @@ def test_an_interrupted_run_is_repaired_by_the_next(tmp_path):
     assert (out / report.FAILED_DIR / "evaluate" / report.RECORD).is_file()
 
 
+def test_a_run_killed_while_deleting_the_previous_results_keeps_its_own(tmp_path):
+    """A kill (power cut, OOM) in the tidy-up of a finished entry left its complete results beside a half-deleted
+    ``.evaluate.previous``; the next report put that back as the last good results and moved the complete ones to
+    _failed/ (a failing next run then deleted them)."""
+    out = tmp_path
+    old, new = out / ".evaluate.previous", out / "evaluate"
+    for folder, started in ((old, "2026-12-01T10:00:00+00:00"), (new, "2026-12-02T10:00:00+00:00")):
+        folder.mkdir()
+        (folder / report.RECORD).write_text(json.dumps({"status": "ok", "started": started}))
+    (new / "metrics.json").write_text('{"new": 1}')  # the old folder's metrics.json was already deleted
+    with pytest.raises(FileNotFoundError):  # no notebook: the run fails at once, after the repair
+        report.run_entry("evaluate", {}, out, kernel_name="python3", notebook_dir=tmp_path / "none")
+    assert json.loads((new / "metrics.json").read_text()) == {"new": 1}  # the finished run's results stay
+    assert not old.exists() and not list(out.glob(".*.discard"))
+
+
+def test_finished_entries_delete_their_previous_results_renamed_first(tmp_path, monkeypatch):
+    """The previous folder is renamed before it is deleted, so no half-deleted folder ever carries its name."""
+    out = tmp_path
+    (out / "evaluate").mkdir()
+    (out / "evaluate" / report.RECORD).write_text(json.dumps({"status": "ok", "started": "2026-12-01T10:00:00"}))
+    deleted = []
+    real = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: (  # the folders that are there to delete
+        Path(path).exists() and deleted.append(Path(path).name), real(path, *a, **k)))
+    monkeypatch.setattr(report, "run_notebook", lambda name, params, folder, *a, **k: folder.mkdir(parents=True))
+    report.run_entry("evaluate", {}, out, kernel_name="python3")
+    assert ".evaluate.previous" not in deleted and ".evaluate.previous.discard" in deleted
+    assert sorted(p.name for p in out.iterdir()) == ["evaluate"]
+
+
+def test_the_index_page_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A report that stopped while writing index.html (killed, a full disk) left a truncated page."""
+    (tmp_path / "index.html").write_text("the last whole page")
+    real = Path.write_text
+
+    def half_then_full_disk(self, text, *args, **kwargs):
+        real(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        report.write_index(tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / "index.html").read_text() == "the last whole page"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html"]  # no temporary left
+
+
 def _parallel_setup(tmp_path, monkeypatch, bodies: dict[str, str]):
     """Three entries (train -> evaluate, and quickstart beside them), each writing its start and end time. The
     entries run in child processes, which see the real DEPENDS and SOURCE (entry = notebook for these three)."""
@@ -712,6 +762,7 @@ def test_kill_or_ctrl_c_stops_kernels_puts_results_back_and_leaves_no_files(tmp_
     assert not (out / "quickstart").exists() and not list(out.glob(".*.previous"))
     leftovers = [p.name for p in scratch.rglob("*") if p.name.startswith("cirlab-kernel-") or p.suffix == ".json"]
     assert leftovers == []  # IPC sockets and kernel connection files removed
+    assert not scratch.stat().st_mode & 0o1000  # the sticky bit jupyter_client sets on a connection file's folder
     if os.path.isdir("/proc"):  # no kernel left running: their command lines name a connection file in scratch
         alive = []
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):

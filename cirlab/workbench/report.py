@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, TextIO
 
 from cirlab.core.errors import EXIT_FOUND, ConfigError, MissingPathError
-from cirlab.core.io import flat_numbers, folder_lock, write_json
+from cirlab.core.io import flat_numbers, folder_lock, write_json, write_text
 from cirlab.core.paths import user_path
 from cirlab.core.provenance import REPORT_COMMAND_ENV, REPORT_OUT_ENV
 from cirlab.core.threads import CHILD_ENV, ENV, allocated_cpus, thread_env
@@ -132,6 +132,7 @@ WIDE_PIXELS, WIDE_ASPECT = 1100, 2.2
 RECORD = "report.json"  # per entry: status, start/finish times, duration, commit, command, parameters
 FAILED_DIR = "_failed"  # <out>/_failed/<entry>/: the output of an entry's last run when it failed
 _IPC_KERNEL_MANAGER: Any = None
+_TEMPORARY_FOLDERS: list[Path] = []  # made by _temporary_folder, removed by _temporary_folders_removed
 _SAY_LOCK = threading.Lock()
 # SIGTERM bookkeeping (_on_sigterm): the kernels started in this process and the entry processes (--jobs > 1)
 _TERMINATING = threading.Event()
@@ -623,21 +624,68 @@ THIS_PYTHON_KERNEL = "cirlab-report-python"
 
 def this_python_kernel() -> str:
     """A Jupyter kernel that runs the interpreter running this report (``sys.executable -m ipykernel_launcher``),
-    written to ``$CIRLAB_CACHE/jupyter/kernels/`` and put first on this process's ``JUPYTER_PATH`` (its kernels
-    inherit it). Idempotent."""
-    from cirlab.core.paths import cache_dir
-
-    folder = cache_dir() / "jupyter"
+    written to ``$CIRLAB_CACHE/jupyter/kernels/`` (a cache that cannot be written: a temporary folder, removed when
+    the report ends) and put first on this process's ``JUPYTER_PATH`` (its kernels inherit it). Idempotent."""
     spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": f"cirlab report ({sys.executable})", "language": "python"}
-    target = folder / "kernels" / THIS_PYTHON_KERNEL / "kernel.json"
-    if not target.is_file() or json.loads(target.read_text(encoding="utf-8")) != spec:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_json(target, spec)
     paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
+    # an entry process (--jobs > 1) finds the folder its report put on JUPYTER_PATH, a temporary one included
+    folder = next((Path(p) for p in paths if _holds_kernel_spec(Path(p), spec)), None) or _write_kernel_spec(spec)
     if str(folder) not in paths:
         os.environ["JUPYTER_PATH"] = os.pathsep.join([str(folder), *paths])
     return THIS_PYTHON_KERNEL
+
+
+def _holds_kernel_spec(folder: Path, spec: Mapping[str, Any]) -> bool:
+    target = folder / "kernels" / THIS_PYTHON_KERNEL / "kernel.json"
+    try:
+        return target.is_file() and json.loads(target.read_text(encoding="utf-8")) == spec
+    except (OSError, ValueError):  # unreadable or not JSON: not ours to use
+        return False
+
+
+def _write_kernel_spec(spec: Mapping[str, Any]) -> Path:
+    """The Jupyter data folder holding ``spec`` as :data:`THIS_PYTHON_KERNEL`: ``$CIRLAB_CACHE/jupyter``, or a
+    temporary folder when the cache cannot be written (a read-only or shared one), so the report still runs."""
+    from cirlab.core.paths import cache_dir
+
+    folder = cache_dir() / "jupyter"
+    if _holds_kernel_spec(folder, spec):
+        return folder
+    try:
+        (folder / "kernels" / THIS_PYTHON_KERNEL).mkdir(parents=True, exist_ok=True)
+        write_json(folder / "kernels" / THIS_PYTHON_KERNEL / "kernel.json", spec)
+        return folder
+    except OSError as err:
+        logger.info("cannot write the report's kernel spec under %s (%s); using a temporary folder", folder, err)
+    folder = _temporary_folder("jupyter")
+    (folder / "kernels" / THIS_PYTHON_KERNEL).mkdir(parents=True)
+    write_json(folder / "kernels" / THIS_PYTHON_KERNEL / "kernel.json", spec)
+    return folder
+
+
+def _temporary_folder(name: str) -> Path:
+    """A new folder ``cirlab-<name>-*`` in the temporary folder, removed when the report (or entry process) that
+    made it ends (:func:`_temporary_folders_removed`)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix=f"cirlab-{name}-"))
+    _TEMPORARY_FOLDERS.append(folder)
+    return folder
+
+
+@contextlib.contextmanager
+def _temporary_folders_removed() -> Iterator[None]:
+    """Remove the folders :func:`_temporary_folder` made inside the block, after it (only those: each one is this
+    process's own, made by ``mkdtemp``)."""
+    import shutil
+
+    made_before = len(_TEMPORARY_FOLDERS)
+    try:
+        yield
+    finally:
+        while len(_TEMPORARY_FOLDERS) > made_before:
+            shutil.rmtree(_TEMPORARY_FOLDERS.pop(), ignore_errors=True)
 
 
 def default_notebook_dir() -> Path:
@@ -741,13 +789,17 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
-    """Ctrl-C: ``KeyboardInterrupt`` as Python's own handler raises it, remembered first. Ctrl-C reaches the whole
-    process group, kernels included; on a loaded machine a kernel can stop before this process's interrupt
-    surfaces, and nbclient then logs "Kernel died" with a traceback and papermill raises a failure. Remembering the
-    signal lets :func:`run_notebook` report that race as the interruption it is, and silences that log line as
-    :func:`_on_sigterm` does."""
+    """Ctrl-C: the kernels this process started are killed, then ``KeyboardInterrupt`` raised as Python's own
+    handler raises it, the signal remembered first. A killed kernel can end the notebook before this process's
+    interrupt surfaces, and nbclient then logs "Kernel died" with a traceback and papermill raises a failure.
+    Remembering the signal lets :func:`run_notebook` report that as the interruption it is, and silences that log
+    line as :func:`_on_sigterm` does."""
     _INTERRUPTED.set()
     _quiet_dead_kernel_logs()
+    # killed as SIGTERM kills them: stopped by jupyter_client's shutdown request instead, a kernel still running a
+    # cell answered it on its closed sockets and printed a ZMQError traceback on the terminal
+    for km in tuple(_KERNELS):
+        _kill_kernel_process(km)
     signal.default_int_handler(signum, frame)
 
 
@@ -915,14 +967,19 @@ def _kernel_manager_class() -> Any:
                 if not self.shutting_down:
                     await super()._async_interrupt_kernel()
 
+            folder: str | None = None  # this kernel's own folder (_own_folder)
+
             async def start_kernel(self, **kw: Any) -> None:
-                _KERNELS.add(self)  # from here on SIGTERM kills this kernel (_on_sigterm)
+                _KERNELS.add(self)  # from here on SIGTERM and Ctrl-C kill this kernel (_on_sigterm, _on_sigint)
                 try:
+                    if is_ipykernel(self.kernel_spec.argv):  # the notebooks' cells are no session of the user's
+                        kw["extra_arguments"] = [*(kw.get("extra_arguments") or ()), NO_HISTORY]
                     await super().start_kernel(**kw)
                 except BaseException:
                     _KERNELS.discard(self)
+                    self._remove_own_folder()
                     raise
-                if _TERMINATING.is_set():  # SIGTERM came while the kernel was starting
+                if _TERMINATING.is_set() or _INTERRUPTED.is_set():  # the stop came while the kernel was starting
                     _kill_kernel_process(self)
 
             async def shutdown_kernel(self, now: bool = False, restart: bool = False) -> None:
@@ -931,16 +988,52 @@ def _kernel_manager_class() -> Any:
                 finally:
                     _KERNELS.discard(self)
 
+            async def _async_cleanup_resources(self, restart: bool = False) -> None:
+                await super()._async_cleanup_resources(restart=restart)
+                if not restart:  # a restart reuses the connection file
+                    self._remove_own_folder()
+
+            # nbclient calls this after a kernel that died (killed by a stop) without shutting it down; the base
+            # class's name is bound to its own function, not to the method above
+            cleanup_resources = _async_cleanup_resources
+
+            def _own_folder(self) -> str:
+                # without one, jupyter_client writes the connection file straight into $TMPDIR and sets the
+                # sticky bit on that folder, which is the user's; a folder of our own takes both, and the sockets
+                if self.folder is None:
+                    import tempfile
+
+                    self.folder = tempfile.mkdtemp(prefix="cirlab-kernel-")
+                return self.folder
+
+            def _remove_own_folder(self) -> None:
+                import shutil
+
+                if self.folder is not None:
+                    shutil.rmtree(self.folder, ignore_errors=True)
+                    self.folder = None
+
+            @default("connection_file")
+            def _connection_file_default(self) -> str:
+                return os.path.join(self._own_folder(), "kernel.json")
+
             @default("ip")
             def _ip_default(self) -> str:
                 # jupyter_client's default socket prefix is "kernel-ipc" in the current folder: two kernels started
                 # at once (--jobs) would pick the same socket files and read each other's messages
-                import tempfile
-
-                return ipc_prefix(tempfile.gettempdir())
+                return ipc_prefix(self._own_folder())
 
         _IPC_KERNEL_MANAGER = IPCKernelManager
     return _IPC_KERNEL_MANAGER
+
+
+NO_HISTORY = "--HistoryManager.enabled=False"  # IPython keeps no history of the cells the report runs
+
+
+def is_ipykernel(argv: Sequence[str]) -> bool:
+    """Whether a kernel spec's command starts ipykernel, which takes IPython's options (:data:`NO_HISTORY`); another
+    kernel (``--kernel NAME``) may refuse them."""
+    return any(os.path.basename(arg).startswith("ipykernel") for arg in argv)
 
 
 def ipc_prefix(tmpdir: str) -> str:
@@ -1017,7 +1110,7 @@ def export_html(notebook: Path) -> Path:
     finally:
         quiet.setLevel(level)
     path = notebook.with_suffix(".html")
-    path.write_text(_with_figure_alts(body, nb), encoding="utf-8")
+    write_text(path, _with_figure_alts(body, nb))  # whole or not at all: a reader may have it open
     return path
 
 
@@ -1066,21 +1159,63 @@ def _with_figure_alts(body: str, nb: Any) -> str:
     return str(soup)
 
 
+# the folders Jupyter, IPython and matplotlib keep their files in, below the home folder unless these name others
+# (the folder each takes inside the one :func:`kernel_home_env` makes when there is no writable home)
+HOME_FOLDERS = {"JUPYTER_DATA_DIR": "jupyter/data", "JUPYTER_CONFIG_DIR": "jupyter/config",
+                "JUPYTER_RUNTIME_DIR": "jupyter/runtime", "IPYTHONDIR": "ipython", "MPLCONFIGDIR": "matplotlib"}
 # what the report sets in its own environment for its kernels (and code_version's left-out output folder)
-_KERNEL_ENV = (*CHILD_ENV, "JUPYTER_PATH", REPORT_OUT_ENV, REPORT_COMMAND_ENV)
+_KERNEL_ENV = (*CHILD_ENV, "JUPYTER_PATH", REPORT_OUT_ENV, REPORT_COMMAND_ENV, *HOME_FOLDERS)
 
 
 def _environ_restored(fn: Any) -> Any:
-    """Run ``fn`` and put :data:`_KERNEL_ENV` back after it: the report sets the thread policy and
-    ``JUPYTER_PATH`` (:func:`this_python_kernel`) for the kernels and entry processes it starts, which a notebook
-    or Python session that called :func:`run_report` must not keep (its own training would run on one thread)."""
+    """Run ``fn`` and put :data:`_KERNEL_ENV` back after it: the report sets the thread policy,
+    ``JUPYTER_PATH`` (:func:`this_python_kernel`) and :data:`HOME_FOLDERS` (:func:`kernel_home_env`) for the kernels
+    and entry processes it starts, which a notebook or Python session that called :func:`run_report` must not keep
+    (its own training would run on one thread). The temporary folders the run made are removed after it."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with _environ_kept(_KERNEL_ENV):
+        with _temporary_folders_removed(), _environ_kept(_KERNEL_ENV):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def kernel_home_env() -> None:
+    """Point what the report's kernels would write below the home folder somewhere cirlab made, in this process's
+    environment (its kernels and entry processes inherit it); a variable the user set is left as it is.
+
+    ``IPYTHONDIR`` always: the notebooks' cells are not the user's IPython session, and a kernel would otherwise
+    make ``~/.ipython``. The Jupyter folders and ``MPLCONFIGDIR`` when the home folder cannot be found (no ``HOME``,
+    a user id without a passwd entry: jupyter_core refuses to start) or written (IPython and matplotlib warn)."""
+    unset = [var for var in HOME_FOLDERS if not os.environ.get(var)]
+    if _writable_home():
+        unset = [var for var in unset if var == "IPYTHONDIR"]
+    if not unset:
+        return
+    base = _cirlab_folder("report-home")
+    for var in unset:
+        os.environ[var] = str(base / HOME_FOLDERS[var])
+
+
+def _writable_home() -> bool:
+    home = os.path.expanduser("~")  # as jupyter_core finds it; left as "~" when there is none
+    return not home.startswith("~") and os.path.isdir(home) and os.access(home, os.W_OK | os.X_OK)
+
+
+def _cirlab_folder(name: str) -> Path:
+    """``$CIRLAB_CACHE/<name>``, or a temporary folder (:func:`_temporary_folder`) when the cache cannot be
+    written or found."""
+    from cirlab.core.paths import cache_dir
+
+    try:
+        folder = cache_dir() / name
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK | os.X_OK):
+            return folder
+    except (OSError, ConfigError):  # a read-only cache; no cache folder without a home (NoHomeError)
+        pass
+    return _temporary_folder(name)
 
 
 @contextlib.contextmanager
@@ -1126,6 +1261,7 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
     check_overrides(overrides, names)
     check_override_types(overrides, names, notebook_dir)
     overrides = resolve_input_paths(overrides, names, out)
+    kernel_home_env()  # after the checks that need none (a refusal makes no folder), before any kernel spec is read
     if kernel_name:
         check_kernel(kernel_name)
     # one report at a time per folder: a second one would take the first one's entry being written for an
@@ -1295,7 +1431,7 @@ def _repair_entry(out: Path, name: str, record: dict[str, Any]) -> bool:
     folder, previous, failed = out / name, out / f".{name}.previous", out / FAILED_DIR / name
     recorded = _read_record(folder).get("started", "")  # "" without a record
     if recorded >= record["started"]:
-        shutil.rmtree(previous, ignore_errors=True)  # it finished: the previous results were to go
+        _discard(previous)  # it finished: the previous results were to go
         return True
     if previous.is_dir() or not recorded:  # the folder holds the partial output (or nothing)
         _put_back(folder, previous, failed)
@@ -1345,7 +1481,8 @@ def _entry_child(conn: Any, name: str, params: dict[str, Any], out: Path, kernel
                  notebook_dir: Path | None, prefix: str, command: str, commit: str = "") -> None:
     outcome: BaseException | None = None
     try:
-        with _SigtermAsInterrupt():  # the parent passes SIGTERM on: stop the kernel, put the folder back
+        # the parent passes SIGTERM on: stop the kernel, put the folder back
+        with _SigtermAsInterrupt(), _temporary_folders_removed():
             run_entry(name, params, out, kernel_name, notebook_dir, stream=_PipeStream(conn), prefix=prefix,
                       command=command, commit=commit)
     except KeyboardInterrupt as err:  # Ctrl-C (the whole process group) or SIGTERM: run_entry put the folder back
@@ -1387,12 +1524,13 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
     way by the next one. ``commit``: the code's version when the report started (default: now, the report folder
     left out); ``report.json`` also lists the figures in the order the notebook saved them (``figures``).
     """
-    import shutil
 
     folder, previous, failed = out / name, out / f".{name}.previous", out / FAILED_DIR / name
     check_entry_folders(out, [name])  # also here: run_entry is public (run_report checks every entry first)
     out.mkdir(parents=True, exist_ok=True)
-    if previous.is_dir():  # an interrupted run: its partial output is a failure, the previous folder is good
+    if previous.is_dir() and _finished_after(folder, previous):  # killed in its tidy-up: the new results stand
+        _discard(previous)
+    elif previous.is_dir():  # an interrupted run: its partial output is a failure, the previous folder is good
         _move(folder, failed, unless_held=True)
         previous.rename(folder)
     commit = commit or _commit(out)  # before the folder moves: its tracked files are not code changes
@@ -1416,9 +1554,29 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
     record.update(status="ok", finished=_now(), duration_s=round(time.time() - t0, 1),
                   figures=[png.name for png in _figures_by_time(folder)])
     write_json(folder / RECORD, record)
-    shutil.rmtree(previous, ignore_errors=True)
-    shutil.rmtree(failed, ignore_errors=True)
+    _discard(previous)
+    _discard(failed)
     return folder
+
+
+def _finished_after(folder: Path, previous: Path) -> bool:
+    """Whether ``folder`` holds a run that finished (its ``report.json`` says ok; a run writes it last) after the
+    one kept aside in ``previous``: a report killed after that, in its tidy-up, left both."""
+    new, old = _read_record(folder), _read_record(previous)
+    return new.get("status") == "ok" and str(new.get("started", "")) > str(old.get("started", ""))
+
+
+def _discard(folder: Path) -> None:
+    """Delete ``folder`` (one this report made: a previous or failed entry folder), renamed first: a report killed
+    while deleting it in place left a half-deleted ``.<name>.previous`` that the next report put back as the last
+    good results. A half-deleted ``*.discard`` is only deleted again."""
+    import shutil
+
+    trash = folder.with_name(folder.name + ".discard")
+    shutil.rmtree(trash, ignore_errors=True)
+    if folder.is_dir():
+        folder.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -1646,7 +1804,7 @@ def write_index(out: str | os.PathLike) -> Path:
     body = [_entry_html(out, name, states[name]) for _, names in groups for name in names]
     parts += [_glossary_html("\n".join(body)), *body, "</body></html>"]
     index = out / "index.html"
-    index.write_text("\n".join(parts), encoding="utf-8")
+    write_text(index, "\n".join(parts))  # a report killed here left a truncated page (the file users open)
     return index
 
 
