@@ -109,7 +109,8 @@ def _add_eval(subparsers: Any) -> None:
                    help="encoding batch size (default: the run config's eval.batch_size)")
     p.add_argument("--topk-dir", default=None, type=user_path,
                    help="write top-K files to this folder (CIR); top-K files of the evaluated splits already there are "
-                        "refused unless --overwrite")
+                        "refused unless --overwrite. Without it a re-ranker run's own topk/ gets only the files it "
+                        "lacks")
     p.add_argument("--output", default=None, type=user_path,
                    help="also write the metrics JSON to this file (an existing one is refused unless --overwrite)")
     p.add_argument("--overwrite", action="store_true",
@@ -423,7 +424,7 @@ def _refuse_gone_recorded_paths(run_dir: Path | None, config: dict[str, Any], ar
     colleague. Its dataset root was called a root the user had given, with CIRLAB_DATA advised (a recorded root
     comes before it); a re-ranker's stage-I top-K files were to be written again (after a warning of other data),
     though they usually lie at the new path. Each is said as what it is, with the flag that names it now."""
-    from cirlab.core.errors import ConfigError, MissingPathError
+    from cirlab.core.errors import ConfigError, InputError, MissingPathError
     from cirlab.data.base import missing_root_hint
     from cirlab.engine.runs import read_run_config
 
@@ -431,10 +432,17 @@ def _refuse_gone_recorded_paths(run_dir: Path | None, config: dict[str, Any], ar
         return
     recorded = read_run_config(run_dir)
     root = _gone(recorded, config, "dataset", "root") if args.root is None and args.config is None else None
+    if root is not None and _unreadable(root):
+        raise InputError(f"{root}: the dataset root recorded in {run_dir / 'config.yaml'} cannot be read here "
+                         "(permission denied): ask its owner for access, or pass --root PATH to a copy of the data")
     if root is not None:
         hint = missing_root_hint(str(config["dataset"]["name"]), str(root), recorded_in=run_dir / "config.yaml")
         raise MissingPathError(f"{root}: dataset root not found ({hint})")
     stage1 = _gone(recorded, config, "eval", "stage1_topk")
+    if stage1 is not None and _unreadable(stage1):
+        raise InputError(f"eval.stage1_topk: {stage1}, recorded in {run_dir / 'config.yaml'}, cannot be read here "
+                         "(permission denied): ask its owner for access, or name a copy of the stage-I run with "
+                         "--set eval.stage1_topk=PATH")
     if stage1 is not None:
         raise ConfigError(f"eval.stage1_topk: {stage1}, recorded in {run_dir / 'config.yaml'}, does not exist (the "
                           "stage-I run moved, or this run came from another machine?): name the stage-I run folder "
@@ -442,12 +450,22 @@ def _refuse_gone_recorded_paths(run_dir: Path | None, config: dict[str, Any], ar
 
 
 def _gone(recorded: dict[str, Any], config: dict[str, Any], section: str, key: str) -> Path | None:
-    """The recorded ``section.key`` path where this command still uses it (no --set gave another) and it is gone."""
+    """The recorded ``section.key`` path where this command still uses it (no --set gave another) and it is gone, or
+    cannot be looked at (:func:`_unreadable`: a folder above it the user may not read)."""
     value = (recorded.get(section) or {}).get(key)
     if not value or str(value) != str((config.get(section) or {}).get(key)):
         return None
     path = Path(str(value)).expanduser()
-    return None if path.exists() else path
+    return path if _unreadable(path) or not path.exists() else None
+
+
+def _unreadable(path: Path) -> bool:
+    """Whether looking at ``path`` is denied (Python 3.11's ``exists()`` raises PermissionError there)."""
+    try:
+        path.exists()
+    except PermissionError:
+        return True
+    return False
 
 
 def _run_model(run_dir: Path | None) -> str | None:
@@ -644,7 +662,8 @@ def _evaluate_splits(args: argparse.Namespace, model: Any, config: dict[str, Any
     with new_files_only(topk_dir) if topk_dir and not args.overwrite else contextlib.nullcontext():
         for split in splits:
             try:
-                out = evaluate_split(model, config, split, device=device, loaded=loaded.pop(split), topk_dir=topk_dir)
+                out = evaluate_split(model, config, split, device=device, loaded=loaded.pop(split), topk_dir=topk_dir,
+                                     keep_run_topk=True)
             except FileExistsError as err:
                 if not err.filename or Path(err.filename).parent.absolute() != topk_dir.absolute():
                     raise
@@ -673,7 +692,9 @@ def _splits_worth_evaluating(args: argparse.Namespace, config: dict[str, Any], l
     """The splits to evaluate. A CIR split without ground truth (Fashion-IQ test, CIRR test1) gives no metrics, only
     rankings, which without ``--topk-dir`` were computed and then written nowhere: named with ``--split`` it is
     refused; listed by the run's ``eval.splits`` it is left out with a warning (``cirlab eval RUN`` evaluates the
-    others). The re-ranker's stages keep their rankings in ``<run>/topk`` by themselves (their ``evaluate_split``)."""
+    others). The re-ranker's stages keep their rankings in ``<run>/topk`` by themselves (their ``evaluate_split``):
+    a file missing there is written, one already there is kept (a stage II may read it), and a run folder this user
+    cannot write keeps none, with a warning naming ``--topk-dir``."""
     from cirlab.core.errors import InputError
     from cirlab.data.catalog import canonical_name
     from cirlab.engine.runs import is_precomp
@@ -881,6 +902,9 @@ def _run_command(args: argparse.Namespace) -> int:
         if err.errno == errno.ENAMETOOLONG:  # a path the user chose: one line, as for other input
             logger.error("%sfile name too long (a name may take 255 bytes: 255 ASCII letters, 85 CJK characters); "
                          "choose a shorter folder or file name", where)
+            return EXIT_INPUT
+        if err.errno in (errno.EACCES, errno.EPERM):  # a colleague's folder, a group the user is not in
+            logger.error("%spermission denied: ask its owner for access or choose another folder", where)
             return EXIT_INPUT
         if err.errno not in NO_SPACE:
             raise

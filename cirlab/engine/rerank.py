@@ -68,6 +68,85 @@ def topk_dir_for(eval_config: Mapping[str, Any], topk_dir: Any = None) -> Path |
     return None
 
 
+KEEP_RUN_TOPK = "keep_run_topk"  # eval-config flag (cirlab eval): the run folder's own top-K files are kept
+
+
+def keeps_run_topk(eval_config: Mapping[str, Any], topk_dir: Any = None) -> bool:
+    """Whether the top-K files go to the run folder's ``topk/`` under cirlab eval's rule (:func:`keep_in_run`):
+    no ``topk_dir`` was named and the caller set :data:`KEEP_RUN_TOPK`. ``cirlab train`` writes them as made."""
+    return topk_dir is None and bool(eval_config.get(KEEP_RUN_TOPK)) and topk_dir_for(eval_config) is not None
+
+
+_SAID_UNWRITABLE: set[str] = set()  # run folders already named in a warning (one per folder and process)
+
+
+def keep_in_run(files: Mapping[str, TopK], folder: Path, run: Path) -> list[str]:
+    """``cirlab eval``'s writes into a run's ``topk/``: a file already there is never replaced (a stage II's
+    ``eval.stage1_topk`` may read it; where the new lists differ, a warning names it and ``--topk-dir``); a missing
+    one is written. A folder that cannot be written costs only the files, said once: the metrics stand.
+    ``files``: file name -> lists; ``folder``: the run's ``topk/`` (or a folder in it). Returns the paths written."""
+    written = []
+    for name, topk in files.items():
+        path = folder / name
+        if path.exists():
+            _say_if_replaced_lists_differ(path, topk)
+            continue
+        try:
+            written.append(str(save_topk(path, topk)))
+        except OSError as err:
+            if not _cannot_write(err):
+                raise
+            _say_unwritable(run, err)
+            break
+    return written
+
+
+def _cannot_write(err: OSError) -> bool:
+    """A folder the user may not write (permission, a read-only file system) or a full disk: the run is someone
+    else's, or its disk's; the evaluation's metrics do not depend on it."""
+    import errno
+
+    from cirlab.core.io import NO_SPACE
+
+    return err.errno in NO_SPACE or err.errno in (errno.EACCES, errno.EPERM)
+
+
+def _say_unwritable(run: Path, err: OSError) -> None:
+    if str(run) in _SAID_UNWRITABLE:
+        return
+    _SAID_UNWRITABLE.add(str(run))
+    logger.warning("%s: cannot write this evaluation's top-K files there (%s); the metrics are not affected: pass "
+                   "--topk-dir DIR to keep the top-K files", run, err.strerror or err)
+
+
+def _say_if_replaced_lists_differ(path: Path, new: TopK) -> None:
+    """A kept file whose lists are not this evaluation's (other data, another category, other weights): said, as the
+    file stays what a stage II reads."""
+    try:
+        old = load_topk(path)
+    except (OSError, ValueError) as err:
+        logger.warning("%s: kept as it is (cannot read it to compare: %s); pass --topk-dir DIR to keep this "
+                       "evaluation's top-K lists", path, getattr(err, "strerror", None) or err)
+        return
+    if not same_lists(old, new):
+        logger.warning("%s: kept as it is, though this evaluation's top-K lists differ from it (other data, category "
+                       "or weights?); pass --topk-dir DIR to keep the new ones", path)
+
+
+def same_lists(a: TopK, b: TopK) -> bool:
+    """Whether two top-K files hold the same lists: queries, candidates, target ranks, and scores up to float
+    noise (the meta, with its creation time, is not compared)."""
+    if a.query_ids.shape != b.query_ids.shape or a.gallery_ids.shape != b.gallery_ids.shape:
+        return False
+    return bool((a.query_ids == b.query_ids).all() and (a.gallery_ids == b.gallery_ids).all()
+                and (a.target_rank == b.target_rank).all() and np.allclose(a.scores, b.scores, rtol=1e-4, atol=1e-5))
+
+
+def _written_files(folder: Path) -> dict[str, TopK]:
+    """The top-K files of a staging folder, by file name."""
+    return {path.name: load_topk(path) for path in sorted(folder.glob("*.topk.npz"))}
+
+
 # ----------------------------------------------------------------------------------------------- stage I
 
 
@@ -75,11 +154,22 @@ def evaluate_stage1(model: Any, splits: Sequence[Any], *, eval_config: Mapping[s
                     topk_dir: Any = None) -> dict[str, Any]:
     """Stage I is a CIR model: :func:`cirlab.engine.evaluate.evaluate_cir` with its top-K file, ``eval.k`` long
     (200 in the paper), written to :func:`topk_dir_for`."""
+    out = topk_dir_for(eval_config, topk_dir)
+    if out is None or not keeps_run_topk(eval_config, topk_dir):
+        return _stage1_cir(model, splits, eval_config, device, out)
+    with tempfile.TemporaryDirectory(prefix="cirlab-topk-") as staging:  # cirlab eval: the run's files are kept
+        result = _stage1_cir(model, splits, eval_config, device, Path(staging))
+        result["topk_paths"] = keep_in_run(_written_files(Path(staging)), out, out.parent)
+    return result
+
+
+def _stage1_cir(model: Any, splits: Sequence[Any], eval_config: Mapping[str, Any], device: Any,
+                out: Path | None) -> dict[str, Any]:
     from cirlab.engine.evaluate import evaluate_cir
 
     return evaluate_cir(model, list(splits), eval_config.get("protocol"), device=device,
                         batch_size=int(eval_config.get("batch_size") or 64), k=int(eval_config.get("k") or 200),
-                        topk_path=topk_dir_for(eval_config, topk_dir), meta={"stage": "stage1"})
+                        topk_path=out, meta={"stage": "stage1"})
 
 
 def load_stage1_topk(source: str | os.PathLike, split: Any, k: int = 0) -> TopK:
@@ -154,9 +244,10 @@ def check_stage1_topk(model: Any, eval_config: Mapping[str, Any], loaded: Mappin
 
 
 def stage1_topk(model: Any, splits: Sequence[Any], *, eval_config: Mapping[str, Any], device: Any, k: int,
-                topk_dir: Path | None = None) -> dict[str, TopK]:
+                topk_dir: Path | None = None, kept_in: Path | None = None) -> dict[str, TopK]:
     """Stage I's top-K per split: read from ``eval.stage1_topk`` when set, else ranked now by the re-ranker's own
-    frozen first stage (``model.stage1``; the lists are kept under ``<topk_dir>/stage1/`` when there is one)."""
+    frozen first stage (``model.stage1``; the lists are kept under ``<topk_dir>/stage1/`` when there is one, or
+    under ``<kept_in>/stage1/`` by :func:`keep_in_run`'s rule)."""
     source = eval_config.get("stage1_topk") or ""
     if source:
         return {topk_name(s): load_stage1_topk(source, s, k) for s in splits}
@@ -168,6 +259,8 @@ def stage1_topk(model: Any, splits: Sequence[Any], *, eval_config: Mapping[str, 
         out = topk_dir / "stage1" if topk_dir is not None else Path(tmp)
         evaluate_stage1(first, splits, eval_config={**eval_config, "k": k, "run_dir": ""}, device=device,
                         topk_dir=out)
+        if kept_in is not None:  # the lists re-ranked are this evaluation's, whatever the run folder keeps
+            keep_in_run(_written_files(out), kept_in / "stage1", kept_in.parent)
         return {topk_name(s): load_stage1_topk(out, s, k) for s in splits}
 
 
@@ -294,7 +387,9 @@ def evaluate_reranker(model: Any, splits: Sequence[Any], *, eval_config: Mapping
     splits = list(splits)
     k = int(k or model.config.k)
     out_dir = topk_dir_for(eval_config, topk_dir)
-    firsts = stage1_topk(model, splits, eval_config=eval_config, device=device, k=k, topk_dir=out_dir)
+    keep = out_dir is not None and keeps_run_topk(eval_config, topk_dir)
+    firsts = stage1_topk(model, splits, eval_config=eval_config, device=device, k=k,
+                         topk_dir=None if keep else out_dir, kept_in=out_dir if keep else None)
     protocol = eval_config.get("protocol") or splits[0].dataset
     batch = int(eval_config.get("batch_size") or 8)
     topks, subset = {}, None
@@ -312,7 +407,11 @@ def evaluate_reranker(model: Any, splits: Sequence[Any], *, eval_config: Mapping
                         topks[name].meta["reranked_queries"])
     finally:
         model.train(was_training)
-    paths = [str(save_topk(out_dir / f"{n}.topk.npz", t)) for n, t in topks.items()] if out_dir is not None else []
+    named = {f"{n}.topk.npz": t for n, t in topks.items()}
+    if keep:
+        paths = keep_in_run(named, out_dir, out_dir.parent)
+    else:
+        paths = [str(save_topk(out_dir / name, t)) for name, t in named.items()] if out_dir is not None else []
     return {"metrics": reranked_metrics(protocol, splits, topks, subset),
             "ranks": {n: t.target_rank for n, t in topks.items()},
             "query_ids": {n: list(t.query_ids) for n, t in topks.items()}, "topk_paths": paths}

@@ -38,10 +38,12 @@ import contextlib
 import copy
 import importlib
 import inspect
+import json
 import logging
 import os
 import re
 import shlex
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -1020,18 +1022,23 @@ def protocol_of(config: dict[str, Any], split: str) -> str:
 
 
 def evaluate_split(model: Any, config: dict[str, Any], split: str, *, device: Any = "cpu",
-                   topk_dir: Path | None = None, loaded: Any = None) -> dict[str, Any]:
+                   topk_dir: Path | None = None, loaded: Any = None, keep_run_topk: bool = False) -> dict[str, Any]:
     """Evaluate ``model`` on one named split of the configured dataset; returns evaluate_cir/itm's dict.
 
     ``loaded`` is the split as :func:`load_split` returned it (saves re-reading the files every epoch).
+    ``keep_run_topk`` (``cirlab eval``): a re-ranker's top-K files already in the run folder are kept, a missing one
+    is written there, and a run folder that cannot be written only costs the files
+    (:func:`cirlab.engine.rerank.keep_in_run`); ``cirlab train`` writes its run's files as it makes them.
     """
     from cirlab.engine.evaluate import evaluate_cir, evaluate_itm
+    from cirlab.engine.rerank import KEEP_RUN_TOPK
 
     ev = config["eval"]
     loaded = load_split(config, split) if loaded is None else loaded
     if isinstance(model, HasOwnEvaluation):  # models with their own pipeline (a stage-II re-ranker over top-K)
         run_dir = str(config.get("output_dir") or "")  # the run folder: a stage I writes its top-K into <run>/topk
-        return model.evaluate_split(loaded, eval_config={**ev, "run_dir": run_dir}, device=device, topk_dir=topk_dir)
+        own = {**ev, "run_dir": run_dir, KEEP_RUN_TOPK: keep_run_topk}
+        return model.evaluate_split(loaded, eval_config=own, device=device, topk_dir=topk_dir)
     if model.task == "rerank":
         logger.warning("%s has no evaluate_split hook: re-ranking evaluation skipped for %s", config["model"], split)
         return {"metrics": {}}
@@ -1119,9 +1126,9 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
                     resolve_device(device or str(train_section.get("device", "auto")), "train.device"))
     out = (Path(output_dir).expanduser() if output_dir else output_dir_of(config)).absolute()
     resuming = resume or bool((config.get("train") or {}).get("resume"))
-    created = not out.exists()
+    made = _missing_top(out)  # the highest folder of out this command will create (None: out is there)
     try:
-        with kept_threads(), folder_lock(out) if is_main_process() else contextlib.nullcontext():
+        with kept_threads(), folder_lock(out, hint=RUN_FOLDER_HINT) if is_main_process() else contextlib.nullcontext():
             # refuse a folder that holds a run now; with --overwrite the trainer removes it once the data, the
             # start files and the model have passed, so a mistyped root does not cost the previous run
             if not resuming and is_main_process():
@@ -1129,10 +1136,40 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
             with _train_log(out, resuming, overwrite) as log:
                 return _run_recorded(config, out, resume, device, allow_config_change, overwrite, log)
     except BaseException:
-        if created and is_main_process():
-            with contextlib.suppress(OSError):  # only an empty folder this run made: a failed start leaves no trace
-                out.rmdir()
+        if made is not None and is_main_process():
+            _remove_made_folders(out, made)  # a failed start leaves no trace, not even the parents it made
         raise
+
+
+# what an unwritable run folder's refusal says to do (cirlab train, and the notebooks that train)
+RUN_FOLDER_HINT = "pass --output-dir FOLDER (in a notebook: output_dir=FOLDER) or set CIRLAB_RUNS"
+
+
+def _missing_top(folder: Path) -> Path | None:
+    """The highest of ``folder`` and its parents that does not exist yet (``folder`` itself when only it is
+    missing), or None when ``folder`` exists: what ``mkdir -p folder`` is about to create."""
+    if folder.exists():
+        return None
+    top = folder
+    while top.parent != top and not top.parent.exists():
+        top = top.parent
+    return top
+
+
+def _remove_made_folders(folder: Path, top: Path) -> None:
+    """Remove ``folder`` and its parents up to ``top`` (the folders this command created), each only while it is
+    empty: a parent someone filled meanwhile is kept, and so is every folder above it."""
+    current = folder
+    while True:
+        try:
+            current.rmdir()
+        except FileNotFoundError:  # removed already (the trainer's own cleanup): its parent may still be left
+            pass
+        except OSError:  # not empty, or not ours to remove: it stays, and so does every folder above it
+            return
+        if current == top or current.parent == current:
+            return
+        current = current.parent
 
 
 TRAIN_LOG = "train.log"  # the run's log lines (INFO and up), one block per start; kept beside RUN_ARTIFACTS
@@ -1329,15 +1366,10 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     match_feature_width(config, train_data)  # before the model is built with the preset's img_dim
     model = build_seeded_model(config)
     fit_to_training_data(model, config, train_data)
-    # pretrained start from the model config (init_from); its report -> run folder. After the vocabulary is fitted:
-    # a start that saved its own vocabulary (a cirlab run of a random tiny BERT) then keeps it with its embeddings
-    if continued is None and is_main_process():
-        _drop_stale_start_report(out)
-    if isinstance(model, HasInit) and continued is None:
-        model.load_init(out if is_main_process() else None)
-    elif isinstance(model, HasInit):
-        logger.info("resuming from %s: the pretrained start (init_from) is not read again; the checkpoint holds "
-                    "every weight", continued)
+    # pretrained start from the model config (init_from). After the vocabulary is fitted: a start that saved its own
+    # vocabulary (a cirlab run of a random tiny BERT) then keeps it with its embeddings. Its report reaches the run
+    # folder only when training starts: a refusal below must leave the previous run's report as it was
+    init_report = _load_start(model, continued)
     overrides = dict(config.get("train") or {})
     if resume:
         overrides["resume"] = "auto"
@@ -1364,9 +1396,10 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
         check_selection_metric(config, cfg.selection_metric, select_split, loaded[select_split], model)
     check_stage1_topk(model, config["eval"], loaded)  # a re-ranker's stage-I files, before the first step
     evaluate_fn = make_evaluate_fn(config, [select_split], run_device, loaded) if select_split else None
+    run_files = {FINGERPRINT_FILE: fingerprint, **_start_report_files(out, continued, init_report)}
     summary = train(model, train_dataset(config, model, train_data), cfg, output_dir=out, evaluate_fn=evaluate_fn,
                     run_config=resolved, overwrite=overwrite, start_notes={k: v for k, v in notes.items() if v},
-                    run_files={FINGERPRINT_FILE: fingerprint})
+                    run_files=run_files)
     model.to(run_device)  # it holds best.pt's weights: train() leaves the model as the checkpoint it selected
     with _finishing(out):
         result = _final_results(config, out, run_device, loaded, model, summary)
@@ -1381,7 +1414,8 @@ def _finishing(out: Path) -> Iterator[None]:
     status (128 + the signal's number), as it does during the training."""
     from cirlab.core.errors import CirlabError
     from cirlab.core.io import NO_SPACE
-    from cirlab.engine.train import RunWriteError, StopSignalInterrupt, stop_signals_interrupt
+    from cirlab.core.signals import StopSignalInterrupt, stop_signals_interrupt
+    from cirlab.engine.train import RunWriteError
 
     finish = (f"the training is done and saved in {out / 'checkpoints'}; the same command with --resume (and "
               "without --overwrite) runs the final evaluation")
@@ -1640,11 +1674,46 @@ def _resumed_checkpoint(out: Path, config: dict[str, Any], resume: bool) -> Path
     return path if path is not None and path.is_file() else None
 
 
+INIT_REPORT = "init_from.json"  # the pretrained start's loading report (the models' load_init write it)
+
+
+def _load_start(model: Any, continued: Path | None) -> dict[str, Any] | None:
+    """Apply the model's pretrained start (``init_from``, a stage II's ``stage1_checkpoint``) unless the run resumes;
+    returns the report ``load_init`` wrote (None: no start, a resume, or not the main process). ``load_init`` writes
+    its report into a staging folder: the run folder is written only once training starts, after every refusal."""
+    if not isinstance(model, HasInit):
+        return None
+    if continued is not None:
+        logger.info("resuming from %s: the pretrained start (init_from) is not read again; the checkpoint holds "
+                    "every weight", continued)
+        return None
+    if not is_main_process():
+        model.load_init(None)
+        return None
+    with tempfile.TemporaryDirectory(prefix="cirlab-init-") as staging:
+        model.load_init(staging)
+        report = Path(staging) / INIT_REPORT
+        return json.loads(report.read_text(encoding="utf-8")) if report.is_file() else None
+
+
+def _start_report_files(out: Path, continued: Path | None, init_report: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``run_files`` entry of a fresh start's init_from.json: written by the trainer with the other start files,
+    once the previous run's files are replaced. A fresh start without one drops the previous run's report now,
+    after every refusal (a resume keeps the report of the start it continues)."""
+    if continued is not None or not is_main_process():
+        return {}
+    if init_report is not None:
+        logger.info("pretrained start: its report goes to %s when training starts", out / INIT_REPORT)
+        return {INIT_REPORT: init_report}
+    _drop_stale_start_report(out)
+    return {}
+
+
 def _drop_stale_start_report(out: Path) -> None:
     """A fresh run's folder must not keep another start's ``init_from.json``: the run replaced with ``--overwrite``
     (or one that stopped before its first write) may have started from weights this run does not use, and the
     report would be read as this run's. A start this run does use writes its own report next."""
-    stale = out / "init_from.json"
+    stale = out / INIT_REPORT
     if stale.is_file():
         stale.unlink()
         logger.info("removed %s: it reported the pretrained start of the run this one replaces", stale)

@@ -469,7 +469,7 @@ def _save_reports(reports: list, report_dir: str | os.PathLike | None, config: B
     path = io.write_json(Path(report_dir) / "init_from.json",
                          {"init_from": config.init_from, "stage1_checkpoint": config.stage1_checkpoint,
                           "reports": [r.to_dict() for r in reports]})
-    logger.info("pretrained start: %s", path)
+    logger.debug("pretrained start's report: %s", path)  # cirlab train stages it; the run says where it goes
 
 
 # ============================================================================================================ stage II

@@ -1,0 +1,155 @@
+"""``cirlab eval`` of a re-ranker run reads the run folder: the top-K files its training wrote (which a stage II's
+``eval.stage1_topk`` reads) are never replaced, a missing one is written, and a run folder the user cannot write (a
+colleague's) costs only the top-K files, with one warning: the metrics are printed as for any other run."""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from cirlab.cli import main
+from cirlab.core.topk import load_topk, save_topk
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny stage-I run (its topk/val.topk.npz written by training) and a stage II that re-ranks those files."""
+    from cirlab.data.generators import synthetic
+
+    tmp = tmp_path_factory.mktemp("readonly_runs")
+    root = Path(synthetic.generate(tmp / "data", size=dataclasses.replace(synthetic.SIZES["tiny"], cirr=(40, 40, 8)),
+                                   layouts=["cirr"], image_size=32)["layouts"]["cirr"]["root"])
+    base = {"preset": "tiny", "dataset": {"name": "cirr", "root": str(root), "test_split": "test1"},
+            "train": {"epochs": 1, "max_steps": 1, "batch_size": 8, "tensorboard": False, "selection": "last",
+                      "num_threads": 1},
+            "eval": {"splits": ["val"], "batch_size": 16}}
+    stage1, stage2 = tmp / "stage1", tmp / "stage2"
+    (tmp / "s1.yaml").write_text(yaml.safe_dump({**base, "model": "blip_rerank_stage1"}))
+    assert main(["train", str(tmp / "s1.yaml"), "--output-dir", str(stage1)]) == 0
+    (tmp / "s2.yaml").write_text(yaml.safe_dump({**base, "model": "blip_rerank_stage2",
+                                                 "model_overrides": {"stage1_checkpoint": str(stage1), "rerank_k": 10},
+                                                 "eval": {**base["eval"], "stage1_topk": str(stage1)}}))
+    assert main(["train", str(tmp / "s2.yaml"), "--output-dir", str(stage2)]) == 0
+    return {"stage1": stage1, "stage2": stage2}
+
+
+def _digest(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+def _other_lists(path: Path) -> None:
+    """Rewrite ``path`` with each query's candidates reversed: lists the evaluation does not make."""
+    topk = load_topk(path)
+    save_topk(path, dataclasses.replace(topk, gallery_ids=topk.gallery_ids[:, ::-1], scores=topk.scores[:, ::-1]))
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_eval_keeps_the_runs_topk_files(runs, stage, capsys, caplog, tmp_path):
+    """The run's training-time top-K file was replaced by every eval (with other --root/--category: silently other
+    inputs for a colleague's stage II). Now it is kept; where the new lists differ, a warning says so."""
+    import shutil
+
+    run = tmp_path / stage  # a copy: the stage II of the fixture reads the stage-I run's files
+    shutil.copytree(runs[stage], run)
+    path = run / "topk" / "val.topk.npz"
+    assert path.is_file()
+    before = _digest(path)
+    assert main(["eval", str(run), "--split", "val"]) == 0
+    assert _digest(path) == before
+    assert not [w for w in _warnings(caplog) if str(path) in w]  # the same lists: nothing to say
+    capsys.readouterr()
+
+    _other_lists(path)
+    changed = _digest(path)
+    caplog.clear()
+    assert main(["eval", str(run), "--split", "val"]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"]["val"]
+    assert _digest(path) == changed
+    said = [w for w in _warnings(caplog) if str(path) in w]
+    assert len(said) == 1 and "--topk-dir" in said[0] and "differ" in said[0], _warnings(caplog)
+
+
+def test_eval_writes_a_missing_topk_file_into_the_run(runs, capsys):
+    """``cirlab eval STAGE1_RUN --split SPLIT`` is how a stage-I top-K of a split training did not evaluate is made."""
+    run = runs["stage1"]
+    test1 = run / "topk" / "test1.topk.npz"
+    assert not test1.exists()
+    try:
+        assert main(["eval", str(run), "--split", "test1"]) == 0
+        assert load_topk(test1).meta["split"] == "test1"
+    finally:
+        test1.unlink(missing_ok=True)
+    capsys.readouterr()
+
+
+def _unwritable(monkeypatch: pytest.MonkeyPatch, run: Path) -> None:
+    """Writes into ``run`` fail with EACCES, as in a colleague's run folder (a test run as root passes chmod)."""
+    import cirlab.core.topk as topk_module
+    from cirlab.engine import rerank
+
+    real = topk_module.save_topk
+
+    def save_topk_denied(path: Any, topk: Any) -> Path:
+        if Path(path).absolute().is_relative_to(run.absolute()):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, topk)
+
+    monkeypatch.setattr(topk_module, "save_topk", save_topk_denied)
+    monkeypatch.setattr(rerank, "save_topk", save_topk_denied)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_eval_of_a_run_it_cannot_write_prints_the_metrics(runs, stage, capsys, caplog, monkeypatch, tmp_path):
+    """On a read-only run the eval evaluated every split, then died with a PermissionError traceback and printed no
+    metrics. The top-K file is missing here, so the eval tries to write it."""
+    import shutil
+
+    copy = tmp_path / stage
+    shutil.copytree(runs[stage], copy)
+    (copy / "topk" / "val.topk.npz").unlink()
+    _unwritable(monkeypatch, copy)
+    caplog.clear()
+    assert main(["eval", str(copy), "--split", "val"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert np.isfinite(printed["splits"]["val"]["R@1"])
+    said = [w for w in _warnings(caplog) if "--topk-dir DIR" in w]
+    assert len(said) == 1 and str(copy) in said[0], _warnings(caplog)
+    assert not (copy / "topk" / "val.topk.npz").exists()
+
+
+def test_train_still_writes_its_runs_topk_files(runs):
+    """The rule is cirlab eval's: the training's final evaluation writes the run's files as it makes them."""
+    assert load_topk(runs["stage1"] / "topk" / "val.topk.npz").meta["stage"] == "stage1"
+    assert load_topk(runs["stage2"] / "topk" / "val.topk.npz").meta["stage"] == "stage2"
+
+
+def test_a_stage2_ranking_with_its_frozen_stage1_keeps_those_files_too(runs, capsys, caplog, tmp_path):
+    """Without ``eval.stage1_topk`` a stage II ranks with its frozen stage I and keeps those lists in
+    ``topk/stage1/``: kept like the others, while the re-ranking uses this evaluation's lists, not the kept file."""
+    import shutil
+
+    run = tmp_path / "stage2"
+    shutil.copytree(runs["stage2"], run)
+    command = ["eval", str(run), "--split", "val", "--set", "eval.stage1_topk="]
+    assert main(command) == 0
+    first = json.loads(capsys.readouterr().out)["splits"]["val"]
+    kept = run / "topk" / "stage1" / "val.topk.npz"
+    assert load_topk(kept).meta["stage"] == "stage1"
+    _other_lists(kept)
+    changed = _digest(kept)
+    caplog.clear()
+    assert main(command) == 0
+    assert json.loads(capsys.readouterr().out)["splits"]["val"] == first
+    assert _digest(kept) == changed
+    assert [w for w in _warnings(caplog) if str(kept) in w and "--topk-dir" in w]
