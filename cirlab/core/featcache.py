@@ -235,10 +235,14 @@ class FeatureStore:
         self._segments: list[Path] = []  # segment files, mapped on demand (:meth:`_segment`)
         self._mapped: OrderedDict[int, np.ndarray] = OrderedDict()  # the open maps, least recently used first
         self._pending: dict[str, np.ndarray] = {}  # rows not written yet (all of them for an in-memory store)
+        # shared with the exit-time flush, which must not hold the store: set once a write is refused, so that a
+        # read-only store says so once (not once per flush, ~300 times an epoch on Fashion-IQ) and is not tried again
+        self._unwritable: dict[str, str] = {}
+        self._checked = False  # whether the folder was looked at for writing (at the first new row)
         self.hits = self.misses = 0
         if self.directory is not None:
             self._open()
-            weakref.finalize(self, FeatureStore._write_segment, self.directory, self._pending)
+            weakref.finalize(self, FeatureStore._write_segment, self.directory, self._pending, self._unwritable)
 
     def __len__(self) -> int:
         return len(self._rows) + len(self._pending)
@@ -310,21 +314,50 @@ class FeatureStore:
                 found[i] = row
                 if self._get(digests[i]) is None:  # a batch may hold the same input twice
                     self._pending[digests[i]] = row
+            self._check_writable()
             if len(self._pending) >= self.flush_rows:
                 self.flush()
         return torch.from_numpy(np.stack(found)).to(inputs.device)
+
+    def _check_writable(self) -> None:
+        """At the first new row (a full read-only store has none and stays silent): a store that cannot be written
+        is said now, while the run's logging is set up, rather than at the first flush (at exit for a small set)."""
+        if self.directory is None or self._checked:
+            return
+        self._checked = True
+        from cirlab.core.io import why_not_writable
+
+        why = why_not_writable(self.directory)
+        if why == f"{self.directory.absolute()} is not writable":  # the store itself: not its name twice in a line
+            why = "read-only for this user"
+        if why:
+            FeatureStore._refused(self.directory, why, self._unwritable)
 
     def flush(self) -> None:
         """Write the pending rows as one segment (nothing for an in-memory store)."""
         if self.directory is None or not self._pending:
             return
-        for keys, written in FeatureStore._write_segment(self.directory, self._pending):
+        for keys, written in FeatureStore._write_segment(self.directory, self._pending, self._unwritable):
             self._add_segment(written, keys)
         self._pending.clear()
 
     @staticmethod
-    def _write_segment(directory: Path, pending: dict[str, np.ndarray]) -> list[tuple[list[str], Path]]:
-        """One segment per row shape (inputs of another size give features of another size)."""
+    def _refused(directory: Path, why: str, unwritable: dict[str, str]) -> None:
+        """Mark the store unwritable and say so, once: its new rows are dropped at each flush (kept, they would
+        fill memory on a real dataset), so they are computed again each epoch."""
+        if unwritable:
+            return
+        unwritable["why"] = why
+        log.warning("feature store %s is not writable (%s): features are computed again each epoch; set "
+                    "CIRLAB_CACHE to a writable folder to keep them", directory, why)
+
+    @staticmethod
+    def _write_segment(directory: Path, pending: dict[str, np.ndarray],
+                       unwritable: dict[str, str]) -> list[tuple[list[str], Path]]:
+        """One segment per row shape (inputs of another size give features of another size); nothing once a
+        write was refused (``unwritable``)."""
+        if unwritable:
+            return []
         groups: dict[tuple, list[str]] = {}
         for k, row in pending.items():
             groups.setdefault((row.shape, row.dtype.str), []).append(k)
@@ -338,8 +371,8 @@ class FeatureStore:
                 blob = json.dumps(keys).encode()
                 _atomic_write(Path(f"{stem}.keys.json"), lambda f: f.write(blob))  # commits it
             except OSError as err:  # a full or read-only disk: the cache is an optimisation, never an error
-                log.warning("feature store %s: could not write a segment (%s)", directory, err)
-                continue
+                FeatureStore._refused(directory, err.strerror or str(err), unwritable)
+                break
             written.append((keys, stem.with_suffix(".npy")))
         return written
 

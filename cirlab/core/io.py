@@ -250,14 +250,26 @@ def check_outputs(paths: Any, *, overwrite: bool, command: str) -> None:
                                     "path")
 
 
-def check_writable(folders: Iterable[str | os.PathLike | None], *, command: str) -> None:
+# the next step a refusal of an unwritable folder ends with, where its caller names no option of its own: the
+# caller's option or environment variable (``--output-dir FOLDER (or set CIRLAB_RUNS)``) is the better advice
+WRITE_HINT = "choose a folder you can write"
+
+
+def check_writable(folders: Iterable[str | os.PathLike | None], *, command: str, hint: str = WRITE_HINT) -> None:
     """Before any work: each folder (None: an option not given) exists or can be created, and this process may
-    write into it; else one line naming it, instead of a traceback after the work whose results it was to hold."""
+    write into it; else one line naming it and ending with ``hint`` (the option that chooses another folder),
+    instead of a traceback after the work whose results it was to hold."""
     for folder in folders:
         if folder is not None:
-            why = _why_not_writable(Path(folder).absolute())
+            why = why_not_writable(folder)
             if why:
-                raise UnwritableFolderError(f"{command}: cannot write into {folder} ({why})")
+                raise UnwritableFolderError(f"{command}: cannot write into {folder} ({why}); {hint}")
+
+
+def why_not_writable(folder: str | os.PathLike) -> str | None:
+    """What stops ``folder`` from being created or written into (``"/data is not writable"``), None when nothing
+    does: a look at the path only, nothing is created."""
+    return _why_not_writable(Path(folder).absolute())
 
 
 def _why_not_writable(folder: Path) -> str | None:
@@ -345,23 +357,24 @@ class UnwritableFolderError(CirlabError, OSError):
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, *, wait: float = 0.0) -> Iterator[Path]:
+def folder_lock(folder: str | os.PathLike, *, wait: float = 0.0, hint: str = WRITE_HINT) -> Iterator[Path]:
     """Hold an exclusive OS lock on ``folder`` (``<folder>/.cirlab.lock``) for the block; yields the lock file.
 
     The lock is ``flock``: the OS releases it when the holder exits, however it exits (kill -9 included), so a
     lock file left by a dead process is stale and is simply taken over. The same thread may nest the lock
     (``run_experiment`` holds it around ``train``); another thread (a notebook's background job) meets it as
     another process would. Raises :class:`FolderLockedError` naming the holder (pid,
-    host, start time) when a live process holds it (after ``wait`` seconds, see :func:`file_lock`).
+    host, start time) when a live process holds it (after ``wait`` seconds, see :func:`file_lock`). A folder that
+    cannot be written is refused in one line ending with ``hint`` (see :func:`make_folder`).
     """
     folder = Path(folder)
-    make_folder(folder)
-    with file_lock(folder / LOCK_NAME, wait=wait) as path:
+    make_folder(folder, hint=hint)
+    with file_lock(folder / LOCK_NAME, wait=wait, hint=hint) as path:
         yield path
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[Path]:
+def file_lock(path: str | os.PathLike, *, wait: float = 0.0, hint: str = WRITE_HINT) -> Iterator[Path]:
     """:func:`folder_lock` on the lock file ``path`` itself (its folder must exist). ``wait`` > 0 waits up to that
     many seconds for a live holder to finish (work that a second process should share rather than refuse, such as
     generating a dataset both need); 0 fails at once."""
@@ -376,7 +389,7 @@ def file_lock(path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[Path]:
         finally:
             _HELD[key][1] -= 1
         return
-    fh = _acquire(path, wait)
+    fh = _acquire(path, wait, hint)
     _HELD[key] = [fh, 1]
     try:
         yield path
@@ -439,13 +452,14 @@ def _line(data: bytes) -> str:
 GENERATE_WAIT_S = 900.0  # a generated dataset writes in well under this on one core
 
 
-def generated_folder_lock(folder: str | os.PathLike, *, wait: float = GENERATE_WAIT_S) -> Any:
+def generated_folder_lock(folder: str | os.PathLike, *, wait: float = GENERATE_WAIT_S,
+                          hint: str = WRITE_HINT) -> Any:
     """:func:`file_lock` for writing a generated dataset ``folder``: ``.<folder>.cirlab.lock`` next to it (so the
     generated tree itself stays byte-identical for a seed), waiting for a live holder. Two runs that need the same
     data (parallel seeds, notebooks side by side) then write it once: the second finds the first one's write."""
     lock = generated_lock_file(folder)
-    make_folder(lock.parent)
-    return file_lock(lock, wait=wait)
+    make_folder(lock.parent, hint=hint)
+    return file_lock(lock, wait=wait, hint=hint)
 
 
 def generated_lock_file(folder: str | os.PathLike) -> Path:
@@ -468,31 +482,36 @@ def generated_lock_file(folder: str | os.PathLike) -> Path:
     return folder.parent / beside
 
 
-def make_folder(folder: Path) -> None:
-    """``mkdir -p``, or one line naming the folder (and ``CIRLAB_CACHE`` when it is cirlab's cache: a read-only
-    or missing home directory)."""
-    from cirlab.core.paths import cache_dir
-
+def make_folder(folder: Path, *, hint: str = WRITE_HINT) -> None:
+    """``mkdir -p``, or one line naming the folder and what to do: ``hint`` (the caller's option that chooses
+    another folder), or ``CIRLAB_CACHE`` when it is cirlab's cache (a read-only or missing home directory)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        try:
-            in_cache = folder.resolve().is_relative_to(cache_dir().resolve())
-        except (OSError, RuntimeError):  # no home directory to resolve the default cache against
-            in_cache = False
-        hint = "; it is cirlab's cache: set CIRLAB_CACHE to a folder you can write" if in_cache else ""
         why = _why_not_writable(folder.absolute()) or err.strerror or str(err)
-        raise UnwritableFolderError(f"cannot create the folder {folder} ({why}){hint}") from None
+        raise UnwritableFolderError(f"cannot create the folder {folder} ({why}); {_advice(folder, hint)}") from None
 
 
-def _acquire(path: Path, wait: float = 0.0) -> Any:
+def _advice(folder: Path, hint: str) -> str:
+    """What to do about ``folder`` that cannot be written: ``hint``, unless it is in cirlab's cache, which only
+    ``CIRLAB_CACHE`` moves (whichever command found it read-only)."""
+    from cirlab.core.paths import cache_dir
+
+    try:
+        in_cache = folder.resolve().is_relative_to(cache_dir().resolve())
+    except (OSError, RuntimeError):  # no home directory to resolve the default cache against
+        in_cache = False
+    return "it is cirlab's cache: set CIRLAB_CACHE to a folder you can write" if in_cache else hint
+
+
+def _acquire(path: Path, wait: float = 0.0, hint: str = WRITE_HINT) -> Any:
     import socket
     import time
 
     deadline, told = time.monotonic() + wait, False
     attempts = 0
     while attempts < 10:  # the file may be unlinked by its releasing holder between our open and our lock
-        fh = _open_lock_file(path)
+        fh = _open_lock_file(path, hint)
         if fh is None:
             attempts += 1
             continue
@@ -524,11 +543,12 @@ def _acquire(path: Path, wait: float = 0.0) -> Any:
             if previous:  # left by a process that died: the OS dropped its lock, the file stayed
                 logging.getLogger(__name__).info("%s: stale lock of a finished process (%s) taken over", path.parent,
                                                  previous)
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                     f"{STALE_NOTE}\n")
-            fh.flush()
+            if fh.writable():  # another user's file opened read-only: locked all the same, its line stays
+                fh.seek(0)
+                fh.truncate()
+                fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                         f"{STALE_NOTE}\n")
+                fh.flush()
             return fh
         fh.close()
     raise FolderLockedError(f"{path.parent}: could not take the lock {path}")
@@ -539,21 +559,29 @@ class NotALockFileError(UnwritableFolderError):
     another file, a foreign file): a folder from elsewhere may hold one aimed at a user's file."""
 
 
-def _open_lock_file(path: Path) -> Any:
+def _open_lock_file(path: Path, hint: str = WRITE_HINT) -> Any:
     """The lock file opened for reading and writing, created when missing, without following a symbolic link;
     refused unless it is a plain file of one name (a link planted in a downloaded run or report folder had its
-    target truncated to the pid line). None when the name no longer holds the file opened (a holder released and
-    removed it meanwhile): open it again."""
+    target truncated to the pid line). Another user's lock file (left by a killed process, mode 644) is opened
+    read-only, which ``flock`` locks as well. None when the name no longer holds the file opened (a holder released
+    and removed it meanwhile): open it again."""
     import stat
 
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    mode = "r+"
     try:
         fd = os.open(path, flags, 0o666)
     except OSError as err:
         if err.errno == errno.ELOOP or path.is_symlink():
             raise NotALockFileError(f"{path} is a symbolic link, not a lock file cirlab wrote; remove it, then "
                                     "retry") from None
-        raise UnwritableFolderError(f"cannot write into {path.parent} ({err.strerror or err})") from None
+        if not _others_lock_file(path, err):
+            raise UnwritableFolderError(f"cannot write into {path.parent} ({err.strerror or err}); "
+                                        f"{_advice(path.parent, hint)}") from None
+        opened = _open_others_lock_file(path)
+        if opened is None:
+            return None
+        fd, mode = opened
     info = os.fstat(fd)
     try:
         named = os.lstat(path)  # where O_NOFOLLOW is missing (Windows): the name must be the file opened
@@ -569,7 +597,50 @@ def _open_lock_file(path: Path) -> Any:
         os.close(fd)
         what = "is not a plain file" if not stat.S_ISREG(info.st_mode) else "is a hard link to another file"
         raise NotALockFileError(f"{path} {what}, not a lock file cirlab wrote; remove it, then retry")
-    return os.fdopen(fd, "r+", encoding="utf-8")
+    return os.fdopen(fd, mode, encoding="utf-8")
+
+
+def _others_lock_file(path: Path, err: OSError) -> bool:
+    """Whether the open of ``path`` for writing failed only because the file is another user's, in a folder this
+    user may write into (the lock guards writes into that folder: an unwritable one is refused as such)."""
+    return (err.errno in (errno.EACCES, errno.EPERM) and os.path.lexists(path)
+            and os.access(path.parent, os.W_OK | os.X_OK))
+
+
+def _open_others_lock_file(path: Path) -> tuple[int, str] | None:
+    """An existing lock file this user may not open for writing: another user's, left by a process that was killed
+    (a lock file is removed on release), in a folder they share (a group's cache). Opened without ``O_CREAT``
+    (which the kernel refuses for another user's file in a sticky folder), for writing if allowed, else read-only:
+    ``flock`` needs no write access. The descriptor and its ``fdopen`` mode; None when the file vanished meanwhile;
+    one line naming it when it cannot be read. ``O_NONBLOCK``: a FIFO planted there must not hang the open."""
+    base = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    for access, mode in ((os.O_RDWR, "r+"), (os.O_RDONLY, "r")):
+        try:
+            return os.open(path, access | base), mode
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EPERM):
+                raise UnwritableFolderError(f"lock file {path} cannot be opened ({err.strerror or err})") from None
+    raise UnwritableFolderError(f"lock file {path} ({_owner_and_mode(path)}) cannot be opened: remove it if its "
+                                "process is gone")
+
+
+def _owner_and_mode(path: Path) -> str:
+    """``owner otheruser, mode 600`` of ``path`` (the user id where it has no name)."""
+    import stat
+
+    try:
+        info = os.lstat(path)
+    except OSError as err:
+        return err.strerror or str(err)
+    try:
+        import pwd
+
+        owner = pwd.getpwuid(info.st_uid).pw_name
+    except (ImportError, KeyError):  # Windows, or a user id without a passwd entry (a container's --user)
+        owner = str(info.st_uid)
+    return f"owner {owner}, mode {stat.S_IMODE(info.st_mode):03o}"
 
 
 def _try_lock(fh: Any) -> bool:

@@ -612,12 +612,18 @@ def find_runs(root: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         raise MissingPathError(f"runs folder not found: {root}")
     found = []
-    for folder, subfolders, files in os.walk(root):
+    for folder, subfolders, files in os.walk(root, onerror=_say_skipped):
         if any(mark in files for mark in RUN_MARKS):
             found.append(Path(folder))
             subfolders[:] = [d for d in subfolders if d not in _NOT_RUNS]
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
     return sorted(found)
+
+
+def _say_skipped(err: OSError) -> None:
+    """``os.walk`` drops a folder it cannot list without a word: a colleague's private run would be missing from
+    the table as if it did not exist."""
+    logger.warning("skipped %s: %s", err.filename, (err.strerror or str(err)).lower())
 
 
 def run_state(run: str | os.PathLike) -> dict[str, Any]:

@@ -249,27 +249,45 @@ def _synthetic_settings(root: Path) -> tuple[tuple[str, int, int], tuple[str, ..
 
 def output_folder(output_dir: str | os.PathLike = "", notebook: str = "notebook") -> Path:
     """Where a notebook writes: ``output_dir`` when given (relative to the working directory), else
-    ``$CIRLAB_RUNS/<notebook>``, else ``<checkout>/runs/<notebook>`` (git-ignored), else ``./runs/<notebook>``;
-    but never inside the installed package (a wheel's notebook opened where it lies starts its kernel there):
-    ``~/cirlab/runs/<notebook>`` instead, and an ``output_dir`` there is refused."""
+    ``$CIRLAB_RUNS/<notebook>``, else ``<checkout>/runs/<notebook>`` (git-ignored) when the working directory is in
+    a checkout, else ``./runs/<notebook>``; but never inside the installed package (a wheel's notebook opened where
+    it lies starts its kernel there): ``~/cirlab/runs/<notebook>`` instead, and an ``output_dir`` there is refused.
+    A folder this process cannot write is refused now, in one line, not by a traceback after the notebook's work."""
     if str(output_dir):
         folder = Path(output_dir).expanduser().resolve()
         if inside_package(folder):
             raise ConfigError(f"output_dir={str(output_dir)!r} is inside the installed cirlab package ({folder}); "
                               "write elsewhere (pip uninstall would leave it behind)")
+        hint = "pass another output_dir"
     elif os.environ.get("CIRLAB_RUNS", "").strip():
         folder = Path(os.environ["CIRLAB_RUNS"].strip()).expanduser().resolve() / notebook
         if inside_package(folder):
             raise ConfigError(f"CIRLAB_RUNS={os.environ['CIRLAB_RUNS'].strip()} is inside the installed cirlab "
                               "package; point it elsewhere (pip uninstall would leave the runs behind)")
+        hint = "set CIRLAB_RUNS to a folder you can write (or pass output_dir=FOLDER)"
     else:
-        folder = (project_root() or Path.cwd()).resolve() / "runs" / notebook
+        folder = _writing_root() / "runs" / notebook
         if inside_package(folder):  # copy the notebooks out with `cirlab notebooks DIR` to write beside them
             from cirlab.core.paths import home
 
             folder = home("set CIRLAB_RUNS or pass output_dir") / "cirlab" / "runs" / notebook
+        hint = "pass output_dir=FOLDER (or set CIRLAB_RUNS)"
+    from cirlab.core.io import check_writable
+
+    check_writable([folder], command=f"the {notebook} notebook's output folder", hint=hint)
     refuse_foreign_notebook_config(folder)  # now, not after the notebook's work
     return folder
+
+
+def _writing_root() -> Path:
+    """The folder a notebook's default output goes under: the checkout the working directory is in, else the
+    working directory. Not the editable install's checkout seen from elsewhere (:func:`project_root` falls back to
+    it): a notebook copied out of a shared checkout wrote into it, over every other user's results."""
+    here = Path.cwd().resolve()
+    root = project_root()
+    if root is not None and (root.resolve() == here or root.resolve() in here.parents):
+        return root.resolve()
+    return here
 
 
 def refuse_foreign_notebook_config(folder: str | os.PathLike) -> None:

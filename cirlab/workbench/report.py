@@ -1266,7 +1266,7 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
         check_kernel(kernel_name)
     # one report at a time per folder: a second one would take the first one's entry being written for an
     # interrupted run and swap folders under it. The lock is released however this process ends.
-    with folder_lock(out):
+    with folder_lock(out, hint="pass --out DIR, a folder you can write"):
         # under the lock: a running report's first entry has no report.json yet, and checked before the lock a
         # second report called it a folder cirlab did not write and told the user to move it away
         check_entry_folders(out, names)

@@ -75,6 +75,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: precomp captions differ in content by type (caption_type in the meta)
 MANIFEST = "synthetic.json"
+COMMAND = "cirlab data synth"  # what writes these trees, named where an unfinished one is refused
 META = "synthetic_meta.json"
 MAX_IMAGE_SIZE = 1024  # BLIP's 384 fits; 100000 px squares exhausted memory before the first image was written
 LAYOUTS = ("fashioniq", "cirr", "shoes", "precomp")
@@ -273,12 +274,12 @@ class _Meta:
 
 
 def _save_image(scene: Scene, spec: SceneSpec, path: Path, image_size: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = sc.render(scene, spec, image_size)
-    if path.suffix == ".jpg":
-        img.save(path, quality=95, subsampling=0)  # Shoes ships JPEGs; libjpeg output is deterministic
-    else:
-        img.save(path, optimize=False, compress_level=6)
+    with _owned.staged(path) as tmp:  # the temporary's suffix is not the image's: the format is named
+        if path.suffix == ".jpg":
+            img.save(tmp, format="JPEG", quality=95, subsampling=0)  # Shoes ships JPEGs; libjpeg is deterministic
+        else:
+            img.save(tmp, format="PNG", optimize=False, compress_level=6)
 
 
 def _images_of(clusters: Sequence[Cluster]) -> list[Scene]:
@@ -397,8 +398,7 @@ def write_shoes(root: Path, seed: int, size: SynthSize, image_size: int) -> dict
                                       "RelativeCaption": text, "modification": edit.kind})
         entries += _shuffled(rng, split_entries)
         listed = [names[sc.scene_key(s)] for s in _shuffled(rng, scenes)]
-        (root / list_file).parent.mkdir(parents=True, exist_ok=True)
-        (root / list_file).write_text("".join(f"{n}\n" for n in listed), encoding="utf-8")
+        _owned.write_text(root / list_file, "".join(f"{n}\n" for n in listed))
         for s in scenes:
             name = names[sc.scene_key(s)]
             meta.scene(name, s, "shoes")
@@ -461,15 +461,16 @@ def write_precomp(root: Path, seed: int, size: SynthSize, image_size: int, name:
             group = make_group(rng, PRECOMP_SPEC, GroupShape(edits=1, refs=1), taken)
             scenes += [group[0].ref, group[0].targets[0]][: n - len(scenes)]
         scenes = _shuffled(rng, scenes)
-        array = np.lib.format.open_memmap(folder / f"{split}_ims.npy", mode="w+", dtype=np.float32,
-                                          shape=(len(scenes), size.regions, size.feature_dim))
-        captions = []
-        for i, s in enumerate(scenes):
-            array[i] = featurizer.features(s, size.regions, rng)
-            captions += [sc.describe(s, style, rng) for style in range(len(sc.CAPTION_TYPES))]
-        array.flush()
-        del array
-        (folder / f"{split}_caps.txt").write_text("".join(f"{c}\n" for c in captions), encoding="utf-8")
+        with _owned.staged(folder / f"{split}_ims.npy") as tmp:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                              shape=(len(scenes), size.regions, size.feature_dim))
+            captions = []
+            for i, s in enumerate(scenes):
+                array[i] = featurizer.features(s, size.regions, rng)
+                captions += [sc.describe(s, style, rng) for style in range(len(sc.CAPTION_TYPES))]
+            array.flush()
+            del array  # closes the map before the rename
+        _owned.write_text(folder / f"{split}_caps.txt", "".join(f"{c}\n" for c in captions))
         split_scenes[split] = [sc.scene_to_json(s) for s in scenes]
         split_types[split] = [t for _ in scenes for t in sc.CAPTION_TYPES]  # per caption, in file order
         counts[split] = {"images": len(scenes), "captions": len(captions)}
@@ -581,6 +582,7 @@ def _generate_locked(out: Path, seed: int, spec: SynthSize, layouts: Sequence[st
     """:func:`generate` once ``out``'s lock is held."""
     _claim(out, layouts, force, overwrite, settings)
     (out / MANIFEST).unlink(missing_ok=True)  # a partial write must never look complete
+    _drop_staged(out)
     manifest: dict[str, Any] = {"format": FORMAT_VERSION, "generator": __name__, "seed": seed,
                                 "size": settings["size"], "image_size": image_size, "layouts": {}}
     if settings["spec"] is not None:  # a custom size: its counts, which the name "custom" does not say
@@ -599,6 +601,16 @@ def _generate_locked(out: Path, seed: int, spec: SynthSize, layouts: Sequence[st
     for entry in manifest["layouts"].values():
         entry["root"] = str(out / entry["root"])
     return manifest
+
+
+def _drop_staged(out: Path) -> None:
+    """Remove the temporaries a killed build left beside its manifest and marker in ``out`` (the layout folders
+    are replaced whole); only those files' staged names, which no one but this generator writes, under its lock."""
+    from cirlab.core.io import remove_temporaries, staged_temporaries
+
+    staged = [*staged_temporaries(out / MANIFEST), *staged_temporaries(out / _owned.MARKER)]
+    for path, size in remove_temporaries(staged):
+        logger.info("removed %s (%d bytes), left by a killed build", path, size)
 
 
 def _claim(out: Path, layouts: Sequence[str], force: bool, overwrite: bool = True,
@@ -639,7 +651,7 @@ def _check_folder(out: Path, command: str) -> None:
 
     if os.path.lexists(out) and not os.path.isdir(out):  # os.path: Path.exists raises where one cannot enter
         raise _owned.refuse(command, out, [], "it is a file, not a folder", forcible=False)
-    check_writable([out], command=command)  # before any look inside it
+    check_writable([out], command=command, hint="pass --out DIR, a folder you can write")  # before any look in it
 
 
 def other_settings_error(command: str, out: Path, held: dict[str, Any], asked: dict[str, Any],
