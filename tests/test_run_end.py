@@ -62,7 +62,7 @@ def test_a_finished_run_records_its_end_and_its_log_and_overwrite_keeps_the_new_
 
 
 def test_a_stopped_final_evaluation_is_recorded_and_resume_appends_to_the_log(config, tmp_path, monkeypatch):
-    from cirlab.engine.train import StopSignalInterrupt
+    from cirlab.core.signals import StopSignalInterrupt
 
     run = tmp_path / "run"
     with monkeypatch.context() as patch:

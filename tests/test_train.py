@@ -554,13 +554,14 @@ def test_stop_signal_handlers_are_left_alone_where_the_interpreter_refuses_them(
     on without it in the loop but raised out of stop_signals_interrupt; both now run without their handlers."""
     import signal
 
+    from cirlab.core.signals import stop_signals_interrupt
     from cirlab.engine import train as train_mod
 
     def refuse(sig, handler):
         raise ValueError("signal only works in main thread of the main interpreter")
 
     monkeypatch.setattr(train_mod.signal, "signal", refuse)
-    with train_mod.stop_signals_interrupt():
+    with stop_signals_interrupt():
         ran = True
     with train_mod._StopSignals() as stop:
         assert stop._previous == {}

@@ -670,9 +670,26 @@ def load_cir(name: str, root: str | os.PathLike | None = None, split: str = "tra
     path = cir_root(key, root)
     if not path.is_dir():
         raise DataError(missing_root_message(key, path, root), file=path, kind="missing_file")
+    refuse_unfinished(path)
     module = importlib.import_module(spec.loader)
     image_read = kw.pop("image_read", "viewer")  # every CIR loader's; the split carries it to its datasets
     return dataclasses.replace(module.load(path, split=split, category=category, **kw), image_read=image_read)
+
+
+def refuse_unfinished(folder: Path) -> None:
+    """Refuse ``folder`` where a cirlab generator was writing it and stopped (killed, Ctrl-C, a full disk): its images
+    and splits may be missing, and ``missing_images=drop`` would then train on part of the set without a word, or
+    a complete category on a tree that is not the generator's output. Rerunning the generator finishes it."""
+    from cirlab.data.generators import _owned, emoji, synthetic
+
+    generator = _owned.unfinished(folder, (synthetic.MANIFEST, emoji.MANIFEST))
+    if generator is None:
+        return
+    command = {synthetic.__name__: synthetic.COMMAND, emoji.__name__: emoji.COMMAND}.get(generator)
+    again = f"run `{command}` again with the same options to finish it" if command else \
+        f"run the command that wrote it ({generator}) again"
+    raise DataError(f"written by `{command or generator}` and not finished (it was stopped part-way: splits or "
+                    f"images may be missing); {again}", file=folder, kind="unfinished_write")
 
 
 def cir_root(name: str, root: str | os.PathLike | None = None) -> Path:

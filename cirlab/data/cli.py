@@ -6,14 +6,16 @@ runs the same commands standalone. Each subcommand sets ``func(args) -> int`` (t
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from cirlab.core.cliargs import Parser
 from cirlab.core.paths import user_path
+from cirlab.core.signals import stop_signals_interrupt
 from cirlab.core.config import int_range
 
 logger = logging.getLogger(__name__)
@@ -120,7 +122,24 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                 raise
             logger.debug("%s not available; its subcommand is skipped", module_name)
             continue
+        before = set(subparsers.choices)
         module.register_cli(subparsers)
+        for parser in {id(p): p for name, p in subparsers.choices.items() if name not in before}.values():
+            if parser.get_default("func") is not None:
+                parser.set_defaults(func=_stop_signals_as_ctrl_c(parser.get_default("func")))
+
+
+def _stop_signals_as_ctrl_c(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``func`` with SIGTERM, SIGHUP and SIGUSR1 taken as Ctrl-C inside it (:func:`stop_signals_interrupt`): a
+    generator killed by their default action left its folder lock and said nothing, where Ctrl-C releases the lock
+    and says "interrupted". The folder is left unfinished either way, and marked so."""
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        with stop_signals_interrupt():
+            return func(args)
+
+    return run
 
 
 def build_parser(prog: str = "cirlab data") -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cirlab.core.errors import ConfigError, UnknownNameError
-from cirlab.data.base import ProblemCollector, check_root, file_not_found, utf16_text
+from cirlab.data.base import ProblemCollector, check_root, file_not_found, refuse_unfinished, utf16_text
 
 logger = logging.getLogger(__name__)
 
@@ -435,6 +435,8 @@ def load_precomp(root: str | Path | None, name: str, split: str, *, max_captions
     base = resolve_root(root)
     name = set_name(base, name)
     folder = precomp_dir(base, name)
+    if sink.strict:  # a loader's question; the checker says it as a problem of its own
+        refuse_unfinished(folder.parent)  # the generator marks the folder holding {name}_precomp/
     split = _split_alias(folder, split)
     ims_path, caps_path = folder / f"{split}_ims.npy", folder / f"{split}_caps.txt"
     if not folder.is_dir() and sink.strict:

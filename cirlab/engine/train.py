@@ -52,6 +52,7 @@ from cirlab.core.contracts import HasEpochHook, HasEvalPrecision, HasParamGroups
 from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from cirlab.core.errors import CirlabError, ConfigError, InputError
 from cirlab.core.io import NO_SPACE, flat_numbers, to_plain, write_json
+from cirlab.core.signals import STOP_SIGNALS, give_back_signals, take_signals
 from cirlab.core._search import cuda_native_bf16
 from cirlab.core.threads import apply_thread_policy, kept_threads
 
@@ -1311,38 +1312,6 @@ def utf8_paths_agree(path: Path, encoding: str | None = None) -> bool:
         return False
 
 
-# the signals that stop a run after its current step: Ctrl-C, a scheduler's or kill's SIGTERM, SIGUSR1, the
-# "time is nearly up" signal of batch schedulers (SLURM's --signal=USR1@300), and SIGHUP, a closed terminal or a
-# dropped ssh connection (whose default ended the run without its last.pt); a platform lacking one leaves it out
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGHUP")
-                     if hasattr(signal, name))
-
-
-def _take_signals(signals: Sequence[int], handler: Callable[[int, Any], None]) -> dict[int, Any]:
-    """Installs ``handler`` for each of ``signals`` and returns the handlers it replaced. Main thread only (signal
-    handlers live there); a signal this process was started with ignored stays ignored (a shell script's background
-    job inherits Ctrl-C ignored, so that a Ctrl-C of its foreground command leaves it running); one this
-    interpreter may not take (an embedded one) is left as it is."""
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is not threading.main_thread():
-        return previous
-    for sig in signals:
-        if signal.getsignal(sig) is signal.SIG_IGN:
-            continue
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except (ValueError, OSError):
-            pass
-    return previous
-
-
-def _give_back_signals(previous: dict[int, Any]) -> None:
-    """Puts back the handlers :func:`_take_signals` replaced (once: ``previous`` is emptied)."""
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
-    previous.clear()
-
-
 class _EvaluationStopped(BaseException):
     """Raised by the stop handler inside an evaluation of the training loop, to cut it short. A BaseException: an
     evaluation's ``except Exception`` must not swallow it."""
@@ -1366,7 +1335,7 @@ class _StopSignals:
         self._interruptible = False  # ... which the first signal may cut short
 
     def __enter__(self) -> "_StopSignals":
-        self._previous = _take_signals(self.SIGNALS, self._handle)
+        self._previous = take_signals(self.SIGNALS, self._handle)
         return self
 
     @contextlib.contextmanager
@@ -1405,38 +1374,12 @@ class _StopSignals:
                        name, when)
 
     def _restore(self) -> None:
-        _give_back_signals(self._previous)
+        give_back_signals(self._previous)
 
     def __exit__(self, *exc: Any) -> None:
         self._restore()
         if self.signum is not None:  # the command winds up: a further Ctrl-C ends it at once
             console.end_at_next_ctrl_c()
-
-
-class StopSignalInterrupt(KeyboardInterrupt):
-    """SIGTERM, SIGUSR1 or SIGHUP where no training loop takes it (a run's final evaluation), raised as Ctrl-C raises
-    ``KeyboardInterrupt`` there; ``exit_code`` is 128 + the signal's number, the status an unhandled one gives."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum, self.exit_code = signum, 128 + signum
-
-
-@contextlib.contextmanager
-def stop_signals_interrupt() -> Iterator[None]:
-    """Inside the block SIGTERM, SIGUSR1 and SIGHUP raise :class:`StopSignalInterrupt`, so that the caller's clean-up
-    and message run for them as for Ctrl-C (which keeps its own handler); a second one acts as it did before the
-    block.
-    Main thread only, and a signal the process was started with ignored stays ignored."""
-    def interrupt(signum: int, frame: Any) -> None:
-        _give_back_signals(previous)
-        raise StopSignalInterrupt(signum)
-
-    previous = _take_signals([sig for sig in STOP_SIGNALS if sig != getattr(signal, "SIGINT", None)], interrupt)
-    try:
-        yield
-    finally:
-        _give_back_signals(previous)
 
 
 def ignore_stop_signals(worker_id: int) -> None:

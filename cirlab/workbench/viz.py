@@ -98,7 +98,7 @@ def save_figure(fig: Any, out_dir: str | os.PathLike, name: str,
     """Write ``fig`` as ``<out_dir>/<name>.<fmt>`` for each format; returns the paths written. ``name`` is a file
     name (no folders, no ``..``: ``../x`` wrote outside ``out_dir``); one ending in a requested format's extension
     loses it (``"g3.png"`` writes ``g3.png`` and ``g3.svg``, not ``g3.png.png``). ``out_dir`` must not be a file."""
-    from cirlab.core.io import file_name_part
+    from cirlab.core.io import atomic_path, file_name_part
 
     formats = name_list(formats)
     if not formats:  # nothing would be written, without a word
@@ -117,8 +117,11 @@ def save_figure(fig: Any, out_dir: str | os.PathLike, name: str,
         # SVG text stays text (matplotlib draws it as outlines by default): screen readers read it, search finds it.
         # A fixed hash salt and no date make the same figure the same bytes: matplotlib salts its clip-path ids with
         # a random uuid, so every re-run changed every SVG in a committed reports/ and hid the real changes
-        with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "cirlab"}):
-            fig.savefig(path, format=fmt, dpi=120 if fmt == "png" else None, **_fixed_metadata(fmt))
+        # written to a temporary beside it and renamed: a kill mid-write left a truncated PNG or SVG in the report.
+        # Through an open file, not the temporary's name, which PostScript wrote into its %%Title (now it has none)
+        with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "cirlab"}), \
+                atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            fig.savefig(fh, format=fmt, dpi=120 if fmt == "png" else None, **_fixed_metadata(fmt))
         paths.append(path)
     logger.info("saved figure %s (%s)", out / name, ", ".join(formats))
     return paths

@@ -7,10 +7,11 @@ caller passes ``force``; the refusal names exactly what would be deleted.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from cirlab.core.errors import CirlabError
 
@@ -63,7 +64,7 @@ def mark(folder: Path, generator: str) -> None:
 
     make_folder(folder)
     try:  # no time or pid in it: the same seed must still write byte-identical trees
-        (folder / MARKER).write_text(json.dumps({"generator": generator}) + "\n", encoding="utf-8")
+        write_text(folder / MARKER, json.dumps({"generator": generator}) + "\n")
     except OSError as err:
         raise UnwritableFolderError(f"cannot write into {folder} ({err.strerror or err})") from None
 
@@ -73,7 +74,7 @@ def seal(folder: Path, generator: str) -> None:
     that a later rebuild can tell them from files a user added and refuse to delete those (:func:`foreign`)."""
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
     # sorted relative paths only: the same seed still writes a byte-identical tree
-    (folder / MARKER).write_text(json.dumps({"generator": generator, "files": files}) + "\n", encoding="utf-8")
+    write_text(folder / MARKER, json.dumps({"generator": generator, "files": files}) + "\n")
 
 
 def foreign(folder: Path, manifests: Iterable[str] = ()) -> list[Path]:
@@ -157,5 +158,24 @@ def remove(path: Path) -> None:
 def write_release_json(path: Path, obj: object) -> None:
     """A generated annotation file as the public releases write theirs: one line, UTF-8 (indenting would also switch
     json to its slow pure-Python encoder on the larger sets)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """``text`` into ``path`` (UTF-8) whole or not at all: a kill mid-write leaves the old file or none, never a
+    truncated one that a later reader parses as a broken release file (``atomic_path`` creates the folder)."""
+    from cirlab.core.io import write_text as write_atomically
+
+    write_atomically(path, text)
+
+
+@contextlib.contextmanager
+def staged(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` that replaces it on a clean exit (for writers that take a file name: PIL,
+    numpy); its suffix is not ``path``'s, so a writer that infers the format from it must be told the format.
+    No fsync: a generated tree holds thousands of files and a sync each multiplied the write time; the rename is
+    what a kill needs (an empty file a power cut may still leave is one ``cirlab data check`` reports)."""
+    from cirlab.core.io import atomic_path
+
+    with atomic_path(path, fsync=False) as tmp:
+        yield tmp

@@ -62,6 +62,7 @@ PACKAGE = "emoji-datasource-google"
 DEFAULT_VERSION = "16.0.0"
 FORMAT_VERSION = 1
 MANIFEST = "emoji_manifest.json"
+COMMAND = "cirlab data emoji"  # what writes these trees, named where an unfinished one is refused
 CATEGORIES = ("skin_tone", "gender", "color")
 SPLITS = ("train", "val", "test")
 SPLIT_SHARES = (0.7, 0.15, 0.15)
