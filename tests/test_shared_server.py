@@ -12,6 +12,7 @@ import os
 import pwd  # noqa: F401  (as fcntl)
 import socket  # noqa: F401  (as fcntl)
 import stat  # noqa: F401  (as fcntl)
+import subprocess
 import tempfile
 import time  # noqa: F401  (as fcntl)
 import traceback
@@ -63,9 +64,12 @@ def shared():
 
 
 def _killed_holders_lock(folder: Path, mode: int) -> Path:
-    """The lock file a colleague's killed process leaves: its pid line, with the mode its umask gave it."""
+    """The lock file a colleague's killed process leaves: its pid line (a process that has ended), with the mode
+    its umask gave it."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
     lock = folder / f".data{io.LOCK_NAME}"
-    lock.write_text(f"pid 1 on {socket.gethostname()} since 2026-12-07 00:00:00{io.STALE_NOTE}\n")
+    lock.write_text(f"pid {gone.pid} on {socket.gethostname()} since 2026-12-07 00:00:00{io.STALE_NOTE}\n")
     os.chmod(lock, mode)
     return lock
 
@@ -78,10 +82,29 @@ def test_a_lock_file_a_colleagues_killed_process_left_is_taken_over(shared):
 
     def take() -> str:
         with io.file_lock(lock):
-            return "locked, line kept: " + lock.read_text().split(" since")[0]
+            # a third process is told who holds it now (the dead process's line made it look stale, and the file's
+            # note says to remove a stale lock)
+            return f"{os.getpid()}|{io.lock_holder_of(lock)}"
 
-    assert _as_another_user(take) == "locked, line kept: pid 1 on " + socket.gethostname()
+    pid, holder = _as_another_user(take).split("|")
+    assert holder.startswith(f"pid {pid} on {socket.gethostname()} since ")
     assert not lock.exists()  # released as any lock is: removed, so the next user creates a fresh one
+
+
+def test_in_a_sticky_folder_a_colleagues_lock_file_is_held_as_it_is_and_said_so(shared):
+    """A sticky folder (/tmp-like) keeps another user's file where it is: held read-only, its line names the dead
+    process, and whoever meets the lock is told a live process of another user holds it."""
+    os.chmod(shared, 0o1777)
+    lock = _killed_holders_lock(shared, 0o444 if os.geteuid() else 0o644)
+    gone = lock.read_text().split(" since")[0]
+
+    def take() -> str:
+        with io.file_lock(lock):
+            return io.lock_holder_of(lock) or "nobody"
+
+    holder = _as_another_user(take)
+    assert holder.startswith("another user's process; the lock file still names an earlier holder, " + gone), holder
+    assert holder.endswith("which is gone")
 
 
 def test_a_colleagues_lock_file_is_still_a_lock_while_its_holder_lives(shared):
@@ -120,9 +143,9 @@ def test_a_lock_file_opened_read_only_where_the_open_for_writing_is_refused(tmp_
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(os, "open", open_as_another_user)
-    with io.file_lock(lock):
-        assert lock.read_text().startswith("pid 1 on ")  # not rewritten: the file is not ours to write
-    assert not lock.exists()
+    with io.file_lock(lock):  # a file of this process's own took its name: it names this process
+        assert lock.read_text().startswith(f"pid {os.getpid()} on ")
+    assert not lock.exists() and sorted(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------ refusals say what to do next

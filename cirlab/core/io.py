@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -403,9 +404,13 @@ def lock_holder(folder: str | os.PathLike) -> str | None:
     nobody does. Only looks: a shared probe that is dropped at once, so a reader can say why a file it was about to
     read vanished (a ``train --overwrite`` rewriting the run) without taking the lock it would hold a writer out
     with. Anything but a plain file there (a link, a FIFO, which blocked the open) is no lock: None."""
+    return lock_holder_of(Path(folder) / LOCK_NAME)
+
+
+def lock_holder_of(path: str | os.PathLike) -> str | None:
+    """:func:`lock_holder` of the lock file ``path`` itself (a :func:`file_lock`)."""
     import stat
 
-    path = Path(folder) / LOCK_NAME
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(path, flags)
@@ -428,7 +433,7 @@ def lock_holder(folder: str | os.PathLike) -> str | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return _line(os.read(fd, _LINE_BYTES)) or "unknown process"
+            return _holder(_line(os.read(fd, _LINE_BYTES)) or "unknown process")
         fcntl.flock(fd, fcntl.LOCK_UN)  # a stale file of a process that died: nobody holds it
         return None
     finally:
@@ -441,6 +446,27 @@ _LINE_BYTES = 256  # a holder's line is under 100 bytes; a planted file of gigab
 # the lock file outlives a process killed with SIGKILL (or by the OOM killer): read in the folder, the holder's line
 # then tells a killed run from a live one; the error that names a live holder leaves it out
 STALE_NOTE = " (if this process is gone, it was killed: the lock is stale)"
+
+
+def _holder(line: str) -> str:
+    """A held lock's line as said to the user: a line naming a process of this host that is gone was left by an
+    earlier holder (another user's lock file, held read-only where it could not be replaced: :func:`_acquire`)."""
+    import socket
+
+    found = re.match(r"pid (\d+) on (\S+) ", line)
+    if not found or found.group(2) != socket.gethostname() or _alive(int(found.group(1))):
+        return line
+    return f"another user's process; the lock file still names an earlier holder, {line}, which is gone"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's live process (or no such call here): alive as far as known
+        return True
+    return True
 
 
 def _line(data: bytes) -> str:
@@ -505,7 +531,6 @@ def _advice(folder: Path, hint: str) -> str:
 
 
 def _acquire(path: Path, wait: float = 0.0, hint: str = WRITE_HINT) -> Any:
-    import socket
     import time
 
     deadline, told = time.monotonic() + wait, False
@@ -526,8 +551,8 @@ def _acquire(path: Path, wait: float = 0.0, hint: str = WRITE_HINT) -> Any:
                     told = True
                 time.sleep(0.2)
                 continue
-            raise FolderLockedError(f"{path.parent} is in use by another cirlab process ({holder}); wait for it to "
-                                    "finish or choose another folder")
+            raise FolderLockedError(f"{path.parent} is in use by another cirlab process ({_holder(holder)}); wait "
+                                    "for it to finish or choose another folder")
         attempts += 1
         try:
             same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
@@ -543,15 +568,50 @@ def _acquire(path: Path, wait: float = 0.0, hint: str = WRITE_HINT) -> Any:
             if previous:  # left by a process that died: the OS dropped its lock, the file stayed
                 logging.getLogger(__name__).info("%s: stale lock of a finished process (%s) taken over", path.parent,
                                                  previous)
-            if fh.writable():  # another user's file opened read-only: locked all the same, its line stays
-                fh.seek(0)
-                fh.truncate()
-                fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                         f"{STALE_NOTE}\n")
-                fh.flush()
+            if not fh.writable():  # another user's file, locked read-only: its line names the dead holder
+                return _own_file_in_place_of(path, fh)
+            _write_holder_line(fh)
             return fh
         fh.close()
     raise FolderLockedError(f"{path.parent}: could not take the lock {path}")
+
+
+def _write_holder_line(fh: Any) -> None:
+    import socket
+    import time
+
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}{STALE_NOTE}\n")
+    fh.flush()
+
+
+def _own_file_in_place_of(path: Path, held: Any) -> Any:
+    """``held`` is another user's stale lock file, locked through a read-only descriptor: its line, which names a
+    process that is gone, cannot be rewritten, so the next process would be told that one holds the folder (and the
+    file's note says to remove a stale lock). A file of this process's own, locked and written first, takes the name
+    (a rename: whoever waits on the old file sees the name moved on and opens the new one); where the folder does
+    not allow it (a sticky one keeps another user's file), the old file stays held (:func:`_holder`)."""
+    import stat
+
+    new = path.with_name(f"{path.name}.{os.getpid()}.new")
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fh = os.fdopen(os.open(new, flags, 0o666), "r+", encoding="utf-8")
+    except OSError:
+        return held
+    try:
+        if stat.S_ISREG(os.fstat(fh.fileno()).st_mode) and _try_lock(fh):
+            _write_holder_line(fh)
+            os.replace(new, path)
+            held.close()
+            return fh
+    except OSError:
+        pass
+    fh.close()
+    with contextlib.suppress(OSError):
+        new.unlink()
+    return held
 
 
 class NotALockFileError(UnwritableFolderError):
