@@ -657,6 +657,9 @@ def _evaluate_splits(args: argparse.Namespace, model: Any, config: dict[str, Any
     from cirlab.core.io import OutputExistsError, new_files_only
     from cirlab.engine.runs import evaluate_split
 
+    from cirlab.engine.rerank import new_evaluation
+
+    new_evaluation()  # warnings said once per evaluation, not once per process (a notebook calls main again)
     topk_dir = Path(args.topk_dir) if args.topk_dir else None
     results = {}
     with new_files_only(topk_dir) if topk_dir and not args.overwrite else contextlib.nullcontext():
@@ -693,13 +696,13 @@ def _splits_worth_evaluating(args: argparse.Namespace, config: dict[str, Any], l
     rankings, which without ``--topk-dir`` were computed and then written nowhere: named with ``--split`` it is
     refused; listed by the run's ``eval.splits`` it is left out with a warning (``cirlab eval RUN`` evaluates the
     others). The re-ranker's stages keep their rankings in ``<run>/topk`` by themselves (their ``evaluate_split``):
-    a file missing there is written, one already there is kept (a stage II may read it), and a run folder this user
-    cannot write keeps none, with a warning naming ``--topk-dir``."""
+    a file missing there is written, one already there is kept (a stage II may read it); a run folder this user
+    cannot write keeps none, so there such a split is refused as for the other models."""
     from cirlab.core.errors import InputError
     from cirlab.data.catalog import canonical_name
     from cirlab.engine.runs import is_precomp
 
-    if args.topk_dir or is_precomp(config) or hasattr(model_cls, "evaluate_split"):
+    if args.topk_dir or is_precomp(config) or (hasattr(model_cls, "evaluate_split") and _run_keeps_topk(config)):
         return list(loaded)
     blind = [split for split, parts in loaded.items() if not any(p.has_targets for p in parts)]
     if not blind:
@@ -713,6 +716,15 @@ def _splits_worth_evaluating(args: argparse.Namespace, config: dict[str, Any], l
         raise InputError(f"--split {blind[0]}: {why}" if args.split else why)
     logger.warning("left out %s: %s", ", ".join(blind), why)
     return rest
+
+
+def _run_keeps_topk(config: dict[str, Any]) -> bool:
+    """Whether a re-ranker's evaluation can keep its rankings in the run's own ``topk/``: there is a run folder
+    (not a bare checkout of weights) and this user may write into it."""
+    from cirlab.core.io import why_not_writable
+
+    run = str(config.get("output_dir") or "")
+    return bool(run) and why_not_writable(Path(run) / "topk") is None
 
 
 def _check_eval_outputs(args: argparse.Namespace, splits: Sequence[str]) -> None:

@@ -21,8 +21,8 @@
 # compares query by query (e.g. DIME vs HREM). Precomp data has region features, not pictures: no galleries.
 #
 # With its defaults this notebook evaluates the AMC run `make demo` (`cirlab report`) trained (`reports/train`) on the
-# data it was trained on, from whatever folder the kernel starts in, and writes `runs/evaluate/` in the checkout
-# (outside one, in the notebook's folder).
+# data it was trained on, from whatever folder the kernel starts in, and writes `runs/evaluate/` in the checkout when
+# the kernel runs inside it, else in the kernel's current folder.
 
 # %%
 # %matplotlib inline

@@ -20,8 +20,8 @@
 # `overwrite=True` or `resume="auto"`.
 #
 # With its defaults this notebook reads the synthetic data `make demo` (`cirlab report`) generated and writes
-# `runs/train/` in the checkout, from whatever folder the kernel starts in. A progress bar (steps, loss, ETA)
-# follows the training.
+# `runs/train/` in the checkout when the kernel runs inside it (from `notebooks/` or the repository root), else in
+# the kernel's current folder. A progress bar (steps, loss, ETA) follows the training.
 #
 # Tracking keys (TensorBoard needs none; Comet/W&B) are read from environment variables only, never from
 # parameters: papermill writes every parameter into the executed notebook.

@@ -153,3 +153,36 @@ def test_a_stage2_ranking_with_its_frozen_stage1_keeps_those_files_too(runs, cap
     assert json.loads(capsys.readouterr().out)["splits"]["val"] == first
     assert _digest(kept) == changed
     assert [w for w in _warnings(caplog) if str(kept) in w and "--topk-dir" in w]
+
+
+def test_a_split_without_targets_is_refused_up_front_where_the_run_cannot_keep_its_rankings(runs, caplog, monkeypatch,
+                                                                                              tmp_path):
+    """CIRR test1 on a colleague's re-ranker run: all the ranking was done, nothing kept, exit 0 (an AMC run is
+    refused before the work, as a re-ranker run is now)."""
+    import shutil
+
+    from cirlab.core import io
+
+    copy = tmp_path / "stage1"
+    shutil.copytree(runs["stage1"], copy)
+    real = io.why_not_writable
+    monkeypatch.setattr(io, "why_not_writable",
+                        lambda folder: f"{copy} is not writable" if Path(folder).is_relative_to(copy) else real(folder))
+    caplog.clear()
+    assert main(["eval", str(copy), "--split", "test1"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "no ground-truth targets" in errors[0] and "--topk-dir DIR" in errors[0], errors
+
+
+def test_the_unwritable_run_warning_is_said_at_each_evaluation(runs, caplog, monkeypatch, tmp_path):
+    """Said once per process: a notebook's second `cirlab eval` of the run kept nothing without a word."""
+    import shutil
+
+    copy = tmp_path / "stage1"
+    shutil.copytree(runs["stage1"], copy)
+    (copy / "topk" / "val.topk.npz").unlink()
+    _unwritable(monkeypatch, copy)
+    for _ in range(2):
+        caplog.clear()
+        assert main(["eval", str(copy), "--split", "val"]) == 0
+        assert len([w for w in _warnings(caplog) if "--topk-dir DIR" in w]) == 1, _warnings(caplog)

@@ -55,10 +55,17 @@ def test_a_refused_start_keeps_the_finished_runs_init_report(tmp_path, caplog):
     assert main(_hrem(tmp_path, "--output-dir", str(fresh), *refused)) == 2
     assert not (tmp_path / "new").exists()
 
-    # a start that happens writes its own report, with the other start files
+    # a start without a pretrained start, refused by the trainer (batch larger than the data): the report stays
+    caplog.clear()
+    assert main(_hrem(tmp_path, "--output-dir", str(run), "--overwrite", "--set", "train.batch_size=5000")) == 2
+    assert "batch_size" in _errors(caplog)[0] and _digest(report) == before
+
+    # a start that happens writes its own report, with the other start files; one without a start removes it
     assert main(_hrem(tmp_path, "--output-dir", str(run), "--overwrite",
                       "--set", f"model_overrides.init_from={other}")) == 0
     assert json.loads(report.read_text())["init_from"] == str(other)
+    assert main(_hrem(tmp_path, "--output-dir", str(run), "--overwrite")) == 0
+    assert not report.exists()
 
 
 def test_a_refused_start_removes_the_parent_folders_it_made(tmp_path, caplog):
@@ -150,3 +157,15 @@ def test_eval_of_a_run_whose_recorded_root_is_unreadable_names_root(tmp_path, ca
     assert main(["eval", str(run)]) == 2
     [error] = _errors(caplog)
     assert str(moved) in error and "permission denied" in error and "--root PATH" in error, error
+
+
+def test_an_unwritable_run_folder_names_what_chooses_it(tmp_path, monkeypatch, caplog):
+    """CIRLAB_RUNS moves only a run folder neither --output-dir nor the config's output_dir names."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert main(_hrem(tmp_path, "--output-dir", str(a_file / "run"))) == 2
+    assert _errors(caplog)[-1].endswith(f"({a_file} is a file); pass --output-dir FOLDER (in a notebook: "
+                                        "output_dir=FOLDER)")
+    monkeypatch.setenv("CIRLAB_RUNS", str(a_file))
+    assert main(_hrem(tmp_path)) == 2
+    assert _errors(caplog)[-1].endswith("output_dir=FOLDER) or set CIRLAB_RUNS")

@@ -12,6 +12,7 @@ import os
 import signal
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,20 @@ def test_ctrl_c_kills_the_kernels_as_sigterm_does(monkeypatch):
         report._INTERRUPTED.clear()
         logging.getLogger("papermill").setLevel(papermill_level)
     assert km.provisioner.process.killed
+
+
+def test_after_a_stopped_report_the_next_kernel_of_the_process_is_not_killed(monkeypatch):
+    """The stop's flags outlived the report: a notebook session's next run_notebook (or a report in a thread) had its
+    kernel killed as it started, and a Ctrl-C that never happened reported."""
+    monkeypatch.setattr(report, "_KERNELS", set())
+    papermill_level = logging.getLogger("papermill").level
+    try:
+        with pytest.raises(KeyboardInterrupt), report._SigtermAsInterrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises here, at once
+    finally:
+        logging.getLogger("papermill").setLevel(papermill_level)
+    assert not report._INTERRUPTED.is_set() and not report._TERMINATING.is_set()
 
 
 def test_a_cache_that_cannot_be_written_gets_a_temporary_kernel_spec(tmp_path, monkeypatch):

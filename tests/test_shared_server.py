@@ -279,8 +279,8 @@ def test_a_read_only_feature_store_warns_once_and_stops_trying(tmp_path, caplog)
         store.flush()
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings == [f"feature store {tmp_path / 'a_file' / 'store'} is not writable ({tmp_path / 'a_file'} is a "
-                        "file): features are computed again each epoch; set CIRLAB_CACHE to a writable folder to keep "
-                        "them"]
+                        "file): features are computed again each epoch; point the model's feature_cache_dir at a "
+                        "folder you can write to keep them"]
 
 
 def test_a_feature_store_whose_writes_fail_warns_once(tmp_path, monkeypatch, caplog):
@@ -298,7 +298,8 @@ def test_a_feature_store_whose_writes_fail_warns_once(tmp_path, monkeypatch, cap
         store.flush()
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings == [f"feature store {tmp_path / 'store'} is not writable (No space left on device): features are "
-                        "computed again each epoch; set CIRLAB_CACHE to a writable folder to keep them"]
+                        "computed again each epoch; point the model's feature_cache_dir at a folder you can write to "
+                        "keep them"]
     assert len(tries) == 1  # not tried again at each flush
     assert featcache.FeatureStore._write_segment(tmp_path / "store", {"k": torch.ones(2).numpy()},
                                                  store._unwritable) == []  # what the exit-time flush does
@@ -341,8 +342,8 @@ def test_a_read_only_feature_store_of_another_user_warns_once(shared):
     if os.geteuid() != 0:
         os.chmod(shared, 0o555)
     assert _as_another_user(fill) == (f"feature store {shared / 'store'} is not writable ({shared} is not writable): "
-                                      "features are computed again each epoch; set CIRLAB_CACHE to a writable folder "
-                                      "to keep them")
+                                      "features are computed again each epoch; point the model's feature_cache_dir at "
+                                      "a folder you can write to keep them")
 
 
 # ------------------------------------------------------------------------------ cirlab runs: unreadable folders
@@ -402,8 +403,8 @@ def test_a_read_only_feature_store_folder_is_said_without_its_name_twice(shared)
         return "\n".join(records)
 
     assert _as_another_user(fill) == (f"feature store {shared / 'store'} is not writable (read-only for this user): "
-                                      "features are computed again each epoch; set CIRLAB_CACHE to a writable folder "
-                                      "to keep them")
+                                      "features are computed again each epoch; point the model's feature_cache_dir at "
+                                      "a folder you can write to keep them")
 
 
 def test_a_colleagues_read_only_folder_with_a_lock_file_left_in_it_is_refused_as_unwritable(shared):
@@ -442,3 +443,15 @@ def test_a_lock_in_a_read_only_cache_names_cirlab_cache(tmp_path, monkeypatch):
             pass
     assert str(err.value) == (f"cannot write into {tmp_path / 'cache' / 'synthetic'} (Permission denied); it is "
                               "cirlab's cache: set CIRLAB_CACHE to a folder you can write")
+
+
+def test_a_read_only_feature_store_in_the_cache_names_cirlab_cache(tmp_path, monkeypatch, caplog):
+    """A store under cirlab's cache is moved by CIRLAB_CACHE; one a model config named (feature_cache_dir) is not."""
+    cache = tmp_path / "cache"
+    (cache / "features").mkdir(parents=True)
+    (cache / "features" / "amc").write_text("a file where the store's folder would be")
+    monkeypatch.setenv("CIRLAB_CACHE", str(cache))
+    with caplog.at_level(logging.WARNING, logger="cirlab.core.featcache"):
+        _fill(featcache.FeatureStore(cache / "features" / "amc" / "store", flush_rows=4), 3)
+    assert [r.getMessage().rsplit("; ", 1)[1] for r in caplog.records] == \
+        ["it is cirlab's cache: set CIRLAB_CACHE to a folder you can write to keep them"]

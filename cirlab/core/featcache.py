@@ -348,8 +348,11 @@ class FeatureStore:
         if unwritable:
             return
         unwritable["why"] = why
-        log.warning("feature store %s is not writable (%s): features are computed again each epoch; set "
-                    "CIRLAB_CACHE to a writable folder to keep them", directory, why)
+        from cirlab.core.io import _advice  # in the cache: CIRLAB_CACHE; elsewhere the model config named the folder
+
+        advice = _advice(directory, "point the model's feature_cache_dir at a folder you can write")
+        log.warning("feature store %s is not writable (%s): features are computed again each epoch; %s to keep them",
+                    directory, why, advice)
 
     @staticmethod
     def _write_segment(directory: Path, pending: dict[str, np.ndarray],

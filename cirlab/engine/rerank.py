@@ -77,7 +77,12 @@ def keeps_run_topk(eval_config: Mapping[str, Any], topk_dir: Any = None) -> bool
     return topk_dir is None and bool(eval_config.get(KEEP_RUN_TOPK)) and topk_dir_for(eval_config) is not None
 
 
-_SAID_UNWRITABLE: set[str] = set()  # run folders already named in a warning (one per folder and process)
+_SAID_UNWRITABLE: set[str] = set()  # run folders already named in a warning (one per folder and evaluation)
+
+
+def new_evaluation() -> None:
+    """Forget the run folders :func:`keep_in_run` named: an evaluation starts (``cirlab eval``, called again)."""
+    _SAID_UNWRITABLE.clear()
 
 
 def keep_in_run(files: Mapping[str, TopK], folder: Path, run: Path) -> list[str]:
@@ -115,8 +120,8 @@ def _say_unwritable(run: Path, err: OSError) -> None:
     if str(run) in _SAID_UNWRITABLE:
         return
     _SAID_UNWRITABLE.add(str(run))
-    logger.warning("%s: cannot write this evaluation's top-K files there (%s); the metrics are not affected: pass "
-                   "--topk-dir DIR to keep the top-K files", run, err.strerror or err)
+    logger.warning("%s: cannot write this evaluation's top-K files there (%s); metrics are computed all the same: "
+                   "pass --topk-dir DIR to keep the top-K files", run, err.strerror or err)
 
 
 def _say_if_replaced_lists_differ(path: Path, new: TopK) -> None:

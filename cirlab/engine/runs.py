@@ -1128,7 +1128,9 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     resuming = resume or bool((config.get("train") or {}).get("resume"))
     made = _missing_top(out)  # the highest folder of out this command will create (None: out is there)
     try:
-        with kept_threads(), folder_lock(out, hint=RUN_FOLDER_HINT) if is_main_process() else contextlib.nullcontext():
+        # CIRLAB_RUNS moves only a run folder neither the command nor the config names
+        hint = RUN_FOLDER_HINT + ("" if output_dir or config.get("output_dir") else " or set CIRLAB_RUNS")
+        with kept_threads(), folder_lock(out, hint=hint) if is_main_process() else contextlib.nullcontext():
             # refuse a folder that holds a run now; with --overwrite the trainer removes it once the data, the
             # start files and the model have passed, so a mistyped root does not cost the previous run
             if not resuming and is_main_process():
@@ -1142,7 +1144,7 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
 
 
 # what an unwritable run folder's refusal says to do (cirlab train, and the notebooks that train)
-RUN_FOLDER_HINT = "pass --output-dir FOLDER (in a notebook: output_dir=FOLDER) or set CIRLAB_RUNS"
+RUN_FOLDER_HINT = "pass --output-dir FOLDER (in a notebook: output_dir=FOLDER)"
 
 
 def _missing_top(folder: Path) -> Path | None:
@@ -1698,25 +1700,16 @@ def _load_start(model: Any, continued: Path | None) -> dict[str, Any] | None:
 
 def _start_report_files(out: Path, continued: Path | None, init_report: dict[str, Any] | None) -> dict[str, Any]:
     """The ``run_files`` entry of a fresh start's init_from.json: written by the trainer with the other start files,
-    once the previous run's files are replaced. A fresh start without one drops the previous run's report now,
-    after every refusal (a resume keeps the report of the start it continues)."""
+    once the previous run's files are replaced; a fresh start without one removes the previous run's report there
+    (None), so a refused start leaves it as it was. A resume keeps the report of the start it continues."""
     if continued is not None or not is_main_process():
         return {}
     if init_report is not None:
         logger.info("pretrained start: its report goes to %s when training starts", out / INIT_REPORT)
-        return {INIT_REPORT: init_report}
-    _drop_stale_start_report(out)
-    return {}
-
-
-def _drop_stale_start_report(out: Path) -> None:
-    """A fresh run's folder must not keep another start's ``init_from.json``: the run replaced with ``--overwrite``
-    (or one that stopped before its first write) may have started from weights this run does not use, and the
-    report would be read as this run's. A start this run does use writes its own report next."""
-    stale = out / INIT_REPORT
-    if stale.is_file():
-        stale.unlink()
-        logger.info("removed %s: it reported the pretrained start of the run this one replaces", stale)
+    elif (out / INIT_REPORT).is_file():
+        logger.info("%s reports the pretrained start of the run this one replaces: removed when training starts",
+                    out / INIT_REPORT)
+    return {INIT_REPORT: init_report}
 
 
 START_FIELDS = ("init_from", "stage1_checkpoint")  # model_overrides naming weights read when a run starts

@@ -1786,7 +1786,10 @@ class Trainer:
         record_start(self.output_dir, start_entry(self.progress.step, str(self.device), precision, notes),
                      resumed=self.resumed)
         for name, value in self.run_files.items():
-            io.write_json(self.output_dir / name, value)
+            if value is None:  # a file of the run this start replaces, which this start has no value for
+                (self.output_dir / name).unlink(missing_ok=True)
+            else:
+                io.write_json(self.output_dir / name, value)
 
     def summary(self) -> dict[str, Any]:
         p = self.progress
@@ -2209,7 +2212,7 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
             without it such a folder is refused (:class:`RunFolderError`). The folder is locked while training.
         start_notes: extra fields of this start's entry in ``provenance.json`` (e.g. the settings a resume changed).
         run_files: ``{name: JSON value}`` written into the run folder at each start (a resume rewrites them),
-            e.g. ``data_fingerprint.json``.
+            e.g. ``data_fingerprint.json``; a None value removes that file (left by the run this one replaces).
 
     The run seeds Python's, NumPy's and torch's global generators with ``cfg.seed`` when it starts and leaves them
     advanced: a model built after it draws other weights than one built before. For a cell that gives the same

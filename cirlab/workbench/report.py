@@ -862,6 +862,10 @@ class _SigtermAsInterrupt:
             signal.signal(signal.SIGTERM, self.previous)
             for name, level in self.levels.items():  # a notebook session keeps papermill's warnings
                 logging.getLogger(name).setLevel(level)
+            # the stop is over: left set, every later kernel of this process (a notebook's next run_notebook, a
+            # report in a thread) was killed as it started, as if stopped again
+            _TERMINATING.clear()
+            _INTERRUPTED.clear()
         if self.previous_int is not None:
             signal.signal(signal.SIGINT, self.previous_int)
 
