@@ -168,8 +168,8 @@ def test_refusals_of_unwritable_folders_end_with_the_callers_option(tmp_path):
     assert str(err.value).endswith(f"({a_file} is a file); {io.WRITE_HINT}")
 
 
-def test_a_lock_that_cannot_be_created_names_the_folder_and_the_option(tmp_path, monkeypatch):
-    """An existing folder this user may not write into (a colleague's run, a read-only mount)."""
+def _refuse_creating_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``os.open`` refuses to create a file (EACCES), as in a folder this user may not write into."""
     real_open = os.open
 
     def refused(path, flags, *args):
@@ -178,6 +178,11 @@ def test_a_lock_that_cannot_be_created_names_the_folder_and_the_option(tmp_path,
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(os, "open", refused)
+
+
+def test_a_lock_that_cannot_be_created_names_the_folder_and_the_option(tmp_path, monkeypatch):
+    """An existing folder this user may not write into (a colleague's run, a read-only mount)."""
+    _refuse_creating_files(monkeypatch)
     with pytest.raises(io.UnwritableFolderError) as err:
         with io.folder_lock(tmp_path, hint="pass --output-dir FOLDER (or set CIRLAB_RUNS)"):
             pass
@@ -270,14 +275,19 @@ def _fill(store: featcache.FeatureStore, batches: int, rows: int = 4) -> None:
         assert torch.equal(store.get_or_compute(items, lambda x: x * 10), items * 10)
 
 
+def _warnings_filling(store: featcache.FeatureStore, caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The warnings of six batches of new rows into ``store`` (one flush each at 4 rows) and a last flush."""
+    with caplog.at_level(logging.WARNING, logger="cirlab.core.featcache"):
+        _fill(store, 6)
+        store.flush()
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_a_read_only_feature_store_warns_once_and_stops_trying(tmp_path, caplog):
     """One warning per flush (every 256 new rows: ~300 an epoch on Fashion-IQ), each the same line without a hint."""
     (tmp_path / "a_file").write_text("")
     store = featcache.FeatureStore(tmp_path / "a_file" / "store", flush_rows=4)
-    with caplog.at_level(logging.WARNING, logger="cirlab.core.featcache"):
-        _fill(store, 6)
-        store.flush()
-    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    warnings = _warnings_filling(store, caplog)
     assert warnings == [f"feature store {tmp_path / 'a_file' / 'store'} is not writable ({tmp_path / 'a_file'} is a "
                         "file): features are computed again each epoch; point the model's feature_cache_dir at a "
                         "folder you can write to keep them"]
@@ -293,10 +303,7 @@ def test_a_feature_store_whose_writes_fail_warns_once(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(featcache, "_atomic_write", refused)
     store = featcache.FeatureStore(tmp_path / "store", flush_rows=4)
-    with caplog.at_level(logging.WARNING, logger="cirlab.core.featcache"):
-        _fill(store, 6)
-        store.flush()
-    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    warnings = _warnings_filling(store, caplog)
     assert warnings == [f"feature store {tmp_path / 'store'} is not writable (No space left on device): features are "
                         "computed again each epoch; point the model's feature_cache_dir at a folder you can write to "
                         "keep them"]
@@ -430,14 +437,7 @@ def test_a_lock_in_a_read_only_cache_names_cirlab_cache(tmp_path, monkeypatch):
     """Whichever command meets it, only CIRLAB_CACHE moves the cache: not the caller's output option."""
     monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache" / "synthetic").mkdir(parents=True)
-    real_open = os.open
-
-    def refused(path, flags, *args):
-        if flags & os.O_CREAT:
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", refused)
+    _refuse_creating_files(monkeypatch)
     with pytest.raises(io.UnwritableFolderError) as err:
         with io.generated_folder_lock(tmp_path / "cache" / "synthetic" / "tiny", wait=0, hint="pass --out DIR"):
             pass
