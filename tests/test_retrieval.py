@@ -686,3 +686,23 @@ def test_a_reopened_feature_store_says_how_much_disk_it_takes(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="cirlab"):
         FeatureStore(tmp_path / "store")
     assert f"2 cached items, {on_disk / 1e6:.1f} MB" in caplog.text and on_disk > 16000
+
+
+def test_a_feature_store_with_an_emptied_segment_skips_it_and_computes_those_rows_again(tmp_path, caplog):
+    """Segments are written without fsync (thousands of files): a power cut can leave one empty, which made
+    opening the store raise EOFError from numpy, ending the training that opened it."""
+    from cirlab.core.featcache import FeatureStore
+
+    store = FeatureStore(tmp_path / "store", flush_rows=2)
+    rows = torch.arange(8.0).view(4, 2)
+    for half in (rows[:2], rows[2:]):  # a segment each
+        store.get_or_compute(half, lambda t: t * 10)
+    store.flush()
+    segments = sorted((tmp_path / "store").glob("seg-*.npy"))
+    assert len(segments) == 2
+    segments[0].write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="cirlab"):
+        reopened = FeatureStore(tmp_path / "store")
+    assert "skipping unreadable segment" in caplog.text and len(reopened) == 2
+    assert torch.equal(reopened.get_or_compute(rows, lambda t: t * 10), rows * 10)
+    assert (reopened.hits, reopened.misses) == (2, 2)

@@ -253,7 +253,7 @@ class FeatureStore:
             try:
                 keys = json.loads(keys_file.read_text(encoding="utf-8"))
                 rows = len(np.load(data_file, mmap_mode="r"))  # the map is dropped at once: its fd closes
-            except (OSError, ValueError) as err:
+            except (OSError, ValueError, EOFError) as err:  # EOFError: an empty .npy a power cut left (no fsync)
                 log.warning("feature store %s: skipping unreadable segment %s (%s)", self.directory, data_file, err)
                 continue
             if len(keys) != rows:
