@@ -81,6 +81,35 @@ def test_sigterm_to_the_process_group_stops_a_run_with_dataloader_workers_cleanl
     assert _saved_step(run) == int(stopped.group(1)) > 10
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_dataloader_workers_end_with_a_main_process_that_was_killed(tmp_path):
+    """The workers ignore stop signals (the main process stops them): after a second Ctrl-C or SIGTERM (which end
+    the main process at once), SIGKILL or the OOM killer, they lived on until torch's watchdog noticed, seconds
+    later, beside a run resumed at once. The kernel ends them with their parent now."""
+    run, err = tmp_path / "run", tmp_path / "stderr.txt"
+    with _cirlab([*TINY, "--set", "train.num_workers=2", "--output-dir", str(run)], err, group=True) as proc:
+        _wait_for(proc, err, "train: step 3/")
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.time() + 3
+        while _running_in_group(proc.pid) and time.time() < deadline:
+            time.sleep(0.05)
+        assert _running_in_group(proc.pid) == [], "DataLoader workers outlived the killed main process"
+
+
+def _running_in_group(group: int) -> list[int]:
+    """The processes of process group ``group`` that still run (a zombie waiting for its reaper does not)."""
+    running = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            running.append(int(stat.parent.name))
+    return running
+
+
 def test_sigusr1_stops_after_the_step_with_its_own_exit_status(tmp_path):
     """SIGUSR1 (#SBATCH --signal=USR1@300, "time is nearly up") ended the process at once, exit 138, with no line
     and last.pt at the previous epoch end. It stops as SIGTERM does now, and exits 138 = 128 + SIGUSR1."""

@@ -1392,6 +1392,27 @@ def ignore_stop_signals(worker_id: int) -> None:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
     if hasattr(signal, "SIGTERM") and hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask"):
         _end_only_at_the_parents_sigterm()
+    _end_with_the_parent()
+
+
+_PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal the kernel sends this process when its parent ends
+
+
+def _end_with_the_parent() -> None:
+    """Linux: the kernel kills this worker when the process that started it ends, however it ends (a second Ctrl-C
+    or SIGTERM, which end the main process at once; SIGKILL; the OOM killer). The worker ignores stop signals, so
+    it lived on until torch's watchdog noticed the parent gone, seconds later, beside a run resumed at once."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # a libc without prctl: torch's watchdog still ends the worker, later
+        return
+    if os.getppid() != parent:  # the parent ended during the call: nobody will send the signal now
+        os._exit(0)
 
 
 def _end_only_at_the_parents_sigterm() -> None:
