@@ -360,7 +360,8 @@ def test_a_synthetic_tree_whose_write_was_interrupted_is_not_passed(tmp_path, mo
         synthetic.generate(tmp_path / "cut", size="tiny", layouts=["fashioniq"])
     problems = check_dataset("fashioniq", tmp_path / "cut")
     assert [p.kind for p in problems] == ["unfinished_write"]
-    assert "the write did not finish" in problems[0].message and "run the command that wrote it" in problems[0].message
+    assert "written by `cirlab data synth` and not finished" in problems[0].message
+    assert "run `cirlab data synth` again" in problems[0].message
 
     # an emoji build from before the file record: its manifest, written last, says the build finished
     from cirlab.data.generators import emoji

@@ -680,16 +680,24 @@ def refuse_unfinished(folder: Path) -> None:
     """Refuse ``folder`` where a cirlab generator was writing it and stopped (killed, Ctrl-C, a full disk): its images
     and splits may be missing, and ``missing_images=drop`` would then train on part of the set without a word, or
     a complete category on a tree that is not the generator's output. Rerunning the generator finishes it."""
+    why = unfinished_write(folder)
+    if why is not None:
+        raise DataError(why, file=folder, kind="unfinished_write")
+
+
+def unfinished_write(folder: Path) -> str | None:
+    """What to say of ``folder`` where a cirlab generator's write never finished (None: it finished, or no cirlab
+    generator wrote it): the loaders refuse it with this, ``cirlab data check`` lists it."""
     from cirlab.data.generators import _owned, emoji, synthetic
 
     generator = _owned.unfinished(folder, (synthetic.MANIFEST, emoji.MANIFEST))
     if generator is None:
-        return
+        return None
     command = {synthetic.__name__: synthetic.COMMAND, emoji.__name__: emoji.COMMAND}.get(generator)
     again = f"run `{command}` again with the same options to finish it" if command else \
         f"run the command that wrote it ({generator}) again"
-    raise DataError(f"written by `{command or generator}` and not finished (it was stopped part-way: splits or "
-                    f"images may be missing); {again}", file=folder, kind="unfinished_write")
+    return (f"written by `{command or generator}` and not finished (it was stopped part-way: splits or images may be "
+            f"missing); {again}")
 
 
 def cir_root(name: str, root: str | os.PathLike | None = None) -> Path:

@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import Any
 
 from cirlab.data.base import (DataError, Findings, ProblemCollector, ProblemList, check_image_size, check_options,
-                              cir_root)
+                              cir_root, unfinished_write)
 from cirlab.data.catalog import DATASETS as _TABLE
 from cirlab.data.catalog import ITM_DATASETS
 from cirlab.data.catalog import canonical_name
@@ -92,14 +92,12 @@ def check_dataset(name: str, root: str | os.PathLike | None = None, *, verify_im
 def _check_finished(root: Path, sink: ProblemCollector) -> None:
     """A tree cirlab's generator was writing when it stopped (Ctrl-C, a full disk) can be valid as far as it goes,
     with splits missing: say so instead of passing it."""
-    from cirlab.data.generators import _owned, emoji, synthetic
+    from cirlab.data.generators import _owned
 
     for folder in (root, *sorted(p for p in root.iterdir() if p.is_dir())):
-        generator = _owned.unfinished(folder, (synthetic.MANIFEST, emoji.MANIFEST))
-        if generator:
-            sink.add("unfinished_write", folder / _owned.MARKER, None,
-                     f"{folder} was being written by {generator.rsplit('.', 1)[-1]} and the write did not finish "
-                     "(splits or files may be missing): run the command that wrote it again")
+        why = unfinished_write(folder)  # the loaders' refusal of the same folder says the same
+        if why:
+            sink.add("unfinished_write", folder / _owned.MARKER, None, f"{folder}: {why}")
 
 
 def _check_images(module: ModuleType, root: Path, sink: ProblemCollector, full: bool,
