@@ -348,9 +348,10 @@ class FeatureStore:
         if unwritable:
             return
         unwritable["why"] = why
-        from cirlab.core.io import _advice  # in the cache: CIRLAB_CACHE; elsewhere the model config named the folder
+        # in the cache: CIRLAB_CACHE moves it; elsewhere the model config named the folder
+        from cirlab.core.io import unwritable_advice
 
-        advice = _advice(directory, "point the model's feature_cache_dir at a folder you can write")
+        advice = unwritable_advice(directory, "point the model's feature_cache_dir at a folder you can write")
         log.warning("feature store %s is not writable (%s): features are computed again each epoch; %s to keep them",
                     directory, why, advice)
 

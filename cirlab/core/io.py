@@ -464,8 +464,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):  # another user's live process (or no such call here): alive as far as known
-        return True
+    except OSError:  # another user's live process (PermissionError), or no such call here: alive as far as known
+        pass
     return True
 
 
@@ -515,10 +515,11 @@ def make_folder(folder: Path, *, hint: str = WRITE_HINT) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         why = _why_not_writable(folder.absolute()) or err.strerror or str(err)
-        raise UnwritableFolderError(f"cannot create the folder {folder} ({why}); {_advice(folder, hint)}") from None
+        advice = unwritable_advice(folder, hint)
+        raise UnwritableFolderError(f"cannot create the folder {folder} ({why}); {advice}") from None
 
 
-def _advice(folder: Path, hint: str) -> str:
+def unwritable_advice(folder: Path, hint: str) -> str:
     """What to do about ``folder`` that cannot be written: ``hint``, unless it is in cirlab's cache, which only
     ``CIRLAB_CACHE`` moves (whichever command found it read-only)."""
     from cirlab.core.paths import cache_dir
@@ -592,16 +593,14 @@ def _own_file_in_place_of(path: Path, held: Any) -> Any:
     file's note says to remove a stale lock). A file of this process's own, locked and written first, takes the name
     (a rename: whoever waits on the old file sees the name moved on and opens the new one); where the folder does
     not allow it (a sticky one keeps another user's file), the old file stays held (:func:`_holder`)."""
-    import stat
-
     new = path.with_name(f"{path.name}.{os.getpid()}.new")
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
+    try:  # O_EXCL: a new plain file of this process's, never one planted there
         fh = os.fdopen(os.open(new, flags, 0o666), "r+", encoding="utf-8")
     except OSError:
         return held
     try:
-        if stat.S_ISREG(os.fstat(fh.fileno()).st_mode) and _try_lock(fh):
+        if _try_lock(fh):
             _write_holder_line(fh)
             os.replace(new, path)
             held.close()
@@ -637,7 +636,7 @@ def _open_lock_file(path: Path, hint: str = WRITE_HINT) -> Any:
                                     "retry") from None
         if not _others_lock_file(path, err):
             raise UnwritableFolderError(f"cannot write into {path.parent} ({err.strerror or err}); "
-                                        f"{_advice(path.parent, hint)}") from None
+                                        f"{unwritable_advice(path.parent, hint)}") from None
         opened = _open_others_lock_file(path)
         if opened is None:
             return None

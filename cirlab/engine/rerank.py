@@ -71,10 +71,11 @@ def topk_dir_for(eval_config: Mapping[str, Any], topk_dir: Any = None) -> Path |
 KEEP_RUN_TOPK = "keep_run_topk"  # eval-config flag (cirlab eval): the run folder's own top-K files are kept
 
 
-def keeps_run_topk(eval_config: Mapping[str, Any], topk_dir: Any = None) -> bool:
-    """Whether the top-K files go to the run folder's ``topk/`` under cirlab eval's rule (:func:`keep_in_run`):
-    no ``topk_dir`` was named and the caller set :data:`KEEP_RUN_TOPK`. ``cirlab train`` writes them as made."""
-    return topk_dir is None and bool(eval_config.get(KEEP_RUN_TOPK)) and topk_dir_for(eval_config) is not None
+def keeps_run_topk(eval_config: Mapping[str, Any], topk_dir: Any, out: Path | None) -> bool:
+    """Whether the top-K files go to the run folder's ``topk/`` (``out``, :func:`topk_dir_for`) under cirlab eval's
+    rule (:func:`keep_in_run`): no ``topk_dir`` was named and the caller set :data:`KEEP_RUN_TOPK`. ``cirlab train``
+    writes them as made."""
+    return out is not None and topk_dir is None and bool(eval_config.get(KEEP_RUN_TOPK))
 
 
 _SAID_UNWRITABLE: set[str] = set()  # run folders already named in a warning (one per folder and evaluation)
@@ -160,7 +161,7 @@ def evaluate_stage1(model: Any, splits: Sequence[Any], *, eval_config: Mapping[s
     """Stage I is a CIR model: :func:`cirlab.engine.evaluate.evaluate_cir` with its top-K file, ``eval.k`` long
     (200 in the paper), written to :func:`topk_dir_for`."""
     out = topk_dir_for(eval_config, topk_dir)
-    if out is None or not keeps_run_topk(eval_config, topk_dir):
+    if not keeps_run_topk(eval_config, topk_dir, out):
         return _stage1_cir(model, splits, eval_config, device, out)
     with tempfile.TemporaryDirectory(prefix="cirlab-topk-") as staging:  # cirlab eval: the run's files are kept
         result = _stage1_cir(model, splits, eval_config, device, Path(staging))
@@ -392,7 +393,7 @@ def evaluate_reranker(model: Any, splits: Sequence[Any], *, eval_config: Mapping
     splits = list(splits)
     k = int(k or model.config.k)
     out_dir = topk_dir_for(eval_config, topk_dir)
-    keep = out_dir is not None and keeps_run_topk(eval_config, topk_dir)
+    keep = keeps_run_topk(eval_config, topk_dir, out_dir)
     firsts = stage1_topk(model, splits, eval_config=eval_config, device=device, k=k,
                          topk_dir=None if keep else out_dir, kept_in=out_dir if keep else None)
     protocol = eval_config.get("protocol") or splits[0].dataset

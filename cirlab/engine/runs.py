@@ -578,8 +578,6 @@ def _check_splits(ds: dict[str, Any], spec: Any, source: str) -> None:
     all: see below). Region-feature (ITM) layouts name their splits by the files present: not checked."""
     if spec.is_itm:
         return
-    import importlib
-
     module = importlib.import_module(spec.loader)
     known = [*getattr(module, "SPLITS", getattr(module, "SPLIT_FILES", ())), *getattr(module, "SPLIT_ALIASES", ())]
     # all three: test_split is read only for the protocol and `selection: paper`, so a slip there went unsaid

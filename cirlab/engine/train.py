@@ -54,7 +54,7 @@ from cirlab.core.errors import CirlabError, ConfigError, InputError
 from cirlab.core.io import NO_SPACE, flat_numbers, to_plain, write_json
 from cirlab.core.signals import STOP_SIGNALS, give_back_signals, take_signals
 from cirlab.core._search import cuda_native_bf16
-from cirlab.core.threads import apply_thread_policy, kept_threads
+from cirlab.core.threads import allocated_cpus, apply_thread_policy, kept_threads
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ _RULES: dict[str, tuple[str, float | None, bool, bool]] = {
     "warmup_steps": ("int", 0, True, False), "ema_decay": ("float", 0, False, True), "seed": ("int", 0, True, False),
     "deterministic": ("bool", None, True, False), "eval_every": ("int", 0, True, False),
     "eval_every_steps": ("int", 0, True, False), "log_every": ("int", 1, True, False),
-    "checkpoint_every": ("int", 0, True, False), "keep_epoch_checkpoints": ("bool", None, True, False),
+    "checkpoint_every": ("int", 0, True, False),
     "tensorboard": ("bool", None, True, False), "num_threads": ("int", 0, True, False),
     "resume": ("str", None, True, False), "device": ("str", None, True, False), "selection": ("str", None, True, False),
     "selection_metric": ("str", None, True, False), "test_split": ("str", None, True, False),
@@ -208,6 +208,9 @@ _UPPER = {"lr": (10.0, "a learning rate above 10 diverges at once; e.g. 1e-4, no
           "eps": (1.0, "Adam's eps floors the update's denominator: a large one stops learning; e.g. 1e-8, not 1e8")}
 _FLOAT_FIELDS = tuple(name for name, rule in _RULES.items() if rule[0] == "float")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+_OWN_RULES = ("betas", "lr_milestones", "keep_epoch_checkpoints")  # checked by _value_problem itself, not _RULES
 
 
 def _value_problem(name: str, value: Any) -> str | None:
@@ -312,11 +315,9 @@ def cpu_cap() -> int:
 
 
 def available_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, as a container or taskset limits it), else all."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows have no affinity call
-        return os.cpu_count() or 1
+    """The CPUs this process may run on, as the thread policy counts them (:func:`allocated_cpus`: the affinity
+    mask, a batch job's SLURM allocation)."""
+    return allocated_cpus()[0]
 
 
 def _decimal_comma_hint(value: Any) -> str:
@@ -343,7 +344,7 @@ def validate_train_values(values: Mapping[str, Any], prefix: str = "train.") -> 
     """Check the values of TrainConfig fields (those present in ``values``); the first bad one raises
     :class:`~cirlab.core.errors.ConfigError` naming ``<prefix><field>``, the problem and the value."""
     for name, value in values.items():
-        if name in _RULES or name in ("betas", "lr_milestones"):
+        if name in _RULES or name in _OWN_RULES:
             problem = _value_problem(name, value)
             if problem:
                 raise ConfigError(f"{prefix}{name}: {problem}, got {'null' if value is None else repr(value)}")

@@ -591,8 +591,9 @@ def compare_runs(runs: Mapping[str, Mapping[str, Any] | str | os.PathLike] | Seq
         raise InputError(f"compare_runs: unfinished={unfinished!r}; expected 'error' or 'skip'")
     columns = {}
     for name, src in _named_runs(runs).items():
-        if unfinished == "skip" and not isinstance(src, Mapping) and _unfinished(src):
-            logger.warning("compare_runs: %s is not finished (%s): left out", src, _unfinished(src))
+        why = _unfinished(src) if unfinished == "skip" and not isinstance(src, Mapping) else None
+        if why:
+            logger.warning("compare_runs: %s is not finished (%s): left out", src, why)
             continue
         metrics = src if isinstance(src, Mapping) else read_metrics(src)
         columns[name] = flatten_metrics(metrics)

@@ -207,13 +207,7 @@ def _recorded_synthetic(settings: dict[str, Any], run_dir: Path) -> Path:
     image_size = int(settings.get("image_size", 64))
     logger.info("%s was trained on the generated synthetic set (size %s, seed %d, %d-px images): reading that set "
                 "(data_root= names another)", run_dir, size, seed, image_size)
-    return _synthetic_set(size, seed, image_size, settings.get("out") or None)
-
-
-def _synthetic_set(size: str, seed: int, image_size: int, out: Any = None) -> Path:
-    from cirlab.data.generators import synthetic
-
-    return synthetic.ensure(out, seed=seed, size=size, image_size=image_size).resolve()
+    return ensure_synthetic(settings.get("out") or None, size, seed, image_size).resolve()
 
 
 def _recorded_root(root: Path, run_dir: Path, dataset: str) -> Path:
@@ -231,7 +225,7 @@ def _recorded_root(root: Path, run_dir: Path, dataset: str) -> Path:
     logger.warning("%s: the data root it was trained on, %s, is gone; it was the synthetic set (size %s, seed %d, "
                    "%d-px images): using that set generated again in the cache (data_root= names another)",
                    run_dir / "config.yaml", root, size, seed, image_size)
-    return _synthetic_set(size, seed, image_size).joinpath(*inside)
+    return ensure_synthetic(None, size, seed, image_size).resolve().joinpath(*inside)
 
 
 def _synthetic_settings(root: Path) -> tuple[tuple[str, int, int], tuple[str, ...]] | None:
@@ -323,13 +317,14 @@ def describe_paths(**paths: Any) -> str:
     return "\n".join(f"{name:>10}: {value}" for name, value in paths.items())
 
 
-def ensure_synthetic(data_root: str | os.PathLike | None = None, size: str = "default", seed: int = 0) -> Path:
+def ensure_synthetic(data_root: str | os.PathLike | None = None, size: str = "default", seed: int = 0,
+                     image_size: int = 64) -> Path:
     """The synthetic CIR/ITM data root (``cirlab.data.generators.synthetic.ensure``: generated only when missing)."""
     from cirlab.data.generators import synthetic
 
     if data_root and (Path(data_root) / synthetic.MANIFEST).is_file():
         return Path(data_root)  # complete data given by the caller (e.g. cirlab report's cached set): use as is
-    return synthetic.ensure(data_root or None, seed=seed, size=size)
+    return synthetic.ensure(data_root or None, seed=seed, size=size, image_size=image_size)
 
 
 def _split_name(dataset: str, split: str) -> str:

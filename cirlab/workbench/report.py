@@ -647,20 +647,9 @@ def _holds_kernel_spec(folder: Path, spec: Mapping[str, Any]) -> bool:
 def _write_kernel_spec(spec: Mapping[str, Any]) -> Path:
     """The Jupyter data folder holding ``spec`` as :data:`THIS_PYTHON_KERNEL`: ``$CIRLAB_CACHE/jupyter``, or a
     temporary folder when the cache cannot be written (a read-only or shared one), so the report still runs."""
-    from cirlab.core.paths import cache_dir
-
-    folder = cache_dir() / "jupyter"
-    if _holds_kernel_spec(folder, spec):
-        return folder
-    try:
-        (folder / "kernels" / THIS_PYTHON_KERNEL).mkdir(parents=True, exist_ok=True)
-        write_json(folder / "kernels" / THIS_PYTHON_KERNEL / "kernel.json", spec)
-        return folder
-    except OSError as err:
-        logger.info("cannot write the report's kernel spec under %s (%s); using a temporary folder", folder, err)
-    folder = _temporary_folder("jupyter")
-    (folder / "kernels" / THIS_PYTHON_KERNEL).mkdir(parents=True)
-    write_json(folder / "kernels" / THIS_PYTHON_KERNEL / "kernel.json", spec)
+    folder = _cirlab_folder("jupyter")
+    if not _holds_kernel_spec(folder, spec):
+        write_json(folder / "kernels" / THIS_PYTHON_KERNEL / "kernel.json", spec)  # makes the folders
     return folder
 
 

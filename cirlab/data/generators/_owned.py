@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from cirlab.core.errors import CirlabError
+from cirlab.core.io import UnwritableFolderError, atomic_path, make_folder, write_text
 
 MARKER = ".cirlab-generated.json"
 
@@ -60,8 +61,6 @@ def is_empty(folder: Path) -> bool:
 def mark(folder: Path, generator: str) -> None:
     """Create ``folder`` (if needed) and mark it as written by ``generator``: the first write, so a folder that
     cannot be written is one line here, before any data is generated."""
-    from cirlab.core.io import UnwritableFolderError, make_folder
-
     make_folder(folder)
     try:  # no time or pid in it: the same seed must still write byte-identical trees
         write_text(folder / MARKER, json.dumps({"generator": generator}) + "\n")
@@ -161,21 +160,11 @@ def write_release_json(path: Path, obj: object) -> None:
     write_text(path, json.dumps(obj, ensure_ascii=False) + "\n")
 
 
-def write_text(path: Path, text: str) -> None:
-    """``text`` into ``path`` (UTF-8) whole or not at all: a kill mid-write leaves the old file or none, never a
-    truncated one that a later reader parses as a broken release file (``atomic_path`` creates the folder)."""
-    from cirlab.core.io import write_text as write_atomically
-
-    write_atomically(path, text)
-
-
 @contextlib.contextmanager
 def staged(path: Path) -> Iterator[Path]:
     """A temporary name beside ``path`` that replaces it on a clean exit (for writers that take a file name: PIL,
     numpy); its suffix is not ``path``'s, so a writer that infers the format from it must be told the format.
     No fsync: a generated tree holds thousands of files and a sync each multiplied the write time; the rename is
     what a kill needs (an empty file a power cut may still leave is one ``cirlab data check`` reports)."""
-    from cirlab.core.io import atomic_path
-
     with atomic_path(path, fsync=False) as tmp:
         yield tmp

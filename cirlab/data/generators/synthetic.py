@@ -66,6 +66,7 @@ import numpy as np
 
 from cirlab.core.config import MAX_SEED, int_range, is_whole, name_list
 from cirlab.core.errors import ConfigError
+from cirlab.core.io import write_text
 from cirlab.data.generators import _owned
 from cirlab.data.generators import _scenes as sc
 from cirlab.data.generators._owned import OtherSettingsError
@@ -398,7 +399,7 @@ def write_shoes(root: Path, seed: int, size: SynthSize, image_size: int) -> dict
                                       "RelativeCaption": text, "modification": edit.kind})
         entries += _shuffled(rng, split_entries)
         listed = [names[sc.scene_key(s)] for s in _shuffled(rng, scenes)]
-        _owned.write_text(root / list_file, "".join(f"{n}\n" for n in listed))
+        write_text(root / list_file, "".join(f"{n}\n" for n in listed))
         for s in scenes:
             name = names[sc.scene_key(s)]
             meta.scene(name, s, "shoes")
@@ -470,7 +471,7 @@ def write_precomp(root: Path, seed: int, size: SynthSize, image_size: int, name:
                 captions += [sc.describe(s, style, rng) for style in range(len(sc.CAPTION_TYPES))]
             array.flush()
             del array  # closes the map before the rename
-        _owned.write_text(folder / f"{split}_caps.txt", "".join(f"{c}\n" for c in captions))
+        write_text(folder / f"{split}_caps.txt", "".join(f"{c}\n" for c in captions))
         split_scenes[split] = [sc.scene_to_json(s) for s in scenes]
         split_types[split] = [t for _ in scenes for t in sc.CAPTION_TYPES]  # per caption, in file order
         counts[split] = {"images": len(scenes), "captions": len(captions)}
