@@ -169,6 +169,41 @@ def test_a_config_built_directly_checks_its_ranges_too(cls_name, field, bad):
         cls(**{field: bad})
 
 
+@pytest.mark.parametrize("cls_name, field, bad, says", [
+    ("AMCConfig", "backbone", "resnet", "did you mean 'resnet50'?"),
+    ("DIMEConfig", "eval_dtype", "bf-16", "did you mean 'bf16'?"),
+    ("HREMConfig", "gnn_loss", "vse2", "did you mean 'vse'?"),
+    ("CaLaConfig", "loss_form", "Paper", "expected one of"),
+    ("BlipRerankConfig", "dataset", "CIRR", "did you mean 'cirr'?")])
+def test_a_choice_out_of_its_list_is_refused_alike_in_every_model_config(cls_name, field, bad, says):
+    """One rule for every model's choice fields: the field, the value, the choices and the nearest spelling, as a
+    config error (the five configs once each worded it their own way, without the hint)."""
+    import importlib
+
+    from cirlab.core.config import FieldValueError
+
+    module = {"AMCConfig": "amc", "DIMEConfig": "dime", "HREMConfig": "hrem", "CaLaConfig": "cala",
+              "BlipRerankConfig": "blip_rerank"}[cls_name]
+    cls = getattr(importlib.import_module(f"cirlab.models.{module}"), cls_name)
+    with pytest.raises(FieldValueError, match=rf"^{cls_name}\.{field}: expected one of .*, got {bad!r}") as caught:
+        cls(**{field: bad})
+    assert says in str(caught.value)
+
+
+@pytest.mark.parametrize("cls_name, settings, says", [
+    ("AMCConfig", {"embed_dim": 64, "num_heads": 3}, "embed_dim 64 is not divisible by num_heads 3"),
+    ("DIMEConfig", {"embed_size": 32, "num_head_imrc": 5}, "embed_size 32 is not divisible by num_head_imrc 5"),
+    ("HREMConfig", {"embed_size": 32, "nhead": 5}, "embed_size 32 is not divisible by nhead 5")])
+def test_a_width_its_heads_do_not_divide_is_a_config_error_naming_both_fields(cls_name, settings, says):
+    import importlib
+
+    from cirlab.core.config import FieldValueError
+
+    cls = getattr(importlib.import_module(f"cirlab.models.{cls_name[:-6].lower()}"), cls_name)
+    with pytest.raises(FieldValueError, match=f"{cls_name}: {says}"):
+        cls(**settings)
+
+
 def test_every_preset_of_every_model_still_builds_and_every_shipped_config_loads():
     """The ranges refuse no value a preset or a shipped config uses (run with the tests above, which fail before
     the ranges existed)."""

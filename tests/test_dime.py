@@ -688,7 +688,7 @@ def test_extra_negatives_options_and_the_old_bool(caplog):
     assert D.DIMEConfig(extra_negatives=True).extra_negatives == "random"  # configs before the choice
     assert D.DIMEConfig(extra_negatives=False).extra_negatives == "none"
     assert D.DIMEConfig.from_dict({"extra_negatives": True}).extra_negatives == "random"  # checkpoint model_config
-    with pytest.raises(ValueError, match="extra_negatives must be one of"):
+    with pytest.raises(ValueError, match="extra_negatives: expected one of"):
         D.DIMEConfig(extra_negatives="batch")
     for mode, expected in (("previous_batch", [(6, 6), (6, 12), (6, 12)]), ("none", [(6, 6)] * 3)):
         model = _tiny("i2t", extra_negatives=mode)

@@ -1047,7 +1047,7 @@ def f_ema_decay_above_one(ws: Workspace) -> Outcome:
 
 @fault("traceback or late failure", "refused, did you mean 'cosine'")
 def f_misspelt_schedule(ws: Workspace) -> Outcome:
-    return _config_error(ws, r"train\.schedule: must be one of .* \(did you mean 'cosine'\?\), got 'cosin'",
+    return _config_error(ws, r"train\.schedule: expected one of .* \(did you mean 'cosine'\?\), got 'cosin'",
                          "train.schedule=cosin")
 
 
@@ -1088,8 +1088,8 @@ def f_eval_device_cuda_without_a_gpu(ws: Workspace) -> Outcome:
 
 @fault("traceback or late failure", "refused naming the model config field")
 def f_bad_model_override_value(ws: Workspace) -> Outcome:
-    return _config_error(ws, r"model_overrides: AMCConfig\.backbone='vgg'", "model=amc", "model_overrides={}",
-                         "model_overrides.backbone=vgg")
+    return _config_error(ws, r"model_overrides: AMCConfig\.backbone: expected one of .*, got 'vgg'", "model=amc",
+                         "model_overrides={}", "model_overrides.backbone=vgg")
 
 
 @fault("traceback or late failure", "refused naming both models")

@@ -270,6 +270,22 @@ def refuse_unread(config_name: str, settings: Iterable[tuple[str, Any, bool, str
             raise ValueError(f"{config_name}.{name}={value!r} is read only with {reader}; clear it or set {reader}")
 
 
+def choice_problem(value: Any, allowed: Iterable[Any]) -> str | None:
+    """``"expected one of i2t, t2i (did you mean 't2i'?)"`` for a value not among ``allowed``, else None; the
+    caller adds the field and ``", got <value>"``, as for a range (:func:`check_field_ranges`)."""
+    allowed = tuple(allowed)
+    return None if value in allowed else f"expected one of {', '.join(map(str, allowed))}{did_you_mean(value, allowed)}"
+
+
+def refuse_unknown_choices(config_name: str, fields: Iterable[tuple[str, Any, Iterable[Any]]]) -> None:
+    """Refuse a value that is not one of its field's choices (``(field, value, allowed)``), with the nearest
+    spelling: a slip in a choice ("cosin", "bf-16") would otherwise fail far from the config, or not at all."""
+    for name, value, allowed in fields:
+        problem = choice_problem(value, allowed)
+        if problem:
+            raise FieldValueError(f"{config_name}.{name}: {problem}, got {value!r}")
+
+
 def refuse_indivisible(config_name: str, pairs: Iterable[tuple[str, int, str, int]]) -> None:
     """Refuse a width its head count does not divide (``(width field, width, heads field, heads)``): the attention
     layer would fail as it is built, as a traceback from transformers or torch."""

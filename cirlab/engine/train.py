@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from cirlab.core import console, io
-from cirlab.core.config import MAX_SEED, UnknownFieldError, did_you_mean, unknown_names_message
+from cirlab.core.config import MAX_SEED, UnknownFieldError, choice_problem, did_you_mean, unknown_names_message
 from cirlab.core.contracts import HasEpochHook, HasEvalPrecision, HasParamGroups, Model, model_label
 from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from cirlab.core.errors import CirlabError, ConfigError, InputError
@@ -235,7 +235,7 @@ def _value_problem(name: str, value: Any) -> str | None:
         if not isinstance(value, str):
             return "expected a string"
         if name in CHOICES and value not in CHOICES[name]:
-            return f"must be one of {', '.join(CHOICES[name])}{did_you_mean(value, CHOICES[name])}"
+            return choice_problem(value, CHOICES[name])
         if name == "device" and not _DEVICE.match(value):
             hint = " (did you mean 'cuda'?)" if "gpu" in value.lower() else did_you_mean(value, ("auto", "cpu", "cuda"))
             return f"must be auto, cpu, cuda or cuda:N{hint}"

@@ -54,7 +54,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cirlab.core import tracing
-from cirlab.core.config import NON_NEGATIVE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_unread
+from cirlab.core.config import (NON_NEGATIVE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_indivisible,
+                                refuse_unknown_choices, refuse_unread)
 from cirlab.core.errors import InputError, MissingPathError
 from cirlab.models._truncation import say_cut
 from cirlab.models.registry import register_model
@@ -157,15 +158,12 @@ class AMCConfig(PresetMixin):
         from cirlab.data.transforms import TRANSFORMS  # a typo failed as a traceback once the data was read
 
         check_field_ranges(type(self), vars(self))  # also when built directly, not through a preset
-        for name, value, allowed in (("backbone", self.backbone, BACKBONES),
-                                     ("word_vectors", self.word_vectors, WORD_VECTORS),
-                                     ("ablation", self.ablation, ABLATIONS),
-                                     ("text_pool", self.text_pool, TEXT_POOLS),
-                                     ("transform", self.transform, tuple(TRANSFORMS))):
-            if value not in allowed:
-                raise ValueError(f"AMCConfig.{name}={value!r}; expected one of {allowed}")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"AMCConfig: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        refuse_unknown_choices("AMCConfig", [("backbone", self.backbone, BACKBONES),
+                                             ("word_vectors", self.word_vectors, WORD_VECTORS),
+                                             ("ablation", self.ablation, ABLATIONS),
+                                             ("text_pool", self.text_pool, TEXT_POOLS),
+                                             ("transform", self.transform, TRANSFORMS)])
+        refuse_indivisible("AMCConfig", [("embed_dim", self.embed_dim, "num_heads", self.num_heads)])
         if int(self.embed_dim * self.ffn_ratio) < 1:  # CRN's feed-forward would be 0 wide
             raise ValueError(f"AMCConfig.ffn_ratio={self.ffn_ratio}: embed_dim {self.embed_dim} x ffn_ratio is below 1")
         words = self.word_vectors

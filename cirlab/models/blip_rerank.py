@@ -70,7 +70,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cirlab.core import io
-from cirlab.core.config import MAX_SIZE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_indivisible
+from cirlab.core.config import (MAX_SIZE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_indivisible,
+                                refuse_unknown_choices)
 from cirlab.models import _hf_blip as hf
 from cirlab.models import blip_interop
 from cirlab.models._truncation import hf_cut_count, say_cut
@@ -154,8 +155,7 @@ class BlipRerankConfig(PresetMixin):
 
     def __post_init__(self) -> None:
         check_field_ranges(type(self), vars(self))  # also when built directly, not through a preset
-        if self.dataset not in PAPER_RERANK_K:
-            raise ValueError(f"BlipRerankConfig.dataset must be one of {sorted(PAPER_RERANK_K)}, got {self.dataset!r}")
+        refuse_unknown_choices("BlipRerankConfig", [("dataset", self.dataset, sorted(PAPER_RERANK_K))])
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         refuse_indivisible("BlipRerankConfig", [("vision_width", self.vision_width, "vision_heads", self.vision_heads),

@@ -115,7 +115,7 @@ from torch import nn
 
 from cirlab.core import tracing
 from cirlab.core.config import (NON_NEGATIVE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_indivisible,
-                                refuse_unread)
+                                refuse_unknown_choices, refuse_unread)
 from cirlab.core.errors import ConfigError
 from cirlab.models import _hf_blip2 as hb
 from cirlab.models._hf_blip import refuse_unknown_tokens
@@ -248,12 +248,11 @@ class CaLaConfig(PresetMixin):
 
     def __post_init__(self) -> None:
         check_field_ranges(type(self), vars(self))  # also when built directly, not through a preset
-        for name, allowed in (("dataset", DATASETS), ("vision", hb.VISION_ARCHS), ("encoder", ENCODERS),
-                              ("cir_frame", FRAMES), ("loss_form", LOSS_FORMS), ("lr_schedule", LR_SCHEDULES),
-                              ("ablation", ABLATIONS), ("qformer_init", QFORMER_INITS), ("backbone", BACKBONES),
-                              ("clip_map_layout", CLIP_MAP_LAYOUTS), ("clip_cls_token", CLIP_CLS_TOKENS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"CaLaConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
+        refuse_unknown_choices("CaLaConfig", [(name, getattr(self, name), allowed) for name, allowed in (
+            ("dataset", DATASETS), ("vision", hb.VISION_ARCHS), ("encoder", ENCODERS), ("cir_frame", FRAMES),
+            ("loss_form", LOSS_FORMS), ("lr_schedule", LR_SCHEDULES), ("ablation", ABLATIONS),
+            ("qformer_init", QFORMER_INITS), ("backbone", BACKBONES), ("clip_map_layout", CLIP_MAP_LAYOUTS),
+            ("clip_cls_token", CLIP_CLS_TOKENS))])
         blip2 = self.backbone == "blip2"
         refuse_unread("CaLaConfig", [("minilm_path", self.minilm_path, blip2 and self.qformer_init == "minilm",
                                       "backbone='blip2' and qformer_init='minilm'"),

@@ -55,7 +55,8 @@ from torch import nn
 
 from cirlab.core import tracing
 from cirlab.core.checkpoint import RETIRED_TRUST_FIELD
-from cirlab.core.config import NON_NEGATIVE, POSITIVE, Bound, PresetMixin, check_field_ranges
+from cirlab.core.config import (NON_NEGATIVE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_indivisible,
+                                refuse_unknown_choices)
 from cirlab.models._text import (  # noqa: F401  (BERT_BASE_CONFIG, tiny_vocab, ... stay importable from here)
     BERT_BASE_CONFIG, BertVocabMixin, convert_original_bert_state_dict, load_bert, make_tokenizer, tiny_vocab,
     word_splitter)
@@ -136,21 +137,13 @@ class DIMEConfig(PresetMixin):
 
     def __post_init__(self) -> None:
         check_field_ranges(type(self), vars(self))  # also when built directly, not through a preset
-        if self.direction not in ("i2t", "t2i"):
-            raise ValueError(f"DIMEConfig.direction must be 'i2t' or 't2i', got {self.direction!r}")
-        if self.embed_size % self.num_head_imrc:
-            raise ValueError(f"DIMEConfig: embed_size {self.embed_size} not divisible by {self.num_head_imrc} heads")
-        if self.vse_mean_warmup_epochs < 0:
-            raise ValueError("DIMEConfig.vse_mean_warmup_epochs must be >= 0")
-        if self.max_words < 3:
-            raise ValueError("DIMEConfig.max_words must leave room for [CLS], one word and [SEP]")
         if isinstance(self.extra_negatives, bool):  # configs / checkpoints written before the field was a choice
             self.extra_negatives = "random" if self.extra_negatives else "none"
-        if self.extra_negatives not in EXTRA_NEGATIVES:
-            raise ValueError(f"DIMEConfig.extra_negatives must be one of {EXTRA_NEGATIVES}, "
-                             f"got {self.extra_negatives!r}")
-        if self.eval_dtype not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"DIMEConfig.eval_dtype must be 'auto', 'fp32' or 'bf16', got {self.eval_dtype!r}")
+        # vse_mean_warmup_epochs >= 0 and max_words >= 3 are ranges, refused above
+        refuse_unknown_choices("DIMEConfig", [("direction", self.direction, ("i2t", "t2i")),
+                                              ("extra_negatives", self.extra_negatives, EXTRA_NEGATIVES),
+                                              ("eval_dtype", self.eval_dtype, ("auto", "fp32", "bf16"))])
+        refuse_indivisible("DIMEConfig", [("embed_size", self.embed_size, "num_head_imrc", self.num_head_imrc)])
 
 
 # --------------------------------------------------------------------------------------------- small helpers

@@ -56,7 +56,8 @@ from torch import nn
 
 from cirlab.core import tracing
 from cirlab.core.checkpoint import RETIRED_TRUST_FIELD
-from cirlab.core.config import NON_NEGATIVE, POSITIVE, Bound, PresetMixin, check_field_ranges
+from cirlab.core.config import (NON_NEGATIVE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_indivisible,
+                                refuse_unknown_choices)
 from cirlab.core.errors import InputError
 from cirlab.models._text import BertVocabMixin, load_bert
 from cirlab.models._truncation import say_cut
@@ -141,17 +142,11 @@ class HREMConfig(PresetMixin):
 
     def __post_init__(self) -> None:
         check_field_ranges(type(self), vars(self))  # also when built directly, not through a preset
-        checks = [(self.embed_size % self.nhead == 0, f"embed_size {self.embed_size} not divisible by {self.nhead} "
-                   "heads"),
-                  (self.mask_weight > 0, "mask_weight must be > 0 (0 x -inf is NaN in the attention mask)"),
-                  (0 < self.threshold <= 1, "threshold must be in (0, 1]"),
-                  (self.base_loss in LOSSES and self.gnn_loss in LOSSES, f"base_loss/gnn_loss must be in {LOSSES}"),
-                  (self.maxk >= 1 and self.topk >= 1, "maxk and topk must be >= 1"),
-                  (0 <= self.region_drop < 1, "region_drop must be in [0, 1)"),
-                  (self.max_words >= 3, "max_words must leave room for [CLS], one word and [SEP]")]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"HREMConfig: {message}")
+        # mask_weight > 0 (0 x -inf is NaN in the attention mask), threshold, maxk, topk, region_drop and max_words
+        # are ranges, refused above
+        refuse_unknown_choices("HREMConfig", [("base_loss", self.base_loss, LOSSES),
+                                              ("gnn_loss", self.gnn_loss, LOSSES)])
+        refuse_indivisible("HREMConfig", [("embed_size", self.embed_size, "nhead", self.nhead)])
 
 
 # --------------------------------------------------------------------------------------------- pooling
