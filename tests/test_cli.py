@@ -1075,7 +1075,11 @@ def test_options_are_spelled_out_and_a_near_miss_names_the_option(tmp_path, caps
     assert err.startswith("usage: cirlab train") and "(--sett: did you mean --set?)" in err
     with pytest.raises(SystemExit):
         main(["data", "check", "--dataset", "cirr", "--ro", "x"])
-    assert "cirlab data check: error: unrecognized arguments: --ro x" in capsys.readouterr().err
+    assert "cirlab data check: error: unrecognized arguments: --ro x (--ro: did you mean --root?)" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the option it begins, not "--set", which looks as alike to difflib
+        main(["train", "amc_synthetic_tiny", "--out", "runs/x"])
+    assert "(--out: did you mean --output-dir?)" in capsys.readouterr().err
     # a quoted ~ is the home folder for every path option, as for an unquoted one
     args = build_parser(["eval"]).parse_args(["eval", "~/run", "--output", "~/m.json", "--topk-dir", "~/k",
                                               "--root", "~/data"])

@@ -23,10 +23,17 @@ class Parser(argparse.ArgumentParser):
         hints = []
         for arg in unknown:
             flag = arg.split("=", 1)[0]
-            close = closest(flag, options) if arg.startswith("-") else None
+            close = _completion(flag, options) or closest(flag, options) if arg.startswith("-") else None
             if close:
                 hints.append(f"{flag}: did you mean {close}?")
         self.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
+def _completion(flag: str, options: Sequence[str]) -> str | None:
+    """The one option ``flag`` begins (``--out`` of ``--output-dir``): what argparse's prefix matching would have
+    taken, so the likeliest meaning, ahead of a spelling that merely looks alike (``--set``)."""
+    longer = [o for o in options if o.startswith(flag) and o != flag] if flag.startswith("--") and len(flag) > 3 else []
+    return longer[0] if len(longer) == 1 else None
 
 
 def command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.ArgumentParser:
