@@ -61,6 +61,36 @@ def test_a_finished_run_records_its_end_and_its_log_and_overwrite_keeps_the_new_
     assert not _file_handlers()
 
 
+@pytest.mark.parametrize("progress", ["log", "tqdm", "none"])
+def test_train_log_follows_the_progress_whatever_the_console_shows(config, tmp_path, capsys, progress):
+    """`tail -f run/train.log` follows a batch job: its progress lines are in train.log (they were only on stderr,
+    or in the bar), and the console shows them as before: once as lines, or as the bar, or not at all."""
+    config["train"]["progress"] = progress
+    run = tmp_path / "run"
+    console = _Names()  # a handler where the command's console handler would be
+    logging.getLogger("cirlab").addHandler(console)
+    try:
+        cirlab.run_experiment(config, output_dir=run)
+    finally:
+        logging.getLogger("cirlab").removeHandler(console)
+    text = (run / "train.log").read_text()
+    for step in (1, 2):
+        assert text.count(f"INFO cirlab.progress: train: step {step}/2 ") == 1, text
+    assert "cirlab.engine.train" in console.names and "cirlab.progress" not in console.names  # not shown twice
+    err = capsys.readouterr().err
+    assert err.count("train: step 2/2 ") == (progress == "log")
+    assert not any(isinstance(h, runs._TrainLog) for h in logging.getLogger("cirlab.progress").handlers)
+
+
+class _Names(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.names: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.names.add(record.name)
+
+
 def test_a_stopped_final_evaluation_is_recorded_and_resume_appends_to_the_log(config, tmp_path, monkeypatch):
     from cirlab.core.signals import StopSignalInterrupt
 

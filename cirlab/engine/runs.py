@@ -1299,6 +1299,8 @@ def _train_log(out: Path, resuming: bool, overwrite: bool) -> Iterator[Any]:
     if not is_main_process():
         yield _NoTrainLog()
         return
+    from cirlab.engine.train import PROGRESS_LOG
+
     own, log = logging.getLogger("cirlab"), _TrainLog(out)
     log.setFormatter(logging.Formatter(_TrainLog.FORMAT))
     # no handler anywhere: Python prints warnings through its last-resort handler, which a handler here disables
@@ -1306,6 +1308,7 @@ def _train_log(out: Path, resuming: bool, overwrite: bool) -> Iterator[Any]:
     for handler in (log, keep_stderr):
         if handler is not None:
             own.addHandler(handler)
+    PROGRESS_LOG.addHandler(log)  # the trainer's progress lines, which the console shows its own way
     try:
         from cirlab.core.provenance import command_line
         from cirlab.engine.train import run_artifacts
@@ -1319,6 +1322,7 @@ def _train_log(out: Path, resuming: bool, overwrite: bool) -> Iterator[Any]:
         for handler in (log, keep_stderr):
             if handler is not None:
                 own.removeHandler(handler)
+        PROGRESS_LOG.removeHandler(log)
         try:
             log.close()
         except OSError as err:

@@ -57,6 +57,10 @@ from cirlab.core._search import cuda_native_bf16
 from cirlab.core.threads import allocated_cpus, apply_thread_policy, kept_threads
 
 logger = logging.getLogger(__name__)
+# the progress lines (:meth:`_RunLog.line`) as log records, for the run's train.log (engine.runs attaches its handler
+# here): not passed on to the ``cirlab`` logger, since the console already shows the bar or the lines themselves
+PROGRESS_LOG = logging.getLogger("cirlab.progress")
+PROGRESS_LOG.propagate = False  # its level is the ``cirlab`` logger's: a notebook's train.log gets warnings only
 
 SCHEDULES = ("constant", "step", "cosine", "periodic_cosine")
 EvalFn = Callable[[nn.Module], dict[str, Any]]
@@ -925,11 +929,14 @@ class _RunLog:
                     self.tb.add_scalar(f"{prefix}/{key}", value, record.get("step", 0))
 
     def progress(self, record: dict[str, Any]) -> None:
+        text = self.line(record) if self.lines or PROGRESS_LOG.handlers else ""
+        if text:  # into train.log whatever the console shows: `tail -f train.log` follows a batch job
+            PROGRESS_LOG.info("%s", text)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
         elif self.lines:  # the wall clock first, as on the log lines between them (a long job's log shows when)
-            line = f"{wall_clock()} {self.line(record)}\n"
+            line = f"{wall_clock()} {text}\n"
             try:
                 sys.stderr.write(line)
                 sys.stderr.flush()
