@@ -28,10 +28,11 @@ def _run(folder: Path, *, end: dict | None = None, metrics: bool = False, summar
     (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "tr')  # torn
     (folder / "checkpoints").mkdir()
     if summary or metrics:
-        (folder / "train_summary.json").write_text(json.dumps({"best_score": 40.0, "selection_metric": "avg"}))
+        (folder / "train_summary.json").write_text(json.dumps({"best_score": 40.0, "selection_metric": "avg",
+                                                                "steps": steps}))
     if metrics:
         (folder / "metrics.json").write_text(json.dumps({
-            "model": "amc", "selection": {"metric": "avg", "best_score": 41.0},
+            "model": "amc", "selection": {"metric": "avg", "best_score": 41.0}, "steps": steps,
             "splits": {"val": {"avg": 41.0, "R@10": 20.0}, "test": {"avg": 39.5}}}))
     return folder
 
@@ -123,6 +124,37 @@ def test_a_resume_that_stopped_or_was_killed_is_not_its_earlier_starts_finish(tm
     assert analysis.run_state(run)["state"] == "stopped (SIGTERM)"
     assert analysis.run_state(run)["message"] == "SIGTERM: stopped"
     assert list(analysis.compare_runs([run], unfinished="skip").columns) == []
-    killed = {"started": later, "from_step": 3}  # kill -9 of the resume: no end, metrics.json older than it
+    killed = {"started": later, "from_step": 3}  # kill -9 of the resume: no end, metrics.json short of its log
     (run / "provenance.json").write_text(json.dumps({"starts": [*starts, killed]}))
+    with (run / "log.jsonl").open("a") as log:
+        log.write("".join(json.dumps({"kind": "train", "step": s, "loss": 1.0}) + "\n" for s in (4, 5)))
     assert analysis.run_state(run)["state"] == "killed"
+
+
+def test_the_state_comes_from_the_contents_not_from_file_times(tmp_path):
+    """File times are another clock: a finished run written while this machine's clock ran ahead of the file
+    server's, or unpacked from ``tar --mtime=@0``, was listed as killed (its metrics.json "older" than its start);
+    a killed resume copied with ``cp -r`` (new times on old metrics) was listed as finished."""
+    import os
+    import shutil
+
+    future = "2099-01-01T00:00:00+00:00"
+    done = _run(tmp_path / "done", metrics=True)
+    (done / "provenance.json").write_text(json.dumps({"starts": [{"started": future, "status": "finished"}]}))
+    os.utime(done / "metrics.json", (0, 0))
+    assert analysis.run_state(done)["state"] == "finished"
+    fit = _run(tmp_path / "fit", metrics=True)  # no end recorded (cirlab.fit, or an older cirlab): the contents
+    (fit / "provenance.json").write_text(json.dumps({"starts": [{"started": future}]}))
+    os.utime(fit / "metrics.json", (0, 0))
+    assert analysis.run_state(fit)["state"] == "finished"
+    os.utime(fit / "train_summary.json", (0, 0))
+    (fit / "metrics.json").unlink()  # trained, the final evaluation owed
+    assert analysis.run_state(fit)["state"] == "trained"
+
+    killed = _run(tmp_path / "killed", metrics=True, steps=6)
+    for name in ("metrics.json", "train_summary.json"):  # the first start's 3 steps; the resume logged 6
+        (killed / name).write_text((killed / name).read_text().replace('"steps": 6', '"steps": 3'))
+    (killed / "provenance.json").write_text(json.dumps({"starts": [
+        {"started": "2026-12-07T00:00:00+00:00", "status": "finished"}, {"started": "2026-12-07T00:01:00+00:00"}]}))
+    copy = Path(shutil.copytree(killed, tmp_path / "copy", copy_function=shutil.copy))  # new file times
+    assert analysis.run_state(killed)["state"] == analysis.run_state(copy)["state"] == "killed"

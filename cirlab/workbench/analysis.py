@@ -642,30 +642,29 @@ def run_state(run: str | os.PathLike) -> dict[str, Any]:
     except (OSError, ValueError):  # a listing must not stop at one broken run
         starts = []
     last = starts[-1] if starts and isinstance(starts[-1], dict) else {}
+    step = _last_step(run / "log.jsonl")
     if lock_holder(run) is not None:
         state = "running"
     elif last.get("status") not in (None, "finished"):  # its last start: a resume's stop leaves the old metrics
         state = str(last["status"])
-    elif (run / "metrics.json").is_file() and _written_since(run / "metrics.json", last.get("started")):
-        state = "finished"
-    elif (run / "train_summary.json").is_file() and _written_since(run / "train_summary.json", last.get("started")):
+    elif (run / "metrics.json").is_file() and (last.get("status") == "finished"
+                                               or _covers_log(run / "metrics.json", step)):
+        state = "finished"  # a recorded finish is written after metrics.json
+    elif (run / "train_summary.json").is_file() and _covers_log(run / "train_summary.json", step):
         state = "trained"
     else:
         state = "killed"
     return {"state": state, "message": last.get("message") if state == last.get("status") else None,
-            "started": last.get("started"), "ended": last.get("ended"), "step": _last_step(run / "log.jsonl")}
+            "started": last.get("started"), "ended": last.get("ended"), "step": step}
 
 
-def _written_since(path: Path, started: Any) -> bool:
-    """Whether ``path`` was written by the start that began at ``started`` (ISO time, seconds) or later: a resume
-    killed before its end leaves the previous start's files. A start of unknown time counts it as written."""
-    import datetime as dt
-
-    try:
-        begun = dt.datetime.fromisoformat(str(started)).timestamp()
-        return path.stat().st_mtime >= begun - 1  # the time is kept to the second
-    except (ValueError, OSError):
-        return True
+def _covers_log(path: Path, last_step: int | None) -> bool:
+    """Whether the results file ``path`` (metrics.json, train_summary.json: their ``steps``) reaches the last
+    logged step: a resume killed after training on leaves the previous start's files, which stop short of its log.
+    Decided from the contents, not from file times, which a clock ahead of the file server's, a copy (``cp -r``)
+    or an archive (``tar --mtime``) change. Unknown either way counts as reaching it."""
+    steps = _json_or(path, {}).get("steps")
+    return last_step is None or not isinstance(steps, int) or steps >= last_step
 
 
 def _json_or(path: Path, default: Any) -> Any:
