@@ -1404,6 +1404,29 @@ def test_folder_lock_is_reentrant_and_released(tmp_path: Path) -> None:
     assert not (tmp_path / LOCK_NAME).exists()
 
 
+def test_a_lock_says_since_when_in_utc_whatever_the_holders_zone(tmp_path: Path, monkeypatch) -> None:
+    """The holder's local time without a zone made a lock taken 10 s ago by a process under TZ=America/St_Johns
+    read 3.5 hours old at a UTC shell (and the file's note invites judging staleness by it)."""
+    import datetime as dt
+    import re
+    import time
+
+    from cirlab.core.io import folder_lock, lock_holder_of
+
+    monkeypatch.setenv("TZ", "America/St_Johns")
+    time.tzset()
+    try:
+        with folder_lock(tmp_path) as lock:
+            line = lock_holder_of(lock)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    since = re.search(r" since (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC", line)
+    assert since, line
+    taken = dt.datetime.strptime(since.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=dt.timezone.utc)
+    assert abs((dt.datetime.now(dt.timezone.utc) - taken).total_seconds()) < 60
+
+
 def test_a_lock_path_that_is_no_lock_file_is_refused_and_its_target_kept(tmp_path: Path) -> None:
     """A downloaded run or report folder holding `.cirlab.lock` as a symbolic link to a user's file: the lock opened
     it through the link and truncated the target to its pid line, even when the command then refused to run. A

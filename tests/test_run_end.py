@@ -82,6 +82,28 @@ def test_train_log_follows_the_progress_whatever_the_console_shows(config, tmp_p
     assert not any(isinstance(h, runs._TrainLog) for h in logging.getLogger("cirlab.progress").handlers)
 
 
+def test_train_log_says_the_zone_of_its_times(config, tmp_path, monkeypatch):
+    """A run started under TZ=America/St_Johns and resumed under UTC read as a gap of 3.5 hours in train.log: each
+    start's line says the zone of the local times below it."""
+    import time
+
+    run = tmp_path / "run"
+    monkeypatch.setenv("TZ", "America/St_Johns")
+    time.tzset()
+    try:
+        cirlab.run_experiment(config, output_dir=run)
+    finally:
+        monkeypatch.setenv("TZ", "UTC")
+        time.tzset()
+    config["train"]["max_steps"] = 3
+    cirlab.run_experiment(config, output_dir=run, resume=True, allow_config_change=True)
+    monkeypatch.delenv("TZ")
+    time.tzset()
+    starts = [line for line in (run / "train.log").read_text().splitlines() if "=== start" in line]
+    assert [s.split("times in ")[1].split(")")[0] for s in starts] in (
+        [zone, "UTC"] for zone in ("UTC-03:30", "UTC-02:30")), starts  # standard or daylight time
+
+
 class _Names(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)

@@ -830,7 +830,7 @@ def test_the_eta_follows_the_recent_step_rate_and_counts_the_evaluations_due(tmp
     from cirlab.engine import train as train_mod
 
     clock = [1000.0]
-    monkeypatch.setattr(train_mod.time, "time", lambda: clock[0])
+    monkeypatch.setattr(train_mod.time, "monotonic", lambda: clock[0])
     cfg = TrainConfig(epochs=4, eval_every=1, progress="log", tensorboard=False)
     log = train_mod._RunLog(tmp_path, cfg, 400, active=True, start_step=0, steps_per_epoch=100, evaluates=True)
     record = {"epoch": 0, "loss": 1.0, "lr": 1e-3}
@@ -846,6 +846,23 @@ def test_the_eta_follows_the_recent_step_rate_and_counts_the_evaluations_due(tmp
         line = log.line({**record, "epoch": 1, "step": step})
     # 200 steps left x 120 s / 102 steps (the last 120 s of stepping: 2 steps at 10 s, 100 at 1 s) + 3 x 60 s
     assert line.endswith("ETA 6m55s"), line
+
+
+def test_elapsed_and_eta_ignore_the_wall_clock_being_set_back_or_forward(tmp_path, monkeypatch):
+    """An NTP correction an hour back mid-run printed "-3589s elapsed"; an hour forward, "ETA 11h00m" for a run
+    that ended 13 s later: durations are measured on the monotonic clock."""
+    from cirlab.engine import train as train_mod
+
+    wall = [2_000_000_000.0]
+    monkeypatch.setattr(train_mod.time, "time", lambda: wall[0])
+    cfg = TrainConfig(epochs=1, progress="log", tensorboard=False)
+    log = train_mod._RunLog(tmp_path, cfg, 1000, active=True, start_step=0)
+    record = {"epoch": 0, "loss": 1.0, "lr": 1e-3}
+    log.line({**record, "step": 1})
+    for jump in (-3600.0, 2 * 3600.0):
+        wall[0] += jump
+        line = log.line({**record, "step": 2})
+        assert "-" not in line.split("|")[1] and " 0s elapsed" in line and "h" not in line.split("|")[1], line
 
 
 def test_log_records_carry_their_wall_clock(tmp_path):

@@ -583,7 +583,9 @@ def _write_holder_line(fh: Any) -> None:
 
     fh.seek(0)
     fh.truncate()
-    fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}{STALE_NOTE}\n")
+    # UTC, said: a holder in another zone (a batch node, a colleague's shell) made a lock 10 s old read hours old
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {since}{STALE_NOTE}\n")
     fh.flush()
 
 

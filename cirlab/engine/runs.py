@@ -44,6 +44,7 @@ import os
 import re
 import shlex
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -1316,7 +1317,8 @@ def _train_log(out: Path, resuming: bool, overwrite: bool) -> Iterator[Any]:
         # "overwrite" where a run is replaced (a notebook passes overwrite=True into fresh folders too); the command
         # as provenance.json records it (a report-run notebook's, not its kernel's temporary argv)
         how = "resume" if resuming else "overwrite" if overwrite and run_artifacts(out) else "fresh run"
-        log.write(logging.INFO, f"=== start ({how}, pid {os.getpid()}): {shlex.join(command_line())}")
+        log.write(logging.INFO, f"=== start ({how}, pid {os.getpid()}, times in {local_zone()}): "
+                                f"{shlex.join(command_line())}")
         yield log
     finally:
         for handler in (log, keep_stderr):
@@ -1327,6 +1329,14 @@ def _train_log(out: Path, resuming: bool, overwrite: bool) -> Iterator[Any]:
             log.close()
         except OSError as err:
             logger.warning("%s: cannot finish %s (%s)", out, TRAIN_LOG, err.strerror or err)
+
+
+def local_zone() -> str:
+    """``UTC`` or ``UTC-03:30``: the zone of the log lines' local times (a resume under another TZ, a batch node's
+    zone, a change to or from daylight saving time would otherwise read as a gap of hours)."""
+    offset = time.localtime().tm_gmtoff // 60
+    sign = "+" if offset >= 0 else "-"
+    return "UTC" if offset == 0 else f"UTC{sign}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}"
 
 
 class _NoTrainLog:

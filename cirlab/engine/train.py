@@ -882,7 +882,7 @@ class _RunLog:
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         self.lines = active and mode == "log"
-        self.t0 = time.time()
+        self.t0 = time.monotonic()  # durations: the wall clock set back or forward (NTP) mid-run made them negative
         self.eval_seconds, self.last_eval = 0.0, None  # time spent in the loop's evaluations; the last one's
         self.samples: collections.deque = collections.deque([(0.0, start_step)], maxlen=1024)  # (step clock, step)
         self.schedule = (steps_per_epoch, cfg.epochs, cfg.eval_every, cfg.eval_every_steps) if evaluates else None
@@ -950,7 +950,7 @@ class _RunLog:
 
     def line(self, record: dict[str, Any]) -> str:
         """``train: step 40/240 (17%) epoch 2 loss 0.4123 lr 1.00e-03 | 12s elapsed, ETA 58s``."""
-        step, elapsed = int(record["step"]), time.time() - self.t0
+        step, elapsed = int(record["step"]), time.monotonic() - self.t0
         total = f"/{self.total}" if self.total else ""
         share = f" ({100 * step / self.total:.0f}%)" if self.total else ""
         eta = f", ETA {self.eta(step)}" if self.total and step > self.start_step else ""
@@ -959,7 +959,7 @@ class _RunLog:
 
     def eta(self, step: int) -> str:
         """The time left at ``step``: steps left x the recent step time, plus the evaluations still due."""
-        clock = time.time() - self.t0 - self.eval_seconds  # time spent stepping
+        clock = time.monotonic() - self.t0 - self.eval_seconds  # time spent stepping
         per_step = recent_step_seconds(self.samples, clock, step)
         self.samples.append((clock, step))
         left = per_step * max(int(self.total or 0) - step, 0)
@@ -2064,10 +2064,10 @@ class Trainer:
         with self.evaluated_weights():
             self.model.eval()
             try:
-                started = time.time()
+                started = time.monotonic()
                 with torch.no_grad(), self.stop.evaluation(interruptible):
                     results = self.evaluate_fn(self.model)
-                log.evaluated(time.time() - started)
+                log.evaluated(time.monotonic() - started)
                 try:  # outside the interruptible part: selection and its log record are never left half done
                     self._select(results, log)
                 except MissingSelection as err:
