@@ -26,7 +26,8 @@ HREM on the same data and ``*_cala`` for CaLa on the synthetic CIRR (:data:`SOUR
 
 A failing notebook stops the report with exit status 1 and its failing cell's error printed. It never leaves a
 half-written entry (:func:`run_entry`): the previous results are put back and ``index.html`` marks the entry as
-failed, linking the failed run's notebook; an entry whose prerequisite ran after it is marked stale. SIGTERM
+failed, linking the failed run's notebook; an entry whose prerequisite ran again since (its record names the
+prerequisite's run it used) is marked stale. SIGTERM
 (``kill``, ``timeout``, a batch scheduler) is taken like Ctrl-C: the running kernels are stopped and their socket
 and connection files removed, the running entries' previous results put back, and the command exits with 143.
 
@@ -560,9 +561,9 @@ def ensure_synthetic_data(size: str = "default", seed: int = SYNTHETIC_SEED, roo
     use)."""
     from cirlab.data.generators import synthetic
 
-    t0 = time.time()
+    t0 = time.monotonic()  # durations: a wall-clock step (NTP, a suspended VM) must not show in them
     path = synthetic.ensure(root, seed=seed, size=size, **({"layouts": tuple(layouts)} if layouts else {}))
-    _say(stream, f"data: synthetic ({size}, seed {seed}) ready in {time.time() - t0:.1f}s -> {path}")
+    _say(stream, f"data: synthetic ({size}, seed {seed}) ready in {time.monotonic() - t0:.1f}s -> {path}")
     return path
 
 
@@ -1275,46 +1276,46 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
         if not data_override and not smoke and uses_itm_data(names):
             itm_data = ensure_synthetic_data(SYNTHETIC_SIZE_ITM, stream=stream, layouts=("precomp",))
         command = command or _command_line()
-        t_all = time.time()
+        t_all = time.monotonic()  # durations only: started/finished in the records are wall-clock UTC
         tags = {name: f"[{i}/{len(names)}] {name}" for i, name in enumerate(names, start=1)}
 
         def one(name: str) -> bool:
             params = notebook_parameters(name, out, data, smoke, overrides, itm_data)
-            t0, tag = time.time(), tags[name]
+            t0, tag = time.monotonic(), tags[name]
             _say(stream, f"{tag}: running notebook {notebook_of(name)} ...")
             try:
                 (run_entry if jobs == 1 else _run_entry_in_process)(name, params, out, kernel_name, notebook_dir,
                                                                      stream=stream, prefix=f"{tag}: ", command=command,
                                                                      commit=commit)
             except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM, --jobs 1: this process ran the notebook
-                _say(stream, f"{tag}: stopped by {_how_stopped(err)} after {time.time() - t0:.1f}s")
+                _say(stream, f"{tag}: stopped by {_how_stopped(err)} after {time.monotonic() - t0:.1f}s")
                 raise
             except EntryStopped as err:  # the same, in an entry process (--jobs > 1); the report stops with it
-                _say(stream, f"{tag}: stopped by {err} after {time.time() - t0:.1f}s")
+                _say(stream, f"{tag}: stopped by {err} after {time.monotonic() - t0:.1f}s")
                 return False
             except NotebookFailed as err:
                 kept = "the previous results are kept and marked" if (out / name).is_dir() else "no previous results"
                 executed = out / FAILED_DIR / name / (name + ".ipynb")
-                _say(stream, f"{tag}: FAILED after {time.time() - t0:.1f}s\n{err}\n"
+                _say(stream, f"{tag}: FAILED after {time.monotonic() - t0:.1f}s\n{err}\n"
                              + (f"executed notebook: {executed} ({kept})" if executed.is_file() else f"({kept})"))
                 # and its error on stderr, as every other error of the command: with the progress (stdout) sent to
                 # a file or a pipe, or no stream given, the exit status 1 was all that reached the terminal
                 logger.error("%s", " ".join(str(err).split()))
                 return False
-            _say(stream, f"{tag}: done in {time.time() - t0:.1f}s -> {out / name}")
+            _say(stream, f"{tag}: done in {time.monotonic() - t0:.1f}s -> {out / name}")
             return True
 
         try:
             ok = all(one(n) for n in names) if jobs == 1 else _run_parallel(names, one, jobs)
         except ReportTerminated:
             write_index(out)
-            _say(stream, f"report: stopped by SIGTERM after {time.time() - t_all:.1f}s; the notebooks that were "
-                         "running are marked failed and keep any previous results (partial runs: "
+            _say(stream, f"report: stopped by SIGTERM after {time.monotonic() - t_all:.1f}s; the notebooks that "
+                         "were running are marked failed and keep any previous results (partial runs: "
                          f"{out / FAILED_DIR})")
             raise
         index = write_index(out)
         if ok:
-            _say(stream, f"report: {len(names)} notebook(s) in {time.time() - t_all:.1f}s -> {index}")
+            _say(stream, f"report: {len(names)} notebook(s) in {time.monotonic() - t_all:.1f}s -> {index}")
         return 0 if ok else EXIT_FOUND
 
 
@@ -1370,8 +1371,9 @@ def _run_entry_in_process(name: str, params: Mapping[str, Any], out: Path, kerne
 
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
+    run_id = _new_run_id()  # chosen here: the child's record carries it, whatever the clocks said
     child = ctx.Process(target=_entry_child, args=(send, name, dict(params), out, kernel_name, notebook_dir, prefix,
-                                                   command, commit), name=f"cirlab-report-{name}")
+                                                   command, commit, run_id), name=f"cirlab-report-{name}")
     started = _now()
     child.start()
     _CHILDREN.add(child)
@@ -1395,7 +1397,8 @@ def _run_entry_in_process(name: str, params: Mapping[str, Any], out: Path, kerne
         error = (f"{name}: stopped by {stopped}" if stopped else f"{name}: its process ended without a result "
                  f"({_exit_description(child.exitcode)}); its own error, if it printed one, is above")
         if _repair_entry(out, name, {"entry": name, "notebook": notebook_of(name), "status": "failed",
-                                     "started": started, "finished": _now(), "command": command, "error": error}):
+                                     "run_id": run_id, "started": started, "finished": _now(), "command": command,
+                                     "error": error}):
             return
         raise EntryStopped(stopped) if stopped else NotebookFailed(error)
     if outcome is not None:
@@ -1418,18 +1421,22 @@ def _exit_description(code: int | None) -> str:
 def _repair_entry(out: Path, name: str, record: dict[str, Any]) -> bool:
     """What :func:`run_entry` does after a failure, done for an entry process that died before it could: the
     partial output goes to ``_failed/<name>/`` with ``record``, the previous results (if any) back in place.
-    True when the entry had finished after all (only its tidy-up and its message were cut off)."""
+    True when the entry had finished after all (only its tidy-up and its message were cut off): the folder's record
+    is the one that run wrote, recognised by ``record["run_id"]`` (not by comparing start times, which another
+    machine's clock or a clock correction puts out of order)."""
     import shutil
 
     folder, previous, failed = out / name, out / f".{name}.previous", out / FAILED_DIR / name
-    recorded = _read_record(folder).get("started", "")  # "" without a record
-    if recorded >= record["started"]:
+    in_folder = _read_record(folder)
+    if in_folder.get("run_id") == record["run_id"]:  # only a finished run writes its record into the folder
         _discard(previous)  # it finished: the previous results were to go
         return True
-    if previous.is_dir() or not recorded:  # the folder holds the partial output (or nothing)
+    if previous.is_dir() or not in_folder.get("started"):  # the folder holds the partial output (or nothing)
         _put_back(folder, previous, failed)
     else:  # it died before it moved the previous results aside: they stay where they are
         shutil.rmtree(failed, ignore_errors=True)
+    # the results still shown (or still aside, where a stopped kernel kept the folder): the ones this run replaced
+    record["replaces"] = _run_key(_read_record(previous if previous.is_dir() else folder))
     failed.mkdir(parents=True, exist_ok=True)
     write_json(failed / RECORD, record)
     return False
@@ -1471,13 +1478,14 @@ class _PipeStream:
 
 
 def _entry_child(conn: Any, name: str, params: dict[str, Any], out: Path, kernel_name: str | None,
-                 notebook_dir: Path | None, prefix: str, command: str, commit: str = "") -> None:
+                 notebook_dir: Path | None, prefix: str, command: str, commit: str = "",
+                 run_id: str | None = None) -> None:
     outcome: BaseException | None = None
     try:
         # the parent passes SIGTERM on: stop the kernel, put the folder back
         with _SigtermAsInterrupt(), _temporary_folders_removed():
             run_entry(name, params, out, kernel_name, notebook_dir, stream=_PipeStream(conn), prefix=prefix,
-                      command=command, commit=commit)
+                      command=command, commit=commit, run_id=run_id)
     except KeyboardInterrupt as err:  # Ctrl-C (the whole process group) or SIGTERM: run_entry put the folder back
         outcome = EntryStopped(_how_stopped(err))
     except BaseException as err:  # noqa: BLE001 - handed to the parent, which raises it
@@ -1506,7 +1514,7 @@ def _picklable(obj: Any) -> bool:
 
 def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str | None = None,
               notebook_dir: Path | None = None, *, stream: TextIO | None = None, prefix: str = "",
-              command: str = "", commit: str = "") -> Path:
+              command: str = "", commit: str = "", run_id: str | None = None) -> Path:
     """Run one report entry so that a failure never leaves a half-overwritten folder.
 
     The notebook writes to ``<out>/<name>/`` (the paths inside the executed notebook and the run's config are the
@@ -1516,6 +1524,11 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
     back, so ``index.html`` shows the last good results marked as such. A run killed half-way is repaired the same
     way by the next one. ``commit``: the code's version when the report started (default: now, the report folder
     left out); ``report.json`` also lists the figures in the order the notebook saved them (``figures``).
+
+    Runs are told apart by identity, never by the order of their wall-clock times (another machine writing into the
+    same folder, or a clock corrected by NTP, puts those out of order): each record carries ``run_id`` (``run_id``,
+    default a new random one), ``replaces`` (:func:`_run_key` of the results it moved aside) and ``depends`` (each
+    prerequisite's ``finished`` as this run found it).
     """
 
     folder, previous, failed = out / name, out / f".{name}.previous", out / FAILED_DIR / name
@@ -1527,16 +1540,18 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
         _move(folder, failed, unless_held=True)
         previous.rename(folder)
     commit = commit or _commit(out)  # before the folder moves: its tracked files are not code changes
+    replaces = _run_key(_read_record(folder))  # read before the move: the results this run sets aside
     _move(folder, previous, unless_held=True)
-    record: dict[str, Any] = {"entry": name, "notebook": notebook_of(name), "started": _now(), "command": command,
+    record: dict[str, Any] = {"entry": name, "notebook": notebook_of(name), "run_id": run_id or _new_run_id(),
+                              "replaces": replaces, "started": _now(), "command": command,
                               "commit": commit, "parameters": dict(params),
                               "depends": {d: _finished(out / d) for d in DEPENDS.get(name, ())}}
-    t0 = time.time()
+    t0 = time.monotonic()  # duration_s: a wall-clock step during the run must not show in it
     try:
         with _environ_set(REPORT_COMMAND_ENV, regenerate_command(command, name)):  # a trained run's command
             run_notebook(name, params, folder, kernel_name, notebook_dir, stream=stream, prefix=prefix)
     except BaseException as err:  # a failed cell, a missing kernel, Ctrl-C: put the previous results back
-        record.update(status="failed", finished=_now(), duration_s=round(time.time() - t0, 1),
+        record.update(status="failed", finished=_now(), duration_s=round(time.monotonic() - t0, 1),
                       error=str(err) or type(err).__name__)
         _move(folder, failed)
         failed.mkdir(parents=True, exist_ok=True)
@@ -1544,7 +1559,7 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
         if previous.is_dir():
             previous.rename(folder)
         raise
-    record.update(status="ok", finished=_now(), duration_s=round(time.time() - t0, 1),
+    record.update(status="ok", finished=_now(), duration_s=round(time.monotonic() - t0, 1),
                   figures=[png.name for png in _figures_by_time(folder)])
     write_json(folder / RECORD, record)
     _discard(previous)
@@ -1554,9 +1569,14 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
 
 def _finished_after(folder: Path, previous: Path) -> bool:
     """Whether ``folder`` holds a run that finished (its ``report.json`` says ok; a run writes it last) after the
-    one kept aside in ``previous``: a report killed after that, in its tidy-up, left both."""
+    one kept aside in ``previous``: a report killed after that, in its tidy-up, left both. The new record names the
+    run it set aside (``replaces``); only a record from before that field falls back to ordering start times."""
     new, old = _read_record(folder), _read_record(previous)
-    return new.get("status") == "ok" and str(new.get("started", "")) > str(old.get("started", ""))
+    if new.get("status") != "ok":
+        return False
+    if "replaces" in new:
+        return new["replaces"] == _run_key(old)
+    return str(new.get("started", "")) > str(old.get("started", ""))
 
 
 def _discard(folder: Path) -> None:
@@ -1634,20 +1654,41 @@ def _depth_within(data: Any, limit: int) -> bool:
     return True
 
 
+# record fields that decide an entry's state, with the types they must have; a value of another type (a hand-edited
+# or foreign record) is dropped, so that it reads as a record from before the field
+_RECORD_TYPES: dict[str, tuple[type, ...]] = {"started": (str,), "finished": (str,), "run_id": (str,),
+                                              "replaces": (str, type(None)), "depends": (dict,)}
+
+
 def _read_record(folder: Path) -> dict[str, Any]:
     """``folder``'s run record; {} without a readable one. A report folder may come from elsewhere: a record that is
-    no object is none, and times that are no strings are dropped (they are compared and parsed as ISO strings)."""
+    no object is none, and the fields of :data:`_RECORD_TYPES` with another type are dropped (times are parsed as
+    ISO strings, identities compared)."""
     try:
         record = _read_json(folder / RECORD)
     except (OSError, ValueError):
         return {}
     if not isinstance(record, dict):
         return {}
-    return {k: v for k, v in record.items() if k not in ("started", "finished") or isinstance(v, str)}
+    return {k: v for k, v in record.items() if k not in _RECORD_TYPES or isinstance(v, _RECORD_TYPES[k])}
 
 
 def _finished(folder: Path) -> str | None:
     return _read_record(folder).get("finished")
+
+
+def _new_run_id() -> str:
+    """A run's identity: random, so that two runs never share one, whichever machine or clock wrote them."""
+    import secrets
+
+    return secrets.token_hex(8)
+
+
+def _run_key(record: Mapping[str, Any]) -> str | None:
+    """Which run ``record`` is, for identity comparisons only: its ``run_id``, or for a record written before runs
+    had one its ``started`` string (unique per run of an entry, though not comparable across clocks); None for no
+    record."""
+    return record.get("run_id") or record.get("started") or None
 
 
 def _now() -> str:
@@ -1755,17 +1796,37 @@ def figure_caption(name: str, stem: str) -> str:
 
 
 def entry_state(out: Path, name: str) -> dict[str, Any]:
-    """The index's view of one entry: its run record, a newer failed run, dependencies that ran after it."""
+    """The index's view of one entry: its run record, a newer failed run, dependencies that ran again since. Told
+    from what the records name (the run a failure replaced, the prerequisite results a run used), not from the order
+    of their times: records written by another machine, or before a clock correction, are out of order."""
     record = _read_record(out / name)
     failed = _read_record(out / FAILED_DIR / name)
-    if failed and record and failed.get("started", "") < record.get("started", ""):
+    if failed and record and _superseded(failed, record):
         failed = {}  # an older failure, superseded by the run shown
     stale = {}
     for dep in DEPENDS.get(name, ()):
         finished = _finished(out / dep)
-        if record and finished and finished > record.get("started", finished):
+        if record and finished and _ran_again(dep, finished, record):
             stale[dep] = finished
     return {"record": record, "failed": failed, "stale": stale}
+
+
+def _superseded(failed: Mapping[str, Any], shown: Mapping[str, Any]) -> bool:
+    """Whether the run that ``failed`` records is older than the one ``shown``: a failed run put back the results it
+    replaced, so it is the latest run exactly while those are still shown. Records from before ``replaces``: the
+    failed run started first."""
+    if "replaces" in failed:
+        return failed["replaces"] != _run_key(shown)
+    return str(failed.get("started", "")) < str(shown.get("started", ""))
+
+
+def _ran_again(dep: str, finished: str, record: Mapping[str, Any]) -> bool:
+    """Whether prerequisite ``dep``, now ``finished``, is not the run whose results ``record``'s run used. Records
+    from before ``depends`` named them: ``dep`` finished after the run started."""
+    used = record.get("depends", {})
+    if dep in used:
+        return used[dep] != finished
+    return finished > record.get("started", finished)
 
 
 def write_index(out: str | os.PathLike) -> Path:
