@@ -6,6 +6,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= notebooks,lite,dev
 STAMP := $(VENV)/.cirlab-installed
+$(if $(word 2,$(VENV)),$(error VENV must not contain spaces (make cannot name such a target): "$(VENV)"))
+# what the stamp records: the checkout (a moved or copied .venv runs the old folder's code) and the extras installed;
+# another value (or none: a stamp of an older Makefile) installs again
+STAMP_TEXT := $(CURDIR)|$(EXTRAS)
+ifeq ($(shell [ -f '$(STAMP)' ] && [ "$$(cat '$(STAMP)')" != '$(STAMP_TEXT)' ] && echo stale),stale)
+.PHONY: $(STAMP)
+endif
+# the user's pip settings that would install outside the venv
+export PIP_USER := 0
 # notebook metadata JupyterLab adds on save that says nothing about the notebook (stripped at commit, with outputs)
 NBSTRIP_KEYS := metadata.language_info.codemirror_mode metadata.language_info.file_extension \
 	metadata.language_info.mimetype metadata.language_info.nbconvert_exporter \
@@ -16,23 +25,28 @@ NBSTRIP_KEYS := metadata.language_info.codemirror_mode metadata.language_info.fi
 help:
 	@echo "make demo       - set up .venv and regenerate reports/ (synthetic data, CPU, about 3 min after setup)"
 	@echo "make test       - set up .venv and run the test suite"
+	@echo "make setup      - only set up .venv (PYTHON=python3.11 to choose the Python, EXTRAS=... the extras)"
 	@echo "make notebooks  - pair notebooks/*.ipynb with their py:percent twins (jupytext --sync)"
 	@echo "make browser    - install Debian's chromium for tests/test_browser.py (root, apt-get)"
 	@echo "make bench      - run the bench/ scripts (writes reports/benchmarks/)"
+	@echo "make clean-reports - remove the generated reports/ entries (keeps benchmarks/ and README.md)"
+	@echo "make lavis      - the optional LAVIS environment .venv-lavis (make lavis-fixtures: its test fixtures)"
 
-# Re-install only when the project's dependency list changes.
+# Re-install only when the project's dependency list, the extras or the checkout's folder change. The build backend
+# lives in the venv (no build isolation): a re-install after a change to pyproject.toml needs no network.
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	@sh mk/venv.sh $(VENV) '$(PYTHON)' '$(CURDIR)' $(STAMP)
+	$(PY) -m pip install --quiet --upgrade pip "setuptools>=77"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[$(EXTRAS)]"
 	$(PY) -m ipykernel install --sys-prefix --name cirlab --display-name "cirlab (.venv)" >/dev/null
-	@touch $@
+	@echo '$(STAMP_TEXT)' > $@
 
 # Notebooks are committed without outputs: nbstripout as this checkout's git filter (.gitattributes names it), so
-# running them in JupyterLab never dirties the repository. Cheap and idempotent: runs on every setup.
+# running them in JupyterLab never dirties the repository. Cheap and idempotent: runs on every setup. The filter
+# names the venv's Python relative to the checkout (git runs filters from its top): it holds after a move.
 git-filter: $(STAMP)
 	@if git rev-parse --git-dir >/dev/null 2>&1; then \
-		$(VENV)/bin/nbstripout --install --attributes .gitattributes && \
+		$(VENV)/bin/nbstripout --install --python $(PY) --attributes .gitattributes && \
 		git config filter.nbstripout.extrakeys "$(NBSTRIP_KEYS)"; \
 	fi
 

@@ -15,7 +15,7 @@ LAVIS_FIXTURES ?= tests/fixtures/lavis
 
 # Re-install only when requirements-lavis.txt changes; the import check fails the target, not a later script.
 $(LAVIS_STAMP): requirements-lavis.txt
-	@test -x $(LAVIS_PY) || $(LAVIS_PYTHON) -m venv $(LAVIS_VENV)
+	@sh mk/venv.sh $(LAVIS_VENV) '$(LAVIS_PYTHON)'
 	$(LAVIS_PY) -m pip install --quiet --upgrade pip
 	$(LAVIS_PY) -m pip install --quiet -r requirements-lavis.txt
 	$(LAVIS_PY) -c "import lavis; from lavis.models import load_model_and_preprocess"
