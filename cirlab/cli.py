@@ -155,8 +155,9 @@ def _add_runs(subparsers: Any) -> None:
                     "preset, dataset, state (running: its lock is held; finished; stopped (SIGTERM) / failed / "
                     "error, as its last start ended; trained: the final evaluation is owed, --resume runs it; "
                     "killed: a start that never recorded its end), last logged step, best validation score, each "
-                    "final split's value of the selection metric, start and end time, and the message of a stop or "
-                    "failure (cirlab.analysis.runs_table).")
+                    "final split's value of the selection metric, the disk it takes (and how much of it is the "
+                    "training state only a resume reads: checkpoints/last.pt, epoch_*.pt), start and end time, and "
+                    "the message of a stop or failure (cirlab.analysis.runs_table).")
     p.add_argument("folder", metavar="DIR", nargs="?", default=None, type=user_path,
                    help="folder to search (default: $CIRLAB_RUNS, else ./runs)")
     p.add_argument("--json", action="store_true", help="print one strict-JSON list of rows instead of a table")
@@ -177,11 +178,27 @@ def _run_runs(args: argparse.Namespace) -> int:
         import pandas as pd
 
         with pd.option_context("display.width", 250, "display.max_columns", None, "display.max_colwidth", 60):
-            shown = table.drop(columns=["message"])
-            print(shown.astype(object).where(shown.notna(), "-").to_string(index=False))
+            shown = table.drop(columns=["message"]).astype(object)
+            for column in ("size", "resume state"):
+                shown[column] = [byte_text(b) for b in table[column]]
+            print(shown.where(table.drop(columns=["message"]).notna(), "-").to_string(index=False))
         for _, row in table[table["message"].notna()].iterrows():  # whole lines: a cut message says nothing
             print(f"{row['run']}: {row['message']}")
+        finished = table[(table["state"] == "finished") & (table["resume state"] > 0)]
+        if len(finished):  # the largest files a run keeps, which only a resume reads
+            print(f"{len(finished)} finished run(s) keep {byte_text(int(finished['resume state'].sum()))} of "
+                  "training state that only --resume reads (checkpoints/last.pt, epoch_*.pt); delete those files "
+                  "to free it: the results, cirlab eval and cirlab runs need checkpoints/best.pt only")
     return 0
+
+
+def byte_text(count: int) -> str:
+    """``"91.2 MB"``, ``"812 kB"``, ``"0 B"``: a size as the table shows it (decimal units, as ``du --si``)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            value = count / scale
+            return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{count} B"
 
 
 def _add_notebooks(subparsers: Any) -> None:

@@ -102,6 +102,29 @@ def test_cirlab_runs_lists_a_folder_of_runs(tmp_path, capsys):
     assert main(["runs", str(tmp_path / "nowhere")]) == 2
 
 
+def test_cirlab_runs_says_what_each_run_takes_on_disk_and_what_only_a_resume_reads(tmp_path, capsys):
+    """A semester of runs kept every run's whole training state (model, optimizer, averaged weights) in last.pt,
+    which only --resume reads: up to 75-97 % of a run's disk, and nothing showed it."""
+    from cirlab.cli import main
+
+    done = _run(tmp_path / "done", end={"status": "finished"}, metrics=True)
+    (done / "checkpoints" / "best.pt").write_bytes(b"b" * 2_000_000)
+    (done / "checkpoints" / "last.pt").write_bytes(b"l" * 5_000_000)
+    (done / "checkpoints" / "epoch_1.pt").write_bytes(b"e" * 5_000_000)
+    (done / "checkpoints" / "link.pt").symlink_to(done / "checkpoints" / "last.pt")  # counted once, where it lies
+    live = _run(tmp_path / "live", steps=2)
+    (live / "checkpoints" / "last.pt").write_bytes(b"l" * 1000)
+    files = sum(p.stat().st_size for p in done.rglob("*") if p.is_file() and not p.is_symlink())
+    table = analysis.runs_table(tmp_path).set_index("run")
+    assert table.loc["done", "size"] == files and table.loc["done", "resume state"] == 10_000_000
+    assert table.loc["live", "resume state"] == 1000
+    assert main(["runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "12.0 MB" in out.splitlines()[1 + ["done", "live"].index("done")] and "10.0 MB" in out
+    # only the finished run's: a killed or stopped run's last.pt is what its resume continues from
+    assert "1 finished run(s) keep 10.0 MB of training state that only --resume reads" in out
+
+
 def test_a_summed_selection_metric_is_summed_for_the_final_splits(tmp_path):
     run = _run(tmp_path / "cala", end={"status": "finished"}, metrics=True)
     metrics = json.loads((run / "metrics.json").read_text())

@@ -698,8 +698,11 @@ def _last_step(log: Path) -> int | None:
 def runs_table(root: str | os.PathLike) -> Any:
     """One row per run folder at or under ``root`` (:func:`find_runs`): its path relative to ``root``, model,
     preset, dataset, :func:`run_state` (state, last step, start and end time, the message of a stop or failure),
-    the selection metric and its best validation score, and each final split's value of that metric (``test avg``,
-    ``test rsum``, ...). Runs that stopped are listed too: a folder of sweeps shows which to resume."""
+    the selection metric and its best validation score, each final split's value of that metric (``test avg``,
+    ``test rsum``, ...), and the bytes the folder takes (``size``), of which ``resume state`` is the training state
+    a resume reads (``checkpoints/last.pt``, ``epoch_*.pt``: the model, optimizer and averaged weights; a finished
+    run's results and ``cirlab eval`` need ``best.pt`` only). Runs that stopped are listed too: a folder of sweeps
+    shows which to resume."""
     import pandas as pd
 
     rows = []
@@ -713,7 +716,7 @@ def runs_table(root: str | os.PathLike) -> Any:
         row = {"run": run.relative_to(root).as_posix() or ".", "model": config.get("model"),
                "preset": config.get("preset"), "dataset": (config.get("dataset") or {}).get("name"),
                "state": state.pop("state"), "step": state.pop("step"), "metric": metric,
-               "best val": selection.get("best_score", summary.get("best_score"))}
+               "best val": selection.get("best_score", summary.get("best_score")), **disk_use(run)}
         for split, values in (metrics.get("splits") or {}).items():
             keys = metric.split("+")  # a summed selection metric (CaLa's R@1+R@5+...), as the trainer sums it
             if isinstance(values, dict) and all(isinstance(values.get(k), (int, float)) for k in keys):
@@ -722,6 +725,30 @@ def runs_table(root: str | os.PathLike) -> Any:
     table = pd.DataFrame(rows)
     last = [c for c in ("started", "ended", "message") if c in table.columns]  # the widest columns last
     return table[[c for c in table.columns if c not in last] + last]
+
+
+RESUME_STATE = ("last.pt", "epoch_*.pt")  # under checkpoints/: whole training states, read only by a resume
+
+
+def disk_use(run: str | os.PathLike) -> dict[str, int]:
+    """``size``: the bytes of the files in run folder ``run`` (links not followed, nor counted); ``resume state``:
+    those of :data:`RESUME_STATE`, which a finished run keeps only to be continued."""
+    run = Path(run)
+    files = [Path(folder, name) for folder, _, names in os.walk(run) for name in names]
+    resume = {path for pattern in RESUME_STATE for path in (run / "checkpoints").glob(pattern)}
+    return {"size": sum(map(_file_bytes, files)), "resume state": sum(map(_file_bytes, resume))}
+
+
+def _file_bytes(path: Path) -> int:
+    """A plain file's size; 0 for a link (its target is counted where it lies) or a file gone meanwhile (a running
+    run's staged file)."""
+    import stat
+
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return 0
+    return info.st_size if stat.S_ISREG(info.st_mode) else 0
 
 
 def _yaml_or(path: Path) -> dict[str, Any]:
