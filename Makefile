@@ -33,10 +33,12 @@ help:
 	@echo "make lavis      - the optional LAVIS environment .venv-lavis (make lavis-fixtures: its test fixtures)"
 
 # Re-install only when the project's dependency list, the extras or the checkout's folder change. The build backend
-# lives in the venv (no build isolation): a re-install after a change to pyproject.toml needs no network.
+# lives in the venv (no build isolation; pip and setuptools upgraded only where it is too old): a re-install after a
+# change to pyproject.toml needs no network.
 $(STAMP): pyproject.toml
 	@sh mk/venv.sh $(VENV) '$(PYTHON)' '$(CURDIR)' $(STAMP)
-	$(PY) -m pip install --quiet --upgrade pip "setuptools>=77"
+	@$(PY) -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)' 2>/dev/null || \
+		$(PY) -m pip install --quiet --upgrade pip "setuptools>=77"
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[$(EXTRAS)]"
 	$(PY) -m ipykernel install --sys-prefix --name cirlab --display-name "cirlab (.venv)" >/dev/null
 	@echo '$(STAMP_TEXT)' > $@
