@@ -10,7 +10,9 @@ Two caches share this module:
   the input size); because the item key is the content of the *transformed* input, a changed image file or a
   changed transform gives a new digest, and changed weights give a new folder. Rows are appended in segment files
   (``.npy``, memory-mapped when read back, one per flush and writer, so several processes can share a folder);
-  a segment counts only once its key list, written last, is complete.
+  a segment counts only once its key list, written last, is complete. Before it writes, a flush picks up the
+  segments other processes committed meanwhile and leaves out the rows they hold, so parallel jobs on a cold
+  cache store each item about once; what a killed writer left is removed at a later open, an hour on.
 
 Keys are hashes, never paths: moving a dataset keeps its cache valid, and editing an image invalidates it.
 """
@@ -20,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import uuid
 import weakref
 from collections import OrderedDict
@@ -197,7 +200,9 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
 
 # ---------------------------------------------------------------------------------------------------- per-item store
 MAX_MAPPED = 64  # segments a FeatureStore keeps memory-mapped at once (each map holds a file descriptor)
-
+# age (by mtime) past which a staged file or a segment without its key file is taken as a killed writer's: a live
+# writer stages, renames and commits its pair within seconds
+STALE_WRITE_S = 3600.0
 
 
 def _bytes_in(paths: Iterable[Path]) -> int:
@@ -209,6 +214,99 @@ def _bytes_in(paths: Iterable[Path]) -> int:
         except OSError:
             pass
     return total
+
+
+def _keys_file(data_file: Path) -> Path:
+    """The key file that commits the segment ``data_file`` (``seg-X.npy`` -> ``seg-X.keys.json``)."""
+    return data_file.with_name(data_file.name[:-len(".npy")] + ".keys.json")
+
+
+def _read_segment(directory: Path, keys_file: Path) -> tuple[Path, list[str]] | None:
+    """The segment ``keys_file`` commits and its keys; None (with a warning) where it cannot be used."""
+    data_file = keys_file.with_name(keys_file.name.replace(".keys.json", ".npy"))
+    try:
+        keys = json.loads(keys_file.read_text(encoding="utf-8"))
+        rows = len(np.load(data_file, mmap_mode="r"))  # the map is dropped at once: its fd closes
+    except (OSError, ValueError, EOFError) as err:  # EOFError: an empty .npy a power cut left (no fsync)
+        log.warning("feature store %s: skipping unreadable segment %s (%s)", directory, data_file, err)
+        return None
+    if len(keys) != rows:
+        log.warning("feature store %s: segment %s is incomplete; skipped", directory, data_file)
+        return None
+    return data_file, keys
+
+
+def _new_segments(directory: Path, seen: set[str]) -> list[tuple[Path, list[str]]]:
+    """The segments committed in ``directory`` whose key files are not in ``seen``, which gets their names (an
+    unreadable one too: it is said once, not at every flush). Only key files are listed: a segment's key file is
+    written after its data, so a segment still being written is never read."""
+    found = []
+    for keys_file in sorted(directory.glob("seg-*.keys.json")):
+        if keys_file.name in seen:
+            continue
+        seen.add(keys_file.name)
+        segment = _read_segment(directory, keys_file)
+        if segment is not None:
+            found.append(segment)
+    return found
+
+
+def _drop_stored(directory: Path, pending: dict[str, np.ndarray], seen: set[str]) -> list[tuple[Path, list[str]]]:
+    """Pick up the segments other processes committed since ``seen`` was filled and drop the ``pending`` rows they
+    hold: the jobs of a sweep started together on a cold cache compute the same items, and each wrote its own copy
+    of all of them. Returns the segments picked up. (A pending row was missing from every segment known when it was
+    computed, so only these new ones can hold it.)"""
+    found = _new_segments(directory, seen)
+    before = len(pending)
+    for _, keys in found:
+        for k in keys:
+            pending.pop(k, None)
+    if len(pending) < before:
+        log.debug("feature store %s: %d new rows were stored by another process meanwhile; not written again",
+                  directory, before - len(pending))
+    return found
+
+
+def _killed_writes(directory: Path) -> list[Path]:
+    """Staged segment files (``.seg-*.tmp``) and segments without their key file in ``directory``: what a writer
+    killed mid-segment leaves, or a live writer's files (the caller tells them apart by age)."""
+    try:
+        names = set(os.listdir(directory))
+    except OSError:  # no store yet, or one this user may not list
+        return []
+    staged = {n for n in names if n.startswith(".seg-") and n.endswith(".tmp")}
+    uncommitted = {n for n in names if n.startswith("seg-") and n.endswith(".npy")
+                   and _keys_file(Path(n)).name not in names}
+    return [directory / n for n in sorted(staged | uncommitted)]
+
+
+def _remove_if_abandoned(path: Path, now: float) -> int | None:
+    """Remove ``path`` if older than :data:`STALE_WRITE_S`; its size, or None where it stays. A file dated in the
+    future (a file server whose clock is ahead) stays: its age is unknown, and it may be a live writer's."""
+    try:
+        stat = path.stat()
+        age = now - stat.st_mtime
+        if age < STALE_WRITE_S:  # also every negative age (a future mtime)
+            return None
+        if path.suffix == ".npy" and _keys_file(path).exists():  # committed since it was listed
+            return None
+        path.unlink()
+    except OSError as err:  # gone meanwhile (another opener removed it) or not ours to remove: leave it quietly
+        log.debug("feature store: leaving %s (%s)", path, err)
+        return None
+    return stat.st_size
+
+
+def _remove_killed_writes(directory: Path) -> None:
+    """Remove the staged files and uncommitted segments that writers killed mid-write left in ``directory`` (an
+    exit-time flush cut by a SLURM time limit's SIGKILL): nothing else ever reads or removes them."""
+    now = time.time()
+    removed = [(path, size) for path in _killed_writes(directory)
+               if (size := _remove_if_abandoned(path, now)) is not None]
+    if removed:
+        log.info("feature store %s: removed %d files of killed writes (%d bytes): %s", directory, len(removed),
+                 sum(size for _, size in removed), ", ".join(path.name for path, _ in removed))
+
 
 class FeatureStore:
     """Features of single inputs, keyed by the digest of each input's bytes, memory-mapped on disk.
@@ -239,26 +337,21 @@ class FeatureStore:
         # read-only store says so once (not once per flush, ~300 times an epoch on Fashion-IQ) and is not tried again
         self._unwritable: dict[str, str] = {}
         self._checked = False  # whether the folder was looked at for writing (at the first new row)
+        # names of the key files already read (this store's own too), shared with the exit-time flush: a flush
+        # reads only the segments committed since
+        self._seen: set[str] = set()
         self.hits = self.misses = 0
         if self.directory is not None:
             self._open()
-            weakref.finalize(self, FeatureStore._write_segment, self.directory, self._pending, self._unwritable)
+            weakref.finalize(self, FeatureStore._flush_at_exit, self.directory, self._pending, self._unwritable,
+                             self._seen)
 
     def __len__(self) -> int:
         return len(self._rows) + len(self._pending)
 
     def _open(self) -> None:
-        for keys_file in sorted(self.directory.glob("seg-*.keys.json")):
-            data_file = keys_file.with_name(keys_file.name.replace(".keys.json", ".npy"))
-            try:
-                keys = json.loads(keys_file.read_text(encoding="utf-8"))
-                rows = len(np.load(data_file, mmap_mode="r"))  # the map is dropped at once: its fd closes
-            except (OSError, ValueError, EOFError) as err:  # EOFError: an empty .npy a power cut left (no fsync)
-                log.warning("feature store %s: skipping unreadable segment %s (%s)", self.directory, data_file, err)
-                continue
-            if len(keys) != rows:
-                log.warning("feature store %s: segment %s is incomplete; skipped", self.directory, data_file)
-                continue
+        _remove_killed_writes(self.directory)
+        for data_file, keys in _new_segments(self.directory, self._seen):
             self._add_segment(data_file, keys)
         if self._rows:  # its size too: nothing prunes the cache, and real data fills gigabytes
             log.info("feature store %s: %d cached items, %.1f MB", self.directory, len(self._rows),
@@ -334,12 +427,26 @@ class FeatureStore:
             FeatureStore._refused(self.directory, why, self._unwritable)
 
     def flush(self) -> None:
-        """Write the pending rows as one segment (nothing for an in-memory store)."""
+        """Write the pending rows as one segment (nothing for an in-memory store), less the rows other processes
+        stored since this store last looked; their segments are read from now on."""
         if self.directory is None or not self._pending:
             return
+        for data_file, keys in _drop_stored(self.directory, self._pending, self._seen):
+            self._add_segment(data_file, keys)
         for keys, written in FeatureStore._write_segment(self.directory, self._pending, self._unwritable):
             self._add_segment(written, keys)
+            self._seen.add(_keys_file(written).name)  # not picked up again as another process's
         self._pending.clear()
+
+    @staticmethod
+    def _flush_at_exit(directory: Path, pending: dict[str, np.ndarray], unwritable: dict[str, str],
+                       seen: set[str]) -> None:
+        """:meth:`flush` for the exit-time finalizer, which must not hold the store: for a set smaller than
+        ``flush_rows`` it writes every row, so it leaves out the rows other processes stored too."""
+        if not pending or unwritable:
+            return
+        _drop_stored(directory, pending, seen)
+        FeatureStore._write_segment(directory, pending, unwritable)
 
     @staticmethod
     def _refused(directory: Path, why: str, unwritable: dict[str, str]) -> None:
