@@ -614,9 +614,16 @@ def test_jobs_run_independent_notebooks_side_by_side_and_keep_dependencies(tmp_p
 
 def test_jobs_an_entry_process_that_dies_is_one_failure_and_its_previous_results_come_back(tmp_path, monkeypatch):
     """An entry process killed outright (the out-of-memory killer's SIGKILL, here from its own kernel) cannot put
-    its folder back or send a result: the report does both for it, in one line, and goes on."""
+    its folder back, send a result or remove its kernel's connection file and sockets: the report does all three
+    for it, in one line, and goes on."""
+    import shutil
+    import tempfile
+
     nbs = _parallel_setup(tmp_path, monkeypatch, {"train": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
                                                   "quickstart": ""})
+    scratch = Path(tempfile.mkdtemp(prefix="t-", dir="/tmp"))  # short: the kernels' sockets fit in it
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     out, stream = tmp_path / "reports", io.StringIO()
     (out / "train").mkdir(parents=True)
     (out / "train" / "keep.txt").write_text("previous")
@@ -631,6 +638,9 @@ def test_jobs_an_entry_process_that_dies_is_one_failure_and_its_previous_results
     assert failed["status"] == "failed" and "SIGKILL" in failed["error"]
     assert (out / "quickstart" / "metrics.json").is_file()  # the entry beside it finished
     assert "badge failed" in (out / "index.html").read_text()
+    left = sorted(p.name for p in scratch.iterdir())
+    shutil.rmtree(scratch)
+    assert left == [], left  # the killed entry's kernel folder (kernel.json with its key, five sockets) was left
 
 
 def test_jobs_from_a_script_without_a_main_guard_says_what_to_change(tmp_path):

@@ -1368,12 +1368,17 @@ def _run_entry_in_process(name: str, params: Mapping[str, Any], out: Path, kerne
     """:func:`run_entry` in a child process, its progress lines relayed to ``stream``. papermill changes the
     process's working directory while it starts a kernel, so two notebooks cannot run in one process."""
     import multiprocessing
+    import shutil
+    import tempfile
 
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     run_id = _new_run_id()  # chosen here: the child's record carries it, whatever the clocks said
+    # the child's temporary folder (its kernels' connection files and sockets): removed here, however the child
+    # ends; killed outright (the out-of-memory killer) it cannot remove them itself
+    scratch = tempfile.mkdtemp(prefix=f"cirlab-entry-{name}-")
     child = ctx.Process(target=_entry_child, args=(send, name, dict(params), out, kernel_name, notebook_dir, prefix,
-                                                   command, commit, run_id), name=f"cirlab-report-{name}")
+                                                   command, commit, run_id, scratch), name=f"cirlab-report-{name}")
     started = _now()
     child.start()
     _CHILDREN.add(child)
@@ -1392,6 +1397,7 @@ def _run_entry_in_process(name: str, params: Mapping[str, Any], out: Path, kerne
     finally:
         child.join()
         _CHILDREN.discard(child)
+        shutil.rmtree(scratch, ignore_errors=True)
     if outcome is _NO_RESULT:  # killed (by us after a stop, out of memory) or ended by the code it imported
         stopped = "SIGTERM" if _TERMINATING.is_set() else "Ctrl-C" if _INTERRUPTED.is_set() else None
         error = (f"{name}: stopped by {stopped}" if stopped else f"{name}: its process ended without a result "
@@ -1479,7 +1485,11 @@ class _PipeStream:
 
 def _entry_child(conn: Any, name: str, params: dict[str, Any], out: Path, kernel_name: str | None,
                  notebook_dir: Path | None, prefix: str, command: str, commit: str = "",
-                 run_id: str | None = None) -> None:
+                 run_id: str | None = None, scratch: str | None = None) -> None:
+    if scratch:  # this process's and its kernels' temporary files go where the parent removes them
+        import tempfile
+
+        os.environ["TMPDIR"] = tempfile.tempdir = scratch
     outcome: BaseException | None = None
     try:
         # the parent passes SIGTERM on: stop the kernel, put the folder back
