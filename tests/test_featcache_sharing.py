@@ -49,12 +49,16 @@ def _age(path: Path, seconds: float) -> None:
 
 
 # ------------------------------------------------------------------------------------ parallel writers
+def _two_processes(folder: Path) -> tuple[featcache.FeatureStore, featcache.FeatureStore]:
+    """Two stores on one folder, as two processes have them: each read the folder when it opened."""
+    return featcache.FeatureStore(folder, flush_rows=100), featcache.FeatureStore(folder, flush_rows=100)
+
+
 def test_a_flush_leaves_out_rows_another_process_stored_meanwhile(tmp_path):
     """Two jobs of a sweep on a cold cache: both compute items 0-7, the second also 8-11. The second writes only
     8-11, and serves 0-7 from the first one's segment afterwards."""
     folder = tmp_path / "store"
-    first = featcache.FeatureStore(folder, flush_rows=100)
-    second = featcache.FeatureStore(folder, flush_rows=100)
+    first, second = _two_processes(folder)
     first.get_or_compute(_items(0, 8), _times_ten)
     second.get_or_compute(_items(0, 12), _times_ten)
     first.flush()
@@ -67,8 +71,7 @@ def test_a_flush_leaves_out_rows_another_process_stored_meanwhile(tmp_path):
 def test_the_exit_time_flush_leaves_out_rows_another_process_stored(tmp_path):
     """A set smaller than ``flush_rows`` is written only by the flush at exit (or when the store is collected)."""
     folder = tmp_path / "store"
-    first = featcache.FeatureStore(folder, flush_rows=100)
-    second = featcache.FeatureStore(folder, flush_rows=100)
+    first, second = _two_processes(folder)
     first.get_or_compute(_items(0, 6), _times_ten)
     second.get_or_compute(_items(0, 6), _times_ten)
     first.flush()
