@@ -291,6 +291,10 @@ def test_a_rebuilt_or_closed_explorer_leaves_no_widget_open(explorer):
     assert _open_widgets() - open_before == made
     explorer.close()
     assert _open_widgets() == open_before
+    with explorer as same:  # a with block closes it at its end
+        same.build()
+        assert _open_widgets() - open_before == made
+    assert _open_widgets() == open_before
 
 
 def _open_widgets() -> int:

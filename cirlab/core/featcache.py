@@ -492,8 +492,20 @@ _STORES: dict[str, FeatureStore] = {}
 
 
 def open_store(directory: str | os.PathLike) -> FeatureStore:
-    """The process's one :class:`FeatureStore` for ``directory`` (models and their copies share it)."""
+    """The process's one :class:`FeatureStore` for ``directory`` (models and their copies share it), until
+    :func:`release_stores`."""
     key = str(Path(directory).resolve())
     if key not in _STORES:
         _STORES[key] = FeatureStore(key)
     return _STORES[key]
+
+
+def release_stores() -> None:
+    """Write every open store's pending rows and let the stores go, their maps and file descriptors with them (a
+    run's end: the next run opens them again). Held for the process's life, a notebook kernel kept the segments
+    mapped after its runs were gone, so deleting the cache freed no disk and the next run read the deleted
+    files; and rows short of a segment reached the disk only when the kernel exited."""
+    while _STORES:
+        _, store = _STORES.popitem()
+        store.flush()
+        store._mapped.clear()

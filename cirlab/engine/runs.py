@@ -54,7 +54,6 @@ from cirlab.core.config import did_you_mean, unknown_fields_message, unknown_nam
 from cirlab.core.io import file_name_part, folder_lock, to_plain, write_json
 from cirlab.core.contracts import (HasDatasetExtras, HasEnsemble, HasImageTransform, HasInit, HasOwnEvaluation,
                                    HasVocab)
-from cirlab.core.threads import kept_threads
 
 logger = logging.getLogger(__name__)
 
@@ -1104,7 +1103,8 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     it; the stored config must match, differences are listed, ``allow_config_change`` accepts them) or
     ``overwrite`` (replace it).
     """
-    from cirlab.engine.train import check_device, check_precision, check_run_folder, resolve_device
+    from cirlab.engine.train import (check_device, check_precision, check_run_folder, kept_process_state,
+                                     resolve_device)
 
     if not isinstance(config, dict):  # a path here failed as "'str' object has no attribute 'get'"
         raise ConfigError(f"run_experiment takes a run config (a dict): pass cirlab.load_config(path), got "
@@ -1129,7 +1129,7 @@ def run_experiment(config: dict[str, Any], *, output_dir: str | os.PathLike | No
     try:
         # CIRLAB_RUNS moves only a run folder neither the command nor the config names
         hint = RUN_FOLDER_HINT + ("" if output_dir or config.get("output_dir") else " or set CIRLAB_RUNS")
-        with kept_threads(), folder_lock(out, hint=hint) if is_main_process() else contextlib.nullcontext():
+        with kept_process_state(), folder_lock(out, hint=hint) if is_main_process() else contextlib.nullcontext():
             # refuse a folder that holds a run now; with --overwrite the trainer removes it once the data, the
             # start files and the model have passed, so a mistyped root does not cost the previous run
             if not resuming and is_main_process():

@@ -632,13 +632,58 @@ def _local_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+@contextlib.contextmanager
+def kept_process_state() -> Iterator[None]:
+    """Give the caller back, on leaving the block, what a run sets for the whole process: torch's thread count
+    (:func:`kept_threads`), the global random streams of Python, NumPy and torch, which :func:`seed_everything`
+    reseeds (a random search in a notebook drew the same trial after its first run), and the determinism switches
+    of ``train.deterministic`` (a later run with ``deterministic: false`` still ran under them, and the caller's
+    ``cudnn.benchmark`` was lost). The feature stores the run opened are written and let go
+    (:func:`cirlab.core.featcache.release_stores`). Nested (``run_experiment`` around :func:`train`), the outer
+    block restores: the run's final evaluation still runs under its settings."""
+    from cirlab.core import featcache
+
+    global _KEEPING
+    if _KEEPING:
+        yield
+        return
+
+    cudnn = torch.backends.cudnn
+    streams = (random.getstate(), np.random.get_state(), torch.random.get_rng_state(),
+               torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    switches = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                cudnn.benchmark, cudnn.deterministic, os.environ.get(CUBLAS_WORKSPACE))
+    _KEEPING = True
+    try:
+        with kept_threads():
+            yield
+    finally:
+        _KEEPING = False
+        featcache.release_stores()
+        random.setstate(streams[0])
+        np.random.set_state(streams[1])
+        torch.random.set_rng_state(streams[2])
+        if streams[3] is not None:
+            torch.cuda.set_rng_state_all(streams[3])
+        torch.use_deterministic_algorithms(switches[0], warn_only=switches[1])
+        cudnn.benchmark, cudnn.deterministic = switches[2], switches[3]
+        if switches[4] is None:
+            os.environ.pop(CUBLAS_WORKSPACE, None)
+        else:
+            os.environ[CUBLAS_WORKSPACE] = switches[4]
+
+
+CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"  # cuBLAS reads it: required for its deterministic kernels
+_KEEPING = False  # inside a kept_process_state block
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python, NumPy and torch; optionally switch to deterministic kernels."""
     random.seed(seed)
     np.random.seed(seed % (MAX_SEED + 1))  # a derived seed (seed + rank) may pass NumPy's range
     torch.manual_seed(seed)
     if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS for determinism
+        os.environ.setdefault(CUBLAS_WORKSPACE, ":4096:8")  # required by cuBLAS for determinism
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
@@ -2264,7 +2309,7 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
     # a TrainConfig's own fields over the model's paper defaults, as a dict's: its class defaults do not count
     cfg = resolve_train_config(model, cfg.given() if isinstance(cfg, TrainConfig) else cfg)
     output_dir = Path(output_dir)
-    with kept_threads(), io.folder_lock(output_dir) if init_distributed().is_main else contextlib.nullcontext():
+    with kept_process_state(), io.folder_lock(output_dir) if init_distributed().is_main else contextlib.nullcontext():
         trainer = Trainer(model, train_dataset, cfg, output_dir, evaluate_fn, collate_fn, callbacks, run_config,
                           overwrite, start_notes, run_files)
         return trainer.run()

@@ -514,12 +514,13 @@ def untrained_copy(run_dir: str | os.PathLike, dataset: str, data_root: str | os
     if trained_on and canonical_name(str(trained_on)) != canonical_name(dataset):  # another vocabulary, silently
         raise ModelMismatchError(f"untrained_copy: {run_dir} was trained on {trained_on!r}, not {dataset!r}; pass "
                                  f"dataset={trained_on!r} for a baseline with its vocabulary")
-    torch.manual_seed(seed)
-    model = create_model(trained.model_name, config=trained.config)
     config = merge_config(given, stored)
     config["dataset"]["root"] = given["dataset"]["root"]  # the stored root won and data_root went unread
     config["model"] = trained.model_name
-    fit_to_training_data(model, config)  # the same vocabulary as the trained run, built the same way
+    with torch.random.fork_rng(devices=[]):  # its weights under `seed`; the caller's random stream is kept
+        torch.manual_seed(seed)
+        model = create_model(trained.model_name, config=trained.config)
+        fit_to_training_data(model, config)  # the same vocabulary as the trained run, built the same way
     return model.to(device).eval()
 
 
@@ -859,6 +860,10 @@ def explorer_for(model: Any, routes: Any, texts: Mapping[Any, str], dataset: str
     copy of the run's model; or another run folder), that checkpoint's gates for the same text side by side.
     ITM models (DIME): a :class:`cirlab.workbench.widgets.PathExplorer` that re-scores an edited caption against a
     chosen image of the split (``compare`` is ignored).
+
+    Call the explorer's ``close()`` before building another in a re-run cell (or use it as ``with explorer_for(...)
+    as explorer:``): ipywidgets keeps every open widget, and through it the explorer, its model copies and its
+    data, for the whole kernel session (about 27 MB a re-run with the ``lite`` AMC).
     """
     from cirlab.workbench import widgets
 

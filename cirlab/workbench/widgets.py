@@ -379,6 +379,12 @@ class _Explorer:
             widget.close()
         self._made.clear()
 
+    def __enter__(self) -> "_Explorer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:  # ``with explorer_for(...) as explorer:`` closes it after the block
+        self.close()
+
     def _keep(self, box: Any) -> Any:
         """``box`` and every widget inside it, with their layout and style widgets (each one open on its own),
         remembered for :meth:`close`; returns ``box``."""
