@@ -156,8 +156,8 @@ def _add_runs(subparsers: Any) -> None:
                     "error, as its last start ended; trained: the final evaluation is owed, --resume runs it; "
                     "killed: a start that never recorded its end), last logged step, best validation score, each "
                     "final split's value of the selection metric, the disk it takes (and how much of it is the "
-                    "training state only a resume reads: checkpoints/last.pt, epoch_*.pt), start and end time, and "
-                    "the message of a stop or failure (cirlab.analysis.runs_table).")
+                    "training state only --resume reads: checkpoints/last.pt), start and end time, and the message "
+                    "of a stop or failure (cirlab.analysis.runs_table).")
     p.add_argument("folder", metavar="DIR", nargs="?", default=None, type=user_path,
                    help="folder to search (default: $CIRLAB_RUNS, else ./runs)")
     p.add_argument("--json", action="store_true", help="print one strict-JSON list of rows instead of a table")
@@ -186,18 +186,20 @@ def _run_runs(args: argparse.Namespace) -> int:
             print(f"{row['run']}: {row['message']}")
         finished = table[(table["state"] == "finished") & (table["resume state"] > 0)]
         if len(finished):  # the largest files a run keeps, which only a resume reads
-            print(f"{len(finished)} finished run(s) keep {byte_text(int(finished['resume state'].sum()))} of "
-                  "training state that only --resume reads (checkpoints/last.pt, epoch_*.pt); delete those files "
-                  "to free it: the results, cirlab eval and cirlab runs need checkpoints/best.pt only")
+            print(f"{len(finished)} finished run(s) keep {byte_text(int(finished['resume state'].sum()))} in "
+                  "checkpoints/last.pt, the training state only --resume reads: delete it to free that, unless you "
+                  "will train the run further (the results, cirlab eval and a re-run of the run's notebook need "
+                  "checkpoints/best.pt)")
     return 0
 
 
 def byte_text(count: int) -> str:
     """``"91.2 MB"``, ``"812 kB"``, ``"0 B"``: a size as the table shows it (decimal units, as ``du --si``)."""
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= scale:
-            value = count / scale
-            return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+        value = count / scale
+        text = f"{value:.1f}" if value < 99.95 else f"{value:.0f}"  # rounded first: 999.6 kB is "1.0 MB"
+        if float(text) >= 1 and (unit == "TB" or float(text) < 1000):
+            return f"{text} {unit}"
     return f"{count} B"
 
 

@@ -1080,6 +1080,9 @@ def test_options_are_spelled_out_and_a_near_miss_names_the_option(tmp_path, caps
     with pytest.raises(SystemExit):  # the option it begins, not "--set", which looks as alike to difflib
         main(["train", "amc_synthetic_tiny", "--out", "runs/x"])
     assert "(--out: did you mean --output-dir?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # several options begin it: all of them, not a look-alike (--out)
+        main(["report", "--no"])
+    assert "(--no: did you mean --notebooks, --no-dime, --no-hrem or --no-cala?)" in capsys.readouterr().err
     # a quoted ~ is the home folder for every path option, as for an unquoted one
     args = build_parser(["eval"]).parse_args(["eval", "~/run", "--output", "~/m.json", "--topk-dir", "~/k",
                                               "--root", "~/data"])

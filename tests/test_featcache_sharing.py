@@ -109,6 +109,7 @@ def test_a_segment_whose_key_file_is_not_written_yet_is_not_read(tmp_path):
     np.save(folder / "seg-0123456789abcdef0123456789abcdef.npy", (_items(0, 4) * 10).numpy())
     mine.flush()
     assert len(_stored_keys(folder)) == 4
+    featcache.FeatureStore(folder, flush_rows=100)  # an open looks for leftovers
     assert (folder / "seg-0123456789abcdef0123456789abcdef.npy").exists()  # young: not removed either
 
 
@@ -162,18 +163,35 @@ def test_opening_keeps_leftovers_that_may_be_a_live_writers(tmp_path, caplog, ag
 
 
 def test_opening_removes_nothing_else(tmp_path):
-    """Old files that are no staged segment nor segment data stay: a key file without its data, another file's
-    staged copy, a user's note."""
+    """Old files that are no staged segment, segment data or key file stay: another file's staged copy, a user's
+    note. A key file whose data is gone (it warned at every open) goes."""
     folder = tmp_path / "store"
     _committed_store(folder)
-    others = [folder / "seg-5555aaaa5555aaaa5555aaaa5555aaaa.keys.json", folder / ".notes.txt.0123456789ab.tmp",
-              folder / "notes.txt", folder / "seg-5555aaaa5555aaaa5555aaaa5555aaaa.npy.bak"]
-    for path in others:
+    others = [folder / ".notes.txt.0123456789ab.tmp", folder / "notes.txt",
+              folder / "seg-5555aaaa5555aaaa5555aaaa5555aaaa.npy.bak"]
+    orphan = folder / "seg-6666bbbb6666bbbb6666bbbb6666bbbb.keys.json"
+    for path in [*others, orphan]:
         path.write_text("[]")
         _age(path, 2 * HOUR)
     before = sorted(folder.iterdir())
     featcache.FeatureStore(folder, flush_rows=100)
-    assert sorted(folder.iterdir()) == before
+    assert sorted(folder.iterdir()) == [p for p in before if p != orphan]
+
+
+def test_a_leftovers_age_is_taken_by_the_folders_clock(tmp_path, monkeypatch):
+    """A file server whose clock runs two hours behind this machine's dates a live writer's segment two hours
+    back: by this machine's clock it looked abandoned, and was removed under the writer."""
+    folder = tmp_path / "store"
+    leftovers = _killed_writes(folder)
+    for path in leftovers:
+        _age(path, 2 * HOUR)  # just written, by the server's clock
+    monkeypatch.setattr(featcache, "_folder_now", lambda d: max(p.stat().st_mtime for p in leftovers) + 5)
+    featcache.FeatureStore(folder, flush_rows=100)
+    assert all(path.exists() for path in leftovers)
+    monkeypatch.undo()
+    featcache.FeatureStore(folder, flush_rows=100)  # by the folder's own clock now: two hours old
+    assert not any(path.exists() for path in leftovers)
+    assert not [p for p in folder.iterdir() if p.name.startswith(".clock-")]  # the probe goes too
 
 
 def test_leftovers_that_cannot_be_removed_are_left_quietly(tmp_path, monkeypatch, caplog):

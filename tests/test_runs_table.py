@@ -104,7 +104,8 @@ def test_cirlab_runs_lists_a_folder_of_runs(tmp_path, capsys):
 
 def test_cirlab_runs_says_what_each_run_takes_on_disk_and_what_only_a_resume_reads(tmp_path, capsys):
     """A semester of runs kept every run's whole training state (model, optimizer, averaged weights) in last.pt,
-    which only --resume reads: up to 75-97 % of a run's disk, and nothing showed it."""
+    which only --resume reads: up to 75-97 % of a run's disk, and nothing showed it. Epoch checkpoints, kept on
+    purpose for cirlab eval --checkpoint, are in the size, not in what may go."""
     from cirlab.cli import main
 
     done = _run(tmp_path / "done", end={"status": "finished"}, metrics=True)
@@ -116,13 +117,18 @@ def test_cirlab_runs_says_what_each_run_takes_on_disk_and_what_only_a_resume_rea
     (live / "checkpoints" / "last.pt").write_bytes(b"l" * 1000)
     files = sum(p.stat().st_size for p in done.rglob("*") if p.is_file() and not p.is_symlink())
     table = analysis.runs_table(tmp_path).set_index("run")
-    assert table.loc["done", "size"] == files and table.loc["done", "resume state"] == 10_000_000
+    assert table.loc["done", "size"] == files and table.loc["done", "resume state"] == 5_000_000
     assert table.loc["live", "resume state"] == 1000
     assert main(["runs", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "12.0 MB" in out.splitlines()[1 + ["done", "live"].index("done")] and "10.0 MB" in out
+    assert "12.0 MB" in out.splitlines()[1 + ["done", "live"].index("done")] and "5.0 MB" in out
     # only the finished run's: a killed or stopped run's last.pt is what its resume continues from
-    assert "1 finished run(s) keep 10.0 MB of training state that only --resume reads" in out
+    assert "1 finished run(s) keep 5.0 MB in checkpoints/last.pt, the training state only --resume reads" in out
+    # checkpoints/ linked to a bigger disk: neither walked nor counted (its part was once larger than the whole)
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-disk"
+    (done / "checkpoints").rename(elsewhere)
+    (done / "checkpoints").symlink_to(elsewhere)
+    assert analysis.disk_use(done) == {"size": files - 12_000_000, "resume state": 0}
 
 
 def test_a_summed_selection_metric_is_summed_for_the_final_splits(tmp_path):
@@ -181,3 +187,9 @@ def test_the_state_comes_from_the_contents_not_from_file_times(tmp_path):
         {"started": "2026-12-07T00:00:00+00:00", "status": "finished"}, {"started": "2026-12-07T00:01:00+00:00"}]}))
     copy = Path(shutil.copytree(killed, tmp_path / "copy", copy_function=shutil.copy))  # new file times
     assert analysis.run_state(killed)["state"] == analysis.run_state(copy)["state"] == "killed"
+
+    early = _run(tmp_path / "early", metrics=True)  # a resume killed before its first log record: files unchanged
+    (early / "provenance.json").write_text(json.dumps({"starts": [
+        {"started": "2026-12-07T00:00:00+00:00", "from_step": 0, "status": "finished"},
+        {"started": "2026-12-07T00:01:00+00:00", "from_step": 3}]}))
+    assert analysis.run_state(early)["state"] == "killed"

@@ -914,6 +914,22 @@ def test_a_copied_recipe_run_is_still_the_recipes_and_a_retrained_one_is_not(tmp
     assert not recipe_wrote(run)
 
 
+def test_a_recipe_run_without_its_last_checkpoint_is_still_the_recipes(tmp_path):
+    """`cirlab runs` says a finished run's last.pt may be deleted to free disk: the notebook's re-run then refused its
+    own run folder (the mark fingerprinted last.pt alone). Its best.pt is fingerprinted too now."""
+    from cirlab.engine.train import mark_recipe_run, recipe_wrote
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"w": torch.arange(10.0)}, run / "checkpoints" / "last.pt")
+    torch.save({"w": torch.arange(5.0)}, run / "checkpoints" / "best.pt")
+    mark_recipe_run(run)
+    (run / "checkpoints" / "last.pt").unlink()
+    assert recipe_wrote(run)
+    torch.save({"w": torch.arange(5.0) + 1}, run / "checkpoints" / "best.pt")  # another run's best: not the recipe's
+    assert not recipe_wrote(run)
+
+
 @pytest.mark.parametrize("eval_every", [0, 3])
 def test_a_max_steps_stop_on_an_epoch_end_is_evaluated_as_the_last_step(tmp_path, eval_every):
     """max_steps that ends a run exactly at an epoch end skipped the last evaluation unless that epoch was due one:

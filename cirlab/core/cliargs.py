@@ -30,10 +30,13 @@ class Parser(argparse.ArgumentParser):
 
 
 def _completion(flag: str, options: Sequence[str]) -> str | None:
-    """The one option ``flag`` begins (``--out`` of ``--output-dir``): what argparse's prefix matching would have
-    taken, so the likeliest meaning, ahead of a spelling that merely looks alike (``--set``)."""
+    """The options ``flag`` begins (``--out``: ``--output-dir``; ``--no``: ``--notebooks`` and the ``--no-*``
+    switches): what argparse's prefix matching would have taken or found ambiguous, so the likeliest meanings, ahead
+    of a spelling that merely looks alike (``--set``)."""
     longer = [o for o in options if o.startswith(flag) and o != flag] if flag.startswith("--") and len(flag) > 3 else []
-    return longer[0] if len(longer) == 1 else None
+    if len(longer) > 1:
+        return f"{', '.join(longer[:-1])} or {longer[-1]}"
+    return longer[0] if longer else None
 
 
 def command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.ArgumentParser:

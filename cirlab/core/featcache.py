@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 import uuid
 import weakref
 from collections import OrderedDict
@@ -269,7 +268,8 @@ def _drop_stored(directory: Path, pending: dict[str, np.ndarray], seen: set[str]
 
 def _killed_writes(directory: Path) -> list[Path]:
     """Staged segment files (``.seg-*.tmp``) and segments without their key file in ``directory``: what a writer
-    killed mid-segment leaves, or a live writer's files (the caller tells them apart by age)."""
+    killed mid-segment leaves, or a live writer's files (the caller tells them apart by age); and key files whose
+    segment is gone (removed by hand, or by an earlier cleanup), which warn at every open."""
     try:
         names = set(os.listdir(directory))
     except OSError:  # no store yet, or one this user may not list
@@ -277,7 +277,9 @@ def _killed_writes(directory: Path) -> list[Path]:
     staged = {n for n in names if n.startswith(".seg-") and n.endswith(".tmp")}
     uncommitted = {n for n in names if n.startswith("seg-") and n.endswith(".npy")
                    and _keys_file(Path(n)).name not in names}
-    return [directory / n for n in sorted(staged | uncommitted)]
+    orphaned = {n for n in names if n.startswith("seg-") and n.endswith(".keys.json")
+                and n[:-len(".keys.json")] + ".npy" not in names}
+    return [directory / n for n in sorted(staged | uncommitted | orphaned)]
 
 
 def _remove_if_abandoned(path: Path, now: float) -> int | None:
@@ -297,12 +299,29 @@ def _remove_if_abandoned(path: Path, now: float) -> int | None:
     return stat.st_size
 
 
+def _folder_now(directory: Path) -> float | None:
+    """The time by the clock that dates ``directory``'s files: a file server's clock behind this machine's made a
+    live writer's segment look an hour old (and removed). The mtime of a file made there now; None where none can
+    be made (a store this user may not write, whose files it could not remove either)."""
+    probe = directory / f".clock-{uuid.uuid4().hex}"
+    try:
+        probe.touch()
+        try:
+            return probe.stat().st_mtime
+        finally:
+            os.unlink(probe)
+    except OSError:
+        return None
+
+
 def _remove_killed_writes(directory: Path) -> None:
     """Remove the staged files and uncommitted segments that writers killed mid-write left in ``directory`` (an
     exit-time flush cut by a SLURM time limit's SIGKILL): nothing else ever reads or removes them."""
-    now = time.time()
-    removed = [(path, size) for path in _killed_writes(directory)
-               if (size := _remove_if_abandoned(path, now)) is not None]
+    leftovers = _killed_writes(directory)
+    now = _folder_now(directory) if leftovers else None
+    if now is None:
+        return
+    removed = [(path, size) for path in leftovers if (size := _remove_if_abandoned(path, now)) is not None]
     if removed:
         log.info("feature store %s: removed %d files of killed writes (%d bytes): %s", directory, len(removed),
                  sum(size for _, size in removed), ", ".join(path.name for path, _ in removed))

@@ -81,7 +81,8 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True, new: bool = Fals
     ``new`` (or under :func:`new_files_only`) takes its place only where nothing is: FileExistsError otherwise.
 
     The temporary name starts with ``.`` and ends with ``.tmp`` (so :func:`stale_temporaries` can find leftovers of a
-    killed process). The parent folder is created when missing.
+    killed process in a folder written under a lock; a feature store, written without one, removes its own by age:
+    :mod:`cirlab.core.featcache`). The parent folder is created when missing.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

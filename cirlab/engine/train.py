@@ -1224,13 +1224,13 @@ RECIPE_MARK = "recipe_run.json"  # in a run folder a recipe (train notebook, re-
 _FINGERPRINT_BYTES = 1 << 20
 
 
-def _last_checkpoint_fingerprint(folder: Path) -> list[Any] | None:
-    """[size, sha256 of the first and last MiB] of ``checkpoints/last.pt``: any later training into the folder
-    changes it (the end of a torch.save zip lists every entry's CRC), and a copy (``cp -r``, a clone) keeps it; the
-    mtime it was before changed with every copy, and the copy's re-run was refused."""
+def _checkpoint_fingerprint(folder: Path, name: str = "last.pt") -> list[Any] | None:
+    """[size, sha256 of the first and last MiB] of ``checkpoints/<name>``: any later training into the folder
+    changes ``last.pt`` (the end of a torch.save zip lists every entry's CRC), and a copy (``cp -r``, a clone) keeps
+    it; the mtime it was before changed with every copy, and the copy's re-run was refused."""
     import hashlib
 
-    path = folder / "checkpoints" / "last.pt"
+    path = folder / "checkpoints" / name
     try:
         with path.open("rb") as fh:
             size = fh.seek(0, os.SEEK_END)
@@ -1256,7 +1256,8 @@ def mark_recipe_run(folder: str | os.PathLike) -> None:
     """Record that a recipe finished the run in ``folder``: a re-run of the recipe may replace it
     (:func:`recipe_wrote`)."""
     folder = Path(folder)
-    write_json(folder / RECIPE_MARK, {"last_checkpoint": _last_checkpoint_fingerprint(folder)})
+    write_json(folder / RECIPE_MARK, {"last_checkpoint": _checkpoint_fingerprint(folder),
+                                      "best_checkpoint": _checkpoint_fingerprint(folder, "best.pt")})
 
 
 def recipe_wrote(folder: str | os.PathLike) -> bool:
@@ -1269,7 +1270,11 @@ def recipe_wrote(folder: str | os.PathLike) -> bool:
         return False
     if not isinstance(mark, dict) or mark.get("last_checkpoint") is None:
         return False
-    return mark["last_checkpoint"] in (_last_checkpoint_fingerprint(folder), _legacy_fingerprint(folder))
+    if not (folder / "checkpoints" / "last.pt").exists():  # dropped to free disk (cirlab runs says it may be):
+        # training into the folder writes a new one, so the run is the recipe's if its best.pt is the one marked
+        return mark.get("best_checkpoint") is not None and mark["best_checkpoint"] == _checkpoint_fingerprint(
+            folder, "best.pt")
+    return mark["last_checkpoint"] in (_checkpoint_fingerprint(folder), _legacy_fingerprint(folder))
 
 
 def claim_for_recipe(folder: str | os.PathLike, *, overwrite: bool, resume: bool, what: str, fix: str) -> bool:

@@ -648,9 +648,10 @@ def run_state(run: str | os.PathLike) -> dict[str, Any]:
     elif last.get("status") not in (None, "finished"):  # its last start: a resume's stop leaves the old metrics
         state = str(last["status"])
     elif (run / "metrics.json").is_file() and (last.get("status") == "finished"
-                                               or _covers_log(run / "metrics.json", step)):
+                                               or _covers_log(run / "metrics.json", step, last.get("from_step"))):
         state = "finished"  # a recorded finish is written after metrics.json
-    elif (run / "train_summary.json").is_file() and _covers_log(run / "train_summary.json", step):
+    elif (run / "train_summary.json").is_file() and _covers_log(run / "train_summary.json", step,
+                                                                 last.get("from_step")):
         state = "trained"
     else:
         state = "killed"
@@ -658,13 +659,18 @@ def run_state(run: str | os.PathLike) -> dict[str, Any]:
             "started": last.get("started"), "ended": last.get("ended"), "step": step}
 
 
-def _covers_log(path: Path, last_step: int | None) -> bool:
-    """Whether the results file ``path`` (metrics.json, train_summary.json: their ``steps``) reaches the last
-    logged step: a resume killed after training on leaves the previous start's files, which stop short of its log.
-    Decided from the contents, not from file times, which a clock ahead of the file server's, a copy (``cp -r``)
-    or an archive (``tar --mtime``) change. Unknown either way counts as reaching it."""
+def _covers_log(path: Path, last_step: int | None, from_step: Any = None) -> bool:
+    """Whether the results file ``path`` (metrics.json, train_summary.json: their ``steps``) is the last start's,
+    which recorded no end: it must reach the last logged step (a resume killed after training on leaves the
+    previous start's files, which stop short of its log) and go past the step that start resumed from
+    (``from_step``; killed before its first log record, it changed neither file). Decided from the contents, not
+    from file times, which a clock ahead of the file server's, a copy (``cp -r``) or an archive (``tar --mtime``)
+    change. Unknown counts as the start's."""
     steps = _json_or(path, {}).get("steps")
-    return last_step is None or not isinstance(steps, int) or steps >= last_step
+    if not isinstance(steps, int):
+        return True
+    resumed = isinstance(from_step, int) and not isinstance(from_step, bool) and from_step > 0
+    return (last_step is None or steps >= last_step) and not (resumed and steps <= from_step)
 
 
 def _json_or(path: Path, default: Any) -> Any:
@@ -727,16 +733,18 @@ def runs_table(root: str | os.PathLike) -> Any:
     return table[[c for c in table.columns if c not in last] + last]
 
 
-RESUME_STATE = ("last.pt", "epoch_*.pt")  # under checkpoints/: whole training states, read only by a resume
+RESUME_STATE = "last.pt"  # under checkpoints/: the whole training state (model, optimizer, averaged weights)
 
 
 def disk_use(run: str | os.PathLike) -> dict[str, int]:
     """``size``: the bytes of the files in run folder ``run`` (links not followed, nor counted); ``resume state``:
-    those of :data:`RESUME_STATE`, which a finished run keeps only to be continued."""
+    those of ``checkpoints/``:data:`RESUME_STATE`, which a finished run keeps only to be continued (``epoch_*.pt``,
+    kept on purpose for ``cirlab eval --checkpoint``, are not counted)."""
     run = Path(run)
     files = [Path(folder, name) for folder, _, names in os.walk(run) for name in names]
-    resume = {path for pattern in RESUME_STATE for path in (run / "checkpoints").glob(pattern)}
-    return {"size": sum(map(_file_bytes, files)), "resume state": sum(map(_file_bytes, resume))}
+    linked = (run / "checkpoints").is_symlink()  # not walked, so not counted in size either
+    return {"size": sum(map(_file_bytes, files)),
+            "resume state": 0 if linked else _file_bytes(run / "checkpoints" / RESUME_STATE)}
 
 
 def _file_bytes(path: Path) -> int:

@@ -1375,8 +1375,9 @@ def _run_entry_in_process(name: str, params: Mapping[str, Any], out: Path, kerne
     receive, send = ctx.Pipe(duplex=False)
     run_id = _new_run_id()  # chosen here: the child's record carries it, whatever the clocks said
     # the child's temporary folder (its kernels' connection files and sockets): removed here, however the child
-    # ends; killed outright (the out-of-memory killer) it cannot remove them itself
-    scratch = tempfile.mkdtemp(prefix=f"cirlab-entry-{name}-")
+    # ends; killed outright (the out-of-memory killer) it cannot remove them itself. A short name: the sockets'
+    # paths inside it must stay under zmq's 107 characters, or they fall back to /tmp itself (ipc_prefix)
+    scratch = tempfile.mkdtemp(prefix="cirlab-e-")
     child = ctx.Process(target=_entry_child, args=(send, name, dict(params), out, kernel_name, notebook_dir, prefix,
                                                    command, commit, run_id, scratch), name=f"cirlab-report-{name}")
     started = _now()
