@@ -209,3 +209,30 @@ def test_the_start_line_names_the_command_provenance_records_and_overwrite_only_
     first = (run / "train.log").read_text().splitlines()[0]
     assert "=== start (fresh run," in first and first.endswith("): cirlab report --only train"), first
     assert _starts(run)[-1]["command"] == ["cirlab", "report", "--only", "train"]
+
+
+def test_a_notebook_run_outside_the_report_records_the_command_that_started_its_kernel(config, tmp_path,
+                                                                                      monkeypatch):
+    """papermill's or JupyterLab's kernel recorded `ipykernel_launcher.py -f /tmp/tmpXXXX.json`, which says nothing
+    about what ran: the kernel's parent's command line (papermill's, with the notebook and its parameters) is
+    recorded, and the notebook JupyterLab names."""
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "notebooks/train.ipynb",
+                               "-p", "max_steps", "2"])
+    try:
+        monkeypatch.setattr("sys.argv", ["/venv/lib/ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
+        monkeypatch.setattr(runs.os, "getppid", lambda: parent.pid)
+        monkeypatch.delenv("CIRLAB_REPORT_COMMAND", raising=False)
+        monkeypatch.setenv("JPY_SESSION_NAME", "/home/me/notebooks/train.ipynb")
+        run = tmp_path / "nb"
+        runs.run_experiment(config, output_dir=run, overwrite=True)
+    finally:
+        parent.kill()
+        parent.wait()
+    start = _starts(run)[-1]
+    assert start["command"][-4:] == ["notebooks/train.ipynb", "-p", "max_steps", "2"]
+    assert start["command"][0] == "-c"  # the interpreter left out, as a script's shebang puts it first
+    assert start["notebook"] == "/home/me/notebooks/train.ipynb"
+    assert (run / "train.log").read_text().splitlines()[0].endswith("notebooks/train.ipynb -p max_steps 2")

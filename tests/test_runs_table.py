@@ -131,6 +131,27 @@ def test_cirlab_runs_says_what_each_run_takes_on_disk_and_what_only_a_resume_rea
     assert analysis.disk_use(done) == {"size": files - 12_000_000, "resume state": 0}
 
 
+def test_a_stopped_run_shows_the_best_score_its_log_recorded_and_no_metric_is_made_up(tmp_path):
+    """A run stopped by SIGINT had 23 evaluations in its log and showed no best val; a cirlab.fit run without
+    model selection showed the metric "avg"."""
+    stopped = _run(tmp_path / "stopped", end={"status": "stopped (SIGINT)"}, steps=30)
+    (stopped / "config.yaml").write_text("model: amc\npreset: tiny\ndataset: {name: fashioniq}\n"
+                                         "train: {selection_metric: avg}\n")
+    evals = [{"kind": "eval", "step": 10, "best": True, "selection_score": 31.5},
+             {"kind": "eval", "step": 20, "best": True, "selection_score": 40.25},
+             {"kind": "eval", "step": 30, "best": False, "selection_score": 38.0}]
+    with (stopped / "log.jsonl").open("a") as log:
+        log.write("\n" + "".join(json.dumps(r) + "\n" for r in evals))
+    fit = _run(tmp_path / "fit", end={"status": "finished"}, metrics=True)
+    metrics = json.loads((fit / "metrics.json").read_text())
+    metrics["selection"] = {"metric": None, "best_score": None}
+    (fit / "metrics.json").write_text(json.dumps(metrics))
+    (fit / "train_summary.json").write_text(json.dumps({"steps": 3}))
+    table = analysis.runs_table(tmp_path).set_index("run")
+    assert table.loc["stopped", "best val"] == 40.25 and table.loc["stopped", "metric"] == "avg"
+    assert table[["metric", "best val"]].loc["fit"].isna().all()
+
+
 def test_a_summed_selection_metric_is_summed_for_the_final_splits(tmp_path):
     run = _run(tmp_path / "cala", end={"status": "finished"}, metrics=True)
     metrics = json.loads((run / "metrics.json").read_text())

@@ -2,7 +2,7 @@
 first, then each ``--resume``) with the versions, the git commit of the cirlab source, the command line, the host,
 the device and precision in use, torch's intra-op thread count, and the settings a resume changed
 (``--allow-config-change``). A start that ended in this process also says how (:func:`record_end`): ``ended``,
-``status`` (finished, stopped (SIGTERM), failed, error) and, unless finished, the ``message`` the command printed;
+``status`` (finished, stopped (SIGNAME): the signal that stopped it, failed, error) and, unless finished, the ``message`` the command printed;
 a start without them was killed (or is running: its folder's lock is held)."""
 from __future__ import annotations
 
@@ -63,18 +63,34 @@ def code_version(root: Path | None = None, exclude: Sequence[str | os.PathLike] 
 
 
 def command_line() -> list[str]:
-    """This process's command line; in a Jupyter kernel that `cirlab report` started, the report's command for the
-    entry (:data:`REPORT_COMMAND_ENV`). Elsewhere (a kernel the user started, a script the kernel runs) the argv."""
+    """This process's command line. In a Jupyter kernel, whose own (``ipykernel_launcher -f /tmp/tmpXXXX.json``)
+    says nothing about what ran: in one `cirlab report` started, the report's command for the entry
+    (:data:`REPORT_COMMAND_ENV`); else the command line of the process that started the kernel (papermill's, with
+    the notebook and its parameters; JupyterLab's), where the system shows it (Linux's ``/proc``)."""
     import shlex
 
-    given = os.environ.get(REPORT_COMMAND_ENV, "").strip()
     in_kernel = bool(sys.argv) and Path(sys.argv[0]).name.startswith("ipykernel_launcher")
-    if given and in_kernel:
+    if not in_kernel:
+        return list(sys.argv)
+    given = os.environ.get(REPORT_COMMAND_ENV, "").strip()
+    if given:
         try:
             return shlex.split(given)
         except ValueError:  # not one command line: recorded as it was given
             return [given]
-    return list(sys.argv)
+    return _parent_command() or list(sys.argv)
+
+
+def _parent_command() -> list[str] | None:
+    """The command line of this process's parent (Linux), or None."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return None
+    words = [w.decode(errors="replace") for w in raw.split(b"\0") if w]
+    if len(words) > 1 and Path(words[0]).name.startswith("python"):  # a script's shebang: `python .../papermill`
+        words = words[1:]
+    return words or None
 
 
 def _left_out(root: Path, exclude: Sequence[str | os.PathLike]) -> list[str]:
@@ -106,12 +122,15 @@ def _version(module: str) -> str | None:
 
 
 def start_entry(step: int, device: str, precision: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """This start's record: time, step it starts from, command line, code and library versions, host, device,
-    precision and intra-op threads (a CPU run's losses differ in the last digits with another count)."""
+    """This start's record: time, step it starts from, command line (and the notebook, where JupyterLab names it),
+    code and library versions, host, device, precision and intra-op threads (a CPU run's losses differ in the last
+    digits with another count)."""
     from cirlab import __version__
 
+    notebook = os.environ.get("JPY_SESSION_NAME", "").strip()  # set by Jupyter Server for a notebook's kernel
     return {"started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "from_step": int(step),
-            "command": command_line(), "cirlab": __version__, "code": code_version(),
+            "command": command_line(), **({"notebook": notebook} if notebook else {}), "cirlab": __version__,
+            "code": code_version(),
             "torch": _version("torch"), "transformers": _version("transformers"),
             "python": platform.python_version(), "host": platform.node(), "device": device,
             "precision": precision, "threads": _torch_threads(), **dict(extra or {})}

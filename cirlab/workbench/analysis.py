@@ -701,6 +701,26 @@ def _last_step(log: Path) -> int | None:
     return None
 
 
+def _best_logged(log: Path) -> float | None:
+    """The best selection score a run's log.jsonl recorded (its last evaluation marked ``best``): a stopped run has
+    no summary yet, and its best validation score was shown as missing."""
+    best = None
+    try:
+        with log.open("rb") as fh:
+            for line in fh:
+                if b'"best": true' not in line:  # most lines are training steps: not parsed
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a torn last line
+                    continue
+                if record.get("kind") == "eval" and isinstance(record.get("selection_score"), (int, float)):
+                    best = record["selection_score"]
+    except OSError:
+        return None
+    return best
+
+
 def runs_table(root: str | os.PathLike) -> Any:
     """One row per run folder at or under ``root`` (:func:`find_runs`): its path relative to ``root``, model,
     preset, dataset, :func:`run_state` (state, last step, start and end time, the message of a stop or failure),
@@ -717,13 +737,16 @@ def runs_table(root: str | os.PathLike) -> Any:
         metrics = _json_or(run / "metrics.json", {})
         summary = _json_or(run / "train_summary.json", {})
         selection = metrics.get("selection") if isinstance(metrics.get("selection"), dict) else {}
-        metric = selection.get("metric") or summary.get("selection_metric") or "avg"
+        # None: a run without model selection (cirlab.fit's selection="last")
+        metric = (selection.get("metric") or summary.get("selection_metric")
+                  or (config.get("train") or {}).get("selection_metric"))
+        best = selection.get("best_score", summary.get("best_score"))
         state = run_state(run)
         row = {"run": run.relative_to(root).as_posix() or ".", "model": config.get("model"),
                "preset": config.get("preset"), "dataset": (config.get("dataset") or {}).get("name"),
                "state": state.pop("state"), "step": state.pop("step"), "metric": metric,
-               "best val": selection.get("best_score", summary.get("best_score")), **disk_use(run)}
-        for split, values in (metrics.get("splits") or {}).items():
+               "best val": best if best is not None else _best_logged(run / "log.jsonl"), **disk_use(run)}
+        for split, values in (metrics.get("splits") or {}).items() if isinstance(metric, str) else ():
             keys = metric.split("+")  # a summed selection metric (CaLa's R@1+R@5+...), as the trainer sums it
             if isinstance(values, dict) and all(isinstance(values.get(k), (int, float)) for k in keys):
                 row[f"{split} {metric}"] = sum(values[k] for k in keys)
