@@ -220,9 +220,14 @@ def _keys_file(data_file: Path) -> Path:
     return data_file.with_name(data_file.name[:-len(".npy")] + ".keys.json")
 
 
+def _data_file(keys_file: Path) -> Path:
+    """The segment data ``keys_file`` commits (``seg-X.keys.json`` -> ``seg-X.npy``)."""
+    return keys_file.with_name(keys_file.name[:-len(".keys.json")] + ".npy")
+
+
 def _read_segment(directory: Path, keys_file: Path) -> tuple[Path, list[str]] | None:
     """The segment ``keys_file`` commits and its keys; None (with a warning) where it cannot be used."""
-    data_file = keys_file.with_name(keys_file.name.replace(".keys.json", ".npy"))
+    data_file = _data_file(keys_file)
     try:
         keys = json.loads(keys_file.read_text(encoding="utf-8"))
         rows = len(np.load(data_file, mmap_mode="r"))  # the map is dropped at once: its fd closes
@@ -278,7 +283,7 @@ def _killed_writes(directory: Path) -> list[Path]:
     uncommitted = {n for n in names if n.startswith("seg-") and n.endswith(".npy")
                    and _keys_file(Path(n)).name not in names}
     orphaned = {n for n in names if n.startswith("seg-") and n.endswith(".keys.json")
-                and n[:-len(".keys.json")] + ".npy" not in names}
+                and _data_file(Path(n)).name not in names}
     return [directory / n for n in sorted(staged | uncommitted | orphaned)]
 
 

@@ -629,14 +629,20 @@ def _say_skipped(err: OSError) -> None:
 
 def run_state(run: str | os.PathLike) -> dict[str, Any]:
     """Where one run stands, from its folder alone: ``state`` is ``running`` (its lock is held), how its last start
-    ended where that was not a finish (``stopped (SIGTERM)``, ``failed``, ``error``: provenance.json), ``finished``
+    ended where that was not a finish (``stopped (SIGNAME)``, ``failed``, ``error``: provenance.json), ``finished``
     (a metrics.json that start wrote), ``trained`` (its training is done, the final evaluation is owed:
     ``--resume`` runs it) or ``killed`` (a start that never recorded an end: ``kill -9``, the OOM killer, a lost
     node). With ``message``, ``started``, ``ended`` and the last logged ``step``."""
+    run = Path(run)
+    return _state_of(run, _json_or(run / "metrics.json", {}), _json_or(run / "train_summary.json", {}))
+
+
+def _state_of(run: Path, metrics: Mapping[str, Any], summary: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`run_state` with the run's metrics.json and train_summary.json already read (``runs_table`` has
+    them)."""
     from cirlab.core.io import lock_holder
     from cirlab.core.provenance import read_starts
 
-    run = Path(run)
     try:
         starts = read_starts(run)
     except (OSError, ValueError):  # a listing must not stop at one broken run
@@ -648,10 +654,9 @@ def run_state(run: str | os.PathLike) -> dict[str, Any]:
     elif last.get("status") not in (None, "finished"):  # its last start: a resume's stop leaves the old metrics
         state = str(last["status"])
     elif (run / "metrics.json").is_file() and (last.get("status") == "finished"
-                                               or _covers_log(run / "metrics.json", step, last.get("from_step"))):
+                                               or _covers_log(metrics, step, last.get("from_step"))):
         state = "finished"  # a recorded finish is written after metrics.json
-    elif (run / "train_summary.json").is_file() and _covers_log(run / "train_summary.json", step,
-                                                                 last.get("from_step")):
+    elif (run / "train_summary.json").is_file() and _covers_log(summary, step, last.get("from_step")):
         state = "trained"
     else:
         state = "killed"
@@ -659,14 +664,14 @@ def run_state(run: str | os.PathLike) -> dict[str, Any]:
             "started": last.get("started"), "ended": last.get("ended"), "step": step}
 
 
-def _covers_log(path: Path, last_step: int | None, from_step: Any = None) -> bool:
-    """Whether the results file ``path`` (metrics.json, train_summary.json: their ``steps``) is the last start's,
+def _covers_log(results: Mapping[str, Any], last_step: int | None, from_step: Any = None) -> bool:
+    """Whether a results file's contents (metrics.json, train_summary.json: their ``steps``) are the last start's,
     which recorded no end: it must reach the last logged step (a resume killed after training on leaves the
     previous start's files, which stop short of its log) and go past the step that start resumed from
     (``from_step``; killed before its first log record, it changed neither file). Decided from the contents, not
     from file times, which a clock ahead of the file server's, a copy (``cp -r``) or an archive (``tar --mtime``)
     change. Unknown counts as the start's."""
-    steps = _json_or(path, {}).get("steps")
+    steps = results.get("steps")
     if not isinstance(steps, int):
         return True
     resumed = isinstance(from_step, int) and not isinstance(from_step, bool) and from_step > 0
@@ -741,7 +746,7 @@ def runs_table(root: str | os.PathLike) -> Any:
         metric = (selection.get("metric") or summary.get("selection_metric")
                   or (config.get("train") or {}).get("selection_metric"))
         best = selection.get("best_score", summary.get("best_score"))
-        state = run_state(run)
+        state = _state_of(run, metrics, summary)
         row = {"run": run.relative_to(root).as_posix() or ".", "model": config.get("model"),
                "preset": config.get("preset"), "dataset": (config.get("dataset") or {}).get("name"),
                "state": state.pop("state"), "step": state.pop("step"), "metric": metric,
