@@ -2,8 +2,8 @@
 first, then each ``--resume``) with the versions, the git commit of the cirlab source, the command line, the host,
 the device and precision in use, torch's intra-op thread count, and the settings a resume changed
 (``--allow-config-change``). A start that ended in this process also says how (:func:`record_end`): ``ended``,
-``status`` (finished, stopped (SIGNAME): the signal that stopped it, failed, error) and, unless finished, the ``message`` the command printed;
-a start without them was killed (or is running: its folder's lock is held)."""
+``status`` (finished, stopped (SIGNAME): the signal that stopped it, failed, error) and, unless finished, the
+``message`` the command printed; a start without them was killed (or is running: its folder's lock is held)."""
 from __future__ import annotations
 
 import datetime as _dt
