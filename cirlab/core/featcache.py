@@ -442,12 +442,13 @@ class FeatureStore:
         if self.directory is None or self._checked:
             return
         self._checked = True
-        from cirlab.core.io import why_not_writable
+        from cirlab.core.io import unwritable_entry
 
-        why = why_not_writable(self.directory)
-        if why == f"{self.directory.absolute()} is not writable":  # the store itself: not its name twice in a line
-            why = "read-only for this user"
-        if why:
+        found = unwritable_entry(self.directory)
+        if found is not None:  # the store itself is said without its name: the line names it already
+            entry, reason = found
+            store_itself = entry == self.directory.absolute() and reason == "is not writable"
+            why = "read-only for this user" if store_itself else f"{entry} {reason}"
             FeatureStore._refused(self.directory, why, self._unwritable)
 
     def flush(self) -> None:

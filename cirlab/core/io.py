@@ -270,22 +270,25 @@ def check_writable(folders: Iterable[str | os.PathLike | None], *, command: str,
 
 def why_not_writable(folder: str | os.PathLike) -> str | None:
     """What stops ``folder`` from being created or written into (``"/data is not writable"``), None when nothing
-    does: a look at the path only, nothing is created."""
-    return _why_not_writable(Path(folder).absolute())
+    does: a look at the path only, nothing is created (:func:`unwritable_entry`)."""
+    found = unwritable_entry(folder)
+    return None if found is None else f"{found[0]} {found[1]}"
 
 
-def _why_not_writable(folder: Path) -> str | None:
-    """What stops ``folder`` from being created or written (None: nothing): the nearest entry of the path that
-    exists is a file, a broken symbolic link, or a folder this process may not write into. ``os.path`` functions,
-    which answer False where ``Path.exists`` raises (a parent folder this user may not enter)."""
+def unwritable_entry(folder: str | os.PathLike) -> tuple[Path, str] | None:
+    """The entry of ``folder``'s absolute path that stops it from being created or written, and why (``"is a
+    file"``, ``"is a broken symbolic link"``, ``"is not writable"``), None when nothing does: the nearest entry that
+    exists. ``os.path`` functions, which answer False where ``Path.exists`` raises (a parent folder this user may
+    not enter)."""
+    folder = Path(folder).absolute()
     for entry in (folder, *folder.parents):
         if os.path.islink(entry) and not os.path.exists(entry):
-            return f"{entry} is a broken symbolic link"
+            return entry, "is a broken symbolic link"
         if os.path.lexists(entry):
             if not os.path.isdir(entry):
-                return f"{entry} is a file"
+                return entry, "is a file"
             if not os.access(entry, os.W_OK | os.X_OK):
-                return f"{entry} is not writable"
+                return entry, "is not writable"
             return None
     return None
 
@@ -320,8 +323,6 @@ def staged_temporaries(path: str | os.PathLike) -> list[Path]:
     finished yet, or killed mid-write. Stale only where the caller holds a lock that every writer of ``path``
     takes; unlike :func:`stale_temporaries` (a whole run folder under its lock), the temporaries of other files in
     that folder are not listed, as their writers may be alive."""
-    import re
-
     path = Path(path)
     name = re.compile(re.escape(f".{_staged_stem(path)}.") + "[0-9a-f]{12}" + re.escape(TMP_SUFFIX))
     try:
@@ -515,7 +516,7 @@ def make_folder(folder: Path, *, hint: str = WRITE_HINT) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        why = _why_not_writable(folder.absolute()) or err.strerror or str(err)
+        why = why_not_writable(folder) or err.strerror or str(err)
         advice = unwritable_advice(folder, hint)
         raise UnwritableFolderError(f"cannot create the folder {folder} ({why}); {advice}") from None
 

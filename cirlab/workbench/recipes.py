@@ -81,11 +81,16 @@ def project_root() -> Path | None:
     """The cirlab checkout in use: the working directory or its first parent holding cirlab's ``pyproject.toml``
     and ``notebooks/`` (or a report: ``reports/index.html``); else the source tree of an editable install; else
     None (a wheel used outside a checkout)."""
-    here = Path.cwd().resolve()
+    return _checkout_above(Path.cwd().resolve()) or source_checkout()
+
+
+def _checkout_above(here: Path) -> Path | None:
+    """``here`` or its first parent holding cirlab's ``pyproject.toml`` and ``notebooks/`` (or a report:
+    ``reports/index.html``), else None."""
     for folder in (here, *here.parents):
         if is_checkout(folder) or (folder / "reports" / "index.html").is_file():
             return folder
-    return source_checkout()
+    return None
 
 
 def reports_dir() -> Path:
@@ -278,10 +283,7 @@ def _writing_root() -> Path:
     working directory. Not the editable install's checkout seen from elsewhere (:func:`project_root` falls back to
     it): a notebook copied out of a shared checkout wrote into it, over every other user's results."""
     here = Path.cwd().resolve()
-    root = project_root()
-    if root is not None and (root.resolve() == here or root.resolve() in here.parents):
-        return root.resolve()
-    return here
+    return _checkout_above(here) or here
 
 
 def refuse_foreign_notebook_config(folder: str | os.PathLike) -> None:
