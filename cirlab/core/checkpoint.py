@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from cirlab.core.contracts import model_label
+from cirlab.core.contracts import INIT_REPORT, model_label
 from cirlab.core.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -399,7 +399,7 @@ def apply_init_from(model: torch.nn.Module, init_from: str, *,
     if report_dir is not None:
         from cirlab.core import io
 
-        io.write_json(Path(report_dir) / "init_from.json", {"init_from": init_from, **report})
+        io.write_json(Path(report_dir) / INIT_REPORT, {"init_from": init_from, **report})
     return [report]
 
 

@@ -120,7 +120,11 @@ class HasGalleryScorer(Protocol):
 @runtime_checkable
 class HasInit(Protocol):
     def load_init(self, report_dir: Any = None) -> list[Any]:
-        """Apply the model config's pretrained start (``init_from``); write its loading report to ``report_dir``."""
+        """Apply the model config's pretrained start (``init_from``); write its loading report to ``report_dir``
+        (as :data:`INIT_REPORT`)."""
+
+
+INIT_REPORT = "init_from.json"  # the loading report HasInit.load_init writes into the run folder
 
 
 @runtime_checkable

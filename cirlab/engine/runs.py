@@ -52,8 +52,8 @@ import yaml
 
 from cirlab.core.config import did_you_mean, unknown_fields_message, unknown_names_message
 from cirlab.core.io import file_name_part, folder_lock, to_plain, write_json
-from cirlab.core.contracts import (HasDatasetExtras, HasEnsemble, HasImageTransform, HasInit, HasOwnEvaluation,
-                                   HasVocab)
+from cirlab.core.contracts import (INIT_REPORT, HasDatasetExtras, HasEnsemble, HasImageTransform, HasInit,
+                                   HasOwnEvaluation, HasVocab)
 
 logger = logging.getLogger(__name__)
 
@@ -1686,9 +1686,6 @@ def _resumed_checkpoint(out: Path, config: dict[str, Any], resume: bool) -> Path
 
     path = resume_checkpoint("auto" if resume else str((config.get("train") or {}).get("resume") or ""), out)
     return path if path is not None and path.is_file() else None
-
-
-INIT_REPORT = "init_from.json"  # the pretrained start's loading report (the models' load_init write it)
 
 
 def _load_start(model: Any, continued: Path | None) -> dict[str, Any] | None:

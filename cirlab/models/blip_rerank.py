@@ -72,6 +72,7 @@ from torch import nn
 from cirlab.core import io
 from cirlab.core.config import (MAX_SIZE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_indivisible,
                                 refuse_unknown_choices)
+from cirlab.core.contracts import INIT_REPORT
 from cirlab.models import _hf_blip as hf
 from cirlab.models import blip_interop
 from cirlab.models._truncation import hf_cut_count, say_cut
@@ -466,7 +467,7 @@ def _loading(label: str, load: Callable[[Any], _Loaded], path: Any) -> _Loaded:
 def _save_reports(reports: list, report_dir: str | os.PathLike | None, config: BlipRerankConfig) -> None:
     if report_dir is None or not reports:
         return
-    path = io.write_json(Path(report_dir) / "init_from.json",
+    path = io.write_json(Path(report_dir) / INIT_REPORT,
                          {"init_from": config.init_from, "stage1_checkpoint": config.stage1_checkpoint,
                           "reports": [r.to_dict() for r in reports]})
     logger.debug("pretrained start's report: %s", path)  # cirlab train stages it; the run says where it goes

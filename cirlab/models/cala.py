@@ -116,6 +116,7 @@ from torch import nn
 from cirlab.core import tracing
 from cirlab.core.config import (NON_NEGATIVE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_indivisible,
                                 refuse_unknown_choices, refuse_unread)
+from cirlab.core.contracts import INIT_REPORT
 from cirlab.core.errors import ConfigError
 from cirlab.models import _hf_blip2 as hb
 from cirlab.models._hf_blip import refuse_unknown_tokens
@@ -836,7 +837,7 @@ class CaLa(nn.Module):
                 from cirlab.core.checkpoint import run_checkpoint
 
                 record.update(layout="cirlab", source=str(run_checkpoint(Path(self.config.init_from))))
-            io.write_json(Path(report_dir) / "init_from.json", record)
+            io.write_json(Path(report_dir) / INIT_REPORT, record)
         return reports
 
     # -- inspection ---------------------------------------------------------------------------------------------
