@@ -39,6 +39,7 @@ EXAMPLES = """examples (from the repository root; `cirlab COMMAND --help` explai
   cirlab convert --from lavis blip2_pretrained.pth cala_init.pt --model cala
   cirlab models --params cala                                     # parameters per module, no weights read
   cirlab runs runs/                                               # every run under runs/: state, step, metrics
+  cirlab cache --unused-for 30 --remove                           # free cache entries not used for 30 days
   cirlab report                                                   # every notebook headless -> reports/
   cirlab notebooks my-notebooks                                   # copies to open in JupyterLab
 installed from a wheel (no checkout): name a shipped config without its folder, e.g. cirlab train amc_synthetic_tiny
@@ -203,6 +204,187 @@ def byte_text(count: int) -> str:
     return f"{count} B"
 
 
+def _add_cache(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "cache", help="list what cirlab's cache holds (size, last use); remove what was not used for days",
+        description=_wrapped(
+            "List the entries of cirlab's cache ($CIRLAB_CACHE, else ~/.cache/cirlab): generated data sets, "
+            "feature stores, encoded galleries, BLIP ViT token files, the emoji set's npm package; each "
+            "with its size and when it was last used (its files' newest write or read; most Linux mounts "
+            "record a read at most once a day). Everything there is made again when needed, so --remove "
+            "only costs the time to remake it. Entries cirlab did not write whole (a file you added to a "
+            "data set), the report kernels' files and locks are listed but never removed; a data set or "
+            "token file being written is skipped. Do not remove what a running job reads (an entry it read "
+            "within the last day shows as used)."),
+        epilog="examples:\n  cirlab cache                               # a line per area, the largest first\n"
+               "  cirlab cache --list                        # a line per entry\n"
+               "  cirlab cache --unused-for 30               # what --remove would remove\n"
+               "  cirlab cache --unused-for 30 --remove      # free it\n"
+               "  cirlab cache --unused-for 0 --remove       # empty the cache (all it may remove)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--unused-for", metavar="DAYS", type=_days, default=None,
+                   help="list only the entries not used for DAYS days (a number >= 0; 0 lists every removable one)")
+    p.add_argument("--remove", action="store_true",
+                   help="remove the entries --unused-for lists (it must be given), and say what that freed")
+    p.add_argument("--list", action="store_true", help="a line per entry (default: a line per area)")
+    p.add_argument("--json", action="store_true", help="print one strict-JSON list of entries instead of a table")
+    p.set_defaults(func=_run_cache)
+
+
+def _wrapped(text: str) -> str:
+    """A description for a parser whose epilog keeps its line breaks (RawDescriptionHelpFormatter), wrapped as
+    argparse would wrap it (to the terminal, at most 100 columns)."""
+    import shutil
+    import textwrap
+
+    return textwrap.fill(text, width=min(shutil.get_terminal_size().columns, 100) - 2)
+
+
+def _days(text: str) -> float:
+    """``--unused-for``: a finite number of days >= 0."""
+    import math
+
+    try:
+        days = float(text)
+    except ValueError:
+        days = math.nan
+    if not (math.isfinite(days) and days >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number of days >= 0, got {text!r}")
+    return days
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    from cirlab.core.paths import cache_dir
+    from cirlab.workbench.cache import cache_entries, unused_entries
+
+    from cirlab.core.errors import ConfigError
+
+    if args.remove and args.unused_for is None:
+        raise ConfigError("cirlab cache: --remove needs --unused-for DAYS (0 removes every entry it may remove)")
+    root = cache_dir()
+    entries = cache_entries(root)
+    shown = entries if args.unused_for is None else unused_entries(entries, args.unused_for)
+    if args.json:
+        from cirlab.core.io import json_text
+
+        print(json_text([_cache_row(e) for e in shown], indent=None))
+        return 0
+    print(f"cirlab's cache: {root} {_cache_origin()}")
+    if args.remove:
+        return _remove_cache_entries(shown)
+    _print_cache_table(shown, entries, args.unused_for, args.list)
+    return 0
+
+
+def _cache_origin() -> str:
+    for var in ("CIRLAB_CACHE", "XDG_CACHE_HOME"):
+        if os.environ.get(var, "").strip():
+            return f"(from ${var})"
+    return "(the default; set CIRLAB_CACHE to move it)"
+
+
+def _cache_row(entry: Any) -> dict[str, Any]:
+    import datetime as dt
+
+    used = None if entry.last_used is None else \
+        dt.datetime.fromtimestamp(entry.last_used, dt.timezone.utc).isoformat(timespec="seconds")
+    return {"entry": entry.label, "kind": entry.kind, "size": entry.size, "last used": used, "kept": entry.kept}
+
+
+def _print_cache_table(shown: Sequence[Any], entries: Sequence[Any], days: float | None, every: bool) -> None:
+    import time
+
+    if not entries:
+        print("it holds nothing yet")
+        return
+    now = time.time()
+    if days is None and not every:  # a line per area: a cache holds hundreds of token files and stores
+        _print_columns(("area", "entries", "size", "last used", "least recently used"), _area_rows(entries, now))
+    elif shown:
+        ordered = sorted(shown, key=lambda e: (e.area, e.last_used or 0.0, e.name))
+        _print_columns(("entry", "kind", "size", "last used"),
+                       [(e.label, e.kind, byte_text(e.size), _age_text(now, e.last_used)) for e in ordered])
+    for entry in shown if days is not None or every else entries:
+        if entry.kept:
+            print(f"{entry.label} is kept by --remove: {entry.kept}")
+    total = sum(e.size for e in entries)
+    if days is None:
+        print(f"{len(entries)} {_entries_word(len(entries))}, {byte_text(total)} in all"
+              + ("" if every else "; --list shows each")
+              + "; `cirlab cache --unused-for DAYS` lists those not used for DAYS days, which --remove then removes")
+    else:
+        free = [e for e in shown if e.kept is None]
+        print(f"{len(shown)} of {len(entries)} {_entries_word(len(entries))} not used for {days:g} days"
+              + (f"; adding --remove removes {len(free)} of them, {byte_text(sum(e.size for e in free))} of the "
+                 f"{byte_text(total)} the cache takes" if shown else ""))
+
+
+def _area_rows(entries: Sequence[Any], now: float) -> list[tuple[str, ...]]:
+    """One row per area of the cache, the largest first: entries, bytes, the newest and the oldest last use."""
+    areas: dict[str, list[Any]] = {}
+    for entry in entries:
+        areas.setdefault(entry.area or entry.name, []).append(entry)
+    rows = []
+    for area, held in sorted(areas.items(), key=lambda item: -sum(e.size for e in item[1])):
+        used = [e.last_used for e in held if e.last_used is not None]
+        own = len(held) == 1 and not held[0].area  # a top-level folder listed whole (report-home, jupyter, locks)
+        rows.append((area, "-" if own else str(len(held)), byte_text(sum(e.size for e in held)),
+                     _age_text(now, max(used, default=None)), "-" if own else _age_text(now, min(used, default=None))))
+    return rows
+
+
+def _print_columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A plain table: text columns left-aligned, sizes and counts right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    right = {i for i, h in enumerate(header) if h in ("size", "entries")}
+    for row in (header, *rows):
+        print("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+
+
+def _age_text(now: float, then: float | None) -> str:
+    """``"3.5 days ago"``, ``"5 h ago"``, ``"12 min ago"``, ``"now"``: how long since a last use (``-``: none)."""
+    if then is None:
+        return "-"
+    seconds = now - then
+    if seconds < 60:
+        return "now"
+    for unit, scale in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= scale:
+            value = seconds / scale
+            return f"{value:.1f} {unit} ago" if unit == "days" and value < 10 else f"{value:.0f} {unit} ago"
+    return "now"
+
+
+def _remove_cache_entries(entries: Sequence[Any]) -> int:
+    """Remove ``entries``, a line each; 1 when one could not be removed (one kept by rule is no failure)."""
+    from cirlab.workbench.cache import CacheEntryKept, CacheRemovalError, remove_entry
+
+    freed, kept, failed = 0, 0, 0
+    for entry in entries:
+        try:
+            size = remove_entry(entry)
+        except CacheEntryKept as err:
+            kept += 1
+            print(err)
+            continue
+        except CacheRemovalError as err:
+            failed += 1
+            print(err)
+            continue
+        freed += size
+        print(f"removed {entry.label} ({byte_text(size)})")
+    if not entries:
+        print("nothing to remove")
+    else:
+        notes = [f"{n} {_entries_word(n)} {what} (above)" for n, what in ((kept, "kept"), (failed, "not removed")) if n]
+        print(f"freed {byte_text(freed)}" + "".join(f"; {note}" for note in notes))
+    return 1 if failed else 0
+
+
+def _entries_word(count: int) -> str:
+    return "entry" if count == 1 else "entries"
+
+
 def _add_notebooks(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "notebooks", help="copy the notebooks cirlab ships into a folder, to open them in JupyterLab",
@@ -286,6 +468,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             subparsers.add_parser(name, help=help_text, add_help=False)
     _add_models(subparsers)
     _add_runs(subparsers)
+    _add_cache(subparsers)
     _add_notebooks(subparsers)
     _accept_verbose_after_the_command(parser)
     return parser

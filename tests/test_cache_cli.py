@@ -1,0 +1,275 @@
+"""`cirlab cache`: the cache's entries as its writers leave them, their last use, and removing the unused ones."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from cirlab.cli import main
+from cirlab.core import featcache, io
+from cirlab.data.generators import _owned, emoji, synthetic
+from cirlab.workbench import cache
+
+DAY = cache.DAY_S
+
+
+@pytest.fixture()
+def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("CIRLAB_CACHE", str(folder))
+    return folder
+
+
+def _data_set(root: Path, area: str = "synthetic", name: str = "tiny-seed0-64px") -> Path:
+    """A generated data set as synthetic.generate leaves it: a marked output root with its manifest and a sealed
+    layout folder (the generators' own marker functions, a handful of bytes instead of a whole build)."""
+    generator = {"synthetic": synthetic.__name__, "emoji": emoji.__name__}[area]
+    out = root / area / name
+    _owned.mark(out, generator)
+    layout = out / "cirr"
+    _owned.mark(layout, generator)
+    (layout / "images").mkdir()
+    (layout / "images" / "a.png").write_bytes(b"x" * 1000)
+    _owned.seal(layout, generator)
+    (out / synthetic.MANIFEST).write_text("{}\n")
+    return out
+
+
+def _store(root: Path) -> Path:
+    """A feature store with one committed segment, written by FeatureStore itself."""
+    folder = root / "features" / "amc" / featcache.cache_key("weights", "lite")
+    store = featcache.FeatureStore(folder)
+    store.get_or_compute(torch.rand(3, 4), lambda x: x.sum(dim=1, keepdim=True).repeat(1, 8))
+    store.flush()
+    return folder
+
+
+def _tokens(root: Path, stem: str = "cirr_val_dffe29ef40cfe8e2_0bcfbd46") -> Path:
+    base = root / "blip_rerank" / stem
+    base.parent.mkdir(parents=True, exist_ok=True)
+    np.save(base.with_suffix(".npy"), np.zeros((2, 3), dtype=np.float32))
+    base.with_suffix(".json").write_text("{}")
+    return base
+
+
+def _age(path: Path, days: float) -> None:
+    """Date every file at or under ``path`` ``days`` back, for both its last write and its last read."""
+    then = time.time() - days * DAY
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.utime(p, (then, then), follow_symlinks=False)
+
+
+def _by_label(root: Path) -> dict[str, cache.CacheEntry]:
+    return {e.label: e for e in cache.cache_entries(root)}
+
+
+def test_each_writer_s_default_folder_is_an_area_the_listing_knows(root: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from cirlab.models.blip_rerank import default_cache_path
+
+    written: list[Path] = []
+    monkeypatch.setattr(synthetic, "generate", lambda out, **_: written.append(Path(out)))
+
+    class Split:  # what default_cache_path reads of a split
+        dataset, split, category, root = "cirr", "val", None, "/data/cirr"
+
+    assert featcache.default_dir() == root / "features"
+    assert default_cache_path(Split(), "vit").parent == root / "blip_rerank"
+    assert emoji.default_root().parent == root / "emoji"
+    synthetic.ensure(size="tiny")
+    assert [p.parent for p in written] == [root / "synthetic"]
+    assert set(cache.GENERATED_AREAS) == {"synthetic", "emoji"}
+
+
+def test_listing_finds_each_kind_with_its_bytes(root: Path) -> None:
+    data = _data_set(root)
+    store = _store(root)
+    tokens = _tokens(root)
+    gallery = root / "features" / f"{featcache.cache_key('gallery')}.pt"
+    featcache.save_tensor(gallery, "k", torch.zeros(5, 2))
+    (root / "report-home" / "ipython").mkdir(parents=True)
+    entries = _by_label(root)
+    assert set(entries) == {"synthetic/tiny-seed0-64px", f"features/amc/{store.name}", f"blip_rerank/{tokens.name}",
+                            f"features/{gallery.name}", "report-home"}
+    files = [p for p in data.rglob("*") if p.is_file()]
+    assert entries["synthetic/tiny-seed0-64px"].size == sum(p.stat().st_size for p in files)
+    assert entries[f"blip_rerank/{tokens.name}"].size == sum(p.stat().st_size for p in tokens.parent.iterdir())
+    assert entries[f"features/amc/{store.name}"].kind == "feature store"
+    assert entries["report-home"].kept and not entries["report-home"].area
+    assert all(e.kept is None for label, e in entries.items() if label != "report-home")
+
+
+def test_last_use_is_the_newest_read_or_write_but_not_the_marker_s(root: Path) -> None:
+    data = _data_set(root)
+    _age(data, 40)
+    png = data / "cirr" / "images" / "a.png"
+    os.utime(png, (time.time() - 3 * DAY, time.time() - 40 * DAY))  # read 3 days ago
+    assert time.time() - _by_label(root)["synthetic/tiny-seed0-64px"].last_used == pytest.approx(3 * DAY, abs=60)
+    os.utime(png, (time.time() - 40 * DAY, time.time() - 40 * DAY))
+    os.utime(data / _owned.MARKER, (time.time(), time.time() - 40 * DAY))  # the listing itself reads the markers
+    assert time.time() - _by_label(root)["synthetic/tiny-seed0-64px"].last_used == pytest.approx(40 * DAY, abs=60)
+
+
+def test_unused_entries_are_the_idle_ones_of_the_areas(root: Path) -> None:
+    old, new = _tokens(root, "cirr_val_a_1"), _tokens(root, "cirr_val_b_2")
+    _age(old.with_suffix(".npy"), 31)
+    _age(old.with_suffix(".json"), 31)
+    (root / "locks").mkdir()
+    _age(root / "locks", 100)
+    idle = cache.unused_entries(cache.cache_entries(root), 30)
+    assert [e.label for e in idle] == [f"blip_rerank/{old.name}"]
+    assert {e.label for e in cache.unused_entries(cache.cache_entries(root), 0)} == \
+        {f"blip_rerank/{old.name}", f"blip_rerank/{new.name}"}  # never the top-level locks folder
+
+
+def test_remove_frees_an_entry_and_keeps_the_rest(root: Path) -> None:
+    data, store = _data_set(root), _store(root)
+    entries = _by_label(root)
+    freed = cache.remove_entry(entries["synthetic/tiny-seed0-64px"])
+    assert freed == entries["synthetic/tiny-seed0-64px"].size and not data.exists()
+    assert store.is_dir() and (root / "synthetic").is_dir()
+    assert cache.remove_entry(entries[f"features/amc/{store.name}"]) > 0 and not store.exists()
+
+
+def test_a_data_set_holding_a_user_s_file_is_kept(root: Path) -> None:
+    data = _data_set(root)
+    (data / "cirr" / "my_notes.txt").write_text("mine")
+    entry = _by_label(root)["synthetic/tiny-seed0-64px"]
+    assert "my_notes.txt" in entry.kept
+    with pytest.raises(cache.CacheEntryKept, match="my_notes.txt"):
+        cache.remove_entry(entry)
+    assert (data / "cirr" / "my_notes.txt").exists()
+
+
+def test_a_file_added_after_the_listing_still_keeps_it(root: Path) -> None:
+    data = _data_set(root)
+    entry = _by_label(root)["synthetic/tiny-seed0-64px"]
+    assert entry.kept is None
+    (data / "extra.bin").write_bytes(b"1")  # the cache changed between listing and removing
+    with pytest.raises(cache.CacheEntryKept, match="extra.bin"):
+        cache.remove_entry(entry)
+    assert data.is_dir()
+
+
+def test_folders_cirlab_did_not_write_are_kept(root: Path) -> None:
+    (root / "synthetic" / "mine").mkdir(parents=True)
+    (root / "synthetic" / "mine" / "a.txt").write_text("x")
+    other = root / "features" / "amc" / featcache.cache_key("x")
+    other.mkdir(parents=True)
+    (other / "notes.txt").write_text("x")
+    (root / "my_folder").mkdir()
+    entries = _by_label(root)
+    assert "not written by cirlab" in entries["synthetic/mine"].kept
+    assert "notes.txt" in entries[f"features/amc/{other.name}"].kept
+    assert entries["my_folder"].kept
+    for entry in entries.values():
+        with pytest.raises(cache.CacheEntryKept):
+            cache.remove_entry(entry)
+    assert (root / "synthetic" / "mine" / "a.txt").exists() and (other / "notes.txt").exists()
+
+
+@contextlib.contextmanager
+def _held_elsewhere(target: Path) -> Iterator[None]:
+    """``target``'s generated-folder lock held by another thread, as a writer in another process holds it (a lock
+    this thread holds is re-entered, not refused)."""
+    taken, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with io.generated_folder_lock(target, wait=0):
+            taken.set()
+            done.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert taken.wait(30)
+    try:
+        yield
+    finally:
+        done.set()
+        holder.join()
+
+
+def test_an_entry_being_written_is_kept(root: Path) -> None:
+    data, tokens = _data_set(root), _tokens(root)
+    entries = _by_label(root)
+    for target, label in ((data, "synthetic/tiny-seed0-64px"), (tokens, f"blip_rerank/{tokens.name}")):
+        with _held_elsewhere(target):  # as synthetic.generate and cache_image_tokens hold it while they write
+            with pytest.raises(cache.CacheEntryKept, match="being written"):
+                cache.remove_entry(entries[label])
+        assert target.exists() or target.with_suffix(".npy").exists()
+    assert cache.remove_entry(entries[f"blip_rerank/{tokens.name}"]) > 0
+    assert not tokens.with_suffix(".npy").exists() and not tokens.with_suffix(".json").exists()
+
+
+def test_a_removal_refused_by_the_file_system_is_an_error(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _store(root)
+
+    def refuse(path: object, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(cache.shutil, "rmtree", refuse)
+    with pytest.raises(cache.CacheRemovalError, match="Permission denied"):
+        cache.remove_entry(_by_label(root)[f"features/amc/{store.name}"])
+
+
+def test_cli_lists_areas_and_entries(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["cache"]) == 0
+    assert "holds nothing yet" in capsys.readouterr().out
+    _data_set(root)
+    _tokens(root, "cirr_val_a_1")
+    _tokens(root, "cirr_val_b_2")
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert f"cirlab's cache: {root} (from $CIRLAB_CACHE)" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:4]}
+    assert rows["blip_rerank"][1] == "2" and rows["synthetic"][1] == "1"
+    assert "3 entries" in out
+    assert main(["cache", "--list"]) == 0
+    assert "blip_rerank/cirr_val_a_1" in capsys.readouterr().out
+    assert main(["cache", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert sorted(e["entry"] for e in listed) == ["blip_rerank/cirr_val_a_1", "blip_rerank/cirr_val_b_2",
+                                                   "synthetic/tiny-seed0-64px"]
+
+
+def test_cli_removes_only_what_was_unused_for_the_days(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _data_set(root)
+    _age(data, 45)
+    kept = _tokens(root)
+    assert main(["cache", "--unused-for", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic/tiny-seed0-64px" in out and kept.name not in out and data.exists()
+    assert main(["cache", "--unused-for", "30", "--remove"]) == 0
+    out = capsys.readouterr().out
+    assert "removed synthetic/tiny-seed0-64px" in out and "freed" in out
+    assert not data.exists() and kept.with_suffix(".npy").exists()
+
+
+def test_cli_refuses_remove_without_days_and_bad_days(root: Path, capsys: pytest.CaptureFixture[str],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    _data_set(root)
+    assert main(["cache", "--remove"]) == 2
+    assert "--remove needs --unused-for" in caplog.text
+    for bad in ("-1", "nan", "week"):
+        with pytest.raises(SystemExit) as err:
+            main(["cache", "--unused-for", bad])
+        assert err.value.code == 2
+        assert "expected a number of days >= 0" in capsys.readouterr().err
+    assert (root / "synthetic" / "tiny-seed0-64px").is_dir()
+
+
+def test_cli_says_why_an_idle_entry_stays(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _data_set(root)
+    (data / "cirr" / "my_notes.txt").write_text("mine")
+    assert main(["cache", "--unused-for", "0", "--remove"]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic/tiny-seed0-64px: kept: holds files its generator did not write" in out
+    assert "1 entry kept" in out and data.is_dir()
