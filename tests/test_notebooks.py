@@ -659,6 +659,25 @@ def test_untrained_copy_reads_the_data_where_it_is_now_and_refuses_another_datas
         workbench.untrained_copy(run, "cirr", tmp_path / "data_now")
 
 
+def test_evaluate_run_evaluates_a_run_as_cirlab_eval_does(tiny_data, tmp_path, capsys):
+    """A run trained on one category was evaluated on all three: the notebook's avg was not the run's."""
+    from cirlab import workbench
+    from cirlab.cli import main
+
+    run = tmp_path / "amc"
+    _train_tiny("amc", "fashioniq", tiny_data, run, ["dataset.category=dress"])
+    assert main(["eval", str(run), "--split", "val", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    cli = json.loads(printed[printed.index("{"):])["splits"]["val"]
+    model = workbench.load_run(run)
+    metrics, topks = workbench.evaluate_run(model, "fashioniq", tiny_data, "val")
+    assert set(topks) == {"dress"} and metrics == pytest.approx(cli)
+    base = workbench.untrained_copy(run, "fashioniq", tiny_data)
+    assert set(workbench.evaluate_run(base, "fashioniq", tiny_data, "val")[1]) == {"dress"}  # the same baseline
+    _, every = workbench.evaluate_run(model, "fashioniq", tiny_data, "val", from_run=False)
+    assert set(every) == {"dress", "shirt", "toptee"}
+
+
 def test_a_config_json_no_notebook_wrote_is_never_written_over(tmp_path):
     """A notebook pointed at a folder holding the user's config.json (or a transformers model folder) wrote its
     parameters over it at the end; now the output folder is refused when it is resolved, before any work."""

@@ -9,6 +9,7 @@ dataset's own folder or a folder holding several layouts (``$CIRLAB_DATA``, the 
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -467,6 +468,8 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu", checkpoint: str = 
     run = Path(run_dir).expanduser().resolve()
     if run.is_file() and run.suffix in (".pt", ".pth", ".ckpt"):  # a checkpoint file, cirlab's or an original's
         model, _ = model_from_checkpoint(run)
+        if run.parent.name == "checkpoints" and (run.parent.parent / "config.yaml").is_file():
+            mark_run(model, run.parent.parent)
         return model.to(device).eval()
     if not isinstance(checkpoint, str) or not checkpoint:
         raise ParameterError(f"checkpoint is a checkpoint's name in the run (best, last), got {checkpoint!r}")
@@ -486,7 +489,17 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu", checkpoint: str = 
         logger.warning("%s has no best.pt (stopped before its first evaluation?): loading last.pt, the weights it "
                        "stopped with, not a selected model", folder)
     model, _ = model_from_checkpoint(folder / f"{name}.pt")
+    mark_run(model, run)
     return model.to(device).eval()
+
+
+# the attribute load_run and untrained_copy set on a model: the run folder whose dataset settings evaluate_run uses
+RUN_ATTRIBUTE = "cirlab_run_dir"
+
+
+def mark_run(model: Any, run_dir: str | os.PathLike) -> None:
+    """Record on ``model`` the run it comes from (:data:`RUN_ATTRIBUTE`), for :func:`evaluate_run`."""
+    setattr(model, RUN_ATTRIBUTE, str(Path(run_dir).expanduser().resolve()))
 
 
 def stored_config(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -523,13 +536,19 @@ def untrained_copy(run_dir: str | os.PathLike, dataset: str, data_root: str | os
         torch.manual_seed(seed)
         model = create_model(trained.model_name, config=trained.config)
         fit_to_training_data(model, config)  # the same vocabulary as the trained run, built the same way
+    mark_run(model, run_dir)  # evaluated with the run's dataset settings, as the trained model is
     return model.to(device).eval()
 
 
 def evaluate_run(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", k: int = 50,
                  device: str = "cpu", topk_dir: str | os.PathLike | None = None,
-                 name: str = "") -> tuple[dict[str, float], dict[str, Any]]:
+                 name: str = "", from_run: bool = True) -> tuple[dict[str, float], dict[str, Any]]:
     """Protocol metrics and the top-K lists per category, through :func:`cirlab.engine.runs.evaluate_split`.
+
+    A model from :func:`load_run` or :func:`untrained_copy` is evaluated with its run's dataset settings, as
+    ``cirlab eval RUN`` evaluates it: the category it was trained on (``dataset.category``), the dataset's
+    ``options`` (Fashion-IQ's ``protocol: rerank`` of the re-ranker runs) and ``eval.protocol``, where the run was
+    trained on ``dataset``; ``from_run=False`` takes the dataset's defaults instead (every category).
 
     CIR models: top-K files go to ``topk_dir/<split>_<category>.topk.npz`` when given (a temporary folder
     otherwise). ITM models on precomp data: :func:`evaluate_itm_run` without ``topk_dir`` (the dict is empty);
@@ -553,6 +572,8 @@ def evaluate_run(model: Any, dataset: str, data_root: str | os.PathLike, split: 
         return itm_topk(model, dataset, data_root, split, k=k, device=device, topk_dir=topk_dir,
                         name=name or model.model_name)
     config = data_config(dataset, data_root, split)
+    if from_run:
+        _take_run_settings(config, getattr(model, RUN_ATTRIBUTE, None))
     config.update(name=name or model.model_name, model=model.model_name)
     config["eval"]["k"] = k
     loaded = load_split(config, config["dataset"]["val_split"])
@@ -564,6 +585,26 @@ def evaluate_run(model: Any, dataset: str, data_root: str | os.PathLike, split: 
         topks = {sp.category or dataset: load_topk(path) for sp, path in zip(loaded, result["topk_paths"])}
     model.train(was_training)
     return dict(result["metrics"]), topks
+
+
+def _take_run_settings(config: dict[str, Any], run_dir: str | None) -> None:
+    """Put the dataset settings the run ``run_dir`` was trained and evaluated with into ``config`` (built by
+    :func:`data_config` for the same dataset; the data's root and the split asked stay), and say which."""
+    from cirlab.data.catalog import canonical_name
+
+    stored = stored_config(run_dir) if run_dir and Path(run_dir, "config.yaml").is_file() else {}
+    ds, ev = stored.get("dataset") or {}, stored.get("eval") or {}
+    if not ds.get("name") or canonical_name(str(ds["name"])) != canonical_name(config["dataset"]["name"]):
+        return  # a run of another dataset (or of cirlab.fit, which records none): the dataset's defaults
+    taken = {"dataset.category": ds.get("category"), "dataset.options": ds.get("options") or None,
+             "eval.protocol": ev.get("protocol")}
+    taken = {key: value for key, value in taken.items() if value}
+    for key, value in taken.items():
+        section, field = key.split(".")
+        config[section][field] = copy.deepcopy(value)
+    if taken:
+        logger.info("evaluate_run: with the settings of %s: %s (from_run=False: the dataset's defaults)", run_dir,
+                    ", ".join(f"{k}={v}" for k, v in taken.items()))
 
 
 def evaluate_itm_run(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val",
