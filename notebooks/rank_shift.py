@@ -92,8 +92,8 @@ if rerank:
 # %%
 aligned = summary = None
 if rerank:
-    aligned = analysis.align_ranks(workbench.load_topk_files(runs["stage1_topk"]),
-                                   workbench.load_topk_files(runs["stage2_topk"]))
+    aligned = analysis.align_ranks(workbench.load_topk_files(runs["stage1_topk"], split="val"),
+                                   workbench.load_topk_files(runs["stage2_topk"], split="val"))
     summary = analysis.rank_shift_by_category(aligned, pool_k, ks=(1, 5, 10, 50))
 summary
 

@@ -158,3 +158,29 @@ def test_a_file_with_one_long_gallery_name_loads():
         path = save_topk(Path(folder) / "long.topk.npz", topk)
         assert load_topk(path).gallery_ids[0, 0] == "x" * 255
         assert np.array_equal(load_topk(path).scores, topk.scores)
+
+
+def _split_file(folder, split: str, category: str, rank: int):
+    topk = TopK(np.array([f"{split}-{category}"]), np.array([["a", "b"]]), np.array([[0.9, 0.1]]), np.array([rank]),
+                np.array([category]), np.array(["a"]), {"split": split})
+    return save_topk(folder / f"{split}_{category}.topk.npz", topk)
+
+
+def test_a_runs_topk_folder_is_read_one_split_at_a_time(tmp_path):
+    """A run's topk/ holds val_* and test_* files: read together they were one ranking of both splits' queries,
+    labelled with the first file's split, and its recall mixed the two."""
+    from cirlab.core.errors import InputError
+    from cirlab.workbench import load_topk_files
+
+    for split, rank in (("val", 1), ("test", 2)):
+        for category in ("dress", "shirt"):
+            _split_file(tmp_path, split, category, rank)
+    with pytest.raises(InputError, match=r"several splits \('test', 'val'\).*split='val'"):
+        load_topk_files(tmp_path)
+    val = load_topk_files(tmp_path, split="val")
+    assert sorted(val.query_ids) == ["val-dress", "val-shirt"] and set(val.target_rank) == {1}
+    assert val.meta["split"] == "val" and len(val.meta["files"]) == 2
+    with pytest.raises(FileNotFoundError, match=r"no top-K file of split 'dev'.*'test', 'val'"):
+        load_topk_files(tmp_path, split="dev")
+    with pytest.raises(InputError, match=r"is a folder, not a top-K file.*load_topk_files"):
+        load_topk(tmp_path)

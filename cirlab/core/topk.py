@@ -137,6 +137,9 @@ def load_topk(path: str | os.PathLike) -> TopK:
     import zipfile
 
     path = Path(path)
+    if path.is_dir():  # a run's topk/ folder: several files, one per split and category
+        raise InputError(f"{path} is a folder, not a top-K file: name one of its .topk.npz files, or read them "
+                         "together with cirlab.workbench.load_topk_files")
     if not path.is_file():
         raise MissingPathError(f"top-K file not found: {path}")
     if not zipfile.is_zipfile(path):  # numpy took any other file for a pickle and spoke of allow_pickle

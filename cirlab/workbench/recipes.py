@@ -995,8 +995,10 @@ def worst_queries(topk: Any, n: int = 4) -> list[str]:
     return [str(q) for q in topk.query_ids[order[:n]]]
 
 
-def load_topk_files(path: str | os.PathLike) -> Any:
-    """One top-K file, or every ``*.topk.npz`` in a folder concatenated (e.g. the Fashion-IQ categories)."""
+def load_topk_files(path: str | os.PathLike, split: str = "") -> Any:
+    """One top-K file, or the ``*.topk.npz`` files of one split in a folder concatenated (e.g. the Fashion-IQ
+    categories of a run's ``topk/``). A folder holding several splits' files (``val_dress``, ``test_dress``) needs
+    ``split``: concatenated, they were one ranking of twice the queries, labelled with one split."""
     import numpy as np
 
     from cirlab.core.topk import TopK, load_topk
@@ -1008,6 +1010,17 @@ def load_topk_files(path: str | os.PathLike) -> Any:
     if not files:
         raise MissingPathError(f"no top-K file at {path} (expected a .topk.npz file or a folder of them)")
     parts = [load_topk(f) for f in files]
+    splits = sorted({str(p.meta.get("split", "")) for p in parts})
+    if split:
+        kept = [i for i, p in enumerate(parts) if p.meta.get("split") == split]
+        files, parts = [files[i] for i in kept], [parts[i] for i in kept]
+        if not parts:
+            raise MissingPathError(f"no top-K file of split {split!r} in {path}; its files are of "
+                                   f"{', '.join(map(repr, splits))}")
+    elif len(splits) > 1:
+        raise InputError(f"{path} holds the top-K files of several splits ({', '.join(map(repr, splits))}), which "
+                         f"are no one ranking: read one split (load_topk_files(path, split={splits[-1]!r})), or name "
+                         "a file or a folder of one split")
     k = min(p.k for p in parts)
     return TopK(np.concatenate([p.query_ids for p in parts]), np.concatenate([p.gallery_ids[:, :k] for p in parts]),
                 np.concatenate([p.scores[:, :k] for p in parts]), np.concatenate([p.target_rank for p in parts]),
