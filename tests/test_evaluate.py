@@ -346,3 +346,42 @@ def test_the_gallery_cache_keeps_features_encoded_under_autocast_apart(synth, tm
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(score_split(model, split, cache_dir=cache), bf16)  # and each is still reused
     assert len(list(cache.rglob("*.pt"))) == 2
+
+
+def test_evaluation_feeds_the_model_where_its_weights_are(synth):
+    """The default was device="cpu": a model cirlab.fit had trained on a GPU was fed CPU batches, and "auto" (every
+    workbench call's and the CLI's word) failed inside torch."""
+    from cirlab.core.errors import ConfigError
+    from cirlab.data import load_cir
+    from cirlab.engine.evaluate import model_device
+
+    model = _cir_model()
+    assert model_device(model) == torch.device("cpu")
+    assert model_device(torch.nn.Linear(2, 2, device="meta")) == torch.device("meta")  # not cpu: its own
+    assert model_device(torch.nn.Identity()) == torch.device("cpu")  # no weights
+    assert model_device(model, "auto") == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match=r"device: .*got 'gpu'"):
+        model_device(model, "gpu")
+    split = load_cir("shoes", synth / "shoes", "val")
+    assert evaluate_cir(model, split, device="auto")["metrics"] == evaluate_cir(model, split)["metrics"]
+    with pytest.raises(ConfigError, match="got 'gpu'"):
+        evaluate_cir(model, split, device="gpu")
+
+
+def test_evaluate_itm_scores_a_split_as_cirlab_eval_does_without_a_protocol(synth):
+    """The default protocol was "full": COCO's testall gave no 1K numbers in Python and both in cirlab eval."""
+    import dataclasses
+
+    from cirlab.data import load_precomp
+    from cirlab.engine.runs import itm_protocol
+
+    torch.manual_seed(0)
+    model = cirlab.create_model("stub_itm", preset="tiny", region_dim=2048).eval()
+    f30k = load_precomp(synth / "precomp", "f30k", "test")
+    coco = {"dataset": {"name": "coco", "test_split": "testall"}, "eval": {"protocol": None}}
+    for split, name in (("testall", "coco"), ("dev", "coco"), ("test", "f30k")):
+        as_named = dataclasses.replace(f30k, name=name, split=split)
+        config = coco if name == "coco" else {"dataset": {"name": "f30k", "test_split": "test"}, "eval": {}}
+        expected = evaluate_itm(model, as_named, protocol=itm_protocol(config, split))["metrics"]
+        assert evaluate_itm(model, as_named)["metrics"] == pytest.approx(expected)
+        assert ("1k_rsum" in expected) == (split == "testall")

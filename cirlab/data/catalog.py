@@ -79,6 +79,19 @@ def is_itm(name: str) -> bool:
     return key in DATASETS and DATASETS[key].is_itm
 
 
+def itm_protocol_of(name: str, split: str, test_split: str | None = None, protocol: str | None = None) -> str:
+    """The protocol an ITM ``split`` of dataset ``name`` is scored with: ``protocol`` (default: the dataset's own,
+    ``coco`` = 1K and 5K for COCO, else ``full``). The COCO protocols describe the 5,000-image test split only
+    (``test_split``, default the dataset's: ``testall``); every other split (the 1,000-image ``dev`` that selects
+    the checkpoint) is scored on its full matrix, as the original validation does. The one rule of the run configs
+    and of :func:`cirlab.evaluate_itm` without a protocol."""
+    spec = get_dataset(name)
+    protocol = protocol or spec.default_protocol
+    if protocol.startswith("coco") and split != (test_split or spec.splits[2]):
+        return "full"
+    return protocol
+
+
 def dataset_root(name: str, root: str | os.PathLike | None = None) -> Path:
     """The folder a dataset's loader reads, from a dataset root or a data root holding several layouts.
 

@@ -188,14 +188,30 @@ def cir_transform(model: Any, transform: Any) -> Any:
     return None  # the split's default transform
 
 
+def model_device(model: Any, device: Any = None) -> Any:
+    """The device an evaluation feeds ``model`` on: ``device`` as given (a name is checked, ``"auto"`` is this
+    process's GPU when there is one: :func:`cirlab.engine.train.resolve_device`), or, for None, the device its
+    weights are on (CPU for a model without any). The default was ``"cpu"``: a model ``cirlab.fit`` had trained on
+    a GPU was fed CPU batches. The model is not moved: put it on ``device`` first."""
+    from cirlab.engine.train import resolve_device
+
+    if device is None:
+        weights = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+        return weights.device if weights is not None else torch.device("cpu")
+    if isinstance(device, torch.device):
+        return device
+    return resolve_device(device, "device")
+
+
 @torch.no_grad()
-def score_split(model: Any, split: Any, *, transform: Any = None, batch_size: int = 64, device: Any = "cpu",
+def score_split(model: Any, split: Any, *, transform: Any = None, batch_size: int = 64, device: Any = None,
                 num_workers: int = 0, cache_dir: Any = None) -> torch.Tensor:
     """[Q, G] query x gallery scores of one split (CPU float32): query embeddings times gallery features, or the
     model's own pair scorer over the gallery features (:class:`HasGalleryScorer`). What :func:`evaluate_cir` ranks,
     for metrics of one's own (rows: ``split.triplets``; columns: ``split.gallery_names``); ``transform`` as there.
-    The model is used as it is (call ``model.eval()`` first)."""
+    The model is used as it is (call ``model.eval()`` first); ``device`` as :func:`model_device`."""
     refuse_low_precision_weights(model, "score_split")
+    device = model_device(model, device)
     transform = cir_transform(model, transform)
     queries = split.query_dataset(transform)
     g = _encode_gallery(model, split, split.gallery_dataset(transform), batch_size=batch_size, device=device,
@@ -289,7 +305,7 @@ def _metric_ranks(ranks: torch.Tensor, target: torch.Tensor, exclude: torch.Tens
 
 
 def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, *, batch_size: int = 64,
-                 device: Any = "cpu", k: int = 50, topk_path: str | os.PathLike | None = None,
+                 device: Any = None, k: int = 50, topk_path: str | os.PathLike | None = None,
                  transform: Any = None, num_workers: int = 0, cache_dir: str | os.PathLike | None = None,
                  meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate a CIR model (``encode_query``/``encode_target``) on one split or several (Fashion-IQ categories).
@@ -300,7 +316,7 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
         protocol: "fashioniq" | "shoes" | "cirr"; None = the splits' dataset. Whether the reference is removed
             from its own ranking follows each split's ``exclude_reference``.
         batch_size: encoding batch size.
-        device: where the model runs.
+        device: where the model runs (:func:`model_device`: by default where its weights are).
         k: list length of the top-K file (at most the candidates a query ranks; 0 when none is left).
         topk_path: write top-K results: a ``.npz`` file (all splits in one file) or a folder (one
             ``<split>[_<category>].topk.npz`` per split). A target removed with its reference has the rank
@@ -509,7 +525,7 @@ def _itm_encode_shards(fn: Callable[[dict[str, Any]], Any], dataset: Any, shard_
 
 
 @torch.no_grad()
-def score_itm(model: Any, split: Any, *, batch_size: int = 128, shard_size: int = 1000, device: Any = "cpu",
+def score_itm(model: Any, split: Any, *, batch_size: int = 128, shard_size: int = 1000, device: Any = None,
               images: range | None = None, captions: range | None = None) -> Any:
     """[N images x N captions] scores, computed in image x caption shards through ``model.score``.
 
@@ -521,6 +537,7 @@ def score_itm(model: Any, split: Any, *, batch_size: int = 128, shard_size: int 
     """
     require_model(model, ITMModel, "score_itm")  # encode_image, encode_text and score (a dual encoder's: a product)
     refuse_low_precision_weights(model, "score_itm")
+    device = model_device(model, device)
     model.eval()
     score = model.score
     image_data, caption_data = split.image_dataset(), split.caption_dataset()
@@ -568,18 +585,20 @@ def _refuse_other_feature_width(model: Any, split: Any) -> None:
                                  "the width it was trained on")
 
 
-def evaluate_itm(model: Any, split: Any, protocol: str = "full", *, batch_size: int = 128, shard_size: int = 1000,
-                 device: Any = "cpu") -> dict[str, Any]:
+def evaluate_itm(model: Any, split: Any, protocol: str | None = None, *, batch_size: int = 128, shard_size: int = 1000,
+                 device: Any = None) -> dict[str, Any]:
     """Evaluate an ITM model on a precomp split.
 
     Args:
         model: ``encode_image``/``encode_text`` (+ ``score`` for cross-attention matchers).
         split: a :class:`~cirlab.data.PrecompSplit` (5 captions per image).
         protocol: "full" (= "f30k": the split's whole matrix) | "coco1k" (mean over 5 folds of 1,000 images; only
-            the folds' blocks are scored) | "coco5k" (full ``testall``) | "coco" (both, keys ``1k_*`` / ``5k_*``).
+            the folds' blocks are scored) | "coco5k" (full ``testall``) | "coco" (both, keys ``1k_*`` / ``5k_*``);
+            None: as ``cirlab eval`` scores the split (:func:`cirlab.data.catalog.itm_protocol_of`: COCO's
+            ``testall`` by "coco", every other split by "full").
         batch_size: encoding batch size.
         shard_size: images (and captions) per scoring block.
-        device: where the model runs.
+        device: where the model runs (:func:`model_device`: by default where its weights are).
 
     Returns:
         ``{"metrics": {...}, "i2t_ranks": [N] int64, "t2i_ranks": [5N] int64}`` (1-based; for coco1k within folds,
@@ -589,12 +608,17 @@ def evaluate_itm(model: Any, split: Any, protocol: str = "full", *, batch_size: 
 
     require_model(model, ITMModel, "evaluate_itm", hint="evaluate_cir scores composed-retrieval models")
     refuse_low_precision_weights(model, "evaluate_itm")
+    device = model_device(model, device)
     if not hasattr(split, "image_dataset"):  # a CIR split failed as "'CIRSplit' object has no attribute ..."
         raise ModelMismatchError(f"evaluate_itm needs a precomp split (cirlab.data.load_precomp), got a "
                                  f"{type(split).__name__}")
     whole_number(batch_size, "batch_size")
     whole_number(shard_size, "shard_size")
     _refuse_other_feature_width(model, split)
+    if protocol is None:  # was "full": COCO's test split gave other numbers here than in cirlab eval
+        from cirlab.data.catalog import itm_protocol_of
+
+        protocol = itm_protocol_of(split.name, split.split)
     if protocol not in ITM_PROTOCOLS:
         raise InputError(f"unknown ITM protocol {protocol!r}; known: {', '.join(ITM_PROTOCOLS)}")
     cpi = int(getattr(split, "im_div", 5))
@@ -628,7 +652,7 @@ def evaluate_itm(model: Any, split: Any, protocol: str = "full", *, batch_size: 
 
 
 @torch.no_grad()
-def trace_split(model: Any, split: Any, n: int | None = 200, *, batch_size: int = 32, device: Any = "cpu",
+def trace_split(model: Any, split: Any, n: int | None = 200, *, batch_size: int = 32, device: Any = None,
                    transform: Any = None, seed: int | None = None) -> Any:
     """Run ``n`` queries under :func:`cirlab.trace_routes` and return the tidy route frame.
 
@@ -639,6 +663,7 @@ def trace_split(model: Any, split: Any, n: int | None = 200, *, batch_size: int 
     """
     from cirlab.core.tracing import trace_routes
 
+    device = model_device(model, device)
     model.eval()
     total = len(split.triplets) if hasattr(split, "triplets") else len(split.captions)
     count = total if n is None else min(n, total)

@@ -999,16 +999,14 @@ def check_selection_metric(config: dict[str, Any], metric: str, split: str, load
 
 
 def itm_protocol(config: dict[str, Any], split: str | None = None) -> str:
-    """The ITM protocol of ``split``: ``eval.protocol`` (default: ``coco`` = 1K and 5K for COCO, else ``full``).
+    """The ITM protocol of ``split`` (:func:`cirlab.data.catalog.itm_protocol_of` with ``eval.protocol`` and
+    ``dataset.test_split``); without a split, ``eval.protocol`` or the dataset's own."""
+    from cirlab.data.catalog import get_dataset, itm_protocol_of
 
-    The COCO protocols describe the 5,000-image ``testall`` only; every other split (the ``dev`` that selects the
-    checkpoint, 1,000 images) is scored on its full matrix, as the original validation does."""
-    from cirlab.data.catalog import get_dataset
-
-    protocol = config["eval"].get("protocol") or get_dataset(config["dataset"]["name"]).default_protocol
-    if split is not None and protocol.startswith("coco") and split != config["dataset"]["test_split"]:
-        return "full"
-    return protocol
+    ds, protocol = config["dataset"], config["eval"].get("protocol")
+    if split is None:
+        return protocol or get_dataset(ds["name"]).default_protocol
+    return itm_protocol_of(ds["name"], split, ds["test_split"], protocol)
 
 
 def protocol_of(config: dict[str, Any], split: str) -> str:
