@@ -89,7 +89,8 @@ def _add_eval(subparsers: Any) -> None:
                     "others need --model/--preset). Prints the metrics as JSON and writes them with --output.")
     p.add_argument("target", metavar="RUN_OR_CHECKPOINT", type=user_path, help="run folder or checkpoint file")
     p.add_argument("--checkpoint", default="best.pt",
-                   help="checkpoint inside a run folder's checkpoints/ (default: best.pt; last.pt also works)")
+                   help="checkpoint inside a run folder's checkpoints/ (default: best.pt; last.pt also works, and "
+                        "either without .pt)")
     p.add_argument("--config", default=None, type=user_path,
                    help="run config YAML describing the dataset (default: the run folder's config.yaml)")
     p.add_argument("--dataset", default=None, help="dataset name: fashioniq | shoes | cirr | f30k | coco")
@@ -723,11 +724,22 @@ def _checkpoint_of(target_arg: str, name: str) -> tuple[Path, Path | None]:
     if not target.exists():
         raise CheckpointError(f"{target}: no such run folder or checkpoint file")
     run_dir = target if target.is_dir() else None
-    if run_dir is not None and not (run_dir / "checkpoints" / name).is_file():
-        what = "is not a run folder (no checkpoints/)" if not (run_dir / "checkpoints").is_dir() else \
-            f"has no checkpoints/{name} (a run still training or stopped early? try --checkpoint last.pt)"
+    folder = target / "checkpoints"
+    if run_dir is not None and not (folder / name).is_file() and (folder / f"{name}.pt").is_file():
+        name = f"{name}.pt"  # --checkpoint best, as workbench.load_run(checkpoint="best") names it
+    if run_dir is not None and not (folder / name).is_file():
+        have = sorted(p.name for p in folder.glob("*.pt")) if folder.is_dir() else []
+        from cirlab.core.config import closest
+
+        # a slip of the name ("bset") is its near spelling; a run without best.pt (no evaluation yet) has last.pt
+        near = closest(name.removesuffix(".pt"), [h.removesuffix(".pt") for h in have])
+        other = f"{near}.pt" if near else "last.pt" if "last.pt" in have else have[0] if have else ""
+        what = "is not a run folder (no checkpoints/)" if not folder.is_dir() else \
+            f"has no checkpoints/{name} (a run still training or stopped early?); it has {', '.join(have)}: try " \
+            f"--checkpoint {other}" if other else f"has no checkpoints/{name} nor any other checkpoint (a run that " \
+            "has not saved one yet)"
         raise CheckpointError(f"{run_dir} {what}")
-    checkpoint = target / "checkpoints" / name if run_dir else target
+    checkpoint = folder / name if run_dir else target
     if run_dir is None:  # a file given: say what it is before the config is looked for (a text file read "no dataset")
         from cirlab.core.checkpoint import check_checkpoint_file
 

@@ -1567,3 +1567,20 @@ def test_resume_from_a_moved_copy_of_the_same_data_is_accepted_and_other_data_is
         changed = _dress_config(tmp_path / "c3.yaml", other, max_steps=4, selection_metric="avg")
         assert main(["train", str(changed), "--output-dir", str(run), "--resume"]) == 2
     assert "split.dress.train.json changed" in caplog.text
+
+
+def test_eval_checkpoint_names_without_pt_and_a_missing_one_lists_the_run_s(tmp_path, synth, caplog, capsys):
+    """--checkpoint best (workbench.load_run's spelling) said "no checkpoints/best ... try last.pt" beside best.pt."""
+    run = _trained_stub(tmp_path, synth)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--checkpoint", "best", "--split", "val"]) == 0
+    by_name = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(run), "--checkpoint", "best.pt", "--split", "val"]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"] == by_name["splits"]
+    assert main(["eval", str(run), "--checkpoint", "bset", "--split", "val"]) == 2
+    assert "has no checkpoints/bset" in caplog.text
+    assert "it has best.pt, last.pt: try --checkpoint best.pt" in caplog.text
+    (run / "checkpoints" / "best.pt").unlink()  # stopped before its first evaluation
+    assert main(["eval", str(run), "--split", "val"]) == 2
+    assert "has no checkpoints/best.pt (a run still training or stopped early?); it has last.pt: try --checkpoint " \
+           "last.pt" in caplog.text
