@@ -24,6 +24,9 @@ _LAZY = {
     "data_root": "cirlab.core.paths:data_root",
     "cache_dir": "cirlab.core.paths:cache_dir",
     "runs_dir": "cirlab.core.paths:runs_dir",
+    # the base of every error caused by the user's input (a config, a file, a name): `except cirlab.CirlabError`
+    "CirlabError": "cirlab.core.errors:CirlabError",
+    "errors": "cirlab.core.errors",
     # layer modules, so that `from cirlab import viz, workbench` reads as the notebooks use it
     "metrics": "cirlab.core.metrics",
     "retrieval": "cirlab.core.retrieval",

@@ -513,3 +513,24 @@ def test_a_contract_method_that_is_not_callable_is_named():
     model.default_train_config = {"lr": 1e-3}
     with pytest.raises(ModelContractError, match=r"contract: not callable: \['default_train_config'\]$"):
         check_model(model)
+
+
+def test_one_user_mistake_is_one_catchable_kind_wherever_it_is_met(tmp_path):
+    """An unknown model was a KeyError from create_model and a ValueError from a config; a missing checkpoint a
+    FileNotFoundError from load_run and a RuntimeError from model_from_checkpoint; the base was not public."""
+    import cirlab
+    from cirlab.engine.runs import model_from_checkpoint
+
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "amc_synthetic_tiny.yaml"
+    for call in (lambda: cirlab.create_model("amcc"), lambda: cirlab.load_config(config, ["model=amcc"])):
+        with pytest.raises(cirlab.CirlabError) as err:
+            call()
+        assert isinstance(err.value, ValueError)  # from the registry and from a config alike
+        assert "amcc" in str(err.value) and "did you mean 'amc'" in str(err.value)
+    with pytest.raises(KeyError):  # and still a KeyError from the registry, as before
+        cirlab.create_model("amcc")
+    with pytest.raises(cirlab.CirlabError) as err:
+        model_from_checkpoint(tmp_path / "nope.pt")
+    assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, cirlab.errors.CheckpointError)

@@ -33,6 +33,7 @@ FORMAT = "cirlab-checkpoint-v1"
 
 from cirlab.core.errors import CheckpointError  # noqa: E402  (re-exported: raised and caught by this name)
 from cirlab.core.errors import error_chain  # noqa: E402
+from cirlab.core.errors import MissingCheckpointError  # noqa: E402
 
 
 class CheckpointWriteError(CheckpointError, OSError):
@@ -155,7 +156,7 @@ def check_checkpoint_file(path: str | os.PathLike) -> Path:
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise MissingCheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted write?")
     kind = sniff(path)

@@ -89,6 +89,11 @@ class CheckpointError(CirlabError, RuntimeError):
     """A checkpoint file is missing, damaged, or needs ``trust_pickle=True``."""
 
 
+class MissingCheckpointError(CheckpointError, MissingPathError):
+    """A checkpoint file that is not there: a :class:`CheckpointError` (what every other checkpoint problem raises)
+    and a ``FileNotFoundError`` (what a missing run or file raises elsewhere), so either ``except`` catches it."""
+
+
 class UnknownKeyError(CirlabError, KeyError):
     """A name the user gave (a column, layer, query id, metric) is not in the data; the message lists what is.
 

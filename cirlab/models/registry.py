@@ -151,14 +151,20 @@ def _entry_point_modules() -> tuple[tuple[str, str], ...]:
                  for ep in entry_points(group=ENTRY_POINT_GROUP))
 
 
+class UnknownModelError(UnknownKeyError, ConfigError):
+    """A model name that is not registered: a ``KeyError`` (a missing registry key) and a ``ValueError`` (the
+    :class:`ConfigError` a run config naming it raises), so that either ``except`` catches it wherever it is met."""
+
+
 def get_entry(name: str) -> ModelEntry:
+    """The registry row of model ``name``; :class:`UnknownModelError` with the near spelling for an unknown one."""
     from cirlab.core.config import did_you_mean
 
     _load_all()
     if not isinstance(name, str):  # a list would fail as "unhashable" inside the lookup
         raise TypeError(f"a model name is a string (one of cirlab.list_models()), got {name!r}")
     if name not in _REGISTRY:
-        raise UnknownKeyError(f"unknown model {name!r}{did_you_mean(name, _REGISTRY)}; known models: "
+        raise UnknownModelError(f"unknown model {name!r}{did_you_mean(name, _REGISTRY)}; known models: "
                               f"{', '.join(sorted(_REGISTRY)) or '(none)'} (a model of your own: name its module in "
                               f"{MODELS_ENV}, see docs/architecture.md)")
     return _REGISTRY[name]
