@@ -442,6 +442,16 @@ def test_a_model_of_the_wrong_kind_or_a_device_typo_is_one_line(tiny_data):
         # an ensemble's members emit under the same layer names ("'layer1' emitted twice under one set_batch")
         (lambda: workbench.collect_routes(AMCEnsemble([amc, amc]), "fashioniq", tiny_data),
          r"got 'amc_ensemble' \(task cir\): an ensemble: trace one of its members \(model.members\[0\]\)"),
+        # a split's name where the loaded split goes: "'str' object has no attribute 'triplets'" from inside
+        (lambda: workbench.gallery_rows(None, "val"), r"gallery_rows: split must be a loaded CIR split .*got 'val'"),
+        (lambda: workbench.widgets.make_query_fn(amc, {"dress": fiq}),
+         r"make_query_fn: split must be a loaded CIR split \(workbench.cir_splits\(dataset, data_root, 'val'\)"
+         r"\[category\]\), got \{'dress': CIRSplit"),
+        (lambda: workbench.widgets.make_pair_fn(dime, "val"), r"make_pair_fn: split must be a loaded precomp split"),
+        (lambda: workbench.widgets.make_pair_fn(dime, fiq), r"make_pair_fn: split must be a loaded precomp split"),
+        (lambda: workbench.itm_topk(dime, "f30k", tiny_data, k=2.5), r"k \(the top-K lists' length\) must be a whole"),
+        (lambda: cirlab.evaluate_cir(cirlab.create_model("blip_rerank_stage2", "tiny"), fiq),
+         r"got 'blip_rerank_stage2' \(task rerank\): a stage-II re-ranker is evaluated over stage I's top-K"),
     ]
     for call, message in cases:
         with pytest.raises(CirlabError, match=message):

@@ -335,7 +335,9 @@ def evaluate_cir(model: Any, split_or_splits: Any, protocol: str | None = None, 
     """
     from cirlab.core import metrics as M
 
-    require_model(model, CIRModel, "evaluate_cir", hint="evaluate_itm scores image-text matching models")
+    require_model(model, CIRModel, "evaluate_cir", hint="a stage-II re-ranker is evaluated over stage I's top-K "
+                  "(cirlab eval RUN, workbench.evaluate_run)" if getattr(model, "task", None) == "rerank" else
+                  "evaluate_itm scores image-text matching models")
     refuse_low_precision_weights(model, "evaluate_cir")
     whole_number(k, "k")
     whole_number(batch_size, "batch_size")

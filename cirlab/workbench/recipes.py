@@ -659,6 +659,7 @@ def itm_topk(model: Any, dataset: str, data_root: str | os.PathLike, split: str 
     from cirlab.engine.runs import itm_protocol
 
     device = run_device(device)
+    whole_number(k, "k (the top-K lists' length)")  # int(2.5) ranked 2 without a word
     loaded = itm_splits(dataset, data_root, split)
     config = data_config(dataset, data_root, split)
     split_name = str(config["dataset"]["val_split"])
@@ -951,6 +952,17 @@ def _main_layers(frame: Any) -> Any:
     return frame[~frame["layer"].astype(str).str.endswith("_raw")].reset_index(drop=True)
 
 
+def require_split(split: Any, where: str, *, itm: bool = False, one: bool = False) -> None:
+    """``split`` is a loaded split (CIR: a ``CIRSplit``, or unless ``one`` :func:`cir_splits`' ``{category:
+    split}``; ITM: a ``PrecompSplit``), not its name: ``"val"`` failed deep inside as "'str' object has no attribute
+    'triplets'"."""
+    wanted, attr = ("precomp split (workbench.itm_splits(dataset, data_root, 'val'))", "captions") if itm else \
+        (f"CIR split (workbench.cir_splits(dataset, data_root, 'val'){'[category]' if one else ''})", "triplets")
+    for one_split in (split.values() if isinstance(split, Mapping) and not (itm or one) else [split]):
+        if not hasattr(one_split, attr):
+            raise ParameterError(f"{where}: split must be a loaded {wanted}, got {one_split!r}")
+
+
 def gallery_rows(topk: Any, split: Any, query_ids: Sequence[str] | None = None, k: int = 5,
                  n: int = 4) -> list[dict[str, Any]]:
     """Rows for :func:`cirlab.workbench.viz.plot_retrieval_gallery` from a top-K file and its split (images from
@@ -958,6 +970,7 @@ def gallery_rows(topk: Any, split: Any, query_ids: Sequence[str] | None = None, 
     ``query_ids`` the first ``n`` queries of the file that the split holds."""
     from cirlab.workbench.viz import plain_text
 
+    require_split(split, "gallery_rows")
     whole_number(k, "k")
     whole_number(n, "n")
     owner = {t.query_id: (sp, t) for sp in (split.values() if isinstance(split, Mapping) else [split])

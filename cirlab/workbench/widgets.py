@@ -266,6 +266,9 @@ def make_query_fn(model: Any, split: Any, transform: Any = None, gallery_feature
     from cirlab.core.metrics import target_ranks
     from cirlab.core.retrieval import similarity, topk_search
     from cirlab.core.tracing import trace_routes
+    from cirlab.workbench.recipes import require_split
+
+    require_split(split, "make_query_fn", one=True)
 
     queries = split.query_dataset(transform)
     index = {t.query_id: i for i, t in enumerate(split.triplets)}
@@ -308,7 +311,9 @@ def make_pair_fn(model: Any, split: Any, device: str = "cpu") -> PairFn:
 
     from cirlab.core.metrics import target_ranks
     from cirlab.core.tracing import trace_routes
+    from cirlab.workbench.recipes import require_split
 
+    require_split(split, "make_pair_fn", itm=True)
     cache: dict[str, Any] = {}
 
     def images() -> Any:
