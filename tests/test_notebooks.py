@@ -688,6 +688,26 @@ def test_evaluate_run_evaluates_a_run_as_cirlab_eval_does(tiny_data, tmp_path, c
     assert set(every) == {"dress", "shirt", "toptee"}
 
 
+def test_a_run_path_is_read_the_same_way_by_every_run_reader(tiny_data, tmp_path, monkeypatch):
+    """find_run read reports/train from notebooks/ against the checkout, load_run and stored_config from the working
+    folder only; a folder that is not there was a "killed" run and an empty config."""
+    from cirlab import analysis, workbench
+    from cirlab.core.errors import MissingPathError
+    from cirlab.workbench import recipes
+
+    checkout = tmp_path / "checkout"
+    _train_tiny("amc", "fashioniq", tiny_data, checkout / "runs" / "amc")
+    (checkout / "notebooks").mkdir()
+    monkeypatch.setattr(recipes, "project_root", lambda: checkout)
+    monkeypatch.chdir(checkout / "notebooks")
+    assert workbench.find_run("runs/amc") == checkout / "runs" / "amc"
+    assert workbench.load_run("runs/amc").model_name == "amc"
+    assert workbench.stored_config("runs/amc")["dataset"]["name"] == "fashioniq"
+    for call in (lambda: workbench.stored_config("runs/nope"), lambda: analysis.run_state("runs/nope")):
+        with pytest.raises(MissingPathError, match=r"no run folder at .*runs/nope"):
+            call()
+
+
 def test_a_config_json_no_notebook_wrote_is_never_written_over(tmp_path):
     """A notebook pointed at a folder holding the user's config.json (or a transformers model folder) wrote its
     parameters over it at the end; now the output folder is refused when it is resolved, before any work."""

@@ -634,6 +634,8 @@ def run_state(run: str | os.PathLike) -> dict[str, Any]:
     ``--resume`` runs it) or ``killed`` (a start that never recorded an end: ``kill -9``, the OOM killer, a lost
     node). With ``message``, ``started``, ``ended`` and the last logged ``step``."""
     run = Path(run)
+    if not run.is_dir():  # a typo read as a run that was killed
+        raise MissingPathError(f"no run folder at {run.absolute()}")
     return _state_of(run, _json_or(run / "metrics.json", {}), _json_or(run / "train_summary.json", {}))
 
 

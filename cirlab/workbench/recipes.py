@@ -182,8 +182,10 @@ def find_data(dataset: str, data_root: str | os.PathLike = "", run_dir: str | os
         except ValueError as err:
             raise ParameterError(f"{name}: {err}") from None
     data_root = data_root or ""  # None is "not given", not a folder named "None"
-    if run_dir and not Path(run_dir).expanduser().exists():  # was: the synthetic data, without a word
-        raise MissingPathError(f"run_dir {Path(run_dir).expanduser().resolve()} does not exist")
+    if run_dir:
+        run_dir = _from_checkout(Path(run_dir).expanduser())  # read as find_run reads it
+    if run_dir and not Path(run_dir).exists():  # was: the synthetic data, without a word
+        raise MissingPathError(f"run_dir {Path(run_dir).resolve()} does not exist")
     for given, origin in ((str(data_root), "data_root"), (os.environ.get("CIRLAB_DATA", "").strip(), "$CIRLAB_DATA")):
         if given:
             path = _from_checkout(Path(given).expanduser()).resolve()
@@ -465,7 +467,7 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu", checkpoint: str = 
     from cirlab.engine.runs import model_from_checkpoint
 
     device = run_device(device)
-    run = Path(run_dir).expanduser().resolve()
+    run = _from_checkout(Path(run_dir).expanduser()).resolve()  # reports/train from notebooks/ too, as find_run
     if run.is_file() and run.suffix in (".pt", ".pth", ".ckpt"):  # a checkpoint file, cirlab's or an original's
         model, _ = model_from_checkpoint(run)
         if run.parent.name == "checkpoints" and (run.parent.parent / "config.yaml").is_file():
@@ -503,10 +505,14 @@ def mark_run(model: Any, run_dir: str | os.PathLike) -> None:
 
 
 def stored_config(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """A run folder's resolved ``config.yaml`` (empty when the run wrote none)."""
+    """A run folder's resolved ``config.yaml`` (empty when the run wrote none; a folder that is not there is a
+    :class:`MissingPathError`, not a run without a config). A relative path is read as :func:`find_run` reads it."""
     from cirlab.engine.runs import read_run_config
 
-    return read_run_config(run_dir)
+    run = _from_checkout(Path(run_dir).expanduser())
+    if not run.is_dir():
+        raise MissingPathError(f"no run folder at {run.absolute()}")
+    return read_run_config(run)
 
 
 def untrained_copy(run_dir: str | os.PathLike, dataset: str, data_root: str | os.PathLike, device: str = "cpu",
