@@ -819,3 +819,15 @@ def test_an_image_declaring_too_many_pixels_is_refused_before_it_is_decoded(tmp_
     with pytest.raises(DataError, match=r"image too large: 8 x 8 pixels") as err:
         split.gallery_dataset()[0]
     assert err.value.kind == "unreadable_image" and err.value.file.endswith(".png")
+
+
+def test_load_precomp_in_load_cir_s_argument_order_is_named_as_the_swap(tmp_path, monkeypatch):
+    """load_precomp("f30k", root, split) failed on a folder named f30k/<root>_precomp."""
+    from cirlab.core.errors import ConfigError
+
+    write_precomp(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"takes the folder first: got root='f30k', name='data'; call "
+                                          r"load_precomp\('data', 'f30k', \.\.\.\)"):
+        load_precomp("f30k", "data", "test")
+    assert load_precomp("data", "f30k", "test").num_images > 0

@@ -410,6 +410,17 @@ def _split_alias(folder: Path, split: str) -> str:
     return alias if alias and not has(split) and has(alias) else split
 
 
+def _refuse_swapped(root: Any, name: Any) -> None:
+    """``load_precomp("f30k", "data/precomp", "dev")``, in ``load_cir``'s order (name first), read as a folder
+    ``f30k`` and failed on a path made of both; said as the swap it is."""
+    from cirlab.data.catalog import ITM_DATASETS, canonical_name
+
+    if isinstance(root, str) and canonical_name(root) in ITM_DATASETS and Path(str(name)).expanduser().is_dir() \
+            and not Path(root).is_dir():
+        raise ConfigError(f"load_precomp(root, name, split) takes the folder first: got root={root!r}, "
+                        f"name={str(name)!r}; call load_precomp({str(name)!r}, {root!r}, ...)")
+
+
 def load_precomp(root: str | Path | None, name: str, split: str, *, max_captions: Any = _DEFAULT,
                  regions: int | None = 36, dim: int | None = 2048, sink: ProblemCollector | None = None
                  ) -> PrecompSplit:
@@ -427,6 +438,7 @@ def load_precomp(root: str | Path | None, name: str, split: str, *, max_captions
     """
     from cirlab.core.paths import resolve_root
 
+    _refuse_swapped(root, name)
     check_root(root)
     regions, dim = count_or_none(regions, "regions"), count_or_none(dim, "dim")
     if max_captions is not _DEFAULT:
