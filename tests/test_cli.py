@@ -1037,14 +1037,16 @@ def test_a_relative_root_is_recorded_absolute_so_eval_elsewhere_reads_the_same_d
 
     work, other = tmp_path / "work", tmp_path / "other"
     other.mkdir()
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # "~/.." is tmp_path whoever runs the tests
     root = write_fashioniq(work / "data", categories=("dress",))["root"]
     _dress_config(work / "c.yaml", os.path.relpath(root, work), max_steps=1, selection_metric="avg")
     monkeypatch.chdir(work)
-    assert main(["train", "c.yaml", "--output-dir", "~/../" + str(work / "runs" / "r").lstrip("/")]) == 0
+    assert main(["train", "c.yaml", "--output-dir", "~/../work/runs/r"]) == 0
     run = work / "runs" / "r"  # "~/..": expanded, not a folder named "~" here
     stored = yaml.safe_load((run / "config.yaml").read_text())
     assert stored["dataset"]["root"] == str(root)
-    assert stored["output_dir"] == str(Path.home() / ".." / run.relative_to("/"))
+    assert stored["output_dir"] == str(Path.home() / ".." / "work" / "runs" / "r")
     trained = json.loads((run / "metrics.json").read_text())["splits"]["val"]
     capsys.readouterr()
     monkeypatch.chdir(other)  # no data/ here: the run still knows where its data is

@@ -401,7 +401,11 @@ def test_register_cli_adds_report_command():
                  "train_hrem", "--no-hrem", "--no-cala"):
         assert said in text, said
     assert parser.parse_args(["report", "--jobs", "3"]).jobs == 3
-    assert args.jobs == (2 if (os.cpu_count() or 1) >= 2 else 1)  # "auto"
+    assert args.jobs == (2 if report.allocated_cpus()[0] >= 2 else 1)  # "auto": the CPUs this job may use
+    for cpus, jobs in ((4, 2), (1, 1)):  # both branches, whatever this machine (or its cpuset) has
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(report, "allocated_cpus", lambda: (cpus, False))
+            assert parser.parse_args(["report"]).jobs == jobs
     for bad in ("0", "two"):
         with pytest.raises(SystemExit):
             parser.parse_args(["report", "--jobs", bad])
@@ -612,7 +616,8 @@ def test_jobs_run_independent_notebooks_side_by_side_and_keep_dependencies(tmp_p
     assert all(json.loads((out / n / report.RECORD).read_text())["status"] == "ok" for n in t)
 
 
-def test_jobs_an_entry_process_that_dies_is_one_failure_and_its_previous_results_come_back(tmp_path, monkeypatch):
+def test_jobs_an_entry_process_that_dies_is_one_failure_and_its_previous_results_come_back(tmp_path, monkeypatch,
+                                                                                         request):
     """An entry process killed outright (the out-of-memory killer's SIGKILL, here from its own kernel) cannot put
     its folder back, send a result or remove its kernel's connection file and sockets: the report does all three
     for it, in one line, and goes on."""
@@ -622,6 +627,7 @@ def test_jobs_an_entry_process_that_dies_is_one_failure_and_its_previous_results
     nbs = _parallel_setup(tmp_path, monkeypatch, {"train": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
                                                   "quickstart": ""})
     scratch = Path(tempfile.mkdtemp(prefix="t-", dir="/tmp"))  # short: the kernels' sockets fit in it
+    request.addfinalizer(lambda: shutil.rmtree(scratch, ignore_errors=True))  # a failed assert below kept it
     monkeypatch.setenv("TMPDIR", str(scratch))
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     out, stream = tmp_path / "reports", io.StringIO()
@@ -639,7 +645,6 @@ def test_jobs_an_entry_process_that_dies_is_one_failure_and_its_previous_results
     assert (out / "quickstart" / "metrics.json").is_file()  # the entry beside it finished
     assert "badge failed" in (out / "index.html").read_text()
     left = sorted(p.name for p in scratch.iterdir())
-    shutil.rmtree(scratch)
     assert left == [], left  # the killed entry's kernel folder (kernel.json with its key, five sockets) was left
 
 

@@ -463,9 +463,14 @@ def test_backend_choice_and_guards():
         R.topk_search(q, g_inf, 5, backend="filter")
     assert R.topk_search(q, g_inf, 5)[1].shape == (8, 5)  # auto falls back to blocks
     big_q, big_g = _embeddings(1100, 16, 2), _embeddings(65000, 16, 3)
-    expected = "bf16" if _search.cpu_has_bf16() and _search.rescoring_is_exact(16) else None
-    if expected:
-        assert _search.choose_backend("auto", big_q, big_g, 50) == expected
+    exact = _search.rescoring_is_exact(16)
+    # both CPUs, whatever this one is: with bf16 (avx512_bf16 / AMX), and without (or CIRLAB_BF16=0)
+    for bf16, expected in (("1", "bf16"), ("0", "faiss" if _search.faiss_module() is not None else "filter")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("CIRLAB_BF16", bf16)
+            _search.cpu_has_bf16.cache_clear()
+            assert _search.choose_backend("auto", big_q, big_g, 50) == (expected if exact else "filter")
+    _search.cpu_has_bf16.cache_clear()  # the machine's own answer again
 
 
 def test_cpu_bf16_detection_can_be_overridden(monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -211,6 +212,15 @@ def test_the_start_line_names_the_command_provenance_records_and_overwrite_only_
     assert _starts(run)[-1]["command"] == ["cirlab", "report", "--only", "train"]
 
 
+def _wait_for_exec(pid: int, word: bytes, timeout: float = 30.0) -> None:
+    """Until process ``pid`` runs its own program (its command line holds ``word``): a busy machine had not exec'd
+    the child yet when the run read its parent's command line, and the test failed on one core."""
+    deadline = time.monotonic() + timeout
+    while word not in Path(f"/proc/{pid}/cmdline").read_bytes():
+        assert time.monotonic() < deadline, f"process {pid} did not start its program in {timeout:g} s"
+        time.sleep(0.01)
+
+
 def test_a_notebook_run_outside_the_report_records_the_command_that_started_its_kernel(config, tmp_path,
                                                                                       monkeypatch):
     """papermill's or JupyterLab's kernel recorded `ipykernel_launcher.py -f /tmp/tmpXXXX.json`, which says nothing
@@ -222,6 +232,7 @@ def test_a_notebook_run_outside_the_report_records_the_command_that_started_its_
     parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "notebooks/train.ipynb",
                                "-p", "max_steps", "2"])
     try:
+        _wait_for_exec(parent.pid, b"max_steps")  # /proc/PID/cmdline is empty until the child has exec'd
         monkeypatch.setattr("sys.argv", ["/venv/lib/ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
         monkeypatch.setattr(runs.os, "getppid", lambda: parent.pid)
         monkeypatch.delenv("CIRLAB_REPORT_COMMAND", raising=False)

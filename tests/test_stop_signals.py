@@ -37,9 +37,12 @@ def _cirlab(argv: list[str], err: Path, *, code: str = "", group: bool = False) 
     part), ``group``: in a process group of its own, as a batch job's step is. A failed check leaves no process of
     it running."""
     script = f"{code}\nfrom cirlab.cli import console\nconsole()"
+    # its temporary files beside err: a process killed with SIGKILL (and its DataLoader workers) cannot remove the
+    # pymp-* folders multiprocessing made, which were left in /tmp by every run
+    env = {**os.environ, "TMPDIR": str(err.parent)}
     with open(err, "w") as stream:
         proc = subprocess.Popen([sys.executable, "-c", script, *argv], stdout=subprocess.DEVNULL, stderr=stream,
-                                start_new_session=group)
+                                start_new_session=group, env=env)
     try:
         yield proc
     finally:
