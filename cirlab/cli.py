@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import importlib
 import json
 import logging
@@ -78,7 +79,33 @@ def _add_train(subparsers: Any) -> None:
                    help="with --resume: continue even though training settings differ from the stored config.yaml "
                         "(they are logged)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: train.device, 'auto')")
+    p.setting_hint = _setting_hint
     p.set_defaults(func=_run_train)
+
+
+def _setting_hint(flag: str) -> str | None:
+    """What an unknown ``cirlab train`` option that names a setting is (the original training scripts' flags:
+    ``--batch_size 32``, ``--lr 1e-4``, ``--margin 0.2``): the ``--set`` entry to use, else None."""
+    from cirlab.engine.train import TrainConfig
+    from cirlab.models.registry import get_entry, list_models
+
+    name = flag.lstrip("-").replace("-", "_")
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if name in train_fields or name in TrainConfig.ORIGINAL_NAMES:
+        key = name if name in train_fields else TrainConfig.ORIGINAL_NAMES[name]
+        return f"settings are config entries here: --set train.{key}=VALUE"
+    owners: dict[str, list[str]] = {}
+    for model in list_models():
+        cls = get_entry(model).config_cls
+        fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        renamed = getattr(cls, "ORIGINAL_NAMES", {})
+        key = name if name in fields else renamed.get(name)
+        if key:  # an entry of another section (HREM's --lr_schedules: train.lr_milestones) is named with it
+            owners.setdefault(key if "." in key else f"model_overrides.{key}", []).append(model)
+    if not owners:
+        return None
+    return "settings are config entries here: " + "; ".join(
+        f"--set {key}=VALUE ({', '.join(models)})" for key, models in owners.items())
 
 
 def _add_eval(subparsers: Any) -> None:

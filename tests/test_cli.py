@@ -1586,3 +1586,66 @@ def test_eval_checkpoint_names_without_pt_and_a_missing_one_lists_the_run_s(tmp_
     assert main(["eval", str(run), "--split", "val"]) == 2
     assert "has no checkpoints/best.pt (a run still training or stopped early?); it has last.pt: try --checkpoint " \
            "last.pt" in caplog.text
+
+
+def test_eval_of_a_released_file_whose_bert_is_not_here_is_one_line(tmp_path, synth, caplog):
+    """`cirlab eval model_best.pth --model hrem --preset f30k` offline ended in a traceback (exit 1): the model's BERT
+    could not be read while rebuilding it, an OSError nobody turned into the one line training gives."""
+    import torch
+    from fixtures_data import write_precomp
+
+    write_precomp(tmp_path / "data", splits=("test",))
+    released = tmp_path / "model_best.pth"
+    torch.save({"model": {}}, released)
+    code = main(["eval", str(released), "--model", "hrem", "--preset", "tiny", "--dataset", "f30k", "--root",
+                 str(tmp_path / "data"), "--split", "test", "--set", f"model_overrides.bert={tmp_path / 'no_bert'}"])
+    assert code == 2
+    assert f"model 'hrem' (model_overrides): HREM: BERT directory {tmp_path / 'no_bert'}" in caplog.text
+
+
+@pytest.mark.parametrize("given, said", [
+    # the original training scripts' flags: the --set entry, with the value typed
+    (["--batch_size", "32"], "--batch_size: settings are config entries here: --set train.batch_size=32"),
+    (["--lr", "1e-4"], "--lr: settings are config entries here: --set train.lr=1e-4"),  # was "did you mean --help?"
+    (["--num_epochs=5"], "--num_epochs: settings are config entries here: --set train.epochs=5"),
+    (["--margin", "0.2"], "--set model_overrides.margin=0.2 (dime, hrem)"),
+    (["--K-value", "50"], "--set model_overrides.rerank_k=50 (blip_rerank_stage1, blip_rerank_stage2)"),
+    (["--outptu-dir", "x"], "--outptu-dir: did you mean --output-dir?"),  # a slip of an option is still one
+])
+def test_an_original_script_s_flag_names_the_config_entry(tmp_path, synth, capsys, given, said):
+    with pytest.raises(SystemExit) as err:
+        main(["train", str(_write_config(tmp_path / "stub.yaml", synth)), *given])
+    assert err.value.code == 2 and said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry, said", [
+    # the original names whose spelling is another field's: val_step was "did you mean 'max_steps'?", which stops
+    # training; log_step "did you mean 'lr_step_size'?", which decays the learning rate
+    ("train.val_step=10", "'val_step' (the original code's --val_step; here: eval_every_steps)"),
+    ("train.log_step=10", "'log_step' (the original code's --log_step; here: log_every)"),
+    ("train.learning_rate=2e-4", "'learning_rate' (the original code's --learning_rate; here: lr)"),
+    ("train.margin=0.2", "'margin' (not a field here: the model_overrides.margin setting)"),
+    ("model_overrides.trade_off=0.5", "'trade_off' (the original code's --trade_off; here: path_weight)"),
+    ("model_overrides.lr=1e-4", "'lr' (not a field here: the train.lr setting)"),
+    ("eval.K_value=50", "'K_value' (the original code's --K_value; here: model_overrides.rerank_k"),
+])
+def test_an_original_name_in_set_says_where_the_setting_is(tmp_path, caplog, entry, said):
+    config = Path(__file__).resolve().parents[1] / "configs" / "dime_synthetic_tiny.yaml"
+    assert main(["train", str(config), "--set", entry, "--output-dir", str(tmp_path / "run")]) == 2
+    assert said in caplog.text and "known: ORIGINAL_NAMES" not in caplog.text
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_k_on_a_stage_two_re_ranker_is_said_to_be_unread(tmp_path, caplog):
+    """validate_stage2.py's --k is the candidates re-ranked, which cirlab names model_overrides.rerank_k: eval.k=5
+    on a stage II re-ranked its 50 without a word."""
+    from cirlab.engine import runs
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "blip_rerank_cirr_stage2.yaml"
+    runs._SAID_UNREAD_K.clear()
+    main(["train", str(config), "--set", "preset=tiny", "--set", "eval.k=7", "--output-dir", str(tmp_path / "r")])
+    said = [r for r in caplog.records if "eval.k=7 is not read by blip_rerank_stage2" in r.getMessage()]
+    assert len(said) == 1 and "model_overrides.rerank_k" in said[0].getMessage()
+    caplog.clear()
+    main(["train", str(config), "--set", "preset=tiny", "--set", "eval.k=50", "--output-dir", str(tmp_path / "r")])
+    assert "is not read by" not in caplog.text  # the default says nothing

@@ -356,7 +356,9 @@ def test_a_hub_id_without_the_hub_is_one_clear_error(monkeypatch):
     for var in ("HF_HUB_OFFLINE", "HF_ENDPOINT", *_text.HUB_PROXY_VARIABLES):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(FileNotFoundError, match=r"bert 'bert-base-uncased' is not a local folder, and neither the "
-                                                r"model hub nor its cache has it; set bert to a local BERT folder"):
+                                                r"model hub nor its cache has it; set bert \(--set "
+                                                r"model_overrides.bert=PATH; the original code's --bert_path\) to a "
+                                                r"local BERT folder"):
         cirlab.create_model("dime", "tiny", bert="bert-base-uncased")
     # one short probe of the hub, then the cache only: no 30 s of connection retries
     assert calls == [{"probe": ("huggingface.co", 443), "timeout": 3.0},

@@ -3,7 +3,7 @@ option is answered by the usage of the command it was given to, with the closest
 from __future__ import annotations
 
 import argparse
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 class Parser(argparse.ArgumentParser):
@@ -14,17 +14,29 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        # flag -> what to say of an unknown one that is a setting (cirlab train --batch_size 32: a config entry)
+        self.setting_hint: Callable[[str], str | None] | None = None
 
     def refuse_unknown(self, unknown: Sequence[str]) -> None:
-        """Exit with this parser's usage and "unrecognized arguments", naming the closest option of each."""
+        """Exit with this parser's usage and "unrecognized arguments", naming for each the setting it is (the
+        command's ``setting_hint``), else the closest option (never --help: ``--lr`` is no slip of it)."""
         from cirlab.core.config import closest
 
-        options = [s for action in self._actions for s in action.option_strings]
+        options = [s for action in self._actions for s in action.option_strings if s not in ("-h", "--help")]
         hints = []
-        for arg in unknown:
+        for i, arg in enumerate(unknown):
             flag = arg.split("=", 1)[0]
-            close = _completion(flag, options) or closest(flag, options) if arg.startswith("-") else None
-            if close:
+            if not arg.startswith("-"):
+                continue
+            setting = self.setting_hint(flag) if self.setting_hint else None
+            given = arg.split("=", 1)[1] if "=" in arg else unknown[i + 1] if i + 1 < len(unknown) and not \
+                unknown[i + 1].startswith("-") else None
+            if setting and given is not None:  # --batch_size 32: the entry with the value as typed
+                setting = setting.replace("=VALUE", f"={given}")
+            close = None if setting else _completion(flag, options) or closest(flag, options)
+            if setting:
+                hints.append(f"{flag}: {setting}")
+            elif close:
                 hints.append(f"{flag}: did you mean {close}?")
         self.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else ""))
 

@@ -37,10 +37,15 @@ def did_you_mean(name: Any, choices: Iterable[Any]) -> str:
     return f" (did you mean {close!r}?)" if close else ""
 
 
-def unknown_names_message(where: str, unknown: Iterable[Any], known: Iterable[Any]) -> str:
-    """``"<where>: unknown field 'rooot' (did you mean 'root'?); known: a, b"`` for one or more unknown names."""
+def unknown_names_message(where: str, unknown: Iterable[Any], known: Iterable[Any],
+                          hints: Mapping[str, str] | None = None) -> str:
+    """``"<where>: unknown field 'rooot' (did you mean 'root'?); known: a, b"`` for one or more unknown names. A
+    name with a hint (:func:`original_hints`: an option of the papers' original code; a setting of another
+    section) is given that instead of a near spelling: the spelling of ``val_step`` is ``max_steps``, its meaning
+    ``eval_every_steps``."""
     unknown, known = sorted(str(u) for u in unknown), sorted(str(k) for k in known)
-    parts = [f"{u!r}{did_you_mean(u, known)}" for u in unknown]
+    hints = hints or {}
+    parts = [f"{u!r} ({hints[u]})" if u in hints else f"{u!r}{did_you_mean(u, known)}" for u in unknown]
     noun = "field" if len(unknown) == 1 else "fields"
     return f"{where}: unknown {noun} {', '.join(parts)}; " + (f"known: {', '.join(known)}" if known else "it has none")
 
@@ -70,6 +75,9 @@ class PresetMixin:
     # old field name -> new one: a stored config (a checkpoint's) is read under the new name; a config file that
     # sets the old one is refused with the new name (unknown keys are errors)
     RENAMED: ClassVar[dict[str, str]] = {}
+    # the paper's original code's option names that are not a field's (its name -> where the setting is here:
+    # a field, or "train.x" / "model_overrides.x" in another section), for the refusal of such a name
+    ORIGINAL_NAMES: ClassVar[dict[str, str]] = {}
     # field removed since -> why, and what to do instead: a stored config (a checkpoint's) drops it; a config file
     # that sets it is refused with the reason (unknown keys are errors)
     RETIRED: ClassVar[dict[str, str]] = {}
@@ -130,17 +138,29 @@ def check_fields(cls: type, values: dict[str, Any]) -> None:
     check_field_ranges(cls, values)
 
 
-def unknown_fields_message(cls: type, unknown: Sequence[str], context: str) -> str:
+def unknown_fields_message(cls: type, unknown: Sequence[str], context: str,
+                           elsewhere: Mapping[str, str] | None = None) -> str:
     """The refusal of fields ``cls`` does not have, after ``context`` (the class, or the config file's section): a
     field renamed since (``RENAMED``) names its new name, one removed since (``RETIRED``) says why; others get
-    "did you mean" and the known names."""
+    the hints of :func:`original_hints` (``elsewhere``: settings of another section), else "did you mean", and the
+    known names."""
     renamed, retired = getattr(cls, "RENAMED", {}), getattr(cls, "RETIRED", {})
     for name in unknown:
         if name in renamed:
             return f"{context}: field {name!r} is called {renamed[name]!r} now; rename it in your config"
         if name in retired:
             return f"{context}: field {name!r} is no longer read: {retired[name]}"
-    return unknown_names_message(context, list(unknown), field_names(cls))
+    return unknown_names_message(context, list(unknown), field_names(cls), original_hints(cls, elsewhere))
+
+
+def original_hints(cls: type, elsewhere: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The hints :func:`unknown_names_message` gives for ``cls``'s ``ORIGINAL_NAMES`` (``"the original code's
+    --val_step; here: eval_every_steps"``) and for names that are settings of another section (``elsewhere``: name
+    -> its key there, e.g. ``{"margin": "model_overrides.margin"}``)."""
+    hints = {name: f"not a field here: the {where} setting" for name, where in (elsewhere or {}).items()}
+    hints.update({name: f"the original code's --{name}; here: {where}"
+                  for name, where in getattr(cls, "ORIGINAL_NAMES", {}).items()})
+    return hints
 
 
 def check_field_types(cls: type, values: dict[str, Any]) -> None:

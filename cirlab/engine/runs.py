@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib
 import inspect
 import json
@@ -50,7 +51,7 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
-from cirlab.core.config import did_you_mean, unknown_fields_message, unknown_names_message
+from cirlab.core.config import did_you_mean, original_hints, unknown_fields_message, unknown_names_message
 from cirlab.core.io import file_name_part, folder_lock, to_plain, write_json
 from cirlab.core.contracts import (INIT_REPORT, HasDatasetExtras, HasEnsemble, HasImageTransform, HasInit,
                                    HasOwnEvaluation, HasVocab)
@@ -463,13 +464,16 @@ def _validate_model(config: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: preset {preset!r} of {name!r} is unknown{did_you_mean(preset, known)}; "
                           f"known: {', '.join(known)}")
     overrides = dict(config.get("model_overrides") or {})
-    import dataclasses
-
     cls = entry.config_cls
     fields = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
     unknown = sorted(set(overrides) - set(fields))
     if fields and unknown:
-        raise ConfigError(unknown_fields_message(cls, unknown, f"{source}: model_overrides ({cls.__name__})"))
+        from cirlab.engine.train import TrainConfig
+
+        train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        training = {n: f"train.{n}" for n in unknown if n in train_fields}  # lr, batch_size
+        raise ConfigError(unknown_fields_message(cls, unknown, f"{source}: model_overrides ({cls.__name__})",
+                                                 training))
     try:  # the config dataclass checks its own values (choices, divisibility); no weights are built here
         build_config(name, preset, **overrides)
     except (TypeError, ValueError, KeyError, ArithmeticError) as err:  # a modulo by zero in a check: still one line
@@ -489,8 +493,6 @@ def _check_written_model_config(config: dict[str, Any], source: str, overrides: 
     """``model_config`` is the record a run writes of the model it built, not an input: an edited copy (a run's
     config.yaml with ``model_config.embed_dim`` changed) trained the preset's model without a word. A record that
     matches the model this config builds (a run's config.yaml run again) passes."""
-    import dataclasses
-
     from cirlab.models.registry import build_config, get_entry
 
     written = config.get("model_config")
@@ -587,6 +589,43 @@ def _check_splits(ds: dict[str, Any], spec: Any, source: str) -> None:
                               f"{did_you_mean(ds[key], known)}; known: {', '.join(known)}")
 
 
+# the re-ranker's original options given under eval: the candidates stage II re-ranks are a model setting
+EVAL_ORIGINAL_NAMES = {name: f"the original code's --{name}; here: model_overrides.rerank_k (the candidates stage II "
+                             "re-ranks; eval.k is the length of the top-K lists written)" for name in ("K", "K_value")}
+
+
+def _model_fields(model: Any) -> set[str]:
+    """The config fields of registered model ``model``; none for another value (checked elsewhere)."""
+    from cirlab.models.registry import get_entry
+
+    try:
+        cls = get_entry(str(model)).config_cls
+    except (KeyError, ValueError, TypeError):
+        return set()
+    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+
+
+def _say_unread_k(config: dict[str, Any], source: str) -> None:
+    """A stage-II re-ranker writes every candidate it re-ranks (``model_overrides.rerank_k``): an ``eval.k`` other
+    than the default (``cirlab eval --k 5``, the original validate_stage2.py's ``--k``) was read by nothing, without
+    a word, and the run re-ranked its 50 or 100 as before."""
+    from cirlab.models.registry import get_entry
+
+    k = (config.get("eval") or {}).get("k", DEFAULTS["eval"]["k"])
+    try:
+        rerank = get_entry(str(config.get("model"))).task == "rerank"
+    except (KeyError, ValueError):
+        return
+    if rerank and k != DEFAULTS["eval"]["k"] and (config["model"], k) not in _SAID_UNREAD_K:
+        _SAID_UNREAD_K.add((config["model"], k))  # a config is checked when read and again when run: said once
+        logger.warning("%s: eval.k=%s is not read by %s: it re-ranks model_overrides.rerank_k candidates per query "
+                       "(0: the paper's K) and writes them all; set that to change how many", source, k,
+                       config["model"])
+
+
+_SAID_UNREAD_K: set[tuple[str, Any]] = set()
+
+
 def _validate_eval(config: dict[str, Any], source: str) -> None:
     from cirlab.data.catalog import get_dataset
 
@@ -594,11 +633,12 @@ def _validate_eval(config: dict[str, Any], source: str) -> None:
     known = list(DEFAULTS["eval"])
     unknown = sorted(set(ev) - set(known))
     if unknown:
-        raise ConfigError(unknown_names_message(f"{source}: eval", unknown, known))
+        raise ConfigError(unknown_names_message(f"{source}: eval", unknown, known, EVAL_ORIGINAL_NAMES))
     for key in ("k", "batch_size", "shard_size"):
         value = ev.get(key, DEFAULTS["eval"][key])
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{source}: eval.{key}: expected an integer >= 1, got {value!r}")
+    _say_unread_k(config, source)
     splits = ev.get("splits")
     if splits is not None and not (isinstance(splits, list) and splits and all(isinstance(x, str) for x in splits)):
         raise ConfigError(f"{source}: eval.splits: expected a list of split names (e.g. [val, test]) or null, "
@@ -627,10 +667,12 @@ def _validate_train(config: dict[str, Any], source: str) -> None:
     from cirlab.engine.train import TrainConfig, validate_train_values
 
     section = config.get("train") or {}
-    fields = list(TrainConfig.__dataclass_fields__)
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]  # not the ClassVar tables __dataclass_fields__ holds
     unknown = sorted(set(section) - set(fields))
     if unknown:
-        raise ConfigError(unknown_names_message(f"{source}: train", unknown, fields))
+        model_fields = _model_fields(config.get("model"))  # a model setting put under train: (margin, max_violation)
+        hints = original_hints(TrainConfig, {n: f"model_overrides.{n}" for n in unknown if n in model_fields})
+        raise ConfigError(unknown_names_message(f"{source}: train", unknown, fields, hints))
     validate_train_values(section, f"{source}: train.")
     split = (config.get("dataset") or {}).get("test_split", DEFAULTS["dataset"]["test_split"])
     # a run sets it from dataset.test_split; in a run's own config.yaml (model_config) it is that value, written
@@ -902,6 +944,8 @@ def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, 
             net = create_model(name, preset, **(overrides or {}))
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{path}: cannot rebuild model {name!r} from it ({' '.join(str(err).split())})") from None
+    except OSError as err:  # a pretrained part it reads that is not here (BERT offline), as build_model says it
+        raise ConfigError(f"{path}: model {name!r} (model_overrides): {' '.join(str(err).split())}") from None
     report = load_object(net, ckpt, path)
     if report is not None:  # the paper's own layout, read by the model
         return net, {"converted_from": str(path), "converted_layout": f"original {name}",
@@ -914,8 +958,6 @@ def _refuse_other_overrides(cfg: Any, asked: dict[str, Any] | None, path: Any) -
     with, and it is the one built; a value other than the recorded one would be read by nothing. Compared as the
     config class reads them (its ``__post_init__``: DIME's old bool ``extra_negatives`` is "none" / "random"; not
     ``from_stored``, whose compatibility resets would make a requested value agree)."""
-    import dataclasses
-
     from cirlab.core.checkpoint import CheckpointError
 
     asked = type(cfg).current_names(dict(asked or {}))
@@ -952,8 +994,6 @@ def make_ensemble(models: Sequence[Any], names: Sequence[str] = ()) -> Any:
 
 def _restore_tuples(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     """YAML/checkpoint round trips turn tuples into lists; give tuple-default fields their tuples back."""
-    import dataclasses
-
     out = dict(values)
     for f in dataclasses.fields(cls):
         if f.name in out and isinstance(out[f.name], list) and isinstance(f.default, tuple):

@@ -40,14 +40,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from cirlab.core import console, io
-from cirlab.core.config import MAX_SEED, UnknownFieldError, choice_problem, did_you_mean, unknown_names_message
+from cirlab.core.config import (MAX_SEED, UnknownFieldError, choice_problem, did_you_mean, original_hints,
+                                unknown_names_message)
 from cirlab.core.contracts import HasEpochHook, HasEvalPrecision, HasParamGroups, Model, model_label
 from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from cirlab.core.errors import CirlabError, ConfigError, InputError
@@ -146,12 +147,20 @@ class TrainConfig:
             if value is not None:
                 setattr(self, name, float(value))
 
+    # the options of the papers' original training scripts that are named otherwise here (DIME and HREM train.py /
+    # arguments.py, the re-ranker's stage*_train.py); said when such a name is given as a field
+    ORIGINAL_NAMES: ClassVar[dict[str, str]] = {
+        "learning_rate": "lr", "blip_learning_rate": "lr", "num_epochs": "epochs", "blip_max_epoch": "cosine_epochs",
+        "lr_update": "lr_step_size", "lr_schedules": "lr_milestones", "decay_rate": "lr_gamma",
+        "val_step": "eval_every_steps", "validation_frequency": "eval_every", "log_step": "log_every",
+        "workers": "num_workers"}
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise UnknownFieldError(unknown_names_message("TrainConfig", unknown, known))
+            raise UnknownFieldError(unknown_names_message("TrainConfig", unknown, known, original_hints(cls)))
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -379,7 +388,7 @@ def _remember_given(init: Callable[..., None]) -> Callable[..., None]:
     def __init__(self: TrainConfig, *args: Any, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - set(names))
         if unknown:  # the dataclass's own TypeError names the first one and suggests nothing
-            raise UnknownFieldError(unknown_names_message("TrainConfig", unknown, names))
+            raise UnknownFieldError(unknown_names_message("TrainConfig", unknown, names, original_hints(TrainConfig)))
         init(self, *args, **kwargs)
         object.__setattr__(self, "_given", set(names[:len(args)]) | set(kwargs))
 

@@ -134,8 +134,9 @@ def _bert_and_vocab(cfg: Any, owner: str) -> tuple[nn.Module, Any]:
                 BertTokenizer.from_pretrained(name, local_files_only=offline))
     except OSError:  # no hub here and not in its cache: transformers' several-line message says only that
         raise FileNotFoundError(f"{owner}: bert {name!r} is not a local folder, and neither the model hub nor its "
-                                "cache has it; set bert to a local BERT folder (config.json + vocab.txt, or the "
-                                "original bert_config.json layout)") from None
+                                "cache has it; set bert (--set model_overrides.bert=PATH; the original code's "
+                                "--bert_path) to a local BERT folder (config.json + vocab.txt, or the original "
+                                "bert_config.json layout)") from None
 
 
 def folder_vocab(path: Path, owner: str = "text encoder") -> Any:

@@ -134,6 +134,10 @@ class BlipRerankConfig(PresetMixin):
     bf16: bool = False
 
     PAPER_DATA_OPTIONS: ClassVar[dict[str, dict[str, Any]]] = {"fashioniq": {"protocol": "clip4cir"}}
+    # Candidate-Reranking-CIR's stage2_train.py / validate_stage2.py options that are named otherwise here
+    ORIGINAL_NAMES: ClassVar[dict[str, str]] = {
+        "K_value": "rerank_k", "k": "rerank_k", "blip_learning_rate": "train.lr",
+        "blip_max_epoch": "train.cosine_epochs", "validation_frequency": "train.eval_every"}
     # ranges the names do not imply (core.config.check_field_ranges), where 0 means "the default" or "off": a
     # negative rerank_k or pair_chunk was read as a real setting (rerank_k=-1 re-ranked nothing and exited 0)
     NAME_RANGES: ClassVar[bool] = True  # its fields follow the naming rule of core.config.field_bound

@@ -124,6 +124,11 @@ class DIMEConfig(PresetMixin):
         "pairs_per_shard": Bound(0, why="0 = from memory on CUDA, 4096 on CPU"),
     }
     RENAMED: ClassVar[dict[str, str]] = {"max_violation_warmup_epochs": "vse_mean_warmup_epochs"}
+    # LgQu/DIME train.py's options that are named otherwise here
+    ORIGINAL_NAMES: ClassVar[dict[str, str]] = {
+        "trade_off": "path_weight", "extra_stc": "extra_negatives", "extra_img": "extra_negatives",
+        "lambda_softmax_CMRC": "lambda_softmax", "bert_path": "bert", "learning_rate": "train.lr",
+        "lr_update": "train.lr_step_size", "num_epochs": "train.epochs", "val_step": "train.eval_every_steps"}
     RETIRED: ClassVar[dict[str, str]] = RETIRED_TRUST_FIELD
     PRESETS = {
         "f30k_i2t": {"direction": "i2t", "lambda_softmax": 4.0},

@@ -118,6 +118,11 @@ class HREMConfig(PresetMixin):
     init_from: str = ""  # a cirlab HREM run folder or checkpoint, or the original's model_best.pth
 
     RETIRED: ClassVar[dict[str, str]] = RETIRED_TRUST_FIELD
+    # CrossmodalGroup/HREM arguments.py's options that are named otherwise here
+    ORIGINAL_NAMES: ClassVar[dict[str, str]] = {
+        "size_augment": "region_drop", "bert_path": "bert", "learning_rate": "train.lr",
+        "lr_schedules": "train.lr_milestones", "decay_rate": "train.lr_gamma", "num_epochs": "train.epochs",
+        "val_step": "train.eval_every_steps"}
     # ranges the names do not imply (core.config.check_field_ranges): sigma and the temperature divide distances
     # and scores (0 gave a NaN loss at step 3); a negative bert_lr_scale turns BERT's steps into gradient ascent
     NAME_RANGES: ClassVar[bool] = True  # its fields follow the naming rule of core.config.field_bound
