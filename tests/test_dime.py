@@ -426,6 +426,10 @@ def test_cirlab_eval_reads_the_original_checkpoint(tmp_path, capsys):
                  "--root", str(data["root"]), "--split", "test", "--protocol", "full",
                  "--set", "model_overrides.direction=t2i", "--set", "model_overrides.img_dim=2048"]) == 0
     assert json.loads(capsys.readouterr().out)["splits"]["test"] == pytest.approx(expected)
+    # its own options say t2i: the i2t preset loaded every weight and scored otherwise without a word
+    with pytest.raises(CheckpointError, match=r"trained with --direction 't2i' \(model_overrides.direction is "
+                                              r"'i2t'\).*use a preset of its direction \(f30k_t2i, coco_t2i\)"):
+        model_from_checkpoint(path, model="dime", preset="tiny", overrides={"img_dim": 2048})
 
     # the same file as a training start (model_overrides.init_from): every weight in place
     start = _tiny("t2i", seed=9, img_dim=2048, init_from=str(path))  # its argparse options are data: no trust
