@@ -441,3 +441,18 @@ def test_missing_keys_group_by_module_prefix_and_an_empty_list_is_empty():
     assert bi.group_keys([]) == ""
     keys = [f"text_encoder.layers.{i}.w" for i in range(3)] + ["temp"]
     assert bi.group_keys(keys) == "text_encoder.* (3), temp"
+
+
+def test_a_dime_or_hrem_original_file_given_to_convert_says_what_reads_it(tmp_path, caplog):
+    """It said "no state dict found (expected one of ['model', ...])" of a file whose 'model' is DIME's three state
+    dicts."""
+    from cirlab.cli import main
+
+    src = tmp_path / "model_best.pth.tar"
+    torch.save({"model": [{"a": torch.zeros(1)}, {"b": torch.zeros(1)}, {"c": torch.zeros(1)}], "epoch": 3}, src)
+    with pytest.raises(ValueError, match=r"'model' holds 3 state dicts, as DIME's and HREM's original files do; "
+                                         r"cirlab convert handles the re-ranker's and CaLa's: read this one with "
+                                         r"`cirlab eval .* --model dime\|hrem --preset PRESET`"):
+        bi.unwrap_state_dict(torch.load(src), str(src))
+    assert main(["convert", str(src), str(tmp_path / "out.pt")]) == 2
+    assert "holds 3 state dicts" in caplog.text and not (tmp_path / "out.pt").exists()

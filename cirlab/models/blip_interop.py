@@ -198,6 +198,13 @@ def unwrap_state_dict(obj: Any, source: str = "<checkpoint>") -> dict[str, torch
     state = find_state_dict(obj, _CONTAINER_KEYS)
     if state is not None:
         return state
+    parts = obj.get("model") if isinstance(obj, dict) else None
+    if isinstance(parts, (list, tuple)) and parts and all(isinstance(p, dict) for p in parts):
+        # DIME's model_best.pth.tar (3 state dicts) or HREM's model_best.pth (2): their own models read them
+        raise ValueError(f"{source}: 'model' holds {len(parts)} state dicts, as DIME's and HREM's original files do; "
+                         "cirlab convert handles the re-ranker's and CaLa's: read this one with `cirlab eval "
+                         f"{source} --model dime|hrem --preset PRESET`, or train from it with "
+                         "--set model_overrides.init_from=FILE")
     raise ValueError(f"{source}: no state dict found (expected one of {list(_CONTAINER_KEYS)} or a bare state dict)")
 
 
