@@ -622,3 +622,19 @@ def test_inference_precision_is_recorded_as_it_runs():
     for bf16, name in ((False, "float32"), (True, "bfloat16")):
         model = tiny(bf16=bf16)
         assert isinstance(model, HasEvalPrecision) and model.eval_precision("cpu") == name
+
+
+def test_a_train_lr_over_the_recipe_s_model_lr_says_which_counts(caplog):
+    """config.yaml held model_overrides.lr 0.001 and train.lr 2e-06 and nothing said the train value is used."""
+    import logging
+
+    from cirlab.engine.train import resolve_train_config
+
+    model = cirlab.create_model("cala", "tiny")
+    with caplog.at_level(logging.INFO, logger="cirlab.engine.train"):
+        assert resolve_train_config(model, {"lr": 2e-6}).lr == 2e-6
+    assert f"train.lr=2e-06 is used; model_overrides.lr={model.config.lr} (the recipe's value) is not" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cirlab.engine.train"):
+        resolve_train_config(model, {"lr": model.config.lr, "epochs": 3})
+    assert "is used" not in caplog.text

@@ -409,7 +409,19 @@ def resolve_train_config(model: nn.Module | None, overrides: dict[str, Any] | No
 
         raise ModelContractError(f"{type(model).__name__}.default_train_config() returned {defaults!r}; it returns a "
                                  "dict of TrainConfig fields (its paper recipe; {} for none)")
+    _say_overridden_model_fields(model, defaults, overrides or {})
     return TrainConfig.from_dict({**(base or {}), **dict(defaults), **(overrides or {})})
+
+
+def _say_overridden_model_fields(model: Any, recipe: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
+    """A training setting the model's recipe takes from a model field of the same name (CaLa's ``lr``) and the
+    user set otherwise in ``train``: the train value is used, and a run's config.yaml holding both read as a
+    contradiction, so say which one counts."""
+    config = getattr(model, "config", None)
+    for key, value in overrides.items():
+        if key in recipe and hasattr(config, key) and recipe[key] == getattr(config, key) and value != recipe[key]:
+            logger.info("train.%s=%s is used; model_overrides.%s=%s (the recipe's value) is not", key, value, key,
+                        recipe[key])
 
 
 # ----------------------------------------------------------------------------------------------- schedule
