@@ -699,7 +699,7 @@ import signal
 import sys
 from cirlab import cli, report
 
-faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for the stacks of a report that hangs
+faulthandler.register(signal.SIGUSR2, all_threads=True)  # the test asks for the stacks of a report that hangs
 # Ctrl-C as a terminal's foreground job gets it: a test run started in the background of a non-interactive shell
 # passes SIGINT down ignored, and the report then (rightly) leaves an ignored Ctrl-C alone
 signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -713,11 +713,12 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("jobs, how", [(1, "SIGTERM"), (1, "Ctrl-C"), (2, "SIGTERM"), (2, "Ctrl-C")])
+@pytest.mark.parametrize("jobs, how", [(1, "SIGTERM"), (1, "Ctrl-C"), (2, "SIGTERM"), (2, "Ctrl-C"), (1, "SIGHUP")])
 def test_kill_or_ctrl_c_stops_kernels_puts_results_back_and_leaves_no_files(tmp_path, request, jobs, how):
-    """`kill` (SIGTERM to the report) or Ctrl-C (SIGINT to its process group, kernels included) of a running
-    report: exit 143 / 130 with one line, no traceback; every kernel stopped, its IPC sockets and connection file
-    removed; the running entries' previous results put back."""
+    """`kill` (SIGTERM to the report), a closed terminal (SIGHUP: it ended the report at once, its lock and an
+    entry's previous results left aside) or Ctrl-C (SIGINT to its process group, kernels included) of a running
+    report: exit 128 + the signal with one line, no traceback; every kernel stopped, its IPC sockets and connection
+    file removed; the running entries' previous results put back."""
     import shutil
     import signal
     import subprocess
@@ -754,24 +755,25 @@ def test_kill_or_ctrl_c_stops_kernels_puts_results_back_and_leaves_no_files(tmp_
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.2)
     time.sleep(1.0)  # inside the sleeping cell
-    if how == "SIGTERM":
-        proc.send_signal(signal.SIGTERM)
-    else:
+    if how == "Ctrl-C":
         os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(getattr(signal, how))
     try:
         _, err = proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:  # say where it hangs: every thread's stack, then stop it and its kernels
-        proc.send_signal(signal.SIGUSR1)
+        proc.send_signal(signal.SIGUSR2)
         time.sleep(2.0)
         os.killpg(proc.pid, signal.SIGKILL)
         _, err = proc.communicate()
         pytest.fail(f"the report did not stop within 90 s of {how}\nits output:\n{log.read_text()}\n"
                     f"its stderr and stacks:\n{err}")
     text = log.read_text()
-    assert proc.returncode == (143 if how == "SIGTERM" else 130), (text, err)
-    assert ("terminated" if how == "SIGTERM" else "interrupted") in err
+    killed = how != "Ctrl-C"
+    assert proc.returncode == (128 + getattr(signal, how) if killed else 130), (text, err)
+    assert (f"terminated ({how})" if killed else "interrupted") in err
     assert "Traceback" not in err + text and "Kernel died" not in err + text
-    assert f"train: stopped by {how}" in text and ("report: stopped by SIGTERM" in text) == (how == "SIGTERM")
+    assert f"train: stopped by {how}" in text and (f"report: stopped by {how}" in text) == killed
     assert (out / "train" / "keep.txt").read_text() == "previous"  # the previous results, put back
     assert (out / report.FAILED_DIR / "train" / report.RECORD).is_file()
     assert not (out / "quickstart").exists() and not list(out.glob(".*.previous"))

@@ -70,6 +70,7 @@ from cirlab.core.errors import EXIT_FOUND, ConfigError, MissingPathError
 from cirlab.core.io import flat_numbers, folder_lock, write_json, write_text
 from cirlab.core.paths import user_path
 from cirlab.core.provenance import REPORT_COMMAND_ENV, REPORT_OUT_ENV
+from cirlab.core.signals import STOP_SIGNALS, give_back_signals, take_signals
 from cirlab.core.threads import CHILD_ENV, ENV, allocated_cpus, thread_env
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,8 @@ _TEMPORARY_FOLDERS: list[Path] = []  # made by _temporary_folder, removed by _te
 _SAY_LOCK = threading.Lock()
 # SIGTERM bookkeeping (_on_sigterm): the kernels started in this process and the entry processes (--jobs > 1)
 _TERMINATING = threading.Event()
+_STOPPED_BY: list[int] = []  # the stop signal _on_sigterm took (SIGTERM, SIGHUP, SIGUSR1), said in the messages
+_TERM_SIGNALS = tuple(sig for sig in STOP_SIGNALS if sig != signal.SIGINT)  # Ctrl-C has _on_sigint
 _INTERRUPTED = threading.Event()  # Ctrl-C reached this process (see _on_sigint)
 _KERNELS: set[Any] = set()
 _CHILDREN: set[Any] = set()
@@ -747,26 +750,40 @@ class EntryStopped(NotebookFailed):
 
 
 def _how_stopped(err: BaseException) -> str:
-    return "SIGTERM" if isinstance(err, ReportTerminated) else "Ctrl-C"
+    return _stop_name() if isinstance(err, ReportTerminated) else "Ctrl-C"
+
+
+def _stop_name() -> str:
+    """The stop signal that ended the report (``SIGTERM``, ``SIGHUP``, ``SIGUSR1``)."""
+    return signal.Signals(_STOPPED_BY[0]).name if _STOPPED_BY else "SIGTERM"
 
 
 class ReportTerminated(KeyboardInterrupt):
-    """SIGTERM stopped the report. A ``KeyboardInterrupt``, so that every Ctrl-C path (putting an entry's previous
-    results back) runs for it too; the command line exits with ``exit_code``."""
+    """SIGTERM (or SIGHUP, SIGUSR1: :data:`cirlab.core.signals.STOP_SIGNALS`) stopped the report. A
+    ``KeyboardInterrupt``, so that every Ctrl-C path (putting an entry's previous results back) runs for it too; the
+    command line exits with ``exit_code``, 128 + the signal's number as an unhandled one gives."""
 
-    exit_code = 128 + 15
-    message = "terminated"  # what the command line logs (Ctrl-C: "interrupted")
+    def __init__(self) -> None:
+        super().__init__(_stop_name())
+        self.exit_code = 128 + (_STOPPED_BY[0] if _STOPPED_BY else signal.SIGTERM)
+        self.message = f"terminated ({_stop_name()})"  # what the command line logs (Ctrl-C: "interrupted")
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    """Stop the report as Ctrl-C would, once (a second SIGTERM must not cut the cleanup short).
+    """Stop the report as Ctrl-C would, once (a second stop signal must not cut the cleanup short). SIGHUP (a closed
+    terminal, a dropped ssh session) and SIGUSR1 (a batch scheduler's warning) are taken the same way: they ended
+    the report at once, leaving its lock, an entry's previous results moved aside, and a kernel to find itself
+    orphaned.
 
     With a notebook running in this process the kernel is killed rather than an exception raised: the exception
     would surface inside nbclient's event loop and skip its cleanup (the kernel's IPC socket and connection
     files would be left behind). The dead kernel ends the notebook, nbclient cleans up, and
     :func:`run_notebook` turns the failure into :class:`ReportTerminated`. Entry processes get the signal passed on.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in _TERM_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if not _STOPPED_BY:
+        _STOPPED_BY.append(signum)
     _TERMINATING.set()
     _quiet_dead_kernel_logs()  # we killed it
     for child in tuple(_CHILDREN):
@@ -832,30 +849,35 @@ def _kill_kernel_process(km: Any) -> None:
 
 
 class _SigtermAsInterrupt:
-    """``with _SigtermAsInterrupt():`` SIGTERM runs :func:`_on_sigterm` and Ctrl-C :func:`_on_sigint` inside the
-    block (main thread only: Python delivers signals there), the previous handlers are restored after it."""
+    """``with _SigtermAsInterrupt():`` SIGTERM, SIGHUP and SIGUSR1 run :func:`_on_sigterm` and Ctrl-C
+    :func:`_on_sigint` inside the block (main thread only: Python delivers signals there), the previous handlers are
+    restored after it."""
 
     def __enter__(self) -> "_SigtermAsInterrupt":
-        self.previous: Any = None
+        self.previous: dict[int, Any] = {}
         self.previous_int: Any = None
-        if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
+        self.entered = hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread()
+        if self.entered:
             _TERMINATING.clear()
             _INTERRUPTED.clear()
+            _STOPPED_BY.clear()
             self.levels = {name: logging.getLogger(name).level for name in _QUIETED}
-            self.previous = signal.signal(signal.SIGTERM, _on_sigterm)
+            # (a signal the process was started with ignored, nohup's SIGHUP, stays ignored)
+            self.previous = take_signals(_TERM_SIGNALS, _on_sigterm)
             if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when Ctrl-C is ignored
                 self.previous_int = signal.signal(signal.SIGINT, _on_sigint)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        if self.entered:
+            give_back_signals(self.previous)
             for name, level in self.levels.items():  # a notebook session keeps papermill's warnings
                 logging.getLogger(name).setLevel(level)
             # the stop is over: left set, every later kernel of this process (a notebook's next run_notebook, a
             # report in a thread) was killed as it started, as if stopped again
             _TERMINATING.clear()
             _INTERRUPTED.clear()
+            _STOPPED_BY.clear()
         if self.previous_int is not None:
             signal.signal(signal.SIGINT, self.previous_int)
 
@@ -1309,7 +1331,7 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
             ok = all(one(n) for n in names) if jobs == 1 else _run_parallel(names, one, jobs)
         except ReportTerminated:
             write_index(out)
-            _say(stream, f"report: stopped by SIGTERM after {time.monotonic() - t_all:.1f}s; the notebooks that "
+            _say(stream, f"report: stopped by {_stop_name()} after {time.monotonic() - t_all:.1f}s; the notebooks that "
                          "were running are marked failed and keep any previous results (partial runs: "
                          f"{out / FAILED_DIR})")
             raise
@@ -1400,7 +1422,7 @@ def _run_entry_in_process(name: str, params: Mapping[str, Any], out: Path, kerne
         _CHILDREN.discard(child)
         shutil.rmtree(scratch, ignore_errors=True)
     if outcome is _NO_RESULT:  # killed (by us after a stop, out of memory) or ended by the code it imported
-        stopped = "SIGTERM" if _TERMINATING.is_set() else "Ctrl-C" if _INTERRUPTED.is_set() else None
+        stopped = _stop_name() if _TERMINATING.is_set() else "Ctrl-C" if _INTERRUPTED.is_set() else None
         error = (f"{name}: stopped by {stopped}" if stopped else f"{name}: its process ended without a result "
                  f"({_exit_description(child.exitcode)}); its own error, if it printed one, is above")
         if _repair_entry(out, name, {"entry": name, "notebook": notebook_of(name), "status": "failed",
