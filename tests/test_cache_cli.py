@@ -273,3 +273,26 @@ def test_cli_says_why_an_idle_entry_stays(root: Path, capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert "synthetic/tiny-seed0-64px: kept: holds files its generator did not write" in out
     assert "1 entry kept" in out and data.is_dir()
+
+
+def test_a_removal_cut_short_leaves_no_half_entry_under_its_name(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted rmtree (Ctrl-C, a kill) left a data set without its images but with its manifest and marker,
+    which read as complete. The entry is renamed first: cut short, it is gone from its name, and what is left is an
+    entry of its own that the next --remove frees."""
+    data = _data_set(root)
+    real_rmtree = cache.shutil.rmtree
+
+    def cut_short(path: object, *args: object, **kwargs: object) -> None:
+        (Path(str(path)) / "cirr" / "images" / "a.png").unlink()  # part of it gone, then the stop
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache.shutil, "rmtree", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        cache.remove_entry(_by_label(root)["synthetic/tiny-seed0-64px"])
+    assert not data.exists()  # nothing half-deleted under the data set's name
+    [left] = cache.cache_entries(root)
+    assert left.kind == "interrupted removal" and left.kept is None and left.name.startswith(cache.REMOVING)
+    monkeypatch.setattr(cache.shutil, "rmtree", real_rmtree)
+    assert [e.label for e in cache.unused_entries([left], 0)] == [left.label]
+    cache.remove_entry(left)
+    assert cache.cache_entries(root) == [] and (root / "synthetic").is_dir()

@@ -52,6 +52,10 @@ GENERATED_AREAS = {"synthetic": ("synthetic data set", synthetic.__name__), "emo
 ROOT_MANIFESTS = frozenset({synthetic.MANIFEST, emoji.MANIFEST})
 _KEY = re.compile(r"[0-9a-f]{20}")  # cirlab.core.featcache.cache_key's length
 _SEGMENT = re.compile(r"seg-[0-9a-f]{32}(\.npy|\.keys\.json)")
+# a folder being removed is renamed to this prefix first, so that no reader finds a half-deleted entry under its
+# name (an interrupted rmtree of a data set left its manifest, and the set read as complete); one a kill left is
+# an entry of its own, removable
+REMOVING = ".cirlab-removing-"
 _KEPT = {"jupyter": "the report kernels' spec (cirlab report writes it)",
          "report-home": "the report kernels' IPython folder",
          "locks": "locks of work that may be running"}
@@ -138,7 +142,8 @@ def _area_entries(top: Path) -> list[CacheEntry]:
     if area in _KEPT:
         return [_entry("", area, "cirlab's own", [top], _KEPT[area])]
     if area in GENERATED_AREAS:
-        return [_generated(top, child) for child in _children(top) if not _is_lock(child)]
+        return [_leftover(area, "", child) or _generated(top, child) for child in _children(top)
+                if not _is_lock(child)]
     if area == "npm":
         return [_entry(area, c.name, "npm package", [c], None if _plain(c) and c.suffix == ".tgz"
                        else "not a package file cirlab fetched") for c in _children(top)]
@@ -163,6 +168,9 @@ def _feature_entries(top: Path) -> list[CacheEntry]:
 
 def _store_entry(model: Path, store: Path) -> CacheEntry:
     name = f"{model.name}/{store.name}"
+    leftover = _leftover("features", f"{model.name}/", store)
+    if leftover:
+        return leftover
     if not (store.is_dir() and not store.is_symlink() and _KEY.fullmatch(store.name)):
         return _entry("features", name, "other", [store], "not a feature store cirlab writes")
     stray = [c.name for c in _children(store) if not (_SEGMENT.fullmatch(c.name) or _staged(c.name))]
@@ -185,6 +193,13 @@ def _token_entries(top: Path) -> list[CacheEntry]:
         entries.append(_entry("blip_rerank", stem, "BLIP ViT tokens", paths,
                               f"not a token file cirlab writes ({_few(odd)})" if odd else None))
     return entries
+
+
+def _leftover(area: str, prefix: str, folder: Path) -> CacheEntry | None:
+    """The entry of a folder an interrupted removal left (:data:`REMOVING`), else None."""
+    if folder.name.startswith(REMOVING) and folder.is_dir() and not folder.is_symlink():
+        return _entry(area, prefix + folder.name, "interrupted removal", [folder], None)
+    return None
 
 
 def _generated(top: Path, folder: Path) -> CacheEntry:
@@ -306,6 +321,8 @@ def _remove_fresh(entry: CacheEntry) -> int:
 def _relisted(entry: CacheEntry) -> CacheEntry:
     """``entry`` as a listing now finds it (the cache may have changed since it was listed)."""
     path = entry.paths[0]
+    if entry.kind == "interrupted removal":
+        return entry
     if entry.area == "blip_rerank":
         return next((e for e in _token_entries(path.parent) if e.name == entry.name), entry)
     if entry.area in GENERATED_AREAS:
@@ -321,6 +338,10 @@ def _remove_paths(entry: CacheEntry) -> int:
         size = sum(info.st_size for info, _ in _file_stats([path]))
         try:
             if path.is_dir() and not path.is_symlink():
+                if not path.name.startswith(REMOVING):  # renamed in one step: whole under its name, or gone
+                    renamed = path.with_name(f"{REMOVING}{path.name}-{os.getpid()}")
+                    os.rename(path, renamed)
+                    path = renamed
                 shutil.rmtree(path)
             else:
                 path.unlink()
