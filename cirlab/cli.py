@@ -292,14 +292,15 @@ def _run_cache(args: argparse.Namespace) -> int:
     root = cache_dir()
     entries = cache_entries(root)
     shown = entries if args.unused_for is None else unused_entries(entries, args.unused_for)
+    if not args.json:
+        print(f"cirlab's cache: {root} {_cache_origin()}")
+    if args.remove:  # with --json, one row per entry it was asked to remove: removed, kept or failed, and why
+        return _remove_cache_entries(shown, as_json=args.json)
     if args.json:
         from cirlab.core.io import json_text
 
         print(json_text([_cache_row(e) for e in shown], indent=None))
         return 0
-    print(f"cirlab's cache: {root} {_cache_origin()}")
-    if args.remove:
-        return _remove_cache_entries(shown)
     _print_cache_table(shown, entries, args.unused_for, args.list)
     return 0
 
@@ -383,25 +384,33 @@ def _age_text(now: float, then: float | None) -> str:
     return "now"
 
 
-def _remove_cache_entries(entries: Sequence[Any]) -> int:
-    """Remove ``entries``, a line each; 1 when one could not be removed (one kept by rule is no failure)."""
+def _remove_cache_entries(entries: Sequence[Any], *, as_json: bool = False) -> int:
+    """Remove ``entries``, a line each (``as_json``: one strict-JSON list of rows at the end); 1 when one could not
+    be removed (one kept by rule is no failure)."""
     from cirlab.workbench.cache import CacheEntryKept, CacheRemovalError, remove_entry
 
-    freed, kept, failed = 0, 0, 0
+    freed, kept, failed, rows = 0, 0, 0, []
     for entry in entries:
+        row = {**_cache_row(entry), "removed": False, "why": None}
+        rows.append(row)
         try:
             size = remove_entry(entry)
-        except CacheEntryKept as err:
-            kept += 1
-            print(err)
-            continue
-        except CacheRemovalError as err:
-            failed += 1
-            print(err)
+        except (CacheEntryKept, CacheRemovalError) as err:
+            failed += isinstance(err, CacheRemovalError)
+            kept += isinstance(err, CacheEntryKept)
+            row["why"] = str(err)
+            if not as_json:
+                print(err)
             continue
         freed += size
-        print(f"removed {entry.label} ({byte_text(size)})")
-    if not entries:
+        row["removed"] = True
+        if not as_json:
+            print(f"removed {entry.label} ({byte_text(size)})")
+    if as_json:
+        from cirlab.core.io import json_text
+
+        print(json_text(rows, indent=None))
+    elif not entries:
         print("nothing to remove")
     else:
         notes = [f"{n} {_entries_word(n)} {what} (above)" for n, what in ((kept, "kept"), (failed, "not removed")) if n]

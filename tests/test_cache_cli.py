@@ -296,3 +296,77 @@ def test_a_removal_cut_short_leaves_no_half_entry_under_its_name(root: Path, mon
     assert [e.label for e in cache.unused_entries([left], 0)] == [left.label]
     cache.remove_entry(left)
     assert cache.cache_entries(root) == [] and (root / "synthetic").is_dir()
+
+
+def test_cli_remove_with_json_removes_and_says_each_in_one_list(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--json returned before --remove ran: a script asking for machine output freed nothing and exited 0."""
+    data = _data_set(root)
+    (root / "synthetic" / "mine").mkdir()
+    assert main(["cache", "--unused-for", "0", "--remove", "--json"]) == 0
+    rows = {r["entry"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["synthetic/tiny-seed0-64px"]["removed"] is True and not data.exists()
+    assert rows["synthetic/mine"]["removed"] is False and "not written by cirlab" in rows["synthetic/mine"]["why"]
+
+
+def test_what_cannot_be_read_is_listed_as_kept_not_left_out(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder inside a data set that could not be listed stopped the whole command; an unreadable area vanished
+    from the listing and its bytes from the totals (simulated: the tests run as root, whom modes do not stop)."""
+    data = _data_set(root)
+    _tokens(root)
+    denied = {str(data / "cirr" / "images"), str(root / "blip_rerank")}
+    real_listdir, real_iterdir = os.listdir, Path.iterdir
+
+    def listdir(path: object = ".") -> list[str]:
+        if str(path) in denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_listdir(path)
+
+    def iterdir(self: Path) -> object:
+        if str(self) in denied:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(cache.os, "listdir", listdir)
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    entries = _by_label(root)
+    assert entries["synthetic/tiny-seed0-64px"].kept.startswith(f"cannot list {data / 'cirr' / 'images'}")
+    assert entries["blip_rerank"].kept.startswith(f"cannot list {root / 'blip_rerank'}")
+    assert cache.unused_entries(list(entries.values()), 0)[0].kept  # asked to remove: kept, and said why
+
+
+def test_an_area_on_another_disk_is_listed_through_its_link(root: Path, tmp_path: Path) -> None:
+    """A features/ moved to a bigger disk and linked back read 0 B and "not a folder cirlab writes"."""
+    other = tmp_path / "bigdisk" / "features"
+    other.mkdir(parents=True)
+    root.mkdir()
+    (root / "features").symlink_to(other)
+    store = _store(root)
+    [entry] = cache.cache_entries(root)
+    assert entry.kind == "feature store" and entry.kept is None and entry.size > 0
+    assert cache.remove_entry(entry) == entry.size and not (other / "amc" / store.name).exists()
+    assert (root / "features").is_symlink()  # the link itself stays
+
+
+def test_a_folder_where_a_recorded_file_was_keeps_its_entry(root: Path) -> None:
+    """foreign() asked only whether the path was recorded: a folder of the user's at a recorded file's path went with
+    the data set; a folder named like a segment in a store likewise."""
+    data = _data_set(root)
+    png = data / "cirr" / "images" / "a.png"
+    png.unlink()
+    png.mkdir()
+    (png / "notes.txt").write_text("mine")
+    store = _store(root)
+    (store / f"seg-{'0' * 32}.npy").mkdir()
+    entries = _by_label(root)
+    assert "a.png" in entries["synthetic/tiny-seed0-64px"].kept
+    assert entries[f"features/amc/{store.name}"].kept
+
+
+def test_an_entry_dated_ahead_of_this_clock_counts_as_used_now(root: Path) -> None:
+    """--unused-for 0 ("empty the cache") passed over a file dated in the future (a file server's clock)."""
+    data = _data_set(root)
+    ahead = time.time() + 2 * DAY
+    for p in [data, *data.rglob("*")]:
+        os.utime(p, (ahead, ahead))
+    [entry] = cache.cache_entries(root)
+    assert cache.unused_entries([entry], 0) == [entry] and cache.unused_entries([entry], 1) == []

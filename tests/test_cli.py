@@ -1611,6 +1611,7 @@ def test_eval_of_a_released_file_whose_bert_is_not_here_is_one_line(tmp_path, sy
     (["--margin", "0.2"], "--set model_overrides.margin=0.2 (dime, hrem)"),
     (["--K-value", "50"], "--set model_overrides.rerank_k=50 (blip_rerank_stage1, blip_rerank_stage2)"),
     (["--outptu-dir", "x"], "--outptu-dir: did you mean --output-dir?"),  # a slip of an option is still one
+    (["--lr_schedules", "15", "25"], "--set train.lr_milestones=[15,25]"),  # the original's nargs="+": a list
 ])
 def test_an_original_script_s_flag_names_the_config_entry(tmp_path, synth, capsys, given, said):
     with pytest.raises(SystemExit) as err:

@@ -385,3 +385,5 @@ def test_evaluate_itm_scores_a_split_as_cirlab_eval_does_without_a_protocol(synt
         expected = evaluate_itm(model, as_named, protocol=itm_protocol(config, split))["metrics"]
         assert evaluate_itm(model, as_named)["metrics"] == pytest.approx(expected)
         assert ("1k_rsum" in expected) == (split == "testall")
+    own = dataclasses.replace(f30k, name="mydata")  # load_precomp reads a set of any name: its whole matrix
+    assert evaluate_itm(model, own)["metrics"] == pytest.approx(evaluate_itm(model, f30k, protocol="full")["metrics"])

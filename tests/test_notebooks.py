@@ -686,6 +686,14 @@ def test_evaluate_run_evaluates_a_run_as_cirlab_eval_does(tiny_data, tmp_path, c
     assert set(workbench.evaluate_run(base, "fashioniq", tiny_data, "val")[1]) == {"dress"}  # the same baseline
     _, every = workbench.evaluate_run(model, "fashioniq", tiny_data, "val", from_run=False)
     assert set(every) == {"dress", "shirt", "toptee"}
+    # trained again (here on shirts), it is no longer that run's model: the defaults again
+    import cirlab
+    from cirlab.data import load_cir
+
+    shirts = load_cir("fashioniq", tiny_data / "fashioniq", "train", category="shirt")
+    cirlab.fit(model, shirts.triplet_dataset(model.image_transform(True)),
+               cirlab.TrainConfig(max_steps=1, batch_size=4, ema_decay=None), output_dir=tmp_path / "again")
+    assert set(workbench.evaluate_run(model, "fashioniq", tiny_data, "val")[1]) == {"dress", "shirt", "toptee"}
 
 
 def test_a_run_path_is_read_the_same_way_by_every_run_reader(tiny_data, tmp_path, monkeypatch):
@@ -703,6 +711,11 @@ def test_a_run_path_is_read_the_same_way_by_every_run_reader(tiny_data, tmp_path
     assert workbench.find_run("runs/amc") == checkout / "runs" / "amc"
     assert workbench.load_run("runs/amc").model_name == "amc"
     assert workbench.stored_config("runs/amc")["dataset"]["name"] == "fashioniq"
+    # the baseline is marked with the same run (its settings were the dataset's defaults: all three categories)
+    base = workbench.untrained_copy("runs/amc", "fashioniq", tiny_data)
+    assert getattr(base, recipes.RUN_ATTRIBUTE) == str(checkout / "runs" / "amc")
+    best = checkout / "runs" / "amc" / "checkpoints" / "best.pt"  # load_run takes it: find_data too
+    assert workbench.find_data("fashioniq", run_dir=best) == workbench.find_data("fashioniq", run_dir="runs/amc")
     for call in (lambda: workbench.stored_config("runs/nope"), lambda: analysis.run_state("runs/nope")):
         with pytest.raises(MissingPathError, match=r"no run folder at .*runs/nope"):
             call()

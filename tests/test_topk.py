@@ -184,3 +184,5 @@ def test_a_runs_topk_folder_is_read_one_split_at_a_time(tmp_path):
         load_topk_files(tmp_path, split="dev")
     with pytest.raises(InputError, match=r"is a folder, not a top-K file.*load_topk_files"):
         load_topk(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"val_dress.topk.npz is a top-K file of split 'val', not 'test'"):
+        load_topk_files(tmp_path / "val_dress.topk.npz", split="test")

@@ -29,16 +29,35 @@ class Parser(argparse.ArgumentParser):
             if not arg.startswith("-"):
                 continue
             setting = self.setting_hint(flag) if self.setting_hint else None
-            given = arg.split("=", 1)[1] if "=" in arg else unknown[i + 1] if i + 1 < len(unknown) and not \
-                unknown[i + 1].startswith("-") else None
-            if setting and given is not None:  # --batch_size 32: the entry with the value as typed
-                setting = setting.replace("=VALUE", f"={given}")
+            if setting:  # --batch_size 32: the entry with the value as typed; --lr_schedules 15 25: a list
+                setting = setting.replace("=VALUE", f"={_value_of(arg, unknown[i + 1:])}")
             close = None if setting else _completion(flag, options) or closest(flag, options)
             if setting:
                 hints.append(f"{flag}: {setting}")
             elif close:
                 hints.append(f"{flag}: did you mean {close}?")
         self.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
+def _value_of(arg: str, rest: Sequence[str]) -> str:
+    """The value an unknown ``--flag`` was given, as ``--set`` takes it: ``--x=1`` and ``--x 1`` as typed, the
+    original scripts' ``nargs="+"`` (``--lr_schedules 15 25``) as a YAML list, none as ``VALUE``."""
+    if "=" in arg:
+        return arg.split("=", 1)[1]
+    values = []
+    for word in rest:
+        if word.startswith("-") and not _is_number(word):
+            break
+        values.append(word)
+    return "VALUE" if not values else values[0] if len(values) == 1 else f"[{','.join(values)}]"
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
 
 
 def _completion(flag: str, options: Sequence[str]) -> str | None:

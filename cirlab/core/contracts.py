@@ -125,6 +125,9 @@ class HasInit(Protocol):
 
 
 INIT_REPORT = "init_from.json"  # the loading report HasInit.load_init writes into the run folder
+# the attribute cirlab.workbench.load_run sets on a model: the run folder it comes from, whose dataset settings
+# workbench.evaluate_run evaluates it with; training the model again (cirlab.fit) drops it
+RUN_DIR_ATTRIBUTE = "cirlab_run_dir"
 
 
 @runtime_checkable

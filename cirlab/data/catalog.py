@@ -85,6 +85,8 @@ def itm_protocol_of(name: str, split: str, test_split: str | None = None, protoc
     (``test_split``, default the dataset's: ``testall``); every other split (the 1,000-image ``dev`` that selects
     the checkpoint) is scored on its full matrix, as the original validation does. The one rule of the run configs
     and of :func:`cirlab.evaluate_itm` without a protocol."""
+    if canonical_name(name) not in DATASETS:  # a precomp set of one's own (load_precomp reads any name)
+        return protocol or "full"
     spec = get_dataset(name)
     protocol = protocol or spec.default_protocol
     if protocol.startswith("coco") and split != (test_split or spec.splits[2]):

@@ -49,7 +49,7 @@ from torch import nn
 from cirlab.core import console, io
 from cirlab.core.config import (MAX_SEED, UnknownFieldError, choice_problem, did_you_mean, original_hints,
                                 unknown_names_message)
-from cirlab.core.contracts import HasEpochHook, HasEvalPrecision, HasParamGroups, Model, model_label
+from cirlab.core.contracts import RUN_DIR_ATTRIBUTE, HasEpochHook, HasEvalPrecision, HasParamGroups, Model, model_label
 from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from cirlab.core.errors import CirlabError, ConfigError, InputError
 from cirlab.core.io import NO_SPACE, flat_numbers, to_plain, write_json
@@ -2332,6 +2332,9 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
             ``KeyboardInterrupt`` (and a :class:`CirlabError`), so ``except KeyboardInterrupt`` catches it.
     """
     _check_train_inputs(model, train_dataset, cfg)
+    # trained again, it is no longer the model of the run it was loaded from (workbench.evaluate_run read that
+    # run's category: a dress run fine-tuned on shirts was scored on dresses)
+    vars(model).pop(RUN_DIR_ATTRIBUTE, None)
     # a TrainConfig's own fields over the model's paper defaults, as a dict's: its class defaults do not count
     cfg = resolve_train_config(model, cfg.given() if isinstance(cfg, TrainConfig) else cfg)
     output_dir = Path(output_dir)

@@ -56,6 +56,7 @@ _SEGMENT = re.compile(r"seg-[0-9a-f]{32}(\.npy|\.keys\.json)")
 # name (an interrupted rmtree of a data set left its manifest, and the set read as complete); one a kill left is
 # an entry of its own, removable
 REMOVING = ".cirlab-removing-"
+_AREAS = ("synthetic", "emoji", "npm", "features", "blip_rerank")  # the areas whose entries --remove may remove
 _KEPT = {"jupyter": "the report kernels' spec (cirlab report writes it)",
          "report-home": "the report kernels' IPython folder",
          "locks": "locks of work that may be running"}
@@ -110,7 +111,8 @@ def unused_entries(entries: list[CacheEntry], days: float, *, now: float | None 
     remove. Those it keeps (``kept``) are among them, so that a caller can say why they stay; the top-level folders
     listed whole (``report-home``, ``locks``, a folder of the user's) are not."""
     now = time.time() if now is None else now
-    return [e for e in entries if e.area and (e.last_used is None or now - e.last_used >= days * DAY_S)]
+    # a time ahead of this clock (a file server's, an unpacked archive's) counts as now
+    return [e for e in entries if e.area and (e.last_used is None or max(0.0, now - e.last_used) >= days * DAY_S)]
 
 
 def remove_entry(entry: CacheEntry) -> int:
@@ -137,8 +139,11 @@ def _children(folder: Path) -> list[Path]:
 def _area_entries(top: Path) -> list[CacheEntry]:
     """The entries of one top-level item of the cache."""
     area = top.name
-    if top.is_symlink() or not top.is_dir():
+    if not top.is_dir() or (top.is_symlink() and area not in _AREAS):  # an area may be a link to another disk
         return [_entry("", area, "other", [top], "not a folder cirlab writes")]
+    unreadable = _unlistable(top)
+    if unreadable:  # its entries cannot be known: the area says so, and its bytes are not counted as nothing
+        return [_entry("", area, "other", [top], unreadable)]
     if area in _KEPT:
         return [_entry("", area, "cirlab's own", [top], _KEPT[area])]
     if area in GENERATED_AREAS:
@@ -154,11 +159,22 @@ def _area_entries(top: Path) -> list[CacheEntry]:
     return [_entry("", area, "other", [top], "not a folder cirlab writes")]
 
 
+def _unlistable(folder: Path) -> str | None:
+    """Why ``folder`` cannot be listed (a colleague's folder in a shared cache), else None."""
+    try:
+        os.listdir(folder)
+    except OSError as err:
+        return f"cannot list {folder} ({err.strerror or err})"
+    return None
+
+
 def _feature_entries(top: Path) -> list[CacheEntry]:
     entries = []
     for child in _children(top):
         if _plain(child) and child.suffix == ".pt" and _KEY.fullmatch(child.stem):
             entries.append(_entry("features", child.name, "encoded gallery", [child], None))
+        elif child.is_dir() and not child.is_symlink() and _unlistable(child):
+            entries.append(_entry("features", child.name, "other", [child], _unlistable(child)))
         elif child.is_dir() and not child.is_symlink():  # features/<model>/: one store per key
             entries.extend(_store_entry(child, store) for store in _children(child))
         else:
@@ -173,7 +189,7 @@ def _store_entry(model: Path, store: Path) -> CacheEntry:
         return leftover
     if not (store.is_dir() and not store.is_symlink() and _KEY.fullmatch(store.name)):
         return _entry("features", name, "other", [store], "not a feature store cirlab writes")
-    stray = [c.name for c in _children(store) if not (_SEGMENT.fullmatch(c.name) or _staged(c.name))]
+    stray = [c.name for c in _children(store) if not (_plain(c) and (_SEGMENT.fullmatch(c.name) or _staged(c.name)))]
     return _entry("features", name, "feature store", [store],
                   f"holds files a feature store does not write ({_few(stray)})" if stray else None)
 
@@ -208,7 +224,10 @@ def _generated(top: Path, folder: Path) -> CacheEntry:
         return _entry(top.name, folder.name, "other", [folder], "not a folder cirlab writes")
     if _generator(folder) != generator:
         return _entry(top.name, folder.name, kind, [folder], f"no {MARKER}: not written by cirlab")
-    extra = _unrecorded(folder)
+    try:
+        extra = _unrecorded(folder)
+    except OSError as err:  # a folder inside it that cannot be listed: what it holds is unknown
+        return _entry(top.name, folder.name, kind, [folder], f"cannot list {err.filename} ({err.strerror or err})")
     return _entry(top.name, folder.name, kind, [folder],
                   f"holds files its generator did not write ({_few(extra)})" if extra else None)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from cirlab.core.config import did_you_mean, name_list, whole_number
+from cirlab.core.contracts import RUN_DIR_ATTRIBUTE as RUN_ATTRIBUTE
 from cirlab.core.contracts import Model, model_label, require_model
 from cirlab.core.errors import ConfigError, InputError, MissingPathError, ModelMismatchError, UnknownKeyError
 from cirlab.core.shipped import inside_package, is_checkout, source_checkout
@@ -151,6 +152,14 @@ def _refuse_default_run_of_another_dataset(path: Path, dataset: str) -> None:
                                  f"its folder (run_dir / runs), or set dataset={trained_on!r}")
 
 
+def _run_folder_of(path: Path) -> Path:
+    """The run folder of ``path``: itself, or for a checkpoint file in a run's ``checkpoints/`` (which load_run
+    takes) the folder above."""
+    if path.is_file() and path.parent.name == "checkpoints":
+        return path.parent.parent
+    return path
+
+
 def _from_checkout(path: Path) -> Path:
     """A relative path as given when it exists from the working directory, else from the checkout's root (so that
     ``reports/train`` means the same in notebooks/ as at the root)."""
@@ -183,7 +192,7 @@ def find_data(dataset: str, data_root: str | os.PathLike = "", run_dir: str | os
             raise ParameterError(f"{name}: {err}") from None
     data_root = data_root or ""  # None is "not given", not a folder named "None"
     if run_dir:
-        run_dir = _from_checkout(Path(run_dir).expanduser())  # read as find_run reads it
+        run_dir = _run_folder_of(_from_checkout(Path(run_dir).expanduser()))  # read as find_run, load_run read it
     if run_dir and not Path(run_dir).exists():  # was: the synthetic data, without a word
         raise MissingPathError(f"run_dir {Path(run_dir).resolve()} does not exist")
     for given, origin in ((str(data_root), "data_root"), (os.environ.get("CIRLAB_DATA", "").strip(), "$CIRLAB_DATA")):
@@ -451,11 +460,17 @@ def train_run(model: str, preset: str, dataset: str, data_root: str | os.PathLik
             "run_config": resolved}
 
 
-def run_device(device: str) -> str:
+def run_device(device: str | None, model: Any = None) -> str:
     """A workbench function's ``device``, checked by name (as ``cirlab train`` checks ``train.device``: a typo such as
-    ``"gpu"`` was torch's list of device types) and with ``"auto"`` resolved to ``cuda`` when a GPU is visible."""
+    ``"gpu"`` was torch's list of device types) and with ``"auto"`` resolved to ``cuda`` when a GPU is visible; None:
+    where ``model``'s weights are (:func:`cirlab.engine.evaluate.model_device`), the default of the calls that take a
+    model (it was ``"cpu"``: a model loaded or trained on a GPU was fed CPU batches)."""
     from cirlab.engine.train import resolve_device
 
+    if device is None:
+        from cirlab.engine.evaluate import model_device
+
+        return str(model_device(model))
     return resolve_device(device, "device")
 
 
@@ -495,13 +510,10 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu", checkpoint: str = 
     return model.to(device).eval()
 
 
-# the attribute load_run and untrained_copy set on a model: the run folder whose dataset settings evaluate_run uses
-RUN_ATTRIBUTE = "cirlab_run_dir"
-
-
 def mark_run(model: Any, run_dir: str | os.PathLike) -> None:
-    """Record on ``model`` the run it comes from (:data:`RUN_ATTRIBUTE`), for :func:`evaluate_run`."""
-    setattr(model, RUN_ATTRIBUTE, str(Path(run_dir).expanduser().resolve()))
+    """Record on ``model`` the run it comes from (:data:`cirlab.core.contracts.RUN_DIR_ATTRIBUTE`), for
+    :func:`evaluate_run`; a relative ``run_dir`` is read as :func:`find_run` reads it."""
+    setattr(model, RUN_ATTRIBUTE, str(_from_checkout(Path(run_dir).expanduser()).resolve()))
 
 
 def stored_config(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -547,7 +559,7 @@ def untrained_copy(run_dir: str | os.PathLike, dataset: str, data_root: str | os
 
 
 def evaluate_run(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", k: int = 50,
-                 device: str = "cpu", topk_dir: str | os.PathLike | None = None,
+                 device: str | None = None, topk_dir: str | os.PathLike | None = None,
                  name: str = "", from_run: bool = True) -> tuple[dict[str, float], dict[str, Any]]:
     """Protocol metrics and the top-K lists per category, through :func:`cirlab.engine.runs.evaluate_split`.
 
@@ -566,7 +578,7 @@ def evaluate_run(model: Any, dataset: str, data_root: str | os.PathLike, split: 
     from cirlab.core.topk import load_topk
     from cirlab.engine.runs import evaluate_split, load_split, task_mismatch
 
-    device = run_device(device)
+    device = run_device(device, model)
     whole_number(k, "k (the top-K lists' length)")  # before the gallery is encoded
     require_model(model, Model, "evaluate_run")
     problem = task_mismatch(model.model_name, model.task, dataset)
@@ -614,14 +626,14 @@ def _take_run_settings(config: dict[str, Any], run_dir: str | None) -> None:
 
 
 def evaluate_itm_run(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val",
-                     device: str = "cpu", shard_size: int = 1000) -> dict[str, float]:
+                     device: str | None = None, shard_size: int = 1000) -> dict[str, float]:
     """ITM metrics of a model on a precomp split, with the run configs' protocol
     (:func:`cirlab.engine.runs.itm_protocol`: COCO's 1K and 5K on its test split, the full matrix elsewhere).
     ``"val"`` means the precomp ``dev`` split."""
     from cirlab.data.catalog import ITM_DATASETS, is_itm
     from cirlab.engine.runs import evaluate_split
 
-    device = run_device(device)
+    device = run_device(device, model)
     if not is_itm(dataset):
         raise InputError(f"evaluate_itm_run: {dataset!r} is not a precomp ITM dataset ({', '.join(ITM_DATASETS)})")
     config = data_config(dataset, data_root, split)
@@ -641,7 +653,7 @@ def itm_splits(dataset: str, data_root: str | os.PathLike, split: str = "val") -
 
 
 def itm_topk(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", k: int = 50,
-             device: str = "cpu", topk_dir: str | os.PathLike | None = None, name: str = "",
+             device: str | None = None, topk_dir: str | os.PathLike | None = None, name: str = "",
              shard_size: int = 1000) -> tuple[dict[str, float], dict[str, Any]]:
     """ITM metrics and the text-to-image top-K of every caption, from one score matrix.
 
@@ -664,7 +676,7 @@ def itm_topk(model: Any, dataset: str, data_root: str | os.PathLike, split: str 
     from cirlab.engine.evaluate import score_itm
     from cirlab.engine.runs import itm_protocol
 
-    device = run_device(device)
+    device = run_device(device, model)
     whole_number(k, "k (the top-K lists' length)")  # int(2.5) ranked 2 without a word
     loaded = itm_splits(dataset, data_root, split)
     config = data_config(dataset, data_root, split)
@@ -739,7 +751,7 @@ def _require_kind(model: Any, name: str, where: str, others: str) -> None:
 
 
 def cala_trace(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", n: int = 8,
-               device: str = "cpu") -> tuple[Any, dict[Any, str]]:
+               device: str | None = None) -> tuple[Any, dict[Any, str]]:
     """CaLa's attention (:meth:`cirlab.models.cala.CaLa.trace`: HCA's hinge map and bridge shares, TAC's twin
     attention, token strings in ``source``/``destination``) for up to ``n`` queries with a known target, spread
     over the categories; adds each query's ``category``. Returns ``(frame, {query_id: text})``."""
@@ -748,7 +760,7 @@ def cala_trace(model: Any, dataset: str, data_root: str | os.PathLike, split: st
 
     from cirlab.workbench.viz import plain_text
 
-    device = run_device(device)
+    device = run_device(device, model)
     _require_kind(model, "cala", "cala_trace", "router models (AMC, DIME): collect_routes; HREM: hrem_relation")
     _check_count(n, "n")
     splits = cir_splits(dataset, data_root, split)
@@ -771,7 +783,7 @@ def cala_trace(model: Any, dataset: str, data_root: str | os.PathLike, split: st
 
 
 def hrem_relation(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", n_images: int = 6,
-                  caption: int = 0, slot: int = 0, device: str = "cpu") -> dict[str, Any]:
+                  caption: int = 0, slot: int = 0, device: str | None = None) -> dict[str, Any]:
     """HREM's instance-level graph for one batch of ``n_images`` images of a precomp split and one caption of
     each (caption ``slot`` of every image: on the synthetic set slot 0 is the ``full`` caption), as the tidy
     frames of :func:`cirlab.models.hrem.relation_frames`: ``"edges"`` (connection, relevance, mask and fusion
@@ -783,7 +795,7 @@ def hrem_relation(model: Any, dataset: str, data_root: str | os.PathLike, split:
 
     from cirlab.models.hrem import relation_frames
 
-    device = run_device(device)
+    device = run_device(device, model)
     _require_kind(model, "hrem", "hrem_relation", "router models (AMC, DIME): collect_routes; CaLa: cala_trace")
     loaded = itm_splits(dataset, data_root, split)
     cpi = int(getattr(loaded, "im_div", 5))
@@ -811,7 +823,7 @@ def hrem_relation(model: Any, dataset: str, data_root: str | os.PathLike, split:
 
 
 def collect_routes(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", n: int = 100,
-                   device: str = "cpu") -> tuple[Any, dict[Any, str]]:
+                   device: str | None = None) -> tuple[Any, dict[Any, str]]:
     """Trace the router on up to ``n`` queries spread over the categories: ``(route frame, {query_id: text})``.
 
     One engine tracer (:func:`cirlab.engine.evaluate.trace_split`): CIR data goes through ``encode_query``; ITM
@@ -828,7 +840,7 @@ def collect_routes(model: Any, dataset: str, data_root: str | os.PathLike, split
     name = model_label(model)
     require_model(model, TracedModel, "collect_routes",
                   hint=_ensemble_hint(model) or OTHER_VIEWS.get(name, "its forward emits no routes"))
-    device = run_device(device)
+    device = run_device(device, model)
     _check_count(n, "n")
     config = data_config(dataset, data_root, split)
     loaded = load_split(config, config["dataset"]["val_split"])
@@ -876,11 +888,11 @@ def _checked(frame: Any, model: Any) -> Any:
 
 
 def query_fn_for(model: Any, dataset: str, data_root: str | os.PathLike, split: str = "val", k: int = 5,
-                 device: str = "cpu", splits: Mapping[str, Any] | None = None) -> Any:
+                 device: str | None = None, splits: Mapping[str, Any] | None = None) -> Any:
     """``query_fn(query_id, text)`` for :class:`cirlab.workbench.widgets.RouterExplorer` over every category of a CIR
     split (None for ITM models: see :func:`explorer_for`). ``splits`` (``{category: CIRSplit}``) avoids reloading
     them."""
-    device = run_device(device)
+    device = run_device(device, model)
     if model.task != "cir":
         return None
     from cirlab.workbench.widgets import make_query_fn
@@ -902,7 +914,7 @@ def query_fn_for(model: Any, dataset: str, data_root: str | os.PathLike, split: 
 
 def explorer_for(model: Any, routes: Any, texts: Mapping[Any, str], dataset: str, data_root: str | os.PathLike,
                  split: str = "val", *, run_dir: str | os.PathLike = "", compare: str = "", k: int = 5,
-                 device: str = "cpu") -> Any:
+                 device: str | None = None) -> Any:
     """The interactive explorer for a traced router model, wired to the model so that edits re-run it.
 
     CIR models (AMC): a :class:`cirlab.workbench.widgets.RouterExplorer` with thumbnails from the split, the
@@ -917,7 +929,7 @@ def explorer_for(model: Any, routes: Any, texts: Mapping[Any, str], dataset: str
     """
     from cirlab.workbench import widgets
 
-    device = run_device(device)
+    device = run_device(device, model)
     require_model(model, Model, "explorer_for")
     kind = explorer_kind(model)
     if kind != "router":  # a RouterExplorer on a CaLa trace failed later, inside the widget, on missing gates
@@ -1024,7 +1036,10 @@ def load_topk_files(path: str | os.PathLike, split: str = "") -> Any:
 
     path = Path(path)
     if path.is_file():
-        return load_topk(path)
+        one = load_topk(path)
+        if split and one.meta.get("split") != split:
+            raise MissingPathError(f"{path} is a top-K file of split {one.meta.get('split')!r}, not {split!r}")
+        return one
     files = sorted(path.glob("*.topk.npz")) if path.is_dir() else []
     if not files:
         raise MissingPathError(f"no top-K file at {path} (expected a .topk.npz file or a folder of them)")

@@ -236,13 +236,16 @@ def plot_pair_view(routes: Any, edited: Any = None, title: str = "", labels: Seq
 
 # --------------------------------------------------------------------------------------------- model glue
 def encode_gallery(model: Any, split: Any, transform: Any = None, batch_size: int = 64,
-                   device: str = "cpu") -> Any:
-    """``encode_target`` over ``split.gallery_dataset(transform)``: ``[G, D]`` on CPU, in gallery order."""
+                   device: str | None = None) -> Any:
+    """``encode_target`` over ``split.gallery_dataset(transform)``: ``[G, D]`` on CPU, in gallery order (``device``:
+    where the model runs, by default where its weights are)."""
     import torch
 
-    data = split.gallery_dataset(transform)
     from cirlab.engine.evaluate import ordered_loader
+    from cirlab.workbench.recipes import run_device
 
+    device = run_device(device, model)
+    data = split.gallery_dataset(transform)
     loader = ordered_loader(data, batch_size)
     feats = []
     model.eval()
@@ -253,7 +256,7 @@ def encode_gallery(model: Any, split: Any, transform: Any = None, batch_size: in
 
 
 def make_query_fn(model: Any, split: Any, transform: Any = None, gallery_features: Any = None, k: int = 5,
-                  device: str = "cpu") -> QueryFn:
+                  device: str | None = None) -> QueryFn:
     """Re-run a CIR router model on one query's reference image with any text (traced), and search the gallery.
 
     ``gallery_features`` (``[G, D]``, in ``split.gallery_names`` order) is computed once if not given. The result
@@ -266,9 +269,10 @@ def make_query_fn(model: Any, split: Any, transform: Any = None, gallery_feature
     from cirlab.core.metrics import target_ranks
     from cirlab.core.retrieval import similarity, topk_search
     from cirlab.core.tracing import trace_routes
-    from cirlab.workbench.recipes import require_split
+    from cirlab.workbench.recipes import require_split, run_device
 
     require_split(split, "make_query_fn", one=True)
+    device = run_device(device, model)
 
     queries = split.query_dataset(transform)
     index = {t.query_id: i for i, t in enumerate(split.triplets)}
@@ -300,7 +304,7 @@ def make_query_fn(model: Any, split: Any, transform: Any = None, gallery_feature
     return query_fn
 
 
-def make_pair_fn(model: Any, split: Any, device: str = "cpu") -> PairFn:
+def make_pair_fn(model: Any, split: Any, device: str | None = None) -> PairFn:
     """Score any caption against one image of a precomp split with an ITM router model (traced), and rank that
     image among all the split's images for the caption (text-to-image retrieval).
 
@@ -311,9 +315,10 @@ def make_pair_fn(model: Any, split: Any, device: str = "cpu") -> PairFn:
 
     from cirlab.core.metrics import target_ranks
     from cirlab.core.tracing import trace_routes
-    from cirlab.workbench.recipes import require_split
+    from cirlab.workbench.recipes import require_split, run_device
 
     require_split(split, "make_pair_fn", itm=True)
+    device = run_device(device, model)
     cache: dict[str, Any] = {}
 
     def images() -> Any:

@@ -104,7 +104,7 @@ def foreign(folder: Path, manifests: Iterable[str] = ()) -> list[Path]:
             rel = child.relative_to(folder).as_posix()
             if child.is_dir() and not child.is_symlink() and rel in known_dirs:
                 walk(child)
-            elif rel not in known:
+            elif rel not in known or (child.is_dir() and not child.is_symlink()):  # a folder where a file was
                 found.append(child)
 
     walk(folder)
