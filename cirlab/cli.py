@@ -879,10 +879,15 @@ def _run_eval(args: argparse.Namespace) -> int:
         model = make_ensemble(members, [str(path) for path in files])
     model.to(device)
     results = _evaluate_splits(args, model, config, splits, loaded, device)
-    record: dict[str, Any] = {"checkpoint": str(checkpoint), "model": model.model_name, "splits": results,
-                              "protocols": {split: protocol_of(config, split) for split in splits}}
+    from cirlab.core.provenance import code_version
+
+    # what a paper's table needs to say where a number came from: the file (absolute: the record is read from
+    # elsewhere), the code that scored it and the settings given here (as a run's metrics.json has its config.yaml)
+    record: dict[str, Any] = {"checkpoint": str(checkpoint.resolve()), "model": model.model_name, "splits": results,
+                              "protocols": {split: protocol_of(config, split) for split in splits},
+                              "code": code_version(), "settings": list(args.overrides)}
     if args.ensemble:
-        record["ensemble"] = [str(path) for path in files]
+        record["ensemble"] = [str(path.resolve()) for path in files]
     from cirlab.core.contracts import HasEvalPrecision
 
     if isinstance(model, HasEvalPrecision):  # DIME's "auto" scores in bf16 on some CPUs, fp32 on others

@@ -150,8 +150,12 @@ def test_eval_output_written_meanwhile_by_another_eval_is_not_replaced(tmp_path,
     assert target.read_text() == '{"checkpoint": "the other eval"}\n'
     assert json.loads(capsys.readouterr().out)["splits"]["val"]  # this eval's results are not lost: printed
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staged file left
-    assert main(["eval", str(run), "--split", "val", "--output", str(target), "--overwrite"]) == 0
-    assert json.loads(target.read_text())["checkpoint"].endswith("best.pt")
+    monkeypatch.chdir(tmp_path)  # a relative run path: the record says where the file is from anywhere
+    assert main(["eval", os.path.relpath(run, tmp_path), "--split", "val", "--output", str(target), "--overwrite",
+                 "--set", "eval.batch_size=8"]) == 0
+    record = json.loads(target.read_text())
+    assert record["checkpoint"] == str(run.resolve() / "checkpoints" / "best.pt")
+    assert record["code"] and record["settings"] == ["eval.batch_size=8"]  # what scored it, and how
 
 
 def test_eval_topk_files_written_meanwhile_by_another_eval_are_not_replaced(tmp_path, synth, capsys, caplog,

@@ -505,3 +505,16 @@ def test_fashioniq_metrics_says_it_takes_a_mapping():
     with pytest.raises(ValueError, match=r"fashioniq_metrics takes \{category: ranks or \(scores, target\)\}, got a "
                                          r"list \(one category: \{'dress': ranks\}\)"):
         M.fashioniq_metrics([[1], [9]])
+
+
+def test_a_recall_is_the_exact_share_not_the_mean_s_rounding():
+    """100 * mean gave 57.49999999999999 for 23 of 40 (and 13.750000000000002), copied into every CSV export."""
+    import torch
+
+    from cirlab.core.metrics import itm_metrics, recall_from_ranks
+
+    ranks = torch.tensor([1] * 23 + [100] * 17)
+    assert recall_from_ranks(ranks, (10,))["R@10"] == 57.5
+    assert recall_from_ranks(torch.tensor([1] * 11 + [100] * 69), (1,))["R@1"] == 13.75
+    sims = torch.eye(8).repeat_interleave(5, dim=1)  # every image's 5 captions score it highest
+    assert itm_metrics(sims)["rsum"] == 600.0

@@ -214,3 +214,37 @@ def test_the_state_comes_from_the_contents_not_from_file_times(tmp_path):
         {"started": "2026-12-07T00:00:00+00:00", "from_step": 0, "status": "finished"},
         {"started": "2026-12-07T00:01:00+00:00", "from_step": 3}]}))
     assert analysis.run_state(early)["state"] == "killed"
+
+
+def test_results_table_is_a_paper_table_with_provenance_and_a_seed_summary(tmp_path, monkeypatch):
+    """compare_runs gave one row per metric, bookkeeping rows among them, R@1, R@10, R@5 in alphabetical order, every
+    split, and no seed, config or commit: a paper table took 32 lines of one's own."""
+    monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "cache"))
+    runs = tmp_path / "runs"
+    for seed in (0, 1, 2):
+        config = cirlab.load_config(CONFIG, ["train.max_steps=2", "eval.splits=[val]", f"train.seed={seed}",
+                                             "dataset.category=null"])
+        cirlab.run_experiment(config, output_dir=runs / f"amc_s{seed}")
+    table = analysis.results_table(runs, split="val")
+    assert list(table["run"]) == ["amc_s0", "amc_s1", "amc_s2"] and list(table["seed"]) == [0, 1, 2]
+    assert list(table.columns[:6]) == ["run", "model", "dataset", "seed", "config", "code"]
+    assert list(table.columns[6:]) == [f"{c}_R@{k}" for c in ("dress", "shirt", "toptee", "avg") for k in (10, 50)] \
+        + ["avg"]  # the papers' order, the average last
+    assert table["config"].nunique() == 1 and table["code"].notna().all()
+    stored = json.loads((runs / "amc_s1" / "metrics.json").read_text())["splits"]["val"]
+    assert table.loc[1, "dress_R@10"] == stored["dress_R@10"]
+    summary = analysis.seed_summary(table)
+    assert summary.loc[0, "n"] == 3 and summary.loc[0, "avg"] == pytest.approx(table["avg"].mean())
+    assert summary.loc[0, "avg std"] == pytest.approx(table["avg"].std(ddof=1))
+    text = analysis.seed_summary(table, text=True)
+    assert text.loc[0, "avg"] == f"{table['avg'].mean():.2f} ± {table['avg'].std(ddof=1):.2f}"
+    latex = table.to_latex(index=False, escape=True, float_format="%.2f", na_rep="--")  # the docstring's export
+    assert r"dress\_R@10" in latex and r"amc\_s0" in latex
+    with pytest.raises(ValueError, match=r"amc_s0 has no metrics of split 'test'; it has 'val'"):
+        analysis.results_table([runs / "amc_s0"], split="test")
+
+
+def test_compare_runs_names_an_eval_output_file_by_its_stem(tmp_path):
+    """cirlab eval --output amc_s0.json was a column named 'amc_s0.json'."""
+    (tmp_path / "amc_s0.json").write_text(json.dumps({"splits": {"val": {"avg": 1.0}}}))
+    assert list(analysis.compare_runs([tmp_path / "amc_s0.json"]).columns) == ["amc_s0"]

@@ -1248,3 +1248,20 @@ def test_numbers_on_viridis_heatmaps_keep_wcag_contrast():
 
     for f in np.linspace(0, 1, 201):
         assert _contrast(colormaps["viridis"](f), viz.text_on_viridis(f)) >= 4.5, f
+
+
+def test_a_saved_figure_is_the_same_bytes_however_often_it_is_drawn(tmp_path):
+    """Constrained layout moved the axes a little on every draw and matplotlib named SVG clip paths by a hash of
+    their bounds: a figure saved twice (or shown in a notebook, then saved) gave other bytes, and a paper's
+    repository churned. PDFs carried Type 3 fonts, which venues' camera-ready checks refuse."""
+    dime, _ = dime_frame()
+    fig = viz.plot_expert_heatmaps(dime)
+    first = viz.save_figure(fig, tmp_path / "a", "heat", formats=("svg", "pdf"))
+    fig.draw_without_rendering()  # drawn once more (a notebook shows it), then saved again
+    again = viz.save_figure(fig, tmp_path / "b", "heat", formats=("svg", "pdf"))
+    for one, two in zip(first, again):
+        assert one.read_bytes() == two.read_bytes(), one.name
+    pdf = first[1].read_bytes()
+    assert b"/Type3" not in pdf and b"/FontFile2" in pdf  # TrueType (Type 42) fonts embedded
+    assert b'clip-path="url(#clip0)"' in first[0].read_bytes()
+    assert type(fig.get_layout_engine()).__name__ == "ConstrainedLayoutEngine"  # given back after the save

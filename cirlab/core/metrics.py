@@ -267,6 +267,13 @@ def _as_ks(ks: int | Sequence[int], name: str = "ks") -> list[int]:
     return out
 
 
+def _percent(hits: torch.Tensor) -> float:
+    """The share of true entries of ``hits`` in percent, as ``100 * count / n`` (NaN for none): ``100 * mean`` put the
+    mean's rounding in the last digit (0.575 -> 57.49999999999999), which every CSV of the metrics copied."""
+    n = hits.numel()
+    return 100.0 * int(hits.sum()) / n if n else float("nan")
+
+
 def recall_from_ranks(ranks: ScoresLike, ks: int | Sequence[int], prefix: str = "") -> dict[str, float]:
     """Recall@K in percent from 1-based ranks: ``100 * mean(rank <= k)`` over all queries.
 
@@ -278,7 +285,7 @@ def recall_from_ranks(ranks: ScoresLike, ks: int | Sequence[int], prefix: str = 
     """
     ks = _as_ks(ks)
     r = _as_ranks(ranks)
-    return {recall_key(k, prefix): 100.0 * float((r <= k).double().mean()) for k in ks}
+    return {recall_key(k, prefix): _percent(r <= k) for k in ks}
 
 
 def recall_at_k(scores: ScoresLike, target: ScoresLike, ks: int | Sequence[int], exclude: ScoresLike | None = None, *,
@@ -500,7 +507,7 @@ def cirr_metrics_from_ranks(ranks: ScoresLike, subset_ranks: ScoresLike) -> dict
     """
     out = recall_from_ranks(ranks, CIRR_KS)
     sub = _as_ranks(subset_ranks, "subset_ranks")
-    out.update({subset_key(k): 100.0 * float((sub <= k).double().mean()) for k in CIRR_SUBSET_KS})
+    out.update({subset_key(k): _percent(sub <= k) for k in CIRR_SUBSET_KS})
     out[AVG] = (out[recall_key(5)] + out[subset_key(1)]) / 2
     return out
 
@@ -780,7 +787,7 @@ def _median_rank(rank: Tensor) -> float:
 
 def _direction_metrics(rank: Tensor, direction: str, ks: Sequence[int]) -> dict[str, float]:
     rank = _as_ranks(rank, f"{direction} ranks")
-    out = {itm_key(direction, k): 100.0 * float((rank <= k).double().mean()) for k in ks}
+    out = {itm_key(direction, k): _percent(rank <= k) for k in ks}
     out[itm_key(direction, "medr")] = _median_rank(rank)
     out[itm_key(direction, "meanr")] = float(rank.double().mean())  # mean(rank0) + 1
     return out

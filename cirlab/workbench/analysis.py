@@ -33,6 +33,7 @@ __all__ = [
     "route_statistics", "flow_matrices", "path_vectors", "pca_2d", "read_log", "read_metrics",
     "compare_runs", "flatten_metrics", "layer_matrix", "bridge_words", "relation_matrix", "relation_block_means",
     "word_region_matrix", "word_image_matrix", "recall_by_category", "removed_rank", "shown_rank",
+    "results_table", "seed_summary", "paper_metrics",
 ]
 
 
@@ -548,9 +549,12 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, f
 
 
 def _run_name(path: str | os.PathLike) -> str:
-    """A run folder's name; for a ``metrics.json`` given directly, its folder's name."""
+    """A run folder's name; for a ``metrics.json`` given directly, its folder's name; for another JSON file (``cirlab
+    eval --output amc_s0.json``) its name without ``.json``."""
     path = Path(path)
-    return path.parent.name if path.name == "metrics.json" else path.name
+    if path.name == "metrics.json":
+        return path.parent.name
+    return path.stem if path.suffix == ".json" else path.name
 
 
 def _named_runs(runs: Any) -> Mapping[str, Any]:
@@ -761,6 +765,112 @@ def runs_table(root: str | os.PathLike) -> Any:
     table = pd.DataFrame(rows)
     last = [c for c in ("started", "ended", "message") if c in table.columns]  # the widest columns last
     return table[[c for c in table.columns if c not in last] + last]
+
+
+def paper_metrics(keys: Sequence[str]) -> list[str]:
+    """The metric keys of ``keys`` that the papers' tables report, in their order: Fashion-IQ dress, shirt, toptee
+    R@10 / R@50 then the averages; Shoes R@1, R@10, R@50; CIRR R@1 ... R@50 then Rsubset@1..3; ITM i2t then t2i
+    R@1/5/10 and rsum (COCO: its 1K block, then 5K); ``avg`` last. Keys no table reports (medr, meanr, trivial cut-offs
+    past the gallery are still R@K) are left out."""
+    from cirlab.core import metrics as M
+
+    cir = [f"{c}_{M.recall_key(k)}" for c in (*M.FIQ_CATEGORIES, "avg") for k in M.FIQ_KS]
+    cir += [M.recall_key(k) for k in sorted({*M.CIRR_KS, *M.SHOES_KS})]
+    cir += [M.subset_key(k) for k in M.CIRR_SUBSET_KS]
+    itm = [M.itm_key(d, k) for d in ("i2t", "t2i") for k in M.ITM_KS] + [M.RSUM]
+    order = [*cir, *(f"{block}_{k}" for block in ("1k", "5k") for k in itm), *itm, M.AVG]
+    present = set(keys)
+    return [k for k in order if k in present]
+
+
+def results_table(runs: Any, split: str = "test", *, metrics: str | Sequence[str] = "paper",
+                  provenance: bool = True) -> Any:
+    """A paper's results table: one row per run (run folders, their metrics.json files, or a folder holding runs),
+    the ``split``'s metrics as columns in the papers' order (:func:`paper_metrics`; ``metrics="all"`` every key the
+    run recorded, or a list of keys), led with provenance unless ``provenance=False``: model, dataset, ``seed``
+    (``train.seed`` of the run's config.yaml), ``config`` (a digest of that config without its seed, output folder
+    and name: runs differing only by seed share it, which :func:`seed_summary` groups by) and ``code`` (the commit
+    its last start ran, from provenance.json). A run without metrics for ``split`` is an error naming the splits it
+    has. Export: ``table.to_csv(path, index=False)``, ``table.to_latex(index=False, escape=True,
+    float_format="%.2f", na_rep="--")`` (escape: metric and run names hold ``_``)."""
+    import pandas as pd
+
+    rows = []
+    for name, src in _results_sources(runs).items():
+        row = {"run": name, **(_provenance_row(Path(src)) if provenance else {})}
+        metrics_file = read_metrics(src)
+        values = (metrics_file.get("splits") or {}).get(split)
+        if not isinstance(values, Mapping):
+            have = sorted(metrics_file.get("splits") or {})
+            raise InputError(f"results_table: {src} has no metrics of split {split!r}; it has "
+                             f"{', '.join(map(repr, have)) or 'none'}")
+        numbers = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        keys = (paper_metrics(list(numbers)) if metrics == "paper" else sorted(numbers) if metrics == "all"
+                else name_list(metrics))
+        row.update({k: numbers.get(k) for k in keys})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if metrics == "paper":  # one order over runs of several datasets: the papers' order of every key present
+        meta = [c for c in table.columns if c in _PROVENANCE_COLUMNS]
+        table = table[meta + paper_metrics([c for c in table.columns if c not in _PROVENANCE_COLUMNS])]
+    return table
+
+
+_PROVENANCE_COLUMNS = ("run", "model", "dataset", "seed", "config", "code")
+
+
+def _results_sources(runs: Any) -> Mapping[str, Any]:
+    """``runs`` as ``{name: run folder or metrics file}``; a folder that is no run is the folder of its runs."""
+    if isinstance(runs, (str, os.PathLike)) and Path(runs).is_dir() and not (Path(runs) / "metrics.json").is_file():
+        root = Path(runs)
+        return {run.relative_to(root).as_posix(): run for run in find_runs(root)
+                if (run / "metrics.json").is_file()}
+    return _named_runs(runs)
+
+
+def _provenance_row(src: Path) -> dict[str, Any]:
+    """model, dataset, seed, config digest and code of the run at ``src`` (its folder, or its metrics.json)."""
+    import hashlib
+
+    from cirlab.core.provenance import read_starts
+
+    run = src.parent if src.name == "metrics.json" else src
+    config = _yaml_or(run / "config.yaml")
+    train = dict(config.get("train") or {})
+    seed = train.pop("seed", None)
+    same = {k: v for k, v in config.items() if k not in ("output_dir", "name", "train")}
+    digest = hashlib.sha256(json.dumps({**same, "train": train}, sort_keys=True, default=str).encode()).hexdigest()
+    try:
+        starts = read_starts(run)
+    except (OSError, ValueError):
+        starts = []
+    last = starts[-1] if starts and isinstance(starts[-1], dict) else {}
+    return {"model": config.get("model"), "dataset": (config.get("dataset") or {}).get("name"), "seed": seed,
+            "config": digest[:10] if config else None, "code": last.get("code")}
+
+
+def seed_summary(table: Any, *, text: bool = False, digits: int = 2) -> Any:
+    """:func:`results_table` over runs that differ only by seed, grouped (model, dataset, config): per metric the
+    mean and the standard deviation over the seeds (pandas' sample std, ddof 1; 0 for one run), and ``n`` the runs;
+    columns ``<metric>`` and ``<metric> std``. ``text=True``: each metric as one string ``"41.46 ± 1.44"``
+    (``digits`` decimals), for a table to export as it is."""
+    keys = [c for c in ("model", "dataset", "config") if c in table.columns]
+    if "config" not in keys:
+        raise InputError("seed_summary: the table has no config column (results_table(..., provenance=True))")
+    metric_columns = [c for c in table.columns if c not in _PROVENANCE_COLUMNS]
+    grouped = table.groupby(keys, dropna=False, sort=False)[metric_columns]
+    mean, std = grouped.mean(), grouped.std(ddof=1).fillna(0.0)
+    out = mean.copy()
+    out.insert(0, "n", grouped.size())
+    for column in metric_columns:
+        if text:
+            out[column] = [f"{m:.{digits}f} ± {s:.{digits}f}" if m == m else "--"
+                           for m, s in zip(mean[column], std[column])]
+        else:
+            out[f"{column} std"] = std[column]
+    if not text:
+        out = out[["n", *(c for m in metric_columns for c in (m, f"{m} std"))]]
+    return out.reset_index()
 
 
 RESUME_STATE = "last.pt"  # under checkpoints/: the whole training state (model, optimizer, averaged weights)

@@ -12,10 +12,11 @@ in :mod:`cirlab.workbench.analysis` and are tested there.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -98,7 +99,7 @@ def save_figure(fig: Any, out_dir: str | os.PathLike, name: str,
     """Write ``fig`` as ``<out_dir>/<name>.<fmt>`` for each format; returns the paths written. ``name`` is a file
     name (no folders, no ``..``: ``../x`` wrote outside ``out_dir``); one ending in a requested format's extension
     loses it (``"g3.png"`` writes ``g3.png`` and ``g3.svg``, not ``g3.png.png``). ``out_dir`` must not be a file."""
-    from cirlab.core.io import atomic_path, file_name_part
+    from cirlab.core.io import file_name_part
 
     formats = name_list(formats)
     if not formats:  # nothing would be written, without a word
@@ -110,21 +111,72 @@ def save_figure(fig: Any, out_dir: str | os.PathLike, name: str,
         raise FileExistsError(f"save_figure: out_dir {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    import matplotlib
-
-    for fmt in formats:
-        path = out / f"{name}.{fmt}"
-        # SVG text stays text (matplotlib draws it as outlines by default): screen readers read it, search finds it.
-        # A fixed hash salt and no date make the same figure the same bytes: matplotlib salts its clip-path ids with
-        # a random uuid, so every re-run changed every SVG in a committed reports/ and hid the real changes
-        # written to a temporary beside it and renamed: a kill mid-write left a truncated PNG or SVG in the report.
-        # Through an open file, not the temporary's name, which PostScript wrote into its %%Title (now it has none)
-        with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "cirlab"}), \
-                atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            fig.savefig(fh, format=fmt, dpi=120 if fmt == "png" else None, **_fixed_metadata(fmt))
-        paths.append(path)
+    with _settled_layout(fig):
+        for fmt in formats:
+            paths.append(_save_one(fig, out / f"{name}.{fmt}", fmt))
     logger.info("saved figure %s (%s)", out / name, ", ".join(formats))
     return paths
+
+
+# SVG text stays text (matplotlib draws it as outlines by default): screen readers read it, search finds it. PDF and
+# PostScript embed TrueType (Type 42) fonts: matplotlib's Type 3 fonts are refused by the camera-ready checks of
+# many venues (IEEE PDF eXpress, ACM). A fixed hash salt and no date make the same figure the same bytes (matplotlib
+# salts its clip-path ids with a random uuid, so every re-run changed every SVG in a committed reports/)
+_SAVE_RC = {"svg.fonttype": "none", "svg.hashsalt": "cirlab", "pdf.fonttype": 42, "ps.fonttype": 42}
+
+
+def _save_one(fig: Any, path: Path, fmt: str) -> Path:
+    """``fig`` as ``path``, written to a temporary beside it and renamed (a kill mid-write left a truncated PNG or
+    SVG in the report), through an open file, not the temporary's name, which PostScript wrote into its %%Title."""
+    import io
+
+    import matplotlib
+
+    from cirlab.core.io import atomic_path
+
+    buffer = io.BytesIO()
+    with matplotlib.rc_context(_SAVE_RC):
+        fig.savefig(buffer, format=fmt, dpi=120 if fmt == "png" else None, **_fixed_metadata(fmt))
+    data = _numbered_svg_ids(buffer.getvalue()) if fmt == "svg" else buffer.getvalue()
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+    return path
+
+
+def _numbered_svg_ids(svg: bytes) -> bytes:
+    """matplotlib names an SVG's clip paths by a hash of their bounds, floats whose last bits move between two draws
+    of the same figure: numbered in order of appearance instead, the same figure is the same file."""
+    import re
+
+    ids: dict[bytes, bytes] = {}
+    for found in re.findall(rb'id="(p[0-9a-f]{10})"', svg):
+        ids.setdefault(found, b"clip%d" % len(ids))
+    if not ids:
+        return svg
+    return re.sub(rb"\b(p[0-9a-f]{10})\b", lambda m: ids.get(m.group(1), m.group(1)), svg)
+
+
+@contextlib.contextmanager
+def _settled_layout(fig: Any, draws: int = 5) -> Iterator[None]:
+    """The figure's constrained layout run until the axes stop moving, then held while it is saved: each draw moved
+    them a little (positions in the 5th digit), so a figure drawn in a notebook and saved, saved twice, or saved as
+    PNG then SVG gave other bytes each time, and a paper's repository churned."""
+    engine = fig.get_layout_engine()
+    if engine is None:
+        yield
+        return
+    before = None
+    for _ in range(draws):
+        fig.draw_without_rendering()
+        now = [tuple(ax.get_position().bounds) for ax in fig.axes]
+        if now == before:
+            break
+        before = now
+    fig.set_layout_engine("none")
+    try:
+        yield
+    finally:
+        fig.set_layout_engine(engine)
 
 
 def _fixed_metadata(fmt: str) -> dict[str, Any]:
