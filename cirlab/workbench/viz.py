@@ -161,7 +161,7 @@ def _settled_layout(fig: Any, draws: int = 5) -> Iterator[None]:
     """The figure's constrained layout run until the axes stop moving, then held while it is saved: each draw moved
     them a little (positions in the 5th digit), so a figure drawn in a notebook and saved, saved twice, or saved as
     PNG then SVG gave other bytes each time, and a paper's repository churned."""
-    engine = fig.get_layout_engine()
+    engine = fig.get_layout_engine() if hasattr(fig, "get_layout_engine") else None  # a figure-like writer
     if engine is None:
         yield
         return
