@@ -242,8 +242,9 @@ def _add_cache(subparsers: Any) -> None:
             "record a read at most once a day). Everything there is made again when needed, so --remove "
             "only costs the time to remake it. Entries cirlab did not write whole (a file you added to a "
             "data set), the report kernels' files and locks are listed but never removed; a data set or "
-            "token file being written is skipped. Do not remove what a running job reads (an entry it read "
-            "within the last day shows as used)."),
+            "token file being written is kept, and so is a data set a running cirlab process reads (a training, "
+            "an evaluation, a notebook's kernel: until it ends). A run whose recorded data was removed gets it "
+            "made again when it is next evaluated or resumed."),
         epilog="examples:\n  cirlab cache                               # a line per area, the largest first\n"
                "  cirlab cache --list                        # a line per entry\n"
                "  cirlab cache --unused-for 30               # what --remove would remove\n"
@@ -674,7 +675,9 @@ def _refuse_gone_recorded_paths(run_dir: Path | None, config: dict[str, Any], ar
     if root is not None and _unreadable(root):
         raise InputError(f"{root}: the dataset root recorded in {run_dir / 'config.yaml'} cannot be read here "
                          "(permission denied): ask its owner for access, or pass --root PATH to a copy of the data")
-    if root is not None:
+    from cirlab.data.generators.synthetic import settings_of_root
+
+    if root is not None and settings_of_root(root) is None:  # a generated set is made again where it is read
         hint = missing_root_hint(str(config["dataset"]["name"]), str(root), recorded_in=run_dir / "config.yaml")
         raise MissingPathError(f"{root}: dataset root not found ({hint})")
     stage1 = _gone(recorded, config, "eval", "stage1_topk")

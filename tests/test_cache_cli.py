@@ -202,6 +202,8 @@ def test_an_entry_being_written_is_kept(root: Path) -> None:
     entries = _by_label(root)
     for target, label in ((data, "synthetic/tiny-seed0-64px"), (tokens, f"blip_rerank/{tokens.name}")):
         with _held_elsewhere(target):  # as synthetic.generate and cache_image_tokens hold it while they write
+            # listed so (a set half written read as "holds files its generator did not write")
+            assert _by_label(root)[label].kept == "being written by another cirlab process now"
             with pytest.raises(cache.CacheEntryKept, match="being written"):
                 cache.remove_entry(entries[label])
         assert target.exists() or target.with_suffix(".npy").exists()
@@ -370,3 +372,63 @@ def test_an_entry_dated_ahead_of_this_clock_counts_as_used_now(root: Path) -> No
         os.utime(p, (ahead, ahead))
     [entry] = cache.cache_entries(root)
     assert cache.unused_entries([entry], 0) == [entry] and cache.unused_entries([entry], 1) == []
+
+
+def test_a_run_whose_data_root_was_removed_from_the_cache_is_evaluated_on_it_made_again(
+        root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    """The notebooks record the cache's synthetic folder as a run's dataset.root: after `cirlab cache --remove`,
+    `cirlab eval RUN` refused it ("moved, or another machine?") while the notebooks made the set again."""
+    data = synthetic.ensure(None, size="tiny", seed=0)
+    run = tmp_path / "run"
+    assert main(["train", "amc_synthetic_tiny", "--set", f"dataset.root={data / 'fashioniq'}", "--set",
+                 "dataset.synthetic=null", "--set", "train.max_steps=2", "--output-dir", str(run)]) == 0
+    trained = json.loads((run / "metrics.json").read_text())["splits"]["val"]
+    assert main(["cache", "--unused-for", "0", "--remove"]) == 0 and data.exists()  # this process read it
+    io.release_reading()  # done with it (a kernel restarted)
+    assert main(["cache", "--unused-for", "0", "--remove"]) == 0 and not data.exists()
+    capsys.readouterr()
+    assert main(["eval", str(run), "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["splits"]["val"] == pytest.approx(trained)  # the same data, made again
+    assert "is gone; it was the synthetic set (size tiny, seed 0, 64-px images)" in caplog.text
+
+
+def test_a_data_set_a_running_process_reads_is_kept(root: Path, tmp_path: Path) -> None:
+    """Removed under a training, the data set ended the run at its next image ("image file not found"): a process
+    that reads a data set of the cache marks it, and --remove keeps it while that process lives."""
+    import subprocess
+    import sys
+
+    data = _data_set(root)
+    reader = subprocess.Popen([sys.executable, "-c", "import sys, time; from cirlab.core import io; "
+                               f"io.hold_while_reading({str(data)!r}); print('reading', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "reading"
+        entry = _by_label(root)["synthetic/tiny-seed0-64px"]
+        assert entry.kept and entry.kept.startswith("read by a running cirlab process")
+        assert main(["cache", "--unused-for", "0", "--remove"]) == 0 and data.is_dir()
+    finally:
+        reader.kill()
+        reader.wait()
+    assert main(["cache", "--unused-for", "0", "--remove"]) == 0 and not data.exists()
+    assert not io.in_use_file(data).exists()  # its mark goes with it
+
+
+def test_a_run_marks_the_cache_s_data_set_it_reads(root: Path, tmp_path: Path) -> None:
+    """runs.dataset_root is where training, evaluation and the notebooks' calls find their data: one in the cache's
+    synthetic area is marked as read; data elsewhere is not (only the cache is pruned)."""
+    from cirlab.engine.runs import dataset_root
+
+    data = _data_set(root)
+    own = tmp_path / "own" / "fashioniq"
+    own.mkdir(parents=True)
+    try:
+        marked = dataset_root({"name": "x", "dataset": {"name": "fashioniq", "root": str(data / "cirr")}})
+        assert marked == data / "cirr"
+        assert io.read_by_others(data)  # this process's mark, seen from another descriptor
+        dataset_root({"name": "x", "dataset": {"name": "fashioniq", "root": str(own)}})
+        assert not io.in_use_file(own.parent).exists() and not io.in_use_file(own).exists()
+    finally:
+        io.release_reading()
+    assert not io.read_by_others(data)

@@ -510,6 +510,67 @@ def generated_lock_file(folder: str | os.PathLike) -> Path:
     return folder.parent / beside
 
 
+# ----------------------------------------------------------------------------------------- data sets being read
+IN_USE_NAME = ".cirlab.inuse"  # .<data set>.cirlab.inuse beside a generated data set: shared locks of its readers
+_READING: dict[str, int] = {}  # data set folder -> the descriptor holding this process's shared lock
+
+
+def in_use_file(folder: str | os.PathLike) -> Path:
+    """The file whose shared locks say which processes read the generated data set ``folder``."""
+    folder = Path(os.path.abspath(folder))
+    return folder.parent / f".{folder.name}{IN_USE_NAME}"
+
+
+def hold_while_reading(folder: str | os.PathLike) -> None:
+    """Say, for the rest of this process, that it reads the generated data set ``folder`` (a shared lock on
+    :func:`in_use_file`, which DataLoader workers inherit): ``cirlab cache --remove`` then keeps it, where removing
+    it under a training ended that run at its next image. Best effort: a folder this process may not write beside
+    (a read-only shared cache) is read without it; where there is no ``fcntl`` (Windows), likewise."""
+    key = os.path.abspath(folder)
+    if key in _READING:
+        return
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        fd = os.open(in_use_file(folder), os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # a remover holds it now, or the filesystem has no locks: read without it
+        os.close(fd)
+        return
+    _READING[key] = fd
+
+
+def read_by_others(folder: str | os.PathLike) -> bool:
+    """Whether a process holds :func:`hold_while_reading` on ``folder`` (this one too, from another descriptor)."""
+    try:
+        import fcntl
+
+        fd = os.open(in_use_file(folder), os.O_RDONLY)
+    except (ImportError, OSError):  # nobody ever said they read it, or no locks here
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def release_reading() -> None:
+    """Drop this process's :func:`hold_while_reading` marks (a long-lived kernel done with its data sets)."""
+    while _READING:
+        os.close(_READING.popitem()[1])
+
+
 def make_folder(folder: Path, *, hint: str = WRITE_HINT) -> None:
     """``mkdir -p``, or one line naming the folder and what to do: ``hint`` (the caller's option that chooses
     another folder), or ``CIRLAB_CACHE`` when it is cirlab's cache (a read-only or missing home directory)."""

@@ -727,15 +727,38 @@ def dataset_root(config: dict[str, Any]) -> Path | None:
 
     ds = config["dataset"]
     if ds.get("root"):
-        return Path(ds["root"]).expanduser()
+        root = Path(ds["root"]).expanduser()
+        if not root.exists():  # a generated set removed from the cache (cirlab cache --remove): made again
+            from cirlab.data.generators.synthetic import remade_root
+
+            root = remade_root(root, f"config {config.get('name', '')!r}: dataset.root") or root
+        return _read_from(root)
     synth = ds.get("synthetic")
     if synth:  # the config opts in explicitly (configs/*synthetic*.yaml); said out loud every time it is used
         from cirlab.data.generators import synthetic
 
         base = synthetic.ensure(synth.get("out"), seed=int(synth.get("seed", 0)), size=synth.get("size", "tiny"),
                                 image_size=int(synth.get("image_size", 64)))
-        return resolve(ds["name"], base)
+        return _read_from(resolve(ds["name"], base))
     return None
+
+
+def _read_from(root: Path) -> Path:
+    """``root``, marked as read by this process when it lies in a data set of cirlab's cache (``cirlab cache
+    --remove`` keeps it: :func:`cirlab.core.io.hold_while_reading`)."""
+    from cirlab.core.io import hold_while_reading
+    from cirlab.core.paths import cache_dir
+
+    try:
+        areas = [cache_dir().resolve() / area for area in ("synthetic", "emoji")]
+        path = root.resolve()
+    except (OSError, RuntimeError, ValueError):  # no home for the default cache, a loop of links: nothing to mark
+        return root
+    for folder in (path, *path.parents):
+        if folder.parent in areas:
+            hold_while_reading(folder)
+            break
+    return root
 
 
 def _categories(ds: dict[str, Any], root: Path | None, split: str, for_training: bool) -> list[str | None]:

@@ -18,7 +18,9 @@ An **entry** is one thing cirlab made again as a whole:
 
 Everything else (``jupyter/``, ``report-home/``, ``locks/``, files a user put there) is listed but never removed.
 A generated data set is removed only while it holds nothing but what its generator recorded writing (the marker
-``.cirlab-generated.json``), and only under the lock its generator writes it under; a BLIP token file likewise.
+``.cirlab-generated.json``), only under the lock its generator writes it under (a BLIP token file likewise), and
+only while no running process reads it (the mark a run's data lookup leaves, :func:`cirlab.core.io.hold_while_reading`).
+A folder entry is renamed before it is deleted, so a removal cut short leaves no half entry under its name.
 
 *Last used* is the newest modification or access time of the entry's files. Linux mounts record reads only
 roughly (``relatime``: an access time moves when it is older than the last write or a day old), so a file read
@@ -194,7 +196,7 @@ def _store_entry(model: Path, store: Path) -> CacheEntry:
                   f"holds files a feature store does not write ({_few(stray)})" if stray else None)
 
 
-def _token_entries(top: Path) -> list[CacheEntry]:
+def _token_entries(top: Path, *, locked: bool = False) -> list[CacheEntry]:
     """``blip_rerank/``: one entry per ``<name>.npy`` / ``<name>.json`` pair; temporaries and locks of a write go
     with the file they stage."""
     groups: dict[str, list[Path]] = {}
@@ -207,7 +209,8 @@ def _token_entries(top: Path) -> list[CacheEntry]:
     for stem, paths in sorted(groups.items()):
         odd = [p.name for p in paths if not (_plain(p) and p.suffix in (".npy", ".json"))]
         entries.append(_entry("blip_rerank", stem, "BLIP ViT tokens", paths,
-                              f"not a token file cirlab writes ({_few(odd)})" if odd else None))
+                              f"not a token file cirlab writes ({_few(odd)})" if odd
+                              else _busy(top / stem, writer=not locked)))
     return entries
 
 
@@ -218,10 +221,13 @@ def _leftover(area: str, prefix: str, folder: Path) -> CacheEntry | None:
     return None
 
 
-def _generated(top: Path, folder: Path) -> CacheEntry:
+def _generated(top: Path, folder: Path, *, locked: bool = False) -> CacheEntry:
     kind, generator = GENERATED_AREAS[top.name]
     if folder.is_symlink() or not folder.is_dir():
         return _entry(top.name, folder.name, "other", [folder], "not a folder cirlab writes")
+    busy = _busy(folder, writer=not locked)
+    if busy:
+        return _entry(top.name, folder.name, kind, [folder], busy)
     if _generator(folder) != generator:
         return _entry(top.name, folder.name, kind, [folder], f"no {MARKER}: not written by cirlab")
     try:
@@ -300,9 +306,23 @@ def _staged(name: str) -> bool:
 
 
 def _is_lock(path: Path) -> bool:
-    from cirlab.core.io import LOCK_NAME
+    """A writer's lock file or the readers' mark beside an entry (:func:`cirlab.core.io.hold_while_reading`)."""
+    from cirlab.core.io import IN_USE_NAME, LOCK_NAME
 
-    return path.name.startswith(".") and path.name.endswith(LOCK_NAME)
+    return path.name.startswith(".") and path.name.endswith((LOCK_NAME, IN_USE_NAME))
+
+
+def _busy(target: Path, *, writer: bool = True) -> str | None:
+    """Why the entry at ``target`` (a data set folder, a token file's stem) is in use now: its writer holds its lock
+    (a data set being generated read as holding files of the user's; ``writer=False`` where this process holds it,
+    to remove the entry), or a running process reads it; else None."""
+    from cirlab.core.io import generated_lock_file, lock_holder_of, read_by_others
+
+    if writer and lock_holder_of(generated_lock_file(target)):
+        return "being written by another cirlab process now"
+    if read_by_others(target):  # removed under a training, it ended the run at its next image
+        return "read by a running cirlab process (a training, an evaluation, a notebook's kernel): stop it first"
+    return None
 
 
 def _few(names: list[str]) -> str:
@@ -334,7 +354,13 @@ def _remove_fresh(entry: CacheEntry) -> int:
     fresh = _relisted(entry)
     if fresh.kept is not None:
         raise CacheEntryKept(f"{entry.label}: kept: {fresh.kept}")
-    return _remove_paths(fresh)
+    freed = _remove_paths(fresh)
+    if entry.area in GENERATED_AREAS:  # its readers' mark, which nobody holds (checked above)
+        from cirlab.core.io import in_use_file
+
+        with contextlib.suppress(OSError):
+            in_use_file(entry.paths[0]).unlink()
+    return freed
 
 
 def _relisted(entry: CacheEntry) -> CacheEntry:
@@ -342,10 +368,10 @@ def _relisted(entry: CacheEntry) -> CacheEntry:
     path = entry.paths[0]
     if entry.kind == "interrupted removal":
         return entry
-    if entry.area == "blip_rerank":
-        return next((e for e in _token_entries(path.parent) if e.name == entry.name), entry)
+    if entry.area == "blip_rerank":  # under the writer's lock this process holds (_writer_lock)
+        return next((e for e in _token_entries(path.parent, locked=True) if e.name == entry.name), entry)
     if entry.area in GENERATED_AREAS:
-        return _generated(path.parent, path)
+        return _generated(path.parent, path, locked=True)
     if entry.kind == "feature store":
         return _store_entry(path.parent, path)
     return entry

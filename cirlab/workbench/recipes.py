@@ -233,29 +233,14 @@ def _recorded_root(root: Path, run_dir: Path, dataset: str) -> Path:
     data. A generated synthetic set is made again with the settings its folder names; anything else is refused."""
     if root.exists():
         return root.resolve()
-    found = _synthetic_settings(root)
-    if found is None:
+    from cirlab.data.generators.synthetic import remade_root
+
+    remade = remade_root(root, run_dir / "config.yaml")
+    if remade is None:
         raise MissingPathError(f"run_dir {run_dir}: the {dataset} data root it was trained on, {root} (recorded in "
                                f"{run_dir / 'config.yaml'}), does not exist here: pass data_root= (or set "
                                "CIRLAB_DATA) to the folder holding that data")
-    (size, seed, image_size), inside = found
-    logger.warning("%s: the data root it was trained on, %s, is gone; it was the synthetic set (size %s, seed %d, "
-                   "%d-px images): using that set generated again in the cache (data_root= names another)",
-                   run_dir / "config.yaml", root, size, seed, image_size)
-    return ensure_synthetic(None, size, seed, image_size).resolve().joinpath(*inside)
-
-
-def _synthetic_settings(root: Path) -> tuple[tuple[str, int, int], tuple[str, ...]] | None:
-    """((size, seed, image size), parts below it) of a root inside a generated synthetic folder
-    (``.../synthetic/<size>-seed<N>-<px>px/...``); None for any other folder."""
-    from cirlab.data.generators.synthetic import settings_of_folder
-
-    parts = root.parts
-    for i in range(1, len(parts)):
-        settings = settings_of_folder(parts[i]) if parts[i - 1] == "synthetic" else None
-        if settings is not None:
-            return settings, parts[i + 1:]
-    return None
+    return remade
 
 
 def output_folder(output_dir: str | os.PathLike = "", notebook: str = "notebook") -> Path:

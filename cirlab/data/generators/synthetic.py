@@ -703,6 +703,31 @@ def folder_name(size: str, seed: int, image_size: int) -> str:
     return f"{size}-seed{seed}-{image_size}px"
 
 
+def settings_of_root(root: str | os.PathLike) -> tuple[tuple[str, int, int], tuple[str, ...]] | None:
+    """((size, seed, image size), the parts below it) of a path inside a generated synthetic folder
+    (``.../synthetic/<size>-seed<N>-<px>px/...``); None for any other path."""
+    parts = Path(root).parts
+    for i in range(1, len(parts)):
+        settings = settings_of_folder(parts[i]) if parts[i - 1] == "synthetic" else None
+        if settings is not None:
+            return settings, parts[i + 1:]
+    return None
+
+
+def remade_root(root: str | os.PathLike, recorded_in: str | os.PathLike) -> Path | None:
+    """A data root ``recorded_in`` names (a run's config.yaml) that is gone but was inside a generated synthetic set
+    (``cirlab cache --remove`` removed it, or the run came from another machine's cache): that set generated again
+    in this cache with the settings its folder names, said in the log; None for any other root (its data cannot be
+    made again, and a stand-in would score the run on other data)."""
+    found = settings_of_root(root)
+    if found is None:
+        return None
+    (size, seed, image_size), inside = found
+    logger.warning("%s: the data root it records, %s, is gone; it was the synthetic set (size %s, seed %d, %d-px "
+                   "images): using that set generated again in the cache", recorded_in, root, size, seed, image_size)
+    return ensure(None, seed=seed, size=size, image_size=image_size).resolve().joinpath(*inside)
+
+
 def settings_of_folder(name: str) -> tuple[str, int, int] | None:
     """(size, seed, image size) a :func:`folder_name` names, None for any other name and for a custom size (its
     counts are not in the name: it cannot be made again from it)."""
