@@ -432,3 +432,16 @@ def test_a_run_marks_the_cache_s_data_set_it_reads(root: Path, tmp_path: Path) -
     finally:
         io.release_reading()
     assert not io.read_by_others(data)
+
+
+def test_the_report_marks_the_data_set_its_notebooks_read(root: Path) -> None:
+    """The report made the set and handed it to its kernels unmarked: removed before a kernel's first lookup, the
+    notebook failed with "data_root ... does not exist"."""
+    from cirlab.workbench import report
+
+    path = report.ensure_synthetic_data("tiny", stream=None)
+    try:
+        assert path.parent == root / "synthetic" and io.read_by_others(path)
+        assert "read by a running cirlab process" in (_by_label(root)[f"synthetic/{path.name}"].kept or "")
+    finally:
+        io.release_reading()

@@ -713,7 +713,8 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("jobs, how", [(1, "SIGTERM"), (1, "Ctrl-C"), (2, "SIGTERM"), (2, "Ctrl-C"), (1, "SIGHUP")])
+@pytest.mark.parametrize("jobs, how", [(1, "SIGTERM"), (1, "Ctrl-C"), (2, "SIGTERM"), (2, "Ctrl-C"), (1, "SIGHUP"),
+                                       (2, "SIGHUP")])
 def test_kill_or_ctrl_c_stops_kernels_puts_results_back_and_leaves_no_files(tmp_path, request, jobs, how):
     """`kill` (SIGTERM to the report), a closed terminal (SIGHUP: it ended the report at once, its lock and an
     entry's previous results left aside) or Ctrl-C (SIGINT to its process group, kernels included) of a running

@@ -248,3 +248,25 @@ def test_compare_runs_names_an_eval_output_file_by_its_stem(tmp_path):
     """cirlab eval --output amc_s0.json was a column named 'amc_s0.json'."""
     (tmp_path / "amc_s0.json").write_text(json.dumps({"splits": {"val": {"avg": 1.0}}}))
     assert list(analysis.compare_runs([tmp_path / "amc_s0.json"]).columns) == ["amc_s0"]
+
+
+def test_results_table_reads_an_eval_output_s_provenance_and_seed_summary_groups_only_known_configs(tmp_path,
+                                                                                                   monkeypatch):
+    """eval --output files got no model, code or config, and seed_summary put every such row (an AMC and a CaLa
+    result) into one group: a mean of two models."""
+    from cirlab.cli import main
+
+    monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "cache"))
+    config = cirlab.load_config(CONFIG, ["train.max_steps=2", "eval.splits=[val]", "train.seed=3"])
+    cirlab.run_experiment(config, output_dir=tmp_path / "runs" / "amc")
+    record = tmp_path / "amc_eval.json"
+    assert main(["eval", str(tmp_path / "runs" / "amc"), "--split", "val", "--output", str(record)]) == 0
+    [row] = analysis.results_table([record], split="val").to_dict(orient="records")
+    assert (row["run"], row["model"], row["seed"]) == ("amc_eval", "amc", 3) and row["config"] and row["code"]
+    lone = tmp_path / "lone" / "metrics.json"  # a metrics file away from its run folder: no config to group by
+    lone.parent.mkdir()
+    lone.write_text((tmp_path / "runs" / "amc" / "metrics.json").read_text())
+    with pytest.raises(ValueError, match=r"seed_summary: no run config for lone .* which runs share a config"):
+        analysis.seed_summary(analysis.results_table([record, lone], split="val"))
+    with pytest.raises(ValueError, match=r"results_table: two runs are named 'amc'"):
+        analysis.results_table([tmp_path / "runs" / "amc", tmp_path / "runs" / "amc" / "metrics.json"])

@@ -444,3 +444,23 @@ def test_data_synth_into_a_folder_of_a_255_byte_name_writes_there(tmp_path, monk
     caplog.clear()
     assert main(args + [str(tmp_path / ("数" * 86))]) == 2
     assert "file name too long (a name may take 255 bytes" in caplog.text and "Traceback" not in caplog.text
+
+
+def test_ensure_writes_only_the_layouts_a_set_lacks(tmp_path, monkeypatch):
+    """The report asks for the precomp layout, a training for Fashion-IQ's: the second ensure deleted and rewrote
+    every layout, under a process reading them. Now the layouts already there stay (same files, same inodes), and
+    the tree is byte-identical to one written at once."""
+    import hashlib
+
+    monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "cache"))
+    out = synthetic.ensure(None, size="tiny", layouts=("precomp",))
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "precomp").rglob("*") if p.is_file()}
+    assert synthetic.ensure(None, size="tiny") == out
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "precomp").rglob("*") if p.is_file()} == before
+    whole = synthetic.generate(tmp_path / "whole", size="tiny", seed=0, image_size=64)
+
+    def tree(root):
+        return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in root.rglob("*") if p.is_file()}
+
+    assert tree(out) == tree(tmp_path / "whole") and set(whole["layouts"]) == set(synthetic.LAYOUTS)

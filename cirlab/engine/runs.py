@@ -732,20 +732,20 @@ def dataset_root(config: dict[str, Any]) -> Path | None:
             from cirlab.data.generators.synthetic import remade_root
 
             root = remade_root(root, f"config {config.get('name', '')!r}: dataset.root") or root
-        return _read_from(root)
+        return mark_reading(root)
     synth = ds.get("synthetic")
     if synth:  # the config opts in explicitly (configs/*synthetic*.yaml); said out loud every time it is used
         from cirlab.data.generators import synthetic
 
         base = synthetic.ensure(synth.get("out"), seed=int(synth.get("seed", 0)), size=synth.get("size", "tiny"),
                                 image_size=int(synth.get("image_size", 64)))
-        return _read_from(resolve(ds["name"], base))
+        return mark_reading(resolve(ds["name"], base))
     return None
 
 
-def _read_from(root: Path) -> Path:
-    """``root``, marked as read by this process when it lies in a data set of cirlab's cache (``cirlab cache
-    --remove`` keeps it: :func:`cirlab.core.io.hold_while_reading`)."""
+def mark_reading(root: Path) -> Path:
+    """``root``, marked as read by this process (and its forked children) when it lies in a data set of cirlab's
+    cache (``cirlab cache --remove`` keeps it: :func:`cirlab.core.io.hold_while_reading`)."""
     from cirlab.core.io import hold_while_reading
     from cirlab.core.paths import cache_dir
 

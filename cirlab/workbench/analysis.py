@@ -557,18 +557,18 @@ def _run_name(path: str | os.PathLike) -> str:
     return path.stem if path.suffix == ".json" else path.name
 
 
-def _named_runs(runs: Any) -> Mapping[str, Any]:
+def _named_runs(runs: Any, caller: str = "compare_runs") -> Mapping[str, Any]:
     """``runs`` as ``{name: source}``: a list of run folders (or one folder) is named by the folders' names."""
     if isinstance(runs, Mapping):
         return runs
     named: dict[str, Any] = {}
     for path in name_list(runs):
         if not isinstance(path, (str, os.PathLike)):  # a dict has no name to put on its column
-            raise InputError(f"compare_runs: a list holds run folders or metrics files; got a {type(path).__name__} "
+            raise InputError(f"{caller}: a list holds run folders or metrics files; got a {type(path).__name__} "
                              "(pass {name: metrics} for metric dicts)")
         name = _run_name(path)
         if name in named:
-            raise InputError(f"compare_runs: two runs are named {name!r} ({named[name]} and {path}); pass "
+            raise InputError(f"{caller}: two runs are named {name!r} ({named[name]} and {path}); pass "
                              "{name: folder} to name them")
         named[name] = path
     return named
@@ -825,16 +825,20 @@ def _results_sources(runs: Any) -> Mapping[str, Any]:
         root = Path(runs)
         return {run.relative_to(root).as_posix(): run for run in find_runs(root)
                 if (run / "metrics.json").is_file()}
-    return _named_runs(runs)
+    return _named_runs(runs, "results_table")
 
 
 def _provenance_row(src: Path) -> dict[str, Any]:
-    """model, dataset, seed, config digest and code of the run at ``src`` (its folder, or its metrics.json)."""
+    """model, dataset, seed, config digest and code of the run at ``src``: its folder, its metrics.json, or a
+    ``cirlab eval --output`` file (its model, code and checkpoint, whose run folder holds the config)."""
     import hashlib
 
     from cirlab.core.provenance import read_starts
 
-    run = src.parent if src.name == "metrics.json" else src
+    record = _json_or(src, {}) if src.is_file() and src.name != "metrics.json" else {}
+    checkpoint = Path(str(record.get("checkpoint") or ""))
+    run = (checkpoint.parent.parent if record and checkpoint.parent.name == "checkpoints"
+           else src.parent if src.is_file() else src)
     config = _yaml_or(run / "config.yaml")
     train = dict(config.get("train") or {})
     seed = train.pop("seed", None)
@@ -845,8 +849,8 @@ def _provenance_row(src: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         starts = []
     last = starts[-1] if starts and isinstance(starts[-1], dict) else {}
-    return {"model": config.get("model"), "dataset": (config.get("dataset") or {}).get("name"), "seed": seed,
-            "config": digest[:10] if config else None, "code": last.get("code")}
+    return {"model": config.get("model") or record.get("model"), "dataset": (config.get("dataset") or {}).get("name"),
+            "seed": seed, "config": digest[:10] if config else None, "code": record.get("code") or last.get("code")}
 
 
 def seed_summary(table: Any, *, text: bool = False, digits: int = 2) -> Any:
@@ -857,6 +861,11 @@ def seed_summary(table: Any, *, text: bool = False, digits: int = 2) -> Any:
     keys = [c for c in ("model", "dataset", "config") if c in table.columns]
     if "config" not in keys:
         raise InputError("seed_summary: the table has no config column (results_table(..., provenance=True))")
+    unknown = table[table["config"].isna()]
+    if len(unknown):  # grouped together, an AMC and a CaLa result made one "mean" of two models
+        raise InputError(f"seed_summary: no run config for {', '.join(map(str, unknown['run']))} (a metrics file away "
+                         "from its run folder): which runs share a config is unknown; leave them out or keep them "
+                         "beside their config.yaml")
     metric_columns = [c for c in table.columns if c not in _PROVENANCE_COLUMNS]
     grouped = table.groupby(keys, dropna=False, sort=False)[metric_columns]
     mean, std = grouped.mean(), grouped.std(ddof=1).fillna(0.0)

@@ -566,6 +566,9 @@ def ensure_synthetic_data(size: str = "default", seed: int = SYNTHETIC_SEED, roo
 
     t0 = time.monotonic()  # durations: a wall-clock step (NTP, a suspended VM) must not show in them
     path = synthetic.ensure(root, seed=seed, size=size, **({"layouts": tuple(layouts)} if layouts else {}))
+    from cirlab.engine.runs import mark_reading
+
+    mark_reading(path)  # read by the report's notebooks from now on: `cirlab cache --remove` keeps it meanwhile
     _say(stream, f"data: synthetic ({size}, seed {seed}) ready in {time.monotonic() - t0:.1f}s -> {path}")
     return path
 
@@ -750,7 +753,7 @@ class EntryStopped(NotebookFailed):
 
 
 def _how_stopped(err: BaseException) -> str:
-    return _stop_name() if isinstance(err, ReportTerminated) else "Ctrl-C"
+    return err.signal_name if isinstance(err, ReportTerminated) else "Ctrl-C"  # its own: the block has ended
 
 
 def _stop_name() -> str:
@@ -764,9 +767,10 @@ class ReportTerminated(KeyboardInterrupt):
     command line exits with ``exit_code``, 128 + the signal's number as an unhandled one gives."""
 
     def __init__(self) -> None:
-        super().__init__(_stop_name())
+        self.signal_name = _stop_name()
+        super().__init__(self.signal_name)
         self.exit_code = 128 + (_STOPPED_BY[0] if _STOPPED_BY else signal.SIGTERM)
-        self.message = f"terminated ({_stop_name()})"  # what the command line logs (Ctrl-C: "interrupted")
+        self.message = f"terminated ({self.signal_name})"  # what the command line logs (Ctrl-C: "interrupted")
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -786,8 +790,11 @@ def _on_sigterm(signum: int, frame: Any) -> None:
         _STOPPED_BY.append(signum)
     _TERMINATING.set()
     _quiet_dead_kernel_logs()  # we killed it
-    for child in tuple(_CHILDREN):
-        child.terminate()
+    for child in tuple(_CHILDREN):  # the same signal, so that each entry says what stopped it
+        try:
+            os.kill(child.pid, signum)
+        except (OSError, TypeError):  # gone meanwhile, or not started (no pid)
+            pass
     kernels = tuple(_KERNELS)
     for km in kernels:
         _kill_kernel_process(km)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -137,7 +138,11 @@ def _save_one(fig: Any, path: Path, fmt: str) -> Path:
     buffer = io.BytesIO()
     with matplotlib.rc_context(_SAVE_RC):
         fig.savefig(buffer, format=fmt, dpi=120 if fmt == "png" else None, **_fixed_metadata(fmt))
-    data = _numbered_svg_ids(buffer.getvalue()) if fmt == "svg" else buffer.getvalue()
+    data = buffer.getvalue()
+    if fmt == "svg":
+        data = _numbered_svg_ids(data)
+    elif fmt in ("ps", "eps"):  # the PostScript backend writes the save time whatever metadata says
+        data = re.sub(rb"^%%CreationDate: [^\n]*\n", b"", data, count=1, flags=re.M)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
     return path
@@ -146,8 +151,6 @@ def _save_one(fig: Any, path: Path, fmt: str) -> Path:
 def _numbered_svg_ids(svg: bytes) -> bytes:
     """matplotlib names an SVG's clip paths by a hash of their bounds, floats whose last bits move between two draws
     of the same figure: numbered in order of appearance instead, the same figure is the same file."""
-    import re
-
     ids: dict[bytes, bytes] = {}
     for found in re.findall(rb'id="(p[0-9a-f]{10})"', svg):
         ids.setdefault(found, b"clip%d" % len(ids))
@@ -157,7 +160,7 @@ def _numbered_svg_ids(svg: bytes) -> bytes:
 
 
 @contextlib.contextmanager
-def _settled_layout(fig: Any, draws: int = 5) -> Iterator[None]:
+def _settled_layout(fig: Any, draws: int = 50) -> Iterator[None]:
     """The figure's constrained layout run until the axes stop moving, then held while it is saved: each draw moved
     them a little (positions in the 5th digit), so a figure drawn in a notebook and saved, saved twice, or saved as
     PNG then SVG gave other bytes each time, and a paper's repository churned."""
@@ -166,10 +169,10 @@ def _settled_layout(fig: Any, draws: int = 5) -> Iterator[None]:
         yield
         return
     before = None
-    for _ in range(draws):
+    for _ in range(draws):  # square images with colour bars settle geometrically (x0.3 a draw), some never exactly
         fig.draw_without_rendering()
-        now = [tuple(ax.get_position().bounds) for ax in fig.axes]
-        if now == before:
+        now = np.array([ax.get_position().bounds for ax in fig.axes], dtype=float).reshape(-1, 4)
+        if before is not None and np.allclose(now, before, rtol=0.0, atol=1e-13):
             break
         before = now
     fig.set_layout_engine("none")
@@ -252,8 +255,6 @@ def plain_text(text: Any) -> str:
     """A query text as people read it: Fashion-IQ's ``"<BOS> c0 <AND> c1 <EOS>"`` (AMC's caption policy) becomes
     ``"c0 and c1"``. Models that were trained on the markup add it back on their own text path (AMC:
     ``TextEncoder.with_markup``), so a plain text typed in the explorer scores exactly as the loader's text."""
-    import re
-
     s = re.sub(r"^\s*<BOS>\s*", "", str(text))
     s = re.sub(r"\s*<EOS>\s*$", "", s)
     return re.sub(r"\s*<AND>\s*", " and ", s).strip()
@@ -263,8 +264,6 @@ def paper_order(labels: Sequence[Any]) -> list[Any]:
     """Labels in the paper's order: AMC's traces name the experts ``α1 NIN``, ``α3 CRN``, ``α2 GTN`` (code order
     NIN, CRN, GTN; the paper's Fig. 3 numbers the gates α1 NIN, α2 GTN, α3 CRN), so plots sort them by their α
     number. Labels without one keep their (code) order. The frames keep ``code_index``: only the display changes."""
-    import re
-
     numbers = [re.match(r"^α(\d+)\b", str(label)) for label in labels]
     if not labels or not all(numbers):
         return list(labels)

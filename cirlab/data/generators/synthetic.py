@@ -582,10 +582,11 @@ def _generate_locked(out: Path, seed: int, spec: SynthSize, layouts: Sequence[st
                      force: bool, settings: dict[str, Any]) -> dict[str, Any]:
     """:func:`generate` once ``out``'s lock is held."""
     _claim(out, layouts, force, overwrite, settings)
+    kept = _other_layouts(out, settings, layouts)
     (out / MANIFEST).unlink(missing_ok=True)  # a partial write must never look complete
     _drop_staged(out)
     manifest: dict[str, Any] = {"format": FORMAT_VERSION, "generator": __name__, "seed": seed,
-                                "size": settings["size"], "image_size": image_size, "layouts": {}}
+                                "size": settings["size"], "image_size": image_size, "layouts": kept}
     if settings["spec"] is not None:  # a custom size: its counts, which the name "custom" does not say
         manifest["spec"] = settings["spec"]
     for name in layouts:
@@ -598,10 +599,26 @@ def _generate_locked(out: Path, seed: int, spec: SynthSize, layouts: Sequence[st
         _owned.seal(root, __name__)
         logger.info("synthetic %s written to %s in %.1fs", name, root, time.perf_counter() - start)
         manifest["layouts"][name] = {"root": name, "splits": counts}
+    # in one order however they were written (kept ones first, or asked for in another order): the same tree
+    manifest["layouts"] = {name: manifest["layouts"][name] for name in LAYOUTS if name in manifest["layouts"]}
     _owned.write_release_json(out / MANIFEST, manifest)
     for entry in manifest["layouts"].values():
         entry["root"] = str(out / entry["root"])
     return manifest
+
+
+def _other_layouts(out: Path, settings: dict[str, Any], layouts: Sequence[str]) -> dict[str, Any]:
+    """The manifest entries of the layouts already in ``out`` with the same ``settings`` that this write leaves as
+    they are (not in ``layouts``): the new manifest keeps listing them. A write of one layout dropped the others from
+    the manifest, and the next ``ensure`` rewrote them all, under a process reading them."""
+    if recorded_settings(out) != settings:
+        return {}
+    try:
+        recorded = json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("layouts") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {name: entry for name, entry in recorded.items()
+            if name in _WRITERS and name not in layouts and isinstance(entry, dict) and (out / name).is_dir()}
 
 
 def _drop_staged(out: Path) -> None:
@@ -772,8 +789,12 @@ def ensure(out_root: str | os.PathLike | None = None, *, seed: int = 0, size: st
             raise other_settings_error("synthetic data", out, held, wanted, f"Name another folder (dataset.synthetic."
                                        f"out), or replace it with `{command}`")
         if not _written(out, wanted, layouts):
-            # the default folder is cirlab's own cache: a build from before the ownership markers is replaced
-            generate(out, seed=seed, size=size, layouts=layouts, image_size=image_size, force=not out_root)
+            # only the layouts it lacks: those it holds may be read by a running process (a training on its
+            # Fashion-IQ set while the report asks for the precomp one), and rewriting them deleted files under it.
+            # The default folder is cirlab's own cache: a build from before the ownership markers is replaced
+            have = _written_layouts(out, wanted)
+            generate(out, seed=seed, size=size, layouts=[n for n in layouts if n not in have], image_size=image_size,
+                     force=not out_root)
     return out
 
 
@@ -786,12 +807,18 @@ def _digest(spec: Any) -> str:
 
 def _written(out: Path, wanted: dict[str, Any], layouts: Sequence[str]) -> bool:
     """``out`` holds a complete write (its manifest, written last) with ``wanted``'s settings and ``layouts``."""
+    return set(layouts) <= _written_layouts(out, wanted)
+
+
+def _written_layouts(out: Path, wanted: dict[str, Any]) -> set[str]:
+    """The layouts a complete write in ``out`` (its manifest, written last) holds with ``wanted``'s settings."""
     try:
         manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return (isinstance(manifest, dict) and all(manifest.get(k) == v for k, v in wanted.items())
-            and set(layouts) <= set(manifest.get("layouts", {})))
+        return set()
+    if not (isinstance(manifest, dict) and all(manifest.get(k) == v for k, v in wanted.items())):
+        return set()
+    return set(manifest.get("layouts") or {})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
