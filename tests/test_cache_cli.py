@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cirlab.cli import main
-from cirlab.core import featcache, io
+from cirlab.core import featcache, io, paths
 from cirlab.data.generators import _owned, emoji, synthetic
 from cirlab.workbench import cache
 
@@ -86,7 +86,7 @@ def test_each_writer_s_default_folder_is_an_area_the_listing_knows(root: Path,
     assert emoji.default_root().parent == root / "emoji"
     synthetic.ensure(size="tiny")
     assert [p.parent for p in written] == [root / "synthetic"]
-    assert set(cache.GENERATED_AREAS) == {"synthetic", "emoji"}
+    assert set(cache.GENERATED_AREAS) == set(paths.GENERATED_DATA) == {"synthetic", "emoji"}  # the runs' read marks
 
 
 def test_listing_finds_each_kind_with_its_bytes(root: Path) -> None:

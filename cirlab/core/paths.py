@@ -29,6 +29,11 @@ def data_root() -> Path:
     return _env_path("CIRLAB_DATA", Path.cwd() / "data")
 
 
+# the cache's folders of generated data sets (synthetic.ensure's and the emoji builder's defaults): the data sets a
+# run marks as read (engine.runs.mark_reading) and cirlab cache lists as such (workbench.cache.GENERATED_AREAS)
+GENERATED_DATA = ("synthetic", "emoji")
+
+
 def cache_dir() -> Path:
     """Cache for derived assets (emoji set, feature caches): ``$CIRLAB_CACHE``, else ``$XDG_CACHE_HOME/cirlab``,
     else ``~/.cache/cirlab``. The home directory is looked up only when neither variable is set: a batch job

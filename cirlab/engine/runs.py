@@ -747,10 +747,10 @@ def mark_reading(root: Path) -> Path:
     """``root``, marked as read by this process (and its forked children) when it lies in a data set of cirlab's
     cache (``cirlab cache --remove`` keeps it: :func:`cirlab.core.io.hold_while_reading`)."""
     from cirlab.core.io import hold_while_reading
-    from cirlab.core.paths import cache_dir
+    from cirlab.core.paths import GENERATED_DATA, cache_dir
 
     try:
-        areas = [cache_dir().resolve() / area for area in ("synthetic", "emoji")]
+        areas = [cache_dir().resolve() / area for area in GENERATED_DATA]
         path = root.resolve()
     except (OSError, RuntimeError, ValueError):  # no home for the default cache, a loop of links: nothing to mark
         return root
