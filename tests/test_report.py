@@ -703,6 +703,8 @@ faulthandler.register(signal.SIGUSR2, all_threads=True)  # the test asks for the
 # Ctrl-C as a terminal's foreground job gets it: a test run started in the background of a non-interactive shell
 # passes SIGINT down ignored, and the report then (rightly) leaves an ignored Ctrl-C alone
 signal.signal(signal.SIGINT, signal.default_int_handler)
+# SIGHUP likewise: under nohup (a CI job, `nohup make test`) it comes ignored, and the report leaves it ignored
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 if __name__ == "__main__":
     names = ("train", "evaluate", "quickstart")
