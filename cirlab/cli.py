@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import importlib
 import json
 import logging
@@ -86,20 +85,18 @@ def _add_train(subparsers: Any) -> None:
 def _setting_hint(flag: str) -> str | None:
     """What an unknown ``cirlab train`` option that names a setting is (the original training scripts' flags:
     ``--batch_size 32``, ``--lr 1e-4``, ``--margin 0.2``): the ``--set`` entry to use, else None."""
+    from cirlab.core.config import field_names
+    from cirlab.engine.runs import model_fields
     from cirlab.engine.train import TrainConfig
     from cirlab.models.registry import get_entry, list_models
 
     name = flag.lstrip("-").replace("-", "_")
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    if name in train_fields or name in TrainConfig.ORIGINAL_NAMES:
-        key = name if name in train_fields else TrainConfig.ORIGINAL_NAMES[name]
-        return f"settings are config entries here: --set train.{key}=VALUE"
+    if name in field_names(TrainConfig) or name in TrainConfig.ORIGINAL_NAMES:
+        return f"settings are config entries here: --set train.{TrainConfig.ORIGINAL_NAMES.get(name, name)}=VALUE"
     owners: dict[str, list[str]] = {}
     for model in list_models():
-        cls = get_entry(model).config_cls
-        fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-        renamed = getattr(cls, "ORIGINAL_NAMES", {})
-        key = name if name in fields else renamed.get(name)
+        renamed = getattr(get_entry(model).config_cls, "ORIGINAL_NAMES", {})
+        key = name if name in model_fields(model) else renamed.get(name)
         if key:  # an entry of another section (HREM's --lr_schedules: train.lr_milestones) is named with it
             owners.setdefault(key if "." in key else f"model_overrides.{key}", []).append(model)
     if not owners:

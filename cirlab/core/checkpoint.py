@@ -32,7 +32,7 @@ FORMAT = "cirlab-checkpoint-v1"
 
 
 from cirlab.core.errors import CheckpointError  # noqa: E402  (re-exported: raised and caught by this name)
-from cirlab.core.errors import error_chain  # noqa: E402
+from cirlab.core.errors import error_chain, first_few  # noqa: E402
 from cirlab.core.errors import MissingCheckpointError  # noqa: E402
 
 
@@ -291,9 +291,8 @@ def check_finite(state: dict[str, Any], path: str | os.PathLike = "<checkpoint>"
     bad = [name for name, value in state.items()
            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
     if bad:
-        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise CheckpointError(f"checkpoint {path} holds NaN or infinite weights ({len(bad)} tensor"
-                              f"{'s' if len(bad) != 1 else ''}: {shown}); it cannot be used")
+                              f"{'s' if len(bad) != 1 else ''}: {first_few(bad)}); it cannot be used")
 
 
 def load_state(model: torch.nn.Module, state: dict[str, Any], path: str | os.PathLike = "<checkpoint>", *,

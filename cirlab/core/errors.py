@@ -119,6 +119,12 @@ class InputError(CirlabError, ValueError):
     the message names the argument. A ``ValueError`` for ``except ValueError`` callers, one line in notebooks."""
 
 
+def first_few(items: Any, shown: int = 3) -> str:
+    """``"a, b, c and 4 more"``: the first ``shown`` of ``items`` as text, for a message naming what is wrong."""
+    items = [str(item) for item in items]
+    return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+
 def error_chain(err: BaseException | None) -> list[BaseException]:
     """``err`` and what it was raised from or during (``__cause__``, else ``__context__``), nearest first, each once
     (a chain may loop back)."""

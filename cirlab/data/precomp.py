@@ -182,8 +182,9 @@ def check_finite_features(array: Any, path: Path, sink: ProblemCollector, chunk:
 
 def _images(indices: list[int]) -> str:
     """``"3 images (index 0, 4, 7)"``: a count and the first few indices."""
-    shown = ", ".join(map(str, indices[:5])) + (f" and {len(indices) - 5} more" if len(indices) > 5 else "")
-    return f"{len(indices)} image{'s' if len(indices) != 1 else ''} (index {shown})"
+    from cirlab.core.errors import first_few
+
+    return f"{len(indices)} image{'s' if len(indices) != 1 else ''} (index {first_few(indices, 5)})"
 
 
 def read_captions(path: Path, sink: ProblemCollector) -> list[str] | None:

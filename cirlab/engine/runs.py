@@ -51,7 +51,8 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
-from cirlab.core.config import did_you_mean, original_hints, unknown_fields_message, unknown_names_message
+from cirlab.core.config import (did_you_mean, field_names, original_hints, unknown_fields_message,
+                                unknown_names_message)
 from cirlab.core.io import file_name_part, folder_lock, to_plain, write_json
 from cirlab.core.contracts import (INIT_REPORT, HasDatasetExtras, HasEnsemble, HasImageTransform, HasInit,
                                    HasOwnEvaluation, HasVocab)
@@ -470,8 +471,7 @@ def _validate_model(config: dict[str, Any], source: str) -> None:
     if fields and unknown:
         from cirlab.engine.train import TrainConfig
 
-        train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        training = {n: f"train.{n}" for n in unknown if n in train_fields}  # lr, batch_size
+        training = {n: f"train.{n}" for n in unknown if n in field_names(TrainConfig)}  # lr, batch_size
         raise ConfigError(unknown_fields_message(cls, unknown, f"{source}: model_overrides ({cls.__name__})",
                                                  training))
     try:  # the config dataclass checks its own values (choices, divisibility); no weights are built here
@@ -594,7 +594,7 @@ EVAL_ORIGINAL_NAMES = {name: f"the original code's --{name}; here: model_overrid
                              "re-ranks; eval.k is the length of the top-K lists written)" for name in ("K", "K_value")}
 
 
-def _model_fields(model: Any) -> set[str]:
+def model_fields(model: Any) -> set[str]:
     """The config fields of registered model ``model``; none for another value (checked elsewhere)."""
     from cirlab.models.registry import get_entry
 
@@ -602,7 +602,7 @@ def _model_fields(model: Any) -> set[str]:
         cls = get_entry(str(model)).config_cls
     except (KeyError, ValueError, TypeError):
         return set()
-    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    return set(field_names(cls)) if dataclasses.is_dataclass(cls) else set()
 
 
 def _say_unread_k(config: dict[str, Any], source: str) -> None:
@@ -667,11 +667,11 @@ def _validate_train(config: dict[str, Any], source: str) -> None:
     from cirlab.engine.train import TrainConfig, validate_train_values
 
     section = config.get("train") or {}
-    fields = [f.name for f in dataclasses.fields(TrainConfig)]  # not the ClassVar tables __dataclass_fields__ holds
+    fields = field_names(TrainConfig)  # not the ClassVar tables __dataclass_fields__ holds
     unknown = sorted(set(section) - set(fields))
     if unknown:
-        model_fields = _model_fields(config.get("model"))  # a model setting put under train: (margin, max_violation)
-        hints = original_hints(TrainConfig, {n: f"model_overrides.{n}" for n in unknown if n in model_fields})
+        model = model_fields(config.get("model"))  # a model setting put under train: (margin, max_violation)
+        hints = original_hints(TrainConfig, {n: f"model_overrides.{n}" for n in unknown if n in model})
         raise ConfigError(unknown_names_message(f"{source}: train", unknown, fields, hints))
     validate_train_values(section, f"{source}: train.")
     split = (config.get("dataset") or {}).get("test_split", DEFAULTS["dataset"]["test_split"])

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from cirlab.core.errors import CirlabError
+from cirlab.core.errors import CirlabError, first_few
 from cirlab.data.generators import emoji, synthetic
 from cirlab.data.generators._owned import MARKER, foreign
 
@@ -175,10 +175,10 @@ def _feature_entries(top: Path) -> list[CacheEntry]:
     for child in _children(top):
         if _plain(child) and child.suffix == ".pt" and _KEY.fullmatch(child.stem):
             entries.append(_entry("features", child.name, "encoded gallery", [child], None))
-        elif child.is_dir() and not child.is_symlink() and _unlistable(child):
-            entries.append(_entry("features", child.name, "other", [child], _unlistable(child)))
         elif child.is_dir() and not child.is_symlink():  # features/<model>/: one store per key
-            entries.extend(_store_entry(child, store) for store in _children(child))
+            unreadable = _unlistable(child)
+            entries.extend([_entry("features", child.name, "other", [child], unreadable)] if unreadable else
+                           (_store_entry(child, store) for store in _children(child)))
         else:
             entries.append(_entry("features", child.name, "other", [child], "not a file cirlab writes"))
     return entries
@@ -193,7 +193,7 @@ def _store_entry(model: Path, store: Path) -> CacheEntry:
         return _entry("features", name, "other", [store], "not a feature store cirlab writes")
     stray = [c.name for c in _children(store) if not (_plain(c) and (_SEGMENT.fullmatch(c.name) or _staged(c.name)))]
     return _entry("features", name, "feature store", [store],
-                  f"holds files a feature store does not write ({_few(stray)})" if stray else None)
+                  f"holds files a feature store does not write ({first_few(stray)})" if stray else None)
 
 
 def _token_entries(top: Path, *, locked: bool = False) -> list[CacheEntry]:
@@ -209,7 +209,7 @@ def _token_entries(top: Path, *, locked: bool = False) -> list[CacheEntry]:
     for stem, paths in sorted(groups.items()):
         odd = [p.name for p in paths if not (_plain(p) and p.suffix in (".npy", ".json"))]
         entries.append(_entry("blip_rerank", stem, "BLIP ViT tokens", paths,
-                              f"not a token file cirlab writes ({_few(odd)})" if odd
+                              f"not a token file cirlab writes ({first_few(odd)})" if odd
                               else _busy(top / stem, writer=not locked)))
     return entries
 
@@ -235,7 +235,7 @@ def _generated(top: Path, folder: Path, *, locked: bool = False) -> CacheEntry:
     except OSError as err:  # a folder inside it that cannot be listed: what it holds is unknown
         return _entry(top.name, folder.name, kind, [folder], f"cannot list {err.filename} ({err.strerror or err})")
     return _entry(top.name, folder.name, kind, [folder],
-                  f"holds files its generator did not write ({_few(extra)})" if extra else None)
+                  f"holds files its generator did not write ({first_few(extra)})" if extra else None)
 
 
 def _generator(folder: Path) -> str | None:
@@ -325,10 +325,6 @@ def _busy(target: Path, *, writer: bool = True) -> str | None:
     return None
 
 
-def _few(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-
-
 # ---------------------------------------------------------------------------------------------------- removing
 @contextlib.contextmanager
 def _writer_lock(entry: CacheEntry) -> Iterator[None]:
@@ -337,15 +333,12 @@ def _writer_lock(entry: CacheEntry) -> Iterator[None]:
     from cirlab.core.io import FolderLockedError, generated_folder_lock
 
     target = entry.paths[0] if entry.area != "blip_rerank" else entry.paths[0].with_suffix("")
-    try:
-        lock = generated_folder_lock(target, wait=0)
-        lock.__enter__()
-    except FolderLockedError:
-        raise CacheEntryKept(f"{entry.label}: kept: being written by another cirlab process now") from None
-    try:
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(generated_folder_lock(target, wait=0))
+        except FolderLockedError:
+            raise CacheEntryKept(f"{entry.label}: kept: being written by another cirlab process now") from None
         yield
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def _remove_fresh(entry: CacheEntry) -> int:

@@ -450,13 +450,9 @@ def run_device(device: str | None, model: Any = None) -> str:
     ``"gpu"`` was torch's list of device types) and with ``"auto"`` resolved to ``cuda`` when a GPU is visible; None:
     where ``model``'s weights are (:func:`cirlab.engine.evaluate.model_device`), the default of the calls that take a
     model (it was ``"cpu"``: a model loaded or trained on a GPU was fed CPU batches)."""
-    from cirlab.engine.train import resolve_device
+    from cirlab.engine.evaluate import model_device
 
-    if device is None:
-        from cirlab.engine.evaluate import model_device
-
-        return str(model_device(model))
-    return resolve_device(device, "device")
+    return str(model_device(model, device))
 
 
 def load_run(run_dir: str | os.PathLike, device: str = "cpu", checkpoint: str = "best") -> Any:

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from cirlab.core.errors import CirlabError
+from cirlab.core.errors import CirlabError, first_few
 from cirlab.core.io import UnwritableFolderError, atomic_path, make_folder, write_text
 
 MARKER = ".cirlab-generated.json"
@@ -117,8 +117,7 @@ def refuse_foreign(command: str, folder: Path, force: bool, manifests: Iterable[
     extra = foreign(folder, manifests)
     if not extra:
         return
-    listed = ", ".join(str(p.relative_to(folder)) for p in extra[:5]) + (f" and {len(extra) - 5} more"
-                                                                          if len(extra) > 5 else "")
+    listed = first_few((p.relative_to(folder) for p in extra), 5)
     if force:
         import logging
 
