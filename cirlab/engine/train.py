@@ -419,9 +419,15 @@ def _say_overridden_model_fields(model: Any, recipe: Mapping[str, Any], override
     contradiction, so say which one counts."""
     config = getattr(model, "config", None)
     for key, value in overrides.items():
-        if key in recipe and hasattr(config, key) and recipe[key] == getattr(config, key) and value != recipe[key]:
+        said = (id(model), key, str(value))  # a run resolves its train config more than once: said once
+        if key in recipe and hasattr(config, key) and recipe[key] == getattr(config, key) and value != recipe[key] \
+                and said not in _SAID_OVERRIDDEN:
+            _SAID_OVERRIDDEN.add(said)
             logger.info("train.%s=%s is used; model_overrides.%s=%s (the recipe's value) is not", key, value, key,
                         recipe[key])
+
+
+_SAID_OVERRIDDEN: set[tuple[int, str, str]] = set()
 
 
 # ----------------------------------------------------------------------------------------------- schedule
