@@ -38,6 +38,7 @@ EXAMPLES = """examples (from the repository root; `cirlab COMMAND --help` explai
   cirlab submit runs/cirr_stage2 --out submissions                # CIRR test-server files
   cirlab convert --from lavis blip2_pretrained.pth cala_init.pt --model cala
   cirlab models --params cala                                     # parameters per module, no weights read
+  cirlab models --settings hrem --preset f30k                     # preset fields + the paper's recipe
   cirlab runs runs/                                               # every run under runs/: state, step, metrics
   cirlab cache --unused-for 30 --remove                           # free cache entries not used for 30 days
   cirlab report                                                   # every notebook headless -> reports/
@@ -165,12 +166,16 @@ def _add_models(subparsers: Any) -> None:
                                           "weights or a GPU (a hub BERT named bert-base-uncased counts at BERT-base "
                                           "sizes); the small tiny and lite presets are built on the CPU.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--params", metavar="MODEL", default=None,
-                   help="count MODEL's parameters per module instead of listing the models")
-    p.add_argument("--preset", default=None, help="with --params: the preset (default: the first paper preset by "
-                                                   "name, e.g. cala -> cirr, hrem -> coco)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--params", metavar="MODEL", default=None,
+                       help="count MODEL's parameters per module instead of listing the models")
+    which.add_argument("--settings", metavar="MODEL", default=None,
+                       help="print the settings a run of MODEL starts from: its preset's model fields "
+                            "(model_overrides.FIELD in a run config) and the paper's training recipe (train.FIELD)")
+    p.add_argument("--preset", default=None, help="with --params or --settings: the preset (default: the first paper "
+                                                   "preset by name, e.g. cala -> cirr, hrem -> coco)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="with --params: model config fields, e.g. --set encoder=both")
+                   help="with --params or --settings: model config fields, e.g. --set encoder=both")
     p.set_defaults(func=_run_models)
 
 
@@ -1041,10 +1046,12 @@ def _run_notebooks(args: argparse.Namespace) -> int:
 def _run_models(args: argparse.Namespace) -> int:
     if args.params:
         return _run_params(args)
+    if args.settings:
+        return _run_settings(args)
     if args.preset or args.overrides:
         from cirlab.core.errors import ConfigError
 
-        raise ConfigError("cirlab models: --preset and --set go with --params MODEL")
+        raise ConfigError("cirlab models: --preset and --set go with --params MODEL or --settings MODEL")
     from cirlab.models.registry import describe_models
 
     rows = describe_models()  # read from the model files' source: no torch import
@@ -1060,30 +1067,10 @@ def _run_models(args: argparse.Namespace) -> int:
 
 def _run_params(args: argparse.Namespace) -> int:
     """``cirlab models --params MODEL``: parameters per module on the meta device, as a table or JSON."""
-    from cirlab.core.config import did_you_mean
     from cirlab.core.errors import ConfigError
-    from cirlab.engine.runs import parse_set_flat
-    from cirlab.models.registry import (CPU_PRESETS, build_config, list_models, list_presets, parameter_table,
-                                        parameter_table_device)
+    from cirlab.models.registry import parameter_table, parameter_table_device
 
-    name = args.params
-    if name not in list_models():
-        raise ConfigError(f"cirlab models --params: unknown model {name!r}{did_you_mean(name, list_models())}; "
-                          f"known: {', '.join(list_models())}")
-    presets = list_presets(name)
-    if not presets and not args.preset:
-        raise ConfigError(f"cirlab models --params {name}: the model defines no presets; pass --preset")
-    # the first paper preset (the sizes people ask about); a model of one's own may have only tiny/lite
-    preset = args.preset or next((p for p in presets if p not in CPU_PRESETS), presets[0])
-    if preset not in presets:
-        raise ConfigError(f"cirlab models --params {name}: unknown preset {preset!r}{did_you_mean(preset, presets)}; "
-                          f"known: {', '.join(presets)}")
-    overrides = parse_set_flat(args.overrides)
-    try:  # the config first: a misspelt or mistyped --set is the user's, not a meta-device limitation
-        build_config(name, preset, **overrides)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ConfigError(f"cirlab models --params {name} --preset {preset}: --set: "
-                          f"{' '.join(str(err.args[0] if err.args else err).split())}") from None
+    name, preset, overrides = _model_preset(args, "--params")
     where = {"cpu": "on the CPU", "meta": "on the meta device"}[parameter_table_device(preset)]
     try:
         rows = parameter_table(name, preset, **overrides)
@@ -1099,6 +1086,69 @@ def _run_params(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['module']:<{width}}  {r['params']:>13,}  {r['trainable']:>13,}  {r['frozen']:>13,}")
     return 0
+
+
+def _run_settings(args: argparse.Namespace) -> int:
+    """``cirlab models --settings MODEL``: the preset's model fields and the paper's training recipe, spelt as the
+    run config's entries (``model_overrides.FIELD``, ``train.FIELD``) so that a line can be copied into --set."""
+    from cirlab.core.errors import ConfigError
+    from cirlab.models.registry import preset_settings
+
+    name, preset, overrides = _model_preset(args, "--settings")
+    try:
+        settings = preset_settings(name, preset, **overrides)
+    except (KeyError, TypeError, ValueError, OSError, RuntimeError, NotImplementedError) as err:
+        raise ConfigError(f"cirlab models --settings {name} --preset {preset}: cannot build it "
+                          f"({' '.join(str(err).split())})") from None
+    if args.json:
+        print(json.dumps({"model": name, "preset": preset, "overrides": overrides,
+                          "model_overrides": settings["model"], "train": settings["train"]}, indent=2, default=str))
+        return 0
+    given = ''.join(f', {k}={v}' for k, v in overrides.items())
+    print(f"{name}, preset {preset}{given}: model fields (model_overrides.FIELD in a run config)")
+    _print_entries("model_overrides", settings["model"])
+    print(f"the paper's training recipe (train.FIELD; the fields it leaves out keep cirlab's defaults, "
+          f"`cirlab train --help`)")
+    _print_entries("train", settings["train"])
+    return 0
+
+
+def _print_entries(section: str, values: dict[str, Any]) -> None:
+    """``  section.key = value`` lines, the value as YAML writes it in flow style (what --set reads back)."""
+    import yaml
+
+    for key, value in values.items():
+        text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+        print(f"  {section}.{key} = {text.removesuffix(chr(10) + '...').strip()}")
+
+
+def _model_preset(args: argparse.Namespace, flag: str) -> tuple[str, str, dict[str, Any]]:
+    """The model, preset and ``--set`` overrides of ``cirlab models --params/--settings MODEL``, each checked (the
+    preset defaults to the first paper preset: the sizes people ask about; a model of one's own may have only
+    tiny/lite)."""
+    from cirlab.core.config import did_you_mean
+    from cirlab.core.errors import ConfigError
+    from cirlab.engine.runs import parse_set_flat
+    from cirlab.models.registry import CPU_PRESETS, build_config, list_models, list_presets
+
+    name = getattr(args, flag.lstrip("-"))
+    if name not in list_models():
+        raise ConfigError(f"cirlab models {flag}: unknown model {name!r}{did_you_mean(name, list_models())}; "
+                          f"known: {', '.join(list_models())}")
+    presets = list_presets(name)
+    if not presets and not args.preset:
+        raise ConfigError(f"cirlab models {flag} {name}: the model defines no presets; pass --preset")
+    preset = args.preset or next((p for p in presets if p not in CPU_PRESETS), presets[0])
+    if preset not in presets:
+        raise ConfigError(f"cirlab models {flag} {name}: unknown preset {preset!r}{did_you_mean(preset, presets)}; "
+                          f"known: {', '.join(presets)}")
+    overrides = parse_set_flat(args.overrides)
+    try:  # the config first: a misspelt or mistyped --set is the user's, not a meta-device limitation
+        build_config(name, preset, **overrides)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"cirlab models {flag} {name} --preset {preset}: --set: "
+                          f"{' '.join(str(err.args[0] if err.args else err).split())}") from None
+    return name, preset, overrides
 
 
 def _printable_anywhere() -> None:

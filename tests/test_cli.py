@@ -543,6 +543,39 @@ def test_models_params_counts_paper_presets_on_the_meta_device(capsys, caplog):
         assert len(errors) == 1 and says in errors[0], errors
 
 
+def test_models_settings_prints_what_a_run_starts_from(capsys, caplog):
+    """``cirlab models --settings MODEL``: the preset's fields and the paper recipe, spelt as run-config entries whose
+    printed values read back (YAML) as the values themselves; the recipe follows the preset (HREM's batch 128 on
+    F30K, 256 on COCO); no warning about weights that nothing reads."""
+    import yaml
+
+    from cirlab.models.hrem import HREMConfig
+
+    assert main(["models", "--settings", "hrem", "--preset", "f30k", "--json"]) == 0
+    f30k = json.loads(capsys.readouterr().out)
+    assert f30k["model_overrides"] == json.loads(json.dumps(HREMConfig.from_preset("f30k").to_dict()))
+    assert f30k["train"]["batch_size"] == 128 and f30k["train"]["lr_milestones"] == [15, 25]
+    assert main(["models", "--settings", "hrem"]) == 0  # the first paper preset by name: coco
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("hrem, preset coco: model fields")
+    entries = dict(line.strip().split(" = ", 1) for line in lines if line.startswith("  "))
+    assert yaml.safe_load(entries["train.batch_size"]) == 256
+    coco = HREMConfig.from_preset("coco").to_dict()
+    assert {k: yaml.safe_load(v) for k, v in entries.items() if k.startswith("model_overrides.")} == \
+        {f"model_overrides.{k}": v for k, v in coco.items()}
+
+    caplog.clear()
+    assert main(["models", "--settings", "amc", "--set", "embed_dim=64", "--json"]) == 0
+    amc = json.loads(capsys.readouterr().out)
+    assert amc["preset"] == "fashioniq" and amc["model_overrides"]["embed_dim"] == 64 and amc["train"]["epochs"] == 50
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.records
+    caplog.clear()
+    assert main(["models", "--settings", "cala", "--preset", "cirrr"]) == 2
+    assert "unknown preset 'cirrr'" in caplog.records[-1].getMessage()
+    with pytest.raises(SystemExit):
+        main(["models", "--settings", "cala", "--params", "cala"])
+
+
 def test_same_config_gives_the_same_run(tmp_path, synth):
     """The seed covers the initial weights too: two runs of one config end with identical weights and losses."""
     config = load_config(_write_config(tmp_path / "stub.yaml", synth, max_steps=3, seed=5))

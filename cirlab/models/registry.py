@@ -12,6 +12,7 @@ import dataclasses
 import fnmatch
 import functools
 import importlib
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -304,6 +305,21 @@ def parameter_table(name: str, preset: str | None = None, **overrides: Any) -> l
     count on any machine. A BERT named by the hub id ``bert-base-uncased`` (the paper presets' text encoder) is
     counted at BERT-base sizes without the hub. The CPU presets (``tiny``, ``lite``) are built for real: they are
     small, and ``lite`` reads its offline weight files when built, which the meta device refuses."""
+    return module_parameters(_weightless_model(name, preset, overrides))
+
+
+def preset_settings(name: str, preset: str | None = None, **overrides: Any) -> dict[str, dict[str, Any]]:
+    """What a run of ``name`` at ``preset`` starts from: ``{"model": the config's fields, "train": the paper's
+    training recipe}`` (the model's ``default_train_config()``, the TrainConfig fields it sets; the others keep
+    TrainConfig's defaults). The model is built as :func:`parameter_table` builds it: no weights are read."""
+    config = build_config(name, preset, **overrides)
+    recipe = _weightless_model(name, preset, overrides).default_train_config()
+    return {"model": config.to_dict(), "train": dict(recipe)}
+
+
+def _weightless_model(name: str, preset: str | None, overrides: dict[str, Any]) -> Any:
+    """``name`` at ``preset`` built where :func:`parameter_table_device` says, a hub BERT (``bert-base-uncased``,
+    the paper presets' text encoder) as a random BERT of its sizes: nothing is downloaded or read."""
     import torch
 
     config = build_config(name, preset, **overrides)
@@ -311,9 +327,16 @@ def parameter_table(name: str, preset: str | None = None, **overrides: Any) -> l
         from cirlab.models._text import BERT_BASE_CONFIG
 
         config = build_config(name, preset, **{**overrides, "bert": "random", "bert_config": BERT_BASE_CONFIG})
-    with torch.device(parameter_table_device(preset)):
-        model = create_model(name, config=config)
-    return module_parameters(model)
+    # a model's warnings about its weights (AMC's "no local resnet50 weights") are about training it; nothing
+    # trains or reads weights here, so they would only mislead
+    quiet = logging.getLogger("cirlab.models")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with torch.device(parameter_table_device(preset)):
+            return create_model(name, config=config)
+    finally:
+        quiet.setLevel(level)
 
 
 def parameter_table_device(preset: str | None) -> str:
