@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import importlib
 import json
 import logging
@@ -1092,6 +1093,7 @@ def _run_settings(args: argparse.Namespace) -> int:
     """``cirlab models --settings MODEL``: the preset's model fields and the paper's training recipe, spelt as the
     run config's entries (``model_overrides.FIELD``, ``train.FIELD``) so that a line can be copied into --set."""
     from cirlab.core.errors import ConfigError
+    from cirlab.engine.train import TrainConfig
     from cirlab.models.registry import preset_settings
 
     name, preset, overrides = _model_preset(args, "--settings")
@@ -1100,16 +1102,19 @@ def _run_settings(args: argparse.Namespace) -> int:
     except (KeyError, TypeError, ValueError, OSError, RuntimeError, NotImplementedError) as err:
         raise ConfigError(f"cirlab models --settings {name} --preset {preset}: cannot build it "
                           f"({' '.join(str(err).split())})") from None
+    defaults = {k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k not in settings["train"]}
     if args.json:
         print(json.dumps({"model": name, "preset": preset, "overrides": overrides,
-                          "model_overrides": settings["model"], "train": settings["train"]}, indent=2, default=str))
+                          "model_overrides": settings["model"], "train": settings["train"],
+                          "train_defaults": defaults}, indent=2, default=str))
         return 0
     given = ''.join(f', {k}={v}' for k, v in overrides.items())
     print(f"{name}, preset {preset}{given}: model fields (model_overrides.FIELD in a run config)")
     _print_entries("model_overrides", settings["model"])
-    print(f"the paper's training recipe (train.FIELD; the fields it leaves out keep cirlab's defaults, "
-          f"`cirlab train --help`)")
+    print("the paper's training recipe (train.FIELD in a run config)")
     _print_entries("train", settings["train"])
+    print("the other training fields, at cirlab's defaults")
+    _print_entries("train", defaults)
     return 0
 
 

@@ -1,6 +1,7 @@
 """The CLI and the Python run API: configs, --set, train -> run folder -> eval, safety flags, --help."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -547,8 +548,7 @@ def test_models_settings_prints_what_a_run_starts_from(capsys, caplog):
     """``cirlab models --settings MODEL``: the preset's fields and the paper recipe, spelt as run-config entries whose
     printed values read back (YAML) as the values themselves; the recipe follows the preset (HREM's batch 128 on
     F30K, 256 on COCO); no warning about weights that nothing reads."""
-    import yaml
-
+    from cirlab.engine.train import TrainConfig
     from cirlab.models.hrem import HREMConfig
 
     assert main(["models", "--settings", "hrem", "--preset", "f30k", "--json"]) == 0
@@ -559,7 +559,9 @@ def test_models_settings_prints_what_a_run_starts_from(capsys, caplog):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("hrem, preset coco: model fields")
     entries = dict(line.strip().split(" = ", 1) for line in lines if line.startswith("  "))
-    assert yaml.safe_load(entries["train.batch_size"]) == 256
+    assert yaml.safe_load(entries["train.batch_size"]) == 256 and yaml.safe_load(entries["train.ema_decay"]) is None
+    assert {k.split(".", 1)[1] for k in entries if k.startswith("train.")} == set(f30k["train"]) | set(
+        f30k["train_defaults"]) == {f.name for f in dataclasses.fields(TrainConfig)}  # every training field, once
     coco = HREMConfig.from_preset("coco").to_dict()
     assert {k: yaml.safe_load(v) for k, v in entries.items() if k.startswith("model_overrides.")} == \
         {f"model_overrides.{k}": v for k, v in coco.items()}
