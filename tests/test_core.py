@@ -1,9 +1,11 @@
 """Core contracts: registry and presets, paths, route tracing, the top-K file, cheap import."""
 from __future__ import annotations
 
+import dataclasses
+import os
 import subprocess
 import sys
-import dataclasses
+import textwrap
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -11,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+import cirlab
 from cirlab import paths, registry
 from cirlab.core.errors import CirlabError
 from cirlab.core.config import PresetMixin
 from cirlab.core.topk import TopK, load_topk, save_topk
 from cirlab.core.tracing import emit, is_active, trace_routes
+from cirlab.data.transforms import build_transform
 
 
 @dataclass
@@ -190,6 +194,54 @@ def test_register_model_refuses_what_would_fail_later(toy_registered):
         assert names == {toy_registered, "toy_router_2"}
     finally:
         registry._REGISTRY.pop("toy_router_2", None)
+
+
+def test_a_shipped_name_is_refused_when_registered_before_the_registry_loaded(tmp_path):
+    """cirlab's models load lazily: register_model("amc") in a fresh kernel was accepted, and every later
+    list_models()/create_model() of the session failed, blaming cirlab's own build_amc."""
+    code = textwrap.dedent("""
+        import dataclasses, torch, cirlab
+        from cirlab.core.config import PresetMixin
+        from cirlab.core.errors import ModelContractError
+
+        @dataclasses.dataclass
+        class C(PresetMixin):
+            PRESETS = {"tiny": {}}
+            w: int = 4
+
+        try:
+            cirlab.register_model("amc", task="cir", config_cls=C)(lambda c: torch.nn.Linear(2, 2))
+        except ModelContractError as err:
+            print("refused:", err)
+        print(cirlab.list_models(), type(cirlab.create_model("amc", "tiny")).__name__)
+    """)
+    env = {**os.environ, "CIRLAB_CACHE": str(tmp_path / "cache")}
+    env.pop("CIRLAB_MODELS", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused: register_model('amc'): the name is taken by cirlab.models.amc.build_amc" in done.stdout
+    assert "['amc', 'blip_rerank_stage1', 'blip_rerank_stage2', 'cala', 'dime', 'hrem'] AMC" in done.stdout
+
+
+@pytest.mark.parametrize("call, kind", [
+    (lambda t: cirlab.create_model("dime", "tiny", bert=str(t / "no_bert")), FileNotFoundError),
+    (lambda t: cirlab.create_model("hrem", "tiny", vocab_file=str(t / "no_vocab.txt")), FileNotFoundError),
+    (lambda t: cirlab.create_model("amc", "tiny", pretrained=True, backbone_weights=str(t / "no.pth")),
+     FileNotFoundError),
+    (lambda t: cirlab.create_model("amc", "tiny", glove_path="glove.txt"), ValueError),
+    (lambda t: cirlab.create_model("cala", "tiny", image_size=33), ValueError),
+    (lambda t: build_transform("nosuch", 32), ValueError),
+    (lambda t: build_transform("amc", 32, normalize="bogus"), ValueError),
+])
+def test_input_errors_are_cirlab_errors_of_their_builtin_kind(tmp_path, call, kind):
+    """README: every error caused by one's input is a CirlabError and the builtin kind it is; these were bare
+    builtins (a missing BERT folder, vocab_file or weights file; a setting nothing reads; an unknown transform), so
+    ``except cirlab.CirlabError`` in a notebook missed them."""
+    with pytest.raises(CirlabError) as caught:
+        call(tmp_path)
+    assert isinstance(caught.value, kind) and "\n" not in str(caught.value)
+    if "no_vocab" in str(caught.value):  # named by its config entry (it was "[Errno 2] No such file")
+        assert "model_overrides.vocab_file" in str(caught.value)
 
 
 def test_a_model_missing_part_of_its_contract_is_refused():

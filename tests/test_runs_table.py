@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -186,7 +187,6 @@ def test_the_state_comes_from_the_contents_not_from_file_times(tmp_path):
     server's, or unpacked from ``tar --mtime=@0``, was listed as killed (its metrics.json "older" than its start);
     a killed resume copied with ``cp -r`` (new times on old metrics) was listed as finished."""
     import os
-    import shutil
 
     future = "2099-01-01T00:00:00+00:00"
     done = _run(tmp_path / "done", metrics=True)
@@ -242,6 +242,12 @@ def test_results_table_is_a_paper_table_with_provenance_and_a_seed_summary(tmp_p
     assert r"dress\_R@10" in latex and r"amc\_s0" in latex
     with pytest.raises(ValueError, match=r"amc_s0 has no metrics of split 'test'; it has 'val'"):
         analysis.results_table([runs / "amc_s0"], split="test")
+    unfinished = Path(shutil.copytree(runs / "amc_s0", tmp_path / "fitted" / "amc_fit"))
+    (unfinished / "metrics.json").unlink()  # as cirlab.fit leaves a run: an empty table, then a wrong hint, before
+    with pytest.raises(ValueError, match=r"no run under .*fitted has a metrics.json \(1 run folders: amc_fit\)"):
+        analysis.results_table(tmp_path / "fitted", split="val")
+    with pytest.raises(ValueError, match=r"seed_summary: the table has no runs"):
+        analysis.seed_summary(table.iloc[:0])
 
 
 def test_compare_runs_names_an_eval_output_file_by_its_stem(tmp_path):

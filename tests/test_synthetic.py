@@ -464,3 +464,15 @@ def test_ensure_writes_only_the_layouts_a_set_lacks(tmp_path, monkeypatch):
                 for p in root.rglob("*") if p.is_file()}
 
     assert tree(out) == tree(tmp_path / "whole") and set(whole["layouts"]) == set(synthetic.LAYOUTS)
+
+
+def test_the_module_docstring_example_runs(tmp_path, monkeypatch):
+    """``help(synthetic)`` showed ``info["fashioniq"]["root"]``: a KeyError (the roots are under "layouts")."""
+    doc = synthetic.__doc__
+    block = doc[doc.index("::\n") + 3:doc.index("\n\nor ``cirlab data synth")]
+    code = "\n".join(line.removeprefix("    ") for line in block.splitlines())
+    assert 'size="default"' in code and "load_cir" in code
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(code.replace('size="default"', 'size="tiny"'), scope)  # the example as shown, at the test size
+    assert len(scope["split"]) > 0 and (tmp_path / "data" / "synthetic" / "fashioniq").is_dir()

@@ -287,7 +287,7 @@ def refuse_unread(config_name: str, settings: Iterable[tuple[str, Any, bool, str
     with ``read`` whether the config reads the field and ``reader`` the setting that would."""
     for name, value, read, reader in settings:
         if value and not read:
-            raise ValueError(f"{config_name}.{name}={value!r} is read only with {reader}; clear it or set {reader}")
+            raise ConfigError(f"{config_name}.{name}={value!r} is read only with {reader}; clear it or set {reader}")
 
 
 def choice_problem(value: Any, allowed: Iterable[Any]) -> str | None:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from cirlab.core.errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -119,7 +121,7 @@ def _pipeline(name: str, size: int, train: bool) -> list[Any]:
         return [T.Resize([size, size])]
     if name == "tensor":
         return []
-    raise ValueError(f"unknown transform {name!r}; known: {', '.join(TRANSFORMS)}")
+    raise ConfigError(f"unknown transform {name!r}; known: {', '.join(TRANSFORMS)}")
 
 
 # name -> default normalisation
@@ -136,7 +138,7 @@ RANDOM_IN_TRAINING = frozenset({"amc"})
 def is_random(name: str, train: bool) -> bool:
     """Whether ``build_transform(name, train=train)`` can give two different tensors for the same image."""
     if name not in TRANSFORMS:
-        raise ValueError(f"unknown transform {name!r}; known: {', '.join(TRANSFORMS)}")
+        raise ConfigError(f"unknown transform {name!r}; known: {', '.join(TRANSFORMS)}")
     return train and name in RANDOM_IN_TRAINING
 
 
@@ -157,10 +159,10 @@ def build_transform(name: str, image_size: int = 224, train: bool = False,
     from torchvision import transforms as T
 
     if name not in TRANSFORMS:
-        raise ValueError(f"unknown transform {name!r}; known: {', '.join(TRANSFORMS)}")
+        raise ConfigError(f"unknown transform {name!r}; known: {', '.join(TRANSFORMS)}")
     norm = TRANSFORMS[name] if normalize is None else normalize
     if norm not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalize {normalize!r}; known: {', '.join(NORMALIZATIONS)}")
+        raise ConfigError(f"unknown normalize {normalize!r}; known: {', '.join(NORMALIZATIONS)}")
     steps = [_to_rgb, *_pipeline(name, image_size, train), T.ToTensor()]
     if NORMALIZATIONS[norm] is not None:
         steps.append(T.Normalize(*NORMALIZATIONS[norm]))

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from cirlab.core.errors import MissingPathError
+
 MAP_LAYOUTS = ("permute", "view_quirk")
 # keys of OpenAI state dicts that are no parameters of the model: hyper-parameters saved alongside, and the causal
 # mask (a buffer of TorchScript exports, rebuilt here from the context length)
@@ -144,7 +146,7 @@ def read_clip_state(path: str | Path) -> dict[str, torch.Tensor]:
     prefixes and OpenAI's saved hyper-parameters are dropped; tensors come back as float32."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"CLIP weights not found: {path}")
+        raise MissingPathError(f"CLIP weights not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

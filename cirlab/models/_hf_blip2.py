@@ -62,6 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cirlab.core.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 BERT_VOCAB_SIZE = 30522  # bert-base-uncased
@@ -136,7 +138,7 @@ class ImageTower(nn.Module):
                  patch_size: int = 14, weights: str | None = "") -> None:
         super().__init__()
         if arch not in VISION_ARCHS:
-            raise ValueError(f"unknown image tower {arch!r}; known: {', '.join(VISION_ARCHS)}")
+            raise ConfigError(f"unknown image tower {arch!r}; known: {', '.join(VISION_ARCHS)}")
         self.arch, self.width = arch, width
         if arch == "clip_vit":
             from transformers import CLIPVisionModel

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 # cirlab's image transforms normalise with these (torchvision's convention); the lite nets undo them
-from cirlab.core.errors import CheckpointError
+from cirlab.core.errors import CheckpointError, MissingPathError
 from cirlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def load_minilm(path: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
 
     directory = Path(path) if path else minilm_dir()
     if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"MiniLM directory {directory} has no config.json")
+        raise MissingPathError(f"MiniLM directory {directory} has no config.json")
     with quiet_hf_loading():
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         model = AutoModel.from_pretrained(str(directory), local_files_only=True)
@@ -131,7 +131,7 @@ def minilm_word_vectors(words: Sequence[str], path: str | os.PathLike | None = N
     """
     directory = Path(path) if path else minilm_dir()
     if not (directory / "config.json").is_file():  # the message load_minilm gives, whichever path runs
-        raise FileNotFoundError(f"MiniLM directory {directory} has no config.json")
+        raise MissingPathError(f"MiniLM directory {directory} has no config.json")
     if (directory / "model.safetensors").is_file() and _tokenizer_json_is_what_transformers_builds(directory):
         table = _word_table(directory / "model.safetensors")
         _check_table_fits_config(table, directory / "config.json")
@@ -253,7 +253,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
+        raise MissingPathError(f"weights file {path} does not exist")
     # one line naming the file for a missing, empty, Git LFS pointer, HTML, corrupt or pickled-code file, as every
     # other weights reader says it (a torch traceback of 65 lines here)
     state = load_checkpoint(path, trust_hint="save the weights as a state dict (torch.save(model.state_dict()))")

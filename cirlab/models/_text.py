@@ -29,7 +29,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from cirlab.core.errors import InputError, MissingPathError
+from cirlab.core.errors import ConfigError, InputError, MissingPathError
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +94,16 @@ def _bert_and_vocab(cfg: Any, owner: str) -> tuple[nn.Module, Any]:
 
     name = cfg.bert
     if name == "random":
+        if cfg.vocab_file and not Path(cfg.vocab_file).expanduser().is_file():
+            raise MissingPathError(f"{owner}: model_overrides.vocab_file {cfg.vocab_file} does not exist (a vocab.txt, "
+                                   "one token a line)")
         vocab: Any = cfg.vocab_file or tiny_vocab()
         sizes = {**TINY_BERT_CONFIG, **(cfg.bert_config or {})}
         if isinstance(vocab, list):
             sizes.setdefault("vocab_size", len(vocab))
             if sizes["vocab_size"] < len(vocab):
-                raise ValueError(f"{owner} bert_config vocab_size {sizes['vocab_size']} < tiny vocab {len(vocab)}")
+                raise InputError(f"{owner}: model_overrides.bert_config vocab_size {sizes['vocab_size']} < the tiny "
+                                 f"vocabulary's {len(vocab)} tokens")
         else:
             sizes.setdefault("vocab_size", vocab_tokens(vocab))
         return BertModel(BertConfig(**sizes), add_pooling_layer=False), vocab
@@ -115,7 +119,7 @@ def _bert_and_vocab(cfg: Any, owner: str) -> tuple[nn.Module, Any]:
         elif (path / "bert_config.json").is_file():
             load = _load_original_layout
         else:
-            raise FileNotFoundError(f"{owner}: {path} has neither config.json (transformers) nor bert_config.json "
+            raise MissingPathError(f"{owner}: {path} has neither config.json (transformers) nor bert_config.json "
                                     "(original Google/DIME layout)")
         vocab = cfg.vocab_file or folder_vocab(path, owner)  # before the weights: a missing vocabulary is quick
         return load(path, owner), vocab
@@ -124,7 +128,7 @@ def _bert_and_vocab(cfg: Any, owner: str) -> tuple[nn.Module, Any]:
                          "+ weights + vocab.txt or tokenizer.json, or the original bert_config.json + "
                          "pytorch_model.bin + vocab.txt)")
     if name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{owner}: BERT directory {path} (model_overrides.bert) does not exist")
+        raise MissingPathError(f"{owner}: BERT directory {path} (model_overrides.bert) does not exist")
     offline = not hub_reachable()
     logger.info("%s: loading BERT %r from the model hub%s", owner, name, " cache (hub unreachable)" if offline else "")
     from transformers import BertTokenizer
@@ -133,7 +137,7 @@ def _bert_and_vocab(cfg: Any, owner: str) -> tuple[nn.Module, Any]:
         return (BertModel.from_pretrained(name, add_pooling_layer=False, local_files_only=offline),
                 BertTokenizer.from_pretrained(name, local_files_only=offline))
     except OSError:  # no hub here and not in its cache: transformers' several-line message says only that
-        raise FileNotFoundError(f"{owner}: bert {name!r} is not a local folder, and neither the model hub nor its "
+        raise MissingPathError(f"{owner}: bert {name!r} is not a local folder, and neither the model hub nor its "
                                 "cache has it; set bert (--set model_overrides.bert=PATH; the original code's "
                                 "--bert_path) to a local BERT folder (config.json + vocab.txt, or the original "
                                 "bert_config.json layout)") from None
@@ -238,7 +242,7 @@ def _load_original_layout(path: Path, owner: str) -> nn.Module:
 
     weights = path / "pytorch_model.bin"
     if not weights.is_file():
-        raise FileNotFoundError(f"{owner}: {weights} missing (original layout needs bert_config.json + "
+        raise MissingPathError(f"{owner}: {weights} missing (original layout needs bert_config.json + "
                                 "pytorch_model.bin)")
     model = BertModel(BertConfig.from_json_file(str(path / "bert_config.json")), add_pooling_layer=False)
     from cirlab.core.checkpoint import load_checkpoint
@@ -264,7 +268,7 @@ def make_tokenizer(vocab: Any) -> Any:
     if isinstance(vocab, dict):
         return BertTokenizer(vocab=vocab, do_lower_case=True)
     if not Path(vocab).is_file():
-        raise FileNotFoundError(f"vocabulary file {vocab} does not exist")
+        raise MissingPathError(f"vocabulary file {vocab} does not exist")
     return BertTokenizer(vocab=str(vocab), do_lower_case=True)
 
 
@@ -334,7 +338,7 @@ class BertVocabMixin:
     def _set_vocab(self, vocab: list[str], rows: int, init: bool) -> None:
         """Use the token list ``vocab`` with a new ``rows``-row word-embedding table."""
         if rows < len(vocab):
-            raise ValueError(f"{type(self).__name__}: vocabulary of {len(vocab)} tokens but bert_config "
+            raise ConfigError(f"{type(self).__name__}: vocabulary of {len(vocab)} tokens but bert_config "
                              f"vocab_size {rows}")
         self._new_word_table(rows, init)
         self._vocab, self._tokenizer = list(vocab), None

@@ -56,7 +56,7 @@ from torch import nn
 from cirlab.core import tracing
 from cirlab.core.config import (NON_NEGATIVE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_indivisible,
                                 refuse_unknown_choices, refuse_unread)
-from cirlab.core.errors import InputError, MissingPathError
+from cirlab.core.errors import ConfigError, InputError, MissingPathError
 from cirlab.models._truncation import say_cut
 from cirlab.models.registry import register_model
 
@@ -165,7 +165,7 @@ class AMCConfig(PresetMixin):
                                              ("transform", self.transform, TRANSFORMS)])
         refuse_indivisible("AMCConfig", [("embed_dim", self.embed_dim, "num_heads", self.num_heads)])
         if int(self.embed_dim * self.ffn_ratio) < 1:  # CRN's feed-forward would be 0 wide
-            raise ValueError(f"AMCConfig.ffn_ratio={self.ffn_ratio}: embed_dim {self.embed_dim} x ffn_ratio is below 1")
+            raise ConfigError(f"AMCConfig.ffn_ratio={self.ffn_ratio}: embed_dim {self.embed_dim} x ffn_ratio is below 1")
         words = self.word_vectors
         refuse_unread("AMCConfig", [("glove_path", self.glove_path, words == "glove", "word_vectors='glove'"),
                                     ("minilm_path", self.minilm_path, words == "minilm", "word_vectors='minilm'"),
@@ -387,7 +387,7 @@ class TextEncoder(nn.Module):
 
             vectors = minilm_word_vectors(words, cfg.minilm_path or None)
             if vectors.shape[1] != cfg.word_dim:
-                raise ValueError(f"MiniLM vectors are {vectors.shape[1]}-d but word_dim={cfg.word_dim}")
+                raise ConfigError(f"MiniLM vectors are {vectors.shape[1]}-d but word_dim={cfg.word_dim}")
             with torch.no_grad():
                 self.embed.weight.copy_(vectors)
             logger.info("initialised %d word vectors from MiniLM input embeddings", len(words))

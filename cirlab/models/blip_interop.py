@@ -72,7 +72,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cirlab.core.errors import CirlabError
+from cirlab.core.errors import CirlabError, MissingPathError
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def _load(path: Path) -> Any:
     from cirlab.core.checkpoint import CheckpointError, load_checkpoint
 
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingPathError(f"checkpoint not found: {path}")
     try:  # the converters have no trust_pickle: what works instead
         return load_checkpoint(path, trust_hint="re-save its weights alone (torch.save(state_dict, path)) to convert "
                                                 "them")

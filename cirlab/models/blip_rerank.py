@@ -73,6 +73,7 @@ from cirlab.core import io
 from cirlab.core.config import (MAX_SIZE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_indivisible,
                                 refuse_unknown_choices)
 from cirlab.core.contracts import INIT_REPORT
+from cirlab.core.errors import ConfigError, MissingPathError
 from cirlab.models import _hf_blip as hf
 from cirlab.models import blip_interop
 from cirlab.models._truncation import hf_cut_count, say_cut
@@ -162,7 +163,7 @@ class BlipRerankConfig(PresetMixin):
         check_field_ranges(type(self), vars(self))  # also when built directly, not through a preset
         refuse_unknown_choices("BlipRerankConfig", [("dataset", self.dataset, sorted(PAPER_RERANK_K))])
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         refuse_indivisible("BlipRerankConfig", [("vision_width", self.vision_width, "vision_heads", self.vision_heads),
                                                 ("text_width", self.text_width, "text_heads", self.text_heads)])
 
@@ -833,7 +834,7 @@ class TokenStore:
         meta_path, arr_path = path.with_suffix(".json"), path.with_suffix(".npy")
         for p in (meta_path, arr_path):
             if not p.is_file():
-                raise FileNotFoundError(f"token cache file missing: {p}")
+                raise MissingPathError(f"token cache file missing: {p}")
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         arr = np.load(arr_path, mmap_mode="r")
         if list(arr.shape) != meta["shape"]:

@@ -117,7 +117,7 @@ from cirlab.core import tracing
 from cirlab.core.config import (NON_NEGATIVE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_indivisible,
                                 refuse_unknown_choices, refuse_unread)
 from cirlab.core.contracts import INIT_REPORT
-from cirlab.core.errors import ConfigError
+from cirlab.core.errors import ConfigError, MissingPathError
 from cirlab.models import _hf_blip2 as hb
 from cirlab.models._hf_blip import refuse_unknown_tokens
 from cirlab.models._truncation import hf_cut_count, say_cut
@@ -263,14 +263,14 @@ class CaLaConfig(PresetMixin):
         self._refuse_unread_clip_options()
         if self.backbone != "blip2":
             if len(self.clip_vision_layers) != 4:
-                raise ValueError(f"CaLaConfig.clip_vision_layers={self.clip_vision_layers}: four stages expected")
+                raise ConfigError(f"CaLaConfig.clip_vision_layers={self.clip_vision_layers}: four stages expected")
             if self.image_size % 32:
-                raise ValueError(f"CaLaConfig.image_size={self.image_size}: the ModifiedResNet needs a multiple of 32")
+                raise ConfigError(f"CaLaConfig.image_size={self.image_size}: the ModifiedResNet needs a multiple of 32")
             if self.clip_text_width != self.clip_embed_dim:
-                raise ValueError(f"CaLaConfig.clip_text_width={self.clip_text_width} must equal clip_embed_dim="
+                raise ConfigError(f"CaLaConfig.clip_text_width={self.clip_text_width} must equal clip_embed_dim="
                                  f"{self.clip_embed_dim}: HCA projects the ln_final text sequence with E x E layers")
             if self.encoder != "multi":
-                raise ValueError("CaLaConfig.encoder='both' trains the BLIP-2 visual Q-Former; the CLIP path's image "
+                raise ConfigError("CaLaConfig.encoder='both' trains the BLIP-2 visual Q-Former; the CLIP path's image "
                                  "tower is always frozen (use encoder='multi')")
             refuse_indivisible("CaLaConfig", [("clip_text_width", self.clip_text_width, "clip_text_heads",
                                                self.clip_text_heads)])
@@ -279,7 +279,7 @@ class CaLaConfig(PresetMixin):
         refuse_indivisible("CaLaConfig", [("qformer_width", self.qformer_width, "qformer_heads", self.qformer_heads),
                                           *(vit if self.vision != "efficientnet_lite0" else [])])
         if self.vision != "efficientnet_lite0" and self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
 
     @classmethod
     def from_stored(cls, values: dict[str, Any], where: str = "") -> "CaLaConfig":
@@ -306,10 +306,10 @@ class CaLaConfig(PresetMixin):
         sizes are not a behaviour the user asked for."""
         for name in self._switched(vars(self)):
             if self.backbone == "blip2":
-                raise ValueError(f"CaLaConfig.{name}={getattr(self, name)!r} is read only with "
+                raise ConfigError(f"CaLaConfig.{name}={getattr(self, name)!r} is read only with "
                                  "backbone='clip_rn50x4'; clear it or set the backbone")
             if name == "clip_artemis_trained" and self.cir_frame != "artemis":
-                raise ValueError("CaLaConfig.clip_artemis_trained=False is read only with cir_frame='artemis'")
+                raise ConfigError("CaLaConfig.clip_artemis_trained=False is read only with cir_frame='artemis'")
 
     def qformer_hf_config(self) -> Any:
         return hb.qformer_config(width=self.qformer_width, depth=self.qformer_depth, heads=self.qformer_heads,
@@ -962,7 +962,7 @@ def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a ``torch.save`` file (``weights_only=True``), containers unwrapped."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingPathError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -1097,7 +1097,7 @@ def config_for_files(folder: str | os.PathLike, preset: str, *, suffix: str = ""
     kind = saved_files_path(folder)
     base = CaLaConfig.from_preset(preset)
     if kind is None:
-        raise FileNotFoundError(f"{folder}: no CaLa saves (tuned_blip_*.pt or tuned_clip_*.pt) in it")
+        raise MissingPathError(f"{folder}: no CaLa saves (tuned_blip_*.pt or tuned_clip_*.pt) in it")
     if (kind == "clip") != (base.backbone != "blip2"):
         clip_presets = ", ".join(p for p, v in CaLaConfig.PRESETS.items() if v.get("backbone", "blip2") != "blip2")
         blip_presets = ", ".join(p for p, v in CaLaConfig.PRESETS.items() if v.get("backbone", "blip2") == "blip2")
@@ -1117,7 +1117,7 @@ def _one_file(folder: Path, stem: str, suffix: str) -> Path:
     if stem == "tuned_blip_text" and not suffix:  # tuned_blip_text_* must not also match tuned_blip_textual...
         found = [p for p in found if not p.name.startswith("tuned_blip_textual")]
     if len(found) != 1:
-        raise FileNotFoundError(f"{folder}: expected one {stem}_{suffix or '*'}.pt, found {[p.name for p in found]}")
+        raise MissingPathError(f"{folder}: expected one {stem}_{suffix or '*'}.pt, found {[p.name for p in found]}")
     return found[0]
 
 

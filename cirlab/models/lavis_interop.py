@@ -57,6 +57,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cirlab.core.errors import MissingPathError
 from cirlab.models import blip_interop
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def read_lavis_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors":
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
+            raise MissingPathError(f"checkpoint not found: {path}")
         from safetensors.torch import load_file
 
         return load_file(str(path))

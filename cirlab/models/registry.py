@@ -63,6 +63,10 @@ def register_model(name: str, *, task: str, config_cls: type) -> Callable:
                                  "decorate it with @dataclasses.dataclass (a subclass of a config needs it too)")
 
     def wrap(build: Callable) -> Callable:
+        if build.__module__ not in _MODEL_MODULES:  # cirlab's own models load lazily: a user's model taking one of
+            # their names is refused now, not at the next list_models() (which then failed for the whole session)
+            for module in _MODEL_MODULES:
+                importlib.import_module(module)
         held = _REGISTRY.get(name)
         if held is not None and _origin(held.build) != _origin(build):
             raise ModelContractError(f"register_model({name!r}): the name is taken by {_origin(held.build)}; "

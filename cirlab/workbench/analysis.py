@@ -23,7 +23,7 @@ import numpy as np
 
 from cirlab.core.config import name_list, whole_number
 from cirlab.core.contracts import FRAME_COLUMNS
-from cirlab.core.errors import InputError, MissingPathError, UnknownKeyError
+from cirlab.core.errors import InputError, MissingPathError, UnknownKeyError, first_few
 
 logger = logging.getLogger(__name__)
 
@@ -823,8 +823,14 @@ def _results_sources(runs: Any) -> Mapping[str, Any]:
     """``runs`` as ``{name: run folder or metrics file}``; a folder that is no run is the folder of its runs."""
     if isinstance(runs, (str, os.PathLike)) and Path(runs).is_dir() and not (Path(runs) / "metrics.json").is_file():
         root = Path(runs)
-        return {run.relative_to(root).as_posix(): run for run in find_runs(root)
-                if (run / "metrics.json").is_file()}
+        found = find_runs(root)
+        done = {run.relative_to(root).as_posix(): run for run in found if (run / "metrics.json").is_file()}
+        if not done:  # an empty table, and seed_summary's "no config column" after it, said nothing of why
+            unfinished = f": {first_few([run.relative_to(root).as_posix() for run in found])}" if found else ""
+            raise InputError(f"results_table: no run under {root} has a metrics.json ({len(found)} run folders"
+                             f"{unfinished}); `cirlab train` writes it when a run ends, a run trained with "
+                             "cirlab.fit or still training has none: pass `cirlab eval RUN --output FILE` files")
+        return done
     return _named_runs(runs, "results_table")
 
 
@@ -859,6 +865,8 @@ def seed_summary(table: Any, *, text: bool = False, digits: int = 2) -> Any:
     columns ``<metric>`` and ``<metric> std``. ``text=True``: each metric as one string ``"41.46 ± 1.44"``
     (``digits`` decimals), for a table to export as it is."""
     keys = [c for c in ("model", "dataset", "config") if c in table.columns]
+    if not len(table):
+        raise InputError("seed_summary: the table has no runs")
     if "config" not in keys:
         raise InputError("seed_summary: the table has no config column (results_table(..., provenance=True))")
     unknown = table[table["config"].isna()]

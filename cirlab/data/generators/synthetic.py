@@ -2,9 +2,10 @@
 
 Zero network, deterministic by seed (same seed -> byte-identical files), the default size in seconds on 2 cores::
 
+    import cirlab.data
     from cirlab.data.generators import synthetic
     info = synthetic.generate("data/synthetic", seed=0, size="default")
-    split = cirlab.data.load_cir("fashioniq", info["fashioniq"]["root"], "val", category="dress")
+    split = cirlab.data.load_cir("fashioniq", info["layouts"]["fashioniq"]["root"], "val", category="dress")
 
 or ``cirlab data synth --out data/synthetic``. What is written under ``out_root``:
 
@@ -65,7 +66,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from cirlab.core.config import MAX_SEED, int_range, is_whole, name_list
-from cirlab.core.errors import ConfigError
+from cirlab.core.errors import ConfigError, MissingPathError
 from cirlab.core.io import write_text
 from cirlab.data.generators import _owned
 from cirlab.data.generators import _scenes as sc
@@ -533,7 +534,7 @@ def generate(out_root: str | os.PathLike, *, seed: int = 0, size: str | SynthSiz
     layouts, size = name_list(layouts), preset_name(size)
     unknown = [name for name in layouts if name not in _WRITERS]
     if unknown:
-        raise ValueError(f"unknown layout(s) {unknown}; known: {', '.join(LAYOUTS)}")
+        raise ConfigError(f"unknown layout(s) {unknown}; known: {', '.join(LAYOUTS)}")
     # whole numbers too, before the folder is touched: 1.5 failed inside numpy and 32.0 inside PIL, half-written
     if not is_whole(image_size) or not 16 <= image_size <= MAX_IMAGE_SIZE:
         raise ConfigError(f"image_size must be a whole number from 16 to {MAX_IMAGE_SIZE} pixels, got {image_size!r}")
@@ -843,7 +844,7 @@ def load_meta(root: str | os.PathLike) -> SynthMeta:
     """Read ``root/synthetic_meta.json`` (a CIR layout root written by :func:`generate`)."""
     path = Path(root) / META
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a synthetic dataset root (no {META})")
+        raise MissingPathError(f"{path}: not a synthetic dataset root (no {META})")
     raw = json.loads(path.read_text(encoding="utf-8"))
     if raw.get("layout") == "precomp":
         raise ValueError(f"{path}: precomp ground truth holds scenes per split; read it with json directly")
