@@ -586,3 +586,34 @@ def test_one_user_mistake_is_one_catchable_kind_wherever_it_is_met(tmp_path):
     with pytest.raises(cirlab.CirlabError) as err:
         model_from_checkpoint(tmp_path / "nope.pt")
     assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, cirlab.errors.CheckpointError)
+
+
+def test_help_of_a_config_shows_each_field_with_the_comment_beside_it():
+    """help(TrainConfig) documented none of its 40 fields, help(DIMEConfig)/help(HREMConfig) showed only the
+    generated signature: the fields' meanings were comments in the source. They are read from there."""
+    from cirlab.core.fielddocs import documented, field_notes
+    from cirlab.engine.train import TrainConfig
+    from cirlab.models.dime import DIMEConfig
+    from cirlab.models.hrem import HREMConfig
+
+    for cls in (TrainConfig, DIMEConfig, HREMConfig):
+        notes = field_notes(cls)
+        assert set(notes) == {f.name for f in dataclasses.fields(cls)}, cls  # every field has its note
+        assert all(f"\n    {name} = " in cls.__doc__ for name in notes)
+    notes = field_notes(TrainConfig)
+    assert notes["epochs"] == "passes over the training data"  # the comment on the line
+    assert notes["group_batches"].startswith("> 0: keep up to this many items") and "plain shuffle" in \
+        notes["group_batches"]  # the block above it
+    assert notes["ema_mode"].endswith("EMA weights replace the live ones at every epoch end")  # the continuation
+    assert "---" not in TrainConfig.__doc__ and "--- length" not in notes["epochs"]  # section headers left out
+    assert "cirlab.fit(model, data" in TrainConfig.__doc__  # cirlab.train is the trainer module
+    assert "Presets: ``f30k_i2t``" in DIMEConfig.__doc__
+
+    @dataclass
+    class Typed:  # a class whose source is a test's: the nearest comment of each kind
+        # the block above
+        a: int = 1  # and beside
+        b: str = "x"
+    assert field_notes(Typed) == {"a": "the block above and beside"}
+    doc = documented(Typed).__doc__
+    assert "    a = 1: the block above and beside" in doc and "    b = 'x'" in doc

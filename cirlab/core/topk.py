@@ -10,10 +10,14 @@ key                shape/dtype  meaning
 ``scores``         [Q, K] f32   their scores (higher is better)
 ``target_rank``    [Q] int64    1-based rank of the target in the *full* ranking; 0 = unknown
                                 (no ground truth, e.g. CIRR test1); for re-ranked files a target
-                                outside the candidate pool keeps a rank > K (counted as a miss)
+                                outside the candidate pool keeps a rank > K (counted as a miss);
+                                a target that is its query's own reference, removed from the
+                                ranking with it (Fashion-IQ), is 2**63 - 1, past every cut-off
+                                (``cirlab.analysis.removed_rank()``; ``shown_rank`` prints it)
 ``category``       [Q] str      per-query group (Fashion-IQ category, CIRR "cirr", ...), may be ""
 ``target_ids``     [Q] str      target name ("" when unknown)
-``meta``           [] str       JSON: model, dataset, split, stage, protocol, k, created
+``meta``           [] str       JSON: model, dataset, split, stage, protocol, k (a run's file also
+                                category, config_model and run)
 =================  ===========  ===============================================================
 """
 from __future__ import annotations
@@ -32,6 +36,11 @@ from cirlab.core.io import atomic_path
 
 @dataclass
 class TopK:
+    """A top-K file in memory, one row per query (the format's table: ``help(cirlab.core.topk)``): ``query_ids``
+    [Q], ``gallery_ids`` and ``scores`` [Q, K] best first, ``target_rank`` [Q] (1-based in the full ranking, 0
+    unknown, 2**63 - 1 for a target removed with its reference), optional ``category`` and ``target_ids`` [Q], and
+    ``meta``. Read one with :func:`load_topk`, write with :func:`save_topk`; ``to_frame()`` gives a DataFrame."""
+
     query_ids: np.ndarray
     gallery_ids: np.ndarray
     scores: np.ndarray

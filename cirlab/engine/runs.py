@@ -1,7 +1,8 @@
 """Run configs and run folders: YAML loading, ``--set`` overrides, and one experiment from config to metrics.
 
-A run config (``configs/*.yaml``) has five sections::
+A run config (``configs/*.yaml``) has these keys (every one but ``model`` may be left out)::
 
+    name: ""                       # names the folder under $CIRLAB_RUNS when output_dir is "" (default: the file's)
     model: amc                     # a name from cirlab.list_models()
     preset: fashioniq              # one of cirlab.list_presets(model)
     model_overrides: {}            # config-dataclass fields changed on top of the preset
@@ -13,17 +14,21 @@ A run config (``configs/*.yaml``) has five sections::
       val_split: val               #   COCO dev/testall, CIRR val/test1. The model selection split
       test_split: test             #   (train.selection "val" means it); the split results are reported on
       options: {}                  # loader options (e.g. Fashion-IQ protocol / gallery)
-      synthetic: null              # {size: tiny, seed: 0}: generate the embedded synthetic data when root is ""
+      synthetic: null              # {size: tiny, seed: 0, image_size: 64, out: ""}: generate the embedded synthetic
+                                   #   data when root is "" (out "": into cirlab's cache; image_size: its side)
     train: {}                      # cirlab.engine.train.TrainConfig fields, over the model's paper defaults
     eval:
       protocol: null               # null = the dataset's: CIR fashioniq | shoes | cirr; ITM full (f30k) |
                                    #   coco1k | coco5k | coco (both; COCO's default; testall only, dev is full)
       splits: [val]                # evaluated after training with checkpoints/best.pt
       k: 50                        # top-K file length
+      topk: true                   # write the top-K files (<run>/topk/); false: metrics only
       batch_size: 64
       shard_size: 1000             # ITM: images x captions per scoring block
       stage1_topk: ""              # re-rankers: stage I's top-K files (its run folder, a folder or a .topk.npz)
     output_dir: ""                 # "" -> $CIRLAB_RUNS/<config name>
+
+A run's own config.yaml adds ``model_config:`` (the model config it built, a record: an edited copy is refused).
 
 ``--set train.lr=2e-4 --set dataset.category=[dress,shirt]`` parses each value as YAML.
 

@@ -49,6 +49,7 @@ from torch import nn
 from cirlab.core import console, io
 from cirlab.core.config import (MAX_SEED, UnknownFieldError, choice_problem, did_you_mean, original_hints,
                                 unknown_names_message)
+from cirlab.core.fielddocs import documented
 from cirlab.core.contracts import RUN_DIR_ATTRIBUTE, HasEpochHook, HasEvalPrecision, HasParamGroups, Model, model_label
 from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from cirlab.core.errors import CirlabError, ConfigError, InputError
@@ -67,12 +68,14 @@ SCHEDULES = ("constant", "step", "cosine", "periodic_cosine")
 EvalFn = Callable[[nn.Module], dict[str, Any]]
 
 
+@documented
 @dataclass
 class TrainConfig:
-    """Optimisation and run settings. Model defaults (``model.default_train_config()``) are merged under the fields
-    given: ``train(model, data, TrainConfig(lr=1e-3))`` keeps the model's paper schedule, weight decay and EMA, as
-    the dict ``{"lr": 1e-3}`` does; a field the constructor filled in from its class default does not count as
-    given (:meth:`given`)."""
+    """Optimisation and run settings (a run config's ``train:`` section). Model defaults
+    (``model.default_train_config()``, ``cirlab models --settings MODEL``) are merged under the fields given:
+    ``cirlab.fit(model, data, TrainConfig(lr=1e-3))`` keeps the model's paper schedule, weight decay and EMA, as the
+    dict ``{"lr": 1e-3}`` does; a field the constructor filled in from its class default does not count as given
+    (:meth:`given`)."""
 
     # --- length ---
     epochs: int = 1  # passes over the training data
@@ -2327,7 +2330,8 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
     Returns:
         dict with ``steps``, ``epochs`` (epochs trained; a fraction where ``max_steps`` ends the run inside one),
         ``losses`` (per optimizer step of this call), ``eval_history``,
-        ``best_score``, ``best_epoch`` (counted from 1, as the log lines count epochs; None without selection),
+        ``best_score``, ``best_epoch`` (counted from 1, as the log lines count epochs; None without selection; the
+        ``"epoch"`` of ``eval_history`` and log.jsonl records counts from 0: ``best_epoch - 1`` is its record's),
         ``best_step``, ``best_checkpoint``, ``last_checkpoint`` and ``skipped_steps`` (fp16: the steps the
         GradScaler skipped for inf/NaN gradients, over the whole run; each is ``"skipped": true`` in log.jsonl).
 

@@ -56,6 +56,7 @@ from torch import nn
 from cirlab.core import tracing
 from cirlab.core.config import (NON_NEGATIVE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_indivisible,
                                 refuse_unknown_choices, refuse_unread)
+from cirlab.core.fielddocs import documented
 from cirlab.core.errors import ConfigError, InputError, MissingPathError
 from cirlab.models._truncation import say_cut
 from cirlab.models.registry import register_model
@@ -72,6 +73,7 @@ WORD_VECTORS = ("glove", "minilm", "random")
 ABLATIONS = ("none", "image_only", "text_only")
 
 
+@documented
 @dataclass
 class AMCConfig(PresetMixin):
     """AMC hyper-parameters; the defaults are the paper's (Fashion-IQ) values.

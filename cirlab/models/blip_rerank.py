@@ -72,6 +72,7 @@ from torch import nn
 from cirlab.core import io
 from cirlab.core.config import (MAX_SIZE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_indivisible,
                                 refuse_unknown_choices)
+from cirlab.core.fielddocs import documented
 from cirlab.core.contracts import INIT_REPORT
 from cirlab.core.errors import ConfigError, MissingPathError
 from cirlab.models import _hf_blip as hf
@@ -88,6 +89,7 @@ ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (query rows [b
 # ============================================================================================================ config
 
 
+@documented
 @dataclass
 class BlipRerankConfig(PresetMixin):
     """Sizes and switches of both stages (one config; the stage is the registered model name)."""

@@ -116,6 +116,7 @@ from torch import nn
 from cirlab.core import tracing
 from cirlab.core.config import (NON_NEGATIVE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_indivisible,
                                 refuse_unknown_choices, refuse_unread)
+from cirlab.core.fielddocs import documented
 from cirlab.core.contracts import INIT_REPORT
 from cirlab.core.errors import ConfigError, MissingPathError
 from cirlab.models import _hf_blip2 as hb
@@ -147,6 +148,7 @@ CIRR_SELECTION = "R@1+R@5+R@10+R@50+cirr_Rsubset@1+cirr_Rsubset@2+cirr_Rsubset@3
 # ============================================================================================================ config
 
 
+@documented
 @dataclass
 class CaLaConfig(PresetMixin):
     """CaLa on BLIP-2; defaults are the paper's (LAVIS ``pretrain_vitL``, CIRR recipe). The ``clip_*`` fields are

@@ -57,6 +57,7 @@ from cirlab.core import tracing
 from cirlab.core.checkpoint import RETIRED_TRUST_FIELD
 from cirlab.core.config import (NON_NEGATIVE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_indivisible,
                                 refuse_unknown_choices)
+from cirlab.core.fielddocs import documented
 from cirlab.models._text import (  # noqa: F401  (BERT_BASE_CONFIG, tiny_vocab, ... stay importable from here)
     BERT_BASE_CONFIG, BertVocabMixin, convert_original_bert_state_dict, load_bert, make_tokenizer, tiny_vocab,
     word_splitter)
@@ -75,8 +76,14 @@ _PATH_EPS = 1e-8
 EXTRA_NEGATIVES = ("random", "previous_batch", "none")  # DIMEConfig.extra_negatives choices
 
 
+@documented
 @dataclass
 class DIMEConfig(PresetMixin):
+    """DIME's sizes and switches; the defaults are the paper's (Flickr30K i2t). One model scores one direction:
+    the paper ensembles an i2t and a t2i model (``cirlab eval RUN --ensemble OTHER_RUN``). Presets: ``f30k_i2t``,
+    ``f30k_t2i``, ``coco_i2t``, ``coco_t2i`` (paper), ``tiny`` (tests: a random tiny BERT) and ``lite`` (CPU
+    demos: MiniLM)."""
+
     direction: str = "i2t"  # "i2t": refine regions per sentence; "t2i": refine words per image
     img_dim: int = 2048  # precomputed BUTD region feature size
     embed_size: int = 256  # joint embedding / cell width

@@ -58,6 +58,7 @@ from cirlab.core import tracing
 from cirlab.core.checkpoint import RETIRED_TRUST_FIELD
 from cirlab.core.config import (NON_NEGATIVE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_indivisible,
                                 refuse_unknown_choices)
+from cirlab.core.fielddocs import documented
 from cirlab.core.errors import InputError
 from cirlab.models._text import BertVocabMixin, load_bert
 from cirlab.models._truncation import say_cut
@@ -70,8 +71,14 @@ EDGE_TYPES = ("i2i", "i2t", "t2i", "t2t")  # blocks of the joint graph: rows (qu
 LOSSES = ("trip", "vse")  # distance-weighted triplet (the code's default) | VSE++ hinge (ContrastiveLoss)
 
 
+@documented
 @dataclass
 class HREMConfig(PresetMixin):
+    """HREM's sizes and switches; the defaults are the paper's (``f30k``/``coco`` differ in the batch size of the
+    recipe). Presets: ``f30k``, ``coco`` (paper: BERT-base, the instance module after 8,000 iterations), ``tiny``
+    (tests: a random tiny BERT) and ``lite`` (CPU demos: MiniLM). The ``*_quirk``/``*_bug`` switches reproduce the
+    original code where it differs from the paper (off by default)."""
+
     # --- encoders ---
     img_dim: int = 2048  # precomputed BUTD region feature size
     embed_size: int = 1024  # joint embedding width (--embed_size)

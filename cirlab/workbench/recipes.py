@@ -900,7 +900,8 @@ def explorer_for(model: Any, routes: Any, texts: Mapping[Any, str], dataset: str
 
     CIR models (AMC): a :class:`cirlab.workbench.widgets.RouterExplorer` with thumbnails from the split, the
     target's rank in the whole gallery, and, when ``compare`` names a second checkpoint (``"untrained"``: a fresh
-    copy of the run's model; or another run folder), that checkpoint's gates for the same text side by side.
+    copy of the run's model, built from ``run_dir``'s config, so it needs ``run_dir=``; or another run folder), that
+    checkpoint's gates for the same text side by side.
     ITM models (DIME): a :class:`cirlab.workbench.widgets.PathExplorer` that re-scores an edited caption against a
     chosen image of the split (``compare`` is ignored).
 

@@ -1,0 +1,85 @@
+"""What each field of a config dataclass means, read from the comments beside it in its source, so that
+``help(TrainConfig)`` (or ``TrainConfig?`` in Jupyter) and ``cirlab models --settings`` show them: the comments stay
+the one place a field is explained.
+
+A field's note is the comment block right above it (section headers ``# --- ... ---`` excluded), the comment on its
+line, and comment lines right below it that are indented past the ``#`` (a continuation, as in ``ema_mode``).
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import io
+import textwrap
+import tokenize
+from typing import TypeVar
+
+C = TypeVar("C", bound=type)
+
+
+@functools.lru_cache(maxsize=None)
+def field_notes(cls: type) -> dict[str, str]:
+    """``{field: note}`` for the dataclass ``cls`` (fields without a comment are left out; a class whose source
+    cannot be read, e.g. one typed into a prompt, gives ``{}``)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    comments, comment_only = _comments(source)
+    notes = {}
+    for node in ast.parse(source).body[0].body:  # type: ignore[attr-defined]
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in fields):
+            continue
+        first, last = node.lineno, node.end_lineno or node.lineno
+        above = []
+        row = first - 1
+        while row in comment_only and not comments[row].startswith("---"):
+            above.insert(0, comments[row])
+            row -= 1
+        beside = [comments[r] for r in range(first, last + 1) if r in comments and r not in comment_only]
+        below = []
+        row = last + 1
+        while row in comment_only and comment_only[row]:  # indented past the "#": this field's note goes on
+            below.append(comments[row])
+            row += 1
+        text = " ".join(part for part in (*above, *beside, *below) if part)
+        if text:
+            notes[node.target.id] = text
+    return notes
+
+
+def _comments(source: str) -> tuple[dict[int, str], dict[int, bool]]:
+    """Comment text per line, and for comment-only lines whether the text is indented past the ``#``."""
+    comments: dict[int, str] = {}
+    comment_only: dict[int, bool] = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type != tokenize.COMMENT:
+            continue
+        row = token.start[0]
+        body = token.string[1:]
+        comments[row] = body.strip()
+        if not token.line[:token.start[1]].strip():
+            comment_only[row] = body.startswith("  ")
+    return comments, comment_only
+
+
+def documented(cls: C) -> C:
+    """Class decorator: append the fields (``name = default``: note) and the presets to ``cls.__doc__``."""
+    notes = field_notes(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = (f.default if f.default is not dataclasses.MISSING
+                   else f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        note = notes.get(f.name, "")
+        lines.append(textwrap.fill(f"{f.name} = {default!r}" + (f": {note}" if note else ""), width=112,
+                                   initial_indent="    ", subsequent_indent="        ", break_on_hyphens=False))
+    presets = getattr(cls, "PRESETS", None)
+    text = inspect.cleandoc(cls.__doc__ or "")
+    if presets and "Presets:" not in text:
+        text += f"\n\nPresets: {', '.join(sorted(presets))} (``{cls.__name__}.from_preset(name, **fields)``)."
+    cls.__doc__ = text + "\n\nFields (name = default: what it is):\n\n" + "\n".join(lines)
+    return cls
+
