@@ -89,7 +89,10 @@ fig
 
 # %%
 first = names[0]
-for cat, sp in splits.items():  # CIR only (precomp ITM data has no pictures)
+# the categories the first run was evaluated on: a run trained on one Fashion-IQ category (AMC's paper protocol)
+# is evaluated on that one
+shown = {cat: sp for cat, sp in splits.items() if cat in topks[first]}
+for cat, sp in shown.items():  # CIR only (precomp ITM data has no pictures)
     fig = viz.plot_retrieval_gallery(workbench.gallery_rows(topks[first][cat], sp, n=n_show, k=5),
                                      title=f"{first}: {cat}")
     viz.save_figure(fig, f"{out_dir}/figures", f"gallery_{cat}")
@@ -99,7 +102,7 @@ for cat, sp in splits.items():  # CIR only (precomp ITM data has no pictures)
 # ## Worst failures: the queries whose target ranks lowest
 
 # %%
-for cat, sp in splits.items():  # CIR only
+for cat, sp in shown.items():  # CIR only
     worst = workbench.worst_queries(topks[first][cat], n=n_show)
     fig = viz.plot_retrieval_gallery(workbench.gallery_rows(topks[first][cat], sp, worst, k=5),
                                      title=f"{first}: worst {cat} queries")

@@ -626,6 +626,18 @@ def test_train_and_explorer_entries_of_hrem_and_cala(tiny_data, tmp_path, model)
 
 
 @pytest.mark.slow
+def test_evaluate_shows_the_one_category_a_fashioniq_run_was_trained_on(tiny_data, tmp_path):
+    """AMC's paper protocol trains one model per Fashion-IQ category (configs/amc_fashioniq.yaml: category dress):
+    the notebook loaded every category on disk and failed with KeyError: 'shirt' at its gallery cell."""
+    _train_tiny("amc", "fashioniq", tiny_data, tmp_path / "amc_dress", settings=["dataset.category=dress"])
+    _papermill("evaluate", tmp_path / "evaluate.ipynb", runs=[str(tmp_path / "amc_dress")], dataset="fashioniq",
+               data_root=str(tiny_data), output_dir=str(tmp_path / "ev"), k=10, include_untrained=False)
+    figures = {p.stem for p in (tmp_path / "ev" / "figures").glob("*.png")}
+    assert {"gallery_dress", "failures_dress"} <= figures and not {"gallery_shirt", "gallery_toptee"} & figures
+    assert set(json.loads((tmp_path / "ev" / "metrics.json").read_text())["per_category"]) == {"dress"}
+
+
+@pytest.mark.slow
 def test_evaluate_and_rank_shift_compare_dime_and_hrem_t2i_ranks(tiny_data, tmp_path):
     for model in ("dime", "hrem"):  # random tiny BERTs: seconds each
         _train_tiny(model, "f30k", tiny_data, tmp_path / model)
