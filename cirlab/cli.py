@@ -269,7 +269,8 @@ def _wrapped(text: str) -> str:
     import shutil
     import textwrap
 
-    return textwrap.fill(text, width=min(shutil.get_terminal_size().columns, 100) - 2)
+    # argparse copes with any width; textwrap refuses one below 1 (COLUMNS=1 or 2 failed every command)
+    return textwrap.fill(text, width=max(min(shutil.get_terminal_size().columns, 100) - 2, 20))
 
 
 def _days(text: str) -> float:
@@ -534,6 +535,7 @@ def _accept_verbose_after_the_command(parser: argparse.ArgumentParser) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from cirlab.core.errors import ConfigError
     from cirlab.engine.runs import is_main_process, load_config, run_experiment
+    from cirlab.engine.train import TrainingInterrupted
 
     config = load_config(args.config, args.overrides)
     resuming = args.resume or bool((config.get("train") or {}).get("resume"))  # the flag, or train.resume
@@ -541,8 +543,16 @@ def _run_train(args: argparse.Namespace) -> int:
         raise ConfigError("--allow-config-change applies to a resume (--resume or train.resume; it accepts a resumed "
                           "run's changed settings); without one there is nothing to allow")
     output_dir = args.output_dir or _run_folder_of_config(Path(args.config), config, args.overrides)
-    result = run_experiment(config, output_dir=output_dir, resume=args.resume, device=args.device,
-                            overwrite=args.overwrite, allow_config_change=args.allow_config_change)
+    try:
+        result = run_experiment(config, output_dir=output_dir, resume=args.resume, device=args.device,
+                                overwrite=args.overwrite, allow_config_change=args.allow_config_change)
+    except TrainingInterrupted as err:
+        if not args.overwrite:
+            raise
+        # "the same command plus --resume" of an --overwrite run was refused: the two flags contradict each other
+        raise TrainingInterrupted(str(err).replace("the same command plus --resume",
+                                                   "the same command plus --resume, without --overwrite"),
+                                  err.signum) from None
     if is_main_process():  # under torchrun every process returns the same gathered metrics
         from cirlab.core.io import json_text
 

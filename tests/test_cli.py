@@ -1689,3 +1689,45 @@ def test_eval_k_on_a_stage_two_re_ranker_is_said_to_be_unread(tmp_path, caplog):
     caplog.clear()
     main(["train", str(config), "--set", "preset=tiny", "--set", "eval.k=50", "--output-dir", str(tmp_path / "r")])
     assert "is not read by" not in caplog.text  # the default says nothing
+
+
+@pytest.mark.parametrize("columns", ["1", "2"])
+def test_a_terminal_narrower_than_three_columns_does_not_break_every_command(monkeypatch, capsys, columns):
+    """COLUMNS=1 or 2 (a bogus CI export, a sliver of a split pane) made every command a ValueError traceback: the
+    cache command's description was wrapped to width 0 when the parser was built."""
+    monkeypatch.setenv("COLUMNS", columns)
+    assert main(["models"]) == 0 and "hrem" in capsys.readouterr().out
+
+
+def test_resume_and_refusal_messages_say_what_the_folder_holds(tmp_path, synth, caplog, monkeypatch):
+    """--resume with another model's config was refused as "the data changed" and pointed at
+    --allow-config-change, which then failed at the checkpoint; a second run into a folder did not say whether
+    the run there had finished; Ctrl-C of an --overwrite run said "the same command plus --resume", which is refused
+    (--resume contradicts --overwrite)."""
+    from cirlab.engine import runs
+    from cirlab.engine.train import TrainingInterrupted
+
+    config = _write_config(tmp_path / "stub.yaml", synth, max_steps=2, epochs=1)
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--output-dir", str(run)]) == 0
+    other = yaml.safe_load(config.read_text())
+    other.update(model="amc", preset="tiny", model_overrides={})
+    (tmp_path / "amc.yaml").write_text(yaml.safe_dump(other))
+    caplog.clear()
+    assert main(["train", str(tmp_path / "amc.yaml"), "--output-dir", str(run), "--resume"]) == 2
+    [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert f"--resume: {run} holds a stub_cir run; this config trains amc" in error and "allow-config" not in error
+    caplog.clear()
+    assert main(["train", str(config), "--output-dir", str(run)]) == 2
+    assert "already holds a finished run (" in caplog.text
+
+    def interrupted(*args, **kwargs):
+        raise TrainingInterrupted("SIGINT: training stopped in epoch 1, step 1; saved x/last.pt. Resume with the "
+                                  "same command plus --resume (Python: resume='auto')", 2)
+    monkeypatch.setattr(runs, "run_experiment", interrupted)
+    caplog.clear()
+    assert main(["train", str(config), "--output-dir", str(run), "--overwrite"]) == 130
+    assert "the same command plus --resume, without --overwrite" in caplog.text
+    caplog.clear()
+    assert main(["train", str(config), "--output-dir", str(run)]) == 130
+    assert "plus --resume (Python" in caplog.text and "without --overwrite" not in caplog.text

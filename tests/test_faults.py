@@ -525,8 +525,8 @@ def f_second_run_into_a_used_folder(ws: Workspace) -> Outcome:
     run = ws.run_dir(copy_finished=True)
     before = tree_hashes(run)
     call = cli("train", ws.config(train={"seed": 1}), "--output-dir", run)
-    return first_failure(expect_error(call, r"already holds a run \(config.yaml, log.jsonl, checkpoints.*--resume.*"
-                                            r"--overwrite"),
+    return first_failure(expect_error(call, r"already holds a finished run \(config.yaml, log.jsonl, checkpoints.*"
+                                            r"--resume.*--overwrite"),
                          check(tree_hashes(run) == before, "the earlier run's files changed", "data lost"))
 
 

@@ -1097,3 +1097,15 @@ def test_notebook_pages_give_each_figure_an_alt_text_naming_its_section(tmp_path
     assert alts == ["figure 1 of the notebook"] + [
         f"figure {i} in section \u201cRetrieval galleries\u201d of the notebook" for i in (1, 2, 3, 4)]
     assert "No description has been provided" not in page
+
+
+def test_a_progress_line_is_written_once_under_verbose_logging(caplog):
+    """`cirlab -v report > log 2>&1` had every progress line twice (stdout and a DEBUG record of it)."""
+    import io
+
+    out = io.StringIO()
+    with caplog.at_level(logging.DEBUG, logger="cirlab.workbench.report"):
+        report._say(out, "[1/1] train: cell 1/6")
+        report._say(None, "[1/1] quiet caller")
+    assert out.getvalue() == "[1/1] train: cell 1/6\n"
+    assert [r.getMessage() for r in caplog.records] == ["[1/1] quiet caller"]

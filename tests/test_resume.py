@@ -146,3 +146,39 @@ def test_a_resumed_run_logs_each_evaluation_once_and_keeps_the_earlier_ones_in_i
     starts = json.loads((tmp_path / "run" / "provenance.json").read_text())["starts"]
     assert [s["from_step"] for s in starts] == [0, 5] and starts[0]["torch"] == torch.__version__
     assert starts[0]["device"] == "cpu" and starts[0]["precision"] == "float32" and starts[0]["cirlab"]
+
+
+def test_a_resume_says_when_it_trains_nothing_and_when_a_max_steps_stop_stays_a_best_candidate(tmp_path, caplog):
+    """A resume of a finished run said "resumed in epoch 4" of a 3-epoch run and nothing else; an extended max_steps
+    stop kept that stop's evaluation as best.pt, which a straight run never made, without a word."""
+    import logging
+
+    data = TripletItems(20)  # 5 steps an epoch
+    scores = iter([90.0, 10.0, 20.0, 30.0, 40.0, 50.0])  # the first evaluation wins
+    evaluate = lambda m: {"val": {"R@1": next(scores)}}  # noqa: E731
+    cfg = dict(selection="val", selection_metric="R@1", checkpoint_every=0)
+    train(_model(), data, _cfg(max_steps=7, **cfg), output_dir=tmp_path / "run", evaluate_fn=evaluate)
+    with caplog.at_level(logging.INFO, logger="cirlab.engine.train"):
+        done = train(_model(), data, _cfg(max_steps=12, resume="auto", **cfg), output_dir=tmp_path / "run",
+                     evaluate_fn=evaluate)
+    said = [r.getMessage() for r in caplog.records]
+    # epoch 1 ended at step 5 (score 90), the max_steps stop evaluated step 7 (10): best is step 5, nothing to say
+    assert done["best_step"] == 5 and not any("made because the run stopped there" in m for m in said)
+
+    scores = iter([10.0, 90.0, 20.0, 30.0])  # now the max_steps stop's evaluation (step 7) wins
+    evaluate = lambda m: {"val": {"R@1": next(scores)}}  # noqa: E731
+    train(_model(), data, _cfg(max_steps=7, **cfg), output_dir=tmp_path / "run2", evaluate_fn=evaluate)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cirlab.engine.train"):
+        done = train(_model(), data, _cfg(max_steps=12, resume="auto", **cfg), output_dir=tmp_path / "run2",
+                     evaluate_fn=evaluate)
+    assert done["best_step"] == 7
+    assert any("best.pt so far is the evaluation at step 7, made because the run stopped there" in r.getMessage()
+               for r in caplog.records)
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cirlab.engine.train"):  # finished: 12 steps of 12
+        train(_model(), data, _cfg(max_steps=12, resume="auto", **cfg), output_dir=tmp_path / "run2",
+              evaluate_fn=lambda m: {"val": {"R@1": 0.0}})
+    assert any("had already trained its 12 steps: nothing is left to train" in r.getMessage()
+               for r in caplog.records)

@@ -885,6 +885,9 @@ def test_a_terminal_of_no_width_gets_log_lines_not_an_invisible_bar(monkeypatch)
     monkeypatch.setattr(console, "live_frontend", lambda: False)
     monkeypatch.setattr(os, "get_terminal_size", lambda fd=None: os.terminal_size((0, 0)))
     assert not console.wants_a_bar()
+    # `stty cols 120` in a 0x0 pseudo-terminal (docker run -t): a width and no rows, where tqdm draws nothing either
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd=None: os.terminal_size((120, 0)))
+    assert not console.wants_a_bar()
     monkeypatch.setattr(os, "get_terminal_size", lambda fd=None: os.terminal_size((120, 40)))
     assert console.wants_a_bar()
 

@@ -97,13 +97,15 @@ def wants_a_bar() -> bool:
     """A progress bar where someone watches it redraw: a terminal, or a live Jupyter frontend (its widget); log lines
     or nothing elsewhere (papermill, CI, a redirected stderr), where a bar is a wall of carriage returns. The one
     policy of the trainer's ``progress="auto"`` and the encoders' ``progress="auto"``. A terminal that reports no
-    width (some ``docker exec -t`` or CI pseudo-terminals) gets lines: tqdm draws nothing at zero columns."""
-    return (sys.stderr.isatty() and _terminal_columns() > 0) or live_frontend()
+    width or no height (some ``docker exec -t`` or CI pseudo-terminals; ``stty cols 120`` in a 0x0 one) gets lines:
+    tqdm draws nothing at zero columns or zero rows."""
+    return (sys.stderr.isatty() and min(_terminal_size()) > 0) or live_frontend()
 
 
-def _terminal_columns() -> int:
-    """The width stderr's terminal reports, as tqdm asks it (0 where it reports none)."""
+def _terminal_size() -> tuple[int, int]:
+    """(columns, rows) of stderr's terminal, as tqdm asks it ((0, 0) where it reports none)."""
     try:
-        return os.get_terminal_size(sys.stderr.fileno()).columns
+        size = os.get_terminal_size(sys.stderr.fileno())
     except (OSError, ValueError, AttributeError):
-        return 0
+        return 0, 0
+    return size.columns, size.lines

@@ -1424,6 +1424,8 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
     from cirlab.engine.train import resolve_device, resolve_train_config, train
 
     continued = _resumed_checkpoint(out, config, resume)
+    if continued is not None:
+        _refuse_resuming_another_model(out, config)
     if continued is None:  # a resumed run takes every weight from its checkpoint: the start files may be gone
         _check_start_paths(config)  # before any data is generated or read
     _prepare_data(config)
@@ -1743,6 +1745,21 @@ def _differences(key: str, old: Any, new: Any) -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         return [d for k in sorted(set(old) | set(new)) for d in _differences(f"{key}.{k}", old.get(k), new.get(k))]
     return [f"{key}: {old!r} -> {new!r}"]
+
+
+def _refuse_resuming_another_model(out: Path, config: dict[str, Any]) -> None:
+    """A resume of ``out`` with a config of another model: first, and said as that. It was refused as "the data
+    changed" (another model's dataset) with --allow-config-change as the way out, which then failed at the
+    checkpoint ("it holds model 'amc'")."""
+    from cirlab.engine.train import RunFolderError
+
+    if not (out / "config.yaml").is_file():
+        return
+    stored = read_run_config(out, "--resume:").get("model")
+    if stored and stored != config.get("model"):
+        raise RunFolderError(f"--resume: {out} holds a {stored} run; this config trains {config.get('model')}. A "
+                             "resume continues the same model: train it into another folder (or --overwrite "
+                             "replaces the run)")
 
 
 def _resumed_checkpoint(out: Path, config: dict[str, Any], resume: bool) -> Path | None:

@@ -1214,7 +1214,9 @@ def check_run_folder(folder: str | os.PathLike, *, overwrite: bool = False, resu
                              "continue from; run with --overwrite instead of --resume to replace it, or choose "
                              "another --output-dir")
     if not (overwrite or resuming):
-        raise RunFolderError(f"run folder {folder} already holds a run ({', '.join(found)}); pass --resume to "
+        # finished (its final metrics written) or not: --resume of the first trains nothing, of the second continues
+        state = "a finished run" if "metrics.json" in found else "an unfinished run (no metrics.json)"
+        raise RunFolderError(f"run folder {folder} already holds {state} ({', '.join(found)}); pass --resume to "
                              "continue it or --overwrite to replace it (Python: resume / overwrite=True), or "
                              "choose another --output-dir")
     return found
@@ -1732,6 +1734,7 @@ class Trainer:
             self.resume(resume_from)
             p = self.progress
             self._refuse_a_resume_past_the_end()
+            self._say_what_the_resume_continues()
             if self.dist.is_main:
                 repair_log(self.output_dir / "log.jsonl", p.step, p.evaluated_step)
             # the evaluations before the resume belong to this run's history (train_summary.json) too
@@ -1775,6 +1778,22 @@ class Trainer:
                           f"train.epochs={cfg.epochs}, train.max_steps={cfg.max_steps} sets now "
                           f"({self.total_steps()} steps). Raise them to train further (train.epochs, "
                           f"train.max_steps), or evaluate the run as it is (cirlab eval)")
+
+    def _say_what_the_resume_continues(self) -> None:
+        """A resume of a finished run trains nothing (it said "resumed in epoch 3" of a 2-epoch run and went on);
+        one that extends a run stopped by ``max_steps`` keeps that stop's evaluation among the candidates for
+        ``best.pt``, which a run trained straight through never made: say both."""
+        p, cfg = self.progress, self.cfg
+        if not self._more_to_do(self._owes_evaluation()):
+            logger.info("%s had already trained its %d steps: nothing is left to train (raise train.epochs or "
+                        "train.max_steps to train further); its final evaluation runs again", self.output_dir, p.step)
+            return
+        scheduled = bool(cfg.eval_every_steps) and p.step % cfg.eval_every_steps == 0
+        stopped_mid_epoch = 0 < p.batch_in_epoch < self.batches_per_epoch
+        if p.best_step == p.step == p.evaluated_step and stopped_mid_epoch and not scheduled:
+            logger.info("best.pt so far is the evaluation at step %d, made because the run stopped there "
+                        "(train.max_steps); it stays a candidate, so best.pt can differ from a run trained straight "
+                        "to step %d", p.step, self.total_steps())
 
     def _forget_failed_start(self) -> None:
         """A fresh run that stopped before its first optimizer step holds nothing worth keeping, but its config.yaml,

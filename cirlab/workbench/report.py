@@ -1777,11 +1777,14 @@ def _commit(out: Path | None = None) -> str:
 
 
 def _say(stream: TextIO | None, line: str) -> None:
-    logger.debug(line)
-    if stream is not None:
-        with _SAY_LOCK:  # whole lines, also when several notebooks run at once
-            stream.write(line + "\n")
-            stream.flush()
+    """``line`` on ``stream``; without one (a quiet caller), as a debug record. Not both: under ``cirlab -v report >
+    log 2>&1`` every progress line was in the log twice."""
+    if stream is None:
+        logger.debug(line)
+        return
+    with _SAY_LOCK:  # whole lines, also when several notebooks run at once
+        stream.write(line + "\n")
+        stream.flush()
 
 
 # --------------------------------------------------------------------------------------------- index.html
