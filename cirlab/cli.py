@@ -434,10 +434,13 @@ def _add_notebooks(subparsers: Any) -> None:
                     "DIR, to open and run there in JupyterLab; outside a checkout their runs go to runs/ beside "
                     "them (inside one, to the checkout's runs/; $CIRLAB_RUNS overrides both). An installed wheel "
                     "has no checkout: its notebooks lie inside the package, where nothing should be written. "
-                    "Unchanged copies already in DIR are kept; edited ones are refused unless --overwrite.")
+                    "Missing notebooks are copied; unchanged copies already in DIR are kept, and so are ones that "
+                    "differ (edited, run, or from another cirlab version), unless --overwrite.")
     p.add_argument("out", metavar="DIR", nargs="?", default="cirlab-notebooks", type=user_path,
                    help="folder to copy them into (default: ./cirlab-notebooks; made if missing)")
-    p.add_argument("--overwrite", action="store_true", help="replace notebooks of the same name in DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the copies in DIR that differ from the shipped notebooks, keeping each as "
+                        "NAME.ipynb.bak (then .bak2, ...)")
     p.set_defaults(func=_run_notebooks)
 
 
@@ -1020,10 +1023,8 @@ def _key_groups(keys: Sequence[str] | None) -> str:
 
 
 def _run_notebooks(args: argparse.Namespace) -> int:
-    import shutil
-
     from cirlab.core.errors import ConfigError, MissingPathError
-    from cirlab.core.io import atomic_path, check_outputs, check_writable
+    from cirlab.core.io import check_writable
     from cirlab.core.shipped import inside_package, resource_dir
 
     notebooks = sorted(resource_dir("notebooks").glob("*.ipynb"))
@@ -1037,21 +1038,65 @@ def _run_notebooks(args: argparse.Namespace) -> int:
     if inside_package(out):
         raise ConfigError(f"cirlab notebooks: {out} is inside the installed cirlab package; pass another folder")
     pairs = [(nb, out / nb.name) for nb in notebooks]
+    odd = [t for _, t in pairs if os.path.lexists(t) and not t.is_file()]  # a folder or a dangling link
+    if odd:
+        raise ConfigError(f"cirlab notebooks: {odd[0]} is not a file (a folder or a broken link): move it away, or "
+                          "choose another folder")
     same = [t for s, t in pairs if t.is_file() and t.read_bytes() == s.read_bytes()]  # copied before, not edited
-    pairs = [(s, t) for s, t in pairs if t not in same]
-    check_outputs([t for _, t in pairs], overwrite=args.overwrite, command="cirlab notebooks")  # before any copy
+    # a copy that differs was edited, run (outputs saved) or copied by another cirlab: the user's, kept unless
+    # --overwrite, which keeps it beside as NAME.ipynb.bak; it no longer blocks copying the missing ones
+    differ = [(s, t) for s, t in pairs if t.is_file() and t not in same]
+    missing = [(s, t) for s, t in pairs if not os.path.lexists(t)]
     out.mkdir(parents=True, exist_ok=True)
-    for source, target in pairs:
-        try:
-            with atomic_path(target) as tmp:  # a full disk leaves no half file that a retry would refuse
-                shutil.copyfile(source, tmp)
-        except OSError as err:
-            raise ConfigError(f"cirlab notebooks: cannot write {target} ({err.strerror or err})") from None
-    kept = f" ({len(same)} already there, unchanged)" if same else ""
-    done = (f"copied {len(pairs)} notebooks to {out}{kept}: {', '.join(t.name for _, t in pairs)}" if pairs
-            else f"the {len(same)} notebooks in {out} are up to date (nothing copied)")
-    print(f"{done}\nopen them with: jupyter lab {shlex.quote(str(out))}   (start with quickstart.ipynb)")
+    backups = {t: _free_backup_name(t) for _, t in differ} if args.overwrite else {}
+    for target, backup in backups.items():
+        _copy_notebook(target, backup)
+    copied = missing + (differ if args.overwrite else [])
+    for source, target in copied:
+        _copy_notebook(source, target)
+    print(_notebooks_summary(out, missing, same, differ, backups))
+    print(f"open them with: jupyter lab {shlex.quote(str(out))}   (start with quickstart.ipynb)")
     return 0
+
+
+def _copy_notebook(source: Path, target: Path) -> None:
+    """``source`` to ``target`` whole or not at all: a full disk leaves no half file that a retry would refuse."""
+    import shutil
+
+    from cirlab.core.errors import ConfigError
+    from cirlab.core.io import atomic_path
+
+    try:
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+    except OSError as err:
+        raise ConfigError(f"cirlab notebooks: cannot write {target} ({err.strerror or err})") from None
+
+
+def _free_backup_name(target: Path) -> Path:
+    """``train.ipynb.bak``, else ``train.ipynb.bak2``, ...: a backup never replaces an earlier one."""
+    n = 1
+    while os.path.lexists(backup := target.with_name(f"{target.name}.bak{n if n > 1 else ''}")):
+        n += 1
+    return backup
+
+
+def _notebooks_summary(out: Path, missing: list, same: list, differ: list, backups: dict) -> str:
+    """What ``cirlab notebooks`` did, a clause per kind of notebook."""
+    parts = []
+    if missing:
+        parts.append(f"copied {len(missing)} notebook{'s' if len(missing) > 1 else ''} to {out}: "
+                     f"{', '.join(t.name for _, t in missing)}")
+    if backups:
+        parts.append("replaced " + ", ".join(f"{t.name} (yours kept as {b.name})" for t, b in backups.items()))
+    elif differ:
+        parts.append(f"kept your copies of {', '.join(t.name for _, t in differ)}: they differ from the shipped "
+                     "ones (edited, run, or from another cirlab version); --overwrite replaces them, keeping yours "
+                     "as NAME.ipynb.bak")
+    if same:
+        parts.append(f"{len(same)} already there, unchanged" if parts else
+                     f"the {len(same)} notebooks in {out} are up to date (nothing copied)")
+    return "; ".join(parts)
 
 
 def _run_models(args: argparse.Namespace) -> int:

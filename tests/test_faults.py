@@ -1331,17 +1331,20 @@ def f_shipped_config_name_misspelt(ws: Workspace) -> Outcome:
                          check(not run.exists(), f"{run} was created"))
 
 
-@fault("data loss", "refused: an edited notebook copy is kept")
+@fault("data loss", "an edited notebook copy is kept, and said; the missing ones are copied", absorbed=True)
 def f_notebooks_over_an_edited_copy(ws: Workspace) -> Outcome:
     out = ws.root / "my-notebooks"
     ws.allowed.append(out)
     first = cli("notebooks", out)
     edited = out / "quickstart.ipynb"
     edited.write_text("my edits")
+    (out / "train.ipynb").unlink()
     again = cli("notebooks", out)
     return first_failure(check(first.code == 0, f"the first copy failed: {first.log}"),
-                         expect_error(again, r"cirlab notebooks: .*quickstart\.ipynb exists; pass --overwrite"),
-                         check(edited.read_text() == "my edits", "the edited notebook was replaced"))
+                         expect_ok(again, r"copied 1 notebook to .*: train\.ipynb; kept your copies of "
+                                          r"quickstart\.ipynb"),
+                         check(edited.read_text() == "my edits", "the edited notebook was replaced"),
+                         check((out / "train.ipynb").is_file(), "the missing notebook was not copied"))
 
 
 @fault("traceback or late failure", "refused: says where the loader's protocol is set")

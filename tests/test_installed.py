@@ -63,9 +63,11 @@ def test_cirlab_notebooks_copies_them_out_and_never_over_a_users_file(wheel, tmp
     assert main(["notebooks"]) == 0
     assert "the 2 notebooks in cirlab-notebooks are up to date (nothing copied)" in capsys.readouterr().out
     (out / "train.ipynb").write_text("my edits")
-    assert main(["notebooks"]) == 2 and "train.ipynb exists; pass --overwrite" in caplog.text
-    assert (out / "train.ipynb").read_text() == "my edits"  # nothing copied: the check comes first
+    assert main(["notebooks"]) == 0 and "kept your copies of train.ipynb" in capsys.readouterr().out
+    assert (out / "train.ipynb").read_text() == "my edits"  # kept: an edited copy is the user's
     assert main(["notebooks", "--overwrite"]) == 0 and (out / "train.ipynb").read_text() != "my edits"
+    assert "replaced train.ipynb (yours kept as train.ipynb.bak)" in capsys.readouterr().out
+    assert (out / "train.ipynb.bak").read_text() == "my edits"  # --overwrite loses nothing written
     caplog.clear()
     assert main(["notebooks", str(wheel / "_resources" / "mine")]) == 2
     assert "is inside the installed cirlab package" in caplog.text and not (wheel / "_resources" / "mine").exists()
