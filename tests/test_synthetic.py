@@ -476,3 +476,29 @@ def test_the_module_docstring_example_runs(tmp_path, monkeypatch):
     scope: dict = {}
     exec(code.replace('size="default"', 'size="tiny"'), scope)  # the example as shown, at the test size
     assert len(scope["split"]) > 0 and (tmp_path / "data" / "synthetic" / "fashioniq").is_dir()
+
+
+def test_a_rerun_writes_again_a_layout_that_lost_a_file_and_leaves_the_others(tmp_path, capsys, caplog):
+    """`data synth` again over a set with a deleted caption file said "already holds ... left as it is", and a run
+    on a damaged cache set failed on the missing file: the layout is written again, the whole ones are kept."""
+    from cirlab.cli import main
+
+    out = tmp_path / "syn"
+    args = ["data", "synth", "--out", str(out), "--size", "tiny", "--layouts", "shoes", "cirr", "--image-size", "16"]
+    assert main(args) == 0
+    before = _files(out)
+    shoes_marker = (out / "shoes" / ".cirlab-generated.json").stat()
+    lost = next((out / "cirr").rglob("cap.rc2.val.json"))
+    lost.unlink()
+    capsys.readouterr()
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "already holds shoes written with these settings" in said and "wrote cirr " in said
+    assert "lacks 1 of the files cirlab's synthetic generator wrote there (cirr/captions/cap.rc2.val.json)" in \
+        caplog.text
+    assert _files(out) == before  # the same bytes again
+    kept = (out / "shoes" / ".cirlab-generated.json").stat()
+    assert (kept.st_ino, kept.st_mtime_ns) == (shoes_marker.st_ino, shoes_marker.st_mtime_ns)  # shoes untouched
+    next(p for p in (out / "shoes").rglob("*") if p.suffix in (".png", ".jpg")).unlink()  # ensure() (a run's dataset.synthetic) repairs it too
+    synthetic.ensure(out, size="tiny", layouts=["shoes"], image_size=16)
+    assert _files(out) == before

@@ -66,7 +66,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from cirlab.core.config import MAX_SEED, int_range, is_whole, name_list
-from cirlab.core.errors import ConfigError, MissingPathError
+from cirlab.core.errors import ConfigError, MissingPathError, first_few
 from cirlab.core.io import write_text
 from cirlab.data.generators import _owned
 from cirlab.data.generators import _scenes as sc
@@ -812,14 +812,30 @@ def _written(out: Path, wanted: dict[str, Any], layouts: Sequence[str]) -> bool:
 
 
 def _written_layouts(out: Path, wanted: dict[str, Any]) -> set[str]:
-    """The layouts a complete write in ``out`` (its manifest, written last) holds with ``wanted``'s settings."""
+    """The layouts a complete write in ``out`` (its manifest, written last) holds with ``wanted``'s settings, and
+    whose files are all still there (a stat each: a layout missing a file it wrote is written again)."""
     try:
         manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return set()
     if not (isinstance(manifest, dict) and all(manifest.get(k) == v for k, v in wanted.items())):
         return set()
-    return set(manifest.get("layouts") or {})
+    layouts = set(manifest.get("layouts") or {})
+    return {name for name in layouts if not _lost_files(out / name)}
+
+
+def _lost_files(root: Path) -> list[str]:
+    """The files the generator recorded writing into the layout folder ``root`` that are gone now (a deleted
+    caption file: "already holds ... left as it is" was said of it, and a run in the cache failed on it)."""
+    try:
+        recorded = json.loads((root / _owned.MARKER).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return []  # a build from before the record: nothing to check against
+    lost = [name for name in recorded or () if not (root / name).is_file()]
+    if lost:
+        logger.warning("%s lacks %d of the files cirlab's synthetic generator wrote there (%s): it is written again",
+                       root, len(lost), first_few(lost))
+    return lost
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -961,13 +977,15 @@ def default_out() -> Path:
 def _run_cli(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser() if args.out else default_out()
     start = time.perf_counter()
-    if not args.force and _written(out, _settings_of(args.seed, args.size, args.image_size), args.layouts):
+    have = set() if args.force else _written_layouts(out, _settings_of(args.seed, args.size, args.image_size))
+    kept = [name for name in args.layouts if name in have]
+    if kept:
         # rewriting a complete folder deleted it under any run reading it (which then failed on a missing image)
         # and renewed every file's time stamp, so a make or snakemake workflow rebuilt everything downstream
-        print(f"{out} already holds {', '.join(args.layouts)} written with these settings (seed {args.seed}, size "
+        print(f"{out} already holds {', '.join(kept)} written with these settings (seed {args.seed}, size "
               f"{args.size}, {args.image_size}-px images): left as it is (--force writes it again)")
-    else:
-        _write_cli(out, args, start)
+    if len(kept) < len(args.layouts):  # missing, or missing files it wrote: only those layouts are written
+        _write_cli(out, args, start, [name for name in args.layouts if name not in kept])
     if args.audit:
         for key, res in audit(out).items():
             print(f"{key}: oracle R@1 {res['oracle_R@1']:.1f}, text-only best R@1 {res['text_only_best_R@1']:.1f}, "
@@ -975,11 +993,13 @@ def _run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_cli(out: Path, args: argparse.Namespace, start: float) -> None:
-    manifest = generate(out, seed=args.seed, size=args.size, layouts=args.layouts, image_size=args.image_size,
+def _write_cli(out: Path, args: argparse.Namespace, start: float, layouts: Sequence[str]) -> None:
+    manifest = generate(out, seed=args.seed, size=args.size, layouts=layouts, image_size=args.image_size,
                         force=args.force)
     parts = []
     for layout, entry in manifest["layouts"].items():
+        if layout not in layouts:
+            continue
         n_q = sum(c.get("queries", c.get("captions", 0)) for c in entry["splits"].values())
         n_i = sum(c["images"] for c in entry["splits"].values())
         parts.append(f"{layout} {n_q} {'captions' if layout == 'precomp' else 'queries'}/{n_i} images")
