@@ -1211,6 +1211,18 @@ def _model_preset(args: argparse.Namespace, flag: str) -> tuple[str, str, dict[s
     return name, preset, overrides
 
 
+def _refuse_unknown_options_before_a_command(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """``cirlab --nosuch`` (no command) was answered "the following arguments are required: COMMAND", while an
+    unknown option after a command is named (with the closest one): named here too."""
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    if any(word in commands for word in argv):
+        return
+    known = {s for action in parser._actions for s in action.option_strings}  # noqa: SLF001
+    unknown = [word for word in argv if word.startswith("-") and word.split("=", 1)[0] not in known]
+    if unknown:
+        parser.refuse_unknown(unknown)  # type: ignore[attr-defined]
+
+
 def _printable_anywhere() -> None:
     """A path the terminal's encoding cannot show (an ASCII or Latin-1 terminal, ``PYTHONIOENCODING=ascii``) is
     printed escaped (``\\xfc``), as Python's stderr does: a print at the end of a finished command raised
@@ -1225,6 +1237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Callable in-process (a notebook, a test): it changes neither the output streams nor Ctrl-C."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
+    _refuse_unknown_options_before_a_command(parser, argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the sub-command's parser: its usage, and the option meant (--sett: --set)
         command_parser(parser, argv).refuse_unknown(unknown)

@@ -1731,3 +1731,15 @@ def test_resume_and_refusal_messages_say_what_the_folder_holds(tmp_path, synth, 
     caplog.clear()
     assert main(["train", str(config), "--output-dir", str(run)]) == 130
     assert "plus --resume (Python" in caplog.text and "without --overwrite" not in caplog.text
+
+
+def test_an_unknown_option_without_a_command_and_a_file_given_as_runs_folder_are_named(tmp_path, capsys, caplog):
+    """`cirlab --nosuch` said a command was required; `cirlab runs FILE` said "runs folder not found" of a file
+    that is there."""
+    with pytest.raises(SystemExit) as stop:
+        main(["--verbos"])
+    assert stop.value.code == 2
+    assert "unrecognized arguments: --verbos (--verbos: did you mean --verbose?)" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(["runs", str(tmp_path / "notes.txt")]) == 2
+    assert "notes.txt is a file, not a folder of runs" in caplog.text

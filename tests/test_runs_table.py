@@ -276,3 +276,16 @@ def test_results_table_reads_an_eval_output_s_provenance_and_seed_summary_groups
         analysis.seed_summary(analysis.results_table([record, lone], split="val"))
     with pytest.raises(ValueError, match=r"results_table: two runs are named 'amc'"):
         analysis.results_table([tmp_path / "runs" / "amc", tmp_path / "runs" / "amc" / "metrics.json"])
+
+
+def test_a_run_with_unreadable_records_says_so(tmp_path):
+    """A run whose config.yaml and metrics.json cannot be read was listed as an ordinary finished run with blank
+    model and metrics, and `--json` said message: null."""
+    root = tmp_path / "runs"
+    broken = _run(root / "broken", end={"ended": "2026-12-07T00:10:00+00:00", "status": "finished"}, metrics=True)
+    (broken / "config.yaml").write_text(": : :\n")
+    (broken / "metrics.json").write_text("{bad")
+    _run(root / "fine", end={"ended": "2026-12-07T00:10:00+00:00", "status": "finished"}, metrics=True)
+    table = analysis.runs_table(root).set_index("run")
+    assert table.loc["broken", "message"] == "unreadable: config.yaml, metrics.json"
+    assert not isinstance(table.loc["fine", "message"], str)  # nothing to say: None / NaN

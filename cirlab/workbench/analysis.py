@@ -614,6 +614,8 @@ def find_runs(root: str | os.PathLike) -> list[Path]:
     """The run folders at or under ``root`` (each holds a :data:`RUN_MARKS` file), sorted by path; a run's own
     subfolders are not searched, nor hidden ones."""
     root = Path(root)
+    if root.is_file():  # "not found" of a file that is there sent the user looking for it
+        raise InputError(f"{root} is a file, not a folder of runs: pass the folder that holds the run folders")
     if not root.is_dir():
         raise MissingPathError(f"runs folder not found: {root}")
     found = []
@@ -761,6 +763,9 @@ def runs_table(root: str | os.PathLike) -> Any:
             keys = metric.split("+")  # a summed selection metric (CaLa's R@1+R@5+...), as the trainer sums it
             if isinstance(values, dict) and all(isinstance(values.get(k), (int, float)) for k in keys):
                 row[f"{split} {metric}"] = sum(values[k] for k in keys)
+        broken = _unreadable_records(run)
+        if broken:  # its blank model, metrics and state would read as an ordinary run's
+            state["message"] = "; ".join(filter(None, (state.get("message"), f"unreadable: {', '.join(broken)}")))
         rows.append({**row, **state})
     table = pd.DataFrame(rows)
     last = [c for c in ("started", "ended", "message") if c in table.columns]  # the widest columns last
@@ -914,6 +919,26 @@ def _file_bytes(path: Path) -> int:
     except OSError:
         return 0
     return info.st_size if stat.S_ISREG(info.st_mode) else 0
+
+
+def _unreadable_records(run: Path) -> list[str]:
+    """The records of ``run`` that are there but cannot be read as what a run writes (a mapping): listed, since the
+    listing reads each as empty to go on."""
+    import yaml
+
+    broken = []
+    for name, parse in (("config.yaml", yaml.safe_load), ("metrics.json", json.loads),
+                        ("train_summary.json", json.loads)):
+        path = run / name
+        if not path.is_file():
+            continue
+        try:
+            ok = isinstance(parse(path.read_text(encoding="utf-8")), dict)
+        except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError, RecursionError):
+            ok = False
+        if not ok:
+            broken.append(name)
+    return broken
 
 
 def _yaml_or(path: Path) -> dict[str, Any]:
