@@ -1317,7 +1317,11 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
                                                                      stream=stream, prefix=f"{tag}: ", command=command,
                                                                      commit=commit)
             except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM, --jobs 1: this process ran the notebook
-                _say(stream, f"{tag}: stopped by {_how_stopped(err)} after {time.monotonic() - t0:.1f}s")
+                # what the user is left with, before deciding to run it again: the results in place, the partial ones
+                kept = f"{out / name} keeps its previous results" if (out / name).is_dir() else "no previous results"
+                partial = out / FAILED_DIR / name
+                _say(stream, f"{tag}: stopped by {_how_stopped(err)} after {time.monotonic() - t0:.1f}s; {kept}"
+                             + (f"; this run's partial output: {partial}" if partial.is_dir() else ""))
                 raise
             except EntryStopped as err:  # the same, in an entry process (--jobs > 1); the report stops with it
                 _say(stream, f"{tag}: stopped by {err} after {time.monotonic() - t0:.1f}s")
@@ -1336,10 +1340,10 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
 
         try:
             ok = all(one(n) for n in names) if jobs == 1 else _run_parallel(names, one, jobs)
-        except ReportTerminated:
+        except KeyboardInterrupt as err:  # Ctrl-C too: index.html was left saying the stopped entry was fine
             write_index(out)
-            _say(stream, f"report: stopped by {_stop_name()} after {time.monotonic() - t_all:.1f}s; the notebooks that "
-                         "were running are marked failed and keep any previous results (partial runs: "
+            _say(stream, f"report: stopped by {_how_stopped(err)} after {time.monotonic() - t_all:.1f}s; the notebooks "
+                         "that were running are marked failed and keep any previous results (partial runs: "
                          f"{out / FAILED_DIR})")
             raise
         index = write_index(out)
@@ -1604,6 +1608,8 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
     write_json(folder / RECORD, record)
     _discard(previous)
     _discard(failed)
+    with contextlib.suppress(OSError):  # the report's own _failed/, once no failed run is left in it (rmdir: empty only)
+        failed.parent.rmdir()
     return folder
 
 
