@@ -1113,3 +1113,19 @@ def test_a_progress_line_is_written_once_under_verbose_logging(caplog):
         report._say(None, "[1/1] quiet caller")
     assert out.getvalue() == "[1/1] train: cell 1/6\n"
     assert [r.getMessage() for r in caplog.records] == ["[1/1] quiet caller"]
+
+
+def test_an_entry_that_mixes_data_with_its_prerequisite_or_its_previous_run_says_so(tmp_path):
+    """`--only evaluate` after a `--smoke` train scored the 2-step smoke model on the full data and the index showed
+    both "ok"; a `--smoke --only train` replaced a full train entry without a word."""
+    out = tmp_path / "reports"
+    for name, data in (("train", "/cache/synthetic/tiny-seed0-64px"), ("evaluate", "/cache/synthetic/tiny-seed0-64px")):
+        (out / name).mkdir(parents=True)
+        (out / name / report.RECORD).write_text(json.dumps({"status": "ok", "parameters": {"data_root": data}}))
+    full = {"data_root": "/cache/synthetic/default-seed0-64px"}
+    assert report._other_data_notes(out, "rank_shift", {"data_root": "/cache/synthetic/tiny-seed0-64px"}) == []
+    notes = report._other_data_notes(out, "evaluate", full)
+    assert notes[0].startswith(f"NOTE: it reads {out / 'train'}, which ran on other data (/cache/synthetic/tiny-seed0")
+    assert notes[1] == ("NOTE: it replaces results made on other data (/cache/synthetic/tiny-seed0-64px; this run: "
+                        "/cache/synthetic/default-seed0-64px)")
+    assert report._other_data_notes(out, "router_explorer_dime", full) == []  # no record of its own or train_dime's

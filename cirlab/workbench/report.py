@@ -1312,6 +1312,8 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
             params = notebook_parameters(name, out, data, smoke, overrides, itm_data)
             t0, tag = time.monotonic(), tags[name]
             _say(stream, f"{tag}: running notebook {notebook_of(name)} ...")
+            for line in _other_data_notes(out, name, params):
+                _say(stream, f"{tag}: {line}")
             try:
                 (run_entry if jobs == 1 else _run_entry_in_process)(name, params, out, kernel_name, notebook_dir,
                                                                      stream=stream, prefix=f"{tag}: ", command=command,
@@ -1350,6 +1352,23 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
         if ok:
             _say(stream, f"report: {len(names)} notebook(s) in {time.monotonic() - t_all:.1f}s -> {index}")
         return 0 if ok else EXIT_FOUND
+
+
+def _other_data_notes(out: Path, name: str, params: Mapping[str, Any]) -> list[str]:
+    """What entry ``name`` mixes: a prerequisite that ran on other data (``--only evaluate`` after a ``--smoke``
+    train scored the 2-step smoke model on the full data, and the index showed both "ok"), or previous results of
+    other data that this run replaces (a ``--smoke`` check over a full report's entry)."""
+    data = str(params.get("data_root") or "")
+    notes = []
+    for dep in DEPENDS.get(name, ()):
+        theirs = str((_read_record(out / dep).get("parameters") or {}).get("data_root") or "")
+        if data and theirs and theirs != data:
+            notes.append(f"NOTE: it reads {out / dep}, which ran on other data ({theirs}; this run: {data}): a "
+                         f"--smoke run and a full one mixed? Run {dep} again with this run's options")
+    replaced = str((_read_record(out / name).get("parameters") or {}).get("data_root") or "")
+    if data and replaced and replaced != data:
+        notes.append(f"NOTE: it replaces results made on other data ({replaced}; this run: {data})")
+    return notes
 
 
 def _refuse_a_reimport() -> None:
