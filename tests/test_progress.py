@@ -55,3 +55,32 @@ def test_max_steps_that_cuts_epochs_short_is_a_warning(tmp_path, caplog):
 @pytest.mark.parametrize("seconds,text", [(42, "42s"), (185, "3m05s"), (3720, "1h02m")])
 def test_durations_read_like_a_clock(seconds, text):
     assert train_mod._duration(seconds) == text
+
+
+def test_a_log_line_during_a_terminal_bar_is_written_above_it_not_onto_it(tmp_path, capsys, monkeypatch):
+    """An evaluation's INFO line (or a warning) mid-training was written onto the bar's line on a terminal, leaving a
+    stale bar frame glued to it in the scrollback and in script/tmux logs."""
+    import sys
+
+    monkeypatch.setattr(console, "live_frontend", lambda: False)
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)  # as `cirlab` installs it
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        log = _RunLog(tmp_path, TrainConfig(epochs=1, progress="tqdm", tensorboard=False), 10, True, 0)
+        for step in (1, 2, 3):
+            log.progress(record(step))
+        logging.getLogger("cirlab.engine.train").info("evaluating at step 3")
+        log.progress(record(4))
+        log.close()
+        restored = handler in root.handlers  # the CLI's handler is back once the bar is closed
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    lines = capsys.readouterr().err.split("\n")
+    [said] = [line for line in lines if "evaluating at step 3" in line]
+    assert said.split("\r")[-1] == "INFO cirlab.engine.train: evaluating at step 3"  # a line of its own
+    assert restored and not any(type(h).__name__ == "_TqdmLoggingHandler" for h in root.handlers)

@@ -952,10 +952,16 @@ class _RunLog:
             mode = "tqdm" if console.wants_a_bar() else "log"
         self.total, self.start_step = total_steps, start_step
         self.bar = None
+        self.redirect = contextlib.ExitStack()
         if active and mode == "tqdm":
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            if not console.live_frontend():  # a terminal's text bar: a log line (an evaluation, a warning) was
+                # written onto the bar's line, leaving a stale frame with it; tqdm writes it above the bar instead
+                from tqdm.contrib.logging import logging_redirect_tqdm
+
+                self.redirect.enter_context(logging_redirect_tqdm(loggers=[logging.getLogger()]))
         self.lines = active and mode == "log"
         self.t0 = time.monotonic()  # durations: the wall clock set back or forward (NTP) mid-run made them negative
         self.eval_seconds, self.last_eval = 0.0, None  # time spent in the loop's evaluations; the last one's
@@ -1045,6 +1051,7 @@ class _RunLog:
         return _duration(left + due * (self.last_eval or 0.0))
 
     def close(self) -> None:
+        self.redirect.close()
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
