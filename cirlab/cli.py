@@ -207,13 +207,8 @@ def _run_runs(args: argparse.Namespace) -> int:
     elif table.empty:
         print(f"no runs under {args.folder or runs_dir()}")
     else:
-        import pandas as pd
-
-        with pd.option_context("display.width", 250, "display.max_columns", None, "display.max_colwidth", 60):
-            shown = table.drop(columns=["message"]).astype(object)
-            for column in ("size", "resume state"):
-                shown[column] = [byte_text(b) for b in table[column]]
-            print(shown.where(table.drop(columns=["message"]).notna(), "-").to_string(index=False))
+        header, rows = _runs_text_rows(table)
+        _print_columns(header, rows, numbers=[h for h in header if h not in _RUNS_TEXT_COLUMNS])
         for _, row in table[table["message"].notna()].iterrows():  # whole lines: a cut message says nothing
             print(f"{row['run']}: {row['message']}")
         finished = table[(table["state"] == "finished") & (table["resume state"] > 0)]
@@ -223,6 +218,44 @@ def _run_runs(args: argparse.Namespace) -> int:
                   "will train the run further (the results, cirlab eval and a re-run of the run's notebook need "
                   "checkpoints/best.pt)")
     return 0
+
+
+_RUNS_TEXT_COLUMNS = ("run", "model", "preset", "dataset", "state", "metric", "ended (UTC)")  # left-aligned text
+
+
+def _runs_text_rows(table: Any) -> tuple[list[str], list[list[str]]]:
+    """``cirlab runs``'s table as text: a column per final split holding each run's own selection metric (a column
+    per split and metric made the table 300 columns wide with four models), a long summed metric named short, the
+    end time to the minute; ``--json`` keeps every column as it is."""
+    metrics = {m for m in table["metric"] if isinstance(m, str)}
+    finals = [c for c in table.columns if " " in c and c.split(" ", 1)[1] in metrics]
+    splits = sorted(dict.fromkeys(c.split(" ", 1)[0] for c in finals), key=lambda s: s not in ("val", "dev"))
+    header = [*_RUNS_TEXT_COLUMNS[:5], "step", "metric", "best val", *splits, "size", "resume state", "ended (UTC)"]
+    rows = []
+    for _, row in table.iterrows():
+        metric = row["metric"] if isinstance(row["metric"], str) else None
+        values = [row.get(f"{split} {metric}") if metric else None for split in splits]
+        ended = row.get("ended")
+        rows.append([str(row["run"]), *(_cell(row[c]) for c in ("model", "preset", "dataset", "state", "step")),
+                     _short_metric(metric) if metric else "-", _cell(row["best val"]), *map(_cell, values),
+                     byte_text(row["size"]), byte_text(row["resume state"]),
+                     str(ended)[:16].replace("T", " ") if isinstance(ended, str) else "-"])
+    return header, rows
+
+
+def _cell(value: Any) -> str:
+    """A table cell: ``-`` for nothing, a float to 2 decimals (41.375 -> 41.38), a whole number as it is."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def _short_metric(name: str, width: int = 24) -> str:
+    """A summed selection metric too long for a column (CaLa's seven CIRR recalls) as its ends and its count."""
+    terms = name.split("+")
+    return name if len(name) <= width or len(terms) < 3 else f"{terms[0]}+...+{terms[-1]} ({len(terms)} summed)"
 
 
 def byte_text(count: int) -> str:
@@ -367,10 +400,11 @@ def _area_rows(entries: Sequence[Any], now: float) -> list[tuple[str, ...]]:
     return rows
 
 
-def _print_columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """A plain table: text columns left-aligned, sizes and counts right-aligned."""
+def _print_columns(header: Sequence[str], rows: Sequence[Sequence[str]],
+                   numbers: Sequence[str] = ("size", "entries")) -> None:
+    """A plain table: text columns left-aligned, the ``numbers`` columns (sizes, counts, scores) right-aligned."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    right = {i for i, h in enumerate(header) if h in ("size", "entries")}
+    right = {i for i, h in enumerate(header) if h in numbers}
     for row in (header, *rows):
         print("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
 

@@ -289,3 +289,23 @@ def test_a_run_with_unreadable_records_says_so(tmp_path):
     table = analysis.runs_table(root).set_index("run")
     assert table.loc["broken", "message"] == "unreadable: config.yaml, metrics.json"
     assert not isinstance(table.loc["fine", "message"], str)  # nothing to say: None / NaN
+
+
+def test_cirlab_runs_text_is_a_column_per_split_with_each_runs_own_metric(tmp_path, capsys):
+    """Runs of several models gave a column per split *and* metric (CaLa's 66-character summed name among them):
+    a 300-column table whatever the terminal, run names right-aligned."""
+    from cirlab.cli import main
+
+    _run(tmp_path / "amc", end={"status": "finished"}, metrics=True)
+    cala = _run(tmp_path / "deep" / "sweep" / "cala", end={"status": "finished"})
+    summed = "R@1+R@5+R@10+R@50+cirr_Rsubset@1+cirr_Rsubset@2+cirr_Rsubset@3"
+    (cala / "metrics.json").write_text(json.dumps({"selection": {"metric": summed, "best_score": 260.0},
+                                                   "splits": {"val": {k: 10.0 for k in summed.split("+")}}}))
+    assert main(["runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = out[0].split("  ")
+    assert [h.strip() for h in header if h.strip()][:10] == ["run", "model", "preset", "dataset", "state", "step",
+                                                             "metric", "best val", "val", "test"]
+    assert out[2].startswith("deep/sweep/cala ") and "R@1+...+cirr_Rsubset@3 (7 summed)" in out[2]
+    assert " 70.00 " in out[2] and " 41.00 " in out[1] and " 39.50 " in out[1]  # each run's own metric, per split
+    assert max(map(len, out[:3])) < 160
