@@ -182,3 +182,53 @@ def test_a_resume_says_when_it_trains_nothing_and_when_a_max_steps_stop_stays_a_
               evaluate_fn=lambda m: {"val": {"R@1": 0.0}})
     assert any("had already trained its 12 steps: nothing is left to train" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_setting_changed_on_resume_is_the_one_the_optimizer_uses(tmp_path):
+    """--resume --allow-config-change --set train.lr=... (or weight_decay) trained on at the checkpoint's rate, the
+    optimizer's saved groups winning, while log.jsonl, TensorBoard and config.yaml recorded the new value."""
+    data = TripletItems(20)
+    for name in ("same", "lower"):
+        train(_model(), data, _cfg(max_steps=4, checkpoint_every=0), output_dir=tmp_path / name)
+    same = train(_model(), data, _cfg(max_steps=8, checkpoint_every=0, resume="auto"), output_dir=tmp_path / "same")
+    lower = train(_model(), data, _cfg(max_steps=8, checkpoint_every=0, resume="auto", lr=1e-9, weight_decay=0.5),
+                  output_dir=tmp_path / "lower")
+    assert lower["losses"][0] == same["losses"][0]  # the first resumed step: the same weights and batch
+    assert lower["losses"][1:] != same["losses"][1:]  # then the new rate: it did not (before) differ at all
+    groups = torch.load(tmp_path / "lower" / "checkpoints" / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert {g["base_lr"] for g in groups} == {1e-9} and {g["weight_decay"] for g in groups} == {0.5}
+
+
+def test_tensorboard_drops_the_points_past_the_checkpoint_a_resume_continues_from(tmp_path):
+    """A stop at once (kill -9, a second Ctrl-C) left TensorBoard points past last.pt; the resumed run wrote those
+    steps again, and TensorBoard drew each twice, its line jumping back (log.jsonl was cut back, tb/ was not)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data, run = TripletItems(22), tmp_path / "run"
+    with pytest.raises(Killed):  # last.pt at step 4, points up to step 6
+        train(_model(), data, _cfg(checkpoint_every=4, tensorboard=True), output_dir=run, callbacks=[_kill_at(6)])
+    train(_model(), data, _cfg(checkpoint_every=4, tensorboard=True, resume="auto"), output_dir=run)
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 15  # once each, in order (it was 1..6, 5, 6, 7, ...)
+
+
+def test_an_evaluation_record_names_its_metric_and_reads_the_same_before_and_after_a_resume(tmp_path):
+    """TensorBoard's eval/selection_score was AMC's avg, DIME's rsum and CaLa's sum of seven recalls on one chart;
+    train_summary.json's eval_history carried log.jsonl's "time" only after a resume."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = TripletItems(20)
+    evaluate = lambda m: {"val": {"R@1": 10.0, "R@5": 20.0}}  # noqa: E731
+    cfg = dict(selection="val", selection_metric="R@1+R@5", checkpoint_every=0, tensorboard=True)
+    fresh = train(_model(), data, _cfg(max_steps=6, **cfg), output_dir=tmp_path / "run", evaluate_fn=evaluate)
+    resumed = train(_model(), data, _cfg(max_steps=12, resume="auto", **cfg), output_dir=tmp_path / "run",
+                    evaluate_fn=evaluate)
+    for history in (fresh["eval_history"], resumed["eval_history"]):
+        assert all(set(r) >= {"time", "selection_metric", "selection_score"} for r in history)
+    assert resumed["eval_history"][:len(fresh["eval_history"])] == fresh["eval_history"]  # one schema throughout
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    assert "eval/selection/R@1+R@5" in events.Tags()["scalars"] and "eval/selection_score" not in events.Tags()[
+        "scalars"]

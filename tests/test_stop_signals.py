@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -319,3 +320,16 @@ def test_ctrl_c_lets_an_evaluation_inside_training_finish_then_stops(tmp_path):
         signal.signal(signal.SIGINT, previous)
     assert stopping.finished == 2 and "before its evaluation" not in str(caught.value)  # it ran to its end
     assert caught.value.exit_code == 130
+
+
+def test_a_second_signal_says_where_the_run_resumes_from(caplog):
+    """A double Ctrl-C ended the run without a line, and `cirlab runs` then showed the last logged step (14) while
+    --resume continued from last.pt's (10)."""
+    from cirlab.engine.train import _StopSignals
+
+    stop = _StopSignals()
+    stop.signum, stop.saved_step = signal.SIGINT, 10  # the first Ctrl-C was taken; last.pt holds step 10
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):  # in-process: the caller's interrupt
+        stop._handle(signal.SIGINT, None)
+    assert "SIGINT received again: stopping at once; checkpoints/last.pt holds step 10: --resume continues from " \
+           "there" in caplog.text

@@ -946,7 +946,7 @@ class _RunLog:
                  recipe: Mapping[str, Any] | None = None) -> None:
         self.active = active
         self.path = output_dir / "log.jsonl"
-        self.tb = self._tensorboard(output_dir) if active and cfg.tensorboard else None
+        self.tb = self._tensorboard(output_dir, start_step) if active and cfg.tensorboard else None
         mode = cfg.progress
         if mode == "auto":
             mode = "tqdm" if console.wants_a_bar() else "log"
@@ -983,7 +983,10 @@ class _RunLog:
                        steps_per_epoch, steps_per_epoch * cfg.epochs)
 
     @staticmethod
-    def _tensorboard(output_dir: Path) -> Any:
+    def _tensorboard(output_dir: Path, start_step: int = 0) -> Any:
+        """A SummaryWriter on ``tb/``; a resumed run's purges the points past its checkpoint (``start_step``), which
+        a stop at once (kill -9, a second Ctrl-C) left and the resumed steps write again: TensorBoard drew them
+        twice, its line jumping back (log.jsonl is cut back the same way by :func:`repair_log`)."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is an optional extra
@@ -994,20 +997,24 @@ class _RunLog:
                            "name under the file system's encoding (%s); logging to log.jsonl only", output_dir,
                            sys.getfilesystemencoding())
             return None
-        return SummaryWriter(str(output_dir / "tb"))
+        return SummaryWriter(str(output_dir / "tb"), purge_step=start_step + 1 if start_step else None)
 
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.active:
-            return
+    def write(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Append ``record`` to log.jsonl (and TensorBoard) with its wall clock ``time``; returns it as written."""
         # the wall clock (Unix seconds) of each record: a watcher of log.jsonl can tell a slow run from a hung one
         record = {**record, "time": round(time.time(), 3)}
+        if not self.active:
+            return record
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(io.json_text(record, indent=None) + "\n")  # strict JSON: a NaN grad_norm is null
         if self.tb is not None:
             prefix = record.get("kind", "train")
             for key, value in flat_numbers(record).items():
-                if key not in ("step", "epoch", "time"):
+                if key == "selection_score":  # a tag per metric: runs selecting on others are not one chart
+                    self.tb.add_scalar(f"{prefix}/selection/{record['selection_metric']}", value, record["step"])
+                elif key not in ("step", "epoch", "time"):
                     self.tb.add_scalar(f"{prefix}/{key}", value, record.get("step", 0))
+        return record
 
     def progress(self, record: dict[str, Any]) -> None:
         text = self.line(record) if self.lines or PROGRESS_LOG.handlers else ""
@@ -1056,6 +1063,15 @@ class _RunLog:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _position(p: _Progress, batch: bool = False) -> str:
+    """Where a run stands, numbered as the progress and eval lines number it: at an epoch end the counter has moved
+    on, and a stop after epoch 1's last step was said to be "in epoch 2" while every other line put it in epoch 1.
+    ``batch``: also the micro-batch inside the epoch."""
+    if p.batch_in_epoch == 0 and p.epoch > 0:
+        return f"at the end of epoch {p.epoch}, step {p.step}"
+    return f"in epoch {p.epoch + 1}, step {p.step}" + (f", batch {p.batch_in_epoch} of the epoch" if batch else "")
 
 
 ETA_WINDOW_S = 120.0  # the step rate of the ETA: over the last two minutes of stepping at least
@@ -1427,6 +1443,7 @@ class _StopSignals:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.saved_step: int | None = None  # the step checkpoints/last.pt holds (the trainer sets it when it saves)
         self._previous: dict[int, Any] = {}
         self._evaluating = False  # inside an evaluation of the loop
         self._interruptible = False  # ... which the first signal may cut short
@@ -1448,6 +1465,11 @@ class _StopSignals:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:  # asked twice: stop now
             self._restore()
+            # the last line of the run: it ended without one, and `cirlab runs` shows the last logged step, not the
+            # one --resume continues from
+            held = (f"checkpoints/last.pt holds step {self.saved_step}: --resume continues from there"
+                    if self.saved_step is not None else "no checkpoints/last.pt was written by this start")
+            logger.warning("%s received again: stopping at once; %s", signal.Signals(signum).name, held)
             if signum == getattr(signal, "SIGINT", None):
                 if not console.ends_with_ctrl_c():  # a notebook, a prompt, a script: the caller's interrupt
                     raise KeyboardInterrupt
@@ -1644,6 +1666,8 @@ class Trainer:
         state = self.state()  # all ranks take part (RNG gather); rank 0 writes
         if self.dist.is_main:
             save_checkpoint(self.ckpt_dir / name, state)
+            if name == "last.pt":
+                self.stop.saved_step = self.progress.step
         self._barrier()
 
     def resume(self, path: Path) -> None:
@@ -1659,7 +1683,7 @@ class Trainer:
             logger.warning("resuming %s with changed train settings (the run is no longer one uninterrupted "
                            "run): %s", path, "; ".join(changed))
         load_state(self.model, ckpt["model"], path, saved_name=saved)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._load_optimizer_keeping_settings(ckpt["optimizer"])
         if self.ema is not None and ckpt.get("ema"):
             self.ema.load_state_dict(ckpt["ema"])
         saved_precision = self._saved_precision(path, ckpt)
@@ -1674,8 +1698,18 @@ class Trainer:
             rng = ranks[self.dist.rank % len(ranks)]
         _set_rng_state(rng)
         self.progress = _Progress(**ckpt["progress"])
-        logger.info("resumed from %s in epoch %d, step %d, batch %d of the epoch", path, self.progress.epoch + 1,
-                    self.progress.step, self.progress.batch_in_epoch)
+        self.stop.saved_step = self.progress.step
+        logger.info("resumed from %s %s", path, _position(self.progress, batch=True))
+
+    def _load_optimizer_keeping_settings(self, state: Mapping[str, Any]) -> None:
+        """The optimizer's state (moments, step counts) from a checkpoint, its settings (each group's base lr,
+        weight decay, betas, eps, lr scale) from this run's config: ``load_state_dict`` restores the saved groups'
+        settings too, so a resume with ``--allow-config-change --set train.lr=...`` trained at the old rate while
+        log.jsonl, TensorBoard and config.yaml recorded the new one. Unchanged settings are the saved ones."""
+        fresh = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state)
+        for group, settings in zip(self.optimizer.param_groups, fresh):
+            group.update(settings)
 
     @staticmethod
     def _saved_precision(path: Path, ckpt: Mapping[str, Any]) -> str | None:
@@ -1972,7 +2006,7 @@ class Trainer:
         p, signum = self.progress, self.stop.signum or signal.SIGTERM
         name = signal.Signals(signum).name
         owed = " before its evaluation (the resumed run evaluates it)" if evaluation else ""
-        raise TrainingInterrupted(f"{name}: training stopped in epoch {p.epoch + 1}, step {p.step}{owed}; saved "
+        raise TrainingInterrupted(f"{name}: training stopped {_position(p)}{owed}; saved "
                                   f"{self.ckpt_dir / 'last.pt'}. Resume with the same command plus --resume "
                                   f"(Python: resume='auto')", signum)
 
@@ -2188,13 +2222,14 @@ class Trainer:
         score = selection_score(results, split, self.cfg.selection_metric) if split is not None else None
         p.evaluated_step = p.step
         if score is not None:
-            record["selection_score"] = score
+            # the metric's name beside its value: one selection_score was AMC's avg, DIME's rsum and CaLa's sum of
+            # seven recalls, overlaid on one TensorBoard chart
+            record["selection_metric"], record["selection_score"] = self.cfg.selection_metric, score
             if p.best_score is None or score > p.best_score:
                 p.best_score, p.best_epoch, p.best_step = score, p.epoch, p.step
                 record["best"] = True
                 self.save_weights("best.pt", results)  # weights as evaluated (EMA if enabled)
-        self.eval_history.append(record)
-        log.write(record)
+        self.eval_history.append(log.write(record))  # as written (with its time), as a resumed run reads it back
         # numbered as the progress line numbers epochs (from 1); the record keeps the 0-based index
         logger.info("eval at step %d, epoch %d: %s", p.step, p.epoch + 1, _short(record))
 
