@@ -1743,3 +1743,15 @@ def test_an_unknown_option_without_a_command_and_a_file_given_as_runs_folder_are
     (tmp_path / "notes.txt").write_text("x")
     assert main(["runs", str(tmp_path / "notes.txt")]) == 2
     assert "notes.txt is a file, not a folder of runs" in caplog.text
+
+
+def test_verbose_says_what_a_run_resolved_and_read(tmp_path, synth, caplog):
+    """`cirlab -v train` / `-v eval` added no line: -v promised debug output and gave none on the main commands."""
+    config = _write_config(tmp_path / "stub.yaml", synth, max_steps=1, epochs=1)
+    with caplog.at_level(logging.DEBUG, logger="cirlab"):
+        assert main(["-v", "train", str(config), "--output-dir", str(tmp_path / "run")]) == 0
+        assert main(["-v", "eval", str(tmp_path / "run"), "--split", "val"]) == 0
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any(m.startswith("resolved train settings: {'epochs': 1, 'max_steps': 1") for m in debug)
+    assert any(m.startswith("split val of fashioniq from ") for m in debug)
+    assert any("best.pt: model stub_cir in cirlab's layout, config " in m for m in debug)

@@ -975,6 +975,8 @@ def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, 
     except OSError as err:  # a pretrained part it reads that is not here (BERT offline), as build_model says it
         raise ConfigError(f"{path}: model {name!r} (model_overrides): {' '.join(str(err).split())}") from None
     report = load_object(net, ckpt, path)
+    logger.debug("%s: model %s in %s layout, config %s", path, name, "the original's" if report is not None
+                 else "cirlab's", getattr(net, "config", None))
     if report is not None:  # the paper's own layout, read by the model
         return net, {"converted_from": str(path), "converted_layout": f"original {name}",
                      "epoch": meta.get("epoch"), **report}
@@ -1120,7 +1122,10 @@ def load_split(config: dict[str, Any], split: str) -> Any:
     category the loader does not have (its :class:`UnknownNameError`) is refused naming the config entries that
     hold the name (``dataset.val_split=vall: unknown Fashion-IQ split 'vall' ...``)."""
     try:
-        return load_precomp_split(config, split) if is_precomp(config) else load_cir_splits(config, split)
+        loaded = load_precomp_split(config, split) if is_precomp(config) else load_cir_splits(config, split)
+        logger.debug("split %s of %s from %s: %s", split, (config.get("dataset") or {}).get("name"),
+                     dataset_root(config), loaded if is_precomp(config) else ", ".join(map(repr, loaded)))
+        return loaded
     except UnknownNameError as err:
         if err.field == "split":
             named = _entries_naming_split(config, split)
@@ -1468,6 +1473,8 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
                           "set train.selection=last")
     run_device = resolve_device(cfg.device, "train.device")
     resolved = {**config, "output_dir": str(out), "train": cfg.to_dict(), "model_config": model.config.to_dict()}
+    logger.debug("resolved train settings: %s", cfg.to_dict())
+    logger.debug("model %s, preset %s: %s", config["model"], config.get("preset"), model.config.to_dict())
     if cfg.resume and is_main_process():
         notes["config_changes"] = check_resume_config(out, resolved, allow_config_change, data_now=fingerprint)
     # the selection split too, before the first step: a broken val file must fail now, not after the training
