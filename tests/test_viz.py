@@ -202,6 +202,21 @@ def test_save_figure_writes_png_and_svg(tmp_path):
     assert b"<svg" in paths[1].read_bytes()[:500]
 
 
+def test_save_figure_lays_the_files_out_at_a_papers_column_width(tmp_path):
+    """A paper writer had to resize every figure by hand for a 3.3-inch column (the reader's text then shrank)."""
+    from PIL import Image
+
+    fig = viz.plot_metrics_bars({"R@10": 10.0, "R@50": 40.0})
+    before = tuple(fig.get_size_inches())
+    png, _ = viz.save_figure(fig, tmp_path, "column", width=3.3)
+    with Image.open(png) as image:
+        assert image.size[0] == round(3.3 * 120)  # 120 dpi
+        assert image.size[1] == pytest.approx(3.3 * 120 * before[1] / before[0], abs=2)
+    assert tuple(fig.get_size_inches()) == before  # the notebook's figure unchanged
+    with pytest.raises(ValueError, match="width is in inches, from 0.5 to 100"):
+        viz.save_figure(fig, tmp_path, "bad", width=330)
+
+
 def test_gallery_highlights_the_target():
     rng = np.random.default_rng(0)
     rows = [{"ref_image": rng.random((8, 8, 3)), "text": "make it red", "candidates": [rng.random((8, 8, 3))] * 4,

@@ -96,15 +96,21 @@ def _shown_by_ipython(figure_type: type) -> None:
 
 
 def save_figure(fig: Any, out_dir: str | os.PathLike, name: str,
-                formats: Sequence[str] | str = ("png", "svg")) -> list[Path]:
+                formats: Sequence[str] | str = ("png", "svg"), *, width: float | None = None) -> list[Path]:
     """Write ``fig`` as ``<out_dir>/<name>.<fmt>`` for each format; returns the paths written. ``name`` is a file
     name (no folders, no ``..``: ``../x`` wrote outside ``out_dir``); one ending in a requested format's extension
-    loses it (``"g3.png"`` writes ``g3.png`` and ``g3.svg``, not ``g3.png.png``). ``out_dir`` must not be a file."""
+    loses it (``"g3.png"`` writes ``g3.png`` and ``g3.svg``, not ``g3.png.png``). ``out_dir`` must not be a file.
+
+    ``width``: the width in inches the files are laid out at (a paper's column, e.g. 3.3; a page, 7.0), the height
+    scaled with it; text keeps its size in points, so it reads at that size where the figure is printed at that
+    width. The figure itself keeps its size (the notebook shows it as before)."""
     from cirlab.core.io import file_name_part
 
     formats = name_list(formats)
     if not formats:  # nothing would be written, without a word
         raise InputError("save_figure: formats is empty; give one or more of e.g. 'png', 'svg', 'pdf'")
+    if width is not None and not (isinstance(width, (int, float)) and 0.5 <= width <= 100):
+        raise InputError(f"save_figure: width is in inches, from 0.5 to 100 (a column is about 3.3), got {width!r}")
     file_name_part(name, "save_figure: name")
     name = _without_extension(name, formats)
     out = Path(out_dir)
@@ -112,9 +118,15 @@ def save_figure(fig: Any, out_dir: str | os.PathLike, name: str,
         raise FileExistsError(f"save_figure: out_dir {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    with _settled_layout(fig):
-        for fmt in formats:
-            paths.append(_save_one(fig, out / f"{name}.{fmt}", fmt))
+    size = tuple(fig.get_size_inches())
+    if width is not None:
+        fig.set_size_inches(width, size[1] * width / size[0])
+    try:
+        with _settled_layout(fig):
+            for fmt in formats:
+                paths.append(_save_one(fig, out / f"{name}.{fmt}", fmt))
+    finally:
+        fig.set_size_inches(size)
     logger.info("saved figure %s (%s)", out / name, ", ".join(formats))
     return paths
 
