@@ -118,17 +118,25 @@ def save_figure(fig: Any, out_dir: str | os.PathLike, name: str,
         raise FileExistsError(f"save_figure: out_dir {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    size = tuple(fig.get_size_inches())
-    if width is not None:
-        fig.set_size_inches(width, size[1] * width / size[0])
-    try:
-        with _settled_layout(fig):
-            for fmt in formats:
-                paths.append(_save_one(fig, out / f"{name}.{fmt}", fmt))
-    finally:
-        fig.set_size_inches(size)
+    with _laid_out_at(fig, width), _settled_layout(fig):
+        for fmt in formats:
+            paths.append(_save_one(fig, out / f"{name}.{fmt}", fmt))
     logger.info("saved figure %s (%s)", out / name, ", ".join(formats))
     return paths
+
+
+@contextlib.contextmanager
+def _laid_out_at(fig: Any, width: float | None) -> Iterator[None]:
+    """``fig`` at ``width`` inches (its height scaled with it) inside the block, at its own size again after it."""
+    if width is None:
+        yield
+        return
+    size = tuple(fig.get_size_inches())
+    fig.set_size_inches(width, size[1] * width / size[0])
+    try:
+        yield
+    finally:
+        fig.set_size_inches(size)
 
 
 # SVG text stays text (matplotlib draws it as outlines by default): screen readers read it, search finds it. PDF and
