@@ -622,3 +622,15 @@ def test_frozen_feature_cache_misses_on_changed_image_transform_or_weights(tmp_p
         new_store = enc._feature_store()
         assert new_store is not store and new_store.directory != store.directory
         assert not torch.equal(enc(images), first) and new_store.misses == 3
+
+
+def test_the_lstm_runs_in_fp32_inside_a_cpu_bf16_autocast():
+    """oneDNN has no bf16 LSTM on CPUs without AVX-512: a bf16 AMC run on such a CPU (an AMD EPYC) failed "could not
+    create a primitive descriptor" at its first step. The LSTM runs in fp32 there, as the original runs it."""
+    model = cirlab.create_model("amc", "tiny")
+    model.fit_vocab(["a red dress", "make it blue"])
+    texts = ["a red dress", "make it blue please"]
+    reference = model.text_encoder(texts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.text_encoder(texts)
+    assert mixed.dtype == torch.float32 and torch.allclose(mixed, reference, atol=1e-2)

@@ -452,9 +452,18 @@ class TextEncoder(nn.Module):
             ids[i, : len(e)] = torch.tensor(e)
         return ids.to(self.embed.weight.device), torch.tensor([len(e) for e in encoded], device=ids.device)
 
+    def _lstm(self, embedded: torch.Tensor) -> Any:
+        """The LSTM; on the CPU in fp32 inside a bf16 autocast: oneDNN has no bf16 LSTM on CPUs without AVX-512
+        (an AMD EPYC without it failed "could not create a primitive descriptor" at the first step of a bf16 run),
+        and the original runs it in fp32 anyway. On CUDA autocast decides, as for every other layer."""
+        if embedded.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return self.lstm(embedded.float())
+        return self.lstm(embedded)
+
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
         ids, lengths = self.token_ids(texts)
-        out, _ = self.lstm(self.embed(ids))  # [B, L, D]; unpacked, zero initial state, as the original
+        out, _ = self._lstm(self.embed(ids))  # [B, L, D]; unpacked, zero initial state, as the original
         valid = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths.to(ids.device)[:, None]
         fill = 0.0 if self.config.text_pool == "zero_floor_max" else float("-inf")  # every text has a valid step
         return out.masked_fill(~valid[..., None], fill).max(dim=1).values  # [B, D]
