@@ -1191,7 +1191,10 @@ def _run_settings(args: argparse.Namespace) -> int:
     except (KeyError, TypeError, ValueError, OSError, RuntimeError, NotImplementedError) as err:
         raise ConfigError(f"cirlab models --settings {name} --preset {preset}: cannot build it "
                           f"({' '.join(str(err).split())})") from None
-    defaults = {k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k not in settings["train"]}
+    # a run sets these itself (dataset.test_split, --resume) and refuses them in --set: no line to copy
+    derived = ("test_split", "resume")
+    defaults = {k: v for k, v in dataclasses.asdict(TrainConfig()).items()
+                if k not in settings["train"] and k not in derived}
     if args.json:
         print(json.dumps({"model": name, "preset": preset, "overrides": overrides,
                           "model_overrides": settings["model"], "train": settings["train"],
@@ -1204,6 +1207,7 @@ def _run_settings(args: argparse.Namespace) -> int:
     _print_entries("train", settings["train"])
     print("the other training fields, at cirlab's defaults")
     _print_entries("train", defaults)
+    print("(a run sets train.test_split from dataset.test_split, and train.resume from --resume)")
     return 0
 
 

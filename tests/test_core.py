@@ -213,6 +213,8 @@ def test_a_shipped_name_is_refused_when_registered_before_the_registry_loaded(tm
             cirlab.register_model("amc", task="cir", config_cls=C)(lambda c: torch.nn.Linear(2, 2))
         except ModelContractError as err:
             print("refused:", err)
+        import sys
+        print("shipped models imported:", "cirlab.models.amc" in sys.modules)  # read from their source
         print(cirlab.list_models(), type(cirlab.create_model("amc", "tiny")).__name__)
     """)
     env = {**os.environ, "CIRLAB_CACHE": str(tmp_path / "cache")}
@@ -220,6 +222,7 @@ def test_a_shipped_name_is_refused_when_registered_before_the_registry_loaded(tm
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "refused: register_model('amc'): the name is taken by cirlab.models.amc.build_amc" in done.stdout
+    assert "shipped models imported: False" in done.stdout  # registering a user's model loaded them all (5 s)
     assert "['amc', 'blip_rerank_stage1', 'blip_rerank_stage2', 'cala', 'dime', 'hrem'] AMC" in done.stdout
 
 
@@ -609,11 +612,16 @@ def test_help_of_a_config_shows_each_field_with_the_comment_beside_it():
     assert "cirlab.fit(model, data" in TrainConfig.__doc__  # cirlab.train is the trainer module
     assert "Presets: ``f30k_i2t``" in DIMEConfig.__doc__
 
+    # a continuation followed at once by the next field is the first field's only (it was both fields')
+    assert "code does; logged as a warning" in notes["selection"] and "code does" not in notes["selection_metric"]
+
     @dataclass
     class Typed:  # a class whose source is a test's: the nearest comment of each kind
         # the block above
         a: int = 1  # and beside
+        #             and below
         b: str = "x"
-    assert field_notes(Typed) == {"a": "the block above and beside"}
+        c: int = 2  # c's
+    assert field_notes(Typed) == {"a": "the block above and beside and below", "c": "c's"}
     doc = documented(Typed).__doc__
     assert "    a = 1: the block above and beside" in doc and "    b = 'x'" in doc

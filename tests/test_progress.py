@@ -59,14 +59,20 @@ def test_durations_read_like_a_clock(seconds, text):
 
 def test_a_log_line_during_a_terminal_bar_is_written_above_it_not_onto_it(tmp_path, capsys, monkeypatch):
     """An evaluation's INFO line (or a warning) mid-training was written onto the bar's line on a terminal, leaving a
-    stale bar frame glued to it in the scrollback and in script/tmux logs."""
+    stale bar frame glued to it in the scrollback and in script/tmux logs. The user's handlers keep their levels,
+    filters and streams meanwhile (a first fix through tqdm's logging_redirect_tqdm lost a script's WARNING-to-stderr
+    handler and let INFO lines through it)."""
     import sys
 
     monkeypatch.setattr(console, "live_frontend", lambda: False)
     root = logging.getLogger()
-    handler = logging.StreamHandler(sys.stderr)  # as `cirlab` installs it
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
+    infos = logging.StreamHandler(sys.stdout)  # a script's routing: INFO to stdout, WARNING and above to stderr
+    infos.addFilter(lambda record: record.levelno < logging.WARNING)
+    warnings = logging.StreamHandler(sys.stderr)
+    warnings.setLevel(logging.WARNING)
+    for handler in (infos, warnings):
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
     level = root.level
     root.setLevel(logging.INFO)
     try:
@@ -74,13 +80,16 @@ def test_a_log_line_during_a_terminal_bar_is_written_above_it_not_onto_it(tmp_pa
         for step in (1, 2, 3):
             log.progress(record(step))
         logging.getLogger("cirlab.engine.train").info("evaluating at step 3")
+        logging.getLogger("cirlab.engine.train").warning("a warning at step 3")
         log.progress(record(4))
         log.close()
-        restored = handler in root.handlers  # the CLI's handler is back once the bar is closed
+        restored = all("emit" not in vars(h) for h in (infos, warnings))  # the handlers as they were
     finally:
-        root.removeHandler(handler)
+        for handler in (infos, warnings):
+            root.removeHandler(handler)
         root.setLevel(level)
-    lines = capsys.readouterr().err.split("\n")
-    [said] = [line for line in lines if "evaluating at step 3" in line]
-    assert said.split("\r")[-1] == "INFO cirlab.engine.train: evaluating at step 3"  # a line of its own
-    assert restored and not any(type(h).__name__ == "_TqdmLoggingHandler" for h in root.handlers)
+    captured = capsys.readouterr()
+    assert captured.out == "INFO cirlab.engine.train: evaluating at step 3\n"  # its handler, its stream, once
+    [said] = [line for line in captured.err.split("\n") if "a warning at step 3" in line]
+    assert said.split("\r")[-1] == "WARNING cirlab.engine.train: a warning at step 3"  # a line of its own
+    assert "evaluating at step 3" not in captured.err and restored

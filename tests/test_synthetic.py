@@ -502,3 +502,17 @@ def test_a_rerun_writes_again_a_layout_that_lost_a_file_and_leaves_the_others(tm
     next(p for p in (out / "shoes").rglob("*") if p.suffix in (".png", ".jpg")).unlink()  # ensure() (a run's dataset.synthetic) repairs it too
     synthetic.ensure(out, size="tiny", layouts=["shoes"], image_size=16)
     assert _files(out) == before
+
+
+def test_a_rerun_writes_again_a_layout_whose_folder_was_removed(tmp_path, caplog):
+    """`rm -rf` of a layout (the likeliest loss) was still "already held": its marker could not be read, which
+    counted as an old build with nothing to check; a run on the cache then failed on a missing folder."""
+    out = tmp_path / "syn"
+    synthetic.ensure(out, size="tiny", layouts=["shoes", "cirr"], image_size=16)
+    before = _files(out)
+    import shutil
+
+    shutil.rmtree(out / "cirr")
+    synthetic.ensure(out, size="tiny", layouts=["cirr"], image_size=16)
+    assert _files(out) == before
+    assert caplog.text.count("cirr lacks its folder: it is written again") == 1  # said once, not per check

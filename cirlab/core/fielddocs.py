@@ -1,6 +1,6 @@
 """What each field of a config dataclass means, read from the comments beside it in its source, so that
-``help(TrainConfig)`` (or ``TrainConfig?`` in Jupyter) and ``cirlab models --settings`` show them: the comments stay
-the one place a field is explained.
+``help(TrainConfig)`` (or ``TrainConfig?`` in Jupyter) shows them: the comments stay the one place a field is
+explained.
 
 A field's note is the comment block right above it (section headers ``# --- ... ---`` excluded), the comment on its
 line, and comment lines right below it that are indented past the ``#`` (a continuation, as in ``ema_mode``).
@@ -12,6 +12,8 @@ import dataclasses
 import functools
 import inspect
 import io
+import linecache
+import re
 import textwrap
 import tokenize
 from typing import TypeVar
@@ -23,32 +25,54 @@ C = TypeVar("C", bound=type)
 def field_notes(cls: type) -> dict[str, str]:
     """``{field: note}`` for the dataclass ``cls`` (fields without a comment are left out; a class whose source
     cannot be read, e.g. one typed into a prompt, gives ``{}``)."""
-    try:
-        source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):
+    source = _class_source(cls)
+    if source is None:
         return {}
     fields = {f.name for f in dataclasses.fields(cls)}
     comments, comment_only = _comments(source)
+    spans = [(node.target.id, node.lineno, node.end_lineno or node.lineno)
+             for node in ast.parse(source).body[0].body  # type: ignore[attr-defined]
+             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in fields]
+    below: dict[str, list[int]] = {}
+    for name, _, last in spans:  # a field's continuation: comment lines right below it, indented past the "#"
+        row, below[name] = last + 1, []
+        while comment_only.get(row):
+            below[name].append(row)
+            row += 1
+    claimed = {row for rows in below.values() for row in rows}
     notes = {}
-    for node in ast.parse(source).body[0].body:  # type: ignore[attr-defined]
-        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in fields):
-            continue
-        first, last = node.lineno, node.end_lineno or node.lineno
+    for name, first, last in spans:
         above = []
         row = first - 1
-        while row in comment_only and not comments[row].startswith("---"):
+        while row in comment_only and row not in claimed and not comments[row].startswith("---"):
             above.insert(0, comments[row])
             row -= 1
         beside = [comments[r] for r in range(first, last + 1) if r in comments and r not in comment_only]
-        below = []
-        row = last + 1
-        while row in comment_only and comment_only[row]:  # indented past the "#": this field's note goes on
-            below.append(comments[row])
-            row += 1
-        text = " ".join(part for part in (*above, *beside, *below) if part)
+        text = " ".join(part for part in (*above, *beside, *(comments[r] for r in below[name])) if part)
         if text:
-            notes[node.target.id] = text
+            notes[name] = text
     return notes
+
+
+def _class_source(cls: type) -> str | None:
+    """The source of ``cls`` alone, dedented: read from its file's lines (``inspect.getsource`` parses the whole
+    module to find a class, a third of a second at import for six config classes)."""
+    try:
+        lines = linecache.getlines(inspect.getsourcefile(cls) or "")
+    except TypeError:  # a built-in or a class without a file
+        return None
+    header = re.compile(rf"^(\s*)class\s+{re.escape(cls.__name__)}\b")
+    starts = [(i, found) for i, line in enumerate(lines) if (found := header.match(line))]
+    if len(starts) != 1:  # two classes of that name in the file (or none found): inspect tells them apart
+        try:
+            return textwrap.dedent(inspect.getsource(cls))
+        except (OSError, TypeError):
+            return None
+    (i, found), = starts
+    indent, end = len(found.group(1)), i + 1
+    while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent):
+        end += 1
+    return textwrap.dedent("".join(lines[i:end]))
 
 
 def _comments(source: str) -> tuple[dict[int, str], dict[int, bool]]:

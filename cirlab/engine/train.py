@@ -958,10 +958,8 @@ class _RunLog:
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
             if not console.live_frontend():  # a terminal's text bar: a log line (an evaluation, a warning) was
-                # written onto the bar's line, leaving a stale frame with it; tqdm writes it above the bar instead
-                from tqdm.contrib.logging import logging_redirect_tqdm
-
-                self.redirect.enter_context(logging_redirect_tqdm(loggers=[logging.getLogger()]))
+                # written onto the bar's line, leaving a stale frame with it; now the bar steps aside for it
+                self.redirect.enter_context(_lines_above_the_bar(tqdm))
         self.lines = active and mode == "log"
         self.t0 = time.monotonic()  # durations: the wall clock set back or forward (NTP) mid-run made them negative
         self.eval_seconds, self.last_eval = 0.0, None  # time spent in the loop's evaluations; the last one's
@@ -1072,6 +1070,28 @@ def _position(p: _Progress, batch: bool = False) -> str:
     if p.batch_in_epoch == 0 and p.epoch > 0:
         return f"at the end of epoch {p.epoch}, step {p.step}"
     return f"in epoch {p.epoch + 1}, step {p.step}" + (f", batch {p.batch_in_epoch} of the epoch" if batch else "")
+
+
+@contextlib.contextmanager
+def _lines_above_the_bar(tqdm_class: Any) -> Iterator[None]:
+    """Every console handler of the root logger writes its record with the bar cleared and drawn again under it
+    (``tqdm.external_write_mode``), keeping its own level, filters, format and stream: tqdm's
+    ``logging_redirect_tqdm`` swapped them all for one handler with the first one's stream and no level, which lost
+    a script's WARNING-to-stderr routing and showed INFO lines a WARNING handler had kept out."""
+    import sys
+
+    wrapped = [h for h in logging.getLogger().handlers
+               if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stdout, sys.stderr)]
+    for handler in wrapped:
+        def emit(record: logging.LogRecord, _emit: Any = handler.emit, _stream: Any = handler.stream) -> None:
+            with tqdm_class.external_write_mode(file=_stream):
+                _emit(record)
+        handler.emit = emit  # type: ignore[method-assign]  # on the instance: removed again below
+    try:
+        yield
+    finally:
+        for handler in wrapped:
+            handler.__dict__.pop("emit", None)
 
 
 ETA_WINDOW_S = 120.0  # the step rate of the ETA: over the last two minutes of stepping at least
@@ -1237,8 +1257,9 @@ def check_run_folder(folder: str | os.PathLike, *, overwrite: bool = False, resu
                              "continue from; run with --overwrite instead of --resume to replace it, or choose "
                              "another --output-dir")
     if not (overwrite or resuming):
-        # finished (its final metrics written) or not: --resume of the first trains nothing, of the second continues
-        state = "a finished run" if "metrics.json" in found else "an unfinished run (no metrics.json)"
+        # finished (train_summary.json is written when training ends; cirlab.fit writes no metrics.json) or not:
+        # --resume of the first trains nothing, of the second continues
+        state = "a finished run" if "train_summary.json" in found else "an unfinished run"
         raise RunFolderError(f"run folder {folder} already holds {state} ({', '.join(found)}); pass --resume to "
                              "continue it or --overwrite to replace it (Python: resume / overwrite=True), or "
                              "choose another --output-dir")
@@ -1666,9 +1687,9 @@ class Trainer:
         state = self.state()  # all ranks take part (RNG gather); rank 0 writes
         if self.dist.is_main:
             save_checkpoint(self.ckpt_dir / name, state)
-            if name == "last.pt":
-                self.stop.saved_step = self.progress.step
         self._barrier()
+        if name == "last.pt":  # every rank: each one's second-signal line says it (a rank said "none written")
+            self.stop.saved_step = self.progress.step
 
     def resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device)
@@ -1827,7 +1848,7 @@ class Trainer:
         p, cfg = self.progress, self.cfg
         if not self._more_to_do(self._owes_evaluation()):
             logger.info("%s had already trained its %d steps: nothing is left to train (raise train.epochs or "
-                        "train.max_steps to train further); its final evaluation runs again", self.output_dir, p.step)
+                        "train.max_steps to train further)", self.output_dir, p.step)
             return
         scheduled = bool(cfg.eval_every_steps) and p.step % cfg.eval_every_steps == 0
         stopped_mid_epoch = 0 < p.batch_in_epoch < self.batches_per_epoch

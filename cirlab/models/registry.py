@@ -63,10 +63,12 @@ def register_model(name: str, *, task: str, config_cls: type) -> Callable:
                                  "decorate it with @dataclasses.dataclass (a subclass of a config needs it too)")
 
     def wrap(build: Callable) -> Callable:
-        if build.__module__ not in _MODEL_MODULES:  # cirlab's own models load lazily: a user's model taking one of
-            # their names is refused now, not at the next list_models() (which then failed for the whole session)
-            for module in _MODEL_MODULES:
-                importlib.import_module(module)
+        shipped = _shipped_origins().get(name) if build.__module__ not in _MODEL_MODULES else None
+        if shipped:  # cirlab's own models load lazily: a user's model taking one of their names is refused now,
+            # not at the next list_models() (which then failed for the whole session); read from their source, so
+            # that registering a user's model imports neither torch nor cirlab's models
+            raise ModelContractError(f"register_model({name!r}): the name is taken by {shipped}; "
+                                     f"{_origin(build)} needs another name")
         held = _REGISTRY.get(name)
         if held is not None and _origin(held.build) != _origin(build):
             raise ModelContractError(f"register_model({name!r}): the name is taken by {_origin(held.build)}; "
@@ -189,22 +191,45 @@ def describe_models() -> list[dict[str, Any]]:
     ``cirlab models`` answers without loading torch. A file written otherwise (a computed name or preset table)
     is imported instead; a user's model modules (:func:`user_model_modules`) are imported, and models registered
     from outside the listed modules are included too."""
-    import ast
-    import importlib.util
-
     rows: dict[str, dict[str, Any]] = {}
     for module in _MODEL_MODULES:
-        spec = importlib.util.find_spec(module)
-        source = Path(spec.origin).read_text(encoding="utf-8") if spec and spec.origin else None
-        found = _static_entries(ast.parse(source)) if source is not None else None
+        found = _static_registrations(module)
         if found is None:
             importlib.import_module(module)
             continue
-        rows.update({row["model"]: row for row in found})
+        rows.update({row["model"]: {k: v for k, v in row.items() if k != "origin"} for row in found})
     _load_user_models()  # CIRLAB_MODELS and entry points: imported (a user's file may be written any way)
     for name, entry in _REGISTRY.items():  # imported above, or registered by the caller
         rows.setdefault(name, {"model": name, "task": entry.task, "presets": sorted(entry.config_cls.presets())})
     return [rows[n] for n in sorted(rows)]
+
+
+@functools.lru_cache(maxsize=None)
+def _static_registrations(module: str) -> list[dict[str, Any]] | None:
+    """:func:`_static_entries` of one of cirlab's model modules, read from its file (None: not literal, or no
+    file)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    if not (spec and spec.origin):
+        return None
+    found = _static_entries(ast.parse(Path(spec.origin).read_text(encoding="utf-8")))
+    return None if found is None else [{**row, "origin": f"{module}.{row['origin']}"} for row in found]
+
+
+def _shipped_origins() -> dict[str, str]:
+    """The names cirlab's model modules register -> the function or class registered (a module whose source is not
+    literal is imported, and its registrations read)."""
+    origins = {}
+    for module in _MODEL_MODULES:
+        found = _static_registrations(module)
+        if found is None:
+            importlib.import_module(module)
+            origins.update({n: _origin(e.build) for n, e in _REGISTRY.items() if e.build.__module__ == module})
+        else:
+            origins.update({row["model"]: row["origin"] for row in found})
+    return origins
 
 
 def _static_entries(tree: Any) -> list[dict[str, Any]] | None:
@@ -233,7 +258,7 @@ def _static_entries(tree: Any) -> list[dict[str, Any]] | None:
             if not (isinstance(name, ast.Constant) and isinstance(task, ast.Constant) and isinstance(cls, ast.Name)
                     and cls.id in presets):
                 return None
-            rows.append({"model": name.value, "task": task.value, "presets": presets[cls.id]})
+            rows.append({"model": name.value, "task": task.value, "presets": presets[cls.id], "origin": node.name})
     return rows
 
 

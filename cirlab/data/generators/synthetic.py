@@ -793,7 +793,7 @@ def ensure(out_root: str | os.PathLike | None = None, *, seed: int = 0, size: st
             # only the layouts it lacks: those it holds may be read by a running process (a training on its
             # Fashion-IQ set while the report asks for the precomp one), and rewriting them deleted files under it.
             # The default folder is cirlab's own cache: a build from before the ownership markers is replaced
-            have = _written_layouts(out, wanted)
+            have = _written_layouts(out, wanted, check=layouts)
             generate(out, seed=seed, size=size, layouts=[n for n in layouts if n not in have], image_size=image_size,
                      force=not out_root)
     return out
@@ -808,12 +808,13 @@ def _digest(spec: Any) -> str:
 
 def _written(out: Path, wanted: dict[str, Any], layouts: Sequence[str]) -> bool:
     """``out`` holds a complete write (its manifest, written last) with ``wanted``'s settings and ``layouts``."""
-    return set(layouts) <= _written_layouts(out, wanted)
+    return set(layouts) <= _written_layouts(out, wanted, check=layouts)
 
 
-def _written_layouts(out: Path, wanted: dict[str, Any]) -> set[str]:
-    """The layouts a complete write in ``out`` (its manifest, written last) holds with ``wanted``'s settings, and
-    whose files are all still there (a stat each: a layout missing a file it wrote is written again)."""
+def _written_layouts(out: Path, wanted: dict[str, Any], check: Sequence[str] = ()) -> set[str]:
+    """The layouts a complete write in ``out`` (its manifest, written last) holds with ``wanted``'s settings; of
+    those named in ``check``, only the ones whose files are all still there (a stat each: a layout missing a file it
+    wrote is written again). Only the layouts asked for are checked: a default-size set is 11,000 files."""
     try:
         manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -821,21 +822,30 @@ def _written_layouts(out: Path, wanted: dict[str, Any]) -> set[str]:
     if not (isinstance(manifest, dict) and all(manifest.get(k) == v for k, v in wanted.items())):
         return set()
     layouts = set(manifest.get("layouts") or {})
-    return {name for name in layouts if not _lost_files(out / name)}
+    return {name for name in layouts if name not in check or not _lost_files(out / name)}
 
 
 def _lost_files(root: Path) -> list[str]:
     """The files the generator recorded writing into the layout folder ``root`` that are gone now (a deleted
-    caption file: "already holds ... left as it is" was said of it, and a run in the cache failed on it)."""
-    try:
-        recorded = json.loads((root / _owned.MARKER).read_text(encoding="utf-8")).get("files")
-    except (OSError, ValueError, AttributeError):
-        return []  # a build from before the record: nothing to check against
-    lost = [name for name in recorded or () if not (root / name).is_file()]
-    if lost:
-        logger.warning("%s lacks %d of the files cirlab's synthetic generator wrote there (%s): it is written again",
-                       root, len(lost), first_few(lost))
+    caption file: "already holds ... left as it is" was said of it, and a run in the cache failed on it); the folder
+    itself when it is gone. Said once per process and loss."""
+    if not root.is_dir():
+        lost = [f"{root.name}/"]
+    else:
+        try:
+            recorded = json.loads((root / _owned.MARKER).read_text(encoding="utf-8")).get("files")
+        except (OSError, ValueError, AttributeError):
+            return []  # a build from before the record: nothing to check against
+        lost = [name for name in recorded or () if not (root / name).is_file()]
+    said = (str(root), len(lost))
+    if lost and said not in _SAID_LOST:
+        _SAID_LOST.add(said)
+        logger.warning("%s lacks %s: it is written again", root, "its folder" if not root.is_dir() else
+                       f"{len(lost)} of the files cirlab's synthetic generator wrote there ({first_few(lost)})")
     return lost
+
+
+_SAID_LOST: set[tuple[str, int]] = set()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -977,7 +987,8 @@ def default_out() -> Path:
 def _run_cli(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser() if args.out else default_out()
     start = time.perf_counter()
-    have = set() if args.force else _written_layouts(out, _settings_of(args.seed, args.size, args.image_size))
+    have = set() if args.force else _written_layouts(out, _settings_of(args.seed, args.size, args.image_size),
+                                                     check=args.layouts)
     kept = [name for name in args.layouts if name in have]
     if kept:
         # rewriting a complete folder deleted it under any run reading it (which then failed on a missing image)
