@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import importlib
 import json
 import logging
@@ -1181,6 +1180,8 @@ def _run_params(args: argparse.Namespace) -> int:
 def _run_settings(args: argparse.Namespace) -> int:
     """``cirlab models --settings MODEL``: the preset's model fields and the paper's training recipe, spelt as the
     run config's entries (``model_overrides.FIELD``, ``train.FIELD``) so that a line can be copied into --set."""
+    import dataclasses
+
     from cirlab.core.errors import ConfigError
     from cirlab.engine.train import TrainConfig
     from cirlab.models.registry import preset_settings
