@@ -167,7 +167,8 @@ class AMCConfig(PresetMixin):
                                              ("transform", self.transform, TRANSFORMS)])
         refuse_indivisible("AMCConfig", [("embed_dim", self.embed_dim, "num_heads", self.num_heads)])
         if int(self.embed_dim * self.ffn_ratio) < 1:  # CRN's feed-forward would be 0 wide
-            raise ConfigError(f"AMCConfig.ffn_ratio={self.ffn_ratio}: embed_dim {self.embed_dim} x ffn_ratio is below 1")
+            raise ConfigError(f"AMCConfig.ffn_ratio={self.ffn_ratio}: embed_dim {self.embed_dim} x ffn_ratio is "
+                              "below 1")
         words = self.word_vectors
         refuse_unread("AMCConfig", [("glove_path", self.glove_path, words == "glove", "word_vectors='glove'"),
                                     ("minilm_path", self.minilm_path, words == "minilm", "word_vectors='minilm'"),

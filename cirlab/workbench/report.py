@@ -1627,7 +1627,7 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
     write_json(folder / RECORD, record)
     _discard(previous)
     _discard(failed)
-    with contextlib.suppress(OSError):  # the report's own _failed/, once no failed run is left in it (rmdir: empty only)
+    with contextlib.suppress(OSError):  # the report's own _failed/, once no failed run is left (rmdir: empty only)
         failed.parent.rmdir()
     return folder
 
