@@ -499,7 +499,8 @@ def test_a_rerun_writes_again_a_layout_that_lost_a_file_and_leaves_the_others(tm
     assert _files(out) == before  # the same bytes again
     kept = (out / "shoes" / ".cirlab-generated.json").stat()
     assert (kept.st_ino, kept.st_mtime_ns) == (shoes_marker.st_ino, shoes_marker.st_mtime_ns)  # shoes untouched
-    next(p for p in (out / "shoes").rglob("*") if p.suffix in (".png", ".jpg")).unlink()  # ensure() (a run's dataset.synthetic) repairs it too
+    # ensure() (a run's dataset.synthetic) repairs it too
+    next(p for p in (out / "shoes").rglob("*") if p.suffix in (".png", ".jpg")).unlink()
     synthetic.ensure(out, size="tiny", layouts=["shoes"], image_size=16)
     assert _files(out) == before
 
