@@ -625,3 +625,17 @@ def test_help_of_a_config_shows_each_field_with_the_comment_beside_it():
     assert field_notes(Typed) == {"a": "the block above and beside and below", "c": "c's"}
     doc = documented(Typed).__doc__
     assert "    a = 1: the block above and beside" in doc and "    b = 'x'" in doc
+
+
+def test_field_notes_of_a_class_whose_header_spans_lines(tmp_path, monkeypatch):
+    """The class source was cut at the first line not indented past ``class`` (a header over two lines, a string
+    continuing at column 0), and tokenize failed: importing a module with such a config class failed."""
+    from cirlab.core.fielddocs import field_notes
+
+    (tmp_path / "split_header.py").write_text('import dataclasses\n\n\n@dataclasses.dataclass\nclass Split(\n'
+                                              '        object):\n    a: int = 1  # the a\n'
+                                              '    b: str = """x\ny"""  # the b\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import split_header
+
+    assert field_notes(split_header.Split) == {"a": "the a", "b": "the b"}

@@ -93,3 +93,24 @@ def test_a_log_line_during_a_terminal_bar_is_written_above_it_not_onto_it(tmp_pa
     [said] = [line for line in captured.err.split("\n") if "a warning at step 3" in line]
     assert said.split("\r")[-1] == "WARNING cirlab.engine.train: a warning at step 3"  # a line of its own
     assert "evaluating at step 3" not in captured.err and restored
+
+
+def test_nested_bars_keep_the_outer_bars_handling_and_a_users_own_emit():
+    """The inner bar's exit removed the outer bar's wrapper (and an emit a user had set on the handler)."""
+    import sys
+
+    from tqdm import tqdm
+
+    handler = logging.StreamHandler(sys.stderr)
+    mine = handler.emit
+    handler.emit = mine  # a user's own, set on the instance
+    logging.getLogger().addHandler(handler)
+    try:
+        with train_mod._lines_above_the_bar(tqdm):
+            outer = handler.emit
+            with train_mod._lines_above_the_bar(tqdm):
+                assert handler.emit is not outer
+            assert handler.emit is outer
+        assert handler.emit is mine
+    finally:
+        logging.getLogger().removeHandler(handler)

@@ -63,16 +63,21 @@ def _class_source(cls: type) -> str | None:
         return None
     header = re.compile(rf"^(\s*)class\s+{re.escape(cls.__name__)}\b")
     starts = [(i, found) for i, line in enumerate(lines) if (found := header.match(line))]
-    if len(starts) != 1:  # two classes of that name in the file (or none found): inspect tells them apart
-        try:
-            return textwrap.dedent(inspect.getsource(cls))
-        except (OSError, TypeError):
-            return None
-    (i, found), = starts
-    indent, end = len(found.group(1)), i + 1
-    while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent):
-        end += 1
-    return textwrap.dedent("".join(lines[i:end]))
+    if len(starts) == 1:
+        (i, found), = starts
+        indent, end = len(found.group(1)), i + 1
+        while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent):
+            end += 1
+        chunk = textwrap.dedent("".join(lines[i:end]))
+        try:  # a header over several lines or a string at column 0 cuts the chunk short: inspect reads it whole
+            ast.parse(chunk)
+            return chunk
+        except SyntaxError:
+            pass
+    try:  # two classes of that name in the file (or none found): inspect tells them apart
+        return textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return None
 
 
 def _comments(source: str) -> tuple[dict[int, str], dict[int, bool]]:

@@ -1082,16 +1082,20 @@ def _lines_above_the_bar(tqdm_class: Any) -> Iterator[None]:
 
     wrapped = [h for h in logging.getLogger().handlers
                if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stdout, sys.stderr)]
+    own = {id(h): h.__dict__["emit"] for h in wrapped if "emit" in h.__dict__}  # an emit set on the instance before
     for handler in wrapped:
         def emit(record: logging.LogRecord, _emit: Any = handler.emit, _stream: Any = handler.stream) -> None:
             with tqdm_class.external_write_mode(file=_stream):
                 _emit(record)
-        handler.emit = emit  # type: ignore[method-assign]  # on the instance: removed again below
+        handler.emit = emit  # type: ignore[method-assign]  # on the instance: put back as it was below
     try:
         yield
     finally:
         for handler in wrapped:
-            handler.__dict__.pop("emit", None)
+            if id(handler) in own:
+                handler.emit = own[id(handler)]  # type: ignore[method-assign]
+            else:
+                handler.__dict__.pop("emit", None)
 
 
 ETA_WINDOW_S = 120.0  # the step rate of the ETA: over the last two minutes of stepping at least
