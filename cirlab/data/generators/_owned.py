@@ -76,6 +76,18 @@ def seal(folder: Path, generator: str) -> None:
     write_text(folder / MARKER, json.dumps({"generator": generator, "files": files}) + "\n")
 
 
+def recorded_files(folder: Path) -> list[str] | None:
+    """The files :func:`seal` recorded in ``folder``'s marker; None where the marker holds no readable record (a
+    write that never finished, a build older than the record). A missing marker raises FileNotFoundError."""
+    try:
+        recorded = json.loads((folder / MARKER).read_text(encoding="utf-8")).get("files")
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, list) else None
+
+
 def foreign(folder: Path, manifests: Iterable[str] = ()) -> list[Path]:
     """What ``folder`` holds beyond the files its generator recorded (:func:`seal`): files a user added, and the
     top-most folders made only of such files.
@@ -88,12 +100,10 @@ def foreign(folder: Path, manifests: Iterable[str] = ()) -> list[Path]:
     if not folder.is_dir():
         return []
     try:
-        recorded = json.loads((folder / MARKER).read_text(encoding="utf-8")).get("files")
+        recorded = recorded_files(folder)
     except FileNotFoundError:
         recorded = list(manifests)
-    except (OSError, ValueError, AttributeError):
-        return []
-    if not isinstance(recorded, list):
+    if recorded is None:
         return []
     known = set(recorded) | {MARKER}
     known_dirs = {parent.as_posix() for name in known for parent in Path(name).parents}

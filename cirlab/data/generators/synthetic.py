@@ -833,10 +833,12 @@ def _lost_files(root: Path) -> list[str]:
         lost = [f"{root.name}/"]
     else:
         try:
-            recorded = json.loads((root / _owned.MARKER).read_text(encoding="utf-8")).get("files")
-        except (OSError, ValueError, AttributeError):
+            recorded = _owned.recorded_files(root)
+        except FileNotFoundError:
+            recorded = None
+        if recorded is None:
             return []  # a build from before the record: nothing to check against
-        lost = [name for name in recorded or () if not (root / name).is_file()]
+        lost = [name for name in recorded if not (root / name).is_file()]
     said = (str(root), len(lost))
     if lost and said not in _SAID_LOST:
         _SAID_LOST.add(said)
