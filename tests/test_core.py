@@ -96,6 +96,66 @@ def test_create_model_seed_gives_the_same_initial_weights_whatever_ran_before():
             registry.create_model("amc", preset="tiny", seed=bad)
 
 
+def test_create_model_seed_gives_the_callers_random_streams_back():
+    """A seeded model drawn between two of the caller's draws did not change what the caller drew next (it reseeded
+    Python, NumPy and torch for the rest of the process)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from cirlab.core.streams import seeded_streams
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    random.seed(11), np.random.seed(11), torch.manual_seed(11)
+    expected = draws(), draws()
+    random.seed(11), np.random.seed(11), torch.manual_seed(11)
+    first = draws()
+    registry.create_model("amc", preset="tiny", seed=3)
+    assert (first, draws()) == expected
+    with pytest.raises(CirlabError):
+        registry.create_model("amc", preset="tiny", seed=-1)  # refused before any reseeding
+    random.seed(11), np.random.seed(11), torch.manual_seed(11)
+    draws()
+    with pytest.raises(RuntimeError):  # a build that fails halfway gives the streams back too
+        with seeded_streams(5):
+            raise RuntimeError
+    assert draws() == expected[1]
+
+
+@pytest.mark.parametrize("name", ["amc", "dime"])
+def test_create_model_seed_then_fit_vocab_gives_the_weights_of_a_seeded_process(name):
+    """Weights drawn from the training data (AMC's word embeddings, the tiny BERT's vocabulary rows) continue the
+    model's seeded streams: what the caller draws between the calls changes nothing, and the weights are those of
+    the whole process seeded, then the model built and fitted (what create_model(seed=) did before it gave the
+    caller's streams back, and what runs trained before recorded)."""
+    import torch
+
+    from cirlab.engine.train import seed_everything
+
+    captions = ["a red shirt with long sleeves", "the blue dress, shorter"]
+
+    def fitted(seed, draw_between=False):
+        model = registry.create_model(name, preset="tiny", seed=seed)
+        if draw_between:
+            torch.rand(7)
+        model.fit_vocab(captions)
+        return model.state_dict()
+
+    seed_everything(3)
+    reference = registry.create_model(name, preset="tiny")
+    reference.fit_vocab(captions)
+    expected = reference.state_dict()
+    tensors = [k for k, v in expected.items() if torch.is_tensor(v)]
+    for weights in (fitted(3), fitted(3, draw_between=True)):
+        assert weights.keys() == expected.keys()
+        assert all(torch.equal(weights[k], expected[k]) for k in tensors)
+    other = fitted(4)
+    assert not all(torch.equal(other[k], expected[k]) for k in tensors)
+
+
 def test_a_users_model_module_named_in_cirlab_models_is_registered_everywhere(tmp_path):
     """A model defined outside the package reached `cirlab train`, `eval`, `models`, notebooks and report kernels only
     through a wrapper script: CIRLAB_MODELS names its module (their environment carries it to every process)."""

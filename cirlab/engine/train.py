@@ -55,6 +55,7 @@ from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_state,
 from cirlab.core.errors import CirlabError, ConfigError, InputError
 from cirlab.core.io import NO_SPACE, flat_numbers, to_plain, write_json
 from cirlab.core.signals import STOP_SIGNALS, give_back_signals, take_signals
+from cirlab.core.streams import random_streams, restore_streams, seed_streams
 from cirlab.core._search import cuda_native_bf16
 from cirlab.core.threads import allocated_cpus, apply_thread_policy, kept_threads
 
@@ -679,8 +680,7 @@ def kept_process_state() -> Iterator[None]:
         return
 
     cudnn = torch.backends.cudnn
-    streams = (random.getstate(), np.random.get_state(), torch.random.get_rng_state(),
-               torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    streams = random_streams()
     switches = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                 cudnn.benchmark, cudnn.deterministic, os.environ.get(CUBLAS_WORKSPACE))
     _KEEPING = True
@@ -690,11 +690,7 @@ def kept_process_state() -> Iterator[None]:
     finally:
         _KEEPING = False
         featcache.release_stores()
-        random.setstate(streams[0])
-        np.random.set_state(streams[1])
-        torch.random.set_rng_state(streams[2])
-        if streams[3] is not None:
-            torch.cuda.set_rng_state_all(streams[3])
+        restore_streams(streams)
         torch.use_deterministic_algorithms(switches[0], warn_only=switches[1])
         cudnn.benchmark, cudnn.deterministic = switches[2], switches[3]
         if switches[4] is None:
@@ -709,9 +705,7 @@ _KEEPING = False  # inside a kept_process_state block
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python, NumPy and torch; optionally switch to deterministic kernels."""
-    random.seed(seed)
-    np.random.seed(seed % (MAX_SEED + 1))  # a derived seed (seed + rank) may pass NumPy's range
-    torch.manual_seed(seed)
+    seed_streams(seed)
     if deterministic:
         os.environ.setdefault(CUBLAS_WORKSPACE, ":4096:8")  # required by cuBLAS for determinism
         torch.use_deterministic_algorithms(True, warn_only=True)

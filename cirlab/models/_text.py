@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from cirlab.core.errors import ConfigError, InputError, MissingPathError
+from cirlab.core.streams import model_streams
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +331,8 @@ class BertVocabMixin:
             raise ValueError(f"{owner}.fit_vocab: the training captions hold no words")
         vocab = tiny_vocab(sorted(words))
         rows = (self.config.bert_config or {}).get("vocab_size", len(vocab))  # type: ignore[attr-defined]
-        self._set_vocab(vocab, rows=rows, init=True)
+        with model_streams(self):  # create_model(seed=)'s model: its own seed, not the caller's state
+            self._set_vocab(vocab, rows=rows, init=True)
         logger.info("%s: random BERT vocabulary of %d tokens (%d words from the training captions)",
                     owner, len(vocab), len(words))
         return len(vocab)

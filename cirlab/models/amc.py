@@ -58,6 +58,7 @@ from cirlab.core.config import (NON_NEGATIVE, POSITIVE, Bound, PresetMixin, chec
                                 refuse_unknown_choices, refuse_unread)
 from cirlab.core.fielddocs import documented
 from cirlab.core.errors import ConfigError, InputError, MissingPathError
+from cirlab.core.streams import model_streams
 from cirlab.models._truncation import say_cut
 from cirlab.models.registry import register_model
 
@@ -765,7 +766,8 @@ class AMC(nn.Module):
                             f"{source!r}")
         else:
             texts = list(source)
-        self.text_encoder.fit_vocab(texts)
+        with model_streams(self):  # create_model(seed=)'s model: the embedding drawn under its own seed
+            self.text_encoder.fit_vocab(texts)
         return len(self.text_encoder.vocab)
 
     @property

@@ -280,7 +280,9 @@ def create_model(name: str, preset: str | None = None, *, config: Any = None, se
 
     ``seed`` seeds Python, NumPy and torch (as ``TrainConfig.seed`` does when training starts) before the weights
     are drawn, so that one call gives one model: the same initial weights as ``cirlab train`` with ``train.seed``
-    set to it. Without it the weights follow the global random state as it is."""
+    set to it; weights drawn later from the training data (``fit_vocab``) continue the model's seeded streams.
+    The caller's random streams are given back as they were: what the caller draws next does not depend on the
+    call. Without a seed the weights follow (and advance) the global random state as it is."""
     import dataclasses
 
     from cirlab.core.config import check_field_ranges, check_fields
@@ -300,12 +302,16 @@ def create_model(name: str, preset: str | None = None, *, config: Any = None, se
     else:
         raise ConfigError(f"create_model({name!r}): config must be its {cls.__name__} or a dict of its fields, got "
                           f"{type(config).__name__}")
-    if seed is not None:
-        from cirlab.engine.train import seed_everything, validate_train_values
+    if seed is None:
+        model = entry.build(cfg)
+    else:
+        from cirlab.core.streams import keep_model_streams, seeded_streams
+        from cirlab.engine.train import validate_train_values
 
         validate_train_values({"seed": seed}, prefix="create_model: ")  # what train.seed accepts (NumPy's range)
-        seed_everything(seed)
-    model = entry.build(cfg)
+        with seeded_streams(seed) as after:
+            model = entry.build(cfg)
+        keep_model_streams(model, after[0])  # its later draws (fit_vocab) continue them: cirlab.core.streams
     _check_identity(model, entry)
     check_model(model)
     model.init_seed = seed  # which initial weights: a run's provenance.json records it (None: the global state's)
