@@ -195,6 +195,25 @@ def test_a_stop_signal_cuts_an_evaluation_inside_training_short(tmp_path):
     assert saved["step"] == 10 and saved["evaluated_step"] != 10
 
 
+def test_a_second_signal_records_how_the_start_ended_before_the_process_ends(tmp_path):
+    """A second Ctrl-C ends the command at once, by the signal itself: no exception reached the run's record, and
+    provenance.json kept a start with no end, as a killed run's (``cirlab runs``: no status)."""
+    run, err = tmp_path / "run", tmp_path / "stderr.txt"
+    argv = ["train", "amc_synthetic_tiny", "--output-dir", str(run), "--set", "train.max_steps=null"]
+    ctrl_c = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's job has it"
+    with _cirlab(argv, err, code=ctrl_c + SLOW_VALIDATION) as proc:
+        _wait_for(proc, err, "EVALUATING")  # Ctrl-C lets the evaluation finish: a second one stops at once
+        proc.send_signal(signal.SIGINT)
+        _wait_for(proc, err, "SIGINT received: stopping after this evaluation")
+        proc.send_signal(signal.SIGINT)
+        code, text = _ended(proc, err, timeout=30)
+    assert code == -signal.SIGINT, text[-3000:]
+    end = json.loads((run / "provenance.json").read_text())["starts"][-1]
+    assert end["status"] == "stopped (SIGINT)" and "ended" in end, end
+    assert end["message"] == ("SIGINT received again: stopped at once; no checkpoints/last.pt was written by this "
+                              "start")
+
+
 SLOW_FINAL = """
 import sys, time
 import cirlab.engine.runs as runs

@@ -3,7 +3,8 @@ first, then each ``--resume``) with the versions, the git commit of the cirlab s
 the device and precision in use, torch's intra-op thread count, and the settings a resume changed
 (``--allow-config-change``). A start that ended in this process also says how (:func:`record_end`): ``ended``,
 ``status`` (finished, stopped (SIGNAME): the signal that stopped it, failed, error) and, unless finished, the
-``message`` the command printed; a start without them was killed (or is running: its folder's lock is held)."""
+``message`` the command printed (a second stop signal, which ends the process at once, records ``stopped
+(SIGNAME)`` before it does); a start without them was killed (or is running: its folder's lock is held)."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -199,6 +200,13 @@ def record_end(run_dir: str | os.PathLike, status: str, message: str | None = No
     except Exception as err:  # noqa: BLE001 - whatever it is, the run's own error or result goes first
         logger.warning("%s: cannot record how this start ended (%s: %s)", path, type(err).__name__, err)
     return True
+
+
+def record_open_ends(status: str, message: str) -> None:
+    """:func:`record_end` for every start this process appended and has not ended: the process is about to end by a
+    signal (a second stop signal to the ``cirlab`` command), which leaves no exception for the run's own record."""
+    for run_dir in list(_APPENDED):
+        record_end(run_dir, status, message)
 
 
 def _say_other_threads(run_dir: Path, previous: Any, entry: Mapping[str, Any]) -> None:

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cirlab.core import console, io
+from cirlab.core import console, io, provenance
 from cirlab.core.config import (MAX_SEED, UnknownFieldError, choice_problem, did_you_mean, original_hints,
                                 unknown_names_message)
 from cirlab.core.fielddocs import documented
@@ -1488,13 +1488,16 @@ class _StopSignals:
             # one --resume continues from
             held = (f"checkpoints/last.pt holds step {self.saved_step}: --resume continues from there"
                     if self.saved_step is not None else "no checkpoints/last.pt was written by this start")
-            logger.warning("%s received again: stopping at once; %s", signal.Signals(signum).name, held)
+            name = signal.Signals(signum).name
+            logger.warning("%s received again: stopping at once; %s", name, held)
             if signum == getattr(signal, "SIGINT", None):
                 if not console.ends_with_ctrl_c():  # a notebook, a prompt, a script: the caller's interrupt
                     raise KeyboardInterrupt
                 # the cirlab command: end as an unhandled Ctrl-C does (last.pt and the log are written
                 # atomically, so nothing half-written is left)
                 console.end_at_next_ctrl_c()
+            # the process ends by the signal: no exception reaches the run's record of its end, so it is written now
+            provenance.record_open_ends(f"stopped ({name})", f"{name} received again: stopped at once; {held}")
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
