@@ -616,6 +616,27 @@ def test_jobs_run_independent_notebooks_side_by_side_and_keep_dependencies(tmp_p
     assert all(json.loads((out / n / report.RECORD).read_text())["status"] == "ok" for n in t)
 
 
+def test_a_smoke_entry_is_marked_in_its_record_and_the_index(tmp_path, monkeypatch):
+    """A --smoke check beside a full report's entries looked like results in index.html ("ok" like the rest); only
+    the command line on the entry's page said --smoke. In-process (--jobs 1) and in entry processes alike."""
+    nbs = _parallel_setup(tmp_path, monkeypatch, {"train": "", "quickstart": ""})
+    monkeypatch.setattr(report, "SMOKE_PARAMETERS", report.REPORT_PARAMETERS)
+    out, run = tmp_path / "reports", dict(overrides={"data_root": str(tmp_path)}, kernel_name="python3",
+                                          notebook_dir=nbs, stream=io.StringIO())
+    assert report.run_report(out, only="train", smoke=True, jobs=1, **run) == 0
+    assert report.run_report(out, smoke=True, jobs=2, **run) == 0
+    assert all(json.loads((out / n / report.RECORD).read_text()).get("smoke") is True for n in ("train", "quickstart"))
+    assert report.run_report(out, only="quickstart", **run) == 0  # a full run replaces the smoke one
+    assert "smoke" not in json.loads((out / "quickstart" / report.RECORD).read_text())
+    page = (out / "index.html").read_text()
+    train, quickstart = (page.split(f"<section id='{n}'>")[1].split("</section>")[0] for n in ("train", "quickstart"))
+    assert "badge smoke" in train and "Smoke run" in train
+    assert "badge smoke" not in quickstart and "Smoke run" not in quickstart
+    contents = page.split("</nav>")[0]
+    assert contents.count("badge smoke") == 1 and re.search(r"href='#train'>train</a> <span class='badge ok'>ok"
+                                                             r"</span> <span class='badge smoke'>smoke", contents)
+
+
 def test_jobs_an_entry_process_that_dies_is_one_failure_and_its_previous_results_come_back(tmp_path, monkeypatch,
                                                                                          request):
     """An entry process killed outright (the out-of-memory killer's SIGKILL, here from its own kernel) cannot put

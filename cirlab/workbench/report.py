@@ -266,6 +266,7 @@ _INDEX_HEAD = ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
                "td.num{text-align:right;font-variant-numeric:tabular-nums}.meta{color:#555;font-size:13px}"
                ".badge{font-size:12px;padding:1px 6px;border-radius:3px;background:#ddd;vertical-align:middle}"
                ".badge.ok{background:#d4edda}.badge.failed{background:#f5c6cb}.badge.stale{background:#ffe8a1}"
+               ".badge.smoke,.warn.smoke{background:#d6e4f0}"
                ".warn{padding:6px 10px;margin:6px 0;border-radius:4px}.warn.failed{background:#f8d7da}"
                ".warn.stale{background:#fff3cd}nav .groups{columns:2}nav .group{break-inside:avoid}"
                "nav ol{margin:0 0 .6em}nav h3{margin:.4em 0 .2em;font-size:15px}"
@@ -1317,7 +1318,7 @@ def run_report(out: str | os.PathLike = "reports", only: str | Sequence[str] | N
             try:
                 (run_entry if jobs == 1 else _run_entry_in_process)(name, params, out, kernel_name, notebook_dir,
                                                                      stream=stream, prefix=f"{tag}: ", command=command,
-                                                                     commit=commit)
+                                                                     commit=commit, smoke=smoke)
             except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM, --jobs 1: this process ran the notebook
                 # what the user is left with, before deciding to run it again: the results in place, the partial ones
                 kept = f"{out / name} keeps its previous results" if (out / name).is_dir() else "no previous results"
@@ -1416,7 +1417,7 @@ def _run_parallel(names: Sequence[str], one: Any, jobs: int) -> bool:
 
 def _run_entry_in_process(name: str, params: Mapping[str, Any], out: Path, kernel_name: str | None,
                           notebook_dir: Path | None, *, stream: TextIO | None, prefix: str, command: str,
-                          commit: str = "") -> None:
+                          commit: str = "", smoke: bool = False) -> None:
     """:func:`run_entry` in a child process, its progress lines relayed to ``stream``. papermill changes the
     process's working directory while it starts a kernel, so two notebooks cannot run in one process."""
     import multiprocessing
@@ -1431,7 +1432,8 @@ def _run_entry_in_process(name: str, params: Mapping[str, Any], out: Path, kerne
     # paths inside it must stay under zmq's 107 characters, or they fall back to /tmp itself (ipc_prefix)
     scratch = tempfile.mkdtemp(prefix="cirlab-e-")
     child = ctx.Process(target=_entry_child, args=(send, name, dict(params), out, kernel_name, notebook_dir, prefix,
-                                                   command, commit, run_id, scratch), name=f"cirlab-report-{name}")
+                                                   command, commit, run_id, scratch, smoke),
+                        name=f"cirlab-report-{name}")
     started = _now()
     child.start()
     _CHILDREN.add(child)
@@ -1538,7 +1540,7 @@ class _PipeStream:
 
 def _entry_child(conn: Any, name: str, params: dict[str, Any], out: Path, kernel_name: str | None,
                  notebook_dir: Path | None, prefix: str, command: str, commit: str = "",
-                 run_id: str | None = None, scratch: str | None = None) -> None:
+                 run_id: str | None = None, scratch: str | None = None, smoke: bool = False) -> None:
     if scratch:  # this process's and its kernels' temporary files go where the parent removes them
         import tempfile
 
@@ -1548,7 +1550,7 @@ def _entry_child(conn: Any, name: str, params: dict[str, Any], out: Path, kernel
         # the parent passes SIGTERM on: stop the kernel, put the folder back
         with _SigtermAsInterrupt(), _temporary_folders_removed():
             run_entry(name, params, out, kernel_name, notebook_dir, stream=_PipeStream(conn), prefix=prefix,
-                      command=command, commit=commit, run_id=run_id)
+                      command=command, commit=commit, run_id=run_id, smoke=smoke)
     except KeyboardInterrupt as err:  # Ctrl-C (the whole process group) or SIGTERM: run_entry put the folder back
         outcome = EntryStopped(_how_stopped(err))
     except BaseException as err:  # noqa: BLE001 - handed to the parent, which raises it
@@ -1577,7 +1579,7 @@ def _picklable(obj: Any) -> bool:
 
 def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str | None = None,
               notebook_dir: Path | None = None, *, stream: TextIO | None = None, prefix: str = "",
-              command: str = "", commit: str = "", run_id: str | None = None) -> Path:
+              command: str = "", commit: str = "", run_id: str | None = None, smoke: bool = False) -> Path:
     """Run one report entry so that a failure never leaves a half-overwritten folder.
 
     The notebook writes to ``<out>/<name>/`` (the paths inside the executed notebook and the run's config are the
@@ -1586,7 +1588,8 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
     moves the new output to ``<out>/_failed/<name>/`` (with its own ``report.json``) and swaps the previous folder
     back, so ``index.html`` shows the last good results marked as such. A run killed half-way is repaired the same
     way by the next one. ``commit``: the code's version when the report started (default: now, the report folder
-    left out); ``report.json`` also lists the figures in the order the notebook saved them (``figures``).
+    left out); ``report.json`` also lists the figures in the order the notebook saved them (``figures``), and
+    ``smoke: true`` for a ``--smoke`` run (``index.html`` marks it).
 
     Runs are told apart by identity, never by the order of their wall-clock times (another machine writing into the
     same folder, or a clock corrected by NTP, puts those out of order): each record carries ``run_id`` (``run_id``,
@@ -1609,6 +1612,8 @@ def run_entry(name: str, params: Mapping[str, Any], out: Path, kernel_name: str 
                               "replaces": replaces, "started": _now(), "command": command,
                               "commit": commit, "parameters": dict(params),
                               "depends": {d: _finished(out / d) for d in DEPENDS.get(name, ())}}
+    if smoke:  # the index marks it: a check of the notebook on tiny data, not results to read
+        record["smoke"] = True
     t0 = time.monotonic()  # duration_s: a wall-clock step during the run must not show in it
     try:
         with _environ_set(REPORT_COMMAND_ENV, regenerate_command(command, name)):  # a trained run's command
@@ -1963,6 +1968,11 @@ def _when(iso: str | None) -> str:
 
 
 def _badge(state: Mapping[str, Any]) -> str:
+    smoke = " <span class='badge smoke'>smoke</span>" if state["record"].get("smoke") is True else ""
+    return _state_badge(state) + smoke
+
+
+def _state_badge(state: Mapping[str, Any]) -> str:
     if state["failed"]:
         return "<span class='badge failed'>FAILED</span>"
     if state["stale"]:
@@ -1983,6 +1993,10 @@ def _entry_html(out: Path, name: str, state: Mapping[str, Any]) -> str:
         parts.append(f"<p class='meta'>finished {_when(record.get('finished'))} after "
                      f"{_seconds(record.get('duration_s'))} s · commit "
                      f"{html.escape(str(record.get('commit', '?')))} · regenerate: {regenerate}</p>")
+    if record.get("smoke") is True:
+        parts.append("<div class='warn smoke'><b>Smoke run</b> (<code>--smoke</code>): tiny data and a few steps, to "
+                     "check that the notebook runs; its numbers are not results. Regenerate without <code>--smoke"
+                     "</code> for the report's.</div>")
     if failed:
         link = f"{FAILED_DIR}/{name}/{name}.html"
         shown = ("The figures and numbers below are from the previous successful run "
