@@ -422,3 +422,25 @@ def test_run_experiment_trains_and_evaluates_on_synthetic_cirr(frame, synth, tmp
     assert result["steps"] == 2 and {"R@1", "R@5", "cirr_Rsubset@1", "avg"} <= set(metrics)
     assert all(0.0 <= v <= 100.0 for v in metrics.values())
     assert (tmp_path / "run" / "topk" / "val.topk.npz").is_file()
+
+
+def test_building_a_clip_model_leaves_the_users_tokenizers_parallelism_as_it_was():
+    """open_clip's tokenizer module sets TOKENIZERS_PARALLELISM=false when imported: a user's `true` (for their own
+    Hugging Face tokenizers, and every child process's) was silently switched off by building a CLIP CaLa. In a
+    fresh process: a module imported earlier in this one runs no import-time code again."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, cirlab\n"
+            "cirlab.create_model('cala', 'tiny_clip')\n"
+            "from cirlab.models._clip_rn import ClipTokenizer\n"
+            "ClipTokenizer()\n"
+            "print(os.environ.get('TOKENIZERS_PARALLELISM', '<unset>'))")
+    for given in ("true", None):
+        env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+        if given:
+            env["TOKENIZERS_PARALLELISM"] = given
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split()[-1] == (given or "<unset>")

@@ -387,3 +387,46 @@ def test_evaluate_itm_scores_a_split_as_cirlab_eval_does_without_a_protocol(synt
         assert ("1k_rsum" in expected) == (split == "testall")
     own = dataclasses.replace(f30k, name="mydata")  # load_precomp reads a set of any name: its whole matrix
     assert evaluate_itm(model, own)["metrics"] == pytest.approx(evaluate_itm(model, f30k, protocol="full")["metrics"])
+
+
+def test_workbench_calls_give_the_model_back_in_the_mode_it_had(synth):
+    """collect_routes and the explorer's query functions left the caller's model in eval mode (its sibling calls put
+    the mode back): a notebook tracing routes between epochs of its own loop trained on with dropout off. Every
+    module's own flag comes back, a part the user had put in eval mode included, after an error too."""
+    from cirlab import workbench as wb
+    from cirlab.core.contracts import eval_mode
+    from cirlab.data import load_precomp
+    from cirlab.workbench import widgets
+
+    def flags(model):
+        return [m.training for m in model.modules()]
+
+    torch.manual_seed(0)
+    amc = cirlab.create_model("amc", preset="tiny", image_size=32)
+    amc.fit_vocab(["a red dress", "is shorter and blue"])
+    amc.train()
+    amc.text_encoder.eval()  # the user's own choice: a frozen part
+    before = flags(amc)
+    assert len(set(before)) == 2
+    routes, texts = wb.collect_routes(amc, "fashioniq", synth / "fashioniq", n=4)
+    assert flags(amc) == before and len(routes)
+    query_fn = wb.query_fn_for(amc, "fashioniq", synth / "fashioniq")
+    assert flags(amc) == before
+    seen = []
+    real = amc.encode_query
+    amc.encode_query = lambda *a, **kw: seen.append(amc.training) or real(*a, **kw)
+    query_fn(next(iter(texts)), "is blue")
+    assert seen == [False] and flags(amc) == before  # queried in eval mode, given back after
+
+    split = load_precomp(synth / "precomp", "f30k", "test")
+    dime = cirlab.create_model("dime", preset="tiny", img_dim=split.features(0).shape[-1])
+    dime.train()
+    wb.collect_routes(dime, "f30k", synth / "precomp", split="test", n=3)
+    pair_fn = widgets.make_pair_fn(dime, split)
+    pair_fn(0, "a red circle")
+    assert all(flags(dime))
+
+    with pytest.raises(RuntimeError), eval_mode(amc):
+        assert not any(flags(amc))
+        raise RuntimeError
+    assert flags(amc) == before

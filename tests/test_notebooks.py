@@ -680,6 +680,20 @@ def test_untrained_copy_reads_the_data_where_it_is_now_and_refuses_another_datas
     with pytest.raises(ModelMismatchError, match=r"was trained on 'fashioniq', not 'cirr'; pass dataset='fashioniq'"):
         workbench.untrained_copy(run, "cirr", tmp_path / "data_now")
 
+    # neither draws from the caller's random streams (load_run's model was built with random weights, then
+    # overwritten by the checkpoint's: a load_run cell changed every later random number of the notebook)
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0), np.random.seed(0)
+    expected = torch.rand(3), np.random.rand()
+    for call in (lambda: workbench.load_run(run), lambda: workbench.untrained_copy(run, "fashioniq", tiny_data)):
+        torch.manual_seed(0), np.random.seed(0)
+        call()
+        assert (torch.equal(torch.rand(3), expected[0]), np.random.rand()) == (True, expected[1])
+    again = workbench.untrained_copy(run, "fashioniq", tmp_path / "data_now").state_dict()
+    assert all(torch.equal(again[k], v) for k, v in base.state_dict().items() if torch.is_tensor(v))  # seed=0
+
 
 def test_evaluate_run_evaluates_a_run_as_cirlab_eval_does(tiny_data, tmp_path, capsys):
     """A run trained on one category was evaluated on all three: the notebook's avg was not the run's."""

@@ -9,7 +9,8 @@ task. Router models additionally emit through :func:`cirlab.core.tracing.emit`; 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, Sequence, runtime_checkable
+import contextlib
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
@@ -198,6 +199,21 @@ def model_label(model: Any) -> str:
     """A model's name wherever cirlab writes or says one (errors, checkpoints' ``model_name``, top-K metadata):
     its registry name (``amc``), else its class."""
     return getattr(model, "model_name", None) or type(model).__name__
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[Any]:
+    """``model`` in eval mode inside the block, and every one of its modules' training flags as they were after it
+    (an error inside too): a workbench call between epochs of the user's own training loop left the model in eval
+    mode (dropout off) for the rest of it. Each module's own flag, not ``model.train(was)``, which would also switch
+    on a part the user had put in eval mode."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
 
 
 def require_model(model: Any, protocol: type, where: str, *, hint: str = "") -> None:

@@ -1,8 +1,11 @@
-"""The one place where default locations are resolved (environment variables, never hard-coded paths)."""
+"""The one place where default locations are resolved (environment variables, never hard-coded paths), and where
+environment variables a call sets for itself are given back (:func:`environ_kept`)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator, Sequence
 
 from cirlab.core.errors import ConfigError
 
@@ -11,6 +14,20 @@ class NoHomeError(ConfigError, RuntimeError):
     """No home directory to put a default location in (no ``HOME``, a user id without a passwd entry: a container
     run with ``--user``); the message names the variable that sets the location instead. A RuntimeError too, as
     ``Path.home()`` raises, for callers that catch that."""
+
+
+@contextlib.contextmanager
+def environ_kept(keys: Sequence[str]) -> Iterator[None]:
+    """``os.environ``'s values of ``keys`` (or their absence) as they were before the block, after it."""
+    before = {key: os.environ.get(key) for key in keys}
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def user_path(value: str) -> str:

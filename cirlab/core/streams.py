@@ -46,16 +46,25 @@ def restore_streams(streams: tuple[Any, ...]) -> None:
 
 
 @contextlib.contextmanager
+def kept_streams() -> Iterator[None]:
+    """The caller's random streams as they were before the block, after it (what the block draws does not move
+    them): a model built only to be overwritten by a checkpoint's weights."""
+    kept = random_streams()
+    try:
+        yield
+    finally:
+        restore_streams(kept)
+
+
+@contextlib.contextmanager
 def seeded_streams(seed: int) -> Iterator[list[tuple[Any, ...]]]:
     """Draw under ``seed`` inside the block; on leaving it, the caller's streams are given back and the yielded
     list holds the seeded streams where the block left them (to continue later, :func:`model_streams`)."""
-    kept, after = random_streams(), []
-    try:
+    after: list[tuple[Any, ...]] = []
+    with kept_streams():
         seed_streams(seed)
         yield after
         after.append(random_streams())
-    finally:
-        restore_streams(kept)
 
 
 def keep_model_streams(model: Any, streams: tuple[Any, ...]) -> None:
@@ -72,10 +81,7 @@ def model_streams(model: Any) -> Iterator[None]:
     if streams is None:
         yield
         return
-    kept = random_streams()
-    try:
+    with kept_streams():
         restore_streams(streams)
         yield
         keep_model_streams(model, random_streams())
-    finally:
-        restore_streams(kept)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from cirlab.core import metrics as M
-from cirlab.core.contracts import Reranker, model_label
+from cirlab.core.contracts import Reranker, eval_mode, model_label
 from cirlab.core import retrieval
 from cirlab.core.topk import TopK, load_topk, save_topk
 
@@ -399,9 +399,7 @@ def evaluate_reranker(model: Any, splits: Sequence[Any], *, eval_config: Mapping
     protocol = eval_config.get("protocol") or splits[0].dataset
     batch = int(eval_config.get("batch_size") or 8)
     topks, subset = {}, None
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for split in splits:
             name = topk_name(split)
             score = model.candidate_scorer(split, batch_size=batch)
@@ -411,8 +409,6 @@ def evaluate_reranker(model: Any, splits: Sequence[Any], *, eval_config: Mapping
                 subset = subset_ranks(subset_scores(score, split, batch_size=batch), split)
             logger.info("re-ranked %s: top %d of %d queries (%d scored)", name, k, len(split.triplets),
                         topks[name].meta["reranked_queries"])
-    finally:
-        model.train(was_training)
     named = {f"{n}.topk.npz": t for n, t in topks.items()}
     if keep:
         paths = keep_in_run(named, out_dir, out_dir.parent)

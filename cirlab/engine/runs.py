@@ -941,6 +941,7 @@ def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, 
     with it; ``overrides`` (a run config's, which repeats what the run was built with) are read only for a
     checkpoint that records no model."""
     from cirlab.core.checkpoint import CheckpointError, load_checkpoint, load_object
+    from cirlab.core.streams import kept_streams
     from cirlab.models.registry import create_model, get_entry
 
     ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
@@ -963,18 +964,22 @@ def model_from_checkpoint(path: str | os.PathLike, *, model: str | None = None, 
         raise CheckpointError(f"{path}: model {name!r} is not registered here{did_you_mean(name, list_models())}; "
                               f"known: {', '.join(list_models())} (a model of your own: name its module in "
                               "CIRLAB_MODELS)") from None
-    try:
-        if preset is None and meta.get("model_config") and not (model and saved is None):
-            cfg = entry.config_cls.from_stored(_restore_tuples(entry.config_cls, meta["model_config"]), str(path))
-            _refuse_other_overrides(cfg, asked, path)
-            net = create_model(name, config=cfg)
-        else:
-            net = create_model(name, preset, **(overrides or {}))
-    except (TypeError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path}: cannot rebuild model {name!r} from it ({' '.join(str(err).split())})") from None
-    except OSError as err:  # a pretrained part it reads that is not here (BERT offline), as build_model says it
-        raise ConfigError(f"{path}: model {name!r} (model_overrides): {' '.join(str(err).split())}") from None
-    report = load_object(net, ckpt, path)
+    # the random weights it is built with (and the tables a saved vocabulary is loaded into) are overwritten by the
+    # checkpoint's: drawn without moving the caller's random streams
+    with kept_streams():
+        try:
+            if preset is None and meta.get("model_config") and not (model and saved is None):
+                cfg = entry.config_cls.from_stored(_restore_tuples(entry.config_cls, meta["model_config"]), str(path))
+                _refuse_other_overrides(cfg, asked, path)
+                net = create_model(name, config=cfg)
+            else:
+                net = create_model(name, preset, **(overrides or {}))
+        except (TypeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{path}: cannot rebuild model {name!r} from it "
+                                  f"({' '.join(str(err).split())})") from None
+        except OSError as err:  # a pretrained part it reads that is not here (BERT offline), as build_model says it
+            raise ConfigError(f"{path}: model {name!r} (model_overrides): {' '.join(str(err).split())}") from None
+        report = load_object(net, ckpt, path)
     logger.debug("%s: model %s in %s layout, config %s", path, name, "the original's" if report is not None
                  else "cirlab's", getattr(net, "config", None))
     if report is not None:  # the paper's own layout, read by the model

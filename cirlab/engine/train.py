@@ -2406,9 +2406,10 @@ def train(model: nn.Module, train_dataset: Any, cfg: TrainConfig | dict[str, Any
         run_files: ``{name: JSON value}`` written into the run folder at each start (a resume rewrites them),
             e.g. ``data_fingerprint.json``; a None value removes that file (left by the run this one replaces).
 
-    The run seeds Python's, NumPy's and torch's global generators with ``cfg.seed`` when it starts and leaves them
-    advanced: a model built after it draws other weights than one built before. For a cell that gives the same
-    numbers at every re-run, build the model with ``create_model(..., seed=N)``.
+    The run seeds Python's, NumPy's and torch's global generators with ``cfg.seed`` when it starts and gives them
+    back as they were when it ends (:func:`kept_process_state`): what the caller draws afterwards does not depend
+    on the run. The model's initial weights are drawn before, from the caller's streams: for a cell that gives the
+    same numbers at every re-run, build the model with ``create_model(..., seed=N)``.
 
     Returns:
         dict with ``steps``, ``epochs`` (epochs trained; a fraction where ``max_steps`` ends the run inside one),

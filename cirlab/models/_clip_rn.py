@@ -28,11 +28,15 @@ import torch
 from torch import nn
 
 from cirlab.core.errors import MissingPathError
+from cirlab.core.paths import environ_kept
 
 MAP_LAYOUTS = ("permute", "view_quirk")
 # keys of OpenAI state dicts that are no parameters of the model: hyper-parameters saved alongside, and the causal
 # mask (a buffer of TorchScript exports, rebuilt here from the context length)
 _OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+# open_clip's tokenizer module sets TOKENIZERS_PARALLELISM=false when imported, over a value the user chose for
+# their own Hugging Face tokenizers (and every child process then inherits it): given back after the imports
+_OPEN_CLIP_SETS = ("TOKENIZERS_PARALLELISM",)
 
 
 def map_tokens(maps: torch.Tensor, layout: str = "permute") -> torch.Tensor:
@@ -60,7 +64,8 @@ class ClipRN(nn.Module):
                  image_size: int = 288, text_width: int = 640, text_heads: int = 10, text_layers: int = 12,
                  context_length: int = 77, vocab_size: int = 49408) -> None:
         super().__init__()
-        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+        with environ_kept(_OPEN_CLIP_SETS):
+            from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
         if image_size % 32:
             raise ValueError(f"ModifiedResNet needs an image size divisible by 32, got {image_size}")
@@ -107,7 +112,8 @@ class ClipTokenizer:
     truncate=True)``, which CaLa's CLIP training uses."""
 
     def __init__(self, context_length: int = 77) -> None:
-        from open_clip.tokenizer import SimpleTokenizer
+        with environ_kept(_OPEN_CLIP_SETS):
+            from open_clip.tokenizer import SimpleTokenizer
 
         self.context_length = context_length
         self._bpe = SimpleTokenizer(context_length=context_length)

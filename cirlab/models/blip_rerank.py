@@ -73,7 +73,7 @@ from cirlab.core import io
 from cirlab.core.config import (MAX_SIZE, POSITIVE, Bound, PresetMixin, check_field_ranges, refuse_indivisible,
                                 refuse_unknown_choices)
 from cirlab.core.fielddocs import documented
-from cirlab.core.contracts import INIT_REPORT
+from cirlab.core.contracts import INIT_REPORT, eval_mode
 from cirlab.core.errors import ConfigError, MissingPathError
 from cirlab.models import _hf_blip as hf
 from cirlab.models import blip_interop
@@ -966,9 +966,7 @@ def _write_token_cache(stage1: BlipRerankStage1, split: Any, path: Path, wanted:
     names = wanted["names"]
     transform = transform or image_transform(stage1.config)
     shape = [len(names), stage1.config.num_image_tokens, stage1.config.vision_width]
-    was_training = stage1.training
-    stage1.eval()
-    try:
+    with eval_mode(stage1):
         with io.atomic_path(path.with_suffix(".npy")) as tmp, open(tmp, "wb") as fh:
             np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
                                                       "fortran_order": False, "shape": tuple(shape)})
@@ -978,8 +976,6 @@ def _write_token_cache(stage1: BlipRerankStage1, split: Any, path: Path, wanted:
                 fh.write(stage1.image_tokens(batch.to(device)).float().cpu().numpy().astype(dtype).tobytes())
         io.write_json(path.with_suffix(".json"), {"names": names, "shape": shape, "fingerprint": wanted["fingerprint"],
                                                   "dtype": dtype, "image_read": wanted["image_read"]}, indent=None)
-    finally:
-        stage1.train(was_training)
     return shape
 
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from cirlab.core.config import did_you_mean, name_list, whole_number
 from cirlab.core.contracts import RUN_DIR_ATTRIBUTE as RUN_ATTRIBUTE
-from cirlab.core.contracts import Model, model_label, require_model
+from cirlab.core.contracts import Model, eval_mode, model_label, require_model
 from cirlab.core.errors import ConfigError, InputError, MissingPathError, ModelMismatchError, UnknownKeyError
 from cirlab.core.shipped import inside_package, is_checkout, source_checkout
 
@@ -514,8 +514,6 @@ def untrained_copy(run_dir: str | os.PathLike, dataset: str, data_root: str | os
 
     The vocabulary is built from ``dataset``'s training split under ``data_root`` (where the data is now; the run
     may have been trained elsewhere), which must be the dataset the run was trained on."""
-    import torch
-
     from cirlab.data.catalog import canonical_name
     from cirlab.engine.runs import fit_to_training_data, merge_config
     from cirlab.models.registry import create_model
@@ -531,10 +529,9 @@ def untrained_copy(run_dir: str | os.PathLike, dataset: str, data_root: str | os
     config = merge_config(given, stored)
     config["dataset"]["root"] = given["dataset"]["root"]  # the stored root won and data_root went unread
     config["model"] = trained.model_name
-    with torch.random.fork_rng(devices=[]):  # its weights under `seed`; the caller's random stream is kept
-        torch.manual_seed(seed)
-        model = create_model(trained.model_name, config=trained.config)
-        fit_to_training_data(model, config)  # the same vocabulary as the trained run, built the same way
+    # its weights under `seed` (the vocabulary's rows too), the caller's random streams kept: create_model(seed=)
+    model = create_model(trained.model_name, config=trained.config, seed=seed)
+    fit_to_training_data(model, config)  # the same vocabulary as the trained run, built the same way
     mark_run(model, run_dir)  # evaluated with the run's dataset settings, as the trained model is
     return model.to(device).eval()
 
@@ -576,13 +573,11 @@ def evaluate_run(model: Any, dataset: str, data_root: str | os.PathLike, split: 
     config.update(name=name or model.model_name, model=model.model_name)
     config["eval"]["k"] = k
     loaded = load_split(config, config["dataset"]["val_split"])
-    was_training = model.training
-    with tempfile.TemporaryDirectory() as tmp:
+    with eval_mode(model), tempfile.TemporaryDirectory() as tmp:
         out = Path(topk_dir) if topk_dir is not None else Path(tmp)
         result = evaluate_split(model, config, config["dataset"]["val_split"], device=device, topk_dir=out,
                                 loaded=loaded)
         topks = {sp.category or dataset: load_topk(path) for sp, path in zip(loaded, result["topk_paths"])}
-    model.train(was_training)
     return dict(result["metrics"]), topks
 
 
@@ -619,9 +614,8 @@ def evaluate_itm_run(model: Any, dataset: str, data_root: str | os.PathLike, spl
         raise InputError(f"evaluate_itm_run: {dataset!r} is not a precomp ITM dataset ({', '.join(ITM_DATASETS)})")
     config = data_config(dataset, data_root, split)
     config["eval"]["shard_size"] = shard_size
-    was_training = model.training
-    result = evaluate_split(model, config, config["dataset"]["val_split"], device=device)
-    model.train(was_training)
+    with eval_mode(model):
+        result = evaluate_split(model, config, config["dataset"]["val_split"], device=device)
     return {k: float(v) for k, v in result["metrics"].items()}
 
 
@@ -664,9 +658,8 @@ def itm_topk(model: Any, dataset: str, data_root: str | os.PathLike, split: str 
     split_name = str(config["dataset"]["val_split"])
     protocol = itm_protocol(config, split_name)
     cpi = int(getattr(loaded, "im_div", 5))
-    was_training = model.training
-    sims = score_itm(model, loaded, shard_size=shard_size, device=device)  # [N images, N captions]
-    model.train(was_training)
+    with eval_mode(model):
+        sims = score_itm(model, loaded, shard_size=shard_size, device=device)  # [N images, N captions]
     if protocol in ("full", "f30k", "coco5k"):  # evaluate_itm: itm_metrics of the whole matrix
         metrics = {key: float(v) for key, v in M.itm_metrics(sims, captions_per_image=cpi).items()}
     else:
@@ -808,11 +801,9 @@ def collect_routes(model: Any, dataset: str, data_root: str | os.PathLike, split
     """Trace the router on up to ``n`` queries spread over the categories: ``(route frame, {query_id: text})``.
 
     One engine tracer (:func:`cirlab.engine.evaluate.trace_split`): CIR data goes through ``encode_query``; ITM
-    precomp data (DIME) scores each caption with its own image.
+    precomp data (DIME) scores each caption with its own image. The model is traced in eval mode and given back in
+    the mode it had.
     """
-    import pandas as pd
-
-    from cirlab.engine.evaluate import trace_split
     from cirlab.engine.runs import load_split
 
     from cirlab.core.contracts import TracedModel
@@ -825,6 +816,15 @@ def collect_routes(model: Any, dataset: str, data_root: str | os.PathLike, split
     _check_count(n, "n")
     config = data_config(dataset, data_root, split)
     loaded = load_split(config, config["dataset"]["val_split"])
+    with eval_mode(model):  # traced as evaluated; the caller's mode (training between epochs) given back
+        return _traced_routes(model, loaded, n, device)
+
+
+def _traced_routes(model: Any, loaded: Any, n: int, device: str) -> tuple[Any, dict[Any, str]]:
+    import pandas as pd
+
+    from cirlab.engine.evaluate import trace_split
+
     if model.task == "itm":
         frame = trace_split(model, loaded, n, device=device)
         if not frame.empty:  # the dataset's indices, not the batch-local ones some models emit

@@ -68,7 +68,7 @@ from typing import Any, Iterator, Mapping, Sequence, TextIO
 
 from cirlab.core.errors import EXIT_FOUND, ConfigError, MissingPathError
 from cirlab.core.io import flat_numbers, folder_lock, write_json, write_text
-from cirlab.core.paths import user_path
+from cirlab.core.paths import environ_kept, user_path
 from cirlab.core.provenance import REPORT_COMMAND_ENV, REPORT_OUT_ENV
 from cirlab.core.signals import STOP_SIGNALS, give_back_signals, take_signals
 from cirlab.core.threads import CHILD_ENV, ENV, allocated_cpus, thread_env
@@ -1199,7 +1199,7 @@ def _environ_restored(fn: Any) -> Any:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with _temporary_folders_removed(), _environ_kept(_KERNEL_ENV):
+        with _temporary_folders_removed(), environ_kept(_KERNEL_ENV):
             return fn(*args, **kwargs)
 
     return wrapper
@@ -1240,20 +1240,6 @@ def _cirlab_folder(name: str) -> Path:
     except (OSError, ConfigError):  # a read-only cache; no cache folder without a home (NoHomeError)
         pass
     return _temporary_folder(name)
-
-
-@contextlib.contextmanager
-def _environ_kept(keys: Sequence[str]) -> Iterator[None]:
-    """``os.environ``'s values of ``keys`` (or their absence) as they were before the block, after it."""
-    before = {key: os.environ.get(key) for key in keys}
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @_sigterm_as_interrupt
@@ -1665,7 +1651,7 @@ def _discard(folder: Path) -> None:
 @contextlib.contextmanager
 def _environ_set(key: str, value: str) -> Iterator[None]:
     """``os.environ[key] = value`` for the kernel started inside; the caller's value (or none) comes back after."""
-    with _environ_kept([key]):
+    with environ_kept([key]):
         os.environ[key] = value
         yield
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from cirlab.core.contracts import eval_mode
 from cirlab.core.errors import InputError, UnknownKeyError
 from cirlab.workbench import analysis
 from cirlab.workbench.viz import MIN_FONT, PALETTE, QUERY_COLOR, TARGET_MARK, candidate_label, text_on_viridis
@@ -238,7 +239,7 @@ def plot_pair_view(routes: Any, edited: Any = None, title: str = "", labels: Seq
 def encode_gallery(model: Any, split: Any, transform: Any = None, batch_size: int = 64,
                    device: str | None = None) -> Any:
     """``encode_target`` over ``split.gallery_dataset(transform)``: ``[G, D]`` on CPU, in gallery order (``device``:
-    where the model runs, by default where its weights are)."""
+    where the model runs, by default where its weights are), in eval mode (the model's own mode given back)."""
     import torch
 
     from cirlab.engine.evaluate import ordered_loader
@@ -248,8 +249,7 @@ def encode_gallery(model: Any, split: Any, transform: Any = None, batch_size: in
     data = split.gallery_dataset(transform)
     loader = ordered_loader(data, batch_size)
     feats = []
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():  # the caller's mode given back
         for batch in loader:
             feats.append(model.encode_target(batch["image"].to(device)).float().cpu())
     return torch.cat(feats)
@@ -286,8 +286,7 @@ def make_query_fn(model: Any, split: Any, transform: Any = None, gallery_feature
             raise UnknownKeyError(f"query {query_id!r} is not in the split")
         item = queries[index[query_id]]
         trip = triplets[query_id]
-        model.eval()
-        with torch.no_grad(), trace_routes(model) as trace:
+        with eval_mode(model), torch.no_grad(), trace_routes(model) as trace:
             trace.set_batch([query_id], category=[trip.category],
                             modification=[trip.extras.get("modification", "")])
             q = model.encode_query(item["ref_image"].unsqueeze(0).to(device), [text]).float().cpu()
@@ -332,8 +331,7 @@ def make_pair_fn(model: Any, split: Any, device: str | None = None) -> PairFn:
         i = int(image_idx)
         if not 0 <= i < split.num_images:
             raise UnknownKeyError(f"image {i} is not in the split (0..{split.num_images - 1})")
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             with trace_routes(model) as trace:
                 trace.set_batch(ids=[f"image {i}"], image_idx=[i], text=[text])
                 score = model.score(model.encode_image(split.features(i)[None].to(device)), model.encode_text([text]))
