@@ -444,3 +444,23 @@ def test_building_a_clip_model_leaves_the_users_tokenizers_parallelism_as_it_was
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.split()[-1] == (given or "<unset>")
+
+
+def test_only_torchs_deprecation_notice_is_hidden_when_reading_a_torchscript_file(tmp_path, monkeypatch):
+    """The filter for torch's TorchScript deprecation matched any FutureWarning naming torch.jit: on Python 3.14+
+    torch says instead that torch.jit.load "is not supported ... and may break", which the user must see."""
+    import types
+
+    from torch.jit import _serialization
+
+    model = _perturbed()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = model.tokenize(TEXTS[:1])[0]
+        torch.jit.trace_module(model.clip, {"text_features": (ids,)}, check_trace=False).save(str(tmp_path / "jit.pt"))
+    monkeypatch.setattr(_serialization, "sys", types.SimpleNamespace(version_info=(3, 14, 0)))  # torch's check
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _clip_rn.read_clip_state(tmp_path / "jit.pt")
+    assert [str(w.message) for w in seen if issubclass(w.category, FutureWarning)] == [
+        "`torch.jit.load` is not supported in Python 3.14+ and may break. Please switch to `torch.export`."]

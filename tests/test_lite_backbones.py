@@ -123,6 +123,43 @@ def test_load_minilm_from_a_local_directory(tmp_path) -> None:
         _lite.load_minilm(tmp_path / "nowhere")
 
 
+def test_encoder_folders_are_checked_for_what_loaded(tmp_path, caplog) -> None:
+    """transformers' load report was silenced with its bar: a MiniLM folder whose keys carry another prefix loaded
+    as a random model said "loaded MiniLM", and bert-base-uncased's own layout (a BertForPreTraining save: "bert."
+    keys, the pooler and the pre-training heads) warned of "unexpected keys" at every build."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertForPreTraining, BertModel
+
+    from cirlab.core.errors import InputError
+    from cirlab.models._text import _from_pretrained_without_pooler
+
+    config = BertConfig(vocab_size=10, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32)
+    BertForPreTraining(config).save_pretrained(tmp_path / "pretraining")
+    with caplog.at_level(logging.WARNING):
+        encoder = _from_pretrained_without_pooler(tmp_path / "pretraining", "HREM")
+    assert isinstance(encoder, BertModel) and encoder.pooler is None and not caplog.records
+
+    wrapped = tmp_path / "wrapped"  # a wrapper's save: every key under another name
+    BertModel(config).save_pretrained(wrapped)
+    weights = load_file(wrapped / "model.safetensors")
+    save_file({f"auto_model.{k}": v for k, v in weights.items()}, wrapped / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"^MiniLM: .*wrapped: \d+ weight\(s\) of the model are not in its file "
+                                         r"and would start random, e\.g\. \['"):
+        _lite.load_minilm(wrapped)
+
+    extra = tmp_path / "extra"  # a key nothing reads, beside a whole model: said, not refused
+    BertModel(config).save_pretrained(extra)
+    save_file({**load_file(extra / "model.safetensors"), "adapter.weight": torch.zeros(2)},
+              extra / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING):
+        _from_pretrained_without_pooler(extra, "DIME")
+    assert "DIME: " in caplog.text and "does not read 1 key(s) of its file: ['adapter.weight']" in caplog.text
+
+
 # unknown ("☃", "🙂"), partly unknown, multi-piece, punctuation-split, accented, cased and empty words, and a word of
 # more than 128 pieces (the shipped tokenizer.json truncates at 128 and pads to 128)
 WORDS = ["red", "sleeveless", "v-neck", "xqzzyvk", "\u2603", "\U0001F642", "\u6f22\u5b57", "<BOS>", "Caf\u00e9", "",

@@ -158,8 +158,10 @@ def read_clip_state(path: str | Path) -> dict[str, torch.Tensor]:
 
         state: Any = load_file(str(path))
     elif is_torchscript(path):  # OpenAI's released files
-        with warnings.catch_warnings():  # torch deprecates TorchScript (a FutureWarning); these files are in it
-            warnings.filterwarnings("ignore", message=r".*torch\.jit", category=FutureWarning)
+        # torch deprecates TorchScript (a FutureWarning) and these files are in it: that notice alone is hidden;
+        # the one torch gives on Python 3.14+ ("not supported ... and may break") reaches the user
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
     else:
         try:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 # cirlab's image transforms normalise with these (torchvision's convention); the lite nets undo them
-from cirlab.core.errors import CheckpointError, MissingPathError
+from cirlab.core.errors import CheckpointError, InputError, MissingPathError
 from cirlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
@@ -92,8 +92,36 @@ def quiet_hf_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+# what a BERT-family file may hold that a bare encoder never reads: the pooler (cirlab's encoders drop it) and the
+# pre-training heads of a BertForPreTraining save (bert-base-uncased's own file), with or without the "bert." prefix
+_UNREAD_PARTS = ("pooler.", "cls.")
+
+
+def load_encoder(cls: Any, source: str | os.PathLike, owner: str, *, local_files_only: bool = True,
+                 **kwargs: Any) -> nn.Module:
+    """``cls.from_pretrained(source, **kwargs)`` without transformers' progress bar and load table, then cirlab's
+    own check of what loaded (the table's verbosity also hid its report of missing weights): a weight of the model
+    that the file lacks, which would start random, is an :class:`InputError` naming ``source``; a key of the file
+    the model does not read is a warning, but for the pooler and the pre-training heads (:data:`_UNREAD_PARTS`)."""
+    with quiet_hf_loading():
+        model, info = cls.from_pretrained(str(source), local_files_only=local_files_only, output_loading_info=True,
+                                          **kwargs)
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    unexpected = sorted(k for k in info.get("unexpected_keys", ())
+                        if not k.removeprefix(prefix).startswith(_UNREAD_PARTS))
+    missing = sorted(info.get("missing_keys", ()))
+    if missing:
+        raise InputError(f"{owner}: {source}: {len(missing)} weight(s) of the model are not in its file and would "
+                         f"start random, e.g. {missing[:4]} (a save of another model, or with other key names?)")
+    if unexpected:
+        logger.warning("%s: %s: the model does not read %d key(s) of its file: %s", owner, source, len(unexpected),
+                       unexpected[:8])
+    return model
+
+
 def load_minilm(path: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
-    """MiniLM (``transformers.AutoModel``) and its tokenizer from a local directory (default: the package's).
+    """MiniLM (``transformers.AutoModel``) and its tokenizer from a local directory (default: the package's),
+    checked by :func:`load_encoder` (a folder whose weights do not load is refused, not used at random).
 
     ``local_files_only=True`` guarantees that nothing is fetched from a hub even if ``path`` looks like a hub id.
     """
@@ -104,7 +132,7 @@ def load_minilm(path: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
         raise MissingPathError(f"MiniLM directory {directory} has no config.json")
     with quiet_hf_loading():
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        model = AutoModel.from_pretrained(str(directory), local_files_only=True)
+    model = load_encoder(AutoModel, directory, "MiniLM")
     logger.info("loaded MiniLM (%d-d) from %s", model.config.hidden_size, directory)
     return model, tokenizer
 

@@ -135,7 +135,7 @@ def _bert_and_vocab(cfg: Any, owner: str) -> tuple[nn.Module, Any]:
     from transformers import BertTokenizer
 
     try:
-        return (BertModel.from_pretrained(name, add_pooling_layer=False, local_files_only=offline),
+        return (_from_pretrained_without_pooler(name, owner, local_files_only=offline),
                 BertTokenizer.from_pretrained(name, local_files_only=offline))
     except OSError:  # no hub here and not in its cache: transformers' several-line message says only that
         raise MissingPathError(f"{owner}: bert {name!r} is not a local folder, and neither the model hub nor its "
@@ -221,21 +221,15 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def _from_pretrained_without_pooler(path: Path, owner: str) -> nn.Module:
-    """A local transformers BERT without its pooler. transformers prints a load report table for the pooler
-    weights it drops, on every load; the drop is intended, so only other missing or unexpected keys are said."""
+def _from_pretrained_without_pooler(source: str | Path, owner: str, local_files_only: bool = True) -> nn.Module:
+    """A transformers BERT (a local folder, or a hub id) without its pooler. transformers prints a progress bar and
+    a load report table for the pooler and pre-training head weights it drops, on every load; the drop is
+    intended, so only a missing weight (an error) or another unread key is said (:func:`_lite.load_encoder`)."""
     from transformers import BertModel
 
-    from cirlab.models._lite import quiet_hf_loading
+    from cirlab.models._lite import load_encoder
 
-    with quiet_hf_loading():
-        model, info = BertModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True,
-                                                output_loading_info=True)
-    unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith("pooler.")]
-    missing = list(info.get("missing_keys", []))
-    if unexpected or missing:
-        logger.warning("%s: BERT at %s: missing keys %s, unexpected keys %s", owner, path, missing[:8], unexpected[:8])
-    return model
+    return load_encoder(BertModel, source, owner, local_files_only=local_files_only, add_pooling_layer=False)
 
 
 def _load_original_layout(path: Path, owner: str) -> nn.Module:
