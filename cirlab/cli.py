@@ -981,6 +981,8 @@ def _evaluate_splits(args: argparse.Namespace, model: Any, config: dict[str, Any
                                         "while this one ran); pass --overwrite to replace it, or choose another "
                                         "folder") from None
             results[split] = out["metrics"]
+            for path in out.get("topk_paths") or ():  # the rankings are what an unlabelled split's evaluation gives
+                logger.info("%s: top-K lists written to %s", split, path)
     return results
 
 

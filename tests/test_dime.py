@@ -362,7 +362,7 @@ def test_a_hub_id_without_the_hub_is_one_clear_error(monkeypatch):
         cirlab.create_model("dime", "tiny", bert="bert-base-uncased")
     # one short probe of the hub, then the cache only: no 30 s of connection retries
     assert calls == [{"probe": ("huggingface.co", 443), "timeout": 3.0},
-                     {"add_pooling_layer": False, "local_files_only": True}]
+                     {"add_pooling_layer": False, "local_files_only": True, "output_loading_info": True}]
 
     monkeypatch.setenv("HF_ENDPOINT", "http://mirror.local:8080")
     calls.clear()

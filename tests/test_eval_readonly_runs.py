@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+import cirlab
 from cirlab.cli import main
 from cirlab.core.topk import load_topk, save_topk
 
@@ -80,14 +82,27 @@ def test_eval_keeps_the_runs_topk_files(runs, stage, capsys, caplog, tmp_path):
     assert len(said) == 1 and "--topk-dir" in said[0] and "differ" in said[0], _warnings(caplog)
 
 
-def test_eval_writes_a_missing_topk_file_into_the_run(runs, capsys):
-    """``cirlab eval STAGE1_RUN --split SPLIT`` is how a stage-I top-K of a split training did not evaluate is made."""
+def test_eval_writes_a_missing_topk_file_into_the_run(runs, capsys, caplog):
+    """``cirlab eval STAGE1_RUN --split SPLIT`` is how a stage-I top-K of a split training did not evaluate is made.
+    The README's step for CIRR test1 ended with a WARNING ("no split has ground-truth targets") and an empty result,
+    naming no file; run again, it printed the same lines though it kept the file."""
     run = runs["stage1"]
     test1 = run / "topk" / "test1.topk.npz"
     assert not test1.exists()
     try:
-        assert main(["eval", str(run), "--split", "test1"]) == 0
-        assert load_topk(test1).meta["split"] == "test1"
+        with caplog.at_level(logging.INFO):
+            assert main(["eval", str(run), "--split", "test1"]) == 0
+            assert load_topk(test1).meta["split"] == "test1"
+            said = [r.getMessage() for r in caplog.records]
+            assert not _warnings(caplog), _warnings(caplog)
+            assert "test1: no ground-truth targets (a test split: its labels are the evaluation server's), so no " \
+                   "metrics, only the rankings" in said
+            assert f"test1: top-K lists written to {test1}" in said
+            caplog.clear()
+            assert main(["eval", str(run), "--split", "test1"]) == 0
+            said = [r.getMessage() for r in caplog.records]
+            assert f"{test1}: kept as it is (it holds this evaluation's top-K lists already)" in said
+            assert not any("written to" in line for line in said) and not _warnings(caplog)
     finally:
         test1.unlink(missing_ok=True)
     capsys.readouterr()
@@ -186,3 +201,18 @@ def test_the_unwritable_run_warning_is_said_at_each_evaluation(runs, caplog, mon
         caplog.clear()
         assert main(["eval", str(copy), "--split", "val"]) == 0
         assert len([w for w in _warnings(caplog) if "--topk-dir DIR" in w]) == 1, _warnings(caplog)
+
+
+def test_a_stage2_on_a_small_gallery_says_how_many_it_re_ranks(runs, caplog):
+    """On a gallery of 43 candidates per query, a stage II with K = 100 said "top 100" twice while it ranked 43."""
+    from cirlab.data import load_cir
+
+    root = Path(yaml.safe_load((runs["stage1"] / "config.yaml").read_text())["dataset"]["root"])
+    split = load_cir("cirr", root, "val")
+    model = cirlab.create_model("blip_rerank_stage2", preset="tiny", rerank_k=100)
+    with caplog.at_level(logging.INFO, logger="cirlab.engine.rerank"):
+        model.evaluate_split([split], eval_config={"batch_size": 16}, device="cpu")
+    said = [r.getMessage() for r in caplog.records if r.name == "cirlab.engine.rerank"]
+    why = f"not 100: the gallery has only {len(split.gallery_names) - 1} candidates per query"
+    assert f"eval.stage1_topk is empty: ranking with the frozen stage I inside the re-ranker (top 43, {why})" in said
+    assert f"re-ranked val: top 43 of {len(split.triplets)} queries ({len(split.triplets)} scored; {why})" in said

@@ -100,3 +100,16 @@ def test_clip_counts_a_cut_hidden_behind_words_its_cleaning_removes():
     ids, _ = tokenizer.encode(texts)
     assert ids[0, -1] != 0 and ids[1, -1] == 0  # the first fills the row (cut), the second is padded (whole)
     assert tokenizer.cut_count(texts, ids) == 1
+
+
+def test_dime_calls_its_cut_the_originals_protocol_only_at_the_originals_budget(caplog):
+    """The tiny preset's 16-WordPiece cut was said to be "the original's protocol", which reads 32."""
+    long_text = " ".join(["red"] * 80)
+    for overrides, says in (({}, "model_overrides.max_words; the original reads 32"),
+                            ({"max_words": 32}, "the original's protocol")):
+        model = cirlab.create_model("dime", "tiny", **overrides).eval()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cirlab"):
+            _encode_texts(model, [long_text])
+        limit = model.config.max_words
+        assert f"cut to {limit} WordPieces ([CLS] and [SEP] included; {says})" in _cuts(caplog)[0].getMessage()

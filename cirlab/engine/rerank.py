@@ -137,6 +137,8 @@ def _say_if_replaced_lists_differ(path: Path, new: TopK) -> None:
     if not same_lists(old, new):
         logger.warning("%s: kept as it is, though this evaluation's top-K lists differ from it (other data, category "
                        "or weights?); pass --topk-dir DIR to keep the new ones", path)
+    else:  # nothing new to write: said, or a re-run could not tell "kept" from "written"
+        logger.info("%s: kept as it is (it holds this evaluation's top-K lists already)", path)
 
 
 def same_lists(a: TopK, b: TopK) -> bool:
@@ -228,6 +230,14 @@ def _refuse_short_lists(path: Path, topk: TopK, split: Any, k: int) -> None:
                         f"stage I's top-K with eval.k >= {need}")
 
 
+def _clamped(k: int, available: int) -> tuple[int, str]:
+    """The length of the lists stage II works on for ``eval.k`` = ``k`` where a query has ``available`` candidates
+    (rerank_topk clamps), and the words that say why it is shorter ("" where it is not)."""
+    if available >= k:
+        return k, ""
+    return available, f"not {k}: the gallery has only {available} candidates per query"
+
+
 def check_stage1_topk(model: Any, eval_config: Mapping[str, Any], loaded: Mapping[str, Any]) -> None:
     """Before the first training step: every split the run will re-rank (``loaded``: split name -> its CIR splits,
     as :func:`cirlab.engine.runs.load_split` returns them: the selection split and the final evaluation's) has a
@@ -260,7 +270,11 @@ def stage1_topk(model: Any, splits: Sequence[Any], *, eval_config: Mapping[str, 
     first = getattr(model, "stage1", None)
     if first is None:
         raise _config_error(f"{type(model).__name__}: set eval.stage1_topk to the stage-I run (or its top-K files)")
-    logger.info("eval.stage1_topk is empty: ranking with the frozen stage I inside the re-ranker (top %d)", k)
+    from cirlab.engine.evaluate import candidates_per_query
+
+    shown, why = _clamped(k, min(candidates_per_query(s) for s in splits))
+    logger.info("eval.stage1_topk is empty: ranking with the frozen stage I inside the re-ranker (top %d%s)", shown,
+                f", {why}" if why else "")
     with tempfile.TemporaryDirectory() as tmp:
         out = topk_dir / "stage1" if topk_dir is not None else Path(tmp)
         evaluate_stage1(first, splits, eval_config={**eval_config, "k": k, "run_dir": ""}, device=device,
@@ -363,7 +377,7 @@ def reranked_metrics(protocol: str, splits: Sequence[Any], topks: Mapping[str, T
                      subset: Tensor | None = None) -> dict[str, float]:
     """The protocol's metrics (:func:`cirlab.engine.evaluate.cir_protocol_metrics`) from the re-ranked files'
     target ranks, over every query with a known target."""
-    from cirlab.engine.evaluate import cir_protocol_metrics
+    from cirlab.engine.evaluate import cir_protocol_metrics, say_no_targets
 
     ranks = {}
     for split in splits:
@@ -373,7 +387,7 @@ def reranked_metrics(protocol: str, splits: Sequence[Any], topks: Mapping[str, T
             key = split.category or name if protocol == "fashioniq" else name
             ranks[key] = _removed_missed(torch.from_numpy(topks[name].target_rank.astype(np.int64)), split)[known]
     if not ranks:
-        logger.warning("no split has ground-truth targets: no metrics, only rankings")
+        say_no_targets([topk_name(split) for split in splits])
         return {}
     return cir_protocol_metrics(protocol, ranks, subset)
 
@@ -407,8 +421,9 @@ def evaluate_reranker(model: Any, splits: Sequence[Any], *, eval_config: Mapping
                                       meta={"model": model_label(model)})
             if protocol == "cirr" and split.has_targets:
                 subset = subset_ranks(subset_scores(score, split, batch_size=batch), split)
-            logger.info("re-ranked %s: top %d of %d queries (%d scored)", name, k, len(split.triplets),
-                        topks[name].meta["reranked_queries"])
+            shown, why = _clamped(k, firsts[name].k)
+            logger.info("re-ranked %s: top %d of %d queries (%d scored%s)", name, shown, len(split.triplets),
+                        topks[name].meta["reranked_queries"], f"; {why}" if why else "")
     named = {f"{n}.topk.npz": t for n, t in topks.items()}
     if keep:
         paths = keep_in_run(named, out_dir, out_dir.parent)

@@ -74,6 +74,7 @@ PATH_DIM = 4 * 4 * 2 + 4  # path vector: normalised layer-0 and layer-1 matrices
 _PATH_THRESHOLD = 1e-4  # a destination whose incoming raw weights sum below this is "closed"
 _PATH_EPS = 1e-8
 EXTRA_NEGATIVES = ("random", "previous_batch", "none")  # DIMEConfig.extra_negatives choices
+ORIGINAL_MAX_WORDS = 32  # the original's text budget: [CLS] + 30 WordPieces + [SEP]
 
 
 @documented
@@ -91,7 +92,7 @@ class DIMEConfig(PresetMixin):
     bert_config: dict[str, Any] | None = None  # BertConfig kwargs for bert="random" (default: tiny sizes)
     vocab_file: str | None = None  # WordPiece vocab.txt; default: <bert dir>/vocab.txt, built-in tiny vocab if random
     bert_dropout_in_train: bool = True  # original keeps frozen BERT in train mode, so its dropout is active
-    max_words: int = 32  # [CLS] + 30 WordPieces + [SEP], padded to this length
+    max_words: int = ORIGINAL_MAX_WORDS  # [CLS] + 30 WordPieces + [SEP], padded to this length
     hid_router: int = 512  # router MLP hidden width
     hid_imrc: int = 512  # IMRC feed-forward width
     num_head_imrc: int = 16  # IMRC heads (head size embed_size / heads = 16)
@@ -627,8 +628,11 @@ class DIME(MaxViolationWarmup, BertVocabMixin, nn.Module):
         texts = [" ".join(w[:most]) if len(w) > most else t for t, w in zip(texts, words)]
         tokenizer, limit = self._get_tokenizer(), self.config.max_words
         enc = tokenizer(list(texts), max_length=limit, truncation=True, padding="max_length", return_tensors="pt")
+        # the paper's budget is the original's protocol; another one (the tiny preset's 16) is a setting of this run
+        whose = ("the original's protocol" if limit == ORIGINAL_MAX_WORDS else
+                 f"model_overrides.max_words; the original reads {ORIGINAL_MAX_WORDS}")
         say_cut(logger, self, "DIME", hf_cut_count(tokenizer, texts, enc["attention_mask"], limit), len(texts), limit,
-                "WordPieces ([CLS] and [SEP] included; the original's protocol)")
+                f"WordPieces ([CLS] and [SEP] included; {whose})")
         return enc["input_ids"], enc["attention_mask"].bool()
 
     def encode_image(self, image_feats: torch.Tensor, ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
