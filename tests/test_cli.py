@@ -125,6 +125,38 @@ def test_eval_refuses_to_replace_outputs_before_any_work(tmp_path, synth, capsys
     assert load_topk(topk).k == 3
 
 
+def test_eval_num_workers_decodes_the_evaluations_images_in_workers(tmp_path, synth, capsys):
+    """Evaluation always decoded its images in the main process: `eval.num_workers` was an unknown field. It gives
+    the same numbers as without workers, and is refused where nothing would read it (ITM's precomputed features)."""
+    from cirlab.core.errors import ConfigError
+    from cirlab.engine import evaluate, runs
+
+    run = _trained_stub(tmp_path, synth)
+    capsys.readouterr()
+    used, real = [], evaluate.ordered_loader
+
+    def counted(dataset, batch_size, num_workers=0):
+        used.append(num_workers)
+        return real(dataset, batch_size, num_workers)
+
+    printed = []
+    for workers in (0, 2):
+        used.clear()
+        evaluate.ordered_loader = counted
+        try:
+            assert main(["eval", str(run), "--split", "val", "--set", f"eval.num_workers={workers}"]) == 0
+        finally:
+            evaluate.ordered_loader = real
+        printed.append(json.loads(capsys.readouterr().out)["splits"]["val"])
+        assert used and set(used) == {workers}
+    assert printed[0] == pytest.approx(printed[1])
+    itm = ROOT / "configs" / "dime_synthetic_tiny.yaml"
+    for value, problem in (("2", r"ITM evaluation \(f30k\) reads precomputed features"),
+                           ("-1", "expected an integer >= 0, got -1")):
+        with pytest.raises(ConfigError, match=rf"eval\.num_workers: {problem}"):
+            runs.validate_config(runs.load_config(itm, [f"eval.num_workers={value}"]), str(itm))
+
+
 def test_eval_output_written_meanwhile_by_another_eval_is_not_replaced(tmp_path, synth, capsys, caplog, monkeypatch):
     """Two `cirlab eval ... --output same.json` at once both passed the check before the work, and the later write
     replaced the earlier one's result without a word, with rc 0 for both. Without --overwrite the file is now

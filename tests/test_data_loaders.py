@@ -831,3 +831,22 @@ def test_load_precomp_in_load_cir_s_argument_order_is_named_as_the_swap(tmp_path
                                           r"load_precomp\('data', 'f30k', \.\.\.\)"):
         load_precomp("f30k", "data", "test")
     assert load_precomp("data", "f30k", "test").num_images > 0
+
+
+def test_a_data_error_in_a_loader_worker_reaches_the_caller_as_itself(tmp_path):
+    """With workers, torch rebuilt the DataError from its traceback text: the one-line message became a worker
+    traceback and err.file / err.kind were lost (None, "invalid"). The same error now, with or without workers."""
+    from cirlab.engine.evaluate import ordered_loader
+
+    info = write_fashioniq(tmp_path / "fiq", categories=("dress",), splits=("val",))
+    split = load_cir("fashioniq", info["root"], "val", category="dress")
+    bad = split.image_path(split.gallery_names[2])
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a broken PNG
+    seen = []
+    for workers in (0, 2):
+        with pytest.raises(DataError) as err:
+            for _ in ordered_loader(split.gallery_dataset(), batch_size=2, num_workers=workers):
+                pass
+        seen.append((type(err.value), str(err.value), err.value.file, err.value.kind))
+    assert seen[0] == seen[1], seen
+    assert seen[0][2:] == (str(bad), "unreadable_image") and "\n" not in seen[0][1] and "Traceback" not in seen[0][1]

@@ -324,6 +324,27 @@ def test_an_evaluation_cut_short_is_run_again_on_resume_as_in_an_uninterrupted_r
         assert all(torch.equal(got[k], want[k]) for k in want), (where, name)
 
 
+class _ItemsWithABadImage(TripletItems):
+    def __getitem__(self, i: int):
+        if i == 5:
+            from cirlab.data.base import DataError
+
+            raise DataError("cannot read image: truncated PNG", file="/data/images/x5.png", kind="unreadable_image")
+        return super().__getitem__(i)
+
+
+def test_a_data_error_in_a_training_worker_stops_the_run_as_itself(tmp_path):
+    """A DataError raised in a DataLoader worker came back as torch's rebuild of it (the worker's traceback as its
+    message, no file, kind "invalid"): the cirlab command printed the traceback on its one error line."""
+    seen = []
+    for workers in (0, 2):
+        with pytest.raises(Exception) as err:
+            train(_model(), _ItemsWithABadImage(16), _cfg(num_workers=workers), output_dir=tmp_path / f"w{workers}")
+        seen.append((type(err.value).__name__, str(err.value), err.value.file, err.value.kind))
+    assert seen[0] == seen[1] == ("DataError", "/data/images/x5.png: cannot read image: truncated PNG",
+                                  "/data/images/x5.png", "unreadable_image")
+
+
 def test_ctrl_c_lets_an_evaluation_inside_training_finish_then_stops(tmp_path):
     """Only a scheduler's SIGTERM / SIGUSR1 cut an evaluation short: Ctrl-C in a notebook raised an exception inside
     whatever library code the evaluation was running."""

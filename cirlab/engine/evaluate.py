@@ -33,7 +33,7 @@ from cirlab.core.contracts import (CIRModel, HasGalleryScorer, HasImageTransform
                                     require_model)
 from cirlab.core.errors import ConfigError, InputError, ModelContractError, ModelMismatchError
 from cirlab.data.catalog import DATASETS, ITM_PROTOCOLS
-from cirlab.engine.train import ignore_stop_signals, refuse_low_precision_weights, to_device
+from cirlab.engine.train import refuse_low_precision_weights, to_device, worker_loader
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +46,12 @@ def ordered_loader(dataset: Any, batch_size: int, num_workers: int = 0) -> Any:
     """A DataLoader over ``dataset`` in order, drawing its worker seed from its own generator: each iteration of a
     loader without one takes a number from torch's global generator, so an evaluation changed what the caller's
     next ``torch.rand`` gave after ``torch.manual_seed``. Its workers leave the stop signals to this process, as
-    the training loader's do (:func:`~cirlab.engine.train.ignore_stop_signals`)."""
+    the training loader's do, and their errors reach the caller as themselves (:func:`~cirlab.engine.train.
+    worker_loader`)."""
     import torch
 
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                       generator=torch.Generator(),
-                                       worker_init_fn=ignore_stop_signals if num_workers else None)
+    return worker_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                         generator=torch.Generator())
 
 
 def _world() -> tuple[int, int]:

@@ -177,7 +177,7 @@ def _stage1_cir(model: Any, splits: Sequence[Any], eval_config: Mapping[str, Any
 
     return evaluate_cir(model, list(splits), eval_config.get("protocol"), device=device,
                         batch_size=int(eval_config.get("batch_size") or 64), k=int(eval_config.get("k") or 200),
-                        topk_path=out, meta={"stage": "stage1"})
+                        topk_path=out, meta={"stage": "stage1"}, num_workers=int(eval_config.get("num_workers") or 0))
 
 
 def load_stage1_topk(source: str | os.PathLike, split: Any, k: int = 0) -> TopK:

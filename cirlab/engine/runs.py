@@ -25,6 +25,8 @@ A run config (``configs/*.yaml``) has these keys (every one but ``model`` may be
       topk: true                   # write the top-K files (<run>/topk/); false: metrics only
       batch_size: 64
       shard_size: 1000             # ITM: images x captions per scoring block
+      num_workers: 0               # CIR: DataLoader workers decoding the evaluation's images (ITM reads
+                                   #   precomputed features: refused there)
       stage1_topk: ""              # re-rankers: stage I's top-K files (its run folder, a folder or a .topk.npz)
     output_dir: ""                 # "" -> $CIRLAB_RUNS/<config name>
 
@@ -72,7 +74,7 @@ DEFAULTS: dict[str, Any] = {
                 "test_split": "test", "options": {}, "synthetic": None},
     "train": {},
     "eval": {"protocol": None, "splits": None, "k": 50, "batch_size": 64, "shard_size": 1000, "topk": True,
-             "stage1_topk": ""},
+             "stage1_topk": "", "num_workers": 0},
     "output_dir": "",
 }
 SYNTHETIC_KEYS = ("size", "seed", "out", "image_size")  # dataset.synthetic: cirlab.data.generators.synthetic.ensure
@@ -643,6 +645,12 @@ def _validate_eval(config: dict[str, Any], source: str) -> None:
         value = ev.get(key, DEFAULTS["eval"][key])
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{source}: eval.{key}: expected an integer >= 1, got {value!r}")
+    workers = ev.get("num_workers", 0)
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        raise ConfigError(f"{source}: eval.num_workers: expected an integer >= 0, got {workers!r}")
+    if workers and is_precomp(config):  # nothing would read it
+        raise ConfigError(f"{source}: eval.num_workers: ITM evaluation ({config['dataset']['name']}) reads "
+                          "precomputed features, with no images to decode in workers; remove it")
     _say_unread_k(config, source)
     splits = ev.get("splits")
     if splits is not None and not (isinstance(splits, list) and splits and all(isinstance(x, str) for x in splits)):
@@ -1119,7 +1127,7 @@ def evaluate_split(model: Any, config: dict[str, Any], split: str, *, device: An
     splits = loaded
     meta = {"run": str(config.get("name", "")), "config_model": config["model"]}
     return evaluate_cir(model, splits, ev.get("protocol"), batch_size=int(ev["batch_size"]), device=device,
-                        k=int(ev["k"]), topk_path=topk_dir, meta=meta)
+                        k=int(ev["k"]), topk_path=topk_dir, meta=meta, num_workers=int(ev.get("num_workers") or 0))
 
 
 def load_split(config: dict[str, Any], split: str) -> Any:

@@ -1536,6 +1536,70 @@ def ignore_stop_signals(worker_id: int) -> None:
     _end_with_the_parent()
 
 
+class _CarriedError:
+    """A cirlab error (an unreadable image, a malformed entry) raised in a DataLoader worker, sent to the main
+    process in place of its batch and raised there as itself. torch's own re-raise rebuilds the exception from its
+    traceback text: the one-line message became a worker traceback, and ``DataError.file`` / ``kind`` were lost."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _CarryingItems(torch.utils.data.Dataset):
+    """``dataset`` whose items that raise a :class:`CirlabError` come back as a :class:`_CarriedError` (one that
+    would not survive the trip to the main process, its class rebuilt from its pickle, is raised as torch raises)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        import pickle
+
+        try:
+            return self.dataset[index]
+        except CirlabError as err:
+            try:
+                pickle.loads(pickle.dumps(err))
+            except Exception:  # noqa: BLE001 - any failure to rebuild it: torch's way, the traceback text
+                raise err from None
+            return _CarriedError(err)
+
+
+class _CarryingCollate:
+    """The collate function of a :func:`worker_loader`: a batch with a carried error is that error."""
+
+    def __init__(self, collate_fn: Callable | None) -> None:
+        self.collate_fn = collate_fn or torch.utils.data.default_collate
+
+    def __call__(self, items: Sequence[Any]) -> Any:
+        carried = next((item for item in items if isinstance(item, _CarriedError)), None)
+        return carried if carried is not None else self.collate_fn(items)
+
+
+class _WorkerLoader(torch.utils.data.DataLoader):
+    """A DataLoader with workers that raises a worker's cirlab error in the main process as the same error."""
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            if isinstance(batch, _CarriedError):
+                raise batch.error
+            yield batch
+
+
+def worker_loader(dataset: Any, *, num_workers: int = 0, collate_fn: Callable | None = None,
+                  **kwargs: Any) -> torch.utils.data.DataLoader:
+    """The DataLoader of training and evaluation: with workers, they leave the stop signals to this process
+    (:func:`ignore_stop_signals`) and a cirlab error in one reaches the caller as itself (its one line, its
+    fields), as without workers."""
+    if not num_workers:
+        return torch.utils.data.DataLoader(dataset, num_workers=0, collate_fn=collate_fn, **kwargs)
+    return _WorkerLoader(_CarryingItems(dataset), num_workers=num_workers, collate_fn=_CarryingCollate(collate_fn),
+                         worker_init_fn=ignore_stop_signals, **kwargs)
+
+
 _PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal the kernel sends this process when its parent ends
 
 
@@ -1659,10 +1723,9 @@ class Trainer:
         sampler = ResumableSampler(len(dataset), shuffle=cfg.shuffle, seed=cfg.seed, drop_last=cfg.drop_last,
                                    batch_size=cfg.batch_size, rank=self.dist.rank, world_size=world,
                                    groups=groups, group_size=cfg.group_batches)
-        loader = torch.utils.data.DataLoader(
+        loader = worker_loader(
             items, batch_size=cfg.batch_size // world, sampler=sampler, num_workers=cfg.num_workers,
             collate_fn=collate_fn, drop_last=cfg.drop_last, pin_memory=self.device.type == "cuda",
-            worker_init_fn=ignore_stop_signals if cfg.num_workers else None,
             generator=torch.Generator().manual_seed(cfg.seed))  # own generator: the global RNG is not consumed
         return loader, sampler, items
 
