@@ -1206,7 +1206,8 @@ def _run_settings(args: argparse.Namespace) -> int:
     given = ''.join(f', {k}={v}' for k, v in overrides.items())
     print(f"{name}, preset {preset}{given}: model fields (model_overrides.FIELD in a run config)")
     _print_entries("model_overrides", settings["model"])
-    print("the paper's training recipe (train.FIELD in a run config)")
+    print("the paper's training recipe, with cirlab's changes that README lists as options (train.FIELD in a run "
+          "config)")
     _print_entries("train", settings["train"])
     print("the other training fields, at cirlab's defaults")
     _print_entries("train", defaults)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -121,3 +122,55 @@ def test_every_readme_command_runs_as_written_after_make_demo(checkout):
     assert (checkout / "runs" / "train" / "checkpoints").is_dir()
     assert not (checkout / "notebooks" / "runs").exists()
     print("ran:", *ran, "skipped:", *skipped, sep="\n  ")
+
+
+def test_the_tables_options_exist_with_the_defaults_it_states():
+    """The README's table of released-code behaviour cirlab changes by default: each `NAME: DEFAULT → RELEASED`
+    names a field of the row's model config (or a `train.` field) whose default is DEFAULT and which takes RELEASED."""
+    import dataclasses
+
+    from cirlab.engine.train import TrainConfig
+    from cirlab.models.registry import get_entry
+
+    text = README.read_text(encoding="utf-8")
+    table = text[text.index("Behaviour of the released code that cirlab changes by default"):]
+    table = table[:table.index("\n\n", table.index("| model |"))]
+    checked = []
+    for row in [line for line in table.splitlines() if line.startswith("| `") or line.startswith("| all ")]:
+        model = row.split("|")[1].strip().split()[0].strip("`")
+        for name, default, released in re.findall(r"`([\w.]+): ([\w.]+) → ([\w.]+)`", row.split("|")[2]):
+            if name.startswith("dataset."):
+                continue  # a loader option: tests/test_data_loaders.py reads the Shoes pairs both ways
+            if name.startswith("train."):
+                cls, field = TrainConfig, name.removeprefix("train.")
+            else:
+                cls, field = get_entry("dime" if model == "all" else model).config_cls, name
+            fields = {f.name: f for f in dataclasses.fields(cls)}
+            assert field in fields, (row, name)
+            shipped = fields[field].default
+            scope = re.search(r"\((\w+)\)", row.split("|")[1])  # "(Shoes)": the value its shipped config sets
+            if scope and name.startswith("train."):
+                config = yaml.safe_load((ROOT / "configs" / f"{model}_{scope.group(1).lower()}.yaml").read_text())
+                shipped = config["train"][field]
+            assert str(shipped).lower() == default.lower(), (row, name, shipped)
+            value = {"true": True, "false": False}.get(released, released)
+            given = dict(re.findall(r"`(\w+): (\w+)`", row.split("|")[3]))  # what the row says it goes with
+            assert _takes(cls, {**given, field: value}), (row, name)
+            checked.append(name)
+    assert len(checked) >= 12 and {"train.ema_mode", "frozen_vit_drop_path", "mask_padding"} <= set(checked)
+
+
+def _takes(cls, fields: dict) -> bool:
+    """Whether ``cls`` (a config dataclass) takes ``fields`` on its defaults or on one of its presets (CaLa's CLIP
+    options need a CLIP preset)."""
+    from cirlab.core.errors import CirlabError
+
+    builds = [lambda: cls(**fields)]
+    builds += [lambda p=p: cls.from_preset(p, **fields) for p in getattr(cls, "PRESETS", {})]
+    for build in builds:
+        try:
+            build()
+            return True
+        except (CirlabError, ValueError, TypeError):
+            continue
+    return False
