@@ -571,9 +571,9 @@ def _accept_verbose_after_the_command(parser: argparse.ArgumentParser) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from cirlab.core.errors import ConfigError
     from cirlab.engine.runs import is_main_process, load_config, run_experiment
-    from cirlab.engine.train import TrainingInterrupted
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides)  # a missing file or a malformed --set: said before torch loads
+    from cirlab.engine.train import TrainingInterrupted
     resuming = args.resume or bool((config.get("train") or {}).get("resume"))  # the flag, or train.resume
     if args.allow_config_change and not resuming:  # it qualifies a resume: alone it would be ignored
         raise ConfigError("--allow-config-change applies to a resume (--resume or train.resume; it accepts a resumed "
@@ -870,10 +870,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     from cirlab.core.errors import CheckpointError, ConfigError, UnknownNameError
     from cirlab.data.catalog import is_itm
     from cirlab.engine.runs import load_split, model_from_checkpoint, parse_set, protocol_of
-    from cirlab.engine.train import resolve_device
 
-    checkpoint, run_dir = _checkpoint_of(args.target, args.checkpoint)
-    device = resolve_device(args.device, "--device")
+    checkpoint, run_dir = _checkpoint_of(args.target, args.checkpoint)  # a missing run: said before torch loads
     if run_dir is not None and (run_dir / "log.jsonl").is_file() and not (run_dir / "train_summary.json").is_file():
         from cirlab.core.io import lock_holder
 
@@ -896,6 +894,9 @@ def _run_eval(args: argparse.Namespace) -> int:
         if flag and err.name in flag[1]:  # the flag set it, not the config: blame the flag
             raise UnknownNameError(f"{flag[0]} {err.name}: {err.reason}", err.field, err.name, err.reason) from None
         raise
+    from cirlab.engine.train import resolve_device
+
+    device = resolve_device(args.device, "--device")
     if run_dir is not None:
         from cirlab.engine.runs import say_unrecorded_image_read
 

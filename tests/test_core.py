@@ -505,6 +505,21 @@ def test_import_is_cheap():
     assert out[1:] == ["False", "False"]
 
 
+def test_quick_refusals_and_checks_do_not_wait_for_torch(tmp_path):
+    """`cirlab eval /nowhere`, `cirlab train /nowhere.yaml` and `cirlab data check` on good data loaded torch (3-6 s
+    on a loaded 2-core machine) before a one-line answer that needs no tensor: `data check` for the string "avg"."""
+    from cirlab.data.generators import synthetic
+
+    root = synthetic.generate(tmp_path / "data", size="tiny", layouts=["fashioniq"], image_size=16)
+    fiq = root["layouts"]["fashioniq"]["root"]
+    code = ("import sys\nfrom cirlab.cli import main\n"
+            "rc = main(sys.argv[1:])\nprint(rc, 'torch' in sys.modules)")
+    for argv, rc in ((["eval", str(tmp_path / "nowhere")], 2), (["train", str(tmp_path / "nowhere.yaml")], 2),
+                     (["data", "check", "--dataset", "fashioniq", "--root", str(fiq)], 0)):
+        out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+        assert out.stdout.split()[-2:] == [str(rc), "False"], (argv, out.stdout, out.stderr[-2000:])
+
+
 def test_emitter_columns_join_the_callers_batch_columns():
     module = torch.nn.Linear(1, 1)
     with trace_routes(module) as trace:

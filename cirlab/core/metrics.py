@@ -36,7 +36,6 @@ Do not use torchmetrics' retrieval metrics here: they drop scores <= 0, which ch
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
@@ -45,9 +44,13 @@ from torch import Tensor
 
 from cirlab.core.config import FieldValueError, name_list, whole_number
 from cirlab.core.errors import InputError, refuse_entries
+from cirlab.core.metric_keys import (  # the names, without torch; re-exported here
+    AVG, AVG_DEFINITIONS, CIRR_KS, CIRR_SUBMISSION_K, CIRR_SUBSET_KS, CIRR_VERSION, FIQ_CATEGORIES, FIQ_KS, ITM_KS,
+    RECALL_KS, RSUM, SHOES_KS, TIES, is_recall_key, itm_key, recall_key, subset_key)
 
 __all__ = [
-    "AVG", "RSUM", "TIES", "FIQ_CATEGORIES", "FIQ_KS", "SHOES_KS", "CIRR_KS", "RECALL_KS", "CIRR_SUBSET_KS", "ITM_KS",
+    "AVG", "AVG_DEFINITIONS", "RSUM", "TIES", "FIQ_CATEGORIES", "FIQ_KS", "SHOES_KS", "CIRR_KS", "RECALL_KS",
+    "CIRR_SUBSET_KS", "ITM_KS",
     "recall_key", "is_recall_key", "subset_key", "itm_key",
     "target_ranks", "removed_targets_missed", "recall_from_ranks", "recall_at_k",
     "fashioniq_metrics", "shoes_metrics",
@@ -56,46 +59,8 @@ __all__ = [
     "coco_1k_folds", "fold_mean_metrics", "coco_5k_metrics",
 ]
 
-# ---------------------------------------------------------------------------------------------------- metric keys
-AVG = "avg"  # the headline average of a protocol (FIQ overall, Shoes mean, CIRR (R@5 + Rsubset@1) / 2)
-# what ``avg`` is, per protocol, in words for tables (the functions below compute it)
-AVG_DEFINITIONS = {"fashioniq": "(avg_R@10 + avg_R@50) / 2", "shoes": "(R@1 + R@10 + R@50) / 3",
-                   "cirr": "(R@5 + Rsubset@1) / 2"}
-RSUM = "rsum"  # ITM: i2t R@1+R@5+R@10 + t2i R@1+R@5+R@10
-TIES = ("stable", "optimistic", "pessimistic")
-FIQ_CATEGORIES = ("dress", "shirt", "toptee")
-FIQ_KS = (10, 50)
-SHOES_KS = (1, 10, 50)
-CIRR_KS = (1, 5, 10, 50)
-RECALL_KS = {"fashioniq": FIQ_KS, "shoes": SHOES_KS, "cirr": CIRR_KS}  # each CIR protocol's recall cut-offs
-CIRR_SUBSET_KS = (1, 2, 3)
-ITM_KS = (1, 5, 10)
-CIRR_VERSION = "rc2"
-CIRR_SUBMISSION_K = {"recall": 50, "recall_subset": 3}  # list length per submission file (CIRR test server)
-
 ScoresLike = Any  # a tensor or anything torch.as_tensor accepts (numpy arrays, memmaps, lists)
 _NEVER = torch.iinfo(torch.long).max  # rank that no recall cut-off reaches (a target removed with its reference)
-
-
-def recall_key(k: int, prefix: str = "") -> str:
-    """``"R@10"``, or ``"dress_R@10"`` with a prefix."""
-    return f"{prefix}_R@{k}" if prefix else f"R@{k}"
-
-
-def subset_key(k: int) -> str:
-    """CIRR Recall_subset key, ``"cirr_Rsubset@1"``."""
-    return f"cirr_Rsubset@{k}"
-
-
-def is_recall_key(key: str) -> bool:
-    """A recall in % that :func:`recall_key`, :func:`subset_key` or :func:`itm_key` names (``"R@10"``,
-    ``"dress_R@10"``, ``"cirr_Rsubset@1"``, ``"i2t_R@1"``); not ``avg``, ``rsum`` or a median rank."""
-    return re.search(r"(^|_)R(subset)?@\d+$", key) is not None
-
-
-def itm_key(direction: str, stat: str | int) -> str:
-    """``itm_key("i2t", 1) -> "i2t_R@1"``, ``itm_key("t2i", "medr") -> "t2i_medr"``."""
-    return f"{direction}_R@{stat}" if isinstance(stat, int) else f"{direction}_{stat}"
 
 
 # ---------------------------------------------------------------------------------------------------- input checks

@@ -134,7 +134,7 @@ def split_file(root: Path, category: str, split: str) -> Path:
 def _refuse_reserved_names(root: Path, categories: Sequence[str], sink: ProblemCollector) -> None:
     """A category named like the protocol's average ("avg") would write its recalls under the average's keys
     (avg_R@10), and one of the two would be lost without a word."""
-    from cirlab.core.metrics import AVG
+    from cirlab.core.metric_keys import AVG
 
     if AVG in categories:
         sink.add("bad_entry", root / "captions", f"category {AVG!r}",

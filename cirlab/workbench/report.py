@@ -1817,7 +1817,7 @@ def _metrics_html(path: Path, limit: int = 60) -> tuple[str, int]:
     # record repeats under splits/<split>/
     repeats = [(f"splits/{split}/", "val/")] if isinstance(split, str) else []
     flat = _unique_metrics(flat_numbers(metrics, floats=False), repeats)
-    from cirlab.core.metrics import AVG, AVG_DEFINITIONS  # here: the module imports torch, the report CLI does not
+    from cirlab.core.metric_keys import AVG, AVG_DEFINITIONS
 
     avg = AVG_DEFINITIONS.get(str(metrics.get("protocol"))) if isinstance(metrics, Mapping) else None
     if avg:  # the protocol's headline number, named by its formula (CIRR's and Fashion-IQ's differ)
@@ -1928,8 +1928,8 @@ def _glossary_html(body: str) -> str:
     terms = [(name, meaning) for pattern, name, meaning in GLOSSARY if re.search(pattern, body)]
     if not terms:
         return ""
-    if any("{avg}" in meaning for _, meaning in terms):  # only then: the metrics module imports torch, which the
-        from cirlab.core.metrics import AVG_DEFINITIONS  # report process (its kernels do the work) needs no other time
+    if any("{avg}" in meaning for _, meaning in terms):
+        from cirlab.core.metric_keys import AVG_DEFINITIONS
 
         avg = "; ".join(f"{name} {formula}" for name, formula in AVG_DEFINITIONS.items())  # the formulas, once
         terms = [(name, meaning.replace("{avg}", avg)) for name, meaning in terms]

@@ -1158,7 +1158,7 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | s
     """
     import pandas as pd
 
-    from cirlab.core.metrics import is_recall_key  # here: the metrics module imports torch, viz does not
+    from cirlab.core.metric_keys import is_recall_key
 
     df = log if isinstance(log, pd.DataFrame) else analysis.read_log(log)
     if df.empty:
