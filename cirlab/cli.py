@@ -19,6 +19,7 @@ from cirlab.core.paths import user_path
 from cirlab.core.threads import launch_rank
 
 logger = logging.getLogger("cirlab")
+DEFAULT_CHECKPOINT = "best.pt"  # the file --checkpoint picks in a run folder's checkpoints/ by default
 
 # exit statuses (docs/architecture.md lists them all): 2 the user's input is at fault (fix it, then run again);
 # 3 the command ran and found problems (cirlab.core.errors.EXIT_FOUND: data check's, a report's failed entry);
@@ -113,7 +114,7 @@ def _add_eval(subparsers: Any) -> None:
                     "checkpoints/best.pt are used) or a checkpoint file (cirlab checkpoints know their model; "
                     "others need --model/--preset). Prints the metrics as JSON and writes them with --output.")
     p.add_argument("target", metavar="RUN_OR_CHECKPOINT", type=user_path, help="run folder or checkpoint file")
-    p.add_argument("--checkpoint", default="best.pt",
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help="checkpoint inside a run folder's checkpoints/ (default: best.pt; last.pt also works, and "
                         "either without .pt)")
     p.add_argument("--config", default=None, type=user_path,
@@ -643,7 +644,9 @@ def _warn_if_the_data_changed(run_dir: Path, config: dict[str, Any]) -> None:
 
     diffs = data_changes_since(run_dir, config)
     stage1 = str((config.get("eval") or {}).get("stage1_topk") or "")
-    if stage1 and not Path(stage1).expanduser().exists():  # a path that is wrong, not changed data: its error says so
+    # a path that is wrong, not changed data (its error says so); or none: stage II ranks with its frozen stage I,
+    # the other documented source of its lists (--set eval.stage1_topk=), whose files are not read at all
+    if not stage1 or not Path(stage1).expanduser().exists():
         diffs = [d for d in diffs if not d.startswith("eval.stage1_topk/")]
     if diffs:
         logger.warning("%s was trained on other data than %s holds now (%s): these results are not comparable with "
@@ -684,6 +687,13 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
         _catalog_splits(config["dataset"])
     overrides = parse_set(args.overrides)
     _refuse_unread_sections(overrides, getattr(args, "model", None))
+    for path, _ in overrides:  # the flag's value was replaced by --set's without a word (--split val --set eval...)
+        clash = [(flag, value, f"{section}.{field}") for section, field, flag, value in given
+                 if [section, field][:len(path)] == path[:2]]
+        if clash:
+            flag, value, entry = clash[0]
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            raise ConfigError(f"{flag} {shown} and --set {'.'.join(path)} both set {entry}: give one of them")
     config = apply_overrides(config, overrides)
     if not config["dataset"].get("name"):
         if source is not None:  # a run of the Python API (cirlab.fit) records none
@@ -804,14 +814,19 @@ class _Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _checkpoint_of(target_arg: str, name: str) -> tuple[Path, Path | None]:
-    """(checkpoint file, its run folder or None) of a run folder or checkpoint path given to ``eval``."""
+def _checkpoint_of(target_arg: str, name: str, command: str = "cirlab eval") -> tuple[Path, Path | None]:
+    """(checkpoint file, its run folder or None) of a run folder or checkpoint path given to ``command``; ``name``
+    (``--checkpoint``) picks the file in a run folder, and with a file given it must be the default."""
     from cirlab.core.errors import CheckpointError
 
     target = Path(target_arg)
     if not target.exists():
         raise CheckpointError(f"{target}: no such run folder or checkpoint file")
     run_dir = target if target.is_dir() else None
+    if run_dir is None and name.removesuffix(".pt") != DEFAULT_CHECKPOINT.removesuffix(".pt"):  # read by nothing
+        raise CheckpointError(f"{command} {target} --checkpoint {name}: --checkpoint picks a file in a run folder's "
+                              f"checkpoints/, and {target} is a checkpoint file itself; pass the run folder with "
+                              f"--checkpoint {name}, or the file you want")
     folder = target / "checkpoints"
     if run_dir is not None and not (folder / name).is_file() and (folder / f"{name}.pt").is_file():
         name = f"{name}.pt"  # --checkpoint best, as workbench.load_run(checkpoint="best") names it
@@ -835,6 +850,20 @@ def _checkpoint_of(target_arg: str, name: str) -> tuple[Path, Path | None]:
     if run_dir is None and (target.parent.parent / "config.yaml").is_file() and target.parent.name == "checkpoints":
         run_dir = target.parent.parent  # a checkpoint inside a run folder: use that run's config
     return checkpoint, run_dir
+
+
+def _refuse_one_split_twice(loaded: dict[str, Any]) -> None:
+    """Two names of one split (``val`` and ``dev``, ``test`` and CIRR's ``test1``): it was scored twice, and with
+    ``--topk-dir`` the second write of its file stopped the command after all the work, blaming another process."""
+    from cirlab.core.errors import ConfigError
+
+    seen: dict[tuple[Any, ...], str] = {}
+    for name, value in loaded.items():
+        parts = value if isinstance(value, (list, tuple)) else [value]
+        key = tuple(sorted((str(getattr(p, "split", name)), str(getattr(p, "category", "") or "")) for p in parts))
+        if key in seen:
+            raise ConfigError(f"splits {seen[key]!r} and {name!r} are the same split ({key[0][0]}): evaluate it once")
+        seen[key] = name
 
 
 def _refuse_a_mixed_run(run_dir: Path | None, checkpoint: Path, model: Any, args: argparse.Namespace) -> None:
@@ -879,9 +908,10 @@ def _run_eval(args: argparse.Namespace) -> int:
         why = f"still training: {holder}" if holder else "no train_summary.json: it stopped"
         logger.warning("%s: the run did not finish (%s); evaluating %s as it is now", run_dir, why, checkpoint)
     config = _eval_config(args, run_dir)
-    if args.topk_dir and is_itm(str(config["dataset"]["name"])):  # nothing would be written there, without a word
-        raise ConfigError(f"--topk-dir {args.topk_dir}: top-K files are for composed retrieval (CIR) rankings; "
-                          f"{config['dataset']['name']} is image-text matching, scored as whole score matrices")
+    for flag, value in (("--topk-dir", args.topk_dir), ("--k", args.k)):  # nothing would read them, without a word
+        if value is not None and is_itm(str(config["dataset"]["name"])):
+            raise ConfigError(f"{flag} {value}: top-K files are for composed retrieval (CIR) rankings; "
+                              f"{config['dataset']['name']} is image-text matching, scored as whole score matrices")
     if run_dir is not None:  # the run is where it was given, not where its config.yaml says it was trained (a copy
         config["output_dir"] = str(run_dir.absolute())  # or a moved run: a stage I writes its top-K into its own)
     splits = config["eval"].get("splits") or [config["dataset"]["val_split"]]
@@ -894,6 +924,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         if flag and err.name in flag[1]:  # the flag set it, not the config: blame the flag
             raise UnknownNameError(f"{flag[0]} {err.name}: {err.reason}", err.field, err.name, err.reason) from None
         raise
+    _refuse_one_split_twice(loaded)
     from cirlab.engine.train import resolve_device
 
     device = resolve_device(args.device, "--device")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import logging
 import os
 from pathlib import Path
@@ -155,6 +156,36 @@ def test_eval_num_workers_decodes_the_evaluations_images_in_workers(tmp_path, sy
                            ("-1", "expected an integer >= 0, got -1")):
         with pytest.raises(ConfigError, match=rf"eval\.num_workers: {problem}"):
             runs.validate_config(runs.load_config(itm, [f"eval.num_workers={value}"]), str(itm))
+
+
+def test_eval_refuses_what_it_would_not_read(tmp_path, synth, capsys, caplog):
+    """`--checkpoint last` with a checkpoint file evaluated that file; a flag and --set naming one entry let --set
+    win (`--split val` scored test); `--k` on an ITM run did nothing. Each is one line now, before any work."""
+    run = _trained_stub(tmp_path, synth)
+    best = run / "checkpoints" / "best.pt"
+    cases = [(["eval", str(best), "--checkpoint", "last"], rf"^cirlab eval {re.escape(str(best))} --checkpoint last: "
+              r"--checkpoint picks a file in a run folder's checkpoints/"),
+             (["eval", str(run), "--split", "val", "--set", "eval.splits=[test]"],
+              r"^--split val and --set eval\.splits both set eval\.splits: give one of them$"),
+             (["eval", str(run), "--category", "shirt", "--set", "dataset={category: dress}"],
+              r"^--category shirt and --set dataset both set dataset\.category: give one of them$")]
+    for argv, message in cases:
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert main(argv) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and re.search(message, errors[0]), (argv, errors)
+    assert main(["eval", str(best), "--checkpoint", "best", "--split", "val"]) == 0  # the default, named: fine
+    capsys.readouterr()
+    dime = tmp_path / "dime"
+    assert main(["train", str(ROOT / "configs" / "dime_synthetic_tiny.yaml"), "--output-dir", str(dime),
+                 "--set", "train.max_steps=1", "--set", f"dataset.synthetic.out={synth}",
+                 "--set", "dataset.synthetic.image_size=32"]) == 0
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main(["eval", str(dime), "--k", "5"]) == 2
+    assert "--k 5: top-K files are for composed retrieval (CIR) rankings; f30k is image-text matching" in caplog.text
+    capsys.readouterr()
 
 
 def test_eval_output_written_meanwhile_by_another_eval_is_not_replaced(tmp_path, synth, capsys, caplog, monkeypatch):

@@ -216,3 +216,30 @@ def test_a_stage2_on_a_small_gallery_says_how_many_it_re_ranks(runs, caplog):
     why = f"not 100: the gallery has only {len(split.gallery_names) - 1} candidates per query"
     assert f"eval.stage1_topk is empty: ranking with the frozen stage I inside the re-ranker (top 43, {why})" in said
     assert f"re-ranked val: top 43 of {len(split.triplets)} queries ({len(split.triplets)} scored; {why})" in said
+
+
+def test_eval_of_a_reranker_run_says_what_it_does_and_refuses_one_split_twice(runs, tmp_path, capsys, caplog):
+    """Two names of one split (val, dev) were scored twice; `--set eval.stage1_topk=` (stage II ranking with its own
+    frozen stage I) warned that the data had changed; a kept top-K file of another length was said to differ by
+    "other data, category or weights"."""
+    import shutil
+
+    with caplog.at_level(logging.ERROR):
+        assert main(["eval", str(runs["stage1"]), "--split", "val", "--split", "dev"]) == 2
+    assert "splits 'val' and 'dev' are the same split (val): evaluate it once" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["eval", str(runs["stage2"]), "--split", "val", "--set", "eval.stage1_topk="]) == 0
+    assert "trained on other data" not in caplog.text and not _warnings(caplog), _warnings(caplog)
+    run = tmp_path / "stage1"
+    shutil.copytree(runs["stage1"], run)
+    path = run / "topk" / "val.topk.npz"
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["eval", str(run), "--split", "val", "--k", "5"]) == 0
+    said = [r.getMessage() for r in caplog.records if str(path) in r.getMessage()]
+    length = load_topk(path).k
+    assert said == [f"{path}: kept as it is: it holds the top {length} per query, this evaluation's top 5 (their "
+                    "first 5 agree); pass --topk-dir DIR to keep the new ones"], said
+    assert not [w for w in _warnings(caplog) if str(path) in w]
+    capsys.readouterr()

@@ -160,6 +160,18 @@ def test_submit_writes_valid_server_files_for_both_stages(runs, cirr_root, capsy
         assert sorted(two[:K2]) == sorted(one[:K2]) and two[K2:] == one[K2:]
 
 
+def test_submit_names_its_checkpoint_as_eval_does(runs, tmp_path, capsys, caplog):
+    """`cirlab submit --checkpoint last` was "checkpoint not found" where `cirlab eval --checkpoint last` works."""
+    out = tmp_path / "sub"
+    assert main(["submit", str(runs["stage1"]), "--split", "test", "--checkpoint", "last", "--out", str(out)]) == 0
+    assert len(list(out.glob("*.json"))) == 2
+    caplog.clear()
+    assert main(["submit", str(runs["stage1"]), "--split", "test", "--checkpoint", "bset", "--out", str(out)]) == 2
+    assert "has no checkpoints/bset (a run still training or stopped early?); it has best.pt, last.pt: try " \
+           "--checkpoint best.pt" in caplog.text
+    capsys.readouterr()
+
+
 def test_submit_refuses_a_split_with_a_short_gallery(runs, caplog):
     assert main(["submit", str(runs["stage1"]), "--split", "val"]) == 2  # 43 candidates < the server's 50
     assert re.search(r"cirlab submit: \S+stage1, split val of \S+: k=50 but only 43 gallery items can "

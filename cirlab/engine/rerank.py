@@ -134,11 +134,20 @@ def _say_if_replaced_lists_differ(path: Path, new: TopK) -> None:
         logger.warning("%s: kept as it is (cannot read it to compare: %s); pass --topk-dir DIR to keep this "
                        "evaluation's top-K lists", path, getattr(err, "strerror", None) or err)
         return
-    if not same_lists(old, new):
+    if old.k != new.k and same_lists(*(_first(t, min(old.k, new.k)) for t in (old, new))):
+        logger.info("%s: kept as it is: it holds the top %d per query, this evaluation's top %d (their first %d "
+                    "agree); pass --topk-dir DIR to keep the new ones", path, old.k, new.k, min(old.k, new.k))
+    elif not same_lists(old, new):
         logger.warning("%s: kept as it is, though this evaluation's top-K lists differ from it (other data, category "
                        "or weights?); pass --topk-dir DIR to keep the new ones", path)
     else:  # nothing new to write: said, or a re-run could not tell "kept" from "written"
         logger.info("%s: kept as it is (it holds this evaluation's top-K lists already)", path)
+
+
+def _first(topk: TopK, k: int) -> TopK:
+    """The first ``k`` of each of ``topk``'s lists (the target ranks are the full ranking's, whatever the length)."""
+    return TopK(topk.query_ids, topk.gallery_ids[:, :k], topk.scores[:, :k], topk.target_rank, topk.category,
+                topk.target_ids, topk.meta)
 
 
 def same_lists(a: TopK, b: TopK) -> bool:
