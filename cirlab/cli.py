@@ -707,6 +707,7 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
         logger.warning("%s gives a relative dataset.root %r, read from this folder as %s: the run may have read "
                        "other data; pass --root to say which", source, stored_root,
                        Path(str(stored_root)).expanduser().absolute())
+    _refuse_k_of_a_reranker(args, config)
     flags = [f"{flag} {value}" for _, _, flag, value in given]
     validate_blaming(config, base, str(source) if source is not None else "cirlab eval",
                      flags + [f"--set {o}" for o in args.overrides], for_eval=True, check_train=bool(args.config))
@@ -850,6 +851,26 @@ def _checkpoint_of(target_arg: str, name: str, command: str = "cirlab eval") -> 
     if run_dir is None and (target.parent.parent / "config.yaml").is_file() and target.parent.name == "checkpoints":
         run_dir = target.parent.parent  # a checkpoint inside a run folder: use that run's config
     return checkpoint, run_dir
+
+
+def _refuse_k_of_a_reranker(args: argparse.Namespace, config: dict[str, Any]) -> None:
+    """``--k`` on a stage-II re-ranker's run: it writes the candidates it was trained to re-rank
+    (``model_overrides.rerank_k``), so the flag set nothing, and the warning said so of the run's config.yaml and
+    advised a model setting that ``cirlab eval`` refuses."""
+    from cirlab.core.errors import ConfigError
+    from cirlab.models.registry import get_entry
+
+    named = getattr(args, "model", None) or config.get("model")
+    if args.k is None or not named:
+        return
+    try:
+        task = get_entry(str(named)).task
+    except (KeyError, ValueError):  # an unknown model: its own error comes later
+        return
+    if task == "rerank":
+        raise ConfigError(f"--k {args.k}: {named} re-ranks and writes the top model_overrides.rerank_k candidates "
+                          "per query it was trained with (0: the paper's K), which cirlab eval does not change: "
+                          "drop --k")
 
 
 def _refuse_one_split_twice(loaded: dict[str, Any]) -> None:

@@ -379,7 +379,7 @@ def test_topk_files_rerank_and_submission(cirr_root, tmp_path):
     assert ranks.min() >= 1 and ranks.max() <= 5
     test = cirlab.data.load_cir("cirr", cirr_root, "test1")
     assert len(test.gallery_names) <= 50  # tiny synthetic gallery: the server's top-50 cannot be filled
-    with pytest.raises(ValueError, match="holds the top 43"):
+    with pytest.raises(ValueError, match="k=50 but only 43 gallery items can be ranked per query"):  # before stage I
         rerank.cirr_submission(m2, test, eval_config={})
 
 

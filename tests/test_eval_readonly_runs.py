@@ -227,6 +227,13 @@ def test_eval_of_a_reranker_run_says_what_it_does_and_refuses_one_split_twice(ru
     with caplog.at_level(logging.ERROR):
         assert main(["eval", str(runs["stage1"]), "--split", "val", "--split", "dev"]) == 2
     assert "splits 'val' and 'dev' are the same split (val): evaluate it once" in caplog.text
+    caplog.clear()  # --k on a stage II set nothing; its warning blamed the run's config.yaml and advised a refused flag
+    with caplog.at_level(logging.WARNING):
+        assert main(["eval", str(runs["stage2"]), "--k", "5"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["--k 5: blip_rerank_stage2 re-ranks and writes the top model_overrides.rerank_k candidates per "
+                      "query it was trained with (0: the paper's K), which cirlab eval does not change: drop --k"]
+    assert not _warnings(caplog)
     caplog.clear()
     with caplog.at_level(logging.INFO):
         assert main(["eval", str(runs["stage2"]), "--split", "val", "--set", "eval.stage1_topk="]) == 0

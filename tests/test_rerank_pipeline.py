@@ -173,9 +173,12 @@ def test_submit_names_its_checkpoint_as_eval_does(runs, tmp_path, capsys, caplog
 
 
 def test_submit_refuses_a_split_with_a_short_gallery(runs, caplog):
-    assert main(["submit", str(runs["stage1"]), "--split", "val"]) == 2  # 43 candidates < the server's 50
-    assert re.search(r"cirlab submit: \S+stage1, split val of \S+: k=50 but only 43 gallery items can "
-                     r"be ranked per query$", caplog.text.strip())
+    for stage in ("stage1", "stage2"):  # stage II refused stage I's shorter file first, with advice that could not work
+        caplog.clear()
+        assert main(["submit", str(runs[stage]), "--split", "val"]) == 2  # 43 candidates < the server's 50
+        assert re.search(rf"cirlab submit: \S+{stage}, split val of \S+: k=50 but only 43 gallery items can "
+                         r"be ranked per query$", caplog.text.strip()), caplog.text
+    caplog.clear()
     assert "test_split" not in caplog.text
     caplog.clear()  # a config whose test split is its validation split (the tiny configs): said, not silent
     assert main(["submit", str(runs["stage1"]), "--split", "test", "--set", "dataset.test_split=val"]) == 2

@@ -148,7 +148,7 @@ def _drop_excluded(scores: Tensor, idx: Tensor, exclude: Tensor, k: int) -> tupl
     return scores[keep].view(-1, k), idx[keep].view(-1, k)
 
 
-def _check_k(k: int, n_g: int, exclude: Tensor | None) -> int:
+def check_k(k: int, n_g: int, exclude: Tensor | None) -> int:
     """``k`` as an int a top-K list can hold (2.0 or True failed inside torch as a dtype or size error)."""
     k = whole_number(k, "k (a top-K list's length)")
     available = n_g - (1 if exclude is not None and bool((exclude >= 0).any()) else 0)
@@ -226,7 +226,7 @@ def topk_search(queries: Tensor, gallery: Tensor, k: int, *, query_chunk: int = 
             finite = False
     query_chunk, gallery_chunk = _chunk_sizes(query_chunk, gallery_chunk)
     exc = _exclude_tensor(exclude, len(queries), len(gallery), queries.device)
-    k = _check_k(k, len(gallery), exc)
+    k = check_k(k, len(gallery), exc)
     engine = _search.choose_backend(backend, queries, gallery, k)
     if engine != "blocks" and not finite:
         if backend != "auto":
@@ -265,7 +265,7 @@ def topk_candidates(scores: Tensor, k: int, *, exclude: Any = None, query_chunk:
         raise InputError("scores contain NaN")
     query_chunk, gallery_chunk = _chunk_sizes(query_chunk, gallery_chunk)
     exc = _exclude_tensor(exclude, s.shape[0], s.shape[1], s.device)
-    k = _check_k(k, s.shape[1], exc)
+    k = check_k(k, s.shape[1], exc)
     return _topk_blocks(lambda q0, q1, g0, g1: s[q0:q1, g0:g1], tuple(s.shape), k, exc, query_chunk, gallery_chunk,
                         s.device, _ranking_dtype(s.dtype))
 

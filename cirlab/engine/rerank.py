@@ -463,8 +463,11 @@ def cirr_rankings(model: Any, split: Any, *, eval_config: Mapping[str, Any], dev
     and the best 3 non-reference members. A re-ranker re-orders stage I's first K (positions past K keep stage I's
     order) and scores the members itself; a CIR model ranks by its embeddings."""
     batch = int(eval_config.get("batch_size") or 64)
+    reference = torch.tensor(split.ref_indices(), dtype=torch.long)
+    # the server's 50 names per query need a gallery of 51 (the reference is never listed): said at once for a
+    # stage II too, which otherwise refused stage I's shorter top-K file first, with advice that could not work
+    retrieval.check_k(SUBMISSION_K, len(split.gallery_names), reference)
     if not isinstance(model, Reranker):
-        reference = torch.tensor(split.ref_indices(), dtype=torch.long)
         return retrieval.cirr_rankings(score_matrix(model, split, batch_size=batch, device=device), reference,
                                        _members(split)[0], split.gallery_names, k=SUBMISSION_K)
     k = int(model.config.k)
