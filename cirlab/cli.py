@@ -707,7 +707,7 @@ def _eval_config(args: argparse.Namespace, run_dir: Path | None) -> dict[str, An
         logger.warning("%s gives a relative dataset.root %r, read from this folder as %s: the run may have read "
                        "other data; pass --root to say which", source, stored_root,
                        Path(str(stored_root)).expanduser().absolute())
-    _refuse_k_of_a_reranker(args, config)
+    _refuse_unread_output_flags(args, config)
     flags = [f"{flag} {value}" for _, _, flag, value in given]
     validate_blaming(config, base, str(source) if source is not None else "cirlab eval",
                      flags + [f"--set {o}" for o in args.overrides], for_eval=True, check_train=bool(args.config))
@@ -815,7 +815,7 @@ class _Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _checkpoint_of(target_arg: str, name: str, command: str = "cirlab eval") -> tuple[Path, Path | None]:
+def checkpoint_of(target_arg: str, name: str, command: str = "cirlab eval") -> tuple[Path, Path | None]:
     """(checkpoint file, its run folder or None) of a run folder or checkpoint path given to ``command``; ``name``
     (``--checkpoint``) picks the file in a run folder, and with a file given it must be the default."""
     from cirlab.core.errors import CheckpointError
@@ -853,38 +853,31 @@ def _checkpoint_of(target_arg: str, name: str, command: str = "cirlab eval") -> 
     return checkpoint, run_dir
 
 
-def _refuse_k_of_a_reranker(args: argparse.Namespace, config: dict[str, Any]) -> None:
-    """``--k`` on a stage-II re-ranker's run: it writes the candidates it was trained to re-rank
-    (``model_overrides.rerank_k``), so the flag set nothing, and the warning said so of the run's config.yaml and
-    advised a model setting that ``cirlab eval`` refuses."""
+def _refuse_unread_output_flags(args: argparse.Namespace, config: dict[str, Any]) -> None:
+    """``--topk-dir`` and ``--k`` where nothing reads them: an ITM evaluation writes no top-K file (it scores whole
+    matrices), and a stage-II re-ranker writes the candidates it was trained to re-rank
+    (``model_overrides.rerank_k``; the warning for ``--k`` blamed the run's config.yaml and advised a model setting
+    that ``cirlab eval`` refuses)."""
     from cirlab.core.errors import ConfigError
+    from cirlab.data.catalog import is_itm
     from cirlab.models.registry import get_entry
 
+    k = getattr(args, "k", None)
+    for flag, value in (("--topk-dir", getattr(args, "topk_dir", None)), ("--k", k)):
+        if value is not None and is_itm(str(config["dataset"]["name"])):
+            raise ConfigError(f"{flag} {value}: top-K files are for composed retrieval (CIR) rankings; "
+                              f"{config['dataset']['name']} is image-text matching, scored as whole score matrices")
     named = getattr(args, "model", None) or config.get("model")
-    if args.k is None or not named:
+    if k is None or not named:
         return
     try:
         task = get_entry(str(named)).task
     except (KeyError, ValueError):  # an unknown model: its own error comes later
         return
     if task == "rerank":
-        raise ConfigError(f"--k {args.k}: {named} re-ranks and writes the top model_overrides.rerank_k candidates "
+        raise ConfigError(f"--k {k}: {named} re-ranks and writes the top model_overrides.rerank_k candidates "
                           "per query it was trained with (0: the paper's K), which cirlab eval does not change: "
                           "drop --k")
-
-
-def _refuse_one_split_twice(loaded: dict[str, Any]) -> None:
-    """Two names of one split (``val`` and ``dev``, ``test`` and CIRR's ``test1``): it was scored twice, and with
-    ``--topk-dir`` the second write of its file stopped the command after all the work, blaming another process."""
-    from cirlab.core.errors import ConfigError
-
-    seen: dict[tuple[Any, ...], str] = {}
-    for name, value in loaded.items():
-        parts = value if isinstance(value, (list, tuple)) else [value]
-        key = tuple(sorted((str(getattr(p, "split", name)), str(getattr(p, "category", "") or "")) for p in parts))
-        if key in seen:
-            raise ConfigError(f"splits {seen[key]!r} and {name!r} are the same split ({key[0][0]}): evaluate it once")
-        seen[key] = name
 
 
 def _refuse_a_mixed_run(run_dir: Path | None, checkpoint: Path, model: Any, args: argparse.Namespace) -> None:
@@ -917,11 +910,10 @@ def _blame_a_writer(run_dir: Path | None, checkpoint: Path) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from cirlab.core.errors import CheckpointError, ConfigError, UnknownNameError
-    from cirlab.data.catalog import is_itm
-    from cirlab.engine.runs import load_split, model_from_checkpoint, parse_set, protocol_of
+    from cirlab.core.errors import CheckpointError, UnknownNameError
+    from cirlab.engine.runs import load_splits, model_from_checkpoint, parse_set, protocol_of
 
-    checkpoint, run_dir = _checkpoint_of(args.target, args.checkpoint)  # a missing run: said before torch loads
+    checkpoint, run_dir = checkpoint_of(args.target, args.checkpoint)  # a missing run: said before torch loads
     if run_dir is not None and (run_dir / "log.jsonl").is_file() and not (run_dir / "train_summary.json").is_file():
         from cirlab.core.io import lock_holder
 
@@ -929,23 +921,18 @@ def _run_eval(args: argparse.Namespace) -> int:
         why = f"still training: {holder}" if holder else "no train_summary.json: it stopped"
         logger.warning("%s: the run did not finish (%s); evaluating %s as it is now", run_dir, why, checkpoint)
     config = _eval_config(args, run_dir)
-    for flag, value in (("--topk-dir", args.topk_dir), ("--k", args.k)):  # nothing would read them, without a word
-        if value is not None and is_itm(str(config["dataset"]["name"])):
-            raise ConfigError(f"{flag} {value}: top-K files are for composed retrieval (CIR) rankings; "
-                              f"{config['dataset']['name']} is image-text matching, scored as whole score matrices")
     if run_dir is not None:  # the run is where it was given, not where its config.yaml says it was trained (a copy
         config["output_dir"] = str(run_dir.absolute())  # or a moved run: a stage I writes its top-K into its own)
     splits = config["eval"].get("splits") or [config["dataset"]["val_split"]]
     _check_eval_outputs(args, splits)
     _refuse_gone_recorded_paths(run_dir, config, args)
     try:
-        loaded = {split: load_split(config, split) for split in splits}  # a wrong --root fails before the model loads
+        loaded = load_splits(config, splits)  # a wrong --root fails before the model loads
     except UnknownNameError as err:
         flag = {"split": ("--split", args.split or []), "category": ("--category", [args.category])}.get(err.field)
         if flag and err.name in flag[1]:  # the flag set it, not the config: blame the flag
             raise UnknownNameError(f"{flag[0]} {err.name}: {err.reason}", err.field, err.name, err.reason) from None
         raise
-    _refuse_one_split_twice(loaded)
     from cirlab.engine.train import resolve_device
 
     device = resolve_device(args.device, "--device")
@@ -976,7 +963,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.ensemble:
         from cirlab.engine.runs import make_ensemble
 
-        files = [checkpoint] + [_checkpoint_of(m, args.checkpoint)[0] for m in args.ensemble]
+        files = [checkpoint] + [checkpoint_of(m, args.checkpoint)[0] for m in args.ensemble]
         members = [model] + [model_from_checkpoint(path, model=args.model, preset=args.preset,
                                                    trust_pickle=args.trust_pickle,
                                                    overrides=config.get("model_overrides"), asked=asked)[0]

@@ -26,6 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from cirlab.cli import DEFAULT_CHECKPOINT, checkpoint_of
 from cirlab.core.paths import user_path
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def _add_submit(subparsers: Any) -> None:
     p.add_argument("run", metavar="RUN", type=user_path, help="run folder (config.yaml + checkpoints/)")
     p.add_argument("--split", default="test",
                    help="split to rank (default: test = the config's dataset.test_split, test1 for CIRR)")
-    p.add_argument("--checkpoint", default="best.pt",
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help="checkpoint in RUN/checkpoints/ (default: best.pt; last.pt also works, and either without .pt)")
     p.add_argument("--out", default=None, type=user_path, help="output folder (default: RUN/submission)")
     p.add_argument("--name", default=None, help="file name part (default: <run folder name>_<split>)")
@@ -78,8 +79,6 @@ def _run_submit(args: argparse.Namespace) -> int:
     from cirlab.engine import rerank
     from cirlab.engine.runs import ConfigError, load_config, load_split, model_from_checkpoint
 
-    from cirlab.cli import _checkpoint_of
-
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"cirlab submit: {run} is not a run folder (no config.yaml)")
@@ -102,7 +101,7 @@ def _run_submit(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"cirlab submit: --out {out} is a file; the two submission files go into a folder")
     device = _device(args.device)
-    checkpoint, _ = _checkpoint_of(str(run), args.checkpoint, "cirlab submit")  # as cirlab eval names it: last, last.pt
+    checkpoint, _ = checkpoint_of(str(run), args.checkpoint, "cirlab submit")  # as cirlab eval names it: last, last.pt
     check_outputs([out / f"{stem}_{name}.json" for stem in SUBMISSION_STEMS], overwrite=args.overwrite,
                   command="cirlab submit")
     (split,) = load_split(config, split_name)  # a wrong root fails before the model is read

@@ -250,3 +250,14 @@ def test_eval_of_a_reranker_run_says_what_it_does_and_refuses_one_split_twice(ru
                     "first 5 agree); pass --topk-dir DIR to keep the new ones"], said
     assert not [w for w in _warnings(caplog) if str(path) in w]
     capsys.readouterr()
+
+
+def test_training_refuses_two_names_of_one_split_before_it_builds_the_model(runs, tmp_path, caplog):
+    """`eval.splits: [val, dev]` scored CIRR's validation split twice at the end of a training (and wrote its top-K
+    file twice): refused with the final splits' reading, before the model is built."""
+    out = tmp_path / "run"
+    with caplog.at_level(logging.ERROR):
+        assert main(["train", str(runs["stage1"] / "config.yaml"), "--output-dir", str(out),
+                     "--set", "eval.splits=[val, dev]"]) == 2
+    assert "splits 'val' and 'dev' are the same split (val): evaluate it once" in caplog.text
+    assert not (out / "checkpoints").exists()

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from cirlab.core.errors import ConfigError, UnknownNameError
+from cirlab.core.metric_keys import AVG
 from cirlab.data.base import (CIRSplit, ProblemCollector, Triplet, first_appearance, index_images, is_str_list,
                               missing_keys_message, read_json)
 
@@ -134,8 +135,6 @@ def split_file(root: Path, category: str, split: str) -> Path:
 def _refuse_reserved_names(root: Path, categories: Sequence[str], sink: ProblemCollector) -> None:
     """A category named like the protocol's average ("avg") would write its recalls under the average's keys
     (avg_R@10), and one of the two would be lost without a word."""
-    from cirlab.core.metric_keys import AVG
-
     if AVG in categories:
         sink.add("bad_entry", root / "captions", f"category {AVG!r}",
                  f"a category named {AVG!r} shares its metric keys with the average over the categories "

@@ -641,14 +641,11 @@ def _validate_eval(config: dict[str, Any], source: str) -> None:
     unknown = sorted(set(ev) - set(known))
     if unknown:
         raise ConfigError(unknown_names_message(f"{source}: eval", unknown, known, EVAL_ORIGINAL_NAMES))
-    for key in ("k", "batch_size", "shard_size"):
+    for key, low in (("k", 1), ("batch_size", 1), ("shard_size", 1), ("num_workers", 0)):
         value = ev.get(key, DEFAULTS["eval"][key])
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{source}: eval.{key}: expected an integer >= 1, got {value!r}")
-    workers = ev.get("num_workers", 0)
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
-        raise ConfigError(f"{source}: eval.num_workers: expected an integer >= 0, got {workers!r}")
-    if workers and is_precomp(config):  # nothing would read it
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{source}: eval.{key}: expected an integer >= {low}, got {value!r}")
+    if ev.get("num_workers") and is_precomp(config):  # nothing would read it
         raise ConfigError(f"{source}: eval.num_workers: ITM evaluation ({config['dataset']['name']}) reads "
                           "precomputed features, with no images to decode in workers; remove it")
     _say_unread_k(config, source)
@@ -1130,6 +1127,21 @@ def evaluate_split(model: Any, config: dict[str, Any], split: str, *, device: An
                         k=int(ev["k"]), topk_path=topk_dir, meta=meta, num_workers=int(ev.get("num_workers") or 0))
 
 
+def load_splits(config: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """``{name: load_split(config, name)}``; two names of one split (``val`` and ``dev``, ``test`` and CIRR's
+    ``test1``, resolved by the loaders) are one :class:`ConfigError`: the split was scored twice, and a second
+    write of its top-K file stopped the command after all the work, blaming another process."""
+    loaded, seen = {}, {}
+    for name in names:
+        loaded[name] = load_split(config, name)
+        parts = loaded[name] if isinstance(loaded[name], (list, tuple)) else [loaded[name]]
+        key = tuple(sorted((str(getattr(p, "split", name)), str(getattr(p, "category", "") or "")) for p in parts))
+        if key in seen:
+            raise ConfigError(f"splits {seen[key]!r} and {name!r} are the same split ({key[0][0]}): evaluate it once")
+        seen[key] = name
+    return loaded
+
+
 def load_split(config: dict[str, Any], split: str) -> Any:
     """A PrecompSplit (ITM) or the list of CIRSplits (one per Fashion-IQ category) of a named split. A split or
     category the loader does not have (its :class:`UnknownNameError`) is refused naming the config entries that
@@ -1454,7 +1466,7 @@ def _run_locked(config: dict[str, Any], out: Path, resume: bool, device: str | N
                        "%s data at %s (set dataset.root to train on your own data)", ds["name"], dataset_root(config))
     # read (and so validate) the splits of the final evaluation before building the model: a paper-size model takes
     # tens of seconds to build and may need weights that are not there, and a wrong root must fail first
-    loaded = {s: load_split(config, s) for s in _final_splits(config)}
+    loaded = load_splits(config, _final_splits(config))
     for split, value in loaded.items():
         _check_eval_split(config, split, value)
     fingerprint = data_fingerprint(config) if is_main_process() else {}  # only the main process writes or checks it

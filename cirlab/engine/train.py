@@ -1556,11 +1556,11 @@ class _CarryingItems(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        import pickle
-
         try:
             return self.dataset[index]
         except CirlabError as err:
+            import pickle
+
             try:
                 pickle.loads(pickle.dumps(err))
             except Exception:  # noqa: BLE001 - any failure to rebuild it: torch's way, the traceback text

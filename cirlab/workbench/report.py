@@ -68,6 +68,7 @@ from typing import Any, Iterator, Mapping, Sequence, TextIO
 
 from cirlab.core.errors import EXIT_FOUND, ConfigError, MissingPathError
 from cirlab.core.io import flat_numbers, folder_lock, write_json, write_text
+from cirlab.core.metric_keys import AVG, AVG_DEFINITIONS
 from cirlab.core.paths import environ_kept, user_path
 from cirlab.core.provenance import REPORT_COMMAND_ENV, REPORT_OUT_ENV
 from cirlab.core.signals import STOP_SIGNALS, give_back_signals, take_signals
@@ -1817,8 +1818,6 @@ def _metrics_html(path: Path, limit: int = 60) -> tuple[str, int]:
     # record repeats under splits/<split>/
     repeats = [(f"splits/{split}/", "val/")] if isinstance(split, str) else []
     flat = _unique_metrics(flat_numbers(metrics, floats=False), repeats)
-    from cirlab.core.metric_keys import AVG, AVG_DEFINITIONS
-
     avg = AVG_DEFINITIONS.get(str(metrics.get("protocol"))) if isinstance(metrics, Mapping) else None
     if avg:  # the protocol's headline number, named by its formula (CIRR's and Fashion-IQ's differ)
         flat = {(f"{k} = {avg}" if k.rsplit("/", 1)[-1] == AVG else k): v for k, v in flat.items()}
@@ -1929,8 +1928,6 @@ def _glossary_html(body: str) -> str:
     if not terms:
         return ""
     if any("{avg}" in meaning for _, meaning in terms):
-        from cirlab.core.metric_keys import AVG_DEFINITIONS
-
         avg = "; ".join(f"{name} {formula}" for name, formula in AVG_DEFINITIONS.items())  # the formulas, once
         terms = [(name, meaning.replace("{avg}", avg)) for name, meaning in terms]
     items = "".join(f"<dt>{html.escape(name)}</dt><dd>{html.escape(meaning)}</dd>" for name, meaning in terms)

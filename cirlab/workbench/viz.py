@@ -23,6 +23,7 @@ import numpy as np
 
 from cirlab.core.config import name_list, whole_number
 from cirlab.core.errors import InputError, UnknownKeyError
+from cirlab.core.metric_keys import is_recall_key
 from cirlab.workbench import analysis
 
 logger = logging.getLogger(__name__)
@@ -1157,8 +1158,6 @@ def plot_training_curves(log: Any, x: str | None = None, keys: Sequence[str] | s
     during this interval".)
     """
     import pandas as pd
-
-    from cirlab.core.metric_keys import is_recall_key
 
     df = log if isinstance(log, pd.DataFrame) else analysis.read_log(log)
     if df.empty:
